@@ -1,0 +1,310 @@
+"""The one config loader: a TOML file, secrets by env-var (or file) name, env overrides.
+
+Every problem is reported as a :class:`ConfigError` that names the key and what is wrong, so a
+bad config stops start-up with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ACCOUNT_ID = re.compile(r"^[a-z0-9-]{1,32}$")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the key's dotted path."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class Secret:
+    """A secret string that never shows itself in ``repr``, ``str`` or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DynamicsConfig:
+    url: str
+    token_url: str
+    client_id: str
+    client_secret: Secret
+    scope: str
+    api_version: str = "v9.2"
+    # Dataverse service protection: 6000 requests per 300 s per user; stay inside it.
+    requests_per_window: int = 6000
+    window_s: float = 300.0
+    max_concurrency: int = 16
+    page_size: int = 5000
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DotdigitalConfig:
+    url: str
+    api_user: str
+    password: Secret
+    # The lowest documented tier is 35 calls a minute; raise it to the account's own tier.
+    calls_per_minute: int = 35
+    max_concurrency: int = 4
+    # dotdigital asks clients to allow 121 s before treating a call as timed out.
+    timeout_s: float = 121.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountBrokerConfig:
+    user: str
+    password: Secret | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountConfig:
+    id: str
+    schedule: str = "manual"
+    on_email_change: Literal["fresh", "carry"] = "fresh"
+    dynamics: DynamicsConfig
+    dotdigital: DotdigitalConfig
+    broker: AccountBrokerConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerConfig:
+    url: str
+    shards: int = 4
+    prefetch: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    url: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    port: int = 9464
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    broker: BrokerConfig
+    store: StoreConfig
+    accounts: tuple[AccountConfig, ...]
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    source: str = "<memory>"
+
+    def account(self, account_id: str) -> AccountConfig:
+        for account in self.accounts:
+            if account.id == account_id:
+                return account
+        raise ConfigError("accounts", f"no account with id {account_id!r}")
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("PREFSYNC_CONFIG") or "prefsync.toml")
+
+
+def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and resolve the config file (``$PREFSYNC_CONFIG``, then ./prefsync.toml)."""
+    env = os.environ if env is None else env
+    file = Path(path) if path is not None else default_config_path(env)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file {str(file)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{file} is not valid TOML: {exc}") from None
+    return parse_config(raw, env=env, source=str(file))
+
+
+def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str = "<memory>") -> Config:
+    reader = _Reader(raw, "", env)
+    broker = reader.table("broker")
+    broker_url = env.get("PREFSYNC_BROKER_URL") or broker.str("url")
+    store = reader.table("store")
+    store_url = env.get("PREFSYNC_STORE_URL") or store.str("url")
+    if not re.match(r"^(sqlite|postgres(ql)?)://", store_url):
+        raise ConfigError("store.url", f"unsupported scheme in {store_url!r} (sqlite:// or postgresql://)")
+    metrics = reader.optional_table("metrics")
+    accounts = tuple(_account(a, env) for a in reader.tables("accounts"))
+    if not accounts:
+        raise ConfigError("accounts", "at least one [[accounts]] entry is required")
+    seen: set[str] = set()
+    for i, account in enumerate(accounts):
+        if account.id in seen:
+            raise ConfigError(f"accounts[{i}].id", f"duplicate account id {account.id!r}")
+        seen.add(account.id)
+    return Config(
+        broker=BrokerConfig(
+            url=broker_url,
+            shards=broker.int("shards", default=4, minimum=1, maximum=256),
+            prefetch=broker.int("prefetch", default=256, minimum=1, maximum=65535),
+        ),
+        store=StoreConfig(url=store_url),
+        accounts=accounts,
+        metrics=MetricsConfig(
+            port=metrics.int("port", default=9464, minimum=0, maximum=65535) if metrics else 9464
+        ),
+        source=source,
+    )
+
+
+def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
+    account_id = reader.str("id")
+    if not ACCOUNT_ID.match(account_id):
+        raise ConfigError(reader.key("id"), f"{account_id!r} must match [a-z0-9-]{{1,32}}")
+    schedule = reader.str("schedule", default="manual")
+    from common.schedule import parse_schedule  # local import: schedule imports nothing of ours
+
+    try:
+        parse_schedule(schedule)
+    except ValueError as exc:
+        raise ConfigError(reader.key("schedule"), str(exc)) from None
+    on_change = reader.str("on_email_change", default="fresh")
+    if on_change not in ("fresh", "carry"):
+        raise ConfigError(reader.key("on_email_change"), f"{on_change!r} must be 'fresh' or 'carry'")
+    dyn = reader.table("dynamics")
+    dyn_url = dyn.str("url").rstrip("/")
+    dd = reader.table("dotdigital")
+    broker = reader.optional_table("broker")
+    return AccountConfig(
+        id=account_id,
+        schedule=schedule,
+        on_email_change="carry" if on_change == "carry" else "fresh",
+        dynamics=DynamicsConfig(
+            url=dyn_url,
+            token_url=dyn.str("token_url"),
+            client_id=dyn.str("client_id"),
+            client_secret=dyn.secret("client_secret"),
+            scope=dyn.str("scope", default=f"{dyn_url}/.default"),
+            api_version=dyn.str("api_version", default="v9.2"),
+            requests_per_window=dyn.int("requests_per_window", default=6000, minimum=1),
+            window_s=dyn.float("window_s", default=300.0, minimum=1.0),
+            max_concurrency=dyn.int("max_concurrency", default=16, minimum=1, maximum=52),
+            page_size=dyn.int("page_size", default=5000, minimum=1, maximum=5000),
+            timeout_s=dyn.float("timeout_s", default=120.0, minimum=1.0),
+        ),
+        dotdigital=DotdigitalConfig(
+            url=dd.str("url").rstrip("/"),
+            api_user=dd.str("api_user"),
+            password=dd.secret("password"),
+            calls_per_minute=dd.int("calls_per_minute", default=35, minimum=1),
+            max_concurrency=dd.int("max_concurrency", default=4, minimum=1),
+            timeout_s=dd.float("timeout_s", default=121.0, minimum=1.0),
+        ),
+        broker=AccountBrokerConfig(
+            user=(broker.str("user", default=f"prefsync-{account_id}") if broker
+                  else f"prefsync-{account_id}"),
+            password=broker.secret("password", required=False) if broker else None,
+        ),
+    )
+
+
+class _Reader:
+    """Typed access to one TOML table that knows its own dotted path for error messages."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, env: Mapping[str, str]) -> None:
+        self._data = data
+        self._path = path
+        self._env = env
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def _get(self, name: str, default: Any) -> Any:
+        if name in self._data:
+            return self._data[name]
+        if default is _REQUIRED:
+            raise ConfigError(self.key(name), "is required")
+        return default
+
+    def str(self, name: str, *, default: Any = None) -> str:
+        value = self._get(name, _REQUIRED if default is None else default)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(self.key(name), f"must be a non-empty string, got {value!r}")
+        return value.strip()
+
+    def int(self, name: str, *, default: int, minimum: int | None = None,
+            maximum: int | None = None) -> int:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(name), f"must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(self.key(name), f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(self.key(name), f"must be at most {maximum}, got {value}")
+        return value
+
+    def float(self, name: str, *, default: float, minimum: float | None = None) -> float:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self.key(name), f"must be a number, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(self.key(name), f"must be at least {minimum}, got {value}")
+        return float(value)
+
+    def secret(self, name: str, *, required: bool = True) -> Secret | Any:
+        """``<name>_env`` names an environment variable, ``<name>_file`` a file; never inline."""
+        if name in self._data:
+            raise ConfigError(self.key(name), f"secrets are not read from the file; "
+                                              f"set {name}_env (an env-var name) or {name}_file")
+        env_key, file_key = f"{name}_env", f"{name}_file"
+        if env_key in self._data:
+            var = self.str(env_key)
+            value = self._env.get(var)
+            if not value:
+                raise ConfigError(self.key(env_key), f"environment variable {var} is not set")
+            return Secret(value)
+        if file_key in self._data:
+            path = Path(self.str(file_key))
+            try:
+                return Secret(path.read_text(encoding="utf-8").strip())
+            except OSError as exc:
+                raise ConfigError(self.key(file_key), f"cannot read {path}: {exc.strerror}") from None
+        if required:
+            raise ConfigError(self.key(env_key), "is required (or " + file_key + ")")
+        return None
+
+    def table(self, name: str) -> _Reader:
+        value = self._get(name, _REQUIRED)
+        if not isinstance(value, Mapping):
+            raise ConfigError(self.key(name), "must be a table")
+        return _Reader(value, self.key(name), self._env)
+
+    def optional_table(self, name: str) -> _Reader | None:
+        return self.table(name) if name in self._data else None
+
+    def tables(self, name: str) -> list[_Reader]:
+        value = self._get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise ConfigError(self.key(name), "must be an array of tables ([[" + name + "]])")
+        return [_Reader(v, f"{self.key(name)}[{i}]", self._env) for i, v in enumerate(value)]
+
+
+_REQUIRED: Any = object()

@@ -1,0 +1,294 @@
+"""What both vendor simulators share: the clock, fault injection, call counters and ``/_sim/``.
+
+The ``/_sim/`` routes are a test-control surface of the simulators only; they are not part of
+either vendor's API and take no authentication. Tests, the demo and benchmarks drive them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class SimClock:
+    """The simulator's own clock: real UTC time, optionally shifted or frozen by tests."""
+
+    def __init__(self) -> None:
+        self._offset = timedelta(0)
+        self._frozen: datetime | None = None
+
+    def now(self) -> datetime:
+        if self._frozen is not None:
+            return self._frozen
+        return datetime.now(UTC) + self._offset
+
+    def set(self, *, offset_s: float | None = None, freeze_at: datetime | None = None) -> None:
+        self._offset = timedelta(seconds=offset_s or 0.0)
+        self._frozen = freeze_at.astimezone(UTC) if freeze_at is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "now": self.now().isoformat().replace("+00:00", "Z"),
+            "offset_s": self._offset.total_seconds(),
+            "frozen": self._frozen is not None,
+        }
+
+
+class ErrorResponder(Protocol):
+    """Builds a response in the vendor's own error shape."""
+
+    def server_error(self) -> web.Response: ...
+
+    def throttled(self, *, retry_after_s: int, limit: int, remaining: int) -> web.Response: ...
+
+
+@dataclass
+class Faults:
+    """Injected latency, random server errors and an extra throttle, matched by path prefix.
+
+    Keys look like ``"PATCH /api/data/v9.2/psync_"``: a method, a space and a path prefix;
+    ``"* /prefix"`` matches any method.
+    """
+
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    error_rate: dict[str, float] = field(default_factory=dict)
+    throttle_limit: int | None = None
+    throttle_window_s: float = 60.0
+    _throttle_hits: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def _match(table: Mapping[str, float], method: str, path: str) -> float:
+        best_len, best = -1, 0.0
+        for key, value in table.items():
+            m, _, prefix = key.partition(" ")
+            if (m == "*" or m.upper() == method) and path.startswith(prefix) and len(prefix) > best_len:
+                best_len, best = len(prefix), value
+        return best
+
+    def latency_for(self, method: str, path: str) -> float:
+        return self._match(self.latency_ms, method, path) / 1000.0
+
+    def error_for(self, method: str, path: str) -> float:
+        return self._match(self.error_rate, method, path)
+
+    def throttle_check(self, now: float) -> tuple[bool, int, int]:
+        """Returns (allowed, remaining, seconds until a slot frees)."""
+        if self.throttle_limit is None:
+            return True, 0, 0
+        cutoff = now - self.throttle_window_s
+        hits = self._throttle_hits
+        while hits and hits[0] <= cutoff:
+            hits.pop(0)
+        if len(hits) >= self.throttle_limit:
+            wait = max(1, int(hits[0] + self.throttle_window_s - now + 0.999))
+            return False, 0, wait
+        hits.append(now)
+        return True, self.throttle_limit - len(hits), 0
+
+    def load(self, body: Mapping[str, Any]) -> None:
+        self.latency_ms = {str(k): float(v) for k, v in (body.get("latency_ms") or {}).items()}
+        self.error_rate = {str(k): float(v) for k, v in (body.get("error_rate") or {}).items()}
+        throttle = body.get("throttle")
+        if throttle:
+            self.throttle_limit = int(throttle["limit"])
+            self.throttle_window_s = float(throttle.get("window_s", 60))
+        else:
+            self.throttle_limit = None
+        self._throttle_hits.clear()
+
+    def clear(self) -> None:
+        self.load({})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "latency_ms": self.latency_ms,
+            "error_rate": self.error_rate,
+            "throttle": (
+                {"limit": self.throttle_limit, "window_s": self.throttle_window_s}
+                if self.throttle_limit is not None
+                else None
+            ),
+        }
+
+
+@dataclass
+class Stats:
+    """Call counters per ``"<METHOD> <route>"`` and per status, plus writes applied."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    writes_applied: int = 0
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.statuses.clear()
+        self.writes_applied = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "calls": dict(self.calls),
+            "statuses": dict(self.statuses),
+            "total_calls": sum(self.calls.values()),
+            "writes_applied": self.writes_applied,
+        }
+
+
+def json_response(body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None,
+                  content_type: str = "application/json") -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type=content_type.split(";")[0],
+                        charset=None)
+
+
+def parse_time(value: str) -> datetime:
+    """ISO-8601 with ``Z``, an offset, or a bare date; naive values are UTC."""
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+class SimControl:
+    """The state every simulator has, and the ``/_sim/`` routes and middleware over it."""
+
+    def __init__(
+        self,
+        *,
+        errors: ErrorResponder,
+        reset: Callable[[], None],
+        seed: Callable[[Mapping[str, Any]], Any],
+        api_prefixes: tuple[str, ...],
+    ) -> None:
+        self.clock = SimClock()
+        self.faults = Faults()
+        self.stats = Stats()
+        self._errors = errors
+        self._reset = reset
+        self._seed = seed
+        self._api_prefixes = api_prefixes
+        self._rng = random.Random()
+
+    def install(self, app: web.Application) -> None:
+        app.middlewares.append(self._middleware)
+        app.router.add_post("/_sim/reset", self._handle_reset)
+        app.router.add_post("/_sim/seed", self._handle_seed)
+        app.router.add_put("/_sim/faults", self._handle_put_faults)
+        app.router.add_get("/_sim/faults", self._handle_get_faults)
+        app.router.add_delete("/_sim/faults", self._handle_delete_faults)
+        app.router.add_put("/_sim/clock", self._handle_clock)
+        app.router.add_get("/_sim/clock", self._handle_get_clock)
+        app.router.add_get("/_sim/stats", self._handle_stats)
+
+    def is_api(self, path: str) -> bool:
+        return any(path.startswith(p) for p in self._api_prefixes)
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if not self.is_api(path):
+            return await handler(request)
+        method = request.method
+        route = self._route_name(request)
+        self.stats.calls[f"{method} {route}"] += 1
+        delay = self.faults.latency_for(method, path)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        allowed, remaining, wait = self.faults.throttle_check(asyncio.get_running_loop().time())
+        if not allowed:
+            response: web.StreamResponse = self._errors.throttled(
+                retry_after_s=wait, limit=self.faults.throttle_limit or 0, remaining=remaining)
+        elif (rate := self.faults.error_for(method, path)) > 0 and self._rng.random() < rate:
+            response = self._errors.server_error()
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                response = exc
+        self.stats.statuses[str(response.status)] += 1
+        return response
+
+    @staticmethod
+    def _route_name(request: web.Request) -> str:
+        info = request.match_info.route.resource
+        if info is not None:
+            canonical = info.canonical
+            if canonical:
+                return canonical
+        return request.path
+
+    async def _handle_reset(self, request: web.Request) -> web.Response:
+        self._reset()
+        self.faults.clear()
+        self.stats.clear()
+        self.clock.set()
+        return json_response({"reset": True})
+
+    async def _handle_seed(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read() or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            made = self._seed(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            return json_response({"error": f"bad seed request: {exc}"}, status=400)
+        return json_response(made)
+
+    async def _handle_put_faults(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read() or b"{}")
+            self.faults.load(body)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return json_response({"error": f"bad faults: {exc}"}, status=400)
+        return json_response(self.faults.describe())
+
+    async def _handle_get_faults(self, request: web.Request) -> web.Response:
+        return json_response(self.faults.describe())
+
+    async def _handle_delete_faults(self, request: web.Request) -> web.Response:
+        self.faults.clear()
+        return json_response(self.faults.describe())
+
+    async def _handle_clock(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read() or b"{}")
+            freeze = body.get("freeze_at")
+            self.clock.set(
+                offset_s=float(body["offset_s"]) if "offset_s" in body else None,
+                freeze_at=parse_time(freeze) if freeze else None,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return json_response({"error": f"bad clock: {exc}"}, status=400)
+        return json_response(self.clock.describe())
+
+    async def _handle_get_clock(self, request: web.Request) -> web.Response:
+        return json_response(self.clock.describe())
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return json_response(self.stats.describe())
+
+
+async def serve(app: web.Application, *, host: str, port: int,
+                ready: Callable[[int], None] | None = None) -> None:
+    """Serve ``app`` until cancelled; ``ready`` gets the bound port (useful with port 0)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    bound = port
+    if server is not None and getattr(server, "sockets", None):
+        bound = server.sockets[0].getsockname()[1]
+    if ready is not None:
+        ready(bound)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
