@@ -146,9 +146,9 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
 def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str = "<memory>") -> Config:
     reader = _Reader(raw, "", env)
     broker = reader.table("broker")
-    broker_url = env.get("PREFSYNC_BROKER_URL") or broker.str("url")
+    broker_url = env.get("PREFSYNC_BROKER_URL") or broker.text("url")
     store = reader.table("store")
-    store_url = env.get("PREFSYNC_STORE_URL") or store.str("url")
+    store_url = env.get("PREFSYNC_STORE_URL") or store.text("url")
     if not re.match(r"^(sqlite|postgres(ql)?)://", store_url):
         raise ConfigError("store.url", f"unsupported scheme in {store_url!r} (sqlite:// or postgresql://)")
     metrics = reader.optional_table("metrics")
@@ -163,34 +163,34 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
     return Config(
         broker=BrokerConfig(
             url=broker_url,
-            shards=broker.int("shards", default=4, minimum=1, maximum=256),
-            prefetch=broker.int("prefetch", default=256, minimum=1, maximum=65535),
+            shards=broker.integer("shards", default=4, minimum=1, maximum=256),
+            prefetch=broker.integer("prefetch", default=256, minimum=1, maximum=65535),
         ),
         store=StoreConfig(url=store_url),
         accounts=accounts,
         metrics=MetricsConfig(
-            port=metrics.int("port", default=9464, minimum=0, maximum=65535) if metrics else 9464
+            port=metrics.integer("port", default=9464, minimum=0, maximum=65535) if metrics else 9464
         ),
         source=source,
     )
 
 
 def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
-    account_id = reader.str("id")
+    account_id = reader.text("id")
     if not ACCOUNT_ID.match(account_id):
         raise ConfigError(reader.key("id"), f"{account_id!r} must match [a-z0-9-]{{1,32}}")
-    schedule = reader.str("schedule", default="manual")
+    schedule = reader.text("schedule", default="manual")
     from common.schedule import parse_schedule  # local import: schedule imports nothing of ours
 
     try:
         parse_schedule(schedule)
     except ValueError as exc:
         raise ConfigError(reader.key("schedule"), str(exc)) from None
-    on_change = reader.str("on_email_change", default="fresh")
+    on_change = reader.text("on_email_change", default="fresh")
     if on_change not in ("fresh", "carry"):
         raise ConfigError(reader.key("on_email_change"), f"{on_change!r} must be 'fresh' or 'carry'")
     dyn = reader.table("dynamics")
-    dyn_url = dyn.str("url").rstrip("/")
+    dyn_url = dyn.text("url").rstrip("/")
     dd = reader.table("dotdigital")
     broker = reader.optional_table("broker")
     return AccountConfig(
@@ -199,27 +199,27 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
         on_email_change="carry" if on_change == "carry" else "fresh",
         dynamics=DynamicsConfig(
             url=dyn_url,
-            token_url=dyn.str("token_url"),
-            client_id=dyn.str("client_id"),
+            token_url=dyn.text("token_url"),
+            client_id=dyn.text("client_id"),
             client_secret=dyn.secret("client_secret"),
-            scope=dyn.str("scope", default=f"{dyn_url}/.default"),
-            api_version=dyn.str("api_version", default="v9.2"),
-            requests_per_window=dyn.int("requests_per_window", default=6000, minimum=1),
-            window_s=dyn.float("window_s", default=300.0, minimum=1.0),
-            max_concurrency=dyn.int("max_concurrency", default=16, minimum=1, maximum=52),
-            page_size=dyn.int("page_size", default=5000, minimum=1, maximum=5000),
-            timeout_s=dyn.float("timeout_s", default=120.0, minimum=1.0),
+            scope=dyn.text("scope", default=f"{dyn_url}/.default"),
+            api_version=dyn.text("api_version", default="v9.2"),
+            requests_per_window=dyn.integer("requests_per_window", default=6000, minimum=1),
+            window_s=dyn.number("window_s", default=300.0, minimum=1.0),
+            max_concurrency=dyn.integer("max_concurrency", default=16, minimum=1, maximum=52),
+            page_size=dyn.integer("page_size", default=5000, minimum=1, maximum=5000),
+            timeout_s=dyn.number("timeout_s", default=120.0, minimum=1.0),
         ),
         dotdigital=DotdigitalConfig(
-            url=dd.str("url").rstrip("/"),
-            api_user=dd.str("api_user"),
+            url=dd.text("url").rstrip("/"),
+            api_user=dd.text("api_user"),
             password=dd.secret("password"),
-            calls_per_minute=dd.int("calls_per_minute", default=35, minimum=1),
-            max_concurrency=dd.int("max_concurrency", default=4, minimum=1),
-            timeout_s=dd.float("timeout_s", default=121.0, minimum=1.0),
+            calls_per_minute=dd.integer("calls_per_minute", default=35, minimum=1),
+            max_concurrency=dd.integer("max_concurrency", default=4, minimum=1),
+            timeout_s=dd.number("timeout_s", default=121.0, minimum=1.0),
         ),
         broker=AccountBrokerConfig(
-            user=(broker.str("user", default=f"prefsync-{account_id}") if broker
+            user=(broker.text("user", default=f"prefsync-{account_id}") if broker
                   else f"prefsync-{account_id}"),
             password=broker.secret("password", required=False) if broker else None,
         ),
@@ -244,13 +244,13 @@ class _Reader:
             raise ConfigError(self.key(name), "is required")
         return default
 
-    def str(self, name: str, *, default: Any = None) -> str:
+    def text(self, name: str, *, default: Any = None) -> str:
         value = self._get(name, _REQUIRED if default is None else default)
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(self.key(name), f"must be a non-empty string, got {value!r}")
         return value.strip()
 
-    def int(self, name: str, *, default: int, minimum: int | None = None,
+    def integer(self, name: str, *, default: int, minimum: int | None = None,
             maximum: int | None = None) -> int:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -261,7 +261,7 @@ class _Reader:
             raise ConfigError(self.key(name), f"must be at most {maximum}, got {value}")
         return value
 
-    def float(self, name: str, *, default: float, minimum: float | None = None) -> float:
+    def number(self, name: str, *, default: float, minimum: float | None = None) -> float:
         value = self._get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(self.key(name), f"must be a number, got {value!r}")
@@ -276,13 +276,13 @@ class _Reader:
                                               f"set {name}_env (an env-var name) or {name}_file")
         env_key, file_key = f"{name}_env", f"{name}_file"
         if env_key in self._data:
-            var = self.str(env_key)
+            var = self.text(env_key)
             value = self._env.get(var)
             if not value:
                 raise ConfigError(self.key(env_key), f"environment variable {var} is not set")
             return Secret(value)
         if file_key in self._data:
-            path = Path(self.str(file_key))
+            path = Path(self.text(file_key))
             try:
                 return Secret(path.read_text(encoding="utf-8").strip())
             except OSError as exc:

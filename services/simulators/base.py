@@ -282,10 +282,10 @@ async def serve(app: web.Application, *, host: str, port: int,
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
     bound = port
-    if server is not None and getattr(server, "sockets", None):
-        bound = server.sockets[0].getsockname()[1]
+    sockets = getattr(site._server, "sockets", None)
+    if sockets:
+        bound = sockets[0].getsockname()[1]
     if ready is not None:
         ready(bound)
     try:

@@ -1,0 +1,254 @@
+"""The one message envelope exchanged between the services, and its strict codec.
+
+Every message is JSON (orjson) with a schema version, a type, the account, the source, a change
+id and an origin time, and a list of changes; each change is for exactly one email. Decoding is
+strict: an unknown version, a missing or mistyped field or a bad timestamp raises
+:class:`MalformedMessage` with a reason, which the consumer turns into a dead letter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+SCHEMA_VERSION = 1
+
+MessageType = Literal["preference-changes", "contact-status-changes", "write-commands"]
+MESSAGE_TYPES: tuple[MessageType, ...] = (
+    "preference-changes", "contact-status-changes", "write-commands")
+Source = Literal["dynamics", "dotdigital", "reconciler", "replay"]
+SOURCES: tuple[Source, ...] = ("dynamics", "dotdigital", "reconciler", "replay")
+SIDES = ("dynamics", "dotdigital")
+
+
+class MalformedMessage(ValueError):
+    """A message that can never be processed; ``reason`` says why, for the dead-letter queue."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PreferenceChange:
+    """One preference state read from one side (never-set states are never sent)."""
+
+    email: str
+    preference_id: int
+    opted_in: bool
+    origin_time: datetime
+    version: int | None = None
+    change_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ContactStatusChange:
+    """dotdigital's subscription status of one contact (suppressed or resubscribed)."""
+
+    email: str
+    status: str
+    origin_time: datetime
+    change_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WriteCommand:
+    """Write ``opted_in`` for one preference of one email to ``side``."""
+
+    email: str
+    preference_id: int
+    side: Literal["dynamics", "dotdigital"]
+    opted_in: bool
+    origin_time: datetime
+    origin_side: Literal["dynamics", "dotdigital"]
+    change_id: str = ""
+
+
+Change = PreferenceChange | ContactStatusChange | WriteCommand
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Envelope:
+    type: MessageType
+    account: str
+    source: Source
+    change_id: str
+    origin_time: datetime
+    changes: tuple[Change, ...]
+    run_id: str | None = None
+    version: int = SCHEMA_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def format_time(value: datetime) -> str:
+    """UTC ISO-8601 with milliseconds and a ``Z``."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime")
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def encode(envelope: Envelope) -> bytes:
+    body: dict[str, Any] = {
+        "v": envelope.version,
+        "type": envelope.type,
+        "account": envelope.account,
+        "source": envelope.source,
+        "change_id": envelope.change_id,
+        "origin_time": format_time(envelope.origin_time),
+        "changes": [_encode_change(c) for c in envelope.changes],
+    }
+    if envelope.run_id is not None:
+        body["run_id"] = envelope.run_id
+    if envelope.extra:
+        body["extra"] = dict(envelope.extra)
+    return orjson.dumps(body)
+
+
+def _encode_change(change: Change) -> dict[str, Any]:
+    if isinstance(change, PreferenceChange):
+        out: dict[str, Any] = {
+            "email": change.email, "preference_id": change.preference_id,
+            "opted_in": change.opted_in, "origin_time": format_time(change.origin_time),
+            "change_id": change.change_id,
+        }
+        if change.version is not None:
+            out["version"] = change.version
+        return out
+    if isinstance(change, ContactStatusChange):
+        return {"email": change.email, "status": change.status,
+                "origin_time": format_time(change.origin_time), "change_id": change.change_id}
+    return {
+        "email": change.email, "preference_id": change.preference_id, "side": change.side,
+        "opted_in": change.opted_in, "origin_time": format_time(change.origin_time),
+        "origin_side": change.origin_side, "change_id": change.change_id,
+    }
+
+
+def decode(body: bytes) -> Envelope:
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MalformedMessage("the message is not a JSON object")
+    version = raw.get("v")
+    if version != SCHEMA_VERSION:
+        raise MalformedMessage(f"unknown schema version {version!r} (this build reads {SCHEMA_VERSION})")
+    kind = _field(raw, "type", str, where="envelope")
+    if kind not in MESSAGE_TYPES:
+        raise MalformedMessage(f"unknown message type {kind!r}")
+    source = _field(raw, "source", str, where="envelope")
+    if source not in SOURCES:
+        raise MalformedMessage(f"unknown source {source!r}")
+    changes_raw = _field(raw, "changes", list, where="envelope")
+    if not changes_raw:
+        raise MalformedMessage("changes: empty")
+    run_id = raw.get("run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        raise MalformedMessage("run_id: must be a string")
+    extra = raw.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise MalformedMessage("extra: must be an object")
+    decoder = _DECODERS[kind]
+    return Envelope(
+        version=version,
+        type=kind,
+        account=_field(raw, "account", str, where="envelope"),
+        source=source,
+        change_id=_field(raw, "change_id", str, where="envelope"),
+        origin_time=_time(raw, "origin_time", where="envelope"),
+        changes=tuple(decoder(c, f"changes[{i}]") for i, c in enumerate(changes_raw)),
+        run_id=run_id,
+        extra=extra,
+    )
+
+
+def _field(raw: Mapping[str, Any], name: str, kind: type, *, where: str) -> Any:
+    if name not in raw:
+        raise MalformedMessage(f"{where}: missing field {name!r}")
+    value = raw[name]
+    if kind is int and isinstance(value, bool):
+        raise MalformedMessage(f"{where}.{name}: must be an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise MalformedMessage(f"{where}.{name}: must be {kind.__name__}, got {type(value).__name__}")
+    if kind is str and not value:
+        raise MalformedMessage(f"{where}.{name}: must not be empty")
+    return value
+
+
+def _time(raw: Mapping[str, Any], name: str, *, where: str) -> datetime:
+    text = _field(raw, name, str, where=where)
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise MalformedMessage(f"{where}.{name}: bad timestamp {text!r}") from None
+    if parsed.tzinfo is None:
+        raise MalformedMessage(f"{where}.{name}: timestamp {text!r} has no time zone")
+    return parsed.astimezone(UTC)
+
+
+def _email(raw: Mapping[str, Any], where: str) -> str:
+    email: str = _field(raw, "email", str, where=where)
+    if "@" not in email:
+        raise MalformedMessage(f"{where}.email: not an email address")
+    return email
+
+
+def _preference_change(raw: Any, where: str) -> PreferenceChange:
+    if not isinstance(raw, dict):
+        raise MalformedMessage(f"{where}: must be an object")
+    version = raw.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise MalformedMessage(f"{where}.version: must be an integer")
+    return PreferenceChange(
+        email=_email(raw, where),
+        preference_id=_field(raw, "preference_id", int, where=where),
+        opted_in=_field(raw, "opted_in", bool, where=where),
+        origin_time=_time(raw, "origin_time", where=where),
+        version=version,
+        change_id=str(raw.get("change_id") or ""),
+    )
+
+
+def _status_change(raw: Any, where: str) -> ContactStatusChange:
+    if not isinstance(raw, dict):
+        raise MalformedMessage(f"{where}: must be an object")
+    return ContactStatusChange(
+        email=_email(raw, where),
+        status=_field(raw, "status", str, where=where),
+        origin_time=_time(raw, "origin_time", where=where),
+        change_id=str(raw.get("change_id") or ""),
+    )
+
+
+def _write_command(raw: Any, where: str) -> WriteCommand:
+    if not isinstance(raw, dict):
+        raise MalformedMessage(f"{where}: must be an object")
+    side = _field(raw, "side", str, where=where)
+    origin_side = _field(raw, "origin_side", str, where=where)
+    if side not in SIDES or origin_side not in SIDES:
+        raise MalformedMessage(f"{where}: side and origin_side must be one of {SIDES}")
+    return WriteCommand(
+        email=_email(raw, where),
+        preference_id=_field(raw, "preference_id", int, where=where),
+        side=side,
+        opted_in=_field(raw, "opted_in", bool, where=where),
+        origin_time=_time(raw, "origin_time", where=where),
+        origin_side=origin_side,
+        change_id=str(raw.get("change_id") or ""),
+    )
+
+
+_DECODERS: dict[str, Callable[[Any, str], Change]] = {
+    "preference-changes": _preference_change,
+    "contact-status-changes": _status_change,
+    "write-commands": _write_command,
+}
+
+
+def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
