@@ -53,6 +53,8 @@ class Outgoing:
     body: bytes
     message_id: str
     headers: Mapping[str, Any] = field(default_factory=dict)
+    # Advisory events (progress) may have no listener; everything else must route.
+    mandatory: bool = True
 
 
 class Publisher(Protocol):
@@ -98,7 +100,7 @@ class AmqpPublisher:
             headers=dict(item.headers) or None,
             timestamp=time.time(),
         )
-        await exchange.publish(message, routing_key=item.routing_key, mandatory=True)
+        await exchange.publish(message, routing_key=item.routing_key, mandatory=item.mandatory)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -110,8 +110,9 @@ class Topology:
         return f"{account}.writes.{side}.{shard}"
 
     @staticmethod
-    def trigger_key(account: str) -> str:
-        return f"{account}.control.trigger"
+    def trigger_key(account: str, poller: str = "dynamics-poller") -> str:
+        """A sync run starts at the dynamics-poller, which then starts the ec-poller's part."""
+        return f"{account}.control.{poller}"
 
     @staticmethod
     def progress_key(account: str, run_id: str) -> str:
@@ -168,7 +169,7 @@ class Topology:
         queues += [
             QueueSpec(
                 name=self.trigger_queue(account, poller), account=account,
-                bindings=((CONTROL_EXCHANGE, self.trigger_key(account)),),
+                bindings=((CONTROL_EXCHANGE, self.trigger_key(account, poller)),),
                 single_active_consumer=True, dead_letter_key=self.dead_key(account, poller),
             )
             for poller in POLLERS

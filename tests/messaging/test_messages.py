@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common import messages
+from common.messages import Envelope, MalformedMessage, PreferenceChange, WriteCommand
+
+T0 = datetime(2026, 5, 1, 12, 0, 0, 250000, tzinfo=UTC)
+
+
+def envelope(**overrides: object) -> Envelope:
+    base: dict[str, object] = {
+        "type": "preference-changes", "account": "acme", "source": "dynamics", "change_id": "c-1",
+        "origin_time": T0,
+        "changes": (PreferenceChange(email="a@example.com", preference_id=7, opted_in=True,
+                                  origin_time=T0, version=42, change_id="r-1"),),
+        "run_id": "run-1",
+    }
+    base.update(overrides)
+    return Envelope(**base)  # type: ignore[arg-type]
+
+
+def test_round_trip() -> None:
+    original = envelope()
+    assert messages.decode(messages.encode(original)) == original
+
+
+def test_write_commands_round_trip() -> None:
+    command = WriteCommand(email="a@example.com", preference_id=7, side="dotdigital",
+                           opted_in=False, origin_time=T0, origin_side="dynamics", change_id="x")
+    original = envelope(type="write-commands", source="reconciler", changes=(command,))
+    assert messages.decode(messages.encode(original)) == original
+
+
+def mutate(path: list[str | int], value: object) -> bytes:
+    raw = orjson.loads(messages.encode(envelope()))
+    target = raw
+    for step in path[:-1]:
+        target = target[step]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return orjson.dumps(raw)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (mutate(["v"], 2), "unknown schema version 2"),
+        (mutate(["v"], KeyError), "unknown schema version None"),
+        (mutate(["account"], KeyError), "missing field 'account'"),
+        (mutate(["type"], "gossip"), "unknown message type"),
+        (mutate(["origin_time"], "yesterday"), "bad timestamp"),
+        (mutate(["origin_time"], "2026-05-01T12:00:00"), "no time zone"),
+        (mutate(["changes"], []), "changes: empty"),
+        (mutate(["changes", 0, "opted_in"], "yes"), "changes[0].opted_in: must be bool"),
+        (mutate(["changes", 0, "preference_id"], True), "must be an integer"),
+        (mutate(["changes", 0, "email"], "nobody"), "not an email address"),
+        (mutate(["changes", 0, "origin_time"], KeyError), "changes[0]: missing field 'origin_time'"),
+    ],
+)
+def test_strict_decoding_names_the_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(MalformedMessage) as info:
+        messages.decode(body)
+    assert reason in info.value.reason
+
+
+@given(st.binary(max_size=200))
+def test_garbage_never_escapes_as_another_error(body: bytes) -> None:
+    with contextlib.suppress(MalformedMessage):
+        messages.decode(body)
