@@ -1,8 +1,9 @@
-"""What both vendor clients share: typed vendor errors, the one retry policy, and pacing.
+"""What both vendor clients share: typed vendor errors, the one retry policy, pacing, and the
+per-request observation event.
 
-Pacing keeps a client inside its configured request budget (a leaky bucket from aiolimiter) and
-a concurrency cap; when the vendor says to wait (``Retry-After``, ``X-RateLimit-Reset``) every
-request of that client waits, not only the one that was refused.
+Pacing keeps a client inside its configured request budget and a concurrency cap; when the
+vendor says to wait (``Retry-After``, ``X-RateLimit-Reset``) every request of that client waits,
+not only the one that was refused.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
 from aiolimiter import AsyncLimiter
 
 T = TypeVar("T")
+
+# A wait header above this is a Unix epoch (when to retry), below it a number of seconds.
+_EPOCH_THRESHOLD = 1_000_000_000
 
 
 class VendorError(Exception):
@@ -50,17 +56,68 @@ class AuthenticationError(VendorError):
 
 
 class ThrottledError(VendorError):
-    """The vendor's rate limit answered 429 and retries ran out."""
+    """The vendor's rate limit answered 429 (raised to the caller once retries ran out)."""
 
 
 class TransportError(Exception):
-    """The vendor could not be reached (connection refused, reset, timed out)."""
+    """The vendor could not be reached (connection refused, reset, timed out).
 
-    def __init__(self, *, vendor: str, detail: str) -> None:
+    ``maybe_delivered`` is False only when the request certainly never left (the connection
+    could not be opened); a non-idempotent request is retried only then.
+    """
+
+    def __init__(self, *, vendor: str, detail: str, maybe_delivered: bool = True) -> None:
         super().__init__(f"{vendor} unreachable: {detail}")
         self.vendor = vendor
         self.detail = detail
+        self.maybe_delivered = maybe_delivered
         self.retryable = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestEvent:
+    """One HTTP exchange with a vendor, as seen by the client (one per attempt).
+
+    ``endpoint`` is a route template such as ``"GET /v2/contacts/{email}/subscriptions"``: it
+    never holds an email address or a record id. ``status`` is 0 when no response came back.
+    ``throttled_wait_s`` is how long this attempt was held back because the vendor asked the
+    client to wait (429 ``Retry-After`` / ``X-RateLimit-Reset``), before it was sent.
+    """
+
+    vendor: str
+    endpoint: str
+    status: int
+    seconds: float
+    throttled_wait_s: float = 0.0
+
+
+RequestObserver = Callable[[RequestEvent], None]
+
+
+def parse_wait(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` or ``X-RateLimit-Reset`` value.
+
+    A number above 10^9 is a Unix epoch (when to retry), a smaller one a number of seconds; an
+    HTTP date is also accepted. Unparseable values give None.
+    """
+    if value is None or not value.strip():
+        return None
+    current = time.time() if now is None else now
+    try:
+        number = float(value.strip())
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - current)
+    if number != number or number in (float("inf"), float("-inf")):  # NaN or infinite
+        return None
+    if number > _EPOCH_THRESHOLD:
+        return max(0.0, number - current)
+    return max(0.0, number)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +125,9 @@ class RetryPolicy:
     """Retries for 429, 5xx and connection errors only, with full-jitter exponential backoff.
 
     A 429 waits what the vendor asked (``retry_after``) plus a little jitter, bounded by
-    ``max_retry_after_s``; it does not use up the attempts meant for failures.
+    ``max_retry_after_s``; it does not use up the attempts meant for failures. A request that is
+    not idempotent is retried after a 5xx or a lost connection only if it certainly was not
+    delivered, so a create is never applied twice.
     """
 
     attempts: int = 6
@@ -85,6 +144,7 @@ class RetryPolicy:
         call: Callable[[], Awaitable[T]],
         *,
         on_throttled: Callable[[float], None] | None = None,
+        idempotent: bool = True,
     ) -> T:
         failures = 0
         throttled = 0
@@ -100,20 +160,32 @@ class RetryPolicy:
                         on_throttled(wait)
                     await asyncio.sleep(wait + random.uniform(0, 0.05))
                     continue
-                if not exc.retryable or exc.status == 429 or failures + 1 >= self.attempts:
+                if (not exc.retryable or exc.status == 429 or not idempotent
+                        or failures + 1 >= self.attempts):
                     raise
-            except TransportError:
-                if failures + 1 >= self.attempts:
+            except TransportError as exc:
+                if (exc.maybe_delivered and not idempotent) or failures + 1 >= self.attempts:
                     raise
             failures += 1
             await asyncio.sleep(self.backoff(failures))
 
 
 class Pacer:
-    """Keeps one client inside its request budget and concurrency cap, and honours pauses."""
+    """Keeps one client inside its request budget and concurrency cap, and honours pauses.
+
+    The budget holds over any sliding window of ``per_seconds``: the leaky bucket allows a small
+    burst (a tenth of the budget at most) and leaks the rest evenly, so burst plus steady flow
+    never exceeds ``max_requests`` in one window, whatever the vendor's window alignment.
+    """
 
     def __init__(self, *, max_requests: int, per_seconds: float, max_concurrency: int) -> None:
-        self._limiter = AsyncLimiter(max_requests, per_seconds)
+        if max_requests < 1 or per_seconds <= 0 or max_concurrency < 1:
+            raise ValueError("Pacer needs max_requests >= 1, per_seconds > 0, max_concurrency >= 1")
+        burst = max(1, min(max_requests // 10, max_concurrency))
+        steady = max_requests - burst if max_requests > burst else max_requests
+        self.burst = burst
+        self.rate_per_s = steady / per_seconds
+        self._limiter = AsyncLimiter(burst, burst / self.rate_per_s)
         self._concurrency = asyncio.Semaphore(max_concurrency)
         self._paused_until = 0.0
         self.waited_s = 0.0
@@ -122,13 +194,19 @@ class Pacer:
         """Every request of this client waits until ``seconds`` from now have passed."""
         self._paused_until = max(self._paused_until, time.monotonic() + max(0.0, seconds))
 
+    @property
+    def paused_for(self) -> float:
+        return max(0.0, self._paused_until - time.monotonic())
+
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold one request slot; yields the seconds this request spent in a vendor pause."""
         async with self._concurrency:
+            paused = 0.0
             while (delay := self._paused_until - time.monotonic()) > 0:
-                self.waited_s += delay
+                paused += delay
                 await asyncio.sleep(delay)
             started = time.monotonic()
             await self._limiter.acquire()
-            self.waited_s += time.monotonic() - started
-            yield
+            self.waited_s += paused + time.monotonic() - started
+            yield paused

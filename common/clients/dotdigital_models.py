@@ -1,0 +1,271 @@
+"""Typed results of the dotdigital client, and the pure parsing of dotdigital's JSON into them.
+
+Every timestamp is a UTC-aware ``datetime``. Names follow the product, not the wire: the wire's
+``dateModifed`` (sic) becomes ``modified``, ``dateRemoved`` becomes ``removed``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+# v3 import statuses that end the job; anything else (``NotFinished``) means "still running".
+IMPORT_FINISHED = "Finished"
+IMPORT_FAILED_STATUSES = frozenset({"RejectedByWatchdog", "Failed", "ExceedsAllowedContactLimit",
+                                    "InvalidFileFormat", "Unknown"})
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_datetime(value: object) -> datetime:
+    """An ISO-8601 time from dotdigital as an aware UTC datetime (a zone-less value is UTC)."""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str) and value.strip():
+        text = _FRACTION.sub(r"\1", value.strip().replace("Z", "+00:00").replace(" ", "T", 1))
+        moment = datetime.fromisoformat(text)
+    else:
+        raise ValueError(f"not a date-time: {value!r}")
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def path_date(moment: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.fffZ``: the URL-safe form used in v2 path segments and v3 filters.
+
+    Truncated to the millisecond, never rounded up, so a watermark cannot skip a change.
+    """
+    if moment.tzinfo is None:
+        raise ValueError("dotdigital dates must be timezone-aware (UTC)")
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountInfo:
+    id: int
+    properties: dict[str, str]
+
+    @property
+    def api_endpoint(self) -> str | None:
+        """The account's regional base URL (``ApiEndpoint``)."""
+        return self.properties.get("ApiEndpoint")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Contact:
+    """A v2 contact (``ApiContact``)."""
+
+    id: int
+    email: str
+    status: str
+    opt_in_type: str | None = None
+    email_type: str | None = None
+    data_fields: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreferenceOptIn:
+    """One contact × preference opt-in state with the time it last changed."""
+
+    preference_id: int
+    is_opted_in: bool
+    modified: datetime
+    address_book_id: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContactOptIns:
+    """A contact with the opt-in records answered for it (subscriptions, opt-ins-since)."""
+
+    contact: Contact
+    opt_ins: tuple[PreferenceOptIn, ...]
+
+    def by_preference(self) -> dict[int, PreferenceOptIn]:
+        """The latest record per preference."""
+        latest: dict[int, PreferenceOptIn] = {}
+        for record in self.opt_ins:
+            seen = latest.get(record.preference_id)
+            if seen is None or record.modified >= seen.modified:
+                latest[record.preference_id] = record
+        return latest
+
+
+@dataclass(frozen=True, kw_only=True)
+class Suppression:
+    """A contact removed from mailing (unsubscribed, bounced, complained …) and when."""
+
+    contact: Contact
+    removed: datetime
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResubscribeResult:
+    """``status`` is ``ContactAdded``, ``ContactChallenged`` or ``ContactCannotBeUnsuppressed``."""
+
+    contact: Contact | None
+    status: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContactV3:
+    """A v3 contact; ``preferences`` maps preference id to opt-in as the API listed them."""
+
+    contact_id: int
+    email: str | None
+    status: str | None
+    created: datetime | None
+    updated: datetime | None
+    preferences: dict[int, bool]
+    raw: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportContact:
+    """One contact of a v3 import, matched by email."""
+
+    email: str
+    preferences: Mapping[int, bool] = field(default_factory=dict)
+    data_fields: Mapping[str, Any] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"matchIdentifier": "email", "identifiers": {"email": self.email}}
+        if self.preferences:
+            item["preferences"] = preference_items(self.preferences)
+        if self.data_fields:
+            item["dataFields"] = dict(self.data_fields)
+        return item
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportFailure:
+    """A contact the import could not apply, with dotdigital's failure codes."""
+
+    identifiers: dict[str, Any]
+    codes: tuple[str, ...]
+    descriptions: tuple[str, ...]
+
+    @property
+    def email(self) -> str | None:
+        value = self.identifiers.get("email")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportReport:
+    import_id: str
+    status: str
+    summary: dict[str, int]
+    created: tuple[dict[str, Any], ...] = ()
+    updated: tuple[dict[str, Any], ...] = ()
+    failures: tuple[ImportFailure, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        return self.status == IMPORT_FINISHED or self.status in IMPORT_FAILED_STATUSES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == IMPORT_FINISHED
+
+
+def preference_items(preferences: Mapping[int, bool]) -> list[dict[str, Any]]:
+    return [{"id": int(pid), "isOptedIn": bool(opted)} for pid, opted in preferences.items()]
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _optional_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_contact(data: object) -> Contact:
+    item = _dict(data)
+    fields = item.get("dataFields")
+    data_fields: dict[str, Any] | None = None
+    if isinstance(fields, list):
+        data_fields = {str(f.get("key")): f.get("value") for f in fields if isinstance(f, dict)}
+    elif isinstance(fields, dict):
+        data_fields = dict(fields)
+    return Contact(id=int(item.get("id") or 0), email=str(item.get("email") or ""),
+                   status=str(item.get("status") or ""),
+                   opt_in_type=item.get("optInType"), email_type=item.get("emailType"),
+                   data_fields=data_fields)
+
+
+def parse_opt_in(data: object) -> PreferenceOptIn:
+    item = _dict(data)
+    return PreferenceOptIn(
+        preference_id=int(item["marketingPreferenceId"]),
+        is_opted_in=bool(item.get("isOptedIn")),
+        # The API's own spelling is ``dateModifed``; accept the corrected one as well.
+        modified=parse_datetime(item.get("dateModifed") or item.get("dateModified")),
+        address_book_id=_optional_int(item.get("addressBookId")),
+    )
+
+
+def parse_contact_opt_ins(data: object) -> ContactOptIns:
+    item = _dict(data)
+    records = item.get("marketingPreferenceOptIns") or []
+    return ContactOptIns(contact=parse_contact(item.get("contact")),
+                         opt_ins=tuple(parse_opt_in(r) for r in records))
+
+
+def parse_suppression(data: object) -> Suppression:
+    item = _dict(data)
+    return Suppression(contact=parse_contact(item.get("suppressedContact")),
+                       removed=parse_datetime(item.get("dateRemoved")),
+                       reason=str(item.get("reason") or ""))
+
+
+def parse_account_info(data: object) -> AccountInfo:
+    item = _dict(data)
+    properties = {str(p.get("name")): str(p.get("value"))
+                  for p in item.get("properties") or [] if isinstance(p, dict)}
+    return AccountInfo(id=int(item.get("id") or 0), properties=properties)
+
+
+def parse_contact_v3(data: object) -> ContactV3:
+    item = _dict(data)
+    identifiers = _dict(item.get("identifiers"))
+    preferences = {int(p["id"]): bool(p.get("isOptedIn", True))
+                   for p in item.get("preferences") or [] if isinstance(p, dict) and "id" in p}
+    created, updated = item.get("created"), item.get("updated")
+    email = identifiers.get("email")
+    return ContactV3(
+        contact_id=int(item.get("contactId") or 0),
+        email=email if isinstance(email, str) else None,
+        status=item.get("status") if isinstance(item.get("status"), str) else None,
+        created=parse_datetime(created) if created else None,
+        updated=parse_datetime(updated) if updated else None,
+        preferences=preferences,
+        raw=item,
+    )
+
+
+def parse_import_report(data: object, *, import_id: str) -> ImportReport:
+    item = _dict(data)
+    failures = []
+    for failure in item.get("failures") or []:
+        entry = _dict(failure)
+        reasons = [_dict(r) for r in entry.get("failures") or []]
+        failures.append(ImportFailure(
+            identifiers=_dict(entry.get("identifiers")),
+            codes=tuple(str(r.get("failureCode") or "") for r in reasons),
+            descriptions=tuple(str(r.get("description") or "") for r in reasons),
+        ))
+    summary = {str(k): int(v) for k, v in _dict(item.get("summary")).items()
+               if isinstance(v, int) and not isinstance(v, bool)}
+    return ImportReport(
+        import_id=str(item.get("importId") or import_id),
+        status=str(item.get("status") or ""),
+        summary=summary,
+        created=tuple(_dict(c) for c in item.get("created") or []),
+        updated=tuple(_dict(u) for u in item.get("updated") or []),
+        failures=tuple(failures),
+    )
