@@ -1,0 +1,109 @@
+"""dotdigital-only ``/_sim/`` routes (no authentication; not part of dotdigital's API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from services.simulators.base import json_response
+from services.simulators.dotdigital.model import V2_STATUSES, enum_value
+from services.simulators.dotdigital.transport import backend_of
+from services.simulators.dotdigital.v2 import api_contact, api_opt_in
+
+
+def _bad(text: str) -> web.Response:
+    return json_response({"error": text}, status=400)
+
+
+async def _object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    return body
+
+
+async def put_limits(request: web.Request) -> web.Response:
+    try:
+        body = await _object(request)
+        raw = body.get("calls_per_minute")
+        if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int)):
+            raise ValueError("calls_per_minute must be an integer or null")
+        backend_of(request).limits.configure(raw)
+    except ValueError as exc:
+        return _bad(str(exc))
+    return json_response(backend_of(request).limits.describe())
+
+
+async def get_limits(request: web.Request) -> web.Response:
+    return json_response(backend_of(request).limits.describe())
+
+
+async def save(request: web.Request) -> web.Response:
+    path = backend_of(request).save()
+    if path is None:
+        return _bad("the simulator was started without a state file")
+    return json_response({"saved": str(path)})
+
+
+async def edit_contact(request: web.Request) -> web.Response:
+    """Acts as the contact would in a preference centre: sets preferences and/or status."""
+    backend = backend_of(request)
+    try:
+        body = await _object(request)
+        store = backend.stores[backend.account_from(body.get("account"))]
+        email = body.get("email")
+        contact = store.by_email(email) if isinstance(email, str) else None
+        if contact is None:
+            raise ValueError(f"no contact {email!r} in this account")
+        status = None
+        if "status" in body:
+            status = enum_value(body["status"], V2_STATUSES)
+            if status is None or status == "Deleted":
+                raise ValueError(f"status must be one of {', '.join(V2_STATUSES[:-1])}")
+        raw_prefs = body.get("preferences") or {}
+        if not isinstance(raw_prefs, dict) or not all(
+                isinstance(v, bool) for v in raw_prefs.values()):
+            raise ValueError('preferences must look like {"<id>": true|false}')
+        changes = [(int(k), v) for k, v in raw_prefs.items()]
+        store.check_preferences(pid for pid, _ in changes)
+    except (ValueError, KeyError) as exc:
+        return _bad(str(exc))
+    now = backend.now_ms()
+    if status is not None:
+        store.set_status(contact, status, now_ms=now)
+    if changes:
+        store.set_preferences(contact, changes, now_ms=now, as_contact=True)
+    return json_response({"contact": api_contact(contact),
+                          "marketingPreferenceOptIns": [
+                              api_opt_in(store, r) for r in store.opt_ins(contact)]})
+
+
+async def run_imports(request: web.Request) -> web.Response:
+    return json_response({"finished": backend_of(request).imports.run_pending()})
+
+
+async def list_accounts(request: web.Request) -> web.Response:
+    backend = backend_of(request)
+    users: dict[int, list[str]] = {}
+    for user in backend.credentials.users():
+        users.setdefault(user.account_id, []).append(user.username)
+    return json_response([{"id": aid, "api_users": users.get(aid, []),
+                           "contacts": len(store.contacts),
+                           "preferences": len(store.preferences.leaves()),
+                           "first_contact_id": store.first_contact_id}
+                          for aid, store in backend.stores.items()])
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_put("/_sim/limits", put_limits)
+    r.add_get("/_sim/limits", get_limits)
+    r.add_post("/_sim/save", save)
+    r.add_post("/_sim/dotdigital/edit", edit_contact)
+    r.add_post("/_sim/dotdigital/imports/run", run_imports)
+    r.add_get("/_sim/dotdigital/accounts", list_accounts)
