@@ -133,7 +133,9 @@ class DeadLetterer:
         self._on_dead_letter = on_dead_letter
 
     async def send(self, message: AbstractIncomingMessage, *, account: str, queue: str,
-                   reason: str, code: str = "", kind: str = "malformed") -> None:
+                   reason: str, code: str = "", kind: str = "malformed",
+                   body: bytes | None = None, message_id: str | None = None) -> None:
+        """Dead-letter ``message`` (or, with ``body``, just the part of it that failed)."""
         headers = dict(message.headers or {})
         headers.update({
             "x-prefsync-reason": reason[:1000],
@@ -148,8 +150,8 @@ class DeadLetterer:
         await self._publisher.publish_many([Outgoing(
             exchange=DEAD_EXCHANGE,
             routing_key=Topology.dead_key(account, kind),
-            body=message.body,
-            message_id=message.message_id or "",
+            body=message.body if body is None else body,
+            message_id=message_id or message.message_id or "",
             headers=headers,
         )])
         if self._on_dead_letter is not None:
@@ -230,6 +232,10 @@ class QueueConsumer:
             if not delivery.settled:
                 await delivery.message.ack()
                 delivery.settled = True
+
+    @property
+    def dead_letters(self) -> DeadLetterer:
+        return self._dead
 
     def _check(self, envelope: messages.Envelope, message: AbstractIncomingMessage) -> None:
         key_account = Topology.account_of_key(message.routing_key or "")

@@ -17,11 +17,12 @@ import orjson
 
 SCHEMA_VERSION = 1
 
-MessageType = Literal["preference-changes", "contact-status-changes", "write-commands"]
+MessageType = Literal["preference-changes", "contact-status-changes", "write-commands",
+                      "sync-trigger"]
 MESSAGE_TYPES: tuple[MessageType, ...] = (
-    "preference-changes", "contact-status-changes", "write-commands")
-Source = Literal["dynamics", "dotdigital", "reconciler", "replay"]
-SOURCES: tuple[Source, ...] = ("dynamics", "dotdigital", "reconciler", "replay")
+    "preference-changes", "contact-status-changes", "write-commands", "sync-trigger")
+Source = Literal["dynamics", "dotdigital", "reconciler", "replay", "control"]
+SOURCES: tuple[Source, ...] = ("dynamics", "dotdigital", "reconciler", "replay", "control")
 SIDES = ("dynamics", "dotdigital")
 
 
@@ -68,7 +69,14 @@ class WriteCommand:
     change_id: str = ""
 
 
-Change = PreferenceChange | ContactStatusChange | WriteCommand
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EligibleContact:
+    """In a sync trigger: an email that became eligible since the last run."""
+
+    email: str
+
+
+Change = PreferenceChange | ContactStatusChange | WriteCommand | EligibleContact
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -121,6 +129,8 @@ def _encode_change(change: Change) -> dict[str, Any]:
     if isinstance(change, ContactStatusChange):
         return {"email": change.email, "status": change.status,
                 "origin_time": format_time(change.origin_time), "change_id": change.change_id}
+    if isinstance(change, EligibleContact):
+        return {"email": change.email}
     return {
         "email": change.email, "preference_id": change.preference_id, "side": change.side,
         "opted_in": change.opted_in, "origin_time": format_time(change.origin_time),
@@ -145,7 +155,7 @@ def decode(body: bytes) -> Envelope:
     if source not in SOURCES:
         raise MalformedMessage(f"unknown source {source!r}")
     changes_raw = _field(raw, "changes", list, where="envelope")
-    if not changes_raw:
+    if not changes_raw and kind != "sync-trigger":
         raise MalformedMessage("changes: empty")
     run_id = raw.get("run_id")
     if run_id is not None and not isinstance(run_id, str):
@@ -243,7 +253,14 @@ def _write_command(raw: Any, where: str) -> WriteCommand:
     )
 
 
+def _eligible(raw: Any, where: str) -> EligibleContact:
+    if not isinstance(raw, dict):
+        raise MalformedMessage(f"{where}: must be an object")
+    return EligibleContact(email=_email(raw, where))
+
+
 _DECODERS: dict[str, Callable[[Any, str], Change]] = {
+    "sync-trigger": _eligible,
     "preference-changes": _preference_change,
     "contact-status-changes": _status_change,
     "write-commands": _write_command,

@@ -119,7 +119,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from services.sync_now import sync_now
 
         return await sync_now(config=config, account=args.account, wait=args.wait,
-                              timeout=args.timeout)
+                              timeout_s=args.timeout)
     raise AssertionError(args.command)
 
 

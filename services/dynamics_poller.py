@@ -1,0 +1,297 @@
+"""dynamics-poller: reads preference changes from Dataverse and publishes them, per account.
+
+A run has three steps, each checkpointed per page only after the broker confirmed every
+publish of that page:
+
+1. the record directory: change-tracking reads of contacts, leads and accounts keep the email
+   (and whether the record is active) of every record;
+2. eligibility: members of email-activated marketing lists are marked eligible for good (a
+   record that leaves the list keeps syncing);
+3. the subscription rows (``psync_marketingpreferencesubscriptions``) changed since the last
+   delta token, resolved to (email, dotdigital preference id) through the directory and this
+   account's preference catalog, published as preference changes. Records that became eligible
+   since the last run have their current rows read and published too.
+
+Then it starts the ec-poller's part of the same run, so dotdigital is read after eligibility is
+known.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from common import messages
+from common.broker import Outgoing, Publisher
+from common.clients.dataverse import DataverseClient, DeltaTokenExpired, odata_literal
+from common.config import AccountConfig
+from common.domain import normalize_email
+from common.messages import EligibleContact, Envelope, PreferenceChange
+from common.store.directory import RecordRef, SubscriptionRow
+from common.topology import CONTROL_EXCHANGE, Topology
+from services.publishing import envelopes_by_shard, ids_of, publish_progress, stable_id
+from services.triggers import RunRequest
+
+log = logging.getLogger("prefsync.dynamics_poller")
+
+SERVICE = "dynamics-poller"
+SUBSCRIPTIONS = "psync_marketingpreferencesubscriptions"
+PREFERENCES = "psync_marketingpreferences"
+OPTED_IN, OPTED_OUT = 100000000, 100000001
+RecordType = Literal["contact", "lead", "account"]
+RECORD_TABLES: dict[RecordType, tuple[str, str, str]] = {
+    # type: (entity set, primary key, list member collection)
+    "contact": ("contacts", "contactid", "listcontact_association"),
+    "lead": ("leads", "leadid", "listlead_association"),
+    "account": ("accounts", "accountid", "listaccount_association"),
+}
+LOOKUP_COLUMNS: dict[RecordType, str] = {
+    "contact": "_psync_contactid_value",
+    "lead": "_psync_leadid_value",
+    "account": "_psync_accountid_value",
+}
+SUBSCRIPTION_COLUMNS = ("psync_marketingpreferencesubscriptionid", "_psync_preferenceid_value",
+                        *LOOKUP_COLUMNS.values(), "psync_status", "modifiedon", "versionnumber")
+# More newly eligible emails than this and the ec-poller re-reads everything instead of
+# asking dotdigital about each email.
+ELIGIBLE_FETCH_LIMIT = 500
+
+
+@dataclass
+class RunCounts:
+    read: int = 0
+    published: int = 0
+    ineligible: int = 0
+    without_email: int = 0
+    other_account: int = 0
+    message_ids: list[str] = field(default_factory=list)
+
+
+def parse_odata_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def active_record(record_type: RecordType, row: dict[str, Any]) -> bool:
+    # Inactive contacts/accounts (1) and qualified or disqualified leads (1, 2) are read-only.
+    return int(row.get("statecode") or 0) == 0
+
+
+class DynamicsPoller:
+    def __init__(self, *, account: AccountConfig, client: DataverseClient, store: Any,
+                 publisher: Publisher, shards: int) -> None:
+        self.account = account
+        self._client = client
+        self._store = store
+        self._publisher = publisher
+        self._shards = shards
+
+    async def run_cycle(self, request: RunRequest) -> None:
+        counts = RunCounts()
+        catalog = await self.refresh_catalog()
+        await self._refresh_directory()
+        newly_eligible = await self._refresh_eligibility()
+        full_read = await self._read_subscriptions(request, catalog, counts)
+        if newly_eligible and not full_read:
+            await self._publish_rows_of_records(request, catalog, sorted(newly_eligible), counts)
+        emails = await self._store.emails_of_records(self.account.id, sorted(newly_eligible))
+        await self._start_ec_part(request, sorted(emails))
+        await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
+                               event="poller-done", fields={
+                                   "source": "dynamics", "messages": counts.message_ids,
+                                   "read": counts.read, "published": counts.published,
+                                   "ineligible": counts.ineligible,
+                                   "without_email": counts.without_email})
+        log.info("dynamics read done", extra={
+            "account": self.account.id, "run_id": request.run_id, "read": counts.read,
+            "published": counts.published, "ineligible": counts.ineligible})
+
+    # --- catalog ---------------------------------------------------------------------------
+    async def refresh_catalog(self) -> dict[str, int]:
+        """This account's preferences: Dynamics row id -> dotdigital preference id."""
+        catalog: dict[str, int] = {}
+        async for page in self._client.iter_pages(
+                PREFERENCES,
+                select=["psync_marketingpreferenceid", "psync_ecpreferenceid", "statecode"],
+                filter=f"psync_ecaccount eq {odata_literal(self.account.id)}"):
+            for row in page.rows:
+                if row.get("psync_ecpreferenceid") is not None:
+                    catalog[str(row["psync_marketingpreferenceid"])] = int(row["psync_ecpreferenceid"])
+        await self._store.set_checkpoint(self.account.id, "dynamics:catalog",
+                                         orjson.dumps(catalog).decode())
+        return catalog
+
+    # --- directory -------------------------------------------------------------------------
+    async def _refresh_directory(self) -> None:
+        for record_type, (entity_set, key, _) in RECORD_TABLES.items():
+            source = f"dynamics:{entity_set}"
+            cursor = await self._store.get_checkpoint(self.account.id, source)
+            try:
+                await self._read_directory(record_type, entity_set, key, source, cursor)
+            except DeltaTokenExpired:
+                log.warning("delta token expired; reading %s again in full", entity_set,
+                            extra={"account": self.account.id})
+                await self._read_directory(record_type, entity_set, key, source, None)
+
+    async def _read_directory(self, record_type: RecordType, entity_set: str, key: str,
+                              source: str, cursor: str | None) -> None:
+        async for page in self._client.iter_changes(
+                entity_set, select=[key, "emailaddress1", "statecode"], cursor=cursor,
+                page_size=self.account.dynamics.page_size):
+            refs = [self._record_ref(record_type, key, row) for row in page.rows]
+            await self._store.upsert_records(self.account.id, refs)
+            if page.deleted_ids:
+                await self._store.forget_records(self.account.id, page.deleted_ids)
+            await self._store.set_checkpoint(self.account.id, source, page.cursor)
+
+    @staticmethod
+    def _record_ref(record_type: RecordType, key: str, row: dict[str, Any]) -> RecordRef:
+        raw_email = row.get("emailaddress1")
+        email: str | None
+        try:
+            email = normalize_email(raw_email) if raw_email else None
+        except ValueError:
+            email = None
+        return RecordRef(record_type=record_type, record_id=str(row[key]), email=email,
+                         active=active_record(record_type, row))
+
+    # --- eligibility -----------------------------------------------------------------------
+    async def _refresh_eligibility(self) -> set[str]:
+        """Mark members of every email-activated list eligible; returns the newly eligible."""
+        newly: set[str] = set()
+        lists: list[dict[str, Any]] = []
+        async for page in self._client.iter_pages(
+                "lists", select=["listid", "createdfromcode"],
+                filter="psync_emailactivated eq true"):
+            lists.extend(page.rows)
+        by_code: dict[int, RecordType] = {1: "account", 2: "contact", 4: "lead"}
+        for row in lists:
+            record_type = by_code.get(int(row.get("createdfromcode") or 2), "contact")
+            _, key, members = RECORD_TABLES[record_type]
+            async for page in self._client.iter_pages(
+                    f"lists({row['listid']})/{members}", select=[key],
+                    page_size=self.account.dynamics.page_size):
+                ids = [str(r[key]) for r in page.rows]
+                newly |= set(await self._store.mark_eligible(self.account.id, ids))
+        return newly
+
+    # --- subscriptions ---------------------------------------------------------------------
+    async def _read_subscriptions(self, request: RunRequest, catalog: dict[str, int],
+                                  counts: RunCounts) -> bool:
+        """Returns True when this was a full read (every current row was seen)."""
+        source = f"dynamics:{SUBSCRIPTIONS}"
+        cursor = await self._store.get_checkpoint(self.account.id, source)
+        try:
+            await self._read_subscription_changes(request, catalog, counts, source, cursor)
+        except DeltaTokenExpired:
+            log.warning("subscription delta token expired; reading every row again",
+                        extra={"account": self.account.id})
+            await self._read_subscription_changes(request, catalog, counts, source, None)
+            return True
+        return cursor is None
+
+    async def _read_subscription_changes(self, request: RunRequest, catalog: dict[str, int],
+                                         counts: RunCounts, source: str,
+                                         cursor: str | None) -> None:
+        page_no = 0
+        async for page in self._client.iter_changes(
+                SUBSCRIPTIONS, select=list(SUBSCRIPTION_COLUMNS), cursor=cursor,
+                page_size=self.account.dynamics.page_size):
+            page_no += 1
+            await self._publish_rows(request, catalog, page.rows, counts,
+                                     id_seed=f"{request.run_id}:{cursor}:{page_no}")
+            if page.deleted_ids:
+                await self._store.forget_subscriptions(self.account.id, page.deleted_ids)
+            await self._store.set_checkpoint(self.account.id, source, page.cursor)
+
+    async def _publish_rows_of_records(self, request: RunRequest, catalog: dict[str, int],
+                                       record_ids: Sequence[str], counts: RunCounts) -> None:
+        records = await self._store.records(self.account.id, record_ids)
+        for record_type, column in LOOKUP_COLUMNS.items():
+            ids = [r for r in record_ids if r in records and records[r].record_type == record_type]
+            if not ids:
+                continue
+            rows = await self._client.get_rows_by_ids(
+                SUBSCRIPTIONS, id_column=column, ids=ids, select=list(SUBSCRIPTION_COLUMNS))
+            await self._publish_rows(request, catalog, rows, counts,
+                                     id_seed=f"{request.run_id}:eligible:{record_type}")
+
+    async def _publish_rows(self, request: RunRequest, catalog: dict[str, int],
+                            rows: Sequence[dict[str, Any]], counts: RunCounts, *,
+                            id_seed: str) -> None:
+        counts.read += len(rows)
+        wanted: list[tuple[dict[str, Any], str, int]] = []
+        for row in rows:
+            preference = catalog.get(str(row.get("_psync_preferenceid_value")))
+            if preference is None:
+                counts.other_account += 1
+                continue
+            record_id = next((str(row[c]) for c in LOOKUP_COLUMNS.values() if row.get(c)), None)
+            if record_id is None:
+                continue
+            wanted.append((row, record_id, preference))
+        records = await self._store.records(self.account.id, [r for _, r, _ in wanted])
+        missing = {r for _, r, _ in wanted if r not in records}
+        if missing:
+            records.update(await self._fetch_records(missing))
+        changes: list[PreferenceChange] = []
+        subscription_rows: list[SubscriptionRow] = []
+        for row, record_id, preference in wanted:
+            record = records.get(record_id)
+            status = row.get("psync_status")
+            if status not in (OPTED_IN, OPTED_OUT):
+                continue
+            if record is not None:
+                subscription_rows.append(SubscriptionRow(
+                    subscription_id=str(row["psync_marketingpreferencesubscriptionid"]),
+                    record_id=record_id, preference_row_id=str(row["_psync_preferenceid_value"]),
+                    opted_in=status == OPTED_IN, version=int(row.get("versionnumber") or 0)))
+            if record is None or not record.eligible:
+                counts.ineligible += 1
+                continue
+            if record.email is None:
+                counts.without_email += 1
+                continue
+            changes.append(PreferenceChange(
+                email=record.email, preference_id=preference, opted_in=status == OPTED_IN,
+                origin_time=parse_odata_time(str(row["modifiedon"])),
+                version=int(row.get("versionnumber") or 0),
+                change_id=f"dyn:{row['psync_marketingpreferencesubscriptionid']}:"
+                          f"{row.get('versionnumber')}"))
+        if subscription_rows:
+            await self._store.upsert_subscriptions(self.account.id, subscription_rows)
+        outgoing = envelopes_by_shard(
+            account=self.account.id, source="dynamics", type="preference-changes",
+            changes=changes, shards=self._shards, run_id=request.run_id, id_seed=id_seed)
+        await self._publisher.publish_many(outgoing)
+        counts.published += len(changes)
+        counts.message_ids.extend(ids_of(outgoing))
+
+    async def _fetch_records(self, record_ids: set[str]) -> dict[str, Any]:
+        """Records created after this run read the directory: read them directly."""
+        for record_type, (entity_set, key, _) in RECORD_TABLES.items():
+            rows = await self._client.get_rows_by_ids(
+                entity_set, id_column=key, ids=sorted(record_ids),
+                select=[key, "emailaddress1", "statecode"])
+            if rows:
+                await self._store.upsert_records(
+                    self.account.id, [self._record_ref(record_type, key, r) for r in rows])
+        found: dict[str, Any] = await self._store.records(self.account.id, sorted(record_ids))
+        return found
+
+    # --- hand-over to the ec-poller --------------------------------------------------------
+    async def _start_ec_part(self, request: RunRequest, emails: Sequence[str]) -> None:
+        eligible = tuple(EligibleContact(email=e) for e in emails)
+        reason = "eligible" if len(eligible) <= ELIGIBLE_FETCH_LIMIT else "full-read"
+        envelope = Envelope(
+            type="sync-trigger", account=self.account.id, source="control",
+            change_id=stable_id(request.run_id, "ec-trigger"), origin_time=datetime.now(UTC),
+            changes=eligible if reason == "eligible" else (), run_id=request.run_id,
+            extra={"reason": reason, "covers": list(request.covers)})
+        await self._publisher.publish_many([Outgoing(
+            exchange=CONTROL_EXCHANGE, routing_key=Topology.trigger_key(self.account.id, "ec-poller"),
+            body=messages.encode(envelope), message_id=envelope.change_id)])

@@ -1,0 +1,147 @@
+"""Running services: ``prefsync up`` (all four in one process) and ``prefsync run SERVICE``.
+
+Each service is a thin adapter: it owns consumers on its queues and hands decoded batches to its
+handler. The topology is declared at start-up (idempotent), so any process can start first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from aio_pika.abc import AbstractRobustConnection
+
+from common.broker import AmqpPublisher, DeadLetterer, QueueConsumer, connect
+from common.clients.dataverse import DataverseClient
+from common.clients.dotdigital import DotdigitalClient
+from common.config import AccountConfig, Config
+from common.store import open_store
+from common.topology import SIDES, Topology
+from services.dynamics_poller import DynamicsPoller
+from services.ec_poller import EcPoller
+from services.reconciler import Reconciler
+from services.triggers import RunCoordinator
+from services.writer import Writer
+
+log = logging.getLogger("prefsync.runtime")
+
+
+@dataclass
+class Running:
+    """What a started set of services exposes to tests and health checks."""
+
+    consumers: list[QueueConsumer] = field(default_factory=list)
+    coordinators: list[RunCoordinator] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def declare_topology(connection: AbstractRobustConnection, config: Config) -> Topology:
+    topology = Topology(accounts=[a.id for a in config.accounts], shards=config.broker.shards)
+    channel = await connection.channel()
+    await topology.declare(channel)
+    await channel.close()
+    return topology
+
+
+async def run_services(*, config: Config, services: Sequence[str],
+                       metrics_port: int | None = None, running: Running | None = None) -> None:
+    running = running if running is not None else Running()
+    name = "prefsync-" + "+".join(services)
+    connection = await connect(config.broker.url, name=name)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(connection)
+        await declare_topology(connection, config)
+        store = await open_store(config.store.url)
+        stack.push_async_callback(store.close)
+        publisher = await AmqpPublisher.open(connection)
+        dead = DeadLetterer(publisher=publisher, service=name)
+        tasks: list[Any] = []
+        for account in config.accounts:
+            tasks += await _start_account(stack, account=account, config=config,
+                                          services=services, connection=connection, store=store,
+                                          publisher=publisher, dead=dead, running=running)
+        async with asyncio.TaskGroup() as group:
+            for coroutine in tasks:
+                group.create_task(coroutine)
+            group.create_task(_mark_ready(running))
+            group.create_task(_until_signalled())
+
+
+async def _mark_ready(running: Running) -> None:
+    await asyncio.gather(*(c.consuming.wait() for c in running.consumers))
+    running.ready.set()
+    log.info("consuming", extra={"consumers": len(running.consumers)})
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    raise asyncio.CancelledError  # ends the task group, closing everything in order
+
+
+async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, config: Config,
+                         services: Sequence[str], connection: AbstractRobustConnection,
+                         store: Any, publisher: AmqpPublisher, dead: DeadLetterer,
+                         running: Running) -> list[Any]:
+    shards = config.broker.shards
+    prefetch = config.broker.prefetch
+    tasks: list[Any] = []
+    dataverse: DataverseClient | None = None
+    dotdigital: DotdigitalClient | None = None
+    if {"dynamics-poller", "writer"} & set(services):
+        dataverse = await stack.enter_async_context(DataverseClient(config=account.dynamics))
+    if {"ec-poller", "writer"} & set(services):
+        dotdigital = await stack.enter_async_context(DotdigitalClient(config=account.dotdigital))
+
+    def consumer(queue: str, handler: Any, batch_size: int) -> QueueConsumer:
+        c = QueueConsumer(connection=connection, queue=queue, account=account.id,
+                          handler=handler, dead_letters=dead, prefetch=prefetch,
+                          batch_size=batch_size)
+        running.consumers.append(c)
+        return c
+
+    if "dynamics-poller" in services:
+        assert dataverse is not None
+        poller = DynamicsPoller(account=account, client=dataverse, store=store,
+                                publisher=publisher, shards=shards)
+        coordinator = RunCoordinator(service="dynamics-poller", account=account.id, store=store,
+                                     publisher=publisher, run_cycle=poller.run_cycle,
+                                     schedule=account.schedule)
+        running.coordinators.append(coordinator)
+        trigger = coordinator.consumer(connection=connection, dead_letters=dead)
+        running.consumers.append(trigger)
+        tasks += [trigger.run(), coordinator.run_loop()]
+    if "ec-poller" in services:
+        assert dotdigital is not None
+        ec = EcPoller(account=account, client=dotdigital, store=store, publisher=publisher,
+                      shards=shards)
+        coordinator = RunCoordinator(service="ec-poller", account=account.id, store=store,
+                                     publisher=publisher, run_cycle=ec.run_cycle)
+        running.coordinators.append(coordinator)
+        trigger = coordinator.consumer(connection=connection, dead_letters=dead)
+        running.consumers.append(trigger)
+        tasks += [trigger.run(), coordinator.run_loop()]
+    if "reconciler" in services:
+        reconciler = Reconciler(account=account.id, store=store, publisher=publisher,
+                                shards=shards)
+        tasks += [consumer(Topology.changes_queue(account.id, shard), reconciler.handle, 64).run()
+                  for shard in range(shards)]
+    if "writer" in services:
+        for side in SIDES:
+            writer = Writer(account=account.id, side=side, store=store, publisher=publisher,
+                            shards=shards, dead_letters=dead, dataverse=dataverse,
+                            dotdigital=dotdigital)
+            tasks += [consumer(Topology.writes_queue(account.id, side, shard), writer.handle,
+                               64).run()
+                      for shard in range(shards)]
+    return tasks

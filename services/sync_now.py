@@ -1,0 +1,146 @@
+"""``prefsync sync-now ACCOUNT [--wait]``: start a run now and, with --wait, follow it to the end.
+
+The services publish progress events for every run (advisory, on the control exchange). With
+--wait this command listens to them and returns once the changes the run read from both sides
+are reconciled and written (or dead-lettered), printing what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import aio_pika
+import orjson
+
+from common import messages
+from common.broker import AmqpPublisher, Outgoing, connect
+from common.config import Config
+from common.messages import Envelope
+from common.topology import CONTROL_EXCHANGE, Topology
+from services.publishing import stable_id
+from services.triggers import new_run_id
+
+
+@dataclass
+class RunTracker:
+    """Folds progress events into the state of one run; knows when the run is finished."""
+
+    trigger_id: str
+    run_id: str | None = None
+    pollers_done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reconciled: dict[str, dict[str, Any]] = field(default_factory=dict)
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def feed(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "run-started" and event.get("run_id") == self.trigger_id:
+            if event.get("service") == "dynamics-poller":
+                self.run_id = str(event.get("run"))
+            return
+        if self.run_id is None or event.get("run_id") != self.run_id:
+            return
+        if kind == "poller-done":
+            self.pollers_done[str(event["source"])] = event
+        elif kind == "reconciled":
+            self.reconciled[str(event["message"])] = event
+        elif kind == "written":
+            self.written[str(event["message"])] = event
+        elif kind == "run-failed":
+            self.failures.append(f"{event.get('service')}: {event.get('error')}")
+
+    @property
+    def finished(self) -> bool:
+        if self.failures:
+            return True
+        if set(self.pollers_done) != {"dynamics", "dotdigital"}:
+            return False
+        published = {m for p in self.pollers_done.values() for m in p.get("messages", [])}
+        if not published <= set(self.reconciled):
+            return False
+        writes = {w for r in self.reconciled.values() for w in r.get("writes", [])}
+        return writes <= set(self.written)
+
+    def summary(self) -> dict[str, Any]:
+        outcomes: Counter[str] = Counter()
+        for r in self.reconciled.values():
+            outcomes.update(r.get("outcomes", {}))
+        applied: Counter[str] = Counter()
+        failed = 0
+        for w in self.written.values():
+            applied[str(w.get("side"))] += int(w.get("written", 0))
+            failed += int(w.get("failed", 0))
+        return {
+            "run": self.run_id,
+            "read": {s: int(p.get("read", 0)) for s, p in self.pollers_done.items()},
+            "applied_to_dotdigital": applied["dotdigital"],
+            "applied_to_dynamics": applied["dynamics"],
+            "outcomes": dict(sorted(outcomes.items())),
+            "failed": failed + len(self.failures),
+            "errors": self.failures,
+        }
+
+
+async def sync_now(*, config: Config, account: str, wait: bool, timeout_s: float,
+                   out: TextIO = sys.stdout) -> int:
+    config.account(account)  # a ConfigError names an unknown account
+    trigger_id = new_run_id()
+    connection = await connect(config.broker.url, name=f"prefsync-sync-now-{account}")
+    async with connection:
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        if wait:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(CONTROL_EXCHANGE, ensure=True)
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await queue.bind(exchange, routing_key=f"{account}.progress.#")
+
+            async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                await events.put(orjson.loads(message.body))
+                await message.ack()
+
+            await queue.consume(on_event)
+        publisher = await AmqpPublisher.open(connection)
+        envelope = Envelope(type="sync-trigger", account=account, source="control",
+                            change_id=stable_id("sync-now", trigger_id),
+                            origin_time=datetime.now(UTC), changes=(), run_id=trigger_id,
+                            extra={"reason": "sync-now"})
+        await publisher.publish_many([Outgoing(
+            exchange=CONTROL_EXCHANGE, routing_key=Topology.trigger_key(account),
+            body=messages.encode(envelope), message_id=envelope.change_id)])
+        if not wait:
+            print(f"sync of {account} requested (run {trigger_id})", file=out)
+            return 0
+        tracker = RunTracker(trigger_id=trigger_id)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not tracker.finished:
+                    tracker.feed(await events.get())
+        except TimeoutError:
+            print(f"sync of {account}: not finished after {timeout_s:.0f} s", file=out)
+            print(orjson.dumps(tracker.summary(), option=orjson.OPT_INDENT_2).decode(), file=out)
+            return 1
+        summary = tracker.summary()
+        print(format_summary(account, summary), file=out)
+        return 1 if summary["failed"] else 0
+
+
+def format_summary(account: str, summary: dict[str, Any]) -> str:
+    read = summary["read"]
+    outcomes = summary["outcomes"]
+    lines = [
+        f"sync of {account} finished (run {summary['run']})",
+        f"  read: {read.get('dynamics', 0)} from Dynamics, {read.get('dotdigital', 0)} from dotdigital",
+        f"  applied: {summary['applied_to_dotdigital']} to dotdigital, "
+        f"{summary['applied_to_dynamics']} to Dynamics",
+        f"  stale: {outcomes.get('stale', 0) + outcomes.get('tie_opt_in_lost', 0)}, "
+        f"echoes: {outcomes.get('echo', 0)}, suppressed: {outcomes.get('suppressed', 0)}, "
+        f"ineligible: {outcomes.get('ineligible', 0)}",
+        f"  failed: {summary['failed']}",
+    ]
+    lines += [f"  error: {e}" for e in summary["errors"]]
+    return "\n".join(lines)

@@ -1,0 +1,469 @@
+"""writer: applies write commands to one side through its batch API, per account.
+
+For each batch of commands from one shard queue it keeps the newest command per key, drops the
+ones the ledger says are superseded or already satisfied, and then, for the side:
+
+- **Dynamics**: one ``$batch`` of PATCHes (``If-Match`` with the row version we last saw, so a
+  change a user made since is never overwritten unseen: a 412 reads the row and folds it into
+  the ledger instead) and POSTs for records that have no row yet, each returning the row's new
+  ``versionnumber``;
+- **dotdigital**: first the opt-ins-since feed of the affected preferences since the ec-poller's
+  watermark (a change a user made there since is folded in first), then one v3 import (or a
+  preferences PUT for a single contact), inside a window of dotdigital's own clock.
+
+Each write is recorded in the ledger as in flight before the call and confirmed after it with
+what the write produced (the version, or the clock window), so the pollers recognise the echo.
+Messages are acked only after the vendor accepted and the ledger committed. Permanent refusals
+(suppressed contact, read-only record, not found) are dead-lettered with the vendor's code; 429
+and 5xx are retried inside the client (``Retry-After``), then the batch is redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from common import domain, messages
+from common.broker import DeadLetterer, Delivery, Outgoing, Publisher
+from common.clients.base import VendorError
+from common.clients.dataverse import BatchOperation, DataverseClient
+from common.clients.dotdigital import DotdigitalClient
+from common.clients.dotdigital_models import ImportContact
+from common.domain import KeyState, Observation, PreferenceKey, Side
+from common.messages import Envelope
+from common.messages import WriteCommand as WriteMessage
+from common.store import ConflictError
+from common.store.directory import RecordRef, SubscriptionRow
+from services.dynamics_poller import (
+    LOOKUP_COLUMNS,
+    OPTED_IN,
+    OPTED_OUT,
+    RECORD_TABLES,
+    SUBSCRIPTION_COLUMNS,
+    SUBSCRIPTIONS,
+    parse_odata_time,
+)
+from services.ec_poller import EPOCH
+from services.publishing import envelopes_by_shard, publish_progress, stable_id
+
+log = logging.getLogger("prefsync.writer")
+
+SERVICE = "writer"
+# Our clock may run ahead of the vendor's; an in-flight record starts this much earlier.
+CLOCK_MARGIN = timedelta(seconds=5)
+# Up to this many contacts go through the preferences PUT (one call each); more use an import.
+DIRECT_WRITE_LIMIT = 2
+MAX_CONFLICT_RETRIES = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    reason: str
+    code: str
+
+
+@dataclass
+class WriteOutcome:
+    """What happened to each command of a batch; ledger edits are replayed on a conflict."""
+
+    written: dict[PreferenceKey, list[tuple[int | None, datetime, datetime]]] = field(
+        default_factory=lambda: defaultdict(list))
+    failed: dict[PreferenceKey, Failure] = field(default_factory=dict)
+    observations: list[Observation] = field(default_factory=list)
+    # keys whose row changed under us (412): re-read, folded in, and the write re-issued
+    retry: set[PreferenceKey] = field(default_factory=set)
+    # a part failed with a 5xx or 429: record what did succeed, then redeliver the batch
+    transient: str | None = None
+
+
+class TransientWriteError(RuntimeError):
+    """A vendor part failed with a retryable error after the client's own retries."""
+
+
+def to_command(account: str, message: WriteMessage) -> domain.WriteCommand:
+    return domain.WriteCommand(
+        key=PreferenceKey(account=account, email=message.email,
+                          preference_id=message.preference_id),
+        side=message.side, opted_in=message.opted_in, origin_time=message.origin_time,
+        origin_side=message.origin_side, change_id=message.change_id)
+
+
+class Writer:
+    def __init__(self, *, account: str, side: Side, store: Any, publisher: Publisher,
+                 shards: int, dead_letters: DeadLetterer,
+                 dataverse: DataverseClient | None = None,
+                 dotdigital: DotdigitalClient | None = None,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.account = account
+        self.side = side
+        self._store = store
+        self._publisher = publisher
+        self._shards = shards
+        self._dataverse = dataverse
+        self._dotdigital = dotdigital
+        self._now = now
+        self._dead = dead_letters
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        owner: dict[PreferenceKey, int] = {}
+        commands: dict[PreferenceKey, domain.WriteCommand] = {}
+        for index, delivery in enumerate(batch):
+            for change in delivery.envelope.changes:
+                if isinstance(change, WriteMessage) and change.side == self.side:
+                    command = to_command(self.account, change)
+                    commands[command.key] = command  # the newest command per key wins
+                    owner[command.key] = index
+        states = await self._store.load(set(commands))
+        contacts = await self._store.load_contacts(self.account, {k.email for k in commands})
+        outcome = WriteOutcome()
+        if self.side == "dotdigital":
+            await self._read_before_write(commands, states, outcome)
+        todo = {key: c for key, c in commands.items()
+                if domain.writer_should_apply(self._folded(states.get(key), key, outcome), c,
+                                              contact=contacts.get(key.email))}
+        if todo:
+            started = self._now() - CLOCK_MARGIN
+            await self._commit_with(todo, lambda s, c: domain.begin_write(s, c, window_start=started))
+            if self.side == "dynamics":
+                await self._write_dynamics(todo, outcome, started)
+            else:
+                await self._write_dotdigital(todo, outcome)
+        states = await self._commit_outcome(commands, todo, outcome)
+        if outcome.transient is not None:
+            raise TransientWriteError(outcome.transient)
+        await self._dead_letter_failures(batch, owner, commands, outcome)
+        await self._publish_corrections(batch, owner, states, commands, outcome)
+        await self._report(batch, owner, commands, todo, outcome)
+
+    # --- ledger ----------------------------------------------------------------------------
+    @staticmethod
+    def _folded(state: KeyState | None, key: PreferenceKey, outcome: WriteOutcome) -> KeyState:
+        state = state if state is not None else KeyState(key=key)
+        for observation in outcome.observations:
+            if observation.key == key:
+                state = domain.reconcile(state, observation).state
+        return state
+
+    async def _commit_with(self, commands: dict[PreferenceKey, domain.WriteCommand],
+                           edit: Callable[[KeyState, domain.WriteCommand], KeyState]) -> None:
+        for _ in range(MAX_CONFLICT_RETRIES):
+            states = await self._store.load(set(commands))
+            changed = []
+            for key, command in commands.items():
+                before = states.get(key) or KeyState(key=key)
+                after = edit(before, command)
+                if after != before:
+                    changed.append(after)
+            try:
+                await self._store.commit(states=changed, contacts=[], history=[])
+                return
+            except ConflictError:
+                continue
+        raise RuntimeError("ledger conflicts did not settle")
+
+    async def _commit_outcome(self, commands: dict[PreferenceKey, domain.WriteCommand],
+                              todo: dict[PreferenceKey, domain.WriteCommand],
+                              outcome: WriteOutcome) -> dict[PreferenceKey, KeyState]:
+        """Record writes, refusals and what the writer read, in one transaction."""
+        now = self._now()
+        for _ in range(MAX_CONFLICT_RETRIES):
+            states = await self._store.load(set(commands))
+            history: list[domain.HistoryEntry] = []
+            changed: dict[PreferenceKey, KeyState] = {}
+            for observation in outcome.observations:
+                key = observation.key
+                before = changed.get(key) or states.get(key)
+                decision = domain.reconcile(before, observation)
+                if decision.changed:
+                    changed[key] = decision.state
+                history.append(domain.HistoryEntry.for_observation(
+                    observation, decision=str(decision.outcome), recorded_at=now))
+            for key, command in todo.items():
+                state = changed.get(key) or states.get(key) or KeyState(key=key)
+                if key in outcome.written:
+                    for version, start, end in outcome.written[key]:
+                        state = domain.record_write(state, command, produced_version=version,
+                                                    window_start=start, window_end=end,
+                                                    written_at=now)
+                    history.append(domain.HistoryEntry.for_write(command, recorded_at=now))
+                elif key in outcome.failed or key in outcome.retry or outcome.transient:
+                    state = domain.abandon_write(state, command)
+                    if key in outcome.failed:
+                        history.append(domain.HistoryEntry.for_write(
+                            command, recorded_at=now, decision="failed"))
+                changed[key] = state
+            try:
+                await self._store.commit(states=list(changed.values()), contacts=[],
+                                         history=history)
+                states.update(changed)
+                return states
+            except ConflictError:
+                continue
+        raise RuntimeError("ledger conflicts did not settle")
+
+    # --- Dynamics --------------------------------------------------------------------------
+    async def _catalog(self) -> dict[int, str]:
+        raw = await self._store.get_checkpoint(self.account, "dynamics:catalog")
+        catalog: dict[str, int] = orjson.loads(raw) if raw else {}
+        return {ec_id: row_id for row_id, ec_id in catalog.items()}
+
+    async def _write_dynamics(self, todo: dict[PreferenceKey, domain.WriteCommand],
+                              outcome: WriteOutcome, started: datetime) -> None:
+        assert self._dataverse is not None
+        catalog = await self._catalog()
+        records = await self._store.records_for_emails(self.account, {k.email for k in todo})
+        pairs = [(r.record_id, catalog[k.preference_id])
+                 for k in todo if k.preference_id in catalog for r in records.get(k.email, [])]
+        rows = await self._store.subscriptions_for(self.account, pairs)
+        operations: list[BatchOperation] = []
+        targets: dict[str, tuple[PreferenceKey, RecordRef, str]] = {}
+        for key, command in todo.items():
+            row_id = catalog.get(key.preference_id)
+            if row_id is None:
+                outcome.failed[key] = Failure(
+                    reason=f"preference {key.preference_id} is not in this account's catalog",
+                    code="catalog")
+                continue
+            targets_of_key = [r for r in records.get(key.email, []) if r.active]
+            if not targets_of_key:
+                outcome.failed[key] = Failure(reason="no active eligible Dynamics record has "
+                                                     "this email", code="no-record")
+                continue
+            status = OPTED_IN if command.opted_in else OPTED_OUT
+            for record in targets_of_key:
+                content_id = str(len(operations) + 1)
+                targets[content_id] = (key, record, row_id)
+                existing = rows.get((record.record_id, row_id))
+                if existing is not None:
+                    operations.append(BatchOperation.update(
+                        SUBSCRIPTIONS, existing.subscription_id, {"psync_status": status},
+                        if_match=f'W/"{existing.version}"', return_representation=True,
+                        content_id=content_id))
+                else:
+                    entity_set = RECORD_TABLES[record.record_type][0]
+                    operations.append(BatchOperation.create(SUBSCRIPTIONS, {
+                        "psync_status": status,
+                        "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({row_id})",
+                        f"psync_{record.record_type}id@odata.bind":
+                            f"/{entity_set}({record.record_id})",
+                    }, return_representation=True, content_id=content_id))
+        if not operations:
+            return
+        results = await self._dataverse.batch(operations, change_set=False,
+                                              continue_on_error=True)
+        ended = self._now() + CLOCK_MARGIN
+        written_rows: list[SubscriptionRow] = []
+        conflicted: list[str] = []
+        for result in results:
+            key, record, row_id = targets[result.content_id]
+            if result.ok and result.body is not None:
+                version = int(result.body.get("versionnumber") or 0)
+                outcome.written[key].append((version, started, ended))
+                written_rows.append(SubscriptionRow(
+                    subscription_id=str(result.body["psync_marketingpreferencesubscriptionid"]),
+                    record_id=record.record_id, preference_row_id=row_id,
+                    opted_in=result.body.get("psync_status") == OPTED_IN, version=version))
+            elif result.error is not None and result.status == 412:
+                existing = rows.get((record.record_id, row_id))
+                if existing is not None:
+                    conflicted.append(existing.subscription_id)
+                outcome.retry.add(key)
+            elif result.error is not None and result.error.retryable:
+                outcome.transient = str(result.error)
+            else:
+                error = result.error
+                outcome.failed[key] = Failure(
+                    reason=error.message if error else f"HTTP {result.status}",
+                    code=error.code if error else str(result.status))
+        # A key written to one record but failed on another counts as failed: the failure
+        # is what needs attention; the successful part is recorded all the same.
+        if written_rows:
+            await self._store.upsert_subscriptions(self.account, written_rows)
+        if conflicted:
+            await self._read_conflicted(conflicted, records, catalog, outcome)
+
+    async def _read_conflicted(self, subscription_ids: Sequence[str],
+                               records: dict[str, list[RecordRef]], catalog: dict[int, str],
+                               outcome: WriteOutcome) -> None:
+        """Rows a user changed since we last saw them: fold their current state in."""
+        assert self._dataverse is not None
+        rows = await self._dataverse.get_rows_by_ids(
+            SUBSCRIPTIONS, id_column="psync_marketingpreferencesubscriptionid",
+            ids=list(subscription_ids), select=list(SUBSCRIPTION_COLUMNS))
+        email_of = {r.record_id: email for email, refs in records.items() for r in refs}
+        preference_of = {row_id: ec for ec, row_id in catalog.items()}
+        fresh: list[SubscriptionRow] = []
+        for row in rows:
+            record_id = next((str(row[c]) for c in LOOKUP_COLUMNS.values() if row.get(c)), None)
+            preference = preference_of.get(str(row.get("_psync_preferenceid_value")))
+            if record_id is None or preference is None or record_id not in email_of:
+                continue
+            status = row.get("psync_status")
+            fresh.append(SubscriptionRow(
+                subscription_id=str(row["psync_marketingpreferencesubscriptionid"]),
+                record_id=record_id, preference_row_id=str(row["_psync_preferenceid_value"]),
+                opted_in=status == OPTED_IN, version=int(row.get("versionnumber") or 0)))
+            if status not in (OPTED_IN, OPTED_OUT):
+                continue
+            outcome.observations.append(Observation(
+                key=PreferenceKey(account=self.account, email=email_of[record_id],
+                                  preference_id=preference),
+                side="dynamics", opted_in=status == OPTED_IN,
+                origin_time=parse_odata_time(str(row["modifiedon"])),
+                version=int(row.get("versionnumber") or 0),
+                change_id=f"dyn:{row['psync_marketingpreferencesubscriptionid']}:"
+                          f"{row.get('versionnumber')}"))
+        if fresh:
+            await self._store.upsert_subscriptions(self.account, fresh)
+
+    # --- dotdigital ------------------------------------------------------------------------
+    async def _read_before_write(self, commands: dict[PreferenceKey, domain.WriteCommand],
+                                 states: dict[PreferenceKey, KeyState],
+                                 outcome: WriteOutcome) -> None:
+        """Fold in dotdigital changes the ec-poller has not read yet, for these keys."""
+        assert self._dotdigital is not None
+        by_preference: dict[int, set[str]] = defaultdict(set)
+        for key in commands:
+            by_preference[key.preference_id].add(key.email)
+        for preference_id, emails in by_preference.items():
+            saved = await self._store.get_checkpoint(self.account,
+                                                     f"dotdigital:opt-ins:{preference_id}")
+            since = datetime.fromisoformat(orjson.loads(saved)["since"]) if saved else EPOCH
+            async for page in self._dotdigital.iter_opt_ins_since(preference_id, since):
+                for item in page:
+                    email = item.contact.email.strip().lower()
+                    if email not in emails:
+                        continue
+                    for opt_in in item.opt_ins:
+                        if opt_in.preference_id != preference_id:
+                            continue
+                        outcome.observations.append(Observation(
+                            key=PreferenceKey(account=self.account, email=email,
+                                              preference_id=preference_id),
+                            side="dotdigital", opted_in=opt_in.is_opted_in,
+                            origin_time=opt_in.modified,
+                            change_id=f"ec:{item.contact.id}:{preference_id}:"
+                                      f"{opt_in.modified.isoformat()}"))
+
+    async def _write_dotdigital(self, todo: dict[PreferenceKey, domain.WriteCommand],
+                                outcome: WriteOutcome) -> None:
+        assert self._dotdigital is not None
+        by_email: dict[str, dict[int, bool]] = defaultdict(dict)
+        for key, command in todo.items():
+            by_email[key.email][key.preference_id] = command.opted_in
+        window_start = await self._dotdigital.server_time()
+        failed_emails: dict[str, Failure] = {}
+        if len(by_email) <= DIRECT_WRITE_LIMIT:
+            for email, preferences in by_email.items():
+                try:
+                    await self._dotdigital.update_contact_preferences(email, preferences)
+                except VendorError as exc:
+                    if exc.retryable:
+                        raise
+                    failed_emails[email] = Failure(reason=exc.message, code=exc.code)
+        else:
+            report = await self._dotdigital.run_import(
+                [ImportContact(email=email, preferences=prefs) for email, prefs in by_email.items()])
+            for failure in report.failures:
+                if failure.email:
+                    failed_emails[failure.email.strip().lower()] = Failure(
+                        reason="; ".join(failure.descriptions) or "import failure",
+                        code=",".join(failure.codes))
+        window_end = await self._dotdigital.server_time()
+        for key in todo:
+            if key.email in failed_emails:
+                outcome.failed[key] = failed_emails[key.email]
+            else:
+                outcome.written[key].append((None, window_start, window_end))
+
+    # --- after the write -------------------------------------------------------------------
+    async def _dead_letter_failures(self, batch: Sequence[Delivery],
+                                    owner: dict[PreferenceKey, int],
+                                    commands: dict[PreferenceKey, domain.WriteCommand],
+                                    outcome: WriteOutcome) -> None:
+        by_delivery: dict[int, list[tuple[domain.WriteCommand, Failure]]] = defaultdict(list)
+        for key, failure in outcome.failed.items():
+            by_delivery[owner[key]].append((commands[key], failure))
+        for index, failures in by_delivery.items():
+            delivery = batch[index]
+            reasons = sorted({f"{f.code}: {f.reason}" for _, f in failures})
+            envelope = Envelope(
+                type="write-commands", account=self.account, source="reconciler",
+                change_id=stable_id("dead", delivery.message_id, self.side),
+                origin_time=max(c.origin_time for c, _ in failures),
+                changes=tuple(_to_message(c) for c, _ in failures), run_id=delivery.envelope.run_id)
+            await self._dead.send(
+                delivery.message, account=self.account, queue=delivery.queue,
+                reason="; ".join(reasons)[:1000], code=",".join(sorted({f.code for _, f in failures})),
+                kind=f"write-{self.side}", body=messages.encode(envelope),
+                message_id=envelope.change_id)
+
+    async def _publish_corrections(self, batch: Sequence[Delivery],
+                                   owner: dict[PreferenceKey, int],
+                                   states: dict[PreferenceKey, KeyState],
+                                   commands: dict[PreferenceKey, domain.WriteCommand],
+                                   outcome: WriteOutcome) -> None:
+        """If the register moved while we wrote (or a user change was read), the new writes;
+        and the writes to re-issue after a version conflict."""
+        by_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
+        for key, command in commands.items():
+            state = states.get(key)
+            if state is None:
+                continue
+            for outstanding in domain.outstanding(state):
+                same = (outstanding.side, outstanding.opted_in, outstanding.origin_time) == (
+                    command.side, command.opted_in, command.origin_time)
+                if not same or key in outcome.retry:
+                    by_delivery[owner[key]].append(_to_message(outstanding))
+        for index, corrections in by_delivery.items():
+            delivery = batch[index]
+            outgoing: list[Outgoing] = []
+            for side in ("dynamics", "dotdigital"):
+                outgoing += envelopes_by_shard(
+                    account=self.account, source="reconciler", type="write-commands",
+                    changes=[c for c in corrections if c.side == side], shards=self._shards,
+                    run_id=delivery.envelope.run_id,
+                    id_seed=f"correction:{delivery.message_id}:{side}", route="writes",
+                    side=side)  # type: ignore[arg-type]
+            await self._publisher.publish_many(outgoing)
+
+    async def _report(self, batch: Sequence[Delivery], owner: dict[PreferenceKey, int],
+                      commands: dict[PreferenceKey, domain.WriteCommand],
+                      todo: dict[PreferenceKey, domain.WriteCommand],
+                      outcome: WriteOutcome) -> None:
+        counts: dict[int, Counter[str]] = defaultdict(Counter)
+        for key in commands:
+            index = owner[key]
+            if key in outcome.failed:
+                counts[index]["failed"] += 1
+            elif key in outcome.written:
+                counts[index]["written"] += 1
+            elif key in todo:
+                counts[index]["retry"] += 1
+            else:
+                counts[index]["skipped"] += 1
+        for index, delivery in enumerate(batch):
+            if delivery.envelope.run_id:
+                c = counts.get(index, Counter())
+                await publish_progress(self._publisher, account=self.account,
+                                       run_id=delivery.envelope.run_id, event="written",
+                                       fields={"message": delivery.message_id, "side": self.side,
+                                               "written": c["written"], "failed": c["failed"],
+                                               "skipped": c["skipped"]})
+        if outcome.retry:
+            # Version conflicts: the fresh row is in the ledger and the write was re-issued.
+            log.info("writes re-issued after a version conflict", extra={
+                "account": self.account, "side": self.side, "keys": len(outcome.retry)})
+
+
+def _to_message(command: domain.WriteCommand) -> WriteMessage:
+    return WriteMessage(email=command.key.email, preference_id=command.key.preference_id,
+                        side=command.side, opted_in=command.opted_in,
+                        origin_time=command.origin_time, origin_side=command.origin_side,
+                        change_id=command.change_id)
