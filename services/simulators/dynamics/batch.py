@@ -1,0 +1,295 @@
+"""``$batch`` in ``multipart/mixed``: change sets, Content-ID references, error handling.
+
+- At most 1000 operations (change set contents included); more gives 400.
+- A change set is atomic: when one operation fails, the ones before it are rolled back and the
+  change set answers with the failing operation's response. ``GET`` inside a change set fails it.
+- ``$<Content-ID>`` refers to an entity created earlier in the same change set, at the start of
+  a request URL (``PATCH $1``) or as an ``@odata.bind`` / ``@odata.id`` value.
+- Without ``Prefer: odata.continue-on-error`` processing stops at the first failure: the answer
+  is 400 holding the failing part only. With it, 200 holding every part's response.
+- An ``application/json`` batch (OData 4.01, which Dataverse lacks) gets 415 (inferred).
+- The response boundary is ``batchresponse_<uuid>``; change set responses use
+  ``changesetresponse_<uuid>`` and echo ``Content-ID``.
+- Each operation is counted under its own route in ``/_sim/stats`` and can draw an injected
+  fault; the batch counts as one request towards service protection limits.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import orjson
+from multidict import CIMultiDict, MultiDict
+
+from .api import Api
+from .protocol import ApiError, Call, Result, make_call, query_error
+from .routes import VERSIONS, Target
+from .schema import TABLES
+
+MAX_OPERATIONS = 1000
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+Record = Callable[[str, str, int], None]  # method, route name, status
+Fault = Callable[[str, str], Result | None]  # method, path -> injected failure
+
+
+@dataclass
+class Part:
+    headers: CIMultiDict[str]
+    method: str = ""
+    url: str = ""
+    request_headers: CIMultiDict[str] | None = None
+    body: bytes = b""
+    changeset: list[Part] | None = None
+
+    @property
+    def content_id(self) -> str | None:
+        return self.headers.get("Content-ID") or (
+            self.request_headers.get("Content-ID") if self.request_headers else None)
+
+
+class _ChangeSetFailed(Exception):
+    def __init__(self, part: bytes) -> None:
+        super().__init__("change set failed")
+        self.part = part
+
+
+def _split_head(block: bytes) -> tuple[bytes, bytes]:
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        idx = block.find(sep)
+        if idx >= 0:
+            return block[:idx], block[idx + len(sep):]
+    return block, b""
+
+
+def _headers(raw: bytes) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if ":" in line:
+            name, _, value = line.partition(":")
+            out.add(name.strip(), value.strip())
+    return out
+
+
+def _bad(message: str) -> ApiError:
+    return query_error(message)
+
+
+def split_multipart(body: bytes, boundary: str) -> list[bytes]:
+    delim = b"--" + boundary.encode()
+    chunks = body.split(delim)
+    if len(chunks) < 2:
+        raise _bad("The batch request body is not a multipart/mixed message with the "
+                   "boundary given in Content-Type.")
+    out = []
+    for chunk in chunks[1:]:
+        if chunk.startswith(b"--"):
+            break
+        chunk = chunk.removeprefix(b"\r\n").removeprefix(b"\n")
+        chunk = chunk.removesuffix(b"\n").removesuffix(b"\r")
+        out.append(chunk)
+    return out
+
+
+def _boundary(content_type: str) -> str:
+    m = _BOUNDARY.search(content_type)
+    if m is None:
+        raise _bad("The batch Content-Type needs a boundary parameter.")
+    return m.group(1)
+
+
+def parse_parts(body: bytes, content_type: str, *, nested: bool = False) -> list[Part]:
+    parts = []
+    for chunk in split_multipart(body, _boundary(content_type)):
+        head, content = _split_head(chunk)
+        headers = _headers(head)
+        ctype = headers.get("Content-Type", "")
+        if ctype.lower().startswith("multipart/mixed"):
+            if nested:
+                raise _bad("Change sets can't be nested.")
+            parts.append(Part(headers=headers, changeset=parse_parts(content, ctype, nested=True)))
+            continue
+        if not ctype.lower().startswith("application/http"):
+            raise _bad(f"A batch part must be application/http, not '{ctype}'.")
+        req_head, req_body = _split_head(content)
+        lines = req_head.decode("utf-8", "replace").splitlines()
+        words = lines[0].split() if lines else []
+        if len(words) < 2:
+            raise _bad("A batch part has no request line.")
+        req_headers = _headers("\n".join(lines[1:]).encode())
+        parts.append(Part(headers=headers, method=words[0].upper(), url=words[1],
+                          request_headers=req_headers, body=req_body.rstrip(b"\r\n")))
+    return parts
+
+
+def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
+    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    if content_id is not None:
+        lines.append(f"Content-ID: {content_id}")
+    try:
+        phrase = HTTPStatus(result.status).phrase
+    except ValueError:
+        phrase = ""
+    lines += ["", f"HTTP/1.1 {result.status} {phrase}"]
+    for name, value in result.headers.items():
+        if get and name.lower() == "content-type" and value.startswith("application/json"):
+            value += "; odata.streaming=true"
+        lines.append(f"{name}: {value}")
+    lines.append("")
+    return ("\r\n".join(lines) + "\r\n").encode() + result.body
+
+
+def _multipart(parts: list[bytes], boundary: str) -> bytes:
+    out = b""
+    for part in parts:
+        out += f"--{boundary}\r\n".encode() + part + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+class Batch:
+    def __init__(self, *, api: Api, record: Record, fault: Fault) -> None:
+        self.api = api
+        self.record = record
+        self.fault = fault
+
+    def run(self, call: Call) -> Result:
+        if call.method != "POST":
+            raise ApiError(405, "0x80060888", "The requested resource does not support http "
+                           f"method '{call.method}'.")
+        ctype = call.headers.get("Content-Type", "")
+        if not ctype.lower().startswith("multipart/mixed"):
+            raise ApiError(415, "0x80060888", f"The content type '{ctype.split(';')[0]}' is not "
+                           "supported for $batch: send multipart/mixed (JSON batches are "
+                           "OData 4.01, which this service does not support).")
+        parts = parse_parts(call.body, ctype)
+        total = sum(len(p.changeset) if p.changeset is not None else 1 for p in parts)
+        if total > MAX_OPERATIONS:
+            raise _bad(f"The number of requests in a batch can't exceed {MAX_OPERATIONS}; "
+                       f"this batch has {total}.")
+        keep_going = "odata.continue-on-error" in call.prefer()
+        rendered: list[bytes] = []
+        for part in parts:
+            if part.changeset is not None:
+                ok, out = self._changeset(call, part.changeset)
+            else:
+                result = self._execute(call, part, {})
+                ok = result.status < 400
+                out = _http_part(result, get=part.method == "GET")
+            if not ok and not keep_going:
+                return self._response([out], 400, {})
+            rendered.append(out)
+        headers = {"Preference-Applied": "odata.continue-on-error"} if keep_going else {}
+        return self._response(rendered, 200, headers)
+
+    def _response(self, parts: list[bytes], status: int, headers: dict[str, str]) -> Result:
+        boundary = f"batchresponse_{uuid.uuid4()}"
+        return Result(status, _multipart(parts, boundary), {
+            "Content-Type": f"multipart/mixed; boundary={boundary}", "OData-Version": "4.0",
+            **headers})
+
+    def _changeset(self, call: Call, parts: list[Part]) -> tuple[bool, bytes]:
+        ids: dict[str, str] = {}
+        out: list[bytes] = []
+        try:
+            with self.api.store.atomic():
+                for part in parts:
+                    cid = part.content_id
+                    if part.method == "GET":
+                        result = query_error("GET requests are not allowed in a change set.")\
+                            .result()
+                    else:
+                        result = self._execute(call, part, ids)
+                    if result.status >= 400:
+                        raise _ChangeSetFailed(_http_part(result, content_id=cid))
+                    if cid is not None:
+                        entity = result.headers.get("OData-EntityId") or self._entity_url(
+                            call, part, result)
+                        if entity:
+                            ids[cid] = entity
+                    out.append(_http_part(result, content_id=cid))
+        except _ChangeSetFailed as failed:
+            return False, failed.part
+        boundary = f"changesetresponse_{uuid.uuid4()}"
+        head = f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode()
+        return True, head + _multipart(out, boundary).rstrip(b"\r\n")
+
+    def _entity_url(self, call: Call, part: Part, result: Result) -> str | None:
+        if result.status != 201 or not result.body:
+            return None
+        body = orjson.loads(result.body)
+        context = str(body.get("@odata.context", ""))
+        entity_set = context.split("#", 1)[-1].split("(")[0].split("/")[0]
+        schema = TABLES.get(entity_set)
+        if schema is None or schema.pk not in body:
+            return None
+        return f"{call.service_root}/{entity_set}({body[schema.pk]})"
+
+    def _execute(self, outer: Call, part: Part, ids: dict[str, str]) -> Result:
+        try:
+            url = self._resolve_id(part.url, ids)
+            version, tail, query = self._locate(outer, url)
+            body = self._resolve_body(part.body, ids)
+        except ApiError as exc:
+            return exc.result()
+        assert part.request_headers is not None
+        call = make_call(method=part.method, version=version, tail=tail, query=query,
+                         headers=part.request_headers, body=body, origin=outer.origin,
+                         client_id=outer.client_id, in_batch=True)
+        target: Target = self.api.target(call)
+        path = f"/api/data/{version}/{tail}"
+        if target.kind == "batch":
+            result = query_error("A $batch can't contain another $batch.").result()
+        else:
+            injected = self.fault(part.method, path)
+            result = injected if injected is not None else self.api.handle(call, target)
+        self.record(part.method, target.template, result.status)
+        return result
+
+    @staticmethod
+    def _resolve_id(url: str, ids: dict[str, str]) -> str:
+        if not url.startswith("$"):
+            return url
+        ref, sep, rest = url[1:].partition("/")
+        if ref not in ids:
+            raise query_error(f"Content-ID Reference: '${ref}' does not exist in the batch context.")
+        return ids[ref] + (sep + rest if sep else "")
+
+    @staticmethod
+    def _resolve_body(body: bytes, ids: dict[str, str]) -> bytes:
+        if b'"$' not in body:
+            return body
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if not isinstance(data, dict):
+            return body
+        changed = False
+        for key, value in list(data.items()):
+            if (key.endswith(("@odata.bind", "@odata.id")) and isinstance(value, str)
+                    and value.startswith("$")):
+                ref = value[1:]
+                if ref not in ids:
+                    raise query_error(f"Content-ID Reference: '${ref}' does not exist in the "
+                                      "batch context.")
+                data[key] = ids[ref]
+                changed = True
+        return orjson.dumps(data) if changed else body
+
+    @staticmethod
+    def _locate(outer: Call, url: str) -> tuple[str, str, MultiDict[str]]:
+        split = urlsplit(url)
+        path = split.path
+        if not path.startswith("/"):
+            path = f"/api/data/{outer.version}/{path}"
+        m = re.match(r"^/api/data/(v9\.[0-2])/(.*)$", unquote(path))
+        if m is None or m.group(1) not in VERSIONS:
+            raise query_error(f"The URL '{url}' in the batch is not a Web API URL.", status=404)
+        query: MultiDict[str] = MultiDict(parse_qsl(split.query, keep_blank_values=True))
+        return m.group(1), m.group(2), query
+

@@ -1,0 +1,130 @@
+"""Transport-neutral request and response types, errors in Dataverse's shape, headers.
+
+Handlers take a :class:`Call` and return a :class:`Result`, so the same code answers a plain
+HTTP request and an operation inside a ``$batch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+
+JSON_TYPE = "application/json; odata.metadata=minimal"
+ODATA_HEADERS = {"OData-Version": "4.0"}
+
+# Platform error codes (hex, as the Web API reports them).
+OBJECT_DOES_NOT_EXIST = "0x80040217"
+CONCURRENCY_VERSION_MISMATCH = "0x80060882"
+DUPLICATE_RECORD = "0x80040237"
+QUERY_ERROR = "0x80060888"
+VALIDATION_ERROR = "0x80044331"
+PLUGIN_ERROR = "0x80040265"
+INVALID_ARGUMENT = "0x80040203"
+EXPIRED_VERSION_STAMP = "0x80044352"
+UNEXPECTED = "0x80040216"
+ACCESS_TOKEN_EXPIRED = "0x8005F101"
+REQUESTS_LIMIT = "0x80072322"
+EXECUTION_TIME_LIMIT = "0x80072321"
+CONCURRENCY_LIMIT = "0x80072326"
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error":{"code","message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def result(self) -> Result:
+        return json_result({"error": {"code": self.code, "message": self.message}},
+                           status=self.status, headers=self.headers)
+
+
+def query_error(message: str, *, status: int = 400) -> ApiError:
+    return ApiError(status, QUERY_ERROR, message)
+
+
+def no_property(name: str, type_name: str) -> ApiError:
+    return query_error(f"Could not find a property named '{name}' on type '{type_name}'.")
+
+
+def not_found(logical: str, key: str) -> ApiError:
+    return ApiError(404, OBJECT_DOES_NOT_EXIST, f"Entity '{logical}' With Id = {key} Does Not Exist")
+
+
+@dataclass
+class Call:
+    """One Web API request, from the wire or from inside a ``$batch``."""
+
+    method: str
+    version: str  # v9.0 / v9.1 / v9.2
+    tail: str  # the path after /api/data/<version>/ (percent-decoded)
+    query: MultiMapping[str]
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    origin: str  # scheme://host as the request reached the simulator
+    client_id: str
+    in_batch: bool = False
+
+    @property
+    def service_root(self) -> str:
+        return f"{self.origin}/api/data/{self.version}"
+
+    def prefer(self) -> dict[str, str]:
+        return parse_prefer(self.headers.getall("Prefer", []))
+
+
+@dataclass
+class Result:
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_result(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> Result:
+    out = {"Content-Type": JSON_TYPE, **ODATA_HEADERS}
+    if headers:
+        out.update(headers)
+    return Result(status, orjson.dumps(body, option=orjson.OPT_UTC_Z), out)
+
+
+def empty_result(status: int = 204, headers: dict[str, str] | None = None) -> Result:
+    return Result(status, b"", {**ODATA_HEADERS, **(headers or {})})
+
+
+def parse_prefer(values: list[str]) -> dict[str, str]:
+    """``Prefer`` preferences from one or more headers; commas inside quotes don't split."""
+    prefs: dict[str, str] = {}
+    for value in values:
+        parts: list[str] = []
+        current: list[str] = []
+        quoted = False
+        for ch in value:
+            if ch == '"':
+                quoted = not quoted
+            if ch == "," and not quoted:
+                parts.append("".join(current))
+                current = []
+            else:
+                current.append(ch)
+        parts.append("".join(current))
+        for part in parts:
+            name, _, arg = part.strip().partition("=")
+            if name:
+                prefs[name.strip().lower()] = arg.strip()
+    return prefs
+
+
+def make_call(*, method: str, version: str, tail: str, query: MultiMapping[str],
+              headers: CIMultiDict[str] | CIMultiDictProxy[str], body: bytes, origin: str,
+              client_id: str, in_batch: bool = False) -> Call:
+    h = headers if isinstance(headers, CIMultiDictProxy) else CIMultiDictProxy(headers)
+    return Call(method=method, version=version, tail=tail, query=query, headers=h, body=body,
+                origin=origin, client_id=client_id, in_batch=in_batch)

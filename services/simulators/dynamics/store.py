@@ -1,0 +1,236 @@
+"""Rows of every table, with the indexes that keep reads, deltas and writes fast at scale.
+
+Per table: rows by id, the ids in key order (paging), a version-ordered change index holding
+each live row once at its latest version plus one for deleted rows (deltas bisect from a token's
+version), hash indexes on lookup and e-mail columns, a ``modifiedon`` index and the alternate
+key. Rows are never mutated in place: a write stores a new dict, so a journal of old rows is
+enough to roll a change set back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sortedcontainers import SortedList, SortedSet  # type: ignore[import-untyped]
+
+from .schema import TABLES, TableSchema
+
+Row = dict[str, Any]
+
+FIRST_VERSION = 1_000_000
+
+
+def index_key(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+class Table:
+    def __init__(self, schema: TableSchema) -> None:
+        self.schema = schema
+        self.rows: dict[str, Row] = {}
+        self.order: Any = SortedList()  # ids, key order
+        self.changes: Any = SortedList()  # (version, id) of live rows
+        self.deleted: Any = SortedList()  # (version, id) of deleted rows
+        self.tombstones: dict[str, int] = {}  # id -> version of its deletion
+        self.by_modified: Any = SortedList()  # (modifiedon, id)
+        self.indexes: dict[str, dict[Any, set[str]]] = {c: {} for c in schema.indexed}
+        self.unique: dict[tuple[Any, ...], str] = {}
+
+    def unique_key(self, row: Row) -> tuple[Any, ...] | None:
+        if not self.schema.unique:
+            return None
+        return tuple(index_key(row.get(c)) for c in self.schema.unique)
+
+    def lookup(self, column: str, value: Any) -> set[str]:
+        return self.indexes[column].get(index_key(value), set())
+
+    def _index(self, row_id: str, row: Row) -> None:
+        self.changes.add((row["versionnumber"], row_id))
+        self.by_modified.add((row["modifiedon"], row_id))
+        for col, index in self.indexes.items():
+            value = row.get(col)
+            if value is not None:
+                index.setdefault(index_key(value), set()).add(row_id)
+        key = self.unique_key(row)
+        if key is not None:
+            self.unique[key] = row_id
+
+    def _unindex(self, row_id: str, row: Row) -> None:
+        self.changes.remove((row["versionnumber"], row_id))
+        self.by_modified.remove((row["modifiedon"], row_id))
+        for col, index in self.indexes.items():
+            value = row.get(col)
+            if value is not None:
+                k = index_key(value)
+                ids = index[k]
+                ids.discard(row_id)
+                if not ids:
+                    del index[k]
+        key = self.unique_key(row)
+        if key is not None and self.unique.get(key) == row_id:
+            del self.unique[key]
+
+    def set(self, row_id: str, row: Row | None, tombstone: int | None) -> None:
+        """Make ``row_id`` hold ``row`` (or nothing) with ``tombstone`` (or none)."""
+        old = self.rows.get(row_id)
+        if old is not None:
+            self._unindex(row_id, old)
+            if row is None:
+                del self.rows[row_id]
+                self.order.remove(row_id)
+        old_tomb = self.tombstones.pop(row_id, None)
+        if old_tomb is not None:
+            self.deleted.remove((old_tomb, row_id))
+        if row is not None:
+            if old is None:
+                self.order.add(row_id)
+            self.rows[row_id] = row
+            self._index(row_id, row)
+        if tombstone is not None:
+            self.tombstones[row_id] = tombstone
+            self.deleted.add((tombstone, row_id))
+
+    def bulk_load(self, rows: list[Row], tombstones: dict[str, int] | None = None) -> None:
+        """Replace the contents in one go: build every index once, without per-row overhead."""
+        pk = self.schema.pk
+        self.rows = {r[pk]: r for r in rows}
+        self.order = SortedList(self.rows)
+        self.changes = SortedList((r["versionnumber"], r[pk]) for r in rows)
+        self.by_modified = SortedList((r["modifiedon"], r[pk]) for r in rows)
+        self.tombstones = dict(tombstones or {})
+        self.deleted = SortedList((v, i) for i, v in self.tombstones.items())
+        self.indexes = {c: {} for c in self.schema.indexed}
+        for col, index in self.indexes.items():
+            for r in rows:
+                value = r.get(col)
+                if value is not None:
+                    k = index_key(value)
+                    ids = index.get(k)
+                    if ids is None:
+                        index[k] = {r[pk]}
+                    else:
+                        ids.add(r[pk])
+        self.unique = {}
+        if self.schema.unique:
+            for r in rows:
+                key = self.unique_key(r)
+                if key is not None:
+                    self.unique[key] = r[pk]
+
+
+class _Rollback(Exception):
+    pass
+
+
+class Store:
+    """Every table, list membership, and the one version counter all writes share."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, Table] = {name: Table(schema) for name, schema in TABLES.items()}
+        self.version = FIRST_VERSION
+        self.members: dict[str, Any] = {}  # list id -> SortedSet of member ids
+        self.member_of: dict[str, set[str]] = {}  # member id -> list ids
+        self._journal: list[tuple[Any, ...]] | None = None
+
+    def clear(self) -> None:
+        """Drop all rows and memberships; the version counter keeps counting up."""
+        self.tables = {name: Table(schema) for name, schema in TABLES.items()}
+        self.members = {}
+        self.member_of = {}
+
+    def next_version(self) -> int:
+        self.version += 1
+        return self.version
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def put(self, entity_set: str, row_id: str, row: Row) -> None:
+        table = self.tables[entity_set]
+        self._record(("row", table, row_id, table.rows.get(row_id), table.tombstones.get(row_id)))
+        table.set(row_id, row, None)
+
+    def delete(self, entity_set: str, row_id: str, version: int) -> Row:
+        table = self.tables[entity_set]
+        old = table.rows[row_id]
+        self._record(("row", table, row_id, old, table.tombstones.get(row_id)))
+        table.set(row_id, None, version)
+        return old
+
+    def add_member(self, list_id: str, member_id: str) -> bool:
+        members = self.members.setdefault(list_id, SortedSet())
+        if member_id in members:
+            return False
+        self._record(("member", list_id, member_id, False))
+        members.add(member_id)
+        self.member_of.setdefault(member_id, set()).add(list_id)
+        return True
+
+    def remove_member(self, list_id: str, member_id: str) -> bool:
+        members = self.members.get(list_id)
+        if members is None or member_id not in members:
+            return False
+        self._record(("member", list_id, member_id, True))
+        members.discard(member_id)
+        lists = self.member_of.get(member_id)
+        if lists is not None:
+            lists.discard(list_id)
+            if not lists:
+                del self.member_of[member_id]
+        return True
+
+    # -- change sets ----------------------------------------------------------------------------
+
+    def _record(self, entry: tuple[Any, ...]) -> None:
+        if self._journal is not None:
+            self._journal.append(entry)
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """All writes inside succeed together, or are undone if the block raises."""
+        outer = self._journal is None
+        if outer:
+            self._journal = []
+        journal = self._journal
+        assert journal is not None
+        mark = len(journal)
+        try:
+            yield
+        except BaseException:
+            self._undo(journal, mark)
+            raise
+        finally:
+            if outer:
+                self._journal = None
+
+    def _undo(self, journal: list[tuple[Any, ...]], mark: int) -> None:
+        saved, self._journal = self._journal, None
+        try:
+            while len(journal) > mark:
+                entry = journal.pop()
+                if entry[0] == "row":
+                    _, table, row_id, old_row, old_tomb = entry
+                    table.set(row_id, old_row, old_tomb)
+                else:
+                    _, list_id, member_id, was_member = entry
+                    if was_member:
+                        self.add_member(list_id, member_id)
+                    else:
+                        self.remove_member(list_id, member_id)
+        finally:
+            self._journal = saved
+
+    # -- bulk -----------------------------------------------------------------------------------
+
+    def load_members(self, members: dict[str, list[str]]) -> None:
+        self.members = {lid: SortedSet(ids) for lid, ids in members.items()}
+        self.member_of = {}
+        for lid, ids in members.items():
+            for mid in ids:
+                self.member_of.setdefault(mid, set()).add(lid)
+
+    def newest_modified(self) -> datetime | None:
+        newest = [t.by_modified[-1][0] for t in self.tables.values() if t.by_modified]
+        return max(newest) if newest else None

@@ -1,0 +1,325 @@
+"""Creating, updating and deleting rows, and marketing-list membership, with Dataverse's rules.
+
+Every write takes the next value of the one global version counter and stamps ``modifiedon``
+from the simulator clock, truncated to whole seconds. ``createdon``, ``modifiedon``,
+``versionnumber`` and ``fullname`` are read-only: values sent for them are ignored.
+
+Rules enforced here:
+
+- Inactive contacts and accounts (statecode 1) and qualified or disqualified leads (statecode 1
+  or 2) are read-only until reactivated: an update that doesn't set an active ``statecode`` is
+  refused with ``0x80040203`` (status 400; the real code and message are not documented, so
+  this is inferred).
+- Our solution's rules for ``psync_marketingpreferencesubscription`` (a plug-in in the real
+  solution, so ``0x80040265``): a row refers to exactly one contact, lead or account and to one
+  preference, carries a valid ``psync_status``, and may not be created, changed or deleted while
+  the record it belongs to is read-only (inactive, qualified or disqualified) — the solution
+  does not let preferences of read-only records be edited. (record, preference) is an alternate
+  key: a second row for the same pair is refused with DuplicateRecord ``0x80040237`` (412).
+- Deleting a contact, lead or account deletes its subscription rows and list memberships;
+  deleting a preference deletes its subscription rows (parental cascades, which bypass the
+  plug-in rule as the platform's cascades do).
+- A marketing list's members must be of the list's ``createdfromcode`` type.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from .protocol import (
+    DUPLICATE_RECORD,
+    INVALID_ARGUMENT,
+    PLUGIN_ERROR,
+    VALIDATION_ERROR,
+    ApiError,
+    not_found,
+    query_error,
+)
+from .schema import (
+    LIST_MEMBER_TYPES,
+    MANY_TO_MANY,
+    SUBSCRIPTION_RECORD_LOOKUPS,
+    SUBSCRIPTIONS,
+    TABLES,
+    Column,
+    Kind,
+    TableSchema,
+)
+from .store import Row, Store
+
+_REF = re.compile(r"(?:^|/)([A-Za-z_][A-Za-z0-9_]*)\(([0-9A-Fa-f-]{36})\)$")
+_DEFAULT_FALSE = ("donotbulkemail", "donotemail", "type", "psync_emailactivated",
+                  "psync_ispublic", "psync_iscategory")
+
+
+def parse_guid(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise query_error(f"Unrecognized 'Edm.Guid' literal '{text}'.") from None
+
+
+def parse_ref(value: Any) -> tuple[str, str]:
+    """``(entity set, id)`` from an ``@odata.bind`` / ``@odata.id`` value (relative or absolute)."""
+    if not isinstance(value, str):
+        raise query_error("An entity reference must be a string URL such as '/contacts(<id>)'.")
+    m = _REF.search(value.split("?")[0])
+    if m is None:
+        raise query_error(f"The URL '{value}' is not a valid entity reference.")
+    return m.group(1), parse_guid(m.group(2))
+
+
+def _validation(message: str) -> ApiError:
+    return ApiError(400, VALIDATION_ERROR, f"A validation error occurred.  {message}")
+
+
+class Writes:
+    def __init__(self, store: Store, now: Callable[[], datetime],
+                 on_write: Callable[[], None] = lambda: None) -> None:
+        self.store = store
+        self.now = now
+        self.on_write = on_write
+
+    # -- body ------------------------------------------------------------------------------------
+
+    def _coerce(self, schema: TableSchema, col: Column, value: Any) -> Any:
+        if value is None:
+            return None
+        kind = col.kind
+        ok = (
+            (kind is Kind.STRING and isinstance(value, str))
+            or (kind is Kind.BOOL and isinstance(value, bool))
+            or (kind in (Kind.INT, Kind.BIGINT, Kind.CHOICE) and isinstance(value, int)
+                and not isinstance(value, bool))
+            or (kind is Kind.GUID and isinstance(value, str))
+        )
+        if not ok:
+            raise query_error(f"Cannot convert the literal '{value}' to the expected type "
+                              f"'{kind.edm}'.")
+        if kind is Kind.GUID:
+            return parse_guid(value)
+        if col.max_length is not None and len(value) > col.max_length:
+            raise _validation(f"The length of the '{col.name}' attribute of the '{schema.logical}' "
+                              f"entity exceeded the maximum allowed length of '{col.max_length}'.")
+        if kind is Kind.CHOICE and col.choices and col.name not in ("statecode", "statuscode"):
+            accepted = [c for c, _ in col.choices]
+            if value not in accepted:
+                raise _validation(
+                    f"The value {value} of '{col.name}' on record of type '{schema.logical}' is "
+                    f"outside the valid range. Accepted Values: {','.join(map(str, accepted))}")
+        return value
+
+    def _changes(self, schema: TableSchema, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise query_error("The request body must be a JSON object.")
+        changes: dict[str, Any] = {}
+        for key, value in body.items():
+            if key.endswith("@odata.bind"):
+                nav = key[: -len("@odata.bind")]
+                lookup = schema.lookups.get(nav)
+                if lookup is None:
+                    raise query_error(
+                        f"An undeclared property '{nav}' which only has property annotations in "
+                        "the payload but no property value was found in the payload. In OData, "
+                        "only declared navigation properties and declared named streams can be "
+                        "represented as properties without values.")
+                if value is None:
+                    changes[lookup.column] = None
+                    continue
+                target_set, target_id = parse_ref(value)
+                if target_set != lookup.target:
+                    raise query_error(f"The entity set '{target_set}' is not valid for the "
+                                      f"navigation property '{nav}'; expected '{lookup.target}'.")
+                if target_id not in self.store.tables[target_set].rows:
+                    raise not_found(TABLES[target_set].logical, target_id)
+                changes[lookup.column] = target_id
+                continue
+            if key.startswith("@odata.") or "@" in key:
+                continue  # annotations such as @odata.type
+            col = schema.columns.get(key)
+            if col is None:
+                raise query_error(
+                    f"The property '{key}' does not exist on type '{schema.type_name}'. Make sure "
+                    "to only use property names that are defined by the type.")
+            if col.kind is Kind.LOOKUP:
+                raise query_error("CRM do not support direct update of Entity Reference "
+                                  "properties, Use Navigation properties instead.")
+            if col.read_only:
+                continue
+            changes[key] = self._coerce(schema, col, value)
+        return changes
+
+    def _stamp(self, row: Row) -> None:
+        row["versionnumber"] = self.store.next_version()
+        row["modifiedon"] = self.now().replace(microsecond=0)
+
+    def _settle_state(self, schema: TableSchema, row: Row, changes: dict[str, Any],
+                      row_id: str) -> None:
+        state, status = changes.get("statecode"), changes.get("statuscode")
+        if "statecode" in changes and "statuscode" not in changes and state in schema.states:
+            row["statuscode"] = schema.default_status(state)
+        elif "statuscode" in changes and "statecode" not in changes and status is not None:
+            for s, codes in schema.states.items():
+                if status in codes:
+                    row["statecode"] = s
+        state, status = row.get("statecode"), row.get("statuscode")
+        if state not in schema.states:
+            raise _validation(f"The value {state} of 'statecode' on record of type "
+                              f"'{schema.logical}' is outside the valid range.")
+        if status not in schema.states[state]:
+            raise ApiError(400, INVALID_ARGUMENT,
+                           f"{status} is not a valid status code for state code {state} on "
+                           f"{schema.logical} with Id {row_id}.")
+        if "fullname" in schema.columns:
+            full = " ".join(p for p in (row.get("firstname"), row.get("lastname")) if p)
+            row["fullname"] = full or None
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def create(self, schema: TableSchema, body: Any, *, row_id: str | None = None) -> Row:
+        changes = self._changes(schema, body)
+        given = changes.pop(schema.pk, None)
+        row_id = row_id or given or str(uuid.uuid4())
+        table = self.store.tables[schema.entity_set]
+        if row_id in table.rows:
+            raise ApiError(412, DUPLICATE_RECORD, "A record with matching key values already exists.")
+        row: Row = dict.fromkeys(schema.columns)
+        for col in _DEFAULT_FALSE:
+            if col in row:
+                row[col] = False
+        row[schema.pk] = row_id
+        row["statecode"] = 0
+        row["statuscode"] = schema.default_status(0)
+        row.update(changes)
+        self._settle_state(schema, row, changes, row_id)
+        row["createdon"] = self.now().replace(microsecond=0)
+        self._check(schema, row, None)
+        self._stamp(row)
+        self.store.put(schema.entity_set, row_id, row)
+        self.on_write()
+        return row
+
+    def update(self, schema: TableSchema, row_id: str, body: Any) -> Row:
+        table = self.store.tables[schema.entity_set]
+        old = table.rows.get(row_id)
+        if old is None:
+            raise not_found(schema.logical, row_id)
+        changes = self._changes(schema, body)
+        changes.pop(schema.pk, None)
+        if (old.get("statecode") in schema.read_only_states
+                and changes.get("statecode", old.get("statecode")) in schema.read_only_states):
+            raise ApiError(400, INVALID_ARGUMENT,
+                           f"The {schema.logical} with Id = {row_id} is read-only because of its "
+                           f"state (statecode {old.get('statecode')}); reactivate it before "
+                           "editing it.")
+        row = dict(old)
+        row.update(changes)
+        self._settle_state(schema, row, changes, row_id)
+        self._check(schema, row, old)
+        self._stamp(row)
+        self.store.put(schema.entity_set, row_id, row)
+        self.on_write()
+        return row
+
+    def delete(self, schema: TableSchema, row_id: str, *, cascade: bool = False) -> None:
+        table = self.store.tables[schema.entity_set]
+        row = table.rows.get(row_id)
+        if row is None:
+            raise not_found(schema.logical, row_id)
+        if schema is SUBSCRIPTIONS and not cascade:
+            self._check_record_editable(row)
+        subs = self.store.tables[SUBSCRIPTIONS.entity_set]
+        if schema.entity_set in ("contacts", "leads", "accounts", "psync_marketingpreferences"):
+            column = ("_psync_preferenceid_value" if schema.entity_set == "psync_marketingpreferences"
+                      else f"_psync_{schema.logical}id_value")
+            for sub_id in list(subs.lookup(column, row_id)):
+                self.delete(SUBSCRIPTIONS, sub_id, cascade=True)
+        for list_id in list(self.store.member_of.get(row_id, ())):
+            self.store.remove_member(list_id, row_id)
+        if schema.entity_set == "lists":
+            for member_id in list(self.store.members.get(row_id, ())):
+                self.store.remove_member(row_id, member_id)
+        self.store.delete(schema.entity_set, row_id, self.store.next_version())
+        self.on_write()
+
+    # -- rules -----------------------------------------------------------------------------------
+
+    def _check(self, schema: TableSchema, row: Row, old: Row | None) -> None:
+        if schema.entity_set == "lists":
+            if not row.get("listname"):
+                raise ApiError(400, INVALID_ARGUMENT, "Attribute 'listname' cannot be NULL.")
+            code = row.get("createdfromcode")
+            if code not in LIST_MEMBER_TYPES:
+                raise _validation("The value of 'createdfromcode' on record of type 'list' must "
+                                  "be 1 (account), 2 (contact) or 4 (lead).")
+            if old is not None and old.get("createdfromcode") != code:
+                raise ApiError(400, INVALID_ARGUMENT, "The member type (createdfromcode) of a "
+                               "marketing list can't be changed after it is created.")
+        if schema is SUBSCRIPTIONS:
+            self._check_subscription(row, old)
+
+    def _check_subscription(self, row: Row, old: Row | None) -> None:
+        bound = [n for n in SUBSCRIPTION_RECORD_LOOKUPS if row.get(f"_{n}_value") is not None]
+        if len(bound) != 1:
+            raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription must refer to "
+                           "exactly one contact, lead or account (psync_contactid, psync_leadid "
+                           "or psync_accountid).")
+        if row.get("_psync_preferenceid_value") is None:
+            raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription must refer to "
+                           "a marketing preference (psync_preferenceid).")
+        if row.get("psync_status") is None:
+            raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription needs a "
+                           "psync_status: 100000000 (Opted in) or 100000001 (Opted out).")
+        if old is not None:
+            self._check_record_editable(old)
+        self._check_record_editable(row)
+        table = self.store.tables[SUBSCRIPTIONS.entity_set]
+        key = table.unique_key(row)
+        holder = table.unique.get(key) if key is not None else None
+        if holder is not None and holder != row[SUBSCRIPTIONS.pk]:
+            raise ApiError(412, DUPLICATE_RECORD,
+                           "A record that has the attribute values of the record and preference "
+                           "already exists. The entity key psync_record_preference requires that "
+                           "this set of attributes contains unique values. Select unique values "
+                           "and try again.")
+
+    def _check_record_editable(self, row: Row) -> None:
+        for nav in SUBSCRIPTION_RECORD_LOOKUPS:
+            ref = row.get(f"_{nav}_value")
+            if ref is None:
+                continue
+            target = TABLES[SUBSCRIPTIONS.lookups[nav].target]
+            record = self.store.tables[target.entity_set].rows.get(ref)
+            if record is not None and record.get("statecode") in target.read_only_states:
+                raise ApiError(400, PLUGIN_ERROR,
+                               f"The marketing preferences of {target.logical} {ref} can't be "
+                               f"changed: the {target.logical} is read-only (statecode "
+                               f"{record.get('statecode')}). Reactivate it first.")
+
+    # -- marketing lists -------------------------------------------------------------------------
+
+    def member_set(self, list_id: str) -> str:
+        lst = self.store.tables["lists"].rows.get(list_id)
+        if lst is None:
+            raise not_found("list", list_id)
+        return LIST_MEMBER_TYPES[lst["createdfromcode"]]
+
+    def add_member(self, list_id: str, member_id: str, *, relationship: str | None = None) -> None:
+        member_set = self.member_set(list_id)
+        if relationship is not None and MANY_TO_MANY[relationship].member_set != member_set:
+            raise ApiError(400, INVALID_ARGUMENT,
+                           f"The marketing list {list_id} holds {member_set}; "
+                           f"{MANY_TO_MANY[relationship].member_set} can't be added to it.")
+        if member_id not in self.store.tables[member_set].rows:
+            raise not_found(TABLES[member_set].logical, member_id)
+        if self.store.add_member(list_id, member_id):
+            self.on_write()
+
+    def remove_member(self, list_id: str, member_id: str) -> None:
+        self.member_set(list_id)
+        if self.store.remove_member(list_id, member_id):
+            self.on_write()
