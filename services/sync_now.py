@@ -88,12 +88,47 @@ class RunTracker:
 
 async def sync_now(*, config: Config, account: str, wait: bool, timeout_s: float,
                    out: TextIO = sys.stdout) -> int:
+    """The CLI: returns the exit code (1 when anything failed or the wait timed out)."""
+    if not wait:
+        run = await request_sync(config=config, account=account)
+        print(f"sync of {account} requested (run {run})", file=out)
+        return 0
+    try:
+        summary = await sync_and_wait(config=config, account=account, timeout_s=timeout_s)
+    except RunTimedOut as exc:
+        print(f"sync of {account}: not finished after {timeout_s:.0f} s", file=out)
+        print(orjson.dumps(exc.summary, option=orjson.OPT_INDENT_2).decode(), file=out)
+        return 1
+    print(format_summary(account, summary), file=out)
+    return 1 if summary["failed"] else 0
+
+
+class RunTimedOut(TimeoutError):
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__("the run did not finish in time")
+        self.summary = summary
+
+
+async def request_sync(*, config: Config, account: str) -> str:
+    """Trigger a run of ``account`` and return the trigger's id."""
+    return await _trigger(config=config, account=account, follow=None)
+
+
+async def sync_and_wait(*, config: Config, account: str, timeout_s: float) -> dict[str, Any]:
+    """Trigger a run and return its summary once it is finished (``RunTimedOut`` otherwise)."""
+    tracker: dict[str, RunTracker] = {}
+    await _trigger(config=config, account=account, follow=(tracker, timeout_s))
+    return tracker["run"].summary()
+
+
+async def _trigger(*, config: Config, account: str,
+                   follow: tuple[dict[str, RunTracker], float] | None) -> str:
     config.account(account)  # a ConfigError names an unknown account
     trigger_id = new_run_id()
     connection = await connect(config.broker.url, name=f"prefsync-sync-now-{account}")
     async with connection:
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        if wait:
+        if follow is not None:
             channel = await connection.channel()
             exchange = await channel.get_exchange(CONTROL_EXCHANGE, ensure=True)
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -112,21 +147,17 @@ async def sync_now(*, config: Config, account: str, wait: bool, timeout_s: float
         await publisher.publish_many([Outgoing(
             exchange=CONTROL_EXCHANGE, routing_key=Topology.trigger_key(account),
             body=messages.encode(envelope), message_id=envelope.change_id)])
-        if not wait:
-            print(f"sync of {account} requested (run {trigger_id})", file=out)
-            return 0
-        tracker = RunTracker(trigger_id=trigger_id)
+        if follow is None:
+            return trigger_id
+        trackers, timeout_s = follow
+        tracker = trackers["run"] = RunTracker(trigger_id=trigger_id)
         try:
             async with asyncio.timeout(timeout_s):
                 while not tracker.finished:
                     tracker.feed(await events.get())
         except TimeoutError:
-            print(f"sync of {account}: not finished after {timeout_s:.0f} s", file=out)
-            print(orjson.dumps(tracker.summary(), option=orjson.OPT_INDENT_2).decode(), file=out)
-            return 1
-        summary = tracker.summary()
-        print(format_summary(account, summary), file=out)
-        return 1 if summary["failed"] else 0
+            raise RunTimedOut(tracker.summary()) from None
+        return trigger_id
 
 
 def format_summary(account: str, summary: dict[str, Any]) -> str:

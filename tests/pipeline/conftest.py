@@ -1,0 +1,212 @@
+"""End-to-end harness: both simulators over real sockets, the real RabbitMQ, the real services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import orjson
+import pytest
+
+from common.clients.dataverse import DataverseClient
+from common.clients.dotdigital import DotdigitalClient
+from common.config import Config
+from common.topology import Topology
+from services.demo import demo_config, serve_app
+from services.lookup import dotdigital_preferences, dynamics_preferences
+from services.runtime import Running, run_services
+from services.simulators import seeding
+from services.simulators.dotdigital import DotdigitalSimulator
+from services.simulators.dynamics import DynamicsSimulator
+from services.sync_now import sync_and_wait
+
+BROKER_URL = os.environ.get("PREFSYNC_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+ALL_SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
+DD_ACCOUNT = "1001"
+SEED = 11
+
+
+@dataclass
+class World:
+    """Two simulated vendors and a prefsync account wired to them."""
+
+    account: str
+    config: Config
+    config_path: Path
+    env: dict[str, str]
+    dyn_url: str
+    dd_url: str
+    http: aiohttp.ClientSession
+    records: int
+    preferences: list[seeding.PreferenceNode]
+    people: list[seeding.Person]
+    services: list[asyncio.Task[None]] = field(default_factory=list)
+    processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+
+    # --- the vendors, as a user would change them ----------------------------------------
+    async def post(self, url: str, body: dict[str, Any]) -> Any:
+        async with self.http.post(url, json=body) as response:
+            text = await response.text()
+            assert response.status < 300, f"{url}: {response.status} {text}"
+            return orjson.loads(text) if text else None
+
+    async def edit_dynamics(self, email: str, preference_id: int, opted_in: bool | None) -> None:
+        status = None if opted_in is None else ("opted_in" if opted_in else "opted_out")
+        await self.post(f"{self.dyn_url}/_sim/dynamics/edit", {
+            "email": email, "preference_id": preference_id, "status": status,
+            "account": self.account})
+
+    async def edit_dotdigital(self, email: str, preference_id: int, opted_in: bool) -> None:
+        await self.post(f"{self.dd_url}/_sim/dotdigital/edit", {
+            "account": DD_ACCOUNT, "email": email, "preferences": {str(preference_id): opted_in}})
+
+    async def set_clock(self, side: str, body: dict[str, Any]) -> None:
+        url = self.dyn_url if side == "dynamics" else self.dd_url
+        async with self.http.put(f"{url}/_sim/clock", json=body) as response:
+            assert response.status == 200, await response.text()
+
+    async def faults(self, side: str, body: dict[str, Any] | None) -> None:
+        url = self.dyn_url if side == "dynamics" else self.dd_url
+        method = self.http.put if body is not None else self.http.delete
+        async with method(f"{url}/_sim/faults", json=body) as response:
+            assert response.status == 200, await response.text()
+
+    async def stats(self, side: str) -> dict[str, Any]:
+        url = self.dyn_url if side == "dynamics" else self.dd_url
+        async with self.http.get(f"{url}/_sim/stats") as response:
+            result: dict[str, Any] = await response.json()
+            return result
+
+    # --- reading both sides ----------------------------------------------------------------
+    async def dynamics_values(self, email: str) -> dict[str, dict[int, bool]]:
+        async with DataverseClient(config=self.config.account(self.account).dynamics) as client:
+            return await dynamics_preferences(client, email=email, account=self.account)
+
+    async def dotdigital_values(self, email: str) -> dict[int, bool]:
+        async with DotdigitalClient(config=self.config.account(self.account).dotdigital) as c:
+            return await dotdigital_preferences(c, email=email)
+
+    async def values(self, email: str, preference_id: int) -> tuple[set[bool | None], bool | None]:
+        """(the values every Dynamics record with this email holds, dotdigital's value)."""
+        records = await self.dynamics_values(email)
+        dynamics = {states.get(preference_id) for states in records.values()} or {None}
+        return dynamics, (await self.dotdigital_values(email)).get(preference_id)
+
+    # --- prefsync --------------------------------------------------------------------------
+    async def start(self, services: tuple[str, ...] = ALL_SERVICES) -> Running:
+        running = Running()
+        self.services.append(asyncio.create_task(
+            run_services(config=self.config, services=services, running=running)))
+        waiter = asyncio.ensure_future(running.ready.wait())
+        done, _ = await asyncio.wait({waiter, self.services[-1]}, timeout=60,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if self.services[-1] in done:
+            self.services[-1].result()  # raises what stopped it
+        assert waiter in done, "services did not start consuming"
+        return running
+
+    async def spawn(self, service: str) -> asyncio.subprocess.Process:
+        """``prefsync run SERVICE`` as its own process (for crash tests)."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", "run", service,
+            "--config", str(self.config_path),
+            env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        self.processes[service] = process
+        return process
+
+    async def sync(self, timeout_s: float = 120) -> dict[str, Any]:
+        return await sync_and_wait(config=self.config, account=self.account,
+                                   timeout_s=timeout_s)
+
+    async def stop(self) -> None:
+        for task in self.services:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.services.clear()
+        for process in self.processes.values():
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        self.processes.clear()
+
+
+async def delete_queues(account: str, shards: int) -> None:
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection:
+        channel = await connection.channel()
+        for queue in Topology(accounts=[account], shards=shards).queues:
+            await channel.queue_delete(queue.name)
+
+
+def _write_config(path: Path, config_raw: dict[str, Any]) -> None:
+    lines = []
+    for key in ("broker", "store"):
+        lines.append(f"[{key}]")
+        lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in config_raw[key].items()]
+    for account in config_raw["accounts"]:
+        lines.append("[[accounts]]")
+        lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in account.items()
+                  if not isinstance(v, dict)]
+        for sub in ("dynamics", "dotdigital"):
+            lines.append(f"[accounts.{sub}]")
+            lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in account[sub].items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@contextlib.asynccontextmanager
+async def make_world(tmp_path: Path, *, records: int = 40, preferences: int = 3,
+                     shards: int = 2) -> AsyncIterator[World]:
+    account = f"e2e-{secrets.token_hex(4)}"
+    secret = secrets.token_urlsafe(12)
+    password = "Pw-" + secrets.token_urlsafe(10)
+    env = {"DEMO_DYNAMICS_SECRET": secret, "DEMO_DOTDIGITAL_PASSWORD": password}
+    dynamics = DynamicsSimulator(clients=[f"demo:prefsync-demo:{secret}"])
+    dotdigital = DotdigitalSimulator(
+        accounts=[f"{DD_ACCOUNT}:apiuser-demo@apiconnector.com:{password}"], import_delay_s=0.05)
+    async with serve_app(dynamics.app) as dyn_url, serve_app(dotdigital.app) as dd_url, \
+            aiohttp.ClientSession() as http:
+        store_path = tmp_path / "ledger.db"
+        config = demo_config(account=account, dynamics_url=dyn_url, dotdigital_url=dd_url,
+                             broker_url=BROKER_URL, store_path=store_path, env=env, shards=shards)
+        config_path = tmp_path / "prefsync.toml"
+        _write_config(config_path, {
+            "broker": {"url": BROKER_URL, "shards": shards},
+            "store": {"url": f"sqlite:///{store_path}"},
+            "accounts": [{
+                "id": account,
+                "dynamics": {"url": dyn_url, "token_url": f"{dyn_url}/demo/oauth2/v2.0/token",
+                             "client_id": "prefsync-demo",
+                             "client_secret_env": "DEMO_DYNAMICS_SECRET"},
+                "dotdigital": {"url": dd_url, "api_user": "apiuser-demo@apiconnector.com",
+                               "password_env": "DEMO_DOTDIGITAL_PASSWORD",
+                               "calls_per_minute": 6000},
+            }]})
+        world = World(account=account, config=config, config_path=config_path, env=env,
+                      dyn_url=dyn_url, dd_url=dd_url, http=http, records=records,
+                      preferences=seeding.leaf_preferences(preferences, SEED),
+                      people=seeding.people(records, SEED))
+        seed = {"records": records, "preferences": preferences, "seed": SEED}
+        await world.post(f"{dyn_url}/_sim/seed", {**seed, "account": account})
+        await world.post(f"{dd_url}/_sim/seed", {**seed, "account": DD_ACCOUNT})
+        try:
+            yield world
+        finally:
+            await world.stop()
+            await delete_queues(account, shards)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with make_world(tmp_path) as w:
+        yield w
