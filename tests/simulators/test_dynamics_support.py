@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict
 
 from services.simulators.dynamics import DynamicsSimulator
 from tests.conftest import serving
@@ -20,7 +21,7 @@ CLIENT = f"{TENANT}:{CLIENT_ID}:{SECRET}"
 @dataclass
 class Answer:
     status: int
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     text: str
 
     @property
@@ -55,7 +56,7 @@ class Org:
 
     async def raw(self, method: str, url: str, **kwargs: Any) -> Answer:
         async with self.session.request(method, url, **kwargs) as resp:
-            return Answer(resp.status, dict(resp.headers), await resp.text())
+            return Answer(resp.status, CIMultiDict(resp.headers), await resp.text())
 
     async def call(self, method: str, path: str, *, json: Any = None,
                    headers: dict[str, str] | None = None, data: bytes | None = None,

@@ -157,13 +157,13 @@ class Api:
                        url: str | None = None, context: str | None = None) -> Result:
         prefer = call.prefer()
         tracking = "odata.track-changes" in prefer and source is None
-        opts = parse_options(call.query, schema, related=self.related)
-        url = url or f"{call.service_root}/{schema.entity_set}"
-        if tracking or opts.deltatoken is not None:
+        if tracking or "$deltatoken" in call.query:
             for name in TRACKING_REFUSED:
-                if opts.has(name):
+                if name in call.query:
                     raise query_error(f'The "{name[1:]}" query parameter isn\'t supported when '
                                       "Change Tracking is enabled.")
+        opts = parse_options(call.query, schema, related=self.related)
+        url = url or f"{call.service_root}/{schema.entity_set}"
         size = page_size(prefer)
         applied = []
         if tracking:
@@ -176,7 +176,8 @@ class Api:
                 raise query_error("The query parameter $deltatoken is not supported for this "
                                   "request.")
             return self._delta(call, schema, opts, size or MAX_PAGE, url, headers)
-        source = source or Source(self.store.tables[schema.entity_set])
+        if source is None:
+            source = Source(self.store.tables[schema.entity_set])
         limit = size or MAX_PAGE
         top_only = opts.top is not None and size is None
         if top_only:
