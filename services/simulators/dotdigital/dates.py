@@ -6,7 +6,9 @@ Stored times are integers (milliseconds since the epoch, UTC) so indexes compare
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -32,10 +34,17 @@ def from_ms(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
+@lru_cache(maxsize=1 << 14)
+def _second(seconds: int) -> str:
+    t = time.gmtime(seconds)
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.")
+
+
 def format_ms(ms: int) -> str:
     """``2024-05-01T10:00:00.123Z``: UTC, always three fractional digits."""
-    moment = from_ms(ms)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    seconds, millis = divmod(ms, 1000)
+    return f"{_second(seconds)}{millis:03d}Z"
 
 
 def parse_path_date(text: str) -> int | None:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from services.simulators.base import json_response
 from services.simulators.dotdigital.model import V2_STATUSES, enum_value
+from services.simulators.dotdigital.store import UnknownPreference
 from services.simulators.dotdigital.transport import backend_of
 from services.simulators.dotdigital.v2 import api_contact, api_opt_in
 
@@ -71,7 +72,7 @@ async def edit_contact(request: web.Request) -> web.Response:
             raise ValueError('preferences must look like {"<id>": true|false}')
         changes = [(int(k), v) for k, v in raw_prefs.items()]
         store.check_preferences(pid for pid, _ in changes)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, UnknownPreference) as exc:
         return _bad(str(exc))
     now = backend.now_ms()
     if status is not None:

@@ -253,12 +253,12 @@ class AccountStore:
         """Contacts whose state of this preference changed at or after ``since_ms``, with
         id >= ``min_contact_id``, in id order (opt-outs included)."""
         states = self.states[preference_id]
+        opted, modified = states.opted.values(), states.modified.values()
         start = max(0, min_contact_id - self.first_contact_id)
         out: list[OptInRecord] = []
         for slot in states.modified.slots_at_least(start, max(since_ms, 0)):
             out.append(OptInRecord(contact=self.contacts[slot], preference_id=preference_id,
-                                   opted_in=states.opted[slot] == 1,
-                                   modified_ms=states.modified[slot]))
+                                   opted_in=opted[slot] == 1, modified_ms=modified[slot]))
             if len(out) >= limit:
                 break
         return out

@@ -62,41 +62,54 @@ def invalid_parameter(name: str, text: str) -> V3Error:
 
 # --- rendering -------------------------------------------------------------------------------
 
-def render_contact(store: AccountStore, contact: Contact, *, include: frozenset[str],
-                   data_fields: list[str] | None) -> dict[str, Any]:
-    identifiers: dict[str, Any] = {"email": contact.email}
-    if contact.mobile_number:
-        identifiers["mobileNumber"] = contact.mobile_number
-    out: dict[str, Any] = {
-        "contactId": contact.id, "status": v3_status(contact.status),
-        "created": format_ms(contact.created_ms), "updated": format_ms(contact.updated_ms),
-        "identifiers": identifiers,
-    }
-    if data_fields is not None:
-        fields = contact.data_fields
-        out["dataFields"] = (dict(fields) if data_fields == ["[[ALL]]"]
-                             else {name: fields.get(name) for name in data_fields})
-    if "channelProperties" in include:
-        out["channelProperties"] = {"email": {
-            "emailType": contact.email_type, "optInType": contact.opt_in_type,
-            "status": v3_email_status(contact.status)}}
-    if "lists" in include:
-        list_status = "suppressed" if contact.suppressed else "subscribed"
-        out["lists"] = [{"id": book_id, "name": store.address_books[book_id].name,
-                         "status": list_status}
-                        for book_id in contact.lists if book_id in store.address_books]
-    if "preferences" in include:
-        opted = store.opted_in_leaves(contact)
+class ContactRenderer:
+    """Renders v3 contacts for one answer; per-answer lookups are prepared once."""
+
+    def __init__(self, store: AccountStore, *, include: frozenset[str],
+                 data_fields: list[str] | None) -> None:
+        self._store = store
+        self._include = include
+        self._data_fields = data_fields
+        self._leaves = ([(p, store.states[p.id].opted.values())
+                         for p in store.preferences.leaves()]
+                        if "preferences" in include else [])
+
+    def __call__(self, contact: Contact) -> dict[str, Any]:
+        identifiers: dict[str, Any] = {"email": contact.email}
+        if contact.mobile_number:
+            identifiers["mobileNumber"] = contact.mobile_number
+        out: dict[str, Any] = {
+            "contactId": contact.id, "status": v3_status(contact.status),
+            "created": format_ms(contact.created_ms), "updated": format_ms(contact.updated_ms),
+            "identifiers": identifiers,
+        }
+        include, wanted = self._include, self._data_fields
+        if wanted is not None:
+            fields = contact.data_fields
+            out["dataFields"] = (dict(fields) if wanted == ["[[ALL]]"]
+                                 else {name: fields.get(name) for name in wanted})
+        if "channelProperties" in include:
+            out["channelProperties"] = {"email": {
+                "emailType": contact.email_type, "optInType": contact.opt_in_type,
+                "status": v3_email_status(contact.status)}}
+        if "lists" in include:
+            books = self._store.address_books
+            list_status = "suppressed" if contact.suppressed else "subscribed"
+            out["lists"] = [{"id": book_id, "name": books[book_id].name, "status": list_status}
+                            for book_id in contact.lists if book_id in books]
+        slot = contact.slot
+        opted = [{"id": p.id, "isOptedIn": True, "publicName": p.public_name,
+                  "privateName": p.private_name}
+                 for p, states in self._leaves if states[slot] == 1]
         if opted:
-            out["preferences"] = [{"id": p.id, "isOptedIn": True, "publicName": p.public_name,
-                                   "privateName": p.private_name} for p in opted]
-    if "consentRecords" in include and contact.consent_records:
-        out["consentRecords"] = list(contact.consent_records)
-    return out
+            out["preferences"] = opted
+        if "consentRecords" in include and contact.consent_records:
+            out["consentRecords"] = list(contact.consent_records)
+        return out
 
 
 def _full(store: AccountStore, contact: Contact) -> dict[str, Any]:
-    return render_contact(store, contact, include=frozenset(INCLUDES), data_fields=["[[ALL]]"])
+    return ContactRenderer(store, include=frozenset(INCLUDES), data_fields=["[[ALL]]"])(contact)
 
 
 # --- single contact --------------------------------------------------------------------------
@@ -247,7 +260,8 @@ async def list_contacts(request: web.Request) -> web.Response:
     if next_after is not None:
         next_marker = _encode_marker(kind, since, next_after)
         links["next"] = {"marker": next_marker, "link": _link(request, next_marker)}
-    items = [render_contact(store, c, include=include, data_fields=data_fields) for c in page]
+    render = ContactRenderer(store, include=include, data_fields=data_fields)
+    items = [render(c) for c in page]
     return json_response({"_links": links, "_items": items})
 
 
