@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -70,9 +70,9 @@ CONCURRENCY_VERSION_MISMATCH = "0x80060882"
 OBJECT_DOES_NOT_EXIST = "0x80040217"
 EXPIRED_VERSION_STAMP = "0x80044352"
 MAX_PAGE_SIZE = 5000
-# GET URLs may be 32 KB long; an id filter chunk stays far below that, leaving room for the
-# rest of the URL and for proxies with smaller limits.
-_MAX_FILTER_CHARS = 12_000
+# GET URLs may be 32 KB long; an id filter chunk keeps the whole URL under 8 KB, the request
+# line limit of many servers and proxies in between.
+_MAX_FILTER_CHARS = 6_000
 # Status codes on a saved link that mean "the link itself is no good", not "you may not".
 _NOT_LINK_PROBLEMS = frozenset({401, 403, 408, 429})
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -139,7 +139,9 @@ class BatchResult:
     """The outcome of one batch operation.
 
     ``status`` 424 (with an ``error``) marks an operation that was not applied because another
-    one failed: its change set rolled back, or the batch stopped at the first error.
+    one failed: its change set rolled back, or the batch stopped at the first error. An
+    operation that ran before the one that stopped the batch, when the answer holds only the
+    failing part, reads 204 with no headers or body.
     """
 
     content_id: str
@@ -409,7 +411,7 @@ class DataverseClient(VendorClient):
         expand: str | None = None,
         page_size: int | None = None,
         count: bool = False,
-    ) -> AsyncIterator[Page]:
+    ) -> AsyncGenerator[Page, None]:
         """Every page of a collection, following ``@odata.nextLink`` exactly as given.
 
         ``filter`` is an OData expression (build literals with :func:`odata_literal`). The same
@@ -445,7 +447,7 @@ class DataverseClient(VendorClient):
         select: Sequence[str],
         cursor: str | None,
         page_size: int | None = None,
-    ) -> AsyncIterator[DeltaPage]:
+    ) -> AsyncGenerator[DeltaPage, None]:
         """Change tracking: with ``cursor=None`` a full read that ends with a delta link; with a
         saved delta link the changes since; with a saved next link the rest of that read.
 
@@ -519,7 +521,14 @@ class DataverseClient(VendorClient):
                 rows.extend(page.rows)
             return rows
 
-        chunks = await asyncio.gather(*(read(f) for f in _chunk_ids(id_column, unique)))
+        tasks = [asyncio.ensure_future(read(f)) for f in _chunk_ids(id_column, unique)]
+        try:
+            chunks = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one chunk failed: the others are not wanted any more
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return [row for chunk in chunks for row in chunk]
 
     # -- writes ----------------------------------------------------------------------------
@@ -653,41 +662,47 @@ class DataverseClient(VendorClient):
         except ValueError as exc:
             raise VendorError(vendor=VENDOR, status=response.status, code="",
                               message=f"unreadable batch response: {exc}") from None
-        return self._match_parts(chunk, parts, change_set=change_set)
+        return self._match_parts(chunk, parts, change_set=change_set,
+                                 stopped=response.status == 400)
 
     def _match_parts(self, chunk: Sequence[tuple[str, BatchOperation]],
-                     parts: Sequence[ResponsePart], *, change_set: bool) -> list[BatchResult]:
+                     parts: Sequence[ResponsePart], *, change_set: bool,
+                     stopped: bool) -> list[BatchResult]:
+        """One result per operation. ``stopped``: the batch halted at a failure (400), so its
+        answer may hold only the failing part; operations before it were applied, those after
+        it were not."""
         by_id = {p.content_id: p for p in parts if p.content_id is not None}
-        unnamed = [p for p in parts if p.content_id is None]
+        unnamed = iter(p for p in parts if p.content_id is None)
         failures = [p for p in parts if p.status >= 400]
         if change_set and failures:
             # The change set rolled back: only the failing operation has a response.
             failing = failures[0]
-            failed_id = failing.content_id
             error = self._part_error(failing)
-            results: list[BatchResult] = []
-            for cid, _ in chunk:
-                if failed_id is None or cid == failed_id:
-                    results.append(self._result(cid, failing, error=error))
-                else:
-                    results.append(_not_applied(
-                        cid, f"change set rolled back: operation {failed_id} failed "
-                             f"({error.status} {error.code or '-'})"))
-            return results
-        results = []
-        position = iter(unnamed)
-        stopped_at: str | None = None
-        for cid, _ in chunk:
-            part = by_id.get(cid) or next(position, None)
-            if part is None:
-                results.append(_not_applied(cid, f"batch stopped at operation {stopped_at}"
-                                            if stopped_at else "no response for this operation"))
-                continue
-            result = self._result(cid, part, error=self._part_error(part)
-                                  if part.status >= 400 else None)
-            if result.error is not None and stopped_at is None:
-                stopped_at = cid
-            results.append(result)
+            named = failing.content_id
+            return [self._result(cid, failing, error=error) if named in (None, cid) else
+                    _not_applied(cid, f"change set rolled back: operation {named} failed "
+                                      f"({error.status} {error.code or '-'})")
+                    for cid, _ in chunk]
+        answered: list[ResponsePart | None] = []
+        for cid, op in chunk:
+            part = by_id.get(cid)
+            if part is None and op.method.upper() == "GET":
+                part = next(unnamed, None)
+            answered.append(part)
+        failed_at = next((i for i, p in enumerate(answered) if p is not None and p.status >= 400),
+                         None)
+        results: list[BatchResult] = []
+        for index, ((cid, _), part) in enumerate(zip(chunk, answered, strict=True)):
+            if part is not None:
+                results.append(self._result(cid, part, error=self._part_error(part)
+                                            if part.status >= 400 else None))
+            elif stopped and failed_at is not None and index < failed_at:
+                results.append(_applied_without_answer(cid))
+            elif failed_at is not None:
+                results.append(_not_applied(cid, f"batch stopped at operation "
+                                                 f"{chunk[failed_at][0]}"))
+            else:
+                results.append(_not_applied(cid, "no response for this operation"))
         return results
 
     def _part_error(self, part: ResponsePart) -> VendorError:
@@ -699,6 +714,13 @@ class DataverseClient(VendorClient):
         body = part.json()
         return BatchResult(content_id=cid, status=part.status, headers=part.headers,
                            body=body if isinstance(body, dict) else None, error=error)
+
+
+def _applied_without_answer(content_id: str) -> BatchResult:
+    # The batch stopped at a later operation and answered only that one: this operation ran
+    # (processing is in order) but its own response was not returned.
+    return BatchResult(content_id=content_id, status=204,
+                       headers=CIMultiDictProxy(CIMultiDict[str]()), body=None, error=None)
 
 
 def _not_applied(content_id: str, reason: str) -> BatchResult:

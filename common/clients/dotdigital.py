@@ -333,17 +333,16 @@ class DotdigitalClient(VendorClient):
         await self._call("PUT", f"/v2/contacts/{_segment(email)}/preferences",
                          endpoint="PUT /v2/contacts/{email}/preferences", body=body)
 
-    async def iter_opt_ins_since(self, preference_id: int,
-                                 since: datetime) -> AsyncIterator[list[ContactOptIns]]:
+    async def iter_opt_ins_since(self, preference_id: int, since: datetime, *,
+                                 min_contact_id: int = 0) -> AsyncIterator[list[ContactOptIns]]:
         """Contacts whose opt-in to ``preference_id`` changed (either way) since ``since``.
 
         Pages by ``minContactId`` (the next page starts at the last id + 1), at most 1000
-        contacts a call, in contact-id order.
+        contacts a call, in contact-id order; ``min_contact_id`` resumes a read part-way.
         """
         path = (f"/v2/contacts/with-preference/{int(preference_id)}/opt-ins-since/"
                 f"{path_date(since)}")
         endpoint = "GET /v2/contacts/with-preference/{preferenceId}/opt-ins-since/{date}"
-        min_contact_id = 0
         while True:
             data = await self._json("GET", path, endpoint=endpoint,
                                     params={"minContactId": min_contact_id})

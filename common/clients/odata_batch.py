@@ -93,23 +93,34 @@ def encode_batch(
 ) -> bytes:
     """The ``multipart/mixed`` body for ``operations`` (content id, operation) pairs.
 
-    ``service_root`` is the path of the Web API root (``/api/data/v9.2``); inner request lines
-    use root-relative paths, which Dataverse accepts as well as absolute URLs.
+    With ``change_set`` every operation goes in one atomic change set. Without, each write goes
+    in a change set of its own: the answer to a change set echoes ``Content-ID``, so a failure
+    is attributed to the right operation even when the batch stops there (top-level parts do
+    not echo it). GETs are never in a change set. ``service_root`` is the Web API root path
+    (``/api/data/v9.2``); inner request lines use root-relative paths.
     """
+    delimiter = b"--" + batch_boundary.encode() + CRLF
     out: list[bytes] = []
     if change_set:
-        inner_boundary = change_set_boundary or new_boundary("changeset")
-        out += [b"--" + batch_boundary.encode(), CRLF,
-                b"Content-Type: multipart/mixed; boundary=" + inner_boundary.encode(), CRLF, CRLF]
-        for content_id, op in operations:
-            out += [b"--" + inner_boundary.encode(), CRLF, _encode_part(content_id, op,
-                                                                         service_root)]
-        out += [b"--" + inner_boundary.encode() + b"--", CRLF]
+        out += [delimiter, _change_set(operations, service_root,
+                                       change_set_boundary or new_boundary("changeset"))]
     else:
         for content_id, op in operations:
-            out += [b"--" + batch_boundary.encode(), CRLF, _encode_part(content_id, op,
-                                                                         service_root)]
+            if op.method.upper() == "GET":
+                out += [delimiter, _encode_part(content_id, op, service_root)]
+            else:
+                out += [delimiter, _change_set([(content_id, op)], service_root,
+                                               new_boundary("changeset"))]
     out += [b"--" + batch_boundary.encode() + b"--", CRLF]
+    return b"".join(out)
+
+
+def _change_set(operations: Sequence[tuple[str, BatchOperation]], service_root: str,
+                boundary: str) -> bytes:
+    out = [b"Content-Type: multipart/mixed; boundary=" + boundary.encode(), CRLF, CRLF]
+    for content_id, op in operations:
+        out += [b"--" + boundary.encode(), CRLF, _encode_part(content_id, op, service_root)]
+    out += [b"--" + boundary.encode() + b"--", CRLF]
     return b"".join(out)
 
 

@@ -42,21 +42,21 @@ def test_boundary_parameter_quoted_or_bare() -> None:
 
 def test_decodes_nested_change_set_responses_in_order() -> None:
     raw = (
-        "--batchresponse_1\r\n"
-        "Content-Type: multipart/mixed; boundary=changesetresponse_2\r\n\r\n"
-        "--changesetresponse_2\r\n"
-        "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-        "Content-ID: 1\r\n\r\n"
-        "HTTP/1.1 204 No Content\r\nOData-Version: 4.0\r\n"
-        "OData-EntityId: https://org/api/data/v9.2/contacts(aaa)\r\n\r\n\r\n"
-        "--changesetresponse_2\r\n"
-        "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-        "Content-ID: 2\r\n\r\n"
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json; odata.metadata=minimal\r\n"
-        'ETag: W/"9"\r\n\r\n{"@odata.etag":"W/\\"9\\"","versionnumber":9}\r\n'
-        "--changesetresponse_2--\r\n"
-        "--batchresponse_1--\r\n"
-    ).encode()
+        b"--batchresponse_1\r\n"
+        b"Content-Type: multipart/mixed; boundary=changesetresponse_2\r\n\r\n"
+        b"--changesetresponse_2\r\n"
+        b"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+        b"Content-ID: 1\r\n\r\n"
+        b"HTTP/1.1 204 No Content\r\nOData-Version: 4.0\r\n"
+        b"OData-EntityId: https://org/api/data/v9.2/contacts(aaa)\r\n\r\n\r\n"
+        b"--changesetresponse_2\r\n"
+        b"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+        b"Content-ID: 2\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json; odata.metadata=minimal\r\n"
+        b'ETag: W/"9"\r\n\r\n{"@odata.etag":"W/\\"9\\"","versionnumber":9}\r\n'
+        b"--changesetresponse_2--\r\n"
+        b"--batchresponse_1--\r\n"
+    )
     parts = decode_batch(raw, "multipart/mixed; boundary=batchresponse_1")
     assert [(p.content_id, p.status, p.in_change_set) for p in parts] == [
         ("1", 204, True), ("2", 200, True)]
@@ -66,12 +66,12 @@ def test_decodes_nested_change_set_responses_in_order() -> None:
 
 def test_decodes_a_failed_part_without_headers_and_lf_line_ends() -> None:
     raw = (
-        "--batchresponse_9\n"
-        "Content-Type: application/http\n\n"
-        "HTTP/1.1 412 Precondition Failed\n\n"
-        '{"error":{"code":"0x80060882","message":"changed"}}\n'
-        "--batchresponse_9--\n"
-    ).encode()
+        b"--batchresponse_9\n"
+        b"Content-Type: application/http\n\n"
+        b"HTTP/1.1 412 Precondition Failed\n\n"
+        b'{"error":{"code":"0x80060882","message":"changed"}}\n'
+        b"--batchresponse_9--\n"
+    )
     [part] = decode_batch(raw, 'multipart/mixed; boundary="batchresponse_9"')
     assert part.status == 412
     assert part.content_id is None
