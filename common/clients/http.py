@@ -27,6 +27,7 @@ from common.clients.base import (
     ThrottledError,
     TransportError,
     VendorError,
+    parse_wait,
 )
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ class VendorHttp:
             raise TransportError(vendor=self.vendor, detail=detail,
                                  maybe_delivered=not never_sent) from None
         self._observe(endpoint, response.status, time.monotonic() - started, waited)
+        self._heed_budget_headers(response)
         if accept(response):
             return response
         error = self._redact.error(errors(response))
@@ -213,6 +215,16 @@ class VendorHttp:
             log.info("%s %s answered %s (%s); retry policy decides", self.vendor, endpoint,
                      error.status, error.code or "-")
         raise error
+
+    def _heed_budget_headers(self, response: HttpResponse) -> None:
+        """``X-RateLimit-Remaining: 0`` on an answer means the next call would be refused:
+        pause until ``X-RateLimit-Reset`` instead of drawing a 429."""
+        remaining = response.headers.get("X-RateLimit-Remaining")
+        if response.status == 429 or remaining is None or remaining.strip() != "0":
+            return
+        wait = parse_wait(response.headers.get("X-RateLimit-Reset"))
+        if wait:
+            self.pacer.pause_for(min(wait, self.retry.max_retry_after_s))
 
     def _observe(self, endpoint: str, status: int, seconds: float, waited: float) -> None:
         if self._on_request is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -294,6 +295,29 @@ async def test_throttling_waits_as_told_then_succeeds() -> None:
         assert waited and all(e.status != 429 for e in waited)
 
 
+async def test_a_throttled_batch_is_sent_again_after_the_wait() -> None:
+    events = Events()
+    async with org(records=2, events=events) as (client, sim):
+        rows = await all_rows(client, select=COLUMNS)
+        await sim.faults(throttle={"limit": 1, "window_s": 1})
+        await client.service_document()  # spends the one call of this second
+        results = await client.batch([BatchOperation.update(
+            "contacts", r["contactid"], {"donotbulkemail": True}) for r in rows])
+        assert all(r.ok for r in results)
+        assert events.statuses("POST /api/data/v9.2/$batch") == [429, 200]
+
+
+async def test_pacing_keeps_inside_the_service_protection_limit() -> None:
+    from services.simulators.dynamics import ServiceLimits
+
+    events = Events()
+    async with org(records=2, events=events, requests_per_window=4, window_s=1.0,
+                   sim_kwargs={"limits": ServiceLimits(requests=5, window_s=1.0)}) as (client, _):
+        for _ in range(10):
+            await client.service_document()
+        assert 429 not in events.statuses()
+
+
 async def test_throttling_that_outlasts_the_policy_raises_throttled_error() -> None:
     async with org(records=1, retry=RetryPolicy(max_throttled_waits=0)) as (client, sim):
         await sim.faults(throttle={"limit": 1, "window_s": 60})
@@ -345,17 +369,21 @@ async def test_token_is_renewed_before_it_expires() -> None:
         assert 401 not in events.statuses(CONTACTS)
 
 
-async def test_bad_secret_is_an_authentication_error_without_the_secret() -> None:
+async def test_bad_secret_is_an_authentication_error_without_the_secret(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     wrong = "wrong-secret-value-123"
     async with org(records=0, secret=wrong) as (client, _):
         with pytest.raises(AuthenticationError) as caught:
             await client.service_document()
         assert caught.value.code == "invalid_client"
         assert "AADSTS7000215" in caught.value.message
-        assert_hidden((wrong, SECRET), caught.value, client)
+        assert_hidden((wrong, SECRET), caught.value, client, caplog.text)
 
 
-async def test_secret_never_shows_in_reprs_or_transport_errors() -> None:
+async def test_secret_never_shows_in_reprs_or_transport_errors(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     async with dynamics_sim() as sim:
         config = dynamics_config(sim.url)
     # The simulator is gone: connection refused, retried, then a transport error.
@@ -363,4 +391,4 @@ async def test_secret_never_shows_in_reprs_or_transport_errors() -> None:
                                                                 base_delay_s=0.001)) as client:
         with pytest.raises(TransportError) as caught:
             await client.service_document()
-        assert_hidden((SECRET,), caught.value, client, config)
+        assert_hidden((SECRET,), caught.value, client, config, caplog.text)

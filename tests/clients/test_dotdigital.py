@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -129,6 +130,9 @@ async def test_opt_ins_since_pages_past_1000_contacts() -> None:
                    for r in item.opt_ins)
         endpoint = "GET /v2/contacts/with-preference/{preferenceId}/opt-ins-since/{date}"
         assert events.statuses(endpoint) == [200] * len(pages)
+        resumed = [item.contact.id async for page in client.iter_opt_ins_since(
+            preference, LONG_AGO, min_contact_id=ids[1000]) for item in page]
+        assert resumed == ids[1000:]
         later = [p async for p in client.iter_opt_ins_since(
             preference, datetime.now(UTC) + timedelta(hours=1))]
         assert later == []
@@ -229,14 +233,16 @@ async def test_another_accounts_data_is_not_visible() -> None:
             assert str((await other.account_info()).id) != DD_ACCOUNT
 
 
-async def test_bad_password_is_an_authentication_error_without_credentials() -> None:
+async def test_bad_password_is_an_authentication_error_without_credentials(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     wrong = "Wrong-pa55word!"
     async with account(records=0, password=wrong) as (client, _, _):
         with pytest.raises(AuthenticationError) as caught:
             await client.account_info()
         assert caught.value.status == 401
         encoded = base64.b64encode(f"{DD_USER}:{wrong}".encode()).decode()
-        assert_hidden((wrong, encoded, DD_PASSWORD), caught.value, client)
+        assert_hidden((wrong, encoded, DD_PASSWORD), caught.value, client, caplog.text)
 
 
 async def test_password_never_shows_in_transport_errors() -> None:
@@ -258,6 +264,17 @@ async def test_rate_limit_waits_as_told_then_succeeds() -> None:
         assert 429 in events.statuses("GET /v2/server-time")
         waited = [e for e in events.seen if e.throttled_wait_s > 0]
         assert waited and all(e.status == 200 for e in waited)
+
+
+async def test_a_spent_call_budget_pauses_the_client_before_any_429() -> None:
+    events = Events()
+    async with account(records=0, events=events,
+                       sim_kwargs={"calls_per_minute": 3}) as (client, _, _):
+        for _ in range(3):
+            await client.server_time()
+        # The third answer said no calls remain this minute: the client holds back.
+        assert client.pacer.paused_for > 0
+        assert 429 not in events.statuses()
 
 
 async def test_rate_limit_outlasting_the_policy_is_a_throttled_error() -> None:
