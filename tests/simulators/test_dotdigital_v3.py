@@ -73,6 +73,7 @@ async def test_v3_errors_use_the_v3_shape() -> None:
             ("GET", "/contacts/v3/shoeSize/42", None, 400, "contacts:invalidId"),
             ("PATCH", "/contacts/v3/contactId/999999", {"dataFields": {}}, 404,
              "contacts:contactNotFound"),
+            ("PATCH", "/contacts/v3/mobileNumber/447000000000", {}, 400, "contacts:badJson"),
             ("PATCH", f"/contacts/v3/email/{email}", {"preferences": [{"id": 1}]}, 400,
              "contacts:badJson"),
             ("PATCH", f"/contacts/v3/email/{email}", {"preferences": [{"id": 5, "isOptedIn": True}]},

@@ -30,10 +30,6 @@ def to_ms(moment: datetime) -> int:
     return delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
 
 
-def from_ms(ms: int) -> datetime:
-    return _EPOCH + timedelta(milliseconds=ms)
-
-
 @lru_cache(maxsize=1 << 14)
 def _second(seconds: int) -> str:
     t = time.gmtime(seconds)

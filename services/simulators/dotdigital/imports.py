@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from services.simulators.dotdigital.v3write import ContactRequest
 
 MAX_ACTIVE = 25
+KEEP_FINISHED = 2000  # finished reports kept for status calls, oldest dropped first
 
 
 @dataclass(kw_only=True)
@@ -41,11 +43,12 @@ class ImportQueue:
                  runner: Callable[[ImportJob], dict[str, Any]]) -> None:
         self.delay_s = delay_s
         self._runner = runner
-        self._jobs: dict[str, ImportJob] = {}
+        self._jobs: dict[str, ImportJob] = {}  # in submission order
+        self._active: Counter[int] = Counter()
+        self._finished: deque[str] = deque()
 
     def active(self, account_id: int) -> int:
-        return sum(1 for j in self._jobs.values()
-                   if j.account_id == account_id and not j.finished)
+        return self._active[account_id]
 
     def submit(self, *, account_id: int, merge_option: str,
                requests: list[ContactRequest]) -> ImportJob:
@@ -54,6 +57,7 @@ class ImportQueue:
         job = ImportJob(import_id=str(uuid.uuid4()), account_id=account_id,
                         merge_option=merge_option, requests=requests)
         self._jobs[job.import_id] = job
+        self._active[account_id] += 1
         job._timer = asyncio.get_running_loop().call_later(self.delay_s, self._finish, job)
         return job
 
@@ -76,10 +80,17 @@ class ImportQueue:
             job._timer = None
         job.result = self._runner(job)
         job.requests = []
+        self._active[job.account_id] -= 1
+        self._finished.append(job.import_id)
+        while len(self._finished) > KEEP_FINISHED:
+            self._jobs.pop(self._finished.popleft(), None)
 
     def clear(self, account_id: int | None = None) -> None:
         for key, job in list(self._jobs.items()):
             if account_id is None or job.account_id == account_id:
                 if job._timer is not None:
                     job._timer.cancel()
+                if not job.finished:
+                    self._active[job.account_id] -= 1
                 del self._jobs[key]
+        self._finished = deque(k for k in self._finished if k in self._jobs)

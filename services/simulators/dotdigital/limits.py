@@ -4,7 +4,8 @@ Every authenticated API call counts against its account (all API users of an acc
 budget). Answers carry ``X-RateLimit-Limit``, ``-Remaining``, ``-Reset`` (seconds until the window
 resets, as dotdigital's SDK documents) and ``-Scope`` whenever a limit is set; a spent window is
 answered 429. The scope value names the tier; dotdigital's exact spelling is not documented, so
-this one is inferred.
+this one is inferred. Windows run on real (monotonic) time, not the simulator clock, so a frozen
+clock does not freeze a limit.
 """
 
 from __future__ import annotations

@@ -276,6 +276,12 @@ def apply_contact_request(store: AccountStore, req: ContactRequest, *, identifie
             return Outcome(contact=None, failures=[Failure(
                 code="contactNotFound", description="The contact could not be found")])
         create_email = email if email is not None else (value if identifier == "email" else None)
+        if create_email is None:
+            if strict:
+                raise bad_json_v3("An email identifier is needed to create a contact",
+                                  [("identifiers.email", "is required to create a contact")])
+            return Outcome(contact=None, failures=[Failure(
+                code="invalidEmail", description="An email is needed to create the contact")])
         if not isinstance(create_email, str) or not valid_email(create_email):
             return _invalid_email(create_email, strict)
         if store.by_email(create_email) is not None:
