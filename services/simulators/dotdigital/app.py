@@ -19,7 +19,7 @@ from services.simulators.dotdigital.errors import (
     unauthorized,
 )
 from services.simulators.dotdigital.limits import SCOPE
-from services.simulators.dotdigital.transport import BACKEND, USER_KEY
+from services.simulators.dotdigital.transport import BACKEND, current_user
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,26 @@ async def _api(request: web.Request, handler: Handler) -> web.StreamResponse:
     user = backend.credentials.check(request.headers.get("Authorization"))
     if user is None:
         return unauthorized()
-    request[USER_KEY] = user
-    verdict = backend.limits.spend(user.account_id)
-    headers = {} if verdict is None else rate_limit_headers(
-        limit=verdict.limit, remaining=verdict.remaining, reset_s=verdict.reset_s, scope=SCOPE)
-    if verdict is not None and not verdict.allowed:
-        return throttled_response(headers)
-    response: web.StreamResponse
+    token = current_user.set(user)
     try:
-        response = await handler(request)
-    except (V2Error, V3Error) as exc:
-        response = exc.response()
-    except (web.HTTPNotFound, web.HTTPMethodNotAllowed, web.HTTPRequestEntityTooLarge) as exc:
-        response = _routing_error(request, exc, family)
-    response.headers.update(headers)
-    return response
+        verdict = backend.limits.spend(user.account_id)
+        headers = {} if verdict is None else rate_limit_headers(
+            limit=verdict.limit, remaining=verdict.remaining, reset_s=verdict.reset_s,
+            scope=SCOPE)
+        if verdict is not None and not verdict.allowed:
+            return throttled_response(headers)
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except (V2Error, V3Error) as exc:
+            response = exc.response()
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed,
+                web.HTTPRequestEntityTooLarge) as exc:
+            response = _routing_error(request, exc, family)
+        response.headers.update(headers)
+        return response
+    finally:
+        current_user.reset(token)
 
 
 def build_app(backend: Backend) -> web.Application:

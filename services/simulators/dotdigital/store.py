@@ -187,6 +187,8 @@ class AccountStore:
                         now_ms: int, as_contact: bool = False) -> None:
         """Applies opt-ins/opt-outs all or nothing; ``as_contact`` is the contact acting in a
         preference centre, which a suppression does not stop."""
+        if not changes:
+            return
         self.check_preferences(pid for pid, _ in changes)
         if contact.suppressed and not as_contact:
             raise ContactSuppressed(contact)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -14,7 +15,9 @@ if TYPE_CHECKING:
     from services.simulators.dotdigital.backend import Backend
 
 BACKEND: web.AppKey[Backend] = web.AppKey("dotdigital_backend")
-USER_KEY: web.RequestKey[ApiUser] = web.RequestKey("dotdigital_api_user", ApiUser)
+# The API user the current request authenticated as (set by the auth middleware; each request
+# runs in its own task, so this is per request).
+current_user: ContextVar[ApiUser] = ContextVar("dotdigital_api_user")
 
 
 def backend_of(request: web.Request) -> Backend:
@@ -22,7 +25,7 @@ def backend_of(request: web.Request) -> Backend:
 
 
 def user_of(request: web.Request) -> ApiUser:
-    return request[USER_KEY]
+    return current_user.get()
 
 
 def store_of(request: web.Request) -> AccountStore:
