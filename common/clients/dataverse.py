@@ -149,23 +149,12 @@ class BatchResult:
     headers: Mapping[str, str]
     body: dict[str, Any] | None
     error: VendorError | None
+    entity_id: str | None = None
+    etag: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None and 200 <= self.status < 300
-
-    @property
-    def etag(self) -> str | None:
-        tag = self.headers.get("ETag")
-        if tag is None and self.body is not None:
-            value = self.body.get("@odata.etag")
-            tag = value if isinstance(value, str) else None
-        return tag
-
-    @property
-    def entity_id(self) -> str | None:
-        return _key_from_entity_url(self.headers.get("OData-EntityId")
-                                    or self.headers.get("Location"))
 
 
 def dataverse_error(response: HttpResponse) -> VendorError:
@@ -215,6 +204,19 @@ def _quote(value: str) -> str:
 
 def _query(params: Mapping[str, str]) -> str:
     return "&".join(f"{_quote(k)}={_quote(v)}" for k, v in params.items())
+
+
+def _identity(entity_set: str | None, headers: Mapping[str, str],
+              body: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """The written record's id and new etag, from the headers or the returned representation."""
+    entity_id = _key_from_entity_url(headers.get("OData-EntityId") or headers.get("Location"))
+    if entity_id is None and body is not None and entity_set:
+        value = body.get(_guess_primary_key(entity_set))
+        entity_id = str(value) if value is not None else None
+    etag = headers.get("ETag")
+    if etag is None and body is not None and isinstance(body.get("@odata.etag"), str):
+        etag = body["@odata.etag"]
+    return entity_id, etag
 
 
 def _key_from_entity_url(url: str | None) -> str | None:
@@ -377,12 +379,6 @@ class DataverseClient(VendorClient):
         bare = path.split("?", 1)[0].strip("/")
         return f"{method} {self._root_path}/{_KEY_SEGMENT.sub('({id})', bare)}"
 
-    def _link_endpoint(self, url: URL) -> str:
-        path = url.path
-        if path.startswith(self._root_path):
-            path = path[len(self._root_path):]
-        return self._endpoint("GET", path)
-
     # -- reads -----------------------------------------------------------------------------
 
     async def service_document(self) -> dict[str, Any]:
@@ -450,6 +446,7 @@ class DataverseClient(VendorClient):
     ) -> AsyncGenerator[DeltaPage, None]:
         """Change tracking: with ``cursor=None`` a full read that ends with a delta link; with a
         saved delta link the changes since; with a saved next link the rest of that read.
+        ``select`` shapes the full read; a saved link carries its own.
 
         Raises :class:`DeltaTokenExpired` when a saved link is refused: start again with
         ``cursor=None``. Save ``page.cursor`` after each page is processed.
@@ -536,14 +533,7 @@ class DataverseClient(VendorClient):
     def _write_result(self, entity_set: str, response: HttpResponse) -> WriteResult:
         body = decode_json(response) if response.status != 204 else None
         body = body if isinstance(body, dict) else None
-        entity_id = _key_from_entity_url(response.headers.get("OData-EntityId")
-                                         or response.headers.get("Location"))
-        if entity_id is None and body is not None:
-            value = body.get(_guess_primary_key(entity_set))
-            entity_id = str(value) if value is not None else None
-        etag = response.headers.get("ETag")
-        if etag is None and body is not None and isinstance(body.get("@odata.etag"), str):
-            etag = body["@odata.etag"]
+        entity_id, etag = _identity(entity_set, response.headers, body)
         return WriteResult(status=response.status, entity_id=entity_id, etag=etag, body=body)
 
     async def create(self, entity_set: str, body: Mapping[str, Any], *,
@@ -679,10 +669,10 @@ class DataverseClient(VendorClient):
             failing = failures[0]
             error = self._part_error(failing)
             named = failing.content_id
-            return [self._result(cid, failing, error=error) if named in (None, cid) else
+            return [self._result(cid, op, failing, error=error) if named in (None, cid) else
                     _not_applied(cid, f"change set rolled back: operation {named} failed "
                                       f"({error.status} {error.code or '-'})")
-                    for cid, _ in chunk]
+                    for cid, op in chunk]
         answered: list[ResponsePart | None] = []
         for cid, op in chunk:
             part = by_id.get(cid)
@@ -692,9 +682,9 @@ class DataverseClient(VendorClient):
         failed_at = next((i for i, p in enumerate(answered) if p is not None and p.status >= 400),
                          None)
         results: list[BatchResult] = []
-        for index, ((cid, _), part) in enumerate(zip(chunk, answered, strict=True)):
+        for index, ((cid, op), part) in enumerate(zip(chunk, answered, strict=True)):
             if part is not None:
-                results.append(self._result(cid, part, error=self._part_error(part)
+                results.append(self._result(cid, op, part, error=self._part_error(part)
                                             if part.status >= 400 else None))
             elif stopped and failed_at is not None and index < failed_at:
                 results.append(_applied_without_answer(cid))
@@ -710,10 +700,15 @@ class DataverseClient(VendorClient):
         return self._redact.error(dataverse_error(response))
 
     @staticmethod
-    def _result(cid: str, part: ResponsePart, *, error: VendorError | None) -> BatchResult:
+    def _result(cid: str, op: BatchOperation, part: ResponsePart, *,
+                error: VendorError | None) -> BatchResult:
         body = part.json()
-        return BatchResult(content_id=cid, status=part.status, headers=part.headers,
-                           body=body if isinstance(body, dict) else None, error=error)
+        body = body if isinstance(body, dict) else None
+        entity_set = None if op.path.startswith("$") else op.path.split("(", 1)[0]
+        entity_id, etag = _identity(entity_set, part.headers, body) if error is None else (None,
+                                                                                            None)
+        return BatchResult(content_id=cid, status=part.status, headers=part.headers, body=body,
+                           error=error, entity_id=entity_id, etag=etag)
 
 
 def _applied_without_answer(content_id: str) -> BatchResult:

@@ -231,7 +231,7 @@ async def test_batch_change_set_returns_per_operation_representations() -> None:
             assert result.body is not None
             assert result.body["versionnumber"] > row["versionnumber"]
             assert result.etag is not None and result.etag != row["@odata.etag"]
-        assert results[3].status == 201
+        assert results[3].status == 201 and results[3].entity_id is not None
         after = await all_rows(client, select=COLUMNS)
         assert sum(1 for r in after if r["donotbulkemail"]) >= 3
 
