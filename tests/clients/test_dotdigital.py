@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import pytest
 
 from common.clients.base import (
@@ -295,3 +296,12 @@ async def test_server_errors_are_retried_until_success() -> None:
             await client.subscriptions(seeded["emails"][0])
         statuses = events.statuses("GET /v2/contacts/{email}/subscriptions")
         assert any(s >= 500 for s in statuses) and statuses.count(200) == 8
+
+
+async def test_a_session_passed_in_is_used_and_left_open() -> None:
+    async with dotdigital_sim() as sim, aiohttp.ClientSession() as shared:
+        async with DotdigitalClient(config=dotdigital_config(sim.url), session=shared) as client:
+            await client.server_time()
+        assert not shared.closed
+        async with DotdigitalClient(config=dotdigital_config(sim.url), session=shared) as again:
+            assert (await again.account_info()).id == int(DD_ACCOUNT)
