@@ -1,0 +1,68 @@
+"""Pure sync rules: last-writer-wins per (account, email, preference), echo recognition through a
+write ledger, and contact suppression. No I/O here; the services call these functions and store
+the results."""
+
+from common.domain.clock import lww_rank, whole_second
+from common.domain.commands import WriteCommand
+from common.domain.history import HistoryEntry
+from common.domain.identity import PreferenceKey, normalize_email
+from common.domain.observation import Observation
+from common.domain.reconcile import Decision, Outcome, outstanding, reconcile, settle
+from common.domain.sides import SIDES, PerSide, Side, other
+from common.domain.state import (
+    KeyState,
+    Known,
+    LedgerHorizon,
+    PendingWrite,
+    Register,
+    WriteRecord,
+)
+from common.domain.suppression import (
+    ContactDecision,
+    ContactState,
+    apply_contact_status,
+    is_suppressed,
+)
+from common.domain.writes import (
+    abandon_write,
+    begin_write,
+    find_echo,
+    is_superseded,
+    record_write,
+    writer_should_apply,
+)
+
+__all__ = [
+    "SIDES",
+    "ContactDecision",
+    "ContactState",
+    "Decision",
+    "HistoryEntry",
+    "KeyState",
+    "Known",
+    "LedgerHorizon",
+    "Observation",
+    "Outcome",
+    "PendingWrite",
+    "PerSide",
+    "PreferenceKey",
+    "Register",
+    "Side",
+    "WriteCommand",
+    "WriteRecord",
+    "abandon_write",
+    "apply_contact_status",
+    "begin_write",
+    "find_echo",
+    "is_superseded",
+    "is_suppressed",
+    "lww_rank",
+    "normalize_email",
+    "other",
+    "outstanding",
+    "reconcile",
+    "record_write",
+    "settle",
+    "whole_second",
+    "writer_should_apply",
+]

@@ -1,0 +1,30 @@
+"""The ledger store: per-key sync state (compare-and-set), history, contact suppression state,
+poller checkpoints and eligibility. ``open_store(url)`` picks the implementation from the URL."""
+
+from __future__ import annotations
+
+from common.store.interface import Change, ConflictError, LedgerStore
+from common.store.sqlite import SqliteLedgerStore
+
+__all__ = ["Change", "ConflictError", "LedgerStore", "SqliteLedgerStore", "open_store"]
+
+_SQLITE = "sqlite:///"
+
+
+def open_store(url: str) -> LedgerStore:
+    """A store for ``url`` (not yet connected: ``async with open_store(url) as store``).
+
+    ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``sqlite:///:memory:``.
+    Anything else raises ``ValueError`` naming only the URL scheme (URLs may carry credentials).
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        raise ValueError("ledger store URL must look like scheme://...")
+    if scheme != "sqlite":
+        raise ValueError(f"unsupported ledger store URL scheme {scheme!r} (supported: sqlite)")
+    if not url.startswith(_SQLITE):
+        raise ValueError("sqlite ledger store URL must be sqlite:///path (no host part)")
+    path = url[len(_SQLITE):]
+    if not path or "?" in path or "#" in path:
+        raise ValueError("sqlite ledger store URL needs a plain file path or :memory:")
+    return SqliteLedgerStore(path=path)

@@ -1,0 +1,51 @@
+"""Audit trail rows: every decision and every write, per email."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from common.domain.clock import as_utc
+from common.domain.commands import WriteCommand
+from common.domain.identity import normalize_email
+from common.domain.observation import Observation
+from common.domain.sides import Side
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryEntry:
+    """What happened to one preference of one email: a decision on an observation
+    (``decision`` is the reconcile outcome) or a write (``decision`` is ``"written"``)."""
+
+    account: str
+    email: str
+    preference_id: int
+    side: Side
+    opted_in: bool
+    origin_time: datetime
+    change_id: str
+    decision: str
+    recorded_at: datetime
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "email", normalize_email(self.email))
+        object.__setattr__(self, "origin_time", as_utc(self.origin_time))
+        object.__setattr__(self, "recorded_at", as_utc(self.recorded_at))
+
+    @classmethod
+    def for_observation(cls, observation: Observation, *, decision: str,
+                        recorded_at: datetime) -> HistoryEntry:
+        key = observation.key
+        return cls(account=key.account, email=key.email, preference_id=key.preference_id,
+                   side=observation.side, opted_in=observation.opted_in,
+                   origin_time=observation.origin_time, change_id=observation.change_id,
+                   decision=decision, recorded_at=recorded_at)
+
+    @classmethod
+    def for_write(cls, command: WriteCommand, *, recorded_at: datetime,
+                  decision: str = "written") -> HistoryEntry:
+        key = command.key
+        return cls(account=key.account, email=key.email, preference_id=key.preference_id,
+                   side=command.side, opted_in=command.opted_in,
+                   origin_time=command.origin_time, change_id=command.change_id,
+                   decision=decision, recorded_at=recorded_at)

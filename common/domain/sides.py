@@ -1,0 +1,30 @@
+"""The two systems kept in step, and a tiny immutable per-side pair."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Generic, Literal, TypeVar
+
+Side = Literal["dynamics", "dotdigital"]
+SIDES: tuple[Side, Side] = ("dynamics", "dotdigital")
+
+T = TypeVar("T")
+
+
+def other(side: Side) -> Side:
+    """The side that is not ``side``."""
+    return "dotdigital" if side == "dynamics" else "dynamics"
+
+
+@dataclass(frozen=True, slots=True)
+class PerSide(Generic[T]):
+    """One value per side; immutable, so states built from it stay hashable-free but safe to share."""
+
+    dynamics: T
+    dotdigital: T
+
+    def get(self, side: Side) -> T:
+        return self.dynamics if side == "dynamics" else self.dotdigital
+
+    def with_(self, side: Side, value: T) -> PerSide[T]:
+        return replace(self, **{side: value})

@@ -1,0 +1,179 @@
+"""The write ledger: what the writer records around each write, echo recognition, and the
+writer's go/no-go check.
+
+Writer flow (each step a compare-and-set save of the key's state):
+
+1. read the target side's current state and ``reconcile`` it as an observation (so a change made
+   on the target since the command was emitted is never overwritten unseen);
+2. ``writer_should_apply`` — skip commands the register has moved past, or that the target
+   already satisfies;
+3. ``begin_write`` (records the write as in flight, from a vendor-clock time at or before the
+   request) — a read-back that races the response is then still recognised as our echo;
+4. the vendor write;
+5. ``record_write`` with Dataverse's new ``versionnumber`` or dotdigital's vendor-clock interval
+   around the write (the narrower the better), or ``abandon_write`` when the write surely failed;
+6. ``settle`` (in :mod:`common.domain.reconcile`) and publish what it returns: if the register
+   moved during the write, the correction goes out without waiting for the echo.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from common.domain.clock import as_utc, whole_second
+from common.domain.commands import WriteCommand
+from common.domain.observation import Observation
+from common.domain.sides import Side
+from common.domain.state import KeyState, Known, LedgerHorizon, WriteRecord
+from common.domain.suppression import ContactState
+
+# Write records kept per key and side. Late redeliveries and replays of an echo must still be
+# recognised, so records are not dropped when a newer read arrives, only when there are many.
+MAX_WRITE_RECORDS = 4
+
+# An in-flight record (no confirmation, e.g. the writer stopped mid-write) stops matching echoes
+# this long after its start; a redelivered command re-opens it.
+IN_FLIGHT_LIMIT = timedelta(minutes=10)
+
+
+def _window_floor(moment: datetime, side: Side) -> datetime:
+    """Dataverse stamps whole seconds and dotdigital milliseconds: a window start taken from a
+    finer clock is floored so that the side's own stamp of our write is never before it."""
+    if side == "dynamics":
+        return whole_second(moment)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def find_echo(state: KeyState, observation: Observation) -> WriteRecord | None:
+    """The write of ours that ``observation`` reads back, if any.
+
+    Same side and value, and either the same Dataverse version, or (version unknown on either
+    part) an origin time inside the write's vendor-clock window. A same-value change a user makes
+    on that side inside the window is indistinguishable from our echo and is taken as one; the
+    value then is the same as ours, so only its time is lost.
+    """
+    side = observation.side
+    for record in state.writes.get(side):
+        if record.opted_in != observation.opted_in:
+            continue
+        if record.produced_version is not None and observation.version is not None:
+            if record.produced_version == observation.version:
+                return record
+            continue
+        if observation.origin_time < _window_floor(record.window_start, side):
+            continue
+        end = record.window_end
+        if end is None:
+            end = record.window_start + IN_FLIGHT_LIMIT
+        if observation.origin_time <= end:
+            return record
+    return None
+
+
+def _same_write(record: WriteRecord, command: WriteCommand) -> bool:
+    return (record.opted_in == command.opted_in
+            and record.register_origin_time == command.origin_time)
+
+
+def prune_writes(state: KeyState, side: Side) -> KeyState:
+    """Drop expired in-flight records (the side has been seen well past them) and keep only the
+    newest ``MAX_WRITE_RECORDS``; the horizon remembers how far the dropped ones reached."""
+    known = state.known.get(side)
+    kept: list[WriteRecord] = []
+    dropped: list[WriteRecord] = []
+    for r in sorted(state.writes.get(side), key=lambda r: r.window_start):
+        expired = (r.in_flight and known is not None
+                   and known.as_of > r.window_start + IN_FLIGHT_LIMIT)
+        (dropped if expired else kept).append(r)
+    dropped.extend(kept[:-MAX_WRITE_RECORDS])
+    kept = kept[-MAX_WRITE_RECORDS:]
+    if not dropped:
+        return state
+    horizon = state.horizon.get(side)
+    for r in dropped:
+        horizon = (LedgerHorizon.of(r, in_flight_limit=IN_FLIGHT_LIMIT) if horizon is None
+                   else horizon.widened(r, in_flight_limit=IN_FLIGHT_LIMIT))
+    assert horizon is not None
+    return state.with_writes(side, tuple(kept)).with_horizon(side, horizon)
+
+
+def begin_write(state: KeyState, command: WriteCommand, *, window_start: datetime) -> KeyState:
+    """Record that ``command`` is about to be written, from vendor-clock ``window_start``.
+
+    A record already in flight for the same write keeps its (earlier) start, so a retried command
+    still covers the first attempt's landing.
+    """
+    window_start = as_utc(window_start)
+    side = command.side
+    if any(r.in_flight and _same_write(r, command) for r in state.writes.get(side)):
+        return state
+    record = WriteRecord(side=side, opted_in=command.opted_in,
+                         register_origin_time=command.origin_time, window_start=window_start)
+    return prune_writes(state.with_writes(side, (*state.writes.get(side), record)), side)
+
+
+def record_write(state: KeyState, command: WriteCommand, *, produced_version: int | None,
+                 window_start: datetime, window_end: datetime, written_at: datetime) -> KeyState:
+    """Record a successful write of ``command`` (closing its in-flight record, if any).
+
+    ``produced_version`` is Dataverse's new ``versionnumber`` (``None`` for dotdigital);
+    ``[window_start, window_end]`` is the vendor-clock interval the write happened in;
+    ``written_at`` is our own clock, for the record. The side is then known to hold the value
+    as of ``window_start`` (unless something newer about it is already known): a read stamped
+    inside the window may have landed after our write, so it keeps precedence — at worst that
+    costs a redundant write, never a missed correction.
+    """
+    window_start, window_end = as_utc(window_start), as_utc(window_end)
+    if window_end < window_start:
+        raise ValueError("window_end is before window_start")
+    side = command.side
+    others: list[WriteRecord] = []
+    for r in state.writes.get(side):
+        if r.in_flight and _same_write(r, command):
+            window_start = min(window_start, r.window_start)
+        else:
+            others.append(r)
+    record = WriteRecord(side=side, opted_in=command.opted_in,
+                         register_origin_time=command.origin_time, window_start=window_start,
+                         window_end=window_end, produced_version=produced_version,
+                         written_at=as_utc(written_at))
+    state = state.with_writes(side, (*others, record))
+    wrote = Known(opted_in=command.opted_in, as_of=window_start, version=produced_version)
+    if wrote.is_newer_than(state.known.get(side)):
+        state = state.with_known(side, wrote)
+    return prune_writes(state, side)
+
+
+def abandon_write(state: KeyState, command: WriteCommand) -> KeyState:
+    """Forget the in-flight record of a write that surely did not happen (refused by the vendor)."""
+    side = command.side
+    records = tuple(r for r in state.writes.get(side)
+                    if not (r.in_flight and _same_write(r, command)))
+    return state.with_writes(side, records)
+
+
+def is_superseded(state: KeyState, command: WriteCommand) -> bool:
+    """The register has moved past ``command`` (a newer command exists or will be emitted)."""
+    register = state.register
+    if register is None:
+        return True
+    if (register.opted_in, register.origin_time) != (command.opted_in, command.origin_time):
+        return True
+    pending = state.pending.get(command.side)
+    return pending is not None and (
+        (pending.opted_in, pending.origin_time) != (command.opted_in, command.origin_time))
+
+
+def writer_should_apply(state: KeyState, command: WriteCommand, *,
+                        contact: ContactState | None = None) -> bool:
+    """Whether the writer should make this write now.
+
+    No when the contact is suppressed, when the command is superseded, or when the target side
+    is already known to hold the value (from our confirmed write or from a read).
+    """
+    if contact is not None and contact.suppressed:
+        return False
+    if is_superseded(state, command):
+        return False
+    known = state.known.get(command.side)
+    return known is None or known.opted_in != command.opted_in

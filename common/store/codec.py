@@ -1,0 +1,135 @@
+"""Compact serialisation of a key's sync state (one orjson array per row).
+
+The key itself lives in indexed columns, not in the blob. Inside the blob times are ISO-8601
+UTC strings (orjson writes them natively and ``datetime.fromisoformat`` reads them back, both in
+C: several times faster than arithmetic in Python), booleans 0/1, sides 0 (Dynamics) /
+1 (dotdigital). The leading number is the format version, so the layout can change without
+guessing. Table columns hold times as integer microseconds since the Unix epoch (``to_us``),
+which sort and compare the same in SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from common.domain import (
+    KeyState,
+    Known,
+    LedgerHorizon,
+    PendingWrite,
+    PerSide,
+    PreferenceKey,
+    Register,
+    Side,
+    WriteRecord,
+)
+
+FORMAT = 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SIDE_CODE: dict[Side, int] = {"dynamics": 0, "dotdigital": 1}
+_CODE_SIDE: tuple[Side, Side] = ("dynamics", "dotdigital")
+
+
+def to_us(moment: datetime) -> int:
+    """Integer microseconds since the Unix epoch."""
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+_time = datetime.fromisoformat
+
+
+def _opt_time(value: str | None) -> datetime | None:
+    return None if value is None else _time(value)
+
+
+def _register(r: Register | None) -> list[Any] | None:
+    if r is None:
+        return None
+    return [int(r.opted_in), r.origin_time, _SIDE_CODE[r.origin_side], r.change_id]
+
+
+def _known(k: Known | None) -> list[Any] | None:
+    return None if k is None else [int(k.opted_in), k.as_of, k.version]
+
+
+def _pending(p: PendingWrite | None) -> list[Any] | None:
+    return None if p is None else [int(p.opted_in), p.origin_time]
+
+
+def _record(w: WriteRecord) -> list[Any]:
+    return [int(w.opted_in), w.register_origin_time, w.window_start, w.window_end,
+            w.produced_version, w.written_at]
+
+
+def _horizon(h: LedgerHorizon | None) -> list[Any] | None:
+    return None if h is None else [h.until, h.version]
+
+
+def encode_state(state: KeyState) -> bytes:
+    """The state without its key and revision (those are columns)."""
+    return orjson.dumps([
+        FORMAT,
+        _register(state.register),
+        _known(state.known.dynamics), _known(state.known.dotdigital),
+        _pending(state.pending.dynamics), _pending(state.pending.dotdigital),
+        [_record(w) for w in state.writes.dynamics],
+        [_record(w) for w in state.writes.dotdigital],
+        _horizon(state.horizon.dynamics), _horizon(state.horizon.dotdigital),
+    ])
+
+
+def _d_register(raw: list[Any] | None) -> Register | None:
+    if raw is None:
+        return None
+    return Register(opted_in=bool(raw[0]), origin_time=_time(raw[1]),
+                    origin_side=_CODE_SIDE[raw[2]], change_id=raw[3])
+
+
+def _d_known(raw: list[Any] | None) -> Known | None:
+    if raw is None:
+        return None
+    return Known(opted_in=bool(raw[0]), as_of=_time(raw[1]), version=raw[2])
+
+
+def _d_pending(raw: list[Any] | None) -> PendingWrite | None:
+    if raw is None:
+        return None
+    return PendingWrite(opted_in=bool(raw[0]), origin_time=_time(raw[1]))
+
+
+def _d_records(side: Side, raw: list[list[Any]]) -> tuple[WriteRecord, ...]:
+    return tuple(
+        WriteRecord(side=side, opted_in=bool(r[0]), register_origin_time=_time(r[1]),
+                    window_start=_time(r[2]), window_end=_opt_time(r[3]),
+                    produced_version=r[4], written_at=_opt_time(r[5]))
+        for r in raw
+    )
+
+
+def _d_horizon(raw: list[Any] | None) -> LedgerHorizon | None:
+    return None if raw is None else LedgerHorizon(until=_time(raw[0]), version=raw[1])
+
+
+def decode_state(key: PreferenceKey, revision: int, blob: bytes) -> KeyState:
+    raw = orjson.loads(blob)
+    if not isinstance(raw, list) or not raw or raw[0] != FORMAT:
+        raise ValueError(f"unknown key-state format for {key.account}/{key.preference_id}")
+    (_, register, k_dyn, k_dd, p_dyn, p_dd, w_dyn, w_dd, h_dyn, h_dd) = raw
+    return KeyState(
+        key=key,
+        register=_d_register(register),
+        known=PerSide(dynamics=_d_known(k_dyn), dotdigital=_d_known(k_dd)),
+        pending=PerSide(dynamics=_d_pending(p_dyn), dotdigital=_d_pending(p_dd)),
+        writes=PerSide(dynamics=_d_records("dynamics", w_dyn),
+                       dotdigital=_d_records("dotdigital", w_dd)),
+        horizon=PerSide(dynamics=_d_horizon(h_dyn), dotdigital=_d_horizon(h_dd)),
+        revision=revision,
+    )

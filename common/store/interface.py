@@ -1,0 +1,75 @@
+"""The ledger store's interface: what the services may ask of it, whatever the database.
+
+Key states are saved with compare-and-set on a per-key ``revision`` so that reconciler replicas
+never overwrite each other's decisions: a save whose expected revisions no longer hold raises
+:class:`ConflictError` and writes nothing; the caller reloads and decides again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Protocol, Self
+
+from common.domain import ContactState, HistoryEntry, KeyState, PreferenceKey
+
+# (expected revision — None or 0: the key must not be stored yet; the new state; its history row)
+Change = tuple[int | None, KeyState, HistoryEntry | None]
+
+
+class ConflictError(Exception):
+    """Some keys' stored revisions moved since they were loaded; nothing was written."""
+
+    def __init__(self, keys: Sequence[PreferenceKey]) -> None:
+        super().__init__(f"{len(keys)} key state(s) changed concurrently")
+        self.keys = tuple(keys)
+
+
+class LedgerStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None: ...
+
+    # -- key states ----------------------------------------------------------------------
+    async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
+        """The stored states of those ``keys`` that have one."""
+        ...
+
+    async def save(self, changes: Sequence[Change], *,
+                   history: Sequence[HistoryEntry] = ()) -> list[int]:
+        """Save all ``changes`` and history rows in one transaction, or raise
+        :class:`ConflictError` and save nothing.
+
+        Returns the new revision of each change, in order: ``(expected or 0) + 1`` (the
+        ``revision`` carried by the states themselves is ignored). Extra ``history`` rows (for
+        decisions that changed no state) go in the same transaction."""
+        ...
+
+    async def states_for_email(self, account: str, email: str) -> list[KeyState]: ...
+
+    async def history(self, account: str, email: str) -> list[HistoryEntry]:
+        """History rows of one email, oldest recorded first."""
+        ...
+
+    # -- contacts ------------------------------------------------------------------------
+    async def load_contacts(self, account: str,
+                            emails: Iterable[str]) -> dict[str, ContactState]: ...
+
+    async def save_contacts(self, contacts: Sequence[ContactState]) -> None:
+        """Upsert; a stored state with a later ``since`` is kept (monotonic)."""
+        ...
+
+    # -- poller checkpoints --------------------------------------------------------------
+    async def get_checkpoint(self, account: str, source: str) -> str | None: ...
+
+    async def set_checkpoint(self, account: str, source: str, value: str) -> None: ...
+
+    # -- eligibility: records ever in an email-activated list (never removed) ------------
+    async def mark_eligible(self, account: str, record_ids: Iterable[str]) -> None: ...
+
+    async def eligible_ids(self, account: str, record_ids: Iterable[str]) -> set[str]: ...

@@ -1,0 +1,298 @@
+"""SQLite ledger store: one aiosqlite connection in WAL mode, one transaction per call.
+
+The SQL sticks to what PostgreSQL also accepts (row values, ``ON CONFLICT ... DO UPDATE``,
+integer microsecond timestamps) so the PostgreSQL store can share its shape. Every query is
+scoped by account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+from common.domain import ContactState, HistoryEntry, KeyState, PreferenceKey, normalize_email
+from common.store.codec import decode_state, encode_state, from_us, to_us
+from common.store.interface import Change, ConflictError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS key_state (
+        account TEXT NOT NULL, email TEXT NOT NULL, preference_id INTEGER NOT NULL,
+        revision INTEGER NOT NULL, state BLOB NOT NULL,
+        PRIMARY KEY (account, email, preference_id))""",
+    """CREATE TABLE IF NOT EXISTS history (
+        id INTEGER PRIMARY KEY, account TEXT NOT NULL, email TEXT NOT NULL,
+        preference_id INTEGER NOT NULL, side TEXT NOT NULL, opted_in INTEGER NOT NULL,
+        origin_time INTEGER NOT NULL, change_id TEXT NOT NULL, decision TEXT NOT NULL,
+        recorded_at INTEGER NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS history_by_email ON history (account, email, recorded_at, id)""",
+    """CREATE TABLE IF NOT EXISTS contact_state (
+        account TEXT NOT NULL, email TEXT NOT NULL, status TEXT NOT NULL,
+        suppressed INTEGER NOT NULL, since INTEGER NOT NULL, revision INTEGER NOT NULL,
+        PRIMARY KEY (account, email))""",
+    """CREATE TABLE IF NOT EXISTS checkpoint (
+        account TEXT NOT NULL, source TEXT NOT NULL, value TEXT NOT NULL,
+        updated_at INTEGER NOT NULL, PRIMARY KEY (account, source))""",
+    """CREATE TABLE IF NOT EXISTS eligible (
+        account TEXT NOT NULL, record_id TEXT NOT NULL, marked_at INTEGER NOT NULL,
+        PRIMARY KEY (account, record_id))""",
+)
+
+# Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
+_CHUNK = 300
+
+_UPSERT_STATE = """
+    INSERT INTO key_state (account, email, preference_id, revision, state)
+    VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (account, email, preference_id)
+    DO UPDATE SET revision = excluded.revision, state = excluded.state"""
+
+_INSERT_HISTORY = """
+    INSERT INTO history (account, email, preference_id, side, opted_in, origin_time, change_id,
+                         decision, recorded_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+_UPSERT_CONTACT = """
+    INSERT INTO contact_state (account, email, status, suppressed, since, revision)
+    VALUES (?, ?, ?, ?, ?, 1)
+    ON CONFLICT (account, email) DO UPDATE SET
+        status = excluded.status, suppressed = excluded.suppressed, since = excluded.since,
+        revision = contact_state.revision + 1
+    WHERE excluded.since > contact_state.since
+       OR (excluded.since = contact_state.since
+           AND excluded.suppressed > contact_state.suppressed)"""
+
+
+def _keyed(columns: str, keys: Sequence[PreferenceKey]) -> tuple[str, list[Any]]:
+    """A query for ``columns`` of ``key_state`` rows of ``keys``: a join against a VALUES list,
+    which both SQLite and PostgreSQL answer through the primary-key index."""
+    placeholders = ",".join("(?, ?, ?)" for _ in keys)
+    params: list[Any] = []
+    for k in keys:
+        params.extend((k.account, k.email, k.preference_id))
+    sql = (f"WITH wanted (account, email, preference_id) AS (VALUES {placeholders}) "
+           f"SELECT {columns} FROM wanted w JOIN key_state k ON k.account = w.account "
+           "AND k.email = w.email AND k.preference_id = w.preference_id")
+    return sql, params
+
+
+async def _select_in(db: aiosqlite.Connection, sql: str, account: str,
+                     values: Sequence[str]) -> list[Any]:
+    """Rows of ``sql`` (ending in a column name) ``IN`` ``values``, asked in chunks."""
+    rows: list[Any] = []
+    for i in range(0, len(values), _CHUNK):
+        chunk = values[i:i + _CHUNK]
+        placeholders = ",".join("?" for _ in chunk)
+        async with db.execute(f"{sql} IN ({placeholders})", [account, *chunk]) as cur:
+            rows.extend(await cur.fetchall())
+    return rows
+
+
+def _history_row(h: HistoryEntry) -> tuple[Any, ...]:
+    return (h.account, h.email, h.preference_id, h.side, int(h.opted_in),
+            to_us(h.origin_time), h.change_id, h.decision, to_us(h.recorded_at))
+
+
+def _now_us() -> int:
+    return to_us(datetime.now(UTC))
+
+
+class SqliteLedgerStore:
+    """The ledger in one SQLite file (or in memory for ``:memory:``)."""
+
+    def __init__(self, *, path: str) -> None:
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+        # one connection: transactions must not interleave on it
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteLedgerStore(path={self._path!r})"
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        db = await aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed decision survives power loss (messages are acked after commit)
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                await db.execute(statement)
+            await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
+                             "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
+            async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cur:
+                row = await cur.fetchone()
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.close()
+            raise
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            await db.close()
+            raise RuntimeError(f"ledger schema {row[0] if row else '?'} is not the supported "
+                               f"{SCHEMA_VERSION}")
+        self._db = db
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._db is None:
+            raise RuntimeError("the ledger store is not open")
+        db = self._db
+        async with self._lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    # -- key states -----------------------------------------------------------------------
+    async def _revisions(self, db: aiosqlite.Connection,
+                         keys: Sequence[PreferenceKey]) -> dict[tuple[str, str, int], int]:
+        found: dict[tuple[str, str, int], int] = {}
+        for i in range(0, len(keys), _CHUNK):
+            sql, params = _keyed("k.account, k.email, k.preference_id, k.revision",
+                                 keys[i:i + _CHUNK])
+            async with db.execute(sql, params) as cur:
+                for account, email, preference_id, revision in await cur.fetchall():
+                    found[(account, email, preference_id)] = revision
+        return found
+
+    async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
+        wanted = list(dict.fromkeys(keys))
+        out: dict[PreferenceKey, KeyState] = {}
+        async with self._transaction() as db:
+            for i in range(0, len(wanted), _CHUNK):
+                chunk = wanted[i:i + _CHUNK]
+                by_tuple = {(k.account, k.email, k.preference_id): k for k in chunk}
+                sql, params = _keyed(
+                    "k.account, k.email, k.preference_id, k.revision, k.state", chunk)
+                async with db.execute(sql, params) as cur:
+                    for account, email, preference_id, revision, blob in await cur.fetchall():
+                        key = by_tuple[(account, email, preference_id)]
+                        out[key] = decode_state(key, revision, blob)
+        return out
+
+    async def save(self, changes: Sequence[Change], *,
+                   history: Sequence[HistoryEntry] = ()) -> list[int]:
+        keys = [state.key for _, state, _ in changes]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a save may hold each key only once")
+        state_rows: list[tuple[Any, ...]] = []
+        revisions: list[int] = []
+        history_rows = [_history_row(h) for h in history]
+        for expected, state, entry in changes:
+            revision = (expected or 0) + 1
+            k = state.key
+            state_rows.append((k.account, k.email, k.preference_id, revision,
+                               encode_state(state)))
+            revisions.append(revision)
+            if entry is not None:
+                history_rows.append(_history_row(entry))
+        async with self._transaction() as db:
+            stored = await self._revisions(db, keys)
+            moved = [k for (expected, _, _), k in zip(changes, keys, strict=True)
+                     if stored.get((k.account, k.email, k.preference_id)) != (expected or None)]
+            if moved:
+                raise ConflictError(moved)
+            await db.executemany(_UPSERT_STATE, state_rows)
+            if history_rows:
+                await db.executemany(_INSERT_HISTORY, history_rows)
+        return revisions
+
+    async def states_for_email(self, account: str, email: str) -> list[KeyState]:
+        email = normalize_email(email)
+        sql = ("SELECT preference_id, revision, state FROM key_state "
+               "WHERE account = ? AND email = ? ORDER BY preference_id")
+        async with self._transaction() as db, db.execute(sql, (account, email)) as cur:
+            rows = await cur.fetchall()
+        return [decode_state(PreferenceKey(account=account, email=email, preference_id=p), r, b)
+                for p, r, b in rows]
+
+    async def history(self, account: str, email: str) -> list[HistoryEntry]:
+        email = normalize_email(email)
+        sql = ("SELECT preference_id, side, opted_in, origin_time, change_id, decision, "
+               "recorded_at FROM history WHERE account = ? AND email = ? "
+               "ORDER BY recorded_at, id")
+        async with self._transaction() as db, db.execute(sql, (account, email)) as cur:
+            rows = await cur.fetchall()
+        return [HistoryEntry(account=account, email=email, preference_id=p, side=side,
+                             opted_in=bool(opted_in), origin_time=from_us(origin),
+                             change_id=change_id, decision=decision,
+                             recorded_at=from_us(recorded))
+                for p, side, opted_in, origin, change_id, decision, recorded in rows]
+
+    # -- contacts -------------------------------------------------------------------------
+    async def load_contacts(self, account: str,
+                            emails: Iterable[str]) -> dict[str, ContactState]:
+        wanted = list(dict.fromkeys(normalize_email(e) for e in emails))
+        async with self._transaction() as db:
+            rows = await _select_in(db, "SELECT email, status, since, revision FROM contact_state "
+                                    "WHERE account = ? AND email", account, wanted)
+        return {email: ContactState(account=account, email=email, status=status,
+                                    since=from_us(since), revision=revision)
+                for email, status, since, revision in rows}
+
+    async def save_contacts(self, contacts: Sequence[ContactState]) -> None:
+        rows = [(c.account, c.email, c.status, int(c.suppressed), to_us(c.since))
+                for c in contacts]
+        if not rows:
+            return
+        async with self._transaction() as db:
+            await db.executemany(_UPSERT_CONTACT, rows)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    async def get_checkpoint(self, account: str, source: str) -> str | None:
+        sql = "SELECT value FROM checkpoint WHERE account = ? AND source = ?"
+        async with self._transaction() as db, db.execute(sql, (account, source)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_checkpoint(self, account: str, source: str, value: str) -> None:
+        sql = ("INSERT INTO checkpoint (account, source, value, updated_at) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (account, source) DO UPDATE SET value = excluded.value, "
+               "updated_at = excluded.updated_at")
+        async with self._transaction() as db:
+            await db.execute(sql, (account, source, value, _now_us()))
+
+    # -- eligibility ----------------------------------------------------------------------
+    async def mark_eligible(self, account: str, record_ids: Iterable[str]) -> None:
+        now = _now_us()
+        rows = [(account, r, now) for r in dict.fromkeys(record_ids)]
+        if not rows:
+            return
+        sql = ("INSERT INTO eligible (account, record_id, marked_at) VALUES (?, ?, ?) "
+               "ON CONFLICT (account, record_id) DO NOTHING")
+        async with self._transaction() as db:
+            await db.executemany(sql, rows)
+
+    async def eligible_ids(self, account: str, record_ids: Iterable[str]) -> set[str]:
+        async with self._transaction() as db:
+            rows = await _select_in(db, "SELECT record_id FROM eligible WHERE account = ? "
+                                    "AND record_id", account, list(dict.fromkeys(record_ids)))
+        return {str(r[0]) for r in rows}

@@ -1,0 +1,222 @@
+"""The SQLite ledger store: compare-and-set, atomicity, round trips, isolation, persistence."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from common.domain import (
+    ContactState,
+    HistoryEntry,
+    KeyState,
+    Known,
+    LedgerHorizon,
+    PendingWrite,
+    PerSide,
+    PreferenceKey,
+    Register,
+    WriteRecord,
+)
+from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
+
+pytestmark = pytest.mark.anyio
+
+T = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
+
+
+def key(email: str = "ann@example.com", pref: int = 1001, account: str = "acme") -> PreferenceKey:
+    return PreferenceKey(account=account, email=email, preference_id=pref)
+
+
+def full_state(k: PreferenceKey) -> KeyState:
+    """A state with every field set (and the optional ones both set and unset)."""
+    return KeyState(
+        key=k,
+        register=Register(opted_in=False, origin_time=T + timedelta(microseconds=123456),
+                          origin_side="dotdigital", change_id="dd:ünïcode-1"),
+        known=PerSide(dynamics=Known(opted_in=True, as_of=T, version=9_000_000_001),
+                      dotdigital=Known(opted_in=False, as_of=T + timedelta(milliseconds=5))),
+        pending=PerSide(dynamics=PendingWrite(opted_in=False, origin_time=T), dotdigital=None),
+        writes=PerSide(
+            dynamics=(WriteRecord(side="dynamics", opted_in=False, register_origin_time=T,
+                                  window_start=T, window_end=T + timedelta(seconds=1),
+                                  produced_version=9_000_000_002,
+                                  written_at=T + timedelta(seconds=1)),),
+            dotdigital=(WriteRecord(side="dotdigital", opted_in=True, register_origin_time=T,
+                                    window_start=T + timedelta(seconds=2)),),
+        ),
+        horizon=PerSide(dynamics=LedgerHorizon(until=T, version=7), dotdigital=None),
+    )
+
+
+def entry(k: PreferenceKey, decision: str, recorded: datetime) -> HistoryEntry:
+    return HistoryEntry(account=k.account, email=k.email, preference_id=k.preference_id,
+                        side="dynamics", opted_in=True, origin_time=T, change_id=decision,
+                        decision=decision, recorded_at=recorded)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[LedgerStore]:
+    async with open_store(f"sqlite:///{tmp_path}/ledger.db") as s:
+        yield s
+
+
+def test_open_store_urls(tmp_path: Path) -> None:
+    assert repr(open_store("sqlite:///data/ledger.db")) == "SqliteLedgerStore(path='data/ledger.db')"
+    assert repr(open_store("sqlite:////var/lib/x.db")) == "SqliteLedgerStore(path='/var/lib/x.db')"
+    assert isinstance(open_store("sqlite:///:memory:"), SqliteLedgerStore)
+
+
+@pytest.mark.parametrize("url", ["postgresql://user:hunter2@db/ledger", "redis://:hunter2@x/0"])
+def test_unknown_scheme_names_the_scheme_but_never_the_credentials(url: str) -> None:
+    with pytest.raises(ValueError) as info:
+        open_store(url)
+    assert url.partition(":")[0] in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["hunter2", "sqlite://host/x.db", "sqlite:///", "sqlite:///a?x=1"])
+def test_malformed_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError) as info:
+        open_store(url)
+    assert "hunter2" not in str(info.value)
+
+
+async def test_using_a_closed_store_is_an_error() -> None:
+    with pytest.raises(RuntimeError):
+        await open_store("sqlite:///:memory:").get_checkpoint("acme", "x")
+
+
+async def test_every_field_round_trips(store: LedgerStore) -> None:
+    state = full_state(key())
+    assert await store.save([(None, state, None)]) == [1]
+    loaded = await store.load([key(), key(pref=2)])
+    assert loaded == {key(): replace(state, revision=1)}
+
+
+async def test_compare_and_set(store: LedgerStore) -> None:
+    state = KeyState(key=key())
+    assert await store.save([(None, state, None)]) == [1]
+    with pytest.raises(ConflictError) as info:
+        await store.save([(0, state, None)])                    # it exists now
+    assert info.value.keys == (key(),)
+    assert await store.save([(1, full_state(key()), None)]) == [2]
+    with pytest.raises(ConflictError):
+        await store.save([(1, state, None)])                    # someone else moved it
+    assert (await store.load([key()]))[key()] == replace(full_state(key()), revision=2)
+
+
+async def test_a_conflict_writes_nothing(store: LedgerStore) -> None:
+    await store.save([(None, KeyState(key=key("bob@example.com")), None)])
+    fresh = KeyState(key=key())
+    late = KeyState(key=key("bob@example.com"))
+    with pytest.raises(ConflictError) as info:
+        await store.save([(None, fresh, entry(key(), "applied", T)),
+                          (7, late, entry(late.key, "applied", T))],
+                         history=[entry(key(), "extra", T)])
+    assert info.value.keys == (late.key,)
+    assert await store.load([key()]) == {}
+    assert await store.history("acme", "ann@example.com") == []
+    assert await store.history("acme", "bob@example.com") == []
+
+
+async def test_a_key_only_once_per_save(store: LedgerStore) -> None:
+    with pytest.raises(ValueError):
+        await store.save([(None, KeyState(key=key()), None), (None, KeyState(key=key()), None)])
+
+
+async def test_history_is_ordered_by_recorded_time(store: LedgerStore) -> None:
+    k = key()
+    await store.save([(None, KeyState(key=k), entry(k, "third", T + timedelta(seconds=3)))],
+                     history=[entry(k, "first", T + timedelta(seconds=1)),
+                              entry(k, "second-a", T + timedelta(seconds=2))])
+    await store.save([], history=[entry(k, "second-b", T + timedelta(seconds=2)),
+                                  entry(key("bob@example.com"), "not-ann", T)])
+    got = await store.history("acme", " ANN@example.com ")
+    assert [h.decision for h in got] == ["first", "second-a", "second-b", "third"]
+    assert got[0] == entry(k, "first", T + timedelta(seconds=1))
+
+
+async def test_states_for_email_and_account_isolation(store: LedgerStore) -> None:
+    mine = [KeyState(key=key(pref=p)) for p in (3, 1, 2)]
+    theirs = KeyState(key=key(account="globex"))
+    other = KeyState(key=key("bob@example.com"))
+    await store.save([(None, s, None) for s in [*mine, theirs, other]])
+    got = await store.states_for_email("acme", "Ann@Example.com")
+    assert [s.key.preference_id for s in got] == [1, 2, 3]
+    assert [s.key.account for s in await store.states_for_email("globex", "ann@example.com")] == [
+        "globex"]
+    assert await store.history("globex", "ann@example.com") == []
+
+
+async def test_checkpoints(store: LedgerStore) -> None:
+    source = "dotdigital:optins:1001"
+    assert await store.get_checkpoint("acme", source) is None
+    await store.set_checkpoint("acme", source, "2026-03-01T09:00:00.000Z")
+    await store.set_checkpoint("acme", source, "2026-03-01T10:00:00.000Z")
+    await store.set_checkpoint("globex", source, "other")
+    assert await store.get_checkpoint("acme", source) == "2026-03-01T10:00:00.000Z"
+    assert await store.get_checkpoint("globex", source) == "other"
+    assert await store.get_checkpoint("acme", "dynamics:psync_marketingpreferencesubscriptions") is None
+
+
+async def test_eligibility_is_sticky_and_per_account(store: LedgerStore) -> None:
+    await store.mark_eligible("acme", ["c1", "c2", "c2"])
+    await store.mark_eligible("acme", ["c1"])
+    await store.mark_eligible("globex", ["c3"])
+    assert await store.eligible_ids("acme", ["c1", "c2", "c3", "c4"]) == {"c1", "c2"}
+    assert await store.eligible_ids("globex", ["c1", "c3"]) == {"c3"}
+    many = [f"r{i}" for i in range(1000)]
+    await store.mark_eligible("acme", many)
+    assert await store.eligible_ids("acme", [*many, "nope"]) == set(many)
+
+
+async def test_contact_states_are_monotonic(store: LedgerStore) -> None:
+    def contact(status: str, seconds: int) -> ContactState:
+        return ContactState(account="acme", email="Ann@Example.com", status=status,
+                            since=T + timedelta(seconds=seconds))
+
+    await store.save_contacts([contact("Subscribed", 0)])
+    await store.save_contacts([contact("HardBounced", 10)])
+    await store.save_contacts([contact("Subscribed", 5)])        # older: ignored
+    got = await store.load_contacts("acme", ["ann@example.com", "nobody@example.com"])
+    assert list(got) == ["ann@example.com"]
+    assert got["ann@example.com"].status == "HardBounced"
+    assert got["ann@example.com"].suppressed
+    await store.save_contacts([contact("Subscribed", 10)])       # same time: suppression holds
+    assert (await store.load_contacts("acme", ["ann@example.com"]))["ann@example.com"].suppressed
+    await store.save_contacts([contact("Subscribed", 11)])
+    assert not (await store.load_contacts("acme", ["ann@example.com"]))[
+        "ann@example.com"].suppressed
+    assert await store.load_contacts("globex", ["ann@example.com"]) == {}
+
+
+async def test_reopening_the_file_keeps_everything(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    state = full_state(key())
+    async with open_store(url) as s:
+        await s.save([(None, state, entry(key(), "applied", T))])
+        await s.set_checkpoint("acme", "dynamics:x", "token-1")
+        await s.mark_eligible("acme", ["c1"])
+        await s.save_contacts([ContactState(account="acme", email="ann@example.com",
+                                            status="Suppressed", since=T)])
+    async with open_store(url) as s:
+        assert (await s.load([key()]))[key()] == replace(state, revision=1)
+        assert [h.decision for h in await s.history("acme", "ann@example.com")] == ["applied"]
+        assert await s.get_checkpoint("acme", "dynamics:x") == "token-1"
+        assert await s.eligible_ids("acme", ["c1"]) == {"c1"}
+        assert (await s.load_contacts("acme", ["ann@example.com"]))["ann@example.com"].suppressed
+
+
+async def test_many_keys_in_one_save(store: LedgerStore) -> None:
+    states = [KeyState(key=key(f"p{i}@example.com")) for i in range(1200)]
+    assert set(await store.save([(None, s, None) for s in states])) == {1}
+    loaded = await store.load(s.key for s in states)
+    assert len(loaded) == 1200
+    with pytest.raises(ConflictError) as info:
+        await store.save([(1, s, None) for s in states[:5]] + [(None, states[1000], None)])
+    assert info.value.keys == (states[1000].key,)
