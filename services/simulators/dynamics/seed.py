@@ -19,7 +19,12 @@ indexed once, without per-row write overhead.
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
+import os
 import random
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -29,27 +34,61 @@ from .schema import OPTED_IN, OPTED_OUT
 from .store import Row, Store
 
 SAMPLE_EMAILS = 5
+PARALLEL_FROM = 200_000  # (person, preference) pairs worth the worker processes' start-up
 
 
-def _guids(rng: random.Random) -> Any:
-    while True:
-        h = f"{rng.getrandbits(128):032x}"
-        yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+def _sorted_guids(rng: random.Random, count: int) -> Iterator[str]:
+    """``count`` GUIDs in ascending order, so rows made in order are also in key order (as
+    Dataverse's sequential GUIDs roughly are) and the indexes need no sorting."""
+    h = rng.randbytes(16 * count).hex()
+    out = sorted(f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-"
+                 f"{h[i + 20:i + 32]}" for i in range(0, 32 * count, 32))
+    return iter(out)
 
 
-@lru_cache(maxsize=2)
-def _states(records: int, preferences: int, seed: int) -> bytes:
-    """Per person and leaf preference: 0 no row, 1 opted in, 2 opted out (cached: it is slow)."""
-    leaves = seeding.leaf_preferences(preferences, seed)
+def _state_chunk(seed: int, emails: list[str], leaf_ids: list[int]) -> bytes:
     out = bytearray()
-    for person in seeding.people(records, seed):
-        for node in leaves:
-            state = seeding.initial_state(seed, "dynamics", person.email, node.id)
+    for email in emails:
+        for pid in leaf_ids:
+            state = seeding.initial_state(seed, "dynamics", email, pid)
             out.append(0 if state is None else 1 if state else 2)
     return bytes(out)
 
 
+@lru_cache(maxsize=2)
+def _states(records: int, preferences: int, seed: int) -> bytes:
+    """Per person and leaf preference: 0 no row, 1 opted in, 2 opted out.
+
+    Deriving each state seeds a fresh random generator, which dominates seeding time, so
+    large seeds spread the work over worker processes, and the result is cached.
+    """
+    emails = [p.email for p in seeding.people(records, seed)]
+    leaf_ids = [n.id for n in seeding.leaf_preferences(preferences, seed)]
+    workers = min(os.cpu_count() or 1, 8)
+    if len(emails) * len(leaf_ids) < PARALLEL_FROM or workers < 2:
+        return _state_chunk(seed, emails, leaf_ids)
+    step = -(-len(emails) // (workers * 4))
+    chunks = [emails[i:i + step] for i in range(0, len(emails), step)]
+    # fork: workers need nothing but this module, and spawn would re-run the caller's script
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        parts = pool.map(_state_chunk, [seed] * len(chunks), chunks, [leaf_ids] * len(chunks))
+        return b"".join(parts)
+
+
 def seed_store(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any]:
+    # Millions of new acyclic objects: keep the cycle collector out of the way while they are
+    # made, then move them out of its reach so later collections don't walk them.
+    gc.disable()
+    try:
+        return _seed(store, body, now=now)
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+def _seed(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any]:
     records = int(body.get("records", 100))
     preferences = int(body.get("preferences", 5))
     seed = int(body.get("seed", 1))
@@ -57,7 +96,11 @@ def seed_store(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str
     if records < 0 or preferences < 0:
         raise ValueError("records and preferences must not be negative")
     store.clear()
-    ids = _guids(random.Random(f"dynamics-ids:{seed}"))
+    tree = seeding.preference_tree(preferences, seed)
+    leaves = [n for n in tree if n.is_preference]
+    states = _states(records, preferences, seed)
+    rows_wanted = records + 2 + len(tree) + len(states) - states.count(0)
+    ids = _sorted_guids(random.Random(f"dynamics-ids:{seed}"), rows_wanted)
     ts = now.replace(microsecond=0)
     version = store.version
 
@@ -96,7 +139,7 @@ def seed_store(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str
 
     prefs: list[Row] = []
     pref_ids: dict[int, str] = {}
-    for node in seeding.preference_tree(preferences, seed):
+    for node in tree:
         pid = next(ids)
         pref_ids[node.id] = pid
         prefs.append(stamp({
@@ -106,8 +149,6 @@ def seed_store(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str
             "psync_ecpreferenceid": node.id, "psync_eccategoryid": node.category_id or None,
             "statecode": 0, "statuscode": 1}))
 
-    leaves = [n for n in seeding.preference_tree(preferences, seed) if n.is_preference]
-    states = _states(records, preferences, seed)
     subs: list[Row] = []
     i = 0
     for person, person_id in zip(people, person_ids, strict=True):
@@ -125,11 +166,10 @@ def seed_store(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str
                 "_psync_leadid_value": person_id if is_lead else None,
                 "_psync_accountid_value": None, "statecode": 0, "statuscode": 1}))
 
-    store.tables["contacts"].bulk_load(contacts)
-    store.tables["leads"].bulk_load(leads)
-    store.tables["lists"].bulk_load(lists)
-    store.tables["psync_marketingpreferences"].bulk_load(prefs)
-    store.tables["psync_marketingpreferencesubscriptions"].bulk_load(subs)
+    for name, rows in (("contacts", contacts), ("leads", leads), ("lists", lists),
+                       ("psync_marketingpreferences", prefs),
+                       ("psync_marketingpreferencesubscriptions", subs)):
+        store.tables[name].bulk_load(rows, in_order=True)
     store.load_members({lists[0]["listid"]: [r["contactid"] for r in contacts],
                         lists[1]["listid"]: [r["leadid"] for r in leads]})
     store.version = version

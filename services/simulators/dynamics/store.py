@@ -16,7 +16,7 @@ from typing import Any
 
 from sortedcontainers import SortedList, SortedSet  # type: ignore[import-untyped]
 
-from .schema import TABLES, TableSchema
+from .schema import TABLES, Kind, TableSchema
 
 Row = dict[str, Any]
 
@@ -42,7 +42,8 @@ class Table:
     def unique_key(self, row: Row) -> tuple[Any, ...] | None:
         if not self.schema.unique:
             return None
-        return tuple(index_key(row.get(c)) for c in self.schema.unique)
+        # unique columns are lookups: GUIDs, stored lower-cased by every write
+        return tuple([row.get(c) for c in self.schema.unique])
 
     def lookup(self, column: str, value: Any) -> set[str]:
         return self.indexes[column].get(index_key(value), set())
@@ -93,36 +94,47 @@ class Table:
             self.tombstones[row_id] = tombstone
             self.deleted.add((tombstone, row_id))
 
-    def bulk_load(self, rows: list[Row], tombstones: dict[str, int] | None = None) -> None:
-        """Replace the contents in one go: build every index once, without per-row overhead."""
+    def bulk_load(self, rows: list[Row], tombstones: dict[str, int] | None = None, *,
+                  in_order: bool = False) -> None:
+        """Replace the contents in one go: build every index once, without per-row overhead.
+
+        ``in_order`` promises that ``rows`` come in key order and that versions and
+        ``modifiedon`` never decrease along it (as seeded rows do), which saves the sorting.
+        """
         pk = self.schema.pk
-        self.rows = {r[pk]: r for r in rows}
-        self.order = SortedList(self.rows)
-        self.changes = SortedList((r["versionnumber"], r[pk]) for r in rows)
-        self.by_modified = SortedList((r["modifiedon"], r[pk]) for r in rows)
+        by_id = self.rows = {r[pk]: r for r in rows}
+        if in_order:
+            ids = [r[pk] for r in rows]
+            by_version = by_modified = ids
+        else:
+            # Sort on simple keys (stable sorts keep key order among ties), so the sorted
+            # lists below are built from presorted input instead of comparing tuples.
+            ids = sorted(by_id)
+            by_version = sorted(ids, key=lambda i: by_id[i]["versionnumber"])
+            by_modified = sorted(ids, key=lambda i: by_id[i]["modifiedon"])
+        self.order = SortedList(ids)
+        self.changes = SortedList([(by_id[i]["versionnumber"], i) for i in by_version])
+        self.by_modified = SortedList([(by_id[i]["modifiedon"], i) for i in by_modified])
         self.tombstones = dict(tombstones or {})
         self.deleted = SortedList((v, i) for i, v in self.tombstones.items())
         self.indexes = {c: {} for c in self.schema.indexed}
         for col, index in self.indexes.items():
+            # keys are stored lower-cased already; only free text needs folding
+            fold = self.schema.columns[col].kind is Kind.STRING
             for r in rows:
                 value = r.get(col)
                 if value is not None:
-                    k = index_key(value)
-                    ids = index.get(k)
-                    if ids is None:
+                    k = value.lower() if fold else value
+                    holders = index.get(k)
+                    if holders is None:
                         index[k] = {r[pk]}
                     else:
-                        ids.add(r[pk])
+                        holders.add(r[pk])
         self.unique = {}
         if self.schema.unique:
-            for r in rows:
-                key = self.unique_key(r)
-                if key is not None:
-                    self.unique[key] = r[pk]
-
-
-class _Rollback(Exception):
-    pass
+            columns = [[r.get(c) for r in rows] for c in self.schema.unique]
+            self.unique = dict(zip(zip(*columns, strict=True), (r[pk] for r in rows),
+                                   strict=True))
 
 
 class Store:
