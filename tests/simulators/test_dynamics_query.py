@@ -67,7 +67,8 @@ async def test_prefer_values_in_one_header_or_in_several() -> None:
                 ("Prefer", 'odata.include-annotations="*"')]) as resp:
             body = await resp.json()
             assert len(body["value"]) == 3
-            assert resp.headers["Preference-Applied"] == "odata.maxpagesize=3"
+            assert resp.headers["Preference-Applied"] == (
+                'odata.maxpagesize=3,odata.include-annotations="*"')
 
 
 async def test_filters_on_strings_numbers_bools_guids_nulls_and_functions() -> None:
@@ -194,3 +195,25 @@ async def test_get_by_key_entity_context_404_and_304() -> None:
         prop = await org.get(f"contacts({ids['Bob']})/emailaddress1")
         assert prop.json["value"] == "BOB@Example.com"
         assert one.headers["Content-Type"] == "application/json; odata.metadata=minimal"
+
+
+async def test_formatted_values_and_lookup_annotations_on_request() -> None:
+    async with organisation() as org:
+        await org.sim("PUT", "clock", {"freeze_at": "2023-04-07T21:59:01Z"})
+        await org.seed(records=4, preferences=2)
+        plain = (await org.get("contacts?$select=donotbulkemail&$top=1")).json["value"][0]
+        assert not any("@" in k for k in plain if k != "@odata.etag")
+        answer = await org.get(
+            "psync_marketingpreferencesubscriptions?$select=psync_status,modifiedon,"
+            "_psync_preferenceid_value&$top=1",
+            headers={"Prefer": 'odata.include-annotations="*"'})
+        row = answer.json["value"][0]
+        assert row["psync_status@OData.Community.Display.V1.FormattedValue"] in (
+            "Opted in", "Opted out")
+        assert row["modifiedon@OData.Community.Display.V1.FormattedValue"] == "4/7/2023 9:59 PM"
+        assert row["_psync_preferenceid_value@Microsoft.Dynamics.CRM.lookuplogicalname"] == (
+            "psync_marketingpreference")
+        contact = (await org.get("contacts?$select=donotbulkemail&$top=1", headers={
+            "Prefer": 'odata.include-annotations="OData.Community.Display.V1.FormattedValue"'})
+        ).json["value"][0]
+        assert contact["donotbulkemail@OData.Community.Display.V1.FormattedValue"] == "Allow"

@@ -50,6 +50,7 @@ from .protocol import (
 )
 from .reads import (
     Source,
+    annotations_wanted,
     context_fragment,
     count_rows,
     delta_entries,
@@ -170,12 +171,15 @@ class Api:
             applied.append("odata.track-changes")
         if size is not None:
             applied.append(f"odata.maxpagesize={size}")
+        annotate = annotations_wanted(prefer)
+        if annotate is not None:
+            applied.append(f"odata.include-annotations={prefer['odata.include-annotations']}")
         headers = {"Preference-Applied": ",".join(applied)} if applied else {}
         if opts.deltatoken is not None:
             if source is not None:
                 raise query_error("The query parameter $deltatoken is not supported for this "
                                   "request.")
-            return self._delta(call, schema, opts, size or MAX_PAGE, url, headers)
+            return self._delta(call, schema, opts, size or MAX_PAGE, url, headers, annotate)
         if source is None:
             source = Source(self.store.tables[schema.entity_set])
         limit = size or MAX_PAGE
@@ -200,7 +204,8 @@ class Api:
         body: dict[str, Any] = {"@odata.context": f"{call.service_root}/$metadata#{fragment}"}
         if opts.count:
             body["@odata.count"] = count_rows(source, opts)
-        body["value"] = [shape(r, schema, opts.select, opts.expand, self.store) for r in rows]
+        body["value"] = [shape(r, schema, opts.select, opts.expand, self.store, annotate)
+                         for r in rows]
         if more and not top_only:
             last = rows[-1]
             cookie = Cookie(page=page, last=[(c, last.get(c)) for c, _ in order],
@@ -226,7 +231,7 @@ class Api:
         return version
 
     def _delta(self, call: Call, schema: TableSchema, opts: QueryOptions, limit: int, url: str,
-               headers: dict[str, str]) -> Result:
+               headers: dict[str, str], annotate: Callable[[str], bool] | None) -> Result:
         assert opts.deltatoken is not None
         since = self._check_token(opts.deltatoken)
         table = self.store.tables[schema.entity_set]
@@ -250,7 +255,8 @@ class Api:
                 value.append({"@odata.context": f"{root}/$metadata#{schema.entity_set}/$deletedEntity",
                               "id": row_id, "reason": "deleted"})
             else:
-                value.append(shape(table.rows[row_id], schema, opts.select))
+                value.append(shape(table.rows[row_id], schema, opts.select, store=self.store,
+                                   annotate=annotate))
         fragment = context_fragment(schema.entity_set, opts.select)
         body: dict[str, Any] = {"@odata.context": f"{root}/$metadata#{fragment}/$delta",
                                 "value": value}
@@ -294,8 +300,9 @@ class Api:
                        headers: dict[str, str] | None = None) -> Result:
         expand = opts.expand if opts else None
         fragment = context_fragment(schema.entity_set, select, expand)
+        annotate = annotations_wanted(call.prefer())
         body = {"@odata.context": f"{call.service_root}/$metadata#{fragment}/$entity",
-                **shape(row, schema, select, expand, self.store)}
+                **shape(row, schema, select, expand, self.store, annotate)}
         return json_result(body, status=status, headers=headers)
 
     def get_nav(self, call: Call, schema: TableSchema, row_id: str, nav: str) -> Result:

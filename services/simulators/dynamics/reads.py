@@ -8,6 +8,7 @@ Only other orderings, and filters no index helps with, fall back to scanning.
 
 from __future__ import annotations
 
+import fnmatch
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from itertools import islice
 from typing import Any
 
 from .odata import Expand, KeysPlan, QueryOptions, RangePlan
-from .schema import TableSchema
+from .schema import TABLES, Column, Kind, TableSchema
 from .store import Row, Store, Table
 
 MAX_COUNT = 5000
@@ -82,9 +83,10 @@ def _candidates(source: Source, opts: QueryOptions) -> set[str] | None:
     table = source.table
     ids: set[str] | None = None
     if isinstance(plan, KeysPlan):
-        ids = set()
-        for col, key in plan.pairs:
-            ids |= table.indexes[col].get(key, set())
+        found = [table.indexes[col].get(key, set()) for col, key in plan.pairs]
+        if sum(len(f) for f in found) > SORT_LIMIT:
+            return None
+        ids = set().union(*found)
     elif isinstance(plan, RangePlan):
         lo, hi = _range_bounds(plan)
         bm = table.by_modified
@@ -177,8 +179,64 @@ def count_rows(source: Source, opts: QueryOptions) -> int:
     return sum(1 for _ in islice((i for i in ids if pred(rows[i])), MAX_COUNT))
 
 
+FORMATTED = "OData.Community.Display.V1.FormattedValue"
+LOOKUP_NAME = "Microsoft.Dynamics.CRM.lookuplogicalname"
+NAV_NAME = "Microsoft.Dynamics.CRM.associatednavigationproperty"
+_ALLOW = {"donotbulkemail", "donotemail"}  # "Do Not Allow" / "Allow" rather than "Yes" / "No"
+
+
+def annotations_wanted(prefer: dict[str, str]) -> Callable[[str], bool] | None:
+    """Which annotation terms ``Prefer: odata.include-annotations`` asks for, if any."""
+    raw = prefer.get("odata.include-annotations")
+    if raw is None:
+        return None
+    patterns = [p.strip() for p in raw.strip('"').split(",") if p.strip()]
+    return lambda term: any(fnmatch.fnmatchcase(term, p) for p in patterns)
+
+
+def _formatted(col: Column, value: Any, store: Store | None) -> str | None:
+    if value is None:
+        return None
+    kind = col.kind
+    if kind is Kind.CHOICE:
+        return dict(col.choices).get(value)
+    if kind is Kind.BOOL:
+        if col.name in _ALLOW:
+            return "Do Not Allow" if value else "Allow"
+        return "Yes" if value else "No"
+    if kind is Kind.DATETIME:
+        hour = value.hour % 12 or 12
+        return (f"{value.month}/{value.day}/{value.year} {hour}:{value.minute:02d} "
+                f"{'PM' if value.hour >= 12 else 'AM'}")
+    if kind is Kind.LOOKUP and col.target and store is not None:
+        target = store.tables[col.target]
+        other = target.rows.get(value)
+        return other.get(target.schema.primary_name) if other is not None else None
+    return None
+
+
+def _annotate(out: dict[str, Any], schema: TableSchema, wanted: Callable[[str], bool],
+              store: Store | None) -> None:
+    formatted, lookup_name, nav_name = wanted(FORMATTED), wanted(LOOKUP_NAME), wanted(NAV_NAME)
+    for name in list(out):
+        col = schema.columns.get(name)
+        if col is None:
+            continue
+        value = out[name]
+        if formatted:
+            text = _formatted(col, value, store)
+            if text is not None:
+                out[f"{name}@{FORMATTED}"] = text
+        if col.kind is Kind.LOOKUP and value is not None and col.target:
+            if nav_name:
+                out[f"{name}@{NAV_NAME}"] = name[1:-len("_value")]
+            if lookup_name:
+                out[f"{name}@{LOOKUP_NAME}"] = TABLES[col.target].logical
+
+
 def shape(row: Row, schema: TableSchema, select: list[str] | None,
-          expand: list[Expand] | None = None, store: Store | None = None) -> dict[str, Any]:
+          expand: list[Expand] | None = None, store: Store | None = None,
+          annotate: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """A row as the Web API returns it: etag, the selected columns, the key, expansions."""
     out: dict[str, Any] = {"@odata.etag": f'W/"{row["versionnumber"]}"'}
     if select is None:
@@ -188,10 +246,13 @@ def shape(row: Row, schema: TableSchema, select: list[str] | None,
         for col in select:
             out[col] = row.get(col)
         out[schema.pk] = row[schema.pk]
+    if annotate is not None:
+        _annotate(out, schema, annotate, store)
     for exp in expand or ():
         ref = row.get(exp.column)
         target = store.tables[exp.target.entity_set].rows.get(ref) if store and ref else None
-        out[exp.nav] = shape(target, exp.target, exp.select) if target is not None else None
+        out[exp.nav] = (shape(target, exp.target, exp.select, store=store, annotate=annotate)
+                        if target is not None else None)
     return out
 
 
