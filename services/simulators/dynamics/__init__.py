@@ -11,6 +11,9 @@ behaviours it implements and which of them are inferred rather than documented.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -51,7 +54,7 @@ class DynamicsSimulator:
 
 async def run_dynamics(*, host: str, port: int, clients: Sequence[str],
                        state_file: Path | None) -> None:
-    """Serve the simulator until cancelled; save the state file (if any) on the way out."""
+    """Serve the simulator until cancelled or sent SIGTERM; save the state file (if any)."""
     sim = DynamicsSimulator(clients=clients, state_file=state_file)
     if sim.demo_client is not None:
         tenant, client_id, secret = sim.demo_client
@@ -62,7 +65,20 @@ async def run_dynamics(*, host: str, port: int, clients: Sequence[str],
         print(f"Dynamics simulator listening on http://{host}:{bound} "
               f"(token endpoint http://{host}:{bound}/<tenant>/oauth2/v2.0/token)", flush=True)
 
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    server = asyncio.create_task(serve(sim.app, host=host, port=port, ready=ready))
+    stopper = asyncio.create_task(stop.wait())
     try:
-        await serve(sim.app, host=host, port=port, ready=ready)
+        await asyncio.wait({server, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if server.done():
+            server.result()  # e.g. the port is taken
     finally:
+        for task in (server, stopper):
+            task.cancel()
+        await asyncio.gather(server, stopper, return_exceptions=True)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
         sim.save()

@@ -73,19 +73,19 @@ class Limiter:
         self._expire(usage, now)
         if usage.in_flight >= lim.concurrent:
             raise self._throttled(CONCURRENCY_LIMIT, "Number of concurrent requests exceeded the "
-                                  f"limit of {lim.concurrent}.", 1, usage)
+                                  f"limit of {lim.concurrent}.", 1)
         if len(usage.starts) >= lim.requests:
             wait = usage.starts[0] + lim.window_s - now
             raise self._throttled(
                 REQUESTS_LIMIT, f"Number of requests exceeded the limit of {lim.requests} over "
-                f"time window of {_seconds(lim.window_s)} seconds.", wait, usage)
+                f"time window of {_seconds(lim.window_s)} seconds.", wait)
         if usage.run_ms > lim.execution_time_ms:
             wait = usage.runs[0][0] + lim.window_s - now if usage.runs else 1
             raise self._throttled(
                 EXECUTION_TIME_LIMIT, "Combined execution time of incoming requests exceeded "
                 f"limit of {lim.execution_time_ms:,}  milliseconds over time window of "
                 f"{_seconds(lim.window_s)} seconds. Decrease number of concurrent requests or "
-                "reduce the duration of requests and try again later.", wait, usage)
+                "reduce the duration of requests and try again later.", wait)
         usage.starts.append(now)
         usage.in_flight += 1
 
@@ -105,7 +105,8 @@ class Limiter:
                 f"{max(0.0, self.limits.execution_time_ms - usage.run_ms):.2f}",
         }
 
-    def _throttled(self, code: str, message: str, wait: float, usage: _Usage) -> ApiError:
+    @staticmethod
+    def _throttled(code: str, message: str, wait: float) -> ApiError:
         retry = max(1, math.ceil(wait))
         return ApiError(429, code, message, {"Retry-After": str(retry)})
 

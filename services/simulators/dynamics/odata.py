@@ -77,9 +77,6 @@ class QueryOptions:
     skiptoken: str | None = None
     deltatoken: str | None = None
 
-    def has(self, name: str) -> bool:
-        return any(k == name for k, _ in self.raw)
-
 
 def parse_options(query: Mapping[str, str] | Any, schema: TableSchema, *,
                   related: Related, allowed: frozenset[str] = KNOWN_OPTIONS) -> QueryOptions:

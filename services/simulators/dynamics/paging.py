@@ -122,12 +122,6 @@ def link(url: str, options: list[tuple[str, str]]) -> str:
     return url + "?" + "&".join(f"{k}={quote(v, safe=_SAFE)}" for k, v in options)
 
 
-def with_option(options: list[tuple[str, str]], name: str, value: str,
-                drop: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    kept = [(k, v) for k, v in options if k != name and k not in drop]
-    return [*kept, (name, value)]
-
-
 def token_value(token: str) -> str:
     """A token as it appears inside a link: fully percent-encoded."""
     return quote(token, safe="")

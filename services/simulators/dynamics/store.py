@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
 from sortedcontainers import SortedList, SortedSet  # type: ignore[import-untyped]
@@ -242,7 +241,3 @@ class Store:
         for lid, ids in members.items():
             for mid in ids:
                 self.member_of.setdefault(mid, set()).add(lid)
-
-    def newest_modified(self) -> datetime | None:
-        newest = [t.by_modified[-1][0] for t in self.tables.values() if t.by_modified]
-        return max(newest) if newest else None
