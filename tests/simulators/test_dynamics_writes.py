@@ -228,3 +228,45 @@ async def test_update_multiple_is_all_or_nothing() -> None:
                         {"contactid": str(uuid.uuid4()), "donotemail": True}]})
         assert failed.status == 404
         assert (await org.get(f"contacts({a['contactid']})")).json["donotemail"] is False
+
+
+async def test_single_valued_navigation_and_lookup_refs() -> None:
+    async with organisation() as org:
+        pref = await _preference(org)
+        ann = await org.create("contacts", {"lastname": "Ann", "emailaddress1": "a@example.com"})
+        bob = await org.create("contacts", {"lastname": "Bob"})
+        sub = await org.create(SUBS, {
+            "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({pref})",
+            "psync_contactid@odata.bind": f"/contacts({ann['contactid']})",
+            "psync_status": 100000000})
+        path = f"{SUBS}({sub['psync_marketingpreferencesubscriptionid']})"
+        nav = await org.get(f"{path}/psync_contactid?$select=emailaddress1")
+        assert nav.json["emailaddress1"] == "a@example.com"
+        moved = await org.call("PUT", f"{path}/psync_contactid/$ref",
+                               json={"@odata.id": f"{org.api}/contacts({bob['contactid']})"})
+        assert moved.status == 204
+        assert (await org.get(path)).json["_psync_contactid_value"] == bob["contactid"]
+        cleared = await org.call("DELETE", f"{path}/psync_contactid/$ref")
+        assert cleared.status == 400  # a subscription must keep exactly one record
+        assert cleared.error["code"] == "0x80040265"
+        put = await org.call("PUT", f"{path}/psync_status", json={"value": 100000001})
+        assert put.status == 204
+        assert (await org.get(f"{path}/psync_status")).json["value"] == 100000001
+        not_allowed = await org.call("DELETE", "contacts")
+        assert not_allowed.status == 405
+
+
+async def test_deleting_a_contact_cascades_to_its_subscriptions() -> None:
+    async with organisation() as org:
+        pref = await _preference(org)
+        ann = await org.create("contacts", {"lastname": "Ann"})
+        sub = await org.create(SUBS, {
+            "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({pref})",
+            "psync_contactid@odata.bind": f"/contacts({ann['contactid']})",
+            "psync_status": 100000000})
+        tracked = (await org.get(SUBS, headers={"Prefer": "odata.track-changes"})).json
+        assert (await org.call("DELETE", f"contacts({ann['contactid']})")).status == 204
+        delta = (await org.get(tracked["@odata.deltaLink"])).json["value"]
+        assert delta == [{"@odata.context": f"{org.api}/$metadata#{SUBS}/$deletedEntity",
+                          "id": sub["psync_marketingpreferencesubscriptionid"],
+                          "reason": "deleted"}]

@@ -1,6 +1,7 @@
 """The aiohttp application: token endpoint, Web API routes, auth and limits, ``/_sim/`` extras.
 
-Sim-only routes besides the shared ``/_sim/`` ones (reset, seed, faults, clock, stats):
+Sim-only routes besides the shared ``/_sim/`` ones (reset, seed, faults, clock, stats;
+reset clears the data and limit usage, while configured limits and issued tokens stay):
 
 - ``GET|PUT /_sim/limits`` — service protection limits, fields as :class:`ServiceLimits`
   (``requests``, ``execution_time_ms``, ``window_s``, ``concurrent``); PUT changes only the
