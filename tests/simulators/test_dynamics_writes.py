@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,12 @@ async def _preference(org: Org, ec_id: int = 2001) -> str:
         "psync_name": "Offers", "psync_publicname": "Offers", "psync_ispublic": True,
         "psync_ecaccount": "demo", "psync_ecpreferenceid": ec_id})
     return str(row["psync_marketingpreferenceid"])
+
+
+async def _subscribe(org: Org, pref: str, contact_id: str) -> dict[str, Any]:
+    return await org.create(SUBS, {
+        "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({pref})",
+        "psync_contactid@odata.bind": f"/contacts({contact_id})", "psync_status": 100000000})
 
 
 async def test_create_answers_204_with_entity_id_or_201_with_the_row() -> None:
@@ -167,10 +174,7 @@ async def test_preferences_of_an_inactive_contact_cannot_be_edited() -> None:
     async with organisation() as org:
         pref = await _preference(org)
         contact = await org.create("contacts", {"lastname": "Paused"})
-        sub = await org.create(SUBS, {
-            "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({pref})",
-            "psync_contactid@odata.bind": f"/contacts({contact['contactid']})",
-            "psync_status": 100000000})
+        sub = await _subscribe(org, pref, contact['contactid'])
         await org.call("PATCH", f"contacts({contact['contactid']})", json={"statecode": 1},
                        headers={"If-Match": "*"})
         refused = await org.call("PATCH", f"{SUBS}({sub['psync_marketingpreferencesubscriptionid']})",
@@ -235,10 +239,7 @@ async def test_single_valued_navigation_and_lookup_refs() -> None:
         pref = await _preference(org)
         ann = await org.create("contacts", {"lastname": "Ann", "emailaddress1": "a@example.com"})
         bob = await org.create("contacts", {"lastname": "Bob"})
-        sub = await org.create(SUBS, {
-            "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({pref})",
-            "psync_contactid@odata.bind": f"/contacts({ann['contactid']})",
-            "psync_status": 100000000})
+        sub = await _subscribe(org, pref, ann['contactid'])
         path = f"{SUBS}({sub['psync_marketingpreferencesubscriptionid']})"
         nav = await org.get(f"{path}/psync_contactid?$select=emailaddress1")
         assert nav.json["emailaddress1"] == "a@example.com"
@@ -260,10 +261,7 @@ async def test_deleting_a_contact_cascades_to_its_subscriptions() -> None:
     async with organisation() as org:
         pref = await _preference(org)
         ann = await org.create("contacts", {"lastname": "Ann"})
-        sub = await org.create(SUBS, {
-            "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({pref})",
-            "psync_contactid@odata.bind": f"/contacts({ann['contactid']})",
-            "psync_status": 100000000})
+        sub = await _subscribe(org, pref, ann['contactid'])
         tracked = (await org.get(SUBS, headers={"Prefer": "odata.track-changes"})).json
         assert (await org.call("DELETE", f"contacts({ann['contactid']})")).status == 204
         delta = (await org.get(tracked["@odata.deltaLink"])).json["value"]
