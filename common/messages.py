@@ -18,9 +18,10 @@ import orjson
 SCHEMA_VERSION = 1
 
 MessageType = Literal["preference-changes", "contact-status-changes", "write-commands",
-                      "sync-trigger"]
+                      "sync-trigger", "read-markers"]
 MESSAGE_TYPES: tuple[MessageType, ...] = (
-    "preference-changes", "contact-status-changes", "write-commands", "sync-trigger")
+    "preference-changes", "contact-status-changes", "write-commands", "sync-trigger",
+    "read-markers")
 Source = Literal["dynamics", "dotdigital", "reconciler", "replay", "control"]
 SOURCES: tuple[Source, ...] = ("dynamics", "dotdigital", "reconciler", "replay", "control")
 SIDES = ("dynamics", "dotdigital")
@@ -67,6 +68,17 @@ class WriteCommand:
     origin_time: datetime
     origin_side: Literal["dynamics", "dotdigital"]
     change_id: str = ""
+    # The target side's state of this key is known from a complete read (nothing to read first).
+    covered: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReadComplete:
+    """In a shard queue: every change of one complete read of a preference's dotdigital feed
+    (started at ``origin_time``) that belongs to this shard was published before this marker."""
+
+    preference_id: int
+    origin_time: datetime
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -76,7 +88,7 @@ class EligibleContact:
     email: str
 
 
-Change = PreferenceChange | ContactStatusChange | WriteCommand | EligibleContact
+Change = PreferenceChange | ContactStatusChange | WriteCommand | EligibleContact | ReadComplete
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -131,11 +143,17 @@ def _encode_change(change: Change) -> dict[str, Any]:
                 "origin_time": format_time(change.origin_time), "change_id": change.change_id}
     if isinstance(change, EligibleContact):
         return {"email": change.email}
-    return {
+    if isinstance(change, ReadComplete):
+        return {"preference_id": change.preference_id,
+                "origin_time": format_time(change.origin_time)}
+    out = {
         "email": change.email, "preference_id": change.preference_id, "side": change.side,
         "opted_in": change.opted_in, "origin_time": format_time(change.origin_time),
         "origin_side": change.origin_side, "change_id": change.change_id,
     }
+    if change.covered:
+        out["covered"] = True
+    return out
 
 
 def decode(body: bytes) -> Envelope:
@@ -250,7 +268,15 @@ def _write_command(raw: Any, where: str) -> WriteCommand:
         origin_time=_time(raw, "origin_time", where=where),
         origin_side=origin_side,
         change_id=str(raw.get("change_id") or ""),
+        covered=raw.get("covered") is True,
     )
+
+
+def _read_complete(raw: Any, where: str) -> ReadComplete:
+    if not isinstance(raw, dict):
+        raise MalformedMessage(f"{where}: must be an object")
+    return ReadComplete(preference_id=_field(raw, "preference_id", int, where=where),
+                        origin_time=_time(raw, "origin_time", where=where))
 
 
 def _eligible(raw: Any, where: str) -> EligibleContact:
@@ -261,6 +287,7 @@ def _eligible(raw: Any, where: str) -> EligibleContact:
 
 _DECODERS: dict[str, Callable[[Any, str], Change]] = {
     "sync-trigger": _eligible,
+    "read-markers": _read_complete,
     "preference-changes": _preference_change,
     "contact-status-changes": _status_change,
     "write-commands": _write_command,

@@ -26,7 +26,7 @@ from common.clients.dotdigital_models import ContactOptIns, Suppression
 from common.config import AccountConfig
 from common.domain import normalize_email
 from common.messages import Change, ContactStatusChange, PreferenceChange
-from services.publishing import envelopes_by_shard, ids_of, publish_progress
+from services.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
 from services.triggers import RunRequest
 
 log = logging.getLogger("prefsync.ec_poller")
@@ -68,10 +68,12 @@ class EcPoller:
         tree = await self._client.preferences()
         await self._store.set_checkpoint(self.account.id, "dotdigital:preferences",
                                          orjson.dumps(tree).decode())
-        for preference_id in leaf_preference_ids(tree):
-            await self._read_preference(request, preference_id, started, full_read, counts)
+        from_start = [await self._read_preference(request, preference_id, started, full_read,
+                                                  counts)
+                      for preference_id in leaf_preference_ids(tree)]
         await self._read_removals(request, started, full_read, counts)
-        if request.eligible_emails and not full_read:
+        # Feeds read from the beginning already hold every contact's state.
+        if request.eligible_emails and not all(from_start):
             await self._read_contacts(request, request.eligible_emails, counts)
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="poller-done", fields={
@@ -83,7 +85,8 @@ class EcPoller:
             "published": counts.published})
 
     async def _read_preference(self, request: RunRequest, preference_id: int,
-                               started: datetime, full_read: bool, counts: RunCounts) -> None:
+                               started: datetime, full_read: bool, counts: RunCounts) -> bool:
+        """Reads one preference's feed; returns True when it was read from the beginning."""
         source = f"dotdigital:opt-ins:{preference_id}"
         saved = await self._store.get_checkpoint(self.account.id, source)
         position = orjson.loads(saved) if saved and not full_read else {}
@@ -100,8 +103,17 @@ class EcPoller:
             last_id = max(item.contact.id for item in page)
             await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
                 {"since": since.isoformat(), "min_contact_id": last_id + 1}).decode())
-        await self._store.set_checkpoint(self.account.id, source,
-                                         orjson.dumps({"since": started.isoformat()}).decode())
+        # The previous start is kept: the writer reads from there, so changes this read
+        # published but the reconciler has not reached yet are read again, not skipped.
+        await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
+            {"since": started.isoformat(), "previous": since.isoformat()}).decode())
+        if since == EPOCH:
+            markers = read_markers(account=self.account.id, preference_id=preference_id,
+                                   started=started, shards=self._shards, run_id=request.run_id,
+                                   id_seed=f"{request.run_id}:{source}")
+            await self._publisher.publish_many(markers)
+            counts.message_ids.extend(ids_of(markers))
+        return since == EPOCH
 
     def _changes_from(self, page: Sequence[ContactOptIns], started: datetime, *,
                       only: int | None = None) -> list[Change]:

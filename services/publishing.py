@@ -17,7 +17,7 @@ import orjson
 
 from common import messages
 from common.broker import Outgoing, Publisher
-from common.messages import Change, Envelope, MessageType, Source
+from common.messages import Change, Envelope, MessageType, ReadComplete, Source
 from common.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, WRITES_EXCHANGE, Side, Topology, shard_of
 
 # Changes per message: big enough to make broker and store work cheap per change, small enough
@@ -30,7 +30,9 @@ def stable_id(*parts: object) -> str:
 
 
 def _email_of(change: Change) -> str:
-    return change.email
+    email = getattr(change, "email", None)
+    assert isinstance(email, str), "every routed change is for one email"
+    return email
 
 
 def envelopes_by_shard(
@@ -57,6 +59,21 @@ def envelopes_by_shard(
                 exchange, key = WRITES_EXCHANGE, Topology.writes_key(account, side, shard)
             out.append(Outgoing(exchange=exchange, routing_key=key,
                                 body=messages.encode(envelope), message_id=message_id))
+    return out
+
+
+def read_markers(*, account: str, preference_id: int, started: datetime, shards: int,
+                 run_id: str | None, id_seed: str) -> list[Outgoing]:
+    """One marker per shard queue, published after every change of a complete feed read."""
+    out = []
+    for shard in range(shards):
+        message_id = stable_id(id_seed, "marker", preference_id, shard)
+        envelope = Envelope(type="read-markers", account=account, source="dotdigital",
+                            change_id=message_id, origin_time=started, run_id=run_id,
+                            changes=(ReadComplete(preference_id=preference_id,
+                                                  origin_time=started),))
+        out.append(Outgoing(exchange=CHANGES_EXCHANGE, routing_key=Topology.changes_key(account, shard),
+                            body=messages.encode(envelope), message_id=message_id))
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,9 +28,10 @@ from common.domain import (
     apply_contact_status,
     reconcile,
 )
-from common.messages import ContactStatusChange, PreferenceChange
+from common.messages import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messages import WriteCommand as WriteMessage
 from common.store import ConflictError
+from common.topology import shard_of
 from services.publishing import envelopes_by_shard, publish_progress
 
 log = logging.getLogger("prefsync.reconciler")
@@ -56,6 +57,9 @@ class BatchResult:
     owner: dict[PreferenceKey, int] = field(default_factory=dict)
     changed_keys: set[PreferenceKey] = field(default_factory=set)
     changed_contacts: set[str] = field(default_factory=set)
+    # preference ids whose complete dotdigital read ended in this batch (this shard)
+    markers: list[ReadComplete] = field(default_factory=list)
+    owner_of_marker: dict[int, int] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -66,6 +70,7 @@ class Reconciler:
         self._publisher = publisher
         self._shards = shards
         self._on_outcome = on_outcome
+        self._read_marks: dict[tuple[int, int], str] = {}
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         for attempt in range(MAX_CONFLICT_RETRIES):
@@ -87,11 +92,12 @@ class Reconciler:
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
         account = self.account
-        emails = {c.email for d in batch for c in d.envelope.changes}
+        emails = {c.email for d in batch for c in d.envelope.changes
+                  if isinstance(c, PreferenceChange | ContactStatusChange)}
         keys = {PreferenceKey(account=account, email=c.email, preference_id=c.preference_id)
                 for d in batch for c in d.envelope.changes if isinstance(c, PreferenceChange)}
         from_dotdigital = {c.email for d in batch if d.envelope.source == "dotdigital"
-                           for c in d.envelope.changes}
+                           for c in d.envelope.changes if isinstance(c, PreferenceChange)}
         result = BatchResult(states=await self._store.load(keys),
                              contacts=await self._store.load_contacts(account, emails))
         eligible = await self._store.eligible_emails(account, from_dotdigital)
@@ -99,6 +105,10 @@ class Reconciler:
         for index, delivery in enumerate(batch):
             side = "dynamics" if delivery.envelope.source == "dynamics" else "dotdigital"
             for change in delivery.envelope.changes:
+                if isinstance(change, ReadComplete):
+                    result.markers.append(change)
+                    result.owner_of_marker[change.preference_id] = index
+                    continue
                 if isinstance(change, ContactStatusChange):
                     self._contact(result, change)
                     continue
@@ -143,8 +153,33 @@ class Reconciler:
             result.changed_contacts.add(change.email)
 
     async def _emit(self, batch: Sequence[Delivery], result: BatchResult) -> None:
-        """Publish the outstanding writes of every touched key, then report progress."""
+        """Publish the outstanding writes of every touched key, then report progress.
+
+        A write to dotdigital for a key whose dotdigital state is unknown waits until a complete
+        read of that preference's feed has been reconciled in this shard (its marker); until
+        then dotdigital may hold a newer value we have not seen. After the marker, unknown
+        means "never set" for emails that were eligible when the read was reconciled; for
+        others the writer reads the contact first.
+        """
+        shard = int(batch[0].queue.rsplit(".", 1)[-1]) if batch else 0
         per_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
+        to_defer: list[tuple[int, str]] = []
+        marker_owner = result.owner_of_marker
+        for marker in result.markers:
+            await self._store.set_checkpoint(
+                self.account, f"reconciler:read:{marker.preference_id}:{shard}",
+                datetime.now(UTC).isoformat())
+            self._read_marks.pop((marker.preference_id, shard), None)
+            deferred = [e for e in await self._store.deferred_emails(self.account,
+                                                                     marker.preference_id)
+                        if shard_of(e, self._shards) == shard]
+            keys = {PreferenceKey(account=self.account, email=e,
+                                  preference_id=marker.preference_id) for e in deferred}
+            result.states.update(await self._store.load(keys - set(result.states)))
+            for key in keys:
+                result.owner[key] = marker_owner[marker.preference_id]
+            await self._store.clear_deferred(self.account, marker.preference_id, deferred)
+        unknown_dd: dict[PreferenceKey, domain.WriteCommand] = {}
         for key, index in result.owner.items():
             state = result.states.get(key)
             if state is None:
@@ -152,7 +187,26 @@ class Reconciler:
             contact = result.contacts.get(key.email)
             if contact is not None and contact.suppressed:
                 continue
-            per_delivery[index].extend(to_message(c) for c in domain.outstanding(state))
+            for command in domain.outstanding(state):
+                if command.side == "dotdigital" and state.known.get("dotdigital") is None:
+                    unknown_dd[key] = command
+                else:
+                    per_delivery[index].append(to_message(command))
+        if unknown_dd:
+            records = await self._store.records_for_emails(self.account,
+                                                           {k.email for k in unknown_dd})
+            for key, command in unknown_dd.items():
+                read_at = await self._read_mark(key.preference_id, shard)
+                if read_at is None:
+                    to_defer.append((key.preference_id, key.email))
+                    continue
+                eligible_at = min((r.eligible_at or "" for r in records.get(key.email, [])),
+                                  default="")
+                covered = bool(eligible_at) and eligible_at <= read_at
+                per_delivery[result.owner[key]].append(
+                    replace(to_message(command), covered=covered))
+        if to_defer:
+            await self._store.defer_writes(self.account, to_defer)
         for index, delivery in enumerate(batch):
             commands = per_delivery.get(index, [])
             outgoing: list[Outgoing] = []
@@ -171,3 +225,13 @@ class Reconciler:
                         "changes": len(delivery.envelope.changes),
                         "outcomes": dict(result.outcomes.get(index, {})),
                         "writes": [o.message_id for o in outgoing]})
+
+    async def _read_mark(self, preference_id: int, shard: int) -> str | None:
+        """When this shard reconciled a complete read of the preference (cached once known)."""
+        mark = self._read_marks.get((preference_id, shard))
+        if mark is None:
+            mark = await self._store.get_checkpoint(
+                self.account, f"reconciler:read:{preference_id}:{shard}")
+            if mark is not None:
+                self._read_marks[(preference_id, shard)] = mark
+        return mark

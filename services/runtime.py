@@ -50,15 +50,17 @@ async def declare_topology(connection: AbstractRobustConnection, config: Config)
 
 
 async def run_services(*, config: Config, services: Sequence[str],
-                       metrics_port: int | None = None, running: Running | None = None) -> None:
+                       metrics_port: int | None = None, running: Running | None = None,
+                       store: Any | None = None) -> None:
     running = running if running is not None else Running()
     name = "prefsync-" + "+".join(services)
     connection = await connect(config.broker.url, name=name)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(connection)
         await declare_topology(connection, config)
-        store = await open_store(config.store.url)
-        stack.push_async_callback(store.close)
+        if store is None:
+            store = await open_store(config.store.url)
+            stack.push_async_callback(store.close)
         publisher = await AmqpPublisher.open(connection)
         dead = DeadLetterer(publisher=publisher, service=name)
         tasks: list[Any] = []

@@ -20,6 +20,7 @@ and 5xx are retried inside the client (``Retry-After``), then the batch is redel
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -60,6 +61,8 @@ CLOCK_MARGIN = timedelta(seconds=5)
 # Up to this many contacts go through the preferences PUT (one call each); more use an import.
 DIRECT_WRITE_LIMIT = 2
 MAX_CONFLICT_RETRIES = 5
+# How long a dotdigital batch waits for the ec-poller's first read of its preferences.
+FIRST_READ_WAIT_S = 20 * 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,17 +116,25 @@ class Writer:
     async def handle(self, batch: Sequence[Delivery]) -> None:
         owner: dict[PreferenceKey, int] = {}
         commands: dict[PreferenceKey, domain.WriteCommand] = {}
+        covered: set[PreferenceKey] = set()
         for index, delivery in enumerate(batch):
             for change in delivery.envelope.changes:
                 if isinstance(change, WriteMessage) and change.side == self.side:
                     command = to_command(self.account, change)
                     commands[command.key] = command  # the newest command per key wins
                     owner[command.key] = index
+                    if change.covered:
+                        covered.add(command.key)
+                    else:
+                        covered.discard(command.key)
         states = await self._store.load(set(commands))
         contacts = await self._store.load_contacts(self.account, {k.email for k in commands})
         outcome = WriteOutcome()
         if self.side == "dotdigital":
             await self._read_before_write(commands, states, outcome)
+            unknown = [k for k in commands if k not in covered
+                       and self._folded(states.get(k), k, outcome).known.get("dotdigital") is None]
+            await self._read_contacts(unknown, outcome)
         todo = {key: c for key, c in commands.items()
                 if domain.writer_should_apply(self._folded(states.get(key), key, outcome), c,
                                               contact=contacts.get(key.email))}
@@ -323,6 +334,33 @@ class Writer:
             await self._store.upsert_subscriptions(self.account, fresh)
 
     # --- dotdigital ------------------------------------------------------------------------
+    async def _read_watermark(self, preference_id: int) -> datetime:
+        """Where the ec-poller's last complete read of this preference's feed started.
+
+        Until the ec-poller has read a preference once, what dotdigital holds for it is
+        unknown: writing then could overwrite newer values, and reading the whole feed before
+        every batch would cost far more than waiting, so the batch waits (the ec-poller's part
+        of a run follows the dynamics-poller's).
+        """
+        delay = 0.2
+        waited = 0.0
+        while True:
+            saved = await self._store.get_checkpoint(self.account,
+                                                     f"dotdigital:opt-ins:{preference_id}")
+            position = orjson.loads(saved) if saved else {}
+            if position.get("since") and "min_contact_id" not in position:
+                previous = position.get("previous")
+                # After a first read (from the beginning) there is nothing earlier to re-read.
+                if previous and datetime.fromisoformat(previous) > EPOCH:
+                    return datetime.fromisoformat(previous)
+                return datetime.fromisoformat(position["since"])
+            if waited >= FIRST_READ_WAIT_S:
+                raise TransientWriteError(
+                    f"dotdigital preference {preference_id} has not been read yet")
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+
     async def _read_before_write(self, commands: dict[PreferenceKey, domain.WriteCommand],
                                  states: dict[PreferenceKey, KeyState],
                                  outcome: WriteOutcome) -> None:
@@ -332,9 +370,7 @@ class Writer:
         for key in commands:
             by_preference[key.preference_id].add(key.email)
         for preference_id, emails in by_preference.items():
-            saved = await self._store.get_checkpoint(self.account,
-                                                     f"dotdigital:opt-ins:{preference_id}")
-            since = datetime.fromisoformat(orjson.loads(saved)["since"]) if saved else EPOCH
+            since = await self._read_watermark(preference_id)
             async for page in self._dotdigital.iter_opt_ins_since(preference_id, since):
                 for item in page:
                     email = item.contact.email.strip().lower()
@@ -350,6 +386,29 @@ class Writer:
                             origin_time=opt_in.modified,
                             change_id=f"ec:{item.contact.id}:{preference_id}:"
                                       f"{opt_in.modified.isoformat()}"))
+
+    async def _read_contacts(self, keys: Sequence[PreferenceKey], outcome: WriteOutcome) -> None:
+        """Keys whose dotdigital state no complete read covers: ask about each contact."""
+        assert self._dotdigital is not None
+        wanted: dict[str, set[int]] = defaultdict(set)
+        for key in keys:
+            wanted[key.email].add(key.preference_id)
+        for email, preference_ids in wanted.items():
+            try:
+                opt_ins = await self._dotdigital.subscriptions(email)
+            except VendorError as exc:
+                if exc.status == 404:
+                    continue  # no such contact: nothing set there
+                raise
+            for opt_in in opt_ins.opt_ins:
+                if opt_in.preference_id in preference_ids:
+                    outcome.observations.append(Observation(
+                        key=PreferenceKey(account=self.account, email=email,
+                                          preference_id=opt_in.preference_id),
+                        side="dotdigital", opted_in=opt_in.is_opted_in,
+                        origin_time=opt_in.modified,
+                        change_id=f"ec:{opt_ins.contact.id}:{opt_in.preference_id}:"
+                                  f"{opt_in.modified.isoformat()}"))
 
     async def _write_dotdigital(self, todo: dict[PreferenceKey, domain.WriteCommand],
                                 outcome: WriteOutcome) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 import aiosqlite
@@ -25,6 +26,7 @@ CREATE TABLE IF NOT EXISTS dyn_records (
     email TEXT,
     active INTEGER NOT NULL DEFAULT 1,
     eligible INTEGER NOT NULL DEFAULT 0,
+    eligible_at TEXT,
     PRIMARY KEY (account, record_id)
 );
 CREATE INDEX IF NOT EXISTS dyn_records_email ON dyn_records (account, email);
@@ -39,6 +41,12 @@ CREATE TABLE IF NOT EXISTS dyn_subscriptions (
 );
 CREATE INDEX IF NOT EXISTS dyn_subscriptions_pair
     ON dyn_subscriptions (account, record_id, preference_row_id);
+CREATE TABLE IF NOT EXISTS deferred_writes (
+    account TEXT NOT NULL,
+    preference_id INTEGER NOT NULL,
+    email TEXT NOT NULL,
+    PRIMARY KEY (account, preference_id, email)
+);
 """
 
 
@@ -49,6 +57,7 @@ class RecordRef:
     email: str | None
     active: bool = True
     eligible: bool = False
+    eligible_at: str | None = None  # ISO time this record became eligible
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,11 +117,13 @@ class SqliteDirectory:
                 already.update(str(row[0]) for row in await cursor.fetchall())
         newly = [r for r in unique if r not in already]
         if newly:
+            now = datetime.now(UTC).isoformat()
             # A member not yet in the directory is kept as a placeholder until its row is read.
             await self._db.executemany(
                 "INSERT INTO dyn_records (account, record_id, record_type, email, active, "
-                "eligible) VALUES (?, ?, 'contact', NULL, 1, 1) ON CONFLICT (account, record_id) "
-                "DO UPDATE SET eligible = 1", [(account, r) for r in newly])
+                "eligible, eligible_at) VALUES (?, ?, 'contact', NULL, 1, 1, ?) "
+                "ON CONFLICT (account, record_id) DO UPDATE SET eligible = 1, "
+                "eligible_at = excluded.eligible_at", [(account, r, now) for r in newly])
             await self._db.commit()
         return set(newly)
 
@@ -139,13 +150,13 @@ class SqliteDirectory:
         found: dict[str, list[RecordRef]] = {}
         for chunk in _chunks(sorted(set(emails))):
             async with self._db.execute(
-                    "SELECT record_id, record_type, email, active FROM dyn_records "
+                    "SELECT record_id, record_type, email, active, eligible_at FROM dyn_records "
                     f"WHERE account = ? AND eligible = 1 AND email IN ({_marks(len(chunk))}) "
                     "ORDER BY record_id", (account, *chunk)) as cursor:
                 for row in await cursor.fetchall():
                     found.setdefault(row[2], []).append(RecordRef(
                         record_id=str(row[0]), record_type=row[1], email=row[2],
-                        active=bool(row[3]), eligible=True))
+                        active=bool(row[3]), eligible=True, eligible_at=row[4]))
         return found
 
     async def eligible_emails(self, account: str, emails: Iterable[str]) -> set[str]:
@@ -189,3 +200,26 @@ class SqliteDirectory:
                             preference_row_id=pair[1], opted_in=bool(row[3]),
                             version=int(row[4]))
         return found
+
+    # --- writes to dotdigital waiting for the first complete read of their preference ------
+    async def defer_writes(self, account: str, keys: Iterable[tuple[int, str]]) -> None:
+        rows = [(account, preference_id, email) for preference_id, email in keys]
+        if rows:
+            await self._db.executemany(
+                "INSERT INTO deferred_writes (account, preference_id, email) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING", rows)
+            await self._db.commit()
+
+    async def deferred_emails(self, account: str, preference_id: int) -> list[str]:
+        async with self._db.execute(
+                "SELECT email FROM deferred_writes WHERE account = ? AND preference_id = ?",
+                (account, preference_id)) as cursor:
+            return [str(row[0]) for row in await cursor.fetchall()]
+
+    async def clear_deferred(self, account: str, preference_id: int,
+                             emails: Sequence[str]) -> None:
+        for chunk in _chunks(list(emails)):
+            await self._db.execute(
+                "DELETE FROM deferred_writes WHERE account = ? AND preference_id = ? "
+                f"AND email IN ({_marks(len(chunk))})", (account, preference_id, *chunk))
+        await self._db.commit()
