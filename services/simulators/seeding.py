@@ -7,6 +7,7 @@ the way a real Dynamics org and its dotdigital account do.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -83,15 +84,20 @@ def leaf_preferences(count: int, seed: int) -> list[PreferenceNode]:
     return [n for n in preference_tree(count, seed) if n.is_preference]
 
 
+def _unit(*parts: object) -> float:
+    """A deterministic number in [0, 1) from ``parts`` (cheap: seeding makes millions)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def initial_state(seed: int, side: str, email: str, preference_id: int) -> bool | None:
     """The seeded opt-in state of one preference on one side: True, False or never set (None).
 
     Both sides agree on most states, as two systems that were once in step would.
     """
-    rng = random.Random(f"state:{seed}:{email}:{preference_id}")
-    base = rng.random()
+    base = _unit("state", seed, email, preference_id)
     value: bool | None = None if base < 0.2 else base < 0.6
-    drift = random.Random(f"drift:{seed}:{side}:{email}:{preference_id}")
-    if drift.random() < 0.05:  # a little drift between the sides
-        value = (not value) if value is not None else drift.random() < 0.5
+    if _unit("drift", seed, side, email, preference_id) < 0.05:  # a little drift between sides
+        value = (not value) if value is not None else _unit("set", seed, side, email,
+                                                             preference_id) < 0.5
     return value
