@@ -31,7 +31,7 @@ from common.domain import (
 from common.messages import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messages import WriteCommand as WriteMessage
 from common.store import ConflictError
-from common.topology import shard_of
+from common.topology import SIDES, shard_of
 from services.publishing import envelopes_by_shard, publish_progress
 
 log = logging.getLogger("prefsync.reconciler")
@@ -76,10 +76,9 @@ class Reconciler:
         for attempt in range(MAX_CONFLICT_RETRIES):
             result = await self._fold(batch)
             try:
-                await self._store.commit(
-                    states=[result.states[k] for k in result.changed_keys],
-                    contacts=[result.contacts[e] for e in result.changed_contacts],
-                    history=result.history)
+                await self._store.save(
+                    [(result.states[k].revision or None, result.states[k], None)
+                     for k in result.changed_keys], history=result.history)
                 break
             except ConflictError:
                 # Another replica committed one of these keys first (only while shards move
@@ -88,6 +87,9 @@ class Reconciler:
                                                                   "attempt": attempt + 1})
         else:
             raise RuntimeError("ledger conflicts did not settle")
+        if result.changed_contacts:
+            # Contact states are monotonic in their own time, so they need no compare-and-set.
+            await self._store.save_contacts([result.contacts[e] for e in result.changed_contacts])
         await self._emit(batch, result)
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
@@ -103,7 +105,8 @@ class Reconciler:
         eligible = await self._store.eligible_emails(account, from_dotdigital)
         now = datetime.now(UTC)
         for index, delivery in enumerate(batch):
-            side = "dynamics" if delivery.envelope.source == "dynamics" else "dotdigital"
+            side: domain.Side = ("dynamics" if delivery.envelope.source == "dynamics"
+                                 else "dotdigital")
             for change in delivery.envelope.changes:
                 if isinstance(change, ReadComplete):
                     result.markers.append(change)
@@ -210,12 +213,12 @@ class Reconciler:
         for index, delivery in enumerate(batch):
             commands = per_delivery.get(index, [])
             outgoing: list[Outgoing] = []
-            for side in ("dynamics", "dotdigital"):
+            for side in SIDES:
                 outgoing += envelopes_by_shard(
                     account=self.account, source="reconciler", type="write-commands",
                     changes=[c for c in commands if c.side == side], shards=self._shards,
                     run_id=delivery.envelope.run_id, id_seed=f"w:{delivery.message_id}:{side}",
-                    route="writes", side=side)  # type: ignore[arg-type]
+                    route="writes", side=side)
             await self._publisher.publish_many(outgoing)
             if delivery.envelope.run_id:
                 await publish_progress(

@@ -59,8 +59,7 @@ async def run_services(*, config: Config, services: Sequence[str],
         await stack.enter_async_context(connection)
         await declare_topology(connection, config)
         if store is None:
-            store = await open_store(config.store.url)
-            stack.push_async_callback(store.close)
+            store = await stack.enter_async_context(open_store(config.store.url))
         publisher = await AmqpPublisher.open(connection)
         dead = DeadLetterer(publisher=publisher, service=name)
         tasks: list[Any] = []

@@ -41,6 +41,7 @@ from common.messages import Envelope
 from common.messages import WriteCommand as WriteMessage
 from common.store import ConflictError
 from common.store.directory import RecordRef, SubscriptionRow
+from common.topology import SIDES
 from services.dynamics_poller import (
     LOOKUP_COLUMNS,
     OPTED_IN,
@@ -172,7 +173,7 @@ class Writer:
                 if after != before:
                     changed.append(after)
             try:
-                await self._store.commit(states=changed, contacts=[], history=[])
+                await self._store.save([(st.revision or None, st, None) for st in changed])
                 return
             except ConflictError:
                 continue
@@ -184,7 +185,7 @@ class Writer:
         """Record writes, refusals and what the writer read, in one transaction."""
         now = self._now()
         for _ in range(MAX_CONFLICT_RETRIES):
-            states = await self._store.load(set(commands))
+            states: dict[PreferenceKey, KeyState] = await self._store.load(set(commands))
             history: list[domain.HistoryEntry] = []
             changed: dict[PreferenceKey, KeyState] = {}
             for observation in outcome.observations:
@@ -210,8 +211,8 @@ class Writer:
                             command, recorded_at=now, decision="failed"))
                 changed[key] = state
             try:
-                await self._store.commit(states=list(changed.values()), contacts=[],
-                                         history=history)
+                await self._store.save([(st.revision or None, st, None)
+                                        for st in changed.values()], history=history)
                 states.update(changed)
                 return states
             except ConflictError:
@@ -483,13 +484,13 @@ class Writer:
         for index, corrections in by_delivery.items():
             delivery = batch[index]
             outgoing: list[Outgoing] = []
-            for side in ("dynamics", "dotdigital"):
+            for side in SIDES:
                 outgoing += envelopes_by_shard(
                     account=self.account, source="reconciler", type="write-commands",
                     changes=[c for c in corrections if c.side == side], shards=self._shards,
                     run_id=delivery.envelope.run_id,
                     id_seed=f"correction:{delivery.message_id}:{side}", route="writes",
-                    side=side)  # type: ignore[arg-type]
+                    side=side)
             await self._publisher.publish_many(outgoing)
 
     async def _report(self, batch: Sequence[Delivery], owner: dict[PreferenceKey, int],

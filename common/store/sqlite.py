@@ -18,6 +18,8 @@ import aiosqlite
 
 from common.domain import ContactState, HistoryEntry, KeyState, PreferenceKey, normalize_email
 from common.store.codec import decode_state, encode_state, from_us, to_us
+from common.store.directory import SCHEMA as DIRECTORY_SCHEMA
+from common.store.directory import RecordRef, SqliteDirectory, SubscriptionRow
 from common.store.interface import Change, ConflictError
 
 SCHEMA_VERSION = 1
@@ -41,9 +43,6 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS checkpoint (
         account TEXT NOT NULL, source TEXT NOT NULL, value TEXT NOT NULL,
         updated_at INTEGER NOT NULL, PRIMARY KEY (account, source))""",
-    """CREATE TABLE IF NOT EXISTS eligible (
-        account TEXT NOT NULL, record_id TEXT NOT NULL, marked_at INTEGER NOT NULL,
-        PRIMARY KEY (account, record_id))""",
 )
 
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
@@ -113,6 +112,7 @@ class SqliteLedgerStore:
         self._db: aiosqlite.Connection | None = None
         # one connection: transactions must not interleave on it
         self._lock = asyncio.Lock()
+        self._directory = SqliteDirectory(self._transaction)
 
     def __repr__(self) -> str:
         return f"SqliteLedgerStore(path={self._path!r})"
@@ -128,7 +128,7 @@ class SqliteLedgerStore:
             # FULL: a committed decision survives power loss (messages are acked after commit)
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
+            for statement in (*_SCHEMA, *DIRECTORY_SCHEMA):
                 await db.execute(statement)
             await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
                              "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
@@ -280,19 +280,53 @@ class SqliteLedgerStore:
         async with self._transaction() as db:
             await db.execute(sql, (account, source, value, _now_us()))
 
-    # -- eligibility ----------------------------------------------------------------------
-    async def mark_eligible(self, account: str, record_ids: Iterable[str]) -> None:
-        now = _now_us()
-        rows = [(account, r, now) for r in dict.fromkeys(record_ids)]
-        if not rows:
-            return
-        sql = ("INSERT INTO eligible (account, record_id, marked_at) VALUES (?, ?, ?) "
-               "ON CONFLICT (account, record_id) DO NOTHING")
-        async with self._transaction() as db:
-            await db.executemany(sql, rows)
+    # -- the Dynamics record directory (eligibility included) -------------------------------
+    @property
+    def directory(self) -> SqliteDirectory:
+        return self._directory
+
+    async def mark_eligible(self, account: str, record_ids: Iterable[str]) -> set[str]:
+        return await self._directory.mark_eligible(account, record_ids)
 
     async def eligible_ids(self, account: str, record_ids: Iterable[str]) -> set[str]:
-        async with self._transaction() as db:
-            rows = await _select_in(db, "SELECT record_id FROM eligible WHERE account = ? "
-                                    "AND record_id", account, list(dict.fromkeys(record_ids)))
-        return {str(r[0]) for r in rows}
+        found = await self._directory.records(account, list(record_ids))
+        return {r for r, ref in found.items() if ref.eligible}
+
+    async def upsert_records(self, account: str, records: Sequence[RecordRef]) -> None:
+        await self._directory.upsert_records(account, records)
+
+    async def forget_records(self, account: str, record_ids: Sequence[str]) -> None:
+        await self._directory.forget_records(account, record_ids)
+
+    async def records(self, account: str, record_ids: Sequence[str]) -> dict[str, RecordRef]:
+        return await self._directory.records(account, record_ids)
+
+    async def emails_of_records(self, account: str, record_ids: Sequence[str]) -> set[str]:
+        return await self._directory.emails_of_records(account, record_ids)
+
+    async def records_for_emails(self, account: str,
+                                 emails: Iterable[str]) -> dict[str, list[RecordRef]]:
+        return await self._directory.records_for_emails(account, emails)
+
+    async def eligible_emails(self, account: str, emails: Iterable[str]) -> set[str]:
+        return await self._directory.eligible_emails(account, emails)
+
+    async def upsert_subscriptions(self, account: str, rows: Sequence[SubscriptionRow]) -> None:
+        await self._directory.upsert_subscriptions(account, rows)
+
+    async def forget_subscriptions(self, account: str, subscription_ids: Sequence[str]) -> None:
+        await self._directory.forget_subscriptions(account, subscription_ids)
+
+    async def subscriptions_for(self, account: str, pairs: Sequence[tuple[str, str]]
+                                ) -> dict[tuple[str, str], SubscriptionRow]:
+        return await self._directory.subscriptions_for(account, pairs)
+
+    async def defer_writes(self, account: str, keys: Iterable[tuple[int, str]]) -> None:
+        await self._directory.defer_writes(account, keys)
+
+    async def deferred_emails(self, account: str, preference_id: int) -> list[str]:
+        return await self._directory.deferred_emails(account, preference_id)
+
+    async def clear_deferred(self, account: str, preference_id: int,
+                             emails: Sequence[str]) -> None:
+        await self._directory.clear_deferred(account, preference_id, emails)

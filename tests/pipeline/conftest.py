@@ -115,14 +115,34 @@ class World:
         return running
 
     async def spawn(self, service: str) -> asyncio.subprocess.Process:
-        """``prefsync run SERVICE`` as its own process (for crash tests)."""
+        """``prefsync run SERVICE`` as its own process (for crash tests); returns once it
+        consumes from its queues."""
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.cli", "run", service,
             "--config", str(self.config_path),
             env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING"},
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         self.processes[service] = process
-        return process
+        queue = {
+            "dynamics-poller": Topology.trigger_queue(self.account, "dynamics-poller"),
+            "ec-poller": Topology.trigger_queue(self.account, "ec-poller"),
+            "reconciler": Topology.changes_queue(self.account, self.config.broker.shards - 1),
+            "writer": Topology.writes_queue(self.account, "dotdigital",
+                                            self.config.broker.shards - 1),
+        }[service]
+        connection = await aio_pika.connect(BROKER_URL)
+        async with connection:
+            for _ in range(600):
+                assert process.returncode is None, f"{service} exited ({process.returncode})"
+                channel = await connection.channel()
+                try:
+                    declared = await channel.declare_queue(queue, passive=True)
+                    if (declared.declaration_result.consumer_count or 0) > 0:
+                        return process
+                except aio_pika.exceptions.ChannelClosed:
+                    pass  # not declared yet
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"{service} did not start consuming")
 
     async def sync(self, timeout_s: float = 120) -> dict[str, Any]:
         return await sync_and_wait(config=self.config, account=self.account,

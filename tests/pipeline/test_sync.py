@@ -53,7 +53,7 @@ async def test_dotdigital_change_reaches_dynamics(world: World) -> None:
     await world.start()
     await converge(world)
     person, preference = world.people[5], world.preferences[1]
-    dyn, before = await world.values(person.email, preference.id)
+    _, before = await world.values(person.email, preference.id)
     wanted = not before if before is not None else False
     await world.edit_dotdigital(person.email, preference.id, wanted)
     summary = await world.sync()
