@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -69,6 +70,8 @@ def demo_config(*, account: str, dynamics_url: str, dotdigital_url: str, broker_
 
 
 async def run_demo(*, records: int, broker_url: str) -> int:
+    if "PREFSYNC_LOG_LEVEL" not in os.environ:
+        logging.getLogger("prefsync").setLevel(logging.WARNING)  # the story, not the logs
     try:
         probe = await connect(broker_url, name="prefsync-demo-probe")
     except BrokerUnavailable as exc:
@@ -105,8 +108,9 @@ async def run_demo(*, records: int, broker_url: str) -> int:
                 await asyncio.wait_for(running.ready.wait(), timeout=60)
                 print("\n== First sync: both sides meet ==")
                 code = await sync_now(config=config, account=account, wait=True, timeout_s=600)
-                edits = await _edit_both_sides(http, dyn_url, dd_url, account=account,
-                                               records=records)
+                print("\n== Edits on each side ==")
+                edits = await _edit_both_sides(http, dyn_url, dd_url, config=config,
+                                               account=account, records=records)
                 print("\n== Second sync: the edits travel ==")
                 code = max(code, await sync_now(config=config, account=account, wait=True,
                                                 timeout_s=600))
@@ -128,30 +132,40 @@ async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> 
 
 
 async def _edit_both_sides(http: aiohttp.ClientSession, dyn_url: str, dd_url: str, *,
-                           account: str, records: int) -> list[dict[str, Any]]:
+                           config: Config, account: str, records: int) -> list[dict[str, Any]]:
+    """A few people change a preference on each side: each edit flips the current value."""
     from services.simulators import seeding
 
     people = seeding.people(records, SEED)
     leaves = seeding.leaf_preferences(PREFERENCES, SEED)
     rng = random.Random(os.getpid())
+    settings = config.account(account)
     edits = []
-    for side, url in (("dynamics", dyn_url), ("dotdigital", dd_url)):
-        for _ in range(EDITS_PER_SIDE):
-            person = rng.choice(people)
-            preference = rng.choice(leaves)
-            opted_in = rng.random() < 0.5
-            if side == "dynamics":
-                await _post(http, f"{url}/_sim/dynamics/edit", {
-                    "email": person.email, "preference_id": preference.id, "account": account,
-                    "status": "opted_in" if opted_in else "opted_out"})
-            else:
-                await _post(http, f"{url}/_sim/dotdigital/edit", {
-                    "account": DD_ACCOUNT, "email": person.email,
-                    "preferences": {str(preference.id): opted_in}})
-            edits.append({"side": side, "email": person.email, "preference": preference,
-                          "opted_in": opted_in})
-            print(f"  edit in {side:10}: {person.email} {preference.name!r} -> "
-                  f"{'opted in' if opted_in else 'opted out'}")
+    async with DataverseClient(config=settings.dynamics) as dataverse, \
+            DotdigitalClient(config=settings.dotdigital) as dotdigital:
+        for side, url in (("dynamics", dyn_url), ("dotdigital", dd_url)):
+            for person, preference in zip(rng.sample(people, EDITS_PER_SIDE),
+                                          rng.choices(leaves, k=EDITS_PER_SIDE), strict=True):
+                if side == "dynamics":
+                    states = await dynamics_preferences(dataverse, email=person.email,
+                                                        account=account)
+                    current = next(iter(states.values()), {}).get(preference.id)
+                else:
+                    current = (await dotdigital_preferences(dotdigital, email=person.email)
+                               ).get(preference.id)
+                opted_in = not current if current is not None else False
+                if side == "dynamics":
+                    await _post(http, f"{url}/_sim/dynamics/edit", {
+                        "email": person.email, "preference_id": preference.id,
+                        "account": account, "status": "opted_in" if opted_in else "opted_out"})
+                else:
+                    await _post(http, f"{url}/_sim/dotdigital/edit", {
+                        "account": DD_ACCOUNT, "email": person.email,
+                        "preferences": {str(preference.id): opted_in}})
+                edits.append({"side": side, "email": person.email, "preference": preference,
+                              "opted_in": opted_in})
+                print(f"  edit in {side:10}: {person.email} {preference.name!r}: "
+                      f"{_word(current)} -> {_word(opted_in)}")
     return edits
 
 
