@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
-from common.domain import ContactState, HistoryEntry, KeyState, PreferenceKey
+from common.domain import ContactState, HistoryEntry, KeyState, Observation, PreferenceKey
 from common.store.directory import RecordRef, SubscriptionRow
 
 # (expected revision — None or 0: the key must not be stored yet; the new state; its history row)
@@ -106,3 +106,15 @@ class LedgerStore(Protocol):
 
     async def clear_deferred(self, account: str, preference_id: int,
                              emails: Sequence[str]) -> None: ...
+
+    # -- observations parked while their contact is suppressed (common.store.parking) -------
+    # Newest per (account, email, preference, side): by version when both have one, else by
+    # origin time. Folded in when the contact is resubscribed.
+    async def park_observations(self, observations: Sequence[Observation]) -> None: ...
+
+    async def parked_observations(self, account: str,
+                                  emails: Iterable[str]) -> list[Observation]:
+        """Parked observations of those emails, in origin-time order."""
+        ...
+
+    async def unpark_observations(self, account: str, emails: Iterable[str]) -> None: ...

@@ -16,11 +16,23 @@ from typing import Any, Self
 
 import aiosqlite
 
-from common.domain import ContactState, HistoryEntry, KeyState, PreferenceKey, normalize_email
+from common.domain import (
+    ContactState,
+    HistoryEntry,
+    KeyState,
+    Observation,
+    PreferenceKey,
+    normalize_email,
+)
 from common.store.codec import decode_state, encode_state, from_us, to_us
+from common.store.connection import Connection
+from common.store.coordination import SCHEMA as COORDINATION_SCHEMA
+from common.store.coordination import SqlCoordination
 from common.store.directory import SCHEMA as DIRECTORY_SCHEMA
 from common.store.directory import RecordRef, SqliteDirectory, SubscriptionRow
 from common.store.interface import Change, ConflictError
+from common.store.parking import SCHEMA as PARKING_SCHEMA
+from common.store.parking import SqliteParking
 
 SCHEMA_VERSION = 1
 
@@ -73,7 +85,8 @@ _UPSERT_CONTACT = """
 def _keyed(columns: str, keys: Sequence[PreferenceKey]) -> tuple[str, list[Any]]:
     """A query for ``columns`` of ``key_state`` rows of ``keys``: a join against a VALUES list,
     which both SQLite and PostgreSQL answer through the primary-key index."""
-    placeholders = ",".join("(?, ?, ?)" for _ in keys)
+    # typed, so that PostgreSQL compares the ids as numbers
+    placeholders = ",".join("(?, ?, CAST(? AS BIGINT))" for _ in keys)
     params: list[Any] = []
     for k in keys:
         params.extend((k.account, k.email, k.preference_id))
@@ -83,7 +96,7 @@ def _keyed(columns: str, keys: Sequence[PreferenceKey]) -> tuple[str, list[Any]]
     return sql, params
 
 
-async def _select_in(db: aiosqlite.Connection, sql: str, account: str,
+async def _select_in(db: Connection, sql: str, account: str,
                      values: Sequence[str]) -> list[Any]:
     """Rows of ``sql`` (ending in a column name) ``IN`` ``values``, asked in chunks."""
     rows: list[Any] = []
@@ -113,6 +126,8 @@ class SqliteLedgerStore:
         # one connection: transactions must not interleave on it
         self._lock = asyncio.Lock()
         self._directory = SqliteDirectory(self._transaction)
+        self._parking = SqliteParking(self._transaction)
+        self._coordination = SqlCoordination(self._transaction)
 
     def __repr__(self) -> str:
         return f"SqliteLedgerStore(path={self._path!r})"
@@ -128,7 +143,7 @@ class SqliteLedgerStore:
             # FULL: a committed decision survives power loss (messages are acked after commit)
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("BEGIN IMMEDIATE")
-            for statement in (*_SCHEMA, *DIRECTORY_SCHEMA):
+            for statement in SCHEMA_STATEMENTS:
                 await db.execute(statement)
             await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
                              "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
@@ -158,7 +173,7 @@ class SqliteLedgerStore:
         await self.close()
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _transaction(self) -> AsyncIterator[Connection]:
         if self._db is None:
             raise RuntimeError("the ledger store is not open")
         db = self._db
@@ -172,7 +187,7 @@ class SqliteLedgerStore:
             await db.execute("COMMIT")
 
     # -- key states -----------------------------------------------------------------------
-    async def _revisions(self, db: aiosqlite.Connection,
+    async def _revisions(self, db: Connection,
                          keys: Sequence[PreferenceKey]) -> dict[tuple[str, str, int], int]:
         found: dict[tuple[str, str, int], int] = {}
         for i in range(0, len(keys), _CHUNK):
@@ -330,3 +345,14 @@ class SqliteLedgerStore:
     async def clear_deferred(self, account: str, preference_id: int,
                              emails: Sequence[str]) -> None:
         await self._directory.clear_deferred(account, preference_id, emails)
+
+    # -- observations parked while their contact is suppressed (common.store.parking) -------
+    async def park_observations(self, observations: Sequence[Observation]) -> None:
+        await self._parking.park(observations)
+
+    async def parked_observations(self, account: str,
+                                  emails: Iterable[str]) -> list[Observation]:
+        return await self._parking.parked(account, emails)
+
+    async def unpark_observations(self, account: str, emails: Iterable[str]) -> None:
+        await self._parking.unpark(account, emails)

@@ -1,0 +1,87 @@
+"""Observations parked while their dotdigital contact is suppressed.
+
+A suppressed contact's preferences are neither read into the ledger nor written (the reconciler
+answers ``suppressed``). What each side last said about each of its preferences is kept here,
+newest per (email, preference, side), so that when the contact is resubscribed its current
+preferences are reconciled at once, without reading either vendor again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from common.domain import Observation, PreferenceKey, Side, normalize_email
+from common.store.codec import from_us, to_us
+from common.store.directory import Transaction
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS parked_observations (
+        account TEXT NOT NULL, email TEXT NOT NULL, preference_id INTEGER NOT NULL,
+        side TEXT NOT NULL, opted_in INTEGER NOT NULL, origin_time INTEGER NOT NULL,
+        version INTEGER, change_id TEXT NOT NULL,
+        PRIMARY KEY (account, email, preference_id, side))""",
+)
+
+# Newer for the same side: by row version when both have one, else by the side's own time
+# (the rule of common.domain.Known.is_newer_than).
+_PARK = """
+    INSERT INTO parked_observations (account, email, preference_id, side, opted_in, origin_time,
+                                     version, change_id)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (account, email, preference_id, side) DO UPDATE SET
+        opted_in = excluded.opted_in, origin_time = excluded.origin_time,
+        version = excluded.version, change_id = excluded.change_id
+    WHERE (excluded.version IS NOT NULL AND parked_observations.version IS NOT NULL
+           AND excluded.version > parked_observations.version)
+       OR ((excluded.version IS NULL OR parked_observations.version IS NULL)
+           AND excluded.origin_time > parked_observations.origin_time)"""
+
+_CHUNK = 500
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SqliteParking:
+    """The parking table on the ledger's SQLite connection (one transaction per call)."""
+
+    def __init__(self, transaction: Transaction) -> None:
+        self._transaction = transaction
+
+    async def park(self, observations: Sequence[Observation]) -> None:
+        rows = [(o.key.account, o.key.email, o.key.preference_id, o.side, int(o.opted_in),
+                 to_us(o.origin_time), o.version, o.change_id) for o in observations]
+        if rows:
+            async with self._transaction() as db:
+                await db.executemany(_PARK, rows)
+
+    async def parked(self, account: str, emails: Iterable[str]) -> list[Observation]:
+        wanted = sorted({normalize_email(e) for e in emails})
+        rows: list[Any] = []
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i:i + _CHUNK]
+            sql = ("SELECT email, preference_id, side, opted_in, origin_time, version, change_id "
+                   "FROM parked_observations WHERE account = ? "
+                   f"AND email IN ({_marks(len(chunk))})")
+            async with self._transaction() as db, db.execute(sql, (account, *chunk)) as cur:
+                rows.extend(await cur.fetchall())
+        out: list[Observation] = []
+        for email, preference_id, side, opted_in, origin, version, change_id in rows:
+            stored_side: Side = "dynamics" if side == "dynamics" else "dotdigital"
+            out.append(Observation(
+                key=PreferenceKey(account=account, email=email, preference_id=preference_id),
+                side=stored_side, opted_in=bool(opted_in), origin_time=from_us(origin), version=version,
+                change_id=change_id))
+        # the order they happened in, per side's own clock
+        out.sort(key=lambda o: (o.origin_time, o.side, o.key.preference_id))
+        return out
+
+    async def unpark(self, account: str, emails: Iterable[str]) -> None:
+        wanted = sorted({normalize_email(e) for e in emails})
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i:i + _CHUNK]
+            async with self._transaction() as db:
+                await db.execute("DELETE FROM parked_observations WHERE account = ? "
+                                 f"AND email IN ({_marks(len(chunk))})", (account, *chunk))

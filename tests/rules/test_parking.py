@@ -1,0 +1,45 @@
+"""Observations parked while a contact is suppressed: newest per side, per email, in order."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from common.domain import Observation, PreferenceKey
+from common.store import SqliteLedgerStore
+
+pytestmark = pytest.mark.anyio
+
+T = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
+
+
+def seen(email: str, side: str, opted_in: bool, *, at: int, version: int | None = None,
+         pref: int = 1001, account: str = "acme") -> Observation:
+    return Observation(key=PreferenceKey(account=account, email=email, preference_id=pref),
+                       side="dynamics" if side == "dynamics" else "dotdigital",
+                       opted_in=opted_in, origin_time=T + timedelta(seconds=at), version=version,
+                       change_id=f"{side}:{at}")
+
+
+async def test_newest_per_side_is_kept_and_taken_back_in_time_order(tmp_path: Path) -> None:
+    async with SqliteLedgerStore(path=str(tmp_path / "l.db")) as store:
+        await store.park_observations([
+            seen("ann@example.com", "dynamics", True, at=5, version=10),
+            seen("ann@example.com", "dotdigital", False, at=3),
+        ])
+        # an older Dynamics row version and an older dotdigital time never replace newer ones
+        await store.park_observations([
+            seen("ann@example.com", "dynamics", False, at=9, version=8),
+            seen("ann@example.com", "dotdigital", True, at=1),
+            seen("bob@example.com", "dotdigital", True, at=2),
+            seen("ann@example.com", "dotdigital", True, at=2, account="other"),
+        ])
+        parked = await store.parked_observations("acme", ["ANN@example.com "])
+        assert [(o.side, o.opted_in, o.version) for o in parked] == [
+            ("dotdigital", False, None), ("dynamics", True, 10)]
+        await store.unpark_observations("acme", ["ann@example.com"])
+        assert await store.parked_observations("acme", ["ann@example.com"]) == []
+        assert len(await store.parked_observations("acme", ["bob@example.com"])) == 1
+        assert len(await store.parked_observations("other", ["ann@example.com"])) == 1
