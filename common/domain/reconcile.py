@@ -3,7 +3,7 @@
 Rules, in order:
 
 1. A suppressed contact's preferences are not read: outcome ``suppressed``, nothing changes.
-2. An observation matching a write of ours (see :func:`common.domain.writes.find_echo`) is an
+2. An observation matching a write of ours (see :func:`common.domain.writes.is_echo`) is an
    ``echo``: it moves what the side is known to hold forward, never the register, which keeps
    the original change's time. So if a newer change happened on the other side while our write
    of an older value was in flight, that newer change still wins on both sides (no flip-flop).
@@ -34,7 +34,7 @@ from common.domain.observation import Observation
 from common.domain.sides import SIDES
 from common.domain.state import KeyState, Known, PendingWrite, Register
 from common.domain.suppression import ContactState
-from common.domain.writes import find_echo, prune_writes
+from common.domain.writes import is_echo, prune_writes
 
 
 class Outcome(StrEnum):
@@ -112,7 +112,7 @@ def reconcile(state: KeyState | None, observation: Observation, *,
     known = before.known.get(side)
     seen = Known.of(observation)
     after = before
-    if find_echo(before, observation) is not None:
+    if is_echo(before, observation):
         outcome = Outcome.ECHO
         if seen.is_newer_than(known):
             after = prune_writes(after.with_known(side, seen), side)

@@ -70,6 +70,20 @@ def find_echo(state: KeyState, observation: Observation) -> WriteRecord | None:
     return None
 
 
+def is_echo(state: KeyState, observation: Observation) -> bool:
+    """Whether ``observation`` is to be taken as our own write read back.
+
+    A match against a confirmed write is an echo. A match against a write still in flight (not
+    confirmed: its window is open, possibly long after a writer stopped mid-write) is an echo
+    only for an opt-in: a same-value user change in that window cannot be told from our echo,
+    and the ambiguity is settled so that it never opts anyone in nor hides an opt-out. An
+    opt-out read there is taken as a user change (if it was really our echo, at worst a
+    concurrent opt-in from the other side loses).
+    """
+    record = find_echo(state, observation)
+    return record is not None and (not record.in_flight or observation.opted_in)
+
+
 def _same_write(record: WriteRecord, command: WriteCommand) -> bool:
     return (record.opted_in == command.opted_in
             and record.register_origin_time == command.origin_time)
@@ -81,7 +95,9 @@ def prune_writes(state: KeyState, side: Side) -> KeyState:
     known = state.known.get(side)
     kept: list[WriteRecord] = []
     dropped: list[WriteRecord] = []
-    for r in sorted(state.writes.get(side), key=lambda r: r.window_start):
+    # confirmed records go first, oldest first: an in-flight one is the last to be forgotten
+    # (forgetting it widens the horizon to its whole in-flight limit)
+    for r in sorted(state.writes.get(side), key=lambda r: (r.in_flight, r.window_start)):
         expired = (r.in_flight and known is not None
                    and known.as_of > r.window_start + IN_FLIGHT_LIMIT)
         (dropped if expired else kept).append(r)
@@ -121,7 +137,8 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
     ``written_at`` is our own clock, for the record. The side is then known to hold the value
     as of ``window_start`` (unless something newer about it is already known): a read stamped
     inside the window may have landed after our write, so it keeps precedence — at worst that
-    costs a redundant write, never a missed correction.
+    costs a redundant write, never a missed correction. A Dataverse write confirmed without its
+    new version leaves what the row holds to be learnt from its echo.
     """
     window_start, window_end = as_utc(window_start), as_utc(window_end)
     if window_end < window_start:
@@ -138,9 +155,12 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
                          window_end=window_end, produced_version=produced_version,
                          written_at=as_utc(written_at))
     state = state.with_writes(side, (*others, record))
-    wrote = Known(opted_in=command.opted_in, as_of=window_start, version=produced_version)
-    if wrote.is_newer_than(state.known.get(side)):
-        state = state.with_known(side, wrote)
+    # Without the new row version a Dataverse write cannot be placed among reads stamped in the
+    # same whole second, so only its echo will tell what the row holds.
+    if side == "dotdigital" or produced_version is not None:
+        wrote = Known(opted_in=command.opted_in, as_of=window_start, version=produced_version)
+        if wrote.is_newer_than(state.known.get(side)):
+            state = state.with_known(side, wrote)
     return prune_writes(state, side)
 
 

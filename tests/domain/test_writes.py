@@ -192,3 +192,57 @@ def test_a_change_read_inside_the_write_window_keeps_precedence_over_our_write()
     d = reconcile(s, obs("dotdigital", True, 5.5))
     assert d.outcome is Outcome.TIE_OPT_IN_LOST
     assert {(c.side, c.opted_in) for c in d.commands} == {("dotdigital", False)}
+
+
+def test_a_dataverse_write_without_its_version_is_learnt_from_the_echo() -> None:
+    s = reconcile(None, obs("dotdigital", True, 0)).state
+    command = _command_to(s, "dynamics")
+    s = _written(s, command, start=1, end=1.4)
+    assert s.known.dynamics is None
+    d = reconcile(s, obs("dynamics", True, 1, version=12))
+    assert d.outcome is Outcome.ECHO
+    assert d.state.known.dynamics is not None and d.state.known.dynamics.version == 12
+
+
+def test_in_flight_records_are_the_last_to_be_forgotten() -> None:
+    s = reconcile(None, obs("dynamics", True, 0, version=1)).state
+    first = _command_to(s, "dotdigital")
+    s = begin_write(s, first, window_start=at(0.5))       # the writer stops mid-write
+    value, t = False, 1.0
+    for i in range(MAX_WRITE_RECORDS + 1):
+        s = reconcile(s, obs("dynamics", value, t, version=2 + i)).state
+        s = _written(s, _command_to(s, "dotdigital"), start=t + 0.1, end=t + 0.2)
+        value, t = not value, t + 10
+    assert any(r.in_flight for r in s.writes.dotdigital)
+    assert len(s.writes.dotdigital) == MAX_WRITE_RECORDS
+
+
+def test_an_opt_out_read_while_our_opt_out_write_is_unconfirmed_counts_as_a_user_change() -> None:
+    """A person's opt-out made while our opt-out write is in flight (say the writer stopped
+    mid-write) must not be hidden as our echo: a later, older opt-in from the other side would
+    then win over it."""
+    s = reconcile(None, obs("dotdigital", False, 0)).state
+    command = _command_to(s, "dynamics")
+    s = begin_write(s, command, window_start=at(1))
+    d = reconcile(s, obs("dynamics", False, 30, version=5))      # the person, 29 s later
+    assert d.outcome is Outcome.APPLIED
+    late_opt_in = reconcile(d.state, obs("dotdigital", True, 20))
+    assert late_opt_in.outcome is Outcome.STALE
+    # an opt-in read in the same open window is still taken as our echo (never opts anyone in)
+    s_in = reconcile(None, obs("dotdigital", True, 0)).state
+    s_in = begin_write(s_in, _command_to(s_in, "dynamics"), window_start=at(1))
+    assert reconcile(s_in, obs("dynamics", True, 30, version=5)).outcome is Outcome.ECHO
+
+
+def test_known_limit_a_same_value_change_inside_a_confirmed_window_is_taken_as_our_echo() -> None:
+    """Without a version, a person's change to the value we are writing, stamped inside our
+    write's window, cannot be told from our echo. The register keeps the older origin, so an
+    opt-in from the other side stamped between the two can still win. Windows should be as
+    narrow as the writer can make them; Dataverse writes are matched by version instead."""
+    s = reconcile(None, obs("dynamics", False, 0, version=1)).state
+    command = _command_to(s, "dotdigital")
+    s = _written(s, command, start=10, end=12)
+    d = reconcile(s, obs("dotdigital", False, 11))               # a person's opt-out, or ours?
+    assert d.outcome is Outcome.ECHO
+    later = reconcile(d.state, obs("dynamics", True, 5, version=2))
+    assert later.outcome is Outcome.APPLIED

@@ -11,8 +11,10 @@ Fidelity notes:
 - One writer per key at a time (commands are sharded per key), but its steps interleave with
   everything else; messages may be redelivered (duplicated) and taken in any order.
 - Users never set a side, while our write to that side is open (from the writer's start to its
-  confirmation), to the value being written: such a change is indistinguishable from our echo
-  (documented in ``find_echo``). Changes to the other value during that time are fair game.
+  confirmation, or to its in-flight limit when the writer stopped mid-write), to the value being
+  written: such a change cannot be told from our echo (see ``find_echo``/``is_echo``); changes
+  to the other value are fair game. An opt-out of ours read before its write is confirmed
+  counts as a user change (``is_echo``), so it may join the expected answer (``adopted``).
 - The same user never changes the same side twice within a second (each side's own history
   must be ordered at the precision the comparison uses).
 """
@@ -81,6 +83,8 @@ class World:
     observed: set[int] = field(default_factory=set)
     destroyed: set[int] = field(default_factory=set)
     ours: set[str] = field(default_factory=set)        # change ids of our own landings
+    landings: dict[str, UserChange] = field(default_factory=dict)
+    adopted: set[str] = field(default_factory=set)     # opt-out landings taken as user changes
     last_user_at: dict[Side, datetime] = field(default_factory=dict)
     vendor_writes: int = 0
     register_seconds: list[datetime] = field(default_factory=list)
@@ -101,9 +105,12 @@ class World:
 
     # -- actors ---------------------------------------------------------------------------
     def user(self, side: Side, opted_in: bool, gap_ms: int) -> None:
+        if self.state is not None and any(
+                r.in_flight and r.opted_in == opted_in for r in self.state.writes.get(side)):
+            return                                   # indistinguishable from our echo
         f = self.flight
         if f is not None and f.command.side == side and f.command.opted_in == opted_in:
-            return                                   # indistinguishable from our echo
+            return                                   # likewise until its write is confirmed
         self.tick(gap_ms)
         last = self.last_user_at.get(side)
         if last is not None and self.now < last + timedelta(seconds=1):
@@ -141,7 +148,10 @@ class World:
         if register is None:
             return
         if register.change_id in self.ours:
-            raise WorldError(f"our own write became the register: {register}")
+            if register.opted_in:
+                raise WorldError(f"our own opt-in became the register: {register}")
+            # an opt-out read while its write was unconfirmed counts as a user change
+            self.adopted.add(register.change_id)
         second = whole_second(register.origin_time)
         if self.register_seconds and second < self.register_seconds[-1]:
             raise WorldError("register time went backwards")
@@ -192,14 +202,37 @@ class World:
             self.outbox.append(f.command)
             return
         if row.user_change is not None and row.user_change not in self.observed:
+            if side == "dynamics":
+                raise WorldError("a Dataverse write overwrote an unseen change despite If-Match")
             self.destroyed.add(row.user_change)
         time, version = self._stamp(side)
         self.rows[side] = Row(opted_in=f.command.opted_in, time=time, version=version)
-        self.ours.add(self._change_id(side, time, version))
+        change_id = self._change_id(side, time, version)
+        self.ours.add(change_id)
+        self.landings[change_id] = UserChange(side=side, opted_in=f.command.opted_in, stamp=time)
         self.vendor_writes += 1
         f.landed_at, f.produced_version = self.now, version
         if confirm:
             self.confirm()
+
+    def crash(self) -> None:
+        """The writer stops mid-write (before or after landing, never confirmed); the broker
+        redelivers the command to the next writer."""
+        f = self.flight
+        if f is None:
+            return
+        self.flight = None
+        self.outbox.append(f.command)
+
+    def fail(self) -> None:
+        """The vendor refused the write (nothing landed): abandon it, retry the command later."""
+        f = self.flight
+        if f is None or f.landed_at is not None:
+            return
+        assert self.state is not None
+        self.state = abandon_write(self.state, f.command)
+        self.flight = None
+        self.outbox.append(f.command)
 
     def confirm(self) -> None:
         f = self.flight
@@ -234,7 +267,10 @@ class World:
         raise WorldError("did not quiesce")
 
     def expected(self) -> UserChange | None:
-        effective = [u for i, u in enumerate(self.users) if i not in self.destroyed]
+        # What the pollers never saw cannot count: a change overwritten before any poll, by the
+        # same person later (who then outranks it) or by our write racing it (``destroyed``).
+        effective = [u for i, u in enumerate(self.users) if i in self.observed]
+        effective += [self.landings[c] for c in self.adopted]
         if not effective:
             return None
         return max(effective, key=lambda u: lww_rank(origin_time=u.stamp, opted_in=u.opted_in))
