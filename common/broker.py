@@ -123,6 +123,20 @@ class Delivery:
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BatchEvent:
+    """One handled batch, for observers (metrics): ``failed`` means it went back to the queue."""
+
+    queue: str
+    account: str
+    deliveries: Sequence[Delivery]
+    seconds: float
+    failed: bool
+
+
+BatchObserver = Callable[[BatchEvent], None]
+
+
 class DeadLetterer:
     """Publishes a message to its account's dead-letter queue with the reason, then it is acked."""
 
@@ -171,7 +185,8 @@ class QueueConsumer:
 
     def __init__(self, *, connection: AbstractRobustConnection, queue: str, account: str,
                  handler: BatchHandler, dead_letters: DeadLetterer, prefetch: int,
-                 batch_size: int, expected_type: messages.MessageType | None = None) -> None:
+                 batch_size: int, expected_type: messages.MessageType | None = None,
+                 on_batch: BatchObserver | None = None) -> None:
         self._connection = connection
         self.queue = queue
         self.account = account
@@ -180,6 +195,7 @@ class QueueConsumer:
         self._prefetch = prefetch
         self._batch_size = batch_size
         self._expected_type = expected_type
+        self._on_batch = on_batch
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._channel: AbstractChannel | None = None
         self._consumer_tag: str | None = None
@@ -217,6 +233,7 @@ class QueueConsumer:
             deliveries.append(Delivery(envelope=envelope, message=message, queue=self.queue))
         if not deliveries:
             return
+        started = time.monotonic()
         try:
             await self._handler(deliveries)
         except asyncio.CancelledError:
@@ -227,11 +244,23 @@ class QueueConsumer:
             for delivery in deliveries:
                 if not delivery.settled:
                     await delivery.message.nack(requeue=True)
+            self._observe(deliveries, started, failed=True)
             return
         for delivery in deliveries:
             if not delivery.settled:
                 await delivery.message.ack()
                 delivery.settled = True
+        self._observe(deliveries, started, failed=False)
+
+    def _observe(self, deliveries: Sequence[Delivery], started: float, *, failed: bool) -> None:
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(BatchEvent(queue=self.queue, account=self.account,
+                                      deliveries=deliveries, failed=failed,
+                                      seconds=time.monotonic() - started))
+        except Exception:  # an observer must never break consuming
+            log.exception("batch observer failed", extra={"account": self.account})
 
     @property
     def dead_letters(self) -> DeadLetterer:

@@ -98,6 +98,8 @@ class BrokerConfig:
     url: str
     shards: int = 4
     prefetch: int = 256
+    # How long the changes log (a stream) keeps messages for replay; RabbitMQ max-age units.
+    changes_log_max_age: str = "7D"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +167,7 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
             url=broker_url,
             shards=broker.integer("shards", default=4, minimum=1, maximum=256),
             prefetch=broker.integer("prefetch", default=256, minimum=1, maximum=65535),
+            changes_log_max_age=_max_age(broker),
         ),
         store=StoreConfig(url=store_url),
         accounts=accounts,
@@ -173,6 +176,14 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
         ),
         source=source,
     )
+
+
+def _max_age(broker: _Reader) -> str:
+    value = broker.text("changes_log_max_age", default="7D")
+    if not re.match(r"^[1-9][0-9]*[YMDhms]$", value):
+        raise ConfigError(broker.key("changes_log_max_age"),
+                          f"{value!r} must look like 7D, 12h or 30m (units Y M D h m s)")
+    return value
 
 
 def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:

@@ -5,11 +5,14 @@ permissions can confine each account's services to their own prefix. Changes and
 are partitioned into ``shards`` quorum queues per account by a hash of the email; each queue has a
 single active consumer, so changes for one (account, email) are handled by one consumer at a
 time, in order. Every work queue has a delivery limit and dead-letters (at least once) into the
-account's own dead-letter queue.
+account's own dead-letter queue. Every change message is also appended to the account's changes
+log, a stream kept for a retention period, which ``prefsync replay`` reads back.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +22,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from common.config import ACCOUNT_ID
+
+log = logging.getLogger("prefsync.topology")
 
 CHANGES_EXCHANGE = "prefsync.changes"
 WRITES_EXCHANGE = "prefsync.writes"
@@ -31,6 +36,9 @@ POLLERS = ("dynamics-poller", "ec-poller")
 
 # RabbitMQ 4.x defaults quorum queues to 20; 3.10 has no default, so set it everywhere.
 DELIVERY_LIMIT = 20
+# How long the changes log keeps messages (RabbitMQ's x-max-age units: Y M D h m s).
+CHANGES_LOG_MAX_AGE = "7D"
+MAX_AGE = re.compile(r"^[1-9][0-9]*[YMDhms]$")
 
 
 def shard_of(email: str, shards: int) -> int:
@@ -83,11 +91,16 @@ class Topology:
         ExchangeSpec(name=DEAD_EXCHANGE),
     )
 
-    def __init__(self, *, accounts: Iterable[str], shards: int) -> None:
+    def __init__(self, *, accounts: Iterable[str], shards: int,
+                 changes_log_max_age: str = CHANGES_LOG_MAX_AGE) -> None:
         self.accounts = tuple(accounts)
         if shards < 1:
             raise TopologyError("shards must be at least 1")
         self.shards = shards
+        if not MAX_AGE.match(changes_log_max_age):
+            raise TopologyError(f"changes log retention {changes_log_max_age!r} must look like "
+                                "7D, 12h or 30m (units Y M D h m s)")
+        self.changes_log_max_age = changes_log_max_age
         for account in self.accounts:
             if not ACCOUNT_ID.match(account):
                 raise TopologyError(f"account id {account!r} cannot be used in routing keys")
@@ -129,6 +142,16 @@ class Topology:
     @staticmethod
     def writes_queue(account: str, side: Side, shard: int) -> str:
         return f"prefsync.{account}.writes.{side}.{shard}"
+
+    @staticmethod
+    def changes_log(account: str) -> str:
+        """The account's changes log (a stream; not under ``changes`` so no shard query sees it)."""
+        return f"prefsync.{account}.log.changes"
+
+    @staticmethod
+    def changes_log_mark_key(account: str) -> str:
+        """A routing key only the changes log is bound to (replay marks the end it reads to)."""
+        return f"{account}.log.mark"
 
     @staticmethod
     def trigger_queue(account: str, poller: str) -> str:
@@ -178,6 +201,14 @@ class Topology:
             name=self.dead_letter_queue(account), account=account,
             bindings=((DEAD_EXCHANGE, f"{account}.dead.#"),),
         ))
+        queues.append(QueueSpec(
+            name=self.changes_log(account), account=account,
+            # one binding per shard, not ``changes.*``: a key for no shard must stay unroutable
+            bindings=(*((CHANGES_EXCHANGE, self.changes_key(account, shard))
+                        for shard in range(self.shards)),
+                      (CHANGES_EXCHANGE, self.changes_log_mark_key(account))),
+            arguments={"x-queue-type": "stream", "x-max-age": self.changes_log_max_age},
+        ))
         return queues
 
     async def declare(self, channel: AbstractChannel) -> None:
@@ -187,8 +218,18 @@ class Topology:
             exchanges[spec.name] = await channel.declare_exchange(
                 spec.name, spec.type, durable=True)
         for queue_spec in self.queues:
-            queue = await channel.declare_queue(
-                queue_spec.name, durable=True, arguments=queue_spec.declare_arguments())
+            try:
+                queue = await channel.declare_queue(
+                    queue_spec.name, durable=True, arguments=queue_spec.declare_arguments())
+            except aio_pika.exceptions.ChannelPreconditionFailed:
+                if queue_spec.name != self.changes_log(queue_spec.account):
+                    raise
+                # A stream's retention is fixed when it is first declared; keep that one.
+                log.warning("the changes log keeps the retention it was first declared with "
+                            "(delete the stream to declare it again with the new one)",
+                            extra={"account": queue_spec.account, "queue": queue_spec.name})
+                await channel.reopen()
+                queue = await channel.declare_queue(queue_spec.name, passive=True)
             for exchange, key in queue_spec.bindings:
                 await queue.bind(exchanges[exchange], routing_key=key)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +17,12 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
                         help="config file (default: $PREFSYNC_CONFIG, then ./prefsync.toml)")
 
 
+def _add_metrics_host(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-host", default=os.environ.get("PREFSYNC_METRICS_HOST", "0.0.0.0"),
+                        help="address for the metrics port (default $PREFSYNC_METRICS_HOST, "
+                             "then 0.0.0.0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefsync",
@@ -26,12 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run all four services in one process")
     _add_config(up)
+    up.add_argument("--metrics-port", type=int, default=None,
+                    help="serve /metrics, /healthz and /readyz on this port "
+                         "(default: [metrics] port, 9464)")
+    _add_metrics_host(up)
 
     run = sub.add_parser("run", help="run one service in this process")
     run.add_argument("service", choices=SERVICES)
     _add_config(run)
     run.add_argument("--metrics-port", type=int, default=None,
-                     help="serve /metrics, /healthz and /readyz on this port")
+                     help="serve /metrics, /healthz and /readyz on this port (default: none; "
+                          "0: any free port)")
+    _add_metrics_host(run)
 
     sim = sub.add_parser("sim", help="run a vendor API simulator")
     sim_sub = sim.add_subparsers(dest="simulator", required=True, metavar="SIMULATOR")
@@ -47,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--account", action="append", default=[], metavar="ID:API_USER:PASSWORD",
                     help="an account and its API user (repeatable); none: a demo account")
     dd.add_argument("--state", type=Path, default=None, help="keep data in this file")
+    seed = sim_sub.add_parser("seed", help="seed both running simulators with sample data")
+    seed.add_argument("--dynamics", default="http://127.0.0.1:8081", metavar="URL")
+    seed.add_argument("--dotdigital", default="http://127.0.0.1:8082", metavar="URL")
+    seed.add_argument("--account", default="demo", help="the prefsync account id (Dynamics side)")
+    seed.add_argument("--dotdigital-account", default="1001")
+    seed.add_argument("--records", type=int, default=2000)
+    seed.add_argument("--preferences", type=int, default=5)
+    seed.add_argument("--seed", type=int, default=7)
+    seed.add_argument("--wait", type=float, default=60.0,
+                      help="seconds to wait for the simulators to answer")
 
     now = sub.add_parser("sync-now", help="start a sync of one account now")
     now.add_argument("account")
@@ -54,6 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     now.add_argument("--wait", action="store_true",
                      help="wait until what this run read is reconciled and written")
     now.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+
+    replay = sub.add_parser("replay", help="feed an account's logged changes through again")
+    replay.add_argument("account")
+    _add_config(replay)
+    replay.add_argument("--since", required=True, metavar="TIME",
+                        help="ISO 8601 time (UTC if no zone) or a duration ago: 90m, 6h, 2d")
+    replay.add_argument("--until", default=None, metavar="TIME", help="default: the end of the log")
+    replay.add_argument("--dry-run", action="store_true",
+                        help="print what would be fed; publish nothing")
+    replay.add_argument("--no-wait", action="store_true",
+                        help="do not follow the replayed changes through the services")
+    replay.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to follow them (default 600)")
+
+    dlq = sub.add_parser("dlq", help="list, show, replay or purge dead letters")
+    dlq.add_argument("action", choices=("list", "show", "replay", "purge"))
+    _add_config(dlq)
+    dlq.add_argument("--account", default=None, help="one account (default: every account)")
+    dlq.add_argument("--reason", default=None,
+                     help="only entries whose reason, code or reason text matches")
+    dlq.add_argument("--id", action="append", default=[], dest="ids", metavar="MESSAGE_ID",
+                     help="only this entry (repeatable)")
+
+    health = sub.add_parser("healthcheck", help="exit 0 when URL answers 2xx (container checks)")
+    health.add_argument("url")
+    health.add_argument("--timeout", type=float, default=3.0)
 
     demo = sub.add_parser("demo", help="simulators + services + a sync, end to end")
     demo.add_argument("--records", type=int, default=2000)
@@ -65,8 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("PREFSYNC_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from common.logs import configure_logging
+
+    configure_logging(service=getattr(args, "service", None) or None)
+    if args.command == "healthcheck":
+        from services.health import healthcheck
+
+        return healthcheck(args.url, timeout_s=args.timeout)
     from common.broker import BrokerUnavailable
     from common.config import ConfigError
 
@@ -85,6 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sim":
+        if args.simulator == "seed":
+            from services.sim_seed import seed_simulators
+
+            return await seed_simulators(
+                dynamics_url=args.dynamics, dotdigital_url=args.dotdigital, account=args.account,
+                dotdigital_account=args.dotdigital_account, records=args.records,
+                preferences=args.preferences, seed=args.seed, wait_s=args.wait)
         if args.simulator == "dynamics":
             from services.simulators.dynamics import run_dynamics
 
@@ -107,14 +166,27 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "up":
         from services.runtime import run_services
 
-        await run_services(config=config, services=SERVICES)
+        port = config.metrics.port if args.metrics_port is None else args.metrics_port
+        await run_services(config=config, services=SERVICES, metrics_port=port,
+                           metrics_host=args.metrics_host)
         return 0
     if args.command == "run":
         from services.runtime import run_services
 
         await run_services(config=config, services=(args.service,),
-                           metrics_port=args.metrics_port)
+                           metrics_port=args.metrics_port, metrics_host=args.metrics_host)
         return 0
+    if args.command == "replay":
+        from services.replay import replay_command
+
+        return await replay_command(config=config, account=args.account, since=args.since,
+                                    until=args.until, dry_run=args.dry_run,
+                                    wait=not args.no_wait, timeout_s=args.timeout)
+    if args.command == "dlq":
+        from services.dlq import dlq_command
+
+        return await dlq_command(config=config, action=args.action, account=args.account,
+                                 reason=args.reason, ids=args.ids)
     if args.command == "sync-now":
         from services.sync_now import sync_now
 

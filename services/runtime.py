@@ -21,10 +21,13 @@ from common.broker import AmqpPublisher, DeadLetterer, QueueConsumer, connect
 from common.clients.dataverse import DataverseClient
 from common.clients.dotdigital import DotdigitalClient
 from common.config import AccountConfig, Config
+from common.logs import as_service
+from common.metrics import METRICS, ObservedStore
 from common.store import open_store
 from common.topology import SIDES, Topology
 from services.dynamics_poller import DynamicsPoller
 from services.ec_poller import EcPoller
+from services.health import serve_health
 from services.reconciler import Reconciler
 from services.triggers import RunCoordinator
 from services.writer import Writer
@@ -39,10 +42,13 @@ class Running:
     consumers: list[QueueConsumer] = field(default_factory=list)
     coordinators: list[RunCoordinator] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    connection: AbstractRobustConnection | None = None
+    store: Any = None
 
 
 async def declare_topology(connection: AbstractRobustConnection, config: Config) -> Topology:
-    topology = Topology(accounts=[a.id for a in config.accounts], shards=config.broker.shards)
+    topology = Topology(accounts=[a.id for a in config.accounts], shards=config.broker.shards,
+                        changes_log_max_age=config.broker.changes_log_max_age)
     channel = await connection.channel()
     await topology.declare(channel)
     await channel.close()
@@ -51,17 +57,26 @@ async def declare_topology(connection: AbstractRobustConnection, config: Config)
 
 async def run_services(*, config: Config, services: Sequence[str],
                        metrics_port: int | None = None, running: Running | None = None,
-                       store: Any | None = None) -> None:
+                       store: Any | None = None, metrics_host: str = "0.0.0.0") -> None:
+    """Run ``services`` until SIGTERM/SIGINT; with ``metrics_port``, serve /metrics, /healthz
+    and /readyz on it (0: any free port)."""
     running = running if running is not None else Running()
     name = "prefsync-" + "+".join(services)
     connection = await connect(config.broker.url, name=name)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(connection)
+        running.connection = connection
         await declare_topology(connection, config)
         if store is None:
             store = await stack.enter_async_context(open_store(config.store.url))
+        store = running.store = ObservedStore(store, metrics=METRICS)
+        if metrics_port is not None:
+            await stack.enter_async_context(serve_health(
+                running=running, metrics=METRICS, accounts=[a.id for a in config.accounts],
+                service="+".join(services), host=metrics_host, port=metrics_port))
         publisher = await AmqpPublisher.open(connection)
-        dead = DeadLetterer(publisher=publisher, service=name)
+        dead = DeadLetterer(publisher=publisher, service=name,
+                            on_dead_letter=METRICS.dead_letter_counter())
         tasks: list[Any] = []
         for account in config.accounts:
             tasks += await _start_account(stack, account=account, config=config,
@@ -100,14 +115,16 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
     dataverse: DataverseClient | None = None
     dotdigital: DotdigitalClient | None = None
     if {"dynamics-poller", "writer"} & set(services):
-        dataverse = await stack.enter_async_context(DataverseClient(config=account.dynamics))
+        dataverse = await stack.enter_async_context(DataverseClient(
+            config=account.dynamics, on_request=METRICS.request_observer(account=account.id)))
     if {"ec-poller", "writer"} & set(services):
-        dotdigital = await stack.enter_async_context(DotdigitalClient(config=account.dotdigital))
+        dotdigital = await stack.enter_async_context(DotdigitalClient(
+            config=account.dotdigital, on_request=METRICS.request_observer(account=account.id)))
 
     def consumer(queue: str, handler: Any, batch_size: int) -> QueueConsumer:
         c = QueueConsumer(connection=connection, queue=queue, account=account.id,
                           handler=handler, dead_letters=dead, prefetch=prefetch,
-                          batch_size=batch_size)
+                          batch_size=batch_size, on_batch=METRICS.on_batch)
         running.consumers.append(c)
         return c
 
@@ -116,33 +133,40 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
         poller = DynamicsPoller(account=account, client=dataverse, store=store,
                                 publisher=publisher, shards=shards)
         coordinator = RunCoordinator(service="dynamics-poller", account=account.id, store=store,
-                                     publisher=publisher, run_cycle=poller.run_cycle,
+                                     publisher=publisher, run_cycle=METRICS.observed_run(
+                                         service="dynamics-poller", account=account.id,
+                                         run_cycle=poller.run_cycle),
                                      schedule=account.schedule)
         running.coordinators.append(coordinator)
         trigger = coordinator.consumer(connection=connection, dead_letters=dead)
         running.consumers.append(trigger)
-        tasks += [trigger.run(), coordinator.run_loop()]
+        tasks += [as_service("dynamics-poller", trigger.run()),
+                  as_service("dynamics-poller", coordinator.run_loop())]
     if "ec-poller" in services:
         assert dotdigital is not None
         ec = EcPoller(account=account, client=dotdigital, store=store, publisher=publisher,
                       shards=shards)
         coordinator = RunCoordinator(service="ec-poller", account=account.id, store=store,
-                                     publisher=publisher, run_cycle=ec.run_cycle)
+                                     publisher=publisher, run_cycle=METRICS.observed_run(
+                                         service="ec-poller", account=account.id,
+                                         run_cycle=ec.run_cycle))
         running.coordinators.append(coordinator)
         trigger = coordinator.consumer(connection=connection, dead_letters=dead)
         running.consumers.append(trigger)
-        tasks += [trigger.run(), coordinator.run_loop()]
+        tasks += [as_service("ec-poller", trigger.run()),
+                  as_service("ec-poller", coordinator.run_loop())]
     if "reconciler" in services:
         reconciler = Reconciler(account=account.id, store=store, publisher=publisher,
-                                shards=shards)
-        tasks += [consumer(Topology.changes_queue(account.id, shard), reconciler.handle, 64).run()
+                                shards=shards, on_outcome=METRICS.outcome_counter())
+        tasks += [as_service("reconciler", consumer(Topology.changes_queue(account.id, shard),
+                                                    reconciler.handle, 64).run())
                   for shard in range(shards)]
     if "writer" in services:
         for side in SIDES:
             writer = Writer(account=account.id, side=side, store=store, publisher=publisher,
                             shards=shards, dead_letters=dead, dataverse=dataverse,
-                            dotdigital=dotdigital)
-            tasks += [consumer(Topology.writes_queue(account.id, side, shard), writer.handle,
-                               64).run()
+                            dotdigital=dotdigital, on_written=METRICS.write_counter())
+            tasks += [as_service("writer", consumer(Topology.writes_queue(account.id, side, shard),
+                                                    writer.handle, 64).run())
                       for shard in range(shards)]
     return tasks

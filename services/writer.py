@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -103,7 +103,8 @@ class Writer:
                  shards: int, dead_letters: DeadLetterer,
                  dataverse: DataverseClient | None = None,
                  dotdigital: DotdigitalClient | None = None,
-                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 on_written: Callable[[str, str, Mapping[str, int]], None] | None = None) -> None:
         self.account = account
         self.side = side
         self._store = store
@@ -113,6 +114,7 @@ class Writer:
         self._dotdigital = dotdigital
         self._now = now
         self._dead = dead_letters
+        self._on_written = on_written
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         owner: dict[PreferenceKey, int] = {}
@@ -508,6 +510,8 @@ class Writer:
                 counts[index]["retry"] += 1
             else:
                 counts[index]["skipped"] += 1
+        if self._on_written is not None:
+            self._on_written(self.account, self.side, sum(counts.values(), Counter()))
         for index, delivery in enumerate(batch):
             if delivery.envelope.run_id:
                 c = counts.get(index, Counter())
