@@ -14,14 +14,20 @@ _SQLITE = "sqlite:///"
 def open_store(url: str) -> LedgerStore:
     """A store for ``url`` (not yet connected: ``async with open_store(url) as store``).
 
-    ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``sqlite:///:memory:``.
+    ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``sqlite:///:memory:``;
+    ``postgresql://user@host:5432/db[?search_path=schema]`` (several machines).
     Anything else raises ``ValueError`` naming only the URL scheme (URLs may carry credentials).
     """
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme:
         raise ValueError("ledger store URL must look like scheme://...")
+    if scheme in ("postgresql", "postgres"):
+        from common.store.postgres import PostgresLedgerStore  # asyncpg only when used
+
+        return PostgresLedgerStore(url=url)
     if scheme != "sqlite":
-        raise ValueError(f"unsupported ledger store URL scheme {scheme!r} (supported: sqlite)")
+        raise ValueError(f"unsupported ledger store URL scheme {scheme!r} "
+                         "(supported: sqlite, postgresql)")
     if not url.startswith(_SQLITE):
         raise ValueError("sqlite ledger store URL must be sqlite:///path (no host part)")
     path = url[len(_SQLITE):]

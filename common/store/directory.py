@@ -9,13 +9,12 @@ Also here: dotdigital writes deferred until a complete read of their preference 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import aiosqlite
+from common.store.connection import Transaction as Transaction  # re-exported for the store's parts
 
 RecordType = Literal["contact", "lead", "account"]
 _CHUNK = 500
@@ -75,9 +74,6 @@ def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
-
-
-Transaction = Callable[[], AbstractAsyncContextManager[aiosqlite.Connection]]
 
 
 class SqliteDirectory:

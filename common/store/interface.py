@@ -7,7 +7,7 @@ never overwrite each other's decisions: a save whose expected revisions no longe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -118,3 +118,31 @@ class LedgerStore(Protocol):
         ...
 
     async def unpark_observations(self, account: str, emails: Iterable[str]) -> None: ...
+
+    # -- coordination of replicas (common.store.coordination) ------------------------------
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take (or renew) lease ``name`` for ``ttl_s``; False while another holder has it."""
+        ...
+
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Extend the lease only while it is still ours (False once it expired)."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> None: ...
+
+    async def lease_holder(self, name: str) -> str | None: ...
+
+    async def heartbeat(self, member: str, details: Mapping[str, str],
+                        ttl_s: float) -> dict[str, dict[str, str]]:
+        """Renew ``member`` in each group of ``details`` (group -> what it reports) for
+        ``ttl_s``; returns the live members of those groups (member -> detail)."""
+        ...
+
+    async def leave(self, member: str, groups: Iterable[str]) -> None: ...
+
+    async def members(self, group: str) -> dict[str, str]: ...
+
+    async def swap_checkpoint(self, account: str, source: str, expected: str | None,
+                              value: str) -> bool:
+        """Set the checkpoint to ``value`` only if it still holds ``expected`` (None: unset)."""
+        ...

@@ -8,7 +8,7 @@ scoped by account.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
@@ -56,6 +56,9 @@ _SCHEMA = (
         account TEXT NOT NULL, source TEXT NOT NULL, value TEXT NOT NULL,
         updated_at INTEGER NOT NULL, PRIMARY KEY (account, source))""",
 )
+
+# Every table of the ledger (the PostgreSQL store creates the same ones).
+SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION_SCHEMA)
 
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300
@@ -356,3 +359,30 @@ class SqliteLedgerStore:
 
     async def unpark_observations(self, account: str, emails: Iterable[str]) -> None:
         await self._parking.unpark(account, emails)
+
+    # -- coordination of replicas (common.store.coordination) ------------------------------
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        return await self._coordination.acquire_lease(name, holder, ttl_s)
+
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        return await self._coordination.renew_lease(name, holder, ttl_s)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._coordination.release_lease(name, holder)
+
+    async def lease_holder(self, name: str) -> str | None:
+        return await self._coordination.lease_holder(name)
+
+    async def heartbeat(self, member: str, details: Mapping[str, str],
+                        ttl_s: float) -> dict[str, dict[str, str]]:
+        return await self._coordination.heartbeat(member, details, ttl_s)
+
+    async def leave(self, member: str, groups: Iterable[str]) -> None:
+        await self._coordination.leave(member, groups)
+
+    async def members(self, group: str) -> dict[str, str]:
+        return await self._coordination.members(group)
+
+    async def swap_checkpoint(self, account: str, source: str, expected: str | None,
+                              value: str) -> bool:
+        return await self._coordination.swap_checkpoint(account, source, expected, value)

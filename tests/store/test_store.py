@@ -1,8 +1,8 @@
-"""The SQLite ledger store: compare-and-set, atomicity, round trips, isolation, persistence."""
+"""The ledger store, SQLite and PostgreSQL alike: compare-and-set, atomicity, round trips,
+isolation, persistence."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +22,7 @@ from common.domain import (
     WriteRecord,
 )
 from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
+from common.store.postgres import PostgresLedgerStore, StoreUnavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -59,19 +60,24 @@ def entry(k: PreferenceKey, decision: str, recorded: datetime) -> HistoryEntry:
                         decision=decision, recorded_at=recorded)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[LedgerStore]:
-    async with open_store(f"sqlite:///{tmp_path}/ledger.db") as s:
-        yield s
-
-
 def test_open_store_urls(tmp_path: Path) -> None:
     assert repr(open_store("sqlite:///data/ledger.db")) == "SqliteLedgerStore(path='data/ledger.db')"
     assert repr(open_store("sqlite:////var/lib/x.db")) == "SqliteLedgerStore(path='/var/lib/x.db')"
     assert isinstance(open_store("sqlite:///:memory:"), SqliteLedgerStore)
+    for url in ("postgresql://user:hunter2@db/ledger", "postgres://user:hunter2@db:5433/x"):
+        store = open_store(url)
+        assert isinstance(store, PostgresLedgerStore)
+        assert "hunter2" not in repr(store) and "***" in repr(store)
 
 
-@pytest.mark.parametrize("url", ["postgresql://user:hunter2@db/ledger", "redis://:hunter2@x/0"])
+async def test_an_unreachable_postgresql_is_named_without_credentials() -> None:
+    with pytest.raises(StoreUnavailable) as info:
+        await open_store("postgresql://user:hunter2@127.0.0.1:1/ledger").open()
+    assert "127.0.0.1" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["redis://:hunter2@x/0", "mysql://u:hunter2@db/x"])
 def test_unknown_scheme_names_the_scheme_but_never_the_credentials(url: str) -> None:
     with pytest.raises(ValueError) as info:
         open_store(url)
@@ -86,9 +92,9 @@ def test_malformed_urls_are_refused(url: str) -> None:
     assert "hunter2" not in str(info.value)
 
 
-async def test_using_a_closed_store_is_an_error() -> None:
+async def test_using_a_closed_store_is_an_error(url: str) -> None:
     with pytest.raises(RuntimeError):
-        await open_store("sqlite:///:memory:").get_checkpoint("acme", "x")
+        await open_store(url).get_checkpoint("acme", "x")
 
 
 async def test_every_field_round_trips(store: LedgerStore) -> None:
@@ -195,8 +201,7 @@ async def test_contact_states_are_monotonic(store: LedgerStore) -> None:
     assert await store.load_contacts("globex", ["ann@example.com"]) == {}
 
 
-async def test_reopening_the_file_keeps_everything(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/ledger.db"
+async def test_reopening_keeps_everything(url: str) -> None:
     state = full_state(key())
     async with open_store(url) as s:
         await s.save([(None, state, entry(key(), "applied", T))])

@@ -1,0 +1,50 @@
+"""Ledger store backends for tests: a SQLite file, or a fresh schema on the test PostgreSQL.
+
+PostgreSQL is ``PREFSYNC_TEST_POSTGRES_URL`` (default ``postgresql://root@127.0.0.1:5432/test``,
+trust auth). When it is unreachable its tests are skipped, unless ``PREFSYNC_REQUIRE_POSTGRES``
+is set (CI sets it), which makes them fail.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+POSTGRES_URL = os.environ.get("PREFSYNC_TEST_POSTGRES_URL",
+                              "postgresql://root@127.0.0.1:5432/test")
+BACKENDS = ("sqlite", "postgresql")
+
+
+@asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """A store URL on a schema of its own, dropped afterwards."""
+    try:
+        admin = await asyncpg.connect(POSTGRES_URL, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        message = f"PostgreSQL is not reachable ({type(exc).__name__}: {exc})"
+        if os.environ.get("PREFSYNC_REQUIRE_POSTGRES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    schema = f"prefsync_test_{secrets.token_hex(6)}"
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        separator = "&" if "?" in POSTGRES_URL else "?"
+        yield f"{POSTGRES_URL}{separator}search_path={schema}"
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.close()
+
+
+@asynccontextmanager
+async def store_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path}/ledger.db"
+        return
+    async with postgres_schema() as url:
+        yield url

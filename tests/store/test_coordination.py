@@ -1,0 +1,113 @@
+"""Leases, membership and checkpoint swaps: what replicas coordinate through, on both backends.
+
+Two store instances on the same database stand for two replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from common.domain import KeyState, PreferenceKey
+from common.store import ConflictError, LedgerStore, open_store
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def other(url: str) -> AsyncIterator[LedgerStore]:
+    """A second replica's store on the same database."""
+    async with open_store(url) as s:
+        yield s
+
+
+async def test_a_lease_has_one_holder_until_released_or_expired(
+        store: LedgerStore, other: LedgerStore) -> None:
+    assert await store.acquire_lease("acme:dynamics-poller", "r1", ttl_s=30)
+    assert not await other.acquire_lease("acme:dynamics-poller", "r2", ttl_s=30)
+    assert await store.acquire_lease("acme:dynamics-poller", "r1", ttl_s=30)   # renewal
+    assert await other.acquire_lease("globex:dynamics-poller", "r2", ttl_s=30)  # another lease
+    assert await other.lease_holder("acme:dynamics-poller") == "r1"
+    await other.release_lease("acme:dynamics-poller", "r2")                    # not its lease
+    assert await other.lease_holder("acme:dynamics-poller") == "r1"
+    await store.release_lease("acme:dynamics-poller", "r1")
+    assert await other.lease_holder("acme:dynamics-poller") is None
+    assert await other.acquire_lease("acme:dynamics-poller", "r2", ttl_s=0.2)
+    assert not await store.acquire_lease("acme:dynamics-poller", "r1", ttl_s=30)
+    await asyncio.sleep(0.3)                                                    # r2 went quiet
+    assert await store.acquire_lease("acme:dynamics-poller", "r1", ttl_s=30)
+
+
+async def test_racing_replicas_get_a_lease_once(url: str) -> None:
+    stores = [open_store(url) for _ in range(4)]
+    for s in stores:
+        await s.open()
+    try:
+        won = await asyncio.gather(*(s.acquire_lease("acme:ec-poller", f"r{i}", ttl_s=30)
+                                     for i, s in enumerate(stores)))
+    finally:
+        for s in stores:
+            await s.close()
+    assert sum(won) == 1
+
+
+async def test_membership_lists_live_members_with_their_detail(
+        store: LedgerStore, other: LedgerStore) -> None:
+    live = await store.heartbeat("r1", {"reconciler/acme": "[0]", "reconciler/globex": "[]"},
+                                 ttl_s=30)
+    assert live == {"reconciler/acme": {"r1": "[0]"}, "reconciler/globex": {"r1": "[]"}}
+    live = await other.heartbeat("r2", {"reconciler/acme": "[1]"}, ttl_s=0.2)
+    assert live == {"reconciler/acme": {"r1": "[0]", "r2": "[1]"}}
+    await asyncio.sleep(0.3)                                                    # r2 stopped
+    assert await store.members("reconciler/acme") == {"r1": "[0]"}
+    await store.leave("r1", ["reconciler/acme"])
+    assert await other.members("reconciler/acme") == {}
+    assert await other.members("reconciler/globex") == {"r1": "[]"}
+    assert await store.heartbeat("r1", {}, ttl_s=30) == {}
+
+
+async def test_checkpoint_swap_is_compare_and_set(store: LedgerStore, other: LedgerStore) -> None:
+    assert await store.swap_checkpoint("acme", "pending", None, "a")
+    assert not await other.swap_checkpoint("acme", "pending", None, "b")       # exists now
+    assert not await other.swap_checkpoint("acme", "pending", "x", "b")        # not "x"
+    assert await other.swap_checkpoint("acme", "pending", "a", "b")
+    assert await store.get_checkpoint("acme", "pending") == "b"
+    assert await store.get_checkpoint("globex", "pending") is None
+
+
+async def test_concurrent_saves_of_one_key_conflict(url: str) -> None:
+    """Replicas folding the same new key at once: one save wins, the other gets a conflict."""
+    stores = [open_store(url) for _ in range(4)]
+    for s in stores:
+        await s.open()
+    key = PreferenceKey(account="acme", email="ann@example.com", preference_id=1)
+    try:
+        results = await asyncio.gather(*(s.save([(None, KeyState(key=key), None)])
+                                         for s in stores), return_exceptions=True)
+        assert sum(r == [1] for r in results) == 1, results
+        assert all(isinstance(r, ConflictError) for r in results if r != [1])
+        # and again on the stored revision, with two keys in opposite orders (no deadlock)
+        other = PreferenceKey(account="acme", email="bob@example.com", preference_id=1)
+        await stores[0].save([(None, KeyState(key=other), None)])
+        results = await asyncio.gather(
+            stores[1].save([(1, KeyState(key=key), None), (1, KeyState(key=other), None)]),
+            stores[2].save([(1, KeyState(key=other), None), (1, KeyState(key=key), None)]),
+            return_exceptions=True)
+        assert sum(r == [2, 2] for r in results) == 1, results
+        assert any(isinstance(r, ConflictError) for r in results), results
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_a_lapsed_lease_is_not_renewed(store: LedgerStore, other: LedgerStore) -> None:
+    assert await store.acquire_lease("acme:ec-poller", "r1", ttl_s=0.2)
+    assert await store.renew_lease("acme:ec-poller", "r1", ttl_s=0.2)
+    assert not await other.renew_lease("acme:ec-poller", "r2", ttl_s=30)      # not its lease
+    await asyncio.sleep(0.3)
+    # r1 stalled past its lease: r2 may have run and released meanwhile; r1 must stop
+    assert await other.acquire_lease("acme:ec-poller", "r2", ttl_s=30)
+    await other.release_lease("acme:ec-poller", "r2")
+    assert not await store.renew_lease("acme:ec-poller", "r1", ttl_s=30)

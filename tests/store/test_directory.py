@@ -1,0 +1,71 @@
+"""The record directory, deferred writes and parked observations on both ledger backends."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from common.domain import Observation, PreferenceKey
+from common.store import LedgerStore
+from common.store.directory import RecordRef, SubscriptionRow
+
+pytestmark = pytest.mark.anyio
+
+# Dataverse row versions outgrow 32 bits.
+BIG_VERSION = 9_000_000_001
+
+
+async def test_records_and_eligibility(store: LedgerStore) -> None:
+    await store.upsert_records("acme", [
+        RecordRef(record_type="contact", record_id="c1", email="ann@example.com"),
+        RecordRef(record_type="lead", record_id="l1", email="ann@example.com"),
+        RecordRef(record_type="account", record_id="a1", email="bob@example.com", active=False),
+    ])
+    await store.upsert_records("globex", [
+        RecordRef(record_type="contact", record_id="c1", email="eve@example.com")])
+    assert await store.mark_eligible("acme", ["c1", "l1", "x9"]) == {"c1", "l1", "x9"}
+    found = await store.records_for_emails("acme", ["ann@example.com", "bob@example.com"])
+    assert [r.record_id for r in found["ann@example.com"]] == ["c1", "l1"]
+    assert "bob@example.com" not in found                      # never eligible
+    assert await store.eligible_emails("acme", ["ann@example.com", "eve@example.com"]) == {
+        "ann@example.com"}
+    assert await store.emails_of_records("acme", ["c1", "a1", "x9"]) == {
+        "ann@example.com", "bob@example.com"}
+    records = await store.records("acme", ["a1", "x9"])
+    assert not records["a1"].active and records["x9"].email is None and records["x9"].eligible
+    await store.forget_records("acme", ["l1"])
+    assert set(await store.records("acme", ["c1", "l1"])) == {"c1"}
+    assert (await store.records("globex", ["c1"]))["c1"].email == "eve@example.com"
+
+
+async def test_subscription_rows_keep_the_newest_version(store: LedgerStore) -> None:
+    row = SubscriptionRow(subscription_id="s1", record_id="c1", preference_row_id="p1",
+                          opted_in=True, version=BIG_VERSION)
+    await store.upsert_subscriptions("acme", [row])
+    await store.upsert_subscriptions("acme", [SubscriptionRow(
+        subscription_id="s1", record_id="c1", preference_row_id="p1", opted_in=False,
+        version=BIG_VERSION - 1)])
+    found = await store.subscriptions_for("acme", [("c1", "p1"), ("c1", "p2")])
+    assert found == {("c1", "p1"): row}
+    await store.forget_subscriptions("acme", ["s1"])
+    assert await store.subscriptions_for("acme", [("c1", "p1")]) == {}
+
+
+async def test_deferred_writes(store: LedgerStore) -> None:
+    await store.defer_writes("acme", [(1001, "ann@example.com"), (1001, "bob@example.com"),
+                                      (1002, "ann@example.com"), (1001, "ann@example.com")])
+    assert sorted(await store.deferred_emails("acme", 1001)) == ["ann@example.com",
+                                                                 "bob@example.com"]
+    await store.clear_deferred("acme", 1001, ["ann@example.com"])
+    assert await store.deferred_emails("acme", 1001) == ["bob@example.com"]
+    assert await store.deferred_emails("globex", 1002) == []
+
+
+async def test_parked_observations_round_trip(store: LedgerStore) -> None:
+    key = PreferenceKey(account="acme", email="ann@example.com", preference_id=1001)
+    seen = Observation(key=key, side="dynamics", opted_in=True,
+                       origin_time=datetime(2026, 3, 1, 9, 0, 0, 123456, tzinfo=UTC),
+                       version=BIG_VERSION, change_id="dyn:1")
+    await store.park_observations([seen])
+    assert await store.parked_observations("acme", ["ann@example.com"]) == [seen]
