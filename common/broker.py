@@ -196,7 +196,9 @@ class QueueConsumer:
         self._batch_size = batch_size
         self._expected_type = expected_type
         self._on_batch = on_batch
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        # None: stop (see stop())
+        self._inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._stopping = False
         self._channel: AbstractChannel | None = None
         self._consumer_tag: str | None = None
         self.consuming = asyncio.Event()
@@ -209,10 +211,16 @@ class QueueConsumer:
         self._consumer_tag = await queue.consume(self._inbox.put, no_ack=False)
         self.consuming.set()
         try:
-            while True:
-                batch = [await self._inbox.get()]
+            while not self._stopping:
+                first = await self._inbox.get()
+                if first is None:
+                    break
+                batch = [first]
                 while len(batch) < self._batch_size and not self._inbox.empty():
-                    batch.append(self._inbox.get_nowait())
+                    message = self._inbox.get_nowait()
+                    if message is None:
+                        break
+                    batch.append(message)
                 await self._process(batch)
         finally:
             self.consuming.clear()
@@ -261,6 +269,14 @@ class QueueConsumer:
                                       seconds=time.monotonic() - started))
         except Exception:  # an observer must never break consuming
             log.exception("batch observer failed", extra={"account": self.account})
+
+    def stop(self) -> None:
+        """Hand the queue over: the batch in hand is finished and settled, then ``run`` closes
+        the channel, which returns the prefetched messages to the front of the queue, in order,
+        for the next consumer (closing, not ``basic.cancel``, keeps a single active consumer's
+        order: the next one is activated only once nothing is outstanding here)."""
+        self._stopping = True
+        self._inbox.put_nowait(None)
 
     @property
     def dead_letters(self) -> DeadLetterer:

@@ -211,10 +211,16 @@ class Topology:
         ))
         return queues
 
-    async def declare(self, channel: AbstractChannel) -> None:
-        """Declare everything; safe to run again (declarations are idempotent)."""
+    async def declare(self, channel: AbstractChannel, *, exchanges_too: bool = True) -> None:
+        """Declare everything; safe to run again (declarations are idempotent).
+
+        ``exchanges_too=False``: the exchanges must exist already (an account's own broker user
+        may not configure the shared exchanges; ``prefsync broker setup`` declares them)."""
         exchanges = {}
         for spec in self.exchanges:
+            if not exchanges_too:
+                exchanges[spec.name] = await channel.get_exchange(spec.name, ensure=True)
+                continue
             exchanges[spec.name] = await channel.declare_exchange(
                 spec.name, spec.type, durable=True)
         for queue_spec in self.queues:

@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("url")
     health.add_argument("--timeout", type=float, default=3.0)
 
+    broker = sub.add_parser("broker", help="RabbitMQ set-up")
+    broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
+    setup = broker_sub.add_parser(
+        "setup", help="per-account users confined by topic permissions, exchanges and queues "
+                      "(safe to run again)")
+    _add_config(setup)
+    setup.add_argument("--rabbitmqctl", default="rabbitmqctl",
+                       help="the rabbitmqctl to apply users and permissions with (on the "
+                            "broker's host)")
+    setup.add_argument("--print-definitions", action="store_true",
+                       help="print the users and permissions as a definitions document for "
+                            "the management HTTP API (POST /api/definitions); change nothing")
+
     demo = sub.add_parser("demo", help="simulators + services + a sync, end to end")
     demo.add_argument("--records", type=int, default=2000)
     demo.add_argument("--broker-url", default=os.environ.get(
@@ -187,6 +200,15 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
         return await dlq_command(config=config, action=args.action, account=args.account,
                                  reason=args.reason, ids=args.ids)
+    if args.command == "broker":
+        from services.broker_setup import BrokerSetupError, setup_broker
+
+        try:
+            return await setup_broker(config=config, rabbitmqctl=args.rabbitmqctl,
+                                      print_definitions=args.print_definitions)
+        except BrokerSetupError as exc:
+            print(f"prefsync: broker setup: {exc}", file=sys.stderr)
+            return 1
     if args.command == "sync-now":
         from services.sync_now import sync_now
 

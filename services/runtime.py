@@ -25,6 +25,8 @@ from common.logs import as_service
 from common.metrics import METRICS, ObservedStore
 from common.store import open_store
 from common.topology import SIDES, Topology
+from services.assignment import ShardAssigner, replica_id
+from services.broker_setup import account_broker_url
 from services.dynamics_poller import DynamicsPoller
 from services.ec_poller import EcPoller
 from services.health import serve_health
@@ -44,13 +46,19 @@ class Running:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     connection: AbstractRobustConnection | None = None
     store: Any = None
+    # this replica's name, and who decides which shard queues it consumes (services.assignment)
+    replica: str = ""
+    assigners: list[ShardAssigner] = field(default_factory=list)
 
 
-async def declare_topology(connection: AbstractRobustConnection, config: Config) -> Topology:
-    topology = Topology(accounts=[a.id for a in config.accounts], shards=config.broker.shards,
+async def declare_topology(connection: AbstractRobustConnection, config: Config, *,
+                           accounts: Sequence[str] | None = None,
+                           exchanges_too: bool = True) -> Topology:
+    topology = Topology(accounts=[a.id for a in config.accounts] if accounts is None else accounts,
+                        shards=config.broker.shards,
                         changes_log_max_age=config.broker.changes_log_max_age)
     channel = await connection.channel()
-    await topology.declare(channel)
+    await topology.declare(channel, exchanges_too=exchanges_too)
     await channel.close()
     return topology
 
@@ -66,7 +74,10 @@ async def run_services(*, config: Config, services: Sequence[str],
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(connection)
         running.connection = connection
-        await declare_topology(connection, config)
+        # Accounts with a broker user of their own declare their queues on their own connection.
+        shared = [a.id for a in config.accounts if a.broker.password is None]
+        if shared:
+            await declare_topology(connection, config, accounts=shared)
         if store is None:
             store = await stack.enter_async_context(open_store(config.store.url))
         store = running.store = ObservedStore(store, metrics=METRICS)
@@ -74,14 +85,29 @@ async def run_services(*, config: Config, services: Sequence[str],
             await stack.enter_async_context(serve_health(
                 running=running, metrics=METRICS, accounts=[a.id for a in config.accounts],
                 service="+".join(services), host=metrics_host, port=metrics_port))
-        publisher = await AmqpPublisher.open(connection)
-        dead = DeadLetterer(publisher=publisher, service=name,
-                            on_dead_letter=METRICS.dead_letter_counter())
+        running.replica = running.replica or replica_id()
+        assigners = {service: ShardAssigner(service=service, store=store, member=running.replica,
+                                            consumers=running.consumers)
+                     for service in ("reconciler", "writer") if service in services}
+        running.assigners = list(assigners.values())
         tasks: list[Any] = []
         for account in config.accounts:
+            # Each account on its own connection (as its own broker user when it has one), so
+            # one account's traffic or flow control never holds up another's.
+            account_connection = await connect(account_broker_url(config.broker.url, account),
+                                               name=f"{name}:{account.id}")
+            await stack.enter_async_context(account_connection)
+            if account.broker.password is not None:
+                await declare_topology(account_connection, config, accounts=[account.id],
+                                       exchanges_too=False)
+            publisher = await AmqpPublisher.open(account_connection)
+            dead = DeadLetterer(publisher=publisher, service=name,
+                                on_dead_letter=METRICS.dead_letter_counter())
             tasks += await _start_account(stack, account=account, config=config,
-                                          services=services, connection=connection, store=store,
-                                          publisher=publisher, dead=dead, running=running)
+                                          services=services, connection=account_connection,
+                                          store=store, publisher=publisher, dead=dead,
+                                          running=running, assigners=assigners)
+        tasks += [as_service(service, assigner.run()) for service, assigner in assigners.items()]
         async with asyncio.TaskGroup() as group:
             for coroutine in tasks:
                 group.create_task(coroutine)
@@ -90,7 +116,8 @@ async def run_services(*, config: Config, services: Sequence[str],
 
 
 async def _mark_ready(running: Running) -> None:
-    await asyncio.gather(*(c.consuming.wait() for c in running.consumers))
+    await asyncio.gather(*(c.consuming.wait() for c in running.consumers),
+                         *(a.settled.wait() for a in running.assigners))
     running.ready.set()
     log.info("consuming", extra={"consumers": len(running.consumers)})
 
@@ -108,7 +135,7 @@ async def _until_signalled() -> None:
 async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, config: Config,
                          services: Sequence[str], connection: AbstractRobustConnection,
                          store: Any, publisher: AmqpPublisher, dead: DeadLetterer,
-                         running: Running) -> list[Any]:
+                         running: Running, assigners: dict[str, ShardAssigner]) -> list[Any]:
     shards = config.broker.shards
     prefetch = config.broker.prefetch
     tasks: list[Any] = []
@@ -122,11 +149,14 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
             config=account.dotdigital, on_request=METRICS.request_observer(account=account.id)))
 
     def consumer(queue: str, handler: Any, batch_size: int) -> QueueConsumer:
-        c = QueueConsumer(connection=connection, queue=queue, account=account.id,
-                          handler=handler, dead_letters=dead, prefetch=prefetch,
-                          batch_size=batch_size, on_batch=METRICS.on_batch)
-        running.consumers.append(c)
-        return c
+        return QueueConsumer(connection=connection, queue=queue, account=account.id,
+                             handler=handler, dead_letters=dead, prefetch=prefetch,
+                             batch_size=batch_size, on_batch=METRICS.on_batch)
+
+    def shard(service: str, queue: str, handler: Any) -> None:
+        """A shard queue, consumed by whichever replica the assignment gives it to."""
+        assigners[service].add(account=account.id, queue=queue,
+                               make=lambda: consumer(queue, handler, 64))
 
     if "dynamics-poller" in services:
         assert dataverse is not None
@@ -158,15 +188,13 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
     if "reconciler" in services:
         reconciler = Reconciler(account=account.id, store=store, publisher=publisher,
                                 shards=shards, on_outcome=METRICS.outcome_counter())
-        tasks += [as_service("reconciler", consumer(Topology.changes_queue(account.id, shard),
-                                                    reconciler.handle, 64).run())
-                  for shard in range(shards)]
+        for index in range(shards):
+            shard("reconciler", Topology.changes_queue(account.id, index), reconciler.handle)
     if "writer" in services:
         for side in SIDES:
             writer = Writer(account=account.id, side=side, store=store, publisher=publisher,
                             shards=shards, dead_letters=dead, dataverse=dataverse,
                             dotdigital=dotdigital, on_written=METRICS.write_counter())
-            tasks += [as_service("writer", consumer(Topology.writes_queue(account.id, side, shard),
-                                                    writer.handle, 64).run())
-                      for shard in range(shards)]
+            for index in range(shards):
+                shard("writer", Topology.writes_queue(account.id, side, index), writer.handle)
     return tasks

@@ -4,17 +4,24 @@ A trigger is recorded in the store and acked at once (a run can outlast the brok
 timeout); the run loop then takes every pending trigger and makes one run of them, so a trigger
 that arrives during a run is coalesced into the next run, never lost. A run left unfinished by a
 crash is pending again at start-up.
+
+Replicas: the trigger queue has a single active consumer, and a run holds the account's poller
+lease in the store (renewed while it runs), so two replicas never poll one account at once. The
+pending runs are updated with compare-and-set, so triggers recorded by one replica are never
+lost to another's update. Every replica looks for pending runs now and then, so a run left by a
+replica that died is taken over once its lease expires.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -26,6 +33,18 @@ from services.publishing import publish_progress
 
 log = logging.getLogger("prefsync.triggers")
 
+# A run holds its lease this long past each renewal; renewed every LEASE_RENEW_S.
+LEASE_TTL_S = 15.0
+LEASE_RENEW_S = 5.0
+# How often an idle coordinator looks for runs pending in the store (left by another replica),
+# and how soon it tries again while another replica holds the lease.
+PENDING_POLL_S = 10.0
+LEASE_RETRY_S = 1.0
+
+
+class LeaseLost(RuntimeError):
+    """Another replica took the lease over (this one stalled past its TTL); it runs instead."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunRequest:
@@ -35,12 +54,21 @@ class RunRequest:
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
-class CheckpointStore:
+class CheckpointStore(Protocol):
     """What the coordinator needs of the ledger store."""
 
     async def get_checkpoint(self, account: str, source: str) -> str | None: ...
 
     async def set_checkpoint(self, account: str, source: str, value: str) -> None: ...
+
+    async def swap_checkpoint(self, account: str, source: str, expected: str | None,
+                              value: str) -> bool: ...
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool: ...
+
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool: ...
+
+    async def release_lease(self, name: str, holder: str) -> None: ...
 
 
 def new_run_id() -> str:
@@ -50,7 +78,9 @@ def new_run_id() -> str:
 class RunCoordinator:
     def __init__(self, *, service: str, account: str, store: Any, publisher: Publisher,
                  run_cycle: Callable[[RunRequest], Awaitable[None]],
-                 schedule: str | None = None) -> None:
+                 schedule: str | None = None, holder: str | None = None,
+                 lease_ttl_s: float = LEASE_TTL_S, lease_renew_s: float = LEASE_RENEW_S,
+                 pending_poll_s: float = PENDING_POLL_S) -> None:
         self.service = service
         self.account = account
         self._store = store
@@ -58,8 +88,15 @@ class RunCoordinator:
         self._run_cycle = run_cycle
         self._schedule: Schedule | None = parse_schedule(schedule) if schedule else None
         self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
         self.idle = asyncio.Event()
+        self._holder = holder or uuid.uuid4().hex
+        self._lease_ttl_s = lease_ttl_s
+        self._lease_renew_s = lease_renew_s
+        self._pending_poll_s = pending_poll_s
+
+    @property
+    def lease(self) -> str:
+        return f"{self.account}:{self.service}"
 
     @property
     def _pending_key(self) -> str:
@@ -67,72 +104,112 @@ class RunCoordinator:
 
     async def handle_triggers(self, batch: Sequence[Delivery]) -> None:
         """Queue handler: remember the triggers durably, then they are acked."""
-        async with self._lock:
-            pending = await self._load_pending()
-            for delivery in batch:
-                env = delivery.envelope
-                pending.append({
-                    "run_id": env.run_id or env.change_id,
-                    "emails": [c.email for c in env.changes if isinstance(c, EligibleContact)],
-                    "reason": str(env.extra.get("reason", "")),
-                })
-            await self._save_pending(pending)
+        added = [{
+            "run_id": delivery.envelope.run_id or delivery.envelope.change_id,
+            "emails": [c.email for c in delivery.envelope.changes
+                       if isinstance(c, EligibleContact)],
+            "reason": str(delivery.envelope.extra.get("reason", "")),
+        } for delivery in batch]
+        await self._update_pending(lambda pending: [*pending, *added])
         self._wake.set()
 
     async def _load_pending(self) -> list[dict[str, Any]]:
         raw = await self._store.get_checkpoint(self.account, self._pending_key)
         return list(orjson.loads(raw)) if raw else []
 
-    async def _save_pending(self, pending: list[dict[str, Any]]) -> None:
-        await self._store.set_checkpoint(self.account, self._pending_key,
-                                         orjson.dumps(pending).decode())
+    async def _update_pending(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+                              ) -> list[dict[str, Any]]:
+        """Read-modify-write of the pending runs, compare-and-set (replicas update it too)."""
+        while True:
+            raw = await self._store.get_checkpoint(self.account, self._pending_key)
+            updated = change(list(orjson.loads(raw)) if raw else [])
+            if await self._store.swap_checkpoint(self.account, self._pending_key, raw,
+                                                 orjson.dumps(updated).decode()):
+                return updated
 
     async def run_loop(self) -> None:
         self._wake.set()  # look for runs left pending by an earlier process
+        retry_s = self._pending_poll_s
         while True:
-            timeout = await self._seconds_to_next_scheduled()
+            due_s = await self._seconds_to_next_scheduled()
+            wait_s = retry_s if due_s is None else min(due_s, retry_s)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
             except TimeoutError:
-                await self._add_scheduled_trigger()
+                if due_s is not None and due_s <= wait_s:
+                    await self._add_scheduled_trigger()
             self._wake.clear()
-            async with self._lock:
-                pending = await self._load_pending()
+            retry_s = self._pending_poll_s
+            pending = await self._load_pending()
             if not pending:
                 self.idle.set()
                 continue
             self.idle.clear()
-            request = RunRequest(
-                run_id=pending[0]["run_id"],
-                covers=tuple(dict.fromkeys(p["run_id"] for p in pending)),
-                eligible_emails=tuple(dict.fromkeys(e for p in pending for e in p["emails"])),
-                reasons=tuple(p.get("reason", "") for p in pending),
-            )
-            for covered in request.covers:
-                await publish_progress(self._publisher, account=self.account, run_id=covered,
-                                       event="run-started",
-                                       fields={"service": self.service, "run": request.run_id})
+            if not await self._store.acquire_lease(self.lease, self._holder, self._lease_ttl_s):
+                retry_s = LEASE_RETRY_S  # another replica is running this account's poller
+                continue
             try:
-                await self._run_cycle(request)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.exception("sync run failed", extra={"account": self.account,
-                                                        "service": self.service})
-                for covered in request.covers:
-                    await publish_progress(self._publisher, account=self.account,
-                                           run_id=covered, event="run-failed",
-                                           fields={"service": self.service, "error": str(exc)})
-            async with self._lock:
-                remaining = [p for p in await self._load_pending()
-                             if p["run_id"] not in request.covers]
-                await self._save_pending(remaining)
-                await self._store.set_checkpoint(self.account, f"{self.service}:last-run",
-                                                 datetime.now(UTC).isoformat())
-            if remaining:
+                # what is pending now: another replica may have run some while we waited
+                pending = await self._load_pending()
+                if pending and not await self._run(pending):
+                    continue
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._store.release_lease(self.lease, self._holder))
+            if await self._load_pending():
                 self._wake.set()
             else:
                 self.idle.set()
+
+    async def _run(self, pending: list[dict[str, Any]]) -> bool:
+        """One run of the pending triggers, holding the lease; False if the lease was lost."""
+        request = RunRequest(
+            run_id=pending[0]["run_id"],
+            covers=tuple(dict.fromkeys(p["run_id"] for p in pending)),
+            eligible_emails=tuple(dict.fromkeys(e for p in pending for e in p["emails"])),
+            reasons=tuple(p.get("reason", "") for p in pending),
+        )
+        for covered in request.covers:
+            await publish_progress(self._publisher, account=self.account, run_id=covered,
+                                   event="run-started",
+                                   fields={"service": self.service, "run": request.run_id})
+        try:
+            await self._holding_lease(self._run_cycle(request))
+        except asyncio.CancelledError:
+            raise
+        except LeaseLost:
+            log.warning("lost the poller lease mid-run; another replica runs it",
+                        extra={"account": self.account, "service": self.service})
+            return False
+        except Exception as exc:
+            log.exception("sync run failed", extra={"account": self.account,
+                                                    "service": self.service})
+            for covered in request.covers:
+                await publish_progress(self._publisher, account=self.account,
+                                       run_id=covered, event="run-failed",
+                                       fields={"service": self.service, "error": str(exc)})
+        await self._update_pending(
+            lambda current: [p for p in current if p["run_id"] not in request.covers])
+        await self._store.set_checkpoint(self.account, f"{self.service}:last-run",
+                                         datetime.now(UTC).isoformat())
+        return True
+
+    async def _holding_lease(self, work: Awaitable[None]) -> None:
+        """Run ``work`` while renewing the lease; cancel it if the lease is lost."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._lease_renew_s)
+                if task in done:
+                    return task.result()
+                if not await self._store.renew_lease(self.lease, self._holder,
+                                                     self._lease_ttl_s):
+                    raise LeaseLost(self.lease)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _seconds_to_next_scheduled(self) -> float | None:
         if self._schedule is None:
@@ -146,11 +223,8 @@ class RunCoordinator:
         return max(0.0, (due - now).total_seconds())
 
     async def _add_scheduled_trigger(self) -> None:
-        async with self._lock:
-            pending = await self._load_pending()
-            if not pending:
-                pending.append({"run_id": new_run_id(), "emails": [], "reason": "schedule"})
-                await self._save_pending(pending)
+        scheduled = {"run_id": new_run_id(), "emails": [], "reason": "schedule"}
+        await self._update_pending(lambda pending: pending or [scheduled])
 
     def consumer(self, *, connection: Any, dead_letters: DeadLetterer) -> QueueConsumer:
         return QueueConsumer(
