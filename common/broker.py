@@ -175,6 +175,11 @@ class DeadLetterer:
             "change_id": message.message_id})
 
 
+class AccountMismatch(messages.MalformedMessage):
+    """A message for another account than its routing key's or its queue's: never handled,
+    dead-lettered (kind ``account-mismatch``, counted and logged by the dead-letterer)."""
+
+
 class QueueConsumer:
     """Consumes one queue on its own channel, in order, handing decoded batches to a handler.
 
@@ -234,8 +239,9 @@ class QueueConsumer:
                 envelope = messages.decode(message.body)
                 self._check(envelope, message)
             except messages.MalformedMessage as exc:
+                kind = "account-mismatch" if isinstance(exc, AccountMismatch) else "malformed"
                 await self._dead.send(message, account=self.account, queue=self.queue,
-                                      reason=exc.reason, kind="malformed")
+                                      reason=exc.reason, kind=kind)
                 await message.ack()
                 continue
             deliveries.append(Delivery(envelope=envelope, message=message, queue=self.queue))
@@ -284,10 +290,11 @@ class QueueConsumer:
 
     def _check(self, envelope: messages.Envelope, message: AbstractIncomingMessage) -> None:
         key_account = Topology.account_of_key(message.routing_key or "")
-        if envelope.account != self.account or key_account != self.account:
-            raise messages.MalformedMessage(
+        queue_account = Topology.account_of_queue(self.queue)
+        if not envelope.account == key_account == queue_account == self.account:
+            raise AccountMismatch(
                 f"account mismatch: message says {envelope.account!r}, routing key says "
-                f"{key_account!r}, queue belongs to {self.account!r}")
+                f"{key_account!r}, queue belongs to {queue_account!r}")
         if self._expected_type is not None and envelope.type != self._expected_type:
             raise messages.MalformedMessage(
                 f"unexpected message type {envelope.type!r} on {self.queue}")

@@ -20,7 +20,8 @@ passwords and permissions are set to what the config says, declarations are idem
 
 Users and permissions are applied as a RabbitMQ definitions document, with ``rabbitmqctl
 import_definitions`` on the broker's host. ``--print-definitions`` prints that document instead
-(password hashes, never passwords), for the management HTTP API: ``POST /api/definitions``.
+(password hashes, never passwords), for the management HTTP API (``POST /api/definitions``);
+``--declare-only`` then declares and checks without rabbitmqctl.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -194,14 +194,14 @@ async def _until_checked(config: Config, account: AccountConfig, timeout_s: floa
 
 
 async def setup_broker(*, config: Config, rabbitmqctl: str = "rabbitmqctl",
-                       print_definitions: bool = False, timeout_s: float = 60.0,
-                       out: TextIO = sys.stdout) -> int:
-    """The CLI: returns the exit code."""
+                       print_definitions: bool = False, declare_only: bool = False,
+                       timeout_s: float = 60.0, out: TextIO = sys.stdout) -> int:
+    """The CLI: returns the exit code. ``declare_only``: the users were applied another way."""
     document = definitions(config)
     if print_definitions:
         out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
-    if document["users"]:
+    if document["users"] and not declare_only:
         await _import_definitions(document, rabbitmqctl=rabbitmqctl)
     await _declare(config)
     for account in config.accounts:
@@ -216,5 +216,3 @@ async def setup_broker(*, config: Config, rabbitmqctl: str = "rabbitmqctl",
     return 0
 
 
-def users_of(config: Config) -> Sequence[str]:
-    return [a.broker.user for a in isolated_accounts(config)]

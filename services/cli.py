@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--print-definitions", action="store_true",
                        help="print the users and permissions as a definitions document for "
                             "the management HTTP API (POST /api/definitions); change nothing")
+    setup.add_argument("--declare-only", action="store_true",
+                       help="declare exchanges and queues and check each user's confinement; "
+                            "the users were applied another way (the HTTP API)")
 
     demo = sub.add_parser("demo", help="simulators + services + a sync, end to end")
     demo.add_argument("--records", type=int, default=2000)
@@ -205,7 +208,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
         try:
             return await setup_broker(config=config, rabbitmqctl=args.rabbitmqctl,
-                                      print_definitions=args.print_definitions)
+                                      print_definitions=args.print_definitions,
+                                      declare_only=args.declare_only)
         except BrokerSetupError as exc:
             print(f"prefsync: broker setup: {exc}", file=sys.stderr)
             return 1

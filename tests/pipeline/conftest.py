@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,10 @@ import pytest
 
 from common.clients.dataverse import DataverseClient
 from common.clients.dotdigital import DotdigitalClient
-from common.config import Config
+from common.config import Config, parse_config
 from common.topology import Topology
-from services.demo import demo_config, serve_app
+from services.broker_setup import setup_broker
+from services.demo import serve_app
 from services.lookup import dotdigital_preferences, dynamics_preferences
 from services.runtime import Running, run_services
 from services.simulators import seeding
@@ -51,6 +53,8 @@ class World:
     people: list[seeding.Person]
     services: list[asyncio.Task[None]] = field(default_factory=list)
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    # this account's dotdigital account in the shared simulator
+    dd_account: str = DD_ACCOUNT
 
     # --- the vendors, as a user would change them ----------------------------------------
     async def post(self, url: str, body: dict[str, Any]) -> Any:
@@ -67,7 +71,8 @@ class World:
 
     async def edit_dotdigital(self, email: str, preference_id: int, opted_in: bool) -> None:
         await self.post(f"{self.dd_url}/_sim/dotdigital/edit", {
-            "account": DD_ACCOUNT, "email": email, "preferences": {str(preference_id): opted_in}})
+            "account": self.dd_account, "email": email,
+            "preferences": {str(preference_id): opted_in}})
 
     async def set_clock(self, side: str, body: dict[str, Any]) -> None:
         url = self.dyn_url if side == "dynamics" else self.dd_url
@@ -114,15 +119,23 @@ class World:
         assert waiter in done, "services did not start consuming"
         return running
 
-    async def spawn(self, service: str) -> asyncio.subprocess.Process:
+    async def spawn(self, service: str, *, replica: str | None = None) -> asyncio.subprocess.Process:
         """``prefsync run SERVICE`` as its own process (for crash tests); returns once it
-        consumes from its queues."""
+        consumes from its queues. ``replica`` names one of several processes of a service
+        (``processes[replica]``; ``$PREFSYNC_REPLICA_ID``)."""
+        replica_env = {"PREFSYNC_REPLICA_ID": replica} if replica else {}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.cli", "run", service,
             "--config", str(self.config_path),
-            env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING"},
+            env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING", **replica_env},
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        self.processes[service] = process
+        self.processes[replica or service] = process
+        await self.wait_consuming(service, process)
+        return process
+
+    async def wait_consuming(self, service: str,
+                             process: asyncio.subprocess.Process | None = None) -> None:
+        """Until ``service`` (any process running it) consumes from its queues."""
         queue = {
             "dynamics-poller": Topology.trigger_queue(self.account, "dynamics-poller"),
             "ec-poller": Topology.trigger_queue(self.account, "ec-poller"),
@@ -133,12 +146,13 @@ class World:
         connection = await aio_pika.connect(BROKER_URL)
         async with connection:
             for _ in range(600):
-                assert process.returncode is None, f"{service} exited ({process.returncode})"
+                if process is not None:
+                    assert process.returncode is None, f"{service} exited ({process.returncode})"
                 channel = await connection.channel()
                 try:
                     declared = await channel.declare_queue(queue, passive=True)
                     if (declared.declaration_result.consumer_count or 0) > 0:
-                        return process
+                        return
                 except aio_pika.exceptions.ChannelClosed:
                     pass  # not declared yet
                 await asyncio.sleep(0.05)
@@ -178,7 +192,9 @@ def _write_config(path: Path, config_raw: dict[str, Any]) -> None:
         lines.append("[[accounts]]")
         lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in account.items()
                   if not isinstance(v, dict)]
-        for sub in ("dynamics", "dotdigital"):
+        for sub in ("dynamics", "dotdigital", "broker"):
+            if sub not in account:
+                continue
             lines.append(f"[accounts.{sub}]")
             lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in account[sub].items()]
     path.write_text("\n".join(lines) + "\n")
@@ -187,43 +203,102 @@ def _write_config(path: Path, config_raw: dict[str, Any]) -> None:
 @contextlib.asynccontextmanager
 async def make_world(tmp_path: Path, *, records: int = 40, preferences: int = 3,
                      shards: int = 2) -> AsyncIterator[World]:
-    account = f"e2e-{secrets.token_hex(4)}"
+    async with make_worlds(tmp_path, records=records, preferences=preferences,
+                           shards=shards) as worlds:
+        yield worlds[0]
+
+
+@contextlib.asynccontextmanager
+async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
+                      preferences: int = 3, shards: int = 2, store_url: str | None = None,
+                      broker_users: bool = False) -> AsyncIterator[list[World]]:
+    """``accounts`` prefsync accounts in one Dynamics org and one dotdigital simulator (each
+    with its own dotdigital account: 1001, 1002, ...), all in one config; a World per account.
+    The simulators are seeded alike, so the same people (emails) are in every account.
+    ``broker_users``: each account's services connect as its own RabbitMQ user, set up by
+    ``prefsync broker setup`` (needs rabbitmqctl)."""
+    ids = [f"e2e-{secrets.token_hex(4)}" for _ in range(accounts)]
+    dd_accounts = [str(int(DD_ACCOUNT) + i) for i in range(accounts)]
     secret = secrets.token_urlsafe(12)
-    password = "Pw-" + secrets.token_urlsafe(10)
-    env = {"DEMO_DYNAMICS_SECRET": secret, "DEMO_DOTDIGITAL_PASSWORD": password}
+    env = {"DEMO_DYNAMICS_SECRET": secret}
+    for i in range(accounts):
+        env[f"DEMO_DOTDIGITAL_PASSWORD_{i}"] = "Pw-" + secrets.token_urlsafe(10)
+        if broker_users:
+            env[f"DEMO_BROKER_PASSWORD_{i}"] = "Br-" + secrets.token_urlsafe(10)
+    if accounts == 1:  # the single-account world keeps its original variable name
+        env["DEMO_DOTDIGITAL_PASSWORD"] = env["DEMO_DOTDIGITAL_PASSWORD_0"]
     dynamics = DynamicsSimulator(clients=[f"demo:prefsync-demo:{secret}"])
     dotdigital = DotdigitalSimulator(
-        accounts=[f"{DD_ACCOUNT}:apiuser-demo@apiconnector.com:{password}"], import_delay_s=0.05)
+        accounts=[f"{dd}:apiuser-{dd}@apiconnector.com:{env[f'DEMO_DOTDIGITAL_PASSWORD_{i}']}"
+                  for i, dd in enumerate(dd_accounts)], import_delay_s=0.05)
     async with serve_app(dynamics.app) as dyn_url, serve_app(dotdigital.app) as dd_url, \
             aiohttp.ClientSession() as http:
         store_path = tmp_path / "ledger.db"
-        config = demo_config(account=account, dynamics_url=dyn_url, dotdigital_url=dd_url,
-                             broker_url=BROKER_URL, store_path=store_path, env=env, shards=shards)
-        config_path = tmp_path / "prefsync.toml"
-        _write_config(config_path, {
+        raw: dict[str, Any] = {
             "broker": {"url": BROKER_URL, "shards": shards},
-            "store": {"url": f"sqlite:///{store_path}"},
-            "accounts": [{
+            "store": {"url": store_url or f"sqlite:///{store_path}"},
+            "accounts": [],
+        }
+        for i, (account, dd) in enumerate(zip(ids, dd_accounts, strict=True)):
+            entry: dict[str, Any] = {
                 "id": account,
                 "dynamics": {"url": dyn_url, "token_url": f"{dyn_url}/demo/oauth2/v2.0/token",
                              "client_id": "prefsync-demo",
                              "client_secret_env": "DEMO_DYNAMICS_SECRET"},
-                "dotdigital": {"url": dd_url, "api_user": "apiuser-demo@apiconnector.com",
-                               "password_env": "DEMO_DOTDIGITAL_PASSWORD",
+                "dotdigital": {"url": dd_url, "api_user": f"apiuser-{dd}@apiconnector.com",
+                               "password_env": ("DEMO_DOTDIGITAL_PASSWORD" if accounts == 1
+                                                else f"DEMO_DOTDIGITAL_PASSWORD_{i}"),
                                "calls_per_minute": 6000},
-            }]})
-        world = World(account=account, config=config, config_path=config_path, env=env,
-                      dyn_url=dyn_url, dd_url=dd_url, http=http, records=records,
-                      preferences=seeding.leaf_preferences(preferences, SEED),
-                      people=seeding.people(records, SEED))
+            }
+            if broker_users:
+                entry["broker"] = {"password_env": f"DEMO_BROKER_PASSWORD_{i}"}
+            raw["accounts"].append(entry)
+        config = parse_config(raw, env=env)
+        config_path = tmp_path / "prefsync.toml"
+        _write_config(config_path, raw)
+        worlds = [World(account=account, config=config, config_path=config_path, env=env,
+                        dyn_url=dyn_url, dd_url=dd_url, http=http, records=records,
+                        preferences=seeding.leaf_preferences(preferences, SEED),
+                        people=seeding.people(records, SEED), dd_account=dd)
+                  for account, dd in zip(ids, dd_accounts, strict=True)]
         seed = {"records": records, "preferences": preferences, "seed": SEED}
-        await world.post(f"{dyn_url}/_sim/seed", {**seed, "account": account})
-        await world.post(f"{dd_url}/_sim/seed", {**seed, "account": DD_ACCOUNT})
+        await worlds[0].post(f"{dyn_url}/_sim/seed", {**seed, "account": ids[0]})
+        for world in worlds:
+            await world.post(f"{dd_url}/_sim/seed", {**seed, "account": world.dd_account})
+        for world in worlds[1:]:
+            await _add_catalog(world, preferences)
         try:
-            yield world
+            if broker_users:
+                await setup_broker(config=config, out=io.StringIO())
+            yield worlds
         finally:
-            await world.stop()
-            await delete_queues(account, shards)
+            for world in worlds:
+                await world.stop()
+            for account in ids:
+                await delete_queues(account, shards)
+            if broker_users:
+                await delete_broker_users(config.accounts[i].broker.user
+                                          for i in range(accounts))
+
+
+async def _add_catalog(world: World, preferences: int) -> None:
+    """The account's preference rows in the (already seeded) Dynamics org, as an administrator
+    would add them: the same dotdigital ids as the first account's, under this account."""
+    async with DataverseClient(config=world.config.account(world.account).dynamics) as client:
+        for node in seeding.preference_tree(preferences, SEED):
+            await client.create("psync_marketingpreferences", {
+                "psync_name": node.name, "psync_publicname": node.name,
+                "psync_ispublic": node.is_public, "psync_iscategory": not node.is_preference,
+                "psync_ecaccount": world.account, "psync_ecpreferenceid": node.id,
+                "psync_eccategoryid": node.category_id or None})
+
+
+async def delete_broker_users(users: Iterable[str]) -> None:
+    for user in users:
+        process = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "delete_user", user, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        await process.wait()
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Ledger store backends for tests: a SQLite file, or a fresh schema on the test PostgreSQL.
 
 PostgreSQL is ``PREFSYNC_TEST_POSTGRES_URL`` (default ``postgresql://root@127.0.0.1:5432/test``,
-trust auth). When it is unreachable its tests are skipped, unless ``PREFSYNC_REQUIRE_POSTGRES``
+trust auth). When it is unreachable its tests are skipped, unless ``PREFSYNC_CI``
 is set (CI sets it), which makes them fail.
 """
 
@@ -28,7 +28,7 @@ async def postgres_schema() -> AsyncIterator[str]:
         admin = await asyncpg.connect(POSTGRES_URL, timeout=10)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         message = f"PostgreSQL is not reachable ({type(exc).__name__}: {exc})"
-        if os.environ.get("PREFSYNC_REQUIRE_POSTGRES"):
+        if os.environ.get("PREFSYNC_CI"):
             pytest.fail(message)
         pytest.skip(message)
     schema = f"prefsync_test_{secrets.token_hex(6)}"
