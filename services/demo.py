@@ -58,6 +58,7 @@ def demo_config(*, account: str, dynamics_url: str, dotdigital_url: str, broker_
     raw: dict[str, Any] = {
         "broker": {"url": broker_url, "shards": shards},
         "store": {"url": f"sqlite:///{store_path}"},
+        "metrics": {"port": 0},  # any free port: several demos or tests may run at once
         "accounts": [{
             "id": account,
             "dynamics": {"url": dynamics_url, "token_url": f"{dynamics_url}/demo/oauth2/v2.0/token",

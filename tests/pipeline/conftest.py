@@ -185,7 +185,7 @@ async def delete_queues(account: str, shards: int) -> None:
 
 def _write_config(path: Path, config_raw: dict[str, Any]) -> None:
     lines = []
-    for key in ("broker", "store"):
+    for key in ("broker", "store", "metrics"):
         lines.append(f"[{key}]")
         lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in config_raw[key].items()]
     for account in config_raw["accounts"]:
@@ -237,6 +237,7 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
         raw: dict[str, Any] = {
             "broker": {"url": BROKER_URL, "shards": shards},
             "store": {"url": store_url or f"sqlite:///{store_path}"},
+            "metrics": {"port": 0},  # tests run side by side: any free port
             "accounts": [],
         }
         for i, (account, dd) in enumerate(zip(ids, dd_accounts, strict=True)):
