@@ -84,6 +84,9 @@ class WriteOutcome:
     retry: set[PreferenceKey] = field(default_factory=set)
     # a part failed with a 5xx or 429: record what did succeed, then redeliver the batch
     transient: str | None = None
+    # subscription rows written or read: the directory learns them only after the ledger
+    # committed what they say, so an If-Match never asserts a version the ledger has not seen
+    rows: list[SubscriptionRow] = field(default_factory=list)
 
 
 class TransientWriteError(RuntimeError):
@@ -133,6 +136,8 @@ class Writer:
         states = await self._store.load(set(commands))
         contacts = await self._store.load_contacts(self.account, {k.email for k in commands})
         outcome = WriteOutcome()
+        if self.side == "dynamics":
+            await self._fold_known_rows(commands, outcome)
         if self.side == "dotdigital":
             await self._read_before_write(commands, states, outcome)
             unknown = [k for k in commands if k not in covered
@@ -149,6 +154,8 @@ class Writer:
             else:
                 await self._write_dotdigital(todo, outcome)
         states = await self._commit_outcome(commands, todo, outcome)
+        if outcome.rows:
+            await self._store.upsert_subscriptions(self.account, outcome.rows)
         if outcome.transient is not None:
             raise TransientWriteError(outcome.transient)
         await self._dead_letter_failures(batch, owner, commands, outcome)
@@ -186,8 +193,9 @@ class Writer:
                               outcome: WriteOutcome) -> dict[PreferenceKey, KeyState]:
         """Record writes, refusals and what the writer read, in one transaction."""
         now = self._now()
+        keys = set(commands) | {o.key for o in outcome.observations}
         for _ in range(MAX_CONFLICT_RETRIES):
-            states: dict[PreferenceKey, KeyState] = await self._store.load(set(commands))
+            states: dict[PreferenceKey, KeyState] = await self._store.load(keys)
             history: list[domain.HistoryEntry] = []
             changed: dict[PreferenceKey, KeyState] = {}
             for observation in outcome.observations:
@@ -196,8 +204,9 @@ class Writer:
                 decision = domain.reconcile(before, observation)
                 if decision.changed:
                     changed[key] = decision.state
-                history.append(domain.HistoryEntry.for_observation(
-                    observation, decision=str(decision.outcome), recorded_at=now))
+                if decision.outcome != domain.Outcome.DUPLICATE:
+                    history.append(domain.HistoryEntry.for_observation(
+                        observation, decision=str(decision.outcome), recorded_at=now))
             for key, command in todo.items():
                 state = changed.get(key) or states.get(key) or KeyState(key=key)
                 if key in outcome.written:
@@ -272,21 +281,26 @@ class Writer:
         results = await self._dataverse.batch(operations, change_set=False,
                                               continue_on_error=True)
         ended = self._now() + CLOCK_MARGIN
-        written_rows: list[SubscriptionRow] = []
         conflicted: list[str] = []
+        unseen: list[RecordRef] = []  # a create met a row we had not seen
         for result in results:
             key, record, row_id = targets[result.content_id]
             if result.ok and result.body is not None:
                 version = int(result.body.get("versionnumber") or 0)
                 outcome.written[key].append((version, started, ended))
-                written_rows.append(SubscriptionRow(
+                outcome.rows.append(SubscriptionRow(
                     subscription_id=str(result.body["psync_marketingpreferencesubscriptionid"]),
                     record_id=record.record_id, preference_row_id=row_id,
-                    opted_in=result.body.get("psync_status") == OPTED_IN, version=version))
+                    opted_in=result.body.get("psync_status") == OPTED_IN, version=version,
+                    modified=result.body.get("modifiedon")))
             elif result.error is not None and result.status == 412:
+                # The row changed since we read it (ConcurrencyVersionMismatch), or a create
+                # met a row we had not seen (DuplicateRecord): read it, fold it in, re-issue.
                 existing = rows.get((record.record_id, row_id))
                 if existing is not None:
                     conflicted.append(existing.subscription_id)
+                else:
+                    unseen.append(record)
                 outcome.retry.add(key)
             elif result.error is not None and result.error.retryable:
                 outcome.transient = str(result.error)
@@ -297,19 +311,23 @@ class Writer:
                     code=error.code if error else str(result.status))
         # A key written to one record but failed on another counts as failed: the failure
         # is what needs attention; the successful part is recorded all the same.
-        if written_rows:
-            await self._store.upsert_subscriptions(self.account, written_rows)
+        fetched: list[dict[str, Any]] = []
         if conflicted:
-            await self._read_conflicted(conflicted, records, catalog, outcome)
+            fetched += await self._dataverse.get_rows_by_ids(
+                SUBSCRIPTIONS, id_column="psync_marketingpreferencesubscriptionid",
+                ids=conflicted, select=list(SUBSCRIPTION_COLUMNS))
+        for record_type, column in LOOKUP_COLUMNS.items():
+            ids = sorted({r.record_id for r in unseen if r.record_type == record_type})
+            if ids:
+                fetched += await self._dataverse.get_rows_by_ids(
+                    SUBSCRIPTIONS, id_column=column, ids=ids, select=list(SUBSCRIPTION_COLUMNS))
+        if fetched:
+            await self._fold_rows(fetched, records, catalog, outcome)
 
-    async def _read_conflicted(self, subscription_ids: Sequence[str],
-                               records: dict[str, list[RecordRef]], catalog: dict[int, str],
-                               outcome: WriteOutcome) -> None:
-        """Rows a user changed since we last saw them: fold their current state in."""
-        assert self._dataverse is not None
-        rows = await self._dataverse.get_rows_by_ids(
-            SUBSCRIPTIONS, id_column="psync_marketingpreferencesubscriptionid",
-            ids=list(subscription_ids), select=list(SUBSCRIPTION_COLUMNS))
+    async def _fold_rows(self, rows: Sequence[dict[str, Any]],
+                         records: dict[str, list[RecordRef]], catalog: dict[int, str],
+                         outcome: WriteOutcome) -> None:
+        """Rows changed or created behind our back: remember them, fold their state in."""
         email_of = {r.record_id: email for email, refs in records.items() for r in refs}
         preference_of = {row_id: ec for ec, row_id in catalog.items()}
         fresh: list[SubscriptionRow] = []
@@ -322,7 +340,8 @@ class Writer:
             fresh.append(SubscriptionRow(
                 subscription_id=str(row["psync_marketingpreferencesubscriptionid"]),
                 record_id=record_id, preference_row_id=str(row["_psync_preferenceid_value"]),
-                opted_in=status == OPTED_IN, version=int(row.get("versionnumber") or 0)))
+                opted_in=status == OPTED_IN, version=int(row.get("versionnumber") or 0),
+                modified=str(row.get("modifiedon"))))
             if status not in (OPTED_IN, OPTED_OUT):
                 continue
             outcome.observations.append(Observation(
@@ -333,8 +352,26 @@ class Writer:
                 version=int(row.get("versionnumber") or 0),
                 change_id=f"dyn:{row['psync_marketingpreferencesubscriptionid']}:"
                           f"{row.get('versionnumber')}"))
-        if fresh:
-            await self._store.upsert_subscriptions(self.account, fresh)
+        outcome.rows += fresh
+
+    async def _fold_known_rows(self, commands: dict[PreferenceKey, domain.WriteCommand],
+                               outcome: WriteOutcome) -> None:
+        """The rows we are about to write, as the directory last read them, folded in first.
+
+        The dynamics-poller records a row's version when it reads it, before the reconciler
+        has decided on that read; the write asserts that version with If-Match, so the ledger
+        must have taken the read into account first (folding a read twice changes nothing)."""
+        catalog = await self._catalog()
+        records = await self._store.records_for_emails(self.account, {k.email for k in commands})
+        pairs = {(r.record_id, catalog[k.preference_id]): k for k in commands
+                 if k.preference_id in catalog for r in records.get(k.email, [])}
+        for pair, row in (await self._store.subscriptions_for(self.account, list(pairs))).items():
+            if row.modified is None:
+                continue
+            outcome.observations.append(Observation(
+                key=pairs[pair], side="dynamics", opted_in=row.opted_in,
+                origin_time=parse_odata_time(row.modified), version=row.version,
+                change_id=f"dyn:{row.subscription_id}:{row.version}"))
 
     # --- dotdigital ------------------------------------------------------------------------
     async def _read_watermark(self, preference_id: int) -> datetime:

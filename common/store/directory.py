@@ -37,6 +37,7 @@ SCHEMA = (
         preference_row_id TEXT NOT NULL,
         opted_in INTEGER NOT NULL,
         version INTEGER NOT NULL,
+        modified TEXT,
         PRIMARY KEY (account, subscription_id))""",
     """CREATE INDEX IF NOT EXISTS dyn_subscriptions_pair
         ON dyn_subscriptions (account, record_id, preference_row_id)""",
@@ -65,6 +66,7 @@ class SubscriptionRow:
     preference_row_id: str
     opted_in: bool
     version: int
+    modified: str | None = None  # the row's modifiedon, as Dataverse wrote it
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
@@ -162,12 +164,13 @@ class SqliteDirectory:
     async def upsert_subscriptions(self, account: str, rows: Sequence[SubscriptionRow]) -> None:
         await self._many(
             "INSERT INTO dyn_subscriptions (account, subscription_id, record_id, "
-            "preference_row_id, opted_in, version) VALUES (?, ?, ?, ?, ?, ?) "
+            "preference_row_id, opted_in, version, modified) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (account, subscription_id) DO UPDATE SET "
-            "opted_in = excluded.opted_in, version = excluded.version "
+            "opted_in = excluded.opted_in, version = excluded.version, "
+            "modified = excluded.modified "
             "WHERE excluded.version >= dyn_subscriptions.version",
             [(account, r.subscription_id, r.record_id, r.preference_row_id, int(r.opted_in),
-              r.version) for r in rows])
+              r.version, r.modified) for r in rows])
 
     async def forget_subscriptions(self, account: str, subscription_ids: Sequence[str]) -> None:
         await self._in("DELETE FROM dyn_subscriptions WHERE account = ? "
@@ -179,7 +182,7 @@ class SqliteDirectory:
         """Known subscription rows by (record id, preference row id)."""
         wanted = set(pairs)
         rows = await self._in(
-            "SELECT subscription_id, record_id, preference_row_id, opted_in, version "
+            "SELECT subscription_id, record_id, preference_row_id, opted_in, version, modified "
             "FROM dyn_subscriptions WHERE account = ? AND record_id IN ({})", (account,),
             sorted({record for record, _ in wanted}))
         found: dict[tuple[str, str], SubscriptionRow] = {}
@@ -188,7 +191,7 @@ class SqliteDirectory:
             if pair in wanted:
                 found[pair] = SubscriptionRow(subscription_id=str(r[0]), record_id=pair[0],
                                               preference_row_id=pair[1], opted_in=bool(r[3]),
-                                              version=int(r[4]))
+                                              version=int(r[4]), modified=r[5])
         return found
 
     # --- dotdigital writes waiting for a complete read of their preference -----------------

@@ -157,3 +157,37 @@ async def test_malformed_message_is_dead_lettered_and_sync_goes_on(world: World)
                 assert "missing field" in str(message.headers["x-prefsync-reason"])
                 await message.ack()
                 break
+
+
+async def test_a_row_created_behind_our_back_is_read_not_duplicated(world: World) -> None:
+    """The writer goes to create a Dynamics row that a user created after the poller's read:
+    Dataverse refuses the duplicate, the writer reads the row, and the newer value wins."""
+    await world.start()
+    await converge(world)
+    # someone with neither side set for a preference
+    unset = [(person, p) for person in world.people[:20] for p in world.preferences
+             if await world.values(person.email, p.id) == ({None}, None)]
+    if not unset:
+        pytest.skip("every seeded person has every preference set somewhere")
+    person, preference = unset[0]
+    await world.edit_dotdigital(person.email, preference.id, True)
+    # Hold our $batch write in flight; the user creates the row while it is held.
+    await world.faults("dynamics", {"latency_ms": {"POST /api/data/v9.2/$batch": 1500}})
+    batches = (await world.stats("dynamics"))["calls"].get("POST /api/data/v9.2/$batch", 0)
+    run = asyncio.create_task(world.sync())
+    for _ in range(400):
+        calls = (await world.stats("dynamics"))["calls"]
+        if calls.get("POST /api/data/v9.2/$batch", 0) > batches:
+            break
+        await asyncio.sleep(0.025)
+    else:
+        pytest.fail("the write never reached Dataverse")
+    await world.set_clock("dynamics", {"offset_s": 5})
+    await world.edit_dynamics(person.email, preference.id, False)
+    summary = await run
+    await world.faults("dynamics", None)
+    assert summary["failed"] == 0, summary
+    # the create met the user's row (DuplicateRecord) and was not retried forever
+    assert (await world.stats("dynamics"))["statuses"].get("412", 0) >= 1
+    await world.sync()
+    assert await world.values(person.email, preference.id) == ({False}, False)
