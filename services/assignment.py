@@ -134,13 +134,12 @@ class ShardAssigner:
                 self._release(group, queue)
             for queue in sorted(mine - set(group.held)):
                 started.append(self._take(group, queue, tasks))
-        if started or not self.settled.is_set():
+        if not self.settled.is_set():
+            # Only the first round waits (readiness); later ones must not delay the heartbeat.
             await self._until_consuming(started)
-            if not self.settled.is_set():
-                self.settled.set()
-                log.info("consuming its shards", extra={"service": self.service,
-                                                        "replica": self.member,
-                                                        "queues": self.held})
+            self.settled.set()
+            log.info("consuming its shards", extra={"service": self.service,
+                                                    "replica": self.member, "queues": self.held})
 
     def _take(self, group: _Group, queue: str, tasks: asyncio.TaskGroup) -> QueueConsumer:
         consumer = group.makers[queue]()
