@@ -90,7 +90,6 @@ class ShardAssigner:
         self._heartbeat_s = heartbeat_s
         self._ttl_s = ttl_s
         self._groups: dict[str, _Group] = {}
-        self._tasks: dict[QueueConsumer, asyncio.Task[None]] = {}
         # set once the first assignment's consumers are all consuming
         self.settled = asyncio.Event()
 
@@ -146,7 +145,6 @@ class ShardAssigner:
         group.held[queue] = consumer
         self._consumers.append(consumer)
         task = tasks.create_task(consumer.run())
-        self._tasks[consumer] = task
         task.add_done_callback(lambda _: self._forget(consumer))
         log.info("took a shard", extra={"service": self.service, "queue": queue,
                                         "replica": self.member})
@@ -159,7 +157,6 @@ class ShardAssigner:
                                                 "replica": self.member})
 
     def _forget(self, consumer: QueueConsumer) -> None:
-        self._tasks.pop(consumer, None)
         with contextlib.suppress(ValueError):
             self._consumers.remove(consumer)
 
