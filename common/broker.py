@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aio_pika
@@ -159,7 +160,8 @@ class DeadLetterer:
             "x-prefsync-queue": queue,
             "x-prefsync-original-exchange": message.exchange or "",
             "x-prefsync-original-routing-key": message.routing_key or "",
-            "x-prefsync-dead-at": time.time(),
+            # a string: AMQP tables would carry a float as 32 bits, minutes off for a time
+            "x-prefsync-dead-at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         })
         await self._publisher.publish_many([Outgoing(
             exchange=DEAD_EXCHANGE,

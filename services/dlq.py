@@ -135,7 +135,7 @@ def kept_headers(entry: Entry) -> dict[str, Any]:
             "x-prefsync-original-routing-key": entry.original_routing_key,
         })
     if entry.dead_at is not None:
-        headers["x-prefsync-dead-at"] = entry.dead_at.timestamp()
+        headers["x-prefsync-dead-at"] = entry.dead_at.isoformat(timespec="milliseconds")
     return headers
 
 

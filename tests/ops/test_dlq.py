@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -52,7 +51,7 @@ async def dead(tmp_path: Path) -> AsyncIterator[tuple[Config, str]]:
                     "x-prefsync-kind": kind, "x-prefsync-queue": "q",
                     "x-prefsync-original-exchange": CHANGES_EXCHANGE,
                     "x-prefsync-original-routing-key": Topology.changes_key(account, 0),
-                    "x-prefsync-dead-at": time.time() - 3600})])
+                    "x-prefsync-dead-at": (datetime.now(UTC) - timedelta(hours=1)).isoformat()})])
         # the broker dead-letters a message that keeps failing (delivery limit)
         await publisher.publish_many([Outgoing(
             exchange=CHANGES_EXCHANGE, routing_key=Topology.changes_key(account, 0),
