@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
 
@@ -75,6 +76,40 @@ def build_parser() -> argparse.ArgumentParser:
     now.add_argument("--wait", action="store_true",
                      help="wait until what this run read is reconciled and written")
     now.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+
+    schedule = sub.add_parser("schedule", help="show or change an account's sync schedule "
+                                               "(takes effect without a restart)")
+    schedule.add_argument("account")
+    schedule.add_argument("schedule", nargs="?", default=None,
+                          help="'manual', 'every 30m' (s, m, h, d) or 'daily 02:00 Europe/London'")
+    schedule.add_argument("--clear", action="store_true",
+                          help="go back to the schedule in the config")
+    _add_config(schedule)
+
+    status = sub.add_parser("status", help="sync status: queued, running, last success, next "
+                                           "run, counts")
+    status.add_argument("account", nargs="?", default=None, help="default: every account")
+    status.add_argument("--json", action="store_true")
+    _add_config(status)
+
+    for name, text in (("prefs", "one email's preferences, contact methods and contact status"),
+                       ("history", "every change seen for one email and what the sync decided")):
+        view = sub.add_parser(name, help=text)
+        view.add_argument("account")
+        view.add_argument("email")
+        if name == "prefs":
+            view.add_argument("--filter", default="all",
+                              choices=("all", "opted-in", "opted-out", "private", "public"))
+        view.add_argument("--json", action="store_true")
+        _add_config(view)
+
+    api = sub.add_parser("api", help="serve status, preferences and history as JSON over HTTP")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8090)
+    api.add_argument("--token-env", default=None, metavar="NAME",
+                     help="require 'Authorization: Bearer <token>', the token read from this "
+                          "environment variable")
+    _add_config(api)
 
     replay = sub.add_parser("replay", help="feed an account's logged changes through again")
     replay.add_argument("account")
@@ -213,12 +248,44 @@ async def _dispatch(args: argparse.Namespace) -> int:
         except BrokerSetupError as exc:
             print(f"prefsync: broker setup: {exc}", file=sys.stderr)
             return 1
+    if args.command == "schedule":
+        from services.schedules import schedule_command
+
+        return await schedule_command(config=config, account=args.account, text=args.schedule,
+                                      clear=args.clear)
+    if args.command in ("status", "prefs", "history", "api"):
+        return await _show(args, config)
     if args.command == "sync-now":
         from services.sync_now import sync_now
 
         return await sync_now(config=config, account=args.account, wait=args.wait,
                               timeout_s=args.timeout)
     raise AssertionError(args.command)
+
+
+async def _show(args: argparse.Namespace, config: Any) -> int:
+    """The read-only views: status, prefs, history, and the API serving them."""
+    from services import prefs
+
+    if args.command == "status":
+        return await prefs.show_status(config=config, account=args.account, as_json=args.json)
+    if args.command == "prefs":
+        return await prefs.show_preferences(config=config, account=args.account,
+                                            email=args.email, wanted=args.filter,
+                                            as_json=args.json)
+    if args.command == "history":
+        return await prefs.show_history(config=config, account=args.account, email=args.email,
+                                        as_json=args.json)
+    from common.config import ConfigError, Secret
+
+    token = None
+    if args.token_env:
+        value = os.environ.get(args.token_env)
+        if not value:
+            raise ConfigError("--token-env", f"environment variable {args.token_env} is not set")
+        token = Secret(value)
+    await prefs.serve_api(config=config, host=args.host, port=args.port, token=token)
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,17 @@ publish of that page:
    account's preference catalog, published as preference changes. Records that became eligible
    since the last run have their current rows read and published too.
 
+Before these, the account's preference catalog is mirrored from dotdigital's tree
+(:mod:`services.catalog`), so the mapping used for the subscription rows is current.
+
+A record whose email changed keeps its subscription rows, but the preferences belong to the
+email: with ``on_email_change = "fresh"`` (the default) the new email starts from what
+dotdigital holds for it; with ``"carry"`` the old email's preferences are carried to the new one
+(as a Dynamics change at the record's ``modifiedon``), so both sides follow.
+
+Subscription rows of records that were never in an email-activated list are not published;
+the ``ineligible`` decision goes into the history for the record's email.
+
 Then it starts the ec-poller's part of the same run, so dotdigital is read after eligibility is
 known.
 """
@@ -28,12 +39,22 @@ import orjson
 
 from common import messages
 from common.broker import Outgoing, Publisher
-from common.clients.dataverse import DataverseClient, DeltaTokenExpired, odata_literal
+from common.clients.dataverse import DataverseClient, DeltaTokenExpired
+from common.clients.dotdigital import DotdigitalClient
 from common.config import AccountConfig
-from common.domain import normalize_email
+from common.domain import HistoryEntry, normalize_email
 from common.messages import EligibleContact, Envelope, PreferenceChange
 from common.store.directory import RecordRef, SubscriptionRow
 from common.topology import CONTROL_EXCHANGE, Topology
+from services.catalog import (
+    MAPPING_CHECKPOINT,
+    TREE_CHECKPOINT,
+    MirrorResult,
+    catalog_rows,
+    load_tree,
+    mapping_of,
+    mirror_catalog,
+)
 from services.publishing import envelopes_by_shard, ids_of, publish_progress, stable_id
 from services.triggers import RunRequest
 
@@ -41,7 +62,6 @@ log = logging.getLogger("prefsync.dynamics_poller")
 
 SERVICE = "dynamics-poller"
 SUBSCRIPTIONS = "psync_marketingpreferencesubscriptions"
-PREFERENCES = "psync_marketingpreferences"
 OPTED_IN, OPTED_OUT = 100000000, 100000001
 RecordType = Literal["contact", "lead", "account"]
 RECORD_TABLES: dict[RecordType, tuple[str, str, str]] = {
@@ -69,7 +89,18 @@ class RunCounts:
     ineligible: int = 0
     without_email: int = 0
     other_account: int = 0
+    email_changes: int = 0
     message_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmailChange:
+    """An eligible record whose email changed (seen in the directory read)."""
+
+    record_id: str
+    old: str
+    new: str
+    at: datetime
 
 
 def parse_odata_time(value: str) -> datetime:
@@ -83,45 +114,59 @@ def active_record(record_type: RecordType, row: dict[str, Any]) -> bool:
 
 class DynamicsPoller:
     def __init__(self, *, account: AccountConfig, client: DataverseClient, store: Any,
-                 publisher: Publisher, shards: int) -> None:
+                 publisher: Publisher, shards: int,
+                 dotdigital: DotdigitalClient | None = None) -> None:
         self.account = account
         self._client = client
         self._store = store
         self._publisher = publisher
         self._shards = shards
+        # reads dotdigital's preference tree at the start of a run (else: the last one read)
+        self._dotdigital = dotdigital
+        self._email_changes: list[EmailChange] = []
 
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
+        mirrored = await self.mirror_catalog()
         catalog = await self.refresh_catalog()
+        self._email_changes = []
         await self._refresh_directory()
         newly_eligible = await self._refresh_eligibility()
         full_read = await self._read_subscriptions(request, catalog, counts)
         if newly_eligible and not full_read:
             await self._publish_rows_of_records(request, catalog, sorted(newly_eligible), counts)
         emails = await self._store.emails_of_records(self.account.id, sorted(newly_eligible))
-        await self._start_ec_part(request, sorted(emails))
+        moved = await self._follow_email_changes(request, counts)
+        await self._start_ec_part(request, sorted(set(emails) | moved))
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="poller-done", fields={
                                    "source": "dynamics", "messages": counts.message_ids,
                                    "read": counts.read, "published": counts.published,
                                    "ineligible": counts.ineligible,
-                                   "without_email": counts.without_email})
+                                   "without_email": counts.without_email,
+                                   "email_changes": counts.email_changes,
+                                   "catalog": mirrored.as_dict()})
         log.info("dynamics read done", extra={
             "account": self.account.id, "run_id": request.run_id, "read": counts.read,
             "published": counts.published, "ineligible": counts.ineligible})
 
     # --- catalog ---------------------------------------------------------------------------
+    async def mirror_catalog(self) -> MirrorResult:
+        """Mirror dotdigital's preference tree into this account's catalog rows."""
+        if self._dotdigital is not None:
+            tree = await self._dotdigital.preferences()
+            await self._store.set_checkpoint(self.account.id, TREE_CHECKPOINT,
+                                             orjson.dumps(tree).decode())
+        else:
+            tree = await load_tree(self._store, self.account.id)
+        if not tree:
+            return MirrorResult()  # dotdigital not read yet: nothing to mirror from
+        return await mirror_catalog(client=self._client, account=self.account.id, tree=tree)
+
     async def refresh_catalog(self) -> dict[str, int]:
-        """This account's preferences: Dynamics row id -> dotdigital preference id."""
-        catalog: dict[str, int] = {}
-        async for page in self._client.iter_pages(
-                PREFERENCES,
-                select=["psync_marketingpreferenceid", "psync_ecpreferenceid", "statecode"],
-                filter=f"psync_ecaccount eq {odata_literal(self.account.id)}"):
-            for row in page.rows:
-                if row.get("psync_ecpreferenceid") is not None:
-                    catalog[str(row["psync_marketingpreferenceid"])] = int(row["psync_ecpreferenceid"])
-        await self._store.set_checkpoint(self.account.id, "dynamics:catalog",
+        """This account's active preferences: Dynamics row id -> dotdigital preference id."""
+        catalog = mapping_of(await catalog_rows(self._client, account=self.account.id))
+        await self._store.set_checkpoint(self.account.id, MAPPING_CHECKPOINT,
                                          orjson.dumps(catalog).decode())
         return catalog
 
@@ -140,9 +185,10 @@ class DynamicsPoller:
     async def _read_directory(self, record_type: RecordType, entity_set: str, key: str,
                               source: str, cursor: str | None) -> None:
         async for page in self._client.iter_changes(
-                entity_set, select=[key, "emailaddress1", "statecode"], cursor=cursor,
-                page_size=self.account.dynamics.page_size):
+                entity_set, select=[key, "emailaddress1", "statecode", "modifiedon"],
+                cursor=cursor, page_size=self.account.dynamics.page_size):
             refs = [self._record_ref(record_type, key, row) for row in page.rows]
+            await self._note_email_changes(refs, page.rows)
             await self._store.upsert_records(self.account.id, refs)
             if page.deleted_ids:
                 await self._store.forget_records(self.account.id, page.deleted_ids)
@@ -158,6 +204,49 @@ class DynamicsPoller:
             email = None
         return RecordRef(record_type=record_type, record_id=str(row[key]), email=email,
                          active=active_record(record_type, row))
+
+    async def _note_email_changes(self, refs: Sequence[RecordRef],
+                                  rows: Sequence[dict[str, Any]]) -> None:
+        before = await self._store.records(self.account.id, [r.record_id for r in refs])
+        for ref, row in zip(refs, rows, strict=True):
+            old = before.get(ref.record_id)
+            if (old is not None and old.eligible and old.email and ref.email
+                    and old.email != ref.email):
+                at = (parse_odata_time(str(row["modifiedon"])) if row.get("modifiedon")
+                      else datetime.now(UTC))
+                self._email_changes.append(EmailChange(record_id=ref.record_id, old=old.email,
+                                                       new=ref.email, at=at))
+
+    async def _follow_email_changes(self, request: RunRequest, counts: RunCounts) -> set[str]:
+        """Records whose email changed: the new emails, whose dotdigital state is read in this
+        run; with ``carry``, the old email's preferences are published for the new one."""
+        changes, self._email_changes = self._email_changes, []
+        if not changes:
+            return set()
+        counts.email_changes += len(changes)
+        carried = []
+        if self.account.on_email_change == "carry":
+            for change in changes:
+                for state in await self._store.states_for_email(self.account.id, change.old):
+                    if state.register is None:
+                        continue
+                    carried.append(PreferenceChange(
+                        email=change.new, preference_id=state.key.preference_id,
+                        opted_in=state.register.opted_in, origin_time=change.at,
+                        change_id=f"carry:{change.record_id}:{change.old}:"
+                                  f"{state.key.preference_id}:{change.at.isoformat()}"))
+        if carried:
+            outgoing = envelopes_by_shard(
+                account=self.account.id, source="dynamics", type="preference-changes",
+                changes=carried, shards=self._shards, run_id=request.run_id,
+                id_seed=f"{request.run_id}:carry")
+            await self._publisher.publish_many(outgoing)
+            counts.published += len(carried)
+            counts.message_ids.extend(ids_of(outgoing))
+        log.info("records changed email", extra={
+            "account": self.account.id, "records": len(changes), "carried": len(carried),
+            "on_email_change": self.account.on_email_change})
+        return {c.new for c in changes}
 
     # --- eligibility -----------------------------------------------------------------------
     async def _refresh_eligibility(self) -> set[str]:
@@ -240,6 +329,8 @@ class DynamicsPoller:
             records.update(await self._fetch_records(missing))
         changes: list[PreferenceChange] = []
         subscription_rows: list[SubscriptionRow] = []
+        ineligible: list[HistoryEntry] = []
+        now = datetime.now(UTC)
         for row, record_id, preference in wanted:
             record = records.get(record_id)
             status = row.get("psync_status")
@@ -250,20 +341,32 @@ class DynamicsPoller:
                     subscription_id=str(row["psync_marketingpreferencesubscriptionid"]),
                     record_id=record_id, preference_row_id=str(row["_psync_preferenceid_value"]),
                     opted_in=status == OPTED_IN, version=int(row.get("versionnumber") or 0)))
+            change = None
+            if record is not None and record.email is not None:
+                change = PreferenceChange(
+                    email=record.email, preference_id=preference, opted_in=status == OPTED_IN,
+                    origin_time=parse_odata_time(str(row["modifiedon"])),
+                    version=int(row.get("versionnumber") or 0),
+                    change_id=f"dyn:{row['psync_marketingpreferencesubscriptionid']}:"
+                              f"{row.get('versionnumber')}")
             if record is None or not record.eligible:
                 counts.ineligible += 1
+                if change is not None:
+                    # never read into the ledger; the decision is on record for the email
+                    ineligible.append(HistoryEntry(
+                        account=self.account.id, email=change.email, preference_id=preference,
+                        side="dynamics", opted_in=change.opted_in,
+                        origin_time=change.origin_time, change_id=change.change_id,
+                        decision="ineligible", recorded_at=now))
                 continue
-            if record.email is None:
+            if change is None:
                 counts.without_email += 1
                 continue
-            changes.append(PreferenceChange(
-                email=record.email, preference_id=preference, opted_in=status == OPTED_IN,
-                origin_time=parse_odata_time(str(row["modifiedon"])),
-                version=int(row.get("versionnumber") or 0),
-                change_id=f"dyn:{row['psync_marketingpreferencesubscriptionid']}:"
-                          f"{row.get('versionnumber')}"))
+            changes.append(change)
         if subscription_rows:
             await self._store.upsert_subscriptions(self.account.id, subscription_rows)
+        if ineligible:
+            await self._store.save([], history=ineligible)
         outgoing = envelopes_by_shard(
             account=self.account.id, source="dynamics", type="preference-changes",
             changes=changes, shards=self._shards, run_id=request.run_id, id_seed=id_seed)
@@ -276,7 +379,7 @@ class DynamicsPoller:
         for record_type, (entity_set, key, _) in RECORD_TABLES.items():
             rows = await self._client.get_rows_by_ids(
                 entity_set, id_column=key, ids=sorted(record_ids),
-                select=[key, "emailaddress1", "statecode"])
+                select=[key, "emailaddress1", "statecode", "modifiedon"])
             if rows:
                 await self._store.upsert_records(
                     self.account.id, [self._record_ref(record_type, key, r) for r in rows])

@@ -7,6 +7,11 @@ opt-ins-since feed (opt-outs included) with each change's ``dateModifed``, check
 unsubscriptions since the last run. Emails that became eligible in Dynamics since the last run
 have their current dotdigital state read directly (or, when there are many, every feed is read
 from the beginning).
+
+Resubscriptions: a contact the ledger holds as suppressed that dotdigital lists again among the
+contacts modified since the last run (v3 ``~modified``) with an active status gets a status
+change, so the reconciler resumes its sync (folding in what was parked meanwhile). Only such
+contacts are published; suppressions themselves come from the suppressed-since feeds.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import orjson
 from common.broker import Publisher
 from common.clients.base import VendorError
 from common.clients.dotdigital import DotdigitalClient
-from common.clients.dotdigital_models import ContactOptIns, Suppression
+from common.clients.dotdigital_models import ContactOptIns, ContactV3, Suppression
 from common.config import AccountConfig
-from common.domain import normalize_email
+from common.domain import is_suppressed, normalize_email
 from common.messages import Change, ContactStatusChange, PreferenceChange
 from services.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
 from services.triggers import RunRequest
@@ -72,6 +77,7 @@ class EcPoller:
                                                   counts)
                       for preference_id in leaf_preference_ids(tree)]
         await self._read_removals(request, started, full_read, counts)
+        await self._read_resubscriptions(request, started, counts)
         # Feeds read from the beginning already hold every contact's state.
         if request.eligible_emails and not all(from_start):
             await self._read_contacts(request, request.eligible_emails, counts)
@@ -164,6 +170,44 @@ class EcPoller:
             email=email, status=suppression.contact.status or suppression.reason,
             origin_time=suppression.removed,
             change_id=f"ec-removed:{suppression.contact.id}:{suppression.removed.isoformat()}")
+
+    async def _read_resubscriptions(self, request: RunRequest, started: datetime,
+                                    counts: RunCounts) -> None:
+        """Contacts the ledger holds as suppressed that dotdigital has as active again."""
+        source = "dotdigital:contacts-modified"
+        saved = await self._store.get_checkpoint(self.account.id, source)
+        if saved is not None:
+            page_no = 0
+            async for page in self._client.iter_contacts_v3(
+                    modified_since=datetime.fromisoformat(saved), include=(), limit=5000):
+                page_no += 1
+                active = {}
+                for contact in page:
+                    email = self._active_email(contact)
+                    if email is not None:
+                        active[email] = contact
+                stored = await self._store.load_contacts(self.account.id, active)
+                resumed: list[Change] = [
+                    ContactStatusChange(
+                        email=email, status=str(contact.status),
+                        origin_time=contact.updated or started,
+                        change_id=f"ec-active:{contact.contact_id}:"
+                                  f"{(contact.updated or started).isoformat()}")
+                    for email, contact in active.items()
+                    if email in stored and stored[email].suppressed]
+                await self._publish(request, resumed, counts,
+                                    id_seed=f"{request.run_id}:{source}:{saved}:{page_no}")
+        # First run: the feeds read from the beginning carry every contact's status.
+        await self._store.set_checkpoint(self.account.id, source, started.isoformat())
+
+    @staticmethod
+    def _active_email(contact: ContactV3) -> str | None:
+        if not contact.email or not contact.status:
+            return None
+        try:
+            return None if is_suppressed(contact.status) else normalize_email(contact.email)
+        except ValueError:
+            return None  # an unknown status or a malformed address: leave it alone
 
     async def _read_contacts(self, request: RunRequest, emails: Sequence[str],
                              counts: RunCounts) -> None:

@@ -6,6 +6,17 @@ in order with the pure rules of :mod:`common.domain`, commits the new states and
 in one compare-and-set transaction, publishes the write commands (confirmed) and only then lets
 the messages be acked. A crash between commit and publish loses nothing: the redelivered
 messages are duplicates whose outstanding writes are emitted again, with the same message ids.
+
+Sync rules applied here besides the pure ones:
+
+- a dotdigital change for an email no eligible Dynamics record has is ``ineligible``: recorded
+  in the history, never read into a key state;
+- a change for a suppressed contact is ``suppressed`` (history) and parked; when the contact is
+  resubscribed the parked changes are folded in and every outstanding write of the email goes
+  out again, so sync resumes with the contact's current preferences;
+- several Dynamics records with one email hold the same preferences: when the register's value
+  is known on the Dynamics side but another active record's subscription row (as the record
+  directory has it) differs or is missing, a Dynamics write goes out for it too.
 """
 
 from __future__ import annotations
@@ -24,14 +35,17 @@ from common.domain import (
     HistoryEntry,
     KeyState,
     Observation,
+    PendingWrite,
     PreferenceKey,
     apply_contact_status,
+    is_suppressed,
     reconcile,
 )
 from common.messages import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messages import WriteCommand as WriteMessage
 from common.store import ConflictError
 from common.topology import SIDES, shard_of
+from services.catalog import load_catalog
 from services.publishing import envelopes_by_shard, publish_progress
 
 log = logging.getLogger("prefsync.reconciler")
@@ -60,6 +74,12 @@ class BatchResult:
     # preference ids whose complete dotdigital read ended in this batch (this shard)
     markers: list[ReadComplete] = field(default_factory=list)
     owner_of_marker: dict[int, int] = field(default_factory=dict)
+    # observations of suppressed contacts (kept until they resubscribe), and the emails whose
+    # contact resubscribed in this batch (their parked observations were folded in)
+    parked: list[Observation] = field(default_factory=list)
+    resumed: set[str] = field(default_factory=set)
+    # Dynamics writes so that every record of an email holds the register's value
+    follow: dict[PreferenceKey, domain.WriteCommand] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -75,6 +95,7 @@ class Reconciler:
     async def handle(self, batch: Sequence[Delivery]) -> None:
         for attempt in range(MAX_CONFLICT_RETRIES):
             result = await self._fold(batch)
+            await self._follow_records(result)
             try:
                 await self._store.save(
                     [(result.states[k].revision or None, result.states[k], None)
@@ -90,6 +111,11 @@ class Reconciler:
         if result.changed_contacts:
             # Contact states are monotonic in their own time, so they need no compare-and-set.
             await self._store.save_contacts([result.contacts[e] for e in result.changed_contacts])
+        if result.parked:
+            await self._store.park_observations(result.parked)
+        if result.resumed:
+            # after the contact state: a crash before this folds the same observations again
+            await self._store.unpark_observations(self.account, result.resumed)
         await self._emit(batch, result)
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
@@ -100,8 +126,13 @@ class Reconciler:
                 for d in batch for c in d.envelope.changes if isinstance(c, PreferenceChange)}
         from_dotdigital = {c.email for d in batch if d.envelope.source == "dotdigital"
                            for c in d.envelope.changes if isinstance(c, PreferenceChange)}
-        result = BatchResult(states=await self._store.load(keys),
-                             contacts=await self._store.load_contacts(account, emails))
+        contacts = await self._store.load_contacts(account, emails)
+        parked = await self._parked_of_resuming(batch, contacts)
+        keys |= {o.key for o in parked}
+        result = BatchResult(states=await self._store.load(keys), contacts=contacts)
+        for email in {o.key.email for o in parked} | await self._resuming(batch, contacts):
+            for state in await self._store.states_for_email(account, email):
+                result.states.setdefault(state.key, state)
         eligible = await self._store.eligible_emails(account, from_dotdigital)
         now = datetime.now(UTC)
         for index, delivery in enumerate(batch):
@@ -113,7 +144,8 @@ class Reconciler:
                     result.owner_of_marker[change.preference_id] = index
                     continue
                 if isinstance(change, ContactStatusChange):
-                    self._contact(result, change)
+                    if self._contact(result, change):
+                        self._resume(result, index, change.email, parked, now)
                     continue
                 if not isinstance(change, PreferenceChange):
                     continue
@@ -123,26 +155,79 @@ class Reconciler:
                                           origin_time=change.origin_time, version=change.version,
                                           change_id=change.change_id)
                 if side == "dotdigital" and change.email not in eligible:
-                    # Never in an email-activated list in Dynamics: not read into the ledger.
-                    result.outcomes[index]["ineligible"] += 1
-                    continue
-                decision = reconcile(result.states.get(key), observation,
-                                     contact=result.contacts.get(change.email))
-                outcome = str(decision.outcome)
-                result.outcomes[index][outcome] += 1
-                if decision.changed:
-                    result.states[key] = decision.state
-                    result.changed_keys.add(key)
-                if decision.outcome != domain.Outcome.DUPLICATE:
+                    # Never in an email-activated list in Dynamics: not read into the ledger,
+                    # but the decision is on record.
+                    self._count(result, index, "ineligible")
                     result.history.append(HistoryEntry.for_observation(
-                        observation, decision=outcome, recorded_at=now))
-                # The last delivery to touch a key publishes its outstanding writes.
-                result.owner[key] = index
-                if self._on_outcome is not None:
-                    self._on_outcome(account, outcome)
+                        observation, decision="ineligible", recorded_at=now))
+                    continue
+                self._observe(result, index, observation, now)
         return result
 
-    def _contact(self, result: BatchResult, change: ContactStatusChange) -> None:
+    def _count(self, result: BatchResult, index: int, outcome: str) -> None:
+        result.outcomes[index][outcome] += 1
+        if self._on_outcome is not None:
+            self._on_outcome(self.account, outcome)
+
+    def _observe(self, result: BatchResult, index: int, observation: Observation,
+                 now: datetime) -> None:
+        key = observation.key
+        decision = reconcile(result.states.get(key), observation,
+                             contact=result.contacts.get(key.email))
+        outcome = str(decision.outcome)
+        self._count(result, index, outcome)
+        if decision.changed:
+            result.states[key] = decision.state
+            result.changed_keys.add(key)
+        if decision.outcome == domain.Outcome.SUPPRESSED:
+            result.parked.append(observation)
+        if decision.outcome != domain.Outcome.DUPLICATE:
+            result.history.append(HistoryEntry.for_observation(
+                observation, decision=outcome, recorded_at=now))
+        # The last delivery to touch a key publishes its outstanding writes.
+        result.owner[key] = index
+
+    # --- suppression -----------------------------------------------------------------------
+    @staticmethod
+    def _lifts_suppression(change: ContactStatusChange,
+                           contacts: dict[str, ContactState]) -> bool:
+        stored = contacts.get(change.email)
+        if stored is None or not stored.suppressed:
+            return False
+        try:
+            return not is_suppressed(change.status)
+        except ValueError:
+            return False
+
+    async def _resuming(self, batch: Sequence[Delivery],
+                        contacts: dict[str, ContactState]) -> set[str]:
+        """Emails whose stored contact is suppressed and that this batch may resubscribe."""
+        return {c.email for d in batch for c in d.envelope.changes
+                if isinstance(c, ContactStatusChange) and self._lifts_suppression(c, contacts)}
+
+    async def _parked_of_resuming(self, batch: Sequence[Delivery],
+                                  contacts: dict[str, ContactState]) -> list[Observation]:
+        resuming = await self._resuming(batch, contacts)
+        if not resuming:
+            return []
+        parked: list[Observation] = await self._store.parked_observations(self.account,
+                                                                          resuming)
+        return parked
+
+    def _resume(self, result: BatchResult, index: int, email: str,
+                parked: Sequence[Observation], now: datetime) -> None:
+        """The contact was resubscribed: fold in what was parked while it was suppressed, and
+        let every key of the email publish its outstanding writes again."""
+        result.resumed.add(email)
+        for observation in parked:
+            if observation.key.email == email:
+                self._observe(result, index, observation, now)
+        for key in result.states:
+            if key.email == email:
+                result.owner[key] = index
+
+    def _contact(self, result: BatchResult, change: ContactStatusChange) -> bool:
+        """Applies a status change; returns True when it resubscribed a suppressed contact."""
         try:
             decision = apply_contact_status(result.contacts.get(change.email),
                                             account=self.account, email=change.email,
@@ -150,10 +235,55 @@ class Reconciler:
         except ValueError:
             log.warning("unknown dotdigital contact status %r ignored", change.status,
                         extra={"account": self.account})
-            return
+            return False
         if decision.changed:
             result.contacts[change.email] = decision.state
             result.changed_contacts.add(change.email)
+        return decision.resumed
+
+    # --- several records per email -----------------------------------------------------------
+    async def _follow_records(self, result: BatchResult) -> None:
+        """Every active record of an email holds the register's value: where the Dynamics side
+        is known to hold it (so no write is outstanding) but another record's subscription row
+        differs or is missing, a Dynamics write goes out (``pending`` remembers it)."""
+        candidates: dict[PreferenceKey, KeyState] = {}
+        for key in result.owner:
+            state = result.states.get(key)
+            contact = result.contacts.get(key.email)
+            if state is None or state.register is None or (contact and contact.suppressed):
+                continue
+            known = state.known.get("dynamics")
+            if known is not None and known.opted_in == state.register.opted_in:
+                candidates[key] = state
+        if not candidates:
+            return
+        records = await self._store.records_for_emails(self.account,
+                                                       {k.email for k in candidates})
+        shared = {email: [r for r in refs if r.active] for email, refs in records.items()}
+        shared = {email: refs for email, refs in shared.items() if len(refs) > 1}
+        if not shared:
+            return
+        catalog = await load_catalog(self._store, self.account)
+        pairs = [(r.record_id, catalog[k.preference_id]) for k in candidates
+                 if k.email in shared and k.preference_id in catalog for r in shared[k.email]]
+        rows = await self._store.subscriptions_for(self.account, pairs)
+        for key, state in candidates.items():
+            row_id = catalog.get(key.preference_id)
+            register = state.register
+            if key.email not in shared or row_id is None or register is None:
+                continue
+            differs = any(
+                (row := rows.get((r.record_id, row_id))) is None
+                or row.opted_in != register.opted_in for r in shared[key.email])
+            if not differs:
+                continue
+            command = domain.WriteCommand.for_register(key=key, side="dynamics",
+                                                       register=register)
+            result.follow[key] = command
+            pending = PendingWrite(opted_in=register.opted_in, origin_time=register.origin_time)
+            if state.pending.get("dynamics") != pending:
+                result.states[key] = state.with_pending("dynamics", pending)
+                result.changed_keys.add(key)
 
     async def _emit(self, batch: Sequence[Delivery], result: BatchResult) -> None:
         """Publish the outstanding writes of every touched key, then report progress.
@@ -195,6 +325,8 @@ class Reconciler:
                     unknown_dd[key] = command
                 else:
                     per_delivery[index].append(to_message(command))
+            if key in result.follow:
+                per_delivery[index].append(to_message(result.follow[key]))
         if unknown_dd:
             records = await self._store.records_for_emails(self.account,
                                                            {k.email for k in unknown_dd})

@@ -31,6 +31,7 @@ from services.dynamics_poller import DynamicsPoller
 from services.ec_poller import EcPoller
 from services.health import serve_health
 from services.reconciler import Reconciler
+from services.status import RunStatusRecorder
 from services.triggers import RunCoordinator
 from services.writer import Writer
 
@@ -144,7 +145,8 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
     if {"dynamics-poller", "writer"} & set(services):
         dataverse = await stack.enter_async_context(DataverseClient(
             config=account.dynamics, on_request=METRICS.request_observer(account=account.id)))
-    if {"ec-poller", "writer"} & set(services):
+    # the dynamics-poller reads dotdigital's preference tree to mirror the catalog
+    if {"dynamics-poller", "ec-poller", "writer"} & set(services):
         dotdigital = await stack.enter_async_context(DotdigitalClient(
             config=account.dotdigital, on_request=METRICS.request_observer(account=account.id)))
 
@@ -161,7 +163,7 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
     if "dynamics-poller" in services:
         assert dataverse is not None
         poller = DynamicsPoller(account=account, client=dataverse, store=store,
-                                publisher=publisher, shards=shards)
+                                publisher=publisher, shards=shards, dotdigital=dotdigital)
         coordinator = RunCoordinator(service="dynamics-poller", account=account.id, store=store,
                                      publisher=publisher, run_cycle=METRICS.observed_run(
                                          service="dynamics-poller", account=account.id,
@@ -170,8 +172,11 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
         running.coordinators.append(coordinator)
         trigger = coordinator.consumer(connection=connection, dead_letters=dead)
         running.consumers.append(trigger)
+        # the account's sync status, kept in the store from the run progress events
+        recorder = RunStatusRecorder(account=account.id, store=store)
         tasks += [as_service("dynamics-poller", trigger.run()),
-                  as_service("dynamics-poller", coordinator.run_loop())]
+                  as_service("dynamics-poller", coordinator.run_loop()),
+                  as_service("dynamics-poller", recorder.run(connection))]
     if "ec-poller" in services:
         assert dotdigital is not None
         ec = EcPoller(account=account, client=dotdigital, store=store, publisher=publisher,

@@ -10,6 +10,11 @@ lease in the store (renewed while it runs), so two replicas never poll one accou
 pending runs are updated with compare-and-set, so triggers recorded by one replica are never
 lost to another's update. Every replica looks for pending runs now and then, so a run left by a
 replica that died is taken over once its lease expires.
+
+Schedule: the configured one unless ``prefsync schedule`` stored an override
+(:mod:`services.schedules`); it is read again each time the loop wakes, and a trigger with
+reason ``schedule-changed`` only wakes the loop (it starts no run), so a change of schedule
+takes effect without a restart.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from common.messages import EligibleContact
 from common.schedule import Schedule, parse_schedule
 from common.topology import Topology
 from services.publishing import publish_progress
+from services.schedules import SCHEDULE_CHANGED, effective_schedule
 
 log = logging.getLogger("prefsync.triggers")
 
@@ -86,6 +92,8 @@ class RunCoordinator:
         self._store = store
         self._publisher = publisher
         self._run_cycle = run_cycle
+        # the configured schedule (None: this poller is never scheduled, it is started)
+        self._configured = schedule
         self._schedule: Schedule | None = parse_schedule(schedule) if schedule else None
         self._wake = asyncio.Event()
         self.idle = asyncio.Event()
@@ -110,7 +118,10 @@ class RunCoordinator:
                        if isinstance(c, EligibleContact)],
             "reason": str(delivery.envelope.extra.get("reason", "")),
         } for delivery in batch]
-        await self._update_pending(lambda pending: [*pending, *added])
+        # a changed schedule only wakes the loop, which reads it again
+        added = [a for a in added if a["reason"] != SCHEDULE_CHANGED]
+        if added:
+            await self._update_pending(lambda pending: [*pending, *added])
         self._wake.set()
 
     async def _load_pending(self) -> list[dict[str, Any]]:
@@ -212,8 +223,10 @@ class RunCoordinator:
                     await task
 
     async def _seconds_to_next_scheduled(self) -> float | None:
-        if self._schedule is None:
+        if self._configured is None:
             return None
+        self._schedule = await effective_schedule(self._store, self.account,
+                                                  configured=self._configured)
         last = await self._store.get_checkpoint(self.account, f"{self.service}:last-run")
         now = datetime.now(UTC)
         base = datetime.fromisoformat(last) if last else now

@@ -11,6 +11,13 @@ ones the ledger says are superseded or already satisfied, and then, for the side
   watermark (a change a user made there since is folded in first), then one v3 import (or a
   preferences PUT for a single contact), inside a window of dotdigital's own clock.
 
+Several Dynamics records may share one email (a contact and a lead, say): they hold the same
+preferences. A Dynamics write goes to the email's active eligible records whose subscription
+row (as the record directory has it) differs or is missing, and is made even when the ledger
+knows the Dynamics side to hold the value already, as long as one record differs; each row
+written is recorded with its own new version, so every read-back is recognised as our echo. A
+command for a suppressed contact is skipped, and the skip is recorded in the history.
+
 Each write is recorded in the ledger as in flight before the call and confirmed after it with
 what the write produced (the version, or the clock window), so the pollers recognise the echo.
 Messages are acked only after the vendor accepted and the ledger committed. Permanent refusals
@@ -42,6 +49,7 @@ from common.messages import WriteCommand as WriteMessage
 from common.store import ConflictError
 from common.store.directory import RecordRef, SubscriptionRow
 from common.topology import SIDES
+from services.catalog import load_catalog
 from services.dynamics_poller import (
     LOOKUP_COLUMNS,
     OPTED_IN,
@@ -87,6 +95,30 @@ class WriteOutcome:
     # subscription rows written or read: the directory learns them only after the ledger
     # committed what they say, so an If-Match never asserts a version the ledger has not seen
     rows: list[SubscriptionRow] = field(default_factory=list)
+    # commands not written because the dotdigital contact is suppressed
+    suppressed: set[PreferenceKey] = field(default_factory=set)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordRows:
+    """The Dynamics records of the commands' emails and their subscription rows, as the record
+    directory has them."""
+
+    catalog: dict[int, str]
+    records: dict[str, list[RecordRef]]
+    rows: dict[tuple[str, str], SubscriptionRow]
+
+    def active(self, key: PreferenceKey) -> list[RecordRef]:
+        return [r for r in self.records.get(key.email, []) if r.active]
+
+    def row(self, record: RecordRef, key: PreferenceKey) -> SubscriptionRow | None:
+        row_id = self.catalog.get(key.preference_id)
+        return None if row_id is None else self.rows.get((record.record_id, row_id))
+
+    def differing(self, key: PreferenceKey, opted_in: bool) -> list[RecordRef]:
+        """Active records whose row for the key is missing or holds the other value."""
+        return [r for r in self.active(key)
+                if (row := self.row(r, key)) is None or row.opted_in != opted_in]
 
 
 class TransientWriteError(RuntimeError):
@@ -136,21 +168,28 @@ class Writer:
         states = await self._store.load(set(commands))
         contacts = await self._store.load_contacts(self.account, {k.email for k in commands})
         outcome = WriteOutcome()
+        records = RecordRows(catalog={}, records={}, rows={})
         if self.side == "dynamics":
-            await self._fold_known_rows(commands, outcome)
+            records = await self._record_rows(commands)
+            self._fold_known_rows(commands, records, outcome)
         if self.side == "dotdigital":
             await self._read_before_write(commands, states, outcome)
             unknown = [k for k in commands if k not in covered
                        and self._folded(states.get(k), k, outcome).known.get("dotdigital") is None]
             await self._read_contacts(unknown, outcome)
-        todo = {key: c for key, c in commands.items()
-                if domain.writer_should_apply(self._folded(states.get(key), key, outcome), c,
-                                              contact=contacts.get(key.email))}
+        todo: dict[PreferenceKey, domain.WriteCommand] = {}
+        for key, command in commands.items():
+            contact = contacts.get(key.email)
+            if contact is not None and contact.suppressed:
+                outcome.suppressed.add(key)
+            elif self._should_write(self._folded(states.get(key), key, outcome), command,
+                                    records):
+                todo[key] = command
         if todo:
             started = self._now() - CLOCK_MARGIN
             await self._commit_with(todo, lambda s, c: domain.begin_write(s, c, window_start=started))
             if self.side == "dynamics":
-                await self._write_dynamics(todo, outcome, started)
+                await self._write_dynamics(todo, outcome, started, records)
             else:
                 await self._write_dotdigital(todo, outcome)
         states = await self._commit_outcome(commands, todo, outcome)
@@ -161,6 +200,14 @@ class Writer:
         await self._dead_letter_failures(batch, owner, commands, outcome)
         await self._publish_corrections(batch, owner, states, commands, outcome)
         await self._report(batch, owner, commands, todo, outcome)
+
+    def _should_write(self, state: KeyState, command: domain.WriteCommand,
+                      records: RecordRows) -> bool:
+        if domain.writer_should_apply(state, command):
+            return True
+        # The Dynamics side is known to hold the value, but maybe not on every record.
+        return (self.side == "dynamics" and not domain.is_superseded(state, command)
+                and bool(records.differing(command.key, command.opted_in)))
 
     # --- ledger ----------------------------------------------------------------------------
     @staticmethod
@@ -221,6 +268,9 @@ class Writer:
                         history.append(domain.HistoryEntry.for_write(
                             command, recorded_at=now, decision="failed"))
                 changed[key] = state
+            history += [domain.HistoryEntry.for_write(commands[key], recorded_at=now,
+                                                      decision="suppressed")
+                        for key in sorted(outcome.suppressed, key=str)]
             try:
                 await self._store.save([(st.revision or None, st, None)
                                         for st in changed.values()], history=history)
@@ -231,19 +281,21 @@ class Writer:
         raise RuntimeError("ledger conflicts did not settle")
 
     # --- Dynamics --------------------------------------------------------------------------
-    async def _catalog(self) -> dict[int, str]:
-        raw = await self._store.get_checkpoint(self.account, "dynamics:catalog")
-        catalog: dict[str, int] = orjson.loads(raw) if raw else {}
-        return {ec_id: row_id for row_id, ec_id in catalog.items()}
+    async def _record_rows(self, commands: dict[PreferenceKey, domain.WriteCommand]
+                           ) -> RecordRows:
+        catalog = await load_catalog(self._store, self.account)
+        records = await self._store.records_for_emails(self.account,
+                                                       {k.email for k in commands})
+        pairs = [(r.record_id, catalog[k.preference_id]) for k in commands
+                 if k.preference_id in catalog for r in records.get(k.email, [])]
+        rows = await self._store.subscriptions_for(self.account, pairs)
+        return RecordRows(catalog=catalog, records=records, rows=rows)
 
     async def _write_dynamics(self, todo: dict[PreferenceKey, domain.WriteCommand],
-                              outcome: WriteOutcome, started: datetime) -> None:
+                              outcome: WriteOutcome, started: datetime,
+                              known: RecordRows) -> None:
         assert self._dataverse is not None
-        catalog = await self._catalog()
-        records = await self._store.records_for_emails(self.account, {k.email for k in todo})
-        pairs = [(r.record_id, catalog[k.preference_id])
-                 for k in todo if k.preference_id in catalog for r in records.get(k.email, [])]
-        rows = await self._store.subscriptions_for(self.account, pairs)
+        catalog, records, rows = known.catalog, known.records, known.rows
         operations: list[BatchOperation] = []
         targets: dict[str, tuple[PreferenceKey, RecordRef, str]] = {}
         for key, command in todo.items():
@@ -253,11 +305,12 @@ class Writer:
                     reason=f"preference {key.preference_id} is not in this account's catalog",
                     code="catalog")
                 continue
-            targets_of_key = [r for r in records.get(key.email, []) if r.active]
-            if not targets_of_key:
+            if not known.active(key):
                 outcome.failed[key] = Failure(reason="no active eligible Dynamics record has "
                                                      "this email", code="no-record")
                 continue
+            # the records that differ; if none does (the ledger thinks otherwise), all of them
+            targets_of_key = known.differing(key, command.opted_in) or known.active(key)
             status = OPTED_IN if command.opted_in else OPTED_OUT
             for record in targets_of_key:
                 content_id = str(len(operations) + 1)
@@ -354,19 +407,17 @@ class Writer:
                           f"{row.get('versionnumber')}"))
         outcome.rows += fresh
 
-    async def _fold_known_rows(self, commands: dict[PreferenceKey, domain.WriteCommand],
-                               outcome: WriteOutcome) -> None:
+    def _fold_known_rows(self, commands: dict[PreferenceKey, domain.WriteCommand],
+                         known: RecordRows, outcome: WriteOutcome) -> None:
         """The rows we are about to write, as the directory last read them, folded in first.
 
         The dynamics-poller records a row's version when it reads it, before the reconciler
         has decided on that read; the write asserts that version with If-Match, so the ledger
         must have taken the read into account first (folding a read twice changes nothing)."""
-        catalog = await self._catalog()
-        records = await self._store.records_for_emails(self.account, {k.email for k in commands})
-        pairs = {(r.record_id, catalog[k.preference_id]): k for k in commands
-                 if k.preference_id in catalog for r in records.get(k.email, [])}
-        for pair, row in (await self._store.subscriptions_for(self.account, list(pairs))).items():
-            if row.modified is None:
+        pairs = {(r.record_id, known.catalog[k.preference_id]): k for k in commands
+                 if k.preference_id in known.catalog for r in known.records.get(k.email, [])}
+        for pair, row in known.rows.items():
+            if row.modified is None or pair not in pairs:
                 continue
             outcome.observations.append(Observation(
                 key=pairs[pair], side="dynamics", opted_in=row.opted_in,
@@ -541,6 +592,8 @@ class Writer:
             index = owner[key]
             if key in outcome.failed:
                 counts[index]["failed"] += 1
+            elif key in outcome.suppressed:
+                counts[index]["suppressed"] += 1
             elif key in outcome.written:
                 counts[index]["written"] += 1
             elif key in todo:
@@ -556,7 +609,8 @@ class Writer:
                                        run_id=delivery.envelope.run_id, event="written",
                                        fields={"message": delivery.message_id, "side": self.side,
                                                "written": c["written"], "failed": c["failed"],
-                                               "skipped": c["skipped"]})
+                                               "skipped": c["skipped"],
+                                               "suppressed": c["suppressed"]})
         if outcome.retry:
             # Version conflicts: the fresh row is in the ledger and the write was re-issued.
             log.info("writes re-issued after a version conflict", extra={

@@ -200,6 +200,7 @@ PREFERENCES = _table(
         Column(name="psync_ecaccount", kind=Kind.STRING, max_length=100),
         Column(name="psync_ecpreferenceid", kind=Kind.INT),
         Column(name="psync_eccategoryid", kind=Kind.INT),
+        Column(name="psync_order", kind=Kind.INT),  # dotdigital's display order
     ],
     states=_ACTIVE_STATES, state_labels=_ACTIVE_STATE_LABELS, status_labels=_ACTIVE_STATUS_LABELS,
     indexed=("psync_ecpreferenceid", "psync_ecaccount"))

@@ -1,0 +1,348 @@
+"""What a user sees: one email's preferences, its history, an account's status; and the HTTP API.
+
+- ``prefsync prefs ACCOUNT EMAIL [--filter all|opted-in|opted-out|private|public]``: each
+  preference of the account's catalog (in dotdigital's order, with its category) and its status
+  as the sync holds it (opted in, opted out, or not set), the side that last changed it and
+  when; the contact methods of every Dynamics record with that email (bulk email allowed or
+  not, from ``donotbulkemail``, read live from Dataverse); and the dotdigital contact status
+  the sync last saw.
+- ``prefsync history ACCOUNT EMAIL``: every change seen for the email, oldest first, with its
+  origin side and time and the decision (applied, stale, echo, tie, suppressed, ineligible),
+  and every write (written, failed, suppressed).
+- ``prefsync api``: the same as JSON over HTTP, read-only:
+
+  ``GET /accounts/{account}/status``,
+  ``GET /accounts/{account}/contacts/{email}/preferences?filter=...``,
+  ``GET /accounts/{account}/contacts/{email}/history``.
+
+  Only accounts in the config exist; every answer is about the one account in the path. With
+  ``--token-env NAME`` each request must carry ``Authorization: Bearer <the token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Literal, TextIO
+
+import orjson
+from aiohttp import web
+
+from common.clients.dataverse import DataverseClient, odata_literal
+from common.config import Config, ConfigError, Secret
+from common.domain import HistoryEntry, KeyState, normalize_email
+from common.store import LedgerStore, open_store
+from services.catalog import CatalogEntry, entries_of_tree, load_tree
+from services.dynamics_poller import RECORD_TABLES
+from services.status import account_status, format_status
+
+Filter = Literal["all", "opted-in", "opted-out", "private", "public"]
+FILTERS: tuple[Filter, ...] = ("all", "opted-in", "opted-out", "private", "public")
+DECISIONS = {
+    "applied": "applied", "stale": "stale (an older change)", "echo": "echo (our own write)",
+    "duplicate": "duplicate", "tie_opt_out_won": "tie: the opt-out won",
+    "tie_opt_in_lost": "tie: the opt-in lost", "tie_same_value": "tie: same value",
+    "suppressed": "suppressed contact: not synced", "ineligible": "ineligible: not synced",
+    "written": "written by prefsync", "failed": "write failed",
+}
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else str(value.isoformat())
+
+
+def _preference_views(entries: Sequence[CatalogEntry],
+                      states: Mapping[int, KeyState]) -> list[dict[str, Any]]:
+    categories = {e.preference_id: e for e in entries if e.is_category}
+    listed = {e.preference_id for e in entries}
+    out: list[dict[str, Any]] = []
+    for entry in entries:
+        if entry.is_category:
+            continue
+        out.append(_preference_view(entry, categories.get(entry.category_id),
+                                    states.get(entry.preference_id)))
+    # preferences the ledger knows but the catalog no longer lists (deleted in dotdigital)
+    for preference_id in sorted(set(states) - listed):
+        gone = CatalogEntry(preference_id=preference_id, category_id=0,
+                            name=f"(deleted preference {preference_id})",
+                            public_name="", is_public=False, is_category=False, order=0)
+        out.append(_preference_view(gone, None, states[preference_id]))
+    return out
+
+
+def _preference_view(entry: CatalogEntry, category: CatalogEntry | None,
+                     state: KeyState | None) -> dict[str, Any]:
+    register = state.register if state is not None else None
+    status = "not set" if register is None else "opted in" if register.opted_in else "opted out"
+    return {
+        "id": entry.preference_id,
+        "name": entry.name,
+        "public_name": entry.public_name,
+        "category": None if category is None else {"id": category.preference_id,
+                                                    "name": category.name},
+        "public": entry.is_public,
+        "status": status,
+        "changed_by": register.origin_side if register else None,
+        "changed_at": _iso(register.origin_time) if register else None,
+    }
+
+
+def _matches(view: Mapping[str, Any], wanted: Filter) -> bool:
+    status, public = str(view["status"]), bool(view["public"])
+    return {"all": True, "opted-in": status == "opted in", "opted-out": status == "opted out",
+            "private": not public, "public": public}[wanted]
+
+
+async def contact_methods(client: DataverseClient, *, email: str) -> list[dict[str, Any]]:
+    """Every Dynamics record with this email and whether it allows (bulk) email."""
+    methods: list[dict[str, Any]] = []
+    for record_type, (entity_set, key, _) in RECORD_TABLES.items():
+        async for page in client.iter_pages(
+                entity_set, select=[key, "donotbulkemail", "donotemail", "statecode"],
+                filter=f"emailaddress1 eq {odata_literal(email)}"):
+            for row in page.rows:
+                methods.append({
+                    "record_type": record_type, "record_id": str(row[key]),
+                    "active": int(row.get("statecode") or 0) == 0,
+                    "bulk_email": "do not allow" if row.get("donotbulkemail") else "allow",
+                    "email": "do not allow" if row.get("donotemail") else "allow",
+                })
+    return methods
+
+
+async def preferences_view(store: Any, *, account: str, email: str,
+                           dataverse: DataverseClient | None,
+                           wanted: Filter = "all") -> dict[str, Any]:
+    """One email's preferences as the sync holds them (``ValueError`` for a bad email)."""
+    if wanted not in FILTERS:
+        raise ValueError(f"filter must be one of {', '.join(FILTERS)}")
+    email = normalize_email(email)
+    entries = entries_of_tree(await load_tree(store, account))
+    states = {s.key.preference_id: s for s in await store.states_for_email(account, email)}
+    contact = (await store.load_contacts(account, [email])).get(email)
+    records = (await store.records_for_emails(account, [email])).get(email, [])
+    methods = await contact_methods(dataverse, email=email) if dataverse is not None else None
+    eligible = {r.record_id for r in records}
+    for method in methods or []:
+        method["eligible"] = method["record_id"] in eligible
+    views = [v for v in _preference_views(entries, states) if _matches(v, wanted)]
+    return {
+        "account": account,
+        "email": email,
+        "filter": wanted,
+        "eligible": bool(records),
+        "dotdigital_contact": None if contact is None else {
+            "status": contact.status, "suppressed": contact.suppressed,
+            "since": _iso(contact.since)},
+        "contact_methods": methods,
+        "preferences": views,
+    }
+
+
+def _history_view(entry: HistoryEntry, names: Mapping[int, str]) -> dict[str, Any]:
+    return {
+        "recorded_at": _iso(entry.recorded_at),
+        "preference_id": entry.preference_id,
+        "preference": names.get(entry.preference_id, f"preference {entry.preference_id}"),
+        "side": entry.side,
+        "opted_in": entry.opted_in,
+        "origin_time": _iso(entry.origin_time),
+        "decision": entry.decision,
+        "change_id": entry.change_id,
+    }
+
+
+async def history_view(store: Any, *, account: str, email: str) -> dict[str, Any]:
+    """Every decision and write recorded for one email, oldest first."""
+    email = normalize_email(email)
+    names = {e.preference_id: e.name for e in entries_of_tree(await load_tree(store, account))}
+    entries = await store.history(account, email)
+    return {"account": account, "email": email,
+            "history": [_history_view(e, names) for e in entries]}
+
+
+# --- text output ------------------------------------------------------------------------------
+def format_preferences(view: Mapping[str, Any]) -> str:
+    lines = [f"{view['email']} in {view['account']}"
+             + ("" if view["eligible"] else " (no eligible Dynamics record: not synced)")]
+    contact = view["dotdigital_contact"]
+    lines.append("  dotdigital contact: " + (
+        "not seen by the sync yet" if contact is None else
+        f"{contact['status']}{' (suppressed: not synced)' if contact['suppressed'] else ''}"))
+    if view["contact_methods"] is not None:
+        for m in view["contact_methods"]:
+            lines.append(f"  Dynamics {m['record_type']} {m['record_id']}: bulk email "
+                         f"{m['bulk_email']}, email {m['email']}"
+                         f"{'' if m.get('eligible') else ' (not in an email-activated list)'}"
+                         f"{'' if m['active'] else ' (inactive)'}")
+    lines.append(f"  preferences ({view['filter']}):")
+    for p in view["preferences"]:
+        where = f"{p['category']['name']} > " if p["category"] else ""
+        changed = (f", last changed in {p['changed_by']} at {p['changed_at']}"
+                   if p["changed_by"] else "")
+        lines.append(f"    {where}{p['name']} [{'public' if p['public'] else 'private'}]: "
+                     f"{p['status']}{changed}")
+    if not view["preferences"]:
+        lines.append("    (none)")
+    return "\n".join(lines)
+
+
+def format_history(view: Mapping[str, Any]) -> str:
+    lines = [f"history of {view['email']} in {view['account']}"]
+    for h in view["history"]:
+        value = "opted in" if h["opted_in"] else "opted out"
+        decision = DECISIONS.get(h["decision"], h["decision"])
+        lines.append(f"  {h['recorded_at']}  {h['preference']}: {value} from {h['side']} "
+                     f"(changed {h['origin_time']}) -> {decision}")
+    if not view["history"]:
+        lines.append("  (nothing recorded)")
+    return "\n".join(lines)
+
+
+# --- commands ---------------------------------------------------------------------------------
+async def show_preferences(*, config: Config, account: str, email: str, wanted: Filter,
+                           as_json: bool, out: TextIO = sys.stdout) -> int:
+    account_config = config.account(account)
+    async with open_store(config.store.url) as store, \
+            DataverseClient(config=account_config.dynamics) as dataverse:
+        view = await preferences_view(store, account=account, email=email,
+                                      dataverse=dataverse, wanted=wanted)
+    print(_dump(view) if as_json else format_preferences(view), file=out)
+    return 0
+
+
+async def show_history(*, config: Config, account: str, email: str, as_json: bool,
+                       out: TextIO = sys.stdout) -> int:
+    config.account(account)
+    async with open_store(config.store.url) as store:
+        view = await history_view(store, account=account, email=email)
+    print(_dump(view) if as_json else format_history(view), file=out)
+    return 0
+
+
+async def show_status(*, config: Config, account: str | None, as_json: bool,
+                      out: TextIO = sys.stdout) -> int:
+    accounts = [config.account(account)] if account else list(config.accounts)
+    async with open_store(config.store.url) as store:
+        statuses = [await account_status(store, account=a.id, schedule=a.schedule)
+                    for a in accounts]
+    if as_json:
+        print(_dump(statuses if account is None else statuses[0]), file=out)
+    else:
+        print("\n".join(format_status(s) for s in statuses), file=out)
+    return 0
+
+
+def _dump(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+
+
+# --- the HTTP API -----------------------------------------------------------------------------
+def _json(value: Any, *, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(value), status=status, content_type="application/json")
+
+
+ACCOUNT_KEY = web.AppKey("config", Config)
+STORE_KEY = web.AppKey("store", LedgerStore)
+CLIENTS_KEY = web.AppKey("dataverse", dict[str, DataverseClient])
+TOKEN_KEY = web.AppKey("token", Secret)
+
+
+@web.middleware
+async def _authorise(request: web.Request,
+                     handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    token = request.app.get(TOKEN_KEY)
+    if token is not None:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token.reveal()}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return _json({"error": "a bearer token is required"}, status=401)
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+def _account(request: web.Request) -> str:
+    account = request.match_info["account"]
+    try:
+        request.app[ACCOUNT_KEY].account(account)
+    except ConfigError:
+        raise web.HTTPNotFound(text=orjson.dumps({"error": f"no account {account!r}"}).decode(),
+                               content_type="application/json") from None
+    return account
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=orjson.dumps({"error": message}).decode(),
+                              content_type="application/json")
+
+
+async def _status(request: web.Request) -> web.Response:
+    account = _account(request)
+    schedule = request.app[ACCOUNT_KEY].account(account).schedule
+    return _json(await account_status(request.app[STORE_KEY], account=account,
+                                      schedule=schedule))
+
+
+async def _preferences(request: web.Request) -> web.Response:
+    account = _account(request)
+    wanted = request.query.get("filter", "all")
+    if wanted not in FILTERS:
+        raise _bad_request(f"filter must be one of {', '.join(FILTERS)}")
+    try:
+        view = await preferences_view(request.app[STORE_KEY], account=account,
+                                      email=request.match_info["email"],
+                                      dataverse=request.app[CLIENTS_KEY].get(account),
+                                      wanted=wanted)
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
+    return _json(view)
+
+
+async def _history(request: web.Request) -> web.Response:
+    account = _account(request)
+    try:
+        view = await history_view(request.app[STORE_KEY], account=account,
+                                  email=request.match_info["email"])
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
+    return _json(view)
+
+
+def api_app(*, config: Config, store: Any, dataverse: Mapping[str, DataverseClient],
+            token: Secret | None = None) -> web.Application:
+    """The read-only API over an open store and one Dataverse client per account."""
+    app = web.Application(middlewares=[_authorise])
+    app[ACCOUNT_KEY] = config
+    app[STORE_KEY] = store
+    app[CLIENTS_KEY] = dict(dataverse)
+    if token is not None:
+        app[TOKEN_KEY] = token
+    app.router.add_get("/accounts/{account}/status", _status)
+    app.router.add_get("/accounts/{account}/contacts/{email}/preferences", _preferences)
+    app.router.add_get("/accounts/{account}/contacts/{email}/history", _history)
+    return app
+
+
+@asynccontextmanager
+async def api_resources(config: Config) -> AsyncIterator[tuple[Any, dict[str, DataverseClient]]]:
+    """The store and a Dataverse client per account, open for the API's lifetime."""
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store(config.store.url))
+        clients = {a.id: await stack.enter_async_context(DataverseClient(config=a.dynamics))
+                   for a in config.accounts}
+        yield store, clients
+
+
+async def serve_api(*, config: Config, host: str, port: int, token: Secret | None) -> None:
+    """``prefsync api``: serves until cancelled."""
+    from services.simulators.base import serve
+
+    async with api_resources(config) as (store, clients):
+        app = api_app(config=config, store=store, dataverse=clients, token=token)
+
+        def ready(bound: int) -> None:
+            print(f"prefsync API on http://{host}:{bound}", flush=True)
+
+        await serve(app, host=host, port=port, ready=ready)
