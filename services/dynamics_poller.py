@@ -340,7 +340,8 @@ class DynamicsPoller:
                 subscription_rows.append(SubscriptionRow(
                     subscription_id=str(row["psync_marketingpreferencesubscriptionid"]),
                     record_id=record_id, preference_row_id=str(row["_psync_preferenceid_value"]),
-                    opted_in=status == OPTED_IN, version=int(row.get("versionnumber") or 0)))
+                    opted_in=status == OPTED_IN, version=int(row.get("versionnumber") or 0),
+                    modified=str(row["modifiedon"])))
             change = None
             if record is not None and record.email is not None:
                 change = PreferenceChange(

@@ -69,6 +69,7 @@ async def run_services(*, config: Config, services: Sequence[str],
                        store: Any | None = None, metrics_host: str = "0.0.0.0") -> None:
     """Run ``services`` until SIGTERM/SIGINT; with ``metrics_port``, serve /metrics, /healthz
     and /readyz on it (0: any free port)."""
+    stop = _stop_on_signals()
     running = running if running is not None else Running()
     name = "prefsync-" + "+".join(services)
     connection = await connect(config.broker.url, name=name)
@@ -109,11 +110,14 @@ async def run_services(*, config: Config, services: Sequence[str],
                                           store=store, publisher=publisher, dead=dead,
                                           running=running, assigners=assigners)
         tasks += [as_service(service, assigner.run()) for service, assigner in assigners.items()]
-        async with asyncio.TaskGroup() as group:
-            for coroutine in tasks:
-                group.create_task(coroutine)
-            group.create_task(_mark_ready(running))
-            group.create_task(_until_signalled())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for coroutine in tasks:
+                    group.create_task(coroutine)
+                group.create_task(_mark_ready(running))
+                group.create_task(_until_signalled(stop))
+        except* Stopped:
+            log.info("stopping on a signal")
 
 
 async def _mark_ready(running: Running) -> None:
@@ -123,14 +127,24 @@ async def _mark_ready(running: Running) -> None:
     log.info("consuming", extra={"consumers": len(running.consumers)})
 
 
-async def _until_signalled() -> None:
+class Stopped(Exception):
+    """SIGTERM or SIGINT: stop every service and close everything in order."""
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """Installed first thing, so a signal during start-up also stops cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _until_signalled(stop: asyncio.Event) -> None:
     await stop.wait()
-    raise asyncio.CancelledError  # ends the task group, closing everything in order
+    # An exception (not a cancellation) makes the task group cancel every other task.
+    raise Stopped
 
 
 async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, config: Config,
