@@ -5,8 +5,9 @@ can enforce isolation. For each account with a broker password (``[accounts.brok
 password_env`` / ``password_file``), setup makes its user (``[accounts.broker] user``, default
 ``prefsync-<account>``) and gives it:
 
-- resource permissions: configure its own queues (``prefsync.<account>.*``) and server-named
-  ones (``amq.gen-*``, for a ``sync-now --wait`` listener); write and read those plus the four
+- resource permissions: configure its own queues (``prefsync.<account>.*``) and exclusive
+  listener queues (``amq.gen-*`` named by the broker, ``amq_<uuid>`` by aio-pika's robust
+  connections: a ``sync-now --wait`` listener, the status recorder); write and read those plus the four
   shared exchanges by their exact names. Nothing else: not the default exchange (which would
   reach any queue by name), no other account's queues, no configure on the shared exchanges
   (which would let it delete them);
@@ -52,6 +53,10 @@ from common.topology import (
 )
 
 SHARED_EXCHANGES = (CHANGES_EXCHANGE, WRITES_EXCHANGE, CONTROL_EXCHANGE, DEAD_EXCHANGE)
+# Exclusive listener queues, named by the broker or by aio-pika's robust connections; they can
+# only be bound under the account's own prefix (topic permissions) and only their connection
+# can read them.
+LISTENERS = r"amq\.gen-.*|amq_[0-9a-f]{32}"
 # A routing-key prefix no account can have (account ids are [a-z0-9-]).
 FOREIGN_PREFIX = "~not-an-account"
 
@@ -74,8 +79,8 @@ class AccountPermissions:
     def of(cls, account: AccountConfig) -> AccountPermissions:
         own = rf"prefsync\.{re.escape(account.id)}\..*"
         exchanges = "|".join(re.escape(e) for e in SHARED_EXCHANGES)
-        reach = rf"^({own}|{exchanges}|amq\.gen-.*)$"
-        return cls(user=account.broker.user, configure=rf"^({own}|amq\.gen-.*)$",
+        reach = rf"^({own}|{exchanges}|{LISTENERS})$"
+        return cls(user=account.broker.user, configure=rf"^({own}|{LISTENERS})$",
                    write=reach, read=reach, topic=rf"^{re.escape(account.id)}\.")
 
 

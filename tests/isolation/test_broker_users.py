@@ -175,6 +175,11 @@ async def test_binding_outside_its_prefix_is_refused(accounts: Accounts) -> None
         await queue.bind(CHANGES_EXCHANGE, routing_key=key)
 
     assert not await refused(lambda ch: bind(ch, f"{accounts.a}.changes.#"), accounts.a_url)
+    # a listener on a robust connection (aio-pika names its queue itself)
+    robust = await aio_pika.connect_robust(accounts.a_url)
+    async with robust:
+        listener = await (await robust.channel()).declare_queue(exclusive=True, auto_delete=True)
+        await listener.bind(CONTROL_EXCHANGE, routing_key=f"{accounts.a}.progress.#")
     for key in (f"{accounts.b}.changes.#", "#", "*.changes.*"):
         assert await refused(lambda ch, k=key: bind(ch, k), accounts.a_url), key
 
