@@ -202,9 +202,20 @@ def format_history(view: Mapping[str, Any]) -> str:
 
 
 # --- commands ---------------------------------------------------------------------------------
+def _email_argument(email: str) -> str:
+    """The normalised address, or "" (and the problem printed) when it is not one."""
+    try:
+        return normalize_email(email)
+    except ValueError as exc:
+        print(f"prefsync: {email!r}: {exc}", file=sys.stderr)
+        return ""
+
+
 async def show_preferences(*, config: Config, account: str, email: str, wanted: Filter,
                            as_json: bool, out: TextIO = sys.stdout) -> int:
     account_config = config.account(account)
+    if (email := _email_argument(email)) == "":
+        return 2
     async with open_store(config.store.url) as store, \
             DataverseClient(config=account_config.dynamics) as dataverse:
         view = await preferences_view(store, account=account, email=email,
@@ -216,6 +227,8 @@ async def show_preferences(*, config: Config, account: str, email: str, wanted: 
 async def show_history(*, config: Config, account: str, email: str, as_json: bool,
                        out: TextIO = sys.stdout) -> int:
     config.account(account)
+    if (email := _email_argument(email)) == "":
+        return 2
     async with open_store(config.store.url) as store:
         view = await history_view(store, account=account, email=email)
     print(_dump(view) if as_json else format_history(view), file=out)
