@@ -219,7 +219,11 @@ class Topology:
         exchanges = {}
         for spec in self.exchanges:
             if not exchanges_too:
-                exchanges[spec.name] = await channel.get_exchange(spec.name, ensure=True)
+                try:
+                    exchanges[spec.name] = await channel.get_exchange(spec.name, ensure=True)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    raise TopologyError(f"exchange {spec.name} does not exist: run `prefsync "
+                                        "broker setup` first") from None
                 continue
             exchanges[spec.name] = await channel.declare_exchange(
                 spec.name, spec.type, durable=True)

@@ -30,7 +30,9 @@ from common.topology import (
     CONTROL_EXCHANGE,
     DEAD_EXCHANGE,
     WRITES_EXCHANGE,
+    ExchangeSpec,
     Topology,
+    TopologyError,
 )
 from services.broker_setup import BrokerSetupError, account_broker_url, check_isolation
 
@@ -249,3 +251,17 @@ async def test_setup_fails_when_a_user_is_not_confined(accounts: Accounts) -> No
         user="guest", password=Secret("guest")))
     with pytest.raises(BrokerSetupError, match="topic permissions are not in force"):
         await check_isolation(accounts.config, unconfined)
+
+
+async def test_services_on_their_own_user_name_a_missing_exchange() -> None:
+    """An account's own user cannot declare the shared exchanges; if setup has not made them,
+    start-up says so."""
+
+    class Unset(Topology):
+        exchanges = (ExchangeSpec(name=f"prefsync.missing-{secrets.token_hex(4)}"),)
+
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection:
+        with pytest.raises(TopologyError, match="prefsync broker setup"):
+            await Unset(accounts=[], shards=1).declare(await connection.channel(),
+                                                       exchanges_too=False)
