@@ -33,8 +33,8 @@ log = logging.getLogger("prefsync.status")
 
 STATUS_CHECKPOINT = "status:run"
 PENDING_CHECKPOINT = "dynamics-poller:pending"
-COUNT_NAMES = ("read_dynamics", "read_dotdigital", "applied_to_dotdigital",
-               "applied_to_dynamics", "stale", "echoes", "suppressed", "ineligible", "failed")
+# runs followed at once (a run whose events were lost is forgotten after this many newer ones)
+MAX_FOLLOWED_RUNS = 20
 
 
 def run_counts(tracker: RunTracker) -> dict[str, int]:
@@ -98,6 +98,10 @@ class RunStatusRecorder:
             tracker = RunTracker(trigger_id=str(event.get("run_id")))
             tracker.feed(event)
             self._runs[run] = tracker
+            while len(self._runs) > MAX_FOLLOWED_RUNS:  # events of old runs that never ended
+                oldest = next(iter(self._runs))
+                del self._runs[oldest]
+                self._started.pop(oldest, None)
             self._started[run] = _now()
             status = await load_status(self._store, self.account)
             status["current"] = {"run": run, "started_at": self._started[run]}

@@ -1,4 +1,5 @@
-"""Observations parked while a contact is suppressed: newest per side, per email, in order."""
+"""Observations parked while a contact is suppressed: newest per side, per email, in order
+(on both ledger backends)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from common.domain import Observation, PreferenceKey
-from common.store import SqliteLedgerStore
+from common.store import open_store
+
+from ..store.backends import BACKENDS, store_url
 
 pytestmark = pytest.mark.anyio
 
@@ -23,8 +26,10 @@ def seen(email: str, side: str, opted_in: bool, *, at: int, version: int | None 
                        change_id=f"{side}:{at}")
 
 
-async def test_newest_per_side_is_kept_and_taken_back_in_time_order(tmp_path: Path) -> None:
-    async with SqliteLedgerStore(path=str(tmp_path / "l.db")) as store:
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_newest_per_side_is_kept_and_taken_back_in_time_order(backend: str,
+                                                                    tmp_path: Path) -> None:
+    async with store_url(backend, tmp_path) as url, open_store(url) as store:
         await store.park_observations([
             seen("ann@example.com", "dynamics", True, at=5, version=10),
             seen("ann@example.com", "dotdigital", False, at=3),

@@ -33,6 +33,15 @@ async def test_records_sharing_an_email_hold_the_same_preferences(world: World,
     assert summary["applied_to_dynamics"] >= 1 and summary["applied_to_dotdigital"] >= 1
     assert await world.values(person.email, preference.id) == ({wanted}, wanted)
 
+    # A dotdigital change is written to both records, each row getting its own version.
+    other = world.preferences[1]
+    _, before_other = await world.values(person.email, other.id)
+    await world.set_clock("dotdigital", {"offset_s": 4})
+    await world.edit_dotdigital(person.email, other.id, not before_other)
+    summary = await synced(world)
+    assert summary["applied_to_dynamics"] >= 1, summary  # counted per preference
+    assert await world.values(person.email, other.id) == ({not before_other}, not before_other)
+
     # The writes to each row are read back as our own (by each row's version): nothing more
     # is written.
     await synced(world)
@@ -40,9 +49,12 @@ async def test_records_sharing_an_email_hold_the_same_preferences(world: World,
     summary = await synced(world)
     assert summary["applied_to_dynamics"] == summary["applied_to_dotdigital"] == 0, summary
     assert (await world.stats("dynamics"))["writes_applied"] == before
-    decisions = [(h["side"], h["decision"]) for h in await history(world, person.email)
-                 if h["preference_id"] == preference.id]
+    entries = await history(world, person.email)
+    decisions = [(h["side"], h["decision"]) for h in entries if h["preference_id"] == preference.id]
     assert ("dynamics", "applied") in decisions and ("dynamics", "echo") in decisions
+    echoes = {h["change_id"].split(":")[1] for h in entries
+              if (h["preference_id"], h["side"], h["decision"]) == (other.id, "dynamics", "echo")}
+    assert len(echoes) == 2  # one echo per subscription row (change ids name the row)
 
 
 async def test_newer_change_on_either_record_wins_for_the_email(world: World,
