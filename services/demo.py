@@ -13,14 +13,11 @@ import os
 import random
 import secrets
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aiohttp
-from aiohttp import web
 
 from common.broker import BrokerUnavailable, connect
 from common.clients.dataverse import DataverseClient
@@ -29,6 +26,7 @@ from common.config import Config, parse_config
 from common.topology import Topology
 from services.lookup import dotdigital_preferences, dynamics_preferences
 from services.runtime import Running, run_services
+from services.simulators.base import serving
 from services.simulators.dotdigital import DotdigitalSimulator
 from services.simulators.dynamics import DynamicsSimulator
 from services.sync_now import sync_now
@@ -37,20 +35,6 @@ PREFERENCES = 5
 SEED = 7
 DD_ACCOUNT = "1001"
 EDITS_PER_SIDE = 3
-
-
-@asynccontextmanager
-async def serve_app(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    sockets = getattr(site._server, "sockets", None)
-    assert sockets
-    try:
-        yield f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
-    finally:
-        await runner.cleanup()
 
 
 def demo_config(*, account: str, dynamics_url: str, dotdigital_url: str, broker_url: str,
@@ -89,7 +73,7 @@ async def run_demo(*, records: int, broker_url: str) -> int:
     dotdigital = DotdigitalSimulator(
         accounts=[f"{DD_ACCOUNT}:apiuser-demo@apiconnector.com:{dotdigital_password}"])
     with tempfile.TemporaryDirectory(prefix="prefsync-demo-") as tmp:
-        async with serve_app(dynamics.app) as dyn_url, serve_app(dotdigital.app) as dd_url, \
+        async with serving(dynamics.app) as dyn_url, serving(dotdigital.app) as dd_url, \
                 aiohttp.ClientSession() as http:
             config = demo_config(account=account, dynamics_url=dyn_url, dotdigital_url=dd_url,
                                  broker_url=broker_url, store_path=Path(tmp) / "ledger.db",
@@ -207,4 +191,4 @@ async def _delete_queues(config: Config, account: str) -> None:
                 await channel.queue_delete(queue.name)
 
 
-__all__ = ["demo_config", "run_demo", "serve_app"]
+__all__ = ["demo_config", "run_demo"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -123,16 +124,22 @@ class Faults:
 
 @dataclass
 class Stats:
-    """Call counters per ``"<METHOD> <route>"`` and per status, plus writes applied."""
+    """Call counters per ``"<METHOD> <route>"`` and per status, plus writes applied.
+
+    Operations inside a batch request are counted under their own routes in ``calls`` and
+    also in ``in_batches``, so the HTTP requests made are ``calls`` less ``in_batches``.
+    """
 
     calls: Counter[str] = field(default_factory=Counter)
     statuses: Counter[str] = field(default_factory=Counter)
     writes_applied: int = 0
+    in_batches: Counter[str] = field(default_factory=Counter)
 
     def clear(self) -> None:
         self.calls.clear()
         self.statuses.clear()
         self.writes_applied = 0
+        self.in_batches.clear()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -140,6 +147,7 @@ class Stats:
             "statuses": dict(self.statuses),
             "total_calls": sum(self.calls.values()),
             "writes_applied": self.writes_applied,
+            "in_batches": dict(self.in_batches),
         }
 
 
@@ -273,6 +281,22 @@ class SimControl:
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
         return json_response(self.stats.describe())
+
+
+@asynccontextmanager
+async def serving(app: web.Application, *, host: str = "127.0.0.1",
+                  port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` for the duration of the block (port 0: any free port); yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = getattr(site._server, "sockets", None)
+    bound = sockets[0].getsockname()[1] if sockets else port
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        await runner.cleanup()
 
 
 async def serve(app: web.Application, *, host: str, port: int,

@@ -23,10 +23,10 @@ from common.clients.dotdigital import DotdigitalClient
 from common.config import Config, parse_config
 from common.topology import Topology
 from services.broker_setup import setup_broker
-from services.demo import serve_app
 from services.lookup import dotdigital_preferences, dynamics_preferences
 from services.runtime import Running, run_services
 from services.simulators import seeding
+from services.simulators.base import serving
 from services.simulators.dotdigital import DotdigitalSimulator
 from services.simulators.dynamics import DynamicsSimulator
 from services.sync_now import sync_and_wait
@@ -231,7 +231,7 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
     dotdigital = DotdigitalSimulator(
         accounts=[f"{dd}:apiuser-{dd}@apiconnector.com:{env[f'DEMO_DOTDIGITAL_PASSWORD_{i}']}"
                   for i, dd in enumerate(dd_accounts)], import_delay_s=0.05)
-    async with serve_app(dynamics.app) as dyn_url, serve_app(dotdigital.app) as dd_url, \
+    async with serving(dynamics.app) as dyn_url, serving(dotdigital.app) as dd_url, \
             aiohttp.ClientSession() as http:
         store_path = tmp_path / "ledger.db"
         raw: dict[str, Any] = {
