@@ -158,7 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--broker-url", default=os.environ.get(
         "PREFSYNC_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
 
+    bench = sub.add_parser("bench", help="the benchmark suite: scenarios against their "
+                                         "targets, results in bench/results (source checkout)")
+    _add_bench(bench)
+
     return parser
+
+
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    try:
+        from bench.cli import add_arguments
+    except ImportError:  # installed without the source tree, where bench/ lives
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        return
+    add_arguments(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,6 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from services.health import healthcheck
 
         return healthcheck(args.url, timeout_s=args.timeout)
+    if args.command == "bench":
+        try:
+            from bench.cli import run as run_bench
+        except ImportError:
+            print("prefsync: the benchmark suite runs from a source checkout (bench/)",
+                  file=sys.stderr)
+            return 2
+        return run_bench(args)
     from common.broker import BrokerUnavailable
     from common.config import ConfigError
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 _FIRST = ("Ada", "Ben", "Cleo", "Dev", "Esme", "Femi", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lior",
           "Mina", "Noor", "Otto", "Pia", "Quin", "Rhea", "Sami", "Tess", "Uma", "Vik", "Wren", "Yara")
@@ -101,3 +102,27 @@ def initial_state(seed: int, side: str, email: str, preference_id: int) -> bool 
         value = (not value) if value is not None else _unit("set", seed, side, email,
                                                              preference_id) < 0.5
     return value
+
+
+# ``POST /_sim/seed`` ``"states"``: the sample mix (default), every state set, or none set (the
+# contacts only, e.g. the empty side of a one-way backfill).
+STATE_MODES = ("sample", "all", "none")
+
+
+def seeded_state(mode: str, seed: int, side: str, email: str, preference_id: int) -> bool | None:
+    """The seeded state under ``mode`` (one of :data:`STATE_MODES`); "all" keeps the sample's
+    set values and sets the unset ones, the same on both sides."""
+    if mode == "none":
+        return None
+    value = initial_state(seed, side, email, preference_id)
+    if value is None and mode == "all":
+        value = _unit("fill", seed, email, preference_id) < 0.5
+    return value
+
+
+def state_mode(body: Mapping[str, Any]) -> str:
+    """The ``"states"`` field of a seed request, checked."""
+    mode = body.get("states", "sample")
+    if mode not in STATE_MODES:
+        raise ValueError(f"states must be one of {', '.join(STATE_MODES)}")
+    return str(mode)

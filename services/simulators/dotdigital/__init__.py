@@ -37,9 +37,10 @@ Limits
     ``import_delay_s``.
 
 ``/_sim/`` (no auth; see ``base.SimControl`` for reset, seed, faults, clock, stats)
-    ``POST /_sim/seed {"records", "preferences", "seed", "account"?}`` replaces one account's
-    data (default: the first) with ``seeding``'s sample: the preference tree with its ids,
-    subscribed contacts with sequential ids, and initial opt-in states stamped now.
+    ``POST /_sim/seed {"records", "preferences", "seed", "account"?, "states"?}`` replaces one
+    account's data (default: the first) with ``seeding``'s sample: the preference tree with its
+    ids, subscribed contacts with sequential ids, and initial opt-in states stamped now
+    (``"states": "all"`` sets every state, ``"none"`` none: the contacts only).
     ``PUT|GET /_sim/limits {"calls_per_minute": N|null}`` — the per-account limit.
     ``POST /_sim/save`` — write the state file now.
     ``POST /_sim/dotdigital/edit {"account"?, "email", "status"?, "preferences"?: {"<id>":
@@ -47,7 +48,8 @@ Limits
     challenged resubscription with ``Subscribed``, or unsubscribe) and set preferences, which a
     suppression does not stop. Answers the contact's subscriptions.
     ``POST /_sim/dotdigital/imports/run`` — finish every waiting import now.
-    ``GET /_sim/dotdigital/accounts`` — accounts, API user names, sizes and first contact id.
+    ``GET /_sim/dotdigital/accounts`` — accounts, API user names, sizes (contacts, leaf
+    preferences, preference states set) and first contact id.
 
 State
     With ``state_file``, data is loaded at start when the file exists and saved on shutdown

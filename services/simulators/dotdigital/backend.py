@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from services.simulators import seeding
 from services.simulators.base import SimControl
 from services.simulators.dotdigital.accounts import ApiUser, Credentials
 from services.simulators.dotdigital.dates import to_ms
@@ -91,13 +92,15 @@ class Backend:
         records = int(body.get("records", 100))
         preferences = int(body.get("preferences", 5))
         seed = int(body.get("seed", 1))
+        mode = seeding.state_mode(body)
         if records < 0 or preferences < 0:
             raise ValueError("records and preferences must not be negative")
         account_id = self.account_from(body.get("account"))
         self.imports.clear(account_id)
         store = AccountStore(account_id=account_id, id_base=self.stores[account_id].id_base)
         store.create_address_book(name="Test")
-        store.seed(records=records, preferences=preferences, seed=seed, now_ms=self.now_ms())
+        store.seed(records=records, preferences=preferences, seed=seed, now_ms=self.now_ms(),
+                   states=mode)
         self.stores[account_id] = store
         _settle_heap()
         leaves = store.preferences.leaves()

@@ -96,6 +96,7 @@ async def list_accounts(request: web.Request) -> web.Response:
     return json_response([{"id": aid, "api_users": users.get(aid, []),
                            "contacts": len(store.contacts),
                            "preferences": len(store.preferences.leaves()),
+                           "states": store.states_set(),
                            "first_contact_id": store.first_contact_id}
                           for aid, store in backend.stores.items()])
 

@@ -232,6 +232,10 @@ class AccountStore:
     def add_preference_states(self, preference_id: int) -> None:
         self.states[preference_id] = PreferenceStates.empty(len(self.contacts))
 
+    def states_set(self) -> int:
+        """How many (contact, preference) states are set (opted in or out)."""
+        return sum(len(s.opted) - s.opted.values().count(NONE) for s in self.states.values())
+
     def drop_preference_states(self, preference_ids: Iterable[int]) -> None:
         for preference_id in preference_ids:
             self.states.pop(preference_id, None)
@@ -328,8 +332,10 @@ class AccountStore:
         self._unsubscribed = SortedKeys(time_key(c.date_removed_ms or 0, c.slot)
                                         for c in suppressed if c.status == "Unsubscribed")
 
-    def seed(self, *, records: int, preferences: int, seed: int, now_ms: int) -> None:
-        """Fills an empty account with the shared sample data (see ``seeding``)."""
+    def seed(self, *, records: int, preferences: int, seed: int, now_ms: int,
+             states: str = "sample") -> None:
+        """Fills an empty account with the shared sample data (see ``seeding``); ``states``
+        is one of ``seeding.STATE_MODES``."""
         if self.contacts or self.preferences.nodes:
             raise ValueError("seeding needs an empty account")
         for item in seeding.preference_tree(preferences, seed):
@@ -351,7 +357,7 @@ class AccountStore:
             opted = []
             modified = []
             for person in people:
-                state = seeding.initial_state(seed, "dotdigital", person.email, node.id)
+                state = seeding.seeded_state(states, seed, "dotdigital", person.email, node.id)
                 opted.append(NONE if state is None else int(state))
                 modified.append(NONE if state is None else now_ms)
             self.states[node.id] = PreferenceStates(SlotIndex(opted), SlotIndex(modified))

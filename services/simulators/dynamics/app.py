@@ -99,7 +99,7 @@ class DynamicsApp:
         self.writes = Writes(self.store, self.clock.now, on_write=self._count_write)
         self.api = Api(store=self.store, writes=self.writes, now=self.clock.now,
                        retention=retention)
-        self.batch = Batch(api=self.api, record=self._record, fault=self._fault)
+        self.batch = Batch(api=self.api, record=self._record_in_batch, fault=self._fault)
         self._rng = random.Random()
         if state_file is not None:
             load_file(self.store, state_file)
@@ -142,6 +142,10 @@ class DynamicsApp:
     def _record(self, method: str, route: str, status: int) -> None:
         self.control.stats.calls[f"{method} {route}"] += 1
         self.control.stats.statuses[str(status)] += 1
+
+    def _record_in_batch(self, method: str, route: str, status: int) -> None:
+        self._record(method, route, status)
+        self.control.stats.in_batches[f"{method} {route}"] += 1
 
     def _fault(self, method: str, path: str) -> Result | None:
         rate = self.control.faults.error_for(method, path)

@@ -11,7 +11,8 @@ replaces all data with:
   ``psync_iscategory = true``, with ``psync_ecpreferenceid`` = the category's id; preferences in a
   category carry its id in ``psync_eccategoryid`` (null at the top level);
 - one subscription row per person and preference whose ``seeding.initial_state(S, "dynamics",
-  email, id)`` is set (True → Opted in, False → Opted out, None → no row).
+  email, id)`` is set (True → Opted in, False → Opted out, None → no row). ``"states": "all"``
+  sets every state, ``"none"`` makes no subscription rows (``seeding.seeded_state``).
 
 Ids are derived from the seed, so the same seed gives the same ids. Rows are built in bulk and
 indexed once, without per-row write overhead.
@@ -46,17 +47,17 @@ def _sorted_guids(rng: random.Random, count: int) -> Iterator[str]:
     return iter(out)
 
 
-def _state_chunk(seed: int, emails: list[str], leaf_ids: list[int]) -> bytes:
+def _state_chunk(seed: int, emails: list[str], leaf_ids: list[int], mode: str) -> bytes:
     out = bytearray()
     for email in emails:
         for pid in leaf_ids:
-            state = seeding.initial_state(seed, "dynamics", email, pid)
+            state = seeding.seeded_state(mode, seed, "dynamics", email, pid)
             out.append(0 if state is None else 1 if state else 2)
     return bytes(out)
 
 
 @lru_cache(maxsize=2)
-def _states(records: int, preferences: int, seed: int) -> bytes:
+def _states(records: int, preferences: int, seed: int, mode: str = "sample") -> bytes:
     """Per person and leaf preference: 0 no row, 1 opted in, 2 opted out.
 
     Deriving each state seeds a fresh random generator, which dominates seeding time, so
@@ -65,15 +66,18 @@ def _states(records: int, preferences: int, seed: int) -> bytes:
     emails = [p.email for p in seeding.people(records, seed)]
     leaf_ids = [n.id for n in seeding.leaf_preferences(preferences, seed)]
     workers = min(os.cpu_count() or 1, 8)
+    if mode == "none":
+        return bytes(len(emails) * len(leaf_ids))
     if len(emails) * len(leaf_ids) < PARALLEL_FROM or workers < 2:
-        return _state_chunk(seed, emails, leaf_ids)
+        return _state_chunk(seed, emails, leaf_ids, mode)
     step = -(-len(emails) // (workers * 4))
     chunks = [emails[i:i + step] for i in range(0, len(emails), step)]
     # fork: workers need nothing but this module, and spawn would re-run the caller's script
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        parts = pool.map(_state_chunk, [seed] * len(chunks), chunks, [leaf_ids] * len(chunks))
+        parts = pool.map(_state_chunk, [seed] * len(chunks), chunks, [leaf_ids] * len(chunks),
+                         [mode] * len(chunks))
         return b"".join(parts)
 
 
@@ -93,12 +97,13 @@ def _seed(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any
     preferences = int(body.get("preferences", 5))
     seed = int(body.get("seed", 1))
     account = str(body.get("account") or "demo")
+    mode = seeding.state_mode(body)
     if records < 0 or preferences < 0:
         raise ValueError("records and preferences must not be negative")
     store.clear()
     tree = seeding.preference_tree(preferences, seed)
     leaves = [n for n in tree if n.is_preference]
-    states = _states(records, preferences, seed)
+    states = _states(records, preferences, seed, mode)
     rows_wanted = records + 2 + len(tree) + len(states) - states.count(0)
     ids = _sorted_guids(random.Random(f"dynamics-ids:{seed}"), rows_wanted)
     ts = now.replace(microsecond=0)

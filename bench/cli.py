@@ -1,0 +1,97 @@
+"""``prefsync bench [SCENARIO ...]`` / ``python -m bench``: run the suite, write the results."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import results
+from bench.sizes import SIZES, with_repeats
+
+SCENARIOS = ("backfill", "steady", "api-economy", "rate-limited", "memory", "scale")
+DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"scenarios to run (default: all): {', '.join(SCENARIOS)}")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                        help="full: the sizes the targets are set for (default); small: quick "
+                             "runs while working; smoke: tiny, for correctness only")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per scenario, reported as medians (default: by size)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="sample every service and simulator with py-spy into DIR")
+    parser.add_argument("--results", type=Path, default=results.RESULTS_DIR, metavar="DIR",
+                        help="where latest.json and latest.md go (default bench/results)")
+    parser.add_argument("--broker-url", default=os.environ.get("PREFSYNC_BROKER_URL",
+                                                               DEFAULT_BROKER))
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each world's directory (config, ledger, service logs)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
+              file=sys.stderr)
+        return 2
+    chosen = [s for s in SCENARIOS if s in args.scenarios] or list(SCENARIOS)
+    return asyncio.run(run_suite(chosen, size=args.size, repeats=args.repeats,
+                                 profile_dir=args.profile, results_dir=args.results,
+                                 broker_url=args.broker_url, keep=args.keep))
+
+
+async def run_suite(chosen: Sequence[str], *, size: str, repeats: int | None,
+                    profile_dir: Path | None, results_dir: Path, broker_url: str,
+                    keep: bool = False) -> int:
+    from bench.ceiling import measure_ceiling
+    from bench.scenarios import REGISTRY
+    from bench.suite import Suite, machine
+
+    sizes = with_repeats(SIZES[size], repeats)
+    suite = Suite(broker_url=broker_url, size_name=size, sizes=sizes, profile_dir=profile_dir,
+                  keep=keep)
+    about = await machine(broker_url)
+    suite.say(f"machine: {about['cpus']} x {about['cpu']}, load {about['load_average_at_start']}")
+    messages = max(40, sizes.backfill_contacts * 5 // 500)
+    ceilings = []
+    for _ in range(sizes.repeats):
+        ceilings.append(await measure_ceiling(broker_url=broker_url, messages=messages))
+    ceilings.sort(key=lambda c: c["states_per_s"])
+    suite.ceiling = {**ceilings[len(ceilings) // 2],
+                     "states_per_s_each": [c["states_per_s"] for c in ceilings]}
+    suite.say(f"ceiling: {suite.ceiling['states_per_s']:,} states/s")
+    measured: dict[str, Any] = {}
+    failed = False
+    for name in chosen:
+        started = datetime.now(UTC)
+        try:
+            entry = await REGISTRY[name](suite)
+        except Exception as exc:  # one scenario failing must not lose the others' figures
+            failed = True
+            traceback.print_exc()
+            entry = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        entry.update({"size": size, "measured_at": started.isoformat(timespec="seconds"),
+                      "ceiling_states_per_s": suite.ceiling["states_per_s"]})
+        measured[name] = entry
+        suite.say(f"{name}: {entry.get('measured') or entry.get('error')}")
+        merged = results.merge(results.load(results_dir / "latest.json"), machine=about,
+                               ceiling=suite.ceiling, scenarios=measured)
+        json_path, md_path = results.write(merged, results_dir)
+    print(results.markdown(merged))
+    print(f"results: {json_path} and {md_path}")
+    return 1 if failed else 0

@@ -1,0 +1,137 @@
+"""backfill: every preference state of one side copied to the other, through all four services.
+
+Each way on a fresh pair of simulators: the source side is seeded with every state set
+(``contacts`` x 5 preferences), the other side with the same people and no states. The time
+is from the sync trigger until ``sync-now --wait`` would return (every change reconciled and
+every write accepted and committed); afterwards the target side must hold every state. Seeding
+and start-up are not timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aio_pika
+
+from bench.figures import batched_delta, call_delta, median, rounded, status_delta
+from bench.harness import PREFERENCES, BenchError, World
+from bench.suite import Suite
+from bench.tracking import Progress
+
+TARGET_S = 60.0
+DIRECTIONS = {"dynamics-to-dotdigital": ("dynamics", "dotdigital"),
+              "dotdigital-to-dynamics": ("dotdigital", "dynamics")}
+IDLE_CYCLES = 2  # the first reads back the backfill's own writes (echoes); the second is idle
+
+
+async def one_backfill(suite: Suite, world: World, direction: str, *, contacts: int,
+                       label: str, idle: bool = False) -> dict[str, Any]:
+    """Seed, start, time one backfill; with ``idle``, then the call counts of idle cycles."""
+    source, target = DIRECTIONS[direction]
+    seeded = await world.seed(records=contacts,
+                              dynamics_states="all" if source == "dynamics" else "none",
+                              dotdigital_states="all" if source == "dotdigital" else "none")
+    expected = (seeded["dynamics"]["subscriptions"] if source == "dynamics"
+                else seeded["dotdigital"]["states"])
+    await world.start_all()
+    before = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
+    cpu_before = {name: p.cpu_s() for name, p in {**world.services, **world.simulators}.items()}
+    async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
+        async with suite.profiled(world, label):
+            record = await progress.sync(timeout_s=suite.sizes.timeout_s)
+        seconds = record.seconds
+        cpu = {name: round(p.cpu_s() - cpu_before[name], 2)
+               for name, p in {**world.services, **world.simulators}.items()}
+        after = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
+        landed = (await world.dotdigital_states() if target == "dotdigital"
+                  else await world.dynamics_subscriptions())
+        summary = record.summary()
+        if summary["failed"] or landed != expected:
+            raise BenchError(f"backfill {direction} incomplete: {landed} of {expected} states "
+                             f"in {target}; {summary}")
+        result: dict[str, Any] = {
+            "states": expected,
+            "seconds": round(seconds, 3),
+            "states_per_s": round(expected / seconds, 1),
+            "timeline_s": record.timeline(),
+            "cpu_s": cpu,
+            "peak_rss_mb": {n: round(m.get("peak_rss_mb", 0.0), 1)
+                            for n, m in world.memory().items()},
+            "calls": {side: call_delta(before[side], after[side]) for side in before},
+            "operations_in_batches": {side: batched_delta(before[side], after[side])
+                                      for side in before},
+            "statuses": {side: status_delta(before[side], after[side]) for side in before},
+        }
+        if idle:
+            cycles = []
+            for _ in range(IDLE_CYCLES):
+                start = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
+                cycle = await progress.sync(timeout_s=suite.sizes.timeout_s)
+                end = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
+                cycles.append({"summary": cycle.summary(), "seconds": round(cycle.seconds, 3),
+                               "calls": {s: call_delta(start[s], end[s]) for s in start}})
+            result["idle_cycles"] = cycles
+    return result
+
+
+async def _drain_check(world: World) -> None:
+    connection = await aio_pika.connect(world.config.broker.url)
+    async with connection:
+        depths = await world.queue_depths(connection)
+    if any(depths.values()):
+        raise BenchError(f"messages left in the queues after the run: {depths}")
+
+
+async def run(suite: Suite) -> dict[str, Any]:
+    sizes = suite.sizes
+    contacts = sizes.backfill_contacts
+    ceiling = suite.ceiling.get("states_per_s")
+    out: dict[str, Any] = {
+        "what": f"{contacts:,} contacts x {PREFERENCES} preferences, each way, all four services",
+        "target": f"under {TARGET_S:.0f} s each way",
+        "target_s": TARGET_S,
+        "repeats": sizes.repeats,
+        "directions": {},
+    }
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for direction in DIRECTIONS:
+        runs[direction] = []
+        for attempt in range(sizes.repeats):
+            suite.say(f"backfill {direction} {attempt + 1}/{sizes.repeats} "
+                      f"({contacts:,} contacts)")
+            async with suite.world() as world:
+                started = time.monotonic()
+                one = await one_backfill(suite, world, direction, contacts=contacts,
+                                         label=f"backfill-{direction}-{attempt + 1}",
+                                         idle=attempt == sizes.repeats - 1)
+                await _drain_check(world)
+                suite.say(f"  {one['seconds']:.1f} s, {one['states_per_s']:,.0f} states/s "
+                          f"(with set-up {time.monotonic() - started:.0f} s)")
+            runs[direction].append(one)
+            await asyncio.sleep(0)
+        seconds = median(r["seconds"] for r in runs[direction])
+        rate = median(r["states_per_s"] for r in runs[direction])
+        out["directions"][direction] = {
+            "states": runs[direction][0]["states"],
+            "seconds": round(seconds, 3),
+            "seconds_each": [r["seconds"] for r in runs[direction]],
+            "states_per_s": round(rate, 1),
+            "ratio_to_ceiling": rounded(rate / ceiling if ceiling else None, 4),
+            "met": seconds < TARGET_S,
+            "timeline_s": runs[direction][len(runs[direction]) // 2]["timeline_s"],
+            "cpu_s": runs[direction][len(runs[direction]) // 2]["cpu_s"],
+            "peak_rss_mb": {name: max(r["peak_rss_mb"].get(name, 0.0) for r in runs[direction])
+                            for name in runs[direction][0]["peak_rss_mb"]},
+        }
+    suite.shared["backfill_runs"] = runs
+    ways = out["directions"]
+    out["seconds"] = max(w["seconds"] for w in ways.values())
+    out["states_per_s"] = min(w["states_per_s"] for w in ways.values())
+    out["ratio_to_ceiling"] = min((w["ratio_to_ceiling"] or 0.0) for w in ways.values())
+    out["met"] = all(w["met"] for w in ways.values())
+    out["measured"] = "; ".join(
+        f"{name}: {w['seconds']:.1f} s, {w['states_per_s']:,.0f} states/s, "
+        f"{(w['ratio_to_ceiling'] or 0) * 100:.1f}% of ceiling" for name, w in ways.items())
+    return out

@@ -1,0 +1,102 @@
+"""scale: one, two and four writer processes against vendor APIs that answer in 50 ms.
+
+Each run is a backfill into dotdigital on a fresh world with 8 shards per queue, with every
+vendor call delayed by the latency (both simulators, every API route). The pollers, the
+reconciler and ``writers`` writer replicas (``prefsync run writer``, each its own process) are
+started and the shard queues are dealt among the writers before the sync is triggered. The
+figure is the writers' throughput: states written per second from the first to the last write
+the run reports; the target compares four writers with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bench.figures import median
+from bench.harness import PREFERENCES, BenchError, World, WorldOptions
+from bench.suite import Suite
+from bench.tracking import Progress
+from common.store import open_store
+from common.topology import SIDES, Topology
+from services.assignment import group_name, holders
+
+SHARDS = 8
+TARGET_SPEEDUP = 3.5
+SCALE_TARGET_WRITERS = 4
+
+
+async def _dealt(world: World, replicas: list[str], timeout_s: float = 60.0) -> None:
+    """Until every writes queue is held by one of ``replicas`` and each holds its share."""
+    queues = {Topology.writes_queue(world.account, side, s) for side in SIDES
+              for s in range(world.config.broker.shards)}
+    deadline = time.monotonic() + timeout_s
+    async with open_store(world.config.store.url) as store:
+        while time.monotonic() < deadline:
+            world.check_alive()
+            owners = holders(await store.members(group_name("writer", world.account)))
+            if set(owners) >= queues and {owners[q] for q in queues} == set(replicas):
+                return
+            await asyncio.sleep(0.2)
+    raise BenchError("the writers' shards were not dealt in time")
+
+
+async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
+                    latency_ms: float) -> dict[str, Any]:
+    seeded = await world.seed(records=contacts, dynamics_states="all", dotdigital_states="none")
+    expected = seeded["dynamics"]["subscriptions"]
+    await world.start_all(("dynamics-poller", "ec-poller", "reconciler"))
+    replicas = [f"writer-{i + 1}" for i in range(writers)]
+    for name in replicas:
+        await world.start("writer", replica=name, wait=False)
+    await world.wait_consuming("writer")
+    await _dealt(world, replicas)
+    for side in ("dynamics", "dotdigital"):
+        await world.faults(side, {"latency_ms": {"* /": latency_ms}})
+    async with Progress(broker_url=world.config.broker.url, account=world.account) as progress, \
+            suite.profiled(world, f"scale-{writers}"):
+        record = await progress.sync(timeout_s=suite.sizes.timeout_s)
+    landed = await world.dotdigital_states()
+    if record.summary()["failed"] or landed != expected:
+        raise BenchError(f"scale: {landed} of {expected} states written; {record.summary()}")
+    assert record.first_written_at is not None and record.last_written_at is not None
+    writing = max(1e-3, record.last_written_at - record.first_written_at)
+    return {"writers": writers, "states": expected, "seconds": round(record.seconds, 3),
+            "writing_seconds": round(writing, 3), "states_per_s": round(expected / writing, 1),
+            "cpu_s": {n: round(p.cpu_s(), 1) for n, p in world.services.items()}}
+
+
+async def run(suite: Suite) -> dict[str, Any]:
+    sizes = suite.sizes
+    by_writers: dict[int, list[dict[str, Any]]] = {}
+    for writers in sizes.scale_writers:
+        by_writers[writers] = []
+        for attempt in range(sizes.repeats):
+            suite.say(f"scale: {writers} writer(s) {attempt + 1}/{sizes.repeats}, "
+                      f"{sizes.scale_contacts * PREFERENCES:,} states, "
+                      f"{sizes.scale_latency_ms:.0f} ms API latency")
+            async with suite.world(WorldOptions(shards=SHARDS)) as world:
+                one = await one_scale(suite, world, writers=writers,
+                                      contacts=sizes.scale_contacts,
+                                      latency_ms=sizes.scale_latency_ms)
+            suite.say(f"  {one['states_per_s']:,.0f} states/s while writing "
+                      f"({one['seconds']:.1f} s in all)")
+            by_writers[writers].append(one)
+    rates = {w: median(r["states_per_s"] for r in runs) for w, runs in by_writers.items()}
+    base = rates[min(rates)]
+    speedup = {w: round(rate / base, 2) for w, rate in rates.items()}
+    most = max(rates)
+    goal = max(SCALE_TARGET_WRITERS, most)
+    return {
+        "what": f"writers {', '.join(map(str, rates))} with {sizes.scale_latency_ms:.0f} ms API "
+                f"latency ({sizes.scale_contacts * PREFERENCES:,} states into dotdigital, "
+                f"{SHARDS} shards)",
+        "target": f"{goal} writers at least {TARGET_SPEEDUP}x one",
+        "states_per_s": {str(w): round(r, 1) for w, r in rates.items()},
+        "speedup": {str(w): s for w, s in speedup.items()},
+        "runs": {str(w): runs for w, runs in by_writers.items()},
+        "met": speedup[goal] >= TARGET_SPEEDUP if goal in speedup else None,
+        "measured": ", ".join(f"{w} writer(s) {rates[w]:,.0f} states/s ({speedup[w]:.2f}x)"
+                              for w in rates),
+    }

@@ -1,0 +1,80 @@
+"""The suite's own arithmetic and bookkeeping: percentiles, call counts, merged results."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from bench.figures import batched_delta, call_delta, percentile, write_calls
+from bench.results import markdown, merge
+from bench.scenarios.rate_limited import budget_seconds
+from services.simulators.base import serving
+from services.simulators.dotdigital import DotdigitalSimulator
+from services.simulators.dynamics import DynamicsSimulator
+
+pytestmark = pytest.mark.anyio
+
+
+def test_percentile_weighs_each_value_by_its_count() -> None:
+    latencies = [(0.2, 98), (0.9, 1), (3.0, 1)]
+
+    assert percentile(latencies, 0.50) == 0.2
+    assert percentile(latencies, 0.99) == 0.9
+    assert percentile(latencies, 1.0) == 3.0
+    assert percentile([], 0.99) is None
+
+
+def test_call_counts_leave_operations_inside_a_batch_out_of_the_requests() -> None:
+    before = {"calls": {"POST /b/$batch": 1, "POST /b/rows": 10}, "in_batches": {"POST /b/rows": 10}}
+    after = {"calls": {"POST /b/$batch": 3, "POST /b/rows": 2011, "GET /b/rows": 4},
+             "in_batches": {"POST /b/rows": 2010}}
+
+    requests = call_delta(before, after)
+
+    assert requests == {"POST /b/$batch": 2, "POST /b/rows": 1, "GET /b/rows": 4}
+    assert batched_delta(before, after) == {"POST /b/rows": 2000}
+    assert write_calls(requests) == 3
+
+
+def test_the_call_budget_leaves_the_last_window_unfinished() -> None:
+    assert budget_seconds(35) == 0
+    assert budget_seconds(36) == 60
+    assert budget_seconds(105) == 120
+
+
+def test_a_partial_run_keeps_the_other_scenarios_and_orders_them() -> None:
+    previous = {"machine": {"cpus": 1}, "ceiling": {"states_per_s": 1},
+                "scenarios": {"memory": {"met": True}, "backfill": {"met": False}}}
+
+    merged = merge(previous, machine={"cpus": 2}, ceiling={"states_per_s": 5},
+                   scenarios={"backfill": {"met": True, "what": "w", "target": "t",
+                                           "measured": "m"}})
+
+    assert merged["machine"] == {"cpus": 2}
+    assert list(merged["scenarios"]) == ["backfill", "memory"]
+    assert merged["scenarios"]["backfill"]["met"] is True
+    assert "| backfill | w | t | m | yes |" in markdown(merged)
+
+
+async def test_seeding_can_set_every_state_or_none() -> None:
+    """``"states"`` in ``POST /_sim/seed``: both simulators, the one-way backfill's two sides."""
+    dynamics = DynamicsSimulator(clients=["t:c:secret-1234"])
+    dotdigital = DotdigitalSimulator(accounts=["1001:apiuser-1@apiconnector.com:Passw0rd-1"])
+    async with serving(dynamics.app) as dyn, serving(dotdigital.app) as dd, \
+            aiohttp.ClientSession() as http:
+        base = {"records": 30, "preferences": 3, "seed": 3}
+
+        async def seed(url: str, states: str) -> dict[str, object]:
+            async with http.post(f"{url}/_sim/seed", json={**base, "states": states}) as r:
+                assert r.status == 200, await r.text()
+                body: dict[str, object] = await r.json()
+                return body
+
+        assert (await seed(dyn, "all"))["subscriptions"] == 90
+        assert (await seed(dyn, "none"))["subscriptions"] == 0
+        assert (await seed(dd, "all"))["states"] == 90
+        assert (await seed(dd, "none"))["states"] == 0
+        async with http.get(f"{dd}/_sim/dotdigital/accounts") as r:
+            assert (await r.json())[0]["states"] == 0
+        async with http.post(f"{dd}/_sim/seed", json={**base, "states": "some"}) as r:
+            assert r.status == 400
