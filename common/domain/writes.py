@@ -91,7 +91,8 @@ def _same_write(record: WriteRecord, command: WriteCommand) -> bool:
 
 def prune_writes(state: KeyState, side: Side) -> KeyState:
     """Drop expired in-flight records (the side has been seen well past them) and keep only the
-    newest ``MAX_WRITE_RECORDS``; the horizon remembers how far the dropped ones reached."""
+    records of the newest ``MAX_WRITE_RECORDS`` writes; the horizon remembers how far the
+    dropped ones reached."""
     known = state.known.get(side)
     kept: list[WriteRecord] = []
     dropped: list[WriteRecord] = []
@@ -101,8 +102,12 @@ def prune_writes(state: KeyState, side: Side) -> KeyState:
         expired = (r.in_flight and known is not None
                    and known.as_of > r.window_start + IN_FLIGHT_LIMIT)
         (dropped if expired else kept).append(r)
-    dropped.extend(kept[:-MAX_WRITE_RECORDS])
-    kept = kept[-MAX_WRITE_RECORDS:]
+    # Count writes, not records: one write to several Dynamics rows of an email leaves one
+    # record per row, and every row's read-back must still be recognised.
+    writes = list(dict.fromkeys((r.opted_in, r.register_origin_time) for r in kept))
+    newest = set(writes[-MAX_WRITE_RECORDS:])
+    dropped.extend(r for r in kept if (r.opted_in, r.register_origin_time) not in newest)
+    kept = [r for r in kept if (r.opted_in, r.register_origin_time) in newest]
     if not dropped:
         return state
     horizon = state.horizon.get(side)

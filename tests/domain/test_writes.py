@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -246,3 +246,22 @@ def test_known_limit_a_same_value_change_inside_a_confirmed_window_is_taken_as_o
     assert d.outcome is Outcome.ECHO
     later = reconcile(d.state, obs("dynamics", True, 5, version=2))
     assert later.outcome is Outcome.APPLIED
+
+
+def test_one_write_to_many_rows_keeps_every_rows_record() -> None:
+    """A write that reached six Dynamics rows of one email is recognised in all six read-backs."""
+    from common.domain import Observation, PreferenceKey, WriteCommand, find_echo, record_write
+    from common.domain.state import KeyState
+
+    key = PreferenceKey(account="acme", email="a@example.com", preference_id=1)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    command = WriteCommand(key=key, side="dynamics", opted_in=False, origin_time=t0,
+                           origin_side="dotdigital", change_id="c")
+    state = KeyState(key=key)
+    for version in range(100, 106):
+        state = record_write(state, command, produced_version=version, window_start=t0,
+                             window_end=t0 + timedelta(seconds=1), written_at=t0)
+    for version in range(100, 106):
+        echo = Observation(key=key, side="dynamics", opted_in=False,
+                           origin_time=t0 + timedelta(seconds=1), version=version)
+        assert find_echo(state, echo) is not None, version
