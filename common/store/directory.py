@@ -82,11 +82,15 @@ class SqliteDirectory:
     """Directory tables on the ledger's SQLite connection. Each call runs in a transaction
     taken from the store, so it never interleaves with the store's own."""
 
-    def __init__(self, transaction: Transaction) -> None:
+    def __init__(self, transaction: Transaction, *, reading: Transaction | None = None) -> None:
         self._transaction = transaction
+        # a plain query may run in a read-only transaction (SQLite: one that takes no lock)
+        self._reading = reading or transaction
 
     async def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        async with self._transaction() as db, db.execute(sql, params) as cursor:
+        read_only = sql.lstrip()[:6].upper() == "SELECT"
+        async with (self._reading if read_only else self._transaction)() as db, \
+                db.execute(sql, params) as cursor:
             return list(await cursor.fetchall())
 
     async def _many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
 from types import TracebackType
 from typing import Any
@@ -174,6 +174,9 @@ class PostgresLedgerStore(SqliteLedgerStore):
             raise RuntimeError("the ledger store is not open")
         async with self._pool.acquire() as connection, connection.transaction():
             yield PostgresConnection(connection)
+
+    def _reading(self) -> AbstractAsyncContextManager[Connection]:
+        return self._transaction()
 
     async def _revisions(self, db: Connection,
                          keys: Sequence[PreferenceKey]) -> dict[tuple[str, str, int], int]:

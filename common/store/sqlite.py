@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -128,7 +128,7 @@ class SqliteLedgerStore:
         self._db: aiosqlite.Connection | None = None
         # one connection: transactions must not interleave on it
         self._lock = asyncio.Lock()
-        self._directory = SqliteDirectory(self._transaction)
+        self._directory = SqliteDirectory(self._transaction, reading=self._reading)
         self._parking = SqliteParking(self._transaction)
         self._coordination = SqlCoordination(self._transaction)
 
@@ -141,7 +141,9 @@ class SqliteLedgerStore:
             return
         db = await aiosqlite.connect(self._path, isolation_level=None)
         try:
-            await db.execute("PRAGMA busy_timeout = 5000")
+            # Several services (processes) share the file; one may hold the write lock for
+            # a few seconds (a big batch on a loaded machine): wait rather than fail.
+            await db.execute("PRAGMA busy_timeout = 60000")
             await db.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed decision survives power loss (messages are acked after commit)
             await db.execute("PRAGMA synchronous = FULL")
@@ -177,17 +179,27 @@ class SqliteLedgerStore:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:
+        async with self._begun("BEGIN IMMEDIATE") as db:
+            yield db
+
+    @asynccontextmanager
+    async def _begun(self, begin: str) -> AsyncIterator[Connection]:
         if self._db is None:
             raise RuntimeError("the ledger store is not open")
         db = self._db
         async with self._lock:
-            await db.execute("BEGIN IMMEDIATE")
+            await db.execute(begin)
             try:
                 yield db
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
+
+    def _reading(self) -> AbstractAsyncContextManager[Connection]:
+        """A transaction for queries only: a deferred one, which in WAL mode takes no lock, so
+        it neither waits for another process's write nor holds one up."""
+        return self._begun("BEGIN")
 
     # -- key states -----------------------------------------------------------------------
     async def _revisions(self, db: Connection,
@@ -204,7 +216,7 @@ class SqliteLedgerStore:
     async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
         wanted = list(dict.fromkeys(keys))
         out: dict[PreferenceKey, KeyState] = {}
-        async with self._transaction() as db:
+        async with self._reading() as db:
             for i in range(0, len(wanted), _CHUNK):
                 chunk = wanted[i:i + _CHUNK]
                 by_tuple = {(k.account, k.email, k.preference_id): k for k in chunk}
@@ -247,7 +259,7 @@ class SqliteLedgerStore:
         email = normalize_email(email)
         sql = ("SELECT preference_id, revision, state FROM key_state "
                "WHERE account = ? AND email = ? ORDER BY preference_id")
-        async with self._transaction() as db, db.execute(sql, (account, email)) as cur:
+        async with self._reading() as db, db.execute(sql, (account, email)) as cur:
             rows = await cur.fetchall()
         return [decode_state(PreferenceKey(account=account, email=email, preference_id=p), r, b)
                 for p, r, b in rows]
@@ -257,7 +269,7 @@ class SqliteLedgerStore:
         sql = ("SELECT preference_id, side, opted_in, origin_time, change_id, decision, "
                "recorded_at FROM history WHERE account = ? AND email = ? "
                "ORDER BY recorded_at, id")
-        async with self._transaction() as db, db.execute(sql, (account, email)) as cur:
+        async with self._reading() as db, db.execute(sql, (account, email)) as cur:
             rows = await cur.fetchall()
         return [HistoryEntry(account=account, email=email, preference_id=p, side=side,
                              opted_in=bool(opted_in), origin_time=from_us(origin),
@@ -269,7 +281,7 @@ class SqliteLedgerStore:
     async def load_contacts(self, account: str,
                             emails: Iterable[str]) -> dict[str, ContactState]:
         wanted = list(dict.fromkeys(normalize_email(e) for e in emails))
-        async with self._transaction() as db:
+        async with self._reading() as db:
             rows = await _select_in(db, "SELECT email, status, since, revision FROM contact_state "
                                     "WHERE account = ? AND email", account, wanted)
         return {email: ContactState(account=account, email=email, status=status,
@@ -287,7 +299,7 @@ class SqliteLedgerStore:
     # -- checkpoints ----------------------------------------------------------------------
     async def get_checkpoint(self, account: str, source: str) -> str | None:
         sql = "SELECT value FROM checkpoint WHERE account = ? AND source = ?"
-        async with self._transaction() as db, db.execute(sql, (account, source)) as cur:
+        async with self._reading() as db, db.execute(sql, (account, source)) as cur:
             row = await cur.fetchone()
         return None if row is None else str(row[0])
 
