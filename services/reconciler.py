@@ -330,13 +330,17 @@ class Reconciler:
         if unknown_dd:
             records = await self._store.records_for_emails(self.account,
                                                            {k.email for k in unknown_dd})
+            eligible_since = {email: min((r.eligible_at or "" for r in refs), default="")
+                              for email, refs in records.items()}
+            # asked once per preference and batch: until the mark exists, every key would ask
+            marks = {p: await self._read_mark(p, shard)
+                     for p in {k.preference_id for k in unknown_dd}}
             for key, command in unknown_dd.items():
-                read_at = await self._read_mark(key.preference_id, shard)
+                read_at = marks[key.preference_id]
                 if read_at is None:
                     to_defer.append((key.preference_id, key.email))
                     continue
-                eligible_at = min((r.eligible_at or "" for r in records.get(key.email, [])),
-                                  default="")
+                eligible_at = eligible_since.get(key.email, "")
                 covered = bool(eligible_at) and eligible_at <= read_at
                 per_delivery[result.owner[key]].append(
                     replace(to_message(command), covered=covered))

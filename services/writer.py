@@ -31,7 +31,7 @@ import asyncio
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -60,6 +60,7 @@ from services.dynamics_poller import (
     parse_odata_time,
 )
 from services.ec_poller import EPOCH
+from services.feed_follower import FeedFollower
 from services.publishing import envelopes_by_shard, publish_progress, stable_id
 
 log = logging.getLogger("prefsync.writer")
@@ -150,6 +151,7 @@ class Writer:
         self._now = now
         self._dead = dead_letters
         self._on_written = on_written
+        self._feed = FeedFollower(client=dotdigital) if dotdigital is not None else None
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         owner: dict[PreferenceKey, int] = {}
@@ -174,25 +176,28 @@ class Writer:
             self._fold_known_rows(commands, records, outcome)
         if self.side == "dotdigital":
             await self._read_before_write(commands, states, outcome)
+            observed = _by_key(outcome.observations)
             unknown = [k for k in commands if k not in covered
-                       and self._folded(states.get(k), k, outcome).known.get("dotdigital") is None]
+                       and self._folded(states.get(k), k, observed).known.get("dotdigital") is None]
             await self._read_contacts(unknown, outcome)
+        observed = _by_key(outcome.observations)
         todo: dict[PreferenceKey, domain.WriteCommand] = {}
         for key, command in commands.items():
             contact = contacts.get(key.email)
             if contact is not None and contact.suppressed:
                 outcome.suppressed.add(key)
-            elif self._should_write(self._folded(states.get(key), key, outcome), command,
+            elif self._should_write(self._folded(states.get(key), key, observed), command,
                                     records):
                 todo[key] = command
         if todo:
             started = self._now() - CLOCK_MARGIN
-            await self._commit_with(todo, lambda s, c: domain.begin_write(s, c, window_start=started))
+            await self._commit_with(todo, lambda s, c: domain.begin_write(s, c, window_start=started),
+                                    states=states)
             if self.side == "dynamics":
                 await self._write_dynamics(todo, outcome, started, records)
             else:
                 await self._write_dotdigital(todo, outcome)
-        states = await self._commit_outcome(commands, todo, outcome)
+        states = await self._commit_outcome(commands, todo, outcome, states=states)
         if outcome.rows:
             await self._store.upsert_subscriptions(self.account, outcome.rows)
         if outcome.transient is not None:
@@ -211,17 +216,21 @@ class Writer:
 
     # --- ledger ----------------------------------------------------------------------------
     @staticmethod
-    def _folded(state: KeyState | None, key: PreferenceKey, outcome: WriteOutcome) -> KeyState:
+    def _folded(state: KeyState | None, key: PreferenceKey,
+                observed: Mapping[PreferenceKey, Sequence[Observation]]) -> KeyState:
         state = state if state is not None else KeyState(key=key)
-        for observation in outcome.observations:
-            if observation.key == key:
-                state = domain.reconcile(state, observation).state
+        for observation in observed.get(key, ()):
+            state = domain.reconcile(state, observation).state
         return state
 
     async def _commit_with(self, commands: dict[PreferenceKey, domain.WriteCommand],
-                           edit: Callable[[KeyState, domain.WriteCommand], KeyState]) -> None:
-        for _ in range(MAX_CONFLICT_RETRIES):
-            states = await self._store.load(set(commands))
+                           edit: Callable[[KeyState, domain.WriteCommand], KeyState], *,
+                           states: dict[PreferenceKey, KeyState]) -> None:
+        """Apply ``edit`` to the commands' keys and save. ``states`` (as loaded for this
+        batch) is tried first and kept up to date; a conflict loads the keys afresh."""
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            if attempt:
+                states.update(await self._store.load(set(commands)))
             changed = []
             for key, command in commands.items():
                 before = states.get(key) or KeyState(key=key)
@@ -229,25 +238,34 @@ class Writer:
                 if after != before:
                     changed.append(after)
             try:
-                await self._store.save([(st.revision or None, st, None) for st in changed])
-                return
+                revisions = await self._store.save([(st.revision or None, st, None)
+                                                    for st in changed])
             except ConflictError:
                 continue
+            states.update({st.key: replace(st, revision=revision)
+                           for st, revision in zip(changed, revisions, strict=True)})
+            return
         raise RuntimeError("ledger conflicts did not settle")
 
     async def _commit_outcome(self, commands: dict[PreferenceKey, domain.WriteCommand],
                               todo: dict[PreferenceKey, domain.WriteCommand],
-                              outcome: WriteOutcome) -> dict[PreferenceKey, KeyState]:
-        """Record writes, refusals and what the writer read, in one transaction."""
+                              outcome: WriteOutcome, *,
+                              states: Mapping[PreferenceKey, KeyState]
+                              ) -> dict[PreferenceKey, KeyState]:
+        """Record writes, refusals and what the writer read, in one transaction. ``states``
+        (kept up to date by this batch's own saves) is tried first; a conflict loads afresh."""
         now = self._now()
         keys = set(commands) | {o.key for o in outcome.observations}
-        for _ in range(MAX_CONFLICT_RETRIES):
-            states: dict[PreferenceKey, KeyState] = await self._store.load(keys)
+        known = keys <= states.keys() | set(commands)  # else some key was never loaded
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            current: dict[PreferenceKey, KeyState] = (
+                {k: states[k] for k in keys if k in states} if known and not attempt
+                else await self._store.load(keys))
             history: list[domain.HistoryEntry] = []
             changed: dict[PreferenceKey, KeyState] = {}
             for observation in outcome.observations:
                 key = observation.key
-                before = changed.get(key) or states.get(key)
+                before = changed.get(key) or current.get(key)
                 decision = domain.reconcile(before, observation)
                 if decision.changed:
                     changed[key] = decision.state
@@ -255,7 +273,7 @@ class Writer:
                     history.append(domain.HistoryEntry.for_observation(
                         observation, decision=str(decision.outcome), recorded_at=now))
             for key, command in todo.items():
-                state = changed.get(key) or states.get(key) or KeyState(key=key)
+                state = changed.get(key) or current.get(key) or KeyState(key=key)
                 if key in outcome.written:
                     for version, start, end in outcome.written[key]:
                         state = domain.record_write(state, command, produced_version=version,
@@ -274,8 +292,8 @@ class Writer:
             try:
                 await self._store.save([(st.revision or None, st, None)
                                         for st in changed.values()], history=history)
-                states.update(changed)
-                return states
+                current.update(changed)
+                return current
             except ConflictError:
                 continue
         raise RuntimeError("ledger conflicts did not settle")
@@ -460,23 +478,17 @@ class Writer:
         by_preference: dict[int, set[str]] = defaultdict(set)
         for key in commands:
             by_preference[key.preference_id].add(key.email)
+        assert self._feed is not None
         for preference_id, emails in by_preference.items():
             since = await self._read_watermark(preference_id)
-            async for page in self._dotdigital.iter_opt_ins_since(preference_id, since):
-                for item in page:
-                    email = item.contact.email.strip().lower()
-                    if email not in emails:
-                        continue
-                    for opt_in in item.opt_ins:
-                        if opt_in.preference_id != preference_id:
-                            continue
-                        outcome.observations.append(Observation(
-                            key=PreferenceKey(account=self.account, email=email,
-                                              preference_id=preference_id),
-                            side="dotdigital", opted_in=opt_in.is_opted_in,
-                            origin_time=opt_in.modified,
-                            change_id=f"ec:{item.contact.id}:{preference_id}:"
-                                      f"{opt_in.modified.isoformat()}"))
+            found = await self._feed.entries(preference_id, since=since, emails=emails)
+            for email, entries in found.items():
+                for contact_id, opted_in, modified in entries:
+                    outcome.observations.append(Observation(
+                        key=PreferenceKey(account=self.account, email=email,
+                                          preference_id=preference_id),
+                        side="dotdigital", opted_in=opted_in, origin_time=modified,
+                        change_id=f"ec:{contact_id}:{preference_id}:{modified.isoformat()}"))
 
     async def _read_contacts(self, keys: Sequence[PreferenceKey], outcome: WriteOutcome) -> None:
         """Keys whose dotdigital state no complete read covers: ask about each contact."""
@@ -508,24 +520,32 @@ class Writer:
         for key, command in todo.items():
             by_email[key.email][key.preference_id] = command.opted_in
         window_start = await self._dotdigital.server_time()
+        assert self._feed is not None
+        write = self._feed.writing(started=window_start, values=by_email)
         failed_emails: dict[str, Failure] = {}
-        if len(by_email) <= DIRECT_WRITE_LIMIT:
-            for email, preferences in by_email.items():
-                try:
-                    await self._dotdigital.update_contact_preferences(email, preferences)
-                except VendorError as exc:
-                    if exc.retryable:
-                        raise
-                    failed_emails[email] = Failure(reason=exc.message, code=exc.code)
-        else:
-            report = await self._dotdigital.run_import(
-                [ImportContact(email=email, preferences=prefs) for email, prefs in by_email.items()])
-            for failure in report.failures:
-                if failure.email:
-                    failed_emails[failure.email.strip().lower()] = Failure(
-                        reason="; ".join(failure.descriptions) or "import failure",
-                        code=",".join(failure.codes))
-        window_end = await self._dotdigital.server_time()
+        try:
+            if len(by_email) <= DIRECT_WRITE_LIMIT:
+                for email, preferences in by_email.items():
+                    try:
+                        await self._dotdigital.update_contact_preferences(email, preferences)
+                    except VendorError as exc:
+                        if exc.retryable:
+                            raise
+                        failed_emails[email] = Failure(reason=exc.message, code=exc.code)
+            else:
+                report = await self._dotdigital.run_import(
+                    [ImportContact(email=email, preferences=prefs)
+                     for email, prefs in by_email.items()])
+                for failure in report.failures:
+                    if failure.email:
+                        failed_emails[failure.email.strip().lower()] = Failure(
+                            reason="; ".join(failure.descriptions) or "import failure",
+                            code=",".join(failure.codes))
+            window_end = await self._dotdigital.server_time()
+        except BaseException:
+            self._feed.forget(write)  # what it wrote, if anything, is read back as unknown
+            raise
+        self._feed.written(write, ended=window_end)
         for key in todo:
             if key.email in failed_emails:
                 outcome.failed[key] = failed_emails[key.email]
@@ -615,6 +635,13 @@ class Writer:
             # Version conflicts: the fresh row is in the ledger and the write was re-issued.
             log.info("writes re-issued after a version conflict", extra={
                 "account": self.account, "side": self.side, "keys": len(outcome.retry)})
+
+
+def _by_key(observations: Sequence[Observation]) -> dict[PreferenceKey, list[Observation]]:
+    by_key: dict[PreferenceKey, list[Observation]] = defaultdict(list)
+    for observation in observations:
+        by_key[observation.key].append(observation)
+    return by_key
 
 
 def _to_message(command: domain.WriteCommand) -> WriteMessage:
