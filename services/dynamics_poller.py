@@ -23,8 +23,8 @@ dotdigital holds for it; with ``"carry"`` the old email's preferences are carrie
 Subscription rows of records that were never in an email-activated list are not published;
 the ``ineligible`` decision goes into the history for the record's email.
 
-Then it starts the ec-poller's part of the same run, so dotdigital is read after eligibility is
-known.
+Once eligibility is known (after step 2) it starts the ec-poller's part of the same run, so
+dotdigital is read after eligibility is known and while the subscription rows are.
 """
 
 from __future__ import annotations
@@ -132,12 +132,15 @@ class DynamicsPoller:
         self._email_changes = []
         await self._refresh_directory()
         newly_eligible = await self._refresh_eligibility()
+        # The ec-poller's part needs only eligibility and the records' emails, known now: it
+        # reads dotdigital while this poller reads the subscription rows.
+        emails = await self._store.emails_of_records(self.account.id, sorted(newly_eligible))
+        moved_to = {change.new for change in self._email_changes}
+        await self._start_ec_part(request, sorted(set(emails) | moved_to))
         full_read = await self._read_subscriptions(request, catalog, counts)
         if newly_eligible and not full_read:
             await self._publish_rows_of_records(request, catalog, sorted(newly_eligible), counts)
-        emails = await self._store.emails_of_records(self.account.id, sorted(newly_eligible))
-        moved = await self._follow_email_changes(request, counts)
-        await self._start_ec_part(request, sorted(set(emails) | moved))
+        await self._follow_email_changes(request, counts)
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="poller-done", fields={
                                    "source": "dynamics", "messages": counts.message_ids,
