@@ -94,11 +94,16 @@ def prune_writes(state: KeyState, side: Side) -> KeyState:
     records of the newest ``MAX_WRITE_RECORDS`` writes; the horizon remembers how far the
     dropped ones reached."""
     known = state.known.get(side)
+    records = state.writes.get(side)
+    if len(records) <= MAX_WRITE_RECORDS and not any(
+            r.in_flight and known is not None and known.as_of > r.window_start + IN_FLIGHT_LIMIT
+            for r in records):
+        return state  # nothing expired, and no more writes than are kept (the common case)
     kept: list[WriteRecord] = []
     dropped: list[WriteRecord] = []
     # confirmed records go first, oldest first: an in-flight one is the last to be forgotten
     # (forgetting it widens the horizon to its whole in-flight limit)
-    for r in sorted(state.writes.get(side), key=lambda r: (r.in_flight, r.window_start)):
+    for r in sorted(records, key=lambda r: (r.in_flight, r.window_start)):
         expired = (r.in_flight and known is not None
                    and known.as_of > r.window_start + IN_FLIGHT_LIMIT)
         (dropped if expired else kept).append(r)
