@@ -21,12 +21,14 @@ from typing import Any
 import aio_pika
 
 from common.broker import CONFIRM_WINDOW
+from common.config import BrokerConfig
 from common.messages import PreferenceChange
 from services.publishing import CHUNK, envelopes_by_shard
+from services.runtime import SHARD_BATCH
 
 # The services' defaults (config [broker] prefetch, the shard consumers' batch size).
-PREFETCH = 256
-BATCH = 64
+PREFETCH = BrokerConfig(url="").prefetch
+BATCH = SHARD_BATCH
 
 
 def sample_bodies(*, messages: int, shards: int) -> list[bytes]:

@@ -97,7 +97,8 @@ class AccountConfig:
 class BrokerConfig:
     url: str
     shards: int = 4
-    prefetch: int = 256
+    # unacked messages per consumer; a message carries up to 500 changes
+    prefetch: int = 32
     # How long the changes log (a stream) keeps messages for replay; RabbitMQ max-age units.
     changes_log_max_age: str = "7D"
 
@@ -166,7 +167,7 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
         broker=BrokerConfig(
             url=broker_url,
             shards=broker.integer("shards", default=4, minimum=1, maximum=256),
-            prefetch=broker.integer("prefetch", default=256, minimum=1, maximum=65535),
+            prefetch=broker.integer("prefetch", default=32, minimum=1, maximum=65535),
             changes_log_max_age=_max_age(broker),
         ),
         store=StoreConfig(url=store_url),

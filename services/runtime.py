@@ -37,6 +37,11 @@ from services.writer import Writer
 
 log = logging.getLogger("prefsync.runtime")
 
+# Messages per batch on a shard queue. A message carries up to 500 changes, so a batch is up to
+# 8000: enough for whole vendor batches, small enough to keep a service's memory and each ledger
+# transaction (the write lock other processes wait for) small.
+SHARD_BATCH = 16
+
 
 @dataclass
 class Running:
@@ -172,7 +177,7 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
     def shard(service: str, queue: str, handler: Any) -> None:
         """A shard queue, consumed by whichever replica the assignment gives it to."""
         assigners[service].add(account=account.id, queue=queue,
-                               make=lambda: consumer(queue, handler, 64))
+                               make=lambda: consumer(queue, handler, SHARD_BATCH))
 
     if "dynamics-poller" in services:
         assert dataverse is not None
