@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                         help=f"scenarios to run (default: all): {', '.join(SCENARIOS)}")
     parser.add_argument("--size", choices=sorted(SIZES), default="full",
-                        help="full: the sizes the targets are set for (default); small: quick "
-                             "runs while working; smoke: tiny, for correctness only")
+                        help="full: the sizes the targets are set for (default); medium "
+                             "(a tenth) and small: runs while working; smoke: tiny, for "
+                             "correctness only")
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per scenario, reported as medians (default: by size)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
