@@ -38,9 +38,10 @@ from services.writer import Writer
 log = logging.getLogger("prefsync.runtime")
 
 # Messages per batch on a shard queue. A message carries up to 500 changes, so a batch is up to
-# 8000: enough for whole vendor batches, small enough to keep a service's memory and each ledger
-# transaction (the write lock other processes wait for) small.
-SHARD_BATCH = 16
+# 2000: whole vendor batches (1000 Dataverse operations, an import of 400 contacts x 5), while a
+# service with four shard batches in hand stays around 100 MB, and each ledger transaction (the
+# write lock other processes wait for) stays short.
+SHARD_BATCH = 4
 
 
 @dataclass
