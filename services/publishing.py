@@ -8,6 +8,7 @@ tracker treat a repeated id as the same message.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -23,6 +24,10 @@ from common.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, WRITES_EXCHANGE,
 # Changes per message: big enough to make broker and store work cheap per change, small enough
 # that a redelivery repeats little work.
 CHUNK = 500
+# Header on change messages: when the poller read them (Unix time in milliseconds, an integer:
+# AMQP floats may be single precision). Progress events report it, so a run's latency can be
+# told from poll to write.
+POLLED_AT = "x-prefsync-polled-at-ms"
 
 
 def stable_id(*parts: object) -> str:
@@ -40,6 +45,7 @@ def envelopes_by_shard(
     run_id: str | None, id_seed: str, route: str = "changes", side: Side | None = None,
 ) -> list[Outgoing]:
     """Group ``changes`` by the shard of their email and wrap them in confirmed-publish items."""
+    polled_at = int(time.time() * 1000)
     grouped: dict[int, list[Change]] = defaultdict(list)
     for change in changes:
         grouped[shard_of(_email_of(change), shards)].append(change)
@@ -52,12 +58,14 @@ def envelopes_by_shard(
             newest: datetime = max(_origin(c) for c in chunk)
             envelope = Envelope(type=type, account=account, source=source, change_id=message_id,
                                 origin_time=newest, changes=chunk, run_id=run_id)
+            headers: dict[str, Any] = {}
             if route == "changes":
                 exchange, key = CHANGES_EXCHANGE, Topology.changes_key(account, shard)
+                headers[POLLED_AT] = polled_at
             else:
                 assert side is not None
                 exchange, key = WRITES_EXCHANGE, Topology.writes_key(account, side, shard)
-            out.append(Outgoing(exchange=exchange, routing_key=key,
+            out.append(Outgoing(exchange=exchange, routing_key=key, headers=headers,
                                 body=messages.encode(envelope), message_id=message_id))
     return out
 

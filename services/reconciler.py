@@ -46,7 +46,7 @@ from common.messages import WriteCommand as WriteMessage
 from common.store import ConflictError
 from common.topology import SIDES, shard_of
 from services.catalog import load_catalog
-from services.publishing import envelopes_by_shard, publish_progress
+from services.publishing import POLLED_AT, envelopes_by_shard, publish_progress
 
 log = logging.getLogger("prefsync.reconciler")
 
@@ -363,7 +363,8 @@ class Reconciler:
                         "message": delivery.message_id,
                         "changes": len(delivery.envelope.changes),
                         "outcomes": dict(result.outcomes.get(index, {})),
-                        "writes": [o.message_id for o in outgoing]})
+                        "writes": [o.message_id for o in outgoing],
+                        "polled_at_ms": (delivery.message.headers or {}).get(POLLED_AT)})
 
     async def _read_mark(self, preference_id: int, shard: int) -> str | None:
         """When this shard reconciled a complete read of the preference (cached once known)."""
