@@ -3,7 +3,9 @@
 The services publish advisory progress events for every run (``run-started``, ``poller-done``,
 ``reconciled``, ``written``); ``sync-now --wait`` folds them into a run summary. Here the same
 events are also timed as they arrive, so a benchmark can tell when each stage of a run started
-and ended, and how long each write took from the start of the poll that read its change.
+and ended, and how long each write took from the poll that read its change (the reconciler's
+event carries when the change's message was published, right after its page was read) and from
+the start of the run.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class RunRecord:
     last_written_at: float | None = None
     # (seconds from the start of the run to the write's progress event, writes in it)
     write_latencies: list[tuple[float, int]] = field(default_factory=list)
+    # (seconds from the poll that read the change to the write's progress event, writes in it)
+    poll_latencies: list[tuple[float, int]] = field(default_factory=list)
+    # write message id -> when the poller read the change it came from (Unix time)
+    polled_at: dict[str, float] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -130,6 +136,7 @@ class Progress:
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         now = time.monotonic()
+        wall = time.time()
         self.events += 1
         try:
             event = orjson.loads(message.body)
@@ -147,21 +154,28 @@ class Progress:
             if record.done.is_set():
                 continue
             record.tracker.feed(event)
-            self._note(record, kind, event, now)
+            self._note(record, kind, event, now, wall)
             if record.tracker.finished:
                 record.finished_at = now
                 record.done.set()
 
     @staticmethod
-    def _note(record: RunRecord, kind: Any, event: dict[str, Any], now: float) -> None:
+    def _note(record: RunRecord, kind: Any, event: dict[str, Any], now: float,
+              wall: float) -> None:
         if kind == "poller-done":
             record.pollers_done_at[str(event.get("source"))] = now
         elif kind == "reconciled":
             record.first_reconciled_at = record.first_reconciled_at or now
             record.last_reconciled_at = now
+            polled = event.get("polled_at_ms")
+            if isinstance(polled, int):
+                record.polled_at.update(dict.fromkeys(event.get("writes") or [], polled / 1000))
         elif kind == "written":
             record.first_written_at = record.first_written_at or now
             record.last_written_at = now
             written = int(event.get("written", 0))
             if written and record.started_at is not None:
                 record.write_latencies.append((now - record.started_at, written))
+            polled = record.polled_at.get(str(event.get("message")))
+            if written and polled is not None:
+                record.poll_latencies.append((wall - polled, written))

@@ -4,10 +4,12 @@ Both simulators are seeded with the sample data and synced once (set-up, not mea
 people change preferences on both sides at ``rate`` changes a second (half in Dynamics, half in
 dotdigital, each a single preference flipped through the simulators' edit routes, as a user
 would) for ``seconds``, while a sync is triggered every ``sync_every_s``. The latency of each
-write is from the start of the run that polled its change to the progress event that reports
-the write accepted by the vendor (and committed to the ledger); the figure is its 99th
-percentile over every write. Afterwards a final sync, and a sample of the edited keys must hold
-the same value on both sides.
+write is from the poll that read its change to the progress event that reports the write
+accepted by the vendor (and committed to the ledger); the figure is its 99th
+percentile over every write. The poll's time is when the poller published the page's changes
+(right after reading them), as the reconciler reports it; the latency from the start of the run
+is reported beside it. Afterwards a final sync, and a sample of the edited keys must hold the
+same value on both sides.
 """
 
 from __future__ import annotations
@@ -109,6 +111,13 @@ async def _agreement(world: World, load: EditLoad) -> dict[str, int]:
     return {"checked": same + differ, "agree": same, "differ": differ}
 
 
+def _median_timeline(timelines: list[dict[str, float]]) -> dict[str, float | None]:
+    """Per stage, the median seconds from the trigger over the runs that reached it."""
+    stages = {stage for t in timelines for stage in t}
+    return {stage: rounded(median(t[stage] for t in timelines if stage in t))
+            for stage in sorted(stages, key=lambda s: median(t[s] for t in timelines if s in t))}
+
+
 async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any]:
     sizes = suite.sizes
     await world.seed(records=sizes.steady_contacts)
@@ -137,8 +146,9 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
                 await progress.wait(record, timeout_s=sizes.timeout_s)
         agreement = await _agreement(world, load)
     runs = list({r.tracker.run_id: r for r in records}.values())  # coalesced triggers share a run
-    latencies = [pair for r in runs for pair in r.write_latencies]
-    written = sum(n for _, n in latencies)
+    latencies = [pair for r in runs for pair in r.poll_latencies]
+    from_start = [pair for r in runs for pair in r.write_latencies]
+    written = sum(n for _, n in from_start)
     summaries = [r.summary() for r in runs]
     if agreement["differ"] or any(s["failed"] for s in summaries):
         raise BenchError(f"steady: sides differ after the final sync: {agreement}; "
@@ -153,7 +163,11 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
         "p95_s": rounded(percentile(latencies, 0.95)),
         "p99_s": rounded(percentile(latencies, 0.99)),
         "max_s": rounded(max((v for v, _ in latencies), default=None)),
+        "writes_timed_from_poll": sum(n for _, n in latencies),
+        "from_run_start_p50_s": rounded(percentile(from_start, 0.50)),
+        "from_run_start_p99_s": rounded(percentile(from_start, 0.99)),
         "run_seconds_median": rounded(median(r.seconds for r in runs)),
+        "run_timeline_median_s": _median_timeline([r.timeline() for r in runs]),
         "run_seconds_max": rounded(max(r.seconds for r in runs)),
         "agreement": agreement,
         "peak_rss_mb": {n: round(m.get("peak_rss_mb", 0.0), 1) for n, m in world.memory().items()},
