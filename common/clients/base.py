@@ -170,12 +170,26 @@ class RetryPolicy:
             await asyncio.sleep(self.backoff(failures))
 
 
+@dataclass
+class _VendorWindow:
+    """The vendor's current rate-limit window, as its answers report it."""
+
+    ends: float  # time.monotonic() when it resets (never earlier than it does)
+    remaining: int  # calls left in it, as far as this client knows
+    used: int  # calls this client sent in it
+
+
 class Pacer:
     """Keeps one client inside its request budget and concurrency cap, and honours pauses.
 
-    The budget holds over any sliding window of ``per_seconds``: the leaky bucket allows a small
-    burst (a tenth of the budget at most) and leaks the rest evenly, so burst plus steady flow
-    never exceeds ``max_requests`` in one window, whatever the vendor's window alignment.
+    Without word from the vendor the budget holds over any sliding window of ``per_seconds``:
+    the leaky bucket allows a small burst (a tenth of the budget at most) and leaks the rest
+    evenly, so burst plus steady flow never exceeds ``max_requests`` in one window, whatever the
+    vendor's window alignment. Once the vendor's answers say how many calls remain in its window
+    and when the window resets (``observe_budget``), the client spends up to ``max_requests``
+    in that window, never more than remain, and then waits for the reset: with a vendor that
+    counts in fixed windows, that is the whole budget of every window instead of the leaked
+    share (about a tenth more calls a minute at 35), and still no call it knows would be refused.
     """
 
     def __init__(self, *, max_requests: int, per_seconds: float, max_concurrency: int) -> None:
@@ -185,10 +199,24 @@ class Pacer:
         steady = max_requests - burst if max_requests > burst else max_requests
         self.burst = burst
         self.rate_per_s = steady / per_seconds
+        self._max_requests = max_requests
         self._limiter = AsyncLimiter(burst, burst / self.rate_per_s)
         self._concurrency = asyncio.Semaphore(max_concurrency)
         self._paused_until = 0.0
+        self._window: _VendorWindow | None = None
         self.waited_s = 0.0
+
+    def observe_budget(self, *, remaining: int, reset_s: float) -> None:
+        """An answer's word on the vendor's window: ``remaining`` calls left in it, and it
+        resets ``reset_s`` from now (a count of whole seconds, rounded up)."""
+        now = time.monotonic()
+        ends = now + max(0.0, reset_s)
+        window = self._window
+        if window is None or now >= window.ends or ends > window.ends + 2.0:
+            self._window = _VendorWindow(ends=ends, remaining=remaining, used=1)
+        else:  # the same window: answers may arrive out of order, the lowest count is newest
+            window.remaining = min(window.remaining, remaining)
+            window.ends = min(window.ends, ends)
 
     def pause_for(self, seconds: float) -> None:
         """Every request of this client waits until ``seconds`` from now have passed."""
@@ -207,6 +235,21 @@ class Pacer:
                 paused += delay
                 await asyncio.sleep(delay)
             started = time.monotonic()
-            await self._limiter.acquire()
+            await self._spend()
             self.waited_s += paused + time.monotonic() - started
             yield paused
+
+    async def _spend(self) -> None:
+        while True:
+            window = self._window
+            now = time.monotonic()
+            if window is not None and now >= window.ends:
+                self._window = window = None  # reset: unknown again until the next answer
+            if window is None:
+                await self._limiter.acquire()
+                return
+            if window.remaining > 0 and window.used < self._max_requests:
+                window.remaining -= 1
+                window.used += 1
+                return
+            await asyncio.sleep(window.ends - now)

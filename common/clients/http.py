@@ -217,12 +217,17 @@ class VendorHttp:
         raise error
 
     def _heed_budget_headers(self, response: HttpResponse) -> None:
-        """``X-RateLimit-Remaining: 0`` on an answer means the next call would be refused:
-        pause until ``X-RateLimit-Reset`` instead of drawing a 429."""
+        """``X-RateLimit-Remaining`` and ``-Reset`` on an answer: the pacer spends what remains
+        of the vendor's window; at 0 the next call would be refused, so pause until the reset
+        instead of drawing a 429."""
         remaining = response.headers.get("X-RateLimit-Remaining")
-        if response.status == 429 or remaining is None or remaining.strip() != "0":
+        if remaining is None or not remaining.strip().isdigit():
             return
         wait = parse_wait(response.headers.get("X-RateLimit-Reset"))
+        if wait is not None:
+            self.pacer.observe_budget(remaining=int(remaining), reset_s=wait)
+        if response.status == 429 or remaining.strip() != "0":
+            return
         if wait:
             self.pacer.pause_for(min(wait, self.retry.max_retry_after_s))
 
