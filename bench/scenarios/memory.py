@@ -19,8 +19,9 @@ import aio_pika
 
 from bench.figures import median, rounded
 from bench.harness import PREFERENCES, BenchError, World
+from bench.stages import reconciled_all, until
 from bench.suite import Suite
-from bench.tracking import Progress, RunRecord
+from bench.tracking import Progress
 from common.topology import SIDES, Topology
 
 TARGET_MB = 150.0
@@ -55,23 +56,6 @@ async def _sample(world: World, samples: list[dict[str, Any]], stop: asyncio.Eve
                 await asyncio.wait_for(stop.wait(), SAMPLE_S)
 
 
-def _reconciled_all(record: RunRecord) -> bool:
-    tracker = record.tracker
-    if set(tracker.pollers_done) != {"dynamics", "dotdigital"}:
-        return False
-    published = {m for p in tracker.pollers_done.values() for m in p.get("messages", [])}
-    return published <= set(tracker.reconciled)
-
-
-async def _until(condition: Any, *, world: World, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        world.check_alive()
-        if time.monotonic() > deadline:
-            raise BenchError("memory: a stage did not finish in time")
-        await asyncio.sleep(0.2)
-
-
 def _by_quarter(samples: list[dict[str, Any]], service: str) -> list[float | None]:
     """The service's median RSS while the backlog it faces was in each quarter of its peak."""
     face = FACES[service]
@@ -97,12 +81,13 @@ async def one_memory(suite: Suite, world: World, *, contacts: int) -> dict[str, 
         active |= {"dynamics-poller", "ec-poller"}
         async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
             record = await progress.trigger()
-            await _until(lambda: len(record.pollers_done_at) == 2, world=world,
-                         timeout_s=sizes.timeout_s)
+            await until(lambda: len(record.pollers_done_at) == 2, world=world,
+                        timeout_s=sizes.timeout_s, what="both pollers' reads")
             queued_changes = max(s["changes"] for s in samples) if samples else 0
             await world.start("reconciler")
             active.add("reconciler")
-            await _until(lambda: _reconciled_all(record), world=world, timeout_s=sizes.timeout_s)
+            await until(lambda: reconciled_all(record), world=world, timeout_s=sizes.timeout_s,
+                        what="reconciling every change")
             await world.start("writer")
             active.add("writer")
             await progress.wait(record, timeout_s=sizes.timeout_s)

@@ -1,45 +1,27 @@
 """scale: one, two and four writer processes against vendor APIs that answer in 50 ms.
 
-Each run is a backfill into dotdigital on a fresh world with 8 shards per queue, with every
-vendor call delayed by the latency (both simulators, every API route). The pollers, the
-reconciler and ``writers`` writer replicas (``prefsync run writer``, each its own process) are
-started and the shard queues are dealt among the writers before the sync is triggered. The
-figure is the writers' throughput: states written per second from the first to the last write
-the run reports; the target compares four writers with one.
+Each run is a backfill into dotdigital on a fresh world with 8 shards per queue, in stages: the
+pollers and the reconciler first, until every write command of the run is queued; then every
+vendor call is delayed by the latency (both simulators, every API route) and ``writers`` writer
+replicas (``prefsync run writer``, each its own process) are started together and drain the
+backlog. The figure is the writers' throughput: states written per second from the first to
+the last write the run reports (the replicas' start-up and the dealing of the shard queues among
+them included); the target compares four writers with one.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 from bench.figures import median
 from bench.harness import PREFERENCES, BenchError, World, WorldOptions
+from bench.stages import reconciled_all, until
 from bench.suite import Suite
 from bench.tracking import Progress
-from common.store import open_store
-from common.topology import SIDES, Topology
-from services.assignment import group_name, holders
 
 SHARDS = 8
 TARGET_SPEEDUP = 3.5
 SCALE_TARGET_WRITERS = 4
-
-
-async def _dealt(world: World, replicas: list[str], timeout_s: float = 60.0) -> None:
-    """Until every writes queue is held by one of ``replicas`` and each holds its share."""
-    queues = {Topology.writes_queue(world.account, side, s) for side in SIDES
-              for s in range(world.config.broker.shards)}
-    deadline = time.monotonic() + timeout_s
-    async with open_store(world.config.store.url) as store:
-        while time.monotonic() < deadline:
-            world.check_alive()
-            owners = holders(await store.members(group_name("writer", world.account)))
-            if set(owners) >= queues and {owners[q] for q in queues} == set(replicas):
-                return
-            await asyncio.sleep(0.2)
-    raise BenchError("the writers' shards were not dealt in time")
 
 
 async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
@@ -47,16 +29,18 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
     seeded = await world.seed(records=contacts, dynamics_states="all", dotdigital_states="none")
     expected = seeded["dynamics"]["subscriptions"]
     await world.start_all(("dynamics-poller", "ec-poller", "reconciler"))
-    replicas = [f"writer-{i + 1}" for i in range(writers)]
-    for name in replicas:
-        await world.start("writer", replica=name, wait=False)
-    await world.wait_consuming("writer")
-    await _dealt(world, replicas)
-    for side in ("dynamics", "dotdigital"):
-        await world.faults(side, {"latency_ms": {"* /": latency_ms}})
-    async with Progress(broker_url=world.config.broker.url, account=world.account) as progress, \
-            suite.profiled(world, f"scale-{writers}"):
-        record = await progress.sync(timeout_s=suite.sizes.timeout_s)
+    timeout = suite.sizes.timeout_s
+    async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
+        record = await progress.trigger()
+        await until(lambda: reconciled_all(record), world=world, timeout_s=timeout,
+                    what="reconciling every change")
+        for side in ("dynamics", "dotdigital"):
+            await world.faults(side, {"latency_ms": {"* /": latency_ms}})
+        replicas = [f"writer-{i + 1}" for i in range(writers)]
+        for name in replicas:
+            await world.start("writer", replica=name, wait=False)
+        async with suite.profiled(world, f"scale-{writers}"):
+            await progress.wait(record, timeout_s=timeout)
     landed = await world.dotdigital_states()
     if record.summary()["failed"] or landed != expected:
         raise BenchError(f"scale: {landed} of {expected} states written; {record.summary()}")
