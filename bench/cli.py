@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                DEFAULT_BROKER))
     parser.add_argument("--keep", action="store_true",
                         help="keep each world's directory (config, ledger, service logs)")
+    parser.add_argument("--direction", action="append", default=[],
+                        choices=("dynamics-to-dotdigital", "dotdigital-to-dynamics"),
+                        help="backfill: only this way (repeatable); the other is kept from "
+                             "latest.json, measured at the same size")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,19 +57,21 @@ def run(args: argparse.Namespace) -> int:
     chosen = [s for s in SCENARIOS if s in args.scenarios] or list(SCENARIOS)
     return asyncio.run(run_suite(chosen, size=args.size, repeats=args.repeats,
                                  profile_dir=args.profile, results_dir=args.results,
-                                 broker_url=args.broker_url, keep=args.keep))
+                                 broker_url=args.broker_url, keep=args.keep,
+                                 directions=tuple(args.direction)))
 
 
 async def run_suite(chosen: Sequence[str], *, size: str, repeats: int | None,
                     profile_dir: Path | None, results_dir: Path, broker_url: str,
-                    keep: bool = False) -> int:
+                    keep: bool = False, directions: tuple[str, ...] = ()) -> int:
     from bench.ceiling import measure_ceiling
     from bench.scenarios import REGISTRY
     from bench.suite import Suite, machine
 
     sizes = with_repeats(SIZES[size], repeats)
+    previous = results.load(results_dir / "latest.json")
     suite = Suite(broker_url=broker_url, size_name=size, sizes=sizes, profile_dir=profile_dir,
-                  keep=keep)
+                  keep=keep, previous=previous.get("scenarios") or {}, directions=directions)
     about = await machine(broker_url)
     suite.say(f"machine: {about['cpus']} x {about['cpu']}, load {about['load_average_at_start']}")
     messages = max(40, sizes.backfill_contacts * 5 // 500)

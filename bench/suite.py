@@ -31,6 +31,10 @@ class Suite:
     keep: bool = False
     ceiling: dict[str, Any] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
+    # what latest.json held before this run, per scenario (figures a scenario may build on)
+    previous: dict[str, Any] = field(default_factory=dict)
+    # backfill: only these directions (the others are kept from latest.json)
+    directions: tuple[str, ...] = ()
     log: Callable[[str], None] = print
 
     @contextlib.asynccontextmanager
