@@ -25,7 +25,7 @@ class Sizes:
 
 
 SIZES: dict[str, Sizes] = {
-    "full": Sizes(repeats=3, backfill_contacts=200_000, steady_contacts=200_000, steady_rate=500,
+    "full": Sizes(repeats=3, backfill_contacts=200_000, steady_contacts=20_000, steady_rate=500,
                   steady_seconds=120.0, sync_every_s=5.0, rate_limited_contacts=2_000,
                   memory_contacts=200_000, scale_contacts=20_000, scale_writers=(1, 2, 4),
                   scale_latency_ms=50.0, timeout_s=3600.0),
