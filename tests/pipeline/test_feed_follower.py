@@ -50,6 +50,19 @@ async def we_write(client: DotdigitalClient, follower: FeedFollower, email: str,
     return ended
 
 
+async def clock_moves_on(sim: SimControl, client: DotdigitalClient,
+                         follower: FeedFollower | None = None) -> datetime:
+    """Move dotdigital's clock on a little, so every time read from now on is later than every
+    change so far (the feed is inclusive: a read that starts in the millisecond of a change
+    returns that change again, which these tests do not want to depend on)."""
+    clock = await sim.call("GET", "clock")
+    await sim.clock(offset_s=clock["offset_s"] + 0.01)
+    moment = await client.server_time()
+    if follower is not None:
+        follower.saw_time(moment)
+    return moment
+
+
 def values(found: dict[str, list[tuple[int, bool, datetime]]]) -> dict[str, list[bool]]:
     return {email: [opted_in for _, opted_in, _ in entries] for email, entries in found.items()}
 
@@ -63,6 +76,7 @@ async def test_a_user_change_read_for_one_batch_is_kept_for_a_later_one() -> Non
 
         first = await follower.entries(preference, since=watermark, emails={b})
         await we_write(client, follower, c, preference, True)
+        await clock_moves_on(sim, client, follower)
         second = await follower.entries(preference, since=watermark, emails={a, c})
         third = await follower.entries(preference, since=watermark, emails={a, c})
 
@@ -106,7 +120,7 @@ async def test_a_moved_watermark_starts_afresh() -> None:
         await user_sets(sim, a, preference, True)
         await follower.entries(preference, since=watermark, emails=set())
 
-        later = await client.server_time()
+        later = await clock_moves_on(sim, client)
         found = await follower.entries(preference, since=later, emails={a})
 
         assert found == {}
