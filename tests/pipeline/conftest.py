@@ -35,6 +35,7 @@ BROKER_URL = os.environ.get("PREFSYNC_TEST_BROKER_URL", "amqp://guest:guest@127.
 ALL_SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
 DD_ACCOUNT = "1001"
 SEED = 11
+SEEDED_AGO_S = 5
 
 
 @dataclass
@@ -75,7 +76,9 @@ class World:
             "preferences": {str(preference_id): opted_in}})
 
     async def set_clock(self, side: str, body: dict[str, Any]) -> None:
-        url = self.dyn_url if side == "dynamics" else self.dd_url
+        await self.set_clock_at(self.dyn_url if side == "dynamics" else self.dd_url, body)
+
+    async def set_clock_at(self, url: str, body: dict[str, Any]) -> None:
         async with self.http.put(f"{url}/_sim/clock", json=body) as response:
             assert response.status == 200, await response.text()
 
@@ -263,9 +266,15 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
                         people=seeding.people(records, SEED), dd_account=dd)
                   for account, dd in zip(ids, dd_accounts, strict=True)]
         seed = {"records": records, "preferences": preferences, "seed": SEED}
+        # The seeded states are history: dated a few seconds back, so whatever a test does
+        # next is later at whole-second precision (a same-second edit would be a tie).
+        for url in (dyn_url, dd_url):
+            await worlds[0].set_clock_at(url, {"offset_s": -SEEDED_AGO_S})
         await worlds[0].post(f"{dyn_url}/_sim/seed", {**seed, "account": ids[0]})
         for world in worlds:
             await world.post(f"{dd_url}/_sim/seed", {**seed, "account": world.dd_account})
+        for url in (dyn_url, dd_url):
+            await worlds[0].set_clock_at(url, {})
         for world in worlds[1:]:
             await _add_catalog(world, preferences)
         try:
