@@ -37,7 +37,12 @@ class MalformedMessage(ValueError):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PreferenceChange:
-    """One preference state read from one side (never-set states are never sent)."""
+    """One preference state read from one side (never-set states are never sent).
+
+    ``carried``: not read from the side but derived for it (an email change carrying the old
+    email's preferences to the new one): it competes for the register, and says nothing of what
+    the side holds.
+    """
 
     email: str
     preference_id: int
@@ -45,6 +50,7 @@ class PreferenceChange:
     origin_time: datetime
     version: int | None = None
     change_id: str = ""
+    carried: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -137,6 +143,8 @@ def _encode_change(change: Change) -> dict[str, Any]:
         }
         if change.version is not None:
             out["version"] = change.version
+        if change.carried:
+            out["carried"] = True
         return out
     if isinstance(change, ContactStatusChange):
         return {"email": change.email, "status": change.status,
@@ -232,6 +240,9 @@ def _preference_change(raw: Any, where: str) -> PreferenceChange:
     version = raw.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
         raise MalformedMessage(f"{where}.version: must be an integer")
+    carried = raw.get("carried", False)
+    if not isinstance(carried, bool):
+        raise MalformedMessage(f"{where}.carried: must be a boolean")
     return PreferenceChange(
         email=_email(raw, where),
         preference_id=_field(raw, "preference_id", int, where=where),
@@ -239,6 +250,7 @@ def _preference_change(raw: Any, where: str) -> PreferenceChange:
         origin_time=_time(raw, "origin_time", where=where),
         version=version,
         change_id=str(raw.get("change_id") or ""),
+        carried=carried,
     )
 
 

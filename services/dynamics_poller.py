@@ -237,7 +237,8 @@ class DynamicsPoller:
                         email=change.new, preference_id=state.key.preference_id,
                         opted_in=state.register.opted_in, origin_time=change.at,
                         change_id=f"carry:{change.record_id}:{change.old}:"
-                                  f"{state.key.preference_id}:{change.at.isoformat()}"))
+                                  f"{state.key.preference_id}:{change.at.isoformat()}",
+                        carried=True))
         if carried:
             outgoing = envelopes_by_shard(
                 account=self.account.id, source="dynamics", type="preference-changes",

@@ -153,7 +153,7 @@ class Reconciler:
                                     preference_id=change.preference_id)
                 observation = Observation(key=key, side=side, opted_in=change.opted_in,
                                           origin_time=change.origin_time, version=change.version,
-                                          change_id=change.change_id)
+                                          change_id=change.change_id, carried=change.carried)
                 if side == "dotdigital" and change.email not in eligible:
                     # Never in an email-activated list in Dynamics: not read into the ledger,
                     # but the decision is on record.

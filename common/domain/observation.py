@@ -21,6 +21,9 @@ class Observation:
     of the subscription row (whole seconds) or dotdigital ``dateModifed`` (milliseconds).
     ``version`` is Dataverse's ``versionnumber`` of the row (``None`` for dotdigital).
     ``change_id`` identifies the change for history and tracing.
+    ``carried``: a value derived for the side, not read from it (an email change carrying the
+    old email's preferences): it competes for the register but never moves what the side is
+    known to hold, nor is it ever an echo or a duplicate.
     """
 
     key: PreferenceKey
@@ -29,6 +32,7 @@ class Observation:
     origin_time: datetime
     version: int | None = None
     change_id: str = ""
+    carried: bool = False
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:

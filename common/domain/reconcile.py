@@ -8,16 +8,18 @@ Rules, in order:
    the original change's time. So if a newer change happened on the other side while our write
    of an older value was in flight, that newer change still wins on both sides (no flip-flop).
 3. An observation identical to what is already known for its side is a ``duplicate``.
-4. Otherwise it is a user change (what the side is known to hold moves forward if it is newer
+4. A carried value (an email change's, see :class:`Observation`) goes straight to rule 6 and
+   leaves what the side is known to hold as it was.
+5. Otherwise it is a user change (what the side is known to hold moves forward if it is newer
    for that side) — unless it is an opt-in the write ledger can no longer classify: at or before
    the horizon of pruned write records of its side (e.g. a replayed old message), it might be
    the echo of a forgotten write of ours, so it is ``stale`` and never opts anyone in. An opt-out
    there is still taken as a user change: at worst an old echo of an opt-out wins.
-5. Against the register, at whole-second precision: a later second wins (``applied``); an earlier
+6. Against the register, at whole-second precision: a later second wins (``applied``); an earlier
    one is ``stale``; in the same second the opt-out wins — ``tie_opt_out_won`` when an opt-out
    replaces an opt-in, ``tie_opt_in_lost`` when an opt-in is refused; same second and same value
    keeps the first (``tie_same_value``).
-6. Every decision (duplicates included) ends with :func:`settle`: each side not known to hold the
+7. Every decision (duplicates included) ends with :func:`settle`: each side not known to hold the
    register's value gets a write command, and ``pending`` remembers it. Commands are re-emitted
    until the side is known to hold the value, because state is committed before commands are
    published and a crash in between must not lose a write; writers are idempotent.
@@ -112,7 +114,13 @@ def reconcile(state: KeyState | None, observation: Observation, *,
     known = before.known.get(side)
     seen = Known.of(observation)
     after = before
-    if is_echo(before, observation):
+    if observation.carried:
+        # Not a read of the side: only the register may move (a write of ours that lands after
+        # it is then still known, and corrected, because the side's knowledge stays as read).
+        outcome = _against_register(before.register, observation)
+        if outcome in (Outcome.APPLIED, Outcome.TIE_OPT_OUT_WON):
+            after = replace(after, register=Register.of(observation))
+    elif is_echo(before, observation):
         outcome = Outcome.ECHO
         if seen.is_newer_than(known):
             after = prune_writes(after.with_known(side, seen), side)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -265,3 +266,20 @@ def test_one_write_to_many_rows_keeps_every_rows_record() -> None:
         echo = Observation(key=key, side="dynamics", opted_in=False,
                            origin_time=t0 + timedelta(seconds=1), version=version)
         assert find_echo(state, echo) is not None, version
+
+
+def test_a_carried_value_leaves_the_side_known_as_read_so_a_racing_write_is_corrected() -> None:
+    # The new email: dotdigital's opt-in, and the record's row (opted out) read for it.
+    s = reconcile(None, obs("dotdigital", True, 10)).state
+    s = reconcile(s, obs("dynamics", False, 5, version=1)).state
+    command = _command_to(s, "dynamics")                  # opt in on the record
+    # The old email's opt-out is carried to the new one (the email changed at 12 s) ...
+    carried = replace(obs("dynamics", False, 12), carried=True)
+    d = reconcile(s, carried)
+    assert d.outcome is Outcome.APPLIED and d.state.register is not None
+    assert d.state.register.opted_in is False
+    assert d.state.known.dynamics == s.known.dynamics     # not a read of the record
+    # ... while the writer, which had checked the ledger before, writes the opt-in.
+    s = _written(d.state, command, start=12, end=12.2, version=2)
+    # The record is now known to hold the opt-in, so the carried opt-out is written again.
+    assert _command_to(s, "dynamics").opted_in is False

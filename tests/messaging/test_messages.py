@@ -31,6 +31,16 @@ def test_round_trip() -> None:
     assert messages.decode(messages.encode(original)) == original
 
 
+def test_a_carried_change_round_trips_and_is_read_strictly() -> None:
+    change = PreferenceChange(email="a@example.com", preference_id=7, opted_in=False,
+                              origin_time=T0, change_id="carry-1", carried=True)
+    original = envelope(changes=(change,))
+    assert messages.decode(messages.encode(original)) == original
+    with pytest.raises(MalformedMessage) as info:
+        messages.decode(mutate(["changes", 0, "carried"], "yes"))
+    assert "changes[0].carried: must be a boolean" in info.value.reason
+
+
 def test_write_commands_round_trip() -> None:
     command = WriteCommand(email="a@example.com", preference_id=7, side="dotdigital",
                            opted_in=False, origin_time=T0, origin_side="dynamics", change_id="x")
