@@ -8,6 +8,9 @@ scoped by account.
 from __future__ import annotations
 
 import asyncio
+import random
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
@@ -120,6 +123,27 @@ def _now_us() -> int:
     return to_us(datetime.now(UTC))
 
 
+async def _use_wal(db: aiosqlite.Connection, *, wait_s: float = 60.0) -> None:
+    """Switch the file to WAL (it stays so). Only the first opener of a new file switches;
+    the switch needs the file to itself, and SQLite answers "locked" at once, without its busy
+    wait, when another process is opening the same file just then: so retry for a while."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.01
+    while True:
+        try:
+            async with db.execute("PRAGMA journal_mode") as cur:
+                row = await cur.fetchone()
+            if row is not None and str(row[0]).lower() == "wal":
+                return
+            await db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.5)
+
+
 class SqliteLedgerStore:
     """The ledger in one SQLite file (or in memory for ``:memory:``)."""
 
@@ -144,7 +168,7 @@ class SqliteLedgerStore:
             # Several services (processes) share the file; one may hold the write lock for
             # a few seconds (a big batch on a loaded machine): wait rather than fail.
             await db.execute("PRAGMA busy_timeout = 60000")
-            await db.execute("PRAGMA journal_mode = WAL")
+            await _use_wal(db)
             # FULL: a committed decision survives power loss (messages are acked after commit)
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("BEGIN IMMEDIATE")

@@ -3,6 +3,7 @@ isolation, persistence."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -225,3 +226,15 @@ async def test_many_keys_in_one_save(store: LedgerStore) -> None:
     with pytest.raises(ConflictError) as info:
         await store.save([(1, s, None) for s in states[:5]] + [(None, states[1000], None)])
     assert info.value.keys == (states[1000].key,)
+
+
+async def test_services_opening_a_new_sqlite_ledger_at_once_all_open_it(tmp_path: Path) -> None:
+    # compose and the benchmark start every service together on one fresh file; the first to
+    # open it switches it to WAL while the others open it too.
+    async def opens(url: str) -> None:
+        async with open_store(url):
+            pass
+
+    for attempt in range(20):
+        url = f"sqlite:///{tmp_path / f'ledger-{attempt}.db'}"
+        await asyncio.gather(*(opens(url) for _ in range(8)))
