@@ -77,8 +77,8 @@ LOOKUP_COLUMNS: dict[RecordType, str] = {
 }
 SUBSCRIPTION_COLUMNS = ("psync_marketingpreferencesubscriptionid", "_psync_preferenceid_value",
                         *LOOKUP_COLUMNS.values(), "psync_status", "modifiedon", "versionnumber")
-# More newly eligible emails than this and the ec-poller re-reads everything instead of
-# asking dotdigital about each email.
+# More newly eligible records (or emails) than this and the ec-poller re-reads everything
+# instead of asking dotdigital about each email.
 ELIGIBLE_FETCH_LIMIT = 500
 
 
@@ -134,9 +134,14 @@ class DynamicsPoller:
         newly_eligible = await self._refresh_eligibility()
         # The ec-poller's part needs only eligibility and the records' emails, known now: it
         # reads dotdigital while this poller reads the subscription rows.
-        emails = await self._store.emails_of_records(self.account.id, sorted(newly_eligible))
+        # A first run makes every record eligible: their emails are not looked up (nor held),
+        # as the ec-poller then reads everything anyway.
         moved_to = {change.new for change in self._email_changes}
-        await self._start_ec_part(request, sorted(set(emails) | moved_to))
+        emails: set[str] | None = None
+        if len(newly_eligible) <= ELIGIBLE_FETCH_LIMIT:
+            emails = moved_to | await self._store.emails_of_records(self.account.id,
+                                                                    sorted(newly_eligible))
+        await self._start_ec_part(request, sorted(emails) if emails is not None else None)
         full_read = await self._read_subscriptions(request, catalog, counts)
         if newly_eligible and not full_read:
             await self._publish_rows_of_records(request, catalog, sorted(newly_eligible), counts)
@@ -392,13 +397,16 @@ class DynamicsPoller:
         return found
 
     # --- hand-over to the ec-poller --------------------------------------------------------
-    async def _start_ec_part(self, request: RunRequest, emails: Sequence[str]) -> None:
-        eligible = tuple(EligibleContact(email=e) for e in emails)
-        reason = "eligible" if len(eligible) <= ELIGIBLE_FETCH_LIMIT else "full-read"
+    async def _start_ec_part(self, request: RunRequest, emails: Sequence[str] | None) -> None:
+        """``emails``: the ones dotdigital is to be asked about; ``None`` or too many: the
+        ec-poller reads everything."""
+        fetch = emails is not None and len(emails) <= ELIGIBLE_FETCH_LIMIT
+        eligible = tuple(EligibleContact(email=e) for e in emails or ()) if fetch else ()
+        reason = "eligible" if fetch else "full-read"
         envelope = Envelope(
             type="sync-trigger", account=self.account.id, source="control",
             change_id=stable_id(request.run_id, "ec-trigger"), origin_time=datetime.now(UTC),
-            changes=eligible if reason == "eligible" else (), run_id=request.run_id,
+            changes=eligible, run_id=request.run_id,
             extra={"reason": reason, "covers": list(request.covers)})
         await self._publisher.publish_many([Outgoing(
             exchange=CONTROL_EXCHANGE, routing_key=Topology.trigger_key(self.account.id, "ec-poller"),
