@@ -1,0 +1,1 @@
+"""Test and bench harness: worlds of simulators, services and private infrastructure."""
