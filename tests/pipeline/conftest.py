@@ -122,18 +122,24 @@ class World:
         assert waiter in done, "services did not start consuming"
         return running
 
-    async def spawn(self, service: str, *, replica: str | None = None) -> asyncio.subprocess.Process:
+    async def spawn(self, service: str, *, replica: str | None = None,
+                    failpoints: str = "", wait: bool = True) -> asyncio.subprocess.Process:
         """``prefsync run SERVICE`` as its own process (for crash tests); returns once it
-        consumes from its queues. ``replica`` names one of several processes of a service
-        (``processes[replica]``; ``$PREFSYNC_REPLICA_ID``)."""
-        replica_env = {"PREFSYNC_REPLICA_ID": replica} if replica else {}
+        consumes from its queues (unless ``wait`` is False). ``replica`` names one of several
+        processes of a service (``processes[replica]``; ``$PREFSYNC_REPLICA_ID``);
+        ``failpoints`` is its ``$PREFSYNC_FAILPOINTS`` (a point set without an action makes
+        it exit with 137 there: ``process.wait()`` tells when)."""
+        extra_env = {"PREFSYNC_REPLICA_ID": replica} if replica else {}
+        if failpoints:
+            extra_env["PREFSYNC_FAILPOINTS"] = failpoints
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.cli", "run", service,
             "--config", str(self.config_path),
-            env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING", **replica_env},
+            env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING", **extra_env},
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         self.processes[replica or service] = process
-        await self.wait_consuming(service, process)
+        if wait:
+            await self.wait_consuming(service, process)
         return process
 
     async def wait_consuming(self, service: str,
