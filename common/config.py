@@ -91,6 +91,8 @@ class AccountConfig:
     dynamics: DynamicsConfig
     dotdigital: DotdigitalConfig
     broker: AccountBrokerConfig
+    # ``prefsync api``: the bearer token that opens this account only (None: none of its own)
+    api_token: Secret | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +108,17 @@ class BrokerConfig:
 @dataclass(frozen=True, kw_only=True)
 class StoreConfig:
     url: str
+    # History rows older than this are pruned (registers and the write ledger never are).
+    history_days: int = 400
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    """``prefsync api``: the admin token (every account) and the live lookups' limit."""
+
+    admin_token: Secret | None = None
+    # Live Dataverse lookups (a preferences request not answered from the cache) per token.
+    lookups_per_minute: int = 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +132,7 @@ class Config:
     store: StoreConfig
     accounts: tuple[AccountConfig, ...]
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     source: str = "<memory>"
 
     def account(self, account_id: str) -> AccountConfig:
@@ -163,6 +177,7 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
         if account.id in seen:
             raise ConfigError(f"accounts[{i}].id", f"duplicate account id {account.id!r}")
         seen.add(account.id)
+    api = _api(reader.optional_table("api"), accounts)
     return Config(
         broker=BrokerConfig(
             url=broker_url,
@@ -170,13 +185,34 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
             prefetch=broker.integer("prefetch", default=32, minimum=1, maximum=65535),
             changes_log_max_age=_max_age(broker),
         ),
-        store=StoreConfig(url=store_url),
+        store=StoreConfig(url=store_url, history_days=store.integer(
+            "history_days", default=400, minimum=1, maximum=36_500)),
         accounts=accounts,
         metrics=MetricsConfig(
             port=metrics.integer("port", default=9464, minimum=0, maximum=65535) if metrics else 9464
         ),
+        api=api,
         source=source,
     )
+
+
+def _api(reader: _Reader | None, accounts: tuple[AccountConfig, ...]) -> ApiConfig:
+    admin = reader.secret("admin_token", required=False) if reader else None
+    # One token, one caller: a token shared by two accounts (or with the admin) would open
+    # whichever is checked first.
+    holders: dict[Secret, str] = {} if admin is None else {admin: "api.admin_token"}
+    for i, account in enumerate(accounts):
+        if account.api_token is None:
+            continue
+        key = f"accounts[{i}].api.token"
+        if account.api_token in holders:
+            raise ConfigError(key, f"the same token as {holders[account.api_token]}; "
+                                   "give each account (and the admin) a token of its own")
+        holders[account.api_token] = key
+    return ApiConfig(
+        admin_token=admin,
+        lookups_per_minute=reader.integer("lookups_per_minute", default=30, minimum=1,
+                                          maximum=6000) if reader else 30)
 
 
 def _max_age(broker: _Reader) -> str:
@@ -205,6 +241,7 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
     dyn_url = dyn.text("url").rstrip("/")
     dd = reader.table("dotdigital")
     broker = reader.optional_table("broker")
+    api = reader.optional_table("api")
     return AccountConfig(
         id=account_id,
         schedule=schedule,
@@ -235,6 +272,7 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
                   else f"prefsync-{account_id}"),
             password=broker.secret("password", required=False) if broker else None,
         ),
+        api_token=api.secret("token", required=False) if api else None,
     )
 
 

@@ -19,9 +19,12 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_metrics_host(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics-host", default=os.environ.get("PREFSYNC_METRICS_HOST", "0.0.0.0"),
+    # Loopback by default: /metrics names accounts and /readyz the dependencies; containers
+    # (compose) pass 0.0.0.0 so that Prometheus can scrape them on the internal network.
+    parser.add_argument("--metrics-host",
+                        default=os.environ.get("PREFSYNC_METRICS_HOST", "127.0.0.1"),
                         help="address for the metrics port (default $PREFSYNC_METRICS_HOST, "
-                             "then 0.0.0.0)")
+                             "then 127.0.0.1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,12 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(view)
 
     api = sub.add_parser("api", help="serve status, preferences and history as JSON over HTTP")
-    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1; another address needs tokens)")
     api.add_argument("--port", type=int, default=8090)
     api.add_argument("--token-env", default=None, metavar="NAME",
-                     help="require 'Authorization: Bearer <token>', the token read from this "
-                          "environment variable")
+                     help="the admin token (every account) from this environment variable, "
+                          "instead of [api] admin_token_env; account tokens: "
+                          "[accounts.api] token_env")
     _add_config(api)
+
+    forget = sub.add_parser("forget", help="erase everything prefsync holds for one email in "
+                                           "one account (not the vendors' data)")
+    forget.add_argument("account")
+    forget.add_argument("email")
+    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _add_config(forget)
 
     replay = sub.add_parser("replay", help="feed an account's logged changes through again")
     replay.add_argument("account")
@@ -276,6 +288,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
                                       clear=args.clear)
     if args.command in ("status", "prefs", "history", "api"):
         return await _show(args, config)
+    if args.command == "forget":
+        from services.erasure import forget_command
+
+        return await forget_command(config=config, account=args.account, email=args.email,
+                                    yes=args.yes)
     if args.command == "sync-now":
         from services.sync_now import sync_now
 

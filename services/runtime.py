@@ -31,6 +31,7 @@ from services.dynamics_poller import DynamicsPoller
 from services.ec_poller import EcPoller
 from services.health import serve_health
 from services.reconciler import Reconciler
+from services.retention import HistoryRetention
 from services.status import RunStatusRecorder
 from services.triggers import RunCoordinator
 from services.writer import Writer
@@ -72,9 +73,9 @@ async def declare_topology(connection: AbstractRobustConnection, config: Config,
 
 async def run_services(*, config: Config, services: Sequence[str],
                        metrics_port: int | None = None, running: Running | None = None,
-                       store: Any | None = None, metrics_host: str = "0.0.0.0") -> None:
+                       store: Any | None = None, metrics_host: str = "127.0.0.1") -> None:
     """Run ``services`` until SIGTERM/SIGINT; with ``metrics_port``, serve /metrics, /healthz
-    and /readyz on it (0: any free port)."""
+    and /readyz on it (0: any free port), on loopback unless ``metrics_host`` says otherwise."""
     stop = _stop_on_signals()
     running = running if running is not None else Running()
     name = "prefsync-" + "+".join(services)
@@ -116,6 +117,11 @@ async def run_services(*, config: Config, services: Sequence[str],
                                           store=store, publisher=publisher, dead=dead,
                                           running=running, assigners=assigners)
         tasks += [as_service(service, assigner.run()) for service, assigner in assigners.items()]
+        if "reconciler" in services:
+            # history past [store] history_days: one reconciler replica per account prunes it
+            retention = HistoryRetention(store=store, accounts=[a.id for a in config.accounts],
+                                         days=config.store.history_days, holder=running.replica)
+            tasks.append(as_service("reconciler", retention.run()))
         try:
             async with asyncio.TaskGroup() as group:
                 for coroutine in tasks:

@@ -8,6 +8,7 @@ never overwrite each other's decisions: a save whose expected revisions no longe
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -145,4 +146,21 @@ class LedgerStore(Protocol):
     async def swap_checkpoint(self, account: str, source: str, expected: str | None,
                               value: str) -> bool:
         """Set the checkpoint to ``value`` only if it still holds ``expected`` (None: unset)."""
+        ...
+
+    # -- personal data: erasure and retention (common.store.personal) -----------------------
+    async def personal_data(self, account: str, email: str) -> dict[str, int]:
+        """Rows held for one email in one account, per table; changes nothing."""
+        ...
+
+    async def forget_email(self, account: str, email: str) -> dict[str, int]:
+        """Remove everything held for one email in one account (key states with their
+        registers and write ledger, history, contact state, parked values, deferred writes,
+        directory records with their subscription rows), in one transaction; rows removed per
+        table."""
+        ...
+
+    async def prune_history(self, account: str, *, before: datetime, limit: int = 5000) -> int:
+        """Remove up to ``limit`` history rows recorded before ``before``, oldest first;
+        returns how many. Key states are never pruned."""
         ...

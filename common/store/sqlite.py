@@ -36,6 +36,8 @@ from common.store.directory import RecordRef, SqliteDirectory, SubscriptionRow
 from common.store.interface import Change, ConflictError
 from common.store.parking import SCHEMA as PARKING_SCHEMA
 from common.store.parking import SqliteParking
+from common.store.personal import SCHEMA as PERSONAL_SCHEMA
+from common.store.personal import SqlPersonalData
 
 SCHEMA_VERSION = 1
 
@@ -61,7 +63,8 @@ _SCHEMA = (
 )
 
 # Every table of the ledger (the PostgreSQL store creates the same ones).
-SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION_SCHEMA)
+SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION_SCHEMA,
+                     *PERSONAL_SCHEMA)
 
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300
@@ -155,6 +158,7 @@ class SqliteLedgerStore:
         self._directory = SqliteDirectory(self._transaction, reading=self._reading)
         self._parking = SqliteParking(self._transaction)
         self._coordination = SqlCoordination(self._transaction)
+        self._personal = SqlPersonalData(self._transaction, reading=self._reading)
 
     def __repr__(self) -> str:
         return f"SqliteLedgerStore(path={self._path!r})"
@@ -422,3 +426,13 @@ class SqliteLedgerStore:
     async def swap_checkpoint(self, account: str, source: str, expected: str | None,
                               value: str) -> bool:
         return await self._coordination.swap_checkpoint(account, source, expected, value)
+
+    # -- personal data: erasure and retention (common.store.personal) -----------------------
+    async def personal_data(self, account: str, email: str) -> dict[str, int]:
+        return await self._personal.held(account, email)
+
+    async def forget_email(self, account: str, email: str) -> dict[str, int]:
+        return await self._personal.forget(account, email)
+
+    async def prune_history(self, account: str, *, before: datetime, limit: int = 5000) -> int:
+        return await self._personal.prune_history(account, before=before, limit=limit)

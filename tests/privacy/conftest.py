@@ -1,0 +1,29 @@
+"""Personal data: erasure, retention and API access. Ledger tests run on both backends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from common.store import LedgerStore, open_store
+
+from ..store.backends import BACKENDS, store_url
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    async with store_url(backend, tmp_path) as u:
+        yield u
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[LedgerStore]:
+    async with open_store(url) as s:
+        yield s
