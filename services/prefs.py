@@ -15,28 +15,38 @@
   ``GET /accounts/{account}/contacts/{email}/preferences?filter=...``,
   ``GET /accounts/{account}/contacts/{email}/history``.
 
-  Only accounts in the config exist; every answer is about the one account in the path. With
-  ``--token-env NAME`` each request must carry ``Authorization: Bearer <the token>``.
+  Only accounts in the config exist; every answer is about the one account in the path. Who
+  may ask for which account, and how live lookups are limited: ``services.api_access``.
 """
 
 from __future__ import annotations
 
-import hmac
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Literal, TextIO
 
 import orjson
 from aiohttp import web
 
-from common.clients.dataverse import DataverseClient, odata_literal
-from common.config import Config, ConfigError, Secret
+from common.clients.dataverse import DataverseClient
+from common.config import Config, Secret
 from common.domain import HistoryEntry, KeyState, normalize_email
 from common.store import LedgerStore, open_store
+from services.api_access import (
+    ApiAccess,
+    Caller,
+    LiveLookups,
+    LookupLimited,
+    api_share,
+    check_bind,
+    contact_methods,
+)
 from services.catalog import CatalogEntry, entries_of_tree, load_tree
-from services.dynamics_poller import RECORD_TABLES
 from services.status import account_status, format_status
+
+__all__ = ["api_app", "api_resources", "contact_methods", "history_view", "preferences_view",
+           "serve_api"]
 
 Filter = Literal["all", "opted-in", "opted-out", "private", "public"]
 FILTERS: tuple[Filter, ...] = ("all", "opted-in", "opted-out", "private", "public")
@@ -95,27 +105,16 @@ def _matches(view: Mapping[str, Any], wanted: Filter) -> bool:
             "private": not public, "public": public}[wanted]
 
 
-async def contact_methods(client: DataverseClient, *, email: str) -> list[dict[str, Any]]:
-    """Every Dynamics record with this email and whether it allows (bulk) email."""
-    methods: list[dict[str, Any]] = []
-    for record_type, (entity_set, key, _) in RECORD_TABLES.items():
-        async for page in client.iter_pages(
-                entity_set, select=[key, "donotbulkemail", "donotemail", "statecode"],
-                filter=f"emailaddress1 eq {odata_literal(email)}"):
-            for row in page.rows:
-                methods.append({
-                    "record_type": record_type, "record_id": str(row[key]),
-                    "active": int(row.get("statecode") or 0) == 0,
-                    "bulk_email": "do not allow" if row.get("donotbulkemail") else "allow",
-                    "email": "do not allow" if row.get("donotemail") else "allow",
-                })
-    return methods
+Lookup = Callable[[str], Awaitable[list[dict[str, Any]] | None]]
 
 
 async def preferences_view(store: Any, *, account: str, email: str,
-                           dataverse: DataverseClient | None,
-                           wanted: Filter = "all") -> dict[str, Any]:
-    """One email's preferences as the sync holds them (``ValueError`` for a bad email)."""
+                           dataverse: DataverseClient | None = None,
+                           wanted: Filter = "all", lookup: Lookup | None = None
+                           ) -> dict[str, Any]:
+    """One email's preferences as the sync holds them (``ValueError`` for a bad email). The
+    contact methods come from ``lookup`` (email -> methods) if given, else live from
+    ``dataverse``; None: not shown."""
     if wanted not in FILTERS:
         raise ValueError(f"filter must be one of {', '.join(FILTERS)}")
     email = normalize_email(email)
@@ -123,7 +122,11 @@ async def preferences_view(store: Any, *, account: str, email: str,
     states = {s.key.preference_id: s for s in await store.states_for_email(account, email)}
     contact = (await store.load_contacts(account, [email])).get(email)
     records = (await store.records_for_emails(account, [email])).get(email, [])
-    methods = await contact_methods(dataverse, email=email) if dataverse is not None else None
+    if lookup is not None:
+        methods = await lookup(email)
+    else:
+        methods = await contact_methods(dataverse, email=email) if dataverse is not None \
+            else None
     eligible = {r.record_id for r in records}
     for method in methods or []:
         method["eligible"] = method["record_id"] in eligible
@@ -259,36 +262,39 @@ def _json(value: Any, *, status: int = 200) -> web.Response:
 
 ACCOUNT_KEY = web.AppKey("config", Config)
 STORE_KEY = web.AppKey("store", LedgerStore)
-CLIENTS_KEY = web.AppKey("dataverse", dict[str, DataverseClient])
-TOKEN_KEY = web.AppKey("token", Secret)
+ACCESS_KEY = web.AppKey("access", ApiAccess)
+LOOKUPS_KEY = web.AppKey("lookups", LiveLookups)
+CALLER = web.RequestKey("caller", Caller)
+
+
+def _error(error: type[web.HTTPError], message: str, **kwargs: Any) -> web.HTTPError:
+    return error(text=orjson.dumps({"error": message}).decode(),
+                 content_type="application/json", **kwargs)
 
 
 @web.middleware
 async def _authorise(request: web.Request,
                      handler: Callable[[web.Request], Any]) -> web.StreamResponse:
-    token = request.app.get(TOKEN_KEY)
-    if token is not None:
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {token.reveal()}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return _json({"error": "a bearer token is required"}, status=401)
+    caller = request.app[ACCESS_KEY].caller(request.headers.get("Authorization", ""))
+    if caller is None:
+        return _json({"error": "a valid bearer token is required"}, status=401)
+    request[CALLER] = caller
     response: web.StreamResponse = await handler(request)
     return response
 
 
 def _account(request: web.Request) -> str:
+    """The path's account, if it exists and the caller may read it; else 404, the same for
+    both, so that a token does not tell which other accounts exist."""
     account = request.match_info["account"]
-    try:
-        request.app[ACCOUNT_KEY].account(account)
-    except ConfigError:
-        raise web.HTTPNotFound(text=orjson.dumps({"error": f"no account {account!r}"}).decode(),
-                               content_type="application/json") from None
+    exists = any(a.id == account for a in request.app[ACCOUNT_KEY].accounts)
+    if not exists or not request[CALLER].may_read(account):
+        raise _error(web.HTTPNotFound, f"no account {account!r}")
     return account
 
 
-def _bad_request(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=orjson.dumps({"error": message}).decode(),
-                              content_type="application/json")
+def _bad_request(message: str) -> web.HTTPError:
+    return _error(web.HTTPBadRequest, message)
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -303,13 +309,20 @@ async def _preferences(request: web.Request) -> web.Response:
     wanted = request.query.get("filter", "all")
     if wanted not in FILTERS:
         raise _bad_request(f"filter must be one of {', '.join(FILTERS)}")
+    lookups, caller = request.app[LOOKUPS_KEY], request[CALLER]
+
+    async def lookup(email: str) -> list[dict[str, Any]] | None:
+        return await lookups.contact_methods(caller, account=account, email=email)
+
     try:
         view = await preferences_view(request.app[STORE_KEY], account=account,
-                                      email=request.match_info["email"],
-                                      dataverse=request.app[CLIENTS_KEY].get(account),
-                                      wanted=wanted)
+                                      email=request.match_info["email"], wanted=wanted,
+                                      lookup=lookup)
     except ValueError as exc:
         raise _bad_request(str(exc)) from None
+    except LookupLimited as exc:
+        raise _error(web.HTTPTooManyRequests, str(exc),
+                     headers={"Retry-After": str(int(exc.retry_after_s))}) from None
     return _json(view)
 
 
@@ -324,14 +337,17 @@ async def _history(request: web.Request) -> web.Response:
 
 
 def api_app(*, config: Config, store: Any, dataverse: Mapping[str, DataverseClient],
-            token: Secret | None = None) -> web.Application:
-    """The read-only API over an open store and one Dataverse client per account."""
+            token: Secret | None = None, lookups: LiveLookups | None = None
+            ) -> web.Application:
+    """The read-only API over an open store and one Dataverse client per account. ``token`` is
+    the admin token (every account); without it, ``[api] admin_token_*`` of the config. Account
+    tokens come from the config (``services.api_access``)."""
     app = web.Application(middlewares=[_authorise])
     app[ACCOUNT_KEY] = config
     app[STORE_KEY] = store
-    app[CLIENTS_KEY] = dict(dataverse)
-    if token is not None:
-        app[TOKEN_KEY] = token
+    app[ACCESS_KEY] = ApiAccess(config=config, admin_token=token)
+    app[LOOKUPS_KEY] = lookups or LiveLookups(clients=dict(dataverse),
+                                              per_minute=config.api.lookups_per_minute)
     app.router.add_get("/accounts/{account}/status", _status)
     app.router.add_get("/accounts/{account}/contacts/{email}/preferences", _preferences)
     app.router.add_get("/accounts/{account}/contacts/{email}/history", _history)
@@ -340,18 +356,22 @@ def api_app(*, config: Config, store: Any, dataverse: Mapping[str, DataverseClie
 
 @asynccontextmanager
 async def api_resources(config: Config) -> AsyncIterator[tuple[Any, dict[str, DataverseClient]]]:
-    """The store and a Dataverse client per account, open for the API's lifetime."""
+    """The store and a Dataverse client per account, open for the API's lifetime; the clients
+    are paced to the API's slice of each account's budget (``api_share``)."""
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(open_store(config.store.url))
-        clients = {a.id: await stack.enter_async_context(DataverseClient(config=a.dynamics))
+        clients = {a.id: await stack.enter_async_context(
+                       DataverseClient(config=api_share(a.dynamics)))
                    for a in config.accounts}
         yield store, clients
 
 
 async def serve_api(*, config: Config, host: str, port: int, token: Secret | None) -> None:
-    """``prefsync api``: serves until cancelled."""
+    """``prefsync api``: serves until cancelled. Refuses (``ConfigError``) a non-loopback
+    ``host`` when no token is configured."""
     from services.simulators.base import serve
 
+    check_bind(host, ApiAccess(config=config, admin_token=token))
     async with api_resources(config) as (store, clients):
         app = api_app(config=config, store=store, dataverse=clients, token=token)
 
