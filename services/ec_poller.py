@@ -8,6 +8,16 @@ unsubscriptions since the last run. Emails that became eligible in Dynamics sinc
 have their current dotdigital state read directly (or, when there are many, every feed is read
 from the beginning).
 
+Overlap: a feed entry may become visible after a read that began later than its stamp (a write
+dotdigital was still committing). So every feed is read from ``feed_overlap_s`` before the
+watermark, and what the previous read already published in that window (its change ids, kept
+in the checkpoint, at most :data:`SEEN_LIMIT` of them) is not published again.
+
+Read markers: after a complete read of a feed from the beginning, a marker per shard tells the
+reconciler that dotdigital's state of that preference is known. The end checkpoint of such a
+read first records that its markers are owed; they are published, confirmed, and only then is
+the checkpoint saved without the debt, so a crash in between publishes them in the next run.
+
 Resubscriptions: a contact the ledger holds as suppressed that dotdigital lists again among the
 contacts modified since the last run (v3 ``~modified``) with an active status gets a status
 change, so the reconciler resumes its sync (folding in what was parked meanwhile). Only such
@@ -16,14 +26,16 @@ contacts are published; suppressions themselves come from the suppressed-since f
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
+from common import failpoints
 from common.broker import Publisher
 from common.clients.base import VendorError
 from common.clients.dotdigital import DotdigitalClient
@@ -38,6 +50,29 @@ log = logging.getLogger("prefsync.ec_poller")
 
 SERVICE = "ec-poller"
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+# Change ids a feed's checkpoint keeps (the newest), so the next read's overlap skips them.
+SEEN_LIMIT = 10_000
+
+
+def seen_key(change_id: str) -> str:
+    """A short, collision-safe stand-in for a change id (the checkpoint keeps thousands)."""
+    return hashlib.blake2b(change_id.encode(), digest_size=12).hexdigest()
+
+
+@dataclass
+class Seen:
+    """Change ids one read published at or after ``keep_from``: the next read's overlap."""
+
+    keep_from: datetime
+    keys: dict[str, datetime] = field(default_factory=dict)
+
+    def add(self, change_id: str, at: datetime) -> None:
+        if at >= self.keep_from:
+            self.keys[seen_key(change_id)] = at
+
+    def stored(self) -> list[str]:
+        newest = sorted(self.keys.items(), key=lambda item: item[1], reverse=True)
+        return [key for key, _ in newest[:SEEN_LIMIT]]
 
 
 @dataclass
@@ -65,6 +100,11 @@ class EcPoller:
         self._store = store
         self._publisher = publisher
         self._shards = shards
+        self._overlap = timedelta(seconds=account.dotdigital.feed_overlap_s)
+
+    def _read_from(self, since: datetime) -> datetime:
+        """Where a read of a feed whose watermark is ``since`` starts (the overlap before it)."""
+        return since if since == EPOCH else max(EPOCH, since - self._overlap)
 
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
@@ -97,29 +137,57 @@ class EcPoller:
         saved = await self._store.get_checkpoint(self.account.id, source)
         position = orjson.loads(saved) if saved and not full_read else {}
         since = datetime.fromisoformat(position["since"]) if position.get("since") else EPOCH
+        # a read from the beginning owes markers; so does one whose markers a crash left owed
+        owed = since == EPOCH or bool(position.get("markers_owed"))
+        read_from = self._read_from(since)
+        skip = set(position.get("seen") or ())
+        seen = Seen(keep_from=self._read_from(started))
         min_contact_id = int(position.get("min_contact_id") or 0)
         page_no = 0
-        async for page in self._client.iter_opt_ins_since(preference_id, since,
+        async for page in self._client.iter_opt_ins_since(preference_id, read_from,
                                                           min_contact_id=min_contact_id):
             page_no += 1
-            changes = self._changes_from(page, started, only=preference_id)
+            fresh = self._unseen(page, preference_id, skip, seen)
+            changes = self._changes_from(fresh, started, only=preference_id)
             counts.read += len(page)
             await self._publish(request, changes, counts,
                                 id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}")
             last_id = max(item.contact.id for item in page)
             await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
-                {"since": since.isoformat(), "min_contact_id": last_id + 1}).decode())
-        # The previous start is kept: the writer reads from there, so changes this read
-        # published but the reconciler has not reached yet are read again, not skipped.
-        await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
-            {"since": started.isoformat(), "previous": since.isoformat()}).decode())
-        if since == EPOCH:
+                {"since": since.isoformat(), "min_contact_id": last_id + 1,
+                 **({"markers_owed": True} if owed else {})}).decode())
+        # Where this read started is kept as ``previous``: the writer reads from there, so
+        # changes this read published but the reconciler has not reached yet are read again,
+        # not skipped.
+        end = {"since": started.isoformat(), "previous": read_from.isoformat(),
+               "seen": seen.stored()}
+        if owed:
+            await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
+                {**end, "markers_owed": True}).decode())
+            await failpoints.reached("ec-poller.after-checkpoint")
             markers = read_markers(account=self.account.id, preference_id=preference_id,
                                    started=started, shards=self._shards, run_id=request.run_id,
                                    id_seed=f"{request.run_id}:{source}")
             await self._publisher.publish_many(markers)
             counts.message_ids.extend(ids_of(markers))
+        # the markers (if any) are confirmed: nothing more is owed
+        await self._store.set_checkpoint(self.account.id, source, orjson.dumps(end).decode())
         return since == EPOCH
+
+    @staticmethod
+    def _unseen(page: Sequence[ContactOptIns], preference_id: int, skip: set[str],
+                seen: Seen) -> list[ContactOptIns]:
+        """The page's contacts whose change the previous read did not publish (its overlap);
+        every change read is noted in ``seen`` for the next read."""
+        fresh = []
+        for item in page:
+            ids = [(f"ec:{item.contact.id}:{preference_id}:{o.modified.isoformat()}", o.modified)
+                   for o in item.opt_ins if o.preference_id == preference_id]
+            for change_id, modified in ids:
+                seen.add(change_id, modified)
+            if not ids or any(seen_key(change_id) not in skip for change_id, _ in ids):
+                fresh.append(item)
+        return fresh
 
     def _changes_from(self, page: Sequence[ContactOptIns], started: datetime, *,
                       only: int | None = None) -> list[Change]:
@@ -149,16 +217,32 @@ class EcPoller:
         for kind in ("suppressed", "unsubscribed"):
             source = f"dotdigital:{kind}"
             saved = None if full_read else await self._store.get_checkpoint(self.account.id, source)
-            since = datetime.fromisoformat(saved) if saved else EPOCH
-            pages = (self._client.iter_suppressed_since(since) if kind == "suppressed"
-                     else self._client.iter_unsubscribed_since(since))
+            # a bare time: the format before the overlap's change ids were kept
+            position = (orjson.loads(saved) if saved and saved.startswith("{")
+                        else {"since": saved} if saved else {})
+            since = datetime.fromisoformat(position["since"]) if position.get("since") else EPOCH
+            read_from = self._read_from(since)
+            skip = set(position.get("seen") or ())
+            seen = Seen(keep_from=self._read_from(started))
+            pages = (self._client.iter_suppressed_since(read_from) if kind == "suppressed"
+                     else self._client.iter_unsubscribed_since(read_from))
             page_no = 0
             async for page in pages:
                 page_no += 1
-                changes = [self._status_change(s) for s in page]
-                await self._publish(request, [c for c in changes if c is not None], counts,
-                                    id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
-            await self._store.set_checkpoint(self.account.id, source, started.isoformat())
+                changes = [c for c in (self._status_change(s) for s in page) if c is not None]
+                await self._publish(request, list(self._unseen_statuses(changes, skip, seen)),
+                                    counts, id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
+            await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
+                {"since": started.isoformat(), "seen": seen.stored()}).decode())
+
+    @staticmethod
+    def _unseen_statuses(changes: Iterable[Change], skip: set[str],
+                         seen: Seen) -> Iterable[Change]:
+        for change in changes:
+            assert isinstance(change, ContactStatusChange)
+            seen.add(change.change_id, change.origin_time)
+            if seen_key(change.change_id) not in skip:
+                yield change
 
     @staticmethod
     def _status_change(suppression: Suppression) -> Change | None:
@@ -178,8 +262,11 @@ class EcPoller:
         saved = await self._store.get_checkpoint(self.account.id, source)
         if saved is not None:
             page_no = 0
+            # Only contacts the ledger holds as suppressed are published, and a resumed one no
+            # longer is: the overlap needs no list of what was published.
             async for page in self._client.iter_contacts_v3(
-                    modified_since=datetime.fromisoformat(saved), include=(), limit=5000):
+                    modified_since=self._read_from(datetime.fromisoformat(saved)), include=(),
+                    limit=5000):
                 page_no += 1
                 active = {}
                 for contact in page:
