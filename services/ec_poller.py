@@ -10,8 +10,11 @@ from the beginning).
 
 Overlap: a feed entry may become visible after a read that began later than its stamp (a write
 dotdigital was still committing). So every feed is read from ``feed_overlap_s`` before the
-watermark, and what the previous read already published in that window (its change ids, kept
-in the checkpoint, at most :data:`SEEN_LIMIT` of them) is not published again.
+watermark, and what the previous read already published in that window is not published again:
+its change ids are kept (the newest :data:`SEEN_LIMIT`, hashed) in a checkpoint of their own,
+``ec-poller:seen:<feed>``, beside the feed's position (whose format the writer reads); an older
+opt-in, when the previous read saw more than that (a burst), is dropped when the ledger already
+knows exactly that value at that time from dotdigital.
 
 Read markers: after a complete read of a feed from the beginning, a marker per shard tells the
 reconciler that dotdigital's state of that preference is known. The end checkpoint of such a
@@ -41,7 +44,7 @@ from common.clients.base import VendorError
 from common.clients.dotdigital import DotdigitalClient
 from common.clients.dotdigital_models import ContactOptIns, ContactV3, Suppression
 from common.config import AccountConfig
-from common.domain import is_suppressed, normalize_email
+from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
 from common.messages import Change, ContactStatusChange, PreferenceChange
 from services.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
 from services.triggers import RunRequest
@@ -70,9 +73,14 @@ class Seen:
         if at >= self.keep_from:
             self.keys[seen_key(change_id)] = at
 
-    def stored(self) -> list[str]:
+    def stored(self) -> dict[str, Any]:
+        """For the checkpoint: ``seen``, and ``seen_from`` when older ones were left out."""
         newest = sorted(self.keys.items(), key=lambda item: item[1], reverse=True)
-        return [key for key, _ in newest[:SEEN_LIMIT]]
+        kept = newest[:SEEN_LIMIT]
+        out: dict[str, Any] = {"seen": [key for key, _ in kept]}
+        if len(newest) > len(kept):
+            out["seen_from"] = kept[-1][1].isoformat()
+        return out
 
 
 @dataclass
@@ -140,14 +148,14 @@ class EcPoller:
         # a read from the beginning owes markers; so does one whose markers a crash left owed
         owed = since == EPOCH or bool(position.get("markers_owed"))
         read_from = self._read_from(since)
-        skip = set(position.get("seen") or ())
+        skip, unkept = await self._load_seen(source, since)
         seen = Seen(keep_from=self._read_from(started))
         min_contact_id = int(position.get("min_contact_id") or 0)
         page_no = 0
         async for page in self._client.iter_opt_ins_since(preference_id, read_from,
                                                           min_contact_id=min_contact_id):
             page_no += 1
-            fresh = self._unseen(page, preference_id, skip, seen)
+            fresh = await self._unseen(page, preference_id, skip, seen, unkept=unkept)
             changes = self._changes_from(fresh, started, only=preference_id)
             counts.read += len(page)
             await self._publish(request, changes, counts,
@@ -159,8 +167,9 @@ class EcPoller:
         # Where this read started is kept as ``previous``: the writer reads from there, so
         # changes this read published but the reconciler has not reached yet are read again,
         # not skipped.
-        end = {"since": started.isoformat(), "previous": read_from.isoformat(),
-               "seen": seen.stored()}
+        end = {"since": started.isoformat(), "previous": read_from.isoformat()}
+        # only ever changes this and earlier reads published (confirmed): saved first
+        await self._save_seen(source, seen)
         if owed:
             await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
                 {**end, "markers_owed": True}).decode())
@@ -174,20 +183,52 @@ class EcPoller:
         await self._store.set_checkpoint(self.account.id, source, orjson.dumps(end).decode())
         return since == EPOCH
 
-    @staticmethod
-    def _unseen(page: Sequence[ContactOptIns], preference_id: int, skip: set[str],
-                seen: Seen) -> list[ContactOptIns]:
+    async def _load_seen(self, source: str, since: datetime) -> tuple[set[str], datetime | None]:
+        """What the previous read of ``source`` published in this read's overlap: hashed change
+        ids, and the time up to which it saw more than it kept (None: it kept them all)."""
+        if since == EPOCH:
+            return set(), None
+        raw = await self._store.get_checkpoint(self.account.id, f"{SERVICE}:seen:{source}")
+        kept = orjson.loads(raw) if raw else {}
+        unkept = kept.get("seen_from")
+        return set(kept.get("seen") or ()), datetime.fromisoformat(unkept) if unkept else None
+
+    async def _save_seen(self, source: str, seen: Seen) -> None:
+        await self._store.set_checkpoint(self.account.id, f"{SERVICE}:seen:{source}",
+                                         orjson.dumps(seen.stored()).decode())
+
+    async def _unseen(self, page: Sequence[ContactOptIns], preference_id: int, skip: set[str],
+                      seen: Seen, *, unkept: datetime | None) -> list[ContactOptIns]:
         """The page's contacts whose change the previous read did not publish (its overlap);
-        every change read is noted in ``seen`` for the next read."""
-        fresh = []
+        every change read is noted in ``seen`` for the next read. Changes up to ``unkept``
+        not among ``skip`` are looked up in the ledger."""
+        fresh: list[ContactOptIns] = []
+        unsure: dict[int, tuple[PreferenceKey, Known]] = {}  # by position in ``fresh``
         for item in page:
-            ids = [(f"ec:{item.contact.id}:{preference_id}:{o.modified.isoformat()}", o.modified)
-                   for o in item.opt_ins if o.preference_id == preference_id]
-            for change_id, modified in ids:
-                seen.add(change_id, modified)
-            if not ids or any(seen_key(change_id) not in skip for change_id, _ in ids):
-                fresh.append(item)
-        return fresh
+            mine = [o for o in item.opt_ins if o.preference_id == preference_id]
+            ids = [f"ec:{item.contact.id}:{preference_id}:{o.modified.isoformat()}" for o in mine]
+            for change_id, opt_in in zip(ids, mine, strict=True):
+                seen.add(change_id, opt_in.modified)
+            if ids and all(seen_key(change_id) in skip for change_id in ids):
+                continue
+            if unkept is not None and len(mine) == 1 and mine[0].modified <= unkept:
+                try:
+                    key = PreferenceKey(account=self.account.id,
+                                        email=normalize_email(item.contact.email),
+                                        preference_id=preference_id)
+                except ValueError:
+                    continue  # not publishable anyway
+                unsure[len(fresh)] = (key, Known(opted_in=mine[0].is_opted_in,
+                                                 as_of=mine[0].modified))
+            fresh.append(item)
+        if not unsure:
+            return fresh
+        states = await self._store.load([key for key, _ in unsure.values()])
+        known = {at: states[key].known.get("dotdigital") if key in states else None
+                 for at, (key, _) in unsure.items()}
+        # what the ledger already knows from dotdigital, exactly, was published and reconciled
+        return [item for at, item in enumerate(fresh)
+                if at not in unsure or known[at] != unsure[at][1]]
 
     def _changes_from(self, page: Sequence[ContactOptIns], started: datetime, *,
                       only: int | None = None) -> list[Change]:
@@ -217,12 +258,9 @@ class EcPoller:
         for kind in ("suppressed", "unsubscribed"):
             source = f"dotdigital:{kind}"
             saved = None if full_read else await self._store.get_checkpoint(self.account.id, source)
-            # a bare time: the format before the overlap's change ids were kept
-            position = (orjson.loads(saved) if saved and saved.startswith("{")
-                        else {"since": saved} if saved else {})
-            since = datetime.fromisoformat(position["since"]) if position.get("since") else EPOCH
+            since = datetime.fromisoformat(saved) if saved else EPOCH
             read_from = self._read_from(since)
-            skip = set(position.get("seen") or ())
+            skip, _ = await self._load_seen(source, since)
             seen = Seen(keep_from=self._read_from(started))
             pages = (self._client.iter_suppressed_since(read_from) if kind == "suppressed"
                      else self._client.iter_unsubscribed_since(read_from))
@@ -232,8 +270,9 @@ class EcPoller:
                 changes = [c for c in (self._status_change(s) for s in page) if c is not None]
                 await self._publish(request, list(self._unseen_statuses(changes, skip, seen)),
                                     counts, id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
-            await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
-                {"since": started.isoformat(), "seen": seen.stored()}).decode())
+            # (a burst of more than SEEN_LIMIT is published again: statuses are idempotent)
+            await self._save_seen(source, seen)
+            await self._store.set_checkpoint(self.account.id, source, started.isoformat())
 
     @staticmethod
     def _unseen_statuses(changes: Iterable[Change], skip: set[str],

@@ -158,9 +158,12 @@ class SqliteDirectory:
         return {str(r[0]) for r in rows}
 
     async def clear_follow_ups(self, account: str, record_ids: Iterable[str]) -> None:
-        """The follow-up work of these records is confirmed (one transaction for them all)."""
-        await self._many("DELETE FROM dyn_follow_ups WHERE account = ? AND record_id = ?",
-                         [(account, r) for r in sorted(set(record_ids))])
+        """The follow-up work of these records is confirmed (a first run clears every record:
+        a transaction per few thousand keeps memory flat)."""
+        unique = sorted(set(record_ids))
+        for start in range(0, len(unique), _CHUNK * 10):
+            await self._many("DELETE FROM dyn_follow_ups WHERE account = ? AND record_id = ?",
+                             [(account, r) for r in unique[start:start + _CHUNK * 10]])
 
     async def records(self, account: str, record_ids: Sequence[str]) -> dict[str, RecordRef]:
         rows = await self._in(

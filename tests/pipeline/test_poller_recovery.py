@@ -7,17 +7,24 @@ Every service runs as its own ``prefsync run`` process where a failpoint kills o
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from services.ec_poller import leaf_preference_ids
+from common.clients.dotdigital_models import Contact, ContactOptIns, PreferenceOptIn
+from common.config import parse_config
+from common.domain import KeyState, Known, PreferenceKey
+from common.store import open_store
+from services import ec_poller
+from services.ec_poller import EcPoller, Seen, leaf_preference_ids
 from services.sync_now import RunTracker, _trigger
 
 from ..rules.conftest import synced, vendors
 from .conftest import ALL_SERVICES, World, make_world
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = pytest.mark.anyio
 
 
 async def restart(world: World, service: str, *, failpoints: str = "") -> None:
@@ -36,7 +43,9 @@ async def until_values(world: World, email: str, preference_id: int, wanted: boo
                        timeout_s: float = 90) -> None:
     """Polls both vendors (another process does the work) until they hold ``wanted``."""
     async with asyncio.timeout(timeout_s):
-        while await world.values(email, preference_id) != ({wanted}, wanted):
+        while True:
+            if await world.values(email, preference_id) == ({wanted}, wanted):
+                return
             await asyncio.sleep(0.5)
 
 
@@ -46,6 +55,7 @@ async def tracked_sync(world: World) -> RunTracker:
     return trackers["run"]
 
 
+@pytest.mark.slow
 async def test_newly_eligible_record_is_followed_up_after_a_crash(tmp_path: Path) -> None:
     async with make_world(tmp_path) as world, vendors(world) as org:
         for service in ALL_SERVICES:
@@ -75,6 +85,7 @@ async def test_newly_eligible_record_is_followed_up_after_a_crash(tmp_path: Path
         assert await world.values(email, from_dotdigital.id) == ({False}, False)
 
 
+@pytest.mark.slow
 async def test_a_failed_run_is_retried_without_a_new_trigger(tmp_path: Path) -> None:
     async with make_world(tmp_path) as world:
         for service in ALL_SERVICES:
@@ -96,6 +107,7 @@ async def test_a_failed_run_is_retried_without_a_new_trigger(tmp_path: Path) -> 
         await until_values(world, person.email, preference.id, wanted)
 
 
+@pytest.mark.slow
 async def test_read_markers_owed_at_a_crash_are_published(tmp_path: Path) -> None:
     async with make_world(tmp_path) as world, vendors(world) as org:
         # A person whose first preference (the first feed read) is not set in dotdigital: the
@@ -120,6 +132,7 @@ async def test_read_markers_owed_at_a_crash_are_published(tmp_path: Path) -> Non
         assert await world.values(email, first) == ({True}, True)
 
 
+@pytest.mark.slow
 async def test_a_feed_entry_visible_late_is_read(tmp_path: Path) -> None:
     async with make_world(tmp_path) as world:
         await world.start()
@@ -142,3 +155,37 @@ async def test_a_feed_entry_visible_late_is_read(tmp_path: Path) -> None:
         assert not quiet.failures, quiet.failures
         assert quiet.pollers_done["dotdigital"]["published"] == 0, quiet.pollers_done
         assert quiet.pollers_done["dotdigital"]["statuses"] == 0, quiet.pollers_done
+
+
+async def test_an_overlap_beyond_the_kept_ids_is_checked_against_the_ledger(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ec_poller, "SEEN_LIMIT", 1)
+    config = parse_config({
+        "broker": {"url": "amqp://127.0.0.1:1/"},
+        "store": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+        "accounts": [{
+            "id": "acme",
+            "dynamics": {"url": "http://127.0.0.1:1", "token_url": "http://127.0.0.1:1/t",
+                         "client_id": "c", "client_secret_env": "S"},
+            "dotdigital": {"url": "http://127.0.0.1:1", "api_user": "u", "password_env": "S"},
+        }]}, env={"S": "x"})
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    page = [ContactOptIns(contact=Contact(id=n, email=f"p{n}@example.com", status="Subscribed"),
+                          opt_ins=(PreferenceOptIn(preference_id=7, is_opted_in=True,
+                                                   modified=start + timedelta(seconds=n)),))
+            for n in range(3)]
+    none: Any = None  # the vendor client and the broker are not used here
+    async with open_store(config.store.url) as store:
+        poller = EcPoller(account=config.accounts[0], client=none, store=store, publisher=none,
+                          shards=1)
+        seen = Seen(keep_from=start)
+        assert await poller._unseen(page, 7, set(), seen, unkept=None) == page
+        kept = seen.stored()  # the newest change id only, and from when older ones are left out
+        assert len(kept["seen"]) == 1 and kept["seen_from"] == page[2].opt_ins[0].modified.isoformat()
+        # The reconciler has read p0's change (the ledger knows it); p1's, not yet.
+        key = PreferenceKey(account="acme", email="p0@example.com", preference_id=7)
+        await store.save([(None, KeyState(key=key).with_known(
+            "dotdigital", Known(opted_in=True, as_of=start)), None)])
+        again = await poller._unseen(page, 7, set(kept["seen"]), Seen(keep_from=start),
+                                     unkept=datetime.fromisoformat(kept["seen_from"]))
+        assert again == [page[1]]
