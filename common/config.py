@@ -75,6 +75,9 @@ class DotdigitalConfig:
     max_concurrency: int = 4
     # dotdigital asks clients to allow 121 s before treating a call as timed out.
     timeout_s: float = 121.0
+    # Each feed read starts this long before the previous read's start, so a change that
+    # became visible late (stamped before that read began) is still read.
+    feed_overlap_s: float = 300.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,6 +269,7 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
             calls_per_minute=dd.integer("calls_per_minute", default=35, minimum=1),
             max_concurrency=dd.integer("max_concurrency", default=4, minimum=1),
             timeout_s=dd.number("timeout_s", default=121.0, minimum=1.0),
+            feed_overlap_s=dd.number("feed_overlap_s", default=300.0, minimum=0.0),
         ),
         broker=AccountBrokerConfig(
             user=(broker.text("user", default=f"prefsync-{account_id}") if broker

@@ -6,7 +6,10 @@ publish of that page:
 1. the record directory: change-tracking reads of contacts, leads and accounts keep the email
    (and whether the record is active) of every record;
 2. eligibility: members of email-activated marketing lists are marked eligible for good (a
-   record that leaves the list keeps syncing);
+   record that leaves the list keeps syncing). A newly eligible record is marked with a
+   follow-up in the same transaction, cleared only once the work its eligibility starts (its
+   email in the ec-poller's trigger, its current subscription rows) is confirmed by the broker:
+   a run that fails or dies in between leaves that work to the next run;
 3. the subscription rows (``psync_marketingpreferencesubscriptions``) changed since the last
    delta token, resolved to (email, dotdigital preference id) through the directory and this
    account's preference catalog, published as preference changes. Records that became eligible
@@ -37,7 +40,7 @@ from typing import Any, Literal
 
 import orjson
 
-from common import messages
+from common import failpoints, messages
 from common.broker import Outgoing, Publisher
 from common.clients.dataverse import DataverseClient, DeltaTokenExpired
 from common.clients.dotdigital import DotdigitalClient
@@ -131,7 +134,10 @@ class DynamicsPoller:
         catalog = await self.refresh_catalog()
         self._email_changes = []
         await self._refresh_directory()
-        newly_eligible = await self._refresh_eligibility()
+        # Follow-ups an earlier run left (it failed or died after marking): owed still.
+        # Normally none; asked before marking, so a first run does not load every record.
+        owed = await self._store.follow_ups(self.account.id)
+        newly_eligible = await self._refresh_eligibility() | owed
         # The ec-poller's part needs only eligibility and the records' emails, known now: it
         # reads dotdigital while this poller reads the subscription rows.
         # A first run makes every record eligible: their emails are not looked up (nor held),
@@ -145,6 +151,9 @@ class DynamicsPoller:
         full_read = await self._read_subscriptions(request, catalog, counts)
         if newly_eligible and not full_read:
             await self._publish_rows_of_records(request, catalog, sorted(newly_eligible), counts)
+        if newly_eligible:
+            # the ec trigger and their rows are confirmed by now
+            await self._store.clear_follow_ups(self.account.id, newly_eligible)
         await self._follow_email_changes(request, counts)
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="poller-done", fields={
@@ -274,7 +283,10 @@ class DynamicsPoller:
                     f"lists({row['listid']})/{members}", select=[key],
                     page_size=self.account.dynamics.page_size):
                 ids = [str(r[key]) for r in page.rows]
-                newly |= set(await self._store.mark_eligible(self.account.id, ids))
+                marked = await self._store.mark_eligible(self.account.id, ids)
+                if marked:
+                    await failpoints.reached("dynamics-poller.after-mark-eligible")
+                newly |= marked
         return newly
 
     # --- subscriptions ---------------------------------------------------------------------

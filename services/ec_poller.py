@@ -8,6 +8,19 @@ unsubscriptions since the last run. Emails that became eligible in Dynamics sinc
 have their current dotdigital state read directly (or, when there are many, every feed is read
 from the beginning).
 
+Overlap: a feed entry may become visible after a read that began later than its stamp (a write
+dotdigital was still committing). So every feed is read from ``feed_overlap_s`` before the
+watermark, and what the previous read already published in that window is not published again:
+its change ids are kept (the newest :data:`SEEN_LIMIT`, hashed) in a checkpoint of their own,
+``ec-poller:seen:<feed>``, beside the feed's position (whose format the writer reads); an older
+opt-in, when the previous read saw more than that (a burst), is dropped when the ledger already
+knows exactly that value at that time from dotdigital.
+
+Read markers: after a complete read of a feed from the beginning, a marker per shard tells the
+reconciler that dotdigital's state of that preference is known. The end checkpoint of such a
+read first records that its markers are owed; they are published, confirmed, and only then is
+the checkpoint saved without the debt, so a crash in between publishes them in the next run.
+
 Resubscriptions: a contact the ledger holds as suppressed that dotdigital lists again among the
 contacts modified since the last run (v3 ``~modified``) with an active status gets a status
 change, so the reconciler resumes its sync (folding in what was parked meanwhile). Only such
@@ -16,20 +29,22 @@ contacts are published; suppressions themselves come from the suppressed-since f
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
+from common import failpoints
 from common.broker import Publisher
 from common.clients.base import VendorError
 from common.clients.dotdigital import DotdigitalClient
 from common.clients.dotdigital_models import ContactOptIns, ContactV3, Suppression
 from common.config import AccountConfig
-from common.domain import is_suppressed, normalize_email
+from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
 from common.messages import Change, ContactStatusChange, PreferenceChange
 from services.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
 from services.triggers import RunRequest
@@ -38,6 +53,34 @@ log = logging.getLogger("prefsync.ec_poller")
 
 SERVICE = "ec-poller"
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+# Change ids a feed's checkpoint keeps (the newest), so the next read's overlap skips them.
+SEEN_LIMIT = 10_000
+
+
+def seen_key(change_id: str) -> str:
+    """A short, collision-safe stand-in for a change id (the checkpoint keeps thousands)."""
+    return hashlib.blake2b(change_id.encode(), digest_size=12).hexdigest()
+
+
+@dataclass
+class Seen:
+    """Change ids one read published at or after ``keep_from``: the next read's overlap."""
+
+    keep_from: datetime
+    keys: dict[str, datetime] = field(default_factory=dict)
+
+    def add(self, change_id: str, at: datetime) -> None:
+        if at >= self.keep_from:
+            self.keys[seen_key(change_id)] = at
+
+    def stored(self) -> dict[str, Any]:
+        """For the checkpoint: ``seen``, and ``seen_from`` when older ones were left out."""
+        newest = sorted(self.keys.items(), key=lambda item: item[1], reverse=True)
+        kept = newest[:SEEN_LIMIT]
+        out: dict[str, Any] = {"seen": [key for key, _ in kept]}
+        if len(newest) > len(kept):
+            out["seen_from"] = kept[-1][1].isoformat()
+        return out
 
 
 @dataclass
@@ -65,6 +108,11 @@ class EcPoller:
         self._store = store
         self._publisher = publisher
         self._shards = shards
+        self._overlap = timedelta(seconds=account.dotdigital.feed_overlap_s)
+
+    def _read_from(self, since: datetime) -> datetime:
+        """Where a read of a feed whose watermark is ``since`` starts (the overlap before it)."""
+        return since if since == EPOCH else max(EPOCH, since - self._overlap)
 
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
@@ -97,29 +145,90 @@ class EcPoller:
         saved = await self._store.get_checkpoint(self.account.id, source)
         position = orjson.loads(saved) if saved and not full_read else {}
         since = datetime.fromisoformat(position["since"]) if position.get("since") else EPOCH
+        # a read from the beginning owes markers; so does one whose markers a crash left owed
+        owed = since == EPOCH or bool(position.get("markers_owed"))
+        read_from = self._read_from(since)
+        skip, unkept = await self._load_seen(source, since)
+        seen = Seen(keep_from=self._read_from(started))
         min_contact_id = int(position.get("min_contact_id") or 0)
         page_no = 0
-        async for page in self._client.iter_opt_ins_since(preference_id, since,
+        async for page in self._client.iter_opt_ins_since(preference_id, read_from,
                                                           min_contact_id=min_contact_id):
             page_no += 1
-            changes = self._changes_from(page, started, only=preference_id)
+            fresh = await self._unseen(page, preference_id, skip, seen, unkept=unkept)
+            changes = self._changes_from(fresh, started, only=preference_id)
             counts.read += len(page)
             await self._publish(request, changes, counts,
                                 id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}")
             last_id = max(item.contact.id for item in page)
             await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
-                {"since": since.isoformat(), "min_contact_id": last_id + 1}).decode())
-        # The previous start is kept: the writer reads from there, so changes this read
-        # published but the reconciler has not reached yet are read again, not skipped.
-        await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
-            {"since": started.isoformat(), "previous": since.isoformat()}).decode())
-        if since == EPOCH:
+                {"since": since.isoformat(), "min_contact_id": last_id + 1,
+                 **({"markers_owed": True} if owed else {})}).decode())
+        # Where this read started is kept as ``previous``: the writer reads from there, so
+        # changes this read published but the reconciler has not reached yet are read again,
+        # not skipped.
+        end = {"since": started.isoformat(), "previous": read_from.isoformat()}
+        # only ever changes this and earlier reads published (confirmed): saved first
+        await self._save_seen(source, seen)
+        if owed:
+            await self._store.set_checkpoint(self.account.id, source, orjson.dumps(
+                {**end, "markers_owed": True}).decode())
+            await failpoints.reached("ec-poller.after-checkpoint")
             markers = read_markers(account=self.account.id, preference_id=preference_id,
                                    started=started, shards=self._shards, run_id=request.run_id,
                                    id_seed=f"{request.run_id}:{source}")
             await self._publisher.publish_many(markers)
             counts.message_ids.extend(ids_of(markers))
+        # the markers (if any) are confirmed: nothing more is owed
+        await self._store.set_checkpoint(self.account.id, source, orjson.dumps(end).decode())
         return since == EPOCH
+
+    async def _load_seen(self, source: str, since: datetime) -> tuple[set[str], datetime | None]:
+        """What the previous read of ``source`` published in this read's overlap: hashed change
+        ids, and the time up to which it saw more than it kept (None: it kept them all)."""
+        if since == EPOCH:
+            return set(), None
+        raw = await self._store.get_checkpoint(self.account.id, f"{SERVICE}:seen:{source}")
+        kept = orjson.loads(raw) if raw else {}
+        unkept = kept.get("seen_from")
+        return set(kept.get("seen") or ()), datetime.fromisoformat(unkept) if unkept else None
+
+    async def _save_seen(self, source: str, seen: Seen) -> None:
+        await self._store.set_checkpoint(self.account.id, f"{SERVICE}:seen:{source}",
+                                         orjson.dumps(seen.stored()).decode())
+
+    async def _unseen(self, page: Sequence[ContactOptIns], preference_id: int, skip: set[str],
+                      seen: Seen, *, unkept: datetime | None) -> list[ContactOptIns]:
+        """The page's contacts whose change the previous read did not publish (its overlap);
+        every change read is noted in ``seen`` for the next read. Changes up to ``unkept``
+        not among ``skip`` are looked up in the ledger."""
+        fresh: list[ContactOptIns] = []
+        unsure: dict[int, tuple[PreferenceKey, Known]] = {}  # by position in ``fresh``
+        for item in page:
+            mine = [o for o in item.opt_ins if o.preference_id == preference_id]
+            ids = [f"ec:{item.contact.id}:{preference_id}:{o.modified.isoformat()}" for o in mine]
+            for change_id, opt_in in zip(ids, mine, strict=True):
+                seen.add(change_id, opt_in.modified)
+            if ids and all(seen_key(change_id) in skip for change_id in ids):
+                continue
+            if unkept is not None and len(mine) == 1 and mine[0].modified <= unkept:
+                try:
+                    key = PreferenceKey(account=self.account.id,
+                                        email=normalize_email(item.contact.email),
+                                        preference_id=preference_id)
+                except ValueError:
+                    continue  # not publishable anyway
+                unsure[len(fresh)] = (key, Known(opted_in=mine[0].is_opted_in,
+                                                 as_of=mine[0].modified))
+            fresh.append(item)
+        if not unsure:
+            return fresh
+        states = await self._store.load([key for key, _ in unsure.values()])
+        known = {at: states[key].known.get("dotdigital") if key in states else None
+                 for at, (key, _) in unsure.items()}
+        # what the ledger already knows from dotdigital, exactly, was published and reconciled
+        return [item for at, item in enumerate(fresh)
+                if at not in unsure or known[at] != unsure[at][1]]
 
     def _changes_from(self, page: Sequence[ContactOptIns], started: datetime, *,
                       only: int | None = None) -> list[Change]:
@@ -150,15 +259,29 @@ class EcPoller:
             source = f"dotdigital:{kind}"
             saved = None if full_read else await self._store.get_checkpoint(self.account.id, source)
             since = datetime.fromisoformat(saved) if saved else EPOCH
-            pages = (self._client.iter_suppressed_since(since) if kind == "suppressed"
-                     else self._client.iter_unsubscribed_since(since))
+            read_from = self._read_from(since)
+            skip, _ = await self._load_seen(source, since)
+            seen = Seen(keep_from=self._read_from(started))
+            pages = (self._client.iter_suppressed_since(read_from) if kind == "suppressed"
+                     else self._client.iter_unsubscribed_since(read_from))
             page_no = 0
             async for page in pages:
                 page_no += 1
-                changes = [self._status_change(s) for s in page]
-                await self._publish(request, [c for c in changes if c is not None], counts,
-                                    id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
+                changes = [c for c in (self._status_change(s) for s in page) if c is not None]
+                await self._publish(request, list(self._unseen_statuses(changes, skip, seen)),
+                                    counts, id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
+            # (a burst of more than SEEN_LIMIT is published again: statuses are idempotent)
+            await self._save_seen(source, seen)
             await self._store.set_checkpoint(self.account.id, source, started.isoformat())
+
+    @staticmethod
+    def _unseen_statuses(changes: Iterable[Change], skip: set[str],
+                         seen: Seen) -> Iterable[Change]:
+        for change in changes:
+            assert isinstance(change, ContactStatusChange)
+            seen.add(change.change_id, change.origin_time)
+            if seen_key(change.change_id) not in skip:
+                yield change
 
     @staticmethod
     def _status_change(suppression: Suppression) -> Change | None:
@@ -178,8 +301,11 @@ class EcPoller:
         saved = await self._store.get_checkpoint(self.account.id, source)
         if saved is not None:
             page_no = 0
+            # Only contacts the ledger holds as suppressed are published, and a resumed one no
+            # longer is: the overlap needs no list of what was published.
             async for page in self._client.iter_contacts_v3(
-                    modified_since=datetime.fromisoformat(saved), include=(), limit=5000):
+                    modified_since=self._read_from(datetime.fromisoformat(saved)), include=(),
+                    limit=5000):
                 page_no += 1
                 active = {}
                 for contact in page:

@@ -5,6 +5,11 @@ timeout); the run loop then takes every pending trigger and makes one run of the
 that arrives during a run is coalesced into the next run, never lost. A run left unfinished by a
 crash is pending again at start-up.
 
+A run that fails (a vendor or the store down, anything it raised) reports ``run-failed`` and
+stays pending: the loop runs it again after a backoff that doubles with each failure in a row
+(with jitter, up to ``retry_max_s``), so the work it owed is done once the fault heals, without a
+new trigger and without a hot loop. A new trigger starts a run at once, covering the failed one.
+
 Replicas: the trigger queue has a single active consumer, and a run holds the account's poller
 lease in the store (renewed while it runs), so two replicas never poll one account at once. The
 pending runs are updated with compare-and-set, so triggers recorded by one replica are never
@@ -22,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -46,6 +52,12 @@ LEASE_RENEW_S = 5.0
 # and how soon it tries again while another replica holds the lease.
 PENDING_POLL_S = 10.0
 LEASE_RETRY_S = 1.0
+# A failed run is tried again after RETRY_BASE_S, doubled per failure in a row, up to RETRY_MAX_S.
+RETRY_BASE_S = 2.0
+RETRY_MAX_S = 300.0
+
+
+RunOutcome = Literal["done", "failed", "lease-lost"]
 
 
 class LeaseLost(RuntimeError):
@@ -86,7 +98,8 @@ class RunCoordinator:
                  run_cycle: Callable[[RunRequest], Awaitable[None]],
                  schedule: str | None = None, holder: str | None = None,
                  lease_ttl_s: float = LEASE_TTL_S, lease_renew_s: float = LEASE_RENEW_S,
-                 pending_poll_s: float = PENDING_POLL_S) -> None:
+                 pending_poll_s: float = PENDING_POLL_S, retry_base_s: float = RETRY_BASE_S,
+                 retry_max_s: float = RETRY_MAX_S) -> None:
         self.service = service
         self.account = account
         self._store = store
@@ -101,6 +114,10 @@ class RunCoordinator:
         self._lease_ttl_s = lease_ttl_s
         self._lease_renew_s = lease_renew_s
         self._pending_poll_s = pending_poll_s
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
+        # runs failed in a row (reset by a run that completes)
+        self.failures = 0
 
     @property
     def lease(self) -> str:
@@ -138,42 +155,73 @@ class RunCoordinator:
                                                  orjson.dumps(updated).decode()):
                 return updated
 
+    def _retry_delay(self) -> float:
+        """Seconds before a failed run is tried again: doubles per failure, half of it jitter."""
+        doubled: float = self._retry_base_s * 2.0 ** max(0, self.failures - 1)
+        ceiling = min(self._retry_max_s, doubled)
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
     async def run_loop(self) -> None:
         self._wake.set()  # look for runs left pending by an earlier process
         retry_s = self._pending_poll_s
         while True:
-            due_s = await self._seconds_to_next_scheduled()
-            wait_s = retry_s if due_s is None else min(due_s, retry_s)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
-            except TimeoutError:
-                if due_s is not None and due_s <= wait_s:
-                    await self._add_scheduled_trigger()
-            self._wake.clear()
-            retry_s = self._pending_poll_s
-            pending = await self._load_pending()
-            if not pending:
-                self.idle.set()
-                continue
-            self.idle.clear()
-            if not await self._store.acquire_lease(self.lease, self._holder, self._lease_ttl_s):
-                retry_s = LEASE_RETRY_S  # another replica is running this account's poller
-                continue
-            try:
-                # what is pending now: another replica may have run some while we waited
-                pending = await self._load_pending()
-                if pending and not await self._run(pending):
-                    continue
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self._store.release_lease(self.lease, self._holder))
-            if await self._load_pending():
-                self._wake.set()
-            else:
-                self.idle.set()
+                retry_s = await self._loop_once(retry_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # the loop's own bookkeeping failed (the store or the broker is down): the
+                # pending runs are still in the store; look again after a backoff
+                self.failures += 1
+                retry_s = self._retry_delay()
+                log.warning("run loop failed; trying again in %.1f s", retry_s, exc_info=True,
+                            extra={"account": self.account, "service": self.service})
 
-    async def _run(self, pending: list[dict[str, Any]]) -> bool:
-        """One run of the pending triggers, holding the lease; False if the lease was lost."""
+    async def _loop_once(self, retry_s: float) -> float:
+        """Wait for a trigger (or ``retry_s``), then run what is pending; returns how long to
+        wait at most next time."""
+        due_s = await self._seconds_to_next_scheduled()
+        wait_s = retry_s if due_s is None else min(due_s, retry_s)
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
+        except TimeoutError:
+            if due_s is not None and due_s <= wait_s:
+                await self._add_scheduled_trigger()
+        self._wake.clear()
+        pending = await self._load_pending()
+        if not pending:
+            self.idle.set()
+            return self._pending_poll_s
+        self.idle.clear()
+        if not await self._store.acquire_lease(self.lease, self._holder, self._lease_ttl_s):
+            return LEASE_RETRY_S  # another replica is running this account's poller
+        try:
+            # what is pending now: another replica may have run some while we waited
+            pending = await self._load_pending()
+            outcome = await self._run(pending) if pending else "done"
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._store.release_lease(self.lease, self._holder))
+        if outcome == "lease-lost":
+            return self._pending_poll_s
+        if outcome == "failed":
+            # still pending: tried again after the backoff (or at once for a new trigger)
+            delay = self._retry_delay()
+            log.info("run failed %d time(s) in a row; trying again in %.1f s", self.failures,
+                     delay, extra={"account": self.account, "service": self.service})
+            return delay
+        if await self._load_pending():
+            self._wake.set()
+        else:
+            self.idle.set()
+        return self._pending_poll_s
+
+    async def _run(self, pending: list[dict[str, Any]]) -> RunOutcome:
+        """One run of the pending triggers, holding the lease.
+
+        1. It completes: its triggers are no longer pending.
+        2. It fails: ``run-failed`` is reported and its triggers stay pending, to run again.
+        3. The lease was lost: another replica runs them."""
         request = RunRequest(
             run_id=pending[0]["run_id"],
             covers=tuple(dict.fromkeys(p["run_id"] for p in pending)),
@@ -191,19 +239,28 @@ class RunCoordinator:
         except LeaseLost:
             log.warning("lost the poller lease mid-run; another replica runs it",
                         extra={"account": self.account, "service": self.service})
-            return False
+            return "lease-lost"
         except Exception as exc:
+            self.failures += 1
             log.exception("sync run failed", extra={"account": self.account,
                                                     "service": self.service})
+            # Advisory only (the triggers stay pending whatever happens here); the schedule
+            # counts from the last attempt, so a failing run does not make it due at once.
+            with contextlib.suppress(Exception):
+                await self._store.set_checkpoint(self.account, f"{self.service}:last-run",
+                                                 datetime.now(UTC).isoformat())
             for covered in request.covers:
-                await publish_progress(self._publisher, account=self.account,
-                                       run_id=covered, event="run-failed",
-                                       fields={"service": self.service, "error": str(exc)})
+                with contextlib.suppress(Exception):
+                    await publish_progress(self._publisher, account=self.account,
+                                           run_id=covered, event="run-failed",
+                                           fields={"service": self.service, "error": str(exc)})
+            return "failed"
+        self.failures = 0
         await self._update_pending(
             lambda current: [p for p in current if p["run_id"] not in request.covers])
         await self._store.set_checkpoint(self.account, f"{self.service}:last-run",
                                          datetime.now(UTC).isoformat())
-        return True
+        return "done"
 
     async def _holding_lease(self, work: Awaitable[None]) -> None:
         """Run ``work`` while renewing the lease; cancel it if the lease is lost."""

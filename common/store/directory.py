@@ -4,7 +4,11 @@ and which subscription row holds which record's preference.
 The dynamics-poller keeps it current from change tracking; the reconciler asks it whether an
 email is eligible (ever in an email-activated marketing list) and the writer which records and
 rows to write. Eligibility is never taken back: a record that leaves the list keeps syncing.
-Also here: dotdigital writes deferred until a complete read of their preference is reconciled.
+A record newly marked eligible also gets a follow-up, in the same transaction: the work that its
+eligibility starts (dotdigital asked about its email, its subscription rows published) is owed
+until the poller confirmed it and clears the follow-up, so a run that fails or dies in between
+leaves that work to the next run. Also here: dotdigital writes deferred until a complete read
+of their preference is reconciled.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ SCHEMA = (
         PRIMARY KEY (account, subscription_id))""",
     """CREATE INDEX IF NOT EXISTS dyn_subscriptions_pair
         ON dyn_subscriptions (account, record_id, preference_row_id)""",
+    """CREATE TABLE IF NOT EXISTS dyn_follow_ups (
+        account TEXT NOT NULL,
+        record_id TEXT NOT NULL,
+        PRIMARY KEY (account, record_id))""",
     """CREATE TABLE IF NOT EXISTS deferred_writes (
         account TEXT NOT NULL,
         preference_id INTEGER NOT NULL,
@@ -119,20 +127,43 @@ class SqliteDirectory:
                        (account,), list(record_ids))
 
     async def mark_eligible(self, account: str, record_ids: Iterable[str]) -> set[str]:
-        """Mark records eligible for good; returns the ones that were not eligible before."""
+        """Mark records eligible for good; returns the ones that were not eligible before.
+
+        Each of those gets a follow-up in the same transaction (see :meth:`follow_ups`)."""
         unique = sorted(set(record_ids))
         already = {str(r[0]) for r in await self._in(
             "SELECT record_id FROM dyn_records WHERE account = ? AND eligible = 1 "
             "AND record_id IN ({})", (account,), unique)}
         newly = [r for r in unique if r not in already]
+        if not newly:
+            return set()
         now = datetime.now(UTC).isoformat()
-        # A member not yet in the directory stays a placeholder until its row is read.
-        await self._many(
-            "INSERT INTO dyn_records (account, record_id, record_type, email, active, "
-            "eligible, eligible_at) VALUES (?, ?, 'contact', NULL, 1, 1, ?) "
-            "ON CONFLICT (account, record_id) DO UPDATE SET eligible = 1, "
-            "eligible_at = excluded.eligible_at", [(account, r, now) for r in newly])
+        async with self._transaction() as db:
+            # A member not yet in the directory stays a placeholder until its row is read.
+            await db.executemany(
+                "INSERT INTO dyn_records (account, record_id, record_type, email, active, "
+                "eligible, eligible_at) VALUES (?, ?, 'contact', NULL, 1, 1, ?) "
+                "ON CONFLICT (account, record_id) DO UPDATE SET eligible = 1, "
+                "eligible_at = excluded.eligible_at", [(account, r, now) for r in newly])
+            await db.executemany(
+                "INSERT INTO dyn_follow_ups (account, record_id) VALUES (?, ?) "
+                "ON CONFLICT DO NOTHING", [(account, r) for r in newly])
         return set(newly)
+
+    async def follow_ups(self, account: str) -> set[str]:
+        """Records marked eligible whose follow-up work is not confirmed yet (a run failed or
+        died after marking them)."""
+        rows = await self._rows("SELECT record_id FROM dyn_follow_ups WHERE account = ?",
+                                (account,))
+        return {str(r[0]) for r in rows}
+
+    async def clear_follow_ups(self, account: str, record_ids: Iterable[str]) -> None:
+        """The follow-up work of these records is confirmed (a first run clears every record:
+        a transaction per few thousand keeps memory flat)."""
+        unique = sorted(set(record_ids))
+        for start in range(0, len(unique), _CHUNK * 10):
+            await self._many("DELETE FROM dyn_follow_ups WHERE account = ? AND record_id = ?",
+                             [(account, r) for r in unique[start:start + _CHUNK * 10]])
 
     async def records(self, account: str, record_ids: Sequence[str]) -> dict[str, RecordRef]:
         rows = await self._in(

@@ -74,8 +74,14 @@ class LedgerStore(Protocol):
     # -- the Dynamics record directory (common.store.directory) -------------------------
     # Eligibility: records ever in an email-activated list (never removed).
     async def mark_eligible(self, account: str, record_ids: Iterable[str]) -> set[str]:
-        """Returns the records that were not eligible before."""
+        """Returns the records that were not eligible before; each gets a follow-up."""
         ...
+
+    async def follow_ups(self, account: str) -> set[str]:
+        """Newly eligible records whose dependent work is not confirmed yet."""
+        ...
+
+    async def clear_follow_ups(self, account: str, record_ids: Iterable[str]) -> None: ...
 
     async def eligible_ids(self, account: str, record_ids: Iterable[str]) -> set[str]: ...
 

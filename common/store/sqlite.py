@@ -346,6 +346,12 @@ class SqliteLedgerStore:
     async def mark_eligible(self, account: str, record_ids: Iterable[str]) -> set[str]:
         return await self._directory.mark_eligible(account, record_ids)
 
+    async def follow_ups(self, account: str) -> set[str]:
+        return await self._directory.follow_ups(account)
+
+    async def clear_follow_ups(self, account: str, record_ids: Iterable[str]) -> None:
+        await self._directory.clear_follow_ups(account, record_ids)
+
     async def eligible_ids(self, account: str, record_ids: Iterable[str]) -> set[str]:
         found = await self._directory.records(account, list(record_ids))
         return {r for r, ref in found.items() if ref.eligible}

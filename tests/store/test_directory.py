@@ -69,3 +69,15 @@ async def test_parked_observations_round_trip(store: LedgerStore) -> None:
                        version=BIG_VERSION, change_id="dyn:1")
     await store.park_observations([seen])
     assert await store.parked_observations("acme", ["ann@example.com"]) == [seen]
+
+
+async def test_newly_eligible_records_are_followed_up_until_cleared(store: LedgerStore) -> None:
+    assert await store.mark_eligible("acme", ["c1", "c2"]) == {"c1", "c2"}
+    await store.mark_eligible("globex", ["c1"])
+    assert await store.mark_eligible("acme", ["c1", "c3"]) == {"c3"}
+    assert await store.follow_ups("acme") == {"c1", "c2", "c3"}
+    await store.clear_follow_ups("acme", ["c1", "c3"])
+    assert await store.follow_ups("acme") == {"c2"}
+    assert await store.follow_ups("globex") == {"c1"}
+    # eligibility itself stays
+    assert await store.eligible_ids("acme", ["c1", "c2", "c3"]) == {"c1", "c2", "c3"}
