@@ -63,6 +63,9 @@ class DynamicsConfig:
     max_concurrency: int = 16
     page_size: int = 5000
     timeout_s: float = 120.0
+    # What one call may spend waiting (429 Retry-After, up to 300 s here) and retrying: well
+    # inside RabbitMQ's consumer_timeout (30 min), as a handler may make several calls.
+    call_deadline_s: float = 360.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +81,10 @@ class DotdigitalConfig:
     # Each feed read starts this long before the previous read's start, so a change that
     # became visible late (stamped before that read began) is still read.
     feed_overlap_s: float = 300.0
+    # What one call may spend waiting (429s, X-RateLimit-Reset) and retrying.
+    call_deadline_s: float = 360.0
+    # How long a v3 import is polled before it is left as unknown (it may still land).
+    import_deadline_s: float = 300.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,6 +268,7 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
             max_concurrency=dyn.integer("max_concurrency", default=16, minimum=1, maximum=52),
             page_size=dyn.integer("page_size", default=5000, minimum=1, maximum=5000),
             timeout_s=dyn.number("timeout_s", default=120.0, minimum=1.0),
+            call_deadline_s=dyn.number("call_deadline_s", default=360.0, minimum=0.1),
         ),
         dotdigital=DotdigitalConfig(
             url=dd.text("url").rstrip("/"),
@@ -270,6 +278,8 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
             max_concurrency=dd.integer("max_concurrency", default=4, minimum=1),
             timeout_s=dd.number("timeout_s", default=121.0, minimum=1.0),
             feed_overlap_s=dd.number("feed_overlap_s", default=300.0, minimum=0.0),
+            call_deadline_s=dd.number("call_deadline_s", default=360.0, minimum=0.1),
+            import_deadline_s=dd.number("import_deadline_s", default=300.0, minimum=0.1),
         ),
         broker=AccountBrokerConfig(
             user=(broker.text("user", default=f"prefsync-{account_id}") if broker

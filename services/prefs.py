@@ -56,6 +56,8 @@ DECISIONS = {
     "tie_opt_in_lost": "tie: the opt-in lost", "tie_same_value": "tie: same value",
     "suppressed": "suppressed contact: not synced", "ineligible": "ineligible: not synced",
     "written": "written by prefsync", "failed": "write failed",
+    "read-only": "record read-only (inactive or qualified): not written to it",
+    "no-record": "record deleted: not written to it",
 }
 
 

@@ -9,20 +9,36 @@ ones the ledger says are superseded or already satisfied, and then, for the side
   ``versionnumber``;
 - **dotdigital**: first the opt-ins-since feed of the affected preferences since the ec-poller's
   watermark (a change a user made there since is folded in first), then one v3 import (or a
-  preferences PUT for a single contact), inside a window of dotdigital's own clock.
+  preferences PUT for a single contact), inside a window of dotdigital's own clock. A
+  preference the ec-poller has not read in full yet has no watermark: its commands are deferred
+  (as the reconciler defers its own), and the reconciler sends them again once that read is
+  reconciled; the batch is not held meanwhile.
 
 Several Dynamics records may share one email (a contact and a lead, say): they hold the same
 preferences. A Dynamics write goes to the email's active eligible records whose subscription
 row (as the record directory has it) differs or is missing, and is made even when the ledger
 knows the Dynamics side to hold the value already, as long as one record differs; each row
-written is recorded with its own new version, so every read-back is recognised as our echo. A
-command for a suppressed contact is skipped, and the skip is recorded in the history.
+written is recorded with its own new version, so every read-back is recognised as our echo.
 
 Each write is recorded in the ledger as in flight before the call and confirmed after it with
 what the write produced (the version, or the clock window), so the pollers recognise the echo.
-Messages are acked only after the vendor accepted and the ledger committed. Permanent refusals
-(suppressed contact, read-only record, not found) are dead-lettered with the vendor's code; 429
-and 5xx are retried inside the client (``Retry-After``), then the batch is redelivered.
+Messages are acked only after the vendor accepted and the ledger committed. Refusals:
+
+1. A suppressed dotdigital contact, known before the write or learnt from it (the vendor
+   refuses the write: ``ERROR_CONTACT_SUPPRESSED``, or an import failure for the contact), is
+   ``suppressed``: the same rule as the reconciler's. The contact state is recorded, what the
+   writer read of the contact is parked (:func:`common.domain.reconcile` answers
+   ``suppressed``), the command is not written and stays outstanding in the register, so it
+   goes out when the contact is resubscribed. Nothing fails, nothing is dead-lettered.
+2. A Dynamics record that can no longer be written (inactive, qualified or disqualified, or
+   deleted since it was read) is skipped: the record directory learns it (a deleted record is
+   forgotten), the email's other records still get the write, and a command that no record
+   could take is recorded in the history (``read-only`` or ``no-record``), not dead-lettered.
+3. Other permanent refusals are dead-lettered with the vendor's code.
+4. 429s and 5xx are retried inside the client, within its deadline; then the batch fails as a
+   :class:`~common.resilience.TransientFailure` and is retried later. A write that may have
+   landed (a v3 import still unfinished at its deadline) leaves its window unknown: the retry
+   reads dotdigital back before writing again.
 """
 
 from __future__ import annotations
@@ -33,22 +49,23 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
-from common import domain, messages
+from common import domain, failpoints, messages
 from common.broker import DeadLetterer, Delivery, Outgoing, Publisher
-from common.clients.base import VendorError
-from common.clients.dataverse import BatchOperation, DataverseClient
+from common.clients.base import TransportError, VendorError
+from common.clients.dataverse import OBJECT_DOES_NOT_EXIST, BatchOperation, DataverseClient
 from common.clients.dotdigital import DotdigitalClient
 from common.clients.dotdigital_models import ImportContact
-from common.domain import KeyState, Observation, PreferenceKey, Side
+from common.domain import ContactState, KeyState, Observation, PreferenceKey, Side
 from common.messages import Envelope
 from common.messages import WriteCommand as WriteMessage
+from common.resilience import TransientFailure
 from common.store import ConflictError
 from common.store.directory import RecordRef, SubscriptionRow
-from common.topology import SIDES
+from common.topology import SIDES, shard_of
 from services.catalog import load_catalog
 from services.dynamics_poller import (
     LOOKUP_COLUMNS,
@@ -57,6 +74,7 @@ from services.dynamics_poller import (
     RECORD_TABLES,
     SUBSCRIPTION_COLUMNS,
     SUBSCRIPTIONS,
+    active_record,
     parse_odata_time,
 )
 from services.ec_poller import EPOCH
@@ -71,8 +89,20 @@ CLOCK_MARGIN = timedelta(seconds=5)
 # Up to this many contacts go through the preferences PUT (one call each); more use an import.
 DIRECT_WRITE_LIMIT = 2
 MAX_CONFLICT_RETRIES = 5
-# How long a dotdigital batch waits for the ec-poller's first read of its preferences.
-FIRST_READ_WAIT_S = 20 * 60.0
+# How long a dotdigital batch waits for the ec-poller to finish a read of a preference's feed
+# that is under way (a first read is not waited for: its commands are deferred); then the batch
+# fails transiently. Well inside RabbitMQ's consumer_timeout (30 min).
+READ_WAIT_S = 60.0
+# dotdigital's answers for a write refused because the contact is suppressed: v2's error, v3's
+# (PATCH), and the import's failure code for a contact whose preferences were not applied (the
+# contact's status is read to confirm it).
+SUPPRESSED_CODES = frozenset({"ERROR_CONTACT_SUPPRESSED", "contacts:contactSuppressed",
+                              "preferencesNotApplied"})
+# A suppression learnt from a refusal, when the contact's own status cannot be read.
+SUPPRESSED_STATUS = "Suppressed"
+# History decisions for a Dynamics write no record could take.
+READ_ONLY = "read-only"
+NO_RECORD = "no-record"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +128,15 @@ class WriteOutcome:
     rows: list[SubscriptionRow] = field(default_factory=list)
     # commands not written because the dotdigital contact is suppressed
     suppressed: set[PreferenceKey] = field(default_factory=set)
+    # contacts learnt to be suppressed from a refused write (saved after the ledger commit)
+    contacts: dict[str, ContactState] = field(default_factory=dict)
+    # what the writer read of suppressed contacts: parked, as the reconciler parks it
+    parked: list[Observation] = field(default_factory=list)
+    # Dynamics commands with a target record found read-only or deleted at the write (the
+    # history decision); written all the same if another record took them
+    unwritable: dict[PreferenceKey, str] = field(default_factory=dict)
+    # dotdigital commands deferred until their preference's first read is reconciled
+    deferred: set[PreferenceKey] = field(default_factory=set)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,8 +161,40 @@ class RecordRows:
                 if (row := self.row(r, key)) is None or row.opted_in != opted_in]
 
 
-class TransientWriteError(RuntimeError):
-    """A vendor part failed with a retryable error after the client's own retries."""
+class TransientWriteError(TransientFailure):
+    """A vendor part failed with a retryable error after the client's own retries, or what
+    the write needs first is not there yet: retry later, never dead-letter."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeedPosition:
+    """The ec-poller's position in one preference's opt-ins feed, as the writer uses it."""
+
+    # where the writer reads the feed from before a write; None: no complete read to rely on
+    watermark: datetime | None
+    # no read has finished yet (or one from the beginning is under way): its end publishes the
+    # read markers, on which the reconciler sends the deferred writes again
+    first_read: bool
+
+
+def feed_position(saved: str | None) -> FeedPosition:
+    position = orjson.loads(saved) if saved else {}
+    since = position.get("since")
+    if since and "min_contact_id" not in position:
+        previous = position.get("previous")
+        # The previous start is kept: changes the last read published that the reconciler
+        # has not reached yet are read again. After a first read there is nothing earlier.
+        if previous and datetime.fromisoformat(previous) > EPOCH:
+            return FeedPosition(watermark=datetime.fromisoformat(previous), first_read=False)
+        return FeedPosition(watermark=datetime.fromisoformat(since), first_read=False)
+    return FeedPosition(watermark=None,
+                        first_read=not since or datetime.fromisoformat(since) <= EPOCH)
+
+
+def reconciler_read_mark(preference_id: int, shard: int) -> str:
+    """The reconciler's checkpoint saying it reconciled a complete read of the preference in
+    this shard (set before it looks for the writes deferred until then)."""
+    return f"reconciler:read:{preference_id}:{shard}"
 
 
 def to_command(account: str, message: WriteMessage) -> domain.WriteCommand:
@@ -140,8 +211,10 @@ class Writer:
                  dataverse: DataverseClient | None = None,
                  dotdigital: DotdigitalClient | None = None,
                  now: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 on_written: Callable[[str, str, Mapping[str, int]], None] | None = None) -> None:
+                 on_written: Callable[[str, str, Mapping[str, int]], None] | None = None,
+                 read_wait_s: float = READ_WAIT_S) -> None:
         self.account = account
+        self._read_wait_s = read_wait_s
         self.side = side
         self._store = store
         self._publisher = publisher
@@ -167,15 +240,18 @@ class Writer:
                         covered.add(command.key)
                     else:
                         covered.discard(command.key)
+        outcome = WriteOutcome()
+        watermarks: dict[int, datetime] = {}
+        if self.side == "dotdigital":
+            watermarks = await self._watermarks(commands, outcome)
         states = await self._store.load(set(commands))
         contacts = await self._store.load_contacts(self.account, {k.email for k in commands})
-        outcome = WriteOutcome()
         records = RecordRows(catalog={}, records={}, rows={})
         if self.side == "dynamics":
             records = await self._record_rows(commands)
             self._fold_known_rows(commands, records, outcome)
         if self.side == "dotdigital":
-            await self._read_before_write(commands, states, outcome)
+            await self._read_before_write(commands, watermarks, outcome)
             observed = _by_key(outcome.observations)
             unknown = [k for k in commands if k not in covered
                        and self._folded(states.get(k), k, observed).known.get("dotdigital") is None]
@@ -186,6 +262,10 @@ class Writer:
             contact = contacts.get(key.email)
             if contact is not None and contact.suppressed:
                 outcome.suppressed.add(key)
+            elif self.side == "dynamics" and not records.active(key):
+                # every record of the email is inactive, qualified or gone (as the directory
+                # has it): nothing can take the write; it goes out if one is active again
+                continue
             elif self._should_write(self._folded(states.get(key), key, observed), command,
                                     records):
                 todo[key] = command
@@ -196,15 +276,28 @@ class Writer:
             if self.side == "dynamics":
                 await self._write_dynamics(todo, outcome, started, records)
             else:
-                await self._write_dotdigital(todo, outcome)
-        states = await self._commit_outcome(commands, todo, outcome, states=states)
+                await self._write_dotdigital(todo, outcome, contacts)
+            await failpoints.reached("writer.after-vendor-write")
+        contacts.update(outcome.contacts)
+        states = await self._commit_outcome(commands, todo, outcome, states=states,
+                                            contacts=contacts)
         if outcome.rows:
             await self._store.upsert_subscriptions(self.account, outcome.rows)
+        if outcome.contacts:
+            # monotonic in their own time: no compare-and-set (as the reconciler saves them)
+            await self._store.save_contacts(list(outcome.contacts.values()))
+        if outcome.parked:
+            await self._store.park_observations(outcome.parked)
+        await failpoints.reached("writer.after-commit")
         if outcome.transient is not None:
-            raise TransientWriteError(outcome.transient)
+            raise TransientWriteError(outcome.transient, dependency=self._dependency)
         await self._dead_letter_failures(batch, owner, commands, outcome)
         await self._publish_corrections(batch, owner, states, commands, outcome)
         await self._report(batch, owner, commands, todo, outcome)
+
+    @property
+    def _dependency(self) -> Literal["dataverse", "dotdigital"]:
+        return "dataverse" if self.side == "dynamics" else "dotdigital"
 
     def _should_write(self, state: KeyState, command: domain.WriteCommand,
                       records: RecordRows) -> bool:
@@ -250,10 +343,13 @@ class Writer:
     async def _commit_outcome(self, commands: dict[PreferenceKey, domain.WriteCommand],
                               todo: dict[PreferenceKey, domain.WriteCommand],
                               outcome: WriteOutcome, *,
-                              states: Mapping[PreferenceKey, KeyState]
+                              states: Mapping[PreferenceKey, KeyState],
+                              contacts: Mapping[str, ContactState]
                               ) -> dict[PreferenceKey, KeyState]:
         """Record writes, refusals and what the writer read, in one transaction. ``states``
-        (kept up to date by this batch's own saves) is tried first; a conflict loads afresh."""
+        (kept up to date by this batch's own saves) is tried first; a conflict loads afresh.
+        What was read of a suppressed contact is decided as the reconciler decides it
+        (``suppressed``) and goes to ``outcome.parked``."""
         now = self._now()
         keys = set(commands) | {o.key for o in outcome.observations}
         known = keys <= states.keys() | set(commands)  # else some key was never loaded
@@ -263,12 +359,15 @@ class Writer:
                 else await self._store.load(keys))
             history: list[domain.HistoryEntry] = []
             changed: dict[PreferenceKey, KeyState] = {}
+            parked: list[Observation] = []
             for observation in outcome.observations:
                 key = observation.key
                 before = changed.get(key) or current.get(key)
-                decision = domain.reconcile(before, observation)
+                decision = domain.reconcile(before, observation, contact=contacts.get(key.email))
                 if decision.changed:
                     changed[key] = decision.state
+                if decision.outcome == domain.Outcome.SUPPRESSED:
+                    parked.append(observation)
                 if decision.outcome != domain.Outcome.DUPLICATE:
                     history.append(domain.HistoryEntry.for_observation(
                         observation, decision=str(decision.outcome), recorded_at=now))
@@ -280,11 +379,17 @@ class Writer:
                                                     window_start=start, window_end=end,
                                                     written_at=now)
                     history.append(domain.HistoryEntry.for_write(command, recorded_at=now))
-                elif key in outcome.failed or key in outcome.retry or outcome.transient:
+                elif (key in outcome.failed or key in outcome.retry or key in outcome.suppressed
+                      or key in outcome.unwritable or outcome.transient):
+                    # surely not written (refused, or never sent): no echo is to be expected
                     state = domain.abandon_write(state, command)
                     if key in outcome.failed:
                         history.append(domain.HistoryEntry.for_write(
                             command, recorded_at=now, decision="failed"))
+                if key in outcome.unwritable and key not in outcome.failed:
+                    # a record skipped (read-only or deleted), whether or not others took it
+                    history.append(domain.HistoryEntry.for_write(
+                        command, recorded_at=now, decision=outcome.unwritable[key]))
                 changed[key] = state
             history += [domain.HistoryEntry.for_write(commands[key], recorded_at=now,
                                                       decision="suppressed")
@@ -293,6 +398,7 @@ class Writer:
                 await self._store.save([(st.revision or None, st, None)
                                         for st in changed.values()], history=history)
                 current.update(changed)
+                outcome.parked = parked
                 return current
             except ConflictError:
                 continue
@@ -323,9 +429,8 @@ class Writer:
                     reason=f"preference {key.preference_id} is not in this account's catalog",
                     code="catalog")
                 continue
-            if not known.active(key):
-                outcome.failed[key] = Failure(reason="no active eligible Dynamics record has "
-                                                     "this email", code="no-record")
+            if not known.active(key):  # (skipped before the write is begun)
+                outcome.unwritable[key] = READ_ONLY if known.records.get(key.email) else NO_RECORD
                 continue
             # the records that differ; if none does (the ledger thinks otherwise), all of them
             targets_of_key = known.differing(key, command.opted_in) or known.active(key)
@@ -354,6 +459,7 @@ class Writer:
         ended = self._now() + CLOCK_MARGIN
         conflicted: list[str] = []
         unseen: list[RecordRef] = []  # a create met a row we had not seen
+        refused: list[tuple[PreferenceKey, RecordRef, str, VendorError]] = []
         for result in results:
             key, record, row_id = targets[result.content_id]
             if result.ok and result.body is not None:
@@ -375,11 +481,15 @@ class Writer:
                 outcome.retry.add(key)
             elif result.error is not None and result.error.retryable:
                 outcome.transient = str(result.error)
+            elif result.error is not None and result.status != 424:
+                refused.append((key, record, row_id, result.error))
             else:
                 error = result.error
                 outcome.failed[key] = Failure(
                     reason=error.message if error else f"HTTP {result.status}",
                     code=error.code if error else str(result.status))
+        if refused:
+            await self._refused_records(refused, known, outcome)
         # A key written to one record but failed on another counts as failed: the failure
         # is what needs attention; the successful part is recorded all the same.
         fetched: list[dict[str, Any]] = []
@@ -394,6 +504,75 @@ class Writer:
                     SUBSCRIPTIONS, id_column=column, ids=ids, select=list(SUBSCRIPTION_COLUMNS))
         if fetched:
             await self._fold_rows(fetched, records, catalog, outcome)
+
+    async def _refused_records(self, refused: Sequence[tuple[PreferenceKey, RecordRef, str,
+                                                             VendorError]],
+                               known: RecordRows, outcome: WriteOutcome) -> None:
+        """Writes Dataverse refused for good: is the record still there and writable?
+
+        The record is read (the refusal's own code does not say):
+
+        1. deleted since it was read: it is forgotten in the directory;
+        2. inactive, qualified or disqualified: the directory learns that it is read-only;
+        3. either way the write is skipped for that record (``unwritable``, recorded in the
+           history), and the key counts as written if another record took it;
+        4. still writable: the refusal is a failure, except a row deleted under us (404): the
+           directory forgets the row and the write is re-issued (it then creates the row);
+        5. not readable just now (a transient error): the batch is retried.
+        """
+        assert self._dataverse is not None
+        state: dict[str, str] = {}  # record id -> writable, read-only, deleted or unknown
+        for _, record, _, _ in refused:
+            if record.record_id in state:
+                continue
+            entity_set, primary_key, _ = RECORD_TABLES[record.record_type]
+            try:
+                row = await self._dataverse.get(
+                    f"{entity_set}({record.record_id})",
+                    params={"$select": f"{primary_key},statecode"})
+            except (VendorError, TransportError) as exc:
+                if isinstance(exc, VendorError) and (
+                        exc.status == 404 or exc.code.lower() == OBJECT_DOES_NOT_EXIST):
+                    state[record.record_id] = "deleted"
+                elif exc.retryable:
+                    state[record.record_id] = "unknown"
+                    outcome.transient = str(exc)
+                else:
+                    state[record.record_id] = "writable"  # the refusal stands
+                continue
+            writable = active_record(record.record_type, row)
+            state[record.record_id] = "writable" if writable else "read-only"
+        gone = [r for r, found in state.items() if found == "deleted"]
+        read_only = [replace(ref, active=False) for _, ref, _, _ in refused
+                     if state[ref.record_id] == "read-only"]
+        if gone:
+            await self._store.forget_records(self.account, gone)
+        if read_only:
+            await self._store.upsert_records(self.account,
+                                             list({r.record_id: r for r in read_only}.values()))
+        skipped: dict[PreferenceKey, str] = {}
+        for key, record, row_id, error in refused:
+            found = state[record.record_id]
+            existing = known.rows.get((record.record_id, row_id))
+            if found == "unknown":
+                continue
+            if found == "deleted":
+                skipped.setdefault(key, NO_RECORD)
+            elif found == "read-only":
+                skipped[key] = READ_ONLY
+            elif error.status == 404 and existing is not None:
+                await self._store.forget_subscriptions(self.account, [existing.subscription_id])
+                outcome.retry.add(key)
+            else:
+                outcome.failed[key] = Failure(reason=error.message,
+                                              code=error.code or str(error.status))
+        for key, decision in skipped.items():
+            if key not in outcome.failed and key not in outcome.retry:
+                outcome.unwritable[key] = decision
+        if gone or read_only:
+            log.info("Dynamics records no longer writable skipped", extra={
+                "account": self.account, "deleted": len(gone),
+                "read_only": len({r.record_id for r in read_only})})
 
     async def _fold_rows(self, rows: Sequence[dict[str, Any]],
                          records: dict[str, list[RecordRef]], catalog: dict[int, str],
@@ -443,35 +622,71 @@ class Writer:
                 change_id=f"dyn:{row.subscription_id}:{row.version}"))
 
     # --- dotdigital ------------------------------------------------------------------------
-    async def _read_watermark(self, preference_id: int) -> datetime:
-        """Where the ec-poller's last complete read of this preference's feed started.
+    async def _watermarks(self, commands: dict[PreferenceKey, domain.WriteCommand],
+                          outcome: WriteOutcome) -> dict[int, datetime]:
+        """Where to read each preference's feed from before writing (the ec-poller's last
+        complete read). Until the ec-poller has read a preference once, what dotdigital holds
+        for it is unknown: writing could overwrite newer values, and reading the whole feed
+        before every batch would cost far more. So:
 
-        Until the ec-poller has read a preference once, what dotdigital holds for it is
-        unknown: writing then could overwrite newer values, and reading the whole feed before
-        every batch would cost far more than waiting, so the batch waits (the ec-poller's part
-        of a run follows the dynamics-poller's).
+        1. a first read not finished yet: the commands are deferred, as the reconciler defers
+           its own, and removed from the batch; the reconciler sends them again when that
+           read is reconciled (its read markers);
+        2. a read under way from an earlier position (or a first read whose markers this shard
+           has reconciled already, so a deferral could be missed): wait for it, up to
+           ``read_wait_s``, then fail transiently (the batch is retried later, in order).
         """
+        by_preference: dict[int, list[PreferenceKey]] = defaultdict(list)
+        for key in commands:
+            by_preference[key.preference_id].append(key)
+        found: dict[int, datetime] = {}
+        for preference_id, keys in by_preference.items():
+            position = feed_position(await self._store.get_checkpoint(
+                self.account, f"dotdigital:opt-ins:{preference_id}"))
+            if position.watermark is not None:
+                found[preference_id] = position.watermark
+            elif position.first_read and await self._defer(preference_id, keys):
+                for key in keys:
+                    del commands[key]
+                    outcome.deferred.add(key)
+            else:
+                found[preference_id] = await self._read_watermark(preference_id)
+        return found
+
+    async def _defer(self, preference_id: int, keys: Sequence[PreferenceKey]) -> bool:
+        """Defer the keys' writes until the preference's first read is reconciled; False when
+        this shard's reconciler may have reconciled it already (then nobody would send them).
+
+        The deferral is saved first, then the reconciler's read mark is looked at: the
+        reconciler sets the mark before it looks for deferred writes, so with no mark yet it
+        will see these."""
+        await self._store.defer_writes(self.account,
+                                       [(preference_id, key.email) for key in keys])
+        for shard in {shard_of(key.email, self._shards) for key in keys}:
+            if await self._store.get_checkpoint(
+                    self.account, reconciler_read_mark(preference_id, shard)) is not None:
+                return False
+        return True
+
+    async def _read_watermark(self, preference_id: int) -> datetime:
+        """The watermark once the read under way finishes, waiting ``read_wait_s`` at most."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._read_wait_s
         delay = 0.2
-        waited = 0.0
         while True:
-            saved = await self._store.get_checkpoint(self.account,
-                                                     f"dotdigital:opt-ins:{preference_id}")
-            position = orjson.loads(saved) if saved else {}
-            if position.get("since") and "min_contact_id" not in position:
-                previous = position.get("previous")
-                # After a first read (from the beginning) there is nothing earlier to re-read.
-                if previous and datetime.fromisoformat(previous) > EPOCH:
-                    return datetime.fromisoformat(previous)
-                return datetime.fromisoformat(position["since"])
-            if waited >= FIRST_READ_WAIT_S:
+            position = feed_position(await self._store.get_checkpoint(
+                self.account, f"dotdigital:opt-ins:{preference_id}"))
+            if position.watermark is not None:
+                return position.watermark
+            if loop.time() + delay > deadline:
                 raise TransientWriteError(
-                    f"dotdigital preference {preference_id} has not been read yet")
+                    f"dotdigital preference {preference_id}: the ec-poller's read of its feed "
+                    f"has not finished after {self._read_wait_s:.0f} s", dependency="dotdigital")
             await asyncio.sleep(delay)
-            waited += delay
             delay = min(delay * 2, 5.0)
 
     async def _read_before_write(self, commands: dict[PreferenceKey, domain.WriteCommand],
-                                 states: dict[PreferenceKey, KeyState],
+                                 watermarks: Mapping[int, datetime],
                                  outcome: WriteOutcome) -> None:
         """Fold in dotdigital changes the ec-poller has not read yet, for these keys."""
         assert self._dotdigital is not None
@@ -480,7 +695,7 @@ class Writer:
             by_preference[key.preference_id].add(key.email)
         assert self._feed is not None
         for preference_id, emails in by_preference.items():
-            since = await self._read_watermark(preference_id)
+            since = watermarks[preference_id]
             found = await self._feed.entries(preference_id, since=since, emails=emails)
             for email, entries in found.items():
                 for contact_id, opted_in, modified in entries:
@@ -514,7 +729,8 @@ class Writer:
                                   f"{opt_in.modified.isoformat()}"))
 
     async def _write_dotdigital(self, todo: dict[PreferenceKey, domain.WriteCommand],
-                                outcome: WriteOutcome) -> None:
+                                outcome: WriteOutcome,
+                                contacts: Mapping[str, ContactState]) -> None:
         assert self._dotdigital is not None
         by_email: dict[str, dict[int, bool]] = defaultdict(dict)
         for key, command in todo.items():
@@ -522,7 +738,7 @@ class Writer:
         window_start = await self._dotdigital.server_time()
         assert self._feed is not None
         write = self._feed.writing(started=window_start, values=by_email)
-        failed_emails: dict[str, Failure] = {}
+        refused: dict[str, Failure] = {}
         try:
             if len(by_email) <= DIRECT_WRITE_LIMIT:
                 for email, preferences in by_email.items():
@@ -531,26 +747,71 @@ class Writer:
                     except VendorError as exc:
                         if exc.retryable:
                             raise
-                        failed_emails[email] = Failure(reason=exc.message, code=exc.code)
+                        refused[email] = Failure(reason=exc.message, code=exc.code)
             else:
                 report = await self._dotdigital.run_import(
                     [ImportContact(email=email, preferences=prefs)
                      for email, prefs in by_email.items()])
                 for failure in report.failures:
                     if failure.email:
-                        failed_emails[failure.email.strip().lower()] = Failure(
+                        refused[failure.email.strip().lower()] = Failure(
                             reason="; ".join(failure.descriptions) or "import failure",
                             code=",".join(failure.codes))
             window_end = await self._dotdigital.server_time()
         except BaseException:
             self._feed.forget(write)  # what it wrote, if anything, is read back as unknown
             raise
+        # a refused contact's values were not written: never take its changes for our echo
+        write.values = {e: v for e, v in by_email.items() if e not in refused}
         self._feed.written(write, ended=window_end)
+        suppressed = await self._suppressions(refused, contacts, as_of=window_start,
+                                              outcome=outcome)
         for key in todo:
-            if key.email in failed_emails:
-                outcome.failed[key] = failed_emails[key.email]
+            if key.email in suppressed:
+                outcome.suppressed.add(key)
+            elif key.email in refused:
+                outcome.failed[key] = refused[key.email]
             else:
                 outcome.written[key].append((None, window_start, window_end))
+
+    async def _suppressions(self, refused: Mapping[str, Failure],
+                            contacts: Mapping[str, ContactState], *, as_of: datetime,
+                            outcome: WriteOutcome) -> set[str]:
+        """The refused contacts that are suppressed; their contact state goes to
+        ``outcome.contacts`` (as of ``as_of``, dotdigital's time before the write: they were
+        suppressed when the write was refused, after it).
+
+        The contact's own status is read to learn which suppression it is (and to confirm it
+        for an import failure, whose code is less specific); when it cannot be read, the
+        refusal is taken at its word. A contact that reads as active again is retried."""
+        assert self._dotdigital is not None
+        suppressed: set[str] = set()
+        for email, failure in refused.items():
+            if not SUPPRESSED_CODES & set(failure.code.split(",")):
+                continue
+            try:
+                read = (await self._dotdigital.contact(email)).status
+            except (VendorError, TransportError):
+                read = ""  # not readable (by email, a suppressed contact may not be)
+            try:
+                active = bool(read) and not domain.is_suppressed(read)
+            except ValueError:
+                read, active = "", False  # a status we do not know: the refusal says enough
+            if active:
+                outcome.transient = (f"dotdigital refused a write as suppressed "
+                                     f"({failure.code}) but the contact is {read} now")
+                continue
+            status = read or SUPPRESSED_STATUS
+            decision = domain.apply_contact_status(
+                outcome.contacts.get(email) or contacts.get(email), account=self.account,
+                email=email, status=status, as_of=as_of)
+            if decision.changed:
+                outcome.contacts[email] = decision.state
+            suppressed.add(email)
+        if suppressed:
+            log.info("writes refused: contacts suppressed since they were read", extra={
+                "account": self.account, "side": self.side, "contacts": len(suppressed)})
+        return suppressed
 
     # --- after the write -------------------------------------------------------------------
     async def _dead_letter_failures(self, batch: Sequence[Delivery],
@@ -616,10 +877,14 @@ class Writer:
                 counts[index]["suppressed"] += 1
             elif key in outcome.written:
                 counts[index]["written"] += 1
+            elif key in outcome.unwritable:
+                counts[index]["skipped"] += 1
             elif key in todo:
                 counts[index]["retry"] += 1
             else:
                 counts[index]["skipped"] += 1
+        for key in outcome.deferred:
+            counts[owner[key]]["deferred"] += 1
         if self._on_written is not None:
             self._on_written(self.account, self.side, sum(counts.values(), Counter()))
         for index, delivery in enumerate(batch):
@@ -630,7 +895,8 @@ class Writer:
                                        fields={"message": delivery.message_id, "side": self.side,
                                                "written": c["written"], "failed": c["failed"],
                                                "skipped": c["skipped"],
-                                               "suppressed": c["suppressed"]})
+                                               "suppressed": c["suppressed"],
+                                               "deferred": c["deferred"]})
         if outcome.retry:
             # Version conflicts: the fresh row is in the ledger and the write was re-issued.
             log.info("writes re-issued after a version conflict", extra={

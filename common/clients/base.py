@@ -56,7 +56,21 @@ class AuthenticationError(VendorError):
 
 
 class ThrottledError(VendorError):
-    """The vendor's rate limit answered 429 (raised to the caller once retries ran out)."""
+    """The vendor's rate limit answered 429 (raised to the caller once retries ran out, or
+    when waiting as asked would pass the call's deadline), or a usage cap refused the call.
+    Never a reason to drop the work: it is always worth retrying later."""
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class PausedPastDeadline(Exception):
+    """The client is paused (the vendor asked it to wait) beyond the call's deadline."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"paused for {wait_s:.1f} s more")
+        self.wait_s = wait_s
 
 
 class TransportError(Exception):
@@ -124,10 +138,14 @@ def parse_wait(value: str | None, *, now: float | None = None) -> float | None:
 class RetryPolicy:
     """Retries for 429, 5xx and connection errors only, with full-jitter exponential backoff.
 
-    A 429 waits what the vendor asked (``retry_after``) plus a little jitter, bounded by
-    ``max_retry_after_s``; it does not use up the attempts meant for failures. A request that is
-    not idempotent is retried after a 5xx or a lost connection only if it certainly was not
-    delivered, so a create is never applied twice.
+    1. A 429 waits what the vendor asked (``retry_after``) plus a little jitter, bounded by
+       ``max_retry_after_s``; it does not use up the attempts meant for failures.
+    2. A request that is not idempotent is retried after a 5xx or a lost connection only if it
+       certainly was not delivered, so a create is never applied twice.
+    3. With a ``deadline`` (``time.monotonic()``), no wait or retry starts that would end past
+       it: the last error is raised at once (a 429 as :class:`ThrottledError`), so a message
+       handler never holds its message for long (the broker takes a message back from a
+       consumer that holds it past its ``consumer_timeout``); the work is retried later.
     """
 
     attempts: int = 6
@@ -145,9 +163,14 @@ class RetryPolicy:
         *,
         on_throttled: Callable[[float], None] | None = None,
         idempotent: bool = True,
+        deadline: float | None = None,
     ) -> T:
         failures = 0
         throttled = 0
+
+        def past_deadline(wait: float) -> bool:
+            return deadline is not None and time.monotonic() + wait > deadline
+
         while True:
             try:
                 return await call()
@@ -156,18 +179,26 @@ class RetryPolicy:
                     throttled += 1
                     wait = min(exc.retry_after if exc.retry_after is not None
                                else self.backoff(throttled), self.max_retry_after_s)
+                    if past_deadline(wait):
+                        raise
                     if on_throttled is not None:
                         on_throttled(wait)
                     await asyncio.sleep(wait + random.uniform(0, 0.05))
                     continue
                 if (not exc.retryable or exc.status == 429 or not idempotent
-                        or failures + 1 >= self.attempts):
+                        or isinstance(exc, ThrottledError) or failures + 1 >= self.attempts):
+                    raise
+                delay = self.backoff(failures + 1)
+                if past_deadline(delay):
                     raise
             except TransportError as exc:
                 if (exc.maybe_delivered and not idempotent) or failures + 1 >= self.attempts:
                     raise
+                delay = self.backoff(failures + 1)
+                if past_deadline(delay):
+                    raise
             failures += 1
-            await asyncio.sleep(self.backoff(failures))
+            await asyncio.sleep(delay)
 
 
 @dataclass
@@ -227,11 +258,16 @@ class Pacer:
         return max(0.0, self._paused_until - time.monotonic())
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
-        """Hold one request slot; yields the seconds this request spent in a vendor pause."""
+    async def slot(self, *, deadline: float | None = None) -> AsyncIterator[float]:
+        """Hold one request slot; yields the seconds this request spent in a vendor pause.
+
+        A pause that would last past ``deadline`` (``time.monotonic()``) raises
+        :class:`PausedPastDeadline` instead of being waited out."""
         async with self._concurrency:
             paused = 0.0
             while (delay := self._paused_until - time.monotonic()) > 0:
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise PausedPastDeadline(delay)
                 paused += delay
                 await asyncio.sleep(delay)
             started = time.monotonic()

@@ -296,6 +296,7 @@ class DataverseClient(VendorClient):
             on_request=on_request,
             session=session,
             max_connections=config.max_concurrency,
+            deadline_s=config.call_deadline_s,
         )
         self._token = ClientCredentialsToken(
             http=self._http, token_url=config.token_url, client_id=config.client_id,

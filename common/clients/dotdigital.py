@@ -25,6 +25,7 @@ from common.clients.base import (
     RequestObserver,
     RetryPolicy,
     ThrottledError,
+    TransportError,
     VendorError,
     parse_wait,
 )
@@ -80,6 +81,16 @@ class ImportFailed(VendorError):
         super().__init__(vendor=VENDOR, status=200, code=report.status,
                          message=f"import {report.import_id} ended as {report.status}")
         self.report = report
+
+
+class ImportUnfinished(TransportError):
+    """A v3 import was accepted but had not finished by its deadline: what it holds may land
+    later, or may have landed already. Transient: read back before writing again."""
+
+    def __init__(self, *, import_id: str, waited_s: float) -> None:
+        super().__init__(vendor=VENDOR, detail=f"import {import_id} not finished after "
+                                               f"{waited_s:.0f} s", maybe_delivered=True)
+        self.import_id = import_id
 
 
 def dotdigital_error(response: HttpResponse) -> VendorError:
@@ -155,6 +166,7 @@ class DotdigitalClient(VendorClient):
             on_request=on_request,
             session=session,
             max_connections=config.max_concurrency,
+            deadline_s=config.call_deadline_s,
         )
         self._tree_parents: dict[int, int] = {}
         self._tree_loaded_at: float | None = None
@@ -473,16 +485,23 @@ class DotdigitalClient(VendorClient):
                          max_poll_s: float = 30.0, timeout_s: float | None = None
                          ) -> ImportReport:
         """Submit an import and poll (backing off from ``first_poll_s`` to ``max_poll_s``)
-        until it finishes. Raises :class:`ImportFailed` for a failed status and
-        ``TimeoutError`` after ``timeout_s``."""
+        until it finishes. Raises :class:`ImportFailed` for a failed status, and
+        :class:`ImportUnfinished` once ``timeout_s`` (by default the account's
+        ``import_deadline_s``) has passed since the call began."""
+        limit = self._config.import_deadline_s if timeout_s is None else timeout_s
+        started = time.monotonic()
         import_id = await self.start_import(contacts, merge_option=merge_option)
         delay = first_poll_s
-        async with asyncio.timeout(timeout_s):
-            while True:
-                await asyncio.sleep(delay)
-                report = await self.import_status(import_id)
-                if report.succeeded:
-                    return report
-                if report.done:
-                    raise ImportFailed(report=report)
-                delay = min(max_poll_s, delay * 2)
+        try:
+            async with asyncio.timeout(max(0.0, limit - (time.monotonic() - started))):
+                while True:
+                    await asyncio.sleep(delay)
+                    report = await self.import_status(import_id)
+                    if report.succeeded:
+                        return report
+                    if report.done:
+                        raise ImportFailed(report=report)
+                    delay = min(max_poll_s, delay * 2)
+        except TimeoutError:
+            raise ImportUnfinished(import_id=import_id,
+                                   waited_s=time.monotonic() - started) from None

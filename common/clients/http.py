@@ -21,6 +21,7 @@ from yarl import URL
 
 from common.clients.base import (
     Pacer,
+    PausedPastDeadline,
     RequestEvent,
     RequestObserver,
     RetryPolicy,
@@ -83,7 +84,9 @@ class VendorHttp:
     """One vendor account's HTTP machinery: the session, its budget and its retries.
 
     The session is created on first use (inside the running loop) unless one is passed in; a
-    session passed in is never closed here.
+    session passed in is never closed here. ``deadline_s`` bounds what one logical request may
+    spend waiting (vendor pauses, 429s) and retrying, so that no caller holds its work longer:
+    past it the request fails with the last error (see :class:`RetryPolicy`).
     """
 
     def __init__(
@@ -98,8 +101,10 @@ class VendorHttp:
         on_request: RequestObserver | None = None,
         session: aiohttp.ClientSession | None = None,
         max_connections: int = 16,
+        deadline_s: float | None = None,
     ) -> None:
         self.vendor = vendor
+        self.deadline_s = deadline_s
         self.pacer = pacer
         self.retry = retry
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -152,6 +157,7 @@ class VendorHttp:
         accepted = accept or _is_success
         parse = errors or self._errors
         pending_wait = 0.0
+        deadline = None if self.deadline_s is None else time.monotonic() + self.deadline_s
 
         def throttled(wait: float) -> None:
             nonlocal pending_wait
@@ -160,17 +166,27 @@ class VendorHttp:
         async def attempt() -> HttpResponse:
             nonlocal pending_wait
             if paced:
-                async with self.pacer.slot() as paused:
-                    waited, pending_wait = pending_wait + paused, 0.0
-                    return await self._exchange(method, url, endpoint=endpoint, headers=headers,
-                                                auth_headers=auth_headers, body=body,
-                                                accept=accepted, errors=parse, waited=waited)
+                try:
+                    async with self.pacer.slot(deadline=deadline) as paused:
+                        waited, pending_wait = pending_wait + paused, 0.0
+                        return await self._exchange(method, url, endpoint=endpoint,
+                                                    headers=headers, auth_headers=auth_headers,
+                                                    body=body, accept=accepted, errors=parse,
+                                                    waited=waited)
+                except PausedPastDeadline as paused_past:
+                    # never sent: the vendor's pause outlasts what this request may wait
+                    raise ThrottledError(
+                        vendor=self.vendor, status=429, code="",
+                        message=f"{endpoint}: the client is paused for {paused_past.wait_s:.0f} s "
+                                "more, past this request's deadline",
+                        retry_after=paused_past.wait_s) from None
             waited, pending_wait = pending_wait, 0.0
             return await self._exchange(method, url, endpoint=endpoint, headers=headers,
                                         auth_headers=auth_headers, body=body, accept=accepted,
                                         errors=parse, waited=waited)
 
-        return await self.retry.run(attempt, on_throttled=throttled, idempotent=idempotent)
+        return await self.retry.run(attempt, on_throttled=throttled, idempotent=idempotent,
+                                    deadline=deadline)
 
     async def _exchange(
         self,

@@ -8,6 +8,8 @@ scoped by account.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import sqlite3
 import time
@@ -38,6 +40,8 @@ from common.store.parking import SCHEMA as PARKING_SCHEMA
 from common.store.parking import SqliteParking
 from common.store.personal import SCHEMA as PERSONAL_SCHEMA
 from common.store.personal import SqlPersonalData
+
+log = logging.getLogger("prefsync.store")
 
 SCHEMA_VERSION = 1
 
@@ -122,6 +126,10 @@ def _history_row(h: HistoryEntry) -> tuple[Any, ...]:
             to_us(h.origin_time), h.change_id, h.decision, to_us(h.recorded_at))
 
 
+async def _run(db: aiosqlite.Connection, sql: str) -> None:
+    await db.execute(sql)
+
+
 def _now_us() -> int:
     return to_us(datetime.now(UTC))
 
@@ -155,6 +163,8 @@ class SqliteLedgerStore:
         self._db: aiosqlite.Connection | None = None
         # one connection: transactions must not interleave on it
         self._lock = asyncio.Lock()
+        # roll-backs of interrupted transactions still under way (they hold the lock)
+        self._ending: set[asyncio.Task[None]] = set()
         self._directory = SqliteDirectory(self._transaction, reading=self._reading)
         self._parking = SqliteParking(self._transaction)
         self._coordination = SqlCoordination(self._transaction)
@@ -212,17 +222,57 @@ class SqliteLedgerStore:
 
     @asynccontextmanager
     async def _begun(self, begin: str) -> AsyncIterator[Connection]:
+        """One transaction on the connection; whatever ends it (an error, a cancellation at
+        any point), the connection is left outside any transaction before anyone else uses it.
+
+        1. The ``BEGIN`` runs as a task of its own: cancelled while it waits for another
+           process's write lock, the caller returns at once, and the ``BEGIN`` (which still
+           runs on the connection's thread) is rolled back as soon as it ends.
+        2. The lock on the connection is released only once the connection is clean, so the
+           next call never finds a transaction open ("cannot start a transaction within a
+           transaction") and other processes never wait on a transaction nobody ends.
+        """
         if self._db is None:
             raise RuntimeError("the ledger store is not open")
         db = self._db
-        async with self._lock:
-            await db.execute(begin)
-            try:
-                yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
+        await self._lock.acquire()
+        began: asyncio.Future[Any] = asyncio.ensure_future(_run(db, begin))
+        try:
+            await asyncio.shield(began)
+        except BaseException:
+            self._end_later(db, began)
+            raise
+        try:
+            yield db
             await db.execute("COMMIT")
+        except BaseException as exc:
+            ending = self._end_later(db, None)
+            if not isinstance(exc, asyncio.CancelledError):
+                # callers that go on at once (a conflict retried) find the connection clean
+                await asyncio.shield(ending)
+            raise
+        self._lock.release()
+
+    def _end_later(self, db: aiosqlite.Connection,
+                   began: asyncio.Future[Any] | None) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(self._end(db, began))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+        return task
+
+    async def _end(self, db: aiosqlite.Connection, began: asyncio.Future[Any] | None) -> None:
+        """Roll back whatever is open (once ``began`` has ended), then free the connection."""
+        try:
+            if began is not None:
+                with contextlib.suppress(Exception):
+                    await began
+            await db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass  # nothing open: the BEGIN failed, or the COMMIT went through
+        except Exception as error:  # the connection closed meanwhile: SQLite rolled back
+            log.debug("rollback after an interrupted transaction: %s", error)
+        finally:
+            self._lock.release()
 
     def _reading(self) -> AbstractAsyncContextManager[Connection]:
         """A transaction for queries only: a deferred one, which in WAL mode takes no lock, so

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from common.clients.base import (
@@ -12,6 +14,7 @@ from common.clients.base import (
     VendorError,
     parse_wait,
 )
+from common.resilience import dependency_of
 
 FAST = RetryPolicy(attempts=4, base_delay_s=0.0, max_delay_s=0.0)
 
@@ -98,3 +101,27 @@ async def test_non_idempotent_calls_are_retried_only_when_surely_not_delivered()
         with pytest.raises((VendorError, TransportError)):
             await FAST.run(call, idempotent=False)
         assert call.calls == 1
+
+
+@pytest.mark.anyio
+async def test_no_retry_starts_past_the_deadline() -> None:
+    slow = RetryPolicy(attempts=10, base_delay_s=5.0, max_delay_s=5.0)
+    call = _Flaky([_error(503)] * 3)
+    began = time.monotonic()
+    with pytest.raises(VendorError):
+        # a backoff of up to 5 s would end past a deadline 0.1 s away (once it draws more)
+        await slow.run(call, deadline=time.monotonic() + 0.1)
+    assert time.monotonic() - began < 1.0  # no sleep ends past the deadline
+
+
+@pytest.mark.anyio
+async def test_a_usage_cap_is_not_retried_by_the_client_but_is_transient() -> None:
+    # dotdigital caps flat-scheme accounts with a 400 ERROR_APIUSAGE_EXCEEDED: the work waits
+    # for the cap to lift, it is never dropped as a bad message.
+    cap = ThrottledError(vendor="dotdigital", status=400, code="ERROR_APIUSAGE_EXCEEDED",
+                         message="m")
+    call = _Flaky([cap])
+    with pytest.raises(ThrottledError):
+        await FAST.run(call)
+    assert call.calls == 1
+    assert dependency_of(cap) == "dotdigital"

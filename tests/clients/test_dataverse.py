@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,6 +27,7 @@ from common.clients.dataverse import (
     DeltaTokenExpired,
     odata_literal,
 )
+from common.resilience import dependency_of
 from tests.clients.support import (
     SECRET,
     Events,
@@ -392,3 +395,16 @@ async def test_secret_never_shows_in_reprs_or_transport_errors(
         with pytest.raises(TransportError) as caught:
             await client.service_document()
         assert_hidden((SECRET,), caught.value, client, config, caplog.text)
+
+
+async def test_a_429_storm_with_a_long_retry_after_stops_waiting_at_the_deadline() -> None:
+    # Waiting as asked would hold the caller's message past the broker's consumer_timeout.
+    async with org(records=1, call_deadline_s=1.0) as (client, sim):
+        await sim.faults(throttle={"limit": 1, "window_s": 3600})
+        await all_rows(client)
+        began = time.monotonic()
+        async with asyncio.timeout(30):
+            with pytest.raises(ThrottledError) as caught:
+                await all_rows(client)
+        assert time.monotonic() - began < 5
+        assert dependency_of(caught.value) == "dataverse"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -19,8 +21,9 @@ from common.clients.base import (
     TransportError,
     VendorError,
 )
-from common.clients.dotdigital import DotdigitalClient
+from common.clients.dotdigital import DotdigitalClient, ImportUnfinished
 from common.clients.dotdigital_models import ImportContact
+from common.resilience import dependency_of
 from tests.clients.support import (
     DD_ACCOUNT,
     DD_OTHER_PASSWORD,
@@ -305,3 +308,48 @@ async def test_a_session_passed_in_is_used_and_left_open() -> None:
         assert not shared.closed
         async with DotdigitalClient(config=dotdigital_config(sim.url), session=shared) as again:
             assert (await again.account_info()).id == int(DD_ACCOUNT)
+
+
+# --- bounded waits: a call never holds its caller for long (the broker's consumer_timeout) -------
+
+async def test_an_import_still_pending_at_its_deadline_is_a_transient_unknown() -> None:
+    # The simulator keeps the import "NotFinished" for an hour: polling stops at the deadline.
+    async with account(records=2, preferences=2, sim_kwargs={"import_delay_s": 3600},
+                       import_deadline_s=0.5) as (client, sim, seeded):
+        first = seeded["preferences"][0]
+        email = seeded["emails"][0]
+        began = time.monotonic()
+        async with asyncio.timeout(30):
+            with pytest.raises(ImportUnfinished) as caught:
+                await client.run_import([ImportContact(email=email, preferences={first: False})],
+                                        first_poll_s=0.05)
+        assert time.monotonic() - began < 5
+        assert dependency_of(caught.value) == "dotdigital"
+        assert caught.value.maybe_delivered  # it may land yet: the caller must read back
+        await sim.call("POST", "dotdigital/imports/run")
+        assert (await client.subscriptions(email)).by_preference()[first].is_opted_in is False
+
+
+async def test_a_429_storm_with_a_long_retry_after_stops_waiting_at_the_deadline() -> None:
+    events = Events()
+    async with account(records=0, events=events, call_deadline_s=1.0) as (client, sim, _):
+        await sim.faults(throttle={"limit": 1, "window_s": 3600})
+        await client.server_time()
+        began = time.monotonic()
+        async with asyncio.timeout(30):
+            with pytest.raises(ThrottledError) as caught:
+                await client.server_time()
+        assert time.monotonic() - began < 5
+        assert caught.value.status == 429 and dependency_of(caught.value) == "dotdigital"
+        # The client stays paused as the vendor asked: the next call fails at once, unsent.
+        sent = len(events.seen)
+        with pytest.raises(ThrottledError):
+            await client.server_time()
+        assert len(events.seen) == sent
+
+
+async def test_a_short_retry_after_inside_the_deadline_is_still_waited_out() -> None:
+    async with account(records=0, call_deadline_s=30.0) as (client, sim, _):
+        await sim.faults(throttle={"limit": 1, "window_s": 1})
+        await client.server_time()
+        await client.server_time()  # one 429 (Retry-After 1 s), then answered

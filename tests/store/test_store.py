@@ -4,6 +4,8 @@ isolation, persistence."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -238,3 +240,42 @@ async def test_services_opening_a_new_sqlite_ledger_at_once_all_open_it(tmp_path
     for attempt in range(20):
         url = f"sqlite:///{tmp_path / f'ledger-{attempt}.db'}"
         await asyncio.gather(*(opens(url) for _ in range(8)))
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not condition():  # noqa: ASYNC110  (a lock has no event to await)
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        pytest.fail(f"not within {timeout_s} s: {what}")
+
+
+async def test_a_sqlite_call_cancelled_while_it_waits_for_the_lock_leaves_the_ledger_usable(
+        tmp_path: Path) -> None:
+    # A lease cancel, the readiness probe's timeout or a shutdown cancels a call while another
+    # process holds the write lock: neither this store nor another process may be jammed.
+    path = tmp_path / "ledger.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        assert isinstance(store, SqliteLedgerStore)
+        await store.set_checkpoint("acme", "feed", "0")
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # another process's write lock
+            waiting = asyncio.create_task(store.set_checkpoint("acme", "feed", "1"))
+            # the call has taken the store's connection and sent its BEGIN
+            await _until(lambda: store._lock.locked(), "the call waits for the lock")
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        async with asyncio.timeout(30):
+            await store.set_checkpoint("acme", "feed", "2")
+            assert await store.get_checkpoint("acme", "feed") == "2"
+            async with open_store(f"sqlite:///{path}") as other:
+                await other.set_checkpoint("acme", "other", "3")
+            await store.set_checkpoint("acme", "feed", "4")
+        assert await store.get_checkpoint("acme", "feed") == "4"
+        assert await store.get_checkpoint("acme", "other") == "3"
