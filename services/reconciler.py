@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from common import domain
+from common import domain, failpoints
 from common.broker import Delivery, Outgoing, Publisher
 from common.domain import (
     ContactState,
@@ -116,6 +116,7 @@ class Reconciler:
         if result.resumed:
             # after the contact state: a crash before this folds the same observations again
             await self._store.unpark_observations(self.account, result.resumed)
+        await failpoints.reached("reconciler.after-commit")
         await self._emit(batch, result)
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
@@ -312,6 +313,7 @@ class Reconciler:
             for key in keys:
                 result.owner[key] = marker_owner[marker.preference_id]
             await self._store.clear_deferred(self.account, marker.preference_id, deferred)
+            await failpoints.reached("reconciler.after-clear-deferred")
         unknown_dd: dict[PreferenceKey, domain.WriteCommand] = {}
         for key, index in result.owner.items():
             state = result.states.get(key)
@@ -365,6 +367,7 @@ class Reconciler:
                         "outcomes": dict(result.outcomes.get(index, {})),
                         "writes": [o.message_id for o in outgoing],
                         "polled_at_ms": (delivery.message.headers or {}).get(POLLED_AT)})
+        await failpoints.reached("reconciler.after-publish")
 
     async def _read_mark(self, preference_id: int, shard: int) -> str | None:
         """When this shard reconciled a complete read of the preference (cached once known)."""
