@@ -119,6 +119,16 @@ class LedgerStore(Protocol):
 
     async def unpark_observations(self, account: str, emails: Iterable[str]) -> None: ...
 
+    # Resubscriptions whose write commands are not confirmed yet: marked before the contact is
+    # saved as no longer suppressed, cleared once the email's writes are published.
+    async def mark_resuming(self, account: str, emails: Iterable[str]) -> None: ...
+
+    async def resuming_contacts(self, account: str, emails: Iterable[str]) -> set[str]:
+        """Those of ``emails`` marked as resuming."""
+        ...
+
+    async def clear_resuming(self, account: str, emails: Iterable[str]) -> None: ...
+
     # -- coordination of replicas (common.store.coordination) ------------------------------
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take (or renew) lease ``name`` for ``ttl_s``; False while another holder has it."""

@@ -153,7 +153,7 @@ class SqliteLedgerStore:
         # one connection: transactions must not interleave on it
         self._lock = asyncio.Lock()
         self._directory = SqliteDirectory(self._transaction, reading=self._reading)
-        self._parking = SqliteParking(self._transaction)
+        self._parking = SqliteParking(self._transaction, reading=self._reading)
         self._coordination = SqlCoordination(self._transaction)
 
     def __repr__(self) -> str:
@@ -395,6 +395,15 @@ class SqliteLedgerStore:
 
     async def unpark_observations(self, account: str, emails: Iterable[str]) -> None:
         await self._parking.unpark(account, emails)
+
+    async def mark_resuming(self, account: str, emails: Iterable[str]) -> None:
+        await self._parking.mark_resuming(account, emails)
+
+    async def resuming_contacts(self, account: str, emails: Iterable[str]) -> set[str]:
+        return await self._parking.resuming(account, emails)
+
+    async def clear_resuming(self, account: str, emails: Iterable[str]) -> None:
+        await self._parking.clear_resuming(account, emails)
 
     # -- coordination of replicas (common.store.coordination) ------------------------------
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
