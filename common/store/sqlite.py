@@ -34,6 +34,15 @@ from common.store.coordination import SqlCoordination
 from common.store.directory import SCHEMA as DIRECTORY_SCHEMA
 from common.store.directory import RecordRef, SqliteDirectory, SubscriptionRow
 from common.store.interface import Change, ConflictError
+from common.store.outstanding import SCHEMA as OUTSTANDING_SCHEMA
+from common.store.outstanding import (
+    DueKey,
+    OutstandingStats,
+    SqlOutstanding,
+    index_rows,
+    upgrade,
+    write_index,
+)
 from common.store.parking import SCHEMA as PARKING_SCHEMA
 from common.store.parking import SqliteParking
 
@@ -61,7 +70,8 @@ _SCHEMA = (
 )
 
 # Every table of the ledger (the PostgreSQL store creates the same ones).
-SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION_SCHEMA)
+SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION_SCHEMA,
+                     *OUTSTANDING_SCHEMA)
 
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300
@@ -155,6 +165,7 @@ class SqliteLedgerStore:
         self._directory = SqliteDirectory(self._transaction, reading=self._reading)
         self._parking = SqliteParking(self._transaction, reading=self._reading)
         self._coordination = SqlCoordination(self._transaction)
+        self._outstanding = SqlOutstanding(self._transaction, reading=self._reading)
 
     def __repr__(self) -> str:
         return f"SqliteLedgerStore(path={self._path!r})"
@@ -176,6 +187,7 @@ class SqliteLedgerStore:
                 await db.execute(statement)
             await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
                              "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
+            await upgrade(db)
             async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cur:
                 row = await cur.fetchone()
             await db.execute("COMMIT")
@@ -268,6 +280,10 @@ class SqliteLedgerStore:
             revisions.append(revision)
             if entry is not None:
                 history_rows.append(_history_row(entry))
+        # the index of keys with outstanding writes, kept in the same transaction
+        upsert, delete = index_rows(
+            ((state, revision) for (_, state, _), revision in zip(changes, revisions, strict=True)),
+            now_us=_now_us())
         async with self._transaction() as db:
             stored = await self._revisions(db, keys)
             moved = [k for (expected, _, _), k in zip(changes, keys, strict=True)
@@ -277,6 +293,7 @@ class SqliteLedgerStore:
             await db.executemany(_UPSERT_STATE, state_rows)
             if history_rows:
                 await db.executemany(_INSERT_HISTORY, history_rows)
+            await write_index(db, upsert, delete)
         return revisions
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
@@ -431,3 +448,22 @@ class SqliteLedgerStore:
     async def swap_checkpoint(self, account: str, source: str, expected: str | None,
                               value: str) -> bool:
         return await self._coordination.swap_checkpoint(account, source, expected, value)
+
+    # -- keys with outstanding writes (common.store.outstanding) ---------------------------
+    async def outstanding_stats(self, account: str, *,
+                                since_before: datetime) -> OutstandingStats:
+        return await self._outstanding.stats(account, since_before=since_before)
+
+    async def outstanding_due(self, account: str, *, since_before: datetime, now: datetime,
+                              limit: int) -> list[DueKey]:
+        return await self._outstanding.due(account, since_before=since_before, now=now,
+                                           limit=limit)
+
+    async def postpone_outstanding(self, due: Sequence[tuple[PreferenceKey, datetime]]) -> None:
+        await self._outstanding.postpone(due)
+
+    async def drop_outstanding(self, settled: Sequence[tuple[PreferenceKey, int]]) -> None:
+        await self._outstanding.drop(settled)
+
+    async def index_outstanding(self, account: str, *, limit: int) -> bool:
+        return await self._outstanding.build(account, limit=limit, now_us=_now_us())
