@@ -323,7 +323,7 @@ class Reconciler:
             released.append((marker.preference_id, deferred))
         messages, to_defer = await self.write_messages(
             [state for key in result.owner if (state := result.states.get(key)) is not None],
-            result.contacts)
+            contacts=result.contacts)
         per_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
         for key, index in result.owner.items():
             per_delivery[index] += messages.get(key, ())
@@ -359,7 +359,7 @@ class Reconciler:
             await failpoints.reached("reconciler.after-clear-deferred")
 
     async def write_messages(
-            self, states: Iterable[KeyState], contacts: Mapping[str, ContactState],
+            self, states: Iterable[KeyState], *, contacts: Mapping[str, ContactState],
     ) -> tuple[dict[PreferenceKey, list[WriteMessage]], list[tuple[int, str]]]:
         """The write commands for the outstanding writes of ``states`` (per key), and the
         dotdigital writes that must wait, as (preference id, email) to defer.

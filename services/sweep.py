@@ -155,7 +155,7 @@ class OutstandingSweep:
         states = await self._store.load([d.key for d in due])
         contacts = await self._store.load_contacts(self.account, {d.key.email for d in due})
         live = [s for s in states.values() if domain.outstanding(s)]
-        messages, to_defer = await self._reconciler.write_messages(live, contacts)
+        messages, to_defer = await self._reconciler.write_messages(live, contacts=contacts)
         if to_defer:
             await self._store.defer_writes(self.account, to_defer)
         commands = [m for per_key in messages.values() for m in per_key]
