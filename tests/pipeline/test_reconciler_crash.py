@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -40,7 +41,8 @@ class Progress:
     events: list[dict[str, Any]] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def until(self, condition: Any, timeout_s: float = 120) -> None:
+    async def until(self, condition: Callable[[list[dict[str, Any]]], bool],
+                    timeout_s: float = 120) -> None:
         async with asyncio.timeout(timeout_s):
             while not condition(self.events):
                 self.arrived.clear()
@@ -73,7 +75,7 @@ def dynamics_part_reconciled(events: list[dict[str, Any]]) -> bool:
     return bool(done) and set(done[0].get("messages", [])) <= reconciled
 
 
-async def test_deferred_writes_survive_a_crash_after_they_are_cleared(tmp_path: Any) -> None:
+async def test_deferred_writes_survive_a_crash_after_they_are_cleared(tmp_path: Path) -> None:
     """Dotdigital writes wait (deferred) until the ec-poller's complete read of their preference
     is reconciled; a reconciler killed right after it clears them (once they are published)
     must not lose them."""
@@ -116,7 +118,7 @@ async def test_deferred_writes_survive_a_crash_after_they_are_cleared(tmp_path: 
 
 
 async def test_resubscribed_contact_writes_survive_a_crash_before_they_are_published(
-        tmp_path: Any) -> None:
+        tmp_path: Path) -> None:
     """A contact resubscribes; the reconciler dies after it committed the batch (the contact is
     no longer suppressed in the ledger) and before it published: the value parked while the
     contact was suppressed still reaches dotdigital."""
