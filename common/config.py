@@ -137,12 +137,22 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """The reconciler's outstanding-work sweep (services.sweep): how often it looks, and how long
+    a key's write may be outstanding before its command is published again."""
+
+    interval_s: float = 300.0
+    grace_s: float = 120.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     broker: BrokerConfig
     store: StoreConfig
     accounts: tuple[AccountConfig, ...]
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     source: str = "<memory>"
 
     def account(self, account_id: str) -> AccountConfig:
@@ -179,6 +189,7 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
     if not re.match(r"^(sqlite|postgres(ql)?)://", store_url):
         raise ConfigError("store.url", f"unsupported scheme in {store_url!r} (sqlite:// or postgresql://)")
     metrics = reader.optional_table("metrics")
+    sweep = reader.optional_table("sweep")
     accounts = tuple(_account(a, env) for a in reader.tables("accounts"))
     if not accounts:
         raise ConfigError("accounts", "at least one [[accounts]] entry is required")
@@ -202,6 +213,10 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
             port=metrics.integer("port", default=9464, minimum=0, maximum=65535) if metrics else 9464
         ),
         api=api,
+        sweep=SweepConfig(
+            interval_s=sweep.number("interval_s", default=300.0, minimum=0.1),
+            grace_s=sweep.number("grace_s", default=120.0, minimum=0.0),
+        ) if sweep else SweepConfig(),
         source=source,
     )
 

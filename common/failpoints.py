@@ -24,8 +24,8 @@ ENV = "PREFSYNC_FAILPOINTS"
 
 POINTS: Mapping[str, str] = {
     "reconciler.after-commit": "the reconciler committed a batch's states; nothing is published",
-    "reconciler.after-clear-deferred": "deferred writes were cleared; their commands are not "
-                                       "published yet",
+    "reconciler.after-clear-deferred": "deferred writes were cleared, once their commands were "
+                                       "confirmed; the batch is not acked",
     "reconciler.after-publish": "the reconciler's write commands are confirmed; the batch is "
                                 "not acked",
     "ec-poller.after-checkpoint": "the ec-poller saved a feed's end checkpoint; its read markers "

@@ -3,9 +3,10 @@
 Handlers hold no metric code: the runtime plugs these hooks in where it builds things — the
 vendor clients (``on_request``), the queue consumers (``on_batch``), the dead-letterer
 (``on_dead_letter``), the reconciler (``on_outcome``), the writer (``on_written``), the pollers'
-run cycle (:func:`observed_run`) and the ledger store (:class:`ObservedStore`, for checkpoint
-ages). Labels are ``service`` and ``account`` plus bounded categories; never an email, a record
-id or a secret (API endpoints are route templates).
+run cycle (:func:`observed_run`), the ledger store (:class:`ObservedStore`, for checkpoint
+ages) and the outstanding-work sweep (``on_stats``). Labels are ``service`` and ``account``
+plus bounded categories; never an email, a record id or a secret (API endpoints are route
+templates).
 
 ``service`` is the service whose task did the work (:data:`common.logs.current_service`), so
 ``prefsync up`` reports each of its four services under its own name.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -63,6 +65,8 @@ class _Live(Collector):
     def __init__(self) -> None:
         self.newest_origin: dict[tuple[str, str, str], float] = {}
         self.checkpoint_set: dict[tuple[str, str, str], float] = {}
+        # (service, account) -> since when the oldest outstanding write is (None: there is none)
+        self.outstanding_since: dict[tuple[str, str], float | None] = {}
 
     def collect(self) -> Iterator[Metric]:
         now = time.time()
@@ -77,6 +81,13 @@ class _Live(Collector):
             for labels, at in sorted(since.items()):
                 family.add_metric(list(labels), max(0.0, now - at))
             yield family
+        family = GaugeMetricFamily(
+            "prefsync_outstanding_oldest_seconds",
+            "Age of the oldest write outstanding for longer than the sweep's grace period "
+            "(0: none)", labels=["service", "account"])
+        for pair, oldest in sorted(self.outstanding_since.items()):
+            family.add_metric(list(pair), 0.0 if oldest is None else max(0.0, now - oldest))
+        yield family
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -128,6 +139,10 @@ class Metrics:
         self.last_success = Gauge(
             "prefsync_last_successful_sync_timestamp_seconds",
             "Unix time the poller's last run finished without error", sa, registry=registry)
+        self.outstanding_keys = Gauge(
+            "prefsync_outstanding_keys",
+            "Keys with a write outstanding for longer than the sweep's grace period (suppressed "
+            "contacts left out); the sweep publishes their writes again", sa, registry=registry)
         self.live = _Live()
         registry.register(self.live)
 
@@ -211,6 +226,17 @@ class Metrics:
             self.last_success.labels(service, account).set(time.time())
 
         return run
+
+    def outstanding_observer(self, *, service: str = "reconciler"
+                             ) -> Callable[[str, int, datetime | None], None]:
+        """``on_stats`` for the outstanding-work sweep: (account, keys, the oldest's since)."""
+
+        def observe(account: str, keys: int, oldest: datetime | None) -> None:
+            labels = (service_label(service), account)
+            self.outstanding_keys.labels(*labels).set(keys)
+            self.live.outstanding_since[labels] = None if oldest is None else oldest.timestamp()
+
+        return observe
 
     def checkpoint_set(self, account: str, name: str) -> None:
         source = checkpoint_source(name)

@@ -6,6 +6,8 @@ in order with the pure rules of :mod:`common.domain`, commits the new states and
 in one compare-and-set transaction, publishes the write commands (confirmed) and only then lets
 the messages be acked. A crash between commit and publish loses nothing: the redelivered
 messages are duplicates whose outstanding writes are emitted again, with the same message ids.
+Stored state that stands for writes still to be published (deferred writes, a resubscription)
+is removed only after those writes are confirmed by the broker.
 
 Sync rules applied here besides the pure ones:
 
@@ -13,7 +15,9 @@ Sync rules applied here besides the pure ones:
   in the history, never read into a key state;
 - a change for a suppressed contact is ``suppressed`` (history) and parked; when the contact is
   resubscribed the parked changes are folded in and every outstanding write of the email goes
-  out again, so sync resumes with the contact's current preferences;
+  out again, so sync resumes with the contact's current preferences (the resubscription is
+  marked in the store before the contact is saved, and the mark is cleared only once those
+  writes are confirmed, so a redelivery after a crash in between resumes the email again);
 - several Dynamics records with one email hold the same preferences: when the register's value
   is known on the Dynamics side but another active record's subscription row (as the record
   directory has it) differs or is missing, a Dynamics write goes out for it too.
@@ -23,12 +27,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from common import domain
+from common import domain, failpoints
 from common.broker import Delivery, Outgoing, Publisher
 from common.domain import (
     ContactState,
@@ -108,15 +112,22 @@ class Reconciler:
                                                                   "attempt": attempt + 1})
         else:
             raise RuntimeError("ledger conflicts did not settle")
+        if result.resumed:
+            # Before the contact is saved as resubscribed: from here until its writes are
+            # confirmed, a redelivered batch resumes the email from this mark.
+            await self._store.mark_resuming(self.account, result.resumed)
         if result.changed_contacts:
             # Contact states are monotonic in their own time, so they need no compare-and-set.
             await self._store.save_contacts([result.contacts[e] for e in result.changed_contacts])
         if result.parked:
             await self._store.park_observations(result.parked)
         if result.resumed:
-            # after the contact state: a crash before this folds the same observations again
+            # after the key states they were folded into (a crash before this folds them again)
             await self._store.unpark_observations(self.account, result.resumed)
+        await failpoints.reached("reconciler.after-commit")
         await self._emit(batch, result)
+        if result.resumed:
+            await self._store.clear_resuming(self.account, result.resumed)
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
         account = self.account
@@ -127,10 +138,12 @@ class Reconciler:
         from_dotdigital = {c.email for d in batch if d.envelope.source == "dotdigital"
                            for c in d.envelope.changes if isinstance(c, PreferenceChange)}
         contacts = await self._store.load_contacts(account, emails)
-        parked = await self._parked_of_resuming(batch, contacts)
+        resuming, marked = await self._resuming(batch, contacts)
+        parked: list[Observation] = (
+            await self._store.parked_observations(account, resuming) if resuming else [])
         keys |= {o.key for o in parked}
         result = BatchResult(states=await self._store.load(keys), contacts=contacts)
-        for email in {o.key.email for o in parked} | await self._resuming(batch, contacts):
+        for email in {o.key.email for o in parked} | resuming:
             for state in await self._store.states_for_email(account, email):
                 result.states.setdefault(state.key, state)
         eligible = await self._store.eligible_emails(account, from_dotdigital)
@@ -144,7 +157,9 @@ class Reconciler:
                     result.owner_of_marker[change.preference_id] = index
                     continue
                 if isinstance(change, ContactStatusChange):
-                    if self._contact(result, change):
+                    if self._contact(result, change) or (
+                            change.email in marked and change.email not in result.resumed
+                            and self._lifting(change)):
                         self._resume(result, index, change.email, parked, now)
                     continue
                 if not isinstance(change, PreferenceChange):
@@ -189,30 +204,25 @@ class Reconciler:
 
     # --- suppression -----------------------------------------------------------------------
     @staticmethod
-    def _lifts_suppression(change: ContactStatusChange,
-                           contacts: dict[str, ContactState]) -> bool:
-        stored = contacts.get(change.email)
-        if stored is None or not stored.suppressed:
-            return False
+    def _lifting(change: ContactStatusChange) -> bool:
+        """The status is not a suppression (an unknown status lifts nothing)."""
         try:
             return not is_suppressed(change.status)
         except ValueError:
             return False
 
     async def _resuming(self, batch: Sequence[Delivery],
-                        contacts: dict[str, ContactState]) -> set[str]:
-        """Emails whose stored contact is suppressed and that this batch may resubscribe."""
-        return {c.email for d in batch for c in d.envelope.changes
-                if isinstance(c, ContactStatusChange) and self._lifts_suppression(c, contacts)}
-
-    async def _parked_of_resuming(self, batch: Sequence[Delivery],
-                                  contacts: dict[str, ContactState]) -> list[Observation]:
-        resuming = await self._resuming(batch, contacts)
-        if not resuming:
-            return []
-        parked: list[Observation] = await self._store.parked_observations(self.account,
-                                                                          resuming)
-        return parked
+                        contacts: dict[str, ContactState]) -> tuple[set[str], set[str]]:
+        """Emails this batch may resubscribe: those whose stored contact is suppressed, and
+        those marked as resuming (a redelivery after a crash that came after the contact was
+        saved as resubscribed, before its writes were confirmed). Returns (all, the marked)."""
+        lifting = {c.email for d in batch for c in d.envelope.changes
+                   if isinstance(c, ContactStatusChange) and self._lifting(c)}
+        if not lifting:
+            return set(), set()
+        stored = {e for e in lifting if (c := contacts.get(e)) is not None and c.suppressed}
+        marked: set[str] = await self._store.resuming_contacts(self.account, lifting - stored)
+        return stored | marked, marked
 
     def _resume(self, result: BatchResult, index: int, email: str,
                 parked: Sequence[Observation], now: datetime) -> None:
@@ -286,17 +296,16 @@ class Reconciler:
                 result.changed_keys.add(key)
 
     async def _emit(self, batch: Sequence[Delivery], result: BatchResult) -> None:
-        """Publish the outstanding writes of every touched key, then report progress.
+        """Publish the outstanding writes of every touched key (:meth:`write_messages`), then
+        report progress.
 
-        A write to dotdigital for a key whose dotdigital state is unknown waits until a complete
-        read of that preference's feed has been reconciled in this shard (its marker); until
-        then dotdigital may hold a newer value we have not seen. After the marker, unknown
-        means "never set" for emails that were eligible when the read was reconciled; for
-        others the writer reads the contact first.
+        1. A complete-read marker releases the dotdigital writes deferred for its preference in
+           this shard: they go out with this batch.
+        2. Deferred entries are cleared only once the broker confirmed those writes: a crash
+           before that leaves them for the redelivered marker.
         """
         shard = int(batch[0].queue.rsplit(".", 1)[-1]) if batch else 0
-        per_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
-        to_defer: list[tuple[int, str]] = []
+        released: list[tuple[int, list[str]]] = []
         marker_owner = result.owner_of_marker
         for marker in result.markers:
             await self._store.set_checkpoint(
@@ -311,39 +320,16 @@ class Reconciler:
             result.states.update(await self._store.load(keys - set(result.states)))
             for key in keys:
                 result.owner[key] = marker_owner[marker.preference_id]
-            await self._store.clear_deferred(self.account, marker.preference_id, deferred)
-        unknown_dd: dict[PreferenceKey, domain.WriteCommand] = {}
+            released.append((marker.preference_id, deferred))
+        messages, to_defer = await self.write_messages(
+            [state for key in result.owner if (state := result.states.get(key)) is not None],
+            contacts=result.contacts)
+        per_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
         for key, index in result.owner.items():
-            state = result.states.get(key)
-            if state is None:
-                continue
+            per_delivery[index] += messages.get(key, ())
             contact = result.contacts.get(key.email)
-            if contact is not None and contact.suppressed:
-                continue
-            for command in domain.outstanding(state):
-                if command.side == "dotdigital" and state.known.get("dotdigital") is None:
-                    unknown_dd[key] = command
-                else:
-                    per_delivery[index].append(to_message(command))
-            if key in result.follow:
+            if key in result.follow and not (contact is not None and contact.suppressed):
                 per_delivery[index].append(to_message(result.follow[key]))
-        if unknown_dd:
-            records = await self._store.records_for_emails(self.account,
-                                                           {k.email for k in unknown_dd})
-            eligible_since = {email: min((r.eligible_at or "" for r in refs), default="")
-                              for email, refs in records.items()}
-            # asked once per preference and batch: until the mark exists, every key would ask
-            marks = {p: await self._read_mark(p, shard)
-                     for p in {k.preference_id for k in unknown_dd}}
-            for key, command in unknown_dd.items():
-                read_at = marks[key.preference_id]
-                if read_at is None:
-                    to_defer.append((key.preference_id, key.email))
-                    continue
-                eligible_at = eligible_since.get(key.email, "")
-                covered = bool(eligible_at) and eligible_at <= read_at
-                per_delivery[result.owner[key]].append(
-                    replace(to_message(command), covered=covered))
         if to_defer:
             await self._store.defer_writes(self.account, to_defer)
         for index, delivery in enumerate(batch):
@@ -365,6 +351,56 @@ class Reconciler:
                         "outcomes": dict(result.outcomes.get(index, {})),
                         "writes": [o.message_id for o in outgoing],
                         "polled_at_ms": (delivery.message.headers or {}).get(POLLED_AT)})
+        await failpoints.reached("reconciler.after-publish")
+        if released:
+            for preference_id, emails in released:
+                if emails:
+                    await self._store.clear_deferred(self.account, preference_id, emails)
+            await failpoints.reached("reconciler.after-clear-deferred")
+
+    async def write_messages(
+            self, states: Iterable[KeyState], *, contacts: Mapping[str, ContactState],
+    ) -> tuple[dict[PreferenceKey, list[WriteMessage]], list[tuple[int, str]]]:
+        """The write commands for the outstanding writes of ``states`` (per key), and the
+        dotdigital writes that must wait, as (preference id, email) to defer.
+
+        1. A suppressed contact's writes are parked on purpose: none go out.
+        2. A write to dotdigital for a key whose dotdigital state is unknown waits until a
+           complete read of that preference's feed has been reconciled in the email's shard
+           (its marker); until then dotdigital may hold a newer value we have not seen.
+        3. After the marker, unknown means "never set" for emails that were eligible when the
+           read was reconciled (``covered``); for others the writer reads the contact first.
+        """
+        out: dict[PreferenceKey, list[WriteMessage]] = defaultdict(list)
+        unknown_dd: dict[PreferenceKey, domain.WriteCommand] = {}
+        for state in states:
+            contact = contacts.get(state.key.email)
+            if contact is not None and contact.suppressed:
+                continue
+            for command in domain.outstanding(state):
+                if command.side == "dotdigital" and state.known.get("dotdigital") is None:
+                    unknown_dd[state.key] = command
+                else:
+                    out[state.key].append(to_message(command))
+        to_defer: list[tuple[int, str]] = []
+        if unknown_dd:
+            records = await self._store.records_for_emails(self.account,
+                                                           {k.email for k in unknown_dd})
+            eligible_since = {email: min((r.eligible_at or "" for r in refs), default="")
+                              for email, refs in records.items()}
+            shard = {k.email: shard_of(k.email, self._shards) for k in unknown_dd}
+            # asked once per preference and shard: until the mark exists, every key would ask
+            marks = {(p, s): await self._read_mark(p, s)
+                     for p, s in {(k.preference_id, shard[k.email]) for k in unknown_dd}}
+            for key, command in unknown_dd.items():
+                read_at = marks[(key.preference_id, shard[key.email])]
+                if read_at is None:
+                    to_defer.append((key.preference_id, key.email))
+                    continue
+                eligible_at = eligible_since.get(key.email, "")
+                covered = bool(eligible_at) and eligible_at <= read_at
+                out[key].append(replace(to_message(command), covered=covered))
+        return dict(out), to_defer
 
     async def _read_mark(self, preference_id: int, shard: int) -> str | None:
         """When this shard reconciled a complete read of the preference (cached once known)."""

@@ -33,6 +33,7 @@ from services.health import serve_health
 from services.reconciler import Reconciler
 from services.retention import HistoryRetention
 from services.status import RunStatusRecorder
+from services.sweep import OutstandingSweep
 from services.triggers import RunCoordinator
 from services.writer import Writer
 
@@ -221,6 +222,13 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                                 shards=shards, on_outcome=METRICS.outcome_counter())
         for index in range(shards):
             shard("reconciler", Topology.changes_queue(account.id, index), reconciler.handle)
+        # the safety net behind the ordering rules: one replica at a time sweeps the account
+        sweep = OutstandingSweep(account=account.id, store=store, publisher=publisher,
+                                 reconciler=reconciler, shards=shards, holder=running.replica,
+                                 interval_s=config.sweep.interval_s,
+                                 grace_s=config.sweep.grace_s,
+                                 on_stats=METRICS.outstanding_observer())
+        tasks.append(as_service("reconciler", sweep.run()))
     if "writer" in services:
         for side in SIDES:
             writer = Writer(account=account.id, side=side, store=store, publisher=publisher,

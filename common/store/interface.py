@@ -14,6 +14,7 @@ from typing import Protocol, Self
 
 from common.domain import ContactState, HistoryEntry, KeyState, Observation, PreferenceKey
 from common.store.directory import RecordRef, SubscriptionRow
+from common.store.outstanding import DueKey, OutstandingStats
 
 # (expected revision — None or 0: the key must not be stored yet; the new state; its history row)
 Change = tuple[int | None, KeyState, HistoryEntry | None]
@@ -49,7 +50,8 @@ class LedgerStore(Protocol):
 
         Returns the new revision of each change, in order: ``(expected or 0) + 1`` (the
         ``revision`` carried by the states themselves is ignored). Extra ``history`` rows (for
-        decisions that changed no state) go in the same transaction."""
+        decisions that changed no state) go in the same transaction, and so does the index of
+        keys with outstanding writes (:mod:`common.store.outstanding`)."""
         ...
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]: ...
@@ -125,6 +127,41 @@ class LedgerStore(Protocol):
         ...
 
     async def unpark_observations(self, account: str, emails: Iterable[str]) -> None: ...
+
+    # Resubscriptions whose write commands are not confirmed yet: marked before the contact is
+    # saved as no longer suppressed, cleared once the email's writes are published.
+    async def mark_resuming(self, account: str, emails: Iterable[str]) -> None: ...
+
+    async def resuming_contacts(self, account: str, emails: Iterable[str]) -> set[str]:
+        """Those of ``emails`` marked as resuming."""
+        ...
+
+    async def clear_resuming(self, account: str, emails: Iterable[str]) -> None: ...
+
+    # -- keys with outstanding writes (common.store.outstanding) ------------------------------
+    # Contacts that are suppressed are left out: their writes are parked on purpose.
+    async def outstanding_stats(self, account: str, *,
+                                since_before: datetime) -> OutstandingStats:
+        """Keys whose writes have been outstanding since before ``since_before``."""
+        ...
+
+    async def outstanding_due(self, account: str, *, since_before: datetime, now: datetime,
+                              limit: int) -> list[DueKey]:
+        """Those of them whose sweep is due at ``now``, the longest due first."""
+        ...
+
+    async def postpone_outstanding(self, due: Sequence[tuple[PreferenceKey, datetime]]) -> None:
+        """Swept keys: due again at the given times."""
+        ...
+
+    async def drop_outstanding(self, settled: Sequence[tuple[PreferenceKey, int]]) -> None:
+        """Keys found with nothing outstanding at a revision: their rows go, unless a later save
+        wrote them."""
+        ...
+
+    async def index_outstanding(self, account: str, *, limit: int) -> bool:
+        """Index one page of states saved before the index existed; True once done."""
+        ...
 
     # -- coordination of replicas (common.store.coordination) ------------------------------
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:

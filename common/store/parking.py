@@ -1,9 +1,15 @@
-"""Observations parked while their dotdigital contact is suppressed.
+"""Observations parked while their dotdigital contact is suppressed, and resubscriptions whose
+writes are not yet published.
 
 A suppressed contact's preferences are neither read into the ledger nor written (the reconciler
 answers ``suppressed``). What each side last said about each of its preferences is kept here,
 newest per (email, preference, side), so that when the contact is resubscribed its current
 preferences are reconciled at once, without reading either vendor again.
+
+A resubscription is marked here before the contact is saved as no longer suppressed, and the
+mark is removed only once the email's write commands are confirmed by the broker: a batch
+redelivered after a crash in between still resumes the email, although the stored contact no
+longer says it was suppressed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ SCHEMA = (
         side TEXT NOT NULL, opted_in INTEGER NOT NULL, origin_time INTEGER NOT NULL,
         version INTEGER, change_id TEXT NOT NULL,
         PRIMARY KEY (account, email, preference_id, side))""",
+    """CREATE TABLE IF NOT EXISTS resuming_contacts (
+        account TEXT NOT NULL, email TEXT NOT NULL, PRIMARY KEY (account, email))""",
 )
 
 # Newer for the same side: by row version when both have one, else by the side's own time
@@ -47,8 +55,10 @@ def _marks(n: int) -> str:
 class SqliteParking:
     """The parking table on the ledger's SQLite connection (one transaction per call)."""
 
-    def __init__(self, transaction: Transaction) -> None:
+    def __init__(self, transaction: Transaction, *, reading: Transaction | None = None) -> None:
         self._transaction = transaction
+        # a plain query may run in a read-only transaction (SQLite: one that takes no lock)
+        self._reading = reading or transaction
 
     async def park(self, observations: Sequence[Observation]) -> None:
         rows = [(o.key.account, o.key.email, o.key.preference_id, o.side, int(o.opted_in),
@@ -84,4 +94,31 @@ class SqliteParking:
             chunk = wanted[i:i + _CHUNK]
             async with self._transaction() as db:
                 await db.execute("DELETE FROM parked_observations WHERE account = ? "
+                                 f"AND email IN ({_marks(len(chunk))})", (account, *chunk))
+
+    # --- resubscriptions whose writes are not published yet ---------------------------------
+    async def mark_resuming(self, account: str, emails: Iterable[str]) -> None:
+        rows = [(account, e) for e in sorted({normalize_email(e) for e in emails})]
+        if rows:
+            async with self._transaction() as db:
+                await db.executemany("INSERT INTO resuming_contacts (account, email) "
+                                     "VALUES (?, ?) ON CONFLICT DO NOTHING", rows)
+
+    async def resuming(self, account: str, emails: Iterable[str]) -> set[str]:
+        wanted = sorted({normalize_email(e) for e in emails})
+        found: set[str] = set()
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i:i + _CHUNK]
+            sql = ("SELECT email FROM resuming_contacts WHERE account = ? "
+                   f"AND email IN ({_marks(len(chunk))})")
+            async with self._reading() as db, db.execute(sql, (account, *chunk)) as cur:
+                found.update(str(r[0]) for r in await cur.fetchall())
+        return found
+
+    async def clear_resuming(self, account: str, emails: Iterable[str]) -> None:
+        wanted = sorted({normalize_email(e) for e in emails})
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i:i + _CHUNK]
+            async with self._transaction() as db:
+                await db.execute("DELETE FROM resuming_contacts WHERE account = ? "
                                  f"AND email IN ({_marks(len(chunk))})", (account, *chunk))

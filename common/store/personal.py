@@ -40,20 +40,25 @@ ERASED: Mapping[str, str] = {
     "contact_state": "dotdigital contact states",
     "parked_observations": "parked values (contact suppressed)",
     "deferred_writes": "deferred dotdigital writes",
+    "outstanding_keys": "keys waiting for a write (the sweep's index)",
+    "resuming_contacts": "resubscriptions whose writes are not yet published",
     "dyn_subscriptions": "Dynamics subscription rows of those records",
+    "dyn_follow_ups": "eligibility follow-ups of those records",
     "dyn_records": "Dynamics records in the directory",
 }
 
 # The rows of one (account, email) in each table; ``?`` are account, email (and again for the
-# subscription rows, found through the records that hold the email).
+# tables keyed by record, found through the records that hold the email).
 _WHERE = dict.fromkeys(ERASED, "WHERE account = ? AND email = ?")
-_WHERE["dyn_subscriptions"] = (
-    "WHERE account = ? AND record_id IN "
-    "(SELECT record_id FROM dyn_records WHERE account = ? AND email = ?)")
+# tables keyed by record: the rows of the records that hold the email (erased before them)
+_BY_RECORD = ("dyn_subscriptions", "dyn_follow_ups")
+for _table in _BY_RECORD:
+    _WHERE[_table] = ("WHERE account = ? AND record_id IN "
+                      "(SELECT record_id FROM dyn_records WHERE account = ? AND email = ?)")
 
 
 def _params(table: str, account: str, email: str) -> tuple[str, ...]:
-    if table == "dyn_subscriptions":
+    if table in _BY_RECORD:
         return (account, account, email)
     return (account, email)
 

@@ -30,6 +30,7 @@ import asyncpg
 
 from common.domain import PreferenceKey
 from common.store.connection import Connection
+from common.store.outstanding import upgrade
 from common.store.sqlite import SCHEMA_STATEMENTS, SCHEMA_VERSION, SqliteLedgerStore
 
 POOL_SIZE = 10
@@ -153,6 +154,7 @@ class PostgresLedgerStore(SqliteLedgerStore):
                     await connection.execute(postgres_ddl(statement))
                 await connection.execute("INSERT INTO meta (name, value) VALUES ('schema', $1) "
                                          "ON CONFLICT (name) DO NOTHING", str(SCHEMA_VERSION))
+                await upgrade(PostgresConnection(connection))
                 version = await connection.fetchval("SELECT value FROM meta WHERE name = 'schema'")
         except BaseException:
             await pool.close()

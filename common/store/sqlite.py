@@ -36,6 +36,15 @@ from common.store.coordination import SqlCoordination
 from common.store.directory import SCHEMA as DIRECTORY_SCHEMA
 from common.store.directory import RecordRef, SqliteDirectory, SubscriptionRow
 from common.store.interface import Change, ConflictError
+from common.store.outstanding import SCHEMA as OUTSTANDING_SCHEMA
+from common.store.outstanding import (
+    DueKey,
+    OutstandingStats,
+    SqlOutstanding,
+    index_rows,
+    upgrade,
+    write_index,
+)
 from common.store.parking import SCHEMA as PARKING_SCHEMA
 from common.store.parking import SqliteParking
 from common.store.personal import SCHEMA as PERSONAL_SCHEMA
@@ -68,7 +77,7 @@ _SCHEMA = (
 
 # Every table of the ledger (the PostgreSQL store creates the same ones).
 SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION_SCHEMA,
-                     *PERSONAL_SCHEMA)
+                     *PERSONAL_SCHEMA, *OUTSTANDING_SCHEMA)
 
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300
@@ -166,9 +175,10 @@ class SqliteLedgerStore:
         # roll-backs of interrupted transactions still under way (they hold the lock)
         self._ending: set[asyncio.Task[None]] = set()
         self._directory = SqliteDirectory(self._transaction, reading=self._reading)
-        self._parking = SqliteParking(self._transaction)
+        self._parking = SqliteParking(self._transaction, reading=self._reading)
         self._coordination = SqlCoordination(self._transaction)
         self._personal = SqlPersonalData(self._transaction, reading=self._reading)
+        self._outstanding = SqlOutstanding(self._transaction, reading=self._reading)
 
     def __repr__(self) -> str:
         return f"SqliteLedgerStore(path={self._path!r})"
@@ -190,6 +200,7 @@ class SqliteLedgerStore:
                 await db.execute(statement)
             await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
                              "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
+            await upgrade(db)
             async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cur:
                 row = await cur.fetchone()
             await db.execute("COMMIT")
@@ -322,6 +333,10 @@ class SqliteLedgerStore:
             revisions.append(revision)
             if entry is not None:
                 history_rows.append(_history_row(entry))
+        # the index of keys with outstanding writes, kept in the same transaction
+        upsert, delete = index_rows(
+            ((state, revision) for (_, state, _), revision in zip(changes, revisions, strict=True)),
+            now_us=_now_us())
         async with self._transaction() as db:
             stored = await self._revisions(db, keys)
             moved = [k for (expected, _, _), k in zip(changes, keys, strict=True)
@@ -331,6 +346,7 @@ class SqliteLedgerStore:
             await db.executemany(_UPSERT_STATE, state_rows)
             if history_rows:
                 await db.executemany(_INSERT_HISTORY, history_rows)
+            await write_index(db, upsert, delete)
         return revisions
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
@@ -456,6 +472,15 @@ class SqliteLedgerStore:
     async def unpark_observations(self, account: str, emails: Iterable[str]) -> None:
         await self._parking.unpark(account, emails)
 
+    async def mark_resuming(self, account: str, emails: Iterable[str]) -> None:
+        await self._parking.mark_resuming(account, emails)
+
+    async def resuming_contacts(self, account: str, emails: Iterable[str]) -> set[str]:
+        return await self._parking.resuming(account, emails)
+
+    async def clear_resuming(self, account: str, emails: Iterable[str]) -> None:
+        await self._parking.clear_resuming(account, emails)
+
     # -- coordination of replicas (common.store.coordination) ------------------------------
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         return await self._coordination.acquire_lease(name, holder, ttl_s)
@@ -492,3 +517,22 @@ class SqliteLedgerStore:
 
     async def prune_history(self, account: str, *, before: datetime, limit: int = 5000) -> int:
         return await self._personal.prune_history(account, before=before, limit=limit)
+
+    # -- keys with outstanding writes (common.store.outstanding) ---------------------------
+    async def outstanding_stats(self, account: str, *,
+                                since_before: datetime) -> OutstandingStats:
+        return await self._outstanding.stats(account, since_before=since_before)
+
+    async def outstanding_due(self, account: str, *, since_before: datetime, now: datetime,
+                              limit: int) -> list[DueKey]:
+        return await self._outstanding.due(account, since_before=since_before, now=now,
+                                           limit=limit)
+
+    async def postpone_outstanding(self, due: Sequence[tuple[PreferenceKey, datetime]]) -> None:
+        await self._outstanding.postpone(due)
+
+    async def drop_outstanding(self, settled: Sequence[tuple[PreferenceKey, int]]) -> None:
+        await self._outstanding.drop(settled)
+
+    async def index_outstanding(self, account: str, *, limit: int) -> bool:
+        return await self._outstanding.build(account, limit=limit, now_us=_now_us())

@@ -48,3 +48,18 @@ async def test_newest_per_side_is_kept_and_taken_back_in_time_order(backend: str
         assert await store.parked_observations("acme", ["ann@example.com"]) == []
         assert len(await store.parked_observations("acme", ["bob@example.com"])) == 1
         assert len(await store.parked_observations("other", ["ann@example.com"])) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_resubscriptions_are_marked_until_cleared(backend: str, tmp_path: Path) -> None:
+    async with store_url(backend, tmp_path) as url, open_store(url) as store:
+        await store.mark_resuming("acme", ["Ann@example.com", "bob@example.com"])
+        await store.mark_resuming("acme", ["ann@example.com"])  # again: still one mark
+        await store.mark_resuming("other", ["carl@example.com"])
+        assert await store.resuming_contacts("acme", ["ann@example.com", "carl@example.com",
+                                                      "dora@example.com"]) == {"ann@example.com"}
+        await store.clear_resuming("acme", ["ANN@example.com"])
+        assert await store.resuming_contacts("acme", ["ann@example.com", "bob@example.com"]) == {
+            "bob@example.com"}
+        assert await store.resuming_contacts("other", ["carl@example.com"]) == {
+            "carl@example.com"}
