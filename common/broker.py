@@ -62,9 +62,10 @@ log = logging.getLogger("prefsync.broker")
 
 # How many unconfirmed publishes may be in flight at once on one channel.
 CONFIRM_WINDOW = 512
-# How long a window of publishes may wait for the broker's confirms (while the connection is
-# being restored a publish waits for it) before it fails as a broker outage.
+# How long a window of publishes may wait for the broker's confirms, or for the connection to
+# come back, before it fails as a broker outage; and how often it tries again meanwhile.
 PUBLISH_TIMEOUT_S = 60.0
+PUBLISH_RETRY = RetryPolicy(base_s=0.25, cap_s=5.0)
 
 
 class BrokerUnavailable(RuntimeError):
@@ -99,15 +100,24 @@ class Publisher(Protocol):
 
 
 class AmqpPublisher:
-    """Confirmed publishing on one channel of a robust connection. A publish the broker cannot
-    take now (connection lost, no confirm in time) raises :class:`TransientFailure` naming the
-    broker, so a handler's batch waits with backoff; a refused or returned message raises
-    aio-pika's ``DeliveryError``."""
+    """Confirmed publishing on one channel of a robust connection.
+
+    1. A publish that the lost connection cut short is sent again (the same message ids:
+       consumers take a repeat for the same message), with backoff, until the connection is
+       back or ``timeout_s`` has passed; then it raises :class:`TransientFailure` naming the
+       broker, so a handler's batch waits with backoff like for any outage.
+    2. A refused or returned (unroutable) message raises aio-pika's ``DeliveryError`` at once.
+    3. An advisory event (``mandatory=False``: progress) the broker cannot take in time is
+       dropped with a warning: it has no listener to lose, and whoever publishes it must not
+       fail for it.
+    """
 
     def __init__(self, *, channel: AbstractChannel,
-                 timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
+                 timeout_s: float = PUBLISH_TIMEOUT_S,
+                 retry: RetryPolicy = PUBLISH_RETRY) -> None:
         self._channel = channel
         self._timeout_s = timeout_s
+        self._retry = retry
         self._exchanges: dict[str, AbstractExchange] = {}
 
     @classmethod
@@ -126,20 +136,41 @@ class AmqpPublisher:
         for start in range(0, len(items), CONFIRM_WINDOW):
             window = items[start:start + CONFIRM_WINDOW]
             try:
-                async with asyncio.timeout(self._timeout_s):
-                    results = await asyncio.gather(*(self._publish(i) for i in window),
+                await self._publish_window(window)
+            except TransientFailure as exc:
+                if any(item.mandatory for item in window):
+                    raise
+                log.warning("an advisory event was not published: %s", exc.reason)
+
+    async def _publish_window(self, window: Sequence[Outgoing]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
+        pending = list(window)
+        failures = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    results = await asyncio.gather(*(self._publish(i) for i in pending),
                                                    return_exceptions=True)
             except TimeoutError:
-                raise TransientFailure(f"the broker confirmed no publish in {self._timeout_s:g} s",
-                                       dependency="broker") from None
+                raise TransientFailure(f"the broker confirmed no publish in "
+                                       f"{self._timeout_s:g} s", dependency="broker") from None
             for result in results:
-                if isinstance(result, OSError | ChannelInvalidStateError):
-                    # the connection went down under the publish (a bare OSError would
-                    # otherwise be taken for the store's)
-                    raise TransientFailure(f"publish failed: {_describe(result)}",
-                                           dependency="broker") from result
-                if isinstance(result, BaseException):
+                if isinstance(result, BaseException) and not _connection_lost(result):
                     raise result
+            lost = [(item, result) for item, result in zip(pending, results, strict=True)
+                    if isinstance(result, BaseException)]
+            if not lost:
+                return
+            delay = self._retry.delay(failures)
+            if loop.time() + delay >= deadline:
+                raise TransientFailure(f"publish failed: {_describe(lost[0][1])}",
+                                       dependency="broker") from lost[0][1]
+            failures += 1
+            pending = [item for item, _ in lost]
+            log.info("the broker connection is down; publishing again shortly",
+                     extra={"messages": len(pending)})
+            await asyncio.sleep(delay)
 
     async def _publish(self, item: Outgoing) -> None:
         exchange = await self._exchange(item.exchange)
@@ -238,6 +269,12 @@ class _Released(Exception):
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """The connection (or the channel with it) went down: nothing is wrong with the message."""
+    return isinstance(exc, ChannelInvalidStateError | aiormq.exceptions.AMQPConnectionError
+                      | ConnectionError)
 
 
 def _stale(message: AbstractIncomingMessage) -> bool:
