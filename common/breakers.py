@@ -8,8 +8,11 @@ dependency's breaker in the process's registry. While a breaker is open:
    ``cap_s``); a failed probe doubles the next delay;
 2. every other consumer whose handler met the same outage waits for the breaker to close (or
    for its own turn to probe) instead of calling the dependency again;
-3. a successful probe closes the breaker and wakes every waiting consumer;
-4. ``/readyz`` answers 503 naming the open dependency, and ``prefsync_dependency_up`` is 0.
+3. a success of any consumer that met the outage closes the breaker (a probe, or the first
+   try of a batch it gave back and got again) and wakes every waiting consumer;
+4. a breaker that no consumer waits for any more (they stopped: their queues went to another
+   replica) closes too: nothing here says the dependency is down;
+5. ``/readyz`` answers 503 naming the open dependency, and ``prefsync_dependency_up`` is 0.
 
 The registry in use is a context variable (:func:`use_breakers`), so the services one
 ``run_services`` call starts share one registry, and tests running several in one process keep
@@ -72,15 +75,20 @@ class CircuitBreaker:
         self._probing = False
         self._waiters: set[asyncio.Future[None]] = set()
         self._on_change = on_change
+        # who met the outage and has not seen the dependency work since
+        self._claims: set[object] = set()
 
     @property
     def is_open(self) -> bool:
         return self._open
 
-    def failed(self, reason: str, *, probe: bool, policy: RetryPolicy) -> None:
-        """A call needing this dependency failed. ``probe``: it was this breaker's probe."""
+    def failed(self, reason: str, *, probe: bool, policy: RetryPolicy,
+               claimant: object = None) -> None:
+        """A call needing this dependency failed. ``probe``: it was this breaker's probe;
+        ``claimant``: who made it (it closes the breaker by a success, or by :meth:`leave`)."""
         now = _now()
         self.reason = reason[:300]
+        self._claims.add(claimant)
         if not self._open:
             self._open = True
             self._failures = 0
@@ -109,12 +117,22 @@ class CircuitBreaker:
             self._wake()
 
     def succeeded(self) -> None:
-        """A probe succeeded: the dependency is back."""
+        """A call that had met the outage succeeded: the dependency is back."""
+        self._close("dependency back: %s")
+
+    def leave(self, claimant: object) -> None:
+        """``claimant`` no longer waits for this dependency (it stopped)."""
+        self._claims.discard(claimant)
+        if self._open and not self._claims and not self._probing:
+            self._close("no consumer waits for %s any more")
+
+    def _close(self, message: str) -> None:
         self._probing = False
+        self._claims.clear()
         if self._open:
             self._open = False
             self._failures = 0
-            log.warning("dependency back: %s", self.dependency)
+            log.warning(message, self.dependency)
             self._on_change(self)
         self._wake()
 

@@ -55,7 +55,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 
 from common import failpoints, messages
 from common.breakers import Breakers, CircuitBreaker, RetryPolicy, current_breakers
-from common.resilience import TransientFailure, dependency_of
+from common.resilience import Dependency, TransientFailure, dependency_of
 from common.topology import DEAD_EXCHANGE, Topology
 
 log = logging.getLogger("prefsync.broker")
@@ -335,10 +335,16 @@ class QueueConsumer:
         # the batch in hand: its messages not settled yet, in order, and when its hold ends
         self._in_hand: list[AbstractIncomingMessage] = []
         self._hold_until = 0.0
+        # the breakers this consumer's work met open, until it sees a success
+        self._owed: set[CircuitBreaker] = set()
 
     async def run(self) -> None:
-        channel = await self._open()
+        try:
+            channel = await self._open()
+        except _Released:  # stopped before the broker could be reached
+            channel = None
         if channel is None:
+            self._leave_breakers()
             return
         try:
             while not self._stopping:
@@ -361,14 +367,21 @@ class QueueConsumer:
                     await self._process(fresh)
         finally:
             self.consuming.clear()
+            self._leave_breakers()
             with contextlib.suppress(Exception):
                 await channel.close()
+
+    def _leave_breakers(self) -> None:
+        for breaker in self._owed:
+            breaker.leave(self)
+        self._owed.clear()
 
     async def _open(self) -> AbstractChannel | None:
         """Open the channel and consume; while the broker is unreachable, try again with
         backoff (a shard taken over during an outage must not end the process)."""
         failures = 0
         while not self._stopping:
+            channel = None
             try:
                 channel = await self._connection.channel(publisher_confirms=False)
                 await channel.set_qos(prefetch_count=self._prefetch)
@@ -377,6 +390,9 @@ class QueueConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if channel is not None:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
                 missing = isinstance(exc, aio_pika.exceptions.ChannelNotFoundEntity)
                 if missing or (dependency_of(exc) != "broker"
                                and not isinstance(exc, OSError | RuntimeError)):
@@ -458,9 +474,12 @@ class QueueConsumer:
             await self._handler(pending)
 
     async def _attempt(self, call: Callable[[], Awaitable[None]], *,
-                       held: Sequence[AbstractIncomingMessage],
-                       single: bool) -> Exception | None:
+                       held: Sequence[AbstractIncomingMessage], single: bool,
+                       proves: Dependency | None = None) -> Exception | None:
         """Run ``call`` until it succeeds (None), waiting out transient failures in place.
+
+        A success closes the breakers this consumer met open (only ``proves``'s, when given:
+        a call that uses that dependency alone says nothing of the others).
 
         Returns the exception of a failure that is not transient: at once for several messages
         (the caller splits them), after ``unknown_attempts`` tries with backoff for a single
@@ -498,16 +517,20 @@ class QueueConsumer:
                                     dependency, extra={"account": self.account,
                                                        "queue": self.queue,
                                                        "error": type(exc).__name__})
-                    breaker.failed(_describe(exc), probe=probing is breaker, policy=self._retry)
+                    breaker.failed(_describe(exc), probe=probing is breaker, policy=self._retry,
+                                   claimant=self)
+                    self._owed.add(breaker)
                     if probing is not None and probing is not breaker:
                         probing.abandon_probe()
                     probing = None
                     probing = await self._turn(breaker)
                     continue
-                if probing is not None:
-                    probing.succeeded()
-                    probing = None
-                return None
+                # what this consumer's work met down works again
+                for owed in list(self._owed):
+                    if proves is None or owed.dependency == proves:
+                        owed.succeeded()
+                        self._owed.discard(owed)
+                return None  # (a probe still open here is given up in ``finally``)
         finally:
             if probing is not None:
                 probing.abandon_probe()
@@ -593,7 +616,7 @@ class QueueConsumer:
                 raise TransientFailure(f"dead-lettering failed: {_describe(exc)}",
                                        dependency="broker") from exc
 
-        await self._attempt(send, held=[message], single=False)
+        await self._attempt(send, held=[message], single=False, proves="broker")
         await _settle(message, ack=True)
         self._forget(message)
 

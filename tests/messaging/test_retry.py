@@ -170,10 +170,11 @@ async def test_one_delivery_per_hold_and_no_hot_loop(connection: AbstractRobustC
         if len(handled) == 3:
             done.set()
 
+    breakers = Breakers()
     consumer = QueueConsumer(connection=connection, queue=Topology.changes_queue(account, 0),
                              account=account, handler=down_for_two_holds,
                              retry=RetryPolicy(base_s=0.02, cap_s=0.05, hold_s=0.6),
-                             breakers=Breakers(),
+                             breakers=breakers,
                              dead_letters=DeadLetterer(publisher=publisher, service="test"),
                              prefetch=10, batch_size=10)
     task = asyncio.create_task(consumer.run())
@@ -188,6 +189,8 @@ async def test_one_delivery_per_hold_and_no_hot_loop(connection: AbstractRobustC
     assert {c for _, c in calls} == {0, 1, 2}
     # given back in order: every message kept its place
     assert handled == ["m0", "m1", "m2"]
+    # the first try of the batch it got back succeeded: the dependency is back
+    assert breakers.down() == {}
 
 
 async def test_one_bad_change_is_dead_lettered_alone(connection: AbstractRobustConnection,
@@ -305,3 +308,16 @@ async def test_one_probe_at_a_time_while_a_breaker_is_open() -> None:
     with anyio.fail_after(1):
         await waiter  # woken by the close, not by its deadline
     assert not breaker.is_open and breakers.down() == {}
+
+
+async def test_a_breaker_nobody_waits_for_any_more_closes() -> None:
+    """Its consumers stopped (their shards went to another replica): nothing says it is down."""
+    breakers = Breakers()
+    breaker = breakers["store"]
+    first, second = object(), object()
+    breaker.failed("locked", probe=False, policy=FAST, claimant=first)
+    breaker.failed("locked", probe=False, policy=FAST, claimant=second)
+    breaker.leave(first)
+    assert breakers.down() == {"store": "locked"}
+    breaker.leave(second)
+    assert breakers.down() == {}
