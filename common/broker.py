@@ -556,6 +556,8 @@ class QueueConsumer:
     async def _interruptible(self, wait: Awaitable[None]) -> None:
         """Await ``wait``, or raise :class:`_Released` as soon as the consumer is stopped."""
         if self._stopping:
+            if asyncio.iscoroutine(wait):
+                wait.close()  # never started: not a "never awaited" warning
             raise _Released("the consumer stops")
         waiting = asyncio.ensure_future(wait)
         stopped = asyncio.ensure_future(self._stopped.wait())

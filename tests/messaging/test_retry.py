@@ -321,3 +321,30 @@ async def test_a_breaker_nobody_waits_for_any_more_closes() -> None:
     assert breakers.down() == {"store": "locked"}
     breaker.leave(second)
     assert breakers.down() == {}
+
+
+async def test_a_consumer_handing_its_queue_over_gives_a_held_batch_back_at_once(
+        connection: AbstractRobustConnection, account: str) -> None:
+    publisher = await AmqpPublisher.open(connection)
+    await publisher.publish_many([change_message(account, 1)])
+    failed = anyio.Event()
+
+    async def store_down(batch: Sequence[Delivery]) -> None:
+        failed.set()
+        raise TransientFailure("the ledger store is unavailable", dependency="store")
+
+    breakers = Breakers()
+    queue = Topology.changes_queue(account, 0)
+    consumer = QueueConsumer(connection=connection, queue=queue, account=account,
+                             handler=store_down, breakers=breakers,  # the default hold: 10 min
+                             dead_letters=DeadLetterer(publisher=publisher, service="test"),
+                             prefetch=10, batch_size=10)
+    task = asyncio.create_task(consumer.run())
+    with anyio.fail_after(20):
+        await failed.wait()
+    assert breakers.down() == {"store": "TransientFailure: the ledger store is unavailable"}
+    consumer.stop()  # its shard goes to another replica
+    with anyio.fail_after(10):
+        await task
+    assert await queue_depth(connection, queue) == 1  # back in the queue for the next one
+    assert breakers.down() == {}  # nobody here waits for the store any more
