@@ -456,7 +456,7 @@ class QueueConsumer:
                 self._observe(group, started, failed=False)
             elif len(group) > 1:
                 log.warning("a batch failed (%s); handling it in halves to find the message at "
-                            "fault", type(failure).__name__,
+                            "fault", type(failure).__name__, exc_info=failure,
                             extra={"account": self.account, "queue": self.queue,
                                    "messages": len(group)})
                 middle = len(group) // 2
@@ -507,8 +507,8 @@ class QueueConsumer:
                                 or unknown >= self._retry.unknown_attempts):
                             return exc
                         log.warning("a message failed (%s); trying it again",
-                                    _describe(exc), extra={"account": self.account,
-                                                           "queue": self.queue})
+                                    _describe(exc), exc_info=exc,
+                                    extra={"account": self.account, "queue": self.queue})
                         await self._pause(self._retry.delay(unknown - 1))
                         continue
                     breaker = self._breakers[dependency]
