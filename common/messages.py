@@ -2,8 +2,15 @@
 
 Every message is JSON (orjson) with a schema version, a type, the account, the source, a change
 id and an origin time, and a list of changes; each change is for exactly one email. Decoding is
-strict: an unknown version, a missing or mistyped field or a bad timestamp raises
-:class:`MalformedMessage` with a reason, which the consumer turns into a dead letter.
+strict, so that a message the services cannot process fails here, alone, and never later in a
+handler among healthy ones. :class:`MalformedMessage` (with a reason, which the consumer turns
+into a dead letter) is raised for:
+
+1. an unknown version, type or source, a missing or mistyped field, a bad timestamp;
+2. an email the domain would refuse (:func:`common.domain.identity.normalize_email`: one
+   ``@`` between a non-empty local part and domain, no white space inside);
+3. an integer (a preference id, a version) outside a signed 64-bit integer, which the ledger
+   store could not hold.
 """
 
 from __future__ import annotations
@@ -15,7 +22,12 @@ from typing import Any, Literal
 
 import orjson
 
+from common.domain.identity import normalize_email
+
 SCHEMA_VERSION = 1
+# The ledger stores ids in signed 64-bit columns (SQLite INTEGER, PostgreSQL BIGINT).
+INT64_MIN = -(2 ** 63)
+INT64_MAX = 2 ** 63 - 1
 
 MessageType = Literal["preference-changes", "contact-status-changes", "write-commands",
                       "sync-trigger", "read-markers"]
@@ -213,6 +225,29 @@ def _field(raw: Mapping[str, Any], name: str, kind: type, *, where: str) -> Any:
         raise MalformedMessage(f"{where}.{name}: must be {kind.__name__}, got {type(value).__name__}")
     if kind is str and not value:
         raise MalformedMessage(f"{where}.{name}: must not be empty")
+    if isinstance(value, int):
+        _int64(value, f"{where}.{name}")
+    return value
+
+
+def _int64(value: int, where: str) -> None:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise MalformedMessage(f"{where}: {value} does not fit in a signed 64-bit integer")
+
+
+def _optional_str(raw: Mapping[str, Any], name: str, *, where: str) -> str:
+    value = raw.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedMessage(f"{where}.{name}: must be a string, got {type(value).__name__}")
+    return value
+
+
+def _flag(raw: Mapping[str, Any], name: str, *, where: str) -> bool:
+    value = raw.get(name, False)
+    if not isinstance(value, bool):
+        raise MalformedMessage(f"{where}.{name}: must be a boolean")
     return value
 
 
@@ -229,8 +264,11 @@ def _time(raw: Mapping[str, Any], name: str, *, where: str) -> datetime:
 
 def _email(raw: Mapping[str, Any], where: str) -> str:
     email: str = _field(raw, "email", str, where=where)
-    if "@" not in email:
-        raise MalformedMessage(f"{where}.email: not an email address")
+    try:
+        normalize_email(email)
+    except ValueError:
+        raise MalformedMessage(f"{where}.email: not an email address (one @ between a local "
+                               "part and a domain, no spaces)") from None
     return email
 
 
@@ -238,18 +276,18 @@ def _preference_change(raw: Any, where: str) -> PreferenceChange:
     if not isinstance(raw, dict):
         raise MalformedMessage(f"{where}: must be an object")
     version = raw.get("version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise MalformedMessage(f"{where}.version: must be an integer")
-    carried = raw.get("carried", False)
-    if not isinstance(carried, bool):
-        raise MalformedMessage(f"{where}.carried: must be a boolean")
+    if version is not None:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise MalformedMessage(f"{where}.version: must be an integer")
+        _int64(version, f"{where}.version")
+    carried = _flag(raw, "carried", where=where)
     return PreferenceChange(
         email=_email(raw, where),
         preference_id=_field(raw, "preference_id", int, where=where),
         opted_in=_field(raw, "opted_in", bool, where=where),
         origin_time=_time(raw, "origin_time", where=where),
         version=version,
-        change_id=str(raw.get("change_id") or ""),
+        change_id=_optional_str(raw, "change_id", where=where),
         carried=carried,
     )
 
@@ -261,7 +299,7 @@ def _status_change(raw: Any, where: str) -> ContactStatusChange:
         email=_email(raw, where),
         status=_field(raw, "status", str, where=where),
         origin_time=_time(raw, "origin_time", where=where),
-        change_id=str(raw.get("change_id") or ""),
+        change_id=_optional_str(raw, "change_id", where=where),
     )
 
 
@@ -279,8 +317,8 @@ def _write_command(raw: Any, where: str) -> WriteCommand:
         opted_in=_field(raw, "opted_in", bool, where=where),
         origin_time=_time(raw, "origin_time", where=where),
         origin_side=origin_side,
-        change_id=str(raw.get("change_id") or ""),
-        covered=raw.get("covered") is True,
+        change_id=_optional_str(raw, "change_id", where=where),
+        covered=_flag(raw, "covered", where=where),
     )
 
 

@@ -4,9 +4,9 @@ Handlers hold no metric code: the runtime plugs these hooks in where it builds t
 vendor clients (``on_request``), the queue consumers (``on_batch``), the dead-letterer
 (``on_dead_letter``), the reconciler (``on_outcome``), the writer (``on_written``), the pollers'
 run cycle (:func:`observed_run`), the ledger store (:class:`ObservedStore`, for checkpoint
-ages) and the outstanding-work sweep (``on_stats``). Labels are ``service`` and ``account``
-plus bounded categories; never an email, a record id or a secret (API endpoints are route
-templates).
+ages), the outstanding-work sweep (``on_stats``) and the circuit breakers
+(:meth:`Metrics.dependency_observer`). Labels are ``service`` and ``account`` plus bounded
+categories; never an email, a record id or a secret (API endpoints are route templates).
 
 ``service`` is the service whose task did the work (:data:`common.logs.current_service`), so
 ``prefsync up`` reports each of its four services under its own name.
@@ -129,13 +129,19 @@ class Metrics:
             "Messages waiting in the account's dead-letter queue (also the broker's own)",
             sa, registry=registry)
         self.messages = Counter(
-            "prefsync_messages", "Messages handled by consumers (requeued: the handler failed)",
+            "prefsync_messages",
+            "Messages handled by consumers (requeued: given back to the queue after a hold)",
             [*sa, "queue", "outcome"], registry=registry)
         self.batch_duration = Histogram(
             "prefsync_batch_duration_seconds", "Time a handler took for one batch",
             [*sa, "queue"], buckets=BATCH_BUCKETS, registry=registry)
         self.sync_runs = Counter(
             "prefsync_sync_runs", "Poller runs, by outcome", [*sa, "outcome"], registry=registry)
+        self.dependency_up = Gauge(
+            "prefsync_dependency_up",
+            "1 while a dependency (store, broker, dataverse, dotdigital) works, 0 while its "
+            "circuit breaker is open and consumers wait for it",
+            ["service", "dependency"], registry=registry)
         self.last_success = Gauge(
             "prefsync_last_successful_sync_timestamp_seconds",
             "Unix time the poller's last run finished without error", sa, registry=registry)
@@ -184,6 +190,14 @@ class Metrics:
             origin = envelope.origin_time.timestamp()
             if origin > self.live.newest_origin.get(key, 0.0):
                 self.live.newest_origin[key] = origin
+
+    def dependency_observer(self, *, service: str) -> Callable[[str, bool], None]:
+        """For :meth:`common.breakers.Breakers.observe`: (dependency, up)."""
+
+        def observe(dependency: str, up: bool) -> None:
+            self.dependency_up.labels(service, dependency).set(1 if up else 0)
+
+        return observe
 
     def outcome_counter(self, *, service: str = "reconciler") -> Callable[[str, str], None]:
         """``on_outcome`` for the reconciler: called once per decided change."""

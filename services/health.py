@@ -1,8 +1,10 @@
 """The operations endpoint of a running service: ``/metrics``, ``/healthz`` and ``/readyz``.
 
 - ``/healthz``: the process is alive and its event loop answers (always 200 while it runs).
-- ``/readyz``: 200 only when the broker connection is up, the ledger store answers, and every
-  consumer is consuming; otherwise 503. Both answer JSON naming each check.
+- ``/readyz``: 200 only when the broker connection is up, the ledger store answers, every
+  consumer is consuming and no dependency's circuit breaker is open (:mod:`common.breakers`);
+  otherwise 503. Both answer JSON naming each check (``dependencies_down`` names the open
+  breakers).
 - ``/metrics``: the Prometheus text format (:mod:`common.metrics`).
 
 While it serves, it also polls the depth of each account's dead-letter queue (a passive
@@ -28,6 +30,7 @@ import orjson
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
+from common.breakers import Breakers
 from common.metrics import CONTENT_TYPE, Metrics
 from common.topology import Topology
 
@@ -57,6 +60,9 @@ class ServiceState(Protocol):
     @property
     def store(self) -> Any: ...
 
+    @property
+    def breakers(self) -> Breakers: ...
+
 
 async def readiness(state: ServiceState) -> dict[str, Any]:
     """Each check's result and ``ready`` (all passed)."""
@@ -72,10 +78,13 @@ async def readiness(state: ServiceState) -> dict[str, Any]:
             log.warning("ledger store not reachable: %s", type(exc).__name__)
     idle = [c.queue for c in state.consumers if not c.consuming.is_set()]
     consuming = bool(state.consumers) and not idle
+    down = sorted(state.breakers.down())
     checks: dict[str, Any] = {"broker": broker, "store": store_ok, "consuming": consuming}
     if idle:
         checks["not_consuming"] = idle[:20]
-    return {"ready": broker and store_ok and consuming, "checks": checks}
+    if down:
+        checks["dependencies_down"] = down
+    return {"ready": broker and store_ok and consuming and not down, "checks": checks}
 
 
 def health_app(*, state: ServiceState, metrics: Metrics) -> web.Application:

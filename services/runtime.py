@@ -2,6 +2,12 @@
 
 Each service is a thin adapter: it owns consumers on its queues and hands decoded batches to its
 handler. The topology is declared at start-up (idempotent), so any process can start first.
+
+A broker restart does not end the process: the connections are robust (they reconnect, and
+restore each consumer's channel, its passive queue declaration and its subscription), and the
+consumers and publishers treat the outage as a transient failure (:mod:`common.broker`). The
+services of one call share one registry of circuit breakers (:mod:`common.breakers`), which
+``/readyz`` and ``prefsync_dependency_up`` report.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
+from common.breakers import Breakers, use_breakers
 from common.broker import AmqpPublisher, DeadLetterer, QueueConsumer, connect
 from common.clients.dataverse import DataverseClient
 from common.clients.dotdigital import DotdigitalClient
@@ -58,6 +65,8 @@ class Running:
     # this replica's name, and who decides which shard queues it consumes (services.assignment)
     replica: str = ""
     assigners: list[ShardAssigner] = field(default_factory=list)
+    # which dependencies are down (the consumers' circuit breakers)
+    breakers: Breakers = field(default_factory=Breakers)
 
 
 async def declare_topology(connection: AbstractRobustConnection, config: Config, *,
@@ -80,6 +89,9 @@ async def run_services(*, config: Config, services: Sequence[str],
     stop = _stop_on_signals()
     running = running if running is not None else Running()
     name = "prefsync-" + "+".join(services)
+    # every consumer started from here on waits on these breakers
+    use_breakers(running.breakers)
+    running.breakers.observe(METRICS.dependency_observer(service="+".join(services)))
     connection = await connect(config.broker.url, name=name)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(connection)

@@ -84,6 +84,46 @@ def test_strict_decoding_names_the_reason(body: bytes, reason: str) -> None:
     assert reason in info.value.reason
 
 
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        # passed decoding before, then failed in the handler, taking its batch down with it
+        (mutate(["changes", 0, "email"], "a@b@c.com"), "changes[0].email: not an email address"),
+        (mutate(["changes", 0, "email"], "a b@c.com"), "changes[0].email: not an email address"),
+        (mutate(["changes", 0, "email"], "@c.com"), "changes[0].email: not an email address"),
+        # overflowed the ledger's 64-bit columns
+        (mutate(["changes", 0, "preference_id"], 2 ** 63),
+         "changes[0].preference_id: 9223372036854775808 does not fit in a signed 64-bit integer"),
+        (mutate(["changes", 0, "version"], 2 ** 64 - 1),
+         "changes[0].version: 18446744073709551615 does not fit"),
+        (mutate(["changes", 0, "change_id"], 12), "changes[0].change_id: must be a string"),
+    ],
+)
+def test_what_a_handler_could_not_process_is_refused_at_decode(body: bytes, reason: str) -> None:
+    with pytest.raises(MalformedMessage) as info:
+        messages.decode(body)
+    assert reason in info.value.reason
+
+
+def test_the_64_bit_bounds_themselves_decode() -> None:
+    for value in (2 ** 63 - 1, -(2 ** 63)):
+        decoded = messages.decode(mutate(["changes", 0, "preference_id"], value))
+        assert decoded.changes[0].preference_id == value  # type: ignore[union-attr]
+
+
+def test_a_write_command_with_a_bad_email_or_id_is_refused() -> None:
+    command = WriteCommand(email="a@b@c.com", preference_id=7, side="dotdigital",
+                           opted_in=False, origin_time=T0, origin_side="dynamics")
+    with pytest.raises(MalformedMessage, match="not an email address"):
+        messages.decode(messages.encode(envelope(type="write-commands", source="reconciler",
+                                                 changes=(command,))))
+    raw = orjson.loads(messages.encode(envelope(type="read-markers", source="dotdigital",
+                                                changes=())))
+    raw["changes"] = [{"preference_id": 2 ** 63, "origin_time": "2026-05-01T12:00:00Z"}]
+    with pytest.raises(MalformedMessage, match="signed 64-bit"):
+        messages.decode(orjson.dumps(raw))
+
+
 @given(st.binary(max_size=200))
 def test_garbage_never_escapes_as_another_error(body: bytes) -> None:
     with contextlib.suppress(MalformedMessage):

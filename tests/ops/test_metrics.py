@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.breakers import Breakers
 from common.broker import BatchEvent, Delivery
 from common.clients.base import RequestEvent
 from common.logs import as_service, configure_logging
@@ -126,6 +127,7 @@ class NotReady:
     consumers: list[Idle] = field(default_factory=lambda: [Idle()])
     connection: Any = None
     store: Any = None
+    breakers: Breakers = field(default_factory=Breakers)
 
 
 async def test_readyz_is_503_until_everything_is_up() -> None:

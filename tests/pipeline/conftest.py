@@ -56,6 +56,8 @@ class World:
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     # this account's dotdigital account in the shared simulator
     dd_account: str = DD_ACCOUNT
+    # the broker the services use (a private node in broker fault tests)
+    broker_url: str = BROKER_URL
 
     # --- the vendors, as a user would change them ----------------------------------------
     async def post(self, url: str, body: dict[str, Any]) -> Any:
@@ -123,18 +125,20 @@ class World:
         return running
 
     async def spawn(self, service: str, *, replica: str | None = None,
-                    failpoints: str = "", wait: bool = True) -> asyncio.subprocess.Process:
+                    failpoints: str = "", wait: bool = True,
+                    args: Iterable[str] = ()) -> asyncio.subprocess.Process:
         """``prefsync run SERVICE`` as its own process (for crash tests); returns once it
         consumes from its queues (unless ``wait`` is False). ``replica`` names one of several
         processes of a service (``processes[replica]``; ``$PREFSYNC_REPLICA_ID``);
         ``failpoints`` is its ``$PREFSYNC_FAILPOINTS`` (a point set without an action makes
-        it exit with 137 there: ``process.wait()`` tells when)."""
+        it exit with 137 there: ``process.wait()`` tells when); ``args`` are more options of
+        ``prefsync run`` (e.g. ``--metrics-port``)."""
         extra_env = {"PREFSYNC_REPLICA_ID": replica} if replica else {}
         if failpoints:
             extra_env["PREFSYNC_FAILPOINTS"] = failpoints
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.cli", "run", service,
-            "--config", str(self.config_path),
+            "--config", str(self.config_path), *args,
             env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING", **extra_env},
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         self.processes[replica or service] = process
@@ -152,7 +156,7 @@ class World:
             "writer": Topology.writes_queue(self.account, "dotdigital",
                                             self.config.broker.shards - 1),
         }[service]
-        connection = await aio_pika.connect(BROKER_URL)
+        connection = await aio_pika.connect(self.broker_url)
         async with connection:
             for _ in range(600):
                 if process is not None:
@@ -184,8 +188,8 @@ class World:
         self.processes.clear()
 
 
-async def delete_queues(account: str, shards: int) -> None:
-    connection = await aio_pika.connect(BROKER_URL)
+async def delete_queues(account: str, shards: int, broker_url: str = BROKER_URL) -> None:
+    connection = await aio_pika.connect(broker_url)
     async with connection:
         channel = await connection.channel()
         for queue in Topology(accounts=[account], shards=shards).queues:
@@ -211,21 +215,24 @@ def _write_config(path: Path, config_raw: dict[str, Any]) -> None:
 
 @contextlib.asynccontextmanager
 async def make_world(tmp_path: Path, *, records: int = 40, preferences: int = 3,
-                     shards: int = 2) -> AsyncIterator[World]:
+                     shards: int = 2, broker_url: str | None = None) -> AsyncIterator[World]:
     async with make_worlds(tmp_path, records=records, preferences=preferences,
-                           shards=shards) as worlds:
+                           shards=shards, broker_url=broker_url) as worlds:
         yield worlds[0]
 
 
 @contextlib.asynccontextmanager
 async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
                       preferences: int = 3, shards: int = 2, store_url: str | None = None,
-                      broker_users: bool = False) -> AsyncIterator[list[World]]:
+                      broker_users: bool = False, broker_url: str | None = None
+                      ) -> AsyncIterator[list[World]]:
     """``accounts`` prefsync accounts in one Dynamics org and one dotdigital simulator (each
     with its own dotdigital account: 1001, 1002, ...), all in one config; a World per account.
     The simulators are seeded alike, so the same people (emails) are in every account.
     ``broker_users``: each account's services connect as its own RabbitMQ user, set up by
-    ``prefsync broker setup`` (needs rabbitmqctl)."""
+    ``prefsync broker setup`` (needs rabbitmqctl). ``broker_url``: another broker than the
+    machine's (a private node)."""
+    broker_url = broker_url or BROKER_URL
     ids = [f"e2e-{secrets.token_hex(4)}" for _ in range(accounts)]
     dd_accounts = [str(int(DD_ACCOUNT) + i) for i in range(accounts)]
     secret = secrets.token_urlsafe(12)
@@ -244,7 +251,7 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
             aiohttp.ClientSession() as http:
         store_path = tmp_path / "ledger.db"
         raw: dict[str, Any] = {
-            "broker": {"url": BROKER_URL, "shards": shards},
+            "broker": {"url": broker_url, "shards": shards},
             "store": {"url": store_url or f"sqlite:///{store_path}"},
             "metrics": {"port": 0},  # tests run side by side: any free port
             "accounts": [],
@@ -269,7 +276,8 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
         worlds = [World(account=account, config=config, config_path=config_path, env=env,
                         dyn_url=dyn_url, dd_url=dd_url, http=http, records=records,
                         preferences=seeding.leaf_preferences(preferences, SEED),
-                        people=seeding.people(records, SEED), dd_account=dd)
+                        people=seeding.people(records, SEED), dd_account=dd,
+                        broker_url=broker_url)
                   for account, dd in zip(ids, dd_accounts, strict=True)]
         seed = {"records": records, "preferences": preferences, "seed": SEED}
         # The seeded states are history: dated a few seconds back, so whatever a test does
@@ -291,7 +299,11 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
             for world in worlds:
                 await world.stop()
             for account in ids:
-                await delete_queues(account, shards)
+                try:
+                    await delete_queues(account, shards, broker_url)
+                except Exception:
+                    if broker_url == BROKER_URL:
+                        raise  # (a private node may be down already when a fault test failed)
             if broker_users:
                 await delete_broker_users(config.accounts[i].broker.user
                                           for i in range(accounts))
