@@ -46,6 +46,7 @@ DECISIONS = {
     "tie_opt_in_lost": "tie: the opt-in lost", "tie_same_value": "tie: same value",
     "suppressed": "suppressed contact: not synced", "ineligible": "ineligible: not synced",
     "written": "written by prefsync", "failed": "write failed",
+    "future_timestamp": "stamped beyond the future bound: taken as made when read",
 }
 
 
@@ -149,6 +150,7 @@ def _history_view(entry: HistoryEntry, names: Mapping[int, str]) -> dict[str, An
         "side": entry.side,
         "opted_in": entry.opted_in,
         "origin_time": _iso(entry.origin_time),
+        "corrected_time": _iso(entry.corrected_time),
         "decision": entry.decision,
         "change_id": entry.change_id,
     }
@@ -194,8 +196,11 @@ def format_history(view: Mapping[str, Any]) -> str:
     for h in view["history"]:
         value = "opted in" if h["opted_in"] else "opted out"
         decision = DECISIONS.get(h["decision"], h["decision"])
+        corrected = h.get("corrected_time")
+        ours = (f", {corrected} by our clock"
+                if corrected and corrected != h["origin_time"] else "")
         lines.append(f"  {h['recorded_at']}  {h['preference']}: {value} from {h['side']} "
-                     f"(changed {h['origin_time']}) -> {decision}")
+                     f"(changed {h['origin_time']}{ours}) -> {decision}")
     if not view["history"]:
         lines.append("  (nothing recorded)")
     return "\n".join(lines)
