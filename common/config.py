@@ -98,6 +98,9 @@ class AccountConfig:
     id: str
     schedule: str = "manual"
     on_email_change: Literal["fresh", "carry"] = "fresh"
+    # a change stamped later than this past the moment it is read (on the vendor's measured
+    # clock) competes as of when it was read, never on its stamp
+    future_tolerance_s: float = 300.0
     dynamics: DynamicsConfig
     dotdigital: DotdigitalConfig
     broker: AccountBrokerConfig
@@ -271,6 +274,7 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
         id=account_id,
         schedule=schedule,
         on_email_change="carry" if on_change == "carry" else "fresh",
+        future_tolerance_s=reader.number("future_tolerance_s", default=300.0, minimum=0.0),
         dynamics=DynamicsConfig(
             url=dyn_url,
             token_url=dyn.text("token_url"),

@@ -2,9 +2,10 @@
 
 Handlers hold no metric code: the runtime plugs these hooks in where it builds things — the
 vendor clients (``on_request``), the queue consumers (``on_batch``), the dead-letterer
-(``on_dead_letter``), the reconciler (``on_outcome``), the writer (``on_written``), the pollers'
-run cycle (:func:`observed_run`), the ledger store (:class:`ObservedStore`, for checkpoint
-ages), the outstanding-work sweep (``on_stats``) and the circuit breakers
+(``on_dead_letter``), the reconciler (``on_outcome``, ``on_future``), the writer
+(``on_written``, ``on_future``), the pollers' run cycle (:func:`observed_run`), the ledger
+store (:class:`ObservedStore`, for checkpoint ages and each vendor's clock estimate as it is
+measured), the outstanding-work sweep (``on_stats``) and the circuit breakers
 (:meth:`Metrics.dependency_observer`). Labels are ``service`` and ``account`` plus bounded
 categories; never an email, a record id or a secret (API endpoints are route templates).
 
@@ -25,6 +26,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from common.clients.base import RequestEvent
+from common.clock_skew import CHECKPOINT_PREFIX as CLOCK_CHECKPOINT_PREFIX
+from common.clock_skew import estimate_of
 from common.logs import current_service
 
 if TYPE_CHECKING:
@@ -142,6 +145,18 @@ class Metrics:
             "1 while a dependency (store, broker, dataverse, dotdigital) works, 0 while its "
             "circuit breaker is open and consumers wait for it",
             ["service", "dependency"], registry=registry)
+        self.clock_offset = Gauge(
+            "prefsync_vendor_clock_offset_seconds",
+            "Each vendor's clock minus ours, as measured (vendor: dynamics or dotdigital)",
+            ["account", "vendor"], registry=registry)
+        self.clock_uncertainty = Gauge(
+            "prefsync_vendor_clock_uncertainty_seconds",
+            "How far the measured clock offset may be off, either way",
+            ["account", "vendor"], registry=registry)
+        self.future_timestamps = Counter(
+            "prefsync_future_timestamps",
+            "Changes stamped beyond the future bound, taken as made when they were read",
+            [*sa, "vendor"], registry=registry)
         self.last_success = Gauge(
             "prefsync_last_successful_sync_timestamp_seconds",
             "Unix time the poller's last run finished without error", sa, registry=registry)
@@ -218,6 +233,20 @@ class Metrics:
 
         return count
 
+    def future_counter(self, *, service: str = "reconciler") -> Callable[[str, str], None]:
+        """``on_future`` for the reconciler and the writer: (account, side) of a change stamped
+        beyond the future bound."""
+
+        def count(account: str, side: str) -> None:
+            self.future_timestamps.labels(service_label(service), account, side).inc()
+
+        return count
+
+    def clock_measured(self, account: str, vendor: str, offset_s: float,
+                       uncertainty_s: float) -> None:
+        self.clock_offset.labels(account, vendor).set(offset_s)
+        self.clock_uncertainty.labels(account, vendor).set(uncertainty_s)
+
     def dead_letter_counter(self) -> Callable[[str, str], None]:
         """``on_dead_letter`` for the dead-letterer: (account, reason)."""
 
@@ -259,7 +288,8 @@ class Metrics:
 
 
 class ObservedStore:
-    """The ledger store, with checkpoint writes noted for ``prefsync_checkpoint_age_seconds``."""
+    """The ledger store, with checkpoint writes noted for ``prefsync_checkpoint_age_seconds``
+    and clock estimates for ``prefsync_vendor_clock_offset_seconds``."""
 
     def __init__(self, store: Any, *, metrics: Metrics) -> None:
         self._store = store
@@ -268,6 +298,17 @@ class ObservedStore:
     async def set_checkpoint(self, account: str, source: str, value: str) -> None:
         await self._store.set_checkpoint(account, source, value)
         self._metrics.checkpoint_set(account, source)
+
+    async def swap_checkpoint(self, account: str, source: str, expected: str | None,
+                              value: str) -> bool:
+        swapped: bool = await self._store.swap_checkpoint(account, source, expected, value)
+        if swapped and source.startswith(CLOCK_CHECKPOINT_PREFIX):
+            # a vendor's clock estimate, as just measured
+            estimate = estimate_of(value)
+            if estimate is not None:
+                self._metrics.clock_measured(account, source[len(CLOCK_CHECKPOINT_PREFIX):],
+                                             estimate.offset_s, estimate.uncertainty_s)
+        return swapped
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)

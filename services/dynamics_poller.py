@@ -44,6 +44,7 @@ from common import failpoints, messages
 from common.broker import Outgoing, Publisher
 from common.clients.dataverse import DataverseClient, DeltaTokenExpired
 from common.clients.dotdigital import DotdigitalClient
+from common.clock_skew import measure_clock
 from common.config import AccountConfig
 from common.domain import HistoryEntry, normalize_email
 from common.messages import EligibleContact, Envelope, PreferenceChange
@@ -132,6 +133,9 @@ class DynamicsPoller:
         counts = RunCounts()
         mirrored = await self.mirror_catalog()
         catalog = await self.refresh_catalog()
+        # Dataverse's clock, from the answers so far, before anything read here is published
+        await measure_clock(self._store, account=self.account.id, side="dynamics",
+                            client=self._client)
         self._email_changes = []
         await self._refresh_directory()
         # Follow-ups an earlier run left (it failed or died after marking): owed still.

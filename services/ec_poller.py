@@ -43,6 +43,7 @@ from common.broker import Publisher
 from common.clients.base import VendorError
 from common.clients.dotdigital import DotdigitalClient
 from common.clients.dotdigital_models import ContactOptIns, ContactV3, Suppression
+from common.clock_skew import measure_clock
 from common.config import AccountConfig
 from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
 from common.messages import Change, ContactStatusChange, PreferenceChange
@@ -117,6 +118,9 @@ class EcPoller:
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
         started = await self._client.server_time()
+        # dotdigital's clock, from that same call, before anything read here is published
+        await measure_clock(self._store, account=self.account.id, side="dotdigital",
+                            client=self._client)
         full_read = "full-read" in request.reasons
         tree = await self._client.preferences()
         await self._store.set_checkpoint(self.account.id, "dotdigital:preferences",

@@ -58,6 +58,7 @@ DECISIONS = {
     "written": "written by prefsync", "failed": "write failed",
     "read-only": "record read-only (inactive or qualified): not written to it",
     "no-record": "record deleted: not written to it",
+    "future_timestamp": "stamped beyond the future bound: taken as made when read",
 }
 
 
@@ -154,6 +155,7 @@ def _history_view(entry: HistoryEntry, names: Mapping[int, str]) -> dict[str, An
         "side": entry.side,
         "opted_in": entry.opted_in,
         "origin_time": _iso(entry.origin_time),
+        "corrected_time": _iso(entry.corrected_time),
         "decision": entry.decision,
         "change_id": entry.change_id,
     }
@@ -199,8 +201,11 @@ def format_history(view: Mapping[str, Any]) -> str:
     for h in view["history"]:
         value = "opted in" if h["opted_in"] else "opted out"
         decision = DECISIONS.get(h["decision"], h["decision"])
+        corrected = h.get("corrected_time")
+        ours = (f", {corrected} by our clock"
+                if corrected and corrected != h["origin_time"] else "")
         lines.append(f"  {h['recorded_at']}  {h['preference']}: {value} from {h['side']} "
-                     f"(changed {h['origin_time']}) -> {decision}")
+                     f"(changed {h['origin_time']}{ours}) -> {decision}")
     if not view["history"]:
         lines.append("  (nothing recorded)")
     return "\n".join(lines)

@@ -11,6 +11,10 @@ is removed only after those writes are confirmed by the broker.
 
 Sync rules applied here besides the pure ones:
 
+- every change is placed in our time base before the rules see it: its side's clock offset as
+  last measured (:mod:`common.clock_skew`), and the future bound as of when it was read (the
+  poller's ``polled-at`` header); one stamped beyond it is also recorded as
+  ``future_timestamp``;
 - a dotdigital change for an email no eligible Dynamics record has is ``ineligible``: recorded
   in the history, never read into a key state;
 - a change for a suppressed contact is ``suppressed`` (history) and parked; when the contact is
@@ -29,11 +33,12 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common import domain, failpoints
 from common.broker import Delivery, Outgoing, Publisher
+from common.clock_skew import load_time_base
 from common.domain import (
     ContactState,
     HistoryEntry,
@@ -56,6 +61,14 @@ log = logging.getLogger("prefsync.reconciler")
 
 SERVICE = "reconciler"
 MAX_CONFLICT_RETRIES = 5
+
+
+def _polled_at(delivery: Delivery) -> datetime | None:
+    """When the poller read the message's changes (its header), if it says."""
+    value = (delivery.message.headers or {}).get(POLLED_AT)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return datetime.fromtimestamp(value / 1000, UTC)
+    return None
 
 
 def to_message(command: domain.WriteCommand) -> WriteMessage:
@@ -88,12 +101,16 @@ class BatchResult:
 
 class Reconciler:
     def __init__(self, *, account: str, store: Any, publisher: Publisher, shards: int,
-                 on_outcome: Any = None) -> None:
+                 on_outcome: Any = None,
+                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE,
+                 on_future: Any = None) -> None:
         self.account = account
         self._store = store
         self._publisher = publisher
         self._shards = shards
         self._on_outcome = on_outcome
+        self._future_tolerance = future_tolerance
+        self._on_future = on_future
         self._read_marks: dict[tuple[int, int], str] = {}
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
@@ -139,18 +156,23 @@ class Reconciler:
                            for c in d.envelope.changes if isinstance(c, PreferenceChange)}
         contacts = await self._store.load_contacts(account, emails)
         resuming, marked = await self._resuming(batch, contacts)
-        parked: list[Observation] = (
-            await self._store.parked_observations(account, resuming) if resuming else [])
+        now = datetime.now(UTC)
+        # each side's clock as last measured: every change is compared in our time base
+        time_base = await load_time_base(self._store, account=account,
+                                         tolerance=self._future_tolerance)
+        parked = [time_base.place(o, read_at=now)
+                  for o in (await self._store.parked_observations(account, resuming)
+                            if resuming else [])]
         keys |= {o.key for o in parked}
         result = BatchResult(states=await self._store.load(keys), contacts=contacts)
         for email in {o.key.email for o in parked} | resuming:
             for state in await self._store.states_for_email(account, email):
                 result.states.setdefault(state.key, state)
         eligible = await self._store.eligible_emails(account, from_dotdigital)
-        now = datetime.now(UTC)
         for index, delivery in enumerate(batch):
             side: domain.Side = ("dynamics" if delivery.envelope.source == "dynamics"
                                  else "dotdigital")
+            read_at = _polled_at(delivery) or now
             for change in delivery.envelope.changes:
                 if isinstance(change, ReadComplete):
                     result.markers.append(change)
@@ -166,9 +188,10 @@ class Reconciler:
                     continue
                 key = PreferenceKey(account=account, email=change.email,
                                     preference_id=change.preference_id)
-                observation = Observation(key=key, side=side, opted_in=change.opted_in,
-                                          origin_time=change.origin_time, version=change.version,
-                                          change_id=change.change_id, carried=change.carried)
+                observation = time_base.place(Observation(
+                    key=key, side=side, opted_in=change.opted_in, origin_time=change.origin_time,
+                    version=change.version, change_id=change.change_id, carried=change.carried),
+                    read_at=read_at)
                 if side == "dotdigital" and change.email not in eligible:
                     # Never in an email-activated list in Dynamics: not read into the ledger,
                     # but the decision is on record.
@@ -197,6 +220,12 @@ class Reconciler:
         if decision.outcome == domain.Outcome.SUPPRESSED:
             result.parked.append(observation)
         if decision.outcome != domain.Outcome.DUPLICATE:
+            if observation.future_timestamp:
+                # stamped beyond the future bound: it competed as of when it was read
+                result.history.append(HistoryEntry.for_observation(
+                    observation, decision="future_timestamp", recorded_at=now))
+                if self._on_future is not None:
+                    self._on_future(self.account, observation.side)
             result.history.append(HistoryEntry.for_observation(
                 observation, decision=outcome, recorded_at=now))
         # The last delivery to touch a key publishes its outstanding writes.

@@ -52,7 +52,7 @@ from common import messages
 from common.broker import AmqpPublisher, Outgoing, connect
 from common.config import Config
 from common.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, Topology
-from services.publishing import envelopes_by_shard, read_markers, stable_id
+from services.publishing import POLLED_AT, envelopes_by_shard, read_markers, stable_id
 from services.sync_now import RunTracker
 from services.triggers import new_run_id
 
@@ -146,13 +146,18 @@ async def _log_messages(connection: AbstractRobustConnection, *, account: str,
 
 
 def refeed(envelope: messages.Envelope, *, original_id: str, run_id: str,
-           shards: int) -> list[Outgoing]:
-    """The same changes, same source, for the current shard count; ids derived from the original."""
+           shards: int, polled_at: object = None) -> list[Outgoing]:
+    """The same changes, same source, for the current shard count; ids derived from the original.
+    ``polled_at``: the original's read time (its header), kept: a change stamped beyond the
+    future bound counts as made when it was first read, not when it is replayed."""
     outgoing = envelopes_by_shard(
         account=envelope.account, source=envelope.source, type=envelope.type,
         changes=envelope.changes, shards=shards, run_id=run_id,
         id_seed=f"replay:{original_id}")
-    return [replace(o, headers={"x-prefsync-replayed-from": original_id}) for o in outgoing]
+    headers: dict[str, Any] = {"x-prefsync-replayed-from": original_id}
+    if polled_at is not None:
+        headers[POLLED_AT] = polled_at
+    return [replace(o, headers=headers) for o in outgoing]
 
 
 async def replay(*, config: Config, account: str, since: datetime, until: datetime | None = None,
@@ -254,7 +259,8 @@ def _feed(message: AbstractIncomingMessage, *, report: ReplayReport, run_id: str
     report.seen.add(original)
     if isinstance(copy_of, str):
         report.seen.add(copy_of)
-    outgoing = refeed(envelope, original_id=original, run_id=run_id, shards=shards)
+    outgoing = refeed(envelope, original_id=original, run_id=run_id, shards=shards,
+                      polled_at=(message.headers or {}).get(POLLED_AT))
     report.fed += len(outgoing)
     report.changes[envelope.source] += len(envelope.changes)
     if out is not None:

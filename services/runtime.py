@@ -19,6 +19,7 @@ import signal
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
@@ -231,7 +232,9 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                   as_service("ec-poller", coordinator.run_loop())]
     if "reconciler" in services:
         reconciler = Reconciler(account=account.id, store=store, publisher=publisher,
-                                shards=shards, on_outcome=METRICS.outcome_counter())
+                                shards=shards, on_outcome=METRICS.outcome_counter(),
+                                future_tolerance=timedelta(seconds=account.future_tolerance_s),
+                                on_future=METRICS.future_counter())
         for index in range(shards):
             shard("reconciler", Topology.changes_queue(account.id, index), reconciler.handle)
         # the safety net behind the ordering rules: one replica at a time sweeps the account
@@ -245,7 +248,9 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
         for side in SIDES:
             writer = Writer(account=account.id, side=side, store=store, publisher=publisher,
                             shards=shards, dead_letters=dead, dataverse=dataverse,
-                            dotdigital=dotdigital, on_written=METRICS.write_counter())
+                            dotdigital=dotdigital, on_written=METRICS.write_counter(),
+                            future_tolerance=timedelta(seconds=account.future_tolerance_s),
+                            on_future=METRICS.future_counter(service="writer"))
             for index in range(shards):
                 shard("writer", Topology.writes_queue(account.id, side, index), writer.handle)
     return tasks

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractRobustConnection
 
+from common.clock_skew import clock_status
 from common.topology import CONTROL_EXCHANGE
 from services.schedules import effective_schedule, next_run
 from services.sync_now import RunTracker
@@ -181,6 +182,7 @@ async def account_status(store: Any, *, account: str, schedule: str) -> dict[str
         "last_success_at": stored.get("last_success_at"),
         "schedule": str(in_force),
         "next_run_at": due.isoformat() if due else None,
+        "clocks": await clock_status(store, account=account),
     }
 
 
@@ -194,6 +196,16 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"  last success: {status['last_success_at'] or 'never'}")
     lines.append(f"  schedule: {status['schedule']}; next run: "
                  f"{status['next_run_at'] or 'only when started (sync-now)'}")
+    for side, clock in (status.get("clocks") or {}).items():
+        name = "Dynamics" if side == "dynamics" else "dotdigital"
+        if clock is None:
+            lines.append(f"  {name} clock: not measured yet")
+            continue
+        lines.append(f"  {name} clock: {clock['offset_s']:+.3f} s from ours "
+                     f"(± {clock['uncertainty_s']:.3f} s, {clock['samples']} sample(s), "
+                     f"measured {clock['measured_at']})"
+                     + (f"; {clock['suspects']} disagreeing sample(s)"
+                        if clock["suspects"] else ""))
     last = status["last_run"]
     if last:
         c = last["counts"]

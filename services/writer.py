@@ -7,12 +7,13 @@ ones the ledger says are superseded or already satisfied, and then, for the side
   change a user made since is never overwritten unseen: a 412 reads the row and folds it into
   the ledger instead) and POSTs for records that have no row yet, each returning the row's new
   ``versionnumber``;
-- **dotdigital**: first the opt-ins-since feed of the affected preferences since the ec-poller's
-  watermark (a change a user made there since is folded in first), then one v3 import (or a
-  preferences PUT for a single contact), inside a window of dotdigital's own clock. A
-  preference the ec-poller has not read in full yet has no watermark: its commands are deferred
-  (as the reconciler defers its own), and the reconciler sends them again once that read is
-  reconciled; the batch is not held meanwhile.
+- **dotdigital**: first dotdigital's time (the write's window starts there, and the clock it
+  tells is checked), then the opt-ins-since feed of the affected preferences since the
+  ec-poller's watermark (a change a user made there since is folded in first), then one v3
+  import (or a preferences PUT for a single contact), inside that window of dotdigital's clock.
+  A preference the ec-poller has not read in full yet has no watermark: its commands are
+  deferred (as the reconciler defers its own), and the reconciler sends them again once that
+  read is reconciled; the batch is not held meanwhile.
 
 Several Dynamics records may share one email (a contact and a lead, say): they hold the same
 preferences. A Dynamics write goes to the email's active eligible records whose subscription
@@ -20,9 +21,11 @@ row (as the record directory has it) differs or is missing, and is made even whe
 knows the Dynamics side to hold the value already, as long as one record differs; each row
 written is recorded with its own new version, so every read-back is recognised as our echo.
 
-Each write is recorded in the ledger as in flight before the call and confirmed after it with
-what the write produced (the version, or the clock window), so the pollers recognise the echo.
-Messages are acked only after the vendor accepted and the ledger committed. Refusals:
+Each write is recorded in the ledger as in flight before the call (from the target's clock as
+measured, less a margin) and confirmed after it with what the write produced (the version, or
+the clock window), so the pollers recognise the echo. Everything read is placed in our time
+base (:mod:`common.clock_skew`) before it is folded in. Messages are acked only after the
+vendor accepted and the ledger committed. Refusals:
 
 1. A suppressed dotdigital contact, known before the write or learnt from it (the vendor
    refuses the write: ``ERROR_CONTACT_SUPPRESSED``, or an import failure for the contact), is
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -59,6 +63,7 @@ from common.clients.base import TransportError, VendorError
 from common.clients.dataverse import OBJECT_DOES_NOT_EXIST, BatchOperation, DataverseClient
 from common.clients.dotdigital import DotdigitalClient
 from common.clients.dotdigital_models import ImportContact
+from common.clock_skew import MAX_PROBES, ClockSource, TimeBase, load_time_base, measure_clock
 from common.domain import ContactState, KeyState, Observation, PreferenceKey, Side
 from common.messages import Envelope
 from common.messages import WriteCommand as WriteMessage
@@ -84,8 +89,11 @@ from services.publishing import envelopes_by_shard, publish_progress, stable_id
 log = logging.getLogger("prefsync.writer")
 
 SERVICE = "writer"
-# Our clock may run ahead of the vendor's; an in-flight record starts this much earlier.
+# An in-flight record starts this much before the target's clock as measured (and a Dataverse
+# write's window ends this much after): room for what the measurement may have missed.
 CLOCK_MARGIN = timedelta(seconds=5)
+# How often the writer adds what its Dataverse writes tell of the clock to the estimate.
+CLOCK_NOTE_S = 30.0
 # Up to this many contacts go through the preferences PUT (one call each); more use an import.
 DIRECT_WRITE_LIMIT = 2
 MAX_CONFLICT_RETRIES = 5
@@ -137,6 +145,12 @@ class WriteOutcome:
     unwritable: dict[PreferenceKey, str] = field(default_factory=dict)
     # dotdigital commands deferred until their preference's first read is reconciled
     deferred: set[PreferenceKey] = field(default_factory=set)
+    # each side's clock, and when this batch read: what is read is placed in our time base
+    time_base: TimeBase = field(default_factory=lambda: TimeBase(estimates={}))
+    read_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def observe(self, observation: Observation) -> None:
+        self.observations.append(self.time_base.place(observation, read_at=self.read_at))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,7 +226,9 @@ class Writer:
                  dotdigital: DotdigitalClient | None = None,
                  now: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_written: Callable[[str, str, Mapping[str, int]], None] | None = None,
-                 read_wait_s: float = READ_WAIT_S) -> None:
+                 read_wait_s: float = READ_WAIT_S,
+                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE,
+                 on_future: Callable[[str, str], None] | None = None) -> None:
         self.account = account
         self._read_wait_s = read_wait_s
         self.side = side
@@ -225,6 +241,10 @@ class Writer:
         self._dead = dead_letters
         self._on_written = on_written
         self._feed = FeedFollower(client=dotdigital) if dotdigital is not None else None
+        self._future_tolerance = future_tolerance
+        self._on_future = on_future
+        # time.monotonic() each side's clock was last recorded by this writer
+        self._clock_noted: dict[Side, float] = {}
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         owner: dict[PreferenceKey, int] = {}
@@ -240,18 +260,21 @@ class Writer:
                         covered.add(command.key)
                     else:
                         covered.discard(command.key)
-        outcome = WriteOutcome()
+        outcome = WriteOutcome(time_base=await load_time_base(
+            self._store, account=self.account, tolerance=self._future_tolerance),
+            read_at=self._now())
         watermarks: dict[int, datetime] = {}
         if self.side == "dotdigital":
             watermarks = await self._watermarks(commands, outcome)
         states = await self._store.load(set(commands))
         contacts = await self._store.load_contacts(self.account, {k.email for k in commands})
         records = RecordRows(catalog={}, records={}, rows={})
+        window_start: datetime | None = None
         if self.side == "dynamics":
             records = await self._record_rows(commands)
             self._fold_known_rows(commands, records, outcome)
-        if self.side == "dotdigital":
-            await self._read_before_write(commands, watermarks, outcome)
+        if self.side == "dotdigital" and commands:
+            window_start = await self._read_before_write(commands, watermarks, outcome)
             observed = _by_key(outcome.observations)
             unknown = [k for k in commands if k not in covered
                        and self._folded(states.get(k), k, observed).known.get("dotdigital") is None]
@@ -270,13 +293,18 @@ class Writer:
                                     records):
                 todo[key] = command
         if todo:
-            started = self._now() - CLOCK_MARGIN
+            # on the target's clock, as far as it is known, and earlier still by a margin
+            started = outcome.time_base.on_their_clock(self.side, self._now())[0] - CLOCK_MARGIN
             await self._commit_with(todo, lambda s, c: domain.begin_write(s, c, window_start=started),
                                     states=states)
             if self.side == "dynamics":
                 await self._write_dynamics(todo, outcome, started, records)
+                if self._dataverse is not None:
+                    await self._note_clock("dynamics", self._dataverse, outcome.time_base,
+                                           probes=0)
             else:
-                await self._write_dotdigital(todo, outcome, contacts)
+                assert window_start is not None
+                await self._write_dotdigital(todo, outcome, window_start, contacts)
             await failpoints.reached("writer.after-vendor-write")
         contacts.update(outcome.contacts)
         states = await self._commit_outcome(commands, todo, outcome, states=states,
@@ -358,6 +386,7 @@ class Writer:
                 {k: states[k] for k in keys if k in states} if known and not attempt
                 else await self._store.load(keys))
             history: list[domain.HistoryEntry] = []
+            futures: list[str] = []
             changed: dict[PreferenceKey, KeyState] = {}
             parked: list[Observation] = []
             for observation in outcome.observations:
@@ -369,6 +398,10 @@ class Writer:
                 if decision.outcome == domain.Outcome.SUPPRESSED:
                     parked.append(observation)
                 if decision.outcome != domain.Outcome.DUPLICATE:
+                    if observation.future_timestamp:
+                        history.append(domain.HistoryEntry.for_observation(
+                            observation, decision="future_timestamp", recorded_at=now))
+                        futures.append(observation.side)
                     history.append(domain.HistoryEntry.for_observation(
                         observation, decision=str(decision.outcome), recorded_at=now))
             for key, command in todo.items():
@@ -399,10 +432,27 @@ class Writer:
                                         for st in changed.values()], history=history)
                 current.update(changed)
                 outcome.parked = parked
+                if self._on_future is not None:
+                    for side in futures:
+                        self._on_future(self.account, side)
                 return current
             except ConflictError:
                 continue
         raise RuntimeError("ledger conflicts did not settle")
+
+    async def _note_clock(self, side: Side, client: ClockSource, time_base: TimeBase, *,
+                          probes: int = MAX_PROBES) -> TimeBase:
+        """What the side's answers just told of its clock (dotdigital's time before the
+        batch, Dataverse's ``modifiedon`` of our writes), into the estimate: at once when it
+        disagrees (a step is followed before anything read is placed), else at most every
+        ``CLOCK_NOTE_S`` (the pollers measure it on every run)."""
+        recent = time.monotonic() - self._clock_noted.get(side, float("-inf")) < CLOCK_NOTE_S
+        estimate = await measure_clock(self._store, account=self.account, side=side,
+                                       client=client, probes=probes,
+                                       holding=time_base.estimates.get(side) if recent else None)
+        if not recent:
+            self._clock_noted[side] = time.monotonic()
+        return time_base.with_estimate(side, estimate)
 
     # --- Dynamics --------------------------------------------------------------------------
     async def _record_rows(self, commands: dict[PreferenceKey, domain.WriteCommand]
@@ -456,7 +506,7 @@ class Writer:
             return
         results = await self._dataverse.batch(operations, change_set=False,
                                               continue_on_error=True)
-        ended = self._now() + CLOCK_MARGIN
+        ended = outcome.time_base.on_their_clock("dynamics", self._now())[1] + CLOCK_MARGIN
         conflicted: list[str] = []
         unseen: list[RecordRef] = []  # a create met a row we had not seen
         refused: list[tuple[PreferenceKey, RecordRef, str, VendorError]] = []
@@ -594,7 +644,7 @@ class Writer:
                 modified=str(row.get("modifiedon"))))
             if status not in (OPTED_IN, OPTED_OUT):
                 continue
-            outcome.observations.append(Observation(
+            outcome.observe(Observation(
                 key=PreferenceKey(account=self.account, email=email_of[record_id],
                                   preference_id=preference),
                 side="dynamics", opted_in=status == OPTED_IN,
@@ -616,7 +666,7 @@ class Writer:
         for pair, row in known.rows.items():
             if row.modified is None or pair not in pairs:
                 continue
-            outcome.observations.append(Observation(
+            outcome.observe(Observation(
                 key=pairs[pair], side="dynamics", opted_in=row.opted_in,
                 origin_time=parse_odata_time(row.modified), version=row.version,
                 change_id=f"dyn:{row.subscription_id}:{row.version}"))
@@ -687,23 +737,29 @@ class Writer:
 
     async def _read_before_write(self, commands: dict[PreferenceKey, domain.WriteCommand],
                                  watermarks: Mapping[int, datetime],
-                                 outcome: WriteOutcome) -> None:
-        """Fold in dotdigital changes the ec-poller has not read yet, for these keys."""
+                                 outcome: WriteOutcome) -> datetime:
+        """Fold in dotdigital changes the ec-poller has not read yet, for these keys. Returns
+        dotdigital's time taken just before the reads: the write's window starts there, and
+        the clock it tells is checked before what is read is placed in our time base."""
         assert self._dotdigital is not None
         by_preference: dict[int, set[str]] = defaultdict(set)
         for key in commands:
             by_preference[key.preference_id].add(key.email)
         assert self._feed is not None
+        started = await self._dotdigital.server_time()
+        outcome.time_base = await self._note_clock("dotdigital", self._dotdigital,
+                                                   outcome.time_base)
         for preference_id, emails in by_preference.items():
             since = watermarks[preference_id]
             found = await self._feed.entries(preference_id, since=since, emails=emails)
             for email, entries in found.items():
                 for contact_id, opted_in, modified in entries:
-                    outcome.observations.append(Observation(
+                    outcome.observe(Observation(
                         key=PreferenceKey(account=self.account, email=email,
                                           preference_id=preference_id),
                         side="dotdigital", opted_in=opted_in, origin_time=modified,
                         change_id=f"ec:{contact_id}:{preference_id}:{modified.isoformat()}"))
+        return started
 
     async def _read_contacts(self, keys: Sequence[PreferenceKey], outcome: WriteOutcome) -> None:
         """Keys whose dotdigital state no complete read covers: ask about each contact."""
@@ -720,7 +776,7 @@ class Writer:
                 raise
             for opt_in in opt_ins.opt_ins:
                 if opt_in.preference_id in preference_ids:
-                    outcome.observations.append(Observation(
+                    outcome.observe(Observation(
                         key=PreferenceKey(account=self.account, email=email,
                                           preference_id=opt_in.preference_id),
                         side="dotdigital", opted_in=opt_in.is_opted_in,
@@ -729,13 +785,12 @@ class Writer:
                                   f"{opt_in.modified.isoformat()}"))
 
     async def _write_dotdigital(self, todo: dict[PreferenceKey, domain.WriteCommand],
-                                outcome: WriteOutcome,
+                                outcome: WriteOutcome, window_start: datetime,
                                 contacts: Mapping[str, ContactState]) -> None:
         assert self._dotdigital is not None
         by_email: dict[str, dict[int, bool]] = defaultdict(dict)
         for key, command in todo.items():
             by_email[key.email][key.preference_id] = command.opted_in
-        window_start = await self._dotdigital.server_time()
         assert self._feed is not None
         write = self._feed.writing(started=window_start, values=by_email)
         refused: dict[str, Failure] = {}

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
@@ -132,6 +133,44 @@ def parse_wait(value: str | None, *, now: float | None = None) -> float | None:
     if number > _EPOCH_THRESHOLD:
         return max(0.0, number - current)
     return max(0.0, number)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClockReading:
+    """A vendor's clock, read in an answer: it said ``vendor_time`` (truncated to
+    ``resolution_s``) at some moment between ``sent`` and ``received``, Unix times of ours."""
+
+    vendor_time: datetime
+    resolution_s: float
+    sent: float
+    received: float
+    source: str
+
+
+class ClockReadings:
+    """The newest clock readings a client took, until someone takes them (bounded)."""
+
+    def __init__(self, *, keep: int = 8) -> None:
+        self._readings: deque[ClockReading] = deque(maxlen=keep)
+
+    def add(self, reading: ClockReading) -> None:
+        self._readings.append(reading)
+
+    def take(self) -> list[ClockReading]:
+        taken = list(self._readings)
+        self._readings.clear()
+        return taken
+
+
+def http_date(value: str | None) -> datetime | None:
+    """An HTTP ``Date`` header (whole seconds, UTC), or None when missing or unreadable."""
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError):
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 @dataclass(frozen=True, kw_only=True)

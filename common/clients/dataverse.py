@@ -25,11 +25,14 @@ from yarl import URL
 from common.clients.auth import ClientCredentialsToken
 from common.clients.base import (
     AuthenticationError,
+    ClockReading,
+    ClockReadings,
     Pacer,
     RequestObserver,
     RetryPolicy,
     ThrottledError,
     VendorError,
+    http_date,
     parse_wait,
 )
 from common.clients.http import (
@@ -178,6 +181,17 @@ def dataverse_error(response: HttpResponse) -> VendorError:
     return VendorError(**kwargs)
 
 
+def parse_stamp(value: object) -> datetime | None:
+    """A ``modifiedon``-like value (``2023-04-07T21:59:01Z``) as UTC, or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 def odata_literal(value: object) -> str:
     """``value`` as an OData v4 ``$filter`` literal (strings quoted, GUIDs and dates bare)."""
     if isinstance(value, bool):
@@ -301,6 +315,9 @@ class DataverseClient(VendorClient):
         self._token = ClientCredentialsToken(
             http=self._http, token_url=config.token_url, client_id=config.client_id,
             client_secret=config.client_secret, scope=config.scope, clock=clock)
+        # the environment's clock as its answers tell it (``Date`` headers, the ``modifiedon``
+        # of our own writes), timed: what the account's clock estimate is made of
+        self.clock_readings = ClockReadings()
 
     def __repr__(self) -> str:
         return f"DataverseClient(url={self._config.url!r}, client_id={self._config.client_id!r})"
@@ -337,17 +354,31 @@ class DataverseClient(VendorClient):
             return {"Authorization": f"Bearer {token}"}
 
         try:
-            return await self._http.request(method, url, endpoint=endpoint, headers=sent,
-                                            auth_headers=authorization, body=body,
-                                            idempotent=idempotent, accept=accept)
+            response = await self._http.request(method, url, endpoint=endpoint, headers=sent,
+                                                auth_headers=authorization, body=body,
+                                                idempotent=idempotent, accept=accept)
         except AuthenticationError as exc:
             if exc.status != 401 or not used:
                 raise
-        # The token was refused (expired early, revoked): renew it once and try again.
-        self._token.invalidate(used[-1])
-        return await self._http.request(method, url, endpoint=endpoint, headers=sent,
-                                        auth_headers=authorization, body=body,
-                                        idempotent=idempotent, accept=accept)
+            # The token was refused (expired early, revoked): renew it once and try again.
+            self._token.invalidate(used[-1])
+            response = await self._http.request(method, url, endpoint=endpoint, headers=sent,
+                                                auth_headers=authorization, body=body,
+                                                idempotent=idempotent, accept=accept)
+        self._read_clock(response.headers.get("Date"), response, source="date")
+        return response
+
+    def _read_clock(self, stamp: str | datetime | None, response: HttpResponse, *,
+                    source: str) -> None:
+        moment = http_date(stamp) if isinstance(stamp, str) or stamp is None else stamp
+        if moment is not None and response.sent_at:
+            self.clock_readings.add(ClockReading(vendor_time=moment, resolution_s=1.0,
+                                                 sent=response.sent_at,
+                                                 received=response.received_at, source=source))
+
+    async def probe_clock(self) -> None:
+        """Read the environment's clock once more (the service document's ``Date``)."""
+        await self.service_document()
 
     async def _get_json(self, url: URL, *, endpoint: str,
                         headers: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -653,8 +684,16 @@ class DataverseClient(VendorClient):
         except ValueError as exc:
             raise VendorError(vendor=VENDOR, status=response.status, code="",
                               message=f"unreadable batch response: {exc}") from None
-        return self._match_parts(chunk, parts, change_set=change_set,
-                                 stopped=response.status == 400)
+        results = self._match_parts(chunk, parts, change_set=change_set,
+                                    stopped=response.status == 400)
+        # Our writes were stamped while the batch ran: the newest stamp bounds the clock.
+        methods = {cid: op.method.upper() for cid, op in chunk}
+        stamps = [parse_stamp(r.body.get("modifiedon")) for r in results
+                  if r.ok and r.body is not None and methods.get(r.content_id) != "GET"]
+        written = [s for s in stamps if s is not None]
+        if written:
+            self._read_clock(max(written), response, source="write")
+        return results
 
     def _match_parts(self, chunk: Sequence[tuple[str, BatchOperation]],
                      parts: Sequence[ResponsePart], *, change_set: bool,

@@ -21,6 +21,8 @@ import aiohttp
 
 from common.clients.base import (
     AuthenticationError,
+    ClockReading,
+    ClockReadings,
     Pacer,
     RequestObserver,
     RetryPolicy,
@@ -170,6 +172,8 @@ class DotdigitalClient(VendorClient):
         )
         self._tree_parents: dict[int, int] = {}
         self._tree_loaded_at: float | None = None
+        # every server-time answer, timed: what the account's clock estimate is made of
+        self.clock_readings = ClockReadings()
 
     def __repr__(self) -> str:
         return f"DotdigitalClient(url={self._base!r}, api_user={self._config.api_user!r})"
@@ -225,9 +229,20 @@ class DotdigitalClient(VendorClient):
         return parse_account_info(data)
 
     async def server_time(self) -> datetime:
-        """The API's own UTC time: the watermark to use for the next ``…-since`` reads."""
-        data = await self._json("GET", "/v2/server-time", endpoint="GET /v2/server-time")
-        return parse_datetime(data)
+        """The API's own UTC time: the watermark to use for the next ``…-since`` reads.
+
+        Each answer is also kept, with the round trip it came in, in ``clock_readings``."""
+        response = await self._call("GET", "/v2/server-time", endpoint="GET /v2/server-time")
+        moment = parse_datetime(decode_json(response))
+        self.clock_readings.add(ClockReading(vendor_time=moment, resolution_s=0.001,
+                                             sent=response.sent_at,
+                                             received=response.received_at,
+                                             source="server-time"))
+        return moment
+
+    async def probe_clock(self) -> None:
+        """Read the API's clock once more (one call), into ``clock_readings``."""
+        await self.server_time()
 
     # -- preference definitions ------------------------------------------------------------
 

@@ -43,6 +43,10 @@ class HttpResponse:
     status: int
     headers: CIMultiDictProxy[str]
     body: bytes
+    # our Unix time just before the request went out and once the answer was read: the
+    # vendor's clock, as its answer tells it, was read in between
+    sent_at: float = 0.0
+    received_at: float = 0.0
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body.strip() else None
@@ -205,11 +209,13 @@ class VendorHttp:
         if auth_headers is not None:
             sent_headers.update(await auth_headers())
         started = time.monotonic()
+        sent_at = time.time()
         try:
             async with self.session.request(method, url, headers=sent_headers, data=body,
                                             timeout=self._timeout, allow_redirects=False) as resp:
                 payload = await resp.read()
-                response = HttpResponse(resp.status, resp.headers, payload)
+                response = HttpResponse(resp.status, resp.headers, payload, sent_at,
+                                        time.time())
         except (TimeoutError, aiohttp.ClientError) as exc:
             self._observe(endpoint, 0, time.monotonic() - started, waited)
             never_sent = isinstance(exc, aiohttp.ClientConnectorError)

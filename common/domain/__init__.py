@@ -2,7 +2,7 @@
 write ledger, and contact suppression. No I/O here; the services call these functions and store
 the results."""
 
-from common.domain.clock import lww_rank, whole_second
+from common.domain.clock import lww_rank, order, span, whole_second
 from common.domain.commands import WriteCommand
 from common.domain.history import HistoryEntry
 from common.domain.identity import PreferenceKey, normalize_email
@@ -23,6 +23,14 @@ from common.domain.suppression import (
     apply_contact_status,
     is_suppressed,
 )
+from common.domain.time_base import (
+    DEFAULT_FUTURE_TOLERANCE,
+    ClockEstimate,
+    ClockState,
+    OffsetSample,
+    Verdict,
+    in_time_base,
+)
 from common.domain.writes import (
     abandon_write,
     begin_write,
@@ -34,7 +42,10 @@ from common.domain.writes import (
 )
 
 __all__ = [
+    "DEFAULT_FUTURE_TOLERANCE",
     "SIDES",
+    "ClockEstimate",
+    "ClockState",
     "ContactDecision",
     "ContactState",
     "Decision",
@@ -43,28 +54,33 @@ __all__ = [
     "Known",
     "LedgerHorizon",
     "Observation",
+    "OffsetSample",
     "Outcome",
     "PendingWrite",
     "PerSide",
     "PreferenceKey",
     "Register",
     "Side",
+    "Verdict",
     "WriteCommand",
     "WriteRecord",
     "abandon_write",
     "apply_contact_status",
     "begin_write",
     "find_echo",
+    "in_time_base",
     "is_echo",
     "is_superseded",
     "is_suppressed",
     "lww_rank",
     "normalize_email",
+    "order",
     "other",
     "outstanding",
     "reconcile",
     "record_write",
     "settle",
+    "span",
     "whole_second",
     "writer_should_apply",
 ]

@@ -4,11 +4,20 @@ Dataverse stamps ``modifiedon`` in whole seconds while dotdigital's ``dateModife
 milliseconds, so a Dynamics change and a dotdigital change inside the same second cannot be
 ordered. Cross-change comparisons therefore happen at whole-second precision, and the tie goes
 to the opt-out: a tie never opts anyone in.
+
+Each vendor stamps with its own clock. In our time base (:mod:`common.domain.time_base`) a
+stamp's whole second is moved by that vendor's measured offset and widened by the offset's
+uncertainty: :func:`span` is when the change may have happened by our clock. One change is
+later than another only when its whole span comes after the other's; spans that overlap are a
+tie. With no offset and no uncertainty this is exactly the whole-second rule.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+ZERO = timedelta(0)
+SECOND = timedelta(seconds=1)
 
 
 def as_utc(value: datetime) -> datetime:
@@ -26,3 +35,21 @@ def whole_second(value: datetime) -> datetime:
 def lww_rank(*, origin_time: datetime, opted_in: bool) -> tuple[datetime, int]:
     """Sort key of the last-writer-wins order: later second first, then opt-out over opt-in."""
     return whole_second(origin_time), 0 if opted_in else 1
+
+
+def span(*, vendor_time: datetime, offset: timedelta = ZERO,
+         uncertainty: timedelta = ZERO) -> tuple[datetime, datetime]:
+    """``[low, high)`` on our clock in which a change stamped ``vendor_time`` by a clock
+    ``offset`` ahead of ours (give or take ``uncertainty``) may have happened."""
+    low = whole_second(vendor_time) - offset
+    return low - uncertainty, low + SECOND + uncertainty
+
+
+def order(a: tuple[datetime, datetime], b: tuple[datetime, datetime]) -> int:
+    """1 when span ``a`` is wholly after span ``b``, -1 when wholly before, 0 (a tie) when
+    they overlap."""
+    if a[0] >= b[1]:
+        return 1
+    if b[0] >= a[1]:
+        return -1
+    return 0

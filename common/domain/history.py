@@ -15,7 +15,11 @@ from common.domain.sides import Side
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HistoryEntry:
     """What happened to one preference of one email: a decision on an observation
-    (``decision`` is the reconcile outcome) or a write (``decision`` is ``"written"``)."""
+    (``decision`` is the reconcile outcome) or a write (``decision`` is ``"written"``).
+
+    ``origin_time`` is the side's own stamp; ``corrected_time`` the same moment in our time
+    base (an observation's: its stamp less the side's measured offset, or the time it was read
+    when the stamp lay beyond the future bound; ``None`` for writes)."""
 
     account: str
     email: str
@@ -26,11 +30,14 @@ class HistoryEntry:
     change_id: str
     decision: str
     recorded_at: datetime
+    corrected_time: datetime | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "email", normalize_email(self.email))
         object.__setattr__(self, "origin_time", as_utc(self.origin_time))
         object.__setattr__(self, "recorded_at", as_utc(self.recorded_at))
+        if self.corrected_time is not None:
+            object.__setattr__(self, "corrected_time", as_utc(self.corrected_time))
 
     @classmethod
     def for_observation(cls, observation: Observation, *, decision: str,
@@ -39,7 +46,8 @@ class HistoryEntry:
         return cls(account=key.account, email=key.email, preference_id=key.preference_id,
                    side=observation.side, opted_in=observation.opted_in,
                    origin_time=observation.origin_time, change_id=observation.change_id,
-                   decision=decision, recorded_at=recorded_at)
+                   decision=decision, recorded_at=recorded_at,
+                   corrected_time=observation.corrected_time)
 
     @classmethod
     def for_write(cls, command: WriteCommand, *, recorded_at: datetime,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from common.domain.clock import as_utc
+from common.domain.clock import ZERO, as_utc, span
 from common.domain.identity import PreferenceKey
 from common.domain.sides import SIDES, Side
 
@@ -18,12 +18,19 @@ class Observation:
     mistaken for (or written as) an opt-out.
 
     ``origin_time`` is the side's own per-preference last-modified time: Dataverse ``modifiedon``
-    of the subscription row (whole seconds) or dotdigital ``dateModifed`` (milliseconds).
+    of the subscription row (whole seconds) or dotdigital ``dateModifed`` (milliseconds), as
+    the vendor's clock stamped it.
     ``version`` is Dataverse's ``versionnumber`` of the row (``None`` for dotdigital).
     ``change_id`` identifies the change for history and tracing.
     ``carried``: a value derived for the side, not read from it (an email change carrying the
     old email's preferences): it competes for the register but never moves what the side is
     known to hold, nor is it ever an echo or a duplicate.
+
+    Our time base (set by :func:`common.domain.time_base.in_time_base`; left at its defaults,
+    the vendor's clock is taken as ours): ``offset`` is the side's measured clock offset (its
+    clock minus ours) and ``uncertainty`` how far it may be off either way. ``bounded_time``
+    is set when ``origin_time`` lay beyond the future bound: the vendor-clock time the change
+    was read at, which then stands in for ``origin_time`` wherever times are compared.
     """
 
     key: PreferenceKey
@@ -33,10 +40,38 @@ class Observation:
     version: int | None = None
     change_id: str = ""
     carried: bool = False
+    offset: timedelta = ZERO
+    uncertainty: timedelta = ZERO
+    bounded_time: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:
             raise ValueError(f"unknown side {self.side!r}")
         if not isinstance(self.opted_in, bool):
             raise ValueError("opted_in must be a bool")
+        if self.uncertainty < ZERO:
+            raise ValueError("uncertainty must not be negative")
         object.__setattr__(self, "origin_time", as_utc(self.origin_time))
+        if self.bounded_time is not None:
+            object.__setattr__(self, "bounded_time", as_utc(self.bounded_time))
+
+    @property
+    def vendor_time(self) -> datetime:
+        """The side's time of the change: its stamp, or the read time standing in for a stamp
+        beyond the future bound."""
+        return self.bounded_time if self.bounded_time is not None else self.origin_time
+
+    @property
+    def corrected_time(self) -> datetime:
+        """The time of the change on our clock."""
+        return self.vendor_time - self.offset
+
+    @property
+    def future_timestamp(self) -> bool:
+        return self.bounded_time is not None
+
+    @property
+    def span(self) -> tuple[datetime, datetime]:
+        """When the change may have happened on our clock (see :func:`common.domain.clock.span`)."""
+        return span(vendor_time=self.vendor_time, offset=self.offset,
+                    uncertainty=self.uncertainty)

@@ -7,7 +7,8 @@ Rules, in order:
    ``echo``: it moves what the side is known to hold forward, never the register, which keeps
    the original change's time. So if a newer change happened on the other side while our write
    of an older value was in flight, that newer change still wins on both sides (no flip-flop).
-3. An observation identical to what is already known for its side is a ``duplicate``.
+3. An observation identical to what is already known for its side is a ``duplicate`` (a stamp
+   beyond the future bound read again, at another time, included).
 4. A carried value (an email change's, see :class:`Observation`) goes straight to rule 6 and
    leaves what the side is known to hold as it was.
 5. Otherwise it is a user change (what the side is known to hold moves forward if it is newer
@@ -15,10 +16,14 @@ Rules, in order:
    the horizon of pruned write records of its side (e.g. a replayed old message), it might be
    the echo of a forgotten write of ours, so it is ``stale`` and never opts anyone in. An opt-out
    there is still taken as a user change: at worst an old echo of an opt-out wins.
-6. Against the register, at whole-second precision: a later second wins (``applied``); an earlier
-   one is ``stale``; in the same second the opt-out wins — ``tie_opt_out_won`` when an opt-out
-   replaces an opt-in, ``tie_opt_in_lost`` when an opt-in is refused; same second and same value
-   keeps the first (``tie_same_value``).
+6. Against the register, in our time base, at whole-second precision (see
+   :func:`common.domain.clock.span`): each change's second, moved by its side's measured clock
+   offset and widened by that offset's uncertainty. A later span wins (``applied``); an earlier
+   one is ``stale``; spans that overlap (the same second, or a difference smaller than the
+   combined uncertainty) are a tie and the opt-out wins — ``tie_opt_out_won`` when an opt-out
+   replaces an opt-in, ``tie_opt_in_lost`` when an opt-in is refused; a tie with the same value
+   keeps the first (``tie_same_value``). A stamp beyond the future bound competes as of the
+   time it was read (:func:`common.domain.time_base.in_time_base`), never on the stamp.
 7. Every decision (duplicates included) ends with :func:`settle`: each side not known to hold the
    register's value gets a write command, and ``pending`` remembers it. Commands are re-emitted
    until the side is known to hold the value, because state is committed before commands are
@@ -30,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from common.domain.clock import whole_second
+from common.domain.clock import order
 from common.domain.commands import WriteCommand
 from common.domain.observation import Observation
 from common.domain.sides import SIDES
@@ -86,10 +91,10 @@ def settle(state: KeyState) -> tuple[KeyState, tuple[WriteCommand, ...]]:
 def _against_register(register: Register | None, observation: Observation) -> Outcome:
     if register is None:
         return Outcome.APPLIED
-    theirs, ours = whole_second(register.origin_time), whole_second(observation.origin_time)
-    if ours > theirs:
+    later = order(observation.span, register.span)
+    if later > 0:
         return Outcome.APPLIED
-    if ours < theirs:
+    if later < 0:
         return Outcome.STALE
     if observation.opted_in == register.opted_in:
         return Outcome.TIE_SAME_VALUE
@@ -124,7 +129,7 @@ def reconcile(state: KeyState | None, observation: Observation, *,
         outcome = Outcome.ECHO
         if seen.is_newer_than(known):
             after = prune_writes(after.with_known(side, seen), side)
-    elif seen == known:
+    elif seen.same_as(known):
         outcome = Outcome.DUPLICATE
     else:
         if seen.is_newer_than(known):

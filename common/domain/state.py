@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
+from common.domain.clock import ZERO, span
 from common.domain.identity import PreferenceKey
 from common.domain.observation import Observation
 from common.domain.sides import PerSide, Side
@@ -21,26 +22,46 @@ from common.domain.sides import PerSide, Side
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Register:
-    """The winning user change for a key: its value, when and where it happened."""
+    """The winning user change for a key: its value, when and where it happened.
+
+    ``origin_time`` is the side's own stamp (what write commands carry); ``offset``,
+    ``uncertainty`` and ``bounded_time`` place it in our time base as they did for the
+    observation that won (see :class:`Observation`)."""
 
     opted_in: bool
     origin_time: datetime
     origin_side: Side
     change_id: str
+    offset: timedelta = ZERO
+    uncertainty: timedelta = ZERO
+    bounded_time: datetime | None = None
+
+    @property
+    def span(self) -> tuple[datetime, datetime]:
+        """When the change may have happened on our clock."""
+        vendor_time = self.bounded_time if self.bounded_time is not None else self.origin_time
+        return span(vendor_time=vendor_time, offset=self.offset, uncertainty=self.uncertainty)
 
     @classmethod
     def of(cls, observation: Observation) -> Register:
         return cls(opted_in=observation.opted_in, origin_time=observation.origin_time,
-                   origin_side=observation.side, change_id=observation.change_id)
+                   origin_side=observation.side, change_id=observation.change_id,
+                   offset=observation.offset, uncertainty=observation.uncertainty,
+                   bounded_time=observation.bounded_time)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Known:
-    """What one side holds, as of its own clock (and row version, where it has one)."""
+    """What one side holds, as of its own clock (and row version, where it has one).
+
+    ``stamp`` is the side's own stamp when it lay beyond the future bound (``as_of`` is then
+    the time it was read at): a later read of the same stamp is the same change, not a new one.
+    """
 
     opted_in: bool
     as_of: datetime
     version: int | None = None
+    stamp: datetime | None = None
 
     def is_newer_than(self, existing: Known | None) -> bool:
         """Newer for the same side: by version when both have one, else by time; ties keep."""
@@ -50,10 +71,18 @@ class Known:
             return self.version > existing.version
         return self.as_of > existing.as_of
 
+    def same_as(self, existing: Known | None) -> bool:
+        """The same state read again (a stamp beyond the future bound read at another time
+        included)."""
+        return existing is not None and (
+            (self.opted_in, self.version, self.stamp or self.as_of)
+            == (existing.opted_in, existing.version, existing.stamp or existing.as_of))
+
     @classmethod
     def of(cls, observation: Observation) -> Known:
-        return cls(opted_in=observation.opted_in, as_of=observation.origin_time,
-                   version=observation.version)
+        return cls(opted_in=observation.opted_in, as_of=observation.vendor_time,
+                   version=observation.version,
+                   stamp=observation.origin_time if observation.future_timestamp else None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,6 +10,7 @@ which sort and compare the same in SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -53,11 +54,21 @@ def _opt_time(value: str | None) -> datetime | None:
 def _register(r: Register | None) -> list[Any] | None:
     if r is None:
         return None
-    return [int(r.opted_in), r.origin_time, _SIDE_CODE[r.origin_side], r.change_id]
+    raw = [int(r.opted_in), r.origin_time, _SIDE_CODE[r.origin_side], r.change_id]
+    if r.offset or r.uncertainty or r.bounded_time is not None:
+        # the time base it won in (left out when there was none, as before it existed)
+        raw += [_us(r.offset), _us(r.uncertainty), r.bounded_time]
+    return raw
 
 
 def _known(k: Known | None) -> list[Any] | None:
-    return None if k is None else [int(k.opted_in), k.as_of, k.version]
+    if k is None:
+        return None
+    return [int(k.opted_in), k.as_of, k.version] + ([k.stamp] if k.stamp is not None else [])
+
+
+def _us(value: timedelta) -> int:
+    return (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
 
 
 def _pending(p: PendingWrite | None) -> list[Any] | None:
@@ -89,14 +100,20 @@ def encode_state(state: KeyState) -> bytes:
 def _d_register(raw: list[Any] | None) -> Register | None:
     if raw is None:
         return None
-    return Register(opted_in=bool(raw[0]), origin_time=_time(raw[1]),
-                    origin_side=_CODE_SIDE[raw[2]], change_id=raw[3])
+    register = Register(opted_in=bool(raw[0]), origin_time=_time(raw[1]),
+                        origin_side=_CODE_SIDE[raw[2]], change_id=raw[3])
+    if len(raw) > 4:
+        register = replace(register, offset=timedelta(microseconds=raw[4]),
+                           uncertainty=timedelta(microseconds=raw[5]),
+                           bounded_time=_opt_time(raw[6]))
+    return register
 
 
 def _d_known(raw: list[Any] | None) -> Known | None:
     if raw is None:
         return None
-    return Known(opted_in=bool(raw[0]), as_of=_time(raw[1]), version=raw[2])
+    return Known(opted_in=bool(raw[0]), as_of=_time(raw[1]), version=raw[2],
+                 stamp=_opt_time(raw[3]) if len(raw) > 3 else None)
 
 
 def _d_pending(raw: list[Any] | None) -> PendingWrite | None:

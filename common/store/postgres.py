@@ -31,7 +31,12 @@ import asyncpg
 from common.domain import PreferenceKey
 from common.store.connection import Connection
 from common.store.outstanding import upgrade
-from common.store.sqlite import SCHEMA_STATEMENTS, SCHEMA_VERSION, SqliteLedgerStore
+from common.store.sqlite import (
+    ADDED_COLUMNS,
+    SCHEMA_STATEMENTS,
+    SCHEMA_VERSION,
+    SqliteLedgerStore,
+)
 
 POOL_SIZE = 10
 # Serialises schema creation between processes starting at once (an arbitrary fixed key).
@@ -152,6 +157,9 @@ class PostgresLedgerStore(SqliteLedgerStore):
                 await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
                 for statement in SCHEMA_STATEMENTS:
                     await connection.execute(postgres_ddl(statement))
+                for table, column, kind in ADDED_COLUMNS:
+                    await connection.execute(postgres_ddl(
+                        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"))
                 await connection.execute("INSERT INTO meta (name, value) VALUES ('schema', $1) "
                                          "ON CONFLICT (name) DO NOTHING", str(SCHEMA_VERSION))
                 await upgrade(PostgresConnection(connection))

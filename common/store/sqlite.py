@@ -64,7 +64,7 @@ _SCHEMA = (
         id INTEGER PRIMARY KEY, account TEXT NOT NULL, email TEXT NOT NULL,
         preference_id INTEGER NOT NULL, side TEXT NOT NULL, opted_in INTEGER NOT NULL,
         origin_time INTEGER NOT NULL, change_id TEXT NOT NULL, decision TEXT NOT NULL,
-        recorded_at INTEGER NOT NULL)""",
+        recorded_at INTEGER NOT NULL, corrected_time INTEGER)""",
     """CREATE INDEX IF NOT EXISTS history_by_email ON history (account, email, recorded_at, id)""",
     """CREATE TABLE IF NOT EXISTS contact_state (
         account TEXT NOT NULL, email TEXT NOT NULL, status TEXT NOT NULL,
@@ -79,6 +79,10 @@ _SCHEMA = (
 SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION_SCHEMA,
                      *PERSONAL_SCHEMA, *OUTSTANDING_SCHEMA)
 
+# Columns added to tables of the first schema since: (table, column, type). A ledger made
+# before gets them when opened (nullable, so its rows stay as they were).
+ADDED_COLUMNS = (("history", "corrected_time", "INTEGER"),)
+
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300
 
@@ -90,8 +94,8 @@ _UPSERT_STATE = """
 
 _INSERT_HISTORY = """
     INSERT INTO history (account, email, preference_id, side, opted_in, origin_time, change_id,
-                         decision, recorded_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+                         decision, recorded_at, corrected_time)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 _UPSERT_CONTACT = """
     INSERT INTO contact_state (account, email, status, suppressed, since, revision)
@@ -132,7 +136,8 @@ async def _select_in(db: Connection, sql: str, account: str,
 
 def _history_row(h: HistoryEntry) -> tuple[Any, ...]:
     return (h.account, h.email, h.preference_id, h.side, int(h.opted_in),
-            to_us(h.origin_time), h.change_id, h.decision, to_us(h.recorded_at))
+            to_us(h.origin_time), h.change_id, h.decision, to_us(h.recorded_at),
+            None if h.corrected_time is None else to_us(h.corrected_time))
 
 
 async def _run(db: aiosqlite.Connection, sql: str) -> None:
@@ -198,6 +203,10 @@ class SqliteLedgerStore:
             await db.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA_STATEMENTS:
                 await db.execute(statement)
+            for table, column, kind in ADDED_COLUMNS:
+                async with db.execute(f"PRAGMA table_info({table})") as cur:
+                    if column not in {row[1] for row in await cur.fetchall()}:
+                        await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
                              "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
             await upgrade(db)
@@ -361,15 +370,16 @@ class SqliteLedgerStore:
     async def history(self, account: str, email: str) -> list[HistoryEntry]:
         email = normalize_email(email)
         sql = ("SELECT preference_id, side, opted_in, origin_time, change_id, decision, "
-               "recorded_at FROM history WHERE account = ? AND email = ? "
+               "recorded_at, corrected_time FROM history WHERE account = ? AND email = ? "
                "ORDER BY recorded_at, id")
         async with self._reading() as db, db.execute(sql, (account, email)) as cur:
             rows = await cur.fetchall()
         return [HistoryEntry(account=account, email=email, preference_id=p, side=side,
                              opted_in=bool(opted_in), origin_time=from_us(origin),
                              change_id=change_id, decision=decision,
-                             recorded_at=from_us(recorded))
-                for p, side, opted_in, origin, change_id, decision, recorded in rows]
+                             recorded_at=from_us(recorded),
+                             corrected_time=None if corrected is None else from_us(corrected))
+                for p, side, opted_in, origin, change_id, decision, recorded, corrected in rows]
 
     # -- contacts -------------------------------------------------------------------------
     async def load_contacts(self, account: str,

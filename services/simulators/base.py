@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any, Protocol
 
 import orjson
@@ -221,6 +222,9 @@ class SimControl:
             except web.HTTPException as exc:
                 response = exc
         self.stats.statuses[str(response.status)] += 1
+        if not response.prepared:
+            # stamped by the simulator's clock, as a vendor's answers are by its own
+            response.headers["Date"] = format_datetime(self.clock.now(), usegmt=True)
         return response
 
     @staticmethod
