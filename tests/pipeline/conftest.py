@@ -72,10 +72,12 @@ class World:
             "email": email, "preference_id": preference_id, "status": status,
             "account": self.account})
 
-    async def edit_dotdigital(self, email: str, preference_id: int, opted_in: bool) -> None:
+    async def edit_dotdigital(self, email: str, preference_id: int, opted_in: bool, *,
+                              stamped_ago_s: float = 0.0) -> None:
+        """``stamped_ago_s``: the change is stamped that long ago (visible only now)."""
         await self.post(f"{self.dd_url}/_sim/dotdigital/edit", {
             "account": self.dd_account, "email": email,
-            "preferences": {str(preference_id): opted_in}})
+            "preferences": {str(preference_id): opted_in}, "stamped_ago_s": stamped_ago_s})
 
     async def set_clock(self, side: str, body: dict[str, Any]) -> None:
         await self.set_clock_at(self.dyn_url if side == "dynamics" else self.dd_url, body)

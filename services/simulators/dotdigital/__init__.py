@@ -44,9 +44,11 @@ Limits
     ``PUT|GET /_sim/limits {"calls_per_minute": N|null}`` — the per-account limit.
     ``POST /_sim/save`` — write the state file now.
     ``POST /_sim/dotdigital/edit {"account"?, "email", "status"?, "preferences"?: {"<id>":
-    bool}}`` — act as the contact in a preference centre: change status (e.g. confirm a
-    challenged resubscription with ``Subscribed``, or unsubscribe) and set preferences, which a
-    suppression does not stop. Answers the contact's subscriptions.
+    bool}, "stamped_ago_s"?}`` — act as the contact in a preference centre: change status (e.g.
+    confirm a challenged resubscription with ``Subscribed``, or unsubscribe) and set
+    preferences, which a suppression does not stop. ``stamped_ago_s`` stamps the change that
+    long ago: one committed earlier that becomes visible only now. Answers the contact's
+    subscriptions.
     ``POST /_sim/dotdigital/imports/run`` — finish every waiting import now.
     ``GET /_sim/dotdigital/accounts`` — accounts, API user names, sizes (contacts, leaf
     preferences, preference states set) and first contact id.

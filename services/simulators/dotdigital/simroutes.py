@@ -72,9 +72,13 @@ async def edit_contact(request: web.Request) -> web.Response:
             raise ValueError('preferences must look like {"<id>": true|false}')
         changes = [(int(k), v) for k, v in raw_prefs.items()]
         store.check_preferences(pid for pid, _ in changes)
+        ago = body.get("stamped_ago_s", 0)
+        if not isinstance(ago, int | float) or isinstance(ago, bool) or not 0 <= ago <= 86400:
+            raise ValueError("stamped_ago_s must be a number of seconds from 0 to 86400")
     except (ValueError, KeyError, UnknownPreference) as exc:
         return _bad(str(exc))
-    now = backend.now_ms()
+    # a change committed earlier that becomes visible only now (stamped in the past)
+    now = backend.now_ms() - round(ago * 1000)
     if status is not None:
         store.set_status(contact, status, now_ms=now)
     if changes:
