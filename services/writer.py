@@ -366,7 +366,7 @@ class Writer:
             states.update({st.key: replace(st, revision=revision)
                            for st, revision in zip(changed, revisions, strict=True)})
             return
-        raise RuntimeError("ledger conflicts did not settle")
+        raise TransientFailure("ledger conflicts did not settle", dependency="store")
 
     async def _commit_outcome(self, commands: dict[PreferenceKey, domain.WriteCommand],
                               todo: dict[PreferenceKey, domain.WriteCommand],
@@ -438,7 +438,7 @@ class Writer:
                 return current
             except ConflictError:
                 continue
-        raise RuntimeError("ledger conflicts did not settle")
+        raise TransientFailure("ledger conflicts did not settle", dependency="store")
 
     async def _note_clock(self, side: Side, client: ClockSource, time_base: TimeBase, *,
                           probes: int = MAX_PROBES) -> TimeBase:
@@ -795,18 +795,25 @@ class Writer:
         write = self._feed.writing(started=window_start, values=by_email)
         refused: dict[str, Failure] = {}
         try:
-            if len(by_email) <= DIRECT_WRITE_LIMIT:
+            direct = len(by_email) <= DIRECT_WRITE_LIMIT
+            to_import = {} if direct else dict(by_email)
+            if direct:
                 for email, preferences in by_email.items():
                     try:
                         await self._dotdigital.update_contact_preferences(email, preferences)
                     except VendorError as exc:
                         if exc.retryable:
                             raise
-                        refused[email] = Failure(reason=exc.message, code=exc.code)
-            else:
+                        if exc.status == 404:
+                            # not a dotdigital contact yet: the import creates it, as it does
+                            # for a larger batch
+                            to_import[email] = preferences
+                        else:
+                            refused[email] = Failure(reason=exc.message, code=exc.code)
+            if to_import:
                 report = await self._dotdigital.run_import(
                     [ImportContact(email=email, preferences=prefs)
-                     for email, prefs in by_email.items()])
+                     for email, prefs in to_import.items()])
                 for failure in report.failures:
                     if failure.email:
                         refused[failure.email.strip().lower()] = Failure(

@@ -120,3 +120,17 @@ async def test_a_record_removed_from_the_list_keeps_syncing(world: World, org: V
     await world.edit_dotdigital(person.email, preference.id, not wanted)
     await synced(world)
     assert await world.values(person.email, preference.id) == ({not wanted}, not wanted)
+
+
+async def test_a_record_new_to_dotdigital_gets_its_contact_there(world: World,
+                                                                 org: Vendors) -> None:
+    """A small sync to an email dotdigital has no contact for: it is created with the value
+    (the per-contact write is refused as not found; the import creates the contact)."""
+    email = "new-to-dotdigital@example.com"
+    preference = world.preferences[0]
+    record = await org.create_record("contact", email)
+    await org.add_to_list("contact", record)
+    await org.subscribe("contact", record, preference.id, False)
+    summary = await synced(world)
+    assert summary["failed"] == 0, summary
+    assert await world.values(email, preference.id) == ({False}, False)
