@@ -52,6 +52,7 @@ from common.domain import (
 )
 from common.messages import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messages import WriteCommand as WriteMessage
+from common.resilience import TransientFailure
 from common.store import ConflictError
 from common.topology import SIDES, shard_of
 from services.catalog import load_catalog
@@ -128,7 +129,7 @@ class Reconciler:
                 log.info("ledger conflict, folding again", extra={"account": self.account,
                                                                   "attempt": attempt + 1})
         else:
-            raise RuntimeError("ledger conflicts did not settle")
+            raise TransientFailure("ledger conflicts did not settle", dependency="store")
         if result.resumed:
             # Before the contact is saved as resubscribed: from here until its writes are
             # confirmed, a redelivered batch resumes the email from this mark.
