@@ -188,6 +188,11 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        from common import failpoints  # noqa: F401 - read once, here, to name a bad setting
+    except ValueError as exc:
+        print(f"prefsync: bad config: {exc}", file=sys.stderr)
+        return 2
     from common.logs import configure_logging
 
     configure_logging(service=getattr(args, "service", None) or None)

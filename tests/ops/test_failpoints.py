@@ -53,3 +53,12 @@ def test_a_set_point_exits_137_and_an_unset_one_returns() -> None:
     assert done.returncode == 137
     assert done.stdout.split() == ["passed"]
     assert "failpoint writer.after-commit" in done.stderr
+
+
+def test_a_bad_setting_stops_the_command_naming_the_variable() -> None:
+    env = {**os.environ, failpoints.ENV: "writer.after-comit"}
+    done = subprocess.run([sys.executable, "-m", "services.cli", "run", "writer"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert f"bad config: {failpoints.ENV}: unknown failpoint 'writer.after-comit'" in done.stderr
+    assert "Traceback" not in done.stderr
