@@ -24,14 +24,15 @@ PREFERENCES = (1001, 1002)
 
 
 def state(key: PreferenceKey) -> KeyState:
-    """A key state with a register, knowledge of both sides, a pending write and a write
-    record (the write ledger)."""
+    """A key state with a register, knowledge of both sides (dotdigital still holding an
+    older value: a write to it is outstanding), a pending write and a write record (the
+    write ledger)."""
     return KeyState(
         key=key,
         register=Register(opted_in=False, origin_time=T, origin_side="dotdigital",
                           change_id="dd:1"),
         known=PerSide(dynamics=Known(opted_in=False, as_of=T, version=7),
-                      dotdigital=Known(opted_in=False, as_of=T)),
+                      dotdigital=Known(opted_in=True, as_of=T - timedelta(days=1))),
         pending=PerSide(dynamics=PendingWrite(opted_in=False, origin_time=T), dotdigital=None),
         writes=PerSide(dynamics=(WriteRecord(side="dynamics", opted_in=False,
                                              register_origin_time=T, window_start=T,
@@ -51,8 +52,8 @@ def history(key: PreferenceKey, decision: str, recorded: datetime) -> HistoryEnt
 async def hold(store: LedgerStore, *, account: str, email: str, record: str,
                recorded: datetime = T) -> None:
     """Everything the ledger can hold for one person: key states with their history, the
-    contact state, parked observations, a deferred write, a directory record (eligible) and
-    its subscription row."""
+    contact state, parked observations, a resubscription whose writes are owed, a deferred
+    write, a directory record (eligible, its follow-up owed) and its subscription row."""
     keys = [PreferenceKey(account=account, email=email, preference_id=p) for p in PREFERENCES]
     await store.save([(None, state(k), history(k, "applied", recorded)) for k in keys],
                      history=[history(keys[0], "written", recorded)])
@@ -61,6 +62,7 @@ async def hold(store: LedgerStore, *, account: str, email: str, record: str,
     await store.park_observations([Observation(key=k, side="dynamics", opted_in=True,
                                                origin_time=T, version=3, change_id="dyn:1")
                                    for k in keys])
+    await store.mark_resuming(account, [email])
     await store.defer_writes(account, [(PREFERENCES[0], email)])
     await store.upsert_records(account, [RecordRef(record_type="contact", record_id=record,
                                                    email=email)])
