@@ -37,7 +37,7 @@ from bench.suite import _host
 
 COUNTED = ("lost_opt_outs", "stale_opt_ins", "missing_opt_ins", "other_wrong",
            "unexpected_dead_letters", "outstanding_keys", "restarts_by_hand", "excess_writes",
-           "ineligible_writes")
+           "ineligible_writes", "overwritten_in_flight")
 
 
 def _git(*args: str) -> str:
@@ -121,20 +121,21 @@ def by_kind(results: dict[str, Any]) -> str:
         row["dead"] += int(v["unexpected_dead_letters"])
         row["outstanding"] += int(v["outstanding_keys"])
         row["by_hand"] += int(v["restarts_by_hand"])
+        row["in_flight"] += int(v.get("overwritten_in_flight") or 0)
         row["passed"] += int(bool(v["ok"]))
         row["converged"] += int(bool(v["converged"]))
         if v["converge_s"] is not None:
             slowest[kind] = max(slowest.get(kind, 0.0), float(v["converge_s"]))
     lines = ["| faults | runs | faults injected | changes | lost opt-outs (stale opt-ins) | "
-             "wrong | dead-lettered | outstanding | restarted by hand | converged (slowest) "
-             "| passed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "wrong | overwritten in flight | dead-lettered | outstanding | restarted by hand "
+             "| converged (slowest) | passed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, r in rows.items():
         lines.append(
             f"| {kind} | {r['runs']} | {r['faults']} | {r['changes']} | {r['lost']} "
-            f"({r['stale']}) | {r['wrong']} | {r['dead']} | {r['outstanding']} | {r['by_hand']} "
-            f"| {r['converged']}/{r['runs']} ({slowest.get(kind, '-')} s) | "
-            f"{r['passed']}/{r['runs']} |")
+            f"({r['stale']}) | {r['wrong']} | {r['in_flight']} | {r['dead']} | "
+            f"{r['outstanding']} | {r['by_hand']} | {r['converged']}/{r['runs']} "
+            f"({slowest.get(kind, '-')} s) | {r['passed']}/{r['runs']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +171,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{total['faults_injected']} faults injected, {total['changes']} changes on "
         f"{total['keys']} keys; {total.get('lost_opt_outs', 0)} lost opt-outs "
         f"({total.get('stale_opt_ins', 0)} of them opted back in by a stale write), "
-        f"{total.get('missing_opt_ins', 0)} missing opt-ins, {total['wrong']} wrong in all, "
+        f"{total.get('missing_opt_ins', 0)} missing opt-ins, {total['wrong']} wrong in all "
+        f"(and {total.get('overwritten_in_flight', 0)} changes overwritten by a write already "
+        "on its way), "
         f"{total.get('unexpected_dead_letters', 0)} unexpected dead letters, "
         f"{total.get('outstanding_keys', 0)} keys left with outstanding writes, "
         f"{total.get('restarts_by_hand', 0)} processes restarted by hand; converged "

@@ -177,6 +177,31 @@ def test_a_lost_opt_out_is_put_down_to_clock_skew_where_the_raw_stamps_disagree(
     )).lost_causes == {"never delivered": 1}
 
 
+def test_an_opt_out_overwritten_by_a_write_already_on_its_way_is_reported_apart() -> None:
+    # the person opts out on dotdigital 3 ms before prefsync's write of the older opt-in lands
+    h = history(Baseline(email=A, preference_id=P, opted_in=False), dyn(True, 54),
+                dd(False, 55.185), baseline=False)
+    journal = [{"side": "dotdigital", "email": A, "preference_id": P, "opted_in": False,
+                "at": "2025-03-01T12:00:55.185Z", "via": "sim"},
+               {"side": "dotdigital", "email": A, "preference_id": P, "opted_in": True,
+                "at": "2025-03-01T12:00:55.188Z", "via": "api"}]
+    observed = Observed(dotdigital={A: {P: True}},
+                        records={"c-a": RecordView(email=A, values={P: True})}, journal=journal)
+    verdict = check(h, observed)
+    assert (verdict.overwritten_in_flight, verdict.lost_opt_outs, verdict.stale_opt_ins) == (1, 0, 0)
+    assert verdict.ok
+    assert verdict.details["overwritten_in_flight"][0]["overwrote_in_flight"]
+    # landing 3 s later, the write had time to see the change: a stale opt-in ...
+    late = [journal[0], {**journal[1], "at": "2025-03-01T12:00:58.185Z"}]
+    verdict = check(h, Observed(dotdigital=observed.dotdigital, records=observed.records,
+                                journal=late))
+    assert (verdict.overwritten_in_flight, verdict.lost_opt_outs, verdict.stale_opt_ins) == (0, 1, 1)
+    # ... unless writes were held up that long (a latency fault): then it was on its way
+    verdict = check(h, Observed(dotdigital=observed.dotdigital, records=observed.records,
+                                journal=late), race_window_s=4.0)
+    assert verdict.overwritten_in_flight == 1 and verdict.ok
+
+
 def test_a_missing_opt_in_and_a_missing_value() -> None:
     verdict = check(history(dd(True, 1)), agreed(False))
     assert verdict.missing_opt_ins == 1 and verdict.lost_opt_outs == 0

@@ -21,6 +21,9 @@ What is counted (each key once per count):
 - ``missing_opt_ins``: the expected value is opt-in, but a record or the contact shows opt-out
   or nothing;
 - ``other_wrong``: nothing shown where an opt-out is expected;
+- ``overwritten_in_flight`` (reported apart, not a failure): keys whose wrong value is a write of
+  ours that the vendor applied within ``race_window_s`` after a person changed that target the
+  other way (the write was on its way before the change; see ``_overwrote_in_flight``);
 - ``excess_writes``: targets (a record's row, or a contact's preference) that prefsync wrote
   more than ``2 x (edits of the key) + write_slack`` times (the vendors' journals);
 - ``ineligible_writes``: prefsync writes to records that never joined a list;
@@ -162,6 +165,10 @@ class Verdict:
     # raw stamps order it the other way), "overwritten by prefsync" (our write of the opt-in
     # landed on the side after the opt-out), "never delivered" (the side kept its old value)
     lost_causes: dict[str, int] = field(default_factory=dict)
+    # keys where a person's change was overwritten by a write of ours already on its way (see
+    # ``_overwrote_in_flight``): reported, not counted as lost or missing (no conditional
+    # writes at dotdigital: the change is gone before anyone could read it)
+    overwritten_in_flight: int = 0
     details: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
 
     @property
@@ -216,8 +223,22 @@ def _ours(entry: Mapping[str, Any], user: set[tuple[str, int]]) -> bool:
     return True
 
 
+def _overwrote_in_flight(entries: Sequence[Mapping[str, Any]], user: set[tuple[str, int]], *,
+                         window_s: float) -> bool:
+    """The value a target shows was written by prefsync within ``window_s`` after a person
+    changed it the other way: a write already on its way (read, decided and sent before the
+    change) that the vendor applied after it. dotdigital has no conditional writes, so such a
+    change is overwritten unseen."""
+    *before, final = entries
+    changes = [e for e in before if not _ours(e, user)]
+    if not changes or changes[-1]["opted_in"] == final["opted_in"]:
+        return False
+    gap = parse_time(str(final["at"])) - parse_time(str(changes[-1]["at"]))
+    return timedelta(0) <= gap <= timedelta(seconds=window_s)
+
+
 def check(history: History, observed: Observed, *, write_slack: int = 3,
-          skew_tolerance_s: float = 2.0) -> Verdict:
+          skew_tolerance_s: float = 2.0, race_window_s: float = 1.0) -> Verdict:
     verdict = Verdict(changes=len(history.edits), converged=observed.converged,
                       converge_s=observed.converge_s,
                       restarts_by_hand=len(observed.restarts_by_hand))
@@ -232,10 +253,12 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
 
     # who wrote each target last, and how often prefsync wrote it
     last: dict[tuple[str, str, int], Mapping[str, Any]] = {}
+    writes_to: dict[tuple[str, str, int], list[Mapping[str, Any]]] = defaultdict(list)
     ours: Counter[tuple[str, str, int]] = Counter()
     for entry in sorted(observed.journal, key=lambda e: parse_time(str(e["at"]))):
         target = _target(entry)
         last[target] = entry
+        writes_to[target].append(entry)
         if _ours(entry, user):
             ours[target] += 1
             verdict.prefsync_writes += 1
@@ -270,30 +293,45 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
                 and all(value is False for _, _, value in views)):
             verdict.tie_band_opt_outs += 1  # a tie within the clocks' uncertainty
             continue
+        wrong: list[tuple[list[str], dict[str, Any], bool]] = []
         for side, who, value in views:
             if value == want:
                 continue
-            wrote = last.get((side, who, key[1]))
+            target = (side, who, key[1])
+            wrote = last.get(target)
             by_us = wrote is not None and _ours(wrote, user) and wrote["opted_in"] == value
+            raced = by_us and _overwrote_in_flight(writes_to[target], user,
+                                                   window_s=race_window_s)
             detail = {"email": key[0], "preference_id": key[1], "side": side, "target": who,
                       "expected": want, "shown": value, "written_by_prefsync": by_us,
-                      "winner": _describe(expectation.winner), "edits": expectation.edits,
-                      "skew_sensitive": expectation.skew_sensitive}
+                      "overwrote_in_flight": raced, "winner": _describe(expectation.winner),
+                      "edits": expectation.edits, "skew_sensitive": expectation.skew_sensitive}
             if not want and value is True:
                 kinds = ["lost_opt_outs"] + (["stale_opt_ins"] if by_us else [])
             elif want:
                 kinds = ["missing_opt_ins"]
             else:
                 kinds = ["other_wrong"]
+            wrong.append((kinds, detail, raced))
+        if not wrong:
+            continue
+        if any(raced for _, _, raced in wrong) and not expectation.skew_sensitive:
+            # a person's change overwritten by a write of ours already on its way: the rest of
+            # the key's damage follows from that one (the change was never there to be read)
+            verdict.overwritten_in_flight += 1
+            for _, detail, _ in wrong:
+                verdict.note("overwritten_in_flight", detail)
+            continue
+        for kinds, detail, _ in wrong:
             for kind in kinds:
                 if key not in flagged[kind]:
                     flagged[kind].add(key)
                     setattr(verdict, kind, getattr(verdict, kind) + 1)
                 verdict.note(kind, detail)
             if "lost_opt_outs" in kinds:
-                cause = ("clock skew" if expectation.skew_sensitive else
-                         "overwritten by prefsync" if by_us else "never delivered")
-                causes[key].add(cause)
+                causes[key].add("clock skew" if expectation.skew_sensitive else
+                                "overwritten by prefsync" if detail["written_by_prefsync"]
+                                else "never delivered")
     for found in causes.values():
         # one cause per key: skew explains the rest; an overwrite explains a missing delivery
         cause = next(c for c in ("clock skew", "overwritten by prefsync", "never delivered")

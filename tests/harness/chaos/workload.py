@@ -175,24 +175,26 @@ class Workload:
     async def edit(self, side: Side, email: str, preference: int, opted_in: bool) -> None:
         self.last_edit[(side, email, preference)] = time.monotonic()
         self.touched.add(email)
+        async with self.world.clock_of(side):
+            edit = await self._edit(side, email, preference, opted_in)
+        self._record(edit)
+
+    async def _edit(self, side: Side, email: str, preference: int, opted_in: bool) -> Edit:
         world = self.world
         offset = world.offsets[side]
         if side == "dynamics":
             answer = await world.call("POST", f"{world.dyn_url}/_sim/dynamics/edit", {
                 "email": email, "preference_id": preference, "account": world.account,
                 "status": "opted_in" if opted_in else "opted_out"})
-            self._record(Edit(side="dynamics", email=email, preference_id=preference,
-                              opted_in=opted_in, at=parse_time(answer["modifiedon"]),
-                              offset_s=offset, record_id=str(answer["record_id"]),
-                              version=int(answer["versionnumber"])))
-        else:
-            answer = await world.call("POST", f"{world.dd_url}/_sim/dotdigital/edit", {
-                "account": DD_ACCOUNT, "email": email,
-                "preferences": {str(preference): opted_in}})
-            stamp = next(o["dateModifed"] for o in answer["marketingPreferenceOptIns"]
-                         if int(o["marketingPreferenceId"]) == preference)
-            self._record(Edit(side="dotdigital", email=email, preference_id=preference,
-                              opted_in=opted_in, at=parse_time(stamp), offset_s=offset))
+            return Edit(side="dynamics", email=email, preference_id=preference,
+                        opted_in=opted_in, at=parse_time(answer["modifiedon"]), offset_s=offset,
+                        record_id=str(answer["record_id"]), version=int(answer["versionnumber"]))
+        answer = await world.call("POST", f"{world.dd_url}/_sim/dotdigital/edit", {
+            "account": DD_ACCOUNT, "email": email, "preferences": {str(preference): opted_in}})
+        stamp = next(o["dateModifed"] for o in answer["marketingPreferenceOptIns"]
+                     if int(o["marketingPreferenceId"]) == preference)
+        return Edit(side="dotdigital", email=email, preference_id=preference, opted_in=opted_in,
+                    at=parse_time(stamp), offset_s=offset)
 
     # --- operations ----------------------------------------------------------------------------
     def _pick(self, sides: tuple[Side, ...]) -> tuple[str, int] | None:

@@ -37,7 +37,7 @@ from services.dlq import walk
 from services.dynamics_poller import LOOKUP_COLUMNS, OPTED_IN, OPTED_OUT, RECORD_TABLES, SUBSCRIPTIONS
 from services.sync_now import RunTimedOut, sync_and_wait
 from tests.harness.chaos.checker import RecordView
-from tests.harness.chaos.history import Key, Side
+from tests.harness.chaos.history import Key
 from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -144,6 +144,7 @@ class ChaosWorld:
     # vendors whose API the harness made faulty (its own API calls wait for them)
     faulty: set[str] = field(default_factory=set)
     _layers: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    _clocks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _supervisors: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: bool = False
     _fired: dict[str, int] = field(default_factory=dict)
@@ -184,9 +185,15 @@ class ChaosWorld:
             await self.call("DELETE", f"{self.url_of(side)}/_sim/faults")
             self.faulty.discard(side)
 
+    def clock_of(self, side: str) -> asyncio.Lock:
+        """Held around an edit and a clock change of ``side``: an edit's recorded offset is
+        the one its stamp was made with."""
+        return self._clocks.setdefault(side, asyncio.Lock())
+
     async def set_offset(self, side: str, offset_s: float) -> None:
-        await self.call("PUT", f"{self.url_of(side)}/_sim/clock", {"offset_s": offset_s})
-        self.offsets[side] = offset_s
+        async with self.clock_of(side):
+            await self.call("PUT", f"{self.url_of(side)}/_sim/clock", {"offset_s": offset_s})
+            self.offsets[side] = offset_s
 
     async def stats(self, side: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.call("GET", f"{self.url_of(side)}/_sim/stats")
@@ -366,8 +373,28 @@ class ChaosWorld:
         except Exception as exc:  # the broker may be down: that is one of the faults
             return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
+    async def in_flight(self) -> int:
+        """Messages in the account's work queues (ready or held by a consumer): changes not
+        reconciled yet, write commands not written yet (e.g. being retried)."""
+        if not self.broker.running:
+            return -1
+        try:
+            out = await self.broker.ctl("list_queues", "name", "messages", "-q",
+                                        "--no-table-headers", timeout_s=60)
+        except RuntimeError:
+            return -1
+        total = 0
+        for line in out.splitlines():
+            name, _, count = line.strip().partition("\t")
+            if name.startswith((f"prefsync.{self.account}.changes.",
+                                f"prefsync.{self.account}.writes.")):
+                total += int(count.strip() or 0)
+        return total
+
     async def converge(self, *, deadline_s: float, run_timeout_s: float) -> dict[str, Any]:
-        """Sync until two runs in a row apply nothing and fail nothing (or the deadline)."""
+        """Sync until two runs in a row apply nothing and fail nothing, with nothing left in
+        the work queues after them (a write from an earlier run may still be retried; it is
+        not in a run's count), or until the deadline."""
         started = time.monotonic()
         runs: list[dict[str, Any]] = []
         quiet = 0
@@ -378,11 +405,12 @@ class ChaosWorld:
             applied = (int(summary.get("applied_to_dotdigital", 0))
                        + int(summary.get("applied_to_dynamics", 0)))
             clean = "error" not in summary and not summary.get("failed")
+            pending = await self.in_flight() if clean and applied == 0 else None
             runs.append({"applied": applied, "failed": summary.get("failed"),
                          "error": summary.get("error"), "read": summary.get("read"),
-                         "errors": (summary.get("errors") or [])[:3],
+                         "errors": (summary.get("errors") or [])[:3], "in_flight": pending,
                          "at_s": round(time.monotonic() - started, 1)})
-            if clean and applied == 0:
+            if clean and applied == 0 and pending == 0:
                 quiet += 1
                 if quiet == 1:
                     first_quiet_end = time.monotonic()
@@ -392,8 +420,8 @@ class ChaosWorld:
                             "converge_s": round(first_quiet_end - started, 1)}
             else:
                 quiet = 0
-                if not clean:
-                    await asyncio.sleep(1.0)  # e.g. a process still starting
+                if not clean or pending:
+                    await asyncio.sleep(1.0)  # e.g. a process still starting, a write retried
         return {"converged": False, "runs": runs, "converge_s": None}
 
     # --- reading the end state -----------------------------------------------------------------
@@ -606,7 +634,3 @@ async def chaos_world(root: Path, *, spec: WorldSpec, broker: PrivateRabbitMQ,
         for process in simulators.values():
             await _stop(process)
 
-
-def history_side(side: str) -> Side:
-    assert side in SIDES
-    return side  # type: ignore[return-value]
