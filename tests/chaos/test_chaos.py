@@ -45,10 +45,13 @@ KNOWN = {
     "short-sqlite-processes-and-broker":
         "issue 10 defect 7: losing the broker connection ends the process "
         "(ChannelInvalidStateError / 'Connection was not opened'), so processes are restarted "
-        "by hand after close_all_connections and a node restart",
+        "by hand after close_all_connections and a node restart; and defect 10 when a contact "
+        "is suppressed between the writer's read and its write (ERROR_CONTACT_SUPPRESSED is "
+        "dead-lettered)",
     "short-postgres-store-and-vendors":
         "issue 10 defect 1: a failed trigger is requeued at once, so while PostgreSQL is "
-        "stopped a sync trigger spends its 20 deliveries in seconds and is dead-lettered",
+        "stopped a sync trigger spends its 20 deliveries in seconds and is dead-lettered; and "
+        "defect 10 (ERROR_CONTACT_SUPPRESSED dead-lettered)",
 }
 
 

@@ -18,6 +18,8 @@ profile, so the short CI form and the full run share the same code:
 - ``vendor-latency``: writes to one vendor take longer than the client's timeout (they land
   after the client gave up: writes that may have landed);
 - ``clock-offset``: one vendor's clock runs ahead or behind for a while.
+
+The last four name their vendor (``vendor-outage:dotdigital``) or leave it to chance.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Scale:
     latency_s: float = 60.0
     offset_s: float = 30.0
     offset_hold_s: float = 60.0
-    failpoint_wait_s: float = 90.0
+    failpoint_wait_s: float = 60.0
     kills: int = 4
 
 
@@ -190,34 +192,39 @@ async def vendor_errors(world: ChaosWorld, rng: random.Random, scale: Scale,
                            for side in ("dynamics", "dotdigital")))
 
 
-async def vendor_outage(world: ChaosWorld, rng: random.Random, scale: Scale,
+def _one_side(run: Callable[[ChaosWorld, str, random.Random, Scale, Injected],
+                             Awaitable[None]], side: str | None) -> FaultFn:
+    """The fault on ``side``, or (None) on a side drawn at random."""
+    async def fault_fn(world: ChaosWorld, rng: random.Random, scale: Scale,
+                       fault: Injected) -> None:
+        await run(world, side or rng.choice(("dynamics", "dotdigital")), rng, scale, fault)
+    return fault_fn
+
+
+async def vendor_outage(world: ChaosWorld, side: str, rng: random.Random, scale: Scale,
                         fault: Injected) -> None:
-    side = rng.choice(("dynamics", "dotdigital"))
     fault.detail.update({"side": side, "rate": 1.0, "hold_s": scale.outage_s})
     await _vendor(world, side, {"error_rate": {"* /": 1.0}}, scale.outage_s, fault)
 
 
-async def vendor_429(world: ChaosWorld, rng: random.Random, scale: Scale,
+async def vendor_429(world: ChaosWorld, side: str, rng: random.Random, scale: Scale,
                      fault: Injected) -> None:
-    side = rng.choice(("dynamics", "dotdigital"))
     body = {"throttle": {"limit": 2, "window_s": scale.storm_retry_after_s}}
     fault.detail.update({"side": side, "retry_after_up_to_s": scale.storm_retry_after_s,
                          "hold_s": scale.storm_s})
     await _vendor(world, side, body, scale.storm_s, fault)
 
 
-async def vendor_latency(world: ChaosWorld, rng: random.Random, scale: Scale,
+async def vendor_latency(world: ChaosWorld, side: str, rng: random.Random, scale: Scale,
                          fault: Injected) -> None:
-    side = rng.choice(("dynamics", "dotdigital"))
     delay_ms = (world.spec.client_timeout_s + 2.0) * 1000
     body = {"latency_ms": dict.fromkeys(WRITE_ROUTES[side], delay_ms)}
     fault.detail.update({"side": side, "latency_ms": delay_ms, "hold_s": scale.latency_s})
     await _vendor(world, side, body, scale.latency_s, fault)
 
 
-async def clock_offset(world: ChaosWorld, rng: random.Random, scale: Scale,
+async def clock_offset(world: ChaosWorld, side: str, rng: random.Random, scale: Scale,
                        fault: Injected) -> None:
-    side = rng.choice(("dynamics", "dotdigital"))
     offset = round(rng.choice((-1, 1)) * scale.offset_s)
     fault.detail.update({"side": side, "offset_s": offset, "hold_s": scale.offset_hold_s})
     await world.set_offset(side, offset)
@@ -227,6 +234,10 @@ async def clock_offset(world: ChaosWorld, rng: random.Random, scale: Scale,
         await world.set_offset(side, 0.0)
 
 
+# One vendor at a time: ``vendor-outage`` draws the side, ``vendor-outage:dotdigital`` names it.
+_PER_SIDE = {"vendor-outage": vendor_outage, "vendor-429": vendor_429,
+             "vendor-latency": vendor_latency, "clock-offset": clock_offset}
+
 FAULTS: dict[str, FaultFn] = {
     "kill": kill,
     **{f"failpoint:{point}": failpoint(point) for point in POINTS},
@@ -235,16 +246,16 @@ FAULTS: dict[str, FaultFn] = {
     "postgres-stop": postgres_stop,
     "sqlite-lock": sqlite_lock,
     "vendor-errors": vendor_errors,
-    "vendor-outage": vendor_outage,
-    "vendor-429": vendor_429,
-    "vendor-latency": vendor_latency,
-    "clock-offset": clock_offset,
+    **{name: _one_side(run, None) for name, run in _PER_SIDE.items()},
+    **{f"{name}:{side}": _one_side(run, side) for name, run in _PER_SIDE.items()
+       for side in ("dynamics", "dotdigital")},
 }
 BACKEND_ONLY = {"postgres-stop": "postgres", "sqlite-lock": "sqlite"}
 
 
 def kinds_for(backend: str) -> list[str]:
-    return [k for k in FAULTS if BACKEND_ONLY.get(k, backend) == backend]
+    """Every fault kind that applies to the backend, each vendor's faults on each vendor."""
+    return [k for k in FAULTS if BACKEND_ONLY.get(k, backend) == backend and k not in _PER_SIDE]
 
 
 async def inject(world: ChaosWorld, kinds: list[str], *, rng: random.Random, scale: Scale,
