@@ -16,12 +16,15 @@ from bench import results
 from bench.sizes import SIZES, with_repeats
 
 SCENARIOS = ("backfill", "steady", "api-economy", "rate-limited", "memory", "scale")
+# Run on its own (never part of "all"): faults injected, results in chaos.json (bench/chaos.py).
+CHAOS = "chaos"
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"scenarios to run (default: all): {', '.join(SCENARIOS)}")
+                        help=f"scenarios to run (default: all): {', '.join(SCENARIOS)}; or "
+                             f"'{CHAOS}' alone: the chaos suite (results in chaos.json)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full",
                         help="full: the sizes the targets are set for (default); medium "
                              "(a tenth) and small: runs while working; smoke: tiny, for "
@@ -40,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=("dynamics-to-dotdigital", "dotdigital-to-dynamics"),
                         help="backfill: only this way (repeatable); the other is kept from "
                              "latest.json, measured at the same size")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="chaos: the seed of the workload and fault schedule")
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="chaos: only the cases whose name contains TEXT")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,6 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if CHAOS in args.scenarios:
+        if len(args.scenarios) > 1:
+            print(f"'{CHAOS}' runs on its own", file=sys.stderr)
+            return 2
+        from bench.chaos import run_chaos
+
+        return asyncio.run(run_chaos(size=args.size, seed=args.seed, results_dir=args.results,
+                                     keep=args.keep, only=args.only))
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",

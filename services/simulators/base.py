@@ -2,6 +2,12 @@
 
 The ``/_sim/`` routes are a test-control surface of the simulators only; they are not part of
 either vendor's API and take no authentication. Tests, the demo and benchmarks drive them.
+
+``PUT /_sim/journal {"enabled": true}`` starts (and empties) a journal of every preference
+write, each with the email, the dotdigital preference id, the value, the vendor's stamp and
+``via`` (``api``: through the vendor's API; ``sim``: a ``/_sim/`` edit acting as a user);
+``GET /_sim/journal`` reads it. The chaos suite counts writes per key with it, and tells who
+wrote what a side holds. Off by default (a benchmark's millions of writes are not kept).
 """
 
 from __future__ import annotations
@@ -184,6 +190,13 @@ class SimControl:
         self._seed = seed
         self._api_prefixes = api_prefixes
         self._rng = random.Random()
+        # preference writes, while the journal is enabled (see the module docstring)
+        self.journal: list[dict[str, Any]] | None = None
+
+    def note_write(self, entry: dict[str, Any]) -> None:
+        """Journal one preference write (a no-op unless the journal is enabled)."""
+        if self.journal is not None:
+            self.journal.append(entry)
 
     def install(self, app: web.Application) -> None:
         app.middlewares.append(self._middleware)
@@ -195,6 +208,8 @@ class SimControl:
         app.router.add_put("/_sim/clock", self._handle_clock)
         app.router.add_get("/_sim/clock", self._handle_get_clock)
         app.router.add_get("/_sim/stats", self._handle_stats)
+        app.router.add_put("/_sim/journal", self._handle_put_journal)
+        app.router.add_get("/_sim/journal", self._handle_get_journal)
 
     def is_api(self, path: str) -> bool:
         return any(path.startswith(p) for p in self._api_prefixes)
@@ -285,6 +300,19 @@ class SimControl:
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
         return json_response(self.stats.describe())
+
+    async def _handle_put_journal(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read() or b"{}")
+            enabled = bool(body.get("enabled", True))
+        except (ValueError, AttributeError) as exc:
+            return json_response({"error": f"bad journal request: {exc}"}, status=400)
+        self.journal = [] if enabled else None
+        return json_response({"enabled": enabled})
+
+    async def _handle_get_journal(self, request: web.Request) -> web.Response:
+        return json_response({"enabled": self.journal is not None,
+                              "entries": self.journal or []})
 
 
 @asynccontextmanager

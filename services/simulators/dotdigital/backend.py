@@ -11,10 +11,11 @@ from typing import Any
 from services.simulators import seeding
 from services.simulators.base import SimControl
 from services.simulators.dotdigital.accounts import ApiUser, Credentials
-from services.simulators.dotdigital.dates import to_ms
+from services.simulators.dotdigital.dates import format_ms, to_ms
 from services.simulators.dotdigital.errors import DotdigitalErrors
 from services.simulators.dotdigital.imports import ImportJob, ImportQueue
 from services.simulators.dotdigital.limits import SCOPE, CallRateLimits
+from services.simulators.dotdigital.model import Contact
 from services.simulators.dotdigital.persistence import load_state, save_state
 from services.simulators.dotdigital.store import AccountStore
 from services.simulators.dotdigital.v3write import apply_contact_request
@@ -55,7 +56,7 @@ class Backend:
             loaded = load_state(state_file)
             for aid, store in loaded.items():
                 if aid in self.stores:
-                    self.stores[aid] = store
+                    self.stores[aid] = self._watch(store)
             log.info("dotdigital simulator: loaded state for %d account(s) from %s",
                      len(set(loaded) & set(self.stores)), state_file)
             _settle_heap()
@@ -64,6 +65,23 @@ class Backend:
         position = self.credentials.account_ids.index(account_id)
         store = AccountStore(account_id=account_id, id_base=position * ID_SPACING)
         store.create_address_book(name="Test")  # every dotdigital account has one
+        return self._watch(store)
+
+    def _watch(self, store: AccountStore) -> AccountStore:
+        """Journal the store's preference writes (``/_sim/journal``)."""
+        control = self.control
+
+        def note(contact: Contact, changes: Sequence[tuple[int, bool]], now_ms: int,
+                 as_contact: bool) -> None:
+            if control.journal is None:
+                return
+            at = format_ms(now_ms)
+            for preference_id, opted_in in changes:
+                control.note_write({"account": str(store.account_id), "email": contact.email,
+                                    "preference_id": preference_id, "opted_in": opted_in,
+                                    "at": at, "via": "sim" if as_contact else "api"})
+
+        store.on_preferences = note
         return store
 
     def now_ms(self) -> int:
@@ -101,7 +119,7 @@ class Backend:
         store.create_address_book(name="Test")
         store.seed(records=records, preferences=preferences, seed=seed, now_ms=self.now_ms(),
                    states=mode)
-        self.stores[account_id] = store
+        self.stores[account_id] = self._watch(store)
         _settle_heap()
         leaves = store.preferences.leaves()
         return {

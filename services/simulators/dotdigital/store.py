@@ -15,7 +15,7 @@ value is unchanged (an explicit write is a write), and bumps the contact's v3 ``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,6 +82,9 @@ class AccountStore:
         self._created = SortedKeys()
         self._suppressed = SortedKeys()
         self._unsubscribed = SortedKeys()
+        # told of every preference write (contact, changes, stamp, as_contact): the journal
+        self.on_preferences: Callable[[Contact, Sequence[tuple[int, bool]], int, bool],
+                                      None] | None = None
 
     @property
     def first_contact_id(self) -> int:
@@ -197,6 +200,8 @@ class AccountStore:
             states.opted.set(contact.slot, 1 if opted_in else 0)
             states.modified.set(contact.slot, now_ms)
         self.touch(contact, now_ms=now_ms)
+        if self.on_preferences is not None:
+            self.on_preferences(contact, changes, now_ms, as_contact)
 
     def set_status(self, contact: Contact, status: str, *, now_ms: int) -> None:
         """Moves a contact to ``status``; entering or changing a suppression stamps

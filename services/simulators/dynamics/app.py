@@ -12,8 +12,9 @@ reset clears the data and limit usage, while configured limits and issued tokens
   versions and ``modifiedon`` move):
   ``{"email": E, "preference_id": <dotdigital id>, "status": "opted_in"|"opted_out"|null,
   "account": "demo"}`` sets (or with null deletes) the subscription of the record with that
-  e-mail; ``{"email": E, "set": {"donotbulkemail": true, "statecode": 1, ...}}`` updates the
-  record itself. The record is looked up in contacts, then leads, then accounts.
+  e-mail (the answer gives the row's ``versionnumber`` and ``modifiedon``, and the record);
+  ``{"email": E, "set": {"donotbulkemail": true, "statecode": 1, ...}}`` updates the record
+  itself. The record is looked up in contacts, then leads, then accounts.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ from .protocol import (
     make_call,
 )
 from .routes import VERSIONS, templates
-from .schema import OPTED_IN, OPTED_OUT, SUBSCRIPTIONS, TABLES
+from .schema import OPTED_IN, OPTED_OUT, SUBSCRIPTIONS, TABLES, TableSchema
 from .seed import seed_store
 from .state import load_file, save_file
-from .store import Store
+from .store import Row, Store
 from .writes import Writes
 
 _API_PATH = re.compile(r"^/api/data/(v9\.[0-2])(?:/(.*))?$")
@@ -97,6 +98,8 @@ class DynamicsApp:
                                    now=self.clock.now)
         self.limiter = Limiter(limits)
         self.writes = Writes(self.store, self.clock.now, on_write=self._count_write)
+        self.writes.on_row = self._journal_row
+        self._editing = False  # inside a /_sim/dynamics/edit (a user's change, not the API's)
         self.api = Api(store=self.store, writes=self.writes, now=self.clock.now,
                        retention=retention)
         self.batch = Batch(api=self.api, record=self._record_in_batch, fault=self._fault)
@@ -138,6 +141,30 @@ class DynamicsApp:
 
     def _count_write(self) -> None:
         self.control.stats.writes_applied += 1
+
+    def _journal_row(self, schema: TableSchema, row: Row) -> None:
+        """Journal a subscription row written (``/_sim/journal``), under its record's email."""
+        if self.control.journal is None or schema is not SUBSCRIPTIONS:
+            return
+        record = None
+        for lookup, entity_set in (("_psync_contactid_value", "contacts"),
+                                   ("_psync_leadid_value", "leads"),
+                                   ("_psync_accountid_value", "accounts")):
+            if row.get(lookup):
+                record = (entity_set, str(row[lookup]))
+                break
+        preference = self.store.tables["psync_marketingpreferences"].rows.get(
+            str(row.get("_psync_preferenceid_value")))
+        if record is None or preference is None:
+            return
+        owner = self.store.tables[record[0]].rows.get(record[1]) or {}
+        modified = row["modifiedon"]
+        self.control.note_write({
+            "account": preference.get("psync_ecaccount"), "email": owner.get("emailaddress1"),
+            "record_id": record[1], "preference_id": preference.get("psync_ecpreferenceid"),
+            "opted_in": row.get("psync_status") == OPTED_IN,
+            "at": modified.isoformat().replace("+00:00", "Z"),
+            "version": row["versionnumber"], "via": "sim" if self._editing else "api"})
 
     def _record(self, method: str, route: str, status: int) -> None:
         self.control.stats.calls[f"{method} {route}"] += 1
@@ -250,7 +277,11 @@ class DynamicsApp:
             body = orjson.loads(await request.read() or b"{}")
             if not isinstance(body, dict) or not isinstance(body.get("email"), str):
                 raise ValueError("body needs an 'email'")
-            return json_response(self._apply_edit(body))
+            self._editing = True
+            try:
+                return json_response(self._apply_edit(body))
+            finally:
+                self._editing = False
         except (ValueError, TypeError, KeyError) as exc:
             return json_response({"error": f"bad edit: {exc}"}, status=400)
         except ApiError as exc:
@@ -298,7 +329,8 @@ class DynamicsApp:
                 "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({pref_id})",
                 f"psync_{schema.logical}id@odata.bind": f"/{record_set}({record_id})"})
         return {"entity_set": SUBSCRIPTIONS.entity_set, "id": row[SUBSCRIPTIONS.pk],
-                "versionnumber": row["versionnumber"]}
+                "versionnumber": row["versionnumber"], "record_id": record_id,
+                "modifiedon": row["modifiedon"].isoformat().replace("+00:00", "Z")}
 
 
 def build(*, clients: list[str] | tuple[str, ...], state_file: Path | None, retention: timedelta,

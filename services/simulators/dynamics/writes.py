@@ -83,6 +83,8 @@ class Writes:
         self.store = store
         self.now = now
         self.on_write = on_write
+        # told of every row created or updated (the ``/_sim/journal``)
+        self.on_row: Callable[[TableSchema, Row], None] | None = None
 
     # -- body ------------------------------------------------------------------------------------
 
@@ -201,6 +203,8 @@ class Writes:
         self._stamp(row)
         self.store.put(schema.entity_set, row_id, row)
         self.on_write()
+        if self.on_row is not None:
+            self.on_row(schema, row)
         return row
 
     def update(self, schema: TableSchema, row_id: str, body: Any) -> Row:
@@ -223,6 +227,8 @@ class Writes:
         self._stamp(row)
         self.store.put(schema.entity_set, row_id, row)
         self.on_write()
+        if self.on_row is not None:
+            self.on_row(schema, row)
         return row
 
     def delete(self, schema: TableSchema, row_id: str, *, cascade: bool = False) -> None:

@@ -1,0 +1,123 @@
+"""The chaos suite, pytest form: whole worlds under injected faults, checked against the history.
+
+By default the short form runs (CI: about two minutes, two worlds, every fault kind that heals
+within seconds, mixed). ``PREFSYNC_CHAOS=full`` runs the full set instead (every fault kind
+alone and mixed, on both ledgers, with the full durations: an hour or more), as
+``prefsync bench chaos`` does; ``PREFSYNC_CHAOS_SEED`` changes the seeds. Each case leaves its
+world (logs, ledger, ``case.json`` with the history and the verdict) in its pytest temporary
+folder.
+
+The worlds run on a private RabbitMQ node and a private PostgreSQL cluster; without their
+binaries the suite is skipped, unless ``PREFSYNC_CI`` is set (CI sets it), which fails it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.chaos.run import Case, full_cases, run_case, short_cases
+from tests.harness.private_services import (
+    PrivatePostgres,
+    PrivateRabbitMQ,
+    postgres_available,
+    private_postgres,
+    private_rabbitmq,
+    rabbitmq_available,
+)
+
+FULL = os.environ.get("PREFSYNC_CHAOS") == "full"
+SEED = int(os.environ.get("PREFSYNC_CHAOS_SEED", "0"))
+# Broker restarts: every service process alive and converged within this of the broker's return.
+BROKER_RETURN_CONVERGE_S = 60.0
+
+pytestmark = [pytest.mark.chaos, pytest.mark.anyio,
+              pytest.mark.timeout(7200 if FULL else 300)]
+
+# Defects of issue 10 the short form finds on the code it was written against; each mark names
+# the defect and goes once it is fixed.
+KNOWN = {
+    "short-sqlite-processes-and-broker":
+        "issue 10 defect 7: losing the broker connection ends the process "
+        "(ChannelInvalidStateError / 'Connection was not opened'), so processes are restarted "
+        "by hand after close_all_connections and a node restart; and defect 10 when a contact "
+        "is suppressed between the writer's read and its write (ERROR_CONTACT_SUPPRESSED is "
+        "dead-lettered)",
+    "short-postgres-store-and-vendors":
+        "issue 10 defect 1: a failed trigger is requeued at once, so while PostgreSQL is "
+        "stopped a sync trigger spends its 20 deliveries in seconds and is dead-lettered; and "
+        "defect 10 (ERROR_CONTACT_SUPPRESSED dead-lettered)",
+}
+
+
+def _cases() -> list[Any]:
+    cases = (full_cases("sqlite", seed=SEED + 1) + full_cases("postgres", seed=SEED + 1)
+             if FULL else short_cases())
+    if SEED:
+        cases = [replace(c, seed=c.seed + SEED) for c in cases]
+    out = []
+    for case in cases:
+        marks = []
+        if not FULL and case.name in KNOWN:
+            # only the verdict may fail: a harness error still fails the test
+            marks.append(pytest.mark.xfail(reason=KNOWN[case.name], strict=False,
+                                           raises=AssertionError))
+        out.append(pytest.param(case, id=case.name, marks=marks))
+    return out
+
+
+def _require(available: bool, what: str) -> None:
+    if available:
+        return
+    if os.environ.get("PREFSYNC_CI"):
+        pytest.fail(f"{what} is needed for the chaos suite")
+    pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrivateRabbitMQ]:
+    _require(rabbitmq_available(), "a RabbitMQ server (rabbitmq-server, rabbitmqctl)")
+    async with private_rabbitmq(tmp_path_factory.mktemp("rabbitmq")) as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+async def postgres(tmp_path_factory: pytest.TempPathFactory
+                   ) -> AsyncIterator[PrivatePostgres | None]:
+    """The private cluster (None without PostgreSQL's binaries: its cases are skipped)."""
+    if not postgres_available():
+        yield None
+        return
+    async with private_postgres(tmp_path_factory.mktemp("postgres")) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("case", _cases())
+async def test_chaos(case: Case, tmp_path: Path, broker: PrivateRabbitMQ,
+                     postgres: PrivatePostgres | None) -> None:
+    if case.backend == "postgres":
+        _require(postgres is not None, "PostgreSQL (initdb, pg_ctl)")
+    else:
+        postgres = None
+    if not broker.running:  # a case that failed mid-fault may have left it stopped
+        await broker.start()
+    result = await run_case(case, root=tmp_path / "world", broker=broker, postgres=postgres,
+                            say=lambda text: print(text, flush=True))
+    verdict = result["verdict"]
+    problems = list(verdict["problems"])
+    if "broker-restart" in case.faults and verdict["converged"] and \
+            (verdict["converge_s"] or 0) > BROKER_RETURN_CONVERGE_S:
+        problems.append(f"converged {verdict['converge_s']} s after the broker returned "
+                        f"(more than {BROKER_RETURN_CONVERGE_S:.0f} s)")
+    assert not problems, (f"{case.name}: {'; '.join(problems)}\n"
+                          f"details: {verdict['details']}\nworld: {tmp_path / 'world'}")

@@ -1,0 +1,245 @@
+"""One chaos case, end to end, and the profiles of cases the pytest form and the bench run.
+
+A case:
+
+1. builds a world (:mod:`tests.harness.chaos.world`) and creates the late joiners;
+2. syncs until quiet, with no faults, and records the baseline (the value both sides agree on
+   for every key) — a key the first sync did not bring into agreement is reported and left out;
+3. starts the simulators' write journals, then runs the workload and the case's faults at once;
+4. once every fault healed: resubscribes the remaining suppressed contacts, lets the last
+   joiners join, and syncs until two runs in a row apply nothing with nothing left in the work
+   queues (:meth:`ChaosWorld.converge`);
+5. reads both sides, the journals, the dead letters and the ledger, and checks them against the
+   history (:mod:`tests.harness.chaos.checker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.harness.chaos.checker import Observed, RecordView, check
+from tests.harness.chaos.faults import FULL, SHORT, Injected, Scale, inject, kinds_for
+from tests.harness.chaos.history import Baseline, History, Key
+from tests.harness.chaos.workload import Workload, WorkloadSpec
+from tests.harness.chaos.world import Backend, WorldSpec, chaos_world
+from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ
+
+# How long after it was decided a write of ours may land on a vendor without faults (the
+# writer's last read, then the request): a person's change inside it is overwritten unseen.
+RACE_WINDOW_S = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    name: str
+    backend: Backend
+    faults: tuple[str, ...]
+    seed: int
+    world: WorldSpec = field(default_factory=WorldSpec)
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    scale: Scale = SHORT
+    setup_deadline_s: float = 180.0
+    converge_deadline_s: float = 240.0
+    run_timeout_s: float = 90.0
+
+
+async def run_case(case: Case, *, root: Path, broker: PrivateRabbitMQ,
+                   postgres: PrivatePostgres | None = None,
+                   say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``case``; returns its figures and verdict (also written to ``root/case.json``)."""
+    began = time.monotonic()
+    spec = replace(case.world, backend=case.backend)
+    result: dict[str, Any] = {"case": case.name, "backend": case.backend,
+                              "faults_planned": list(case.faults), "seed": case.seed}
+    say(f"{case.name}: {case.backend}, faults {', '.join(case.faults) or 'none'}")
+    async with chaos_world(root, spec=spec, broker=broker, postgres=postgres, say=say) as world:
+        workload = Workload.create(world, case.workload, seed=case.seed)
+        await workload.create_joiners()
+        await world.start_services()
+        setup = await world.converge(deadline_s=case.setup_deadline_s,
+                                     run_timeout_s=case.run_timeout_s)
+        result["setup"] = {"converged": setup["converged"], "runs": len(setup["runs"]),
+                           "s": round(time.monotonic() - began, 1)}
+        baseline, disagreements = await _baseline(world, workload)
+        result["baseline"] = {"keys": len(baseline), "disagreements": disagreements[:20],
+                              "disagreeing_keys": len(disagreements)}
+        workload.baseline(baseline)
+        await world.journal(enabled=True)
+        say(f"  baseline: {len(baseline)} keys ({len(disagreements)} disagreeing); "
+            f"workload {case.workload.seconds:.0f} s")
+
+        chaos_began = time.monotonic()
+
+        def clock() -> float:
+            return time.monotonic() - chaos_began
+
+        rng = random.Random(f"faults:{case.seed}")
+        healed = asyncio.Event()
+
+        async def faults() -> list[Injected]:
+            try:
+                return await inject(world, list(case.faults), rng=rng, scale=case.scale,
+                                    window_s=case.workload.seconds, clock=clock)
+            finally:
+                healed.set()
+
+        _, injected = await asyncio.gather(workload.run(until=healed), faults())
+        await workload.finish()
+        say(f"  faults healed at {clock():.1f} s; syncing until quiet")
+        converge = await world.converge(deadline_s=case.converge_deadline_s,
+                                        run_timeout_s=case.run_timeout_s)
+        say(f"  converged: {converge['converged']} in {converge['converge_s']} s "
+            f"({len(converge['runs'])} runs)")
+
+        emails = {e.email for e in workload.history.of(Baseline)}
+        observed = Observed(
+            dotdigital=await world.read_dotdigital(emails),
+            records=await world.read_records(),
+            journal=await world.journal(),
+            dead_letters=await world.dead_letters(),
+            outstanding=await world.outstanding_keys(emails),
+            restarts_by_hand=world.deaths.by_hand,
+            converged=converge["converged"], converge_s=converge["converge_s"])
+        # a write may land this long after it was decided: more while writes were held up
+        latency_s = max((float(f.detail.get("latency_ms", 0)) / 1000 for f in injected),
+                        default=0.0)
+        verdict = check(workload.history, observed, race_window_s=RACE_WINDOW_S + latency_s)
+        stats = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
+        result.update({
+            "faults": [f.as_dict() for f in injected],
+            "faults_injected": sum(len(f.detail.get("victims", [])) if f.kind == "kill" else 1
+                                   for f in injected),
+            "workload": workload.summary(),
+            "deaths": {"injected": len(world.deaths.injected),
+                       "at_failpoints": len(world.deaths.failpoints),
+                       "by_hand": len(world.deaths.by_hand),
+                       "failpoints_fired": sorted({d["failpoint"]
+                                                   for d in world.deaths.failpoints})},
+            "converge": {"converged": converge["converged"], "s": converge["converge_s"],
+                         "runs": converge["runs"][-8:]},
+            "vendor_statuses": {side: stats[side]["statuses"] for side in stats},
+            "verdict": verdict.as_dict(),
+            "seconds": round(time.monotonic() - began, 1),
+        })
+        # everything the checker read, so a case can be checked again (``recheck``)
+        (root / "case.json").write_bytes(orjson.dumps(
+            {**result, "history": workload.history.to_list(), "observed": _dump(observed)},
+            option=orjson.OPT_INDENT_2))
+    say(f"  verdict: {'ok' if verdict.ok else '; '.join(verdict.problems)}")
+    return result
+
+
+def _dump(observed: Observed) -> dict[str, Any]:
+    return {"dotdigital": {e: {str(p): v for p, v in values.items()}
+                           for e, values in observed.dotdigital.items()},
+            "records": {r: {"email": v.email, "values": {str(p): x for p, x in v.values.items()}}
+                        for r, v in observed.records.items()},
+            "journal": list(observed.journal), "dead_letters": list(observed.dead_letters),
+            "outstanding": [list(k) for k in observed.outstanding],
+            "restarts_by_hand": list(observed.restarts_by_hand),
+            "converged": observed.converged, "converge_s": observed.converge_s}
+
+
+def load_observed(raw: dict[str, Any]) -> Observed:
+    return Observed(
+        dotdigital={e: {int(p): v for p, v in values.items()}
+                    for e, values in raw["dotdigital"].items()},
+        records={r: RecordView(email=v["email"], values={int(p): x for p, x in v["values"].items()})
+                 for r, v in raw["records"].items()},
+        journal=raw["journal"], dead_letters=raw["dead_letters"],
+        outstanding=[(e, int(p)) for e, p in raw["outstanding"]],
+        restarts_by_hand=raw["restarts_by_hand"], converged=raw["converged"],
+        converge_s=raw["converge_s"])
+
+
+def recheck(path: Path) -> dict[str, Any]:
+    """Check a case again from its ``case.json`` (e.g. after the checker changed)."""
+    raw = orjson.loads(path.read_bytes())
+    latency_s = max((float(f.get("latency_ms", 0)) / 1000 for f in raw["faults"]), default=0.0)
+    verdict = check(History.from_list(raw["history"]), load_observed(raw["observed"]),
+                    race_window_s=RACE_WINDOW_S + latency_s)
+    return verdict.as_dict()
+
+
+async def _baseline(world: Any, workload: Workload) -> tuple[dict[Key, bool], list[str]]:
+    """The value both sides agree on for every key of the seeded people (joiners, outside the
+    lists, are not part of it)."""
+    records = await world.read_records()
+    dotdigital = await world.read_dotdigital(workload.people)
+    agreed: dict[Key, bool] = {}
+    disagreements: list[str] = []
+    for email in workload.people:
+        mine = [r for rid, r in records.items()
+                if r.email == email and rid not in workload.joiners]
+        for preference in workload.preferences:
+            values = {dotdigital.get(email, {}).get(preference)}
+            values |= {r.values.get(preference) for r in mine}
+            (value,) = values if len(values) == 1 else (None,)
+            if value is None:
+                disagreements.append(f"{email}/{preference}: {sorted(map(str, values))}")
+            else:
+                agreed[(email, preference)] = value
+    return agreed, disagreements
+
+
+# --- profiles ---------------------------------------------------------------------------------
+
+def short_cases() -> list[Case]:
+    """The CI form: two worlds, every fault kind that heals within seconds, mixed."""
+    workload = WorkloadSpec(seconds=18.0, ops_per_s=3.0, sync_every_s=3.0, joiners=2, moves=1,
+                            suppressions=2)
+    world = WorldSpec(records=16, preferences=3)
+    return [
+        Case(name="short-sqlite-processes-and-broker", backend="sqlite", seed=101,
+             faults=("kill", "broker-connections", "broker-restart", "sqlite-lock"),
+             world=world, workload=workload, scale=SHORT, converge_deadline_s=90.0,
+             run_timeout_s=40.0),
+        Case(name="short-postgres-store-and-vendors", backend="postgres", seed=202,
+             faults=("postgres-stop", "vendor-errors", "vendor-outage:dotdigital",
+                     "vendor-429:dynamics", "vendor-latency:dotdigital"),
+             world=world, workload=workload, scale=SHORT, converge_deadline_s=90.0,
+             run_timeout_s=40.0),
+    ]
+
+
+def full_cases(backend: Backend, *, seed: int = 1) -> list[Case]:
+    """The full run on one backend: a control without faults, every fault kind alone, then
+    mixes of several."""
+    workload = WorkloadSpec(seconds=60.0, ops_per_s=3.0, sync_every_s=4.0, joiners=3, moves=2,
+                            suppressions=3)
+    world = WorldSpec(records=40, preferences=3)
+    kinds = kinds_for(backend)
+    # the control: the same workload without faults (what fails here is not the faults' doing)
+    cases = [Case(name=f"{backend}-no-fault", backend=backend, seed=seed * 1000 + 999, faults=(),
+                  world=world, workload=workload, scale=FULL, converge_deadline_s=600.0,
+                  run_timeout_s=120.0)]
+    cases += [Case(name=f"{backend}-{kind.replace(':', '-')}", backend=backend,
+                   seed=seed * 1000 + i, faults=(kind,), world=world, workload=workload,
+                   scale=FULL, converge_deadline_s=600.0, run_timeout_s=120.0)
+              for i, kind in enumerate(kinds)]
+    rng = random.Random(f"mixes:{backend}:{seed}")
+    for m in range(3):
+        mix = tuple(rng.sample([k for k in kinds if not k.startswith("failpoint:")], 3)
+                    + rng.sample([k for k in kinds if k.startswith("failpoint:")], 1))
+        cases.append(Case(name=f"{backend}-mixed-{m + 1}", backend=backend,
+                          seed=seed * 1000 + 500 + m, faults=mix, world=world,
+                          workload=replace(workload, seconds=90.0), scale=FULL,
+                          converge_deadline_s=600.0, run_timeout_s=120.0))
+    return cases
+
+
+def scaled(cases: list[Case], scale: Scale, *, seconds: float | None = None) -> list[Case]:
+    """The same cases with other fault durations (e.g. ``SHORT``, for a quicker full run)."""
+    out = []
+    for case in cases:
+        workload = case.workload if seconds is None else replace(case.workload, seconds=seconds)
+        out.append(replace(case, scale=scale, workload=workload))
+    return out

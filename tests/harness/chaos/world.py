@@ -1,0 +1,636 @@
+"""A chaos world: both simulators, the four services as processes of their own (two reconcilers,
+two writers), a private RabbitMQ node, and the ledger on SQLite or on a private PostgreSQL
+cluster. Nothing here touches the machine's own broker or database.
+
+The world is also the operator's supervisor: a service process that exits is started again.
+A death the harness caused (its own kill, or a failpoint it set) is expected; any other death
+is one that "had to be restarted by hand", and is counted with the end of its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import aio_pika
+import aiohttp
+import orjson
+
+from common.clients.dataverse import DataverseClient, odata_literal
+from common.clients.dotdigital import DotdigitalClient
+from common.config import Config, parse_config
+from common.domain import outstanding
+from common.store import open_store
+from common.topology import SIDES, Topology
+from services.dlq import walk
+from services.dynamics_poller import LOOKUP_COLUMNS, OPTED_IN, OPTED_OUT, RECORD_TABLES, SUBSCRIPTIONS
+from services.sync_now import RunTimedOut, sync_and_wait
+from tests.harness.chaos.checker import RecordView
+from tests.harness.chaos.history import Key
+from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ
+
+ROOT = Path(__file__).resolve().parents[3]
+SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
+REPLICAS = {"dynamics-poller": 1, "ec-poller": 1, "reconciler": 2, "writer": 2}
+DD_ACCOUNT = "1001"
+DD_USER = "apiuser-chaos@apiconnector.com"
+# Seeded states are dated this far back, so every edit of a run is in a later second.
+SEEDED_AGO_S = 5
+_URL = re.compile(r"(http://[0-9.]+:[0-9]+)")
+_FAILPOINT = re.compile(r"failpoint (\S+): exiting")
+# Variables that would point the services at the machine's own broker or store.
+_SCRUBBED = ("PREFSYNC_BROKER_URL", "PREFSYNC_STORE_URL", "PREFSYNC_CONFIG", "PREFSYNC_FAILPOINTS",
+             "PREFSYNC_REPLICA_ID")
+
+Backend = Literal["sqlite", "postgres"]
+
+
+class WorldError(RuntimeError):
+    """The world could not be built or driven (a simulator died, a wait timed out)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldSpec:
+    records: int = 24
+    preferences: int = 3
+    shards: int = 2
+    backend: Backend = "sqlite"
+    # the vendors' client timeouts: a latency fault above them leaves writes that may have landed
+    client_timeout_s: float = 5.0
+    seed: int = 7
+
+
+def _make_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+
+
+def _tail(path: Path, start: int = 0, lines: int = 15) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(start)
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Replica:
+    """One service process slot, kept running by the supervisor."""
+
+    name: str
+    service: str
+    log: Path
+    process: asyncio.subprocess.Process | None = None
+    log_offset: int = 0
+    # PREFSYNC_FAILPOINTS for the next start only
+    armed: str = ""
+    running_with: str = ""
+    # the harness is about to end this process itself
+    expected_exit: bool = False
+    started_at: float = 0.0
+    starts: int = 0
+    by_hand_streak: int = 0
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+
+@dataclass
+class Deaths:
+    """Every service process death, by cause."""
+
+    injected: list[dict[str, Any]] = field(default_factory=list)
+    failpoints: list[dict[str, Any]] = field(default_factory=list)
+    by_hand: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ChaosWorld:
+    spec: WorldSpec
+    root: Path
+    account: str
+    config: Config
+    config_path: Path
+    env: dict[str, str]
+    dyn_url: str
+    dd_url: str
+    http: aiohttp.ClientSession
+    broker: PrivateRabbitMQ
+    postgres: PrivatePostgres | None
+    simulators: dict[str, asyncio.subprocess.Process]
+    say: Callable[[str], None] = print
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    deaths: Deaths = field(default_factory=Deaths)
+    # clock offsets the harness set on each simulator (seconds)
+    offsets: dict[str, float] = field(default_factory=lambda: {"dynamics": 0.0, "dotdigital": 0.0})
+    # vendors whose API the harness made faulty (its own API calls wait for them)
+    faulty: set[str] = field(default_factory=set)
+    _layers: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    _clocks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _supervisors: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: bool = False
+    _fired: dict[str, int] = field(default_factory=dict)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    # --- the simulators ------------------------------------------------------------------------
+    def url_of(self, side: str) -> str:
+        return self.dyn_url if side == "dynamics" else self.dd_url
+
+    async def call(self, method: str, url: str, body: Any = None) -> Any:
+        async with self.http.request(method, url, json=body) as response:
+            text = await response.text()
+            if response.status >= 300:
+                raise WorldError(f"{method} {url}: {response.status} {text[:300]}")
+            return orjson.loads(text) if text else None
+
+    async def vendor_fault(self, side: str, name: str, body: dict[str, Any] | None) -> None:
+        """Set (``body``) or clear (None) one named layer of a vendor's injected faults; layers
+        that overlap combine (the highest latency and error rate, the tightest throttle)."""
+        layers = self._layers.setdefault(side, {})
+        if body is None:
+            layers.pop(name, None)
+        else:
+            layers[name] = body
+        merged: dict[str, Any] = {"latency_ms": {}, "error_rate": {}}
+        for layer in layers.values():
+            for table in ("latency_ms", "error_rate"):
+                for key, value in (layer.get(table) or {}).items():
+                    merged[table][key] = max(value, merged[table].get(key, 0))
+            throttle = layer.get("throttle")
+            if throttle and (merged.get("throttle") is None
+                             or throttle["limit"] < merged["throttle"]["limit"]):
+                merged["throttle"] = throttle
+        if layers:
+            await self.call("PUT", f"{self.url_of(side)}/_sim/faults", merged)
+            self.faulty.add(side)
+        else:
+            await self.call("DELETE", f"{self.url_of(side)}/_sim/faults")
+            self.faulty.discard(side)
+
+    def clock_of(self, side: str) -> asyncio.Lock:
+        """Held around an edit and a clock change of ``side``: an edit's recorded offset is
+        the one its stamp was made with."""
+        return self._clocks.setdefault(side, asyncio.Lock())
+
+    async def set_offset(self, side: str, offset_s: float) -> None:
+        async with self.clock_of(side):
+            await self.call("PUT", f"{self.url_of(side)}/_sim/clock", {"offset_s": offset_s})
+            self.offsets[side] = offset_s
+
+    async def stats(self, side: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("GET", f"{self.url_of(side)}/_sim/stats")
+        return result
+
+    async def journal(self, *, enabled: bool | None = None) -> list[dict[str, Any]]:
+        """Start the simulators' write journals (``enabled``), or read both, each entry tagged
+        with its side."""
+        out: list[dict[str, Any]] = []
+        for side in SIDES:
+            url = f"{self.url_of(side)}/_sim/journal"
+            if enabled is not None:
+                await self.call("PUT", url, {"enabled": enabled})
+                continue
+            for entry in (await self.call("GET", url))["entries"]:
+                out.append({**entry, "side": side})
+        return out
+
+    # --- the services --------------------------------------------------------------------------
+    async def start_services(self) -> None:
+        for service in SERVICES:
+            for i in range(REPLICAS[service]):
+                name = service if REPLICAS[service] == 1 else f"{service}-{i + 1}"
+                replica = Replica(name=name, service=service, log=self.root / f"{name}.log")
+                self.replicas[name] = replica
+                await self._spawn(replica)
+                self._supervisors.append(asyncio.create_task(self._supervise(replica)))
+        for service in SERVICES:
+            await self.wait_consuming(service)
+
+    def of(self, service: str) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.service == service]
+
+    async def _spawn(self, replica: Replica) -> None:
+        env = {**_env(), **self.env, "PREFSYNC_REPLICA_ID": replica.name,
+               "PREFSYNC_LOG_LEVEL": os.environ.get("PREFSYNC_CHAOS_LOG_LEVEL", "WARNING")}
+        replica.running_with, replica.armed = replica.armed, ""
+        if replica.running_with:
+            env["PREFSYNC_FAILPOINTS"] = replica.running_with
+        replica.log_offset = replica.log.stat().st_size if replica.log.exists() else 0
+        with replica.log.open("ab") as handle:
+            handle.write(f"--- start {replica.starts + 1} at {time.strftime('%H:%M:%S')} "
+                         f"failpoints={replica.running_with or '-'}\n".encode())
+            handle.flush()
+            replica.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.cli", "run", replica.service,
+                "--config", str(self.config_path), env=env, cwd=str(ROOT),
+                stdout=handle, stderr=asyncio.subprocess.STDOUT)
+        replica.starts += 1
+        replica.started_at = time.monotonic()
+        replica.expected_exit = False
+        replica.exited.clear()
+
+    async def _supervise(self, replica: Replica) -> None:
+        while not self._stopping:
+            process = replica.process
+            assert process is not None
+            code = await process.wait()
+            if self._stopping:
+                replica.exited.set()
+                return
+            text = _tail(replica.log, replica.log_offset, lines=400)
+            fired = _FAILPOINT.findall(text)
+            death = {"replica": replica.name, "returncode": code,
+                     "lived_s": round(time.monotonic() - replica.started_at, 1),
+                     "at": datetime.now(UTC).isoformat(timespec="seconds")}
+            delay = 0.2
+            if replica.expected_exit:
+                self.deaths.injected.append(death)
+            elif fired and code == 137:
+                death["failpoint"] = fired[-1]
+                self.deaths.failpoints.append(death)
+                self._fired[fired[-1]] = self._fired.get(fired[-1], 0) + 1
+            else:
+                death["log"] = _tail(replica.log, replica.log_offset, lines=12)
+                self.deaths.by_hand.append(death)
+                self.say(f"  {replica.name} died by itself ({code}); restarting it")
+                # an operator restarting a crash-looping process would not hammer it either
+                replica.by_hand_streak = (replica.by_hand_streak + 1
+                                          if death["lived_s"] < 20 else 1)
+                delay = min(15.0, 2.0 ** (replica.by_hand_streak - 1))
+            replica.exited.set()
+            async with self._changed:
+                self._changed.notify_all()
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            await self._spawn(replica)
+
+    def kill(self, replica: Replica, sig: int = signal.SIGKILL) -> bool:
+        """End a process as a fault (the supervisor starts it again)."""
+        if not replica.alive:
+            return False
+        assert replica.process is not None
+        replica.expected_exit = True
+        with contextlib.suppress(ProcessLookupError):
+            replica.process.send_signal(sig)
+        return True
+
+    async def restart_with(self, replica: Replica, failpoints: str) -> None:
+        """Start ``replica`` again with ``failpoints`` set for that one start."""
+        replica.armed = failpoints
+        if self.kill(replica):
+            await replica.exited.wait()
+
+    def fired(self, point: str) -> int:
+        return self._fired.get(point, 0)
+
+    async def wait_fired(self, point: str, *, more_than: int, timeout_s: float) -> bool:
+        """Until a process died at ``point`` more than ``more_than`` times (False: timed out)."""
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: self.fired(point) > more_than)
+            return True
+        except TimeoutError:
+            return False
+
+    async def wait_consuming(self, service: str, *, timeout_s: float = 120.0) -> None:
+        """Until ``service`` consumes from every queue it serves."""
+        shards = self.spec.shards
+        queues = {
+            "dynamics-poller": [Topology.trigger_queue(self.account, "dynamics-poller")],
+            "ec-poller": [Topology.trigger_queue(self.account, "ec-poller")],
+            "reconciler": [Topology.changes_queue(self.account, s) for s in range(shards)],
+            "writer": [Topology.writes_queue(self.account, side, s)
+                       for side in SIDES for s in range(shards)],
+        }[service]
+        deadline = time.monotonic() + timeout_s
+        connection = await aio_pika.connect(self.broker.url)
+        async with connection:
+            while time.monotonic() < deadline:
+                channel = await connection.channel()
+                ready = True
+                for name in queues:
+                    try:
+                        declared = await channel.declare_queue(name, passive=True)
+                        ready = ready and (declared.declaration_result.consumer_count or 0) > 0
+                    except aio_pika.exceptions.ChannelClosed:
+                        ready = False
+                        channel = await connection.channel()
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                if ready:
+                    return
+                await asyncio.sleep(0.1)
+        raise WorldError(f"{service} did not start consuming")
+
+    async def stop_services(self) -> None:
+        self._stopping = True
+        for replica in self.replicas.values():
+            if replica.alive:
+                assert replica.process is not None
+                with contextlib.suppress(ProcessLookupError):
+                    replica.process.send_signal(signal.SIGTERM)
+        for replica in self.replicas.values():
+            if replica.process is None:
+                continue
+            try:
+                await asyncio.wait_for(replica.process.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    replica.process.kill()
+                await replica.process.wait()
+        for task in self._supervisors:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # --- syncs ---------------------------------------------------------------------------------
+    async def sync(self, *, timeout_s: float) -> dict[str, Any]:
+        """A run, followed to its end: its summary, or ``{"error": ...}``."""
+        try:
+            return await sync_and_wait(config=self.config, account=self.account,
+                                       timeout_s=timeout_s)
+        except RunTimedOut as exc:
+            return {**exc.summary, "error": "timed out"}
+        except Exception as exc:  # the broker may be down: that is one of the faults
+            return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+    async def in_flight(self) -> int:
+        """Messages in the account's work queues (ready or held by a consumer): changes not
+        reconciled yet, write commands not written yet (e.g. being retried)."""
+        if not self.broker.running:
+            return -1
+        try:
+            out = await self.broker.ctl("list_queues", "name", "messages", "-q",
+                                        "--no-table-headers", timeout_s=60)
+        except RuntimeError:
+            return -1
+        total = 0
+        for line in out.splitlines():
+            name, _, count = line.strip().partition("\t")
+            if name.startswith((f"prefsync.{self.account}.changes.",
+                                f"prefsync.{self.account}.writes.")):
+                total += int(count.strip() or 0)
+        return total
+
+    async def converge(self, *, deadline_s: float, run_timeout_s: float) -> dict[str, Any]:
+        """Sync until two runs in a row apply nothing and fail nothing, with nothing left in
+        the work queues after them (a write from an earlier run may still be retried; it is
+        not in a run's count), or until the deadline."""
+        started = time.monotonic()
+        runs: list[dict[str, Any]] = []
+        quiet = 0
+        first_quiet_end: float | None = None
+        while time.monotonic() - started < deadline_s:
+            left = deadline_s - (time.monotonic() - started)
+            summary = await self.sync(timeout_s=min(run_timeout_s, max(5.0, left)))
+            applied = (int(summary.get("applied_to_dotdigital", 0))
+                       + int(summary.get("applied_to_dynamics", 0)))
+            clean = "error" not in summary and not summary.get("failed")
+            pending = await self.in_flight() if clean and applied == 0 else None
+            runs.append({"applied": applied, "failed": summary.get("failed"),
+                         "error": summary.get("error"), "read": summary.get("read"),
+                         "errors": (summary.get("errors") or [])[:3], "in_flight": pending,
+                         "at_s": round(time.monotonic() - started, 1)})
+            if clean and applied == 0 and pending == 0:
+                quiet += 1
+                if quiet == 1:
+                    first_quiet_end = time.monotonic()
+                if quiet == 2:
+                    assert first_quiet_end is not None
+                    return {"converged": True, "runs": runs,
+                            "converge_s": round(first_quiet_end - started, 1)}
+            else:
+                quiet = 0
+                if not clean or pending:
+                    await asyncio.sleep(1.0)  # e.g. a process still starting, a write retried
+        return {"converged": False, "runs": runs, "converge_s": None}
+
+    # --- reading the end state -----------------------------------------------------------------
+    def dataverse(self) -> DataverseClient:
+        return DataverseClient(config=self.config.account(self.account).dynamics)
+
+    def dotdigital(self) -> DotdigitalClient:
+        return DotdigitalClient(config=self.config.account(self.account).dotdigital)
+
+    async def read_records(self) -> dict[str, RecordView]:
+        """Every Dynamics record: its email and its subscription rows' values."""
+        async with self.dataverse() as client:
+            catalog: dict[str, int] = {}
+            async for page in client.iter_pages(
+                    "psync_marketingpreferences",
+                    select=["psync_marketingpreferenceid", "psync_ecpreferenceid"],
+                    filter=f"psync_ecaccount eq {odata_literal(self.account)}"):
+                for row in page.rows:
+                    if row.get("psync_ecpreferenceid") is not None:
+                        catalog[str(row["psync_marketingpreferenceid"])] = int(
+                            row["psync_ecpreferenceid"])
+            emails: dict[str, str | None] = {}
+            for _, (entity_set, key, _) in RECORD_TABLES.items():
+                async for page in client.iter_pages(entity_set, select=[key, "emailaddress1"]):
+                    for row in page.rows:
+                        raw = row.get("emailaddress1")
+                        emails[str(row[key])] = raw.strip().lower() if raw else None
+            values: dict[str, dict[int, bool]] = {r: {} for r in emails}
+            async for page in client.iter_pages(
+                    SUBSCRIPTIONS, select=[*LOOKUP_COLUMNS.values(), "_psync_preferenceid_value",
+                                           "psync_status"]):
+                for row in page.rows:
+                    preference = catalog.get(str(row.get("_psync_preferenceid_value")))
+                    record = next((str(row[c]) for c in LOOKUP_COLUMNS.values() if row.get(c)),
+                                  None)
+                    status = row.get("psync_status")
+                    if preference is None or record not in values or \
+                            status not in (OPTED_IN, OPTED_OUT):
+                        continue
+                    values[record][preference] = status == OPTED_IN
+        return {r: RecordView(email=emails[r], values=v) for r, v in values.items()}
+
+    async def read_dotdigital(self, emails: Iterable[str]) -> dict[str, dict[int, bool]]:
+        out: dict[str, dict[int, bool]] = {}
+        async with self.dotdigital() as client:
+            for email in sorted(set(emails)):
+                try:
+                    opt_ins = await client.subscriptions(email)
+                except Exception as exc:
+                    if getattr(exc, "status", None) == 404:
+                        out[email] = {}
+                        continue
+                    raise
+                out[email] = {o.preference_id: o.is_opted_in for o in opt_ins.opt_ins}
+        return out
+
+    async def outstanding_keys(self, emails: Iterable[str]) -> list[Key]:
+        keys: list[Key] = []
+        async with open_store(self.config.store.url) as store:
+            for email in sorted(set(emails)):
+                for state in await store.states_for_email(self.account, email):
+                    if outstanding(state):
+                        keys.append((state.key.email, state.key.preference_id))
+        return keys
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        connection = await aio_pika.connect_robust(self.broker.url)
+        async with connection:
+            result = await walk(connection, accounts=[self.account], action="list")
+        return [{"message_id": e.message_id, "reason": e.reason, "code": e.code,
+                 "detail": e.detail[:300], "by": e.by, "queue": e.queue}
+                for e in result.entries]
+
+
+def _toml(raw: dict[str, Any]) -> str:
+    def line(key: str, value: Any) -> str:
+        return f"{key} = {orjson.dumps(value).decode()}"
+
+    lines: list[str] = []
+    for key in ("broker", "store", "metrics"):
+        lines += [f"[{key}]", *(line(k, v) for k, v in raw[key].items())]
+    for account in raw["accounts"]:
+        lines.append("[[accounts]]")
+        lines += [line(k, v) for k, v in account.items() if not isinstance(v, dict)]
+        for sub in ("dynamics", "dotdigital"):
+            lines += [f"[accounts.{sub}]", *(line(k, v) for k, v in account[sub].items())]
+    return "\n".join(lines) + "\n"
+
+
+async def _simulator(name: str, args: list[str], root: Path) -> tuple[asyncio.subprocess.Process,
+                                                                        str]:
+    log = root / f"{name}.log"
+    with log.open("wb") as handle:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", *args, env=_env(), cwd=str(ROOT),
+            stdout=handle, stderr=asyncio.subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise WorldError(f"{name} exited: {_tail(log)}")
+        match = _URL.search(log.read_text(errors="replace"))
+        if match:
+            return process, match.group(1)
+        await asyncio.sleep(0.05)
+    process.kill()
+    raise WorldError(f"{name} did not start")
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def _delete_queues(broker: PrivateRabbitMQ, account: str, shards: int) -> None:
+    """Drop the world's queues: a node keeping hundreds of idle quorum queues from earlier
+    worlds takes minutes to restart, and a broker-restart fault then outlasts its case."""
+    if not broker.running:
+        return
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(60):
+            connection = await aio_pika.connect(broker.url)
+            async with connection:
+                channel = await connection.channel()
+                for queue in Topology(accounts=[account], shards=shards).queues:
+                    with contextlib.suppress(Exception):
+                        await channel.queue_delete(queue.name)
+
+
+async def new_database(postgres: PrivatePostgres, name: str) -> str:
+    """A fresh database in the private cluster for one world; its URL."""
+    import asyncpg
+
+    connection = await asyncpg.connect(postgres.url)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@contextlib.asynccontextmanager
+async def chaos_world(root: Path, *, spec: WorldSpec, broker: PrivateRabbitMQ,
+                      postgres: PrivatePostgres | None = None,
+                      say: Callable[[str], None] = print) -> AsyncIterator[ChaosWorld]:
+    """Simulators seeded and the config written; the services not started yet."""
+    _make_dir(root)
+    account = f"chaos-{secrets.token_hex(3)}"
+    secret = secrets.token_urlsafe(16)
+    password = "Chaos-" + secrets.token_urlsafe(12)
+    env = {"CHAOS_DYNAMICS_SECRET": secret, "CHAOS_DOTDIGITAL_PASSWORD": password}
+    if spec.backend == "postgres":
+        if postgres is None:
+            raise WorldError("a PostgreSQL world needs the private cluster")
+        store_url = await new_database(postgres, account.replace("-", "_"))
+    else:
+        store_url = f"sqlite:///{root / 'ledger.db'}"
+    simulators: dict[str, asyncio.subprocess.Process] = {}
+    world: ChaosWorld | None = None
+    try:
+        simulators["dynamics-sim"], dyn_url = await _simulator("dynamics-sim", [
+            "sim", "dynamics", "--host", "127.0.0.1", "--port", "0",
+            "--client", f"chaos:prefsync-chaos:{secret}"], root)
+        simulators["dotdigital-sim"], dd_url = await _simulator("dotdigital-sim", [
+            "sim", "dotdigital", "--host", "127.0.0.1", "--port", "0",
+            "--account", f"{DD_ACCOUNT}:{DD_USER}:{password}"], root)
+        timeout = spec.client_timeout_s
+        raw: dict[str, Any] = {
+            "broker": {"url": broker.url, "shards": spec.shards},
+            "store": {"url": store_url},
+            "metrics": {"port": 0},
+            "accounts": [{
+                "id": account, "on_email_change": "fresh",
+                "dynamics": {"url": dyn_url, "token_url": f"{dyn_url}/chaos/oauth2/v2.0/token",
+                             "client_id": "prefsync-chaos",
+                             "client_secret_env": "CHAOS_DYNAMICS_SECRET", "timeout_s": timeout},
+                "dotdigital": {"url": dd_url, "api_user": DD_USER,
+                               "password_env": "CHAOS_DOTDIGITAL_PASSWORD",
+                               "calls_per_minute": 6000, "timeout_s": timeout},
+            }],
+        }
+        config_path = root / "prefsync.toml"
+        config_path.write_text(_toml(raw))
+        config = parse_config(raw, env=env)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+            world = ChaosWorld(spec=spec, root=root, account=account, config=config,
+                               config_path=config_path, env=env, dyn_url=dyn_url, dd_url=dd_url,
+                               http=http, broker=broker, postgres=postgres,
+                               simulators=simulators, say=say)
+            seed = {"records": spec.records, "preferences": spec.preferences,
+                    "seed": spec.seed, "states": "all"}
+            # The seeded states are history: dated a few seconds back, so any edit of the run is
+            # in a later second.
+            for side in SIDES:
+                await world.set_offset(side, -SEEDED_AGO_S)
+            await world.call("POST", f"{dyn_url}/_sim/seed", {**seed, "account": account})
+            await world.call("POST", f"{dd_url}/_sim/seed", {**seed, "account": DD_ACCOUNT})
+            for side in SIDES:
+                await world.set_offset(side, 0.0)
+            try:
+                yield world
+            finally:
+                await world.stop_services()
+                await _delete_queues(broker, account, spec.shards)
+    finally:
+        for process in simulators.values():
+            await _stop(process)
+
