@@ -1,29 +1,8 @@
-"""Personal data: erasure, retention and API access. Ledger tests run on both backends."""
+"""Personal data: erasure, retention and API access. Ledger tests run on both backends, with
+the store tests' own fixtures."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
+from ..store.conftest import backend, store, url
 
-import pytest
-
-from common.store import LedgerStore, open_store
-
-from ..store.backends import BACKENDS, store_url
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-async def url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
-    async with store_url(backend, tmp_path) as u:
-        yield u
-
-
-@pytest.fixture
-async def store(url: str) -> AsyncIterator[LedgerStore]:
-    async with open_store(url) as s:
-        yield s
+__all__ = ["backend", "store", "url"]
