@@ -72,13 +72,29 @@ class BrokerUnavailable(RuntimeError):
     pass
 
 
-async def connect(url: str, *, name: str) -> AbstractRobustConnection:
-    """A robust connection (reconnects and restores consumers); credentials never logged."""
-    try:
-        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
-    except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-        host = url.rsplit("@", 1)[-1]
-        raise BrokerUnavailable(f"cannot reach RabbitMQ at {host}: {exc}") from None
+async def connect(url: str, *, name: str, wait: bool = False,
+                  retry: RetryPolicy | None = None) -> AbstractRobustConnection:
+    """A robust connection (reconnects and restores consumers); credentials never logged.
+
+    Unreachable: a command fails at once (:class:`BrokerUnavailable`); a long-running service
+    (``wait``) keeps trying, with backoff and jitter, so that one started during a broker
+    restart (a container restarted by its policy, say) comes up once the broker is back."""
+    retry = retry or RetryPolicy()
+    host = url.rsplit("@", 1)[-1]
+    failures = 0
+    while True:
+        try:
+            return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
+            # refused credentials or vhost are a configuration error: never waited out
+            if not wait or isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+                raise BrokerUnavailable(f"cannot reach RabbitMQ at {host}: {exc}") from None
+            delay = retry.delay(failures)
+            failures += 1
+            log.warning("cannot reach RabbitMQ at %s (%s); trying again in %.1f s", host,
+                        type(exc).__name__, delay, extra={"connection": name,
+                                                          "attempt": failures})
+            await asyncio.sleep(delay)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -53,7 +53,8 @@ class PreferenceChange:
 
     ``carried``: not read from the side but derived for it (an email change carrying the old
     email's preferences to the new one): it competes for the register, and says nothing of what
-    the side holds.
+    the side holds. ``joined``: what a record that took this email holds (see
+    :mod:`common.domain.records`); ``origin_time`` is when its email changed.
     """
 
     email: str
@@ -63,6 +64,7 @@ class PreferenceChange:
     version: int | None = None
     change_id: str = ""
     carried: bool = False
+    joined: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -157,6 +159,8 @@ def _encode_change(change: Change) -> dict[str, Any]:
             out["version"] = change.version
         if change.carried:
             out["carried"] = True
+        if change.joined:
+            out["joined"] = True
         return out
     if isinstance(change, ContactStatusChange):
         return {"email": change.email, "status": change.status,
@@ -281,6 +285,9 @@ def _preference_change(raw: Any, where: str) -> PreferenceChange:
             raise MalformedMessage(f"{where}.version: must be an integer")
         _int64(version, f"{where}.version")
     carried = _flag(raw, "carried", where=where)
+    joined = _flag(raw, "joined", where=where)
+    if carried and joined:
+        raise MalformedMessage(f"{where}: carried and joined at once")
     return PreferenceChange(
         email=_email(raw, where),
         preference_id=_field(raw, "preference_id", int, where=where),
@@ -289,6 +296,7 @@ def _preference_change(raw: Any, where: str) -> PreferenceChange:
         version=version,
         change_id=_optional_str(raw, "change_id", where=where),
         carried=carried,
+        joined=joined,
     )
 
 

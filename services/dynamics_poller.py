@@ -46,7 +46,7 @@ from common.clients.dataverse import DataverseClient, DeltaTokenExpired
 from common.clients.dotdigital import DotdigitalClient
 from common.clock_skew import measure_clock
 from common.config import AccountConfig
-from common.domain import HistoryEntry, normalize_email
+from common.domain import HistoryEntry, normalize_email, speaks_for_email
 from common.messages import EligibleContact, Envelope, PreferenceChange
 from common.store.directory import RecordRef, SubscriptionRow
 from common.topology import CONTROL_EXCHANGE, Topology
@@ -94,6 +94,8 @@ class RunCounts:
     without_email: int = 0
     other_account: int = 0
     email_changes: int = 0
+    # rows modified before their record took its current email (not that email's changes)
+    earlier_email: int = 0
     message_ids: list[str] = field(default_factory=list)
 
 
@@ -158,7 +160,7 @@ class DynamicsPoller:
         if newly_eligible:
             # the ec trigger and their rows are confirmed by now
             await self._store.clear_follow_ups(self.account.id, newly_eligible)
-        await self._follow_email_changes(request, counts)
+        await self._follow_email_changes(request, catalog, counts)
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="poller-done", fields={
                                    "source": "dynamics", "messages": counts.message_ids,
@@ -223,8 +225,10 @@ class DynamicsPoller:
             email = normalize_email(raw_email) if raw_email else None
         except ValueError:
             email = None
+        modified = row.get("modifiedon")
         return RecordRef(record_type=record_type, record_id=str(row[key]), email=email,
-                         active=active_record(record_type, row))
+                         active=active_record(record_type, row),
+                         email_since=str(modified) if modified else None)
 
     async def _note_email_changes(self, refs: Sequence[RecordRef],
                                   rows: Sequence[dict[str, Any]]) -> None:
@@ -238,37 +242,64 @@ class DynamicsPoller:
                 self._email_changes.append(EmailChange(record_id=ref.record_id, old=old.email,
                                                        new=ref.email, at=at))
 
-    async def _follow_email_changes(self, request: RunRequest, counts: RunCounts) -> set[str]:
+    async def _follow_email_changes(self, request: RunRequest, catalog: dict[str, int],
+                                    counts: RunCounts) -> set[str]:
         """Records whose email changed: the new emails, whose dotdigital state is read in this
-        run; with ``carry``, the old email's preferences are published for the new one."""
+        run. What each record's rows hold is published as ``joined`` for the new email (the
+        record gets the email's preferences, see :mod:`common.domain.records`); with
+        ``carry``, the old email's preferences are published for the new one too."""
         changes, self._email_changes = self._email_changes, []
         if not changes:
             return set()
         counts.email_changes += len(changes)
-        carried = []
+        # Carried values first: a joined record's value is weighed against the register the
+        # email ends with (else it could stand for every record of the email).
+        published: list[PreferenceChange] = []
         if self.account.on_email_change == "carry":
             for change in changes:
                 for state in await self._store.states_for_email(self.account.id, change.old):
                     if state.register is None:
                         continue
-                    carried.append(PreferenceChange(
+                    published.append(PreferenceChange(
                         email=change.new, preference_id=state.key.preference_id,
                         opted_in=state.register.opted_in, origin_time=change.at,
                         change_id=f"carry:{change.record_id}:{change.old}:"
                                   f"{state.key.preference_id}:{change.at.isoformat()}",
                         carried=True))
-        if carried:
+        published += await self._joined(changes, catalog)
+        if published:
             outgoing = envelopes_by_shard(
                 account=self.account.id, source="dynamics", type="preference-changes",
-                changes=carried, shards=self._shards, run_id=request.run_id,
+                changes=published, shards=self._shards, run_id=request.run_id,
                 id_seed=f"{request.run_id}:carry")
             await self._publisher.publish_many(outgoing)
-            counts.published += len(carried)
+            counts.published += len(published)
             counts.message_ids.extend(ids_of(outgoing))
         log.info("records changed email", extra={
-            "account": self.account.id, "records": len(changes), "carried": len(carried),
+            "account": self.account.id, "records": len(changes),
+            "joined": sum(1 for c in published if c.joined),
+            "carried": sum(1 for c in published if c.carried),
             "on_email_change": self.account.on_email_change})
         return {c.new for c in changes}
+
+    async def _joined(self, changes: Sequence[EmailChange],
+                      catalog: dict[str, int]) -> list[PreferenceChange]:
+        """What each moved record's rows hold, as ``joined`` observations of its new email
+        (as of the email change)."""
+        pairs = [(c.record_id, row_id) for c in changes for row_id in catalog]
+        rows = await self._store.subscriptions_for(self.account.id, pairs)
+        joined = []
+        for change in changes:
+            for row_id, preference in catalog.items():
+                row = rows.get((change.record_id, row_id))
+                if row is None:
+                    continue
+                joined.append(PreferenceChange(
+                    email=change.new, preference_id=preference, opted_in=row.opted_in,
+                    origin_time=change.at, joined=True,
+                    change_id=f"joined:{change.record_id}:{change.new}:{preference}:"
+                              f"{change.at.isoformat()}"))
+        return joined
 
     # --- eligibility -----------------------------------------------------------------------
     async def _refresh_eligibility(self) -> set[str]:
@@ -361,6 +392,7 @@ class DynamicsPoller:
             status = row.get("psync_status")
             if status not in (OPTED_IN, OPTED_OUT):
                 continue
+            modified = parse_odata_time(str(row["modifiedon"]))
             if record is not None:
                 subscription_rows.append(SubscriptionRow(
                     subscription_id=str(row["psync_marketingpreferencesubscriptionid"]),
@@ -371,7 +403,7 @@ class DynamicsPoller:
             if record is not None and record.email is not None:
                 change = PreferenceChange(
                     email=record.email, preference_id=preference, opted_in=status == OPTED_IN,
-                    origin_time=parse_odata_time(str(row["modifiedon"])),
+                    origin_time=modified,
                     version=int(row.get("versionnumber") or 0),
                     change_id=f"dyn:{row['psync_marketingpreferencesubscriptionid']}:"
                               f"{row.get('versionnumber')}")
@@ -387,6 +419,10 @@ class DynamicsPoller:
                 continue
             if change is None:
                 counts.without_email += 1
+                continue
+            if not speaks_for_email(row_modified=modified, email_since=(
+                    parse_odata_time(record.email_since) if record.email_since else None)):
+                counts.earlier_email += 1  # the record's earlier email's change, not this one's
                 continue
             changes.append(change)
         if subscription_rows:

@@ -54,6 +54,7 @@ DECISIONS = {
     "applied": "applied", "stale": "stale (an older change)", "echo": "echo (our own write)",
     "duplicate": "duplicate", "tie_opt_out_won": "tie: the opt-out won",
     "tie_opt_in_lost": "tie: the opt-in lost", "tie_same_value": "tie: same value",
+    "joined": "a record took this email (it gets the email's value)",
     "suppressed": "suppressed contact: not synced", "ineligible": "ineligible: not synced",
     "written": "written by prefsync", "failed": "write failed",
     "read-only": "record read-only (inactive or qualified): not written to it",

@@ -191,7 +191,8 @@ class Reconciler:
                                     preference_id=change.preference_id)
                 observation = time_base.place(Observation(
                     key=key, side=side, opted_in=change.opted_in, origin_time=change.origin_time,
-                    version=change.version, change_id=change.change_id, carried=change.carried),
+                    version=change.version, change_id=change.change_id, carried=change.carried,
+                    joined=change.joined),
                     read_at=read_at)
                 if side == "dotdigital" and change.email not in eligible:
                     # Never in an email-activated list in Dynamics: not read into the ledger,

@@ -24,14 +24,15 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
-from common.breakers import Breakers, use_breakers
+from common.breakers import Breakers, RetryPolicy, use_breakers
 from common.broker import AmqpPublisher, DeadLetterer, QueueConsumer, connect
 from common.clients.dataverse import DataverseClient
 from common.clients.dotdigital import DotdigitalClient
 from common.config import AccountConfig, Config
 from common.logs import as_service
 from common.metrics import METRICS, ObservedStore
-from common.store import open_store
+from common.store import LedgerStore, open_store
+from common.store.postgres import StoreUnavailable
 from common.topology import SIDES, Topology
 from services.assignment import ShardAssigner, replica_id
 from services.broker_setup import account_broker_url
@@ -82,6 +83,26 @@ async def declare_topology(connection: AbstractRobustConnection, config: Config,
     return topology
 
 
+async def _open_store_waiting(url: str, *, retry: RetryPolicy | None = None) -> LedgerStore:
+    """The ledger store, opened; while the database cannot be reached (a PostgreSQL restart),
+    tried again with backoff and jitter, so that a service started meanwhile comes up once it
+    is back. A refusal (credentials, database) is a configuration error: raised at once."""
+    retry = retry or RetryPolicy()
+    failures = 0
+    while True:
+        store = open_store(url)
+        try:
+            await store.open()
+            return store
+        except StoreUnavailable as exc:
+            if not exc.transient:
+                raise
+            delay = retry.delay(failures)
+            failures += 1
+            log.warning("%s; trying again in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+
+
 async def run_services(*, config: Config, services: Sequence[str],
                        metrics_port: int | None = None, running: Running | None = None,
                        store: Any | None = None, metrics_host: str = "127.0.0.1") -> None:
@@ -93,7 +114,7 @@ async def run_services(*, config: Config, services: Sequence[str],
     # every consumer started from here on waits on these breakers
     use_breakers(running.breakers)
     running.breakers.observe(METRICS.dependency_observer(service="+".join(services)))
-    connection = await connect(config.broker.url, name=name)
+    connection = await connect(config.broker.url, name=name, wait=True)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(connection)
         running.connection = connection
@@ -102,7 +123,7 @@ async def run_services(*, config: Config, services: Sequence[str],
         if shared:
             await declare_topology(connection, config, accounts=shared)
         if store is None:
-            store = await stack.enter_async_context(open_store(config.store.url))
+            store = await stack.enter_async_context(await _open_store_waiting(config.store.url))
         store = running.store = ObservedStore(store, metrics=METRICS)
         if metrics_port is not None:
             await stack.enter_async_context(serve_health(
@@ -118,7 +139,7 @@ async def run_services(*, config: Config, services: Sequence[str],
             # Each account on its own connection (as its own broker user when it has one), so
             # one account's traffic or flow control never holds up another's.
             account_connection = await connect(account_broker_url(config.broker.url, account),
-                                               name=f"{name}:{account.id}")
+                                               name=f"{name}:{account.id}", wait=True)
             await stack.enter_async_context(account_connection)
             if account.broker.password is not None:
                 await declare_topology(account_connection, config, accounts=[account.id],

@@ -157,7 +157,7 @@ class RunCoordinator:
 
     def _retry_delay(self) -> float:
         """Seconds before a failed run is tried again: doubles per failure, half of it jitter."""
-        doubled: float = self._retry_base_s * 2.0 ** max(0, self.failures - 1)
+        doubled: float = self._retry_base_s * 2.0 ** min(32, max(0, self.failures - 1))
         ceiling = min(self._retry_max_s, doubled)
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
@@ -173,9 +173,14 @@ class RunCoordinator:
                 # the loop's own bookkeeping failed (the store or the broker is down): the
                 # pending runs are still in the store; look again after a backoff
                 self.failures += 1
-                retry_s = self._retry_delay()
-                log.warning("run loop failed; trying again in %.1f s", retry_s, exc_info=True,
+                delay = self._retry_delay()
+                log.warning("run loop failed; trying again in %.1f s", delay, exc_info=True,
                             extra={"account": self.account, "service": self.service})
+                # waited here, not as the next wait for a trigger: a wake-up left set by the
+                # failed pass would end that wait at once (a hot loop while the store is down)
+                await asyncio.sleep(delay)
+                self._wake.set()  # then look at what is pending again
+                retry_s = self._pending_poll_s
 
     async def _loop_once(self, retry_s: float) -> float:
         """Wait for a trigger (or ``retry_s``), then run what is pending; returns how long to

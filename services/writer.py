@@ -661,15 +661,19 @@ class Writer:
         The dynamics-poller records a row's version when it reads it, before the reconciler
         has decided on that read; the write asserts that version with If-Match, so the ledger
         must have taken the read into account first (folding a read twice changes nothing)."""
-        pairs = {(r.record_id, known.catalog[k.preference_id]): k for k in commands
+        pairs = {(r.record_id, known.catalog[k.preference_id]): (k, r) for k in commands
                  if k.preference_id in known.catalog for r in known.records.get(k.email, [])}
         for pair, row in known.rows.items():
             if row.modified is None or pair not in pairs:
                 continue
+            key, record = pairs[pair]
+            modified = parse_odata_time(row.modified)
+            if not domain.speaks_for_email(row_modified=modified, email_since=(
+                    parse_odata_time(record.email_since) if record.email_since else None)):
+                continue  # the record's earlier email's: never a change of this one
             outcome.observe(Observation(
-                key=pairs[pair], side="dynamics", opted_in=row.opted_in,
-                origin_time=parse_odata_time(row.modified), version=row.version,
-                change_id=f"dyn:{row.subscription_id}:{row.version}"))
+                key=key, side="dynamics", opted_in=row.opted_in, origin_time=modified,
+                version=row.version, change_id=f"dyn:{row.subscription_id}:{row.version}"))
 
     # --- dotdigital ------------------------------------------------------------------------
     async def _watermarks(self, commands: dict[PreferenceKey, domain.WriteCommand],

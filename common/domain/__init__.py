@@ -8,6 +8,7 @@ from common.domain.history import HistoryEntry
 from common.domain.identity import PreferenceKey, normalize_email
 from common.domain.observation import Observation
 from common.domain.reconcile import Decision, Outcome, outstanding, reconcile, settle
+from common.domain.records import speaks_for_email
 from common.domain.sides import SIDES, PerSide, Side, other
 from common.domain.state import (
     KeyState,
@@ -81,6 +82,7 @@ __all__ = [
     "record_write",
     "settle",
     "span",
+    "speaks_for_email",
     "whole_second",
     "writer_should_apply",
 ]

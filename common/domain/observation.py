@@ -25,6 +25,9 @@ class Observation:
     ``carried``: a value derived for the side, not read from it (an email change carrying the
     old email's preferences): it competes for the register but never moves what the side is
     known to hold, nor is it ever an echo or a duplicate.
+    ``joined``: what a Dynamics record that took this email holds (its email changed): it
+    tells what the side holds now, never competes for the register (the preferences belong to
+    the email, see :mod:`common.domain.records`); ``origin_time`` is when the email changed.
 
     Our time base (set by :func:`common.domain.time_base.in_time_base`; left at its defaults,
     the vendor's clock is taken as ours): ``offset`` is the side's measured clock offset (its
@@ -40,6 +43,7 @@ class Observation:
     version: int | None = None
     change_id: str = ""
     carried: bool = False
+    joined: bool = False
     offset: timedelta = ZERO
     uncertainty: timedelta = ZERO
     bounded_time: datetime | None = None
@@ -49,6 +53,8 @@ class Observation:
             raise ValueError(f"unknown side {self.side!r}")
         if not isinstance(self.opted_in, bool):
             raise ValueError("opted_in must be a bool")
+        if self.carried and self.joined:
+            raise ValueError("an observation is carried or joined, not both")
         if self.uncertainty < ZERO:
             raise ValueError("uncertainty must not be negative")
         object.__setattr__(self, "origin_time", as_utc(self.origin_time))

@@ -10,7 +10,10 @@ Rules, in order:
 3. An observation identical to what is already known for its side is a ``duplicate`` (a stamp
    beyond the future bound read again, at another time, included).
 4. A carried value (an email change's, see :class:`Observation`) goes straight to rule 6 and
-   leaves what the side is known to hold as it was.
+   leaves what the side is known to hold as it was. A joined record's value (a record took the
+   email) never moves the register: when it differs from the register, the side is known to
+   hold it (as of the email change), so the register's value is written to that record
+   (``joined``); otherwise nothing changes.
 5. Otherwise it is a user change (what the side is known to hold moves forward if it is newer
    for that side) — unless it is an opt-in the write ledger can no longer classify: at or before
    the horizon of pruned write records of its side (e.g. a replayed old message), it might be
@@ -53,6 +56,7 @@ class Outcome(StrEnum):
     TIE_OPT_IN_LOST = "tie_opt_in_lost"
     TIE_SAME_VALUE = "tie_same_value"
     ECHO = "echo"
+    JOINED = "joined"
     DUPLICATE = "duplicate"
     SUPPRESSED = "suppressed"
 
@@ -132,6 +136,12 @@ def reconcile(state: KeyState | None, observation: Observation, *,
         outcome = _against_register(before.register, observation)
         if outcome in (Outcome.APPLIED, Outcome.TIE_OPT_OUT_WON):
             after = replace(after, register=Register.of(observation))
+    elif observation.joined:
+        outcome = Outcome.JOINED
+        register = before.register
+        if register is not None and register.opted_in != observation.opted_in:
+            as_of = seen.as_of if known is None else max(known.as_of, seen.as_of)
+            after = after.with_known(side, Known(opted_in=observation.opted_in, as_of=as_of))
     elif is_echo(before, observation):
         outcome = Outcome.ECHO
         if seen.is_newer_than(known):

@@ -32,6 +32,7 @@ SCHEMA = (
         active INTEGER NOT NULL DEFAULT 1,
         eligible INTEGER NOT NULL DEFAULT 0,
         eligible_at TEXT,
+        email_since TEXT,
         PRIMARY KEY (account, record_id))""",
     "CREATE INDEX IF NOT EXISTS dyn_records_email ON dyn_records (account, email)",
     """CREATE TABLE IF NOT EXISTS dyn_subscriptions (
@@ -65,6 +66,10 @@ class RecordRef:
     active: bool = True
     eligible: bool = False
     eligible_at: str | None = None  # ISO time this record became eligible
+    # the record's modifiedon when its email last changed to another (None: never seen to):
+    # older rows are not changes of this email (common.domain.records); on upsert, the
+    # record's modifiedon, kept only when the email changes
+    email_since: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -119,8 +124,11 @@ class SqliteDirectory:
             "INSERT INTO dyn_records (account, record_id, record_type, email, active) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account, record_id) DO UPDATE SET "
             "record_type = excluded.record_type, email = excluded.email, "
-            "active = excluded.active",
-            [(account, r.record_id, r.record_type, r.email, int(r.active)) for r in records])
+            "active = excluded.active, email_since = CASE WHEN dyn_records.email IS NOT NULL "
+            "AND excluded.email IS NOT NULL AND dyn_records.email <> excluded.email "
+            "THEN ? ELSE dyn_records.email_since END",
+            [(account, r.record_id, r.record_type, r.email, int(r.active), r.email_since)
+             for r in records])
 
     async def forget_records(self, account: str, record_ids: Sequence[str]) -> None:
         await self._in("DELETE FROM dyn_records WHERE account = ? AND record_id IN ({})",
@@ -167,11 +175,12 @@ class SqliteDirectory:
 
     async def records(self, account: str, record_ids: Sequence[str]) -> dict[str, RecordRef]:
         rows = await self._in(
-            "SELECT record_id, record_type, email, active, eligible, eligible_at "
+            "SELECT record_id, record_type, email, active, eligible, eligible_at, email_since "
             "FROM dyn_records WHERE account = ? AND record_id IN ({})",
             (account,), sorted(set(record_ids)))
         return {str(r[0]): RecordRef(record_id=str(r[0]), record_type=r[1], email=r[2],
-                                     active=bool(r[3]), eligible=bool(r[4]), eligible_at=r[5])
+                                     active=bool(r[3]), eligible=bool(r[4]), eligible_at=r[5],
+                                     email_since=r[6])
                 for r in rows}
 
     async def emails_of_records(self, account: str, record_ids: Sequence[str]) -> set[str]:
@@ -182,14 +191,14 @@ class SqliteDirectory:
                                  emails: Iterable[str]) -> dict[str, list[RecordRef]]:
         """Eligible records per email (several records may share one email)."""
         rows = await self._in(
-            "SELECT record_id, record_type, email, active, eligible_at FROM dyn_records "
-            "WHERE account = ? AND eligible = 1 AND email IN ({})", (account,),
-            sorted(set(emails)))
+            "SELECT record_id, record_type, email, active, eligible_at, email_since "
+            "FROM dyn_records WHERE account = ? AND eligible = 1 AND email IN ({})",
+            (account,), sorted(set(emails)))
         found: dict[str, list[RecordRef]] = {}
         for r in sorted(rows, key=lambda row: str(row[0])):
             found.setdefault(r[2], []).append(RecordRef(
                 record_id=str(r[0]), record_type=r[1], email=r[2], active=bool(r[3]),
-                eligible=True, eligible_at=r[4]))
+                eligible=True, eligible_at=r[4], email_since=r[5]))
         return found
 
     async def eligible_emails(self, account: str, emails: Iterable[str]) -> set[str]:

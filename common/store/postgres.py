@@ -44,7 +44,13 @@ _SCHEMA_LOCK = 0x70726566_73796E63 >> 1
 
 
 class StoreUnavailable(RuntimeError):
-    """The database cannot be reached or refused us; the message never holds credentials."""
+    """The database cannot be reached or refused us; the message never holds credentials.
+    ``transient``: it could not be reached (down, restarting), as opposed to refusing us (bad
+    credentials or database: a configuration error)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def redacted(url: str) -> str:
@@ -151,7 +157,10 @@ class PostgresLedgerStore(SqliteLedgerStore):
             pool = await asyncpg.create_pool(self._url, min_size=1, max_size=self._pool_size)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"cannot open the ledger on PostgreSQL at {where}: "
-                                   f"{type(exc).__name__}: {exc}") from None
+                                   f"{type(exc).__name__}: {exc}",
+                                   transient=isinstance(exc, (
+                                       OSError, asyncpg.CannotConnectNowError,
+                                       asyncpg.TooManyConnectionsError))) from None
         try:
             async with pool.acquire() as connection, connection.transaction():
                 await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)

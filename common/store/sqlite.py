@@ -81,7 +81,8 @@ SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION
 
 # Columns added to tables of the first schema since: (table, column, type). A ledger made
 # before gets them when opened (nullable, so its rows stay as they were).
-ADDED_COLUMNS = (("history", "corrected_time", "INTEGER"),)
+ADDED_COLUMNS = (("history", "corrected_time", "INTEGER"),
+                 ("dyn_records", "email_since", "TEXT"))
 
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300

@@ -41,6 +41,18 @@ def test_a_carried_change_round_trips_and_is_read_strictly() -> None:
     assert "changes[0].carried: must be a boolean" in info.value.reason
 
 
+def test_a_joined_change_round_trips_and_is_never_also_carried() -> None:
+    change = PreferenceChange(email="a@example.com", preference_id=7, opted_in=True,
+                              origin_time=T0, change_id="joined-1", joined=True)
+    original = envelope(changes=(change,))
+    assert messages.decode(messages.encode(original)) == original
+    body = orjson.loads(messages.encode(original))
+    body["changes"][0]["carried"] = True
+    with pytest.raises(MalformedMessage) as info:
+        messages.decode(orjson.dumps(body))
+    assert "changes[0]: carried and joined at once" in info.value.reason
+
+
 def test_write_commands_round_trip() -> None:
     command = WriteCommand(email="a@example.com", preference_id=7, side="dotdigital",
                            opted_in=False, origin_time=T0, origin_side="dynamics", change_id="x")

@@ -172,3 +172,4 @@ async def test_every_service_survives_its_connections_being_closed(tmp_path: Pat
         return await edit(world, 12, 8)
 
     await survive(tmp_path, close_connections)
+

@@ -46,6 +46,28 @@ async def test_by_default_the_new_email_starts_from_its_own_preferences(
     assert await world.dotdigital_values(old_email) == old_dotdigital
 
 
+async def test_the_moved_records_own_rows_never_compete_for_the_new_email(
+        world: World, org: Vendors) -> None:
+    # The record's rows were changed after the new email's values were set: newer, but made
+    # for the old email. They stay the old email's; the record gets the new email's values.
+    new_email = "moved.newer.rows@example.com"
+    ids = [p.id for p in world.preferences]
+    person = next(p for p in world.people[10:] if p.kind == "contact")
+    (record, _), = (await org.record_values(person.email)).items()
+    theirs = {pid: i % 2 == 0 for i, pid in enumerate(ids)}
+    await org.dotdigital.patch_contact_v3(new_email, preferences=theirs)
+    mine = {pid: not value for pid, value in theirs.items()}
+    for pid, value in mine.items():
+        await org.subscribe("contact", record, pid, value)
+    await synced(world)
+    assert await world.dotdigital_values(person.email) == mine
+    moved, old_email, _ = await move(world, org, new_email=new_email, new_values=theirs)
+    assert (moved, old_email) == (record, person.email)
+    assert (await org.record_values(new_email))[record] == theirs
+    assert await world.dotdigital_values(new_email) == theirs
+    assert await world.dotdigital_values(old_email) == mine
+
+
 async def test_carry_copies_the_old_emails_preferences_to_the_new_email(tmp_path: Path) -> None:
     async with make_world(tmp_path) as world:
         account = replace(world.config.account(world.account), on_email_change="carry")

@@ -55,3 +55,35 @@ async def test_a_failed_run_is_retried_with_backoff(broker: Broker, url: str) ->
     assert all(gap >= ceiling / 2 - 0.05 for gap, ceiling in zip(gaps, (0.4, 0.8, 1.6),
                                                                    strict=True)), gaps
     assert coordinator.failures == 0
+
+
+class _StoreDown:
+    """The ledger store, unreachable: every call fails as a refused connection would."""
+
+    def __getattr__(self, name: str) -> object:
+        async def refused(*args: object, **kwargs: object) -> None:
+            raise ConnectionRefusedError(111, "Connect call failed")
+        return refused
+
+
+async def test_the_run_loop_backs_off_while_the_store_is_down(broker: Broker) -> None:
+    async def never(request: RunRequest) -> None:
+        raise AssertionError("no run without the store")
+
+    coordinator = RunCoordinator(service="dynamics-poller", account=broker.account,
+                                 store=_StoreDown(), publisher=broker.publisher, run_cycle=never,
+                                 schedule="manual", pending_poll_s=30, retry_base_s=0.4,
+                                 retry_max_s=10)
+    began = time.monotonic()
+    loop = asyncio.create_task(coordinator.run_loop())
+    try:
+        await until(lambda: coordinator.failures >= 4)
+        # each failure waits at least half its backoff (0.4, 0.8, 1.6 s ceilings): no hot loop
+        assert time.monotonic() - began >= 0.2 + 0.4 + 0.8 - 0.05
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    # thousands of failures in a row never overflow the backoff
+    coordinator.failures = 5000
+    assert coordinator._retry_delay() <= 10

@@ -39,6 +39,23 @@ async def test_records_and_eligibility(store: LedgerStore) -> None:
     assert (await store.records("globex", ["c1"]))["c1"].email == "eve@example.com"
 
 
+async def test_a_record_remembers_when_its_email_last_changed(store: LedgerStore) -> None:
+    def ref(email: str | None, modified: str) -> RecordRef:
+        return RecordRef(record_type="contact", record_id="c1", email=email,
+                         email_since=modified)
+
+    await store.upsert_records("acme", [ref("ann@example.com", "2026-01-01T10:00:00Z")])
+    assert (await store.records("acme", ["c1"]))["c1"].email_since is None  # first seen
+    await store.upsert_records("acme", [ref("ann@example.com", "2026-01-02T10:00:00Z")])
+    assert (await store.records("acme", ["c1"]))["c1"].email_since is None  # same email
+    await store.upsert_records("acme", [ref("bea@example.com", "2026-01-03T10:00:00Z")])
+    await store.mark_eligible("acme", ["c1"])
+    (moved,) = (await store.records_for_emails("acme", ["bea@example.com"]))["bea@example.com"]
+    assert moved.email_since == "2026-01-03T10:00:00Z"
+    await store.upsert_records("acme", [ref("bea@example.com", "2026-01-04T10:00:00Z")])
+    assert (await store.records("acme", ["c1"]))["c1"].email_since == "2026-01-03T10:00:00Z"
+
+
 async def test_subscription_rows_keep_the_newest_version(store: LedgerStore) -> None:
     row = SubscriptionRow(subscription_id="s1", record_id="c1", preference_row_id="p1",
                           opted_in=True, version=BIG_VERSION)

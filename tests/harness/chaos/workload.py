@@ -68,10 +68,8 @@ class WorkloadSpec:
     sync_every_s: float = 3.0
     joiners: int = 3
     moves: int = 1
-    # Moves go between emails whose baseline values agree on every preference: where they
-    # differ, prefsync folds the moved record's old rows into the new email's registers (see
-    # ``Workload.move``), a rule question apart from faults. True: any pair.
-    moves_any_values: bool = False
+    # False: moves only between emails whose baseline values agree on every preference
+    moves_any_values: bool = True
     suppressions: int = 2
     poison: bool = True
 
@@ -266,11 +264,8 @@ class Workload:
 
         The record is one no edit of the run touched yet (its rows were all read under the old
         email). By the sync rules the new email keeps its own preferences (``fresh``) and the
-        record receives them. prefsync does not quite do that today: it reads the moved
-        record's old rows as changes for the new email (stamped when they were made, so they
-        beat or tie the new email's older registers). Unless ``moves_any_values``, the two
-        emails agree on every preference, so the suite checks the move under faults without
-        tripping over that rule question."""
+        record receives them: its old rows, however recent, never compete for the new email.
+        Unless ``moves_any_values``, the two emails agree on every preference."""
         if self.moves_left <= 0:
             return
         joined = set(self.joiners.values())
