@@ -37,6 +37,7 @@ from common.domain import (
     SIDES,
     ClockEstimate,
     ClockState,
+    Epoch,
     Observation,
     OffsetSample,
     Side,
@@ -86,8 +87,11 @@ def _d_sample(raw: Sequence[Any]) -> OffsetSample:
 
 
 def _estimate(e: ClockEstimate | None) -> dict[str, Any] | None:
-    return None if e is None else {"offset_s": e.offset_s, "uncertainty_s": e.uncertainty_s,
-                                   "at": e.at.isoformat(), "samples": e.samples}
+    return None if e is None else {
+        "offset_s": e.offset_s, "uncertainty_s": e.uncertainty_s, "at": e.at.isoformat(),
+        "samples": e.samples, "epoch": e.epoch,
+        "earlier": [[p.number, p.offset_s, p.uncertainty_s, p.until_low.isoformat(),
+                     p.until_high.isoformat()] for p in e.earlier]}
 
 
 def estimate_of(value: str | None) -> ClockEstimate | None:
@@ -99,7 +103,13 @@ def estimate_of(value: str | None) -> ClockEstimate | None:
         return None
     return ClockEstimate(offset_s=float(raw["offset_s"]),
                          uncertainty_s=float(raw["uncertainty_s"]),
-                         at=datetime.fromisoformat(raw["at"]), samples=int(raw["samples"]))
+                         at=datetime.fromisoformat(raw["at"]), samples=int(raw["samples"]),
+                         epoch=int(raw.get("epoch", 0)),
+                         earlier=tuple(Epoch(number=int(p[0]), offset_s=float(p[1]),
+                                             uncertainty_s=float(p[2]),
+                                             until_low=datetime.fromisoformat(p[3]),
+                                             until_high=datetime.fromisoformat(p[4]))
+                                       for p in raw.get("earlier") or ()))
 
 
 def _decode(value: str | None) -> tuple[ClockState, list[dict[str, Any]]]:

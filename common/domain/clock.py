@@ -20,6 +20,11 @@ ZERO = timedelta(0)
 SECOND = timedelta(seconds=1)
 
 
+# The clock epoch of a stamp that more than one epoch of its vendor's clock could have made
+# (see :mod:`common.domain.time_base`, rule 4): it is never ordered on that clock alone.
+UNKNOWN_EPOCH = -1
+
+
 def as_utc(value: datetime) -> datetime:
     """``value`` in UTC; a naive datetime is refused (its zone would be a guess)."""
     if value.tzinfo is None or value.utcoffset() is None:

@@ -34,6 +34,9 @@ class Observation:
     clock minus ours) and ``uncertainty`` how far it may be off either way. ``bounded_time``
     is set when ``origin_time`` lay beyond the future bound: the vendor-clock time the change
     was read at, which then stands in for ``origin_time`` wherever times are compared.
+    ``clock_epoch`` is the epoch of the side's clock that stamped it (the clock's steps counted;
+    ``UNKNOWN_EPOCH`` when more than one could have): two stamps of one epoch are ordered on
+    that clock alone.
     """
 
     key: PreferenceKey
@@ -47,6 +50,7 @@ class Observation:
     offset: timedelta = ZERO
     uncertainty: timedelta = ZERO
     bounded_time: datetime | None = None
+    clock_epoch: int = 0
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:

@@ -25,8 +25,8 @@ Rules, in order:
    one is ``stale``; spans that overlap (the same second, or a difference smaller than the
    combined uncertainty) are a tie and the opt-out wins — ``tie_opt_out_won`` when an opt-out
    replaces an opt-in, ``tie_opt_in_lost`` when an opt-in is refused; a tie with the same value
-   keeps the first (``tie_same_value``). Two stamps of one side are compared on that side's
-   clock, second against second: its offset and uncertainty cancel. A stamp beyond the future
+   keeps the first (``tie_same_value``). Two stamps of one side and one epoch of its clock are
+   compared on that clock, second against second: its offset and uncertainty cancel. A stamp beyond the future
    bound competes as of the time it was read (:func:`common.domain.time_base.in_time_base`),
    never on the stamp.
 7. Every decision (duplicates included) ends with :func:`settle`: each side not known to hold the
@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from common.domain.clock import order, span
+from common.domain.clock import UNKNOWN_EPOCH, order, span
 from common.domain.commands import WriteCommand
 from common.domain.observation import Observation
 from common.domain.sides import SIDES
@@ -97,8 +97,9 @@ def settle(state: KeyState) -> tuple[KeyState, tuple[WriteCommand, ...]]:
 def _against_register(register: Register | None, observation: Observation) -> Outcome:
     if register is None:
         return Outcome.APPLIED
-    if register.origin_side == observation.side:
-        # one clock stamped both: its offset and its uncertainty cancel
+    if (register.origin_side == observation.side
+            and register.clock_epoch == observation.clock_epoch != UNKNOWN_EPOCH):
+        # one clock (one epoch of it) stamped both: its offset and uncertainty cancel
         later = order(span(vendor_time=observation.vendor_time),
                       span(vendor_time=register.vendor_time))
     else:

@@ -35,6 +35,7 @@ class Register:
     offset: timedelta = ZERO
     uncertainty: timedelta = ZERO
     bounded_time: datetime | None = None
+    clock_epoch: int = 0
 
     @property
     def vendor_time(self) -> datetime:
@@ -52,7 +53,7 @@ class Register:
         return cls(opted_in=observation.opted_in, origin_time=observation.origin_time,
                    origin_side=observation.side, change_id=observation.change_id,
                    offset=observation.offset, uncertainty=observation.uncertainty,
-                   bounded_time=observation.bounded_time)
+                   bounded_time=observation.bounded_time, clock_epoch=observation.clock_epoch)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

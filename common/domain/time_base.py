@@ -17,9 +17,15 @@ Rules:
    When no majority agrees, the estimate spans them all.
 3. A sample that does not overlap the estimate is a suspect and moves nothing: a single outlier
    never moves the estimate. When ``STEP_AGREEMENT`` consecutive suspects agree with one another,
-   the clock stepped: the estimate starts again from them.
-4. A vendor time is moved into ours by subtracting the offset; the uncertainty goes with it,
-   growing by the drift allowance with the estimate's age.
+   the clock stepped: the estimate starts again from them, a new epoch of the clock. The earlier
+   estimates are kept (the last ``KEPT_EPOCHS``), each with the span of our time in which the
+   step happened (after the last sample that agreed with it, by the first suspect).
+4. A vendor time is moved into ours by subtracting the offset of the epoch that stamped it; the
+   uncertainty goes with it, growing by the drift allowance with the estimate's age. A stamp that
+   more than one epoch could have made (after a step back, the vendor's clock read the same
+   times twice; near a step, when it happened is known only so well) takes the hull of their
+   offsets: its uncertainty covers every reading, so it ties with what it cannot be ordered
+   against (and a tie never opts anyone in). Its epoch is then unknown (:data:`UNKNOWN_EPOCH`).
 5. A stamp later than the moment we read it (in the vendor's clock: our read time plus the
    offset) plus a tolerance is not believed: the change is taken as made when we read it, and is
    flagged ``future_timestamp``.
@@ -32,7 +38,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from common.domain.clock import ZERO, as_utc
+from common.domain.clock import UNKNOWN_EPOCH, ZERO, as_utc
 from common.domain.observation import Observation
 
 # Consecutive suspects that must agree before the estimate follows them (a clock step).
@@ -46,6 +52,8 @@ DRIFT = 20e-6
 MIN_UNCERTAINTY_S = 0.001
 # A stamp this far beyond the read time (in the vendor's clock) is not believed.
 DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
+# Earlier estimates kept after steps (rule 3): older stamps are placed by the oldest.
+KEPT_EPOCHS = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,17 +96,67 @@ class OffsetSample:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Epoch:
+    """An earlier estimate of the clock (rule 3): ``offset_s`` give or take ``uncertainty_s``,
+    in force until the clock stepped, at a moment between ``until_low`` and ``until_high`` (our
+    clock). ``number`` counts the clock's steps (the first epoch is 0)."""
+
+    number: int
+    offset_s: float
+    uncertainty_s: float
+    until_low: datetime
+    until_high: datetime
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "until_low", as_utc(self.until_low))
+        object.__setattr__(self, "until_high", as_utc(self.until_high))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ClockEstimate:
     """A vendor's offset from our clock (seconds, its clock minus ours), give or take
-    ``uncertainty_s``, made of ``samples`` agreeing samples, the newest taken at ``at``."""
+    ``uncertainty_s``, made of ``samples`` agreeing samples, the newest taken at ``at``.
+    ``epoch`` counts the clock's steps; ``earlier`` holds the last estimates before them
+    (oldest first, see :class:`Epoch`)."""
 
     offset_s: float
     uncertainty_s: float
     at: datetime
     samples: int
+    epoch: int = 0
+    earlier: tuple[Epoch, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "at", as_utc(self.at))
+
+    def placement(self, vendor_time: datetime) -> tuple[float, float, int]:
+        """(offset, uncertainty, epoch) for a stamp ``vendor_time`` of this clock (rule 4):
+        the epoch that could have stamped it, or the hull of several (epoch unknown)."""
+        if not self.earlier:
+            return self.offset_s, self.uncertainty_s, self.epoch
+        vendor_time = as_utc(vendor_time)
+        # each epoch, with the span of our time it was in force in (widened by its uncertainty)
+        spans: list[tuple[int, float, float, datetime | None, datetime | None]] = []
+        start: datetime | None = None
+        for e in self.earlier:
+            spans.append((e.number, e.offset_s, e.uncertainty_s, start, e.until_high))
+            start = e.until_low
+        spans.append((self.epoch, self.offset_s, self.uncertainty_s, start, None))
+        fits = []
+        for number, offset_s, uncertainty_s, begin, end in spans:
+            ours = vendor_time - timedelta(seconds=offset_s)
+            slack = timedelta(seconds=uncertainty_s)
+            if ((begin is None or ours >= begin - slack)
+                    and (end is None or ours <= end + slack)):
+                fits.append((number, offset_s, uncertainty_s))
+        if not fits:  # outside every span (e.g. far older than the epochs kept): the oldest
+            first = self.earlier[0]
+            return first.offset_s, first.uncertainty_s, first.number
+        if len(fits) == 1:
+            return fits[0][1], fits[0][2], fits[0][0]
+        low = min(o - u for _, o, u in fits)
+        high = max(o + u for _, o, u in fits)
+        return (low + high) / 2, (high - low) / 2, UNKNOWN_EPOCH
 
     @property
     def offset(self) -> timedelta:
@@ -143,12 +201,21 @@ class ClockState:
         """The state after ``sample`` (rules 2 and 3), and what the sample did."""
         if self.estimate is None or not self.window:
             return ClockState(estimate=_estimate((sample,)), window=(sample,)), Verdict.FIRST
-        if self.estimate.agrees_with(sample):
+        current = self.estimate
+        if current.agrees_with(sample):
             window = _trimmed((*self.window, sample))
-            return ClockState(estimate=_estimate(window), window=window), Verdict.AGREED
+            return ClockState(estimate=replace(_estimate(window), epoch=current.epoch,
+                                               earlier=current.earlier),
+                              window=window), Verdict.AGREED
         suspects = _agreeing_tail((*self.suspects, sample))
         if len(suspects) >= STEP_AGREEMENT:
-            return ClockState(estimate=_estimate(suspects), window=suspects), Verdict.STEP
+            ended = Epoch(number=current.epoch, offset_s=current.offset_s,
+                          uncertainty_s=current.uncertainty_s,
+                          until_low=max(s.at for s in self.window),
+                          until_high=min(s.at for s in suspects))
+            stepped = replace(_estimate(suspects), epoch=current.epoch + 1,
+                              earlier=(*current.earlier, ended)[-KEPT_EPOCHS:])
+            return ClockState(estimate=stepped, window=suspects), Verdict.STEP
         return replace(self, suspects=suspects), Verdict.SUSPECT
 
 
@@ -209,9 +276,16 @@ def in_time_base(observation: Observation, *, estimate: ClockEstimate | None,
     """``observation`` placed in our time base (rules 4 and 5): ``read_at`` is when it was
     read, on our clock; ``estimate`` the side's clock (``None``: not measured, taken as ours)."""
     read_at = as_utc(read_at)
-    offset = estimate.offset if estimate is not None else ZERO
-    uncertainty = estimate.uncertainty_at(read_at) if estimate is not None else ZERO
-    read_on_their_clock = read_at + offset
+    if estimate is None:
+        bounded = read_at if observation.origin_time > read_at + tolerance else None
+        return replace(observation, offset=ZERO, uncertainty=ZERO, bounded_time=bounded,
+                       clock_epoch=0)
+    read_on_their_clock = read_at + estimate.offset
     bounded = (read_on_their_clock
                if observation.origin_time > read_on_their_clock + tolerance else None)
-    return replace(observation, offset=offset, uncertainty=uncertainty, bounded_time=bounded)
+    offset_s, uncertainty_s, epoch = estimate.placement(
+        bounded if bounded is not None else observation.origin_time)
+    drift = estimate.uncertainty_at(read_at) - timedelta(seconds=estimate.uncertainty_s)
+    return replace(observation, offset=timedelta(seconds=offset_s),
+                   uncertainty=timedelta(seconds=uncertainty_s) + drift, bounded_time=bounded,
+                   clock_epoch=epoch)

@@ -55,9 +55,11 @@ def _register(r: Register | None) -> list[Any] | None:
     if r is None:
         return None
     raw = [int(r.opted_in), r.origin_time, _SIDE_CODE[r.origin_side], r.change_id]
-    if r.offset or r.uncertainty or r.bounded_time is not None:
+    if r.offset or r.uncertainty or r.bounded_time is not None or r.clock_epoch:
         # the time base it won in (left out when there was none, as before it existed)
         raw += [_us(r.offset), _us(r.uncertainty), r.bounded_time]
+        if r.clock_epoch:
+            raw.append(r.clock_epoch)
     return raw
 
 
@@ -105,7 +107,8 @@ def _d_register(raw: list[Any] | None) -> Register | None:
     if len(raw) > 4:
         register = replace(register, offset=timedelta(microseconds=raw[4]),
                            uncertainty=timedelta(microseconds=raw[5]),
-                           bounded_time=_opt_time(raw[6]))
+                           bounded_time=_opt_time(raw[6]),
+                           clock_epoch=int(raw[7]) if len(raw) > 7 else 0)
     return register
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.chaos.checker import Observed, RecordView, check, expected_values
+from tests.harness.chaos.checker import ClockStep, Observed, RecordView, check, expected_values
 from tests.harness.chaos.history import (
     Baseline,
     Create,
@@ -304,3 +304,20 @@ def test_a_history_survives_a_round_trip() -> None:
                 Poison(message_id="x", reason="malformed"))
     again = History.from_list(h.to_list())
     assert again.events == h.events
+
+
+def test_near_a_step_of_a_vendors_clock_an_opt_in_may_tie_with_an_opt_out() -> None:
+    # Dynamics' clock steps back 30 s at 100 s: an opt-out made at 110 s (stamped 80 s) and an
+    # opt-in in dotdigital at 125 s. The product cannot tell when the stamp 80 s was made (the
+    # clock read it twice): opt-out on every side is accepted, opt-in is still expected.
+    h = history(dyn(False, 80, offset_s=-30), dd(True, 125))
+    steps = [ClockStep(side="dynamics", at=at(100), seconds=-30)]
+    expectation = expected_values(h, clock_steps=steps)[(A, P)]
+    assert expectation.opted_in is True and expectation.opt_out_acceptable
+    assert check(h, replace(agreed(False), clock_steps=steps)).ok
+    # far from any step there is no such band
+    far = [ClockStep(side="dynamics", at=at(1000), seconds=-30)]
+    assert not expected_values(h, clock_steps=far)[(A, P)].opt_out_acceptable
+    # an opt-out never gets one the other way round
+    mirror = history(dyn(True, 80, offset_s=-30), dd(False, 125))
+    assert expected_values(mirror, clock_steps=steps)[(A, P)].opted_in is False

@@ -26,6 +26,7 @@ from common.domain import (
     span,
     whole_second,
 )
+from common.domain.clock import UNKNOWN_EPOCH
 from common.domain.time_base import STEP_AGREEMENT
 from tests.domain.builders import T0, at, examples, obs
 
@@ -287,3 +288,67 @@ def test_an_echo_is_recognised_on_the_vendors_clock_whatever_its_offset() -> Non
     assert echo.corrected_time == at(20.4)
     d = reconcile(state, echo)
     assert d.outcome is Outcome.ECHO and d.state.register == state.register
+
+
+# --- a clock that steps: each stamp placed by the epoch that made it -----------------------------
+def _stepped(offset_before: float, offset_after: float, *, step_s: float) -> ClockState:
+    """A clock measured every 10 s at ``offset_before``, then at ``offset_after`` from
+    ``step_s`` on (samples 1 ms wide), until the step is followed."""
+    state = ClockState()
+    for t in range(0, int(step_s), 10):
+        state, _ = state.add(OffsetSample(at=at(t), low_s=offset_before - 0.0005,
+                                          high_s=offset_before + 0.0005))
+    t = step_s
+    while state.estimate is not None and state.estimate.epoch == 0:
+        state, _ = state.add(OffsetSample(at=at(t), low_s=offset_after - 0.0005,
+                                          high_s=offset_after + 0.0005))
+        t += 1
+    return state
+
+
+def test_a_step_starts_a_new_epoch_and_keeps_the_earlier_one() -> None:
+    state = _stepped(0.0, -30.0, step_s=60)
+    estimate = state.estimate
+    assert estimate is not None and estimate.epoch == 1
+    assert abs(estimate.offset_s + 30) < 0.01
+    (before,) = estimate.earlier
+    assert before.number == 0 and abs(before.offset_s) < 0.01
+    assert before.until_low == at(50) and before.until_high == at(60)
+
+
+def test_stamps_are_placed_by_the_epoch_that_made_them_and_doubtful_ones_widened() -> None:
+    estimate = _stepped(0.0, -30.0, step_s=60).estimate
+    assert estimate is not None
+    # long before the step, on the old clock: only epoch 0 can have stamped it
+    offset_s, uncertainty_s, epoch = estimate.placement(at(10))
+    assert epoch == 0 and abs(offset_s) < 0.01
+    # well after the step (stamp 100 on a clock 30 s behind: made at 130)
+    offset_s, uncertainty_s, epoch = estimate.placement(at(100))
+    assert epoch == 1 and abs(offset_s + 30) < 0.01
+    # the clock read 40 twice: at 40 (epoch 0) and at 70 (epoch 1): the hull of both
+    offset_s, uncertainty_s, epoch = estimate.placement(at(40))
+    assert epoch == UNKNOWN_EPOCH and uncertainty_s >= 15 and abs(offset_s + 15) < 0.01
+
+
+def test_an_opt_in_stamped_before_a_step_back_never_beats_a_later_opt_out_of_that_side() -> None:
+    # Dynamics' clock steps back 30 s at 60. An opt-in made at 45 (stamped 45) and the person's
+    # opt-out at 80 (stamped 50): by the stamps the opt-in is later; both stamps are ones the
+    # clock made twice, so they tie and the opt-out stands.
+    estimate = _stepped(0.0, -30.0, step_s=60).estimate
+    opt_in = in_time_base(obs("dynamics", True, 45, version=1), estimate=estimate,
+                          read_at=at(90), tolerance=TOLERANCE)
+    opt_out = in_time_base(obs("dynamics", False, 50, version=2), estimate=estimate,
+                           read_at=at(90), tolerance=TOLERANCE)
+    for first, second in ((opt_in, opt_out), (opt_out, opt_in)):
+        d = reconcile(reconcile(None, first).state, second)
+        assert d.state.register is not None and d.state.register.opted_in is False
+
+
+def test_a_stamp_before_the_step_keeps_its_epochs_offset_when_read_after_it() -> None:
+    # read after the step: a stamp made at 10 on the old clock is not moved 30 s (the new
+    # epoch reads 10 only at 40, before the step: it cannot have stamped it)
+    estimate = _stepped(0.0, -30.0, step_s=60).estimate
+    old = in_time_base(obs("dotdigital", False, 10), estimate=estimate, read_at=at(90),
+                       tolerance=TOLERANCE)
+    assert abs(old.corrected_time - at(10)) < timedelta(seconds=0.01)
+    assert old.clock_epoch == 0

@@ -13,7 +13,11 @@ What is expected, per key (email, preference):
    ``skew_tolerance_s`` over an opt-out is a tie within the clocks' uncertainty: opt-out on
    every side is accepted too (never the other way round). So is an opt-in that wins over an
    opt-out of the other side by less than a second plus the clocks' measured uncertainty (the
-   product's own tie rule: the two whole-second spans, widened by it, overlap).
+   product's own tie rule: the two whole-second spans, widened by it, overlap). And where a
+   side's clock stepped, an opt-in that wins by no more than the step plus ``skew_tolerance_s``
+   over an opt-out, either of them made within the step plus ``STEP_SLACK`` of it on that
+   side: the vendor's clock stamped those times twice (or it is not known on which side of
+   the step they fell), and the product ties what it cannot order.
 
 What is counted (each key once per count):
 
@@ -86,8 +90,32 @@ def _lww(contenders: Sequence[tuple[datetime, bool]]) -> tuple[datetime, bool]:
     return best, (False not in values)
 
 
+# How long after a step of a vendor's clock it may take to be measured (a sync or two), and how
+# long before it the last sample that agreed with the old clock may be.
+STEP_SLACK = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClockStep:
+    """A vendor's clock stepped by ``seconds`` at ``at`` (real time)."""
+
+    side: Side
+    at: datetime
+    seconds: float
+
+
+def _near_step(edit: Baseline | Edit, steps: Sequence[ClockStep]) -> float | None:
+    """The largest step of the edit's side's clock it was made near, if any."""
+    if not isinstance(edit, Edit):
+        return None
+    sizes = [abs(s.seconds) for s in steps if s.side == edit.side
+             and abs(edit.true_at - s.at) <= timedelta(seconds=abs(s.seconds)) + STEP_SLACK]
+    return max(sizes, default=None)
+
+
 def expected_values(history: History, *, skew_tolerance_s: float = 2.0,
-                    uncertainty_s: float = 0.0) -> dict[Key, Expectation]:
+                    uncertainty_s: float = 0.0,
+                    clock_steps: Sequence[ClockStep] = ()) -> dict[Key, Expectation]:
     created = {e.record_id for e in history.of(Create)}
     joined = {e.record_id for e in history.of(Join)}
     never_joined = created - joined
@@ -116,6 +144,16 @@ def expected_values(history: History, *, skew_tolerance_s: float = 2.0,
             rivals = [true_at(e) for e in edits if not e.opted_in]
             acceptable = any(best - _second(at) <= timedelta(seconds=skew_tolerance_s)
                              for at in rivals)
+        if value and clock_steps:
+            for rival in edits:
+                if rival.opted_in:
+                    continue
+                step = max((s for s in (_near_step(winner, clock_steps),
+                                        _near_step(rival, clock_steps)) if s is not None),
+                           default=None)
+                if step is not None and best - _second(true_at(rival)) <= timedelta(
+                        seconds=step + skew_tolerance_s):
+                    acceptable = True
         if value and uncertainty_s > 0 and isinstance(winner, Edit):
             band = timedelta(seconds=1 + uncertainty_s)
             acceptable = acceptable or any(
@@ -149,6 +187,8 @@ class Observed:
     converge_s: float | None = None
     # the two vendors' clock uncertainties as the product measured them (the widest of the run)
     clock_uncertainty_s: float = 0.0
+    # the steps of the vendors' clocks (the clock-offset faults)
+    clock_steps: Sequence[ClockStep] = ()
 
 
 @dataclass
@@ -257,7 +297,8 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
     for restart in observed.restarts_by_hand:
         verdict.note("restarts_by_hand", dict(restart))
     expected = expected_values(history, skew_tolerance_s=skew_tolerance_s,
-                               uncertainty_s=observed.clock_uncertainty_s)
+                               uncertainty_s=observed.clock_uncertainty_s,
+                               clock_steps=observed.clock_steps)
     verdict.keys = len(expected)
     verdict.skew_sensitive_keys = sum(1 for e in expected.values() if e.skew_sensitive)
     never_joined = ({e.record_id for e in history.of(Create)}

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from common.failpoints import POINTS
@@ -227,11 +228,15 @@ async def clock_offset(world: ChaosWorld, side: str, rng: random.Random, scale: 
                        fault: Injected) -> None:
     offset = round(rng.choice((-1, 1)) * scale.offset_s)
     fault.detail.update({"side": side, "offset_s": offset, "hold_s": scale.offset_hold_s})
+    # when the clock stepped (out and back), by real time: the checker's tie band around them
+    steps = fault.detail.setdefault("steps_at", [])
     await world.set_offset(side, offset)
+    steps.append(datetime.now(UTC).isoformat())
     try:
         await asyncio.sleep(scale.offset_hold_s)
     finally:
         await world.set_offset(side, 0.0)
+        steps.append(datetime.now(UTC).isoformat())
 
 
 # One vendor at a time: ``vendor-outage`` draws the side, ``vendor-outage:dotdigital`` names it.

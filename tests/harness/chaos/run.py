@@ -20,12 +20,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from tests.harness.chaos.checker import Observed, RecordView, check
+from tests.harness.chaos.checker import ClockStep, Observed, RecordView, check
 from tests.harness.chaos.faults import FULL, SHORT, Injected, Scale, inject, kinds_for
 from tests.harness.chaos.history import Baseline, History, Key
 from tests.harness.chaos.workload import Workload, WorkloadSpec
@@ -108,7 +109,8 @@ async def run_case(case: Case, *, root: Path, broker: PrivateRabbitMQ,
             outstanding=await world.outstanding_keys(emails),
             restarts_by_hand=world.deaths.by_hand,
             converged=converge["converged"], converge_s=converge["converge_s"],
-            clock_uncertainty_s=await world.clock_uncertainty_s())
+            clock_uncertainty_s=await world.clock_uncertainty_s(),
+            clock_steps=clock_steps(injected))
         # a write may land this long after it was decided: more while writes were held up
         latency_s = max((float(f.detail.get("latency_ms", 0)) / 1000 for f in injected),
                         default=0.0)
@@ -138,6 +140,14 @@ async def run_case(case: Case, *, root: Path, broker: PrivateRabbitMQ,
     return result
 
 
+def clock_steps(faults: list[Injected]) -> list[ClockStep]:
+    """The steps the clock-offset faults made: out by the offset, then back."""
+    return [ClockStep(side=f.detail["side"], at=datetime.fromisoformat(at),
+                      seconds=float(f.detail["offset_s"]))
+            for f in faults if f.kind.startswith("clock-offset")
+            for at in f.detail.get("steps_at", [])]
+
+
 def _dump(observed: Observed) -> dict[str, Any]:
     return {"dotdigital": {e: {str(p): v for p, v in values.items()}
                            for e, values in observed.dotdigital.items()},
@@ -147,7 +157,8 @@ def _dump(observed: Observed) -> dict[str, Any]:
             "outstanding": [list(k) for k in observed.outstanding],
             "restarts_by_hand": list(observed.restarts_by_hand),
             "converged": observed.converged, "converge_s": observed.converge_s,
-            "clock_uncertainty_s": observed.clock_uncertainty_s}
+            "clock_uncertainty_s": observed.clock_uncertainty_s,
+            "clock_steps": [[s.side, s.at.isoformat(), s.seconds] for s in observed.clock_steps]}
 
 
 def load_observed(raw: dict[str, Any]) -> Observed:
@@ -159,7 +170,9 @@ def load_observed(raw: dict[str, Any]) -> Observed:
         journal=raw["journal"], dead_letters=raw["dead_letters"],
         outstanding=[(e, int(p)) for e, p in raw["outstanding"]],
         restarts_by_hand=raw["restarts_by_hand"], converged=raw["converged"],
-        converge_s=raw["converge_s"], clock_uncertainty_s=raw.get("clock_uncertainty_s", 0.0))
+        converge_s=raw["converge_s"], clock_uncertainty_s=raw.get("clock_uncertainty_s", 0.0),
+        clock_steps=[ClockStep(side=s, at=datetime.fromisoformat(at), seconds=float(x))
+                     for s, at, x in raw.get("clock_steps", [])])
 
 
 def recheck(path: Path) -> dict[str, Any]:
