@@ -72,7 +72,7 @@ def _is_postgres_outage(exc: BaseException) -> bool:
         import asyncpg
     except ImportError:  # pragma: no cover - asyncpg is a dependency
         return False
-    from common.store.postgres import StoreUnavailable
+    from common.store.interface import StoreUnavailable
     return isinstance(exc, StoreUnavailable | asyncpg.PostgresConnectionError
                       | asyncpg.InterfaceError | asyncpg.CannotConnectNowError
                       | asyncpg.exceptions.ConnectionDoesNotExistError

@@ -32,7 +32,7 @@ from common.config import AccountConfig, Config
 from common.logs import as_service
 from common.metrics import METRICS, ObservedStore
 from common.store import LedgerStore, open_store
-from common.store.postgres import StoreUnavailable
+from common.store.interface import StoreUnavailable
 from common.topology import SIDES, Topology
 from services.assignment import ShardAssigner, replica_id
 from services.broker_setup import account_broker_url

@@ -20,6 +20,16 @@ from common.store.outstanding import DueKey, OutstandingStats
 Change = tuple[int | None, KeyState, HistoryEntry | None]
 
 
+class StoreUnavailable(RuntimeError):
+    """The ledger cannot be opened; the message never holds credentials. ``transient``: it
+    could not be reached or was locked (down, restarting, a long write), as opposed to refusing
+    us (bad credentials or database: a configuration error)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
 class ConflictError(Exception):
     """Some keys' stored revisions moved since they were loaded; nothing was written."""
 

@@ -30,6 +30,7 @@ import asyncpg
 
 from common.domain import PreferenceKey
 from common.store.connection import Connection
+from common.store.interface import StoreUnavailable
 from common.store.outstanding import upgrade
 from common.store.sqlite import (
     ADDED_COLUMNS,
@@ -41,16 +42,6 @@ from common.store.sqlite import (
 POOL_SIZE = 10
 # Serialises schema creation between processes starting at once (an arbitrary fixed key).
 _SCHEMA_LOCK = 0x70726566_73796E63 >> 1
-
-
-class StoreUnavailable(RuntimeError):
-    """The database cannot be reached or refused us; the message never holds credentials.
-    ``transient``: it could not be reached (down, restarting), as opposed to refusing us (bad
-    credentials or database: a configuration error)."""
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
 
 
 def redacted(url: str) -> str:

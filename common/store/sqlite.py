@@ -35,7 +35,7 @@ from common.store.coordination import SCHEMA as COORDINATION_SCHEMA
 from common.store.coordination import SqlCoordination
 from common.store.directory import SCHEMA as DIRECTORY_SCHEMA
 from common.store.directory import RecordRef, SqliteDirectory, SubscriptionRow
-from common.store.interface import Change, ConflictError
+from common.store.interface import Change, ConflictError, StoreUnavailable
 from common.store.outstanding import SCHEMA as OUTSTANDING_SCHEMA
 from common.store.outstanding import (
     DueKey,
@@ -173,8 +173,9 @@ async def _use_wal(db: aiosqlite.Connection, *, wait_s: float = 60.0) -> None:
 class SqliteLedgerStore:
     """The ledger in one SQLite file (or in memory for ``:memory:``)."""
 
-    def __init__(self, *, path: str) -> None:
+    def __init__(self, *, path: str, busy_timeout_s: float = 60.0) -> None:
         self._path = path
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._db: aiosqlite.Connection | None = None
         # one connection: transactions must not interleave on it
         self._lock = asyncio.Lock()
@@ -197,7 +198,7 @@ class SqliteLedgerStore:
         try:
             # Several services (processes) share the file; one may hold the write lock for
             # a few seconds (a big batch on a loaded machine): wait rather than fail.
-            await db.execute("PRAGMA busy_timeout = 60000")
+            await db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
             await _use_wal(db)
             # FULL: a committed decision survives power loss (messages are acked after commit)
             await db.execute("PRAGMA synchronous = FULL")
@@ -214,6 +215,11 @@ class SqliteLedgerStore:
             async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cur:
                 row = await cur.fetchone()
             await db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            await db.close()
+            # another process held the write lock past the busy timeout
+            raise StoreUnavailable(f"cannot open the ledger at {self._path}: {exc}",
+                                   transient="locked" in str(exc)) from None
         except BaseException:
             await db.close()
             raise

@@ -25,7 +25,8 @@ from common.domain import (
     WriteRecord,
 )
 from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
-from common.store.postgres import PostgresLedgerStore, StoreUnavailable
+from common.store.interface import StoreUnavailable
+from common.store.postgres import PostgresLedgerStore
 
 pytestmark = pytest.mark.anyio
 
@@ -279,3 +280,22 @@ async def test_a_sqlite_call_cancelled_while_it_waits_for_the_lock_leaves_the_le
             await store.set_checkpoint("acme", "feed", "4")
         assert await store.get_checkpoint("acme", "feed") == "4"
         assert await store.get_checkpoint("acme", "other") == "3"
+
+
+async def test_a_sqlite_ledger_locked_past_the_busy_timeout_is_unavailable_for_now(
+        tmp_path: Path) -> None:
+    # another process holds the write lock (a long transaction): opening is a transient failure
+    # (a service waits and tries again), never a configuration error
+    path = tmp_path / "ledger.db"
+    async with SqliteLedgerStore(path=str(path)):
+        pass
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable) as info:
+            await SqliteLedgerStore(path=str(path), busy_timeout_s=0.2).open()
+        assert info.value.transient and "locked" in str(info.value)
+    finally:
+        holder.close()
+    async with SqliteLedgerStore(path=str(path), busy_timeout_s=0.2):
+        pass
