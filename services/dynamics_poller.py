@@ -48,7 +48,7 @@ from common.clock_skew import measure_clock
 from common.config import AccountConfig
 from common.domain import HistoryEntry, normalize_email, speaks_for_email
 from common.messages import EligibleContact, Envelope, PreferenceChange
-from common.store.directory import RecordRef, SubscriptionRow
+from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.topology import CONTROL_EXCHANGE, Topology
 from services.catalog import (
     MAPPING_CHECKPOINT,
@@ -99,16 +99,6 @@ class RunCounts:
     message_ids: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, kw_only=True)
-class EmailChange:
-    """An eligible record whose email changed (seen in the directory read)."""
-
-    record_id: str
-    old: str
-    new: str
-    at: datetime
-
-
 def parse_odata_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
 
@@ -129,7 +119,6 @@ class DynamicsPoller:
         self._shards = shards
         # reads dotdigital's preference tree at the start of a run (else: the last one read)
         self._dotdigital = dotdigital
-        self._email_changes: list[EmailChange] = []
 
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
@@ -138,7 +127,6 @@ class DynamicsPoller:
         # Dataverse's clock, from the answers so far, before anything read here is published
         await measure_clock(self._store, account=self.account.id, side="dynamics",
                             client=self._client)
-        self._email_changes = []
         await self._refresh_directory()
         # Follow-ups an earlier run left (it failed or died after marking): owed still.
         # Normally none; asked before marking, so a first run does not load every record.
@@ -148,7 +136,8 @@ class DynamicsPoller:
         # reads dotdigital while this poller reads the subscription rows.
         # A first run makes every record eligible: their emails are not looked up (nor held),
         # as the ec-poller then reads everything anyway.
-        moved_to = {change.new for change in self._email_changes}
+        # email changes seen now, or by an earlier run that did not get to follow them
+        moved_to = {change.new for change in await self._store.email_changes(self.account.id)}
         emails: set[str] | None = None
         if len(newly_eligible) <= ELIGIBLE_FETCH_LIMIT:
             emails = moved_to | await self._store.emails_of_records(self.account.id,
@@ -233,14 +222,18 @@ class DynamicsPoller:
     async def _note_email_changes(self, refs: Sequence[RecordRef],
                                   rows: Sequence[dict[str, Any]]) -> None:
         before = await self._store.records(self.account.id, [r.record_id for r in refs])
+        changes: list[EmailChange] = []
         for ref, row in zip(refs, rows, strict=True):
             old = before.get(ref.record_id)
             if (old is not None and old.eligible and old.email and ref.email
                     and old.email != ref.email):
                 at = (parse_odata_time(str(row["modifiedon"])) if row.get("modifiedon")
                       else datetime.now(UTC))
-                self._email_changes.append(EmailChange(record_id=ref.record_id, old=old.email,
-                                                       new=ref.email, at=at))
+                changes.append(EmailChange(record_id=ref.record_id, old=old.email,
+                                           new=ref.email, at=at.isoformat()))
+        if changes:
+            # kept before the directory's cursor moves past them: a crash must not lose them
+            await self._store.note_email_changes(self.account.id, changes)
 
     async def _follow_email_changes(self, request: RunRequest, catalog: dict[str, int],
                                     counts: RunCounts) -> set[str]:
@@ -248,7 +241,7 @@ class DynamicsPoller:
         run. What each record's rows hold is published as ``joined`` for the new email (the
         record gets the email's preferences, see :mod:`common.domain.records`); with
         ``carry``, the old email's preferences are published for the new one too."""
-        changes, self._email_changes = self._email_changes, []
+        changes = await self._store.email_changes(self.account.id)
         if not changes:
             return set()
         counts.email_changes += len(changes)
@@ -262,9 +255,10 @@ class DynamicsPoller:
                         continue
                     published.append(PreferenceChange(
                         email=change.new, preference_id=state.key.preference_id,
-                        opted_in=state.register.opted_in, origin_time=change.at,
+                        opted_in=state.register.opted_in,
+                        origin_time=datetime.fromisoformat(change.at),
                         change_id=f"carry:{change.record_id}:{change.old}:"
-                                  f"{state.key.preference_id}:{change.at.isoformat()}",
+                                  f"{state.key.preference_id}:{change.at}",
                         carried=True))
         published += await self._joined(changes, catalog)
         if published:
@@ -275,6 +269,7 @@ class DynamicsPoller:
             await self._publisher.publish_many(outgoing)
             counts.published += len(published)
             counts.message_ids.extend(ids_of(outgoing))
+        await self._store.clear_email_changes(self.account.id, changes)  # confirmed by now
         log.info("records changed email", extra={
             "account": self.account.id, "records": len(changes),
             "joined": sum(1 for c in published if c.joined),
@@ -296,9 +291,9 @@ class DynamicsPoller:
                     continue
                 joined.append(PreferenceChange(
                     email=change.new, preference_id=preference, opted_in=row.opted_in,
-                    origin_time=change.at, joined=True,
+                    origin_time=datetime.fromisoformat(change.at), joined=True,
                     change_id=f"joined:{change.record_id}:{change.new}:{preference}:"
-                              f"{change.at.isoformat()}"))
+                              f"{change.at}"))
         return joined
 
     # --- eligibility -----------------------------------------------------------------------

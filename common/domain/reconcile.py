@@ -25,10 +25,11 @@ Rules, in order:
    one is ``stale``; spans that overlap (the same second, or a difference smaller than the
    combined uncertainty) are a tie and the opt-out wins — ``tie_opt_out_won`` when an opt-out
    replaces an opt-in, ``tie_opt_in_lost`` when an opt-in is refused; a tie with the same value
-   keeps the first (``tie_same_value``). Two stamps of one side and one epoch of its clock are
-   compared on that clock, second against second: its offset and uncertainty cancel. A stamp beyond the future
-   bound competes as of the time it was read (:func:`common.domain.time_base.in_time_base`),
-   never on the stamp.
+   keeps the one that may have happened later (``tie_same_value``): the value reaches that far,
+   so the other value must beat it. Two stamps of one side and one epoch of its clock are
+   compared on that clock, second against second: its offset and uncertainty cancel. A stamp
+   beyond the future bound competes as of the time it was read
+   (:func:`common.domain.time_base.in_time_base`), never on the stamp.
 7. Every decision (duplicates included) ends with :func:`settle`: each side not known to hold the
    register's value gets a write command, and ``pending`` remembers it. Commands are re-emitted
    until the side is known to hold the value, because state is committed before commands are
@@ -97,8 +98,7 @@ def settle(state: KeyState) -> tuple[KeyState, tuple[WriteCommand, ...]]:
 def _against_register(register: Register | None, observation: Observation) -> Outcome:
     if register is None:
         return Outcome.APPLIED
-    if (register.origin_side == observation.side
-            and register.clock_epoch == observation.clock_epoch != UNKNOWN_EPOCH):
+    if _same_clock(register, observation):
         # one clock (one epoch of it) stamped both: its offset and uncertainty cancel
         later = order(span(vendor_time=observation.vendor_time),
                       span(vendor_time=register.vendor_time))
@@ -111,6 +111,19 @@ def _against_register(register: Register | None, observation: Observation) -> Ou
     if observation.opted_in == register.opted_in:
         return Outcome.TIE_SAME_VALUE
     return Outcome.TIE_OPT_OUT_WON if not observation.opted_in else Outcome.TIE_OPT_IN_LOST
+
+
+def _reaches_later(observation: Observation, register: Register | None) -> bool:
+    """A same-value tie whose change may have happened later than the register's: the value
+    then reaches that far (rule 6), so a later change of the other value must beat that."""
+    if register is None or _same_clock(register, observation):
+        return False  # one clock: a tie is the same second
+    return observation.span[1] > register.span[1]
+
+
+def _same_clock(register: Register, observation: Observation) -> bool:
+    return (register.origin_side == observation.side
+            and register.clock_epoch == observation.clock_epoch != UNKNOWN_EPOCH)
 
 
 def _beyond_ledger(state: KeyState, observation: Observation) -> bool:
@@ -135,7 +148,9 @@ def reconcile(state: KeyState | None, observation: Observation, *,
         # Not a read of the side: only the register may move (a write of ours that lands after
         # it is then still known, and corrected, because the side's knowledge stays as read).
         outcome = _against_register(before.register, observation)
-        if outcome in (Outcome.APPLIED, Outcome.TIE_OPT_OUT_WON):
+        if outcome in (Outcome.APPLIED, Outcome.TIE_OPT_OUT_WON) or (
+                outcome is Outcome.TIE_SAME_VALUE
+                and _reaches_later(observation, before.register)):
             after = replace(after, register=Register.of(observation))
     elif observation.joined:
         outcome = Outcome.JOINED
@@ -156,7 +171,9 @@ def reconcile(state: KeyState | None, observation: Observation, *,
             outcome = Outcome.STALE
         else:
             outcome = _against_register(before.register, observation)
-            if outcome in (Outcome.APPLIED, Outcome.TIE_OPT_OUT_WON):
+            if outcome in (Outcome.APPLIED, Outcome.TIE_OPT_OUT_WON) or (
+                    outcome is Outcome.TIE_SAME_VALUE
+                    and _reaches_later(observation, before.register)):
                 after = replace(after, register=Register.of(observation))
         after = prune_writes(after, side)
     after, commands = settle(after)

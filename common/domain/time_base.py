@@ -149,9 +149,11 @@ class ClockEstimate:
             if ((begin is None or ours >= begin - slack)
                     and (end is None or ours <= end + slack)):
                 fits.append((number, offset_s, uncertainty_s))
-        if not fits:  # outside every span (e.g. far older than the epochs kept): the oldest
-            first = self.earlier[0]
-            return first.offset_s, first.uncertainty_s, first.number
+        if not fits:
+            # between two epochs' spans: a reading no sample saw (the clock moved on again
+            # before it was measured); any epoch's offset may apply
+            fits = [(number, offset_s, uncertainty_s)
+                    for number, offset_s, uncertainty_s, _, _ in spans]
         if len(fits) == 1:
             return fits[0][1], fits[0][2], fits[0][0]
         low = min(o - u for _, o, u in fits)

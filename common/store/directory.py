@@ -50,6 +50,15 @@ SCHEMA = (
         account TEXT NOT NULL,
         record_id TEXT NOT NULL,
         PRIMARY KEY (account, record_id))""",
+    # email changes seen in the directory whose follow-up (the joined and carried values of the
+    # new email) is not confirmed yet: kept across a crash (the directory's cursor has moved on)
+    """CREATE TABLE IF NOT EXISTS dyn_email_changes (
+        account TEXT NOT NULL,
+        record_id TEXT NOT NULL,
+        old_email TEXT NOT NULL,
+        email TEXT NOT NULL,
+        changed_at TEXT NOT NULL,
+        PRIMARY KEY (account, record_id))""",
     """CREATE TABLE IF NOT EXISTS deferred_writes (
         account TEXT NOT NULL,
         preference_id INTEGER NOT NULL,
@@ -70,6 +79,17 @@ class RecordRef:
     # older rows are not changes of this email (common.domain.records); on upsert, the
     # record's modifiedon, kept only when the email changes
     email_since: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmailChange:
+    """An eligible record whose email changed from ``old`` to ``new`` at ``at`` (its
+    modifiedon, as Dataverse wrote it)."""
+
+    record_id: str
+    old: str
+    new: str
+    at: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -172,6 +192,28 @@ class SqliteDirectory:
         for start in range(0, len(unique), _CHUNK * 10):
             await self._many("DELETE FROM dyn_follow_ups WHERE account = ? AND record_id = ?",
                              [(account, r) for r in unique[start:start + _CHUNK * 10]])
+
+    async def note_email_changes(self, account: str, changes: Sequence[EmailChange]) -> None:
+        """Remember email changes until :meth:`clear_email_changes` (a record changed twice
+        before it was followed keeps its first old email)."""
+        await self._many(
+            "INSERT INTO dyn_email_changes (account, record_id, old_email, email, changed_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account, record_id) DO UPDATE SET "
+            "email = excluded.email, changed_at = excluded.changed_at",
+            [(account, c.record_id, c.old, c.new, c.at) for c in changes])
+
+    async def email_changes(self, account: str) -> list[EmailChange]:
+        rows = await self._rows("SELECT record_id, old_email, email, changed_at "
+                                "FROM dyn_email_changes WHERE account = ? ORDER BY record_id",
+                                (account,))
+        return [EmailChange(record_id=str(r[0]), old=r[1], new=r[2], at=r[3]) for r in rows]
+
+    async def clear_email_changes(self, account: str, changes: Sequence[EmailChange]) -> None:
+        """The follow-up of these changes is confirmed (a newer change of a record, noted
+        since, stays)."""
+        await self._many("DELETE FROM dyn_email_changes WHERE account = ? AND record_id = ? "
+                         "AND email = ? AND changed_at = ?",
+                         [(account, c.record_id, c.new, c.at) for c in changes])
 
     async def records(self, account: str, record_ids: Sequence[str]) -> dict[str, RecordRef]:
         rows = await self._in(

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from common.domain import ContactState, HistoryEntry, KeyState, Observation, PreferenceKey
-from common.store.directory import RecordRef, SubscriptionRow
+from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.outstanding import DueKey, OutstandingStats
 
 # (expected revision — None or 0: the key must not be stored yet; the new state; its history row)
@@ -94,6 +94,14 @@ class LedgerStore(Protocol):
         ...
 
     async def clear_follow_ups(self, account: str, record_ids: Iterable[str]) -> None: ...
+
+    async def note_email_changes(self, account: str, changes: Sequence[EmailChange]) -> None:
+        """Email changes seen in the directory, kept until their follow-up is confirmed."""
+        ...
+
+    async def email_changes(self, account: str) -> list[EmailChange]: ...
+
+    async def clear_email_changes(self, account: str, changes: Sequence[EmailChange]) -> None: ...
 
     async def eligible_ids(self, account: str, record_ids: Iterable[str]) -> set[str]: ...
 

@@ -44,6 +44,7 @@ ERASED: Mapping[str, str] = {
     "resuming_contacts": "resubscriptions whose writes are not yet published",
     "dyn_subscriptions": "Dynamics subscription rows of those records",
     "dyn_follow_ups": "eligibility follow-ups of those records",
+    "dyn_email_changes": "email changes of records, not yet followed",
     "dyn_records": "Dynamics records in the directory",
 }
 
@@ -57,7 +58,12 @@ for _table in _BY_RECORD:
                       "(SELECT record_id FROM dyn_records WHERE account = ? AND email = ?)")
 
 
+_WHERE["dyn_email_changes"] = "WHERE account = ? AND (email = ? OR old_email = ?)"
+
+
 def _params(table: str, account: str, email: str) -> tuple[str, ...]:
+    if table == "dyn_email_changes":
+        return (account, email, email)
     if table in _BY_RECORD:
         return (account, account, email)
     return (account, email)

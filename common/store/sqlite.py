@@ -34,7 +34,7 @@ from common.store.connection import Connection
 from common.store.coordination import SCHEMA as COORDINATION_SCHEMA
 from common.store.coordination import SqlCoordination
 from common.store.directory import SCHEMA as DIRECTORY_SCHEMA
-from common.store.directory import RecordRef, SqliteDirectory, SubscriptionRow
+from common.store.directory import EmailChange, RecordRef, SqliteDirectory, SubscriptionRow
 from common.store.interface import Change, ConflictError, StoreUnavailable
 from common.store.outstanding import SCHEMA as OUTSTANDING_SCHEMA
 from common.store.outstanding import (
@@ -434,6 +434,15 @@ class SqliteLedgerStore:
 
     async def clear_follow_ups(self, account: str, record_ids: Iterable[str]) -> None:
         await self._directory.clear_follow_ups(account, record_ids)
+
+    async def note_email_changes(self, account: str, changes: Sequence[EmailChange]) -> None:
+        await self._directory.note_email_changes(account, changes)
+
+    async def email_changes(self, account: str) -> list[EmailChange]:
+        return await self._directory.email_changes(account)
+
+    async def clear_email_changes(self, account: str, changes: Sequence[EmailChange]) -> None:
+        await self._directory.clear_email_changes(account, changes)
 
     async def eligible_ids(self, account: str, record_ids: Iterable[str]) -> set[str]:
         found = await self._directory.records(account, list(record_ids))

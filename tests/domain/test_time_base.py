@@ -4,6 +4,7 @@ moved into our clock, the future bound, and last-writer-wins compared in one tim
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -352,3 +353,29 @@ def test_a_stamp_before_the_step_keeps_its_epochs_offset_when_read_after_it() ->
                        tolerance=TOLERANCE)
     assert abs(old.corrected_time - at(10)) < timedelta(seconds=0.01)
     assert old.clock_epoch == 0
+
+
+def test_a_same_value_tie_keeps_the_latest_reach_of_that_value() -> None:
+    # The register is an opt-out in dotdigital at 25.5. A Dynamics opt-out whose stamp the
+    # clock made twice (placed 15 s either way of 21) ties with it; it may have been made as
+    # late as 36. A dotdigital opt-in at 36.3 must then tie with it (the opt-out stands), not
+    # win against the older 25.5.
+    register = placed(obs("dotdigital", False, 25.5), 0, read_s=40)
+    doubtful = replace(obs("dynamics", False, 6, version=2), offset=timedelta(seconds=-15),
+                       uncertainty=timedelta(seconds=15), clock_epoch=UNKNOWN_EPOCH)
+    s = reconcile(None, register).state
+    d = reconcile(s, doubtful)
+    assert d.outcome is Outcome.TIE_SAME_VALUE
+    late_opt_in = placed(obs("dotdigital", True, 36.3), 0, read_s=40)
+    after = reconcile(d.state, late_opt_in)
+    assert after.state.register is not None and after.state.register.opted_in is False
+    assert after.outcome is Outcome.TIE_OPT_IN_LOST
+
+
+def test_a_stamp_no_epoch_can_have_made_takes_the_hull_of_them_all() -> None:
+    # The clock jumps 30 s ahead at 60: it never read 60..80 (as measured); a stamp there was
+    # made while it moved in a way no sample saw (it went through +2 s, say)
+    estimate = _stepped(0.0, 30.0, step_s=60).estimate
+    assert estimate is not None
+    offset_s, uncertainty_s, epoch = estimate.placement(at(70))
+    assert epoch == UNKNOWN_EPOCH and abs(offset_s - 15) < 0.01 and uncertainty_s >= 15

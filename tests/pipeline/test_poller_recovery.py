@@ -188,3 +188,41 @@ async def test_an_overlap_beyond_the_kept_ids_is_checked_against_the_ledger(
         again = await poller._unseen(page, 7, set(kept["seen"]), Seen(keep_from=start),
                                      unkept=datetime.fromisoformat(kept["seen_from"]))
         assert again == [page[1]]
+
+
+@pytest.mark.slow
+async def test_an_email_change_seen_before_a_crash_is_still_followed(tmp_path: Path) -> None:
+    async with make_world(tmp_path) as world, vendors(world) as org:
+        for service in ALL_SERVICES:
+            await world.spawn(service)
+        await synced(world)
+        # A contact moves to an email dotdigital knows with other values; in the same run a
+        # record joins a list, and the poller dies once it is marked (after the directory read
+        # that saw the move: the directory's cursor is past it).
+        # The new email has a record of its own already, in step with dotdigital: only the
+        # moved record differs, and only the move tells it does.
+        new_email = "moved.before.crash@example.com"
+        person = next(p for p in world.people[10:] if p.kind == "contact")
+        (record, values), = (await org.record_values(person.email)).items()
+        theirs = {p.id: not values.get(p.id, False) for p in world.preferences}
+        await org.dotdigital.patch_contact_v3(new_email, preferences=theirs)
+        own = await org.create_record("contact", new_email)
+        await org.add_to_list("contact", own)
+        for preference_id, value in theirs.items():
+            await org.subscribe("contact", own, preference_id, value)
+        await synced(world)
+        await world.set_clock("dynamics", {"offset_s": 3})  # the move after those values
+        await org.set_record("contact", record, {"emailaddress1": new_email})
+        await world.set_clock("dynamics", {})
+        joiner = await org.create_record("contact", "joins.now@example.com")
+        await org.add_to_list("contact", joiner)
+        await restart(world, "dynamics-poller",
+                      failpoints="dynamics-poller.after-mark-eligible")
+        run = asyncio.create_task(world.sync(timeout_s=180))
+        await dies_at_failpoint(world, "dynamics-poller")
+        await world.spawn("dynamics-poller")
+        await run
+        await synced(world)
+        # the record got the new email's values: the move was followed after the crash
+        assert (await org.record_values(new_email))[record] == theirs
+        assert await world.dotdigital_values(new_email) == theirs

@@ -17,7 +17,7 @@ from common.domain import (
     WriteRecord,
 )
 from common.store import LedgerStore
-from common.store.directory import RecordRef, SubscriptionRow
+from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 
 T = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
 PREFERENCES = (1001, 1002)
@@ -53,7 +53,8 @@ async def hold(store: LedgerStore, *, account: str, email: str, record: str,
                recorded: datetime = T) -> None:
     """Everything the ledger can hold for one person: key states with their history, the
     contact state, parked observations, a resubscription whose writes are owed, a deferred
-    write, a directory record (eligible, its follow-up owed) and its subscription row."""
+    write, a directory record (eligible, its follow-up owed, an email change to it not yet followed)
+    and its subscription row."""
     keys = [PreferenceKey(account=account, email=email, preference_id=p) for p in PREFERENCES]
     await store.save([(None, state(k), history(k, "applied", recorded)) for k in keys],
                      history=[history(keys[0], "written", recorded)])
@@ -67,6 +68,8 @@ async def hold(store: LedgerStore, *, account: str, email: str, record: str,
     await store.upsert_records(account, [RecordRef(record_type="contact", record_id=record,
                                                    email=email)])
     await store.mark_eligible(account, [record])
+    await store.note_email_changes(account, [EmailChange(
+        record_id=record, old=f"before.{email}", new=email, at="2026-01-02T03:04:05Z")])
     await store.upsert_subscriptions(account, [SubscriptionRow(
         subscription_id=f"sub-{record}", record_id=record, preference_row_id="row-1001",
         opted_in=False, version=8)])
