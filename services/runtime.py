@@ -16,13 +16,17 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
+import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.breakers import Breakers, RetryPolicy, use_breakers
 from common.broker import AmqpPublisher, DeadLetterer, QueueConsumer, connect
@@ -69,6 +73,30 @@ class Running:
     assigners: list[ShardAssigner] = field(default_factory=list)
     # which dependencies are down (the consumers' circuit breakers)
     breakers: Breakers = field(default_factory=Breakers)
+
+
+T = TypeVar("T")
+# What a broker connection lost mid-call raises (the robust connection then reconnects).
+BROKER_LOST = (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError,
+               ChannelInvalidStateError)
+
+
+async def while_broker_returns(step: Callable[[], Awaitable[T]], *, what: str,
+                               retry: RetryPolicy | None = None) -> T:
+    """``step`` (a start-up call on a robust connection), tried again with backoff while the
+    connection is lost under it: a service that starts during a broker restart, or whose
+    connections are closed by the broker then, comes up once the broker is back."""
+    retry = retry or RetryPolicy()
+    failures = 0
+    while True:
+        try:
+            return await step()
+        except BROKER_LOST as exc:
+            delay = retry.delay(failures)
+            failures += 1
+            log.warning("%s: broker connection lost (%s); trying again in %.1f s", what,
+                        type(exc).__name__, delay)
+            await asyncio.sleep(delay)
 
 
 async def declare_topology(connection: AbstractRobustConnection, config: Config, *,
@@ -121,7 +149,9 @@ async def run_services(*, config: Config, services: Sequence[str],
         # Accounts with a broker user of their own declare their queues on their own connection.
         shared = [a.id for a in config.accounts if a.broker.password is None]
         if shared:
-            await declare_topology(connection, config, accounts=shared)
+            await while_broker_returns(
+                lambda: declare_topology(connection, config, accounts=shared),
+                what="declaring the topology")
         if store is None:
             store = await stack.enter_async_context(await _open_store_waiting(config.store.url))
         store = running.store = ObservedStore(store, metrics=METRICS)
@@ -142,9 +172,11 @@ async def run_services(*, config: Config, services: Sequence[str],
                                                name=f"{name}:{account.id}", wait=True)
             await stack.enter_async_context(account_connection)
             if account.broker.password is not None:
-                await declare_topology(account_connection, config, accounts=[account.id],
-                                       exchanges_too=False)
-            publisher = await AmqpPublisher.open(account_connection)
+                await while_broker_returns(partial(
+                    declare_topology, account_connection, config, accounts=[account.id],
+                    exchanges_too=False), what="declaring the account's topology")
+            publisher = await while_broker_returns(
+                partial(AmqpPublisher.open, account_connection), what="opening a publisher")
             dead = DeadLetterer(publisher=publisher, service=name,
                                 on_dead_letter=METRICS.dead_letter_counter())
             tasks += await _start_account(stack, account=account, config=config,

@@ -404,13 +404,15 @@ class Writer:
                         futures.append(observation.side)
                     history.append(domain.HistoryEntry.for_observation(
                         observation, decision=str(decision.outcome), recorded_at=now))
+            estimate = outcome.time_base.estimates.get(self.side)
+            offset = estimate.offset if estimate is not None else timedelta(0)
             for key, command in todo.items():
                 state = changed.get(key) or current.get(key) or KeyState(key=key)
                 if key in outcome.written:
                     for version, start, end in outcome.written[key]:
                         state = domain.record_write(state, command, produced_version=version,
                                                     window_start=start, window_end=end,
-                                                    written_at=now)
+                                                    written_at=now, offset=offset)
                     history.append(domain.HistoryEntry.for_write(command, recorded_at=now))
                 elif (key in outcome.failed or key in outcome.retry or key in outcome.suppressed
                       or key in outcome.unwritable or outcome.transient):

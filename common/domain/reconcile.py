@@ -157,7 +157,8 @@ def reconcile(state: KeyState | None, observation: Observation, *,
         register = before.register
         if register is not None and register.opted_in != observation.opted_in:
             as_of = seen.as_of if known is None else max(known.as_of, seen.as_of)
-            after = after.with_known(side, Known(opted_in=observation.opted_in, as_of=as_of))
+            after = after.with_known(side, Known(opted_in=observation.opted_in, as_of=as_of,
+                                                 offset=observation.offset))
     elif is_echo(before, observation):
         outcome = Outcome.ECHO
         if seen.is_newer_than(known):

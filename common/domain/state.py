@@ -19,6 +19,9 @@ from common.domain.identity import PreferenceKey
 from common.domain.observation import Observation
 from common.domain.sides import PerSide, Side
 
+# Clock offsets further apart than this: the vendor's clock stepped between two stamps.
+STEPPED = timedelta(seconds=1)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Register:
@@ -62,19 +65,26 @@ class Known:
 
     ``stamp`` is the side's own stamp when it lay beyond the future bound (``as_of`` is then
     the time it was read at): a later read of the same stamp is the same change, not a new one.
+    ``offset`` is the side's clock offset ``as_of`` was stamped with (see
+    :mod:`common.domain.time_base`).
     """
 
     opted_in: bool
     as_of: datetime
     version: int | None = None
     stamp: datetime | None = None
+    offset: timedelta = ZERO
 
     def is_newer_than(self, existing: Known | None) -> bool:
-        """Newer for the same side: by version when both have one, else by time; ties keep."""
+        """Newer for the same side: by version when both have one, else by time; ties keep.
+        Times stamped by the clock as it stood apart by more than ``STEPPED`` (it stepped
+        between them) are compared in our time base: the same reading may come twice."""
         if existing is None:
             return True
         if self.version is not None and existing.version is not None:
             return self.version > existing.version
+        if abs(self.offset - existing.offset) > STEPPED:
+            return self.as_of - self.offset > existing.as_of - existing.offset
         return self.as_of > existing.as_of
 
     def same_as(self, existing: Known | None) -> bool:
@@ -87,7 +97,7 @@ class Known:
     @classmethod
     def of(cls, observation: Observation) -> Known:
         return cls(opted_in=observation.opted_in, as_of=observation.vendor_time,
-                   version=observation.version,
+                   version=observation.version, offset=observation.offset,
                    stamp=observation.origin_time if observation.future_timestamp else None)
 
 

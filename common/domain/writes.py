@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from common.domain.clock import as_utc, whole_second
+from common.domain.clock import ZERO, as_utc, whole_second
 from common.domain.commands import WriteCommand
 from common.domain.observation import Observation
 from common.domain.sides import Side
@@ -140,12 +140,14 @@ def begin_write(state: KeyState, command: WriteCommand, *, window_start: datetim
 
 
 def record_write(state: KeyState, command: WriteCommand, *, produced_version: int | None,
-                 window_start: datetime, window_end: datetime, written_at: datetime) -> KeyState:
+                 window_start: datetime, window_end: datetime, written_at: datetime,
+                 offset: timedelta = ZERO) -> KeyState:
     """Record a successful write of ``command`` (closing its in-flight record, if any).
 
     ``produced_version`` is Dataverse's new ``versionnumber`` (``None`` for dotdigital);
     ``[window_start, window_end]`` is the vendor-clock interval the write happened in;
-    ``written_at`` is our own clock, for the record. The side is then known to hold the value
+    ``written_at`` is our own clock, for the record; ``offset`` the side's clock offset as
+    measured when the window was taken. The side is then known to hold the value
     as of ``window_start``, unless something newer about it is already known. A read stamped
     inside the window may have landed before or after our write (dotdigital: no version tells
     the order). With the same value, it keeps precedence. With the other value, the side is
@@ -171,12 +173,15 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
     # Without the new row version a Dataverse write cannot be placed among reads stamped in the
     # same whole second, so only its echo will tell what the row holds.
     if side == "dotdigital" or produced_version is not None:
-        wrote = Known(opted_in=command.opted_in, as_of=window_start, version=produced_version)
+        wrote = Known(opted_in=command.opted_in, as_of=window_start, version=produced_version,
+                      offset=offset)
         read = state.known.get(side)
         if wrote.is_newer_than(read):
             state = state.with_known(side, wrote)
         elif (read is not None and produced_version is None and read.opted_in != wrote.opted_in
-              and read.as_of <= window_end and state.register is not None
+              and not read.is_newer_than(Known(opted_in=read.opted_in, as_of=window_end,
+                                               offset=offset))
+              and state.register is not None
               and state.register.opted_in == read.opted_in):
             # A change to the other value, read inside our write's window: which of the two
             # landed last is unknown. The register follows that change, so the side is taken

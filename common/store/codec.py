@@ -27,6 +27,7 @@ from common.domain import (
     Side,
     WriteRecord,
 )
+from common.domain.clock import ZERO
 
 FORMAT = 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -66,7 +67,12 @@ def _register(r: Register | None) -> list[Any] | None:
 def _known(k: Known | None) -> list[Any] | None:
     if k is None:
         return None
-    return [int(k.opted_in), k.as_of, k.version] + ([k.stamp] if k.stamp is not None else [])
+    raw = [int(k.opted_in), k.as_of, k.version]
+    if k.stamp is not None or k.offset:
+        raw.append(k.stamp)
+    if k.offset:
+        raw.append(_us(k.offset))
+    return raw
 
 
 def _us(value: timedelta) -> int:
@@ -116,7 +122,8 @@ def _d_known(raw: list[Any] | None) -> Known | None:
     if raw is None:
         return None
     return Known(opted_in=bool(raw[0]), as_of=_time(raw[1]), version=raw[2],
-                 stamp=_opt_time(raw[3]) if len(raw) > 3 else None)
+                 stamp=_opt_time(raw[3]) if len(raw) > 3 else None,
+                 offset=timedelta(microseconds=raw[4]) if len(raw) > 4 else ZERO)
 
 
 def _d_pending(raw: list[Any] | None) -> PendingWrite | None:

@@ -379,3 +379,18 @@ def test_a_stamp_no_epoch_can_have_made_takes_the_hull_of_them_all() -> None:
     assert estimate is not None
     offset_s, uncertainty_s, epoch = estimate.placement(at(70))
     assert epoch == UNKNOWN_EPOCH and abs(offset_s - 15) < 0.01 and uncertainty_s >= 15
+
+
+def test_our_write_after_a_step_back_is_not_older_than_a_stamp_made_before_it() -> None:
+    # dotdigital's clock was 30 s ahead when the person opted in (real 2.7, stamped 32.7); it
+    # is put back; our write of the winning opt-out lands at real 5 (stamped 5). The side holds
+    # our opt-out: no write goes out again (before, one went out every batch until 32.7).
+    opt_in = replace(placed(obs("dotdigital", True, 32.7), 30, read_s=3), clock_epoch=1)
+    opt_out = placed(obs("dynamics", False, 2, version=7), 0, read_s=3)
+    s = reconcile(reconcile(None, opt_in).state, opt_out).state
+    assert s.register is not None and s.register.opted_in is False
+    (command,) = [c for c in settle(s)[1] if c.side == "dotdigital"]
+    s = record_write(s, command, produced_version=None, window_start=at(5), window_end=at(5.2),
+                     written_at=at(5.2), offset=timedelta(0))
+    assert s.known.dotdigital is not None and s.known.dotdigital.opted_in is False
+    assert settle(s)[1] == ()

@@ -293,6 +293,7 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
           skew_tolerance_s: float = 2.0, race_window_s: float = 1.0) -> Verdict:
     verdict = Verdict(changes=len(history.edits), converged=observed.converged,
                       converge_s=observed.converge_s,
+                      clock_uncertainty_s=observed.clock_uncertainty_s,
                       restarts_by_hand=len(observed.restarts_by_hand))
     for restart in observed.restarts_by_hand:
         verdict.note("restarts_by_hand", dict(restart))
