@@ -9,7 +9,11 @@ of the whole ledger. Per key:
 - ``due_at``: when the sweep may publish the key's writes (again): ``since`` at first, later
   than that after each sweep (it backs off);
 - ``revision``: the key state's revision the row was last written with, so that the sweep drops
-  a row it found settled only if no later save has written it.
+  a row it found settled only if no later save has written it;
+- ``sides``: which sides are owed the write (1 Dynamics, 2 dotdigital, 3 both). A key owed only
+  to Dynamics, whose email has no active eligible record (all inactive, qualified or deleted),
+  is left out like a suppressed contact's: nothing can take the write until a record is active
+  again, which brings it back.
 
 A ledger made before the index existed builds it once, one page of states at a time
 (:meth:`SqlOutstanding.build`), from the accounts :func:`upgrade` lists when it creates it.
@@ -36,6 +40,7 @@ SCHEMA = (
         account TEXT NOT NULL, email TEXT NOT NULL, preference_id INTEGER NOT NULL,
         revision INTEGER NOT NULL, opted_in INTEGER NOT NULL, origin_time INTEGER NOT NULL,
         since INTEGER NOT NULL, due_at INTEGER NOT NULL, sweeps INTEGER NOT NULL,
+        sides INTEGER NOT NULL DEFAULT 3,
         PRIMARY KEY (account, email, preference_id))""",
     # The sweep asks by due time; the counts for the metrics read the account's rows, which
     # are few but for a backlog (one index less for every save to keep).
@@ -49,11 +54,11 @@ _BUILT = "done"
 # A new register value starts the clock (and the sweeps) again; the same one keeps them.
 _UPSERT = """
     INSERT INTO outstanding_keys (account, email, preference_id, revision, opted_in, origin_time,
-                                  since, due_at, sweeps)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)
+                                  since, due_at, sides, sweeps)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
     ON CONFLICT (account, email, preference_id) DO UPDATE SET
         revision = excluded.revision, opted_in = excluded.opted_in,
-        origin_time = excluded.origin_time,
+        origin_time = excluded.origin_time, sides = excluded.sides,
         since = CASE WHEN outstanding_keys.opted_in = excluded.opted_in
                       AND outstanding_keys.origin_time = excluded.origin_time
                      THEN outstanding_keys.since ELSE excluded.since END,
@@ -66,11 +71,16 @@ _UPSERT = """
 
 _DELETE = "DELETE FROM outstanding_keys WHERE account = ? AND email = ? AND preference_id = ?"
 
-# Suppressed contacts are left out: their writes are parked on purpose.
+# Suppressed contacts are left out: their writes are parked on purpose. So are keys owed only
+# to Dynamics whose email has no active eligible record: nothing can take the write.
 _NOT_SUPPRESSED = """
     FROM outstanding_keys o
     LEFT JOIN contact_state c ON c.account = o.account AND c.email = o.email
-    WHERE o.account = ? AND o.since <= ? AND (c.suppressed IS NULL OR c.suppressed = 0)"""
+    WHERE o.account = ? AND o.since <= ? AND (c.suppressed IS NULL OR c.suppressed = 0)
+      AND NOT (o.sides = 1 AND NOT EXISTS (
+          SELECT 1 FROM dyn_records r WHERE r.account = o.account AND r.email = o.email
+          AND r.eligible = 1 AND r.active = 1))"""
+_SIDE_BITS = {"dynamics": 1, "dotdigital": 2}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -103,9 +113,12 @@ def index_rows(states: Iterable[tuple[KeyState, int]], *, now_us: int
     for state, revision in sorted(states, key=lambda s: _order(s[0].key)):
         k = state.key
         register = state.register
-        if register is not None and outstanding(state):
+        owed = outstanding(state) if register is not None else ()
+        if register is not None and owed:
+            sides = sum({_SIDE_BITS[c.side] for c in owed})
             upsert.append((k.account, k.email, k.preference_id, revision,
-                           int(register.opted_in), to_us(register.origin_time), now_us, now_us))
+                           int(register.opted_in), to_us(register.origin_time), now_us, now_us,
+                           sides))
         else:
             delete.append((k.account, k.email, k.preference_id))
     return upsert, delete
@@ -202,8 +215,9 @@ class SqlOutstanding:
                 # a row a save wrote meanwhile is newer than this one
                 await db.executemany(
                     "INSERT INTO outstanding_keys (account, email, preference_id, revision, "
-                    "opted_in, origin_time, since, due_at, sweeps) VALUES (?, ?, ?, ?, ?, ?, ?, "
-                    "?, 0) ON CONFLICT (account, email, preference_id) DO NOTHING", upsert)
+                    "opted_in, origin_time, since, due_at, sides, sweeps) VALUES (?, ?, ?, ?, ?, "
+                    "?, ?, ?, ?, 0) ON CONFLICT (account, email, preference_id) DO NOTHING",
+                    upsert)
             done = len(rows) < limit
             position = _BUILT if done else orjson.dumps(
                 [str(rows[-1][0]), int(rows[-1][1])]).decode()

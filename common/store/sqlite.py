@@ -82,7 +82,8 @@ SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION
 # Columns added to tables of the first schema since: (table, column, type). A ledger made
 # before gets them when opened (nullable, so its rows stay as they were).
 ADDED_COLUMNS = (("history", "corrected_time", "INTEGER"),
-                 ("dyn_records", "email_since", "TEXT"))
+                 ("dyn_records", "email_since", "TEXT"),
+                 ("outstanding_keys", "sides", "INTEGER NOT NULL DEFAULT 3"))
 
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300

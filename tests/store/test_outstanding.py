@@ -11,6 +11,7 @@ import pytest
 
 from common.domain import ContactState, KeyState, Known, PerSide, PreferenceKey, Register
 from common.store import LedgerStore, open_store
+from common.store.directory import RecordRef
 
 pytestmark = pytest.mark.anyio
 
@@ -108,6 +109,27 @@ async def test_suppressed_contacts_and_other_accounts_are_left_out(store: Ledger
                                             status="Subscribed", since=T + LATER)])
     assert await due_keys(store) == [ann, bob]
     assert await due_keys(store, "other") == [other]
+
+
+async def test_keys_owed_only_to_dynamics_records_that_cannot_take_them_are_left_out(
+        store: LedgerStore) -> None:
+    # ann's write is owed to Dynamics only, and her one record is inactive: nothing can take it
+    # (the writer records 'read-only'); bob is owed dotdigital too
+    ann, bob = key(), key("bob@example.com")
+    await store.save([(None, state(ann, written=("dotdigital",)), None),
+                      (None, state(bob), None)])
+    await store.upsert_records("acme", [
+        RecordRef(record_type="contact", record_id="c-ann", email="ann@example.com",
+                  active=False),
+        RecordRef(record_type="contact", record_id="c-bob", email="bob@example.com",
+                  active=False)])
+    await store.mark_eligible("acme", ["c-ann", "c-bob"])
+    assert await due_keys(store) == [bob]
+    assert (await store.outstanding_stats("acme", since_before=soon())).keys == 1
+    # the record is active again: the write is owed (and swept) again
+    await store.upsert_records("acme", [RecordRef(record_type="contact", record_id="c-ann",
+                                                  email="ann@example.com", active=True)])
+    assert await due_keys(store) == [ann, bob]
 
 
 async def test_a_settled_row_is_dropped_only_if_no_later_save_wrote_it(store: LedgerStore) -> None:
