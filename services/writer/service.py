@@ -68,18 +68,9 @@ from common.store import ConflictError
 from common.store.directory import RecordRef, SubscriptionRow
 from common.vendors.base import TransportError, VendorError
 from common.vendors.clock_skew import MAX_PROBES, ClockSource, TimeBase, load_time_base, measure_clock
+from common.vendors.dataverse import schema
 from common.vendors.dataverse.catalog import load_catalog
 from common.vendors.dataverse.client import OBJECT_DOES_NOT_EXIST, BatchOperation, DataverseClient
-from common.vendors.dataverse.schema import (
-    LOOKUP_COLUMNS,
-    OPTED_IN,
-    OPTED_OUT,
-    RECORD_TABLES,
-    SUBSCRIPTION_COLUMNS,
-    SUBSCRIPTIONS,
-    active_record,
-    parse_odata_time,
-)
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedFollower, FeedPosition, opt_ins_source
 from common.vendors.dotdigital.models import ImportContact
@@ -457,19 +448,19 @@ class Writer:
                 continue
             # the records that differ; if none does (the ledger thinks otherwise), all of them
             targets_of_key = known.differing(key, command.opted_in) or known.active(key)
-            status = OPTED_IN if command.opted_in else OPTED_OUT
+            status = schema.OPTED_IN if command.opted_in else schema.OPTED_OUT
             for record in targets_of_key:
                 content_id = str(len(operations) + 1)
                 targets[content_id] = (key, record, row_id)
                 existing = rows.get((record.record_id, row_id))
                 if existing is not None:
                     operations.append(BatchOperation.update(
-                        SUBSCRIPTIONS, existing.subscription_id, {"psync_status": status},
+                        schema.SUBSCRIPTIONS, existing.subscription_id, {"psync_status": status},
                         if_match=f'W/"{existing.version}"', return_representation=True,
                         content_id=content_id))
                 else:
-                    entity_set = RECORD_TABLES[record.record_type][0]
-                    operations.append(BatchOperation.create(SUBSCRIPTIONS, {
+                    entity_set = schema.RECORD_TABLES[record.record_type][0]
+                    operations.append(BatchOperation.create(schema.SUBSCRIPTIONS, {
                         "psync_status": status,
                         "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({row_id})",
                         f"psync_{record.record_type}id@odata.bind":
@@ -491,7 +482,7 @@ class Writer:
                 outcome.rows.append(SubscriptionRow(
                     subscription_id=str(result.body["psync_marketingpreferencesubscriptionid"]),
                     record_id=record.record_id, preference_row_id=row_id,
-                    opted_in=result.body.get("psync_status") == OPTED_IN, version=version,
+                    opted_in=result.body.get("psync_status") == schema.OPTED_IN, version=version,
                     modified=result.body.get("modifiedon")))
             elif result.error is not None and result.status == 412:
                 # The row changed since we read it (ConcurrencyVersionMismatch), or a create
@@ -518,13 +509,13 @@ class Writer:
         fetched: list[dict[str, Any]] = []
         if conflicted:
             fetched += await self._dataverse.get_rows_by_ids(
-                SUBSCRIPTIONS, id_column="psync_marketingpreferencesubscriptionid",
-                ids=conflicted, select=list(SUBSCRIPTION_COLUMNS))
-        for record_type, column in LOOKUP_COLUMNS.items():
+                schema.SUBSCRIPTIONS, id_column="psync_marketingpreferencesubscriptionid",
+                ids=conflicted, select=list(schema.SUBSCRIPTION_COLUMNS))
+        for record_type, column in schema.LOOKUP_COLUMNS.items():
             ids = sorted({r.record_id for r in unseen if r.record_type == record_type})
             if ids:
                 fetched += await self._dataverse.get_rows_by_ids(
-                    SUBSCRIPTIONS, id_column=column, ids=ids, select=list(SUBSCRIPTION_COLUMNS))
+                    schema.SUBSCRIPTIONS, id_column=column, ids=ids, select=list(schema.SUBSCRIPTION_COLUMNS))
         if fetched:
             await self._fold_rows(fetched, records, catalog, outcome)
 
@@ -548,7 +539,7 @@ class Writer:
         for _, record, _, _ in refused:
             if record.record_id in state:
                 continue
-            entity_set, primary_key, _ = RECORD_TABLES[record.record_type]
+            entity_set, primary_key, _ = schema.RECORD_TABLES[record.record_type]
             try:
                 row = await self._dataverse.get(
                     f"{entity_set}({record.record_id})",
@@ -563,7 +554,7 @@ class Writer:
                 else:
                     state[record.record_id] = "writable"  # the refusal stands
                 continue
-            writable = active_record(record.record_type, row)
+            writable = schema.active_record(record.record_type, row)
             state[record.record_id] = "writable" if writable else "read-only"
         gone = [r for r, found in state.items() if found == "deleted"]
         read_only = [replace(ref, active=False) for _, ref, _, _ in refused
@@ -605,7 +596,7 @@ class Writer:
         preference_of = {row_id: ec for ec, row_id in catalog.items()}
         fresh: list[SubscriptionRow] = []
         for row in rows:
-            record_id = next((str(row[c]) for c in LOOKUP_COLUMNS.values() if row.get(c)), None)
+            record_id = next((str(row[c]) for c in schema.LOOKUP_COLUMNS.values() if row.get(c)), None)
             preference = preference_of.get(str(row.get("_psync_preferenceid_value")))
             if record_id is None or preference is None or record_id not in email_of:
                 continue
@@ -613,15 +604,15 @@ class Writer:
             fresh.append(SubscriptionRow(
                 subscription_id=str(row["psync_marketingpreferencesubscriptionid"]),
                 record_id=record_id, preference_row_id=str(row["_psync_preferenceid_value"]),
-                opted_in=status == OPTED_IN, version=int(row.get("versionnumber") or 0),
+                opted_in=status == schema.OPTED_IN, version=int(row.get("versionnumber") or 0),
                 modified=str(row.get("modifiedon"))))
-            if status not in (OPTED_IN, OPTED_OUT):
+            if status not in (schema.OPTED_IN, schema.OPTED_OUT):
                 continue
             outcome.observe(Observation(
                 key=PreferenceKey(account=self.account, email=email_of[record_id],
                                   preference_id=preference),
-                side="dynamics", opted_in=status == OPTED_IN,
-                origin_time=parse_odata_time(str(row["modifiedon"])),
+                side="dynamics", opted_in=status == schema.OPTED_IN,
+                origin_time=schema.parse_odata_time(str(row["modifiedon"])),
                 version=int(row.get("versionnumber") or 0),
                 change_id=f"dyn:{row['psync_marketingpreferencesubscriptionid']}:"
                           f"{row.get('versionnumber')}"))
@@ -641,7 +632,7 @@ class Writer:
                 continue
             outcome.observe(Observation(
                 key=pairs[pair], side="dynamics", opted_in=row.opted_in,
-                origin_time=parse_odata_time(row.modified), version=row.version,
+                origin_time=schema.parse_odata_time(row.modified), version=row.version,
                 change_id=f"dyn:{row.subscription_id}:{row.version}"))
 
     # --- dotdigital ------------------------------------------------------------------------
