@@ -12,7 +12,8 @@ Overlap: a feed entry may become visible after a read that began later than its 
 dotdigital was still committing). So every feed is read from ``feed_overlap_s`` before the
 watermark, and what the previous read already published in that window is not published again:
 its change ids are kept (the newest :data:`SEEN_LIMIT`, hashed) in a checkpoint of their own,
-``ec-poller:seen:<feed>``, beside the feed's position (whose format the writer reads); an older
+``ec-poller:seen:<feed>``, beside the feed's position (a
+:class:`~common.vendors.dotdigital.feed.FeedPosition`, which the writer reads too); an older
 opt-in, when the previous read saw more than that (a burst), is dropped when the ledger already
 knows exactly that value at that time from dotdigital.
 

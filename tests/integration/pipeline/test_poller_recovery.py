@@ -19,8 +19,8 @@ from common.domain import KeyState, Known, PreferenceKey
 from common.runs import RunTracker
 from common.store import open_store
 from common.vendors.dotdigital.models import Contact, ContactOptIns, PreferenceOptIn
-from services import ec_poller
 from services.cli.sync_now import _trigger
+from services.ec_poller import service as ec_poller
 from services.ec_poller.service import EcPoller, Seen, leaf_preference_ids
 
 from ..rules.conftest import synced, vendors

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from common.config import Config, ConfigError, DynamicsConfig, Secret, parse_config
-from services import api_access
+from services.cli import api as api_access
 from services.cli.api import ApiAccess, LiveLookups, api_share, check_bind, is_loopback
 from services.cli.prefs import api_app, api_resources, serve_api
 from services.simulators.base import serving
