@@ -25,7 +25,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,21 @@ def write(results: dict[str, Any], directory: Path) -> tuple[Path, Path]:
     json_path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
     md_path.write_text(markdown(results))
     return json_path, md_path
+
+
+def merge(parts: Sequence[Path], directory: Path = RESULTS_DIR) -> dict[str, Any]:
+    """One result from the chaos.json of runs made apart (the two ledgers at once, say): their
+    cases in order, the totals over all of them, and how long the longest took."""
+    runs = [orjson.loads((part / "chaos.json").read_bytes()) for part in parts]
+    if not runs:
+        raise ValueError("nothing to merge")
+    results = {**runs[0], "cases": [c for run in runs for c in run["cases"]],
+               "parts": [{"seconds": run.get("seconds"), "cases": len(run["cases"]),
+                          "measured_at": run["measured_at"]} for run in runs]}
+    results["totals"] = totals(results["cases"])
+    results["seconds"] = max(run.get("seconds") or 0 for run in runs)
+    write(results, directory)
+    return results
 
 
 async def run_chaos(*, size: str, seed: int, results_dir: Path = RESULTS_DIR, keep: bool = False,

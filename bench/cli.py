@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chaos: the seed of the workload and fault schedule")
     parser.add_argument("--only", default=None, metavar="TEXT",
                         help="chaos: only the cases whose name contains TEXT")
+    parser.add_argument("--merge", action="append", type=Path, default=[], metavar="DIR",
+                        help="chaos: instead of running, merge the chaos.json of runs made "
+                             "apart (repeatable) into --results")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
         if len(args.scenarios) > 1:
             print(f"'{CHAOS}' runs on its own", file=sys.stderr)
             return 2
-        from bench.chaos import run_chaos
+        from bench.chaos import markdown, merge, run_chaos
 
+        if args.merge:
+            print(markdown(merge(args.merge, args.results)))
+            return 0
         return asyncio.run(run_chaos(size=args.size, seed=args.seed, results_dir=args.results,
                                      keep=args.keep, only=args.only))
     unknown = [s for s in args.scenarios if s not in SCENARIOS]

@@ -22,8 +22,10 @@ Rules, in order:
    one is ``stale``; spans that overlap (the same second, or a difference smaller than the
    combined uncertainty) are a tie and the opt-out wins — ``tie_opt_out_won`` when an opt-out
    replaces an opt-in, ``tie_opt_in_lost`` when an opt-in is refused; a tie with the same value
-   keeps the first (``tie_same_value``). A stamp beyond the future bound competes as of the
-   time it was read (:func:`common.domain.time_base.in_time_base`), never on the stamp.
+   keeps the first (``tie_same_value``). Two stamps of one side are compared on that side's
+   clock, second against second: its offset and uncertainty cancel. A stamp beyond the future
+   bound competes as of the time it was read (:func:`common.domain.time_base.in_time_base`),
+   never on the stamp.
 7. Every decision (duplicates included) ends with :func:`settle`: each side not known to hold the
    register's value gets a write command, and ``pending`` remembers it. Commands are re-emitted
    until the side is known to hold the value, because state is committed before commands are
@@ -35,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from common.domain.clock import order
+from common.domain.clock import order, span
 from common.domain.commands import WriteCommand
 from common.domain.observation import Observation
 from common.domain.sides import SIDES
@@ -91,7 +93,12 @@ def settle(state: KeyState) -> tuple[KeyState, tuple[WriteCommand, ...]]:
 def _against_register(register: Register | None, observation: Observation) -> Outcome:
     if register is None:
         return Outcome.APPLIED
-    later = order(observation.span, register.span)
+    if register.origin_side == observation.side:
+        # one clock stamped both: its offset and its uncertainty cancel
+        later = order(span(vendor_time=observation.vendor_time),
+                      span(vendor_time=register.vendor_time))
+    else:
+        later = order(observation.span, register.span)
     if later > 0:
         return Outcome.APPLIED
     if later < 0:

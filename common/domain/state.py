@@ -37,10 +37,15 @@ class Register:
     bounded_time: datetime | None = None
 
     @property
+    def vendor_time(self) -> datetime:
+        """The time the change competes with, on its side's clock (see :class:`Observation`)."""
+        return self.bounded_time if self.bounded_time is not None else self.origin_time
+
+    @property
     def span(self) -> tuple[datetime, datetime]:
         """When the change may have happened on our clock."""
-        vendor_time = self.bounded_time if self.bounded_time is not None else self.origin_time
-        return span(vendor_time=vendor_time, offset=self.offset, uncertainty=self.uncertainty)
+        return span(vendor_time=self.vendor_time, offset=self.offset,
+                    uncertainty=self.uncertainty)
 
     @classmethod
     def of(cls, observation: Observation) -> Register:

@@ -18,6 +18,7 @@ Writer flow (each step a compare-and-set save of the key's state):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from common.domain.clock import as_utc, whole_second
@@ -145,10 +146,12 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
     ``produced_version`` is Dataverse's new ``versionnumber`` (``None`` for dotdigital);
     ``[window_start, window_end]`` is the vendor-clock interval the write happened in;
     ``written_at`` is our own clock, for the record. The side is then known to hold the value
-    as of ``window_start`` (unless something newer about it is already known): a read stamped
-    inside the window may have landed after our write, so it keeps precedence — at worst that
-    costs a redundant write, never a missed correction. A Dataverse write confirmed without its
-    new version leaves what the row holds to be learnt from its echo.
+    as of ``window_start``, unless something newer about it is already known. A read stamped
+    inside the window may have landed before or after our write (dotdigital: no version tells
+    the order). With the same value, it keeps precedence. With the other value, the side is
+    taken to hold whichever of the two the register does not, so a correction goes out —
+    redundant at worst, never a stale value of ours left in place. A Dataverse write confirmed
+    without its new version leaves what the row holds to be learnt from its echo.
     """
     window_start, window_end = as_utc(window_start), as_utc(window_end)
     if window_end < window_start:
@@ -169,8 +172,17 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
     # same whole second, so only its echo will tell what the row holds.
     if side == "dotdigital" or produced_version is not None:
         wrote = Known(opted_in=command.opted_in, as_of=window_start, version=produced_version)
-        if wrote.is_newer_than(state.known.get(side)):
+        read = state.known.get(side)
+        if wrote.is_newer_than(read):
             state = state.with_known(side, wrote)
+        elif (read is not None and produced_version is None and read.opted_in != wrote.opted_in
+              and read.as_of <= window_end and state.register is not None
+              and state.register.opted_in == read.opted_in):
+            # A change to the other value, read inside our write's window: which of the two
+            # landed last is unknown. The register follows that change, so the side is taken
+            # to hold our write: the correction goes out (redundant if the change landed
+            # last), never nothing (a stale value of ours left in place).
+            state = state.with_known(side, replace(wrote, as_of=read.as_of))
     return prune_writes(state, side)
 
 

@@ -121,6 +121,16 @@ def _encode(state: ClockState, history: Sequence[dict[str, Any]]) -> str:
     }).decode()
 
 
+def widest_uncertainty_s(value: str | None) -> float:
+    """The widest uncertainty any estimate of a ``clock:<side>`` checkpoint had, as far as
+    its kept history reaches (0 when never measured)."""
+    state, history = _decode(value)
+    widths = [float(h["estimate"][1]) for h in history if h.get("estimate")]
+    if state.estimate is not None:
+        widths.append(state.estimate.uncertainty_s)
+    return max(widths, default=0.0)
+
+
 # --- measuring ---------------------------------------------------------------------------
 async def record_samples(store: Any, *, account: str, side: Side,
                          samples: Sequence[OffsetSample]) -> ClockState:

@@ -11,7 +11,9 @@ What is expected, per key (email, preference):
 3. Every checked Dynamics record with the email, and the dotdigital contact, hold the value.
 4. Where the vendors' clocks were offset, an opt-in that wins by no more than
    ``skew_tolerance_s`` over an opt-out is a tie within the clocks' uncertainty: opt-out on
-   every side is accepted too (never the other way round).
+   every side is accepted too (never the other way round). So is an opt-in that wins over an
+   opt-out of the other side by less than a second plus the clocks' measured uncertainty (the
+   product's own tie rule: the two whole-second spans, widened by it, overlap).
 
 What is counted (each key once per count):
 
@@ -84,7 +86,8 @@ def _lww(contenders: Sequence[tuple[datetime, bool]]) -> tuple[datetime, bool]:
     return best, (False not in values)
 
 
-def expected_values(history: History, *, skew_tolerance_s: float = 2.0) -> dict[Key, Expectation]:
+def expected_values(history: History, *, skew_tolerance_s: float = 2.0,
+                    uncertainty_s: float = 0.0) -> dict[Key, Expectation]:
     created = {e.record_id for e in history.of(Create)}
     joined = {e.record_id for e in history.of(Join)}
     never_joined = created - joined
@@ -113,6 +116,11 @@ def expected_values(history: History, *, skew_tolerance_s: float = 2.0) -> dict[
             rivals = [true_at(e) for e in edits if not e.opted_in]
             acceptable = any(best - _second(at) <= timedelta(seconds=skew_tolerance_s)
                              for at in rivals)
+        if value and uncertainty_s > 0 and isinstance(winner, Edit):
+            band = timedelta(seconds=1 + uncertainty_s)
+            acceptable = acceptable or any(
+                best - _second(true_at(e)) < band for e in edits
+                if not e.opted_in and e.side != winner.side)
         out[key] = Expectation(opted_in=value, winner=winner, edits=len(edits),
                                opt_out_acceptable=acceptable, skew_sensitive=skew_sensitive)
     return out
@@ -139,6 +147,8 @@ class Observed:
     restarts_by_hand: Sequence[Mapping[str, Any]] = ()
     converged: bool = True
     converge_s: float | None = None
+    # the two vendors' clock uncertainties as the product measured them (the widest of the run)
+    clock_uncertainty_s: float = 0.0
 
 
 @dataclass
@@ -161,6 +171,8 @@ class Verdict:
     restarts_by_hand: int = 0
     converged: bool = True
     converge_s: float | None = None
+    # the two vendors' clock uncertainties as the product measured them (the widest of the run)
+    clock_uncertainty_s: float = 0.0
     # why each lost opt-out was lost, as far as the journals tell: "clock skew" (the vendors'
     # raw stamps order it the other way), "overwritten by prefsync" (our write of the opt-in
     # landed on the side after the opt-out), "never delivered" (the side kept its old value)
@@ -244,7 +256,8 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
                       restarts_by_hand=len(observed.restarts_by_hand))
     for restart in observed.restarts_by_hand:
         verdict.note("restarts_by_hand", dict(restart))
-    expected = expected_values(history, skew_tolerance_s=skew_tolerance_s)
+    expected = expected_values(history, skew_tolerance_s=skew_tolerance_s,
+                               uncertainty_s=observed.clock_uncertainty_s)
     verdict.keys = len(expected)
     verdict.skew_sensitive_keys = sum(1 for e in expected.values() if e.skew_sensitive)
     never_joined = ({e.record_id for e in history.of(Create)}

@@ -107,7 +107,8 @@ async def run_case(case: Case, *, root: Path, broker: PrivateRabbitMQ,
             dead_letters=await world.dead_letters(),
             outstanding=await world.outstanding_keys(emails),
             restarts_by_hand=world.deaths.by_hand,
-            converged=converge["converged"], converge_s=converge["converge_s"])
+            converged=converge["converged"], converge_s=converge["converge_s"],
+            clock_uncertainty_s=await world.clock_uncertainty_s())
         # a write may land this long after it was decided: more while writes were held up
         latency_s = max((float(f.detail.get("latency_ms", 0)) / 1000 for f in injected),
                         default=0.0)
@@ -145,7 +146,8 @@ def _dump(observed: Observed) -> dict[str, Any]:
             "journal": list(observed.journal), "dead_letters": list(observed.dead_letters),
             "outstanding": [list(k) for k in observed.outstanding],
             "restarts_by_hand": list(observed.restarts_by_hand),
-            "converged": observed.converged, "converge_s": observed.converge_s}
+            "converged": observed.converged, "converge_s": observed.converge_s,
+            "clock_uncertainty_s": observed.clock_uncertainty_s}
 
 
 def load_observed(raw: dict[str, Any]) -> Observed:
@@ -157,7 +159,7 @@ def load_observed(raw: dict[str, Any]) -> Observed:
         journal=raw["journal"], dead_letters=raw["dead_letters"],
         outstanding=[(e, int(p)) for e, p in raw["outstanding"]],
         restarts_by_hand=raw["restarts_by_hand"], converged=raw["converged"],
-        converge_s=raw["converge_s"])
+        converge_s=raw["converge_s"], clock_uncertainty_s=raw.get("clock_uncertainty_s", 0.0))
 
 
 def recheck(path: Path) -> dict[str, Any]:
@@ -211,29 +213,35 @@ def short_cases() -> list[Case]:
 
 
 def full_cases(backend: Backend, *, seed: int = 1) -> list[Case]:
-    """The full run on one backend: a control without faults, every fault kind alone, then
-    mixes of several."""
+    """The full run on one backend, with the full fault durations: a control without faults,
+    then ten fault runs that cover every fault kind of the backend: each failpoint paired with
+    one other kind (the process dies at the point while the other fault is on), and two mixes
+    of three for the rest."""
     workload = WorkloadSpec(seconds=60.0, ops_per_s=3.0, sync_every_s=4.0, joiners=3, moves=2,
                             suppressions=3)
     world = WorldSpec(records=40, preferences=3)
     kinds = kinds_for(backend)
-    # the control: the same workload without faults (what fails here is not the faults' doing)
-    cases = [Case(name=f"{backend}-no-fault", backend=backend, seed=seed * 1000 + 999, faults=(),
-                  world=world, workload=workload, scale=FULL, converge_deadline_s=600.0,
-                  run_timeout_s=120.0)]
-    cases += [Case(name=f"{backend}-{kind.replace(':', '-')}", backend=backend,
-                   seed=seed * 1000 + i, faults=(kind,), world=world, workload=workload,
-                   scale=FULL, converge_deadline_s=600.0, run_timeout_s=120.0)
-              for i, kind in enumerate(kinds)]
-    rng = random.Random(f"mixes:{backend}:{seed}")
-    for m in range(3):
-        mix = tuple(rng.sample([k for k in kinds if not k.startswith("failpoint:")], 3)
-                    + rng.sample([k for k in kinds if k.startswith("failpoint:")], 1))
-        cases.append(Case(name=f"{backend}-mixed-{m + 1}", backend=backend,
-                          seed=seed * 1000 + 500 + m, faults=mix, world=world,
-                          workload=replace(workload, seconds=90.0), scale=FULL,
-                          converge_deadline_s=600.0, run_timeout_s=120.0))
-    return cases
+    points = [k for k in kinds if k.startswith("failpoint:")]
+    others = [k for k in kinds if not k.startswith("failpoint:")]
+    rng = random.Random(f"pairs:{backend}:{seed}")
+    rng.shuffle(others)
+    paired, rest = others[:len(points)], others[len(points):]
+    runs: list[tuple[str, tuple[str, ...]]] = [("no-fault", ())]
+    runs += [(f"{point.split(':', 1)[1]}+{other.replace(':', '-')}", (point, other))
+             for point, other in zip(points, paired, strict=True)]
+    third = max(1, -(-len(rest) // 2))
+    for m in range(2):
+        mix = tuple(rest[m * third:(m + 1) * third])
+        if mix:
+            runs.append((f"mixed-{m + 1}", mix if "kill" in mix else (*mix, "kill")))
+
+    def case(i: int, name: str, faults: tuple[str, ...]) -> Case:
+        return Case(name=f"{backend}-{name}", backend=backend, seed=seed * 1000 + i,
+                    faults=faults, world=world,
+                    workload=replace(workload, seconds=90.0) if len(faults) > 2 else workload,
+                    scale=FULL, converge_deadline_s=600.0, run_timeout_s=120.0)
+
+    return [case(i, name, faults) for i, (name, faults) in enumerate(runs)]
 
 
 def scaled(cases: list[Case], scale: Scale, *, seconds: float | None = None) -> list[Case]:

@@ -31,6 +31,7 @@ from common.config import Config, parse_config
 from common.domain import outstanding
 from common.messaging.topology import SIDES, Topology
 from common.store import open_store
+from common.vendors.clock_skew import checkpoint_name, widest_uncertainty_s
 from common.vendors.dataverse.client import DataverseClient, odata_literal
 from common.vendors.dataverse.schema import LOOKUP_COLUMNS, OPTED_IN, OPTED_OUT, RECORD_TABLES, SUBSCRIPTIONS
 from common.vendors.dotdigital.client import DotdigitalClient
@@ -486,6 +487,13 @@ class ChaosWorld:
                     if outstanding(state):
                         keys.append((state.key.email, state.key.preference_id))
         return keys
+
+    async def clock_uncertainty_s(self) -> float:
+        """Both vendors' clock uncertainties as the product measured them: the widest each
+        estimate had during the run, added (what widens its tie band across sides)."""
+        async with open_store(self.config.store.url) as store:
+            return sum([widest_uncertainty_s(await store.get_checkpoint(
+                self.account, checkpoint_name(side))) for side in SIDES])
 
     async def dead_letters(self) -> list[dict[str, Any]]:
         connection = await aio_pika.connect_robust(self.broker.url)

@@ -1,8 +1,9 @@
 """The chaos suite, pytest form: whole worlds under injected faults, checked against the history.
 
 By default the short form runs (CI: about two minutes, two worlds, every fault kind that heals
-within seconds, mixed). ``PREFSYNC_CHAOS=full`` runs the full set instead (every fault kind
-alone and mixed, on both ledgers, with the full durations: an hour or more), as
+within seconds, mixed). ``PREFSYNC_CHAOS=full`` runs the full set instead (on each ledger a
+control and ten fault runs that together cover every fault kind, with the full durations: an
+hour or more), as
 ``prefsync bench chaos`` does; ``PREFSYNC_CHAOS_SEED`` changes the seeds. Each case leaves its
 world (logs, ledger, ``case.json`` with the history and the verdict) in its pytest temporary
 folder.
@@ -41,14 +42,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.anyio,
 
 # Defects of issue 10 the short form finds on the code it was written against; each mark names
 # the defect and goes once it is fixed.
-KNOWN: dict[str, str] = {
-    "short-postgres-store-and-vendors":
-        "open finding: after a dotdigital outage and slow dotdigital writes, a dotdigital opt-in "
-        "made 1.8 s after a Dynamics opt-out of the same key ends as opt-out on both sides (a "
-        "missing opt-in, never a lost opt-out); not yet known whether the clock tie rule "
-        "(uncertainty widened by the slow round trips) or the writer's in-flight echo window "
-        "decides it",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _cases() -> list[Any]:

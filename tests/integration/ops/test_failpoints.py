@@ -44,7 +44,7 @@ def test_every_point_in_the_code_is_listed() -> None:
 
 
 def test_a_set_point_exits_137_and_an_unset_one_returns() -> None:
-    code = ("import asyncio; from common import failpoints; "
+    code = ("import asyncio; from common.ops import failpoints; "
             "asyncio.run(failpoints.reached('reconciler.after-commit')); print('passed'); "
             "asyncio.run(failpoints.reached('writer.after-commit')); print('not reached')")
     env = {**os.environ, failpoints.ENV: "writer.after-commit"}

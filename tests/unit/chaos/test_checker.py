@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -127,10 +128,26 @@ def test_an_opt_in_winning_inside_the_clocks_uncertainty_lets_the_opt_out_stand(
     assert check(h, agreed(True)).ok
     mixed = Observed(dotdigital={A: {P: True}}, records={"c-a": RecordView(email=A, values={P: False})})
     assert check(h, mixed).missing_opt_ins == 1
-    # without offsets there is no such band
+    # without offsets, and with clocks measured exactly, there is no such band
     plain = history(dyn(False, 10), dd(True, 11.2))
     assert not expected_values(plain)[(A, P)].opt_out_acceptable
     assert check(plain, agreed(False)).missing_opt_ins == 1
+
+
+def test_an_opt_in_one_second_after_an_opt_out_of_the_other_side_is_a_tie_when_clocks_are_uncertain(
+        ) -> None:
+    # Dataverse stamps whole seconds and its clock is measured to a fraction of one: the
+    # product's spans for second 10 (Dynamics) and second 11 (dotdigital) overlap
+    plain = history(dyn(False, 10), dd(True, 11.2))
+    expectation = expected_values(plain, uncertainty_s=0.17)[(A, P)]
+    assert expectation.opted_in is True and expectation.opt_out_acceptable
+    assert check(plain, replace(agreed(False), clock_uncertainty_s=0.17)).ok
+    assert check(plain, replace(agreed(True), clock_uncertainty_s=0.17)).ok
+    # two seconds apart is no tie; nor is the same side (one clock: its uncertainty cancels)
+    apart = history(dyn(False, 10), dd(True, 12.2))
+    assert not expected_values(apart, uncertainty_s=0.17)[(A, P)].opt_out_acceptable
+    same_side = history(dd(False, 10.9), dd(True, 11.2))
+    assert not expected_values(same_side, uncertainty_s=0.17)[(A, P)].opt_out_acceptable
 
 
 def test_a_later_second_settles_an_earlier_tie() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import timedelta
+
 import pytest
 
 from common.domain import KeyState, Outcome, PreferenceKey, WriteCommand, reconcile
@@ -106,3 +109,18 @@ def test_key_mismatch_is_refused() -> None:
     other_key = PreferenceKey(account="other", email=KEY.email, preference_id=KEY.preference_id)
     with pytest.raises(ValueError):
         reconcile(KeyState(key=other_key), obs("dynamics", True, 0, version=1))
+
+
+def test_two_changes_on_one_side_are_ordered_by_that_sides_clock_whatever_its_uncertainty(
+        ) -> None:
+    # The same clock stamped both: its offset and its uncertainty cancel. An opt-out at
+    # second 21 and an opt-in at second 22 on dotdigital: the later one wins, as it would with
+    # a perfectly measured clock (only the same second is a tie).
+    widened = timedelta(milliseconds=400)
+    out = replace(obs("dotdigital", False, 21.9), uncertainty=widened)
+    later = replace(obs("dotdigital", True, 22.1), uncertainty=widened)
+    d = reconcile(reconcile(None, out).state, later)
+    assert d.outcome is Outcome.APPLIED
+    assert d.state.register is not None and d.state.register.opted_in
+    same_second = replace(obs("dotdigital", False, 22.6), uncertainty=widened)
+    assert reconcile(d.state, same_second).outcome is Outcome.TIE_OPT_OUT_WON

@@ -98,8 +98,10 @@ def test_flip_flop_newer_opt_out_wins_on_both_sides(confirmed_first: bool) -> No
     echo = obs("dotdigital", True, 2.0)   # our stale opt-in, landed over the person's opt-out
     if confirmed_first:
         s = _written(s, command, start=1, end=2.1)
-        # the opt-out read inside the write's window may be later than our write: still known
-        assert s.known.dotdigital is not None and s.known.dotdigital.opted_in is False
+        # the opt-out read inside the write's window may be earlier than our write: the side
+        # is taken to hold our stale opt-in, and the correction goes out before any echo
+        assert s.known.dotdigital is not None and s.known.dotdigital.opted_in is True
+        assert ("dotdigital", False) in {(c.side, c.opted_in) for c in settle(s)[1]}
     d = reconcile(s, echo)
     assert d.outcome is Outcome.ECHO
     assert d.state.register is not None
@@ -283,3 +285,32 @@ def test_a_carried_value_leaves_the_side_known_as_read_so_a_racing_write_is_corr
     s = _written(d.state, command, start=12, end=12.2, version=2)
     # The record is now known to hold the opt-in, so the carried opt-out is written again.
     assert _command_to(s, "dynamics").opted_in is False
+
+
+def test_a_change_read_inside_our_write_window_with_the_other_value_still_gets_a_correction(
+        ) -> None:
+    # The register says opt-in (a Dynamics change); the writer starts writing it to
+    # dotdigital at 10. The person opts out in dotdigital at 10.5, inside the write's window,
+    # and the reconciler reads that before the writer confirms. Our write may have landed
+    # after the person's change (dotdigital then holds our stale opt-in) or before it: the
+    # ledger cannot tell, so a correction must go out, never nothing.
+    s = reconcile(None, obs("dynamics", True, 0, version=1)).state
+    command = _command_to(s, "dotdigital")
+    s = begin_write(s, command, window_start=at(10))
+    d = reconcile(s, obs("dotdigital", False, 10.5))
+    assert d.outcome is Outcome.APPLIED
+    assert d.state.register is not None and not d.state.register.opted_in
+    s = _written(d.state, command, start=10, end=11)
+    _, commands = settle(s)
+    assert ("dotdigital", False) in [(c.side, c.opted_in) for c in commands]
+
+
+def test_a_change_read_after_our_write_window_is_what_the_side_holds() -> None:
+    s = reconcile(None, obs("dynamics", True, 0, version=1)).state
+    command = _command_to(s, "dotdigital")
+    s = begin_write(s, command, window_start=at(10))
+    s = reconcile(s, obs("dotdigital", False, 12)).state
+    s = _written(s, command, start=10, end=11)
+    known = s.known.get("dotdigital")
+    assert known is not None and not known.opted_in   # landed after ours: no doubt
+    assert "dotdigital" not in [c.side for c in settle(s)[1]]
