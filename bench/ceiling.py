@@ -20,11 +20,11 @@ from typing import Any
 
 import aio_pika
 
-from common.broker import CONFIRM_WINDOW
 from common.config import BrokerConfig
-from common.messages import PreferenceChange
-from services.publishing import CHUNK, envelopes_by_shard
-from services.runtime import SHARD_BATCH
+from common.messaging.amqp import CONFIRM_WINDOW
+from common.messaging.envelope import PreferenceChange
+from common.messaging.publishing import CHUNK, envelopes_by_shard
+from services.runtime.registry import SHARD_BATCH
 
 # The services' defaults (config [broker] prefetch, the shard consumers' batch size).
 PREFETCH = BrokerConfig(url="").prefetch

@@ -28,7 +28,7 @@ import aiohttp
 import orjson
 
 from common.config import Config, parse_config
-from common.topology import SIDES, Topology
+from common.messaging.topology import SIDES, Topology
 
 SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
 DD_ACCOUNT = "1001"

@@ -21,7 +21,8 @@ from pathlib import Path
 
 PROJECT_PREFIXES = ("common/", "services/", "bench/")
 # frames on every stack of a process (its entry point): not worth a line in a summary
-_ENTRY = ("<module> (services/cli.py", "main (services/cli.py", "<module> (bench/")
+_ENTRY = ("<module> (services/cli/__main__.py", "<module> (services/cli/main.py",
+          "main (services/cli/main.py", "<module> (bench/")
 
 
 def _profiler() -> str | None:

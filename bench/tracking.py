@@ -21,13 +21,11 @@ from typing import Any, Self
 import aio_pika
 import orjson
 
-from common import messages
-from common.broker import AmqpPublisher, Outgoing
-from common.messages import Envelope
-from common.topology import CONTROL_EXCHANGE, Topology
-from services.publishing import stable_id
-from services.sync_now import RunTracker
-from services.triggers import new_run_id
+from common.messaging.amqp import AmqpPublisher, Outgoing
+from common.messaging.envelope import Envelope, encode
+from common.messaging.publishing import stable_id
+from common.messaging.topology import CONTROL_EXCHANGE, Topology
+from common.runs import RunTracker, new_run_id
 
 
 @dataclass
@@ -118,7 +116,7 @@ class Progress:
                             extra={"reason": "sync-now"})
         await self._publisher.publish_many([Outgoing(
             exchange=CONTROL_EXCHANGE, routing_key=Topology.trigger_key(self._account),
-            body=messages.encode(envelope), message_id=envelope.change_id)])
+            body=encode(envelope), message_id=envelope.change_id)])
         return record
 
     async def sync(self, *, timeout_s: float) -> RunRecord:

@@ -141,7 +141,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-    """The reconciler's outstanding-work sweep (services.sweep): how often it looks, and how long
+    """The reconciler's outstanding-work sweep (services.reconciler.sweep): how often it looks, and how long
     a key's write may be outstanding before its command is published again."""
 
     interval_s: float = 300.0

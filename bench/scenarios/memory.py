@@ -22,7 +22,7 @@ from bench.harness import PREFERENCES, BenchError, World
 from bench.stages import reconciled_all, until
 from bench.suite import Suite
 from bench.tracking import Progress
-from common.topology import SIDES, Topology
+from common.messaging.topology import SIDES, Topology
 
 TARGET_MB = 150.0
 SAMPLE_S = 0.5

@@ -25,9 +25,9 @@ from bench.figures import median, percentile, rounded
 from bench.harness import DD_ACCOUNT, PREFERENCES, SEED, BenchError, World
 from bench.suite import Suite
 from bench.tracking import Progress, RunRecord
-from common.clients.dataverse import DataverseClient
-from common.clients.dotdigital import DotdigitalClient
-from services.lookup import dotdigital_preferences, dynamics_preferences
+from common.vendors.dataverse.client import DataverseClient
+from common.vendors.dotdigital.client import DotdigitalClient
+from services.cli.lookup import dotdigital_preferences, dynamics_preferences
 from services.simulators import seeding
 
 TARGET_P99_S = 1.0

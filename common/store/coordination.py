@@ -6,7 +6,7 @@
 - **Membership**: each replica of a service renews its row in the groups it belongs to (one per
   account) every second or so, with what it reports (the queues it consumes). Every replica
   reads the same live membership and derives the same shard assignment from it
-  (``services.assignment``).
+  (``services.runtime.assignment``).
 - **Checkpoint swap**: compare-and-set on a checkpoint value, for read-modify-write of values
   that several replicas update (the pending sync runs of an account).
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from common.store.connection import Transaction as Transaction  # re-exported for the store's parts
+from common.vendors.dataverse.schema import RecordType
 
-RecordType = Literal["contact", "lead", "account"]
 _CHUNK = 500
 
 SCHEMA = (

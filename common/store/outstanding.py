@@ -1,4 +1,4 @@
-"""The index of keys with outstanding writes, for the outstanding-work sweep (services.sweep).
+"""The index of keys with outstanding writes, for the outstanding-work sweep (services.reconciler.sweep).
 
 A key is outstanding while a side is not known to hold its register's value
 (:func:`common.domain.outstanding` is not empty). Every save of key states keeps this index in

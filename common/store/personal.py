@@ -15,7 +15,7 @@ Rules:
    most ``limit`` rows (the SQLite write lock is shared with the services). Key states are
    never pruned: the registers and the write ledger are what the sync's correctness rests on.
 3. ``ERASED`` names every table that holds an email; a table with an ``email`` column that is
-   not listed is a gap (tests/privacy checks the schema against it).
+   not listed is a gap (tests/integration/privacy checks the schema against it).
 """
 
 from __future__ import annotations

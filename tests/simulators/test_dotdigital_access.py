@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from common.config import ConfigError
 from services.simulators.dotdigital import DotdigitalSimulator
+from services.simulators.dotdigital.accounts import AccountError
 from tests.simulators.test_dotdigital_support import USER_A, USER_A2, USER_B, running
 
 pytestmark = pytest.mark.anyio
@@ -83,7 +83,7 @@ async def test_one_account_never_sees_or_changes_another_accounts_data() -> None
 async def test_account_strings_are_checked_and_a_demo_account_is_generated() -> None:
     for bad in ("101:user@x.com:short1", "101:user@x.com:longbutnodigits", "abc:user@x.com:pw-12345",
                 "101:user@x.com", "101::pass-word-1"):
-        with pytest.raises(ConfigError) as caught:
+        with pytest.raises(AccountError) as caught:
             DotdigitalSimulator(accounts=[bad])
         assert "pass-word-1" not in str(caught.value)
     demo = DotdigitalSimulator()

@@ -83,7 +83,7 @@ class DotdigitalSimulator:
         if not users:
             user = demo_user()
             users = [user]
-            self.demo_account = (str(user.account_id), user.username, user.password.reveal())
+            self.demo_account = (str(user.account_id), user.username, user.password)
         self.backend = Backend(users=users, calls_per_minute=calls_per_minute,
                                import_delay_s=import_delay_s, state_file=state_file)
         self.app: web.Application = build_app(self.backend)

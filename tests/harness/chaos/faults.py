@@ -5,7 +5,7 @@ it records what it did (``Injected``) and returns once it healed. Durations come
 profile, so the short CI form and the full run share the same code:
 
 - ``kill``: SIGKILL a process of each service at random moments (the supervisor restarts it);
-- ``failpoint``: start a service's processes with one of ``common.failpoints.POINTS`` set, wait
+- ``failpoint``: start a service's processes with one of ``common.ops.failpoints.POINTS`` set, wait
   for a process to die there (the supervisor restarts it without), or give up after a while;
 - ``broker-restart``: stop the private RabbitMQ node, start it again after a pause;
 - ``broker-connections``: ``rabbitmqctl close_all_connections``;
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from common.failpoints import POINTS
+from common.ops.failpoints import POINTS
 from tests.harness.chaos.world import ChaosWorld
 
 # Which service reaches each failpoint (consumer.before-ack: every consumer; the writer's ack

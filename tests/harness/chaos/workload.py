@@ -33,13 +33,12 @@ from typing import Any
 
 import aio_pika
 
-from common import messages
-from common.broker import AmqpPublisher, Outgoing
-from common.messages import Envelope, PreferenceChange
-from common.topology import CHANGES_EXCHANGE, Topology
-from services.dynamics_poller import OPTED_IN, OPTED_OUT, SUBSCRIPTIONS
+from common.messaging.amqp import AmqpPublisher, Outgoing
+from common.messaging.envelope import Envelope, PreferenceChange, encode
+from common.messaging.topology import CHANGES_EXCHANGE, Topology
+from common.vendors.dataverse.schema import OPTED_IN, OPTED_OUT, SUBSCRIPTIONS
+from services.cli.sync_now import request_sync
 from services.simulators import seeding
-from services.sync_now import request_sync
 from tests.harness.chaos.history import (
     Baseline,
     Create,
@@ -327,7 +326,7 @@ class Workload:
             Outgoing(exchange=CHANGES_EXCHANGE, routing_key=Topology.changes_key(account, 0),
                      body=b"{not json", message_id=f"poison-malformed-{account}"),
             Outgoing(exchange=CHANGES_EXCHANGE, routing_key=Topology.changes_key(account, 1),
-                     body=messages.encode(bad), message_id=bad.change_id),
+                     body=encode(bad), message_id=bad.change_id),
         ]
         try:
             connection = await aio_pika.connect_robust(self.world.broker.url)

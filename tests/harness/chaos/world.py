@@ -27,16 +27,16 @@ import aio_pika
 import aiohttp
 import orjson
 
-from common.clients.dataverse import DataverseClient, odata_literal
-from common.clients.dotdigital import DotdigitalClient
-from common.clock_skew import checkpoint_name, widest_uncertainty_s
 from common.config import Config, parse_config
 from common.domain import outstanding
+from common.messaging.topology import SIDES, Topology
 from common.store import open_store
-from common.topology import SIDES, Topology
-from services.dlq import walk
-from services.dynamics_poller import LOOKUP_COLUMNS, OPTED_IN, OPTED_OUT, RECORD_TABLES, SUBSCRIPTIONS
-from services.sync_now import RunTimedOut, sync_and_wait
+from common.vendors.clock_skew import checkpoint_name, widest_uncertainty_s
+from common.vendors.dataverse.client import DataverseClient, odata_literal
+from common.vendors.dataverse.schema import LOOKUP_COLUMNS, OPTED_IN, OPTED_OUT, RECORD_TABLES, SUBSCRIPTIONS
+from common.vendors.dotdigital.client import DotdigitalClient
+from services.cli.dlq import walk
+from services.cli.sync_now import RunTimedOut, sync_and_wait
 from tests.harness.chaos.checker import RecordView
 from tests.harness.chaos.history import Key
 from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ

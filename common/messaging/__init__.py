@@ -1,0 +1,1 @@
+"""Messaging: the broker topology, the wire envelope, publishing, the AMQP transport and its resilience."""

@@ -1,0 +1,111 @@
+"""Turning changes into confirmed messages: one envelope per (shard, chunk), ids that repeat.
+
+Message ids are derived from what the message carries (run, page, shard, chunk), so a page that
+is read and published again after a crash produces the same ids; consumers and the progress
+tracker treat a repeated id as the same message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from common.messaging.amqp import Outgoing, Publisher
+from common.messaging.envelope import Change, Envelope, MessageType, ReadComplete, Source, encode
+from common.messaging.topology import (
+    CHANGES_EXCHANGE,
+    CONTROL_EXCHANGE,
+    WRITES_EXCHANGE,
+    Side,
+    Topology,
+    shard_of,
+)
+
+# Changes per message: big enough to make broker and store work cheap per change, small enough
+# that a redelivery repeats little work.
+CHUNK = 500
+# Header on change messages: when the poller read them (Unix time in milliseconds, an integer:
+# AMQP floats may be single precision). Progress events report it, so a run's latency can be
+# told from poll to write.
+POLLED_AT = "x-prefsync-polled-at-ms"
+
+
+def stable_id(*parts: object) -> str:
+    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+
+
+def _email_of(change: Change) -> str:
+    email = getattr(change, "email", None)
+    assert isinstance(email, str), "every routed change is for one email"
+    return email
+
+
+def envelopes_by_shard(
+    *, account: str, source: Source, type: MessageType, changes: Sequence[Change], shards: int,
+    run_id: str | None, id_seed: str, route: str = "changes", side: Side | None = None,
+) -> list[Outgoing]:
+    """Group ``changes`` by the shard of their email and wrap them in confirmed-publish items."""
+    polled_at = int(time.time() * 1000)
+    grouped: dict[int, list[Change]] = defaultdict(list)
+    for change in changes:
+        grouped[shard_of(_email_of(change), shards)].append(change)
+    out: list[Outgoing] = []
+    for shard in sorted(grouped):
+        items = grouped[shard]
+        for index in range(0, len(items), CHUNK):
+            chunk = tuple(items[index:index + CHUNK])
+            message_id = stable_id(id_seed, shard, index)
+            newest: datetime = max(_origin(c) for c in chunk)
+            envelope = Envelope(type=type, account=account, source=source, change_id=message_id,
+                                origin_time=newest, changes=chunk, run_id=run_id)
+            headers: dict[str, Any] = {}
+            if route == "changes":
+                exchange, key = CHANGES_EXCHANGE, Topology.changes_key(account, shard)
+                headers[POLLED_AT] = polled_at
+            else:
+                assert side is not None
+                exchange, key = WRITES_EXCHANGE, Topology.writes_key(account, side, shard)
+            out.append(Outgoing(exchange=exchange, routing_key=key, headers=headers,
+                                body=encode(envelope), message_id=message_id))
+    return out
+
+
+def read_markers(*, account: str, preference_id: int, started: datetime, shards: int,
+                 run_id: str | None, id_seed: str) -> list[Outgoing]:
+    """One marker per shard queue, published after every change of a complete feed read."""
+    out = []
+    for shard in range(shards):
+        message_id = stable_id(id_seed, "marker", preference_id, shard)
+        envelope = Envelope(type="read-markers", account=account, source="dotdigital",
+                            change_id=message_id, origin_time=started, run_id=run_id,
+                            changes=(ReadComplete(preference_id=preference_id,
+                                                  origin_time=started),))
+        out.append(Outgoing(exchange=CHANGES_EXCHANGE, routing_key=Topology.changes_key(account, shard),
+                            body=encode(envelope), message_id=message_id))
+    return out
+
+
+def _origin(change: Change) -> datetime:
+    origin = getattr(change, "origin_time", None)
+    assert isinstance(origin, datetime)
+    return origin
+
+
+async def publish_progress(publisher: Publisher, *, account: str, run_id: str, event: str,
+                           fields: Mapping[str, Any]) -> None:
+    """An advisory progress event for whoever follows the run (``sync-now --wait``)."""
+    body = orjson.dumps({"event": event, "account": account, "run_id": run_id, **fields})
+    await publisher.publish_many([Outgoing(
+        exchange=CONTROL_EXCHANGE, routing_key=Topology.progress_key(account, run_id), body=body,
+        message_id=stable_id(account, run_id, event, orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)),
+        mandatory=False)])
+
+
+def ids_of(items: Iterable[Outgoing]) -> list[str]:
+    return [i.message_id for i in items]

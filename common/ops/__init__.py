@@ -1,0 +1,1 @@
+"""Operations: metrics, logs, health endpoints and failpoints."""

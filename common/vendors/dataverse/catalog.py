@@ -1,0 +1,195 @@
+"""The preference catalog: dotdigital's preferences and categories, mirrored into Dynamics.
+
+Each account's tree (``GET /v2/preferences``) is mirrored into ``psync_marketingpreferences``,
+one row per category or preference, keyed by (``psync_ecaccount`` = our account id,
+``psync_ecpreferenceid``): names, public or private, category, order. A rename follows; a
+preference or category deleted in dotdigital is deactivated (statecode 1), never deleted, so
+the subscription rows that point at it keep their history. Rows of other accounts are never
+touched: each account's catalog is its own.
+
+The dynamics-poller mirrors the catalog at the start of every run, then reads the mapping
+(Dynamics row id -> dotdigital id, active rows only) that resolves subscription rows; the
+reconciler and the writer read that mapping from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from common.vendors.dataverse.client import BatchOperation, DataverseClient, odata_literal
+
+log = logging.getLogger("prefsync.catalog")
+
+PREFERENCES = "psync_marketingpreferences"
+PREFERENCE_KEY = "psync_marketingpreferenceid"
+# Store checkpoints: the mapping the dynamics-poller read last, and dotdigital's tree as the
+# ec-poller (or the dynamics-poller) read it last.
+MAPPING_CHECKPOINT = "dynamics:catalog"
+TREE_CHECKPOINT = "dotdigital:preferences"
+_NAME_LENGTH = 100  # the String columns' MaxLength
+_COLUMNS = ("psync_name", "psync_publicname", "psync_ispublic", "psync_iscategory",
+            "psync_ecpreferenceid", "psync_eccategoryid", "psync_order")
+ACTIVE, INACTIVE = 0, 1
+_STATUS = {ACTIVE: 1, INACTIVE: 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CatalogEntry:
+    """One node of dotdigital's preference tree (a category or a preference)."""
+
+    preference_id: int
+    category_id: int  # 0 at the top level
+    name: str  # dotdigital's private (internal) name
+    public_name: str
+    is_public: bool
+    is_category: bool
+    order: int
+
+    def row(self) -> dict[str, Any]:
+        """The columns of its ``psync_marketingpreferences`` row (account and state aside)."""
+        return {
+            "psync_name": self.name[:_NAME_LENGTH],
+            "psync_publicname": self.public_name[:_NAME_LENGTH],
+            "psync_ispublic": self.is_public,
+            "psync_iscategory": self.is_category,
+            "psync_ecpreferenceid": self.preference_id,
+            "psync_eccategoryid": self.category_id or None,
+            "psync_order": self.order,
+        }
+
+
+def _order(value: Any) -> int:
+    # dotdigital sends order as a string ("0")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _entry(node: Mapping[str, Any], *, category_id: int) -> CatalogEntry:
+    public = str(node.get("publicName") or node.get("privateName") or "")
+    private = str(node.get("privateName") or public)
+    return CatalogEntry(preference_id=int(node["id"]), category_id=category_id, name=private,
+                        public_name=public, is_public=bool(node.get("isPublic")),
+                        is_category=not node.get("isPreference"), order=_order(node.get("order")))
+
+
+def entries_of_tree(tree: Sequence[Mapping[str, Any]]) -> list[CatalogEntry]:
+    """Every category and preference of the tree, in display order (categories before their
+    preferences)."""
+    out: list[CatalogEntry] = []
+    for node in sorted(tree, key=lambda n: (_order(n.get("order")), int(n["id"]))):
+        out.append(_entry(node, category_id=0))
+        children = node.get("preferences") or []
+        for child in sorted(children, key=lambda n: (_order(n.get("order")), int(n["id"]))):
+            out.append(_entry(child, category_id=int(node["id"])))
+    return out
+
+
+@dataclass
+class MirrorResult:
+    created: int = 0
+    updated: int = 0
+    deactivated: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"created": self.created, "updated": self.updated,
+                "deactivated": self.deactivated, "failed": len(self.failed)}
+
+
+def _differs(row: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    return {column: value for column, value in wanted.items() if row.get(column) != value}
+
+
+def plan_mirror(*, account: str, tree: Sequence[Mapping[str, Any]],
+                rows: Sequence[Mapping[str, Any]]) -> list[BatchOperation]:
+    """The writes that make ``rows`` (this account's catalog rows) mirror ``tree``."""
+    entries = {e.preference_id: e for e in entries_of_tree(tree)}
+    by_id: dict[int, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row.get("psync_ecpreferenceid") is not None:
+            by_id.setdefault(int(row["psync_ecpreferenceid"]), []).append(row)
+    operations: list[BatchOperation] = []
+    for preference_id, entry in entries.items():
+        existing = sorted(by_id.pop(preference_id, []),
+                          key=lambda r: (int(r.get("statecode") or 0), str(r[PREFERENCE_KEY])))
+        wanted = {**entry.row(), "statecode": ACTIVE, "statuscode": _STATUS[ACTIVE]}
+        if not existing:
+            operations.append(BatchOperation.create(PREFERENCES, {
+                **entry.row(), "psync_ecaccount": account}))
+            continue
+        keep, duplicates = existing[0], existing[1:]
+        changes = _differs(keep, wanted)
+        if changes:
+            operations.append(BatchOperation.update(PREFERENCES, str(keep[PREFERENCE_KEY]),
+                                                    changes))
+        # two rows for one preference (made by hand): the extra ones are retired
+        by_id.setdefault(preference_id, []).extend(duplicates)
+    for gone in by_id.values():
+        for row in gone:
+            if int(row.get("statecode") or 0) != INACTIVE:
+                operations.append(BatchOperation.update(
+                    PREFERENCES, str(row[PREFERENCE_KEY]),
+                    {"statecode": INACTIVE, "statuscode": _STATUS[INACTIVE]}))
+    return operations
+
+
+async def catalog_rows(client: DataverseClient, *, account: str) -> list[dict[str, Any]]:
+    """This account's catalog rows, active and inactive."""
+    rows: list[dict[str, Any]] = []
+    async for page in client.iter_pages(
+            PREFERENCES, select=[PREFERENCE_KEY, *_COLUMNS, "statecode", "statuscode"],
+            filter=f"psync_ecaccount eq {odata_literal(account)}"):
+        rows.extend(page.rows)
+    return rows
+
+
+async def mirror_catalog(*, client: DataverseClient, account: str,
+                         tree: Sequence[Mapping[str, Any]]) -> MirrorResult:
+    """Make this account's catalog rows in Dynamics mirror dotdigital's ``tree``."""
+    rows = await catalog_rows(client, account=account)
+    operations = plan_mirror(account=account, tree=tree, rows=rows)
+    result = MirrorResult()
+    if not operations:
+        return result
+    answers = await client.batch(operations, change_set=False, continue_on_error=True)
+    for operation, answer in zip(operations, answers, strict=True):
+        if not answer.ok:
+            result.failed.append(f"{operation.method} {operation.path}: {answer.error}")
+        elif operation.method == "POST":
+            result.created += 1
+        elif operation.body is not None and operation.body.get("statecode") == INACTIVE:
+            result.deactivated += 1
+        else:
+            result.updated += 1
+    if result.failed:
+        log.error("preference catalog: %d write(s) refused", len(result.failed),
+                  extra={"account": account, "first": result.failed[0][:300]})
+    return result
+
+
+def mapping_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Dynamics row id -> dotdigital id, for the active rows."""
+    return {str(row[PREFERENCE_KEY]): int(row["psync_ecpreferenceid"]) for row in rows
+            if row.get("psync_ecpreferenceid") is not None
+            and int(row.get("statecode") or 0) == ACTIVE}
+
+
+async def load_catalog(store: Any, account: str) -> dict[int, str]:
+    """dotdigital preference id -> Dynamics row id, as the dynamics-poller read it last."""
+    raw = await store.get_checkpoint(account, MAPPING_CHECKPOINT)
+    mapping: dict[str, int] = orjson.loads(raw) if raw else {}
+    return {ec_id: row_id for row_id, ec_id in mapping.items()}
+
+
+async def load_tree(store: Any, account: str) -> list[dict[str, Any]]:
+    """dotdigital's preference tree as last read (empty before the first run)."""
+    raw = await store.get_checkpoint(account, TREE_CHECKPOINT)
+    tree = orjson.loads(raw) if raw else []
+    return list(tree) if isinstance(tree, list) else []

@@ -1,0 +1,213 @@
+"""dotdigital's opt-ins-since feed: where the ec-poller is in it, and the writer's reads of it.
+
+:class:`FeedPosition` is the ec-poller's checkpoint of one preference's feed, the one format the
+ec-poller writes and the writer reads (to know from where changes are not reconciled yet).
+
+:class:`FeedFollower` is the writer's read of the feed, without reading it all again each time.
+
+Before writing a batch to dotdigital, the writer folds in what dotdigital has had since the
+ec-poller's last complete read (its watermark) for the keys it is about to write, so a change a
+user made there since is never overwritten unseen. Read from the watermark for every batch, the
+feed holds every write this writer made since, so a backfill of N states reads on the order of
+N^2 / batch entries.
+
+The follower reads, per preference, only what is new since its previous read: each read starts
+at a dotdigital time observed before the previous read began (the feed is inclusive, so nothing
+changed during a read is skipped next time). What it saw that was not one of this process's own
+writes (told apart by contact, value and the window of dotdigital's clock the write ran in) it
+keeps, so a later batch with that key still sees it. When the watermark moves (the ec-poller read
+the feed again), it starts again from there. If it would keep more than ``max_kept`` entries of
+one preference (another process writing the same account, or a restart in the middle of a
+backfill), it stops keeping and reads from the watermark every time, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from common.vendors.dotdigital.client import DotdigitalClient
+
+# The start of time for the feeds: a read from here is a read from the beginning.
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def opt_ins_source(preference_id: int) -> str:
+    """The checkpoint (and source) name of one preference's opt-ins feed."""
+    return f"dotdigital:opt-ins:{preference_id}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeedPosition:
+    """The ec-poller's position in one preference's opt-ins feed (its checkpoint).
+
+    1. No checkpoint (``since`` None): the feed was never read, the next read starts at
+       :data:`EPOCH`.
+    2. A read under way: ``since`` is where it reads from and ``min_contact_id`` the contact id
+       its next page starts at.
+    3. A read finished: ``since`` is where it started to look (dotdigital's time), ``previous``
+       where it read from (the overlap before the earlier ``since``).
+    4. ``markers_owed``: the read started from the beginning (or its markers were not yet
+       confirmed when it stopped): its end publishes the read markers.
+    """
+
+    since: datetime | None = None
+    min_contact_id: int | None = None
+    previous: datetime | None = None
+    markers_owed: bool = False
+
+    @classmethod
+    def decode(cls, saved: str | None) -> FeedPosition:
+        raw: dict[str, Any] = orjson.loads(saved) if saved else {}
+        since, previous = raw.get("since"), raw.get("previous")
+        return cls(since=datetime.fromisoformat(since) if since else None,
+                   min_contact_id=int(raw["min_contact_id"]) if "min_contact_id" in raw else None,
+                   previous=datetime.fromisoformat(previous) if previous else None,
+                   markers_owed=bool(raw.get("markers_owed")))
+
+    def encode(self) -> str:
+        raw: dict[str, Any] = {}
+        if self.since is not None:
+            raw["since"] = self.since.isoformat()
+        if self.min_contact_id is not None:
+            raw["min_contact_id"] = self.min_contact_id
+        if self.previous is not None:
+            raw["previous"] = self.previous.isoformat()
+        if self.markers_owed:
+            raw["markers_owed"] = True
+        return orjson.dumps(raw).decode()
+
+    @property
+    def watermark(self) -> datetime | None:
+        """Where the writer reads the feed from before a write; None: no complete read to rely
+        on. It is where the last complete read started (``previous``): changes that read
+        published but the reconciler has not reached yet are read again. After a first read
+        there is nothing earlier, so it is ``since``."""
+        if self.since is None or self.min_contact_id is not None:
+            return None
+        if self.previous is not None and self.previous > EPOCH:
+            return self.previous
+        return self.since
+
+    @property
+    def first_read(self) -> bool:
+        """No read has finished yet (or one from the beginning is under way): its end
+        publishes the read markers, on which the reconciler sends the deferred writes again."""
+        return self.watermark is None and (self.since is None or self.since <= EPOCH)
+
+
+# (contact id, opted in, modified): one feed entry of one preference
+Entry = tuple[int, bool, datetime]
+
+
+@dataclass
+class _Feed:
+    base: datetime
+    read_to: datetime
+    kept: dict[str, Entry] = field(default_factory=dict)
+    keeping: bool = True
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class Write:
+    """One write to dotdigital by this process: its values and its clock window."""
+
+    started: datetime
+    values: Mapping[str, Mapping[int, bool]]
+    ended: datetime | None = None
+
+
+class FeedFollower:
+    def __init__(self, *, client: DotdigitalClient, max_kept: int = 100_000) -> None:
+        self._client = client
+        self._max_kept = max_kept
+        self._feeds: dict[int, _Feed] = {}
+        self._writes: list[Write] = []
+        # the latest dotdigital time seen (a read may start there: it was before the read)
+        self._clock: datetime | None = None
+
+    def saw_time(self, moment: datetime) -> None:
+        """A dotdigital server time the caller just read."""
+        if self._clock is None or moment > self._clock:
+            self._clock = moment
+
+    def writing(self, *, started: datetime, values: Mapping[str, Mapping[int, bool]]) -> Write:
+        """A write is about to be sent (``started``: dotdigital's time before it)."""
+        self.saw_time(started)
+        write = Write(started=started, values=values)
+        self._writes.append(write)
+        return write
+
+    def written(self, write: Write, *, ended: datetime) -> None:
+        """The write finished (``ended``: dotdigital's time after it)."""
+        write.ended = ended
+        self.saw_time(ended)
+
+    def forget(self, write: Write) -> None:
+        """The write did not happen (it failed before dotdigital took it)."""
+        if write in self._writes:
+            self._writes.remove(write)
+
+    async def entries(self, preference_id: int, *, since: datetime,
+                      emails: set[str]) -> dict[str, list[Entry]]:
+        """Every feed entry of ``emails`` for the preference since ``since`` (the watermark)
+        that this follower read now or kept from earlier reads."""
+        feed = self._feeds.get(preference_id)
+        if feed is None or feed.base != since:
+            feed = self._feeds[preference_id] = _Feed(base=since, read_to=since)
+        out: dict[str, list[Entry]] = {}
+        async with feed.lock:
+            start = feed.read_to if feed.keeping else feed.base
+            if self._clock is None:
+                self.saw_time(await self._client.server_time())
+            assert self._clock is not None
+            next_start = max(self._clock, start)
+            fresh: list[tuple[str, Entry]] = []
+            async for page in self._client.iter_opt_ins_since(preference_id, start):
+                for item in page:
+                    email = item.contact.email.strip().lower()
+                    for opt_in in item.opt_ins:
+                        if opt_in.preference_id == preference_id:
+                            fresh.append((email, (item.contact.id, opt_in.is_opted_in,
+                                                  opt_in.modified)))
+            for email, entry in fresh:
+                if email in emails:
+                    out.setdefault(email, []).append(entry)
+            if feed.keeping:
+                for email, entry in fresh:
+                    if not self._ours(email, preference_id, entry):
+                        kept = feed.kept.get(email)
+                        if kept is None or kept[2] <= entry[2]:
+                            feed.kept[email] = entry
+                if len(feed.kept) > self._max_kept:
+                    feed.keeping = False
+                    feed.kept.clear()
+                else:
+                    feed.read_to = next_start
+                    for email in emails & feed.kept.keys():
+                        if feed.kept[email] not in out.get(email, []):
+                            out.setdefault(email, []).append(feed.kept[email])
+        self._prune()
+        return out
+
+    def _ours(self, email: str, preference_id: int, entry: Entry) -> bool:
+        _, opted_in, modified = entry
+        for write in self._writes:
+            if (write.values.get(email, {}).get(preference_id) == opted_in
+                    and write.started <= modified
+                    and (write.ended is None or modified <= write.ended)):
+                return True
+        return False
+
+    def _prune(self) -> None:
+        """A finished write no feed can return again (every read now starts after it)."""
+        if not self._feeds:
+            return
+        oldest = min(f.read_to if f.keeping else f.base for f in self._feeds.values())
+        self._writes = [w for w in self._writes if w.ended is None or w.ended >= oldest]

@@ -1,0 +1,1 @@
+"""The ``prefsync`` command line: ``main`` parses it, one module per command."""

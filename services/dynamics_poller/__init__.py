@@ -1,0 +1,1 @@
+"""dynamics-poller: reads preference changes from Dataverse and publishes them."""

@@ -1,0 +1,1 @@
+"""ec-poller: reads preference changes from dotdigital and publishes them."""

@@ -1,0 +1,376 @@
+"""ec-poller: reads dotdigital preference changes and contact suppressions, per account.
+
+Each run takes dotdigital's own clock (``/v2/server-time``) first; that becomes the next
+watermark, so nothing changed during the run is skipped next time. Per preference it reads the
+opt-ins-since feed (opt-outs included) with each change's ``dateModifed``, checkpointing the
+``minContactId`` position after every page the broker confirmed; then suppressions and
+unsubscriptions since the last run. Emails that became eligible in Dynamics since the last run
+have their current dotdigital state read directly (or, when there are many, every feed is read
+from the beginning).
+
+Overlap: a feed entry may become visible after a read that began later than its stamp (a write
+dotdigital was still committing). So every feed is read from ``feed_overlap_s`` before the
+watermark, and what the previous read already published in that window is not published again:
+its change ids are kept (the newest :data:`SEEN_LIMIT`, hashed) in a checkpoint of their own,
+``ec-poller:seen:<feed>``, beside the feed's position (a
+:class:`~common.vendors.dotdigital.feed.FeedPosition`, which the writer reads too); an older
+opt-in, when the previous read saw more than that (a burst), is dropped when the ledger already
+knows exactly that value at that time from dotdigital.
+
+Read markers: after a complete read of a feed from the beginning, a marker per shard tells the
+reconciler that dotdigital's state of that preference is known. The end checkpoint of such a
+read first records that its markers are owed; they are published, confirmed, and only then is
+the checkpoint saved without the debt, so a crash in between publishes them in the next run.
+
+Resubscriptions: a contact the ledger holds as suppressed that dotdigital lists again among the
+contacts modified since the last run (v3 ``~modified``) with an active status gets a status
+change, so the reconciler resumes its sync (folding in what was parked meanwhile). Only such
+contacts are published; suppressions themselves come from the suppressed-since feeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+
+from common.config import AccountConfig
+from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
+from common.messaging.amqp import Publisher
+from common.messaging.envelope import Change, ContactStatusChange, PreferenceChange
+from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
+from common.ops import failpoints
+from common.runs import RunRequest
+from common.vendors.base import VendorError
+from common.vendors.clock_skew import measure_clock
+from common.vendors.dotdigital.client import DotdigitalClient
+from common.vendors.dotdigital.feed import EPOCH, FeedPosition, opt_ins_source
+from common.vendors.dotdigital.models import ContactOptIns, ContactV3, Suppression
+
+log = logging.getLogger("prefsync.ec_poller")
+
+SERVICE = "ec-poller"
+# Change ids a feed's checkpoint keeps (the newest), so the next read's overlap skips them.
+SEEN_LIMIT = 10_000
+
+
+def seen_key(change_id: str) -> str:
+    """A short, collision-safe stand-in for a change id (the checkpoint keeps thousands)."""
+    return hashlib.blake2b(change_id.encode(), digest_size=12).hexdigest()
+
+
+@dataclass
+class Seen:
+    """Change ids one read published at or after ``keep_from``: the next read's overlap."""
+
+    keep_from: datetime
+    keys: dict[str, datetime] = field(default_factory=dict)
+
+    def add(self, change_id: str, at: datetime) -> None:
+        if at >= self.keep_from:
+            self.keys[seen_key(change_id)] = at
+
+    def stored(self) -> dict[str, Any]:
+        """For the checkpoint: ``seen``, and ``seen_from`` when older ones were left out."""
+        newest = sorted(self.keys.items(), key=lambda item: item[1], reverse=True)
+        kept = newest[:SEEN_LIMIT]
+        out: dict[str, Any] = {"seen": [key for key, _ in kept]}
+        if len(newest) > len(kept):
+            out["seen_from"] = kept[-1][1].isoformat()
+        return out
+
+
+@dataclass
+class RunCounts:
+    read: int = 0
+    published: int = 0
+    statuses: int = 0
+    message_ids: list[str] = field(default_factory=list)
+
+
+def leaf_preference_ids(tree: Sequence[dict[str, Any]]) -> list[int]:
+    ids: list[int] = []
+    for node in tree:
+        if node.get("isPreference"):
+            ids.append(int(node["id"]))
+        ids.extend(int(c["id"]) for c in node.get("preferences") or [] if c.get("isPreference"))
+    return ids
+
+
+class EcPoller:
+    def __init__(self, *, account: AccountConfig, client: DotdigitalClient, store: Any,
+                 publisher: Publisher, shards: int) -> None:
+        self.account = account
+        self._client = client
+        self._store = store
+        self._publisher = publisher
+        self._shards = shards
+        self._overlap = timedelta(seconds=account.dotdigital.feed_overlap_s)
+
+    def _read_from(self, since: datetime) -> datetime:
+        """Where a read of a feed whose watermark is ``since`` starts (the overlap before it)."""
+        return since if since == EPOCH else max(EPOCH, since - self._overlap)
+
+    async def run_cycle(self, request: RunRequest) -> None:
+        counts = RunCounts()
+        started = await self._client.server_time()
+        # dotdigital's clock, from that same call, before anything read here is published
+        await measure_clock(self._store, account=self.account.id, side="dotdigital",
+                            client=self._client)
+        full_read = "full-read" in request.reasons
+        tree = await self._client.preferences()
+        await self._store.set_checkpoint(self.account.id, "dotdigital:preferences",
+                                         orjson.dumps(tree).decode())
+        from_start = [await self._read_preference(request, preference_id, started, full_read,
+                                                  counts)
+                      for preference_id in leaf_preference_ids(tree)]
+        await self._read_removals(request, started, full_read, counts)
+        await self._read_resubscriptions(request, started, counts)
+        # Feeds read from the beginning already hold every contact's state.
+        if request.eligible_emails and not all(from_start):
+            await self._read_contacts(request, request.eligible_emails, counts)
+        await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
+                               event="poller-done", fields={
+                                   "source": "dotdigital", "messages": counts.message_ids,
+                                   "read": counts.read, "published": counts.published,
+                                   "statuses": counts.statuses})
+        log.info("dotdigital read done", extra={
+            "account": self.account.id, "run_id": request.run_id, "read": counts.read,
+            "published": counts.published})
+
+    async def _read_preference(self, request: RunRequest, preference_id: int,
+                               started: datetime, full_read: bool, counts: RunCounts) -> bool:
+        """Reads one preference's feed; returns True when it was read from the beginning."""
+        source = opt_ins_source(preference_id)
+        saved = await self._store.get_checkpoint(self.account.id, source)
+        position = FeedPosition.decode(None if full_read else saved)
+        since = position.since or EPOCH
+        # a read from the beginning owes markers; so does one whose markers a crash left owed
+        owed = since == EPOCH or position.markers_owed
+        read_from = self._read_from(since)
+        skip, unkept = await self._load_seen(source, since)
+        seen = Seen(keep_from=self._read_from(started))
+        min_contact_id = position.min_contact_id or 0
+        page_no = 0
+        async for page in self._client.iter_opt_ins_since(preference_id, read_from,
+                                                          min_contact_id=min_contact_id):
+            page_no += 1
+            fresh = await self._unseen(page, preference_id, skip, seen, unkept=unkept)
+            changes = self._changes_from(fresh, started, only=preference_id)
+            counts.read += len(page)
+            await self._publish(request, changes, counts,
+                                id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}")
+            last_id = max(item.contact.id for item in page)
+            await self._store.set_checkpoint(self.account.id, source, FeedPosition(
+                since=since, min_contact_id=last_id + 1, markers_owed=owed).encode())
+        # Where this read started is kept as ``previous``: the writer reads from there, so
+        # changes this read published but the reconciler has not reached yet are read again,
+        # not skipped.
+        end = FeedPosition(since=started, previous=read_from)
+        # only ever changes this and earlier reads published (confirmed): saved first
+        await self._save_seen(source, seen)
+        if owed:
+            await self._store.set_checkpoint(self.account.id, source,
+                                             replace(end, markers_owed=True).encode())
+            await failpoints.reached("ec-poller.after-checkpoint")
+            markers = read_markers(account=self.account.id, preference_id=preference_id,
+                                   started=started, shards=self._shards, run_id=request.run_id,
+                                   id_seed=f"{request.run_id}:{source}")
+            await self._publisher.publish_many(markers)
+            counts.message_ids.extend(ids_of(markers))
+        # the markers (if any) are confirmed: nothing more is owed
+        await self._store.set_checkpoint(self.account.id, source, end.encode())
+        return since == EPOCH
+
+    async def _load_seen(self, source: str, since: datetime) -> tuple[set[str], datetime | None]:
+        """What the previous read of ``source`` published in this read's overlap: hashed change
+        ids, and the time up to which it saw more than it kept (None: it kept them all)."""
+        if since == EPOCH:
+            return set(), None
+        raw = await self._store.get_checkpoint(self.account.id, f"{SERVICE}:seen:{source}")
+        kept = orjson.loads(raw) if raw else {}
+        unkept = kept.get("seen_from")
+        return set(kept.get("seen") or ()), datetime.fromisoformat(unkept) if unkept else None
+
+    async def _save_seen(self, source: str, seen: Seen) -> None:
+        await self._store.set_checkpoint(self.account.id, f"{SERVICE}:seen:{source}",
+                                         orjson.dumps(seen.stored()).decode())
+
+    async def _unseen(self, page: Sequence[ContactOptIns], preference_id: int, skip: set[str],
+                      seen: Seen, *, unkept: datetime | None) -> list[ContactOptIns]:
+        """The page's contacts whose change the previous read did not publish (its overlap);
+        every change read is noted in ``seen`` for the next read. Changes up to ``unkept``
+        not among ``skip`` are looked up in the ledger."""
+        fresh: list[ContactOptIns] = []
+        unsure: dict[int, tuple[PreferenceKey, Known]] = {}  # by position in ``fresh``
+        for item in page:
+            mine = [o for o in item.opt_ins if o.preference_id == preference_id]
+            ids = [f"ec:{item.contact.id}:{preference_id}:{o.modified.isoformat()}" for o in mine]
+            for change_id, opt_in in zip(ids, mine, strict=True):
+                seen.add(change_id, opt_in.modified)
+            if ids and all(seen_key(change_id) in skip for change_id in ids):
+                continue
+            if unkept is not None and len(mine) == 1 and mine[0].modified <= unkept:
+                try:
+                    key = PreferenceKey(account=self.account.id,
+                                        email=normalize_email(item.contact.email),
+                                        preference_id=preference_id)
+                except ValueError:
+                    continue  # not publishable anyway
+                unsure[len(fresh)] = (key, Known(opted_in=mine[0].is_opted_in,
+                                                 as_of=mine[0].modified))
+            fresh.append(item)
+        if not unsure:
+            return fresh
+        states = await self._store.load([key for key, _ in unsure.values()])
+        known = {at: states[key].known.get("dotdigital") if key in states else None
+                 for at, (key, _) in unsure.items()}
+        # what the ledger already knows from dotdigital, exactly, was published and reconciled
+        return [item for at, item in enumerate(fresh)
+                if at not in unsure or known[at] != unsure[at][1]]
+
+    def _changes_from(self, page: Sequence[ContactOptIns], started: datetime, *,
+                      only: int | None = None) -> list[Change]:
+        changes: list[Change] = []
+        for item in page:
+            try:
+                email = normalize_email(item.contact.email)
+            except ValueError:
+                continue
+            # The contact's status comes first, so a suppressed contact's preferences that
+            # follow in the same message are already known to be suppressed.
+            changes.append(ContactStatusChange(email=email, status=item.contact.status,
+                                               origin_time=started,
+                                               change_id=f"ec-status:{item.contact.id}"))
+            for opt_in in item.opt_ins:
+                if only is not None and opt_in.preference_id != only:
+                    continue
+                changes.append(PreferenceChange(
+                    email=email, preference_id=opt_in.preference_id,
+                    opted_in=opt_in.is_opted_in, origin_time=opt_in.modified,
+                    change_id=f"ec:{item.contact.id}:{opt_in.preference_id}:"
+                              f"{opt_in.modified.isoformat()}"))
+        return changes
+
+    async def _read_removals(self, request: RunRequest, started: datetime, full_read: bool,
+                             counts: RunCounts) -> None:
+        for kind in ("suppressed", "unsubscribed"):
+            source = f"dotdigital:{kind}"
+            saved = None if full_read else await self._store.get_checkpoint(self.account.id, source)
+            since = datetime.fromisoformat(saved) if saved else EPOCH
+            read_from = self._read_from(since)
+            skip, _ = await self._load_seen(source, since)
+            seen = Seen(keep_from=self._read_from(started))
+            pages = (self._client.iter_suppressed_since(read_from) if kind == "suppressed"
+                     else self._client.iter_unsubscribed_since(read_from))
+            page_no = 0
+            async for page in pages:
+                page_no += 1
+                changes = [c for c in (self._status_change(s) for s in page) if c is not None]
+                await self._publish(request, list(self._unseen_statuses(changes, skip, seen)),
+                                    counts, id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
+            # (a burst of more than SEEN_LIMIT is published again: statuses are idempotent)
+            await self._save_seen(source, seen)
+            await self._store.set_checkpoint(self.account.id, source, started.isoformat())
+
+    @staticmethod
+    def _unseen_statuses(changes: Iterable[Change], skip: set[str],
+                         seen: Seen) -> Iterable[Change]:
+        for change in changes:
+            assert isinstance(change, ContactStatusChange)
+            seen.add(change.change_id, change.origin_time)
+            if seen_key(change.change_id) not in skip:
+                yield change
+
+    @staticmethod
+    def _status_change(suppression: Suppression) -> Change | None:
+        try:
+            email = normalize_email(suppression.contact.email)
+        except ValueError:
+            return None
+        return ContactStatusChange(
+            email=email, status=suppression.contact.status or suppression.reason,
+            origin_time=suppression.removed,
+            change_id=f"ec-removed:{suppression.contact.id}:{suppression.removed.isoformat()}")
+
+    async def _read_resubscriptions(self, request: RunRequest, started: datetime,
+                                    counts: RunCounts) -> None:
+        """Contacts the ledger holds as suppressed that dotdigital has as active again."""
+        source = "dotdigital:contacts-modified"
+        saved = await self._store.get_checkpoint(self.account.id, source)
+        if saved is not None:
+            page_no = 0
+            # Only contacts the ledger holds as suppressed are published, and a resumed one no
+            # longer is: the overlap needs no list of what was published.
+            async for page in self._client.iter_contacts_v3(
+                    modified_since=self._read_from(datetime.fromisoformat(saved)), include=(),
+                    limit=5000):
+                page_no += 1
+                active = {}
+                for contact in page:
+                    email = self._active_email(contact)
+                    if email is not None:
+                        active[email] = contact
+                stored = await self._store.load_contacts(self.account.id, active)
+                resumed: list[Change] = [
+                    ContactStatusChange(
+                        email=email, status=str(contact.status),
+                        origin_time=contact.updated or started,
+                        change_id=f"ec-active:{contact.contact_id}:"
+                                  f"{(contact.updated or started).isoformat()}")
+                    for email, contact in active.items()
+                    if email in stored and stored[email].suppressed]
+                await self._publish(request, resumed, counts,
+                                    id_seed=f"{request.run_id}:{source}:{saved}:{page_no}")
+        # First run: the feeds read from the beginning carry every contact's status.
+        await self._store.set_checkpoint(self.account.id, source, started.isoformat())
+
+    @staticmethod
+    def _active_email(contact: ContactV3) -> str | None:
+        if not contact.email or not contact.status:
+            return None
+        try:
+            return None if is_suppressed(contact.status) else normalize_email(contact.email)
+        except ValueError:
+            return None  # an unknown status or a malformed address: leave it alone
+
+    async def _read_contacts(self, request: RunRequest, emails: Sequence[str],
+                             counts: RunCounts) -> None:
+        """Current dotdigital state of emails that just became eligible in Dynamics."""
+        changes: list[Change] = []
+        started = await self._client.server_time()
+        for email in emails:
+            try:
+                opt_ins = await self._client.subscriptions(email)
+            except VendorError as exc:
+                if exc.status == 404:
+                    continue  # not a dotdigital contact (yet): nothing to read
+                raise
+            counts.read += 1
+            changes.extend(self._changes_from([opt_ins], started))
+        await self._publish(request, changes, counts, id_seed=f"{request.run_id}:eligible")
+
+    async def _publish(self, request: RunRequest, changes: Sequence[Change], counts: RunCounts,
+                       *, id_seed: str) -> None:
+        if not changes:
+            return
+        statuses = [c for c in changes if isinstance(c, ContactStatusChange)]
+        outgoing = envelopes_by_shard(
+            account=self.account.id, source="dotdigital", type="preference-changes",
+            changes=[c for c in changes if isinstance(c, PreferenceChange)],
+            shards=self._shards, run_id=request.run_id, id_seed=id_seed)
+        status_outgoing = envelopes_by_shard(
+            account=self.account.id, source="dotdigital", type="contact-status-changes",
+            changes=statuses, shards=self._shards, run_id=request.run_id,
+            id_seed=f"{id_seed}:status")
+        # Statuses first: within a shard queue they are handled before the preferences.
+        await self._publisher.publish_many(status_outgoing)
+        await self._publisher.publish_many(outgoing)
+        counts.statuses += len(statuses)
+        counts.published += len(changes) - len(statuses)
+        counts.message_ids.extend(ids_of(status_outgoing) + ids_of(outgoing))

@@ -1,0 +1,445 @@
+"""reconciler: folds changes from both sides into the ledger and emits write commands.
+
+For each batch of messages from one shard queue (one consumer per shard at a time, so one email
+is never handled by two reconcilers at once), it loads the affected keys, applies every change
+in order with the pure rules of :mod:`common.domain`, commits the new states and their history
+in one compare-and-set transaction, publishes the write commands (confirmed) and only then lets
+the messages be acked. A crash between commit and publish loses nothing: the redelivered
+messages are duplicates whose outstanding writes are emitted again, with the same message ids.
+Stored state that stands for writes still to be published (deferred writes, a resubscription)
+is removed only after those writes are confirmed by the broker.
+
+Sync rules applied here besides the pure ones:
+
+- every change is placed in our time base before the rules see it: its side's clock offset as
+  last measured (:mod:`common.vendors.clock_skew`), and the future bound as of when it was read (the
+  poller's ``polled-at`` header); one stamped beyond it is also recorded as
+  ``future_timestamp``;
+- a dotdigital change for an email no eligible Dynamics record has is ``ineligible``: recorded
+  in the history, never read into a key state;
+- a change for a suppressed contact is ``suppressed`` (history) and parked; when the contact is
+  resubscribed the parked changes are folded in and every outstanding write of the email goes
+  out again, so sync resumes with the contact's current preferences (the resubscription is
+  marked in the store before the contact is saved, and the mark is cleared only once those
+  writes are confirmed, so a redelivery after a crash in between resumes the email again);
+- several Dynamics records with one email hold the same preferences: when the register's value
+  is known on the Dynamics side but another active record's subscription row (as the record
+  directory has it) differs or is missing, a Dynamics write goes out for it too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from common import domain
+from common.domain import (
+    ContactState,
+    HistoryEntry,
+    KeyState,
+    Observation,
+    PendingWrite,
+    PreferenceKey,
+    apply_contact_status,
+    is_suppressed,
+    reconcile,
+)
+from common.messaging.amqp import Delivery, Outgoing, Publisher
+from common.messaging.envelope import ContactStatusChange, PreferenceChange, ReadComplete
+from common.messaging.envelope import WriteCommand as WriteMessage
+from common.messaging.publishing import POLLED_AT, envelopes_by_shard, publish_progress
+from common.messaging.resilience import TransientFailure
+from common.messaging.topology import SIDES, shard_of
+from common.ops import failpoints
+from common.store import ConflictError
+from common.vendors.clock_skew import load_time_base
+from common.vendors.dataverse.catalog import load_catalog
+
+log = logging.getLogger("prefsync.reconciler")
+
+SERVICE = "reconciler"
+MAX_CONFLICT_RETRIES = 5
+
+
+def _polled_at(delivery: Delivery) -> datetime | None:
+    """When the poller read the message's changes (its header), if it says."""
+    value = (delivery.message.headers or {}).get(POLLED_AT)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return datetime.fromtimestamp(value / 1000, UTC)
+    return None
+
+
+def to_message(command: domain.WriteCommand) -> WriteMessage:
+    return WriteMessage(email=command.key.email, preference_id=command.key.preference_id,
+                        side=command.side, opted_in=command.opted_in,
+                        origin_time=command.origin_time, origin_side=command.origin_side,
+                        change_id=command.change_id)
+
+
+@dataclass
+class BatchResult:
+    states: dict[PreferenceKey, KeyState]
+    contacts: dict[str, ContactState]
+    history: list[HistoryEntry] = field(default_factory=list)
+    # per delivery: outcome counts, and the keys whose commands it is responsible for
+    outcomes: dict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    owner: dict[PreferenceKey, int] = field(default_factory=dict)
+    changed_keys: set[PreferenceKey] = field(default_factory=set)
+    changed_contacts: set[str] = field(default_factory=set)
+    # preference ids whose complete dotdigital read ended in this batch (this shard)
+    markers: list[ReadComplete] = field(default_factory=list)
+    owner_of_marker: dict[int, int] = field(default_factory=dict)
+    # observations of suppressed contacts (kept until they resubscribe), and the emails whose
+    # contact resubscribed in this batch (their parked observations were folded in)
+    parked: list[Observation] = field(default_factory=list)
+    resumed: set[str] = field(default_factory=set)
+    # Dynamics writes so that every record of an email holds the register's value
+    follow: dict[PreferenceKey, domain.WriteCommand] = field(default_factory=dict)
+
+
+class Reconciler:
+    def __init__(self, *, account: str, store: Any, publisher: Publisher, shards: int,
+                 on_outcome: Any = None,
+                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE,
+                 on_future: Any = None) -> None:
+        self.account = account
+        self._store = store
+        self._publisher = publisher
+        self._shards = shards
+        self._on_outcome = on_outcome
+        self._future_tolerance = future_tolerance
+        self._on_future = on_future
+        self._read_marks: dict[tuple[int, int], str] = {}
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            result = await self._fold(batch)
+            await self._follow_records(result)
+            try:
+                await self._store.save(
+                    [(result.states[k].revision or None, result.states[k], None)
+                     for k in result.changed_keys], history=result.history)
+                break
+            except ConflictError:
+                # Another replica committed one of these keys first (only while shards move
+                # between replicas): fold again on top of what it wrote.
+                log.info("ledger conflict, folding again", extra={"account": self.account,
+                                                                  "attempt": attempt + 1})
+        else:
+            raise TransientFailure("ledger conflicts did not settle", dependency="store")
+        if result.resumed:
+            # Before the contact is saved as resubscribed: from here until its writes are
+            # confirmed, a redelivered batch resumes the email from this mark.
+            await self._store.mark_resuming(self.account, result.resumed)
+        if result.changed_contacts:
+            # Contact states are monotonic in their own time, so they need no compare-and-set.
+            await self._store.save_contacts([result.contacts[e] for e in result.changed_contacts])
+        if result.parked:
+            await self._store.park_observations(result.parked)
+        if result.resumed:
+            # after the key states they were folded into (a crash before this folds them again)
+            await self._store.unpark_observations(self.account, result.resumed)
+        await failpoints.reached("reconciler.after-commit")
+        await self._emit(batch, result)
+        if result.resumed:
+            await self._store.clear_resuming(self.account, result.resumed)
+
+    async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
+        account = self.account
+        emails = {c.email for d in batch for c in d.envelope.changes
+                  if isinstance(c, PreferenceChange | ContactStatusChange)}
+        keys = {PreferenceKey(account=account, email=c.email, preference_id=c.preference_id)
+                for d in batch for c in d.envelope.changes if isinstance(c, PreferenceChange)}
+        from_dotdigital = {c.email for d in batch if d.envelope.source == "dotdigital"
+                           for c in d.envelope.changes if isinstance(c, PreferenceChange)}
+        contacts = await self._store.load_contacts(account, emails)
+        resuming, marked = await self._resuming(batch, contacts)
+        now = datetime.now(UTC)
+        # each side's clock as last measured: every change is compared in our time base
+        time_base = await load_time_base(self._store, account=account,
+                                         tolerance=self._future_tolerance)
+        parked = [time_base.place(o, read_at=now)
+                  for o in (await self._store.parked_observations(account, resuming)
+                            if resuming else [])]
+        keys |= {o.key for o in parked}
+        result = BatchResult(states=await self._store.load(keys), contacts=contacts)
+        for email in {o.key.email for o in parked} | resuming:
+            for state in await self._store.states_for_email(account, email):
+                result.states.setdefault(state.key, state)
+        eligible = await self._store.eligible_emails(account, from_dotdigital)
+        for index, delivery in enumerate(batch):
+            side: domain.Side = ("dynamics" if delivery.envelope.source == "dynamics"
+                                 else "dotdigital")
+            read_at = _polled_at(delivery) or now
+            for change in delivery.envelope.changes:
+                if isinstance(change, ReadComplete):
+                    result.markers.append(change)
+                    result.owner_of_marker[change.preference_id] = index
+                    continue
+                if isinstance(change, ContactStatusChange):
+                    if self._contact(result, change) or (
+                            change.email in marked and change.email not in result.resumed
+                            and self._lifting(change)):
+                        self._resume(result, index, change.email, parked, now)
+                    continue
+                if not isinstance(change, PreferenceChange):
+                    continue
+                key = PreferenceKey(account=account, email=change.email,
+                                    preference_id=change.preference_id)
+                observation = time_base.place(Observation(
+                    key=key, side=side, opted_in=change.opted_in, origin_time=change.origin_time,
+                    version=change.version, change_id=change.change_id, carried=change.carried,
+                    joined=change.joined),
+                    read_at=read_at)
+                if side == "dotdigital" and change.email not in eligible:
+                    # Never in an email-activated list in Dynamics: not read into the ledger,
+                    # but the decision is on record.
+                    self._count(result, index, "ineligible")
+                    result.history.append(HistoryEntry.for_observation(
+                        observation, decision="ineligible", recorded_at=now))
+                    continue
+                self._observe(result, index, observation, now)
+        return result
+
+    def _count(self, result: BatchResult, index: int, outcome: str) -> None:
+        result.outcomes[index][outcome] += 1
+        if self._on_outcome is not None:
+            self._on_outcome(self.account, outcome)
+
+    def _observe(self, result: BatchResult, index: int, observation: Observation,
+                 now: datetime) -> None:
+        key = observation.key
+        decision = reconcile(result.states.get(key), observation,
+                             contact=result.contacts.get(key.email))
+        outcome = str(decision.outcome)
+        self._count(result, index, outcome)
+        if decision.changed:
+            result.states[key] = decision.state
+            result.changed_keys.add(key)
+        if decision.outcome == domain.Outcome.SUPPRESSED:
+            result.parked.append(observation)
+        if decision.outcome != domain.Outcome.DUPLICATE:
+            if observation.future_timestamp:
+                # stamped beyond the future bound: it competed as of when it was read
+                result.history.append(HistoryEntry.for_observation(
+                    observation, decision="future_timestamp", recorded_at=now))
+                if self._on_future is not None:
+                    self._on_future(self.account, observation.side)
+            result.history.append(HistoryEntry.for_observation(
+                observation, decision=outcome, recorded_at=now))
+        # The last delivery to touch a key publishes its outstanding writes.
+        result.owner[key] = index
+
+    # --- suppression -----------------------------------------------------------------------
+    @staticmethod
+    def _lifting(change: ContactStatusChange) -> bool:
+        """The status is not a suppression (an unknown status lifts nothing)."""
+        try:
+            return not is_suppressed(change.status)
+        except ValueError:
+            return False
+
+    async def _resuming(self, batch: Sequence[Delivery],
+                        contacts: dict[str, ContactState]) -> tuple[set[str], set[str]]:
+        """Emails this batch may resubscribe: those whose stored contact is suppressed, and
+        those marked as resuming (a redelivery after a crash that came after the contact was
+        saved as resubscribed, before its writes were confirmed). Returns (all, the marked)."""
+        lifting = {c.email for d in batch for c in d.envelope.changes
+                   if isinstance(c, ContactStatusChange) and self._lifting(c)}
+        if not lifting:
+            return set(), set()
+        stored = {e for e in lifting if (c := contacts.get(e)) is not None and c.suppressed}
+        marked: set[str] = await self._store.resuming_contacts(self.account, lifting - stored)
+        return stored | marked, marked
+
+    def _resume(self, result: BatchResult, index: int, email: str,
+                parked: Sequence[Observation], now: datetime) -> None:
+        """The contact was resubscribed: fold in what was parked while it was suppressed, and
+        let every key of the email publish its outstanding writes again."""
+        result.resumed.add(email)
+        for observation in parked:
+            if observation.key.email == email:
+                self._observe(result, index, observation, now)
+        for key in result.states:
+            if key.email == email:
+                result.owner[key] = index
+
+    def _contact(self, result: BatchResult, change: ContactStatusChange) -> bool:
+        """Applies a status change; returns True when it resubscribed a suppressed contact."""
+        try:
+            decision = apply_contact_status(result.contacts.get(change.email),
+                                            account=self.account, email=change.email,
+                                            status=change.status, as_of=change.origin_time)
+        except ValueError:
+            log.warning("unknown dotdigital contact status %r ignored", change.status,
+                        extra={"account": self.account})
+            return False
+        if decision.changed:
+            result.contacts[change.email] = decision.state
+            result.changed_contacts.add(change.email)
+        return decision.resumed
+
+    # --- several records per email -----------------------------------------------------------
+    async def _follow_records(self, result: BatchResult) -> None:
+        """Every active record of an email holds the register's value: where the Dynamics side
+        is known to hold it (so no write is outstanding) but another record's subscription row
+        differs or is missing, a Dynamics write goes out (``pending`` remembers it)."""
+        candidates: dict[PreferenceKey, KeyState] = {}
+        for key in result.owner:
+            state = result.states.get(key)
+            contact = result.contacts.get(key.email)
+            if state is None or state.register is None or (contact and contact.suppressed):
+                continue
+            known = state.known.get("dynamics")
+            if known is not None and known.opted_in == state.register.opted_in:
+                candidates[key] = state
+        if not candidates:
+            return
+        records = await self._store.records_for_emails(self.account,
+                                                       {k.email for k in candidates})
+        shared = {email: [r for r in refs if r.active] for email, refs in records.items()}
+        shared = {email: refs for email, refs in shared.items() if len(refs) > 1}
+        if not shared:
+            return
+        catalog = await load_catalog(self._store, self.account)
+        pairs = [(r.record_id, catalog[k.preference_id]) for k in candidates
+                 if k.email in shared and k.preference_id in catalog for r in shared[k.email]]
+        rows = await self._store.subscriptions_for(self.account, pairs)
+        for key, state in candidates.items():
+            row_id = catalog.get(key.preference_id)
+            register = state.register
+            if key.email not in shared or row_id is None or register is None:
+                continue
+            differs = any(
+                (row := rows.get((r.record_id, row_id))) is None
+                or row.opted_in != register.opted_in for r in shared[key.email])
+            if not differs:
+                continue
+            command = domain.WriteCommand.for_register(key=key, side="dynamics",
+                                                       register=register)
+            result.follow[key] = command
+            pending = PendingWrite(opted_in=register.opted_in, origin_time=register.origin_time)
+            if state.pending.get("dynamics") != pending:
+                result.states[key] = state.with_pending("dynamics", pending)
+                result.changed_keys.add(key)
+
+    async def _emit(self, batch: Sequence[Delivery], result: BatchResult) -> None:
+        """Publish the outstanding writes of every touched key (:meth:`write_messages`), then
+        report progress.
+
+        1. A complete-read marker releases the dotdigital writes deferred for its preference in
+           this shard: they go out with this batch.
+        2. Deferred entries are cleared only once the broker confirmed those writes: a crash
+           before that leaves them for the redelivered marker.
+        """
+        shard = int(batch[0].queue.rsplit(".", 1)[-1]) if batch else 0
+        released: list[tuple[int, list[str]]] = []
+        marker_owner = result.owner_of_marker
+        for marker in result.markers:
+            await self._store.set_checkpoint(
+                self.account, f"reconciler:read:{marker.preference_id}:{shard}",
+                datetime.now(UTC).isoformat())
+            self._read_marks.pop((marker.preference_id, shard), None)
+            deferred = [e for e in await self._store.deferred_emails(self.account,
+                                                                     marker.preference_id)
+                        if shard_of(e, self._shards) == shard]
+            keys = {PreferenceKey(account=self.account, email=e,
+                                  preference_id=marker.preference_id) for e in deferred}
+            result.states.update(await self._store.load(keys - set(result.states)))
+            for key in keys:
+                result.owner[key] = marker_owner[marker.preference_id]
+            released.append((marker.preference_id, deferred))
+        messages, to_defer = await self.write_messages(
+            [state for key in result.owner if (state := result.states.get(key)) is not None],
+            contacts=result.contacts)
+        per_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
+        for key, index in result.owner.items():
+            per_delivery[index] += messages.get(key, ())
+            contact = result.contacts.get(key.email)
+            if key in result.follow and not (contact is not None and contact.suppressed):
+                per_delivery[index].append(to_message(result.follow[key]))
+        if to_defer:
+            await self._store.defer_writes(self.account, to_defer)
+        for index, delivery in enumerate(batch):
+            commands = per_delivery.get(index, [])
+            outgoing: list[Outgoing] = []
+            for side in SIDES:
+                outgoing += envelopes_by_shard(
+                    account=self.account, source="reconciler", type="write-commands",
+                    changes=[c for c in commands if c.side == side], shards=self._shards,
+                    run_id=delivery.envelope.run_id, id_seed=f"w:{delivery.message_id}:{side}",
+                    route="writes", side=side)
+            await self._publisher.publish_many(outgoing)
+            if delivery.envelope.run_id:
+                await publish_progress(
+                    self._publisher, account=self.account, run_id=delivery.envelope.run_id,
+                    event="reconciled", fields={
+                        "message": delivery.message_id,
+                        "changes": len(delivery.envelope.changes),
+                        "outcomes": dict(result.outcomes.get(index, {})),
+                        "writes": [o.message_id for o in outgoing],
+                        "polled_at_ms": (delivery.message.headers or {}).get(POLLED_AT)})
+        await failpoints.reached("reconciler.after-publish")
+        if released:
+            for preference_id, emails in released:
+                if emails:
+                    await self._store.clear_deferred(self.account, preference_id, emails)
+            await failpoints.reached("reconciler.after-clear-deferred")
+
+    async def write_messages(
+            self, states: Iterable[KeyState], *, contacts: Mapping[str, ContactState],
+    ) -> tuple[dict[PreferenceKey, list[WriteMessage]], list[tuple[int, str]]]:
+        """The write commands for the outstanding writes of ``states`` (per key), and the
+        dotdigital writes that must wait, as (preference id, email) to defer.
+
+        1. A suppressed contact's writes are parked on purpose: none go out.
+        2. A write to dotdigital for a key whose dotdigital state is unknown waits until a
+           complete read of that preference's feed has been reconciled in the email's shard
+           (its marker); until then dotdigital may hold a newer value we have not seen.
+        3. After the marker, unknown means "never set" for emails that were eligible when the
+           read was reconciled (``covered``); for others the writer reads the contact first.
+        """
+        out: dict[PreferenceKey, list[WriteMessage]] = defaultdict(list)
+        unknown_dd: dict[PreferenceKey, domain.WriteCommand] = {}
+        for state in states:
+            contact = contacts.get(state.key.email)
+            if contact is not None and contact.suppressed:
+                continue
+            for command in domain.outstanding(state):
+                if command.side == "dotdigital" and state.known.get("dotdigital") is None:
+                    unknown_dd[state.key] = command
+                else:
+                    out[state.key].append(to_message(command))
+        to_defer: list[tuple[int, str]] = []
+        if unknown_dd:
+            records = await self._store.records_for_emails(self.account,
+                                                           {k.email for k in unknown_dd})
+            eligible_since = {email: min((r.eligible_at or "" for r in refs), default="")
+                              for email, refs in records.items()}
+            shard = {k.email: shard_of(k.email, self._shards) for k in unknown_dd}
+            # asked once per preference and shard: until the mark exists, every key would ask
+            marks = {(p, s): await self._read_mark(p, s)
+                     for p, s in {(k.preference_id, shard[k.email]) for k in unknown_dd}}
+            for key, command in unknown_dd.items():
+                read_at = marks[(key.preference_id, shard[key.email])]
+                if read_at is None:
+                    to_defer.append((key.preference_id, key.email))
+                    continue
+                eligible_at = eligible_since.get(key.email, "")
+                covered = bool(eligible_at) and eligible_at <= read_at
+                out[key].append(replace(to_message(command), covered=covered))
+        return dict(out), to_defer
+
+    async def _read_mark(self, preference_id: int, shard: int) -> str | None:
+        """When this shard reconciled a complete read of the preference (cached once known)."""
+        mark = self._read_marks.get((preference_id, shard))
+        if mark is None:
+            mark = await self._store.get_checkpoint(
+                self.account, f"reconciler:read:{preference_id}:{shard}")
+            if mark is not None:
+                self._read_marks[(preference_id, shard)] = mark
+        return mark

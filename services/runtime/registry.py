@@ -1,0 +1,308 @@
+"""Running services: ``prefsync up`` (all four in one process) and ``prefsync run SERVICE``.
+
+Each service is a thin adapter: it owns consumers on its queues and hands decoded batches to its
+handler. The topology is declared at start-up (idempotent), so any process can start first.
+
+A broker restart does not end the process: the connections are robust (they reconnect, and
+restore each consumer's channel, its passive queue declaration and its subscription), and the
+consumers and publishers treat the outage as a transient failure (:mod:`common.messaging.amqp`). The
+services of one call share one registry of circuit breakers (:mod:`common.messaging.breakers`), which
+``/readyz`` and ``prefsync_dependency_up`` report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq.exceptions
+from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import ChannelInvalidStateError
+
+from common.config import AccountConfig, Config
+from common.messaging.amqp import AmqpPublisher, DeadLetterer, QueueConsumer, account_broker_url, connect
+from common.messaging.breakers import Breakers, RetryPolicy, use_breakers
+from common.messaging.topology import SIDES, Topology
+from common.ops.health import serve_health
+from common.ops.logs import as_service
+from common.ops.metrics import METRICS, ObservedStore
+from common.store import LedgerStore, open_store
+from common.store.interface import StoreUnavailable
+from common.vendors.dataverse.client import DataverseClient
+from common.vendors.dotdigital.client import DotdigitalClient
+from services.dynamics_poller.service import DynamicsPoller
+from services.ec_poller.service import EcPoller
+from services.reconciler.retention import HistoryRetention
+from services.reconciler.service import Reconciler
+from services.reconciler.sweep import OutstandingSweep
+from services.runtime.assignment import ShardAssigner, replica_id
+from services.runtime.status import RunStatusRecorder
+from services.runtime.triggers import RunCoordinator
+from services.writer.service import Writer
+
+log = logging.getLogger("prefsync.runtime")
+
+# Messages per batch on a shard queue. A message carries up to 500 changes, so a batch is up to
+# 2000: whole vendor batches (1000 Dataverse operations, an import of 400 contacts x 5), while a
+# service with four shard batches in hand stays around 100 MB, and each ledger transaction (the
+# write lock other processes wait for) stays short.
+SHARD_BATCH = 4
+
+
+@dataclass
+class Running:
+    """What a started set of services exposes to tests and health checks."""
+
+    consumers: list[QueueConsumer] = field(default_factory=list)
+    coordinators: list[RunCoordinator] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    connection: AbstractRobustConnection | None = None
+    store: Any = None
+    # this replica's name, and who decides which shard queues it consumes (services.runtime.assignment)
+    replica: str = ""
+    assigners: list[ShardAssigner] = field(default_factory=list)
+    # which dependencies are down (the consumers' circuit breakers)
+    breakers: Breakers = field(default_factory=Breakers)
+
+
+T = TypeVar("T")
+# What a broker connection lost mid-call raises (the robust connection then reconnects).
+BROKER_LOST = (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError,
+               ChannelInvalidStateError)
+
+
+async def while_broker_returns(step: Callable[[], Awaitable[T]], *, what: str,
+                               retry: RetryPolicy | None = None) -> T:
+    """``step`` (a start-up call on a robust connection), tried again with backoff while the
+    connection is lost under it: a service that starts during a broker restart, or whose
+    connections are closed by the broker then, comes up once the broker is back."""
+    retry = retry or RetryPolicy()
+    failures = 0
+    while True:
+        try:
+            return await step()
+        except BROKER_LOST as exc:
+            delay = retry.delay(failures)
+            failures += 1
+            log.warning("%s: broker connection lost (%s); trying again in %.1f s", what,
+                        type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+
+
+async def declare_topology(connection: AbstractRobustConnection, config: Config, *,
+                           accounts: Sequence[str] | None = None,
+                           exchanges_too: bool = True) -> Topology:
+    topology = Topology(accounts=[a.id for a in config.accounts] if accounts is None else accounts,
+                        shards=config.broker.shards,
+                        changes_log_max_age=config.broker.changes_log_max_age)
+    channel = await connection.channel()
+    await topology.declare(channel, exchanges_too=exchanges_too)
+    await channel.close()
+    return topology
+
+
+async def _open_store_waiting(url: str, *, retry: RetryPolicy | None = None) -> LedgerStore:
+    """The ledger store, opened; while the database cannot be reached (a PostgreSQL restart),
+    tried again with backoff and jitter, so that a service started meanwhile comes up once it
+    is back. A refusal (credentials, database) is a configuration error: raised at once."""
+    retry = retry or RetryPolicy()
+    failures = 0
+    while True:
+        store = open_store(url)
+        try:
+            await store.open()
+            return store
+        except StoreUnavailable as exc:
+            if not exc.transient:
+                raise
+            delay = retry.delay(failures)
+            failures += 1
+            log.warning("%s; trying again in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+
+
+async def run_services(*, config: Config, services: Sequence[str],
+                       metrics_port: int | None = None, running: Running | None = None,
+                       store: Any | None = None, metrics_host: str = "127.0.0.1") -> None:
+    """Run ``services`` until SIGTERM/SIGINT; with ``metrics_port``, serve /metrics, /healthz
+    and /readyz on it (0: any free port), on loopback unless ``metrics_host`` says otherwise."""
+    stop = _stop_on_signals()
+    running = running if running is not None else Running()
+    name = "prefsync-" + "+".join(services)
+    # every consumer started from here on waits on these breakers
+    use_breakers(running.breakers)
+    running.breakers.observe(METRICS.dependency_observer(service="+".join(services)))
+    connection = await connect(config.broker.url, name=name, wait=True)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(connection)
+        running.connection = connection
+        # Accounts with a broker user of their own declare their queues on their own connection.
+        shared = [a.id for a in config.accounts if a.broker.password is None]
+        if shared:
+            await while_broker_returns(
+                lambda: declare_topology(connection, config, accounts=shared),
+                what="declaring the topology")
+        if store is None:
+            store = await stack.enter_async_context(await _open_store_waiting(config.store.url))
+        store = running.store = ObservedStore(store, metrics=METRICS)
+        if metrics_port is not None:
+            await stack.enter_async_context(serve_health(
+                running=running, metrics=METRICS, accounts=[a.id for a in config.accounts],
+                service="+".join(services), host=metrics_host, port=metrics_port))
+        running.replica = running.replica or replica_id()
+        assigners = {service: ShardAssigner(service=service, store=store, member=running.replica,
+                                            consumers=running.consumers)
+                     for service in ("reconciler", "writer") if service in services}
+        running.assigners = list(assigners.values())
+        tasks: list[Any] = []
+        for account in config.accounts:
+            # Each account on its own connection (as its own broker user when it has one), so
+            # one account's traffic or flow control never holds up another's.
+            account_connection = await connect(account_broker_url(config.broker.url, account),
+                                               name=f"{name}:{account.id}", wait=True)
+            await stack.enter_async_context(account_connection)
+            if account.broker.password is not None:
+                await while_broker_returns(partial(
+                    declare_topology, account_connection, config, accounts=[account.id],
+                    exchanges_too=False), what="declaring the account's topology")
+            publisher = await while_broker_returns(
+                partial(AmqpPublisher.open, account_connection), what="opening a publisher")
+            dead = DeadLetterer(publisher=publisher, service=name,
+                                on_dead_letter=METRICS.dead_letter_counter())
+            tasks += await _start_account(stack, account=account, config=config,
+                                          services=services, connection=account_connection,
+                                          store=store, publisher=publisher, dead=dead,
+                                          running=running, assigners=assigners)
+        tasks += [as_service(service, assigner.run()) for service, assigner in assigners.items()]
+        if "reconciler" in services:
+            # history past [store] history_days: one reconciler replica per account prunes it
+            retention = HistoryRetention(store=store, accounts=[a.id for a in config.accounts],
+                                         days=config.store.history_days, holder=running.replica)
+            tasks.append(as_service("reconciler", retention.run()))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for coroutine in tasks:
+                    group.create_task(coroutine)
+                group.create_task(_mark_ready(running))
+                group.create_task(_until_signalled(stop))
+        except* Stopped:
+            log.info("stopping on a signal")
+
+
+async def _mark_ready(running: Running) -> None:
+    await asyncio.gather(*(c.consuming.wait() for c in running.consumers),
+                         *(a.settled.wait() for a in running.assigners))
+    running.ready.set()
+    log.info("consuming", extra={"consumers": len(running.consumers)})
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT: stop every service and close everything in order."""
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """Installed first thing, so a signal during start-up also stops cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _until_signalled(stop: asyncio.Event) -> None:
+    await stop.wait()
+    # An exception (not a cancellation) makes the task group cancel every other task.
+    raise Stopped
+
+
+async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, config: Config,
+                         services: Sequence[str], connection: AbstractRobustConnection,
+                         store: Any, publisher: AmqpPublisher, dead: DeadLetterer,
+                         running: Running, assigners: dict[str, ShardAssigner]) -> list[Any]:
+    shards = config.broker.shards
+    prefetch = config.broker.prefetch
+    tasks: list[Any] = []
+    dataverse: DataverseClient | None = None
+    dotdigital: DotdigitalClient | None = None
+    if {"dynamics-poller", "writer"} & set(services):
+        dataverse = await stack.enter_async_context(DataverseClient(
+            config=account.dynamics, on_request=METRICS.request_observer(account=account.id)))
+    # the dynamics-poller reads dotdigital's preference tree to mirror the catalog
+    if {"dynamics-poller", "ec-poller", "writer"} & set(services):
+        dotdigital = await stack.enter_async_context(DotdigitalClient(
+            config=account.dotdigital, on_request=METRICS.request_observer(account=account.id)))
+
+    def consumer(queue: str, handler: Any, batch_size: int) -> QueueConsumer:
+        return QueueConsumer(connection=connection, queue=queue, account=account.id,
+                             handler=handler, dead_letters=dead, prefetch=prefetch,
+                             batch_size=batch_size, on_batch=METRICS.on_batch)
+
+    def shard(service: str, queue: str, handler: Any) -> None:
+        """A shard queue, consumed by whichever replica the assignment gives it to."""
+        assigners[service].add(account=account.id, queue=queue,
+                               make=lambda: consumer(queue, handler, SHARD_BATCH))
+
+    if "dynamics-poller" in services:
+        assert dataverse is not None
+        poller = DynamicsPoller(account=account, client=dataverse, store=store,
+                                publisher=publisher, shards=shards, dotdigital=dotdigital)
+        coordinator = RunCoordinator(service="dynamics-poller", account=account.id, store=store,
+                                     publisher=publisher, run_cycle=METRICS.observed_run(
+                                         service="dynamics-poller", account=account.id,
+                                         run_cycle=poller.run_cycle),
+                                     schedule=account.schedule)
+        running.coordinators.append(coordinator)
+        trigger = coordinator.consumer(connection=connection, dead_letters=dead)
+        running.consumers.append(trigger)
+        # the account's sync status, kept in the store from the run progress events
+        recorder = RunStatusRecorder(account=account.id, store=store)
+        tasks += [as_service("dynamics-poller", trigger.run()),
+                  as_service("dynamics-poller", coordinator.run_loop()),
+                  as_service("dynamics-poller", recorder.run(connection))]
+    if "ec-poller" in services:
+        assert dotdigital is not None
+        ec = EcPoller(account=account, client=dotdigital, store=store, publisher=publisher,
+                      shards=shards)
+        coordinator = RunCoordinator(service="ec-poller", account=account.id, store=store,
+                                     publisher=publisher, run_cycle=METRICS.observed_run(
+                                         service="ec-poller", account=account.id,
+                                         run_cycle=ec.run_cycle))
+        running.coordinators.append(coordinator)
+        trigger = coordinator.consumer(connection=connection, dead_letters=dead)
+        running.consumers.append(trigger)
+        tasks += [as_service("ec-poller", trigger.run()),
+                  as_service("ec-poller", coordinator.run_loop())]
+    if "reconciler" in services:
+        reconciler = Reconciler(account=account.id, store=store, publisher=publisher,
+                                shards=shards, on_outcome=METRICS.outcome_counter(),
+                                future_tolerance=timedelta(seconds=account.future_tolerance_s),
+                                on_future=METRICS.future_counter())
+        for index in range(shards):
+            shard("reconciler", Topology.changes_queue(account.id, index), reconciler.handle)
+        # the safety net behind the ordering rules: one replica at a time sweeps the account
+        sweep = OutstandingSweep(account=account.id, store=store, publisher=publisher,
+                                 reconciler=reconciler, shards=shards, holder=running.replica,
+                                 interval_s=config.sweep.interval_s,
+                                 grace_s=config.sweep.grace_s,
+                                 on_stats=METRICS.outstanding_observer())
+        tasks.append(as_service("reconciler", sweep.run()))
+    if "writer" in services:
+        for side in SIDES:
+            writer = Writer(account=account.id, side=side, store=store, publisher=publisher,
+                            shards=shards, dead_letters=dead, dataverse=dataverse,
+                            dotdigital=dotdigital, on_written=METRICS.write_counter(),
+                            future_tolerance=timedelta(seconds=account.future_tolerance_s),
+                            on_future=METRICS.future_counter(service="writer"))
+            for index in range(shards):
+                shard("writer", Topology.writes_queue(account.id, side, index), writer.handle)
+    return tasks

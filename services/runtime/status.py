@@ -1,0 +1,222 @@
+"""Each account's sync status: none, added to queue, synchronising, then the last run's outcome.
+
+The dynamics-poller service follows its account's run progress events (the same ones
+``sync-now --wait`` follows) and keeps the status in the ledger store, so ``prefsync status``
+and the HTTP API read it from there whatever process asks:
+
+- a run is *synchronising* from the dynamics-poller's ``run-started`` until what the run read
+  from both sides is reconciled and written (or a poller reports ``run-failed``);
+- then the run's counts (read, applied each way, stale, echoes, suppressed, ineligible, failed)
+  and its finish time are kept as the last run, and the finish time as the last success when
+  nothing failed.
+
+Triggers waiting for the poller (``dynamics-poller:pending``) show as *added to queue*; the next
+scheduled run comes from the account's schedule (:mod:`services.runtime.schedules`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aio_pika.abc import AbstractRobustConnection
+
+from common.messaging.topology import CONTROL_EXCHANGE
+from common.runs import RunTracker
+from common.vendors.clock_skew import clock_status
+from services.runtime.schedules import effective_schedule, next_run
+
+log = logging.getLogger("prefsync.status")
+
+STATUS_CHECKPOINT = "status:run"
+PENDING_CHECKPOINT = "dynamics-poller:pending"
+# runs followed at once (a run whose events were lost is forgotten after this many newer ones)
+MAX_FOLLOWED_RUNS = 20
+
+
+def run_counts(tracker: RunTracker) -> dict[str, int]:
+    """The counts of a run from its progress events."""
+    outcomes: Counter[str] = Counter()
+    for event in tracker.reconciled.values():
+        outcomes.update(event.get("outcomes", {}))
+    written: Counter[str] = Counter()
+    for event in tracker.written.values():
+        side = str(event.get("side"))
+        written[f"applied_to_{side}"] += int(event.get("written", 0))
+        written["failed"] += int(event.get("failed", 0))
+        written["suppressed"] += int(event.get("suppressed", 0))
+    dynamics = tracker.pollers_done.get("dynamics", {})
+    dotdigital = tracker.pollers_done.get("dotdigital", {})
+    return {
+        "read_dynamics": int(dynamics.get("read", 0)),
+        "read_dotdigital": int(dotdigital.get("read", 0)),
+        "applied_to_dotdigital": written["applied_to_dotdigital"],
+        "applied_to_dynamics": written["applied_to_dynamics"],
+        "stale": outcomes["stale"] + outcomes["tie_opt_in_lost"],
+        "echoes": outcomes["echo"],
+        "suppressed": outcomes["suppressed"] + written["suppressed"],
+        # Dynamics rows of ineligible records never reach the reconciler: the poller counts them
+        "ineligible": outcomes["ineligible"] + int(dynamics.get("ineligible", 0)),
+        "failed": written["failed"] + len(tracker.failures),
+    }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+async def load_status(store: Any, account: str) -> dict[str, Any]:
+    raw = await store.get_checkpoint(account, STATUS_CHECKPOINT)
+    value = orjson.loads(raw) if raw else {}
+    return value if isinstance(value, dict) else {}
+
+
+async def _save_status(store: Any, account: str, status: dict[str, Any]) -> None:
+    await store.set_checkpoint(account, STATUS_CHECKPOINT, orjson.dumps(status).decode())
+
+
+class RunStatusRecorder:
+    """Follows one account's progress events and keeps its status in the store."""
+
+    def __init__(self, *, account: str, store: Any) -> None:
+        self.account = account
+        self._store = store
+        self._runs: dict[str, RunTracker] = {}
+        self._started: dict[str, str] = {}
+
+    async def feed(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "run-started":
+            if event.get("service") != "dynamics-poller":
+                return
+            run = str(event.get("run"))
+            if run in self._runs:
+                return  # the same run, started for another trigger it covers
+            tracker = RunTracker(trigger_id=str(event.get("run_id")))
+            tracker.feed(event)
+            self._runs[run] = tracker
+            while len(self._runs) > MAX_FOLLOWED_RUNS:  # events of old runs that never ended
+                oldest = next(iter(self._runs))
+                del self._runs[oldest]
+                self._started.pop(oldest, None)
+            self._started[run] = _now()
+            status = await load_status(self._store, self.account)
+            status["current"] = {"run": run, "started_at": self._started[run]}
+            await _save_status(self._store, self.account, status)
+            return
+        run = str(event.get("run_id"))
+        followed = self._runs.get(run)
+        if followed is None:
+            return
+        followed.feed(event)
+        if followed.finished:
+            await self._finish(run, followed)
+
+    async def _finish(self, run: str, tracker: RunTracker) -> None:
+        del self._runs[run]
+        counts = run_counts(tracker)
+        finished = _now()
+        ok = not counts["failed"]
+        status = await load_status(self._store, self.account)
+        current = status.get("current") or {}
+        if current.get("run") == run:
+            status["current"] = None
+        status["last"] = {"run": run, "started_at": self._started.pop(run, None),
+                          "finished_at": finished, "ok": ok, "counts": counts,
+                          "errors": tracker.failures[:10]}
+        if ok:
+            status["last_success_at"] = finished
+        await _save_status(self._store, self.account, status)
+        log.info("sync run finished", extra={"account": self.account, "run": run, "ok": ok,
+                                             **counts})
+
+    async def run(self, connection: AbstractRobustConnection) -> None:
+        """Consume the account's progress events until cancelled."""
+        channel = await connection.channel()
+        try:
+            exchange = await channel.get_exchange(CONTROL_EXCHANGE, ensure=True)
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await queue.bind(exchange, routing_key=f"{self.account}.progress.#")
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    async with message.process():
+                        try:
+                            event = orjson.loads(message.body)
+                        except orjson.JSONDecodeError:
+                            continue
+                        if isinstance(event, dict):
+                            await self.feed(event)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+
+async def account_status(store: Any, *, account: str, schedule: str) -> dict[str, Any]:
+    """The status of one account as the ``status`` command and the HTTP API show it."""
+    stored = await load_status(store, account)
+    raw_pending = await store.get_checkpoint(account, PENDING_CHECKPOINT)
+    pending = orjson.loads(raw_pending) if raw_pending else []
+    current = stored.get("current")
+    last = stored.get("last")
+    queued = [p for p in pending if not current or p.get("run_id") != current.get("run")]
+    if current:
+        state = "Synchronising"
+    elif queued:
+        state = "Added to queue"
+    elif not last:
+        state = "None"
+    else:
+        state = "Synchronised" if last.get("ok") else "Failed"
+    due = await next_run(store, account, configured=schedule)
+    in_force = await effective_schedule(store, account, configured=schedule)
+    return {
+        "account": account,
+        "state": state,
+        "queued": len(queued),
+        "current_run": current,
+        "last_run": last,
+        "last_success_at": stored.get("last_success_at"),
+        "schedule": str(in_force),
+        "next_run_at": due.isoformat() if due else None,
+        "clocks": await clock_status(store, account=account),
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"{status['account']}: {status['state']}"]
+    if status["current_run"]:
+        lines.append(f"  running: {status['current_run']['run']} "
+                     f"(since {status['current_run']['started_at']})")
+    if status["queued"]:
+        lines.append(f"  queued: {status['queued']} trigger(s)")
+    lines.append(f"  last success: {status['last_success_at'] or 'never'}")
+    lines.append(f"  schedule: {status['schedule']}; next run: "
+                 f"{status['next_run_at'] or 'only when started (sync-now)'}")
+    for side, clock in (status.get("clocks") or {}).items():
+        name = "Dynamics" if side == "dynamics" else "dotdigital"
+        if clock is None:
+            lines.append(f"  {name} clock: not measured yet")
+            continue
+        lines.append(f"  {name} clock: {clock['offset_s']:+.3f} s from ours "
+                     f"(± {clock['uncertainty_s']:.3f} s, {clock['samples']} sample(s), "
+                     f"measured {clock['measured_at']})"
+                     + (f"; {clock['suspects']} disagreeing sample(s)"
+                        if clock["suspects"] else ""))
+    last = status["last_run"]
+    if last:
+        c = last["counts"]
+        lines += [
+            f"  last run: {last['run']} finished {last['finished_at']}"
+            f"{'' if last['ok'] else ' with failures'}",
+            f"    read: {c['read_dynamics']} from Dynamics, {c['read_dotdigital']} from dotdigital",
+            f"    applied: {c['applied_to_dotdigital']} to dotdigital, "
+            f"{c['applied_to_dynamics']} to Dynamics",
+            f"    stale: {c['stale']}, echoes: {c['echoes']}, suppressed: {c['suppressed']}, "
+            f"ineligible: {c['ineligible']}, failed: {c['failed']}",
+        ]
+        lines += [f"    error: {e}" for e in last.get("errors", [])]
+    return "\n".join(lines)

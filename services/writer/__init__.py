@@ -1,0 +1,1 @@
+"""writer: applies the reconciler's write commands to Dataverse and dotdigital."""

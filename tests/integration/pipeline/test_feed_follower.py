@@ -1,0 +1,138 @@
+"""The writer's incremental read of dotdigital's opt-ins-since feed (common.vendors.dotdigital.feed).
+
+A user change read while writing one batch must still be seen by a later batch for its key; this
+process's own writes must not pile up; each read asks only for what is new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import pytest
+
+from common.vendors.dotdigital.client import DotdigitalClient
+from common.vendors.dotdigital.feed import FeedFollower
+from common.vendors.dotdigital.models import ContactOptIns
+from services.simulators import seeding
+from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
+
+pytestmark = pytest.mark.anyio
+
+SEED = 5
+
+
+@asynccontextmanager
+async def seeded() -> AsyncIterator[tuple[SimControl, DotdigitalClient, list[str], int]]:
+    async with dotdigital_sim() as sim:
+        await sim.call("POST", "seed", {"records": 20, "preferences": 1, "seed": SEED,
+                                        "account": DD_ACCOUNT, "states": "none"})
+        async with DotdigitalClient(config=dotdigital_config(sim.url)) as client:
+            emails = [p.email for p in seeding.people(20, SEED)]
+            preference = seeding.leaf_preferences(1, SEED)[0].id
+            yield sim, client, emails, preference
+
+
+async def user_sets(sim: SimControl, email: str, preference: int, opted_in: bool) -> None:
+    await sim.call("POST", "dotdigital/edit", {"account": DD_ACCOUNT, "email": email,
+                                               "preferences": {str(preference): opted_in}})
+
+
+async def we_write(client: DotdigitalClient, follower: FeedFollower, email: str,
+                   preference: int, opted_in: bool) -> datetime:
+    write = follower.writing(started=await client.server_time(),
+                             values={email: {preference: opted_in}})
+    await client.update_contact_preferences(email, {preference: opted_in})
+    ended = await client.server_time()
+    follower.written(write, ended=ended)
+    return ended
+
+
+async def clock_moves_on(sim: SimControl, client: DotdigitalClient,
+                         follower: FeedFollower | None = None) -> datetime:
+    """Move dotdigital's clock on a little, so every time read from now on is later than every
+    change so far (the feed is inclusive: a read that starts in the millisecond of a change
+    returns that change again, which these tests do not want to depend on)."""
+    clock = await sim.call("GET", "clock")
+    await sim.clock(offset_s=clock["offset_s"] + 0.01)
+    moment = await client.server_time()
+    if follower is not None:
+        follower.saw_time(moment)
+    return moment
+
+
+def values(found: dict[str, list[tuple[int, bool, datetime]]]) -> dict[str, list[bool]]:
+    return {email: [opted_in for _, opted_in, _ in entries] for email, entries in found.items()}
+
+
+async def test_a_user_change_read_for_one_batch_is_kept_for_a_later_one() -> None:
+    async with seeded() as (sim, client, emails, preference):
+        a, b, c = emails[:3]
+        follower = FeedFollower(client=client)
+        watermark = await client.server_time()
+        await user_sets(sim, a, preference, False)
+
+        first = await follower.entries(preference, since=watermark, emails={b})
+        await we_write(client, follower, c, preference, True)
+        await clock_moves_on(sim, client, follower)
+        second = await follower.entries(preference, since=watermark, emails={a, c})
+        third = await follower.entries(preference, since=watermark, emails={a, c})
+
+        assert first == {}
+        assert values(second) == {a: [False], c: [True]}
+        # our own write is not kept; the user's change is, as long as the watermark stands
+        assert values(third) == {a: [False]}
+
+
+async def test_each_read_starts_at_a_time_seen_before_it_began() -> None:
+    async with seeded() as (sim, client, emails, preference):
+        follower = FeedFollower(client=client)
+        asked: list[datetime] = []
+        feed = client.iter_opt_ins_since
+
+        def recording(preference_id: int, since: datetime,
+                      **kwargs: int) -> AsyncIterator[list[ContactOptIns]]:
+            asked.append(since)
+            return feed(preference_id, since, **kwargs)
+
+        client.iter_opt_ins_since = recording  # type: ignore[method-assign]
+        watermark = await client.server_time()
+        for email in emails[:10]:
+            ended = await we_write(client, follower, email, preference, True)
+        await follower.entries(preference, since=watermark, emails=set(emails[:10]))
+        await user_sets(sim, emails[11], preference, False)
+
+        found = await follower.entries(preference, since=watermark, emails={emails[11]})
+
+        # the first read from the watermark; the second from the end of our last write, which
+        # was before the first read began: our ten writes are not read (nor kept) again
+        assert asked == [watermark, ended]
+        assert values(found) == {emails[11]: [False]}
+
+
+async def test_a_moved_watermark_starts_afresh() -> None:
+    async with seeded() as (sim, client, emails, preference):
+        a = emails[0]
+        follower = FeedFollower(client=client)
+        watermark = await client.server_time()
+        await user_sets(sim, a, preference, True)
+        await follower.entries(preference, since=watermark, emails=set())
+
+        later = await clock_moves_on(sim, client)
+        found = await follower.entries(preference, since=later, emails={a})
+
+        assert found == {}
+
+
+async def test_keeping_too_much_falls_back_to_reading_from_the_watermark() -> None:
+    async with seeded() as (sim, client, emails, preference):
+        follower = FeedFollower(client=client, max_kept=2)
+        watermark = await client.server_time()
+        for email in emails[:3]:
+            await user_sets(sim, email, preference, True)
+        await follower.entries(preference, since=watermark, emails=set())
+
+        found = await follower.entries(preference, since=watermark, emails={emails[0]})
+
+        assert values(found) == {emails[0]: [True]}

@@ -1,0 +1,196 @@
+"""End to end through all four services: both simulators, RabbitMQ, the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import aio_pika
+import pytest
+
+from common.messaging.topology import CHANGES_EXCHANGE, Topology
+
+from .conftest import BROKER_URL, World
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+async def converge(world: World) -> dict[str, object]:
+    """The first run brings both sides together; the result is checked by the caller."""
+    summary = await world.sync()
+    assert summary["failed"] == 0, summary
+    return summary
+
+
+async def test_first_sync_converges_both_sides(world: World) -> None:
+    await world.start()
+    summary = await converge(world)
+    assert summary["read"]["dynamics"] > 0 and summary["read"]["dotdigital"] > 0
+    for person in world.people[:10]:
+        records = await world.dynamics_values(person.email)
+        dotdigital = await world.dotdigital_values(person.email)
+        for states in records.values():
+            for preference in world.preferences:
+                # Whatever either side held explicitly, both now hold the same value.
+                if preference.id in states or preference.id in dotdigital:
+                    assert states.get(preference.id) == dotdigital.get(preference.id), (
+                        person.email, preference.id)
+
+
+async def test_dynamics_change_reaches_dotdigital(world: World) -> None:
+    await world.start()
+    await converge(world)
+    person, preference = world.people[3], world.preferences[0]
+    _, before = await world.values(person.email, preference.id)
+    wanted = not before if before is not None else True
+    await world.edit_dynamics(person.email, preference.id, wanted)
+    summary = await world.sync()
+    assert summary["applied_to_dotdigital"] >= 1, summary
+    assert await world.values(person.email, preference.id) == ({wanted}, wanted)
+
+
+async def test_dotdigital_change_reaches_dynamics(world: World) -> None:
+    await world.start()
+    await converge(world)
+    person, preference = world.people[5], world.preferences[1]
+    _, before = await world.values(person.email, preference.id)
+    wanted = not before if before is not None else False
+    await world.edit_dotdigital(person.email, preference.id, wanted)
+    summary = await world.sync()
+    assert summary["applied_to_dynamics"] >= 1, summary
+    assert await world.values(person.email, preference.id) == ({wanted}, wanted)
+
+
+async def test_both_changed_the_newer_wins(world: World) -> None:
+    await world.start()
+    await converge(world)
+    person, preference = world.people[7], world.preferences[0]
+    # Dynamics changes first; dotdigital's change is ten seconds later: made with its clock
+    # ten seconds on, then put back (a clock still ahead when prefsync measures it is
+    # corrected for, see test_clock.py).
+    await world.edit_dynamics(person.email, preference.id, True)
+    await world.set_clock("dotdigital", {"offset_s": 10})
+    await world.edit_dotdigital(person.email, preference.id, False)
+    await world.set_clock("dotdigital", {})
+    await world.sync()
+    assert await world.values(person.email, preference.id) == ({False}, False)
+    # And the other way round, on another preference: Dynamics is now the later one.
+    other = world.preferences[1]
+    await world.edit_dotdigital(person.email, other.id, False)
+    await world.set_clock("dynamics", {"offset_s": 10})
+    await world.edit_dynamics(person.email, other.id, True)
+    await world.set_clock("dynamics", {})
+    await world.sync()
+    assert await world.values(person.email, other.id) == ({True}, True)
+
+
+@pytest.mark.parametrize("dynamics_value", [True, False])
+async def test_a_tie_goes_to_opt_out(world: World, dynamics_value: bool) -> None:
+    await world.start()
+    await converge(world)
+    person, preference = world.people[9], world.preferences[2]
+    instant = (datetime.now(UTC) + timedelta(seconds=30)).replace(microsecond=0)
+    await world.set_clock("dynamics", {"freeze_at": instant.isoformat()})
+    await world.set_clock("dotdigital", {"freeze_at": instant.isoformat()})
+    await world.edit_dynamics(person.email, preference.id, dynamics_value)
+    await world.edit_dotdigital(person.email, preference.id, not dynamics_value)
+    await world.set_clock("dynamics", {"offset_s": 31})
+    await world.set_clock("dotdigital", {"offset_s": 31})
+    await world.sync()
+    assert await world.values(person.email, preference.id) == ({False}, False)
+
+
+async def test_a_converged_sync_writes_nothing(world: World) -> None:
+    await world.start()
+    await converge(world)
+    await world.sync()  # echoes of the first run's writes are read back here
+    dyn_before = (await world.stats("dynamics"))["writes_applied"]
+    dd_before = (await world.stats("dotdigital"))["writes_applied"]
+    summary = await world.sync()
+    assert summary["applied_to_dotdigital"] == summary["applied_to_dynamics"] == 0, summary
+    assert (await world.stats("dynamics"))["writes_applied"] == dyn_before
+    assert (await world.stats("dotdigital"))["writes_applied"] == dd_before
+
+
+async def test_flip_flop_newest_value_wins_on_both_sides(world: World) -> None:
+    """A Dynamics change made while our write of an older value to dotdigital is in flight
+    still wins on both sides: the read-back of our write is recognised as an echo."""
+    await world.start()
+    await converge(world)
+    person, preference = world.people[12], world.preferences[0]
+    await world.edit_dynamics(person.email, preference.id, True)
+    # Hold the dotdigital write in flight for two seconds.
+    await world.faults("dotdigital", {"latency_ms": {"PUT /v2/contacts": 2000,
+                                                     "PUT /contacts/v3/import": 2000}})
+    first = asyncio.create_task(world.sync())
+    writes_before = (await world.stats("dotdigital"))["calls"]
+    # Wait until the write request has reached dotdigital (it is counted on arrival).
+    for _ in range(400):
+        calls = (await world.stats("dotdigital"))["calls"]
+        if any(k.startswith(("PUT /v2/contacts", "PUT /contacts/v3/import"))
+               and calls.get(k, 0) > writes_before.get(k, 0) for k in calls):
+            break
+        await asyncio.sleep(0.025)
+    else:
+        pytest.fail("the write never reached dotdigital")
+    await world.set_clock("dynamics", {"offset_s": 1})
+    await world.edit_dynamics(person.email, preference.id, False)  # newer, while in flight
+    await first
+    await world.faults("dotdigital", None)
+    await world.sync()
+    await world.sync()
+    assert await world.values(person.email, preference.id) == ({False}, False)
+
+
+async def test_malformed_message_is_dead_lettered_and_sync_goes_on(world: World) -> None:
+    await world.start()
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(CHANGES_EXCHANGE)
+        await exchange.publish(aio_pika.Message(b'{"v": 1, "type": "preference-changes"}',
+                                                message_id="garbage"),
+                               routing_key=Topology.changes_key(world.account, 0))
+        summary = await world.sync()
+        assert summary["failed"] == 0
+        dlq = await channel.get_queue(Topology.dead_letter_queue(world.account))
+        async with dlq.iterator() as messages:
+            async for message in messages:
+                assert message.message_id == "garbage"
+                assert "missing field" in str(message.headers["x-prefsync-reason"])
+                await message.ack()
+                break
+
+
+async def test_a_row_created_behind_our_back_is_read_not_duplicated(world: World) -> None:
+    """The writer goes to create a Dynamics row that a user created after the poller's read:
+    Dataverse refuses the duplicate, the writer reads the row, and the newer value wins."""
+    await world.start()
+    await converge(world)
+    # someone with neither side set for a preference
+    unset = [(person, p) for person in world.people[:20] for p in world.preferences
+             if await world.values(person.email, p.id) == ({None}, None)]
+    if not unset:
+        pytest.skip("every seeded person has every preference set somewhere")
+    person, preference = unset[0]
+    await world.edit_dotdigital(person.email, preference.id, True)
+    # Hold our $batch write in flight; the user creates the row while it is held.
+    await world.faults("dynamics", {"latency_ms": {"POST /api/data/v9.2/$batch": 1500}})
+    batches = (await world.stats("dynamics"))["calls"].get("POST /api/data/v9.2/$batch", 0)
+    run = asyncio.create_task(world.sync())
+    for _ in range(400):
+        calls = (await world.stats("dynamics"))["calls"]
+        if calls.get("POST /api/data/v9.2/$batch", 0) > batches:
+            break
+        await asyncio.sleep(0.025)
+    else:
+        pytest.fail("the write never reached Dataverse")
+    await world.set_clock("dynamics", {"offset_s": 5})
+    await world.edit_dynamics(person.email, preference.id, False)
+    summary = await run
+    await world.faults("dynamics", None)
+    assert summary["failed"] == 0, summary
+    # the create met the user's row (DuplicateRecord) and was not retried forever
+    assert (await world.stats("dynamics"))["statuses"].get("412", 0) >= 1
+    await world.sync()
+    assert await world.values(person.email, preference.id) == ({False}, False)

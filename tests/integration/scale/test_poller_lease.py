@@ -1,0 +1,136 @@
+"""Poller replicas: one account is polled by one replica at a time, and no trigger is lost.
+
+Two run coordinators of the same account and poller stand for two replicas: each has its own
+store connection and consumes the trigger queue (single active consumer), as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+
+from common.messaging.amqp import DeadLetterer
+from common.runs import RunRequest
+from common.store import LedgerStore, open_store
+from services.runtime.triggers import RunCoordinator
+
+from .conftest import Broker, until
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Runs:
+    """Every run cycle, as (replica, start, end) on one clock, and what each covered."""
+
+    intervals: list[tuple[str, float, float]] = field(default_factory=list)
+    covered: list[str] = field(default_factory=list)
+    active: set[str] = field(default_factory=set)
+    overlapped: bool = False
+
+    def cycle(self, replica: str, *, seconds: float,
+              hang: asyncio.Event | None = None) -> Callable[[RunRequest], Awaitable[None]]:
+        async def run(request: RunRequest) -> None:
+            if self.active:
+                self.overlapped = True
+            self.active.add(replica)
+            started = time.monotonic()
+            try:
+                if hang is not None:
+                    await hang.wait()
+                await asyncio.sleep(seconds)
+                self.covered += request.covers
+            finally:
+                self.active.discard(replica)
+                self.intervals.append((replica, started, time.monotonic()))
+        return run
+
+
+@asynccontextmanager
+async def replica(broker: Broker, url: str, name: str,
+                  run_cycle: Callable[[RunRequest], Awaitable[None]], *,
+                  lease_ttl_s: float = 2.0, lease_renew_s: float = 0.3
+                  ) -> AsyncIterator[tuple[RunCoordinator, LedgerStore, asyncio.Task[None]]]:
+    store = open_store(url)
+    await store.open()
+    coordinator = RunCoordinator(service="dynamics-poller", account=broker.account, store=store,
+                                 publisher=broker.publisher, run_cycle=run_cycle, holder=name,
+                                 lease_ttl_s=lease_ttl_s, lease_renew_s=lease_renew_s,
+                                 pending_poll_s=0.1)
+    dead = DeadLetterer(publisher=broker.publisher, service=name)
+    trigger = coordinator.consumer(connection=broker.connection, dead_letters=dead)
+
+    async def both() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(trigger.run())
+            group.create_task(coordinator.run_loop())
+
+    task = asyncio.create_task(both())
+    try:
+        await asyncio.wait_for(trigger.consuming.wait(), timeout=10)
+        yield coordinator, store, task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await store.close()
+
+
+async def test_two_replicas_never_run_one_account_at_once(broker: Broker, url: str) -> None:
+    runs = Runs()
+    sent: list[str] = []
+    async with replica(broker, url, "r2", runs.cycle("r2", seconds=0.15)):
+        async with replica(broker, url, "r1", runs.cycle("r1", seconds=0.15)):
+            for _ in range(6):
+                sent.append(await broker.trigger())
+                await asyncio.sleep(0.05)
+            await until(lambda: len(runs.intervals) >= 2)
+        # r1 stops (its trigger consumer too); r2 carries on with what is pending and new
+        for _ in range(6):
+            sent.append(await broker.trigger())
+            await asyncio.sleep(0.05)
+        await until(lambda: set(sent) <= set(runs.covered))
+    assert not runs.overlapped
+    spans = sorted((start, end) for _, start, end in runs.intervals)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
+    assert "r2" in {name for name, _, _ in runs.intervals}
+
+
+async def test_a_run_left_by_a_dead_replica_is_taken_over(broker: Broker, url: str) -> None:
+    runs = Runs()
+    hang = asyncio.Event()
+    async with replica(broker, url, "r1", runs.cycle("r1", seconds=0, hang=hang),
+                       lease_ttl_s=1.0) as (_, r1_store, r1_task):
+        sent = await broker.trigger()
+        await until(lambda: "r1" in runs.active)
+        # r1 dies mid-run: its store goes away first, so it can neither renew nor release
+        await r1_store.close()
+        r1_task.cancel()
+        async with replica(broker, url, "r2", runs.cycle("r2", seconds=0)) as (r2, _, _):
+            await until(lambda: sent in runs.covered)
+            assert [name for name, _, _ in runs.intervals if name == "r2"]
+            await until(r2.idle.is_set)
+
+
+async def test_a_stalled_replica_loses_the_lease_and_stops(broker: Broker, url: str) -> None:
+    runs = Runs()
+    stall = asyncio.Event()
+    # r1 renews every 2 s but its lease lasts 0.5 s: r2 takes over while r1 is stalled
+    async with replica(broker, url, "r1", runs.cycle("r1", seconds=0, hang=stall),
+                       lease_ttl_s=0.5, lease_renew_s=2.0):
+        sent = await broker.trigger()
+        await until(lambda: "r1" in runs.active)
+        async with replica(broker, url, "r2", runs.cycle("r2", seconds=0)) as (r2, store, _):
+            await until(lambda: sent in runs.covered)
+            await until(lambda: not runs.active)       # r1's run was cancelled, not finished
+            assert [name for name, _, _ in runs.intervals] == ["r2", "r1"]
+            assert runs.covered == [sent]               # once, by r2
+            await until(r2.idle.is_set)
+            assert await store.get_checkpoint(broker.account, "dynamics-poller:pending") == "[]"
