@@ -24,7 +24,7 @@ from common.broker import BrokerUnavailable, connect
 from common.clients.dataverse import DataverseClient
 from common.config import Config, ConfigError, Secret
 from common.domain import normalize_email
-from common.schedule import parse_schedule
+from common.schedule import Daily, Every, parse_schedule
 from common.topology import CONTROL_EXCHANGE, Topology
 from services.api_access import ANYONE, ApiAccess, Caller, LiveLookups, LookupLimited, check_bind
 from services.catalog import CatalogEntry, entries_of_tree, load_tree
@@ -51,8 +51,8 @@ from services.sync_now import RunTracker, request_sync
 
 __all__ = [
     "ANYONE", "CALLER", "CONTROL_EXCHANGE", "DECISIONS", "FILTERS", "ApiAccess", "Backend",
-    "BrokerUnavailable", "Caller", "CatalogEntry", "Config", "ConfigError", "DeadLetters",
-    "Entry", "Filter", "RunTracker", "ScheduleInfo", "Secret", "Topology", "Walk",
+    "BrokerUnavailable", "Caller", "CatalogEntry", "Config", "ConfigError", "Daily",
+    "DeadLetters", "Entry", "Every", "Filter", "RunTracker", "ScheduleInfo", "Secret", "Topology", "Walk",
     "add_api_routes", "check_bind", "normalize_email", "open_backend", "parse_schedule",
     "run_counts",
 ]

@@ -28,6 +28,8 @@ from services.console.backend import (
     FILTERS,
     Backend,
     BrokerUnavailable,
+    Daily,
+    Every,
     Walk,
     normalize_email,
     parse_schedule,
@@ -207,15 +209,13 @@ def schedule_form(in_force: str) -> dict[str, Any]:
     schedule = parse_schedule(in_force)
     form: dict[str, Any] = {"kind": "manual", "every_n": 30, "every_unit": "m",
                             "daily_at": "02:00", "daily_zone": "UTC"}
-    text = str(schedule)
-    if text.startswith("every "):
-        seconds = int(text.removeprefix("every ").removesuffix("s"))
+    if isinstance(schedule, Every):
+        seconds = int(schedule.interval.total_seconds())
         hours = seconds % 3600 == 0
         form.update(kind="every", every_unit="h" if hours else "m",
                     every_n=seconds // 3600 if hours else max(1, seconds // 60))
-    elif text.startswith("daily "):
-        _, at, zone = text.split(" ", 2)
-        form.update(kind="daily", daily_at=at, daily_zone=zone)
+    elif isinstance(schedule, Daily):
+        form.update(kind="daily", daily_at=f"{schedule.at:%H:%M}", daily_zone=schedule.zone.key)
     return form
 
 
