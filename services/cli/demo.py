@@ -1,18 +1,23 @@
-"""``prefsync demo``: both simulators, seeded; the four services; a sync; edits; a sync again.
+"""``prefsync demo``: both simulators, seeded; the four services and the console; a sync;
+edits; a sync again.
 
-Needs only RabbitMQ. Everything else runs in this process on free loopback ports, with a
-throw-away ledger, and the demo's queues are removed at the end.
+Needs only RabbitMQ. Everything else runs in this process on loopback ports (the console on
+``--console-port``, 8090 unless taken; the rest on free ports), with a throw-away ledger, and the
+demo's queues are removed at the end. ``--keep`` leaves everything running after the story,
+until Ctrl-C (or SIGTERM).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
 import secrets
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ from common.messaging.amqp import BrokerUnavailable, connect
 from common.messaging.topology import Topology
 from common.vendors.dataverse.client import DataverseClient
 from common.vendors.dotdigital.client import DotdigitalClient
+from services.cli.console.app import serving_console
 from services.cli.lookup import dotdigital_preferences, dynamics_preferences
 from services.cli.sync_now import sync_now
 from services.runtime.registry import Running, run_services
@@ -35,6 +41,8 @@ PREFERENCES = 5
 SEED = 7
 DD_ACCOUNT = "1001"
 EDITS_PER_SIDE = 3
+CONSOLE_TOKEN_ENV = "DEMO_CONSOLE_TOKEN"
+SEEDED_AGO_S = 5
 
 
 def demo_config(*, account: str, dynamics_url: str, dotdigital_url: str, broker_url: str,
@@ -51,10 +59,26 @@ def demo_config(*, account: str, dynamics_url: str, dotdigital_url: str, broker_
                            "password_env": "DEMO_DOTDIGITAL_PASSWORD", "calls_per_minute": 6000},
         }],
     }
+    if CONSOLE_TOKEN_ENV in env:  # the console's admin token
+        raw["api"] = {"admin_token_env": CONSOLE_TOKEN_ENV}
     return parse_config(raw, env=env)
 
 
-async def run_demo(*, records: int, broker_url: str) -> int:
+@contextlib.asynccontextmanager
+async def _console(config: Config, port: int) -> AsyncIterator[str]:
+    """The console on ``port``, or on any free port when that one is taken."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            url = await stack.enter_async_context(serving_console(config, port=port))
+        except OSError as exc:
+            if port == 0 or exc.errno != errno.EADDRINUSE:
+                raise
+            url = await stack.enter_async_context(serving_console(config, port=0))
+        yield url
+
+
+async def run_demo(*, records: int, broker_url: str, keep: bool = False,
+                   console_port: int = 8090) -> int:
     if "PREFSYNC_LOG_LEVEL" not in os.environ:
         logging.getLogger("prefsync").setLevel(logging.WARNING)  # the story, not the logs
     try:
@@ -68,7 +92,9 @@ async def run_demo(*, records: int, broker_url: str) -> int:
     account = f"demo-{secrets.token_hex(3)}"
     dynamics_secret = secrets.token_urlsafe(16)
     dotdigital_password = "Demo-" + secrets.token_urlsafe(12)
-    env = {"DEMO_DYNAMICS_SECRET": dynamics_secret, "DEMO_DOTDIGITAL_PASSWORD": dotdigital_password}
+    console_token = secrets.token_urlsafe(16)
+    env = {"DEMO_DYNAMICS_SECRET": dynamics_secret, "DEMO_DOTDIGITAL_PASSWORD": dotdigital_password,
+           CONSOLE_TOKEN_ENV: console_token}
     dynamics = DynamicsSimulator(clients=[f"demo:prefsync-demo:{dynamics_secret}"])
     dotdigital = DotdigitalSimulator(
         accounts=[f"{DD_ACCOUNT}:apiuser-demo@apiconnector.com:{dotdigital_password}"])
@@ -81,8 +107,14 @@ async def run_demo(*, records: int, broker_url: str) -> int:
             print(f"Dynamics simulator:   {dyn_url}")
             print(f"dotdigital simulator: {dd_url}")
             seed = {"records": records, "preferences": PREFERENCES, "seed": SEED}
+            # The seeded states are history: stamped a few seconds back, so that the edits
+            # made next are later even at whole-second precision (a same-second edit is a tie).
+            for url in (dyn_url, dd_url):
+                await _put(http, f"{url}/_sim/clock", {"offset_s": -SEEDED_AGO_S})
             await _post(http, f"{dyn_url}/_sim/seed", {**seed, "account": account})
             await _post(http, f"{dd_url}/_sim/seed", {**seed, "account": DD_ACCOUNT})
+            for url in (dyn_url, dd_url):
+                await _put(http, f"{url}/_sim/clock", {})
             print(f"Seeded {records} people with {PREFERENCES} preferences on both sides "
                   "(most states agree; some drift, some were never set).")
             running = Running()
@@ -91,17 +123,30 @@ async def run_demo(*, records: int, broker_url: str) -> int:
                 running=running))
             try:
                 await asyncio.wait_for(running.ready.wait(), timeout=60)
-                print("\n== First sync: both sides meet ==")
-                code = await sync_now(config=config, account=account, wait=True, timeout_s=600)
-                print("\n== Edits on each side ==")
-                edits = await _edit_both_sides(http, dyn_url, dd_url, config=config,
-                                               account=account, records=records)
-                print("\n== Second sync: the edits travel ==")
-                code = max(code, await sync_now(config=config, account=account, wait=True,
-                                                timeout_s=600))
-                print("\n== Where each edit went ==")
-                for line in await _check_edits(config, edits, account=account):
-                    print(line)
+                async with _console(config, console_port) as console_url:
+                    print(f"Console:              {console_url}/  "
+                          f"(log in with the token {console_token})")
+                    print("\n== First sync: both sides meet ==")
+                    code = await sync_now(config=config, account=account, wait=True,
+                                          timeout_s=600)
+                    print("\n== Edits on each side ==")
+                    edits = await _edit_both_sides(http, dyn_url, dd_url, config=config,
+                                                   account=account, records=records)
+                    print("\n== Second sync: the edits travel ==")
+                    code = max(code, await sync_now(config=config, account=account, wait=True,
+                                                    timeout_s=600))
+                    print("\n== Where each edit went ==")
+                    for line in await _check_edits(config, edits, account=account):
+                        print(line)
+                    if keep:
+                        print(f"\nEverything keeps running: the simulators, the services and "
+                              f"the console ({console_url}/, token {console_token}).\n"
+                              "Press Ctrl-C to stop.", flush=True)
+                        await services  # until SIGINT or SIGTERM stops the services
+                        print("Stopped.")
+                    else:
+                        print("\n(`prefsync demo --keep` leaves all this running, the console "
+                              "included, until Ctrl-C.)")
             finally:
                 services.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -114,6 +159,11 @@ async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> 
     async with http.post(url, json=body) as response:
         response.raise_for_status()
         return await response.json()
+
+
+async def _put(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> None:
+    async with http.put(url, json=body) as response:
+        response.raise_for_status()
 
 
 async def _edit_both_sides(http: aiohttp.ClientSession, dyn_url: str, dd_url: str, *,

@@ -106,15 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         view.add_argument("--json", action="store_true")
         _add_config(view)
 
-    api = sub.add_parser("api", help="serve status, preferences and history as JSON over HTTP")
-    api.add_argument("--host", default="127.0.0.1",
-                     help="address to bind (default 127.0.0.1; another address needs tokens)")
-    api.add_argument("--port", type=int, default=8090)
-    api.add_argument("--token-env", default=None, metavar="NAME",
-                     help="the admin token (every account) from this environment variable, "
-                          "instead of [api] admin_token_env; account tokens: "
-                          "[accounts.api] token_env")
-    _add_config(api)
+    _add_console(sub)
 
     forget = sub.add_parser("forget", help="erase everything prefsync holds for one email in "
                                            "one account (not the vendors' data)")
@@ -169,12 +161,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--records", type=int, default=2000)
     demo.add_argument("--broker-url", default=os.environ.get(
         "PREFSYNC_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    demo.add_argument("--keep", action="store_true",
+                      help="leave the simulators, the services and the console running after "
+                           "the story, until Ctrl-C")
+    demo.add_argument("--console-port", type=int, default=8090,
+                      help="the console's port (default 8090; any free port if it is taken)")
 
     bench = sub.add_parser("bench", help="the benchmark suite: scenarios against their "
                                          "targets, results in bench/results (source checkout)")
     _add_bench(bench)
 
     return parser
+
+
+def _add_console(sub: Any) -> None:
+    """``prefsync console`` and its alias ``prefsync api`` (the same app: pages and JSON)."""
+    for name, text in (("console", "the operator console in the browser, with the JSON API"),
+                       ("api", "the same as console (its JSON routes: status, preferences, "
+                               "history)")):
+        console = sub.add_parser(name, help=text)
+        console.add_argument("--host", default="127.0.0.1",
+                             help="address to bind (default 127.0.0.1; another address needs "
+                                  "tokens)")
+        console.add_argument("--port", type=int, default=8090)
+        console.add_argument("--token-env", default=None, metavar="NAME",
+                             help="the admin token (every account) from this environment "
+                                  "variable, instead of [api] admin_token_env; account tokens: "
+                                  "[accounts.api] token_env")
+        console.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                             help="serve HTTPS with this certificate (PEM; with --tls-key)")
+        console.add_argument("--tls-key", type=Path, default=None, metavar="FILE")
+        _add_config(console)
+
+
+async def _console(args: argparse.Namespace, config: Any) -> int:
+    from services.cli.console.app import console_command
+
+    return await console_command(config=config, host=args.host, port=args.port,
+                                 token_env=args.token_env, tls_cert=args.tls_cert,
+                                 tls_key=args.tls_key)
 
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
@@ -254,7 +279,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from services.cli.demo import run_demo
 
-        return await run_demo(records=args.records, broker_url=args.broker_url)
+        return await run_demo(records=args.records, broker_url=args.broker_url, keep=args.keep,
+                              console_port=args.console_port)
 
     config = load_config(args.config)
     if args.command == "up":
@@ -296,7 +322,9 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
         return await schedule_command(config=config, account=args.account, text=args.schedule,
                                       clear=args.clear)
-    if args.command in ("status", "prefs", "history", "api"):
+    if args.command in ("console", "api"):
+        return await _console(args, config)
+    if args.command in ("status", "prefs", "history"):
         return await _show(args, config)
     if args.command == "forget":
         from services.cli.erasure import forget_command
@@ -312,7 +340,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
 
 async def _show(args: argparse.Namespace, config: Any) -> int:
-    """The read-only views: status, prefs, history, and the API serving them."""
+    """The read-only views: status, prefs, history."""
     from services.cli import prefs
 
     if args.command == "status":
@@ -324,16 +352,7 @@ async def _show(args: argparse.Namespace, config: Any) -> int:
     if args.command == "history":
         return await prefs.show_history(config=config, account=args.account, email=args.email,
                                         as_json=args.json)
-    from common.config import ConfigError, Secret
-
-    token = None
-    if args.token_env:
-        value = os.environ.get(args.token_env)
-        if not value:
-            raise ConfigError("--token-env", f"environment variable {args.token_env} is not set")
-        token = Secret(value)
-    await prefs.serve_api(config=config, host=args.host, port=args.port, token=token)
-    return 0
+    raise AssertionError(args.command)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 - ``prefsync history ACCOUNT EMAIL``: every change seen for the email, oldest first, with its
   origin side and time and the decision (applied, stale, echo, tie, suppressed, ineligible),
   and every write (written, failed, suppressed).
-- ``prefsync api``: the same as JSON over HTTP, read-only:
+- the same as JSON over HTTP, read-only, served by ``prefsync console`` (and its alias
+  ``prefsync api``, :mod:`services.cli.console`):
 
   ``GET /accounts/{account}/status``,
   ``GET /accounts/{account}/contacts/{email}/preferences?filter=...``,
@@ -40,13 +41,12 @@ from services.cli.api import (
     LiveLookups,
     LookupLimited,
     api_share,
-    check_bind,
     contact_methods,
 )
 from services.runtime.status import account_status, format_status
 
-__all__ = ["api_app", "api_resources", "contact_methods", "history_view", "preferences_view",
-           "serve_api"]
+__all__ = ["add_api_routes", "api_app", "api_resources", "contact_methods", "history_view",
+           "preferences_view"]
 
 Filter = Literal["all", "opted-in", "opted-out", "private", "public"]
 FILTERS: tuple[Filter, ...] = ("all", "opted-in", "opted-out", "private", "public")
@@ -344,6 +344,21 @@ async def _history(request: web.Request) -> web.Response:
     return _json(view)
 
 
+def add_api_routes(app: web.Application, *, config: Config, store: Any, access: ApiAccess,
+                   lookups: LiveLookups) -> None:
+    """The read-only JSON routes on ``app``, whose middleware puts the caller in
+    ``request[CALLER]`` (the console serves them beside its pages)."""
+    app[ACCOUNT_KEY] = config
+    app[STORE_KEY] = store
+    app[ACCESS_KEY] = access
+    app[LOOKUPS_KEY] = lookups
+    app.router.add_get("/accounts/{account}/status", _status, name="api-status")
+    app.router.add_get("/accounts/{account}/contacts/{email}/preferences", _preferences,
+                       name="api-preferences")
+    app.router.add_get("/accounts/{account}/contacts/{email}/history", _history,
+                       name="api-history")
+
+
 def api_app(*, config: Config, store: Any, dataverse: Mapping[str, DataverseClient],
             token: Secret | None = None, lookups: LiveLookups | None = None
             ) -> web.Application:
@@ -351,14 +366,10 @@ def api_app(*, config: Config, store: Any, dataverse: Mapping[str, DataverseClie
     the admin token (every account); without it, ``[api] admin_token_*`` of the config. Account
     tokens come from the config (``services.cli.api``)."""
     app = web.Application(middlewares=[_authorise])
-    app[ACCOUNT_KEY] = config
-    app[STORE_KEY] = store
-    app[ACCESS_KEY] = ApiAccess(config=config, admin_token=token)
-    app[LOOKUPS_KEY] = lookups or LiveLookups(clients=dict(dataverse),
-                                              per_minute=config.api.lookups_per_minute)
-    app.router.add_get("/accounts/{account}/status", _status)
-    app.router.add_get("/accounts/{account}/contacts/{email}/preferences", _preferences)
-    app.router.add_get("/accounts/{account}/contacts/{email}/history", _history)
+    add_api_routes(app, config=config, store=store,
+                   access=ApiAccess(config=config, admin_token=token),
+                   lookups=lookups or LiveLookups(clients=dict(dataverse),
+                                                  per_minute=config.api.lookups_per_minute))
     return app
 
 
@@ -372,18 +383,3 @@ async def api_resources(config: Config) -> AsyncIterator[tuple[Any, dict[str, Da
                        DataverseClient(config=api_share(a.dynamics)))
                    for a in config.accounts}
         yield store, clients
-
-
-async def serve_api(*, config: Config, host: str, port: int, token: Secret | None) -> None:
-    """``prefsync api``: serves until cancelled. Refuses (``ConfigError``) a non-loopback
-    ``host`` when no token is configured."""
-    from services.simulators.base import serve
-
-    check_bind(host, ApiAccess(config=config, admin_token=token))
-    async with api_resources(config) as (store, clients):
-        app = api_app(config=config, store=store, dataverse=clients, token=token)
-
-        def ready(bound: int) -> None:
-            print(f"prefsync API on http://{host}:{bound}", flush=True)
-
-        await serve(app, host=host, port=port, ready=ready)

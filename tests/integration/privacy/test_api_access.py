@@ -19,7 +19,8 @@ import pytest
 from common.config import Config, ConfigError, DynamicsConfig, Secret, parse_config
 from services.cli import api as api_access
 from services.cli.api import ApiAccess, LiveLookups, api_share, check_bind, is_loopback
-from services.cli.prefs import api_app, api_resources, serve_api
+from services.cli.console.app import serving_console
+from services.cli.prefs import api_app, api_resources
 from services.simulators.base import serving
 from services.simulators.dynamics import DynamicsSimulator
 
@@ -177,8 +178,8 @@ async def test_no_token_no_bind_beyond_loopback(tmp_path: Path) -> None:
     check_bind("0.0.0.0", ApiAccess(config=make_config(tmp_path)))  # tokens: allowed
     check_bind("0.0.0.0", ApiAccess(config=open_config, admin_token=Secret("t")))
     with pytest.raises(ConfigError, match="without API tokens"):
-        await asyncio.wait_for(serve_api(config=open_config, host="0.0.0.0", port=0,
-                                         token=None), 10)
+        async with serving_console(open_config, host="0.0.0.0"):
+            pass
     # without tokens, on loopback, it answers anyone (as before)
     async with api(open_config) as (_, http):
         assert (await get(http, f"/accounts/acme/contacts/{ANN}/history", None))[0] == 200
