@@ -699,3 +699,8 @@ class QueueConsumer:
         delivery.settled = True
         await _settle(delivery.message, ack=True)
         self._forget(delivery.message)
+
+
+# What a broker connection lost mid-call raises (a robust connection then reconnects by itself).
+BROKER_LOST = (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError,
+               ChannelInvalidStateError)

@@ -23,13 +23,17 @@ from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-import aio_pika
-import aiormq.exceptions
 from aio_pika.abc import AbstractRobustConnection
-from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.config import AccountConfig, Config
-from common.messaging.amqp import AmqpPublisher, DeadLetterer, QueueConsumer, account_broker_url, connect
+from common.messaging.amqp import (
+    BROKER_LOST,
+    AmqpPublisher,
+    DeadLetterer,
+    QueueConsumer,
+    account_broker_url,
+    connect,
+)
 from common.messaging.breakers import Breakers, RetryPolicy, use_breakers
 from common.messaging.topology import SIDES, Topology
 from common.ops.health import serve_health
@@ -75,9 +79,6 @@ class Running:
 
 
 T = TypeVar("T")
-# What a broker connection lost mid-call raises (the robust connection then reconnects).
-BROKER_LOST = (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError,
-               ChannelInvalidStateError)
 
 
 async def while_broker_returns(step: Callable[[], Awaitable[T]], *, what: str,

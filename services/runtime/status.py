@@ -16,6 +16,7 @@ scheduled run comes from the account's schedule (:mod:`services.runtime.schedule
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections import Counter
@@ -25,6 +26,8 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractRobustConnection
 
+from common.messaging.amqp import BROKER_LOST
+from common.messaging.breakers import RetryPolicy
 from common.messaging.topology import CONTROL_EXCHANGE
 from common.runs import RunTracker
 from common.vendors.clock_skew import clock_status
@@ -134,22 +137,37 @@ class RunStatusRecorder:
         log.info("sync run finished", extra={"account": self.account, "run": run, "ok": ok,
                                              **counts})
 
-    async def run(self, connection: AbstractRobustConnection) -> None:
-        """Consume the account's progress events until cancelled."""
+    async def run(self, connection: AbstractRobustConnection, *,
+                  retry: RetryPolicy | None = None) -> None:
+        """Consume the account's progress events until cancelled; a lost broker connection
+        (a restart, connections closed) is waited out and the events followed again."""
+        retry = retry or RetryPolicy()
+        failures = 0
+        while True:
+            try:
+                await self._follow(connection)
+            except BROKER_LOST as exc:
+                delay = retry.delay(failures)
+                failures += 1
+                log.warning("progress events: broker connection lost (%s); following again "
+                            "in %.1f s", type(exc).__name__, delay, extra={"account": self.account})
+                await asyncio.sleep(delay)
+
+    async def _follow(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel()
         try:
             exchange = await channel.get_exchange(CONTROL_EXCHANGE, ensure=True)
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             await queue.bind(exchange, routing_key=f"{self.account}.progress.#")
-            async with queue.iterator() as messages:
+            # advisory events on a queue of this process's own: no acks to lose with a channel
+            async with queue.iterator(no_ack=True) as messages:
                 async for message in messages:
-                    async with message.process():
-                        try:
-                            event = orjson.loads(message.body)
-                        except orjson.JSONDecodeError:
-                            continue
-                        if isinstance(event, dict):
-                            await self.feed(event)
+                    try:
+                        event = orjson.loads(message.body)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(event, dict):
+                        await self.feed(event)
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
