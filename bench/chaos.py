@@ -37,7 +37,7 @@ from bench.suite import _host
 
 COUNTED = ("lost_opt_outs", "stale_opt_ins", "missing_opt_ins", "other_wrong",
            "unexpected_dead_letters", "outstanding_keys", "restarts_by_hand", "excess_writes",
-           "ineligible_writes", "overwritten_in_flight")
+           "ineligible_writes", "overwritten_in_flight", "unmeasured_skew", "tie_band_opt_outs")
 
 
 def _git(*args: str) -> str:
@@ -173,7 +173,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"({total.get('stale_opt_ins', 0)} of them opted back in by a stale write), "
         f"{total.get('missing_opt_ins', 0)} missing opt-ins, {total['wrong']} wrong in all "
         f"(and {total.get('overwritten_in_flight', 0)} changes overwritten by a write already "
-        "on its way), "
+        "on its way; "
+        f"{total.get('unmeasured_skew', 0)} keys stamped by a vendor clock that was off while "
+        "it could not be measured; "
+        f"{total.get('tie_band_opt_outs', 0)} opt-ins that lost a tie inside the clocks' "
+        "uncertainty), "
         f"{total.get('unexpected_dead_letters', 0)} unexpected dead letters, "
         f"{total.get('outstanding_keys', 0)} keys left with outstanding writes, "
         f"{total.get('restarts_by_hand', 0)} processes restarted by hand; converged "

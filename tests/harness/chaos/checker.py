@@ -81,6 +81,9 @@ class Expectation:
     opt_out_acceptable: bool = False
     # the winner differs if the vendors' raw stamps are compared (their clocks were offset)
     skew_sensitive: bool = False
+    # ... and an edit of the key was stamped by a clock that was off while the product could
+    # not measure it at all (no clock sample of that side between the step out and back)
+    unmeasured: bool = False
 
 
 def _lww(contenders: Sequence[tuple[datetime, bool]]) -> tuple[datetime, bool]:
@@ -102,6 +105,10 @@ class ClockStep:
     side: Side
     at: datetime
     seconds: float
+    # whether the product took a sample of the side's clock while it was off (False: the step
+    # out and the step back both fell where nothing was measured)
+    measured: bool = True
+    back_at: datetime | None = None
 
 
 def _near_step(edit: Baseline | Edit, steps: Sequence[ClockStep]) -> float | None:
@@ -159,8 +166,12 @@ def expected_values(history: History, *, skew_tolerance_s: float = 2.0,
             acceptable = acceptable or any(
                 best - _second(true_at(e)) < band for e in edits
                 if not e.opted_in and e.side != winner.side)
+        unmeasured = skew_sensitive and any(
+            s.side == e.side and not s.measured and s.back_at is not None
+            and s.at <= e.true_at <= s.back_at for e in edits for s in clock_steps)
         out[key] = Expectation(opted_in=value, winner=winner, edits=len(edits),
-                               opt_out_acceptable=acceptable, skew_sensitive=skew_sensitive)
+                               opt_out_acceptable=acceptable, skew_sensitive=skew_sensitive,
+                               unmeasured=unmeasured)
     return out
 
 
@@ -200,6 +211,8 @@ class Verdict:
     missing_opt_ins: int = 0
     other_wrong: int = 0
     tie_band_opt_outs: int = 0
+    # keys wrong only because a vendor's clock was off while it could not be measured
+    unmeasured_skew: int = 0
     skew_sensitive_keys: int = 0
     excess_writes: int = 0
     max_writes_per_target: int = 0
@@ -369,6 +382,13 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
                 kinds = ["other_wrong"]
             wrong.append((kinds, detail, raced))
         if not wrong:
+            continue
+        if expectation.unmeasured:
+            # the vendor stamped it with a clock that was off while nothing could measure it
+            # (e.g. the ledger locked the whole time): reported apart, not the product's doing
+            verdict.unmeasured_skew += 1
+            for _, detail, _ in wrong:
+                verdict.note("unmeasured_skew", detail)
             continue
         if any(raced for _, _, raced in wrong) and not expectation.skew_sensitive:
             # a person's change overwritten by a write of ours already on its way: the rest of

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -110,7 +110,7 @@ async def run_case(case: Case, *, root: Path, broker: PrivateRabbitMQ,
             restarts_by_hand=world.deaths.by_hand,
             converged=converge["converged"], converge_s=converge["converge_s"],
             clock_uncertainty_s=await world.clock_uncertainty_s(),
-            clock_steps=clock_steps(injected))
+            clock_steps=clock_steps(injected, await world.clock_samples()))
         # a write may land this long after it was decided: more while writes were held up
         latency_s = max((float(f.detail.get("latency_ms", 0)) / 1000 for f in injected),
                         default=0.0)
@@ -140,12 +140,25 @@ async def run_case(case: Case, *, root: Path, broker: PrivateRabbitMQ,
     return result
 
 
-def clock_steps(faults: list[Injected]) -> list[ClockStep]:
-    """The steps the clock-offset faults made: out by the offset, then back."""
-    return [ClockStep(side=f.detail["side"], at=datetime.fromisoformat(at),
-                      seconds=float(f.detail["offset_s"]))
-            for f in faults if f.kind.startswith("clock-offset")
-            for at in f.detail.get("steps_at", [])]
+def clock_steps(faults: list[Injected], samples: Mapping[str, list[datetime]]
+                ) -> list[ClockStep]:
+    """The steps the clock-offset faults made: out by the offset, then back; ``samples``:
+    when the product sampled each side's clock (as far as its kept history reaches), to tell
+    whether it measured the clock while it was off."""
+    steps = []
+    for f in faults:
+        at = [datetime.fromisoformat(t) for t in f.detail.get("steps_at", [])]
+        if not f.kind.startswith("clock-offset") or not at:
+            continue
+        side, seconds = f.detail["side"], float(f.detail["offset_s"])
+        back = at[1] if len(at) > 1 else None
+        seen = samples.get(side, [])
+        measured = (back is None or not seen or min(seen) > at[0]
+                    or any(at[0] <= t <= back for t in seen))
+        steps.append(ClockStep(side=side, at=at[0], seconds=seconds, measured=measured,
+                               back_at=back))
+        steps += [ClockStep(side=side, at=t, seconds=seconds) for t in at[1:]]
+    return steps
 
 
 def _dump(observed: Observed) -> dict[str, Any]:
@@ -158,7 +171,9 @@ def _dump(observed: Observed) -> dict[str, Any]:
             "restarts_by_hand": list(observed.restarts_by_hand),
             "converged": observed.converged, "converge_s": observed.converge_s,
             "clock_uncertainty_s": observed.clock_uncertainty_s,
-            "clock_steps": [[s.side, s.at.isoformat(), s.seconds] for s in observed.clock_steps]}
+            "clock_steps": [[s.side, s.at.isoformat(), s.seconds, s.measured,
+                             s.back_at.isoformat() if s.back_at else None]
+                            for s in observed.clock_steps]}
 
 
 def load_observed(raw: dict[str, Any]) -> Observed:
@@ -171,8 +186,11 @@ def load_observed(raw: dict[str, Any]) -> Observed:
         outstanding=[(e, int(p)) for e, p in raw["outstanding"]],
         restarts_by_hand=raw["restarts_by_hand"], converged=raw["converged"],
         converge_s=raw["converge_s"], clock_uncertainty_s=raw.get("clock_uncertainty_s", 0.0),
-        clock_steps=[ClockStep(side=s, at=datetime.fromisoformat(at), seconds=float(x))
-                     for s, at, x in raw.get("clock_steps", [])])
+        clock_steps=[ClockStep(side=s[0], at=datetime.fromisoformat(s[1]), seconds=float(s[2]),
+                               measured=bool(s[3]) if len(s) > 3 else True,
+                               back_at=datetime.fromisoformat(s[4]) if len(s) > 4 and s[4]
+                               else None)
+                     for s in raw.get("clock_steps", [])])
 
 
 def recheck(path: Path) -> dict[str, Any]:

@@ -495,6 +495,16 @@ class ChaosWorld:
             return sum([widest_uncertainty_s(await store.get_checkpoint(
                 self.account, checkpoint_name(side))) for side in SIDES])
 
+    async def clock_samples(self) -> dict[str, list[datetime]]:
+        """When the product sampled each vendor's clock (its kept history of samples)."""
+        out: dict[str, list[datetime]] = {}
+        async with open_store(self.config.store.url) as store:
+            for side in SIDES:
+                raw = await store.get_checkpoint(self.account, checkpoint_name(side))
+                history = orjson.loads(raw).get("history", []) if raw else []
+                out[side] = [datetime.fromisoformat(h["at"]) for h in history]
+        return out
+
     async def dead_letters(self) -> list[dict[str, Any]]:
         connection = await aio_pika.connect_robust(self.broker.url)
         async with connection:

@@ -321,3 +321,17 @@ def test_near_a_step_of_a_vendors_clock_an_opt_in_may_tie_with_an_opt_out() -> N
     # an opt-out never gets one the other way round
     mirror = history(dyn(True, 80, offset_s=-30), dd(False, 125))
     assert expected_values(mirror, clock_steps=steps)[(A, P)].opted_in is False
+
+
+def test_an_edit_stamped_by_a_clock_nobody_could_measure_is_reported_apart() -> None:
+    # dotdigital's clock was 30 s behind from 100 s to 160 s and the product took no sample of
+    # it meanwhile (its ledger was locked the whole time): the opt-out made at 131 s, stamped
+    # 101 s, looks older than the Dynamics opt-in at 120 s. Nothing could tell; it is counted
+    # apart, never as a lost opt-out. Measured, it is a lost opt-out as ever.
+    h = history(dd(False, 101, offset_s=-30), dyn(True, 120))
+    unmeasured = [ClockStep(side="dotdigital", at=at(100), seconds=-30, measured=False,
+                            back_at=at(160))]
+    verdict = check(h, replace(agreed(True), clock_steps=unmeasured))
+    assert verdict.lost_opt_outs == 0 and verdict.unmeasured_skew == 1 and verdict.ok
+    measured = [replace(unmeasured[0], measured=True)]
+    assert check(h, replace(agreed(True), clock_steps=measured)).lost_opt_outs == 1
