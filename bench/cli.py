@@ -14,6 +14,7 @@ from typing import Any
 
 from bench import results
 from bench.sizes import SIZES, with_repeats
+from services.cli.progress import Meter
 
 SCENARIOS = ("backfill", "steady", "api-economy", "rate-limited", "memory", "scale")
 # Run on its own (never part of "all"): faults injected, results in chaos.json (bench/chaos.py).
@@ -93,33 +94,41 @@ async def run_suite(chosen: Sequence[str], *, size: str, repeats: int | None,
     previous = results.load(results_dir / "latest.json")
     suite = Suite(broker_url=broker_url, size_name=size, sizes=sizes, profile_dir=profile_dir,
                   keep=keep, previous=previous.get("scenarios") or {}, directions=directions)
-    about = await machine(broker_url)
-    suite.say(f"machine: {about['cpus']} x {about['cpu']}, load {about['load_average_at_start']}")
-    messages = max(40, sizes.backfill_contacts * 5 // 500)
-    ceilings = []
-    for _ in range(sizes.repeats):
-        ceilings.append(await measure_ceiling(broker_url=broker_url, messages=messages))
-    ceilings.sort(key=lambda c: c["states_per_s"])
-    suite.ceiling = {**ceilings[len(ceilings) // 2],
-                     "states_per_s_each": [c["states_per_s"] for c in ceilings]}
-    suite.say(f"ceiling: {suite.ceiling['states_per_s']:,} states/s")
-    measured: dict[str, Any] = {}
-    failed = False
-    for name in chosen:
-        started = datetime.now(UTC)
-        try:
-            entry = await REGISTRY[name](suite)
-        except Exception as exc:  # one scenario failing must not lose the others' figures
-            failed = True
-            traceback.print_exc()
-            entry = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        entry.update({"size": size, "measured_at": started.isoformat(timespec="seconds"),
-                      "ceiling_states_per_s": suite.ceiling["states_per_s"]})
-        measured[name] = entry
-        suite.say(f"{name}: {entry.get('measured') or entry.get('error')}")
-        merged = results.merge(results.load(results_dir / "latest.json"), machine=about,
-                               ceiling=suite.ceiling, scenarios=measured)
-        json_path, md_path = results.write(merged, results_dir)
+    # the suite's progress: the ceiling, then each scenario (on a terminal only)
+    with Meter() as meter:
+        steps = len(chosen) + 1
+        meter.update("bench", completed=0, total=steps, detail="the broker's ceiling")
+        about = await machine(broker_url)
+        suite.say(f"machine: {about['cpus']} x {about['cpu']}, load {about['load_average_at_start']}")
+        messages = max(40, sizes.backfill_contacts * 5 // 500)
+        ceilings = []
+        for _ in range(sizes.repeats):
+            ceilings.append(await measure_ceiling(broker_url=broker_url, messages=messages))
+        ceilings.sort(key=lambda c: c["states_per_s"])
+        suite.ceiling = {**ceilings[len(ceilings) // 2],
+                         "states_per_s_each": [c["states_per_s"] for c in ceilings]}
+        suite.say(f"ceiling: {suite.ceiling['states_per_s']:,} states/s")
+        meter.update("bench", completed=1, detail=chosen[0])
+        measured: dict[str, Any] = {}
+        failed = False
+        for name in chosen:
+            started = datetime.now(UTC)
+            try:
+                entry = await REGISTRY[name](suite)
+            except Exception as exc:  # one scenario failing must not lose the others' figures
+                failed = True
+                traceback.print_exc()
+                entry = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            entry.update({"size": size, "measured_at": started.isoformat(timespec="seconds"),
+                          "ceiling_states_per_s": suite.ceiling["states_per_s"]})
+            measured[name] = entry
+            suite.say(f"{name}: {entry.get('measured') or entry.get('error')}")
+            done = chosen.index(name) + 1
+            meter.update("bench", completed=done + 1,
+                         detail=chosen[done] if done < len(chosen) else "done")
+            merged = results.merge(results.load(results_dir / "latest.json"), machine=about,
+                                   ceiling=suite.ceiling, scenarios=measured)
+            json_path, md_path = results.write(merged, results_dir)
     print(results.markdown(merged))
     print(f"results: {json_path} and {md_path}")
     return 1 if failed else 0

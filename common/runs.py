@@ -36,6 +36,8 @@ class RunTracker:
     reconciled: dict[str, dict[str, Any]] = field(default_factory=dict)
     written: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    # changes read so far per side, from the pollers' page events (advisory, for progress)
+    reading: dict[str, int] = field(default_factory=dict)
 
     def feed(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -45,7 +47,10 @@ class RunTracker:
             return
         if self.run_id is None or event.get("run_id") != self.run_id:
             return
-        if kind == "poller-done":
+        if kind == "read":
+            source = str(event.get("source"))
+            self.reading[source] = max(self.reading.get(source, 0), int(event.get("read", 0)))
+        elif kind == "poller-done":
             self.pollers_done[str(event["source"])] = event
         elif kind == "reconciled":
             self.reconciled[str(event["message"])] = event
@@ -65,6 +70,21 @@ class RunTracker:
             return False
         writes = {w for r in self.reconciled.values() for w in r.get("writes", [])}
         return writes <= set(self.written)
+
+    def progress(self) -> dict[str, int | None]:
+        """Counts so far: changes read, messages reconciled and written, and the totals of
+        messages once known (None before: the pollers are still reading, or not every
+        message is reconciled yet)."""
+        read = {**self.reading, **{s: int(p.get("read", 0)) for s, p in self.pollers_done.items()}}
+        published: int | None = None
+        if set(self.pollers_done) == {"dynamics", "dotdigital"}:
+            published = len({m for p in self.pollers_done.values() for m in p.get("messages", [])})
+        writes = {w for r in self.reconciled.values() for w in r.get("writes", [])}
+        done = published is not None and len(self.reconciled) >= published
+        return {"read": sum(read.values()), "reconciled": len(self.reconciled),
+                "reconciled_total": published,
+                "changes": sum(int(r.get("changes", 0)) for r in self.reconciled.values()),
+                "written": len(self.written), "written_total": len(writes) if done else None}
 
     def summary(self) -> dict[str, Any]:
         outcomes: Counter[str] = Counter()

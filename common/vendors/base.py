@@ -89,6 +89,14 @@ class TransportError(Exception):
         self.retryable = True
 
 
+class WriteRefused(RuntimeError):
+    """A read-only client (a dry run) was asked to change something at the vendor; nothing was
+    sent."""
+
+    def __init__(self, *, vendor: str, endpoint: str) -> None:
+        super().__init__(f"{vendor}: read-only client refused {endpoint}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RequestEvent:
     """One HTTP exchange with a vendor, as seen by the client (one per attempt).

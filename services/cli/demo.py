@@ -1,5 +1,5 @@
-"""``prefsync demo``: both simulators, seeded; the four services and the console; a sync;
-edits; a sync again.
+"""``prefsync demo``: both simulators, seeded; the four services and the console; a dry run and
+a sync; edits; a dry run and a sync again.
 
 Needs only RabbitMQ. Everything else runs in this process on loopback ports (the console on
 ``--console-port``, 8090 unless taken; the rest on free ports), with a throw-away ledger, and the
@@ -30,7 +30,9 @@ from common.messaging.topology import Topology
 from common.vendors.dataverse.client import DataverseClient
 from common.vendors.dotdigital.client import DotdigitalClient
 from services.cli.console.app import serving_console
+from services.cli.dry_run import dry_run_command
 from services.cli.lookup import dotdigital_preferences, dynamics_preferences
+from services.cli.progress import Meter
 from services.cli.sync_now import sync_now
 from services.runtime.registry import Running, run_services
 from services.simulators.base import serving
@@ -43,6 +45,7 @@ DD_ACCOUNT = "1001"
 EDITS_PER_SIDE = 3
 CONSOLE_TOKEN_ENV = "DEMO_CONSOLE_TOKEN"
 SEEDED_AGO_S = 5
+DRY_RUN_SAMPLES = 3
 
 
 def demo_config(*, account: str, dynamics_url: str, dotdigital_url: str, broker_url: str,
@@ -111,8 +114,12 @@ async def run_demo(*, records: int, broker_url: str, keep: bool = False,
             # made next are later even at whole-second precision (a same-second edit is a tie).
             for url in (dyn_url, dd_url):
                 await _put(http, f"{url}/_sim/clock", {"offset_s": -SEEDED_AGO_S})
-            await _post(http, f"{dyn_url}/_sim/seed", {**seed, "account": account})
-            await _post(http, f"{dd_url}/_sim/seed", {**seed, "account": DD_ACCOUNT})
+            with Meter() as meter:  # seeding thousands of people takes a while
+                meter.update("seeding", completed=0, total=2, detail="Dynamics")
+                await _post(http, f"{dyn_url}/_sim/seed", {**seed, "account": account})
+                meter.update("seeding", completed=1, detail="dotdigital")
+                await _post(http, f"{dd_url}/_sim/seed", {**seed, "account": DD_ACCOUNT})
+                meter.update("seeding", completed=2, detail="")
             for url in (dyn_url, dd_url):
                 await _put(http, f"{url}/_sim/clock", {})
             print(f"Seeded {records} people with {PREFERENCES} preferences on both sides "
@@ -126,12 +133,18 @@ async def run_demo(*, records: int, broker_url: str, keep: bool = False,
                 async with _console(config, console_port) as console_url:
                     print(f"Console:              {console_url}/  "
                           f"(log in with the token {console_token})")
+                    print("\n== Dry run: what the first sync would do (nothing is written) ==")
+                    await dry_run_command(config=config, account=account, as_json=False,
+                                          limit=DRY_RUN_SAMPLES)
                     print("\n== First sync: both sides meet ==")
                     code = await sync_now(config=config, account=account, wait=True,
                                           timeout_s=600)
                     print("\n== Edits on each side ==")
                     edits = await _edit_both_sides(http, dyn_url, dd_url, config=config,
                                                    account=account, records=records)
+                    print("\n== Dry run: what the second sync would do ==")
+                    await dry_run_command(config=config, account=account, as_json=False,
+                                          limit=DRY_RUN_SAMPLES)
                     print("\n== Second sync: the edits travel ==")
                     code = max(code, await sync_now(config=config, account=account, wait=True,
                                                     timeout_s=600))

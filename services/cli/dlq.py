@@ -32,6 +32,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from common.config import Config
 from common.messaging.amqp import AmqpPublisher, Outgoing, connect
 from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, WRITES_EXCHANGE, Topology
+from services.cli.progress import Meter
 
 Action = Literal["list", "show", "replay", "purge"]
 ACTIONS: tuple[Action, ...] = ("list", "show", "replay", "purge")
@@ -165,14 +166,16 @@ class Walk:
 
 
 async def walk(connection: AbstractRobustConnection, *, accounts: Sequence[str], action: Action,
-               reason: str | None = None, ids: Sequence[str] = ()) -> Walk:
-    """Walk each account's dead-letter queue once, acting on the matching entries."""
+               reason: str | None = None, ids: Sequence[str] = (),
+               meter: Meter | None = None) -> Walk:
+    """Walk each account's dead-letter queue once, acting on the matching entries;
+    ``meter`` shows how far each queue's walk has got."""
     result = Walk()
     publisher = await AmqpPublisher.open(connection)
     try:
         for account in accounts:
             await _walk_account(connection, publisher, result, account=account, action=action,
-                                reason=reason, ids=ids)
+                                reason=reason, ids=ids, meter=meter)
     finally:
         await publisher.close()
     return result
@@ -180,7 +183,7 @@ async def walk(connection: AbstractRobustConnection, *, accounts: Sequence[str],
 
 async def _walk_account(connection: AbstractRobustConnection, publisher: AmqpPublisher,
                         result: Walk, *, account: str, action: Action, reason: str | None,
-                        ids: Sequence[str]) -> None:
+                        ids: Sequence[str], meter: Meter | None = None) -> None:
     name = Topology.dead_letter_queue(account)
     channel = await connection.channel()
     try:
@@ -200,6 +203,9 @@ async def _walk_account(connection: AbstractRobustConnection, publisher: AmqpPub
                 result.entries.append(entry)
             await _settle(publisher, message, entry, selected=selected, action=action,
                           result=result)
+            if meter is not None:
+                meter.update(account, completed=position, total=count,
+                             detail=f"entries; {result.done['replayed']} replayed")
     finally:
         await channel.close()
 
@@ -287,8 +293,11 @@ async def dlq_command(*, config: Config, action: Action, account: str | None = N
     """The CLI; returns the exit code (1 when an entry could not be replayed)."""
     accounts = [config.account(account).id] if account else [a.id for a in config.accounts]
     connection = await connect(config.broker.url, name="prefsync-dlq")
-    async with connection:
-        result = await walk(connection, accounts=accounts, action=action, reason=reason, ids=ids)
+    # a replay may walk thousands of entries: its progress is shown (on a terminal only)
+    with Meter(out=out, enabled=action == "replay") as meter:
+        async with connection:
+            result = await walk(connection, accounts=accounts, action=action, reason=reason,
+                                ids=ids, meter=meter)
     now = datetime.now(UTC)
     for missing in result.missing:
         print(f"{missing}: no dead-letter queue (no service has started for this account)",

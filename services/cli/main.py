@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     now.add_argument("--wait", action="store_true",
                      help="wait until what this run read is reconciled and written")
     now.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+    now.add_argument("--dry-run", action="store_true",
+                     help="read both sides and reconcile in this process; print what would be "
+                          "applied each way, write and commit nothing")
+    now.add_argument("--json", action="store_true", help="with --dry-run: the report as JSON")
+    now.add_argument("--limit", type=int, default=5, metavar="N",
+                     help="with --dry-run: sample emails per group (default 5)")
 
     schedule = sub.add_parser("schedule", help="show or change an account's sync schedule "
                                                "(takes effect without a restart)")
@@ -331,6 +337,11 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
         return await forget_command(config=config, account=args.account, email=args.email,
                                     yes=args.yes)
+    if args.command == "sync-now" and args.dry_run:
+        from services.cli.dry_run import dry_run_command
+
+        return await dry_run_command(config=config, account=args.account, as_json=args.json,
+                                     limit=args.limit)
     if args.command == "sync-now":
         from services.cli.sync_now import sync_now
 

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import re
 import sys
-import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -54,10 +53,10 @@ from common.messaging.envelope import Envelope, MalformedMessage, ReadComplete, 
 from common.messaging.publishing import POLLED_AT, envelopes_by_shard, read_markers, stable_id
 from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, Topology
 from common.runs import RunTracker, new_run_id
+from services.cli.progress import Meter
 
 FED_TYPES = frozenset({"preference-changes", "contact-status-changes"})
 PUBLISH_BATCH = 256
-PROGRESS_EVERY_S = 2.0
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -161,13 +160,16 @@ def refeed(envelope: Envelope, *, original_id: str, run_id: str,
 
 async def replay(*, config: Config, account: str, since: datetime, until: datetime | None = None,
                  dry_run: bool = False, wait: bool = True, timeout_s: float = 600.0,
-                 out: TextIO = sys.stdout, progress: TextIO = sys.stderr) -> ReplayReport:
+                 out: TextIO = sys.stdout, progress: TextIO | None = None) -> ReplayReport:
+    """``progress``: where progress is drawn, on a terminal only (default: ``out``; never
+    with ``dry_run``, whose lines go to ``out``)."""
     config.account(account)  # a ConfigError names an unknown account
     run_id = f"replay-{new_run_id()}"
     report = ReplayReport(account=account, run_id=run_id, since=since, until=until,
                           dry_run=dry_run)
     follow = wait and not dry_run
     connection = await connect(config.broker.url, name=f"prefsync-replay-{account}")
+    meter = Meter(out=progress or out, enabled=not dry_run)
     async with connection:
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         if follow:
@@ -179,31 +181,40 @@ async def replay(*, config: Config, account: str, since: datetime, until: dateti
             body=orjson.dumps({"replay": run_id}), message_id=end_mark)])
         tracker = ReplayTracker(trigger_id=run_id, run_id=run_id)
         pending: list[Outgoing] = []
-        shown = _Progress(report, progress)
+        shown = _Progress(report, meter)
         floor = since.replace(microsecond=0)  # message timestamps have whole seconds
         reading = contextlib.aclosing(_log_messages(connection, account=account, since=since,
                                                 prefetch=config.broker.prefetch))
-        async with reading as log_messages:
-            await _read(log_messages, report=report, end_mark=end_mark, floor=floor,
-                        pending=pending, tracker=tracker, publisher=publisher, shown=shown,
-                        shards=config.broker.shards, out=out)
-        markers = _held_markers(report, shards=config.broker.shards)
-        report.fed += len(markers)
-        if dry_run:
-            for marker in markers:
-                print(f"would feed {marker.message_id}  (end of the window)  read marker "
-                      f"{marker.routing_key}", file=out)
-        else:
-            pending += markers
-            tracker.expected.update(o.message_id for o in markers)
-        if pending:
-            await publisher.publish_many(pending)
-        shown.done()
-        if follow and tracker.expected:
-            report.finished = await _follow(tracker, events, timeout_s=timeout_s)
-            report.summary = tracker.summary()
+        with meter:
+            async with reading as log_messages:
+                await _read(log_messages, report=report, end_mark=end_mark, floor=floor,
+                            pending=pending, tracker=tracker, publisher=publisher,
+                            shown=shown, shards=config.broker.shards, out=out)
+            await _finish(report, pending=pending, tracker=tracker, publisher=publisher,
+                          shown=shown, shards=config.broker.shards, out=out)
+            if follow and tracker.expected:
+                report.finished = await _follow(tracker, events, timeout_s=timeout_s,
+                                                meter=meter)
+                report.summary = tracker.summary()
         await publisher.close()
     return report
+
+
+async def _finish(report: ReplayReport, *, pending: list[Outgoing], tracker: ReplayTracker,
+                  publisher: AmqpPublisher, shown: _Progress, shards: int, out: TextIO) -> None:
+    """Feed the held read markers after the window's changes, and what is left to publish."""
+    markers = _held_markers(report, shards=shards)
+    report.fed += len(markers)
+    if report.dry_run:
+        for marker in markers:
+            print(f"would feed {marker.message_id}  (end of the window)  read marker "
+                  f"{marker.routing_key}", file=out)
+    else:
+        pending += markers
+        tracker.expected.update(o.message_id for o in markers)
+    if pending:
+        await publisher.publish_many(pending)
+    shown.done()
 
 
 async def _read(log_messages: AsyncIterator[AbstractIncomingMessage], *, report: ReplayReport,
@@ -308,40 +319,42 @@ async def _listen(connection: AbstractRobustConnection, *, account: str, run_id:
 
 
 async def _follow(tracker: ReplayTracker, events: asyncio.Queue[dict[str, Any]], *,
-                  timeout_s: float) -> bool:
+                  timeout_s: float, meter: Meter) -> bool:
     try:
         async with asyncio.timeout(timeout_s):
             while not tracker.finished:
                 tracker.feed(await events.get())
+                reconciled = len(tracker.reconciled)
+                writes = {w for r in tracker.reconciled.values() for w in r.get("writes", [])}
+                meter.update("reconciled", completed=reconciled, total=len(tracker.expected),
+                             detail="messages")
+                meter.update("written", completed=len(tracker.written),
+                             total=len(writes) if reconciled >= len(tracker.expected) else None,
+                             detail="messages")
     except TimeoutError:
         return False
     return True
 
 
 class _Progress:
-    """A progress line on long replays (every few seconds, on stderr)."""
+    """How far the replay has read into its window (on a terminal only, see ``Meter``)."""
 
-    def __init__(self, report: ReplayReport, stream: TextIO,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, report: ReplayReport, meter: Meter,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._report = report
-        self._stream = stream
-        self._clock = clock
-        self._next = clock() + PROGRESS_EVERY_S
-        self._shown = False
+        self._meter = meter
+        # the window in seconds: to --until, or to now (the end of the log)
+        self._total = max(1.0, ((report.until or clock()) - report.since).total_seconds())
 
     def maybe(self) -> None:
-        if self._clock() >= self._next:
-            r = self._report
-            at = r.last_at.isoformat() if r.last_at else "?"
-            print(f"replay {r.account}: {r.read} messages read, {r.fed} fed "
-                  f"({sum(r.changes.values())} changes), at {at}", file=self._stream, flush=True)
-            self._shown = True
-            self._next = self._clock() + PROGRESS_EVERY_S
+        r = self._report
+        into = (r.last_at - r.since).total_seconds() if r.last_at else 0.0
+        self._meter.update("read", completed=min(self._total, max(0.0, into)),
+                           total=self._total,
+                           detail=f"s of the window; {r.read} messages read, {r.fed} fed")
 
     def done(self) -> None:
-        if self._shown:
-            print(f"replay {self._report.account}: read to the end of the window",
-                  file=self._stream, flush=True)
+        self._meter.update("read", completed=self._total)
 
 
 def format_report(report: ReplayReport) -> str:

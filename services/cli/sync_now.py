@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TextIO
 
 import aio_pika
@@ -21,6 +23,7 @@ from common.messaging.envelope import Envelope, encode
 from common.messaging.publishing import stable_id
 from common.messaging.topology import CONTROL_EXCHANGE, Topology
 from common.runs import RunTracker, new_run_id
+from services.cli.progress import Meter
 
 
 async def sync_now(*, config: Config, account: str, wait: bool, timeout_s: float,
@@ -31,7 +34,9 @@ async def sync_now(*, config: Config, account: str, wait: bool, timeout_s: float
         print(f"sync of {account} requested (run {run})", file=out)
         return 0
     try:
-        summary = await sync_and_wait(config=config, account=account, timeout_s=timeout_s)
+        with Meter(out=out) as meter:
+            summary = await sync_and_wait(config=config, account=account, timeout_s=timeout_s,
+                                          on_progress=partial(show_run, meter))
     except RunTimedOut as exc:
         print(f"sync of {account}: not finished after {timeout_s:.0f} s", file=out)
         print(orjson.dumps(exc.summary, option=orjson.OPT_INDENT_2).decode(), file=out)
@@ -51,15 +56,31 @@ async def request_sync(*, config: Config, account: str) -> str:
     return await _trigger(config=config, account=account, follow=None)
 
 
-async def sync_and_wait(*, config: Config, account: str, timeout_s: float) -> dict[str, Any]:
-    """Trigger a run and return its summary once it is finished (``RunTimedOut`` otherwise)."""
+async def sync_and_wait(*, config: Config, account: str, timeout_s: float,
+                        on_progress: Callable[[RunTracker], None] | None = None
+                        ) -> dict[str, Any]:
+    """Trigger a run and return its summary once it is finished (``RunTimedOut`` otherwise);
+    ``on_progress`` is called after each of its progress events."""
     tracker: dict[str, RunTracker] = {}
-    await _trigger(config=config, account=account, follow=(tracker, timeout_s))
+    await _trigger(config=config, account=account, follow=(tracker, timeout_s),
+                   on_progress=on_progress)
     return tracker["run"].summary()
 
 
+def show_run(meter: Meter, tracker: RunTracker) -> None:
+    """A run's counts so far: changes read, messages reconciled and written (with their
+    totals, and so the time left, once known)."""
+    counts = tracker.progress()
+    meter.update("read", completed=counts["read"], detail="changes")
+    meter.update("reconciled", completed=counts["reconciled"], total=counts["reconciled_total"],
+                 detail=f"messages, {counts['changes']} changes")
+    meter.update("written", completed=counts["written"], total=counts["written_total"],
+                 detail="messages")
+
+
 async def _trigger(*, config: Config, account: str,
-                   follow: tuple[dict[str, RunTracker], float] | None) -> str:
+                   follow: tuple[dict[str, RunTracker], float] | None,
+                   on_progress: Callable[[RunTracker], None] | None = None) -> str:
     config.account(account)  # a ConfigError names an unknown account
     trigger_id = new_run_id()
     connection = await connect(config.broker.url, name=f"prefsync-sync-now-{account}")
@@ -92,6 +113,8 @@ async def _trigger(*, config: Config, account: str,
             async with asyncio.timeout(timeout_s):
                 while not tracker.finished:
                     tracker.feed(await events.get())
+                    if on_progress is not None:
+                        on_progress(tracker)
         except TimeoutError:
             raise RunTimedOut(tracker.summary()) from None
         return trigger_id

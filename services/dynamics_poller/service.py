@@ -99,7 +99,7 @@ class RunCounts:
 class DynamicsPoller:
     def __init__(self, *, account: AccountConfig, client: DataverseClient, store: Any,
                  publisher: Publisher, shards: int,
-                 dotdigital: DotdigitalClient | None = None) -> None:
+                 dotdigital: DotdigitalClient | None = None, mirror: bool = True) -> None:
         self.account = account
         self._client = client
         self._store = store
@@ -107,6 +107,8 @@ class DynamicsPoller:
         self._shards = shards
         # reads dotdigital's preference tree at the start of a run (else: the last one read)
         self._dotdigital = dotdigital
+        # False (a dry run): the catalog's writes are only counted, never made
+        self._mirror = mirror
 
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
@@ -161,7 +163,8 @@ class DynamicsPoller:
             tree = await load_tree(self._store, self.account.id)
         if not tree:
             return MirrorResult()  # dotdigital not read yet: nothing to mirror from
-        return await mirror_catalog(client=self._client, account=self.account.id, tree=tree)
+        return await mirror_catalog(client=self._client, account=self.account.id, tree=tree,
+                                    apply=self._mirror)
 
     async def refresh_catalog(self) -> dict[str, int]:
         """This account's active preferences: Dynamics row id -> dotdigital preference id."""
@@ -418,6 +421,8 @@ class DynamicsPoller:
         await self._publisher.publish_many(outgoing)
         counts.published += len(changes)
         counts.message_ids.extend(ids_of(outgoing))
+        await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
+                               event="read", fields={"source": "dynamics", "read": counts.read})
 
     async def _fetch_records(self, record_ids: set[str]) -> dict[str, Any]:
         """Records created after this run read the directory: read them directly."""

@@ -374,3 +374,6 @@ class EcPoller:
         counts.statuses += len(statuses)
         counts.published += len(changes) - len(statuses)
         counts.message_ids.extend(ids_of(status_outgoing) + ids_of(outgoing))
+        # advisory: how far the read has got (`sync-now --wait` shows it)
+        await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
+                               event="read", fields={"source": "dotdigital", "read": counts.read})

@@ -151,27 +151,37 @@ async def catalog_rows(client: DataverseClient, *, account: str) -> list[dict[st
 
 
 async def mirror_catalog(*, client: DataverseClient, account: str,
-                         tree: Sequence[Mapping[str, Any]]) -> MirrorResult:
-    """Make this account's catalog rows in Dynamics mirror dotdigital's ``tree``."""
+                         tree: Sequence[Mapping[str, Any]], apply: bool = True) -> MirrorResult:
+    """Make this account's catalog rows in Dynamics mirror dotdigital's ``tree``; with
+    ``apply=False`` (a dry run), count what it would write and write nothing."""
     rows = await catalog_rows(client, account=account)
     operations = plan_mirror(account=account, tree=tree, rows=rows)
     result = MirrorResult()
     if not operations:
         return result
+    if not apply:
+        for operation in operations:
+            _count(result, operation)
+        return result
     answers = await client.batch(operations, change_set=False, continue_on_error=True)
     for operation, answer in zip(operations, answers, strict=True):
         if not answer.ok:
             result.failed.append(f"{operation.method} {operation.path}: {answer.error}")
-        elif operation.method == "POST":
-            result.created += 1
-        elif operation.body is not None and operation.body.get("statecode") == INACTIVE:
-            result.deactivated += 1
         else:
-            result.updated += 1
+            _count(result, operation)
     if result.failed:
         log.error("preference catalog: %d write(s) refused", len(result.failed),
                   extra={"account": account, "first": result.failed[0][:300]})
     return result
+
+
+def _count(result: MirrorResult, operation: BatchOperation) -> None:
+    if operation.method == "POST":
+        result.created += 1
+    elif operation.body is not None and operation.body.get("statecode") == INACTIVE:
+        result.deactivated += 1
+    else:
+        result.updated += 1
 
 
 def mapping_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:

@@ -33,6 +33,7 @@ from common.vendors.base import (
     RetryPolicy,
     ThrottledError,
     VendorError,
+    WriteRefused,
     http_date,
     parse_wait,
 )
@@ -292,8 +293,11 @@ class DataverseClient(VendorClient):
         on_request: RequestObserver | None = None,
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        read_only: bool = False,
     ) -> None:
         self._config = config
+        # a dry run's client: anything but a GET is refused before it is sent
+        self._read_only = read_only
         self._root = f"{config.url.rstrip('/')}/api/data/{config.api_version}"
         root_url = URL(self._root)
         self._root_path = root_url.path.rstrip("/")
@@ -336,6 +340,8 @@ class DataverseClient(VendorClient):
         idempotent: bool = True,
         accept: Callable[[HttpResponse], bool] | None = None,
     ) -> HttpResponse:
+        if self._read_only and method != "GET":
+            raise WriteRefused(vendor=VENDOR, endpoint=endpoint)
         sent: dict[str, str] = {
             "Accept": "application/json",
             "OData-MaxVersion": "4.0",

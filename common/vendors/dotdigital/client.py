@@ -30,6 +30,7 @@ from common.vendors.base import (
     ThrottledError,
     TransportError,
     VendorError,
+    WriteRefused,
     parse_wait,
 )
 from common.vendors.dotdigital.models import (
@@ -151,8 +152,11 @@ class DotdigitalClient(VendorClient):
         session: aiohttp.ClientSession | None = None,
         on_request: RequestObserver | None = None,
         retry: RetryPolicy | None = None,
+        read_only: bool = False,
     ) -> None:
         self._config = config
+        # a dry run's client: anything but a GET is refused before it is sent
+        self._read_only = read_only
         self._base = config.url.rstrip("/")
         password = config.password.reveal()
         credentials = base64.b64encode(f"{config.api_user}:{password}".encode()).decode()
@@ -192,6 +196,8 @@ class DotdigitalClient(VendorClient):
         accept: Callable[[HttpResponse], bool] | None = None,
     ) -> HttpResponse:
         """``path`` is already encoded; ``endpoint`` is its route template (no emails or ids)."""
+        if self._read_only and method != "GET":
+            raise WriteRefused(vendor=VENDOR, endpoint=endpoint)
         url = self._base + path
         if params:
             url += "?" + urlencode({k: str(v) for k, v in params.items()}, safe=":~")
