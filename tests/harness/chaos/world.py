@@ -31,7 +31,8 @@ from common.config import Config, parse_config
 from common.domain import outstanding
 from common.messaging.topology import SIDES, Topology
 from common.store import open_store
-from common.vendors.clock_skew import checkpoint_name, widest_uncertainty_s
+from common.store.checkpoints import clock_name
+from common.vendors.clock_skew import widest_uncertainty_s
 from common.vendors.dataverse.client import DataverseClient, odata_literal
 from common.vendors.dataverse.schema import LOOKUP_COLUMNS, OPTED_IN, OPTED_OUT, RECORD_TABLES, SUBSCRIPTIONS
 from common.vendors.dotdigital.client import DotdigitalClient
@@ -248,17 +249,21 @@ class ChaosWorld:
         replica.expected_exit = False
         replica.exited.clear()
 
+    def stopping(self) -> bool:
+        """Set by :meth:`stop_services` (read again after each wait: it changes meanwhile)."""
+        return self._stopping
+
     async def _supervise(self, replica: Replica) -> None:
-        while not self._stopping:
+        while not self.stopping():
             process = replica.process
             assert process is not None
             code = await process.wait()
-            if self._stopping:
+            if self.stopping():
                 replica.exited.set()
                 return
             text = _tail(replica.log, replica.log_offset, lines=400)
             fired = _FAILPOINT.findall(text)
-            death = {"replica": replica.name, "returncode": code,
+            death: dict[str, Any] = {"replica": replica.name, "returncode": code,
                      "lived_s": round(time.monotonic() - replica.started_at, 1),
                      "at": datetime.now(UTC).isoformat(timespec="seconds")}
             delay = 0.2
@@ -280,7 +285,7 @@ class ChaosWorld:
             async with self._changed:
                 self._changed.notify_all()
             await asyncio.sleep(delay)
-            if self._stopping:
+            if self.stopping():
                 return
             await self._spawn(replica)
 
@@ -493,7 +498,7 @@ class ChaosWorld:
         estimate had during the run, added (what widens its tie band across sides)."""
         async with open_store(self.config.store.url) as store:
             return sum([widest_uncertainty_s(await store.get_checkpoint(
-                self.account, checkpoint_name(side))) for side in SIDES])
+                self.account, clock_name(side))) for side in SIDES])
 
     async def dead_letters(self) -> list[dict[str, Any]]:
         connection = await aio_pika.connect_robust(self.broker.url)
