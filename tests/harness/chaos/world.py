@@ -41,6 +41,7 @@ from services.cli.sync_now import RunTimedOut, sync_and_wait
 from tests.harness.chaos.checker import RecordView
 from tests.harness.chaos.history import Key
 from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ
+from tests.harness.queues import service_queues, wait_consuming
 
 ROOT = Path(__file__).resolve().parents[3]
 SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
@@ -319,33 +320,9 @@ class ChaosWorld:
 
     async def wait_consuming(self, service: str, *, timeout_s: float = 120.0) -> None:
         """Until ``service`` consumes from every queue it serves."""
-        shards = self.spec.shards
-        queues = {
-            "dynamics-poller": [Topology.trigger_queue(self.account, "dynamics-poller")],
-            "ec-poller": [Topology.trigger_queue(self.account, "ec-poller")],
-            "reconciler": [Topology.changes_queue(self.account, s) for s in range(shards)],
-            "writer": [Topology.writes_queue(self.account, side, s)
-                       for side in SIDES for s in range(shards)],
-        }[service]
-        deadline = time.monotonic() + timeout_s
-        connection = await aio_pika.connect(self.broker.url)
-        async with connection:
-            while time.monotonic() < deadline:
-                channel = await connection.channel()
-                ready = True
-                for name in queues:
-                    try:
-                        declared = await channel.declare_queue(name, passive=True)
-                        ready = ready and (declared.declaration_result.consumer_count or 0) > 0
-                    except aio_pika.exceptions.ChannelClosed:
-                        ready = False
-                        channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.close()
-                if ready:
-                    return
-                await asyncio.sleep(0.1)
-        raise WorldError(f"{service} did not start consuming")
+        queues = service_queues(self.account, service, shards=self.spec.shards)
+        if not await wait_consuming(self.broker.url, queues, timeout_s=timeout_s):
+            raise WorldError(f"{service} did not start consuming")
 
     async def stop_services(self) -> None:
         self._stopping = True
