@@ -29,6 +29,7 @@ import orjson
 
 from common.config import Config, parse_config
 from common.messaging.topology import Topology
+from tests.harness.config_file import config_toml
 from tests.harness.queues import declared, service_queues, wait_consuming
 
 SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
@@ -256,21 +257,6 @@ class World:
                 zip(names, await declared(connection, names), strict=True)}
 
 
-def _toml(raw: dict[str, Any]) -> str:
-    def line(key: str, value: Any) -> str:
-        return f"{key} = {orjson.dumps(value).decode()}"
-
-    lines: list[str] = []
-    for key in ("broker", "store"):
-        lines += [f"[{key}]", *(line(k, v) for k, v in raw[key].items())]
-    for account in raw["accounts"]:
-        lines.append("[[accounts]]")
-        lines += [line(k, v) for k, v in account.items() if not isinstance(v, dict)]
-        for sub in ("dynamics", "dotdigital"):
-            lines += [f"[accounts.{sub}]", *(line(k, v) for k, v in account[sub].items())]
-    return "\n".join(lines) + "\n"
-
-
 async def delete_queues(broker_url: str, account: str, shards: int) -> None:
     connection = await aio_pika.connect(broker_url)
     async with connection:
@@ -320,7 +306,7 @@ async def make_world(*, broker_url: str, options: WorldOptions = WorldOptions(),
             }],
         }
         config_path = workdir / "prefsync.toml"
-        config_path.write_text(_toml(raw))
+        config_path.write_text(config_toml(raw))
         config = parse_config(raw, env=env)
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout) as http:

@@ -40,6 +40,7 @@ from services.cli.dlq import walk
 from services.cli.sync_now import RunTimedOut, sync_and_wait
 from tests.harness.chaos.checker import RecordView
 from tests.harness.chaos.history import Key
+from tests.harness.config_file import config_toml
 from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ
 from tests.harness.queues import service_queues, wait_consuming
 
@@ -486,21 +487,6 @@ class ChaosWorld:
                 for e in result.entries]
 
 
-def _toml(raw: dict[str, Any]) -> str:
-    def line(key: str, value: Any) -> str:
-        return f"{key} = {orjson.dumps(value).decode()}"
-
-    lines: list[str] = []
-    for key in ("broker", "store", "metrics"):
-        lines += [f"[{key}]", *(line(k, v) for k, v in raw[key].items())]
-    for account in raw["accounts"]:
-        lines.append("[[accounts]]")
-        lines += [line(k, v) for k, v in account.items() if not isinstance(v, dict)]
-        for sub in ("dynamics", "dotdigital"):
-            lines += [f"[accounts.{sub}]", *(line(k, v) for k, v in account[sub].items())]
-    return "\n".join(lines) + "\n"
-
-
 async def _simulator(name: str, args: list[str], root: Path) -> tuple[asyncio.subprocess.Process,
                                                                         str]:
     log = root / f"{name}.log"
@@ -598,7 +584,7 @@ async def chaos_world(root: Path, *, spec: WorldSpec, broker: PrivateRabbitMQ,
             }],
         }
         config_path = root / "prefsync.toml"
-        config_path.write_text(_toml(raw))
+        config_path.write_text(config_toml(raw))
         config = parse_config(raw, env=env)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
             world = ChaosWorld(spec=spec, root=root, account=account, config=config,
