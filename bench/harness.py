@@ -28,7 +28,9 @@ import aiohttp
 import orjson
 
 from common.config import Config, parse_config
-from common.messaging.topology import SIDES, Topology
+from common.messaging.topology import Topology
+from tests.harness.config_file import config_toml
+from tests.harness.queues import declared, service_queues, wait_consuming
 
 SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
 DD_ACCOUNT = "1001"
@@ -223,25 +225,14 @@ class World:
                              timeout_s: float = 120.0) -> None:
         """Until ``service`` consumes from its queues (every shard queue, for the shard
         consumers, so a started replica has taken its part)."""
-        shards = self.config.broker.shards
-        queues = {
-            "dynamics-poller": [Topology.trigger_queue(self.account, "dynamics-poller")],
-            "ec-poller": [Topology.trigger_queue(self.account, "ec-poller")],
-            "reconciler": [Topology.changes_queue(self.account, s) for s in range(shards)],
-            "writer": [Topology.writes_queue(self.account, side, s)
-                       for side in SIDES for s in range(shards)],
-        }[service]
-        deadline = time.monotonic() + timeout_s
-        connection = await aio_pika.connect(self.config.broker.url)
-        async with connection:
-            while time.monotonic() < deadline:
-                if process is not None and not process.alive():
-                    raise BenchError(f"{process.name} exited: {process.tail()}")
-                counts = await _declared(connection, queues)
-                if all(consumers > 0 for _, consumers in counts):
-                    return
-                await asyncio.sleep(0.1)
-        raise BenchError(f"{service} did not start consuming")
+        def check() -> None:
+            if process is not None and not process.alive():
+                raise BenchError(f"{process.name} exited: {process.tail()}")
+
+        queues = service_queues(self.account, service, shards=self.config.broker.shards)
+        if not await wait_consuming(self.config.broker.url, queues, timeout_s=timeout_s,
+                                    check=check):
+            raise BenchError(f"{service} did not start consuming")
 
     async def stop_services(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.services.values()))
@@ -260,43 +251,10 @@ class World:
     async def queue_depths(self, connection: aio_pika.abc.AbstractConnection) -> dict[str, int]:
         """Messages ready in each work queue of the account (changes and writes)."""
         shards = self.config.broker.shards
-        names = [Topology.changes_queue(self.account, s) for s in range(shards)]
-        names += [Topology.writes_queue(self.account, side, s)
-                  for side in SIDES for s in range(shards)]
+        names = [*service_queues(self.account, "reconciler", shards=shards),
+                 *service_queues(self.account, "writer", shards=shards)]
         return {name: ready for name, (ready, _) in
-                zip(names, await _declared(connection, names), strict=True)}
-
-
-async def _declared(connection: aio_pika.abc.AbstractConnection,
-                    queues: list[str]) -> list[tuple[int, int]]:
-    """(messages ready, consumers) of each queue; (0, 0) for one not declared yet."""
-    counts = []
-    channel = await connection.channel()
-    for name in queues:
-        try:
-            result = (await channel.declare_queue(name, passive=True)).declaration_result
-            counts.append((result.message_count or 0, result.consumer_count or 0))
-        except aio_pika.exceptions.ChannelClosed:
-            counts.append((0, 0))
-            channel = await connection.channel()
-    with contextlib.suppress(Exception):
-        await channel.close()
-    return counts
-
-
-def _toml(raw: dict[str, Any]) -> str:
-    def line(key: str, value: Any) -> str:
-        return f"{key} = {orjson.dumps(value).decode()}"
-
-    lines: list[str] = []
-    for key in ("broker", "store"):
-        lines += [f"[{key}]", *(line(k, v) for k, v in raw[key].items())]
-    for account in raw["accounts"]:
-        lines.append("[[accounts]]")
-        lines += [line(k, v) for k, v in account.items() if not isinstance(v, dict)]
-        for sub in ("dynamics", "dotdigital"):
-            lines += [f"[accounts.{sub}]", *(line(k, v) for k, v in account[sub].items())]
-    return "\n".join(lines) + "\n"
+                zip(names, await declared(connection, names), strict=True)}
 
 
 async def delete_queues(broker_url: str, account: str, shards: int) -> None:
@@ -348,7 +306,7 @@ async def make_world(*, broker_url: str, options: WorldOptions = WorldOptions(),
             }],
         }
         config_path = workdir / "prefsync.toml"
-        config_path.write_text(_toml(raw))
+        config_path.write_text(config_toml(raw))
         config = parse_config(raw, env=env)
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout) as http:

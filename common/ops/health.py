@@ -33,6 +33,8 @@ from aiohttp import web
 from common.messaging.breakers import Breakers
 from common.messaging.topology import Topology
 from common.ops.metrics import CONTENT_TYPE, Metrics
+from common.store.checkpoints import READINESS_PROBE
+from common.store.interface import Checkpoints
 
 log = logging.getLogger("prefsync.health")
 
@@ -58,7 +60,7 @@ class ServiceState(Protocol):
     def connection(self) -> AbstractRobustConnection | None: ...
 
     @property
-    def store(self) -> Any: ...
+    def store(self) -> Checkpoints | None: ...
 
     @property
     def breakers(self) -> Breakers: ...
@@ -72,7 +74,7 @@ async def readiness(state: ServiceState) -> dict[str, Any]:
     if state.store is not None:
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
-                await state.store.get_checkpoint("-", "readiness-probe")
+                await state.store.get_checkpoint("-", READINESS_PROBE)
             store_ok = True
         except Exception as exc:  # any failure means "not reachable"
             log.warning("ledger store not reachable: %s", type(exc).__name__)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -26,8 +26,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from common.ops.logs import current_service
+from common.store.checkpoints import CLOCK_PREFIX, NOT_POSITIONS
+from common.store.interface import Checkpoints
 from common.vendors.base import RequestEvent
-from common.vendors.clock_skew import CHECKPOINT_PREFIX as CLOCK_CHECKPOINT_PREFIX
 from common.vendors.clock_skew import estimate_of
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Vendor calls run from milliseconds to dotdigital's 121 s timeout.
 API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 121.0)
 BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
-# Checkpoints that hold data rather than a read position have no meaningful age.
-_NOT_POSITIONS = frozenset({"dynamics:catalog", "dotdigital:preferences"})
 CHANGE_TYPES = frozenset({"preference-changes", "contact-status-changes"})
 VENDOR_SOURCES = frozenset({"dynamics", "dotdigital"})
 
@@ -57,7 +56,7 @@ def queue_kind(queue: str) -> str:
 
 def checkpoint_source(name: str) -> str | None:
     """``dotdigital:opt-ins:123`` → ``dotdigital:opt-ins``; None for non-position checkpoints."""
-    if name in _NOT_POSITIONS or name.split(":", 1)[0] not in VENDOR_SOURCES:
+    if name in NOT_POSITIONS or name.split(":", 1)[0] not in VENDOR_SOURCES:
         return None
     return ":".join(p for p in name.split(":") if not p.isdigit())
 
@@ -287,11 +286,21 @@ class Metrics:
             self.live.checkpoint_set[(service_label(), account, source)] = time.time()
 
 
-class ObservedStore:
-    """The ledger store, with checkpoint writes noted for ``prefsync_checkpoint_age_seconds``
-    and clock estimates for ``prefsync_vendor_clock_offset_seconds``."""
+S = TypeVar("S", bound=Checkpoints)
 
-    def __init__(self, store: Any, *, metrics: Metrics) -> None:
+
+def observed(store: S, *, metrics: Metrics) -> S:
+    """``store`` with checkpoint writes noted for ``prefsync_checkpoint_age_seconds`` and clock
+    estimates for ``prefsync_vendor_clock_offset_seconds``; of the same type for its callers
+    (everything but the checkpoint writes goes straight to ``store``)."""
+    # the proxy answers every attribute of ``store``: it stands for S as far as callers can tell
+    return cast(S, ObservedStore(store, metrics=metrics))
+
+
+class ObservedStore:
+    """The proxy :func:`observed` returns."""
+
+    def __init__(self, store: Checkpoints, *, metrics: Metrics) -> None:
         self._store = store
         self._metrics = metrics
 
@@ -302,15 +311,15 @@ class ObservedStore:
     async def swap_checkpoint(self, account: str, source: str, expected: str | None,
                               value: str) -> bool:
         swapped: bool = await self._store.swap_checkpoint(account, source, expected, value)
-        if swapped and source.startswith(CLOCK_CHECKPOINT_PREFIX):
+        if swapped and source.startswith(CLOCK_PREFIX):
             # a vendor's clock estimate, as just measured
             estimate = estimate_of(value)
             if estimate is not None:
-                self._metrics.clock_measured(account, source[len(CLOCK_CHECKPOINT_PREFIX):],
+                self._metrics.clock_measured(account, source[len(CLOCK_PREFIX):],
                                              estimate.offset_s, estimate.uncertainty_s)
         return swapped
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
 
 

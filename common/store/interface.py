@@ -1,5 +1,11 @@
 """The ledger store's interface: what the services may ask of it, whatever the database.
 
+It is split by role (:class:`KeyStates`, :class:`Contacts`, :class:`Checkpoints`,
+:class:`Directory`, :class:`Parking`, :class:`Outstanding`, :class:`Coordination`,
+:class:`PersonalData`); :class:`LedgerStore` is all of them. A function or service takes the
+narrowest role (or a protocol composed of the few it uses), so its needs show in its signature
+and a test can hand it a small fake.
+
 Key states are saved with compare-and-set on a per-key ``revision`` so that reconciler replicas
 never overwrite each other's decisions: a save whose expected revisions no longer hold raises
 :class:`ConflictError` and writes nothing; the caller reloads and decides again.
@@ -38,17 +44,9 @@ class ConflictError(Exception):
         self.keys = tuple(keys)
 
 
-class LedgerStore(Protocol):
-    async def open(self) -> None: ...
+class KeyStates(Protocol):
+    """Per-key states, saved with compare-and-set, and their history."""
 
-    async def close(self) -> None: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None: ...
-
-    # -- key states ----------------------------------------------------------------------
     async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
         """The stored states of those ``keys`` that have one."""
         ...
@@ -70,7 +68,10 @@ class LedgerStore(Protocol):
         """History rows of one email, oldest recorded first."""
         ...
 
-    # -- contacts ------------------------------------------------------------------------
+
+class Contacts(Protocol):
+    """Each contact's status (suppressed or not), per account and email."""
+
     async def load_contacts(self, account: str,
                             emails: Iterable[str]) -> dict[str, ContactState]: ...
 
@@ -78,12 +79,24 @@ class LedgerStore(Protocol):
         """Upsert; a stored state with a later ``since`` is kept (monotonic)."""
         ...
 
-    # -- poller checkpoints --------------------------------------------------------------
+
+class Checkpoints(Protocol):
+    """Small named values per account (:mod:`common.store.checkpoints` names them)."""
+
     async def get_checkpoint(self, account: str, source: str) -> str | None: ...
 
     async def set_checkpoint(self, account: str, source: str, value: str) -> None: ...
 
-    # -- the Dynamics record directory (common.store.directory) -------------------------
+
+    async def swap_checkpoint(self, account: str, source: str, expected: str | None,
+                              value: str) -> bool:
+        """Set the checkpoint to ``value`` only if it still holds ``expected`` (None: unset)."""
+        ...
+
+
+class Directory(Protocol):
+    """The Dynamics record directory (:mod:`common.store.directory`)."""
+
     # Eligibility: records ever in an email-activated list (never removed).
     async def mark_eligible(self, account: str, record_ids: Iterable[str]) -> set[str]:
         """Returns the records that were not eligible before; each gets a follow-up."""
@@ -134,7 +147,10 @@ class LedgerStore(Protocol):
     async def clear_deferred(self, account: str, preference_id: int,
                              emails: Sequence[str]) -> None: ...
 
-    # -- observations parked while their contact is suppressed (common.store.parking) -------
+
+class Parking(Protocol):
+    """Observations parked while their contact is suppressed (:mod:`common.store.parking`)."""
+
     # Newest per (account, email, preference, side): by version when both have one, else by
     # origin time. Folded in when the contact is resubscribed.
     async def park_observations(self, observations: Sequence[Observation]) -> None: ...
@@ -156,7 +172,10 @@ class LedgerStore(Protocol):
 
     async def clear_resuming(self, account: str, emails: Iterable[str]) -> None: ...
 
-    # -- keys with outstanding writes (common.store.outstanding) ------------------------------
+
+class Outstanding(Protocol):
+    """Keys with outstanding writes (:mod:`common.store.outstanding`)."""
+
     # Contacts that are suppressed are left out: their writes are parked on purpose.
     async def outstanding_stats(self, account: str, *,
                                 since_before: datetime) -> OutstandingStats:
@@ -181,7 +200,10 @@ class LedgerStore(Protocol):
         """Index one page of states saved before the index existed; True once done."""
         ...
 
-    # -- coordination of replicas (common.store.coordination) ------------------------------
+
+class Coordination(Protocol):
+    """Leases and group membership of replicas (:mod:`common.store.coordination`)."""
+
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take (or renew) lease ``name`` for ``ttl_s``; False while another holder has it."""
         ...
@@ -204,12 +226,10 @@ class LedgerStore(Protocol):
 
     async def members(self, group: str) -> dict[str, str]: ...
 
-    async def swap_checkpoint(self, account: str, source: str, expected: str | None,
-                              value: str) -> bool:
-        """Set the checkpoint to ``value`` only if it still holds ``expected`` (None: unset)."""
-        ...
 
-    # -- personal data: erasure and retention (common.store.personal) -----------------------
+class PersonalData(Protocol):
+    """Erasure and history retention (:mod:`common.store.personal`)."""
+
     async def personal_data(self, account: str, email: str) -> dict[str, int]:
         """Rows held for one email in one account, per table; changes nothing."""
         ...
@@ -225,3 +245,17 @@ class LedgerStore(Protocol):
         """Remove up to ``limit`` history rows recorded before ``before``, oldest first;
         returns how many. Key states are never pruned."""
         ...
+
+
+class LedgerStore(KeyStates, Contacts, Checkpoints, Directory, Parking, Outstanding,
+                  Coordination, PersonalData, Protocol):
+    """The whole store, as opened by :func:`common.store.open_store`."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None: ...

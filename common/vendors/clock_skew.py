@@ -42,11 +42,12 @@ from common.domain import (
     Side,
     in_time_base,
 )
+from common.store.checkpoints import clock_name
+from common.store.interface import Checkpoints
 from common.vendors.base import ClockReading, ClockReadings
 
 log = logging.getLogger("prefsync.clock")
 
-CHECKPOINT_PREFIX = "clock:"
 # Extra reads when a sample disagrees with the estimate: with it, the three that make a step.
 MAX_PROBES = 2
 # Readings older than this are not the clock "now": one is taken afresh instead.
@@ -63,10 +64,6 @@ class ClockSource(Protocol):
     clock_readings: ClockReadings
 
     async def probe_clock(self) -> None: ...
-
-
-def checkpoint_name(side: Side) -> str:
-    return f"{CHECKPOINT_PREFIX}{side}"
 
 
 def sample_of(reading: ClockReading) -> OffsetSample:
@@ -142,10 +139,10 @@ def widest_uncertainty_s(value: str | None) -> float:
 
 
 # --- measuring ---------------------------------------------------------------------------
-async def record_samples(store: Any, *, account: str, side: Side,
+async def record_samples(store: Checkpoints, *, account: str, side: Side,
                          samples: Sequence[OffsetSample]) -> ClockState:
     """Fold ``samples`` (oldest first) into the account's estimate for ``side``."""
-    name = checkpoint_name(side)
+    name = clock_name(side)
     for _ in range(_MAX_SWAPS):
         before = await store.get_checkpoint(account, name)
         state, history = _decode(before)
@@ -167,7 +164,7 @@ async def record_samples(store: Any, *, account: str, side: Side,
     raise RuntimeError(f"the {side} clock estimate of {account} kept changing under us")
 
 
-async def measure_clock(store: Any, *, account: str, side: Side, client: ClockSource,
+async def measure_clock(store: Checkpoints, *, account: str, side: Side, client: ClockSource,
                         probes: int = MAX_PROBES,
                         holding: ClockEstimate | None = None) -> ClockEstimate | None:
     """Fold the client's fresh clock readings into the estimate and return it; with none
@@ -216,18 +213,18 @@ class TimeBase:
         return moment + estimate.offset - spread, moment + estimate.offset + spread
 
 
-async def load_time_base(store: Any, *, account: str,
+async def load_time_base(store: Checkpoints, *, account: str,
                          tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE) -> TimeBase:
-    estimates = {side: estimate_of(await store.get_checkpoint(account, checkpoint_name(side)))
+    estimates = {side: estimate_of(await store.get_checkpoint(account, clock_name(side)))
                  for side in SIDES}
     return TimeBase(estimates=estimates, tolerance=tolerance)
 
 
-async def clock_status(store: Any, *, account: str) -> dict[str, dict[str, Any] | None]:
+async def clock_status(store: Checkpoints, *, account: str) -> dict[str, dict[str, Any] | None]:
     """Each side's measured offset and uncertainty, as ``prefsync status`` shows them."""
     out: dict[str, dict[str, Any] | None] = {}
     for side in SIDES:
-        state, history = _decode(await store.get_checkpoint(account, checkpoint_name(side)))
+        state, history = _decode(await store.get_checkpoint(account, clock_name(side)))
         estimate = state.estimate
         out[side] = None if estimate is None else {
             "offset_s": round(estimate.offset_s, 6),

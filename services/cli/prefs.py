@@ -112,7 +112,7 @@ def _matches(view: Mapping[str, Any], wanted: Filter) -> bool:
 Lookup = Callable[[str], Awaitable[list[dict[str, Any]] | None]]
 
 
-async def preferences_view(store: Any, *, account: str, email: str,
+async def preferences_view(store: LedgerStore, *, account: str, email: str,
                            dataverse: DataverseClient | None = None,
                            wanted: Filter = "all", lookup: Lookup | None = None
                            ) -> dict[str, Any]:
@@ -162,7 +162,7 @@ def _history_view(entry: HistoryEntry, names: Mapping[int, str]) -> dict[str, An
     }
 
 
-async def history_view(store: Any, *, account: str, email: str) -> dict[str, Any]:
+async def history_view(store: LedgerStore, *, account: str, email: str) -> dict[str, Any]:
     """Every decision and write recorded for one email, oldest first."""
     email = normalize_email(email)
     names = {e.preference_id: e.name for e in entries_of_tree(await load_tree(store, account))}
@@ -344,7 +344,7 @@ async def _history(request: web.Request) -> web.Response:
     return _json(view)
 
 
-def add_api_routes(app: web.Application, *, config: Config, store: Any, access: ApiAccess,
+def add_api_routes(app: web.Application, *, config: Config, store: LedgerStore, access: ApiAccess,
                    lookups: LiveLookups) -> None:
     """The read-only JSON routes on ``app``, whose middleware puts the caller in
     ``request[CALLER]`` (the console serves them beside its pages)."""
@@ -359,7 +359,7 @@ def add_api_routes(app: web.Application, *, config: Config, store: Any, access: 
                        name="api-history")
 
 
-def api_app(*, config: Config, store: Any, dataverse: Mapping[str, DataverseClient],
+def api_app(*, config: Config, store: LedgerStore, dataverse: Mapping[str, DataverseClient],
             token: Secret | None = None, lookups: LiveLookups | None = None
             ) -> web.Application:
     """The read-only API over an open store and one Dataverse client per account. ``token`` is

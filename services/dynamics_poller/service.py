@@ -36,9 +36,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
-import orjson
+from typing import Any, Protocol
 
 from common.config import AccountConfig
 from common.domain import HistoryEntry, normalize_email, speaks_for_email
@@ -48,11 +46,11 @@ from common.messaging.publishing import envelopes_by_shard, ids_of, publish_prog
 from common.messaging.topology import CONTROL_EXCHANGE, Topology
 from common.ops import failpoints
 from common.runs import RunRequest
+from common.store.checkpoints import CATALOG, PREFERENCE_TREE, Checkpoint, dynamics_delta
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
+from common.store.interface import Checkpoints, Directory, KeyStates
 from common.vendors.clock_skew import measure_clock
 from common.vendors.dataverse.catalog import (
-    MAPPING_CHECKPOINT,
-    TREE_CHECKPOINT,
     MirrorResult,
     catalog_rows,
     load_tree,
@@ -96,8 +94,12 @@ class RunCounts:
 
 
 
+class PollerStore(Checkpoints, Directory, KeyStates, Protocol):
+    """What the dynamics-poller asks of the ledger store."""
+
+
 class DynamicsPoller:
-    def __init__(self, *, account: AccountConfig, client: DataverseClient, store: Any,
+    def __init__(self, *, account: AccountConfig, client: DataverseClient, store: PollerStore,
                  publisher: Publisher, shards: int,
                  dotdigital: DotdigitalClient | None = None, mirror: bool = True) -> None:
         self.account = account
@@ -132,7 +134,7 @@ class DynamicsPoller:
         if len(newly_eligible) <= ELIGIBLE_FETCH_LIMIT:
             emails = moved_to | await self._store.emails_of_records(self.account.id,
                                                                     sorted(newly_eligible))
-        await self._start_ec_part(request, sorted(emails) if emails is not None else None)
+        await self._start_dotdigital_part(request, sorted(emails) if emails is not None else None)
         full_read = await self._read_subscriptions(request, catalog, counts)
         if newly_eligible and not full_read:
             await self._publish_rows_of_records(request, catalog, sorted(newly_eligible), counts)
@@ -157,8 +159,7 @@ class DynamicsPoller:
         """Mirror dotdigital's preference tree into this account's catalog rows."""
         if self._dotdigital is not None:
             tree = await self._dotdigital.preferences()
-            await self._store.set_checkpoint(self.account.id, TREE_CHECKPOINT,
-                                             orjson.dumps(tree).decode())
+            await PREFERENCE_TREE.set(self._store, self.account.id, tree)
         else:
             tree = await load_tree(self._store, self.account.id)
         if not tree:
@@ -169,15 +170,14 @@ class DynamicsPoller:
     async def refresh_catalog(self) -> dict[str, int]:
         """This account's active preferences: Dynamics row id -> dotdigital preference id."""
         catalog = mapping_of(await catalog_rows(self._client, account=self.account.id))
-        await self._store.set_checkpoint(self.account.id, MAPPING_CHECKPOINT,
-                                         orjson.dumps(catalog).decode())
+        await CATALOG.set(self._store, self.account.id, dict(catalog))
         return catalog
 
     # --- directory -------------------------------------------------------------------------
     async def _refresh_directory(self) -> None:
         for record_type, (entity_set, key, _) in RECORD_TABLES.items():
-            source = f"dynamics:{entity_set}"
-            cursor = await self._store.get_checkpoint(self.account.id, source)
+            source = dynamics_delta(entity_set)
+            cursor = await source.get(self._store, self.account.id)
             try:
                 await self._read_directory(record_type, entity_set, key, source, cursor)
             except DeltaTokenExpired:
@@ -186,7 +186,7 @@ class DynamicsPoller:
                 await self._read_directory(record_type, entity_set, key, source, None)
 
     async def _read_directory(self, record_type: RecordType, entity_set: str, key: str,
-                              source: str, cursor: str | None) -> None:
+                              source: Checkpoint[str], cursor: str | None) -> None:
         async for page in self._client.iter_changes(
                 entity_set, select=[key, "emailaddress1", "statecode", "modifiedon"],
                 cursor=cursor, page_size=self.account.dynamics.page_size):
@@ -195,7 +195,7 @@ class DynamicsPoller:
             await self._store.upsert_records(self.account.id, refs)
             if page.deleted_ids:
                 await self._store.forget_records(self.account.id, page.deleted_ids)
-            await self._store.set_checkpoint(self.account.id, source, page.cursor)
+            await source.set(self._store, self.account.id, page.cursor)
 
     @staticmethod
     def _record_ref(record_type: RecordType, key: str, row: dict[str, Any]) -> RecordRef:
@@ -314,8 +314,8 @@ class DynamicsPoller:
     async def _read_subscriptions(self, request: RunRequest, catalog: dict[str, int],
                                   counts: RunCounts) -> bool:
         """Returns True when this was a full read (every current row was seen)."""
-        source = f"dynamics:{SUBSCRIPTIONS}"
-        cursor = await self._store.get_checkpoint(self.account.id, source)
+        source = dynamics_delta(SUBSCRIPTIONS)
+        cursor = await source.get(self._store, self.account.id)
         try:
             await self._read_subscription_changes(request, catalog, counts, source, cursor)
         except DeltaTokenExpired:
@@ -326,7 +326,7 @@ class DynamicsPoller:
         return cursor is None
 
     async def _read_subscription_changes(self, request: RunRequest, catalog: dict[str, int],
-                                         counts: RunCounts, source: str,
+                                         counts: RunCounts, source: Checkpoint[str],
                                          cursor: str | None) -> None:
         page_no = 0
         async for page in self._client.iter_changes(
@@ -337,7 +337,7 @@ class DynamicsPoller:
                                      id_seed=f"{request.run_id}:{cursor}:{page_no}")
             if page.deleted_ids:
                 await self._store.forget_subscriptions(self.account.id, page.deleted_ids)
-            await self._store.set_checkpoint(self.account.id, source, page.cursor)
+            await source.set(self._store, self.account.id, page.cursor)
 
     async def _publish_rows_of_records(self, request: RunRequest, catalog: dict[str, int],
                                        record_ids: Sequence[str], counts: RunCounts) -> None:
@@ -437,7 +437,7 @@ class DynamicsPoller:
         return found
 
     # --- hand-over to the ec-poller --------------------------------------------------------
-    async def _start_ec_part(self, request: RunRequest, emails: Sequence[str] | None) -> None:
+    async def _start_dotdigital_part(self, request: RunRequest, emails: Sequence[str] | None) -> None:
         """``emails``: the ones dotdigital is to be asked about; ``None`` or too many: the
         ec-poller reads everything."""
         fetch = emails is not None and len(emails) <= ELIGIBLE_FETCH_LIMIT

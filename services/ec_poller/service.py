@@ -35,9 +35,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
-
-import orjson
+from typing import Any, Protocol
 
 from common.config import AccountConfig
 from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
@@ -46,10 +44,13 @@ from common.messaging.envelope import Change, ContactStatusChange, PreferenceCha
 from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
 from common.ops import failpoints
 from common.runs import RunRequest
+from common.store import checkpoints
+from common.store.checkpoints import PREFERENCE_TREE, Checkpoint
+from common.store.interface import Checkpoints, Contacts, KeyStates
 from common.vendors.base import VendorError
 from common.vendors.clock_skew import measure_clock
 from common.vendors.dotdigital.client import DotdigitalClient
-from common.vendors.dotdigital.feed import EPOCH, FeedPosition, opt_ins_source
+from common.vendors.dotdigital.feed import EPOCH, FeedPosition, feed_position
 from common.vendors.dotdigital.models import ContactOptIns, ContactV3, Suppression
 
 log = logging.getLogger("prefsync.ec_poller")
@@ -102,8 +103,12 @@ def leaf_preference_ids(tree: Sequence[dict[str, Any]]) -> list[int]:
     return ids
 
 
+class PollerStore(Checkpoints, Contacts, KeyStates, Protocol):
+    """What the ec-poller asks of the ledger store."""
+
+
 class EcPoller:
-    def __init__(self, *, account: AccountConfig, client: DotdigitalClient, store: Any,
+    def __init__(self, *, account: AccountConfig, client: DotdigitalClient, store: PollerStore,
                  publisher: Publisher, shards: int) -> None:
         self.account = account
         self._client = client
@@ -124,8 +129,7 @@ class EcPoller:
                             client=self._client)
         full_read = "full-read" in request.reasons
         tree = await self._client.preferences()
-        await self._store.set_checkpoint(self.account.id, "dotdigital:preferences",
-                                         orjson.dumps(tree).decode())
+        await PREFERENCE_TREE.set(self._store, self.account.id, tree)
         from_start = [await self._read_preference(request, preference_id, started, full_read,
                                                   counts)
                       for preference_id in leaf_preference_ids(tree)]
@@ -146,9 +150,10 @@ class EcPoller:
     async def _read_preference(self, request: RunRequest, preference_id: int,
                                started: datetime, full_read: bool, counts: RunCounts) -> bool:
         """Reads one preference's feed; returns True when it was read from the beginning."""
-        source = opt_ins_source(preference_id)
-        saved = await self._store.get_checkpoint(self.account.id, source)
-        position = FeedPosition.decode(None if full_read else saved)
+        checkpoint = feed_position(preference_id)
+        source = checkpoint.name
+        position = (FeedPosition() if full_read
+                    else await checkpoint.get_or(self._store, self.account.id, FeedPosition()))
         since = position.since or EPOCH
         # a read from the beginning owes markers; so does one whose markers a crash left owed
         owed = since == EPOCH or position.markers_owed
@@ -166,8 +171,8 @@ class EcPoller:
             await self._publish(request, changes, counts,
                                 id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}")
             last_id = max(item.contact.id for item in page)
-            await self._store.set_checkpoint(self.account.id, source, FeedPosition(
-                since=since, min_contact_id=last_id + 1, markers_owed=owed).encode())
+            await checkpoint.set(self._store, self.account.id, FeedPosition(
+                since=since, min_contact_id=last_id + 1, markers_owed=owed))
         # Where this read started is kept as ``previous``: the writer reads from there, so
         # changes this read published but the reconciler has not reached yet are read again,
         # not skipped.
@@ -175,8 +180,7 @@ class EcPoller:
         # only ever changes this and earlier reads published (confirmed): saved first
         await self._save_seen(source, seen)
         if owed:
-            await self._store.set_checkpoint(self.account.id, source,
-                                             replace(end, markers_owed=True).encode())
+            await checkpoint.set(self._store, self.account.id, replace(end, markers_owed=True))
             await failpoints.reached("ec-poller.after-checkpoint")
             markers = read_markers(account=self.account.id, preference_id=preference_id,
                                    started=started, shards=self._shards, run_id=request.run_id,
@@ -184,7 +188,7 @@ class EcPoller:
             await self._publisher.publish_many(markers)
             counts.message_ids.extend(ids_of(markers))
         # the markers (if any) are confirmed: nothing more is owed
-        await self._store.set_checkpoint(self.account.id, source, end.encode())
+        await checkpoint.set(self._store, self.account.id, end)
         return since == EPOCH
 
     async def _load_seen(self, source: str, since: datetime) -> tuple[set[str], datetime | None]:
@@ -192,14 +196,12 @@ class EcPoller:
         ids, and the time up to which it saw more than it kept (None: it kept them all)."""
         if since == EPOCH:
             return set(), None
-        raw = await self._store.get_checkpoint(self.account.id, f"{SERVICE}:seen:{source}")
-        kept = orjson.loads(raw) if raw else {}
+        kept = await checkpoints.seen(source).get_or(self._store, self.account.id, {})
         unkept = kept.get("seen_from")
         return set(kept.get("seen") or ()), datetime.fromisoformat(unkept) if unkept else None
 
     async def _save_seen(self, source: str, seen: Seen) -> None:
-        await self._store.set_checkpoint(self.account.id, f"{SERVICE}:seen:{source}",
-                                         orjson.dumps(seen.stored()).decode())
+        await checkpoints.seen(source).set(self._store, self.account.id, seen.stored())
 
     async def _unseen(self, page: Sequence[ContactOptIns], preference_id: int, skip: set[str],
                       seen: Seen, *, unkept: datetime | None) -> list[ContactOptIns]:
@@ -259,10 +261,12 @@ class EcPoller:
 
     async def _read_removals(self, request: RunRequest, started: datetime, full_read: bool,
                              counts: RunCounts) -> None:
-        for kind in ("suppressed", "unsubscribed"):
-            source = f"dotdigital:{kind}"
-            saved = None if full_read else await self._store.get_checkpoint(self.account.id, source)
-            since = datetime.fromisoformat(saved) if saved else EPOCH
+        feeds: tuple[tuple[str, Checkpoint[datetime]], ...] = (
+            ("suppressed", checkpoints.SUPPRESSED), ("unsubscribed", checkpoints.UNSUBSCRIBED))
+        for kind, checkpoint in feeds:
+            source = checkpoint.name
+            since = EPOCH if full_read else await checkpoint.get_or(self._store, self.account.id,
+                                                                     EPOCH)
             read_from = self._read_from(since)
             skip, _ = await self._load_seen(source, since)
             seen = Seen(keep_from=self._read_from(started))
@@ -276,7 +280,7 @@ class EcPoller:
                                     counts, id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
             # (a burst of more than SEEN_LIMIT is published again: statuses are idempotent)
             await self._save_seen(source, seen)
-            await self._store.set_checkpoint(self.account.id, source, started.isoformat())
+            await checkpoint.set(self._store, self.account.id, started)
 
     @staticmethod
     def _unseen_statuses(changes: Iterable[Change], skip: set[str],
@@ -301,14 +305,15 @@ class EcPoller:
     async def _read_resubscriptions(self, request: RunRequest, started: datetime,
                                     counts: RunCounts) -> None:
         """Contacts the ledger holds as suppressed that dotdigital has as active again."""
-        source = "dotdigital:contacts-modified"
-        saved = await self._store.get_checkpoint(self.account.id, source)
+        checkpoint = checkpoints.CONTACTS_MODIFIED
+        source = checkpoint.name
+        saved = await checkpoint.get(self._store, self.account.id)
         if saved is not None:
             page_no = 0
             # Only contacts the ledger holds as suppressed are published, and a resumed one no
             # longer is: the overlap needs no list of what was published.
             async for page in self._client.iter_contacts_v3(
-                    modified_since=self._read_from(datetime.fromisoformat(saved)), include=(),
+                    modified_since=self._read_from(saved), include=(),
                     limit=5000):
                 page_no += 1
                 active = {}
@@ -326,9 +331,10 @@ class EcPoller:
                     for email, contact in active.items()
                     if email in stored and stored[email].suppressed]
                 await self._publish(request, resumed, counts,
-                                    id_seed=f"{request.run_id}:{source}:{saved}:{page_no}")
+                                    id_seed=f"{request.run_id}:{source}:{saved.isoformat()}:"
+                                            f"{page_no}")
         # First run: the feeds read from the beginning carry every contact's status.
-        await self._store.set_checkpoint(self.account.id, source, started.isoformat())
+        await checkpoint.set(self._store, self.account.id, started)
 
     @staticmethod
     def _active_email(contact: ContactV3) -> str | None:

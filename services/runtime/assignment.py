@@ -31,11 +31,11 @@ import socket
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 
 from common.messaging.amqp import QueueConsumer
+from common.store.interface import Coordination
 
 log = logging.getLogger("prefsync.assignment")
 
@@ -80,7 +80,7 @@ class ShardAssigner:
     ``consumers`` is kept listing the consumers this replica runs now (health checks read it).
     """
 
-    def __init__(self, *, service: str, store: Any, member: str,
+    def __init__(self, *, service: str, store: Coordination, member: str,
                  consumers: list[QueueConsumer] | None = None,
                  heartbeat_s: float = HEARTBEAT_S, ttl_s: float = MEMBER_TTL_S) -> None:
         self.service = service

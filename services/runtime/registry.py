@@ -38,7 +38,7 @@ from common.messaging.breakers import Breakers, RetryPolicy, use_breakers
 from common.messaging.topology import SIDES, Topology
 from common.ops.health import serve_health
 from common.ops.logs import as_service
-from common.ops.metrics import METRICS, ObservedStore
+from common.ops.metrics import METRICS, observed
 from common.store import LedgerStore, open_store
 from common.store.interface import StoreUnavailable
 from common.vendors.dataverse.client import DataverseClient
@@ -70,7 +70,7 @@ class Running:
     coordinators: list[RunCoordinator] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     connection: AbstractRobustConnection | None = None
-    store: Any = None
+    store: LedgerStore | None = None
     # this replica's name, and who decides which shard queues it consumes (services.runtime.assignment)
     replica: str = ""
     assigners: list[ShardAssigner] = field(default_factory=list)
@@ -133,7 +133,7 @@ async def _open_store_waiting(url: str, *, retry: RetryPolicy | None = None) -> 
 
 async def run_services(*, config: Config, services: Sequence[str],
                        metrics_port: int | None = None, running: Running | None = None,
-                       store: Any | None = None, metrics_host: str = "127.0.0.1") -> None:
+                       store: LedgerStore | None = None, metrics_host: str = "127.0.0.1") -> None:
     """Run ``services`` until SIGTERM/SIGINT; with ``metrics_port``, serve /metrics, /healthz
     and /readyz on it (0: any free port), on loopback unless ``metrics_host`` says otherwise."""
     stop = _stop_on_signals()
@@ -154,7 +154,7 @@ async def run_services(*, config: Config, services: Sequence[str],
                 what="declaring the topology")
         if store is None:
             store = await stack.enter_async_context(await _open_store_waiting(config.store.url))
-        store = running.store = ObservedStore(store, metrics=METRICS)
+        store = running.store = observed(store, metrics=METRICS)
         if metrics_port is not None:
             await stack.enter_async_context(serve_health(
                 running=running, metrics=METRICS, accounts=[a.id for a in config.accounts],
@@ -228,7 +228,7 @@ async def _until_signalled(stop: asyncio.Event) -> None:
 
 async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, config: Config,
                          services: Sequence[str], connection: AbstractRobustConnection,
-                         store: Any, publisher: AmqpPublisher, dead: DeadLetterer,
+                         store: LedgerStore, publisher: AmqpPublisher, dead: DeadLetterer,
                          running: Running, assigners: dict[str, ShardAssigner]) -> list[Any]:
     shards = config.broker.shards
     prefetch = config.broker.prefetch

@@ -11,22 +11,23 @@ within its regular look at the store.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 from common.schedule import Schedule, parse_schedule
+from common.store.checkpoints import SCHEDULE
+from common.store.checkpoints import last_run as last_run_of
+from common.store.interface import Checkpoints
 
-SCHEDULE_CHECKPOINT = "schedule"
-LAST_RUN_CHECKPOINT = "dynamics-poller:last-run"
+# the poller whose runs the schedule starts
+SCHEDULED_SERVICE = "dynamics-poller"
 SCHEDULE_CHANGED = "schedule-changed"
 
 
-async def stored_schedule(store: Any, account: str) -> str | None:
+async def stored_schedule(store: Checkpoints, account: str) -> str | None:
     """The override set with ``prefsync schedule`` (``None``: the config's schedule applies)."""
-    value: str | None = await store.get_checkpoint(account, SCHEDULE_CHECKPOINT)
-    return value or None
+    return await SCHEDULE.get(store, account)
 
 
-async def effective_schedule(store: Any, account: str, *, configured: str) -> Schedule:
+async def effective_schedule(store: Checkpoints, account: str, *, configured: str) -> Schedule:
     """The schedule in force: the stored override, else the configured one. A stored value
     that no longer parses (written by hand) falls back to the configured one."""
     override = await stored_schedule(store, account)
@@ -38,23 +39,22 @@ async def effective_schedule(store: Any, account: str, *, configured: str) -> Sc
     return parse_schedule(configured)
 
 
-async def set_schedule(store: Any, account: str, text: str | None) -> Schedule | None:
+async def set_schedule(store: Checkpoints, account: str, text: str | None) -> Schedule | None:
     """Store an override (validated; ``ValueError`` names the problem), or clear it with
     ``None``. Returns the parsed override."""
     if text is None:
-        await store.set_checkpoint(account, SCHEDULE_CHECKPOINT, "")
+        await SCHEDULE.clear(store, account)
         return None
     schedule = parse_schedule(text)
-    await store.set_checkpoint(account, SCHEDULE_CHECKPOINT, str(schedule))
+    await SCHEDULE.set(store, account, str(schedule))
     return schedule
 
 
-async def last_run(store: Any, account: str) -> datetime | None:
-    raw: str | None = await store.get_checkpoint(account, LAST_RUN_CHECKPOINT)
-    return datetime.fromisoformat(raw) if raw else None
+async def last_run(store: Checkpoints, account: str) -> datetime | None:
+    return await last_run_of(SCHEDULED_SERVICE).get(store, account)
 
 
-async def next_run(store: Any, account: str, *, configured: str,
+async def next_run(store: Checkpoints, account: str, *, configured: str,
                    now: datetime | None = None) -> datetime | None:
     """When the schedule starts the next run (``None`` for ``manual``); a run that is overdue
     starts as soon as the dynamics-poller looks, so it shows as ``now``."""

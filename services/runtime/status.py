@@ -30,13 +30,13 @@ from common.messaging.amqp import BROKER_LOST
 from common.messaging.breakers import RetryPolicy
 from common.messaging.topology import CONTROL_EXCHANGE
 from common.runs import RunTracker
+from common.store.checkpoints import STATUS, pending_runs
+from common.store.interface import Checkpoints
 from common.vendors.clock_skew import clock_status
-from services.runtime.schedules import effective_schedule, next_run
+from services.runtime.schedules import SCHEDULED_SERVICE, effective_schedule, next_run
 
 log = logging.getLogger("prefsync.status")
 
-STATUS_CHECKPOINT = "status:run"
-PENDING_CHECKPOINT = "dynamics-poller:pending"
 # runs followed at once (a run whose events were lost is forgotten after this many newer ones)
 MAX_FOLLOWED_RUNS = 20
 
@@ -72,20 +72,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-async def load_status(store: Any, account: str) -> dict[str, Any]:
-    raw = await store.get_checkpoint(account, STATUS_CHECKPOINT)
-    value = orjson.loads(raw) if raw else {}
-    return value if isinstance(value, dict) else {}
+async def load_status(store: Checkpoints, account: str) -> dict[str, Any]:
+    return await STATUS.get_or(store, account, {})
 
 
-async def _save_status(store: Any, account: str, status: dict[str, Any]) -> None:
-    await store.set_checkpoint(account, STATUS_CHECKPOINT, orjson.dumps(status).decode())
+async def _save_status(store: Checkpoints, account: str, status: dict[str, Any]) -> None:
+    await STATUS.set(store, account, status)
 
 
 class RunStatusRecorder:
     """Follows one account's progress events and keeps its status in the store."""
 
-    def __init__(self, *, account: str, store: Any) -> None:
+    def __init__(self, *, account: str, store: Checkpoints) -> None:
         self.account = account
         self._store = store
         self._runs: dict[str, RunTracker] = {}
@@ -173,11 +171,10 @@ class RunStatusRecorder:
                 await channel.close()
 
 
-async def account_status(store: Any, *, account: str, schedule: str) -> dict[str, Any]:
+async def account_status(store: Checkpoints, *, account: str, schedule: str) -> dict[str, Any]:
     """The status of one account as the ``status`` command and the HTTP API show it."""
     stored = await load_status(store, account)
-    raw_pending = await store.get_checkpoint(account, PENDING_CHECKPOINT)
-    pending = orjson.loads(raw_pending) if raw_pending else []
+    pending = await pending_runs(SCHEDULED_SERVICE).get_or(store, account, [])
     current = stored.get("current")
     last = stored.get("last")
     queued = [p for p in pending if not current or p.get("run_id") != current.get("run")]

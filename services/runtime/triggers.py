@@ -33,14 +33,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-import orjson
-
 from common.messaging.amqp import DeadLetterer, Delivery, Publisher, QueueConsumer
 from common.messaging.envelope import EligibleContact
 from common.messaging.publishing import publish_progress
 from common.messaging.topology import Topology
 from common.runs import RunRequest, new_run_id
 from common.schedule import Schedule, parse_schedule
+from common.store.checkpoints import last_run, pending_runs
+from common.store.interface import Checkpoints, Coordination
 from services.runtime.schedules import SCHEDULE_CHANGED, effective_schedule
 
 log = logging.getLogger("prefsync.triggers")
@@ -64,25 +64,12 @@ class LeaseLost(RuntimeError):
     """Another replica took the lease over (this one stalled past its TTL); it runs instead."""
 
 
-class CheckpointStore(Protocol):
+class RunStore(Checkpoints, Coordination, Protocol):
     """What the coordinator needs of the ledger store."""
-
-    async def get_checkpoint(self, account: str, source: str) -> str | None: ...
-
-    async def set_checkpoint(self, account: str, source: str, value: str) -> None: ...
-
-    async def swap_checkpoint(self, account: str, source: str, expected: str | None,
-                              value: str) -> bool: ...
-
-    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool: ...
-
-    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool: ...
-
-    async def release_lease(self, name: str, holder: str) -> None: ...
 
 
 class RunCoordinator:
-    def __init__(self, *, service: str, account: str, store: Any, publisher: Publisher,
+    def __init__(self, *, service: str, account: str, store: RunStore, publisher: Publisher,
                  run_cycle: Callable[[RunRequest], Awaitable[None]],
                  schedule: str | None = None, holder: str | None = None,
                  lease_ttl_s: float = LEASE_TTL_S, lease_renew_s: float = LEASE_RENEW_S,
@@ -111,9 +98,6 @@ class RunCoordinator:
     def lease(self) -> str:
         return f"{self.account}:{self.service}"
 
-    @property
-    def _pending_key(self) -> str:
-        return f"{self.service}:pending"
 
     async def handle_triggers(self, batch: Sequence[Delivery]) -> None:
         """Queue handler: remember the triggers durably, then they are acked."""
@@ -130,18 +114,13 @@ class RunCoordinator:
         self._wake.set()
 
     async def _load_pending(self) -> list[dict[str, Any]]:
-        raw = await self._store.get_checkpoint(self.account, self._pending_key)
-        return list(orjson.loads(raw)) if raw else []
+        return await pending_runs(self.service).get_or(self._store, self.account, [])
 
     async def _update_pending(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
                               ) -> list[dict[str, Any]]:
         """Read-modify-write of the pending runs, compare-and-set (replicas update it too)."""
-        while True:
-            raw = await self._store.get_checkpoint(self.account, self._pending_key)
-            updated = change(list(orjson.loads(raw)) if raw else [])
-            if await self._store.swap_checkpoint(self.account, self._pending_key, raw,
-                                                 orjson.dumps(updated).decode()):
-                return updated
+        return await pending_runs(self.service).update(
+            self._store, self.account, lambda pending: change(pending or []))
 
     def _retry_delay(self) -> float:
         """Seconds before a failed run is tried again: doubles per failure, half of it jitter."""
@@ -240,8 +219,7 @@ class RunCoordinator:
             # Advisory only (the triggers stay pending whatever happens here); the schedule
             # counts from the last attempt, so a failing run does not make it due at once.
             with contextlib.suppress(Exception):
-                await self._store.set_checkpoint(self.account, f"{self.service}:last-run",
-                                                 datetime.now(UTC).isoformat())
+                await last_run(self.service).set(self._store, self.account, datetime.now(UTC))
             for covered in request.covers:
                 with contextlib.suppress(Exception):
                     await publish_progress(self._publisher, account=self.account,
@@ -251,8 +229,7 @@ class RunCoordinator:
         self.failures = 0
         await self._update_pending(
             lambda current: [p for p in current if p["run_id"] not in request.covers])
-        await self._store.set_checkpoint(self.account, f"{self.service}:last-run",
-                                         datetime.now(UTC).isoformat())
+        await last_run(self.service).set(self._store, self.account, datetime.now(UTC))
         return "done"
 
     async def _holding_lease(self, work: Awaitable[None]) -> None:
@@ -277,9 +254,8 @@ class RunCoordinator:
             return None
         self._schedule = await effective_schedule(self._store, self.account,
                                                   configured=self._configured)
-        last = await self._store.get_checkpoint(self.account, f"{self.service}:last-run")
         now = datetime.now(UTC)
-        base = datetime.fromisoformat(last) if last else now
+        base = await last_run(self.service).get_or(self._store, self.account, now)
         due = self._schedule.next_run(base)
         if due is None:
             return None

@@ -23,7 +23,9 @@ async def test_contact_create_update_and_get() -> None:
         by_id = await sim.ok("GET", f"/v2/contacts/{created['id']}")
         assert {f["key"] for f in by_id["dataFields"]} == {"FIRSTNAME", "LASTNAME"}
         assert (await sim.ok("GET", "/v2/contacts/JANE.DOE%40EXAMPLE.COM"))["id"] == created["id"]
-        for body in ({"email": "not-an-email"}, {"email": "a@b.io", "optInType": "Sometimes"}, []):
+        bodies: tuple[object, ...] = (
+            {"email": "not-an-email"}, {"email": "a@b.io", "optInType": "Sometimes"}, [])
+        for body in bodies:
             bad = await sim.call("POST", "/v2/contacts", json=body)
             assert bad.status == 400 and bad.body["message"].endswith("ERROR_PARAMETER_INVALID")
         broken = await sim.call("POST", "/v2/contacts", headers={"Content-Type": "application/json"})

@@ -19,7 +19,7 @@ async def _emails(sim: Sim, count: int) -> list[str]:
 
 async def _all_opt_in_pages(sim: Sim, pref: int, date: str, key: str = "minContactId"
                             ) -> list[list[dict[str, Any]]]:
-    pages = []
+    pages: list[list[dict[str, Any]]] = []
     min_id = 0
     while True:
         page = await sim.ok("GET", f"/v2/contacts/with-preference/{pref}/opt-ins-since/{date}"
@@ -144,7 +144,7 @@ async def test_suppressed_and_unsubscribed_since_page_with_select_and_skip() -> 
         assert suppressed["notFound"] == [{"id": 0, "email": "unknown@example.com"}]
         await sim.freeze("2031-01-03T00:00:00.000Z")
         await sim.edit(emails[20], status="HardBounced")
-        pages = []
+        pages: list[dict[str, Any]] = []
         for skip in range(0, 40, 7):
             pages.extend(await sim.ok("GET", f"/v2/contacts/suppressed-since/2031-01-01"
                                              f"?select=7&skip={skip}"))

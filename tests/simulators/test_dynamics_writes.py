@@ -14,10 +14,10 @@ pytestmark = pytest.mark.anyio
 SUBS = "psync_marketingpreferencesubscriptions"
 
 
-async def _preference(org: Org, ec_id: int = 2001) -> str:
+async def _preference(org: Org, dotdigital_id: int = 2001) -> str:
     row = await org.create("psync_marketingpreferences", {
         "psync_name": "Offers", "psync_publicname": "Offers", "psync_ispublic": True,
-        "psync_ecaccount": "demo", "psync_ecpreferenceid": ec_id})
+        "psync_ecaccount": "demo", "psync_ecpreferenceid": dotdigital_id})
     return str(row["psync_marketingpreferenceid"])
 
 

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
+from common.store.checkpoints import CATALOG, PREFERENCE_TREE
+from common.store.interface import Checkpoints
 from common.vendors.dataverse.client import BatchOperation, DataverseClient, odata_literal
 
 log = logging.getLogger("prefsync.catalog")
@@ -29,8 +29,6 @@ PREFERENCES = "psync_marketingpreferences"
 PREFERENCE_KEY = "psync_marketingpreferenceid"
 # Store checkpoints: the mapping the dynamics-poller read last, and dotdigital's tree as the
 # ec-poller (or the dynamics-poller) read it last.
-MAPPING_CHECKPOINT = "dynamics:catalog"
-TREE_CHECKPOINT = "dotdigital:preferences"
 _NAME_LENGTH = 100  # the String columns' MaxLength
 _COLUMNS = ("psync_name", "psync_publicname", "psync_ispublic", "psync_iscategory",
             "psync_ecpreferenceid", "psync_eccategoryid", "psync_order")
@@ -191,15 +189,12 @@ def mapping_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
             and int(row.get("statecode") or 0) == ACTIVE}
 
 
-async def load_catalog(store: Any, account: str) -> dict[int, str]:
+async def load_catalog(store: Checkpoints, account: str) -> dict[int, str]:
     """dotdigital preference id -> Dynamics row id, as the dynamics-poller read it last."""
-    raw = await store.get_checkpoint(account, MAPPING_CHECKPOINT)
-    mapping: dict[str, int] = orjson.loads(raw) if raw else {}
-    return {ec_id: row_id for row_id, ec_id in mapping.items()}
+    mapping = await CATALOG.get_or(store, account, {})
+    return {int(dotdigital_id): row_id for row_id, dotdigital_id in mapping.items()}
 
 
-async def load_tree(store: Any, account: str) -> list[dict[str, Any]]:
+async def load_tree(store: Checkpoints, account: str) -> list[dict[str, Any]]:
     """dotdigital's preference tree as last read (empty before the first run)."""
-    raw = await store.get_checkpoint(account, TREE_CHECKPOINT)
-    tree = orjson.loads(raw) if raw else []
-    return list(tree) if isinstance(tree, list) else []
+    return await PREFERENCE_TREE.get_or(store, account, [])

@@ -31,15 +31,13 @@ from typing import Any
 
 import orjson
 
+# opt_ins_source: imported from here by the writer too
+from common.store.checkpoints import Checkpoint, Codec
+from common.store.checkpoints import opt_ins_source as opt_ins_source
 from common.vendors.dotdigital.client import DotdigitalClient
 
 # The start of time for the feeds: a read from here is a read from the beginning.
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-
-
-def opt_ins_source(preference_id: int) -> str:
-    """The checkpoint (and source) name of one preference's opt-ins feed."""
-    return f"dotdigital:opt-ins:{preference_id}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +97,12 @@ class FeedPosition:
         """No read has finished yet (or one from the beginning is under way): its end
         publishes the read markers, on which the reconciler sends the deferred writes again."""
         return self.watermark is None and (self.since is None or self.since <= EPOCH)
+
+
+def feed_position(preference_id: int) -> Checkpoint[FeedPosition]:
+    """The ec-poller's checkpoint of one preference's opt-ins feed."""
+    return Checkpoint(opt_ins_source(preference_id),
+                      Codec(encode=FeedPosition.encode, decode=FeedPosition.decode))
 
 
 # (contact id, opted in, modified): one feed entry of one preference

@@ -26,6 +26,7 @@ from common.messaging.amqp import BrokerUnavailable, connect
 from common.messaging.topology import CONTROL_EXCHANGE, Topology
 from common.runs import RunTracker
 from common.schedule import Daily, Every, parse_schedule
+from common.store import LedgerStore
 from common.vendors.dataverse.catalog import CatalogEntry, entries_of_tree, load_tree
 from common.vendors.dataverse.client import DataverseClient
 from services.cli.api import ANYONE, ApiAccess, Caller, LiveLookups, LookupLimited, check_bind
@@ -109,7 +110,7 @@ class BrokerLink:
 class Backend:
     """The config, the open store, the API's Dataverse clients and the broker connection."""
 
-    def __init__(self, *, config: Config, store: Any, dataverse: dict[str, DataverseClient],
+    def __init__(self, *, config: Config, store: LedgerStore, dataverse: dict[str, DataverseClient],
                  access: ApiAccess, broker: BrokerLink) -> None:
         self.config = config
         self.store = store

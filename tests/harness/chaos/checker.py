@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from common.domain import Side
 from tests.harness.chaos.history import (
     BASELINE_AT,
     Baseline,
@@ -58,7 +59,6 @@ from tests.harness.chaos.history import (
     Join,
     Key,
     Poison,
-    Side,
     parse_time,
 )
 
@@ -416,12 +416,12 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
     # writes per target against the bound
     for target, count in ours.items():
         verdict.max_writes_per_target = max(verdict.max_writes_per_target, count)
-        side, who, preference = target
-        email = who if side == "dotdigital" else str(last[target].get("email") or "").lower()
+        target_side, who, preference = target
+        email = who if target_side == "dotdigital" else str(last[target].get("email") or "").lower()
         edits = expected[(email, preference)].edits if (email, preference) in expected else 0
         if count > 2 * edits + write_slack:
             verdict.excess_writes += 1
-            verdict.note("excess_writes", {"side": side, "target": who,
+            verdict.note("excess_writes", {"side": target_side, "target": who,
                                            "preference_id": preference, "writes": count,
                                            "edits": edits})
 

@@ -29,10 +29,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
-Side = Literal["dynamics", "dotdigital"]
-SIDES: tuple[Side, Side] = ("dynamics", "dotdigital")
+from common.domain import Side
+
 Key = tuple[str, int]  # (email, dotdigital preference id)
 
 # The baseline is older than anything a run does.
@@ -123,7 +123,7 @@ class Poison:
 
 
 Event = Baseline | Edit | Create | Join | Move | Suppress | Resubscribe | Poison
-_KINDS: dict[str, type[Any]] = {cls.kind: cls for cls in  # type: ignore[attr-defined]
+_KINDS: dict[str, type[Any]] = {cls.kind: cls for cls in
                                 (Baseline, Edit, Create, Join, Move, Suppress, Resubscribe,
                                  Poison)}
 

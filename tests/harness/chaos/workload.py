@@ -33,6 +33,7 @@ from typing import Any
 
 import aio_pika
 
+from common.domain import Side
 from common.messaging.amqp import AmqpPublisher, Outgoing
 from common.messaging.envelope import Envelope, PreferenceChange, encode
 from common.messaging.topology import CHANGES_EXCHANGE, Topology
@@ -49,7 +50,6 @@ from tests.harness.chaos.history import (
     Move,
     Poison,
     Resubscribe,
-    Side,
     Suppress,
     parse_time,
 )

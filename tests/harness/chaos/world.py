@@ -31,7 +31,8 @@ from common.config import Config, parse_config
 from common.domain import outstanding
 from common.messaging.topology import SIDES, Topology
 from common.store import open_store
-from common.vendors.clock_skew import checkpoint_name, widest_uncertainty_s
+from common.store.checkpoints import clock_name
+from common.vendors.clock_skew import widest_uncertainty_s
 from common.vendors.dataverse.client import DataverseClient, odata_literal
 from common.vendors.dataverse.schema import LOOKUP_COLUMNS, OPTED_IN, OPTED_OUT, RECORD_TABLES, SUBSCRIPTIONS
 from common.vendors.dotdigital.client import DotdigitalClient
@@ -39,7 +40,9 @@ from services.cli.dlq import walk
 from services.cli.sync_now import RunTimedOut, sync_and_wait
 from tests.harness.chaos.checker import RecordView
 from tests.harness.chaos.history import Key
+from tests.harness.config_file import config_toml
 from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ
+from tests.harness.queues import service_queues, wait_consuming
 
 ROOT = Path(__file__).resolve().parents[3]
 SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
@@ -248,17 +251,21 @@ class ChaosWorld:
         replica.expected_exit = False
         replica.exited.clear()
 
+    def stopping(self) -> bool:
+        """Set by :meth:`stop_services` (read again after each wait: it changes meanwhile)."""
+        return self._stopping
+
     async def _supervise(self, replica: Replica) -> None:
-        while not self._stopping:
+        while not self.stopping():
             process = replica.process
             assert process is not None
             code = await process.wait()
-            if self._stopping:
+            if self.stopping():
                 replica.exited.set()
                 return
             text = _tail(replica.log, replica.log_offset, lines=400)
             fired = _FAILPOINT.findall(text)
-            death = {"replica": replica.name, "returncode": code,
+            death: dict[str, Any] = {"replica": replica.name, "returncode": code,
                      "lived_s": round(time.monotonic() - replica.started_at, 1),
                      "at": datetime.now(UTC).isoformat(timespec="seconds")}
             delay = 0.2
@@ -280,7 +287,7 @@ class ChaosWorld:
             async with self._changed:
                 self._changed.notify_all()
             await asyncio.sleep(delay)
-            if self._stopping:
+            if self.stopping():
                 return
             await self._spawn(replica)
 
@@ -314,33 +321,9 @@ class ChaosWorld:
 
     async def wait_consuming(self, service: str, *, timeout_s: float = 120.0) -> None:
         """Until ``service`` consumes from every queue it serves."""
-        shards = self.spec.shards
-        queues = {
-            "dynamics-poller": [Topology.trigger_queue(self.account, "dynamics-poller")],
-            "ec-poller": [Topology.trigger_queue(self.account, "ec-poller")],
-            "reconciler": [Topology.changes_queue(self.account, s) for s in range(shards)],
-            "writer": [Topology.writes_queue(self.account, side, s)
-                       for side in SIDES for s in range(shards)],
-        }[service]
-        deadline = time.monotonic() + timeout_s
-        connection = await aio_pika.connect(self.broker.url)
-        async with connection:
-            while time.monotonic() < deadline:
-                channel = await connection.channel()
-                ready = True
-                for name in queues:
-                    try:
-                        declared = await channel.declare_queue(name, passive=True)
-                        ready = ready and (declared.declaration_result.consumer_count or 0) > 0
-                    except aio_pika.exceptions.ChannelClosed:
-                        ready = False
-                        channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.close()
-                if ready:
-                    return
-                await asyncio.sleep(0.1)
-        raise WorldError(f"{service} did not start consuming")
+        queues = service_queues(self.account, service, shards=self.spec.shards)
+        if not await wait_consuming(self.broker.url, queues, timeout_s=timeout_s):
+            raise WorldError(f"{service} did not start consuming")
 
     async def stop_services(self) -> None:
         self._stopping = True
@@ -493,7 +476,7 @@ class ChaosWorld:
         estimate had during the run, added (what widens its tie band across sides)."""
         async with open_store(self.config.store.url) as store:
             return sum([widest_uncertainty_s(await store.get_checkpoint(
-                self.account, checkpoint_name(side))) for side in SIDES])
+                self.account, clock_name(side))) for side in SIDES])
 
     async def clock_samples(self) -> dict[str, list[datetime]]:
         """When the product sampled each vendor's clock (its kept history of samples)."""
@@ -512,21 +495,6 @@ class ChaosWorld:
         return [{"message_id": e.message_id, "reason": e.reason, "code": e.code,
                  "detail": e.detail[:300], "by": e.by, "queue": e.queue}
                 for e in result.entries]
-
-
-def _toml(raw: dict[str, Any]) -> str:
-    def line(key: str, value: Any) -> str:
-        return f"{key} = {orjson.dumps(value).decode()}"
-
-    lines: list[str] = []
-    for key in ("broker", "store", "metrics"):
-        lines += [f"[{key}]", *(line(k, v) for k, v in raw[key].items())]
-    for account in raw["accounts"]:
-        lines.append("[[accounts]]")
-        lines += [line(k, v) for k, v in account.items() if not isinstance(v, dict)]
-        for sub in ("dynamics", "dotdigital"):
-            lines += [f"[accounts.{sub}]", *(line(k, v) for k, v in account[sub].items())]
-    return "\n".join(lines) + "\n"
 
 
 async def _simulator(name: str, args: list[str], root: Path) -> tuple[asyncio.subprocess.Process,
@@ -626,7 +594,7 @@ async def chaos_world(root: Path, *, spec: WorldSpec, broker: PrivateRabbitMQ,
             }],
         }
         config_path = root / "prefsync.toml"
-        config_path.write_text(_toml(raw))
+        config_path.write_text(config_toml(raw))
         config = parse_config(raw, env=env)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
             world = ChaosWorld(spec=spec, root=root, account=account, config=config,

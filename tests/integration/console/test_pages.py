@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -254,7 +255,7 @@ async def test_a_contact_under_each_filter(console: Console, page: Page, tmp_pat
     assert await history.count() >= 1
     await screenshot(page, "contact", tmp_path)
 
-    wanted = {
+    wanted: dict[str, Callable[[dict[str, Any]], bool]] = {
         "All marketing preferences": lambda p: True,
         "Opted in": lambda p: p["status"] == "opted in",
         "Opted out": lambda p: p["status"] == "opted out",
@@ -320,12 +321,12 @@ async def test_another_accounts_token_cannot_see_this_account(console: Console,
                  f"/accounts/{theirs.account}/contacts/{email}/history"):
         async with aiohttp.ClientSession() as http, http.get(
                 console.url + path, headers={"Authorization": f"Bearer {console.token(mine)}"},
-                allow_redirects=False) as response:
-            assert response.status == 404, path
+                allow_redirects=False) as answer:
+            assert answer.status == 404, path
     async with aiohttp.ClientSession() as http, http.get(
             f"{console.url}/accounts/{mine.account}",
-            headers={"Authorization": f"Bearer {console.token(mine)}"}) as response:
-        assert response.status == 200 and "text/html" in response.headers["Content-Type"]
+            headers={"Authorization": f"Bearer {console.token(mine)}"}) as answer:
+        assert answer.status == 200 and "text/html" in answer.headers["Content-Type"]
 
 
 async def test_the_read_only_pages_work_without_javascript(console: Console,

@@ -93,7 +93,7 @@ async def test_failed_handler_is_retried_in_place(topology: Topology, account: s
         done = anyio.Event()
 
         async def flaky(batch: Sequence[Delivery]) -> None:
-            attempts.append(batch[0].message.redelivered)
+            attempts.append(bool(batch[0].message.redelivered))
             if len(attempts) == 1:
                 raise RuntimeError("store unavailable")
             done.set()

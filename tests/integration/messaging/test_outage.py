@@ -83,7 +83,7 @@ async def test_a_consumer_outlives_its_channel(node: PrivateRabbitMQ) -> None:
         consumer: QueueConsumer
 
         async def handle(batch: Sequence[Delivery]) -> None:
-            calls.append((batch[0].message_id, batch[0].message.redelivered))
+            calls.append((batch[0].message_id, bool(batch[0].message.redelivered)))
             if len(calls) == 1:
                 held.append(batch[0].message)
                 in_hand.set()

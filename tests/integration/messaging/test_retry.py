@@ -49,7 +49,8 @@ def change_message(account: str, n: int, *, preference_id: int = 1) -> Outgoing:
 
 def delivery_count(message: AbstractIncomingMessage) -> int:
     """Deliveries spent before this one (RabbitMQ 3.10 sets the header from the second on)."""
-    return int((message.headers or {}).get("x-delivery-count") or 0)
+    count = (message.headers or {}).get("x-delivery-count")
+    return int(count) if isinstance(count, int | str) else 0
 
 
 @dataclass
@@ -118,7 +119,7 @@ async def test_a_store_outage_is_waited_out_in_place(connection: AbstractRobustC
             "prefsync_dependency_up", {"service": "reconciler", "dependency": "store"}) or 0.0
 
     async def flaky(batch: Sequence[Delivery]) -> None:
-        seen.append((batch[0].message.redelivered, delivery_count(batch[0].message)))
+        seen.append((bool(batch[0].message.redelivered), delivery_count(batch[0].message)))
         if len(seen) > 1:
             during.append({"ready": await readiness(state), "up": store_up()})
         if len(seen) <= outage:
@@ -306,7 +307,7 @@ async def test_one_probe_at_a_time_while_a_breaker_is_open() -> None:
     breaker.succeeded()
     with anyio.fail_after(1):
         await waiter  # woken by the close, not by its deadline
-    assert not breaker.is_open and breakers.down() == {}
+    assert (breaker.is_open, breakers.down()) == (False, {})
 
 
 async def test_a_breaker_nobody_waits_for_any_more_closes() -> None:

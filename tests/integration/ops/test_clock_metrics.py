@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from common.domain import OffsetSample
 from common.messaging.envelope import Envelope, PreferenceChange
 from common.messaging.publishing import POLLED_AT
-from common.ops.metrics import Metrics, ObservedStore
+from common.ops.metrics import Metrics, observed
 from common.store import SqliteLedgerStore
 from common.vendors.clock_skew import record_samples
 from services.cli.replay import refeed
@@ -29,7 +29,7 @@ T = datetime(2026, 3, 1, 9, tzinfo=UTC)
 async def test_a_measured_estimate_sets_the_offset_gauges(tmp_path: Path) -> None:
     metrics = Metrics(registry=CollectorRegistry())
     async with SqliteLedgerStore(path=str(tmp_path / "ledger.db")) as ledger:
-        store = ObservedStore(ledger, metrics=metrics)
+        store = observed(ledger, metrics=metrics)
         await record_samples(store, account="acme", side="dotdigital", samples=[
             OffsetSample(at=T, low_s=29.99, high_s=30.01),
             OffsetSample(at=T, low_s=29.995, high_s=30.02)])

@@ -24,7 +24,7 @@ from common.messaging.envelope import Envelope, PreferenceChange
 from common.messaging.topology import CHANGES_EXCHANGE, Topology
 from common.ops.health import health_app, healthcheck
 from common.ops.logs import as_service, configure_logging
-from common.ops.metrics import Metrics, ObservedStore, checkpoint_source, queue_kind
+from common.ops.metrics import Metrics, checkpoint_source, observed, queue_kind
 from common.vendors.base import RequestEvent
 from services.runtime.registry import Running, run_services
 from tests.conftest import serving
@@ -83,10 +83,17 @@ async def test_observed_store_notes_read_positions_only() -> None:
     metrics = Metrics(registry=CollectorRegistry())
 
     class Store:
+        async def get_checkpoint(self, account: str, source: str) -> str | None:
+            return None
+
         async def set_checkpoint(self, account: str, source: str, value: str) -> None:
             pass
 
-    store = ObservedStore(Store(), metrics=metrics)
+        async def swap_checkpoint(self, account: str, source: str, expected: str | None,
+                                  value: str) -> bool:
+            return True
+
+    store = observed(Store(), metrics=metrics)
     await store.set_checkpoint("acme", "dotdigital:opt-ins:1234", "{}")
     await store.set_checkpoint("acme", "dynamics:catalog", "{}")
     text = metrics.render().decode()

@@ -30,6 +30,7 @@ from services.simulators import seeding
 from services.simulators.base import serving
 from services.simulators.dotdigital import DotdigitalSimulator
 from services.simulators.dynamics import DynamicsSimulator
+from tests.harness.queues import service_queues, wait_consuming
 
 BROKER_URL = os.environ.get("PREFSYNC_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ALL_SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
@@ -151,27 +152,14 @@ class World:
     async def wait_consuming(self, service: str,
                              process: asyncio.subprocess.Process | None = None) -> None:
         """Until ``service`` (any process running it) consumes from its queues."""
-        queue = {
-            "dynamics-poller": Topology.trigger_queue(self.account, "dynamics-poller"),
-            "ec-poller": Topology.trigger_queue(self.account, "ec-poller"),
-            "reconciler": Topology.changes_queue(self.account, self.config.broker.shards - 1),
-            "writer": Topology.writes_queue(self.account, "dotdigital",
-                                            self.config.broker.shards - 1),
-        }[service]
-        connection = await aio_pika.connect(self.broker_url)
-        async with connection:
-            for _ in range(600):
-                if process is not None:
-                    assert process.returncode is None, f"{service} exited ({process.returncode})"
-                channel = await connection.channel()
-                try:
-                    declared = await channel.declare_queue(queue, passive=True)
-                    if (declared.declaration_result.consumer_count or 0) > 0:
-                        return
-                except aio_pika.exceptions.ChannelClosed:
-                    pass  # not declared yet
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"{service} did not start consuming")
+        def check() -> None:
+            if process is not None:
+                assert process.returncode is None, f"{service} exited ({process.returncode})"
+
+        # the last shard queue: taken by whichever replica runs it
+        last = service_queues(self.account, service, shards=self.config.broker.shards)[-1:]
+        assert await wait_consuming(self.broker_url, last, timeout_s=30, check=check), \
+            f"{service} did not start consuming"
 
     async def sync(self, timeout_s: float = 120) -> dict[str, Any]:
         return await sync_and_wait(config=self.config, account=self.account,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aio_pika
 import pytest
@@ -15,7 +16,7 @@ from .conftest import BROKER_URL, World
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
-async def converge(world: World) -> dict[str, object]:
+async def converge(world: World) -> dict[str, Any]:
     """The first run brings both sides together; the result is checked by the caller."""
     summary = await world.sync()
     assert summary["failed"] == 0, summary

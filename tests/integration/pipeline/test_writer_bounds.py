@@ -29,7 +29,7 @@ from common.messaging.amqp import AmqpPublisher, DeadLetterer, Delivery
 from common.messaging.envelope import Envelope, WriteCommand, decode, encode
 from common.messaging.resilience import TransientFailure, dependency_of
 from common.messaging.topology import Topology
-from common.store import open_store
+from common.store import LedgerStore, open_store
 from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished
 from common.vendors.dotdigital.feed import EPOCH
 from services.writer.service import Writer, reconciler_read_mark
@@ -45,7 +45,7 @@ class Bench:
     account: str
     sim: SimControl
     client: DotdigitalClient
-    store: Any
+    store: LedgerStore
     channel: aio_pika.abc.AbstractChannel
     publisher: AmqpPublisher
     emails: list[str]
@@ -119,7 +119,7 @@ async def bench(tmp_path: Path, *, sim_kwargs: dict[str, Any] | None = None,
         await sim.clock()
         async with DotdigitalClient(config=dotdigital_config(sim.url, **config)) as client, \
                 open_store(f"sqlite:///{tmp_path}/ledger.db") as store:
-            connection = await aio_pika.connect(BROKER_URL)
+            connection = await aio_pika.connect_robust(BROKER_URL)
             async with connection:
                 channel = await connection.channel()
                 await Topology(accounts=[account], shards=1).declare(channel)

@@ -134,7 +134,7 @@ async def test_every_token_is_compared_in_constant_time(
         compared.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr(api_access.hmac, "compare_digest", compare)
+    monkeypatch.setattr(hmac, "compare_digest", compare)
     caller = access.caller(f"Bearer {ENV['ADMIN_TOKEN']}")  # the first one configured
     assert caller is not None and caller.name == "admin" and caller.account is None
     assert len(compared) == 3  # admin and both accounts, though the first matched

@@ -29,7 +29,8 @@ def node(tree: list[dict[str, Any]], preference_id: int) -> dict[str, Any]:
     for item in tree:
         for candidate in (item, *(item.get("preferences") or [])):
             if int(candidate["id"]) == preference_id:
-                return candidate
+                found: dict[str, Any] = candidate
+                return found
     raise AssertionError(preference_id)
 
 

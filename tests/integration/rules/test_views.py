@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -61,7 +62,7 @@ async def test_prefs_history_and_status_commands(world: World, org: Vendors) -> 
         "record_type": person.kind, "record_id": record, "active": True,
         "bulk_email": "do not allow", "email": "allow", "eligible": True}]
     assert view["dotdigital_contact"]["status"] == "Subscribed"
-    checks = {"opted-in": lambda p: p["status"] == "opted in",
+    checks: dict[str, Callable[[dict[str, Any]], bool]] = {"opted-in": lambda p: p["status"] == "opted in",
               "opted-out": lambda p: p["status"] == "opted out",
               "private": lambda p: not p["public"], "public": lambda p: p["public"]}
     for name, check in checks.items():

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 async def state_is(world: World, wanted: str) -> bool:
-    return (await status(world))["state"] == wanted
+    return bool((await status(world))["state"] == wanted)
 
 
 @asynccontextmanager

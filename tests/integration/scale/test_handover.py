@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import aio_pika
 import pytest
@@ -46,7 +47,7 @@ class Ledger:
     hang: dict[str, asyncio.Event] = field(default_factory=dict)
     hanging: set[str] = field(default_factory=set)
 
-    def handler(self, replica: str) -> Callable[[Sequence[Delivery]], object]:
+    def handler(self, replica: str) -> Callable[[Sequence[Delivery]], Awaitable[None]]:
         async def handle(batch: Sequence[Delivery]) -> None:
             queue = batch[0].queue
             busy = self.in_flight[queue]
@@ -92,11 +93,14 @@ async def replicas(broker: Broker, url: str, ledger: Ledger) -> AsyncIterator[
         assigner = ShardAssigner(service="reconciler", store=store, member=name,
                                  heartbeat_s=0.2, ttl_s=TTL_S)
         dead = DeadLetterer(publisher=broker.publisher, service=name)
+        def consumer(queue: str) -> QueueConsumer:
+            return QueueConsumer(connection=connection, queue=queue, account=broker.account,
+                                 handler=ledger.handler(name), dead_letters=dead, prefetch=20,
+                                 batch_size=5)
+
         for shard in range(broker.topology.shards):
             queue = Topology.changes_queue(broker.account, shard)
-            assigner.add(account=broker.account, queue=queue, make=lambda q=queue: QueueConsumer(
-                connection=connection, queue=q, account=broker.account,
-                handler=ledger.handler(name), dead_letters=dead, prefetch=20, batch_size=5))
+            assigner.add(account=broker.account, queue=queue, make=partial(consumer, queue))
         replica = Replica(name=name, connection=connection, store=store, assigner=assigner,
                           task=asyncio.create_task(assigner.run()))
         running.append(replica)

@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import itertools
 import time
+from typing import cast
 
 import pytest
 
 from common.messaging.amqp import DeadLetterer
 from common.runs import RunRequest
 from common.store import open_store
-from services.runtime.triggers import RunCoordinator
+from services.runtime.triggers import RunCoordinator, RunStore
 
 from .conftest import Broker, until
 
@@ -72,7 +73,8 @@ async def test_the_run_loop_backs_off_while_the_store_is_down(broker: Broker) ->
         raise AssertionError("no run without the store")
 
     coordinator = RunCoordinator(service="dynamics-poller", account=broker.account,
-                                 store=_StoreDown(), publisher=broker.publisher, run_cycle=never,
+                                 store=cast(RunStore, _StoreDown()), publisher=broker.publisher,
+                                 run_cycle=never,
                                  schedule="manual", pending_poll_s=30, retry_base_s=0.4,
                                  retry_max_s=10)
     began = time.monotonic()

@@ -84,17 +84,17 @@ async def test_concurrent_saves_of_one_key_conflict(url: str) -> None:
         await s.open()
     key = PreferenceKey(account="acme", email="ann@example.com", preference_id=1)
     try:
-        results = await asyncio.gather(*(s.save([(None, KeyState(key=key), None)])
-                                         for s in stores), return_exceptions=True)
+        results: list[list[int] | BaseException] = list(await asyncio.gather(
+            *(s.save([(None, KeyState(key=key), None)]) for s in stores), return_exceptions=True))
         assert sum(r == [1] for r in results) == 1, results
         assert all(isinstance(r, ConflictError) for r in results if r != [1])
         # and again on the stored revision, with two keys in opposite orders (no deadlock)
         other = PreferenceKey(account="acme", email="bob@example.com", preference_id=1)
         await stores[0].save([(None, KeyState(key=other), None)])
-        results = await asyncio.gather(
+        results = list(await asyncio.gather(
             stores[1].save([(1, KeyState(key=key), None), (1, KeyState(key=other), None)]),
             stores[2].save([(1, KeyState(key=other), None), (1, KeyState(key=key), None)]),
-            return_exceptions=True)
+            return_exceptions=True))
         assert sum(r == [2, 2] for r in results) == 1, results
         assert any(isinstance(r, ConflictError) for r in results), results
     finally:

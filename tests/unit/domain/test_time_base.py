@@ -296,10 +296,10 @@ def _stepped(offset_before: float, offset_after: float, *, step_s: float) -> Clo
     """A clock measured every 10 s at ``offset_before``, then at ``offset_after`` from
     ``step_s`` on (samples 1 ms wide), until the step is followed."""
     state = ClockState()
-    for t in range(0, int(step_s), 10):
-        state, _ = state.add(OffsetSample(at=at(t), low_s=offset_before - 0.0005,
+    for tick in range(0, int(step_s), 10):
+        state, _ = state.add(OffsetSample(at=at(tick), low_s=offset_before - 0.0005,
                                           high_s=offset_before + 0.0005))
-    t = step_s
+    t = float(step_s)
     while state.estimate is not None and state.estimate.epoch == 0:
         state, _ = state.add(OffsetSample(at=at(t), low_s=offset_after - 0.0005,
                                           high_s=offset_after + 0.0005))

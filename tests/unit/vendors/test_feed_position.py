@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from common.vendors.dotdigital.feed import EPOCH, FeedPosition, opt_ins_source
+from common.store.checkpoints import opt_ins_source
+from common.vendors.dotdigital.feed import EPOCH, FeedPosition
 
 T = datetime(2024, 5, 1, 12, tzinfo=UTC)
 

@@ -1,0 +1,60 @@
+"""The account's queues as the broker sees them, for the worlds of the tests and of ``bench/``:
+which queues each service consumes, their depth and consumers, and waiting until a started
+service consumes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+import aio_pika
+
+from common.domain import SIDES
+from common.messaging.topology import Topology
+
+
+def service_queues(account: str, service: str, *, shards: int) -> list[str]:
+    """The queues ``service`` consumes for ``account`` (every shard queue, for the shard
+    consumers)."""
+    return {
+        "dynamics-poller": [Topology.trigger_queue(account, "dynamics-poller")],
+        "ec-poller": [Topology.trigger_queue(account, "ec-poller")],
+        "reconciler": [Topology.changes_queue(account, s) for s in range(shards)],
+        "writer": [Topology.writes_queue(account, side, s)
+                   for side in SIDES for s in range(shards)],
+    }[service]
+
+
+async def declared(connection: aio_pika.abc.AbstractConnection,
+                   queues: Sequence[str]) -> list[tuple[int, int]]:
+    """(messages ready, consumers) of each queue; (0, 0) for one not declared yet."""
+    counts = []
+    channel = await connection.channel()
+    for name in queues:
+        try:
+            result = (await channel.declare_queue(name, passive=True)).declaration_result
+            counts.append((result.message_count or 0, result.consumer_count or 0))
+        except aio_pika.exceptions.ChannelClosed:
+            counts.append((0, 0))
+            channel = await connection.channel()
+    with contextlib.suppress(Exception):
+        await channel.close()
+    return counts
+
+
+async def wait_consuming(broker_url: str, queues: Sequence[str], *, timeout_s: float = 120.0,
+                         check: Callable[[], None] | None = None) -> bool:
+    """Until every one of ``queues`` has a consumer (False: ``timeout_s`` passed first);
+    ``check`` runs before each look (it raises when what should consume has died)."""
+    deadline = time.monotonic() + timeout_s
+    connection = await aio_pika.connect(broker_url)
+    async with connection:
+        while time.monotonic() < deadline:
+            if check is not None:
+                check()
+            if all(consumers > 0 for _, consumers in await declared(connection, queues)):
+                return True
+            await asyncio.sleep(0.05)
+    return False
