@@ -47,7 +47,8 @@ from common.messaging.envelope import EligibleContact, WriteCommand, decode
 from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, WRITES_EXCHANGE, Topology
 from common.runs import RunRequest, new_run_id
 from common.store import open_store
-from common.vendors.dataverse.catalog import TREE_CHECKPOINT, entries_of_tree, load_tree
+from common.store.checkpoints import PREFERENCE_TREE
+from common.vendors.dataverse.catalog import entries_of_tree, load_tree
 from common.vendors.dataverse.client import DataverseClient
 from common.vendors.dotdigital.client import DotdigitalClient
 from services.cli.dry_run.overlay import OverlayStore
@@ -196,7 +197,7 @@ async def dry_run(*, config: Config, account: str) -> DryRun:
         _outcomes_by_preference(result, view, polled)
         result.deferred = len(view.deferred_now())
         tree = await load_tree(view, account) if await view.get_checkpoint(
-            account, TREE_CHECKPOINT) else []
+            account, PREFERENCE_TREE.name) else []
         result.names = {e.preference_id: e.public_name or e.name for e in entries_of_tree(tree)}
     return result
 

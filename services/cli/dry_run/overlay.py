@@ -122,6 +122,10 @@ class OverlayStore:
         self.history_rows.extend(history)
         return revisions
 
+    async def history(self, account: str, email: str) -> list[HistoryEntry]:
+        return [*await self._store.history(account, email),
+                *(h for h in self.history_rows if h.account == account and h.email == email)]
+
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
         states = {s.key: s for s in await self._store.states_for_email(account, email)}
         states.update({k: s for k, s in self._states.items()

@@ -483,7 +483,7 @@ class ChaosWorld:
         out: dict[str, list[datetime]] = {}
         async with open_store(self.config.store.url) as store:
             for side in SIDES:
-                raw = await store.get_checkpoint(self.account, checkpoint_name(side))
+                raw = await store.get_checkpoint(self.account, clock_name(side))
                 history = orjson.loads(raw).get("history", []) if raw else []
                 out[side] = [datetime.fromisoformat(h["at"]) for h in history]
         return out
