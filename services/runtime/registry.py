@@ -31,7 +31,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 from common.config import AccountConfig, Config
 from common.messaging.amqp import AmqpPublisher, DeadLetterer, QueueConsumer, account_broker_url, connect
 from common.messaging.breakers import Breakers, RetryPolicy, use_breakers
-from common.messaging.topology import SIDES, Topology
+from common.messaging.topology import Topology
 from common.ops.health import serve_health
 from common.ops.logs import as_service
 from common.ops.metrics import METRICS, ObservedStore
@@ -47,7 +47,10 @@ from services.reconciler.sweep import OutstandingSweep
 from services.runtime.assignment import ShardAssigner, replica_id
 from services.runtime.status import RunStatusRecorder
 from services.runtime.triggers import RunCoordinator
-from services.writer.service import Writer
+from services.writer.dotdigital import DotdigitalSink
+from services.writer.dynamics import DynamicsSink
+from services.writer.pipeline import Writer
+from services.writer.sink import Sink
 
 log = logging.getLogger("prefsync.runtime")
 
@@ -297,12 +300,16 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                                  on_stats=METRICS.outstanding_observer())
         tasks.append(as_service("reconciler", sweep.run()))
     if "writer" in services:
-        for side in SIDES:
-            writer = Writer(account=account.id, side=side, store=store, publisher=publisher,
-                            shards=shards, dead_letters=dead, dataverse=dataverse,
-                            dotdigital=dotdigital, on_written=METRICS.write_counter(),
+        assert dataverse is not None and dotdigital is not None
+        sinks: list[Sink] = [
+            DynamicsSink(account=account.id, store=store, client=dataverse),
+            DotdigitalSink(account=account.id, store=store, client=dotdigital, shards=shards)]
+        for sink in sinks:
+            writer = Writer(account=account.id, sink=sink, store=store, publisher=publisher,
+                            shards=shards, dead_letters=dead, on_written=METRICS.write_counter(),
                             future_tolerance=timedelta(seconds=account.future_tolerance_s),
                             on_future=METRICS.future_counter(service="writer"))
             for index in range(shards):
-                shard("writer", Topology.writes_queue(account.id, side, index), writer.handle)
+                shard("writer", Topology.writes_queue(account.id, sink.side, index),
+                      writer.handle)
     return tasks

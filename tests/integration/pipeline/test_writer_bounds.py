@@ -32,7 +32,8 @@ from common.messaging.topology import Topology
 from common.store import open_store
 from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished
 from common.vendors.dotdigital.feed import EPOCH
-from services.writer.service import Writer, reconciler_read_mark
+from services.writer.dotdigital import READ_WAIT_S, DotdigitalSink, reconciler_read_mark
+from services.writer.pipeline import Writer
 from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
 
 from .conftest import BROKER_URL, delete_queues
@@ -51,11 +52,12 @@ class Bench:
     emails: list[str]
     preference: int
 
-    def writer(self, **kwargs: Any) -> Writer:
-        return Writer(account=self.account, side="dotdigital", store=self.store,
+    def writer(self, *, read_wait_s: float = READ_WAIT_S) -> Writer:
+        sink = DotdigitalSink(account=self.account, store=self.store, client=self.client,
+                              shards=1, read_wait_s=read_wait_s)
+        return Writer(account=self.account, sink=sink, store=self.store,
                       publisher=self.publisher, shards=1,
-                      dead_letters=DeadLetterer(publisher=self.publisher, service="writer"),
-                      dotdigital=self.client, **kwargs)
+                      dead_letters=DeadLetterer(publisher=self.publisher, service="writer"))
 
     async def registers(self, opted_in: bool) -> list[WriteCommand]:
         """A Dynamics change of every email, reconciled into the ledger; the dotdigital write
