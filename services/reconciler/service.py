@@ -50,10 +50,10 @@ from common.domain import (
     is_suppressed,
 )
 from common.domain.fold import Fold
-from common.messaging.amqp import Delivery, Outgoing, Publisher
+from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.envelope import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messaging.envelope import WriteCommand as WriteMessage
-from common.messaging.publishing import POLLED_AT, envelopes_by_shard, publish_progress
+from common.messaging.publishing import envelopes_by_shard, publish_progress
 from common.messaging.topology import SIDES, shard_of
 from common.ops import failpoints
 from common.store.directory import RecordRef, SubscriptionRow
@@ -64,14 +64,6 @@ from common.vendors.dataverse.catalog import load_catalog
 log = logging.getLogger("prefsync.reconciler")
 
 SERVICE = "reconciler"
-
-
-def _polled_at(delivery: Delivery) -> datetime | None:
-    """When the poller read the message's changes (its header), if it says."""
-    value = (delivery.message.headers or {}).get(POLLED_AT)
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return datetime.fromtimestamp(value / 1000, UTC)
-    return None
 
 
 def _held(rows: Mapping[tuple[str, str], SubscriptionRow], row_id: str,
@@ -197,7 +189,7 @@ class Reconciler:
         for index, delivery in enumerate(batch):
             side: domain.Side = ("dynamics" if delivery.envelope.source == "dynamics"
                                  else "dotdigital")
-            read_at = _polled_at(delivery) or now
+            read_at = delivery.polled_at or now
             for change in delivery.envelope.changes:
                 if isinstance(change, ReadComplete):
                     result.markers.append(change)
@@ -343,7 +335,7 @@ class Reconciler:
         2. Deferred entries are cleared only once the broker confirmed those writes: a crash
            before that leaves them for the redelivered marker.
         """
-        shard = int(batch[0].queue.rsplit(".", 1)[-1]) if batch else 0
+        shard = batch[0].shard if batch else 0
         released: list[tuple[int, list[str]]] = []
         marker_owner = result.owner_of_marker
         for marker in result.markers:
@@ -389,7 +381,7 @@ class Reconciler:
                         "changes": len(delivery.envelope.changes),
                         "outcomes": dict(result.outcomes.get(index, {})),
                         "writes": [o.message_id for o in outgoing],
-                        "polled_at_ms": (delivery.message.headers or {}).get(POLLED_AT)})
+                        "polled_at_ms": delivery.polled_at_ms})
         await failpoints.reached("reconciler.after-publish")
         if released:
             for preference_id, emails in released:

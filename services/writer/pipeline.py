@@ -40,7 +40,8 @@ from typing import Any
 
 from common import domain
 from common.domain import ContactState, KeyState, PreferenceKey, Side
-from common.messaging.amqp import DeadLetterer, Delivery, Outgoing, Publisher
+from common.messaging.abc import Delivery, Outgoing, Publisher
+from common.messaging.amqp import DeadLetterer
 from common.messaging.envelope import Envelope, encode
 from common.messaging.envelope import WriteCommand as WriteMessage
 from common.messaging.publishing import envelopes_by_shard, publish_progress, stable_id
@@ -257,9 +258,8 @@ class Writer:
                 origin_time=max(c.origin_time for c, _ in failures),
                 changes=tuple(to_message(c) for c, _ in failures),
                 run_id=delivery.envelope.run_id)
-            await self._dead.send(
-                delivery.message, account=self.account, queue=delivery.queue,
-                reason="; ".join(reasons)[:1000],
+            await self._dead.send_part(
+                delivery, account=self.account, reason="; ".join(reasons)[:1000],
                 code=",".join(sorted({f.code for _, f in failures})),
                 kind=f"write-{self.side}", body=encode(envelope),
                 message_id=envelope.change_id)

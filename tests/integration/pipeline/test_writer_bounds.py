@@ -25,7 +25,7 @@ import pytest
 
 from common import domain
 from common.domain import KeyState, Observation, PreferenceKey
-from common.messaging.amqp import AmqpPublisher, DeadLetterer, Delivery
+from common.messaging.amqp import AmqpMessage, AmqpPublisher, DeadLetterer, Delivery
 from common.messaging.envelope import Envelope, WriteCommand, decode, encode
 from common.messaging.resilience import TransientFailure, dependency_of
 from common.messaging.topology import Topology
@@ -90,7 +90,7 @@ class Bench:
             # basic.get: the broker routes the message at once, so this rarely loops
             while (message := await queue.get(fail=False)) is None:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        return Delivery(envelope=decode(message.body), message=message,
+        return Delivery(envelope=decode(message.body), message=AmqpMessage(message),
                         queue=Topology.writes_queue(self.account, "dotdigital", 0))
 
     async def state(self, email: str) -> KeyState:
