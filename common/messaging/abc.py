@@ -152,4 +152,5 @@ class Delivery:
         return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
-BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
+# (what a handler returns is not the consumer's business: see common.messaging.middleware)
+BatchHandler = Callable[[Sequence[Delivery]], Awaitable[object]]

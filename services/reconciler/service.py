@@ -49,10 +49,12 @@ from common.domain import (
     differing_records,
     is_suppressed,
 )
+from common.domain.eligibility import INELIGIBLE, email_is_eligible
 from common.domain.fold import Fold
 from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.envelope import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messaging.envelope import WriteCommand as WriteMessage
+from common.messaging.middleware import Handled
 from common.messaging.publishing import envelopes_by_shard, publish_progress
 from common.messaging.topology import SIDES, shard_of
 from common.ops import failpoints
@@ -117,19 +119,17 @@ class BatchResult:
 
 class Reconciler:
     def __init__(self, *, account: str, store: Any, publisher: Publisher, shards: int,
-                 on_outcome: Any = None,
-                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE,
-                 on_future: Any = None) -> None:
+                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE) -> None:
         self.account = account
         self._store = store
         self._publisher = publisher
         self._shards = shards
-        self._on_outcome = on_outcome
         self._future_tolerance = future_tolerance
-        self._on_future = on_future
         self._read_marks: dict[tuple[int, int], str] = {}
 
-    async def handle(self, batch: Sequence[Delivery]) -> None:
+    async def handle(self, batch: Sequence[Delivery]) -> Handled:
+        """Reconcile ``batch``; returns its decisions counted by outcome, for metrics
+        (:mod:`common.messaging.middleware`)."""
         async def attempt(number: int) -> BatchResult:
             result = await self._fold(batch)
             await self._follow_records(result)
@@ -161,6 +161,8 @@ class Reconciler:
         await self._emit(batch, result)
         if result.resumed:
             await self._store.clear_resuming(self.account, result.resumed)
+        return Handled(account=self.account, futures=list(result.fold.futures),
+                       counts=sum(result.outcomes.values(), Counter()))
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
         account = self.account
@@ -210,27 +212,25 @@ class Reconciler:
                     version=change.version, change_id=change.change_id, carried=change.carried,
                     joined=change.joined),
                     read_at=read_at)
-                if side == "dotdigital" and change.email not in eligible:
+                if side == "dotdigital" and not email_is_eligible(change.email,
+                                                                  eligible_emails=eligible):
                     # Never in an email-activated list in Dynamics: not read into the ledger,
                     # but the decision is on record.
-                    self._count(result, index, "ineligible")
+                    self._count(result, index, INELIGIBLE)
                     result.history.append(HistoryEntry.for_observation(
-                        observation, decision="ineligible", recorded_at=now))
+                        observation, decision=INELIGIBLE, recorded_at=now))
                     continue
                 self._observe(result, index, observation)
         return result
 
-    def _count(self, result: BatchResult, index: int, outcome: str) -> None:
+    @staticmethod
+    def _count(result: BatchResult, index: int, outcome: str) -> None:
         result.outcomes[index][outcome] += 1
-        if self._on_outcome is not None:
-            self._on_outcome(self.account, outcome)
 
     def _observe(self, result: BatchResult, index: int, observation: Observation) -> None:
         key = observation.key
         step = result.fold.observe(observation, contact=result.contacts.get(key.email))
         self._count(result, index, str(step.outcome))
-        if step.future and self._on_future is not None:
-            self._on_future(self.account, observation.side)
         # The last delivery to touch a key publishes its outstanding writes.
         result.owner[key] = index
 

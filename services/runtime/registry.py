@@ -31,6 +31,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 from common.config import AccountConfig, Config
 from common.messaging.amqp import AmqpPublisher, DeadLetterer, QueueConsumer, account_broker_url, connect
 from common.messaging.breakers import Breakers, RetryPolicy, use_breakers
+from common.messaging.middleware import observed
 from common.messaging.topology import Topology
 from common.ops.health import serve_health
 from common.ops.logs import as_service
@@ -287,11 +288,12 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                   as_service("ec-poller", coordinator.run_loop())]
     if "reconciler" in services:
         reconciler = Reconciler(account=account.id, store=store, publisher=publisher,
-                                shards=shards, on_outcome=METRICS.outcome_counter(),
-                                future_tolerance=timedelta(seconds=account.future_tolerance_s),
-                                on_future=METRICS.future_counter())
+                                shards=shards,
+                                future_tolerance=timedelta(seconds=account.future_tolerance_s))
+        reconcile = observed(reconciler.handle,
+                             METRICS.handled_counter(service="reconciler"))
         for index in range(shards):
-            shard("reconciler", Topology.changes_queue(account.id, index), reconciler.handle)
+            shard("reconciler", Topology.changes_queue(account.id, index), reconcile)
         # the safety net behind the ordering rules: one replica at a time sweeps the account
         sweep = OutstandingSweep(account=account.id, store=store, publisher=publisher,
                                  reconciler=reconciler, shards=shards, holder=running.replica,
@@ -306,10 +308,9 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
             DotdigitalSink(account=account.id, store=store, client=dotdigital, shards=shards)]
         for sink in sinks:
             writer = Writer(account=account.id, sink=sink, store=store, publisher=publisher,
-                            shards=shards, dead_letters=dead, on_written=METRICS.write_counter(),
-                            future_tolerance=timedelta(seconds=account.future_tolerance_s),
-                            on_future=METRICS.future_counter(service="writer"))
+                            shards=shards, dead_letters=dead,
+                            future_tolerance=timedelta(seconds=account.future_tolerance_s))
+            write = observed(writer.handle, METRICS.handled_counter(service="writer"))
             for index in range(shards):
-                shard("writer", Topology.writes_queue(account.id, sink.side, index),
-                      writer.handle)
+                shard("writer", Topology.writes_queue(account.id, sink.side, index), write)
     return tasks

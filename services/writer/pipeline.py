@@ -44,6 +44,7 @@ from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.amqp import DeadLetterer
 from common.messaging.envelope import Envelope, encode
 from common.messaging.envelope import WriteCommand as WriteMessage
+from common.messaging.middleware import Handled
 from common.messaging.publishing import envelopes_by_shard, publish_progress, stable_id
 from common.messaging.topology import SIDES
 from common.ops import failpoints
@@ -84,9 +85,7 @@ class Writer:
     def __init__(self, *, account: str, sink: Sink, store: Any, publisher: Publisher,
                  shards: int, dead_letters: DeadLetterer,
                  now: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 on_written: Callable[[str, str, Mapping[str, int]], None] | None = None,
-                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE,
-                 on_future: Callable[[str, str], None] | None = None) -> None:
+                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE) -> None:
         self.account = account
         self.sink = sink
         self._store = store
@@ -94,15 +93,15 @@ class Writer:
         self._shards = shards
         self._now = now
         self._dead = dead_letters
-        self._on_written = on_written
         self._future_tolerance = future_tolerance
-        self._on_future = on_future
 
     @property
     def side(self) -> Side:
         return self.sink.side
 
-    async def handle(self, batch: Sequence[Delivery]) -> None:
+    async def handle(self, batch: Sequence[Delivery]) -> Handled:
+        """Write ``batch``; returns what became of its commands, counted, for metrics
+        (:mod:`common.messaging.middleware`)."""
         owner, commands, covered = self._newest(batch)
         outcome = WriteOutcome(time_base=await load_time_base(
             self._store, account=self.account, tolerance=self._future_tolerance),
@@ -143,7 +142,9 @@ class Writer:
             raise TransientWriteError(outcome.transient, dependency=self.sink.dependency)
         await self._dead_letter_failures(batch, owner, commands, outcome)
         await self._publish_corrections(batch, owner, states, commands, outcome)
-        await self._report(batch, owner, commands, todo, outcome)
+        counts = await self._report(batch, owner, commands, todo, outcome)
+        return Handled(account=self.account, side=self.side, counts=counts,
+                       futures=outcome.futures)
 
     def _newest(self, batch: Sequence[Delivery]
                 ) -> tuple[dict[PreferenceKey, int], Commands, set[PreferenceKey]]:
@@ -235,9 +236,7 @@ class Writer:
                                     for st in changed.values()], history=history)
             current.update(changed)
             outcome.parked = fold.parked
-            if self._on_future is not None:
-                for side in fold.futures:
-                    self._on_future(self.account, side)
+            outcome.futures = list(fold.futures)
             return current
 
         return await commit_with_retry(attempt)
@@ -293,7 +292,8 @@ class Writer:
             await self._publisher.publish_many(outgoing)
 
     async def _report(self, batch: Sequence[Delivery], owner: dict[PreferenceKey, int],
-                      commands: Commands, todo: Commands, outcome: WriteOutcome) -> None:
+                      commands: Commands, todo: Commands, outcome: WriteOutcome
+                      ) -> Counter[str]:
         counts: dict[int, Counter[str]] = defaultdict(Counter)
         for key in commands:
             index = owner[key]
@@ -311,8 +311,6 @@ class Writer:
                 counts[index]["skipped"] += 1
         for key in outcome.deferred:
             counts[owner[key]]["deferred"] += 1
-        if self._on_written is not None:
-            self._on_written(self.account, self.side, sum(counts.values(), Counter()))
         for index, delivery in enumerate(batch):
             if delivery.envelope.run_id:
                 c = counts.get(index, Counter())
@@ -327,4 +325,5 @@ class Writer:
             # Version conflicts: the fresh row is in the ledger and the write was re-issued.
             log.info("writes re-issued after a version conflict", extra={
                 "account": self.account, "side": self.side, "keys": len(outcome.retry)})
+        return sum(counts.values(), Counter())
 

@@ -55,6 +55,8 @@ class WriteOutcome:
     contacts: dict[str, ContactState] = field(default_factory=dict)
     # what the writer read of suppressed contacts: parked, as the reconciler parks it
     parked: list[Observation] = field(default_factory=list)
+    # the side of each change read that was stamped beyond the future bound
+    futures: list[Side] = field(default_factory=list)
     # Dynamics commands with a target record found read-only or deleted at the write (the
     # history decision); written all the same if another record took them
     unwritable: dict[PreferenceKey, str] = field(default_factory=dict)
