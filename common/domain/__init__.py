@@ -4,11 +4,12 @@ the results."""
 
 from common.domain.clock import lww_rank, order, span, whole_second
 from common.domain.commands import WriteCommand
+from common.domain.fold import Fold, fold_batch
 from common.domain.history import HistoryEntry
 from common.domain.identity import PreferenceKey, normalize_email
 from common.domain.observation import Observation
 from common.domain.reconcile import Decision, Outcome, outstanding, reconcile, settle
-from common.domain.records import speaks_for_email
+from common.domain.records import differing_records, speaks_for_email
 from common.domain.sides import SIDES, PerSide, Side, other
 from common.domain.state import (
     KeyState,
@@ -52,6 +53,7 @@ __all__ = [
     "ContactState",
     "Decision",
     "Epoch",
+    "Fold",
     "HistoryEntry",
     "KeyState",
     "Known",
@@ -70,7 +72,9 @@ __all__ = [
     "abandon_write",
     "apply_contact_status",
     "begin_write",
+    "differing_records",
     "find_echo",
+    "fold_batch",
     "in_time_base",
     "is_echo",
     "is_superseded",

@@ -10,13 +10,18 @@ Rules (``on_email_change = "fresh"``, the reference behaviour: preferences belon
    and never gives it its own.
 3. A record whose email never changed while prefsync knew it (``email_since`` unknown) speaks
    for its email with every row.
+4. Several records sharing an email hold the same preferences (:func:`differing_records`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import TypeVar
 
 from common.domain.clock import as_utc
+
+R = TypeVar("R")
 
 
 def speaks_for_email(*, row_modified: datetime, email_since: datetime | None) -> bool:
@@ -26,3 +31,15 @@ def speaks_for_email(*, row_modified: datetime, email_since: datetime | None) ->
     if email_since is None:
         return True
     return as_utc(row_modified) >= as_utc(email_since).replace(microsecond=0)
+
+
+def differing_records(records: Iterable[R], *, held: Callable[[R], bool | None],
+                      opted_in: bool) -> list[R]:
+    """The records (of one email) whose subscription row for a preference does not hold
+    ``opted_in``: the row is missing (``held`` answers None) or holds the other value.
+
+    4. Every active record of an email holds the email's value: these are the ones a Dynamics
+       write must go to (the reconciler sends one when any differs; the writer writes to
+       exactly these)."""
+    return [record for record in records
+            if (value := held(record)) is None or value != opted_in]

@@ -2,7 +2,10 @@
 
 Publishing always uses publisher confirms with ``mandatory`` and treats a returned (unroutable)
 message as a failure. Consumers ack only after the handler's side effect is durable. Services
-see none of this: they get decoded envelopes.
+see none of this: they get :class:`~common.messaging.abc.Delivery` objects (decoded envelopes
+with typed fields). The consumer takes its messages from a
+:class:`~common.messaging.abc.Transport`: RabbitMQ (:class:`AmqpTransport`) or, in tests, the
+in-memory broker (:mod:`common.messaging.memory`), so the rules below are the same for both.
 
 What a consumer does with a batch (:class:`QueueConsumer`):
 
@@ -38,10 +41,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
@@ -55,6 +58,16 @@ from aio_pika.abc import (
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.config import AccountConfig
+from common.messaging.abc import (
+    REASON,
+    BatchHandler,
+    Delivery,
+    IncomingMessage,
+    Outgoing,
+    Publisher,
+    Subscription,
+    Transport,
+)
 from common.messaging.breakers import Breakers, CircuitBreaker, RetryPolicy, current_breakers
 from common.messaging.envelope import Envelope, MalformedMessage, MessageType, decode
 from common.messaging.resilience import Dependency, TransientFailure, dependency_of
@@ -62,6 +75,25 @@ from common.messaging.topology import DEAD_EXCHANGE, Topology
 from common.ops import failpoints
 
 log = logging.getLogger("prefsync.broker")
+
+__all__ = [
+    "AccountMismatch",
+    "AmqpMessage",
+    "AmqpPublisher",
+    "AmqpTransport",
+    "BatchEvent",
+    "BatchHandler",
+    "BatchObserver",
+    "BrokerUnavailable",
+    "DeadLetterer",
+    "Delivery",
+    "IncomingMessage",
+    "Outgoing",
+    "Publisher",
+    "QueueConsumer",
+    "account_broker_url",
+    "connect",
+]
 
 # How many unconfirmed publishes may be in flight at once on one channel.
 CONFIRM_WINDOW = 512
@@ -113,24 +145,6 @@ def account_broker_url(url: str, account: AccountConfig) -> str:
         host = f"{host}:{parts.port}"
     netloc = f"{quote(account.broker.user, safe='')}:{quote(password.reveal(), safe='')}@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Outgoing:
-    exchange: str
-    routing_key: str
-    body: bytes
-    message_id: str
-    headers: Mapping[str, Any] = field(default_factory=dict)
-    # Advisory events (progress) may have no listener; everything else must route.
-    mandatory: bool = True
-
-
-class Publisher(Protocol):
-    """The seam services publish through; tests may swap in their own."""
-
-    async def publish_many(self, items: Sequence[Outgoing]) -> None:
-        """Returns once the broker confirmed every item; raises if any was refused or returned."""
 
 
 class AmqpPublisher:
@@ -222,23 +236,6 @@ class AmqpPublisher:
         await self._channel.close()
 
 
-@dataclass(kw_only=True, eq=False)
-class Delivery:
-    """One decoded message, handed to a handler; settle it through the consumer only."""
-
-    envelope: Envelope
-    message: AbstractIncomingMessage
-    queue: str
-    settled: bool = False
-
-    @property
-    def message_id(self) -> str:
-        return self.message.message_id or ""
-
-
-BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BatchEvent:
     """One handled batch, for observers (metrics): ``failed`` means it went back to the queue."""
@@ -253,6 +250,95 @@ class BatchEvent:
 BatchObserver = Callable[[BatchEvent], None]
 
 
+class AmqpMessage:
+    """An aio-pika message as the consumer sees it (:class:`~common.messaging.abc.IncomingMessage`)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: AbstractIncomingMessage) -> None:
+        self.raw = raw
+
+    @property
+    def body(self) -> bytes:
+        return self.raw.body
+
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        return self.raw.headers or {}
+
+    @property
+    def message_id(self) -> str:
+        return self.raw.message_id or ""
+
+    @property
+    def exchange(self) -> str:
+        return self.raw.exchange or ""
+
+    @property
+    def routing_key(self) -> str:
+        return self.raw.routing_key or ""
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self.raw.redelivered)
+
+    def stale(self) -> bool:
+        try:
+            self.raw.channel  # noqa: B018 - raises once the channel is closed
+        except ChannelInvalidStateError:
+            return True
+        return False
+
+    async def settle(self, *, ack: bool) -> bool:
+        try:
+            if ack:
+                await self.raw.ack()
+            else:
+                await self.raw.nack(requeue=True)
+        except (ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            log.info("could not settle a message, its channel is closed; the broker "
+                     "redelivers it", extra={"change_id": self.message_id,
+                                             "error": type(exc).__name__})
+            return False
+        return True
+
+
+class AmqpSubscription:
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+
+    async def close(self) -> None:
+        # closing (not basic.cancel) returns what was prefetched to the front of the queue
+        await self._channel.close()
+
+
+class AmqpTransport:
+    """Consuming from RabbitMQ: one channel per queue, with manual acks."""
+
+    def __init__(self, connection: AbstractRobustConnection) -> None:
+        self._connection = connection
+
+    async def subscribe(self, queue: str, *, prefetch: int,
+                        deliver: Callable[[IncomingMessage], Awaitable[None]]
+                        ) -> AmqpSubscription:
+        channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            await channel.set_qos(prefetch_count=prefetch)
+            found = await channel.get_queue(queue, ensure=True)
+
+            async def receive(message: AbstractIncomingMessage) -> None:
+                await deliver(AmqpMessage(message))
+
+            await found.consume(receive, no_ack=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
+        return AmqpSubscription(channel)
+
+
 class DeadLetterer:
     """Publishes a message to its account's dead-letter queue with the reason, then it is acked."""
 
@@ -262,19 +348,19 @@ class DeadLetterer:
         self._service = service
         self._on_dead_letter = on_dead_letter
 
-    async def send(self, message: AbstractIncomingMessage, *, account: str, queue: str,
+    async def send(self, message: IncomingMessage, *, account: str, queue: str,
                    reason: str, code: str = "", kind: str = "malformed",
                    body: bytes | None = None, message_id: str | None = None) -> None:
         """Dead-letter ``message`` (or, with ``body``, just the part of it that failed)."""
-        headers = dict(message.headers or {})
+        headers = dict(message.headers)
         headers.update({
-            "x-prefsync-reason": reason[:1000],
+            REASON: reason[:1000],
             "x-prefsync-kind": kind,
             "x-prefsync-code": code,
             "x-prefsync-service": self._service,
             "x-prefsync-queue": queue,
-            "x-prefsync-original-exchange": message.exchange or "",
-            "x-prefsync-original-routing-key": message.routing_key or "",
+            "x-prefsync-original-exchange": message.exchange,
+            "x-prefsync-original-routing-key": message.routing_key,
             # a string: AMQP tables would carry a float as 32 bits, minutes off for a time
             "x-prefsync-dead-at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         })
@@ -282,7 +368,7 @@ class DeadLetterer:
             exchange=DEAD_EXCHANGE,
             routing_key=Topology.dead_key(account, kind),
             body=message.body if body is None else body,
-            message_id=message_id or message.message_id or "",
+            message_id=message_id or message.message_id,
             headers=headers,
         )])
         if self._on_dead_letter is not None:
@@ -290,6 +376,13 @@ class DeadLetterer:
         log.warning("dead-lettered a message", extra={
             "account": account, "queue": queue, "reason": reason, "code": code,
             "change_id": message.message_id})
+
+    async def send_part(self, delivery: Delivery, *, account: str, reason: str, code: str,
+                        kind: str, body: bytes, message_id: str) -> None:
+        """For handlers: dead-letter the part of ``delivery`` that failed for good (``body``,
+        under its own message id); the delivery itself is acked as handled."""
+        await self.send(delivery.message, account=account, queue=delivery.queue,
+                        reason=reason, code=code, kind=kind, body=body, message_id=message_id)
 
 
 class AccountMismatch(MalformedMessage):
@@ -311,27 +404,13 @@ def _connection_lost(exc: BaseException) -> bool:
                       | ConnectionError)
 
 
-def _stale(message: AbstractIncomingMessage) -> bool:
-    """Received on a channel that has closed since: the broker redelivers it elsewhere."""
-    try:
-        message.channel  # noqa: B018 - raises once the channel is closed
-    except ChannelInvalidStateError:
-        return True
-    return False
+def _stale(message: IncomingMessage) -> bool:
+    return message.stale()
 
 
-async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> bool:
+async def _settle(message: IncomingMessage, *, ack: bool) -> bool:
     """Ack (or nack with requeue); False if the channel is gone (the broker redelivers)."""
-    try:
-        if ack:
-            await message.ack()
-        else:
-            await message.nack(requeue=True)
-    except (ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-        log.info("could not settle a message, its channel is closed; the broker redelivers it",
-                 extra={"change_id": message.message_id, "error": type(exc).__name__})
-        return False
-    return True
+    return await message.settle(ack=ack)
 
 
 class QueueConsumer:
@@ -342,12 +421,15 @@ class QueueConsumer:
     in use where the consumer is built, :func:`common.messaging.breakers.use_breakers`).
     """
 
-    def __init__(self, *, connection: AbstractRobustConnection, queue: str, account: str,
+    def __init__(self, *, connection: AbstractRobustConnection | Transport, queue: str,
+                 account: str,
                  handler: BatchHandler, dead_letters: DeadLetterer, prefetch: int,
                  batch_size: int, expected_type: MessageType | None = None,
                  on_batch: BatchObserver | None = None, retry: RetryPolicy | None = None,
                  breakers: Breakers | None = None) -> None:
-        self._connection = connection
+        # RabbitMQ (a connection), or any other transport (the in-memory broker in tests)
+        self._transport: Transport = (connection if isinstance(connection, Transport)
+                                      else AmqpTransport(connection))
         self.queue = queue
         self.account = account
         self._handler = handler
@@ -359,25 +441,23 @@ class QueueConsumer:
         self._retry = retry if retry is not None else RetryPolicy()
         self._breakers = breakers if breakers is not None else current_breakers()
         # (message, loop time it arrived); None: stop (see stop())
-        self._inbox: asyncio.Queue[tuple[AbstractIncomingMessage, float] | None] = (
+        self._inbox: asyncio.Queue[tuple[IncomingMessage, float] | None] = (
             asyncio.Queue())
         self._stopping = False
         self._stopped = asyncio.Event()
-        self._channel: AbstractChannel | None = None
-        self._consumer_tag: str | None = None
         self.consuming = asyncio.Event()
         # the batch in hand: its messages not settled yet, in order, and when its hold ends
-        self._in_hand: list[AbstractIncomingMessage] = []
+        self._in_hand: list[IncomingMessage] = []
         self._hold_until = 0.0
         # the breakers this consumer's work met open, until it sees a success
         self._owed: set[CircuitBreaker] = set()
 
     async def run(self) -> None:
         try:
-            channel = await self._open()
+            subscription = await self._open()
         except _Released:  # stopped before the broker could be reached
-            channel = None
-        if channel is None:
+            subscription = None
+        if subscription is None:
             self._leave_breakers()
             return
         try:
@@ -403,30 +483,24 @@ class QueueConsumer:
             self.consuming.clear()
             self._leave_breakers()
             with contextlib.suppress(Exception):
-                await channel.close()
+                await subscription.close()
 
     def _leave_breakers(self) -> None:
         for breaker in self._owed:
             breaker.leave(self)
         self._owed.clear()
 
-    async def _open(self) -> AbstractChannel | None:
+    async def _open(self) -> Subscription | None:
         """Open the channel and consume; while the broker is unreachable, try again with
         backoff (a shard taken over during an outage must not end the process)."""
         failures = 0
         while not self._stopping:
-            channel = None
             try:
-                channel = await self._connection.channel(publisher_confirms=False)
-                await channel.set_qos(prefetch_count=self._prefetch)
-                queue = await channel.get_queue(self.queue, ensure=True)
-                self._consumer_tag = await queue.consume(self._receive, no_ack=False)
+                subscription = await self._transport.subscribe(
+                    self.queue, prefetch=self._prefetch, deliver=self._receive)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if channel is not None:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
                 missing = isinstance(exc, aio_pika.exceptions.ChannelNotFoundEntity)
                 if missing or (dependency_of(exc) != "broker"
                                and not isinstance(exc, OSError | RuntimeError)):
@@ -437,16 +511,15 @@ class QueueConsumer:
                 await self._interruptible(asyncio.sleep(self._retry.delay(failures)))
                 failures += 1
                 continue
-            self._channel = channel
             self.consuming.set()
-            return channel
+            return subscription
         return None
 
-    async def _receive(self, message: AbstractIncomingMessage) -> None:
+    async def _receive(self, message: IncomingMessage) -> None:
         self._inbox.put_nowait((message, asyncio.get_running_loop().time()))
 
     # --- one batch ---------------------------------------------------------------------------
-    async def _process(self, batch: list[tuple[AbstractIncomingMessage, float]]) -> None:
+    async def _process(self, batch: list[tuple[IncomingMessage, float]]) -> None:
         self._in_hand = [message for message, _ in batch]
         # the hold counts from the oldest arrival: prefetched messages wait in the inbox too
         self._hold_until = batch[0][1] + self._retry.hold_s
@@ -508,7 +581,7 @@ class QueueConsumer:
             await self._handler(pending)
 
     async def _attempt(self, call: Callable[[], Awaitable[None]], *,
-                       held: Sequence[AbstractIncomingMessage], single: bool,
+                       held: Sequence[IncomingMessage], single: bool,
                        proves: Dependency | None = None) -> Exception | None:
         """Run ``call`` until it succeeds (None), waiting out transient failures in place.
 
@@ -634,11 +707,11 @@ class QueueConsumer:
         await _settle(delivery.message, ack=True)
         self._forget(delivery.message)
 
-    def _forget(self, message: AbstractIncomingMessage) -> None:
+    def _forget(self, message: IncomingMessage) -> None:
         with contextlib.suppress(ValueError):
             self._in_hand.remove(message)
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, *, reason: str, kind: str,
+    async def _dead_letter(self, message: IncomingMessage, *, reason: str, kind: str,
                            code: str = "") -> None:
         """Dead-letter ``message`` and ack it; while the broker refuses the dead letter, wait
         as for any broker outage."""
@@ -680,8 +753,8 @@ class QueueConsumer:
     def dead_letters(self) -> DeadLetterer:
         return self._dead
 
-    def _check(self, envelope: Envelope, message: AbstractIncomingMessage) -> None:
-        key_account = Topology.account_of_key(message.routing_key or "")
+    def _check(self, envelope: Envelope, message: IncomingMessage) -> None:
+        key_account = Topology.account_of_key(message.routing_key)
         queue_account = Topology.account_of_queue(self.queue)
         if not envelope.account == key_account == queue_account == self.account:
             raise AccountMismatch(

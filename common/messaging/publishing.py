@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 
-from common.messaging.amqp import Outgoing, Publisher
+from common.messaging.abc import POLLED_AT as POLLED_AT  # (where it was first)
+from common.messaging.abc import Outgoing, Publisher
 from common.messaging.envelope import Change, Envelope, MessageType, ReadComplete, Source, encode
 from common.messaging.topology import (
     CHANGES_EXCHANGE,
@@ -30,10 +31,6 @@ from common.messaging.topology import (
 # Changes per message: big enough to make broker and store work cheap per change, small enough
 # that a redelivery repeats little work.
 CHUNK = 500
-# Header on change messages: when the poller read them (Unix time in milliseconds, an integer:
-# AMQP floats may be single precision). Progress events report it, so a run's latency can be
-# told from poll to write.
-POLLED_AT = "x-prefsync-polled-at-ms"
 
 
 def stable_id(*parts: object) -> str:

@@ -16,7 +16,7 @@ categories; never an email, a record id or a secret (API endpoints are route tem
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -33,6 +33,7 @@ from common.vendors.clock_skew import estimate_of
 
 if TYPE_CHECKING:
     from common.messaging.amqp import BatchEvent
+    from common.messaging.middleware import Handled
 
 T = TypeVar("T")
 
@@ -213,22 +214,24 @@ class Metrics:
 
         return observe
 
-    def outcome_counter(self, *, service: str = "reconciler") -> Callable[[str, str], None]:
-        """``on_outcome`` for the reconciler: called once per decided change."""
+    def handled_counter(self, *, service: str) -> Callable[[Handled], None]:
+        """An observer of the reconciler's or the writer's handled batches
+        (:func:`common.messaging.middleware.observed`): the reconciler's decisions, the
+        writer's outcomes per side, and the changes stamped beyond the future bound."""
+        future = self.future_counter(service=service)
 
-        def count(account: str, outcome: str) -> None:
-            self.reconcile_outcomes.labels(service_label(service), account, outcome).inc()
-
-        return count
-
-    def write_counter(self, *, service: str = "writer"
-                      ) -> Callable[[str, str, Mapping[str, int]], None]:
-        """``on_written`` for the writer: (account, side, {outcome: count})."""
-
-        def count(account: str, side: str, outcomes: Mapping[str, int]) -> None:
-            for outcome, n in outcomes.items():
-                if n:
-                    self.writes.labels(service_label(service), account, side, outcome).inc(n)
+        def count(handled: Handled) -> None:
+            for outcome, n in handled.counts.items():
+                if not n:
+                    continue
+                if handled.side is None:
+                    self.reconcile_outcomes.labels(service_label(service), handled.account,
+                                                   outcome).inc(n)
+                else:
+                    self.writes.labels(service_label(service), handled.account, handled.side,
+                                       outcome).inc(n)
+            for side in handled.futures:
+                future(handled.account, side)
 
         return count
 

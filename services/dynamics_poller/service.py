@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from common.config import AccountConfig
 from common.domain import HistoryEntry, normalize_email, speaks_for_email
+from common.domain.eligibility import INELIGIBLE, record_is_eligible
 from common.messaging.amqp import Outgoing, Publisher
 from common.messaging.envelope import EligibleContact, Envelope, PreferenceChange, encode
 from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, stable_id
@@ -393,7 +394,7 @@ class DynamicsPoller:
                     version=int(row.get("versionnumber") or 0),
                     change_id=f"dyn:{row['psync_marketingpreferencesubscriptionid']}:"
                               f"{row.get('versionnumber')}")
-            if record is None or not record.eligible:
+            if record is None or not record_is_eligible(record):
                 counts.ineligible += 1
                 if change is not None:
                     # never read into the ledger; the decision is on record for the email
@@ -401,7 +402,7 @@ class DynamicsPoller:
                         account=self.account.id, email=change.email, preference_id=preference,
                         side="dynamics", opted_in=change.opted_in,
                         origin_time=change.origin_time, change_id=change.change_id,
-                        decision="ineligible", recorded_at=now))
+                        decision=INELIGIBLE, recorded_at=now))
                 continue
             if change is None:
                 counts.without_email += 1

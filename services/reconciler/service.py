@@ -34,6 +34,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from common import domain
@@ -45,32 +46,33 @@ from common.domain import (
     PendingWrite,
     PreferenceKey,
     apply_contact_status,
+    differing_records,
     is_suppressed,
-    reconcile,
 )
-from common.messaging.amqp import Delivery, Outgoing, Publisher
+from common.domain.eligibility import INELIGIBLE, email_is_eligible
+from common.domain.fold import Fold
+from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.envelope import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messaging.envelope import WriteCommand as WriteMessage
-from common.messaging.publishing import POLLED_AT, envelopes_by_shard, publish_progress
-from common.messaging.resilience import TransientFailure
+from common.messaging.middleware import Handled
+from common.messaging.publishing import envelopes_by_shard, publish_progress
 from common.messaging.topology import SIDES, shard_of
 from common.ops import failpoints
-from common.store import ConflictError
+from common.store.directory import RecordRef, SubscriptionRow
+from common.store.unit_of_work import commit_with_retry
 from common.vendors.clock_skew import load_time_base
 from common.vendors.dataverse.catalog import load_catalog
 
 log = logging.getLogger("prefsync.reconciler")
 
 SERVICE = "reconciler"
-MAX_CONFLICT_RETRIES = 5
 
 
-def _polled_at(delivery: Delivery) -> datetime | None:
-    """When the poller read the message's changes (its header), if it says."""
-    value = (delivery.message.headers or {}).get(POLLED_AT)
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return datetime.fromtimestamp(value / 1000, UTC)
-    return None
+def _held(rows: Mapping[tuple[str, str], SubscriptionRow], row_id: str,
+          record: RecordRef) -> bool | None:
+    """What the record's row ``row_id`` holds, as the directory has it (None: no row)."""
+    row = rows.get((record.record_id, row_id))
+    return None if row is None else row.opted_in
 
 
 def to_message(command: domain.WriteCommand) -> WriteMessage:
@@ -82,55 +84,67 @@ def to_message(command: domain.WriteCommand) -> WriteMessage:
 
 @dataclass
 class BatchResult:
-    states: dict[PreferenceKey, KeyState]
+    fold: Fold
     contacts: dict[str, ContactState]
-    history: list[HistoryEntry] = field(default_factory=list)
     # per delivery: outcome counts, and the keys whose commands it is responsible for
     outcomes: dict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     owner: dict[PreferenceKey, int] = field(default_factory=dict)
-    changed_keys: set[PreferenceKey] = field(default_factory=set)
     changed_contacts: set[str] = field(default_factory=set)
     # preference ids whose complete dotdigital read ended in this batch (this shard)
     markers: list[ReadComplete] = field(default_factory=list)
     owner_of_marker: dict[int, int] = field(default_factory=dict)
-    # observations of suppressed contacts (kept until they resubscribe), and the emails whose
-    # contact resubscribed in this batch (their parked observations were folded in)
-    parked: list[Observation] = field(default_factory=list)
+    # the emails whose contact resubscribed in this batch (their parked observations were
+    # folded in; the fold parks observations of suppressed contacts until they resubscribe)
     resumed: set[str] = field(default_factory=set)
     # Dynamics writes so that every record of an email holds the register's value
     follow: dict[PreferenceKey, domain.WriteCommand] = field(default_factory=dict)
 
+    # the fold's parts, by the names the steps use
+    @property
+    def states(self) -> dict[PreferenceKey, KeyState]:
+        return self.fold.states
+
+    @property
+    def changed_keys(self) -> set[PreferenceKey]:
+        return self.fold.changed
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        return self.fold.history
+
+    @property
+    def parked(self) -> list[Observation]:
+        return self.fold.parked
+
 
 class Reconciler:
     def __init__(self, *, account: str, store: Any, publisher: Publisher, shards: int,
-                 on_outcome: Any = None,
-                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE,
-                 on_future: Any = None) -> None:
+                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE) -> None:
         self.account = account
         self._store = store
         self._publisher = publisher
         self._shards = shards
-        self._on_outcome = on_outcome
         self._future_tolerance = future_tolerance
-        self._on_future = on_future
         self._read_marks: dict[tuple[int, int], str] = {}
 
-    async def handle(self, batch: Sequence[Delivery]) -> None:
-        for attempt in range(MAX_CONFLICT_RETRIES):
+    async def handle(self, batch: Sequence[Delivery]) -> Handled:
+        """Reconcile ``batch``; returns its decisions counted by outcome, for metrics
+        (:mod:`common.messaging.middleware`)."""
+        async def attempt(number: int) -> BatchResult:
             result = await self._fold(batch)
             await self._follow_records(result)
-            try:
-                await self._store.save(
-                    [(result.states[k].revision or None, result.states[k], None)
-                     for k in result.changed_keys], history=result.history)
-                break
-            except ConflictError:
-                # Another replica committed one of these keys first (only while shards move
-                # between replicas): fold again on top of what it wrote.
-                log.info("ledger conflict, folding again", extra={"account": self.account,
-                                                                  "attempt": attempt + 1})
-        else:
-            raise TransientFailure("ledger conflicts did not settle", dependency="store")
+            await self._store.save(
+                [(result.states[k].revision or None, result.states[k], None)
+                 for k in result.changed_keys], history=result.history)
+            return result
+
+        def conflict(number: int) -> None:
+            # Another replica committed one of these keys first (only while shards move
+            # between replicas): fold again on top of what it wrote.
+            log.info("ledger conflict, folding again", extra={"account": self.account,
+                                                              "attempt": number})
+
+        result = await commit_with_retry(attempt, on_conflict=conflict)
         if result.resumed:
             # Before the contact is saved as resubscribed: from here until its writes are
             # confirmed, a redelivered batch resumes the email from this mark.
@@ -147,6 +161,8 @@ class Reconciler:
         await self._emit(batch, result)
         if result.resumed:
             await self._store.clear_resuming(self.account, result.resumed)
+        return Handled(account=self.account, futures=list(result.fold.futures),
+                       counts=sum(result.outcomes.values(), Counter()))
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
         account = self.account
@@ -166,7 +182,8 @@ class Reconciler:
                   for o in (await self._store.parked_observations(account, resuming)
                             if resuming else [])]
         keys |= {o.key for o in parked}
-        result = BatchResult(states=await self._store.load(keys), contacts=contacts)
+        result = BatchResult(fold=Fold(states=await self._store.load(keys), recorded_at=now),
+                             contacts=contacts)
         for email in {o.key.email for o in parked} | resuming:
             for state in await self._store.states_for_email(account, email):
                 result.states.setdefault(state.key, state)
@@ -174,7 +191,7 @@ class Reconciler:
         for index, delivery in enumerate(batch):
             side: domain.Side = ("dynamics" if delivery.envelope.source == "dynamics"
                                  else "dotdigital")
-            read_at = _polled_at(delivery) or now
+            read_at = delivery.polled_at or now
             for change in delivery.envelope.changes:
                 if isinstance(change, ReadComplete):
                     result.markers.append(change)
@@ -184,7 +201,7 @@ class Reconciler:
                     if self._contact(result, change) or (
                             change.email in marked and change.email not in result.resumed
                             and self._lifting(change)):
-                        self._resume(result, index, change.email, parked, now)
+                        self._resume(result, index, change.email, parked)
                     continue
                 if not isinstance(change, PreferenceChange):
                     continue
@@ -195,42 +212,25 @@ class Reconciler:
                     version=change.version, change_id=change.change_id, carried=change.carried,
                     joined=change.joined),
                     read_at=read_at)
-                if side == "dotdigital" and change.email not in eligible:
+                if side == "dotdigital" and not email_is_eligible(change.email,
+                                                                  eligible_emails=eligible):
                     # Never in an email-activated list in Dynamics: not read into the ledger,
                     # but the decision is on record.
-                    self._count(result, index, "ineligible")
+                    self._count(result, index, INELIGIBLE)
                     result.history.append(HistoryEntry.for_observation(
-                        observation, decision="ineligible", recorded_at=now))
+                        observation, decision=INELIGIBLE, recorded_at=now))
                     continue
-                self._observe(result, index, observation, now)
+                self._observe(result, index, observation)
         return result
 
-    def _count(self, result: BatchResult, index: int, outcome: str) -> None:
+    @staticmethod
+    def _count(result: BatchResult, index: int, outcome: str) -> None:
         result.outcomes[index][outcome] += 1
-        if self._on_outcome is not None:
-            self._on_outcome(self.account, outcome)
 
-    def _observe(self, result: BatchResult, index: int, observation: Observation,
-                 now: datetime) -> None:
+    def _observe(self, result: BatchResult, index: int, observation: Observation) -> None:
         key = observation.key
-        decision = reconcile(result.states.get(key), observation,
-                             contact=result.contacts.get(key.email))
-        outcome = str(decision.outcome)
-        self._count(result, index, outcome)
-        if decision.changed:
-            result.states[key] = decision.state
-            result.changed_keys.add(key)
-        if decision.outcome == domain.Outcome.SUPPRESSED:
-            result.parked.append(observation)
-        if decision.outcome != domain.Outcome.DUPLICATE:
-            if observation.future_timestamp:
-                # stamped beyond the future bound: it competed as of when it was read
-                result.history.append(HistoryEntry.for_observation(
-                    observation, decision="future_timestamp", recorded_at=now))
-                if self._on_future is not None:
-                    self._on_future(self.account, observation.side)
-            result.history.append(HistoryEntry.for_observation(
-                observation, decision=outcome, recorded_at=now))
+        step = result.fold.observe(observation, contact=result.contacts.get(key.email))
+        self._count(result, index, str(step.outcome))
         # The last delivery to touch a key publishes its outstanding writes.
         result.owner[key] = index
 
@@ -257,13 +257,13 @@ class Reconciler:
         return stored | marked, marked
 
     def _resume(self, result: BatchResult, index: int, email: str,
-                parked: Sequence[Observation], now: datetime) -> None:
+                parked: Sequence[Observation]) -> None:
         """The contact was resubscribed: fold in what was parked while it was suppressed, and
         let every key of the email publish its outstanding writes again."""
         result.resumed.add(email)
         for observation in parked:
             if observation.key.email == email:
-                self._observe(result, index, observation, now)
+                self._observe(result, index, observation)
         for key in result.states:
             if key.email == email:
                 result.owner[key] = index
@@ -314,10 +314,9 @@ class Reconciler:
             register = state.register
             if key.email not in shared or row_id is None or register is None:
                 continue
-            differs = any(
-                (row := rows.get((r.record_id, row_id))) is None
-                or row.opted_in != register.opted_in for r in shared[key.email])
-            if not differs:
+            if not differing_records(
+                    shared[key.email], opted_in=register.opted_in,
+                    held=partial(_held, rows, row_id)):
                 continue
             command = domain.WriteCommand.for_register(key=key, side="dynamics",
                                                        register=register)
@@ -336,7 +335,7 @@ class Reconciler:
         2. Deferred entries are cleared only once the broker confirmed those writes: a crash
            before that leaves them for the redelivered marker.
         """
-        shard = int(batch[0].queue.rsplit(".", 1)[-1]) if batch else 0
+        shard = batch[0].shard if batch else 0
         released: list[tuple[int, list[str]]] = []
         marker_owner = result.owner_of_marker
         for marker in result.markers:
@@ -382,7 +381,7 @@ class Reconciler:
                         "changes": len(delivery.envelope.changes),
                         "outcomes": dict(result.outcomes.get(index, {})),
                         "writes": [o.message_id for o in outgoing],
-                        "polled_at_ms": (delivery.message.headers or {}).get(POLLED_AT)})
+                        "polled_at_ms": delivery.polled_at_ms})
         await failpoints.reached("reconciler.after-publish")
         if released:
             for preference_id, emails in released:

@@ -35,10 +35,12 @@ from common.messaging.amqp import (
     connect,
 )
 from common.messaging.breakers import Breakers, RetryPolicy, use_breakers
-from common.messaging.topology import SIDES, Topology
+from common.messaging.middleware import observed
+from common.messaging.topology import Topology
 from common.ops.health import serve_health
 from common.ops.logs import as_service
-from common.ops.metrics import METRICS, observed
+from common.ops.metrics import METRICS
+from common.ops.metrics import observed as observed_store
 from common.store import LedgerStore, open_store
 from common.store.interface import StoreUnavailable
 from common.vendors.dataverse.client import DataverseClient
@@ -51,7 +53,10 @@ from services.reconciler.sweep import OutstandingSweep
 from services.runtime.assignment import ShardAssigner, replica_id
 from services.runtime.status import RunStatusRecorder
 from services.runtime.triggers import RunCoordinator
-from services.writer.service import Writer
+from services.writer.dotdigital import DotdigitalSink
+from services.writer.dynamics import DynamicsSink
+from services.writer.pipeline import Writer
+from services.writer.sink import Sink
 
 log = logging.getLogger("prefsync.runtime")
 
@@ -154,7 +159,7 @@ async def run_services(*, config: Config, services: Sequence[str],
                 what="declaring the topology")
         if store is None:
             store = await stack.enter_async_context(await _open_store_waiting(config.store.url))
-        store = running.store = observed(store, metrics=METRICS)
+        store = running.store = observed_store(store, metrics=METRICS)
         if metrics_port is not None:
             await stack.enter_async_context(serve_health(
                 running=running, metrics=METRICS, accounts=[a.id for a in config.accounts],
@@ -285,11 +290,12 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                   as_service("ec-poller", coordinator.run_loop())]
     if "reconciler" in services:
         reconciler = Reconciler(account=account.id, store=store, publisher=publisher,
-                                shards=shards, on_outcome=METRICS.outcome_counter(),
-                                future_tolerance=timedelta(seconds=account.future_tolerance_s),
-                                on_future=METRICS.future_counter())
+                                shards=shards,
+                                future_tolerance=timedelta(seconds=account.future_tolerance_s))
+        reconcile = observed(reconciler.handle,
+                             METRICS.handled_counter(service="reconciler"))
         for index in range(shards):
-            shard("reconciler", Topology.changes_queue(account.id, index), reconciler.handle)
+            shard("reconciler", Topology.changes_queue(account.id, index), reconcile)
         # the safety net behind the ordering rules: one replica at a time sweeps the account
         sweep = OutstandingSweep(account=account.id, store=store, publisher=publisher,
                                  reconciler=reconciler, shards=shards, holder=running.replica,
@@ -298,12 +304,15 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                                  on_stats=METRICS.outstanding_observer())
         tasks.append(as_service("reconciler", sweep.run()))
     if "writer" in services:
-        for side in SIDES:
-            writer = Writer(account=account.id, side=side, store=store, publisher=publisher,
-                            shards=shards, dead_letters=dead, dataverse=dataverse,
-                            dotdigital=dotdigital, on_written=METRICS.write_counter(),
-                            future_tolerance=timedelta(seconds=account.future_tolerance_s),
-                            on_future=METRICS.future_counter(service="writer"))
+        assert dataverse is not None and dotdigital is not None
+        sinks: list[Sink] = [
+            DynamicsSink(account=account.id, store=store, client=dataverse),
+            DotdigitalSink(account=account.id, store=store, client=dotdigital, shards=shards)]
+        for sink in sinks:
+            writer = Writer(account=account.id, sink=sink, store=store, publisher=publisher,
+                            shards=shards, dead_letters=dead,
+                            future_tolerance=timedelta(seconds=account.future_tolerance_s))
+            write = observed(writer.handle, METRICS.handled_counter(service="writer"))
             for index in range(shards):
-                shard("writer", Topology.writes_queue(account.id, side, index), writer.handle)
+                shard("writer", Topology.writes_queue(account.id, sink.side, index), write)
     return tasks

@@ -35,10 +35,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
 
 from common.config import Config
 from common.domain import PreferenceKey
@@ -80,10 +79,21 @@ class CapturingPublisher:
 
 @dataclass(frozen=True)
 class _Message:
-    """What the reconciler reads of a delivered message: its id and headers."""
+    """A change message as its shard queue would deliver it, first time (nothing is ever
+    settled: the dry run acks nothing)."""
 
+    body: bytes
     message_id: str
     headers: dict[str, Any]
+    exchange: str
+    routing_key: str
+    redelivered: bool = False
+
+    def stale(self) -> bool:
+        return False
+
+    async def settle(self, *, ack: bool) -> bool:
+        return True
 
 
 def _deliveries(account: str, items: Sequence[Outgoing]) -> dict[int, list[Delivery]]:
@@ -91,10 +101,11 @@ def _deliveries(account: str, items: Sequence[Outgoing]) -> dict[int, list[Deliv
     by_shard: dict[int, list[Delivery]] = defaultdict(list)
     for item in items:
         shard = int(item.routing_key.rsplit(".", 1)[-1])
-        message = _Message(message_id=item.message_id, headers=dict(item.headers))
-        by_shard[shard].append(Delivery(
-            envelope=decode(item.body), message=cast(AbstractIncomingMessage, message),
-            queue=Topology.changes_queue(account, shard)))
+        message = _Message(body=item.body, message_id=item.message_id,
+                           headers=dict(item.headers), exchange=item.exchange,
+                           routing_key=item.routing_key)
+        by_shard[shard].append(Delivery(envelope=decode(item.body), message=message,
+                                        queue=Topology.changes_queue(account, shard)))
     return by_shard
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import ChannelInvalidStateError
 
+from common.messaging.abc import IncomingMessage
 from common.messaging.amqp import (
     AmqpPublisher,
     BatchEvent,
@@ -53,14 +52,6 @@ async def node() -> AsyncIterator[PrivateRabbitMQ]:
             yield node
 
 
-def stale(message: AbstractIncomingMessage) -> bool:
-    try:
-        message.channel  # noqa: B018 - raises once the channel is closed
-    except ChannelInvalidStateError:
-        return True
-    return False
-
-
 def change(n: int) -> Outgoing:
     env = Envelope(type="preference-changes", account=ACCOUNT, source="dynamics",
                    change_id=f"c{n}", origin_time=T0,
@@ -76,7 +67,7 @@ async def test_a_consumer_outlives_its_channel(node: PrivateRabbitMQ) -> None:
         publisher = await AmqpPublisher.open(connection)
         await publisher.publish_many([change(n) for n in (1, 2, 3)])
         calls: list[tuple[str, bool]] = []
-        held: list[AbstractIncomingMessage] = []
+        held: list[IncomingMessage] = []
         in_hand = anyio.Event()
         release = anyio.Event()
         done = anyio.Event()
@@ -106,7 +97,7 @@ async def test_a_consumer_outlives_its_channel(node: PrivateRabbitMQ) -> None:
                     await asyncio.sleep(0.01)
             await node.close_all_connections()
             with anyio.fail_after(20):
-                while not stale(held[0]):  # noqa: ASYNC110 - the client has no such event
+                while not held[0].stale():  # noqa: ASYNC110 - the client has no such event
                     await asyncio.sleep(0.05)
                 await connection.connected.wait()  # reconnected
             release.set()

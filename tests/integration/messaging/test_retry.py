@@ -18,9 +18,10 @@ from typing import Any
 
 import anyio
 import pytest
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
+from common.messaging.abc import IncomingMessage
 from common.messaging.amqp import AmqpPublisher, DeadLetterer, Delivery, Outgoing, QueueConsumer, connect
 from common.messaging.breakers import Breakers, RetryPolicy
 from common.messaging.envelope import Envelope, PreferenceChange, encode
@@ -47,7 +48,7 @@ def change_message(account: str, n: int, *, preference_id: int = 1) -> Outgoing:
                     body=encode(env), message_id=f"m{n}")
 
 
-def delivery_count(message: AbstractIncomingMessage) -> int:
+def delivery_count(message: IncomingMessage) -> int:
     """Deliveries spent before this one (RabbitMQ 3.10 sets the header from the second on)."""
     count = (message.headers or {}).get("x-delivery-count")
     return int(count) if isinstance(count, int | str) else 0

@@ -25,14 +25,15 @@ import pytest
 
 from common import domain
 from common.domain import KeyState, Observation, PreferenceKey
-from common.messaging.amqp import AmqpPublisher, DeadLetterer, Delivery
+from common.messaging.amqp import AmqpMessage, AmqpPublisher, DeadLetterer, Delivery
 from common.messaging.envelope import Envelope, WriteCommand, decode, encode
 from common.messaging.resilience import TransientFailure, dependency_of
 from common.messaging.topology import Topology
 from common.store import LedgerStore, open_store
 from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished
 from common.vendors.dotdigital.feed import EPOCH
-from services.writer.service import Writer, reconciler_read_mark
+from services.writer.dotdigital import READ_WAIT_S, DotdigitalSink, reconciler_read_mark
+from services.writer.pipeline import Writer
 from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
 
 from .conftest import BROKER_URL, delete_queues
@@ -51,11 +52,12 @@ class Bench:
     emails: list[str]
     preference: int
 
-    def writer(self, **kwargs: Any) -> Writer:
-        return Writer(account=self.account, side="dotdigital", store=self.store,
+    def writer(self, *, read_wait_s: float = READ_WAIT_S) -> Writer:
+        sink = DotdigitalSink(account=self.account, store=self.store, client=self.client,
+                              shards=1, read_wait_s=read_wait_s)
+        return Writer(account=self.account, sink=sink, store=self.store,
                       publisher=self.publisher, shards=1,
-                      dead_letters=DeadLetterer(publisher=self.publisher, service="writer"),
-                      dotdigital=self.client, **kwargs)
+                      dead_letters=DeadLetterer(publisher=self.publisher, service="writer"))
 
     async def registers(self, opted_in: bool) -> list[WriteCommand]:
         """A Dynamics change of every email, reconciled into the ledger; the dotdigital write
@@ -88,7 +90,7 @@ class Bench:
             # basic.get: the broker routes the message at once, so this rarely loops
             while (message := await queue.get(fail=False)) is None:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        return Delivery(envelope=decode(message.body), message=message,
+        return Delivery(envelope=decode(message.body), message=AmqpMessage(message),
                         queue=Topology.writes_queue(self.account, "dotdigital", 0))
 
     async def state(self, email: str) -> KeyState:

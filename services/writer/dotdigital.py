@@ -1,0 +1,313 @@
+"""The dotdigital sink: writes the commands' values to dotdigital's contacts.
+
+1. First dotdigital's time: the write's window starts there, and the clock it tells is checked.
+2. Then the opt-ins-since feed of the affected preferences since the ec-poller's watermark: a
+   change a user made there since is folded in first. A preference the ec-poller has not read
+   in full yet has no watermark: its commands are deferred (as the reconciler defers its own),
+   and the reconciler sends them again once that read is reconciled; the batch is not held
+   meanwhile. A key no complete read covers is asked about contact by contact.
+3. Then one v3 import (or a preferences PUT for up to ``DIRECT_WRITE_LIMIT`` contacts), inside
+   that window of dotdigital's clock.
+4. A suppressed contact, known before the write or learnt from it (the vendor refuses the
+   write: ``ERROR_CONTACT_SUPPRESSED``, or an import failure for the contact), is
+   ``suppressed``: the contact state is recorded, the command is not written and stays
+   outstanding in the register, so it goes out when the contact is resubscribed.
+5. A write that may have landed (a v3 import still unfinished at its deadline) leaves its
+   window unknown: the retry reads dotdigital back before writing again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from common import domain
+from common.domain import ContactState, KeyState, Observation, PreferenceKey, Side
+from common.messaging.resilience import Dependency
+from common.messaging.topology import shard_of
+from common.vendors.base import TransportError, VendorError
+from common.vendors.dotdigital.client import DotdigitalClient
+from common.vendors.dotdigital.feed import FeedFollower, FeedPosition, opt_ins_source
+from common.vendors.dotdigital.models import ImportContact
+from services.writer.sink import ClockNotes, Commands, Failure, TransientWriteError, WriteOutcome
+
+log = logging.getLogger("prefsync.writer")
+
+# Up to this many contacts go through the preferences PUT (one call each); more use an import.
+DIRECT_WRITE_LIMIT = 2
+# How long a dotdigital batch waits for the ec-poller to finish a read of a preference's feed
+# that is under way (a first read is not waited for: its commands are deferred); then the batch
+# fails transiently. Well inside RabbitMQ's consumer_timeout (30 min).
+READ_WAIT_S = 60.0
+# dotdigital's answers for a write refused because the contact is suppressed: v2's error, v3's
+# (PATCH), and the import's failure code for a contact whose preferences were not applied (the
+# contact's status is read to confirm it).
+SUPPRESSED_CODES = frozenset({"ERROR_CONTACT_SUPPRESSED", "contacts:contactSuppressed",
+                              "preferencesNotApplied"})
+# A suppression learnt from a refusal, when the contact's own status cannot be read.
+SUPPRESSED_STATUS = "Suppressed"
+
+
+def reconciler_read_mark(preference_id: int, shard: int) -> str:
+    """The reconciler's checkpoint saying it reconciled a complete read of the preference in
+    this shard (set before it looks for the writes deferred until then)."""
+    return f"reconciler:read:{preference_id}:{shard}"
+
+
+class DotdigitalBatch:
+    """One batch's write to dotdigital (see the module's docstring)."""
+
+    def __init__(self, *, sink: DotdigitalSink, commands: Commands,
+                 watermarks: Mapping[int, datetime], outcome: WriteOutcome) -> None:
+        self._sink = sink
+        self._commands = commands
+        self._watermarks = watermarks
+        self._outcome = outcome
+        self._window_start: datetime | None = None
+
+    async def read(self, *, states: Mapping[PreferenceKey, KeyState],
+                   covered: set[PreferenceKey]) -> None:
+        if not self._commands:
+            return
+        self._window_start = await self._sink.read_before_write(
+            self._commands, self._watermarks, self._outcome)
+        preview = domain.fold_batch(states, self._outcome.observations, contacts={},
+                                    recorded_at=self._outcome.read_at).states
+        unknown = [k for k in self._commands if k not in covered
+                   and (preview.get(k) or KeyState(key=k)).known.get("dotdigital") is None]
+        await self._sink.read_contacts(unknown, self._outcome)
+
+    def takes(self, key: PreferenceKey) -> bool:
+        return True
+
+    def should_write(self, state: KeyState, command: domain.WriteCommand) -> bool:
+        return domain.writer_should_apply(state, command)
+
+    async def write(self, todo: Commands, *, started: datetime,
+                    contacts: Mapping[str, ContactState]) -> None:
+        # read() ran for a non-empty batch: the window starts at dotdigital's time before it
+        window_start = self._window_start if self._window_start is not None else started
+        await self._sink.write_dotdigital(todo, self._outcome, window_start, contacts)
+
+
+class DotdigitalSink:
+    """Writes to dotdigital for one account."""
+
+    side: Side = "dotdigital"
+    dependency: Dependency = "dotdigital"
+
+    def __init__(self, *, account: str, store: Any, client: DotdigitalClient, shards: int,
+                 read_wait_s: float = READ_WAIT_S) -> None:
+        self.account = account
+        self._store = store
+        self._client = client
+        self._shards = shards
+        self._read_wait_s = read_wait_s
+        self._feed = FeedFollower(client=client)
+        self._clock = ClockNotes(store=store, account=account, side="dotdigital")
+
+    async def open(self, commands: Commands, outcome: WriteOutcome) -> DotdigitalBatch:
+        watermarks = await self._watermarks(commands, outcome)
+        return DotdigitalBatch(sink=self, commands=commands, watermarks=watermarks,
+                               outcome=outcome)
+
+    async def _watermarks(self, commands: Commands,
+                          outcome: WriteOutcome) -> dict[int, datetime]:
+        """Where to read each preference's feed from before writing (the ec-poller's last
+        complete read). Until the ec-poller has read a preference once, what dotdigital holds
+        for it is unknown: writing could overwrite newer values, and reading the whole feed
+        before every batch would cost far more. So:
+
+        1. a first read not finished yet: the commands are deferred, as the reconciler defers
+           its own, and removed from the batch; the reconciler sends them again when that
+           read is reconciled (its read markers);
+        2. a read under way from an earlier position (or a first read whose markers this shard
+           has reconciled already, so a deferral could be missed): wait for it, up to
+           ``read_wait_s``, then fail transiently (the batch is retried later, in order).
+        """
+        by_preference: dict[int, list[PreferenceKey]] = defaultdict(list)
+        for key in commands:
+            by_preference[key.preference_id].append(key)
+        found: dict[int, datetime] = {}
+        for preference_id, keys in by_preference.items():
+            position = FeedPosition.decode(await self._store.get_checkpoint(
+                self.account, opt_ins_source(preference_id)))
+            if position.watermark is not None:
+                found[preference_id] = position.watermark
+            elif position.first_read and await self._defer(preference_id, keys):
+                for key in keys:
+                    del commands[key]
+                    outcome.deferred.add(key)
+            else:
+                found[preference_id] = await self._read_watermark(preference_id)
+        return found
+
+    async def _defer(self, preference_id: int, keys: Sequence[PreferenceKey]) -> bool:
+        """Defer the keys' writes until the preference's first read is reconciled; False when
+        this shard's reconciler may have reconciled it already (then nobody would send them).
+
+        The deferral is saved first, then the reconciler's read mark is looked at: the
+        reconciler sets the mark before it looks for deferred writes, so with no mark yet it
+        will see these."""
+        await self._store.defer_writes(self.account,
+                                       [(preference_id, key.email) for key in keys])
+        for shard in {shard_of(key.email, self._shards) for key in keys}:
+            if await self._store.get_checkpoint(
+                    self.account, reconciler_read_mark(preference_id, shard)) is not None:
+                return False
+        return True
+
+    async def _read_watermark(self, preference_id: int) -> datetime:
+        """The watermark once the read under way finishes, waiting ``read_wait_s`` at most."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._read_wait_s
+        delay = 0.2
+        while True:
+            position = FeedPosition.decode(await self._store.get_checkpoint(
+                self.account, opt_ins_source(preference_id)))
+            if position.watermark is not None:
+                return position.watermark
+            if loop.time() + delay > deadline:
+                raise TransientWriteError(
+                    f"dotdigital preference {preference_id}: the ec-poller's read of its feed "
+                    f"has not finished after {self._read_wait_s:.0f} s", dependency="dotdigital")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def read_before_write(self, commands: Commands,
+                                 watermarks: Mapping[int, datetime],
+                                 outcome: WriteOutcome) -> datetime:
+        """Fold in dotdigital changes the ec-poller has not read yet, for these keys. Returns
+        dotdigital's time taken just before the reads: the write's window starts there, and
+        the clock it tells is checked before what is read is placed in our time base."""
+        by_preference: dict[int, set[str]] = defaultdict(set)
+        for key in commands:
+            by_preference[key.preference_id].add(key.email)
+        started = await self._client.server_time()
+        outcome.time_base = await self._clock.note(self._client, outcome.time_base)
+        for preference_id, emails in by_preference.items():
+            since = watermarks[preference_id]
+            found = await self._feed.entries(preference_id, since=since, emails=emails)
+            for email, entries in found.items():
+                for contact_id, opted_in, modified in entries:
+                    outcome.observe(Observation(
+                        key=PreferenceKey(account=self.account, email=email,
+                                          preference_id=preference_id),
+                        side="dotdigital", opted_in=opted_in, origin_time=modified,
+                        change_id=f"ec:{contact_id}:{preference_id}:{modified.isoformat()}"))
+        return started
+
+    async def read_contacts(self, keys: Sequence[PreferenceKey], outcome: WriteOutcome) -> None:
+        """Keys whose dotdigital state no complete read covers: ask about each contact."""
+        wanted: dict[str, set[int]] = defaultdict(set)
+        for key in keys:
+            wanted[key.email].add(key.preference_id)
+        for email, preference_ids in wanted.items():
+            try:
+                opt_ins = await self._client.subscriptions(email)
+            except VendorError as exc:
+                if exc.status == 404:
+                    continue  # no such contact: nothing set there
+                raise
+            for opt_in in opt_ins.opt_ins:
+                if opt_in.preference_id in preference_ids:
+                    outcome.observe(Observation(
+                        key=PreferenceKey(account=self.account, email=email,
+                                          preference_id=opt_in.preference_id),
+                        side="dotdigital", opted_in=opt_in.is_opted_in,
+                        origin_time=opt_in.modified,
+                        change_id=f"ec:{opt_ins.contact.id}:{opt_in.preference_id}:"
+                                  f"{opt_in.modified.isoformat()}"))
+
+    async def write_dotdigital(self, todo: Commands,
+                                outcome: WriteOutcome, window_start: datetime,
+                                contacts: Mapping[str, ContactState]) -> None:
+        by_email: dict[str, dict[int, bool]] = defaultdict(dict)
+        for key, command in todo.items():
+            by_email[key.email][key.preference_id] = command.opted_in
+        write = self._feed.writing(started=window_start, values=by_email)
+        refused: dict[str, Failure] = {}
+        try:
+            direct = len(by_email) <= DIRECT_WRITE_LIMIT
+            to_import = {} if direct else dict(by_email)
+            if direct:
+                for email, preferences in by_email.items():
+                    try:
+                        await self._client.update_contact_preferences(email, preferences)
+                    except VendorError as exc:
+                        if exc.retryable:
+                            raise
+                        if exc.status == 404:
+                            # not a dotdigital contact yet: the import creates it, as it does
+                            # for a larger batch
+                            to_import[email] = preferences
+                        else:
+                            refused[email] = Failure(reason=exc.message, code=exc.code)
+            if to_import:
+                report = await self._client.run_import(
+                    [ImportContact(email=email, preferences=prefs)
+                     for email, prefs in to_import.items()])
+                for failure in report.failures:
+                    if failure.email:
+                        refused[failure.email.strip().lower()] = Failure(
+                            reason="; ".join(failure.descriptions) or "import failure",
+                            code=",".join(failure.codes))
+            window_end = await self._client.server_time()
+        except BaseException:
+            self._feed.forget(write)  # what it wrote, if anything, is read back as unknown
+            raise
+        # a refused contact's values were not written: never take its changes for our echo
+        write.values = {e: v for e, v in by_email.items() if e not in refused}
+        self._feed.written(write, ended=window_end)
+        suppressed = await self._suppressions(refused, contacts, as_of=window_start,
+                                              outcome=outcome)
+        for key in todo:
+            if key.email in suppressed:
+                outcome.suppressed.add(key)
+            elif key.email in refused:
+                outcome.failed[key] = refused[key.email]
+            else:
+                outcome.written[key].append((None, window_start, window_end))
+
+    async def _suppressions(self, refused: Mapping[str, Failure],
+                            contacts: Mapping[str, ContactState], *, as_of: datetime,
+                            outcome: WriteOutcome) -> set[str]:
+        """The refused contacts that are suppressed; their contact state goes to
+        ``outcome.contacts`` (as of ``as_of``, dotdigital's time before the write: they were
+        suppressed when the write was refused, after it).
+
+        The contact's own status is read to learn which suppression it is (and to confirm it
+        for an import failure, whose code is less specific); when it cannot be read, the
+        refusal is taken at its word. A contact that reads as active again is retried."""
+        suppressed: set[str] = set()
+        for email, failure in refused.items():
+            if not SUPPRESSED_CODES & set(failure.code.split(",")):
+                continue
+            try:
+                read = (await self._client.contact(email)).status
+            except (VendorError, TransportError):
+                read = ""  # not readable (by email, a suppressed contact may not be)
+            try:
+                active = bool(read) and not domain.is_suppressed(read)
+            except ValueError:
+                read, active = "", False  # a status we do not know: the refusal says enough
+            if active:
+                outcome.transient = (f"dotdigital refused a write as suppressed "
+                                     f"({failure.code}) but the contact is {read} now")
+                continue
+            status = read or SUPPRESSED_STATUS
+            decision = domain.apply_contact_status(
+                outcome.contacts.get(email) or contacts.get(email), account=self.account,
+                email=email, status=status, as_of=as_of)
+            if decision.changed:
+                outcome.contacts[email] = decision.state
+            suppressed.add(email)
+        if suppressed:
+            log.info("writes refused: contacts suppressed since they were read", extra={
+                "account": self.account, "side": self.side,
+                "contacts": len(suppressed)})
+        return suppressed

@@ -1,0 +1,329 @@
+"""writer: applies write commands to one side, per account, through that side's sink.
+
+For each batch of commands from one shard queue, whatever the side:
+
+1. **dedupe**: the newest command per key wins (the last delivery carrying it owns it);
+2. **open**: the sink starts the batch (dotdigital may defer commands whose preference has not
+   been read in full yet: :mod:`services.writer.dotdigital`);
+3. **load** the keys' states and contacts, and let the sink **read** what its vendor holds that
+   the ledger may not have seen;
+4. **decide**: a suppressed contact's command is ``suppressed`` (not written, left outstanding
+   in the register: it goes out when the contact is resubscribed); a command no target can
+   take is left; the others are written when the ledger (with what was read) says so;
+5. **begin**: each write is recorded in the ledger as in flight before the call (from the
+   target's clock as measured, less a margin), so the pollers recognise the echo;
+6. **write** through the sink (:mod:`services.writer.dynamics`,
+   :mod:`services.writer.dotdigital`);
+7. **commit** in one transaction what the write produced (the version, or the clock window),
+   the refusals, and what was read (decided as the reconciler decides it: what was read of a
+   suppressed contact is parked); then the directory's rows, the contacts, the parked;
+8. a part that failed transiently fails the batch now (after what did succeed is recorded):
+   it is retried later, never dead-lettered;
+9. **dead-letter** other permanent refusals with the vendor's code;
+10. **publish corrections**: if the register moved while we wrote (or a user change was
+    read), the new writes; and the writes to re-issue after a version conflict;
+11. **report**, then the consumer acks: only after the vendor accepted and the ledger
+    committed.
+
+Everything read is placed in our time base (:mod:`common.vendors.clock_skew`) before it is
+folded in. 429s and 5xx are retried inside the clients, within their deadlines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from common import domain
+from common.domain import ContactState, KeyState, PreferenceKey, Side
+from common.messaging.abc import Delivery, Outgoing, Publisher
+from common.messaging.amqp import DeadLetterer
+from common.messaging.envelope import Envelope, encode
+from common.messaging.envelope import WriteCommand as WriteMessage
+from common.messaging.middleware import Handled
+from common.messaging.publishing import envelopes_by_shard, publish_progress, stable_id
+from common.messaging.topology import SIDES
+from common.ops import failpoints
+from common.store.unit_of_work import commit_with_retry
+from common.vendors.clock_skew import load_time_base
+from services.writer.sink import (
+    CLOCK_MARGIN,
+    Commands,
+    Failure,
+    Sink,
+    TransientWriteError,
+    WriteOutcome,
+)
+
+log = logging.getLogger("prefsync.writer")
+
+SERVICE = "writer"
+
+
+def to_command(account: str, message: WriteMessage) -> domain.WriteCommand:
+    return domain.WriteCommand(
+        key=PreferenceKey(account=account, email=message.email,
+                          preference_id=message.preference_id),
+        side=message.side, opted_in=message.opted_in, origin_time=message.origin_time,
+        origin_side=message.origin_side, change_id=message.change_id)
+
+
+def to_message(command: domain.WriteCommand) -> WriteMessage:
+    return WriteMessage(email=command.key.email, preference_id=command.key.preference_id,
+                        side=command.side, opted_in=command.opted_in,
+                        origin_time=command.origin_time, origin_side=command.origin_side,
+                        change_id=command.change_id)
+
+
+class Writer:
+    """The write pipeline of one side (its ``sink``) for one account."""
+
+    def __init__(self, *, account: str, sink: Sink, store: Any, publisher: Publisher,
+                 shards: int, dead_letters: DeadLetterer,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 future_tolerance: timedelta = domain.DEFAULT_FUTURE_TOLERANCE) -> None:
+        self.account = account
+        self.sink = sink
+        self._store = store
+        self._publisher = publisher
+        self._shards = shards
+        self._now = now
+        self._dead = dead_letters
+        self._future_tolerance = future_tolerance
+
+    @property
+    def side(self) -> Side:
+        return self.sink.side
+
+    async def handle(self, batch: Sequence[Delivery]) -> Handled:
+        """Write ``batch``; returns what became of its commands, counted, for metrics
+        (:mod:`common.messaging.middleware`)."""
+        owner, commands, covered = self._newest(batch)
+        outcome = WriteOutcome(time_base=await load_time_base(
+            self._store, account=self.account, tolerance=self._future_tolerance),
+            read_at=self._now())
+        work = await self.sink.open(commands, outcome)
+        states = await self._store.load(set(commands))
+        contacts = await self._store.load_contacts(self.account, {k.email for k in commands})
+        await work.read(states=states, covered=covered)
+        preview = domain.fold_batch(states, outcome.observations, contacts={},
+                                    recorded_at=outcome.read_at).states
+        todo: Commands = {}
+        for key, command in commands.items():
+            contact = contacts.get(key.email)
+            if contact is not None and contact.suppressed:
+                outcome.suppressed.add(key)
+            elif not work.takes(key):
+                continue
+            elif work.should_write(preview.get(key) or KeyState(key=key), command):
+                todo[key] = command
+        if todo:
+            # on the target's clock, as far as it is known, and earlier still by a margin
+            started = outcome.time_base.on_their_clock(self.side, self._now())[0] - CLOCK_MARGIN
+            await self._begin(todo, started=started, states=states)
+            await work.write(todo, started=started, contacts=contacts)
+            await failpoints.reached("writer.after-vendor-write")
+        contacts.update(outcome.contacts)
+        states = await self._commit_outcome(commands, todo, outcome, states=states,
+                                            contacts=contacts)
+        if outcome.rows:
+            await self._store.upsert_subscriptions(self.account, outcome.rows)
+        if outcome.contacts:
+            # monotonic in their own time: no compare-and-set (as the reconciler saves them)
+            await self._store.save_contacts(list(outcome.contacts.values()))
+        if outcome.parked:
+            await self._store.park_observations(outcome.parked)
+        await failpoints.reached("writer.after-commit")
+        if outcome.transient is not None:
+            raise TransientWriteError(outcome.transient, dependency=self.sink.dependency)
+        await self._dead_letter_failures(batch, owner, commands, outcome)
+        await self._publish_corrections(batch, owner, states, commands, outcome)
+        counts = await self._report(batch, owner, commands, todo, outcome)
+        return Handled(account=self.account, side=self.side, counts=counts,
+                       futures=outcome.futures)
+
+    def _newest(self, batch: Sequence[Delivery]
+                ) -> tuple[dict[PreferenceKey, int], Commands, set[PreferenceKey]]:
+        """The newest command per key of this side, the delivery that owns it, and the keys
+        whose newest command says a complete read covers them (``covered``)."""
+        owner: dict[PreferenceKey, int] = {}
+        commands: Commands = {}
+        covered: set[PreferenceKey] = set()
+        for index, delivery in enumerate(batch):
+            for change in delivery.envelope.changes:
+                if isinstance(change, WriteMessage) and change.side == self.side:
+                    command = to_command(self.account, change)
+                    commands[command.key] = command  # the newest command per key wins
+                    owner[command.key] = index
+                    if change.covered:
+                        covered.add(command.key)
+                    else:
+                        covered.discard(command.key)
+        return owner, commands, covered
+
+    # --- ledger ----------------------------------------------------------------------------
+    async def _begin(self, todo: Commands, *, started: datetime,
+                     states: dict[PreferenceKey, KeyState]) -> None:
+        """Record the writes as in flight. ``states`` (as loaded for this batch) is tried
+        first and kept up to date; a conflict loads the keys afresh."""
+        async def attempt(number: int) -> None:
+            if number:
+                states.update(await self._store.load(set(todo)))
+            changed = []
+            for key, command in todo.items():
+                before = states.get(key) or KeyState(key=key)
+                after = domain.begin_write(before, command, window_start=started)
+                if after != before:
+                    changed.append(after)
+            revisions = await self._store.save([(st.revision or None, st, None)
+                                                for st in changed])
+            states.update({st.key: replace(st, revision=revision)
+                           for st, revision in zip(changed, revisions, strict=True)})
+
+        await commit_with_retry(attempt)
+
+    async def _commit_outcome(self, commands: Commands, todo: Commands,
+                              outcome: WriteOutcome, *,
+                              states: Mapping[PreferenceKey, KeyState],
+                              contacts: Mapping[str, ContactState]
+                              ) -> dict[PreferenceKey, KeyState]:
+        """Record writes, refusals and what the writer read, in one transaction. ``states``
+        (kept up to date by this batch's own saves) is tried first; a conflict loads afresh.
+        What was read of a suppressed contact is decided as the reconciler decides it
+        (``suppressed``) and goes to ``outcome.parked``."""
+        now = self._now()
+        keys = set(commands) | {o.key for o in outcome.observations}
+        known = keys <= states.keys() | set(commands)  # else some key was never loaded
+        estimate = outcome.time_base.estimates.get(self.side)
+        offset = estimate.offset if estimate is not None else timedelta(0)
+
+        async def attempt(number: int) -> dict[PreferenceKey, KeyState]:
+            current: dict[PreferenceKey, KeyState] = (
+                {k: states[k] for k in keys if k in states} if known and not number
+                else await self._store.load(keys))
+            fold = domain.fold_batch(current, outcome.observations, contacts=contacts,
+                                     recorded_at=now)
+            history = fold.history
+            changed = fold.changed_states()
+            for key, command in todo.items():
+                state = fold.states.get(key) or KeyState(key=key)
+                if key in outcome.written:
+                    for version, start, end in outcome.written[key]:
+                        state = domain.record_write(state, command, produced_version=version,
+                                                    window_start=start, window_end=end,
+                                                    written_at=now, offset=offset)
+                    history.append(domain.HistoryEntry.for_write(command, recorded_at=now))
+                elif (key in outcome.failed or key in outcome.retry or key in outcome.suppressed
+                      or key in outcome.unwritable or outcome.transient):
+                    # surely not written (refused, or never sent): no echo is to be expected
+                    state = domain.abandon_write(state, command)
+                    if key in outcome.failed:
+                        history.append(domain.HistoryEntry.for_write(
+                            command, recorded_at=now, decision="failed"))
+                if key in outcome.unwritable and key not in outcome.failed:
+                    # a record skipped (read-only or deleted), whether or not others took it
+                    history.append(domain.HistoryEntry.for_write(
+                        command, recorded_at=now, decision=outcome.unwritable[key]))
+                changed[key] = state
+            history += [domain.HistoryEntry.for_write(commands[key], recorded_at=now,
+                                                      decision="suppressed")
+                        for key in sorted(outcome.suppressed, key=str)]
+            await self._store.save([(st.revision or None, st, None)
+                                    for st in changed.values()], history=history)
+            current.update(changed)
+            outcome.parked = fold.parked
+            outcome.futures = list(fold.futures)
+            return current
+
+        return await commit_with_retry(attempt)
+
+    # --- after the write -------------------------------------------------------------------
+    async def _dead_letter_failures(self, batch: Sequence[Delivery],
+                                    owner: dict[PreferenceKey, int], commands: Commands,
+                                    outcome: WriteOutcome) -> None:
+        by_delivery: dict[int, list[tuple[domain.WriteCommand, Failure]]] = defaultdict(list)
+        for key, failure in outcome.failed.items():
+            by_delivery[owner[key]].append((commands[key], failure))
+        for index, failures in by_delivery.items():
+            delivery = batch[index]
+            reasons = sorted({f"{f.code}: {f.reason}" for _, f in failures})
+            envelope = Envelope(
+                type="write-commands", account=self.account, source="reconciler",
+                change_id=stable_id("dead", delivery.message_id, self.side),
+                origin_time=max(c.origin_time for c, _ in failures),
+                changes=tuple(to_message(c) for c, _ in failures),
+                run_id=delivery.envelope.run_id)
+            await self._dead.send_part(
+                delivery, account=self.account, reason="; ".join(reasons)[:1000],
+                code=",".join(sorted({f.code for _, f in failures})),
+                kind=f"write-{self.side}", body=encode(envelope),
+                message_id=envelope.change_id)
+
+    async def _publish_corrections(self, batch: Sequence[Delivery],
+                                   owner: dict[PreferenceKey, int],
+                                   states: dict[PreferenceKey, KeyState], commands: Commands,
+                                   outcome: WriteOutcome) -> None:
+        """If the register moved while we wrote (or a user change was read), the new writes;
+        and the writes to re-issue after a version conflict."""
+        by_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
+        for key, command in commands.items():
+            state = states.get(key)
+            if state is None:
+                continue
+            for outstanding in domain.outstanding(state):
+                same = (outstanding.side, outstanding.opted_in, outstanding.origin_time) == (
+                    command.side, command.opted_in, command.origin_time)
+                if not same or key in outcome.retry:
+                    by_delivery[owner[key]].append(to_message(outstanding))
+        for index, corrections in by_delivery.items():
+            delivery = batch[index]
+            outgoing: list[Outgoing] = []
+            for side in SIDES:
+                outgoing += envelopes_by_shard(
+                    account=self.account, source="reconciler", type="write-commands",
+                    changes=[c for c in corrections if c.side == side], shards=self._shards,
+                    run_id=delivery.envelope.run_id,
+                    id_seed=f"correction:{delivery.message_id}:{side}", route="writes",
+                    side=side)
+            await self._publisher.publish_many(outgoing)
+
+    async def _report(self, batch: Sequence[Delivery], owner: dict[PreferenceKey, int],
+                      commands: Commands, todo: Commands, outcome: WriteOutcome
+                      ) -> Counter[str]:
+        counts: dict[int, Counter[str]] = defaultdict(Counter)
+        for key in commands:
+            index = owner[key]
+            if key in outcome.failed:
+                counts[index]["failed"] += 1
+            elif key in outcome.suppressed:
+                counts[index]["suppressed"] += 1
+            elif key in outcome.written:
+                counts[index]["written"] += 1
+            elif key in outcome.unwritable:
+                counts[index]["skipped"] += 1
+            elif key in todo:
+                counts[index]["retry"] += 1
+            else:
+                counts[index]["skipped"] += 1
+        for key in outcome.deferred:
+            counts[owner[key]]["deferred"] += 1
+        for index, delivery in enumerate(batch):
+            if delivery.envelope.run_id:
+                c = counts.get(index, Counter())
+                await publish_progress(self._publisher, account=self.account,
+                                       run_id=delivery.envelope.run_id, event="written",
+                                       fields={"message": delivery.message_id, "side": self.side,
+                                               "written": c["written"], "failed": c["failed"],
+                                               "skipped": c["skipped"],
+                                               "suppressed": c["suppressed"],
+                                               "deferred": c["deferred"]})
+        if outcome.retry:
+            # Version conflicts: the fresh row is in the ledger and the write was re-issued.
+            log.info("writes re-issued after a version conflict", extra={
+                "account": self.account, "side": self.side, "keys": len(outcome.retry)})
+        return sum(counts.values(), Counter())
+

@@ -1,0 +1,108 @@
+"""The reconciler over the in-memory broker: a change is decided, committed and its write
+commands published before the message is acked; a malformed message is dead-lettered apart from
+its neighbours; a batch given back after a failure past its commit is redelivered and folded
+again as a duplicate, its writes going out with the same message ids."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from common.domain import PreferenceKey
+from common.messaging.abc import REASON, Outgoing
+from common.messaging.envelope import PreferenceChange
+from common.messaging.publishing import envelopes_by_shard
+from common.messaging.resilience import TransientFailure
+from common.messaging.topology import CHANGES_EXCHANGE, Topology, shard_of
+from services.reconciler.service import Reconciler
+from tests.unit.services.support import ACCOUNT, SHARDS, Bed, Failing, bed
+
+pytestmark = pytest.mark.anyio
+PREFERENCE = 1001
+EMAIL = "ann@example.com"
+SHARD = shard_of(EMAIL, SHARDS)
+CHANGES = Topology.changes_queue(ACCOUNT, SHARD)
+WRITES = Topology.writes_queue(ACCOUNT, "dotdigital", SHARD)
+NOW = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+
+
+def dynamics_change(opted_in: bool, *, version: int, email: str = EMAIL) -> list[Outgoing]:
+    """A change the dynamics-poller read, as it publishes it."""
+    return envelopes_by_shard(
+        account=ACCOUNT, source="dynamics", type="preference-changes", shards=SHARDS,
+        changes=[PreferenceChange(email=email, preference_id=PREFERENCE, opted_in=opted_in,
+                                  origin_time=NOW + timedelta(seconds=version),
+                                  version=version, change_id=f"dyn:row:{version}")],
+        run_id=None, id_seed=f"poll:{version}")
+
+
+async def reconciler(b: Bed) -> Reconciler:
+    """The account's reconciler, once dotdigital's feed of the preference has been read in
+    full in this shard (so writes to it go out at once, not deferred)."""
+    await b.store.set_checkpoint(ACCOUNT, f"reconciler:read:{PREFERENCE}:{SHARD}",
+                                 NOW.isoformat())
+    return Reconciler(account=ACCOUNT, store=b.store, publisher=b.broker, shards=SHARDS)
+
+
+async def test_a_change_is_committed_and_its_write_published_before_the_ack(
+        tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        b.consume(CHANGES, (await reconciler(b)).handle, service="reconciler")
+        await b.broker.publish_many(dynamics_change(True, version=1))
+        await b.drained(CHANGES)
+        key = PreferenceKey(account=ACCOUNT, email=EMAIL, preference_id=PREFERENCE)
+        state = (await b.store.load([key]))[key]
+        assert state.register is not None and state.register.opted_in
+        [command] = b.commands(WRITES)
+        assert (command.email, command.opted_in, command.side) == (EMAIL, True, "dotdigital")
+        history = await b.store.history(ACCOUNT, EMAIL)
+        assert [h.decision for h in history] == ["applied"]
+        assert b.dead_letters() == []
+
+
+async def test_a_malformed_message_is_dead_lettered_and_the_others_reconciled(
+        tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        handle = (await reconciler(b)).handle
+        bad = Outgoing(exchange=CHANGES_EXCHANGE, routing_key=Topology.changes_key(ACCOUNT, SHARD),
+                       body=b'{"v": 1, "type": "preference-changes"}', message_id="bad")
+        await b.broker.publish_many([*dynamics_change(True, version=1), bad,
+                                     *dynamics_change(False, version=2)])
+        b.consume(CHANGES, handle, service="reconciler")
+        await b.drained(CHANGES)
+        [dead] = b.dead_letters()
+        assert dead.message_id == "bad"
+        assert dead.headers["x-prefsync-kind"] == "malformed"
+        assert dead.headers[REASON]
+        history = await b.store.history(ACCOUNT, EMAIL)
+        assert sorted(h.change_id for h in history) == ["dyn:row:1", "dyn:row:2"]
+        # the last write wins: the opt-out goes to dotdigital
+        assert [c.opted_in for c in b.commands(WRITES)][-1] is False
+
+
+async def test_a_batch_failing_after_its_commit_is_redelivered_and_its_writes_sent_again(
+        tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        # the broker goes away after the commit and stays away past the hold
+        handler = Failing((await reconciler(b)).handle, after=True, times=100,
+                          error=TransientFailure("the broker is down", dependency="broker"))
+        await b.broker.publish_many(dynamics_change(True, version=1))
+        b.consume(CHANGES, handler, service="reconciler")
+        async with asyncio.timeout(10):
+            while not any(d.redelivered for batch in handler.calls for d in batch):
+                await b.broker.changed()
+        handler.left = 0  # back
+        await b.drained(CHANGES)
+        assert handler.calls[0][0].delivery_count == 0
+        redelivered = [d for batch in handler.calls for d in batch if d.redelivered]
+        assert redelivered and redelivered[0].delivery_count == 1
+        # folded again: a duplicate, not recorded twice
+        history = await b.store.history(ACCOUNT, EMAIL)
+        assert [h.decision for h in history] == ["applied"]
+        # every attempt published the same write (same message id): one command for the writer
+        sent = b.broker.take(WRITES)
+        assert len({m.message_id for m in sent}) == 1
+        assert b.dead_letters() == []
