@@ -22,7 +22,8 @@ from bench.harness import PREFERENCES, BenchError, World
 from bench.stages import reconciled_all, until
 from bench.suite import Suite
 from bench.tracking import Progress
-from common.messaging.topology import SIDES, Topology
+from common.domain import SIDES
+from common.messaging.topology import Topology
 
 TARGET_MB = 150.0
 SAMPLE_S = 0.5

@@ -16,17 +16,11 @@ from typing import Any
 
 import orjson
 
+from common.domain import Side
 from common.messaging.abc import POLLED_AT as POLLED_AT  # (where it was first)
 from common.messaging.abc import Outgoing, Publisher
 from common.messaging.envelope import Change, Envelope, MessageType, ReadComplete, Source, encode
-from common.messaging.topology import (
-    CHANGES_EXCHANGE,
-    CONTROL_EXCHANGE,
-    WRITES_EXCHANGE,
-    Side,
-    Topology,
-    shard_of,
-)
+from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, WRITES_EXCHANGE, Topology, shard_of
 
 # Changes per message: big enough to make broker and store work cheap per change, small enough
 # that a redelivery repeats little work.

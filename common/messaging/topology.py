@@ -16,12 +16,13 @@ import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from common.config import ACCOUNT_ID
+from common.domain.sides import SIDES, Side
 
 log = logging.getLogger("prefsync.topology")
 
@@ -30,8 +31,6 @@ WRITES_EXCHANGE = "prefsync.writes"
 CONTROL_EXCHANGE = "prefsync.control"
 DEAD_EXCHANGE = "prefsync.dead"
 
-Side = Literal["dynamics", "dotdigital"]
-SIDES: tuple[Side, ...] = ("dynamics", "dotdigital")
 POLLERS = ("dynamics-poller", "ec-poller")
 
 # RabbitMQ 4.x defaults quorum queues to 20; 3.10 has no default, so set it everywhere.

@@ -39,6 +39,7 @@ from typing import Any
 
 from common import domain
 from common.domain import (
+    SIDES,
     ContactState,
     HistoryEntry,
     KeyState,
@@ -56,7 +57,7 @@ from common.messaging.envelope import ContactStatusChange, PreferenceChange, Rea
 from common.messaging.envelope import WriteCommand as WriteMessage
 from common.messaging.middleware import Handled
 from common.messaging.publishing import envelopes_by_shard, publish_progress
-from common.messaging.topology import SIDES, shard_of
+from common.messaging.topology import shard_of
 from common.ops import failpoints
 from common.store.directory import RecordRef, SubscriptionRow
 from common.store.unit_of_work import commit_with_retry

@@ -34,10 +34,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common import domain
+from common.domain import Side
 from common.messaging.amqp import Outgoing, Publisher
 from common.messaging.envelope import WriteCommand as WriteMessage
 from common.messaging.publishing import envelopes_by_shard, stable_id
-from common.messaging.topology import Side, shard_of
+from common.messaging.topology import shard_of
 from common.store.outstanding import DueKey
 from services.reconciler.service import Reconciler
 

@@ -39,14 +39,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common import domain
-from common.domain import ContactState, KeyState, PreferenceKey, Side
+from common.domain import SIDES, ContactState, KeyState, PreferenceKey, Side
 from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.amqp import DeadLetterer
 from common.messaging.envelope import Envelope, encode
 from common.messaging.envelope import WriteCommand as WriteMessage
 from common.messaging.middleware import Handled
 from common.messaging.publishing import envelopes_by_shard, publish_progress, stable_id
-from common.messaging.topology import SIDES
 from common.ops import failpoints
 from common.store.unit_of_work import commit_with_retry
 from common.vendors.clock_skew import load_time_base

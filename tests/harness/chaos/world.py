@@ -28,8 +28,8 @@ import aiohttp
 import orjson
 
 from common.config import Config, parse_config
-from common.domain import outstanding
-from common.messaging.topology import SIDES, Topology
+from common.domain import SIDES, outstanding
+from common.messaging.topology import Topology
 from common.store import open_store
 from common.store.checkpoints import clock_name
 from common.vendors.clock_skew import widest_uncertainty_s

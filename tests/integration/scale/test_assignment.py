@@ -7,7 +7,8 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.messaging.topology import SIDES, Topology
+from common.domain import SIDES
+from common.messaging.topology import Topology
 from services.runtime.assignment import assign, holders
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from common.messaging.topology import SIDES, Topology
+from common.domain import SIDES
+from common.messaging.topology import Topology
 from common.store import LedgerStore, open_store
 from services.runtime.assignment import MEMBER_TTL_S, group_name, holders
 
