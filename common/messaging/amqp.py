@@ -104,7 +104,12 @@ PUBLISH_RETRY = RetryPolicy(base_s=0.25, cap_s=5.0)
 
 
 class BrokerUnavailable(RuntimeError):
-    pass
+    """RabbitMQ cannot be reached; ``refused``: it answered and refused us (credentials,
+    vhost), a configuration error that waiting does not mend."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 async def connect(url: str, *, name: str, wait: bool = False,
@@ -114,22 +119,23 @@ async def connect(url: str, *, name: str, wait: bool = False,
     Unreachable: a command fails at once (:class:`BrokerUnavailable`); a long-running service
     (``wait``) keeps trying, with backoff and jitter, so that one started during a broker
     restart (a container restarted by its policy, say) comes up once the broker is back."""
-    retry = retry or RetryPolicy()
     host = url.rsplit("@", 1)[-1]
-    failures = 0
-    while True:
+
+    async def attempt() -> AbstractRobustConnection:
         try:
             return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
         except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-            # refused credentials or vhost are a configuration error: never waited out
-            if not wait or isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-                raise BrokerUnavailable(f"cannot reach RabbitMQ at {host}: {exc}") from None
-            delay = retry.delay(failures)
-            failures += 1
-            log.warning("cannot reach RabbitMQ at %s (%s); trying again in %.1f s", host,
-                        type(exc).__name__, delay, extra={"connection": name,
-                                                          "attempt": failures})
-            await asyncio.sleep(delay)
+            raise BrokerUnavailable(f"cannot reach RabbitMQ at {host}: {exc}",
+                                    refused=isinstance(
+                                        exc, aiormq.exceptions.ProbableAuthenticationError)
+                                    ) from None
+
+    if not wait:
+        return await attempt()
+    # refused credentials or vhost are a configuration error: never waited out
+    return await (retry or RetryPolicy()).until_done(
+        attempt, what=name,
+        waits_out=lambda exc: isinstance(exc, BrokerUnavailable) and not exc.refused)
 
 
 def account_broker_url(url: str, account: AccountConfig) -> str:

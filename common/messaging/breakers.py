@@ -26,13 +26,15 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 from common.messaging.resilience import DEPENDENCIES, Dependency
 
 log = logging.getLogger("prefsync.breakers")
+T = TypeVar("T")
 
 # Backoff of in-place retries: from half a second, doubling, to half a minute.
 BASE_S = 0.5
@@ -57,6 +59,25 @@ class RetryPolicy:
         """Full jitter: uniform in [0, min(cap, base * 2**failures)]."""
         ceiling = min(self.cap_s, self.base_s * (2 ** min(failures, 32)))
         return random.uniform(0.0, ceiling)
+
+    async def until_done(self, step: Callable[[], Awaitable[T]], *,
+                         waits_out: Callable[[BaseException], bool], what: str) -> T:
+        """``step``, tried again after each failure that ``waits_out`` says will pass (a
+        dependency down, restarting, a connection lost), with this policy's backoff; any other
+        failure is raised. For what a long-running service must get through before (or while)
+        it works: a connection, a ledger to open, a queue to follow."""
+        failures = 0
+        while True:
+            try:
+                return await step()
+            except Exception as exc:
+                if not waits_out(exc):
+                    raise
+                delay = self.delay(failures)
+                failures += 1
+                log.warning("%s: %s; trying again in %.1f s", what,
+                            str(exc) or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
 
 
 StateObserver = Callable[[Dependency, bool], None]

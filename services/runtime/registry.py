@@ -91,17 +91,8 @@ async def while_broker_returns(step: Callable[[], Awaitable[T]], *, what: str,
     """``step`` (a start-up call on a robust connection), tried again with backoff while the
     connection is lost under it: a service that starts during a broker restart, or whose
     connections are closed by the broker then, comes up once the broker is back."""
-    retry = retry or RetryPolicy()
-    failures = 0
-    while True:
-        try:
-            return await step()
-        except BROKER_LOST as exc:
-            delay = retry.delay(failures)
-            failures += 1
-            log.warning("%s: broker connection lost (%s); trying again in %.1f s", what,
-                        type(exc).__name__, delay)
-            await asyncio.sleep(delay)
+    return await (retry or RetryPolicy()).until_done(
+        step, what=what, waits_out=lambda exc: isinstance(exc, BROKER_LOST))
 
 
 async def declare_topology(connection: AbstractRobustConnection, config: Config, *,
@@ -120,20 +111,14 @@ async def _open_store_waiting(url: str, *, retry: RetryPolicy | None = None) -> 
     """The ledger store, opened; while the database cannot be reached (a PostgreSQL restart),
     tried again with backoff and jitter, so that a service started meanwhile comes up once it
     is back. A refusal (credentials, database) is a configuration error: raised at once."""
-    retry = retry or RetryPolicy()
-    failures = 0
-    while True:
+    async def attempt() -> LedgerStore:
         store = open_store(url)
-        try:
-            await store.open()
-            return store
-        except StoreUnavailable as exc:
-            if not exc.transient:
-                raise
-            delay = retry.delay(failures)
-            failures += 1
-            log.warning("%s; trying again in %.1f s", exc, delay)
-            await asyncio.sleep(delay)
+        await store.open()
+        return store
+
+    return await (retry or RetryPolicy()).until_done(
+        attempt, what="opening the ledger",
+        waits_out=lambda exc: isinstance(exc, StoreUnavailable) and exc.transient)
 
 
 async def run_services(*, config: Config, services: Sequence[str],

@@ -16,7 +16,6 @@ scheduled run comes from the account's schedule (:mod:`services.runtime.schedule
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections import Counter
@@ -139,17 +138,10 @@ class RunStatusRecorder:
                   retry: RetryPolicy | None = None) -> None:
         """Consume the account's progress events until cancelled; a lost broker connection
         (a restart, connections closed) is waited out and the events followed again."""
-        retry = retry or RetryPolicy()
-        failures = 0
-        while True:
-            try:
-                await self._follow(connection)
-            except BROKER_LOST as exc:
-                delay = retry.delay(failures)
-                failures += 1
-                log.warning("progress events: broker connection lost (%s); following again "
-                            "in %.1f s", type(exc).__name__, delay, extra={"account": self.account})
-                await asyncio.sleep(delay)
+        while True:  # a follow that ends (its queue went with a channel) starts again
+            await (retry or RetryPolicy()).until_done(
+                lambda: self._follow(connection), what=f"progress events of {self.account}",
+                waits_out=lambda exc: isinstance(exc, BROKER_LOST))
 
     async def _follow(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel()
