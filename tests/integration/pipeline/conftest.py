@@ -139,15 +139,34 @@ class World:
         extra_env = {"PREFSYNC_REPLICA_ID": replica} if replica else {}
         if failpoints:
             extra_env["PREFSYNC_FAILPOINTS"] = failpoints
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli", "run", service,
-            "--config", str(self.config_path), *args,
-            env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING", **extra_env},
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        self.processes[replica or service] = process
+        name = replica or service
+        # its warnings and a crash's traceback, for report() when a test fails
+        log = os.open(self.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.cli", "run", service,
+                "--config", str(self.config_path), *args,
+                env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING", **extra_env},
+                stdout=asyncio.subprocess.DEVNULL, stderr=log)
+        finally:
+            os.close(log)
+        self.processes[name] = process
         if wait:
             await self.wait_consuming(service, process)
         return process
+
+    def log_path(self, name: str) -> Path:
+        return self.config_path.parent / f"{name}.log"
+
+    def report(self, lines: int = 15) -> str:
+        """Each spawned process: whether it still runs, and the end of what it logged."""
+        parts = []
+        for name, process in self.processes.items():
+            path = self.log_path(name)
+            tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+            state = "running" if process.returncode is None else f"exited {process.returncode}"
+            parts.append("\n".join([f"--- {name}: {state}", *tail]))
+        return "\n".join(parts)
 
     async def wait_consuming(self, service: str,
                              process: asyncio.subprocess.Process | None = None) -> None:

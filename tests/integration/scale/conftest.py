@@ -44,14 +44,21 @@ class Broker:
         return run_id
 
 
-async def until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 30) -> None:
-    """Until ``condition`` holds (it looks at another process or the broker: polled)."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            result = condition()
-            if await result if inspect.isawaitable(result) else result:
-                return
-            await asyncio.sleep(0.02)
+async def until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 30, *,
+                explain: Callable[[], str] | None = None) -> None:
+    """Until ``condition`` holds (it looks at another process or the broker: polled);
+    ``explain`` says what the processes involved were doing when it did not."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                result = condition()
+                if await result if inspect.isawaitable(result) else result:
+                    return
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        if explain is None:
+            raise
+        raise AssertionError(f"not within {timeout_s} s:\n{explain()}") from None
 
 
 @pytest.fixture

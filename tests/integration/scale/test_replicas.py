@@ -52,9 +52,13 @@ def queues_of(world: World, service: str) -> set[str]:
     return {Topology.writes_queue(world.account, side, s) for side in SIDES for s in range(SHARDS)}
 
 
+# what spread_over saw last, per service (for the failure message)
+last_seen: dict[str, dict[str, str]] = {}
+
+
 async def spread_over(store: LedgerStore, world: World, service: str,
                       replicas: set[str]) -> bool:
-    owners = await holding(store, world, service)
+    owners = last_seen[service] = await holding(store, world, service)
     return set(owners) == queues_of(world, service) and set(owners.values()) == replicas
 
 
@@ -99,6 +103,10 @@ async def edit_round(world: World, round_no: int, people: range) -> list[Edit]:
     return edits
 
 
+def explain(world: World) -> str:
+    return f"holders: {last_seen}\n{world.report()}"
+
+
 def expected(rounds: list[list[Edit]]) -> dict[tuple[str, int], bool]:
     answer: dict[tuple[str, int], bool] = {}
     for edits in rounds:
@@ -118,8 +126,10 @@ async def test_replicas_share_the_work_and_survive_a_kill(world: World) -> None:
     await world.spawn("dynamics-poller", replica="dyn-2")
     await world.spawn("ec-poller", replica="ec-1")
     async with open_store(world.config.store.url) as store:
-        await until(lambda: spread_over(store, world, "reconciler", set(RECONCILERS)), 60)
-        await until(lambda: spread_over(store, world, "writer", set(WRITERS)), 60)
+        await until(lambda: spread_over(store, world, "reconciler", set(RECONCILERS)), 60,
+                    explain=lambda: explain(world))
+        await until(lambda: spread_over(store, world, "writer", set(WRITERS)), 60,
+                    explain=lambda: explain(world))
 
         first = await world.sync(timeout_s=180)
         assert first["failed"] == 0, first
@@ -137,9 +147,11 @@ async def test_replicas_share_the_work_and_survive_a_kill(world: World) -> None:
         killed_at = time.monotonic()
         for victim in ("rec-2", "wri-1"):
             world.processes[victim].send_signal(signal.SIGKILL)
-        await until(lambda: spread_over(store, world, "reconciler", {"rec-1", "rec-3"}), 60)
+        await until(lambda: spread_over(store, world, "reconciler", {"rec-1", "rec-3"}), 60,
+                    explain=lambda: explain(world))
         reconciler_handover_s = time.monotonic() - killed_at
-        await until(lambda: spread_over(store, world, "writer", {"wri-2"}), 60)
+        await until(lambda: spread_over(store, world, "writer", {"wri-2"}), 60,
+                    explain=lambda: explain(world))
         writer_handover_s = time.monotonic() - killed_at
         summary = await run
         assert summary["failed"] == 0, summary
