@@ -60,6 +60,8 @@ class DynamicsConfig:
     # Dataverse service protection: 6000 requests per 300 s per user; stay inside it.
     requests_per_window: int = 6000
     window_s: float = 300.0
+    # The share of the budget left for the customer's other integrations (never spent).
+    budget_reserve: float = 0.2
     max_concurrency: int = 16
     page_size: int = 5000
     timeout_s: float = 120.0
@@ -75,6 +77,8 @@ class DotdigitalConfig:
     password: Secret
     # The lowest documented tier is 35 calls a minute; raise it to the account's own tier.
     calls_per_minute: int = 35
+    # The share of the budget left for the customer's other integrations (never spent).
+    budget_reserve: float = 0.2
     max_concurrency: int = 4
     # dotdigital asks clients to allow 121 s before treating a call as timed out.
     timeout_s: float = 121.0
@@ -284,6 +288,7 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
             api_version=dyn.text("api_version", default="v9.2"),
             requests_per_window=dyn.integer("requests_per_window", default=6000, minimum=1),
             window_s=dyn.number("window_s", default=300.0, minimum=1.0),
+            budget_reserve=_reserve(dyn, "requests_per_window", 6000),
             max_concurrency=dyn.integer("max_concurrency", default=16, minimum=1, maximum=52),
             page_size=dyn.integer("page_size", default=5000, minimum=1, maximum=5000),
             timeout_s=dyn.number("timeout_s", default=120.0, minimum=1.0),
@@ -294,6 +299,7 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
             api_user=dd.text("api_user"),
             password=dd.secret("password"),
             calls_per_minute=dd.integer("calls_per_minute", default=35, minimum=1),
+            budget_reserve=_reserve(dd, "calls_per_minute", 35),
             max_concurrency=dd.integer("max_concurrency", default=4, minimum=1),
             timeout_s=dd.number("timeout_s", default=121.0, minimum=1.0),
             feed_overlap_s=dd.number("feed_overlap_s", default=300.0, minimum=0.0),
@@ -307,6 +313,19 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
         ),
         api_token=api.secret("token", required=False) if api else None,
     )
+
+
+def _reserve(vendor: _Reader, budget_key: str, default_budget: int) -> float:
+    """``budget_reserve``: a fraction of the budget in [0, 1) that leaves at least one call."""
+    reserve = vendor.number("budget_reserve", default=0.2, minimum=0.0)
+    if reserve >= 1.0:
+        raise ConfigError(vendor.key("budget_reserve"),
+                          f"must be below 1 (a fraction of the budget), got {reserve}")
+    budget = vendor.integer(budget_key, default=default_budget, minimum=1)
+    if budget * (1.0 - reserve) + 1e-9 < 1.0:
+        raise ConfigError(vendor.key("budget_reserve"),
+                          f"{reserve} of {budget_key} = {budget} leaves no call to spend")
+    return reserve
 
 
 class _Reader:

@@ -1,15 +1,20 @@
 """What both vendor clients share: typed vendor errors, the one retry policy, pacing, and the
 per-request observation event.
 
-Pacing keeps a client inside its configured request budget and a concurrency cap; when the
-vendor says to wait (``Retry-After``, ``X-RateLimit-Reset``) every request of that client waits,
-not only the one that was refused.
+Pacing spends a client's request budget (less the reserve left for the customer's other
+integrations) as the window it is, shared through a ledger with the other processes calling
+as the same API user, within a concurrency cap; when the vendor says to wait (``Retry-After``,
+``X-RateLimit-Reset``) every request of that client waits, not only the one that was refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
+import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,12 +24,25 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
-from aiolimiter import AsyncLimiter
+from common.vendors.budget import Budget, BudgetGrant, BudgetLedger, LocalLedger
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 # A wait header above this is a Unix epoch (when to retry), below it a number of seconds.
 _EPOCH_THRESHOLD = 1_000_000_000
+
+# How long claimed tokens may be spent. The ledger remembers a claim for the vendor's window
+# plus this, so tokens spent late in their hold still fall inside what the ledger counts; it
+# also absorbs a request that reaches the vendor a little later than another.
+HOLD_S = 1.0
+# A shared ledger that takes longer than this to answer is treated as unavailable...
+CLAIM_TIMEOUT_S = 5.0
+# ...and is asked again after this long (meanwhile the client paces to a local share).
+LEDGER_RETRY_S = 30.0
+# never ask an exhausted ledger again sooner than this (no hot loop on a rounding error)
+_MIN_WAIT_S = 0.01
 
 
 class VendorError(Exception):
@@ -252,87 +270,182 @@ class RetryPolicy:
 class _VendorWindow:
     """The vendor's current rate-limit window, as its answers report it."""
 
-    ends: float  # time.monotonic() when it resets (never earlier than it does)
+    ends: float  # on the pacer's clock, when it resets (never earlier than it does)
     remaining: int  # calls left in it, as far as this client knows
-    used: int  # calls this client sent in it
+    reserved: int  # of those, the calls left for the customer's other integrations
 
 
 class Pacer:
-    """Keeps one client inside its request budget and concurrency cap, and honours pauses.
+    """Spends one client's request budget as the window it is, within a concurrency cap, and
+    honours the vendor's pauses.
 
-    Without word from the vendor the budget holds over any sliding window of ``per_seconds``:
-    the leaky bucket allows a small burst (a tenth of the budget at most) and leaks the rest
-    evenly, so burst plus steady flow never exceeds ``max_requests`` in one window, whatever the
-    vendor's window alignment. Once the vendor's answers say how many calls remain in its window
-    and when the window resets (``observe_budget``), the client spends up to ``max_requests``
-    in that window, never more than remain, and then waits for the reset: with a vendor that
-    counts in fixed windows, that is the whole budget of every window instead of the leaked
-    share (about a tenth more calls a minute at 35), and still no call it knows would be refused.
+    1. Tokens come from a ledger of claims (:mod:`common.vendors.budget`): over any window of
+       the vendor's length (plus ``HOLD_S``) the claims of every process sharing the
+       ledger's ``bucket`` add up to at most ``budget.spendable``, the budget less its reserve.
+       After an idle window that much may go at once; then the next call waits for the oldest
+       claim to be forgotten.
+    2. A claim asks for a token for every request waiting for one (at most the concurrency
+       cap), so under load one round trip to a shared ledger serves several requests, and a
+       lone request takes no more than it needs. Claimed tokens are spent within ``HOLD_S``
+       or dropped (a request that gave up); the ledger remembers them either way. A refused
+       claim holds until the time the ledger named, for every request waiting.
+    3. Without a shared ledger (a one-off command) the ledger is this process's own. When the
+       shared one fails or does not answer within ``CLAIM_TIMEOUT_S``, the client carries on
+       with its own, at a conservative share (the budget over the claimers last seen, at
+       least two), and tries the shared one again after ``LEDGER_RETRY_S``.
+    4. Once the vendor's answers say how many calls remain in its window and when it resets
+       (:meth:`observe_budget`), no call goes while only the reserve remains: the calls the
+       customer's other integrations made count too, and the reserve is left to them.
+    5. When the vendor asks the client to wait (``Retry-After``, a spent window), every
+       request of the client waits (:meth:`pause_for`), not only the one that was refused.
     """
 
-    def __init__(self, *, max_requests: int, per_seconds: float, max_concurrency: int) -> None:
-        if max_requests < 1 or per_seconds <= 0 or max_concurrency < 1:
-            raise ValueError("Pacer needs max_requests >= 1, per_seconds > 0, max_concurrency >= 1")
-        burst = max(1, min(max_requests // 10, max_concurrency))
-        steady = max_requests - burst if max_requests > burst else max_requests
-        self.burst = burst
-        self.rate_per_s = steady / per_seconds
-        self._max_requests = max_requests
-        self._limiter = AsyncLimiter(burst, burst / self.rate_per_s)
+    def __init__(self, *, budget: Budget, max_concurrency: int,
+                 ledger: BudgetLedger | None = None, bucket: str = "",
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        if max_concurrency < 1:
+            raise ValueError("Pacer needs max_concurrency >= 1")
+        self.budget = budget
+        self._span_s = budget.window_s + HOLD_S
         self._concurrency = asyncio.Semaphore(max_concurrency)
+        self._max_block = max_concurrency
+        self._ledger = ledger
+        self._bucket = bucket
+        self._claimer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._own = LocalLedger(clock=clock)
+        self._clock = clock
+        self._sleep = sleep
+        self._claiming = asyncio.Lock()
+        self._waiting = 0
+        self._held = 0  # tokens claimed and not spent yet
+        self._held_until = 0.0
+        self._refused_until = 0.0  # no claim is granted before then, as the ledger said
+        self._sharers = 0  # claimers the shared ledger last named
+        self._ledger_retry_at = 0.0
         self._paused_until = 0.0
         self._window: _VendorWindow | None = None
         self.waited_s = 0.0
+        self.claims = 0  # round trips to the ledger, for measurement
 
-    def observe_budget(self, *, remaining: int, reset_s: float) -> None:
-        """An answer's word on the vendor's window: ``remaining`` calls left in it, and it
-        resets ``reset_s`` from now (a count of whole seconds, rounded up)."""
-        now = time.monotonic()
+    def observe_budget(self, *, remaining: int, reset_s: float, limit: int | None = None) -> None:
+        """An answer's word on the vendor's window: ``remaining`` calls left in it of
+        ``limit`` (when it says), and it resets ``reset_s`` from now (whole seconds, rounded
+        up)."""
+        now = self._clock()
         ends = now + max(0.0, reset_s)
+        reserved = self.budget.reserved if limit is None else self.budget.reserved_of(limit)
         window = self._window
         if window is None or now >= window.ends or ends > window.ends + 2.0:
-            self._window = _VendorWindow(ends=ends, remaining=remaining, used=1)
+            self._window = _VendorWindow(ends=ends, remaining=remaining, reserved=reserved)
         else:  # the same window: answers may arrive out of order, the lowest count is newest
             window.remaining = min(window.remaining, remaining)
             window.ends = min(window.ends, ends)
+            window.reserved = reserved
 
     def pause_for(self, seconds: float) -> None:
         """Every request of this client waits until ``seconds`` from now have passed."""
-        self._paused_until = max(self._paused_until, time.monotonic() + max(0.0, seconds))
+        self._paused_until = max(self._paused_until, self._clock() + max(0.0, seconds))
 
     @property
     def paused_for(self) -> float:
-        return max(0.0, self._paused_until - time.monotonic())
+        return max(0.0, self._paused_until - self._clock())
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for budget (holding a slot of the concurrency cap)."""
+        return self._waiting
 
     @asynccontextmanager
     async def slot(self, *, deadline: float | None = None) -> AsyncIterator[float]:
         """Hold one request slot; yields the seconds this request spent in a vendor pause.
 
-        A pause that would last past ``deadline`` (``time.monotonic()``) raises
-        :class:`PausedPastDeadline` instead of being waited out."""
+        A pause that would last past ``deadline`` (on the pacer's clock, ``time.monotonic()``
+        by default) raises :class:`PausedPastDeadline` instead of being waited out."""
         async with self._concurrency:
             paused = 0.0
-            while (delay := self._paused_until - time.monotonic()) > 0:
-                if deadline is not None and time.monotonic() + delay > deadline:
+            while (delay := self._paused_until - self._clock()) > 0:
+                if deadline is not None and self._clock() + delay > deadline:
                     raise PausedPastDeadline(delay)
                 paused += delay
-                await asyncio.sleep(delay)
-            started = time.monotonic()
+                await self._sleep(delay)
+            started = self._clock()
             await self._spend()
-            self.waited_s += paused + time.monotonic() - started
+            self.waited_s += paused + self._clock() - started
             yield paused
 
     async def _spend(self) -> None:
-        while True:
-            window = self._window
-            now = time.monotonic()
-            if window is not None and now >= window.ends:
-                self._window = window = None  # reset: unknown again until the next answer
-            if window is None:
-                await self._limiter.acquire()
-                return
-            if window.remaining > 0 and window.used < self._max_requests:
-                window.remaining -= 1
-                window.used += 1
-                return
-            await asyncio.sleep(window.ends - now)
+        self._waiting += 1
+        try:
+            while True:
+                wait = self._vendor_wait()
+                if wait <= 0 and self._take():
+                    return
+                if wait <= 0:
+                    async with self._claiming:
+                        if self._holding():
+                            continue  # claimed by another request meanwhile
+                        # a refusal holds for every request that queued behind it
+                        wait = self._refused_until - self._clock()
+                        if wait <= 0:
+                            wait = await self._claim(min(self._waiting, self._max_block))
+                if wait > 0:
+                    await self._sleep(wait)
+        finally:
+            self._waiting -= 1
+
+    def _vendor_wait(self) -> float:
+        """Seconds until the vendor's window resets, while only its reserve remains (rule 4)."""
+        window, now = self._window, self._clock()
+        if window is not None and now >= window.ends:
+            self._window = window = None  # reset: unknown again until the next answer
+        if window is None or window.remaining > window.reserved:
+            return 0.0
+        return window.ends - now
+
+    def _holding(self) -> bool:
+        return self._held > 0 and self._clock() < self._held_until
+
+    def _take(self) -> bool:
+        if not self._holding():
+            return False
+        self._held -= 1
+        if self._window is not None:
+            self._window.remaining -= 1
+        return True
+
+    async def _claim(self, tokens: int) -> float:
+        """Claim ``tokens``; 0 once some are held, else the seconds to wait before asking
+        again."""
+        grant = await self._grant(tokens)
+        self.claims += 1
+        if grant.tokens:
+            self._held, self._held_until = grant.tokens, self._clock() + HOLD_S
+            return 0.0
+        wait = max(grant.wait_s, _MIN_WAIT_S)
+        self._refused_until = self._clock() + wait
+        return wait
+
+    async def _grant(self, tokens: int) -> BudgetGrant:
+        limit = self.budget.spendable
+        if self._ledger is not None and self._clock() >= self._ledger_retry_at:
+            try:
+                async with asyncio.timeout(CLAIM_TIMEOUT_S):
+                    grant = await self._ledger.claim_budget(
+                        self._bucket, self._claimer, tokens=tokens, limit=limit,
+                        span_s=self._span_s)
+            # Whatever keeps the shared ledger from answering (down, locked, a lost
+            # connection), the calls go on at a conservative share of the budget (rule 3).
+            except Exception as exc:
+                log.warning("%s: the shared request budget is unavailable (%s: %s); "
+                            "pacing to a local share", self._bucket, type(exc).__name__, exc)
+                self._ledger_retry_at = self._clock() + LEDGER_RETRY_S
+            else:
+                self._sharers = grant.claimers
+                self._own.record(self._bucket, self._claimer, tokens=grant.tokens,
+                                 span_s=self._span_s)
+                return grant
+        if self._ledger is not None:
+            limit = max(1, limit // max(2, self._sharers))
+        return self._own.claim(self._bucket, self._claimer, tokens=tokens, limit=limit,
+                               span_s=self._span_s)

@@ -239,15 +239,18 @@ class VendorHttp:
         raise error
 
     def _heed_budget_headers(self, response: HttpResponse) -> None:
-        """``X-RateLimit-Remaining`` and ``-Reset`` on an answer: the pacer spends what remains
-        of the vendor's window; at 0 the next call would be refused, so pause until the reset
-        instead of drawing a 429."""
+        """``X-RateLimit-Remaining``, ``-Reset`` (and ``-Limit``) on an answer: the pacer
+        spends what remains of the vendor's window but its reserve; at 0 the next call would be
+        refused, so pause until the reset instead of drawing a 429."""
         remaining = response.headers.get("X-RateLimit-Remaining")
         if remaining is None or not remaining.strip().isdigit():
             return
         wait = parse_wait(response.headers.get("X-RateLimit-Reset"))
+        limit = response.headers.get("X-RateLimit-Limit", "").strip()
         if wait is not None:
-            self.pacer.observe_budget(remaining=int(remaining), reset_s=wait)
+            self.pacer.observe_budget(remaining=int(remaining), reset_s=wait,
+                                      limit=int(limit) if limit.isdigit() and limit != "0"
+                                      else None)
         if response.status == 429 or remaining.strip() != "0":
             return
         if wait:

@@ -2,7 +2,9 @@
 ``$batch``, with OAuth2 client credentials.
 
 Generic over entity sets: the pollers and the writer decide which tables and columns matter.
-Every call is paced inside the account's request budget (6000 per 300 s by default), waits as
+Every call is paced inside the account's request budget (6000 per 300 s by default) less its
+reserve, shared with the other processes calling as the same user when a budget ledger is given,
+waits as
 ``Retry-After`` says on a 429, and retries 5xx and connection failures with jitter.
 """
 
@@ -37,6 +39,7 @@ from common.vendors.base import (
     http_date,
     parse_wait,
 )
+from common.vendors.budget import Budget, BudgetLedger
 from common.vendors.dataverse.batch import (
     MAX_BATCH_PARTS,
     BatchOperation,
@@ -282,7 +285,9 @@ class DataverseClient(VendorClient):
     """One Dataverse environment (one application user): reads, change tracking and writes.
 
     Use as ``async with DataverseClient(config=...) as client``. The client owns its aiohttp
-    session unless one is passed in (then the caller closes it).
+    session unless one is passed in (then the caller closes it). Processes that call as the same
+    user share its budget through ``budget_ledger`` (the ledger store); without one, the client
+    spends the whole budget (less its reserve) on its own.
     """
 
     def __init__(
@@ -294,6 +299,7 @@ class DataverseClient(VendorClient):
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         read_only: bool = False,
+        budget_ledger: BudgetLedger | None = None,
     ) -> None:
         self._config = config
         # a dry run's client: anything but a GET is refused before it is sent
@@ -306,8 +312,11 @@ class DataverseClient(VendorClient):
         self._http = VendorHttp(
             vendor=VENDOR,
             timeout_s=config.timeout_s,
-            pacer=Pacer(max_requests=config.requests_per_window, per_seconds=config.window_s,
-                        max_concurrency=config.max_concurrency),
+            # service protection counts per user (per web server) of each environment
+            pacer=Pacer(budget=Budget(calls=config.requests_per_window, window_s=config.window_s,
+                                      reserve=config.budget_reserve),
+                        max_concurrency=config.max_concurrency, ledger=budget_ledger,
+                        bucket=f"dynamics:{config.url}:{config.client_id}"),
             retry=retry or RetryPolicy(),
             errors=dataverse_error,
             redactor=self._redact,

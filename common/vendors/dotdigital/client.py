@@ -1,7 +1,8 @@
 """The dotdigital REST API client (v2 preferences/subscriptions, v3 contacts and imports).
 
 HTTP Basic with the account's API user. Every call is paced inside the account's per-minute
-call budget, waits as ``X-RateLimit-Reset`` / ``Retry-After`` say on a 429, and retries 5xx and
+call budget less its reserve (shared with the other processes calling as the same API user when
+a budget ledger is given), waits as ``X-RateLimit-Reset`` / ``Retry-After`` say on a 429, and retries 5xx and
 connection failures with jitter. Emails always travel URL-encoded (``+`` as ``%2B``), dates in
 paths as ``YYYY-MM-DDTHH:MM:SS.fffZ``.
 """
@@ -33,6 +34,7 @@ from common.vendors.base import (
     WriteRefused,
     parse_wait,
 )
+from common.vendors.budget import Budget, BudgetLedger
 from common.vendors.dotdigital.models import (
     AccountInfo,
     ContactOptIns,
@@ -142,7 +144,9 @@ class DotdigitalClient(VendorClient):
     """One dotdigital account (one API user).
 
     Use as ``async with DotdigitalClient(config=...) as client``. The client owns its aiohttp
-    session unless one is passed in (then the caller closes it).
+    session unless one is passed in (then the caller closes it). Processes that call as the same
+    API user share its budget through ``budget_ledger`` (the ledger store); without one, the
+    client spends the whole budget (less its reserve) on its own.
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class DotdigitalClient(VendorClient):
         on_request: RequestObserver | None = None,
         retry: RetryPolicy | None = None,
         read_only: bool = False,
+        budget_ledger: BudgetLedger | None = None,
     ) -> None:
         self._config = config
         # a dry run's client: anything but a GET is refused before it is sent
@@ -164,8 +169,11 @@ class DotdigitalClient(VendorClient):
         self._http = VendorHttp(
             vendor=VENDOR,
             timeout_s=config.timeout_s,
-            pacer=Pacer(max_requests=config.calls_per_minute, per_seconds=60.0,
-                        max_concurrency=config.max_concurrency),
+            # dotdigital counts calls per minute (per account; one API user per account here)
+            pacer=Pacer(budget=Budget(calls=config.calls_per_minute, window_s=60.0,
+                                      reserve=config.budget_reserve),
+                        max_concurrency=config.max_concurrency, ledger=budget_ledger,
+                        bucket=f"dotdigital:{config.api_user}"),
             retry=retry or RetryPolicy(),
             errors=dotdigital_error,
             redactor=Redactor([password, credentials]),

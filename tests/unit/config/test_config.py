@@ -43,6 +43,14 @@ def test_loads_the_documented_keys(tmp_path: Path) -> None:
     assert config.metrics.port == 9464
 
 
+def test_each_vendor_leaves_a_reserve_of_its_budget(tmp_path: Path) -> None:
+    account = load_config(write(tmp_path, GOOD), env=ENV).account("acme")
+    assert account.dotdigital.budget_reserve == account.dynamics.budget_reserve == 0.2
+    edited = GOOD.replace('password_env', 'budget_reserve = 0\npassword_env')
+    account = load_config(write(tmp_path, edited), env=ENV).account("acme")
+    assert (account.dotdigital.budget_reserve, account.dynamics.budget_reserve) == (0.0, 0.2)
+
+
 def test_env_overrides_broker_and_store(tmp_path: Path) -> None:
     env = {**ENV, "PREFSYNC_BROKER_URL": "amqp://u:p@h:1/", "PREFSYNC_STORE_URL": "sqlite:///x.db"}
     config = load_config(write(tmp_path, GOOD), env=env)
@@ -75,6 +83,14 @@ def test_secrets_never_print(tmp_path: Path) -> None:
          "accounts[0].dynamics.client_secret", "not read from the file"),
         (lambda t: t.replace('[broker]\n', '[broker]\nshards = 0\n'), "broker.shards", "at least 1"),
         (lambda t: t + "\n" + t[t.index("[[accounts]]"):], "accounts[1].id", "duplicate"),
+        (lambda t: t.replace('password_env', 'budget_reserve = 1.0\npassword_env'),
+         "accounts[0].dotdigital.budget_reserve", "must be below 1"),
+        (lambda t: t.replace('client_id = "client-1"', 'client_id = "client-1"\n'
+                                                       'budget_reserve = -0.1'),
+         "accounts[0].dynamics.budget_reserve", "at least 0"),
+        (lambda t: t.replace('password_env', 'calls_per_minute = 1\nbudget_reserve = 0.5\n'
+                                             'password_env'),
+         "accounts[0].dotdigital.budget_reserve", "leaves no call"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, edit, key: str, problem: str) -> None:  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""The shared client machinery that needs no vendor: wait headers, retries, pacing budget."""
+"""The shared client machinery that needs no vendor: wait headers and retries (pacing:
+``test_budget``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 
 from common.messaging.resilience import dependency_of
 from common.vendors.base import (
-    Pacer,
     RetryPolicy,
     ThrottledError,
     TransportError,
@@ -33,15 +33,6 @@ def test_wait_header_http_date_and_garbage() -> None:
     assert parse_wait("soon") is None
     assert parse_wait(None) is None
     assert parse_wait("nan") is None
-
-
-@pytest.mark.parametrize(("budget", "window", "concurrency"),
-                         [(6000, 300.0, 16), (35, 60.0, 4), (2, 60.0, 1), (100, 1.0, 52)])
-def test_pacer_burst_plus_steady_flow_stays_inside_the_budget(
-        budget: int, window: float, concurrency: int) -> None:
-    pacer = Pacer(max_requests=budget, per_seconds=window, max_concurrency=concurrency)
-    assert pacer.burst >= 1
-    assert pacer.burst + pacer.rate_per_s * window <= budget + 1e-9
 
 
 class _Flaky:

@@ -272,8 +272,8 @@ async def test_rate_limit_waits_as_told_then_succeeds() -> None:
 
 async def test_a_spent_call_budget_pauses_the_client_before_any_429() -> None:
     events = Events()
-    async with account(records=0, events=events,
-                       sim_kwargs={"calls_per_minute": 3}) as (client, _, _):
+    async with account(records=0, events=events, sim_kwargs={"calls_per_minute": 3},
+                       budget_reserve=0.0) as (client, _, _):
         for _ in range(3):
             await client.server_time()
         # The third answer said no calls remain this minute: the client holds back.
