@@ -9,6 +9,11 @@
   (``services.runtime.assignment``).
 - **Checkpoint swap**: compare-and-set on a checkpoint value, for read-modify-write of values
   that several replicas update (the pending sync runs of an account).
+- **Request budgets**: every process calling a vendor as the same API user claims tokens from
+  one bucket of its budget (:mod:`common.vendors.budget` gives the rules), so that together
+  they stay inside it. A claim is one short transaction; the bucket's row is updated first so
+  that concurrent claims queue behind each other (SQLite's write lock, PostgreSQL's row lock)
+  and each sees the claims before it.
 
 Times come from the replica's own clock (integer microseconds); replicas on several machines
 need synchronised clocks (NTP), well inside the seconds that leases and heartbeats last.
@@ -20,6 +25,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from common.store.connection import Transaction
+from common.vendors.budget import BudgetGrant
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS lease (
@@ -27,6 +33,11 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS member (
         grp TEXT NOT NULL, member TEXT NOT NULL, detail TEXT NOT NULL,
         expires_at INTEGER NOT NULL, PRIMARY KEY (grp, member))""",
+    """CREATE TABLE IF NOT EXISTS budget (bucket TEXT PRIMARY KEY, claimed_at INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS budget_claim (
+        bucket TEXT NOT NULL, claimer TEXT NOT NULL, claimed_at INTEGER NOT NULL,
+        tokens INTEGER NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS budget_claim_by_time ON budget_claim (bucket, claimed_at)""",
 )
 
 # Taken when free, expired, or already ours (a renewal); RETURNING tells whether it was taken.
@@ -48,6 +59,16 @@ _SWAP_UPDATE = """
 _SWAP_INSERT = """
     INSERT INTO checkpoint (account, source, value, updated_at) VALUES (?, ?, ?, ?)
     ON CONFLICT (account, source) DO NOTHING RETURNING 1"""
+
+
+_BUDGET_LOCK = """
+    INSERT INTO budget (bucket, claimed_at) VALUES (?, ?)
+    ON CONFLICT (bucket) DO UPDATE SET claimed_at = excluded.claimed_at"""
+
+_BUDGET_HELD = """
+    SELECT COALESCE(SUM(tokens), 0), MIN(claimed_at), COUNT(DISTINCT claimer),
+        COALESCE(SUM(CASE WHEN claimer = ? THEN 1 ELSE 0 END), 0)
+    FROM budget_claim WHERE bucket = ?"""
 
 
 def _now_us() -> int:
@@ -131,3 +152,20 @@ class SqlCoordination:
                 execution = db.execute(_SWAP_UPDATE, (value, now, account, source, expected))
             async with execution as cursor:
                 return await cursor.fetchone() is not None
+
+    async def claim_budget(self, bucket: str, claimer: str, *, tokens: int, limit: int,
+                           span_s: float) -> BudgetGrant:
+        now = _now_us()
+        async with self._transaction() as db:
+            await db.execute(_BUDGET_LOCK, (bucket, now))
+            await db.execute("DELETE FROM budget_claim WHERE bucket = ? AND claimed_at <= ?",
+                             (bucket, now - _us(span_s)))
+            async with db.execute(_BUDGET_HELD, (claimer, bucket)) as cursor:
+                held, oldest, claimers, mine = await cursor.fetchone()
+            granted = max(0, min(tokens, limit - int(held)))
+            if granted:
+                await db.execute("INSERT INTO budget_claim (bucket, claimer, claimed_at, tokens) "
+                                 "VALUES (?, ?, ?, ?)", (bucket, claimer, now, granted))
+        wait_us = 0 if granted or oldest is None else int(oldest) + _us(span_s) - now
+        return BudgetGrant(tokens=granted, wait_s=wait_us / 1_000_000,
+                           claimers=int(claimers) + (0 if mine else 1))

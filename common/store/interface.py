@@ -21,6 +21,7 @@ from typing import Protocol, Self
 from common.domain import ContactState, HistoryEntry, KeyState, Observation, PreferenceKey
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.outstanding import DueKey, OutstandingStats
+from common.vendors.budget import BudgetGrant
 
 # (expected revision — None or 0: the key must not be stored yet; the new state; its history row)
 Change = tuple[int | None, KeyState, HistoryEntry | None]
@@ -202,7 +203,8 @@ class Outstanding(Protocol):
 
 
 class Coordination(Protocol):
-    """Leases and group membership of replicas (:mod:`common.store.coordination`)."""
+    """Leases, group membership and shared request budgets of replicas
+    (:mod:`common.store.coordination`)."""
 
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take (or renew) lease ``name`` for ``ttl_s``; False while another holder has it."""
@@ -225,6 +227,12 @@ class Coordination(Protocol):
     async def leave(self, member: str, groups: Iterable[str]) -> None: ...
 
     async def members(self, group: str) -> dict[str, str]: ...
+
+    async def claim_budget(self, bucket: str, claimer: str, *, tokens: int, limit: int,
+                           span_s: float) -> BudgetGrant:
+        """Claim up to ``tokens`` of ``bucket``'s budget: the claims of the last ``span_s``
+        never add up to more than ``limit`` (:mod:`common.vendors.budget`, rules 2-4)."""
+        ...
 
 
 class PersonalData(Protocol):

@@ -49,6 +49,7 @@ from common.store.parking import SCHEMA as PARKING_SCHEMA
 from common.store.parking import SqliteParking
 from common.store.personal import SCHEMA as PERSONAL_SCHEMA
 from common.store.personal import SqlPersonalData
+from common.vendors.budget import BudgetGrant
 
 log = logging.getLogger("prefsync.store")
 
@@ -534,6 +535,11 @@ class SqliteLedgerStore:
     async def swap_checkpoint(self, account: str, source: str, expected: str | None,
                               value: str) -> bool:
         return await self._coordination.swap_checkpoint(account, source, expected, value)
+
+    async def claim_budget(self, bucket: str, claimer: str, *, tokens: int, limit: int,
+                           span_s: float) -> BudgetGrant:
+        return await self._coordination.claim_budget(bucket, claimer, tokens=tokens,
+                                                     limit=limit, span_s=span_s)
 
     # -- personal data: erasure and retention (common.store.personal) -----------------------
     async def personal_data(self, account: str, email: str) -> dict[str, int]:

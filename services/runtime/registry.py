@@ -225,13 +225,16 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
     tasks: list[Any] = []
     dataverse: DataverseClient | None = None
     dotdigital: DotdigitalClient | None = None
+    # every process calling a vendor as the same user shares its budget through the store
     if {"dynamics-poller", "writer"} & set(services):
         dataverse = await stack.enter_async_context(DataverseClient(
-            config=account.dynamics, on_request=METRICS.request_observer(account=account.id)))
+            config=account.dynamics, on_request=METRICS.request_observer(account=account.id),
+            budget_ledger=store))
     # the dynamics-poller reads dotdigital's preference tree to mirror the catalog
     if {"dynamics-poller", "ec-poller", "writer"} & set(services):
         dotdigital = await stack.enter_async_context(DotdigitalClient(
-            config=account.dotdigital, on_request=METRICS.request_observer(account=account.id)))
+            config=account.dotdigital, on_request=METRICS.request_observer(account=account.id),
+            budget_ledger=store))
 
     def consumer(queue: str, handler: Any, batch_size: int) -> QueueConsumer:
         return QueueConsumer(connection=connection, queue=queue, account=account.id,

@@ -27,3 +27,10 @@ async def url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
 async def store(url: str) -> AsyncIterator[LedgerStore]:
     async with open_store(url) as s:
         yield s
+
+
+@pytest.fixture
+async def other(url: str) -> AsyncIterator[LedgerStore]:
+    """A second replica's store on the same database."""
+    async with open_store(url) as s:
+        yield s

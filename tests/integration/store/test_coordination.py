@@ -6,7 +6,6 @@ Two store instances on the same database stand for two replicas.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,13 +13,6 @@ from common.domain import KeyState, PreferenceKey
 from common.store import ConflictError, LedgerStore, open_store
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def other(url: str) -> AsyncIterator[LedgerStore]:
-    """A second replica's store on the same database."""
-    async with open_store(url) as s:
-        yield s
 
 
 async def test_a_lease_has_one_holder_until_released_or_expired(
