@@ -40,6 +40,7 @@ def test_the_call_budget_leaves_the_last_window_unfinished() -> None:
     assert budget_seconds(35) == 0
     assert budget_seconds(36) == 60
     assert budget_seconds(105) == 120
+    assert budget_seconds(56, per_minute=28) == 60  # less a reserve of 7 a minute
 
 
 def test_a_partial_run_keeps_the_other_scenarios_and_orders_them() -> None:
