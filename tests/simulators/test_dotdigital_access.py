@@ -106,6 +106,8 @@ async def test_per_account_rate_limit_answers_429_with_headers() -> None:
         assert refused.status == 429
         assert refused.headers["X-RateLimit-Remaining"] == "0"
         assert 1 <= int(refused.headers["X-RateLimit-Reset"]) <= 60
+        # only the X-RateLimit-* headers are documented: no friendlier Retry-After
+        assert "Retry-After" not in refused.headers
         assert "message" in refused.body
         refused_v3 = await sim.call("GET", "/contacts/v3")
         assert refused_v3.status == 429 and refused_v3.body["errorCode"]
