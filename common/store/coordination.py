@@ -155,9 +155,11 @@ class SqlCoordination:
 
     async def claim_budget(self, bucket: str, claimer: str, *, tokens: int, limit: int,
                            span_s: float) -> BudgetGrant:
-        now = _now_us()
         async with self._transaction() as db:
-            await db.execute(_BUDGET_LOCK, (bucket, now))
+            await db.execute(_BUDGET_LOCK, (bucket, _now_us()))
+            # read once the bucket is ours: a claim stamped before a wait for the lock would
+            # be forgotten that much before its tokens are spent
+            now = _now_us()
             await db.execute("DELETE FROM budget_claim WHERE bucket = ? AND claimed_at <= ?",
                              (bucket, now - _us(span_s)))
             async with db.execute(_BUDGET_HELD, (claimer, bucket)) as cursor:

@@ -417,35 +417,41 @@ class Pacer:
     async def _claim(self, tokens: int) -> float:
         """Claim ``tokens``; 0 once some are held, else the seconds to wait before asking
         again."""
-        grant = await self._grant(tokens)
+        asked = self._clock()
+        grant = await self._shared_grant(tokens)
+        if grant is None:
+            asked = self._clock()
+            limit = self.budget.spendable
+            if self._ledger is not None:
+                limit = max(1, limit // max(2, self._sharers))
+            grant = self._own.claim(self._bucket, self._claimer, tokens=tokens, limit=limit,
+                                    span_s=self._span_s)
         self.claims += 1
         if grant.tokens:
-            self._held, self._held_until = grant.tokens, self._clock() + HOLD_S
+            # held from when they were asked for: never spent later than the ledger counts
+            self._held, self._held_until = grant.tokens, asked + HOLD_S
             return 0.0
         wait = max(grant.wait_s, _MIN_WAIT_S)
         self._refused_until = self._clock() + wait
         return wait
 
-    async def _grant(self, tokens: int) -> BudgetGrant:
-        limit = self.budget.spendable
-        if self._ledger is not None and self._clock() >= self._ledger_retry_at:
-            try:
-                async with asyncio.timeout(CLAIM_TIMEOUT_S):
-                    grant = await self._ledger.claim_budget(
-                        self._bucket, self._claimer, tokens=tokens, limit=limit,
-                        span_s=self._span_s)
-            # Whatever keeps the shared ledger from answering (down, locked, a lost
-            # connection), the calls go on at a conservative share of the budget (rule 3).
-            except Exception as exc:
-                log.warning("%s: the shared request budget is unavailable (%s: %s); "
-                            "pacing to a local share", self._bucket, type(exc).__name__, exc)
-                self._ledger_retry_at = self._clock() + LEDGER_RETRY_S
-            else:
-                self._sharers = grant.claimers
-                self._own.record(self._bucket, self._claimer, tokens=grant.tokens,
-                                 span_s=self._span_s)
-                return grant
-        if self._ledger is not None:
-            limit = max(1, limit // max(2, self._sharers))
-        return self._own.claim(self._bucket, self._claimer, tokens=tokens, limit=limit,
-                               span_s=self._span_s)
+    async def _shared_grant(self, tokens: int) -> BudgetGrant | None:
+        """The shared ledger's grant, or None without one (none given, or unavailable)."""
+        if self._ledger is None or self._clock() < self._ledger_retry_at:
+            return None
+        try:
+            async with asyncio.timeout(CLAIM_TIMEOUT_S):
+                grant = await self._ledger.claim_budget(
+                    self._bucket, self._claimer, tokens=tokens, limit=self.budget.spendable,
+                    span_s=self._span_s)
+        # Whatever keeps the shared ledger from answering (down, locked, a lost connection),
+        # the calls go on at a conservative share of the budget (rule 3).
+        except Exception as exc:
+            log.warning("%s: the shared request budget is unavailable (%s: %s); pacing to a "
+                        "local share", self._bucket, type(exc).__name__, exc)
+            self._ledger_retry_at = self._clock() + LEDGER_RETRY_S
+            return None
+        self._sharers = grant.claimers
+        # remembered here too, so that a local share later counts what was spent meanwhile
+        self._own.record(self._bucket, self._claimer, tokens=grant.tokens, span_s=self._span_s)
+        return grant
