@@ -171,7 +171,7 @@ class EcPoller:
         await self._read_resubscriptions(request, clock, counts)
         # Feeds read from the beginning already hold every contact's state.
         if request.eligible_emails and not all(from_start):
-            await self._read_contacts(request, request.eligible_emails, counts)
+            await self._read_contacts(request, request.eligible_emails, clock, counts)
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="poller-done", fields={
                                    "source": "dotdigital", "messages": counts.message_ids,
@@ -397,13 +397,11 @@ class EcPoller:
             return None  # an unknown status or a malformed address: leave it alone
 
     async def _read_contacts(self, request: RunRequest, emails: Sequence[str],
-                             counts: RunCounts) -> None:
+                             clock: RunClock, counts: RunCounts) -> None:
         """Current dotdigital state of emails that just became eligible in Dynamics: one call
         each (no bulk read returns each preference's ``dateModifed``). Their statuses are as
-        of dotdigital's time before the first of these reads."""
+        of the run's start (a dotdigital time before these reads)."""
         changes: list[Change] = []
-        begun = time.time()
-        as_of: datetime | None = None
         for email in emails:
             try:
                 opt_ins = await self._client.subscriptions(email)
@@ -412,8 +410,7 @@ class EcPoller:
                     continue  # not a dotdigital contact (yet): nothing to read
                 raise
             counts.read += 1
-            as_of = as_of or await self._client.time_before(begun)
-            changes.extend(self._changes_from([opt_ins], as_of))
+            changes.extend(self._changes_from([opt_ins], await clock.started()))
         await self._publish(request, changes, counts, id_seed=f"{request.run_id}:eligible")
 
     async def _publish(self, request: RunRequest, changes: Sequence[Change], counts: RunCounts,

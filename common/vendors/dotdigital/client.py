@@ -181,10 +181,13 @@ class DotdigitalClient(VendorClient):
         )
         self._tree_parents: dict[int, int] = {}
         self._tree_loaded_at: float | None = None
-        # dotdigital's clock as its answers tell it (server-time, else the ``Date`` header),
-        # timed: what the account's clock estimate is made of
+        # dotdigital's clock, timed, as server-time tells it and as the answer that bounds a
+        # read's start (``time_before``) does: what the account's clock estimate is made of.
+        # Not every answer's: a reading folded in late (after the clock stepped) would be taken
+        # for a step of its own.
         self.clock_readings = ClockReadings()
-        # the same readings, kept (not taken) for ``time_before``
+        # every answer's clock reading (server-time, else the ``Date`` header), for
+        # ``time_before``
         self._answers: deque[ClockReading] = deque(maxlen=_ANSWERS_KEPT)
 
     def __repr__(self) -> str:
@@ -226,14 +229,10 @@ class DotdigitalClient(VendorClient):
                                             body=payload, idempotent=idempotent, accept=accept)
         moment = http_date(response.headers.get("Date")) if dated else None
         if moment is not None and response.sent_at:
-            self._read_clock(ClockReading(vendor_time=moment, resolution_s=1.0,
-                                          sent=response.sent_at, received=response.received_at,
-                                          source="date"))
+            self._answers.append(ClockReading(vendor_time=moment, resolution_s=1.0,
+                                              sent=response.sent_at,
+                                              received=response.received_at, source="date"))
         return response
-
-    def _read_clock(self, reading: ClockReading) -> None:
-        self.clock_readings.add(reading)
-        self._answers.append(reading)
 
     async def _json(self, method: str, path: str, *, endpoint: str,
                     params: Mapping[str, str | int] | None = None, body: Any = None,
@@ -267,7 +266,8 @@ class DotdigitalClient(VendorClient):
         reading = ClockReading(vendor_time=parse_datetime(decode_json(response)),
                                resolution_s=0.001, sent=response.sent_at,
                                received=response.received_at, source="server-time")
-        self._read_clock(reading)
+        self.clock_readings.add(reading)
+        self._answers.append(reading)
         return reading
 
     async def time_before(self, moment: float) -> datetime:
@@ -277,10 +277,13 @@ class DotdigitalClient(VendorClient):
         Taken from the first answer received since ``moment`` (any call's; one server-time
         call only when there is none). Its reading was stamped before we received it, so at
         ``moment`` the clock showed at least the reading, less its resolution (in case the
-        clock rounds rather than truncates) and less the time from ``moment`` to its receipt."""
+        clock rounds rather than truncates) and less the time from ``moment`` to its receipt.
+        The reading goes to ``clock_readings`` too (a server-time one is there already)."""
         reading = next((r for r in self._answers if r.received >= moment), None)
         if reading is None:
             reading = await self._server_time_reading()
+        elif reading.source == "date":
+            self.clock_readings.add(reading)
         return reading.vendor_time - timedelta(
             seconds=reading.resolution_s + max(0.0, reading.received - moment))
 

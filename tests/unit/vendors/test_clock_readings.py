@@ -114,18 +114,33 @@ async def test_readings_that_agree_with_what_the_caller_holds_are_not_recorded(
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0])
-async def test_date_headers_measure_the_dotdigital_clock_without_a_server_time_call(
+async def test_the_answer_that_bounds_a_read_measures_the_dotdigital_clock(
         store: SqliteLedgerStore, offset: float) -> None:
+    """The ec-poller's run: its first answer's ``Date`` bounds the run's start and is the
+    clock sample of the run; no server-time call."""
     async with dotdigital_sim() as sim, DotdigitalClient(
             config=dotdigital_config(sim.url)) as client:
         await sim.seed(records=2, preferences=1, seed=5, account=DD_ACCOUNT)
         await sim.clock(offset_s=offset)
+        moment = time.time()
         await client.preferences()
+        await client.time_before(moment)
         estimate = await measure_clock(store, account="acme", side="dotdigital", client=client)
         assert estimate is not None
         assert abs(estimate.offset_s - offset) <= estimate.uncertainty_s
         assert 0.5 <= estimate.uncertainty_s < 0.75   # a whole-second Date, and the round trip
         assert SERVER_TIME not in (await sim.stats())["calls"]
+
+
+async def test_other_answers_are_no_clock_samples(store: SqliteLedgerStore) -> None:
+    """Only server-time and the answer bounding a read's start: an answer's reading folded in
+    late, after the clock stepped, would pass for a step back."""
+    async with dotdigital_sim() as sim, DotdigitalClient(
+            config=dotdigital_config(sim.url)) as client:
+        await sim.seed(records=2, preferences=1, seed=5, account=DD_ACCOUNT)
+        await client.preferences()
+        await client.account_info()
+        assert client.clock_readings.take() == []
 
 
 async def sim_now(sim: SimControl) -> datetime:
