@@ -208,8 +208,8 @@ class DotdigitalClient(VendorClient):
         dated: bool = True,
     ) -> HttpResponse:
         """``path`` is already encoded; ``endpoint`` is its route template (no emails or ids).
-        ``dated``: the answer's ``Date`` header is a clock reading (server-time has a finer
-        one of its own)."""
+        ``dated``: the answer's ``Date`` header is kept as a clock reading for
+        ``time_before`` (server-time has a finer one of its own)."""
         if self._read_only and method != "GET":
             raise WriteRefused(vendor=VENDOR, endpoint=endpoint)
         url = self._base + path
@@ -285,7 +285,7 @@ class DotdigitalClient(VendorClient):
         elif reading.source == "date":
             self.clock_readings.add(reading)
         return reading.vendor_time - timedelta(
-            seconds=reading.resolution_s + max(0.0, reading.received - moment))
+            seconds=reading.resolution_s + reading.received - moment)
 
     async def probe_clock(self) -> None:
         """Read the API's clock once more (one call), into ``clock_readings``."""
