@@ -125,9 +125,10 @@ def dynamics_delta(entity_set: str) -> Checkpoint[str]:
 # --- what the ec-poller reads ---------------------------------------------------------------
 # dotdigital's preference tree, as last read.
 PREFERENCE_TREE = Checkpoint("dotdigital:preferences", JSON_LIST)
-# dotdigital's time at which each status feed was last read from.
+# The run that read it (at its start): the ec-poller's part of that run reads it from here.
+PREFERENCE_TREE_RUN = Checkpoint("dotdigital:preferences:run", TEXT)
+# dotdigital's time at which the suppressions feed was last read from.
 SUPPRESSED = Checkpoint("dotdigital:suppressed", TIME)
-UNSUBSCRIBED = Checkpoint("dotdigital:unsubscribed", TIME)
 CONTACTS_MODIFIED = Checkpoint("dotdigital:contacts-modified", TIME)
 
 
@@ -160,4 +161,4 @@ def clock_name(side: Side) -> str:
 
 
 # Checkpoints that hold data rather than a read position (no meaningful age).
-NOT_POSITIONS = frozenset({CATALOG.name, PREFERENCE_TREE.name})
+NOT_POSITIONS = frozenset({CATALOG.name, PREFERENCE_TREE.name, PREFERENCE_TREE_RUN.name})

@@ -2,13 +2,14 @@
 
 The rules are pure (:mod:`common.domain.time_base`); this is their I/O:
 
-- the vendor clients keep every clock reading their answers carry (``clock_readings``):
-  dotdigital's ``/v2/server-time``, Dataverse's ``Date`` headers and the ``modifiedon`` of our
-  own ``$batch`` writes, each with our send and receipt times;
+- the vendor clients keep the clock readings their answers carry (``clock_readings``):
+  Dataverse's ``Date`` headers and the ``modifiedon`` of our own ``$batch`` writes,
+  dotdigital's ``/v2/server-time`` and the ``Date`` header of the answer that bounds a run's
+  start (``DotdigitalClient.time_before``), each with our send and receipt times;
 - :func:`measure_clock` turns a client's fresh readings into samples and folds them into the
   account's estimate for that side. Each poller calls it at the start of its run, before it
-  publishes anything it reads: the ec-poller right after the server-time call it makes anyway,
-  the dynamics-poller after its first Dataverse requests. A sample that disagrees with the
+  publishes anything it reads: the ec-poller after its first dotdigital answer, the
+  dynamics-poller after its first Dataverse requests. A sample that disagrees with the
   estimate is checked at once with up to ``MAX_PROBES`` more reads (the only calls made for
   the clock), so a clock that stepped is followed within the run, while one outlier moves
   nothing;

@@ -47,7 +47,13 @@ from common.messaging.publishing import envelopes_by_shard, ids_of, publish_prog
 from common.messaging.topology import CONTROL_EXCHANGE, Topology
 from common.ops import failpoints
 from common.runs import RunRequest
-from common.store.checkpoints import CATALOG, PREFERENCE_TREE, Checkpoint, dynamics_delta
+from common.store.checkpoints import (
+    CATALOG,
+    PREFERENCE_TREE,
+    PREFERENCE_TREE_RUN,
+    Checkpoint,
+    dynamics_delta,
+)
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.interface import Checkpoints, Directory, KeyStates
 from common.vendors.clock_skew import measure_clock
@@ -115,7 +121,7 @@ class DynamicsPoller:
 
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
-        mirrored = await self.mirror_catalog()
+        mirrored = await self.mirror_catalog(run_id=request.run_id)
         catalog = await self.refresh_catalog()
         # Dataverse's clock, from the answers so far, before anything read here is published
         await measure_clock(self._store, account=self.account.id, side="dynamics",
@@ -156,11 +162,14 @@ class DynamicsPoller:
             "published": counts.published, "ineligible": counts.ineligible})
 
     # --- catalog ---------------------------------------------------------------------------
-    async def mirror_catalog(self) -> MirrorResult:
-        """Mirror dotdigital's preference tree into this account's catalog rows."""
+    async def mirror_catalog(self, *, run_id: str | None = None) -> MirrorResult:
+        """Mirror dotdigital's preference tree into this account's catalog rows (``run_id``:
+        the run it is read for; the ec-poller's part of it reads it from the store)."""
         if self._dotdigital is not None:
             tree = await self._dotdigital.preferences()
             await PREFERENCE_TREE.set(self._store, self.account.id, tree)
+            if run_id is not None:
+                await PREFERENCE_TREE_RUN.set(self._store, self.account.id, run_id)
         else:
             tree = await load_tree(self._store, self.account.id)
         if not tree:

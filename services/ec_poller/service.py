@@ -1,12 +1,19 @@
 """ec-poller: reads dotdigital preference changes and contact suppressions, per account.
 
-Each run takes dotdigital's own clock (``/v2/server-time``) first; that becomes the next
-watermark, so nothing changed during the run is skipped next time. Per preference it reads the
+A run costs one call per feed when nothing changed: per preference of dotdigital's tree (as
+the dynamics-poller read it at the start of the same run; read here only when it did not) the
 opt-ins-since feed (opt-outs included) with each change's ``dateModifed``, checkpointing the
-``minContactId`` position after every page the broker confirmed; then suppressions and
-unsubscriptions since the last run. Emails that became eligible in Dynamics since the last run
-have their current dotdigital state read directly (or, when there are many, every feed is read
-from the beginning).
+``minContactId`` position after every page the broker confirmed; the suppressions since the
+last run (every reason: unsubscribes are among them, so unsubscribed-since is not read); and
+the contacts modified since (resubscriptions, below). Emails that became eligible in Dynamics
+since the last run have their current dotdigital state read directly, one call each (or, when
+there are many, every feed is read from the beginning).
+
+The watermark each feed keeps for the next run is dotdigital's time when the run began, taken
+from the run's first answer (no call of its own): the answer's clock reading (its ``Date``
+header, whole seconds), less a second (the clock may round) and less the time from the run's
+start to the answer's receipt, is a time dotdigital's clock had passed before the run's first
+read, so nothing stamped later is skipped next time.
 
 Overlap: a feed entry may become visible after a read that began later than its stamp (a write
 dotdigital was still committing). So every feed is read from ``feed_overlap_s`` before the
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -45,11 +53,11 @@ from common.messaging.publishing import envelopes_by_shard, ids_of, publish_prog
 from common.ops import failpoints
 from common.runs import RunRequest
 from common.store import checkpoints
-from common.store.checkpoints import PREFERENCE_TREE, Checkpoint
+from common.store.checkpoints import PREFERENCE_TREE, PREFERENCE_TREE_RUN
 from common.store.interface import Checkpoints, Contacts, KeyStates
 from common.vendors.base import VendorError
 from common.vendors.clock_skew import measure_clock
-from common.vendors.dotdigital.client import DotdigitalClient
+from common.vendors.dotdigital.client import PREFERENCE_NOT_FOUND, DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH, FeedPosition, feed_position
 from common.vendors.dotdigital.models import ContactOptIns, ContactV3, Suppression
 
@@ -107,6 +115,29 @@ class PollerStore(Checkpoints, Contacts, KeyStates, Protocol):
     """What the ec-poller asks of the ledger store."""
 
 
+class RunClock:
+    """When a run began on dotdigital's clock: the watermark its feeds keep for the next run.
+
+    Known from the run's first answer (see :meth:`DotdigitalClient.time_before`); the first
+    time it is asked, the answers' clock readings are folded into the account's estimate too,
+    so the clock is measured before anything the run read is published."""
+
+    def __init__(self, *, client: DotdigitalClient, store: Checkpoints, account: str) -> None:
+        self._client = client
+        self._store = store
+        self._account = account
+        # our time before the run's first dotdigital call
+        self._begun = time.time()
+        self._started: datetime | None = None
+
+    async def started(self) -> datetime:
+        if self._started is None:
+            self._started = await self._client.time_before(self._begun)
+            await measure_clock(self._store, account=self._account, side="dotdigital",
+                                client=self._client)
+        return self._started
+
+
 class EcPoller:
     def __init__(self, *, account: AccountConfig, client: DotdigitalClient, store: PollerStore,
                  publisher: Publisher, shards: int) -> None:
@@ -123,21 +154,24 @@ class EcPoller:
 
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
-        started = await self._client.server_time()
-        # dotdigital's clock, from that same call, before anything read here is published
-        await measure_clock(self._store, account=self.account.id, side="dotdigital",
-                            client=self._client)
+        clock = RunClock(client=self._client, store=self._store, account=self.account.id)
         full_read = "full-read" in request.reasons
-        tree = await self._client.preferences()
-        await PREFERENCE_TREE.set(self._store, self.account.id, tree)
-        from_start = [await self._read_preference(request, preference_id, started, full_read,
-                                                  counts)
-                      for preference_id in leaf_preference_ids(tree)]
-        await self._read_removals(request, started, full_read, counts)
-        await self._read_resubscriptions(request, started, counts)
+        from_start: list[bool] = []
+        for preference_id in leaf_preference_ids(await self._preference_tree(request)):
+            try:
+                from_start.append(await self._read_preference(request, preference_id, clock,
+                                                              full_read, counts))
+            except VendorError as exc:
+                if exc.code != PREFERENCE_NOT_FOUND:
+                    raise
+                # deleted since the tree was read: nothing more to read of it
+                log.info("preference %s is gone; its feed is not read", preference_id,
+                         extra={"account": self.account.id, "run_id": request.run_id})
+        await self._read_suppressions(request, clock, full_read, counts)
+        await self._read_resubscriptions(request, clock, counts)
         # Feeds read from the beginning already hold every contact's state.
         if request.eligible_emails and not all(from_start):
-            await self._read_contacts(request, request.eligible_emails, counts)
+            await self._read_contacts(request, request.eligible_emails, clock, counts)
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="poller-done", fields={
                                    "source": "dotdigital", "messages": counts.message_ids,
@@ -147,8 +181,20 @@ class EcPoller:
             "account": self.account.id, "run_id": request.run_id, "read": counts.read,
             "published": counts.published})
 
+    async def _preference_tree(self, request: RunRequest) -> list[dict[str, Any]]:
+        """dotdigital's preference tree: as the dynamics-poller read it at the start of this
+        run (it starts this part afterwards), else read now."""
+        if await PREFERENCE_TREE_RUN.get(self._store, self.account.id) in request.covers:
+            stored = await PREFERENCE_TREE.get(self._store, self.account.id)
+            if stored is not None:
+                return stored
+        tree = await self._client.preferences()
+        await PREFERENCE_TREE.set(self._store, self.account.id, tree)
+        await PREFERENCE_TREE_RUN.set(self._store, self.account.id, request.run_id)
+        return tree
+
     async def _read_preference(self, request: RunRequest, preference_id: int,
-                               started: datetime, full_read: bool, counts: RunCounts) -> bool:
+                               clock: RunClock, full_read: bool, counts: RunCounts) -> bool:
         """Reads one preference's feed; returns True when it was read from the beginning."""
         checkpoint = feed_position(preference_id)
         source = checkpoint.name
@@ -159,12 +205,15 @@ class EcPoller:
         owed = since == EPOCH or position.markers_owed
         read_from = self._read_from(since)
         skip, unkept = await self._load_seen(source, since)
-        seen = Seen(keep_from=self._read_from(started))
+        seen: Seen | None = None
         min_contact_id = position.min_contact_id or 0
         page_no = 0
         async for page in self._client.iter_opt_ins_since(preference_id, read_from,
                                                           min_contact_id=min_contact_id):
             page_no += 1
+            started = await clock.started()
+            if seen is None:
+                seen = Seen(keep_from=self._read_from(started))
             fresh = await self._unseen(page, preference_id, skip, seen, unkept=unkept)
             changes = self._changes_from(fresh, started, only=preference_id)
             counts.read += len(page)
@@ -173,12 +222,13 @@ class EcPoller:
             last_id = max(item.contact.id for item in page)
             await checkpoint.set(self._store, self.account.id, FeedPosition(
                 since=since, min_contact_id=last_id + 1, markers_owed=owed))
+        started = await clock.started()
         # Where this read started is kept as ``previous``: the writer reads from there, so
         # changes this read published but the reconciler has not reached yet are read again,
         # not skipped.
         end = FeedPosition(since=started, previous=read_from)
         # only ever changes this and earlier reads published (confirmed): saved first
-        await self._save_seen(source, seen)
+        await self._save_seen(source, seen or Seen(keep_from=self._read_from(started)))
         if owed:
             await checkpoint.set(self._store, self.account.id, replace(end, markers_owed=True))
             await failpoints.reached("ec-poller.after-checkpoint")
@@ -259,28 +309,28 @@ class EcPoller:
                               f"{opt_in.modified.isoformat()}"))
         return changes
 
-    async def _read_removals(self, request: RunRequest, started: datetime, full_read: bool,
-                             counts: RunCounts) -> None:
-        feeds: tuple[tuple[str, Checkpoint[datetime]], ...] = (
-            ("suppressed", checkpoints.SUPPRESSED), ("unsubscribed", checkpoints.UNSUBSCRIBED))
-        for kind, checkpoint in feeds:
-            source = checkpoint.name
-            since = EPOCH if full_read else await checkpoint.get_or(self._store, self.account.id,
-                                                                     EPOCH)
-            read_from = self._read_from(since)
-            skip, _ = await self._load_seen(source, since)
-            seen = Seen(keep_from=self._read_from(started))
-            pages = (self._client.iter_suppressed_since(read_from) if kind == "suppressed"
-                     else self._client.iter_unsubscribed_since(read_from))
-            page_no = 0
-            async for page in pages:
-                page_no += 1
-                changes = [c for c in (self._status_change(s) for s in page) if c is not None]
-                await self._publish(request, list(self._unseen_statuses(changes, skip, seen)),
-                                    counts, id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
-            # (a burst of more than SEEN_LIMIT is published again: statuses are idempotent)
-            await self._save_seen(source, seen)
-            await checkpoint.set(self._store, self.account.id, started)
+    async def _read_suppressions(self, request: RunRequest, clock: RunClock, full_read: bool,
+                                 counts: RunCounts) -> None:
+        """Contacts suppressed since the last read, whatever the reason (unsubscribed ones
+        too: dotdigital lists them with reason ``Unsubscribed``)."""
+        checkpoint = checkpoints.SUPPRESSED
+        source = checkpoint.name
+        since = EPOCH if full_read else await checkpoint.get_or(self._store, self.account.id,
+                                                                 EPOCH)
+        skip, _ = await self._load_seen(source, since)
+        seen: Seen | None = None
+        page_no = 0
+        async for page in self._client.iter_suppressed_since(self._read_from(since)):
+            page_no += 1
+            if seen is None:
+                seen = Seen(keep_from=self._read_from(await clock.started()))
+            changes = [c for c in (self._status_change(s) for s in page) if c is not None]
+            await self._publish(request, list(self._unseen_statuses(changes, skip, seen)),
+                                counts, id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
+        started = await clock.started()
+        # (a burst of more than SEEN_LIMIT is published again: statuses are idempotent)
+        await self._save_seen(source, seen or Seen(keep_from=self._read_from(started)))
+        await checkpoint.set(self._store, self.account.id, started)
 
     @staticmethod
     def _unseen_statuses(changes: Iterable[Change], skip: set[str],
@@ -302,7 +352,7 @@ class EcPoller:
             origin_time=suppression.removed,
             change_id=f"ec-removed:{suppression.contact.id}:{suppression.removed.isoformat()}")
 
-    async def _read_resubscriptions(self, request: RunRequest, started: datetime,
+    async def _read_resubscriptions(self, request: RunRequest, clock: RunClock,
                                     counts: RunCounts) -> None:
         """Contacts the ledger holds as suppressed that dotdigital has as active again."""
         checkpoint = checkpoints.CONTACTS_MODIFIED
@@ -316,6 +366,7 @@ class EcPoller:
                     modified_since=self._read_from(saved), include=(),
                     limit=5000):
                 page_no += 1
+                started = await clock.started()
                 active = {}
                 for contact in page:
                     email = self._active_email(contact)
@@ -334,7 +385,7 @@ class EcPoller:
                                     id_seed=f"{request.run_id}:{source}:{saved.isoformat()}:"
                                             f"{page_no}")
         # First run: the feeds read from the beginning carry every contact's status.
-        await checkpoint.set(self._store, self.account.id, started)
+        await checkpoint.set(self._store, self.account.id, await clock.started())
 
     @staticmethod
     def _active_email(contact: ContactV3) -> str | None:
@@ -346,10 +397,11 @@ class EcPoller:
             return None  # an unknown status or a malformed address: leave it alone
 
     async def _read_contacts(self, request: RunRequest, emails: Sequence[str],
-                             counts: RunCounts) -> None:
-        """Current dotdigital state of emails that just became eligible in Dynamics."""
+                             clock: RunClock, counts: RunCounts) -> None:
+        """Current dotdigital state of emails that just became eligible in Dynamics: one call
+        each (no bulk read returns each preference's ``dateModifed``). Their statuses are as
+        of the run's start (a dotdigital time before these reads)."""
         changes: list[Change] = []
-        started = await self._client.server_time()
         for email in emails:
             try:
                 opt_ins = await self._client.subscriptions(email)
@@ -358,7 +410,7 @@ class EcPoller:
                     continue  # not a dotdigital contact (yet): nothing to read
                 raise
             counts.read += 1
-            changes.extend(self._changes_from([opt_ins], started))
+            changes.extend(self._changes_from([opt_ins], await clock.started()))
         await self._publish(request, changes, counts, id_seed=f"{request.run_id}:eligible")
 
     async def _publish(self, request: RunRequest, changes: Sequence[Change], counts: RunCounts,

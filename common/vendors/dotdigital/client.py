@@ -13,8 +13,9 @@ import asyncio
 import base64
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -32,6 +33,7 @@ from common.vendors.base import (
     TransportError,
     VendorError,
     WriteRefused,
+    http_date,
     parse_wait,
 )
 from common.vendors.budget import Budget, BudgetLedger
@@ -67,6 +69,7 @@ from common.vendors.http import (
 VENDOR = "dotdigital"
 TOO_MANY_ACTIVE_IMPORTS = "contacts:tooManyActiveImports"
 APIUSAGE_EXCEEDED = "ERROR_APIUSAGE_EXCEEDED"
+PREFERENCE_NOT_FOUND = "ERROR_PREFERENCE_NOT_FOUND"
 # Paging sizes the API allows: opt-ins-since answers at most 1000 contacts a call; the v2
 # select/skip lists take select 1..1000; v3 lists take limit 1..5000.
 OPT_INS_PAGE = 1000
@@ -77,6 +80,8 @@ _MERGE_OPTIONS = {"overwrite": "overwrite", "overwrite-if-not-empty": "overwrite
                   "overwrite-if-empty": "overwriteIfEmpty"}
 # How long the preference tree (used to place leaves under their categories) is trusted.
 _TREE_TTL_S = 300.0
+# Clock readings of the latest answers kept to bound dotdigital's time (``time_before``).
+_ANSWERS_KEPT = 64
 
 
 class ImportFailed(VendorError):
@@ -184,8 +189,14 @@ class DotdigitalClient(VendorClient):
         )
         self._tree_parents: dict[int, int] = {}
         self._tree_loaded_at: float | None = None
-        # every server-time answer, timed: what the account's clock estimate is made of
+        # dotdigital's clock, timed, as server-time tells it and as the answer that bounds a
+        # read's start (``time_before``) does: what the account's clock estimate is made of.
+        # Not every answer's: a reading folded in late (after the clock stepped) would be taken
+        # for a step of its own.
         self.clock_readings = ClockReadings()
+        # every answer's clock reading (server-time, else the ``Date`` header), for
+        # ``time_before``
+        self._answers: deque[ClockReading] = deque(maxlen=_ANSWERS_KEPT)
 
     def __repr__(self) -> str:
         return f"DotdigitalClient(url={self._base!r}, api_user={self._config.api_user!r})"
@@ -202,8 +213,11 @@ class DotdigitalClient(VendorClient):
         body: Any = None,
         idempotent: bool = True,
         accept: Callable[[HttpResponse], bool] | None = None,
+        dated: bool = True,
     ) -> HttpResponse:
-        """``path`` is already encoded; ``endpoint`` is its route template (no emails or ids)."""
+        """``path`` is already encoded; ``endpoint`` is its route template (no emails or ids).
+        ``dated``: the answer's ``Date`` header is kept as a clock reading for
+        ``time_before`` (server-time has a finer one of its own)."""
         if self._read_only and method != "GET":
             raise WriteRefused(vendor=VENDOR, endpoint=endpoint)
         url = self._base + path
@@ -218,9 +232,15 @@ class DotdigitalClient(VendorClient):
         async def authorization() -> Mapping[str, str]:
             return self._authorization
 
-        return await self._http.request(method, encoded_url(url), endpoint=endpoint,
-                                        headers=headers, auth_headers=authorization,
-                                        body=payload, idempotent=idempotent, accept=accept)
+        response = await self._http.request(method, encoded_url(url), endpoint=endpoint,
+                                            headers=headers, auth_headers=authorization,
+                                            body=payload, idempotent=idempotent, accept=accept)
+        moment = http_date(response.headers.get("Date")) if dated else None
+        if moment is not None and response.sent_at:
+            self._answers.append(ClockReading(vendor_time=moment, resolution_s=1.0,
+                                              sent=response.sent_at,
+                                              received=response.received_at, source="date"))
+        return response
 
     async def _json(self, method: str, path: str, *, endpoint: str,
                     params: Mapping[str, str | int] | None = None, body: Any = None,
@@ -243,16 +263,37 @@ class DotdigitalClient(VendorClient):
         return parse_account_info(data)
 
     async def server_time(self) -> datetime:
-        """The API's own UTC time: the watermark to use for the next ``…-since`` reads.
+        """The API's own UTC time (milliseconds).
 
         Each answer is also kept, with the round trip it came in, in ``clock_readings``."""
-        response = await self._call("GET", "/v2/server-time", endpoint="GET /v2/server-time")
-        moment = parse_datetime(decode_json(response))
-        self.clock_readings.add(ClockReading(vendor_time=moment, resolution_s=0.001,
-                                             sent=response.sent_at,
-                                             received=response.received_at,
-                                             source="server-time"))
-        return moment
+        return (await self._server_time_reading()).vendor_time
+
+    async def _server_time_reading(self) -> ClockReading:
+        response = await self._call("GET", "/v2/server-time", endpoint="GET /v2/server-time",
+                                    dated=False)
+        reading = ClockReading(vendor_time=parse_datetime(decode_json(response)),
+                               resolution_s=0.001, sent=response.sent_at,
+                               received=response.received_at, source="server-time")
+        self.clock_readings.add(reading)
+        self._answers.append(reading)
+        return reading
+
+    async def time_before(self, moment: float) -> datetime:
+        """A dotdigital time its clock had passed by our Unix time ``moment``: the watermark of
+        a ``…-since`` read begun after ``moment`` (whatever is stamped later is read next time).
+
+        Taken from the first answer received since ``moment`` (any call's; one server-time
+        call only when there is none). Its reading was stamped before we received it, so at
+        ``moment`` the clock showed at least the reading, less its resolution (in case the
+        clock rounds rather than truncates) and less the time from ``moment`` to its receipt.
+        The reading goes to ``clock_readings`` too (a server-time one is there already)."""
+        reading = next((r for r in self._answers if r.received >= moment), None)
+        if reading is None:
+            reading = await self._server_time_reading()
+        elif reading.source == "date":
+            self.clock_readings.add(reading)
+        return reading.vendor_time - timedelta(
+            seconds=reading.resolution_s + reading.received - moment)
 
     async def probe_clock(self) -> None:
         """Read the API's clock once more (one call), into ``clock_readings``."""

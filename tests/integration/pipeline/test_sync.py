@@ -113,6 +113,24 @@ async def test_a_converged_sync_writes_nothing(world: World) -> None:
     assert (await world.stats("dotdigital"))["writes_applied"] == dd_before
 
 
+async def test_an_idle_sync_costs_one_dotdigital_call_per_feed(world: World) -> None:
+    """3 preferences: the tree (read once, by the dynamics-poller, for both pollers), each
+    preference's opt-ins, the suppressions and the contacts modified since; no server-time."""
+    await world.start()
+    await converge(world)
+    await converge(world)  # echoes of the first run's writes are read back here
+    before = (await world.stats("dotdigital"))["calls"]
+    await converge(world)
+    after = (await world.stats("dotdigital"))["calls"]
+    made = {route: n - before.get(route, 0) for route, n in after.items()
+            if n != before.get(route, 0)}
+    assert made == {
+        "GET /v2/preferences": 1,
+        "GET /v2/contacts/with-preference/{preference_id}/opt-ins-since/{date}": 3,
+        "GET /v2/contacts/suppressed-since/{date}": 1,
+        "GET /contacts/v3": 1}, made
+
+
 async def test_flip_flop_newest_value_wins_on_both_sides(world: World) -> None:
     """A Dynamics change made while our write of an older value to dotdigital is in flight
     still wins on both sides: the read-back of our write is recognised as an echo."""

@@ -4,7 +4,9 @@ dotdigital's ``/v2/server-time``, Dataverse's ``Date`` headers and the ``modifie
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from common.vendors.dataverse.client import BatchOperation, DataverseClient
 from common.vendors.dotdigital.client import DotdigitalClient
 from tests.unit.vendors.support import (
     DD_ACCOUNT,
+    SimControl,
     dotdigital_config,
     dotdigital_sim,
     dynamics_config,
@@ -108,3 +111,67 @@ async def test_readings_that_agree_with_what_the_caller_holds_are_not_recorded(
         moved = await measure_clock(store, account="acme", side="dotdigital", client=client,
                                     holding=held)
         assert moved is not None and abs(moved.offset_s - 30) < 0.25
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+async def test_the_answer_that_bounds_a_read_measures_the_dotdigital_clock(
+        store: SqliteLedgerStore, offset: float) -> None:
+    """The ec-poller's run: its first answer's ``Date`` bounds the run's start and is the
+    clock sample of the run; no server-time call."""
+    async with dotdigital_sim() as sim, DotdigitalClient(
+            config=dotdigital_config(sim.url)) as client:
+        await sim.seed(records=2, preferences=1, seed=5, account=DD_ACCOUNT)
+        await sim.clock(offset_s=offset)
+        moment = time.time()
+        await client.preferences()
+        await client.time_before(moment)
+        estimate = await measure_clock(store, account="acme", side="dotdigital", client=client)
+        assert estimate is not None
+        assert abs(estimate.offset_s - offset) <= estimate.uncertainty_s
+        assert 0.5 <= estimate.uncertainty_s < 0.75   # a whole-second Date, and the round trip
+        assert SERVER_TIME not in (await sim.stats())["calls"]
+
+
+async def test_other_answers_are_no_clock_samples(store: SqliteLedgerStore) -> None:
+    """Only server-time and the answer bounding a read's start: an answer's reading folded in
+    late, after the clock stepped, would pass for a step back."""
+    async with dotdigital_sim() as sim, DotdigitalClient(
+            config=dotdigital_config(sim.url)) as client:
+        await sim.seed(records=2, preferences=1, seed=5, account=DD_ACCOUNT)
+        await client.preferences()
+        await client.account_info()
+        assert client.clock_readings.take() == []
+
+
+async def sim_now(sim: SimControl) -> datetime:
+    return datetime.fromisoformat((await sim.call("GET", "clock"))["now"])
+
+
+@pytest.mark.parametrize("latency_ms", [0, 1500])
+async def test_the_time_before_a_read_is_one_its_clock_had_passed(latency_ms: int) -> None:
+    """From the read's own answer, however long it took: never later than dotdigital's clock
+    when the read began (a change stamped after that is read next time), and at most two
+    seconds and a round trip earlier (a whole-second Date, less a second in case it rounds)."""
+    async with dotdigital_sim() as sim, DotdigitalClient(
+            config=dotdigital_config(sim.url)) as client:
+        await sim.seed(records=2, preferences=1, seed=5, account=DD_ACCOUNT)
+        await sim.clock(offset_s=30)
+        await sim.faults(latency_ms={"GET /v2/preferences": latency_ms})
+        before = await sim_now(sim)
+        moment = time.time()
+        await client.preferences()
+        watermark = await client.time_before(moment)
+        assert before - timedelta(seconds=2.25) < watermark <= before
+        assert SERVER_TIME not in (await sim.stats())["calls"]
+
+
+async def test_with_no_answer_since_the_time_before_costs_one_server_time_call() -> None:
+    async with dotdigital_sim() as sim, DotdigitalClient(
+            config=dotdigital_config(sim.url)) as client:
+        await sim.seed(records=2, preferences=1, seed=5, account=DD_ACCOUNT)
+        await client.preferences()
+        before = await sim_now(sim)
+        moment = time.time()
+        watermark = await client.time_before(moment)
+        assert before - timedelta(seconds=0.25) < watermark <= before + timedelta(seconds=0.25)
+        assert (await sim.stats())["calls"][SERVER_TIME] == 1

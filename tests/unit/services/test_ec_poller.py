@@ -1,0 +1,220 @@
+"""The ec-poller over the in-memory broker, against the dotdigital simulator over a real socket:
+what a run costs in dotdigital calls (``/_sim/stats``), and that a change or a suppression
+landing while a run reads is read by the next one, with no overlap to catch it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.config import AccountConfig, parse_config
+from common.messaging.abc import Outgoing
+from common.messaging.envelope import Change, ContactStatusChange, PreferenceChange, decode
+from common.messaging.topology import CHANGES_EXCHANGE, Topology
+from common.runs import RunRequest
+from common.store.checkpoints import PREFERENCE_TREE, PREFERENCE_TREE_RUN
+from common.vendors.dotdigital.client import DotdigitalClient
+from services.ec_poller.service import EcPoller, leaf_preference_ids
+from services.simulators import seeding
+from tests.unit.services.support import ACCOUNT, SHARDS, Bed, bed
+from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
+
+pytestmark = pytest.mark.anyio
+
+SEED = 5
+RECORDS = 12
+OPT_INS = "GET /v2/contacts/with-preference/{preference_id}/opt-ins-since/{date}"
+SUPPRESSED = "GET /v2/contacts/suppressed-since/{date}"
+CONTACTS_V3 = "GET /contacts/v3"
+TREE = "GET /v2/preferences"
+SUBSCRIPTIONS = "GET /v2/contacts/{email}/subscriptions"
+
+
+def account_config(url: str, *, overlap_s: float) -> AccountConfig:
+    config = parse_config({
+        "broker": {"url": "amqp://127.0.0.1:1/"},
+        "store": {"url": "sqlite:///unused.db"},
+        "accounts": [{
+            "id": ACCOUNT,
+            "dynamics": {"url": "http://127.0.0.1:1", "token_url": "http://127.0.0.1:1/t",
+                         "client_id": "c", "client_secret_env": "S"},
+            "dotdigital": {"url": url, "api_user": "u", "password_env": "S",
+                           "feed_overlap_s": overlap_s},
+        }]}, env={"S": "x"})
+    return config.accounts[0]
+
+
+@dataclass
+class Hooked:
+    """The broker, and a step run once before the first publish of changes (a user acting
+    while the poller reads)."""
+
+    bed: Bed
+    before_changes: Callable[[], Awaitable[None]] | None = None
+
+    async def publish_many(self, items: Sequence[Outgoing]) -> None:
+        step, self.before_changes = self.before_changes, None
+        if step is not None and any(i.exchange == CHANGES_EXCHANGE for i in items):
+            await step()
+        await self.bed.broker.publish_many(items)
+
+
+@dataclass
+class Scene:
+    bed: Bed
+    sim: SimControl
+    client: DotdigitalClient
+    poller: EcPoller
+    publisher: Hooked
+    preferences: list[int] = field(default_factory=list)
+    runs: int = 0
+    # the simulator's clock, and ours, right before the ec-poller's last run began
+    began_sim: datetime | None = None
+    began: float = 0.0
+
+    @property
+    def emails(self) -> list[str]:
+        return [p.email for p in seeding.people(RECORDS, SEED)]
+
+    async def calls(self) -> dict[str, int]:
+        return dict((await self.sim.stats())["calls"])
+
+    async def dynamics_part(self, run_id: str) -> None:
+        """What the dynamics-poller does at the start of a run, before it starts the
+        ec-poller's part: it reads dotdigital's preference tree and keeps it with its run."""
+        await PREFERENCE_TREE.set(self.bed.store, ACCOUNT, await self.client.preferences())
+        await PREFERENCE_TREE_RUN.set(self.bed.store, ACCOUNT, run_id)
+
+    async def run(self, *, emails: Sequence[str] = (), tree_read: bool = True
+                  ) -> tuple[dict[str, int], list[Change]]:
+        """One run (the dynamics-poller's tree read first, unless ``tree_read`` is off): the
+        dotdigital calls it made, by route, and the changes it published."""
+        self.runs += 1
+        run_id = f"run-{self.runs}"
+        before = await self.calls()
+        if tree_read:
+            await self.dynamics_part(run_id)
+        self.began_sim, self.began = await self.sim_now(), time.monotonic()
+        await self.poller.run_cycle(RunRequest(run_id=run_id, covers=(run_id,),
+                                               eligible_emails=tuple(emails)))
+        after = await self.calls()
+        made = {route: n - before.get(route, 0) for route, n in after.items()
+                if n != before.get(route, 0)}
+        published = [change for shard in range(SHARDS)
+                     for message in self.bed.broker.take(Topology.changes_queue(ACCOUNT, shard))
+                     for change in decode(message.body).changes]
+        return made, published
+
+    async def edit(self, email: str, *, preferences: dict[int, bool] | None = None,
+                   status: str | None = None, stamped_ago_s: float = 0.0) -> None:
+        body: dict[str, Any] = {"account": DD_ACCOUNT, "email": email,
+                                "stamped_ago_s": stamped_ago_s}
+        if preferences:
+            body["preferences"] = {str(k): v for k, v in preferences.items()}
+        if status:
+            body["status"] = status
+        await self.sim.call("POST", "dotdigital/edit", body)
+
+    async def sim_now(self) -> datetime:
+        return datetime.fromisoformat((await self.sim.call("GET", "clock"))["now"])
+
+
+@asynccontextmanager
+async def scene(tmp_path: Path, *, overlap_s: float = 300.0) -> AsyncIterator[Scene]:
+    async with bed(tmp_path) as found, dotdigital_sim() as sim, DotdigitalClient(
+            config=dotdigital_config(sim.url)) as client:
+        await sim.seed(records=RECORDS, preferences=3, seed=SEED, account=DD_ACCOUNT)
+        publisher = Hooked(bed=found)
+        poller = EcPoller(account=account_config(sim.url, overlap_s=overlap_s), client=client,
+                          store=found.store, publisher=publisher, shards=SHARDS)
+        preferences = leaf_preference_ids(await client.preferences())
+        yield Scene(bed=found, sim=sim, client=client, poller=poller, publisher=publisher,
+                    preferences=preferences)
+
+
+async def test_an_idle_run_costs_one_call_per_feed(tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        assert len(s.preferences) == 3
+        await s.run()  # the first run reads every feed from the beginning
+        made, published = await s.run()
+        # the tree (the dynamics-poller's read), each preference's opt-ins, the suppressions
+        # (unsubscribes among them) and the contacts modified since: nothing else
+        assert made == {TREE: 1, OPT_INS: 3, SUPPRESSED: 1, CONTACTS_V3: 1}, made
+        assert published == []
+
+
+async def test_the_tree_is_read_again_only_when_not_read_for_this_run(tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        await s.run()
+        made, _ = await s.run(tree_read=False)  # the stored tree is an earlier run's
+        assert made == {TREE: 1, OPT_INS: 3, SUPPRESSED: 1, CONTACTS_V3: 1}, made
+        assert await PREFERENCE_TREE_RUN.get(s.bed.store, ACCOUNT) == f"run-{s.runs}"
+
+
+async def test_a_preference_deleted_after_the_tree_was_read_is_skipped(tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        await s.run()
+        await s.dynamics_part("run-2")
+        await s.client.delete_preference(s.preferences[-1])
+        before = await s.calls()
+        await s.poller.run_cycle(RunRequest(run_id="run-2", covers=("run-2",)))
+        after = await s.calls()
+        assert after[OPT_INS] - before[OPT_INS] == 3  # the last one answered 404
+        assert after[SUPPRESSED] - before[SUPPRESSED] == 1
+
+
+async def test_newly_eligible_emails_cost_one_call_each(tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        await s.run()
+        emails = [*s.emails[:2], "not.in.dotdigital@example.com"]
+        made, published = await s.run(emails=emails)
+        assert made == {TREE: 1, OPT_INS: 3, SUPPRESSED: 1, CONTACTS_V3: 1,
+                        SUBSCRIPTIONS: 3}, made
+        assert {c.email for c in published if isinstance(c, ContactStatusChange)} == \
+            set(emails[:2])
+
+
+async def test_changes_landing_while_a_run_reads_are_read_by_the_next_run(
+        tmp_path: Path) -> None:
+    """No overlap: the watermark alone has to keep them. The run's first answer is slow
+    (its ``Date`` header is over a second later than the run's start), and a preference
+    change and an unsubscribe commit stamped between the run's start and that answer,
+    visible only after the run: the next run reads both."""
+    async with scene(tmp_path, overlap_s=0.0) as s:
+        await s.run()
+        first, last = s.preferences[0], s.preferences[-1]
+        changed, unsubscribed, during = s.emails[0], s.emails[1], s.emails[2]
+        values = {email: (await s.client.subscriptions(email)).opt_ins for email in s.emails}
+        flipped = not next((o.is_opted_in for o in values[changed]
+                            if o.preference_id == first), False)
+        # a change made while the run reads, to a feed it has not read yet: read in this run
+        # (and not published again by the next)
+        async def meanwhile() -> None:
+            await s.edit(during, preferences={last: True})
+
+        s.publisher.before_changes = meanwhile
+        await s.edit(s.emails[3], preferences={first: True})  # so the run publishes
+        await s.sim.faults(latency_ms={f"GET /v2/contacts/with-preference/{first}/": 1100})
+        made, published = await s.run()
+        await s.sim.faults()
+        assert made[OPT_INS] == 3 and "GET /v2/server-time" not in made, made
+        assert any(isinstance(c, PreferenceChange) and c.email == during
+                   for c in published), published
+        # stamped 0.05 s after the run began (before its first answer's Date), visible now
+        ago = time.monotonic() - s.began - 0.05
+        await s.edit(changed, preferences={first: flipped}, stamped_ago_s=ago)
+        await s.edit(unsubscribed, status="Unsubscribed", stamped_ago_s=ago)
+        _, published = await s.run()
+        changes = {(c.email, c.preference_id, c.opted_in) for c in published
+                   if isinstance(c, PreferenceChange)}
+        statuses = {(c.email, c.status) for c in published if isinstance(c, ContactStatusChange)}
+        # only what landed: what the previous run published is not published again
+        assert changes == {(changed, first, flipped)}, published
+        assert (unsubscribed, "Unsubscribed") in statuses, published
