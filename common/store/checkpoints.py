@@ -115,6 +115,11 @@ def last_run(service: str) -> Checkpoint[datetime]:
 # --- what the dynamics-poller reads ---------------------------------------------------------
 # Dynamics preference row id -> dotdigital preference id, for the active rows.
 CATALOG = Checkpoint("dynamics:catalog", JSON_OBJECT)
+# This account's catalog rows as last read (kept current by change tracking).
+CATALOG_ROWS = Checkpoint("dynamics:catalog-rows", JSON_LIST)
+# The email-activated marketing lists seen last (list id -> createdfromcode) and the creation
+# time from which list members are read next: ``{lists, members_since}``.
+EMAIL_LISTS = Checkpoint("dynamics:email-lists", JSON_OBJECT)
 
 
 def dynamics_delta(entity_set: str) -> Checkpoint[str]:
@@ -160,4 +165,4 @@ def clock_name(side: Side) -> str:
 
 
 # Checkpoints that hold data rather than a read position (no meaningful age).
-NOT_POSITIONS = frozenset({CATALOG.name, PREFERENCE_TREE.name})
+NOT_POSITIONS = frozenset({CATALOG.name, CATALOG_ROWS.name, PREFERENCE_TREE.name})
