@@ -117,8 +117,9 @@ def last_run(service: str) -> Checkpoint[datetime]:
 CATALOG = Checkpoint("dynamics:catalog", JSON_OBJECT)
 # This account's catalog rows as last read (kept current by change tracking).
 CATALOG_ROWS = Checkpoint("dynamics:catalog-rows", JSON_LIST)
-# The email-activated marketing lists seen last (list id -> createdfromcode) and the creation
-# time from which list members are read next: ``{lists, members_since}``.
+# The email-activated marketing lists seen last (list id -> createdfromcode), the creation
+# time from which list members are read next, and when every list was last read in full:
+# ``{lists, members_since, read_in_full_at}``.
 EMAIL_LISTS = Checkpoint("dynamics:email-lists", JSON_OBJECT)
 
 

@@ -100,9 +100,13 @@ SERVICE = "dynamics-poller"
 # instead of asking dotdigital about each email.
 ELIGIBLE_FETCH_LIMIT = 500
 # List members are read again from this long before the last read: a membership's createdon is
-# stamped when its write starts, and a write (plug-ins included) may take up to two minutes to
-# commit; the rest covers the web server's clock (the Date read) against the database's.
-MEMBERS_OVERLAP = timedelta(minutes=5)
+# stamped when its write starts, which commits within a message operation's hard limit of two
+# minutes or is rolled back; the rest is for the clock of the answer's Date against the one that
+# stamped createdon. (So members added in bulk are read again for that long.)
+MEMBERS_OVERLAP = timedelta(minutes=2, seconds=30)
+# And once a day every email-activated list is read in full all the same: a membership can be
+# created backdated (``overriddencreatedon``, as migrations do), out of the reads by creation.
+LISTS_IN_FULL_EVERY = timedelta(hours=24)
 # More known lists than this and the list members query names none (they are told apart here).
 _LISTS_IN_FILTER = 100
 _LIST_TYPES: dict[int, RecordType] = {1: "account", 2: "contact", 4: "lead"}
@@ -328,11 +332,15 @@ class DynamicsPoller:
         """Mark members of every email-activated list eligible; returns the newly eligible.
 
         The lists seen activated last time have only their members created since then read;
-        the others (newly activated, or all of them on a first run) are read in full."""
+        the others (newly activated, or all of them on a first run or once a day) are read in
+        full."""
         state = await EMAIL_LISTS.get_or(self._store, self.account.id, {})
         kept_since = state.get("members_since")
-        since = datetime.fromisoformat(kept_since) if isinstance(kept_since, str) else None
-        known: dict[str, int] = dict(state.get("lists") or {}) if since else {}
+        since = _moment(kept_since)
+        in_full_at = _moment(state.get("read_in_full_at"))
+        now = datetime.now(UTC)
+        due = in_full_at is None or now - in_full_at >= LISTS_IN_FULL_EVERY
+        known: dict[str, int] = {} if since is None or due else dict(state.get("lists") or {})
         size = self.account.dynamics.page_size
         queries = [Query(entity_set="lists", select=["listid", "createdfromcode"],
                          filter="psync_emailactivated eq true", page_size=size)]
@@ -356,8 +364,9 @@ class DynamicsPoller:
                 newly |= await self._read_list(list_id, _LIST_TYPES.get(code, "contact"))
         # No Date (never seen from Dataverse): the same point again, so nothing is skipped.
         members_since = (read.date - MEMBERS_OVERLAP).isoformat() if read.date else kept_since
-        await EMAIL_LISTS.set(self._store, self.account.id,
-                              {"lists": activated, "members_since": members_since})
+        await EMAIL_LISTS.set(self._store, self.account.id, {
+            "lists": activated, "members_since": members_since,
+            "read_in_full_at": (in_full_at if known and in_full_at else now).isoformat()})
         return newly
 
     async def _pages(self, first: Page, entity_set: str) -> AsyncIterator[Page]:
@@ -531,3 +540,7 @@ def _members_since(lists: dict[str, int], since: datetime) -> str:
     if len(lists) > _LISTS_IN_FILTER:
         return created
     return f"{created} and ({' or '.join(f'_listid_value eq {odata_literal(i)}' for i in lists)})"
+
+
+def _moment(value: object) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None

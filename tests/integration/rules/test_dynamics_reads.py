@@ -4,11 +4,14 @@ the preference catalog) is still seen when it changes."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from bench.figures import batched_delta, call_delta
+from common.store import open_store
+from common.store.checkpoints import EMAIL_LISTS
 from common.vendors.dataverse.catalog import PREFERENCE_KEY, PREFERENCES
 
 from ..pipeline.conftest import World
@@ -85,6 +88,34 @@ async def test_a_list_that_becomes_email_activated_makes_its_members_eligible(
     assert (await prefs(world, email))["eligible"]
     assert await world.values(email, preference.id) == ({False}, False)
     assert calls[MEMBERS_IN_FULL] == 1  # the newly activated list, once
+    calls, _ = await dynamics_calls(world)
+    assert MEMBERS_IN_FULL not in calls
+
+
+async def test_every_list_is_read_in_full_once_a_day(world: World, org: Vendors) -> None:
+    """A membership created backdated (as a migration can) is before the point members are
+    read from: the daily full read of every email-activated list catches it."""
+    email = "migrated-member@example.com"
+    record = await org.create_record("contact", email)
+    await org.subscribe("contact", record, world.preferences[0].id, True)
+    await synced(world)
+    await world.set_clock("dynamics", {"offset_s": -3600})
+    await org.add_to_list("contact", record)
+    await world.set_clock("dynamics", {})
+    calls, _ = await dynamics_calls(world)
+    assert MEMBERS_IN_FULL not in calls
+    assert not (await prefs(world, email))["eligible"]
+
+    def a_day_ago(state: dict[str, Any] | None) -> dict[str, Any]:
+        then = datetime.now(UTC) - timedelta(hours=25)
+        return {**(state or {}), "read_in_full_at": then.isoformat()}
+
+    async with open_store(world.config.store.url) as store:
+        await EMAIL_LISTS.update(store, world.account, a_day_ago)
+    calls, _ = await dynamics_calls(world)
+    assert calls[MEMBERS_IN_FULL] == 2  # both email-activated lists
+    assert (await prefs(world, email))["eligible"]
+    assert await world.values(email, world.preferences[0].id) == ({True}, True)
     calls, _ = await dynamics_calls(world)
     assert MEMBERS_IN_FULL not in calls
 
