@@ -115,6 +115,12 @@ def last_run(service: str) -> Checkpoint[datetime]:
 # --- what the dynamics-poller reads ---------------------------------------------------------
 # Dynamics preference row id -> dotdigital preference id, for the active rows.
 CATALOG = Checkpoint("dynamics:catalog", JSON_OBJECT)
+# This account's catalog rows as last read (kept current by change tracking).
+CATALOG_ROWS = Checkpoint("dynamics:catalog-rows", JSON_LIST)
+# The email-activated marketing lists seen last (list id -> createdfromcode), the creation
+# time from which list members are read next, and when every list was last read in full:
+# ``{lists, members_since, read_in_full_at}``.
+EMAIL_LISTS = Checkpoint("dynamics:email-lists", JSON_OBJECT)
 
 
 def dynamics_delta(entity_set: str) -> Checkpoint[str]:
@@ -161,4 +167,5 @@ def clock_name(side: Side) -> str:
 
 
 # Checkpoints that hold data rather than a read position (no meaningful age).
-NOT_POSITIONS = frozenset({CATALOG.name, PREFERENCE_TREE.name, PREFERENCE_TREE_RUN.name})
+NOT_POSITIONS = frozenset({CATALOG.name, CATALOG_ROWS.name, PREFERENCE_TREE.name,
+                           PREFERENCE_TREE_RUN.name})

@@ -15,8 +15,16 @@ publish of that page:
    account's preference catalog, published as preference changes. Records that became eligible
    since the last run have their current rows read and published too.
 
-Before these, the account's preference catalog is mirrored from dotdigital's tree
-(:mod:`common.vendors.dataverse.catalog`), so the mapping used for the subscription rows is current.
+Before these, the account's preference catalog is brought up to date (change tracking) and
+mirrored from dotdigital's tree (:mod:`common.vendors.dataverse.catalog`), so the mapping used for
+the subscription rows is current.
+
+Eligibility is read incrementally. One ``$batch`` request holds two queries: the email-activated
+lists, and the list members (``listmember`` rows) of the lists seen activated last time created
+since then (less an overlap for writes still committing). A list newly seen activated has its
+members read in full once. Removals are not read: a record stays eligible. An idle run thus
+costs Dataverse six requests: the catalog, contacts, leads, accounts and subscription rows
+(change tracking, one each) and that batch.
 
 A record whose email changed keeps its subscription rows, but the preferences belong to the
 email: with ``on_email_change = "fresh"`` (the default) the new email starts from what
@@ -33,9 +41,9 @@ dotdigital is read after eligibility is known and while the subscription rows ar
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from common.config import AccountConfig
@@ -49,6 +57,8 @@ from common.ops import failpoints
 from common.runs import RunRequest
 from common.store.checkpoints import (
     CATALOG,
+    CATALOG_ROWS,
+    EMAIL_LISTS,
     PREFERENCE_TREE,
     PREFERENCE_TREE_RUN,
     Checkpoint,
@@ -59,12 +69,18 @@ from common.store.interface import Checkpoints, Directory, KeyStates
 from common.vendors.clock_skew import measure_clock
 from common.vendors.dataverse.catalog import (
     MirrorResult,
-    catalog_rows,
     load_tree,
     mapping_of,
     mirror_catalog,
+    read_catalog,
 )
-from common.vendors.dataverse.client import DataverseClient, DeltaTokenExpired
+from common.vendors.dataverse.client import (
+    DataverseClient,
+    DeltaTokenExpired,
+    Page,
+    Query,
+    odata_literal,
+)
 from common.vendors.dataverse.schema import (
     LOOKUP_COLUMNS,
     OPTED_IN,
@@ -84,6 +100,17 @@ SERVICE = "dynamics-poller"
 # More newly eligible records (or emails) than this and the ec-poller re-reads everything
 # instead of asking dotdigital about each email.
 ELIGIBLE_FETCH_LIMIT = 500
+# List members are read again from this long before the last read: a membership's createdon is
+# stamped when its write starts, which commits within a message operation's hard limit of two
+# minutes or is rolled back; the rest is for the clock of the answer's Date against the one that
+# stamped createdon. (So members added in bulk are read again for that long.)
+MEMBERS_OVERLAP = timedelta(minutes=2, seconds=30)
+# And once a day every email-activated list is read in full all the same: a membership can be
+# created backdated (``overriddencreatedon``, as migrations do), out of the reads by creation.
+LISTS_IN_FULL_EVERY = timedelta(hours=24)
+# More known lists than this and the list members query names none (they are told apart here).
+_LISTS_IN_FILTER = 100
+_LIST_TYPES: dict[int, RecordType] = {1: "account", 2: "contact", 4: "lead"}
 
 
 @dataclass
@@ -121,8 +148,7 @@ class DynamicsPoller:
 
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
-        mirrored = await self.mirror_catalog(run_id=request.run_id)
-        catalog = await self.refresh_catalog()
+        mirrored, catalog = await self.refresh_catalog(run_id=request.run_id)
         # Dataverse's clock, from the answers so far, before anything read here is published
         await measure_clock(self._store, account=self.account.id, side="dynamics",
                             client=self._client)
@@ -162,9 +188,24 @@ class DynamicsPoller:
             "published": counts.published, "ineligible": counts.ineligible})
 
     # --- catalog ---------------------------------------------------------------------------
-    async def mirror_catalog(self, *, run_id: str | None = None) -> MirrorResult:
-        """Mirror dotdigital's preference tree into this account's catalog rows (``run_id``:
-        the run it is read for; the ec-poller's part of it reads it from the store)."""
+    async def refresh_catalog(self, *, run_id: str | None = None
+                              ) -> tuple[MirrorResult, dict[str, int]]:
+        """Bring the catalog rows up to date, mirror dotdigital's tree into them; what the
+        mirror wrote, and this account's active preferences (Dynamics row id -> dotdigital
+        preference id). ``run_id``: the run the tree is read for (the ec-poller's part of it
+        reads it from the store)."""
+        rows = await read_catalog(self._client, self._store, account=self.account.id,
+                                  page_size=self.account.dynamics.page_size)
+        mirrored, rows = await self.mirror_catalog(rows, run_id=run_id)
+        if mirrored.created or mirrored.updated or mirrored.deactivated:
+            await CATALOG_ROWS.set(self._store, self.account.id, rows)
+        catalog = mapping_of(rows)
+        await CATALOG.set(self._store, self.account.id, dict(catalog))
+        return mirrored, catalog
+
+    async def mirror_catalog(self, rows: list[dict[str, Any]], *, run_id: str | None = None
+                             ) -> tuple[MirrorResult, list[dict[str, Any]]]:
+        """Mirror dotdigital's preference tree into this account's catalog ``rows``."""
         if self._dotdigital is not None:
             tree = await self._dotdigital.preferences()
             await PREFERENCE_TREE.set(self._store, self.account.id, tree)
@@ -173,15 +214,9 @@ class DynamicsPoller:
         else:
             tree = await load_tree(self._store, self.account.id)
         if not tree:
-            return MirrorResult()  # dotdigital not read yet: nothing to mirror from
+            return MirrorResult(), rows  # dotdigital not read yet: nothing to mirror from
         return await mirror_catalog(client=self._client, account=self.account.id, tree=tree,
-                                    apply=self._mirror)
-
-    async def refresh_catalog(self) -> dict[str, int]:
-        """This account's active preferences: Dynamics row id -> dotdigital preference id."""
-        catalog = mapping_of(await catalog_rows(self._client, account=self.account.id))
-        await CATALOG.set(self._store, self.account.id, dict(catalog))
-        return catalog
+                                    rows=rows, apply=self._mirror)
 
     # --- directory -------------------------------------------------------------------------
     async def _refresh_directory(self) -> None:
@@ -299,26 +334,67 @@ class DynamicsPoller:
 
     # --- eligibility -----------------------------------------------------------------------
     async def _refresh_eligibility(self) -> set[str]:
-        """Mark members of every email-activated list eligible; returns the newly eligible."""
+        """Mark members of every email-activated list eligible; returns the newly eligible.
+
+        The lists seen activated last time have only their members created since then read;
+        the others (newly activated, or all of them on a first run or once a day) are read in
+        full."""
+        state = await EMAIL_LISTS.get_or(self._store, self.account.id, {})
+        kept_since = state.get("members_since")
+        since = _moment(kept_since)
+        in_full_at = _moment(state.get("read_in_full_at"))
+        now = datetime.now(UTC)
+        due = in_full_at is None or now - in_full_at >= LISTS_IN_FULL_EVERY
+        known: dict[str, int] = {} if since is None or due else dict(state.get("lists") or {})
+        size = self.account.dynamics.page_size
+        queries = [Query(entity_set="lists", select=["listid", "createdfromcode"],
+                         filter="psync_emailactivated eq true", page_size=size)]
+        if since is not None and known:
+            queries.append(Query(entity_set="listmembers",
+                                 select=["_listid_value", "_entityid_value"],
+                                 filter=_members_since(known, since), page_size=size))
+        # one request for both: they are two of the run's feeds
+        read = await self._client.read_together(queries)
+        activated: dict[str, int] = {}
+        async for page in self._pages(read.pages[0], "lists"):
+            activated.update({str(r["listid"]): int(r.get("createdfromcode") or 2)
+                              for r in page.rows})
         newly: set[str] = set()
-        lists: list[dict[str, Any]] = []
-        async for page in self._client.iter_pages(
-                "lists", select=["listid", "createdfromcode"],
-                filter="psync_emailactivated eq true"):
-            lists.extend(page.rows)
-        by_code: dict[int, RecordType] = {1: "account", 2: "contact", 4: "lead"}
-        for row in lists:
-            record_type = by_code.get(int(row.get("createdfromcode") or 2), "contact")
-            _, key, members = RECORD_TABLES[record_type]
-            async for page in self._client.iter_pages(
-                    f"lists({row['listid']})/{members}", select=[key],
-                    page_size=self.account.dynamics.page_size):
-                ids = [str(r[key]) for r in page.rows]
-                marked = await self._store.mark_eligible(self.account.id, ids)
-                if marked:
-                    await failpoints.reached("dynamics-poller.after-mark-eligible")
-                newly |= marked
+        if known:
+            async for page in self._pages(read.pages[1], "listmembers"):
+                newly |= await self._mark([str(r["_entityid_value"]) for r in page.rows
+                                           if str(r["_listid_value"]) in activated])
+        for list_id, code in activated.items():
+            if list_id not in known:
+                newly |= await self._read_list(list_id, _LIST_TYPES.get(code, "contact"))
+        # No Date (never seen from Dataverse): the same point again, so nothing is skipped.
+        members_since = (read.date - MEMBERS_OVERLAP).isoformat() if read.date else kept_since
+        await EMAIL_LISTS.set(self._store, self.account.id, {
+            "lists": activated, "members_since": members_since,
+            "read_in_full_at": (in_full_at if known and in_full_at else now).isoformat()})
         return newly
+
+    async def _pages(self, first: Page, entity_set: str) -> AsyncIterator[Page]:
+        yield first
+        async for page in self._client.rest_of(first, entity_set=entity_set,
+                                               page_size=self.account.dynamics.page_size):
+            yield page
+
+    async def _read_list(self, list_id: str, record_type: RecordType) -> set[str]:
+        """Every member of one list, marked eligible (a list newly seen email-activated)."""
+        _, key, members = RECORD_TABLES[record_type]
+        newly: set[str] = set()
+        async for page in self._client.iter_pages(
+                f"lists({list_id})/{members}", select=[key],
+                page_size=self.account.dynamics.page_size):
+            newly |= await self._mark([str(r[key]) for r in page.rows])
+        return newly
+
+    async def _mark(self, record_ids: list[str]) -> set[str]:
+        marked = await self._store.mark_eligible(self.account.id, record_ids)
+        if marked:
+            await failpoints.reached("dynamics-poller.after-mark-eligible")
+        return marked
 
     # --- subscriptions ---------------------------------------------------------------------
     async def _read_subscriptions(self, request: RunRequest, catalog: dict[str, int],
@@ -461,3 +537,15 @@ class DynamicsPoller:
         await self._publisher.publish_many([Outgoing(
             exchange=CONTROL_EXCHANGE, routing_key=Topology.trigger_key(self.account.id, "ec-poller"),
             body=encode(envelope), message_id=envelope.change_id)])
+
+
+def _members_since(lists: dict[str, int], since: datetime) -> str:
+    """The ``listmember`` rows of ``lists`` created at or after ``since``."""
+    created = f"createdon ge {odata_literal(since)}"
+    if len(lists) > _LISTS_IN_FILTER:
+        return created
+    return f"{created} and ({' or '.join(f'_listid_value eq {odata_literal(i)}' for i in lists)})"
+
+
+def _moment(value: object) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None

@@ -7,7 +7,9 @@ preference or category deleted in dotdigital is deactivated (statecode 1), never
 the subscription rows that point at it keep their history. Rows of other accounts are never
 touched: each account's catalog is its own.
 
-The dynamics-poller mirrors the catalog at the start of every run, then reads the mapping
+The dynamics-poller keeps the account's catalog rows in the store, brought up to date at the
+start of every run by change tracking (:func:`read_catalog`: one call answering nothing when
+nothing changed), mirrors the tree against them (writes only what differs) and keeps the mapping
 (Dynamics row id -> dotdigital id, active rows only) that resolves subscription rows; the
 reconciler and the writer read that mapping from the store.
 """
@@ -19,9 +21,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.store.checkpoints import CATALOG, PREFERENCE_TREE
+from common.store.checkpoints import CATALOG, CATALOG_ROWS, PREFERENCE_TREE, dynamics_delta
 from common.store.interface import Checkpoints
-from common.vendors.dataverse.client import BatchOperation, DataverseClient, odata_literal
+from common.vendors.dataverse.client import (
+    BatchOperation,
+    BatchResult,
+    DataverseClient,
+    DeltaTokenExpired,
+)
 
 log = logging.getLogger("prefsync.catalog")
 
@@ -32,7 +39,10 @@ PREFERENCE_KEY = "psync_marketingpreferenceid"
 _NAME_LENGTH = 100  # the String columns' MaxLength
 _COLUMNS = ("psync_name", "psync_publicname", "psync_ispublic", "psync_iscategory",
             "psync_ecpreferenceid", "psync_eccategoryid", "psync_order")
+ROW_COLUMNS = (PREFERENCE_KEY, "psync_ecaccount", *_COLUMNS, "statecode", "statuscode")
 ACTIVE, INACTIVE = 0, 1
+# where the change tracking of the catalog table has got to (its delta link)
+_TRACKING = dynamics_delta(PREFERENCES)
 _STATUS = {ACTIVE: 1, INACTIVE: 2}
 
 
@@ -138,39 +148,92 @@ def plan_mirror(*, account: str, tree: Sequence[Mapping[str, Any]],
     return operations
 
 
-async def catalog_rows(client: DataverseClient, *, account: str) -> list[dict[str, Any]]:
-    """This account's catalog rows, active and inactive."""
-    rows: list[dict[str, Any]] = []
-    async for page in client.iter_pages(
-            PREFERENCES, select=[PREFERENCE_KEY, *_COLUMNS, "statecode", "statuscode"],
-            filter=f"psync_ecaccount eq {odata_literal(account)}"):
-        rows.extend(page.rows)
-    return rows
+async def read_catalog(client: DataverseClient, store: Checkpoints, *, account: str,
+                       page_size: int | None = None) -> list[dict[str, Any]]:
+    """This account's catalog rows (active and inactive), as kept in the store and brought up
+    to date by the table's change tracking: when nothing changed, one call that answers no
+    rows. The first read, or one after the delta link expired, reads the whole table."""
+    cursor = await _TRACKING.get(store, account)
+    kept = await CATALOG_ROWS.get(store, account) if cursor is not None else None
+    if kept is None:
+        cursor = None  # nothing kept to apply changes to: read it all
+    try:
+        return await _follow(client, store, account=account, cursor=cursor,
+                             rows=_by_key(kept or []), page_size=page_size)
+    except DeltaTokenExpired:
+        log.warning("delta token expired; reading the preference catalog again in full",
+                    extra={"account": account})
+        return await _follow(client, store, account=account, cursor=None, rows={},
+                             page_size=page_size)
+
+
+async def _follow(client: DataverseClient, store: Checkpoints, *, account: str,
+                  cursor: str | None, rows: dict[str, dict[str, Any]],
+                  page_size: int | None) -> list[dict[str, Any]]:
+    # Change tracking refuses $filter: every account's rows come, this account's are kept.
+    mine = account.casefold()
+    async for page in client.iter_changes(PREFERENCES, select=ROW_COLUMNS, cursor=cursor,
+                                          page_size=page_size):
+        for row in page.rows:
+            key = str(row[PREFERENCE_KEY])
+            if str(row.get("psync_ecaccount") or "").casefold() == mine:
+                rows[key] = {column: row.get(column) for column in ROW_COLUMNS}
+            else:
+                rows.pop(key, None)  # (moved to another account)
+        for gone in page.deleted_ids:
+            rows.pop(gone, None)
+        # the rows before the link: a crash in between reads these changes again
+        await CATALOG_ROWS.set(store, account, list(rows.values()))
+        await _TRACKING.set(store, account, page.cursor)
+    return list(rows.values())
+
+
+def _by_key(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {str(row[PREFERENCE_KEY]): dict(row) for row in rows}
 
 
 async def mirror_catalog(*, client: DataverseClient, account: str,
-                         tree: Sequence[Mapping[str, Any]], apply: bool = True) -> MirrorResult:
-    """Make this account's catalog rows in Dynamics mirror dotdigital's ``tree``; with
+                         tree: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+                         apply: bool = True) -> tuple[MirrorResult, list[dict[str, Any]]]:
+    """Make this account's catalog ``rows`` in Dynamics mirror dotdigital's ``tree``: what it
+    wrote, and the rows as they are after it (no call when nothing differs). With
     ``apply=False`` (a dry run), count what it would write and write nothing."""
-    rows = await catalog_rows(client, account=account)
     operations = plan_mirror(account=account, tree=tree, rows=rows)
     result = MirrorResult()
+    after = _by_key(rows)
     if not operations:
-        return result
+        return result, list(after.values())
     if not apply:
         for operation in operations:
             _count(result, operation)
-        return result
+        return result, list(after.values())
     answers = await client.batch(operations, change_set=False, continue_on_error=True)
     for operation, answer in zip(operations, answers, strict=True):
         if not answer.ok:
             result.failed.append(f"{operation.method} {operation.path}: {answer.error}")
         else:
             _count(result, operation)
+            _written(after, operation, answer)
     if result.failed:
         log.error("preference catalog: %d write(s) refused", len(result.failed),
                   extra={"account": account, "first": result.failed[0][:300]})
-    return result
+    return result, list(after.values())
+
+
+def _written(rows: dict[str, dict[str, Any]], operation: BatchOperation,
+             answer: BatchResult) -> None:
+    """Apply one accepted write to ``rows`` (the next change-tracking read brings the same)."""
+    body = dict(operation.body or {})
+    if operation.method == "POST":
+        if answer.entity_id is None:
+            return  # not known: the next read brings it
+        key = answer.entity_id
+        rows[key] = dict.fromkeys(ROW_COLUMNS) | body | {
+            PREFERENCE_KEY: key, "statecode": ACTIVE, "statuscode": _STATUS[ACTIVE]}
+        return
+    key = operation.path.removeprefix(f"{PREFERENCES}(").removesuffix(")")
+    if key in rows:
+        rows[key].update(body)
 
 
 def _count(result: MirrorResult, operation: BatchOperation) -> None:

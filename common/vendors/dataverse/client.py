@@ -68,6 +68,8 @@ __all__ = [
     "DeltaPage",
     "DeltaTokenExpired",
     "Page",
+    "Query",
+    "ReadTogether",
     "WriteResult",
     "odata_literal",
 ]
@@ -104,6 +106,26 @@ class Page:
     rows: list[dict[str, Any]]
     next_link: str | None
     count: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Query:
+    """One collection read (what :meth:`DataverseClient.iter_pages` takes), for
+    :meth:`DataverseClient.read_together`."""
+
+    entity_set: str
+    select: Sequence[str] | None = None
+    filter: str | None = None
+    page_size: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadTogether:
+    """The first page of each query of one ``$batch``, and the environment's time (its
+    ``Date``) when it answered, None if it did not say."""
+
+    pages: list[Page]
+    date: datetime | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,6 +285,35 @@ def _is_deleted_entry(row: Mapping[str, Any]) -> bool:
                                                                      "reason"}
 
 
+def _collection_params(*, select: Sequence[str] | None = None, filter: str | None = None,
+                       orderby: str | None = None, expand: str | None = None,
+                       count: bool = False) -> dict[str, str]:
+    params: dict[str, str] = {}
+    if select:
+        params["$select"] = ",".join(select)
+    if filter:
+        params["$filter"] = filter
+    if orderby:
+        params["$orderby"] = orderby
+    if expand:
+        params["$expand"] = expand
+    if count:
+        params["$count"] = "true"
+    return params
+
+
+def _with_query(path: str, params: Mapping[str, str]) -> str:
+    return f"{path}?{_query(params)}" if params else path
+
+
+def _page_of(data: Mapping[str, Any]) -> Page:
+    next_link = data.get("@odata.nextLink")
+    total = data.get("@odata.count")
+    return Page(rows=list(data.get("value") or []),
+                next_link=next_link if isinstance(next_link, str) and next_link else None,
+                count=total if isinstance(total, int) else None)
+
+
 def _chunk_ids(id_column: str, ids: Sequence[str]) -> list[str]:
     """``$filter`` expressions ``col eq a or col eq b …`` each short enough for a GET URL."""
     filters: list[str] = []
@@ -348,8 +399,10 @@ class DataverseClient(VendorClient):
         content_type: str = "application/json",
         idempotent: bool = True,
         accept: Callable[[HttpResponse], bool] | None = None,
+        reads: bool = False,
     ) -> HttpResponse:
-        if self._read_only and method != "GET":
+        """``reads``: a POST that only reads (a ``$batch`` of GETs), allowed to a dry run."""
+        if self._read_only and method != "GET" and not reads:
             raise WriteRefused(vendor=VENDOR, endpoint=endpoint)
         sent: dict[str, str] = {
             "Accept": "application/json",
@@ -405,10 +458,7 @@ class DataverseClient(VendorClient):
         return data
 
     def _url(self, path: str, params: Mapping[str, str] | None = None) -> URL:
-        url = f"{self._root}/{path.lstrip('/')}"
-        if params:
-            url += "?" + _query(params)
-        return encoded_url(url)
+        return encoded_url(f"{self._root}/{_with_query(path.lstrip('/'), params or {})}")
 
     def _link(self, link: str) -> URL:
         """A vendor paging link, used unchanged; only links to this environment are followed
@@ -460,28 +510,53 @@ class DataverseClient(VendorClient):
         ``filter`` is an OData expression (build literals with :func:`odata_literal`). The same
         ``Prefer: odata.maxpagesize`` goes with every page; ``$top`` is never sent with it.
         """
-        params: dict[str, str] = {}
-        if select:
-            params["$select"] = ",".join(select)
-        if filter:
-            params["$filter"] = filter
-        if orderby:
-            params["$orderby"] = orderby
-        if expand:
-            params["$expand"] = expand
-        if count:
-            params["$count"] = "true"
-        prefer = {"Prefer": f"odata.maxpagesize={self._page_size(page_size)}"}
+        params = _collection_params(select=select, filter=filter, orderby=orderby,
+                                    expand=expand, count=count)
         url: URL | None = self._url(entity_set, params)
+        async for page in self._pages(url, entity_set=entity_set, page_size=page_size):
+            yield page
+
+    def _prefer_pages(self, page_size: int | None) -> dict[str, str]:
+        return {"Prefer": f"odata.maxpagesize={self._page_size(page_size)}"}
+
+    async def _pages(self, url: URL | None, *, entity_set: str,
+                     page_size: int | None) -> AsyncGenerator[Page, None]:
+        prefer = self._prefer_pages(page_size)
         endpoint = self._endpoint("GET", entity_set)
         while url is not None:
-            data = await self._get_json(url, endpoint=endpoint, headers=prefer)
-            next_link = data.get("@odata.nextLink")
-            total = data.get("@odata.count")
-            yield Page(rows=list(data.get("value") or []),
-                       next_link=next_link if isinstance(next_link, str) else None,
-                       count=total if isinstance(total, int) else None)
-            url = self._link(next_link) if isinstance(next_link, str) and next_link else None
+            page = _page_of(await self._get_json(url, endpoint=endpoint, headers=prefer))
+            yield page
+            url = self._link(page.next_link) if page.next_link else None
+
+    async def read_together(self, queries: Sequence[Query]) -> ReadTogether:
+        """The first page of each of ``queries``, read in one ``$batch`` request.
+
+        The Web API takes GETs in a batch (outside change sets), and a batch is one request
+        towards the service protection limit on requests; the queries' further pages, if any,
+        are read with :meth:`rest_of`. Raises the first query's error when one fails.
+        """
+        operations = [
+            BatchOperation(method="GET", path=_with_query(q.entity_set, _collection_params(
+                select=q.select, filter=q.filter)), headers=self._prefer_pages(q.page_size))
+            for q in queries]
+        results, date = await self._batch_once(self._number(operations), change_set=False,
+                                               continue_on_error=False)
+        pages: list[Page] = []
+        for result in results:
+            if result.error is not None:
+                raise result.error
+            if result.body is None:
+                raise VendorError(vendor=VENDOR, status=result.status, code="",
+                                  message="a batched read answered without a body")
+            pages.append(_page_of(result.body))
+        return ReadTogether(pages=pages, date=date)
+
+    async def rest_of(self, page: Page, *, entity_set: str,
+                      page_size: int | None = None) -> AsyncGenerator[Page, None]:
+        """The pages after ``page`` (of a read of ``entity_set``), following its next link."""
+        url = self._link(page.next_link) if page.next_link else None
+        async for later in self._pages(url, entity_set=entity_set, page_size=page_size):
+            yield later
 
     async def iter_changes(
         self,
@@ -658,8 +733,8 @@ class DataverseClient(VendorClient):
             if stopped is not None:
                 results += [_not_applied(cid, stopped) for cid, _ in chunk]
                 continue
-            chunk_results = await self._batch_once(chunk, change_set=change_set,
-                                                   continue_on_error=continue_on_error)
+            chunk_results, _ = await self._batch_once(chunk, change_set=change_set,
+                                                      continue_on_error=continue_on_error)
             results += chunk_results
             failed = next((r for r in chunk_results if r.error is not None and r.status != 424),
                           None)
@@ -676,7 +751,9 @@ class DataverseClient(VendorClient):
         return numbered
 
     async def _batch_once(self, chunk: Sequence[tuple[str, BatchOperation]], *,
-                          change_set: bool, continue_on_error: bool) -> list[BatchResult]:
+                          change_set: bool, continue_on_error: bool
+                          ) -> tuple[list[BatchResult], datetime | None]:
+        """One ``$batch`` request: a result per operation, and the answer's ``Date``."""
         boundary = new_boundary("batch")
         payload = encode_batch(chunk, service_root=self._root_path, change_set=change_set,
                                batch_boundary=boundary,
@@ -685,6 +762,7 @@ class DataverseClient(VendorClient):
         if continue_on_error:
             headers["Prefer"] = "odata.continue-on-error"
         idempotent = all(op.method.upper() != "POST" for _, op in chunk)
+        reads = all(op.method.upper() == "GET" for _, op in chunk)
 
         def multipart(response: HttpResponse) -> bool:
             return response.content_type == "multipart/mixed" and (
@@ -693,7 +771,7 @@ class DataverseClient(VendorClient):
         response = await self._send(
             "POST", self._url("$batch"), endpoint=f"POST {self._root_path}/$batch",
             headers=headers, body=payload, idempotent=idempotent, accept=multipart,
-            content_type=f'multipart/mixed; boundary="{boundary}"')
+            content_type=f'multipart/mixed; boundary="{boundary}"', reads=reads)
         try:
             parts = decode_batch(response.body, response.headers.get("Content-Type", ""))
         except ValueError as exc:
@@ -708,7 +786,7 @@ class DataverseClient(VendorClient):
         written = [s for s in stamps if s is not None]
         if written:
             self._read_clock(max(written), response, source="write")
-        return results
+        return results, http_date(response.headers.get("Date"))
 
     def _match_parts(self, chunk: Sequence[tuple[str, BatchOperation]],
                      parts: Sequence[ResponsePart], *, change_set: bool,

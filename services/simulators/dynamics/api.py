@@ -14,11 +14,15 @@ Semantics that the Dataverse documentation leaves open, and the choice made here
 - ``GET`` of an empty single-valued navigation property answers 204.
 - ``AddMemberList`` answers 200 with ``{"Id": <list member id>}``; ``RemoveMemberList``, ``$ref``
   writes and removing a non-member answer 204.
+- ``listmembers`` answers queries only (``GET /listmembers``, ``/$count``); anything else is
+  400 "The '<message>' method does not support entities of type 'listmember'." (the platform's
+  wording; status and empty code inferred).
+- Change tracking asked of a table without it: 400 ChangeTrackingNotEnabledForEntity
+  ``0x80072491`` (status inferred).
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -60,16 +64,25 @@ from .reads import (
 )
 from .routes import Target, resolve
 from .schema import TABLES, TableSchema, many_to_many_for
-from .store import Row, Store
+from .store import Row, Store, listmember_id
 from .writes import Writes, parse_guid, parse_ref
 
 TRACKING_REFUSED = ("$filter", "$orderby", "$expand", "$top")
-_LISTMEMBER_NS = uuid.UUID("0b7f2a44-5d1c-4c6e-8a4f-9e2d51c0a7b3")
+CHANGE_TRACKING_NOT_ENABLED = "0x80072491"
+# What each kind of request asks of a table, as the platform names the message.
+_MESSAGES = {("collection", "POST"): "Create", ("entity", "GET"): "Retrieve",
+             ("entity", "PATCH"): "Update", ("entity", "DELETE"): "Delete"}
 
 
 def _method_not_allowed(method: str) -> ApiError:
     return ApiError(405, "0x80060888",
                     f"The requested resource does not support http method '{method}'.")
+
+
+def _check_tracked(schema: TableSchema) -> None:
+    if not schema.change_tracking:
+        raise ApiError(400, CHANGE_TRACKING_NOT_ENABLED,
+                       f"Entity {schema.logical} isn't enabled for change tracking.")
 
 
 def _body(call: Call) -> Any:
@@ -116,6 +129,10 @@ class Api:
                 return csdl()
             return entity_definitions(call, t.rest)
         schema = TABLES[t.entity_set]
+        if schema.query_only and not (t.kind in ("collection", "count") and m == "GET"):
+            message = _MESSAGES.get((t.kind, m), "Execute")
+            raise ApiError(400, "", f"The '{message}' method does not support entities of type "
+                           f"'{schema.logical}'.")
         if t.kind == "collection":
             if m == "GET":
                 return self.get_collection(call, schema)
@@ -159,6 +176,7 @@ class Api:
         prefer = call.prefer()
         tracking = "odata.track-changes" in prefer and source is None
         if tracking or "$deltatoken" in call.query:
+            _check_tracked(schema)
             for name in TRACKING_REFUSED:
                 if name in call.query:
                     raise query_error(f'The "{name[1:]}" query parameter isn\'t supported when '
@@ -275,6 +293,7 @@ class Api:
                              allowed=frozenset({"$filter", "$deltatoken"}))
         table = self.store.tables[schema.entity_set]
         if opts.deltatoken is not None:
+            _check_tracked(schema)
             since = self._check_token(opts.deltatoken)
             entries, _ = delta_entries(table, since=since, until=self.store.version,
                                        deleted_phase=False, after_version=None, limit=MAX_PAGE)
@@ -476,7 +495,7 @@ class Api:
         member_id = parse_guid(entity)
         if action == "AddMemberList":
             self.writes.add_member(list_id, member_id)
-            member_row = str(uuid.uuid5(_LISTMEMBER_NS, f"{list_id}:{member_id}"))
+            member_row = listmember_id(list_id, member_id)
             context = f"{call.service_root}/$metadata#Microsoft.Dynamics.CRM.AddMemberListResponse"
             return json_result({"@odata.context": context, "Id": member_row})
         self.writes.remove_member(list_id, member_id)

@@ -22,7 +22,8 @@ from .schema import TABLES, Column, Kind, TableSchema
 _NS = uuid.UUID("6f1c7a8e-4c55-4f1e-9a53-2b8f3d7d1c11")
 _TYPE = {"String": "String", "Boolean": "Boolean", "Integer": "Integer", "BigInt": "BigInt",
          "Uniqueidentifier": "Uniqueidentifier", "Lookup": "Lookup", "DateTime": "DateTime",
-         "Picklist": "Picklist", "State": "State", "Status": "Status"}
+         "Picklist": "Picklist", "State": "State", "Status": "Status",
+         "EntityName": "EntityName"}
 
 
 def _label(text: str) -> dict[str, Any]:

@@ -39,7 +39,8 @@ class KeysPlan:
 
 @dataclass(frozen=True)
 class RangePlan:
-    """Rows whose ``modifiedon`` lies in a range (``None`` = unbounded)."""
+    """Rows whose ``modifiedon`` lies in a range (``None`` = unbounded); for a query-only table
+    (rows never updated) also a range of ``createdon``."""
 
     lo: datetime | None = None
     lo_incl: bool = True
@@ -390,7 +391,9 @@ def plan_for(node: o._Node, schema: TableSchema) -> Plan:
         if isinstance(node.comparator, o.Eq) and name in schema.indexed:
             value = lit[1]
             return KeysPlan(pairs=((name, value.lower() if isinstance(value, str) else value),))
-        if name == "modifiedon" and isinstance(lit[1], datetime):
+        # rows of a query-only table are never updated: their createdon is their modifiedon
+        if (name == "modifiedon" or (name == "createdon" and schema.query_only)) \
+                and isinstance(lit[1], datetime):
             dt = lit[1]
             if isinstance(node.comparator, o.Eq):
                 return RangePlan(lo=dt, hi=dt)

@@ -90,6 +90,9 @@ class TableSchema:
     read_only_states: frozenset[int] = frozenset()  # statecodes whose rows refuse updates
     unique: tuple[str, ...] = ()  # columns whose values together are unique (an alternate key)
     change_tracking: bool = True
+    # Only RetrieveMultiple (``GET /<set>``): rows come and go through other messages and are
+    # never updated, so ``createdon`` equals ``modifiedon`` on every row.
+    query_only: bool = False
 
     @property
     def type_name(self) -> str:
@@ -189,6 +192,25 @@ LISTS = _table(
     states={0: (0,), 1: (1,)}, state_labels=_ACTIVE_STATE_LABELS,
     status_labels={0: "Active", 1: "Inactive"})
 
+# The marketing list member intersect table (listmember, ObjectTypeCode 4301): one row per
+# membership, made by AddMemberList or an association and removed with it. The Web API serves
+# RetrieveMultiple on ``listmembers`` with these properties (its lookups have no navigation
+# properties); Create and Delete exist too but are not simulated, Retrieve and Update don't.
+# Whether the table has change tracking is not documented: it is off here (the stricter guess).
+LISTMEMBERS = TableSchema(
+    logical="listmember", entity_set="listmembers", pk="listmemberid", primary_name="name",
+    object_type_code=4301, change_tracking=False, query_only=True,
+    columns={c.name: c for c in (
+        Column(name="listmemberid", kind=Kind.GUID, metadata_type="Uniqueidentifier"),
+        Column(name="_listid_value", kind=Kind.LOOKUP, read_only=True, target="lists"),
+        # polymorphic: an account, contact or lead (``entitytype`` says which)
+        Column(name="_entityid_value", kind=Kind.LOOKUP, read_only=True),
+        Column(name="entitytype", kind=Kind.STRING, read_only=True, metadata_type="EntityName"),
+        Column(name="createdon", kind=Kind.DATETIME, read_only=True),
+        Column(name="modifiedon", kind=Kind.DATETIME, read_only=True),
+        Column(name="versionnumber", kind=Kind.BIGINT, read_only=True),
+    )})
+
 PREFERENCES = _table(
     logical="psync_marketingpreference", entity_set="psync_marketingpreferences",
     pk="psync_marketingpreferenceid", primary_name="psync_name", otc=10001, custom=True,
@@ -235,7 +257,8 @@ SUBSCRIPTIONS = _table(
 SUBSCRIPTION_RECORD_LOOKUPS = ("psync_contactid", "psync_leadid", "psync_accountid")
 
 TABLES: dict[str, TableSchema] = {
-    t.entity_set: t for t in (CONTACTS, LEADS, ACCOUNTS, LISTS, PREFERENCES, SUBSCRIPTIONS)
+    t.entity_set: t for t in (CONTACTS, LEADS, ACCOUNTS, LISTS, LISTMEMBERS, PREFERENCES,
+                              SUBSCRIPTIONS)
 }
 BY_LOGICAL: dict[str, TableSchema] = {t.logical: t for t in TABLES.values()}
 

@@ -5,7 +5,7 @@ replaces all data with:
 
 - the N people of ``seeding.people(N, S)`` as contacts or leads (per ``Person.kind``);
 - two email-activated static marketing lists, "Newsletter contacts" (createdfromcode 2) and
-  "Newsletter leads" (4), holding every contact and every lead;
+  "Newsletter leads" (4), holding every contact and every lead (a ``listmember`` row each);
 - the preference catalogue of ``seeding.preference_tree(P, S)`` for account ID, one
   ``psync_marketingpreference`` row per node. Categories are rows too, marked
   ``psync_iscategory = true``, with ``psync_ecpreferenceid`` = the category's id; preferences in a
@@ -32,7 +32,7 @@ from typing import Any
 
 from .. import seeding
 from .schema import OPTED_IN, OPTED_OUT
-from .store import Row, Store
+from .store import LISTMEMBERS, Row, Store, listmember_row
 
 SAMPLE_EMAILS = 5
 PARALLEL_FROM = 200_000  # (person, preference) pairs worth the worker processes' start-up
@@ -175,8 +175,17 @@ def _seed(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any
                        ("psync_marketingpreferences", prefs),
                        ("psync_marketingpreferencesubscriptions", subs)):
         store.tables[name].bulk_load(rows, in_order=True)
-    store.load_members({lists[0]["listid"]: [r["contactid"] for r in contacts],
-                        lists[1]["listid"]: [r["leadid"] for r in leads]})
+    members = {lists[0]["listid"]: [r["contactid"] for r in contacts],
+               lists[1]["listid"]: [r["leadid"] for r in leads]}
+    store.load_members(members)
+    memberships = []
+    for list_row in lists:
+        kind = "contact" if list_row["createdfromcode"] == 2 else "lead"
+        for member_id in members[list_row["listid"]]:
+            version += 1
+            memberships.append(listmember_row(list_row["listid"], member_id, kind, at=ts,
+                                              version=version))
+    store.tables[LISTMEMBERS].bulk_load(memberships)
     store.version = version
     return {
         "contacts": len(contacts), "leads": len(leads), "preferences": len(prefs),

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 
 from ..base import parse_time
-from .schema import Kind
-from .store import Store
+from .schema import LIST_MEMBER_TYPES, TABLES, Kind
+from .store import LISTMEMBERS, Store, listmember_row
 
 FORMAT = 1
 
@@ -41,6 +41,24 @@ def load(store: Store, raw: bytes) -> None:
         table.bulk_load(rows, {k: int(v) for k, v in content["tombstones"].items()})
     store.load_members(data["members"])
     store.version = int(data["version"])
+    if not data["tables"].get(LISTMEMBERS):
+        _listmembers_of(store)
+
+
+def _listmembers_of(store: Store) -> None:
+    """The ``listmember`` rows of a state saved before they were kept: one per membership,
+    stamped as created with its list."""
+    lists = store.tables["lists"].rows
+    rows = []
+    for list_id, members in store.members.items():
+        owner = lists.get(list_id)
+        if owner is None:
+            continue
+        kind = TABLES[LIST_MEMBER_TYPES[owner["createdfromcode"]]].logical
+        for member_id in members:
+            rows.append(listmember_row(list_id, member_id, kind, at=owner["createdon"],
+                                       version=store.next_version()))
+    store.tables[LISTMEMBERS].bulk_load(rows)
 
 
 def save_file(store: Store, path: Path) -> None:

@@ -9,8 +9,10 @@ enough to roll a change set back.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from sortedcontainers import SortedList, SortedSet  # type: ignore[import-untyped]
@@ -20,6 +22,20 @@ from .schema import TABLES, Kind, TableSchema
 Row = dict[str, Any]
 
 FIRST_VERSION = 1_000_000
+LISTMEMBERS = "listmembers"
+_LISTMEMBER_NS = uuid.UUID("0b7f2a44-5d1c-4c6e-8a4f-9e2d51c0a7b3")
+
+
+def listmember_id(list_id: str, member_id: str) -> str:
+    """The id of the ``listmember`` row of one membership (what AddMemberList answers)."""
+    return str(uuid.uuid5(_LISTMEMBER_NS, f"{list_id}:{member_id}"))
+
+
+def listmember_row(list_id: str, member_id: str, entity_type: str, *, at: datetime,
+                   version: int) -> Row:
+    return {"listmemberid": listmember_id(list_id, member_id), "_listid_value": list_id,
+            "_entityid_value": member_id, "entitytype": entity_type, "createdon": at,
+            "modifiedon": at, "versionnumber": version}
 
 
 def index_key(value: Any) -> Any:
@@ -170,7 +186,26 @@ class Store:
         table.set(row_id, None, version)
         return old
 
-    def add_member(self, list_id: str, member_id: str) -> bool:
+    def is_member(self, list_id: str, member_id: str) -> bool:
+        return member_id in self.members.get(list_id, ())
+
+    def add_member(self, list_id: str, member_id: str, row: Row) -> bool:
+        """Add a membership with its ``listmember`` row (False: it was one already)."""
+        if not self._link(list_id, member_id):
+            return False
+        self.put(LISTMEMBERS, row["listmemberid"], row)
+        return True
+
+    def remove_member(self, list_id: str, member_id: str, version: int) -> bool:
+        """Remove a membership and its ``listmember`` row (False: it was none)."""
+        if not self._unlink(list_id, member_id):
+            return False
+        row_id = listmember_id(list_id, member_id)
+        if row_id in self.tables[LISTMEMBERS].rows:
+            self.delete(LISTMEMBERS, row_id, version)
+        return True
+
+    def _link(self, list_id: str, member_id: str) -> bool:
         members = self.members.setdefault(list_id, SortedSet())
         if member_id in members:
             return False
@@ -179,7 +214,7 @@ class Store:
         self.member_of.setdefault(member_id, set()).add(list_id)
         return True
 
-    def remove_member(self, list_id: str, member_id: str) -> bool:
+    def _unlink(self, list_id: str, member_id: str) -> bool:
         members = self.members.get(list_id)
         if members is None or member_id not in members:
             return False
@@ -227,15 +262,16 @@ class Store:
                 else:
                     _, list_id, member_id, was_member = entry
                     if was_member:
-                        self.add_member(list_id, member_id)
+                        self._link(list_id, member_id)
                     else:
-                        self.remove_member(list_id, member_id)
+                        self._unlink(list_id, member_id)
         finally:
             self._journal = saved
 
     # -- bulk -----------------------------------------------------------------------------------
 
     def load_members(self, members: dict[str, list[str]]) -> None:
+        """Set the memberships (their ``listmember`` rows are loaded as the table's rows)."""
         self.members = {lid: SortedSet(ids) for lid, ids in members.items()}
         self.member_of = {}
         for lid, ids in members.items():

@@ -19,7 +19,8 @@ Rules enforced here:
 - Deleting a contact, lead or account deletes its subscription rows and list memberships;
   deleting a preference deletes its subscription rows (parental cascades, which bypass the
   plug-in rule as the platform's cascades do).
-- A marketing list's members must be of the list's ``createdfromcode`` type.
+- A marketing list's members must be of the list's ``createdfromcode`` type. Each membership
+  is a ``listmember`` row (created on, version), made and removed with it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .schema import (
     Kind,
     TableSchema,
 )
-from .store import Row, Store
+from .store import Row, Store, listmember_row
 
 _REF = re.compile(r"(?:^|/)([A-Za-z_][A-Za-z0-9_]*)\(([0-9A-Fa-f-]{36})\)$")
 _DEFAULT_FALSE = ("donotbulkemail", "donotemail", "type", "psync_emailactivated",
@@ -245,10 +246,10 @@ class Writes:
             for sub_id in list(subs.lookup(column, row_id)):
                 self.delete(SUBSCRIPTIONS, sub_id, cascade=True)
         for list_id in list(self.store.member_of.get(row_id, ())):
-            self.store.remove_member(list_id, row_id)
+            self.store.remove_member(list_id, row_id, self.store.next_version())
         if schema.entity_set == "lists":
             for member_id in list(self.store.members.get(row_id, ())):
-                self.store.remove_member(row_id, member_id)
+                self.store.remove_member(row_id, member_id, self.store.next_version())
         self.store.delete(schema.entity_set, row_id, self.store.next_version())
         self.on_write()
 
@@ -322,10 +323,16 @@ class Writes:
                            f"{MANY_TO_MANY[relationship].member_set} can't be added to it.")
         if member_id not in self.store.tables[member_set].rows:
             raise not_found(TABLES[member_set].logical, member_id)
-        if self.store.add_member(list_id, member_id):
-            self.on_write()
+        if self.store.is_member(list_id, member_id):
+            return
+        row = listmember_row(list_id, member_id, TABLES[member_set].logical,
+                             at=self.now().replace(microsecond=0),
+                             version=self.store.next_version())
+        self.store.add_member(list_id, member_id, row)
+        self.on_write()
 
     def remove_member(self, list_id: str, member_id: str) -> None:
         self.member_set(list_id)
-        if self.store.remove_member(list_id, member_id):
+        if (self.store.is_member(list_id, member_id)
+                and self.store.remove_member(list_id, member_id, self.store.next_version())):
             self.on_write()

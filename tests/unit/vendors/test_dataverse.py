@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from common.vendors.base import (
     ThrottledError,
     TransportError,
     VendorError,
+    WriteRefused,
 )
 from common.vendors.dataverse.client import (
     CONCURRENCY_VERSION_MISMATCH,
@@ -26,6 +28,7 @@ from common.vendors.dataverse.client import (
     BatchOperation,
     DataverseClient,
     DeltaTokenExpired,
+    Query,
     odata_literal,
 )
 from tests.unit.vendors.support import (
@@ -48,11 +51,13 @@ QUICK = RetryPolicy(attempts=40, base_delay_s=0.001, max_delay_s=0.01)
 @asynccontextmanager
 async def org(records: int = 20, *, events: Events | None = None, retry: RetryPolicy = QUICK,
               clock: Any = None, sim_kwargs: dict[str, Any] | None = None,
+              read_only: bool = False,
               **config: Any) -> AsyncIterator[tuple[DataverseClient, SimControl]]:
     async with dynamics_sim(**(sim_kwargs or {})) as sim:
         if records:
             await sim.seed(records=records, preferences=2, seed=3)
         extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
+        extra["read_only"] = read_only
         async with DataverseClient(config=dynamics_config(sim.url, **config), on_request=events,
                                    retry=retry, **extra) as client:
             yield client, sim
@@ -270,6 +275,34 @@ async def test_batch_without_change_set_continues_on_error() -> None:
 
         stopped = await client.batch(ops, change_set=False)
         assert [r.status for r in stopped] == [204, 404, 424]
+
+
+async def test_reads_together_in_one_batch_then_the_rest_of_their_pages() -> None:
+    events = Events()
+    async with org(records=30, events=events) as (client, _):
+        every = await all_rows(client, select=["contactid"])
+        read = await client.read_together([
+            Query(entity_set="contacts", select=["contactid"], page_size=7),
+            Query(entity_set="lists", select=["listid"], filter="createdfromcode eq 4")])
+        assert events.statuses("POST /api/data/v9.2/$batch") == [200]
+        contacts, lists = read.pages
+        assert len(lists.rows) == 1 and lists.next_link is None
+        later = [p async for p in client.rest_of(contacts, entity_set="contacts", page_size=7)]
+        assert [r["contactid"] for p in (contacts, *later) for r in p.rows] == \
+            [r["contactid"] for r in every]
+        assert read.date is not None and abs((read.date - datetime.now(UTC)).total_seconds()) < 5
+        with pytest.raises(VendorError) as caught:
+            await client.read_together([Query(entity_set="contacts", select=["nosuchcolumn"])])
+        assert caught.value.code == "0x80060888"
+
+
+async def test_a_read_only_client_batches_reads_but_no_writes() -> None:
+    async with org(records=2, read_only=True) as (client, _):
+        read = await client.read_together([Query(entity_set="contacts", select=["contactid"])])
+        (contact, *_) = read.pages[0].rows
+        with pytest.raises(WriteRefused):
+            await client.batch([BatchOperation.update("contacts", contact["contactid"],
+                                                      {"donotbulkemail": True})])
 
 
 async def test_more_than_1000_operations_go_in_several_batches() -> None:
