@@ -95,9 +95,7 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
     root = tmp_path_factory.mktemp("console")
     async with make_worlds(root, accounts=2, records=40, preferences=3) as worlds:
         world = worlds[0]
-        await world.post(f"{world.dd_url}/_sim/dotdigital/edit", {
-            "account": world.dd_account, "email": world.people[SUPPRESSED].email,
-            "status": "Unsubscribed"})
+        await world.set_status(world.people[SUPPRESSED].email, "Unsubscribed")
         await world.start()  # the services of both accounts: one config
         for each in worlds:
             summary = await each.sync()
