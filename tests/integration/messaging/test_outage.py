@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
 import anyio
 import pytest
@@ -42,14 +40,11 @@ ACCOUNT = "outage"
 
 @pytest.fixture
 async def node() -> AsyncIterator[PrivateRabbitMQ]:
-    # not under pytest's base folder: a concurrent session may reset its mode to 0700, which
-    # locks the node's own user out
-    with tempfile.TemporaryDirectory(prefix="prefsync-rabbitmq-") as root:
-        async with private_rabbitmq(Path(root)) as node:
-            connection = await connect(node.url, name="setup")
-            async with connection:
-                await Topology(accounts=[ACCOUNT], shards=1).declare(await connection.channel())
-            yield node
+    async with private_rabbitmq() as node:
+        connection = await connect(node.url, name="setup")
+        async with connection:
+            await Topology(accounts=[ACCOUNT], shards=1).declare(await connection.channel())
+        yield node
 
 
 def change(n: int) -> Outgoing:

@@ -38,28 +38,23 @@ async def test_first_sync_converges_both_sides(world: World) -> None:
                         person.email, preference.id)
 
 
-async def test_dynamics_change_reaches_dotdigital(world: World) -> None:
+@pytest.mark.parametrize(("side", "other", "person", "preference", "when_unset"), [
+    ("dynamics", "dotdigital", 3, 0, True),
+    ("dotdigital", "dynamics", 5, 1, False),
+])
+async def test_a_change_on_one_side_reaches_the_other(world: World, side: str, other: str,
+                                                      person: int, preference: int,
+                                                      when_unset: bool) -> None:
     await world.start()
     await converge(world)
-    person, preference = world.people[3], world.preferences[0]
-    _, before = await world.values(person.email, preference.id)
-    wanted = not before if before is not None else True
-    await world.edit_dynamics(person.email, preference.id, wanted)
+    email, preference_id = world.people[person].email, world.preferences[preference].id
+    _, before = await world.values(email, preference_id)
+    wanted = not before if before is not None else when_unset
+    edit = world.edit_dynamics if side == "dynamics" else world.edit_dotdigital
+    await edit(email, preference_id, wanted)
     summary = await world.sync()
-    assert summary["applied_to_dotdigital"] >= 1, summary
-    assert await world.values(person.email, preference.id) == ({wanted}, wanted)
-
-
-async def test_dotdigital_change_reaches_dynamics(world: World) -> None:
-    await world.start()
-    await converge(world)
-    person, preference = world.people[5], world.preferences[1]
-    _, before = await world.values(person.email, preference.id)
-    wanted = not before if before is not None else False
-    await world.edit_dotdigital(person.email, preference.id, wanted)
-    summary = await world.sync()
-    assert summary["applied_to_dynamics"] >= 1, summary
-    assert await world.values(person.email, preference.id) == ({wanted}, wanted)
+    assert summary[f"applied_to_{other}"] >= 1, summary
+    assert await world.values(email, preference_id) == ({wanted}, wanted)
 
 
 async def test_both_changed_the_newer_wins(world: World) -> None:
