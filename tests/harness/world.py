@@ -267,6 +267,12 @@ class World:
             "account": self.dd_account, "email": email,
             "preferences": {str(preference_id): opted_in}, "stamped_ago_s": stamped_ago_s})
 
+    async def edit(self, side: str, email: str, preference_id: int, opted_in: bool) -> Any:
+        """:meth:`edit_dynamics` or :meth:`edit_dotdigital`, by ``side``."""
+        if side == "dynamics":
+            return await self.edit_dynamics(email, preference_id, opted_in)
+        return await self.edit_dotdigital(email, preference_id, opted_in)
+
     async def set_status(self, email: str, status: str) -> None:
         """The dotdigital contact's status (``Unsubscribed``, ``Subscribed``, ...)."""
         await self.post(f"{self.dd_url}/_sim/dotdigital/edit",

@@ -30,10 +30,10 @@ from common.messaging.breakers import Breakers, RetryPolicy
 from common.messaging.envelope import Envelope, PreferenceChange, encode
 from common.messaging.resilience import TransientFailure, dependency_of
 from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, Topology
-from tests.harness.private_services import PrivateRabbitMQ, private_rabbitmq, rabbitmq_available
+from tests.harness.private_services import PrivateRabbitMQ, private_rabbitmq
+from tests.harness.unavailable import needs_rabbitmq_server
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow,
-              pytest.mark.skipif(not rabbitmq_available(), reason="needs rabbitmq-server")]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, needs_rabbitmq_server]
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 ACCOUNT = "outage"
 

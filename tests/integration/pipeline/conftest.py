@@ -100,6 +100,11 @@ class World(harness.World):
             await self.wait_consuming(service, process, name=name)
         return process
 
+    async def spawn_all(self) -> None:
+        """Every service as a process of its own (:meth:`spawn`)."""
+        for service in ALL_SERVICES:
+            await self.spawn(service)
+
     def report(self, lines: int = 15) -> str:
         """Each spawned process: whether it still runs, and the end of what it logged."""
         parts = []

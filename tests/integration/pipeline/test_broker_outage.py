@@ -23,18 +23,13 @@ import aiohttp
 import pytest
 
 from common.messaging.topology import Topology
-from tests.harness.private_services import (
-    PrivateRabbitMQ,
-    free_port,
-    private_rabbitmq,
-    rabbitmq_available,
-)
+from tests.harness.private_services import PrivateRabbitMQ, free_port, private_rabbitmq
+from tests.harness.unavailable import needs_rabbitmq_server
 
 from .conftest import ALL_SERVICES, World, make_world
 from .test_crash import count_calls, wait_for_calls
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow,
-              pytest.mark.skipif(not rabbitmq_available(), reason="needs rabbitmq-server")]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, needs_rabbitmq_server]
 
 Edit = tuple[str, int, bool]
 OUTAGE_S = 10.0

@@ -14,11 +14,10 @@ import pytest
 from tests.harness.private_services import (
     PrivatePostgres,
     PrivateRabbitMQ,
-    postgres_available,
     private_postgres,
     private_rabbitmq,
-    rabbitmq_available,
 )
+from tests.harness.unavailable import needs_postgres_server, needs_rabbitmq_server
 
 from .conftest import World, make_world, make_worlds
 
@@ -48,10 +47,8 @@ async def world_on_private(dependency: str, tmp_path: Path
 
 
 @pytest.mark.parametrize(("dependency", "service"), [
-    pytest.param("broker", "writer", marks=pytest.mark.skipif(
-        not rabbitmq_available(), reason="needs rabbitmq-server")),
-    pytest.param("postgresql", "reconciler", marks=pytest.mark.skipif(
-        not postgres_available(), reason="needs PostgreSQL's initdb and pg_ctl")),
+    pytest.param("broker", "writer", marks=needs_rabbitmq_server),
+    pytest.param("postgresql", "reconciler", marks=needs_postgres_server),
 ])
 async def test_a_service_started_while_its_dependency_is_down_comes_up_once_it_is_back(
         tmp_path: Path, dependency: str, service: str) -> None:
