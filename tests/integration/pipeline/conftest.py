@@ -45,11 +45,6 @@ class World(harness.World):
     services: list[asyncio.Task[None]] = field(default_factory=list)
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
 
-    @property
-    def broker_url(self) -> str:
-        """The broker the services use (a private node in broker fault tests)."""
-        return self.config.broker.url
-
     # --- reading both sides ----------------------------------------------------------------
     async def dynamics_values(self, email: str) -> dict[str, dict[int, bool]]:
         async with self.dataverse() as client:
@@ -109,10 +104,8 @@ class World(harness.World):
         """Each spawned process: whether it still runs, and the end of what it logged."""
         parts = []
         for name, process in self.processes.items():
-            path = self.log_path(name)
-            tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
             state = "running" if process.returncode is None else f"exited {process.returncode}"
-            parts.append("\n".join([f"--- {name}: {state}", *tail]))
+            parts += [f"--- {name}: {state}", harness.tail(self.log_path(name), lines=lines)]
         return "\n".join(parts)
 
     async def wait_consuming(self, service: str,
