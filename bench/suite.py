@@ -6,7 +6,7 @@ import contextlib
 import os
 import platform
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +52,12 @@ class Suite:
 
     def say(self, text: str) -> None:
         self.log(f"[{time.strftime('%H:%M:%S')}] {text}")
+
+    def attempts(self, name: str, what: str) -> Iterator[int]:
+        """A scenario's repeats (1, 2, ...), each announced as ``NAME n/N: WHAT``."""
+        for attempt in range(1, self.sizes.repeats + 1):
+            self.say(f"{name} {attempt}/{self.sizes.repeats}: {what}")
+            yield attempt
 
 
 Scenario = Callable[[Suite], Awaitable[dict[str, Any]]]

@@ -9,6 +9,7 @@ from services.simulators.base import serving
 __all__ = ["serving"]
 
 
-@pytest.fixture
+# session-wide, so that fixtures of any scope may be async
+@pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"

@@ -108,12 +108,9 @@ async def one_memory(suite: Suite, world: World, *, contacts: int) -> dict[str, 
 
 
 async def run(suite: Suite) -> dict[str, Any]:
-    sizes = suite.sizes
-    contacts = sizes.memory_contacts
+    contacts = suite.sizes.memory_contacts
     results = []
-    for attempt in range(sizes.repeats):
-        suite.say(f"memory {attempt + 1}/{sizes.repeats}: {contacts * PREFERENCES:,} changes "
-                  "queued in stages")
+    for _ in suite.attempts("memory", f"{contacts * PREFERENCES:,} changes queued in stages"):
         async with suite.world() as world:
             results.append(await one_memory(suite, world, contacts=contacts))
         suite.say(f"  peak RSS {results[-1]['peak_rss_mb']}")

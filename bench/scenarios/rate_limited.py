@@ -32,21 +32,19 @@ def budget_seconds(calls: int, per_minute: int = CALLS_PER_MINUTE) -> float:
 
 
 async def run(suite: Suite) -> dict[str, Any]:
-    sizes = suite.sizes
-    contacts = sizes.rate_limited_contacts
+    contacts = suite.sizes.rate_limited_contacts
     results = []
-    for attempt in range(sizes.repeats):
-        suite.say(f"rate-limited {attempt + 1}/{sizes.repeats}: {contacts:,} contacts into "
-                  f"dotdigital, first without a limit")
+    for attempt in suite.attempts("rate-limited", f"{contacts:,} contacts into dotdigital, "
+                                  "first without a limit"):
         async with suite.world() as world:
             free = await one_backfill(suite, world, DIRECTION, contacts=contacts,
-                                      label=f"rate-free-{attempt + 1}")
+                                      label=f"rate-free-{attempt}")
         suite.say(f"  without a limit {free['seconds']:.1f} s; now at {CALLS_PER_MINUTE} "
                   f"calls/min")
         async with suite.world(WorldOptions(calls_per_minute=CALLS_PER_MINUTE)) as world:
             await world.limits("dotdigital", {"calls_per_minute": CALLS_PER_MINUTE})
             limited = await one_backfill(suite, world, DIRECTION, contacts=contacts,
-                                         label=f"rate-limited-{attempt + 1}")
+                                         label=f"rate-limited-{attempt}")
             spendable = Budget(calls=CALLS_PER_MINUTE, window_s=60.0, reserve=world.config
                                .accounts[0].dotdigital.budget_reserve).spendable
         statuses = limited["statuses"]["dotdigital"]

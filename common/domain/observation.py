@@ -11,11 +11,12 @@ from common.domain.sides import SIDES, Side
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Observation:
-    """A side's current opt-in state for one key, as a poller (or the writer's read) saw it.
+class ReadValue:
+    """One preference's opt-in state as read from one side: what an :class:`Observation` and
+    a published preference change (``common.messaging.envelope.PreferenceChange``) both carry.
 
-    Never-set states are not observations: the pollers drop them, so "never set" is never
-    mistaken for (or written as) an opt-out.
+    Never-set states are never read: the pollers drop them, so "never set" is never mistaken
+    for (or written as) an opt-out.
 
     ``origin_time`` is the side's own per-preference last-modified time: Dataverse ``modifiedon``
     of the subscription row (whole seconds) or dotdigital ``dateModifed`` (milliseconds), as
@@ -28,6 +29,19 @@ class Observation:
     ``joined``: what a Dynamics record that took this email holds (its email changed): it
     tells what the side holds now, never competes for the register (the preferences belong to
     the email, see :mod:`common.domain.records`); ``origin_time`` is when the email changed.
+    """
+
+    opted_in: bool
+    origin_time: datetime
+    version: int | None = None
+    change_id: str = ""
+    carried: bool = False
+    joined: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observation(ReadValue):
+    """A side's current opt-in state for ``key``, as a poller (or the writer's read) saw it.
 
     Our time base (set by :func:`common.domain.time_base.in_time_base`; left at its defaults,
     the vendor's clock is taken as ours): ``offset`` is the side's measured clock offset (its
@@ -41,12 +55,6 @@ class Observation:
 
     key: PreferenceKey
     side: Side
-    opted_in: bool
-    origin_time: datetime
-    version: int | None = None
-    change_id: str = ""
-    carried: bool = False
-    joined: bool = False
     offset: timedelta = ZERO
     uncertainty: timedelta = ZERO
     bounded_time: datetime | None = None

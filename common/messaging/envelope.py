@@ -23,6 +23,8 @@ from typing import Any, Literal
 import orjson
 
 from common.domain.identity import normalize_email
+from common.domain.observation import ReadValue
+from common.domain.sides import SIDES, Side
 
 SCHEMA_VERSION = 1
 # The ledger stores ids in signed 64-bit columns (SQLite INTEGER, PostgreSQL BIGINT).
@@ -36,7 +38,6 @@ MESSAGE_TYPES: tuple[MessageType, ...] = (
     "read-markers")
 Source = Literal["dynamics", "dotdigital", "reconciler", "replay", "control"]
 SOURCES: tuple[Source, ...] = ("dynamics", "dotdigital", "reconciler", "replay", "control")
-SIDES = ("dynamics", "dotdigital")
 
 
 class MalformedMessage(ValueError):
@@ -48,23 +49,12 @@ class MalformedMessage(ValueError):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class PreferenceChange:
-    """One preference state read from one side (never-set states are never sent).
-
-    ``carried``: not read from the side but derived for it (an email change carrying the old
-    email's preferences to the new one): it competes for the register, and says nothing of what
-    the side holds. ``joined``: what a record that took this email holds (see
-    :mod:`common.domain.records`); ``origin_time`` is when its email changed.
-    """
+class PreferenceChange(ReadValue):
+    """One preference state read from one side, for one email (never-set states are never
+    sent)."""
 
     email: str
     preference_id: int
-    opted_in: bool
-    origin_time: datetime
-    version: int | None = None
-    change_id: str = ""
-    carried: bool = False
-    joined: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,10 +73,10 @@ class WriteCommand:
 
     email: str
     preference_id: int
-    side: Literal["dynamics", "dotdigital"]
+    side: Side
     opted_in: bool
     origin_time: datetime
-    origin_side: Literal["dynamics", "dotdigital"]
+    origin_side: Side
     change_id: str = ""
     # The target side's state of this key is known from a complete read (nothing to read first).
     covered: bool = False

@@ -27,6 +27,20 @@ from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, WRITES
 CHUNK = 500
 
 
+class CapturingPublisher:
+    """A :class:`~common.messaging.abc.Publisher` that keeps what it is given, in order, as if
+    the broker had confirmed it, and sends nothing (a dry run; tests of what is published)."""
+
+    def __init__(self) -> None:
+        self.items: list[Outgoing] = []
+
+    async def publish_many(self, items: Sequence[Outgoing]) -> None:
+        self.items.extend(items)
+
+    def on(self, exchange: str) -> list[Outgoing]:
+        return [i for i in self.items if i.exchange == exchange]
+
+
 def stable_id(*parts: object) -> str:
     return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()
 

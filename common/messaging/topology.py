@@ -32,6 +32,8 @@ CONTROL_EXCHANGE = "prefsync.control"
 DEAD_EXCHANGE = "prefsync.dead"
 
 POLLERS = ("dynamics-poller", "ec-poller")
+# a work or control queue's name, from the one key bound to it
+_QUEUE = "prefsync.{}"
 
 # RabbitMQ 4.x defaults quorum queues to 20; 3.10 has no default, so set it everywhere.
 DELIVERY_LIMIT = 20
@@ -136,11 +138,11 @@ class Topology:
 
     @staticmethod
     def changes_queue(account: str, shard: int) -> str:
-        return f"prefsync.{account}.changes.{shard}"
+        return _QUEUE.format(Topology.changes_key(account, shard))
 
     @staticmethod
     def writes_queue(account: str, side: Side, shard: int) -> str:
-        return f"prefsync.{account}.writes.{side}.{shard}"
+        return _QUEUE.format(Topology.writes_key(account, side, shard))
 
     @staticmethod
     def changes_log(account: str) -> str:
@@ -154,7 +156,7 @@ class Topology:
 
     @staticmethod
     def trigger_queue(account: str, poller: str) -> str:
-        return f"prefsync.{account}.control.{poller}"
+        return _QUEUE.format(Topology.trigger_key(account, poller))
 
     @staticmethod
     def dead_letter_queue(account: str) -> str:

@@ -111,9 +111,9 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-class SqliteDirectory:
-    """Directory tables on the ledger's SQLite connection. Each call runs in a transaction
-    taken from the store, so it never interleaves with the store's own."""
+class SqlTables:
+    """Some of the ledger's tables, on its connection. Each call runs in a transaction taken
+    from the store, so it never interleaves with the store's own."""
 
     def __init__(self, transaction: Transaction, *, reading: Transaction | None = None) -> None:
         self._transaction = transaction
@@ -137,6 +137,10 @@ class SqliteDirectory:
         for chunk in _chunks(values):
             rows += await self._rows(sql.format(_marks(len(chunk))), (*head, *chunk))
         return rows
+
+
+class SqliteDirectory(SqlTables):
+    """The directory's tables."""
 
     # --- records ---------------------------------------------------------------------------
     async def upsert_records(self, account: str, records: Sequence[RecordRef]) -> None:

@@ -15,11 +15,10 @@ longer says it was suppressed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from common.domain import Observation, PreferenceKey, Side, normalize_email
 from common.store.codec import from_us, to_us
-from common.store.directory import Transaction
+from common.store.directory import SqlTables
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS parked_observations (
@@ -45,38 +44,23 @@ _PARK = """
        OR ((excluded.version IS NULL OR parked_observations.version IS NULL)
            AND excluded.origin_time > parked_observations.origin_time)"""
 
-_CHUNK = 500
+def _emails(emails: Iterable[str]) -> list[str]:
+    return sorted({normalize_email(e) for e in emails})
 
 
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
-
-
-class SqliteParking:
-    """The parking table on the ledger's SQLite connection (one transaction per call)."""
-
-    def __init__(self, transaction: Transaction, *, reading: Transaction | None = None) -> None:
-        self._transaction = transaction
-        # a plain query may run in a read-only transaction (SQLite: one that takes no lock)
-        self._reading = reading or transaction
+class SqliteParking(SqlTables):
+    """The parking tables."""
 
     async def park(self, observations: Sequence[Observation]) -> None:
-        rows = [(o.key.account, o.key.email, o.key.preference_id, o.side, int(o.opted_in),
-                 to_us(o.origin_time), o.version, o.change_id) for o in observations]
-        if rows:
-            async with self._transaction() as db:
-                await db.executemany(_PARK, rows)
+        await self._many(_PARK, [(o.key.account, o.key.email, o.key.preference_id, o.side,
+                                  int(o.opted_in), to_us(o.origin_time), o.version, o.change_id)
+                                 for o in observations])
 
     async def parked(self, account: str, emails: Iterable[str]) -> list[Observation]:
-        wanted = sorted({normalize_email(e) for e in emails})
-        rows: list[Any] = []
-        for i in range(0, len(wanted), _CHUNK):
-            chunk = wanted[i:i + _CHUNK]
-            sql = ("SELECT email, preference_id, side, opted_in, origin_time, version, change_id "
-                   "FROM parked_observations WHERE account = ? "
-                   f"AND email IN ({_marks(len(chunk))})")
-            async with self._transaction() as db, db.execute(sql, (account, *chunk)) as cur:
-                rows.extend(await cur.fetchall())
+        rows = await self._in(
+            "SELECT email, preference_id, side, opted_in, origin_time, version, change_id "
+            "FROM parked_observations WHERE account = ? AND email IN ({})",
+            (account,), _emails(emails))
         out: list[Observation] = []
         for email, preference_id, side, opted_in, origin, version, change_id in rows:
             stored_side: Side = "dynamics" if side == "dynamics" else "dotdigital"
@@ -89,36 +73,20 @@ class SqliteParking:
         return out
 
     async def unpark(self, account: str, emails: Iterable[str]) -> None:
-        wanted = sorted({normalize_email(e) for e in emails})
-        for i in range(0, len(wanted), _CHUNK):
-            chunk = wanted[i:i + _CHUNK]
-            async with self._transaction() as db:
-                await db.execute("DELETE FROM parked_observations WHERE account = ? "
-                                 f"AND email IN ({_marks(len(chunk))})", (account, *chunk))
+        await self._in("DELETE FROM parked_observations WHERE account = ? AND email IN ({})",
+                       (account,), _emails(emails))
 
     # --- resubscriptions whose writes are not published yet ---------------------------------
     async def mark_resuming(self, account: str, emails: Iterable[str]) -> None:
-        rows = [(account, e) for e in sorted({normalize_email(e) for e in emails})]
-        if rows:
-            async with self._transaction() as db:
-                await db.executemany("INSERT INTO resuming_contacts (account, email) "
-                                     "VALUES (?, ?) ON CONFLICT DO NOTHING", rows)
+        await self._many("INSERT INTO resuming_contacts (account, email) "
+                         "VALUES (?, ?) ON CONFLICT DO NOTHING",
+                         [(account, e) for e in _emails(emails)])
 
     async def resuming(self, account: str, emails: Iterable[str]) -> set[str]:
-        wanted = sorted({normalize_email(e) for e in emails})
-        found: set[str] = set()
-        for i in range(0, len(wanted), _CHUNK):
-            chunk = wanted[i:i + _CHUNK]
-            sql = ("SELECT email FROM resuming_contacts WHERE account = ? "
-                   f"AND email IN ({_marks(len(chunk))})")
-            async with self._reading() as db, db.execute(sql, (account, *chunk)) as cur:
-                found.update(str(r[0]) for r in await cur.fetchall())
-        return found
+        rows = await self._in("SELECT email FROM resuming_contacts WHERE account = ? "
+                              "AND email IN ({})", (account,), _emails(emails))
+        return {str(r[0]) for r in rows}
 
     async def clear_resuming(self, account: str, emails: Iterable[str]) -> None:
-        wanted = sorted({normalize_email(e) for e in emails})
-        for i in range(0, len(wanted), _CHUNK):
-            chunk = wanted[i:i + _CHUNK]
-            async with self._transaction() as db:
-                await db.execute("DELETE FROM resuming_contacts WHERE account = ? "
-                                 f"AND email IN ({_marks(len(chunk))})", (account, *chunk))
+        await self._in("DELETE FROM resuming_contacts WHERE account = ? AND email IN ({})",
+                       (account,), _emails(emails))

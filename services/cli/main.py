@@ -18,7 +18,11 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
                         help="config file (default: $PREFSYNC_CONFIG, then ./prefsync.toml)")
 
 
-def _add_metrics_host(parser: argparse.ArgumentParser) -> None:
+def _add_serving(parser: argparse.ArgumentParser, *, port_default: str) -> None:
+    """The options of a command that runs services: its config and its metrics port."""
+    _add_config(parser)
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help=f"serve /metrics, /healthz and /readyz on this port ({port_default})")
     # Loopback by default: /metrics names accounts and /readyz the dependencies; containers
     # (compose) pass 0.0.0.0 so that Prometheus can scrape them on the internal network.
     parser.add_argument("--metrics-host",
@@ -34,34 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run all four services in one process")
-    _add_config(up)
-    up.add_argument("--metrics-port", type=int, default=None,
-                    help="serve /metrics, /healthz and /readyz on this port "
-                         "(default: [metrics] port, 9464)")
-    _add_metrics_host(up)
+    _add_serving(up, port_default="default: [metrics] port, 9464")
 
     run = sub.add_parser("run", help="run one service in this process")
     run.add_argument("service", choices=SERVICES)
-    _add_config(run)
-    run.add_argument("--metrics-port", type=int, default=None,
-                     help="serve /metrics, /healthz and /readyz on this port (default: none; "
-                          "0: any free port)")
-    _add_metrics_host(run)
+    _add_serving(run, port_default="default: none; 0: any free port")
 
     sim = sub.add_parser("sim", help="run a vendor API simulator")
     sim_sub = sim.add_subparsers(dest="simulator", required=True, metavar="SIMULATOR")
-    dyn = sim_sub.add_parser("dynamics", help="the Dataverse Web API simulator")
-    dyn.add_argument("--host", default="127.0.0.1")
-    dyn.add_argument("--port", type=int, default=8081)
-    dyn.add_argument("--client", action="append", default=[], metavar="TENANT:CLIENT_ID:SECRET",
-                     help="an OAuth client (repeatable); none: a demo client is created")
-    dyn.add_argument("--state", type=Path, default=None, help="keep data in this file")
-    dd = sim_sub.add_parser("dotdigital", help="the dotdigital API simulator")
-    dd.add_argument("--host", default="127.0.0.1")
-    dd.add_argument("--port", type=int, default=8082)
-    dd.add_argument("--account", action="append", default=[], metavar="ID:API_USER:PASSWORD",
-                    help="an account and its API user (repeatable); none: a demo account")
-    dd.add_argument("--state", type=Path, default=None, help="keep data in this file")
+    for name, text, port, (option, metavar, option_help) in (
+            ("dynamics", "the Dataverse Web API simulator", 8081,
+             ("--client", "TENANT:CLIENT_ID:SECRET",
+              "an OAuth client (repeatable); none: a demo client is created")),
+            ("dotdigital", "the dotdigital API simulator", 8082,
+             ("--account", "ID:API_USER:PASSWORD",
+              "an account and its API user (repeatable); none: a demo account"))):
+        simulator = sim_sub.add_parser(name, help=text)
+        simulator.add_argument("--host", default="127.0.0.1")
+        simulator.add_argument("--port", type=int, default=port)
+        simulator.add_argument(option, action="append", default=[], metavar=metavar,
+                               help=option_help)
+        simulator.add_argument("--state", type=Path, default=None, help="keep data in this file")
     seed = sim_sub.add_parser("seed", help="seed both running simulators with sample data")
     seed.add_argument("--dynamics", default="http://127.0.0.1:8081", metavar="URL")
     seed.add_argument("--dotdigital", default="http://127.0.0.1:8082", metavar="URL")

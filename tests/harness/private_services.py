@@ -16,9 +16,11 @@ import secrets
 import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 RABBITMQ_SERVER = "rabbitmq-server"
 RABBITMQCTL = "rabbitmqctl"
@@ -216,18 +218,44 @@ class PrivateRabbitMQ:
         return self._server is not None
 
 
+    async def discard(self) -> None:
+        """Stop the node for good, whatever state a test left it in."""
+        with contextlib.suppress(Exception):
+            if self.running:
+                await self.stop()
+        with contextlib.suppress(Exception):
+            await self.kill()
+
+
+class _Server(Protocol):
+    async def start(self) -> None: ...
+
+    async def discard(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Server)
+
+
 @asynccontextmanager
-async def private_rabbitmq(root: Path) -> AsyncIterator[PrivateRabbitMQ]:
-    node = PrivateRabbitMQ(root)
-    await node.start()
-    try:
-        yield node
-    finally:
-        with contextlib.suppress(Exception):
-            if node.running:
-                await node.stop()
-        with contextlib.suppress(Exception):
-            await node.kill()
+async def _running(server: Callable[[Path], S], root: Path | None, name: str) -> AsyncIterator[S]:
+    """``server`` in ``root``, started; stopped for good afterwards. Without ``root``, in a
+    temporary folder not under pytest's base folder: a concurrent session may reset that one's
+    mode to 0700, which locks the server's own user out."""
+    with contextlib.ExitStack() as folders:
+        if root is None:
+            root = Path(folders.enter_context(tempfile.TemporaryDirectory(
+                prefix=f"prefsync-{name}-")))
+        started = server(root)
+        await started.start()
+        try:
+            yield started
+        finally:
+            await started.discard()
+
+
+def private_rabbitmq(root: Path | None = None) -> AbstractAsyncContextManager[PrivateRabbitMQ]:
+    """A RabbitMQ node of its own (in ``root``, or a temporary folder), running meanwhile."""
+    return _running(PrivateRabbitMQ, root, "rabbitmq")
 
 
 class PrivatePostgres:
@@ -269,12 +297,12 @@ class PrivatePostgres:
         await self._ctl("stop", "-w", "-m", mode)
 
 
-@asynccontextmanager
-async def private_postgres(root: Path) -> AsyncIterator[PrivatePostgres]:
-    cluster = PrivatePostgres(root)
-    await cluster.start()
-    try:
-        yield cluster
-    finally:
+    async def discard(self) -> None:
+        """Stop the cluster for good (as a crash: nothing of it is kept)."""
         with contextlib.suppress(Exception):
-            await cluster.stop(mode="immediate")
+            await self.stop(mode="immediate")
+
+
+def private_postgres(root: Path | None = None) -> AbstractAsyncContextManager[PrivatePostgres]:
+    """A PostgreSQL cluster of its own (in ``root``, or a temporary folder), running meanwhile."""
+    return _running(PrivatePostgres, root, "postgres")

@@ -21,10 +21,15 @@ async def _preference(org: Org, dotdigital_id: int = 2001) -> str:
     return str(row["psync_marketingpreferenceid"])
 
 
-async def _subscribe(org: Org, pref: str, contact_id: str) -> dict[str, Any]:
-    return await org.create(SUBS, {
+async def _subscribed_contact(org: Org, **fields: Any) -> tuple[str, str]:
+    """A contact (``fields``) opted in to a new preference: its id, and its subscription's."""
+    pref = await _preference(org)
+    contact = await org.create("contacts", fields)
+    sub = await org.create(SUBS, {
         "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({pref})",
-        "psync_contactid@odata.bind": f"/contacts({contact_id})", "psync_status": 100000000})
+        "psync_contactid@odata.bind": f"/contacts({contact['contactid']})",
+        "psync_status": 100000000})
+    return str(contact["contactid"]), str(sub["psync_marketingpreferencesubscriptionid"])
 
 
 async def test_create_answers_204_with_entity_id_or_201_with_the_row() -> None:
@@ -172,13 +177,11 @@ async def test_subscription_rules() -> None:
 
 async def test_preferences_of_an_inactive_contact_cannot_be_edited() -> None:
     async with organisation() as org:
-        pref = await _preference(org)
-        contact = await org.create("contacts", {"lastname": "Paused"})
-        sub = await _subscribe(org, pref, contact['contactid'])
-        await org.call("PATCH", f"contacts({contact['contactid']})", json={"statecode": 1},
+        contact, sub = await _subscribed_contact(org, lastname="Paused")
+        await org.call("PATCH", f"contacts({contact})", json={"statecode": 1},
                        headers={"If-Match": "*"})
-        refused = await org.call("PATCH", f"{SUBS}({sub['psync_marketingpreferencesubscriptionid']})",
-                                 json={"psync_status": 100000001}, headers={"If-Match": "*"})
+        refused = await org.call("PATCH", f"{SUBS}({sub})", json={"psync_status": 100000001},
+                                 headers={"If-Match": "*"})
         assert refused.status == 400
         assert refused.error["code"] == "0x80040265"
         assert "read-only" in refused.error["message"]
@@ -236,11 +239,9 @@ async def test_update_multiple_is_all_or_nothing() -> None:
 
 async def test_single_valued_navigation_and_lookup_refs() -> None:
     async with organisation() as org:
-        pref = await _preference(org)
-        ann = await org.create("contacts", {"lastname": "Ann", "emailaddress1": "a@example.com"})
+        _, sub = await _subscribed_contact(org, lastname="Ann", emailaddress1="a@example.com")
         bob = await org.create("contacts", {"lastname": "Bob"})
-        sub = await _subscribe(org, pref, ann['contactid'])
-        path = f"{SUBS}({sub['psync_marketingpreferencesubscriptionid']})"
+        path = f"{SUBS}({sub})"
         nav = await org.get(f"{path}/psync_contactid?$select=emailaddress1")
         assert nav.json["emailaddress1"] == "a@example.com"
         moved = await org.call("PUT", f"{path}/psync_contactid/$ref",
@@ -259,12 +260,10 @@ async def test_single_valued_navigation_and_lookup_refs() -> None:
 
 async def test_deleting_a_contact_cascades_to_its_subscriptions() -> None:
     async with organisation() as org:
-        pref = await _preference(org)
-        ann = await org.create("contacts", {"lastname": "Ann"})
-        sub = await _subscribe(org, pref, ann['contactid'])
+        ann, sub = await _subscribed_contact(org, lastname="Ann")
         tracked = (await org.get(SUBS, headers={"Prefer": "odata.track-changes"})).json
-        assert (await org.call("DELETE", f"contacts({ann['contactid']})")).status == 204
+        assert (await org.call("DELETE", f"contacts({ann})")).status == 204
         delta = (await org.get(tracked["@odata.deltaLink"])).json["value"]
         assert delta == [{"@odata.context": f"{org.api}/$metadata#{SUBS}/$deletedEntity",
-                          "id": sub["psync_marketingpreferencesubscriptionid"],
+                          "id": sub,
                           "reason": "deleted"}]

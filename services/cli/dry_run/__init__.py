@@ -43,6 +43,7 @@ from common.config import Config
 from common.domain import PreferenceKey
 from common.messaging.amqp import Delivery, Outgoing
 from common.messaging.envelope import EligibleContact, WriteCommand, decode
+from common.messaging.publishing import CapturingPublisher
 from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, WRITES_EXCHANGE, Topology
 from common.runs import RunRequest, new_run_id
 from common.store import open_store
@@ -60,21 +61,9 @@ SIDES = ("dotdigital", "dynamics")
 DEFAULT_LIMIT = 5
 
 
-class CapturingPublisher:
-    """Takes what the services publish, in order, and sends nothing."""
-
-    def __init__(self) -> None:
-        self.items: list[Outgoing] = []
-
-    async def publish_many(self, items: Sequence[Outgoing]) -> None:
-        self.items.extend(items)
-
-    def on(self, exchange: str) -> list[Outgoing]:
-        return [i for i in self.items if i.exchange == exchange]
-
-    def events(self) -> list[dict[str, Any]]:
-        return [orjson.loads(i.body) for i in self.on(CONTROL_EXCHANGE)
-                if ".progress." in i.routing_key]
+def _progress_events(published: CapturingPublisher) -> list[dict[str, Any]]:
+    return [orjson.loads(i.body) for i in published.on(CONTROL_EXCHANGE)
+            if ".progress." in i.routing_key]
 
 
 @dataclass(frozen=True)
@@ -196,12 +185,12 @@ async def dry_run(*, config: Config, account: str) -> DryRun:
             for start in range(0, len(deliveries), SHARD_BATCH):
                 await reconciler.handle(deliveries[start:start + SHARD_BATCH])
         result = DryRun(account=account, run=run_id)
-        for event in read.events():
+        for event in _progress_events(read):
             if event.get("event") == "poller-done":
                 result.read[str(event["source"])] = int(event.get("read", 0))
                 if event["source"] == "dynamics":
                     result.catalog = dict(event.get("catalog") or {})
-        for event in reconciled.events():
+        for event in _progress_events(reconciled):
             if event.get("event") == "reconciled":
                 result.outcomes.update(event.get("outcomes") or {})
         await _writes(result, view, reconciled.on(WRITES_EXCHANGE))

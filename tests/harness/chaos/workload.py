@@ -53,7 +53,7 @@ from tests.harness.chaos.history import (
     Suppress,
     parse_time,
 )
-from tests.harness.chaos.world import DD_ACCOUNT, ChaosWorld
+from tests.harness.chaos.world import ChaosWorld
 
 # The same (side, email, preference) is not edited again sooner than this (seconds).
 ROW_SPACING_S = 1.3
@@ -180,14 +180,11 @@ class Workload:
         world = self.world
         offset = world.offsets[side]
         if side == "dynamics":
-            answer = await world.call("POST", f"{world.dyn_url}/_sim/dynamics/edit", {
-                "email": email, "preference_id": preference, "account": world.account,
-                "status": "opted_in" if opted_in else "opted_out"})
+            answer = await world.edit_dynamics(email, preference, opted_in)
             return Edit(side="dynamics", email=email, preference_id=preference,
                         opted_in=opted_in, at=parse_time(answer["modifiedon"]), offset_s=offset,
                         record_id=str(answer["record_id"]), version=int(answer["versionnumber"]))
-        answer = await world.call("POST", f"{world.dd_url}/_sim/dotdigital/edit", {
-            "account": DD_ACCOUNT, "email": email, "preferences": {str(preference): opted_in}})
+        answer = await world.edit_dotdigital(email, preference, opted_in)
         stamp = next(o["dateModifed"] for o in answer["marketingPreferenceOptIns"]
                      if int(o["marketingPreferenceId"]) == preference)
         return Edit(side="dotdigital", email=email, preference_id=preference, opted_in=opted_in,
@@ -240,8 +237,7 @@ class Workload:
         if not candidates or self.suppressions_left <= 0:
             return
         email = self.rng.choice(candidates)
-        await self.world.call("POST", f"{self.world.dd_url}/_sim/dotdigital/edit",
-                              {"account": DD_ACCOUNT, "email": email, "status": "Unsubscribed"})
+        await self.world.set_status(email, "Unsubscribed")
         self.history.add(Suppress(email=email, at=datetime.now(UTC)))
         self.suppressed[email] = time.monotonic() + self.rng.uniform(3.0, 8.0)
         self.suppressions_left -= 1
@@ -251,9 +247,7 @@ class Workload:
         now = time.monotonic()
         for email, due in list(self.suppressed.items()):
             if all_of_them or due <= now:
-                await self.world.call("POST", f"{self.world.dd_url}/_sim/dotdigital/edit",
-                                      {"account": DD_ACCOUNT, "email": email,
-                                       "status": "Subscribed"})
+                await self.world.set_status(email, "Subscribed")
                 self.history.add(Resubscribe(email=email, at=datetime.now(UTC)))
                 del self.suppressed[email]
                 self.count("resubscribe")

@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,41 +26,35 @@ import aio_pika
 import aiohttp
 import orjson
 
-from common.config import Config, parse_config
+from common.config import parse_config
 from common.domain import SIDES, outstanding
-from common.messaging.topology import Topology
 from common.store import open_store
 from common.store.checkpoints import clock_name
 from common.vendors.clock_skew import widest_uncertainty_s
-from common.vendors.dataverse.client import DataverseClient, odata_literal
-from common.vendors.dataverse.schema import LOOKUP_COLUMNS, OPTED_IN, OPTED_OUT, RECORD_TABLES, SUBSCRIPTIONS
-from common.vendors.dotdigital.client import DotdigitalClient
+from common.vendors.dataverse.schema import LOOKUP_COLUMNS, RECORD_TABLES, SUBSCRIPTIONS
 from services.cli.dlq import walk
+from services.cli.lookup import dotdigital_preferences, preference_catalog, subscription_value
 from services.cli.sync_now import RunTimedOut, sync_and_wait
 from tests.harness.chaos.checker import RecordView
 from tests.harness.chaos.history import Key
 from tests.harness.config_file import config_toml
 from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ
-from tests.harness.queues import service_queues, wait_consuming
+from tests.harness.world import (
+    Process,
+    World,
+    WorldError,
+    account_entry,
+    delete_queues,
+    simulator_processes,
+    tail,
+)
 
-ROOT = Path(__file__).resolve().parents[3]
 SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
 REPLICAS = {"dynamics-poller": 1, "ec-poller": 1, "reconciler": 2, "writer": 2}
-DD_ACCOUNT = "1001"
 DD_USER = "apiuser-chaos@apiconnector.com"
-# Seeded states are dated this far back, so every edit of a run is in a later second.
-SEEDED_AGO_S = 5
-_URL = re.compile(r"(http://[0-9.]+:[0-9]+)")
 _FAILPOINT = re.compile(r"failpoint (\S+): exiting")
-# Variables that would point the services at the machine's own broker or store.
-_SCRUBBED = ("PREFSYNC_BROKER_URL", "PREFSYNC_STORE_URL", "PREFSYNC_CONFIG", "PREFSYNC_FAILPOINTS",
-             "PREFSYNC_REPLICA_ID")
 
 Backend = Literal["sqlite", "postgres"]
-
-
-class WorldError(RuntimeError):
-    """The world could not be built or driven (a simulator died, a wait timed out)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,20 +70,6 @@ class WorldSpec:
 
 def _make_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
-
-
-def _tail(path: Path, start: int = 0, lines: int = 15) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(start)
-            text = handle.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 @dataclass
@@ -126,20 +105,13 @@ class Deaths:
     by_hand: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
-class ChaosWorld:
+@dataclass(kw_only=True)
+class ChaosWorld(World):
     spec: WorldSpec
     root: Path
-    account: str
-    config: Config
-    config_path: Path
-    env: dict[str, str]
-    dyn_url: str
-    dd_url: str
-    http: aiohttp.ClientSession
     broker: PrivateRabbitMQ
     postgres: PrivatePostgres | None
-    simulators: dict[str, asyncio.subprocess.Process]
+    simulators: dict[str, Process]
     say: Callable[[str], None] = print
     replicas: dict[str, Replica] = field(default_factory=dict)
     deaths: Deaths = field(default_factory=Deaths)
@@ -155,16 +127,6 @@ class ChaosWorld:
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     # --- the simulators ------------------------------------------------------------------------
-    def url_of(self, side: str) -> str:
-        return self.dyn_url if side == "dynamics" else self.dd_url
-
-    async def call(self, method: str, url: str, body: Any = None) -> Any:
-        async with self.http.request(method, url, json=body) as response:
-            text = await response.text()
-            if response.status >= 300:
-                raise WorldError(f"{method} {url}: {response.status} {text[:300]}")
-            return orjson.loads(text) if text else None
-
     async def vendor_fault(self, side: str, name: str, body: dict[str, Any] | None) -> None:
         """Set (``body``) or clear (None) one named layer of a vendor's injected faults; layers
         that overlap combine (the highest latency and error rate, the tightest throttle)."""
@@ -182,11 +144,10 @@ class ChaosWorld:
             if throttle and (merged.get("throttle") is None
                              or throttle["limit"] < merged["throttle"]["limit"]):
                 merged["throttle"] = throttle
+        await self.faults(side, merged if layers else None)
         if layers:
-            await self.call("PUT", f"{self.url_of(side)}/_sim/faults", merged)
             self.faulty.add(side)
         else:
-            await self.call("DELETE", f"{self.url_of(side)}/_sim/faults")
             self.faulty.discard(side)
 
     def clock_of(self, side: str) -> asyncio.Lock:
@@ -196,12 +157,8 @@ class ChaosWorld:
 
     async def set_offset(self, side: str, offset_s: float) -> None:
         async with self.clock_of(side):
-            await self.call("PUT", f"{self.url_of(side)}/_sim/clock", {"offset_s": offset_s})
+            await self.set_clock(side, {"offset_s": offset_s})
             self.offsets[side] = offset_s
-
-    async def stats(self, side: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self.call("GET", f"{self.url_of(side)}/_sim/stats")
-        return result
 
     async def journal(self, *, enabled: bool | None = None) -> list[dict[str, Any]]:
         """Start the simulators' write journals (``enabled``), or read both, each entry tagged
@@ -232,7 +189,7 @@ class ChaosWorld:
         return [r for r in self.replicas.values() if r.service == service]
 
     async def _spawn(self, replica: Replica) -> None:
-        env = {**_env(), **self.env, "PREFSYNC_REPLICA_ID": replica.name,
+        env = {"PREFSYNC_REPLICA_ID": replica.name,
                "PREFSYNC_LOG_LEVEL": os.environ.get("PREFSYNC_CHAOS_LOG_LEVEL", "WARNING")}
         replica.running_with, replica.armed = replica.armed, ""
         if replica.running_with:
@@ -241,11 +198,7 @@ class ChaosWorld:
         with replica.log.open("ab") as handle:
             handle.write(f"--- start {replica.starts + 1} at {time.strftime('%H:%M:%S')} "
                          f"failpoints={replica.running_with or '-'}\n".encode())
-            handle.flush()
-            replica.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "services.cli", "run", replica.service,
-                "--config", str(self.config_path), env=env, cwd=str(ROOT),
-                stdout=handle, stderr=asyncio.subprocess.STDOUT)
+        replica.process = await self.exec_service(replica.service, name=replica.name, env=env)
         replica.starts += 1
         replica.started_at = time.monotonic()
         replica.expected_exit = False
@@ -263,7 +216,7 @@ class ChaosWorld:
             if self.stopping():
                 replica.exited.set()
                 return
-            text = _tail(replica.log, replica.log_offset, lines=400)
+            text = tail(replica.log, replica.log_offset, lines=400)
             fired = _FAILPOINT.findall(text)
             death: dict[str, Any] = {"replica": replica.name, "returncode": code,
                      "lived_s": round(time.monotonic() - replica.started_at, 1),
@@ -276,7 +229,7 @@ class ChaosWorld:
                 self.deaths.failpoints.append(death)
                 self._fired[fired[-1]] = self._fired.get(fired[-1], 0) + 1
             else:
-                death["log"] = _tail(replica.log, replica.log_offset, lines=12)
+                death["log"] = tail(replica.log, replica.log_offset, lines=12)
                 self.deaths.by_hand.append(death)
                 self.say(f"  {replica.name} died by itself ({code}); restarting it")
                 # an operator restarting a crash-looping process would not hammer it either
@@ -318,12 +271,6 @@ class ChaosWorld:
             return True
         except TimeoutError:
             return False
-
-    async def wait_consuming(self, service: str, *, timeout_s: float = 120.0) -> None:
-        """Until ``service`` consumes from every queue it serves."""
-        queues = service_queues(self.account, service, shards=self.spec.shards)
-        if not await wait_consuming(self.broker.url, queues, timeout_s=timeout_s):
-            raise WorldError(f"{service} did not start consuming")
 
     async def stop_services(self) -> None:
         self._stopping = True
@@ -409,24 +356,10 @@ class ChaosWorld:
         return {"converged": False, "runs": runs, "converge_s": None}
 
     # --- reading the end state -----------------------------------------------------------------
-    def dataverse(self) -> DataverseClient:
-        return DataverseClient(config=self.config.account(self.account).dynamics)
-
-    def dotdigital(self) -> DotdigitalClient:
-        return DotdigitalClient(config=self.config.account(self.account).dotdigital)
-
     async def read_records(self) -> dict[str, RecordView]:
         """Every Dynamics record: its email and its subscription rows' values."""
         async with self.dataverse() as client:
-            catalog: dict[str, int] = {}
-            async for page in client.iter_pages(
-                    "psync_marketingpreferences",
-                    select=["psync_marketingpreferenceid", "psync_ecpreferenceid"],
-                    filter=f"psync_ecaccount eq {odata_literal(self.account)}"):
-                for row in page.rows:
-                    if row.get("psync_ecpreferenceid") is not None:
-                        catalog[str(row["psync_marketingpreferenceid"])] = int(
-                            row["psync_ecpreferenceid"])
+            catalog = await preference_catalog(client, account=self.account)
             emails: dict[str, str | None] = {}
             for _, (entity_set, key, _) in RECORD_TABLES.items():
                 async for page in client.iter_pages(entity_set, select=[key, "emailaddress1"]):
@@ -438,28 +371,18 @@ class ChaosWorld:
                     SUBSCRIPTIONS, select=[*LOOKUP_COLUMNS.values(), "_psync_preferenceid_value",
                                            "psync_status"]):
                 for row in page.rows:
-                    preference = catalog.get(str(row.get("_psync_preferenceid_value")))
                     record = next((str(row[c]) for c in LOOKUP_COLUMNS.values() if row.get(c)),
                                   None)
-                    status = row.get("psync_status")
-                    if preference is None or record not in values or \
-                            status not in (OPTED_IN, OPTED_OUT):
-                        continue
-                    values[record][preference] = status == OPTED_IN
+                    value = subscription_value(row, catalog)
+                    if value is not None and record in values:
+                        values[record][value[0]] = value[1]
         return {r: RecordView(email=emails[r], values=v) for r, v in values.items()}
 
     async def read_dotdigital(self, emails: Iterable[str]) -> dict[str, dict[int, bool]]:
         out: dict[str, dict[int, bool]] = {}
         async with self.dotdigital() as client:
             for email in sorted(set(emails)):
-                try:
-                    opt_ins = await client.subscriptions(email)
-                except Exception as exc:
-                    if getattr(exc, "status", None) == 404:
-                        out[email] = {}
-                        continue
-                    raise
-                out[email] = {o.preference_id: o.is_opted_in for o in opt_ins.opt_ins}
+                out[email] = await dotdigital_preferences(client, email=email)
         return out
 
     async def outstanding_keys(self, emails: Iterable[str]) -> list[Key]:
@@ -497,35 +420,6 @@ class ChaosWorld:
                 for e in result.entries]
 
 
-async def _simulator(name: str, args: list[str], root: Path) -> tuple[asyncio.subprocess.Process,
-                                                                        str]:
-    log = root / f"{name}.log"
-    with log.open("wb") as handle:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli", *args, env=_env(), cwd=str(ROOT),
-            stdout=handle, stderr=asyncio.subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.returncode is not None:
-            raise WorldError(f"{name} exited: {_tail(log)}")
-        match = _URL.search(log.read_text(errors="replace"))
-        if match:
-            return process, match.group(1)
-        await asyncio.sleep(0.05)
-    process.kill()
-    raise WorldError(f"{name} did not start")
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-
 async def _delete_queues(broker: PrivateRabbitMQ, account: str, shards: int) -> None:
     """Drop the world's queues: a node keeping hundreds of idle quorum queues from earlier
     worlds takes minutes to restart, and a broker-restart fault then outlasts its case."""
@@ -533,12 +427,7 @@ async def _delete_queues(broker: PrivateRabbitMQ, account: str, shards: int) -> 
         return
     with contextlib.suppress(Exception):
         async with asyncio.timeout(60):
-            connection = await aio_pika.connect(broker.url)
-            async with connection:
-                channel = await connection.channel()
-                for queue in Topology(accounts=[account], shards=shards).queues:
-                    with contextlib.suppress(Exception):
-                        await channel.queue_delete(queue.name)
+            await delete_queues(broker.url, account, shards)
 
 
 async def new_database(postgres: PrivatePostgres, name: str) -> str:
@@ -569,29 +458,18 @@ async def chaos_world(root: Path, *, spec: WorldSpec, broker: PrivateRabbitMQ,
         store_url = await new_database(postgres, account.replace("-", "_"))
     else:
         store_url = f"sqlite:///{root / 'ledger.db'}"
-    simulators: dict[str, asyncio.subprocess.Process] = {}
-    world: ChaosWorld | None = None
-    try:
-        simulators["dynamics-sim"], dyn_url = await _simulator("dynamics-sim", [
-            "sim", "dynamics", "--host", "127.0.0.1", "--port", "0",
-            "--client", f"chaos:prefsync-chaos:{secret}"], root)
-        simulators["dotdigital-sim"], dd_url = await _simulator("dotdigital-sim", [
-            "sim", "dotdigital", "--host", "127.0.0.1", "--port", "0",
-            "--account", f"{DD_ACCOUNT}:{DD_USER}:{password}"], root)
-        timeout = spec.client_timeout_s
+    async with simulator_processes(root, tenant="chaos", secret=secret, dd_user=DD_USER,
+                                   dd_password=password) as (simulators, dyn_url, dd_url):
+        timeout = {"timeout_s": spec.client_timeout_s}
         raw: dict[str, Any] = {
             "broker": {"url": broker.url, "shards": spec.shards},
             "store": {"url": store_url},
             "metrics": {"port": 0},
-            "accounts": [{
-                "id": account, "on_email_change": "fresh",
-                "dynamics": {"url": dyn_url, "token_url": f"{dyn_url}/chaos/oauth2/v2.0/token",
-                             "client_id": "prefsync-chaos",
-                             "client_secret_env": "CHAOS_DYNAMICS_SECRET", "timeout_s": timeout},
-                "dotdigital": {"url": dd_url, "api_user": DD_USER,
-                               "password_env": "CHAOS_DOTDIGITAL_PASSWORD",
-                               "calls_per_minute": 6000, "timeout_s": timeout},
-            }],
+            "accounts": [{**account_entry(
+                account, dyn_url=dyn_url, dd_url=dd_url, tenant="chaos",
+                secret_env="CHAOS_DYNAMICS_SECRET", dd_user=DD_USER,
+                password_env="CHAOS_DOTDIGITAL_PASSWORD", dynamics=timeout, dotdigital=timeout),
+                "on_email_change": "fresh"}],
         }
         config_path = root / "prefsync.toml"
         config_path.write_text(config_toml(raw))
@@ -601,22 +479,10 @@ async def chaos_world(root: Path, *, spec: WorldSpec, broker: PrivateRabbitMQ,
                                config_path=config_path, env=env, dyn_url=dyn_url, dd_url=dd_url,
                                http=http, broker=broker, postgres=postgres,
                                simulators=simulators, say=say)
-            seed = {"records": spec.records, "preferences": spec.preferences,
-                    "seed": spec.seed, "states": "all"}
-            # The seeded states are history: dated a few seconds back, so any edit of the run is
-            # in a later second.
-            for side in SIDES:
-                await world.set_offset(side, -SEEDED_AGO_S)
-            await world.call("POST", f"{dyn_url}/_sim/seed", {**seed, "account": account})
-            await world.call("POST", f"{dd_url}/_sim/seed", {**seed, "account": DD_ACCOUNT})
-            for side in SIDES:
-                await world.set_offset(side, 0.0)
+            await world.seed_history({"records": spec.records, "preferences": spec.preferences,
+                                      "seed": spec.seed, "states": "all"})
             try:
                 yield world
             finally:
                 await world.stop_services()
                 await _delete_queues(broker, account, spec.shards)
-    finally:
-        for process in simulators.values():
-            await _stop(process)
-

@@ -31,6 +31,7 @@ from tests.harness.private_services import (
     private_rabbitmq,
     rabbitmq_available,
 )
+from tests.harness.unavailable import unavailable
 
 FULL = os.environ.get("PREFSYNC_CHAOS") == "full"
 SEED = int(os.environ.get("PREFSYNC_CHAOS_SEED", "0"))
@@ -62,33 +63,24 @@ def _cases() -> list[Any]:
 
 
 def _require(available: bool, what: str) -> None:
-    if available:
-        return
-    if os.environ.get("PREFSYNC_CI"):
-        pytest.fail(f"{what} is needed for the chaos suite")
-    pytest.skip(f"{what} is not installed")
+    if not available:
+        unavailable(f"{what} is not installed (the chaos suite needs it)")
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrivateRabbitMQ]:
+async def broker() -> AsyncIterator[PrivateRabbitMQ]:
     _require(rabbitmq_available(), "a RabbitMQ server (rabbitmq-server, rabbitmqctl)")
-    async with private_rabbitmq(tmp_path_factory.mktemp("rabbitmq")) as node:
+    async with private_rabbitmq() as node:
         yield node
 
 
 @pytest.fixture(scope="module")
-async def postgres(tmp_path_factory: pytest.TempPathFactory
-                   ) -> AsyncIterator[PrivatePostgres | None]:
+async def postgres() -> AsyncIterator[PrivatePostgres | None]:
     """The private cluster (None without PostgreSQL's binaries: its cases are skipped)."""
     if not postgres_available():
         yield None
         return
-    async with private_postgres(tmp_path_factory.mktemp("postgres")) as cluster:
+    async with private_postgres() as cluster:
         yield cluster
 
 

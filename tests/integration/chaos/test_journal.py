@@ -37,9 +37,7 @@ async def test_journals_tell_users_edits_from_api_writes(tmp_path: Path) -> None
         preference = world.preferences[0].id
         account = world.config.account(world.account)
 
-        answer = await world.post(f"{world.dyn_url}/_sim/dynamics/edit", {
-            "email": email, "preference_id": preference, "status": "opted_out",
-            "account": world.account})
+        answer = await world.edit_dynamics(email, preference, False)
         await world.edit_dotdigital(email, preference, False)
         async with DataverseClient(config=account.dynamics) as dataverse:
             await dataverse.update(SUBSCRIPTIONS, answer["id"], {"psync_status": OPTED_IN})

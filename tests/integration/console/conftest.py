@@ -24,6 +24,7 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from common.config import Config, Secret
 from services.cli.console.app import serving_console
+from tests.harness.unavailable import unavailable
 from tests.integration.pipeline.conftest import World, make_worlds
 
 CHROMIUM = os.environ.get("PREFSYNC_CHROMIUM", "/usr/bin/chromium")
@@ -79,15 +80,7 @@ class _Records(logging.Handler):
 def require_chromium() -> None:
     if Path(CHROMIUM).exists() or shutil.which(CHROMIUM):
         return
-    if os.environ.get("PREFSYNC_CI"):
-        pytest.fail(f"Chromium ({CHROMIUM}) is needed for the console's browser tests: "
-                    "apt-get install chromium")
-    pytest.skip(f"Chromium ({CHROMIUM}) is not installed (apt-get install chromium)")
-
-
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
+    unavailable(f"Chromium ({CHROMIUM}) is not installed (apt-get install chromium)")
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +88,7 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
     root = tmp_path_factory.mktemp("console")
     async with make_worlds(root, accounts=2, records=40, preferences=3) as worlds:
         world = worlds[0]
-        await world.post(f"{world.dd_url}/_sim/dotdigital/edit", {
-            "account": world.dd_account, "email": world.people[SUPPRESSED].email,
-            "status": "Unsubscribed"})
+        await world.set_status(world.people[SUPPRESSED].email, "Unsubscribed")
         await world.start()  # the services of both accounts: one config
         for each in worlds:
             summary = await each.sync()

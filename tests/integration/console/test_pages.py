@@ -154,7 +154,7 @@ async def dead_letter(world: World, *, body: bytes, message_id: str, kind: str,
                       reason: str, original_key: str, by_broker: bool) -> None:
     """A dead letter as a service leaves it, or as the broker does (once walked: the broker's
     reason kept in our headers)."""
-    connection = await connect(world.broker_url, name="test-console-dead-letter")
+    connection = await connect(world.config.broker.url, name="test-console-dead-letter")
     async with connection:
         publisher = await AmqpPublisher.open(connection)
         await publisher.publish_many([Outgoing(

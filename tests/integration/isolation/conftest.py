@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 
-import pytest
+from tests.harness.unavailable import unavailable
 
 BROKER_URL = os.environ.get("PREFSYNC_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -22,11 +22,8 @@ def require_rabbitmqctl() -> None:
                                timeout=60, check=False)
         if probe.returncode != 0:
             problem = f"rabbitmqctl cannot reach the broker: {probe.stderr.decode()[-300:]}"
-    if problem is None:
-        return
-    if os.environ.get("PREFSYNC_CI"):
-        pytest.fail(problem)
-    pytest.skip(problem)
+    if problem is not None:
+        unavailable(problem)
 
 
 def delete_users(*users: str) -> None:

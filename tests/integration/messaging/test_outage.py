@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
 import anyio
 import pytest
@@ -32,24 +30,21 @@ from common.messaging.breakers import Breakers, RetryPolicy
 from common.messaging.envelope import Envelope, PreferenceChange, encode
 from common.messaging.resilience import TransientFailure, dependency_of
 from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, Topology
-from tests.harness.private_services import PrivateRabbitMQ, private_rabbitmq, rabbitmq_available
+from tests.harness.private_services import PrivateRabbitMQ, private_rabbitmq
+from tests.harness.unavailable import needs_rabbitmq_server
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow,
-              pytest.mark.skipif(not rabbitmq_available(), reason="needs rabbitmq-server")]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, needs_rabbitmq_server]
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 ACCOUNT = "outage"
 
 
 @pytest.fixture
 async def node() -> AsyncIterator[PrivateRabbitMQ]:
-    # not under pytest's base folder: a concurrent session may reset its mode to 0700, which
-    # locks the node's own user out
-    with tempfile.TemporaryDirectory(prefix="prefsync-rabbitmq-") as root:
-        async with private_rabbitmq(Path(root)) as node:
-            connection = await connect(node.url, name="setup")
-            async with connection:
-                await Topology(accounts=[ACCOUNT], shards=1).declare(await connection.channel())
-            yield node
+    async with private_rabbitmq() as node:
+        connection = await connect(node.url, name="setup")
+        async with connection:
+            await Topology(accounts=[ACCOUNT], shards=1).declare(await connection.channel())
+        yield node
 
 
 def change(n: int) -> Outgoing:

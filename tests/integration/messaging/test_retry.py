@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,8 +22,16 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
-from common.messaging.abc import IncomingMessage
-from common.messaging.amqp import AmqpPublisher, DeadLetterer, Delivery, Outgoing, QueueConsumer, connect
+from common.messaging.abc import BatchHandler, IncomingMessage
+from common.messaging.amqp import (
+    AmqpPublisher,
+    BatchObserver,
+    DeadLetterer,
+    Delivery,
+    Outgoing,
+    QueueConsumer,
+    connect,
+)
 from common.messaging.breakers import Breakers, RetryPolicy
 from common.messaging.envelope import Envelope, PreferenceChange, encode
 from common.messaging.resilience import TransientFailure
@@ -95,6 +104,25 @@ async def dead_letters(connection: AbstractRobustConnection, account: str, *, ex
     return found
 
 
+@asynccontextmanager
+async def consuming(connection: AbstractRobustConnection, publisher: AmqpPublisher, account: str,
+                    handler: BatchHandler, *, retry: RetryPolicy | None = FAST,
+                    breakers: Breakers | None = None, on_batch: BatchObserver | None = None,
+                    prefetch: int = 50, batch_size: int = 8) -> AsyncIterator[QueueConsumer]:
+    """A consumer of the account's first changes queue, dead-lettering through ``publisher``,
+    running meanwhile."""
+    consumer = QueueConsumer(connection=connection, queue=Topology.changes_queue(account, 0),
+                             account=account, handler=handler, retry=retry,
+                             breakers=breakers or Breakers(), on_batch=on_batch,
+                             dead_letters=DeadLetterer(publisher=publisher, service="test"),
+                             prefetch=prefetch, batch_size=batch_size)
+    task = asyncio.create_task(consumer.run())
+    try:
+        yield consumer
+    finally:
+        task.cancel()
+
+
 @pytest.fixture
 async def connection(topology: Topology) -> AsyncIterator[AbstractRobustConnection]:
     connection = await connect(BROKER_URL, name="test")
@@ -127,14 +155,10 @@ async def test_a_store_outage_is_waited_out_in_place(connection: AbstractRobustC
             raise TransientFailure("the ledger store is unavailable", dependency="store")
 
     queue = Topology.changes_queue(account, 0)
-    consumer = QueueConsumer(connection=connection, queue=queue, account=account,
-                             handler=flaky, retry=FAST, breakers=breakers,
-                             on_batch=lambda event: None if event.failed else done.set(),
-                             dead_letters=DeadLetterer(publisher=publisher, service="test"),
-                             prefetch=10, batch_size=10)
-    state.consumers.append(consumer)
-    task = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(connection, publisher, account, flaky, breakers=breakers,
+                         on_batch=lambda event: None if event.failed else done.set(),
+                         prefetch=10, batch_size=10) as consumer:
+        state.consumers.append(consumer)
         with anyio.fail_after(20):
             await done.wait()
         # handled once the store came back, on its first delivery: nothing spent, not requeued
@@ -150,8 +174,6 @@ async def test_a_store_outage_is_waited_out_in_place(connection: AbstractRobustC
         assert (await readiness(state))["ready"] is True
         assert await queue_depth(connection, queue) == 0
         assert await queue_depth(connection, Topology.dead_letter_queue(account)) == 0
-    finally:
-        task.cancel()
 
 
 async def test_one_delivery_per_hold_and_no_hot_loop(connection: AbstractRobustConnection,
@@ -172,18 +194,11 @@ async def test_one_delivery_per_hold_and_no_hot_loop(connection: AbstractRobustC
             done.set()
 
     breakers = Breakers()
-    consumer = QueueConsumer(connection=connection, queue=Topology.changes_queue(account, 0),
-                             account=account, handler=down_for_two_holds,
-                             retry=RetryPolicy(base_s=0.02, cap_s=0.05, hold_s=0.6),
-                             breakers=breakers,
-                             dead_letters=DeadLetterer(publisher=publisher, service="test"),
-                             prefetch=10, batch_size=10)
-    task = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(connection, publisher, account, down_for_two_holds,
+                         retry=RetryPolicy(base_s=0.02, cap_s=0.05, hold_s=0.6),
+                         breakers=breakers, prefetch=10, batch_size=10):
         with anyio.fail_after(30):
             await done.wait()
-    finally:
-        task.cancel()
     tries = {count: sum(1 for m, c in calls if m == "m0" and c == count) for count in (0, 1)}
     # several tries in place within each hold, but a delivery spent only when a hold ended
     assert tries[0] > 2 and tries[1] > 2, calls
@@ -225,17 +240,10 @@ async def test_one_bad_change_is_dead_lettered_alone(connection: AbstractRobustC
     gate = change_message(account, 100)
     await publisher.publish_many([Outgoing(exchange=gate.exchange, routing_key=gate.routing_key,
                                            body=gate.body, message_id="gate")])
-    consumer = QueueConsumer(connection=connection, queue=Topology.changes_queue(account, 0),
-                             account=account, handler=handle, retry=FAST, breakers=Breakers(),
-                             dead_letters=DeadLetterer(publisher=publisher, service="test"),
-                             prefetch=50, batch_size=8)
-    task = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(connection, publisher, account, handle) as consumer:
         with anyio.fail_after(30):
             await done.wait()
         dead = await dead_letters(connection, account, expect=1)
-    finally:
-        task.cancel()
     # the healthy ones were applied, in order
     assert applied == [f"m{n}" for n in good]
     # exactly the bad one was dead-lettered, with the reason
@@ -267,17 +275,10 @@ async def test_a_message_that_fails_to_decode_never_reaches_the_handler(
         if len(handled) == 2:
             done.set()
 
-    consumer = QueueConsumer(connection=connection, queue=Topology.changes_queue(account, 0),
-                             account=account, handler=handle, retry=FAST, breakers=Breakers(),
-                             dead_letters=DeadLetterer(publisher=publisher, service="test"),
-                             prefetch=50, batch_size=8)
-    task = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(connection, publisher, account, handle):
         with anyio.fail_after(20):
             await done.wait()
         dead = await dead_letters(connection, account, expect=1)
-    finally:
-        task.cancel()
     assert handled == ["m1", "m3"]
     assert "changes[0].email: not an email address" in str(dead["m2"]["x-prefsync-reason"])
     assert dead["m2"]["x-prefsync-kind"] == "malformed"

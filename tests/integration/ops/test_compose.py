@@ -34,7 +34,8 @@ from common.ops.health import healthcheck
 from common.ops.metrics import REGISTRY
 from services.cli.main import build_parser
 from services.runtime.registry import run_services
-from tests.integration.pipeline.conftest import BROKER_URL, delete_queues
+from tests.harness.world import delete_queues
+from tests.integration.pipeline.conftest import BROKER_URL
 
 REPO = Path(__file__).resolve().parents[3]
 DEPLOY = REPO / "deploy"
@@ -469,4 +470,4 @@ async def test_the_compose_commands_run_outside_docker(tmp_path: Path) -> None:
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        await delete_queues(account, tomllib.loads(config)["broker"]["shards"])
+        await delete_queues(BROKER_URL, account, tomllib.loads(config)["broker"]["shards"])

@@ -7,21 +7,15 @@ import contextlib
 import io
 import os
 import secrets
-import sys
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
-import orjson
 import pytest
 
-from common.config import Config, parse_config
-from common.messaging.topology import Topology
-from common.vendors.dataverse.client import DataverseClient
-from common.vendors.dotdigital.client import DotdigitalClient
+from common.config import parse_config
 from services.cli.broker_setup import setup_broker
 from services.cli.lookup import dotdigital_preferences, dynamics_preferences
 from services.cli.sync_now import sync_and_wait
@@ -30,83 +24,35 @@ from services.simulators import seeding
 from services.simulators.base import serving
 from services.simulators.dotdigital import DotdigitalSimulator
 from services.simulators.dynamics import DynamicsSimulator
-from tests.harness.queues import service_queues, wait_consuming
+from tests.harness import world as harness
+from tests.harness.config_file import config_toml
+from tests.harness.world import DD_ACCOUNT, account_entry, delete_queues
 
 BROKER_URL = os.environ.get("PREFSYNC_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ALL_SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
-DD_ACCOUNT = "1001"
 SEED = 11
-SEEDED_AGO_S = 5
 
 
-@dataclass
-class World:
-    """Two simulated vendors and a prefsync account wired to them."""
+@dataclass(kw_only=True)
+class World(harness.World):
+    """Two simulated vendors (served in the test's process) and a prefsync account wired to
+    them; the services run in the test's process (:meth:`start`) or as processes of their own
+    (:meth:`spawn`)."""
 
-    account: str
-    config: Config
-    config_path: Path
-    env: dict[str, str]
-    dyn_url: str
-    dd_url: str
-    http: aiohttp.ClientSession
     records: int
     preferences: list[seeding.PreferenceNode]
     people: list[seeding.Person]
     services: list[asyncio.Task[None]] = field(default_factory=list)
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
-    # this account's dotdigital account in the shared simulator
-    dd_account: str = DD_ACCOUNT
-    # the broker the services use (a private node in broker fault tests)
-    broker_url: str = BROKER_URL
-
-    # --- the vendors, as a user would change them ----------------------------------------
-    async def post(self, url: str, body: dict[str, Any]) -> Any:
-        async with self.http.post(url, json=body) as response:
-            text = await response.text()
-            assert response.status < 300, f"{url}: {response.status} {text}"
-            return orjson.loads(text) if text else None
-
-    async def edit_dynamics(self, email: str, preference_id: int, opted_in: bool | None) -> None:
-        status = None if opted_in is None else ("opted_in" if opted_in else "opted_out")
-        await self.post(f"{self.dyn_url}/_sim/dynamics/edit", {
-            "email": email, "preference_id": preference_id, "status": status,
-            "account": self.account})
-
-    async def edit_dotdigital(self, email: str, preference_id: int, opted_in: bool, *,
-                              stamped_ago_s: float = 0.0) -> None:
-        """``stamped_ago_s``: the change is stamped that long ago (visible only now)."""
-        await self.post(f"{self.dd_url}/_sim/dotdigital/edit", {
-            "account": self.dd_account, "email": email,
-            "preferences": {str(preference_id): opted_in}, "stamped_ago_s": stamped_ago_s})
-
-    async def set_clock(self, side: str, body: dict[str, Any]) -> None:
-        await self.set_clock_at(self.dyn_url if side == "dynamics" else self.dd_url, body)
-
-    async def set_clock_at(self, url: str, body: dict[str, Any]) -> None:
-        async with self.http.put(f"{url}/_sim/clock", json=body) as response:
-            assert response.status == 200, await response.text()
-
-    async def faults(self, side: str, body: dict[str, Any] | None) -> None:
-        url = self.dyn_url if side == "dynamics" else self.dd_url
-        method = self.http.put if body is not None else self.http.delete
-        async with method(f"{url}/_sim/faults", json=body) as response:
-            assert response.status == 200, await response.text()
-
-    async def stats(self, side: str) -> dict[str, Any]:
-        url = self.dyn_url if side == "dynamics" else self.dd_url
-        async with self.http.get(f"{url}/_sim/stats") as response:
-            result: dict[str, Any] = await response.json()
-            return result
 
     # --- reading both sides ----------------------------------------------------------------
     async def dynamics_values(self, email: str) -> dict[str, dict[int, bool]]:
-        async with DataverseClient(config=self.config.account(self.account).dynamics) as client:
+        async with self.dataverse() as client:
             return await dynamics_preferences(client, email=email, account=self.account)
 
     async def dotdigital_values(self, email: str) -> dict[int, bool]:
-        async with DotdigitalClient(config=self.config.account(self.account).dotdigital) as c:
-            return await dotdigital_preferences(c, email=email)
+        async with self.dotdigital() as client:
+            return await dotdigital_preferences(client, email=email)
 
     async def values(self, email: str, preference_id: int) -> tuple[set[bool | None], bool | None]:
         """(the values every Dynamics record with this email holds, dotdigital's value)."""
@@ -136,49 +82,40 @@ class World:
         ``failpoints`` is its ``$PREFSYNC_FAILPOINTS`` (a point set without an action makes
         it exit with 137 there: ``process.wait()`` tells when); ``args`` are more options of
         ``prefsync run`` (e.g. ``--metrics-port``)."""
-        extra_env = {"PREFSYNC_REPLICA_ID": replica} if replica else {}
+        env = {"PREFSYNC_LOG_LEVEL": "WARNING"}
+        if replica:
+            env["PREFSYNC_REPLICA_ID"] = replica
         if failpoints:
-            extra_env["PREFSYNC_FAILPOINTS"] = failpoints
+            env["PREFSYNC_FAILPOINTS"] = failpoints
         name = replica or service
-        # its warnings and a crash's traceback, for report() when a test fails
-        log = os.open(self.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "services.cli", "run", service,
-                "--config", str(self.config_path), *args,
-                env={**os.environ, **self.env, "PREFSYNC_LOG_LEVEL": "WARNING", **extra_env},
-                stdout=asyncio.subprocess.DEVNULL, stderr=log)
-        finally:
-            os.close(log)
+        # its warnings and a crash's traceback go to its log, for report() when a test fails
+        process = await self.exec_service(service, name=name, env=env, args=args)
         self.processes[name] = process
         if wait:
-            await self.wait_consuming(service, process)
+            await self.wait_consuming(service, process, name=name)
         return process
 
-    def log_path(self, name: str) -> Path:
-        return self.config_path.parent / f"{name}.log"
+    async def spawn_all(self) -> None:
+        """Every service as a process of its own (:meth:`spawn`)."""
+        for service in ALL_SERVICES:
+            await self.spawn(service)
 
     def report(self, lines: int = 15) -> str:
         """Each spawned process: whether it still runs, and the end of what it logged."""
         parts = []
         for name, process in self.processes.items():
-            path = self.log_path(name)
-            tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
             state = "running" if process.returncode is None else f"exited {process.returncode}"
-            parts.append("\n".join([f"--- {name}: {state}", *tail]))
+            parts += [f"--- {name}: {state}", harness.tail(self.log_path(name), lines=lines)]
         return "\n".join(parts)
 
     async def wait_consuming(self, service: str,
-                             process: asyncio.subprocess.Process | None = None) -> None:
-        """Until ``service`` (any process running it) consumes from its queues."""
-        def check() -> None:
-            if process is not None:
-                assert process.returncode is None, f"{service} exited ({process.returncode})"
-
-        # the last shard queue: taken by whichever replica runs it
-        last = service_queues(self.account, service, shards=self.config.broker.shards)[-1:]
-        assert await wait_consuming(self.broker_url, last, timeout_s=30, check=check), \
-            f"{service} did not start consuming"
+                             process: asyncio.subprocess.Process | None = None, *,
+                             name: str | None = None, timeout_s: float = 30.0,
+                             last_only: bool = True) -> None:
+        """Until ``service`` (any process running it: by default, one of several replicas)
+        consumes from its queues."""
+        await super().wait_consuming(service, process, name=name, timeout_s=timeout_s,
+                                     last_only=last_only)
 
     async def sync(self, timeout_s: float = 120) -> dict[str, Any]:
         return await sync_and_wait(config=self.config, account=self.account,
@@ -195,31 +132,6 @@ class World:
                 process.kill()
                 await process.wait()
         self.processes.clear()
-
-
-async def delete_queues(account: str, shards: int, broker_url: str = BROKER_URL) -> None:
-    connection = await aio_pika.connect(broker_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in Topology(accounts=[account], shards=shards).queues:
-            await channel.queue_delete(queue.name)
-
-
-def _write_config(path: Path, config_raw: dict[str, Any]) -> None:
-    lines = []
-    for key in ("broker", "store", "metrics"):
-        lines.append(f"[{key}]")
-        lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in config_raw[key].items()]
-    for account in config_raw["accounts"]:
-        lines.append("[[accounts]]")
-        lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in account.items()
-                  if not isinstance(v, dict)]
-        for sub in ("dynamics", "dotdigital", "broker"):
-            if sub not in account:
-                continue
-            lines.append(f"[accounts.{sub}]")
-            lines += [f"{k} = {orjson.dumps(v).decode()}" for k, v in account[sub].items()]
-    path.write_text("\n".join(lines) + "\n")
 
 
 @contextlib.asynccontextmanager
@@ -266,38 +178,24 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
             "accounts": [],
         }
         for i, (account, dd) in enumerate(zip(ids, dd_accounts, strict=True)):
-            entry: dict[str, Any] = {
-                "id": account,
-                "dynamics": {"url": dyn_url, "token_url": f"{dyn_url}/demo/oauth2/v2.0/token",
-                             "client_id": "prefsync-demo",
-                             "client_secret_env": "DEMO_DYNAMICS_SECRET"},
-                "dotdigital": {"url": dd_url, "api_user": f"apiuser-{dd}@apiconnector.com",
-                               "password_env": ("DEMO_DOTDIGITAL_PASSWORD" if accounts == 1
-                                                else f"DEMO_DOTDIGITAL_PASSWORD_{i}"),
-                               "calls_per_minute": 6000},
-            }
+            entry = account_entry(
+                account, dyn_url=dyn_url, dd_url=dd_url, tenant="demo",
+                secret_env="DEMO_DYNAMICS_SECRET", dd_user=f"apiuser-{dd}@apiconnector.com",
+                password_env=("DEMO_DOTDIGITAL_PASSWORD" if accounts == 1
+                              else f"DEMO_DOTDIGITAL_PASSWORD_{i}"))
             if broker_users:
                 entry["broker"] = {"password_env": f"DEMO_BROKER_PASSWORD_{i}"}
             raw["accounts"].append(entry)
         config = parse_config(raw, env=env)
         config_path = tmp_path / "prefsync.toml"
-        _write_config(config_path, raw)
+        config_path.write_text(config_toml(raw))
         worlds = [World(account=account, config=config, config_path=config_path, env=env,
                         dyn_url=dyn_url, dd_url=dd_url, http=http, records=records,
                         preferences=seeding.leaf_preferences(preferences, SEED),
-                        people=seeding.people(records, SEED), dd_account=dd,
-                        broker_url=broker_url)
+                        people=seeding.people(records, SEED), dd_account=dd)
                   for account, dd in zip(ids, dd_accounts, strict=True)]
-        seed = {"records": records, "preferences": preferences, "seed": SEED}
-        # The seeded states are history: dated a few seconds back, so whatever a test does
-        # next is later at whole-second precision (a same-second edit would be a tie).
-        for url in (dyn_url, dd_url):
-            await worlds[0].set_clock_at(url, {"offset_s": -SEEDED_AGO_S})
-        await worlds[0].post(f"{dyn_url}/_sim/seed", {**seed, "account": ids[0]})
-        for world in worlds:
-            await world.post(f"{dd_url}/_sim/seed", {**seed, "account": world.dd_account})
-        for url in (dyn_url, dd_url):
-            await worlds[0].set_clock_at(url, {})
+        await worlds[0].seed_history({"records": records, "preferences": preferences,
+                                      "seed": SEED}, dd_accounts=dd_accounts[1:])
         for world in worlds[1:]:
             await _add_catalog(world, preferences)
         try:
@@ -309,7 +207,7 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
                 await world.stop()
             for account in ids:
                 try:
-                    await delete_queues(account, shards, broker_url)
+                    await delete_queues(broker_url, account, shards)
                 except Exception:
                     if broker_url == BROKER_URL:
                         raise  # (a private node may be down already when a fault test failed)
@@ -321,7 +219,7 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
 async def _add_catalog(world: World, preferences: int) -> None:
     """The account's preference rows in the (already seeded) Dynamics org, as an administrator
     would add them: the same dotdigital ids as the first account's, under this account."""
-    async with DataverseClient(config=world.config.account(world.account).dynamics) as client:
+    async with world.dataverse() as client:
         for node in seeding.preference_tree(preferences, SEED):
             await client.create("psync_marketingpreferences", {
                 "psync_name": node.name, "psync_publicname": node.name,

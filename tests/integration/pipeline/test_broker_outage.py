@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,18 +23,13 @@ import aiohttp
 import pytest
 
 from common.messaging.topology import Topology
-from tests.harness.private_services import (
-    PrivateRabbitMQ,
-    free_port,
-    private_rabbitmq,
-    rabbitmq_available,
-)
+from tests.harness.private_services import PrivateRabbitMQ, free_port, private_rabbitmq
+from tests.harness.unavailable import needs_rabbitmq_server
 
 from .conftest import ALL_SERVICES, World, make_world
 from .test_crash import count_calls, wait_for_calls
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow,
-              pytest.mark.skipif(not rabbitmq_available(), reason="needs rabbitmq-server")]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, needs_rabbitmq_server]
 
 Edit = tuple[str, int, bool]
 OUTAGE_S = 10.0
@@ -104,16 +98,7 @@ async def dead_letters(node: PrivateRabbitMQ, account: str) -> int:
 
 async def survive(tmp_path: Path, fault: Callable[[PrivateRabbitMQ, World, dict[str, int]],
                                                   Awaitable[list[Edit]]]) -> None:
-    # not under pytest's base folder: a concurrent session may reset its mode to 0700, which
-    # locks the node's own user out
-    with tempfile.TemporaryDirectory(prefix="prefsync-rabbitmq-") as root:
-        await _survive(Path(root), tmp_path, fault)
-
-
-async def _survive(root: Path, tmp_path: Path,
-                   fault: Callable[[PrivateRabbitMQ, World, dict[str, int]],
-                                   Awaitable[list[Edit]]]) -> None:
-    async with private_rabbitmq(root) as node, \
+    async with private_rabbitmq() as node, \
             make_world(tmp_path, broker_url=node.url) as world:
         ports = {service: free_port() for service in ALL_SERVICES}
         for service in ALL_SERVICES:

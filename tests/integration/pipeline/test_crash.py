@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ALL_SERVICES, World, make_world
+from .conftest import World, make_world
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -34,8 +34,7 @@ async def count_calls(world: World, side: str, prefix: str) -> int:
 
 async def crash_and_recover(world: World, victim: str,
                             hold: Callable[[], Awaitable[None]], prefix: tuple[str, str]) -> None:
-    for service in ALL_SERVICES:
-        await world.spawn(service)
+    await world.spawn_all()
     await world.sync(timeout_s=120)
     edits = []
     for i, person in enumerate(world.people[:24]):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,22 +25,24 @@ from services.cli.sync_now import _trigger
 from services.ec_poller import service as ec_poller
 from services.ec_poller.service import EcPoller, Seen, leaf_preference_ids
 
-from ..rules.conftest import synced, vendors
-from .conftest import ALL_SERVICES, World, make_world
+from ..rules.conftest import Vendors, synced, vendors
+from .conftest import World, make_world
 
 pytestmark = pytest.mark.anyio
 
 
-async def restart(world: World, service: str, *, failpoints: str = "") -> None:
-    process = world.processes[service]
-    if process.returncode is None:
+async def sync_through_a_crash(world: World, service: str, failpoint: str) -> None:
+    """A sync during which ``service`` (started again if it runs) dies at ``failpoint``; it is
+    started again and the run, left pending, is taken up by the new process."""
+    process = world.processes.get(service)
+    if process is not None and process.returncode is None:
         process.kill()
         await process.wait()
-    await world.spawn(service, failpoints=failpoints)
-
-
-async def dies_at_failpoint(world: World, service: str) -> None:
+    await world.spawn(service, failpoints=failpoint)
+    run = asyncio.create_task(world.sync(timeout_s=180))
     assert await asyncio.wait_for(world.processes[service].wait(), timeout=120) == 137
+    await world.spawn(service)
+    await run
 
 
 async def until_values(world: World, email: str, preference_id: int, wanted: bool,
@@ -57,12 +61,18 @@ async def tracked_sync(world: World) -> RunTracker:
     return trackers["run"]
 
 
+@asynccontextmanager
+async def synced_world(tmp_path: Path) -> AsyncIterator[tuple[World, Vendors]]:
+    """A world with every service as a process of its own, synced once; and its vendors."""
+    async with make_world(tmp_path) as world, vendors(world) as org:
+        await world.spawn_all()
+        await synced(world)
+        yield world, org
+
+
 @pytest.mark.slow
 async def test_newly_eligible_record_is_followed_up_after_a_crash(tmp_path: Path) -> None:
-    async with make_world(tmp_path) as world, vendors(world) as org:
-        for service in ALL_SERVICES:
-            await world.spawn(service)
-        await synced(world)
+    async with synced_world(tmp_path) as (world, org):
         # A record in no email-activated list, with a preference set on each side: both read,
         # neither synced.
         email = "late-joiner@example.com"
@@ -76,12 +86,8 @@ async def test_newly_eligible_record_is_followed_up_after_a_crash(tmp_path: Path
 
         # It joins a list; the poller dies as soon as it is marked eligible.
         await org.add_to_list("contact", contact)
-        await restart(world, "dynamics-poller",
-                      failpoints="dynamics-poller.after-mark-eligible")
-        run = asyncio.create_task(world.sync(timeout_s=180))
-        await dies_at_failpoint(world, "dynamics-poller")
-        await world.spawn("dynamics-poller")
-        await run  # the run left pending, taken up by the new process
+        await sync_through_a_crash(world, "dynamics-poller",
+                                   "dynamics-poller.after-mark-eligible")
         await synced(world)
         assert await world.values(email, from_dynamics.id) == ({True}, True)
         assert await world.values(email, from_dotdigital.id) == ({False}, False)
@@ -89,10 +95,7 @@ async def test_newly_eligible_record_is_followed_up_after_a_crash(tmp_path: Path
 
 @pytest.mark.slow
 async def test_a_failed_run_is_retried_without_a_new_trigger(tmp_path: Path) -> None:
-    async with make_world(tmp_path) as world:
-        for service in ALL_SERVICES:
-            await world.spawn(service)
-        await synced(world)
+    async with synced_world(tmp_path) as (world, _):
         person, preference = world.people[0], world.preferences[0]
         _, before = await world.values(person.email, preference.id)
         wanted = not before if before is not None else True
@@ -125,11 +128,7 @@ async def test_read_markers_owed_at_a_crash_are_published(tmp_path: Path) -> Non
         for service in ("dynamics-poller", "reconciler", "writer"):
             await world.spawn(service)
         # The ec-poller dies after the first feed's end checkpoint, before its markers.
-        await world.spawn("ec-poller", failpoints="ec-poller.after-checkpoint")
-        run = asyncio.create_task(world.sync(timeout_s=180))
-        await dies_at_failpoint(world, "ec-poller")
-        await world.spawn("ec-poller")
-        await run
+        await sync_through_a_crash(world, "ec-poller", "ec-poller.after-checkpoint")
         await synced(world)
         assert await world.values(email, first) == ({True}, True)
 
@@ -193,10 +192,7 @@ async def test_an_overlap_beyond_the_kept_ids_is_checked_against_the_ledger(
 
 @pytest.mark.slow
 async def test_an_email_change_seen_before_a_crash_is_still_followed(tmp_path: Path) -> None:
-    async with make_world(tmp_path) as world, vendors(world) as org:
-        for service in ALL_SERVICES:
-            await world.spawn(service)
-        await synced(world)
+    async with synced_world(tmp_path) as (world, org):
         # A contact moves to an email dotdigital knows with other values; in the same run a
         # record joins a list, and the poller dies once it is marked (after the directory read
         # that saw the move: the directory's cursor is past it).
@@ -217,12 +213,8 @@ async def test_an_email_change_seen_before_a_crash_is_still_followed(tmp_path: P
         await world.set_clock("dynamics", {})
         joiner = await org.create_record("contact", "joins.now@example.com")
         await org.add_to_list("contact", joiner)
-        await restart(world, "dynamics-poller",
-                      failpoints="dynamics-poller.after-mark-eligible")
-        run = asyncio.create_task(world.sync(timeout_s=180))
-        await dies_at_failpoint(world, "dynamics-poller")
-        await world.spawn("dynamics-poller")
-        await run
+        await sync_through_a_crash(world, "dynamics-poller",
+                                   "dynamics-poller.after-mark-eligible")
         await synced(world)
         # the record got the new email's values: the move was followed after the crash
         assert (await org.record_values(new_email))[record] == theirs

@@ -133,8 +133,7 @@ async def test_resubscribed_contact_writes_survive_a_crash_before_they_are_publi
         wanted = not before if before is not None else False
 
         async def set_status(status: str) -> None:
-            await world.post(f"{world.dd_url}/_sim/dotdigital/edit", {
-                "account": world.dd_account, "email": person.email, "status": status})
+            await world.set_status(person.email, status)
 
         async def suppressed() -> bool:
             async with open_store(world.config.store.url) as store:

@@ -5,19 +5,21 @@ once it is back."""
 from __future__ import annotations
 
 import asyncio
-import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.harness.private_services import (
-    postgres_available,
+    PrivatePostgres,
+    PrivateRabbitMQ,
     private_postgres,
     private_rabbitmq,
-    rabbitmq_available,
 )
+from tests.harness.unavailable import needs_postgres_server, needs_rabbitmq_server
 
-from .conftest import make_world, make_worlds
+from .conftest import World, make_world, make_worlds
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -30,30 +32,30 @@ async def assert_still_waiting(process: asyncio.subprocess.Process) -> None:
         await asyncio.wait_for(asyncio.shield(process.wait()), timeout=GIVES_UP_WITHIN_S)
 
 
-@pytest.mark.skipif(not rabbitmq_available(), reason="needs rabbitmq-server")
-async def test_a_service_started_while_the_broker_is_down_comes_up_once_it_is_back(
-        tmp_path: Path) -> None:
-    # not under pytest's base folder (see test_broker_outage.survive)
-    with tempfile.TemporaryDirectory(prefix="prefsync-rabbitmq-") as root:
-        async with private_rabbitmq(Path(root)) as node, \
+@asynccontextmanager
+async def world_on_private(dependency: str, tmp_path: Path
+                           ) -> AsyncIterator[tuple[PrivateRabbitMQ | PrivatePostgres, World]]:
+    """A world whose broker or ledger database (``dependency``) is a private one, and that."""
+    if dependency == "broker":
+        async with private_rabbitmq() as node, \
                 make_world(tmp_path, broker_url=node.url) as world:
-            await node.stop()
-            process = await world.spawn("writer", wait=False)
-            await assert_still_waiting(process)
-            await node.start()
-            await world.wait_consuming("writer", process)
-            assert process.returncode is None
+            yield node, world
+        return
+    async with private_postgres() as cluster, \
+            make_worlds(tmp_path, store_url=cluster.url) as (world,):
+        yield cluster, world
 
 
-@pytest.mark.skipif(not postgres_available(), reason="needs PostgreSQL's initdb and pg_ctl")
-async def test_a_service_started_while_postgresql_is_down_comes_up_once_it_is_back(
-        tmp_path: Path) -> None:
-    (tmp_path / "world").mkdir()
-    async with private_postgres(tmp_path / "postgres") as cluster, \
-            make_worlds(tmp_path / "world", store_url=cluster.url) as (world,):
-        await cluster.stop()
-        process = await world.spawn("reconciler", wait=False)
+@pytest.mark.parametrize(("dependency", "service"), [
+    pytest.param("broker", "writer", marks=needs_rabbitmq_server),
+    pytest.param("postgresql", "reconciler", marks=needs_postgres_server),
+])
+async def test_a_service_started_while_its_dependency_is_down_comes_up_once_it_is_back(
+        tmp_path: Path, dependency: str, service: str) -> None:
+    async with world_on_private(dependency, tmp_path) as (server, world):
+        await server.stop()
+        process = await world.spawn(service, wait=False)
         await assert_still_waiting(process)
-        await cluster.start()
-        await world.wait_consuming("reconciler", process)
+        await server.start()
+        await world.wait_consuming(service, process)
         assert process.returncode is None

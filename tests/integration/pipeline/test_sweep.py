@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,8 +15,8 @@ import pytest
 
 from common.config import ConfigError, SweepConfig, load_config
 from common.domain import ContactState, KeyState, Known, PerSide, PreferenceKey, Register
-from common.messaging.amqp import Outgoing
 from common.messaging.envelope import WriteCommand, decode
+from common.messaging.publishing import CapturingPublisher
 from common.messaging.topology import WRITES_EXCHANGE, Topology, shard_of
 from common.ops.metrics import REGISTRY
 from common.store import LedgerStore, open_store
@@ -38,21 +38,9 @@ GRACE_S = 120.0
 INTERVAL_S = 300.0
 
 
-class Recorder:
-    """A publisher that keeps what it was given (as the broker would have confirmed it)."""
-
-    def __init__(self) -> None:
-        self.sent: list[Outgoing] = []
-
-    async def publish_many(self, items: Sequence[Outgoing]) -> None:
-        self.sent.extend(items)
-
-    def commands(self) -> list[WriteCommand]:
-        out = []
-        for item in self.sent:
-            out += [c for c in decode(item.body).changes
-                    if isinstance(c, WriteCommand)]
-        return out
+def commands(published: CapturingPublisher) -> list[WriteCommand]:
+    return [c for item in published.items for c in decode(item.body).changes
+            if isinstance(c, WriteCommand)]
 
 
 def key(email: str) -> PreferenceKey:
@@ -75,7 +63,7 @@ async def ledger(backend: str, tmp_path: Path) -> AsyncIterator[LedgerStore]:
         yield store
 
 
-def sweeper(store: LedgerStore, publisher: Recorder, *, holder: str = "a",
+def sweeper(store: LedgerStore, publisher: CapturingPublisher, *, holder: str = "a",
             after_s: Callable[[], float] = lambda: 0.0) -> OutstandingSweep:
     """A sweep whose clock runs ``after_s()`` seconds ahead of the real one (the index's ages
     are taken from the real clock when states are saved)."""
@@ -93,17 +81,17 @@ async def test_a_write_still_outstanding_after_the_grace_period_is_published_aga
         ann, bob = key("ann@example.com"), key("bob@example.com")
         await store.save([(None, waiting_for(ann, dotdigital=True), None),
                           (None, waiting_for(bob, dotdigital=False), None)])  # bob: in step
-        recorder, clock = Recorder(), [0.0]
+        recorder, clock = CapturingPublisher(), [0.0]
         sweep = sweeper(store, recorder, after_s=lambda: clock[0])
         report = await sweep.sweep()
-        assert (report.outstanding, report.published, recorder.sent) == (0, 0, [])  # in grace
+        assert (report.outstanding, report.published, recorder.items) == (0, 0, [])  # in grace
         clock[0] = GRACE_S + 1
         report = await sweep.sweep()
         assert (report.outstanding, report.swept, report.published) == (1, True, 1)
-        [command] = recorder.commands()
+        [command] = commands(recorder)
         assert (command.email, command.preference_id, command.side, command.opted_in,
                 command.origin_time) == (ann.email, PREF, "dotdigital", False, T)
-        [first] = recorder.sent
+        [first] = recorder.items
         assert (first.exchange, first.routing_key) == (
             WRITES_EXCHANGE, Topology.writes_key("acme", "dotdigital",
                                                  shard_of(ann.email, SHARDS)))
@@ -112,7 +100,7 @@ async def test_a_write_still_outstanding_after_the_grace_period_is_published_aga
         assert (await sweep.sweep()).published == 0
         clock[0] = GRACE_S + 1 + INTERVAL_S + 1
         assert (await sweep.sweep()).published == 1
-        assert [o.message_id for o in recorder.sent] == [first.message_id] * 2
+        assert [o.message_id for o in recorder.items] == [first.message_id] * 2
         # the write landed: nothing outstanding any more
         await store.save([(1, waiting_for(ann, dotdigital=False), None)])
         clock[0] = 10 * INTERVAL_S
@@ -138,10 +126,10 @@ async def test_suppressed_contacts_are_left_alone_and_unread_dotdigital_waits(
             (datetime.now(UTC) + timedelta(seconds=1)).isoformat())
         if shard_of(bob.email, SHARDS) == shard_of(carl.email, SHARDS):
             pytest.fail("the test needs bob and carl in different shards")
-        recorder = Recorder()
+        recorder = CapturingPublisher()
         report = await sweeper(store, recorder, after_s=lambda: GRACE_S + 1).sweep()
         assert report.outstanding == 2  # ann's write is parked on purpose
-        [command] = recorder.commands()
+        [command] = commands(recorder)
         assert (command.email, command.side, command.covered) == (carl.email, "dotdigital", True)
         # bob's write waits for the complete read of his preference, like the reconciler's
         assert report.deferred == 1
@@ -152,12 +140,12 @@ async def test_suppressed_contacts_are_left_alone_and_unread_dotdigital_waits(
 async def test_one_replica_sweeps_an_account_at_a_time(backend: str, tmp_path: Path) -> None:
     async with ledger(backend, tmp_path) as store:
         await store.save([(None, waiting_for(key("ann@example.com"), dotdigital=True), None)])
-        first, second = Recorder(), Recorder()
+        first, second = CapturingPublisher(), CapturingPublisher()
         late = GRACE_S + 1
         assert (await sweeper(store, first, holder="a", after_s=lambda: late).sweep()).swept
         report = await sweeper(store, second, holder="b", after_s=lambda: late).sweep()
-        assert (report.outstanding, report.swept, second.sent) == (1, False, [])
-        assert len(first.sent) == 1
+        assert (report.outstanding, report.swept, second.items) == (1, False, [])
+        assert len(first.items) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -172,7 +160,7 @@ async def test_a_key_found_settled_leaves_the_index(backend: str, tmp_path: Path
                 await db.execute("INSERT INTO outstanding_keys (account, email, preference_id, "
                                  "revision, opted_in, origin_time, since, due_at, sweeps) "
                                  "VALUES ('acme', ?, ?, 1, 0, 0, 0, 0, 0)", (email, PREF))
-        recorder = Recorder()
+        recorder = CapturingPublisher()
         report = await sweeper(store, recorder, after_s=lambda: GRACE_S + 1).sweep()
         assert (report.outstanding, report.published, report.settled) == (2, 0, 2)
         report = await sweeper(store, recorder, after_s=lambda: GRACE_S + 1).sweep()

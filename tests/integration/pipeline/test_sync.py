@@ -38,51 +38,39 @@ async def test_first_sync_converges_both_sides(world: World) -> None:
                         person.email, preference.id)
 
 
-async def test_dynamics_change_reaches_dotdigital(world: World) -> None:
+@pytest.mark.parametrize(("side", "other", "person", "preference", "when_unset"), [
+    ("dynamics", "dotdigital", 3, 0, True),
+    ("dotdigital", "dynamics", 5, 1, False),
+])
+async def test_a_change_on_one_side_reaches_the_other(world: World, side: str, other: str,
+                                                      person: int, preference: int,
+                                                      when_unset: bool) -> None:
     await world.start()
     await converge(world)
-    person, preference = world.people[3], world.preferences[0]
-    _, before = await world.values(person.email, preference.id)
-    wanted = not before if before is not None else True
-    await world.edit_dynamics(person.email, preference.id, wanted)
+    email, preference_id = world.people[person].email, world.preferences[preference].id
+    _, before = await world.values(email, preference_id)
+    wanted = not before if before is not None else when_unset
+    await world.edit(side, email, preference_id, wanted)
     summary = await world.sync()
-    assert summary["applied_to_dotdigital"] >= 1, summary
-    assert await world.values(person.email, preference.id) == ({wanted}, wanted)
-
-
-async def test_dotdigital_change_reaches_dynamics(world: World) -> None:
-    await world.start()
-    await converge(world)
-    person, preference = world.people[5], world.preferences[1]
-    _, before = await world.values(person.email, preference.id)
-    wanted = not before if before is not None else False
-    await world.edit_dotdigital(person.email, preference.id, wanted)
-    summary = await world.sync()
-    assert summary["applied_to_dynamics"] >= 1, summary
-    assert await world.values(person.email, preference.id) == ({wanted}, wanted)
+    assert summary[f"applied_to_{other}"] >= 1, summary
+    assert await world.values(email, preference_id) == ({wanted}, wanted)
 
 
 async def test_both_changed_the_newer_wins(world: World) -> None:
     await world.start()
     await converge(world)
-    person, preference = world.people[7], world.preferences[0]
-    # Dynamics changes first; dotdigital's change is ten seconds later: made with its clock
-    # ten seconds on, then put back (a clock still ahead when prefsync measures it is
-    # corrected for, see test_clock.py).
-    await world.edit_dynamics(person.email, preference.id, True)
-    await world.set_clock("dotdigital", {"offset_s": 10})
-    await world.edit_dotdigital(person.email, preference.id, False)
-    await world.set_clock("dotdigital", {})
-    await world.sync()
-    assert await world.values(person.email, preference.id) == ({False}, False)
-    # And the other way round, on another preference: Dynamics is now the later one.
-    other = world.preferences[1]
-    await world.edit_dotdigital(person.email, other.id, False)
-    await world.set_clock("dynamics", {"offset_s": 10})
-    await world.edit_dynamics(person.email, other.id, True)
-    await world.set_clock("dynamics", {})
-    await world.sync()
-    assert await world.values(person.email, other.id) == ({True}, True)
+    email = world.people[7].email
+    # Dynamics changes first, then dotdigital; and the other way round on another preference.
+    cases = (("dynamics", "dotdigital", False), ("dotdigital", "dynamics", True))
+    for (first, later, wanted), preference in zip(cases, world.preferences, strict=False):
+        await world.edit(first, email, preference.id, not wanted)
+        # ten seconds later: made with its clock ten seconds on, then put back (a clock still
+        # ahead when prefsync measures it is corrected for, see test_clock.py)
+        await world.set_clock(later, {"offset_s": 10})
+        await world.edit(later, email, preference.id, wanted)
+        await world.set_clock(later, {})
+        await world.sync()
+        assert await world.values(email, preference.id) == ({wanted}, wanted), later
 
 
 @pytest.mark.parametrize("dynamics_value", [True, False])

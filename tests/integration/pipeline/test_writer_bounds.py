@@ -34,9 +34,10 @@ from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished
 from common.vendors.dotdigital.feed import EPOCH
 from services.writer.dotdigital import READ_WAIT_S, DotdigitalSink, reconciler_read_mark
 from services.writer.pipeline import Writer
+from tests.harness.world import delete_queues
 from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
 
-from .conftest import BROKER_URL, delete_queues
+from .conftest import BROKER_URL
 
 pytestmark = [pytest.mark.anyio]
 
@@ -131,7 +132,7 @@ async def bench(tmp_path: Path, *, sim_kwargs: dict[str, Any] | None = None,
                                 emails=[e.lower() for e in seeded["emails"][:3]],
                                 preference=int(seeded["preferences"][0]))
                 finally:
-                    await delete_queues(account, 1)
+                    await delete_queues(BROKER_URL, account, 1)
 
 
 async def test_writes_of_a_preference_not_read_yet_are_deferred_not_held(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ALL_SERVICES, make_world
+from .conftest import make_world
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -22,8 +22,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 async def test_writer_killed_at_a_failpoint_neither_loses_nor_repeats_a_write(
         tmp_path: Path, failpoint: str, side: str) -> None:
     async with make_world(tmp_path, records=24) as world:
-        for service in ALL_SERVICES:
-            await world.spawn(service)
+        await world.spawn_all()
         await world.sync(timeout_s=120)
         # Changes on the other side, so that the writes go to ``side``; opt-outs among them.
         edits: list[tuple[str, int, bool]] = []

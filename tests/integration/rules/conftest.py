@@ -100,9 +100,7 @@ class Vendors:
 
     # --- dotdigital --------------------------------------------------------------------------
     async def set_status(self, email: str, status: str) -> None:
-        await self.world.post(f"{self.world.dd_url}/_sim/dotdigital/edit",
-                              {"account": self.world.dd_account, "email": email,
-                               "status": status})
+        await self.world.set_status(email, status)
 
 
 @asynccontextmanager

@@ -14,7 +14,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
-import pytest
+
+from tests.harness.unavailable import unavailable
 
 POSTGRES_URL = os.environ.get("PREFSYNC_TEST_POSTGRES_URL",
                               "postgresql://root@127.0.0.1:5432/test")
@@ -27,10 +28,7 @@ async def postgres_schema() -> AsyncIterator[str]:
     try:
         admin = await asyncpg.connect(POSTGRES_URL, timeout=10)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        message = f"PostgreSQL is not reachable ({type(exc).__name__}: {exc})"
-        if os.environ.get("PREFSYNC_CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"PostgreSQL is not reachable ({type(exc).__name__}: {exc})")
     schema = f"prefsync_test_{secrets.token_hex(6)}"
     try:
         await admin.execute(f"CREATE SCHEMA {schema}")
