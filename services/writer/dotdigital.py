@@ -42,13 +42,14 @@ from common.vendors.base import TransportError, VendorError
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedFollower, FeedPosition, opt_ins_source
 from common.vendors.dotdigital.models import ImportContact
-from services.writer.plans import choose_plan, first_poll, learned_duration
+from services.writer.plans import MIN_FIRST_POLL_S, choose_plan, first_poll, learned_duration
 from services.writer.sink import ClockNotes, Commands, Failure, TransientWriteError, WriteOutcome
 
 log = logging.getLogger("prefsync.writer")
 
-# What an import is expected to take until one is timed (services.writer.plans, rule 4).
-EXPECTED_IMPORT_S = 1.0
+# What an import is expected to take until one is timed (services.writer.plans, rule 4): its
+# first poll is early, and the polls back off from there.
+EXPECTED_IMPORT_S = MIN_FIRST_POLL_S
 # How long a dotdigital batch waits for the ec-poller to finish a read of a preference's feed
 # that is under way (a first read is not waited for: its commands are deferred); then the batch
 # fails transiently. Well inside RabbitMQ's consumer_timeout (30 min).
