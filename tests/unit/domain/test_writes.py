@@ -24,6 +24,7 @@ from common.domain import (
     settle,
     writer_should_apply,
 )
+from common.domain.sides import Side
 from common.domain.writes import IN_FLIGHT_LIMIT, MAX_WRITE_RECORDS
 from tests.unit.domain.builders import KEY, at, obs
 
@@ -323,7 +324,7 @@ def test_a_change_read_after_our_write_window_is_what_the_side_holds() -> None:
        length_ms=st.one_of(st.none(), st.integers(0, 10**7)),
        side=st.sampled_from(["dynamics", "dotdigital"]))
 def test_a_change_is_in_a_write_window_between_its_floored_start_and_its_end(
-        start_ms: int, stamp_ms: int, length_ms: int | None, side: str) -> None:
+        start_ms: int, stamp_ms: int, length_ms: int | None, side: Side) -> None:
     start = at(0) + timedelta(milliseconds=start_ms, microseconds=start_ms % 997)
     end = None if length_ms is None else start + timedelta(milliseconds=length_ms)
     stamp = at(0) + timedelta(milliseconds=stamp_ms)
