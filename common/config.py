@@ -153,6 +153,14 @@ class SweepConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WriterConfig:
+    """The writer's write rounds (services.writer.rounds): how long a round waits, after its
+    first batch, for the other shards' batches to join it."""
+
+    linger_ms: int = 250
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     broker: BrokerConfig
     store: StoreConfig
@@ -160,6 +168,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    writer: WriterConfig = field(default_factory=WriterConfig)
     source: str = "<memory>"
 
     def account(self, account_id: str) -> AccountConfig:
@@ -197,6 +206,7 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
         raise ConfigError("store.url", f"unsupported scheme in {store_url!r} (sqlite:// or postgresql://)")
     metrics = reader.optional_table("metrics")
     sweep = reader.optional_table("sweep")
+    writer = reader.optional_table("writer")
     accounts = tuple(_account(a, env) for a in reader.tables("accounts"))
     if not accounts:
         raise ConfigError("accounts", "at least one [[accounts]] entry is required")
@@ -224,6 +234,9 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
             interval_s=sweep.number("interval_s", default=300.0, minimum=0.1),
             grace_s=sweep.number("grace_s", default=120.0, minimum=0.0),
         ) if sweep else SweepConfig(),
+        writer=WriterConfig(
+            linger_ms=writer.integer("linger_ms", default=250, minimum=0, maximum=5000),
+        ) if writer else WriterConfig(),
         source=source,
     )
 

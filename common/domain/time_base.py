@@ -26,7 +26,11 @@ Rules:
    times twice; near a step, when it happened is known only so well) takes the hull of their
    offsets: its uncertainty covers every reading, so it ties with what it cannot be ordered
    against (and a tie never opts anyone in). Its epoch is then unknown (:data:`UNKNOWN_EPOCH`).
-5. A stamp later than the moment we read it (in the vendor's clock: our read time plus the
+6. A sample taken ``STALE_AGE`` (60 s) or more before the newest sample the estimate is made
+   of moves nothing (:attr:`Verdict.STALE`): it is a reading folded in late (one process's answers
+   recorded after another's newer ones, or a ``Date`` header kept from long ago), and the clock
+   may have stepped since; counted as a suspect it would help a step back that never happened.
+7. A stamp later than the moment we read it (in the vendor's clock: our read time plus the
    offset) plus a tolerance is not believed: the change is taken as made when we read it, and is
    flagged ``future_timestamp``.
 """
@@ -54,6 +58,8 @@ MIN_UNCERTAINTY_S = 0.001
 DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
 # Earlier estimates kept after steps (rule 3): older stamps are placed by the oldest.
 KEPT_EPOCHS = 4
+# A sample this much older than the newest one held is not the clock now (rule 6).
+STALE_AGE = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,6 +189,7 @@ class Verdict(StrEnum):
     AGREED = "agreed"
     SUSPECT = "suspect"
     STEP = "step"
+    STALE = "stale"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,9 +207,11 @@ class ClockState:
         return bool(self.suspects)
 
     def add(self, sample: OffsetSample) -> tuple[ClockState, Verdict]:
-        """The state after ``sample`` (rules 2 and 3), and what the sample did."""
+        """The state after ``sample`` (rules 2, 3 and 6), and what the sample did."""
         if self.estimate is None or not self.window:
             return ClockState(estimate=_estimate((sample,)), window=(sample,)), Verdict.FIRST
+        if sample.at <= max(s.at for s in self.window) - STALE_AGE:
+            return self, Verdict.STALE
         current = self.estimate
         if current.agrees_with(sample):
             window = _trimmed((*self.window, sample))
@@ -275,7 +284,7 @@ def _estimate(window: Sequence[OffsetSample]) -> ClockEstimate:
 def in_time_base(observation: Observation, *, estimate: ClockEstimate | None,
                  read_at: datetime, tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE
                  ) -> Observation:
-    """``observation`` placed in our time base (rules 4 and 5): ``read_at`` is when it was
+    """``observation`` placed in our time base (rules 4 and 7): ``read_at`` is when it was
     read, on our clock; ``estimate`` the side's clock (``None``: not measured, taken as ours)."""
     read_at = as_utc(read_at)
     if estimate is None:

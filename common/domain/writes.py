@@ -45,6 +45,25 @@ def _window_floor(moment: datetime, side: Side) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
+def in_write_window(moment: datetime, *, side: Side, start: datetime,
+                    end: datetime | None) -> bool:
+    """Whether a change ``side`` stamped at ``moment`` (its clock) lies in the window of one of
+    our writes, ``[start, end]`` on that side's clock: the one rule for telling our echo by its
+    time, in the ledger (:func:`find_echo`) and in the writer's read of dotdigital's feed.
+
+    1. The window starts at ``start`` floored to the side's resolution (Dataverse stamps whole
+       seconds, dotdigital milliseconds), so the side's own stamp of our write, made after
+       ``start``, is never before it.
+    2. It ends at ``end``, inclusive: a time the side's clock had not reached when it answered
+       the write (taken from the write's own answers).
+    3. A write still in flight (``end`` None: not confirmed, possibly a writer that stopped
+       mid-write) stops matching ``IN_FLIGHT_LIMIT`` after its start.
+    """
+    if moment < _window_floor(start, side):
+        return False
+    return moment <= (end if end is not None else start + IN_FLIGHT_LIMIT)
+
+
 def find_echo(state: KeyState, observation: Observation) -> WriteRecord | None:
     """The write of ours that ``observation`` reads back, if any.
 
@@ -61,12 +80,8 @@ def find_echo(state: KeyState, observation: Observation) -> WriteRecord | None:
             if record.produced_version == observation.version:
                 return record
             continue
-        if observation.origin_time < _window_floor(record.window_start, side):
-            continue
-        end = record.window_end
-        if end is None:
-            end = record.window_start + IN_FLIGHT_LIMIT
-        if observation.origin_time <= end:
+        if in_write_window(observation.origin_time, side=side, start=record.window_start,
+                           end=record.window_end):
             return record
     return None
 

@@ -174,12 +174,17 @@ class ClockReading:
 
 
 class ClockReadings:
-    """The newest clock readings a client took, until someone takes them (bounded)."""
+    """The newest clock readings a client took, until someone takes them (bounded). One
+    answer's reading counts once, however many reads it bounds (``time_before``)."""
 
     def __init__(self, *, keep: int = 8) -> None:
         self._readings: deque[ClockReading] = deque(maxlen=keep)
+        self._added: deque[ClockReading] = deque(maxlen=64)
 
     def add(self, reading: ClockReading) -> None:
+        if reading in self._added:
+            return
+        self._added.append(reading)
         self._readings.append(reading)
 
     def take(self) -> list[ClockReading]:

@@ -56,6 +56,7 @@ from services.runtime.triggers import RunCoordinator
 from services.writer.dotdigital import DotdigitalSink
 from services.writer.dynamics import DynamicsSink
 from services.writer.pipeline import Writer
+from services.writer.rounds import WriteRounds
 from services.writer.sink import Sink
 
 log = logging.getLogger("prefsync.runtime")
@@ -300,7 +301,10 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
             writer = Writer(account=account.id, sink=sink, store=store, publisher=publisher,
                             shards=shards, dead_letters=dead,
                             future_tolerance=timedelta(seconds=account.future_tolerance_s))
-            write = observed(writer.handle, METRICS.handled_counter(service="writer"))
+            # the shards' batches that arrive close together are written as one round
+            rounds = WriteRounds(write=writer.handle_round,
+                                 linger_s=config.writer.linger_ms / 1000, size=shards)
+            write = observed(rounds.handle, METRICS.handled_counter(service="writer"))
             for index in range(shards):
                 shard("writer", Topology.writes_queue(account.id, sink.side, index), write)
     return tasks

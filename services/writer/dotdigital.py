@@ -1,13 +1,21 @@
-"""The dotdigital sink: writes the commands' values to dotdigital's contacts.
+"""The dotdigital sink: writes the commands' values to dotdigital's contacts, a write round at a
+time (:mod:`services.writer.rounds`).
 
-1. First dotdigital's time: the write's window starts there, and the clock it tells is checked.
-2. Then the opt-ins-since feed of the affected preferences since the ec-poller's watermark: a
-   change a user made there since is folded in first. A preference the ec-poller has not read
-   in full yet has no watermark: its commands are deferred (as the reconciler defers its own),
-   and the reconciler sends them again once that read is reconciled; the batch is not held
-   meanwhile. A key no complete read covers is asked about contact by contact.
-3. Then one v3 import (or a preferences PUT for up to ``DIRECT_WRITE_LIMIT`` contacts), inside
-   that window of dotdigital's clock.
+1. First the opt-ins-since feed of the round's preferences since the ec-poller's watermark,
+   one read per preference for the whole round (never one per shard batch): a change a user
+   made there since is folded in first, so it is never overwritten unseen. That read is the
+   only one the round makes before it writes; nothing the pollers have read already would do
+   (a change made since their last read is exactly what it is for). A preference the ec-poller
+   has not read in full yet has no watermark: its commands are deferred (as the reconciler
+   defers its own), and the reconciler sends them again once that read is reconciled; the
+   round is not held meanwhile. A key no complete read covers is asked about contact by
+   contact.
+2. dotdigital's time is taken from the ``Date`` headers of the round's own answers, never from
+   extra calls: the write's window starts at a time its clock had passed before the read
+   began (``time_before``) and ends at one it had not reached when it answered the write
+   (``time_after``); the clock they tell is checked before what was read is placed.
+3. Then the plan that costs the fewest calls (:mod:`services.writer.plans`): a preferences PUT
+   per contact, or one v3 import polled until done, inside that window of dotdigital's clock.
 4. A suppressed contact, known before the write or learnt from it (the vendor refuses the
    write: ``ERROR_CONTACT_SUPPRESSED``, or an import failure for the contact), is
    ``suppressed``: the contact state is recorded, the command is not written and stays
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -33,12 +42,14 @@ from common.vendors.base import TransportError, VendorError
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedFollower, FeedPosition, opt_ins_source
 from common.vendors.dotdigital.models import ImportContact
+from services.writer.plans import MIN_FIRST_POLL_S, choose_plan, first_poll, learned_duration
 from services.writer.sink import ClockNotes, Commands, Failure, TransientWriteError, WriteOutcome
 
 log = logging.getLogger("prefsync.writer")
 
-# Up to this many contacts go through the preferences PUT (one call each); more use an import.
-DIRECT_WRITE_LIMIT = 2
+# What an import is expected to take until one is timed (services.writer.plans, rule 4): its
+# first poll is early, and the polls back off from there.
+EXPECTED_IMPORT_S = MIN_FIRST_POLL_S
 # How long a dotdigital batch waits for the ec-poller to finish a read of a preference's feed
 # that is under way (a first read is not waited for: its commands are deferred); then the batch
 # fails transiently. Well inside RabbitMQ's consumer_timeout (30 min).
@@ -109,6 +120,7 @@ class DotdigitalSink:
         self._read_wait_s = read_wait_s
         self._feed = FeedFollower(client=client)
         self._clock = ClockNotes(store=store, account=account, side="dotdigital")
+        self._expected_import_s = EXPECTED_IMPORT_S
 
     async def open(self, commands: Commands, outcome: WriteOutcome) -> DotdigitalBatch:
         watermarks = await self._watermarks(commands, outcome)
@@ -181,18 +193,21 @@ class DotdigitalSink:
     async def read_before_write(self, commands: Commands,
                                  watermarks: Mapping[int, datetime],
                                  outcome: WriteOutcome) -> datetime:
-        """Fold in dotdigital changes the ec-poller has not read yet, for these keys. Returns
-        dotdigital's time taken just before the reads: the write's window starts there, and
-        the clock it tells is checked before what is read is placed in our time base."""
+        """Fold in dotdigital changes the ec-poller has not read yet, for these keys (one feed
+        read per preference). Returns a dotdigital time before the reads, from their own
+        answers: the write's window starts there, and the clock those answers tell is checked
+        before what was read is placed in our time base."""
         by_preference: dict[int, set[str]] = defaultdict(set)
         for key in commands:
             by_preference[key.preference_id].add(key.email)
-        started = await self._client.server_time()
+        began = time.time()
+        found = {preference_id: await self._feed.entries(
+                     preference_id, since=watermarks[preference_id], emails=emails)
+                 for preference_id, emails in by_preference.items()}
+        started = await self._client.time_before(began)
         outcome.time_base = await self._clock.note(self._client, outcome.time_base)
-        for preference_id, emails in by_preference.items():
-            since = watermarks[preference_id]
-            found = await self._feed.entries(preference_id, since=since, emails=emails)
-            for email, entries in found.items():
+        for preference_id, by_email in found.items():
+            for email, entries in by_email.items():
                 for contact_id, opted_in, modified in entries:
                     outcome.observe(Observation(
                         key=PreferenceKey(account=self.account, email=email,
@@ -231,8 +246,11 @@ class DotdigitalSink:
             by_email[key.email][key.preference_id] = command.opted_in
         write = self._feed.writing(started=window_start, values=by_email)
         refused: dict[str, Failure] = {}
+        began = time.time()
         try:
-            direct = len(by_email) <= DIRECT_WRITE_LIMIT
+            plan = choose_plan(len(by_email), expected_import_s=self._expected_import_s,
+                               tree_fresh=self._client.tree_fresh)
+            direct = plan.kind == "put"
             to_import = {} if direct else dict(by_email)
             if direct:
                 for email, preferences in by_email.items():
@@ -248,15 +266,20 @@ class DotdigitalSink:
                         else:
                             refused[email] = Failure(reason=exc.message, code=exc.code)
             if to_import:
+                submitted, poll = time.monotonic(), first_poll(self._expected_import_s)
                 report = await self._client.run_import(
                     [ImportContact(email=email, preferences=prefs)
-                     for email, prefs in to_import.items()])
+                     for email, prefs in to_import.items()], first_poll_s=poll)
+                self._expected_import_s = learned_duration(
+                    self._expected_import_s, took_s=time.monotonic() - submitted,
+                    first_poll_s=poll)
                 for failure in report.failures:
                     if failure.email:
                         refused[failure.email.strip().lower()] = Failure(
                             reason="; ".join(failure.descriptions) or "import failure",
                             code=",".join(failure.codes))
-            window_end = await self._client.server_time()
+            # from the write's own answers: whatever it did is stamped before this
+            window_end = await self._client.time_after(began)
         except BaseException:
             self._feed.forget(write)  # what it wrote, if anything, is read back as unknown
             raise

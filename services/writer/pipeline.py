@@ -1,6 +1,7 @@
 """writer: applies write commands to one side, per account, through that side's sink.
 
-For each batch of commands from one shard queue, whatever the side:
+For each write round (the batches of the shard queues that arrived within the linger, gathered
+by :mod:`services.writer.rounds`), whatever the side:
 
 1. **dedupe**: the newest command per key wins (the last delivery carrying it owns it);
 2. **open**: the sink starts the batch (dotdigital may defer commands whose preference has not
@@ -101,6 +102,15 @@ class Writer:
     async def handle(self, batch: Sequence[Delivery]) -> Handled:
         """Write ``batch``; returns what became of its commands, counted, for metrics
         (:mod:`common.messaging.middleware`)."""
+        return (await self.handle_round([batch]))[0]
+
+    async def handle_round(self, batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
+        """Write the batches of several shards as one (a write round,
+        :mod:`services.writer.rounds`): one read, one plan and one commit for them all; what
+        became of each batch's commands, counted, in order. Each delivery keeps its own
+        outcome (dead letters, corrections, progress); shards hold distinct emails, so the
+        newest command per key is each shard's own."""
+        batch = [delivery for part in batches for delivery in part]
         owner, commands, covered = self._newest(batch)
         outcome = WriteOutcome(time_base=await load_time_base(
             self._store, account=self.account, tolerance=self._future_tolerance),
@@ -142,8 +152,16 @@ class Writer:
         await self._dead_letter_failures(batch, owner, commands, outcome)
         await self._publish_corrections(batch, owner, states, commands, outcome)
         counts = await self._report(batch, owner, commands, todo, outcome)
-        return Handled(account=self.account, side=self.side, counts=counts,
-                       futures=outcome.futures)
+        handled: list[Handled] = []
+        start = 0
+        for number, part in enumerate(batches):
+            handled.append(Handled(
+                account=self.account, side=self.side,
+                counts=sum((counts[i] for i in range(start, start + len(part)) if i in counts),
+                           Counter()),
+                futures=outcome.futures if number == 0 else ()))
+            start += len(part)
+        return handled
 
     def _newest(self, batch: Sequence[Delivery]
                 ) -> tuple[dict[PreferenceKey, int], Commands, set[PreferenceKey]]:
@@ -292,7 +310,8 @@ class Writer:
 
     async def _report(self, batch: Sequence[Delivery], owner: dict[PreferenceKey, int],
                       commands: Commands, todo: Commands, outcome: WriteOutcome
-                      ) -> Counter[str]:
+                      ) -> dict[int, Counter[str]]:
+        """Each delivery's commands counted by what became of them (by its index)."""
         counts: dict[int, Counter[str]] = defaultdict(Counter)
         for key in commands:
             index = owner[key]
@@ -324,5 +343,5 @@ class Writer:
             # Version conflicts: the fresh row is in the ledger and the write was re-issued.
             log.info("writes re-issued after a version conflict", extra={
                 "account": self.account, "side": self.side, "keys": len(outcome.retry)})
-        return sum(counts.values(), Counter())
+        return counts
 

@@ -1,8 +1,9 @@
 """What a writer sink is (one per vendor) and what it reports of a batch's write.
 
 :mod:`services.writer.pipeline` runs the steps every write goes through; a :class:`Sink` does
-what is particular to its vendor, for one batch at a time (:class:`SinkBatch`): read what the
-vendor holds before writing, say which commands it can take, write them, and report in a
+what is particular to its vendor, for one write round at a time (:class:`SinkBatch`: the
+commands of the shard batches gathered by :mod:`services.writer.rounds`): read what the vendor
+holds before writing, say which commands it can take, write them, and report in a
 :class:`WriteOutcome`.
 """
 

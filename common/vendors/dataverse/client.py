@@ -714,22 +714,30 @@ class DataverseClient(VendorClient):
     ) -> list[BatchResult]:
         """Run ``operations`` through ``$batch``; one :class:`BatchResult` per operation, in order.
 
-        At most 1000 operations go in one request; longer lists are sent as consecutive
-        batches, so a change set is atomic per 1000 operations. ``change_set=True`` makes each
-        batch one atomic change set (no GETs allowed); otherwise each operation stands alone
-        and, with ``continue_on_error``, a failure does not stop the rest. When a batch fails
-        without ``continue_on_error``, later batches are not sent (their results say 424).
-        A 429 for the whole batch waits as ``Retry-After`` says and is sent again.
+        At most 1000 operations go in one request (the documented limit); longer lists are
+        sent as several batches, so a change set is atomic per 1000 operations.
+        ``change_set=True`` makes each batch one atomic change set (no GETs allowed); otherwise
+        each operation stands alone and, with ``continue_on_error``, a failure does not stop
+        the rest: then the batches do not depend on one another and are sent side by side
+        (within the client's concurrency). When a batch fails without ``continue_on_error``,
+        later batches are not sent (their results say 424). A 429 for the whole batch waits as
+        ``Retry-After`` says and is sent again.
         """
         if not operations:
             return []
         numbered = self._number(operations)
         if change_set and any(op.method.upper() == "GET" for _, op in numbered):
             raise ValueError("GET operations are not allowed inside a change set")
+        chunks = [numbered[start:start + MAX_BATCH_PARTS]
+                  for start in range(0, len(numbered), MAX_BATCH_PARTS)]
+        if continue_on_error and len(chunks) > 1:
+            answers = await asyncio.gather(*(
+                self._batch_once(chunk, change_set=change_set, continue_on_error=True)
+                for chunk in chunks))
+            return [result for chunk_results, _ in answers for result in chunk_results]
         results: list[BatchResult] = []
         stopped: str | None = None
-        for start in range(0, len(numbered), MAX_BATCH_PARTS):
-            chunk = numbered[start:start + MAX_BATCH_PARTS]
+        for chunk in chunks:
             if stopped is not None:
                 results += [_not_applied(cid, stopped) for cid, _ in chunk]
                 continue

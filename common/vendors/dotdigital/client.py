@@ -295,6 +295,23 @@ class DotdigitalClient(VendorClient):
         return reading.vendor_time - timedelta(
             seconds=reading.resolution_s + reading.received - moment)
 
+    async def time_after(self, moment: float) -> datetime:
+        """A dotdigital time its clock had not reached when it answered the calls we received
+        answers to since our Unix time ``moment``: whatever those calls did is stamped
+        earlier. The end of a write's window, from the write's own answers (their ``Date``
+        headers: whole seconds, so one second later); one server-time call only when none
+        since ``moment`` is kept."""
+        readings = [r for r in self._answers if r.received >= moment]
+        if not readings:
+            readings = [await self._server_time_reading()]
+        return max(r.vendor_time + timedelta(seconds=r.resolution_s) for r in readings)
+
+    @property
+    def tree_fresh(self) -> bool:
+        """Whether the preference tree a preferences PUT needs is at hand (no call to read it)."""
+        return (self._tree_loaded_at is not None
+                and time.monotonic() - self._tree_loaded_at < _TREE_TTL_S)
+
     async def probe_clock(self) -> None:
         """Read the API's clock once more (one call), into ``clock_readings``."""
         await self.server_time()
@@ -384,9 +401,7 @@ class DotdigitalClient(VendorClient):
         return parse_contact_opt_ins(data)
 
     async def _parents_for(self, ids: Sequence[int]) -> dict[int, int]:
-        fresh = (self._tree_loaded_at is not None
-                 and time.monotonic() - self._tree_loaded_at < _TREE_TTL_S)
-        if not fresh or any(i not in self._tree_parents for i in ids):
+        if not self.tree_fresh or any(i not in self._tree_parents for i in ids):
             await self.preferences()
         return self._tree_parents
 

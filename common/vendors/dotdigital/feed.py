@@ -12,24 +12,29 @@ feed holds every write this writer made since, so a backfill of N states reads o
 N^2 / batch entries.
 
 The follower reads, per preference, only what is new since its previous read: each read starts
-at a dotdigital time observed before the previous read began (the feed is inclusive, so nothing
-changed during a read is skipped next time). What it saw that was not one of this process's own
-writes (told apart by contact, value and the window of dotdigital's clock the write ran in) it
-keeps, so a later batch with that key still sees it. When the watermark moves (the ec-poller read
-the feed again), it starts again from there. If it would keep more than ``max_kept`` entries of
-one preference (another process writing the same account, or a restart in the middle of a
-backfill), it stops keeping and reads from the watermark every time, as before.
+at a dotdigital time its clock had passed before the previous read began, taken from that read's
+own answer (``DotdigitalClient.time_before``: no call for the clock; the feed is inclusive, so
+nothing changed during a read is skipped next time). What it saw that was not one of this
+process's own writes (told apart by contact, value and the window of dotdigital's clock the
+write ran in, :func:`common.domain.in_write_window`) it keeps, so a later batch with that key
+still sees it. When the watermark moves (the ec-poller read the feed again), it starts again
+from there. If it would keep more than ``max_kept`` entries of one preference (another process
+writing the same account, or a restart in the middle of a backfill), it stops keeping and reads
+from the watermark every time, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from common.domain import in_write_window
 
 # opt_ins_source: imported from here by the writer too
 from common.store.checkpoints import Checkpoint, Codec
@@ -133,17 +138,9 @@ class FeedFollower:
         self._max_kept = max_kept
         self._feeds: dict[int, _Feed] = {}
         self._writes: list[Write] = []
-        # the latest dotdigital time seen (a read may start there: it was before the read)
-        self._clock: datetime | None = None
-
-    def saw_time(self, moment: datetime) -> None:
-        """A dotdigital server time the caller just read."""
-        if self._clock is None or moment > self._clock:
-            self._clock = moment
 
     def writing(self, *, started: datetime, values: Mapping[str, Mapping[int, bool]]) -> Write:
         """A write is about to be sent (``started``: dotdigital's time before it)."""
-        self.saw_time(started)
         write = Write(started=started, values=values)
         self._writes.append(write)
         return write
@@ -151,7 +148,6 @@ class FeedFollower:
     def written(self, write: Write, *, ended: datetime) -> None:
         """The write finished (``ended``: dotdigital's time after it)."""
         write.ended = ended
-        self.saw_time(ended)
 
     def forget(self, write: Write) -> None:
         """The write did not happen (it failed before dotdigital took it)."""
@@ -168,10 +164,7 @@ class FeedFollower:
         out: dict[str, list[Entry]] = {}
         async with feed.lock:
             start = feed.read_to if feed.keeping else feed.base
-            if self._clock is None:
-                self.saw_time(await self._client.server_time())
-            assert self._clock is not None
-            next_start = max(self._clock, start)
+            began = time.time()
             fresh: list[tuple[str, Entry]] = []
             async for page in self._client.iter_opt_ins_since(preference_id, start):
                 for item in page:
@@ -180,6 +173,8 @@ class FeedFollower:
                         if opt_in.preference_id == preference_id:
                             fresh.append((email, (item.contact.id, opt_in.is_opted_in,
                                                   opt_in.modified)))
+            # dotdigital's time before the read began, from the read's own answer
+            next_start = max(await self._client.time_before(began), start)
             for email, entry in fresh:
                 if email in emails:
                     out.setdefault(email, []).append(entry)
@@ -204,8 +199,8 @@ class FeedFollower:
         _, opted_in, modified = entry
         for write in self._writes:
             if (write.values.get(email, {}).get(preference_id) == opted_in
-                    and write.started <= modified
-                    and (write.ended is None or modified <= write.ended)):
+                    and in_write_window(modified, side="dotdigital", start=write.started,
+                                        end=write.ended)):
                 return True
         return False
 

@@ -43,6 +43,12 @@ def test_loads_the_documented_keys(tmp_path: Path) -> None:
     assert config.metrics.port == 9464
 
 
+def test_write_rounds_linger_a_quarter_second_unless_told(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, GOOD), env=ENV).writer.linger_ms == 250
+    edited = GOOD.replace('[store]\n', '[writer]\nlinger_ms = 0\n[store]\n')
+    assert load_config(write(tmp_path, edited), env=ENV).writer.linger_ms == 0
+
+
 def test_each_vendor_leaves_a_reserve_of_its_budget(tmp_path: Path) -> None:
     account = load_config(write(tmp_path, GOOD), env=ENV).account("acme")
     assert account.dotdigital.budget_reserve == account.dynamics.budget_reserve == 0.2
@@ -91,6 +97,10 @@ def test_secrets_never_print(tmp_path: Path) -> None:
         (lambda t: t.replace('password_env', 'calls_per_minute = 1\nbudget_reserve = 0.5\n'
                                              'password_env'),
          "accounts[0].dotdigital.budget_reserve", "leaves no call"),
+        (lambda t: t.replace('[store]\n', '[writer]\nlinger_ms = 5001\n[store]\n'),
+         "writer.linger_ms", "at most 5000"),
+        (lambda t: t.replace('[store]\n', '[writer]\nlinger_ms = -1\n[store]\n'),
+         "writer.linger_ms", "at least 0"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, edit, key: str, problem: str) -> None:  # type: ignore[no-untyped-def]

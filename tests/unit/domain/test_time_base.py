@@ -28,7 +28,7 @@ from common.domain import (
     whole_second,
 )
 from common.domain.clock import UNKNOWN_EPOCH
-from common.domain.time_base import STEP_AGREEMENT
+from common.domain.time_base import STALE_AGE, STEP_AGREEMENT
 from tests.unit.domain.builders import T0, at, examples, obs
 
 FAST = examples(100)
@@ -143,6 +143,24 @@ def test_suspects_that_disagree_with_each_other_are_no_step() -> None:
         state, verdict = state.add(exchange(rng, offset_s=wrong, start_s=10 + i,
                                             resolution_s=0.001, max_rtt_s=0.01))
         assert verdict is Verdict.SUSPECT and state.estimate == established
+
+
+@FAST
+@given(seed=st.integers(0, 2**32), offset=st.floats(-60, 60), wrong_by=st.floats(-3600, 3600),
+       late_s=st.floats(60.0, 7200.0), late=st.integers(1, 2 * STEP_AGREEMENT))
+def test_samples_a_minute_older_than_the_newest_move_nothing(
+        seed: int, offset: float, wrong_by: float, late_s: float, late: int) -> None:
+    rng = random.Random(seed)
+    state = feed([exchange(rng, offset_s=offset, start_s=7200 + i * 30.0, resolution_s=0.001)
+                  for i in range(4)])
+    newest = max(s.at for s in state.window)
+    for _ in range(late):
+        # a Date header read long ago, folded in now: even several agreeing make no step back
+        sample = exchange(rng, offset_s=offset + wrong_by, start_s=7200 + 90 - late_s - 1,
+                          resolution_s=1.0)
+        assert newest - sample.at >= STALE_AGE
+        after, verdict = state.add(sample)
+        assert verdict is Verdict.STALE and after == state
 
 
 def test_the_uncertainty_grows_with_the_estimates_age() -> None:

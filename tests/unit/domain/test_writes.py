@@ -6,6 +6,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from common.domain import (
     ContactState,
@@ -15,12 +17,14 @@ from common.domain import (
     abandon_write,
     begin_write,
     find_echo,
+    in_write_window,
     is_superseded,
     reconcile,
     record_write,
     settle,
     writer_should_apply,
 )
+from common.domain.sides import Side
 from common.domain.writes import IN_FLIGHT_LIMIT, MAX_WRITE_RECORDS
 from tests.unit.domain.builders import KEY, at, obs
 
@@ -314,3 +318,19 @@ def test_a_change_read_after_our_write_window_is_what_the_side_holds() -> None:
     known = s.known.get("dotdigital")
     assert known is not None and not known.opted_in   # landed after ours: no doubt
     assert "dotdigital" not in [c.side for c in settle(s)[1]]
+
+
+@given(start_ms=st.integers(0, 10**7), stamp_ms=st.integers(-10**6, 2 * 10**7),
+       length_ms=st.one_of(st.none(), st.integers(0, 10**7)),
+       side=st.sampled_from(["dynamics", "dotdigital"]))
+def test_a_change_is_in_a_write_window_between_its_floored_start_and_its_end(
+        start_ms: int, stamp_ms: int, length_ms: int | None, side: Side) -> None:
+    start = at(0) + timedelta(milliseconds=start_ms, microseconds=start_ms % 997)
+    end = None if length_ms is None else start + timedelta(milliseconds=length_ms)
+    stamp = at(0) + timedelta(milliseconds=stamp_ms)
+    resolution = timedelta(seconds=1) if side == "dynamics" else timedelta(milliseconds=1)
+    floor = at(0) + (start - at(0)) // resolution * resolution
+    last = end if end is not None else start + IN_FLIGHT_LIMIT
+    assert in_write_window(stamp, side=side, start=start, end=end) == (floor <= stamp <= last)
+    # the side's own stamp of our write, made at the window's start (at its resolution), is in
+    assert in_write_window(floor, side=side, start=start, end=end)

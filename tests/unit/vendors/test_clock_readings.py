@@ -175,3 +175,32 @@ async def test_with_no_answer_since_the_time_before_costs_one_server_time_call()
         watermark = await client.time_before(moment)
         assert before - timedelta(seconds=0.25) < watermark <= before + timedelta(seconds=0.25)
         assert (await sim.stats())["calls"][SERVER_TIME] == 1
+
+
+@pytest.mark.parametrize("latency_ms", [0, 1500])
+async def test_a_writes_window_ends_after_what_it_wrote_was_stamped(latency_ms: int) -> None:
+    """From the write's own answer: dotdigital stamped the change before it answered, so the
+    stamp is never after the end (a whole-second Date, plus that second); no server-time call."""
+    async with dotdigital_sim() as sim, DotdigitalClient(
+            config=dotdigital_config(sim.url)) as client:
+        seeded = await sim.seed(records=2, preferences=1, seed=5, account=DD_ACCOUNT)
+        email, preference = seeded["emails"][0], int(seeded["preferences"][0])
+        await sim.clock(offset_s=-30)
+        await client.preferences()  # the tree, read before the write began
+        await sim.faults(latency_ms={"PUT /v2/contacts/{id_or_email}/preferences": latency_ms})
+        began = time.time()
+        await client.update_contact_preferences(email, {preference: False})
+        end = await client.time_after(began)
+        stamped = (await client.subscriptions(email)).by_preference()[preference].modified
+        assert stamped <= end <= await sim_now(sim) + timedelta(seconds=1)
+        assert SERVER_TIME not in (await sim.stats())["calls"]
+
+
+async def test_an_answer_bounding_two_reads_is_one_clock_sample() -> None:
+    async with dotdigital_sim() as sim, DotdigitalClient(
+            config=dotdigital_config(sim.url)) as client:
+        await sim.seed(records=2, preferences=1, seed=5, account=DD_ACCOUNT)
+        moment = time.time()
+        await client.preferences()
+        assert await client.time_before(moment) == await client.time_before(moment)
+        assert len(client.clock_readings.take()) == 1

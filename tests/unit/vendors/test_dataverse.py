@@ -317,6 +317,21 @@ async def test_more_than_1000_operations_go_in_several_batches() -> None:
         assert events.statuses("POST /api/data/v9.2/$batch") == [200, 200]
 
 
+async def test_independent_batches_answer_in_order_and_one_failure_stops_none() -> None:
+    events = Events()
+    async with org(records=2700, events=events) as (client, _):
+        rows = (await all_rows(client, select=["contactid"]))[:2001]
+        assert len(rows) == 2001
+        ops = [BatchOperation.update("contacts", r["contactid"], {"donotbulkemail": True},
+                                     content_id=f"op-{i}") for i, r in enumerate(rows)]
+        ops[1500] = BatchOperation.update("contacts", "00000000-0000-0000-0000-000000000000",
+                                          {"donotbulkemail": True}, content_id="op-1500")
+        results = await client.batch(ops, change_set=False, continue_on_error=True)
+        assert [r.content_id for r in results] == [op.content_id for op in ops]
+        assert [i for i, r in enumerate(results) if not r.ok] == [1500]
+        assert events.statuses("POST /api/data/v9.2/$batch") == [200, 200, 200]
+
+
 async def test_throttling_waits_as_told_then_succeeds() -> None:
     events = Events()
     async with org(records=3, events=events) as (client, sim):

@@ -1,0 +1,117 @@
+"""Write rounds: the batches of a side's shard queues that arrive close together, written as one.
+
+Each shard queue's consumer hands the writer a batch and waits for it to be done before it
+takes the next (per-email order: an email always goes to the same shard). Written batch by
+batch, k small changes spread over the shards would cost a read and a write per shard; gathered,
+they cost one read and ``ceil(k / vendor batch size)`` writes (:mod:`services.writer.plans`).
+
+1. The first batch to arrive opens a round; the round takes every batch that arrives within
+   ``linger_s`` of it, or fewer when ``size`` batches (one per shard) are in it already.
+2. The round is written once (:meth:`services.writer.pipeline.Writer.handle_round`). Each
+   batch's call returns only when the whole round is committed in the ledger, so its consumer
+   acks only after the durable side effect; each batch gets its own outcome.
+3. A round that fails transiently (a dependency is down) fails each of its batches alike: each
+   consumer retries in place, and they meet again in a later round.
+4. A round of several batches that fails for another reason may have one bad message among
+   them: each batch is then written on its own, so the failure is found (and the message at
+   fault dead-lettered) by its own consumer, and the others go through.
+5. A round that is still lingering when the next arrives takes it; rounds being written do
+   not hold up the next one's linger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+
+from common.messaging.abc import Delivery
+from common.messaging.middleware import Handled
+from common.messaging.resilience import dependency_of
+
+RoundWriter = Callable[[Sequence[Sequence[Delivery]]], Awaitable[list[Handled]]]
+
+
+class _Round:
+    def __init__(self) -> None:
+        self.batches: list[Sequence[Delivery]] = []
+        self.results: list[asyncio.Future[Handled]] = []
+        self.full = asyncio.Event()
+
+
+class WriteRounds:
+    """Gathers one side's shard batches into write rounds (see the module's docstring)."""
+
+    def __init__(self, *, write: RoundWriter, linger_s: float, size: int) -> None:
+        if linger_s < 0 or size < 1:
+            raise ValueError("a round lingers zero seconds or more and takes at least a batch")
+        self._write = write
+        self._linger_s = linger_s
+        self._size = size
+        self._open: _Round | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def handle(self, batch: Sequence[Delivery]) -> Handled:
+        """Write ``batch`` in the round open now (or a new one); returns once it is done."""
+        loop = asyncio.get_running_loop()
+        current = self._open
+        if current is None:
+            current = self._open = _Round()
+            task = asyncio.create_task(self._run(current))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        result: asyncio.Future[Handled] = loop.create_future()
+        current.batches.append(batch)
+        current.results.append(result)
+        if len(current.batches) >= self._size:
+            current.full.set()
+        return await result
+
+    async def _run(self, current: _Round) -> None:
+        try:
+            if self._linger_s > 0:
+                # when the linger is over, the round takes what it has (rule 1)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(current.full.wait(), timeout=self._linger_s)
+        finally:
+            if self._open is current:
+                self._open = None
+        pairs = list(zip(current.batches, current.results, strict=True))
+        try:
+            handled = await self._write([batch for batch, _ in pairs])
+        except asyncio.CancelledError:
+            for _, result in pairs:
+                result.cancel()
+            raise
+        except Exception as exc:
+            if len(pairs) == 1 or dependency_of(exc) is not None:
+                for _, result in pairs:
+                    _settle(result, error=exc)  # rule 3
+                return
+            await asyncio.gather(*(self._alone(batch, result) for batch, result in pairs))
+            return
+        for (_, result), one in zip(pairs, handled, strict=True):
+            _settle(result, value=one)
+
+    async def _alone(self, batch: Sequence[Delivery], result: asyncio.Future[Handled]) -> None:
+        """Rule 4."""
+        try:
+            [one] = await self._write([batch])
+        except asyncio.CancelledError:
+            result.cancel()
+            raise
+        except Exception as exc:
+            _settle(result, error=exc)
+        else:
+            _settle(result, value=one)
+
+
+def _settle(result: asyncio.Future[Handled], *, value: Handled | None = None,
+            error: BaseException | None = None) -> None:
+    if result.done():
+        return  # its consumer stopped waiting (it is stopping)
+    if error is not None:
+        result.set_exception(error)
+    else:
+        assert value is not None
+        result.set_result(value)

@@ -1,0 +1,176 @@
+"""Write rounds (services.writer.rounds) over the in-memory broker: the shards' batches that
+arrive together are written as one, each is acked only once the round is done, a failure of
+one batch's making is found by its own consumer, and a dependency's failure is retried by all.
+The dotdigital writer's rounds against the simulator: several shards' changes cost one read and
+one write."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from common.messaging.abc import REASON, Delivery, Outgoing
+from common.messaging.envelope import WriteCommand
+from common.messaging.middleware import Handled
+from common.messaging.publishing import envelopes_by_shard
+from common.messaging.resilience import TransientFailure
+from common.messaging.topology import Topology
+from services.writer.rounds import WriteRounds
+from tests.unit.services.support import ACCOUNT, SHARDS, Bed, bed
+from tests.unit.services.test_writer import consume, scene
+
+pytestmark = pytest.mark.anyio
+
+QUEUES = [Topology.writes_queue(ACCOUNT, "dotdigital", s) for s in range(SHARDS)]
+# long enough that a round which waited for it instead of starting when full would time out
+LONG_LINGER_S = 60.0
+
+
+def commands(emails: Sequence[str]) -> list[Outgoing]:
+    """A write command per email, one message per shard they fall in."""
+    now = datetime.now(UTC)
+    return envelopes_by_shard(
+        account=ACCOUNT, source="reconciler", type="write-commands",
+        changes=[WriteCommand(email=e, preference_id=1, side="dotdigital", opted_in=True,
+                              origin_time=now, origin_side="dynamics", change_id=f"c:{e}")
+                 for e in emails],
+        shards=SHARDS, run_id=None, id_seed="rounds", route="writes", side="dotdigital")
+
+
+def emails_of(batch: Sequence[Delivery]) -> set[str]:
+    return {c.email for d in batch for c in d.envelope.changes if isinstance(c, WriteCommand)}
+
+
+def spread(count: int) -> list[str]:
+    """``count`` emails that fall in every shard."""
+    found = [f"person{i}@example.com" for i in range(count)]
+    assert len(commands(found)) == SHARDS
+    return found
+
+
+class RoundWriter:
+    """Records each round (the emails of each batch); fails as told; may hold a round until
+    released."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.rounds: list[list[set[str]]] = []
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
+        self.fail: BaseException | None = None
+        self.bad: str | None = None  # a round holding this email fails (a bad message)
+
+    async def __call__(self, batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
+        self.rounds.append([emails_of(b) for b in batches])
+        self.started.set()
+        await self.release.wait()
+        if self.fail is not None:
+            error, self.fail = self.fail, None
+            raise error
+        if self.bad is not None and any(self.bad in emails_of(b) for b in batches):
+            raise ValueError(f"cannot write {self.bad}")
+        return [Handled(account=ACCOUNT, counts={"written": len(emails_of(b))})
+                for b in batches]
+
+
+def consume_rounds(b: Bed, rounds: WriteRounds) -> None:
+    async def handle(batch: Sequence[Delivery]) -> None:
+        await rounds.handle(batch)
+
+    for queue in QUEUES:
+        b.consume(queue, handle, service="writer")
+
+
+async def test_the_shards_batches_are_written_as_one_round_and_acked_after_it(
+        tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        writer = RoundWriter(hold=True)
+        consume_rounds(b, WriteRounds(write=writer, linger_s=LONG_LINGER_S, size=SHARDS))
+        emails = spread(8)
+        await b.broker.publish_many(commands(emails))
+
+        await writer.started.wait()
+        # the round is being written: nothing is acked yet
+        assert b.broker.busy(*QUEUES)
+        writer.release.set()
+        await b.drained(*QUEUES)
+
+        [one] = writer.rounds
+        assert len(one) == SHARDS and set().union(*one) == set(emails)
+
+
+async def test_a_lone_batch_is_written_once_the_linger_is_over(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        writer = RoundWriter()
+        consume_rounds(b, WriteRounds(write=writer, linger_s=0.05, size=SHARDS))
+        [message] = commands(["alone@example.com"])
+        await b.broker.publish_many([message])
+        await b.drained(*QUEUES)
+        assert writer.rounds == [[{"alone@example.com"}]]
+
+
+async def test_a_bad_batch_is_found_by_its_own_consumer_and_the_others_go_through(
+        tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        writer = RoundWriter()
+        emails = spread(8)
+        writer.bad = emails[0]
+        # a short linger: the bad batch's retries are rounds of their own
+        consume_rounds(b, WriteRounds(write=writer, linger_s=0.02, size=SHARDS))
+        await b.broker.publish_many(commands(emails))
+        await b.drained(*QUEUES)
+
+        # the round failed; each batch was then written alone: the good ones went through,
+        # and the bad one was dead-lettered by its own consumer
+        assert len(writer.rounds[0]) == SHARDS
+        assert all(len(r) == 1 for r in writer.rounds[1:])
+        bad_batch = next(r[0] for r in writer.rounds[1:] if emails[0] in r[0])
+        written = {e for r in writer.rounds[1:] if emails[0] not in r[0] for e in r[0]}
+        assert written == set(emails) - bad_batch
+        [dead] = b.dead_letters()
+        assert "cannot write" in str(dead.headers[REASON])
+
+
+async def test_a_dependency_down_fails_every_batch_and_they_meet_again(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        writer = RoundWriter()
+        writer.fail = TransientFailure("dotdigital is down", dependency="dotdigital")
+        emails = spread(8)
+        consume_rounds(b, WriteRounds(write=writer, linger_s=LONG_LINGER_S, size=SHARDS))
+        await b.broker.publish_many(commands(emails))
+        await b.drained(*QUEUES)
+
+        # no batch was written on its own: every one was retried in place, in a round again
+        assert [len(r) for r in writer.rounds] == [SHARDS, SHARDS]
+        assert set().union(*writer.rounds[1]) == set(emails)
+        assert b.dead_letters() == []
+
+
+async def test_the_dotdigital_writer_writes_several_shards_in_one_read_and_one_write(
+        tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        rounds = WriteRounds(write=s.writer().handle_round, linger_s=LONG_LINGER_S,
+                             size=SHARDS)
+        messages = await s.registers(opted_in=False)
+        assert len(messages) == SHARDS  # the scene's emails fall in every shard
+        before = (await s.sim.stats())["calls"]
+        await s.bed.broker.publish_many(messages)
+        consume(s, rounds.handle)
+        await s.bed.drained(*s.queues())
+
+        after = (await s.sim.stats())["calls"]
+        calls = {route: after[route] - before.get(route, 0) for route in after
+                 if after[route] != before.get(route, 0)}
+        feed = "GET /v2/contacts/with-preference/{preference_id}/opt-ins-since/{date}"
+        # one read of the preference's feed and one write for the round; no server-time
+        assert calls.pop(feed) == 1
+        assert "GET /v2/server-time" not in calls
+        assert sum(n for route, n in calls.items() if route.startswith("PUT")) == (
+            1 if len(s.emails) > 2 else len(s.emails))
+        for email in s.emails:
+            assert await s.opted_in(email) is False
