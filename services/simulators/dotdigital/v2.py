@@ -19,6 +19,7 @@ Request keys bind case-insensitively; responses are camelCase. Errors are
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -412,14 +413,10 @@ async def _suppressions(request: web.Request, *, unsubscribed_only: bool) -> web
     return json_response([api_suppression(c) for c in contacts])
 
 
-@routes.get("/v2/contacts/suppressed-since/{date}")
-async def suppressed_since(request: web.Request) -> web.Response:
-    return await _suppressions(request, unsubscribed_only=False)
-
-
-@routes.get("/v2/contacts/unsubscribed-since/{date}")
-async def unsubscribed_since(request: web.Request) -> web.Response:
-    return await _suppressions(request, unsubscribed_only=True)
+routes.get("/v2/contacts/suppressed-since/{date}")(
+    partial(_suppressions, unsubscribed_only=False))
+routes.get("/v2/contacts/unsubscribed-since/{date}")(
+    partial(_suppressions, unsubscribed_only=True))
 
 
 @routes.post("/v2/contacts/unsubscribe")
@@ -466,14 +463,8 @@ async def _resubscribe(request: web.Request, *, challenge: bool) -> web.Response
     return json_response({"contact": api_contact(contact), "status": outcome})
 
 
-@routes.post("/v2/contacts/resubscribe")
-async def resubscribe(request: web.Request) -> web.Response:
-    return await _resubscribe(request, challenge=True)
-
-
-@routes.post("/v2/contacts/resubscribe-with-no-challenge")
-async def resubscribe_no_challenge(request: web.Request) -> web.Response:
-    return await _resubscribe(request, challenge=False)
+routes.post("/v2/contacts/resubscribe")(partial(_resubscribe, challenge=True))
+routes.post("/v2/contacts/resubscribe-with-no-challenge")(partial(_resubscribe, challenge=False))
 
 
 @routes.put("/v2/contacts/suppress-contacts")
