@@ -7,7 +7,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -27,14 +27,9 @@ from common.domain import (
 from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
 from common.store.interface import StoreUnavailable
 from common.store.postgres import PostgresLedgerStore
+from tests.harness.keys import T, key
 
 pytestmark = pytest.mark.anyio
-
-T = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
-
-
-def key(email: str = "ann@example.com", pref: int = 1001, account: str = "acme") -> PreferenceKey:
-    return PreferenceKey(account=account, email=email, preference_id=pref)
 
 
 def full_state(k: PreferenceKey) -> KeyState:
