@@ -37,6 +37,7 @@ from common.store.sqlite import (
     SCHEMA_STATEMENTS,
     SCHEMA_VERSION,
     SqliteLedgerStore,
+    check_schema_version,
 )
 
 POOL_SIZE = 10
@@ -163,14 +164,11 @@ class PostgresLedgerStore(SqliteLedgerStore):
                 await connection.execute("INSERT INTO meta (name, value) VALUES ('schema', $1) "
                                          "ON CONFLICT (name) DO NOTHING", str(SCHEMA_VERSION))
                 await upgrade(PostgresConnection(connection))
-                version = await connection.fetchval("SELECT value FROM meta WHERE name = 'schema'")
+                check_schema_version(
+                    await connection.fetchval("SELECT value FROM meta WHERE name = 'schema'"))
         except BaseException:
             await pool.close()
             raise
-        if version is None or int(version) != SCHEMA_VERSION:
-            await pool.close()
-            raise RuntimeError(f"ledger schema {version or '?'} is not the supported "
-                               f"{SCHEMA_VERSION}")
         self._pool = pool
 
     async def close(self) -> None:

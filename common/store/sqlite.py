@@ -55,6 +55,14 @@ log = logging.getLogger("prefsync.store")
 
 SCHEMA_VERSION = 1
 
+
+def check_schema_version(found: object | None) -> None:
+    """A ledger of another schema version than this code's is refused (``found``: the version
+    its meta table holds, None when none)."""
+    if found is None or int(str(found)) != SCHEMA_VERSION:
+        raise RuntimeError(f"ledger schema {'?' if found is None else found} is not the "
+                           f"supported {SCHEMA_VERSION}")
+
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS key_state (
@@ -217,6 +225,7 @@ class SqliteLedgerStore:
             async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cur:
                 row = await cur.fetchone()
             await db.execute("COMMIT")
+            check_schema_version(row[0] if row else None)
         except sqlite3.OperationalError as exc:
             await db.close()
             # another process held the write lock past the busy timeout
@@ -225,10 +234,6 @@ class SqliteLedgerStore:
         except BaseException:
             await db.close()
             raise
-        if row is None or int(row[0]) != SCHEMA_VERSION:
-            await db.close()
-            raise RuntimeError(f"ledger schema {row[0] if row else '?'} is not the supported "
-                               f"{SCHEMA_VERSION}")
         self._db = db
 
     async def close(self) -> None:

@@ -96,6 +96,15 @@ async def test_using_a_closed_store_is_an_error(url: str) -> None:
         await open_store(url).get_checkpoint("acme", "x")
 
 
+async def test_a_ledger_of_another_schema_version_is_refused(url: str) -> None:
+    async with open_store(url) as store:
+        assert isinstance(store, SqliteLedgerStore)  # either backend (PostgreSQL's extends it)
+        async with store._transaction() as db:
+            await db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("99",))
+    with pytest.raises(RuntimeError, match="ledger schema 99 is not the supported 1"):
+        await open_store(url).open()
+
+
 async def test_every_field_round_trips(store: LedgerStore) -> None:
     state = full_state(key())
     assert await store.save([(None, state, None)]) == [1]
