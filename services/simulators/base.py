@@ -175,6 +175,18 @@ def parse_time(value: str) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """A ``/_sim/`` request's body: a JSON object (an empty body is ``{}``); anything else is a
+    ValueError that says what it is instead."""
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    return body
+
+
 @dataclass(frozen=True, kw_only=True)
 class Setting:
     """Simulator state a test reads (``GET /_sim/<name>``), sets (``PUT``, a JSON object) and,
@@ -198,10 +210,7 @@ class Setting:
 
     async def _put(self, request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read() or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
-            self.load(body)
+            self.load(await json_object(request))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return json_response({"error": f"bad {self.name}: {exc}"}, status=400)
         return json_response(self.describe())
@@ -305,10 +314,7 @@ class SimControl:
 
     async def _handle_seed(self, request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read() or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
-            made = self._seed(body)
+            made = self._seed(await json_object(request))
         except (ValueError, KeyError, TypeError) as exc:
             return json_response({"error": f"bad seed request: {exc}"}, status=400)
         return json_response(made)
@@ -332,9 +338,8 @@ class SimControl:
 
     async def _handle_put_journal(self, request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read() or b"{}")
-            enabled = bool(body.get("enabled", True))
-        except (ValueError, AttributeError) as exc:
+            enabled = bool((await json_object(request)).get("enabled", True))
+        except ValueError as exc:
             return json_response({"error": f"bad journal request: {exc}"}, status=400)
         self.journal = [] if enabled else None
         return json_response({"enabled": enabled})

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from aiohttp import web
 
-from services.simulators.base import json_response
+from services.simulators.base import json_object, json_response
 from services.simulators.dotdigital.model import V2_STATUSES, enum_value
 from services.simulators.dotdigital.store import UnknownPreference
 from services.simulators.dotdigital.transport import backend_of
@@ -21,22 +18,12 @@ def _bad(text: str) -> web.Response:
     return json_response({"error": text}, status=400)
 
 
-async def _object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read() or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ValueError("body must be a JSON object")
-    return body
-
-
 @routes.post("/_sim/dotdigital/edit")
 async def edit_contact(request: web.Request) -> web.Response:
     """Acts as the contact would in a preference centre: sets preferences and/or status."""
     backend = backend_of(request)
     try:
-        body = await _object(request)
+        body = await json_object(request)
         store = backend.stores[backend.account_from(body.get("account"))]
         email = body.get("email")
         contact = store.by_email(email) if isinstance(email, str) else None

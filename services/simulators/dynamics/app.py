@@ -26,10 +26,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from ..base import Setting, SimControl, json_response
+from ..base import Setting, SimControl, json_object, json_response
 from .api import Api
 from .auth import Authority, Client, TokenError, demo_client, parse_clients
 from .batch import Batch
@@ -263,8 +262,8 @@ class DynamicsApp:
 
     async def _edit(self, request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read() or b"{}")
-            if not isinstance(body, dict) or not isinstance(body.get("email"), str):
+            body = await json_object(request)
+            if not isinstance(body.get("email"), str):
                 raise ValueError("body needs an 'email'")
             self._editing = True
             try:
