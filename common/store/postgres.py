@@ -31,13 +31,11 @@ import asyncpg
 from common.domain import PreferenceKey
 from common.store.connection import Connection
 from common.store.interface import StoreUnavailable
-from common.store.outstanding import upgrade
 from common.store.sqlite import (
     ADDED_COLUMNS,
     SCHEMA_STATEMENTS,
-    SCHEMA_VERSION,
     SqliteLedgerStore,
-    check_schema_version,
+    settle_schema,
 )
 
 POOL_SIZE = 10
@@ -161,11 +159,7 @@ class PostgresLedgerStore(SqliteLedgerStore):
                 for table, column, kind in ADDED_COLUMNS:
                     await connection.execute(postgres_ddl(
                         f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"))
-                await connection.execute("INSERT INTO meta (name, value) VALUES ('schema', $1) "
-                                         "ON CONFLICT (name) DO NOTHING", str(SCHEMA_VERSION))
-                await upgrade(PostgresConnection(connection))
-                check_schema_version(
-                    await connection.fetchval("SELECT value FROM meta WHERE name = 'schema'"))
+                await settle_schema(PostgresConnection(connection))
         except BaseException:
             await pool.close()
             raise
