@@ -50,7 +50,21 @@ class Secret:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DynamicsConfig:
+class VendorCallConfig:
+    """How a client calls its vendor, whichever vendor it is (each sets its own defaults)."""
+
+    # The share of the budget left for the customer's other integrations (never spent).
+    budget_reserve: float = 0.2
+    max_concurrency: int
+    timeout_s: float
+    # What one call may spend waiting (throttled answers: 429 Retry-After, up to 300 s at
+    # Dataverse; X-RateLimit-Reset at dotdigital) and retrying: well inside RabbitMQ's
+    # consumer_timeout (30 min), as a handler may make several calls.
+    call_deadline_s: float = 360.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DynamicsConfig(VendorCallConfig):
     url: str
     token_url: str
     client_id: str
@@ -60,33 +74,24 @@ class DynamicsConfig:
     # Dataverse service protection: 6000 requests per 300 s per user; stay inside it.
     requests_per_window: int = 6000
     window_s: float = 300.0
-    # The share of the budget left for the customer's other integrations (never spent).
-    budget_reserve: float = 0.2
     max_concurrency: int = 16
     page_size: int = 5000
     timeout_s: float = 120.0
-    # What one call may spend waiting (429 Retry-After, up to 300 s here) and retrying: well
-    # inside RabbitMQ's consumer_timeout (30 min), as a handler may make several calls.
-    call_deadline_s: float = 360.0
 
 
 @dataclass(frozen=True, kw_only=True)
-class DotdigitalConfig:
+class DotdigitalConfig(VendorCallConfig):
     url: str
     api_user: str
     password: Secret
     # The lowest documented tier is 35 calls a minute; raise it to the account's own tier.
     calls_per_minute: int = 35
-    # The share of the budget left for the customer's other integrations (never spent).
-    budget_reserve: float = 0.2
     max_concurrency: int = 4
     # dotdigital asks clients to allow 121 s before treating a call as timed out.
     timeout_s: float = 121.0
     # Each feed read starts this long before the previous read's start, so a change that
     # became visible late (stamped before that read began) is still read.
     feed_overlap_s: float = 300.0
-    # What one call may spend waiting (429s, X-RateLimit-Reset) and retrying.
-    call_deadline_s: float = 360.0
     # How long a v3 import is polled before it is left as unknown (it may still land).
     import_deadline_s: float = 300.0
 
@@ -301,22 +306,18 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
             api_version=dyn.text("api_version", default="v9.2"),
             requests_per_window=dyn.integer("requests_per_window", default=6000, minimum=1),
             window_s=dyn.number("window_s", default=300.0, minimum=1.0),
-            budget_reserve=_reserve(dyn, "requests_per_window", 6000),
-            max_concurrency=dyn.integer("max_concurrency", default=16, minimum=1, maximum=52),
             page_size=dyn.integer("page_size", default=5000, minimum=1, maximum=5000),
-            timeout_s=dyn.number("timeout_s", default=120.0, minimum=1.0),
-            call_deadline_s=dyn.number("call_deadline_s", default=360.0, minimum=0.1),
+            **_vendor_calls(dyn, budget_key="requests_per_window", default_budget=6000,
+                            max_concurrency=16, concurrency_limit=52, timeout_s=120.0),
         ),
         dotdigital=DotdigitalConfig(
             url=dd.text("url").rstrip("/"),
             api_user=dd.text("api_user"),
             password=dd.secret("password"),
             calls_per_minute=dd.integer("calls_per_minute", default=35, minimum=1),
-            budget_reserve=_reserve(dd, "calls_per_minute", 35),
-            max_concurrency=dd.integer("max_concurrency", default=4, minimum=1),
-            timeout_s=dd.number("timeout_s", default=121.0, minimum=1.0),
             feed_overlap_s=dd.number("feed_overlap_s", default=300.0, minimum=0.0),
-            call_deadline_s=dd.number("call_deadline_s", default=360.0, minimum=0.1),
+            **_vendor_calls(dd, budget_key="calls_per_minute", default_budget=35,
+                            max_concurrency=4, timeout_s=121.0),
             import_deadline_s=dd.number("import_deadline_s", default=300.0, minimum=0.1),
         ),
         broker=AccountBrokerConfig(
@@ -326,6 +327,18 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
         ),
         api_token=api.secret("token", required=False) if api else None,
     )
+
+
+def _vendor_calls(vendor: _Reader, *, budget_key: str, default_budget: int, max_concurrency: int,
+                  concurrency_limit: int | None = None, timeout_s: float) -> dict[str, Any]:
+    """The :class:`VendorCallConfig` settings of a vendor's table, with its defaults."""
+    return {
+        "budget_reserve": _reserve(vendor, budget_key, default_budget),
+        "max_concurrency": vendor.integer("max_concurrency", default=max_concurrency, minimum=1,
+                                          maximum=concurrency_limit),
+        "timeout_s": vendor.number("timeout_s", default=timeout_s, minimum=1.0),
+        "call_deadline_s": vendor.number("call_deadline_s", default=360.0, minimum=0.1),
+    }
 
 
 def _reserve(vendor: _Reader, budget_key: str, default_budget: int) -> float:

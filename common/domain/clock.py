@@ -50,6 +50,33 @@ def span(*, vendor_time: datetime, offset: timedelta = ZERO,
     return low - uncertainty, low + SECOND + uncertainty
 
 
+class Placed:
+    """A change stamped by its side's clock and placed in our time base (mixed into the
+    dataclasses that carry these fields, see :class:`common.domain.observation.Observation`):
+    ``origin_time`` is the side's stamp; ``bounded_time`` the read time that stands in for a
+    stamp beyond the future bound; ``offset`` and ``uncertainty`` the side's clock against ours.
+    """
+
+    __slots__ = ()
+
+    origin_time: datetime
+    bounded_time: datetime | None
+    offset: timedelta
+    uncertainty: timedelta
+
+    @property
+    def vendor_time(self) -> datetime:
+        """The side's time of the change: its stamp, or the read time standing in for a stamp
+        beyond the future bound."""
+        return self.bounded_time if self.bounded_time is not None else self.origin_time
+
+    @property
+    def span(self) -> tuple[datetime, datetime]:
+        """When the change may have happened on our clock (see :func:`span`)."""
+        return span(vendor_time=self.vendor_time, offset=self.offset,
+                    uncertainty=self.uncertainty)
+
+
 def order(a: tuple[datetime, datetime], b: tuple[datetime, datetime]) -> int:
     """1 when span ``a`` is wholly after span ``b``, -1 when wholly before, 0 (a tie) when
     they overlap."""

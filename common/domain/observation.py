@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from common.domain.clock import ZERO, as_utc, span
+from common.domain.clock import ZERO, Placed, as_utc
 from common.domain.identity import PreferenceKey
 from common.domain.sides import SIDES, Side
 
@@ -40,7 +40,7 @@ class ReadValue:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Observation(ReadValue):
+class Observation(ReadValue, Placed):
     """A side's current opt-in state for ``key``, as a poller (or the writer's read) saw it.
 
     Our time base (set by :func:`common.domain.time_base.in_time_base`; left at its defaults,
@@ -74,12 +74,6 @@ class Observation(ReadValue):
             object.__setattr__(self, "bounded_time", as_utc(self.bounded_time))
 
     @property
-    def vendor_time(self) -> datetime:
-        """The side's time of the change: its stamp, or the read time standing in for a stamp
-        beyond the future bound."""
-        return self.bounded_time if self.bounded_time is not None else self.origin_time
-
-    @property
     def corrected_time(self) -> datetime:
         """The time of the change on our clock."""
         return self.vendor_time - self.offset
@@ -87,9 +81,3 @@ class Observation(ReadValue):
     @property
     def future_timestamp(self) -> bool:
         return self.bounded_time is not None
-
-    @property
-    def span(self) -> tuple[datetime, datetime]:
-        """When the change may have happened on our clock (see :func:`common.domain.clock.span`)."""
-        return span(vendor_time=self.vendor_time, offset=self.offset,
-                    uncertainty=self.uncertainty)

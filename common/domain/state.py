@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from common.domain.clock import ZERO, span
+from common.domain.clock import ZERO, Placed
 from common.domain.identity import PreferenceKey
 from common.domain.observation import Observation
 from common.domain.sides import PerSide, Side
@@ -24,7 +24,7 @@ STEPPED = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Register:
+class Register(Placed):
     """The winning user change for a key: its value, when and where it happened.
 
     ``origin_time`` is the side's own stamp (what write commands carry); ``offset``,
@@ -39,17 +39,6 @@ class Register:
     uncertainty: timedelta = ZERO
     bounded_time: datetime | None = None
     clock_epoch: int = 0
-
-    @property
-    def vendor_time(self) -> datetime:
-        """The time the change competes with, on its side's clock (see :class:`Observation`)."""
-        return self.bounded_time if self.bounded_time is not None else self.origin_time
-
-    @property
-    def span(self) -> tuple[datetime, datetime]:
-        """When the change may have happened on our clock."""
-        return span(vendor_time=self.vendor_time, offset=self.offset,
-                    uncertainty=self.uncertainty)
 
     @classmethod
     def of(cls, observation: Observation) -> Register:

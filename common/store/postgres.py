@@ -31,12 +31,11 @@ import asyncpg
 from common.domain import PreferenceKey
 from common.store.connection import Connection
 from common.store.interface import StoreUnavailable
-from common.store.outstanding import upgrade
 from common.store.sqlite import (
     ADDED_COLUMNS,
     SCHEMA_STATEMENTS,
-    SCHEMA_VERSION,
     SqliteLedgerStore,
+    settle_schema,
 )
 
 POOL_SIZE = 10
@@ -160,17 +159,10 @@ class PostgresLedgerStore(SqliteLedgerStore):
                 for table, column, kind in ADDED_COLUMNS:
                     await connection.execute(postgres_ddl(
                         f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"))
-                await connection.execute("INSERT INTO meta (name, value) VALUES ('schema', $1) "
-                                         "ON CONFLICT (name) DO NOTHING", str(SCHEMA_VERSION))
-                await upgrade(PostgresConnection(connection))
-                version = await connection.fetchval("SELECT value FROM meta WHERE name = 'schema'")
+                await settle_schema(PostgresConnection(connection))
         except BaseException:
             await pool.close()
             raise
-        if version is None or int(version) != SCHEMA_VERSION:
-            await pool.close()
-            raise RuntimeError(f"ledger schema {version or '?'} is not the supported "
-                               f"{SCHEMA_VERSION}")
         self._pool = pool
 
     async def close(self) -> None:

@@ -55,6 +55,22 @@ log = logging.getLogger("prefsync.store")
 
 SCHEMA_VERSION = 1
 
+
+async def settle_schema(db: Connection) -> None:
+    """Inside the schema transaction, once the tables exist (either database): a new ledger is
+    stamped with this code's schema version, what an older ledger lacks is built, and a ledger
+    of another version is refused."""
+    await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
+                     "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
+    await upgrade(db)
+    async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cursor:
+        row = await cursor.fetchone()
+    found = row[0] if row else None
+    if found is None or int(found) != SCHEMA_VERSION:
+        raise RuntimeError(f"ledger schema {'?' if found is None else found} is not the "
+                           f"supported {SCHEMA_VERSION}")
+
+
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS key_state (
@@ -211,11 +227,7 @@ class SqliteLedgerStore:
                 async with db.execute(f"PRAGMA table_info({table})") as cur:
                     if column not in {row[1] for row in await cur.fetchall()}:
                         await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
-                             "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
-            await upgrade(db)
-            async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cur:
-                row = await cur.fetchone()
+            await settle_schema(db)
             await db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             await db.close()
@@ -225,10 +237,6 @@ class SqliteLedgerStore:
         except BaseException:
             await db.close()
             raise
-        if row is None or int(row[0]) != SCHEMA_VERSION:
-            await db.close()
-            raise RuntimeError(f"ledger schema {row[0] if row else '?'} is not the supported "
-                               f"{SCHEMA_VERSION}")
         self._db = db
 
     async def close(self) -> None:

@@ -19,6 +19,7 @@ import orjson
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from common.config import VendorCallConfig
 from common.vendors.base import (
     Pacer,
     PausedPastDeadline,
@@ -30,6 +31,7 @@ from common.vendors.base import (
     VendorError,
     parse_wait,
 )
+from common.vendors.budget import Budget, BudgetLedger
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,42 @@ class VendorHttp:
         self._session = session
         self._owns_session = session is None
         self._max_connections = max_connections
+
+    @classmethod
+    def for_user(
+        cls,
+        *,
+        vendor: str,
+        config: VendorCallConfig,
+        calls: int,
+        window_s: float,
+        bucket: str,
+        errors: ErrorParser,
+        redactor: Redactor,
+        retry: RetryPolicy | None = None,
+        on_request: RequestObserver | None = None,
+        session: aiohttp.ClientSession | None = None,
+        budget_ledger: BudgetLedger | None = None,
+    ) -> VendorHttp:
+        """The machinery of a client calling as one vendor user: ``calls`` per ``window_s``
+        (less the config's reserve), shared through ``budget_ledger`` by every process that
+        calls as the same user (``bucket``), at most ``max_concurrency`` calls at once, each
+        bounded by the config's timeout and call deadline."""
+        return cls(
+            vendor=vendor,
+            timeout_s=config.timeout_s,
+            pacer=Pacer(budget=Budget(calls=calls, window_s=window_s,
+                                      reserve=config.budget_reserve),
+                        max_concurrency=config.max_concurrency, ledger=budget_ledger,
+                        bucket=bucket),
+            retry=retry or RetryPolicy(),
+            errors=errors,
+            redactor=redactor,
+            on_request=on_request,
+            session=session,
+            max_connections=config.max_concurrency,
+            deadline_s=config.call_deadline_s,
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:

@@ -6,7 +6,11 @@ either vendor's API and take no authentication. Tests, the demo and benchmarks d
 ``PUT /_sim/journal {"enabled": true}`` starts (and empties) a journal of every preference
 write, each with the email, the dotdigital preference id, the value, the vendor's stamp and
 ``via`` (``api``: through the vendor's API; ``sim``: a ``/_sim/`` edit acting as a user);
-``GET /_sim/journal`` reads it. The chaos suite counts writes per key with it, and tells who
+``GET /_sim/journal`` reads it.
+
+Each simulator's settings (``faults``, ``clock``, and its own ``limits``) are read with
+``GET /_sim/<name>`` and set with ``PUT``; ``POST /_sim/save`` writes the state file now (400
+when none was configured). The chaos suite counts writes per key with it, and tells who
 wrote what a side holds. Off by default (a benchmark's millions of writes are not kept).
 """
 
@@ -171,6 +175,52 @@ def parse_time(value: str) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """A ``/_sim/`` request's body: a JSON object (an empty body is ``{}``); anything else is a
+    ValueError that says what it is instead."""
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    return body
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """Simulator state a test reads (``GET /_sim/<name>``), sets (``PUT``, a JSON object) and,
+    where ``clear`` is given, clears (``DELETE``). Each answer describes it as it then is; a
+    body it cannot load is a 400 that says why."""
+
+    name: str
+    describe: Callable[[], Any]
+    load: Callable[[dict[str, Any]], None]
+    clear: Callable[[], None] | None = None
+
+    def install(self, app: web.Application) -> None:
+        path = f"/_sim/{self.name}"
+        app.router.add_put(path, self._put)
+        app.router.add_get(path, self._get)
+        if self.clear is not None:
+            app.router.add_delete(path, self._delete)
+
+    async def _get(self, request: web.Request) -> web.Response:
+        return json_response(self.describe())
+
+    async def _put(self, request: web.Request) -> web.Response:
+        try:
+            self.load(await json_object(request))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return json_response({"error": f"bad {self.name}: {exc}"}, status=400)
+        return json_response(self.describe())
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        if self.clear is not None:
+            self.clear()
+        return json_response(self.describe())
+
+
 class SimControl:
     """The state every simulator has, and the ``/_sim/`` routes and middleware over it."""
 
@@ -180,6 +230,7 @@ class SimControl:
         errors: ErrorResponder,
         reset: Callable[[], None],
         seed: Callable[[Mapping[str, Any]], Any],
+        save: Callable[[], object | None],
         api_prefixes: tuple[str, ...],
     ) -> None:
         self.clock = SimClock()
@@ -188,6 +239,7 @@ class SimControl:
         self._errors = errors
         self._reset = reset
         self._seed = seed
+        self._save = save
         self._api_prefixes = api_prefixes
         self._rng = random.Random()
         # preference writes, while the journal is enabled (see the module docstring)
@@ -198,15 +250,17 @@ class SimControl:
         if self.journal is not None:
             self.journal.append(entry)
 
-    def install(self, app: web.Application) -> None:
+    def install(self, app: web.Application, *settings: Setting) -> None:
+        """The shared ``/_sim/`` routes, and the simulator's own ``settings``."""
         app.middlewares.append(self._middleware)
         app.router.add_post("/_sim/reset", self._handle_reset)
         app.router.add_post("/_sim/seed", self._handle_seed)
-        app.router.add_put("/_sim/faults", self._handle_put_faults)
-        app.router.add_get("/_sim/faults", self._handle_get_faults)
-        app.router.add_delete("/_sim/faults", self._handle_delete_faults)
-        app.router.add_put("/_sim/clock", self._handle_clock)
-        app.router.add_get("/_sim/clock", self._handle_get_clock)
+        app.router.add_post("/_sim/save", self._handle_save)
+        shared = (Setting(name="faults", describe=self.faults.describe, load=self.faults.load,
+                          clear=self.faults.clear),
+                  Setting(name="clock", describe=self.clock.describe, load=self._set_clock))
+        for setting in (*shared, *settings):
+            setting.install(app)
         app.router.add_get("/_sim/stats", self._handle_stats)
         app.router.add_put("/_sim/journal", self._handle_put_journal)
         app.router.add_get("/_sim/journal", self._handle_get_journal)
@@ -260,52 +314,32 @@ class SimControl:
 
     async def _handle_seed(self, request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read() or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
-            made = self._seed(body)
+            made = self._seed(await json_object(request))
         except (ValueError, KeyError, TypeError) as exc:
             return json_response({"error": f"bad seed request: {exc}"}, status=400)
         return json_response(made)
 
-    async def _handle_put_faults(self, request: web.Request) -> web.Response:
-        try:
-            body = orjson.loads(await request.read() or b"{}")
-            self.faults.load(body)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return json_response({"error": f"bad faults: {exc}"}, status=400)
-        return json_response(self.faults.describe())
+    async def _handle_save(self, request: web.Request) -> web.Response:
+        saved = self._save()
+        if saved is None:
+            return json_response({"error": "the simulator was started without a state file"},
+                                 status=400)
+        return json_response({"saved": str(saved)})
 
-    async def _handle_get_faults(self, request: web.Request) -> web.Response:
-        return json_response(self.faults.describe())
-
-    async def _handle_delete_faults(self, request: web.Request) -> web.Response:
-        self.faults.clear()
-        return json_response(self.faults.describe())
-
-    async def _handle_clock(self, request: web.Request) -> web.Response:
-        try:
-            body = orjson.loads(await request.read() or b"{}")
-            freeze = body.get("freeze_at")
-            self.clock.set(
-                offset_s=float(body["offset_s"]) if "offset_s" in body else None,
-                freeze_at=parse_time(freeze) if freeze else None,
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return json_response({"error": f"bad clock: {exc}"}, status=400)
-        return json_response(self.clock.describe())
-
-    async def _handle_get_clock(self, request: web.Request) -> web.Response:
-        return json_response(self.clock.describe())
+    def _set_clock(self, body: Mapping[str, Any]) -> None:
+        freeze = body.get("freeze_at")
+        self.clock.set(
+            offset_s=float(body["offset_s"]) if "offset_s" in body else None,
+            freeze_at=parse_time(freeze) if freeze else None,
+        )
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
         return json_response(self.stats.describe())
 
     async def _handle_put_journal(self, request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read() or b"{}")
-            enabled = bool(body.get("enabled", True))
-        except (ValueError, AttributeError) as exc:
+            enabled = bool((await json_object(request)).get("enabled", True))
+        except ValueError as exc:
             return json_response({"error": f"bad journal request: {exc}"}, status=400)
         self.journal = [] if enabled else None
         return json_response({"enabled": enabled})

@@ -30,7 +30,6 @@ from common.vendors.base import (
     AuthenticationError,
     ClockReading,
     ClockReadings,
-    Pacer,
     RequestObserver,
     RetryPolicy,
     ThrottledError,
@@ -39,7 +38,7 @@ from common.vendors.base import (
     http_date,
     parse_wait,
 )
-from common.vendors.budget import Budget, BudgetLedger
+from common.vendors.budget import BudgetLedger
 from common.vendors.dataverse.batch import (
     MAX_BATCH_PARTS,
     BatchOperation,
@@ -360,22 +359,13 @@ class DataverseClient(VendorClient):
         self._root_path = root_url.path.rstrip("/")
         self._origin = root_url.origin()
         self._redact = Redactor([config.client_secret.reveal()])
-        self._http = VendorHttp(
-            vendor=VENDOR,
-            timeout_s=config.timeout_s,
+        self._http = VendorHttp.for_user(
+            vendor=VENDOR, config=config,
             # service protection counts per user (per web server) of each environment
-            pacer=Pacer(budget=Budget(calls=config.requests_per_window, window_s=config.window_s,
-                                      reserve=config.budget_reserve),
-                        max_concurrency=config.max_concurrency, ledger=budget_ledger,
-                        bucket=f"dynamics:{config.url}:{config.client_id}"),
-            retry=retry or RetryPolicy(),
-            errors=dataverse_error,
-            redactor=self._redact,
-            on_request=on_request,
-            session=session,
-            max_connections=config.max_concurrency,
-            deadline_s=config.call_deadline_s,
-        )
+            calls=config.requests_per_window, window_s=config.window_s,
+            bucket=f"dynamics:{config.url}:{config.client_id}",
+            errors=dataverse_error, redactor=self._redact, retry=retry,
+            on_request=on_request, session=session, budget_ledger=budget_ledger)
         self._token = ClientCredentialsToken(
             http=self._http, token_url=config.token_url, client_id=config.client_id,
             client_secret=config.client_secret, scope=config.scope, clock=clock)

@@ -26,7 +26,6 @@ from common.vendors.base import (
     AuthenticationError,
     ClockReading,
     ClockReadings,
-    Pacer,
     RequestObserver,
     RetryPolicy,
     ThrottledError,
@@ -36,7 +35,7 @@ from common.vendors.base import (
     http_date,
     parse_wait,
 )
-from common.vendors.budget import Budget, BudgetLedger
+from common.vendors.budget import BudgetLedger
 from common.vendors.dotdigital.models import (
     AccountInfo,
     ContactOptIns,
@@ -171,22 +170,12 @@ class DotdigitalClient(VendorClient):
         password = config.password.reveal()
         credentials = base64.b64encode(f"{config.api_user}:{password}".encode()).decode()
         self._authorization = {"Authorization": f"Basic {credentials}"}
-        self._http = VendorHttp(
-            vendor=VENDOR,
-            timeout_s=config.timeout_s,
+        self._http = VendorHttp.for_user(
+            vendor=VENDOR, config=config,
             # dotdigital counts calls per minute (per account; one API user per account here)
-            pacer=Pacer(budget=Budget(calls=config.calls_per_minute, window_s=60.0,
-                                      reserve=config.budget_reserve),
-                        max_concurrency=config.max_concurrency, ledger=budget_ledger,
-                        bucket=f"dotdigital:{config.api_user}"),
-            retry=retry or RetryPolicy(),
-            errors=dotdigital_error,
-            redactor=Redactor([password, credentials]),
-            on_request=on_request,
-            session=session,
-            max_connections=config.max_concurrency,
-            deadline_s=config.call_deadline_s,
-        )
+            calls=config.calls_per_minute, window_s=60.0, bucket=f"dotdigital:{config.api_user}",
+            errors=dotdigital_error, redactor=Redactor([password, credentials]), retry=retry,
+            on_request=on_request, session=session, budget_ledger=budget_ledger)
         self._tree_parents: dict[int, int] = {}
         self._tree_loaded_at: float | None = None
         # dotdigital's clock, timed, as server-time tells it and as the answer that bounds a

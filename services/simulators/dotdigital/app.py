@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from services.simulators.base import Handler
+from services.simulators.base import Handler, Setting
 from services.simulators.dotdigital import simroutes, v2, v3
 from services.simulators.dotdigital.backend import Backend
 from services.simulators.dotdigital.errors import (
@@ -96,11 +96,11 @@ async def _api(request: web.Request, handler: Handler) -> web.StreamResponse:
 def build_app(backend: Backend) -> web.Application:
     app = web.Application(middlewares=[_tag_family], client_max_size=MAX_BODY_BYTES)
     app[BACKEND] = backend
-    backend.control.install(app)
+    backend.control.install(app, Setting(name="limits", describe=backend.limits.describe,
+                                         load=backend.limits.load))
     app.middlewares.append(_api)
-    simroutes.add_routes(app)
-    v2.add_routes(app)
-    v3.add_routes(app)
+    for module in (simroutes, v2, v3):
+        app.add_routes(module.routes)
 
     async def on_cleanup(_: web.Application) -> None:
         backend.imports.run_pending()  # accepted imports are applied, as the service would

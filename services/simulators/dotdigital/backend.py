@@ -46,7 +46,7 @@ class Backend:
                  import_delay_s: float, state_file: Path | None) -> None:
         self.credentials = Credentials(users)
         self.control = SimControl(errors=DotdigitalErrors(scope=SCOPE), reset=self.reset,
-                                  seed=self.seed, api_prefixes=API_PREFIXES)
+                                  seed=self.seed, save=self.save, api_prefixes=API_PREFIXES)
         self.limits = CallRateLimits(calls_per_minute=calls_per_minute)
         self.imports = ImportQueue(delay_s=import_delay_s, runner=self._run_import)
         self.state_file = state_file

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 WINDOW_S = 60.0
 SCOPE = "medium"
@@ -45,6 +46,13 @@ class CallRateLimits:
             raise ValueError("calls_per_minute must be at least 1, or null for unlimited")
         self.calls_per_minute = calls_per_minute
         self._windows.clear()
+
+    def load(self, body: Mapping[str, Any]) -> None:
+        """``PUT /_sim/limits``: ``{"calls_per_minute": n}`` (null: unlimited)."""
+        raw = body.get("calls_per_minute")
+        if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int)):
+            raise ValueError("calls_per_minute must be an integer or null")
+        self.configure(raw)
 
     def reset(self) -> None:
         self._windows.clear()

@@ -2,60 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from aiohttp import web
 
-from services.simulators.base import json_response
+from services.simulators.base import json_object, json_response
 from services.simulators.dotdigital.model import V2_STATUSES, enum_value
 from services.simulators.dotdigital.store import UnknownPreference
 from services.simulators.dotdigital.transport import backend_of
 from services.simulators.dotdigital.v2 import api_contact, api_opt_in
+
+# each route is declared on its handler (``limits`` and ``save`` are set up by the app)
+routes = web.RouteTableDef()
 
 
 def _bad(text: str) -> web.Response:
     return json_response({"error": text}, status=400)
 
 
-async def _object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read() or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ValueError("body must be a JSON object")
-    return body
-
-
-async def put_limits(request: web.Request) -> web.Response:
-    try:
-        body = await _object(request)
-        raw = body.get("calls_per_minute")
-        if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int)):
-            raise ValueError("calls_per_minute must be an integer or null")
-        backend_of(request).limits.configure(raw)
-    except ValueError as exc:
-        return _bad(str(exc))
-    return json_response(backend_of(request).limits.describe())
-
-
-async def get_limits(request: web.Request) -> web.Response:
-    return json_response(backend_of(request).limits.describe())
-
-
-async def save(request: web.Request) -> web.Response:
-    path = backend_of(request).save()
-    if path is None:
-        return _bad("the simulator was started without a state file")
-    return json_response({"saved": str(path)})
-
-
+@routes.post("/_sim/dotdigital/edit")
 async def edit_contact(request: web.Request) -> web.Response:
     """Acts as the contact would in a preference centre: sets preferences and/or status."""
     backend = backend_of(request)
     try:
-        body = await _object(request)
+        body = await json_object(request)
         store = backend.stores[backend.account_from(body.get("account"))]
         email = body.get("email")
         contact = store.by_email(email) if isinstance(email, str) else None
@@ -88,10 +56,12 @@ async def edit_contact(request: web.Request) -> web.Response:
                               api_opt_in(store, r) for r in store.opt_ins(contact)]})
 
 
+@routes.post("/_sim/dotdigital/imports/run")
 async def run_imports(request: web.Request) -> web.Response:
     return json_response({"finished": backend_of(request).imports.run_pending()})
 
 
+@routes.get("/_sim/dotdigital/accounts")
 async def list_accounts(request: web.Request) -> web.Response:
     backend = backend_of(request)
     users: dict[int, list[str]] = {}
@@ -103,13 +73,3 @@ async def list_accounts(request: web.Request) -> web.Response:
                            "states": store.states_set(),
                            "first_contact_id": store.first_contact_id}
                           for aid, store in backend.stores.items()])
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_put("/_sim/limits", put_limits)
-    r.add_get("/_sim/limits", get_limits)
-    r.add_post("/_sim/save", save)
-    r.add_post("/_sim/dotdigital/edit", edit_contact)
-    r.add_post("/_sim/dotdigital/imports/run", run_imports)
-    r.add_get("/_sim/dotdigital/accounts", list_accounts)

@@ -19,6 +19,7 @@ Request keys bind case-insensitively; responses are camelCase. Errors are
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -62,6 +63,9 @@ from services.simulators.dotdigital.transport import (
 
 PAGE_LIMIT = 1000
 RESERVED_BOOK_NAMES = ("test", "all contacts")
+
+# each route is declared on its handler
+routes = web.RouteTableDef()
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -166,6 +170,7 @@ def _data_fields(raw: Any) -> dict[str, Any]:
 
 # --- account ---------------------------------------------------------------------------------
 
+@routes.get("/v2/account-info")
 async def account_info(request: web.Request) -> web.Response:
     account_id = user_of(request).account_id
     props = [("Name", f"Account {account_id}"),
@@ -176,21 +181,25 @@ async def account_info(request: web.Request) -> web.Response:
         {"name": name, "type": "String", "value": value} for name, value in props]})
 
 
+@routes.get("/v2/server-time")
 async def server_time(request: web.Request) -> web.Response:
     return json_response(format_ms(backend_of(request).now_ms()))
 
 
 # --- preference tree -------------------------------------------------------------------------
 
+@routes.get("/v2/preferences")
 async def get_preferences(request: web.Request) -> web.Response:
     return json_response(store_of(request).preferences.render_tree())
 
 
+@routes.get("/v2/preferences/modified-since/{date}")
 async def get_preferences_modified_since(request: web.Request) -> web.Response:
     since = _date(request)
     return json_response(store_of(request).preferences.render_tree(modified_since_ms=since))
 
 
+@routes.get("/v2/preferences/{preference_id}")
 async def get_preference(request: web.Request) -> web.Response:
     store = store_of(request)
     preference_id = _path_int(request, "preference_id")
@@ -200,6 +209,7 @@ async def get_preference(request: web.Request) -> web.Response:
     return json_response(store.preferences.render(node))
 
 
+@routes.post("/v2/preferences")
 async def create_preference(request: web.Request) -> web.Response:
     body = await _body(request)
     if not isinstance(body, dict):
@@ -213,6 +223,7 @@ async def create_preference(request: web.Request) -> web.Response:
     return json_response(store.preferences.render(node))
 
 
+@routes.put("/v2/preferences/{preference_id}")
 async def update_preference(request: web.Request) -> web.Response:
     preference_id = _path_int(request, "preference_id")
     body = await _body(request)
@@ -233,6 +244,7 @@ async def update_preference(request: web.Request) -> web.Response:
     return json_response(store.preferences.render(node))
 
 
+@routes.delete("/v2/preferences/{preference_id}")
 async def delete_preference(request: web.Request) -> web.Response:
     preference_id = _path_int(request, "preference_id")
     store = store_of(request)
@@ -244,6 +256,8 @@ async def delete_preference(request: web.Request) -> web.Response:
 
 # --- a contact's preferences -----------------------------------------------------------------
 
+@routes.get("/v2/contacts/{id_or_email}/preferences")
+@routes.get("/v2/contact/{id_or_email}/preferences")
 async def get_contact_preferences(request: web.Request) -> web.Response:
     contact = _contact(request)
     store = store_of(request)
@@ -293,6 +307,8 @@ def _preference_changes(store: AccountStore, body: Any) -> list[tuple[int, bool]
     return changes
 
 
+@routes.put("/v2/contacts/{id_or_email}/preferences")
+@routes.put("/v2/contact/{id_or_email}/preferences")
 async def put_contact_preferences(request: web.Request) -> web.Response:
     contact = _contact(request)
     store = store_of(request)
@@ -306,6 +322,7 @@ async def put_contact_preferences(request: web.Request) -> web.Response:
     return json_response({"value": ""})
 
 
+@routes.get("/v2/contacts/{email}/subscriptions")
 async def get_subscriptions(request: web.Request) -> web.Response:
     contact = _contact(request, "email")
     store = store_of(request)
@@ -314,6 +331,7 @@ async def get_subscriptions(request: web.Request) -> web.Response:
                               api_opt_in(store, r) for r in store.opt_ins(contact)]})
 
 
+@routes.get("/v2/contacts/with-preference/{preference_id}/opt-ins-since/{date}")
 async def get_opt_ins_since(request: web.Request) -> web.Response:
     store = store_of(request)
     preference_id = _leaf_id(request, store)
@@ -326,6 +344,7 @@ async def get_opt_ins_since(request: web.Request) -> web.Response:
                           for r in records])
 
 
+@routes.get("/v2/contacts/with-preference/{preference_id}")
 async def get_with_preference(request: web.Request) -> web.Response:
     store = store_of(request)
     preference_id = _leaf_id(request, store)
@@ -336,6 +355,7 @@ async def get_with_preference(request: web.Request) -> web.Response:
 
 # --- contacts --------------------------------------------------------------------------------
 
+@routes.get("/v2/contacts/{id_or_email}")
 async def get_contact(request: web.Request) -> web.Response:
     key = request.match_info["id_or_email"]
     contact = _contact(request)
@@ -375,6 +395,7 @@ def _upsert(store: AccountStore, body: Any, now_ms: int) -> tuple[Contact, bool]
     return contact, False
 
 
+@routes.post("/v2/contacts")
 async def post_contact(request: web.Request) -> web.Response:
     backend = backend_of(request)
     contact, created = _upsert(store_of(request), await _body(request), backend.now_ms())
@@ -392,14 +413,13 @@ async def _suppressions(request: web.Request, *, unsubscribed_only: bool) -> web
     return json_response([api_suppression(c) for c in contacts])
 
 
-async def suppressed_since(request: web.Request) -> web.Response:
-    return await _suppressions(request, unsubscribed_only=False)
+routes.get("/v2/contacts/suppressed-since/{date}")(
+    partial(_suppressions, unsubscribed_only=False))
+routes.get("/v2/contacts/unsubscribed-since/{date}")(
+    partial(_suppressions, unsubscribed_only=True))
 
 
-async def unsubscribed_since(request: web.Request) -> web.Response:
-    return await _suppressions(request, unsubscribed_only=True)
-
-
+@routes.post("/v2/contacts/unsubscribe")
 async def unsubscribe(request: web.Request) -> web.Response:
     email = _email_field(await _body(request))
     store = store_of(request)
@@ -443,14 +463,11 @@ async def _resubscribe(request: web.Request, *, challenge: bool) -> web.Response
     return json_response({"contact": api_contact(contact), "status": outcome})
 
 
-async def resubscribe(request: web.Request) -> web.Response:
-    return await _resubscribe(request, challenge=True)
+routes.post("/v2/contacts/resubscribe")(partial(_resubscribe, challenge=True))
+routes.post("/v2/contacts/resubscribe-with-no-challenge")(partial(_resubscribe, challenge=False))
 
 
-async def resubscribe_no_challenge(request: web.Request) -> web.Response:
-    return await _resubscribe(request, challenge=False)
-
-
+@routes.put("/v2/contacts/suppress-contacts")
 async def suppress_contacts(request: web.Request) -> web.Response:
     body = await _body(request)
     if not isinstance(body, list) or not all(isinstance(x, dict) for x in body):
@@ -480,6 +497,7 @@ async def suppress_contacts(request: web.Request) -> web.Response:
 
 # --- address books ---------------------------------------------------------------------------
 
+@routes.get("/v2/address-books")
 async def list_address_books(request: web.Request) -> web.Response:
     select, skip = _paging(request)
     books = sorted(store_of(request).address_books.values(), key=lambda b: b.id)
@@ -487,6 +505,7 @@ async def list_address_books(request: web.Request) -> web.Response:
                            "contacts": b.contacts} for b in books[skip:skip + select]])
 
 
+@routes.post("/v2/address-books")
 async def create_address_book(request: web.Request) -> web.Response:
     body = await _body(request)
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) or \
@@ -507,6 +526,7 @@ async def create_address_book(request: web.Request) -> web.Response:
                           "contacts": book.contacts})
 
 
+@routes.post("/v2/address-books/{book_id}/contacts")
 async def add_to_address_book(request: web.Request) -> web.Response:
     store = store_of(request)
     book = store.address_books.get(_path_int(request, "book_id"))
@@ -522,33 +542,3 @@ async def add_to_address_book(request: web.Request) -> web.Response:
     store.add_to_book(contact, book, now_ms=now)
     backend.wrote()
     return json_response(api_contact(contact, full=True))
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/v2/account-info", account_info)
-    r.add_get("/v2/server-time", server_time)
-    r.add_get("/v2/preferences", get_preferences)
-    r.add_post("/v2/preferences", create_preference)
-    r.add_get("/v2/preferences/modified-since/{date}", get_preferences_modified_since)
-    r.add_get("/v2/preferences/{preference_id}", get_preference)
-    r.add_put("/v2/preferences/{preference_id}", update_preference)
-    r.add_delete("/v2/preferences/{preference_id}", delete_preference)
-    r.add_get("/v2/contacts/suppressed-since/{date}", suppressed_since)
-    r.add_get("/v2/contacts/unsubscribed-since/{date}", unsubscribed_since)
-    r.add_post("/v2/contacts/unsubscribe", unsubscribe)
-    r.add_post("/v2/contacts/resubscribe", resubscribe)
-    r.add_post("/v2/contacts/resubscribe-with-no-challenge", resubscribe_no_challenge)
-    r.add_put("/v2/contacts/suppress-contacts", suppress_contacts)
-    r.add_get("/v2/contacts/with-preference/{preference_id}/opt-ins-since/{date}",
-              get_opt_ins_since)
-    r.add_get("/v2/contacts/with-preference/{preference_id}", get_with_preference)
-    r.add_post("/v2/contacts", post_contact)
-    r.add_get("/v2/contacts/{id_or_email}", get_contact)
-    for prefix in ("/v2/contacts", "/v2/contact"):
-        r.add_get(prefix + "/{id_or_email}/preferences", get_contact_preferences)
-        r.add_put(prefix + "/{id_or_email}/preferences", put_contact_preferences)
-    r.add_get("/v2/contacts/{email}/subscriptions", get_subscriptions)
-    r.add_get("/v2/address-books", list_address_books)
-    r.add_post("/v2/address-books", create_address_book)
-    r.add_post("/v2/address-books/{book_id}/contacts", add_to_address_book)

@@ -49,6 +49,9 @@ from services.simulators.dotdigital.v3write import (
     parse_contact_request,
 )
 
+# each route is declared on its handler
+routes = web.RouteTableDef()
+
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 5000
 INCLUDES = ("channelProperties", "lists", "preferences", "consentRecords")
@@ -134,6 +137,7 @@ def _identifier(request: web.Request) -> tuple[str, Any]:
     return identifier, value
 
 
+@routes.get("/contacts/v3/{identifier}/{value}")
 async def get_contact(request: web.Request) -> web.Response:
     identifier, value = _identifier(request)
     store = store_of(request)
@@ -155,6 +159,7 @@ async def _json(request: web.Request) -> Any:
         raise bad_json_v3() from None
 
 
+@routes.patch("/contacts/v3/{identifier}/{value}")
 async def patch_contact(request: web.Request) -> web.Response:
     identifier, value = _identifier(request)
     option = request.query.get("merge-option", "overwrite")
@@ -245,6 +250,7 @@ def _link(request: web.Request, marker: str | None) -> str:
     return f"{base_url(request)}/contacts/v3" + (f"?{query}" if query else "")
 
 
+@routes.get("/contacts/v3")
 async def list_contacts(request: web.Request) -> web.Response:
     kind, since, include, data_fields, limit = _list_options(request)
     marker = request.query.get("marker")
@@ -267,6 +273,7 @@ async def list_contacts(request: web.Request) -> web.Response:
 
 # --- import ----------------------------------------------------------------------------------
 
+@routes.put("/contacts/v3/import")
 async def start_import(request: web.Request) -> web.Response:
     body = await _json(request)
     if not isinstance(body, dict):
@@ -301,6 +308,7 @@ async def start_import(request: web.Request) -> web.Response:
     return json_response({"importId": job.import_id}, status=202)
 
 
+@routes.get("/contacts/v3/import/{import_id}")
 async def get_import(request: web.Request) -> web.Response:
     import_id = request.match_info["import_id"]
     job = backend_of(request).imports.get(account_id=user_of(request).account_id,
@@ -311,12 +319,3 @@ async def get_import(request: web.Request) -> web.Response:
     if job.result is None:
         return json_response({"importId": job.import_id, "status": "NotFinished"})
     return json_response(job.result)
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/contacts/v3", list_contacts)
-    r.add_put("/contacts/v3/import", start_import)
-    r.add_get("/contacts/v3/import/{import_id}", get_import)
-    r.add_get("/contacts/v3/{identifier}/{value}", get_contact)
-    r.add_patch("/contacts/v3/{identifier}/{value}", patch_contact)

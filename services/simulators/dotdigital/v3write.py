@@ -305,10 +305,8 @@ def apply_contact_request(store: AccountStore, req: ContactRequest, *, identifie
         bad = [pid for pid, _ in req.preferences
                if (node := store.preferences.get(pid)) is None or not node.is_preference]
         if bad:
-            _refuse(strict, failures, "invalidPreferences", V3Error(
-                400, "contacts:invalidPreferences",
-                "Unknown preference ids: " + ", ".join(str(b) for b in bad),
-                [(str(b), "Not a preference in this account") for b in bad]))
+            _refuse_unknown(strict, failures, "invalidPreferences",
+                            error_code="contacts:invalidPreferences", what="preference", ids=bad)
             plan.apply_preferences = False
         elif suppressed_after:
             shown = contact.email if contact is not None else str(value)
@@ -320,10 +318,8 @@ def apply_contact_request(store: AccountStore, req: ContactRequest, *, identifie
     if req.lists:
         missing = [b for b in req.lists if b not in store.address_books]
         if missing:
-            _refuse(strict, failures, "listsNotApplied", V3Error(
-                400, "contacts:invalidLists",
-                "Unknown list ids: " + ", ".join(str(m) for m in missing),
-                [(str(m), "Not a list in this account") for m in missing]))
+            _refuse_unknown(strict, failures, "listsNotApplied",
+                            error_code="contacts:invalidLists", what="list", ids=missing)
             plan.apply_lists = False
     was_suppressed = contact is not None and contact.suppressed
     contact = _commit(store, req, plan, merge_option=merge_option, now_ms=now_ms)
@@ -336,6 +332,14 @@ def _refuse(strict: bool, failures: list[Failure], code: str, error: V3Error) ->
     if strict:
         raise error
     failures.append(Failure(code=code, description=error.description))
+
+
+def _refuse_unknown(strict: bool, failures: list[Failure], code: str, *, error_code: str,
+                    what: str, ids: list[int]) -> None:
+    """Ids that name no ``what`` (preference, list) of the account."""
+    _refuse(strict, failures, code, V3Error(
+        400, error_code, f"Unknown {what} ids: " + ", ".join(str(i) for i in ids),
+        [(str(i), f"Not a {what} in this account") for i in ids]))
 
 
 def _invalid_email(email: Any, strict: bool) -> Outcome:

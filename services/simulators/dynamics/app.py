@@ -26,10 +26,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from ..base import SimControl, json_response
+from ..base import Setting, SimControl, json_object, json_response
 from .api import Api
 from .auth import Authority, Client, TokenError, demo_client, parse_clients
 from .batch import Batch
@@ -89,7 +88,7 @@ class DynamicsApp:
                  token_lifetime_s: int, limits: ServiceLimits) -> None:
         self.errors = _Errors()
         self.control = SimControl(errors=self.errors, reset=self.reset, seed=self.seed,
-                                  api_prefixes=("/api/data/",))
+                                  save=self._saved, api_prefixes=("/api/data/",))
         self.errors.control = self.control
         self.clock = self.control.clock
         self.store = Store()
@@ -113,10 +112,8 @@ class DynamicsApp:
     def _build(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.middlewares.append(self._guard)  # outermost: auth and limits see injected latency
-        self.control.install(app)
-        app.router.add_get("/_sim/limits", self._get_limits)
-        app.router.add_put("/_sim/limits", self._put_limits)
-        app.router.add_post("/_sim/save", self._save)
+        self.control.install(app, Setting(name="limits", describe=self._describe_limits,
+                                          load=self._load_limits))
         app.router.add_get("/_sim/dynamics/tables", self._tables)
         app.router.add_post("/_sim/dynamics/edit", self._edit)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
@@ -245,24 +242,15 @@ class DynamicsApp:
 
     # -- /_sim/ extras ---------------------------------------------------------------------------
 
-    async def _get_limits(self, request: web.Request) -> web.Response:
-        return json_response(self.limiter.limits.describe())
+    def _describe_limits(self) -> dict[str, Any]:
+        return self.limiter.limits.describe()
 
-    async def _put_limits(self, request: web.Request) -> web.Response:
-        try:
-            body = orjson.loads(await request.read() or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
-            self.limiter.limits = ServiceLimits.from_body(body, self.limiter.limits)
-        except (ValueError, TypeError) as exc:
-            return json_response({"error": f"bad limits: {exc}"}, status=400)
+    def _load_limits(self, body: dict[str, Any]) -> None:
+        self.limiter.limits = ServiceLimits.from_body(body, self.limiter.limits)
         self.limiter.reset()
-        return json_response(self.limiter.limits.describe())
 
-    async def _save(self, request: web.Request) -> web.Response:
-        if not self.save():
-            return json_response({"error": "no state file configured"}, status=400)
-        return json_response({"saved": str(self.state_file)})
+    def _saved(self) -> Path | None:
+        return self.state_file if self.save() else None
 
     async def _tables(self, request: web.Request) -> web.Response:
         return json_response({
@@ -274,8 +262,8 @@ class DynamicsApp:
 
     async def _edit(self, request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read() or b"{}")
-            if not isinstance(body, dict) or not isinstance(body.get("email"), str):
+            body = await json_object(request)
+            if not isinstance(body.get("email"), str):
                 raise ValueError("body needs an 'email'")
             self._editing = True
             try:

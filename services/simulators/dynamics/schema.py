@@ -122,6 +122,13 @@ _PERSON_FLAGS = [
     Column(name="donotemail", kind=Kind.BOOL),
 ]
 
+# a person's name; ``fullname`` is composed from the other two by every write
+_PERSON_NAME = [
+    Column(name="firstname", kind=Kind.STRING, max_length=50),
+    Column(name="lastname", kind=Kind.STRING, max_length=50),
+    Column(name="fullname", kind=Kind.STRING, read_only=True, max_length=160),
+]
+
 _ACTIVE_STATES: dict[int, tuple[int, ...]] = {0: (1,), 1: (2,)}
 _ACTIVE_STATE_LABELS = {0: "Active", 1: "Inactive"}
 _ACTIVE_STATUS_LABELS = {1: "Active", 2: "Inactive"}
@@ -146,9 +153,7 @@ def _table(*, logical: str, entity_set: str, pk: str, primary_name: str, otc: in
 CONTACTS = _table(
     logical="contact", entity_set="contacts", pk="contactid", primary_name="fullname", otc=2,
     columns=[
-        Column(name="firstname", kind=Kind.STRING, max_length=50),
-        Column(name="lastname", kind=Kind.STRING, max_length=50),
-        Column(name="fullname", kind=Kind.STRING, read_only=True, max_length=160),
+        *_PERSON_NAME,
         *_PERSON_FLAGS,
     ],
     states=_ACTIVE_STATES, state_labels=_ACTIVE_STATE_LABELS, status_labels=_ACTIVE_STATUS_LABELS,
@@ -157,9 +162,7 @@ CONTACTS = _table(
 LEADS = _table(
     logical="lead", entity_set="leads", pk="leadid", primary_name="fullname", otc=4,
     columns=[
-        Column(name="firstname", kind=Kind.STRING, max_length=50),
-        Column(name="lastname", kind=Kind.STRING, max_length=50),
-        Column(name="fullname", kind=Kind.STRING, read_only=True, max_length=160),
+        *_PERSON_NAME,
         Column(name="companyname", kind=Kind.STRING, max_length=100),
         Column(name="subject", kind=Kind.STRING, max_length=300),
         *_PERSON_FLAGS,

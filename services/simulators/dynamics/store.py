@@ -63,13 +63,18 @@ class Table:
     def lookup(self, column: str, value: Any) -> set[str]:
         return self.indexes[column].get(index_key(value), set())
 
-    def _index(self, row_id: str, row: Row) -> None:
-        self.changes.add((row["versionnumber"], row_id))
-        self.by_modified.add((row["modifiedon"], row_id))
+    def _filed_under(self, row: Row) -> Iterator[tuple[dict[Any, set[str]], Any]]:
+        """The column indexes a row is filed in, each with the row's key there."""
         for col, index in self.indexes.items():
             value = row.get(col)
             if value is not None:
-                index.setdefault(index_key(value), set()).add(row_id)
+                yield index, index_key(value)
+
+    def _index(self, row_id: str, row: Row) -> None:
+        self.changes.add((row["versionnumber"], row_id))
+        self.by_modified.add((row["modifiedon"], row_id))
+        for index, k in self._filed_under(row):
+            index.setdefault(k, set()).add(row_id)
         key = self.unique_key(row)
         if key is not None:
             self.unique[key] = row_id
@@ -77,14 +82,11 @@ class Table:
     def _unindex(self, row_id: str, row: Row) -> None:
         self.changes.remove((row["versionnumber"], row_id))
         self.by_modified.remove((row["modifiedon"], row_id))
-        for col, index in self.indexes.items():
-            value = row.get(col)
-            if value is not None:
-                k = index_key(value)
-                ids = index[k]
-                ids.discard(row_id)
-                if not ids:
-                    del index[k]
+        for index, k in self._filed_under(row):
+            ids = index[k]
+            ids.discard(row_id)
+            if not ids:
+                del index[k]
         key = self.unique_key(row)
         if key is not None and self.unique.get(key) == row_id:
             del self.unique[key]

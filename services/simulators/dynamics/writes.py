@@ -200,13 +200,7 @@ class Writes:
         row.update(changes)
         self._settle_state(schema, row, changes, row_id)
         row["createdon"] = self.now().replace(microsecond=0)
-        self._check(schema, row, None)
-        self._stamp(row)
-        self.store.put(schema.entity_set, row_id, row)
-        self.on_write()
-        if self.on_row is not None:
-            self.on_row(schema, row)
-        return row
+        return self._save(schema, row_id, row, old=None)
 
     def update(self, schema: TableSchema, row_id: str, body: Any) -> Row:
         table = self.store.tables[schema.entity_set]
@@ -224,6 +218,10 @@ class Writes:
         row = dict(old)
         row.update(changes)
         self._settle_state(schema, row, changes, row_id)
+        return self._save(schema, row_id, row, old=old)
+
+    def _save(self, schema: TableSchema, row_id: str, row: Row, *, old: Row | None) -> Row:
+        """Check a created (``old`` None) or updated row, stamp it, store it and tell of it."""
         self._check(schema, row, old)
         self._stamp(row)
         self.store.put(schema.entity_set, row_id, row)

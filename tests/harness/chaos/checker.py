@@ -128,9 +128,8 @@ def expected_values(history: History, *, skew_tolerance_s: float = 2.0,
     never_joined = created - joined
     events: dict[Key, list[Baseline | Edit]] = defaultdict(list)
     for event in history:
-        if isinstance(event, Baseline):
-            events[(event.email, event.preference_id)].append(event)
-        elif isinstance(event, Edit) and event.record_id not in never_joined:
+        if isinstance(event, Baseline) or (isinstance(event, Edit)
+                                           and event.record_id not in never_joined):
             events[event.key].append(event)
     out: dict[Key, Expectation] = {}
     for key, found in events.items():

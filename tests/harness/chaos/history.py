@@ -47,29 +47,39 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Baseline:
-    email: str
-    preference_id: int
-    opted_in: bool
-    kind: str = "baseline"
+class _Event:
+    """What every event shares: its ``kind`` (its class's name in lower case) names it in a
+    written history."""
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.lower()
 
 
 @dataclass(frozen=True, kw_only=True)
-class Edit:
-    side: Side
+class _Value(_Event):
+    """A value of one preference for one email."""
+
     email: str
     preference_id: int
     opted_in: bool
-    at: datetime
-    offset_s: float = 0.0
-    record_id: str | None = None
-    version: int | None = None
-    kind: str = "edit"
 
     @property
     def key(self) -> Key:
         return (self.email, self.preference_id)
+
+
+class Baseline(_Value):
+    """Event 1: the value both sides agreed on before the run."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Edit(_Value):
+    side: Side
+    at: datetime
+    offset_s: float = 0.0
+    record_id: str | None = None
+    version: int | None = None
 
     @property
     def true_at(self) -> datetime:
@@ -78,52 +88,50 @@ class Edit:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Create:
+class Create(_Event):
     record_id: str
     record_type: str
     email: str
-    kind: str = "create"
 
 
 @dataclass(frozen=True, kw_only=True)
-class Join:
+class Join(_Event):
     record_id: str
     at: datetime
-    kind: str = "join"
 
 
 @dataclass(frozen=True, kw_only=True)
-class Move:
+class Move(_Event):
     record_id: str
     old_email: str
     new_email: str
     at: datetime
-    kind: str = "move"
 
 
 @dataclass(frozen=True, kw_only=True)
-class Suppress:
+class _StatusChange(_Event):
+    """The dotdigital contact's status was set, as the contact would (see ``Suppress``)."""
+
     email: str
     at: datetime
-    kind: str = "suppress"
+
+
+class Suppress(_StatusChange):
+    """Event 5: the contact was unsubscribed."""
+
+
+class Resubscribe(_StatusChange):
+    """Event 5: the contact was subscribed again."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class Resubscribe:
-    email: str
-    at: datetime
-    kind: str = "resubscribe"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Poison:
+class Poison(_Event):
     message_id: str
     reason: str
-    kind: str = "poison"
 
 
 Event = Baseline | Edit | Create | Join | Move | Suppress | Resubscribe | Poison
-_KINDS: dict[str, type[Any]] = {cls.kind: cls for cls in
+_KINDS: dict[str, type[Any]] = {cls.__name__.lower(): cls for cls in
                                 (Baseline, Edit, Create, Join, Move, Suppress, Resubscribe,
                                  Poison)}
 
@@ -133,6 +141,7 @@ def event_to_dict(event: Event) -> dict[str, Any]:
     for name, value in out.items():
         if isinstance(value, datetime):
             out[name] = iso(value)
+    out["kind"] = event.kind
     return out
 
 

@@ -41,6 +41,7 @@ from common.vendors.dataverse.schema import OPTED_IN, OPTED_OUT, SUBSCRIPTIONS
 from services.cli.sync_now import request_sync
 from services.simulators import seeding
 from tests.harness.chaos.history import (
+    BASELINE_AT,
     Baseline,
     Create,
     Edit,
@@ -151,7 +152,7 @@ class Workload:
         self.baseline_values = dict(values)
         for (email, preference), value in sorted(values.items()):
             self.history.add(Baseline(email=email, preference_id=preference, opted_in=value))
-            self.model.setdefault((email, preference), (datetime(2000, 1, 1, tzinfo=UTC), value))
+            self.model.setdefault((email, preference), (BASELINE_AT, value))
         self.editable = [e for e in self.editable
                          if all((e, p) in values for p in self.preferences)]
 

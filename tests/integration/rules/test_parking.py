@@ -3,19 +3,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from common.domain import Observation, PreferenceKey
 from common.store import open_store
+from tests.harness.keys import T
 
 from ..store.backends import BACKENDS, store_url
 
 pytestmark = pytest.mark.anyio
-
-T = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
 
 
 def seen(email: str, side: str, opted_in: bool, *, at: int, version: int | None = None,

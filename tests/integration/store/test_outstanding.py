@@ -12,15 +12,11 @@ import pytest
 from common.domain import ContactState, KeyState, Known, PerSide, PreferenceKey, Register
 from common.store import LedgerStore, open_store
 from common.store.directory import RecordRef
+from tests.harness.keys import T, key
 
 pytestmark = pytest.mark.anyio
 
-T = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
 LATER = timedelta(hours=1)
-
-
-def key(email: str = "ann@example.com", pref: int = 1001, account: str = "acme") -> PreferenceKey:
-    return PreferenceKey(account=account, email=email, preference_id=pref)
 
 
 def state(k: PreferenceKey, *, opted_in: bool = False, at: int = 0,

@@ -7,7 +7,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -27,14 +27,9 @@ from common.domain import (
 from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
 from common.store.interface import StoreUnavailable
 from common.store.postgres import PostgresLedgerStore
+from tests.harness.keys import T, key
 
 pytestmark = pytest.mark.anyio
-
-T = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
-
-
-def key(email: str = "ann@example.com", pref: int = 1001, account: str = "acme") -> PreferenceKey:
-    return PreferenceKey(account=account, email=email, preference_id=pref)
 
 
 def full_state(k: PreferenceKey) -> KeyState:
@@ -99,6 +94,15 @@ def test_malformed_urls_are_refused(url: str) -> None:
 async def test_using_a_closed_store_is_an_error(url: str) -> None:
     with pytest.raises(RuntimeError):
         await open_store(url).get_checkpoint("acme", "x")
+
+
+async def test_a_ledger_of_another_schema_version_is_refused(url: str) -> None:
+    async with open_store(url) as store:
+        assert isinstance(store, SqliteLedgerStore)  # either backend (PostgreSQL's extends it)
+        async with store._transaction() as db:
+            await db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("99",))
+    with pytest.raises(RuntimeError, match="ledger schema 99 is not the supported 1"):
+        await open_store(url).open()
 
 
 async def test_every_field_round_trips(store: LedgerStore) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import aiosqlite
@@ -19,19 +19,18 @@ from common.domain import (
     Known,
     OffsetSample,
     PerSide,
-    PreferenceKey,
     Register,
 )
 from common.store import LedgerStore, open_store
 from common.store.postgres import postgres_ddl
 from common.vendors.clock_skew import clock_status, load_time_base, record_samples
+from tests.harness.keys import T, key
 
 from .backends import POSTGRES_URL
 
 pytestmark = pytest.mark.anyio
 
-T = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
-KEY = PreferenceKey(account="acme", email="ann@example.com", preference_id=1001)
+KEY = key()
 
 
 async def test_a_state_placed_in_our_time_base_round_trips(store: LedgerStore) -> None:
