@@ -16,7 +16,7 @@ from bench import results
 from bench.sizes import SIZES, with_repeats
 from services.cli.progress import Meter
 
-SCENARIOS = ("backfill", "steady", "api-economy", "rate-limited", "memory", "scale")
+SCENARIOS = ("backfill", "steady", "api-economy", "rate-limited", "low-tier", "memory", "scale")
 # Run on its own (never part of "all"): faults injected, results in chaos.json (bench/chaos.py).
 CHAOS = "chaos"
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"

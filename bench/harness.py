@@ -59,10 +59,12 @@ class World(harness.World):
     services: dict[str, Process] = field(default_factory=dict)
 
     # --- simulators --------------------------------------------------------------------------
-    async def seed(self, *, records: int, dynamics_states: str = "sample",
-                   dotdigital_states: str = "sample") -> dict[str, Any]:
-        """Both simulators with the same people; the states of each side as asked."""
-        base = {"records": records, "preferences": PREFERENCES, "seed": SEED}
+    async def seed(self, *, records: int, preferences: int = PREFERENCES,
+                   dynamics_states: str = "sample", dotdigital_states: str = "sample"
+                   ) -> dict[str, Any]:
+        """Both simulators with the same people and ``preferences``; the states of each side
+        as asked."""
+        base = {"records": records, "preferences": preferences, "seed": SEED}
         dynamics, dotdigital = await asyncio.gather(
             self.post(f"{self.dyn_url}/_sim/seed",
                       {**base, "account": self.account, "states": dynamics_states}),
