@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--direction", action="append", default=[],
                         choices=("dynamics-to-dotdigital", "dotdigital-to-dynamics"),
                         help="backfill: only this way (repeatable); the other is kept from "
-                             "latest.json, measured at the same size")
+                             "latest.json, measured at the same size; low-tier: its first "
+                             "sync only this way")
     parser.add_argument("--seed", type=int, default=1,
                         help="chaos: the seed of the workload and fault schedule")
     parser.add_argument("--only", default=None, metavar="TEXT",

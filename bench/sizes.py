@@ -47,8 +47,8 @@ SIZES: dict[str, Sizes] = {
     "smoke": Sizes(repeats=1, backfill_contacts=100, steady_contacts=100, steady_rate=20,
                    steady_seconds=4.0, sync_every_s=2.0, rate_limited_contacts=20,
                    memory_contacts=100, scale_contacts=100, scale_writers=(1, 2),
-                   scale_latency_ms=5.0, low_tier_contacts=100,
-                   low_tier_first_sync_contacts=100, low_tier_rest_s=0.0, timeout_s=300.0),
+                   scale_latency_ms=5.0, low_tier_contacts=60,
+                   low_tier_first_sync_contacts=20, low_tier_rest_s=0.0, timeout_s=300.0),
 }
 
 

@@ -5,22 +5,23 @@ dotdigital allows the account 35 calls a minute (the simulator's limit, and the 
 its documented service protection limits (the simulator's defaults). Three measurements:
 
 1. **Idle cycle.** An account of ``low_tier_contacts`` people and 3 preferences (the sample
-   states on both sides, dated an hour back), synced until in step (set-up). A sync then that
-   finds nothing changed must cost at most one call per feed: on each side 6 (dotdigital: the
-   preference tree, the opt-ins since the last read of each of the 3 preferences,
-   suppressed-since, contacts modified since; Dynamics: change tracking of contacts, leads,
-   accounts and subscription rows, the preference catalog, and one ``$batch`` of the
-   email-activated lists and their new members). Counted per side and per endpoint from the
-   simulators' ``GET /_sim/stats``.
+   states on both sides, dated an hour back), synced until in step without a limit, then put
+   at the Low tier (set-up, not measured). A sync then that finds nothing changed must cost at
+   most one call per feed: on each side 6 (dotdigital: the preference tree, the opt-ins since
+   the last read of each of the 3 preferences, suppressed-since, contacts modified since;
+   Dynamics: change tracking of contacts, leads, accounts and subscription rows, the
+   preference catalog, and one ``$batch`` of the email-activated lists and their new members).
+   Counted per side and per endpoint from the simulators' ``GET /_sim/stats``.
 2. **A small sync now.** After the account rested a whole budget window (nothing spent in the
    last minute), 10 people edit all 3 preferences in Dynamics and 10 others in dotdigital; the
    sync triggered then (as ``sync-now --wait``: until every change is reconciled and written)
    must take under 10 s and at most 10 dotdigital calls. Where its time goes: the run's stages
-   (each poller's read done, reconciled, written) and, sampled every
-   :data:`TRACE_EVERY_S`, when each side's calls were made.
+   (each poller's read done, reconciled, written) and, sampled every :data:`TRACE_EVERY_S`,
+   when each side's calls were made.
 3. **First sync.** ``low_tier_first_sync_contacts`` x 5 preferences, each way (as ``backfill``:
    the source side holds every state, the other side the same people and none), under 3
-   minutes each way. One run each way (minutes long at this budget).
+   minutes each way. One run each way (minutes long at this budget); ``--direction``: only
+   that way (the target then is not met: the other way was not measured).
 
 The idle cycle and the small sync are repeated ``repeats`` times in the same account (each
 small sync with other people, after an idle cycle and a rest); figures are medians.
@@ -171,16 +172,28 @@ async def one_account(suite: Suite, world: World
     await asyncio.gather(*(world.set_clock(side, {"offset_s": -HISTORY_AGO_S}) for side in SIDES))
     await world.seed(records=contacts, preferences=PREFERENCES)
     await asyncio.gather(*(world.set_clock(side, {}) for side in SIDES))
-    await low_tier_world(world)
     await world.start_all()
     rounds: list[dict[str, Any]] = []
     async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
         setup = []
-        for _ in range(2):  # in step, then the echoes of that read back
+
+        async def setup_sync() -> None:
             record, calls, _ = await measured_sync(world, progress, timeout_s=sizes.timeout_s)
             setup.append({"seconds": round(record.seconds, 3), "summary": record.summary(),
                           "dotdigital_calls": calls["dotdigital"]["calls"],
-                          "dynamics_calls": calls["dynamics"]["calls"]})
+                          "dynamics_calls": calls["dynamics"]["calls"],
+                          "calls_per_minute": world.options.calls_per_minute})
+
+        # In step, then the echoes of that read back: set-up, without a limit (at the Low
+        # tier it would take minutes at full size, and it is not what is measured) ...
+        for _ in range(2):
+            await setup_sync()
+        # ... then the account at the Low tier, its services started again, and one cycle
+        # of theirs (what they keep in memory, e.g. the clock's estimate, is rebuilt).
+        await world.set_calls_per_minute(CALLS_PER_MINUTE)
+        await low_tier_world(world)
+        await world.start_all()
+        await setup_sync()
         suite.say("  set-up: " + ", ".join(f"{s['seconds']:.1f} s ({s['dotdigital_calls']} "
                                            f"dotdigital calls)" for s in setup))
         for attempt in range(sizes.repeats):
@@ -223,7 +236,7 @@ async def one_account(suite: Suite, world: World
 async def first_sync(suite: Suite) -> dict[str, Any]:
     contacts = suite.sizes.low_tier_first_sync_contacts
     ways: dict[str, Any] = {}
-    for direction in DIRECTIONS:
+    for direction in suite.directions or tuple(DIRECTIONS):
         suite.say(f"low-tier: first sync {direction}, {contacts:,} contacts x 5 preferences")
         async with suite.world(options()) as world:
             await low_tier_world(world)
@@ -279,13 +292,14 @@ async def run(suite: Suite) -> dict[str, Any]:
     sizes = suite.sizes
     suite.say(f"low-tier: idle cycles and small syncs, {sizes.low_tier_contacts:,} contacts x "
               f"{PREFERENCES} preferences, {sizes.repeats} round(s)")
-    async with suite.world(options()) as world:
+    async with suite.world() as world:
         setup, rounds = await one_account(suite, world)
     idle = _idle_figures(rounds)
     small = _sync_now_figures(rounds)
     first = await first_sync(suite)
     first_seconds = max(w["seconds"] for w in first.values())
-    first_met = all(w["met"] for w in first.values())
+    # a way not measured (``--direction``) is not met
+    first_met = len(first) == len(DIRECTIONS) and all(w["met"] for w in first.values())
     return {
         "what": f"dotdigital at {CALLS_PER_MINUTE} calls/min, Dataverse at its documented "
                 f"limits: idle cycle and a sync of {2 * EDITED_PER_SIDE} edited contacts "
