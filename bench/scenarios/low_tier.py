@@ -104,21 +104,25 @@ class CallTrace:
     :data:`TRACE_EVERY_S`: ``(seconds from start, side, route, calls)``."""
 
     world: World
+    last: Mapping[str, dict[str, Any]]
     started: float = field(default_factory=time.monotonic)
     points: list[tuple[float, str, str, int]] = field(default_factory=list)
 
-    async def follow(self, first: Mapping[str, dict[str, Any]]) -> None:
-        last = dict(first)
+    async def sample(self) -> None:
+        """The calls made since the last sample, as of now."""
+        now = await all_stats(self.world)
+        at = round(time.monotonic() - self.started, 2)
+        for side in SIDES:
+            for route, calls in sorted(call_delta(self.last[side], now[side]).items()):
+                self.points.append((at, side, route, calls))
+        self.last = now
+
+    async def follow(self) -> None:
         while True:
             await asyncio.sleep(TRACE_EVERY_S)
-            now = await all_stats(self.world)
-            at = round(time.monotonic() - self.started, 2)
-            for side in SIDES:
-                for route, calls in sorted(call_delta(last[side], now[side]).items()):
-                    self.points.append((at, side, route, calls))
-            last = now
+            await self.sample()
 
-    def by_second(self) -> list[str]:
+    def lines(self) -> list[str]:
         """The trace as lines ``"t=1.2 dotdigital GET /v2/... x3"``."""
         return [f"t={at:.1f} {side} {route} x{calls}" for at, side, route, calls in self.points]
 
@@ -126,14 +130,15 @@ class CallTrace:
 @contextlib.asynccontextmanager
 async def traced(world: World, before: Mapping[str, dict[str, Any]]
                  ) -> AsyncIterator[CallTrace]:
-    trace = CallTrace(world=world)
-    task = asyncio.create_task(trace.follow(before))
+    trace = CallTrace(world=world, last=before)
+    task = asyncio.create_task(trace.follow())
     try:
         yield trace
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await trace.sample()  # the calls made since the last sample
 
 
 def calls_of(before: Mapping[str, dict[str, Any]],
@@ -153,7 +158,7 @@ async def measured_sync(world: World, progress: Progress, *, timeout_s: float,
     if trace:
         async with traced(world, before) as tracer:
             record = await progress.sync(timeout_s=timeout_s)
-        lines = tracer.by_second()
+        lines = tracer.lines()
     else:
         record = await progress.sync(timeout_s=timeout_s)
         lines = []
