@@ -23,7 +23,9 @@ class Sizes:
     scale_latency_ms: float
     low_tier_contacts: int    # the account whose idle cycles and small syncs are measured
     low_tier_first_sync_contacts: int
-    low_tier_rest_s: float    # how long the account rests before a small sync (a whole window)
+    # how long the account rests before a small sync: a whole budget window (smoke: none, it
+    # checks correctness only)
+    low_tier_rest_s: float
     timeout_s: float
 
 
