@@ -16,7 +16,7 @@ from bench import results
 from bench.sizes import SIZES, with_repeats
 from services.cli.progress import Meter
 
-SCENARIOS = ("backfill", "steady", "api-economy", "rate-limited", "memory", "scale")
+SCENARIOS = ("backfill", "steady", "api-economy", "rate-limited", "low-tier", "memory", "scale")
 # Run on its own (never part of "all"): faults injected, results in chaos.json (bench/chaos.py).
 CHAOS = "chaos"
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--direction", action="append", default=[],
                         choices=("dynamics-to-dotdigital", "dotdigital-to-dynamics"),
                         help="backfill: only this way (repeatable); the other is kept from "
-                             "latest.json, measured at the same size")
+                             "latest.json, measured at the same size; low-tier: its first "
+                             "sync only this way")
     parser.add_argument("--seed", type=int, default=1,
                         help="chaos: the seed of the workload and fault schedule")
     parser.add_argument("--only", default=None, metavar="TEXT",

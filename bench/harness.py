@@ -16,7 +16,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +57,16 @@ class World(harness.World):
     options: WorldOptions
     simulators: dict[str, Process]
     services: dict[str, Process] = field(default_factory=dict)
+    # the mapping the config file was written from
+    raw: dict[str, Any] = field(default_factory=dict)
 
     # --- simulators --------------------------------------------------------------------------
-    async def seed(self, *, records: int, dynamics_states: str = "sample",
-                   dotdigital_states: str = "sample") -> dict[str, Any]:
-        """Both simulators with the same people; the states of each side as asked."""
-        base = {"records": records, "preferences": PREFERENCES, "seed": SEED}
+    async def seed(self, *, records: int, preferences: int = PREFERENCES,
+                   dynamics_states: str = "sample", dotdigital_states: str = "sample"
+                   ) -> dict[str, Any]:
+        """Both simulators with the same people and ``preferences``; the states of each side
+        as asked."""
+        base = {"records": records, "preferences": preferences, "seed": SEED}
         dynamics, dotdigital = await asyncio.gather(
             self.post(f"{self.dyn_url}/_sim/seed",
                       {**base, "account": self.account, "states": dynamics_states}),
@@ -102,6 +106,15 @@ class World(harness.World):
     async def stop_services(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.services.values()))
         self.services.clear()
+
+    async def set_calls_per_minute(self, calls_per_minute: int) -> None:
+        """The account's dotdigital tier changed: the services are stopped and the config
+        rewritten (start them again to use it)."""
+        await self.stop_services()
+        self.raw["accounts"][0]["dotdigital"]["calls_per_minute"] = calls_per_minute
+        self.config_path.write_text(config_toml(self.raw))
+        self.config = parse_config(self.raw, env=self.env)
+        self.options = replace(self.options, calls_per_minute=calls_per_minute)
 
     def memory(self) -> dict[str, dict[str, float]]:
         return {name: p.memory() for name, p in self.services.items() if p.alive()}
@@ -156,7 +169,7 @@ async def make_world(*, broker_url: str, options: WorldOptions = WorldOptions(),
             async with aiohttp.ClientSession(timeout=timeout) as http:
                 world = World(account=account, config=config, config_path=config_path, env=env,
                               workdir=workdir, dyn_url=dyn_url, dd_url=dd_url, http=http,
-                              options=options, simulators=simulators)
+                              options=options, simulators=simulators, raw=raw)
                 try:
                     yield world
                 finally:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ORDER = ("backfill", "steady", "api-economy", "rate-limited", "memory", "scale")
+ORDER = ("backfill", "steady", "api-economy", "rate-limited", "low-tier", "memory", "scale")
 
 
 def load(path: Path) -> dict[str, Any]:

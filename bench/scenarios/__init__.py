@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from bench.scenarios import api_economy, backfill, memory, rate_limited, scale, steady
+from bench.scenarios import (
+    api_economy,
+    backfill,
+    low_tier,
+    memory,
+    rate_limited,
+    scale,
+    steady,
+)
 from bench.suite import Scenario
 
 REGISTRY: dict[str, Scenario] = {
@@ -10,6 +18,7 @@ REGISTRY: dict[str, Scenario] = {
     "steady": steady.run,
     "api-economy": api_economy.run,
     "rate-limited": rate_limited.run,
+    "low-tier": low_tier.run,
     "memory": memory.run,
     "scale": scale.run,
 }

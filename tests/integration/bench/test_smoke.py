@@ -24,6 +24,8 @@ FIGURES = {
     "steady": ("p99_s", "p50_s", "changes_per_s"),
     "api-economy": ("write_calls_per_1000", "idle_cycle", "backfill"),
     "rate-limited": ("seconds", "least_seconds", "max_429"),
+    "low-tier": ("idle_calls", "sync_now_seconds", "sync_now_dotdigital_calls",
+                 "first_sync_seconds"),
     "memory": ("peak_rss_mb", "rss_spread_over_backlog_mb"),
     "scale": ("states_per_s", "speedup"),
 }

@@ -6,8 +6,12 @@ import aiohttp
 import pytest
 
 from bench.figures import batched_delta, call_delta, percentile, write_calls
+from bench.harness import SEED, BenchError
 from bench.results import markdown, merge
+from bench.scenarios import low_tier
+from bench.scenarios.low_tier import in_step_people
 from bench.scenarios.rate_limited import budget_seconds
+from services.simulators import seeding
 from services.simulators.base import serving
 from services.simulators.dotdigital import DotdigitalSimulator
 from services.simulators.dynamics import DynamicsSimulator
@@ -79,3 +83,20 @@ async def test_seeding_can_set_every_state_or_none() -> None:
             assert (await r.json())[0]["states"] == 0
         async with http.post(f"{dd}/_sim/seed", json={**base, "states": "some"}) as r:
             assert r.status == 400
+
+
+def test_low_tier_edits_people_whose_states_agree_on_both_sides() -> None:
+    """Flipping their seeded state is then a change on either side after the set-up sync."""
+    first = in_step_people(200, 10)
+    second = in_step_people(200, 10, skip=10)
+
+    assert len(first) == len(second) == 10
+    assert not set(first) & set(second)
+    leaves = [n.id for n in seeding.leaf_preferences(low_tier.PREFERENCES, SEED)]
+    for email in first + second:
+        for pid in leaves:
+            mine = seeding.initial_state(SEED, "dynamics", email, pid)
+            assert mine is not None
+            assert mine == seeding.initial_state(SEED, "dotdigital", email, pid)
+    with pytest.raises(BenchError):
+        in_step_people(20, 10, skip=10)
