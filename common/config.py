@@ -94,6 +94,9 @@ class DotdigitalConfig(VendorCallConfig):
     feed_overlap_s: float = 300.0
     # How long a v3 import is polled before it is left as unknown (it may still land).
     import_deadline_s: float = 300.0
+    # How long the preference tree read in one run is used by the next ones (a preference
+    # added in dotdigital is picked up within this long; the daily full read always reads it).
+    preference_tree_max_age_s: float = 900.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -319,6 +322,8 @@ def _account(reader: _Reader, env: Mapping[str, str]) -> AccountConfig:
             **_vendor_calls(dd, budget_key="calls_per_minute", default_budget=35,
                             max_concurrency=4, timeout_s=121.0),
             import_deadline_s=dd.number("import_deadline_s", default=300.0, minimum=0.1),
+            preference_tree_max_age_s=dd.number("preference_tree_max_age_s", default=900.0,
+                                                minimum=0.0),
         ),
         broker=AccountBrokerConfig(
             user=(broker.text("user", default=f"prefsync-{account_id}") if broker

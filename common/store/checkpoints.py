@@ -133,6 +133,8 @@ def dynamics_delta(entity_set: str) -> Checkpoint[str]:
 PREFERENCE_TREE = Checkpoint("dotdigital:preferences", JSON_LIST)
 # The run that read it (at its start): the ec-poller's part of that run reads it from here.
 PREFERENCE_TREE_RUN = Checkpoint("dotdigital:preferences:run", TEXT)
+# When it was read (our clock; empty: to be read again): common.vendors.dotdigital.tree.
+PREFERENCE_TREE_READ_AT = Checkpoint("dotdigital:preferences:read-at", TIME)
 # dotdigital's time at which the suppressions feed was last read from.
 SUPPRESSED = Checkpoint("dotdigital:suppressed", TIME)
 CONTACTS_MODIFIED = Checkpoint("dotdigital:contacts-modified", TIME)
@@ -168,4 +170,4 @@ def clock_name(side: Side) -> str:
 
 # Checkpoints that hold data rather than a read position (no meaningful age).
 NOT_POSITIONS = frozenset({CATALOG.name, CATALOG_ROWS.name, PREFERENCE_TREE.name,
-                           PREFERENCE_TREE_RUN.name})
+                           PREFERENCE_TREE_RUN.name, PREFERENCE_TREE_READ_AT.name})

@@ -59,8 +59,6 @@ from common.store.checkpoints import (
     CATALOG,
     CATALOG_ROWS,
     EMAIL_LISTS,
-    PREFERENCE_TREE,
-    PREFERENCE_TREE_RUN,
     Checkpoint,
     dynamics_delta,
 )
@@ -93,6 +91,7 @@ from common.vendors.dataverse.schema import (
     parse_odata_time,
 )
 from common.vendors.dotdigital.client import DotdigitalClient
+from common.vendors.dotdigital.tree import tree_for_run
 
 log = logging.getLogger("prefsync.dynamics_poller")
 
@@ -207,10 +206,10 @@ class DynamicsPoller:
                              ) -> tuple[MirrorResult, list[dict[str, Any]]]:
         """Mirror dotdigital's preference tree into this account's catalog ``rows``."""
         if self._dotdigital is not None:
-            tree = await self._dotdigital.preferences()
-            await PREFERENCE_TREE.set(self._store, self.account.id, tree)
-            if run_id is not None:
-                await PREFERENCE_TREE_RUN.set(self._store, self.account.id, run_id)
+            # at most once per run, and only when it may have changed
+            tree = await tree_for_run(
+                client=self._dotdigital, store=self._store, account=self.account.id,
+                run_id=run_id, max_age_s=self.account.dotdigital.preference_tree_max_age_s)
         else:
             tree = await load_tree(self._store, self.account.id)
         if not tree:

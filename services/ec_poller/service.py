@@ -53,13 +53,13 @@ from common.messaging.publishing import envelopes_by_shard, ids_of, publish_prog
 from common.ops import failpoints
 from common.runs import RunRequest
 from common.store import checkpoints
-from common.store.checkpoints import PREFERENCE_TREE, PREFERENCE_TREE_RUN
 from common.store.interface import Checkpoints, Contacts, KeyStates
 from common.vendors.base import VendorError
 from common.vendors.clock_skew import measure_clock
 from common.vendors.dotdigital.client import PREFERENCE_NOT_FOUND, DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH, FeedPosition, feed_position
 from common.vendors.dotdigital.models import ContactOptIns, ContactV3, Suppression
+from common.vendors.dotdigital.tree import mark_stale, tree_for_run
 
 log = logging.getLogger("prefsync.ec_poller")
 
@@ -157,14 +157,17 @@ class EcPoller:
         clock = RunClock(client=self._client, store=self._store, account=self.account.id)
         full_read = "full-read" in request.reasons
         from_start: list[bool] = []
-        for preference_id in leaf_preference_ids(await self._preference_tree(request)):
+        tree = await self._preference_tree(request, full_read=full_read)
+        for preference_id in leaf_preference_ids(tree):
             try:
                 from_start.append(await self._read_preference(request, preference_id, clock,
                                                               full_read, counts))
             except VendorError as exc:
                 if exc.code != PREFERENCE_NOT_FOUND:
                     raise
-                # deleted since the tree was read: nothing more to read of it
+                # deleted since the tree was read: nothing more to read of it, and the tree
+                # is read again next run
+                await mark_stale(store=self._store, account=self.account.id)
                 log.info("preference %s is gone; its feed is not read", preference_id,
                          extra={"account": self.account.id, "run_id": request.run_id})
         await self._read_suppressions(request, clock, full_read, counts)
@@ -181,17 +184,15 @@ class EcPoller:
             "account": self.account.id, "run_id": request.run_id, "read": counts.read,
             "published": counts.published})
 
-    async def _preference_tree(self, request: RunRequest) -> list[dict[str, Any]]:
+    async def _preference_tree(self, request: RunRequest, *,
+                               full_read: bool) -> list[dict[str, Any]]:
         """dotdigital's preference tree: as the dynamics-poller read it at the start of this
-        run (it starts this part afterwards), else read now."""
-        if await PREFERENCE_TREE_RUN.get(self._store, self.account.id) in request.covers:
-            stored = await PREFERENCE_TREE.get(self._store, self.account.id)
-            if stored is not None:
-                return stored
-        tree = await self._client.preferences()
-        await PREFERENCE_TREE.set(self._store, self.account.id, tree)
-        await PREFERENCE_TREE_RUN.set(self._store, self.account.id, request.run_id)
-        return tree
+        run (it starts this part afterwards), as read in a recent run, or read now
+        (:mod:`common.vendors.dotdigital.tree`)."""
+        return await tree_for_run(
+            client=self._client, store=self._store, account=self.account.id,
+            run_id=request.run_id, covers=request.covers, full_read=full_read,
+            max_age_s=self.account.dotdigital.preference_tree_max_age_s)
 
     async def _read_preference(self, request: RunRequest, preference_id: int,
                                clock: RunClock, full_read: bool, counts: RunCounts) -> bool:

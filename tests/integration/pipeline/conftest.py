@@ -9,6 +9,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import aiohttp
 import pytest
 
 from common.config import parse_config
+from common.store import open_store
+from common.store.checkpoints import PREFERENCE_TREE_READ_AT
 from services.cli.broker_setup import setup_broker
 from services.cli.lookup import dotdigital_preferences, dynamics_preferences
 from services.cli.sync_now import sync_and_wait
@@ -116,6 +119,14 @@ class World(harness.World):
         consumes from its queues."""
         await super().wait_consuming(service, process, name=name, timeout_s=timeout_s,
                                      last_only=last_only)
+
+    async def age_preference_tree(self) -> None:
+        """As if the account's ``preference_tree_max_age_s`` had passed since dotdigital's
+        preference tree was last read: the next run reads it again."""
+        max_age = self.config.account(self.account).dotdigital.preference_tree_max_age_s
+        async with open_store(self.config.store.url) as store:
+            await PREFERENCE_TREE_READ_AT.set(
+                store, self.account, datetime.now(UTC) - timedelta(seconds=max_age + 1))
 
     async def sync(self, timeout_s: float = 120) -> dict[str, Any]:
         return await sync_and_wait(config=self.config, account=self.account,

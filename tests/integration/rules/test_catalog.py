@@ -1,4 +1,5 @@
-"""The preference catalog: dotdigital's tree mirrored into Dynamics in every run, per account."""
+"""The preference catalog: dotdigital's tree mirrored into Dynamics, per account (read again
+once it is ``preference_tree_max_age_s`` old)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ async def test_the_tree_is_mirrored_and_follows_renames_deletes_and_additions(
     category = next(int(n["id"]) for n in tree if not n["isPreference"])
     added = await org.dotdigital.create_preference(public_name="Podcasts", is_public=False,
                                                    category_id=category)
+    # The tree read a moment ago is used until it is preference_tree_max_age_s old ...
+    await synced(world)
+    rows = await catalog(org.dataverse, world.account)
+    assert rows[renamed.id]["psync_publicname"] == old["publicName"]
+    assert int(added["id"]) not in rows
+    # ... then read again, and mirrored.
+    await world.age_preference_tree()
     await synced(world)
     rows = await catalog(org.dataverse, world.account)
     assert (rows[renamed.id]["psync_name"], rows[renamed.id]["psync_publicname"],
@@ -94,6 +102,7 @@ async def test_each_account_has_its_own_catalog_and_nothing_cascades(tmp_path: P
             await a.set_clock("dotdigital", {"offset_s": 3})
             await a.edit_dotdigital(person.email, preference.id, not before_b)
             for world in (a, b):
+                await world.age_preference_tree()
                 await synced(world)
             rows_a = await catalog(in_a.dataverse, a.account)
             rows_b = await catalog(in_b.dataverse, b.account)
