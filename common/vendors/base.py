@@ -329,6 +329,7 @@ class Pacer:
         self._sharers = 0  # claimers the shared ledger last named
         self._ledger_retry_at = 0.0
         self._paused_until = 0.0
+        self._short_until = 0.0  # see short
         self._window: _VendorWindow | None = None
         self.waited_s = 0.0
         self.claims = 0  # round trips to the ledger, for measurement
@@ -355,6 +356,14 @@ class Pacer:
     @property
     def paused_for(self) -> float:
         return max(0.0, self._paused_until - self._clock())
+
+    @property
+    def short(self) -> bool:
+        """The budget ran out lately: less than a window ago a claim was refused, or only the
+        vendor's reserve was left, and calls waited for it. Whoever decides how to spend calls
+        (the writer's rounds) can then spend fewer, bigger ones: more calls sooner would only
+        wait too."""
+        return self._clock() < self._short_until
 
     @property
     def waiting(self) -> int:
@@ -406,6 +415,7 @@ class Pacer:
             self._window = window = None  # reset: unknown again until the next answer
         if window is None or window.remaining > window.reserved:
             return 0.0
+        self._short_until = max(self._short_until, window.ends + self.budget.window_s)
         return window.ends - now
 
     def _holding(self) -> bool:
@@ -438,6 +448,7 @@ class Pacer:
             return 0.0
         wait = max(grant.wait_s, _MIN_WAIT_S)
         self._refused_until = self._clock() + wait
+        self._short_until = self._refused_until + self.budget.window_s
         return wait
 
     async def _shared_grant(self, tokens: int) -> BudgetGrant | None:

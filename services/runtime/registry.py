@@ -43,6 +43,7 @@ from common.ops.metrics import METRICS
 from common.ops.metrics import observed as observed_store
 from common.store import LedgerStore, open_store
 from common.store.interface import StoreUnavailable
+from common.vendors.base import Pacer
 from common.vendors.dataverse.client import DataverseClient
 from common.vendors.dotdigital.client import DotdigitalClient
 from services.dynamics_poller.service import DynamicsPoller
@@ -66,6 +67,16 @@ log = logging.getLogger("prefsync.runtime")
 # service with four shard batches in hand stays around 100 MB, and each ledger transaction (the
 # write lock other processes wait for) stays short.
 SHARD_BATCH = 4
+# dotdigital write batches are bigger: before each round the writer reads back what dotdigital
+# changed since the previous round, its own writes included (so nobody's change there is
+# overwritten unseen), and one v3 import takes many thousands of contacts; on a Low tier
+# budget (35 calls a minute) the fewer rounds a backlog takes, the fewer of those reads.
+DOTDIGITAL_WRITE_BATCH = 16
+
+
+def _budget_short(pacer: Pacer) -> Callable[[], bool]:
+    """Whether the pacer's budget ran out lately (:attr:`Pacer.short`), asked when needed."""
+    return lambda: pacer.short
 
 
 @dataclass
@@ -242,10 +253,10 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                              handler=handler, dead_letters=dead, prefetch=prefetch,
                              batch_size=batch_size, on_batch=METRICS.on_batch)
 
-    def shard(service: str, queue: str, handler: Any) -> None:
+    def shard(service: str, queue: str, handler: Any, batch_size: int = SHARD_BATCH) -> None:
         """A shard queue, consumed by whichever replica the assignment gives it to."""
         assigners[service].add(account=account.id, queue=queue,
-                               make=lambda: consumer(queue, handler, SHARD_BATCH))
+                               make=lambda: consumer(queue, handler, batch_size))
 
     if "dynamics-poller" in services:
         assert dataverse is not None
@@ -302,9 +313,14 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                             shards=shards, dead_letters=dead,
                             future_tolerance=timedelta(seconds=account.future_tolerance_s))
             # the shards' batches that arrive close together are written as one round
+            # one at a time while the side's budget ran out lately (rule 6 there)
+            pacer = (dotdigital if sink.side == "dotdigital" else dataverse).pacer
             rounds = WriteRounds(write=writer.handle_round,
-                                 linger_s=config.writer.linger_ms / 1000, size=shards)
+                                 linger_s=config.writer.linger_ms / 1000, size=shards,
+                                 serial=_budget_short(pacer))
             write = observed(rounds.handle, METRICS.handled_counter(service="writer"))
+            batch_size = DOTDIGITAL_WRITE_BATCH if sink.side == "dotdigital" else SHARD_BATCH
             for index in range(shards):
-                shard("writer", Topology.writes_queue(account.id, sink.side, index), write)
+                shard("writer", Topology.writes_queue(account.id, sink.side, index), write,
+                      batch_size)
     return tasks

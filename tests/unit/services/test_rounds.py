@@ -174,3 +174,44 @@ async def test_the_dotdigital_writer_writes_several_shards_in_one_read_and_one_w
             1 if len(s.emails) > 2 else len(s.emails))
         for email in s.emails:
             assert await s.opted_in(email) is False
+
+
+@pytest.mark.parametrize("short", [True, False])
+async def test_while_the_budget_is_short_a_round_waits_for_the_one_being_written_and_grows(
+        short: bool) -> None:
+    """Rule 6: while the side's budget ran out lately, the next round does not start while one
+    is being written; it takes the batches that arrive meanwhile, and is written once the
+    other is done. With budget to spare, rounds overlap as before."""
+    written: list[list[list[str]]] = []
+    first_started, release = asyncio.Event(), asyncio.Event()
+
+    async def write(batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
+        written.append([[str(item) for item in batch] for batch in batches])
+        if len(written) == 1:
+            first_started.set()
+            await release.wait()
+        return [Handled(account=ACCOUNT, counts={"written": len(b)}) for b in batches]
+
+    rounds = WriteRounds(write=write, linger_s=0.0, size=SHARDS, serial=lambda: short)
+
+    def batch(name: str) -> Sequence[Delivery]:
+        return [name]  # type: ignore[list-item]  # the round writer only counts them
+
+    async def ticks() -> None:
+        for _ in range(10):
+            await asyncio.sleep(0)  # let every ready task run (no time passes)
+
+    first = asyncio.create_task(rounds.handle(batch("a")))
+    await first_started.wait()
+    second = asyncio.create_task(rounds.handle(batch("b")))
+    await ticks()
+    third = asyncio.create_task(rounds.handle(batch("c")))
+    await ticks()
+    if short:
+        assert written == [[["a"]]]  # b's round waits, and c joined it
+    else:
+        assert written == [[["a"]], [["b"]], [["c"]]]
+    release.set()
+    await asyncio.gather(first, second, third)
+    if short:
+        assert written == [[["a"]], [["b"], ["c"]]]

@@ -206,3 +206,14 @@ async def test_a_vendor_pause_holds_every_request_and_respects_deadlines() -> No
             pass
     started = time.now
     assert await spend(p, 2, time) == [started + 12.0] * 2
+
+
+async def test_the_pacer_says_the_budget_is_short_for_a_window_after_calls_waited() -> None:
+    time = FakeTime()
+    p = pacer(time)
+    await spend(p, 28, time)  # the whole budget less its reserve, at once: nothing waited
+    assert not p.short
+    await spend(p, 1, time)  # this one waited for the first claims to be forgotten
+    assert p.short
+    await time.sleep(SPAN + DOTDIGITAL.window_s)
+    assert not p.short
