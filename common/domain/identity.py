@@ -21,7 +21,9 @@ def normalize_email(value: str) -> str:
     """
     email = value.strip().lower()
     local, at, domain = email.rpartition("@")
-    if not at or not local or not domain or "@" in local or any(c.isspace() for c in email):
+    # split() breaks on exactly the characters isspace() names: one part means none inside
+    # (several times cheaper than testing each character, on every address read)
+    if not at or not local or not domain or "@" in local or len(email.split()) != 1:
         raise ValueError("not an email address")
     return email
 

@@ -48,6 +48,27 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def _refused_by_characters(value: str) -> bool:
+    """The address rule spelt out character by character."""
+    email = value.strip().lower()
+    local, at, domain = email.rpartition("@")
+    return (not at or not local or not domain or "@" in local
+            or any(c.isspace() for c in email))
+
+
+@examples(300)
+@given(value=emails | st.text(max_size=12) | st.builds(
+    lambda a, space, b: f"{a}{space}{b}", emails, st.sampled_from(
+        [" ", "\t", "\u00a0", "\u2003", "\u3000", "\x1c", "\u200b", "\u0085"]), emails))
+def test_the_email_rule_refuses_white_space_anywhere_inside(value: str) -> None:
+    try:
+        normalize_email(value)
+    except ValueError:
+        assert _refused_by_characters(value)
+    else:
+        assert not _refused_by_characters(value)
+
+
 @FAST
 @given(account=st.text(min_size=1, max_size=5), email=emails,
        preference_id=st.integers(-2**63, 2**63 - 1))
