@@ -178,10 +178,6 @@ class KeyState:
 
     # Built directly, never with dataclasses.replace (several times dearer), since a state is
     # rebuilt on every change it takes. Each method sets one part and keeps the others.
-    def with_register(self, register: Register | None) -> KeyState:
-        return KeyState(key=self.key, register=register, known=self.known, pending=self.pending,
-                        writes=self.writes, horizon=self.horizon, revision=self.revision)
-
     def with_known(self, side: Side, known: Known) -> KeyState:
         return self.with_parts(known=self.known.with_(side, known))
 
@@ -190,9 +186,6 @@ class KeyState:
 
     def with_writes(self, side: Side, records: tuple[WriteRecord, ...]) -> KeyState:
         return self.with_parts(writes=self.writes.with_(side, records))
-
-    def with_horizon(self, side: Side, horizon: LedgerHorizon) -> KeyState:
-        return self.with_parts(horizon=self.horizon.with_(side, horizon))
 
     def with_revision(self, revision: int) -> KeyState:
         return KeyState(key=self.key, register=self.register, known=self.known,
