@@ -10,6 +10,7 @@ from common.domain.commands import WriteCommand
 from common.domain.identity import normalize_email
 from common.domain.observation import Observation
 from common.domain.sides import Side
+from common.domain.trusted import assembled
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,20 +41,35 @@ class HistoryEntry:
             object.__setattr__(self, "corrected_time", as_utc(self.corrected_time))
 
     @classmethod
+    def trusted(cls, *, account: str, email: str, preference_id: int, side: Side,
+                opted_in: bool, origin_time: datetime, change_id: str, decision: str,
+                recorded_at: datetime, corrected_time: datetime | None = None) -> HistoryEntry:
+        """An entry of parts already checked: a key's email, UTC times. Equal to the
+        constructor's for them, without checking (and normalising) again."""
+        return assembled(cls, account=account, email=email, preference_id=preference_id,
+                         side=side, opted_in=opted_in, origin_time=origin_time,
+                         change_id=change_id, decision=decision, recorded_at=recorded_at,
+                         corrected_time=corrected_time)
+
+    @classmethod
     def for_observation(cls, observation: Observation, *, decision: str,
                         recorded_at: datetime) -> HistoryEntry:
+        # an observation's key and times were checked when it was built: only ours is
         key = observation.key
-        return cls(account=key.account, email=key.email, preference_id=key.preference_id,
-                   side=observation.side, opted_in=observation.opted_in,
-                   origin_time=observation.origin_time, change_id=observation.change_id,
-                   decision=decision, recorded_at=recorded_at,
-                   corrected_time=observation.corrected_time)
+        return cls.trusted(account=key.account, email=key.email,
+                           preference_id=key.preference_id, side=observation.side,
+                           opted_in=observation.opted_in, origin_time=observation.origin_time,
+                           change_id=observation.change_id, decision=decision,
+                           recorded_at=as_utc(recorded_at),
+                           corrected_time=observation.corrected_time)
 
     @classmethod
     def for_write(cls, command: WriteCommand, *, recorded_at: datetime,
                   decision: str = "written") -> HistoryEntry:
+        # a key's email is normalised already; a command's time is not checked anywhere else
         key = command.key
-        return cls(account=key.account, email=key.email, preference_id=key.preference_id,
-                   side=command.side, opted_in=command.opted_in,
-                   origin_time=command.origin_time, change_id=command.change_id,
-                   decision=decision, recorded_at=recorded_at)
+        return cls.trusted(account=key.account, email=key.email,
+                           preference_id=key.preference_id, side=command.side,
+                           opted_in=command.opted_in, origin_time=as_utc(command.origin_time),
+                           change_id=command.change_id, decision=decision,
+                           recorded_at=as_utc(recorded_at))

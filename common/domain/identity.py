@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.domain.trusted import assembled
+
 
 def normalize_email(value: str) -> str:
     """Trim surrounding white space and lower-case the whole address.
@@ -19,7 +21,9 @@ def normalize_email(value: str) -> str:
     """
     email = value.strip().lower()
     local, at, domain = email.rpartition("@")
-    if not at or not local or not domain or "@" in local or any(c.isspace() for c in email):
+    # split() breaks on exactly the characters isspace() names: one part means none inside
+    # (several times cheaper than testing each character, on every address read)
+    if not at or not local or not domain or "@" in local or len(email.split()) != 1:
         raise ValueError("not an email address")
     return email
 
@@ -42,3 +46,11 @@ class PreferenceKey:
         if isinstance(self.preference_id, bool) or not isinstance(self.preference_id, int):
             raise ValueError("preference_id must be an integer")
         object.__setattr__(self, "email", normalize_email(self.email))
+
+    @classmethod
+    def trusted(cls, *, account: str, email: str, preference_id: int) -> PreferenceKey:
+        """A key of parts already checked: ``email`` normalised by :func:`normalize_email` (a
+        decoded message's, another key's), a non-empty account, an integer id. Equal to the
+        key the constructor gives for them, without checking (and normalising) again: keys are
+        built several times per change on the hot path."""
+        return assembled(cls, account=account, email=email, preference_id=preference_id)

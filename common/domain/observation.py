@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from common.domain.clock import ZERO, Placed, as_utc
 from common.domain.identity import PreferenceKey
 from common.domain.sides import SIDES, Side
+from common.domain.trusted import assembled
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +73,31 @@ class Observation(ReadValue, Placed):
         object.__setattr__(self, "origin_time", as_utc(self.origin_time))
         if self.bounded_time is not None:
             object.__setattr__(self, "bounded_time", as_utc(self.bounded_time))
+
+    @classmethod
+    def trusted(cls, *, key: PreferenceKey, side: Side, opted_in: bool, origin_time: datetime,
+                version: int | None = None, change_id: str = "", carried: bool = False,
+                joined: bool = False) -> Observation:
+        """An observation (not yet placed in our time base) of parts already checked: a
+        decoded message's (a known side, a bool, a UTC time, not carried and joined at once).
+        Equal to the constructor's for them, without checking again."""
+        return assembled(cls, opted_in=opted_in, origin_time=origin_time, version=version,
+                         change_id=change_id, carried=carried, joined=joined, key=key,
+                         side=side, offset=ZERO, uncertainty=ZERO, bounded_time=None,
+                         clock_epoch=0)
+
+    def placed(self, *, offset: timedelta, uncertainty: timedelta,
+               bounded_time: datetime | None, clock_epoch: int) -> Observation:
+        """This observation placed in our time base (see
+        :func:`common.domain.time_base.in_time_base`): ``bounded_time`` in UTC. The rest was
+        checked when this one was built, so only the new uncertainty is."""
+        if uncertainty < ZERO:
+            raise ValueError("uncertainty must not be negative")
+        return assembled(type(self), opted_in=self.opted_in, origin_time=self.origin_time,
+                         version=self.version, change_id=self.change_id, carried=self.carried,
+                         joined=self.joined, key=self.key, side=self.side, offset=offset,
+                         uncertainty=uncertainty, bounded_time=bounded_time,
+                         clock_epoch=clock_epoch)
 
     @property
     def corrected_time(self) -> datetime:

@@ -38,16 +38,20 @@ Rules, in order:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 from common.domain.clock import UNKNOWN_EPOCH, order, span
 from common.domain.commands import WriteCommand
+from common.domain.identity import PreferenceKey
 from common.domain.observation import Observation
-from common.domain.sides import SIDES
+from common.domain.sides import SIDES, PerSide
 from common.domain.state import KeyState, Known, PendingWrite, Register
 from common.domain.suppression import ContactState
-from common.domain.writes import is_echo, prune_writes
+from common.domain.writes import is_echo, pruned_writes
+
+T = TypeVar("T")
 
 
 class Outcome(StrEnum):
@@ -74,25 +78,42 @@ class Decision:
 
 def outstanding(state: KeyState) -> tuple[WriteCommand, ...]:
     """Write commands for every side not known to hold the register's value."""
-    register = state.register
+    return _outstanding(state.key, state.register, state.known)
+
+
+def _outstanding(key: PreferenceKey, register: Register | None,
+                 known: PerSide[Known | None]) -> tuple[WriteCommand, ...]:
     if register is None:
         return ()
     commands = []
     for side in SIDES:
-        known = state.known.get(side)
-        if known is None or known.opted_in != register.opted_in:
-            commands.append(WriteCommand.for_register(key=state.key, side=side,
-                                                      register=register))
+        held = known.get(side)
+        if held is None or held.opted_in != register.opted_in:
+            commands.append(WriteCommand.for_register(key=key, side=side, register=register))
     return tuple(commands)
 
 
 def settle(state: KeyState) -> tuple[KeyState, tuple[WriteCommand, ...]]:
     """The outstanding commands, with ``pending`` updated to match them."""
-    commands = outstanding(state)
+    commands = _outstanding(state.key, state.register, state.known)
+    pending = _pending(state.pending, commands)
+    return (state if pending is state.pending else state.with_parts(pending=pending)), commands
+
+
+def _pending(pending: PerSide[PendingWrite | None], commands: tuple[WriteCommand, ...]
+             ) -> PerSide[PendingWrite | None]:
+    """``pending`` remembering ``commands``: the same object when it already did (so that an
+    unchanged state is told by identity, without comparing it whole)."""
     for command in commands:
-        state = state.with_pending(command.side, PendingWrite(
-            opted_in=command.opted_in, origin_time=command.origin_time))
-    return state, commands
+        write = PendingWrite(opted_in=command.opted_in, origin_time=command.origin_time)
+        if pending.get(command.side) != write:
+            pending = pending.with_(command.side, write)
+    return pending
+
+
+def _moved(new: T, old: T) -> bool:
+    """A part of the state changed: replaced (identity) by a value that differs."""
+    return new is not old and new != old
 
 
 def _against_register(register: Register | None, observation: Observation) -> Outcome:
@@ -131,6 +152,13 @@ def _beyond_ledger(state: KeyState, observation: Observation) -> bool:
     return horizon is not None and horizon.covers(observation)
 
 
+def _takes_register(outcome: Outcome, observation: Observation,
+                    register: Register | None) -> bool:
+    """The observation becomes the register (rule 6)."""
+    return outcome in (Outcome.APPLIED, Outcome.TIE_OPT_OUT_WON) or (
+        outcome is Outcome.TIE_SAME_VALUE and _reaches_later(observation, register))
+
+
 def reconcile(state: KeyState | None, observation: Observation, *,
               contact: ContactState | None = None) -> Decision:
     """Fold ``observation`` into ``state`` (``None``: nothing stored yet for the key)."""
@@ -140,42 +168,53 @@ def reconcile(state: KeyState | None, observation: Observation, *,
     if contact is not None and contact.suppressed:
         return Decision(state=before, outcome=Outcome.SUPPRESSED, commands=(), changed=False)
 
+    # The state's parts are worked on apart and the state is built once, at the end (only
+    # when one of them changed): this runs for every change of every batch.
     side = observation.side
     known = before.known.get(side)
     seen = Known.of(observation)
-    after = before
+    register = before.register
+    knowledge = before.known
+    prune = False
     if observation.carried:
         # Not a read of the side: only the register may move (a write of ours that lands after
         # it is then still known, and corrected, because the side's knowledge stays as read).
-        outcome = _against_register(before.register, observation)
-        if outcome in (Outcome.APPLIED, Outcome.TIE_OPT_OUT_WON) or (
-                outcome is Outcome.TIE_SAME_VALUE
-                and _reaches_later(observation, before.register)):
-            after = replace(after, register=Register.of(observation))
+        outcome = _against_register(register, observation)
+        if _takes_register(outcome, observation, register):
+            register = Register.of(observation)
     elif observation.joined:
         outcome = Outcome.JOINED
-        register = before.register
         if register is not None and register.opted_in != observation.opted_in:
             as_of = seen.as_of if known is None else max(known.as_of, seen.as_of)
-            after = after.with_known(side, Known(opted_in=observation.opted_in, as_of=as_of,
-                                                 offset=observation.offset))
+            knowledge = knowledge.with_(side, Known(opted_in=observation.opted_in, as_of=as_of,
+                                                    offset=observation.offset))
     elif is_echo(before, observation):
         outcome = Outcome.ECHO
         if seen.is_newer_than(known):
-            after = prune_writes(after.with_known(side, seen), side)
+            knowledge = knowledge.with_(side, seen)
+            prune = True
     elif seen.same_as(known):
         outcome = Outcome.DUPLICATE
     else:
         if seen.is_newer_than(known):
-            after = after.with_known(side, seen)
+            knowledge = knowledge.with_(side, seen)
         if observation.opted_in and _beyond_ledger(before, observation):
             outcome = Outcome.STALE
         else:
-            outcome = _against_register(before.register, observation)
-            if outcome in (Outcome.APPLIED, Outcome.TIE_OPT_OUT_WON) or (
-                    outcome is Outcome.TIE_SAME_VALUE
-                    and _reaches_later(observation, before.register)):
-                after = replace(after, register=Register.of(observation))
-        after = prune_writes(after, side)
-    after, commands = settle(after)
-    return Decision(state=after, outcome=outcome, commands=commands, changed=after != before)
+            outcome = _against_register(register, observation)
+            if _takes_register(outcome, observation, register):
+                register = Register.of(observation)
+        prune = True
+    writes, horizon = before.writes, before.horizon
+    if prune and (pruned := pruned_writes(writes.get(side), known=knowledge.get(side),
+                                          horizon=horizon.get(side))) is not None:
+        writes, horizon = writes.with_(side, pruned[0]), horizon.with_(side, pruned[1])
+    commands = _outstanding(before.key, register, knowledge)
+    pending = _pending(before.pending, commands)
+    changed = (_moved(register, before.register) or _moved(knowledge, before.known)
+               or _moved(pending, before.pending) or _moved(writes, before.writes)
+               or _moved(horizon, before.horizon))
+    after = before if not changed else KeyState(
+        key=before.key, register=register, known=knowledge, pending=pending, writes=writes,
+        horizon=horizon, revision=before.revision)
+    return Decision(state=after, outcome=outcome, commands=commands, changed=changed)

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from common.domain.clock import ZERO, Placed
@@ -176,14 +176,30 @@ class KeyState:
     horizon: PerSide[LedgerHorizon | None] = field(default_factory=_no_horizon)
     revision: int = 0
 
+    # Built directly, never with dataclasses.replace (several times dearer), since a state is
+    # rebuilt on every change it takes. Each method sets one part and keeps the others.
     def with_known(self, side: Side, known: Known) -> KeyState:
-        return replace(self, known=self.known.with_(side, known))
+        return self.with_parts(known=self.known.with_(side, known))
 
     def with_pending(self, side: Side, pending: PendingWrite) -> KeyState:
-        return replace(self, pending=self.pending.with_(side, pending))
+        return self.with_parts(pending=self.pending.with_(side, pending))
 
     def with_writes(self, side: Side, records: tuple[WriteRecord, ...]) -> KeyState:
-        return replace(self, writes=self.writes.with_(side, records))
+        return self.with_parts(writes=self.writes.with_(side, records))
 
-    def with_horizon(self, side: Side, horizon: LedgerHorizon) -> KeyState:
-        return replace(self, horizon=self.horizon.with_(side, horizon))
+    def with_revision(self, revision: int) -> KeyState:
+        return KeyState(key=self.key, register=self.register, known=self.known,
+                        pending=self.pending, writes=self.writes, horizon=self.horizon,
+                        revision=revision)
+
+    def with_parts(self, *, known: PerSide[Known | None] | None = None,
+                   pending: PerSide[PendingWrite | None] | None = None,
+                   writes: PerSide[tuple[WriteRecord, ...]] | None = None,
+                   horizon: PerSide[LedgerHorizon | None] | None = None) -> KeyState:
+        """This state with the per-side parts given replaced (``None``: kept)."""
+        return KeyState(key=self.key, register=self.register,
+                        known=self.known if known is None else known,
+                        pending=self.pending if pending is None else pending,
+                        writes=self.writes if writes is None else writes,
+                        horizon=self.horizon if horizon is None else horizon,
+                        revision=self.revision)

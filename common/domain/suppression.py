@@ -21,11 +21,12 @@ write to a suppressed one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
 from common.domain.clock import as_utc
 from common.domain.identity import normalize_email
+from common.domain.trusted import assembled
 
 _SUPPRESSING = frozenset(s.lower() for s in (
     "Unsubscribed", "HardBounced", "IspComplained", "MailBlocked", "DirectComplaint", "Deleted",
@@ -64,6 +65,14 @@ class ContactState:
         object.__setattr__(self, "since", as_utc(self.since))
         is_suppressed(self.status)  # refuse unknown statuses up front
 
+    @classmethod
+    def trusted(cls, *, account: str, email: str, status: str, since: datetime,
+                revision: int = 0) -> ContactState:
+        """A contact state of parts already checked: a normalised email, a known status, a UTC
+        time. Equal to the constructor's for them, without checking again."""
+        return assembled(cls, account=account, email=email, status=status, since=since,
+                         revision=revision)
+
     @property
     def suppressed(self) -> bool:
         return is_suppressed(self.status)
@@ -96,6 +105,8 @@ def apply_contact_status(contact: ContactState | None, *, account: str, email: s
     if not newer or (incoming.status, incoming.since) == (contact.status, contact.since):
         return ContactDecision(state=contact, changed=False, suppressed_now=contact.suppressed,
                                resumed=False)
-    state = replace(incoming, revision=contact.revision)
+    state = ContactState.trusted(account=incoming.account, email=incoming.email,
+                                 status=incoming.status, since=incoming.since,
+                                 revision=contact.revision)
     return ContactDecision(state=state, changed=True, suppressed_now=state.suppressed,
                            resumed=contact.suppressed and not state.suppressed)

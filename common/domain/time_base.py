@@ -289,14 +289,14 @@ def in_time_base(observation: Observation, *, estimate: ClockEstimate | None,
     read_at = as_utc(read_at)
     if estimate is None:
         bounded = read_at if observation.origin_time > read_at + tolerance else None
-        return replace(observation, offset=ZERO, uncertainty=ZERO, bounded_time=bounded,
-                       clock_epoch=0)
+        return observation.placed(offset=ZERO, uncertainty=ZERO, bounded_time=bounded,
+                                  clock_epoch=0)
     read_on_their_clock = read_at + estimate.offset
     bounded = (read_on_their_clock
                if observation.origin_time > read_on_their_clock + tolerance else None)
     offset_s, uncertainty_s, epoch = estimate.placement(
         bounded if bounded is not None else observation.origin_time)
     drift = estimate.uncertainty_at(read_at) - timedelta(seconds=estimate.uncertainty_s)
-    return replace(observation, offset=timedelta(seconds=offset_s),
-                   uncertainty=timedelta(seconds=uncertainty_s) + drift, bounded_time=bounded,
-                   clock_epoch=epoch)
+    return observation.placed(offset=timedelta(seconds=offset_s),
+                              uncertainty=timedelta(seconds=uncertainty_s) + drift,
+                              bounded_time=bounded, clock_epoch=epoch)

@@ -18,7 +18,6 @@ Writer flow (each step a compare-and-set save of the key's state):
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import datetime, timedelta
 
 from common.domain.clock import ZERO, as_utc, whole_second
@@ -109,12 +108,24 @@ def prune_writes(state: KeyState, side: Side) -> KeyState:
     """Drop expired in-flight records (the side has been seen well past them) and keep only the
     records of the newest ``MAX_WRITE_RECORDS`` writes; the horizon remembers how far the
     dropped ones reached."""
-    known = state.known.get(side)
-    records = state.writes.get(side)
+    pruned = pruned_writes(state.writes.get(side), known=state.known.get(side),
+                           horizon=state.horizon.get(side))
+    if pruned is None:
+        return state
+    kept, horizon = pruned
+    return state.with_parts(writes=state.writes.with_(side, kept),
+                            horizon=state.horizon.with_(side, horizon))
+
+
+def pruned_writes(records: tuple[WriteRecord, ...], *, known: Known | None,
+                  horizon: LedgerHorizon | None
+                  ) -> tuple[tuple[WriteRecord, ...], LedgerHorizon] | None:
+    """:func:`prune_writes` on one side's parts: the records kept and the horizon widened by
+    the dropped ones, or ``None`` when none is dropped."""
     if len(records) <= MAX_WRITE_RECORDS and not any(
             r.in_flight and known is not None and known.as_of > r.window_start + IN_FLIGHT_LIMIT
             for r in records):
-        return state  # nothing expired, and no more writes than are kept (the common case)
+        return None  # nothing expired, and no more writes than are kept (the common case)
     kept: list[WriteRecord] = []
     dropped: list[WriteRecord] = []
     # confirmed records go first, oldest first: an in-flight one is the last to be forgotten
@@ -130,13 +141,12 @@ def prune_writes(state: KeyState, side: Side) -> KeyState:
     dropped.extend(r for r in kept if (r.opted_in, r.register_origin_time) not in newest)
     kept = [r for r in kept if (r.opted_in, r.register_origin_time) in newest]
     if not dropped:
-        return state
-    horizon = state.horizon.get(side)
+        return None
     for r in dropped:
         horizon = (LedgerHorizon.of(r, in_flight_limit=IN_FLIGHT_LIMIT) if horizon is None
                    else horizon.widened(r, in_flight_limit=IN_FLIGHT_LIMIT))
     assert horizon is not None
-    return state.with_writes(side, tuple(kept)).with_horizon(side, horizon)
+    return tuple(kept), horizon
 
 
 def begin_write(state: KeyState, command: WriteCommand, *, window_start: datetime) -> KeyState:
@@ -202,7 +212,8 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
             # landed last is unknown. The register follows that change, so the side is taken
             # to hold our write: the correction goes out (redundant if the change landed
             # last), never nothing (a stale value of ours left in place).
-            state = state.with_known(side, replace(wrote, as_of=read.as_of))
+            state = state.with_known(side, Known(opted_in=wrote.opted_in, as_of=read.as_of,
+                                                 version=wrote.version, offset=wrote.offset))
     return prune_writes(state, side)
 
 

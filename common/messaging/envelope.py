@@ -8,7 +8,9 @@ into a dead letter) is raised for:
 
 1. an unknown version, type or source, a missing or mistyped field, a bad timestamp;
 2. an email the domain would refuse (:func:`common.domain.identity.normalize_email`: one
-   ``@`` between a non-empty local part and domain, no white space inside);
+   ``@`` between a non-empty local part and domain, no white space inside); an email that
+   passes comes out normalised, the one time it is: handlers build keys from it as it is
+   (:meth:`common.domain.identity.PreferenceKey.trusted`);
 3. an integer (a preference id, a version) outside a signed 64-bit integer, which the ledger
    store could not hold.
 """
@@ -259,11 +261,10 @@ def _time(raw: Mapping[str, Any], name: str, *, where: str) -> datetime:
 def _email(raw: Mapping[str, Any], where: str) -> str:
     email: str = _field(raw, "email", str, where=where)
     try:
-        normalize_email(email)
+        return normalize_email(email)
     except ValueError:
         raise MalformedMessage(f"{where}.email: not an email address (one @ between a local "
                                "part and a domain, no spaces)") from None
-    return email
 
 
 def _preference_change(raw: Any, where: str) -> PreferenceChange:

@@ -16,6 +16,7 @@ categories; never an email, a record id or a secret (API endpoints are route tem
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -218,20 +219,18 @@ class Metrics:
         """An observer of the reconciler's or the writer's handled batches
         (:func:`common.messaging.middleware.observed`): the reconciler's decisions, the
         writer's outcomes per side, and the changes stamped beyond the future bound."""
-        future = self.future_counter(service=service)
-
         def count(handled: Handled) -> None:
+            # once per batch and label: a label lookup costs more than the count itself
+            label = service_label(service)
             for outcome, n in handled.counts.items():
                 if not n:
                     continue
                 if handled.side is None:
-                    self.reconcile_outcomes.labels(service_label(service), handled.account,
-                                                   outcome).inc(n)
+                    self.reconcile_outcomes.labels(label, handled.account, outcome).inc(n)
                 else:
-                    self.writes.labels(service_label(service), handled.account, handled.side,
-                                       outcome).inc(n)
-            for side in handled.futures:
-                future(handled.account, side)
+                    self.writes.labels(label, handled.account, handled.side, outcome).inc(n)
+            for side, n in Tally(handled.futures).items():
+                self.future_timestamps.labels(label, handled.account, side).inc(n)
 
         return count
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -76,11 +76,26 @@ def _held(rows: Mapping[tuple[str, str], SubscriptionRow], row_id: str,
     return None if row is None else row.opted_in
 
 
-def to_message(command: domain.WriteCommand) -> WriteMessage:
+def to_message(command: domain.WriteCommand, *, covered: bool = False) -> WriteMessage:
     return WriteMessage(email=command.key.email, preference_id=command.key.preference_id,
                         side=command.side, opted_in=command.opted_in,
                         origin_time=command.origin_time, origin_side=command.origin_side,
-                        change_id=command.change_id)
+                        change_id=command.change_id, covered=covered)
+
+
+def key_of(change: PreferenceChange, *, account: str) -> PreferenceKey:
+    """The key of a decoded change: its email was checked and normalised by the decoding."""
+    return PreferenceKey.trusted(account=account, email=change.email,
+                                 preference_id=change.preference_id)
+
+
+def observation_of(change: PreferenceChange, *, account: str, side: domain.Side) -> Observation:
+    """A decoded change as an observation (not yet placed in our time base), built without
+    checking again what the decoding checked."""
+    return Observation.trusted(
+        key=key_of(change, account=account), side=side, opted_in=change.opted_in,
+        origin_time=change.origin_time, version=change.version, change_id=change.change_id,
+        carried=change.carried, joined=change.joined)
 
 
 @dataclass
@@ -169,7 +184,7 @@ class Reconciler:
         account = self.account
         emails = {c.email for d in batch for c in d.envelope.changes
                   if isinstance(c, PreferenceChange | ContactStatusChange)}
-        keys = {PreferenceKey(account=account, email=c.email, preference_id=c.preference_id)
+        keys = {key_of(c, account=account)
                 for d in batch for c in d.envelope.changes if isinstance(c, PreferenceChange)}
         from_dotdigital = {c.email for d in batch if d.envelope.source == "dotdigital"
                            for c in d.envelope.changes if isinstance(c, PreferenceChange)}
@@ -206,13 +221,8 @@ class Reconciler:
                     continue
                 if not isinstance(change, PreferenceChange):
                     continue
-                key = PreferenceKey(account=account, email=change.email,
-                                    preference_id=change.preference_id)
-                observation = time_base.place(Observation(
-                    key=key, side=side, opted_in=change.opted_in, origin_time=change.origin_time,
-                    version=change.version, change_id=change.change_id, carried=change.carried,
-                    joined=change.joined),
-                    read_at=read_at)
+                observation = time_base.place(
+                    observation_of(change, account=account, side=side), read_at=read_at)
                 if side == "dotdigital" and not email_is_eligible(change.email,
                                                                   eligible_emails=eligible):
                     # Never in an email-activated list in Dynamics: not read into the ledger,
@@ -431,7 +441,7 @@ class Reconciler:
                     continue
                 eligible_at = eligible_since.get(key.email, "")
                 covered = bool(eligible_at) and eligible_at <= read_at
-                out[key].append(replace(to_message(command), covered=covered))
+                out[key].append(to_message(command, covered=covered))
         return dict(out), to_defer
 
     async def _read_mark(self, preference_id: int, shard: int) -> str | None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,9 +64,10 @@ SERVICE = "writer"
 
 
 def to_command(account: str, message: WriteMessage) -> domain.WriteCommand:
+    # a decoded message's email is checked and normalised already
     return domain.WriteCommand(
-        key=PreferenceKey(account=account, email=message.email,
-                          preference_id=message.preference_id),
+        key=PreferenceKey.trusted(account=account, email=message.email,
+                                  preference_id=message.preference_id),
         side=message.side, opted_in=message.opted_in, origin_time=message.origin_time,
         origin_side=message.origin_side, change_id=message.change_id)
 
@@ -194,11 +194,11 @@ class Writer:
             for key, command in todo.items():
                 before = states.get(key) or KeyState(key=key)
                 after = domain.begin_write(before, command, window_start=started)
-                if after != before:
+                if after is not before and after != before:  # identity: nothing recorded
                     changed.append(after)
             revisions = await self._store.save([(st.revision or None, st, None)
                                                 for st in changed])
-            states.update({st.key: replace(st, revision=revision)
+            states.update({st.key: st.with_revision(revision)
                            for st, revision in zip(changed, revisions, strict=True)})
 
         await commit_with_retry(attempt)
