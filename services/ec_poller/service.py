@@ -24,6 +24,10 @@ its change ids are kept (the newest :data:`SEEN_LIMIT`, hashed) in a checkpoint 
 opt-in, when the previous read saw more than that (a burst), is dropped when the ledger already
 knows exactly that value at that time from dotdigital.
 
+Statuses: each contact read in a feed comes with its status, as of the run's start. The
+contact's status goes out once per run, before its opt-ins, and again only when a later feed
+(or page) of the same run shows a different one; the contacts read directly go the same way.
+
 Read markers: after a complete read of a feed from the beginning, a marker per shard tells the
 reconciler that dotdigital's state of that preference is known. The end checkpoint of such a
 read first records that its markers are owed; they are published, confirmed, and only then is
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -100,6 +105,9 @@ class RunCounts:
     published: int = 0
     statuses: int = 0
     message_ids: list[str] = field(default_factory=list)
+    # The status each contact (by id) was last published with in this run: every feed
+    # repeats it, so it goes out once per run, and again only when a later read differs.
+    statuses_sent: dict[int, str] = field(default_factory=dict)
 
 
 def leaf_preference_ids(tree: Sequence[dict[str, Any]]) -> list[int]:
@@ -215,7 +223,8 @@ class EcPoller:
             if seen is None:
                 seen = Seen(keep_from=self._read_from(started))
             fresh = await self._unseen(page, preference_id, skip, seen, unkept=unkept)
-            changes = self._changes_from(fresh, started, only=preference_id)
+            changes = self._changes_from(fresh, started, only=preference_id,
+                                         statuses_sent=counts.statuses_sent)
             counts.read += len(page)
             await self._publish(request, changes, counts,
                                 id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}")
@@ -287,18 +296,24 @@ class EcPoller:
                 if at not in unsure or known[at] != unsure[at][1]]
 
     def _changes_from(self, page: Sequence[ContactOptIns], started: datetime, *,
-                      only: int | None = None) -> list[Change]:
+                      statuses_sent: dict[int, str], only: int | None = None) -> list[Change]:
+        """The page's changes: each contact's status, unless this run already published that
+        same status for it (it is as of the run's start either way), then its opt-ins."""
         changes: list[Change] = []
         for item in page:
             try:
                 email = normalize_email(item.contact.email)
             except ValueError:
                 continue
-            # The contact's status comes first, so a suppressed contact's preferences that
-            # follow in the same message are already known to be suppressed.
-            changes.append(ContactStatusChange(email=email, status=item.contact.status,
-                                               origin_time=started,
-                                               change_id=f"ec-status:{item.contact.id}"))
+            status = item.contact.status
+            # The contact's status comes first (here, or in a message published earlier in
+            # this run), so a suppressed contact's preferences are already known to be
+            # suppressed when they arrive.
+            if statuses_sent.get(item.contact.id) != status:
+                statuses_sent[item.contact.id] = sys.intern(status)
+                changes.append(ContactStatusChange(email=email, status=status,
+                                                   origin_time=started,
+                                                   change_id=f"ec-status:{item.contact.id}"))
             for opt_in in item.opt_ins:
                 if only is not None and opt_in.preference_id != only:
                     continue
@@ -410,7 +425,8 @@ class EcPoller:
                     continue  # not a dotdigital contact (yet): nothing to read
                 raise
             counts.read += 1
-            changes.extend(self._changes_from([opt_ins], await clock.started()))
+            changes.extend(self._changes_from([opt_ins], await clock.started(),
+                                              statuses_sent=counts.statuses_sent))
         await self._publish(request, changes, counts, id_seed=f"{request.run_id}:eligible")
 
     async def _publish(self, request: RunRequest, changes: Sequence[Change], counts: RunCounts,

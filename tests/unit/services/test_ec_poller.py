@@ -127,10 +127,12 @@ class Scene:
 
 
 @asynccontextmanager
-async def scene(tmp_path: Path, *, overlap_s: float = 300.0) -> AsyncIterator[Scene]:
+async def scene(tmp_path: Path, *, overlap_s: float = 300.0, preference_count: int = 3,
+                states: str = "sample") -> AsyncIterator[Scene]:
     async with bed(tmp_path) as found, dotdigital_sim() as sim, DotdigitalClient(
             config=dotdigital_config(sim.url)) as client:
-        await sim.seed(records=RECORDS, preferences=3, seed=SEED, account=DD_ACCOUNT)
+        await sim.seed(records=RECORDS, preferences=preference_count, seed=SEED, account=DD_ACCOUNT,
+                       states=states)
         publisher = Hooked(bed=found)
         poller = EcPoller(account=account_config(sim.url, overlap_s=overlap_s), client=client,
                           store=found.store, publisher=publisher, shards=SHARDS)
@@ -218,3 +220,33 @@ async def test_changes_landing_while_a_run_reads_are_read_by_the_next_run(
         # only what landed: what the previous run published is not published again
         assert changes == {(changed, first, flipped)}, published
         assert (unsubscribed, "Unsubscribed") in statuses, published
+
+
+def feed_statuses(published: Sequence[Change], email: str) -> list[str]:
+    """The statuses published for ``email`` with its opt-ins (the suppressions feed's aside)."""
+    return [c.status for c in published if isinstance(c, ContactStatusChange)
+            and c.email == email and c.change_id.startswith("ec-status:")]
+
+
+async def test_a_contact_in_five_feeds_has_its_status_published_once_a_run(
+        tmp_path: Path) -> None:
+    async with scene(tmp_path, preference_count=5, states="all") as s:
+        email = s.emails[0]
+        _, published = await s.run()
+        read = {c.preference_id for c in published
+                if isinstance(c, PreferenceChange) and c.email == email}
+        assert len(s.preferences) == 5 and read == set(s.preferences), published
+        assert feed_statuses(published, email) == ["Subscribed"], published
+
+
+async def test_a_status_that_changes_between_feeds_in_a_run_is_published_again(
+        tmp_path: Path) -> None:
+    async with scene(tmp_path, preference_count=5, states="all") as s:
+        email = s.emails[0]
+
+        async def unsubscribes() -> None:  # after the first feed's page was read
+            await s.edit(email, status="Unsubscribed")
+
+        s.publisher.before_changes = unsubscribes
+        _, published = await s.run()
+        assert feed_statuses(published, email) == ["Subscribed", "Unsubscribed"], published
