@@ -24,6 +24,13 @@ its change ids are kept (the newest :data:`SEEN_LIMIT`, hashed) in a checkpoint 
 opt-in, when the previous read saw more than that (a burst), is dropped when the ledger already
 knows exactly that value at that time from dotdigital.
 
+The preferences' feeds are read side by side, as many at once as the client calls at once
+(``max_concurrency``); what their pages publish goes out one page at a time.
+
+Statuses: each contact read in a feed comes with its status, as of the run's start. The
+contact's status goes out once per run, before its opt-ins, and again only when a later feed
+(or page) of the same run shows a different one; the contacts read directly go the same way.
+
 Read markers: after a complete read of a feed from the beginning, a marker per shard tells the
 reconciler that dotdigital's state of that preference is known. The end checkpoint of such a
 read first records that its markers are owed; they are published, confirmed, and only then is
@@ -37,8 +44,10 @@ contacts are published; suppressions themselves come from the suppressed-since f
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -100,6 +109,9 @@ class RunCounts:
     published: int = 0
     statuses: int = 0
     message_ids: list[str] = field(default_factory=list)
+    # The status each contact (by id) was last published with in this run: every feed
+    # repeats it, so it goes out once per run, and again only when a later read differs.
+    statuses_sent: dict[int, str] = field(default_factory=dict)
 
 
 def leaf_preference_ids(tree: Sequence[dict[str, Any]]) -> list[int]:
@@ -129,13 +141,17 @@ class RunClock:
         # our time before the run's first dotdigital call
         self._begun = time.time()
         self._started: datetime | None = None
+        # feeds read side by side ask at once: the clock is measured once
+        self._lock = asyncio.Lock()
 
     async def started(self) -> datetime:
-        if self._started is None:
-            self._started = await self._client.time_before(self._begun)
-            await measure_clock(self._store, account=self._account, side="dotdigital",
-                                client=self._client)
-        return self._started
+        async with self._lock:
+            if self._started is None:
+                started = await self._client.time_before(self._begun)
+                await measure_clock(self._store, account=self._account, side="dotdigital",
+                                    client=self._client)
+                self._started = started
+            return self._started
 
 
 class EcPoller:
@@ -156,20 +172,39 @@ class EcPoller:
         counts = RunCounts()
         clock = RunClock(client=self._client, store=self._store, account=self.account.id)
         full_read = "full-read" in request.reasons
-        from_start: list[bool] = []
-        tree = await self._preference_tree(request, full_read=full_read)
-        for preference_id in leaf_preference_ids(tree):
-            try:
-                from_start.append(await self._read_preference(request, preference_id, clock,
-                                                              full_read, counts))
-            except VendorError as exc:
-                if exc.code != PREFERENCE_NOT_FOUND:
-                    raise
-                # deleted since the tree was read: nothing more to read of it, and the tree
-                # is read again next run
-                await mark_stale(store=self._store, account=self.account.id)
-                log.info("preference %s is gone; its feed is not read", preference_id,
-                         extra={"account": self.account.id, "run_id": request.run_id})
+        # Feeds are read side by side (as many as the client calls at once); what a page
+        # publishes, and its checkpoint, one page at a time (see _read_preference).
+        reading = asyncio.Semaphore(self.account.dotdigital.max_concurrency)
+        publishing = asyncio.Lock()
+
+        async def read(preference_id: int) -> bool | None:
+            async with reading:
+                try:
+                    return await self._read_preference(request, preference_id, clock,
+                                                       full_read, counts, publishing)
+                except VendorError as exc:
+                    if exc.code != PREFERENCE_NOT_FOUND:
+                        raise
+                    # deleted since the tree was read: nothing more to read of it, and the
+                    # tree is read again next run
+                    await mark_stale(store=self._store, account=self.account.id)
+                    log.info("preference %s is gone; its feed is not read", preference_id,
+                             extra={"account": self.account.id, "run_id": request.run_id})
+                    return None
+
+        feeds = [asyncio.ensure_future(read(preference_id)) for preference_id in
+                 leaf_preference_ids(await self._preference_tree(request,
+                                                                 full_read=full_read))]
+        try:
+            read_from_start = await asyncio.gather(*feeds)
+        except BaseException:
+            # one feed failed (or the run was stopped): the others stop where they are, as
+            # after a crash (their checkpoints say where)
+            for feed in feeds:
+                feed.cancel()
+            await asyncio.gather(*feeds, return_exceptions=True)
+            raise
+        from_start = [found for found in read_from_start if found is not None]
         await self._read_suppressions(request, clock, full_read, counts)
         await self._read_resubscriptions(request, clock, counts)
         # Feeds read from the beginning already hold every contact's state.
@@ -195,8 +230,14 @@ class EcPoller:
             max_age_s=self.account.dotdigital.preference_tree_max_age_s)
 
     async def _read_preference(self, request: RunRequest, preference_id: int,
-                               clock: RunClock, full_read: bool, counts: RunCounts) -> bool:
-        """Reads one preference's feed; returns True when it was read from the beginning."""
+                               clock: RunClock, full_read: bool, counts: RunCounts,
+                               publishing: asyncio.Lock) -> bool:
+        """Reads one preference's feed; returns True when it was read from the beginning.
+
+        Other feeds are read meanwhile; a page's changes are worked out and published, and its
+        checkpoint saved, under ``publishing``: so a contact's status this run already
+        published (and is not published again) was confirmed before any page that leaves it
+        out is published."""
         checkpoint = feed_position(preference_id)
         source = checkpoint.name
         position = (FeedPosition() if full_read
@@ -215,14 +256,16 @@ class EcPoller:
             started = await clock.started()
             if seen is None:
                 seen = Seen(keep_from=self._read_from(started))
-            fresh = await self._unseen(page, preference_id, skip, seen, unkept=unkept)
-            changes = self._changes_from(fresh, started, only=preference_id)
-            counts.read += len(page)
-            await self._publish(request, changes, counts,
-                                id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}")
-            last_id = max(item.contact.id for item in page)
-            await checkpoint.set(self._store, self.account.id, FeedPosition(
-                since=since, min_contact_id=last_id + 1, markers_owed=owed))
+            async with publishing:
+                fresh = await self._unseen(page, preference_id, skip, seen, unkept=unkept)
+                changes = self._changes_from(fresh, started, only=preference_id,
+                                             statuses_sent=counts.statuses_sent)
+                counts.read += len(page)
+                await self._publish(request, changes, counts, id_seed=(
+                    f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
+                last_id = max(item.contact.id for item in page)
+                await checkpoint.set(self._store, self.account.id, FeedPosition(
+                    since=since, min_contact_id=last_id + 1, markers_owed=owed))
         started = await clock.started()
         # Where this read started is kept as ``previous``: the writer reads from there, so
         # changes this read published but the reconciler has not reached yet are read again,
@@ -288,18 +331,24 @@ class EcPoller:
                 if at not in unsure or known[at] != unsure[at][1]]
 
     def _changes_from(self, page: Sequence[ContactOptIns], started: datetime, *,
-                      only: int | None = None) -> list[Change]:
+                      statuses_sent: dict[int, str], only: int | None = None) -> list[Change]:
+        """The page's changes: each contact's status, unless this run already published that
+        same status for it (it is as of the run's start either way), then its opt-ins."""
         changes: list[Change] = []
         for item in page:
             try:
                 email = normalize_email(item.contact.email)
             except ValueError:
                 continue
-            # The contact's status comes first, so a suppressed contact's preferences that
-            # follow in the same message are already known to be suppressed.
-            changes.append(ContactStatusChange(email=email, status=item.contact.status,
-                                               origin_time=started,
-                                               change_id=f"ec-status:{item.contact.id}"))
+            status = item.contact.status
+            # The contact's status comes first (here, or in a message published earlier in
+            # this run), so a suppressed contact's preferences are already known to be
+            # suppressed when they arrive.
+            if statuses_sent.get(item.contact.id) != status:
+                statuses_sent[item.contact.id] = sys.intern(status)
+                changes.append(ContactStatusChange(email=email, status=status,
+                                                   origin_time=started,
+                                                   change_id=f"ec-status:{item.contact.id}"))
             for opt_in in item.opt_ins:
                 if only is not None and opt_in.preference_id != only:
                     continue
@@ -411,7 +460,8 @@ class EcPoller:
                     continue  # not a dotdigital contact (yet): nothing to read
                 raise
             counts.read += 1
-            changes.extend(self._changes_from([opt_ins], await clock.started()))
+            changes.extend(self._changes_from([opt_ins], await clock.started(),
+                                              statuses_sent=counts.statuses_sent))
         await self._publish(request, changes, counts, id_seed=f"{request.run_id}:eligible")
 
     async def _publish(self, request: RunRequest, changes: Sequence[Change], counts: RunCounts,

@@ -150,7 +150,7 @@ class DynamicsSink:
                     operations.append(BatchOperation.update(
                         schema.SUBSCRIPTIONS, existing.subscription_id, {"psync_status": status},
                         if_match=f'W/"{existing.version}"', return_representation=True,
-                        content_id=content_id))
+                        select=schema.WRITTEN_COLUMNS, content_id=content_id))
                 else:
                     entity_set = schema.RECORD_TABLES[record.record_type][0]
                     operations.append(BatchOperation.create(schema.SUBSCRIPTIONS, {
@@ -158,7 +158,8 @@ class DynamicsSink:
                         "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({row_id})",
                         f"psync_{record.record_type}id@odata.bind":
                             f"/{entity_set}({record.record_id})",
-                    }, return_representation=True, content_id=content_id))
+                    }, return_representation=True, select=schema.WRITTEN_COLUMNS,
+                        content_id=content_id))
         if not operations:
             return
         results = await self.client.batch(operations, change_set=False,

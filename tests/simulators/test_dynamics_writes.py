@@ -267,3 +267,27 @@ async def test_deleting_a_contact_cascades_to_its_subscriptions() -> None:
         assert delta == [{"@odata.context": f"{org.api}/$metadata#{SUBS}/$deletedEntity",
                           "id": sub,
                           "reason": "deleted"}]
+
+
+async def test_a_write_returns_only_the_selected_columns_and_the_key() -> None:
+    async with organisation() as org:
+        new_id = str(uuid.uuid4())
+        asked = "contacts({id})?$select=versionnumber,modifiedon"
+        prefer = {"Prefer": "return=representation"}
+        made = await org.call("PATCH", asked.format(id=new_id), json={"lastname": "Up"},
+                              headers=prefer)
+        changed = await org.call("PATCH", asked.format(id=new_id), json={"lastname": "Upd"},
+                                 headers={**prefer, "If-Match": made.headers["ETag"]})
+        assert (made.status, changed.status) == (201, 200)
+        for answer in (made, changed):
+            assert set(answer.json) == {"@odata.context", "@odata.etag", "contactid",
+                                        "versionnumber", "modifiedon"}
+            assert answer.json["@odata.context"].endswith(
+                "$metadata#contacts(versionnumber,modifiedon)/$entity")
+            assert answer.headers["ETag"] == answer.json["@odata.etag"]
+        assert changed.json["versionnumber"] > made.json["versionnumber"]
+        # an unknown column is refused before anything is written
+        refused = await org.call("PATCH", f"contacts({new_id})?$select=nosuchcolumn",
+                                 json={"lastname": "Never"}, headers=prefer)
+        assert refused.status == 400
+        assert (await org.get(f"contacts({new_id})")).json["lastname"] == "Upd"

@@ -752,10 +752,10 @@ class DataverseClient(VendorClient):
                           change_set: bool, continue_on_error: bool
                           ) -> tuple[list[BatchResult], datetime | None]:
         """One ``$batch`` request: a result per operation, and the answer's ``Date``."""
+        # one id per batch: its change sets' boundaries derive from it
         boundary = new_boundary("batch")
         payload = encode_batch(chunk, service_root=self._root_path, change_set=change_set,
-                               batch_boundary=boundary,
-                               change_set_boundary=new_boundary("changeset"))
+                               batch_boundary=boundary)
         headers: dict[str, str] = {}
         if continue_on_error:
             headers["Prefer"] = "odata.continue-on-error"

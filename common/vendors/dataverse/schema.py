@@ -28,6 +28,12 @@ LOOKUP_COLUMNS: dict[RecordType, str] = {
 SUBSCRIPTION_COLUMNS = ("psync_marketingpreferencesubscriptionid", "_psync_preferenceid_value",
                         *LOOKUP_COLUMNS.values(), "psync_status", "modifiedon", "versionnumber")
 
+# What a subscription write asks back (``$select`` of its returned representation): the row's
+# id (a created row's is new), the status it now holds, its version and stamp. The lookups are
+# what the writer wrote; the rest of the row it does not use.
+WRITTEN_COLUMNS = ("psync_marketingpreferencesubscriptionid", "psync_status", "versionnumber",
+                   "modifiedon")
+
 
 def parse_odata_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)

@@ -14,7 +14,7 @@ import base64
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -44,6 +44,7 @@ from common.vendors.dotdigital.models import (
     ImportReport,
     ResubscribeResult,
     Suppression,
+    opt_ins_contact,
     parse_account_info,
     parse_contact,
     parse_contact_opt_ins,
@@ -420,24 +421,36 @@ class DotdigitalClient(VendorClient):
                          endpoint="PUT /v2/contacts/{email}/preferences", body=body)
 
     async def iter_opt_ins_since(self, preference_id: int, since: datetime, *,
-                                 min_contact_id: int = 0) -> AsyncIterator[list[ContactOptIns]]:
+                                 min_contact_id: int = 0, emails: Container[str] | None = None,
+                                 ) -> AsyncIterator[list[ContactOptIns]]:
         """Contacts whose opt-in to ``preference_id`` changed (either way) since ``since``.
 
         Pages by ``minContactId`` (the next page starts at the last id + 1), at most 1000
         contacts a call, in contact-id order; ``min_contact_id`` resumes a read part-way.
+        With ``emails`` (trimmed, lower case) only those contacts are built and yielded (pages
+        with none of them are not); the paging still goes by every contact answered.
         """
         path = (f"/v2/contacts/with-preference/{int(preference_id)}/opt-ins-since/"
                 f"{path_date(since)}")
         endpoint = "GET /v2/contacts/with-preference/{preferenceId}/opt-ins-since/{date}"
         while True:
-            data = await self._json("GET", path, endpoint=endpoint,
-                                    params={"minContactId": min_contact_id})
-            page = [parse_contact_opt_ins(item) for item in self._list(data, "opt-ins")]
+            data = self._list(await self._json("GET", path, endpoint=endpoint,
+                                               params={"minContactId": min_contact_id}),
+                              "opt-ins")
+            if emails is None:
+                page = [parse_contact_opt_ins(item) for item in data]
+                last_id = max((item.contact.id for item in page), default=0)
+            else:
+                contacts = [opt_ins_contact(item) for item in data]
+                page = [parse_contact_opt_ins(item)
+                        for item, (_, email) in zip(data, contacts, strict=True)
+                        if email in emails]
+                last_id = max((contact_id for contact_id, _ in contacts), default=0)
             if page:
                 yield page
-            if len(page) < OPT_INS_PAGE:
+            if len(data) < OPT_INS_PAGE:
                 return
-            min_contact_id = max(item.contact.id for item in page) + 1
+            min_contact_id = last_id + 1
 
     async def _iter_removed(self, kind: str, since: datetime) -> AsyncIterator[list[Suppression]]:
         path = f"/v2/contacts/{kind}-since/{path_date(since)}"

@@ -166,7 +166,10 @@ class FeedFollower:
             start = feed.read_to if feed.keeping else feed.base
             began = time.time()
             fresh: list[tuple[str, Entry]] = []
-            async for page in self._client.iter_opt_ins_since(preference_id, start):
+            # Keeping, every entry is looked at (a later batch may want it); otherwise only
+            # those of ``emails`` are built at all.
+            async for page in self._client.iter_opt_ins_since(
+                    preference_id, start, emails=None if feed.keeping else emails):
                 for item in page:
                     email = item.contact.email.strip().lower()
                     for opt_in in item.opt_ins:

@@ -209,6 +209,12 @@ def parse_opt_in(data: object) -> PreferenceOptIn:
     )
 
 
+def opt_ins_contact(data: object) -> tuple[int, str]:
+    """An opt-ins entry's contact id and email (trimmed, lower case), without building it."""
+    contact = _dict(_dict(data).get("contact"))
+    return int(contact.get("id") or 0), str(contact.get("email") or "").strip().lower()
+
+
 def parse_contact_opt_ins(data: object) -> ContactOptIns:
     item = _dict(data)
     records = item.get("marketingPreferenceOptIns") or []

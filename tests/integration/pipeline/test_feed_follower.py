@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -89,7 +90,7 @@ async def test_each_read_starts_at_a_time_seen_before_it_began() -> None:
         feed = client.iter_opt_ins_since
 
         def recording(preference_id: int, since: datetime,
-                      **kwargs: int) -> AsyncIterator[list[ContactOptIns]]:
+                      **kwargs: Any) -> AsyncIterator[list[ContactOptIns]]:
             asked.append(since)
             return feed(preference_id, since, **kwargs)
 

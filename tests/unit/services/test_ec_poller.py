@@ -37,7 +37,7 @@ TREE = "GET /v2/preferences"
 SUBSCRIPTIONS = "GET /v2/contacts/{email}/subscriptions"
 
 
-def account_config(url: str, *, overlap_s: float) -> AccountConfig:
+def account_config(url: str, *, overlap_s: float, max_concurrency: int) -> AccountConfig:
     config = parse_config({
         "broker": {"url": "amqp://127.0.0.1:1/"},
         "store": {"url": "sqlite:///unused.db"},
@@ -46,7 +46,7 @@ def account_config(url: str, *, overlap_s: float) -> AccountConfig:
             "dynamics": {"url": "http://127.0.0.1:1", "token_url": "http://127.0.0.1:1/t",
                          "client_id": "c", "client_secret_env": "S"},
             "dotdigital": {"url": url, "api_user": "u", "password_env": "S",
-                           "feed_overlap_s": overlap_s},
+                           "feed_overlap_s": overlap_s, "max_concurrency": max_concurrency},
         }]}, env={"S": "x"})
     return config.accounts[0]
 
@@ -58,12 +58,16 @@ class Hooked:
 
     bed: Bed
     before_changes: Callable[[], Awaitable[None]] | None = None
+    # the changes published, in the order they were
+    changes: list[Change] = field(default_factory=list)
 
     async def publish_many(self, items: Sequence[Outgoing]) -> None:
         step, self.before_changes = self.before_changes, None
         if step is not None and any(i.exchange == CHANGES_EXCHANGE for i in items):
             await step()
         await self.bed.broker.publish_many(items)
+        self.changes.extend(change for i in items if i.exchange == CHANGES_EXCHANGE
+                            for change in decode(i.body).changes)
 
 
 @dataclass
@@ -127,12 +131,15 @@ class Scene:
 
 
 @asynccontextmanager
-async def scene(tmp_path: Path, *, overlap_s: float = 300.0) -> AsyncIterator[Scene]:
+async def scene(tmp_path: Path, *, overlap_s: float = 300.0, preference_count: int = 3,
+                states: str = "sample", max_concurrency: int = 4) -> AsyncIterator[Scene]:
     async with bed(tmp_path) as found, dotdigital_sim() as sim, DotdigitalClient(
             config=dotdigital_config(sim.url)) as client:
-        await sim.seed(records=RECORDS, preferences=3, seed=SEED, account=DD_ACCOUNT)
+        await sim.seed(records=RECORDS, preferences=preference_count, seed=SEED, account=DD_ACCOUNT,
+                       states=states)
         publisher = Hooked(bed=found)
-        poller = EcPoller(account=account_config(sim.url, overlap_s=overlap_s), client=client,
+        config = account_config(sim.url, overlap_s=overlap_s, max_concurrency=max_concurrency)
+        poller = EcPoller(account=config, client=client,
                           store=found.store, publisher=publisher, shards=SHARDS)
         preferences = leaf_preference_ids(await client.preferences())
         yield Scene(bed=found, sim=sim, client=client, poller=poller, publisher=publisher,
@@ -186,8 +193,9 @@ async def test_changes_landing_while_a_run_reads_are_read_by_the_next_run(
     """No overlap: the watermark alone has to keep them. The run's first answer is slow
     (its ``Date`` header is over a second later than the run's start), and a preference
     change and an unsubscribe commit stamped between the run's start and that answer,
-    visible only after the run: the next run reads both."""
-    async with scene(tmp_path, overlap_s=0.0) as s:
+    visible only after the run: the next run reads both. (The feeds are read one at a time,
+    so one is left to read while the first publishes.)"""
+    async with scene(tmp_path, overlap_s=0.0, max_concurrency=1) as s:
         await s.run()
         first, last = s.preferences[0], s.preferences[-1]
         changed, unsubscribed, during = s.emails[0], s.emails[1], s.emails[2]
@@ -218,3 +226,46 @@ async def test_changes_landing_while_a_run_reads_are_read_by_the_next_run(
         # only what landed: what the previous run published is not published again
         assert changes == {(changed, first, flipped)}, published
         assert (unsubscribed, "Unsubscribed") in statuses, published
+
+
+def feed_statuses(published: Sequence[Change], email: str) -> list[str]:
+    """The statuses published for ``email`` with its opt-ins (the suppressions feed's aside)."""
+    return [c.status for c in published if isinstance(c, ContactStatusChange)
+            and c.email == email and c.change_id.startswith("ec-status:")]
+
+
+async def test_a_contact_in_five_feeds_has_its_status_published_once_a_run(
+        tmp_path: Path) -> None:
+    async with scene(tmp_path, preference_count=5, states="all") as s:
+        email = s.emails[0]
+        _, published = await s.run()
+        read = {c.preference_id for c in published
+                if isinstance(c, PreferenceChange) and c.email == email}
+        assert len(s.preferences) == 5 and read == set(s.preferences), published
+        assert feed_statuses(published, email) == ["Subscribed"], published
+
+
+async def test_a_status_that_changes_between_feeds_in_a_run_is_published_again(
+        tmp_path: Path) -> None:
+    # one feed at a time: the later ones are read after the change
+    async with scene(tmp_path, preference_count=5, states="all", max_concurrency=1) as s:
+        email = s.emails[0]
+
+        async def unsubscribes() -> None:  # after the first feed's page was read
+            await s.edit(email, status="Unsubscribed")
+
+        s.publisher.before_changes = unsubscribes
+        _, published = await s.run()
+        assert feed_statuses(published, email) == ["Subscribed", "Unsubscribed"], published
+
+
+async def test_feeds_are_read_side_by_side(tmp_path: Path) -> None:
+    async with scene(tmp_path, preference_count=3, states="all", max_concurrency=4) as s:
+        first = s.preferences[0]
+        await s.sim.faults(latency_ms={f"GET /v2/contacts/with-preference/{first}/": 1500})
+        made, _ = await s.run()
+        await s.sim.faults()
+        assert made[OPT_INS] == 3, made
+        # the slow first feed did not hold up the others: their changes went out before its
+        order = [c.preference_id for c in s.publisher.changes if isinstance(c, PreferenceChange)]
+        assert order[0] != first and order[-1] == first, order

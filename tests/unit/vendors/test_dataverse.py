@@ -243,6 +243,30 @@ async def test_batch_change_set_returns_per_operation_representations() -> None:
         assert sum(1 for r in after if r["donotbulkemail"]) >= 3
 
 
+async def test_batch_writes_return_only_the_selected_columns_and_failures_their_code() -> None:
+    async with org(records=2) as (client, _):
+        rows = await all_rows(client, select=COLUMNS, orderby="contactid")
+        await client.update("contacts", rows[1]["contactid"], {"lastname": "Moved on"})
+        asked = ("versionnumber", "modifiedon")
+        ops = [BatchOperation.update("contacts", r["contactid"], {"donotbulkemail": True},
+                                     if_match=r["@odata.etag"], return_representation=True,
+                                     select=asked) for r in rows]
+        ops.append(BatchOperation.create("contacts", {"lastname": "Reyes"},
+                                         return_representation=True, select=asked))
+        results = await client.batch(ops, change_set=False, continue_on_error=True)
+        assert [r.status for r in results] == [200, 412, 201]
+        failing = results[1].error
+        assert failing is not None and failing.code == CONCURRENCY_VERSION_MISMATCH
+        for result in (results[0], results[2]):
+            assert result.body is not None
+            # the key comes with the selected columns, as with every returned row
+            assert set(result.body) == {"@odata.context", "@odata.etag", "contactid", *asked}
+        assert results[0].body is not None and \
+            results[0].body["versionnumber"] > rows[0]["versionnumber"]
+        assert results[2].body is not None and \
+            results[2].entity_id == results[2].body["contactid"]
+
+
 async def test_failed_change_set_rolls_back_and_names_the_failing_operation() -> None:
     async with org(records=3) as (client, _):
         rows = await all_rows(client, select=COLUMNS, orderby="contactid")

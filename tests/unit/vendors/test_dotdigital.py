@@ -139,6 +139,13 @@ async def test_opt_ins_since_pages_past_1000_contacts() -> None:
         later = [p async for p in client.iter_opt_ins_since(
             preference, datetime.now(UTC) + timedelta(hours=1))]
         assert later == []
+        # only the contacts asked for are built; the paging still goes through every page
+        wanted = [pages[0][5], pages[-1][-1]]
+        calls = len(events.statuses(endpoint))
+        only = [page async for page in client.iter_opt_ins_since(
+            preference, LONG_AGO, emails={item.contact.email.lower() for item in wanted})]
+        assert only == [[wanted[0]], [wanted[1]]]
+        assert len(events.statuses(endpoint)) - calls == len(pages)
 
 
 async def test_unsubscribes_show_in_the_suppression_feeds() -> None:
