@@ -33,6 +33,7 @@ from .schema import TABLES
 
 MAX_OPERATIONS = 1000
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_WEB_API_PATH = re.compile(r"^/api/data/(v9\.[0-2])/(.*)$")
 
 Record = Callable[[str, str, int], None]  # method, route name, status
 Fault = Callable[[str, str], Result | None]  # method, path -> injected failure
@@ -67,13 +68,14 @@ def _split_head(block: bytes) -> tuple[bytes, bytes]:
     return block, b""
 
 
-def _headers(raw: bytes) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for line in raw.decode("utf-8", "replace").splitlines():
-        if ":" in line:
-            name, _, value = line.partition(":")
-            out.add(name.strip(), value.strip())
-    return out
+def _headers(lines: list[str]) -> CIMultiDict[str]:
+    """Header lines (``Name: value``; lines without a colon are ignored), in order."""
+    pairs = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if colon:
+            pairs.append((name.strip(), value.strip()))
+    return CIMultiDict(pairs)
 
 
 def _bad(message: str) -> ApiError:
@@ -107,7 +109,7 @@ def parse_parts(body: bytes, content_type: str, *, nested: bool = False) -> list
     parts = []
     for chunk in split_multipart(body, _boundary(content_type)):
         head, content = _split_head(chunk)
-        headers = _headers(head)
+        headers = _headers(head.decode("utf-8", "replace").splitlines())
         ctype = headers.get("Content-Type", "")
         if ctype.lower().startswith("multipart/mixed"):
             if nested:
@@ -121,34 +123,47 @@ def parse_parts(body: bytes, content_type: str, *, nested: bool = False) -> list
         words = lines[0].split() if lines else []
         if len(words) < 2:
             raise _bad("A batch part has no request line.")
-        req_headers = _headers("\n".join(lines[1:]).encode())
+        req_headers = _headers(lines[1:])
         parts.append(Part(headers=headers, method=words[0].upper(), url=words[1],
                           request_headers=req_headers, body=req_body.rstrip(b"\r\n")))
     return parts
+
+
+# The reason phrase of each status answered so far (``HTTPStatus`` lookups are not free).
+_PHRASES: dict[int, str] = {}
+
+
+def _phrase(status: int) -> str:
+    phrase = _PHRASES.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        _PHRASES[status] = phrase
+    return phrase
 
 
 def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
     lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
     if content_id is not None:
         lines.append(f"Content-ID: {content_id}")
-    try:
-        phrase = HTTPStatus(result.status).phrase
-    except ValueError:
-        phrase = ""
-    lines += ["", f"HTTP/1.1 {result.status} {phrase}"]
+    lines += ["", f"HTTP/1.1 {result.status} {_phrase(result.status)}"]
     for name, value in result.headers.items():
         if get and name.lower() == "content-type" and value.startswith("application/json"):
             value += "; odata.streaming=true"
         lines.append(f"{name}: {value}")
-    lines.append("")
-    return ("\r\n".join(lines) + "\r\n").encode() + result.body
+    lines += ["", ""]
+    return "\r\n".join(lines).encode() + result.body
 
 
 def _multipart(parts: list[bytes], boundary: str) -> bytes:
-    out = b""
-    for part in parts:
-        out += f"--{boundary}\r\n".encode() + part + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode()
+    # One join: appending to a bytes object copies everything so far each time (quadratic in
+    # the number of parts).
+    delimiter = f"--{boundary}\r\n".encode()
+    out = [delimiter + part for part in parts]
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"\r\n".join(out)
 
 
 class Batch:
@@ -287,9 +302,10 @@ class Batch:
         path = split.path
         if not path.startswith("/"):
             path = f"/api/data/{outer.version}/{path}"
-        m = re.match(r"^/api/data/(v9\.[0-2])/(.*)$", unquote(path))
+        m = _WEB_API_PATH.match(unquote(path))
         if m is None or m.group(1) not in VERSIONS:
             raise query_error(f"The URL '{url}' in the batch is not a Web API URL.", status=404)
-        query: MultiDict[str] = MultiDict(parse_qsl(split.query, keep_blank_values=True))
+        query: MultiDict[str] = MultiDict(
+            parse_qsl(split.query, keep_blank_values=True) if split.query else ())
         return m.group(1), m.group(2), query
 
