@@ -6,6 +6,7 @@ HTTP request and an operation inside a ``$batch``.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,20 @@ ACCESS_TOKEN_EXPIRED = "0x8005F101"
 REQUESTS_LIMIT = "0x80072322"
 EXECUTION_TIME_LIMIT = "0x80072321"
 CONCURRENCY_LIMIT = "0x80072326"
+
+
+# GUIDs for new rows and batch boundaries: unique, not secret, so a seeded generator will do.
+_GUIDS = random.Random()
+
+
+def new_guid() -> str:
+    """A random version-4 GUID, as ``str(uuid.uuid4())`` gives, at a fraction of the cost
+    (``uuid4`` reads the system's entropy source for every one)."""
+    n = _GUIDS.getrandbits(128)
+    n = (n & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
+    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class ApiError(Exception):
