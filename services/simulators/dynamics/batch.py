@@ -309,14 +309,18 @@ class Batch:
 
     @staticmethod
     def _locate(outer: Call, url: str) -> tuple[str, str, MultiDict[str]]:
-        split = urlsplit(url)
-        path = split.path
+        if url.startswith("/") and not url.startswith("//") and "?" not in url \
+                and "#" not in url:
+            path, query_text = url, ""  # a bare root-relative path: as urlsplit would find
+        else:
+            split = urlsplit(url)
+            path, query_text = split.path, split.query
         if not path.startswith("/"):
             path = f"/api/data/{outer.version}/{path}"
         m = _WEB_API_PATH.match(unquote(path))
         if m is None or m.group(1) not in VERSIONS:
             raise query_error(f"The URL '{url}' in the batch is not a Web API URL.", status=404)
         query: MultiDict[str] = MultiDict(
-            parse_qsl(split.query, keep_blank_values=True) if split.query else ())
+            parse_qsl(query_text, keep_blank_values=True) if query_text else ())
         return m.group(1), m.group(2), query
 
