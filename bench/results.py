@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from bench.cpu import describe
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ORDER = ("backfill", "steady", "api-economy", "rate-limited", "low-tier", "memory", "scale")
 
@@ -40,6 +42,16 @@ def _met(entry: dict[str, Any]) -> str:
     return "yes" if met is True else "no" if met is False else "-"
 
 
+def _cpu_figures(name: str, entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A scenario's CPU figures (``cpu``: one per direction or per writer count)."""
+    cpu = entry.get("cpu")
+    if not isinstance(cpu, dict):
+        return []
+    label = "writers" if name == "scale" else ""
+    return [(f"{part} {label}".strip(), figures) for part, figures in cpu.items()
+            if isinstance(figures, dict) and "product_us_per_state" in figures]
+
+
 def markdown(results: dict[str, Any]) -> str:
     machine = results.get("machine", {})
     ceiling = results.get("ceiling", {})
@@ -63,6 +75,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"({ceiling.get('messages_per_s')} confirmed persistent messages/s of "
             f"{ceiling.get('changes_per_message')} changes, {ceiling.get('message_bytes', 0):,} "
             f"bytes, published and consumed at once).")
+    cpu_lines = [describe(f"{name} {part}", cpu)
+                 for name, entry in results.get("scenarios", {}).items()
+                 for part, cpu in _cpu_figures(name, entry)]
+    if cpu_lines:
+        notes += ["", "CPU per state (median of the runs; the simulators stand in for the "
+                  "vendors and are counted apart):", *cpu_lines]
     sizes = sorted({str(e.get("size")) for e in results.get("scenarios", {}).values()
                     if e.get("size")})
     if sizes:

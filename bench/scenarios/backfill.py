@@ -16,6 +16,7 @@ from typing import Any
 
 import aio_pika
 
+from bench.cpu import cpu_per_state, cpu_seconds, cpu_since, headline, median_cpu
 from bench.figures import batched_delta, call_delta, median, rounded, status_delta
 from bench.harness import PREFERENCES, BenchError, World
 from bench.suite import Suite
@@ -38,13 +39,13 @@ async def one_backfill(suite: Suite, world: World, direction: str, *, contacts: 
                 else seeded["dotdigital"]["states"])
     await world.start_all()
     before = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
-    cpu_before = {name: p.cpu_s() for name, p in {**world.services, **world.simulators}.items()}
+    processes = {**world.services, **world.simulators}
+    cpu_before = cpu_seconds(processes)
     async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
         async with suite.profiled(world, label):
             record = await progress.sync(timeout_s=suite.sizes.timeout_s)
         seconds = record.seconds
-        cpu = {name: round(p.cpu_s() - cpu_before[name], 2)
-               for name, p in {**world.services, **world.simulators}.items()}
+        cpu = cpu_since(cpu_before, processes)
         after = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
         landed = (await world.dotdigital_states() if target == "dotdigital"
                   else await world.dynamics_subscriptions())
@@ -58,6 +59,7 @@ async def one_backfill(suite: Suite, world: World, direction: str, *, contacts: 
             "states_per_s": round(expected / seconds, 1),
             "timeline_s": record.timeline(),
             "cpu_s": cpu,
+            "cpu": cpu_per_state(cpu, states=expected, simulators=world.simulators),
             "peak_rss_mb": {n: round(m.get("peak_rss_mb", 0.0), 1)
                             for n, m in world.memory().items()},
             "calls": {side: call_delta(before[side], after[side]) for side in before},
@@ -130,6 +132,7 @@ async def run(suite: Suite) -> dict[str, Any]:
             "met": seconds < TARGET_S,
             "timeline_s": middle["timeline_s"],
             "cpu_s": middle["cpu_s"],
+            "cpu": median_cpu([r["cpu"] for r in runs]),
             "peak_rss_mb": {name: max(r["peak_rss_mb"].get(name, 0.0) for r in runs)
                             for name in runs[0]["peak_rss_mb"]},
             "runs": runs,
@@ -146,8 +149,12 @@ async def run(suite: Suite) -> dict[str, Any]:
         "states_per_s": min(w["states_per_s"] for w in ordered.values()),
         "ratio_to_ceiling": min((w["ratio_to_ceiling"] or 0.0) for w in ordered.values()),
         "met": len(ordered) == len(DIRECTIONS) and all(w["met"] for w in ordered.values()),
+        "cpu": {name: w["cpu"] for name, w in ordered.items() if "cpu" in w},
+        "simulators_over_10pct": any(w["cpu"]["simulators_over_10pct"]
+                                     for w in ordered.values() if "cpu" in w),
         "measured": "; ".join(
             f"{name}: {w['seconds']:.1f} s, {w['states_per_s']:,.0f} states/s, "
             f"{(w['ratio_to_ceiling'] or 0) * 100:.2f}% of ceiling"
+            + (f", {headline(w['cpu'])}" if "cpu" in w else "")
             for name, w in ordered.items()),
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.cpu import cpu_per_state, cpu_seconds, cpu_since, median_cpu
 from bench.figures import median
 from bench.harness import PREFERENCES, BenchError, World, WorldOptions
 from bench.stages import reconciled_all, until
@@ -30,6 +31,7 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
     expected = seeded["dynamics"]["subscriptions"]
     await world.start_all(("dynamics-poller", "ec-poller", "reconciler"))
     timeout = suite.sizes.timeout_s
+    cpu_before = cpu_seconds({**world.services, **world.simulators})
     async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
         record = await progress.trigger()
         await until(lambda: reconciled_all(record), world=world, timeout_s=timeout,
@@ -41,6 +43,8 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
             await world.start("writer", replica=name, wait=False)
         async with suite.profiled(world, f"scale-{writers}"):
             await progress.wait(record, timeout_s=timeout)
+    # the writer replicas started after the snapshot: all of their CPU counts
+    cpu = cpu_since(cpu_before, {**world.services, **world.simulators})
     landed = await world.dotdigital_states()
     if record.summary()["failed"] or landed != expected:
         raise BenchError(f"scale: {landed} of {expected} states written; {record.summary()}")
@@ -48,7 +52,8 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
     writing = max(1e-3, record.last_written_at - record.first_written_at)
     return {"writers": writers, "states": expected, "seconds": round(record.seconds, 3),
             "writing_seconds": round(writing, 3), "states_per_s": round(expected / writing, 1),
-            "cpu_s": {n: round(p.cpu_s(), 1) for n, p in world.services.items()}}
+            "cpu_s": cpu,
+            "cpu": cpu_per_state(cpu, states=expected, simulators=world.simulators)}
 
 
 async def run(suite: Suite) -> dict[str, Any]:
@@ -80,6 +85,9 @@ async def run(suite: Suite) -> dict[str, Any]:
         "states_per_s": {str(w): round(r, 1) for w, r in rates.items()},
         "speedup": {str(w): s for w, s in speedup.items()},
         "runs": {str(w): runs for w, runs in by_writers.items()},
+        "cpu": {str(w): median_cpu([r["cpu"] for r in runs]) for w, runs in by_writers.items()},
+        "simulators_over_10pct": any(median_cpu([r["cpu"] for r in runs])["simulators_over_10pct"]
+                                     for runs in by_writers.values()),
         "met": speedup[goal] >= TARGET_SPEEDUP if goal in speedup else None,
         "measured": ", ".join(f"{w} writer(s) {rates[w]:,.0f} states/s ({speedup[w]:.2f}x)"
                               for w in rates),

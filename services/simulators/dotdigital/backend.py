@@ -18,7 +18,7 @@ from services.simulators.dotdigital.limits import SCOPE, CallRateLimits
 from services.simulators.dotdigital.model import Contact
 from services.simulators.dotdigital.persistence import load_state, save_state
 from services.simulators.dotdigital.store import AccountStore
-from services.simulators.dotdigital.v3write import apply_contact_request
+from services.simulators.dotdigital.v3write import ContactRequest, apply_contact_request
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ def _settle_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+def _failure_entry(req: ContactRequest) -> dict[str, Any]:
+    """How an import report names a contact it failed on."""
+    return {"matchIdentifier": req.match_identifier, "identifiers": dict(req.identifiers)}
 
 
 class Backend:
@@ -149,16 +154,15 @@ class Backend:
                    "invalidEntries": 0, "duplicateIdentifiers": 0}
         seen: set[tuple[str, str]] = set()
         now = self.now_ms()
+        written = 0
         for req in job.requests if store is not None else []:
             assert store is not None and req.match_identifier is not None
             match = req.match_identifier
             value = req.identifiers[match]
             marker = (match, str(value).lower())
-            entry: dict[str, Any] = {"matchIdentifier": match,
-                                     "identifiers": dict(req.identifiers)}
             if marker in seen:
                 summary["duplicateIdentifiers"] += 1
-                failures.append({**entry, "failures": [{
+                failures.append({**_failure_entry(req), "failures": [{
                     "failureCode": "duplicateIdentifier",
                     "description": f"Duplicate identifier detected for {match} '{value}'"}]})
                 continue
@@ -173,7 +177,7 @@ class Backend:
                     "invalidEntries"
                 summary[key] += 1
             else:
-                self.wrote()
+                written += 1
                 reference = {"contactId": contact.id,
                              "identifiers": {"email": contact.email,
                                              **({"mobileNumber": contact.mobile_number}
@@ -186,10 +190,14 @@ class Backend:
                     updated.append(reference)
                 if outcome.was_suppressed:
                     summary["globallySuppressed"] += 1
-                entry["contactId"] = contact.id
             if outcome.failures:
-                failures.append({**entry, "failures": [
-                    {"failureCode": f.code, "description": f.description}
-                    for f in outcome.failures]})
+                # built only for a failure: most contacts of an import have none
+                entry = _failure_entry(req)
+                if contact is not None:
+                    entry["contactId"] = contact.id
+                entry["failures"] = [{"failureCode": f.code, "description": f.description}
+                                     for f in outcome.failures]
+                failures.append(entry)
+        self.wrote(written)
         return {"importId": job.import_id, "status": "Finished", "summary": summary,
                 "created": created, "updated": updated, "failures": failures}

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -27,30 +26,28 @@ import orjson
 from multidict import CIMultiDict, MultiDict
 
 from .api import Api
-from .protocol import ApiError, Call, Result, make_call, query_error
+from .protocol import ApiError, Call, Result, make_call, new_guid, query_error
 from .routes import VERSIONS, Target
 from .schema import TABLES
 
 MAX_OPERATIONS = 1000
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_WEB_API_PATH = re.compile(r"^/api/data/(v9\.[0-2])/(.*)$")
 
 Record = Callable[[str, str, int], None]  # method, route name, status
 Fault = Callable[[str, str], Result | None]  # method, path -> injected failure
 
 
-@dataclass
+@dataclass(slots=True)
 class Part:
-    headers: CIMultiDict[str]
+    """One part of a batch: a request, or a change set holding requests."""
+
+    content_id: str | None  # the MIME part's Content-ID, else the request's
     method: str = ""
     url: str = ""
     request_headers: CIMultiDict[str] | None = None
     body: bytes = b""
     changeset: list[Part] | None = None
-
-    @property
-    def content_id(self) -> str | None:
-        return self.headers.get("Content-ID") or (
-            self.request_headers.get("Content-ID") if self.request_headers else None)
 
 
 class _ChangeSetFailed(Exception):
@@ -67,12 +64,22 @@ def _split_head(block: bytes) -> tuple[bytes, bytes]:
     return block, b""
 
 
-def _headers(raw: bytes) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for line in raw.decode("utf-8", "replace").splitlines():
-        if ":" in line:
-            name, _, value = line.partition(":")
-            out.add(name.strip(), value.strip())
+def _header_pairs(lines: list[str]) -> list[tuple[str, str]]:
+    """Header lines (``Name: value``; lines without a colon are ignored), in order."""
+    pairs = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if colon:
+            pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def _mime_headers(head: bytes) -> dict[str, str]:
+    """A part's MIME headers by lower-cased name, the first of a repeated one (only two are
+    read, so a plain dict does: cheaper than a multidict per part)."""
+    out: dict[str, str] = {}
+    for name, value in _header_pairs(head.decode("utf-8", "replace").splitlines()):
+        out.setdefault(name.lower(), value)
     return out
 
 
@@ -107,48 +114,64 @@ def parse_parts(body: bytes, content_type: str, *, nested: bool = False) -> list
     parts = []
     for chunk in split_multipart(body, _boundary(content_type)):
         head, content = _split_head(chunk)
-        headers = _headers(head)
-        ctype = headers.get("Content-Type", "")
-        if ctype.lower().startswith("multipart/mixed"):
+        headers = _mime_headers(head)
+        ctype = headers.get("content-type", "")
+        kind = ctype.lower()
+        if kind.startswith("multipart/mixed"):
             if nested:
                 raise _bad("Change sets can't be nested.")
-            parts.append(Part(headers=headers, changeset=parse_parts(content, ctype, nested=True)))
+            parts.append(Part(content_id=headers.get("content-id"),
+                              changeset=parse_parts(content, ctype, nested=True)))
             continue
-        if not ctype.lower().startswith("application/http"):
+        if not kind.startswith("application/http"):
             raise _bad(f"A batch part must be application/http, not '{ctype}'.")
         req_head, req_body = _split_head(content)
         lines = req_head.decode("utf-8", "replace").splitlines()
         words = lines[0].split() if lines else []
         if len(words) < 2:
             raise _bad("A batch part has no request line.")
-        req_headers = _headers("\n".join(lines[1:]).encode())
-        parts.append(Part(headers=headers, method=words[0].upper(), url=words[1],
-                          request_headers=req_headers, body=req_body.rstrip(b"\r\n")))
+        req_headers = CIMultiDict(_header_pairs(lines[1:]))
+        parts.append(Part(content_id=headers.get("content-id") or req_headers.get("Content-ID"),
+                          method=words[0].upper(), url=words[1], request_headers=req_headers,
+                          body=req_body.rstrip(b"\r\n")))
     return parts
+
+
+# The reason phrase of each status answered so far (``HTTPStatus`` lookups are not free).
+_PHRASES: dict[int, str] = {}
+
+
+def _phrase(status: int) -> str:
+    phrase = _PHRASES.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        _PHRASES[status] = phrase
+    return phrase
 
 
 def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
     lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
     if content_id is not None:
         lines.append(f"Content-ID: {content_id}")
-    try:
-        phrase = HTTPStatus(result.status).phrase
-    except ValueError:
-        phrase = ""
-    lines += ["", f"HTTP/1.1 {result.status} {phrase}"]
+    lines += ["", f"HTTP/1.1 {result.status} {_phrase(result.status)}"]
     for name, value in result.headers.items():
         if get and name.lower() == "content-type" and value.startswith("application/json"):
             value += "; odata.streaming=true"
         lines.append(f"{name}: {value}")
-    lines.append("")
-    return ("\r\n".join(lines) + "\r\n").encode() + result.body
+    lines += ["", ""]
+    return "\r\n".join(lines).encode() + result.body
 
 
 def _multipart(parts: list[bytes], boundary: str) -> bytes:
-    out = b""
-    for part in parts:
-        out += f"--{boundary}\r\n".encode() + part + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode()
+    # One join: appending to a bytes object copies everything so far each time (quadratic in
+    # the number of parts).
+    delimiter = f"--{boundary}\r\n".encode()
+    out = [delimiter + part for part in parts]
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"\r\n".join(out)
 
 
 class Batch:
@@ -187,7 +210,7 @@ class Batch:
         return self._response(rendered, 200, headers)
 
     def _response(self, parts: list[bytes], status: int, headers: dict[str, str]) -> Result:
-        boundary = f"batchresponse_{uuid.uuid4()}"
+        boundary = f"batchresponse_{new_guid()}"
         return Result(status, _multipart(parts, boundary), {
             "Content-Type": f"multipart/mixed; boundary={boundary}", "OData-Version": "4.0",
             **headers})
@@ -195,6 +218,9 @@ class Batch:
     def _changeset(self, call: Call, parts: list[Part]) -> tuple[bool, bytes]:
         ids: dict[str, str] = {}
         out: list[bytes] = []
+        # Only a "$..." URL or body value reads ``ids``: without one (a change set per write,
+        # as most clients send), what each part created need not be looked up.
+        referring = any(p.url.startswith("$") or b'"$' in p.body for p in parts)
         try:
             with self.api.store.atomic():
                 for part in parts:
@@ -206,7 +232,7 @@ class Batch:
                         result = self._execute(call, part, ids)
                     if result.status >= 400:
                         raise _ChangeSetFailed(_http_part(result, content_id=cid))
-                    if cid is not None:
+                    if cid is not None and referring:
                         entity = result.headers.get("OData-EntityId") or self._entity_url(
                             call, part, result)
                         if entity:
@@ -214,7 +240,7 @@ class Batch:
                     out.append(_http_part(result, content_id=cid))
         except _ChangeSetFailed as failed:
             return False, failed.part
-        boundary = f"changesetresponse_{uuid.uuid4()}"
+        boundary = f"changesetresponse_{new_guid()}"
         head = f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode()
         return True, head + _multipart(out, boundary).rstrip(b"\r\n")
 
@@ -283,13 +309,18 @@ class Batch:
 
     @staticmethod
     def _locate(outer: Call, url: str) -> tuple[str, str, MultiDict[str]]:
-        split = urlsplit(url)
-        path = split.path
+        if url.startswith("/") and not url.startswith("//") and "?" not in url \
+                and "#" not in url:
+            path, query_text = url, ""  # a bare root-relative path: as urlsplit would find
+        else:
+            split = urlsplit(url)
+            path, query_text = split.path, split.query
         if not path.startswith("/"):
             path = f"/api/data/{outer.version}/{path}"
-        m = re.match(r"^/api/data/(v9\.[0-2])/(.*)$", unquote(path))
+        m = _WEB_API_PATH.match(unquote(path))
         if m is None or m.group(1) not in VERSIONS:
             raise query_error(f"The URL '{url}' in the batch is not a Web API URL.", status=404)
-        query: MultiDict[str] = MultiDict(parse_qsl(split.query, keep_blank_values=True))
+        query: MultiDict[str] = MultiDict(
+            parse_qsl(query_text, keep_blank_values=True) if query_text else ())
         return m.group(1), m.group(2), query
 

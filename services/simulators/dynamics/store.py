@@ -91,20 +91,48 @@ class Table:
         if key is not None and self.unique.get(key) == row_id:
             del self.unique[key]
 
+    def _refile(self, row_id: str, old: Row, row: Row) -> None:
+        """Move an updated row's index entries: only those whose key changed move (an update
+        usually changes one column, and every index move costs a sorted-list edit)."""
+        for column, index in (("versionnumber", self.changes), ("modifiedon", self.by_modified)):
+            if old[column] != row[column]:
+                index.remove((old[column], row_id))
+                index.add((row[column], row_id))
+        for col, index in self.indexes.items():
+            before, after = old.get(col), row.get(col)
+            old_key = None if before is None else index_key(before)
+            new_key = None if after is None else index_key(after)
+            if old_key == new_key:
+                continue
+            if old_key is not None:
+                ids = index[old_key]
+                ids.discard(row_id)
+                if not ids:
+                    del index[old_key]
+            if new_key is not None:
+                index.setdefault(new_key, set()).add(row_id)
+        old_unique, new_unique = self.unique_key(old), self.unique_key(row)
+        if old_unique != new_unique and old_unique is not None \
+                and self.unique.get(old_unique) == row_id:
+            del self.unique[old_unique]
+        if new_unique is not None:
+            self.unique[new_unique] = row_id
+
     def set(self, row_id: str, row: Row | None, tombstone: int | None) -> None:
         """Make ``row_id`` hold ``row`` (or nothing) with ``tombstone`` (or none)."""
         old = self.rows.get(row_id)
-        if old is not None:
+        if old is not None and row is not None:
+            self._refile(row_id, old, row)
+            self.rows[row_id] = row
+        elif old is not None:
             self._unindex(row_id, old)
-            if row is None:
-                del self.rows[row_id]
-                self.order.remove(row_id)
+            del self.rows[row_id]
+            self.order.remove(row_id)
         old_tomb = self.tombstones.pop(row_id, None)
         if old_tomb is not None:
             self.deleted.remove((old_tomb, row_id))
-        if row is not None:
-            if old is None:
-                self.order.add(row_id)
+        if row is not None and old is None:
+            self.order.add(row_id)
             self.rows[row_id] = row
             self._index(row_id, row)
         if tombstone is not None:

@@ -37,6 +37,7 @@ from .protocol import (
     PLUGIN_ERROR,
     VALIDATION_ERROR,
     ApiError,
+    new_guid,
     not_found,
     query_error,
 )
@@ -52,12 +53,15 @@ from .schema import (
 )
 from .store import Row, Store, listmember_row
 
+_CANONICAL_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _REF = re.compile(r"(?:^|/)([A-Za-z_][A-Za-z0-9_]*)\(([0-9A-Fa-f-]{36})\)$")
 _DEFAULT_FALSE = ("donotbulkemail", "donotemail", "type", "psync_emailactivated",
                   "psync_ispublic", "psync_iscategory")
 
 
 def parse_guid(text: str) -> str:
+    if _CANONICAL_GUID.fullmatch(text):  # already as str(UUID) writes it: nothing to do
+        return text
     try:
         return str(uuid.UUID(text))
     except ValueError:
@@ -186,7 +190,7 @@ class Writes:
     def create(self, schema: TableSchema, body: Any, *, row_id: str | None = None) -> Row:
         changes = self._changes(schema, body)
         given = changes.pop(schema.pk, None)
-        row_id = row_id or given or str(uuid.uuid4())
+        row_id = row_id or given or new_guid()
         table = self.store.tables[schema.entity_set]
         if row_id in table.rows:
             raise ApiError(412, DUPLICATE_RECORD, "A record with matching key values already exists.")

@@ -20,14 +20,15 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 BROKER_URL = os.environ.get("PREFSYNC_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 # What each scenario's entry must report besides its target.
 FIGURES = {
-    "backfill": ("seconds", "states_per_s", "ratio_to_ceiling", "directions"),
+    "backfill": ("seconds", "states_per_s", "ratio_to_ceiling", "directions", "cpu",
+                 "simulators_over_10pct"),
     "steady": ("p99_s", "p50_s", "changes_per_s"),
     "api-economy": ("write_calls_per_1000", "idle_cycle", "backfill"),
     "rate-limited": ("seconds", "least_seconds", "max_429"),
     "low-tier": ("idle_calls", "sync_now_seconds", "sync_now_dotdigital_calls",
                  "first_sync_seconds"),
     "memory": ("peak_rss_mb", "rss_spread_over_backlog_mb"),
-    "scale": ("states_per_s", "speedup"),
+    "scale": ("states_per_s", "speedup", "cpu", "simulators_over_10pct"),
 }
 
 
@@ -44,4 +45,7 @@ async def test_scenario_runs_at_smoke_size(scenario: str, tmp_path: Path) -> Non
     assert "error" not in entry
     for figure in ("what", "target", "measured", "met", *FIGURES[scenario]):
         assert figure in entry, figure
-    assert scenario in (tmp_path / "latest.md").read_text()
+    rendered = (tmp_path / "latest.md").read_text()
+    assert scenario in rendered
+    if "cpu" in FIGURES[scenario]:
+        assert "CPU µs per state" in rendered and "simulators over 10%:" in rendered

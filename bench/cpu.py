@@ -1,0 +1,106 @@
+"""CPU per state: what each process (prefsync's services and the simulators) spends.
+
+The figures a run reports next to its wall time, from ``/proc`` CPU seconds (user + system)
+read before and after the timed part:
+
+1. Per process, CPU microseconds per state moved (numerically the same as CPU-seconds per
+   million states).
+2. The product's total (every process but the simulators) and the simulators' total, apart:
+   the simulators stand in for the vendors and their cost is not the product's.
+3. ``simulators_over_10pct``: the simulators spent more than a tenth of the product's CPU,
+   so they may distort what is measured (they share the machine's cores with the product).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from bench.figures import median
+
+SIMULATOR_SHARE_LIMIT = 0.10
+
+
+class Measured(Protocol):
+    def cpu_s(self) -> float: ...
+
+
+def cpu_seconds(processes: Mapping[str, Measured]) -> dict[str, float]:
+    """Each process's CPU seconds so far."""
+    return {name: process.cpu_s() for name, process in processes.items()}
+
+
+def cpu_since(before: Mapping[str, float], processes: Mapping[str, Measured]) -> dict[str, float]:
+    """Each process's CPU seconds since ``before`` (a process started since: all of its)."""
+    return {name: round(process.cpu_s() - before.get(name, 0.0), 2)
+            for name, process in processes.items()}
+
+
+def _per_state(seconds: float, states: int) -> float:
+    return round(seconds * 1e6 / states, 2)
+
+
+def _report(*, states: int, product: dict[str, float], simulated: dict[str, float],
+            product_total: float, simulators_total: float) -> dict[str, Any]:
+    share = simulators_total / product_total if product_total else None
+    return {
+        "states": states,
+        "product_us_per_state": product,
+        "product_us_per_state_total": product_total,
+        "simulator_us_per_state": simulated,
+        "simulator_us_per_state_total": simulators_total,
+        "simulator_share": None if share is None else round(share, 3),
+        "simulators_over_10pct": share is not None and share > SIMULATOR_SHARE_LIMIT,
+    }
+
+
+def cpu_per_state(cpu_s: Mapping[str, float], *, states: int,
+                  simulators: Iterable[str]) -> dict[str, Any]:
+    """The CPU figures of one run (``cpu_s``: CPU seconds per process while ``states`` moved)."""
+    simulator_names = set(simulators)
+    per = max(states, 1)
+    product = {n: s for n, s in cpu_s.items() if n not in simulator_names}
+    simulated = {n: s for n, s in cpu_s.items() if n in simulator_names}
+    return _report(states=states,
+                   product={n: _per_state(s, per) for n, s in product.items()},
+                   simulated={n: _per_state(s, per) for n, s in simulated.items()},
+                   product_total=_per_state(sum(product.values()), per),
+                   simulators_total=_per_state(sum(simulated.values()), per))
+
+
+def median_cpu(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The median of each figure of several runs' :func:`cpu_per_state` (the flag from the
+    median totals)."""
+    def middle(key: str) -> dict[str, float]:
+        names = {n for run in runs for n in run[key]}
+        return {n: round(median(run[key][n] for run in runs if n in run[key]), 2)
+                for n in sorted(names)}
+
+    def total(key: str) -> float:
+        return round(median(run[key] for run in runs), 2)
+
+    return _report(states=runs[0]["states"], product=middle("product_us_per_state"),
+                   simulated=middle("simulator_us_per_state"),
+                   product_total=total("product_us_per_state_total"),
+                   simulators_total=total("simulator_us_per_state_total"))
+
+
+def headline(cpu: Mapping[str, Any]) -> str:
+    """A short figure for the ``measured`` text: product and simulator µs per state."""
+    share = cpu.get("simulator_share")
+    shown = f"{share * 100:.0f}%" if share is not None else "-"
+    return (f"product {cpu['product_us_per_state_total']:,.1f} CPU µs/state, simulators "
+            f"{cpu['simulator_us_per_state_total']:,.1f} ({shown})")
+
+
+def describe(label: str, cpu: Mapping[str, Any]) -> str:
+    """One line for latest.md: every process's µs per state and the simulators' flag."""
+    share = cpu.get("simulator_share")
+    processes = ", ".join(f"{n} {v:,.1f}" for n, v in cpu["product_us_per_state"].items())
+    simulators = ", ".join(f"{n} {v:,.1f}" for n, v in cpu["simulator_us_per_state"].items())
+    flag = "yes" if cpu.get("simulators_over_10pct") else "no"
+    return (f"- {label}: product {cpu['product_us_per_state_total']:,.1f} CPU µs per state "
+            f"(= CPU-s per 1M states; {processes}); simulators apart "
+            f"{cpu['simulator_us_per_state_total']:,.1f} ({simulators}), "
+            f"{'-' if share is None else f'{share * 100:.1f}%'} of the product's; "
+            f"simulators over 10%: {flag}.")
