@@ -365,6 +365,15 @@ class Pacer:
         wait too."""
         return self._clock() < self._short_until
 
+    def next_call_s(self) -> float:
+        """Seconds until a call could go, as far as this pacer knows (0: now): the vendor's
+        pause, the ledger's last refusal, the vendor's window down to its reserve."""
+        if self._holding():
+            return 0.0
+        now = self._clock()
+        return max(0.0, self._paused_until - now, self._refused_until - now,
+                   self._vendor_wait())
+
     @property
     def waiting(self) -> int:
         """Requests waiting for budget (holding a slot of the concurrency cap)."""

@@ -74,9 +74,10 @@ SHARD_BATCH = 4
 DOTDIGITAL_WRITE_BATCH = 16
 
 
-def _budget_short(pacer: Pacer) -> Callable[[], bool]:
-    """Whether the pacer's budget ran out lately (:attr:`Pacer.short`), asked when needed."""
-    return lambda: pacer.short
+def _budget_wait(pacer: Pacer) -> Callable[[], float | None]:
+    """While the pacer's budget ran out lately (:attr:`Pacer.short`), the seconds until a call
+    could go; None while it did not."""
+    return lambda: pacer.next_call_s() if pacer.short else None
 
 
 @dataclass
@@ -313,11 +314,12 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                             shards=shards, dead_letters=dead,
                             future_tolerance=timedelta(seconds=account.future_tolerance_s))
             # the shards' batches that arrive close together are written as one round
-            # one at a time while the side's budget ran out lately (rule 6 there)
+            # one at a time, when the budget can take it, while the side's budget ran out
+            # lately (rule 6 there)
             pacer = (dotdigital if sink.side == "dotdigital" else dataverse).pacer
             rounds = WriteRounds(write=writer.handle_round,
                                  linger_s=config.writer.linger_ms / 1000, size=shards,
-                                 serial=_budget_short(pacer))
+                                 budget=_budget_wait(pacer))
             write = observed(rounds.handle, METRICS.handled_counter(service="writer"))
             batch_size = DOTDIGITAL_WRITE_BATCH if sink.side == "dotdigital" else SHARD_BATCH
             for index in range(shards):

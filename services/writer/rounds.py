@@ -17,10 +17,11 @@ they cost one read and ``ceil(k / vendor batch size)`` writes (:mod:`services.wr
    fault dead-lettered) by its own consumer, and the others go through.
 5. A round that is still lingering when the next arrives takes it; rounds being written do
    not hold up the next one's linger.
-6. While ``serial`` says so (the side's call budget ran out lately), a round whose linger is
-   over waits until no round is being written, and goes on taking batches meanwhile: its
-   calls would only wait for the budget too, and one bigger round costs fewer of them (each
-   dotdigital round reads the feeds once before it writes).
+6. While the side's call budget ran out lately (``budget`` says how long until a call could
+   go, None while it did not), a round whose linger is over waits until no round is being
+   written and the budget could take its first call, and goes on taking batches meanwhile:
+   its calls would only wait for the budget too, and one bigger round costs fewer of them
+   (each dotdigital round reads the feeds once before it writes).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from common.messaging.abc import Delivery
 from common.messaging.middleware import Handled
 from common.messaging.resilience import dependency_of
+
+# A round waiting for the budget looks again at least this often (rule 6).
+MAX_BUDGET_WAIT_S = 5.0
 
 RoundWriter = Callable[[Sequence[Sequence[Delivery]]], Awaitable[list[Handled]]]
 
@@ -47,13 +51,13 @@ class WriteRounds:
     """Gathers one side's shard batches into write rounds (see the module's docstring)."""
 
     def __init__(self, *, write: RoundWriter, linger_s: float, size: int,
-                 serial: Callable[[], bool] | None = None) -> None:
+                 budget: Callable[[], float | None] | None = None) -> None:
         if linger_s < 0 or size < 1:
             raise ValueError("a round lingers zero seconds or more and takes at least a batch")
         self._write = write
         self._linger_s = linger_s
         self._size = size
-        self._serial = serial
+        self._budget = budget
         self._open: _Round | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._writing = 0  # rounds being written
@@ -82,8 +86,7 @@ class WriteRounds:
                 # when the linger is over, the round takes what it has (rule 1)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(current.full.wait(), timeout=self._linger_s)
-            while self._writing and self._serial is not None and self._serial():
-                await self._none_writing.wait()  # rule 6
+            await self._wait_for_budget()
         finally:
             if self._open is current:
                 self._open = None
@@ -95,6 +98,16 @@ class WriteRounds:
             self._writing -= 1
             if not self._writing:
                 self._none_writing.set()
+
+    async def _wait_for_budget(self) -> None:
+        """Rule 6."""
+        while self._budget is not None and (wait := self._budget()) is not None:
+            if self._writing:
+                await self._none_writing.wait()
+            elif wait > 0:
+                await asyncio.sleep(min(wait, MAX_BUDGET_WAIT_S))
+            else:
+                return
 
     async def _write_round(self, current: _Round) -> None:
         pairs = list(zip(current.batches, current.results, strict=True))

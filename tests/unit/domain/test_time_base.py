@@ -156,7 +156,8 @@ def test_samples_a_minute_older_than_the_newest_move_nothing(
     newest = max(s.at for s in state.window)
     for _ in range(late):
         # a Date header read long ago, folded in now: even several agreeing make no step back
-        sample = exchange(rng, offset_s=offset + wrong_by, start_s=7200 + 90 - late_s - 1,
+        # (2 s more: each exchange starts up to 1 s after its start and lasts up to 0.5 s)
+        sample = exchange(rng, offset_s=offset + wrong_by, start_s=7200 + 90 - late_s - 2,
                           resolution_s=1.0)
         assert newest - sample.at >= STALE_AGE
         after, verdict = state.add(sample)

@@ -192,7 +192,8 @@ async def test_while_the_budget_is_short_a_round_waits_for_the_one_being_written
             await release.wait()
         return [Handled(account=ACCOUNT, counts={"written": len(b)}) for b in batches]
 
-    rounds = WriteRounds(write=write, linger_s=0.0, size=SHARDS, serial=lambda: short)
+    rounds = WriteRounds(write=write, linger_s=0.0, size=SHARDS,
+                         budget=lambda: 0.0 if short else None)
 
     def batch(name: str) -> Sequence[Delivery]:
         return [name]  # type: ignore[list-item]  # the round writer only counts them
@@ -215,3 +216,27 @@ async def test_while_the_budget_is_short_a_round_waits_for_the_one_being_written
     await asyncio.gather(first, second, third)
     if short:
         assert written == [[["a"]], [["b"], ["c"]]]
+
+
+async def test_while_the_budget_is_short_a_round_waits_until_a_call_could_go() -> None:
+    """Rule 6: with nothing being written, a round whose calls would wait for the budget waits
+    for it, and takes the batches that arrive meanwhile."""
+    written: list[list[list[str]]] = []
+    budget_back = asyncio.Event()
+
+    async def write(batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
+        written.append([[str(item) for item in batch] for batch in batches])
+        return [Handled(account=ACCOUNT, counts={"written": len(b)}) for b in batches]
+
+    rounds = WriteRounds(write=write, linger_s=0.0, size=SHARDS,
+                         budget=lambda: 0.0 if budget_back.is_set() else 0.01)
+    first = asyncio.create_task(rounds.handle(["a"]))  # type: ignore[list-item]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    second = asyncio.create_task(rounds.handle(["b"]))  # type: ignore[list-item]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert written == []
+    budget_back.set()
+    await asyncio.gather(first, second)
+    assert written == [[["a"], ["b"]]]
