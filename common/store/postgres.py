@@ -19,23 +19,26 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from common.domain import PreferenceKey
-from common.store.connection import Connection
-from common.store.interface import StoreUnavailable
+from common.domain import HistoryEntry, KeyState, PreferenceKey
+from common.store.connection import Connection, Statement
+from common.store.interface import Change, ConflictError, StoreUnavailable
 from common.store.sqlite import (
     ADDED_COLUMNS,
     SCHEMA_STATEMENTS,
+    SaveBatch,
     SqliteLedgerStore,
+    decode_states,
+    now_us,
     settle_schema,
+    state_queries,
 )
 
 POOL_SIZE = 10
@@ -75,56 +78,29 @@ def _lock_id(key: PreferenceKey) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-class _Cursor:
-    def __init__(self, rows: list[asyncpg.Record]) -> None:
-        self._rows = rows
-
-    async def fetchall(self) -> list[asyncpg.Record]:
-        return self._rows
-
-    async def fetchone(self) -> asyncpg.Record | None:
-        return self._rows[0] if self._rows else None
-
-
-class _Execution:
-    """A statement sent when awaited or entered, like aiosqlite's."""
-
-    def __init__(self, run: Any) -> None:
-        self._run = run
-
-    async def _cursor(self) -> _Cursor:
-        return _Cursor(await self._run())
-
-    def __await__(self) -> Generator[Any, None, _Cursor]:
-        return self._cursor().__await__()
-
-    async def __aenter__(self) -> _Cursor:
-        return await self._cursor()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        return None
-
-
 class PostgresConnection:
     """An asyncpg connection in a transaction, with the shape the ledger's SQL expects."""
 
     def __init__(self, connection: asyncpg.pool.PoolConnectionProxy) -> None:
         self._connection = connection
 
-    def execute(self, sql: str, parameters: Iterable[Any] | None = None) -> _Execution:
+    def execute(self, sql: str, parameters: Iterable[Any] | None = None) -> Statement:
         args = list(parameters or ())
-        return _Execution(lambda: self._connection.fetch(to_postgres(sql), *args))
 
-    def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> _Execution:
+        async def run() -> list[Any]:
+            return list(await self._connection.fetch(to_postgres(sql), *args))
+
+        return Statement(run)
+
+    def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> Statement:
         rows = [tuple(p) for p in parameters]
 
-        async def run() -> list[asyncpg.Record]:
+        async def run() -> list[Any]:
             if rows:
                 await self._connection.executemany(to_postgres(sql), rows)
             return []
 
-        return _Execution(run)
+        return Statement(run)
 
 
 class PostgresLedgerStore(SqliteLedgerStore):
@@ -179,6 +155,26 @@ class PostgresLedgerStore(SqliteLedgerStore):
 
     def _reading(self) -> AbstractAsyncContextManager[Connection]:
         return self._transaction()
+
+    async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
+        wanted = list(dict.fromkeys(keys))
+        rows: list[Any] = []
+        async with self._reading() as db:
+            for sql, params in state_queries(wanted):
+                async with db.execute(sql, params) as cur:
+                    rows.extend(await cur.fetchall())
+        return decode_states(wanted, rows)
+
+    async def save(self, changes: Sequence[Change], *,
+                   history: Sequence[HistoryEntry] = ()) -> list[int]:
+        batch = SaveBatch.of(changes, history=history, now_us=now_us())
+        async with self._transaction() as db:
+            moved = batch.moved(await self._revisions(db, batch.keys))
+            if moved:
+                raise ConflictError(moved)
+            for sql, rows in batch.statements():
+                await db.executemany(sql, rows)
+        return batch.revisions
 
     async def _revisions(self, db: Connection,
                          keys: Sequence[PreferenceKey]) -> dict[tuple[str, str, int], int]:
