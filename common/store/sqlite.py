@@ -114,11 +114,17 @@ ADDED_COLUMNS = (("history", "corrected_time", "INTEGER"),
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300
 
-_UPSERT_STATE = """
+# Compare-and-set in the write itself: a key expected at a revision is updated only while it
+# is still there at that revision; a key expected new is inserted only while it is not stored.
+# Keys the two statements left alone (fewer rows changed than keys) moved: a conflict.
+_UPDATE_STATE = """
+    UPDATE key_state SET revision = ?, state = ?
+    WHERE account = ? AND email = ? AND preference_id = ? AND revision = ?"""
+
+_INSERT_STATE = """
     INSERT INTO key_state (account, email, preference_id, revision, state)
     VALUES (?, ?, ?, ?, ?)
-    ON CONFLICT (account, email, preference_id)
-    DO UPDATE SET revision = excluded.revision, state = excluded.state"""
+    ON CONFLICT (account, email, preference_id) DO NOTHING"""
 
 _INSERT_HISTORY = """
     INSERT INTO history (account, email, preference_id, side, opted_in, origin_time, change_id,
@@ -212,22 +218,37 @@ class SaveBatch:
         return [k for (expected, _, _), k in zip(self.changes, self.keys, strict=True)
                 if stored.get((k.account, k.email, k.preference_id)) != (expected or None)]
 
+    def updates(self) -> list[tuple[Any, ...]]:
+        """Rows of :data:`_UPDATE_STATE`: the changes of keys expected stored."""
+        return [(revision, state, account, email, preference_id, revision - 1)
+                for account, email, preference_id, revision, state in self.state_rows
+                if revision > 1]
+
+    def inserts(self) -> list[tuple[Any, ...]]:
+        """Rows of :data:`_INSERT_STATE`: the changes of keys expected new."""
+        return [row for row in self.state_rows if row[3] == 1]
+
     def statements(self) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
-        """What the save runs once the revisions hold: (statement, rows) for ``executemany``."""
-        return [(_UPSERT_STATE, self.state_rows),
-                *([(_INSERT_HISTORY, self.history_rows)] if self.history_rows else []),
+        """What the save runs once its states are written: (statement, rows) for
+        ``executemany``."""
+        return [*([(_INSERT_HISTORY, self.history_rows)] if self.history_rows else []),
                 *self.index]
 
     def write(self, connection: sqlite3.Connection) -> None:
         """In SQLite's thread, inside the save's ``BEGIN IMMEDIATE`` transaction (which no
-        other writer can enter, so the revisions read hold until it ends)."""
-        stored: dict[tuple[str, str, int], int] = {}
-        for sql, params in _revision_queries(self.keys):
-            for account, email, preference_id, revision in connection.execute(sql, params):
-                stored[(account, email, preference_id)] = revision
-        moved = self.moved(stored)
-        if moved:
-            raise ConflictError(moved)
+        other writer can enter while it runs)."""
+        connection.execute("SAVEPOINT states")
+        written = sum(connection.executemany(sql, rows).rowcount
+                      for sql, rows in ((_UPDATE_STATE, self.updates()),
+                                        (_INSERT_STATE, self.inserts())) if rows)
+        if written != len(self.keys):
+            # name the keys that moved from the revisions as they were before this save
+            connection.execute("ROLLBACK TO states")
+            stored: dict[tuple[str, str, int], int] = {}
+            for sql, params in _revision_queries(self.keys):
+                for account, email, preference_id, revision in connection.execute(sql, params):
+                    stored[(account, email, preference_id)] = revision
+            raise ConflictError(self.moved(stored) or self.keys)
         for sql, rows in self.statements():
             connection.executemany(sql, rows)
 
@@ -432,15 +453,6 @@ class SqliteLedgerStore:
         if not done.cancelled():
             done.exception()  # its caller may have stopped waiting: nobody else will look
         self._lock.release()
-
-    async def _revisions(self, db: Connection,
-                         keys: Sequence[PreferenceKey]) -> dict[tuple[str, str, int], int]:
-        found: dict[tuple[str, str, int], int] = {}
-        for sql, params in _revision_queries(keys):
-            async with db.execute(sql, params) as cur:
-                for account, email, preference_id, revision in await cur.fetchall():
-                    found[(account, email, preference_id)] = revision
-        return found
 
     async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
         wanted = list(dict.fromkeys(keys))
