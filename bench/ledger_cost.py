@@ -1,8 +1,9 @@
 """CPU cost of the ledger store per key state, for one reconciler-sized batch.
 
-    .venv/bin/python -m bench.ledger_cost [--backend sqlite|postgresql] [--rounds N]
+    .venv/bin/python -m bench.ledger_cost [--backend sqlite|postgresql] [--rounds N] [--emails N]
 
-Each round takes a batch of 2,000 key states (400 emails x 5 preferences) through the store's
+Each round takes a batch of 2,000 key states (400 emails x 5 preferences; ``--emails`` for
+smaller batches, where what each call costs whatever its size weighs more) through the store's
 own API as the reconciler does: saved new with a history row each, loaded, then saved again
 with compare-and-set on the revisions it loaded and another history row each. Only the store's
 calls are timed, in process CPU time (SQLite's thread and asyncpg's work count; PostgreSQL's
@@ -32,12 +33,12 @@ PREFERENCES = 5
 _T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 
-def _observe(round_number: int, states: dict[PreferenceKey, KeyState], *, side: str,
-             step: int) -> tuple[list[Change], list[HistoryEntry]]:
+def _observe(round_number: int, states: dict[PreferenceKey, KeyState], *, emails: int,
+             side: str, step: int) -> tuple[list[Change], list[HistoryEntry]]:
     """One decision per key of the round's batch, as the reconciler folds and saves them."""
     changes: list[Change] = []
     history: list[HistoryEntry] = []
-    for e in range(EMAILS):
+    for e in range(emails):
         for p in range(PREFERENCES):
             key = PreferenceKey(account="acme", email=f"r{round_number}.person{e}@example.com",
                                 preference_id=1000 + p)
@@ -55,10 +56,10 @@ def _observe(round_number: int, states: dict[PreferenceKey, KeyState], *, side: 
     return changes, history
 
 
-async def _round(store: LedgerStore, number: int) -> dict[str, float]:
+async def _round(store: LedgerStore, number: int, *, emails: int) -> dict[str, float]:
     """CPU microseconds per key state of each store call of one round."""
     per_state: dict[str, float] = {}
-    changes, history = _observe(number, {}, side="dynamics", step=0)
+    changes, history = _observe(number, {}, emails=emails, side="dynamics", step=0)
     cpu = time.process_time()
     await store.save(changes, history=history)
     per_state["save new"] = (time.process_time() - cpu) * 1e6 / len(changes)
@@ -68,7 +69,7 @@ async def _round(store: LedgerStore, number: int) -> dict[str, float]:
     per_state["load"] = (time.process_time() - cpu) * 1e6 / len(keys)
     if len(loaded) != len(keys):
         raise RuntimeError(f"loaded {len(loaded)} of {len(keys)} key states")
-    changes, history = _observe(number, loaded, side="dotdigital", step=1)
+    changes, history = _observe(number, loaded, emails=emails, side="dotdigital", step=1)
     cpu = time.process_time()
     await store.save(changes, history=history)
     per_state["save update"] = (time.process_time() - cpu) * 1e6 / len(changes)
@@ -85,11 +86,12 @@ async def _ledger_url(backend: str) -> AsyncIterator[str]:
         yield f"sqlite:///{tmp}/ledger.db"
 
 
-async def measure(*, backend: str, rounds: int) -> dict[str, float]:
+async def measure(*, backend: str, rounds: int, emails: int = EMAILS) -> dict[str, float]:
     """Median CPU microseconds per key state of each call, over ``rounds`` counted rounds."""
     async with _ledger_url(backend) as url, open_store(url) as store:
-        await _round(store, 0)  # warm-up: imports, statement caches, the file's first pages
-        samples = [await _round(store, n) for n in range(1, rounds + 1)]
+        # warm-up: imports, statement caches, the file's first pages
+        await _round(store, 0, emails=emails)
+        samples = [await _round(store, n, emails=emails) for n in range(1, rounds + 1)]
     return {what: statistics.median(s[what] for s in samples) for what in samples[0]}
 
 
@@ -98,11 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), action="append")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--emails", type=int, default=EMAILS,
+                        help=f"emails per batch, {PREFERENCES} preferences each")
     args = parser.parse_args(argv)
     for backend in args.backend or ("sqlite", "postgresql"):
-        figures = asyncio.run(measure(backend=backend, rounds=args.rounds))
+        figures = asyncio.run(measure(backend=backend, rounds=args.rounds, emails=args.emails))
         print(f"{backend}: " + ", ".join(f"{what} {us:.1f}" for what, us in figures.items())
-              + f" µs CPU per key state ({EMAILS * PREFERENCES} states, median of "
+              + f" µs CPU per key state ({args.emails * PREFERENCES} states, median of "
               f"{args.rounds} rounds)")
     return 0
 
