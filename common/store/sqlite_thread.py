@@ -50,7 +50,7 @@ class SqliteConnection:
 
     def run(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """``job(connection)`` in the connection's thread, after whatever was asked before.
-        Once started it runs to its end even if the caller stops waiting (rule 2)."""
+        Once started it runs to its end, even if the caller stops waiting."""
         return asyncio.get_running_loop().run_in_executor(self._thread, job, self._connection)
 
     def execute(self, sql: str, parameters: Iterable[Any] | None = None) -> Statement:
