@@ -145,6 +145,18 @@ def _d_horizon(raw: list[Any] | None) -> LedgerHorizon | None:
     return None if raw is None else LedgerHorizon(until=_time(raw[0]), version=raw[1])
 
 
+# Sides with nothing (most states' horizons, pending writes and write records): one shared
+# value each, since PerSide is immutable; decoding builds fewer objects.
+_NOTHING: PerSide[Any] = PerSide(dynamics=None, dotdigital=None)
+_NO_RECORDS: PerSide[tuple[WriteRecord, ...]] = PerSide(dynamics=(), dotdigital=())
+
+
+def _per_side(dynamics: Any, dotdigital: Any) -> PerSide[Any]:
+    if dynamics is None and dotdigital is None:
+        return _NOTHING
+    return PerSide(dynamics, dotdigital)
+
+
 def decode_state(key: PreferenceKey, revision: int, blob: bytes) -> KeyState:
     raw = orjson.loads(blob)
     if not isinstance(raw, list) or not raw or raw[0] != FORMAT:
@@ -153,10 +165,10 @@ def decode_state(key: PreferenceKey, revision: int, blob: bytes) -> KeyState:
     return KeyState(
         key=key,
         register=_d_register(register),
-        known=PerSide(dynamics=_d_known(k_dyn), dotdigital=_d_known(k_dd)),
-        pending=PerSide(dynamics=_d_pending(p_dyn), dotdigital=_d_pending(p_dd)),
-        writes=PerSide(dynamics=_d_records("dynamics", w_dyn),
-                       dotdigital=_d_records("dotdigital", w_dd)),
-        horizon=PerSide(dynamics=_d_horizon(h_dyn), dotdigital=_d_horizon(h_dd)),
+        known=_per_side(_d_known(k_dyn), _d_known(k_dd)),
+        pending=_per_side(_d_pending(p_dyn), _d_pending(p_dd)),
+        writes=(PerSide(_d_records("dynamics", w_dyn), _d_records("dotdigital", w_dd))
+                if w_dyn or w_dd else _NO_RECORDS),
+        horizon=_per_side(_d_horizon(h_dyn), _d_horizon(h_dd)),
         revision=revision,
     )

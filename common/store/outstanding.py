@@ -124,13 +124,18 @@ def index_rows(states: Iterable[tuple[KeyState, int]], *, now_us: int
     return upsert, delete
 
 
+def index_statements(upsert: Sequence[tuple[Any, ...]], delete: Sequence[tuple[Any, ...]]
+                     ) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
+    """What a save runs on the index, inside its transaction: (statement, rows) pairs, each
+    for ``executemany``."""
+    return [(sql, rows) for sql, rows in ((_UPSERT, upsert), (_DELETE, delete)) if rows]
+
+
 async def write_index(db: Connection, upsert: Sequence[tuple[Any, ...]],
                       delete: Sequence[tuple[Any, ...]]) -> None:
     """Inside a save's transaction."""
-    if upsert:
-        await db.executemany(_UPSERT, upsert)
-    if delete:
-        await db.executemany(_DELETE, delete)
+    for sql, rows in index_statements(upsert, delete):
+        await db.executemany(sql, rows)
 
 
 async def upgrade(db: Connection) -> None:

@@ -9,7 +9,8 @@ once. What PostgreSQL needs differently is here:
 - compare-and-set: SQLite's ``BEGIN IMMEDIATE`` serialises writers, PostgreSQL's default
   isolation does not, so a save first takes a transaction-scoped advisory lock per key (in key
   order, so two saves never deadlock). Keys not stored yet are locked too, which row locks
-  could not do; the revision check that follows is then exact.
+  could not do. The states are then written with the revision check inside the writes, as on
+  SQLite, each over arrays in one statement that names the keys it wrote.
 
 ``postgresql://user@host:5432/db`` (``postgres://`` too); extra query parameters are session
 settings, e.g. ``?search_path=prefsync`` to keep the ledger in its own schema.
@@ -19,23 +20,26 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from common.domain import PreferenceKey
-from common.store.connection import Connection
-from common.store.interface import StoreUnavailable
+from common.domain import HistoryEntry, KeyState, PreferenceKey
+from common.store.connection import Connection, Statement
+from common.store.interface import Change, ConflictError, StoreUnavailable
 from common.store.sqlite import (
     ADDED_COLUMNS,
     SCHEMA_STATEMENTS,
+    SaveBatch,
     SqliteLedgerStore,
+    decode_states,
+    now_us,
     settle_schema,
+    state_queries,
 )
 
 POOL_SIZE = 10
@@ -69,41 +73,29 @@ def postgres_ddl(statement: str) -> str:
     return re.sub(r"\bBLOB\b", "BYTEA", statement)
 
 
+# The compare-and-set writes of common.store.sqlite, each over arrays (one column each) in one
+# statement, which returns the keys it wrote.
+_UPDATE_STATES = """
+    UPDATE key_state AS k SET revision = u.revision, state = u.state
+    FROM unnest(CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS TEXT[]), CAST(? AS TEXT[]),
+                CAST(? AS BIGINT[]), CAST(? AS BIGINT[]))
+         AS u (revision, state, account, email, preference_id, expected)
+    WHERE k.account = u.account AND k.email = u.email AND k.preference_id = u.preference_id
+      AND k.revision = u.expected
+    RETURNING k.account, k.email, k.preference_id"""
+
+_INSERT_STATES = """
+    INSERT INTO key_state (account, email, preference_id, revision, state)
+    SELECT * FROM unnest(CAST(? AS TEXT[]), CAST(? AS TEXT[]), CAST(? AS BIGINT[]),
+                         CAST(? AS BIGINT[]), CAST(? AS BYTEA[]))
+    ON CONFLICT (account, email, preference_id) DO NOTHING
+    RETURNING account, email, preference_id"""
+
+
 def _lock_id(key: PreferenceKey) -> int:
     digest = hashlib.blake2b(f"{key.account}\x1f{key.email}\x1f{key.preference_id}".encode(),
                              digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
-
-
-class _Cursor:
-    def __init__(self, rows: list[asyncpg.Record]) -> None:
-        self._rows = rows
-
-    async def fetchall(self) -> list[asyncpg.Record]:
-        return self._rows
-
-    async def fetchone(self) -> asyncpg.Record | None:
-        return self._rows[0] if self._rows else None
-
-
-class _Execution:
-    """A statement sent when awaited or entered, like aiosqlite's."""
-
-    def __init__(self, run: Any) -> None:
-        self._run = run
-
-    async def _cursor(self) -> _Cursor:
-        return _Cursor(await self._run())
-
-    def __await__(self) -> Generator[Any, None, _Cursor]:
-        return self._cursor().__await__()
-
-    async def __aenter__(self) -> _Cursor:
-        return await self._cursor()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        return None
 
 
 class PostgresConnection:
@@ -112,19 +104,23 @@ class PostgresConnection:
     def __init__(self, connection: asyncpg.pool.PoolConnectionProxy) -> None:
         self._connection = connection
 
-    def execute(self, sql: str, parameters: Iterable[Any] | None = None) -> _Execution:
+    def execute(self, sql: str, parameters: Iterable[Any] | None = None) -> Statement:
         args = list(parameters or ())
-        return _Execution(lambda: self._connection.fetch(to_postgres(sql), *args))
 
-    def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> _Execution:
+        async def run() -> list[Any]:
+            return list(await self._connection.fetch(to_postgres(sql), *args))
+
+        return Statement(run)
+
+    def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> Statement:
         rows = [tuple(p) for p in parameters]
 
-        async def run() -> list[asyncpg.Record]:
+        async def run() -> list[Any]:
             if rows:
                 await self._connection.executemany(to_postgres(sql), rows)
             return []
 
-        return _Execution(run)
+        return Statement(run)
 
 
 class PostgresLedgerStore(SqliteLedgerStore):
@@ -180,11 +176,35 @@ class PostgresLedgerStore(SqliteLedgerStore):
     def _reading(self) -> AbstractAsyncContextManager[Connection]:
         return self._transaction()
 
-    async def _revisions(self, db: Connection,
-                         keys: Sequence[PreferenceKey]) -> dict[tuple[str, str, int], int]:
-        # Hold every key (stored or not) until this transaction ends; sorted, so that two saves
-        # with overlapping keys queue behind each other instead of deadlocking.
-        locks = sorted({_lock_id(k) for k in keys})
-        await db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(? AS BIGINT[])) "
-                         "WITH ORDINALITY AS t (k, n) ORDER BY n", (locks,))
-        return await super()._revisions(db, keys)
+    async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
+        wanted = list(dict.fromkeys(keys))
+        rows: list[Any] = []
+        async with self._reading() as db:
+            for sql, params in state_queries(wanted):
+                async with db.execute(sql, params) as cur:
+                    rows.extend(await cur.fetchall())
+        return decode_states(wanted, rows)
+
+    async def save(self, changes: Sequence[Change], *,
+                   history: Sequence[HistoryEntry] = ()) -> list[int]:
+        batch = SaveBatch.of(changes, history=history, now_us=now_us())
+        async with self._transaction() as db:
+            # Hold every key (stored or not) until this transaction ends; sorted, so that two
+            # saves with overlapping keys queue behind each other instead of deadlocking.
+            locks = sorted({_lock_id(k) for k in batch.keys})
+            await db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(? AS BIGINT[])) "
+                             "WITH ORDINALITY AS t (k, n) ORDER BY n", (locks,))
+            written: set[tuple[str, str, int]] = set()
+            for sql, states in ((_UPDATE_STATES, batch.updates()),
+                                (_INSERT_STATES, batch.inserts())):
+                if states:
+                    columns = [list(column) for column in zip(*states, strict=True)]
+                    async with db.execute(sql, columns) as cursor:
+                        written.update((a, e, p) for a, e, p in await cursor.fetchall())
+            if len(written) != len(batch.keys):
+                # the transaction rolls back: nothing of this save is written
+                raise ConflictError([k for k in batch.keys
+                                     if (k.account, k.email, k.preference_id) not in written])
+            for sql, rows in batch.statements():
+                await db.executemany(sql, rows)
+        return batch.revisions

@@ -1,4 +1,5 @@
-"""SQLite ledger store: one aiosqlite connection in WAL mode, one transaction per call.
+"""SQLite ledger store: one connection in WAL mode, in a thread of its own
+(:mod:`common.store.sqlite_thread`), one transaction per call.
 
 The SQL sticks to what PostgreSQL also accepts (row values, ``ON CONFLICT ... DO UPDATE``,
 integer microsecond timestamps) so the PostgreSQL store can share its shape. Every query is
@@ -13,13 +14,12 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
-
-import aiosqlite
+from typing import Any, Self, TypeVar
 
 from common.domain import (
     ContactState,
@@ -42,18 +42,21 @@ from common.store.outstanding import (
     OutstandingStats,
     SqlOutstanding,
     index_rows,
+    index_statements,
     upgrade,
-    write_index,
 )
 from common.store.parking import SCHEMA as PARKING_SCHEMA
 from common.store.parking import SqliteParking
 from common.store.personal import SCHEMA as PERSONAL_SCHEMA
 from common.store.personal import SqlPersonalData
+from common.store.sqlite_thread import SqliteConnection, transact
 from common.vendors.budget import BudgetGrant
 
 log = logging.getLogger("prefsync.store")
 
 SCHEMA_VERSION = 1
+
+T = TypeVar("T")
 
 
 async def settle_schema(db: Connection) -> None:
@@ -102,14 +105,26 @@ ADDED_COLUMNS = (("history", "corrected_time", "INTEGER"),
                  ("dyn_records", "email_since", "TEXT"),
                  ("outstanding_keys", "sides", "INTEGER NOT NULL DEFAULT 3"))
 
+# SQLite's page cache stays at its default (2 MB per connection). In WAL mode a connection drops
+# its whole cache whenever another connection committed since its last transaction, which the
+# services sharing the ledger do all the time; 16 MiB measured no CPU gained per key state
+# (bench.ledger_cost, and 16,000 keys read and written over again in a 70 MB ledger) and cost
+# its size in resident memory, which each service must keep under 150 MB.
+
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300
 
-_UPSERT_STATE = """
+# Compare-and-set in the write itself: a key expected at a revision is updated only while it
+# is still there at that revision; a key expected new is inserted only while it is not stored.
+# Keys the two statements left alone (fewer rows changed than keys) moved: a conflict.
+_UPDATE_STATE = """
+    UPDATE key_state SET revision = ?, state = ?
+    WHERE account = ? AND email = ? AND preference_id = ? AND revision = ?"""
+
+_INSERT_STATE = """
     INSERT INTO key_state (account, email, preference_id, revision, state)
     VALUES (?, ?, ?, ?, ?)
-    ON CONFLICT (account, email, preference_id)
-    DO UPDATE SET revision = excluded.revision, state = excluded.state"""
+    ON CONFLICT (account, email, preference_id) DO NOTHING"""
 
 _INSERT_HISTORY = """
     INSERT INTO history (account, email, preference_id, side, opted_in, origin_time, change_id,
@@ -141,6 +156,103 @@ def _keyed(columns: str, keys: Sequence[PreferenceKey]) -> tuple[str, list[Any]]
     return sql, params
 
 
+def _revision_queries(keys: Sequence[PreferenceKey]) -> list[tuple[str, list[Any]]]:
+    return [_keyed("k.account, k.email, k.preference_id, k.revision", keys[i:i + _CHUNK])
+            for i in range(0, len(keys), _CHUNK)]
+
+
+def state_queries(keys: Sequence[PreferenceKey]) -> list[tuple[str, list[Any]]]:
+    return [_keyed("k.account, k.email, k.preference_id, k.revision, k.state",
+                   keys[i:i + _CHUNK])
+            for i in range(0, len(keys), _CHUNK)]
+
+
+def decode_states(keys: Sequence[PreferenceKey],
+                  rows: Iterable[Any]) -> dict[PreferenceKey, KeyState]:
+    """The states of ``rows`` of :func:`state_queries` of ``keys``, by key."""
+    by_tuple = {(k.account, k.email, k.preference_id): k for k in keys}
+    out: dict[PreferenceKey, KeyState] = {}
+    for account, email, preference_id, revision, blob in rows:
+        key = by_tuple[(account, email, preference_id)]
+        out[key] = decode_state(key, revision, blob)
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SaveBatch:
+    """What a save writes, built before its transaction (none of it needs the database)."""
+
+    changes: Sequence[Change]
+    keys: list[PreferenceKey]
+    revisions: list[int]  # the new revision of each change, in order
+    state_rows: list[tuple[Any, ...]]
+    history_rows: list[tuple[Any, ...]]
+    index: list[tuple[str, Sequence[tuple[Any, ...]]]]  # the outstanding index's statements
+
+    @classmethod
+    def of(cls, changes: Sequence[Change], *, history: Sequence[HistoryEntry],
+           now_us: int) -> SaveBatch:
+        keys = [state.key for _, state, _ in changes]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a save may hold each key only once")
+        state_rows: list[tuple[Any, ...]] = []
+        revisions: list[int] = []
+        history_rows = [_history_row(h) for h in history]
+        for expected, state, entry in changes:
+            revision = (expected or 0) + 1
+            k = state.key
+            state_rows.append((k.account, k.email, k.preference_id, revision,
+                               encode_state(state)))
+            revisions.append(revision)
+            if entry is not None:
+                history_rows.append(_history_row(entry))
+        # the index of keys with outstanding writes, kept in the same transaction
+        upsert, delete = index_rows(
+            ((state, revision) for (_, state, _), revision in zip(changes, revisions, strict=True)),
+            now_us=now_us)
+        return cls(changes=changes, keys=keys, revisions=revisions, state_rows=state_rows,
+                   history_rows=history_rows, index=index_statements(upsert, delete))
+
+    def moved(self, stored: Mapping[tuple[str, str, int], int]) -> list[PreferenceKey]:
+        """Keys whose ``stored`` revisions are not the ones the changes expect."""
+        return [k for (expected, _, _), k in zip(self.changes, self.keys, strict=True)
+                if stored.get((k.account, k.email, k.preference_id)) != (expected or None)]
+
+    def updates(self) -> list[tuple[Any, ...]]:
+        """Rows of :data:`_UPDATE_STATE`: the changes of keys expected stored."""
+        return [(revision, state, account, email, preference_id, revision - 1)
+                for account, email, preference_id, revision, state in self.state_rows
+                if revision > 1]
+
+    def inserts(self) -> list[tuple[Any, ...]]:
+        """Rows of :data:`_INSERT_STATE`: the changes of keys expected new."""
+        return [row for row in self.state_rows if row[3] == 1]
+
+    def statements(self) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
+        """What the save runs once its states are written: (statement, rows) for
+        ``executemany``."""
+        return [*([(_INSERT_HISTORY, self.history_rows)] if self.history_rows else []),
+                *self.index]
+
+    def write(self, connection: sqlite3.Connection) -> None:
+        """In SQLite's thread, inside the save's ``BEGIN IMMEDIATE`` transaction (which no
+        other writer can enter while it runs)."""
+        connection.execute("SAVEPOINT states")
+        written = sum(connection.executemany(sql, rows).rowcount
+                      for sql, rows in ((_UPDATE_STATE, self.updates()),
+                                        (_INSERT_STATE, self.inserts())) if rows)
+        if written != len(self.keys):
+            # name the keys that moved from the revisions as they were before this save
+            connection.execute("ROLLBACK TO states")
+            stored: dict[tuple[str, str, int], int] = {}
+            for sql, params in _revision_queries(self.keys):
+                for account, email, preference_id, revision in connection.execute(sql, params):
+                    stored[(account, email, preference_id)] = revision
+            raise ConflictError(self.moved(stored) or self.keys)
+        for sql, rows in self.statements():
+            connection.executemany(sql, rows)
+
+
 async def _select_in(db: Connection, sql: str, account: str,
                      values: Sequence[str]) -> list[Any]:
     """Rows of ``sql`` (ending in a column name) ``IN`` ``values``, asked in chunks."""
@@ -159,15 +271,15 @@ def _history_row(h: HistoryEntry) -> tuple[Any, ...]:
             None if h.corrected_time is None else to_us(h.corrected_time))
 
 
-async def _run(db: aiosqlite.Connection, sql: str) -> None:
+async def _run(db: SqliteConnection, sql: str) -> None:
     await db.execute(sql)
 
 
-def _now_us() -> int:
+def now_us() -> int:
     return to_us(datetime.now(UTC))
 
 
-async def _use_wal(db: aiosqlite.Connection, *, wait_s: float = 60.0) -> None:
+async def _use_wal(db: SqliteConnection, *, wait_s: float = 60.0) -> None:
     """Switch the file to WAL (it stays so). Only the first opener of a new file switches;
     the switch needs the file to itself, and SQLite answers "locked" at once, without its busy
     wait, when another process is opening the same file just then: so retry for a while."""
@@ -194,7 +306,7 @@ class SqliteLedgerStore:
     def __init__(self, *, path: str, busy_timeout_s: float = 60.0) -> None:
         self._path = path
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
-        self._db: aiosqlite.Connection | None = None
+        self._db: SqliteConnection | None = None
         # one connection: transactions must not interleave on it
         self._lock = asyncio.Lock()
         # roll-backs of interrupted transactions still under way (they hold the lock)
@@ -212,7 +324,7 @@ class SqliteLedgerStore:
     async def open(self) -> None:
         if self._db is not None:
             return
-        db = await aiosqlite.connect(self._path, isolation_level=None)
+        db = await SqliteConnection.connect(self._path)
         try:
             # Several services (processes) share the file; one may hold the write lock for
             # a few seconds (a big batch on a loaded machine): wait rather than fail.
@@ -290,14 +402,14 @@ class SqliteLedgerStore:
             raise
         self._lock.release()
 
-    def _end_later(self, db: aiosqlite.Connection,
+    def _end_later(self, db: SqliteConnection,
                    began: asyncio.Future[Any] | None) -> asyncio.Task[None]:
         task = asyncio.ensure_future(self._end(db, began))
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
         return task
 
-    async def _end(self, db: aiosqlite.Connection, began: asyncio.Future[Any] | None) -> None:
+    async def _end(self, db: SqliteConnection, began: asyncio.Future[Any] | None) -> None:
         """Roll back whatever is open (once ``began`` has ended), then free the connection."""
         try:
             if began is not None:
@@ -317,63 +429,51 @@ class SqliteLedgerStore:
         return self._begun("BEGIN")
 
     # -- key states -----------------------------------------------------------------------
-    async def _revisions(self, db: Connection,
-                         keys: Sequence[PreferenceKey]) -> dict[tuple[str, str, int], int]:
-        found: dict[tuple[str, str, int], int] = {}
-        for i in range(0, len(keys), _CHUNK):
-            sql, params = _keyed("k.account, k.email, k.preference_id, k.revision",
-                                 keys[i:i + _CHUNK])
-            async with db.execute(sql, params) as cur:
-                for account, email, preference_id, revision in await cur.fetchall():
-                    found[(account, email, preference_id)] = revision
-        return found
+    # Loading and saving a batch each run as one job in the connection's thread
+    # (common.store.sqlite_thread, rule 2): one trip to the thread per call, not per statement.
+    async def _in_one_job(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """``job``, a whole transaction that ends itself (:func:`transact`), in the
+        connection's thread; the connection is taken as by any transaction (:meth:`_begun`).
+
+        Cancelled, the caller returns at once; the job still runs to its end, which leaves the
+        connection outside any transaction, and only then frees it for the next caller."""
+        if self._db is None:
+            raise RuntimeError("the ledger store is not open")
+        db = self._db
+        await self._lock.acquire()
+        try:
+            done = db.run(job)
+        except BaseException:
+            self._lock.release()
+            raise
+        done.add_done_callback(self._job_ended)
+        return await asyncio.shield(done)
+
+    def _job_ended(self, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled():
+            done.exception()  # its caller may have stopped waiting: nobody else will look
+        self._lock.release()
 
     async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
         wanted = list(dict.fromkeys(keys))
-        out: dict[PreferenceKey, KeyState] = {}
-        async with self._reading() as db:
-            for i in range(0, len(wanted), _CHUNK):
-                chunk = wanted[i:i + _CHUNK]
-                by_tuple = {(k.account, k.email, k.preference_id): k for k in chunk}
-                sql, params = _keyed(
-                    "k.account, k.email, k.preference_id, k.revision, k.state", chunk)
-                async with db.execute(sql, params) as cur:
-                    for account, email, preference_id, revision, blob in await cur.fetchall():
-                        key = by_tuple[(account, email, preference_id)]
-                        out[key] = decode_state(key, revision, blob)
-        return out
+        queries = state_queries(wanted)
+
+        def fetch(connection: sqlite3.Connection) -> list[Any]:
+            # a deferred transaction: every chunk reads the same snapshot, and takes no lock
+            return transact(connection, "BEGIN", lambda c: [
+                row for sql, params in queries for row in c.execute(sql, params).fetchall()])
+
+        return decode_states(wanted, await self._in_one_job(fetch))
 
     async def save(self, changes: Sequence[Change], *,
                    history: Sequence[HistoryEntry] = ()) -> list[int]:
-        keys = [state.key for _, state, _ in changes]
-        if len(set(keys)) != len(keys):
-            raise ValueError("a save may hold each key only once")
-        state_rows: list[tuple[Any, ...]] = []
-        revisions: list[int] = []
-        history_rows = [_history_row(h) for h in history]
-        for expected, state, entry in changes:
-            revision = (expected or 0) + 1
-            k = state.key
-            state_rows.append((k.account, k.email, k.preference_id, revision,
-                               encode_state(state)))
-            revisions.append(revision)
-            if entry is not None:
-                history_rows.append(_history_row(entry))
-        # the index of keys with outstanding writes, kept in the same transaction
-        upsert, delete = index_rows(
-            ((state, revision) for (_, state, _), revision in zip(changes, revisions, strict=True)),
-            now_us=_now_us())
-        async with self._transaction() as db:
-            stored = await self._revisions(db, keys)
-            moved = [k for (expected, _, _), k in zip(changes, keys, strict=True)
-                     if stored.get((k.account, k.email, k.preference_id)) != (expected or None)]
-            if moved:
-                raise ConflictError(moved)
-            await db.executemany(_UPSERT_STATE, state_rows)
-            if history_rows:
-                await db.executemany(_INSERT_HISTORY, history_rows)
-            await write_index(db, upsert, delete)
-        return revisions
+        batch = SaveBatch.of(changes, history=history, now_us=now_us())
+
+        def write(connection: sqlite3.Connection) -> None:
+            transact(connection, "BEGIN IMMEDIATE", batch.write)
+
+        await self._in_one_job(write)
+        return batch.revisions
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
         email = normalize_email(email)
@@ -429,7 +529,7 @@ class SqliteLedgerStore:
                "ON CONFLICT (account, source) DO UPDATE SET value = excluded.value, "
                "updated_at = excluded.updated_at")
         async with self._transaction() as db:
-            await db.execute(sql, (account, source, value, _now_us()))
+            await db.execute(sql, (account, source, value, now_us()))
 
     # -- the Dynamics record directory (eligibility included) -------------------------------
     @property
@@ -576,4 +676,4 @@ class SqliteLedgerStore:
         await self._outstanding.drop(settled)
 
     async def index_outstanding(self, account: str, *, limit: int) -> bool:
-        return await self._outstanding.build(account, limit=limit, now_us=_now_us())
+        return await self._outstanding.build(account, limit=limit, now_us=now_us())

@@ -48,7 +48,7 @@ async def main(count: int, url: str) -> None:
 
 @contextmanager
 def timed(what: str, report: list[str] | None = None) -> Iterator[list[str]]:
-    """Wall and CPU time (all threads: SQLite runs in aiosqlite's) of the block."""
+    """Wall and CPU time (all threads: SQLite runs in the store's own) of the block."""
     report = [] if report is None else report
     wall, cpu = time.perf_counter(), time.process_time()
     yield report

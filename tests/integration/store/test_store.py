@@ -138,6 +138,18 @@ async def test_a_conflict_writes_nothing(store: LedgerStore) -> None:
     assert await store.history("acme", "bob@example.com") == []
 
 
+async def test_a_key_expected_stored_but_erased_meanwhile_is_a_conflict(
+        store: LedgerStore) -> None:
+    # loaded at revision 1, then its email erased before the save: nothing may bring it back
+    stored = KeyState(key=key())
+    await store.save([(None, stored, None), (None, KeyState(key=key(pref=2)), None)])
+    await store.forget_email("acme", "ann@example.com")
+    with pytest.raises(ConflictError) as info:
+        await store.save([(1, full_state(key()), None), (None, KeyState(key=key(pref=3)), None)])
+    assert info.value.keys == (key(),)
+    assert await store.load([key(), key(pref=2), key(pref=3)]) == {}
+
+
 async def test_a_key_only_once_per_save(store: LedgerStore) -> None:
     with pytest.raises(ValueError):
         await store.save([(None, KeyState(key=key()), None), (None, KeyState(key=key()), None)])
