@@ -122,6 +122,19 @@ class CallTrace:
             await asyncio.sleep(TRACE_EVERY_S)
             await self.sample()
 
+    def per_bucket(self, side: str, *, bucket_s: float) -> list[dict[str, int]]:
+        """One side's calls in each ``bucket_s`` from the start, by route (a sample's calls
+        count in the bucket it was taken in)."""
+        buckets: list[dict[str, int]] = []
+        for at, of, route, calls in self.points:
+            if of != side:
+                continue
+            index = int(at // bucket_s)
+            while len(buckets) <= index:
+                buckets.append({})
+            buckets[index][route] = buckets[index].get(route, 0) + calls
+        return buckets
+
     def lines(self) -> list[str]:
         """The trace as lines ``"t=1.2 dotdigital GET /v2/... x3"``."""
         return [f"t={at:.1f} {side} {route} x{calls}" for at, side, route, calls in self.points]
@@ -245,8 +258,9 @@ async def first_sync(suite: Suite) -> dict[str, Any]:
         suite.say(f"low-tier: first sync {direction}, {contacts:,} contacts x 5 preferences")
         async with suite.world(options()) as world:
             await low_tier_world(world)
-            one = await one_backfill(suite, world, direction, contacts=contacts,
-                                     label=f"low-tier-first-{direction}")
+            async with traced(world, await all_stats(world)) as tracer:
+                one = await one_backfill(suite, world, direction, contacts=contacts,
+                                         label=f"low-tier-first-{direction}")
         throttled = {side: int(one["statuses"][side].get("429", 0)) for side in SIDES}
         ways[direction] = {
             "states": one["states"], "seconds": one["seconds"],
@@ -254,6 +268,8 @@ async def first_sync(suite: Suite) -> dict[str, Any]:
             "calls": {side: sum(one["calls"][side].values()) for side in SIDES},
             "by_route": one["calls"], "in_batches": one["operations_in_batches"],
             "throttled": throttled, "met": one["seconds"] < FIRST_SYNC_TARGET_S,
+            # where the time went: dotdigital's calls in each 10 s of the run, by route
+            "dotdigital_calls_per_10s": tracer.per_bucket("dotdigital", bucket_s=10.0),
         }
         suite.say(f"  {one['seconds']:.1f} s, dotdigital {ways[direction]['calls']['dotdigital']}"
                   f" calls, Dynamics {ways[direction]['calls']['dynamics']} calls, "
