@@ -26,7 +26,8 @@ for:
 4. (version 2) a column missing, unknown, not an array, or of another length than the others
    (ragged), or with one value of the wrong type or out of range; a time outside the years
    1-9999. Columns are checked whole (types, bounds), each distinct email once; a reason
-   names the first bad value's column and index (``changes.email[3]``).
+   names the first bad value as version 1 does (``changes[3].email``), a fault of a whole
+   column by its name (``changes.email``).
 """
 
 from __future__ import annotations
@@ -490,7 +491,7 @@ def _decode_columns(raw: dict[str, Any], kind: str) -> tuple[Change, ...]:
         elif len(found) != length:
             raise MalformedMessage(f"changes: ragged columns: {first!r} has {length} values, "
                                    f"{column.name!r} has {len(found)}")
-        values[column.name] = _CHECKS[column.check](found, where)
+        values[column.name] = _CHECKS[column.check](found, column.name)
     if "carried" in raw and "joined" in raw:
         both = next((i for i, (c, j) in enumerate(zip(raw["carried"], raw["joined"], strict=True))
                      if c and j), None)
@@ -509,59 +510,62 @@ def _first(values: list[Any], wrong: Callable[[Any], bool]) -> tuple[int, Any]:
     return next((i, v) for i, v in enumerate(values) if wrong(v))
 
 
-def _of_types(values: list[Any], where: str, allowed: set[type], expected: str) -> None:
+def _of_types(values: list[Any], name: str, allowed: set[type], expected: str) -> None:
     if not set(map(type, values)) <= allowed:
         index, value = _first(values, lambda v: type(v) not in allowed)
-        raise MalformedMessage(f"{where}[{index}]: must be {expected}, got {type(value).__name__}")
+        raise MalformedMessage(f"changes[{index}].{name}: must be {expected}, got {type(value).__name__}")
 
 
-def _in_range(values: list[int], where: str, low: int, high: int, what: str) -> None:
+def _in_range(values: list[int], name: str, low: int, high: int, what: str) -> None:
     if values and (min(values) < low or max(values) > high):
         index, value = _first(values, lambda v: not low <= v <= high)
-        raise MalformedMessage(f"{where}[{index}]: {value} {what}")
+        raise MalformedMessage(f"changes[{index}].{name}: {value} {what}")
 
 
-def _int64_column(values: list[Any], where: str) -> list[int]:
+def _int64_column(values: list[Any], name: str) -> list[int]:
     # (``type(v) is int``: a boolean is refused, as in version 1)
-    _of_types(values, where, {int}, "an integer")
-    _in_range(values, where, INT64_MIN, INT64_MAX, "does not fit in a signed 64-bit integer")
+    _of_types(values, name, {int}, "an integer")
+    _in_range(values, name, INT64_MIN, INT64_MAX, "does not fit in a signed 64-bit integer")
     return values
 
 
-def _optional_int64_column(values: list[Any], where: str) -> list[int | None]:
-    _of_types(values, where, {int, type(None)}, "an integer or null")
+def _optional_int64_column(values: list[Any], name: str) -> list[int | None]:
+    _of_types(values, name, {int, type(None)}, "an integer or null")
     present = [v for v in values if v is not None] if None in values else values
-    _in_range(present, where, INT64_MIN, INT64_MAX, "does not fit in a signed 64-bit integer")
+    if present and (min(present) < INT64_MIN or max(present) > INT64_MAX):
+        # (nulls counted, so that the index named is the change's)
+        _in_range([0 if v is None else v for v in values], name, INT64_MIN, INT64_MAX,
+                  "does not fit in a signed 64-bit integer")
     return values
 
 
-def _bool_column(values: list[Any], where: str) -> list[bool]:
-    _of_types(values, where, {bool}, "a boolean")
+def _bool_column(values: list[Any], name: str) -> list[bool]:
+    _of_types(values, name, {bool}, "a boolean")
     return values
 
 
-def _string_column(values: list[Any], where: str) -> list[str]:
-    _of_types(values, where, {str}, "a string")
+def _string_column(values: list[Any], name: str) -> list[str]:
+    _of_types(values, name, {str}, "a string")
     return values
 
 
-def _non_empty_string_column(values: list[Any], where: str) -> list[str]:
-    _of_types(values, where, {str}, "a string")
+def _non_empty_string_column(values: list[Any], name: str) -> list[str]:
+    _of_types(values, name, {str}, "a string")
     if "" in values:
-        raise MalformedMessage(f"{where}[{values.index('')}]: must not be empty")
+        raise MalformedMessage(f"changes[{values.index('')}].{name}: must not be empty")
     return values
 
 
-def _side_column(values: list[Any], where: str) -> list[str]:
-    _of_types(values, where, {str}, "a string")
+def _side_column(values: list[Any], name: str) -> list[str]:
+    _of_types(values, name, {str}, "a string")
     if not set(values) <= set(SIDES):
         index, value = _first(values, lambda v: v not in SIDES)
-        raise MalformedMessage(f"{where}[{index}]: {value!r} is not one of {SIDES}")
+        raise MalformedMessage(f"changes[{index}].{name}: {value!r} is not one of {SIDES}")
     return values
 
 
-def _email_column(values: list[Any], where: str) -> list[str]:
-    _of_types(values, where, {str}, "a string")
+def _email_column(values: list[Any], name: str) -> list[str]:
+    _of_types(values, name, {str}, "a string")
     normalised: dict[str, str] = {}
     # Each distinct email once (a message often holds several preferences of one email).
     for email in dict.fromkeys(values):
@@ -569,14 +573,14 @@ def _email_column(values: list[Any], where: str) -> list[str]:
             normalised[email] = normalize_email(email)
         except ValueError:
             raise MalformedMessage(
-                f"{where}[{values.index(email)}]: not an email address (one @ between a local "
+                f"changes[{values.index(email)}].{name}: not an email address (one @ between a local "
                 "part and a domain, no spaces)") from None
     return list(map(normalised.__getitem__, values))
 
 
-def _time_column(values: list[Any], where: str) -> list[datetime]:
-    _of_types(values, where, {int}, "an integer (epoch milliseconds)")
-    _in_range(values, where, _MIN_MS, _MAX_MS, "is not a time (epoch milliseconds within the "
+def _time_column(values: list[Any], name: str) -> list[datetime]:
+    _of_types(values, name, {int}, "an integer (epoch milliseconds)")
+    _in_range(values, name, _MIN_MS, _MAX_MS, "is not a time (epoch milliseconds within the "
               "years 1-9999)")
     # Each distinct time built once (the changes of one read often share their stamp).
     times = {ms: _EPOCH + timedelta(milliseconds=ms) for ms in set(values)}

@@ -69,7 +69,7 @@ def test_a_carried_change_round_trips_and_is_read_strictly(version: int) -> None
     assert "changes[0].carried: must be a boolean" in info.value.reason
     with pytest.raises(MalformedMessage) as info:
         decode(mutate(["changes", "carried"], ["yes"], version=2))
-    assert "changes.carried[0]: must be a boolean, got str" in info.value.reason
+    assert "changes[0].carried: must be a boolean, got str" in info.value.reason
 
 
 @VERSIONS
@@ -202,9 +202,10 @@ def three() -> bytes:
     return encode(envelope(changes=changes, version=2))
 
 
-def three_with(**changed: tuple[int, object]) -> bytes:
+def three_with(*edits: tuple[str, int, object]) -> bytes:
+    """:func:`three` with each (column, index, value) of ``edits`` set."""
     raw = orjson.loads(three())
-    for name, (index, value) in changed.items():
+    for name, index, value in edits:
         raw["changes"][name][index] = value
     return orjson.dumps(raw)
 
@@ -231,31 +232,33 @@ def three_with(**changed: tuple[int, object]) -> bytes:
          "changes: ragged columns: 'email' has 1 values, 'opted_in' has 2"),
         (columns(change_id=[]), "changes: ragged columns: 'email' has 1 values, 'change_id' has 0"),
         # a value of a column
-        (columns(opted_in=["yes"]), "changes.opted_in[0]: must be a boolean, got str"),
-        (columns(opted_in=[1]), "changes.opted_in[0]: must be a boolean, got int"),
-        (columns(preference_id=[True]), "changes.preference_id[0]: must be an integer, got bool"),
-        (columns(preference_id=[7.0]), "changes.preference_id[0]: must be an integer, got float"),
+        (columns(opted_in=["yes"]), "changes[0].opted_in: must be a boolean, got str"),
+        (columns(opted_in=[1]), "changes[0].opted_in: must be a boolean, got int"),
+        (columns(preference_id=[True]), "changes[0].preference_id: must be an integer, got bool"),
+        (columns(preference_id=[7.0]), "changes[0].preference_id: must be an integer, got float"),
         (columns(preference_id=[2 ** 63]),
-         "changes.preference_id[0]: 9223372036854775808 does not fit in a signed 64-bit integer"),
-        (columns(version=[2 ** 64 - 1]), "changes.version[0]: 18446744073709551615 does not fit"),
-        (columns(version=["42"]), "changes.version[0]: must be an integer or null, got str"),
-        (columns(change_id=[12]), "changes.change_id[0]: must be a string, got int"),
-        (columns(email=["nobody"]), "changes.email[0]: not an email address"),
-        (columns(email=["a@b@c.com"]), "changes.email[0]: not an email address"),
-        (columns(email=["a b@c.com"]), "changes.email[0]: not an email address"),
-        (columns(email=["@c.com"]), "changes.email[0]: not an email address"),
-        (columns(email=[None]), "changes.email[0]: must be a string, got NoneType"),
+         "changes[0].preference_id: 9223372036854775808 does not fit in a signed 64-bit integer"),
+        (columns(version=[2 ** 64 - 1]), "changes[0].version: 18446744073709551615 does not fit"),
+        (columns(version=["42"]), "changes[0].version: must be an integer or null, got str"),
+        (columns(change_id=[12]), "changes[0].change_id: must be a string, got int"),
+        (columns(email=["nobody"]), "changes[0].email: not an email address"),
+        (columns(email=["a@b@c.com"]), "changes[0].email: not an email address"),
+        (columns(email=["a b@c.com"]), "changes[0].email: not an email address"),
+        (columns(email=["@c.com"]), "changes[0].email: not an email address"),
+        (columns(email=[None]), "changes[0].email: must be a string, got NoneType"),
         # a bad time
         (columns(origin_time=["2026-05-01T12:00:00Z"]),
-         "changes.origin_time[0]: must be an integer (epoch milliseconds), got str"),
+         "changes[0].origin_time: must be an integer (epoch milliseconds), got str"),
         (columns(origin_time=[1.5e12]),
-         "changes.origin_time[0]: must be an integer (epoch milliseconds), got float"),
-        (columns(origin_time=[10 ** 15]), "changes.origin_time[0]: 1000000000000000 is not a time"),
+         "changes[0].origin_time: must be an integer (epoch milliseconds), got float"),
+        (columns(origin_time=[10 ** 15]), "changes[0].origin_time: 1000000000000000 is not a time"),
         (columns(origin_time=[-(10 ** 15)]), "is not a time (epoch milliseconds within the years"),
         # the first faulty value is named, wherever it is
-        (three_with(email=(1, "nobody")), "changes.email[1]: not an email address"),
-        (three_with(origin_time=(1, "noon")), "changes.origin_time[1]: must be an integer"),
-        (three_with(version=(2, 2 ** 63)), "changes.version[2]: 9223372036854775808 does not fit"),
+        (three_with(("email", 1, "nobody")), "changes[1].email: not an email address"),
+        (three_with(("origin_time", 1, "noon")), "changes[1].origin_time: must be an integer"),
+        (three_with(("version", 2, 2 ** 63)), "changes[2].version: 9223372036854775808 does not fit"),
+        (three_with(("version", 0, None), ("version", 2, 2 ** 63)),
+         "changes[2].version: 9223372036854775808 does not fit"),
     ],
 )
 def test_a_faulty_column_is_refused_with_its_reason(body: bytes, reason: str) -> None:
@@ -267,12 +270,12 @@ def test_a_faulty_column_is_refused_with_its_reason(body: bytes, reason: str) ->
 @pytest.mark.parametrize(
     ("kind", "column", "value", "reason"),
     [
-        ("write-commands", "side", "moon", "changes.side[0]: 'moon' is not one of"),
-        ("write-commands", "origin_side", 3, "changes.origin_side[0]: must be a string, got int"),
-        ("write-commands", "covered", "no", "changes.covered[0]: must be a boolean"),
-        ("contact-status-changes", "status", "", "changes.status[0]: must not be empty"),
-        ("read-markers", "origin_time", None, "changes.origin_time[0]: must be an integer"),
-        ("sync-trigger", "email", "nobody", "changes.email[0]: not an email address"),
+        ("write-commands", "side", "moon", "changes[0].side: 'moon' is not one of"),
+        ("write-commands", "origin_side", 3, "changes[0].origin_side: must be a string, got int"),
+        ("write-commands", "covered", "no", "changes[0].covered: must be a boolean"),
+        ("contact-status-changes", "status", "", "changes[0].status: must not be empty"),
+        ("read-markers", "origin_time", None, "changes[0].origin_time: must be an integer"),
+        ("sync-trigger", "email", "nobody", "changes[0].email: not an email address"),
     ],
 )
 def test_each_change_type_checks_its_columns(kind: str, column: str, value: object,
