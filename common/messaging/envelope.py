@@ -394,6 +394,11 @@ _MS = timedelta(milliseconds=1)
 # The times a datetime can hold (years 1-9999), in epoch milliseconds.
 _MIN_MS = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _MS
 _MAX_MS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _MS
+# Within 2**32 s of the epoch (1833-2106) a float of seconds is within 0.24 µs of the exact
+# millisecond (half a unit in its last place), and ``fromtimestamp`` rounds to the nearest
+# microsecond: it gives the exact time, at a third of the cost of ``timedelta`` arithmetic.
+FLOAT_EXACT_MS = 2 ** 32 * 1000
+_from_timestamp = datetime.fromtimestamp
 _REQUIRED = object()
 
 
@@ -582,16 +587,21 @@ def _time_column(values: list[Any], name: str) -> list[datetime]:
     _of_types(values, name, {int}, "an integer (epoch milliseconds)")
     _in_range(values, name, _MIN_MS, _MAX_MS, "is not a time (epoch milliseconds within the "
               "years 1-9999)")
-    # Each distinct time built once (the changes of one read often share their stamp).
-    times = {ms: _EPOCH + timedelta(milliseconds=ms) for ms in set(values)}
-    return list(map(times.__getitem__, values))
+    if values and min(values) > -FLOAT_EXACT_MS and max(values) < FLOAT_EXACT_MS:
+        return [_from_timestamp(ms / 1000, UTC) for ms in values]
+    return list(map(exact_time, values))
+
+
+def exact_time(ms: int) -> datetime:
+    """The UTC time ``ms`` epoch milliseconds stand for, in integer arithmetic."""
+    return _EPOCH + timedelta(milliseconds=ms)
 
 
 def _epoch_time(value: int, *, where: str) -> datetime:
     if not _MIN_MS <= value <= _MAX_MS:
         raise MalformedMessage(f"{where}: {value} is not a time (epoch milliseconds within the "
                                "years 1-9999)")
-    return _EPOCH + timedelta(milliseconds=value)
+    return exact_time(value)
 
 
 _CHECKS: dict[str, Callable[[list[Any], str], list[Any]]] = {

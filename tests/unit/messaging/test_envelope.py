@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.messaging.envelope import (
+    FLOAT_EXACT_MS,
     SCHEMA_VERSION,
     Change,
     ContactStatusChange,
@@ -26,6 +27,7 @@ from common.messaging.envelope import (
     decode,
     encode,
     epoch_ms,
+    exact_time,
 )
 from services.cli.replay import refeed
 
@@ -338,6 +340,22 @@ def test_times_travel_as_epoch_milliseconds_truncated_as_in_version_1() -> None:
     assert by_version[0] == replace(by_version[1], version=1)
     assert by_version[1].changes[0].origin_time == at.replace(microsecond=250000)  # type: ignore[union-attr]
     assert by_version[1].origin_time.tzinfo is UTC
+
+
+@given(st.integers(min_value=-FLOAT_EXACT_MS + 1, max_value=FLOAT_EXACT_MS - 1)
+       | st.sampled_from([-FLOAT_EXACT_MS + 1, -1, 0, 1, 999, 1000, FLOAT_EXACT_MS - 1]))
+def test_a_time_read_through_a_float_is_the_exact_time(ms: int) -> None:
+    decoded = decode(columns(origin_time=[ms]))
+    assert decoded.changes[0].origin_time == exact_time(ms)  # type: ignore[union-attr]
+    assert epoch_ms(exact_time(ms)) == ms
+
+
+@pytest.mark.parametrize("ms", [-FLOAT_EXACT_MS, FLOAT_EXACT_MS, 253402300799999,
+                                -62135596800000])
+def test_a_time_far_from_the_epoch_is_exact_too(ms: int) -> None:
+    decoded = decode(three_with(("origin_time", 1, ms)))
+    assert decoded.changes[1].origin_time == exact_time(ms)  # type: ignore[union-attr]
+    assert epoch_ms(decoded.changes[1].origin_time) == ms  # type: ignore[union-attr]
 
 
 def test_emails_come_out_normalised_each_change_its_own() -> None:
