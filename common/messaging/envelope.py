@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
-from operator import attrgetter
+from operator import and_, attrgetter
 from types import MemberDescriptorType
 from typing import Any, Literal
 
@@ -497,11 +497,9 @@ def _decode_columns(raw: dict[str, Any], kind: str) -> tuple[Change, ...]:
             raise MalformedMessage(f"changes: ragged columns: {first!r} has {length} values, "
                                    f"{column.name!r} has {len(found)}")
         values[column.name] = _CHECKS[column.check](found, column.name)
-    if "carried" in raw and "joined" in raw:
-        both = next((i for i, (c, j) in enumerate(zip(raw["carried"], raw["joined"], strict=True))
-                     if c and j), None)
-        if both is not None:
-            raise MalformedMessage(f"changes[{both}]: carried and joined at once")
+    if "carried" in raw and "joined" in raw and any(map(and_, raw["carried"], raw["joined"])):
+        index, _ = _first(list(map(and_, raw["carried"], raw["joined"])), bool)
+        raise MalformedMessage(f"changes[{index}]: carried and joined at once")
     # Built a column at a time: each setter runs over the whole column inside ``map``.
     built: list[Change] = list(map(object.__new__, repeat(cls, length)))
     setters = _SETTERS[cls]

@@ -269,6 +269,14 @@ def test_a_faulty_column_is_refused_with_its_reason(body: bytes, reason: str) ->
     assert reason in info.value.reason
 
 
+def test_the_change_both_carried_and_joined_is_named() -> None:
+    raw = orjson.loads(three())
+    raw["changes"].update(carried=[True, False, True], joined=[False, True, True])
+    with pytest.raises(MalformedMessage) as info:
+        decode(orjson.dumps(raw))
+    assert info.value.reason == "changes[2]: carried and joined at once"
+
+
 @pytest.mark.parametrize(
     ("kind", "column", "value", "reason"),
     [
