@@ -67,11 +67,6 @@ log = logging.getLogger("prefsync.runtime")
 # service with four shard batches in hand stays around 100 MB, and each ledger transaction (the
 # write lock other processes wait for) stays short.
 SHARD_BATCH = 4
-# dotdigital write batches are bigger: before each round the writer reads back what dotdigital
-# changed since the previous round, its own writes included (so nobody's change there is
-# overwritten unseen), and one v3 import takes many thousands of contacts; on a Low tier
-# budget (35 calls a minute) the fewer rounds a backlog takes, the fewer of those reads.
-DOTDIGITAL_WRITE_BATCH = 16
 
 
 def _budget_wait(pacer: Pacer) -> Callable[[], float | None]:
@@ -254,10 +249,10 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                              handler=handler, dead_letters=dead, prefetch=prefetch,
                              batch_size=batch_size, on_batch=METRICS.on_batch)
 
-    def shard(service: str, queue: str, handler: Any, batch_size: int = SHARD_BATCH) -> None:
+    def shard(service: str, queue: str, handler: Any) -> None:
         """A shard queue, consumed by whichever replica the assignment gives it to."""
         assigners[service].add(account=account.id, queue=queue,
-                               make=lambda: consumer(queue, handler, batch_size))
+                               make=lambda: consumer(queue, handler, SHARD_BATCH))
 
     if "dynamics-poller" in services:
         assert dataverse is not None
@@ -321,8 +316,6 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                                  linger_s=config.writer.linger_ms / 1000, size=shards,
                                  budget=_budget_wait(pacer))
             write = observed(rounds.handle, METRICS.handled_counter(service="writer"))
-            batch_size = DOTDIGITAL_WRITE_BATCH if sink.side == "dotdigital" else SHARD_BATCH
             for index in range(shards):
-                shard("writer", Topology.writes_queue(account.id, sink.side, index), write,
-                      batch_size)
+                shard("writer", Topology.writes_queue(account.id, sink.side, index), write)
     return tasks
