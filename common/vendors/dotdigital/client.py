@@ -450,6 +450,12 @@ class DotdigitalClient(VendorClient):
                 yield page
             if len(data) < OPT_INS_PAGE:
                 return
+            if last_id < min_contact_id:
+                # a full page that does not move past where it started (ids missing or
+                # lower): asking again would answer the same page for ever
+                raise VendorError(vendor=VENDOR, status=200, code="",
+                                  message=f"an opt-ins page from contact id {min_contact_id} "
+                                          f"holds no contact id at or past it")
             min_contact_id = last_id + 1
 
     async def _iter_removed(self, kind: str, since: datetime) -> AsyncIterator[list[Suppression]]:

@@ -19,7 +19,6 @@ Low tier each read is one of 35 calls a minute. So:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -42,11 +41,11 @@ async def tree_for_run(*, client: DotdigitalClient, store: Checkpoints, account:
         if covers and await PREFERENCE_TREE_RUN.get(store, account) in covers:
             return stored  # rule 1
         read_at = await PREFERENCE_TREE_READ_AT.get(store, account)
-        if read_at is not None and 0 <= _now().timestamp() - read_at.timestamp() < max_age_s:
+        if read_at is not None and 0 <= datetime.now(UTC).timestamp() - read_at.timestamp() < max_age_s:
             return stored  # rule 2
     tree = await client.preferences()  # rules 3 and 4
     await PREFERENCE_TREE.set(store, account, tree)
-    await PREFERENCE_TREE_READ_AT.set(store, account, _now())
+    await PREFERENCE_TREE_READ_AT.set(store, account, datetime.now(UTC))
     if run_id is not None:
         await PREFERENCE_TREE_RUN.set(store, account, run_id)
     return tree
@@ -55,7 +54,3 @@ async def tree_for_run(*, client: DotdigitalClient, store: Checkpoints, account:
 async def mark_stale(*, store: Checkpoints, account: str) -> None:
     """The stored tree is out of date (rule 4): the next run reads it again."""
     await PREFERENCE_TREE_READ_AT.clear(store, account)
-
-
-def _now() -> datetime:
-    return datetime.fromtimestamp(time.time(), tz=UTC)

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from common.messaging.resilience import dependency_of
 from common.vendors.base import (
@@ -23,6 +24,7 @@ from common.vendors.base import (
 )
 from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished
 from common.vendors.dotdigital.models import ImportContact
+from services.simulators.base import serving
 from tests.unit.vendors.support import (
     DD_ACCOUNT,
     DD_OTHER_PASSWORD,
@@ -349,3 +351,29 @@ async def test_a_short_retry_after_inside_the_deadline_is_still_waited_out() -> 
         await sim.faults(throttle={"limit": 1, "window_s": 1})
         await client.server_time()
         await client.server_time()  # one 429 (Retry-After 1 s), then answered
+
+
+async def test_an_opt_ins_page_that_does_not_move_on_is_an_error_not_an_endless_read() -> None:
+    """A full page whose contacts carry no id at or past where it started would be asked for
+    again and again: the read stops with the vendor error instead (a peer answering that way,
+    over a real socket)."""
+    asked: list[str] = []
+
+    async def opt_ins(request: web.Request) -> web.Response:
+        asked.append(request.query.get("minContactId", ""))
+        page = [{"contact": {"email": f"p{i}@example.com", "status": "Subscribed"},
+                 "marketingPreferenceOptIns": []} for i in range(1000)]
+        return web.json_response(page)
+
+    app = web.Application()
+    app.router.add_get(
+        "/v2/contacts/with-preference/{preference_id}/opt-ins-since/{date}", opt_ins)
+    async with serving(app) as url, DotdigitalClient(config=dotdigital_config(url),
+                                                     retry=QUICK) as client:
+        with pytest.raises(VendorError, match="holds no contact id"):
+            async for _ in client.iter_opt_ins_since(1, LONG_AGO):
+                pass
+        with pytest.raises(VendorError, match="holds no contact id"):
+            async for _ in client.iter_opt_ins_since(1, LONG_AGO, emails={"p1@example.com"}):
+                pass
+    assert asked == ["0", "1", "0", "1"]  # the second page asked for is where it stops
