@@ -28,7 +28,17 @@ def new_run_id() -> str:
 
 @dataclass
 class RunTracker:
-    """Folds progress events into the state of one run; knows when the run is finished."""
+    """Folds progress events into the state of one run; knows when the run is finished.
+
+    1. The run is the dynamics-poller's run that took the trigger (its ``run-started`` for the
+       trigger names it): several triggers may share one run.
+    2. dotdigital's part of it is the ec-poller's run that covered it: the run itself, or,
+       when the ec-poller was still busy and coalesced several runs into one, that one (its
+       ``run-started`` for this run names it, :mod:`services.runtime.triggers`). Its poller's
+       ``poller-done`` and the messages it published count for this run: the read that covers
+       this run's trigger is that one.
+    3. Events of any other run are left out.
+    """
 
     trigger_id: str
     run_id: str | None = None
@@ -38,25 +48,46 @@ class RunTracker:
     failures: list[str] = field(default_factory=list)
     # changes read so far per side, from the pollers' page events (advisory, for progress)
     reading: dict[str, int] = field(default_factory=dict)
+    # the ec-poller's run that read dotdigital for this one (rule 2), once known
+    dotdigital_run: str | None = None
+    # the ec-poller's runs by the runs they covered, as announced (rule 2): the announcement
+    # may arrive before this tracker knows its own run
+    _ec_runs: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def follows(self, run_id: object) -> bool:
+        """Whether events of ``run_id`` may be this run's (rules 1 and 2)."""
+        return self.run_id is not None and run_id in (self.run_id, self.dotdigital_run)
 
     def feed(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == "run-started" and event.get("run_id") == self.trigger_id:
-            if event.get("service") == "dynamics-poller":
+        if kind == "run-started":
+            service = event.get("service")
+            if service == "dynamics-poller" and event.get("run_id") == self.trigger_id:
                 self.run_id = str(event.get("run"))
+                self.dotdigital_run = self._ec_runs.get(self.run_id, self.dotdigital_run)
+            elif service == "ec-poller":
+                self._ec_runs[str(event.get("run_id"))] = str(event.get("run"))
+                if self.run_id is not None and event.get("run_id") == self.run_id:
+                    self.dotdigital_run = str(event.get("run"))
             return
-        if self.run_id is None or event.get("run_id") != self.run_id:
+        run_id = event.get("run_id")
+        if not self.follows(run_id):
             return
         if kind == "read":
             source = str(event.get("source"))
             self.reading[source] = max(self.reading.get(source, 0), int(event.get("read", 0)))
         elif kind == "poller-done":
-            self.pollers_done[str(event["source"])] = event
+            source = str(event["source"])
+            # each poller's part: dotdigital's is the ec-poller's run that covered this one
+            part = (self.dotdigital_run or self.run_id) if source == "dotdigital" else self.run_id
+            if run_id == part:
+                self.pollers_done[source] = event
         elif kind == "reconciled":
             self.reconciled[str(event["message"])] = event
         elif kind == "written":
             self.written[str(event["message"])] = event
-        elif kind == "run-failed":
+        elif kind == "run-failed" and (run_id == self.run_id
+                                       or event.get("service") == "ec-poller"):
             self.failures.append(f"{event.get('service')}: {event.get('error')}")
 
     @property
@@ -104,3 +135,50 @@ class RunTracker:
             "failed": failed + len(self.failures),
             "errors": self.failures,
         }
+
+
+class FollowedRuns:
+    """The runs whose start was seen and whose end was not yet, by the dynamics-poller's run
+    id, each as a :class:`RunTracker` (what the status recorder and the console follow).
+
+    1. A run is followed from the dynamics-poller's ``run-started`` on; at most ``limit`` runs
+       are, the oldest forgotten first (a run whose end is never seen).
+    2. The ec-poller's ``run-started`` events say which of its runs covered which run; they
+       are kept (as many as runs are) for a run whose start is seen after them.
+    3. Every other event goes to each followed run it may belong to (:meth:`RunTracker.follows`);
+       a run is dropped once finished."""
+
+    def __init__(self, *, limit: int) -> None:
+        self._limit = limit
+        self.runs: dict[str, RunTracker] = {}
+        self._ec_started: dict[str, dict[str, Any]] = {}
+
+    def feed(self, event: dict[str, Any]) -> tuple[str | None, list[tuple[str, RunTracker]]]:
+        """Fold ``event`` in: (the run it started, or None; the runs it finished)."""
+        if event.get("event") == "run-started":
+            if event.get("service") == "ec-poller":
+                self._ec_started[str(event.get("run_id"))] = event
+                while len(self._ec_started) > self._limit:
+                    del self._ec_started[next(iter(self._ec_started))]
+                for tracker in self.runs.values():
+                    tracker.feed(event)
+                return None, []
+            run = str(event.get("run"))
+            if event.get("service") != "dynamics-poller" or run in self.runs:
+                return None, []
+            tracker = RunTracker(trigger_id=str(event.get("run_id")))
+            tracker.feed(event)
+            if run in self._ec_started:
+                tracker.feed(self._ec_started[run])
+            self.runs[run] = tracker
+            while len(self.runs) > self._limit:
+                del self.runs[next(iter(self.runs))]
+            return run, []
+        finished: list[tuple[str, RunTracker]] = []
+        for run, tracker in list(self.runs.items()):
+            if tracker.follows(event.get("run_id")):
+                tracker.feed(event)
+                if tracker.finished:
+                    del self.runs[run]
+                    finished.append((run, tracker))
+        return None, finished

@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractRobustConnection
 from common.messaging.amqp import BROKER_LOST
 from common.messaging.breakers import RetryPolicy
 from common.messaging.topology import CONTROL_EXCHANGE
-from common.runs import RunTracker
+from common.runs import FollowedRuns, RunTracker
 from common.store.checkpoints import STATUS, pending_runs
 from common.store.interface import Checkpoints
 from common.vendors.clock_skew import clock_status
@@ -85,39 +85,23 @@ class RunStatusRecorder:
     def __init__(self, *, account: str, store: Checkpoints) -> None:
         self.account = account
         self._store = store
-        self._runs: dict[str, RunTracker] = {}
+        self._runs = FollowedRuns(limit=MAX_FOLLOWED_RUNS)
         self._started: dict[str, str] = {}
 
     async def feed(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "run-started":
-            if event.get("service") != "dynamics-poller":
-                return
-            run = str(event.get("run"))
-            if run in self._runs:
-                return  # the same run, started for another trigger it covers
-            tracker = RunTracker(trigger_id=str(event.get("run_id")))
-            tracker.feed(event)
-            self._runs[run] = tracker
-            while len(self._runs) > MAX_FOLLOWED_RUNS:  # events of old runs that never ended
-                oldest = next(iter(self._runs))
-                del self._runs[oldest]
-                self._started.pop(oldest, None)
-            self._started[run] = _now()
+        started, finished = self._runs.feed(event)
+        if started is not None:
+            self._started[started] = _now()
+            # runs forgotten unfinished (events of old runs that never ended)
+            for run in [r for r in self._started if r not in self._runs.runs]:
+                del self._started[run]
             status = await load_status(self._store, self.account)
-            status["current"] = {"run": run, "started_at": self._started[run]}
+            status["current"] = {"run": started, "started_at": self._started[started]}
             await _save_status(self._store, self.account, status)
-            return
-        run = str(event.get("run_id"))
-        followed = self._runs.get(run)
-        if followed is None:
-            return
-        followed.feed(event)
-        if followed.finished:
-            await self._finish(run, followed)
+        for run, tracker in finished:
+            await self._finish(run, tracker)
 
     async def _finish(self, run: str, tracker: RunTracker) -> None:
-        del self._runs[run]
         counts = run_counts(tracker)
         finished = _now()
         ok = not counts["failed"]

@@ -24,7 +24,7 @@ from common.config import Config, ConfigError, Secret
 from common.domain import normalize_email
 from common.messaging.amqp import BrokerUnavailable, connect
 from common.messaging.topology import CONTROL_EXCHANGE, Topology
-from common.runs import RunTracker
+from common.runs import FollowedRuns, RunTracker
 from common.schedule import Daily, Every, parse_schedule
 from common.store import LedgerStore
 from common.vendors.dataverse.catalog import CatalogEntry, entries_of_tree, load_tree
@@ -54,7 +54,8 @@ from services.runtime.status import account_status, run_counts
 __all__ = [
     "ANYONE", "CALLER", "CONTROL_EXCHANGE", "DECISIONS", "FILTERS", "ApiAccess", "Backend",
     "BrokerUnavailable", "Caller", "CatalogEntry", "Config", "ConfigError", "Daily",
-    "DeadLetters", "Entry", "Every", "Filter", "RunTracker", "ScheduleInfo", "Secret", "Topology", "Walk",
+    "DeadLetters", "Entry", "Every", "Filter", "FollowedRuns", "RunTracker", "ScheduleInfo",
+    "Secret", "Topology", "Walk",
     "add_api_routes", "check_bind", "normalize_email", "open_backend", "parse_schedule",
     "run_counts",
 ]

@@ -21,7 +21,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp import web
 
-from services.cli.console.backend import CONTROL_EXCHANGE, BrokerLink, RunTracker, run_counts
+from services.cli.console.backend import CONTROL_EXCHANGE, BrokerLink, FollowedRuns, run_counts
 
 log = logging.getLogger("prefsync.console.events")
 
@@ -38,7 +38,8 @@ class LiveRuns:
 
     def __init__(self, accounts: Sequence[str]) -> None:
         self._accounts = list(accounts)
-        self._runs: dict[str, dict[str, RunTracker]] = {a: {} for a in accounts}
+        self._runs: dict[str, FollowedRuns] = {a: FollowedRuns(limit=MAX_RUNS)
+                                                for a in accounts}
         # set (and replaced) at each event: every stream waiting wakes up
         self._tick = asyncio.Event()
 
@@ -46,27 +47,14 @@ class LiveRuns:
         runs = self._runs.get(account)
         if runs is None:
             return
-        if event.get("event") == "run-started":
-            if event.get("service") != "dynamics-poller" or str(event.get("run")) in runs:
-                return
-            tracker = RunTracker(trigger_id=str(event.get("run_id")))
-            tracker.feed(event)
-            runs[str(event.get("run"))] = tracker
-            while len(runs) > MAX_RUNS:
-                del runs[next(iter(runs))]
-        else:
-            followed = runs.get(str(event.get("run_id")))
-            if followed is None:
-                return
-            followed.feed(event)
-            if followed.finished:
-                del runs[str(event.get("run_id"))]
+        runs.feed(event)
         self._tick.set()
         self._tick = asyncio.Event()
 
     def progress(self, account: str, run: str) -> dict[str, int] | None:
         """The counts of a run in progress so far (None: not followed here)."""
-        tracker = self._runs.get(account, {}).get(run)
+        followed = self._runs.get(account)
+        tracker = None if followed is None else followed.runs.get(run)
         return None if tracker is None else run_counts(tracker)
 
     async def wait(self, timeout_s: float) -> None:

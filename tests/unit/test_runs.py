@@ -1,0 +1,104 @@
+"""Following a run through its progress events, when the ec-poller coalesced runs.
+
+The dynamics-poller runs each trigger (or a few, coalesced) at once; the ec-poller, still busy
+with an earlier run, may run the dotdigital part of several of them as one. Each trigger's run
+must still finish once that coalesced read is reconciled and written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.runs import FollowedRuns, RunTracker
+
+
+def started(*, service: str, covered: str, run: str) -> dict[str, Any]:
+    return {"event": "run-started", "service": service, "run_id": covered, "run": run}
+
+
+def poller_done(*, source: str, run: str, messages: list[str]) -> dict[str, Any]:
+    return {"event": "poller-done", "source": source, "run_id": run, "messages": messages,
+            "read": len(messages)}
+
+
+def reconciled(*, run: str, message: str, writes: list[str]) -> dict[str, Any]:
+    return {"event": "reconciled", "run_id": run, "message": message, "writes": writes}
+
+
+def written(*, run: str, message: str) -> dict[str, Any]:
+    return {"event": "written", "run_id": run, "message": message, "side": "dynamics",
+            "written": 1}
+
+
+# Trigger B arrives while the ec-poller still reads for run A: the dynamics-poller runs B on
+# its own, the ec-poller then runs A and B together, as A (pending[0] names the run).
+COALESCED = [
+    started(service="dynamics-poller", covered="trigger-a", run="A"),
+    started(service="ec-poller", covered="A", run="A0"),  # an earlier ec run still going
+    started(service="dynamics-poller", covered="trigger-b", run="B"),
+    poller_done(source="dynamics", run="A", messages=[]),
+    poller_done(source="dynamics", run="B", messages=["b-dyn"]),
+    reconciled(run="B", message="b-dyn", writes=[]),
+    started(service="ec-poller", covered="B", run="AB"),
+    poller_done(source="dotdigital", run="A0", messages=[]),
+    poller_done(source="dotdigital", run="AB", messages=["ab-dd"]),
+    reconciled(run="AB", message="ab-dd", writes=["ab-write"]),
+    written(run="AB", message="ab-write"),
+]
+
+
+def test_a_run_whose_dotdigital_part_was_coalesced_finishes_with_that_part() -> None:
+    tracker = RunTracker(trigger_id="trigger-b")
+    for number, event in enumerate(COALESCED):
+        tracker.feed(event)
+        # not before the coalesced read's write is done
+        assert tracker.finished == (number == len(COALESCED) - 1), event
+    assert tracker.run_id == "B" and tracker.dotdigital_run == "AB"
+    assert set(tracker.reconciled) == {"b-dyn", "ab-dd"}
+    assert tracker.pollers_done["dotdigital"]["run_id"] == "AB"
+
+
+def test_another_runs_poller_done_is_not_taken_for_this_one() -> None:
+    tracker = RunTracker(trigger_id="trigger-a")
+    for event in COALESCED[:8]:
+        tracker.feed(event)
+    # run A's dotdigital part is A0's read: done (with nothing to reconcile); B's is not
+    assert tracker.dotdigital_run == "A0" and tracker.finished
+
+
+def test_the_ec_pollers_announcement_may_come_before_the_run_is_known() -> None:
+    tracker = RunTracker(trigger_id="trigger-b")
+    events = [COALESCED[6], *COALESCED[:6], *COALESCED[7:]]
+    for event in events:
+        tracker.feed(event)
+    assert tracker.dotdigital_run == "AB" and tracker.finished
+
+
+def test_a_failure_of_the_ec_pollers_coalesced_run_fails_the_run() -> None:
+    tracker = RunTracker(trigger_id="trigger-b")
+    for event in COALESCED[:7]:
+        tracker.feed(event)
+    tracker.feed({"event": "run-failed", "run_id": "AB", "service": "ec-poller",
+                  "error": "dotdigital down"})
+    tracker.feed({"event": "run-failed", "run_id": "AB", "service": "dynamics-poller",
+                  "error": "not this run's"})
+    assert tracker.finished and tracker.failures == ["ec-poller: dotdigital down"]
+
+
+def test_followed_runs_finish_each_coalesced_run() -> None:
+    runs = FollowedRuns(limit=20)
+    began: list[str] = []
+    ended: list[str] = []
+    for event in COALESCED:
+        run, finished = runs.feed(event)
+        began += [run] if run is not None else []
+        ended += [name for name, _ in finished]
+    assert began == ["A", "B"]
+    assert ended == ["A", "B"] and not runs.runs
+
+
+def test_followed_runs_forget_the_oldest_beyond_their_limit() -> None:
+    runs = FollowedRuns(limit=2)
+    for name in ("A", "B", "C"):
+        runs.feed(started(service="dynamics-poller", covered=f"trigger-{name}", run=name))
+    assert list(runs.runs) == ["B", "C"]
