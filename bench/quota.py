@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["CPU_PERIOD_US", "QUARTER_CORE", "Mechanism", "QuotaUnavailable", "Quotas",
-           "cpu_quotas", "probe"]
+           "cpu_quotas", "probe", "unavailable"]
 
 QUARTER_CORE = 0.25
 CPU_PERIOD_US = 100_000
@@ -115,6 +115,18 @@ def probe(*, mounts: Path = MOUNTS) -> Mechanism:
     elif found:
         problems.append("no cgroup v1 cpu and cpuset hierarchies")
     raise QuotaUnavailable("; ".join(problems) or "no cgroup filesystem mounted")
+
+
+def unavailable(*, mounts: Path = MOUNTS) -> str | None:
+    """Why quotas cannot be set here (None: they can)."""
+    try:
+        probe(mounts=mounts)
+    except QuotaUnavailable as exc:
+        return str(exc)
+    if len(_online_cpus()) < 2:
+        return f"one CPU only ({_online_cpus()}): the simulators could not be kept off the " \
+               "replicas' CPU"
+    return None
 
 
 def _online_cpus() -> list[int]:
@@ -258,10 +270,10 @@ def cpu_quotas(*, share: float = QUARTER_CORE, period_us: int = CPU_PERIOD_US,
     :class:`QuotaUnavailable` when cgroups cannot be used here (or the parent group cannot be
     made); removes every group on leaving."""
     mechanism = probe(mounts=mounts)
+    why = unavailable(mounts=mounts)
+    if why is not None:
+        raise QuotaUnavailable(why)
     cpus = _online_cpus()
-    if len(cpus) < 2:
-        raise QuotaUnavailable(f"one CPU only ({cpus}): the simulators could not be kept off "
-                               "the replicas' CPU")
     quotas = Quotas(mechanism=mechanism, share=share, period_us=period_us,
                     quota_cpus=cpus[-1:], other_cpus=cpus[:-1],
                     name=f"prefsync-bench-{secrets.token_hex(4)}")

@@ -39,7 +39,7 @@ from bench.cpu import cpu_per_state, cpu_seconds, cpu_since, median_cpu
 from bench.figures import median
 from bench.harness import PREFERENCES, BenchError, Process, World, WorldOptions
 from bench.ledger import postgres_ledger, postgres_unreachable
-from bench.quota import QUARTER_CORE, Quotas, QuotaUnavailable, cpu_quotas, probe
+from bench.quota import QUARTER_CORE, Quotas, cpu_quotas, probe, unavailable
 from bench.stages import reconciled_all, until
 from bench.suite import Suite
 from bench.tracking import Progress, RunRecord
@@ -199,12 +199,9 @@ async def run(suite: Suite) -> dict[str, Any]:
     sizes = suite.sizes
     parts = (Part(name="quota", latency_ms=sizes.scale_quota_latency_ms, quota=True),
              Part(name="latency_bound", latency_ms=sizes.scale_latency_ms, quota=False))
-    try:
-        quota_note: str | None = None
-        mechanism = probe().describe()
-    except QuotaUnavailable as exc:
-        quota_note = str(exc)
-        mechanism = f"not available: {quota_note}"
+    quota_note = unavailable()
+    mechanism = f"not available: {quota_note}" if quota_note else probe().describe()
+    if quota_note is not None:
         suite.say(f"scale: quota: {mechanism}; the quota'd part runs without quotas")
     ledger_problem = await postgres_unreachable()
     if ledger_problem is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.quota import QuotaUnavailable, cpu_quotas, probe
+from bench.quota import QuotaUnavailable, cpu_quotas, unavailable
 
 # burns this much CPU once told to go (CPU time, not wall time: the quota stretches the latter)
 BURN = ("import sys, time\n"
@@ -28,17 +28,7 @@ BURN_S = 0.2
 Spawn = Callable[[float], "subprocess.Popen[bytes]"]
 
 
-def _available() -> str | None:
-    try:
-        probe()
-    except QuotaUnavailable as exc:
-        return str(exc)
-    if len(os.sched_getaffinity(0)) < 2:
-        return "one CPU only"
-    return None
-
-
-UNAVAILABLE = _available()
+UNAVAILABLE = unavailable()
 needs_cgroups = pytest.mark.skipif(UNAVAILABLE is not None,
                                    reason=f"cgroups not writable here: {UNAVAILABLE}")
 
