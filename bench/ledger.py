@@ -15,6 +15,7 @@ from typing import NoReturn
 import asyncpg
 
 from bench.harness import BenchError
+from common.store import open_store
 from tests.harness.postgres import fresh_schema
 
 POSTGRES_URL = os.environ.get("PREFSYNC_BENCH_POSTGRES_URL",
@@ -37,6 +38,10 @@ async def postgres_unreachable(url: str = POSTGRES_URL) -> str | None:
 
 @contextlib.asynccontextmanager
 async def postgres_ledger(url: str = POSTGRES_URL) -> AsyncIterator[str]:
-    """A store URL for one world, on a schema of its own."""
+    """A store URL for one world, on a schema of its own, its tables made."""
     async with fresh_schema(url, prefix="prefsync_bench", unreachable=_unreachable) as store:
+        # made once here: services opening a fresh schema at the same moment can deadlock on
+        # its DDL (PostgreSQL detects it and one of them exits), which would end the run
+        async with open_store(store):
+            pass
         yield store
