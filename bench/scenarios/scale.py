@@ -1,37 +1,109 @@
-"""scale: one, two and four writer processes against vendor APIs that answer in 50 ms.
+"""scale: one, two and four writer replicas, each with a fixed CPU quota; then bound by latency.
 
-Each run is a backfill into dotdigital on a fresh world with 8 shards per queue, in stages: the
-pollers and the reconciler first, until every write command of the run is queued; then every
-vendor call is delayed by the latency (both simulators, every API route) and ``writers`` writer
-replicas (``prefsync run writer``, each its own process) are started together and drain the
-backlog. The figure is the writers' throughput: states written per second from the first to
-the last write the run reports (the replicas' start-up and the dealing of the shard queues among
-them included); the target compares four writers with one.
+Each run is a backfill into dotdigital on a fresh world with 8 shards per queue and a
+PostgreSQL ledger (a schema of its own), in stages: the pollers and the reconciler first, until
+every write command of the run is queued; then every vendor call is delayed by the run's
+latency (both simulators, every API route) and ``writers`` writer replicas (``prefsync run
+writer``, each its own process) are started together and drain the backlog.
+
+Two parts, the runs of each interleaved (1, 2, 4, 1, 2, 4, ...) so that the noise of a shared
+machine falls on every replica count alike:
+
+1. **quota'd** (the figure the target is about): each writer replica gets a quarter core of
+   CPU, in a cgroup of its own (:mod:`bench.quota`), pinned to the last CPU; the simulators and
+   the other services are pinned to the other CPU(s). The vendors answer in a few milliseconds,
+   so each replica is bound by its quota: four replicas have four times one's CPU, and should
+   do four times its work while spending as much CPU per state (no coordination overhead).
+   Where cgroups cannot be written the result says why (``quota``) and the runs go on without.
+2. **latency-bound**: the vendors answer in 100 ms and no process has a quota: more writers
+   must add throughput by having more calls under way.
+
+Throughput and CPU are measured over the part of the run in which every replica is at work:
+from the moment the writers' membership shows the shard queues dealt among all of them (the
+replicas' start-up, imports included, is a fixed cost per process, not per state) to the last
+write. CPU is every process's own (``/proc``), per state written in that window; the whole
+run's figures (first to last write) are kept beside them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from bench.cpu import cpu_per_state, cpu_seconds, cpu_since, median_cpu
 from bench.figures import median
-from bench.harness import PREFERENCES, BenchError, World, WorldOptions
+from bench.harness import PREFERENCES, BenchError, Process, World, WorldOptions
+from bench.ledger import postgres_ledger, postgres_unreachable
+from bench.quota import QUARTER_CORE, Quotas, cpu_quotas, probe, unavailable
 from bench.stages import reconciled_all, until
 from bench.suite import Suite
-from bench.tracking import Progress
+from bench.tracking import Progress, RunRecord
+from common.store import open_store
+from services.runtime.assignment import group_name, holders
+from tests.harness.queues import service_queues
 
 SHARDS = 8
 TARGET_SPEEDUP = 3.5
+TARGET_CPU_RATIO = 1.10
 SCALE_TARGET_WRITERS = 4
+SERVICES = ("dynamics-poller", "ec-poller", "reconciler")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Part:
+    """One part of the scenario: its name, the vendors' latency, whether replicas get quotas."""
+
+    name: str
+    latency_ms: float
+    quota: bool
+
+
+async def _spread(world: World, *, replicas: list[str], record: RunRecord) -> None:
+    """Until the writer queues are dealt among all ``replicas`` (or the run is done)."""
+    queues = set(service_queues(world.account, "writer", shards=SHARDS))
+    group = group_name("writer", world.account)
+    async with open_store(world.config.store.url) as store:
+        while not record.done.is_set():
+            owners = holders(await store.members(group))
+            if set(owners) == queues and set(owners.values()) == set(replicas):
+                return
+            world.check_alive()
+            await asyncio.sleep(0.1)
+
+
+def _written_by(record: RunRecord, moment: float) -> int:
+    """States written by ``moment`` (``time.monotonic()``), from the run's write events."""
+    assert record.started_at is not None
+    return sum(n for at, n in record.write_latencies if record.started_at + at <= moment)
+
+
+def _writers_us_per_state(cpu: Mapping[str, Any]) -> float:
+    return round(sum(float(v) for n, v in cpu["product_us_per_state"].items()
+                     if n.startswith("writer-")), 2)
+
+
+def _processes(world: World) -> dict[str, Process]:
+    return {**world.services, **world.simulators}
 
 
 async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
-                    latency_ms: float) -> dict[str, Any]:
+                    latency_ms: float, quotas: Quotas | None) -> dict[str, Any]:
+    if quotas is not None:
+        for process in world.simulators.values():
+            quotas.pin(pid=process.pid)
     seeded = await world.seed(records=contacts, dynamics_states="all", dotdigital_states="none")
     expected = seeded["dynamics"]["subscriptions"]
-    await world.start_all(("dynamics-poller", "ec-poller", "reconciler"))
+    await world.start_all(SERVICES)
+    if quotas is not None:
+        for service in SERVICES:
+            quotas.pin(pid=world.services[service].pid)
     timeout = suite.sizes.timeout_s
-    cpu_before = cpu_seconds({**world.services, **world.simulators})
+    cpu_before = cpu_seconds(_processes(world))
     async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
         record = await progress.trigger()
         await until(lambda: reconciled_all(record), world=world, timeout_s=timeout,
@@ -40,55 +112,152 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
             await world.faults(side, {"latency_ms": {"* /": latency_ms}})
         replicas = [f"writer-{i + 1}" for i in range(writers)]
         for name in replicas:
-            await world.start("writer", replica=name, wait=False)
+            started = await world.start("writer", replica=name, wait=False)
+            if quotas is not None:
+                quotas.limit(name=name, pid=started.pid)
         async with suite.profiled(world, f"scale-{writers}"):
+            await _spread(world, replicas=replicas, record=record)
+            spread_at = time.monotonic()
+            cpu_spread = cpu_seconds(_processes(world))
             await progress.wait(record, timeout_s=timeout)
-    # the writer replicas started after the snapshot: all of their CPU counts
-    cpu = cpu_since(cpu_before, {**world.services, **world.simulators})
+    cpu_window = cpu_since(cpu_spread, _processes(world))
+    # the writer replicas started after the first snapshot: all of their CPU counts
+    cpu_all = cpu_since(cpu_before, _processes(world))
+    throttled = {n: quotas.cpu_stat(n) for n in replicas} if quotas is not None else {}
     landed = await world.dotdigital_states()
     if record.summary()["failed"] or landed != expected:
         raise BenchError(f"scale: {landed} of {expected} states written; {record.summary()}")
     assert record.first_written_at is not None and record.last_written_at is not None
-    writing = max(1e-3, record.last_written_at - record.first_written_at)
-    return {"writers": writers, "states": expected, "seconds": round(record.seconds, 3),
-            "writing_seconds": round(writing, 3), "states_per_s": round(expected / writing, 1),
-            "cpu_s": cpu,
-            "cpu": cpu_per_state(cpu, states=expected, simulators=world.simulators)}
+    whole = max(1e-3, record.last_written_at - record.first_written_at)
+    in_window = expected - _written_by(record, spread_at)
+    window = record.last_written_at - spread_at
+    spread = in_window > 0 and window > 0
+    if not spread:
+        # every state was written before the last replica took its shards (tiny runs): the
+        # whole run's figures stand in
+        in_window, window, cpu_window = expected, whole, cpu_all
+    cpu = cpu_per_state(cpu_window, states=in_window, simulators=world.simulators)
+    return {
+        "writers": writers, "states": expected, "seconds": round(record.seconds, 3),
+        "window": "every replica at work" if spread else "the whole run (too small to spread)",
+        "states_in_window": in_window, "window_seconds": round(window, 3),
+        "states_per_s": round(in_window / window, 1),
+        "writing_seconds": round(whole, 3), "states_per_s_whole": round(expected / whole, 1),
+        "cpu_s": cpu_window, "cpu": cpu, "writers_us_per_state": _writers_us_per_state(cpu),
+        "cpu_s_whole": cpu_all,
+        "cpu_whole": cpu_per_state(cpu_all, states=expected, simulators=world.simulators),
+        "throttled": {n: {k: s.get(k) for k in ("nr_periods", "nr_throttled")}
+                      for n, s in throttled.items()},
+    }
+
+
+@contextlib.asynccontextmanager
+async def _quotas(part: Part, available: str | None) -> AsyncIterator[Quotas | None]:
+    if not part.quota or available is not None:
+        yield None
+        return
+    with cpu_quotas(share=QUARTER_CORE) as quotas:
+        yield quotas
+
+
+def _summary(part: Part, by_writers: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    rates = {w: median(r["states_per_s"] for r in runs) for w, runs in by_writers.items()}
+    base = rates[min(rates)]
+    cpu = {w: median_cpu([r["cpu"] for r in runs]) for w, runs in by_writers.items()}
+    writers_cpu = {w: median(r["writers_us_per_state"] for r in runs)
+                   for w, runs in by_writers.items()}
+    one = min(rates)
+
+    def ratio(value: float, of: float) -> float | None:
+        return round(value / of, 3) if of else None
+
+    return {
+        "latency_ms": part.latency_ms,
+        "states_per_s": {str(w): round(r, 1) for w, r in rates.items()},
+        "speedup": {str(w): round(rate / base, 2) for w, rate in rates.items()},
+        "cpu": {str(w): c for w, c in cpu.items()},
+        "product_cpu_ratio": {str(w): ratio(c["product_us_per_state_total"],
+                                            cpu[one]["product_us_per_state_total"])
+                              for w, c in cpu.items()},
+        "writers_us_per_state": {str(w): round(v, 2) for w, v in writers_cpu.items()},
+        "writers_cpu_ratio": {str(w): ratio(v, writers_cpu[one])
+                              for w, v in writers_cpu.items()},
+        "simulators_over_10pct": any(c["simulators_over_10pct"] for c in cpu.values()),
+        "runs": {str(w): runs for w, runs in by_writers.items()},
+    }
+
+
+def _measured(summary: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{w} {summary['states_per_s'][w]:,.0f} states/s ({summary['speedup'][w]:.2f}x, "
+        f"product {summary['cpu'][w]['product_us_per_state_total']:,.0f} CPU-s per 1M states, "
+        f"{summary['product_cpu_ratio'][w]:.2f}x one's)"
+        for w in summary["states_per_s"])
 
 
 async def run(suite: Suite) -> dict[str, Any]:
     sizes = suite.sizes
-    by_writers: dict[int, list[dict[str, Any]]] = {}
-    for writers in sizes.scale_writers:
-        by_writers[writers] = []
-        for attempt in range(sizes.repeats):
-            suite.say(f"scale: {writers} writer(s) {attempt + 1}/{sizes.repeats}, "
-                      f"{sizes.scale_contacts * PREFERENCES:,} states, "
-                      f"{sizes.scale_latency_ms:.0f} ms API latency")
-            async with suite.world(WorldOptions(shards=SHARDS)) as world:
-                one = await one_scale(suite, world, writers=writers,
-                                      contacts=sizes.scale_contacts,
-                                      latency_ms=sizes.scale_latency_ms)
-            suite.say(f"  {one['states_per_s']:,.0f} states/s while writing "
-                      f"({one['seconds']:.1f} s in all)")
-            by_writers[writers].append(one)
-    rates = {w: median(r["states_per_s"] for r in runs) for w, runs in by_writers.items()}
-    base = rates[min(rates)]
-    speedup = {w: round(rate / base, 2) for w, rate in rates.items()}
-    most = max(rates)
-    goal = max(SCALE_TARGET_WRITERS, most)
+    parts = (Part(name="quota", latency_ms=sizes.scale_quota_latency_ms, quota=True),
+             Part(name="latency_bound", latency_ms=sizes.scale_latency_ms, quota=False))
+    quota_note = unavailable()
+    mechanism = f"not available: {quota_note}" if quota_note else probe().describe()
+    if quota_note is not None:
+        suite.say(f"scale: quota: {mechanism}; the quota'd part runs without quotas")
+    ledger_problem = await postgres_unreachable()
+    if ledger_problem is not None:
+        raise BenchError(f"scale runs on a PostgreSQL ledger: {ledger_problem}")
+    states = sizes.scale_contacts * PREFERENCES
+    by_part: dict[str, dict[int, list[dict[str, Any]]]] = {p.name: {} for p in parts}
+    described = mechanism
+    for attempt in range(sizes.repeats):
+        for part in parts:
+            for writers in sizes.scale_writers:
+                suite.say(f"scale {part.name}: {writers} writer(s) {attempt + 1}/"
+                          f"{sizes.repeats}, {states:,} states, {part.latency_ms:.0f} ms API "
+                          f"latency{', a quarter core each' if part.quota else ''}")
+                async with postgres_ledger() as store_url, \
+                        _quotas(part, quota_note) as quotas, \
+                        suite.world(WorldOptions(shards=SHARDS, store_url=store_url)) as world:
+                    if quotas is not None:
+                        described = quotas.describe()
+                    one = await one_scale(suite, world, writers=writers,
+                                          contacts=sizes.scale_contacts,
+                                          latency_ms=part.latency_ms, quotas=quotas)
+                suite.say(f"  {one['states_per_s']:,.0f} states/s with every replica at work, "
+                          f"product {one['cpu']['product_us_per_state_total']:,.0f} CPU µs "
+                          f"per state ({one['seconds']:.1f} s in all)")
+                by_part[part.name].setdefault(writers, []).append(one)
+    quota = _summary(parts[0], by_part["quota"])
+    latency = _summary(parts[1], by_part["latency_bound"])
+    most = max(sizes.scale_writers)
+    goal = str(max(SCALE_TARGET_WRITERS, most))
+    quota_ok = quota_note is None
+    speedup_met = quota_ok and quota["speedup"].get(goal, 0) >= TARGET_SPEEDUP
+    cpu_ratio = quota["product_cpu_ratio"].get(goal)
+    cpu_met = quota_ok and cpu_ratio is not None and cpu_ratio <= TARGET_CPU_RATIO
+    rates = [latency["states_per_s"][str(w)] for w in sizes.scale_writers]
+    latency_met = all(b > a for a, b in itertools.pairwise(rates))
+    quota_text = "a quarter core each" if quota_ok else "no quota (not available)"
     return {
-        "what": f"writers {', '.join(map(str, rates))} with {sizes.scale_latency_ms:.0f} ms API "
-                f"latency ({sizes.scale_contacts * PREFERENCES:,} states into dotdigital, "
-                f"{SHARDS} shards)",
-        "target": f"{goal} writers at least {TARGET_SPEEDUP}x one",
-        "states_per_s": {str(w): round(r, 1) for w, r in rates.items()},
-        "speedup": {str(w): s for w, s in speedup.items()},
-        "runs": {str(w): runs for w, runs in by_writers.items()},
-        "cpu": {str(w): median_cpu([r["cpu"] for r in runs]) for w, runs in by_writers.items()},
-        "simulators_over_10pct": any(median_cpu([r["cpu"] for r in runs])["simulators_over_10pct"]
-                                     for runs in by_writers.values()),
-        "met": speedup[goal] >= TARGET_SPEEDUP if goal in speedup else None,
-        "measured": ", ".join(f"{w} writer(s) {rates[w]:,.0f} states/s ({speedup[w]:.2f}x)"
-                              for w in rates),
+        "what": f"writer replicas {', '.join(map(str, sizes.scale_writers))}, {quota_text}, "
+                f"{sizes.scale_quota_latency_ms:g} ms API latency; then {latency['latency_ms']:g}"
+                f" ms and no quota ({states:,} states into dotdigital, {SHARDS} shards, "
+                f"PostgreSQL ledger)",
+        "target": f"{goal} replicas with a quarter core each at least {TARGET_SPEEDUP}x one; "
+                  f"product CPU-s per 1M states within {TARGET_CPU_RATIO - 1:.0%} of one's; "
+                  f"at {latency['latency_ms']:g} ms, more writers add throughput",
+        "quota": mechanism if not quota_ok else described,
+        "ledger": "postgresql",
+        **{k: quota[k] for k in ("states_per_s", "speedup", "cpu", "product_cpu_ratio",
+                                 "writers_us_per_state", "writers_cpu_ratio",
+                                 "simulators_over_10pct", "runs")},
+        "latency_bound": latency,
+        "met_speedup": speedup_met,
+        "met_cpu_flat": cpu_met,
+        "met_latency_bound": latency_met,
+        "met": speedup_met and cpu_met and latency_met,
+        "measured": f"quota'd: {_measured(quota)}; at {latency['latency_ms']:g} ms, no quota: "
+                    + ", ".join(f"{w} {latency['states_per_s'][w]:,.0f} states/s "
+                                f"({latency['speedup'][w]:.2f}x)"
+                                for w in latency["states_per_s"]),
     }

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from bench.cli import SCENARIOS, run_suite
+from bench.quota import unavailable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -28,8 +29,12 @@ FIGURES = {
     "low-tier": ("idle_calls", "sync_now_seconds", "sync_now_dotdigital_calls",
                  "first_sync_seconds"),
     "memory": ("peak_rss_mb", "rss_spread_over_backlog_mb"),
-    "scale": ("states_per_s", "speedup", "cpu", "simulators_over_10pct"),
+    "scale": ("states_per_s", "speedup", "cpu", "simulators_over_10pct", "quota",
+              "product_cpu_ratio", "latency_bound"),
 }
+
+# the scale scenario's quota'd part runs without quotas where cgroups cannot be written
+QUOTA_UNAVAILABLE = unavailable()
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -47,5 +52,13 @@ async def test_scenario_runs_at_smoke_size(scenario: str, tmp_path: Path) -> Non
         assert figure in entry, figure
     rendered = (tmp_path / "latest.md").read_text()
     assert scenario in rendered
+    if scenario == "scale":
+        # the quota'd part ran with a cgroup per replica, or says why it could not
+        if QUOTA_UNAVAILABLE is None:
+            assert entry["quota"].startswith("cgroup v"), entry["quota"]
+            assert all(run["throttled"]["writer-1"]["nr_periods"] > 0
+                       for run in entry["runs"]["1"])
+        else:
+            assert entry["quota"] == f"not available: {QUOTA_UNAVAILABLE}"
     if "cpu" in FIGURES[scenario]:
         assert "CPU µs per state" in rendered and "simulators over 10%:" in rendered

@@ -8,13 +8,11 @@ is set (CI sets it), which makes them fail.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import asyncpg
-
+from tests.harness.postgres import fresh_schema
 from tests.harness.unavailable import unavailable
 
 POSTGRES_URL = os.environ.get("PREFSYNC_TEST_POSTGRES_URL",
@@ -25,18 +23,8 @@ BACKENDS = ("sqlite", "postgresql")
 @asynccontextmanager
 async def postgres_schema() -> AsyncIterator[str]:
     """A store URL on a schema of its own, dropped afterwards."""
-    try:
-        admin = await asyncpg.connect(POSTGRES_URL, timeout=10)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        unavailable(f"PostgreSQL is not reachable ({type(exc).__name__}: {exc})")
-    schema = f"prefsync_test_{secrets.token_hex(6)}"
-    try:
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        separator = "&" if "?" in POSTGRES_URL else "?"
-        yield f"{POSTGRES_URL}{separator}search_path={schema}"
-    finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await admin.close()
+    async with fresh_schema(POSTGRES_URL, prefix="prefsync_test", unreachable=unavailable) as url:
+        yield url
 
 
 @asynccontextmanager
