@@ -40,8 +40,8 @@ async def postgres_unreachable(url: str = POSTGRES_URL) -> str | None:
 async def postgres_ledger(url: str = POSTGRES_URL) -> AsyncIterator[str]:
     """A store URL for one world, on a schema of its own, its tables made."""
     async with fresh_schema(url, prefix="prefsync_bench", unreachable=_unreachable) as store:
-        # made once here: services opening a fresh schema at the same moment can deadlock on
-        # its DDL (PostgreSQL detects it and one of them exits), which would end the run
+        # made once here, before the services start: their start-up is then the same in
+        # every run, whichever of them comes first
         async with open_store(store):
             pass
         yield store

@@ -18,7 +18,10 @@ settings, e.g. ``?search_path=prefsync`` to keep the ledger in its own schema.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import random
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -42,6 +45,8 @@ from common.store.sqlite import (
     state_queries,
 )
 
+log = logging.getLogger("prefsync.store")
+
 POOL_SIZE = 10
 # Serialises schema creation between processes starting at once (an arbitrary fixed key).
 _SCHEMA_LOCK = 0x70726566_73796E63 >> 1
@@ -63,6 +68,61 @@ def to_postgres(sql: str) -> str:
     """``?`` parameters as ``$1``, ``$2``, ... (our statements hold no literal question marks)."""
     counter = iter(range(1, 1_000_000))
     return re.sub(r"\?", lambda _: f"${next(counter)}", sql)
+
+
+# What this code's tables look like, as a stamp in the ledger's meta table: a ledger stamped so
+# is opened without DDL.
+_DDL = "\n".join([*SCHEMA_STATEMENTS, *(" ".join(column) for column in ADDED_COLUMNS)])
+DDL_STAMP = hashlib.sha256(_DDL.encode()).hexdigest()[:16]
+# Tries at making the schema when PostgreSQL breaks a deadlock by failing ours.
+SCHEMA_TRIES = 5
+
+
+async def _make_schema(pool: asyncpg.Pool) -> None:
+    """Make (or check) the ledger's tables, as several processes starting at once do.
+
+    1. A ledger stamped with this code's :data:`DDL_STAMP` gets no DDL at all, only the
+       version check: DDL locks its table even when there is nothing to do (``ALTER TABLE
+       ... ADD COLUMN IF NOT EXISTS`` takes an exclusive lock first), and a service opening
+       the ledger while others work in it would wait for them, or deadlock with them.
+    2. Otherwise the DDL runs in one transaction behind an advisory lock, so processes
+       starting together make the tables one at a time; the stamp is its last statement.
+    3. A deadlock PostgreSQL broke by failing our transaction (with a service already at
+       work) is tried again, after a short backoff, up to :data:`SCHEMA_TRIES` times."""
+    for attempt in range(1, SCHEMA_TRIES + 1):
+        try:
+            async with pool.acquire() as connection, connection.transaction():
+                db = PostgresConnection(connection)
+                if await _stamped(connection):
+                    await settle_schema(db)
+                    return
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+                for statement in SCHEMA_STATEMENTS:
+                    await connection.execute(postgres_ddl(statement))
+                for table, column, kind in ADDED_COLUMNS:
+                    await connection.execute(postgres_ddl(
+                        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"))
+                await settle_schema(db)
+                await connection.execute(
+                    "INSERT INTO meta (name, value) VALUES ('ddl', $1) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value", DDL_STAMP)
+                return
+        except asyncpg.DeadlockDetectedError:
+            if attempt == SCHEMA_TRIES:
+                raise
+            log.warning("making the ledger's tables deadlocked with another process; "
+                        "trying again", extra={"attempt": attempt})
+            await asyncio.sleep(0.1 * attempt * (0.5 + random.random()))
+
+
+async def _stamped(connection: asyncpg.pool.PoolConnectionProxy) -> bool:
+    """Whether the ledger's tables are this code's already (rule 1)."""
+    exists = await connection.fetchval(
+        "SELECT to_regclass('meta') IS NOT NULL")
+    if not exists:
+        return False
+    return bool(await connection.fetchval(
+        "SELECT value = $1 FROM meta WHERE name = 'ddl'", DDL_STAMP))
 
 
 def postgres_ddl(statement: str) -> str:
@@ -148,14 +208,7 @@ class PostgresLedgerStore(SqliteLedgerStore):
                                        OSError, asyncpg.CannotConnectNowError,
                                        asyncpg.TooManyConnectionsError))) from None
         try:
-            async with pool.acquire() as connection, connection.transaction():
-                await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-                for statement in SCHEMA_STATEMENTS:
-                    await connection.execute(postgres_ddl(statement))
-                for table, column, kind in ADDED_COLUMNS:
-                    await connection.execute(postgres_ddl(
-                        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"))
-                await settle_schema(PostgresConnection(connection))
+            await _make_schema(pool)
         except BaseException:
             await pool.close()
             raise

@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from common.domain import (
@@ -26,8 +27,10 @@ from common.domain import (
 )
 from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
 from common.store.interface import StoreUnavailable
-from common.store.postgres import PostgresLedgerStore
+from common.store.postgres import DDL_STAMP, PostgresLedgerStore
 from tests.harness.keys import T, key
+
+from .backends import postgres_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -315,3 +318,74 @@ async def test_a_sqlite_ledger_locked_past_the_busy_timeout_is_unavailable_for_n
         holder.close()
     async with SqliteLedgerStore(path=str(path), busy_timeout_s=0.2):
         pass
+
+
+async def test_opening_a_postgresql_ledger_waits_for_no_work_in_progress() -> None:
+    """Services start together on one ledger: one opening it while another already writes
+    must not wait for that write (DDL on a table waits for every transaction using it, and
+    deadlocked services at start-up)."""
+    async with postgres_schema() as url:
+        async with open_store(url):
+            pass  # the tables made, as the first service to start makes them
+        working = await asyncpg.connect(url)  # its search_path is the test's schema
+        try:
+            async with working.transaction():
+                # a service at work: a write in progress on tables an opening used to alter
+                for table in ("history", "dyn_records", "outstanding_keys"):
+                    await working.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+                async with asyncio.timeout(10):
+                    async with open_store(url) as store:
+                        await store.get_checkpoint("acme", "x")
+        finally:
+            await working.close()
+
+
+async def test_a_postgresql_ledger_of_older_tables_is_brought_up_to_date() -> None:
+    async with postgres_schema() as url:
+        async with open_store(url) as store:
+            assert isinstance(store, PostgresLedgerStore)
+            async with store._transaction() as db:
+                await db.execute("ALTER TABLE history DROP COLUMN corrected_time")
+                await db.execute("DELETE FROM meta WHERE name = 'ddl'")
+        async with open_store(url) as store:
+            assert isinstance(store, PostgresLedgerStore)
+            async with store._transaction() as db:
+                async with db.execute("SELECT value FROM meta WHERE name = 'ddl'") as cursor:
+                    assert await cursor.fetchone() == (DDL_STAMP,)
+                async with db.execute("SELECT corrected_time FROM history") as cursor:
+                    assert await cursor.fetchall() == []
+
+
+async def test_making_postgresql_tables_is_tried_again_after_a_deadlock(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A service brings older tables up to date while another, already at work, locks them in
+    the other order: PostgreSQL fails one of the two; when it is the opening, it tries again."""
+    async with postgres_schema() as url:
+        async with open_store(url) as store:
+            assert isinstance(store, PostgresLedgerStore)
+            async with store._transaction() as db:
+                await db.execute("DELETE FROM meta WHERE name = 'ddl'")  # as older tables are
+        working = await asyncpg.connect(url)
+        watching = await asyncpg.connect(url)
+        second = open_store(url)
+        try:
+            # the one at work waits long before it looks for a deadlock: the opening finds it
+            await working.execute("SET deadlock_timeout = '30s'")
+            async with working.transaction():
+                await working.execute("LOCK TABLE outstanding_keys IN ROW EXCLUSIVE MODE")
+                opening = asyncio.create_task(second.open())
+                # until the opening (holding history's lock) waits for outstanding_keys: no
+                # event says so, PostgreSQL's lock table is asked
+                async with asyncio.timeout(20):
+                    while not await watching.fetchval(  # noqa: ASYNC110
+                            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                            " WHERE c.relname = 'outstanding_keys' AND NOT l.granted"):
+                        await asyncio.sleep(0.05)
+                await working.execute("LOCK TABLE history IN ROW EXCLUSIVE MODE")
+            async with asyncio.timeout(20):
+                await opening
+        finally:
+            await second.close()
+            await working.close()
+            await watching.close()
+    assert "deadlocked with another process" in caplog.text
