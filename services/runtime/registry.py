@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractRobustConnection
 
 from common.config import AccountConfig, Config
+from common.domain import Side
 from common.messaging.amqp import (
     BROKER_LOST,
     AmqpPublisher,
@@ -67,6 +68,18 @@ log = logging.getLogger("prefsync.runtime")
 # service with four shard batches in hand stays around 100 MB, and each ledger transaction (the
 # write lock other processes wait for) stays short.
 SHARD_BATCH = 4
+
+
+def _held(assigner: ShardAssigner, *, account: str, side: Side,
+          shards: int) -> Callable[[], int]:
+    """How many of the side's write shards of the account this replica consumes now (at
+    least one): the most batches a write round can gather."""
+    queues = {Topology.writes_queue(account, side, index) for index in range(shards)}
+
+    def held() -> int:
+        return max(1, sum(q in queues for held in assigner.held.values() for q in held))
+
+    return held
 
 
 def _budget_wait(pacer: Pacer) -> Callable[[], float | None]:
@@ -313,7 +326,9 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
             # lately (rule 6 there)
             pacer = (dotdigital if sink.side == "dotdigital" else dataverse).pacer
             rounds = WriteRounds(write=writer.handle_round,
-                                 linger_s=config.writer.linger_ms / 1000, size=shards,
+                                 linger_s=config.writer.linger_ms / 1000,
+                                 size=_held(assigners["writer"], account=account.id,
+                                            side=sink.side, shards=shards),
                                  budget=_budget_wait(pacer))
             write = observed(rounds.handle, METRICS.handled_counter(service="writer"))
             for index in range(shards):

@@ -6,7 +6,9 @@ batch, k small changes spread over the shards would cost a read and a write per 
 they cost one read and ``ceil(k / vendor batch size)`` writes (:mod:`services.writer.plans`).
 
 1. The first batch to arrive opens a round; the round takes every batch that arrives within
-   ``linger_s`` of it, or fewer when ``size`` batches (one per shard) are in it already.
+   ``linger_s`` of it, or fewer when ``size`` batches (one per shard this replica consumes,
+   as ``size`` says when the batch arrives) are in it already: a replica holding a share of
+   the shards does not linger for batches that only other replicas will see.
 2. The round is written once (:meth:`services.writer.pipeline.Writer.handle_round`). Each
    batch's call returns only when the whole round is committed in the ledger, so its consumer
    acks only after the durable side effect; each batch gets its own outcome.
@@ -50,13 +52,13 @@ class _Round:
 class WriteRounds:
     """Gathers one side's shard batches into write rounds (see the module's docstring)."""
 
-    def __init__(self, *, write: RoundWriter, linger_s: float, size: int,
+    def __init__(self, *, write: RoundWriter, linger_s: float, size: int | Callable[[], int],
                  budget: Callable[[], float | None] | None = None) -> None:
-        if linger_s < 0 or size < 1:
+        if linger_s < 0 or (isinstance(size, int) and size < 1):
             raise ValueError("a round lingers zero seconds or more and takes at least a batch")
         self._write = write
         self._linger_s = linger_s
-        self._size = size
+        self._size = size if callable(size) else (lambda: size)
         self._budget = budget
         self._open: _Round | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -76,7 +78,7 @@ class WriteRounds:
         result: asyncio.Future[Handled] = loop.create_future()
         current.batches.append(batch)
         current.results.append(result)
-        if len(current.batches) >= self._size:
+        if len(current.batches) >= self._size():
             current.full.set()
         return await result
 

@@ -18,7 +18,7 @@ from common.messaging.envelope import WriteCommand
 from common.messaging.middleware import Handled
 from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
-from common.messaging.topology import Topology
+from common.messaging.topology import Topology, shard_of
 from services.writer.rounds import WriteRounds
 from tests.unit.services.support import ACCOUNT, SHARDS, Bed, bed
 from tests.unit.services.test_writer import consume, scene
@@ -102,6 +102,28 @@ async def test_the_shards_batches_are_written_as_one_round_and_acked_after_it(
 
         [one] = writer.rounds
         assert len(one) == SHARDS and set().union(*one) == set(emails)
+
+
+async def test_a_round_is_full_with_a_batch_of_each_shard_this_replica_holds(
+        tmp_path: Path) -> None:
+    """A replica consuming one of the shards: the round of its batch goes at once, without
+    lingering for batches that only other replicas will see (rule 1)."""
+    async with bed(tmp_path) as b:
+        writer = RoundWriter()
+        held = QUEUES[:1]
+        rounds = WriteRounds(write=writer, linger_s=LONG_LINGER_S, size=lambda: len(held))
+
+        async def handle(batch: Sequence[Delivery]) -> None:
+            await rounds.handle(batch)
+
+        b.consume(held[0], handle, service="writer")
+        emails = [e for e in spread(8) if shard_of(e, SHARDS) == 0]
+        key = Topology.writes_key(ACCOUNT, "dotdigital", 0)
+        await b.broker.publish_many([m for m in commands(emails) if m.routing_key == key])
+        await b.drained(*held)
+
+        [one] = writer.rounds
+        assert len(one) == 1 and one[0] == set(emails)
 
 
 async def test_a_lone_batch_is_written_once_the_linger_is_over(tmp_path: Path) -> None:
