@@ -430,7 +430,7 @@ class QueueConsumer:
     def __init__(self, *, connection: AbstractRobustConnection | Transport, queue: str,
                  account: str,
                  handler: BatchHandler, dead_letters: DeadLetterer, prefetch: int,
-                 batch_size: int, expected_type: MessageType | None = None,
+                 batch_size: int | Callable[[], int], expected_type: MessageType | None = None,
                  on_batch: BatchObserver | None = None, retry: RetryPolicy | None = None,
                  breakers: Breakers | None = None) -> None:
         # RabbitMQ (a connection), or any other transport (the in-memory broker in tests)
@@ -441,7 +441,8 @@ class QueueConsumer:
         self._handler = handler
         self._dead = dead_letters
         self._prefetch = prefetch
-        self._batch_size = batch_size
+        # at most this many messages a batch (a callable: as it says when a batch is taken)
+        self._batch_size = batch_size if callable(batch_size) else (lambda: batch_size)
         self._expected_type = expected_type
         self._on_batch = on_batch
         self._retry = retry if retry is not None else RetryPolicy()
@@ -472,7 +473,8 @@ class QueueConsumer:
                 if first is None:
                     break
                 batch = [first]
-                while len(batch) < self._batch_size and not self._inbox.empty():
+                most = self._batch_size()
+                while len(batch) < most and not self._inbox.empty():
                     item = self._inbox.get_nowait()
                     if item is None:
                         break

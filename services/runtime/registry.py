@@ -82,6 +82,14 @@ def _held(assigner: ShardAssigner, *, account: str, side: Side,
     return held
 
 
+def writer_batch(*, held: Callable[[], int], shards: int, prefetch: int) -> int:
+    """Messages a writer takes from a shard at a time: more from each when the replica holds
+    fewer of the shards, so that its write rounds (a batch of each shard it holds) are as big
+    as one replica's holding them all (each round has fixed costs: its reads, its plan, its
+    ledger transactions), and its memory the same. Never more than the prefetch."""
+    return max(1, min(prefetch, SHARD_BATCH * shards // held()))
+
+
 def _budget_wait(pacer: Pacer) -> Callable[[], float | None]:
     """While the pacer's budget ran out lately (:attr:`Pacer.short`), the seconds until a call
     could go; None while it did not."""
@@ -257,15 +265,17 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
             config=account.dotdigital, on_request=METRICS.request_observer(account=account.id),
             budget_ledger=store))
 
-    def consumer(queue: str, handler: Any, batch_size: int) -> QueueConsumer:
+    def consumer(queue: str, handler: Any, batch_size: int | Callable[[], int]
+                 ) -> QueueConsumer:
         return QueueConsumer(connection=connection, queue=queue, account=account.id,
                              handler=handler, dead_letters=dead, prefetch=prefetch,
                              batch_size=batch_size, on_batch=METRICS.on_batch)
 
-    def shard(service: str, queue: str, handler: Any) -> None:
+    def shard(service: str, queue: str, handler: Any,
+              batch_size: int | Callable[[], int] = SHARD_BATCH) -> None:
         """A shard queue, consumed by whichever replica the assignment gives it to."""
         assigners[service].add(account=account.id, queue=queue,
-                               make=lambda: consumer(queue, handler, SHARD_BATCH))
+                               make=lambda: consumer(queue, handler, batch_size))
 
     if "dynamics-poller" in services:
         assert dataverse is not None
@@ -325,12 +335,13 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
             # one at a time, when the budget can take it, while the side's budget ran out
             # lately (rule 6 there)
             pacer = (dotdigital if sink.side == "dotdigital" else dataverse).pacer
+            held = _held(assigners["writer"], account=account.id, side=sink.side,
+                         shards=shards)
             rounds = WriteRounds(write=writer.handle_round,
-                                 linger_s=config.writer.linger_ms / 1000,
-                                 size=_held(assigners["writer"], account=account.id,
-                                            side=sink.side, shards=shards),
+                                 linger_s=config.writer.linger_ms / 1000, size=held,
                                  budget=_budget_wait(pacer))
             write = observed(rounds.handle, METRICS.handled_counter(service="writer"))
             for index in range(shards):
-                shard("writer", Topology.writes_queue(account.id, sink.side, index), write)
+                shard("writer", Topology.writes_queue(account.id, sink.side, index), write,
+                      partial(writer_batch, held=held, shards=shards, prefetch=prefetch))
     return tasks

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,8 +42,8 @@ class Seam:
     take: object  # async (queue, count) -> list of (message id, headers, body)
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def consumer(self, handler: object, *, queue: str | None = None, batch_size: int = 10,
-                 prefetch: int = 20) -> QueueConsumer:
+    def consumer(self, handler: object, *, queue: str | None = None,
+                 batch_size: int | Callable[[], int] = 10, prefetch: int = 20) -> QueueConsumer:
         consumer = QueueConsumer(
             connection=self.transport, queue=queue or Topology.changes_queue(self.account, 0),
             account=self.account, handler=handler,  # type: ignore[arg-type]
@@ -164,6 +164,30 @@ async def test_published_messages_are_handled_in_order_with_typed_fields(seam: S
     assert (first.message_id, first.shard, first.redelivered, first.delivery_count) == (
         "m0", 0, False, 0)
     assert first.queue == Topology.changes_queue(seam.account, 0)
+
+
+async def test_a_batch_is_at_most_the_size_said_when_it_is_taken(seam: Seam) -> None:
+    """A consumer's batch size may change while it runs (a writer's, with its share of the
+    shards): each batch is taken at the size said then."""
+    await seam.publisher.publish_many([change(seam.account, n) for n in range(12)])
+    seen = Seen(12)
+    said: list[int] = []
+
+    def batch_size() -> int:
+        said.append(len(said) % 3 + 1)  # 1, 2, 3, 1, 2, 3, ...
+        return said[-1]
+
+    sizes: list[int] = []
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        sizes.append(len(batch))
+        seen.add(batch)
+
+    seam.consumer(handle, batch_size=batch_size)
+    await seen.wait()
+    assert seen.ids == [f"c{n}" for n in range(12)]
+    assert all(size <= limit for size, limit in zip(sizes, said, strict=False)), (sizes, said)
+    assert len(said) >= len(sizes) >= 12 // 3
 
 
 async def test_a_mandatory_message_without_a_route_is_returned(seam: Seam) -> None:
