@@ -84,9 +84,6 @@ class Progress:
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._publisher: AmqpPublisher | None = None
         self._by_trigger: dict[str, RunRecord] = {}
-        self._by_run: dict[str, list[RunRecord]] = {}
-        # the ec-poller's run-started events, by the run each covered (see RunTracker)
-        self._ec_started: dict[str, dict[str, Any]] = {}
         self.events = 0
 
     async def __aenter__(self) -> Self:
@@ -143,39 +140,26 @@ class Progress:
         except orjson.JSONDecodeError:
             return
         kind = event.get("event")
-        if kind == "run-started":
-            if event.get("service") == "dynamics-poller":
-                record = self._by_trigger.get(str(event.get("run_id")))
-                if record is not None:
-                    record.tracker.feed(event)
-                    record.started_at = now
-                    run = str(event.get("run"))
-                    self._by_run.setdefault(run, []).append(record)
-                    if run in self._ec_started:
-                        self._follow_ec_run(self._ec_started[run])
-            elif event.get("service") == "ec-poller":
-                self._ec_started[str(event.get("run_id"))] = event
-                self._follow_ec_run(event)
-            return
-        for record in self._by_run.get(str(event.get("run_id")), []):
+        # every record's tracker tells which runs are its own (RunTracker's rules)
+        for record in self._by_trigger.values():
             if record.done.is_set():
                 continue
-            record.tracker.feed(event)
-            if kind != "poller-done" or record.tracker.pollers_done.get(
+            tracker = record.tracker
+            if kind == "run-started":
+                before = tracker.run_id
+                tracker.feed(event)
+                if before is None and tracker.run_id is not None:
+                    record.started_at = now
+                continue
+            if not tracker.follows(event.get("run_id")):
+                continue
+            tracker.feed(event)
+            if kind != "poller-done" or tracker.pollers_done.get(
                     str(event.get("source"))) is event:
                 self._note(record, kind, event, now, wall)
-            if record.tracker.finished:
+            if tracker.finished:
                 record.finished_at = now
                 record.done.set()
-
-    def _follow_ec_run(self, event: dict[str, Any]) -> None:
-        """The ec-poller's run that covered a followed run: its events count for it too."""
-        run = str(event.get("run"))
-        for record in list(self._by_run.get(str(event.get("run_id")), [])):
-            record.tracker.feed(event)
-            followers = self._by_run.setdefault(run, [])
-            if record not in followers:
-                followers.append(record)
 
     @staticmethod
     def _note(record: RunRecord, kind: Any, event: dict[str, Any], now: float,
