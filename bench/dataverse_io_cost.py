@@ -22,6 +22,7 @@ import argparse
 import functools
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -131,9 +132,12 @@ def _reader() -> Callable[[Sequence[tuple[str, Any]], bytes, str], int]:
     from common.vendors.dataverse.batch import decode_batch
     from common.vendors.dataverse.client import DataverseClient, parse_stamp
 
+    # the client only reads answers here (it never signs in): a throw-away secret, as the
+    # bench's worlds make theirs
     client = DataverseClient(config=DynamicsConfig(
         url="https://org.example.com", token_url="https://login.example.com/t/oauth2/v2.0/token",
-        client_id="bench", client_secret=Secret("bench"), scope="https://org.example.com/.default"))
+        client_id="bench", client_secret=Secret(secrets.token_urlsafe(12)),
+        scope="https://org.example.com/.default"))
 
     def read(chunk: Sequence[tuple[str, Any]], body: bytes, content_type: str) -> int:
         parts = decode_batch(body, content_type)
