@@ -140,10 +140,18 @@ async def test_replicas_share_the_work_and_survive_a_kill(world: World) -> None:
         # round 2, with a reconciler and a writer killed while the run is under way
         rounds.append(await edit_round(world, 2, range(12, 36)))
         await world.faults("dotdigital", {"latency_ms": {"GET /v2/contacts/with-preference": 300}})
+        before = (await world.stats("dotdigital"))["calls"]
         run = asyncio.create_task(world.sync(timeout_s=240))
         owners = await holding(store, world, "reconciler")
         victim_queues = {q for q, m in owners.items() if m == "rec-2"}
-        await asyncio.sleep(1.0)
+
+        async def reading_feeds() -> bool:
+            """The run is under way: dotdigital answered one of its feed reads."""
+            calls = (await world.stats("dotdigital"))["calls"]
+            return any(count > before.get(route, 0) for route, count in calls.items()
+                       if "with-preference" in route)
+
+        await until(reading_feeds, 60, explain=lambda: explain(world))
         killed_at = time.monotonic()
         for victim in ("rec-2", "wri-1"):
             world.processes[victim].send_signal(signal.SIGKILL)
