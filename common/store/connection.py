@@ -1,6 +1,6 @@
 """What the ledger's SQL modules use of a database connection.
 
-The SQLite store's connection (:mod:`common.store.sqlite_thread`) has this shape, aiosqlite's;
+The SQLite store's connection (:mod:`common.store.sqlite_thread`) has this shape;
 the PostgreSQL store hands the same SQL (``?`` parameters, portable statements) to PostgreSQL
 through an adapter of this shape, so each part of the ledger (directory, parking, coordination)
 is written once for both databases.

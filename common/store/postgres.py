@@ -1,7 +1,8 @@
 """PostgreSQL ledger store (asyncpg), for replicas on more than one machine.
 
 It runs the SQLite store's SQL, which sticks to what both databases accept, through an adapter
-with aiosqlite's shape (``?`` parameters become ``$n``), so every part of the ledger is written
+with the SQLite connection's shape (:class:`~common.store.connection.Connection`; ``?``
+parameters become ``$n``), so every part of the ledger is written
 once. What PostgreSQL needs differently is here:
 
 - a connection pool instead of one connection, so transactions of different shards run at once;

@@ -5,11 +5,12 @@ that column), and each vendor's clock estimate, updated by several writers at on
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-import aiosqlite
 import asyncpg
 import pytest
 
@@ -73,10 +74,10 @@ async def test_a_ledger_made_before_the_corrected_time_gets_it(backend: str, url
     insert = ("INSERT INTO history (account, email, preference_id, side, opted_in, origin_time, "
               "change_id, decision, recorded_at) VALUES ")
     if backend == "sqlite":
-        async with aiosqlite.connect(url.removeprefix("sqlite:///")) as db:
-            await db.execute(_old_history_table())
-            await db.execute(insert + "(?, ?, ?, ?, ?, ?, ?, ?, ?)", old_row)
-            await db.commit()
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+            db.execute(_old_history_table())
+            db.execute(insert + "(?, ?, ?, ?, ?, ?, ?, ?, ?)", old_row)
+            db.commit()
     else:
         schema = url.rsplit("search_path=", 1)[1]
         connection = await asyncpg.connect(POSTGRES_URL)
