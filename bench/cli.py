@@ -120,6 +120,11 @@ async def run_suite(chosen: Sequence[str], *, size: str, repeats: int | None,
                 failed = True
                 traceback.print_exc()
                 entry = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            if entry.get("failed_runs"):
+                # the figures of the runs that finished are kept; the exit status still tells
+                failed = True
+                entry["measured"] = (f"{entry.get('measured', '')} ({len(entry['failed_runs'])} "
+                                     "run(s) failed, left out: see failed_runs)")
             entry.update({"size": size, "measured_at": started.isoformat(timespec="seconds"),
                           "ceiling_states_per_s": suite.ceiling["states_per_s"]})
             measured[name] = entry

@@ -6,17 +6,28 @@ import contextlib
 import os
 import platform
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aio_pika
 
-from bench.harness import World, WorldOptions, make_world
+from bench.harness import BenchError, World, WorldOptions, make_world
 from bench.profiling import profiling
 from bench.sizes import Sizes
+
+T = TypeVar("T")
+
+
+@dataclass
+class Repeats(Generic[T]):
+    """A scenario's runs: the figures of those that finished, and why the others failed."""
+
+    runs: list[T] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -53,11 +64,39 @@ class Suite:
     def say(self, text: str) -> None:
         self.log(f"[{time.strftime('%H:%M:%S')}] {text}")
 
-    def attempts(self, name: str, what: str) -> Iterator[int]:
-        """A scenario's repeats (1, 2, ...), each announced as ``NAME n/N: WHAT``."""
-        for attempt in range(1, self.sizes.repeats + 1):
-            self.say(f"{name} {attempt}/{self.sizes.repeats}: {what}")
-            yield attempt
+    async def attempt(self, name: str, run: int, one: Awaitable[T],
+                      repeats: Repeats[T]) -> T | None:
+        """Await one run of a scenario into ``repeats``: its figures, or (it failed) its
+        reason, so that one failed run (a world that would not start, a stage that timed out)
+        costs that run's figures only, never the other runs'."""
+        try:
+            result = await one
+        except Exception as exc:
+            traceback.print_exc()
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            self.say(f"  {name} run {run} failed: {reason}")
+            repeats.failed.append({"run": run, "error": reason})
+            return None
+        repeats.runs.append(result)
+        return result
+
+    async def repeat(self, name: str, what: str, one: Callable[[int], Awaitable[T]]
+                     ) -> Repeats[T]:
+        """A scenario's repeats (1, 2, ...), each announced as ``NAME n/N: WHAT`` and awaited
+        with :meth:`attempt`. Every run failing fails the scenario."""
+        repeats: Repeats[T] = Repeats()
+        for run in range(1, self.sizes.repeats + 1):
+            self.say(f"{name} {run}/{self.sizes.repeats}: {what}")
+            await self.attempt(name, run, one(run), repeats)
+        return settled(name, repeats)
+
+
+def settled(name: str, repeats: Repeats[T]) -> Repeats[T]:
+    """``repeats``, unless no run finished: then the scenario fails with every run's reason."""
+    if not repeats.runs:
+        raise BenchError(f"every {name} run failed: "
+                         + "; ".join(f"{f['run']}: {f['error']}" for f in repeats.failed))
+    return repeats
 
 
 Scenario = Callable[[Suite], Awaitable[dict[str, Any]]]

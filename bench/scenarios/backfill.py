@@ -9,7 +9,6 @@ and start-up are not timed.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -104,20 +103,20 @@ async def run(suite: Suite) -> dict[str, Any]:
     # other kept from an earlier run (``--direction``), each read against its own ceiling.
     ways: dict[str, dict[str, Any]] = previous_directions(suite)
     for direction in suite.directions or tuple(DIRECTIONS):
-        runs: list[dict[str, Any]] = []
-        for attempt in range(sizes.repeats):
-            suite.say(f"backfill {direction} {attempt + 1}/{sizes.repeats} "
-                      f"({contacts:,} contacts)")
+
+        async def one(attempt: int, direction: str = direction) -> dict[str, Any]:
             async with suite.world() as world:
                 started = time.monotonic()
-                one = await one_backfill(suite, world, direction, contacts=contacts,
-                                         label=f"backfill-{direction}-{attempt + 1}",
-                                         idle=attempt == sizes.repeats - 1)
+                result = await one_backfill(suite, world, direction, contacts=contacts,
+                                            label=f"backfill-{direction}-{attempt}",
+                                            idle=attempt == sizes.repeats)
                 await _drain_check(world)
-                suite.say(f"  {one['seconds']:.1f} s, {one['states_per_s']:,.0f} states/s "
-                          f"(with set-up {time.monotonic() - started:.0f} s)")
-            runs.append(one)
-            await asyncio.sleep(0)
+                suite.say(f"  {result['seconds']:.1f} s, {result['states_per_s']:,.0f} "
+                          f"states/s (with set-up {time.monotonic() - started:.0f} s)")
+            return result
+
+        repeats = await suite.repeat(f"backfill {direction}", f"{contacts:,} contacts", one)
+        runs = repeats.runs
         seconds = median(r["seconds"] for r in runs)
         rate = median(r["states_per_s"] for r in runs)
         middle = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
@@ -136,6 +135,7 @@ async def run(suite: Suite) -> dict[str, Any]:
             "peak_rss_mb": {name: max(r["peak_rss_mb"].get(name, 0.0) for r in runs)
                             for name in runs[0]["peak_rss_mb"]},
             "runs": runs,
+            "failed_runs": repeats.failed,
         }
     suite.shared["backfill_runs"] = {name: way["runs"] for name, way in ways.items()}
     ordered = {name: ways[name] for name in DIRECTIONS if name in ways}

@@ -41,7 +41,7 @@ from bench.harness import PREFERENCES, BenchError, Process, World, WorldOptions
 from bench.ledger import postgres_ledger, postgres_unreachable
 from bench.quota import QUARTER_CORE, Quotas, cpu_quotas, probe, unavailable
 from bench.stages import reconciled_all, until
-from bench.suite import Suite
+from bench.suite import Repeats, Suite, settled
 from bench.tracking import Progress, RunRecord
 from common.store import open_store
 from services.runtime.assignment import group_name, holders
@@ -209,24 +209,39 @@ async def run(suite: Suite) -> dict[str, Any]:
     states = sizes.scale_contacts * PREFERENCES
     by_part: dict[str, dict[int, list[dict[str, Any]]]] = {p.name: {} for p in parts}
     described = mechanism
-    for attempt in range(sizes.repeats):
+    repeats: Repeats[dict[str, Any]] = Repeats()
+    for attempt in range(1, sizes.repeats + 1):
         for part in parts:
             for writers in sizes.scale_writers:
-                suite.say(f"scale {part.name}: {writers} writer(s) {attempt + 1}/"
+                suite.say(f"scale {part.name}: {writers} writer(s) {attempt}/"
                           f"{sizes.repeats}, {states:,} states, {part.latency_ms:.0f} ms API "
                           f"latency{', a quarter core each' if part.quota else ''}")
-                async with postgres_ledger() as store_url, \
-                        _quotas(part, quota_note) as quotas, \
-                        suite.world(WorldOptions(shards=SHARDS, store_url=store_url)) as world:
-                    if quotas is not None:
-                        described = quotas.describe()
-                    one = await one_scale(suite, world, writers=writers,
-                                          contacts=sizes.scale_contacts,
-                                          latency_ms=part.latency_ms, quotas=quotas)
-                suite.say(f"  {one['states_per_s']:,.0f} states/s with every replica at work, "
-                          f"product {one['cpu']['product_us_per_state_total']:,.0f} CPU µs "
-                          f"per state ({one['seconds']:.1f} s in all)")
-                by_part[part.name].setdefault(writers, []).append(one)
+
+                async def one(part: Part = part, writers: int = writers) -> dict[str, Any]:
+                    nonlocal described
+                    async with postgres_ledger() as store_url, \
+                            _quotas(part, quota_note) as quotas, \
+                            suite.world(WorldOptions(shards=SHARDS,
+                                                     store_url=store_url)) as world:
+                        if quotas is not None:
+                            described = quotas.describe()
+                        result = await one_scale(suite, world, writers=writers,
+                                                 contacts=sizes.scale_contacts,
+                                                 latency_ms=part.latency_ms, quotas=quotas)
+                    suite.say(f"  {result['states_per_s']:,.0f} states/s with every replica at "
+                              f"work, product {result['cpu']['product_us_per_state_total']:,.0f}"
+                              f" CPU µs per state ({result['seconds']:.1f} s in all)")
+                    return result
+
+                result = await suite.attempt(f"scale {part.name} {writers} writer(s)", attempt,
+                                             one(), repeats)
+                if result is not None:
+                    by_part[part.name].setdefault(writers, []).append(result)
+    for part in parts:
+        missing = [w for w in sizes.scale_writers if not by_part[part.name].get(w)]
+        if missing:
+            # a ratio to one replica needs at least one run of every count
+            settled(f"scale {part.name} with {missing} writer(s)", Repeats(failed=repeats.failed))
     quota = _summary(parts[0], by_part["quota"])
     latency = _summary(parts[1], by_part["latency_bound"])
     most = max(sizes.scale_writers)
@@ -252,6 +267,7 @@ async def run(suite: Suite) -> dict[str, Any]:
                                  "writers_us_per_state", "writers_cpu_ratio",
                                  "simulators_over_10pct", "runs")},
         "latency_bound": latency,
+        "failed_runs": repeats.failed,
         "met_speedup": speedup_met,
         "met_cpu_flat": cpu_met,
         "met_latency_bound": latency_met,

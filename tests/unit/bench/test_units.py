@@ -11,6 +11,8 @@ from bench.results import markdown, merge
 from bench.scenarios import low_tier
 from bench.scenarios.low_tier import in_step_people
 from bench.scenarios.rate_limited import budget_seconds
+from bench.sizes import SIZES, with_repeats
+from bench.suite import Suite
 from services.simulators import seeding
 from services.simulators.base import serving
 from services.simulators.dotdigital import DotdigitalSimulator
@@ -100,3 +102,32 @@ def test_low_tier_edits_people_whose_states_agree_on_both_sides() -> None:
             assert mine == seeding.initial_state(SEED, "dotdigital", email, pid)
     with pytest.raises(BenchError):
         in_step_people(20, 10, skip=10)
+
+
+async def test_a_failed_run_costs_only_its_own_figures() -> None:
+    said: list[str] = []
+    suite = Suite(broker_url="amqp://unused", size_name="smoke",
+                  sizes=with_repeats(SIZES["smoke"], 3), log=said.append)
+
+    async def one(run: int) -> dict[str, int]:
+        if run == 2:
+            raise BenchError("the world would not start")
+        return {"run": run}
+
+    repeats = await suite.repeat("backfill", "a few contacts", one)
+
+    assert repeats.runs == [{"run": 1}, {"run": 3}]
+    assert repeats.failed == [{"run": 2, "error": "WorldError: the world would not start"}]
+    assert any("backfill run 2 failed: WorldError: the world would not start" in line
+               for line in said)
+
+
+async def test_a_scenario_whose_every_run_failed_fails_with_each_reason() -> None:
+    suite = Suite(broker_url="amqp://unused", size_name="smoke",
+                  sizes=with_repeats(SIZES["smoke"], 2), log=lambda _: None)
+
+    async def one(run: int) -> dict[str, int]:
+        raise BenchError(f"stage timed out in run {run}")
+
+    with pytest.raises(BenchError, match=r"every steady run failed: 1: .*run 1; 2: .*run 2"):
+        await suite.repeat("steady", "changes", one)
