@@ -18,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 
 ZERO = timedelta(0)
 SECOND = timedelta(seconds=1)
+# The Unix epoch: flat rows and table columns hold times as integer microseconds since it.
+UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 # The clock epoch of a stamp that more than one epoch of its vendor's clock could have made
@@ -30,6 +32,21 @@ def as_utc(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("time must carry a time zone (UTC expected)")
     return value.astimezone(UTC)
+
+
+def to_us(moment: datetime) -> int:
+    """Integer microseconds since the Unix epoch (exact: they sort and compare as the times do)."""
+    return duration_us(moment - UNIX_EPOCH)
+
+
+def from_us(value: int) -> datetime:
+    """The UTC time ``value`` microseconds after the Unix epoch."""
+    return UNIX_EPOCH + timedelta(microseconds=value)
+
+
+def duration_us(value: timedelta) -> int:
+    """Integer microseconds of ``value`` (exact)."""
+    return (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
 
 
 def whole_second(value: datetime) -> datetime:

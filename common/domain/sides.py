@@ -7,6 +7,8 @@ from typing import Generic, Literal, TypeVar
 
 Side = Literal["dynamics", "dotdigital"]
 SIDES: tuple[Side, Side] = ("dynamics", "dotdigital")
+# A side's code in flat rows and stored state: its place in ``SIDES`` (0 Dynamics, 1 dotdigital).
+SIDE_CODES: dict[Side, int] = {side: code for code, side in enumerate(SIDES)}
 
 T = TypeVar("T")
 

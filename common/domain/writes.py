@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from common.domain.clock import ZERO, as_utc, whole_second
+from common.domain.clock import ZERO, as_utc
 from common.domain.commands import WriteCommand
 from common.domain.observation import Observation
 from common.domain.sides import Side
@@ -36,12 +36,16 @@ MAX_WRITE_RECORDS = 4
 IN_FLIGHT_LIMIT = timedelta(minutes=10)
 
 
+# Each side's stamp resolution in microseconds: Dataverse stamps whole seconds, dotdigital
+# milliseconds.
+STAMP_RESOLUTION_US: dict[Side, int] = {"dynamics": 1_000_000, "dotdigital": 1_000}
+
+
 def _window_floor(moment: datetime, side: Side) -> datetime:
-    """Dataverse stamps whole seconds and dotdigital milliseconds: a window start taken from a
-    finer clock is floored so that the side's own stamp of our write is never before it."""
-    if side == "dynamics":
-        return whole_second(moment)
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+    """A window start taken from a finer clock than the side's, floored to the side's stamp
+    resolution, so that the side's own stamp of our write is never before it."""
+    micro = moment.microsecond
+    return moment.replace(microsecond=micro - micro % STAMP_RESOLUTION_US[side])
 
 
 def in_write_window(moment: datetime, *, side: Side, start: datetime,

@@ -11,7 +11,7 @@ which sort and compare the same in SQLite and PostgreSQL.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -27,22 +27,12 @@ from common.domain import (
     Side,
     WriteRecord,
 )
-from common.domain.clock import ZERO
+from common.domain.clock import ZERO, from_us, to_us
+from common.domain.clock import duration_us as _us
+from common.domain.sides import SIDE_CODES, SIDES
 
 FORMAT = 1
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_SIDE_CODE: dict[Side, int] = {"dynamics": 0, "dotdigital": 1}
-_CODE_SIDE: tuple[Side, Side] = ("dynamics", "dotdigital")
-
-
-def to_us(moment: datetime) -> int:
-    """Integer microseconds since the Unix epoch."""
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def from_us(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+__all__ = ["FORMAT", "decode_state", "encode_state", "from_us", "to_us"]
 
 
 _time = datetime.fromisoformat
@@ -55,7 +45,7 @@ def _opt_time(value: str | None) -> datetime | None:
 def _register(r: Register | None) -> list[Any] | None:
     if r is None:
         return None
-    raw = [int(r.opted_in), r.origin_time, _SIDE_CODE[r.origin_side], r.change_id]
+    raw = [int(r.opted_in), r.origin_time, SIDE_CODES[r.origin_side], r.change_id]
     if r.offset or r.uncertainty or r.bounded_time is not None or r.clock_epoch:
         # the time base it won in (left out when there was none, as before it existed)
         raw += [_us(r.offset), _us(r.uncertainty), r.bounded_time]
@@ -73,10 +63,6 @@ def _known(k: Known | None) -> list[Any] | None:
     if k.offset:
         raw.append(_us(k.offset))
     return raw
-
-
-def _us(value: timedelta) -> int:
-    return (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
 
 
 def _pending(p: PendingWrite | None) -> list[Any] | None:
@@ -109,7 +95,7 @@ def _d_register(raw: list[Any] | None) -> Register | None:
     if raw is None:
         return None
     register = Register(opted_in=bool(raw[0]), origin_time=_time(raw[1]),
-                        origin_side=_CODE_SIDE[raw[2]], change_id=raw[3])
+                        origin_side=SIDES[raw[2]], change_id=raw[3])
     if len(raw) > 4:
         register = replace(register, offset=timedelta(microseconds=raw[4]),
                            uncertainty=timedelta(microseconds=raw[5]),

@@ -1,0 +1,368 @@
+"""The batch fold kernel: :func:`common.domain.fold.fold_batch` over flat rows
+(:mod:`common.domain.rows`) instead of frozen dataclasses, for the batch hot path.
+
+The dataclass functions stay the executable specification: :func:`common.domain.reconcile`
+(its rules 1-7), :func:`common.domain.fold.fold_batch` (its rules 1-4) and the rules they use
+in :mod:`common.domain.clock`, :mod:`common.domain.state` and :mod:`common.domain.writes`.
+
+Rules:
+
+1. Each function here mirrors one function of the specification, named in its docstring, on
+   rows: it states no rule of its own, and its constants are the specification's, in
+   microseconds. A rule changes there first, then here.
+2. ``tests/unit/domain/test_kernel.py`` holds the kernel to the specification on random
+   histories: the same states, outcomes, history, parked observations, futures and commands.
+3. A row is never changed in place: a state that does not change is the same row afterwards
+   (told by identity, as :func:`common.domain.reconcile` tells an unchanged state).
+
+Why: folding a frozen dataclass per change builds several objects per observation (about 15 µs
+each, ``python -m bench.domain_cost``); rows are tuples of ints, built in C
+(``python -m bench.kernel_cost`` measures both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from common.domain.clock import SECOND, UNKNOWN_EPOCH, duration_us
+from common.domain.fold import FUTURE_TIMESTAMP
+from common.domain.reconcile import Outcome
+from common.domain.rows import (
+    DECISIONS,
+    EMPTY_STATE,
+    OUTCOMES,
+    CommandRow,
+    HistoryRow,
+    HorizonRow,
+    KnownRow,
+    ObservationRow,
+    Pair,
+    PendingRow,
+    RegisterRow,
+    StateRow,
+    WriteRow,
+)
+from common.domain.sides import SIDES
+from common.domain.state import STEPPED
+from common.domain.writes import IN_FLIGHT_LIMIT, MAX_WRITE_RECORDS, STAMP_RESOLUTION_US
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+APPLIED = OUTCOMES.index(Outcome.APPLIED)
+STALE = OUTCOMES.index(Outcome.STALE)
+TIE_OPT_OUT_WON = OUTCOMES.index(Outcome.TIE_OPT_OUT_WON)
+TIE_OPT_IN_LOST = OUTCOMES.index(Outcome.TIE_OPT_IN_LOST)
+TIE_SAME_VALUE = OUTCOMES.index(Outcome.TIE_SAME_VALUE)
+ECHO = OUTCOMES.index(Outcome.ECHO)
+JOINED = OUTCOMES.index(Outcome.JOINED)
+DUPLICATE = OUTCOMES.index(Outcome.DUPLICATE)
+SUPPRESSED = OUTCOMES.index(Outcome.SUPPRESSED)
+FUTURE = DECISIONS.index(FUTURE_TIMESTAMP)
+
+_SECOND_US = duration_us(SECOND)
+_STEPPED_US = duration_us(STEPPED)
+_IN_FLIGHT_LIMIT_US = duration_us(IN_FLIGHT_LIMIT)
+_RESOLUTION_US = tuple(STAMP_RESOLUTION_US[side] for side in SIDES)
+
+
+def _with(pair: Pair[T], side: int, value: T) -> Pair[T]:
+    """``pair`` with ``side``'s value replaced (:meth:`common.domain.sides.PerSide.with_`)."""
+    return (value, pair[1]) if side == 0 else (pair[0], value)
+
+
+# -- time ------------------------------------------------------------------------------------
+
+def _span(vendor: int, offset: int, uncertainty: int) -> tuple[int, int]:
+    """:func:`common.domain.clock.span` (with :func:`~common.domain.clock.whole_second`)."""
+    low = vendor - vendor % _SECOND_US - offset
+    return low - uncertainty, low + _SECOND_US + uncertainty
+
+
+def _order(a: tuple[int, int], b: tuple[int, int]) -> int:
+    """:func:`common.domain.clock.order`."""
+    if a[0] >= b[1]:
+        return 1
+    if b[0] >= a[1]:
+        return -1
+    return 0
+
+
+def _against_register(register: RegisterRow | None, row: ObservationRow[Any]) -> tuple[int, bool]:
+    """Rule 6 of :mod:`common.domain.reconcile`: the outcome of ``row`` against the register
+    (``_against_register``, with ``_same_clock``) and whether ``row`` becomes the register
+    (``_takes_register``, with ``_reaches_later``)."""
+    if register is None:
+        return APPLIED, True
+    r_opted_in, r_origin, r_side, _, r_offset, r_uncertainty, r_bounded, r_epoch = register
+    _, _, side, opted_in, origin, _, _, _, _, offset, uncertainty, bounded, epoch = row
+    vendor = origin if bounded is None else bounded
+    r_vendor = r_origin if r_bounded is None else r_bounded
+    same_clock = r_side == side and r_epoch == epoch != UNKNOWN_EPOCH
+    if same_clock:
+        mine, theirs = _span(vendor, 0, 0), _span(r_vendor, 0, 0)
+    else:
+        mine, theirs = _span(vendor, offset, uncertainty), _span(r_vendor, r_offset, r_uncertainty)
+    later = _order(mine, theirs)
+    if later > 0:
+        return APPLIED, True
+    if later < 0:
+        return STALE, False
+    if opted_in == r_opted_in:
+        return TIE_SAME_VALUE, not same_clock and mine[1] > theirs[1]
+    if not opted_in:
+        return TIE_OPT_OUT_WON, True
+    return TIE_OPT_IN_LOST, False
+
+
+# -- the state's parts -----------------------------------------------------------------------
+
+def _register_of(row: ObservationRow[Any]) -> RegisterRow:
+    """:meth:`common.domain.state.Register.of`."""
+    _, _, side, opted_in, origin, _, change_id, _, _, offset, uncertainty, bounded, epoch = row
+    return opted_in, origin, side, change_id, offset, uncertainty, bounded, epoch
+
+
+def _known_of(row: ObservationRow[Any]) -> KnownRow:
+    """:meth:`common.domain.state.Known.of`."""
+    _, _, _, opted_in, origin, version, _, _, _, offset, _, bounded, _ = row
+    if bounded is None:
+        return opted_in, origin, version, None, offset
+    return opted_in, bounded, version, origin, offset
+
+
+def _is_newer(known: KnownRow, existing: KnownRow | None) -> bool:
+    """:meth:`common.domain.state.Known.is_newer_than`."""
+    if existing is None:
+        return True
+    _, as_of, version, _, offset = known
+    _, e_as_of, e_version, _, e_offset = existing
+    if version is not None and e_version is not None:
+        return version > e_version
+    if abs(offset - e_offset) > _STEPPED_US:
+        return as_of - offset > e_as_of - e_offset
+    return as_of > e_as_of
+
+
+def _same_as(known: KnownRow, existing: KnownRow | None) -> bool:
+    """:meth:`common.domain.state.Known.same_as`."""
+    if existing is None:
+        return False
+    opted_in, as_of, version, stamp, _ = known
+    e_opted_in, e_as_of, e_version, e_stamp, _ = existing
+    return (opted_in == e_opted_in and version == e_version
+            and (as_of if stamp is None else stamp) == (e_as_of if e_stamp is None else e_stamp))
+
+
+def _covers(horizon: HorizonRow, row: ObservationRow[Any]) -> bool:
+    """:meth:`common.domain.state.LedgerHorizon.covers`."""
+    until, version = horizon
+    if row.version is not None and version is not None:
+        return row.version <= version
+    return row.origin_us <= until
+
+
+# -- the write ledger ------------------------------------------------------------------------
+
+def _in_write_window(moment: int, *, side: int, start: int, end: int | None) -> bool:
+    """:func:`common.domain.writes.in_write_window` (with its ``_window_floor``)."""
+    if moment < start - start % _RESOLUTION_US[side]:
+        return False
+    return moment <= (end if end is not None else start + _IN_FLIGHT_LIMIT_US)
+
+
+def _is_echo(records: tuple[WriteRow, ...], row: ObservationRow[Any]) -> bool:
+    """:func:`common.domain.writes.is_echo` of the record
+    :func:`~common.domain.writes.find_echo` finds (the first that matches)."""
+    _, _, side, opted_in, origin, version = row[:6]
+    for r_opted_in, _, start, end, produced, _ in records:
+        if r_opted_in != opted_in:
+            continue
+        if produced is not None and version is not None:
+            if produced == version:
+                return end is not None or opted_in
+            continue
+        if _in_write_window(origin, side=side, start=start, end=end):
+            return end is not None or opted_in
+    return False
+
+
+def _expired(record: WriteRow, known: KnownRow | None) -> bool:
+    """An in-flight record the side has been seen well past (the test of
+    :func:`common.domain.writes.pruned_writes`)."""
+    return record[3] is None and known is not None and known[1] > record[2] + _IN_FLIGHT_LIMIT_US
+
+
+def _widened(horizon: HorizonRow | None, record: WriteRow) -> HorizonRow:
+    """:meth:`common.domain.state.LedgerHorizon.of` (``horizon`` None) and
+    :meth:`~common.domain.state.LedgerHorizon.widened`."""
+    _, _, start, end, version, _ = record
+    reach = end if end is not None else start + _IN_FLIGHT_LIMIT_US
+    if horizon is None:
+        return reach, version
+    until, kept_version = horizon
+    if kept_version is not None and (version is None or kept_version > version):
+        version = kept_version
+    return max(until, reach), version
+
+
+def _pruned(records: tuple[WriteRow, ...], *, known: KnownRow | None, horizon: HorizonRow | None
+            ) -> tuple[tuple[WriteRow, ...], HorizonRow] | None:
+    """:func:`common.domain.writes.pruned_writes`: the records kept and the horizon widened by
+    the dropped ones, or ``None`` when none is dropped."""
+    if len(records) <= MAX_WRITE_RECORDS and not any(_expired(r, known) for r in records):
+        return None
+    kept: list[WriteRow] = []
+    dropped: list[WriteRow] = []
+    for r in sorted(records, key=lambda r: (r[3] is None, r[2])):
+        (dropped if _expired(r, known) else kept).append(r)
+    writes = list(dict.fromkeys((r[0], r[1]) for r in kept))
+    newest = set(writes[-MAX_WRITE_RECORDS:])
+    dropped.extend(r for r in kept if (r[0], r[1]) not in newest)
+    kept = [r for r in kept if (r[0], r[1]) in newest]
+    if not dropped:
+        return None
+    for r in dropped:
+        horizon = _widened(horizon, r)
+    assert horizon is not None
+    return tuple(kept), horizon
+
+
+# -- reconcile -------------------------------------------------------------------------------
+
+def outstanding_rows(register: RegisterRow | None, known: Pair[KnownRow | None]
+                     ) -> tuple[CommandRow, ...]:
+    """:func:`common.domain.reconcile.outstanding`: a command for every side not known to hold
+    the register's value."""
+    if register is None:
+        return ()
+    opted_in, origin, origin_side, change_id = register[:4]
+    return tuple((side, opted_in, origin, origin_side, change_id)
+                 for side, held in enumerate(known) if held is None or held[0] != opted_in)
+
+
+def _pending(pending: Pair[PendingRow | None], commands: tuple[CommandRow, ...]
+             ) -> Pair[PendingRow | None]:
+    """``_pending`` of :mod:`common.domain.reconcile`: ``pending`` remembering ``commands``, the
+    same tuple when it already did."""
+    for side, opted_in, origin, _, _ in commands:
+        write = (opted_in, origin)
+        if pending[side] != write:
+            pending = _with(pending, side, write)
+    return pending
+
+
+def reconcile_row(state: StateRow, row: ObservationRow[Any]
+                  ) -> tuple[StateRow, int, tuple[CommandRow, ...]]:
+    """:func:`common.domain.reconcile.reconcile` (rules 2-7; suppression, rule 1, is the
+    fold's): the state after ``row`` (``state`` itself when unchanged), the outcome's code and
+    the outstanding commands."""
+    register, known, pending, writes, horizon, revision = state
+    _, _, side, opted_in, origin, _, _, carried, joined, offset, _, bounded, _ = row
+    held = known[side]
+    after_register, after_known = register, known
+    prune = False
+    if carried:
+        outcome, takes = _against_register(register, row)
+        if takes:
+            after_register = _register_of(row)
+    elif joined:
+        outcome = JOINED
+        if register is not None and register[0] != opted_in:
+            vendor = origin if bounded is None else bounded
+            as_of = vendor if held is None else max(held[1], vendor)
+            after_known = _with(known, side, (opted_in, as_of, None, None, offset))
+    else:
+        seen = _known_of(row)
+        records = writes[side]
+        if records and _is_echo(records, row):
+            outcome = ECHO
+            if _is_newer(seen, held):
+                after_known = _with(known, side, seen)
+                prune = True
+        elif _same_as(seen, held):
+            outcome = DUPLICATE
+        else:
+            if _is_newer(seen, held):
+                after_known = _with(known, side, seen)
+            limit = horizon[side]
+            if opted_in and limit is not None and _covers(limit, row):
+                outcome = STALE
+            else:
+                outcome, takes = _against_register(register, row)
+                if takes:
+                    after_register = _register_of(row)
+            prune = True
+    after_writes, after_horizon = writes, horizon
+    if prune and (pruned := _pruned(writes[side], known=after_known[side],
+                                    horizon=horizon[side])) is not None:
+        after_writes = _with(writes, side, pruned[0])
+        after_horizon = _with(horizon, side, pruned[1])
+    commands = outstanding_rows(after_register, after_known)
+    after_pending = _pending(pending, commands)
+    if ((after_register is register or after_register == register)
+            and (after_known is known or after_known == known)
+            and (after_pending is pending or after_pending == pending)
+            and (after_writes is writes or after_writes == writes)
+            and (after_horizon is horizon or after_horizon == horizon)):
+        return state, outcome, commands
+    return (StateRow(after_register, after_known, after_pending, after_writes, after_horizon,
+                     revision), outcome, commands)
+
+
+# -- the fold --------------------------------------------------------------------------------
+
+def _history_row(row: ObservationRow[K], decision: int) -> HistoryRow[K]:
+    """:meth:`common.domain.history.HistoryEntry.for_observation` (``corrected_time``: the
+    observation's)."""
+    key, _, side, opted_in, origin, _, change_id, _, _, offset, _, bounded, _ = row
+    return (key, side, opted_in, origin, change_id, decision,
+            (origin if bounded is None else bounded) - offset)
+
+
+@dataclass(kw_only=True, slots=True)
+class RowFold(Generic[K]):
+    """:class:`common.domain.fold.Fold` over rows: ``states`` as loaded (updated as the batch
+    changes them), ``changed`` the keys to save; ``outcomes`` and ``history`` decisions' codes
+    (:data:`common.domain.rows.DECISIONS`); ``commands`` the outstanding commands of each key
+    decided (not suppressed) as its last decision left them."""
+
+    states: dict[K, StateRow]
+    changed: set[K] = field(default_factory=set)
+    outcomes: list[int] = field(default_factory=list)
+    history: list[HistoryRow[K]] = field(default_factory=list)
+    parked: list[ObservationRow[K]] = field(default_factory=list)
+    futures: list[int] = field(default_factory=list)
+    commands: dict[K, tuple[CommandRow, ...]] = field(default_factory=dict)
+
+    def changed_states(self) -> dict[K, StateRow]:
+        return {key: self.states[key] for key in self.changed}
+
+
+def fold_rows(states: Mapping[K, StateRow], rows: Iterable[ObservationRow[K]], *,
+              suppressed: Container[object]) -> RowFold[K]:
+    """:func:`common.domain.fold.fold_batch` (rules 1-4) over rows: ``rows`` folded in order
+    into ``states`` (not modified), a row whose contact is in ``suppressed`` parked."""
+    fold: RowFold[K] = RowFold(states=dict(states))
+    current, changed, commands = fold.states, fold.changed, fold.commands
+    history, outcomes, futures, parked = fold.history, fold.outcomes, fold.futures, fold.parked
+    for row in rows:
+        key = row.key
+        if row.contact in suppressed:
+            outcome = SUPPRESSED
+            parked.append(row)
+        else:
+            before = current.get(key, EMPTY_STATE)
+            after, outcome, commands[key] = reconcile_row(before, row)
+            if after is not before:
+                current[key] = after
+                changed.add(key)
+        if outcome != DUPLICATE:
+            if row.bounded_us is not None:
+                futures.append(row.side)
+                history.append(_history_row(row, FUTURE))
+            history.append(_history_row(row, outcome))
+        outcomes.append(outcome)
+    return fold
