@@ -19,12 +19,15 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from common.domain import ContactState, HistoryEntry, KeyState, Observation, PreferenceKey
+from common.domain.rows import HistoryRow, KeyTuple, StateRow
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.outstanding import DueKey, OutstandingStats
 from common.vendors.budget import BudgetGrant
 
 # (expected revision — None or 0: the key must not be stored yet; the new state; its history row)
 Change = tuple[int | None, KeyState, HistoryEntry | None]
+# The same for the batch hot path: (expected revision, the key's parts, the new state's row)
+RowChange = tuple[int | None, KeyTuple, StateRow]
 
 
 class StoreUnavailable(RuntimeError):
@@ -61,6 +64,20 @@ class KeyStates(Protocol):
         ``revision`` carried by the states themselves is ignored). Extra ``history`` rows (for
         decisions that changed no state) go in the same transaction, and so does the index of
         keys with outstanding writes (:mod:`common.store.outstanding`)."""
+        ...
+
+    async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
+        """:meth:`load` for the batch hot path: the stored states' rows
+        (:mod:`common.domain.rows`), by the keys' parts."""
+        ...
+
+    async def save_rows(self, changes: Sequence[RowChange], *,
+                        history: Sequence[HistoryRow[KeyTuple]] = (),
+                        recorded_at: datetime | None = None,
+                        entries: Sequence[HistoryEntry] = ()) -> list[int]:
+        """:meth:`save` for the batch hot path: state rows, the kernel's history rows (of
+        decisions ``recorded_at``, default now) and other history ``entries``; the same
+        compare-and-set, transaction and index."""
         ...
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]: ...

@@ -31,8 +31,10 @@ from typing import Any
 
 import orjson
 
-from common.domain import KeyState, PreferenceKey, outstanding
-from common.store.codec import decode_state, from_us, to_us
+from common.domain import PreferenceKey
+from common.domain.kernel import outstanding_rows
+from common.domain.rows import KeyTuple, StateRow
+from common.store.codec import decode_row, from_us, to_us
 from common.store.connection import Connection, Transaction
 
 SCHEMA = (
@@ -80,7 +82,12 @@ _NOT_SUPPRESSED = """
       AND NOT (o.sides = 1 AND NOT EXISTS (
           SELECT 1 FROM dyn_records r WHERE r.account = o.account AND r.email = o.email
           AND r.eligible = 1 AND r.active = 1))"""
-_SIDE_BITS = {"dynamics": 1, "dotdigital": 2}
+# by side code (common.domain.sides.SIDE_CODES)
+_SIDE_BITS = (1, 2)
+
+
+def _first(item: tuple[KeyTuple, StateRow, int]) -> KeyTuple:
+    return item[0]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -104,23 +111,21 @@ def _order(key: PreferenceKey) -> tuple[str, str, int]:
     return key.account, key.email, key.preference_id
 
 
-def index_rows(states: Iterable[tuple[KeyState, int]], *, now_us: int
+def index_rows(states: Iterable[tuple[KeyTuple, StateRow, int]], *, now_us: int
                ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """What a save of ``states`` (each with its new revision) does to the index: (rows to
-    upsert, keys to delete), in key order."""
+    """What a save of ``states`` (each key's parts, its state's row and its new revision) does
+    to the index: (rows to upsert, keys to delete), in key order."""
     upsert: list[tuple[Any, ...]] = []
     delete: list[tuple[Any, ...]] = []
-    for state, revision in sorted(states, key=lambda s: _order(s[0].key)):
-        k = state.key
-        register = state.register
-        owed = outstanding(state) if register is not None else ()
+    for key, row, revision in sorted(states, key=_first):
+        register = row[0]
+        owed = outstanding_rows(register, row[1]) if register is not None else ()
         if register is not None and owed:
-            sides = sum({_SIDE_BITS[c.side] for c in owed})
-            upsert.append((k.account, k.email, k.preference_id, revision,
-                           int(register.opted_in), to_us(register.origin_time), now_us, now_us,
+            sides = _SIDE_BITS[owed[0][0]] | _SIDE_BITS[owed[-1][0]]
+            upsert.append((*key, revision, int(register[0]), register[1], now_us, now_us,
                            sides))
         else:
-            delete.append((k.account, k.email, k.preference_id))
+            delete.append(key)
     return upsert, delete
 
 
@@ -211,9 +216,10 @@ class SqlOutstanding:
                    "ORDER BY email, preference_id LIMIT ?")
             async with db.execute(sql, (account, after[0], after[1], limit)) as cursor:
                 rows = list(await cursor.fetchall())
-            states = [(decode_state(PreferenceKey(account=account, email=str(email),
-                                                  preference_id=int(preference_id)),
-                                    int(revision), bytes(blob)), int(revision))
+            states = [((account, str(email), int(preference_id)),
+                       decode_row(PreferenceKey(account=account, email=str(email),
+                                                preference_id=int(preference_id)),
+                                  int(revision), bytes(blob)), int(revision))
                       for email, preference_id, revision, blob in rows]
             upsert, _ = index_rows(states, now_us=now_us)
             if upsert:

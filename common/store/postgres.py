@@ -32,16 +32,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from common.domain import HistoryEntry, KeyState, PreferenceKey
+from common.domain.rows import KeyTuple, key_of
 from common.store.connection import Connection, Statement
-from common.store.interface import Change, ConflictError, StoreUnavailable
+from common.store.interface import ConflictError, StoreUnavailable
 from common.store.sqlite import (
     ADDED_COLUMNS,
     SCHEMA_STATEMENTS,
     SaveBatch,
     SqliteLedgerStore,
-    decode_states,
-    now_us,
     settle_schema,
     state_queries,
 )
@@ -153,8 +151,9 @@ _INSERT_STATES = """
     RETURNING account, email, preference_id"""
 
 
-def _lock_id(key: PreferenceKey) -> int:
-    digest = hashlib.blake2b(f"{key.account}\x1f{key.email}\x1f{key.preference_id}".encode(),
+def _lock_id(key: KeyTuple) -> int:
+    account, email, preference_id = key
+    digest = hashlib.blake2b(f"{account}\x1f{email}\x1f{preference_id}".encode(),
                              digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
@@ -230,18 +229,15 @@ class PostgresLedgerStore(SqliteLedgerStore):
     def _reading(self) -> AbstractAsyncContextManager[Connection]:
         return self._transaction()
 
-    async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
-        wanted = list(dict.fromkeys(keys))
+    async def _fetch_states(self, keys: Sequence[KeyTuple]) -> list[Any]:
         rows: list[Any] = []
         async with self._reading() as db:
-            for sql, params in state_queries(wanted):
+            for sql, params in state_queries(keys):
                 async with db.execute(sql, params) as cur:
                     rows.extend(await cur.fetchall())
-        return decode_states(wanted, rows)
+        return rows
 
-    async def save(self, changes: Sequence[Change], *,
-                   history: Sequence[HistoryEntry] = ()) -> list[int]:
-        batch = SaveBatch.of(changes, history=history, now_us=now_us())
+    async def _write(self, batch: SaveBatch) -> list[int]:
         async with self._transaction() as db:
             # Hold every key (stored or not) until this transaction ends; sorted, so that two
             # saves with overlapping keys queue behind each other instead of deadlocking.
@@ -255,10 +251,9 @@ class PostgresLedgerStore(SqliteLedgerStore):
                     columns = [list(column) for column in zip(*states, strict=True)]
                     async with db.execute(sql, columns) as cursor:
                         written.update((a, e, p) for a, e, p in await cursor.fetchall())
-            if len(written) != len(batch.keys):
+            if len(written) != len(batch.changes):
                 # the transaction rolls back: nothing of this save is written
-                raise ConflictError([k for k in batch.keys
-                                     if (k.account, k.email, k.preference_id) not in written])
+                raise ConflictError([key_of(k) for k in batch.keys if k not in written])
             for sql, rows in batch.statements():
                 await db.executemany(sql, rows)
         return batch.revisions

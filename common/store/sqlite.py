@@ -29,13 +29,15 @@ from common.domain import (
     PreferenceKey,
     normalize_email,
 )
-from common.store.codec import decode_state, encode_state, from_us, to_us
+from common.domain.rows import DECISIONS, HistoryRow, KeyTuple, StateRow, key_of, key_tuple, state_row
+from common.domain.sides import SIDES
+from common.store.codec import decode_row, decode_state, encode_row, from_us, to_us
 from common.store.connection import Connection
 from common.store.coordination import SCHEMA as COORDINATION_SCHEMA
 from common.store.coordination import SqlCoordination
 from common.store.directory import SCHEMA as DIRECTORY_SCHEMA
 from common.store.directory import EmailChange, RecordRef, SqliteDirectory, SubscriptionRow
-from common.store.interface import Change, ConflictError, StoreUnavailable
+from common.store.interface import Change, ConflictError, RowChange, StoreUnavailable
 from common.store.outstanding import SCHEMA as OUTSTANDING_SCHEMA
 from common.store.outstanding import (
     DueKey,
@@ -54,7 +56,12 @@ from common.vendors.budget import BudgetGrant
 
 log = logging.getLogger("prefsync.store")
 
-SCHEMA_VERSION = 1
+# 2: key states are written in format 2 (common.store.codec), which code of schema 1 cannot
+# read; that code refuses to open the ledger, rather than fail on each state it loads.
+SCHEMA_VERSION = 2
+# Ledger schemas this code brings up to SCHEMA_VERSION when it opens them (their format-1
+# states are still read, and written in format 2 by their next save).
+UPGRADED_SCHEMAS = ("1",)
 
 T = TypeVar("T")
 
@@ -65,6 +72,9 @@ async def settle_schema(db: Connection) -> None:
     of another version is refused."""
     await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
                      "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
+    await db.execute(f"UPDATE meta SET value = ? WHERE name = 'schema' AND value IN "
+                     f"({', '.join('?' for _ in UPGRADED_SCHEMAS)})",
+                     (str(SCHEMA_VERSION), *UPGRADED_SCHEMAS))
     await upgrade(db)
     async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cursor:
         row = await cursor.fetchone()
@@ -142,26 +152,26 @@ _UPSERT_CONTACT = """
            AND excluded.suppressed > contact_state.suppressed)"""
 
 
-def _keyed(columns: str, keys: Sequence[PreferenceKey]) -> tuple[str, list[Any]]:
+def _keyed(columns: str, keys: Sequence[KeyTuple]) -> tuple[str, list[Any]]:
     """A query for ``columns`` of ``key_state`` rows of ``keys``: a join against a VALUES list,
     which both SQLite and PostgreSQL answer through the primary-key index."""
     # typed, so that PostgreSQL compares the ids as numbers
     placeholders = ",".join("(?, ?, CAST(? AS BIGINT))" for _ in keys)
     params: list[Any] = []
     for k in keys:
-        params.extend((k.account, k.email, k.preference_id))
+        params.extend(k)
     sql = (f"WITH wanted (account, email, preference_id) AS (VALUES {placeholders}) "
            f"SELECT {columns} FROM wanted w JOIN key_state k ON k.account = w.account "
            "AND k.email = w.email AND k.preference_id = w.preference_id")
     return sql, params
 
 
-def _revision_queries(keys: Sequence[PreferenceKey]) -> list[tuple[str, list[Any]]]:
+def _revision_queries(keys: Sequence[KeyTuple]) -> list[tuple[str, list[Any]]]:
     return [_keyed("k.account, k.email, k.preference_id, k.revision", keys[i:i + _CHUNK])
             for i in range(0, len(keys), _CHUNK)]
 
 
-def state_queries(keys: Sequence[PreferenceKey]) -> list[tuple[str, list[Any]]]:
+def state_queries(keys: Sequence[KeyTuple]) -> list[tuple[str, list[Any]]]:
     return [_keyed("k.account, k.email, k.preference_id, k.revision, k.state",
                    keys[i:i + _CHUNK])
             for i in range(0, len(keys), _CHUNK)]
@@ -178,12 +188,30 @@ def decode_states(keys: Sequence[PreferenceKey],
     return out
 
 
+def decode_rows(rows: Iterable[Any]) -> dict[KeyTuple, StateRow]:
+    """The state rows of ``rows`` of :func:`state_queries`, by key tuple."""
+    out: dict[KeyTuple, StateRow] = {}
+    for account, email, preference_id, revision, blob in rows:
+        key = (account, email, preference_id)
+        out[key] = decode_row(key_of(key), revision, blob)
+    return out
+
+
+def history_rows(rows: Iterable[HistoryRow[KeyTuple]], *,
+                 recorded_at: datetime) -> list[tuple[Any, ...]]:
+    """Rows of :data:`_INSERT_HISTORY` for the kernel's history rows of one batch."""
+    recorded = to_us(recorded_at)
+    return [(account, email, preference_id, SIDES[side], int(opted_in), origin, change_id,
+             DECISIONS[decision], recorded, corrected)
+            for (account, email, preference_id), side, opted_in, origin, change_id, decision,
+            corrected in rows]
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SaveBatch:
     """What a save writes, built before its transaction (none of it needs the database)."""
 
-    changes: Sequence[Change]
-    keys: list[PreferenceKey]
+    changes: Sequence[RowChange]
     revisions: list[int]  # the new revision of each change, in order
     state_rows: list[tuple[Any, ...]]
     history_rows: list[tuple[Any, ...]]
@@ -192,31 +220,45 @@ class SaveBatch:
     @classmethod
     def of(cls, changes: Sequence[Change], *, history: Sequence[HistoryEntry],
            now_us: int) -> SaveBatch:
-        keys = [state.key for _, state, _ in changes]
-        if len(set(keys)) != len(keys):
+        """A save of key states (the dataclasses) and history entries."""
+        rows: list[tuple[Any, ...]] = [_history_row(h) for h in history]
+        row_changes: list[RowChange] = []
+        for expected, state, entry in changes:
+            k = state.key
+            row_changes.append((expected, (k.account, k.email, k.preference_id),
+                                state_row(state)))
+            if entry is not None:
+                rows.append(_history_row(entry))
+        return cls.of_rows(row_changes, history=rows, now_us=now_us)
+
+    @classmethod
+    def of_rows(cls, changes: Sequence[RowChange], *, history: list[tuple[Any, ...]],
+                now_us: int) -> SaveBatch:
+        """A save of state rows, with rows of :data:`_INSERT_HISTORY`."""
+        if len({key for _, key, _ in changes}) != len(changes):
             raise ValueError("a save may hold each key only once")
         state_rows: list[tuple[Any, ...]] = []
         revisions: list[int] = []
-        history_rows = [_history_row(h) for h in history]
-        for expected, state, entry in changes:
+        for expected, key, row in changes:
             revision = (expected or 0) + 1
-            k = state.key
-            state_rows.append((k.account, k.email, k.preference_id, revision,
-                               encode_state(state)))
+            state_rows.append((*key, revision, encode_row(row)))
             revisions.append(revision)
-            if entry is not None:
-                history_rows.append(_history_row(entry))
         # the index of keys with outstanding writes, kept in the same transaction
         upsert, delete = index_rows(
-            ((state, revision) for (_, state, _), revision in zip(changes, revisions, strict=True)),
+            ((key, row, revision) for (_, key, row), revision in zip(changes, revisions,
+                                                                    strict=True)),
             now_us=now_us)
-        return cls(changes=changes, keys=keys, revisions=revisions, state_rows=state_rows,
-                   history_rows=history_rows, index=index_statements(upsert, delete))
+        return cls(changes=changes, revisions=revisions, state_rows=state_rows,
+                   history_rows=history, index=index_statements(upsert, delete))
 
-    def moved(self, stored: Mapping[tuple[str, str, int], int]) -> list[PreferenceKey]:
+    @property
+    def keys(self) -> list[KeyTuple]:
+        return [key for _, key, _ in self.changes]
+
+    def moved(self, stored: Mapping[KeyTuple, int]) -> list[PreferenceKey]:
         """Keys whose ``stored`` revisions are not the ones the changes expect."""
-        return [k for (expected, _, _), k in zip(self.changes, self.keys, strict=True)
-                if stored.get((k.account, k.email, k.preference_id)) != (expected or None)]
+        return [key_of(key) for expected, key, _ in self.changes
+                if stored.get(key) != (expected or None)]
 
     def updates(self) -> list[tuple[Any, ...]]:
         """Rows of :data:`_UPDATE_STATE`: the changes of keys expected stored."""
@@ -241,14 +283,14 @@ class SaveBatch:
         written = sum(connection.executemany(sql, rows).rowcount
                       for sql, rows in ((_UPDATE_STATE, self.updates()),
                                         (_INSERT_STATE, self.inserts())) if rows)
-        if written != len(self.keys):
+        if written != len(self.changes):
             # name the keys that moved from the revisions as they were before this save
             connection.execute("ROLLBACK TO states")
-            stored: dict[tuple[str, str, int], int] = {}
+            stored: dict[KeyTuple, int] = {}
             for sql, params in _revision_queries(self.keys):
                 for account, email, preference_id, revision in connection.execute(sql, params):
                     stored[(account, email, preference_id)] = revision
-            raise ConflictError(self.moved(stored) or self.keys)
+            raise ConflictError(self.moved(stored) or [key_of(k) for k in self.keys])
         for sql, rows in self.statements():
             connection.executemany(sql, rows)
 
@@ -454,26 +496,41 @@ class SqliteLedgerStore:
             done.exception()  # its caller may have stopped waiting: nobody else will look
         self._lock.release()
 
-    async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
-        wanted = list(dict.fromkeys(keys))
-        queries = state_queries(wanted)
+    async def _fetch_states(self, keys: Sequence[KeyTuple]) -> list[Any]:
+        queries = state_queries(keys)
 
         def fetch(connection: sqlite3.Connection) -> list[Any]:
             # a deferred transaction: every chunk reads the same snapshot, and takes no lock
             return transact(connection, "BEGIN", lambda c: [
                 row for sql, params in queries for row in c.execute(sql, params).fetchall()])
 
-        return decode_states(wanted, await self._in_one_job(fetch))
+        return await self._in_one_job(fetch)
 
-    async def save(self, changes: Sequence[Change], *,
-                   history: Sequence[HistoryEntry] = ()) -> list[int]:
-        batch = SaveBatch.of(changes, history=history, now_us=now_us())
+    async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
+        wanted = list(dict.fromkeys(keys))
+        return decode_states(wanted, await self._fetch_states([key_tuple(k) for k in wanted]))
 
+    async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
+        return decode_rows(await self._fetch_states(list(dict.fromkeys(keys))))
+
+    async def _write(self, batch: SaveBatch) -> list[int]:
         def write(connection: sqlite3.Connection) -> None:
             transact(connection, "BEGIN IMMEDIATE", batch.write)
 
         await self._in_one_job(write)
         return batch.revisions
+
+    async def save(self, changes: Sequence[Change], *,
+                   history: Sequence[HistoryEntry] = ()) -> list[int]:
+        return await self._write(SaveBatch.of(changes, history=history, now_us=now_us()))
+
+    async def save_rows(self, changes: Sequence[RowChange], *,
+                        history: Sequence[HistoryRow[KeyTuple]] = (),
+                        recorded_at: datetime | None = None,
+                        entries: Sequence[HistoryEntry] = ()) -> list[int]:
+        rows = [*history_rows(history, recorded_at=recorded_at or datetime.now(UTC)),
+                *map(_history_row, entries)]
+        return await self._write(SaveBatch.of_rows(changes, history=rows, now_us=now_us()))
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
         email = normalize_email(email)

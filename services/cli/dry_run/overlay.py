@@ -29,8 +29,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from common.domain import ContactState, HistoryEntry, KeyState, Observation, PreferenceKey
+from common.domain.rows import (
+    HistoryRow,
+    KeyTuple,
+    StateRow,
+    history_entry,
+    key_of,
+    key_state,
+    key_tuple,
+    state_row,
+)
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
-from common.store.interface import Change, ConflictError, LedgerStore
+from common.store.interface import Change, ConflictError, LedgerStore, RowChange
 
 
 class _SetOverlay:
@@ -121,6 +131,20 @@ class OverlayStore:
                 self.history_rows.append(row)
         self.history_rows.extend(history)
         return revisions
+
+    async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
+        found = await self.load(map(key_of, keys))
+        return {key_tuple(k): state_row(state) for k, state in found.items()}
+
+    async def save_rows(self, changes: Sequence[RowChange], *,
+                        history: Sequence[HistoryRow[KeyTuple]] = (),
+                        recorded_at: datetime | None = None,
+                        entries: Sequence[HistoryEntry] = ()) -> list[int]:
+        # the dry run is not the hot path: through the dataclasses (the same rules as save)
+        recorded = recorded_at or datetime.now(UTC)
+        return await self.save(
+            [(expected, key_state(key_of(key), row), None) for expected, key, row in changes],
+            history=[*(history_entry(h, recorded_at=recorded) for h in history), *entries])
 
     async def history(self, account: str, email: str) -> list[HistoryEntry]:
         return [*await self._store.history(account, email),

@@ -25,10 +25,13 @@ from common.domain import (
     Register,
     WriteRecord,
 )
+from common.domain.rows import DECISIONS, EMPTY_STATE, key_tuple, state_row
 from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
+from common.store.codec import to_us
 from common.store.interface import StoreUnavailable
 from common.store.postgres import DDL_STAMP, PostgresLedgerStore
 from tests.harness.keys import T, key
+from tests.unit.store.test_codec import FORMAT_1_SHORT
 
 from .backends import postgres_schema
 
@@ -104,7 +107,7 @@ async def test_a_ledger_of_another_schema_version_is_refused(url: str) -> None:
         assert isinstance(store, SqliteLedgerStore)  # either backend (PostgreSQL's extends it)
         async with store._transaction() as db:
             await db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("99",))
-    with pytest.raises(RuntimeError, match="ledger schema 99 is not the supported 1"):
+    with pytest.raises(RuntimeError, match="ledger schema 99 is not the supported 2"):
         await open_store(url).open()
 
 
@@ -113,6 +116,63 @@ async def test_every_field_round_trips(store: LedgerStore) -> None:
     assert await store.save([(None, state, None)]) == [1]
     loaded = await store.load([key(), key(pref=2)])
     assert loaded == {key(): replace(state, revision=1)}
+
+
+async def test_rows_are_the_states_as_rows_both_ways(store: LedgerStore) -> None:
+    state = full_state(key())
+    await store.save([(None, state, None)])
+    rows = await store.load_rows([key_tuple(key()), key_tuple(key(pref=2))])
+    assert rows == {key_tuple(key()): state_row(replace(state, revision=1))}
+
+    changed = replace(state, register=None)
+    assert await store.save_rows([(1, key_tuple(key()), state_row(changed)),
+                                  (None, key_tuple(key(pref=2)), EMPTY_STATE)]) == [2, 1]
+    assert await store.load([key(), key(pref=2)]) == {
+        key(): replace(changed, revision=2), key(pref=2): KeyState(key=key(pref=2), revision=1)}
+
+
+async def test_rows_are_saved_with_compare_and_set_and_their_history(store: LedgerStore) -> None:
+    await store.save([(None, KeyState(key=key()), None)])
+    decided = (key_tuple(key()), 1, True, to_us(T), "dd:1", DECISIONS.index("applied"),
+               to_us(T) - 250_000)
+    with pytest.raises(ConflictError) as info:
+        await store.save_rows([(None, key_tuple(key()), EMPTY_STATE)], history=[decided],
+                              recorded_at=T, entries=[entry(key(), "written", T)])
+    assert info.value.keys == (key(),)
+    assert await store.history(key().account, key().email) == []
+
+    await store.save_rows([(1, key_tuple(key()), EMPTY_STATE)], history=[decided],
+                          recorded_at=T + timedelta(seconds=1),
+                          entries=[entry(key(), "written", T + timedelta(seconds=2))])
+    assert await store.history(key().account, key().email) == [
+        HistoryEntry(account=key().account, email=key().email, preference_id=key().preference_id,
+                     side="dotdigital", opted_in=True, origin_time=T, change_id="dd:1",
+                     decision="applied", recorded_at=T + timedelta(seconds=1),
+                     corrected_time=T - timedelta(milliseconds=250)),
+        entry(key(), "written", T + timedelta(seconds=2))]
+
+
+async def test_a_schema_1_ledger_is_brought_to_2_and_its_states_still_read(url: str) -> None:
+    async with open_store(url) as store:
+        assert isinstance(store, SqliteLedgerStore)
+        async with store._transaction() as db:
+            await db.execute("UPDATE meta SET value = '1' WHERE name = 'schema'")
+            await db.execute("INSERT INTO key_state (account, email, preference_id, revision, "
+                             "state) VALUES (?, ?, ?, 3, ?)",
+                             (key().account, key().email, key().preference_id, FORMAT_1_SHORT))
+    async with open_store(url) as store:
+        assert isinstance(store, SqliteLedgerStore)
+        async with store._transaction() as db, \
+                db.execute("SELECT value FROM meta WHERE name = 'schema'") as cursor:
+            assert await cursor.fetchall() in ([("2",)], [["2"]])
+        state = (await store.load([key()]))[key()]
+        assert state.register is not None and state.register.change_id == "dyn:2"
+        assert state.revision == 3
+        await store.save([(3, state, None)])
+        async with store._transaction() as db, \
+                db.execute("SELECT state FROM key_state") as cursor:
+            (blob,), = await cursor.fetchall()
+        assert bytes(blob).startswith(b"[2,")
 
 
 async def test_compare_and_set(store: LedgerStore) -> None:
