@@ -21,7 +21,6 @@ from common.domain import (
     Known,
     LedgerHorizon,
     PendingWrite,
-    PerSide,
     PreferenceKey,
     Register,
     Side,
@@ -29,7 +28,7 @@ from common.domain import (
 )
 from common.domain.clock import ZERO, from_us, to_us
 from common.domain.clock import duration_us as _us
-from common.domain.sides import SIDE_CODES, SIDES
+from common.domain.sides import SIDE_CODES, SIDES, per_side
 
 FORMAT = 1
 __all__ = ["FORMAT", "decode_state", "encode_state", "from_us", "to_us"]
@@ -131,18 +130,6 @@ def _d_horizon(raw: list[Any] | None) -> LedgerHorizon | None:
     return None if raw is None else LedgerHorizon(until=_time(raw[0]), version=raw[1])
 
 
-# Sides with nothing (most states' horizons, pending writes and write records): one shared
-# value each, since PerSide is immutable; decoding builds fewer objects.
-_NOTHING: PerSide[Any] = PerSide(dynamics=None, dotdigital=None)
-_NO_RECORDS: PerSide[tuple[WriteRecord, ...]] = PerSide(dynamics=(), dotdigital=())
-
-
-def _per_side(dynamics: Any, dotdigital: Any) -> PerSide[Any]:
-    if dynamics is None and dotdigital is None:
-        return _NOTHING
-    return PerSide(dynamics, dotdigital)
-
-
 def decode_state(key: PreferenceKey, revision: int, blob: bytes) -> KeyState:
     raw = orjson.loads(blob)
     if not isinstance(raw, list) or not raw or raw[0] != FORMAT:
@@ -151,10 +138,9 @@ def decode_state(key: PreferenceKey, revision: int, blob: bytes) -> KeyState:
     return KeyState(
         key=key,
         register=_d_register(register),
-        known=_per_side(_d_known(k_dyn), _d_known(k_dd)),
-        pending=_per_side(_d_pending(p_dyn), _d_pending(p_dd)),
-        writes=(PerSide(_d_records("dynamics", w_dyn), _d_records("dotdigital", w_dd))
-                if w_dyn or w_dd else _NO_RECORDS),
-        horizon=_per_side(_d_horizon(h_dyn), _d_horizon(h_dd)),
+        known=per_side(_d_known(k_dyn), _d_known(k_dd)),
+        pending=per_side(_d_pending(p_dyn), _d_pending(p_dd)),
+        writes=per_side(_d_records("dynamics", w_dyn), _d_records("dotdigital", w_dd)),
+        horizon=per_side(_d_horizon(h_dyn), _d_horizon(h_dd)),
         revision=revision,
     )
