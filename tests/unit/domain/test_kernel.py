@@ -158,6 +158,9 @@ RECORDED = T0 + timedelta(hours=1)
 
 @dataclass(frozen=True, kw_only=True)
 class Batch:
+    """Stored states, a batch of observations and the emails' contact states; ``kinds`` the
+    kinds of observation drawn (reported with ``--hypothesis-show-statistics``)."""
+
     states: dict[PreferenceKey, KeyState]
     observations: list[Observation]
     contacts: dict[str, ContactState]
@@ -254,6 +257,7 @@ def _folded_both(batch: Batch) -> tuple[Fold, RowFold[KeyTuple]]:
 @given(batch=batches())
 def test_the_kernel_folds_a_batch_as_fold_batch_does(batch: Batch) -> None:
     fold, _ = _folded_both(batch)
+    # what the examples reached (--hypothesis-show-statistics): every outcome, in thousands
     for kind in batch.kinds:
         event(f"drawn: {kind}")
     for outcome in set(fold.outcomes):
