@@ -344,6 +344,27 @@ class RowFold(Generic[K]):
     futures: list[int] = field(default_factory=list)
     commands: dict[K, tuple[CommandRow, ...]] = field(default_factory=dict)
 
+    def observe(self, row: ObservationRow[K], *, suppressed: bool) -> int:
+        """:meth:`common.domain.fold.Fold.observe`: fold ``row`` in (``suppressed``: its
+        contact's state), and say its outcome's code."""
+        key = row.key
+        if suppressed:
+            outcome = SUPPRESSED
+            self.parked.append(row)
+        else:
+            before = self.states.get(key, EMPTY_STATE)
+            after, outcome, self.commands[key] = reconcile_row(before, row)
+            if after is not before:
+                self.states[key] = after
+                self.changed.add(key)
+        if outcome != DUPLICATE:
+            if row.bounded_us is not None:
+                self.futures.append(row.side)
+                self.history.append(_history_row(row, FUTURE))
+            self.history.append(_history_row(row, outcome))
+        self.outcomes.append(outcome)
+        return outcome
+
     def changed_states(self) -> dict[K, StateRow]:
         return {key: self.states[key] for key in self.changed}
 
@@ -353,23 +374,7 @@ def fold_rows(states: Mapping[K, StateRow], rows: Iterable[ObservationRow[K]], *
     """:func:`common.domain.fold.fold_batch` (rules 1-4) over rows: ``rows`` folded in order
     into ``states`` (not modified), a row whose contact is in ``suppressed`` parked."""
     fold: RowFold[K] = RowFold(states=dict(states))
-    current, changed, commands = fold.states, fold.changed, fold.commands
-    history, outcomes, futures, parked = fold.history, fold.outcomes, fold.futures, fold.parked
+    observe = fold.observe
     for row in rows:
-        key = row.key
-        if row.contact in suppressed:
-            outcome = SUPPRESSED
-            parked.append(row)
-        else:
-            before = current.get(key, EMPTY_STATE)
-            after, outcome, commands[key] = reconcile_row(before, row)
-            if after is not before:
-                current[key] = after
-                changed.add(key)
-        if outcome != DUPLICATE:
-            if row.bounded_us is not None:
-                futures.append(row.side)
-                history.append(_history_row(row, FUTURE))
-            history.append(_history_row(row, outcome))
-        outcomes.append(outcome)
+        observe(row, suppressed=row.contact in suppressed)
     return fold

@@ -398,3 +398,17 @@ def test_rows_with_0_and_1_for_booleans_fold_as_with_bools(batch: Batch) -> None
              for k, commands in with_ints.commands.items()}
             == {k: [write_command(key_of(k), c) for c in commands]
                 for k, commands in with_bools.commands.items()})
+
+
+def test_observe_takes_the_contact_state_of_each_observation_as_fold_observe_does() -> None:
+    seen = _seen("dotdigital", True, 1)
+    unsubscribed = ContactState(account="acme", email=KEY.email, status="Unsubscribed", since=T0)
+    fold = Fold(states={}, recorded_at=RECORDED)
+    rows: RowFold[KeyTuple] = RowFold(states={})
+    for contact in (unsubscribed, None):
+        fold.observe(seen, contact=contact)
+        rows.observe(observation_row(seen), suppressed=contact is not None)
+    assert [OUTCOMES[code] for code in rows.outcomes] == fold.outcomes == [
+        Outcome.SUPPRESSED, Outcome.APPLIED]
+    assert rows.parked == [observation_row(seen)]
+    assert {key_of(k): key_state(key_of(k), s) for k, s in rows.states.items()} == fold.states
