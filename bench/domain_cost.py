@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -148,7 +148,7 @@ def decode_body() -> bytes:
     return body
 
 
-def _cpu(work: Callable[[], Any], *, repeats: int) -> float:
+def cpu_seconds(work: Callable[[], Any], *, repeats: int) -> float:
     """Median CPU seconds of ``work`` over ``repeats`` runs (after one warm-up)."""
     work()
     times = []
@@ -161,7 +161,7 @@ def _cpu(work: Callable[[], Any], *, repeats: int) -> float:
 
 def measure(*, repeats: int) -> dict[str, float]:
     states, observations, contacts = realistic_batch()
-    fold = _cpu(lambda: fold_batch(states, observations, contacts=contacts, recorded_at=NOW),
+    fold = cpu_seconds(lambda: fold_batch(states, observations, contacts=contacts, recorded_at=NOW),
                 repeats=repeats)
     build = _builder()
     changes = decoded_changes()
@@ -170,23 +170,30 @@ def measure(*, repeats: int) -> dict[str, float]:
         for change in changes:
             in_time_base(build(change), estimate=None, read_at=NOW)
 
-    placing = _cpu(place, repeats=repeats)
+    placing = cpu_seconds(place, repeats=repeats)
     body = decode_body()
-    decoding = _cpu(lambda: decode(body), repeats=repeats)
+    decoding = cpu_seconds(lambda: decode(body), repeats=repeats)
     return {"fold_us_per_state": fold / len(observations) * 1e6,
             "place_us_per_change": placing / len(changes) * 1e6,
             "decode_us_per_message": decoding * 1e6,
             "decode_us_per_change": decoding / DECODE_CHANGES * 1e6}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.domain_cost", description=__doc__)
+def report(argv: list[str] | None, *, prog: str, description: str | None,
+           measure: Callable[..., Mapping[str, float]]) -> int:
+    """Print the figures ``measure(repeats=...)`` gives, one a line (the command line of this
+    bench and of those built on its batch)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--repeats", type=int, default=15,
                         help="timed runs of each part; the median is printed")
     args = parser.parse_args(argv)
     for name, value in measure(repeats=args.repeats).items():
         print(f"{name} {value:.2f}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return report(argv, prog="python -m bench.domain_cost", description=__doc__, measure=measure)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,12 @@ def to_us(moment: datetime) -> int:
 
 def from_us(value: int) -> datetime:
     """The UTC time ``value`` microseconds after the Unix epoch."""
-    return UNIX_EPOCH + timedelta(microseconds=value)
+    return UNIX_EPOCH + timedelta(0, 0, value)  # positional: keywords cost a third more
+
+
+def duration_from_us(value: int) -> timedelta:
+    """The duration of ``value`` microseconds (``ZERO`` itself for none, the usual offset)."""
+    return ZERO if value == 0 else timedelta(0, 0, value)
 
 
 def duration_us(value: timedelta) -> int:

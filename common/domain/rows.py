@@ -18,17 +18,17 @@ Converting is exact both ways: a state converted to a row and back is equal to i
 from __future__ import annotations
 
 from collections.abc import Hashable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Generic, NamedTuple, TypeVar
 
-from common.domain.clock import as_utc, duration_us, from_us, to_us
+from common.domain.clock import as_utc, duration_from_us, duration_us, from_us, to_us
 from common.domain.commands import WriteCommand
 from common.domain.fold import FUTURE_TIMESTAMP
 from common.domain.history import HistoryEntry
 from common.domain.identity import PreferenceKey
 from common.domain.observation import Observation
 from common.domain.reconcile import Outcome
-from common.domain.sides import SIDE_CODES, SIDES, PerSide
+from common.domain.sides import SIDE_CODES, SIDES, per_side
 from common.domain.state import KeyState, Known, LedgerHorizon, PendingWrite, Register, WriteRecord
 
 K = TypeVar("K", bound=Hashable)
@@ -171,8 +171,8 @@ def _register(raw: RegisterRow | None) -> Register | None:
         return None
     opted_in, origin, side, change_id, offset, uncertainty, bounded, epoch = raw
     return Register(opted_in=bool(opted_in), origin_time=from_us(origin), origin_side=SIDES[side],
-                    change_id=change_id, offset=timedelta(microseconds=offset),
-                    uncertainty=timedelta(microseconds=uncertainty),
+                    change_id=change_id, offset=duration_from_us(offset),
+                    uncertainty=duration_from_us(uncertainty),
                     bounded_time=_opt_time(bounded), clock_epoch=epoch)
 
 
@@ -181,7 +181,7 @@ def _known(raw: KnownRow | None) -> Known | None:
         return None
     opted_in, as_of, version, stamp, offset = raw
     return Known(opted_in=bool(opted_in), as_of=from_us(as_of), version=version,
-                 stamp=_opt_time(stamp), offset=timedelta(microseconds=offset))
+                 stamp=_opt_time(stamp), offset=duration_from_us(offset))
 
 
 def _pending(raw: PendingRow | None) -> PendingWrite | None:
@@ -205,10 +205,10 @@ def key_state(key: PreferenceKey, row: StateRow) -> KeyState:
     register, known, pending, writes, horizon, revision = row
     return KeyState(
         key=key, register=_register(register),
-        known=PerSide(_known(known[0]), _known(known[1])),
-        pending=PerSide(_pending(pending[0]), _pending(pending[1])),
-        writes=PerSide(_records(0, writes[0]), _records(1, writes[1])),
-        horizon=PerSide(_horizon(horizon[0]), _horizon(horizon[1])),
+        known=per_side(_known(known[0]), _known(known[1])),
+        pending=per_side(_pending(pending[0]), _pending(pending[1])),
+        writes=per_side(_records(0, writes[0]), _records(1, writes[1])),
+        horizon=per_side(_horizon(horizon[0]), _horizon(horizon[1])),
         revision=revision)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 Side = Literal["dynamics", "dotdigital"]
 SIDES: tuple[Side, Side] = ("dynamics", "dotdigital")
@@ -33,3 +33,19 @@ class PerSide(Generic[T]):
         if side == "dynamics":
             return PerSide(value, self.dotdigital)
         return PerSide(self.dynamics, value)
+
+
+# Both sides without one (most states' horizons and pending writes, many states' write
+# records): one shared pair each, since a PerSide is immutable; decoding builds fewer objects.
+_NOTHING: PerSide[Any] = PerSide(dynamics=None, dotdigital=None)
+_EMPTY: PerSide[Any] = PerSide(dynamics=(), dotdigital=())
+
+
+def per_side(dynamics: T, dotdigital: T) -> PerSide[T]:
+    """``PerSide(dynamics, dotdigital)``, shared where both sides have nothing (``None``) or
+    none (an empty tuple)."""
+    if dynamics is None and dotdigital is None:
+        return _NOTHING
+    if dynamics == () and dotdigital == ():
+        return _EMPTY
+    return PerSide(dynamics, dotdigital)

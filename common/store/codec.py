@@ -33,7 +33,6 @@ from common.domain import (
     Known,
     LedgerHorizon,
     PendingWrite,
-    PerSide,
     PreferenceKey,
     Register,
     Side,
@@ -41,7 +40,7 @@ from common.domain import (
 )
 from common.domain.clock import ZERO, from_us, to_us
 from common.domain.rows import StateRow, key_state, state_row
-from common.domain.sides import SIDES
+from common.domain.sides import SIDES, per_side
 
 FORMAT = 2
 # What ledgers written before format 2 hold (read, never written).
@@ -97,28 +96,15 @@ def _d_horizon(raw: list[Any] | None) -> LedgerHorizon | None:
     return None if raw is None else LedgerHorizon(until=_time(raw[0]), version=raw[1])
 
 
-# Sides with nothing (most states' horizons, pending writes and write records): one shared
-# value each, since PerSide is immutable; decoding builds fewer objects.
-_NOTHING: PerSide[Any] = PerSide(dynamics=None, dotdigital=None)
-_NO_RECORDS: PerSide[tuple[WriteRecord, ...]] = PerSide(dynamics=(), dotdigital=())
-
-
-def _per_side(dynamics: Any, dotdigital: Any) -> PerSide[Any]:
-    if dynamics is None and dotdigital is None:
-        return _NOTHING
-    return PerSide(dynamics, dotdigital)
-
-
 def _decode_format_1(key: PreferenceKey, revision: int, raw: list[Any]) -> KeyState:
     (_, register, k_dyn, k_dd, p_dyn, p_dd, w_dyn, w_dd, h_dyn, h_dd) = raw
     return KeyState(
         key=key,
         register=_d_register(register),
-        known=_per_side(_d_known(k_dyn), _d_known(k_dd)),
-        pending=_per_side(_d_pending(p_dyn), _d_pending(p_dd)),
-        writes=(PerSide(_d_records("dynamics", w_dyn), _d_records("dotdigital", w_dd))
-                if w_dyn or w_dd else _NO_RECORDS),
-        horizon=_per_side(_d_horizon(h_dyn), _d_horizon(h_dd)),
+        known=per_side(_d_known(k_dyn), _d_known(k_dd)),
+        pending=per_side(_d_pending(p_dyn), _d_pending(p_dd)),
+        writes=per_side(_d_records("dynamics", w_dyn), _d_records("dotdigital", w_dd)),
+        horizon=per_side(_d_horizon(h_dyn), _d_horizon(h_dd)),
         revision=revision,
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import product
+from typing import Any
 
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -157,6 +158,9 @@ RECORDED = T0 + timedelta(hours=1)
 
 @dataclass(frozen=True, kw_only=True)
 class Batch:
+    """Stored states, a batch of observations and the emails' contact states; ``kinds`` the
+    kinds of observation drawn (reported with ``--hypothesis-show-statistics``)."""
+
     states: dict[PreferenceKey, KeyState]
     observations: list[Observation]
     contacts: dict[str, ContactState]
@@ -253,6 +257,7 @@ def _folded_both(batch: Batch) -> tuple[Fold, RowFold[KeyTuple]]:
 @given(batch=batches())
 def test_the_kernel_folds_a_batch_as_fold_batch_does(batch: Batch) -> None:
     fold, _ = _folded_both(batch)
+    # what the examples reached (--hypothesis-show-statistics): every outcome, in thousands
     for kind in batch.kinds:
         event(f"drawn: {kind}")
     for outcome in set(fold.outcomes):
@@ -363,3 +368,47 @@ def test_a_clock_that_stepped_orders_what_a_side_holds_in_our_time_base() -> Non
     seen = _seen("dotdigital", False, 9, offset=timedelta(seconds=-3))
     after, _ = _one_key(state, seen)
     assert after.known.dotdigital == Known.of(seen)
+
+
+def _as_ints(part: Any) -> Any:
+    """``part`` (a row or any part of one) with 0/1 for every bool."""
+    if isinstance(part, bool):
+        return int(part)
+    if isinstance(part, tuple):
+        parts = [_as_ints(p) for p in part]
+        return type(part)(*parts) if hasattr(part, "_fields") else tuple(parts)
+    return part
+
+
+@examples(300)
+@given(batch=batches())
+def test_rows_with_0_and_1_for_booleans_fold_as_with_bools(batch: Batch) -> None:
+    state_rows = {key_tuple(k): state_row(s) for k, s in batch.states.items()}
+    observation_rows = [observation_row(o) for o in batch.observations]
+    suppressed = {e for e, c in batch.contacts.items() if c.suppressed}
+    with_bools = fold_rows(state_rows, observation_rows, suppressed=suppressed)
+    with_ints = fold_rows({k: _as_ints(s) for k, s in state_rows.items()},
+                          [_as_ints(o) for o in observation_rows], suppressed=suppressed)
+    assert ({k: key_state(key_of(k), s) for k, s in with_ints.states.items()}
+            == {k: key_state(key_of(k), s) for k, s in with_bools.states.items()})
+    assert (with_ints.changed, with_ints.outcomes) == (with_bools.changed, with_bools.outcomes)
+    assert ([history_entry(h, recorded_at=RECORDED) for h in with_ints.history]
+            == [history_entry(h, recorded_at=RECORDED) for h in with_bools.history])
+    assert ({k: [write_command(key_of(k), c) for c in commands]
+             for k, commands in with_ints.commands.items()}
+            == {k: [write_command(key_of(k), c) for c in commands]
+                for k, commands in with_bools.commands.items()})
+
+
+def test_observe_takes_the_contact_state_of_each_observation_as_fold_observe_does() -> None:
+    seen = _seen("dotdigital", True, 1)
+    unsubscribed = ContactState(account="acme", email=KEY.email, status="Unsubscribed", since=T0)
+    fold = Fold(states={}, recorded_at=RECORDED)
+    rows: RowFold[KeyTuple] = RowFold(states={})
+    for contact in (unsubscribed, None):
+        fold.observe(seen, contact=contact)
+        rows.observe(observation_row(seen), suppressed=contact is not None)
+    assert [OUTCOMES[code] for code in rows.outcomes] == fold.outcomes == [
+        Outcome.SUPPRESSED, Outcome.APPLIED]
+    assert rows.parked == [observation_row(seen)]
+    assert {key_of(k): key_state(key_of(k), s) for k, s in rows.states.items()} == fold.states
