@@ -44,14 +44,25 @@ from common.domain import (
     HistoryEntry,
     KeyState,
     Observation,
-    PendingWrite,
     PreferenceKey,
     apply_contact_status,
     differing_records,
     is_suppressed,
 )
+from common.domain.clock import from_us
 from common.domain.eligibility import INELIGIBLE, email_is_eligible
-from common.domain.fold import Fold
+from common.domain.kernel import RowFold, outstanding_rows
+from common.domain.rows import (
+    DECISIONS,
+    CommandRow,
+    KeyTuple,
+    StateRow,
+    key_of,
+    key_tuple,
+    observation_row,
+    state_row,
+    write_command,
+)
 from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.envelope import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messaging.envelope import WriteCommand as WriteMessage
@@ -83,7 +94,15 @@ def to_message(command: domain.WriteCommand, *, covered: bool = False) -> WriteM
                         change_id=command.change_id, covered=covered)
 
 
-def key_of(change: PreferenceChange, *, account: str) -> PreferenceKey:
+def message_of(key: KeyTuple, command: CommandRow, *, covered: bool = False) -> WriteMessage:
+    """:func:`to_message` of a command row of the kernel's."""
+    side, opted_in, origin, origin_side, change_id = command
+    return WriteMessage(email=key[1], preference_id=key[2], side=SIDES[side],
+                        opted_in=bool(opted_in), origin_time=from_us(origin),
+                        origin_side=SIDES[origin_side], change_id=change_id, covered=covered)
+
+
+def change_key(change: PreferenceChange, *, account: str) -> PreferenceKey:
     """The key of a decoded change: its email was checked and normalised by the decoding."""
     return PreferenceKey.trusted(account=account, email=change.email,
                                  preference_id=change.preference_id)
@@ -93,18 +112,22 @@ def observation_of(change: PreferenceChange, *, account: str, side: domain.Side)
     """A decoded change as an observation (not yet placed in our time base), built without
     checking again what the decoding checked."""
     return Observation.trusted(
-        key=key_of(change, account=account), side=side, opted_in=change.opted_in,
+        key=change_key(change, account=account), side=side, opted_in=change.opted_in,
         origin_time=change.origin_time, version=change.version, change_id=change.change_id,
         carried=change.carried, joined=change.joined)
 
 
 @dataclass
 class BatchResult:
-    fold: Fold
+    """One batch folded: the row fold (:class:`common.domain.kernel.RowFold`, keys as their
+    parts) and what the steps around it gather."""
+
+    fold: RowFold[KeyTuple]
     contacts: dict[str, ContactState]
+    recorded_at: datetime
     # per delivery: outcome counts, and the keys whose commands it is responsible for
     outcomes: dict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
-    owner: dict[PreferenceKey, int] = field(default_factory=dict)
+    owner: dict[KeyTuple, int] = field(default_factory=dict)
     changed_contacts: set[str] = field(default_factory=set)
     # preference ids whose complete dotdigital read ended in this batch (this shard)
     markers: list[ReadComplete] = field(default_factory=list)
@@ -113,24 +136,20 @@ class BatchResult:
     # folded in; the fold parks observations of suppressed contacts until they resubscribe)
     resumed: set[str] = field(default_factory=set)
     # Dynamics writes so that every record of an email holds the register's value
-    follow: dict[PreferenceKey, domain.WriteCommand] = field(default_factory=dict)
+    follow: dict[KeyTuple, domain.WriteCommand] = field(default_factory=dict)
+    # observations of suppressed contacts, to park (the fold parks their rows)
+    parked: list[Observation] = field(default_factory=list)
+    # decisions that are no fold's (ineligible changes)
+    entries: list[HistoryEntry] = field(default_factory=list)
 
     # the fold's parts, by the names the steps use
     @property
-    def states(self) -> dict[PreferenceKey, KeyState]:
+    def states(self) -> dict[KeyTuple, StateRow]:
         return self.fold.states
 
     @property
-    def changed_keys(self) -> set[PreferenceKey]:
+    def changed_keys(self) -> set[KeyTuple]:
         return self.fold.changed
-
-    @property
-    def history(self) -> list[HistoryEntry]:
-        return self.fold.history
-
-    @property
-    def parked(self) -> list[Observation]:
-        return self.fold.parked
 
 
 class Reconciler:
@@ -149,9 +168,11 @@ class Reconciler:
         async def attempt(number: int) -> BatchResult:
             result = await self._fold(batch)
             await self._follow_records(result)
-            await self._store.save(
-                [(result.states[k].revision or None, result.states[k], None)
-                 for k in result.changed_keys], history=result.history)
+            states = result.states
+            await self._store.save_rows(
+                [(states[k].revision or None, k, states[k]) for k in result.changed_keys],
+                history=result.fold.history, recorded_at=result.recorded_at,
+                entries=result.entries)
             return result
 
         def conflict(number: int) -> None:
@@ -177,14 +198,14 @@ class Reconciler:
         await self._emit(batch, result)
         if result.resumed:
             await self._store.clear_resuming(self.account, result.resumed)
-        return Handled(account=self.account, futures=list(result.fold.futures),
+        return Handled(account=self.account, futures=[SIDES[s] for s in result.fold.futures],
                        counts=sum(result.outcomes.values(), Counter()))
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
         account = self.account
         emails = {c.email for d in batch for c in d.envelope.changes
                   if isinstance(c, PreferenceChange | ContactStatusChange)}
-        keys = {key_of(c, account=account)
+        keys = {(account, c.email, c.preference_id)
                 for d in batch for c in d.envelope.changes if isinstance(c, PreferenceChange)}
         from_dotdigital = {c.email for d in batch if d.envelope.source == "dotdigital"
                            for c in d.envelope.changes if isinstance(c, PreferenceChange)}
@@ -197,12 +218,12 @@ class Reconciler:
         parked = [time_base.place(o, read_at=now)
                   for o in (await self._store.parked_observations(account, resuming)
                             if resuming else [])]
-        keys |= {o.key for o in parked}
-        result = BatchResult(fold=Fold(states=await self._store.load(keys), recorded_at=now),
-                             contacts=contacts)
+        keys |= {key_tuple(o.key) for o in parked}
+        result = BatchResult(fold=RowFold(states=await self._store.load_rows(keys)),
+                             contacts=contacts, recorded_at=now)
         for email in {o.key.email for o in parked} | resuming:
             for state in await self._store.states_for_email(account, email):
-                result.states.setdefault(state.key, state)
+                result.states.setdefault(key_tuple(state.key), state_row(state))
         eligible = await self._store.eligible_emails(account, from_dotdigital)
         for index, delivery in enumerate(batch):
             side: domain.Side = ("dynamics" if delivery.envelope.source == "dynamics"
@@ -228,7 +249,7 @@ class Reconciler:
                     # Never in an email-activated list in Dynamics: not read into the ledger,
                     # but the decision is on record.
                     self._count(result, index, INELIGIBLE)
-                    result.history.append(HistoryEntry.for_observation(
+                    result.entries.append(HistoryEntry.for_observation(
                         observation, decision=INELIGIBLE, recorded_at=now))
                     continue
                 self._observe(result, index, observation)
@@ -239,11 +260,14 @@ class Reconciler:
         result.outcomes[index][outcome] += 1
 
     def _observe(self, result: BatchResult, index: int, observation: Observation) -> None:
-        key = observation.key
-        step = result.fold.observe(observation, contact=result.contacts.get(key.email))
-        self._count(result, index, str(step.outcome))
+        row = observation_row(observation)
+        contact = result.contacts.get(observation.key.email)
+        suppressed = contact is not None and contact.suppressed
+        if suppressed:
+            result.parked.append(observation)
+        self._count(result, index, DECISIONS[result.fold.observe(row, suppressed=suppressed)])
         # The last delivery to touch a key publishes its outstanding writes.
-        result.owner[key] = index
+        result.owner[row.key] = index
 
     # --- suppression -----------------------------------------------------------------------
     @staticmethod
@@ -276,7 +300,7 @@ class Reconciler:
             if observation.key.email == email:
                 self._observe(result, index, observation)
         for key in result.states:
-            if key.email == email:
+            if key[1] == email:
                 result.owner[key] = index
 
     def _contact(self, result: BatchResult, change: ContactStatusChange) -> bool:
@@ -299,42 +323,42 @@ class Reconciler:
         """Every active record of an email holds the register's value: where the Dynamics side
         is known to hold it (so no write is outstanding) but another record's subscription row
         differs or is missing, a Dynamics write goes out (``pending`` remembers it)."""
-        candidates: dict[PreferenceKey, KeyState] = {}
+        candidates: dict[KeyTuple, StateRow] = {}
         for key in result.owner:
             state = result.states.get(key)
-            contact = result.contacts.get(key.email)
+            contact = result.contacts.get(key[1])
             if state is None or state.register is None or (contact and contact.suppressed):
                 continue
-            known = state.known.get("dynamics")
-            if known is not None and known.opted_in == state.register.opted_in:
+            known = state.known[0]  # Dynamics
+            if known is not None and known[0] == state.register[0]:
                 candidates[key] = state
         if not candidates:
             return
         records = await self._store.records_for_emails(self.account,
-                                                       {k.email for k in candidates})
+                                                       {k[1] for k in candidates})
         shared = {email: [r for r in refs if r.active] for email, refs in records.items()}
         shared = {email: refs for email, refs in shared.items() if len(refs) > 1}
         if not shared:
             return
         catalog = await load_catalog(self._store, self.account)
-        pairs = [(r.record_id, catalog[k.preference_id]) for k in candidates
-                 if k.email in shared and k.preference_id in catalog for r in shared[k.email]]
+        pairs = [(r.record_id, catalog[k[2]]) for k in candidates
+                 if k[1] in shared and k[2] in catalog for r in shared[k[1]]]
         rows = await self._store.subscriptions_for(self.account, pairs)
         for key, state in candidates.items():
-            row_id = catalog.get(key.preference_id)
+            row_id = catalog.get(key[2])
             register = state.register
-            if key.email not in shared or row_id is None or register is None:
+            if key[1] not in shared or row_id is None or register is None:
                 continue
+            opted_in, origin, origin_side, change_id = register[:4]
             if not differing_records(
-                    shared[key.email], opted_in=register.opted_in,
+                    shared[key[1]], opted_in=bool(opted_in),
                     held=partial(_held, rows, row_id)):
                 continue
-            command = domain.WriteCommand.for_register(key=key, side="dynamics",
-                                                       register=register)
-            result.follow[key] = command
-            pending = PendingWrite(opted_in=register.opted_in, origin_time=register.origin_time)
-            if state.pending.get("dynamics") != pending:
-                result.states[key] = state.with_pending("dynamics", pending)
+            result.follow[key] = write_command(key_of(key), (0, opted_in, origin, origin_side,
+                                                             change_id))
+            pending = (opted_in, origin)
+            if state.pending[0] != pending:
+                result.states[key] = state._replace(pending=(pending, state.pending[1]))
                 result.changed_keys.add(key)
 
     async def _emit(self, batch: Sequence[Delivery], result: BatchResult) -> None:
@@ -357,19 +381,18 @@ class Reconciler:
             deferred = [e for e in await self._store.deferred_emails(self.account,
                                                                      marker.preference_id)
                         if shard_of(e, self._shards) == shard]
-            keys = {PreferenceKey(account=self.account, email=e,
-                                  preference_id=marker.preference_id) for e in deferred}
-            result.states.update(await self._store.load(keys - set(result.states)))
+            keys = {(self.account, e, marker.preference_id) for e in deferred}
+            result.states.update(await self._store.load_rows(keys - set(result.states)))
             for key in keys:
                 result.owner[key] = marker_owner[marker.preference_id]
             released.append((marker.preference_id, deferred))
-        messages, to_defer = await self.write_messages(
-            [state for key in result.owner if (state := result.states.get(key)) is not None],
-            contacts=result.contacts)
+        messages, to_defer = await self.row_messages(
+            [(key, state) for key in result.owner
+             if (state := result.states.get(key)) is not None], contacts=result.contacts)
         per_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
         for key, index in result.owner.items():
             per_delivery[index] += messages.get(key, ())
-            contact = result.contacts.get(key.email)
+            contact = result.contacts.get(key[1])
             if key in result.follow and not (contact is not None and contact.suppressed):
                 per_delivery[index].append(to_message(result.follow[key]))
         if to_defer:
@@ -403,6 +426,16 @@ class Reconciler:
     async def write_messages(
             self, states: Iterable[KeyState], *, contacts: Mapping[str, ContactState],
     ) -> tuple[dict[PreferenceKey, list[WriteMessage]], list[tuple[int, str]]]:
+        """:meth:`row_messages` of key states (the outstanding-work sweep's), by key."""
+        keys = {key_tuple(state.key): state.key for state in states}
+        messages, to_defer = await self.row_messages(
+            [(key_tuple(state.key), state_row(state)) for state in states], contacts=contacts)
+        return {keys[k]: m for k, m in messages.items()}, to_defer
+
+    async def row_messages(
+            self, states: Iterable[tuple[KeyTuple, StateRow]], *,
+            contacts: Mapping[str, ContactState],
+    ) -> tuple[dict[KeyTuple, list[WriteMessage]], list[tuple[int, str]]]:
         """The write commands for the outstanding writes of ``states`` (per key), and the
         dotdigital writes that must wait, as (preference id, email) to defer.
 
@@ -413,35 +446,35 @@ class Reconciler:
         3. After the marker, unknown means "never set" for emails that were eligible when the
            read was reconciled (``covered``); for others the writer reads the contact first.
         """
-        out: dict[PreferenceKey, list[WriteMessage]] = defaultdict(list)
-        unknown_dd: dict[PreferenceKey, domain.WriteCommand] = {}
-        for state in states:
-            contact = contacts.get(state.key.email)
+        out: dict[KeyTuple, list[WriteMessage]] = defaultdict(list)
+        unknown_dd: dict[KeyTuple, CommandRow] = {}
+        for key, state in states:
+            contact = contacts.get(key[1])
             if contact is not None and contact.suppressed:
                 continue
-            for command in domain.outstanding(state):
-                if command.side == "dotdigital" and state.known.get("dotdigital") is None:
-                    unknown_dd[state.key] = command
+            for command in outstanding_rows(state.register, state.known):
+                if command[0] == 1 and state.known[1] is None:  # dotdigital, not known
+                    unknown_dd[key] = command
                 else:
-                    out[state.key].append(to_message(command))
+                    out[key].append(message_of(key, command))
         to_defer: list[tuple[int, str]] = []
         if unknown_dd:
             records = await self._store.records_for_emails(self.account,
-                                                           {k.email for k in unknown_dd})
+                                                           {k[1] for k in unknown_dd})
             eligible_since = {email: min((r.eligible_at or "" for r in refs), default="")
                               for email, refs in records.items()}
-            shard = {k.email: shard_of(k.email, self._shards) for k in unknown_dd}
+            shard = {k[1]: shard_of(k[1], self._shards) for k in unknown_dd}
             # asked once per preference and shard: until the mark exists, every key would ask
             marks = {(p, s): await self._read_mark(p, s)
-                     for p, s in {(k.preference_id, shard[k.email]) for k in unknown_dd}}
+                     for p, s in {(k[2], shard[k[1]]) for k in unknown_dd}}
             for key, command in unknown_dd.items():
-                read_at = marks[(key.preference_id, shard[key.email])]
+                read_at = marks[(key[2], shard[key[1]])]
                 if read_at is None:
-                    to_defer.append((key.preference_id, key.email))
+                    to_defer.append((key[2], key[1]))
                     continue
-                eligible_at = eligible_since.get(key.email, "")
+                eligible_at = eligible_since.get(key[1], "")
                 covered = bool(eligible_at) and eligible_at <= read_at
-                out[key].append(to_message(command, covered=covered))
+                out[key].append(message_of(key, command, covered=covered))
         return dict(out), to_defer
 
     async def _read_mark(self, preference_id: int, shard: int) -> str | None:
