@@ -126,6 +126,17 @@ def observation_row(observation: Observation) -> ObservationRow[KeyTuple]:
         clock_epoch=o.clock_epoch)
 
 
+def observation_of_row(row: ObservationRow[KeyTuple]) -> Observation:
+    """The observation ``row`` holds (:func:`observation_row` the other way)."""
+    return Observation.trusted(
+        key=key_of(row.key), side=SIDES[row.side], opted_in=bool(row.opted_in),
+        origin_time=from_us(row.origin_us), version=row.version, change_id=row.change_id,
+        carried=bool(row.carried), joined=bool(row.joined),
+    ).placed(offset=duration_from_us(row.offset_us),
+             uncertainty=duration_from_us(row.uncertainty_us),
+             bounded_time=_opt_time(row.bounded_us), clock_epoch=row.clock_epoch)
+
+
 def _register_row(r: Register | None) -> RegisterRow | None:
     if r is None:
         return None

@@ -37,12 +37,19 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from common.domain.clock import UNKNOWN_EPOCH, ZERO, as_utc
+from common.domain.clock import (
+    UNKNOWN_EPOCH,
+    as_utc,
+    duration_from_us,
+    duration_us,
+    from_us,
+    to_us,
+)
 from common.domain.observation import Observation
 
 # Consecutive suspects that must agree before the estimate follows them (a clock step).
@@ -281,22 +288,56 @@ def _estimate(window: Sequence[OffsetSample]) -> ClockEstimate:
                          samples=best)
 
 
+# (offset µs, uncertainty µs, bounded time µs or None, clock epoch): where a stamp is placed
+Placement = tuple[int, int, int | None, int]
+
+
+def placing(*, estimate: ClockEstimate | None, read_at: datetime,
+            tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE) -> Callable[[int], Placement]:
+    """Rules 4 and 7 for stamps of one side read at ``read_at`` (our clock): the placement of
+    each stamp (microseconds since the Unix epoch, the side's clock) in our time base; the
+    one place these rules are applied (:func:`in_time_base` is this on an observation).
+    ``estimate``: the side's clock (``None``: not measured, taken as ours). Most clocks have
+    one epoch, where a stamp's offset does not depend on the stamp: worked out once here."""
+    read_at = as_utc(read_at)
+    tolerance_us = duration_us(tolerance)
+    if estimate is None:
+        read_us = to_us(read_at)
+        limit = read_us + tolerance_us
+        return lambda origin_us: (0, 0, read_us if origin_us > limit else None, 0)
+    read_on_their_clock = to_us(read_at + estimate.offset)
+    limit = read_on_their_clock + tolerance_us
+    drift = estimate.uncertainty_at(read_at) - timedelta(seconds=estimate.uncertainty_s)
+
+    def placed(offset_s: float, uncertainty_s: float) -> tuple[int, int]:
+        return (duration_us(timedelta(seconds=offset_s)),
+                duration_us(timedelta(seconds=uncertainty_s) + drift))
+
+    if not estimate.earlier:
+        offset_us, uncertainty_us = placed(estimate.offset_s, estimate.uncertainty_s)
+        epoch = estimate.epoch
+        return lambda origin_us: (
+            (offset_us, uncertainty_us, read_on_their_clock, epoch) if origin_us > limit
+            else (offset_us, uncertainty_us, None, epoch))
+
+    def place(origin_us: int) -> Placement:
+        bounded = read_on_their_clock if origin_us > limit else None
+        offset_s, uncertainty_s, epoch = estimate.placement(
+            from_us(bounded if bounded is not None else origin_us))
+        return (*placed(offset_s, uncertainty_s), bounded, epoch)
+
+    return place
+
+
 def in_time_base(observation: Observation, *, estimate: ClockEstimate | None,
                  read_at: datetime, tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE
                  ) -> Observation:
-    """``observation`` placed in our time base (rules 4 and 7): ``read_at`` is when it was
-    read, on our clock; ``estimate`` the side's clock (``None``: not measured, taken as ours)."""
-    read_at = as_utc(read_at)
-    if estimate is None:
-        bounded = read_at if observation.origin_time > read_at + tolerance else None
-        return observation.placed(offset=ZERO, uncertainty=ZERO, bounded_time=bounded,
-                                  clock_epoch=0)
-    read_on_their_clock = read_at + estimate.offset
-    bounded = (read_on_their_clock
-               if observation.origin_time > read_on_their_clock + tolerance else None)
-    offset_s, uncertainty_s, epoch = estimate.placement(
-        bounded if bounded is not None else observation.origin_time)
-    drift = estimate.uncertainty_at(read_at) - timedelta(seconds=estimate.uncertainty_s)
-    return observation.placed(offset=timedelta(seconds=offset_s),
-                              uncertainty=timedelta(seconds=uncertainty_s) + drift,
-                              bounded_time=bounded, clock_epoch=epoch)
+    """``observation`` placed in our time base (rules 4 and 7, :func:`placing`): ``read_at``
+    is when it was read, on our clock; ``estimate`` the side's clock (``None``: not measured,
+    taken as ours)."""
+    offset, uncertainty, bounded, epoch = placing(
+        estimate=estimate, read_at=read_at, tolerance=tolerance)(to_us(observation.origin_time))
+    return observation.placed(offset=duration_from_us(offset),
+                              uncertainty=duration_from_us(uncertainty),
+                              bounded_time=None if bounded is None else from_us(bounded),
+                              clock_epoch=epoch)

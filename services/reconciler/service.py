@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -49,20 +49,24 @@ from common.domain import (
     differing_records,
     is_suppressed,
 )
-from common.domain.clock import from_us
+from common.domain.clock import from_us, to_us
 from common.domain.eligibility import INELIGIBLE, email_is_eligible
 from common.domain.kernel import RowFold, outstanding_rows
 from common.domain.rows import (
     DECISIONS,
     CommandRow,
     KeyTuple,
+    ObservationRow,
     StateRow,
     key_of,
     key_tuple,
+    observation_of_row,
     observation_row,
     state_row,
     write_command,
 )
+from common.domain.sides import SIDE_CODES
+from common.domain.time_base import Placement
 from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.envelope import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messaging.envelope import WriteCommand as WriteMessage
@@ -94,6 +98,11 @@ def to_message(command: domain.WriteCommand, *, covered: bool = False) -> WriteM
                         change_id=command.change_id, covered=covered)
 
 
+DOTDIGITAL = SIDE_CODES["dotdigital"]
+# A row from its parts, in C (a named tuple's own constructor is a Python function).
+_row = tuple.__new__
+
+
 def message_of(key: KeyTuple, command: CommandRow, *, covered: bool = False) -> WriteMessage:
     """:func:`to_message` of a command row of the kernel's."""
     side, opted_in, origin, origin_side, change_id = command
@@ -102,19 +111,16 @@ def message_of(key: KeyTuple, command: CommandRow, *, covered: bool = False) -> 
                         origin_side=SIDES[origin_side], change_id=change_id, covered=covered)
 
 
-def change_key(change: PreferenceChange, *, account: str) -> PreferenceKey:
-    """The key of a decoded change: its email was checked and normalised by the decoding."""
-    return PreferenceKey.trusted(account=account, email=change.email,
-                                 preference_id=change.preference_id)
-
-
-def observation_of(change: PreferenceChange, *, account: str, side: domain.Side) -> Observation:
-    """A decoded change as an observation (not yet placed in our time base), built without
-    checking again what the decoding checked."""
-    return Observation.trusted(
-        key=change_key(change, account=account), side=side, opted_in=change.opted_in,
-        origin_time=change.origin_time, version=change.version, change_id=change.change_id,
-        carried=change.carried, joined=change.joined)
+def change_row(change: PreferenceChange, *, account: str, side: int,
+               place: Callable[[int], Placement]) -> ObservationRow[KeyTuple]:
+    """A decoded change as an observation row, placed in our time base by ``place`` (its
+    side's :meth:`~common.vendors.clock_skew.TimeBase.placing`), built without checking again
+    what the decoding checked."""
+    origin_us = to_us(change.origin_time)
+    email = change.email
+    return _row(ObservationRow, (
+        (account, email, change.preference_id), email, side, change.opted_in, origin_us,
+        change.version, change.change_id, change.carried, change.joined, *place(origin_us)))
 
 
 @dataclass
@@ -225,10 +231,17 @@ class Reconciler:
             for state in await self._store.states_for_email(account, email):
                 result.states.setdefault(key_tuple(state.key), state_row(state))
         eligible = await self._store.eligible_emails(account, from_dotdigital)
+        placers: dict[tuple[int, datetime], Callable[[int], Placement]] = {}
         for index, delivery in enumerate(batch):
             side: domain.Side = ("dynamics" if delivery.envelope.source == "dynamics"
                                  else "dotdigital")
+            code = SIDE_CODES[side]
+            # each change placed in our time base as of when it was read (the same for a
+            # message's changes, and most often for a batch's)
             read_at = delivery.polled_at or now
+            place = placers.get((code, read_at))
+            if place is None:
+                place = placers[(code, read_at)] = time_base.placing(side, read_at=read_at)
             for change in delivery.envelope.changes:
                 if isinstance(change, ReadComplete):
                     result.markers.append(change)
@@ -242,29 +255,27 @@ class Reconciler:
                     continue
                 if not isinstance(change, PreferenceChange):
                     continue
-                observation = time_base.place(
-                    observation_of(change, account=account, side=side), read_at=read_at)
-                if side == "dotdigital" and not email_is_eligible(change.email,
-                                                                  eligible_emails=eligible):
+                row = change_row(change, account=account, side=code, place=place)
+                if code == DOTDIGITAL and not email_is_eligible(change.email,
+                                                                eligible_emails=eligible):
                     # Never in an email-activated list in Dynamics: not read into the ledger,
                     # but the decision is on record.
                     self._count(result, index, INELIGIBLE)
                     result.entries.append(HistoryEntry.for_observation(
-                        observation, decision=INELIGIBLE, recorded_at=now))
+                        observation_of_row(row), decision=INELIGIBLE, recorded_at=now))
                     continue
-                self._observe(result, index, observation)
+                self._observe(result, index, row)
         return result
 
     @staticmethod
     def _count(result: BatchResult, index: int, outcome: str) -> None:
         result.outcomes[index][outcome] += 1
 
-    def _observe(self, result: BatchResult, index: int, observation: Observation) -> None:
-        row = observation_row(observation)
-        contact = result.contacts.get(observation.key.email)
+    def _observe(self, result: BatchResult, index: int, row: ObservationRow[KeyTuple]) -> None:
+        contact = result.contacts.get(row.key[1])
         suppressed = contact is not None and contact.suppressed
         if suppressed:
-            result.parked.append(observation)
+            result.parked.append(observation_of_row(row))
         self._count(result, index, DECISIONS[result.fold.observe(row, suppressed=suppressed)])
         # The last delivery to touch a key publishes its outstanding writes.
         result.owner[row.key] = index
@@ -298,7 +309,7 @@ class Reconciler:
         result.resumed.add(email)
         for observation in parked:
             if observation.key.email == email:
-                self._observe(result, index, observation)
+                self._observe(result, index, observation_row(observation))
         for key in result.states:
             if key[1] == email:
                 result.owner[key] = index

@@ -38,6 +38,7 @@ from common.domain.rows import (
     key_of,
     key_state,
     key_tuple,
+    observation_of_row,
     observation_row,
     state_row,
     write_command,
@@ -412,3 +413,10 @@ def test_observe_takes_the_contact_state_of_each_observation_as_fold_observe_doe
         Outcome.SUPPRESSED, Outcome.APPLIED]
     assert rows.parked == [observation_row(seen)]
     assert {key_of(k): key_state(key_of(k), s) for k, s in rows.states.items()} == fold.states
+
+
+@examples(300)
+@given(batch=batches())
+def test_an_observation_converted_to_a_row_and_back_is_the_same(batch: Batch) -> None:
+    for observation in batch.observations:
+        assert observation_of_row(observation_row(observation)) == observation
