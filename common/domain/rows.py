@@ -9,8 +9,10 @@ strings, so that each part maps onto integer ledger columns:
   (:data:`common.domain.sides.SIDE_CODES`: 0 Dynamics, 1 dotdigital), booleans bool or 0/1;
 - a state row holds the register and, per side (indexed by side code), what the side is known
   to hold, the pending write, the write records (a tuple of tuples) and the ledger horizon;
-- the parts are plain tuples, in the field order of their dataclass (named below): they are
-  built on every change of a batch, where a named tuple's constructor costs several times more.
+- a state row's parts are plain tuples, in the field order of their dataclass (named below):
+  they are built on every change of a batch, where a named tuple's constructor costs several
+  times more; the state row and the observation row are named tuples (the kernel builds state
+  rows with ``tuple.__new__``, in C).
 
 Converting is exact both ways: a state converted to a row and back is equal to it.
 """
