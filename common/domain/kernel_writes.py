@@ -13,6 +13,10 @@ Rules (the kernel's, :mod:`common.domain.kernel`):
    errors.
 3. A row is never changed in place: a state that does not change is the same row afterwards.
 
+Why: the writer begins and records every write it makes. On the kernel bench's writes (every
+command a realistic batch leaves outstanding, 1,506; ``python -m bench.kernel_cost``), CPU per
+write for begin and record: the dataclasses 11.5-12.2 µs, rows 2.3-2.5 µs.
+
 Times are integer microseconds since the Unix epoch, already in UTC: the specification's
 ``as_utc`` conversions (and its refusal of naive times) have no counterpart on rows.
 ``settle`` of :mod:`common.domain.reconcile` has no mirror here: the writer does not call it
