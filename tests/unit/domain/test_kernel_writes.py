@@ -25,6 +25,7 @@ from common.domain import (
     KeyState,
     Known,
     Register,
+    Side,
     WriteCommand,
     WriteRecord,
     abandon_write,
@@ -40,11 +41,13 @@ from common.domain.kernel_writes import (
     abandon_write_row,
     begin_write_row,
     is_superseded_row,
+    prune_writes_row,
     record_write_row,
     writer_should_apply_row,
 )
 from common.domain.rows import StateRow, command_row, key_state, state_row, write_command
-from common.domain.writes import IN_FLIGHT_LIMIT
+from common.domain.sides import SIDE_CODES
+from common.domain.writes import IN_FLIGHT_LIMIT, prune_writes
 from tests.unit.domain.builders import T0, at, examples
 from tests.unit.domain.test_kernel import (
     CHANGE_IDS,
@@ -242,6 +245,18 @@ def test_abandon_write_row_is_abandon_write_and_the_same_row_when_nothing_is_for
     assert key_state(KEY, after) == expected
     assert (after is row) == (expected == write.state)
     event("abandon: forgets a record in flight" if after is not row else "abandon: nothing to forget")
+
+
+@examples(300)
+@given(state=states, side=sides)
+def test_prune_writes_row_is_prune_writes_and_the_same_row_when_nothing_is_dropped(
+        state: KeyState, side: Side) -> None:
+    row = state_row(state)
+    expected = prune_writes(state, side)
+    after = prune_writes_row(row, side=SIDE_CODES[side])
+    assert key_state(KEY, after) == expected
+    assert (after is row) == (expected is state)
+    event("prune: nothing dropped" if expected is state else "prune: records dropped")
 
 
 @examples(500)
