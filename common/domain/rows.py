@@ -225,6 +225,12 @@ def key_state(key: PreferenceKey, row: StateRow) -> KeyState:
         revision=revision)
 
 
+def command_row(command: WriteCommand) -> CommandRow:
+    """``command`` as a row (its key left out; :func:`write_command` the other way)."""
+    return (SIDE_CODES[command.side], command.opted_in, to_us(command.origin_time),
+            SIDE_CODES[command.origin_side], command.change_id)
+
+
 def write_command(key: PreferenceKey, row: CommandRow) -> WriteCommand:
     side, opted_in, origin, origin_side, change_id = row
     return WriteCommand(key=key, side=SIDES[side], opted_in=bool(opted_in),
