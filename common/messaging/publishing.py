@@ -16,10 +16,13 @@ from typing import Any
 
 import orjson
 
-from common.domain import Side
+from common.domain import SIDES, Side, WriteCommand
+from common.domain.clock import from_us
+from common.domain.rows import CommandRow, KeyTuple
 from common.messaging.abc import POLLED_AT as POLLED_AT  # (where it was first)
 from common.messaging.abc import Outgoing, Publisher
 from common.messaging.envelope import Change, Envelope, MessageType, ReadComplete, Source, encode
+from common.messaging.envelope import WriteCommand as WriteMessage
 from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, WRITES_EXCHANGE, Topology, shard_of
 
 # Changes per message: big enough to make broker and store work cheap per change, small enough
@@ -39,6 +42,22 @@ class CapturingPublisher:
 
     def on(self, exchange: str) -> list[Outgoing]:
         return [i for i in self.items if i.exchange == exchange]
+
+
+def write_message(command: WriteCommand, *, covered: bool = False) -> WriteMessage:
+    """A write command as the message that carries it to the writers."""
+    return WriteMessage(email=command.key.email, preference_id=command.key.preference_id,
+                        side=command.side, opted_in=command.opted_in,
+                        origin_time=command.origin_time, origin_side=command.origin_side,
+                        change_id=command.change_id, covered=covered)
+
+
+def row_message(key: KeyTuple, command: CommandRow, *, covered: bool = False) -> WriteMessage:
+    """:func:`write_message` of a command row of the batch fold kernel's, for ``key``."""
+    side, opted_in, origin, origin_side, change_id = command
+    return WriteMessage(email=key[1], preference_id=key[2], side=SIDES[side],
+                        opted_in=bool(opted_in), origin_time=from_us(origin),
+                        origin_side=SIDES[origin_side], change_id=change_id, covered=covered)
 
 
 def stable_id(*parts: object) -> str:

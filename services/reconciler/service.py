@@ -49,7 +49,7 @@ from common.domain import (
     differing_records,
     is_suppressed,
 )
-from common.domain.clock import from_us, to_us
+from common.domain.clock import to_us
 from common.domain.eligibility import INELIGIBLE, email_is_eligible
 from common.domain.kernel import RowFold, outstanding_rows
 from common.domain.rows import (
@@ -71,7 +71,12 @@ from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.envelope import ContactStatusChange, PreferenceChange, ReadComplete
 from common.messaging.envelope import WriteCommand as WriteMessage
 from common.messaging.middleware import Handled
-from common.messaging.publishing import envelopes_by_shard, publish_progress
+from common.messaging.publishing import (
+    envelopes_by_shard,
+    publish_progress,
+    row_message,
+    write_message,
+)
 from common.messaging.topology import shard_of
 from common.ops import failpoints
 from common.store.directory import RecordRef, SubscriptionRow
@@ -91,24 +96,9 @@ def _held(rows: Mapping[tuple[str, str], SubscriptionRow], row_id: str,
     return None if row is None else row.opted_in
 
 
-def to_message(command: domain.WriteCommand, *, covered: bool = False) -> WriteMessage:
-    return WriteMessage(email=command.key.email, preference_id=command.key.preference_id,
-                        side=command.side, opted_in=command.opted_in,
-                        origin_time=command.origin_time, origin_side=command.origin_side,
-                        change_id=command.change_id, covered=covered)
-
-
 DOTDIGITAL = SIDE_CODES["dotdigital"]
 # A row from its parts, in C (a named tuple's own constructor is a Python function).
 _row = tuple.__new__
-
-
-def message_of(key: KeyTuple, command: CommandRow, *, covered: bool = False) -> WriteMessage:
-    """:func:`to_message` of a command row of the kernel's."""
-    side, opted_in, origin, origin_side, change_id = command
-    return WriteMessage(email=key[1], preference_id=key[2], side=SIDES[side],
-                        opted_in=bool(opted_in), origin_time=from_us(origin),
-                        origin_side=SIDES[origin_side], change_id=change_id, covered=covered)
 
 
 def change_row(change: PreferenceChange, *, account: str, side: int,
@@ -405,7 +395,7 @@ class Reconciler:
             per_delivery[index] += messages.get(key, ())
             contact = result.contacts.get(key[1])
             if key in result.follow and not (contact is not None and contact.suppressed):
-                per_delivery[index].append(to_message(result.follow[key]))
+                per_delivery[index].append(write_message(result.follow[key]))
         if to_defer:
             await self._store.defer_writes(self.account, to_defer)
         for index, delivery in enumerate(batch):
@@ -467,7 +457,7 @@ class Reconciler:
                 if command[0] == 1 and state.known[1] is None:  # dotdigital, not known
                     unknown_dd[key] = command
                 else:
-                    out[key].append(message_of(key, command))
+                    out[key].append(row_message(key, command))
         to_defer: list[tuple[int, str]] = []
         if unknown_dd:
             records = await self._store.records_for_emails(self.account,
@@ -485,7 +475,7 @@ class Reconciler:
                     continue
                 eligible_at = eligible_since.get(key[1], "")
                 covered = bool(eligible_at) and eligible_at <= read_at
-                out[key].append(message_of(key, command, covered=covered))
+                out[key].append(row_message(key, command, covered=covered))
         return dict(out), to_defer
 
     async def _read_mark(self, preference_id: int, shard: int) -> str | None:

@@ -35,7 +35,18 @@ from datetime import datetime
 from typing import Any
 
 from common import domain
-from common.domain import ContactState, KeyState, Observation, PreferenceKey, Side
+from common.domain import ContactState, Observation, PreferenceKey, Side
+from common.domain.kernel import fold_rows
+from common.domain.kernel_writes import writer_should_apply_row
+from common.domain.rows import (
+    EMPTY_STATE,
+    CommandRow,
+    KeyTuple,
+    StateRow,
+    key_tuple,
+    observation_row,
+)
+from common.domain.sides import SIDE_CODES
 from common.messaging.resilience import Dependency
 from common.messaging.topology import shard_of
 from common.vendors.base import TransportError, VendorError
@@ -57,6 +68,7 @@ READ_WAIT_S = 60.0
 # dotdigital's answers for a write refused because the contact is suppressed: v2's error, v3's
 # (PATCH), and the import's failure code for a contact whose preferences were not applied (the
 # contact's status is read to confirm it).
+DOTDIGITAL = SIDE_CODES["dotdigital"]
 SUPPRESSED_CODES = frozenset({"ERROR_CONTACT_SUPPRESSED", "contacts:contactSuppressed",
                               "preferencesNotApplied"})
 # A suppression learnt from a refusal, when the contact's own status cannot be read.
@@ -80,23 +92,23 @@ class DotdigitalBatch:
         self._outcome = outcome
         self._window_start: datetime | None = None
 
-    async def read(self, *, states: Mapping[PreferenceKey, KeyState],
+    async def read(self, *, states: Mapping[KeyTuple, StateRow],
                    covered: set[PreferenceKey]) -> None:
         if not self._commands:
             return
         self._window_start = await self._sink.read_before_write(
             self._commands, self._watermarks, self._outcome)
-        preview = domain.fold_batch(states, self._outcome.observations, contacts={},
-                                    recorded_at=self._outcome.read_at).states
+        preview = fold_rows(states, map(observation_row, self._outcome.observations),
+                            suppressed=()).states
         unknown = [k for k in self._commands if k not in covered
-                   and (preview.get(k) or KeyState(key=k)).known.get("dotdigital") is None]
+                   and preview.get(key_tuple(k), EMPTY_STATE).known[DOTDIGITAL] is None]
         await self._sink.read_contacts(unknown, self._outcome)
 
     def takes(self, key: PreferenceKey) -> bool:
         return True
 
-    def should_write(self, state: KeyState, command: domain.WriteCommand) -> bool:
-        return domain.writer_should_apply(state, command)
+    def should_write(self, key: PreferenceKey, state: StateRow, command: CommandRow) -> bool:
+        return writer_should_apply_row(state, command, suppressed=False)
 
     async def write(self, todo: Commands, *, started: datetime,
                     contacts: Mapping[str, ContactState]) -> None:

@@ -26,7 +26,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from common import domain
-from common.domain import ContactState, KeyState, Observation, PreferenceKey, Side
+from common.domain import ContactState, Observation, PreferenceKey, Side
+from common.domain.kernel_writes import is_superseded_row, writer_should_apply_row
+from common.domain.rows import CommandRow, KeyTuple, StateRow
 from common.messaging.resilience import Dependency
 from common.store.directory import RecordRef, SubscriptionRow
 from common.vendors.base import TransportError, VendorError
@@ -74,7 +76,7 @@ class DynamicsBatch:
         self._outcome = outcome
         self._records = RecordRows(catalog={}, records={}, rows={})
 
-    async def read(self, *, states: Mapping[PreferenceKey, KeyState],
+    async def read(self, *, states: Mapping[KeyTuple, StateRow],
                    covered: set[PreferenceKey]) -> None:
         self._records = await self._sink.record_rows(self._commands)
         self._sink.fold_known_rows(self._commands, self._records, self._outcome)
@@ -84,12 +86,12 @@ class DynamicsBatch:
         # nothing can take the write; it goes out if one is active again
         return bool(self._records.active(key))
 
-    def should_write(self, state: KeyState, command: domain.WriteCommand) -> bool:
-        if domain.writer_should_apply(state, command):
+    def should_write(self, key: PreferenceKey, state: StateRow, command: CommandRow) -> bool:
+        if writer_should_apply_row(state, command, suppressed=False):
             return True
         # The Dynamics side is known to hold the value, but maybe not on every record.
-        return (not domain.is_superseded(state, command)
-                and bool(self._records.differing(command.key, command.opted_in)))
+        return (not is_superseded_row(state, command)
+                and bool(self._records.differing(key, bool(command[1]))))
 
     async def write(self, todo: Commands, *, started: datetime,
                     contacts: Mapping[str, ContactState]) -> None:

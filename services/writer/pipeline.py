@@ -39,13 +39,32 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common import domain
-from common.domain import SIDES, ContactState, KeyState, PreferenceKey, Side
+from common.domain import SIDES, ContactState, PreferenceKey, Side
+from common.domain.clock import duration_us, to_us
+from common.domain.kernel import fold_rows, outstanding_rows
+from common.domain.kernel_writes import abandon_write_row, begin_write_row, record_write_row
+from common.domain.rows import (
+    EMPTY_STATE,
+    CommandRow,
+    KeyTuple,
+    StateRow,
+    command_row,
+    key_tuple,
+    observation_of_row,
+    observation_row,
+)
 from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.amqp import DeadLetterer
 from common.messaging.envelope import Envelope, encode
 from common.messaging.envelope import WriteCommand as WriteMessage
 from common.messaging.middleware import Handled
-from common.messaging.publishing import envelopes_by_shard, publish_progress, stable_id
+from common.messaging.publishing import (
+    envelopes_by_shard,
+    publish_progress,
+    row_message,
+    stable_id,
+    write_message,
+)
 from common.ops import failpoints
 from common.store.unit_of_work import commit_with_retry
 from common.vendors.clock_skew import load_time_base
@@ -70,13 +89,6 @@ def to_command(account: str, message: WriteMessage) -> domain.WriteCommand:
                                   preference_id=message.preference_id),
         side=message.side, opted_in=message.opted_in, origin_time=message.origin_time,
         origin_side=message.origin_side, change_id=message.change_id)
-
-
-def to_message(command: domain.WriteCommand) -> WriteMessage:
-    return WriteMessage(email=command.key.email, preference_id=command.key.preference_id,
-                        side=command.side, opted_in=command.opted_in,
-                        origin_time=command.origin_time, origin_side=command.origin_side,
-                        change_id=command.change_id)
 
 
 class Writer:
@@ -116,11 +128,12 @@ class Writer:
             self._store, account=self.account, tolerance=self._future_tolerance),
             read_at=self._now())
         work = await self.sink.open(commands, outcome)
-        states = await self._store.load(set(commands))
+        rows = {key: command_row(command) for key, command in commands.items()}
+        states = await self._store.load_rows(map(key_tuple, commands))
         contacts = await self._store.load_contacts(self.account, {k.email for k in commands})
         await work.read(states=states, covered=covered)
-        preview = domain.fold_batch(states, outcome.observations, contacts={},
-                                    recorded_at=outcome.read_at).states
+        preview = fold_rows(states, map(observation_row, outcome.observations),
+                            suppressed=()).states
         todo: Commands = {}
         for key, command in commands.items():
             contact = contacts.get(key.email)
@@ -128,16 +141,16 @@ class Writer:
                 outcome.suppressed.add(key)
             elif not work.takes(key):
                 continue
-            elif work.should_write(preview.get(key) or KeyState(key=key), command):
+            elif work.should_write(key, preview.get(key_tuple(key), EMPTY_STATE), rows[key]):
                 todo[key] = command
         if todo:
             # on the target's clock, as far as it is known, and earlier still by a margin
             started = outcome.time_base.on_their_clock(self.side, self._now())[0] - CLOCK_MARGIN
-            await self._begin(todo, started=started, states=states)
+            await self._begin(todo, rows, started=started, states=states)
             await work.write(todo, started=started, contacts=contacts)
             await failpoints.reached("writer.after-vendor-write")
         contacts.update(outcome.contacts)
-        states = await self._commit_outcome(commands, todo, outcome, states=states,
+        states = await self._commit_outcome(commands, rows, todo, outcome, states=states,
                                             contacts=contacts)
         if outcome.rows:
             await self._store.upsert_subscriptions(self.account, outcome.rows)
@@ -150,7 +163,7 @@ class Writer:
         if outcome.transient is not None:
             raise TransientWriteError(outcome.transient, dependency=self.sink.dependency)
         await self._dead_letter_failures(batch, owner, commands, outcome)
-        await self._publish_corrections(batch, owner, states, commands, outcome)
+        await self._publish_corrections(batch, owner, states, rows, outcome)
         counts = await self._report(batch, owner, commands, todo, outcome)
         handled: list[Handled] = []
         start = 0
@@ -183,77 +196,87 @@ class Writer:
         return owner, commands, covered
 
     # --- ledger ----------------------------------------------------------------------------
-    async def _begin(self, todo: Commands, *, started: datetime,
-                     states: dict[PreferenceKey, KeyState]) -> None:
+    async def _begin(self, todo: Commands, rows: Mapping[PreferenceKey, CommandRow], *,
+                     started: datetime, states: dict[KeyTuple, StateRow]) -> None:
         """Record the writes as in flight. ``states`` (as loaded for this batch) is tried
         first and kept up to date; a conflict loads the keys afresh."""
+        start_us = to_us(started)
+
         async def attempt(number: int) -> None:
             if number:
-                states.update(await self._store.load(set(todo)))
-            changed = []
-            for key, command in todo.items():
-                before = states.get(key) or KeyState(key=key)
-                after = domain.begin_write(before, command, window_start=started)
-                if after is not before and after != before:  # identity: nothing recorded
-                    changed.append(after)
-            revisions = await self._store.save([(st.revision or None, st, None)
-                                                for st in changed])
-            states.update({st.key: st.with_revision(revision)
-                           for st, revision in zip(changed, revisions, strict=True)})
+                states.update(await self._store.load_rows(map(key_tuple, todo)))
+            changed: list[tuple[KeyTuple, StateRow]] = []
+            for key in todo:
+                k = key_tuple(key)
+                before = states.get(k, EMPTY_STATE)
+                after = begin_write_row(before, rows[key], window_start_us=start_us)
+                if after is not before:  # the same row: nothing recorded
+                    changed.append((k, after))
+            revisions = await self._store.save_rows([(st.revision or None, k, st)
+                                                     for k, st in changed])
+            states.update({k: st._replace(revision=revision)
+                           for (k, st), revision in zip(changed, revisions, strict=True)})
 
         await commit_with_retry(attempt)
 
-    async def _commit_outcome(self, commands: Commands, todo: Commands,
-                              outcome: WriteOutcome, *,
-                              states: Mapping[PreferenceKey, KeyState],
+    async def _commit_outcome(self, commands: Commands, rows: Mapping[PreferenceKey, CommandRow],
+                              todo: Commands, outcome: WriteOutcome, *,
+                              states: Mapping[KeyTuple, StateRow],
                               contacts: Mapping[str, ContactState]
-                              ) -> dict[PreferenceKey, KeyState]:
+                              ) -> dict[KeyTuple, StateRow]:
         """Record writes, refusals and what the writer read, in one transaction. ``states``
         (kept up to date by this batch's own saves) is tried first; a conflict loads afresh.
         What was read of a suppressed contact is decided as the reconciler decides it
         (``suppressed``) and goes to ``outcome.parked``."""
         now = self._now()
-        keys = set(commands) | {o.key for o in outcome.observations}
-        known = keys <= states.keys() | set(commands)  # else some key was never loaded
+        now_us = to_us(now)
+        read = [observation_row(o) for o in outcome.observations]
+        keys = {key_tuple(k) for k in commands} | {r.key for r in read}
+        known = keys <= states.keys() | {key_tuple(k) for k in commands}  # else never loaded
+        suppressed = {email for email, c in contacts.items() if c.suppressed}
         estimate = outcome.time_base.estimates.get(self.side)
-        offset = estimate.offset if estimate is not None else timedelta(0)
+        offset_us = duration_us(estimate.offset) if estimate is not None else 0
 
-        async def attempt(number: int) -> dict[PreferenceKey, KeyState]:
-            current: dict[PreferenceKey, KeyState] = (
+        async def attempt(number: int) -> dict[KeyTuple, StateRow]:
+            current: dict[KeyTuple, StateRow] = (
                 {k: states[k] for k in keys if k in states} if known and not number
-                else await self._store.load(keys))
-            fold = domain.fold_batch(current, outcome.observations, contacts=contacts,
-                                     recorded_at=now)
-            history = fold.history
+                else await self._store.load_rows(keys))
+            fold = fold_rows(current, read, suppressed=suppressed)
+            entries: list[domain.HistoryEntry] = []
             changed = fold.changed_states()
             for key, command in todo.items():
-                state = fold.states.get(key) or KeyState(key=key)
+                k = key_tuple(key)
+                row = rows[key]
+                state = fold.states.get(k, EMPTY_STATE)
                 if key in outcome.written:
                     for version, start, end in outcome.written[key]:
-                        state = domain.record_write(state, command, produced_version=version,
-                                                    window_start=start, window_end=end,
-                                                    written_at=now, offset=offset)
-                    history.append(domain.HistoryEntry.for_write(command, recorded_at=now))
+                        state = record_write_row(
+                            state, row, produced_version=version, window_start_us=to_us(start),
+                            window_end_us=to_us(end), written_at_us=now_us, offset_us=offset_us)
+                    entries.append(domain.HistoryEntry.for_write(command, recorded_at=now))
                 elif (key in outcome.failed or key in outcome.retry or key in outcome.suppressed
                       or key in outcome.unwritable or outcome.transient):
                     # surely not written (refused, or never sent): no echo is to be expected
-                    state = domain.abandon_write(state, command)
+                    state = abandon_write_row(state, row)
                     if key in outcome.failed:
-                        history.append(domain.HistoryEntry.for_write(
+                        entries.append(domain.HistoryEntry.for_write(
                             command, recorded_at=now, decision="failed"))
                 if key in outcome.unwritable and key not in outcome.failed:
                     # a record skipped (read-only or deleted), whether or not others took it
-                    history.append(domain.HistoryEntry.for_write(
+                    entries.append(domain.HistoryEntry.for_write(
                         command, recorded_at=now, decision=outcome.unwritable[key]))
-                changed[key] = state
-            history += [domain.HistoryEntry.for_write(commands[key], recorded_at=now,
+                changed[k] = state
+            entries += [domain.HistoryEntry.for_write(commands[key], recorded_at=now,
                                                       decision="suppressed")
                         for key in sorted(outcome.suppressed, key=str)]
-            await self._store.save([(st.revision or None, st, None)
-                                    for st in changed.values()], history=history)
-            current.update(changed)
-            outcome.parked = fold.parked
-            outcome.futures = list(fold.futures)
+            saved = list(changed.items())
+            revisions = await self._store.save_rows(
+                [(st.revision or None, k, st) for k, st in saved], history=fold.history,
+                recorded_at=now, entries=entries)
+            current.update({k: st._replace(revision=revision)
+                            for (k, st), revision in zip(saved, revisions, strict=True)})
+            outcome.parked = [observation_of_row(r) for r in fold.parked]
+            outcome.futures = [SIDES[side] for side in fold.futures]
             return current
 
         return await commit_with_retry(attempt)
@@ -272,7 +295,7 @@ class Writer:
                 type="write-commands", account=self.account, source="reconciler",
                 change_id=stable_id("dead", delivery.message_id, self.side),
                 origin_time=max(c.origin_time for c, _ in failures),
-                changes=tuple(to_message(c) for c, _ in failures),
+                changes=tuple(write_message(c) for c, _ in failures),
                 run_id=delivery.envelope.run_id)
             await self._dead.send_part(
                 delivery, account=self.account, reason="; ".join(reasons)[:1000],
@@ -282,20 +305,21 @@ class Writer:
 
     async def _publish_corrections(self, batch: Sequence[Delivery],
                                    owner: dict[PreferenceKey, int],
-                                   states: dict[PreferenceKey, KeyState], commands: Commands,
+                                   states: Mapping[KeyTuple, StateRow],
+                                   rows: Mapping[PreferenceKey, CommandRow],
                                    outcome: WriteOutcome) -> None:
         """If the register moved while we wrote (or a user change was read), the new writes;
         and the writes to re-issue after a version conflict."""
         by_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
-        for key, command in commands.items():
-            state = states.get(key)
+        for key, row in rows.items():
+            k = key_tuple(key)
+            state = states.get(k)
             if state is None:
                 continue
-            for outstanding in domain.outstanding(state):
-                same = (outstanding.side, outstanding.opted_in, outstanding.origin_time) == (
-                    command.side, command.opted_in, command.origin_time)
+            for outstanding in outstanding_rows(state.register, state.known):
+                same = outstanding[:3] == row[:3]  # side, value, origin time
                 if not same or key in outcome.retry:
-                    by_delivery[owner[key]].append(to_message(outstanding))
+                    by_delivery[owner[key]].append(row_message(k, outstanding))
         for index, corrections in by_delivery.items():
             delivery = batch[index]
             outgoing: list[Outgoing] = []

@@ -17,7 +17,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from common import domain
-from common.domain import ContactState, KeyState, Observation, PreferenceKey, Side
+from common.domain import ContactState, Observation, PreferenceKey, Side
+from common.domain.rows import CommandRow, KeyTuple, StateRow
 from common.messaging.resilience import Dependency, TransientFailure
 from common.store.directory import SubscriptionRow
 from common.vendors.clock_skew import MAX_PROBES, ClockSource, TimeBase, measure_clock
@@ -82,15 +83,17 @@ Commands = dict[PreferenceKey, domain.WriteCommand]
 class SinkBatch(Protocol):
     """One batch's work with the vendor, in the order the pipeline calls it."""
 
-    async def read(self, *, states: Mapping[PreferenceKey, KeyState],
+    async def read(self, *, states: Mapping[KeyTuple, StateRow],
                    covered: set[PreferenceKey]) -> None:
-        """Fold into the outcome what the vendor holds that the ledger may not have seen."""
+        """Fold into the outcome what the vendor holds that the ledger (``states``, as rows)
+        may not have seen."""
 
     def takes(self, key: PreferenceKey) -> bool:
         """Whether anything on the vendor's side can take a write of ``key`` at all."""
 
-    def should_write(self, state: KeyState, command: domain.WriteCommand) -> bool:
-        """Whether ``command`` is to be written, given the key's state with what was read."""
+    def should_write(self, key: PreferenceKey, state: StateRow, command: CommandRow) -> bool:
+        """Whether ``command`` (of ``key``) is to be written, given the key's state row with
+        what was read."""
 
     async def write(self, todo: Commands, *, started: datetime,
                     contacts: Mapping[str, ContactState]) -> None:
