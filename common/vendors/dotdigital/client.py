@@ -42,8 +42,10 @@ from common.vendors.dotdigital.models import (
     ContactV3,
     ImportContact,
     ImportReport,
+    OptInEntry,
     ResubscribeResult,
     Suppression,
+    opt_in_entries,
     opt_ins_contact,
     parse_account_info,
     parse_contact,
@@ -430,6 +432,27 @@ class DotdigitalClient(VendorClient):
         With ``emails`` (trimmed, lower case) only those contacts are built and yielded (pages
         with none of them are not); the paging still goes by every contact answered.
         """
+        async for data in self._opt_ins_pages(preference_id, since, min_contact_id):
+            if emails is None:
+                page = [parse_contact_opt_ins(item) for item in data]
+            else:
+                page = [parse_contact_opt_ins(item) for item in data
+                        if opt_ins_contact(item)[1] in emails]
+            if page:
+                yield page
+
+    async def iter_opt_in_entries(self, preference_id: int, since: datetime
+                                  ) -> AsyncIterator[list[OptInEntry]]:
+        """:meth:`iter_opt_ins_since`, each page as the opt-ins to ``preference_id`` alone
+        (:func:`~common.vendors.dotdigital.models.opt_in_entries`): no contact is built."""
+        async for data in self._opt_ins_pages(preference_id, since, 0):
+            page = [entry for item in data for entry in opt_in_entries(item, preference_id)]
+            if page:
+                yield page
+
+    async def _opt_ins_pages(self, preference_id: int, since: datetime, min_contact_id: int
+                             ) -> AsyncIterator[list[Any]]:
+        """The raw pages of the opt-ins feed (see :meth:`iter_opt_ins_since`)."""
         path = (f"/v2/contacts/with-preference/{int(preference_id)}/opt-ins-since/"
                 f"{path_date(since)}")
         endpoint = "GET /v2/contacts/with-preference/{preferenceId}/opt-ins-since/{date}"
@@ -437,17 +460,8 @@ class DotdigitalClient(VendorClient):
             data = self._list(await self._json("GET", path, endpoint=endpoint,
                                                params={"minContactId": min_contact_id}),
                               "opt-ins")
-            if emails is None:
-                page = [parse_contact_opt_ins(item) for item in data]
-                last_id = max((item.contact.id for item in page), default=0)
-            else:
-                contacts = [opt_ins_contact(item) for item in data]
-                page = [parse_contact_opt_ins(item)
-                        for item, (_, email) in zip(data, contacts, strict=True)
-                        if email in emails]
-                last_id = max((contact_id for contact_id, _ in contacts), default=0)
-            if page:
-                yield page
+            last_id = max((opt_ins_contact(item)[0] for item in data), default=0)
+            yield data
             if len(data) < OPT_INS_PAGE:
                 return
             if last_id < min_contact_id:

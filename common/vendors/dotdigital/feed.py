@@ -167,15 +167,12 @@ class FeedFollower:
             began = time.time()
             fresh: list[tuple[str, Entry]] = []
             # Keeping, every entry is looked at (a later batch may want it); otherwise only
-            # those of ``emails`` are built at all.
-            async for page in self._client.iter_opt_ins_since(
-                    preference_id, start, emails=None if feed.keeping else emails):
-                for item in page:
-                    email = item.contact.email.strip().lower()
-                    for opt_in in item.opt_ins:
-                        if opt_in.preference_id == preference_id:
-                            fresh.append((email, (item.contact.id, opt_in.is_opted_in,
-                                                  opt_in.modified)))
+            # those of ``emails``.
+            wanted = None if feed.keeping else emails
+            async for page in self._client.iter_opt_in_entries(preference_id, start):
+                fresh += [(email, (contact_id, opted_in, modified))
+                          for contact_id, email, opted_in, modified in page
+                          if wanted is None or email in wanted]
             # dotdigital's time before the read began, from the read's own answer
             next_start = max(await self._client.time_before(began), start)
             for email, entry in fresh:

@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
 
 import pytest
 
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedFollower
-from common.vendors.dotdigital.models import ContactOptIns
+from common.vendors.dotdigital.models import OptInEntry
 from services.simulators import seeding
 from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
 
@@ -87,14 +86,13 @@ async def test_each_read_starts_at_a_time_seen_before_it_began() -> None:
     async with seeded() as (sim, client, emails, preference):
         follower = FeedFollower(client=client)
         asked: list[datetime] = []
-        feed = client.iter_opt_ins_since
+        feed = client.iter_opt_in_entries
 
-        def recording(preference_id: int, since: datetime,
-                      **kwargs: Any) -> AsyncIterator[list[ContactOptIns]]:
+        def recording(preference_id: int, since: datetime) -> AsyncIterator[list[OptInEntry]]:
             asked.append(since)
-            return feed(preference_id, since, **kwargs)
+            return feed(preference_id, since)
 
-        client.iter_opt_ins_since = recording  # type: ignore[method-assign]
+        client.iter_opt_in_entries = recording  # type: ignore[method-assign]
         watermark = await client.server_time()
         for email in emails[:10]:
             ended = await we_write(client, follower, email, preference, True)

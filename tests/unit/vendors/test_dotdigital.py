@@ -150,6 +150,24 @@ async def test_opt_ins_since_pages_past_1000_contacts() -> None:
         assert len(events.statuses(endpoint)) - calls == len(pages)
 
 
+async def test_opt_in_entries_are_the_feeds_opt_ins_to_the_preference_alone() -> None:
+    events = Events()
+    async with account(records=2500, preferences=2, events=events) as (client, _, seeded):
+        preference = seeded["preferences"][0]
+        endpoint = "GET /v2/contacts/with-preference/{preferenceId}/opt-ins-since/{date}"
+        built = [(item.contact.id, item.contact.email.strip().lower(), r.is_opted_in,
+                  r.modified)
+                 async for page in client.iter_opt_ins_since(preference, LONG_AGO)
+                 for item in page for r in item.opt_ins if r.preference_id == preference]
+        calls = len(events.statuses(endpoint))
+
+        entries = [entry async for page in client.iter_opt_in_entries(preference, LONG_AGO)
+                   for entry in page]
+
+        assert len(built) > 1000 and entries == built
+        assert len(events.statuses(endpoint)) == 2 * calls  # the same pages, read again
+
+
 async def test_unsubscribes_show_in_the_suppression_feeds() -> None:
     async with account(records=5) as (client, _, seeded):
         since = await client.server_time()
