@@ -22,6 +22,14 @@ _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 def parse_datetime(value: object) -> datetime:
     """An ISO-8601 time from dotdigital as an aware UTC datetime (a zone-less value is UTC)."""
+    if type(value) is str and value[-1:] == "Z" and (
+            len(value) == 20 or (len(value) == 24 and value[19] == ".")):
+        # dotdigital's own form (UTC, whole seconds or milliseconds), read directly: what the
+        # general path below makes of it, at a tenth of the cost (every feed entry has one)
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass  # the general path says what is wrong with it
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, str) and value.strip():

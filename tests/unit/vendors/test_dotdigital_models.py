@@ -31,6 +31,23 @@ def test_dates_parse_to_aware_utc(text: str) -> None:
     assert parse_datetime(text) == datetime(2020, 1, 1, 9, 40, 18, 527_000, tzinfo=UTC)
 
 
+@pytest.mark.parametrize("text", ["2020-01-01T09:40:18Z", "2020-01-01T09:40:18.527Z",
+                                  "2020-02-30T09:40:18.527Z", "2020-01-01T09:40:18.52xZ",
+                                  "2020-01-01T09:40:18.527+01:00", "2020-01-01T09:40:18"])
+def test_dotdigitals_own_form_is_read_as_the_general_path_reads_it(text: str) -> None:
+    general = text.replace("Z", "+00:00")  # the same time, not in the fast path's form
+    try:
+        expected: datetime | type[ValueError] = parse_datetime(general)
+    except ValueError:
+        expected = ValueError
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            parse_datetime(text)
+    else:
+        assert parse_datetime(text) == expected
+        assert parse_datetime(text).tzinfo is UTC
+
+
 def test_opt_in_records_keep_the_wire_spelling_date_modifed() -> None:
     parsed = parse_contact_opt_ins({
         "contact": {"id": 5, "email": "a@example.com", "status": "Subscribed"},
