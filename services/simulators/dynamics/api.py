@@ -31,7 +31,7 @@ import orjson
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from .metadata import csdl, entity_definitions, service_document
-from .odata import MAX_PAGE, QueryOptions, page_size, parse_options, parse_select
+from .odata import MAX_PAGE, QueryOptions, page_size, parse_options
 from .paging import (
     Cookie,
     decode_deltatoken,
@@ -69,6 +69,7 @@ from .writes import Writes, parse_guid, parse_ref
 
 TRACKING_REFUSED = ("$filter", "$orderby", "$expand", "$top")
 CHANGE_TRACKING_NOT_ENABLED = "0x80072491"
+_WRITE_OPTIONS = frozenset({"$select"})
 # What each kind of request asks of a table, as the platform names the message.
 _MESSAGES = {("collection", "POST"): "Create", ("entity", "GET"): "Retrieve",
              ("entity", "PATCH"): "Update", ("entity", "DELETE"): "Delete"}
@@ -361,24 +362,29 @@ class Api:
 
     # -- writes ----------------------------------------------------------------------------------
 
-    def _written(self, call: Call, schema: TableSchema, row: Row, *, created: bool) -> Result:
-        entity_id = f"{call.service_root}/{schema.entity_set}({row[schema.pk]})"
-        if "return" in call.prefer() and call.prefer()["return"] == "representation":
-            select = parse_select(call.query["$select"], schema) if "$select" in call.query \
-                else None
+    def _written(self, call: Call, schema: TableSchema, row: Row, *, created: bool,
+                 select: list[str] | None) -> Result:
+        """The answer to a write; ``select`` is the request's ``$select``, parsed."""
+        if call.prefer().get("return") == "representation":
             etag = f'W/"{row["versionnumber"]}"'
             return self._entity_result(
                 call, schema, row, select, status=201 if created else 200,
                 headers={"ETag": etag, "Preference-Applied": "return=representation"})
+        entity_id = f"{call.service_root}/{schema.entity_set}({row[schema.pk]})"
         return empty_result(204, {"OData-EntityId": entity_id})
 
+    def _write_select(self, call: Call, schema: TableSchema) -> list[str] | None:
+        """A write's ``$select`` (its only query option), checked before anything is written."""
+        return parse_options(call.query, schema, related=self.related,
+                             allowed=_WRITE_OPTIONS).select
+
     def create(self, call: Call, schema: TableSchema) -> Result:
-        parse_options(call.query, schema, related=self.related, allowed=frozenset({"$select"}))
+        select = self._write_select(call, schema)
         row = self.writes.create(schema, _body(call))
-        return self._written(call, schema, row, created=True)
+        return self._written(call, schema, row, created=True, select=select)
 
     def patch(self, call: Call, schema: TableSchema, row_id: str) -> Result:
-        parse_options(call.query, schema, related=self.related, allowed=frozenset({"$select"}))
+        select = self._write_select(call, schema)
         body = _body(call)
         table = self.store.tables[schema.entity_set]
         exists = row_id in table.rows
@@ -389,14 +395,14 @@ class Api:
                 raise ApiError(412, DUPLICATE_RECORD,
                                "A record with matching key values already exists.")
             row = self.writes.create(schema, body, row_id=row_id)
-            return self._written(call, schema, row, created=True)
+            return self._written(call, schema, row, created=True, select=select)
         if if_match:
             self._match(schema, row_id, if_match)
         if exists:
             row = self.writes.update(schema, row_id, body)
-            return self._written(call, schema, row, created=False)
+            return self._written(call, schema, row, created=False, select=select)
         row = self.writes.create(schema, body, row_id=row_id)
-        return self._written(call, schema, row, created=True)
+        return self._written(call, schema, row, created=True, select=select)
 
     def _match(self, schema: TableSchema, row_id: str, if_match: str) -> None:
         row = self._row(schema, row_id)

@@ -23,7 +23,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import orjson
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from .api import Api
 from .protocol import ApiError, Call, Result, make_call, new_guid, query_error
@@ -31,6 +31,7 @@ from .routes import VERSIONS, Target
 from .schema import TABLES
 
 MAX_OPERATIONS = 1000
+_QUERIES_KEPT = 256
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _WEB_API_PATH = re.compile(r"^/api/data/(v9\.[0-2])/(.*)$")
 
@@ -45,7 +46,7 @@ class Part:
     content_id: str | None  # the MIME part's Content-ID, else the request's
     method: str = ""
     url: str = ""
-    request_headers: CIMultiDict[str] | None = None
+    request_headers: CIMultiDictProxy[str] | None = None
     body: bytes = b""
     changeset: list[Part] | None = None
 
@@ -110,7 +111,11 @@ def _boundary(content_type: str) -> str:
     return m.group(1)
 
 
-def parse_parts(body: bytes, content_type: str, *, nested: bool = False) -> list[Part]:
+def parse_parts(body: bytes, content_type: str, *, nested: bool = False,
+                seen_heads: dict[str, CIMultiDictProxy[str]] | None = None) -> list[Part]:
+    # Request headers by their text: a client sends the same headers with most operations, so
+    # each distinct set is parsed once per batch (a read-only proxy, shared by its parts).
+    heads: dict[str, CIMultiDictProxy[str]] = {} if seen_heads is None else seen_heads
     parts = []
     for chunk in split_multipart(body, _boundary(content_type)):
         head, content = _split_head(chunk)
@@ -121,16 +126,22 @@ def parse_parts(body: bytes, content_type: str, *, nested: bool = False) -> list
             if nested:
                 raise _bad("Change sets can't be nested.")
             parts.append(Part(content_id=headers.get("content-id"),
-                              changeset=parse_parts(content, ctype, nested=True)))
+                              changeset=parse_parts(content, ctype, nested=True,
+                                                    seen_heads=heads)))
             continue
         if not kind.startswith("application/http"):
             raise _bad(f"A batch part must be application/http, not '{ctype}'.")
         req_head, req_body = _split_head(content)
-        lines = req_head.decode("utf-8", "replace").splitlines()
+        text = req_head.decode("utf-8", "replace")
+        lines = text.splitlines()
         words = lines[0].split() if lines else []
         if len(words) < 2:
             raise _bad("A batch part has no request line.")
-        req_headers = CIMultiDict(_header_pairs(lines[1:]))
+        header_text = text[len(lines[0]):]  # the lines after the request line, as sent
+        req_headers = heads.get(header_text)
+        if req_headers is None:
+            req_headers = heads[header_text] = CIMultiDictProxy(
+                CIMultiDict(_header_pairs(lines[1:])))
         parts.append(Part(content_id=headers.get("content-id") or req_headers.get("Content-ID"),
                           method=words[0].upper(), url=words[1], request_headers=req_headers,
                           body=req_body.rstrip(b"\r\n")))
@@ -179,6 +190,7 @@ class Batch:
         self.api = api
         self.record = record
         self.fault = fault
+        self._queries: dict[str, MultiDictProxy[str]] = {}  # parsed query texts
 
     def run(self, call: Call) -> Result:
         if call.method != "POST":
@@ -307,20 +319,30 @@ class Batch:
                 changed = True
         return orjson.dumps(data) if changed else body
 
-    @staticmethod
-    def _locate(outer: Call, url: str) -> tuple[str, str, MultiDict[str]]:
-        if url.startswith("/") and not url.startswith("//") and "?" not in url \
-                and "#" not in url:
-            path, query_text = url, ""  # a bare root-relative path: as urlsplit would find
+    def _locate(self, outer: Call, url: str) -> tuple[str, str, MultiDictProxy[str]]:
+        if url.startswith("/") and not url.startswith("//") and "#" not in url:
+            # a root-relative path: as urlsplit would split it
+            path, _, query_text = url.partition("?")
         else:
             split = urlsplit(url)
             path, query_text = split.path, split.query
         if not path.startswith("/"):
             path = f"/api/data/{outer.version}/{path}"
-        m = _WEB_API_PATH.match(unquote(path))
-        if m is None or m.group(1) not in VERSIONS:
-            raise query_error(f"The URL '{url}' in the batch is not a Web API URL.", status=404)
-        query: MultiDict[str] = MultiDict(
-            parse_qsl(query_text, keep_blank_values=True) if query_text else ())
-        return m.group(1), m.group(2), query
-
+        if "%" not in path and path.startswith("/api/data/") and path[14:15] == "/" \
+                and path[10:14] in VERSIONS:
+            version, tail = path[10:14], path[15:]  # as the pattern below reads a plain path
+        else:
+            m = _WEB_API_PATH.match(unquote(path))
+            if m is None or m.group(1) not in VERSIONS:
+                raise query_error(f"The URL '{url}' in the batch is not a Web API URL.",
+                                  status=404)
+            version, tail = m.group(1), m.group(2)
+        query = self._queries.get(query_text)
+        if query is None:
+            # Most operations of a batch ask the same options: parse each text once (a
+            # read-only proxy, so sharing it is safe).
+            if len(self._queries) >= _QUERIES_KEPT:
+                self._queries.clear()
+            query = self._queries[query_text] = MultiDictProxy(MultiDict(
+                parse_qsl(query_text, keep_blank_values=True) if query_text else ()))
+        return version, tail, query

@@ -56,9 +56,12 @@ _SET = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\(([^/]*)\))?(?:/(.*))?$")
 _NAV = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)(?:\(([^/]*)\))?(?:/(.*))?$")
 
 
+def _unknown(root: str, tail: str) -> Target:
+    return Target("unknown", f"{root}/{{tail}}", rest=tail)
+
+
 def resolve(version: str, tail: str) -> Target:
     root = f"/api/data/{version}"
-    unknown = Target("unknown", f"{root}/{{tail}}", rest=tail)
     if tail == "":
         return Target("service", f"{root}/")
     if tail in ("$metadata", "$batch"):
@@ -66,14 +69,14 @@ def resolve(version: str, tail: str) -> Target:
     if tail.startswith("EntityDefinitions"):
         m = re.match(r"^EntityDefinitions(?:\(([^)]*)\))?(/.+)?$", tail)
         if m is None:
-            return unknown
+            return _unknown(root, tail)
         name = f"{root}/EntityDefinitions" + ("({key})" if m.group(1) is not None else "")
         if m.group(2):
             name += "/{rest}"
         return Target("entitydefs", name, rest=tail)
     m = _SET.match(tail)
     if m is None or m.group(1) not in TABLES:
-        return unknown
+        return _unknown(root, tail)
     entity_set, key, rest = m.group(1), m.group(2), m.group(3)
     base = f"{root}/{entity_set}"
     if key is None:
@@ -83,7 +86,7 @@ def resolve(version: str, tail: str) -> Target:
             return Target("count", f"{base}/$count", entity_set)
         if rest.startswith("Microsoft.Dynamics.CRM.") and rest[23:] in SET_ACTIONS:
             return Target("set_action", f"{base}/{rest}", entity_set, action=rest[23:])
-        return unknown
+        return _unknown(root, tail)
     if rest is None:
         return Target("entity", f"{base}({{key}})", entity_set, key)
     if (entity_set == "lists" and rest.startswith("Microsoft.Dynamics.CRM.")
@@ -91,7 +94,7 @@ def resolve(version: str, tail: str) -> Target:
         return Target("action", f"{base}({{key}})/{rest}", entity_set, key, action=rest[23:])
     n = _NAV.match(rest)
     if n is None:
-        return unknown
+        return _unknown(root, tail)
     nav, nav_key, after = n.group(1), n.group(2), n.group(3)
     if after == "$ref":
         if nav_key is None:
