@@ -232,7 +232,9 @@ class Batch:
         out: list[bytes] = []
         # Only a "$..." URL or body value reads ``ids``: without one (a change set per write,
         # as most clients send), what each part created need not be looked up.
-        referring = any(p.url.startswith("$") or b'"$' in p.body for p in parts)
+        # (A lone operation has no later one to refer to it.)
+        referring = len(parts) > 1 and any(p.url.startswith("$") or b'"$' in p.body
+                                           for p in parts)
         try:
             with self.api.store.atomic():
                 for part in parts:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
+from types import TracebackType
 from typing import Any
 
 from sortedcontainers import SortedList, SortedSet  # type: ignore[import-untyped]
@@ -182,6 +182,36 @@ class Table:
                                    strict=True))
 
 
+class _Atomic:
+    """The context of :meth:`Store.atomic` (a class: a generator-based context manager costs
+    more, and a batch enters one per change set)."""
+
+    __slots__ = ("journal", "mark", "outer", "store")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.journal: list[tuple[Any, ...]] = []
+
+    def __enter__(self) -> None:
+        store = self.store
+        self.outer = store._journal is None
+        if self.outer:
+            store._journal = []
+        journal = store._journal
+        assert journal is not None
+        self.journal = journal
+        self.mark = len(journal)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if kind is not None:
+                self.store._undo(self.journal, self.mark)
+        finally:
+            if self.outer:
+                self.store._journal = None
+
+
 class Store:
     """Every table, list membership, and the one version counter all writes share."""
 
@@ -263,23 +293,9 @@ class Store:
         if self._journal is not None:
             self._journal.append(entry)
 
-    @contextmanager
-    def atomic(self) -> Iterator[None]:
+    def atomic(self) -> _Atomic:
         """All writes inside succeed together, or are undone if the block raises."""
-        outer = self._journal is None
-        if outer:
-            self._journal = []
-        journal = self._journal
-        assert journal is not None
-        mark = len(journal)
-        try:
-            yield
-        except BaseException:
-            self._undo(journal, mark)
-            raise
-        finally:
-            if outer:
-                self._journal = None
+        return _Atomic(self)
 
     def _undo(self, journal: list[tuple[Any, ...]], mark: int) -> None:
         saved, self._journal = self._journal, None

@@ -57,6 +57,9 @@ _CANONICAL_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 _REF = re.compile(r"(?:^|/)([A-Za-z_][A-Za-z0-9_]*)\(([0-9A-Fa-f-]{36})\)$")
 _DEFAULT_FALSE = ("donotbulkemail", "donotemail", "type", "psync_emailactivated",
                   "psync_ispublic", "psync_iscategory")
+# A subscription's record lookups: (navigation property, its value column, the target table).
+_RECORD_COLUMNS = tuple((nav, f"_{nav}_value", TABLES[SUBSCRIPTIONS.lookups[nav].target])
+                        for nav in SUBSCRIPTION_RECORD_LOOKUPS)
 
 
 def parse_guid(text: str) -> str:
@@ -68,14 +71,50 @@ def parse_guid(text: str) -> str:
         raise query_error(f"Unrecognized 'Edm.Guid' literal '{text}'.") from None
 
 
+# Valid references already read: a batch binds the same few rows (its preferences) over and over.
+_REFS: dict[str, tuple[str, str]] = {}
+_REFS_KEPT = 4096
+
+
 def parse_ref(value: Any) -> tuple[str, str]:
     """``(entity set, id)`` from an ``@odata.bind`` / ``@odata.id`` value (relative or absolute)."""
+    if isinstance(value, str):
+        known = _REFS.get(value)
+        if known is not None:
+            return known
+    ref = _parse_ref(value)
+    if len(_REFS) >= _REFS_KEPT:
+        _REFS.clear()
+    _REFS[value] = ref
+    return ref
+
+
+def _parse_ref(value: Any) -> tuple[str, str]:
     if not isinstance(value, str):
         raise query_error("An entity reference must be a string URL such as '/contacts(<id>)'.")
     m = _REF.search(value.split("?")[0])
     if m is None:
         raise query_error(f"The URL '{value}' is not a valid entity reference.")
     return m.group(1), parse_guid(m.group(2))
+
+
+_BLANK_ROWS: dict[str, tuple[TableSchema, Row]] = {}
+
+
+def _blank_row(schema: TableSchema) -> Row:
+    """A new row of ``schema`` before the body's values: every column null but the defaults
+    (built once per table; callers copy it)."""
+    known = _BLANK_ROWS.get(schema.entity_set)
+    if known is not None and known[0] is schema:
+        return known[1]
+    row: Row = dict.fromkeys(schema.columns)
+    for col in _DEFAULT_FALSE:
+        if col in row:
+            row[col] = False
+    row["statecode"] = 0
+    row["statuscode"] = schema.default_status(0)
+    _BLANK_ROWS[schema.entity_set] = (schema, row)
+    return row
 
 
 def _validation(message: str) -> ApiError:
@@ -194,13 +233,8 @@ class Writes:
         table = self.store.tables[schema.entity_set]
         if row_id in table.rows:
             raise ApiError(412, DUPLICATE_RECORD, "A record with matching key values already exists.")
-        row: Row = dict.fromkeys(schema.columns)
-        for col in _DEFAULT_FALSE:
-            if col in row:
-                row[col] = False
+        row: Row = _blank_row(schema).copy()
         row[schema.pk] = row_id
-        row["statecode"] = 0
-        row["statuscode"] = schema.default_status(0)
         row.update(changes)
         self._settle_state(schema, row, changes, row_id)
         row["createdon"] = self.now().replace(microsecond=0)
@@ -272,7 +306,7 @@ class Writes:
             self._check_subscription(row, old)
 
     def _check_subscription(self, row: Row, old: Row | None) -> None:
-        bound = [n for n in SUBSCRIPTION_RECORD_LOOKUPS if row.get(f"_{n}_value") is not None]
+        bound = [nav for nav, column, _ in _RECORD_COLUMNS if row.get(column) is not None]
         if len(bound) != 1:
             raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription must refer to "
                            "exactly one contact, lead or account (psync_contactid, psync_leadid "
@@ -297,11 +331,10 @@ class Writes:
                            "and try again.")
 
     def _check_record_editable(self, row: Row) -> None:
-        for nav in SUBSCRIPTION_RECORD_LOOKUPS:
-            ref = row.get(f"_{nav}_value")
+        for _, column, target in _RECORD_COLUMNS:
+            ref = row.get(column)
             if ref is None:
                 continue
-            target = TABLES[SUBSCRIPTIONS.lookups[nav].target]
             record = self.store.tables[target.entity_set].rows.get(ref)
             if record is not None and record.get("statecode") in target.read_only_states:
                 raise ApiError(400, PLUGIN_ERROR,
