@@ -31,7 +31,7 @@ import orjson
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from .metadata import csdl, entity_definitions, service_document
-from .odata import MAX_PAGE, QueryOptions, page_size, parse_options
+from .odata import MAX_PAGE, QueryOptions, page_size, parse_options, parse_select
 from .paging import (
     Cookie,
     decode_deltatoken,
@@ -375,6 +375,11 @@ class Api:
 
     def _write_select(self, call: Call, schema: TableSchema) -> list[str] | None:
         """A write's ``$select`` (its only query option), checked before anything is written."""
+        query = call.query
+        if not query:
+            return None
+        if len(query) == 1 and "$select" in query:  # what parse_options would do with it
+            return parse_select(query["$select"], schema)
         return parse_options(call.query, schema, related=self.related,
                              allowed=_WRITE_OPTIONS).select
 

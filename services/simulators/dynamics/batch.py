@@ -77,10 +77,15 @@ def _header_pairs(lines: list[str]) -> list[tuple[str, str]]:
 
 def _mime_headers(head: bytes) -> dict[str, str]:
     """A part's MIME headers by lower-cased name, the first of a repeated one (only two are
-    read, so a plain dict does: cheaper than a multidict per part)."""
+    read, so a plain dict does: cheaper than a multidict per part). As _header_pairs reads
+    the lines."""
     out: dict[str, str] = {}
-    for name, value in _header_pairs(head.decode("utf-8", "replace").splitlines()):
-        out.setdefault(name.lower(), value)
+    for line in head.decode("utf-8", "replace").splitlines():
+        name, colon, value = line.partition(":")
+        if colon:
+            key = name.strip().lower()
+            if key not in out:
+                out[key] = value.strip()
     return out
 
 
@@ -191,6 +196,7 @@ class Batch:
         self.record = record
         self.fault = fault
         self._queries: dict[str, MultiDictProxy[str]] = {}  # parsed query texts
+        self._stem, self._changesets = "", 0  # the running batch's change set boundaries
 
     def run(self, call: Call) -> Result:
         if call.method != "POST":
@@ -207,6 +213,7 @@ class Batch:
             raise _bad(f"The number of requests in a batch can't exceed {MAX_OPERATIONS}; "
                        f"this batch has {total}.")
         keep_going = "odata.continue-on-error" in call.prefer()
+        self._stem, self._changesets = new_guid()[:24], 0
         rendered: list[bytes] = []
         for part in parts:
             if part.changeset is not None:
@@ -254,9 +261,20 @@ class Batch:
                     out.append(_http_part(result, content_id=cid))
         except _ChangeSetFailed as failed:
             return False, failed.part
-        boundary = f"changesetresponse_{new_guid()}"
-        head = f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode()
-        return True, head + _multipart(out, boundary).rstrip(b"\r\n")
+        boundary = f"changesetresponse_{self._changeset_guid()}"
+        head = f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n"
+        if not out:
+            return True, head.encode() + _multipart(out, boundary).rstrip(b"\r\n")
+        # as _multipart lays the parts out, less its closing line break, in one join
+        return True, (f"{head}--{boundary}\r\n".encode()
+                      + f"\r\n--{boundary}\r\n".encode().join(out)
+                      + f"\r\n--{boundary}--".encode())
+
+    def _changeset_guid(self) -> str:
+        """A GUID for a change set response's boundary: the batch's random stem and a count
+        (unique within the answer, as unguessable as the stem; cheaper than a GUID each)."""
+        self._changesets += 1
+        return f"{self._stem}{self._changesets:012x}"
 
     def _entity_url(self, call: Call, part: Part, result: Result) -> str | None:
         if result.status != 201 or not result.body:

@@ -138,8 +138,25 @@ def _split_unquoted(value: str) -> list[str]:
     return parts
 
 
+# Preferences by the header values that gave them: clients send the same few, and every
+# operation of a batch carries them. Shared: read-only for callers.
+_PREFERS: dict[tuple[str, ...], dict[str, str]] = {}
+_PREFERS_KEPT = 256
+
+
 def parse_prefer(values: list[str]) -> dict[str, str]:
-    """``Prefer`` preferences from one or more headers; commas inside quotes don't split."""
+    """``Prefer`` preferences from one or more headers; commas inside quotes don't split.
+    The answer is shared: read-only for callers."""
+    key = tuple(values)
+    prefs = _PREFERS.get(key)
+    if prefs is None:
+        if len(_PREFERS) >= _PREFERS_KEPT:
+            _PREFERS.clear()
+        prefs = _PREFERS[key] = _parse_prefer(values)
+    return prefs
+
+
+def _parse_prefer(values: list[str]) -> dict[str, str]:
     prefs: dict[str, str] = {}
     for value in values:
         for part in _split_unquoted(value):

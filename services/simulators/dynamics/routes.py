@@ -74,6 +74,12 @@ def resolve(version: str, tail: str) -> Target:
         if m.group(2):
             name += "/{rest}"
         return Target("entitydefs", name, rest=tail)
+    if tail in TABLES:  # a collection, as the pattern below reads it
+        return Target("collection", f"{root}/{tail}", tail)
+    if tail.endswith(")") and "/" not in tail and "\n" not in tail:
+        name, _, key = tail.partition("(")
+        if name in TABLES:  # a row, as the pattern below reads it
+            return Target("entity", f"{root}/{name}({{key}})", name, key[:-1])
     m = _SET.match(tail)
     if m is None or m.group(1) not in TABLES:
         return _unknown(root, tail)

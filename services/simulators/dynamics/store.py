@@ -73,8 +73,10 @@ class Table:
     def _index(self, row_id: str, row: Row) -> None:
         self.changes.add((row["versionnumber"], row_id))
         self.by_modified.add((row["modifiedon"], row_id))
-        for index, k in self._filed_under(row):
-            index.setdefault(k, set()).add(row_id)
+        for col, index in self.indexes.items():  # as _filed_under, without a generator
+            value = row.get(col)
+            if value is not None:
+                index.setdefault(index_key(value), set()).add(row_id)
         key = self.unique_key(row)
         if key is not None:
             self.unique[key] = row_id
