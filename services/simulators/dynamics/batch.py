@@ -110,6 +110,23 @@ def split_multipart(body: bytes, boundary: str) -> list[bytes]:
 
 
 def _boundary(content_type: str) -> str:
+    if content_type.isascii():  # (lower-casing keeps ASCII text's offsets)
+        # as the pattern reads it: the first 'boundary=' followed by a value
+        lowered = content_type.lower()
+        start = lowered.find("boundary=")
+        while start >= 0:
+            begin = start + 9
+            if content_type.startswith('"', begin):
+                begin += 1
+            end = len(content_type)
+            for stop in ('"', ";"):
+                at = content_type.find(stop, begin)
+                if 0 <= at < end:
+                    end = at
+            if end > begin:
+                return content_type[begin:end]
+            start = lowered.find("boundary=", start + 1)
+        raise _bad("The batch Content-Type needs a boundary parameter.")
     m = _BOUNDARY.search(content_type)
     if m is None:
         raise _bad("The batch Content-Type needs a boundary parameter.")
@@ -169,16 +186,15 @@ def _phrase(status: int) -> str:
 
 
 def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
-    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    head = "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
     if content_id is not None:
-        lines.append(f"Content-ID: {content_id}")
-    lines += ["", f"HTTP/1.1 {result.status} {_phrase(result.status)}"]
+        head += f"Content-ID: {content_id}\r\n"
+    head += f"\r\nHTTP/1.1 {result.status} {_phrase(result.status)}\r\n"
     for name, value in result.headers.items():
         if get and name.lower() == "content-type" and value.startswith("application/json"):
             value += "; odata.streaming=true"
-        lines.append(f"{name}: {value}")
-    lines += ["", ""]
-    return "\r\n".join(lines).encode() + result.body
+        head += f"{name}: {value}\r\n"
+    return (head + "\r\n").encode() + result.body
 
 
 def _multipart(parts: list[bytes], boundary: str) -> bytes:
