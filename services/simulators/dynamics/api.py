@@ -31,7 +31,7 @@ import orjson
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from .metadata import csdl, entity_definitions, service_document
-from .odata import MAX_PAGE, QueryOptions, page_size, parse_options, parse_select
+from .odata import MAX_PAGE, Expand, QueryOptions, page_size, parse_options, parse_select
 from .paging import (
     Cookie,
     decode_deltatoken,
@@ -70,6 +70,7 @@ from .writes import Writes, parse_guid, parse_ref
 TRACKING_REFUSED = ("$filter", "$orderby", "$expand", "$top")
 CHANGE_TRACKING_NOT_ENABLED = "0x80072491"
 _WRITE_OPTIONS = frozenset({"$select"})
+_CONTEXTS_KEPT = 256
 # What each kind of request asks of a table, as the platform names the message.
 _MESSAGES = {("collection", "POST"): "Create", ("entity", "GET"): "Retrieve",
              ("entity", "PATCH"): "Update", ("entity", "DELETE"): "Delete"}
@@ -102,6 +103,7 @@ class Api:
         self.writes = writes
         self.now = now
         self.retention = retention
+        self._contexts: dict[tuple[str, str, str, tuple[str, ...]], str] = {}
 
     def related(self, entity_set: str, row_id: str) -> Row | None:
         return self.store.tables[entity_set].rows.get(row_id)
@@ -319,11 +321,26 @@ class Api:
                        opts: QueryOptions | None = None, status: int = 200,
                        headers: dict[str, str] | None = None) -> Result:
         expand = opts.expand if opts else None
-        fragment = context_fragment(schema.entity_set, select, expand)
         annotate = annotations_wanted(call.prefer())
-        body = {"@odata.context": f"{call.service_root}/$metadata#{fragment}/$entity",
+        body = {"@odata.context": self._entity_context(call, schema, select, expand),
                 **shape(row, schema, select, expand, self.store, annotate)}
         return json_result(body, status=status, headers=headers)
+
+    def _entity_context(self, call: Call, schema: TableSchema, select: list[str] | None,
+                        expand: list[Expand] | None) -> str:
+        """``@odata.context`` of one row; without ``$expand`` remembered per root, table and
+        ``$select`` (every write of a batch answers with the same one)."""
+        if expand:
+            fragment = context_fragment(schema.entity_set, select, expand)
+            return f"{call.service_root}/$metadata#{fragment}/$entity"
+        key = (call.origin, call.version, schema.entity_set, tuple(select) if select else ())
+        context = self._contexts.get(key)
+        if context is None:
+            if len(self._contexts) >= _CONTEXTS_KEPT:
+                self._contexts.clear()
+            fragment = context_fragment(schema.entity_set, select)
+            context = self._contexts[key] = f"{call.service_root}/$metadata#{fragment}/$entity"
+        return context
 
     def get_nav(self, call: Call, schema: TableSchema, row_id: str, nav: str) -> Result:
         row = self._row(schema, row_id)

@@ -27,7 +27,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from .api import Api
 from .protocol import ApiError, Call, Result, make_call, new_guid, query_error
-from .routes import VERSIONS, Target
+from .routes import VERSIONS, Target, resolve
 from .schema import TABLES
 
 MAX_OPERATIONS = 1000
@@ -314,7 +314,7 @@ class Batch:
         call = make_call(method=part.method, version=version, tail=tail, query=query,
                          headers=part.request_headers, body=body, origin=outer.origin,
                          client_id=outer.client_id, in_batch=True)
-        target: Target = self.api.target(call)
+        target: Target = resolve(version, tail)  # as Api.target
         path = f"/api/data/{version}/{tail}"
         if target.kind == "batch":
             result = query_error("A $batch can't contain another $batch.").result()

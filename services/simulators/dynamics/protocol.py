@@ -74,7 +74,7 @@ def not_found(logical: str, key: str) -> ApiError:
     return ApiError(404, OBJECT_DOES_NOT_EXIST, f"Entity '{logical}' With Id = {key} Does Not Exist")
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One Web API request, from the wire or from inside a ``$batch``."""
 
@@ -101,7 +101,7 @@ class Call:
         return self._prefer
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     status: int
     body: bytes = b""
@@ -109,7 +109,7 @@ class Result:
 
 
 def json_result(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> Result:
-    out = {"Content-Type": JSON_TYPE, **ODATA_HEADERS}
+    out = {"Content-Type": JSON_TYPE, "OData-Version": "4.0"}  # ODATA_HEADERS, spelt out
     if headers:
         out.update(headers)
     return Result(status, orjson.dumps(body, option=orjson.OPT_UTC_Z), out)

@@ -58,7 +58,7 @@ class Table:
         if not self.schema.unique:
             return None
         # unique columns are lookups: GUIDs, stored lower-cased by every write
-        return tuple([row.get(c) for c in self.schema.unique])
+        return tuple(map(row.get, self.schema.unique))
 
     def lookup(self, column: str, value: Any) -> set[str]:
         return self.indexes[column].get(index_key(value), set())
@@ -73,10 +73,12 @@ class Table:
     def _index(self, row_id: str, row: Row) -> None:
         self.changes.add((row["versionnumber"], row_id))
         self.by_modified.add((row["modifiedon"], row_id))
-        for col, index in self.indexes.items():  # as _filed_under, without a generator
+        for col, index in self.indexes.items():  # as _filed_under, inline
             value = row.get(col)
             if value is not None:
-                index.setdefault(index_key(value), set()).add(row_id)
+                if isinstance(value, str):  # (index_key)
+                    value = value.lower()
+                index.setdefault(value, set()).add(row_id)
         key = self.unique_key(row)
         if key is not None:
             self.unique[key] = row_id

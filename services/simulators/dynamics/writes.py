@@ -98,6 +98,19 @@ def _parse_ref(value: Any) -> tuple[str, str]:
     return m.group(1), parse_guid(m.group(2))
 
 
+_CHOICE_VALUES: dict[int, tuple[Column, frozenset[int]]] = {}
+
+
+def _choice_values(col: Column) -> frozenset[int]:
+    """The values a choice column accepts (built once per column)."""
+    known = _CHOICE_VALUES.get(id(col))
+    if known is not None and known[0] is col:
+        return known[1]
+    values = frozenset(c for c, _ in col.choices)
+    _CHOICE_VALUES[id(col)] = (col, values)
+    return values
+
+
 _BLANK_ROWS: dict[str, tuple[TableSchema, Row]] = {}
 
 
@@ -151,12 +164,12 @@ class Writes:
         if col.max_length is not None and len(value) > col.max_length:
             raise _validation(f"The length of the '{col.name}' attribute of the '{schema.logical}' "
                               f"entity exceeded the maximum allowed length of '{col.max_length}'.")
-        if kind is Kind.CHOICE and col.choices and col.name not in ("statecode", "statuscode"):
+        if (kind is Kind.CHOICE and col.choices and col.name not in ("statecode", "statuscode")
+                and value not in _choice_values(col)):
             accepted = [c for c, _ in col.choices]
-            if value not in accepted:
-                raise _validation(
-                    f"The value {value} of '{col.name}' on record of type '{schema.logical}' is "
-                    f"outside the valid range. Accepted Values: {','.join(map(str, accepted))}")
+            raise _validation(
+                f"The value {value} of '{col.name}' on record of type '{schema.logical}' is "
+                f"outside the valid range. Accepted Values: {','.join(map(str, accepted))}")
         return value
 
     def _changes(self, schema: TableSchema, body: Any) -> dict[str, Any]:
