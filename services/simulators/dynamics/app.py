@@ -167,12 +167,12 @@ class DynamicsApp:
         self.control.stats.calls[f"{method} {route}"] += 1
         self.control.stats.statuses[str(status)] += 1
 
-    def _record_in_batch(self, method: str, route: str, status: int) -> None:
+    def _record_in_batch(self, method: str, route: str, status: int, times: int) -> None:
         stats = self.control.stats
         call = f"{method} {route}"
-        stats.calls[call] += 1
-        stats.statuses[str(status)] += 1
-        stats.in_batches[call] += 1
+        stats.calls[call] += times
+        stats.statuses[str(status)] += times
+        stats.in_batches[call] += times
 
     def _fault(self, method: str, path: str) -> Result | None:
         faults = self.control.faults

@@ -35,7 +35,7 @@ _QUERIES_KEPT = 256
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _WEB_API_PATH = re.compile(r"^/api/data/(v9\.[0-2])/(.*)$")
 
-Record = Callable[[str, str, int], None]  # method, route name, status
+Record = Callable[[str, str, int, int], None]  # method, route name, status, how many times
 Fault = Callable[[str, str], Result | None]  # method, path -> injected failure
 
 
@@ -200,10 +200,12 @@ def _http_part(result: Result, *, content_id: str | None = None, get: bool = Fal
 def _multipart(parts: list[bytes], boundary: str) -> bytes:
     # One join: appending to a bytes object copies everything so far each time (quadratic in
     # the number of parts).
-    delimiter = f"--{boundary}\r\n".encode()
-    out = [delimiter + part for part in parts]
-    out.append(f"--{boundary}--\r\n".encode())
-    return b"\r\n".join(out)
+    close = f"--{boundary}--\r\n".encode()
+    if not parts:
+        return close
+    # "--B\r\n" part "\r\n--B\r\n" part ... "\r\n--B--\r\n"
+    return (f"--{boundary}\r\n".encode() + f"\r\n--{boundary}\r\n".encode().join(parts)
+            + b"\r\n" + close)
 
 
 class Batch:
@@ -213,6 +215,7 @@ class Batch:
         self.fault = fault
         self._queries: dict[str, MultiDictProxy[str]] = {}  # parsed query texts
         self._stem, self._changesets = "", 0  # the running batch's change set boundaries
+        self._tally: dict[tuple[str, str, int], int] = {}  # its operations by method, route, status
 
     def run(self, call: Call) -> Result:
         if call.method != "POST":
@@ -230,6 +233,16 @@ class Batch:
                        f"this batch has {total}.")
         keep_going = "odata.continue-on-error" in call.prefer()
         self._stem, self._changesets = new_guid()[:24], 0
+        self._tally = {}
+        try:
+            return self._run(call, parts, keep_going=keep_going)
+        finally:
+            # the operations are counted once the batch is done (once per kind, not each)
+            for (method, route, status), times in self._tally.items():
+                self.record(method, route, status, times)
+            self._tally = {}
+
+    def _run(self, call: Call, parts: list[Part], *, keep_going: bool) -> Result:
         rendered: list[bytes] = []
         for part in parts:
             if part.changeset is not None:
@@ -321,7 +334,8 @@ class Batch:
         else:
             injected = self.fault(part.method, path)
             result = injected if injected is not None else self.api.handle(call, target)
-        self.record(part.method, target.template, result.status)
+        key = (part.method, target.template, result.status)
+        self._tally[key] = self._tally.get(key, 0) + 1
         return result
 
     @staticmethod

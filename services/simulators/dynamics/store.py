@@ -78,7 +78,11 @@ class Table:
             if value is not None:
                 if isinstance(value, str):  # (index_key)
                     value = value.lower()
-                index.setdefault(value, set()).add(row_id)
+                ids = index.get(value)
+                if ids is None:
+                    index[value] = {row_id}
+                else:
+                    ids.add(row_id)
         key = self.unique_key(row)
         if key is not None:
             self.unique[key] = row_id
@@ -114,7 +118,11 @@ class Table:
                 if not ids:
                     del index[old_key]
             if new_key is not None:
-                index.setdefault(new_key, set()).add(row_id)
+                moved = index.get(new_key)
+                if moved is None:
+                    index[new_key] = {row_id}
+                else:
+                    moved.add(row_id)
         old_unique, new_unique = self.unique_key(old), self.unique_key(row)
         if old_unique != new_unique and old_unique is not None \
                 and self.unique.get(old_unique) == row_id:

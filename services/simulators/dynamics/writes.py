@@ -212,9 +212,9 @@ class Writes:
             changes[key] = self._coerce(schema, col, value)
         return changes
 
-    def _stamp(self, row: Row) -> None:
+    def _stamp(self, row: Row, at: datetime | None) -> None:
         row["versionnumber"] = self.store.next_version()
-        row["modifiedon"] = self.now().replace(microsecond=0)
+        row["modifiedon"] = at or self.now().replace(microsecond=0)
 
     def _settle_state(self, schema: TableSchema, row: Row, changes: dict[str, Any],
                       row_id: str) -> None:
@@ -250,8 +250,9 @@ class Writes:
         row[schema.pk] = row_id
         row.update(changes)
         self._settle_state(schema, row, changes, row_id)
-        row["createdon"] = self.now().replace(microsecond=0)
-        return self._save(schema, row_id, row, old=None)
+        # one clock reading: a new row's createdon and modifiedon are the same instant
+        row["createdon"] = created = self.now().replace(microsecond=0)
+        return self._save(schema, row_id, row, old=None, at=created)
 
     def update(self, schema: TableSchema, row_id: str, body: Any) -> Row:
         table = self.store.tables[schema.entity_set]
@@ -269,12 +270,13 @@ class Writes:
         row = dict(old)
         row.update(changes)
         self._settle_state(schema, row, changes, row_id)
-        return self._save(schema, row_id, row, old=old)
+        return self._save(schema, row_id, row, old=old, at=None)
 
-    def _save(self, schema: TableSchema, row_id: str, row: Row, *, old: Row | None) -> Row:
+    def _save(self, schema: TableSchema, row_id: str, row: Row, *, old: Row | None,
+              at: datetime | None) -> Row:
         """Check a created (``old`` None) or updated row, stamp it, store it and tell of it."""
         self._check(schema, row, old)
-        self._stamp(row)
+        self._stamp(row, at)
         self.store.put(schema.entity_set, row_id, row)
         self.on_write()
         if self.on_row is not None:
