@@ -531,5 +531,7 @@ class Api:
 
 
 def _etags(header: str) -> set[str]:
+    if "," not in header:  # one tag, as clients mostly send
+        return {header.strip()}
     return {e.strip() for e in header.split(",")}
 

@@ -7,7 +7,7 @@ route) and produced here for operations inside a ``$batch`` (counted the same wa
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .schema import TABLES
 
@@ -16,8 +16,10 @@ LIST_ACTIONS = ("AddMemberList", "RemoveMemberList")
 SET_ACTIONS = ("UpdateMultiple",)
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
+    """What a path addresses (a named tuple: one is made per request, batch operations
+    included, and a frozen dataclass costs several times as much to make)."""
+
     kind: str  # service|metadata|batch|entitydefs|collection|count|set_action|entity|nav|ref|
     #            navref|action|unknown
     template: str  # the route name, e.g. /api/data/v9.2/contacts({key})

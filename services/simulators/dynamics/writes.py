@@ -334,7 +334,10 @@ class Writes:
                            "psync_status: 100000000 (Opted in) or 100000001 (Opted out).")
         if old is not None:
             self._check_record_editable(old)
-        self._check_record_editable(row)
+        # (the same records as before, just checked, need no second look)
+        if old is None or any(old.get(column) != row.get(column)
+                              for _, column, _ in _RECORD_COLUMNS):
+            self._check_record_editable(row)
         table = self.store.tables[SUBSCRIPTIONS.entity_set]
         key = table.unique_key(row)
         holder = table.unique.get(key) if key is not None else None
