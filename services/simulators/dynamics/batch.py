@@ -26,7 +26,7 @@ import orjson
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from .api import Api
-from .protocol import ApiError, Call, Result, make_call, new_guid, query_error
+from .protocol import ApiError, Call, Result, make_call, new_guid, parse_prefer, query_error
 from .routes import VERSIONS, Target, resolve
 from .schema import TABLES
 
@@ -47,6 +47,7 @@ class Part:
     method: str = ""
     url: str = ""
     request_headers: CIMultiDictProxy[str] | None = None
+    prefer: dict[str, str] | None = None  # the request headers' preferences
     body: bytes = b""
     changeset: list[Part] | None = None
 
@@ -133,11 +134,15 @@ def _boundary(content_type: str) -> str:
     return m.group(1)
 
 
+Heads = dict[str, tuple[CIMultiDictProxy[str], dict[str, str]]]
+
+
 def parse_parts(body: bytes, content_type: str, *, nested: bool = False,
-                seen_heads: dict[str, CIMultiDictProxy[str]] | None = None) -> list[Part]:
+                seen_heads: Heads | None = None) -> list[Part]:
     # Request headers by their text: a client sends the same headers with most operations, so
-    # each distinct set is parsed once per batch (a read-only proxy, shared by its parts).
-    heads: dict[str, CIMultiDictProxy[str]] = {} if seen_heads is None else seen_heads
+    # each distinct set is parsed once per batch (a read-only proxy, shared by its parts, and
+    # its preferences).
+    heads: Heads = {} if seen_heads is None else seen_heads
     parts = []
     for chunk in split_multipart(body, _boundary(content_type)):
         head, content = _split_head(chunk)
@@ -160,13 +165,14 @@ def parse_parts(body: bytes, content_type: str, *, nested: bool = False,
         if len(words) < 2:
             raise _bad("A batch part has no request line.")
         header_text = text[len(lines[0]):]  # the lines after the request line, as sent
-        req_headers = heads.get(header_text)
-        if req_headers is None:
-            req_headers = heads[header_text] = CIMultiDictProxy(
-                CIMultiDict(_header_pairs(lines[1:])))
+        known = heads.get(header_text)
+        if known is None:
+            proxy = CIMultiDictProxy(CIMultiDict(_header_pairs(lines[1:])))
+            known = heads[header_text] = (proxy, parse_prefer(proxy.getall("Prefer", [])))
+        req_headers, prefer = known
         parts.append(Part(content_id=headers.get("content-id") or req_headers.get("Content-ID"),
                           method=words[0].upper(), url=words[1], request_headers=req_headers,
-                          body=req_body.rstrip(b"\r\n")))
+                          prefer=prefer, body=req_body.rstrip(b"\r\n")))
     return parts
 
 
@@ -326,7 +332,7 @@ class Batch:
         assert part.request_headers is not None
         call = make_call(method=part.method, version=version, tail=tail, query=query,
                          headers=part.request_headers, body=body, origin=outer.origin,
-                         client_id=outer.client_id, in_batch=True)
+                         client_id=outer.client_id, in_batch=True, prefer=part.prefer)
         target: Target = resolve(version, tail)  # as Api.target
         path = f"/api/data/{version}/{tail}"
         if target.kind == "batch":

@@ -168,7 +168,12 @@ def _parse_prefer(values: list[str]) -> dict[str, str]:
 
 def make_call(*, method: str, version: str, tail: str, query: MultiMapping[str],
               headers: CIMultiDict[str] | CIMultiDictProxy[str], body: bytes, origin: str,
-              client_id: str, in_batch: bool = False) -> Call:
+              client_id: str, in_batch: bool = False,
+              prefer: dict[str, str] | None = None) -> Call:
+    """``prefer``: the headers' preferences if already parsed (as :meth:`Call.prefer` reads
+    them)."""
     h = headers if isinstance(headers, CIMultiDictProxy) else CIMultiDictProxy(headers)
-    return Call(method=method, version=version, tail=tail, query=query, headers=h, body=body,
+    call = Call(method=method, version=version, tail=tail, query=query, headers=h, body=body,
                 origin=origin, client_id=client_id, in_batch=in_batch)
+    call._prefer = prefer
+    return call

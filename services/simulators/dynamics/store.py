@@ -108,6 +108,8 @@ class Table:
                 index.add((row[column], row_id))
         for col, index in self.indexes.items():
             before, after = old.get(col), row.get(col)
+            if before == after and type(before) is type(after):
+                continue  # the same key (index_key of equal values of one type is equal)
             old_key = None if before is None else index_key(before)
             new_key = None if after is None else index_key(after)
             if old_key == new_key:

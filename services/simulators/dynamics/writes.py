@@ -60,6 +60,7 @@ _DEFAULT_FALSE = ("donotbulkemail", "donotemail", "type", "psync_emailactivated"
 # A subscription's record lookups: (navigation property, its value column, the target table).
 _RECORD_COLUMNS = tuple((nav, f"_{nav}_value", TABLES[SUBSCRIPTIONS.lookups[nav].target])
                         for nav in SUBSCRIPTION_RECORD_LOOKUPS)
+_RECORD_VALUE_COLUMNS = tuple(column for _, column, _ in _RECORD_COLUMNS)
 
 
 def parse_guid(text: str) -> str:
@@ -321,8 +322,8 @@ class Writes:
             self._check_subscription(row, old)
 
     def _check_subscription(self, row: Row, old: Row | None) -> None:
-        bound = [nav for nav, column, _ in _RECORD_COLUMNS if row.get(column) is not None]
-        if len(bound) != 1:
+        refs = tuple(map(row.get, _RECORD_VALUE_COLUMNS))
+        if len(refs) - refs.count(None) != 1:  # exactly one record bound
             raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription must refer to "
                            "exactly one contact, lead or account (psync_contactid, psync_leadid "
                            "or psync_accountid).")
@@ -335,8 +336,7 @@ class Writes:
         if old is not None:
             self._check_record_editable(old)
         # (the same records as before, just checked, need no second look)
-        if old is None or any(old.get(column) != row.get(column)
-                              for _, column, _ in _RECORD_COLUMNS):
+        if old is None or tuple(map(old.get, _RECORD_VALUE_COLUMNS)) != refs:
             self._check_record_editable(row)
         table = self.store.tables[SUBSCRIPTIONS.entity_set]
         key = table.unique_key(row)
