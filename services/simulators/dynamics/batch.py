@@ -145,7 +145,8 @@ def parse_parts(body: bytes, content_type: str, *, nested: bool = False,
     heads: Heads = {} if seen_heads is None else seen_heads
     parts = []
     for chunk in split_multipart(body, _boundary(content_type)):
-        head, content = _split_head(chunk)
+        at = chunk.find(b"\r\n\r\n")  # as _split_head, inline: it looks for this first
+        head, content = (chunk[:at], chunk[at + 4:]) if at >= 0 else _split_head(chunk)
         headers = _mime_headers(head)
         ctype = headers.get("content-type", "")
         kind = ctype.lower()
@@ -158,7 +159,9 @@ def parse_parts(body: bytes, content_type: str, *, nested: bool = False,
             continue
         if not kind.startswith("application/http"):
             raise _bad(f"A batch part must be application/http, not '{ctype}'.")
-        req_head, req_body = _split_head(content)
+        at = content.find(b"\r\n\r\n")
+        req_head, req_body = (content[:at], content[at + 4:]) if at >= 0 \
+            else _split_head(content)
         text = req_head.decode("utf-8", "replace")
         lines = text.splitlines()
         words = lines[0].split() if lines else []
