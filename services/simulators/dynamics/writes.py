@@ -99,6 +99,11 @@ def _parse_ref(value: Any) -> tuple[str, str]:
     return m.group(1), parse_guid(m.group(2))
 
 
+# The JSON value type each column kind takes, and kinds by name: an enum member look-up
+# costs several times a global's, and these run for every value written.
+_VALUE_TYPES: dict[Kind, type] = {Kind.STRING: str, Kind.BOOL: bool, Kind.INT: int,
+                                  Kind.BIGINT: int, Kind.CHOICE: int, Kind.GUID: str}
+_GUID, _CHOICE, _LOOKUP = Kind.GUID, Kind.CHOICE, Kind.LOOKUP
 _CHOICE_VALUES: dict[int, tuple[Column, frozenset[int]]] = {}
 
 
@@ -150,22 +155,18 @@ class Writes:
         if value is None:
             return None
         kind = col.kind
-        ok = (
-            (kind is Kind.STRING and isinstance(value, str))
-            or (kind is Kind.BOOL and isinstance(value, bool))
-            or (kind in (Kind.INT, Kind.BIGINT, Kind.CHOICE) and isinstance(value, int)
-                and not isinstance(value, bool))
-            or (kind is Kind.GUID and isinstance(value, str))
-        )
+        wanted = _VALUE_TYPES.get(kind)
+        ok = (wanted is not None and isinstance(value, wanted)
+              and (wanted is not int or not isinstance(value, bool)))  # a bool is no number
         if not ok:
             raise query_error(f"Cannot convert the literal '{value}' to the expected type "
                               f"'{kind.edm}'.")
-        if kind is Kind.GUID:
+        if kind is _GUID:
             return parse_guid(value)
         if col.max_length is not None and len(value) > col.max_length:
             raise _validation(f"The length of the '{col.name}' attribute of the '{schema.logical}' "
                               f"entity exceeded the maximum allowed length of '{col.max_length}'.")
-        if (kind is Kind.CHOICE and col.choices and col.name not in ("statecode", "statuscode")
+        if (kind is _CHOICE and col.choices and col.name not in ("statecode", "statuscode")
                 and value not in _choice_values(col)):
             accepted = [c for c, _ in col.choices]
             raise _validation(
@@ -205,7 +206,7 @@ class Writes:
                 raise query_error(
                     f"The property '{key}' does not exist on type '{schema.type_name}'. Make sure "
                     "to only use property names that are defined by the type.")
-            if col.kind is Kind.LOOKUP:
+            if col.kind is _LOOKUP:
                 raise query_error("CRM do not support direct update of Entity Reference "
                                   "properties, Use Navigation properties instead.")
             if col.read_only:
