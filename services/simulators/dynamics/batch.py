@@ -327,9 +327,10 @@ class Batch:
 
     def _execute(self, outer: Call, part: Part, ids: dict[str, str]) -> Result:
         try:
-            url = self._resolve_id(part.url, ids)
+            url = self._resolve_id(part.url, ids) if part.url.startswith("$") else part.url
             version, tail, query = self._locate(outer, url)
-            body = self._resolve_body(part.body, ids)
+            # (as _resolve_body: only a '"$' in the body can refer to an earlier operation)
+            body = self._resolve_body(part.body, ids) if b'"$' in part.body else part.body
         except ApiError as exc:
             return exc.result()
         assert part.request_headers is not None
