@@ -6,8 +6,8 @@ shared, wall time is noisy) per operation:
 
 - ``dataverse-update``: a ``$batch`` of 1000 subscription updates as the writer sends it
   (built with ``common.vendors.dataverse.batch.encode_batch``: each PATCH in a change set of
-  its own, ``If-Match`` the row's version, ``return=representation``,
-  ``odata.continue-on-error``), run through the simulator's ``$batch`` handling;
+  its own, ``If-Match`` the row's version, ``return=representation`` with the writer's
+  ``$select``, ``odata.continue-on-error``), run through the simulator's ``$batch`` handling;
 - ``dataverse-create``: the same with 1000 subscription creates (lookups bound by
   ``@odata.bind``), as the writer sends them for states Dynamics has no row for;
 - ``dotdigital-import``: a v3 import of 1000 contacts (``ImportContact.to_wire``, one
@@ -42,6 +42,7 @@ from common.vendors.dataverse.batch import (
     encode_batch,
     new_boundary,
 )
+from common.vendors.dataverse.schema import WRITTEN_COLUMNS
 from common.vendors.dotdigital.models import ImportContact
 from services.simulators.dotdigital import DotdigitalSimulator
 from services.simulators.dynamics.app import DynamicsApp, build
@@ -100,7 +101,8 @@ def dataverse_update(runs: int) -> float:
     for attempt in range(runs + 1):
         operations = [BatchOperation.update(
             SUBSCRIPTIONS, row_id, {"psync_status": 100000000 + (attempt + n) % 2},
-            if_match=f'W/"{row["versionnumber"]}"', return_representation=True)
+            if_match=f'W/"{row["versionnumber"]}"', return_representation=True,
+            select=WRITTEN_COLUMNS)
             for n, (row_id, row) in enumerate(list(table.rows.items())[:OPERATIONS])]
         spent, body, ctype = _run_batch(sim, operations)
         _check_batch(body, ctype, 200)
@@ -124,7 +126,8 @@ def dataverse_create(runs: int) -> float:
             "psync_status": 100000000,
             "psync_preferenceid@odata.bind": f"/psync_marketingpreferences({pref})",
             f"psync_{kind}id@odata.bind": f"/{entity_set}({record})",
-        }, return_representation=True) for kind, entity_set, record in mine
+        }, return_representation=True, select=WRITTEN_COLUMNS)
+            for kind, entity_set, record in mine
             for pref in preferences]
         spent, body, ctype = _run_batch(sim, operations)
         _check_batch(body, ctype, 201)

@@ -31,7 +31,7 @@ import orjson
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from .metadata import csdl, entity_definitions, service_document
-from .odata import MAX_PAGE, QueryOptions, page_size, parse_options, parse_select
+from .odata import MAX_PAGE, Expand, QueryOptions, page_size, parse_options, parse_select
 from .paging import (
     Cookie,
     decode_deltatoken,
@@ -69,6 +69,8 @@ from .writes import Writes, parse_guid, parse_ref
 
 TRACKING_REFUSED = ("$filter", "$orderby", "$expand", "$top")
 CHANGE_TRACKING_NOT_ENABLED = "0x80072491"
+_WRITE_OPTIONS = frozenset({"$select"})
+_CONTEXTS_KEPT = 256
 # What each kind of request asks of a table, as the platform names the message.
 _MESSAGES = {("collection", "POST"): "Create", ("entity", "GET"): "Retrieve",
              ("entity", "PATCH"): "Update", ("entity", "DELETE"): "Delete"}
@@ -101,6 +103,7 @@ class Api:
         self.writes = writes
         self.now = now
         self.retention = retention
+        self._contexts: dict[tuple[str, str, str, tuple[str, ...]], str] = {}
 
     def related(self, entity_set: str, row_id: str) -> Row | None:
         return self.store.tables[entity_set].rows.get(row_id)
@@ -318,11 +321,26 @@ class Api:
                        opts: QueryOptions | None = None, status: int = 200,
                        headers: dict[str, str] | None = None) -> Result:
         expand = opts.expand if opts else None
-        fragment = context_fragment(schema.entity_set, select, expand)
         annotate = annotations_wanted(call.prefer())
-        body = {"@odata.context": f"{call.service_root}/$metadata#{fragment}/$entity",
+        body = {"@odata.context": self._entity_context(call, schema, select, expand),
                 **shape(row, schema, select, expand, self.store, annotate)}
         return json_result(body, status=status, headers=headers)
+
+    def _entity_context(self, call: Call, schema: TableSchema, select: list[str] | None,
+                        expand: list[Expand] | None) -> str:
+        """``@odata.context`` of one row; without ``$expand`` remembered per root, table and
+        ``$select`` (every write of a batch answers with the same one)."""
+        if expand:
+            fragment = context_fragment(schema.entity_set, select, expand)
+            return f"{call.service_root}/$metadata#{fragment}/$entity"
+        key = (call.origin, call.version, schema.entity_set, tuple(select) if select else ())
+        context = self._contexts.get(key)
+        if context is None:
+            if len(self._contexts) >= _CONTEXTS_KEPT:
+                self._contexts.clear()
+            fragment = context_fragment(schema.entity_set, select)
+            context = self._contexts[key] = f"{call.service_root}/$metadata#{fragment}/$entity"
+        return context
 
     def get_nav(self, call: Call, schema: TableSchema, row_id: str, nav: str) -> Result:
         row = self._row(schema, row_id)
@@ -361,24 +379,34 @@ class Api:
 
     # -- writes ----------------------------------------------------------------------------------
 
-    def _written(self, call: Call, schema: TableSchema, row: Row, *, created: bool) -> Result:
-        entity_id = f"{call.service_root}/{schema.entity_set}({row[schema.pk]})"
-        if "return" in call.prefer() and call.prefer()["return"] == "representation":
-            select = parse_select(call.query["$select"], schema) if "$select" in call.query \
-                else None
+    def _written(self, call: Call, schema: TableSchema, row: Row, *, created: bool,
+                 select: list[str] | None) -> Result:
+        """The answer to a write; ``select`` is the request's ``$select``, parsed."""
+        if call.prefer().get("return") == "representation":
             etag = f'W/"{row["versionnumber"]}"'
             return self._entity_result(
                 call, schema, row, select, status=201 if created else 200,
                 headers={"ETag": etag, "Preference-Applied": "return=representation"})
+        entity_id = f"{call.service_root}/{schema.entity_set}({row[schema.pk]})"
         return empty_result(204, {"OData-EntityId": entity_id})
 
+    def _write_select(self, call: Call, schema: TableSchema) -> list[str] | None:
+        """A write's ``$select`` (its only query option), checked before anything is written."""
+        query = call.query
+        if not query:
+            return None
+        if len(query) == 1 and "$select" in query:  # what parse_options would do with it
+            return parse_select(query["$select"], schema)
+        return parse_options(call.query, schema, related=self.related,
+                             allowed=_WRITE_OPTIONS).select
+
     def create(self, call: Call, schema: TableSchema) -> Result:
-        parse_options(call.query, schema, related=self.related, allowed=frozenset({"$select"}))
+        select = self._write_select(call, schema)
         row = self.writes.create(schema, _body(call))
-        return self._written(call, schema, row, created=True)
+        return self._written(call, schema, row, created=True, select=select)
 
     def patch(self, call: Call, schema: TableSchema, row_id: str) -> Result:
-        parse_options(call.query, schema, related=self.related, allowed=frozenset({"$select"}))
+        select = self._write_select(call, schema)
         body = _body(call)
         table = self.store.tables[schema.entity_set]
         exists = row_id in table.rows
@@ -389,14 +417,14 @@ class Api:
                 raise ApiError(412, DUPLICATE_RECORD,
                                "A record with matching key values already exists.")
             row = self.writes.create(schema, body, row_id=row_id)
-            return self._written(call, schema, row, created=True)
+            return self._written(call, schema, row, created=True, select=select)
         if if_match:
             self._match(schema, row_id, if_match)
         if exists:
             row = self.writes.update(schema, row_id, body)
-            return self._written(call, schema, row, created=False)
+            return self._written(call, schema, row, created=False, select=select)
         row = self.writes.create(schema, body, row_id=row_id)
-        return self._written(call, schema, row, created=True)
+        return self._written(call, schema, row, created=True, select=select)
 
     def _match(self, schema: TableSchema, row_id: str, if_match: str) -> None:
         row = self._row(schema, row_id)
@@ -503,5 +531,7 @@ class Api:
 
 
 def _etags(header: str) -> set[str]:
+    if "," not in header:  # one tag, as clients mostly send
+        return {header.strip()}
     return {e.strip() for e in header.split(",")}
 

@@ -167,12 +167,18 @@ class DynamicsApp:
         self.control.stats.calls[f"{method} {route}"] += 1
         self.control.stats.statuses[str(status)] += 1
 
-    def _record_in_batch(self, method: str, route: str, status: int) -> None:
-        self._record(method, route, status)
-        self.control.stats.in_batches[f"{method} {route}"] += 1
+    def _record_in_batch(self, method: str, route: str, status: int, times: int) -> None:
+        stats = self.control.stats
+        call = f"{method} {route}"
+        stats.calls[call] += times
+        stats.statuses[str(status)] += times
+        stats.in_batches[call] += times
 
     def _fault(self, method: str, path: str) -> Result | None:
-        rate = self.control.faults.error_for(method, path)
+        faults = self.control.faults
+        if not faults.error_rate:  # none injected: nothing to match
+            return None
+        rate = faults.error_for(method, path)
         if rate > 0 and self._rng.random() < rate:
             return self.errors.server_error_result()
         return None

@@ -23,18 +23,19 @@ from http import HTTPStatus
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import orjson
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from .api import Api
-from .protocol import ApiError, Call, Result, make_call, new_guid, query_error
-from .routes import VERSIONS, Target
+from .protocol import ApiError, Call, Result, make_call, new_guid, parse_prefer, query_error
+from .routes import VERSIONS, Target, resolve
 from .schema import TABLES
 
 MAX_OPERATIONS = 1000
+_QUERIES_KEPT = 256
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _WEB_API_PATH = re.compile(r"^/api/data/(v9\.[0-2])/(.*)$")
 
-Record = Callable[[str, str, int], None]  # method, route name, status
+Record = Callable[[str, str, int, int], None]  # method, route name, status, how many times
 Fault = Callable[[str, str], Result | None]  # method, path -> injected failure
 
 
@@ -45,7 +46,8 @@ class Part:
     content_id: str | None  # the MIME part's Content-ID, else the request's
     method: str = ""
     url: str = ""
-    request_headers: CIMultiDict[str] | None = None
+    request_headers: CIMultiDictProxy[str] | None = None
+    prefer: dict[str, str] | None = None  # the request headers' preferences
     body: bytes = b""
     changeset: list[Part] | None = None
 
@@ -76,10 +78,15 @@ def _header_pairs(lines: list[str]) -> list[tuple[str, str]]:
 
 def _mime_headers(head: bytes) -> dict[str, str]:
     """A part's MIME headers by lower-cased name, the first of a repeated one (only two are
-    read, so a plain dict does: cheaper than a multidict per part)."""
+    read, so a plain dict does: cheaper than a multidict per part). As _header_pairs reads
+    the lines."""
     out: dict[str, str] = {}
-    for name, value in _header_pairs(head.decode("utf-8", "replace").splitlines()):
-        out.setdefault(name.lower(), value)
+    for line in head.decode("utf-8", "replace").splitlines():
+        name, colon, value = line.partition(":")
+        if colon:
+            key = name.strip().lower()
+            if key not in out:
+                out[key] = value.strip()
     return out
 
 
@@ -104,16 +111,42 @@ def split_multipart(body: bytes, boundary: str) -> list[bytes]:
 
 
 def _boundary(content_type: str) -> str:
+    if content_type.isascii():  # (lower-casing keeps ASCII text's offsets)
+        # as the pattern reads it: the first 'boundary=' followed by a value
+        lowered = content_type.lower()
+        start = lowered.find("boundary=")
+        while start >= 0:
+            begin = start + 9
+            if content_type.startswith('"', begin):
+                begin += 1
+            end = len(content_type)
+            for stop in ('"', ";"):
+                at = content_type.find(stop, begin)
+                if 0 <= at < end:
+                    end = at
+            if end > begin:
+                return content_type[begin:end]
+            start = lowered.find("boundary=", start + 1)
+        raise _bad("The batch Content-Type needs a boundary parameter.")
     m = _BOUNDARY.search(content_type)
     if m is None:
         raise _bad("The batch Content-Type needs a boundary parameter.")
     return m.group(1)
 
 
-def parse_parts(body: bytes, content_type: str, *, nested: bool = False) -> list[Part]:
+Heads = dict[str, tuple[CIMultiDictProxy[str], dict[str, str]]]
+
+
+def parse_parts(body: bytes, content_type: str, *, nested: bool = False,
+                seen_heads: Heads | None = None) -> list[Part]:
+    # Request headers by their text: a client sends the same headers with most operations, so
+    # each distinct set is parsed once per batch (a read-only proxy, shared by its parts, and
+    # its preferences).
+    heads: Heads = {} if seen_heads is None else seen_heads
     parts = []
     for chunk in split_multipart(body, _boundary(content_type)):
-        head, content = _split_head(chunk)
+        at = chunk.find(b"\r\n\r\n")  # as _split_head, inline: it looks for this first
+        head, content = (chunk[:at], chunk[at + 4:]) if at >= 0 else _split_head(chunk)
         headers = _mime_headers(head)
         ctype = headers.get("content-type", "")
         kind = ctype.lower()
@@ -121,19 +154,28 @@ def parse_parts(body: bytes, content_type: str, *, nested: bool = False) -> list
             if nested:
                 raise _bad("Change sets can't be nested.")
             parts.append(Part(content_id=headers.get("content-id"),
-                              changeset=parse_parts(content, ctype, nested=True)))
+                              changeset=parse_parts(content, ctype, nested=True,
+                                                    seen_heads=heads)))
             continue
         if not kind.startswith("application/http"):
             raise _bad(f"A batch part must be application/http, not '{ctype}'.")
-        req_head, req_body = _split_head(content)
-        lines = req_head.decode("utf-8", "replace").splitlines()
+        at = content.find(b"\r\n\r\n")
+        req_head, req_body = (content[:at], content[at + 4:]) if at >= 0 \
+            else _split_head(content)
+        text = req_head.decode("utf-8", "replace")
+        lines = text.splitlines()
         words = lines[0].split() if lines else []
         if len(words) < 2:
             raise _bad("A batch part has no request line.")
-        req_headers = CIMultiDict(_header_pairs(lines[1:]))
+        header_text = text[len(lines[0]):]  # the lines after the request line, as sent
+        known = heads.get(header_text)
+        if known is None:
+            proxy = CIMultiDictProxy(CIMultiDict(_header_pairs(lines[1:])))
+            known = heads[header_text] = (proxy, parse_prefer(proxy.getall("Prefer", [])))
+        req_headers, prefer = known
         parts.append(Part(content_id=headers.get("content-id") or req_headers.get("Content-ID"),
                           method=words[0].upper(), url=words[1], request_headers=req_headers,
-                          body=req_body.rstrip(b"\r\n")))
+                          prefer=prefer, body=req_body.rstrip(b"\r\n")))
     return parts
 
 
@@ -153,25 +195,26 @@ def _phrase(status: int) -> str:
 
 
 def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
-    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    head = "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
     if content_id is not None:
-        lines.append(f"Content-ID: {content_id}")
-    lines += ["", f"HTTP/1.1 {result.status} {_phrase(result.status)}"]
+        head += f"Content-ID: {content_id}\r\n"
+    head += f"\r\nHTTP/1.1 {result.status} {_phrase(result.status)}\r\n"
     for name, value in result.headers.items():
         if get and name.lower() == "content-type" and value.startswith("application/json"):
             value += "; odata.streaming=true"
-        lines.append(f"{name}: {value}")
-    lines += ["", ""]
-    return "\r\n".join(lines).encode() + result.body
+        head += f"{name}: {value}\r\n"
+    return (head + "\r\n").encode() + result.body
 
 
 def _multipart(parts: list[bytes], boundary: str) -> bytes:
     # One join: appending to a bytes object copies everything so far each time (quadratic in
     # the number of parts).
-    delimiter = f"--{boundary}\r\n".encode()
-    out = [delimiter + part for part in parts]
-    out.append(f"--{boundary}--\r\n".encode())
-    return b"\r\n".join(out)
+    close = f"--{boundary}--\r\n".encode()
+    if not parts:
+        return close
+    # "--B\r\n" part "\r\n--B\r\n" part ... "\r\n--B--\r\n"
+    return (f"--{boundary}\r\n".encode() + f"\r\n--{boundary}\r\n".encode().join(parts)
+            + b"\r\n" + close)
 
 
 class Batch:
@@ -179,6 +222,9 @@ class Batch:
         self.api = api
         self.record = record
         self.fault = fault
+        self._queries: dict[str, MultiDictProxy[str]] = {}  # parsed query texts
+        self._stem, self._changesets = "", 0  # the running batch's change set boundaries
+        self._tally: dict[tuple[str, str, int], int] = {}  # its operations by method, route, status
 
     def run(self, call: Call) -> Result:
         if call.method != "POST":
@@ -195,6 +241,17 @@ class Batch:
             raise _bad(f"The number of requests in a batch can't exceed {MAX_OPERATIONS}; "
                        f"this batch has {total}.")
         keep_going = "odata.continue-on-error" in call.prefer()
+        self._stem, self._changesets = new_guid()[:24], 0
+        self._tally = {}
+        try:
+            return self._run(call, parts, keep_going=keep_going)
+        finally:
+            # the operations are counted once the batch is done (once per kind, not each)
+            for (method, route, status), times in self._tally.items():
+                self.record(method, route, status, times)
+            self._tally = {}
+
+    def _run(self, call: Call, parts: list[Part], *, keep_going: bool) -> Result:
         rendered: list[bytes] = []
         for part in parts:
             if part.changeset is not None:
@@ -220,7 +277,9 @@ class Batch:
         out: list[bytes] = []
         # Only a "$..." URL or body value reads ``ids``: without one (a change set per write,
         # as most clients send), what each part created need not be looked up.
-        referring = any(p.url.startswith("$") or b'"$' in p.body for p in parts)
+        # (A lone operation has no later one to refer to it.)
+        referring = len(parts) > 1 and any(p.url.startswith("$") or b'"$' in p.body
+                                           for p in parts)
         try:
             with self.api.store.atomic():
                 for part in parts:
@@ -240,9 +299,20 @@ class Batch:
                     out.append(_http_part(result, content_id=cid))
         except _ChangeSetFailed as failed:
             return False, failed.part
-        boundary = f"changesetresponse_{new_guid()}"
-        head = f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode()
-        return True, head + _multipart(out, boundary).rstrip(b"\r\n")
+        boundary = f"changesetresponse_{self._changeset_guid()}"
+        head = f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n"
+        if not out:
+            return True, head.encode() + _multipart(out, boundary).rstrip(b"\r\n")
+        # as _multipart lays the parts out, less its closing line break, in one join
+        return True, (f"{head}--{boundary}\r\n".encode()
+                      + f"\r\n--{boundary}\r\n".encode().join(out)
+                      + f"\r\n--{boundary}--".encode())
+
+    def _changeset_guid(self) -> str:
+        """A GUID for a change set response's boundary: the batch's random stem and a count
+        (unique within the answer, as unguessable as the stem; cheaper than a GUID each)."""
+        self._changesets += 1
+        return f"{self._stem}{self._changesets:012x}"
 
     def _entity_url(self, call: Call, part: Part, result: Result) -> str | None:
         if result.status != 201 or not result.body:
@@ -257,23 +327,25 @@ class Batch:
 
     def _execute(self, outer: Call, part: Part, ids: dict[str, str]) -> Result:
         try:
-            url = self._resolve_id(part.url, ids)
+            url = self._resolve_id(part.url, ids) if part.url.startswith("$") else part.url
             version, tail, query = self._locate(outer, url)
-            body = self._resolve_body(part.body, ids)
+            # (as _resolve_body: only a '"$' in the body can refer to an earlier operation)
+            body = self._resolve_body(part.body, ids) if b'"$' in part.body else part.body
         except ApiError as exc:
             return exc.result()
         assert part.request_headers is not None
         call = make_call(method=part.method, version=version, tail=tail, query=query,
                          headers=part.request_headers, body=body, origin=outer.origin,
-                         client_id=outer.client_id, in_batch=True)
-        target: Target = self.api.target(call)
+                         client_id=outer.client_id, in_batch=True, prefer=part.prefer)
+        target: Target = resolve(version, tail)  # as Api.target
         path = f"/api/data/{version}/{tail}"
         if target.kind == "batch":
             result = query_error("A $batch can't contain another $batch.").result()
         else:
             injected = self.fault(part.method, path)
             result = injected if injected is not None else self.api.handle(call, target)
-        self.record(part.method, target.template, result.status)
+        key = (part.method, target.template, result.status)
+        self._tally[key] = self._tally.get(key, 0) + 1
         return result
 
     @staticmethod
@@ -307,20 +379,30 @@ class Batch:
                 changed = True
         return orjson.dumps(data) if changed else body
 
-    @staticmethod
-    def _locate(outer: Call, url: str) -> tuple[str, str, MultiDict[str]]:
-        if url.startswith("/") and not url.startswith("//") and "?" not in url \
-                and "#" not in url:
-            path, query_text = url, ""  # a bare root-relative path: as urlsplit would find
+    def _locate(self, outer: Call, url: str) -> tuple[str, str, MultiDictProxy[str]]:
+        if url.startswith("/") and not url.startswith("//") and "#" not in url:
+            # a root-relative path: as urlsplit would split it
+            path, _, query_text = url.partition("?")
         else:
             split = urlsplit(url)
             path, query_text = split.path, split.query
         if not path.startswith("/"):
             path = f"/api/data/{outer.version}/{path}"
-        m = _WEB_API_PATH.match(unquote(path))
-        if m is None or m.group(1) not in VERSIONS:
-            raise query_error(f"The URL '{url}' in the batch is not a Web API URL.", status=404)
-        query: MultiDict[str] = MultiDict(
-            parse_qsl(query_text, keep_blank_values=True) if query_text else ())
-        return m.group(1), m.group(2), query
-
+        if "%" not in path and path.startswith("/api/data/") and path[14:15] == "/" \
+                and path[10:14] in VERSIONS:
+            version, tail = path[10:14], path[15:]  # as the pattern below reads a plain path
+        else:
+            m = _WEB_API_PATH.match(unquote(path))
+            if m is None or m.group(1) not in VERSIONS:
+                raise query_error(f"The URL '{url}' in the batch is not a Web API URL.",
+                                  status=404)
+            version, tail = m.group(1), m.group(2)
+        query = self._queries.get(query_text)
+        if query is None:
+            # Most operations of a batch ask the same options: parse each text once (a
+            # read-only proxy, so sharing it is safe).
+            if len(self._queries) >= _QUERIES_KEPT:
+                self._queries.clear()
+            query = self._queries[query_text] = MultiDictProxy(MultiDict(
+                parse_qsl(query_text, keep_blank_values=True) if query_text else ()))
+        return version, tail, query

@@ -127,7 +127,24 @@ def _column(schema: TableSchema, name: str) -> Column:
     return col
 
 
+# Valid ``$select`` texts by table: clients ask the same columns over and over (a batch of
+# writes asks them of every operation). Only valid ones are kept; a bad one is refused anew.
+_SELECTS: dict[tuple[int, str], tuple[TableSchema, tuple[str, ...]]] = {}
+_SELECTS_KEPT = 512
+
+
 def parse_select(value: str, schema: TableSchema) -> list[str]:
+    known = _SELECTS.get((id(schema), value))
+    if known is not None and known[0] is schema:
+        return list(known[1])
+    out = _parse_select(value, schema)
+    if len(_SELECTS) >= _SELECTS_KEPT:
+        _SELECTS.clear()
+    _SELECTS[(id(schema), value)] = (schema, tuple(out))
+    return out
+
+
+def _parse_select(value: str, schema: TableSchema) -> list[str]:
     names = [n.strip() for n in value.split(",")]
     if not value.strip() or any(not n for n in names):
         raise query_error("Syntax error: character ',' is not valid at this position in $select.")

@@ -34,15 +34,14 @@ CONCURRENCY_LIMIT = "0x80072326"
 
 # GUIDs for new rows and batch boundaries: unique, not secret, so a seeded generator will do.
 _GUIDS = random.Random()
+_GUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits
+_GUID_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, the RFC 4122 variant
 
 
 def new_guid() -> str:
     """A random version-4 GUID, as ``str(uuid.uuid4())`` gives, at a fraction of the cost
     (``uuid4`` reads the system's entropy source for every one)."""
-    n = _GUIDS.getrandbits(128)
-    n = (n & ~(0xF000 << 64)) | (0x4000 << 64)  # version 4
-    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
-    h = f"{n:032x}"
+    h = (_GUIDS.getrandbits(128) & _GUID_CLEAR | _GUID_SET).to_bytes(16, "big").hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -74,7 +73,7 @@ def not_found(logical: str, key: str) -> ApiError:
     return ApiError(404, OBJECT_DOES_NOT_EXIST, f"Entity '{logical}' With Id = {key} Does Not Exist")
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One Web API request, from the wire or from inside a ``$batch``."""
 
@@ -101,7 +100,7 @@ class Call:
         return self._prefer
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     status: int
     body: bytes = b""
@@ -109,7 +108,7 @@ class Result:
 
 
 def json_result(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> Result:
-    out = {"Content-Type": JSON_TYPE, **ODATA_HEADERS}
+    out = {"Content-Type": JSON_TYPE, "OData-Version": "4.0"}  # ODATA_HEADERS, spelt out
     if headers:
         out.update(headers)
     return Result(status, orjson.dumps(body, option=orjson.OPT_UTC_Z), out)
@@ -138,8 +137,25 @@ def _split_unquoted(value: str) -> list[str]:
     return parts
 
 
+# Preferences by the header values that gave them: clients send the same few, and every
+# operation of a batch carries them. Shared: read-only for callers.
+_PREFERS: dict[tuple[str, ...], dict[str, str]] = {}
+_PREFERS_KEPT = 256
+
+
 def parse_prefer(values: list[str]) -> dict[str, str]:
-    """``Prefer`` preferences from one or more headers; commas inside quotes don't split."""
+    """``Prefer`` preferences from one or more headers; commas inside quotes don't split.
+    The answer is shared: read-only for callers."""
+    key = tuple(values)
+    prefs = _PREFERS.get(key)
+    if prefs is None:
+        if len(_PREFERS) >= _PREFERS_KEPT:
+            _PREFERS.clear()
+        prefs = _PREFERS[key] = _parse_prefer(values)
+    return prefs
+
+
+def _parse_prefer(values: list[str]) -> dict[str, str]:
     prefs: dict[str, str] = {}
     for value in values:
         for part in _split_unquoted(value):
@@ -151,7 +167,12 @@ def parse_prefer(values: list[str]) -> dict[str, str]:
 
 def make_call(*, method: str, version: str, tail: str, query: MultiMapping[str],
               headers: CIMultiDict[str] | CIMultiDictProxy[str], body: bytes, origin: str,
-              client_id: str, in_batch: bool = False) -> Call:
+              client_id: str, in_batch: bool = False,
+              prefer: dict[str, str] | None = None) -> Call:
+    """``prefer``: the headers' preferences if already parsed (as :meth:`Call.prefer` reads
+    them)."""
     h = headers if isinstance(headers, CIMultiDictProxy) else CIMultiDictProxy(headers)
-    return Call(method=method, version=version, tail=tail, query=query, headers=h, body=body,
+    call = Call(method=method, version=version, tail=tail, query=query, headers=h, body=body,
                 origin=origin, client_id=client_id, in_batch=in_batch)
+    call._prefer = prefer
+    return call

@@ -7,7 +7,7 @@ route) and produced here for operations inside a ``$batch`` (counted the same wa
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .schema import TABLES
 
@@ -16,8 +16,10 @@ LIST_ACTIONS = ("AddMemberList", "RemoveMemberList")
 SET_ACTIONS = ("UpdateMultiple",)
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
+    """What a path addresses (a named tuple: one is made per request, batch operations
+    included, and a frozen dataclass costs several times as much to make)."""
+
     kind: str  # service|metadata|batch|entitydefs|collection|count|set_action|entity|nav|ref|
     #            navref|action|unknown
     template: str  # the route name, e.g. /api/data/v9.2/contacts({key})
@@ -56,9 +58,12 @@ _SET = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\(([^/]*)\))?(?:/(.*))?$")
 _NAV = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)(?:\(([^/]*)\))?(?:/(.*))?$")
 
 
+def _unknown(root: str, tail: str) -> Target:
+    return Target("unknown", f"{root}/{{tail}}", rest=tail)
+
+
 def resolve(version: str, tail: str) -> Target:
     root = f"/api/data/{version}"
-    unknown = Target("unknown", f"{root}/{{tail}}", rest=tail)
     if tail == "":
         return Target("service", f"{root}/")
     if tail in ("$metadata", "$batch"):
@@ -66,14 +71,20 @@ def resolve(version: str, tail: str) -> Target:
     if tail.startswith("EntityDefinitions"):
         m = re.match(r"^EntityDefinitions(?:\(([^)]*)\))?(/.+)?$", tail)
         if m is None:
-            return unknown
+            return _unknown(root, tail)
         name = f"{root}/EntityDefinitions" + ("({key})" if m.group(1) is not None else "")
         if m.group(2):
             name += "/{rest}"
         return Target("entitydefs", name, rest=tail)
+    if tail in TABLES:  # a collection, as the pattern below reads it
+        return Target("collection", f"{root}/{tail}", tail)
+    if tail.endswith(")") and "/" not in tail and "\n" not in tail:
+        name, _, key = tail.partition("(")
+        if name in TABLES:  # a row, as the pattern below reads it
+            return Target("entity", f"{root}/{name}({{key}})", name, key[:-1])
     m = _SET.match(tail)
     if m is None or m.group(1) not in TABLES:
-        return unknown
+        return _unknown(root, tail)
     entity_set, key, rest = m.group(1), m.group(2), m.group(3)
     base = f"{root}/{entity_set}"
     if key is None:
@@ -83,7 +94,7 @@ def resolve(version: str, tail: str) -> Target:
             return Target("count", f"{base}/$count", entity_set)
         if rest.startswith("Microsoft.Dynamics.CRM.") and rest[23:] in SET_ACTIONS:
             return Target("set_action", f"{base}/{rest}", entity_set, action=rest[23:])
-        return unknown
+        return _unknown(root, tail)
     if rest is None:
         return Target("entity", f"{base}({{key}})", entity_set, key)
     if (entity_set == "lists" and rest.startswith("Microsoft.Dynamics.CRM.")
@@ -91,7 +102,7 @@ def resolve(version: str, tail: str) -> Target:
         return Target("action", f"{base}({{key}})/{rest}", entity_set, key, action=rest[23:])
     n = _NAV.match(rest)
     if n is None:
-        return unknown
+        return _unknown(root, tail)
     nav, nav_key, after = n.group(1), n.group(2), n.group(3)
     if after == "$ref":
         if nav_key is None:

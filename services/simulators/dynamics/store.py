@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
+from types import TracebackType
 from typing import Any
 
 from sortedcontainers import SortedList, SortedSet  # type: ignore[import-untyped]
@@ -58,7 +58,7 @@ class Table:
         if not self.schema.unique:
             return None
         # unique columns are lookups: GUIDs, stored lower-cased by every write
-        return tuple([row.get(c) for c in self.schema.unique])
+        return tuple(map(row.get, self.schema.unique))
 
     def lookup(self, column: str, value: Any) -> set[str]:
         return self.indexes[column].get(index_key(value), set())
@@ -73,8 +73,16 @@ class Table:
     def _index(self, row_id: str, row: Row) -> None:
         self.changes.add((row["versionnumber"], row_id))
         self.by_modified.add((row["modifiedon"], row_id))
-        for index, k in self._filed_under(row):
-            index.setdefault(k, set()).add(row_id)
+        for col, index in self.indexes.items():  # as _filed_under, inline
+            value = row.get(col)
+            if value is not None:
+                if isinstance(value, str):  # (index_key)
+                    value = value.lower()
+                ids = index.get(value)
+                if ids is None:
+                    index[value] = {row_id}
+                else:
+                    ids.add(row_id)
         key = self.unique_key(row)
         if key is not None:
             self.unique[key] = row_id
@@ -100,6 +108,8 @@ class Table:
                 index.add((row[column], row_id))
         for col, index in self.indexes.items():
             before, after = old.get(col), row.get(col)
+            if before == after and type(before) is type(after):
+                continue  # the same key (index_key of equal values of one type is equal)
             old_key = None if before is None else index_key(before)
             new_key = None if after is None else index_key(after)
             if old_key == new_key:
@@ -110,7 +120,11 @@ class Table:
                 if not ids:
                     del index[old_key]
             if new_key is not None:
-                index.setdefault(new_key, set()).add(row_id)
+                moved = index.get(new_key)
+                if moved is None:
+                    index[new_key] = {row_id}
+                else:
+                    moved.add(row_id)
         old_unique, new_unique = self.unique_key(old), self.unique_key(row)
         if old_unique != new_unique and old_unique is not None \
                 and self.unique.get(old_unique) == row_id:
@@ -180,6 +194,36 @@ class Table:
             columns = [[r.get(c) for r in rows] for c in self.schema.unique]
             self.unique = dict(zip(zip(*columns, strict=True), (r[pk] for r in rows),
                                    strict=True))
+
+
+class _Atomic:
+    """The context of :meth:`Store.atomic` (a class: a generator-based context manager costs
+    more, and a batch enters one per change set)."""
+
+    __slots__ = ("journal", "mark", "outer", "store")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.journal: list[tuple[Any, ...]] = []
+
+    def __enter__(self) -> None:
+        store = self.store
+        self.outer = store._journal is None
+        if self.outer:
+            store._journal = []
+        journal = store._journal
+        assert journal is not None
+        self.journal = journal
+        self.mark = len(journal)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if kind is not None:
+                self.store._undo(self.journal, self.mark)
+        finally:
+            if self.outer:
+                self.store._journal = None
 
 
 class Store:
@@ -263,23 +307,9 @@ class Store:
         if self._journal is not None:
             self._journal.append(entry)
 
-    @contextmanager
-    def atomic(self) -> Iterator[None]:
+    def atomic(self) -> _Atomic:
         """All writes inside succeed together, or are undone if the block raises."""
-        outer = self._journal is None
-        if outer:
-            self._journal = []
-        journal = self._journal
-        assert journal is not None
-        mark = len(journal)
-        try:
-            yield
-        except BaseException:
-            self._undo(journal, mark)
-            raise
-        finally:
-            if outer:
-                self._journal = None
+        return _Atomic(self)
 
     def _undo(self, journal: list[tuple[Any, ...]], mark: int) -> None:
         saved, self._journal = self._journal, None

@@ -57,6 +57,10 @@ _CANONICAL_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 _REF = re.compile(r"(?:^|/)([A-Za-z_][A-Za-z0-9_]*)\(([0-9A-Fa-f-]{36})\)$")
 _DEFAULT_FALSE = ("donotbulkemail", "donotemail", "type", "psync_emailactivated",
                   "psync_ispublic", "psync_iscategory")
+# A subscription's record lookups: (navigation property, its value column, the target table).
+_RECORD_COLUMNS = tuple((nav, f"_{nav}_value", TABLES[SUBSCRIPTIONS.lookups[nav].target])
+                        for nav in SUBSCRIPTION_RECORD_LOOKUPS)
+_RECORD_VALUE_COLUMNS = tuple(column for _, column, _ in _RECORD_COLUMNS)
 
 
 def parse_guid(text: str) -> str:
@@ -68,14 +72,68 @@ def parse_guid(text: str) -> str:
         raise query_error(f"Unrecognized 'Edm.Guid' literal '{text}'.") from None
 
 
+# Valid references already read: a batch binds the same few rows (its preferences) over and over.
+_REFS: dict[str, tuple[str, str]] = {}
+_REFS_KEPT = 4096
+
+
 def parse_ref(value: Any) -> tuple[str, str]:
     """``(entity set, id)`` from an ``@odata.bind`` / ``@odata.id`` value (relative or absolute)."""
+    if isinstance(value, str):
+        known = _REFS.get(value)
+        if known is not None:
+            return known
+    ref = _parse_ref(value)
+    if len(_REFS) >= _REFS_KEPT:
+        _REFS.clear()
+    _REFS[value] = ref
+    return ref
+
+
+def _parse_ref(value: Any) -> tuple[str, str]:
     if not isinstance(value, str):
         raise query_error("An entity reference must be a string URL such as '/contacts(<id>)'.")
     m = _REF.search(value.split("?")[0])
     if m is None:
         raise query_error(f"The URL '{value}' is not a valid entity reference.")
     return m.group(1), parse_guid(m.group(2))
+
+
+# The JSON value type each column kind takes, and kinds by name: an enum member look-up
+# costs several times a global's, and these run for every value written.
+_VALUE_TYPES: dict[Kind, type] = {Kind.STRING: str, Kind.BOOL: bool, Kind.INT: int,
+                                  Kind.BIGINT: int, Kind.CHOICE: int, Kind.GUID: str}
+_GUID, _CHOICE, _LOOKUP = Kind.GUID, Kind.CHOICE, Kind.LOOKUP
+_CHOICE_VALUES: dict[int, tuple[Column, frozenset[int]]] = {}
+
+
+def _choice_values(col: Column) -> frozenset[int]:
+    """The values a choice column accepts (built once per column)."""
+    known = _CHOICE_VALUES.get(id(col))
+    if known is not None and known[0] is col:
+        return known[1]
+    values = frozenset(c for c, _ in col.choices)
+    _CHOICE_VALUES[id(col)] = (col, values)
+    return values
+
+
+_BLANK_ROWS: dict[str, tuple[TableSchema, Row]] = {}
+
+
+def _blank_row(schema: TableSchema) -> Row:
+    """A new row of ``schema`` before the body's values: every column null but the defaults
+    (built once per table; callers copy it)."""
+    known = _BLANK_ROWS.get(schema.entity_set)
+    if known is not None and known[0] is schema:
+        return known[1]
+    row: Row = dict.fromkeys(schema.columns)
+    for col in _DEFAULT_FALSE:
+        if col in row:
+            row[col] = False
+    row["statecode"] = 0
+    row["statuscode"] = schema.default_status(0)
+    _BLANK_ROWS[schema.entity_set] = (schema, row)
+    return row
 
 
 def _validation(message: str) -> ApiError:
@@ -97,27 +155,23 @@ class Writes:
         if value is None:
             return None
         kind = col.kind
-        ok = (
-            (kind is Kind.STRING and isinstance(value, str))
-            or (kind is Kind.BOOL and isinstance(value, bool))
-            or (kind in (Kind.INT, Kind.BIGINT, Kind.CHOICE) and isinstance(value, int)
-                and not isinstance(value, bool))
-            or (kind is Kind.GUID and isinstance(value, str))
-        )
+        wanted = _VALUE_TYPES.get(kind)
+        ok = (wanted is not None and isinstance(value, wanted)
+              and (wanted is not int or not isinstance(value, bool)))  # a bool is no number
         if not ok:
             raise query_error(f"Cannot convert the literal '{value}' to the expected type "
                               f"'{kind.edm}'.")
-        if kind is Kind.GUID:
+        if kind is _GUID:
             return parse_guid(value)
         if col.max_length is not None and len(value) > col.max_length:
             raise _validation(f"The length of the '{col.name}' attribute of the '{schema.logical}' "
                               f"entity exceeded the maximum allowed length of '{col.max_length}'.")
-        if kind is Kind.CHOICE and col.choices and col.name not in ("statecode", "statuscode"):
+        if (kind is _CHOICE and col.choices and col.name not in ("statecode", "statuscode")
+                and value not in _choice_values(col)):
             accepted = [c for c, _ in col.choices]
-            if value not in accepted:
-                raise _validation(
-                    f"The value {value} of '{col.name}' on record of type '{schema.logical}' is "
-                    f"outside the valid range. Accepted Values: {','.join(map(str, accepted))}")
+            raise _validation(
+                f"The value {value} of '{col.name}' on record of type '{schema.logical}' is "
+                f"outside the valid range. Accepted Values: {','.join(map(str, accepted))}")
         return value
 
     def _changes(self, schema: TableSchema, body: Any) -> dict[str, Any]:
@@ -152,7 +206,7 @@ class Writes:
                 raise query_error(
                     f"The property '{key}' does not exist on type '{schema.type_name}'. Make sure "
                     "to only use property names that are defined by the type.")
-            if col.kind is Kind.LOOKUP:
+            if col.kind is _LOOKUP:
                 raise query_error("CRM do not support direct update of Entity Reference "
                                   "properties, Use Navigation properties instead.")
             if col.read_only:
@@ -160,9 +214,9 @@ class Writes:
             changes[key] = self._coerce(schema, col, value)
         return changes
 
-    def _stamp(self, row: Row) -> None:
+    def _stamp(self, row: Row, at: datetime | None) -> None:
         row["versionnumber"] = self.store.next_version()
-        row["modifiedon"] = self.now().replace(microsecond=0)
+        row["modifiedon"] = at or self.now().replace(microsecond=0)
 
     def _settle_state(self, schema: TableSchema, row: Row, changes: dict[str, Any],
                       row_id: str) -> None:
@@ -194,17 +248,13 @@ class Writes:
         table = self.store.tables[schema.entity_set]
         if row_id in table.rows:
             raise ApiError(412, DUPLICATE_RECORD, "A record with matching key values already exists.")
-        row: Row = dict.fromkeys(schema.columns)
-        for col in _DEFAULT_FALSE:
-            if col in row:
-                row[col] = False
+        row: Row = _blank_row(schema).copy()
         row[schema.pk] = row_id
-        row["statecode"] = 0
-        row["statuscode"] = schema.default_status(0)
         row.update(changes)
         self._settle_state(schema, row, changes, row_id)
-        row["createdon"] = self.now().replace(microsecond=0)
-        return self._save(schema, row_id, row, old=None)
+        # one clock reading: a new row's createdon and modifiedon are the same instant
+        row["createdon"] = created = self.now().replace(microsecond=0)
+        return self._save(schema, row_id, row, old=None, at=created)
 
     def update(self, schema: TableSchema, row_id: str, body: Any) -> Row:
         table = self.store.tables[schema.entity_set]
@@ -222,12 +272,13 @@ class Writes:
         row = dict(old)
         row.update(changes)
         self._settle_state(schema, row, changes, row_id)
-        return self._save(schema, row_id, row, old=old)
+        return self._save(schema, row_id, row, old=old, at=None)
 
-    def _save(self, schema: TableSchema, row_id: str, row: Row, *, old: Row | None) -> Row:
+    def _save(self, schema: TableSchema, row_id: str, row: Row, *, old: Row | None,
+              at: datetime | None) -> Row:
         """Check a created (``old`` None) or updated row, stamp it, store it and tell of it."""
         self._check(schema, row, old)
-        self._stamp(row)
+        self._stamp(row, at)
         self.store.put(schema.entity_set, row_id, row)
         self.on_write()
         if self.on_row is not None:
@@ -272,8 +323,8 @@ class Writes:
             self._check_subscription(row, old)
 
     def _check_subscription(self, row: Row, old: Row | None) -> None:
-        bound = [n for n in SUBSCRIPTION_RECORD_LOOKUPS if row.get(f"_{n}_value") is not None]
-        if len(bound) != 1:
+        refs = tuple(map(row.get, _RECORD_VALUE_COLUMNS))
+        if len(refs) - refs.count(None) != 1:  # exactly one record bound
             raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription must refer to "
                            "exactly one contact, lead or account (psync_contactid, psync_leadid "
                            "or psync_accountid).")
@@ -285,7 +336,9 @@ class Writes:
                            "psync_status: 100000000 (Opted in) or 100000001 (Opted out).")
         if old is not None:
             self._check_record_editable(old)
-        self._check_record_editable(row)
+        # (the same records as before, just checked, need no second look)
+        if old is None or tuple(map(old.get, _RECORD_VALUE_COLUMNS)) != refs:
+            self._check_record_editable(row)
         table = self.store.tables[SUBSCRIPTIONS.entity_set]
         key = table.unique_key(row)
         holder = table.unique.get(key) if key is not None else None
@@ -297,11 +350,10 @@ class Writes:
                            "and try again.")
 
     def _check_record_editable(self, row: Row) -> None:
-        for nav in SUBSCRIPTION_RECORD_LOOKUPS:
-            ref = row.get(f"_{nav}_value")
+        for _, column, target in _RECORD_COLUMNS:
+            ref = row.get(column)
             if ref is None:
                 continue
-            target = TABLES[SUBSCRIPTIONS.lookups[nav].target]
             record = self.store.tables[target.entity_set].rows.get(ref)
             if record is not None and record.get("statecode") in target.read_only_states:
                 raise ApiError(400, PLUGIN_ERROR,
