@@ -40,11 +40,13 @@ from common.vendors.dotdigital.models import (
     AccountInfo,
     ContactOptIns,
     ContactV3,
+    FeedContact,
     ImportContact,
     ImportReport,
     OptInEntry,
     ResubscribeResult,
     Suppression,
+    feed_contact,
     opt_in_entries,
     opt_ins_contact,
     parse_account_info,
@@ -449,6 +451,15 @@ class DotdigitalClient(VendorClient):
             page = [entry for item in data for entry in opt_in_entries(item, preference_id)]
             if page:
                 yield page
+
+    async def iter_feed_contacts(self, preference_id: int, since: datetime, *,
+                                 min_contact_id: int = 0) -> AsyncIterator[list[FeedContact]]:
+        """:meth:`iter_opt_ins_since`, each contact as the ec-poller reads it (its id, email,
+        status and opt-ins to ``preference_id``:
+        :func:`~common.vendors.dotdigital.models.feed_contact`): no contact is built."""
+        async for data in self._opt_ins_pages(preference_id, since, min_contact_id):
+            if data:
+                yield [feed_contact(item, preference_id) for item in data]
 
     async def _opt_ins_pages(self, preference_id: int, since: datetime, min_contact_id: int
                              ) -> AsyncIterator[list[Any]]:

@@ -192,6 +192,12 @@ def _optional_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _contact_fields(item: dict[str, Any]) -> tuple[int, str, str]:
+    """A v2 contact's id, email (as answered) and status."""
+    return (int(item.get("id") or 0), str(item.get("email") or ""),
+            str(item.get("status") or ""))
+
+
 def parse_contact(data: object) -> Contact:
     item = _dict(data)
     fields = item.get("dataFields")
@@ -200,21 +206,29 @@ def parse_contact(data: object) -> Contact:
         data_fields = {str(f.get("key")): f.get("value") for f in fields if isinstance(f, dict)}
     elif isinstance(fields, dict):
         data_fields = dict(fields)
-    return Contact(id=int(item.get("id") or 0), email=str(item.get("email") or ""),
-                   status=str(item.get("status") or ""),
+    contact_id, email, status = _contact_fields(item)
+    return Contact(id=contact_id, email=email, status=status,
                    opt_in_type=item.get("optInType"), email_type=item.get("emailType"),
                    data_fields=data_fields)
 
 
+def _opt_in_fields(item: dict[str, Any]) -> tuple[int, bool, datetime]:
+    """An opt-in record's preference id, opt-in and time it changed."""
+    return (int(item["marketingPreferenceId"]), bool(item.get("isOptedIn")),
+            _modified(item))
+
+
+def _modified(item: dict[str, Any]) -> datetime:
+    # The API's own spelling is ``dateModifed``; accept the corrected one as well.
+    return parse_datetime(item.get("dateModifed") or item.get("dateModified"))
+
+
 def parse_opt_in(data: object) -> PreferenceOptIn:
     item = _dict(data)
-    return PreferenceOptIn(
-        preference_id=int(item["marketingPreferenceId"]),
-        is_opted_in=bool(item.get("isOptedIn")),
-        # The API's own spelling is ``dateModifed``; accept the corrected one as well.
-        modified=parse_datetime(item.get("dateModifed") or item.get("dateModified")),
-        address_book_id=_optional_int(item.get("addressBookId")),
-    )
+    preference_id, is_opted_in, modified = _opt_in_fields(item)
+    return PreferenceOptIn(preference_id=preference_id, is_opted_in=is_opted_in,
+                           modified=modified,
+                           address_book_id=_optional_int(item.get("addressBookId")))
 
 
 def opt_ins_contact(data: object) -> tuple[int, str]:
@@ -236,10 +250,29 @@ def opt_in_entries(data: object, preference_id: int) -> list[OptInEntry]:
     contact = _dict(item.get("contact"))
     contact_id = int(contact.get("id") or 0)
     email = str(contact.get("email") or "").strip().lower()
-    return [(contact_id, email, bool(opt_in.get("isOptedIn")),
-             parse_datetime(opt_in.get("dateModifed") or opt_in.get("dateModified")))
+    return [(contact_id, email, bool(opt_in.get("isOptedIn")), _modified(opt_in))
             for opt_in in map(_dict, item.get("marketingPreferenceOptIns") or [])
             if int(opt_in["marketingPreferenceId"]) == preference_id]
+
+
+# A contact of an opt-ins feed as the ec-poller reads it: (contact id, email as answered,
+# status, and the (opted in, when it changed) of each of its opt-ins to the asked preference).
+FeedContact = tuple[int, str, str, list[tuple[bool, datetime]]]
+
+
+def feed_contact(data: object, preference_id: int) -> FeedContact:
+    """An opt-ins entry as the ec-poller reads it, without building the contact or its opt-ins:
+    every field read and checked as :func:`parse_contact_opt_ins` reads it (malformed input
+    raises the same errors, other preferences' records included), the opt-ins to
+    ``preference_id`` alone kept."""
+    item = _dict(data)
+    contact_id, email, status = _contact_fields(_dict(item.get("contact")))
+    opt_ins: list[tuple[bool, datetime]] = []
+    for record in item.get("marketingPreferenceOptIns") or []:
+        record_preference, opted_in, modified = _opt_in_fields(_dict(record))
+        if record_preference == preference_id:
+            opt_ins.append((opted_in, modified))
+    return contact_id, email, status, opt_ins
 
 
 def parse_contact_opt_ins(data: object) -> ContactOptIns:

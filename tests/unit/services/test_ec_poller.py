@@ -8,11 +8,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from common.config import AccountConfig, parse_config
 from common.messaging.abc import Outgoing
@@ -21,8 +23,16 @@ from common.messaging.topology import CHANGES_EXCHANGE, Topology
 from common.runs import RunRequest
 from common.store.checkpoints import PREFERENCE_TREE, PREFERENCE_TREE_RUN
 from common.vendors.dotdigital.client import DotdigitalClient
-from services.ec_poller.service import EcPoller, leaf_preference_ids
+from common.vendors.dotdigital.models import Contact, ContactOptIns, PreferenceOptIn
+from services.ec_poller.service import (
+    EcPoller,
+    contact_read,
+    leaf_preference_ids,
+    opt_in_change_id,
+    preference_change,
+)
 from services.simulators import seeding
+from tests.unit.domain.builders import T0, examples
 from tests.unit.services.support import ACCOUNT, SHARDS, Bed, bed
 from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
 
@@ -269,3 +279,29 @@ async def test_feeds_are_read_side_by_side(tmp_path: Path) -> None:
         # the slow first feed did not hold up the others: their changes went out before its
         order = [c.preference_id for c in s.publisher.changes if isinstance(c, PreferenceChange)]
         assert order[0] != first and order[-1] == first, order
+
+
+@examples(200)
+@given(email=st.text(min_size=1, max_size=12), preference_id=st.integers(-2**63, 2**63 - 1),
+       opted_in=st.booleans(), milliseconds=st.integers(-10**11, 10**11),
+       change_id=st.text(max_size=12))
+def test_a_preference_change_built_slot_by_slot_equals_the_constructors(
+        email: str, preference_id: int, opted_in: bool, milliseconds: int,
+        change_id: str) -> None:
+    origin_time = T0 + timedelta(milliseconds=milliseconds)
+    built = preference_change(email=email, preference_id=preference_id, opted_in=opted_in,
+                              origin_time=origin_time, change_id=change_id)
+    assert built == PreferenceChange(email=email, preference_id=preference_id,
+                                     opted_in=opted_in, origin_time=origin_time,
+                                     change_id=change_id)
+
+
+def test_a_contact_read_directly_keeps_every_opt_in_with_its_change_id() -> None:
+    at = datetime(2026, 1, 1, 9, 40, 18, 527_000, tzinfo=UTC)
+    read = contact_read(ContactOptIns(
+        contact=Contact(id=5, email="A@example.com", status="Subscribed"),
+        opt_ins=(PreferenceOptIn(preference_id=7, is_opted_in=True, modified=at),
+                 PreferenceOptIn(preference_id=8, is_opted_in=False, modified=T0))))
+    assert read == (5, "A@example.com", "Subscribed", [
+        (7, True, at, "ec:5:7:2026-01-01T09:40:18.527000+00:00"),
+        (8, False, T0, opt_in_change_id(5, 8, T0))])

@@ -168,6 +168,27 @@ async def test_opt_in_entries_are_the_feeds_opt_ins_to_the_preference_alone() ->
         assert len(events.statuses(endpoint)) == 2 * calls  # the same pages, read again
 
 
+async def test_feed_contacts_are_the_feeds_contacts_with_their_opt_ins_to_the_preference(
+        ) -> None:
+    events = Events()
+    async with account(records=2500, preferences=2, events=events) as (client, _, seeded):
+        preference = seeded["preferences"][0]
+        endpoint = "GET /v2/contacts/with-preference/{preferenceId}/opt-ins-since/{date}"
+        built = [[(item.contact.id, item.contact.email, item.contact.status,
+                   [(r.is_opted_in, r.modified) for r in item.opt_ins
+                    if r.preference_id == preference]) for item in page]
+                 async for page in client.iter_opt_ins_since(preference, LONG_AGO)]
+        calls = len(events.statuses(endpoint))
+
+        pages = [page async for page in client.iter_feed_contacts(preference, LONG_AGO)]
+        resumed = [page async for page in client.iter_feed_contacts(
+            preference, LONG_AGO, min_contact_id=built[1][0][0])]
+
+        assert len(built) >= 2 and pages == built
+        assert resumed == built[1:]
+        assert len(events.statuses(endpoint)) == calls + calls + (calls - 1)
+
+
 async def test_unsubscribes_show_in_the_suppression_feeds() -> None:
     async with account(records=5) as (client, _, seeded):
         since = await client.server_time()

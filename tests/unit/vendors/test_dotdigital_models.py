@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
 from common.vendors.dotdigital.models import (
+    FeedContact,
+    feed_contact,
     parse_contact_opt_ins,
     parse_datetime,
     parse_import_report,
@@ -76,3 +79,75 @@ def test_suppression_and_import_report() -> None:
     assert report.succeeded and report.done
     assert report.failures[0].codes == ("invalidEmail",)
     assert report.failures[0].email == "x"
+
+
+def _as_fully_parsed(data: object, preference_id: int) -> FeedContact | tuple[type, str]:
+    """What :func:`parse_contact_opt_ins` reads of an entry, in the feed's form, or the error
+    it raises (type and message)."""
+    try:
+        parsed = parse_contact_opt_ins(data)
+    except Exception as exc:  # the error itself is what is compared
+        return type(exc), str(exc)
+    return (parsed.contact.id, parsed.contact.email, parsed.contact.status,
+            [(o.is_opted_in, o.modified) for o in parsed.opt_ins
+             if o.preference_id == preference_id])
+
+
+def _as_fed(data: object, preference_id: int) -> FeedContact | tuple[type, str]:
+    try:
+        return feed_contact(data, preference_id)
+    except Exception as exc:  # the error itself is what is compared
+        return type(exc), str(exc)
+
+
+def _opt_in(preference_id: Any = 7, **fields: Any) -> dict[str, Any]:
+    return {"marketingPreferenceId": preference_id, "addressBookId": 12, "isOptedIn": True,
+            "dateModifed": "2020-01-01T09:40:18.527Z", **fields}
+
+
+CONTACT = {"id": 5, "email": " A@Example.com", "optInType": None, "emailType": None,
+           "dataFields": None, "status": "Subscribed"}
+FEED_ENTRIES: list[Any] = [
+    {"contact": CONTACT, "marketingPreferenceOptIns": [_opt_in()]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": [_opt_in(isOptedIn=False)]},
+    # another preference's record is left out; two of the asked one are both kept
+    {"contact": CONTACT, "marketingPreferenceOptIns": [
+        _opt_in(8), _opt_in(), _opt_in("7", dateModifed="2020-01-02T00:00:00Z")]},
+    {"contact": {**CONTACT, "dataFields": [{"key": "A", "value": 1}, "x"]},
+     "marketingPreferenceOptIns": []},
+    {"contact": {"id": "6"}, "marketingPreferenceOptIns": None},
+    {"contact": {}, "marketingPreferenceOptIns": [
+        {"marketingPreferenceId": 7, "dateModified": "2020-01-01T09:40:18.5270000Z"}]},
+    {"contact": "not a contact", "marketingPreferenceOptIns": [_opt_in(isOptedIn=None)]},
+    {},
+    "not an entry",
+    None,
+    # malformed: each raises, whether or not the record is for the asked preference
+    {"contact": {**CONTACT, "id": "five"}, "marketingPreferenceOptIns": [_opt_in()]},
+    {"contact": {**CONTACT, "id": [5]}, "marketingPreferenceOptIns": [_opt_in()]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": [{"isOptedIn": True}]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": ["not a record"]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": [_opt_in(None)]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": [_opt_in("seven")]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": [_opt_in(dateModifed="yesterday")]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": [_opt_in(dateModifed=None)]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": [_opt_in(8, dateModifed="2020-02-30")]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": [_opt_in(), _opt_in(8, dateModifed=5)]},
+    {"contact": CONTACT, "marketingPreferenceOptIns": 5},
+]
+
+
+@pytest.mark.parametrize("entry", FEED_ENTRIES)
+def test_a_feed_contact_is_what_the_full_parse_reads_of_the_preference(entry: Any) -> None:
+    assert _as_fed(entry, 7) == _as_fully_parsed(entry, 7)
+
+
+def test_feed_entries_cover_what_is_read_and_what_is_refused() -> None:
+    outcomes = [_as_fed(entry, 7) for entry in FEED_ENTRIES]
+    assert {outcome[0] for outcome in outcomes if isinstance(outcome[0], type)} == {
+        ValueError, TypeError, KeyError}
+    read = [outcome for outcome in outcomes if isinstance(outcome[0], int)]
+    assert read[0] == (5, " A@Example.com", "Subscribed",
+                       [(True, datetime(2020, 1, 1, 9, 40, 18, 527_000, tzinfo=UTC))])
+    assert [len(outcome[3]) for outcome in read if isinstance(outcome[3], list)] == [
+        1, 1, 2, 0, 0, 1, 1, 0, 0, 0]
