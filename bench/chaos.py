@@ -212,6 +212,18 @@ def merge(parts: Sequence[Path], directory: Path = RESULTS_DIR) -> dict[str, Any
     return results
 
 
+def chosen_cases(size: str, *, seed: int, only: str | None) -> list[Any]:
+    """The cases of ``size`` and ``seed`` whose name holds ``only``; none is an error that
+    names the cases there are (the seed picks which faults each case pairs, so their names
+    depend on it)."""
+    every = cases_for(size, seed=seed)
+    cases = [c for c in every if only is None or only in c.name]
+    if not cases:
+        raise ValueError(f"no chaos case at size {size!r} and seed {seed} has {only!r} in its "
+                         f"name; they are: {', '.join(c.name for c in every)}")
+    return cases
+
+
 async def run_chaos(*, size: str, seed: int, results_dir: Path = RESULTS_DIR, keep: bool = False,
                     only: str | None = None, say: Callable[[str], None] = print) -> int:
     from tests.harness.chaos.run import run_case
@@ -224,7 +236,7 @@ async def run_chaos(*, size: str, seed: int, results_dir: Path = RESULTS_DIR, ke
     main = asyncio.current_task()
     if main is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    cases = [c for c in cases_for(size, seed=seed) if only is None or only in c.name]
+    cases = chosen_cases(size, seed=seed, only=only)
     workdir = Path(tempfile.mkdtemp(prefix="prefsync-chaos-"))
     results: dict[str, Any] = {
         "machine": {**_host(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],

@@ -65,11 +65,16 @@ def run(args: argparse.Namespace) -> int:
         if len(args.scenarios) > 1:
             print(f"'{CHAOS}' runs on its own", file=sys.stderr)
             return 2
-        from bench.chaos import markdown, merge, run_chaos
+        from bench.chaos import chosen_cases, markdown, merge, run_chaos
 
         if args.merge:
             print(markdown(merge(args.merge, args.results)))
             return 0
+        try:
+            chosen_cases(args.size, seed=args.seed, only=args.only)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
         return asyncio.run(run_chaos(size=args.size, seed=args.seed, results_dir=args.results,
                                      keep=args.keep, only=args.only))
     unknown = [s for s in args.scenarios if s not in SCENARIOS]

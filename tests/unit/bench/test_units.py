@@ -131,3 +131,17 @@ async def test_a_scenario_whose_every_run_failed_fails_with_each_reason() -> Non
 
     with pytest.raises(BenchError, match=r"every steady run failed: 1: .*run 1; 2: .*run 2"):
         await suite.repeat("steady", "changes", one)
+
+
+def test_a_chaos_run_whose_only_matches_no_case_says_which_there_are() -> None:
+    from bench.chaos import chosen_cases
+
+    name = "postgres-dynamics-poller.after-mark-eligible+clock-offset-dynamics"
+    [case] = chosen_cases("medium", seed=1, only=name)
+    assert case.name == name
+    # the seed pairs the faults: at another, that case is not there
+    with pytest.raises(ValueError, match=r"no chaos case at size 'medium' and seed 3 has "
+                                         r"'postgres-dynamics-poller\.after-mark-eligible\+"
+                                         r"clock-offset-dynamics' in its name; they are: "
+                                         r"sqlite-no-fault, .*, postgres-mixed-2$"):
+        chosen_cases("medium", seed=3, only=name)
