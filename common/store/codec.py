@@ -39,7 +39,7 @@ from common.domain import (
     WriteRecord,
 )
 from common.domain.clock import ZERO, from_us, to_us
-from common.domain.rows import StateRow, key_state, state_row
+from common.domain.rows import KeyTuple, StateRow, key_of, key_state, state_row
 from common.domain.sides import SIDES, per_side
 
 FORMAT = 2
@@ -127,10 +127,11 @@ def _part(raw: list[Any] | None) -> Any:
 _row = tuple.__new__
 
 
-def _loaded(blob: bytes, what: str) -> list[Any]:
+def _loaded(blob: bytes, key: PreferenceKey | KeyTuple) -> list[Any]:
     raw = orjson.loads(blob)
     if not isinstance(raw, list) or not raw or raw[0] not in (FORMAT, FORMAT_1):
-        raise ValueError(f"unknown key-state format for {what}")
+        k = key if isinstance(key, PreferenceKey) else key_of(key)
+        raise ValueError(f"unknown key-state format for {k.account}/{k.preference_id}")
     return raw
 
 
@@ -146,16 +147,18 @@ def _row_of(raw: list[Any], revision: int) -> StateRow:
         revision))
 
 
-def decode_row(key: PreferenceKey, revision: int, blob: bytes) -> StateRow:
-    """The row of a stored state (``key`` names it in errors, and decodes format 1)."""
-    raw = _loaded(blob, f"{key.account}/{key.preference_id}")
+def decode_row(key: PreferenceKey | KeyTuple, revision: int, blob: bytes) -> StateRow:
+    """The row of a stored state (``key`` names it in errors, and decodes format 1; a
+    :class:`PreferenceKey` is made of a key's parts only then)."""
+    raw = _loaded(blob, key)
     if raw[0] == FORMAT:
         return _row_of(raw, revision)
-    return state_row(_decode_format_1(key, revision, raw))
+    k = key if isinstance(key, PreferenceKey) else key_of(key)
+    return state_row(_decode_format_1(k, revision, raw))
 
 
 def decode_state(key: PreferenceKey, revision: int, blob: bytes) -> KeyState:
-    raw = _loaded(blob, f"{key.account}/{key.preference_id}")
+    raw = _loaded(blob, key)
     if raw[0] == FORMAT:
         return key_state(key, _row_of(raw, revision))
     return _decode_format_1(key, revision, raw)

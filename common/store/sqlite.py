@@ -193,7 +193,7 @@ def decode_rows(rows: Iterable[Any]) -> dict[KeyTuple, StateRow]:
     out: dict[KeyTuple, StateRow] = {}
     for account, email, preference_id, revision, blob in rows:
         key = (account, email, preference_id)
-        out[key] = decode_row(key_of(key), revision, blob)
+        out[key] = decode_row(key, revision, blob)
     return out
 
 

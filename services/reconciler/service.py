@@ -428,10 +428,10 @@ class Reconciler:
             self, states: Iterable[KeyState], *, contacts: Mapping[str, ContactState],
     ) -> tuple[dict[PreferenceKey, list[WriteMessage]], list[tuple[int, str]]]:
         """:meth:`row_messages` of key states (the outstanding-work sweep's), by key."""
-        keys = {key_tuple(state.key): state.key for state in states}
+        keys = {key_tuple(state.key): state for state in states}  # (``states`` read once)
         messages, to_defer = await self.row_messages(
-            [(key_tuple(state.key), state_row(state)) for state in states], contacts=contacts)
-        return {keys[k]: m for k, m in messages.items()}, to_defer
+            [(k, state_row(state)) for k, state in keys.items()], contacts=contacts)
+        return {keys[k].key: m for k, m in messages.items()}, to_defer
 
     async def row_messages(
             self, states: Iterable[tuple[KeyTuple, StateRow]], *,
