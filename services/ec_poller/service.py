@@ -50,12 +50,13 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from common.config import AccountConfig
 from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
+from common.domain.trusted import assembled
 from common.messaging.amqp import Publisher
 from common.messaging.envelope import Change, ContactStatusChange, PreferenceChange
 from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
@@ -103,31 +104,14 @@ def contact_read(opt_ins: ContactOptIns) -> ContactRead:
              for o in opt_ins.opt_ins])
 
 
-_new = object.__new__
-_PREFERENCE_CHANGE_FIELDS = ("email", "preference_id", "opted_in", "origin_time", "version",
-                             "change_id", "carried", "joined")
-# Every field is set below: a field added to PreferenceChange must be added there too.
-assert set(_PREFERENCE_CHANGE_FIELDS) == {f.name for f in fields(PreferenceChange)}
-(_set_email, _set_preference_id, _set_opted_in, _set_origin_time, _set_version, _set_change_id,
- _set_carried, _set_joined) = (getattr(PreferenceChange, name).__set__
-                               for name in _PREFERENCE_CHANGE_FIELDS)
-
-
 def preference_change(*, email: str, preference_id: int, opted_in: bool,
                       origin_time: datetime, change_id: str) -> PreferenceChange:
     """``PreferenceChange(...)`` of parts already checked (a normalised email, an aware time),
-    set slot by slot: the frozen dataclass's constructor costs twice as much, once per opt-in
-    read (see :mod:`common.domain.trusted`; a test holds the two equal)."""
-    change = _new(PreferenceChange)
-    _set_email(change, email)
-    _set_preference_id(change, preference_id)
-    _set_opted_in(change, opted_in)
-    _set_origin_time(change, origin_time)
-    _set_version(change, None)
-    _set_change_id(change, change_id)
-    _set_carried(change, False)
-    _set_joined(change, False)
-    return change
+    built as :mod:`common.domain.trusted` builds such objects: once per opt-in read, the
+    frozen dataclass's checks are not run again (a test holds the two equal)."""
+    return assembled(PreferenceChange, email=email, preference_id=preference_id,
+                     opted_in=opted_in, origin_time=origin_time, version=None,
+                     change_id=change_id, carried=False, joined=False)
 
 
 @dataclass
