@@ -74,10 +74,16 @@ class KeyStates(Protocol):
     async def save_rows(self, changes: Sequence[RowChange], *,
                         history: Sequence[HistoryRow[KeyTuple]] = (),
                         recorded_at: datetime | None = None,
-                        entries: Sequence[HistoryEntry] = ()) -> list[int]:
+                        entries: Sequence[HistoryEntry] = (),
+                        outstanding_moved: bool = True) -> list[int]:
         """:meth:`save` for the batch hot path: state rows, the kernel's history rows (of
         decisions ``recorded_at``, default now) and other history ``entries``; the same
-        compare-and-set, transaction and index."""
+        compare-and-set, transaction and index.
+
+        ``outstanding_moved=False``: the caller knows that no change moves what is outstanding
+        (each key's register and what each side is known to hold are as stored; only writes
+        in flight changed), so the index of outstanding keys is left as it is. Its rows keep
+        an older revision, which the sweep's drop (``revision <=``) allows for."""
         ...
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]: ...

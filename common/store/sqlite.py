@@ -233,8 +233,9 @@ class SaveBatch:
 
     @classmethod
     def of_rows(cls, changes: Sequence[RowChange], *, history: list[tuple[Any, ...]],
-                now_us: int) -> SaveBatch:
-        """A save of state rows, with rows of :data:`_INSERT_HISTORY`."""
+                now_us: int, outstanding_moved: bool = True) -> SaveBatch:
+        """A save of state rows, with rows of :data:`_INSERT_HISTORY`; the index of outstanding
+        keys is left alone when the caller says no change moves it (``outstanding_moved``)."""
         if len({key for _, key, _ in changes}) != len(changes):
             raise ValueError("a save may hold each key only once")
         state_rows: list[tuple[Any, ...]] = []
@@ -244,12 +245,14 @@ class SaveBatch:
             state_rows.append((*key, revision, encode_row(row)))
             revisions.append(revision)
         # the index of keys with outstanding writes, kept in the same transaction
-        upsert, delete = index_rows(
-            ((key, row, revision) for (_, key, row), revision in zip(changes, revisions,
-                                                                    strict=True)),
-            now_us=now_us)
+        index: list[tuple[str, Sequence[tuple[Any, ...]]]] = []
+        if outstanding_moved:
+            index = index_statements(*index_rows(
+                ((key, row, revision) for (_, key, row), revision in zip(changes, revisions,
+                                                                        strict=True)),
+                now_us=now_us))
         return cls(changes=changes, revisions=revisions, state_rows=state_rows,
-                   history_rows=history, index=index_statements(upsert, delete))
+                   history_rows=history, index=index)
 
     @property
     def keys(self) -> list[KeyTuple]:
@@ -527,10 +530,12 @@ class SqliteLedgerStore:
     async def save_rows(self, changes: Sequence[RowChange], *,
                         history: Sequence[HistoryRow[KeyTuple]] = (),
                         recorded_at: datetime | None = None,
-                        entries: Sequence[HistoryEntry] = ()) -> list[int]:
+                        entries: Sequence[HistoryEntry] = (),
+                        outstanding_moved: bool = True) -> list[int]:
         rows = [*history_rows(history, recorded_at=recorded_at or datetime.now(UTC)),
                 *map(_history_row, entries)]
-        return await self._write(SaveBatch.of_rows(changes, history=rows, now_us=now_us()))
+        return await self._write(SaveBatch.of_rows(changes, history=rows, now_us=now_us(),
+                                                   outstanding_moved=outstanding_moved))
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
         email = normalize_email(email)

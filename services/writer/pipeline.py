@@ -206,14 +206,19 @@ class Writer:
             if number:
                 states.update(await self._store.load_rows(map(key_tuple, todo)))
             changed: list[tuple[KeyTuple, StateRow]] = []
+            moved = False
             for key in todo:
                 k = key_tuple(key)
                 before = states.get(k, EMPTY_STATE)
                 after = begin_write_row(before, rows[key], window_start_us=start_us)
                 if after is not before:  # the same row: nothing recorded
                     changed.append((k, after))
+                    moved = moved or after[:2] != before[:2]
+            # Only writes in flight change (the register and what each side holds stay): the
+            # index of outstanding keys is left alone, one row write per key less.
             revisions = await self._store.save_rows([(st.revision or None, k, st)
-                                                     for k, st in changed])
+                                                     for k, st in changed],
+                                                    outstanding_moved=moved)
             states.update({k: st._replace(revision=revision)
                            for (k, st), revision in zip(changed, revisions, strict=True)})
 

@@ -139,8 +139,10 @@ class OverlayStore:
     async def save_rows(self, changes: Sequence[RowChange], *,
                         history: Sequence[HistoryRow[KeyTuple]] = (),
                         recorded_at: datetime | None = None,
-                        entries: Sequence[HistoryEntry] = ()) -> list[int]:
-        # the dry run is not the hot path: through the dataclasses (the same rules as save)
+                        entries: Sequence[HistoryEntry] = (),
+                        outstanding_moved: bool = True) -> list[int]:
+        # the dry run keeps no index of outstanding keys, nor is it the hot path: through the
+        # dataclasses (the same rules as save)
         recorded = recorded_at or datetime.now(UTC)
         return await self.save(
             [(expected, key_state(key_of(key), row), None) for expected, key, row in changes],

@@ -227,6 +227,8 @@ def test_begin_write_row_is_begin_write_and_the_same_row_when_it_returns_the_sam
                             window_start_us=to_us(write.window_start))
     assert key_state(KEY, after) == expected
     assert (after is row) == (expected is write.state)
+    # the writer saves a begun write without touching the index of outstanding keys
+    assert (after.register, after.known) == (row.register, row.known)
     if expected is write.state:
         event("begin: the same write already in flight (same state)")
     elif expected.horizon != write.state.horizon:
