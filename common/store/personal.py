@@ -26,6 +26,8 @@ from datetime import datetime
 from common.domain import normalize_email
 from common.store.codec import to_us
 from common.store.connection import Connection, Transaction
+from common.store.history import BY_EMAIL as HISTORY_BY_EMAIL
+from common.store.history import history_bucket
 
 # History by age, for retention (the by-email index does not serve a time range).
 SCHEMA = (
@@ -59,11 +61,15 @@ for _table in _BY_RECORD:
 
 
 _WHERE["dyn_email_changes"] = "WHERE account = ? AND (email = ? OR old_email = ?)"
+# history by its email's bucket (common.store.history: no index by email)
+_WHERE["history"] = f"WHERE {HISTORY_BY_EMAIL}"
 
 
-def _params(table: str, account: str, email: str) -> tuple[str, ...]:
+def _params(table: str, account: str, email: str) -> tuple[str | int, ...]:
     if table == "dyn_email_changes":
         return (account, email, email)
+    if table == "history":
+        return (account, history_bucket(email), email)
     if table in _BY_RECORD:
         return (account, account, email)
     return (account, email)

@@ -37,6 +37,7 @@ from common.store.connection import Connection, Statement
 from common.store.interface import ConflictError, StoreUnavailable
 from common.store.sqlite import (
     ADDED_COLUMNS,
+    AFTER_COLUMNS,
     SCHEMA_STATEMENTS,
     SaveBatch,
     SqliteLedgerStore,
@@ -71,7 +72,8 @@ def to_postgres(sql: str) -> str:
 
 # What this code's tables look like, as a stamp in the ledger's meta table: a ledger stamped so
 # is opened without DDL.
-_DDL = "\n".join([*SCHEMA_STATEMENTS, *(" ".join(column) for column in ADDED_COLUMNS)])
+_DDL = "\n".join([*SCHEMA_STATEMENTS, *(" ".join(column) for column in ADDED_COLUMNS),
+                  *AFTER_COLUMNS])
 DDL_STAMP = hashlib.sha256(_DDL.encode()).hexdigest()[:16]
 # Tries at making the schema when PostgreSQL breaks a deadlock by failing ours.
 SCHEMA_TRIES = 5
@@ -101,6 +103,8 @@ async def _make_schema(pool: asyncpg.Pool) -> None:
                 for table, column, kind in ADDED_COLUMNS:
                     await connection.execute(postgres_ddl(
                         f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"))
+                for statement in AFTER_COLUMNS:
+                    await connection.execute(postgres_ddl(statement))
                 await settle_schema(db)
                 await connection.execute(
                     "INSERT INTO meta (name, value) VALUES ('ddl', $1) "

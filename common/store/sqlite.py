@@ -37,6 +37,9 @@ from common.store.coordination import SCHEMA as COORDINATION_SCHEMA
 from common.store.coordination import SqlCoordination
 from common.store.directory import SCHEMA as DIRECTORY_SCHEMA
 from common.store.directory import EmailChange, RecordRef, SqliteDirectory, SubscriptionRow
+from common.store.history import BY_EMAIL as HISTORY_BY_EMAIL
+from common.store.history import INDEXES as HISTORY_INDEXES
+from common.store.history import fill_buckets, history_bucket
 from common.store.interface import Change, ConflictError, RowChange, StoreUnavailable
 from common.store.outstanding import SCHEMA as OUTSTANDING_SCHEMA
 from common.store.outstanding import (
@@ -58,10 +61,13 @@ log = logging.getLogger("prefsync.store")
 
 # 2: key states are written in format 2 (common.store.codec), which code of schema 1 cannot
 # read; that code refuses to open the ledger, rather than fail on each state it loads.
-SCHEMA_VERSION = 2
+# 3: history rows carry their email's bucket (common.store.history), which code of schema 2
+# does not write: its rows could not be found by email.
+SCHEMA_VERSION = 3
 # Ledger schemas this code brings up to SCHEMA_VERSION when it opens them (their format-1
-# states are still read, and written in format 2 by their next save).
-UPGRADED_SCHEMAS = ("1",)
+# states are still read, and written in format 2 by their next save; their history rows are
+# given buckets once).
+UPGRADED_SCHEMAS = ("1", "2")
 
 T = TypeVar("T")
 
@@ -70,6 +76,14 @@ async def settle_schema(db: Connection) -> None:
     """Inside the schema transaction, once the tables exist (either database): a new ledger is
     stamped with this code's schema version, what an older ledger lacks is built, and a ledger
     of another version is refused."""
+    async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cursor:
+        before = await cursor.fetchone()
+    if before is None or before[0] in UPGRADED_SCHEMAS:
+        # a ledger older than buckets (with no schema row at all, the very first ones); a new
+        # ledger's history is empty
+        filled = await fill_buckets(db)
+        if filled:
+            log.info("ledger history given buckets", extra={"rows": filled})
     await db.execute("INSERT INTO meta (name, value) VALUES ('schema', ?) "
                      "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
     await db.execute(f"UPDATE meta SET value = ? WHERE name = 'schema' AND value IN "
@@ -94,8 +108,7 @@ _SCHEMA = (
         id INTEGER PRIMARY KEY, account TEXT NOT NULL, email TEXT NOT NULL,
         preference_id INTEGER NOT NULL, side TEXT NOT NULL, opted_in INTEGER NOT NULL,
         origin_time INTEGER NOT NULL, change_id TEXT NOT NULL, decision TEXT NOT NULL,
-        recorded_at INTEGER NOT NULL, corrected_time INTEGER)""",
-    """CREATE INDEX IF NOT EXISTS history_by_email ON history (account, email, recorded_at, id)""",
+        recorded_at INTEGER NOT NULL, corrected_time INTEGER, bucket INTEGER)""",
     """CREATE TABLE IF NOT EXISTS contact_state (
         account TEXT NOT NULL, email TEXT NOT NULL, status TEXT NOT NULL,
         suppressed INTEGER NOT NULL, since INTEGER NOT NULL, revision INTEGER NOT NULL,
@@ -113,7 +126,11 @@ SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION
 # before gets them when opened (nullable, so its rows stay as they were).
 ADDED_COLUMNS = (("history", "corrected_time", "INTEGER"),
                  ("dyn_records", "email_since", "TEXT"),
-                 ("outstanding_keys", "sides", "INTEGER NOT NULL DEFAULT 3"))
+                 ("outstanding_keys", "sides", "INTEGER NOT NULL DEFAULT 3"),
+                 ("history", "bucket", "INTEGER"))
+
+# What is made once every added column exists (either database).
+AFTER_COLUMNS = HISTORY_INDEXES
 
 # SQLite's page cache stays at its default (2 MB per connection). In WAL mode a connection drops
 # its whole cache whenever another connection committed since its last transaction, which the
@@ -138,8 +155,8 @@ _INSERT_STATE = """
 
 _INSERT_HISTORY = """
     INSERT INTO history (account, email, preference_id, side, opted_in, origin_time, change_id,
-                         decision, recorded_at, corrected_time)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+                         decision, recorded_at, corrected_time, bucket)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
 _UPSERT_CONTACT = """
     INSERT INTO contact_state (account, email, status, suppressed, since, revision)
@@ -202,7 +219,7 @@ def history_rows(rows: Iterable[HistoryRow[KeyTuple]], *,
     """Rows of :data:`_INSERT_HISTORY` for the kernel's history rows of one batch."""
     recorded = to_us(recorded_at)
     return [(account, email, preference_id, SIDES[side], int(opted_in), origin, change_id,
-             DECISIONS[decision], recorded, corrected)
+             DECISIONS[decision], recorded, corrected, history_bucket(email))
             for (account, email, preference_id), side, opted_in, origin, change_id, decision,
             corrected in rows]
 
@@ -313,7 +330,8 @@ async def _select_in(db: Connection, sql: str, account: str,
 def _history_row(h: HistoryEntry) -> tuple[Any, ...]:
     return (h.account, h.email, h.preference_id, h.side, int(h.opted_in),
             to_us(h.origin_time), h.change_id, h.decision, to_us(h.recorded_at),
-            None if h.corrected_time is None else to_us(h.corrected_time))
+            None if h.corrected_time is None else to_us(h.corrected_time),
+            history_bucket(h.email))
 
 
 async def _run(db: SqliteConnection, sql: str) -> None:
@@ -384,6 +402,8 @@ class SqliteLedgerStore:
                 async with db.execute(f"PRAGMA table_info({table})") as cur:
                     if column not in {row[1] for row in await cur.fetchall()}:
                         await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            for statement in AFTER_COLUMNS:
+                await db.execute(statement)
             await settle_schema(db)
             await db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
@@ -548,17 +568,20 @@ class SqliteLedgerStore:
 
     async def history(self, account: str, email: str) -> list[HistoryEntry]:
         email = normalize_email(email)
-        sql = ("SELECT preference_id, side, opted_in, origin_time, change_id, decision, "
-               "recorded_at, corrected_time FROM history WHERE account = ? AND email = ? "
-               "ORDER BY recorded_at, id")
-        async with self._reading() as db, db.execute(sql, (account, email)) as cur:
-            rows = await cur.fetchall()
+        # Sorted here: asked to sort, a planner may walk the account's history by time instead
+        # of the email's bucket.
+        sql = ("SELECT recorded_at, id, preference_id, side, opted_in, origin_time, change_id, "
+               f"decision, corrected_time FROM history WHERE {HISTORY_BY_EMAIL}")
+        async with self._reading() as db, \
+                db.execute(sql, (account, history_bucket(email), email)) as cur:
+            rows = sorted(await cur.fetchall(), key=lambda row: (row[0], row[1]))
         return [HistoryEntry(account=account, email=email, preference_id=p, side=side,
                              opted_in=bool(opted_in), origin_time=from_us(origin),
                              change_id=change_id, decision=decision,
                              recorded_at=from_us(recorded),
                              corrected_time=None if corrected is None else from_us(corrected))
-                for p, side, opted_in, origin, change_id, decision, recorded, corrected in rows]
+                for recorded, _, p, side, opted_in, origin, change_id, decision, corrected
+                in rows]
 
     # -- contacts -------------------------------------------------------------------------
     async def load_contacts(self, account: str,

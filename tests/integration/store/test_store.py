@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -28,6 +29,7 @@ from common.domain import (
 from common.domain.rows import DECISIONS, EMPTY_STATE, key_tuple, state_row
 from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
 from common.store.codec import to_us
+from common.store.history import BUCKETS, history_bucket
 from common.store.interface import StoreUnavailable
 from common.store.postgres import DDL_STAMP, PostgresLedgerStore
 from tests.harness.keys import T, key
@@ -107,7 +109,7 @@ async def test_a_ledger_of_another_schema_version_is_refused(url: str) -> None:
         assert isinstance(store, SqliteLedgerStore)  # either backend (PostgreSQL's extends it)
         async with store._transaction() as db:
             await db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("99",))
-    with pytest.raises(RuntimeError, match="ledger schema 99 is not the supported 2"):
+    with pytest.raises(RuntimeError, match="ledger schema 99 is not the supported 3"):
         await open_store(url).open()
 
 
@@ -152,7 +154,7 @@ async def test_rows_are_saved_with_compare_and_set_and_their_history(store: Ledg
         entry(key(), "written", T + timedelta(seconds=2))]
 
 
-async def test_a_schema_1_ledger_is_brought_to_2_and_its_states_still_read(url: str) -> None:
+async def test_a_schema_1_ledger_is_brought_to_3_and_its_states_still_read(url: str) -> None:
     async with open_store(url) as store:
         assert isinstance(store, SqliteLedgerStore)
         async with store._transaction() as db:
@@ -164,7 +166,7 @@ async def test_a_schema_1_ledger_is_brought_to_2_and_its_states_still_read(url: 
         assert isinstance(store, SqliteLedgerStore)
         async with store._transaction() as db, \
                 db.execute("SELECT value FROM meta WHERE name = 'schema'") as cursor:
-            assert await cursor.fetchall() in ([("2",)], [["2"]])
+            assert await cursor.fetchall() in ([("3",)], [["3"]])
         state = (await store.load([key()]))[key()]
         assert state.register is not None and state.register.change_id == "dyn:2"
         assert state.revision == 3
@@ -173,6 +175,43 @@ async def test_a_schema_1_ledger_is_brought_to_2_and_its_states_still_read(url: 
                 db.execute("SELECT state FROM key_state") as cursor:
             (blob,), = await cursor.fetchall()
         assert bytes(blob).startswith(b"[2,")
+
+
+async def test_a_schema_2_ledgers_history_is_given_buckets_and_found_by_email(url: str) -> None:
+    ann, bob = key(), key("bob@example.com")
+    async with open_store(url) as store:
+        assert isinstance(store, SqliteLedgerStore)
+        await store.save([(None, KeyState(key=ann), entry(ann, "applied", T)),
+                          (None, KeyState(key=bob), entry(bob, "applied", T))],
+                         history=[entry(ann, "written", T + timedelta(seconds=1))])
+        # as the previous release left it: no buckets, found through an index by email
+        async with store._transaction() as db:
+            await db.execute("UPDATE meta SET value = '2' WHERE name = 'schema'")
+            await db.execute("UPDATE history SET bucket = NULL")
+    async with open_store(url) as store:
+        assert isinstance(store, SqliteLedgerStore)
+        async with store._transaction() as db, \
+                db.execute("SELECT COUNT(*) FROM history WHERE bucket IS NULL") as cursor:
+            assert list(await cursor.fetchone()) == [0]
+        assert [h.decision for h in await store.history("acme", ann.email)] == ["applied",
+                                                                                 "written"]
+        assert [h.decision for h in await store.history("acme", bob.email)] == ["applied"]
+        assert (await store.personal_data("acme", ann.email))["history"] == 2
+        assert (await store.forget_email("acme", ann.email))["history"] == 2
+        assert await store.history("acme", ann.email) == []
+        assert len(await store.history("acme", bob.email)) == 1
+
+
+async def test_history_rows_are_indexed_by_bucket_not_by_email(url: str) -> None:
+    async with open_store(url) as store:
+        assert isinstance(store, SqliteLedgerStore)
+        await store.save([(None, KeyState(key=key()), entry(key(), "applied", T))])
+        async with store._transaction() as db, \
+                db.execute("SELECT bucket FROM history") as cursor:
+            assert [row[0] for row in await cursor.fetchall()] == [history_bucket(key().email)]
+    assert 0 <= history_bucket("ann@example.com") < BUCKETS
+    # the same in every process and release: a CRC-32 of the email
+    assert history_bucket("ann@example.com") == zlib.crc32(b"ann@example.com") % BUCKETS
 
 
 async def test_compare_and_set(store: LedgerStore) -> None:
