@@ -9,12 +9,18 @@ Both are linear in the body and cheap per operation (a batch holds up to 1000):
 1. a request is one template filled in per operation; the change set boundaries are the batch's
    id and the operation's position, so no boundary is drawn per operation;
 2. an answer is cut at its delimiters and blank lines with plain byte searches (no regular
-   expression per part); of a part's MIME headers only ``Content-Type`` and ``Content-ID`` are
-   kept.
+   expression scans a body); of a part's MIME headers only ``Content-Type`` and ``Content-ID``
+   are kept;
+3. a change set answering one write, laid out as Dataverse writes it, is read by one anchored
+   match of its heads and one search for a stray delimiter (:func:`_plain_change_set`); any
+   other part by the general reading, which would read that one the same way (tested so);
+4. a response's headers are read when first asked for: most parts are wanted for their
+   status and body alone.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,15 +76,41 @@ class BatchOperation:
                    content_id=content_id)
 
 
-@dataclass(frozen=True)
 class ResponsePart:
-    """One inner HTTP response of a batch response."""
+    """One inner HTTP response of a batch response.
 
-    content_id: str | None
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
-    in_change_set: bool
+    Its headers are read when first asked for: most parts are used for their status and body
+    only, so the header lines are kept as they came (``head``, their line break ``eol``) until
+    then.
+    """
+
+    __slots__ = ("_eol", "_head", "_headers", "body", "content_id", "in_change_set", "status")
+
+    def __init__(self, *, content_id: str | None, status: int, head: bytes, eol: bytes,
+                 body: bytes, in_change_set: bool) -> None:
+        self.status = status
+        self.body = body
+        self.in_change_set = in_change_set
+        self._head = head
+        self._eol = eol
+        self._headers: CIMultiDictProxy[str] | None = None
+        # a part without a MIME Content-ID may carry one among its own headers
+        self.content_id = content_id or self.headers.get("Content-ID")
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:
+            text = self._head.decode("utf-8", "replace")
+            lines = (text.split("\r\n") if self._eol == CRLF else
+                     [line.removesuffix("\r") for line in text.split("\n")])
+            pairs = [(name.strip(), value.strip())
+                     for name, sep, value in (line.partition(":") for line in lines) if sep]
+            self._headers = CIMultiDictProxy(CIMultiDict(pairs))
+        return self._headers
+
+    def __repr__(self) -> str:
+        return (f"ResponsePart(content_id={self.content_id!r}, status={self.status}, "
+                f"in_change_set={self.in_change_set}, body={self.body[:60]!r})")
 
     def json(self) -> Any:
         if not self.body.strip():
@@ -171,20 +203,30 @@ def boundary_of(content_type: str) -> str | None:
 
 def decode_batch(body: bytes, content_type: str) -> list[ResponsePart]:
     """Every inner response of a batch response, change-set members flattened in order."""
+    return _decode(body, content_type, plain=True)
+
+
+def _decode(body: bytes, content_type: str, *, plain: bool) -> list[ResponsePart]:
+    """``plain``: read change sets laid out as Dataverse writes them by :func:`_plain_change_set`
+    (the general reading below gives the same parts; the tests hold them to it)."""
     boundary = boundary_of(content_type)
     if boundary is None:
         raise ValueError("batch response has no multipart boundary")
     parts: list[ResponsePart] = []
     for raw in _split(body, boundary):
-        lines, after = _head(raw, 0)
-        part_type, content_id = _mime_headers(lines)
+        part = _plain_change_set(raw) if plain else None
+        if part is not None:
+            parts.append(part)
+            continue
+        end, after, eol = _head(raw, 0)
+        part_type, content_id = _mime_headers(_lines(raw[:end], eol))
         if part_type.lower().startswith("multipart/mixed"):
             inner = boundary_of(part_type)
             if inner is None:
                 raise ValueError("change set response has no boundary")
             for raw_inner in _split(raw[after:], inner):
-                inner_lines, inner_after = _head(raw_inner, 0)
-                _, inner_id = _mime_headers(inner_lines)
+                inner_end, inner_after, inner_eol = _head(raw_inner, 0)
+                _, inner_id = _mime_headers(_lines(raw_inner[:inner_end], inner_eol))
                 parts.append(_http_part(raw_inner, inner_after, inner_id, in_change_set=True))
         else:
             parts.append(_http_part(raw, after, content_id, in_change_set=False))
@@ -199,6 +241,9 @@ def _split(body: bytes, boundary: str) -> list[bytes]:
     for piece in pieces[1:]:
         if piece.startswith(b"--"):
             break
+        if piece.startswith(b"\r\n"):  # the usual delimiter line: nothing after the boundary
+            parts.append(piece[2:-1] if piece.endswith(b"\r") else piece[2:])
+            continue
         # the line break before the next delimiter belongs to it (a CR of CRLF included)
         if piece.endswith(b"\r"):
             piece = piece[:-1]
@@ -210,17 +255,26 @@ def _split(body: bytes, boundary: str) -> list[bytes]:
     return parts
 
 
-def _head(raw: bytes, start: int) -> tuple[list[str], int]:
-    """The lines of ``raw`` from ``start`` up to its first blank line (CRLF or LF line ends),
-    and the offset after that blank line (the end, if there is none)."""
+def _head(raw: bytes, start: int) -> tuple[int, int, bytes]:
+    """Where the lines of ``raw`` from ``start`` end (at its first blank line; CRLF or LF line
+    ends), the offset after that blank line (the end, if there is none), and their line break:
+    CRLF when every line ends so, else LF (a CR before it then ends the line's text)."""
     crlf = raw.find(b"\r\n\r\n", start)
     # an LF-only (or mixed) blank line before it, if any: searched no further than the CRLF one
     lf = raw.find(b"\n\n", start, len(raw) if crlf < 0 else crlf + 2)
     if lf < 0 and crlf >= 0:  # the usual case: CRLF throughout
-        return raw[start:crlf].decode("utf-8", "replace").split("\r\n"), crlf + 4
-    end, after = (lf, lf + 2) if lf >= 0 else (len(raw), len(raw))
-    text = raw[start:end].decode("utf-8", "replace")
-    return [line.removesuffix("\r") for line in text.split("\n")], after
+        return crlf, crlf + 4, CRLF
+    if lf >= 0:
+        return lf, lf + 2, b"\n"
+    return len(raw), len(raw), b"\n"
+
+
+def _lines(head: bytes, eol: bytes) -> list[str]:
+    """The lines of a header block ``head`` whose lines end with ``eol`` (see :func:`_head`)."""
+    text = head.decode("utf-8", "replace")
+    if eol == CRLF:
+        return text.split("\r\n")
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _mime_headers(lines: Sequence[str]) -> tuple[str, str | None]:
@@ -243,14 +297,50 @@ def _http_part(raw: bytes, start: int, content_id: str | None, *,
     """The HTTP response in ``raw`` from ``start`` (after the part's MIME headers)."""
     while start < len(raw) and raw[start] in b" \t\r\n":
         start += 1
-    lines, after = _head(raw, start)
-    words = lines[0].split(None, 2)
+    end, after, eol = _head(raw, start)
+    # the status line, then the header lines (read when asked for)
+    line_end = raw.find(eol, start, end)
+    if line_end < 0:
+        line_end = end
+    words = _lines(raw[start:line_end], eol)[0].split(None, 2)
     if (len(words) < 2 or not words[0].startswith("HTTP/") or len(words[1]) != 3
             or not words[1].isdigit()):
         raise ValueError("batch response part is not an HTTP response")
-    pairs = [(name.strip(), value.strip())
-             for name, sep, value in (line.partition(":") for line in lines[1:]) if sep]
-    headers: CIMultiDict[str] = CIMultiDict(pairs)
-    return ResponsePart(content_id=content_id or headers.get("Content-ID"),
-                        status=int(words[1]), headers=CIMultiDictProxy(headers),
+    return ResponsePart(content_id=content_id, status=int(words[1]),
+                        head=raw[line_end + len(eol):end], eol=eol,
                         body=raw[after:].rstrip(b"\r\n"), in_change_set=in_change_set)
+
+
+# A change set answering one write, as Dataverse lays it out, up to the response's body:
+# the change set's type alone on its line with a bare boundary (no quotes, blanks or
+# semicolons: what boundary_of reads as it stands), the opening delimiter, the member's MIME
+# headers in this order with an alphanumeric Content-ID, an HTTP/1.1 status line and header
+# lines that are neither empty nor hold a CR or LF, all ending with CRLF, then the blank line.
+_PLAIN_CHANGE_SET = re.compile(
+    rb"Content-Type: multipart/mixed; boundary=([0-9A-Za-z'()+_,./:=?-]+)\r\n\r\n"
+    rb"--\1\r\n"
+    rb"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+    rb"Content-ID: ([0-9A-Za-z]+)\r\n\r\n"
+    rb"HTTP/1\.1 ([0-9]{3})(?: [^\r\n]*)?\r\n((?:[^\r\n]+\r\n)*)\r\n")
+
+
+def _plain_change_set(raw: bytes) -> ResponsePart | None:
+    """The one response of a change set laid out as Dataverse writes an answer to one write
+    (:data:`_PLAIN_CHANGE_SET`, closed at the end of ``raw``), read with one anchored match
+    of its heads and one search for a delimiter in between; None for any other part (the
+    general reading then takes it, and would read this one the same way).
+    """
+    head = _PLAIN_CHANGE_SET.match(raw)
+    if head is None:
+        return None
+    delimiter = b"\n--" + head[1]
+    member_end = len(raw) - len(delimiter) - 3
+    # closed at the end (CRLF, the delimiter, "--"), and no other delimiter since the opening
+    # one: one member, whose body may hold anything else
+    # (searched from the member's Content-ID: its MIME headers before it are fixed)
+    if (member_end < head.end() or not raw.endswith(delimiter + b"--")
+            or raw[member_end] != 0x0D or raw.find(delimiter, head.start(2)) != member_end + 1):
+        return None
+    return ResponsePart(content_id=head[2].decode(), status=int(head[3]),
+                        head=raw[head.start(4):head.end(4) - 2], eol=CRLF,
+                        body=raw[head.end():member_end].rstrip(b"\r\n"), in_change_set=True)

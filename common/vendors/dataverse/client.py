@@ -162,7 +162,6 @@ class WriteResult:
     body: dict[str, Any] | None
 
 
-@dataclass(frozen=True, kw_only=True)
 class BatchResult:
     """The outcome of one batch operation.
 
@@ -170,19 +169,57 @@ class BatchResult:
     one failed: its change set rolled back, or the batch stopped at the first error. An
     operation that ran before the one that stopped the batch, when the answer holds only the
     failing part, reads 204 with no headers or body.
+
+    The headers, and the record id and etag read from them and the body, are read from the
+    operation's answer (``part``) when first asked for: a writer that needs the status and body
+    only does not pay for them per operation.
     """
 
-    content_id: str
-    status: int
-    headers: Mapping[str, str]
-    body: dict[str, Any] | None
-    error: VendorError | None
-    entity_id: str | None = None
-    etag: str | None = None
+    __slots__ = ("_identity", "_part", "_path", "body", "content_id", "error", "status")
+
+    def __init__(self, *, content_id: str, status: int, body: dict[str, Any] | None,
+                 error: VendorError | None, part: ResponsePart | None = None,
+                 path: str = "") -> None:
+        """``part``: the operation's answer; ``path``: the operation's (see BatchOperation)."""
+        self.content_id = content_id
+        self.status = status
+        self.body = body
+        self.error = error
+        self._part = part
+        self._path = path
+        self._identity: tuple[str | None, str | None] | None = None
+
+    def __repr__(self) -> str:
+        return (f"BatchResult(content_id={self.content_id!r}, status={self.status}, "
+                f"error={self.error!r}, body={self.body!r})")
 
     @property
     def ok(self) -> bool:
         return self.error is None and 200 <= self.status < 300
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return _NO_HEADERS if self._part is None else self._part.headers
+
+    @property
+    def entity_id(self) -> str | None:
+        """The written record's id (None for a failed operation)."""
+        return self._identified()[0]
+
+    @property
+    def etag(self) -> str | None:
+        """The written record's new etag (None for a failed operation)."""
+        return self._identified()[1]
+
+    def _identified(self) -> tuple[str | None, str | None]:
+        if self._identity is None:
+            entity_set = None if self._path.startswith("$") else self._path.split("(", 1)[0]
+            self._identity = (_identity(entity_set, self.headers, self.body)
+                              if self._part is not None and self.error is None else (None, None))
+        return self._identity
+
+
+_NO_HEADERS: Mapping[str, str] = CIMultiDictProxy(CIMultiDict[str]())
 
 
 def dataverse_error(response: HttpResponse) -> VendorError:
@@ -834,23 +871,18 @@ class DataverseClient(VendorClient):
     def _result(cid: str, op: BatchOperation, part: ResponsePart, *,
                 error: VendorError | None) -> BatchResult:
         body = part.json()
-        body = body if isinstance(body, dict) else None
-        entity_set = None if op.path.startswith("$") else op.path.split("(", 1)[0]
-        entity_id, etag = _identity(entity_set, part.headers, body) if error is None else (None,
-                                                                                            None)
-        return BatchResult(content_id=cid, status=part.status, headers=part.headers, body=body,
-                           error=error, entity_id=entity_id, etag=etag)
+        return BatchResult(content_id=cid, status=part.status,
+                           body=body if isinstance(body, dict) else None, error=error, part=part,
+                           path=op.path)
 
 
 def _applied_without_answer(content_id: str) -> BatchResult:
     # The batch stopped at a later operation and answered only that one: this operation ran
     # (processing is in order) but its own response was not returned.
-    return BatchResult(content_id=content_id, status=204,
-                       headers=CIMultiDictProxy(CIMultiDict[str]()), body=None, error=None)
+    return BatchResult(content_id=content_id, status=204, body=None, error=None)
 
 
 def _not_applied(content_id: str, reason: str) -> BatchResult:
     return BatchResult(
-        content_id=content_id, status=424, headers=CIMultiDictProxy(CIMultiDict[str]()),
-        body=None,
+        content_id=content_id, status=424, body=None,
         error=VendorError(vendor=VENDOR, status=424, code="", message=f"not applied: {reason}"))
