@@ -130,6 +130,7 @@ def _reader() -> Callable[[Sequence[tuple[str, Any]], bytes, str], list[Any]]:
     """What the client does with a ``$batch`` answer: the parts, one result per operation,
     the stamps of its writes (see DataverseClient._batch_once)."""
     from common.config import DynamicsConfig, Secret
+    from common.vendors.dataverse import client as dataverse_client
     from common.vendors.dataverse.batch import decode_batch
     from common.vendors.dataverse.client import DataverseClient, parse_stamp
 
@@ -140,13 +141,20 @@ def _reader() -> Callable[[Sequence[tuple[str, Any]], bytes, str], list[Any]]:
         client_id="bench", client_secret=Secret(secrets.token_urlsafe(12)),
         scope="https://org.example.com/.default"))
 
+    def stamps(chunk: Sequence[tuple[str, Any]], results: Sequence[Any]) -> object:
+        # (older builds read every stamp inline in DataverseClient._batch_once)
+        written = [parse_stamp(r.body.get("modifiedon")) for r in results
+                   if r.ok and r.body is not None]
+        return max((s for s in written if s is not None), default=None)
+
+    newest = getattr(dataverse_client, "newest_write_stamp", stamps)
+
     def read(chunk: Sequence[tuple[str, Any]], body: bytes, content_type: str) -> list[Any]:
         parts = decode_batch(body, content_type)
         results = client._match_parts(chunk, parts, change_set=False, stopped=False)
-        stamps = [parse_stamp(r.body.get("modifiedon")) for r in results
-                  if r.ok and r.body is not None]
+        assert newest(chunk, results) is not None
         # what the writer reads of each result: its status and the row returned
-        assert all(r.ok and r.body for r in results) and len(stamps) == len(chunk)
+        assert all(r.ok and r.body for r in results)
         return results
 
     return read

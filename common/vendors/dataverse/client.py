@@ -815,12 +815,9 @@ class DataverseClient(VendorClient):
         results = self._match_parts(chunk, parts, change_set=change_set,
                                     stopped=response.status == 400)
         # Our writes were stamped while the batch ran: the newest stamp bounds the clock.
-        methods = {cid: op.method.upper() for cid, op in chunk}
-        stamps = [parse_stamp(r.body.get("modifiedon")) for r in results
-                  if r.ok and r.body is not None and methods.get(r.content_id) != "GET"]
-        written = [s for s in stamps if s is not None]
-        if written:
-            self._read_clock(max(written), response, source="write")
+        written = newest_write_stamp(chunk, results)
+        if written is not None:
+            self._read_clock(written, response, source="write")
         return results, http_date(response.headers.get("Date"))
 
     def _match_parts(self, chunk: Sequence[tuple[str, BatchOperation]],
@@ -829,26 +826,34 @@ class DataverseClient(VendorClient):
         """One result per operation. ``stopped``: the batch halted at a failure (400), so its
         answer may hold only the failing part; operations before it were applied, those after
         it were not."""
-        by_id = {p.content_id: p for p in parts if p.content_id is not None}
-        unnamed = iter(p for p in parts if p.content_id is None)
-        failures = [p for p in parts if p.status >= 400]
-        if change_set and failures:
+        by_id: dict[str, ResponsePart] = {}
+        nameless: list[ResponsePart] = []
+        failing: ResponsePart | None = None
+        for p in parts:
+            if p.content_id is None:
+                nameless.append(p)
+            else:
+                by_id[p.content_id] = p
+            if failing is None and p.status >= 400:
+                failing = p
+        if change_set and failing is not None:
             # The change set rolled back: only the failing operation has a response.
-            failing = failures[0]
             error = self._part_error(failing)
             named = failing.content_id
             return [self._result(cid, op, failing, error=error) if named in (None, cid) else
                     _not_applied(cid, f"change set rolled back: operation {named} failed "
                                       f"({error.status} {error.code or '-'})")
                     for cid, op in chunk]
+        unnamed = iter(nameless)
         answered: list[ResponsePart | None] = []
+        failed_at: int | None = None
         for cid, op in chunk:
             part = by_id.get(cid)
             if part is None and op.method.upper() == "GET":
                 part = next(unnamed, None)
+            if failed_at is None and part is not None and part.status >= 400:
+                failed_at = len(answered)
             answered.append(part)
-        failed_at = next((i for i, p in enumerate(answered) if p is not None and p.status >= 400),
-                         None)
         results: list[BatchResult] = []
         for index, ((cid, op), part) in enumerate(zip(chunk, answered, strict=True)):
             if part is not None:
@@ -874,6 +879,19 @@ class DataverseClient(VendorClient):
         return BatchResult(content_id=cid, status=part.status,
                            body=body if isinstance(body, dict) else None, error=error, part=part,
                            path=op.path)
+
+
+def newest_write_stamp(chunk: Sequence[tuple[str, BatchOperation]],
+                       results: Sequence[BatchResult]) -> datetime | None:
+    """The newest ``modifiedon`` among the rows returned by the writes of ``chunk`` that were
+    applied (``results``: one per operation, in order), or None.
+
+    Each distinct stamp is read once: a batch's writes share a few seconds. Only text reads
+    as a stamp, so other values are left out before."""
+    seen = {stamp for result, (_, op) in zip(results, chunk, strict=True)
+            if result.ok and result.body is not None and op.method.upper() != "GET"
+            and isinstance(stamp := result.body.get("modifiedon"), str)}
+    return max((moment for moment in map(parse_stamp, seen) if moment is not None), default=None)
 
 
 def _applied_without_answer(content_id: str) -> BatchResult:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.vendors.base import VendorError
 from common.vendors.dataverse.batch import (
     BatchOperation,
     _decode,
@@ -17,6 +19,7 @@ from common.vendors.dataverse.batch import (
     decode_batch,
     encode_batch,
 )
+from common.vendors.dataverse.client import BatchResult, newest_write_stamp
 
 
 def test_encoded_change_set_carries_content_ids_and_per_part_headers() -> None:
@@ -240,3 +243,35 @@ def test_any_edit_of_an_answer_reads_the_same_either_way(
         at = int(where * len(raw))
         raw = raw[:at] + text + raw[at + cut:]
     assert _read(raw, _ANSWER_TYPE, plain=True) == _read(raw, _ANSWER_TYPE, plain=False)
+
+
+# -- results ----------------------------------------------------------------------------------
+
+def test_a_result_reads_its_record_id_and_etag_from_its_answer_when_asked() -> None:
+    [answered, failed] = decode_batch(_dataverse_answer(statuses=(204, 412)).replace(
+        b'ETag: W/"7"\r\n', b'ETag: W/"7"\r\nOData-EntityId: https://org/api/data/v9.2/'
+                           b'psync_marketingpreferencesubscriptions(abc)\r\n', 1), _ANSWER_TYPE)
+    ok = BatchResult(content_id="1", status=204, body=None, error=None, part=answered,
+                     path="psync_marketingpreferencesubscriptions(abc)")
+    assert (ok.entity_id, ok.etag, ok.headers["odata-entityid"][-5:]) == ("abc", 'W/"7"', "(abc)")
+    refused = BatchResult(content_id="2", status=412, body=failed.json(), part=failed, path="x",
+                          error=VendorError(vendor="dataverse", status=412, code="", message=""))
+    assert (refused.entity_id, refused.etag, refused.headers["ETag"]) == (None, None, 'W/"7"')
+    alone = BatchResult(content_id="3", status=204, body=None, error=None)
+    assert (alone.entity_id, alone.etag, dict(alone.headers)) == (None, None, {})
+
+
+def test_the_newest_stamp_of_the_applied_writes_bounds_the_clock() -> None:
+    def result(cid: str, status: int, stamp: object) -> BatchResult:
+        return BatchResult(content_id=cid, status=status, body={"modifiedon": stamp},
+                           error=None if status < 400 else VendorError(
+                               vendor="dataverse", status=status, code="", message=""))
+
+    chunk = [(str(n), BatchOperation.update("contacts", str(n), {})) for n in range(1, 6)]
+    chunk.append(("6", BatchOperation(method="GET", path="contacts(6)")))
+    results = [result("1", 200, "2026-12-04T12:00:00Z"), result("2", 200, "2026-12-04T12:00:00Z"),
+               result("3", 200, "2026-12-04T11:59:59+01:00"), result("4", 412,
+                                                                    "2026-12-04T13:00:00Z"),
+               result("5", 200, 1765000000), result("6", 200, "2026-12-04T14:00:00Z")]
+    assert newest_write_stamp(chunk, results) == datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+    assert newest_write_stamp(chunk[3:5], results[3:5]) is None
