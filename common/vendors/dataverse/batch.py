@@ -11,9 +11,10 @@ Both are linear in the body and cheap per operation (a batch holds up to 1000):
 2. an answer is cut at its delimiters and blank lines with plain byte searches (no regular
    expression scans a body); of a part's MIME headers only ``Content-Type`` and ``Content-ID``
    are kept;
-3. a change set answering one write, laid out as Dataverse writes it, is read by one anchored
-   match of its heads and one search for a stray delimiter (:func:`_plain_change_set`); any
-   other part by the general reading, which would read that one the same way (tested so);
+3. an answer to writes, each in a change set laid out as Dataverse writes it, is read in place,
+   each part by one anchored match of its heads and a few byte searches
+   (:func:`_plain_answer`); any other answer by the general reading, which would read that
+   one the same way (tested so);
 4. a response's headers are read when first asked for: most parts are wanted for their
    status and body alone.
 """
@@ -207,17 +208,16 @@ def decode_batch(body: bytes, content_type: str) -> list[ResponsePart]:
 
 
 def _decode(body: bytes, content_type: str, *, plain: bool) -> list[ResponsePart]:
-    """``plain``: read change sets laid out as Dataverse writes them by :func:`_plain_change_set`
-    (the general reading below gives the same parts; the tests hold them to it)."""
+    """``plain``: read an answer to writes laid out as Dataverse writes it by
+    :func:`_plain_answer` (the general reading below gives the same parts; the tests hold
+    them to it)."""
     boundary = boundary_of(content_type)
     if boundary is None:
         raise ValueError("batch response has no multipart boundary")
+    if plain and (answer := _plain_answer(body, boundary)) is not None:
+        return answer
     parts: list[ResponsePart] = []
     for raw in _split(body, boundary):
-        part = _plain_change_set(raw) if plain else None
-        if part is not None:
-            parts.append(part)
-            continue
         end, after, eol = _head(raw, 0)
         part_type, content_id = _mime_headers(_lines(raw[:end], eol))
         if part_type.lower().startswith("multipart/mixed"):
@@ -311,36 +311,71 @@ def _http_part(raw: bytes, start: int, content_id: str | None, *,
                         body=raw[after:].rstrip(b"\r\n"), in_change_set=in_change_set)
 
 
-# A change set answering one write, as Dataverse lays it out, up to the response's body:
-# the change set's type alone on its line with a bare boundary (no quotes, blanks or
+# A change set answering one write, as Dataverse lays it out, up to the response's status
+# line: the change set's type alone on its line with a bare boundary (no quotes, blanks or
 # semicolons: what boundary_of reads as it stands), the opening delimiter, the member's MIME
-# headers in this order with an alphanumeric Content-ID, an HTTP/1.1 status line and header
-# lines that are neither empty nor hold a CR or LF, all ending with CRLF, then the blank line.
+# headers in this order with an alphanumeric Content-ID, an HTTP/1.1 status line (its code
+# then a space or the line's end), all ending with CRLF.
 _PLAIN_CHANGE_SET = re.compile(
     rb"Content-Type: multipart/mixed; boundary=([0-9A-Za-z'()+_,./:=?-]+)\r\n\r\n"
     rb"--\1\r\n"
     rb"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
     rb"Content-ID: ([0-9A-Za-z]+)\r\n\r\n"
-    rb"HTTP/1\.1 ([0-9]{3})(?: [^\r\n]*)?\r\n((?:[^\r\n]+\r\n)*)\r\n")
+    rb"HTTP/1\.1 ([0-9]{3})(?: [^\r\n]*)?\r\n")
 
 
-def _plain_change_set(raw: bytes) -> ResponsePart | None:
-    """The one response of a change set laid out as Dataverse writes an answer to one write
-    (:data:`_PLAIN_CHANGE_SET`, closed at the end of ``raw``), read with one anchored match
-    of its heads and one search for a delimiter in between; None for any other part (the
-    general reading then takes it, and would read this one the same way).
+def _plain_answer(body: bytes, boundary: str) -> list[ResponsePart] | None:
+    """The parts of an answer made of change sets each answering one write, laid out as
+    Dataverse writes them, read in place (no copy of each part); None for any other answer
+    (the general reading then takes it, and would read this one the same way).
+
+    The layout: the batch's delimiters each alone on their line, the first at the start, the
+    closing one after the last part (what follows it is ignored, as the general reading does),
+    each part a :func:`_plain_change_set`.
     """
-    head = _PLAIN_CHANGE_SET.match(raw)
+    delimiter = b"\n--" + boundary.encode()
+    if not body.startswith(delimiter[1:] + b"\r\n"):
+        return None
+    parts: list[ResponsePart] = []
+    start = len(delimiter) + 1
+    while True:
+        # the next delimiter, from the line break before this part's first line on
+        found = body.find(delimiter, start - 1)
+        if found <= start or body[found - 1] != 0x0D:
+            return None
+        part = _plain_change_set(body, start, found - 1)
+        if part is None:
+            return None
+        parts.append(part)
+        start = found + len(delimiter)
+        if body.startswith(b"--", start):
+            return parts
+        if not body.startswith(b"\r\n", start):
+            return None
+        start += 2
+
+
+def _plain_change_set(body: bytes, start: int, end: int) -> ResponsePart | None:
+    """The one response of the change set in ``body[start:end]``, laid out as Dataverse
+    writes an answer to one write (:data:`_PLAIN_CHANGE_SET`, closed at ``end``), read with
+    one anchored match of its heads and a few byte searches; None for any other part.
+    """
+    head = _PLAIN_CHANGE_SET.match(body, start, end)
     if head is None:
         return None
-    delimiter = b"\n--" + head[1]
-    member_end = len(raw) - len(delimiter) - 3
-    # closed at the end (CRLF, the delimiter, "--"), and no other delimiter since the opening
-    # one: one member, whose body may hold anything else
-    # (searched from the member's Content-ID: its MIME headers before it are fixed)
-    if (member_end < head.end() or not raw.endswith(delimiter + b"--")
-            or raw[member_end] != 0x0D or raw.find(delimiter, head.start(2)) != member_end + 1):
+    boundary, content_id, status = head.groups()
+    lines = head.end()  # the response's header lines
+    delimiter = b"\n--" + boundary
+    member_end = end - len(delimiter) - 3
+    # the header lines end at the first blank line (from the status line's CRLF on, so there
+    # may be none), with no LF-only one before it: CRLF throughout, as _head reads them
+    blank = body.find(b"\r\n\r\n", lines - 2, member_end)
+    # closed at the end (CRLF, the delimiter, "--"), and no other delimiter since the member's
+    # status line (none can come before it): one member, whose body may hold anything else
+    if (blank < 0 or body.find(b"\n\n", lines - 1, blank) >= 0
+            or not body.endswith(delimiter + b"--", start, end) or body[member_end] != 0x0D
+            or body.find(delimiter, lines - 1, end) != member_end + 1):
         return None
-    return ResponsePart(content_id=head[2].decode(), status=int(head[3]),
-                        head=raw[head.start(4):head.end(4) - 2], eol=CRLF,
-                        body=raw[head.end():member_end].rstrip(b"\r\n"), in_change_set=True)
+    return ResponsePart(content_id=content_id.decode(), status=int(status),
+                        head=body[lines:blank], eol=CRLF,
+                        body=body[blank + 4:member_end].rstrip(b"\r\n"), in_change_set=True)

@@ -13,8 +13,7 @@ from common.vendors.base import VendorError
 from common.vendors.dataverse.batch import (
     BatchOperation,
     _decode,
-    _plain_change_set,
-    _split,
+    _plain_answer,
     boundary_of,
     decode_batch,
     encode_batch,
@@ -171,8 +170,7 @@ def _read(body: bytes, content_type: str, *, plain: bool) -> object:
 
 def test_the_plain_reading_takes_dataverse_answers_to_writes() -> None:
     raw = _dataverse_answer()
-    pieces = _split(raw, "batchresponse_a")
-    assert all(_plain_change_set(piece) is not None for piece in pieces)
+    assert _plain_answer(raw, "batchresponse_a") is not None
     parts = decode_batch(raw, _ANSWER_TYPE)
     assert [(p.content_id, p.status, p.headers.get("etag")) for p in parts] == [
         ("1", 200, 'W/"7"'), ("2", 201, 'W/"7"'), ("3", 412, 'W/"7"')]
@@ -203,11 +201,18 @@ _FAILED_ALONE = (b"--batchresponse_a\r\nContent-Type: application/http\r\n\r\n"
     (lambda raw: raw.replace(b"HTTP/1.1 201 Whatever", b"HTTP/1.1\t201"), False),
     (lambda raw: raw.replace(b"OData-Version: 4.0\r\n", b"OData-Version: 4.0\n", 1), False),
     (lambda raw: raw.replace(b"OData-Version: 4.0\r\n", b"OData-Version:\r\n", 1), False),
-    # a change set of two members; a failure answered alone, its Content-ID among its headers
+    (lambda raw: raw.replace(b"Whatever\r\n", b"Whatever\r\n\n", 1), False),
+    # a preamble, an epilogue; a change set of two members; a failure answered alone, its
+    # Content-ID among its headers
+    (lambda raw: b"preamble\r\n" + raw, False),
+    (lambda raw: raw + b"epilogue\r\n--batchresponse_a\r\nnot read\r\n", False),
     (lambda raw: raw.replace(b"\r\n--changesetresponse_1--", _TWO_MEMBERS), False),
     (lambda raw: _FAILED_ALONE, False),
     # malformed: no status code, or a long one; not HTTP; a change set without a boundary; a
-    # body holding a delimiter of its change set (what follows it is no HTTP response)
+    # body or header lines holding a delimiter of its change set (what follows it is no HTTP
+    # response)
+    (lambda raw: raw.replace(b"Whatever\r\n", b"Whatever\r\n--changesetresponse_1\r\n", 1),
+     True),
     (lambda raw: raw.replace(b'"versionnumber":7}', b'"v":"\r\n--changesetresponse_1"}', 1),
      True),
     (lambda raw: raw.replace(b"HTTP/1.1 412", b"HTTP/1.1 41x"), True),
@@ -227,21 +232,39 @@ def test_odd_and_malformed_answers_read_the_same_either_way(
 # the bytes that matter to the framing, and some that do not
 _FRAMING = st.sampled_from([b"\r", b"\n", b"\r\n", b"-", b"--", b":", b" ", b"\t", b'"', b";",
                             b"1", b"x", b"H", b"\xe9", b"\x1c", b"changesetresponse_2"])
+# what may stand instead of a line break
+_BREAKS = st.sampled_from([b"", b"\n", b"\r", b"\r\n\n", b"\n\r\n", b"\r\n\r\n", b" \r\n",
+                           b"\r\n ", b"\r\n--changesetresponse_1\r\n", b"\r\n--batchresponse_a\r\n",
+                           b"\r\n--changesetresponse_2--\r\n"])
+
+
+def _edited(raw: bytes, edit: tuple[str, float, int, bytes]) -> bytes:
+    """``raw`` with bytes put at a place (replacing ``cut`` bytes there), or put instead of
+    its n-th line break."""
+    kind, where, cut, text = edit
+    if kind == "bytes":
+        at = int(where * len(raw))
+        return raw[:at] + text + raw[at + cut:]
+    lines = raw.split(b"\r\n")
+    n = int(where * (len(lines) - 1)) + 1
+    return b"\r\n".join(lines[:n]) + text + b"\r\n".join(lines[n:])
 
 
 @given(statuses=st.lists(st.sampled_from([200, 201, 204, 404, 412, 500]), min_size=1,
                          max_size=4),
-       edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 3), _FRAMING),
-                      max_size=4))
-@settings(max_examples=400, deadline=None)
+       edits=st.lists(st.one_of(
+           st.tuples(st.just("bytes"), st.floats(0, 1, exclude_max=True), st.integers(0, 3),
+                     _FRAMING),
+           st.tuples(st.just("line break"), st.floats(0, 1, exclude_max=True), st.just(0),
+                     _BREAKS)), max_size=4))
+@settings(max_examples=600, deadline=None)
 def test_any_edit_of_an_answer_reads_the_same_either_way(
-        statuses: list[int], edits: list[tuple[float, int, bytes]]) -> None:
-    """Bytes inserted, deleted or replaced anywhere: both readings give the same parts, or
-    refuse it with the same error."""
+        statuses: list[int], edits: list[tuple[str, float, int, bytes]]) -> None:
+    """Bytes inserted, deleted or replaced anywhere, line breaks changed: both readings give
+    the same parts, or refuse the answer with the same error."""
     raw = _dataverse_answer(statuses=statuses)
-    for where, cut, text in edits:
-        at = int(where * len(raw))
-        raw = raw[:at] + text + raw[at + cut:]
+    for edit in edits:
+        raw = _edited(raw, edit)
     assert _read(raw, _ANSWER_TYPE, plain=True) == _read(raw, _ANSWER_TYPE, plain=False)
 
 
