@@ -149,45 +149,49 @@ def encode_batch(
     """
     stem = change_set_boundary or f"changeset_{batch_boundary.removeprefix('batch_')}"
     root = service_root.rstrip("/")
+    # every piece goes in one list, joined once: no operation's text is copied on the way
+    out: list[str] = []
+    opening = f"--{batch_boundary}\r\n"
     if change_set:
-        inner = "".join(f"--{stem}\r\n{_request(cid, op, root)}" for cid, op in operations)
-        text = (f"--{batch_boundary}\r\nContent-Type: multipart/mixed; boundary={stem}\r\n"
-                f"\r\n{inner}--{stem}--\r\n")
+        out.append(f"{opening}Content-Type: multipart/mixed; boundary={stem}\r\n\r\n")
+        for cid, op in operations:
+            out.append(f"--{stem}\r\n")
+            _request(out, cid, op, root)
+        out.append(f"--{stem}--\r\n")
     else:
-        pieces: list[str] = []
         for index, (cid, op) in enumerate(operations, start=1):
-            request = _request(cid, op, root)
             if op.method.upper() == "GET":
-                pieces.append(f"--{batch_boundary}\r\n{request}")
+                out.append(opening)
+                _request(out, cid, op, root)
             else:
                 boundary = f"{stem}_{index}"
-                pieces.append(f"--{batch_boundary}\r\nContent-Type: multipart/mixed; "
-                              f"boundary={boundary}\r\n\r\n--{boundary}\r\n{request}"
-                              f"--{boundary}--\r\n")
-        text = "".join(pieces)
-    return (text + f"--{batch_boundary}--\r\n").encode()
+                out.append(f"{opening}Content-Type: multipart/mixed; boundary={boundary}\r\n"
+                           f"\r\n--{boundary}\r\n")
+                _request(out, cid, op, root)
+                out.append(f"--{boundary}--\r\n")
+    out.append(f"--{batch_boundary}--\r\n")
+    return "".join(out).encode()
 
 
-def _request(content_id: str, op: BatchOperation, root: str) -> str:
-    """One ``application/http`` part: its MIME headers, request line, headers and body."""
-    method = op.method.upper()
+def _request(out: list[str], content_id: str, op: BatchOperation, root: str) -> None:
+    """One ``application/http`` part, put on ``out``: its MIME headers, request line, headers
+    and body."""
     target = op.path if op.path.startswith("$") else f"{root}/{op.path}"
     if op.select and op.return_representation:
         target += "?$select=" + ",".join(op.select)
-    head = (f"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-            f"Content-ID: {content_id}\r\n\r\n{method} {target} HTTP/1.1\r\n"
-            "Accept: application/json\r\n")
+    out.append(f"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+               f"Content-ID: {content_id}\r\n\r\n{op.method.upper()} {target} HTTP/1.1\r\n"
+               "Accept: application/json\r\n")
     if op.body is not None:
-        head += "Content-Type: application/json; type=entry\r\n"
+        out.append("Content-Type: application/json; type=entry\r\n")
     if op.if_match is not None:
-        head += f"If-Match: {op.if_match}\r\n"
+        out.append(f"If-Match: {op.if_match}\r\n")
     if op.return_representation:
-        head += "Prefer: return=representation\r\n"
+        out.append("Prefer: return=representation\r\n")
     for name, value in op.headers.items():
-        head += f"{name}: {value}\r\n"
+        out.append(f"{name}: {value}\r\n")
     # orjson writes no line breaks (control characters in strings are escaped)
-    body = orjson.dumps(op.body).decode() if op.body is not None else ""
-    return f"{head}\r\n{body}\r\n"
+    out.append("\r\n\r\n" if op.body is None else f"\r\n{orjson.dumps(op.body).decode()}\r\n")
 
 
 def boundary_of(content_type: str) -> str | None:
