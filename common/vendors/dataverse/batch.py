@@ -6,8 +6,9 @@ back into :class:`ResponsePart` s. No transport here: the client sends and recei
 
 Both are linear in the body and cheap per operation (a batch holds up to 1000):
 
-1. a request is one template filled in per operation; the change set boundaries are the batch's
-   id and the operation's position, so no boundary is drawn per operation;
+1. a request is one template filled in per operation, its pieces put on one list for the batch
+   and joined once; the change set boundaries are the batch's id and the operation's position,
+   so no boundary is drawn per operation;
 2. an answer is cut at its delimiters and blank lines with plain byte searches (no regular
    expression scans a body); of a part's MIME headers only ``Content-Type`` and ``Content-ID``
    are kept;
@@ -101,11 +102,8 @@ class ResponsePart:
     @property
     def headers(self) -> CIMultiDictProxy[str]:
         if self._headers is None:
-            text = self._head.decode("utf-8", "replace")
-            lines = (text.split("\r\n") if self._eol == CRLF else
-                     [line.removesuffix("\r") for line in text.split("\n")])
-            pairs = [(name.strip(), value.strip())
-                     for name, sep, value in (line.partition(":") for line in lines) if sep]
+            pairs = [(name.strip(), value.strip()) for name, sep, value in
+                     (line.partition(":") for line in _lines(self._head, self._eol)) if sep]
             self._headers = CIMultiDictProxy(CIMultiDict(pairs))
         return self._headers
 
