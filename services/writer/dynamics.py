@@ -60,10 +60,12 @@ class RecordRows:
         row_id = self.catalog.get(key.preference_id)
         return None if row_id is None else self.rows.get((record.record_id, row_id))
 
-    def differing(self, key: PreferenceKey, opted_in: bool) -> list[RecordRef]:
-        """Active records whose row for the key is missing or holds the other value."""
+    def differing(self, key: PreferenceKey, opted_in: bool, *,
+                  active: list[RecordRef] | None = None) -> list[RecordRef]:
+        """Active records whose row for the key is missing or holds the other value
+        (``active``: the key's active records, when the caller has them already)."""
         return domain.differing_records(
-            self.active(key), opted_in=opted_in,
+            self.active(key) if active is None else active, opted_in=opted_in,
             held=lambda r: None if (row := self.row(r, key)) is None else row.opted_in)
 
 
@@ -138,11 +140,12 @@ class DynamicsSink:
                     reason=f"preference {key.preference_id} is not in this account's catalog",
                     code="catalog")
                 continue
-            if not known.active(key):  # (skipped before the write is begun)
+            active = known.active(key)
+            if not active:  # (skipped before the write is begun)
                 outcome.unwritable[key] = READ_ONLY if known.records.get(key.email) else NO_RECORD
                 continue
             # the records that differ; if none does (the ledger thinks otherwise), all of them
-            targets_of_key = known.differing(key, command.opted_in) or known.active(key)
+            targets_of_key = known.differing(key, command.opted_in, active=active) or active
             status = schema.OPTED_IN if command.opted_in else schema.OPTED_OUT
             for record in targets_of_key:
                 content_id = str(len(operations) + 1)

@@ -6,15 +6,23 @@ back into :class:`ResponsePart` s. No transport here: the client sends and recei
 
 Both are linear in the body and cheap per operation (a batch holds up to 1000):
 
-1. a request is one template filled in per operation; the change set boundaries are the batch's
-   id and the operation's position, so no boundary is drawn per operation;
+1. a request is one template filled in per operation, its pieces put on one list for the batch
+   and joined once; the change set boundaries are the batch's id and the operation's position,
+   so no boundary is drawn per operation;
 2. an answer is cut at its delimiters and blank lines with plain byte searches (no regular
-   expression per part); of a part's MIME headers only ``Content-Type`` and ``Content-ID`` are
-   kept.
+   expression scans a body); of a part's MIME headers only ``Content-Type`` and ``Content-ID``
+   are kept;
+3. an answer to writes, each in a change set laid out as Dataverse writes it, is read in place,
+   each part by one anchored match of its heads and a few byte searches
+   (:func:`_plain_answer`); any other answer by the general reading, which would read that
+   one the same way (tested so);
+4. a response's headers are read when first asked for: most parts are wanted for their
+   status and body alone.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,15 +78,38 @@ class BatchOperation:
                    content_id=content_id)
 
 
-@dataclass(frozen=True)
 class ResponsePart:
-    """One inner HTTP response of a batch response."""
+    """One inner HTTP response of a batch response.
 
-    content_id: str | None
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
-    in_change_set: bool
+    Its headers are read when first asked for: most parts are used for their status and body
+    only, so the header lines are kept as they came (``head``, their line break ``eol``) until
+    then.
+    """
+
+    __slots__ = ("_eol", "_head", "_headers", "body", "content_id", "in_change_set", "status")
+
+    def __init__(self, *, content_id: str | None, status: int, head: bytes, eol: bytes,
+                 body: bytes, in_change_set: bool) -> None:
+        self.status = status
+        self.body = body
+        self.in_change_set = in_change_set
+        self._head = head
+        self._eol = eol
+        self._headers: CIMultiDictProxy[str] | None = None
+        # a part without a MIME Content-ID may carry one among its own headers
+        self.content_id = content_id or self.headers.get("Content-ID")
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:
+            pairs = [(name.strip(), value.strip()) for name, sep, value in
+                     (line.partition(":") for line in _lines(self._head, self._eol)) if sep]
+            self._headers = CIMultiDictProxy(CIMultiDict(pairs))
+        return self._headers
+
+    def __repr__(self) -> str:
+        return (f"ResponsePart(content_id={self.content_id!r}, status={self.status}, "
+                f"in_change_set={self.in_change_set}, body={self.body[:60]!r})")
 
     def json(self) -> Any:
         if not self.body.strip():
@@ -116,45 +147,49 @@ def encode_batch(
     """
     stem = change_set_boundary or f"changeset_{batch_boundary.removeprefix('batch_')}"
     root = service_root.rstrip("/")
+    # every piece goes in one list, joined once: no operation's text is copied on the way
+    out: list[str] = []
+    opening = f"--{batch_boundary}\r\n"
     if change_set:
-        inner = "".join(f"--{stem}\r\n{_request(cid, op, root)}" for cid, op in operations)
-        text = (f"--{batch_boundary}\r\nContent-Type: multipart/mixed; boundary={stem}\r\n"
-                f"\r\n{inner}--{stem}--\r\n")
+        out.append(f"{opening}Content-Type: multipart/mixed; boundary={stem}\r\n\r\n")
+        for cid, op in operations:
+            out.append(f"--{stem}\r\n")
+            _request(out, cid, op, root)
+        out.append(f"--{stem}--\r\n")
     else:
-        pieces: list[str] = []
         for index, (cid, op) in enumerate(operations, start=1):
-            request = _request(cid, op, root)
             if op.method.upper() == "GET":
-                pieces.append(f"--{batch_boundary}\r\n{request}")
+                out.append(opening)
+                _request(out, cid, op, root)
             else:
                 boundary = f"{stem}_{index}"
-                pieces.append(f"--{batch_boundary}\r\nContent-Type: multipart/mixed; "
-                              f"boundary={boundary}\r\n\r\n--{boundary}\r\n{request}"
-                              f"--{boundary}--\r\n")
-        text = "".join(pieces)
-    return (text + f"--{batch_boundary}--\r\n").encode()
+                out.append(f"{opening}Content-Type: multipart/mixed; boundary={boundary}\r\n"
+                           f"\r\n--{boundary}\r\n")
+                _request(out, cid, op, root)
+                out.append(f"--{boundary}--\r\n")
+    out.append(f"--{batch_boundary}--\r\n")
+    return "".join(out).encode()
 
 
-def _request(content_id: str, op: BatchOperation, root: str) -> str:
-    """One ``application/http`` part: its MIME headers, request line, headers and body."""
-    method = op.method.upper()
+def _request(out: list[str], content_id: str, op: BatchOperation, root: str) -> None:
+    """One ``application/http`` part, put on ``out``: its MIME headers, request line, headers
+    and body."""
     target = op.path if op.path.startswith("$") else f"{root}/{op.path}"
     if op.select and op.return_representation:
         target += "?$select=" + ",".join(op.select)
-    head = (f"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-            f"Content-ID: {content_id}\r\n\r\n{method} {target} HTTP/1.1\r\n"
-            "Accept: application/json\r\n")
+    out.append(f"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+               f"Content-ID: {content_id}\r\n\r\n{op.method.upper()} {target} HTTP/1.1\r\n"
+               "Accept: application/json\r\n")
     if op.body is not None:
-        head += "Content-Type: application/json; type=entry\r\n"
+        out.append("Content-Type: application/json; type=entry\r\n")
     if op.if_match is not None:
-        head += f"If-Match: {op.if_match}\r\n"
+        out.append(f"If-Match: {op.if_match}\r\n")
     if op.return_representation:
-        head += "Prefer: return=representation\r\n"
+        out.append("Prefer: return=representation\r\n")
     for name, value in op.headers.items():
-        head += f"{name}: {value}\r\n"
+        out.append(f"{name}: {value}\r\n")
     # orjson writes no line breaks (control characters in strings are escaped)
-    body = orjson.dumps(op.body).decode() if op.body is not None else ""
-    return f"{head}\r\n{body}\r\n"
+    out.append("\r\n\r\n" if op.body is None else f"\r\n{orjson.dumps(op.body).decode()}\r\n")
 
 
 def boundary_of(content_type: str) -> str | None:
@@ -171,20 +206,29 @@ def boundary_of(content_type: str) -> str | None:
 
 def decode_batch(body: bytes, content_type: str) -> list[ResponsePart]:
     """Every inner response of a batch response, change-set members flattened in order."""
+    return _decode(body, content_type, plain=True)
+
+
+def _decode(body: bytes, content_type: str, *, plain: bool) -> list[ResponsePart]:
+    """``plain``: read an answer to writes laid out as Dataverse writes it by
+    :func:`_plain_answer` (the general reading below gives the same parts; the tests hold
+    them to it)."""
     boundary = boundary_of(content_type)
     if boundary is None:
         raise ValueError("batch response has no multipart boundary")
+    if plain and (answer := _plain_answer(body, boundary)) is not None:
+        return answer
     parts: list[ResponsePart] = []
     for raw in _split(body, boundary):
-        lines, after = _head(raw, 0)
-        part_type, content_id = _mime_headers(lines)
+        end, after, eol = _head(raw, 0)
+        part_type, content_id = _mime_headers(_lines(raw[:end], eol))
         if part_type.lower().startswith("multipart/mixed"):
             inner = boundary_of(part_type)
             if inner is None:
                 raise ValueError("change set response has no boundary")
             for raw_inner in _split(raw[after:], inner):
-                inner_lines, inner_after = _head(raw_inner, 0)
-                _, inner_id = _mime_headers(inner_lines)
+                inner_end, inner_after, inner_eol = _head(raw_inner, 0)
+                _, inner_id = _mime_headers(_lines(raw_inner[:inner_end], inner_eol))
                 parts.append(_http_part(raw_inner, inner_after, inner_id, in_change_set=True))
         else:
             parts.append(_http_part(raw, after, content_id, in_change_set=False))
@@ -199,6 +243,9 @@ def _split(body: bytes, boundary: str) -> list[bytes]:
     for piece in pieces[1:]:
         if piece.startswith(b"--"):
             break
+        if piece.startswith(b"\r\n"):  # the usual delimiter line: nothing after the boundary
+            parts.append(piece[2:-1] if piece.endswith(b"\r") else piece[2:])
+            continue
         # the line break before the next delimiter belongs to it (a CR of CRLF included)
         if piece.endswith(b"\r"):
             piece = piece[:-1]
@@ -210,17 +257,26 @@ def _split(body: bytes, boundary: str) -> list[bytes]:
     return parts
 
 
-def _head(raw: bytes, start: int) -> tuple[list[str], int]:
-    """The lines of ``raw`` from ``start`` up to its first blank line (CRLF or LF line ends),
-    and the offset after that blank line (the end, if there is none)."""
+def _head(raw: bytes, start: int) -> tuple[int, int, bytes]:
+    """Where the lines of ``raw`` from ``start`` end (at its first blank line; CRLF or LF line
+    ends), the offset after that blank line (the end, if there is none), and their line break:
+    CRLF when every line ends so, else LF (a CR before it then ends the line's text)."""
     crlf = raw.find(b"\r\n\r\n", start)
     # an LF-only (or mixed) blank line before it, if any: searched no further than the CRLF one
     lf = raw.find(b"\n\n", start, len(raw) if crlf < 0 else crlf + 2)
     if lf < 0 and crlf >= 0:  # the usual case: CRLF throughout
-        return raw[start:crlf].decode("utf-8", "replace").split("\r\n"), crlf + 4
-    end, after = (lf, lf + 2) if lf >= 0 else (len(raw), len(raw))
-    text = raw[start:end].decode("utf-8", "replace")
-    return [line.removesuffix("\r") for line in text.split("\n")], after
+        return crlf, crlf + 4, CRLF
+    if lf >= 0:
+        return lf, lf + 2, b"\n"
+    return len(raw), len(raw), b"\n"
+
+
+def _lines(head: bytes, eol: bytes) -> list[str]:
+    """The lines of a header block ``head`` whose lines end with ``eol`` (see :func:`_head`)."""
+    text = head.decode("utf-8", "replace")
+    if eol == CRLF:
+        return text.split("\r\n")
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _mime_headers(lines: Sequence[str]) -> tuple[str, str | None]:
@@ -243,14 +299,85 @@ def _http_part(raw: bytes, start: int, content_id: str | None, *,
     """The HTTP response in ``raw`` from ``start`` (after the part's MIME headers)."""
     while start < len(raw) and raw[start] in b" \t\r\n":
         start += 1
-    lines, after = _head(raw, start)
-    words = lines[0].split(None, 2)
+    end, after, eol = _head(raw, start)
+    # the status line, then the header lines (read when asked for)
+    line_end = raw.find(eol, start, end)
+    if line_end < 0:
+        line_end = end
+    words = _lines(raw[start:line_end], eol)[0].split(None, 2)
     if (len(words) < 2 or not words[0].startswith("HTTP/") or len(words[1]) != 3
             or not words[1].isdigit()):
         raise ValueError("batch response part is not an HTTP response")
-    pairs = [(name.strip(), value.strip())
-             for name, sep, value in (line.partition(":") for line in lines[1:]) if sep]
-    headers: CIMultiDict[str] = CIMultiDict(pairs)
-    return ResponsePart(content_id=content_id or headers.get("Content-ID"),
-                        status=int(words[1]), headers=CIMultiDictProxy(headers),
+    return ResponsePart(content_id=content_id, status=int(words[1]),
+                        head=raw[line_end + len(eol):end], eol=eol,
                         body=raw[after:].rstrip(b"\r\n"), in_change_set=in_change_set)
+
+
+# A change set answering one write, as Dataverse lays it out, up to the response's status
+# line: the change set's type alone on its line with a bare boundary (no quotes, blanks or
+# semicolons: what boundary_of reads as it stands), the opening delimiter, the member's MIME
+# headers in this order with an alphanumeric Content-ID, an HTTP/1.1 status line (its code
+# then a space or the line's end), all ending with CRLF.
+_PLAIN_CHANGE_SET = re.compile(
+    rb"Content-Type: multipart/mixed; boundary=([0-9A-Za-z'()+_,./:=?-]+)\r\n\r\n"
+    rb"--\1\r\n"
+    rb"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+    rb"Content-ID: ([0-9A-Za-z]+)\r\n\r\n"
+    rb"HTTP/1\.1 ([0-9]{3})(?: [^\r\n]*)?\r\n")
+
+
+def _plain_answer(body: bytes, boundary: str) -> list[ResponsePart] | None:
+    """The parts of an answer made of change sets each answering one write, laid out as
+    Dataverse writes them, read in place (no copy of each part); None for any other answer
+    (the general reading then takes it, and would read this one the same way).
+
+    The layout: the batch's delimiters each alone on their line, the first at the start, the
+    closing one after the last part (what follows it is ignored, as the general reading does),
+    each part a :func:`_plain_change_set`.
+    """
+    delimiter = b"\n--" + boundary.encode()
+    if not body.startswith(delimiter[1:] + b"\r\n"):
+        return None
+    parts: list[ResponsePart] = []
+    start = len(delimiter) + 1
+    while True:
+        # the next delimiter, from the line break before this part's first line on
+        found = body.find(delimiter, start - 1)
+        if found <= start or body[found - 1] != 0x0D:
+            return None
+        part = _plain_change_set(body, start, found - 1)
+        if part is None:
+            return None
+        parts.append(part)
+        start = found + len(delimiter)
+        if body.startswith(b"--", start):
+            return parts
+        if not body.startswith(b"\r\n", start):
+            return None
+        start += 2
+
+
+def _plain_change_set(body: bytes, start: int, end: int) -> ResponsePart | None:
+    """The one response of the change set in ``body[start:end]``, laid out as Dataverse
+    writes an answer to one write (:data:`_PLAIN_CHANGE_SET`, closed at ``end``), read with
+    one anchored match of its heads and a few byte searches; None for any other part.
+    """
+    head = _PLAIN_CHANGE_SET.match(body, start, end)
+    if head is None:
+        return None
+    boundary, content_id, status = head.groups()
+    lines = head.end()  # the response's header lines
+    delimiter = b"\n--" + boundary
+    member_end = end - len(delimiter) - 3
+    # the header lines end at the first blank line (from the status line's CRLF on, so there
+    # may be none), with no LF-only one before it: CRLF throughout, as _head reads them
+    blank = body.find(b"\r\n\r\n", lines - 2, member_end)
+    # closed at the end (CRLF, the delimiter, "--"), and no other delimiter since the member's
+    # status line (none can come before it): one member, whose body may hold anything else
+    if (blank < 0 or body.find(b"\n\n", lines - 1, blank) >= 0
+            or not body.endswith(delimiter + b"--", start, end) or body[member_end] != 0x0D
+            or body.find(delimiter, lines - 1, end) != member_end + 1):
+        return None
+    return ResponsePart(content_id=content_id.decode(), status=int(status),
+                        head=body[lines:blank], eol=CRLF,
+                        body=body[blank + 4:member_end].rstrip(b"\r\n"), in_change_set=True)

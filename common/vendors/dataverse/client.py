@@ -162,7 +162,6 @@ class WriteResult:
     body: dict[str, Any] | None
 
 
-@dataclass(frozen=True, kw_only=True)
 class BatchResult:
     """The outcome of one batch operation.
 
@@ -170,19 +169,57 @@ class BatchResult:
     one failed: its change set rolled back, or the batch stopped at the first error. An
     operation that ran before the one that stopped the batch, when the answer holds only the
     failing part, reads 204 with no headers or body.
+
+    The headers, and the record id and etag read from them and the body, are read from the
+    operation's answer (``part``) when first asked for: a writer that needs the status and body
+    only does not pay for them per operation.
     """
 
-    content_id: str
-    status: int
-    headers: Mapping[str, str]
-    body: dict[str, Any] | None
-    error: VendorError | None
-    entity_id: str | None = None
-    etag: str | None = None
+    __slots__ = ("_identity", "_part", "_path", "body", "content_id", "error", "status")
+
+    def __init__(self, *, content_id: str, status: int, body: dict[str, Any] | None,
+                 error: VendorError | None, part: ResponsePart | None = None,
+                 path: str = "") -> None:
+        """``part``: the operation's answer; ``path``: the operation's (see BatchOperation)."""
+        self.content_id = content_id
+        self.status = status
+        self.body = body
+        self.error = error
+        self._part = part
+        self._path = path
+        self._identity: tuple[str | None, str | None] | None = None
+
+    def __repr__(self) -> str:
+        return (f"BatchResult(content_id={self.content_id!r}, status={self.status}, "
+                f"error={self.error!r}, body={self.body!r})")
 
     @property
     def ok(self) -> bool:
         return self.error is None and 200 <= self.status < 300
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return _NO_HEADERS if self._part is None else self._part.headers
+
+    @property
+    def entity_id(self) -> str | None:
+        """The written record's id (None for a failed operation)."""
+        return self._identified()[0]
+
+    @property
+    def etag(self) -> str | None:
+        """The written record's new etag (None for a failed operation)."""
+        return self._identified()[1]
+
+    def _identified(self) -> tuple[str | None, str | None]:
+        if self._identity is None:
+            entity_set = None if self._path.startswith("$") else self._path.split("(", 1)[0]
+            self._identity = (_identity(entity_set, self.headers, self.body)
+                              if self._part is not None and self.error is None else (None, None))
+        return self._identity
+
+
+_NO_HEADERS: Mapping[str, str] = CIMultiDictProxy(CIMultiDict[str]())
 
 
 def dataverse_error(response: HttpResponse) -> VendorError:
@@ -778,12 +815,9 @@ class DataverseClient(VendorClient):
         results = self._match_parts(chunk, parts, change_set=change_set,
                                     stopped=response.status == 400)
         # Our writes were stamped while the batch ran: the newest stamp bounds the clock.
-        methods = {cid: op.method.upper() for cid, op in chunk}
-        stamps = [parse_stamp(r.body.get("modifiedon")) for r in results
-                  if r.ok and r.body is not None and methods.get(r.content_id) != "GET"]
-        written = [s for s in stamps if s is not None]
-        if written:
-            self._read_clock(max(written), response, source="write")
+        written = newest_write_stamp(chunk, results)
+        if written is not None:
+            self._read_clock(written, response, source="write")
         return results, http_date(response.headers.get("Date"))
 
     def _match_parts(self, chunk: Sequence[tuple[str, BatchOperation]],
@@ -792,26 +826,34 @@ class DataverseClient(VendorClient):
         """One result per operation. ``stopped``: the batch halted at a failure (400), so its
         answer may hold only the failing part; operations before it were applied, those after
         it were not."""
-        by_id = {p.content_id: p for p in parts if p.content_id is not None}
-        unnamed = iter(p for p in parts if p.content_id is None)
-        failures = [p for p in parts if p.status >= 400]
-        if change_set and failures:
+        by_id: dict[str, ResponsePart] = {}
+        nameless: list[ResponsePart] = []
+        failing: ResponsePart | None = None
+        for p in parts:
+            if p.content_id is None:
+                nameless.append(p)
+            else:
+                by_id[p.content_id] = p
+            if failing is None and p.status >= 400:
+                failing = p
+        if change_set and failing is not None:
             # The change set rolled back: only the failing operation has a response.
-            failing = failures[0]
             error = self._part_error(failing)
             named = failing.content_id
             return [self._result(cid, op, failing, error=error) if named in (None, cid) else
                     _not_applied(cid, f"change set rolled back: operation {named} failed "
                                       f"({error.status} {error.code or '-'})")
                     for cid, op in chunk]
+        unnamed = iter(nameless)
         answered: list[ResponsePart | None] = []
+        failed_at: int | None = None
         for cid, op in chunk:
             part = by_id.get(cid)
             if part is None and op.method.upper() == "GET":
                 part = next(unnamed, None)
+            if failed_at is None and part is not None and part.status >= 400:
+                failed_at = len(answered)
             answered.append(part)
-        failed_at = next((i for i, p in enumerate(answered) if p is not None and p.status >= 400),
-                         None)
         results: list[BatchResult] = []
         for index, ((cid, op), part) in enumerate(zip(chunk, answered, strict=True)):
             if part is not None:
@@ -834,23 +876,31 @@ class DataverseClient(VendorClient):
     def _result(cid: str, op: BatchOperation, part: ResponsePart, *,
                 error: VendorError | None) -> BatchResult:
         body = part.json()
-        body = body if isinstance(body, dict) else None
-        entity_set = None if op.path.startswith("$") else op.path.split("(", 1)[0]
-        entity_id, etag = _identity(entity_set, part.headers, body) if error is None else (None,
-                                                                                            None)
-        return BatchResult(content_id=cid, status=part.status, headers=part.headers, body=body,
-                           error=error, entity_id=entity_id, etag=etag)
+        return BatchResult(content_id=cid, status=part.status,
+                           body=body if isinstance(body, dict) else None, error=error, part=part,
+                           path=op.path)
+
+
+def newest_write_stamp(chunk: Sequence[tuple[str, BatchOperation]],
+                       results: Sequence[BatchResult]) -> datetime | None:
+    """The newest ``modifiedon`` among the rows returned by the writes of ``chunk`` that were
+    applied (``results``: one per operation, in order), or None.
+
+    Each distinct stamp is read once: a batch's writes share a few seconds. Only text reads
+    as a stamp, so other values are left out before."""
+    seen = {stamp for result, (_, op) in zip(results, chunk, strict=True)
+            if result.ok and result.body is not None and op.method.upper() != "GET"
+            and isinstance(stamp := result.body.get("modifiedon"), str)}
+    return max((moment for moment in map(parse_stamp, seen) if moment is not None), default=None)
 
 
 def _applied_without_answer(content_id: str) -> BatchResult:
     # The batch stopped at a later operation and answered only that one: this operation ran
     # (processing is in order) but its own response was not returned.
-    return BatchResult(content_id=content_id, status=204,
-                       headers=CIMultiDictProxy(CIMultiDict[str]()), body=None, error=None)
+    return BatchResult(content_id=content_id, status=204, body=None, error=None)
 
 
 def _not_applied(content_id: str, reason: str) -> BatchResult:
     return BatchResult(
-        content_id=content_id, status=424, headers=CIMultiDictProxy(CIMultiDict[str]()),
-        body=None,
+        content_id=content_id, status=424, body=None,
         error=VendorError(vendor=VENDOR, status=424, code="", message=f"not applied: {reason}"))
