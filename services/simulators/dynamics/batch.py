@@ -37,6 +37,7 @@ from .schema import TABLES
 
 MAX_OPERATIONS = 1000
 _QUERIES_KEPT = 256
+_PLACES_KEPT = 256
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _WEB_API_PATH = re.compile(r"^/api/data/(v9\.[0-2])/(.*)$")
 
@@ -140,6 +141,8 @@ def _boundary(content_type: str) -> str:
 
 
 Heads = dict[str, tuple[CIMultiDictProxy[str], dict[str, str]]]
+# A request URL located: version, path tail, query, route target, path.
+Place = tuple[str, str, MultiDictProxy[str], Target, str]
 
 # MIME heads of batch parts as clients lay them out (the documented shape; ours too), which
 # say no more than the first bytes do: recognised by byte comparisons, they need no header
@@ -269,27 +272,34 @@ def _phrase(status: int) -> str:
     return phrase
 
 
+_PART_HEAD = "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+
+
 def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
-    head = "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-    if content_id is not None:
-        head += f"Content-ID: {content_id}\r\n"
-    head += f"\r\nHTTP/1.1 {result.status} {_phrase(result.status)}\r\n"
+    # one join of the head's lines (adding each to a string copies it all every time)
+    lines = [_PART_HEAD] if content_id is None else [_PART_HEAD, f"Content-ID: {content_id}\r\n"]
+    lines.append(f"\r\nHTTP/1.1 {result.status} {_phrase(result.status)}\r\n")
     for name, value in result.headers.items():
         if get and name.lower() == "content-type" and value.startswith("application/json"):
             value += "; odata.streaming=true"
-        head += f"{name}: {value}\r\n"
-    return (head + "\r\n").encode() + result.body
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode() + result.body
 
 
-def _multipart(parts: list[bytes], boundary: str) -> bytes:
-    # One join: appending to a bytes object copies everything so far each time (quadratic in
-    # the number of parts).
-    close = f"--{boundary}--\r\n".encode()
+def _multipart(parts: list[bytes], boundary: str, *, last_break: bool = True) -> bytes:
+    """``parts`` framed by ``boundary``: "--B\r\n" part "\r\n--B\r\n" part ... "\r\n--B--\r\n"
+    (without the last "\r\n" when not ``last_break``)."""
+    close = f"--{boundary}--\r\n" if last_break else f"--{boundary}--"
     if not parts:
-        return close
-    # "--B\r\n" part "\r\n--B\r\n" part ... "\r\n--B--\r\n"
-    return (f"--{boundary}\r\n".encode() + f"\r\n--{boundary}\r\n".encode().join(parts)
-            + b"\r\n" + close)
+        return close.encode()
+    # One join, which copies each part once: the opening delimiter goes onto the first part
+    # and the closing one onto the last (joining, then adding them to the whole, would copy
+    # the whole answer again for each).
+    framed = list(parts)
+    framed[0] = f"--{boundary}\r\n".encode() + framed[0]
+    framed[-1] += f"\r\n{close}".encode()
+    return f"\r\n--{boundary}\r\n".encode().join(framed)
 
 
 class Batch:
@@ -298,6 +308,7 @@ class Batch:
         self.record = record
         self.fault = fault
         self._queries: dict[str, MultiDictProxy[str]] = {}  # parsed query texts
+        self._places: dict[tuple[str, str], Place] = {}  # request URLs located (_place)
         self._stem, self._changesets = "", 0  # the running batch's change set boundaries
         self._tally: dict[tuple[str, str, int], int] = {}  # its operations by method, route, status
 
@@ -375,13 +386,8 @@ class Batch:
         except _ChangeSetFailed as failed:
             return False, failed.part
         boundary = f"changesetresponse_{self._changeset_guid()}"
-        head = f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n"
-        if not out:
-            return True, head.encode() + _multipart(out, boundary).rstrip(b"\r\n")
-        # as _multipart lays the parts out, less its closing line break, in one join
-        return True, (f"{head}--{boundary}\r\n".encode()
-                      + f"\r\n--{boundary}\r\n".encode().join(out)
-                      + f"\r\n--{boundary}--".encode())
+        return True, (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode()
+                      + _multipart(out, boundary, last_break=False))
 
     def _changeset_guid(self) -> str:
         """A GUID for a change set response's boundary: the batch's random stem and a count
@@ -402,18 +408,21 @@ class Batch:
 
     def _execute(self, outer: Call, part: Part, ids: dict[str, str]) -> Result:
         try:
-            url = self._resolve_id(part.url, ids) if part.url.startswith("$") else part.url
-            version, tail, query = self._locate(outer, url)
+            if part.url.startswith("$"):
+                version, tail, query = self._locate(outer.version, self._resolve_id(part.url, ids))
+                place = (version, tail, query, resolve(version, tail),
+                         f"/api/data/{version}/{tail}")
+            else:
+                place = self._place(outer.version, part.url)
             # (as _resolve_body: only a '"$' in the body can refer to an earlier operation)
             body = self._resolve_body(part.body, ids) if b'"$' in part.body else part.body
         except ApiError as exc:
             return exc.result()
+        version, tail, query, target, path = place
         assert part.request_headers is not None
         call = make_call(method=part.method, version=version, tail=tail, query=query,
                          headers=part.request_headers, body=body, origin=outer.origin,
                          client_id=outer.client_id, in_batch=True, prefer=part.prefer)
-        target: Target = resolve(version, tail)  # as Api.target
-        path = f"/api/data/{version}/{tail}"
         if target.kind == "batch":
             result = query_error("A $batch can't contain another $batch.").result()
         else:
@@ -422,6 +431,20 @@ class Batch:
         key = (part.method, target.template, result.status)
         self._tally[key] = self._tally.get(key, 0) + 1
         return result
+
+    def _place(self, version: str, url: str) -> Place:
+        """Where a request URL (not a Content-ID reference) points, as _locate and resolve
+        (routes) read it, and its path: remembered per URL, as all the creates of a batch post
+        to one. ``version``: the batch's."""
+        key = (version, url)
+        place = self._places.get(key)
+        if place is None:
+            in_version, tail, query = self._locate(version, url)
+            if len(self._places) >= _PLACES_KEPT:
+                self._places.clear()
+            place = self._places[key] = (in_version, tail, query, resolve(in_version, tail),
+                                         f"/api/data/{in_version}/{tail}")
+        return place
 
     @staticmethod
     def _resolve_id(url: str, ids: dict[str, str]) -> str:
@@ -454,7 +477,8 @@ class Batch:
                 changed = True
         return orjson.dumps(data) if changed else body
 
-    def _locate(self, outer: Call, url: str) -> tuple[str, str, MultiDictProxy[str]]:
+    def _locate(self, version: str, url: str) -> tuple[str, str, MultiDictProxy[str]]:
+        """The version, path tail and query of a request URL (``version``: the batch's)."""
         if url.startswith("/") and not url.startswith("//") and "#" not in url:
             # a root-relative path: as urlsplit would split it
             path, _, query_text = url.partition("?")
@@ -462,7 +486,7 @@ class Batch:
             split = urlsplit(url)
             path, query_text = split.path, split.query
         if not path.startswith("/"):
-            path = f"/api/data/{outer.version}/{path}"
+            path = f"/api/data/{version}/{path}"
         if "%" not in path and path.startswith("/api/data/") and path[14:15] == "/" \
                 and path[10:14] in VERSIONS:
             version, tail = path[10:14], path[15:]  # as the pattern below reads a plain path
