@@ -275,8 +275,9 @@ def _phrase(status: int) -> str:
 _PART_HEAD = "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
 
 
-def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
-    # one join of the head's lines (adding each to a string copies it all every time)
+def _http_head(result: Result, *, content_id: str | None = None, get: bool = False) -> str:
+    """A part's MIME head and its response's status line and headers, to the blank line."""
+    # one join of the lines (adding each to a string copies it all every time)
     lines = [_PART_HEAD] if content_id is None else [_PART_HEAD, f"Content-ID: {content_id}\r\n"]
     lines.append(f"\r\nHTTP/1.1 {result.status} {_phrase(result.status)}\r\n")
     for name, value in result.headers.items():
@@ -284,7 +285,11 @@ def _http_part(result: Result, *, content_id: str | None = None, get: bool = Fal
             value += "; odata.streaming=true"
         lines.append(f"{name}: {value}\r\n")
     lines.append("\r\n")
-    return "".join(lines).encode() + result.body
+    return "".join(lines)
+
+
+def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
+    return _http_head(result, content_id=content_id, get=get).encode() + result.body
 
 
 def _multipart(parts: list[bytes], boundary: str, *, last_break: bool = True) -> bytes:
@@ -385,15 +390,12 @@ class Batch:
                     out.append(_http_part(result, content_id=cid))
         except _ChangeSetFailed as failed:
             return False, failed.part
-        boundary = f"changesetresponse_{self._changeset_guid()}"
+        # the boundary's GUID: the batch's random stem and a count (unique within the answer,
+        # as unguessable as the stem; cheaper than a GUID each)
+        self._changesets += 1
+        boundary = f"changesetresponse_{self._stem}{self._changesets:012x}"
         return True, (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode()
                       + _multipart(out, boundary, last_break=False))
-
-    def _changeset_guid(self) -> str:
-        """A GUID for a change set response's boundary: the batch's random stem and a count
-        (unique within the answer, as unguessable as the stem; cheaper than a GUID each)."""
-        self._changesets += 1
-        return f"{self._stem}{self._changesets:012x}"
 
     def _entity_url(self, call: Call, part: Part, result: Result) -> str | None:
         if result.status != 201 or not result.body:
