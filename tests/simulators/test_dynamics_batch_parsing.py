@@ -18,6 +18,7 @@ from services.simulators.dynamics.batch import (
     _boundary,
     _first_line,
     _parse_parts,
+    _request_part,
     parse_parts,
 )
 from services.simulators.dynamics.protocol import ApiError
@@ -125,3 +126,51 @@ def test_malformed_batches_read_the_same_either_way(seed: int) -> None:
 def test_the_first_line_is_the_one_splitlines_gives(text: str) -> None:
     lines = text.splitlines()
     assert _first_line(text) == (lines[0] if lines else "")
+
+
+def _request_as_read_whole(content: bytes) -> Any:
+    """What a request part says, read the plain way: its head decoded whole, split in lines."""
+    head, sep, body = content.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = content.partition(b"\n\n")
+    text = head.decode("utf-8", "replace")
+    lines = text.splitlines()
+    words = lines[0].split() if lines else []
+    if len(words) < 2:
+        return ("error", "A batch part has no request line.")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers.append((name.strip(), value.strip()))
+    return (words[0].upper(), words[1], headers, body.rstrip(b"\r\n"))
+
+
+@pytest.mark.parametrize("content", [
+    b"PATCH /x(1) HTTP/1.1\r\nIf-Match: W/\"1\"\r\nPrefer: return=representation\r\n\r\n{}",
+    b"POST /x HTTP/1.1\r\n\r\n{}\r\n",
+    b"GET /x HTTP/1.1",
+    b"GET /x HTTP/1.1\r\nA: b",
+    b"GET /x HTTP/1.1\nA: b\r\nC: d\r\n\r\n",
+    b"GET /x HTTP/1.1\rA: b\r\n\r\n",
+    b"GET /x\x0b HTTP/1.1\r\nA: b\r\n\r\n",
+    b"GET /x\xc2\x85y HTTP/1.1\r\nA: b\r\n\r\n",
+    b"GET /\xc3\xa9 HTTP/1.1\r\nA: \xc3\xa9\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nA: \xe2\x80\r\nB: \xff\xfe\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nA: b\xe2\x80\xa8C: d\r\n\r\n",
+    b"GET\r\nA: b\r\n\r\n",
+    b"\r\nGET /x HTTP/1.1\r\n\r\n",
+    b"",
+])
+def test_a_request_reads_as_its_head_decoded_whole(content: bytes) -> None:
+    expected = _request_as_read_whole(content)
+    heads: dict[Any, Any] = {}
+    try:
+        part = _request_part(content, None, heads)
+    except ApiError as exc:
+        assert ("error", exc.message) == expected
+        return
+    assert part.request_headers is not None
+    assert (part.method, part.url, list(part.request_headers.items()), part.body) == expected
+    # the same lines again: their parse is kept
+    assert _request_part(content, None, heads).request_headers is part.request_headers

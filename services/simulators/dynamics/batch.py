@@ -140,7 +140,8 @@ def _boundary(content_type: str) -> str:
     return m.group(1)
 
 
-Heads = dict[str, tuple[CIMultiDictProxy[str], dict[str, str]]]
+# Request headers parsed, by the header lines' bytes or text (_request_part).
+Heads = dict[bytes | str, tuple[CIMultiDictProxy[str], dict[str, str]]]
 # A request URL located: version, path tail, query, route target, path.
 Place = tuple[str, str, MultiDictProxy[str], Target, str]
 
@@ -240,21 +241,39 @@ def _request_part(content: bytes, content_id: str | None, heads: Heads) -> Part:
     """One request of a batch, from its part's content (``content_id``: its MIME one)."""
     at = content.find(b"\r\n\r\n")
     req_head, req_body = (content[:at], content[at + 4:]) if at >= 0 else _split_head(content)
-    text = req_head.decode("utf-8", "replace")
-    request_line = _first_line(text)
+    # Usually the request line is plain ASCII ending at the first CRLF: then it is all that
+    # needs decoding, and the header lines' bytes are the key to their parse (decoding the
+    # head in two at an ASCII line break gives what decoding it whole does).
+    end = req_head.find(b"\r\n")
+    line = req_head if end < 0 else req_head[:end]
+    header_key: bytes | str
+    if line.isascii() and (request_line := line.decode()).isprintable():
+        header_key = req_head[len(line):]
+        known = heads.get(header_key)
+        if known is None:
+            known = heads[header_key] = _request_headers(header_key.decode("utf-8", "replace"))
+    else:
+        text = req_head.decode("utf-8", "replace")
+        request_line = _first_line(text)
+        header_key = text[len(request_line):]  # the lines after the request line, as sent
+        known = heads.get(header_key)
+        if known is None:
+            known = heads[header_key] = _request_headers(header_key)
     words = request_line.split()
     if len(words) < 2:
         raise _bad("A batch part has no request line.")
-    header_text = text[len(request_line):]  # the lines after the request line, as sent
-    known = heads.get(header_text)
-    if known is None:
-        # (its lines start with the request line's line break: an empty line, no header)
-        proxy = CIMultiDictProxy(CIMultiDict(_header_pairs(header_text.splitlines())))
-        known = heads[header_text] = (proxy, parse_prefer(proxy.getall("Prefer", [])))
     req_headers, prefer = known
     return Part(content_id=content_id or req_headers.get("Content-ID"),
                 method=words[0].upper(), url=words[1], request_headers=req_headers,
                 prefer=prefer, body=req_body.rstrip(b"\r\n"))
+
+
+def _request_headers(header_text: str) -> tuple[CIMultiDictProxy[str], dict[str, str]]:
+    """A request's headers (a read-only proxy, shared by the parts sending the same lines)
+    and their preferences, from the lines after its request line."""
+    # (the text starts with the request line's line break: an empty line, no header)
+    proxy = CIMultiDictProxy(CIMultiDict(_header_pairs(header_text.splitlines())))
+    return proxy, parse_prefer(proxy.getall("Prefer", []))
 
 
 # The reason phrase of each status answered so far (``HTTPStatus`` lookups are not free).
@@ -410,12 +429,12 @@ class Batch:
 
     def _execute(self, outer: Call, part: Part, ids: dict[str, str]) -> Result:
         try:
-            if part.url.startswith("$"):
-                version, tail, query = self._locate(outer.version, self._resolve_id(part.url, ids))
-                place = (version, tail, query, resolve(version, tail),
-                         f"/api/data/{version}/{tail}")
+            url = part.url
+            if url.startswith("$") or "(" in url:
+                # a reference, or a URL naming one row: seldom the same twice in a batch
+                place = self._locate(outer.version, self._resolve_id(url, ids))
             else:
-                place = self._place(outer.version, part.url)
+                place = self._place(outer.version, url)
             # (as _resolve_body: only a '"$' in the body can refer to an earlier operation)
             body = self._resolve_body(part.body, ids) if b'"$' in part.body else part.body
         except ApiError as exc:
@@ -435,17 +454,14 @@ class Batch:
         return result
 
     def _place(self, version: str, url: str) -> Place:
-        """Where a request URL (not a Content-ID reference) points, as _locate and resolve
-        (routes) read it, and its path: remembered per URL, as all the creates of a batch post
-        to one. ``version``: the batch's."""
+        """_locate, remembered per URL: all the creates of a batch post to the same one."""
         key = (version, url)
         place = self._places.get(key)
         if place is None:
-            in_version, tail, query = self._locate(version, url)
+            place = self._locate(version, url)
             if len(self._places) >= _PLACES_KEPT:
                 self._places.clear()
-            place = self._places[key] = (in_version, tail, query, resolve(in_version, tail),
-                                         f"/api/data/{in_version}/{tail}")
+            self._places[key] = place
         return place
 
     @staticmethod
@@ -479,8 +495,8 @@ class Batch:
                 changed = True
         return orjson.dumps(data) if changed else body
 
-    def _locate(self, version: str, url: str) -> tuple[str, str, MultiDictProxy[str]]:
-        """The version, path tail and query of a request URL (``version``: the batch's)."""
+    def _locate(self, version: str, url: str) -> Place:
+        """Where a request URL points, and its route (``version``: the batch's)."""
         if url.startswith("/") and not url.startswith("//") and "#" not in url:
             # a root-relative path: as urlsplit would split it
             path, _, query_text = url.partition("?")
@@ -506,4 +522,4 @@ class Batch:
                 self._queries.clear()
             query = self._queries[query_text] = MultiDictProxy(MultiDict(
                 parse_qsl(query_text, keep_blank_values=True) if query_text else ()))
-        return version, tail, query
+        return version, tail, query, resolve(version, tail), f"/api/data/{version}/{tail}"
