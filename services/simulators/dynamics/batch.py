@@ -72,13 +72,25 @@ def _split_head(block: bytes) -> tuple[bytes, bytes]:
     return block, b""
 
 
+# Header lines already read: the operations of a batch repeat most of their lines even where
+# one differs (an update's If-Match), so each distinct line is read once. None: no colon.
+_LINES: dict[str, tuple[str, str] | None] = {}
+_LINES_KEPT = 1024
+
+
 def _header_pairs(lines: list[str]) -> list[tuple[str, str]]:
     """Header lines (``Name: value``; lines without a colon are ignored), in order."""
     pairs = []
     for line in lines:
-        name, colon, value = line.partition(":")
-        if colon:
-            pairs.append((name.strip(), value.strip()))
+        pair = _LINES.get(line)
+        if pair is None and line not in _LINES:
+            name, colon, value = line.partition(":")
+            pair = (name.strip(), value.strip()) if colon else None
+            if len(_LINES) >= _LINES_KEPT:
+                _LINES.clear()
+            _LINES[line] = pair
+        if pair is not None:
+            pairs.append(pair)
     return pairs
 
 
