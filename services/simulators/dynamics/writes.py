@@ -60,8 +60,8 @@ _DEFAULT_FALSE = ("donotbulkemail", "donotemail", "type", "psync_emailactivated"
 # A subscription's record lookups: (navigation property, its value column, the target table).
 _RECORD_COLUMNS = tuple((nav, f"_{nav}_value", TABLES[SUBSCRIPTIONS.lookups[nav].target])
                         for nav in SUBSCRIPTION_RECORD_LOOKUPS)
-_NO_TIME, _ONE_SECOND = timedelta(0), timedelta(seconds=1)
 _RECORD_VALUE_COLUMNS = tuple(column for _, column, _ in _RECORD_COLUMNS)
+_NO_TIME, _ONE_SECOND = timedelta(0), timedelta(seconds=1)
 
 
 def parse_guid(text: str) -> str:
