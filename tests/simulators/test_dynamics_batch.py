@@ -136,3 +136,26 @@ async def test_batch_operations_are_counted_under_their_own_routes() -> None:
         assert calls["POST /api/data/v9.2/$batch"] == 1
         assert calls["POST /api/data/v9.2/contacts"] == 1
         assert calls["GET /api/data/v9.2/contacts"] == 1
+
+
+async def test_a_url_sent_again_in_a_batch_is_read_the_same_way() -> None:
+    # Where a URL points is kept per batch: the same URL must give the same route and the
+    # same error each time, and a relative URL must still follow the batch's version.
+    async with organisation() as org:
+        answer = await _batch(org, [
+            _request("POST", "/api/data/v9.2/contacts", {"lastname": "A"}),
+            _request("GET", "/api/other/contacts"),
+            _request("POST", "/api/data/v9.2/contacts", {"lastname": "B"}),
+            _request("GET", "/api/other/contacts"),
+            _request("POST", "contacts", {"lastname": "C"}),
+            _request("GET", "/api/data/v9.2/nothing"),
+            _request("GET", "/api/data/v9.2/nothing"),
+        ], prefer="odata.continue-on-error")
+        assert answer.status == 200
+        assert _statuses(answer) == [204, 404, 204, 404, 204, 404, 404]
+        assert answer.text.count("in the batch is not a Web API URL.") == 2
+        assert answer.text.count("Resource not found for the segment 'nothing'.") == 2
+        names = {r["lastname"] for r in (await org.get("contacts")).json["value"]}
+        assert names == {"A", "B", "C"}
+        calls = (await org.sim("GET", "stats")).json["calls"]
+        assert calls["POST /api/data/v9.2/contacts"] == 3

@@ -12,6 +12,11 @@
   ``changesetresponse_<uuid>`` and echo ``Content-ID``.
 - Each operation is counted under its own route in ``/_sim/stats`` and can draw an injected
   fault; the batch counts as one request towards service protection limits.
+
+Reading a batch costs little per operation: parts are cut at their delimiters with byte
+searches; a MIME head laid out as clients usually send it is recognised by its bytes, any
+other is read line by line to the same effect; a request's headers are parsed once per
+distinct text in the batch.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .schema import TABLES
 
 MAX_OPERATIONS = 1000
 _QUERIES_KEPT = 256
+_PLACES_KEPT = 256
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _WEB_API_PATH = re.compile(r"^/api/data/(v9\.[0-2])/(.*)$")
 
@@ -66,13 +72,25 @@ def _split_head(block: bytes) -> tuple[bytes, bytes]:
     return block, b""
 
 
+# Header lines already read: the operations of a batch repeat most of their lines even where
+# one differs (an update's If-Match), so each distinct line is read once. None: no colon.
+_LINES: dict[str, tuple[str, str] | None] = {}
+_LINES_KEPT = 1024
+
+
 def _header_pairs(lines: list[str]) -> list[tuple[str, str]]:
     """Header lines (``Name: value``; lines without a colon are ignored), in order."""
     pairs = []
     for line in lines:
-        name, colon, value = line.partition(":")
-        if colon:
-            pairs.append((name.strip(), value.strip()))
+        pair = _LINES.get(line)
+        if pair is None and line not in _LINES:
+            name, colon, value = line.partition(":")
+            pair = (name.strip(), value.strip()) if colon else None
+            if len(_LINES) >= _LINES_KEPT:
+                _LINES.clear()
+            _LINES[line] = pair
+        if pair is not None:
+            pairs.append(pair)
     return pairs
 
 
@@ -134,17 +152,76 @@ def _boundary(content_type: str) -> str:
     return m.group(1)
 
 
-Heads = dict[str, tuple[CIMultiDictProxy[str], dict[str, str]]]
+# Request headers parsed, by the header lines' bytes or text (_request_part).
+Heads = dict[bytes | str, tuple[CIMultiDictProxy[str], dict[str, str]]]
+# A request URL located: version, path tail, query, route target, path.
+Place = tuple[str, str, MultiDictProxy[str], Target, str]
+
+# MIME heads of batch parts as clients lay them out (the documented shape; ours too), which
+# say no more than the first bytes do: recognised by byte comparisons, they need no header
+# parsing. Any other head is read line by line (_mime_headers), to the same effect.
+_HTTP_HEAD = b"Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+_CONTENT_ID = b"Content-ID: "
+_CHANGESET_HEAD = b"Content-Type: multipart/mixed; boundary="
+# boundary characters that _boundary and _mime_headers read as they are (no quote, ';',
+# white space or line break)
+_PLAIN_BOUNDARY = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_.-"
 
 
-def parse_parts(body: bytes, content_type: str, *, nested: bool = False,
-                seen_heads: Heads | None = None) -> list[Part]:
+def _usual_request_head(chunk: bytes) -> tuple[str | None, bytes] | None:
+    """A request part's MIME Content-ID and content when its head is the usual one
+    (``_HTTP_HEAD``, then ``Content-ID: <digits>`` or nothing), else None."""
+    if not chunk.startswith(_HTTP_HEAD):
+        return None
+    start = len(_HTTP_HEAD)
+    if chunk.startswith(b"\r\n", start):
+        return None, chunk[start + 2:]
+    if chunk.startswith(_CONTENT_ID, start):
+        start += len(_CONTENT_ID)
+        end = chunk.find(b"\r\n\r\n", start)
+        content_id = chunk[start:end]
+        if end >= 0 and content_id.isdigit():
+            return content_id.decode(), chunk[end + 4:]
+    return None
+
+
+def _usual_changeset_head(chunk: bytes) -> tuple[str, bytes] | None:
+    """A change set part's boundary and content when its head is the usual one
+    (``_CHANGESET_HEAD`` and a plain boundary, alone), else None."""
+    if not chunk.startswith(_CHANGESET_HEAD):
+        return None
+    start = len(_CHANGESET_HEAD)
+    end = chunk.find(b"\r\n\r\n", start)
+    boundary = chunk[start:end]
+    if end > start and not boundary.translate(None, _PLAIN_BOUNDARY):
+        return boundary.decode(), chunk[end + 4:]
+    return None
+
+
+def parse_parts(body: bytes, content_type: str) -> list[Part]:
+    """The parts of a ``$batch`` body sent with ``content_type``."""
     # Request headers by their text: a client sends the same headers with most operations, so
     # each distinct set is parsed once per batch (a read-only proxy, shared by its parts, and
     # its preferences).
-    heads: Heads = {} if seen_heads is None else seen_heads
+    return _parse_parts(body, _boundary(content_type), nested=False, heads={})
+
+
+def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
+                 usual_heads: bool = True) -> list[Part]:
+    """``usual_heads=False`` reads every MIME head line by line (tests compare the two)."""
     parts = []
-    for chunk in split_multipart(body, _boundary(content_type)):
+    for chunk in split_multipart(body, boundary):
+        request = _usual_request_head(chunk) if usual_heads else None
+        if request is not None:
+            content_id, content = request
+            parts.append(_request_part(content, content_id, heads))
+            continue
+        changeset = None if nested or not usual_heads else _usual_changeset_head(chunk)
+        if changeset is not None:
+            inner, content = changeset
+            parts.append(Part(content_id=None, changeset=_parse_parts(
+                content, inner, nested=True, heads=heads)))
+            continue
         at = chunk.find(b"\r\n\r\n")  # as _split_head, inline: it looks for this first
         head, content = (chunk[:at], chunk[at + 4:]) if at >= 0 else _split_head(chunk)
         headers = _mime_headers(head)
@@ -153,30 +230,62 @@ def parse_parts(body: bytes, content_type: str, *, nested: bool = False,
         if kind.startswith("multipart/mixed"):
             if nested:
                 raise _bad("Change sets can't be nested.")
-            parts.append(Part(content_id=headers.get("content-id"),
-                              changeset=parse_parts(content, ctype, nested=True,
-                                                    seen_heads=heads)))
+            parts.append(Part(content_id=headers.get("content-id"), changeset=_parse_parts(
+                content, _boundary(ctype), nested=True, heads=heads, usual_heads=usual_heads)))
             continue
         if not kind.startswith("application/http"):
             raise _bad(f"A batch part must be application/http, not '{ctype}'.")
-        at = content.find(b"\r\n\r\n")
-        req_head, req_body = (content[:at], content[at + 4:]) if at >= 0 \
-            else _split_head(content)
-        text = req_head.decode("utf-8", "replace")
-        lines = text.splitlines()
-        words = lines[0].split() if lines else []
-        if len(words) < 2:
-            raise _bad("A batch part has no request line.")
-        header_text = text[len(lines[0]):]  # the lines after the request line, as sent
-        known = heads.get(header_text)
-        if known is None:
-            proxy = CIMultiDictProxy(CIMultiDict(_header_pairs(lines[1:])))
-            known = heads[header_text] = (proxy, parse_prefer(proxy.getall("Prefer", [])))
-        req_headers, prefer = known
-        parts.append(Part(content_id=headers.get("content-id") or req_headers.get("Content-ID"),
-                          method=words[0].upper(), url=words[1], request_headers=req_headers,
-                          prefer=prefer, body=req_body.rstrip(b"\r\n")))
+        parts.append(_request_part(content, headers.get("content-id"), heads))
     return parts
+
+
+def _first_line(text: str) -> str:
+    """``text.splitlines()[0]`` (or ""), without splitting the rest: the text before its first
+    CRLF when no other line break comes earlier (none is printable)."""
+    line = text.partition("\r\n")[0]
+    if line.isprintable():
+        return line
+    lines = text.splitlines()
+    return lines[0] if lines else ""
+
+
+def _request_part(content: bytes, content_id: str | None, heads: Heads) -> Part:
+    """One request of a batch, from its part's content (``content_id``: its MIME one)."""
+    at = content.find(b"\r\n\r\n")
+    req_head, req_body = (content[:at], content[at + 4:]) if at >= 0 else _split_head(content)
+    # Usually the request line is plain ASCII ending at the first CRLF: then it is all that
+    # needs decoding, and the header lines' bytes are the key to their parse (decoding the
+    # head in two at an ASCII line break gives what decoding it whole does).
+    end = req_head.find(b"\r\n")
+    line = req_head if end < 0 else req_head[:end]
+    header_key: bytes | str
+    if line.isascii() and (request_line := line.decode()).isprintable():
+        header_key = req_head[len(line):]
+        known = heads.get(header_key)
+        if known is None:
+            known = heads[header_key] = _request_headers(header_key.decode("utf-8", "replace"))
+    else:
+        text = req_head.decode("utf-8", "replace")
+        request_line = _first_line(text)
+        header_key = text[len(request_line):]  # the lines after the request line, as sent
+        known = heads.get(header_key)
+        if known is None:
+            known = heads[header_key] = _request_headers(header_key)
+    words = request_line.split()
+    if len(words) < 2:
+        raise _bad("A batch part has no request line.")
+    req_headers, prefer = known
+    return Part(content_id=content_id or req_headers.get("Content-ID"),
+                method=words[0].upper(), url=words[1], request_headers=req_headers,
+                prefer=prefer, body=req_body.rstrip(b"\r\n"))
+
+
+def _request_headers(header_text: str) -> tuple[CIMultiDictProxy[str], dict[str, str]]:
+    """A request's headers (a read-only proxy, shared by the parts sending the same lines)
+    and their preferences, from the lines after its request line."""
+    # (the text starts with the request line's line break: an empty line, no header)
+    proxy = CIMultiDictProxy(CIMultiDict(_header_pairs(header_text.splitlines())))
+    return proxy, parse_prefer(proxy.getall("Prefer", []))
 
 
 # The reason phrase of each status answered so far (``HTTPStatus`` lookups are not free).
@@ -194,27 +303,39 @@ def _phrase(status: int) -> str:
     return phrase
 
 
-def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
-    head = "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-    if content_id is not None:
-        head += f"Content-ID: {content_id}\r\n"
-    head += f"\r\nHTTP/1.1 {result.status} {_phrase(result.status)}\r\n"
+_PART_HEAD = "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+
+
+def _http_head(result: Result, *, content_id: str | None = None, get: bool = False) -> str:
+    """A part's MIME head and its response's status line and headers, to the blank line."""
+    # one join of the lines (adding each to a string copies it all every time)
+    lines = [_PART_HEAD] if content_id is None else [_PART_HEAD, f"Content-ID: {content_id}\r\n"]
+    lines.append(f"\r\nHTTP/1.1 {result.status} {_phrase(result.status)}\r\n")
     for name, value in result.headers.items():
         if get and name.lower() == "content-type" and value.startswith("application/json"):
             value += "; odata.streaming=true"
-        head += f"{name}: {value}\r\n"
-    return (head + "\r\n").encode() + result.body
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines)
 
 
-def _multipart(parts: list[bytes], boundary: str) -> bytes:
-    # One join: appending to a bytes object copies everything so far each time (quadratic in
-    # the number of parts).
-    close = f"--{boundary}--\r\n".encode()
+def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
+    return _http_head(result, content_id=content_id, get=get).encode() + result.body
+
+
+def _multipart(parts: list[bytes], boundary: str, *, last_break: bool = True) -> bytes:
+    """``parts`` framed by ``boundary``: "--B\r\n" part "\r\n--B\r\n" part ... "\r\n--B--\r\n"
+    (without the last "\r\n" when not ``last_break``)."""
+    close = f"--{boundary}--\r\n" if last_break else f"--{boundary}--"
     if not parts:
-        return close
-    # "--B\r\n" part "\r\n--B\r\n" part ... "\r\n--B--\r\n"
-    return (f"--{boundary}\r\n".encode() + f"\r\n--{boundary}\r\n".encode().join(parts)
-            + b"\r\n" + close)
+        return close.encode()
+    # One join, which copies each part once: the opening delimiter goes onto the first part
+    # and the closing one onto the last (joining, then adding them to the whole, would copy
+    # the whole answer again for each).
+    framed = list(parts)
+    framed[0] = f"--{boundary}\r\n".encode() + framed[0]
+    framed[-1] += f"\r\n{close}".encode()
+    return f"\r\n--{boundary}\r\n".encode().join(framed)
 
 
 class Batch:
@@ -223,6 +344,7 @@ class Batch:
         self.record = record
         self.fault = fault
         self._queries: dict[str, MultiDictProxy[str]] = {}  # parsed query texts
+        self._places: dict[tuple[str, str], Place] = {}  # request URLs located (_place)
         self._stem, self._changesets = "", 0  # the running batch's change set boundaries
         self._tally: dict[tuple[str, str, int], int] = {}  # its operations by method, route, status
 
@@ -299,20 +421,12 @@ class Batch:
                     out.append(_http_part(result, content_id=cid))
         except _ChangeSetFailed as failed:
             return False, failed.part
-        boundary = f"changesetresponse_{self._changeset_guid()}"
-        head = f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n"
-        if not out:
-            return True, head.encode() + _multipart(out, boundary).rstrip(b"\r\n")
-        # as _multipart lays the parts out, less its closing line break, in one join
-        return True, (f"{head}--{boundary}\r\n".encode()
-                      + f"\r\n--{boundary}\r\n".encode().join(out)
-                      + f"\r\n--{boundary}--".encode())
-
-    def _changeset_guid(self) -> str:
-        """A GUID for a change set response's boundary: the batch's random stem and a count
-        (unique within the answer, as unguessable as the stem; cheaper than a GUID each)."""
+        # the boundary's GUID: the batch's random stem and a count (unique within the answer,
+        # as unguessable as the stem; cheaper than a GUID each)
         self._changesets += 1
-        return f"{self._stem}{self._changesets:012x}"
+        boundary = f"changesetresponse_{self._stem}{self._changesets:012x}"
+        return True, (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode()
+                      + _multipart(out, boundary, last_break=False))
 
     def _entity_url(self, call: Call, part: Part, result: Result) -> str | None:
         if result.status != 201 or not result.body:
@@ -327,18 +441,21 @@ class Batch:
 
     def _execute(self, outer: Call, part: Part, ids: dict[str, str]) -> Result:
         try:
-            url = self._resolve_id(part.url, ids) if part.url.startswith("$") else part.url
-            version, tail, query = self._locate(outer, url)
+            url = part.url
+            if url.startswith("$") or "(" in url:
+                # a reference, or a URL naming one row: seldom the same twice in a batch
+                place = self._locate(outer.version, self._resolve_id(url, ids))
+            else:
+                place = self._place(outer.version, url)
             # (as _resolve_body: only a '"$' in the body can refer to an earlier operation)
             body = self._resolve_body(part.body, ids) if b'"$' in part.body else part.body
         except ApiError as exc:
             return exc.result()
+        version, tail, query, target, path = place
         assert part.request_headers is not None
         call = make_call(method=part.method, version=version, tail=tail, query=query,
                          headers=part.request_headers, body=body, origin=outer.origin,
                          client_id=outer.client_id, in_batch=True, prefer=part.prefer)
-        target: Target = resolve(version, tail)  # as Api.target
-        path = f"/api/data/{version}/{tail}"
         if target.kind == "batch":
             result = query_error("A $batch can't contain another $batch.").result()
         else:
@@ -347,6 +464,17 @@ class Batch:
         key = (part.method, target.template, result.status)
         self._tally[key] = self._tally.get(key, 0) + 1
         return result
+
+    def _place(self, version: str, url: str) -> Place:
+        """_locate, remembered per URL: all the creates of a batch post to the same one."""
+        key = (version, url)
+        place = self._places.get(key)
+        if place is None:
+            place = self._locate(version, url)
+            if len(self._places) >= _PLACES_KEPT:
+                self._places.clear()
+            self._places[key] = place
+        return place
 
     @staticmethod
     def _resolve_id(url: str, ids: dict[str, str]) -> str:
@@ -379,7 +507,8 @@ class Batch:
                 changed = True
         return orjson.dumps(data) if changed else body
 
-    def _locate(self, outer: Call, url: str) -> tuple[str, str, MultiDictProxy[str]]:
+    def _locate(self, version: str, url: str) -> Place:
+        """Where a request URL points, and its route (``version``: the batch's)."""
         if url.startswith("/") and not url.startswith("//") and "#" not in url:
             # a root-relative path: as urlsplit would split it
             path, _, query_text = url.partition("?")
@@ -387,7 +516,7 @@ class Batch:
             split = urlsplit(url)
             path, query_text = split.path, split.query
         if not path.startswith("/"):
-            path = f"/api/data/{outer.version}/{path}"
+            path = f"/api/data/{version}/{path}"
         if "%" not in path and path.startswith("/api/data/") and path[14:15] == "/" \
                 and path[10:14] in VERSIONS:
             version, tail = path[10:14], path[15:]  # as the pattern below reads a plain path
@@ -405,4 +534,4 @@ class Batch:
                 self._queries.clear()
             query = self._queries[query_text] = MultiDictProxy(MultiDict(
                 parse_qsl(query_text, keep_blank_values=True) if query_text else ()))
-        return version, tail, query
+        return version, tail, query, resolve(version, tail), f"/api/data/{version}/{tail}"

@@ -28,8 +28,8 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from .protocol import (
     DUPLICATE_RECORD,
@@ -61,6 +61,7 @@ _DEFAULT_FALSE = ("donotbulkemail", "donotemail", "type", "psync_emailactivated"
 _RECORD_COLUMNS = tuple((nav, f"_{nav}_value", TABLES[SUBSCRIPTIONS.lookups[nav].target])
                         for nav in SUBSCRIPTION_RECORD_LOOKUPS)
 _RECORD_VALUE_COLUMNS = tuple(column for _, column, _ in _RECORD_COLUMNS)
+_NO_TIME, _ONE_SECOND = timedelta(0), timedelta(seconds=1)
 
 
 def parse_guid(text: str) -> str:
@@ -104,17 +105,31 @@ def _parse_ref(value: Any) -> tuple[str, str]:
 _VALUE_TYPES: dict[Kind, type] = {Kind.STRING: str, Kind.BOOL: bool, Kind.INT: int,
                                   Kind.BIGINT: int, Kind.CHOICE: int, Kind.GUID: str}
 _GUID, _CHOICE, _LOOKUP = Kind.GUID, Kind.CHOICE, Kind.LOOKUP
-_CHOICE_VALUES: dict[int, tuple[Column, frozenset[int]]] = {}
 
 
-def _choice_values(col: Column) -> frozenset[int]:
-    """The values a choice column accepts (built once per column)."""
-    known = _CHOICE_VALUES.get(id(col))
-    if known is not None and known[0] is col:
-        return known[1]
-    values = frozenset(c for c, _ in col.choices)
-    _CHOICE_VALUES[id(col)] = (col, values)
-    return values
+class _ValueRule(NamedTuple):
+    """What a column accepts, read off it once (hashing an enum member, as a look-up by kind
+    does, costs more than the whole check)."""
+
+    column: Column
+    wanted: type | None  # the JSON value type; None: no value is accepted
+    guid: bool
+    choices: frozenset[int] | None  # the accepted values of a checked choice column
+
+
+_VALUE_RULES: dict[int, _ValueRule] = {}
+
+
+def _value_rule(col: Column) -> _ValueRule:
+    known = _VALUE_RULES.get(id(col))
+    if known is not None and known.column is col:
+        return known
+    checked = (col.kind is _CHOICE and bool(col.choices)
+               and col.name not in ("statecode", "statuscode"))
+    rule = _VALUE_RULES[id(col)] = _ValueRule(
+        col, _VALUE_TYPES.get(col.kind), col.kind is _GUID,
+        frozenset(c for c, _ in col.choices) if checked else None)
+    return rule
 
 
 _BLANK_ROWS: dict[str, tuple[TableSchema, Row]] = {}
@@ -145,6 +160,7 @@ class Writes:
                  on_write: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.now = now
+        self._second: datetime | None = None  # the last whole second stamped (_stamp_time)
         self.on_write = on_write
         # told of every row created or updated (the ``/_sim/journal``)
         self.on_row: Callable[[TableSchema, Row], None] | None = None
@@ -154,20 +170,18 @@ class Writes:
     def _coerce(self, schema: TableSchema, col: Column, value: Any) -> Any:
         if value is None:
             return None
-        kind = col.kind
-        wanted = _VALUE_TYPES.get(kind)
+        wanted, guid, choices = _value_rule(col)[1:]
         ok = (wanted is not None and isinstance(value, wanted)
               and (wanted is not int or not isinstance(value, bool)))  # a bool is no number
         if not ok:
             raise query_error(f"Cannot convert the literal '{value}' to the expected type "
-                              f"'{kind.edm}'.")
-        if kind is _GUID:
+                              f"'{col.kind.edm}'.")
+        if guid:
             return parse_guid(value)
         if col.max_length is not None and len(value) > col.max_length:
             raise _validation(f"The length of the '{col.name}' attribute of the '{schema.logical}' "
                               f"entity exceeded the maximum allowed length of '{col.max_length}'.")
-        if (kind is _CHOICE and col.choices and col.name not in ("statecode", "statuscode")
-                and value not in _choice_values(col)):
+        if choices is not None and value not in choices:
             accepted = [c for c, _ in col.choices]
             raise _validation(
                 f"The value {value} of '{col.name}' on record of type '{schema.logical}' is "
@@ -214,9 +228,21 @@ class Writes:
             changes[key] = self._coerce(schema, col, value)
         return changes
 
+    def _stamp_time(self) -> datetime:
+        """The clock truncated to whole seconds, as writes stamp rows: the same object all
+        through a second (cheaper than truncating each reading, and the ``modifiedon`` index
+        compares equal stamps by identity)."""
+        now = self.now()
+        second = self._second
+        if (second is not None and now.tzinfo is second.tzinfo
+                and _NO_TIME <= now - second < _ONE_SECOND):
+            return second
+        second = self._second = now.replace(microsecond=0)
+        return second
+
     def _stamp(self, row: Row, at: datetime | None) -> None:
         row["versionnumber"] = self.store.next_version()
-        row["modifiedon"] = at or self.now().replace(microsecond=0)
+        row["modifiedon"] = at or self._stamp_time()
 
     def _settle_state(self, schema: TableSchema, row: Row, changes: dict[str, Any],
                       row_id: str) -> None:
@@ -253,7 +279,7 @@ class Writes:
         row.update(changes)
         self._settle_state(schema, row, changes, row_id)
         # one clock reading: a new row's createdon and modifiedon are the same instant
-        row["createdon"] = created = self.now().replace(microsecond=0)
+        row["createdon"] = created = self._stamp_time()
         return self._save(schema, row_id, row, old=None, at=created)
 
     def update(self, schema: TableSchema, row_id: str, body: Any) -> Row:
@@ -380,7 +406,7 @@ class Writes:
         if self.store.is_member(list_id, member_id):
             return
         row = listmember_row(list_id, member_id, TABLES[member_set].logical,
-                             at=self.now().replace(microsecond=0),
+                             at=self._stamp_time(),
                              version=self.store.next_version())
         self.store.add_member(list_id, member_id, row)
         self.on_write()

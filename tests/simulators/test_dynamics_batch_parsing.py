@@ -1,0 +1,176 @@
+"""Dataverse simulator: reading a ``$batch`` body.
+
+Parts whose MIME heads are laid out as clients usually send them are recognised by their bytes
+(see ``_usual_request_head`` and ``_usual_changeset_head``); every other head is read line by
+line. The two readings must agree on every body, malformed ones included: these tests read
+the same bodies both ways, the usual heads and thousands of seeded mutations of them.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from services.simulators.dynamics.batch import (
+    Part,
+    _boundary,
+    _first_line,
+    _parse_parts,
+    _request_part,
+    parse_parts,
+)
+from services.simulators.dynamics.protocol import ApiError
+
+BATCH = "batch_5b1c0a52-8f0e-4a57-9d6e-3f1e2a9c7b10"
+ROOT = "/api/data/v9.2"
+SUBSCRIPTIONS = "psync_marketingpreferencesubscriptions"
+ROW = "2ad053cf-ffbc-d965-71c6-9db5a6f0df4b"
+SELECT = "?$select=psync_marketingpreferencesubscriptionid,psync_status,versionnumber"
+
+
+def _request(method: str, url: str, headers: list[str], body: str, content_id: str | None) -> str:
+    head = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    if content_id is not None:
+        head.append(f"Content-ID: {content_id}")
+    return "\r\n".join([*head, "", f"{method} {url} HTTP/1.1", *headers, "", body])
+
+
+def _changeset(n: int, request: str) -> str:
+    boundary = f"changeset_{BATCH[6:]}_{n}"
+    return (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n"
+            f"--{boundary}\r\n{request}\r\n--{boundary}--")
+
+
+def _writer_batch() -> bytes:
+    """Updates and creates, each in a change set of its own, and two plain requests."""
+    parts = []
+    for n in range(1, 7):
+        if n % 2:
+            request = _request("PATCH", f"{ROOT}/{SUBSCRIPTIONS}({ROW}){SELECT}", [
+                "Accept: application/json", "Content-Type: application/json; type=entry",
+                f'If-Match: W/"{1000 + n}"', "Prefer: return=representation"],
+                '{"psync_status":100000001}', str(n))
+        else:
+            request = _request("POST", f"{ROOT}/{SUBSCRIPTIONS}{SELECT}", [
+                "Accept: application/json", "Content-Type: application/json; type=entry",
+                "Prefer: return=representation"],
+                '{"psync_status":100000000,"psync_contactid@odata.bind":"/contacts(' + ROW
+                + ')"}', str(n))
+        parts.append(_changeset(n, request))
+    parts.append(_request("GET", f"{ROOT}/contacts?$top=1", ["Accept: application/json"], "",
+                          None))
+    parts.append(_request("GET", "contacts", [], "", "8"))
+    return ("".join(f"--{BATCH}\r\n{p}\r\n" for p in parts) + f"--{BATCH}--\r\n").encode()
+
+
+CONTENT_TYPE = f'multipart/mixed; boundary="{BATCH}"'
+
+
+def _read(body: bytes, *, usual_heads: bool) -> Any:
+    """The parts read (as plain values), or the error given."""
+    def plain(part: Part) -> Any:
+        headers = None if part.request_headers is None else list(part.request_headers.items())
+        inner = None if part.changeset is None else [plain(p) for p in part.changeset]
+        return (part.content_id, part.method, part.url, headers, part.prefer, part.body, inner)
+
+    try:
+        parts = _parse_parts(body, _boundary(CONTENT_TYPE), nested=False, heads={},
+                             usual_heads=usual_heads)
+    except ApiError as exc:
+        return ("error", exc.status, exc.code, exc.message)
+    return [plain(p) for p in parts]
+
+
+def test_the_usual_batch_reads_the_same_either_way() -> None:
+    body = _writer_batch()
+    usual = _read(body, usual_heads=True)
+    assert usual == _read(body, usual_heads=False)
+    assert [len(p[6]) if p[6] is not None else None for p in usual] == [1] * 6 + [None, None]
+    assert [p[6][0][0] for p in usual[:6]] == ["1", "2", "3", "4", "5", "6"]
+    assert usual[7][0] == "8"
+    assert [p.changeset is None for p in parse_parts(body, CONTENT_TYPE)] == [False] * 6 + [True] * 2
+
+
+_PIECES = [b"\r\n", b"\n", b"\r", b"\r\n\r\n", b":", b" ", b"\t", b"\x0b", b"\xc2\x85",
+           b"\xe2\x80\xa8", b"\xff", b"--", b'"', b";", b"1", b"x", b"Content-ID: 7",
+           b"content-type: application/http", b"Content-Type: multipart/mixed; boundary=x",
+           b"Content-Type: multipart/mixed; boundary=", b"Content-ID: ", b"binary", b"PATCH "]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_malformed_batches_read_the_same_either_way(seed: int) -> None:
+    body = _writer_batch()
+    rng = random.Random(seed)
+    for _ in range(2500):
+        mutated = bytearray(body)
+        for _ in range(rng.randint(1, 4)):
+            # mostly where the heads are: the first parts' MIME heads and request lines
+            at = rng.randrange(len(mutated)) if rng.random() < 0.3 else rng.randrange(700)
+            roll = rng.random()
+            if roll < 0.4:
+                mutated[at:at + rng.randint(1, 3)] = rng.choice(_PIECES)
+            elif roll < 0.7:
+                mutated[at:at] = rng.choice(_PIECES)
+            else:
+                del mutated[at:at + rng.randint(1, 5)]
+        sample = bytes(mutated)
+        assert _read(sample, usual_heads=True) == _read(sample, usual_heads=False), sample
+
+
+@pytest.mark.parametrize("text", [
+    "", "GET x", "GET x\r\nA: b", "GET x\nA: b\r\nC: d", "GET x\rA: b", "GET x\r\r\nA: b",
+    "GET\x0bx\r\nA: b", "GET x\x85\r\nA", "GET x\u2028y\r\n", "\r\nGET x", "GET\tx\r\n",
+    "\r\n", "\n\r\n", "GET é\r\n"])
+def test_the_first_line_is_the_one_splitlines_gives(text: str) -> None:
+    lines = text.splitlines()
+    assert _first_line(text) == (lines[0] if lines else "")
+
+
+def _request_as_read_whole(content: bytes) -> Any:
+    """What a request part says, read the plain way: its head decoded whole, split in lines."""
+    head, sep, body = content.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = content.partition(b"\n\n")
+    text = head.decode("utf-8", "replace")
+    lines = text.splitlines()
+    words = lines[0].split() if lines else []
+    if len(words) < 2:
+        return ("error", "A batch part has no request line.")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers.append((name.strip(), value.strip()))
+    return (words[0].upper(), words[1], headers, body.rstrip(b"\r\n"))
+
+
+@pytest.mark.parametrize("content", [
+    b"PATCH /x(1) HTTP/1.1\r\nIf-Match: W/\"1\"\r\nPrefer: return=representation\r\n\r\n{}",
+    b"POST /x HTTP/1.1\r\n\r\n{}\r\n",
+    b"GET /x HTTP/1.1",
+    b"GET /x HTTP/1.1\r\nA: b",
+    b"GET /x HTTP/1.1\nA: b\r\nC: d\r\n\r\n",
+    b"GET /x HTTP/1.1\rA: b\r\n\r\n",
+    b"GET /x\x0b HTTP/1.1\r\nA: b\r\n\r\n",
+    b"GET /x\xc2\x85y HTTP/1.1\r\nA: b\r\n\r\n",
+    b"GET /\xc3\xa9 HTTP/1.1\r\nA: \xc3\xa9\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nA: \xe2\x80\r\nB: \xff\xfe\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nA: b\xe2\x80\xa8C: d\r\n\r\n",
+    b"GET\r\nA: b\r\n\r\n",
+    b"\r\nGET /x HTTP/1.1\r\n\r\n",
+    b"",
+])
+def test_a_request_reads_as_its_head_decoded_whole(content: bytes) -> None:
+    expected = _request_as_read_whole(content)
+    heads: dict[Any, Any] = {}
+    try:
+        part = _request_part(content, None, heads)
+    except ApiError as exc:
+        assert ("error", exc.message) == expected
+        return
+    assert part.request_headers is not None
+    assert (part.method, part.url, list(part.request_headers.items()), part.body) == expected
+    # the same lines again: their parse is kept
+    assert _request_part(content, None, heads).request_headers is part.request_headers
