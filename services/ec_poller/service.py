@@ -52,13 +52,14 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from itertools import repeat
 from typing import Any, Protocol
 
 from common.config import AccountConfig
 from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
-from common.domain.trusted import assembled
+from common.domain.trusted import assembled_all
 from common.messaging.amqp import Publisher
-from common.messaging.envelope import Change, ContactStatusChange, PreferenceChange
+from common.messaging.envelope import ContactStatusChange, PreferenceChange
 from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
 from common.ops import failpoints
 from common.runs import RunRequest
@@ -104,33 +105,47 @@ def contact_read(opt_ins: ContactOptIns) -> ContactRead:
              for o in opt_ins.opt_ins])
 
 
-def preference_change(*, email: str, preference_id: int, opted_in: bool,
-                      origin_time: datetime, change_id: str) -> PreferenceChange:
-    """``PreferenceChange(...)`` of parts already checked (a normalised email, an aware time),
-    built as :mod:`common.domain.trusted` builds such objects: once per opt-in read, the
-    frozen dataclass's checks are not run again (a test holds the two equal)."""
-    return assembled(PreferenceChange, email=email, preference_id=preference_id,
-                     opted_in=opted_in, origin_time=origin_time, version=None,
-                     change_id=change_id, carried=False, joined=False)
+# An opt-in to publish, of parts already checked (a normalised email, an aware time): (email,
+# preference id, opted in, when it changed, its change id).
+OptInRow = tuple[str, int, bool, datetime, str]
+
+
+def preference_changes(rows: Sequence[OptInRow]) -> list[PreferenceChange]:
+    """``PreferenceChange(...)`` of each row, built as :mod:`common.domain.trusted` builds such
+    objects (a page's at once, a column at a time): the frozen dataclass's checks are not run
+    again on parts already checked (a test holds the two equal)."""
+    if not rows:
+        return []
+    emails, preference_ids, opted_in, origin_times, change_ids = zip(*rows, strict=True)
+    return assembled_all(PreferenceChange, len(rows), email=emails,
+                         preference_id=preference_ids, opted_in=opted_in,
+                         origin_time=origin_times, version=repeat(None), change_id=change_ids,
+                         carried=repeat(False), joined=repeat(False))
+
+
+# A page's changes: the contacts' statuses, and the opt-ins (published in that order).
+PageChanges = tuple[list[ContactStatusChange], list[PreferenceChange]]
 
 
 @dataclass
 class Seen:
-    """Change ids one read published at or after ``keep_from``: the next read's overlap."""
+    """Change ids one read published at or after ``keep_from``: the next read's overlap.
+
+    Kept as read; only the newest :data:`SEEN_LIMIT`, which the checkpoint keeps, are hashed
+    (:func:`seen_key`), when it is saved."""
 
     keep_from: datetime
-    keys: dict[str, datetime] = field(default_factory=dict)
+    ids: dict[str, datetime] = field(default_factory=dict)
 
-    def add(self, change_id: str, at: datetime, *, key: str | None = None) -> None:
-        """Notes ``change_id`` (``key``: its :func:`seen_key`, when already worked out)."""
+    def add(self, change_id: str, at: datetime) -> None:
         if at >= self.keep_from:
-            self.keys[key or seen_key(change_id)] = at
+            self.ids[change_id] = at
 
     def stored(self) -> dict[str, Any]:
         """For the checkpoint: ``seen``, and ``seen_from`` when older ones were left out."""
-        newest = sorted(self.keys.items(), key=lambda item: item[1], reverse=True)
+        newest = sorted(self.ids.items(), key=lambda item: item[1], reverse=True)
         kept = newest[:SEEN_LIMIT]
-        out: dict[str, Any] = {"seen": [key for key, _ in kept]}
+        out: dict[str, Any] = {"seen": [seen_key(change_id) for change_id, _ in kept]}
         if len(newest) > len(kept):
             out["seen_from"] = kept[-1][1].isoformat()
         return out
@@ -291,11 +306,12 @@ class EcPoller:
                 seen = Seen(keep_from=self._read_from(started))
             async with publishing:
                 fresh = await self._unseen(page, preference_id, skip, seen, unkept=unkept)
-                changes = self._changes_from(fresh, started,
-                                             statuses_sent=counts.statuses_sent)
+                statuses, opt_ins = self._changes_from(fresh, started,
+                                                       statuses_sent=counts.statuses_sent)
                 counts.read += len(page)
-                await self._publish(request, changes, counts, id_seed=(
-                    f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
+                await self._publish(request, counts, statuses=statuses, opt_ins=opt_ins,
+                                    id_seed=(f"{request.run_id}:{source}:{since}:"
+                                             f"{min_contact_id}:{page_no}"))
                 last_id = max(contact_id for contact_id, _, _, _ in page)
                 await checkpoint.set(self._store, self.account.id, FeedPosition(
                     since=since, min_contact_id=last_id + 1, markers_owed=owed))
@@ -342,16 +358,11 @@ class EcPoller:
             mine = [(preference_id, opted_in, modified,
                      opt_in_change_id(contact_id, preference_id, modified))
                     for opted_in, modified in opt_ins]
-            if skip:
-                # hashed once: for the overlap, and for the next read
-                hashed = [seen_key(change_id) for _, _, _, change_id in mine]
-                for hashed_id, (_, _, modified, change_id) in zip(hashed, mine, strict=True):
-                    add(change_id, modified, key=hashed_id)
-                if hashed and all(hashed_id in skip for hashed_id in hashed):
-                    continue
-            else:
-                for _, _, modified, change_id in mine:
-                    add(change_id, modified)
+            for _, _, modified, change_id in mine:
+                add(change_id, modified)
+            if skip and mine and all(seen_key(change_id) in skip
+                                     for _, _, _, change_id in mine):
+                continue
             if unkept is not None and len(mine) == 1 and mine[0][2] <= unkept:
                 try:
                     key = PreferenceKey(account=self.account.id, email=normalize_email(email),
@@ -371,11 +382,12 @@ class EcPoller:
 
     @staticmethod
     def _changes_from(page: Sequence[ContactRead], started: datetime, *,
-                      statuses_sent: dict[int, str]) -> list[Change]:
+                      statuses_sent: dict[int, str]) -> PageChanges:
         """The page's changes: each contact's status, unless this run already published that
-        same status for it (it is as of the run's start either way), then its opt-ins."""
-        changes: list[Change] = []
-        append = changes.append
+        same status for it (it is as of the run's start either way), and its opt-ins."""
+        statuses: list[ContactStatusChange] = []
+        rows: list[OptInRow] = []
+        add_row = rows.append
         for contact_id, raw_email, status, opt_ins in page:
             try:
                 email = normalize_email(raw_email)
@@ -386,13 +398,12 @@ class EcPoller:
             # suppressed when they arrive.
             if statuses_sent.get(contact_id) != status:
                 statuses_sent[contact_id] = sys.intern(status)
-                append(ContactStatusChange(email=email, status=status, origin_time=started,
-                                           change_id=f"ec-status:{contact_id}"))
+                statuses.append(ContactStatusChange(email=email, status=status,
+                                                    origin_time=started,
+                                                    change_id=f"ec-status:{contact_id}"))
             for preference_id, opted_in, modified, change_id in opt_ins:
-                append(preference_change(email=email, preference_id=preference_id,
-                                         opted_in=opted_in, origin_time=modified,
-                                         change_id=change_id))
-        return changes
+                add_row((email, preference_id, opted_in, modified, change_id))
+        return statuses, preference_changes(rows)
 
     async def _read_suppressions(self, request: RunRequest, clock: RunClock, full_read: bool,
                                  counts: RunCounts) -> None:
@@ -410,24 +421,24 @@ class EcPoller:
             if seen is None:
                 seen = Seen(keep_from=self._read_from(await clock.started()))
             changes = [c for c in (self._status_change(s) for s in page) if c is not None]
-            await self._publish(request, list(self._unseen_statuses(changes, skip, seen)),
-                                counts, id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
+            await self._publish(request, counts,
+                                statuses=list(self._unseen_statuses(changes, skip, seen)),
+                                id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
         started = await clock.started()
         # (a burst of more than SEEN_LIMIT is published again: statuses are idempotent)
         await self._save_seen(source, seen or Seen(keep_from=self._read_from(started)))
         await checkpoint.set(self._store, self.account.id, started)
 
     @staticmethod
-    def _unseen_statuses(changes: Iterable[Change], skip: set[str],
-                         seen: Seen) -> Iterable[Change]:
+    def _unseen_statuses(changes: Iterable[ContactStatusChange], skip: set[str],
+                         seen: Seen) -> Iterable[ContactStatusChange]:
         for change in changes:
-            assert isinstance(change, ContactStatusChange)
             seen.add(change.change_id, change.origin_time)
             if seen_key(change.change_id) not in skip:
                 yield change
 
     @staticmethod
-    def _status_change(suppression: Suppression) -> Change | None:
+    def _status_change(suppression: Suppression) -> ContactStatusChange | None:
         try:
             email = normalize_email(suppression.contact.email)
         except ValueError:
@@ -458,7 +469,7 @@ class EcPoller:
                     if email is not None:
                         active[email] = contact
                 stored = await self._store.load_contacts(self.account.id, active)
-                resumed: list[Change] = [
+                resumed = [
                     ContactStatusChange(
                         email=email, status=str(contact.status),
                         origin_time=contact.updated or started,
@@ -466,7 +477,7 @@ class EcPoller:
                                   f"{(contact.updated or started).isoformat()}")
                     for email, contact in active.items()
                     if email in stored and stored[email].suppressed]
-                await self._publish(request, resumed, counts,
+                await self._publish(request, counts, statuses=resumed,
                                     id_seed=f"{request.run_id}:{source}:{saved.isoformat()}:"
                                             f"{page_no}")
         # First run: the feeds read from the beginning carry every contact's status.
@@ -486,28 +497,32 @@ class EcPoller:
         """Current dotdigital state of emails that just became eligible in Dynamics: one call
         each (no bulk read returns each preference's ``dateModifed``). Their statuses are as
         of the run's start (a dotdigital time before these reads)."""
-        changes: list[Change] = []
+        statuses: list[ContactStatusChange] = []
+        opt_ins: list[PreferenceChange] = []
         for email in emails:
             try:
-                opt_ins = await self._client.subscriptions(email)
+                answered = await self._client.subscriptions(email)
             except VendorError as exc:
                 if exc.status == 404:
                     continue  # not a dotdigital contact (yet): nothing to read
                 raise
             counts.read += 1
-            changes.extend(self._changes_from([contact_read(opt_ins)], await clock.started(),
-                                              statuses_sent=counts.statuses_sent))
-        await self._publish(request, changes, counts, id_seed=f"{request.run_id}:eligible")
+            read_statuses, read_opt_ins = self._changes_from(
+                [contact_read(answered)], await clock.started(),
+                statuses_sent=counts.statuses_sent)
+            statuses += read_statuses
+            opt_ins += read_opt_ins
+        await self._publish(request, counts, statuses=statuses, opt_ins=opt_ins,
+                            id_seed=f"{request.run_id}:eligible")
 
-    async def _publish(self, request: RunRequest, changes: Sequence[Change], counts: RunCounts,
-                       *, id_seed: str) -> None:
-        if not changes:
+    async def _publish(self, request: RunRequest, counts: RunCounts, *,
+                       statuses: Sequence[ContactStatusChange],
+                       opt_ins: Sequence[PreferenceChange] = (), id_seed: str) -> None:
+        if not statuses and not opt_ins:
             return
-        statuses = [c for c in changes if isinstance(c, ContactStatusChange)]
         outgoing = envelopes_by_shard(
             account=self.account.id, source="dotdigital", type="preference-changes",
-            changes=[c for c in changes if isinstance(c, PreferenceChange)],
-            shards=self._shards, run_id=request.run_id, id_seed=id_seed)
+            changes=opt_ins, shards=self._shards, run_id=request.run_id, id_seed=id_seed)
         status_outgoing = envelopes_by_shard(
             account=self.account.id, source="dotdigital", type="contact-status-changes",
             changes=statuses, shards=self._shards, run_id=request.run_id,
@@ -516,7 +531,7 @@ class EcPoller:
         await self._publisher.publish_many(status_outgoing)
         await self._publisher.publish_many(outgoing)
         counts.statuses += len(statuses)
-        counts.published += len(changes) - len(statuses)
+        counts.published += len(opt_ins)
         counts.message_ids.extend(ids_of(status_outgoing) + ids_of(outgoing))
         # advisory: how far the read has got (`sync-now --wait` shows it)
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,

@@ -275,6 +275,25 @@ def feed_contact(data: object, preference_id: int) -> FeedContact:
     return contact_id, email, status, opt_ins
 
 
+def opt_ins_last_id(data: list[Any]) -> int:
+    """The greatest contact id of an opt-ins page (0 for none): where the next page starts."""
+    return max((opt_ins_contact(item)[0] for item in data), default=0)
+
+
+def feed_page(data: list[Any], preference_id: int) -> tuple[list[FeedContact], int]:
+    """An opt-ins page as the ec-poller reads it (:func:`feed_contact` of each entry) and its
+    :func:`opt_ins_last_id`, each entry read once. A malformed page raises what reading the
+    ids first, then the entries, raises: the ids are read apart only then."""
+    try:
+        page = [feed_contact(item, preference_id) for item in data]
+    except Exception as exc:  # re-raised below, unless an id is malformed
+        failed = exc
+    else:
+        return page, max((contact_id for contact_id, _, _, _ in page), default=0)
+    opt_ins_last_id(data)
+    raise failed
+
+
 def parse_contact_opt_ins(data: object) -> ContactOptIns:
     item = _dict(data)
     records = item.get("marketingPreferenceOptIns") or []

@@ -29,7 +29,7 @@ from services.ec_poller.service import (
     contact_read,
     leaf_preference_ids,
     opt_in_change_id,
-    preference_change,
+    preference_changes,
 )
 from services.simulators import seeding
 from tests.unit.domain.builders import T0, examples
@@ -282,18 +282,19 @@ async def test_feeds_are_read_side_by_side(tmp_path: Path) -> None:
 
 
 @examples(200)
-@given(email=st.text(min_size=1, max_size=12), preference_id=st.integers(-2**63, 2**63 - 1),
-       opted_in=st.booleans(), milliseconds=st.integers(-10**11, 10**11),
-       change_id=st.text(max_size=12))
-def test_a_preference_change_built_slot_by_slot_equals_the_constructors(
-        email: str, preference_id: int, opted_in: bool, milliseconds: int,
-        change_id: str) -> None:
-    origin_time = T0 + timedelta(milliseconds=milliseconds)
-    built = preference_change(email=email, preference_id=preference_id, opted_in=opted_in,
-                              origin_time=origin_time, change_id=change_id)
-    assert built == PreferenceChange(email=email, preference_id=preference_id,
-                                     opted_in=opted_in, origin_time=origin_time,
-                                     change_id=change_id)
+@given(rows=st.lists(st.tuples(
+    st.text(min_size=1, max_size=12), st.integers(-2**63, 2**63 - 1), st.booleans(),
+    st.integers(-10**11, 10**11), st.text(max_size=12)), max_size=5))
+def test_preference_changes_built_a_column_at_a_time_equal_the_constructors(
+        rows: list[tuple[str, int, bool, int, str]]) -> None:
+    timed = [(email, preference_id, opted_in, T0 + timedelta(milliseconds=milliseconds),
+              change_id) for email, preference_id, opted_in, milliseconds, change_id in rows]
+    built = preference_changes(timed)
+    assert built == [PreferenceChange(email=email, preference_id=preference_id,
+                                      opted_in=opted_in, origin_time=origin_time,
+                                      change_id=change_id)
+                     for email, preference_id, opted_in, origin_time, change_id in timed]
+    assert [type(change) for change in built] == [PreferenceChange] * len(rows)
 
 
 def test_a_contact_read_directly_keeps_every_opt_in_with_its_change_id() -> None:

@@ -10,6 +10,8 @@ import pytest
 from common.vendors.dotdigital.models import (
     FeedContact,
     feed_contact,
+    feed_page,
+    opt_ins_last_id,
     parse_contact_opt_ins,
     parse_datetime,
     parse_import_report,
@@ -151,3 +153,29 @@ def test_feed_entries_cover_what_is_read_and_what_is_refused() -> None:
                        [(True, datetime(2020, 1, 1, 9, 40, 18, 527_000, tzinfo=UTC))])
     assert [len(outcome[3]) for outcome in read if isinstance(outcome[3], list)] == [
         1, 1, 2, 0, 0, 1, 1, 0, 0, 0]
+
+
+def _read_apart(data: list[Any]) -> object:
+    """An opt-ins page read as it was before :func:`feed_page`: its ids first, then each
+    entry; or the error that raises (type and message)."""
+    try:
+        last_id = opt_ins_last_id(data)
+        return [feed_contact(item, 7) for item in data], last_id
+    except Exception as exc:  # the error itself is what is compared
+        return type(exc), str(exc)
+
+
+def _read_once(data: list[Any]) -> object:
+    try:
+        return feed_page(data, 7)
+    except Exception as exc:  # the error itself is what is compared
+        return type(exc), str(exc)
+
+
+@pytest.mark.parametrize("first", range(len(FEED_ENTRIES)))
+def test_a_feed_page_read_once_is_what_reading_ids_and_entries_apart_gives(first: int) -> None:
+    # every entry before and after every other: a page with two faults says the same one
+    for second in range(len(FEED_ENTRIES)):
+        page = [FEED_ENTRIES[first], FEED_ENTRIES[second]]
+        assert _read_once(page) == _read_apart(page), page
+    assert _read_once([]) == ([], 0)
