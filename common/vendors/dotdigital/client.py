@@ -41,7 +41,7 @@ from common.vendors.dotdigital.models import (
     AccountInfo,
     ContactOptIns,
     ContactV3,
-    FeedContact,
+    FeedPage,
     ImportContact,
     ImportReport,
     OptInEntry,
@@ -148,9 +148,15 @@ def dotdigital_error(response: HttpResponse) -> VendorError:
     return VendorError(**kwargs)
 
 
-def _with_last_id(data: list[Any]) -> tuple[list[Any], int]:
-    """An opt-ins page as answered, with its greatest contact id."""
-    return data, opt_ins_last_id(data)
+def _with_last_id(data: list[Any]) -> tuple[list[Any], int, int]:
+    """An opt-ins page as answered, its greatest contact id and its length."""
+    return data, opt_ins_last_id(data), len(data)
+
+
+def _feed_page(data: list[Any], preference_id: int) -> tuple[FeedPage, int, int]:
+    """An opt-ins page as the ec-poller reads it, its greatest contact id and its length."""
+    page = feed_page(data, preference_id)
+    return page, page.last_id, len(data)
 
 
 def _segment(value: str | int) -> str:
@@ -463,30 +469,32 @@ class DotdigitalClient(VendorClient):
                 yield page
 
     async def iter_feed_contacts(self, preference_id: int, since: datetime, *,
-                                 min_contact_id: int = 0) -> AsyncIterator[list[FeedContact]]:
-        """:meth:`iter_opt_ins_since`, each contact as the ec-poller reads it (its id, email,
-        status and opt-ins to ``preference_id``:
-        :func:`~common.vendors.dotdigital.models.feed_contact`): no contact is built."""
+                                 min_contact_id: int = 0) -> AsyncIterator[FeedPage]:
+        """:meth:`iter_opt_ins_since`, each page as the ec-poller reads it (its contacts' ids,
+        emails and statuses, their opt-ins to ``preference_id``, in columns:
+        :func:`~common.vendors.dotdigital.models.feed_page`): no contact is built."""
         async for page in self._opt_ins_pages(
                 preference_id, since, min_contact_id,
-                read=functools.partial(feed_page, preference_id=preference_id)):
-            if page:
+                read=functools.partial(_feed_page, preference_id=preference_id)):
+            if page.contact_ids:
                 yield page
 
     async def _opt_ins_pages(self, preference_id: int, since: datetime, min_contact_id: int, *,
-                             read: Callable[[list[Any]], tuple[P, int]]) -> AsyncIterator[P]:
+                             read: Callable[[list[Any]], tuple[P, int, int]]
+                             ) -> AsyncIterator[P]:
         """The pages of the opt-ins feed (see :meth:`iter_opt_ins_since`), each as ``read``
-        makes it of the answer, with its greatest contact id (where the next page starts)."""
+        makes it of the answer, with its greatest contact id (where the next page starts) and
+        how many contacts it answered."""
         path = (f"/v2/contacts/with-preference/{int(preference_id)}/opt-ins-since/"
                 f"{path_date(since)}")
         endpoint = "GET /v2/contacts/with-preference/{preferenceId}/opt-ins-since/{date}"
         while True:
-            data = self._list(await self._json("GET", path, endpoint=endpoint,
-                                               params={"minContactId": min_contact_id}),
-                              "opt-ins")
-            page, last_id = read(data)
+            # (the answer itself is not held while the page is worked on)
+            page, last_id, answered = read(self._list(
+                await self._json("GET", path, endpoint=endpoint,
+                                 params={"minContactId": min_contact_id}), "opt-ins"))
             yield page
-            if len(data) < OPT_INS_PAGE:
+            if answered < OPT_INS_PAGE:
                 return
             if last_id < min_contact_id:
                 # a full page that does not move past where it started (ids missing or

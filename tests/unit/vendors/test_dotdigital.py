@@ -36,6 +36,7 @@ from tests.unit.vendors.support import (
     assert_hidden,
     dotdigital_config,
     dotdigital_sim,
+    feed_rows,
 )
 
 pytestmark = pytest.mark.anyio
@@ -180,8 +181,9 @@ async def test_feed_contacts_are_the_feeds_contacts_with_their_opt_ins_to_the_pr
                  async for page in client.iter_opt_ins_since(preference, LONG_AGO)]
         calls = len(events.statuses(endpoint))
 
-        pages = [page async for page in client.iter_feed_contacts(preference, LONG_AGO)]
-        resumed = [page async for page in client.iter_feed_contacts(
+        pages = [feed_rows(page)
+                 async for page in client.iter_feed_contacts(preference, LONG_AGO)]
+        resumed = [feed_rows(page) async for page in client.iter_feed_contacts(
             preference, LONG_AGO, min_contact_id=built[1][0][0])]
 
         assert len(built) >= 2 and pages == built
