@@ -59,6 +59,7 @@ from typing import Any, Protocol
 from common.config import AccountConfig
 from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
 from common.domain.trusted import assembled_all
+from common.messaging.abc import Outgoing
 from common.messaging.amqp import Publisher
 from common.messaging.envelope import ContactStatusChange, PreferenceChange
 from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
@@ -167,6 +168,17 @@ def preference_changes(*, emails: Iterable[str], preference_ids: Iterable[int],
 
 # A page's changes: the contacts' statuses, and the opt-ins (published in that order).
 PageChanges = tuple[list[ContactStatusChange], list[PreferenceChange]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Messages:
+    """Changes made into messages: the statuses' (published first), the opt-ins', and how
+    many changes each carry."""
+
+    statuses: list[Outgoing]
+    opt_ins: list[Outgoing]
+    status_count: int
+    opt_in_count: int
 
 
 @dataclass
@@ -351,12 +363,13 @@ class EcPoller:
             async with publishing:
                 read = page_read(page, preference_id)
                 fresh = await self._unseen(read, skip, seen, unkept=unkept)
-                statuses, opt_ins = self._changes_from(read, fresh, started,
-                                                       statuses_sent=counts.statuses_sent)
                 counts.read += len(page.contact_ids)
-                await self._publish(request, counts, statuses=statuses, opt_ins=opt_ins,
-                                    id_seed=(f"{request.run_id}:{source}:{since}:"
-                                             f"{min_contact_id}:{page_no}"))
+                # (the changes are made into messages and dropped before these are sent:
+                # objects that do not outlive a page cost the cycle collector nothing)
+                await self._send(request, counts, self._messages(
+                    request, *self._changes_from(read, fresh, started,
+                                                 statuses_sent=counts.statuses_sent),
+                    id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
                 await checkpoint.set(self._store, self.account.id, FeedPosition(
                     since=since, min_contact_id=page.last_id + 1, markers_owed=owed))
         started = await clock.started()
@@ -584,21 +597,30 @@ class EcPoller:
     async def _publish(self, request: RunRequest, counts: RunCounts, *,
                        statuses: Sequence[ContactStatusChange],
                        opt_ins: Sequence[PreferenceChange] = (), id_seed: str) -> None:
-        if not statuses and not opt_ins:
+        await self._send(request, counts, self._messages(request, statuses, opt_ins,
+                                                         id_seed=id_seed))
+
+    def _messages(self, request: RunRequest, statuses: Sequence[ContactStatusChange],
+                  opt_ins: Sequence[PreferenceChange], *, id_seed: str) -> Messages:
+        return Messages(
+            statuses=envelopes_by_shard(
+                account=self.account.id, source="dotdigital", type="contact-status-changes",
+                changes=statuses, shards=self._shards, run_id=request.run_id,
+                id_seed=f"{id_seed}:status"),
+            opt_ins=envelopes_by_shard(
+                account=self.account.id, source="dotdigital", type="preference-changes",
+                changes=opt_ins, shards=self._shards, run_id=request.run_id, id_seed=id_seed),
+            status_count=len(statuses), opt_in_count=len(opt_ins))
+
+    async def _send(self, request: RunRequest, counts: RunCounts, messages: Messages) -> None:
+        if not messages.statuses and not messages.opt_ins:
             return
-        outgoing = envelopes_by_shard(
-            account=self.account.id, source="dotdigital", type="preference-changes",
-            changes=opt_ins, shards=self._shards, run_id=request.run_id, id_seed=id_seed)
-        status_outgoing = envelopes_by_shard(
-            account=self.account.id, source="dotdigital", type="contact-status-changes",
-            changes=statuses, shards=self._shards, run_id=request.run_id,
-            id_seed=f"{id_seed}:status")
         # Statuses first: within a shard queue they are handled before the preferences.
-        await self._publisher.publish_many(status_outgoing)
-        await self._publisher.publish_many(outgoing)
-        counts.statuses += len(statuses)
-        counts.published += len(opt_ins)
-        counts.message_ids.extend(ids_of(status_outgoing) + ids_of(outgoing))
+        await self._publisher.publish_many(messages.statuses)
+        await self._publisher.publish_many(messages.opt_ins)
+        counts.statuses += messages.status_count
+        counts.published += messages.opt_in_count
+        counts.message_ids.extend(ids_of(messages.statuses) + ids_of(messages.opt_ins))
         # advisory: how far the read has got (`sync-now --wait` shows it)
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="read", fields={"source": "dotdigital", "read": counts.read})
