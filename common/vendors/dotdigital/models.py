@@ -229,10 +229,12 @@ def parse_contact(data: object) -> Contact:
                    data_fields=data_fields)
 
 
-def _opt_in_fields(item: dict[str, Any]) -> tuple[int, bool, datetime]:
-    """An opt-in record's preference id, opt-in and time it changed."""
-    return (int(item["marketingPreferenceId"]), bool(item.get("isOptedIn")),
-            _modified(item))
+def _opt_in_fields(item: dict[str, Any]) -> tuple[int, bool, datetime, object]:
+    """An opt-in record's preference id, opt-in and time it changed, and that time as
+    answered."""
+    preference_id = int(item["marketingPreferenceId"])
+    text = _modified_text(item)
+    return preference_id, bool(item.get("isOptedIn")), parse_datetime(text), text
 
 
 def _modified(item: dict[str, Any]) -> datetime:
@@ -246,7 +248,7 @@ def _modified_text(item: dict[str, Any]) -> object:
 
 def parse_opt_in(data: object) -> PreferenceOptIn:
     item = _dict(data)
-    preference_id, is_opted_in, modified = _opt_in_fields(item)
+    preference_id, is_opted_in, modified, _ = _opt_in_fields(item)
     return PreferenceOptIn(preference_id=preference_id, is_opted_in=is_opted_in,
                            modified=modified,
                            address_book_id=_optional_int(item.get("addressBookId")))
@@ -325,13 +327,12 @@ def feed_page(data: list[Any], preference_id: int) -> FeedPage:
             emails.append(email)
             statuses.append(status)
             for record in item.get("marketingPreferenceOptIns") or []:
-                fields = _dict(record)
-                record_preference, opted_in, when = _opt_in_fields(fields)
+                record_preference, opted_in, when, text = _opt_in_fields(_dict(record))
                 if record_preference == preference_id:
                     owners.append(place)
                     opted.append(opted_in)
                     modified.append(when)
-                    modified_iso.append(iso_text(_modified_text(fields)) or when.isoformat())
+                    modified_iso.append(iso_text(text) or when.isoformat())
     except Exception as exc:  # re-raised below, unless an id is malformed
         failed = exc
     else:
