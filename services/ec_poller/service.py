@@ -52,13 +52,16 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Protocol
 
 from common.config import AccountConfig
 from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
-from common.domain.trusted import assembled
+from common.domain.trusted import assembled_all
+from common.messaging.abc import Outgoing
 from common.messaging.amqp import Publisher
-from common.messaging.envelope import Change, ContactStatusChange, PreferenceChange
+from common.messaging.envelope import ContactStatusChange, PreferenceChange
 from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
 from common.ops import failpoints
 from common.runs import RunRequest
@@ -68,7 +71,13 @@ from common.vendors.base import VendorError
 from common.vendors.clock_skew import measure_clock
 from common.vendors.dotdigital.client import PREFERENCE_NOT_FOUND, DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH, FeedPosition, feed_position
-from common.vendors.dotdigital.models import ContactOptIns, ContactV3, FeedContact, Suppression
+from common.vendors.dotdigital.models import (
+    ContactOptIns,
+    ContactV3,
+    FeedPage,
+    PreferenceOptIn,
+    Suppression,
+)
 from common.vendors.dotdigital.tree import mark_stale, tree_for_run
 
 log = logging.getLogger("prefsync.ec_poller")
@@ -86,51 +95,113 @@ def seen_key(change_id: str) -> str:
 def opt_in_change_id(contact_id: int, preference_id: int, modified: datetime) -> str:
     """The change id of a contact's opt-in to a preference as dotdigital stamped it: the same
     change read again (in the overlap, or directly) has the same id."""
-    return f"ec:{contact_id}:{preference_id}:{modified.isoformat()}"
+    return opt_in_change_id_of(contact_id, preference_id, modified.isoformat())
 
 
-# An opt-in read, to publish: (preference id, opted in, when it changed, its change id).
-OptInRead = tuple[int, bool, datetime, str]
-# A contact read: (contact id, email as answered, status, its opt-ins to publish).
-ContactRead = tuple[int, str, str, list[OptInRead]]
+def opt_in_change_id_of(contact_id: int, preference_id: int, modified_iso: str) -> str:
+    """:func:`opt_in_change_id` of the time ``modified_iso`` (as ``isoformat()`` writes it)."""
+    return f"ec:{contact_id}:{preference_id}:{modified_iso}"
 
 
-def contact_read(opt_ins: ContactOptIns) -> ContactRead:
-    """A contact read directly, with every opt-in answered for it."""
-    contact = opt_ins.contact
-    return (contact.id, contact.email, contact.status,
-            [(o.preference_id, o.is_opted_in, o.modified,
-              opt_in_change_id(contact.id, o.preference_id, o.modified))
-             for o in opt_ins.opt_ins])
+@dataclass(frozen=True, kw_only=True)
+class ContactsRead:
+    """Contacts read (a page of a feed, or contacts read directly), in columns.
+
+    Per contact: ``contact_ids``, ``emails`` (as answered) and ``statuses``. Per opt-in read,
+    each contact's together, in the order read: ``owners`` (its contact's place in the columns
+    above), ``preference_ids``, ``opted_in``, ``modified`` and ``change_ids``
+    (:func:`opt_in_change_id`)."""
+
+    contact_ids: Sequence[int]
+    emails: Sequence[str]
+    statuses: Sequence[str]
+    owners: Sequence[int]
+    preference_ids: Sequence[int]
+    opted_in: Sequence[bool]
+    modified: Sequence[datetime]
+    change_ids: Sequence[str]
 
 
-def preference_change(*, email: str, preference_id: int, opted_in: bool,
-                      origin_time: datetime, change_id: str) -> PreferenceChange:
-    """``PreferenceChange(...)`` of parts already checked (a normalised email, an aware time),
-    built as :mod:`common.domain.trusted` builds such objects: once per opt-in read, the
-    frozen dataclass's checks are not run again (a test holds the two equal)."""
-    return assembled(PreferenceChange, email=email, preference_id=preference_id,
-                     opted_in=opted_in, origin_time=origin_time, version=None,
-                     change_id=change_id, carried=False, joined=False)
+def page_read(page: FeedPage, preference_id: int) -> ContactsRead:
+    """A page of ``preference_id``'s feed, each opt-in with its change id."""
+    owners = page.owners
+    return ContactsRead(
+        contact_ids=page.contact_ids, emails=page.emails, statuses=page.statuses,
+        owners=owners, preference_ids=[preference_id] * len(owners), opted_in=page.opted_in,
+        modified=page.modified,
+        change_ids=list(map(opt_in_change_id_of, map(page.contact_ids.__getitem__, owners),
+                            repeat(preference_id), page.modified_iso)))
+
+
+def contacts_read(answers: Iterable[ContactOptIns]) -> ContactsRead:
+    """Contacts read directly, each with every opt-in answered for it."""
+    contact_ids: list[int] = []
+    emails: list[str] = []
+    statuses: list[str] = []
+    owners: list[int] = []
+    opt_ins: list[PreferenceOptIn] = []
+    for place, answer in enumerate(answers):
+        contact_ids.append(answer.contact.id)
+        emails.append(answer.contact.email)
+        statuses.append(answer.contact.status)
+        owners += [place] * len(answer.opt_ins)
+        opt_ins += answer.opt_ins
+    return ContactsRead(
+        contact_ids=contact_ids, emails=emails, statuses=statuses, owners=owners,
+        preference_ids=[o.preference_id for o in opt_ins],
+        opted_in=[o.is_opted_in for o in opt_ins], modified=[o.modified for o in opt_ins],
+        change_ids=[opt_in_change_id(contact_ids[owner], o.preference_id, o.modified)
+                    for owner, o in zip(owners, opt_ins, strict=True)])
+
+
+def preference_changes(*, emails: Iterable[str], preference_ids: Iterable[int],
+                       opted_in: Iterable[bool], origin_times: Iterable[datetime],
+                       change_ids: Iterable[str], count: int) -> list[PreferenceChange]:
+    """``PreferenceChange(...)`` of each of ``count`` opt-ins given in columns, of parts already
+    checked (normalised emails, aware times), built as :mod:`common.domain.trusted` builds such
+    objects (a page's at once, a column at a time): the frozen dataclass's checks are not run
+    again (a test holds the two equal)."""
+    return assembled_all(PreferenceChange, count, email=emails, preference_id=preference_ids,
+                         opted_in=opted_in, origin_time=origin_times, version=repeat(None),
+                         change_id=change_ids, carried=repeat(False), joined=repeat(False))
+
+
+# A page's changes: the contacts' statuses, and the opt-ins (published in that order).
+PageChanges = tuple[list[ContactStatusChange], list[PreferenceChange]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Messages:
+    """Changes made into messages: the statuses' (published first), the opt-ins', and how
+    many changes each carry."""
+
+    statuses: list[Outgoing]
+    opt_ins: list[Outgoing]
+    status_count: int
+    opt_in_count: int
 
 
 @dataclass
 class Seen:
-    """Change ids one read published at or after ``keep_from``: the next read's overlap."""
+    """Change ids one read published at or after ``keep_from``: the next read's overlap.
+
+    Kept as read; only the newest :data:`SEEN_LIMIT`, which the checkpoint keeps, are hashed
+    (:func:`seen_key`), when it is saved."""
 
     keep_from: datetime
-    keys: dict[str, datetime] = field(default_factory=dict)
+    ids: dict[str, datetime] = field(default_factory=dict)
 
-    def add(self, change_id: str, at: datetime, *, key: str | None = None) -> None:
-        """Notes ``change_id`` (``key``: its :func:`seen_key`, when already worked out)."""
-        if at >= self.keep_from:
-            self.keys[key or seen_key(change_id)] = at
+    def add(self, change_ids: Iterable[str], times: Iterable[datetime]) -> None:
+        """Notes each change id with its time (those at or after ``keep_from``)."""
+        keep_from = self.keep_from
+        self.ids.update((change_id, at) for change_id, at in zip(change_ids, times, strict=True)
+                        if at >= keep_from)
 
     def stored(self) -> dict[str, Any]:
         """For the checkpoint: ``seen``, and ``seen_from`` when older ones were left out."""
-        newest = sorted(self.keys.items(), key=lambda item: item[1], reverse=True)
+        newest = sorted(self.ids.items(), key=itemgetter(1), reverse=True)
         kept = newest[:SEEN_LIMIT]
-        out: dict[str, Any] = {"seen": [key for key, _ in kept]}
+        out: dict[str, Any] = {"seen": [seen_key(change_id) for change_id, _ in kept]}
         if len(newest) > len(kept):
             out["seen_from"] = kept[-1][1].isoformat()
         return out
@@ -290,15 +361,17 @@ class EcPoller:
             if seen is None:
                 seen = Seen(keep_from=self._read_from(started))
             async with publishing:
-                fresh = await self._unseen(page, preference_id, skip, seen, unkept=unkept)
-                changes = self._changes_from(fresh, started,
-                                             statuses_sent=counts.statuses_sent)
-                counts.read += len(page)
-                await self._publish(request, changes, counts, id_seed=(
-                    f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
-                last_id = max(contact_id for contact_id, _, _, _ in page)
+                read = page_read(page, preference_id)
+                fresh = await self._unseen(read, skip, seen, unkept=unkept)
+                counts.read += len(page.contact_ids)
+                # (the changes are made into messages and dropped before these are sent:
+                # objects that do not outlive a page cost the cycle collector nothing)
+                await self._send(request, counts, self._messages(
+                    request, *self._changes_from(read, fresh, started,
+                                                 statuses_sent=counts.statuses_sent),
+                    id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
                 await checkpoint.set(self._store, self.account.id, FeedPosition(
-                    since=since, min_contact_id=last_id + 1, markers_owed=owed))
+                    since=since, min_contact_id=page.last_id + 1, markers_owed=owed))
         started = await clock.started()
         # Where this read started is kept as ``previous``: the writer reads from there, so
         # changes this read published but the reconciler has not reached yet are read again,
@@ -330,69 +403,87 @@ class EcPoller:
     async def _save_seen(self, source: str, seen: Seen) -> None:
         await checkpoints.seen(source).set(self._store, self.account.id, seen.stored())
 
-    async def _unseen(self, page: Sequence[FeedContact], preference_id: int, skip: set[str],
-                      seen: Seen, *, unkept: datetime | None) -> list[ContactRead]:
-        """The page's contacts whose change the previous read did not publish (its overlap),
-        each with its opt-ins' change ids; every change read is noted in ``seen`` for the next
-        read. Changes up to ``unkept`` not among ``skip`` are looked up in the ledger."""
-        fresh: list[ContactRead] = []
-        unsure: dict[int, tuple[PreferenceKey, Known]] = {}  # by position in ``fresh``
-        add = seen.add
-        for contact_id, email, status, opt_ins in page:
-            mine = [(preference_id, opted_in, modified,
-                     opt_in_change_id(contact_id, preference_id, modified))
-                    for opted_in, modified in opt_ins]
-            if skip:
-                # hashed once: for the overlap, and for the next read
-                hashed = [seen_key(change_id) for _, _, _, change_id in mine]
-                for hashed_id, (_, _, modified, change_id) in zip(hashed, mine, strict=True):
-                    add(change_id, modified, key=hashed_id)
-                if hashed and all(hashed_id in skip for hashed_id in hashed):
-                    continue
-            else:
-                for _, _, modified, change_id in mine:
-                    add(change_id, modified)
-            if unkept is not None and len(mine) == 1 and mine[0][2] <= unkept:
+    async def _unseen(self, read: ContactsRead, skip: set[str], seen: Seen, *,
+                      unkept: datetime | None) -> Sequence[int]:
+        """The places of the contacts read whose change the previous read did not publish (its
+        overlap); every change read is noted in ``seen`` for the next read. Changes up to
+        ``unkept`` not among ``skip`` are looked up in the ledger."""
+        seen.add(read.change_ids, read.modified)
+        places = range(len(read.contact_ids))
+        if not skip and unkept is None:
+            return places  # a read with no overlap (from the beginning): every contact
+        by_contact: dict[int, list[int]] = {}
+        for opt_in, owner in enumerate(read.owners):
+            by_contact.setdefault(owner, []).append(opt_in)
+        fresh: list[int] = []
+        unsure: dict[int, tuple[PreferenceKey, Known]] = {}  # by place
+        for place in places:
+            opt_ins = by_contact.get(place, [])
+            if skip and opt_ins and all(seen_key(read.change_ids[opt_in]) in skip
+                                        for opt_in in opt_ins):
+                continue
+            if unkept is not None and len(opt_ins) == 1 and read.modified[opt_ins[0]] <= unkept:
+                (opt_in,) = opt_ins
                 try:
-                    key = PreferenceKey(account=self.account.id, email=normalize_email(email),
-                                        preference_id=preference_id)
+                    key = PreferenceKey(account=self.account.id,
+                                        email=normalize_email(read.emails[place]),
+                                        preference_id=read.preference_ids[opt_in])
                 except ValueError:
                     continue  # not publishable anyway
-                unsure[len(fresh)] = (key, Known(opted_in=mine[0][1], as_of=mine[0][2]))
-            fresh.append((contact_id, email, status, mine))
+                unsure[place] = (key, Known(opted_in=read.opted_in[opt_in],
+                                            as_of=read.modified[opt_in]))
+            fresh.append(place)
         if not unsure:
             return fresh
         states = await self._store.load([key for key, _ in unsure.values()])
-        known = {at: states[key].known.get("dotdigital") if key in states else None
-                 for at, (key, _) in unsure.items()}
+        known = {place: states[key].known.get("dotdigital") if key in states else None
+                 for place, (key, _) in unsure.items()}
         # what the ledger already knows from dotdigital, exactly, was published and reconciled
-        return [item for at, item in enumerate(fresh)
-                if at not in unsure or known[at] != unsure[at][1]]
+        return [place for place in fresh if place not in unsure or known[place] != unsure[place][1]]
 
     @staticmethod
-    def _changes_from(page: Sequence[ContactRead], started: datetime, *,
-                      statuses_sent: dict[int, str]) -> list[Change]:
-        """The page's changes: each contact's status, unless this run already published that
-        same status for it (it is as of the run's start either way), then its opt-ins."""
-        changes: list[Change] = []
-        append = changes.append
-        for contact_id, raw_email, status, opt_ins in page:
+    def _changes_from(read: ContactsRead, places: Iterable[int], started: datetime, *,
+                      statuses_sent: dict[int, str]) -> PageChanges:
+        """The changes of the contacts at ``places``: each contact's status, unless this run
+        already published that same status for it (it is as of the run's start either way),
+        and its opt-ins."""
+        # the statuses to publish, in columns: email, status, contact id
+        status_emails: list[str] = []
+        statuses: list[str] = []
+        status_ids: list[str] = []
+        emails: dict[int, str] = {}  # normalised, by place
+        for place in places:
             try:
-                email = normalize_email(raw_email)
+                email = emails[place] = normalize_email(read.emails[place])
             except ValueError:
                 continue
             # The contact's status comes first (here, or in a message published earlier in
             # this run), so a suppressed contact's preferences are already known to be
             # suppressed when they arrive.
+            contact_id, status = read.contact_ids[place], read.statuses[place]
             if statuses_sent.get(contact_id) != status:
                 statuses_sent[contact_id] = sys.intern(status)
-                append(ContactStatusChange(email=email, status=status, origin_time=started,
-                                           change_id=f"ec-status:{contact_id}"))
-            for preference_id, opted_in, modified, change_id in opt_ins:
-                append(preference_change(email=email, preference_id=preference_id,
-                                         opted_in=opted_in, origin_time=modified,
-                                         change_id=change_id))
-        return changes
+                status_emails.append(email)
+                statuses.append(status)
+                status_ids.append(f"ec-status:{contact_id}")
+        # (ContactStatusChange checks nothing of its own: built as a page, the same objects)
+        status_changes = assembled_all(ContactStatusChange, len(statuses), email=status_emails,
+                                       status=statuses, origin_time=repeat(started),
+                                       change_id=status_ids)
+        owners = read.owners
+        if len(emails) == len(read.contact_ids):
+            # every contact is published (a page read once): every opt-in, as read
+            return status_changes, preference_changes(
+                emails=map(emails.__getitem__, owners), preference_ids=read.preference_ids,
+                opted_in=read.opted_in, origin_times=read.modified, change_ids=read.change_ids,
+                count=len(owners))
+        kept = [opt_in for opt_in, owner in enumerate(owners) if owner in emails]
+        return status_changes, preference_changes(
+            emails=map(emails.__getitem__, map(owners.__getitem__, kept)),
+            preference_ids=map(read.preference_ids.__getitem__, kept),
+            opted_in=map(read.opted_in.__getitem__, kept),
+            origin_times=map(read.modified.__getitem__, kept),
+            change_ids=map(read.change_ids.__getitem__, kept), count=len(kept))
 
     async def _read_suppressions(self, request: RunRequest, clock: RunClock, full_read: bool,
                                  counts: RunCounts) -> None:
@@ -410,24 +501,24 @@ class EcPoller:
             if seen is None:
                 seen = Seen(keep_from=self._read_from(await clock.started()))
             changes = [c for c in (self._status_change(s) for s in page) if c is not None]
-            await self._publish(request, list(self._unseen_statuses(changes, skip, seen)),
-                                counts, id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
+            await self._publish(request, counts,
+                                statuses=list(self._unseen_statuses(changes, skip, seen)),
+                                id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
         started = await clock.started()
         # (a burst of more than SEEN_LIMIT is published again: statuses are idempotent)
         await self._save_seen(source, seen or Seen(keep_from=self._read_from(started)))
         await checkpoint.set(self._store, self.account.id, started)
 
     @staticmethod
-    def _unseen_statuses(changes: Iterable[Change], skip: set[str],
-                         seen: Seen) -> Iterable[Change]:
+    def _unseen_statuses(changes: Iterable[ContactStatusChange], skip: set[str],
+                         seen: Seen) -> Iterable[ContactStatusChange]:
         for change in changes:
-            assert isinstance(change, ContactStatusChange)
-            seen.add(change.change_id, change.origin_time)
+            seen.add((change.change_id,), (change.origin_time,))
             if seen_key(change.change_id) not in skip:
                 yield change
 
     @staticmethod
-    def _status_change(suppression: Suppression) -> Change | None:
+    def _status_change(suppression: Suppression) -> ContactStatusChange | None:
         try:
             email = normalize_email(suppression.contact.email)
         except ValueError:
@@ -458,7 +549,7 @@ class EcPoller:
                     if email is not None:
                         active[email] = contact
                 stored = await self._store.load_contacts(self.account.id, active)
-                resumed: list[Change] = [
+                resumed = [
                     ContactStatusChange(
                         email=email, status=str(contact.status),
                         origin_time=contact.updated or started,
@@ -466,7 +557,7 @@ class EcPoller:
                                   f"{(contact.updated or started).isoformat()}")
                     for email, contact in active.items()
                     if email in stored and stored[email].suppressed]
-                await self._publish(request, resumed, counts,
+                await self._publish(request, counts, statuses=resumed,
                                     id_seed=f"{request.run_id}:{source}:{saved.isoformat()}:"
                                             f"{page_no}")
         # First run: the feeds read from the beginning carry every contact's status.
@@ -486,38 +577,50 @@ class EcPoller:
         """Current dotdigital state of emails that just became eligible in Dynamics: one call
         each (no bulk read returns each preference's ``dateModifed``). Their statuses are as
         of the run's start (a dotdigital time before these reads)."""
-        changes: list[Change] = []
+        answers: list[ContactOptIns] = []
         for email in emails:
             try:
-                opt_ins = await self._client.subscriptions(email)
+                answers.append(await self._client.subscriptions(email))
             except VendorError as exc:
                 if exc.status == 404:
                     continue  # not a dotdigital contact (yet): nothing to read
                 raise
-            counts.read += 1
-            changes.extend(self._changes_from([contact_read(opt_ins)], await clock.started(),
-                                              statuses_sent=counts.statuses_sent))
-        await self._publish(request, changes, counts, id_seed=f"{request.run_id}:eligible")
-
-    async def _publish(self, request: RunRequest, changes: Sequence[Change], counts: RunCounts,
-                       *, id_seed: str) -> None:
-        if not changes:
+        if not answers:
             return
-        statuses = [c for c in changes if isinstance(c, ContactStatusChange)]
-        outgoing = envelopes_by_shard(
-            account=self.account.id, source="dotdigital", type="preference-changes",
-            changes=[c for c in changes if isinstance(c, PreferenceChange)],
-            shards=self._shards, run_id=request.run_id, id_seed=id_seed)
-        status_outgoing = envelopes_by_shard(
-            account=self.account.id, source="dotdigital", type="contact-status-changes",
-            changes=statuses, shards=self._shards, run_id=request.run_id,
-            id_seed=f"{id_seed}:status")
+        counts.read += len(answers)
+        read = contacts_read(answers)
+        statuses, opt_ins = self._changes_from(read, range(len(answers)), await clock.started(),
+                                               statuses_sent=counts.statuses_sent)
+        await self._publish(request, counts, statuses=statuses, opt_ins=opt_ins,
+                            id_seed=f"{request.run_id}:eligible")
+
+    async def _publish(self, request: RunRequest, counts: RunCounts, *,
+                       statuses: Sequence[ContactStatusChange],
+                       opt_ins: Sequence[PreferenceChange] = (), id_seed: str) -> None:
+        await self._send(request, counts, self._messages(request, statuses, opt_ins,
+                                                         id_seed=id_seed))
+
+    def _messages(self, request: RunRequest, statuses: Sequence[ContactStatusChange],
+                  opt_ins: Sequence[PreferenceChange], *, id_seed: str) -> Messages:
+        return Messages(
+            statuses=envelopes_by_shard(
+                account=self.account.id, source="dotdigital", type="contact-status-changes",
+                changes=statuses, shards=self._shards, run_id=request.run_id,
+                id_seed=f"{id_seed}:status"),
+            opt_ins=envelopes_by_shard(
+                account=self.account.id, source="dotdigital", type="preference-changes",
+                changes=opt_ins, shards=self._shards, run_id=request.run_id, id_seed=id_seed),
+            status_count=len(statuses), opt_in_count=len(opt_ins))
+
+    async def _send(self, request: RunRequest, counts: RunCounts, messages: Messages) -> None:
+        if not messages.statuses and not messages.opt_ins:
+            return
         # Statuses first: within a shard queue they are handled before the preferences.
-        await self._publisher.publish_many(status_outgoing)
-        await self._publisher.publish_many(outgoing)
-        counts.statuses += len(statuses)
-        counts.published += len(changes) - len(statuses)
-        counts.message_ids.extend(ids_of(status_outgoing) + ids_of(outgoing))
+        await self._publisher.publish_many(messages.statuses)
+        await self._publisher.publish_many(messages.opt_ins)
+        counts.statuses += messages.status_count
+        counts.published += messages.opt_in_count
+        counts.message_ids.extend(ids_of(messages.statuses) + ids_of(messages.opt_ins))
         # advisory: how far the read has got (`sync-now --wait` shows it)
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="read", fields={"source": "dotdigital", "read": counts.read})

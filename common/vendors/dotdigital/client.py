@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
+import gc
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Container, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -40,15 +43,16 @@ from common.vendors.dotdigital.models import (
     AccountInfo,
     ContactOptIns,
     ContactV3,
-    FeedContact,
+    FeedPage,
     ImportContact,
     ImportReport,
     OptInEntry,
     ResubscribeResult,
     Suppression,
-    feed_contact,
+    feed_page,
     opt_in_entries,
     opt_ins_contact,
+    opt_ins_last_id,
     parse_account_info,
     parse_contact,
     parse_contact_opt_ins,
@@ -71,6 +75,8 @@ from common.vendors.http import (
 )
 
 VENDOR = "dotdigital"
+# A page of the opt-ins feed, as a reader makes it of the answer.
+P = TypeVar("P")
 TOO_MANY_ACTIVE_IMPORTS = "contacts:tooManyActiveImports"
 APIUSAGE_EXCEEDED = "ERROR_APIUSAGE_EXCEEDED"
 PREFERENCE_NOT_FOUND = "ERROR_PREFERENCE_NOT_FOUND"
@@ -142,6 +148,35 @@ def dotdigital_error(response: HttpResponse) -> VendorError:
         # Flat-scheme accounts are capped with a 400; surfaced as throttling, not retried.
         return ThrottledError(retry_after=retry_after, **kwargs)
     return VendorError(**kwargs)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector paused while a feed page is decoded and read (no await within).
+
+    An answer is a tree of some 4,000 dicts and lists a page, built and dropped within this
+    (reference counting frees it: a tree has no cycle for the collector to find); left on, the
+    collector would walk it a few times over as it is built, and move it to the oldest
+    generation, whose full walks of every object of the process would then come sooner."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _with_last_id(data: list[Any]) -> tuple[list[Any], int, int]:
+    """An opt-ins page as answered, its greatest contact id and its length."""
+    return data, opt_ins_last_id(data), len(data)
+
+
+def _feed_page(data: list[Any], preference_id: int) -> tuple[FeedPage, int, int]:
+    """An opt-ins page as the ec-poller reads it, its greatest contact id and its length."""
+    page = feed_page(data, preference_id)
+    return page, page.last_id, len(data)
 
 
 def _segment(value: str | int) -> str:
@@ -434,7 +469,8 @@ class DotdigitalClient(VendorClient):
         With ``emails`` (trimmed, lower case) only those contacts are built and yielded (pages
         with none of them are not); the paging still goes by every contact answered.
         """
-        async for data in self._opt_ins_pages(preference_id, since, min_contact_id):
+        async for data in self._opt_ins_pages(preference_id, since, min_contact_id,
+                                              read=_with_last_id):
             if emails is None:
                 page = [parse_contact_opt_ins(item) for item in data]
             else:
@@ -447,33 +483,39 @@ class DotdigitalClient(VendorClient):
                                   ) -> AsyncIterator[list[OptInEntry]]:
         """:meth:`iter_opt_ins_since`, each page as the opt-ins to ``preference_id`` alone
         (:func:`~common.vendors.dotdigital.models.opt_in_entries`): no contact is built."""
-        async for data in self._opt_ins_pages(preference_id, since, 0):
+        async for data in self._opt_ins_pages(preference_id, since, 0, read=_with_last_id):
             page = [entry for item in data for entry in opt_in_entries(item, preference_id)]
             if page:
                 yield page
 
     async def iter_feed_contacts(self, preference_id: int, since: datetime, *,
-                                 min_contact_id: int = 0) -> AsyncIterator[list[FeedContact]]:
-        """:meth:`iter_opt_ins_since`, each contact as the ec-poller reads it (its id, email,
-        status and opt-ins to ``preference_id``:
-        :func:`~common.vendors.dotdigital.models.feed_contact`): no contact is built."""
-        async for data in self._opt_ins_pages(preference_id, since, min_contact_id):
-            if data:
-                yield [feed_contact(item, preference_id) for item in data]
+                                 min_contact_id: int = 0) -> AsyncIterator[FeedPage]:
+        """:meth:`iter_opt_ins_since`, each page as the ec-poller reads it (its contacts' ids,
+        emails and statuses, their opt-ins to ``preference_id``, in columns:
+        :func:`~common.vendors.dotdigital.models.feed_page`): no contact is built."""
+        async for page in self._opt_ins_pages(
+                preference_id, since, min_contact_id,
+                read=functools.partial(_feed_page, preference_id=preference_id)):
+            if page.contact_ids:
+                yield page
 
-    async def _opt_ins_pages(self, preference_id: int, since: datetime, min_contact_id: int
-                             ) -> AsyncIterator[list[Any]]:
-        """The raw pages of the opt-ins feed (see :meth:`iter_opt_ins_since`)."""
+    async def _opt_ins_pages(self, preference_id: int, since: datetime, min_contact_id: int, *,
+                             read: Callable[[list[Any]], tuple[P, int, int]]
+                             ) -> AsyncIterator[P]:
+        """The pages of the opt-ins feed (see :meth:`iter_opt_ins_since`), each as ``read``
+        makes it of the answer, with its greatest contact id (where the next page starts) and
+        how many contacts it answered."""
         path = (f"/v2/contacts/with-preference/{int(preference_id)}/opt-ins-since/"
                 f"{path_date(since)}")
         endpoint = "GET /v2/contacts/with-preference/{preferenceId}/opt-ins-since/{date}"
         while True:
-            data = self._list(await self._json("GET", path, endpoint=endpoint,
-                                               params={"minContactId": min_contact_id}),
-                              "opt-ins")
-            last_id = max((opt_ins_contact(item)[0] for item in data), default=0)
-            yield data
-            if len(data) < OPT_INS_PAGE:
+            response = await self._call("GET", path, endpoint=endpoint,
+                                        params={"minContactId": min_contact_id})
+            with _collector_paused():
+                # (the answer is not held while the page is worked on: only what read makes)
+                page, last_id, answered = read(self._list(decode_json(response), "opt-ins"))
+            yield page
+            if answered < OPT_INS_PAGE:
                 return
             if last_id < min_contact_id:
                 # a full page that does not move past where it started (ids missing or

@@ -20,10 +20,16 @@ from common.config import parse_config
 from common.domain import KeyState, Known, PreferenceKey
 from common.runs import RunTracker
 from common.store import open_store
-from common.vendors.dotdigital.models import FeedContact
+from common.vendors.dotdigital.models import FeedPage
 from services.cli.sync_now import _trigger
 from services.ec_poller import service as ec_poller
-from services.ec_poller.service import EcPoller, Seen, leaf_preference_ids, opt_in_change_id
+from services.ec_poller.service import (
+    EcPoller,
+    Seen,
+    leaf_preference_ids,
+    opt_in_change_id,
+    page_read,
+)
 
 from ..rules.conftest import Vendors, synced, vendors
 from .conftest import World, make_world
@@ -169,26 +175,28 @@ async def test_an_overlap_beyond_the_kept_ids_is_checked_against_the_ledger(
             "dotdigital": {"url": "http://127.0.0.1:1", "api_user": "u", "password_env": "S"},
         }]}, env={"S": "x"})
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    page: list[FeedContact] = [(n, f"p{n}@example.com", "Subscribed",
-                                [(True, start + timedelta(seconds=n))]) for n in range(3)]
-    read = [(n, email, status, [(7, opted_in, modified, opt_in_change_id(n, 7, modified))
-                                for opted_in, modified in opt_ins])
-            for n, email, status, opt_ins in page]
+    page = FeedPage(contact_ids=[0, 1, 2], emails=[f"p{n}@example.com" for n in range(3)],
+                    statuses=["Subscribed"] * 3, owners=[0, 1, 2], opted_in=[True] * 3,
+                    modified=[start + timedelta(seconds=n) for n in range(3)],
+                    modified_iso=[(start + timedelta(seconds=n)).isoformat() for n in range(3)],
+                    last_id=2)
+    read = page_read(page, 7)
+    assert read.change_ids == [opt_in_change_id(n, 7, page.modified[n]) for n in range(3)]
     none: Any = None  # the vendor client and the broker are not used here
     async with open_store(config.store.url) as store:
         poller = EcPoller(account=config.accounts[0], client=none, store=store, publisher=none,
                           shards=1)
         seen = Seen(keep_from=start)
-        assert await poller._unseen(page, 7, set(), seen, unkept=None) == read
+        assert list(await poller._unseen(read, set(), seen, unkept=None)) == [0, 1, 2]
         kept = seen.stored()  # the newest change id only, and from when older ones are left out
-        assert len(kept["seen"]) == 1 and kept["seen_from"] == page[2][3][0][1].isoformat()
+        assert len(kept["seen"]) == 1 and kept["seen_from"] == page.modified[2].isoformat()
         # The reconciler has read p0's change (the ledger knows it); p1's, not yet.
         key = PreferenceKey(account="acme", email="p0@example.com", preference_id=7)
         await store.save([(None, KeyState(key=key).with_known(
             "dotdigital", Known(opted_in=True, as_of=start)), None)])
-        again = await poller._unseen(page, 7, set(kept["seen"]), Seen(keep_from=start),
+        again = await poller._unseen(read, set(kept["seen"]), Seen(keep_from=start),
                                      unkept=datetime.fromisoformat(kept["seen_from"]))
-        assert again == [read[1]]
+        assert again == [1]
 
 
 @pytest.mark.slow

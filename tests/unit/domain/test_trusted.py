@@ -4,8 +4,9 @@ state differs."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
+from itertools import repeat
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,6 +25,7 @@ from common.domain import (
     record_write,
     settle,
 )
+from common.domain.trusted import assembled_all
 from common.messaging.envelope import Envelope, PreferenceChange, decode, encode
 from tests.unit.domain.builders import T0, examples
 
@@ -178,6 +180,33 @@ def test_a_trusted_contact_state_equals_the_validated_one(email: str, status: st
                                    status=status, since=_utc(since), revision=revision)
 
     assert trusted == checked
+
+
+@dataclass(frozen=True)
+class _Unslotted:
+    """A frozen dataclass with a ``__dict__`` (no slots): set by name."""
+
+    name: str
+    count: int = 0
+
+
+@FAST
+@given(rows=st.lists(st.tuples(emails.map(normalize_email), st.integers(-2**63, 2**63 - 1),
+                               st.booleans(), times.map(_utc), change_ids), max_size=6))
+def test_changes_assembled_a_column_at_a_time_equal_the_validated_ones(
+        rows: list[tuple[str, int, bool, datetime, str]]) -> None:
+    emails_, preference_ids, opted_in, origin_times, ids = (
+        [row[i] for row in rows] for i in range(5))
+    built = assembled_all(PreferenceChange, len(rows), email=emails_,
+                          preference_id=preference_ids, opted_in=opted_in,
+                          origin_time=origin_times, version=repeat(None), change_id=ids,
+                          carried=repeat(False), joined=repeat(False))
+    assert built == [PreferenceChange(email=email, preference_id=preference_id,
+                                      opted_in=opted, origin_time=origin, change_id=change_id)
+                     for email, preference_id, opted, origin, change_id in rows]
+    unslotted = assembled_all(_Unslotted, len(rows), name=ids, count=preference_ids)
+    assert unslotted == [_Unslotted(name=change_id, count=preference_id)
+                         for _, preference_id, _, _, change_id in rows]
 
 
 @FAST

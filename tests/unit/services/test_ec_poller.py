@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.config import AccountConfig, parse_config
+from common.domain import normalize_email
 from common.messaging.abc import Outgoing
 from common.messaging.envelope import Change, ContactStatusChange, PreferenceChange, decode
 from common.messaging.topology import CHANGES_EXCHANGE, Topology
@@ -25,11 +26,12 @@ from common.store.checkpoints import PREFERENCE_TREE, PREFERENCE_TREE_RUN
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.models import Contact, ContactOptIns, PreferenceOptIn
 from services.ec_poller.service import (
+    ContactsRead,
     EcPoller,
-    contact_read,
+    contacts_read,
     leaf_preference_ids,
     opt_in_change_id,
-    preference_change,
+    preference_changes,
 )
 from services.simulators import seeding
 from tests.unit.domain.builders import T0, examples
@@ -282,26 +284,90 @@ async def test_feeds_are_read_side_by_side(tmp_path: Path) -> None:
 
 
 @examples(200)
-@given(email=st.text(min_size=1, max_size=12), preference_id=st.integers(-2**63, 2**63 - 1),
-       opted_in=st.booleans(), milliseconds=st.integers(-10**11, 10**11),
-       change_id=st.text(max_size=12))
-def test_a_preference_change_built_slot_by_slot_equals_the_constructors(
-        email: str, preference_id: int, opted_in: bool, milliseconds: int,
-        change_id: str) -> None:
-    origin_time = T0 + timedelta(milliseconds=milliseconds)
-    built = preference_change(email=email, preference_id=preference_id, opted_in=opted_in,
-                              origin_time=origin_time, change_id=change_id)
-    assert built == PreferenceChange(email=email, preference_id=preference_id,
-                                     opted_in=opted_in, origin_time=origin_time,
-                                     change_id=change_id)
+@given(rows=st.lists(st.tuples(
+    st.text(min_size=1, max_size=12), st.integers(-2**63, 2**63 - 1), st.booleans(),
+    st.integers(-10**11, 10**11), st.text(max_size=12)), max_size=5))
+def test_preference_changes_built_a_column_at_a_time_equal_the_constructors(
+        rows: list[tuple[str, int, bool, int, str]]) -> None:
+    timed = [(email, preference_id, opted_in, T0 + timedelta(milliseconds=milliseconds),
+              change_id) for email, preference_id, opted_in, milliseconds, change_id in rows]
+    built = preference_changes(
+        emails=(row[0] for row in timed), preference_ids=(row[1] for row in timed),
+        opted_in=(row[2] for row in timed), origin_times=(row[3] for row in timed),
+        change_ids=(row[4] for row in timed), count=len(timed))
+    assert built == [PreferenceChange(email=email, preference_id=preference_id,
+                                      opted_in=opted_in, origin_time=origin_time,
+                                      change_id=change_id)
+                     for email, preference_id, opted_in, origin_time, change_id in timed]
+    assert [type(change) for change in built] == [PreferenceChange] * len(rows)
 
 
-def test_a_contact_read_directly_keeps_every_opt_in_with_its_change_id() -> None:
+def _answer(contact_id: int, email: str, status: str,
+            *opt_ins: tuple[int, bool, datetime]) -> ContactOptIns:
+    """A contact as a direct read answers it, with its opt-ins (preference, opted in, when)."""
+    return ContactOptIns(contact=Contact(id=contact_id, email=email, status=status),
+                         opt_ins=tuple(PreferenceOptIn(preference_id=preference_id,
+                                                       is_opted_in=opted_in, modified=modified)
+                                       for preference_id, opted_in, modified in opt_ins))
+
+
+def test_contacts_read_directly_keep_every_opt_in_with_its_change_id() -> None:
     at = datetime(2026, 1, 1, 9, 40, 18, 527_000, tzinfo=UTC)
-    read = contact_read(ContactOptIns(
-        contact=Contact(id=5, email="A@example.com", status="Subscribed"),
-        opt_ins=(PreferenceOptIn(preference_id=7, is_opted_in=True, modified=at),
-                 PreferenceOptIn(preference_id=8, is_opted_in=False, modified=T0))))
-    assert read == (5, "A@example.com", "Subscribed", [
-        (7, True, at, "ec:5:7:2026-01-01T09:40:18.527000+00:00"),
-        (8, False, T0, opt_in_change_id(5, 8, T0))])
+    read = contacts_read([
+        _answer(5, "A@example.com", "Subscribed", (7, True, at), (8, False, T0)),
+        _answer(6, "b@example.com", "Suppressed"),
+        _answer(9, "c@example.com", "Subscribed", (7, False, T0))])
+    assert read == ContactsRead(
+        contact_ids=[5, 6, 9], emails=["A@example.com", "b@example.com", "c@example.com"],
+        statuses=["Subscribed", "Suppressed", "Subscribed"], owners=[0, 0, 2],
+        preference_ids=[7, 8, 7], opted_in=[True, False, False], modified=[at, T0, T0],
+        change_ids=["ec:5:7:2026-01-01T09:40:18.527000+00:00", opt_in_change_id(5, 8, T0),
+                    opt_in_change_id(9, 7, T0)])
+
+
+def _expected_changes(read: ContactsRead, places: Sequence[int], started: datetime,
+                      statuses_sent: dict[int, str]) -> tuple[list[ContactStatusChange],
+                                                             list[PreferenceChange]]:
+    """The changes of the contacts at ``places``, one contact at a time, with the public
+    constructors."""
+    statuses: list[ContactStatusChange] = []
+    opt_ins: list[PreferenceChange] = []
+    for place in places:
+        try:
+            email = normalize_email(read.emails[place])
+        except ValueError:
+            continue
+        contact_id, status = read.contact_ids[place], read.statuses[place]
+        if statuses_sent.get(contact_id) != status:
+            statuses_sent[contact_id] = status
+            statuses.append(ContactStatusChange(email=email, status=status,
+                                                origin_time=started,
+                                                change_id=f"ec-status:{contact_id}"))
+        opt_ins += [PreferenceChange(email=email, preference_id=read.preference_ids[opt_in],
+                                     opted_in=read.opted_in[opt_in],
+                                     origin_time=read.modified[opt_in],
+                                     change_id=read.change_ids[opt_in])
+                    for opt_in, owner in enumerate(read.owners) if owner == place]
+    return statuses, opt_ins
+
+
+@pytest.mark.parametrize("places", [[0, 1, 2, 3], [0, 2], [3], []])
+@pytest.mark.parametrize("malformed", [False, True])
+def test_a_pages_changes_are_each_contacts_status_then_its_opt_ins(
+        places: list[int], malformed: bool) -> None:
+    at = datetime(2026, 1, 1, 9, 40, 18, 527_000, tzinfo=UTC)
+    read = contacts_read([
+        _answer(5, " A@Example.com", "Subscribed", (7, True, at), (8, False, T0)),
+        _answer(6, "not an email" if malformed else "b@x.com", "Suppressed", (7, True, T0)),
+        _answer(8, "c@x.com", "Subscribed"),
+        _answer(9, "d@x.com", "Subscribed", (7, False, T0))])
+    # contact 9's status went out earlier in the run; contact 5's was another
+    sent, expected_sent = {9: "Subscribed", 5: "Unsubscribed"}, {9: "Subscribed",
+                                                                  5: "Unsubscribed"}
+    expected = _expected_changes(read, places, at, expected_sent)
+    got = EcPoller._changes_from(read, places, at, statuses_sent=sent)
+    assert got == expected and sent == expected_sent
+    assert [type(c) for c in got[0]] == [ContactStatusChange] * len(expected[0])
+    if places == [0, 1, 2, 3] and not malformed:
+        assert len(got[1]) == 4 and [c.email for c in got[0]] == ["a@example.com", "b@x.com",
+                                                                  "c@x.com"]

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -14,12 +15,28 @@ import orjson
 
 from common.config import DotdigitalConfig, DynamicsConfig, Secret
 from common.vendors.base import RequestEvent
+from common.vendors.dotdigital.models import FeedPage
 from tests.conftest import serving
 
 TENANT, CLIENT_ID, SECRET = "tenant-a", "client-a", "s3cret-Dataverse-value"
 DD_ACCOUNT, DD_USER, DD_PASSWORD = "101", "apiuser-a@apiconnector.com", "pa55word-Alpha!"
 DD_OTHER_ACCOUNT, DD_OTHER_USER, DD_OTHER_PASSWORD = "202", "apiuser-b@apiconnector.com", \
     "pa55word-Bravo!"
+
+
+# A contact of an opt-ins feed: (contact id, email as answered, status, and the (opted in, when
+# it changed) of each of its opt-ins to the asked preference).
+FeedRow = tuple[int, str, str, list[tuple[bool, datetime]]]
+
+
+def feed_rows(page: FeedPage) -> list[FeedRow]:
+    """A feed page's columns as its contacts, one by one, each with its opt-ins."""
+    rows: list[FeedRow] = [(contact_id, email, status, []) for contact_id, email, status
+                           in zip(page.contact_ids, page.emails, page.statuses, strict=True)]
+    for owner, opted_in, modified in zip(page.owners, page.opted_in, page.modified,
+                                         strict=True):
+        rows[owner][3].append((opted_in, modified))
+    return rows
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from common.vendors.base import (
     ThrottledError,
     VendorError,
 )
-from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished
+from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished, _collector_paused
 from common.vendors.dotdigital.models import ImportContact
 from services.simulators.base import serving
 from tests.unit.vendors.support import (
@@ -36,6 +37,7 @@ from tests.unit.vendors.support import (
     assert_hidden,
     dotdigital_config,
     dotdigital_sim,
+    feed_rows,
 )
 
 pytestmark = pytest.mark.anyio
@@ -180,13 +182,32 @@ async def test_feed_contacts_are_the_feeds_contacts_with_their_opt_ins_to_the_pr
                  async for page in client.iter_opt_ins_since(preference, LONG_AGO)]
         calls = len(events.statuses(endpoint))
 
-        pages = [page async for page in client.iter_feed_contacts(preference, LONG_AGO)]
-        resumed = [page async for page in client.iter_feed_contacts(
+        pages = [feed_rows(page)
+                 async for page in client.iter_feed_contacts(preference, LONG_AGO)]
+        resumed = [feed_rows(page) async for page in client.iter_feed_contacts(
             preference, LONG_AGO, min_contact_id=built[1][0][0])]
 
         assert len(built) >= 2 and pages == built
         assert resumed == built[1:]
+        assert gc.isenabled()  # paused only while each page was read
         assert len(events.statuses(endpoint)) == calls + calls + (calls - 1)
+
+
+def test_the_collector_is_paused_only_while_a_page_is_read() -> None:
+    assert gc.isenabled()
+    with _collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError), _collector_paused():
+        raise ValueError("a malformed page")
+    assert gc.isenabled()
+    gc.disable()  # paused by someone else: left as it was
+    try:
+        with _collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 async def test_unsubscribes_show_in_the_suppression_feeds() -> None:

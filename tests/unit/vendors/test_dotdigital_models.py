@@ -6,16 +6,20 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from common.vendors.dotdigital.models import (
-    FeedContact,
-    feed_contact,
+    feed_page,
+    iso_text,
+    opt_ins_last_id,
     parse_contact_opt_ins,
     parse_datetime,
     parse_import_report,
     parse_suppression,
     path_date,
 )
+from tests.unit.vendors.support import FeedRow, feed_rows
 
 
 def test_path_date_is_utc_milliseconds_with_z_and_never_rounds_up() -> None:
@@ -81,7 +85,7 @@ def test_suppression_and_import_report() -> None:
     assert report.failures[0].email == "x"
 
 
-def _as_fully_parsed(data: object, preference_id: int) -> FeedContact | tuple[type, str]:
+def _as_fully_parsed(data: object, preference_id: int) -> FeedRow | tuple[type, str]:
     """What :func:`parse_contact_opt_ins` reads of an entry, in the feed's form, or the error
     it raises (type and message)."""
     try:
@@ -93,9 +97,11 @@ def _as_fully_parsed(data: object, preference_id: int) -> FeedContact | tuple[ty
              if o.preference_id == preference_id])
 
 
-def _as_fed(data: object, preference_id: int) -> FeedContact | tuple[type, str]:
+def _as_fed(data: object, preference_id: int) -> FeedRow | tuple[type, str]:
+    """What :func:`feed_page` reads of a page of that one entry, or the error it raises."""
     try:
-        return feed_contact(data, preference_id)
+        (row,) = feed_rows(feed_page([data], preference_id))
+        return row
     except Exception as exc:  # the error itself is what is compared
         return type(exc), str(exc)
 
@@ -138,7 +144,7 @@ FEED_ENTRIES: list[Any] = [
 
 
 @pytest.mark.parametrize("entry", FEED_ENTRIES)
-def test_a_feed_contact_is_what_the_full_parse_reads_of_the_preference(entry: Any) -> None:
+def test_a_feed_entry_is_what_the_full_parse_reads_of_the_preference(entry: Any) -> None:
     assert _as_fed(entry, 7) == _as_fully_parsed(entry, 7)
 
 
@@ -151,3 +157,66 @@ def test_feed_entries_cover_what_is_read_and_what_is_refused() -> None:
                        [(True, datetime(2020, 1, 1, 9, 40, 18, 527_000, tzinfo=UTC))])
     assert [len(outcome[3]) for outcome in read if isinstance(outcome[3], list)] == [
         1, 1, 2, 0, 0, 1, 1, 0, 0, 0]
+
+
+def _read_apart(data: list[Any]) -> object:
+    """An opt-ins page read as a client reads it whole: its ids first, then each entry
+    (:func:`parse_contact_opt_ins`); or the error that raises (type and message)."""
+    try:
+        last_id = opt_ins_last_id(data)
+        for item in data:
+            parse_contact_opt_ins(item)
+    except Exception as exc:  # the error itself is what is compared
+        return type(exc), str(exc)
+    return [_as_fully_parsed(item, 7) for item in data], last_id
+
+
+def _read_once(data: list[Any]) -> object:
+    try:
+        page = feed_page(data, 7)
+        return feed_rows(page), page.last_id
+    except Exception as exc:  # the error itself is what is compared
+        return type(exc), str(exc)
+
+
+@pytest.mark.parametrize("first", range(len(FEED_ENTRIES)))
+def test_a_feed_page_read_once_is_what_reading_ids_and_entries_apart_gives(first: int) -> None:
+    # every entry before and after every other: a page with two faults says the same one
+    for second in range(len(FEED_ENTRIES)):
+        page = [FEED_ENTRIES[first], FEED_ENTRIES[second]]
+        assert _read_once(page) == _read_apart(page), page
+    assert _read_once([]) == ([], 0)
+
+
+def test_a_feed_pages_times_as_text_are_their_isoformat() -> None:
+    page = feed_page([entry for entry in FEED_ENTRIES
+                      if not isinstance(_as_fed(entry, 7)[0], type)], 7)
+    assert len(page.modified) > 3
+    assert page.modified_iso == [moment.isoformat() for moment in page.modified]
+
+
+_moments = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)).map(
+    lambda moment: moment.replace(microsecond=moment.microsecond // 1000 * 1000))
+# dotdigital's own forms, and others fromisoformat reads too (basic, week dates, a space,
+# six digits, an offset) or refuses
+_OWN_FORMS = ("%Y-%m-%dT%H:%M:%S.{ms}Z", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S.000Z")
+_forms = st.sampled_from([
+    *_OWN_FORMS, "%Y%m%dT%H%M%S.{ms}Z", "%Y-%m-%d %H:%M:%SZ", "%Y-%m-%d %H:%M:%S.{ms}Z",
+    "%G-W%V-%uT%H:%M:%S.{ms}Z", "%G-W%V-%uT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S.%fZ",
+    "%Y-%m-%dT%H:%M:%S.{ms}+00:00", "%Y-%m-%dT%H%M%S.{ms}Z", "%Y-%m-%dT%H:%M:%S,{ms}Z"])
+
+
+@given(moment=_moments, form=_forms, cut=st.integers(0, 3))
+def test_a_time_as_text_is_what_isoformat_writes_of_it(moment: datetime, form: str,
+                                                       cut: int) -> None:
+    text = moment.strftime(form.replace("{ms}", f"{moment.microsecond // 1000:03d}"))
+    if cut:
+        text = text[:-1 - cut] + "Z"  # fewer digits somewhere: another length
+    try:
+        parsed = parse_datetime(text)
+    except ValueError:
+        return
+    found = iso_text(text)
+    assert found is None or found == parsed.isoformat(), text
+    if form in _OWN_FORMS and not cut:
+        assert found == parsed.isoformat()  # dotdigital's own forms are read off the text
