@@ -111,6 +111,13 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+def _differ(column: str) -> str:
+    """SQL for an upsert's ``WHERE`` (SQLite and PostgreSQL alike): the row's ``column``
+    (``table.name``) differs from the value proposed for it, NULL against a value included."""
+    new = f"excluded.{column.partition('.')[2]}"
+    return f"(({column} IS NULL) <> ({new} IS NULL) OR {column} <> {new})"
+
+
 class SqlTables:
     """Some of the ledger's tables, on its connection. Each call runs in a transaction taken
     from the store, so it never interleaves with the store's own."""
@@ -144,13 +151,18 @@ class SqliteDirectory(SqlTables):
 
     # --- records ---------------------------------------------------------------------------
     async def upsert_records(self, account: str, records: Sequence[RecordRef]) -> None:
+        """Insert or update records; a record whose type, email and activity are unchanged is
+        left as it is (most changes of a record are to other columns: its row is not written
+        again for them)."""
         await self._many(
             "INSERT INTO dyn_records (account, record_id, record_type, email, active) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account, record_id) DO UPDATE SET "
             "record_type = excluded.record_type, email = excluded.email, "
             "active = excluded.active, email_since = CASE WHEN dyn_records.email IS NOT NULL "
             "AND excluded.email IS NOT NULL AND dyn_records.email <> excluded.email "
-            "THEN ? ELSE dyn_records.email_since END",
+            "THEN ? ELSE dyn_records.email_since END "
+            "WHERE dyn_records.record_type <> excluded.record_type "
+            f"OR dyn_records.active <> excluded.active OR {_differ('dyn_records.email')}",
             [(account, r.record_id, r.record_type, r.email, int(r.active), r.email_since)
              for r in records])
 
@@ -252,13 +264,19 @@ class SqliteDirectory(SqlTables):
 
     # --- subscription rows -----------------------------------------------------------------
     async def upsert_subscriptions(self, account: str, rows: Sequence[SubscriptionRow]) -> None:
+        """Insert or update subscription rows; an older version of a row never replaces a newer
+        one, and a row already held as it is (the writer's own writes, read back; a full read
+        again) is not written again."""
         await self._many(
             "INSERT INTO dyn_subscriptions (account, subscription_id, record_id, "
             "preference_row_id, opted_in, version, modified) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (account, subscription_id) DO UPDATE SET "
             "opted_in = excluded.opted_in, version = excluded.version, "
             "modified = excluded.modified "
-            "WHERE excluded.version >= dyn_subscriptions.version",
+            "WHERE excluded.version > dyn_subscriptions.version "
+            "OR (excluded.version = dyn_subscriptions.version "
+            "AND (excluded.opted_in <> dyn_subscriptions.opted_in "
+            f"OR {_differ('dyn_subscriptions.modified')}))",
             [(account, r.subscription_id, r.record_id, r.preference_row_id, int(r.opted_in),
               r.version, r.modified) for r in rows])
 

@@ -110,6 +110,8 @@ LISTS_IN_FULL_EVERY = timedelta(hours=24)
 # More known lists than this and the list members query names none (they are told apart here).
 _LISTS_IN_FILTER = 100
 _LIST_TYPES: dict[int, RecordType] = {1: "account", 2: "contact", 4: "lead"}
+# A subscription row's record: the first of its lookups (in this order) that is set.
+_FIRST_LOOKUP, _SECOND_LOOKUP, _THIRD_LOOKUP = LOOKUP_COLUMNS.values()
 
 
 @dataclass
@@ -439,6 +441,11 @@ class DynamicsPoller:
     async def _publish_rows(self, request: RunRequest, catalog: dict[str, int],
                             rows: Sequence[dict[str, Any]], counts: RunCounts, *,
                             id_seed: str) -> None:
+        """Resolve, store and publish one page of subscription rows.
+
+        A backfill brings every row of the table through here: each row costs its reading, its
+        :class:`SubscriptionRow` and its change (nothing more is built for it), and stamps that
+        rows share are parsed once."""
         counts.read += len(rows)
         wanted: list[tuple[dict[str, Any], str, int]] = []
         for row in rows:
@@ -446,10 +453,10 @@ class DynamicsPoller:
             if preference is None:
                 counts.other_account += 1
                 continue
-            record_id = next((str(row[c]) for c in LOOKUP_COLUMNS.values() if row.get(c)), None)
-            if record_id is None:
+            lookup = row.get(_FIRST_LOOKUP) or row.get(_SECOND_LOOKUP) or row.get(_THIRD_LOOKUP)
+            if not lookup:
                 continue
-            wanted.append((row, record_id, preference))
+            wanted.append((row, str(lookup), preference))
         records = await self._store.records(self.account.id, [r for _, r, _ in wanted])
         missing = {r for _, r, _ in wanted if r not in records}
         if missing:
@@ -458,44 +465,48 @@ class DynamicsPoller:
         subscription_rows: list[SubscriptionRow] = []
         ineligible: list[HistoryEntry] = []
         now = datetime.now(UTC)
+        stamps: dict[str, datetime] = {}  # each parsed once: rows written together share one
         for row, record_id, preference in wanted:
-            record = records.get(record_id)
             status = row.get("psync_status")
-            if status not in (OPTED_IN, OPTED_OUT):
+            if status != OPTED_IN and status != OPTED_OUT:
                 continue
-            modified = parse_odata_time(str(row["modifiedon"]))
-            if record is not None:
-                subscription_rows.append(SubscriptionRow(
-                    subscription_id=str(row["psync_marketingpreferencesubscriptionid"]),
-                    record_id=record_id, preference_row_id=str(row["_psync_preferenceid_value"]),
-                    opted_in=status == OPTED_IN, version=int(row.get("versionnumber") or 0),
-                    modified=str(row["modifiedon"])))
-            change = None
-            if record is not None and record.email is not None:
-                change = PreferenceChange(
-                    email=record.email, preference_id=preference, opted_in=status == OPTED_IN,
-                    origin_time=modified,
-                    version=int(row.get("versionnumber") or 0),
-                    change_id=f"dyn:{row['psync_marketingpreferencesubscriptionid']}:"
-                              f"{row.get('versionnumber')}")
-            if record is None or not record_is_eligible(record):
+            opted_in = status == OPTED_IN
+            stamp = str(row["modifiedon"])
+            modified = stamps.get(stamp)
+            if modified is None:
+                modified = stamps[stamp] = parse_odata_time(stamp)
+            record = records.get(record_id)
+            if record is None:
+                counts.ineligible += 1  # unknown: nothing to store, no email to note it for
+                continue
+            subscription_id = row["psync_marketingpreferencesubscriptionid"]
+            raw_version = row.get("versionnumber")
+            version = int(raw_version or 0)
+            subscription_rows.append(SubscriptionRow(
+                subscription_id=str(subscription_id), record_id=record_id,
+                preference_row_id=str(row["_psync_preferenceid_value"]), opted_in=opted_in,
+                version=version, modified=stamp))
+            email = record.email
+            if not record_is_eligible(record):
                 counts.ineligible += 1
-                if change is not None:
+                if email is not None:
                     # never read into the ledger; the decision is on record for the email
                     ineligible.append(HistoryEntry(
-                        account=self.account.id, email=change.email, preference_id=preference,
-                        side="dynamics", opted_in=change.opted_in,
-                        origin_time=change.origin_time, change_id=change.change_id,
-                        decision=INELIGIBLE, recorded_at=now))
+                        account=self.account.id, email=email, preference_id=preference,
+                        side="dynamics", opted_in=opted_in, origin_time=modified,
+                        change_id=f"dyn:{subscription_id}:{raw_version}", decision=INELIGIBLE,
+                        recorded_at=now))
                 continue
-            if change is None:
+            if email is None:
                 counts.without_email += 1
                 continue
-            if not speaks_for_email(row_modified=modified, email_since=(
-                    parse_odata_time(record.email_since) if record.email_since else None)):
+            if record.email_since and not speaks_for_email(
+                    row_modified=modified, email_since=parse_odata_time(record.email_since)):
                 counts.earlier_email += 1  # the record's earlier email's change, not this one's
                 continue
-            changes.append(change)
+            changes.append(PreferenceChange(
+                email=email, preference_id=preference, opted_in=opted_in, origin_time=modified,
+                version=version, change_id=f"dyn:{subscription_id}:{raw_version}"))
         if subscription_rows:
             await self._store.upsert_subscriptions(self.account.id, subscription_rows)
         if ineligible:

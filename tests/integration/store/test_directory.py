@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -98,3 +100,53 @@ async def test_newly_eligible_records_are_followed_up_until_cleared(store: Ledge
     assert await store.follow_ups("globex") == {"c1"}
     # eligibility itself stays
     assert await store.eligible_ids("acme", ["c1", "c2", "c3"]) == {"c1", "c2", "c3"}
+
+
+async def test_the_same_version_again_takes_only_what_differs(store: LedgerStore) -> None:
+    # The same version again (the writer's write read back): what differs is still taken,
+    # what is the same changes nothing.
+    written = SubscriptionRow(subscription_id="s1", record_id="c1", preference_row_id="p1",
+                              opted_in=True, version=7, modified=None)
+    await store.upsert_subscriptions("acme", [written])
+    read = SubscriptionRow(subscription_id="s1", record_id="c1", preference_row_id="p1",
+                           opted_in=True, version=7, modified="2026-01-02T10:00:00Z")
+    await store.upsert_subscriptions("acme", [read])
+    assert await store.subscriptions_for("acme", [("c1", "p1")]) == {("c1", "p1"): read}
+    await store.upsert_subscriptions("acme", [read])
+    assert await store.subscriptions_for("acme", [("c1", "p1")]) == {("c1", "p1"): read}
+    flipped = SubscriptionRow(subscription_id="s1", record_id="c1", preference_row_id="p1",
+                              opted_in=False, version=7, modified="2026-01-02T10:00:00Z")
+    await store.upsert_subscriptions("acme", [flipped])
+    newer = SubscriptionRow(subscription_id="s1", record_id="c1", preference_row_id="p1",
+                            opted_in=False, version=8, modified="2026-01-02T10:00:00Z")
+    assert await store.subscriptions_for("acme", [("c1", "p1")]) == {("c1", "p1"): flipped}
+    await store.upsert_subscriptions("acme", [newer])
+    assert await store.subscriptions_for("acme", [("c1", "p1")]) == {("c1", "p1"): newer}
+
+
+async def test_a_record_upserted_unchanged_keeps_its_entry(store: LedgerStore) -> None:
+    def ref(**changes: Any) -> RecordRef:
+        return replace(RecordRef(record_type="contact", record_id="c1", email="ann@example.com",
+                                 active=True, email_since="2026-01-01T10:00:00Z"), **changes)
+
+    assert await store.mark_eligible("acme", ["c1"]) == {"c1"}   # a placeholder first
+    await store.upsert_records("acme", [ref()])
+    await store.upsert_records("acme", [ref(email_since="2026-01-02T10:00:00Z")])
+    (held,) = (await store.records("acme", ["c1"])).values()
+    assert (held.email, held.active, held.eligible, held.email_since) == (
+        "ann@example.com", True, True, None)
+    await store.upsert_records("acme", [ref(active=False, email_since="2026-01-03T10:00:00Z")])
+    assert not (await store.records("acme", ["c1"]))["c1"].active
+    await store.upsert_records("acme", [ref(record_type="lead", active=False)])
+    assert (await store.records("acme", ["c1"]))["c1"].record_type == "lead"
+    await store.upsert_records("acme", [ref(email=None, record_type="lead", active=False)])
+    assert (await store.records("acme", ["c1"]))["c1"].email is None
+    await store.upsert_records("acme", [ref(email="bea@example.com", record_type="lead",
+                                            active=False, email_since="2026-01-04T10:00:00Z")])
+    moved = (await store.records("acme", ["c1"]))["c1"]
+    # NULL -> an email is not a change of email: no email_since (as before)
+    assert (moved.email, moved.email_since) == ("bea@example.com", None)
+    await store.upsert_records("acme", [ref(email="cat@example.com", record_type="lead",
+                                            active=False, email_since="2026-01-05T10:00:00Z")])
+    moved = (await store.records("acme", ["c1"]))["c1"]
+    assert (moved.email, moved.email_since) == ("cat@example.com", "2026-01-05T10:00:00Z")
