@@ -254,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _dispatch(args: argparse.Namespace) -> int:
     from common.config import load_config
+    from services.runtime.collector import tune_collector  # once a long-lived process starts
 
     if args.command == "sim":
         if args.simulator == "seed":
@@ -266,6 +267,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         if args.simulator == "dynamics":
             from services.simulators.dynamics import run_dynamics
 
+            tune_collector()
             await run_dynamics(host=args.host, port=args.port, clients=args.client,
                                state_file=args.state)
         else:
@@ -273,6 +275,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
             from services.simulators.dotdigital.accounts import AccountError
 
             try:
+                tune_collector()
                 await run_dotdigital(host=args.host, port=args.port, accounts=args.account,
                                      state_file=args.state)
             except AccountError as exc:  # the simulator knows nothing of prefsync's config
@@ -290,12 +293,14 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from services.runtime.registry import run_services
 
         port = config.metrics.port if args.metrics_port is None else args.metrics_port
+        tune_collector()
         await run_services(config=config, services=SERVICES, metrics_port=port,
                            metrics_host=args.metrics_host)
         return 0
     if args.command == "run":
         from services.runtime.registry import run_services
 
+        tune_collector()
         await run_services(config=config, services=(args.service,),
                            metrics_port=args.metrics_port, metrics_host=args.metrics_host)
         return 0
