@@ -5,19 +5,27 @@ each live row once at its latest version plus one for deleted rows (deltas bisec
 version), hash indexes on lookup and e-mail columns, a ``modifiedon`` index and the alternate
 key. Rows are never mutated in place: a write stores a new dict, so a journal of old rows is
 enough to roll a change set back.
+
+The ordered indexes are :class:`SortedKeys`, which take the newest entry (a new version, the
+clock's second) by appending. The key order is kept only while reads use it: it is built when a
+read first asks for it, kept up to date by writes, and dropped once the rows written since the
+last read pass half the table (rebuilding then costs about what keeping it did; a table the
+product seldom pages through in key order, as the subscriptions it writes, costs its writes
+nothing there).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from sortedcontainers import SortedList, SortedSet  # type: ignore[import-untyped]
+from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
 from .schema import TABLES, Kind, TableSchema
+from .sortedkeys import SortedKeys
 
 Row = dict[str, Any]
 
@@ -42,17 +50,100 @@ def index_key(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
+class ModifiedIndex:
+    """Rows by ``(modifiedon, id)``, each entry one string: the instant, fixed-width, then the id.
+
+    One string per entry rather than a ``(datetime, id)`` tuple: a search in a large index
+    touches one object per comparison instead of three, which at a hundred thousand rows is
+    most of what an insert costs. The strings order as the tuples do: the instant's part has
+    one width, so the first difference within it is the instant's, and equal instants leave
+    the ids to decide. Bounds are given as such tuples, an id part of ``""`` sorting below
+    every id and ``"\uffff"`` above.
+    """
+
+    __slots__ = ("_keys", "_prefixes")
+
+    def __init__(self, entries: Iterable[tuple[datetime, str]] = ()) -> None:
+        self._prefixes: dict[datetime, str] = {}  # the clock's recent seconds, encoded
+        self._keys = SortedKeys(self._key(stamp, row_id) for stamp, row_id in entries)
+
+    def _key(self, stamp: datetime, row_id: str) -> str:
+        prefix = self._prefixes.get(stamp)
+        if prefix is None:
+            if len(self._prefixes) >= _PREFIXES_KEPT:
+                self._prefixes.clear()
+            # microseconds since the earliest instant: 18 digits up to the latest one
+            prefix = self._prefixes[stamp] = f"{(stamp - _EARLIEST) // _MICROSECOND:018d}"
+        if not isinstance(row_id, str):  # as comparing it with an id would
+            raise TypeError(f"an id must be a string, not {type(row_id).__name__}")
+        return prefix + row_id
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, stamp: datetime, row_id: str) -> None:
+        self._keys.add(self._key(stamp, row_id))
+
+    def remove(self, stamp: datetime, row_id: str) -> None:
+        self._keys.remove(self._key(stamp, row_id))
+
+    def count(self, lo: tuple[datetime, str], hi: tuple[datetime, str]) -> int:
+        """Entries from ``lo`` (inclusive) to ``hi`` (exclusive)."""
+        keys = self._keys
+        return keys.bisect_left(self._key(*hi)) - keys.bisect_left(self._key(*lo))
+
+    def ids(self, lo: tuple[datetime, str], hi: tuple[datetime, str], *,
+            inclusive: tuple[bool, bool] = (True, True), reverse: bool = False) -> Iterator[str]:
+        """The ids of the entries between ``lo`` and ``hi``, by ``(modifiedon, id)``."""
+        keys = self._keys.irange(self._key(*lo), self._key(*hi), inclusive=inclusive,
+                                 reverse=reverse)
+        return (key[_STAMP_WIDTH:] for key in keys)
+
+
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_STAMP_WIDTH = 18
+_PREFIXES_KEPT = 4096
+
+
 class Table:
     def __init__(self, schema: TableSchema) -> None:
         self.schema = schema
         self.rows: dict[str, Row] = {}
-        self.order: Any = SortedList()  # ids, key order
-        self.changes: Any = SortedList()  # (version, id) of live rows
-        self.deleted: Any = SortedList()  # (version, id) of deleted rows
+        self._order: SortedKeys | None = None  # ids, key order, while reads use it
+        self._unread_writes = 0  # rows added or removed since a read last used _order
+        self.changes = SortedKeys()  # (version, id) of live rows
+        self.deleted = SortedKeys()  # (version, id) of deleted rows
         self.tombstones: dict[str, int] = {}  # id -> version of its deletion
-        self.by_modified: Any = SortedList()  # (modifiedon, id)
+        self.by_modified = ModifiedIndex()
         self.indexes: dict[str, dict[Any, set[str]]] = {c: {} for c in schema.indexed}
         self.unique: dict[tuple[Any, ...], str] = {}
+
+    @property
+    def order(self) -> SortedKeys:
+        """The ids in key order (built now if writes dropped it or none was asked for yet)."""
+        order = self._order
+        if order is None:
+            order = self._order = SortedKeys(self.rows)
+        self._unread_writes = 0
+        return order
+
+    def _reorder(self, row_id: str, *, added: bool) -> None:
+        """Keep the key order up to date, or drop it when no read has used it for long."""
+        order = self._order
+        if order is None:
+            return
+        self._unread_writes += 1
+        # Rebuilding costs about one step per row, keeping it about one per write: dropped
+        # once writes since the last read pass half the rows, keeping it for reads that come
+        # rarely costs at most about twice what rebuilding would have (and the half holds for a
+        # table that is only growing, whose writes never outnumber its rows).
+        if 2 * self._unread_writes > len(self.rows):
+            self._order = None
+        elif added:
+            order.add(row_id)
+        else:
+            order.remove(row_id)
 
     def unique_key(self, row: Row) -> tuple[Any, ...] | None:
         if not self.schema.unique:
@@ -72,7 +163,7 @@ class Table:
 
     def _index(self, row_id: str, row: Row) -> None:
         self.changes.add((row["versionnumber"], row_id))
-        self.by_modified.add((row["modifiedon"], row_id))
+        self.by_modified.add(row["modifiedon"], row_id)
         for col, index in self.indexes.items():  # as _filed_under, inline
             value = row.get(col)
             if value is not None:
@@ -89,7 +180,7 @@ class Table:
 
     def _unindex(self, row_id: str, row: Row) -> None:
         self.changes.remove((row["versionnumber"], row_id))
-        self.by_modified.remove((row["modifiedon"], row_id))
+        self.by_modified.remove(row["modifiedon"], row_id)
         for index, k in self._filed_under(row):
             ids = index[k]
             ids.discard(row_id)
@@ -102,10 +193,12 @@ class Table:
     def _refile(self, row_id: str, old: Row, row: Row) -> None:
         """Move an updated row's index entries: only those whose key changed move (an update
         usually changes one column, and every index move costs a sorted-list edit)."""
-        for column, index in (("versionnumber", self.changes), ("modifiedon", self.by_modified)):
-            if old[column] != row[column]:
-                index.remove((old[column], row_id))
-                index.add((row[column], row_id))
+        if old["versionnumber"] != row["versionnumber"]:
+            self.changes.remove((old["versionnumber"], row_id))
+            self.changes.add((row["versionnumber"], row_id))
+        if old["modifiedon"] != row["modifiedon"]:
+            self.by_modified.remove(old["modifiedon"], row_id)
+            self.by_modified.add(row["modifiedon"], row_id)
         for col, index in self.indexes.items():
             before, after = old.get(col), row.get(col)
             if before == after and type(before) is type(after):
@@ -141,13 +234,13 @@ class Table:
         elif old is not None:
             self._unindex(row_id, old)
             del self.rows[row_id]
-            self.order.remove(row_id)
+            self._reorder(row_id, added=False)
         old_tomb = self.tombstones.pop(row_id, None)
         if old_tomb is not None:
             self.deleted.remove((old_tomb, row_id))
         if row is not None and old is None:
-            self.order.add(row_id)
             self.rows[row_id] = row
+            self._reorder(row_id, added=True)
             self._index(row_id, row)
         if tombstone is not None:
             self.tombstones[row_id] = tombstone
@@ -171,11 +264,11 @@ class Table:
             ids = sorted(by_id)
             by_version = sorted(ids, key=lambda i: by_id[i]["versionnumber"])
             by_modified = sorted(ids, key=lambda i: by_id[i]["modifiedon"])
-        self.order = SortedList(ids)
-        self.changes = SortedList([(by_id[i]["versionnumber"], i) for i in by_version])
-        self.by_modified = SortedList([(by_id[i]["modifiedon"], i) for i in by_modified])
+        self._order, self._unread_writes = None, 0
+        self.changes = SortedKeys([(by_id[i]["versionnumber"], i) for i in by_version])
+        self.by_modified = ModifiedIndex((by_id[i]["modifiedon"], i) for i in by_modified)
         self.tombstones = dict(tombstones or {})
-        self.deleted = SortedList((v, i) for i, v in self.tombstones.items())
+        self.deleted = SortedKeys((v, i) for i, v in self.tombstones.items())
         self.indexes = {c: {} for c in self.schema.indexed}
         for col, index in self.indexes.items():
             # keys are stored lower-cased already; only free text needs folding
