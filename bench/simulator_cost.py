@@ -61,7 +61,7 @@ DD_USER = "apiuser-cost@apiconnector.com"
 DD_PASSWORD = "Cost-bench-1"
 PUT_CONTACTS = 200  # PUTs per run: one request each, so fewer
 # records whose subscriptions fill a table as large as in the end-to-end bench: 100,000 rows
-# with every state set ("all"), about 85,000 with the sample mix
+# with every state set ("all"), about 81,000 with the sample mix
 LARGE_RECORDS = 20_000
 
 

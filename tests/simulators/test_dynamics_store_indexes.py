@@ -1,8 +1,9 @@
 """The row store's indexes agree with a plain sort of its rows under any mix of writes and reads.
 
 A seeded random workload of creates, updates, deletes and rolled-back change sets, with reads
-in key order, by ``modifiedon`` and by version at random moments (so the key order is built,
-kept, dropped and built again), each compared with ``sorted()`` of the rows themselves.
+in key order, by ``modifiedon``, by version and by indexed column at random moments (so the key
+order and hash indexes are built, kept, dropped and built again), each compared with a plain
+sort or scan of the rows themselves.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def _check_reads(table: Table, rng: random.Random, stamps: list[datetime]) -> No
         last = rng.choice(sorted(rows)) if rows else None
         assert (list(table.order.irange(minimum=last, inclusive=(False, True)))
                 == [i for i in sorted(rows) if last is None or i > last])
+    for column in table.schema.indexed:
+        if rng.random() < 0.3:  # a lookup now and then: the index built, kept, or dropped
+            value = rng.choice([f"pref-{rng.randrange(3)}", f"CONTACT-{rng.randrange(50)}"])
+            assert table.lookup(column, value) == {
+                i for i, r in rows.items() if r[column] == value.lower()}
     assert list(table.changes) == sorted((r["versionnumber"], i) for i, r in rows.items())
     assert list(table.deleted) == sorted((v, i) for i, v in table.tombstones.items())
     by_modified = sorted((r["modifiedon"], i) for i, r in rows.items())
@@ -106,33 +112,38 @@ def test_a_random_workload_reads_as_sorted_rows(seed: int,
     _check_reads(table, rng, stamps)
 
 
-def _key_order_kept(table: Table) -> bool:
-    return table._order is not None
+def _kept(table: Table) -> set[str]:
+    """The indexes the table keeps now ("" the key order)."""
+    return set(table.indexes) | ({""} if table._order is not None else set())
 
 
-def test_key_order_is_dropped_after_many_unread_writes_and_rebuilt_the_same() -> None:
+def test_indexes_are_dropped_after_many_unread_writes_and_rebuilt_the_same() -> None:
     rng = random.Random(5)
     store = Store()
     table = store.tables[SUBSCRIPTIONS]
     at = datetime(2026, 3, 1, tzinfo=UTC)
-    for _ in range(10):
-        row_id = f"{rng.getrandbits(64):016x}"
-        store.put(SUBSCRIPTIONS, row_id, _row(row_id, stamp=at, version=store.next_version(),
-                                              rng=rng))
-    assert not _key_order_kept(table)  # never read: never kept
+
+    def create(count: int) -> None:
+        for _ in range(count):
+            row_id = f"{rng.getrandbits(64):016x}"
+            store.put(SUBSCRIPTIONS, row_id,
+                      _row(row_id, stamp=at, version=store.next_version(), rng=rng))
+
+    create(10)
+    assert _kept(table) == set()  # never read: never kept
     assert list(table.order) == sorted(table.rows)
-    for _ in range(5):
-        row_id = f"{rng.getrandbits(64):016x}"
-        store.put(SUBSCRIPTIONS, row_id, _row(row_id, stamp=at, version=store.next_version(),
-                                              rng=rng))
-    assert _key_order_kept(table)  # a few writes after a read: kept up to date
+    assert table.lookup("_psync_preferenceid_value", "PREF-1") == {
+        i for i, r in table.rows.items() if r["_psync_preferenceid_value"] == "pref-1"}
+    create(5)
+    assert _kept(table) == {"", "_psync_preferenceid_value"}  # read lately: kept up to date
     assert list(table.order) == sorted(table.rows)
-    for _ in range(40):
-        row_id = f"{rng.getrandbits(64):016x}"
-        store.put(SUBSCRIPTIONS, row_id, _row(row_id, stamp=at, version=store.next_version(),
-                                              rng=rng))
-    assert not _key_order_kept(table)  # many writes and no read: dropped
+    create(1000)  # no read while the table grew from 15 rows to 1015: both dropped
+    assert _kept(table) == set()
     assert list(table.order) == sorted(table.rows)
+    assert table.lookup("_psync_preferenceid_value", "pref-2") == {
+        i for i, r in table.rows.items() if r["_psync_preferenceid_value"] == "pref-2"}
+    with pytest.raises(KeyError):
+        table.lookup("psync_status", 100000000)  # not an indexed column
 
 
 def test_modified_index_orders_as_stamp_then_id_tuples() -> None:

@@ -89,7 +89,7 @@ def _candidates(source: Source, opts: QueryOptions) -> set[str] | None:
     table = source.table
     ids: set[str] | None = None
     if isinstance(plan, KeysPlan):
-        found = [table.indexes[col].get(key, set()) for col, key in plan.pairs]
+        found = [table.index(col).get(key, set()) for col, key in plan.pairs]
         if sum(len(f) for f in found) > SORT_LIMIT:
             return None
         ids = set().union(*found)

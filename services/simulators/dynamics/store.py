@@ -7,11 +7,18 @@ key. Rows are never mutated in place: a write stores a new dict, so a journal of
 enough to roll a change set back.
 
 The ordered indexes are :class:`SortedKeys`, which take the newest entry (a new version, the
-clock's second) by appending. The key order is kept only while reads use it: it is built when a
-read first asks for it, kept up to date by writes, and dropped once the rows written since the
-last read pass half the table (rebuilding then costs about what keeping it did; a table the
-product seldom pages through in key order, as the subscriptions it writes, costs its writes
-nothing there).
+clock's second) by appending.
+
+The key order and the hash indexes are kept only while reads use them:
+
+1. one is built when a read first asks for it (none after a bulk load);
+2. writes keep the built ones up to date;
+3. one is dropped once the rows written since its last read pass half the table (checked
+   every ``_SWEEP_EVERY`` writes). Rebuilding costs about one step per row and keeping one
+   step per write, so keeping an index for reads that come rarely costs at most about twice
+   what rebuilding would have; the half also holds for a table that only grows, whose writes
+   never outnumber its rows. The subscriptions the product writes are looked up by record
+   but never by preference, nor paged in key order: their creates now skip those.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
-from .schema import TABLES, Kind, TableSchema
+from .schema import TABLES, TableSchema
 from .sortedkeys import SortedKeys
 
 Row = dict[str, Any]
@@ -104,6 +111,8 @@ _EARLIEST = datetime.min.replace(tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _STAMP_WIDTH = 18
 _PREFIXES_KEPT = 4096
+_KEY_ORDER = ""  # the key order's name among the kept indexes (no column has it)
+_SWEEP_EVERY = 256  # writes between looks for indexes to drop
 
 
 class Table:
@@ -111,39 +120,49 @@ class Table:
         self.schema = schema
         self.rows: dict[str, Row] = {}
         self._order: SortedKeys | None = None  # ids, key order, while reads use it
-        self._unread_writes = 0  # rows added or removed since a read last used _order
         self.changes = SortedKeys()  # (version, id) of live rows
         self.deleted = SortedKeys()  # (version, id) of deleted rows
         self.tombstones: dict[str, int] = {}  # id -> version of its deletion
         self.by_modified = ModifiedIndex()
-        self.indexes: dict[str, dict[Any, set[str]]] = {c: {} for c in schema.indexed}
+        # the hash indexes kept (column -> index key -> ids), while reads use them
+        self.indexes: dict[str, dict[Any, set[str]]] = {}
         self.unique: dict[tuple[Any, ...], str] = {}
+        self._writes = 0  # row changes so far
+        # each kept index (_KEY_ORDER: the key order) -> _writes at its last read
+        self._read_at: dict[str, int] = {}
 
     @property
     def order(self) -> SortedKeys:
-        """The ids in key order (built now if writes dropped it or none was asked for yet)."""
+        """The ids in key order (built now if it is not kept)."""
         order = self._order
         if order is None:
             order = self._order = SortedKeys(self.rows)
-        self._unread_writes = 0
+        self._read_at[_KEY_ORDER] = self._writes
         return order
 
-    def _reorder(self, row_id: str, *, added: bool) -> None:
-        """Keep the key order up to date, or drop it when no read has used it for long."""
-        order = self._order
-        if order is None:
-            return
-        self._unread_writes += 1
-        # Rebuilding costs about one step per row, keeping it about one per write: dropped
-        # once writes since the last read pass half the rows, keeping it for reads that come
-        # rarely costs at most about twice what rebuilding would have (and the half holds for a
-        # table that is only growing, whose writes never outnumber its rows).
-        if 2 * self._unread_writes > len(self.rows):
-            self._order = None
-        elif added:
-            order.add(row_id)
-        else:
-            order.remove(row_id)
+    def index(self, column: str) -> dict[Any, set[str]]:
+        """The hash index of an indexed ``column`` (built now if it is not kept)."""
+        index = self.indexes.get(column)
+        if index is None:
+            if column not in self.schema.indexed:
+                raise KeyError(column)
+            index = self.indexes[column] = {}
+            for row_id, row in self.rows.items():
+                value = row.get(column)
+                if value is not None:
+                    index.setdefault(index_key(value), set()).add(row_id)
+        self._read_at[column] = self._writes
+        return index
+
+    def _drop_unread(self) -> None:
+        """Drop the indexes no read has used while half the table was written (rule 3)."""
+        for name, read_at in list(self._read_at.items()):
+            if 2 * (self._writes - read_at) > len(self.rows):
+                del self._read_at[name]
+                if name == _KEY_ORDER:
+                    self._order = None
+                else:
+                    del self.indexes[name]
 
     def unique_key(self, row: Row) -> tuple[Any, ...] | None:
         if not self.schema.unique:
@@ -152,7 +171,7 @@ class Table:
         return tuple(map(row.get, self.schema.unique))
 
     def lookup(self, column: str, value: Any) -> set[str]:
-        return self.indexes[column].get(index_key(value), set())
+        return self.index(column).get(index_key(value), set())
 
     def _filed_under(self, row: Row) -> Iterator[tuple[dict[Any, set[str]], Any]]:
         """The column indexes a row is filed in, each with the row's key there."""
@@ -227,6 +246,9 @@ class Table:
 
     def set(self, row_id: str, row: Row | None, tombstone: int | None) -> None:
         """Make ``row_id`` hold ``row`` (or nothing) with ``tombstone`` (or none)."""
+        self._writes += 1
+        if not self._writes % _SWEEP_EVERY:
+            self._drop_unread()
         old = self.rows.get(row_id)
         if old is not None and row is not None:
             self._refile(row_id, old, row)
@@ -234,13 +256,15 @@ class Table:
         elif old is not None:
             self._unindex(row_id, old)
             del self.rows[row_id]
-            self._reorder(row_id, added=False)
+            if self._order is not None:
+                self._order.remove(row_id)
         old_tomb = self.tombstones.pop(row_id, None)
         if old_tomb is not None:
             self.deleted.remove((old_tomb, row_id))
         if row is not None and old is None:
             self.rows[row_id] = row
-            self._reorder(row_id, added=True)
+            if self._order is not None:
+                self._order.add(row_id)
             self._index(row_id, row)
         if tombstone is not None:
             self.tombstones[row_id] = tombstone
@@ -264,24 +288,11 @@ class Table:
             ids = sorted(by_id)
             by_version = sorted(ids, key=lambda i: by_id[i]["versionnumber"])
             by_modified = sorted(ids, key=lambda i: by_id[i]["modifiedon"])
-        self._order, self._unread_writes = None, 0
+        self._order, self.indexes, self._read_at = None, {}, {}
         self.changes = SortedKeys([(by_id[i]["versionnumber"], i) for i in by_version])
         self.by_modified = ModifiedIndex((by_id[i]["modifiedon"], i) for i in by_modified)
         self.tombstones = dict(tombstones or {})
         self.deleted = SortedKeys((v, i) for i, v in self.tombstones.items())
-        self.indexes = {c: {} for c in self.schema.indexed}
-        for col, index in self.indexes.items():
-            # keys are stored lower-cased already; only free text needs folding
-            fold = self.schema.columns[col].kind is Kind.STRING
-            for r in rows:
-                value = r.get(col)
-                if value is not None:
-                    k = value.lower() if fold else value
-                    holders = index.get(k)
-                    if holders is None:
-                        index[k] = {r[pk]}
-                    else:
-                        holders.add(r[pk])
         self.unique = {}
         if self.schema.unique:
             columns = [[r.get(c) for r in rows] for c in self.schema.unique]
