@@ -74,8 +74,14 @@ class Source:
     def ordered_ids(self) -> Any:
         return self.table.order if self.ids is None else self.ids
 
+    @property
+    def any_order_ids(self) -> Any:
+        """The ids, in no particular order (for who sorts or counts them anyway)."""
+        return self.table.rows if self.ids is None else self.ids
+
     def __len__(self) -> int:
-        return len(self.ordered_ids)
+        # (not len(ordered_ids): a count needs no key order, which may have to be built)
+        return len(self.table.rows) if self.ids is None else len(self.ids)
 
 
 def _candidates(source: Source, opts: QueryOptions) -> set[str] | None:
@@ -83,16 +89,16 @@ def _candidates(source: Source, opts: QueryOptions) -> set[str] | None:
     table = source.table
     ids: set[str] | None = None
     if isinstance(plan, KeysPlan):
-        found = [table.indexes[col].get(key, set()) for col, key in plan.pairs]
+        found = [table.index(col).get(key, set()) for col, key in plan.pairs]
         if sum(len(f) for f in found) > SORT_LIMIT:
             return None
         ids = set().union(*found)
     elif isinstance(plan, RangePlan):
         lo, hi = _range_bounds(plan)
         bm = table.by_modified
-        if bm.bisect_left(hi) - bm.bisect_left(lo) > SORT_LIMIT:
+        if bm.count(lo, hi) > SORT_LIMIT:
             return None
-        ids = {i for _, i in bm.irange(lo, hi)}
+        ids = set(bm.ids(lo, hi))
     if ids is None or len(ids) > SORT_LIMIT:
         return None
     if source.ids is not None:
@@ -139,7 +145,7 @@ def select_rows(source: Source, opts: QueryOptions, *, limit: int,
         stream = _modified_walk(table, opts, desc=order[0][1], after=after)
     else:
         key = sort_key(order)
-        pool = (rows[i] for i in (cands if cands is not None else source.ordered_ids))
+        pool = (rows[i] for i in (cands if cands is not None else source.any_order_ids))
         matching = sorted((r for r in pool if pred is None or pred(r)), key=key)
         if after is not None:
             start = bisect_right(matching, key(dict(zip([c for c, _ in order], after, strict=True))),
@@ -164,7 +170,8 @@ def _modified_walk(table: Table, opts: QueryOptions, *, desc: bool,
         if not desc and mark > lo:
             lo, inclusive[0] = mark, False
     rows = table.rows
-    for _, row_id in table.by_modified.irange(lo, hi, inclusive=tuple(inclusive), reverse=desc):
+    for row_id in table.by_modified.ids(lo, hi, inclusive=(inclusive[0], inclusive[1]),
+                                        reverse=desc):
         yield rows[row_id]
 
 
@@ -174,7 +181,7 @@ def count_rows(source: Source, opts: QueryOptions) -> int:
         return min(len(source), MAX_COUNT)
     pred = opts.filter.predicate
     cands = _candidates(source, opts)
-    ids: Iterable[str] = cands if cands is not None else source.ordered_ids
+    ids: Iterable[str] = cands if cands is not None else source.any_order_ids
     rows = source.table.rows
     return sum(1 for _ in islice((i for i in ids if pred(rows[i])), MAX_COUNT))
 

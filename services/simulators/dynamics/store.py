@@ -5,19 +5,34 @@ each live row once at its latest version plus one for deleted rows (deltas bisec
 version), hash indexes on lookup and e-mail columns, a ``modifiedon`` index and the alternate
 key. Rows are never mutated in place: a write stores a new dict, so a journal of old rows is
 enough to roll a change set back.
+
+The ordered indexes are :class:`SortedKeys`, which take the newest entry (a new version, the
+clock's second) by appending.
+
+The key order and the hash indexes are kept only while reads use them:
+
+1. one is built when a read first asks for it (none after a bulk load);
+2. writes keep the built ones up to date;
+3. one is dropped once the rows written since its last read pass half the table (checked
+   every ``_SWEEP_EVERY`` writes). Rebuilding costs about one step per row and keeping one
+   step per write, so keeping an index for reads that come rarely costs at most about twice
+   what rebuilding would have; the half also holds for a table that only grows, whose writes
+   never outnumber its rows. The subscriptions the product writes are looked up by record
+   but never by preference, nor paged in key order: their creates now skip those.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from sortedcontainers import SortedList, SortedSet  # type: ignore[import-untyped]
+from sortedcontainers import SortedSet  # type: ignore[import-untyped]
 
-from .schema import TABLES, Kind, TableSchema
+from .schema import TABLES, TableSchema
+from .sortedkeys import SortedKeys
 
 Row = dict[str, Any]
 
@@ -42,17 +57,112 @@ def index_key(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
+class ModifiedIndex:
+    """Rows by ``(modifiedon, id)``, each entry one string: the instant, fixed-width, then the id.
+
+    One string per entry rather than a ``(datetime, id)`` tuple: a search in a large index
+    touches one object per comparison instead of three, which at a hundred thousand rows is
+    most of what an insert costs. The strings order as the tuples do: the instant's part has
+    one width, so the first difference within it is the instant's, and equal instants leave
+    the ids to decide. Bounds are given as such tuples, an id part of ``""`` sorting below
+    every id and ``"\uffff"`` above.
+    """
+
+    __slots__ = ("_keys", "_prefixes")
+
+    def __init__(self, entries: Iterable[tuple[datetime, str]] = ()) -> None:
+        self._prefixes: dict[datetime, str] = {}  # the clock's recent seconds, encoded
+        self._keys = SortedKeys(self._key(stamp, row_id) for stamp, row_id in entries)
+
+    def _key(self, stamp: datetime, row_id: str) -> str:
+        prefix = self._prefixes.get(stamp)
+        if prefix is None:
+            if len(self._prefixes) >= _PREFIXES_KEPT:
+                self._prefixes.clear()
+            # microseconds since the earliest instant: 18 digits up to the latest one
+            prefix = self._prefixes[stamp] = f"{(stamp - _EARLIEST) // _MICROSECOND:018d}"
+        if not isinstance(row_id, str):  # as comparing it with an id would
+            raise TypeError(f"an id must be a string, not {type(row_id).__name__}")
+        return prefix + row_id
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, stamp: datetime, row_id: str) -> None:
+        self._keys.add(self._key(stamp, row_id))
+
+    def remove(self, stamp: datetime, row_id: str) -> None:
+        self._keys.remove(self._key(stamp, row_id))
+
+    def count(self, lo: tuple[datetime, str], hi: tuple[datetime, str]) -> int:
+        """Entries from ``lo`` (inclusive) to ``hi`` (exclusive)."""
+        keys = self._keys
+        return keys.bisect_left(self._key(*hi)) - keys.bisect_left(self._key(*lo))
+
+    def ids(self, lo: tuple[datetime, str], hi: tuple[datetime, str], *,
+            inclusive: tuple[bool, bool] = (True, True), reverse: bool = False) -> Iterator[str]:
+        """The ids of the entries between ``lo`` and ``hi``, by ``(modifiedon, id)``."""
+        keys = self._keys.irange(self._key(*lo), self._key(*hi), inclusive=inclusive,
+                                 reverse=reverse)
+        return (key[_STAMP_WIDTH:] for key in keys)
+
+
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_STAMP_WIDTH = 18
+_PREFIXES_KEPT = 4096
+_KEY_ORDER = ""  # the key order's name among the kept indexes (no column has it)
+_SWEEP_EVERY = 256  # writes between looks for indexes to drop
+
+
 class Table:
     def __init__(self, schema: TableSchema) -> None:
         self.schema = schema
         self.rows: dict[str, Row] = {}
-        self.order: Any = SortedList()  # ids, key order
-        self.changes: Any = SortedList()  # (version, id) of live rows
-        self.deleted: Any = SortedList()  # (version, id) of deleted rows
+        self._order: SortedKeys | None = None  # ids, key order, while reads use it
+        self.changes = SortedKeys()  # (version, id) of live rows
+        self.deleted = SortedKeys()  # (version, id) of deleted rows
         self.tombstones: dict[str, int] = {}  # id -> version of its deletion
-        self.by_modified: Any = SortedList()  # (modifiedon, id)
-        self.indexes: dict[str, dict[Any, set[str]]] = {c: {} for c in schema.indexed}
+        self.by_modified = ModifiedIndex()
+        # the hash indexes kept (column -> index key -> ids), while reads use them
+        self.indexes: dict[str, dict[Any, set[str]]] = {}
         self.unique: dict[tuple[Any, ...], str] = {}
+        self._writes = 0  # row changes so far
+        # each kept index (_KEY_ORDER: the key order) -> _writes at its last read
+        self._read_at: dict[str, int] = {}
+
+    @property
+    def order(self) -> SortedKeys:
+        """The ids in key order (built now if it is not kept)."""
+        order = self._order
+        if order is None:
+            order = self._order = SortedKeys(self.rows)
+        self._read_at[_KEY_ORDER] = self._writes
+        return order
+
+    def index(self, column: str) -> dict[Any, set[str]]:
+        """The hash index of an indexed ``column`` (built now if it is not kept)."""
+        index = self.indexes.get(column)
+        if index is None:
+            if column not in self.schema.indexed:
+                raise KeyError(column)
+            index = self.indexes[column] = {}
+            for row_id, row in self.rows.items():
+                value = row.get(column)
+                if value is not None:
+                    index.setdefault(index_key(value), set()).add(row_id)
+        self._read_at[column] = self._writes
+        return index
+
+    def _drop_unread(self) -> None:
+        """Drop the indexes no read has used while half the table was written (rule 3)."""
+        for name, read_at in list(self._read_at.items()):
+            if 2 * (self._writes - read_at) > len(self.rows):
+                del self._read_at[name]
+                if name == _KEY_ORDER:
+                    self._order = None
+                else:
+                    del self.indexes[name]
 
     def unique_key(self, row: Row) -> tuple[Any, ...] | None:
         if not self.schema.unique:
@@ -61,7 +171,7 @@ class Table:
         return tuple(map(row.get, self.schema.unique))
 
     def lookup(self, column: str, value: Any) -> set[str]:
-        return self.indexes[column].get(index_key(value), set())
+        return self.index(column).get(index_key(value), set())
 
     def _filed_under(self, row: Row) -> Iterator[tuple[dict[Any, set[str]], Any]]:
         """The column indexes a row is filed in, each with the row's key there."""
@@ -72,7 +182,7 @@ class Table:
 
     def _index(self, row_id: str, row: Row) -> None:
         self.changes.add((row["versionnumber"], row_id))
-        self.by_modified.add((row["modifiedon"], row_id))
+        self.by_modified.add(row["modifiedon"], row_id)
         for col, index in self.indexes.items():  # as _filed_under, inline
             value = row.get(col)
             if value is not None:
@@ -89,7 +199,7 @@ class Table:
 
     def _unindex(self, row_id: str, row: Row) -> None:
         self.changes.remove((row["versionnumber"], row_id))
-        self.by_modified.remove((row["modifiedon"], row_id))
+        self.by_modified.remove(row["modifiedon"], row_id)
         for index, k in self._filed_under(row):
             ids = index[k]
             ids.discard(row_id)
@@ -102,10 +212,12 @@ class Table:
     def _refile(self, row_id: str, old: Row, row: Row) -> None:
         """Move an updated row's index entries: only those whose key changed move (an update
         usually changes one column, and every index move costs a sorted-list edit)."""
-        for column, index in (("versionnumber", self.changes), ("modifiedon", self.by_modified)):
-            if old[column] != row[column]:
-                index.remove((old[column], row_id))
-                index.add((row[column], row_id))
+        if old["versionnumber"] != row["versionnumber"]:
+            self.changes.remove((old["versionnumber"], row_id))
+            self.changes.add((row["versionnumber"], row_id))
+        if old["modifiedon"] != row["modifiedon"]:
+            self.by_modified.remove(old["modifiedon"], row_id)
+            self.by_modified.add(row["modifiedon"], row_id)
         for col, index in self.indexes.items():
             before, after = old.get(col), row.get(col)
             if before == after and type(before) is type(after):
@@ -134,6 +246,9 @@ class Table:
 
     def set(self, row_id: str, row: Row | None, tombstone: int | None) -> None:
         """Make ``row_id`` hold ``row`` (or nothing) with ``tombstone`` (or none)."""
+        self._writes += 1
+        if not self._writes % _SWEEP_EVERY:
+            self._drop_unread()
         old = self.rows.get(row_id)
         if old is not None and row is not None:
             self._refile(row_id, old, row)
@@ -141,13 +256,15 @@ class Table:
         elif old is not None:
             self._unindex(row_id, old)
             del self.rows[row_id]
-            self.order.remove(row_id)
+            if self._order is not None:
+                self._order.remove(row_id)
         old_tomb = self.tombstones.pop(row_id, None)
         if old_tomb is not None:
             self.deleted.remove((old_tomb, row_id))
         if row is not None and old is None:
-            self.order.add(row_id)
             self.rows[row_id] = row
+            if self._order is not None:
+                self._order.add(row_id)
             self._index(row_id, row)
         if tombstone is not None:
             self.tombstones[row_id] = tombstone
@@ -171,24 +288,11 @@ class Table:
             ids = sorted(by_id)
             by_version = sorted(ids, key=lambda i: by_id[i]["versionnumber"])
             by_modified = sorted(ids, key=lambda i: by_id[i]["modifiedon"])
-        self.order = SortedList(ids)
-        self.changes = SortedList([(by_id[i]["versionnumber"], i) for i in by_version])
-        self.by_modified = SortedList([(by_id[i]["modifiedon"], i) for i in by_modified])
+        self._order, self.indexes, self._read_at = None, {}, {}
+        self.changes = SortedKeys([(by_id[i]["versionnumber"], i) for i in by_version])
+        self.by_modified = ModifiedIndex((by_id[i]["modifiedon"], i) for i in by_modified)
         self.tombstones = dict(tombstones or {})
-        self.deleted = SortedList((v, i) for i, v in self.tombstones.items())
-        self.indexes = {c: {} for c in self.schema.indexed}
-        for col, index in self.indexes.items():
-            # keys are stored lower-cased already; only free text needs folding
-            fold = self.schema.columns[col].kind is Kind.STRING
-            for r in rows:
-                value = r.get(col)
-                if value is not None:
-                    k = value.lower() if fold else value
-                    holders = index.get(k)
-                    if holders is None:
-                        index[k] = {r[pk]}
-                    else:
-                        holders.add(r[pk])
+        self.deleted = SortedKeys((v, i) for i, v in self.tombstones.items())
         self.unique = {}
         if self.schema.unique:
             columns = [[r.get(c) for r in rows] for c in self.schema.unique]
