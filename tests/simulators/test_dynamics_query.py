@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
 
@@ -54,6 +55,26 @@ async def test_pages_follow_next_links_with_a_paging_cookie() -> None:
         assert len(seen) == total == len(set(seen))
         assert seen == sorted(seen)  # primary key order by default
         assert pages == -(-total // 7)
+
+
+async def test_a_paging_cookie_without_the_last_rows_key_is_refused() -> None:
+    async with organisation() as org:
+        await org.seed(records=10)
+        query = "contacts?$select=fullname&$orderby=modifiedon"
+        first = await org.get(query, headers={"Prefer": "odata.maxpagesize=3"})
+        token = parse_qs(urlsplit(first.json["@odata.nextLink"]).query)["$skiptoken"][0]
+        # the key's element kept, its value gone (as a hand-made cookie might have it)
+        outer = ET.fromstring(token)
+        inner = ET.fromstring(unquote(outer.attrib["pagingcookie"]))
+        key = inner.find("contactid")
+        assert key is not None and "last" in key.attrib
+        del key.attrib["last"]
+        outer.set("pagingcookie", quote(ET.tostring(inner, encoding="unicode")))
+        forged = ET.tostring(outer, encoding="unicode")
+        answer = await org.get(f"{query}&$skiptoken={quote(forged)}",
+                               headers={"Prefer": "odata.maxpagesize=3"})
+        assert answer.status == 400, answer.text
+        assert "$skiptoken is not valid" in answer.text
 
 
 async def test_prefer_values_in_one_header_or_in_several() -> None:

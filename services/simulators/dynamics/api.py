@@ -218,6 +218,10 @@ class Api:
                 raise query_error("The $skiptoken doesn't belong to this query. Follow "
                                   "@odata.nextLink unchanged.")
             after = [v for _, v in cookie.last]
+            if any(c == schema.pk and v is None for c, v in cookie.last):
+                # every row has its key: a cookie without one was not made by a read of ours
+                raise query_error("The $skiptoken is not valid for this query. Follow "
+                                  "@odata.nextLink unchanged.")
             page = cookie.page + 1
             snapshot = int(cookie.attrs.get("snapshot", snapshot))
         rows, more = select_rows(source, opts, limit=limit, after=after)
