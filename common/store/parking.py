@@ -4,7 +4,9 @@ writes are not yet published.
 A suppressed contact's preferences are neither read into the ledger nor written (the reconciler
 answers ``suppressed``). What each side last said about each of its preferences is kept here,
 newest per (email, preference, side), so that when the contact is resubscribed its current
-preferences are reconciled at once, without reading either vendor again.
+preferences are reconciled at once, without reading either vendor again. What kind of value it
+is stays with it: a record that joined the email (``joined``) is taken back as such, so it
+still receives the email's preferences and never gives it its own.
 
 A resubscription is marked here before the contact is saved as no longer suppressed, and the
 mark is removed only once the email's write commands are confirmed by the broker: a batch
@@ -25,6 +27,7 @@ SCHEMA = (
         account TEXT NOT NULL, email TEXT NOT NULL, preference_id INTEGER NOT NULL,
         side TEXT NOT NULL, opted_in INTEGER NOT NULL, origin_time INTEGER NOT NULL,
         version INTEGER, change_id TEXT NOT NULL,
+        carried INTEGER NOT NULL DEFAULT 0, joined INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (account, email, preference_id, side))""",
     """CREATE TABLE IF NOT EXISTS resuming_contacts (
         account TEXT NOT NULL, email TEXT NOT NULL, PRIMARY KEY (account, email))""",
@@ -34,11 +37,12 @@ SCHEMA = (
 # (the rule of common.domain.Known.is_newer_than).
 _PARK = """
     INSERT INTO parked_observations (account, email, preference_id, side, opted_in, origin_time,
-                                     version, change_id)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                                     version, change_id, carried, joined)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (account, email, preference_id, side) DO UPDATE SET
         opted_in = excluded.opted_in, origin_time = excluded.origin_time,
-        version = excluded.version, change_id = excluded.change_id
+        version = excluded.version, change_id = excluded.change_id,
+        carried = excluded.carried, joined = excluded.joined
     WHERE (excluded.version IS NOT NULL AND parked_observations.version IS NOT NULL
            AND excluded.version > parked_observations.version)
        OR ((excluded.version IS NULL OR parked_observations.version IS NULL)
@@ -53,21 +57,23 @@ class SqliteParking(SqlTables):
 
     async def park(self, observations: Sequence[Observation]) -> None:
         await self._many(_PARK, [(o.key.account, o.key.email, o.key.preference_id, o.side,
-                                  int(o.opted_in), to_us(o.origin_time), o.version, o.change_id)
+                                  int(o.opted_in), to_us(o.origin_time), o.version, o.change_id,
+                                  int(o.carried), int(o.joined))
                                  for o in observations])
 
     async def parked(self, account: str, emails: Iterable[str]) -> list[Observation]:
         rows = await self._in(
-            "SELECT email, preference_id, side, opted_in, origin_time, version, change_id "
-            "FROM parked_observations WHERE account = ? AND email IN ({})",
+            "SELECT email, preference_id, side, opted_in, origin_time, version, change_id, "
+            "carried, joined FROM parked_observations WHERE account = ? AND email IN ({})",
             (account,), _emails(emails))
         out: list[Observation] = []
-        for email, preference_id, side, opted_in, origin, version, change_id in rows:
+        for email, preference_id, side, opted_in, origin, version, change_id, carried, joined \
+                in rows:
             stored_side: Side = "dynamics" if side == "dynamics" else "dotdigital"
             out.append(Observation(
                 key=PreferenceKey(account=account, email=email, preference_id=preference_id),
                 side=stored_side, opted_in=bool(opted_in), origin_time=from_us(origin), version=version,
-                change_id=change_id))
+                change_id=change_id, carried=bool(carried), joined=bool(joined)))
         # the order they happened in, per side's own clock
         out.sort(key=lambda o: (o.origin_time, o.side, o.key.preference_id))
         return out

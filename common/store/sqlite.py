@@ -127,7 +127,9 @@ SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION
 ADDED_COLUMNS = (("history", "corrected_time", "INTEGER"),
                  ("dyn_records", "email_since", "TEXT"),
                  ("outstanding_keys", "sides", "INTEGER NOT NULL DEFAULT 3"),
-                 ("history", "bucket", "INTEGER"))
+                 ("history", "bucket", "INTEGER"),
+                 ("parked_observations", "carried", "INTEGER NOT NULL DEFAULT 0"),
+                 ("parked_observations", "joined", "INTEGER NOT NULL DEFAULT 0"))
 
 # What is made once every added column exists (either database).
 AFTER_COLUMNS = HISTORY_INDEXES

@@ -89,3 +89,32 @@ async def test_carry_copies_the_old_emails_preferences_to_the_new_email(tmp_path
             assert await world.dotdigital_values("moved.carry@example.com") == expected
             # ... and the old email still holds them too.
             assert await world.dotdigital_values(old_email) == before
+
+
+async def test_a_record_that_joins_a_suppressed_contacts_email_still_receives_its_preferences(
+        world: World, org: Vendors) -> None:
+    # Read while the contact is suppressed, the record's rows are parked until it resubscribes;
+    # they must come back as the record joining the email, not as the email's newest change
+    # (which would opt the person back in on dotdigital with the old email's values).
+    new_email = "moved.suppressed@example.com"
+    ids = [p.id for p in world.preferences]
+    person = next(p for p in world.people[10:] if p.kind == "contact")
+    (record, _), = (await org.record_values(person.email)).items()
+    theirs = {pid: i % 2 == 0 for i, pid in enumerate(ids)}
+    await org.dotdigital.patch_contact_v3(new_email, preferences=theirs)
+    mine = {pid: not value for pid, value in theirs.items()}
+    for pid, value in mine.items():
+        await org.subscribe("contact", record, pid, value)
+    await synced(world)
+    await org.set_status(new_email, "Unsubscribed")
+    await synced(world)  # the suppression is read
+    await world.set_clock("dynamics", {"offset_s": 3})
+    await org.set_record("contact", record, {"emailaddress1": new_email})
+    await world.set_clock("dynamics", {})
+    await synced(world)  # the record's rows are read, and parked
+    assert (await org.record_values(new_email))[record] == mine  # left alone meanwhile
+    await org.set_status(new_email, "Subscribed")
+    await synced(world)
+    assert (await org.record_values(new_email))[record] == theirs
+    assert await world.dotdigital_values(new_email) == theirs
+    assert await world.dotdigital_values(person.email) == mine

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,6 +48,23 @@ async def test_newest_per_side_is_kept_and_taken_back_in_time_order(backend: str
         assert await store.parked_observations("acme", ["ann@example.com"]) == []
         assert len(await store.parked_observations("acme", ["bob@example.com"])) == 1
         assert len(await store.parked_observations("other", ["ann@example.com"])) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_joined_or_carried_value_is_taken_back_as_what_it_was(backend: str,
+                                                                      tmp_path: Path) -> None:
+    # A record that took a suppressed contact's email: taken back as a plain read, its value
+    # would compete for the register (the newest change), and opt the person back in.
+    async with store_url(backend, tmp_path) as url, open_store(url) as store:
+        joined = replace(seen("ann@example.com", "dynamics", True, at=5, version=10),
+                         joined=True)
+        carried = replace(seen("ann@example.com", "dotdigital", True, at=4), carried=True)
+        await store.park_observations([joined, carried])
+        assert await store.parked_observations("acme", ["ann@example.com"]) == [carried, joined]
+        # a newer plain read of the side takes its place, as itself
+        plain = seen("ann@example.com", "dynamics", False, at=9, version=11)
+        await store.park_observations([plain])
+        assert await store.parked_observations("acme", ["ann@example.com"]) == [carried, plain]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
