@@ -31,6 +31,23 @@ async def move(world: World, org: Vendors, *, new_email: str,
     return record, person.email, values
 
 
+async def newer_rows(world: World, org: Vendors, *, new_email: str
+                     ) -> tuple[str, str, dict[int, bool], dict[int, bool]]:
+    """A contact whose record's rows are set after ``new_email``'s values are (in dotdigital),
+    each to the other value: newer, but made for its own email. Returns (record id, its email,
+    the new email's values, the record's)."""
+    ids = [p.id for p in world.preferences]
+    person = next(p for p in world.people[10:] if p.kind == "contact")
+    (record, _), = (await org.record_values(person.email)).items()
+    theirs = {pid: i % 2 == 0 for i, pid in enumerate(ids)}
+    await org.dotdigital.patch_contact_v3(new_email, preferences=theirs)
+    mine = {pid: not value for pid, value in theirs.items()}
+    for pid, value in mine.items():
+        await org.subscribe("contact", record, pid, value)
+    await synced(world)
+    return record, person.email, theirs, mine
+
+
 async def test_by_default_the_new_email_starts_from_its_own_preferences(
         world: World, org: Vendors) -> None:
     new_email = "moved.fresh@example.com"
@@ -51,18 +68,10 @@ async def test_the_moved_records_own_rows_never_compete_for_the_new_email(
     # The record's rows were changed after the new email's values were set: newer, but made
     # for the old email. They stay the old email's; the record gets the new email's values.
     new_email = "moved.newer.rows@example.com"
-    ids = [p.id for p in world.preferences]
-    person = next(p for p in world.people[10:] if p.kind == "contact")
-    (record, _), = (await org.record_values(person.email)).items()
-    theirs = {pid: i % 2 == 0 for i, pid in enumerate(ids)}
-    await org.dotdigital.patch_contact_v3(new_email, preferences=theirs)
-    mine = {pid: not value for pid, value in theirs.items()}
-    for pid, value in mine.items():
-        await org.subscribe("contact", record, pid, value)
-    await synced(world)
-    assert await world.dotdigital_values(person.email) == mine
+    record, email, theirs, mine = await newer_rows(world, org, new_email=new_email)
+    assert await world.dotdigital_values(email) == mine
     moved, old_email, _ = await move(world, org, new_email=new_email, new_values=theirs)
-    assert (moved, old_email) == (record, person.email)
+    assert (moved, old_email) == (record, email)
     assert (await org.record_values(new_email))[record] == theirs
     assert await world.dotdigital_values(new_email) == theirs
     assert await world.dotdigital_values(old_email) == mine
@@ -97,15 +106,7 @@ async def test_a_record_that_joins_a_suppressed_contacts_email_still_receives_it
     # they must come back as the record joining the email, not as the email's newest change
     # (which would opt the person back in on dotdigital with the old email's values).
     new_email = "moved.suppressed@example.com"
-    ids = [p.id for p in world.preferences]
-    person = next(p for p in world.people[10:] if p.kind == "contact")
-    (record, _), = (await org.record_values(person.email)).items()
-    theirs = {pid: i % 2 == 0 for i, pid in enumerate(ids)}
-    await org.dotdigital.patch_contact_v3(new_email, preferences=theirs)
-    mine = {pid: not value for pid, value in theirs.items()}
-    for pid, value in mine.items():
-        await org.subscribe("contact", record, pid, value)
-    await synced(world)
+    record, email, theirs, mine = await newer_rows(world, org, new_email=new_email)
     await org.set_status(new_email, "Unsubscribed")
     await synced(world)  # the suppression is read
     await world.set_clock("dynamics", {"offset_s": 3})
@@ -117,4 +118,4 @@ async def test_a_record_that_joins_a_suppressed_contacts_email_still_receives_it
     await synced(world)
     assert (await org.record_values(new_email))[record] == theirs
     assert await world.dotdigital_values(new_email) == theirs
-    assert await world.dotdigital_values(person.email) == mine
+    assert await world.dotdigital_values(email) == mine
