@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -106,9 +107,9 @@ def _account() -> Any:
     return AccountConfig(
         id="bench", dynamics=DynamicsConfig(
             url="https://org.example.com", token_url="https://login.example.com/token",
-            client_id="bench", client_secret=Secret("x"), scope="s", page_size=PAGE),
+            client_id="bench", client_secret=Secret(secrets.token_urlsafe(12)), scope="s", page_size=PAGE),
         dotdigital=DotdigitalConfig(url="https://r1-api.dotdigital.com", api_user="bench",
-                                    password=Secret("x")),
+                                    password=Secret(secrets.token_urlsafe(12))),
         broker=AccountBrokerConfig(user="bench", password=None))
 
 

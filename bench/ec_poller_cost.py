@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import statistics
 import tempfile
 import time
@@ -37,7 +38,8 @@ from services.ec_poller.service import EcPoller
 from tests.harness.world import DD_ACCOUNT, simulator_processes
 
 USER = "bench-user@apiconnector.com"
-PASSWORD = "bench-password"
+# made per run: only the simulator this bench starts takes it
+PASSWORD = "Bench-" + secrets.token_urlsafe(12)
 SHARDS = 4
 
 
@@ -63,7 +65,7 @@ async def measure(*, contacts: int, preferences: int, runs: int) -> tuple[float,
                                  "client_id": "c", "client_secret_env": "S"},
                     "dotdigital": {"url": dd_url, "api_user": USER, "password_env": "P",
                                    "calls_per_minute": 60_000},
-                }]}, env={"S": "x", "P": PASSWORD})
+                }]}, env={"S": secrets.token_urlsafe(12), "P": PASSWORD})
             account = config.accounts[0]
             timings: list[float] = []
             states = 0
