@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from common.store import LedgerStore, open_store
+from common.store import LedgerStore, coordination, open_store
 
 from .backends import BACKENDS, store_url
+from .stepped_clock import SteppedClock
 
 
 @pytest.fixture(params=BACKENDS)
@@ -34,3 +35,10 @@ async def other(url: str) -> AsyncIterator[LedgerStore]:
     """A second replica's store on the same database."""
     async with open_store(url) as s:
         yield s
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> SteppedClock:
+    stepped = SteppedClock()
+    monkeypatch.setattr(coordination, "_now_us", stepped)
+    return stepped

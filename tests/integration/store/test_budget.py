@@ -11,6 +11,7 @@ import pytest
 
 from common.store import LedgerStore, open_store
 from common.vendors.dotdigital.client import DotdigitalClient
+from tests.integration.store.stepped_clock import SteppedClock
 from tests.unit.vendors.support import Events, dotdigital_config, dotdigital_sim, until
 
 pytestmark = pytest.mark.anyio
@@ -31,11 +32,12 @@ async def test_claims_of_replicas_share_one_limit(store: LedgerStore, other: Led
                                      span_s=SPAN)).tokens == 28
 
 
-async def test_claims_are_forgotten_after_the_span(store: LedgerStore, other: LedgerStore) -> None:
+async def test_claims_are_forgotten_after_the_span(store: LedgerStore, other: LedgerStore,
+                                                   clock: SteppedClock) -> None:
     assert (await store.claim_budget("b", "r1", tokens=5, limit=5, span_s=0.2)).tokens == 5
     refused = await other.claim_budget("b", "r2", tokens=1, limit=5, span_s=0.2)
     assert refused.tokens == 0 and 0 < refused.wait_s <= 0.2
-    await asyncio.sleep(0.3)
+    clock.advance(0.3)
     again = await other.claim_budget("b", "r2", tokens=5, limit=5, span_s=0.2)
     assert (again.tokens, again.claimers) == (5, 1)  # r1 is forgotten too
 

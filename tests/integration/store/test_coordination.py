@@ -12,11 +12,13 @@ import pytest
 from common.domain import KeyState, PreferenceKey
 from common.store import ConflictError, LedgerStore, open_store
 
+from .stepped_clock import SteppedClock
+
 pytestmark = pytest.mark.anyio
 
 
 async def test_a_lease_has_one_holder_until_released_or_expired(
-        store: LedgerStore, other: LedgerStore) -> None:
+        store: LedgerStore, other: LedgerStore, clock: SteppedClock) -> None:
     assert await store.acquire_lease("acme:dynamics-poller", "r1", ttl_s=30)
     assert not await other.acquire_lease("acme:dynamics-poller", "r2", ttl_s=30)
     assert await store.acquire_lease("acme:dynamics-poller", "r1", ttl_s=30)   # renewal
@@ -28,7 +30,7 @@ async def test_a_lease_has_one_holder_until_released_or_expired(
     assert await other.lease_holder("acme:dynamics-poller") is None
     assert await other.acquire_lease("acme:dynamics-poller", "r2", ttl_s=0.2)
     assert not await store.acquire_lease("acme:dynamics-poller", "r1", ttl_s=30)
-    await asyncio.sleep(0.3)                                                    # r2 went quiet
+    clock.advance(0.3)                                                          # r2 went quiet
     assert await store.acquire_lease("acme:dynamics-poller", "r1", ttl_s=30)
 
 
@@ -46,13 +48,13 @@ async def test_racing_replicas_get_a_lease_once(url: str) -> None:
 
 
 async def test_membership_lists_live_members_with_their_detail(
-        store: LedgerStore, other: LedgerStore) -> None:
+        store: LedgerStore, other: LedgerStore, clock: SteppedClock) -> None:
     live = await store.heartbeat("r1", {"reconciler/acme": "[0]", "reconciler/globex": "[]"},
                                  ttl_s=30)
     assert live == {"reconciler/acme": {"r1": "[0]"}, "reconciler/globex": {"r1": "[]"}}
     live = await other.heartbeat("r2", {"reconciler/acme": "[1]"}, ttl_s=0.2)
     assert live == {"reconciler/acme": {"r1": "[0]", "r2": "[1]"}}
-    await asyncio.sleep(0.3)                                                    # r2 stopped
+    clock.advance(0.3)                                                          # r2 stopped
     assert await store.members("reconciler/acme") == {"r1": "[0]"}
     await store.leave("r1", ["reconciler/acme"])
     assert await other.members("reconciler/acme") == {}
@@ -94,11 +96,12 @@ async def test_concurrent_saves_of_one_key_conflict(url: str) -> None:
             await s.close()
 
 
-async def test_a_lapsed_lease_is_not_renewed(store: LedgerStore, other: LedgerStore) -> None:
+async def test_a_lapsed_lease_is_not_renewed(store: LedgerStore, other: LedgerStore,
+                                             clock: SteppedClock) -> None:
     assert await store.acquire_lease("acme:ec-poller", "r1", ttl_s=0.2)
     assert await store.renew_lease("acme:ec-poller", "r1", ttl_s=0.2)
     assert not await other.renew_lease("acme:ec-poller", "r2", ttl_s=30)      # not its lease
-    await asyncio.sleep(0.3)
+    clock.advance(0.3)
     # r1 stalled past its lease: r2 may have run and released meanwhile; r1 must stop
     assert await other.acquire_lease("acme:ec-poller", "r2", ttl_s=30)
     await other.release_lease("acme:ec-poller", "r2")
