@@ -13,7 +13,7 @@ never overwrite each other's decisions: a save whose expected revisions no longe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
@@ -179,9 +179,12 @@ class Parking(Protocol):
     # origin time. Folded in when the contact is resubscribed.
     async def park_observations(self, observations: Sequence[Observation]) -> None: ...
 
-    async def parked_observations(self, account: str,
-                                  emails: Iterable[str]) -> list[Observation]:
-        """Parked observations of those emails, in origin-time order."""
+    async def parked_observations(
+            self, account: str, emails: Iterable[str], *,
+            unplaced: Callable[[Observation], Observation] | None = None) -> list[Observation]:
+        """Parked observations of those emails, in origin-time order, each placed in our time
+        base as it was when parked; one parked by a release that kept no placement is placed
+        by ``unplaced`` (None: left on its vendor's clock)."""
         ...
 
     async def unpark_observations(self, account: str, emails: Iterable[str]) -> None: ...

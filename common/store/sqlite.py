@@ -129,7 +129,11 @@ ADDED_COLUMNS = (("history", "corrected_time", "INTEGER"),
                  ("outstanding_keys", "sides", "INTEGER NOT NULL DEFAULT 3"),
                  ("history", "bucket", "INTEGER"),
                  ("parked_observations", "carried", "INTEGER NOT NULL DEFAULT 0"),
-                 ("parked_observations", "joined", "INTEGER NOT NULL DEFAULT 0"))
+                 ("parked_observations", "joined", "INTEGER NOT NULL DEFAULT 0"),
+                 ("parked_observations", "offset_us", "INTEGER"),
+                 ("parked_observations", "uncertainty_us", "INTEGER"),
+                 ("parked_observations", "bounded_us", "INTEGER"),
+                 ("parked_observations", "clock_epoch", "INTEGER"))
 
 # What is made once every added column exists (either database).
 AFTER_COLUMNS = HISTORY_INDEXES
@@ -169,6 +173,10 @@ _UPSERT_CONTACT = """
     WHERE excluded.since > contact_state.since
        OR (excluded.since = contact_state.since
            AND excluded.suppressed > contact_state.suppressed)"""
+
+
+def _as_stored(observation: Observation) -> Observation:
+    return observation
 
 
 def _keyed(columns: str, keys: Sequence[KeyTuple]) -> tuple[str, list[Any]]:
@@ -688,9 +696,10 @@ class SqliteLedgerStore:
     async def park_observations(self, observations: Sequence[Observation]) -> None:
         await self._parking.park(observations)
 
-    async def parked_observations(self, account: str,
-                                  emails: Iterable[str]) -> list[Observation]:
-        return await self._parking.parked(account, emails)
+    async def parked_observations(
+            self, account: str, emails: Iterable[str], *,
+            unplaced: Callable[[Observation], Observation] | None = None) -> list[Observation]:
+        return await self._parking.parked(account, emails, unplaced=unplaced or _as_stored)
 
     async def unpark_observations(self, account: str, emails: Iterable[str]) -> None:
         await self._parking.unpark(account, emails)

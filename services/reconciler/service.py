@@ -211,9 +211,11 @@ class Reconciler:
         # each side's clock as last measured: every change is compared in our time base
         time_base = await load_time_base(self._store, account=account,
                                          tolerance=self._future_tolerance)
-        parked = [time_base.place(o, read_at=now)
-                  for o in (await self._store.parked_observations(account, resuming)
-                            if resuming else [])]
+        # placed as when they were read (only those parked by an earlier release, which kept
+        # no placement, are placed now)
+        parked = (await self._store.parked_observations(
+            account, resuming, unplaced=partial(time_base.place, read_at=now))
+            if resuming else [])
         keys |= {key_tuple(o.key) for o in parked}
         result = BatchResult(fold=RowFold(states=await self._store.load_rows(keys)),
                              contacts=contacts, recorded_at=now)

@@ -23,7 +23,7 @@ Each write keeps the real store's semantics (SQL in :mod:`common.store.directory
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -341,11 +341,13 @@ class OverlayStore:
             if old is None or _newer(observation, old):
                 self._parked[slot] = observation
 
-    async def parked_observations(self, account: str,
-                                  emails: Iterable[str]) -> list[Observation]:
+    async def parked_observations(
+            self, account: str, emails: Iterable[str], *,
+            unplaced: Callable[[Observation], Observation] | None = None) -> list[Observation]:
         wanted = set(emails)
         stored = list(await self._store.parked_observations(
-            account, [e for e in wanted if (account, e) not in self._unparked]))
+            account, [e for e in wanted if (account, e) not in self._unparked],
+            unplaced=unplaced))
         found: dict[tuple[str, int, str], Observation] = {
             (o.key.email, o.key.preference_id, o.side): o for o in stored}
         for (a, email, preference_id, side), observation in self._parked.items():

@@ -5,13 +5,10 @@ that column), and each vendor's clock estimate, updated by several writers at on
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sqlite3
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from common.domain import (
@@ -23,11 +20,10 @@ from common.domain import (
     Register,
 )
 from common.store import LedgerStore, open_store
-from common.store.postgres import postgres_ddl
 from common.vendors.clock_skew import clock_status, load_time_base, record_samples
 from tests.harness.keys import T, key
 
-from .backends import POSTGRES_URL
+from .backends import make_old_table
 
 pytestmark = pytest.mark.anyio
 
@@ -72,21 +68,8 @@ async def test_a_ledger_made_before_the_corrected_time_gets_it(backend: str, url
     opening it adds the column, and the rows it held read back without one."""
     old_row = ("acme", KEY.email, 1001, "dynamics", 1, 1_000_000, "dyn:1", "applied", 2_000_000)
     insert = ("INSERT INTO history (account, email, preference_id, side, opted_in, origin_time, "
-              "change_id, decision, recorded_at) VALUES ")
-    if backend == "sqlite":
-        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
-            db.execute(_old_history_table())
-            db.execute(insert + "(?, ?, ?, ?, ?, ?, ?, ?, ?)", old_row)
-            db.commit()
-    else:
-        schema = url.rsplit("search_path=", 1)[1]
-        connection = await asyncpg.connect(POSTGRES_URL)
-        try:
-            await connection.execute(f"SET search_path = {schema}")
-            await connection.execute(postgres_ddl(_old_history_table()))
-            await connection.execute(insert + "($1, $2, $3, $4, $5, $6, $7, $8, $9)", *old_row)
-        finally:
-            await connection.close()
+              "change_id, decision, recorded_at) VALUES")
+    await make_old_table(backend, url, ddl=_old_history_table(), insert=insert, row=old_row)
     for _ in range(2):  # and opening it again changes nothing more
         async with open_store(url) as store:
             (old,) = await store.history("acme", KEY.email)
