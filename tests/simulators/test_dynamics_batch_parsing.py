@@ -93,6 +93,37 @@ def test_the_usual_batch_reads_the_same_either_way() -> None:
     assert [p.changeset is None for p in parse_parts(body, CONTENT_TYPE)] == [False] * 6 + [True] * 2
 
 
+def _changeset_of(boundary: str, requests: list[str], *, preamble: str = "",
+                  epilogue: str = "") -> str:
+    inner = "".join(f"--{boundary}\r\n{r}\r\n" for r in requests)
+    return (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n"
+            f"{preamble}{inner}--{boundary}--{epilogue}")
+
+
+@pytest.mark.parametrize("shape", ["one", "two", "none", "preamble", "epilogue", "unclosed",
+                                   "dashes in the body", "delimiter in the body"])
+def test_change_sets_of_any_shape_read_the_same_either_way(shape: str) -> None:
+    # a change set holding one usual request is read without splitting it: every other
+    # shape must still be read in full, as the line-by-line reading does
+    boundary = "changeset_1"
+    body = '{"psync_status":100000000}'
+    if shape == "dashes in the body":
+        body = '{"psync_name":"--"}'
+    elif shape == "delimiter in the body":
+        body = '{"psync_name":"--changeset_1--"}'
+    one = _request("POST", f"{ROOT}/{SUBSCRIPTIONS}", ["Prefer: return=representation"],
+                   body, "1")
+    requests = {"two": [one, one.replace("Content-ID: 1", "Content-ID: 2")],
+                "none": []}.get(shape, [one])
+    changeset = _changeset_of(boundary, requests,
+                              preamble="noise\r\n" if shape == "preamble" else "",
+                              epilogue="\r\nnoise" if shape == "epilogue" else "")
+    if shape == "unclosed":
+        changeset = changeset.removesuffix(f"--{boundary}--")
+    raw = f"--{BATCH}\r\n{changeset}\r\n--{BATCH}--\r\n".encode()
+    assert _read(raw, usual_heads=True) == _read(raw, usual_heads=False)
+
+
 _PIECES = [b"\r\n", b"\n", b"\r", b"\r\n\r\n", b":", b" ", b"\t", b"\x0b", b"\xc2\x85",
            b"\xe2\x80\xa8", b"\xff", b"--", b'"', b";", b"1", b"x", b"Content-ID: 7",
            b"content-type: application/http", b"Content-Type: multipart/mixed; boundary=x",
@@ -161,6 +192,10 @@ def _request_as_read_whole(content: bytes) -> Any:
     b"GET\r\nA: b\r\n\r\n",
     b"\r\nGET /x HTTP/1.1\r\n\r\n",
     b"",
+    b"GET\t/x HTTP/1.1\r\nA: b\r\n\r\n",
+    b"GET /x\x7f HTTP/1.1\r\n\r\n",
+    b"GET /x\x1cy HTTP/1.1\r\nA: b\r\n\r\n",
+    b"GET /x\x00 HTTP/1.1\r\n\r\n",
 ])
 def test_a_request_reads_as_its_head_decoded_whole(content: bytes) -> None:
     expected = _request_as_read_whole(content)
@@ -174,3 +209,22 @@ def test_a_request_reads_as_its_head_decoded_whole(content: bytes) -> None:
     assert (part.method, part.url, list(part.request_headers.items()), part.body) == expected
     # the same lines again: their parse is kept
     assert _request_part(content, None, heads).request_headers is part.request_headers
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_request_lines_of_any_bytes_read_as_the_head_decoded_whole(seed: int) -> None:
+    # every byte value in the request line: ASCII controls and line breaks, DEL, non-ASCII
+    rng = random.Random(seed)
+    for _ in range(3000):
+        line = bytes(rng.choice([rng.randrange(256), rng.randrange(0x20, 0x7F)])
+                     for _ in range(rng.randrange(12)))
+        content = b"PATCH /x" + line + b" HTTP/1.1\r\nA: b\r\n\r\n{}"
+        expected = _request_as_read_whole(content)
+        try:
+            part = _request_part(content, None, {})
+        except ApiError as exc:
+            assert ("error", exc.message) == expected, content
+            continue
+        assert part.request_headers is not None
+        assert (part.method, part.url, list(part.request_headers.items()),
+                part.body) == expected, content

@@ -15,8 +15,9 @@
 
 Reading a batch costs little per operation: parts are cut at their delimiters with byte
 searches; a MIME head laid out as clients usually send it is recognised by its bytes, any
-other is read line by line to the same effect; a request's headers are parsed once per
-distinct text in the batch.
+other is read line by line to the same effect; a change set holding one such request (as
+clients send each write) is read without splitting it; a request's headers are parsed once
+per distinct text in the batch. The answer's parts are framed in one join.
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ _CHANGESET_HEAD = b"Content-Type: multipart/mixed; boundary="
 # boundary characters that _boundary and _mime_headers read as they are (no quote, ';',
 # white space or line break)
 _PLAIN_BOUNDARY = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_.-"
+# the bytes of printable ASCII text: a line holding only these decodes to text that is
+# ASCII and printable (``str.isprintable``)
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7F))
 
 
 def _usual_request_head(chunk: bytes) -> tuple[str | None, bytes] | None:
@@ -198,6 +202,21 @@ def _usual_changeset_head(chunk: bytes) -> tuple[str, bytes] | None:
     return None
 
 
+def _lone_request(content: bytes, boundary: str) -> tuple[str | None, bytes] | None:
+    """_usual_request_head of the one part of a change set's ``content`` when it holds just
+    one (as clients send each write: no preamble, the part, the closing delimiter), found
+    without splitting the content; else None (the change set is then read in full)."""
+    delim = b"--" + boundary.encode()
+    start = len(delim)
+    end = content.find(delim, start)
+    if (end < 0 or not content.startswith(delim) or content.startswith(b"--", start)
+            or not content.startswith(b"--", end + start)):
+        return None
+    # the part as split_multipart cuts it
+    chunk = content[start:end].removeprefix(b"\r\n").removeprefix(b"\n")
+    return _usual_request_head(chunk.removesuffix(b"\n").removesuffix(b"\r"))
+
+
 def parse_parts(body: bytes, content_type: str) -> list[Part]:
     """The parts of a ``$batch`` body sent with ``content_type``."""
     # Request headers by their text: a client sends the same headers with most operations, so
@@ -219,8 +238,10 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
         changeset = None if nested or not usual_heads else _usual_changeset_head(chunk)
         if changeset is not None:
             inner, content = changeset
-            parts.append(Part(content_id=None, changeset=_parse_parts(
-                content, inner, nested=True, heads=heads)))
+            lone = _lone_request(content, inner)
+            parts.append(Part(content_id=None, changeset=[
+                _request_part(lone[1], lone[0], heads)] if lone is not None else _parse_parts(
+                    content, inner, nested=True, heads=heads)))
             continue
         at = chunk.find(b"\r\n\r\n")  # as _split_head, inline: it looks for this first
         head, content = (chunk[:at], chunk[at + 4:]) if at >= 0 else _split_head(chunk)
@@ -259,7 +280,8 @@ def _request_part(content: bytes, content_id: str | None, heads: Heads) -> Part:
     end = req_head.find(b"\r\n")
     line = req_head if end < 0 else req_head[:end]
     header_key: bytes | str
-    if line.isascii() and (request_line := line.decode()).isprintable():
+    if not line.translate(None, _PRINTABLE_ASCII):  # (cheaper than decoding and str checks)
+        request_line = line.decode()
         header_key = req_head[len(line):]
         known = heads.get(header_key)
         if known is None:
@@ -323,19 +345,22 @@ def _http_part(result: Result, *, content_id: str | None = None, get: bool = Fal
     return _http_head(result, content_id=content_id, get=get).encode() + result.body
 
 
-def _multipart(parts: list[bytes], boundary: str, *, last_break: bool = True) -> bytes:
-    """``parts`` framed by ``boundary``: "--B\r\n" part "\r\n--B\r\n" part ... "\r\n--B--\r\n"
-    (without the last "\r\n" when not ``last_break``)."""
+def _multipart(parts: list[bytes], boundary: str, *, last_break: bool = True,
+               head: str = "") -> bytes:
+    """``head``, then ``parts`` framed by ``boundary``: "--B\r\n" part "\r\n--B\r\n" part ...
+    "\r\n--B--\r\n" (without the last "\r\n" when not ``last_break``)."""
     close = f"--{boundary}--\r\n" if last_break else f"--{boundary}--"
     if not parts:
-        return close.encode()
-    # One join, which copies each part once: the opening delimiter goes onto the first part
-    # and the closing one onto the last (joining, then adding them to the whole, would copy
-    # the whole answer again for each).
-    framed = list(parts)
-    framed[0] = f"--{boundary}\r\n".encode() + framed[0]
-    framed[-1] += f"\r\n{close}".encode()
-    return f"\r\n--{boundary}\r\n".encode().join(framed)
+        return f"{head}{close}".encode()
+    # One join of the pieces, which copies each part once (framing the first and last parts,
+    # or adding the head to the whole, would copy them again).
+    separator = f"\r\n--{boundary}\r\n".encode()
+    framed = [f"{head}--{boundary}\r\n".encode()]
+    for part in parts:
+        framed.append(part)
+        framed.append(separator)
+    framed[-1] = f"\r\n{close}".encode()
+    return b"".join(framed)
 
 
 class Batch:
@@ -425,8 +450,8 @@ class Batch:
         # as unguessable as the stem; cheaper than a GUID each)
         self._changesets += 1
         boundary = f"changesetresponse_{self._stem}{self._changesets:012x}"
-        return True, (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode()
-                      + _multipart(out, boundary, last_break=False))
+        return True, _multipart(out, boundary, last_break=False,
+                                head=f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n")
 
     def _entity_url(self, call: Call, part: Part, result: Result) -> str | None:
         if result.status != 201 or not result.body:

@@ -32,7 +32,8 @@ MAX_PAGE = 5000
 
 @dataclass(frozen=True)
 class KeysPlan:
-    """Rows whose indexed ``column`` equals one of ``keys`` (index keys, strings lower-cased)."""
+    """Rows whose ``column`` equals one of ``keys``: an indexed column's (index keys, strings
+    lower-cased), or the primary key's (the row with that id)."""
 
     pairs: tuple[tuple[str, Any], ...]
 
@@ -408,6 +409,9 @@ def plan_for(node: o._Node, schema: TableSchema) -> Plan:
         if isinstance(node.comparator, o.Eq) and name in schema.indexed:
             value = lit[1]
             return KeysPlan(pairs=((name, value.lower() if isinstance(value, str) else value),))
+        if isinstance(node.comparator, o.Eq) and name == schema.pk:
+            # the row with that id (the key as given: ids are matched exactly)
+            return KeysPlan(pairs=((name, lit[1]),))
         # rows of a query-only table are never updated: their createdon is their modifiedon
         if (name == "modifiedon" or (name == "createdon" and schema.query_only)) \
                 and isinstance(lit[1], datetime):

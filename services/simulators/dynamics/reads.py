@@ -89,7 +89,9 @@ def _candidates(source: Source, opts: QueryOptions) -> set[str] | None:
     table = source.table
     ids: set[str] | None = None
     if isinstance(plan, KeysPlan):
-        found = [table.index(col).get(key, set()) for col, key in plan.pairs]
+        pk, rows = table.schema.pk, table.rows
+        found = [({key} if key in rows else set()) if col == pk
+                 else table.index(col).get(key, set()) for col, key in plan.pairs]
         if sum(len(f) for f in found) > SORT_LIMIT:
             return None
         ids = set().union(*found)

@@ -180,7 +180,7 @@ class Table:
             if value is not None:
                 yield index, index_key(value)
 
-    def _index(self, row_id: str, row: Row) -> None:
+    def _index(self, row_id: str, row: Row, unique: tuple[Any, ...] | None) -> None:
         self.changes.add((row["versionnumber"], row_id))
         self.by_modified.add(row["modifiedon"], row_id)
         for col, index in self.indexes.items():  # as _filed_under, inline
@@ -193,7 +193,7 @@ class Table:
                     index[value] = {row_id}
                 else:
                     ids.add(row_id)
-        key = self.unique_key(row)
+        key = self.unique_key(row) if unique is None else unique
         if key is not None:
             self.unique[key] = row_id
 
@@ -209,7 +209,7 @@ class Table:
         if key is not None and self.unique.get(key) == row_id:
             del self.unique[key]
 
-    def _refile(self, row_id: str, old: Row, row: Row) -> None:
+    def _refile(self, row_id: str, old: Row, row: Row, unique: tuple[Any, ...] | None) -> None:
         """Move an updated row's index entries: only those whose key changed move (an update
         usually changes one column, and every index move costs a sorted-list edit)."""
         if old["versionnumber"] != row["versionnumber"]:
@@ -237,21 +237,24 @@ class Table:
                     index[new_key] = {row_id}
                 else:
                     moved.add(row_id)
-        old_unique, new_unique = self.unique_key(old), self.unique_key(row)
+        old_unique = self.unique_key(old)
+        new_unique = self.unique_key(row) if unique is None else unique
         if old_unique != new_unique and old_unique is not None \
                 and self.unique.get(old_unique) == row_id:
             del self.unique[old_unique]
         if new_unique is not None:
             self.unique[new_unique] = row_id
 
-    def set(self, row_id: str, row: Row | None, tombstone: int | None) -> None:
-        """Make ``row_id`` hold ``row`` (or nothing) with ``tombstone`` (or none)."""
+    def set(self, row_id: str, row: Row | None, tombstone: int | None,
+            unique: tuple[Any, ...] | None = None) -> None:
+        """Make ``row_id`` hold ``row`` (or nothing) with ``tombstone`` (or none); ``unique``:
+        the row's alternate key when the caller has it already (``unique_key(row)``)."""
         self._writes += 1
         if not self._writes % _SWEEP_EVERY:
             self._drop_unread()
         old = self.rows.get(row_id)
         if old is not None and row is not None:
-            self._refile(row_id, old, row)
+            self._refile(row_id, old, row, unique)
             self.rows[row_id] = row
         elif old is not None:
             self._unindex(row_id, old)
@@ -265,7 +268,7 @@ class Table:
             self.rows[row_id] = row
             if self._order is not None:
                 self._order.add(row_id)
-            self._index(row_id, row)
+            self._index(row_id, row, unique)
         if tombstone is not None:
             self.tombstones[row_id] = tombstone
             self.deleted.add((tombstone, row_id))
@@ -352,10 +355,12 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def put(self, entity_set: str, row_id: str, row: Row) -> None:
+    def put(self, entity_set: str, row_id: str, row: Row,
+            unique: tuple[Any, ...] | None = None) -> None:
+        """Store ``row`` as ``row_id`` (``unique``: as :meth:`Table.set` takes it)."""
         table = self.tables[entity_set]
         self._record(("row", table, row_id, table.rows.get(row_id), table.tombstones.get(row_id)))
-        table.set(row_id, row, None)
+        table.set(row_id, row, None, unique)
 
     def delete(self, entity_set: str, row_id: str, version: int) -> Row:
         table = self.tables[entity_set]

@@ -303,9 +303,11 @@ class Writes:
     def _save(self, schema: TableSchema, row_id: str, row: Row, *, old: Row | None,
               at: datetime | None) -> Row:
         """Check a created (``old`` None) or updated row, stamp it, store it and tell of it."""
-        self._check(schema, row, old)
+        # (the alternate key the check computed is the one the store files the row under:
+        # stamping changes no key column)
+        unique = self._check(schema, row, old)
         self._stamp(row, at)
-        self.store.put(schema.entity_set, row_id, row)
+        self.store.put(schema.entity_set, row_id, row, unique)
         self.on_write()
         if self.on_row is not None:
             self.on_row(schema, row)
@@ -334,7 +336,8 @@ class Writes:
 
     # -- rules -----------------------------------------------------------------------------------
 
-    def _check(self, schema: TableSchema, row: Row, old: Row | None) -> None:
+    def _check(self, schema: TableSchema, row: Row, old: Row | None) -> tuple[Any, ...] | None:
+        """Check a row against the rules; its alternate key, if its table has one."""
         if schema.entity_set == "lists":
             if not row.get("listname"):
                 raise ApiError(400, INVALID_ARGUMENT, "Attribute 'listname' cannot be NULL.")
@@ -346,9 +349,10 @@ class Writes:
                 raise ApiError(400, INVALID_ARGUMENT, "The member type (createdfromcode) of a "
                                "marketing list can't be changed after it is created.")
         if schema is SUBSCRIPTIONS:
-            self._check_subscription(row, old)
+            return self._check_subscription(row, old)
+        return None
 
-    def _check_subscription(self, row: Row, old: Row | None) -> None:
+    def _check_subscription(self, row: Row, old: Row | None) -> tuple[Any, ...] | None:
         refs = tuple(map(row.get, _RECORD_VALUE_COLUMNS))
         if len(refs) - refs.count(None) != 1:  # exactly one record bound
             raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription must refer to "
@@ -374,6 +378,7 @@ class Writes:
                            "already exists. The entity key psync_record_preference requires that "
                            "this set of attributes contains unique values. Select unique values "
                            "and try again.")
+        return key
 
     def _check_record_editable(self, row: Row) -> None:
         for _, column, target in _RECORD_COLUMNS:
