@@ -62,7 +62,13 @@ from common.domain.trusted import assembled_all
 from common.messaging.abc import Outgoing
 from common.messaging.amqp import Publisher
 from common.messaging.envelope import ContactStatusChange, PreferenceChange
-from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
+from common.messaging.publishing import (
+    column_envelopes_by_shard,
+    envelopes_by_shard,
+    ids_of,
+    publish_progress,
+    read_markers,
+)
 from common.ops import failpoints
 from common.runs import RunRequest
 from common.store import checkpoints
@@ -166,8 +172,38 @@ def preference_changes(*, emails: Iterable[str], preference_ids: Iterable[int],
                          change_id=change_ids, carried=repeat(False), joined=repeat(False))
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptIns:
+    """Opt-ins to publish, in columns (``PreferenceChange``'s fields) of parts already checked
+    (normalised emails, aware times): published as they are, no change is built for them
+    (:func:`~common.messaging.publishing.column_envelopes_by_shard`)."""
+
+    emails: list[str]
+    preference_ids: list[int]
+    opted_in: list[bool]
+    origin_times: list[datetime]
+    change_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.emails)
+
+    def columns(self) -> dict[str, list[Any]]:
+        """By the envelope's column names."""
+        return {"email": self.emails, "preference_id": self.preference_ids,
+                "opted_in": self.opted_in, "origin_time": self.origin_times,
+                "change_id": self.change_ids}
+
+    def changes(self) -> list[PreferenceChange]:
+        """The opt-ins as changes (what a message of them decodes to)."""
+        return preference_changes(emails=self.emails, preference_ids=self.preference_ids,
+                                  opted_in=self.opted_in, origin_times=self.origin_times,
+                                  change_ids=self.change_ids, count=len(self))
+
+
+NO_OPT_INS = OptIns(emails=[], preference_ids=[], opted_in=[], origin_times=[], change_ids=[])
+
 # A page's changes: the contacts' statuses, and the opt-ins (published in that order).
-PageChanges = tuple[list[ContactStatusChange], list[PreferenceChange]]
+PageChanges = tuple[list[ContactStatusChange], OptIns]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -473,17 +509,17 @@ class EcPoller:
         owners = read.owners
         if len(emails) == len(read.contact_ids):
             # every contact is published (a page read once): every opt-in, as read
-            return status_changes, preference_changes(
-                emails=map(emails.__getitem__, owners), preference_ids=read.preference_ids,
-                opted_in=read.opted_in, origin_times=read.modified, change_ids=read.change_ids,
-                count=len(owners))
+            return status_changes, OptIns(
+                emails=list(map(emails.__getitem__, owners)),
+                preference_ids=list(read.preference_ids), opted_in=list(read.opted_in),
+                origin_times=list(read.modified), change_ids=list(read.change_ids))
         kept = [opt_in for opt_in, owner in enumerate(owners) if owner in emails]
-        return status_changes, preference_changes(
-            emails=map(emails.__getitem__, map(owners.__getitem__, kept)),
-            preference_ids=map(read.preference_ids.__getitem__, kept),
-            opted_in=map(read.opted_in.__getitem__, kept),
-            origin_times=map(read.modified.__getitem__, kept),
-            change_ids=map(read.change_ids.__getitem__, kept), count=len(kept))
+        return status_changes, OptIns(
+            emails=list(map(emails.__getitem__, map(owners.__getitem__, kept))),
+            preference_ids=list(map(read.preference_ids.__getitem__, kept)),
+            opted_in=list(map(read.opted_in.__getitem__, kept)),
+            origin_times=list(map(read.modified.__getitem__, kept)),
+            change_ids=list(map(read.change_ids.__getitem__, kept)))
 
     async def _read_suppressions(self, request: RunRequest, clock: RunClock, full_read: bool,
                                  counts: RunCounts) -> None:
@@ -596,20 +632,21 @@ class EcPoller:
 
     async def _publish(self, request: RunRequest, counts: RunCounts, *,
                        statuses: Sequence[ContactStatusChange],
-                       opt_ins: Sequence[PreferenceChange] = (), id_seed: str) -> None:
+                       opt_ins: OptIns = NO_OPT_INS, id_seed: str) -> None:
         await self._send(request, counts, self._messages(request, statuses, opt_ins,
                                                          id_seed=id_seed))
 
     def _messages(self, request: RunRequest, statuses: Sequence[ContactStatusChange],
-                  opt_ins: Sequence[PreferenceChange], *, id_seed: str) -> Messages:
+                  opt_ins: OptIns, *, id_seed: str) -> Messages:
         return Messages(
             statuses=envelopes_by_shard(
                 account=self.account.id, source="dotdigital", type="contact-status-changes",
                 changes=statuses, shards=self._shards, run_id=request.run_id,
                 id_seed=f"{id_seed}:status"),
-            opt_ins=envelopes_by_shard(
+            opt_ins=column_envelopes_by_shard(
                 account=self.account.id, source="dotdigital", type="preference-changes",
-                changes=opt_ins, shards=self._shards, run_id=request.run_id, id_seed=id_seed),
+                columns=opt_ins.columns(), shards=self._shards, run_id=request.run_id,
+                id_seed=id_seed),
             status_count=len(statuses), opt_in_count=len(opt_ins))
 
     async def _send(self, request: RunRequest, counts: RunCounts, messages: Messages) -> None:
