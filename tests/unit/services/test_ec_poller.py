@@ -366,8 +366,7 @@ def test_a_pages_changes_are_each_contacts_status_then_its_opt_ins(
                                                                   5: "Unsubscribed"}
     expected = _expected_changes(read, places, at, expected_sent)
     statuses, opt_ins = EcPoller._changes_from(read, places, at, statuses_sent=sent)
-    assert (statuses, opt_ins.changes()) == expected and sent == expected_sent
-    assert [type(c) for c in statuses] == [ContactStatusChange] * len(expected[0])
+    assert (statuses.changes(), opt_ins.changes()) == expected and sent == expected_sent
+    assert [type(c) for c in statuses.changes()] == [ContactStatusChange] * len(expected[0])
     if places == [0, 1, 2, 3] and not malformed:
-        assert len(opt_ins) == 4 and [c.email for c in statuses] == ["a@example.com", "b@x.com",
-                                                                     "c@x.com"]
+        assert len(opt_ins) == 4 and statuses.emails == ["a@example.com", "b@x.com", "c@x.com"]
