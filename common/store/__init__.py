@@ -11,12 +11,14 @@ __all__ = ["Change", "ConflictError", "LedgerStore", "SqliteLedgerStore", "open_
 _SQLITE = "sqlite:///"
 
 
-def open_store(url: str) -> LedgerStore:
+def open_store(url: str, *, cache_mib: int | None = None) -> LedgerStore:
     """A store for ``url`` (not yet connected: ``async with open_store(url) as store``).
 
     ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``sqlite:///:memory:``;
     ``postgresql://user@host:5432/db[?search_path=schema]`` (several machines).
     Anything else raises ``ValueError`` naming only the URL scheme (URLs may carry credentials).
+    ``cache_mib``: SQLite's page cache for the connection (None: SQLite's default); PostgreSQL
+    has no per-connection page cache to set.
     """
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme:
@@ -33,4 +35,4 @@ def open_store(url: str) -> LedgerStore:
     path = url[len(_SQLITE):]
     if not path or "?" in path or "#" in path:
         raise ValueError("sqlite ledger store URL needs a plain file path or :memory:")
-    return SqliteLedgerStore(path=path)
+    return SqliteLedgerStore(path=path, cache_mib=cache_mib)

@@ -142,7 +142,9 @@ AFTER_COLUMNS = HISTORY_INDEXES
 # its whole cache whenever another connection committed since its last transaction, which the
 # services sharing the ledger do all the time; 16 MiB measured no CPU gained per key state
 # (bench.ledger_cost, and 16,000 keys read and written over again in a 70 MB ledger) and cost
-# its size in resident memory, which each service must keep under 150 MB.
+# its size in resident memory, which each service must keep under 150 MB. A service whose own
+# transactions touch more than that may ask for more (``cache_mib``; see
+# services.runtime.registry.LEDGER_CACHE_MIB).
 
 # Keys per row-value IN query: 3 parameters each, well under SQLite's parameter limit.
 _CHUNK = 300
@@ -376,8 +378,11 @@ async def _use_wal(db: SqliteConnection, *, wait_s: float = 60.0) -> None:
 class SqliteLedgerStore:
     """The ledger in one SQLite file (or in memory for ``:memory:``)."""
 
-    def __init__(self, *, path: str, busy_timeout_s: float = 60.0) -> None:
+    def __init__(self, *, path: str, busy_timeout_s: float = 60.0,
+                 cache_mib: int | None = None) -> None:
         self._path = path
+        # the connection's page cache (None: SQLite's default; see the note above the schema)
+        self._cache_mib = cache_mib
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._db: SqliteConnection | None = None
         # one connection: transactions must not interleave on it
@@ -405,6 +410,8 @@ class SqliteLedgerStore:
             await _use_wal(db)
             # FULL: a committed decision survives power loss (messages are acked after commit)
             await db.execute("PRAGMA synchronous = FULL")
+            if self._cache_mib is not None:
+                await db.execute(f"PRAGMA cache_size = {-1024 * int(self._cache_mib)}")
             await db.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA_STATEMENTS:
                 await db.execute(statement)

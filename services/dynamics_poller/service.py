@@ -51,7 +51,13 @@ from common.domain import HistoryEntry, normalize_email, speaks_for_email
 from common.domain.eligibility import INELIGIBLE, record_is_eligible
 from common.messaging.amqp import Outgoing, Publisher
 from common.messaging.envelope import EligibleContact, Envelope, PreferenceChange, encode
-from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, stable_id
+from common.messaging.publishing import (
+    column_envelopes_by_shard,
+    envelopes_by_shard,
+    ids_of,
+    publish_progress,
+    stable_id,
+)
 from common.messaging.topology import CONTROL_EXCHANGE, Topology
 from common.ops import failpoints
 from common.runs import RunRequest
@@ -443,9 +449,9 @@ class DynamicsPoller:
                             id_seed: str) -> None:
         """Resolve, store and publish one page of subscription rows.
 
-        A backfill brings every row of the table through here: each row costs its reading, its
-        :class:`SubscriptionRow` and its change (nothing more is built for it), and stamps that
-        rows share are parsed once."""
+        A backfill brings every row of the table through here: each row costs its reading and
+        its :class:`SubscriptionRow` (nothing more is built for it: its change goes out in
+        columns), and stamps that rows share are parsed once."""
         counts.read += len(rows)
         wanted: list[tuple[dict[str, Any], str, int]] = []
         for row in rows:
@@ -461,7 +467,13 @@ class DynamicsPoller:
         missing = {r for _, r, _ in wanted if r not in records}
         if missing:
             records.update(await self._fetch_records(missing))
-        changes: list[PreferenceChange] = []
+        # the changes to publish, in columns (published as they are: no change is built)
+        emails: list[str] = []
+        preferences: list[int] = []
+        opted: list[bool] = []
+        origin_times: list[datetime] = []
+        versions: list[int] = []
+        change_ids: list[str] = []
         subscription_rows: list[SubscriptionRow] = []
         ineligible: list[HistoryEntry] = []
         now = datetime.now(UTC)
@@ -504,18 +516,23 @@ class DynamicsPoller:
                     row_modified=modified, email_since=parse_odata_time(record.email_since)):
                 counts.earlier_email += 1  # the record's earlier email's change, not this one's
                 continue
-            changes.append(PreferenceChange(
-                email=email, preference_id=preference, opted_in=opted_in, origin_time=modified,
-                version=version, change_id=f"dyn:{subscription_id}:{raw_version}"))
+            emails.append(email)
+            preferences.append(preference)
+            opted.append(opted_in)
+            origin_times.append(modified)
+            versions.append(version)
+            change_ids.append(f"dyn:{subscription_id}:{raw_version}")
         if subscription_rows:
             await self._store.upsert_subscriptions(self.account.id, subscription_rows)
         if ineligible:
             await self._store.save([], history=ineligible)
-        outgoing = envelopes_by_shard(
+        outgoing = column_envelopes_by_shard(
             account=self.account.id, source="dynamics", type="preference-changes",
-            changes=changes, shards=self._shards, run_id=request.run_id, id_seed=id_seed)
+            columns={"email": emails, "preference_id": preferences, "opted_in": opted,
+                     "origin_time": origin_times, "version": versions, "change_id": change_ids},
+            shards=self._shards, run_id=request.run_id, id_seed=id_seed)
         await self._publisher.publish_many(outgoing)
-        counts.published += len(changes)
+        counts.published += len(emails)
         counts.message_ids.extend(ids_of(outgoing))
         await publish_progress(self._publisher, account=self.account.id, run_id=request.run_id,
                                event="read", fields={"source": "dynamics", "read": counts.read})

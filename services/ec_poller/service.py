@@ -62,7 +62,12 @@ from common.domain.trusted import assembled_all
 from common.messaging.abc import Outgoing
 from common.messaging.amqp import Publisher
 from common.messaging.envelope import ContactStatusChange, PreferenceChange
-from common.messaging.publishing import envelopes_by_shard, ids_of, publish_progress, read_markers
+from common.messaging.publishing import (
+    column_envelopes_by_shard,
+    ids_of,
+    publish_progress,
+    read_markers,
+)
 from common.ops import failpoints
 from common.runs import RunRequest
 from common.store import checkpoints
@@ -166,8 +171,71 @@ def preference_changes(*, emails: Iterable[str], preference_ids: Iterable[int],
                          change_id=change_ids, carried=repeat(False), joined=repeat(False))
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptIns:
+    """Opt-ins to publish, in columns (``PreferenceChange``'s fields) of parts already checked
+    (normalised emails, aware times): published as they are, no change is built for them
+    (:func:`~common.messaging.publishing.column_envelopes_by_shard`)."""
+
+    emails: list[str]
+    preference_ids: list[int]
+    opted_in: list[bool]
+    origin_times: list[datetime]
+    change_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.emails)
+
+    def columns(self) -> dict[str, list[Any]]:
+        """By the envelope's column names."""
+        return {"email": self.emails, "preference_id": self.preference_ids,
+                "opted_in": self.opted_in, "origin_time": self.origin_times,
+                "change_id": self.change_ids}
+
+    def changes(self) -> list[PreferenceChange]:
+        """The opt-ins as changes (what a message of them decodes to)."""
+        return preference_changes(emails=self.emails, preference_ids=self.preference_ids,
+                                  opted_in=self.opted_in, origin_times=self.origin_times,
+                                  change_ids=self.change_ids, count=len(self))
+
+
+NO_OPT_INS = OptIns(emails=[], preference_ids=[], opted_in=[], origin_times=[], change_ids=[])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Statuses:
+    """Contact statuses to publish, in columns (``ContactStatusChange``'s fields) of parts
+    already checked, published as they are (see :class:`OptIns`)."""
+
+    emails: list[str]
+    statuses: list[str]
+    origin_times: list[datetime]
+    change_ids: list[str]
+
+    @classmethod
+    def of(cls, changes: Sequence[ContactStatusChange]) -> Statuses:
+        return cls(emails=[c.email for c in changes], statuses=[c.status for c in changes],
+                   origin_times=[c.origin_time for c in changes],
+                   change_ids=[c.change_id for c in changes])
+
+    def __len__(self) -> int:
+        return len(self.emails)
+
+    def columns(self) -> dict[str, list[Any]]:
+        """By the envelope's column names."""
+        return {"email": self.emails, "status": self.statuses, "origin_time": self.origin_times,
+                "change_id": self.change_ids}
+
+    def changes(self) -> list[ContactStatusChange]:
+        """The statuses as changes (what a message of them decodes to)."""
+        # (ContactStatusChange checks nothing of its own: the same objects)
+        return assembled_all(ContactStatusChange, len(self), email=self.emails,
+                             status=self.statuses, origin_time=self.origin_times,
+                             change_id=self.change_ids)
+
+
 # A page's changes: the contacts' statuses, and the opt-ins (published in that order).
-PageChanges = tuple[list[ContactStatusChange], list[PreferenceChange]]
+PageChanges = tuple[Statuses, OptIns]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -466,24 +534,22 @@ class EcPoller:
                 status_emails.append(email)
                 statuses.append(status)
                 status_ids.append(f"ec-status:{contact_id}")
-        # (ContactStatusChange checks nothing of its own: built as a page, the same objects)
-        status_changes = assembled_all(ContactStatusChange, len(statuses), email=status_emails,
-                                       status=statuses, origin_time=repeat(started),
-                                       change_id=status_ids)
+        status_changes = Statuses(emails=status_emails, statuses=statuses,
+                                  origin_times=[started] * len(statuses), change_ids=status_ids)
         owners = read.owners
         if len(emails) == len(read.contact_ids):
             # every contact is published (a page read once): every opt-in, as read
-            return status_changes, preference_changes(
-                emails=map(emails.__getitem__, owners), preference_ids=read.preference_ids,
-                opted_in=read.opted_in, origin_times=read.modified, change_ids=read.change_ids,
-                count=len(owners))
+            return status_changes, OptIns(
+                emails=list(map(emails.__getitem__, owners)),
+                preference_ids=list(read.preference_ids), opted_in=list(read.opted_in),
+                origin_times=list(read.modified), change_ids=list(read.change_ids))
         kept = [opt_in for opt_in, owner in enumerate(owners) if owner in emails]
-        return status_changes, preference_changes(
-            emails=map(emails.__getitem__, map(owners.__getitem__, kept)),
-            preference_ids=map(read.preference_ids.__getitem__, kept),
-            opted_in=map(read.opted_in.__getitem__, kept),
-            origin_times=map(read.modified.__getitem__, kept),
-            change_ids=map(read.change_ids.__getitem__, kept), count=len(kept))
+        return status_changes, OptIns(
+            emails=list(map(emails.__getitem__, map(owners.__getitem__, kept))),
+            preference_ids=list(map(read.preference_ids.__getitem__, kept)),
+            opted_in=list(map(read.opted_in.__getitem__, kept)),
+            origin_times=list(map(read.modified.__getitem__, kept)),
+            change_ids=list(map(read.change_ids.__getitem__, kept)))
 
     async def _read_suppressions(self, request: RunRequest, clock: RunClock, full_read: bool,
                                  counts: RunCounts) -> None:
@@ -502,7 +568,8 @@ class EcPoller:
                 seen = Seen(keep_from=self._read_from(await clock.started()))
             changes = [c for c in (self._status_change(s) for s in page) if c is not None]
             await self._publish(request, counts,
-                                statuses=list(self._unseen_statuses(changes, skip, seen)),
+                                statuses=Statuses.of(list(self._unseen_statuses(changes, skip,
+                                                                                seen))),
                                 id_seed=f"{request.run_id}:{source}:{since}:{page_no}")
         started = await clock.started()
         # (a burst of more than SEEN_LIMIT is published again: statuses are idempotent)
@@ -557,7 +624,7 @@ class EcPoller:
                                   f"{(contact.updated or started).isoformat()}")
                     for email, contact in active.items()
                     if email in stored and stored[email].suppressed]
-                await self._publish(request, counts, statuses=resumed,
+                await self._publish(request, counts, statuses=Statuses.of(resumed),
                                     id_seed=f"{request.run_id}:{source}:{saved.isoformat()}:"
                                             f"{page_no}")
         # First run: the feeds read from the beginning carry every contact's status.
@@ -595,21 +662,22 @@ class EcPoller:
                             id_seed=f"{request.run_id}:eligible")
 
     async def _publish(self, request: RunRequest, counts: RunCounts, *,
-                       statuses: Sequence[ContactStatusChange],
-                       opt_ins: Sequence[PreferenceChange] = (), id_seed: str) -> None:
+                       statuses: Statuses, opt_ins: OptIns = NO_OPT_INS,
+                       id_seed: str) -> None:
         await self._send(request, counts, self._messages(request, statuses, opt_ins,
                                                          id_seed=id_seed))
 
-    def _messages(self, request: RunRequest, statuses: Sequence[ContactStatusChange],
-                  opt_ins: Sequence[PreferenceChange], *, id_seed: str) -> Messages:
+    def _messages(self, request: RunRequest, statuses: Statuses, opt_ins: OptIns, *,
+                  id_seed: str) -> Messages:
         return Messages(
-            statuses=envelopes_by_shard(
+            statuses=column_envelopes_by_shard(
                 account=self.account.id, source="dotdigital", type="contact-status-changes",
-                changes=statuses, shards=self._shards, run_id=request.run_id,
+                columns=statuses.columns(), shards=self._shards, run_id=request.run_id,
                 id_seed=f"{id_seed}:status"),
-            opt_ins=envelopes_by_shard(
+            opt_ins=column_envelopes_by_shard(
                 account=self.account.id, source="dotdigital", type="preference-changes",
-                changes=opt_ins, shards=self._shards, run_id=request.run_id, id_seed=id_seed),
+                columns=opt_ins.columns(), shards=self._shards, run_id=request.run_id,
+                id_seed=id_seed),
             status_count=len(statuses), opt_in_count=len(opt_ins))
 
     async def _send(self, request: RunRequest, counts: RunCounts, messages: Messages) -> None:

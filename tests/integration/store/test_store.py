@@ -32,6 +32,7 @@ from common.store.codec import to_us
 from common.store.history import BUCKETS, history_bucket
 from common.store.interface import StoreUnavailable
 from common.store.postgres import DDL_STAMP, PostgresLedgerStore
+from services.runtime.registry import ledger_cache_mib
 from tests.harness.keys import T, key
 from tests.unit.store.test_codec import FORMAT_1_SHORT
 
@@ -417,6 +418,24 @@ async def test_a_sqlite_ledger_locked_past_the_busy_timeout_is_unavailable_for_n
         holder.close()
     async with SqliteLedgerStore(path=str(path), busy_timeout_s=0.2):
         pass
+
+
+async def test_a_sqlite_ledger_keeps_the_page_cache_its_service_asks_for(tmp_path: Path) -> None:
+    # the dynamics-poller's connection gets a bigger page cache; the others keep SQLite's
+    async def cache_kib(store: LedgerStore) -> int:
+        held = await store.get_checkpoint("none", "none")  # opened and used
+        assert held is None and isinstance(store, SqliteLedgerStore)
+        db = store._db
+        assert db is not None
+        return -int(await db.run(lambda c: c.execute("PRAGMA cache_size").fetchone()[0]))
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    async with open_store(url, cache_mib=ledger_cache_mib(("dynamics-poller",))) as poller, \
+            open_store(url, cache_mib=ledger_cache_mib(("reconciler",))) as reconciler:
+        assert await cache_kib(poller) == 32 * 1024
+        assert await cache_kib(reconciler) == 2000  # SQLite's default: -2000 (KiB)
+    assert ledger_cache_mib(("ec-poller", "dynamics-poller")) == 32
+    assert ledger_cache_mib(("writer",)) is None
 
 
 async def test_opening_a_postgresql_ledger_waits_for_no_work_in_progress() -> None:

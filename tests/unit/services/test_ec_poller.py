@@ -365,9 +365,8 @@ def test_a_pages_changes_are_each_contacts_status_then_its_opt_ins(
     sent, expected_sent = {9: "Subscribed", 5: "Unsubscribed"}, {9: "Subscribed",
                                                                   5: "Unsubscribed"}
     expected = _expected_changes(read, places, at, expected_sent)
-    got = EcPoller._changes_from(read, places, at, statuses_sent=sent)
-    assert got == expected and sent == expected_sent
-    assert [type(c) for c in got[0]] == [ContactStatusChange] * len(expected[0])
+    statuses, opt_ins = EcPoller._changes_from(read, places, at, statuses_sent=sent)
+    assert (statuses.changes(), opt_ins.changes()) == expected and sent == expected_sent
+    assert [type(c) for c in statuses.changes()] == [ContactStatusChange] * len(expected[0])
     if places == [0, 1, 2, 3] and not malformed:
-        assert len(got[1]) == 4 and [c.email for c in got[0]] == ["a@example.com", "b@x.com",
-                                                                  "c@x.com"]
+        assert len(opt_ins) == 4 and statuses.emails == ["a@example.com", "b@x.com", "c@x.com"]
