@@ -81,6 +81,10 @@ log = logging.getLogger("prefsync.writer")
 
 SERVICE = "writer"
 
+# A state row from its parts, in C: a named tuple's ``_replace`` is a Python function, and a
+# saved row's new revision is set on each key twice per write.
+_row = tuple.__new__
+
 
 def to_command(account: str, message: WriteMessage) -> domain.WriteCommand:
     # a decoded message's email is checked and normalised already
@@ -219,7 +223,7 @@ class Writer:
             revisions = await self._store.save_rows([(st.revision or None, k, st)
                                                      for k, st in changed],
                                                     outstanding_moved=moved)
-            states.update({k: st._replace(revision=revision)
+            states.update({k: _row(StateRow, (*st[:5], revision))
                            for (k, st), revision in zip(changed, revisions, strict=True)})
 
         await commit_with_retry(attempt)
@@ -247,7 +251,8 @@ class Writer:
                 {k: states[k] for k in keys if k in states} if known and not number
                 else await self._store.load_rows(keys))
             fold = fold_rows(current, read, suppressed=suppressed)
-            entries: list[domain.HistoryEntry] = []
+            # (command, decision) of each history entry, built at once below
+            entries: list[tuple[domain.WriteCommand, str]] = []
             changed = fold.changed_states()
             for key, command in todo.items():
                 k = key_tuple(key)
@@ -258,27 +263,23 @@ class Writer:
                         state = record_write_row(
                             state, row, produced_version=version, window_start_us=to_us(start),
                             window_end_us=to_us(end), written_at_us=now_us, offset_us=offset_us)
-                    entries.append(domain.HistoryEntry.for_write(command, recorded_at=now))
+                    entries.append((command, "written"))
                 elif (key in outcome.failed or key in outcome.retry or key in outcome.suppressed
                       or key in outcome.unwritable or outcome.transient):
                     # surely not written (refused, or never sent): no echo is to be expected
                     state = abandon_write_row(state, row)
                     if key in outcome.failed:
-                        entries.append(domain.HistoryEntry.for_write(
-                            command, recorded_at=now, decision="failed"))
+                        entries.append((command, "failed"))
                 if key in outcome.unwritable and key not in outcome.failed:
                     # a record skipped (read-only or deleted), whether or not others took it
-                    entries.append(domain.HistoryEntry.for_write(
-                        command, recorded_at=now, decision=outcome.unwritable[key]))
+                    entries.append((command, outcome.unwritable[key]))
                 changed[k] = state
-            entries += [domain.HistoryEntry.for_write(commands[key], recorded_at=now,
-                                                      decision="suppressed")
-                        for key in sorted(outcome.suppressed, key=str)]
+            entries += [(commands[key], "suppressed") for key in sorted(outcome.suppressed, key=str)]
             saved = list(changed.items())
             revisions = await self._store.save_rows(
                 [(st.revision or None, k, st) for k, st in saved], history=fold.history,
-                recorded_at=now, entries=entries)
-            current.update({k: st._replace(revision=revision)
+                recorded_at=now, entries=domain.HistoryEntry.for_writes(entries, recorded_at=now))
+            current.update({k: _row(StateRow, (*st[:5], revision))
                             for (k, st), revision in zip(saved, revisions, strict=True)})
             outcome.parked = [observation_of_row(r) for r in fold.parked]
             outcome.futures = [SIDES[side] for side in fold.futures]
