@@ -36,6 +36,8 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 from common import domain
@@ -53,6 +55,7 @@ from common.domain.rows import (
     observation_of_row,
     observation_row,
 )
+from common.domain.trusted import assembled_all
 from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.amqp import DeadLetterer
 from common.messaging.envelope import Envelope, encode
@@ -86,13 +89,29 @@ SERVICE = "writer"
 _row = tuple.__new__
 
 
-def to_command(account: str, message: WriteMessage) -> domain.WriteCommand:
-    # a decoded message's email is checked and normalised already
-    return domain.WriteCommand(
-        key=PreferenceKey.trusted(account=account, email=message.email,
-                                  preference_id=message.preference_id),
-        side=message.side, opted_in=message.opted_in, origin_time=message.origin_time,
-        origin_side=message.origin_side, change_id=message.change_id)
+# The parts of the messages a batch's commands are built of, a field at a time.
+_EMAIL = attrgetter("email")
+_PREFERENCE_ID = attrgetter("preference_id")
+_SIDE = attrgetter("side")
+_OPTED_IN = attrgetter("opted_in")
+_ORIGIN_TIME = attrgetter("origin_time")
+_ORIGIN_SIDE = attrgetter("origin_side")
+_CHANGE_ID = attrgetter("change_id")
+
+
+def to_commands(account: str, messages: Sequence[WriteMessage]) -> list[domain.WriteCommand]:
+    """The commands ``messages`` carry, in order. A decoded message's email is checked and
+    normalised already: the keys are built trusted, and all of them a field at a time (a batch
+    holds thousands)."""
+    count = len(messages)
+    keys = assembled_all(PreferenceKey, count, account=repeat(account),
+                         email=map(_EMAIL, messages),
+                         preference_id=map(_PREFERENCE_ID, messages))
+    return assembled_all(domain.WriteCommand, count, key=keys, side=map(_SIDE, messages),
+                         opted_in=map(_OPTED_IN, messages),
+                         origin_time=map(_ORIGIN_TIME, messages),
+                         origin_side=map(_ORIGIN_SIDE, messages),
+                         change_id=map(_CHANGE_ID, messages))
 
 
 class Writer:
@@ -184,19 +203,19 @@ class Writer:
                 ) -> tuple[dict[PreferenceKey, int], Commands, set[PreferenceKey]]:
         """The newest command per key of this side, the delivery that owns it, and the keys
         whose newest command says a complete read covers them (``covered``)."""
-        owner: dict[PreferenceKey, int] = {}
-        commands: Commands = {}
-        covered: set[PreferenceKey] = set()
+        # the newest message per key wins (a dict keeps the place of a key's first one)
+        newest: dict[tuple[str, int], tuple[int, WriteMessage]] = {}
         for index, delivery in enumerate(batch):
             for change in delivery.envelope.changes:
                 if isinstance(change, WriteMessage) and change.side == self.side:
-                    command = to_command(self.account, change)
-                    commands[command.key] = command  # the newest command per key wins
-                    owner[command.key] = index
-                    if change.covered:
-                        covered.add(command.key)
-                    else:
-                        covered.discard(command.key)
+                    newest[change.email, change.preference_id] = (index, change)
+        messages = [message for _, message in newest.values()]
+        built = to_commands(self.account, messages)
+        commands: Commands = {command.key: command for command in built}
+        owner = {command.key: index
+                 for command, (index, _) in zip(built, newest.values(), strict=True)}
+        covered = {command.key for command, message in zip(built, messages, strict=True)
+                   if message.covered}
         return owner, commands, covered
 
     # --- ledger ----------------------------------------------------------------------------
