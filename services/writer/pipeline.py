@@ -264,6 +264,14 @@ class Writer:
         suppressed = {email for email, c in contacts.items() if c.suppressed}
         estimate = outcome.time_base.estimates.get(self.side)
         offset_us = duration_us(estimate.offset) if estimate is not None else 0
+        # a batch's writes share a window or a few: each time converted once
+        window_us: dict[datetime, int] = {}
+
+        def us_of(moment: datetime) -> int:
+            found = window_us.get(moment)
+            if found is None:
+                found = window_us[moment] = to_us(moment)
+            return found
 
         async def attempt(number: int) -> dict[KeyTuple, StateRow]:
             current: dict[KeyTuple, StateRow] = (
@@ -277,11 +285,13 @@ class Writer:
                 k = key_tuple(key)
                 row = rows[key]
                 state = fold.states.get(k, EMPTY_STATE)
-                if key in outcome.written:
-                    for version, start, end in outcome.written[key]:
+                written = outcome.written.get(key)
+                if written is not None:
+                    for version, start, end in written:
                         state = record_write_row(
-                            state, row, produced_version=version, window_start_us=to_us(start),
-                            window_end_us=to_us(end), written_at_us=now_us, offset_us=offset_us)
+                            state, row, produced_version=version,
+                            window_start_us=us_of(start), window_end_us=us_of(end),
+                            written_at_us=now_us, offset_us=offset_us)
                     entries.append((command, "written"))
                 elif (key in outcome.failed or key in outcome.retry or key in outcome.suppressed
                       or key in outcome.unwritable or outcome.transient):
@@ -361,23 +371,22 @@ class Writer:
                       commands: Commands, todo: Commands, outcome: WriteOutcome
                       ) -> dict[int, Counter[str]]:
         """Each delivery's commands counted by what became of them (by its index)."""
+        failed, suppressed, written = outcome.failed, outcome.suppressed, outcome.written
+        unwritable = outcome.unwritable
+        # what became of each command, tallied at once (the usual round has no failure,
+        # suppression or skip: a key is looked up in those only when there are some)
+        tally = Counter(
+            (owner[key], "failed" if failed and key in failed
+             else "suppressed" if suppressed and key in suppressed
+             else "written" if key in written
+             else "skipped" if unwritable and key in unwritable
+             else "retry" if key in todo
+             else "skipped")
+            for key in commands)
+        tally.update((owner[key], "deferred") for key in outcome.deferred)
         counts: dict[int, Counter[str]] = defaultdict(Counter)
-        for key in commands:
-            index = owner[key]
-            if key in outcome.failed:
-                counts[index]["failed"] += 1
-            elif key in outcome.suppressed:
-                counts[index]["suppressed"] += 1
-            elif key in outcome.written:
-                counts[index]["written"] += 1
-            elif key in outcome.unwritable:
-                counts[index]["skipped"] += 1
-            elif key in todo:
-                counts[index]["retry"] += 1
-            else:
-                counts[index]["skipped"] += 1
-        for key in outcome.deferred:
-            counts[owner[key]]["deferred"] += 1
+        for (index, what), count in tally.items():
+            counts[index][what] += count
         for index, delivery in enumerate(batch):
             if delivery.envelope.run_id:
                 c = counts.get(index, Counter())
