@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from operator import attrgetter
@@ -89,29 +89,20 @@ SERVICE = "writer"
 _row = tuple.__new__
 
 
-# The parts of the messages a batch's commands are built of, a field at a time.
-_EMAIL = attrgetter("email")
-_PREFERENCE_ID = attrgetter("preference_id")
-_SIDE = attrgetter("side")
-_OPTED_IN = attrgetter("opted_in")
-_ORIGIN_TIME = attrgetter("origin_time")
-_ORIGIN_SIDE = attrgetter("origin_side")
-_CHANGE_ID = attrgetter("change_id")
-
-
 def to_commands(account: str, messages: Sequence[WriteMessage]) -> list[domain.WriteCommand]:
     """The commands ``messages`` carry, in order. A decoded message's email is checked and
     normalised already: the keys are built trusted, and all of them a field at a time (a batch
     holds thousands)."""
     count = len(messages)
-    keys = assembled_all(PreferenceKey, count, account=repeat(account),
-                         email=map(_EMAIL, messages),
-                         preference_id=map(_PREFERENCE_ID, messages))
-    return assembled_all(domain.WriteCommand, count, key=keys, side=map(_SIDE, messages),
-                         opted_in=map(_OPTED_IN, messages),
-                         origin_time=map(_ORIGIN_TIME, messages),
-                         origin_side=map(_ORIGIN_SIDE, messages),
-                         change_id=map(_CHANGE_ID, messages))
+
+    def column(name: str) -> Iterator[Any]:
+        return map(attrgetter(name), messages)
+
+    keys = assembled_all(PreferenceKey, count, account=repeat(account), email=column("email"),
+                         preference_id=column("preference_id"))
+    return assembled_all(domain.WriteCommand, count, key=keys, side=column("side"),
+                         opted_in=column("opted_in"), origin_time=column("origin_time"),
+                         origin_side=column("origin_side"), change_id=column("change_id"))
 
 
 class Writer:
