@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import repeat
+from operator import attrgetter
 
 from common.domain.clock import as_utc
 from common.domain.commands import WriteCommand
 from common.domain.identity import normalize_email
 from common.domain.observation import Observation
 from common.domain.sides import Side
-from common.domain.trusted import assembled
+from common.domain.trusted import assembled, assembled_all
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,3 +76,26 @@ class HistoryEntry:
                            opted_in=command.opted_in, origin_time=as_utc(command.origin_time),
                            change_id=command.change_id, decision=decision,
                            recorded_at=as_utc(recorded_at))
+
+    @classmethod
+    def for_writes(cls, writes: Sequence[tuple[WriteCommand, str]], *,
+                   recorded_at: datetime) -> list[HistoryEntry]:
+        """:meth:`for_write` of each (command, decision), in order: the same entries, built a
+        field at a time (a batch records one per write)."""
+        commands = [command for command, _ in writes]
+        return assembled_all(
+            cls, len(commands), account=map(_ACCOUNT, commands), email=map(_EMAIL, commands),
+            preference_id=map(_PREFERENCE_ID, commands), side=map(_SIDE, commands),
+            opted_in=map(_OPTED_IN, commands),
+            origin_time=map(as_utc, map(_ORIGIN_TIME, commands)),
+            change_id=map(_CHANGE_ID, commands), decision=[decision for _, decision in writes],
+            recorded_at=repeat(as_utc(recorded_at)), corrected_time=repeat(None))
+
+
+_ACCOUNT = attrgetter("key.account")
+_EMAIL = attrgetter("key.email")
+_PREFERENCE_ID = attrgetter("key.preference_id")
+_SIDE = attrgetter("side")
+_OPTED_IN = attrgetter("opted_in")
+_ORIGIN_TIME = attrgetter("origin_time")
+_CHANGE_ID = attrgetter("change_id")

@@ -29,6 +29,7 @@ from common import domain
 from common.domain import ContactState, Observation, PreferenceKey, Side
 from common.domain.kernel_writes import is_superseded_row, writer_should_apply_row
 from common.domain.rows import CommandRow, KeyTuple, StateRow
+from common.domain.trusted import assembled_all
 from common.messaging.resilience import Dependency
 from common.store.directory import RecordRef, SubscriptionRow
 from common.vendors.base import TransportError, VendorError
@@ -173,16 +174,18 @@ class DynamicsSink:
         conflicted: list[str] = []
         unseen: list[RecordRef] = []  # a create met a row we had not seen
         refused: list[tuple[PreferenceKey, RecordRef, str, VendorError]] = []
+        # the rows written, as SubscriptionRow's fields: built at once below
+        written: list[tuple[str, str, str, bool, int, str | None]] = []
         for result in results:
             key, record, row_id = targets[result.content_id]
-            if result.ok and result.body is not None:
-                version = int(result.body.get("versionnumber") or 0)
+            body = result.body
+            if result.ok and body is not None:
+                version = int(body.get("versionnumber") or 0)
                 outcome.written[key].append((version, started, ended))
-                outcome.rows.append(SubscriptionRow(
-                    subscription_id=str(result.body["psync_marketingpreferencesubscriptionid"]),
-                    record_id=record.record_id, preference_row_id=row_id,
-                    opted_in=result.body.get("psync_status") == schema.OPTED_IN, version=version,
-                    modified=result.body.get("modifiedon")))
+                written.append((str(body["psync_marketingpreferencesubscriptionid"]),
+                                record.record_id, row_id,
+                                body.get("psync_status") == schema.OPTED_IN, version,
+                                body.get("modifiedon")))
             elif result.error is not None and result.status == 412:
                 # The row changed since we read it (ConcurrencyVersionMismatch), or a create
                 # met a row we had not seen (DuplicateRecord): read it, fold it in, re-issue.
@@ -201,6 +204,14 @@ class DynamicsSink:
                 outcome.failed[key] = Failure(
                     reason=error.message if error else f"HTTP {result.status}",
                     code=error.code if error else str(result.status))
+        if written:
+            subscription_ids, record_ids, row_ids, opted_in, versions, modified = zip(
+                *written, strict=True)
+            outcome.rows += assembled_all(
+                SubscriptionRow, len(written), subscription_id=subscription_ids,
+                record_id=record_ids,
+                preference_row_id=row_ids, opted_in=opted_in, version=versions,
+                modified=modified)
         if refused:
             await self._refused_records(refused, known, outcome)
         # A key written to one record but failed on another counts as failed: the failure

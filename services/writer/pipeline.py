@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 from common import domain
@@ -53,6 +55,7 @@ from common.domain.rows import (
     observation_of_row,
     observation_row,
 )
+from common.domain.trusted import assembled_all
 from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.amqp import DeadLetterer
 from common.messaging.envelope import Envelope, encode
@@ -81,14 +84,25 @@ log = logging.getLogger("prefsync.writer")
 
 SERVICE = "writer"
 
+# A state row from its parts, in C: a named tuple's ``_replace`` is a Python function, and a
+# saved row's new revision is set on each key twice per write.
+_row = tuple.__new__
 
-def to_command(account: str, message: WriteMessage) -> domain.WriteCommand:
-    # a decoded message's email is checked and normalised already
-    return domain.WriteCommand(
-        key=PreferenceKey.trusted(account=account, email=message.email,
-                                  preference_id=message.preference_id),
-        side=message.side, opted_in=message.opted_in, origin_time=message.origin_time,
-        origin_side=message.origin_side, change_id=message.change_id)
+
+def to_commands(account: str, messages: Sequence[WriteMessage]) -> list[domain.WriteCommand]:
+    """The commands ``messages`` carry, in order. A decoded message's email is checked and
+    normalised already: the keys are built trusted, and all of them a field at a time (a batch
+    holds thousands)."""
+    count = len(messages)
+
+    def column(name: str) -> Iterator[Any]:
+        return map(attrgetter(name), messages)
+
+    keys = assembled_all(PreferenceKey, count, account=repeat(account), email=column("email"),
+                         preference_id=column("preference_id"))
+    return assembled_all(domain.WriteCommand, count, key=keys, side=column("side"),
+                         opted_in=column("opted_in"), origin_time=column("origin_time"),
+                         origin_side=column("origin_side"), change_id=column("change_id"))
 
 
 class Writer:
@@ -180,19 +194,19 @@ class Writer:
                 ) -> tuple[dict[PreferenceKey, int], Commands, set[PreferenceKey]]:
         """The newest command per key of this side, the delivery that owns it, and the keys
         whose newest command says a complete read covers them (``covered``)."""
-        owner: dict[PreferenceKey, int] = {}
-        commands: Commands = {}
-        covered: set[PreferenceKey] = set()
+        # the newest message per key wins (a dict keeps the place of a key's first one)
+        newest: dict[tuple[str, int], tuple[int, WriteMessage]] = {}
         for index, delivery in enumerate(batch):
             for change in delivery.envelope.changes:
                 if isinstance(change, WriteMessage) and change.side == self.side:
-                    command = to_command(self.account, change)
-                    commands[command.key] = command  # the newest command per key wins
-                    owner[command.key] = index
-                    if change.covered:
-                        covered.add(command.key)
-                    else:
-                        covered.discard(command.key)
+                    newest[change.email, change.preference_id] = (index, change)
+        messages = [message for _, message in newest.values()]
+        built = to_commands(self.account, messages)
+        commands: Commands = {command.key: command for command in built}
+        owner = {command.key: index
+                 for command, (index, _) in zip(built, newest.values(), strict=True)}
+        covered = {command.key for command, message in zip(built, messages, strict=True)
+                   if message.covered}
         return owner, commands, covered
 
     # --- ledger ----------------------------------------------------------------------------
@@ -219,7 +233,7 @@ class Writer:
             revisions = await self._store.save_rows([(st.revision or None, k, st)
                                                      for k, st in changed],
                                                     outstanding_moved=moved)
-            states.update({k: st._replace(revision=revision)
+            states.update({k: _row(StateRow, (*st[:5], revision))
                            for (k, st), revision in zip(changed, revisions, strict=True)})
 
         await commit_with_retry(attempt)
@@ -241,44 +255,51 @@ class Writer:
         suppressed = {email for email, c in contacts.items() if c.suppressed}
         estimate = outcome.time_base.estimates.get(self.side)
         offset_us = duration_us(estimate.offset) if estimate is not None else 0
+        # a batch's writes share a window or a few: each time converted once
+        window_us: dict[datetime, int] = {}
+
+        def us_of(moment: datetime) -> int:
+            found = window_us.get(moment)
+            if found is None:
+                found = window_us[moment] = to_us(moment)
+            return found
 
         async def attempt(number: int) -> dict[KeyTuple, StateRow]:
             current: dict[KeyTuple, StateRow] = (
                 {k: states[k] for k in keys if k in states} if known and not number
                 else await self._store.load_rows(keys))
             fold = fold_rows(current, read, suppressed=suppressed)
-            entries: list[domain.HistoryEntry] = []
+            # (command, decision) of each history entry, built at once below
+            entries: list[tuple[domain.WriteCommand, str]] = []
             changed = fold.changed_states()
             for key, command in todo.items():
                 k = key_tuple(key)
                 row = rows[key]
                 state = fold.states.get(k, EMPTY_STATE)
-                if key in outcome.written:
-                    for version, start, end in outcome.written[key]:
+                written = outcome.written.get(key)
+                if written is not None:
+                    for version, start, end in written:
                         state = record_write_row(
-                            state, row, produced_version=version, window_start_us=to_us(start),
-                            window_end_us=to_us(end), written_at_us=now_us, offset_us=offset_us)
-                    entries.append(domain.HistoryEntry.for_write(command, recorded_at=now))
+                            state, row, produced_version=version,
+                            window_start_us=us_of(start), window_end_us=us_of(end),
+                            written_at_us=now_us, offset_us=offset_us)
+                    entries.append((command, "written"))
                 elif (key in outcome.failed or key in outcome.retry or key in outcome.suppressed
                       or key in outcome.unwritable or outcome.transient):
                     # surely not written (refused, or never sent): no echo is to be expected
                     state = abandon_write_row(state, row)
                     if key in outcome.failed:
-                        entries.append(domain.HistoryEntry.for_write(
-                            command, recorded_at=now, decision="failed"))
+                        entries.append((command, "failed"))
                 if key in outcome.unwritable and key not in outcome.failed:
                     # a record skipped (read-only or deleted), whether or not others took it
-                    entries.append(domain.HistoryEntry.for_write(
-                        command, recorded_at=now, decision=outcome.unwritable[key]))
+                    entries.append((command, outcome.unwritable[key]))
                 changed[k] = state
-            entries += [domain.HistoryEntry.for_write(commands[key], recorded_at=now,
-                                                      decision="suppressed")
-                        for key in sorted(outcome.suppressed, key=str)]
+            entries += [(commands[key], "suppressed") for key in sorted(outcome.suppressed, key=str)]
             saved = list(changed.items())
             revisions = await self._store.save_rows(
                 [(st.revision or None, k, st) for k, st in saved], history=fold.history,
-                recorded_at=now, entries=entries)
-            current.update({k: st._replace(revision=revision)
+                recorded_at=now, entries=domain.HistoryEntry.for_writes(entries, recorded_at=now))
+            current.update({k: _row(StateRow, (*st[:5], revision))
                             for (k, st), revision in zip(saved, revisions, strict=True)})
             outcome.parked = [observation_of_row(r) for r in fold.parked]
             outcome.futures = [SIDES[side] for side in fold.futures]
@@ -341,23 +362,22 @@ class Writer:
                       commands: Commands, todo: Commands, outcome: WriteOutcome
                       ) -> dict[int, Counter[str]]:
         """Each delivery's commands counted by what became of them (by its index)."""
+        failed, suppressed, written = outcome.failed, outcome.suppressed, outcome.written
+        unwritable = outcome.unwritable
+        # what became of each command, tallied at once (the usual round has no failure,
+        # suppression or skip: a key is looked up in those only when there are some)
+        tally = Counter(
+            (owner[key], "failed" if failed and key in failed
+             else "suppressed" if suppressed and key in suppressed
+             else "written" if key in written
+             else "skipped" if unwritable and key in unwritable
+             else "retry" if key in todo
+             else "skipped")
+            for key in commands)
+        tally.update((owner[key], "deferred") for key in outcome.deferred)
         counts: dict[int, Counter[str]] = defaultdict(Counter)
-        for key in commands:
-            index = owner[key]
-            if key in outcome.failed:
-                counts[index]["failed"] += 1
-            elif key in outcome.suppressed:
-                counts[index]["suppressed"] += 1
-            elif key in outcome.written:
-                counts[index]["written"] += 1
-            elif key in outcome.unwritable:
-                counts[index]["skipped"] += 1
-            elif key in todo:
-                counts[index]["retry"] += 1
-            else:
-                counts[index]["skipped"] += 1
-        for key in outcome.deferred:
-            counts[owner[key]]["deferred"] += 1
+        for (index, what), count in tally.items():
+            counts[index][what] += count
         for index, delivery in enumerate(batch):
             if delivery.envelope.run_id:
                 c = counts.get(index, Counter())

@@ -59,23 +59,33 @@ class BatchOperation:
     def create(cls, entity_set: str, body: Mapping[str, Any], *,
                return_representation: bool = False, select: Sequence[str] | None = None,
                content_id: str | None = None) -> BatchOperation:
-        return cls(method="POST", path=entity_set, body=body, content_id=content_id,
-                   return_representation=return_representation, select=select)
+        return _built(cls, method="POST", path=entity_set, body=body, if_match=None,
+                      return_representation=return_representation, select=select,
+                      content_id=content_id, headers={})
 
     @classmethod
     def update(cls, entity_set: str, record_id: str, body: Mapping[str, Any], *,
                if_match: str | None = "*", return_representation: bool = False,
                select: Sequence[str] | None = None, content_id: str | None = None
                ) -> BatchOperation:
-        return cls(method="PATCH", path=f"{entity_set}({record_id})", body=body,
-                   if_match=if_match, return_representation=return_representation,
-                   select=select, content_id=content_id)
+        return _built(cls, method="PATCH", path=f"{entity_set}({record_id})", body=body,
+                      if_match=if_match, return_representation=return_representation,
+                      select=select, content_id=content_id, headers={})
 
     @classmethod
     def delete(cls, entity_set: str, record_id: str, *, if_match: str | None = None,
                content_id: str | None = None) -> BatchOperation:
         return cls(method="DELETE", path=f"{entity_set}({record_id})", if_match=if_match,
                    content_id=content_id)
+
+
+def _built(cls: type[BatchOperation], /, **fields: Any) -> BatchOperation:
+    """An operation with every field given, set at once: the dataclass's frozen ``__init__``
+    sets them one ``object.__setattr__`` at a time, and a batch builds up to 1000 of them
+    (the fields' defaults are not filled in, so the constructors here give them all)."""
+    operation = object.__new__(cls)
+    operation.__dict__.update(fields)
+    return operation
 
 
 class ResponsePart:

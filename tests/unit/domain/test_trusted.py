@@ -18,6 +18,7 @@ from common.domain import (
     Observation,
     PreferenceKey,
     Side,
+    WriteCommand,
     begin_write,
     in_time_base,
     normalize_email,
@@ -167,6 +168,28 @@ def test_a_history_entry_for_an_observation_equals_the_validated_one(
                                  opted_in=opted_in, origin_time=origin, change_id="c",
                                  decision="applied", recorded_at=recorded,
                                  corrected_time=observation.corrected_time)
+
+
+@FAST
+@given(writes=st.lists(st.tuples(emails, sides, st.booleans(), times,
+                                 st.sampled_from(["written", "failed", "suppressed",
+                                                  "read-only"])), max_size=6),
+       recorded=times)
+def test_history_entries_for_writes_equal_the_validated_ones(
+        writes: list[tuple[str, Side, bool, datetime, str]], recorded: datetime) -> None:
+    commands = [(WriteCommand(key=PreferenceKey(account="acme", email=email, preference_id=i),
+                              side=side, opted_in=opted_in, origin_time=origin,
+                              origin_side="dotdigital", change_id=f"c{i}"), decision)
+                for i, (email, side, opted_in, origin, decision) in enumerate(writes)]
+
+    entries = HistoryEntry.for_writes(commands, recorded_at=recorded)
+
+    assert entries == [HistoryEntry(
+        account="acme", email=email, preference_id=i, side=side, opted_in=opted_in,
+        origin_time=origin, change_id=f"c{i}", decision=decision, recorded_at=recorded)
+        for i, (email, side, opted_in, origin, decision) in enumerate(writes)]
+    assert entries == [HistoryEntry.for_write(command, recorded_at=recorded, decision=decision)
+                       for command, decision in commands]
 
 
 @FAST

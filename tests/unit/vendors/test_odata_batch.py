@@ -21,6 +21,32 @@ from common.vendors.dataverse.batch import (
 from common.vendors.dataverse.client import BatchResult, newest_write_stamp
 
 
+@settings(max_examples=60, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["psync_status", "lastname"]), st.integers()),
+       if_match=st.none() | st.sampled_from(["*", 'W/"7"']), representation=st.booleans(),
+       select=st.none() | st.just(("psync_status", "versionnumber")),
+       content_id=st.none() | st.sampled_from(["1", "42"]))
+def test_the_write_constructors_build_what_the_dataclass_builds(
+        body: dict[str, int], if_match: str | None, representation: bool,
+        select: tuple[str, ...] | None, content_id: str | None) -> None:
+    create = BatchOperation.create("contacts", body, return_representation=representation,
+                                   select=select, content_id=content_id)
+    update = BatchOperation.update("contacts", "abc", body, if_match=if_match,
+                                   return_representation=representation, select=select,
+                                   content_id=content_id)
+
+    assert create == BatchOperation(method="POST", path="contacts", body=body,
+                                    return_representation=representation, select=select,
+                                    content_id=content_id)
+    assert update == BatchOperation(method="PATCH", path="contacts(abc)", body=body,
+                                    if_match=if_match, return_representation=representation,
+                                    select=select, content_id=content_id)
+    assert vars(create).keys() == vars(update).keys() == vars(BatchOperation(
+        method="GET", path="x")).keys()  # every field set
+    with pytest.raises(AttributeError):
+        create.path = "other"  # type: ignore[misc]
+
+
 def test_encoded_change_set_carries_content_ids_and_per_part_headers() -> None:
     ops = [("1", BatchOperation.update("contacts", "abc", {"donotbulkemail": True},
                                        if_match='W/"7"', return_representation=True)),
