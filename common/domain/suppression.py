@@ -28,20 +28,28 @@ from common.domain.clock import as_utc
 from common.domain.identity import normalize_email
 from common.domain.trusted import assembled
 
-_SUPPRESSING = frozenset(s.lower() for s in (
+_SUPPRESSING_SPELLED = (
     "Unsubscribed", "HardBounced", "IspComplained", "MailBlocked", "DirectComplaint", "Deleted",
     "SharedSuppression", "Suppressed", "NotAllowed", "DomainSuppression", "NoMxRecord",
     # v3-only spellings and states
     "spamTrap", "blockedlocalpart", "sharedDomainSuppression", "domainSuppressed",
     "knownComplainer", "knownLitigator", "purchased", "binned",
-))
-_ACTIVE = frozenset(s.lower() for s in (
-    "Subscribed", "PendingOptIn", "SoftBounced", "noSubscription",
-))
+)
+_ACTIVE_SPELLED = ("Subscribed", "PendingOptIn", "SoftBounced", "noSubscription")
+_SUPPRESSING = frozenset(s.lower() for s in _SUPPRESSING_SPELLED)
+_ACTIVE = frozenset(s.lower() for s in _ACTIVE_SPELLED)
+# The answer for each status as listed and lower-cased, looked up before anything else: a
+# contact's status is asked several times per change on the reconciler's hot path.
+_SPELLED = {spelling: suppresses
+            for statuses, suppresses in ((_ACTIVE_SPELLED, False), (_SUPPRESSING_SPELLED, True))
+            for status in statuses for spelling in (status, status.lower())}
 
 
 def is_suppressed(dotdigital_status: str) -> bool:
     """Whether a dotdigital contact status (v2 or v3 spelling) suppresses the contact."""
+    spelled = _SPELLED.get(dotdigital_status)
+    if spelled is not None:
+        return spelled
     status = dotdigital_status.strip().lower()
     if status in _SUPPRESSING:
         return True

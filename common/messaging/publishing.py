@@ -20,6 +20,7 @@ import orjson
 from common.domain import SIDES, Side, WriteCommand
 from common.domain.clock import from_us
 from common.domain.rows import CommandRow, KeyTuple
+from common.domain.trusted import assembled_all
 from common.messaging.abc import POLLED_AT as POLLED_AT  # (where it was first)
 from common.messaging.abc import Outgoing, Publisher
 from common.messaging.envelope import (
@@ -67,6 +68,22 @@ def row_message(key: KeyTuple, command: CommandRow, *, covered: bool = False) ->
     return WriteMessage(email=key[1], preference_id=key[2], side=SIDES[side],
                         opted_in=bool(opted_in), origin_time=from_us(origin),
                         origin_side=SIDES[origin_side], change_id=change_id, covered=covered)
+
+
+def row_messages_of(items: Sequence[tuple[KeyTuple, CommandRow, bool]]) -> list[WriteMessage]:
+    """:func:`row_message` of each (key, command row, covered), in order: the same messages,
+    built a column at a time (:func:`~common.domain.trusted.assembled_all`), which costs a
+    fraction of a dataclass constructor per message."""
+    commands = [command for _, command, _ in items]
+    return assembled_all(
+        WriteMessage, len(items), email=[key[1] for key, _, _ in items],
+        preference_id=[key[2] for key, _, _ in items],
+        side=[SIDES[command[0]] for command in commands],
+        opted_in=[bool(command[1]) for command in commands],
+        origin_time=[from_us(command[2]) for command in commands],
+        origin_side=[SIDES[command[3]] for command in commands],
+        change_id=[command[4] for command in commands],
+        covered=[covered for _, _, covered in items])
 
 
 def stable_id(*parts: object) -> str:

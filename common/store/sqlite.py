@@ -273,6 +273,9 @@ class SaveBatch:
             revision = (expected or 0) + 1
             state_rows.append((*key, revision, encode_row(row)))
             revisions.append(revision)
+        # written in key order: each page of the primary key is then visited once, its keys
+        # one after another (the keys are unique, so only they are compared)
+        state_rows.sort()
         # the index of keys with outstanding writes, kept in the same transaction
         index: list[tuple[str, Sequence[tuple[Any, ...]]]] = []
         if outstanding_moved:

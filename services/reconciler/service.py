@@ -74,7 +74,7 @@ from common.messaging.middleware import Handled
 from common.messaging.publishing import (
     envelopes_by_shard,
     publish_progress,
-    row_message,
+    row_messages_of,
     write_message,
 )
 from common.messaging.topology import shard_of
@@ -199,12 +199,20 @@ class Reconciler:
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
         account = self.account
-        emails = {c.email for d in batch for c in d.envelope.changes
-                  if isinstance(c, PreferenceChange | ContactStatusChange)}
-        keys = {(account, c.email, c.preference_id)
-                for d in batch for c in d.envelope.changes if isinstance(c, PreferenceChange)}
-        from_dotdigital = {c.email for d in batch if d.envelope.source == "dotdigital"
-                           for c in d.envelope.changes if isinstance(c, PreferenceChange)}
+        # what the batch touches, in one pass over its changes
+        emails: set[str] = set()
+        keys: set[KeyTuple] = set()
+        from_dotdigital: set[str] = set()
+        for d in batch:
+            dotdigital = d.envelope.source == "dotdigital"
+            for c in d.envelope.changes:
+                if isinstance(c, PreferenceChange):
+                    emails.add(c.email)
+                    keys.add((account, c.email, c.preference_id))
+                    if dotdigital:
+                        from_dotdigital.add(c.email)
+                elif isinstance(c, ContactStatusChange):
+                    emails.add(c.email)
         contacts = await self._store.load_contacts(account, emails)
         resuming, marked = await self._resuming(batch, contacts)
         now = datetime.now(UTC)
@@ -449,7 +457,8 @@ class Reconciler:
         3. After the marker, unknown means "never set" for emails that were eligible when the
            read was reconciled (``covered``); for others the writer reads the contact first.
         """
-        out: dict[KeyTuple, list[WriteMessage]] = defaultdict(list)
+        # (key, command, covered) of each message, in order; built all at once at the end
+        commands: list[tuple[KeyTuple, CommandRow, bool]] = []
         unknown_dd: dict[KeyTuple, CommandRow] = {}
         for key, state in states:
             contact = contacts.get(key[1])
@@ -459,7 +468,7 @@ class Reconciler:
                 if command[0] == 1 and state.known[1] is None:  # dotdigital, not known
                     unknown_dd[key] = command
                 else:
-                    out[key].append(row_message(key, command))
+                    commands.append((key, command, False))
         to_defer: list[tuple[int, str]] = []
         if unknown_dd:
             records = await self._store.records_for_emails(self.account,
@@ -476,8 +485,10 @@ class Reconciler:
                     to_defer.append((key[2], key[1]))
                     continue
                 eligible_at = eligible_since.get(key[1], "")
-                covered = bool(eligible_at) and eligible_at <= read_at
-                out[key].append(row_message(key, command, covered=covered))
+                commands.append((key, command, bool(eligible_at) and eligible_at <= read_at))
+        out: dict[KeyTuple, list[WriteMessage]] = defaultdict(list)
+        for (key, _, _), message in zip(commands, row_messages_of(commands), strict=True):
+            out[key].append(message)
         return dict(out), to_defer
 
     async def _read_mark(self, preference_id: int, shard: int) -> str | None:

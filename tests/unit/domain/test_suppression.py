@@ -32,6 +32,14 @@ def test_active_statuses_including_soft_bounce(status: str) -> None:
     assert not is_suppressed(status)
 
 
+@pytest.mark.parametrize("status", SUPPRESSING_V2 + SUPPRESSING_V3 + ["Subscribed", "noSubscription"])
+def test_a_status_is_matched_whatever_its_case_and_surrounding_space(status: str) -> None:
+    # the statuses as listed are answered from a table, other spellings by the rule itself
+    suppresses = status not in ("Subscribed", "noSubscription")
+    for spelling in (status, status.lower(), status.upper(), f" {status}\t"):
+        assert is_suppressed(spelling) is suppresses
+
+
 def test_unknown_status_is_refused() -> None:
     with pytest.raises(ValueError, match="NotAvailableInThisVersion"):
         is_suppressed("NotAvailableInThisVersion")
