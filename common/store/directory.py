@@ -146,6 +146,10 @@ class SqlTables:
         return rows
 
 
+# An account's eligible records with one of the emails given (``{}``: their placeholders).
+_ELIGIBLE_WITH_EMAILS = "FROM dyn_records WHERE account = ? AND eligible = 1 AND email IN ({})"
+
+
 class SqliteDirectory(SqlTables):
     """The directory's tables."""
 
@@ -250,8 +254,7 @@ class SqliteDirectory(SqlTables):
         """Eligible records per email (several records may share one email)."""
         rows = await self._in(
             "SELECT record_id, record_type, email, active, eligible_at, email_since "
-            "FROM dyn_records WHERE account = ? AND eligible = 1 AND email IN ({})",
-            (account,), sorted(set(emails)))
+            + _ELIGIBLE_WITH_EMAILS, (account,), sorted(set(emails)))
         found: dict[str, list[RecordRef]] = {}
         for r in sorted(rows, key=lambda row: str(row[0])):
             found.setdefault(r[2], []).append(RecordRef(
@@ -262,9 +265,8 @@ class SqliteDirectory(SqlTables):
     async def eligible_emails(self, account: str, emails: Iterable[str]) -> set[str]:
         """The emails of :meth:`records_for_emails`, without building its records (the
         reconciler asks this for every dotdigital change of a batch)."""
-        rows = await self._in(
-            "SELECT email FROM dyn_records WHERE account = ? AND eligible = 1 AND email IN ({})",
-            (account,), sorted(set(emails)))
+        rows = await self._in("SELECT email " + _ELIGIBLE_WITH_EMAILS, (account,),
+                              sorted(set(emails)))
         return {row[0] for row in rows}
 
     # --- subscription rows -----------------------------------------------------------------
