@@ -42,6 +42,7 @@ from common.domain.writes import (
     is_echo,
     is_superseded,
     record_write,
+    start_after_read,
     writer_should_apply,
 )
 
@@ -91,6 +92,7 @@ __all__ = [
     "settle",
     "span",
     "speaks_for_email",
+    "start_after_read",
     "whole_second",
     "writer_should_apply",
 ]

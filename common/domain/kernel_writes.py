@@ -72,9 +72,10 @@ def record_write_row(state: StateRow, command: CommandRow, *, produced_version: 
                      window_start_us: int, window_end_us: int, written_at_us: int,
                      offset_us: int = 0) -> StateRow:
     """:func:`common.domain.writes.record_write`: a successful write of ``command`` recorded,
-    closing its in-flight record (whose earlier start the window keeps), what the side is known
-    to hold moved to the write (or, when the other value was read inside the window and the
-    register follows it, taken to be the write's), then the side's records pruned.
+    closing its in-flight record (whose earlier start the record's window keeps), what the side
+    is known to hold moved to the write as of this attempt's start (or, when the other value
+    was read inside the window and the register follows it, taken to be the write's), then the
+    side's records pruned.
 
     Raises ``ValueError`` when ``window_end_us`` is before ``window_start_us``.
     """
@@ -83,12 +84,13 @@ def record_write_row(state: StateRow, command: CommandRow, *, produced_version: 
     side, opted_in, origin = command[:3]
     register, known, pending, writes, horizon, revision = state
     others: list[WriteRow] = []
+    first_start_us = window_start_us
     for r in writes[side]:
         if _in_flight_same_write(r, command):
-            window_start_us = min(window_start_us, r[2])
+            first_start_us = min(first_start_us, r[2])
         else:
             others.append(r)
-    record: WriteRow = (opted_in, origin, window_start_us, window_end_us, produced_version,
+    record: WriteRow = (opted_in, origin, first_start_us, window_end_us, produced_version,
                         written_at_us)
     # Dataverse without the new row version: only the echo tells what the row holds.
     if side == DOTDIGITAL or produced_version is not None:

@@ -36,6 +36,10 @@ MAX_WRITE_RECORDS = 4
 IN_FLIGHT_LIMIT = timedelta(minutes=10)
 
 
+# The least time after a stamp (a datetime's resolution): a write that landed after a change
+# is known as of just after it, newer than it.
+_STRICTLY_AFTER = timedelta(microseconds=1)
+
 # Each side's stamp resolution in microseconds: Dataverse stamps whole seconds, dotdigital
 # milliseconds.
 STAMP_RESOLUTION_US: dict[Side, int] = {"dynamics": 1_000_000, "dotdigital": 1_000}
@@ -174,10 +178,12 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
     """Record a successful write of ``command`` (closing its in-flight record, if any).
 
     ``produced_version`` is Dataverse's new ``versionnumber`` (``None`` for dotdigital);
-    ``[window_start, window_end]`` is the vendor-clock interval the write happened in;
+    ``[window_start, window_end]`` is the vendor-clock interval this attempt happened in;
     ``written_at`` is our own clock, for the record; ``offset`` the side's clock offset as
-    measured when the window was taken. The side is then known to hold the value
-    as of ``window_start``, unless something newer about it is already known. A read stamped
+    measured when the window was taken. The record's window starts with the first attempt (an
+    earlier one may have landed: its echo is still ours). The side is then known to hold the
+    value as of this attempt's ``window_start`` (whatever an earlier attempt did, this one
+    landed after it), unless something newer about it is already known. A read stamped
     inside the window may have landed before or after our write (dotdigital: no version tells
     the order). With the same value, it keeps precedence. With the other value, the side is
     taken to hold whichever of the two the register does not, so a correction goes out —
@@ -189,13 +195,14 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
         raise ValueError("window_end is before window_start")
     side = command.side
     others: list[WriteRecord] = []
+    first_start = window_start
     for r in state.writes.get(side):
         if r.in_flight and _same_write(r, command):
-            window_start = min(window_start, r.window_start)
+            first_start = min(first_start, r.window_start)
         else:
             others.append(r)
     record = WriteRecord(side=side, opted_in=command.opted_in,
-                         register_origin_time=command.origin_time, window_start=window_start,
+                         register_origin_time=command.origin_time, window_start=first_start,
                          window_end=window_end, produced_version=produced_version,
                          written_at=as_utc(written_at))
     state = state.with_writes(side, (*others, record))
@@ -219,6 +226,24 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
             state = state.with_known(side, Known(opted_in=wrote.opted_in, as_of=read.as_of,
                                                  version=wrote.version, offset=wrote.offset))
     return prune_writes(state, side)
+
+
+def start_after_read(window_start: datetime, *, read: datetime | None,
+                     window_end: datetime) -> datetime:
+    """Where a write's window starts, for what the side is known to hold, when the writer read
+    the key on that side just before sending the write (``record_write``'s ``window_start``).
+
+    1. ``read`` is the newest change that read returned for the key (its time as placed, on the
+       side's clock), or None when it returned none: the window starts at ``window_start``.
+    2. The write went out after the read, so it landed after that change: the window starts
+       just after it when that is later than ``window_start``, which comes from a clock
+       reading of coarser resolution (a ``Date`` header's whole second). The change is then
+       known to be overwritten, and no second write goes out until its echo is read.
+    3. Never after ``window_end``.
+    """
+    if read is None or read < window_start:
+        return window_start
+    return min(read + _STRICTLY_AFTER, window_end)
 
 
 def abandon_write(state: KeyState, command: WriteCommand) -> KeyState:

@@ -300,13 +300,20 @@ class DotdigitalSink:
         self._feed.written(write, ended=window_end)
         suppressed = await self._suppressions(refused, contacts, as_of=window_start,
                                               outcome=outcome)
+        # what this round read before writing (every observation so far): the write is later
+        read: dict[PreferenceKey, datetime] = {}
+        for observation in outcome.observations:
+            moment = observation.vendor_time
+            if observation.key not in read or read[observation.key] < moment:
+                read[observation.key] = moment
         for key in todo:
             if key.email in suppressed:
                 outcome.suppressed.add(key)
             elif key.email in refused:
                 outcome.failed[key] = refused[key.email]
             else:
-                outcome.written[key].append((None, window_start, window_end))
+                outcome.written[key].append((None, domain.start_after_read(
+                    window_start, read=read.get(key), window_end=window_end), window_end))
 
     async def _suppressions(self, refused: Mapping[str, Failure],
                             contacts: Mapping[str, ContactState], *, as_of: datetime,

@@ -173,6 +173,14 @@ class ChaosWorld(World):
                 out.append({**entry, "side": side})
         return out
 
+    async def prefsync_writes(self) -> int | None:
+        """How many writes of prefsync's both journals hold (0 while they are off; None when a
+        simulator does not answer, which is never taken for quiet)."""
+        try:
+            return sum(1 for entry in await self.journal() if entry.get("via") == "api")
+        except Exception:  # a vendor outage is one of the faults
+            return None
+
     # --- the services --------------------------------------------------------------------------
     async def start_services(self) -> None:
         for service in SERVICES:
@@ -323,13 +331,18 @@ class ChaosWorld(World):
         return total
 
     async def converge(self, *, deadline_s: float, run_timeout_s: float) -> dict[str, Any]:
-        """Sync until two runs in a row apply nothing and fail nothing, with nothing left in
-        the work queues after them (a write from an earlier run may still be retried; it is
-        not in a run's count), or until the deadline."""
+        """Sync until two runs in a row apply nothing, write nothing and fail nothing, with
+        nothing left in the work queues after them, or until the deadline.
+
+        "Write nothing" is read off the vendors' journals (when they are on): a run's count
+        misses writes it did not start (a write retried from an earlier run, a correction the
+        writer issued itself), and a write's echo is read only by the run after it, so a run
+        that wrote is never a quiet one."""
         started = time.monotonic()
         runs: list[dict[str, Any]] = []
         quiet = 0
         first_quiet_end: float | None = None
+        writes = await self.prefsync_writes()
         while time.monotonic() - started < deadline_s:
             left = deadline_s - (time.monotonic() - started)
             summary = await self.sync(timeout_s=min(run_timeout_s, max(5.0, left)))
@@ -337,11 +350,14 @@ class ChaosWorld(World):
                        + int(summary.get("applied_to_dynamics", 0)))
             clean = "error" not in summary and not summary.get("failed")
             pending = await self.in_flight() if clean and applied == 0 else None
+            before, writes = writes, await self.prefsync_writes()
             runs.append({"applied": applied, "failed": summary.get("failed"),
                          "error": summary.get("error"), "read": summary.get("read"),
                          "errors": (summary.get("errors") or [])[:3], "in_flight": pending,
+                         "wrote": None if writes is None or before is None else writes - before,
                          "at_s": round(time.monotonic() - started, 1)})
-            if clean and applied == 0 and pending == 0:
+            if (clean and applied == 0 and pending == 0
+                    and writes is not None and writes == before):
                 quiet += 1
                 if quiet == 1:
                     first_quiet_end = time.monotonic()

@@ -175,11 +175,9 @@ def _knowledge_event(write: Write, after: KeyState) -> str:
     if side == "dynamics" and write.produced_version is None:
         return "Dataverse without its version: known untouched"
     read = write.state.known.get(side)
-    start = min([write.window_start, *(r.window_start for r in write.state.writes.get(side)
-                                       if r.in_flight and r.opted_in == command.opted_in
-                                       and r.register_origin_time == command.origin_time)])
-    wrote = Known(opted_in=command.opted_in, as_of=start, version=write.produced_version,
-                  offset=write.offset)
+    # as of this attempt's start, whenever an earlier attempt began
+    wrote = Known(opted_in=command.opted_in, as_of=write.window_start,
+                  version=write.produced_version, offset=write.offset)
     if wrote.is_newer_than(read):
         return "our write is newer: known moves to it"
     if after.known.get(side) != read:
@@ -361,7 +359,8 @@ def test_a_dataverse_write_confirmed_without_its_version_leaves_what_the_row_hol
         window_end=at(11), written_at=at(11)),)
 
 
-def test_a_retried_write_keeps_the_first_attempts_start_until_it_is_recorded() -> None:
+def test_a_retried_write_keeps_the_first_attempts_start_for_its_echo_and_knows_the_retry(
+        ) -> None:
     command = _command("dotdigital", True, 0)
     first = begin_write(KeyState(key=KEY), command, window_start=at(10))
     first_row = state_row(first)
@@ -369,7 +368,25 @@ def test_a_retried_write_keeps_the_first_attempts_start_until_it_is_recorded() -
     assert begin_write_row(first_row, command_row(command), window_start_us=to_us(at(12))) is first_row
     after = _recorded_by_both(first, command, start=12, end=13)
     assert [(r.window_start, r.window_end) for r in after.writes.dotdigital] == [(at(10), at(13))]
-    assert after.known.dotdigital == Known(opted_in=True, as_of=at(10))
+    # the retry landed after its own start, whatever the first attempt did
+    assert after.known.dotdigital == Known(opted_in=True, as_of=at(12))
+
+
+def test_the_other_value_stamped_before_this_attempt_but_after_the_in_flight_start_is_overwritten(
+        ) -> None:
+    """A Dynamics opt-out at 11 beat a dotdigital opt-in at 11.3 (a tie); the opt-out's write
+    to dotdigital was begun (in flight) from 7, a margin before the writer's clock estimate,
+    and this attempt began at 12, after the opt-in was read: the write landed after it, so
+    dotdigital holds the opt-out and no write is outstanding there (before, the opt-in stayed
+    known until the echo was read, and the write went out again)."""
+    command = _command("dotdigital", False, 11)
+    state = KeyState(key=KEY, register=Register(
+        opted_in=False, origin_time=at(11), origin_side="dynamics", change_id="out"),
+    ).with_known("dotdigital", Known(opted_in=True, as_of=at(11.3)))
+    state = begin_write(state, command, window_start=at(7))
+    after = _recorded_by_both(state, command, start=12, end=13)
+    assert after.known.dotdigital == Known(opted_in=False, as_of=at(12))
+    assert "dotdigital" not in [c.side for c in outstanding(after)]
 
 
 def test_a_window_ending_before_it_starts_is_refused_alike() -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from common.domain import (
     ContactState,
     KeyState,
+    Known,
     Outcome,
     WriteCommand,
     abandon_write,
@@ -22,6 +23,7 @@ from common.domain import (
     reconcile,
     record_write,
     settle,
+    start_after_read,
     writer_should_apply,
 )
 from common.domain.sides import Side
@@ -334,3 +336,19 @@ def test_a_change_is_in_a_write_window_between_its_floored_start_and_its_end(
     assert in_write_window(stamp, side=side, start=start, end=end) == (floor <= stamp <= last)
     # the side's own stamp of our write, made at the window's start (at its resolution), is in
     assert in_write_window(floor, side=side, start=start, end=end)
+
+
+@given(start_ms=st.integers(0, 10**6), read_ms=st.one_of(st.none(), st.integers(0, 2 * 10**6)),
+       length_ms=st.integers(0, 10**6))
+def test_a_write_after_a_read_starts_just_after_the_change_it_read(
+        start_ms: int, read_ms: int | None, length_ms: int) -> None:
+    start = at(0) + timedelta(milliseconds=start_ms)
+    end = start + timedelta(milliseconds=length_ms)
+    read = None if read_ms is None else at(0) + timedelta(milliseconds=read_ms)
+    got = start_after_read(start, read=read, window_end=end)
+    assert start <= got <= end
+    if read is None or read < start:
+        assert got == start
+    elif read < end:
+        assert got > read  # strictly after: known as newer than the change it overwrote
+        assert Known(opted_in=False, as_of=got).is_newer_than(Known(opted_in=True, as_of=read))
