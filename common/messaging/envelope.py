@@ -457,19 +457,33 @@ def epoch_ms(value: datetime) -> int:
     return (value - _EPOCH) // _MS
 
 
+def _column_lists(kind: str, columns: tuple[_Column, ...],
+                  values_of: Callable[[str], Sequence[Any] | None]) -> dict[str, list[Any]]:
+    """The ``changes`` object of a columnar message: each column's values (``values_of`` its
+    name; None: left out), times as epoch milliseconds; a column holding only its default is
+    left out."""
+    out: dict[str, list[Any]] = {}
+    for column in columns:
+        values = values_of(column.name)
+        if values is None:
+            if column.default is _REQUIRED:
+                raise ValueError(f"a {kind} message needs the column {column.name!r}")
+            continue
+        if column.default is not _REQUIRED and values.count(column.default) == len(values):
+            continue
+        out[column.name] = (list(map(epoch_ms, values)) if column.check == "time"
+                            else values if type(values) is list else list(values))
+    return out
+
+
 def _encode_columns(envelope: Envelope) -> bytes:
     cls, columns = _COLUMNS[envelope.type]
     changes = envelope.changes
     if not set(map(type, changes)) <= {cls}:
         raise ValueError(f"a {envelope.type} message carries {cls.__name__} changes only")
-    out: dict[str, list[Any]] = {}
-    for column in columns:
-        values = list(map(attrgetter(column.name), changes))
-        if column.default is not _REQUIRED and values.count(column.default) == len(values):
-            continue
-        out[column.name] = list(map(epoch_ms, values)) if column.check == "time" else values
     body = _header(envelope, epoch_ms(envelope.origin_time))
-    body["changes"] = out
+    body["changes"] = _column_lists(envelope.type, columns,
+                                    lambda name: list(map(attrgetter(name), changes)))
     return orjson.dumps(body)
 
 
@@ -484,24 +498,11 @@ def encode_columns(*, type: MessageType, account: str, source: Source, change_id
     unknown = columns.keys() - {c.name for c in fields_}
     if unknown:
         raise ValueError(f"no such column(s) of {type}: {', '.join(sorted(unknown))}")
-    out: dict[str, list[Any]] = {}
-    newest: int | None = None
-    for column in fields_:
-        values = columns.get(column.name)
-        if values is None:
-            if column.default is _REQUIRED:
-                raise ValueError(f"a {type} message needs the column {column.name!r}")
-            continue
-        if column.default is not _REQUIRED and values.count(column.default) == len(values):
-            continue
-        if column.check == "time":
-            out[column.name] = times = list(map(epoch_ms, values))
-            if column.name == "origin_time" and times:
-                newest = max(times)
-        else:
-            out[column.name] = list(values)
-    if newest is None:
+    out = _column_lists(type, fields_, columns.get)
+    times = out.get("origin_time")
+    if not times:
         raise ValueError("an envelope needs at least one change, each with its origin_time")
+    newest = max(times)
     body = _header(Envelope(type=type, account=account, source=source, change_id=change_id,
                             origin_time=exact_time(newest), changes=(), run_id=run_id), newest)
     body["changes"] = out
