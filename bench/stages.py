@@ -12,11 +12,7 @@ from bench.tracking import RunRecord
 
 def reconciled_all(record: RunRecord) -> bool:
     """Both pollers are done and every message they published has been reconciled."""
-    tracker = record.tracker
-    if set(tracker.pollers_done) != {"dynamics", "dotdigital"}:
-        return False
-    published = {m for p in tracker.pollers_done.values() for m in p.get("messages", [])}
-    return published <= set(tracker.reconciled)
+    return record.tracker.reconciled_all
 
 
 async def until(condition: Callable[[], bool], *, world: World, timeout_s: float,

@@ -53,6 +53,13 @@ class RunTracker:
     # the ec-poller's runs by the runs they covered, as announced (rule 2): the announcement
     # may arrive before this tracker knows its own run
     _ec_runs: dict[str, str] = field(default_factory=dict, repr=False)
+    # Kept as events arrive, so that each event costs the same however long the run (a
+    # backfill's run has thousands of messages): the messages the pollers published that are
+    # not reconciled yet (None: not worked out since a poller-done), the writes the reconciled
+    # messages named, and those of them not written yet.
+    _awaiting: set[str] | None = field(default=None, repr=False)
+    _writes: set[str] = field(default_factory=set, repr=False)
+    _unwritten: set[str] = field(default_factory=set, repr=False)
 
     def follows(self, run_id: object) -> bool:
         """Whether events of ``run_id`` may be this run's (rules 1 and 2)."""
@@ -82,10 +89,20 @@ class RunTracker:
             part = (self.dotdigital_run or self.run_id) if source == "dotdigital" else self.run_id
             if run_id == part:
                 self.pollers_done[source] = event
+                self._awaiting = None
         elif kind == "reconciled":
-            self.reconciled[str(event["message"])] = event
+            message = str(event["message"])
+            self.reconciled[message] = event
+            if self._awaiting is not None:
+                self._awaiting.discard(message)
+            for write in event.get("writes", []):
+                self._writes.add(write)
+                if write not in self.written:
+                    self._unwritten.add(write)
         elif kind == "written":
-            self.written[str(event["message"])] = event
+            message = str(event["message"])
+            self.written[message] = event
+            self._unwritten.discard(message)
         elif kind == "run-failed" and (run_id == self.run_id
                                        or event.get("service") == "ec-poller"):
             self.failures.append(f"{event.get('service')}: {event.get('error')}")
@@ -94,13 +111,17 @@ class RunTracker:
     def finished(self) -> bool:
         if self.failures:
             return True
+        return self.reconciled_all and not self._unwritten
+
+    @property
+    def reconciled_all(self) -> bool:
+        """Both pollers are done and every message they published has been reconciled."""
         if set(self.pollers_done) != {"dynamics", "dotdigital"}:
             return False
-        published = {m for p in self.pollers_done.values() for m in p.get("messages", [])}
-        if not published <= set(self.reconciled):
-            return False
-        writes = {w for r in self.reconciled.values() for w in r.get("writes", [])}
-        return writes <= set(self.written)
+        if self._awaiting is None:
+            self._awaiting = {m for p in self.pollers_done.values()
+                              for m in p.get("messages", []) if m not in self.reconciled}
+        return not self._awaiting
 
     def progress(self) -> dict[str, int | None]:
         """Counts so far: changes read, messages reconciled and written, and the totals of
@@ -110,12 +131,11 @@ class RunTracker:
         published: int | None = None
         if set(self.pollers_done) == {"dynamics", "dotdigital"}:
             published = len({m for p in self.pollers_done.values() for m in p.get("messages", [])})
-        writes = {w for r in self.reconciled.values() for w in r.get("writes", [])}
         done = published is not None and len(self.reconciled) >= published
         return {"read": sum(read.values()), "reconciled": len(self.reconciled),
                 "reconciled_total": published,
                 "changes": sum(int(r.get("changes", 0)) for r in self.reconciled.values()),
-                "written": len(self.written), "written_total": len(writes) if done else None}
+                "written": len(self.written), "written_total": len(self._writes) if done else None}
 
     def summary(self) -> dict[str, Any]:
         outcomes: Counter[str] = Counter()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from common.runs import FollowedRuns, RunTracker
 
 
@@ -102,3 +105,43 @@ def test_followed_runs_forget_the_oldest_beyond_their_limit() -> None:
     for name in ("A", "B", "C"):
         runs.feed(started(service="dynamics-poller", covered=f"trigger-{name}", run=name))
     assert list(runs.runs) == ["B", "C"]
+
+
+def _finished_by_definition(tracker: RunTracker) -> bool:
+    """When a run is finished, worked out from everything the tracker kept."""
+    if tracker.failures:
+        return True
+    if set(tracker.pollers_done) != {"dynamics", "dotdigital"}:
+        return False
+    published = {m for p in tracker.pollers_done.values() for m in p.get("messages", [])}
+    writes = {w for r in tracker.reconciled.values() for w in r.get("writes", [])}
+    return published <= set(tracker.reconciled) and writes <= set(tracker.written)
+
+
+@st.composite
+def run_events(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """One run's events in any order after its start: messages of both pollers (some
+    reconciled twice), the writes they name, some of them never written."""
+    messages = draw(st.lists(st.sampled_from([f"m{i}" for i in range(8)]), unique=True))
+    split = draw(st.integers(0, len(messages)))
+    events = [poller_done(source="dynamics", run="R", messages=messages[:split]),
+              poller_done(source="dotdigital", run="R", messages=messages[split:])]
+    for message in messages:
+        if draw(st.booleans()) or draw(st.booleans()):
+            writes = draw(st.lists(st.sampled_from([f"w{i}" for i in range(6)]), max_size=3))
+            events += [reconciled(run="R", message=message, writes=writes)] * draw(
+                st.integers(1, 2))
+            events += [written(run="R", message=w) for w in writes if draw(st.booleans())]
+    return list(draw(st.permutations(events)))
+
+
+@settings(max_examples=500)
+@given(events=run_events())
+def test_whether_a_run_is_finished_agrees_with_its_definition_after_every_event(
+        events: list[dict[str, Any]]) -> None:
+    tracker = RunTracker(trigger_id="t")
+    tracker.feed(started(service="dynamics-poller", covered="t", run="R"))
+    tracker.feed(started(service="ec-poller", covered="R", run="R"))
+    for event in events:
+        tracker.feed(event)
+        assert tracker.finished == _finished_by_definition(tracker), event
