@@ -111,7 +111,17 @@ class RunTracker:
     def finished(self) -> bool:
         if self.failures:
             return True
-        return self.reconciled_all and not self._unwritten
+        return self.reconciled_all and self.all_written
+
+    @property
+    def all_written(self) -> bool:
+        """Every write the reconciled messages named has been written."""
+        return not self._unwritten
+
+    @property
+    def named_writes(self) -> int:
+        """How many writes the reconciled messages named."""
+        return len(self._writes)
 
     @property
     def reconciled_all(self) -> bool:
@@ -135,7 +145,8 @@ class RunTracker:
         return {"read": sum(read.values()), "reconciled": len(self.reconciled),
                 "reconciled_total": published,
                 "changes": sum(int(r.get("changes", 0)) for r in self.reconciled.values()),
-                "written": len(self.written), "written_total": len(self._writes) if done else None}
+                "written": len(self.written),
+                "written_total": self.named_writes if done else None}
 
     def summary(self) -> dict[str, Any]:
         outcomes: Counter[str] = Counter()

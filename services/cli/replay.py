@@ -85,13 +85,22 @@ class ReplayTracker(RunTracker):
     """Follows the replay's own messages through the reconciler and the writer."""
 
     expected: set[str] = field(default_factory=set)
+    # the expected messages not reconciled yet, kept as events arrive (a constant cost per
+    # event), worked out again when more are expected
+    _missing: set[str] = field(default_factory=set, repr=False)
+    _missing_of: int = field(default=-1, repr=False)
+
+    def feed(self, event: dict[str, Any]) -> None:
+        super().feed(event)
+        if event.get("event") == "reconciled" and str(event.get("message")) in self.reconciled:
+            self._missing.discard(str(event.get("message")))
 
     @property
     def finished(self) -> bool:
-        if not self.expected <= set(self.reconciled):
-            return False
-        writes = {w for r in self.reconciled.values() for w in r.get("writes", [])}
-        return writes <= set(self.written)
+        if self._missing_of != len(self.expected):
+            self._missing = self.expected - self.reconciled.keys()
+            self._missing_of = len(self.expected)
+        return not self._missing and self.all_written
 
 
 @dataclass
@@ -325,12 +334,11 @@ async def _follow(tracker: ReplayTracker, events: asyncio.Queue[dict[str, Any]],
             while not tracker.finished:
                 tracker.feed(await events.get())
                 reconciled = len(tracker.reconciled)
-                writes = {w for r in tracker.reconciled.values() for w in r.get("writes", [])}
                 meter.update("reconciled", completed=reconciled, total=len(tracker.expected),
                              detail="messages")
                 meter.update("written", completed=len(tracker.written),
-                             total=len(writes) if reconciled >= len(tracker.expected) else None,
-                             detail="messages")
+                             total=(tracker.named_writes if reconciled >= len(tracker.expected)
+                                    else None), detail="messages")
     except TimeoutError:
         return False
     return True

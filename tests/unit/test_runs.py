@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.runs import FollowedRuns, RunTracker
+from services.cli.replay import ReplayTracker
 
 
 def started(*, service: str, covered: str, run: str) -> dict[str, Any]:
@@ -145,3 +146,16 @@ def test_whether_a_run_is_finished_agrees_with_its_definition_after_every_event(
     for event in events:
         tracker.feed(event)
         assert tracker.finished == _finished_by_definition(tracker), event
+
+
+@settings(max_examples=300)
+@given(events=run_events())
+def test_a_replay_is_finished_when_its_messages_are_reconciled_and_their_writes_written(
+        events: list[dict[str, Any]]) -> None:
+    tracker = ReplayTracker(trigger_id="t", run_id="R")
+    tracker.expected = {m for e in events if e["event"] == "poller-done" for m in e["messages"]}
+    for event in events:
+        tracker.feed(event)
+        writes = {w for r in tracker.reconciled.values() for w in r.get("writes", [])}
+        assert tracker.finished == (tracker.expected <= set(tracker.reconciled)
+                                    and writes <= set(tracker.written)), event
