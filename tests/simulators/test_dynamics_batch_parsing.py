@@ -17,9 +17,13 @@ from services.simulators.dynamics.batch import (
     Part,
     _boundary,
     _first_line,
+    _lone_request,
     _parse_parts,
     _request_part,
+    _usual_changeset_head,
+    _usual_request_head,
     parse_parts,
+    split_multipart,
 )
 from services.simulators.dynamics.protocol import ApiError
 
@@ -91,6 +95,20 @@ def test_the_usual_batch_reads_the_same_either_way() -> None:
     assert [p[6][0][0] for p in usual[:6]] == ["1", "2", "3", "4", "5", "6"]
     assert usual[7][0] == "8"
     assert [p.changeset is None for p in parse_parts(body, CONTENT_TYPE)] == [False] * 6 + [True] * 2
+
+
+def test_each_write_of_the_usual_batch_is_found_in_place_in_its_change_set() -> None:
+    # (the in-place reading is only a shortcut: a miss falls back to reading in full, to the
+    # same effect, so the tests above cannot tell whether it is taken)
+    chunks = split_multipart(_writer_batch(), BATCH)[:6]
+    for n, chunk in enumerate(chunks, start=1):
+        head = _usual_changeset_head(chunk)
+        assert head is not None
+        boundary, begin = head
+        [inner] = split_multipart(chunk[begin:], boundary.decode())
+        found = _lone_request(chunk, boundary, begin)
+        assert found is not None and found == _usual_request_head(inner)
+        assert found[0] == str(n)
 
 
 def _changeset_of(boundary: str, requests: list[str], *, preamble: str = "",

@@ -322,13 +322,12 @@ class Api:
         return self._entity_result(call, schema, row, opts.select, opts)
 
     def _entity_result(self, call: Call, schema: TableSchema, row: Row, select: list[str] | None,
-                       opts: QueryOptions | None = None, status: int = 200,
-                       headers: dict[str, str] | None = None) -> Result:
+                       opts: QueryOptions | None = None) -> Result:
         expand = opts.expand if opts else None
         annotate = annotations_wanted(call.prefer())
-        body = {"@odata.context": self._entity_context(call, schema, select, expand),
-                **shape(row, schema, select, expand, self.store, annotate)}
-        return json_result(body, status=status, headers=headers)
+        body = shape(row, schema, select, expand, self.store, annotate,
+                     context=self._entity_context(call, schema, select, expand))
+        return json_result(body)
 
     def _entity_context(self, call: Call, schema: TableSchema, select: list[str] | None,
                         expand: list[Expand] | None) -> str:
@@ -386,11 +385,14 @@ class Api:
     def _written(self, call: Call, schema: TableSchema, row: Row, *, created: bool,
                  select: list[str] | None) -> Result:
         """The answer to a write; ``select`` is the request's ``$select``, parsed."""
-        if call.prefer().get("return") == "representation":
+        prefer = call.prefer()
+        if prefer.get("return") == "representation":
+            # (as _entity_result answers a row without $expand)
             etag = f'W/"{row["versionnumber"]}"'
-            return self._entity_result(
-                call, schema, row, select, status=201 if created else 200,
-                headers={"ETag": etag, "Preference-Applied": "return=representation"})
+            body = shape(row, schema, select, None, self.store, annotations_wanted(prefer),
+                         context=self._entity_context(call, schema, select, None), etag=etag)
+            return json_result(body, status=201 if created else 200, headers={
+                "ETag": etag, "Preference-Applied": "return=representation"})
         entity_id = f"{call.service_root}/{schema.entity_set}({row[schema.pk]})"
         return empty_result(204, {"OData-EntityId": entity_id})
 

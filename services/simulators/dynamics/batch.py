@@ -32,7 +32,7 @@ import orjson
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from .api import Api
-from .protocol import ApiError, Call, Result, make_call, new_guid, parse_prefer, query_error
+from .protocol import ApiError, Call, Result, new_guid, parse_prefer, query_error
 from .routes import VERSIONS, Target, resolve
 from .schema import TABLES
 
@@ -57,6 +57,9 @@ class Part:
     prefer: dict[str, str] | None = None  # the request headers' preferences
     body: bytes = b""
     changeset: list[Part] | None = None
+
+
+_NO_IDS: dict[str, str] = {}  # a lone operation's references: none (never written to)
 
 
 class _ChangeSetFailed(Exception):
@@ -172,49 +175,62 @@ _PLAIN_BOUNDARY = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 _PRINTABLE_ASCII = bytes(range(0x20, 0x7F))
 
 
-def _usual_request_head(chunk: bytes) -> tuple[str | None, bytes] | None:
+def _usual_request_head(chunk: bytes, start: int = 0,
+                        end: int | None = None) -> tuple[str | None, bytes] | None:
     """A request part's MIME Content-ID and content when its head is the usual one
-    (``_HTTP_HEAD``, then ``Content-ID: <digits>`` or nothing), else None."""
-    if not chunk.startswith(_HTTP_HEAD):
+    (``_HTTP_HEAD``, then ``Content-ID: <digits>`` or nothing), else None; the part is
+    ``chunk[start:end]``, read in place."""
+    if end is None:
+        end = len(chunk)
+    if not chunk.startswith(_HTTP_HEAD, start, end):
         return None
-    start = len(_HTTP_HEAD)
-    if chunk.startswith(b"\r\n", start):
-        return None, chunk[start + 2:]
-    if chunk.startswith(_CONTENT_ID, start):
-        start += len(_CONTENT_ID)
-        end = chunk.find(b"\r\n\r\n", start)
-        content_id = chunk[start:end]
-        if end >= 0 and content_id.isdigit():
-            return content_id.decode(), chunk[end + 4:]
+    at = start + len(_HTTP_HEAD)
+    if chunk.startswith(b"\r\n", at, end):
+        return None, chunk[at + 2:end]
+    if chunk.startswith(_CONTENT_ID, at, end):
+        at += len(_CONTENT_ID)
+        stop = chunk.find(b"\r\n\r\n", at, end)
+        content_id = chunk[at:stop]
+        if stop >= 0 and content_id.isdigit():
+            return content_id.decode(), chunk[stop + 4:end]
     return None
 
 
-def _usual_changeset_head(chunk: bytes) -> tuple[str, bytes] | None:
-    """A change set part's boundary and content when its head is the usual one
-    (``_CHANGESET_HEAD`` and a plain boundary, alone), else None."""
+def _usual_changeset_head(chunk: bytes) -> tuple[bytes, int] | None:
+    """A change set part's boundary and where its content starts when its head is the usual
+    one (``_CHANGESET_HEAD`` and a plain boundary, alone), else None."""
     if not chunk.startswith(_CHANGESET_HEAD):
         return None
     start = len(_CHANGESET_HEAD)
     end = chunk.find(b"\r\n\r\n", start)
     boundary = chunk[start:end]
     if end > start and not boundary.translate(None, _PLAIN_BOUNDARY):
-        return boundary.decode(), chunk[end + 4:]
+        return boundary, end + 4
     return None
 
 
-def _lone_request(content: bytes, boundary: str) -> tuple[str | None, bytes] | None:
-    """_usual_request_head of the one part of a change set's ``content`` when it holds just
-    one (as clients send each write: no preamble, the part, the closing delimiter), found
-    without splitting the content; else None (the change set is then read in full)."""
-    delim = b"--" + boundary.encode()
-    start = len(delim)
-    end = content.find(delim, start)
-    if (end < 0 or not content.startswith(delim) or content.startswith(b"--", start)
-            or not content.startswith(b"--", end + start)):
+def _lone_request(chunk: bytes, boundary: bytes, begin: int) -> tuple[str | None, bytes] | None:
+    """_usual_request_head of the one part of the change set whose content starts at
+    ``begin`` in ``chunk``, when it holds just one (as clients send each write: no preamble,
+    the part, the closing delimiter), found in place without splitting or copying the
+    content; else None (the change set is then read in full)."""
+    delim = b"--" + boundary
+    start = begin + len(delim)
+    end = chunk.find(delim, start)
+    if (end < 0 or not chunk.startswith(delim, begin) or chunk.startswith(b"--", start)
+            or not chunk.startswith(b"--", end + len(delim))):
         return None
-    # the part as split_multipart cuts it
-    chunk = content[start:end].removeprefix(b"\r\n").removeprefix(b"\n")
-    return _usual_request_head(chunk.removesuffix(b"\n").removesuffix(b"\r"))
+    # the part as split_multipart cuts it: less a leading CRLF, then LF, and a trailing LF,
+    # then CR
+    if chunk.startswith(b"\r\n", start, end):
+        start += 2
+    if chunk.startswith(b"\n", start, end):
+        start += 1
+    if chunk.endswith(b"\n", start, end):
+        end -= 1
+    if chunk.endswith(b"\r", start, end):
+        end -= 1
+    return _usual_request_head(chunk, start, end)
 
 
 def parse_parts(body: bytes, content_type: str) -> list[Part]:
@@ -237,11 +253,11 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
             continue
         changeset = None if nested or not usual_heads else _usual_changeset_head(chunk)
         if changeset is not None:
-            inner, content = changeset
-            lone = _lone_request(content, inner)
+            inner, begin = changeset
+            lone = _lone_request(chunk, inner, begin)
             parts.append(Part(content_id=None, changeset=[
                 _request_part(lone[1], lone[0], heads)] if lone is not None else _parse_parts(
-                    content, inner, nested=True, heads=heads)))
+                    chunk[begin:], inner.decode(), nested=True, heads=heads)))
             continue
         at = chunk.find(b"\r\n\r\n")  # as _split_head, inline: it looks for this first
         head, content = (chunk[:at], chunk[at + 4:]) if at >= 0 else _split_head(chunk)
@@ -326,19 +342,32 @@ def _phrase(status: int) -> str:
 
 
 _PART_HEAD = "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+# The status line of each status answered so far, between its line breaks.
+_STATUS_LINES: dict[int, str] = {}
 
 
 def _http_head(result: Result, *, content_id: str | None = None, get: bool = False) -> str:
     """A part's MIME head and its response's status line and headers, to the blank line."""
-    # one join of the lines (adding each to a string copies it all every time)
-    lines = [_PART_HEAD] if content_id is None else [_PART_HEAD, f"Content-ID: {content_id}\r\n"]
-    lines.append(f"\r\nHTTP/1.1 {result.status} {_phrase(result.status)}\r\n")
-    for name, value in result.headers.items():
-        if get and name.lower() == "content-type" and value.startswith("application/json"):
-            value += "; odata.streaming=true"
-        lines.append(f"{name}: {value}\r\n")
-    lines.append("\r\n")
-    return "".join(lines)
+    status = result.status
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = f"\r\nHTTP/1.1 {status} {_phrase(status)}\r\n"
+    # one join of the header lines (adding each to a string copies it all every time)
+    if get:
+        fields = "".join([f"{name}: {_streamed(name, value)}\r\n"
+                          for name, value in result.headers.items()])
+    else:
+        fields = "".join([f"{name}: {value}\r\n" for name, value in result.headers.items()])
+    if content_id is None:
+        return f"{_PART_HEAD}{line}{fields}\r\n"
+    return f"{_PART_HEAD}Content-ID: {content_id}\r\n{line}{fields}\r\n"
+
+
+def _streamed(name: str, value: str) -> str:
+    """A GET's answer header as a batch part gives it: JSON is said to be streamed."""
+    if name.lower() == "content-type" and value.startswith("application/json"):
+        return value + "; odata.streaming=true"
+    return value
 
 
 def _http_part(result: Result, *, content_id: str | None = None, get: bool = False) -> bytes:
@@ -402,7 +431,9 @@ class Batch:
         rendered: list[bytes] = []
         for part in parts:
             if part.changeset is not None:
-                ok, out = self._changeset(call, part.changeset)
+                inner = part.changeset
+                ok, out = (self._lone_changeset(call, inner[0]) if len(inner) == 1
+                           else self._changeset(call, inner))
             else:
                 result = self._execute(call, part, {})
                 ok = result.status < 400
@@ -453,6 +484,27 @@ class Batch:
         return True, _multipart(out, boundary, last_break=False,
                                 head=f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n")
 
+    def _lone_changeset(self, call: Call, part: Part) -> tuple[bool, bytes]:
+        """_changeset of a change set holding one request, as clients send each write: no
+        later operation can refer to what it made, and its answer is framed in one go."""
+        cid = part.content_id
+        if part.method == "GET":
+            refused = query_error("GET requests are not allowed in a change set.").result()
+            return False, _http_part(refused, content_id=cid)
+        try:
+            with self.api.store.atomic():
+                result = self._execute(call, part, _NO_IDS)
+                if result.status >= 400:  # (undoes whatever the operation wrote)
+                    raise _ChangeSetFailed(b"")
+        except _ChangeSetFailed:
+            return False, _http_part(result, content_id=cid)
+        self._changesets += 1
+        boundary = f"changesetresponse_{self._stem}{self._changesets:012x}"
+        # as _multipart frames the one part after the change set's head
+        head = (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n--{boundary}\r\n"
+                f"{_http_head(result, content_id=cid)}")
+        return True, b"".join((head.encode(), result.body, f"\r\n--{boundary}--".encode()))
+
     def _entity_url(self, call: Call, part: Part, result: Result) -> str | None:
         if result.status != 201 or not result.body:
             return None
@@ -478,9 +530,10 @@ class Batch:
             return exc.result()
         version, tail, query, target, path = place
         assert part.request_headers is not None
-        call = make_call(method=part.method, version=version, tail=tail, query=query,
-                         headers=part.request_headers, body=body, origin=outer.origin,
-                         client_id=outer.client_id, in_batch=True, prefer=part.prefer)
+        # (as make_call builds it: the headers are a proxy, their preferences parsed)
+        call = Call(part.method, version, tail, query, part.request_headers, body,
+                    outer.origin, outer.client_id, True)
+        call._prefer = part.prefer
         if target.kind == "batch":
             result = query_error("A $batch can't contain another $batch.").result()
         else:

@@ -245,9 +245,13 @@ def _annotate(out: dict[str, Any], schema: TableSchema, wanted: Callable[[str], 
 
 def shape(row: Row, schema: TableSchema, select: list[str] | None,
           expand: list[Expand] | None = None, store: Store | None = None,
-          annotate: Callable[[str], bool] | None = None) -> dict[str, Any]:
-    """A row as the Web API returns it: etag, the selected columns, the key, expansions."""
-    out: dict[str, Any] = {"@odata.etag": f'W/"{row["versionnumber"]}"'}
+          annotate: Callable[[str], bool] | None = None, *, context: str | None = None,
+          etag: str | None = None) -> dict[str, Any]:
+    """A row as the Web API returns it: etag, the selected columns, the key, expansions;
+    first the ``@odata.context`` when given (``etag``: the row's, when the caller has it)."""
+    etag = etag or f'W/"{row["versionnumber"]}"'
+    out: dict[str, Any] = ({"@odata.etag": etag} if context is None
+                           else {"@odata.context": context, "@odata.etag": etag})
     if select is None:
         for col in schema.columns:
             out[col] = row.get(col)

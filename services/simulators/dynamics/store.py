@@ -7,7 +7,8 @@ key. Rows are never mutated in place: a write stores a new dict, so a journal of
 enough to roll a change set back.
 
 The ordered indexes are :class:`SortedKeys`, which take the newest entry (a new version, the
-clock's second) by appending.
+clock's second) by appending; the ``modifiedon`` index keeps the entries of the newest second
+apart (their ids come in no order) until a newer second or a read.
 
 The key order and the hash indexes are kept only while reads use them:
 
@@ -66,44 +67,77 @@ class ModifiedIndex:
     one width, so the first difference within it is the instant's, and equal instants leave
     the ids to decide. Bounds are given as such tuples, an id part of ``""`` sorting below
     every id and ``"\uffff"`` above.
+
+    Writes stamp the clock's second, and within a second their ids come in no order: a
+    sorted insert each would move half the newest sublist. So the entries of the newest
+    second stamped wait in a set, and join the sorted keys (in order, so each is appended)
+    when a newer second is stamped or before a read.
     """
 
-    __slots__ = ("_keys", "_prefixes")
+    __slots__ = ("_keys", "_newest", "_pending", "_prefixes")
 
     def __init__(self, entries: Iterable[tuple[datetime, str]] = ()) -> None:
         self._prefixes: dict[datetime, str] = {}  # the clock's recent seconds, encoded
         self._keys = SortedKeys(self._key(stamp, row_id) for stamp, row_id in entries)
+        self._newest = ""  # the encoded instant of the entries in _pending
+        self._pending: set[str] = set()
 
-    def _key(self, stamp: datetime, row_id: str) -> str:
+    def _prefix(self, stamp: datetime) -> str:
         prefix = self._prefixes.get(stamp)
         if prefix is None:
             if len(self._prefixes) >= _PREFIXES_KEPT:
                 self._prefixes.clear()
             # microseconds since the earliest instant: 18 digits up to the latest one
             prefix = self._prefixes[stamp] = f"{(stamp - _EARLIEST) // _MICROSECOND:018d}"
+        return prefix
+
+    def _key(self, stamp: datetime, row_id: str) -> str:
         if not isinstance(row_id, str):  # as comparing it with an id would
             raise TypeError(f"an id must be a string, not {type(row_id).__name__}")
-        return prefix + row_id
+        return self._prefix(stamp) + row_id
+
+    def _settled(self) -> SortedKeys:
+        """The sorted keys, the waiting entries among them."""
+        keys, pending = self._keys, self._pending
+        if pending:
+            for key in sorted(pending):
+                keys.add(key)
+            pending.clear()
+        return keys
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._keys) + len(self._pending)
 
     def add(self, stamp: datetime, row_id: str) -> None:
-        self._keys.add(self._key(stamp, row_id))
+        if not isinstance(row_id, str):  # (as _key)
+            raise TypeError(f"an id must be a string, not {type(row_id).__name__}")
+        prefix = self._prefix(stamp)
+        if prefix == self._newest:
+            self._pending.add(prefix + row_id)
+        elif prefix > self._newest:  # a newer second: the waiting ones join the rest
+            self._settled()
+            self._newest = prefix
+            self._pending.add(prefix + row_id)
+        else:
+            self._keys.add(prefix + row_id)
 
     def remove(self, stamp: datetime, row_id: str) -> None:
-        self._keys.remove(self._key(stamp, row_id))
+        key = self._key(stamp, row_id)
+        if key in self._pending:
+            self._pending.remove(key)
+        else:
+            self._keys.remove(key)
 
     def count(self, lo: tuple[datetime, str], hi: tuple[datetime, str]) -> int:
         """Entries from ``lo`` (inclusive) to ``hi`` (exclusive)."""
-        keys = self._keys
+        keys = self._settled()
         return keys.bisect_left(self._key(*hi)) - keys.bisect_left(self._key(*lo))
 
     def ids(self, lo: tuple[datetime, str], hi: tuple[datetime, str], *,
             inclusive: tuple[bool, bool] = (True, True), reverse: bool = False) -> Iterator[str]:
         """The ids of the entries between ``lo`` and ``hi``, by ``(modifiedon, id)``."""
-        keys = self._keys.irange(self._key(*lo), self._key(*hi), inclusive=inclusive,
-                                 reverse=reverse)
+        keys = self._settled().irange(self._key(*lo), self._key(*hi), inclusive=inclusive,
+                                      reverse=reverse)
         return (key[_STAMP_WIDTH:] for key in keys)
 
 

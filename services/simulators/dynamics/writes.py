@@ -61,7 +61,11 @@ _DEFAULT_FALSE = ("donotbulkemail", "donotemail", "type", "psync_emailactivated"
 _RECORD_COLUMNS = tuple((nav, f"_{nav}_value", TABLES[SUBSCRIPTIONS.lookups[nav].target])
                         for nav in SUBSCRIPTION_RECORD_LOOKUPS)
 _RECORD_VALUE_COLUMNS = tuple(column for _, column, _ in _RECORD_COLUMNS)
-_NO_TIME, _ONE_SECOND = timedelta(0), timedelta(seconds=1)
+_CONTACT, _LEAD, _ACCOUNT = _RECORD_VALUE_COLUMNS
+_PREFERENCE = "_psync_preferenceid_value"
+# (the alternate key is the record lookups, then the preference: _check_subscription builds it)
+assert SUBSCRIPTIONS.unique == (*_RECORD_VALUE_COLUMNS, _PREFERENCE)
+_ONE_SECOND = timedelta(seconds=1)
 
 
 def parse_guid(text: str) -> str:
@@ -73,9 +77,11 @@ def parse_guid(text: str) -> str:
         raise query_error(f"Unrecognized 'Edm.Guid' literal '{text}'.") from None
 
 
-# Valid references already read: a batch binds the same few rows (its preferences) over and over.
+# Valid references already read: a batch binds the same few rows (its preferences) over and
+# over, and each record once per preference, which can be a whole table of records apart (the
+# states of one preference come together): enough are kept for a large table's records.
 _REFS: dict[str, tuple[str, str]] = {}
-_REFS_KEPT = 4096
+_REFS_KEPT = 1 << 16
 
 
 def parse_ref(value: Any) -> tuple[str, str]:
@@ -132,6 +138,50 @@ def _value_rule(col: Column) -> _ValueRule:
     return rule
 
 
+# How a table reads each key of a body (what _key_plan answers): its value's column rule, a
+# lookup bound, or nothing (annotations, read-only columns).
+_VALUE, _BIND, _SKIP = "value", "bind", "skip"
+_BIND_SUFFIX = "@odata.bind"
+KeyPlan = tuple[str, Any]
+# Plans by table and key: bodies repeat a few keys over and over. Refused keys are not kept.
+_KEY_PLANS: dict[tuple[str, str], tuple[TableSchema, KeyPlan]] = {}
+_KEY_PLANS_KEPT = 4096
+
+
+def _key_plan(schema: TableSchema, key: str) -> KeyPlan:
+    """How ``schema`` reads a body's ``key``; the error a key it refuses gets."""
+    known = _KEY_PLANS.get((schema.entity_set, key))
+    if known is not None and known[0] is schema:
+        return known[1]
+    plan: KeyPlan
+    if key.endswith(_BIND_SUFFIX):
+        nav = key[: -len(_BIND_SUFFIX)]
+        lookup = schema.lookups.get(nav)
+        if lookup is None:
+            raise query_error(
+                f"An undeclared property '{nav}' which only has property annotations in "
+                "the payload but no property value was found in the payload. In OData, "
+                "only declared navigation properties and declared named streams can be "
+                "represented as properties without values.")
+        plan = (_BIND, lookup)
+    elif key.startswith("@odata.") or "@" in key:
+        plan = (_SKIP, None)  # annotations such as @odata.type
+    else:
+        col = schema.columns.get(key)
+        if col is None:
+            raise query_error(
+                f"The property '{key}' does not exist on type '{schema.type_name}'. Make sure "
+                "to only use property names that are defined by the type.")
+        if col.kind is _LOOKUP:
+            raise query_error("CRM do not support direct update of Entity Reference "
+                              "properties, Use Navigation properties instead.")
+        plan = (_SKIP, None) if col.read_only else (_VALUE, _value_rule(col))
+    if len(_KEY_PLANS) >= _KEY_PLANS_KEPT:
+        _KEY_PLANS.clear()
+    _KEY_PLANS[(schema.entity_set, key)] = (schema, plan)
+    return plan
+
+
 _BLANK_ROWS: dict[str, tuple[TableSchema, Row]] = {}
 
 
@@ -161,6 +211,7 @@ class Writes:
         self.store = store
         self.now = now
         self._second: datetime | None = None  # the last whole second stamped (_stamp_time)
+        self._next = datetime.min  # the second after it
         self.on_write = on_write
         # told of every row created or updated (the ``/_sim/journal``)
         self.on_row: Callable[[TableSchema, Row], None] | None = None
@@ -168,9 +219,11 @@ class Writes:
     # -- body ------------------------------------------------------------------------------------
 
     def _coerce(self, schema: TableSchema, col: Column, value: Any) -> Any:
-        if value is None:
-            return None
-        wanted, guid, choices = _value_rule(col)[1:]
+        return None if value is None else self._coerce_by(schema, _value_rule(col), value)
+
+    def _coerce_by(self, schema: TableSchema, rule: _ValueRule, value: Any) -> Any:
+        """_coerce of a value that is not None, by its column's rule."""
+        col, wanted, guid, choices = rule
         ok = (wanted is not None and isinstance(value, wanted)
               and (wanted is not int or not isinstance(value, bool)))  # a bool is no number
         if not ok:
@@ -193,39 +246,21 @@ class Writes:
             raise query_error("The request body must be a JSON object.")
         changes: dict[str, Any] = {}
         for key, value in body.items():
-            if key.endswith("@odata.bind"):
-                nav = key[: -len("@odata.bind")]
-                lookup = schema.lookups.get(nav)
-                if lookup is None:
-                    raise query_error(
-                        f"An undeclared property '{nav}' which only has property annotations in "
-                        "the payload but no property value was found in the payload. In OData, "
-                        "only declared navigation properties and declared named streams can be "
-                        "represented as properties without values.")
+            kind, item = _key_plan(schema, key)
+            if kind is _VALUE:
+                changes[key] = None if value is None else self._coerce_by(schema, item, value)
+            elif kind is _BIND:
                 if value is None:
-                    changes[lookup.column] = None
+                    changes[item.column] = None
                     continue
                 target_set, target_id = parse_ref(value)
-                if target_set != lookup.target:
+                if target_set != item.target:
                     raise query_error(f"The entity set '{target_set}' is not valid for the "
-                                      f"navigation property '{nav}'; expected '{lookup.target}'.")
+                                      f"navigation property '{key[:-len(_BIND_SUFFIX)]}'; "
+                                      f"expected '{item.target}'.")
                 if target_id not in self.store.tables[target_set].rows:
                     raise not_found(TABLES[target_set].logical, target_id)
-                changes[lookup.column] = target_id
-                continue
-            if key.startswith("@odata.") or "@" in key:
-                continue  # annotations such as @odata.type
-            col = schema.columns.get(key)
-            if col is None:
-                raise query_error(
-                    f"The property '{key}' does not exist on type '{schema.type_name}'. Make sure "
-                    "to only use property names that are defined by the type.")
-            if col.kind is _LOOKUP:
-                raise query_error("CRM do not support direct update of Entity Reference "
-                                  "properties, Use Navigation properties instead.")
-            if col.read_only:
-                continue
-            changes[key] = self._coerce(schema, col, value)
+                changes[item.column] = target_id
         return changes
 
     def _stamp_time(self) -> datetime:
@@ -234,10 +269,11 @@ class Writes:
         compares equal stamps by identity)."""
         now = self.now()
         second = self._second
-        if (second is not None and now.tzinfo is second.tzinfo
-                and _NO_TIME <= now - second < _ONE_SECOND):
+        # (two comparisons: cheaper than the difference's timedelta)
+        if second is not None and now.tzinfo is second.tzinfo and second <= now < self._next:
             return second
         second = self._second = now.replace(microsecond=0)
+        self._next = second + _ONE_SECOND
         return second
 
     def _stamp(self, row: Row, at: datetime | None) -> None:
@@ -353,15 +389,17 @@ class Writes:
         return None
 
     def _check_subscription(self, row: Row, old: Row | None) -> tuple[Any, ...] | None:
-        refs = tuple(map(row.get, _RECORD_VALUE_COLUMNS))
+        get = row.get
+        refs = (get(_CONTACT), get(_LEAD), get(_ACCOUNT))
         if len(refs) - refs.count(None) != 1:  # exactly one record bound
             raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription must refer to "
                            "exactly one contact, lead or account (psync_contactid, psync_leadid "
                            "or psync_accountid).")
-        if row.get("_psync_preferenceid_value") is None:
+        preference = get(_PREFERENCE)
+        if preference is None:
             raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription must refer to "
                            "a marketing preference (psync_preferenceid).")
-        if row.get("psync_status") is None:
+        if get("psync_status") is None:
             raise ApiError(400, PLUGIN_ERROR, "A marketing preference subscription needs a "
                            "psync_status: 100000000 (Opted in) or 100000001 (Opted out).")
         if old is not None:
@@ -370,8 +408,8 @@ class Writes:
         if old is None or tuple(map(old.get, _RECORD_VALUE_COLUMNS)) != refs:
             self._check_record_editable(row)
         table = self.store.tables[SUBSCRIPTIONS.entity_set]
-        key = table.unique_key(row)
-        holder = table.unique.get(key) if key is not None else None
+        key = (*refs, preference)  # (Table.unique_key, as the alternate key's columns run)
+        holder = table.unique.get(key)
         if holder is not None and holder != row[SUBSCRIPTIONS.pk]:
             raise ApiError(412, DUPLICATE_RECORD,
                            "A record that has the attribute values of the record and preference "
