@@ -418,6 +418,9 @@ class EcPoller:
         # a read from the beginning owes markers; so does one whose markers a crash left owed
         owed = since == EPOCH or position.markers_owed
         read_from = self._read_from(since)
+        # the writer goes on reading from the last complete read's watermark meanwhile (a read
+        # from the beginning has none to keep: its writes are deferred until it is reconciled)
+        last_watermark = position.watermark
         skip, unkept = await self._load_seen(source, since)
         seen: Seen | None = None
         min_contact_id = position.min_contact_id or 0
@@ -439,7 +442,8 @@ class EcPoller:
                                                  statuses_sent=counts.statuses_sent),
                     id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
                 await checkpoint.set(self._store, self.account.id, FeedPosition(
-                    since=since, min_contact_id=page.last_id + 1, markers_owed=owed))
+                    since=since, min_contact_id=page.last_id + 1, markers_owed=owed,
+                    last_watermark=last_watermark))
         started = await clock.started()
         # Where this read started is kept as ``previous``: the writer reads from there, so
         # changes this read published but the reconciler has not reached yet are read again,

@@ -65,6 +65,10 @@ EXPECTED_IMPORT_S = MIN_FIRST_POLL_S
 # that is under way (a first read is not waited for: its commands are deferred); then the batch
 # fails transiently. Well inside RabbitMQ's consumer_timeout (30 min).
 READ_WAIT_S = 60.0
+# While it waits, it looks at the feed's checkpoint first after READ_POLL_S, then twice as long
+# after each look, up to READ_POLL_MAX_S.
+READ_POLL_S = 0.05
+READ_POLL_MAX_S = 1.0
 # dotdigital's answers for a write refused because the contact is suppressed: v2's error, v3's
 # (PATCH), and the import's failure code for a contact whose preferences were not applied (the
 # contact's status is read to confirm it).
@@ -149,9 +153,12 @@ class DotdigitalSink:
         1. a first read not finished yet: the commands are deferred, as the reconciler defers
            its own, and removed from the batch; the reconciler sends them again when that
            read is reconciled (its read markers);
-        2. a read under way from an earlier position (or a first read whose markers this shard
-           has reconciled already, so a deferral could be missed): wait for it, up to
-           ``read_wait_s``, then fail transiently (the batch is retried later, in order).
+        2. a later read under way: the last complete read's watermark, which it keeps
+           (:class:`~common.vendors.dotdigital.feed.FeedPosition`), so the batch is not held;
+        3. a read under way that keeps none (a checkpoint saved before it was kept), or a first
+           read whose markers this shard has reconciled already (so a deferral could be
+           missed): wait for it, up to ``read_wait_s``, then fail transiently (the batch is
+           retried later, in order).
         """
         by_preference: dict[int, list[PreferenceKey]] = defaultdict(list)
         for key in commands:
@@ -189,7 +196,8 @@ class DotdigitalSink:
         """The watermark once the read under way finishes, waiting ``read_wait_s`` at most."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._read_wait_s
-        delay = 0.2
+        # a look costs a checkpoint read, no vendor call: looked at soon after the read ends
+        delay = READ_POLL_S
         while True:
             position = FeedPosition.decode(await self._store.get_checkpoint(
                 self.account, opt_ins_source(preference_id)))
@@ -200,7 +208,7 @@ class DotdigitalSink:
                     f"dotdigital preference {preference_id}: the ec-poller's read of its feed "
                     f"has not finished after {self._read_wait_s:.0f} s", dependency="dotdigital")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, READ_POLL_MAX_S)
 
     async def read_before_write(self, commands: Commands,
                                  watermarks: Mapping[int, datetime],
@@ -213,9 +221,18 @@ class DotdigitalSink:
         for key in commands:
             by_preference[key.preference_id].add(key.email)
         began = time.time()
-        found = {preference_id: await self._feed.entries(
-                     preference_id, since=watermarks[preference_id], emails=emails)
-                 for preference_id, emails in by_preference.items()}
+        # each preference's feed read side by side (as many at once as the client calls at once)
+        reads = [asyncio.ensure_future(self._feed.entries(
+                     preference_id, since=watermarks[preference_id], emails=emails))
+                 for preference_id, emails in by_preference.items()]
+        try:
+            found = dict(zip(by_preference, await asyncio.gather(*reads), strict=True))
+        except BaseException:
+            # one failed (its error is the batch's, as read one by one): the others stop
+            for read in reads:
+                read.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+            raise
         started = await self._client.time_before(began)
         outcome.time_base = await self._clock.note(self._client, outcome.time_base)
         for preference_id, by_email in found.items():

@@ -52,7 +52,9 @@ class FeedPosition:
     1. No checkpoint (``since`` None): the feed was never read, the next read starts at
        :data:`EPOCH`.
     2. A read under way: ``since`` is where it reads from and ``min_contact_id`` the contact id
-       its next page starts at.
+       its next page starts at; ``last_watermark`` is the watermark of the last complete read
+       (None: there was none, or the checkpoint was saved before it was kept), which stays the
+       watermark until this read finishes.
     3. A read finished: ``since`` is where it started to look (dotdigital's time), ``previous``
        where it read from (the overlap before the earlier ``since``).
     4. ``markers_owed``: the read started from the beginning (or its markers were not yet
@@ -63,15 +65,19 @@ class FeedPosition:
     min_contact_id: int | None = None
     previous: datetime | None = None
     markers_owed: bool = False
+    last_watermark: datetime | None = None
 
     @classmethod
     def decode(cls, saved: str | None) -> FeedPosition:
         raw: dict[str, Any] = orjson.loads(saved) if saved else {}
         since, previous = raw.get("since"), raw.get("previous")
+        last_watermark = raw.get("last_watermark")
         return cls(since=datetime.fromisoformat(since) if since else None,
                    min_contact_id=int(raw["min_contact_id"]) if "min_contact_id" in raw else None,
                    previous=datetime.fromisoformat(previous) if previous else None,
-                   markers_owed=bool(raw.get("markers_owed")))
+                   markers_owed=bool(raw.get("markers_owed")),
+                   last_watermark=(datetime.fromisoformat(last_watermark) if last_watermark
+                                   else None))
 
     def encode(self) -> str:
         raw: dict[str, Any] = {}
@@ -83,6 +89,8 @@ class FeedPosition:
             raw["previous"] = self.previous.isoformat()
         if self.markers_owed:
             raw["markers_owed"] = True
+        if self.last_watermark is not None:
+            raw["last_watermark"] = self.last_watermark.isoformat()
         return orjson.dumps(raw).decode()
 
     @property
@@ -90,9 +98,13 @@ class FeedPosition:
         """Where the writer reads the feed from before a write; None: no complete read to rely
         on. It is where the last complete read started (``previous``): changes that read
         published but the reconciler has not reached yet are read again. After a first read
-        there is nothing earlier, so it is ``since``."""
-        if self.since is None or self.min_contact_id is not None:
+        there is nothing earlier, so it is ``since``. It holds while a later read is under way
+        (``last_watermark``): what is stamped before it the earlier reads published, what is
+        stamped after it the writer reads itself; so writes need not wait for that read."""
+        if self.since is None:
             return None
+        if self.min_contact_id is not None:
+            return self.last_watermark
         if self.previous is not None and self.previous > EPOCH:
             return self.previous
         return self.since

@@ -1,6 +1,7 @@
 """The dotdigital writer never holds a batch for long (RabbitMQ takes a message back from a
 consumer that holds it past ``consumer_timeout``): a preference not read yet defers its writes,
-a read under way is waited for a bounded time, and an import still pending at its deadline is a
+a read under way goes on from the last complete read's watermark (or, without one, is waited for
+a bounded time), and an import still pending at its deadline is a
 transient unknown that the retry reads back before writing.
 
 The writer's handler runs here on real deliveries from the real broker, against the dotdigital
@@ -31,7 +32,7 @@ from common.messaging.resilience import TransientFailure, dependency_of
 from common.messaging.topology import Topology
 from common.store import LedgerStore, open_store
 from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished
-from common.vendors.dotdigital.feed import EPOCH
+from common.vendors.dotdigital.feed import EPOCH, FeedPosition
 from services.writer.dotdigital import READ_WAIT_S, DotdigitalSink, reconciler_read_mark
 from services.writer.pipeline import Writer
 from tests.harness.world import delete_queues
@@ -40,6 +41,8 @@ from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config
 from .conftest import BROKER_URL
 
 pytestmark = [pytest.mark.anyio]
+
+FEED = "GET /v2/contacts/with-preference/{preference_id}/opt-ins-since/{date}"
 
 
 @dataclass
@@ -170,6 +173,29 @@ async def test_a_read_under_way_is_waited_for_a_bounded_time(tmp_path: Path,
         # once the read is there, the same batch goes through
         await b.feed_read()
         await b.writer(read_wait_s=0.5).handle([await b.delivery(commands)])
+        for email in b.emails:
+            assert (await b.client.subscriptions(email)).by_preference()[b.preference]\
+                .is_opted_in is False
+
+
+async def test_a_read_under_way_that_keeps_the_last_watermark_is_not_waited_for(
+        tmp_path: Path) -> None:
+    # The ec-poller's next read of the preference is under way: its checkpoint keeps the last
+    # complete read's watermark, so the batch reads the feed from there and is written at
+    # once (with no time to wait, a wait would fail it).
+    async with bench(tmp_path) as b:
+        await b.feed_read()
+        name = f"dotdigital:opt-ins:{b.preference}"
+        finished = FeedPosition.decode(await b.store.get_checkpoint(b.account, name))
+        await b.store.set_checkpoint(b.account, name, FeedPosition(
+            since=finished.since, min_contact_id=3,
+            last_watermark=finished.watermark).encode())
+        commands = await b.registers(opted_in=False)
+        reads, writes = (await b.sim.stats())["calls"].get(FEED, 0), await b.writes()
+        async with asyncio.timeout(15):
+            await b.writer(read_wait_s=0.0).handle([await b.delivery(commands)])
+        assert (await b.sim.stats())["calls"].get(FEED, 0) > reads
+        assert await b.writes() > writes
         for email in b.emails:
             assert (await b.client.subscriptions(email)).by_preference()[b.preference]\
                 .is_opted_in is False

@@ -24,6 +24,7 @@ from common.messaging.topology import CHANGES_EXCHANGE, Topology
 from common.runs import RunRequest
 from common.store.checkpoints import PREFERENCE_TREE, PREFERENCE_TREE_RUN
 from common.vendors.dotdigital.client import DotdigitalClient
+from common.vendors.dotdigital.feed import FeedPosition, feed_position
 from common.vendors.dotdigital.models import Contact, ContactOptIns, PreferenceOptIn
 from services.ec_poller.service import (
     ContactsRead,
@@ -269,6 +270,33 @@ async def test_a_status_that_changes_between_feeds_in_a_run_is_published_again(
         s.publisher.before_changes = unsubscribes
         _, published = await s.run()
         assert feed_statuses(published, email) == ["Subscribed", "Unsubscribed"], published
+
+
+async def test_a_read_under_way_keeps_the_last_complete_reads_watermark(
+        tmp_path: Path) -> None:
+    # The writer reads the feed from the watermark before it writes: every position a later
+    # read saves on its way keeps the last complete read's, so writes are not held meanwhile.
+    async with scene(tmp_path, preference_count=1, states="all") as s:
+        await s.run()
+        checkpoint = feed_position(s.preferences[0])
+        finished = await checkpoint.get(s.bed.store, ACCOUNT)
+        assert finished is not None and finished.watermark is not None
+        saved: list[FeedPosition] = []
+        store = s.bed.store
+        set_checkpoint = store.set_checkpoint
+
+        async def noted(account: str, name: str, value: str) -> None:
+            if name == checkpoint.name:
+                saved.append(FeedPosition.decode(value))
+            await set_checkpoint(account, name, value)
+
+        store.set_checkpoint = noted
+        await s.edit(s.emails[0], preferences={s.preferences[0]: False})
+        await s.run()
+        under_way = [position for position in saved if position.min_contact_id is not None]
+        assert under_way, saved
+        assert {position.watermark for position in under_way} == {finished.watermark}, saved
+        assert saved[-1].min_contact_id is None and saved[-1].watermark is not None, saved
 
 
 async def test_feeds_are_read_side_by_side(tmp_path: Path) -> None:

@@ -34,9 +34,22 @@ def test_a_first_read_under_way_has_no_watermark() -> None:
     assert position.watermark is None and position.first_read
 
 
-def test_a_later_read_under_way_is_waited_for() -> None:
-    position = FeedPosition(since=T, min_contact_id=3)
+def test_a_later_read_under_way_saved_without_the_last_watermark_is_waited_for() -> None:
+    position = FeedPosition.decode('{"since":"2024-05-01T12:00:00+00:00","min_contact_id":3}')
     assert position.watermark is None and not position.first_read
+
+
+def test_a_later_read_under_way_keeps_the_last_complete_reads_watermark() -> None:
+    # The writer goes on from there meanwhile, rather than waiting for the read to finish.
+    earlier = T - timedelta(minutes=5)
+    finished = FeedPosition(since=T, previous=earlier)
+    under_way = FeedPosition.decode(FeedPosition(
+        since=T, min_contact_id=3, last_watermark=finished.watermark).encode())
+    assert under_way.last_watermark == earlier
+    assert under_way.watermark == earlier and not under_way.first_read
+    # once that read finishes, its own start is the watermark
+    assert FeedPosition(since=T + timedelta(seconds=5), previous=T - timedelta(seconds=30)
+                        ).watermark == T - timedelta(seconds=30)
 
 
 def test_the_watermark_is_where_the_last_complete_read_started() -> None:
