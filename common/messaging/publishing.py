@@ -174,14 +174,22 @@ def _origin(change: Change) -> datetime:
     return origin
 
 
-async def publish_progress(publisher: Publisher, *, account: str, run_id: str, event: str,
-                           fields: Mapping[str, Any]) -> None:
-    """An advisory progress event for whoever follows the run (``sync-now --wait``)."""
+def progress_event(*, account: str, run_id: str, event: str,
+                   fields: Mapping[str, Any]) -> Outgoing:
+    """An advisory progress event for whoever follows the run (``sync-now --wait``), to
+    publish (several of a batch's at once: one wait for the broker's confirms)."""
     body = orjson.dumps({"event": event, "account": account, "run_id": run_id, **fields})
-    await publisher.publish_many([Outgoing(
+    return Outgoing(
         exchange=CONTROL_EXCHANGE, routing_key=Topology.progress_key(account, run_id), body=body,
         message_id=stable_id(account, run_id, event, orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)),
-        mandatory=False)])
+        mandatory=False)
+
+
+async def publish_progress(publisher: Publisher, *, account: str, run_id: str, event: str,
+                           fields: Mapping[str, Any]) -> None:
+    """Publish one :func:`progress_event`."""
+    await publisher.publish_many([progress_event(account=account, run_id=run_id, event=event,
+                                                 fields=fields)])
 
 
 def ids_of(items: Iterable[Outgoing]) -> list[str]:

@@ -73,7 +73,7 @@ from common.messaging.envelope import WriteCommand as WriteMessage
 from common.messaging.middleware import Handled
 from common.messaging.publishing import (
     envelopes_by_shard,
-    publish_progress,
+    progress_event,
     row_messages_of,
     write_message,
 )
@@ -408,25 +408,32 @@ class Reconciler:
                 per_delivery[index].append(write_message(result.follow[key]))
         if to_defer:
             await self._store.defer_writes(self.account, to_defer)
+        # Every delivery's writes in one publish, then every progress event in another: two
+        # waits for the broker's confirms per batch, not two per delivery.
+        outgoing: list[Outgoing] = []
+        events: list[Outgoing] = []
         for index, delivery in enumerate(batch):
             commands = per_delivery.get(index, [])
-            outgoing: list[Outgoing] = []
+            mine: list[Outgoing] = []
             for side in SIDES:
-                outgoing += envelopes_by_shard(
+                mine += envelopes_by_shard(
                     account=self.account, source="reconciler", type="write-commands",
                     changes=[c for c in commands if c.side == side], shards=self._shards,
                     run_id=delivery.envelope.run_id, id_seed=f"w:{delivery.message_id}:{side}",
                     route="writes", side=side)
-            await self._publisher.publish_many(outgoing)
+            outgoing += mine
             if delivery.envelope.run_id:
-                await publish_progress(
-                    self._publisher, account=self.account, run_id=delivery.envelope.run_id,
+                events.append(progress_event(
+                    account=self.account, run_id=delivery.envelope.run_id,
                     event="reconciled", fields={
                         "message": delivery.message_id,
                         "changes": len(delivery.envelope.changes),
                         "outcomes": dict(result.outcomes.get(index, {})),
-                        "writes": [o.message_id for o in outgoing],
-                        "polled_at_ms": delivery.polled_at_ms})
+                        "writes": [o.message_id for o in mine],
+                        "polled_at_ms": delivery.polled_at_ms}))
+        await self._publisher.publish_many(outgoing)
+        if events:
+            await self._publisher.publish_many(events)
         await failpoints.reached("reconciler.after-publish")
         if released:
             for preference_id, emails in released:

@@ -63,7 +63,7 @@ from common.messaging.envelope import WriteCommand as WriteMessage
 from common.messaging.middleware import Handled
 from common.messaging.publishing import (
     envelopes_by_shard,
-    publish_progress,
+    progress_event,
     row_message,
     stable_id,
     write_message,
@@ -346,9 +346,9 @@ class Writer:
                 same = outstanding[:3] == row[:3]  # side, value, origin time
                 if not same or key in outcome.retry:
                     by_delivery[owner[key]].append(row_message(k, outstanding))
+        outgoing: list[Outgoing] = []
         for index, corrections in by_delivery.items():
             delivery = batch[index]
-            outgoing: list[Outgoing] = []
             for side in SIDES:
                 outgoing += envelopes_by_shard(
                     account=self.account, source="reconciler", type="write-commands",
@@ -356,6 +356,7 @@ class Writer:
                     run_id=delivery.envelope.run_id,
                     id_seed=f"correction:{delivery.message_id}:{side}", route="writes",
                     side=side)
+        if outgoing:
             await self._publisher.publish_many(outgoing)
 
     async def _report(self, batch: Sequence[Delivery], owner: dict[PreferenceKey, int],
@@ -378,16 +379,19 @@ class Writer:
         counts: dict[int, Counter[str]] = defaultdict(Counter)
         for (index, what), count in tally.items():
             counts[index][what] += count
+        # one publish for the round's events: one wait for the broker's confirms
+        events: list[Outgoing] = []
         for index, delivery in enumerate(batch):
             if delivery.envelope.run_id:
                 c = counts.get(index, Counter())
-                await publish_progress(self._publisher, account=self.account,
-                                       run_id=delivery.envelope.run_id, event="written",
-                                       fields={"message": delivery.message_id, "side": self.side,
-                                               "written": c["written"], "failed": c["failed"],
-                                               "skipped": c["skipped"],
-                                               "suppressed": c["suppressed"],
-                                               "deferred": c["deferred"]})
+                events.append(progress_event(
+                    account=self.account, run_id=delivery.envelope.run_id, event="written",
+                    fields={"message": delivery.message_id, "side": self.side,
+                            "written": c["written"], "failed": c["failed"],
+                            "skipped": c["skipped"], "suppressed": c["suppressed"],
+                            "deferred": c["deferred"]}))
+        if events:
+            await self._publisher.publish_many(events)
         if outcome.retry:
             # Version conflicts: the fresh row is in the ledger and the write was re-issued.
             log.info("writes re-issued after a version conflict", extra={
