@@ -57,13 +57,18 @@ def _lone(request: str) -> Part:
     return part.changeset[0]
 
 
+def _seeded(sim: DynamicsApp) -> tuple[list[str], list[str], list[str]]:
+    """The ids of the seeded contacts, leads and preferences (categories left out), sorted."""
+    tables = sim.store.tables
+    prefs = sorted(i for i, r in tables["psync_marketingpreferences"].rows.items()
+                   if not r.get("psync_iscategory"))
+    return sorted(tables["contacts"].rows), sorted(tables["leads"].rows), prefs
+
+
 def _writes(sim: DynamicsApp) -> list[str]:
     """Writes of every outcome, in an order where each meets the rows the earlier ones left."""
     tables = sim.store.tables
-    contacts = sorted(tables["contacts"].rows)
-    leads = sorted(tables["leads"].rows)
-    prefs = sorted(i for i, r in tables["psync_marketingpreferences"].rows.items()
-                   if not r.get("psync_iscategory"))
+    contacts, leads, prefs = _seeded(sim)
     held = {(r["_psync_contactid_value"], r["_psync_preferenceid_value"])
             for r in tables[SUBSCRIPTIONS].rows.values()}
     free = [(c, p) for c in contacts for p in prefs if (c, p) not in held]
@@ -124,6 +129,13 @@ def _outer() -> protocol.Call:
                      client_id="test")
 
 
+def _ready(sim: DynamicsApp, n: int, *, at: datetime) -> None:
+    """Make the ``n``th write's change set boundary, clock and GUIDs the same in each org."""
+    sim.batch._stem, sim.batch._changesets = "0" * 24, n
+    sim.clock.set(freeze_at=at)
+    protocol._GUIDS.seed(n)  # (the same GUID for a row each makes)
+
+
 def test_a_lone_change_set_answers_and_writes_as_the_general_one() -> None:
     lone, general = _org(), _org()
     assert dump(lone.store) == dump(general.store)
@@ -131,12 +143,9 @@ def test_a_lone_change_set_answers_and_writes_as_the_general_one() -> None:
     assert writes == _writes(general)
     outcomes = set()
     for n, request in enumerate(writes):
-        for sim in (lone, general):
-            sim.batch._stem, sim.batch._changesets = "0" * 24, n
-            sim.clock.set(freeze_at=FROZEN + timedelta(seconds=n))
-        protocol._GUIDS.seed(n)  # (the same GUID for a row each makes)
+        _ready(lone, n, at=FROZEN + timedelta(seconds=n))
         fast = lone.batch._lone_changeset(_outer(), _lone(request))
-        protocol._GUIDS.seed(n)
+        _ready(general, n, at=FROZEN + timedelta(seconds=n))
         plain = general.batch._changeset(_outer(), [_lone(request)])
         assert fast == plain, request
         assert dump(lone.store) == dump(general.store), request

@@ -66,6 +66,16 @@ _PREFERENCE = "_psync_preferenceid_value"
 # (the alternate key is the record lookups, then the preference: _check_subscription builds it)
 assert SUBSCRIPTIONS.unique == (*_RECORD_VALUE_COLUMNS, _PREFERENCE)
 _ONE_SECOND = timedelta(seconds=1)
+# A usual subscription write's body keys (_usual_create): its status, its preference bound and
+# one record bound (each with its value column, target table and place in the alternate key).
+_STATUS = "psync_status"
+_STATUS_COLUMN = SUBSCRIPTIONS.columns[_STATUS]
+_PREFERENCE_BIND = "psync_preferenceid@odata.bind"
+_PREFERENCE_SET = SUBSCRIPTIONS.lookups["psync_preferenceid"].target
+# (_settle_state's one change to a row of a table without ``fullname``: none, so skipped there)
+assert "fullname" not in SUBSCRIPTIONS.columns
+_RECORD_BINDS = tuple((f"{nav}@odata.bind", column, target, place)
+                      for place, (nav, column, target) in enumerate(_RECORD_COLUMNS))
 
 
 def parse_guid(text: str) -> str:
@@ -213,6 +223,9 @@ class Writes:
         self._second: datetime | None = None  # the last whole second stamped (_stamp_time)
         self._next = datetime.min  # the second after it
         self.on_write = on_write
+        # a subscription's usual create and status update take their own path (tests turn it
+        # off to hold it to the general one)
+        self.usual_paths = True
         # told of every row created or updated (the ``/_sim/journal``)
         self.on_row: Callable[[TableSchema, Row], None] | None = None
 
@@ -304,6 +317,10 @@ class Writes:
     # -- rows ------------------------------------------------------------------------------------
 
     def create(self, schema: TableSchema, body: Any, *, row_id: str | None = None) -> Row:
+        if schema is SUBSCRIPTIONS and row_id is None and self.usual_paths:
+            made = self._usual_create(body)
+            if made is not None:
+                return made
         changes = self._changes(schema, body)
         given = changes.pop(schema.pk, None)
         row_id = row_id or given or new_guid()
@@ -319,6 +336,10 @@ class Writes:
         return self._save(schema, row_id, row, old=None, at=created)
 
     def update(self, schema: TableSchema, row_id: str, body: Any) -> Row:
+        if schema is SUBSCRIPTIONS and self.usual_paths:
+            updated = self._usual_update(row_id, body)
+            if updated is not None:
+                return updated
         table = self.store.tables[schema.entity_set]
         old = table.rows.get(row_id)
         if old is None:
@@ -341,13 +362,105 @@ class Writes:
         """Check a created (``old`` None) or updated row, stamp it, store it and tell of it."""
         # (the alternate key the check computed is the one the store files the row under:
         # stamping changes no key column)
-        unique = self._check(schema, row, old)
+        return self._keep(schema, row_id, row, unique=self._check(schema, row, old), at=at)
+
+    def _keep(self, schema: TableSchema, row_id: str, row: Row, *,
+              unique: tuple[Any, ...] | None, at: datetime | None) -> Row:
+        """Stamp a checked row, store it (``unique``: its alternate key) and tell of it."""
         self._stamp(row, at)
         self.store.put(schema.entity_set, row_id, row, unique)
         self.on_write()
         if self.on_row is not None:
             self.on_row(schema, row)
         return row
+
+    # -- a subscription's usual writes -----------------------------------------------------------
+
+    def _usual_create(self, body: Any) -> Row | None:
+        """create of a subscription as clients send it: the body holds its status, its
+        preference bound and one record bound, nothing else. The row made when every rule
+        holds; else None, and nothing done: the general path then answers (and refuses) it.
+
+        1. The status is an accepted choice (an int, not a bool).
+        2. Each binding is a valid reference into the lookup's table, to a row that exists.
+        3. The record is not read-only; no row holds the (record, preference) key yet.
+        4. The row is filled, stamped and stored as the general path does it.
+        """
+        if type(body) is not dict or len(body) != 3:
+            return None
+        status, preference = body.get(_STATUS), body.get(_PREFERENCE_BIND)
+        choices = _value_rule(_STATUS_COLUMN).choices
+        if (type(status) is not int or (choices is not None and status not in choices)
+                or type(preference) is not str):
+            return None
+        for binding in _RECORD_BINDS:
+            record = body.get(binding[0])
+            if record is not None:
+                break
+        else:
+            return None
+        if type(record) is not str:
+            return None
+        _, column, target, place = binding
+        try:
+            preference_set, preference_id = parse_ref(preference)
+            record_set, record_id = parse_ref(record)
+        except ApiError:
+            return None
+        tables = self.store.tables
+        held = tables[record_set].rows.get(record_id)
+        if (preference_set != _PREFERENCE_SET or record_set != target.entity_set
+                or preference_id not in tables[preference_set].rows or held is None
+                or held.get("statecode") in target.read_only_states):
+            return None
+        refs: list[str | None] = [None, None, None]
+        refs[place] = record_id
+        key = (*refs, preference_id)  # (as _check_subscription builds it)
+        table = tables[SUBSCRIPTIONS.entity_set]
+        row_id = new_guid()
+        if key in table.unique or row_id in table.rows:
+            return None
+        row: Row = _blank_row(SUBSCRIPTIONS).copy()
+        row[SUBSCRIPTIONS.pk] = row_id
+        row[_STATUS] = status
+        row[_PREFERENCE] = preference_id
+        row[column] = record_id
+        row["createdon"] = created = self._stamp_time()
+        return self._keep(SUBSCRIPTIONS, row_id, row, unique=key, at=created)
+
+    def _usual_update(self, row_id: str, body: Any) -> Row | None:
+        """update of a subscription's status alone (as clients send it), as _usual_create.
+
+        1. The row exists and the status is an accepted choice (an int, not a bool).
+        2. Neither the row's state nor its record is read-only; its state and status are
+           valid; its alternate key is its own.
+        3. The row is copied with the status, stamped and stored as the general path does it.
+        """
+        if type(body) is not dict or len(body) != 1:
+            return None
+        status = body.get(_STATUS)
+        choices = _value_rule(_STATUS_COLUMN).choices
+        if type(status) is not int or (choices is not None and status not in choices):
+            return None
+        table = self.store.tables[SUBSCRIPTIONS.entity_set]
+        old = table.rows.get(row_id)
+        if old is None:
+            return None
+        state, states = old.get("statecode"), SUBSCRIPTIONS.states
+        if (state in SUBSCRIPTIONS.read_only_states or state not in states
+                or old.get("statuscode") not in states[state]):
+            return None
+        refs = tuple(map(old.get, _RECORD_VALUE_COLUMNS))
+        preference = old.get(_PREFERENCE)
+        if (len(refs) - refs.count(None) != 1 or preference is None
+                or not self._record_editable(old)):
+            return None
+        key = (*refs, preference)
+        if table.unique.get(key, row_id) != row_id:
+            return None
+        row = dict(old)
+        row[_STATUS] = status
+        return self._keep(SUBSCRIPTIONS, row_id, row, unique=key, at=None)
 
     def delete(self, schema: TableSchema, row_id: str, *, cascade: bool = False) -> None:
         table = self.store.tables[schema.entity_set]
@@ -417,6 +530,16 @@ class Writes:
                            "this set of attributes contains unique values. Select unique values "
                            "and try again.")
         return key
+
+    def _record_editable(self, row: Row) -> bool:
+        """Whether _check_record_editable passes ``row``."""
+        for _, column, target in _RECORD_COLUMNS:
+            ref = row.get(column)
+            if ref is not None:
+                record = self.store.tables[target.entity_set].rows.get(ref)
+                if record is not None and record.get("statecode") in target.read_only_states:
+                    return False
+        return True
 
     def _check_record_editable(self, row: Row) -> None:
         for _, column, target in _RECORD_COLUMNS:
