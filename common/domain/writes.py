@@ -233,8 +233,9 @@ def start_after_read(window_start: datetime, *, read: datetime | None,
     """Where a write's window starts, for what the side is known to hold, when the writer read
     the key on that side just before sending the write (``record_write``'s ``window_start``).
 
-    1. ``read`` is the newest change that read returned for the key (its time as placed, on the
-       side's clock), or None when it returned none: the window starts at ``window_start``.
+    1. ``read`` is the newest change that read returned for the key (its stamp, on the side's
+       clock; a stamp beyond the future bound does not count), or None when it returned none:
+       the window starts at ``window_start``.
     2. The write went out after the read, so it landed after that change: the window starts
        just after it when that is later than ``window_start``, which comes from a clock
        reading of coarser resolution (a ``Date`` header's whole second). The change is then

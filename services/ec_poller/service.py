@@ -418,8 +418,10 @@ class EcPoller:
         # a read from the beginning owes markers; so does one whose markers a crash left owed
         owed = since == EPOCH or position.markers_owed
         read_from = self._read_from(since)
-        # the writer goes on reading from the last complete read's watermark meanwhile (a read
-        # from the beginning has none to keep: its writes are deferred until it is reconciled)
+        # the writer goes on reading from the last complete read's watermark meanwhile (a first
+        # read has none to keep: its writes are deferred until it is reconciled; a later read
+        # from the beginning keeps it, and a key dotdigital's state is unknown for is read
+        # contact by contact before it is written)
         last_watermark = position.watermark
         skip, unkept = await self._load_seen(source, since)
         seen: Seen | None = None

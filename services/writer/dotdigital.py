@@ -317,11 +317,13 @@ class DotdigitalSink:
         self._feed.written(write, ended=window_end)
         suppressed = await self._suppressions(refused, contacts, as_of=window_start,
                                               outcome=outcome)
-        # what this round read before writing (every observation so far): the write is later
+        # what this round read before writing (every observation so far): the write is later.
+        # A stamp beyond the future bound tells nothing of when the change landed: left out.
         read: dict[PreferenceKey, datetime] = {}
         for observation in outcome.observations:
-            moment = observation.vendor_time
-            if observation.key not in read or read[observation.key] < moment:
+            moment = observation.origin_time
+            if not observation.future_timestamp and (
+                    observation.key not in read or read[observation.key] < moment):
                 read[observation.key] = moment
         for key in todo:
             if key.email in suppressed:
