@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from itertools import repeat
 from typing import Any
@@ -96,33 +96,43 @@ def _email_of(change: Change) -> str:
     return email
 
 
+def _shard_chunks(emails: Iterable[str], shards: int
+                  ) -> Iterator[tuple[int, int, list[int]]]:
+    """How a batch of changes (given by their emails, in order) goes out: by shard, in shard
+    order, at most :data:`CHUNK` to a message. Yields each message's shard, where its chunk
+    starts among the shard's changes (with the shard, what its stable id is made of) and the
+    places of its changes in the batch."""
+    grouped: dict[int, list[int]] = defaultdict(list)  # places, by shard
+    for place, shard in enumerate(map(shard_of, emails, repeat(shards))):
+        grouped[shard].append(place)
+    for shard in sorted(grouped):
+        places = grouped[shard]
+        for index in range(0, len(places), CHUNK):
+            yield shard, index, places[index:index + CHUNK]
+
+
 def envelopes_by_shard(
     *, account: str, source: Source, type: MessageType, changes: Sequence[Change], shards: int,
     run_id: str | None, id_seed: str, route: str = "changes", side: Side | None = None,
 ) -> list[Outgoing]:
     """Group ``changes`` by the shard of their email and wrap them in confirmed-publish items."""
     polled_at = int(time.time() * 1000)
-    grouped: dict[int, list[Change]] = defaultdict(list)
-    for change in changes:
-        grouped[shard_of(_email_of(change), shards)].append(change)
     out: list[Outgoing] = []
-    for shard in sorted(grouped):
-        items = grouped[shard]
-        for index in range(0, len(items), CHUNK):
-            chunk = tuple(items[index:index + CHUNK])
-            message_id = stable_id(id_seed, shard, index)
-            newest: datetime = max(_origin(c) for c in chunk)
-            envelope = Envelope(type=type, account=account, source=source, change_id=message_id,
-                                origin_time=newest, changes=chunk, run_id=run_id)
-            headers: dict[str, Any] = {}
-            if route == "changes":
-                exchange, key = CHANGES_EXCHANGE, Topology.changes_key(account, shard)
-                headers[POLLED_AT] = polled_at
-            else:
-                assert side is not None
-                exchange, key = WRITES_EXCHANGE, Topology.writes_key(account, side, shard)
-            out.append(Outgoing(exchange=exchange, routing_key=key, headers=headers,
-                                body=encode(envelope), message_id=message_id))
+    for shard, index, places in _shard_chunks(map(_email_of, changes), shards):
+        chunk = tuple(map(changes.__getitem__, places))
+        message_id = stable_id(id_seed, shard, index)
+        newest: datetime = max(_origin(c) for c in chunk)
+        envelope = Envelope(type=type, account=account, source=source, change_id=message_id,
+                            origin_time=newest, changes=chunk, run_id=run_id)
+        headers: dict[str, Any] = {}
+        if route == "changes":
+            exchange, key = CHANGES_EXCHANGE, Topology.changes_key(account, shard)
+            headers[POLLED_AT] = polled_at
+        else:
+            assert side is not None
+            exchange, key = WRITES_EXCHANGE, Topology.writes_key(account, side, shard)
+        out.append(Outgoing(exchange=exchange, routing_key=key, headers=headers,
+                            body=encode(envelope), message_id=message_id))
     return out
 
 
@@ -134,22 +144,16 @@ def column_envelopes_by_shard(
     :func:`~common.messaging.envelope.encode_columns`): the same messages, with no change
     built (a test holds them equal)."""
     polled_at = int(time.time() * 1000)
-    grouped: dict[int, list[int]] = defaultdict(list)  # places, by shard
-    for place, shard in enumerate(map(shard_of, columns["email"], repeat(shards))):
-        grouped[shard].append(place)
     out: list[Outgoing] = []
-    for shard in sorted(grouped):
-        places = grouped[shard]
-        for index in range(0, len(places), CHUNK):
-            chunk = places[index:index + CHUNK]
-            message_id = stable_id(id_seed, shard, index)
-            body = encode_columns(
-                type=type, account=account, source=source, change_id=message_id, run_id=run_id,
-                columns={name: list(map(values.__getitem__, chunk))
-                         for name, values in columns.items()})
-            out.append(Outgoing(exchange=CHANGES_EXCHANGE,
-                                routing_key=Topology.changes_key(account, shard),
-                                headers={POLLED_AT: polled_at}, body=body, message_id=message_id))
+    for shard, index, places in _shard_chunks(columns["email"], shards):
+        message_id = stable_id(id_seed, shard, index)
+        body = encode_columns(
+            type=type, account=account, source=source, change_id=message_id, run_id=run_id,
+            columns={name: list(map(values.__getitem__, places))
+                     for name, values in columns.items()})
+        out.append(Outgoing(exchange=CHANGES_EXCHANGE,
+                            routing_key=Topology.changes_key(account, shard),
+                            headers={POLLED_AT: polled_at}, body=body, message_id=message_id))
     return out
 
 
