@@ -46,6 +46,8 @@ class RunRecord:
     write_latencies: list[tuple[float, int]] = field(default_factory=list)
     # (seconds from the poll that read the change to the write's progress event, writes in it)
     poll_latencies: list[tuple[float, int]] = field(default_factory=list)
+    # the same, by the side written
+    side_latencies: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     # write message id -> when the poller read the change it came from (Unix time)
     polled_at: dict[str, float] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -181,3 +183,5 @@ class Progress:
             polled = record.polled_at.get(str(event.get("message")))
             if written and polled is not None:
                 record.poll_latencies.append((wall - polled, written))
+                record.side_latencies.setdefault(str(event.get("side")), []).append(
+                    (wall - polled, written))

@@ -164,6 +164,12 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
         "p99_s": rounded(percentile(latencies, 0.99)),
         "max_s": rounded(max((v for v, _ in latencies), default=None)),
         "writes_timed_from_poll": sum(n for _, n in latencies),
+        # which side's writes wait longest
+        "by_side": {side: {"writes": sum(n for _, n in pairs),
+                           "p50_s": rounded(percentile(pairs, 0.50)),
+                           "p99_s": rounded(percentile(pairs, 0.99))}
+                    for side in sorted({s for r in runs for s in r.side_latencies})
+                    if (pairs := [p for r in runs for p in r.side_latencies.get(side, [])])},
         "from_run_start_p50_s": rounded(percentile(from_start, 0.50)),
         "from_run_start_p99_s": rounded(percentile(from_start, 0.99)),
         "run_seconds_median": rounded(median(r.seconds for r in runs)),
