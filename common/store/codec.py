@@ -22,6 +22,7 @@ and compare the same in SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -162,3 +163,13 @@ def decode_state(key: PreferenceKey, revision: int, blob: bytes) -> KeyState:
     if raw[0] == FORMAT:
         return key_state(key, _row_of(raw, revision))
     return _decode_format_1(key, revision, raw)
+
+
+def decode_rows(rows: Iterable[Any]) -> dict[KeyTuple, StateRow]:
+    """The state rows of stored ``(account, email, preference_id, revision, state)`` rows, by
+    key tuple."""
+    out: dict[KeyTuple, StateRow] = {}
+    for account, email, preference_id, revision, blob in rows:
+        key = (account, email, preference_id)
+        out[key] = decode_row(key, revision, blob)
+    return out

@@ -2,7 +2,8 @@
 
 It is split by role (:class:`KeyStates`, :class:`Contacts`, :class:`Checkpoints`,
 :class:`Directory`, :class:`Parking`, :class:`Outstanding`, :class:`Coordination`,
-:class:`PersonalData`); :class:`LedgerStore` is all of them. A function or service takes the
+:class:`PersonalData`, and :class:`~common.store.batch_reads.BatchReader`: a batch's reads
+at once); :class:`LedgerStore` is all of them. A function or service takes the
 narrowest role (or a protocol composed of the few it uses), so its needs show in its signature
 and a test can hand it a small fake.
 
@@ -20,6 +21,7 @@ from typing import Protocol, Self
 
 from common.domain import ContactState, HistoryEntry, KeyState, Observation, PreferenceKey
 from common.domain.rows import HistoryRow, KeyTuple, StateRow
+from common.store.batch_reads import BatchReader
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.outstanding import DueKey, OutstandingStats
 from common.vendors.budget import BudgetGrant
@@ -75,10 +77,12 @@ class KeyStates(Protocol):
                         history: Sequence[HistoryRow[KeyTuple]] = (),
                         recorded_at: datetime | None = None,
                         entries: Sequence[HistoryEntry] = (),
-                        outstanding_moved: bool = True) -> list[int]:
+                        outstanding_moved: bool = True,
+                        contacts: Sequence[ContactState] = ()) -> list[int]:
         """:meth:`save` for the batch hot path: state rows, the kernel's history rows (of
         decisions ``recorded_at``, default now) and other history ``entries``; the same
-        compare-and-set, transaction and index.
+        compare-and-set, transaction and index. ``contacts`` are saved in the same transaction,
+        as :meth:`Contacts.save_contacts` saves them (monotonic, no compare-and-set).
 
         ``outstanding_moved=False``: the caller knows that no change moves what is outstanding
         (each key's register and what each side is known to hold are as stored; only writes
@@ -282,7 +286,7 @@ class PersonalData(Protocol):
 
 
 class LedgerStore(KeyStates, Contacts, Checkpoints, Directory, Parking, Outstanding,
-                  Coordination, PersonalData, Protocol):
+                  Coordination, PersonalData, BatchReader, Protocol):
     """The whole store, as opened by :func:`common.store.open_store`."""
 
     async def open(self) -> None: ...

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from common.domain.rows import KeyTuple, key_of
+from common.store.batch_reads import Part, Query
 from common.store.connection import Connection, Statement
 from common.store.interface import ConflictError, StoreUnavailable
 from common.store.sqlite import (
@@ -42,7 +43,6 @@ from common.store.sqlite import (
     SaveBatch,
     SqliteLedgerStore,
     settle_schema,
-    state_queries,
 )
 
 log = logging.getLogger("prefsync.store")
@@ -233,13 +233,13 @@ class PostgresLedgerStore(SqliteLedgerStore):
     def _reading(self) -> AbstractAsyncContextManager[Connection]:
         return self._transaction()
 
-    async def _fetch_states(self, keys: Sequence[KeyTuple]) -> list[Any]:
-        rows: list[Any] = []
+    async def _answer(self, plan: Sequence[Query]) -> list[tuple[Part, list[Any]]]:
+        answers: list[tuple[Part, list[Any]]] = []
         async with self._reading() as db:
-            for sql, params in state_queries(keys):
+            for part, sql, params in plan:
                 async with db.execute(sql, params) as cur:
-                    rows.extend(await cur.fetchall())
-        return rows
+                    answers.append((part, list(await cur.fetchall())))
+        return answers
 
     async def _write(self, batch: SaveBatch) -> list[int]:
         async with self._transaction() as db:

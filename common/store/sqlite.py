@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -31,7 +31,10 @@ from common.domain import (
 )
 from common.domain.rows import DECISIONS, HistoryRow, KeyTuple, StateRow, key_of, key_tuple, state_row
 from common.domain.sides import SIDES
-from common.store.codec import decode_row, decode_state, encode_row, from_us, to_us
+from common.store.batch_reads import BatchReads, BatchSnapshot, Part, Query
+from common.store.batch_reads import queries as batch_queries
+from common.store.batch_reads import snapshot as batch_snapshot
+from common.store.codec import decode_rows, decode_state, encode_row, from_us, to_us
 from common.store.connection import Connection
 from common.store.coordination import SCHEMA as COORDINATION_SCHEMA
 from common.store.coordination import SqlCoordination
@@ -217,15 +220,6 @@ def decode_states(keys: Sequence[PreferenceKey],
     return out
 
 
-def decode_rows(rows: Iterable[Any]) -> dict[KeyTuple, StateRow]:
-    """The state rows of ``rows`` of :func:`state_queries`, by key tuple."""
-    out: dict[KeyTuple, StateRow] = {}
-    for account, email, preference_id, revision, blob in rows:
-        key = (account, email, preference_id)
-        out[key] = decode_row(key, revision, blob)
-    return out
-
-
 def history_rows(rows: Iterable[HistoryRow[KeyTuple]], *,
                  recorded_at: datetime) -> list[tuple[Any, ...]]:
     """Rows of :data:`_INSERT_HISTORY` for the kernel's history rows of one batch."""
@@ -245,6 +239,7 @@ class SaveBatch:
     state_rows: list[tuple[Any, ...]]
     history_rows: list[tuple[Any, ...]]
     index: list[tuple[str, Sequence[tuple[Any, ...]]]]  # the outstanding index's statements
+    contact_rows: list[tuple[Any, ...]] = field(default_factory=list)  # of _UPSERT_CONTACT
 
     @classmethod
     def of(cls, changes: Sequence[Change], *, history: Sequence[HistoryEntry],
@@ -309,7 +304,8 @@ class SaveBatch:
         """What the save runs once its states are written: (statement, rows) for
         ``executemany``."""
         return [*([(_INSERT_HISTORY, self.history_rows)] if self.history_rows else []),
-                *self.index]
+                *self.index,
+                *([(_UPSERT_CONTACT, self.contact_rows)] if self.contact_rows else [])]
 
     def write(self, connection: sqlite3.Connection) -> None:
         """In SQLite's thread, inside the save's ``BEGIN IMMEDIATE`` transaction (which no
@@ -347,6 +343,11 @@ def _history_row(h: HistoryEntry) -> tuple[Any, ...]:
             to_us(h.origin_time), h.change_id, h.decision, to_us(h.recorded_at),
             None if h.corrected_time is None else to_us(h.corrected_time),
             history_bucket(h.email))
+
+
+def _contact_row(c: ContactState) -> tuple[Any, ...]:
+    """A row of :data:`_UPSERT_CONTACT`."""
+    return c.account, c.email, c.status, int(c.suppressed), to_us(c.since)
 
 
 async def _run(db: SqliteConnection, sql: str) -> None:
@@ -539,15 +540,25 @@ class SqliteLedgerStore:
             done.exception()  # its caller may have stopped waiting: nobody else will look
         self._lock.release()
 
-    async def _fetch_states(self, keys: Sequence[KeyTuple]) -> list[Any]:
-        queries = state_queries(keys)
-
-        def fetch(connection: sqlite3.Connection) -> list[Any]:
-            # a deferred transaction: every chunk reads the same snapshot, and takes no lock
+    async def _answer(self, plan: Sequence[Query]) -> list[tuple[Part, list[Any]]]:
+        """Each query's part and rows, all read from one snapshot in one job."""
+        def fetch(connection: sqlite3.Connection) -> list[tuple[Part, list[Any]]]:
+            # a deferred transaction: every query reads the same snapshot, and takes no lock
             return transact(connection, "BEGIN", lambda c: [
-                row for sql, params in queries for row in c.execute(sql, params).fetchall()])
+                (part, c.execute(sql, params).fetchall()) for part, sql, params in plan])
 
         return await self._in_one_job(fetch)
+
+    async def _fetch_states(self, keys: Sequence[KeyTuple]) -> list[Any]:
+        answers = await self._answer([("states", sql, params)
+                                      for sql, params in state_queries(keys)])
+        return [row for _, rows in answers for row in rows]
+
+    async def read_batch(self, reads: BatchReads) -> BatchSnapshot:
+        """A batch's reads from one snapshot (:mod:`common.store.batch_reads`)."""
+        plan = batch_queries(reads, state_queries=state_queries(
+            list(dict.fromkeys(reads.states_of))))
+        return batch_snapshot(reads, await self._answer(plan))
 
     async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
         wanted = list(dict.fromkeys(keys))
@@ -571,11 +582,14 @@ class SqliteLedgerStore:
                         history: Sequence[HistoryRow[KeyTuple]] = (),
                         recorded_at: datetime | None = None,
                         entries: Sequence[HistoryEntry] = (),
-                        outstanding_moved: bool = True) -> list[int]:
+                        outstanding_moved: bool = True,
+                        contacts: Sequence[ContactState] = ()) -> list[int]:
         rows = [*history_rows(history, recorded_at=recorded_at or datetime.now(UTC)),
                 *map(_history_row, entries)]
-        return await self._write(SaveBatch.of_rows(changes, history=rows, now_us=now_us(),
-                                                   outstanding_moved=outstanding_moved))
+        batch = SaveBatch.of_rows(changes, history=rows, now_us=now_us(),
+                                  outstanding_moved=outstanding_moved)
+        batch.contact_rows.extend(map(_contact_row, contacts))
+        return await self._write(batch)
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
         email = normalize_email(email)
@@ -615,8 +629,7 @@ class SqliteLedgerStore:
                 for email, status, since, revision in rows}
 
     async def save_contacts(self, contacts: Sequence[ContactState]) -> None:
-        rows = [(c.account, c.email, c.status, int(c.suppressed), to_us(c.since))
-                for c in contacts]
+        rows = list(map(_contact_row, contacts))
         if not rows:
             return
         async with self._transaction() as db:

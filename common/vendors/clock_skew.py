@@ -221,11 +221,22 @@ class TimeBase:
         return moment + estimate.offset - spread, moment + estimate.offset + spread
 
 
+# The checkpoints that hold each side's clock estimate (a batch reads them with its other
+# reads: common.store.batch_reads).
+CLOCK_CHECKPOINTS = tuple(clock_name(side) for side in SIDES)
+
+
+def time_base_of(checkpoints: Mapping[str, str | None], *,
+                 tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE) -> TimeBase:
+    """The time base of :data:`CLOCK_CHECKPOINTS` as read (a missing one: not measured)."""
+    return TimeBase(estimates={side: estimate_of(checkpoints.get(clock_name(side)))
+                               for side in SIDES}, tolerance=tolerance)
+
+
 async def load_time_base(store: Checkpoints, *, account: str,
                          tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE) -> TimeBase:
-    estimates = {side: estimate_of(await store.get_checkpoint(account, clock_name(side)))
-                 for side in SIDES}
-    return TimeBase(estimates=estimates, tolerance=tolerance)
+    return time_base_of({name: await store.get_checkpoint(account, name)
+                         for name in CLOCK_CHECKPOINTS}, tolerance=tolerance)
 
 
 async def clock_status(store: Checkpoints, *, account: str) -> dict[str, dict[str, Any] | None]:

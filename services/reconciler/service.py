@@ -79,9 +79,10 @@ from common.messaging.publishing import (
 )
 from common.messaging.topology import shard_of
 from common.ops import failpoints
+from common.store.batch_reads import BatchReads
 from common.store.directory import RecordRef, SubscriptionRow
 from common.store.unit_of_work import commit_with_retry
-from common.vendors.clock_skew import load_time_base
+from common.vendors.clock_skew import CLOCK_CHECKPOINTS, time_base_of
 from common.vendors.dataverse.catalog import load_catalog
 
 log = logging.getLogger("prefsync.reconciler")
@@ -165,10 +166,13 @@ class Reconciler:
             result = await self._fold(batch)
             await self._follow_records(result)
             states = result.states
+            # Contact states go in the same transaction, unless a resubscription must be
+            # marked before its contact is saved (below).
             await self._store.save_rows(
                 [(states[k].revision or None, k, states[k]) for k in result.changed_keys],
                 history=result.fold.history, recorded_at=result.recorded_at,
-                entries=result.entries)
+                entries=result.entries, contacts=[] if result.resumed else [
+                    result.contacts[e] for e in result.changed_contacts])
             return result
 
         def conflict(number: int) -> None:
@@ -182,7 +186,7 @@ class Reconciler:
             # Before the contact is saved as resubscribed: from here until its writes are
             # confirmed, a redelivered batch resumes the email from this mark.
             await self._store.mark_resuming(self.account, result.resumed)
-        if result.changed_contacts:
+        if result.resumed and result.changed_contacts:
             # Contact states are monotonic in their own time, so they need no compare-and-set.
             await self._store.save_contacts([result.contacts[e] for e in result.changed_contacts])
         if result.parked:
@@ -213,24 +217,31 @@ class Reconciler:
                         from_dotdigital.add(c.email)
                 elif isinstance(c, ContactStatusChange):
                     emails.add(c.email)
-        contacts = await self._store.load_contacts(account, emails)
-        resuming, marked = await self._resuming(batch, contacts)
+        lifting = {c.email for d in batch for c in d.envelope.changes
+                   if isinstance(c, ContactStatusChange) and self._lifting(c)}
+        # every read the fold needs, from one snapshot of the ledger, at once
+        snapshot = await self._store.read_batch(BatchReads(
+            account=account, contacts_of=list(emails), states_of=list(keys),
+            eligible_of=list(from_dotdigital), resuming_of=list(lifting),
+            checkpoints=CLOCK_CHECKPOINTS))
+        contacts = snapshot.contacts
+        resuming, marked = self._resuming(lifting, contacts, snapshot.resuming)
         now = datetime.now(UTC)
         # each side's clock as last measured: every change is compared in our time base
-        time_base = await load_time_base(self._store, account=account,
-                                         tolerance=self._future_tolerance)
+        time_base = time_base_of(snapshot.checkpoints, tolerance=self._future_tolerance)
         # placed as when they were read (only those parked by an earlier release, which kept
         # no placement, are placed now)
         parked = (await self._store.parked_observations(
             account, resuming, unplaced=partial(time_base.place, read_at=now))
             if resuming else [])
-        keys |= {key_tuple(o.key) for o in parked}
-        result = BatchResult(fold=RowFold(states=await self._store.load_rows(keys)),
-                             contacts=contacts, recorded_at=now)
+        states = snapshot.states
+        if more := {key_tuple(o.key) for o in parked} - keys:
+            states.update(await self._store.load_rows(more))
+        result = BatchResult(fold=RowFold(states=states), contacts=contacts, recorded_at=now)
         for email in {o.key.email for o in parked} | resuming:
             for state in await self._store.states_for_email(account, email):
                 result.states.setdefault(key_tuple(state.key), state_row(state))
-        eligible = await self._store.eligible_emails(account, from_dotdigital)
+        eligible = snapshot.eligible
         placers: dict[tuple[int, datetime], Callable[[int], Placement]] = {}
         for index, delivery in enumerate(batch):
             side: domain.Side = ("dynamics" if delivery.envelope.source == "dynamics"
@@ -289,17 +300,15 @@ class Reconciler:
         except ValueError:
             return False
 
-    async def _resuming(self, batch: Sequence[Delivery],
-                        contacts: dict[str, ContactState]) -> tuple[set[str], set[str]]:
-        """Emails this batch may resubscribe: those whose stored contact is suppressed, and
-        those marked as resuming (a redelivery after a crash that came after the contact was
-        saved as resubscribed, before its writes were confirmed). Returns (all, the marked)."""
-        lifting = {c.email for d in batch for c in d.envelope.changes
-                   if isinstance(c, ContactStatusChange) and self._lifting(c)}
-        if not lifting:
-            return set(), set()
+    @staticmethod
+    def _resuming(lifting: set[str], contacts: Mapping[str, ContactState],
+                  marks: set[str]) -> tuple[set[str], set[str]]:
+        """Emails this batch may resubscribe, of those whose status changes lift a suppression
+        (``lifting``): those whose stored contact is suppressed, and those marked as resuming
+        (``marks``: a redelivery after a crash that came after the contact was saved as
+        resubscribed, before its writes were confirmed). Returns (all, the marked)."""
         stored = {e for e in lifting if (c := contacts.get(e)) is not None and c.suppressed}
-        marked: set[str] = await self._store.resuming_contacts(self.account, lifting - stored)
+        marked = (marks & lifting) - stored
         return stored | marked, marked
 
     def _resume(self, result: BatchResult, index: int, email: str,

@@ -69,8 +69,9 @@ from common.messaging.publishing import (
     write_message,
 )
 from common.ops import failpoints
+from common.store.batch_reads import BatchReads
 from common.store.unit_of_work import commit_with_retry
-from common.vendors.clock_skew import load_time_base
+from common.vendors.clock_skew import CLOCK_CHECKPOINTS, time_base_of
 from services.writer.sink import (
     CLOCK_MARGIN,
     Commands,
@@ -138,13 +139,15 @@ class Writer:
         newest command per key is each shard's own."""
         batch = [delivery for part in batches for delivery in part]
         owner, commands, covered = self._newest(batch)
-        outcome = WriteOutcome(time_base=await load_time_base(
-            self._store, account=self.account, tolerance=self._future_tolerance),
-            read_at=self._now())
+        outcome = WriteOutcome(read_at=self._now())
         work = await self.sink.open(commands, outcome)
         rows = {key: command_row(command) for key, command in commands.items()}
-        states = await self._store.load_rows(map(key_tuple, commands))
-        contacts = await self._store.load_contacts(self.account, {k.email for k in commands})
+        # the keys' states, their contacts and each side's clock, from one snapshot at once
+        snapshot = await self._store.read_batch(BatchReads(
+            account=self.account, states_of=list(map(key_tuple, commands)),
+            contacts_of=list({k.email for k in commands}), checkpoints=CLOCK_CHECKPOINTS))
+        outcome.time_base = time_base_of(snapshot.checkpoints, tolerance=self._future_tolerance)
+        states, contacts = snapshot.states, snapshot.contacts
         await work.read(states=states, covered=covered)
         preview = fold_rows(states, map(observation_row, outcome.observations),
                             suppressed=()).states

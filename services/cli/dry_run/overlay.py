@@ -39,6 +39,7 @@ from common.domain.rows import (
     key_tuple,
     state_row,
 )
+from common.store.batch_reads import BatchReads, BatchSnapshot, read_apart
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.interface import Change, ConflictError, LedgerStore, RowChange
 
@@ -140,13 +141,20 @@ class OverlayStore:
                         history: Sequence[HistoryRow[KeyTuple]] = (),
                         recorded_at: datetime | None = None,
                         entries: Sequence[HistoryEntry] = (),
-                        outstanding_moved: bool = True) -> list[int]:
+                        outstanding_moved: bool = True,
+                        contacts: Sequence[ContactState] = ()) -> list[int]:
         # the dry run keeps no index of outstanding keys, nor is it the hot path: through the
         # dataclasses (the same rules as save)
         recorded = recorded_at or datetime.now(UTC)
-        return await self.save(
+        revisions = await self.save(
             [(expected, key_state(key_of(key), row), None) for expected, key, row in changes],
             history=[*(history_entry(h, recorded_at=recorded) for h in history), *entries])
+        await self.save_contacts(contacts)
+        return revisions
+
+    async def read_batch(self, reads: BatchReads) -> BatchSnapshot:
+        # through the view's own reads, which see its writes
+        return await read_apart(self, reads)
 
     async def history(self, account: str, email: str) -> list[HistoryEntry]:
         return [*await self._store.history(account, email),
