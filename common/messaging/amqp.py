@@ -430,7 +430,9 @@ class QueueConsumer:
     def __init__(self, *, connection: AbstractRobustConnection | Transport, queue: str,
                  account: str,
                  handler: BatchHandler, dead_letters: DeadLetterer, prefetch: int,
-                 batch_size: int | Callable[[], int], expected_type: MessageType | None = None,
+                 batch_size: int | Callable[[], int],
+                 batch_bytes: int | Callable[[], int] | None = None,
+                 expected_type: MessageType | None = None,
                  on_batch: BatchObserver | None = None, retry: RetryPolicy | None = None,
                  breakers: Breakers | None = None) -> None:
         # RabbitMQ (a connection), or any other transport (the in-memory broker in tests)
@@ -443,6 +445,11 @@ class QueueConsumer:
         self._prefetch = prefetch
         # at most this many messages a batch (a callable: as it says when a batch is taken)
         self._batch_size = batch_size if callable(batch_size) else (lambda: batch_size)
+        # and at most this many bytes of bodies, beyond its first message (None: no limit);
+        # the message that would pass it is carried to the next batch, which it starts
+        self._batch_bytes = (batch_bytes if callable(batch_bytes) or batch_bytes is None
+                             else (lambda: batch_bytes))
+        self._carried: tuple[IncomingMessage, float] | None = None
         self._expected_type = expected_type
         self._on_batch = on_batch
         self._retry = retry if retry is not None else RetryPolicy()
@@ -469,15 +476,22 @@ class QueueConsumer:
             return
         try:
             while not self._stopping:
-                first = await self._inbox.get()
+                first, self._carried = self._carried or await self._inbox.get(), None
                 if first is None:
                     break
                 batch = [first]
                 most = self._batch_size()
+                room = (None if self._batch_bytes is None
+                        else self._batch_bytes() - len(first[0].body))
                 while len(batch) < most and not self._inbox.empty():
                     item = self._inbox.get_nowait()
                     if item is None:
                         break
+                    if room is not None:
+                        room -= len(item[0].body)
+                        if room < 0:
+                            self._carried = item
+                            break
                     batch.append(item)
                 fresh = [item for item in batch if not _stale(item[0])]
                 if len(fresh) < len(batch):
@@ -696,6 +710,11 @@ class QueueConsumer:
             if not _stale(message) and await _settle(message, ack=False):
                 returned += 1
         self._in_hand = []
+        # then the message carried to the next batch, which came first of those prefetched
+        carried, self._carried = self._carried, None
+        if carried is not None and not _stale(carried[0]) and await _settle(carried[0],
+                                                                            ack=False):
+            returned += 1
         stop = False
         while not self._inbox.empty():
             item = self._inbox.get_nowait()

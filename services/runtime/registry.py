@@ -68,6 +68,12 @@ log = logging.getLogger("prefsync.runtime")
 # service with four shard batches in hand stays around 100 MB, and each ledger transaction (the
 # write lock other processes wait for) stays short.
 SHARD_BATCH = 4
+# What SHARD_BATCH full messages hold (500 write commands are about 58 KB): a writer takes as
+# many messages as its prefetch while their bodies stay under this, so a round of small
+# messages (a steady sync's) is as big as one of full ones, not a few dozen commands. Each
+# round's fixed cost (dotdigital's feed reads, an import and its polls: about 0.2 s) is then
+# paid once for what the shards hold, not once for every four messages of theirs.
+SHARD_BATCH_BYTES = 256 * 1024
 
 
 def _held(assigner: ShardAssigner, *, account: str, side: Side,
@@ -82,12 +88,13 @@ def _held(assigner: ShardAssigner, *, account: str, side: Side,
     return held
 
 
-def writer_batch(*, held: Callable[[], int], shards: int, prefetch: int) -> int:
-    """Messages a writer takes from a shard at a time: more from each when the replica holds
-    fewer of the shards, so that its write rounds (a batch of each shard it holds) are as big
-    as one replica's holding them all (each round has fixed costs: its reads, its plan, its
-    ledger transactions), and its memory the same. Never more than the prefetch."""
-    return max(1, min(prefetch, SHARD_BATCH * shards // held()))
+def writer_batch_bytes(*, held: Callable[[], int], shards: int) -> int:
+    """Bytes of messages a writer takes from a shard at a time (as many messages as its
+    prefetch): more from each when the replica holds fewer of the shards, so that its write
+    rounds (a batch of each shard it holds) are as big as one replica's holding them all (each
+    round has fixed costs: its reads, its plan, its ledger transactions), and its memory the
+    same."""
+    return SHARD_BATCH_BYTES * shards // held()
 
 
 def _budget_wait(pacer: Pacer) -> Callable[[], float | None]:
@@ -279,17 +286,18 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
             config=account.dotdigital, on_request=METRICS.request_observer(account=account.id),
             budget_ledger=store))
 
-    def consumer(queue: str, handler: Any, batch_size: int | Callable[[], int]
-                 ) -> QueueConsumer:
+    def consumer(queue: str, handler: Any, batch_size: int,
+                 batch_bytes: Callable[[], int] | None) -> QueueConsumer:
         return QueueConsumer(connection=connection, queue=queue, account=account.id,
                              handler=handler, dead_letters=dead, prefetch=prefetch,
-                             batch_size=batch_size, on_batch=METRICS.on_batch)
+                             batch_size=batch_size, batch_bytes=batch_bytes,
+                             on_batch=METRICS.on_batch)
 
-    def shard(service: str, queue: str, handler: Any,
-              batch_size: int | Callable[[], int] = SHARD_BATCH) -> None:
+    def shard(service: str, queue: str, handler: Any, batch_size: int = SHARD_BATCH,
+              batch_bytes: Callable[[], int] | None = None) -> None:
         """A shard queue, consumed by whichever replica the assignment gives it to."""
         assigners[service].add(account=account.id, queue=queue,
-                               make=lambda: consumer(queue, handler, batch_size))
+                               make=lambda: consumer(queue, handler, batch_size, batch_bytes))
 
     if "dynamics-poller" in services:
         assert dataverse is not None
@@ -357,5 +365,5 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
             write = observed(rounds.handle, METRICS.handled_counter(service="writer"))
             for index in range(shards):
                 shard("writer", Topology.writes_queue(account.id, sink.side, index), write,
-                      partial(writer_batch, held=held, shards=shards, prefetch=prefetch))
+                      prefetch, partial(writer_batch_bytes, held=held, shards=shards))
     return tasks

@@ -52,7 +52,7 @@ async def seed(store: LedgerStore) -> BatchReads:
                       checkpoints=[*CLOCK_CHECKPOINTS, "never-set"])
 
 
-async def each_alone(store: LedgerStore, reads: BatchReads) -> BatchSnapshot:
+async def each_alone(store: LedgerStore | OverlayStore, reads: BatchReads) -> BatchSnapshot:
     account = reads.account
     return BatchSnapshot(
         contacts=await store.load_contacts(account, reads.contacts_of),

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import aio_pika
 import pytest
@@ -43,12 +44,15 @@ class Seam:
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
 
     def consumer(self, handler: object, *, queue: str | None = None,
-                 batch_size: int | Callable[[], int] = 10, prefetch: int = 20) -> QueueConsumer:
-        consumer = QueueConsumer(
+                 batch_size: int | Callable[[], int] = 10, prefetch: int = 20,
+                 batch_bytes: int | None = None,
+                 kind: type[QueueConsumer] = QueueConsumer) -> QueueConsumer:
+        consumer = kind(
             connection=self.transport, queue=queue or Topology.changes_queue(self.account, 0),
             account=self.account, handler=handler,  # type: ignore[arg-type]
             dead_letters=DeadLetterer(publisher=self.publisher, service="test"),
-            prefetch=prefetch, batch_size=batch_size, retry=FAST, breakers=Breakers())
+            prefetch=prefetch, batch_size=batch_size, batch_bytes=batch_bytes, retry=FAST,
+            breakers=Breakers())
         self.consumers.append(asyncio.create_task(consumer.run()))
         return consumer
 
@@ -188,6 +192,84 @@ async def test_a_batch_is_at_most_the_size_said_when_it_is_taken(seam: Seam) -> 
     assert seen.ids == [f"c{n}" for n in range(12)]
     assert all(size <= limit for size, limit in zip(sizes, said, strict=False)), (sizes, said)
     assert len(said) >= len(sizes) >= 12 // 3
+
+
+class AllAtOnce(QueueConsumer):
+    """A consumer whose first ``ARRIVING`` messages reach its inbox together, so that its
+    batches are made from all of them; later ones (redeliveries) come as they arrive."""
+
+    ARRIVING = 5
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._arrived: list[Any] | None = []
+
+    async def _receive(self, message: Any) -> None:
+        if self._arrived is None:
+            await super()._receive(message)
+            return
+        self._arrived.append(message)
+        if len(self._arrived) == self.ARRIVING:
+            arrived, self._arrived = self._arrived, None
+            for each in arrived:
+                await super()._receive(each)
+
+
+async def test_a_batch_stays_within_its_bytes_and_the_message_past_them_starts_the_next(
+        seam: Seam) -> None:
+    messages = [change(seam.account, n) for n in range(AllAtOnce.ARRIVING)]
+    size = len(messages[0].body)
+    assert all(len(m.body) == size for m in messages)
+    await seam.publisher.publish_many(messages)
+    seen = Seen(AllAtOnce.ARRIVING)
+    sizes: list[int] = []
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        sizes.append(len(batch))
+        seen.add(batch)
+
+    seam.consumer(handle, batch_size=10, batch_bytes=size * 5 // 2, kind=AllAtOnce)
+    await seen.wait()
+    assert seen.ids == [f"c{n}" for n in range(AllAtOnce.ARRIVING)]
+    assert sizes == [2, 2, 1]
+
+
+async def test_a_message_bigger_than_a_batchs_bytes_goes_alone(seam: Seam) -> None:
+    await seam.publisher.publish_many([change(seam.account, n)
+                                       for n in range(AllAtOnce.ARRIVING)])
+    seen = Seen(AllAtOnce.ARRIVING)
+    sizes: list[int] = []
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        sizes.append(len(batch))
+        seen.add(batch)
+
+    seam.consumer(handle, batch_size=10, batch_bytes=1, kind=AllAtOnce)
+    await seen.wait()
+    assert seen.ids == [f"c{n}" for n in range(AllAtOnce.ARRIVING)]
+    assert sizes == [1] * AllAtOnce.ARRIVING
+
+
+async def test_a_batch_given_back_returns_the_message_carried_past_it_in_order(
+        seam: Seam) -> None:
+    messages = [change(seam.account, n) for n in range(AllAtOnce.ARRIVING)]
+    await seam.publisher.publish_many(messages)
+    calls: list[list[str]] = []
+    seen = Seen(AllAtOnce.ARRIVING)
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        calls.append([d.envelope.change_id for d in batch])
+        if not batch[0].redelivered:
+            raise TransientFailure("the store is down", dependency="store")  # until the hold
+        seen.add(batch)
+
+    seam.consumer(handle, batch_size=10, batch_bytes=len(messages[0].body) * 5 // 2,
+                  kind=AllAtOnce)
+    await seen.wait()
+    # the first batch (c0, c1) held past its hold went back with c2 (carried) and the rest
+    assert calls[0] == ["c0", "c1"]
+    assert seen.ids == [f"c{n}" for n in range(AllAtOnce.ARRIVING)]
+    assert all(d.redelivered for d in seen.deliveries)
 
 
 async def test_a_mandatory_message_without_a_route_is_returned(seam: Seam) -> None:
