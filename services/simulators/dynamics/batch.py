@@ -17,7 +17,9 @@ Reading a batch costs little per operation: parts are cut at their delimiters wi
 searches; a MIME head laid out as clients usually send it is recognised by its bytes, any
 other is read line by line to the same effect; a change set holding one such request (as
 clients send each write) is read without splitting it; a request's headers are parsed once
-per distinct text in the batch. The answer's parts are framed in one join.
+per distinct text in the batch, and a lone request whose head has the bytes of the one
+before (as a run of creates has) takes that one's reading. The answer's parts are framed in
+one join.
 """
 
 from __future__ import annotations
@@ -245,6 +247,9 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
                  usual_heads: bool = True) -> list[Part]:
     """``usual_heads=False`` reads every MIME head line by line (tests compare the two)."""
     parts = []
+    # the last lone request read: its head's bytes to the blank line, and their reading
+    last_head = b""
+    last: tuple[str, str, CIMultiDictProxy[str], dict[str, str] | None] | None = None
     for chunk in split_multipart(body, boundary):
         request = _usual_request_head(chunk) if usual_heads else None
         if request is not None:
@@ -255,9 +260,23 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
         if changeset is not None:
             inner, begin = changeset
             lone = _lone_request(chunk, inner, begin)
-            parts.append(Part(content_id=None, changeset=[
-                _request_part(lone[1], lone[0], heads)] if lone is not None else _parse_parts(
+            if lone is None:
+                parts.append(Part(None, changeset=_parse_parts(
                     chunk[begin:], inner.decode(), nested=True, heads=heads)))
+                continue
+            content_id, content = lone
+            if last is not None and content.startswith(last_head):
+                # (the content's first blank line ends the same head: _request_part would
+                # read it as it read the last one)
+                method, url, req_headers, prefer = last
+                part = Part(content_id or req_headers.get("Content-ID"), method, url,
+                            req_headers, prefer, content[len(last_head):].rstrip(b"\r\n"))
+            else:
+                part, blank = _request_part_at(content, content_id, heads)
+                if blank >= 0 and part.request_headers is not None:
+                    last_head = content[:blank + 4]
+                    last = (part.method, part.url, part.request_headers, part.prefer)
+            parts.append(Part(None, changeset=[part]))
             continue
         at = chunk.find(b"\r\n\r\n")  # as _split_head, inline: it looks for this first
         head, content = (chunk[:at], chunk[at + 4:]) if at >= 0 else _split_head(chunk)
@@ -288,6 +307,11 @@ def _first_line(text: str) -> str:
 
 def _request_part(content: bytes, content_id: str | None, heads: Heads) -> Part:
     """One request of a batch, from its part's content (``content_id``: its MIME one)."""
+    return _request_part_at(content, content_id, heads)[0]
+
+
+def _request_part_at(content: bytes, content_id: str | None, heads: Heads) -> tuple[Part, int]:
+    """_request_part, and where the content's first CRLF blank line is (-1: none)."""
     at = content.find(b"\r\n\r\n")
     req_head, req_body = (content[:at], content[at + 4:]) if at >= 0 else _split_head(content)
     # Usually the request line is plain ASCII ending at the first CRLF: then it is all that
@@ -315,7 +339,7 @@ def _request_part(content: bytes, content_id: str | None, heads: Heads) -> Part:
     req_headers, prefer = known
     return Part(content_id=content_id or req_headers.get("Content-ID"),
                 method=words[0].upper(), url=words[1], request_headers=req_headers,
-                prefer=prefer, body=req_body.rstrip(b"\r\n"))
+                prefer=prefer, body=req_body.rstrip(b"\r\n")), at
 
 
 def _request_headers(header_text: str) -> tuple[CIMultiDictProxy[str], dict[str, str]]:
