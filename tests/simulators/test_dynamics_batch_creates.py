@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import random
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from multidict import CIMultiDict, MultiDict
 
 from services.simulators.dynamics import protocol
 from services.simulators.dynamics.app import DynamicsApp
+from services.simulators.dynamics.batch import Part, _CreatePlan
 from services.simulators.dynamics.protocol import Result, make_call
 from services.simulators.dynamics.state import dump
 from tests.simulators.test_dynamics_batch_lone import (
@@ -68,6 +68,11 @@ def _operations(sim: DynamicsApp) -> list[str]:
         _request("POST", SUBS, _create("contact", *free[8])),  # 201, every column
         _request("POST", SUBS + "?$select=psync_status", _create("contact", *free[9])),
         _request("POST", SUBS + "?$select=*", _create("contact", *free[10])),
+        _request("POST", post, _create("contact", *free[19]), content_id=None),  # no id
+        _with_header(_request("POST", post, _create("contact", *free[20]), content_id=None),
+                     "Content-ID: 5"),  # the request's own Content-ID
+        _request("POST", f"{SUBS}?$select=psync_marketingpreferencesubscriptionid,psync_status,"
+                 "modifiedon", _create("contact", *free[21])),  # the key selected
         _request("POST", SUBS + "?$select=nothing", _create("contact", *free[11])),  # 400
         _request("POST", SUBS + "?$select=", _create("contact", *free[11])),  # 400
         _request("POST", SUBS + "?$top=1", _create("contact", *free[11])),  # 400
@@ -153,13 +158,13 @@ def _taken(sim: DynamicsApp) -> list[int]:
     taken: list[int] = []
     run = sim.batch._usual_create
 
-    def counted(*args: Any) -> Result | None:
-        result = run(*args)
-        if result is not None:
-            taken.append(result.status)
-        return result
+    def counted(part: Part, plan: _CreatePlan) -> tuple[bool, bytes] | None:
+        answer = run(part, plan)
+        if answer is not None:
+            taken.append(int(answer[1].partition(b"HTTP/1.1 ")[2][:3]))
+        return answer
 
-    sim.batch._usual_create = counted  # type: ignore[method-assign,assignment]
+    sim.batch._usual_create = counted  # type: ignore[method-assign]
     return taken
 
 

@@ -550,17 +550,23 @@ class WriteAnswer(NamedTuple):
     entity_id: str  # else: the start of its OData-EntityId
 
     def result(self, row: Row, *, created: bool) -> Result:
-        schema = self.schema
         if self.context is not None:
-            # (as _entity_result answers a row without $expand, and json_result frames it)
             etag = f'W/"{row["versionnumber"]}"'
-            body = shape(row, schema, self.select, None, self.store, self.annotate,
-                         context=self.context, etag=etag)
-            return Result(201 if created else 200, orjson.dumps(body, option=orjson.OPT_UTC_Z),
-                          {"Content-Type": JSON_TYPE, "OData-Version": "4.0", "ETag": etag,
-                           "Preference-Applied": "return=representation"})
+            return Result(201 if created else 200, self.body(row, etag), self.headers(etag))
         return Result(204, b"", {"OData-Version": "4.0",
-                                 "OData-EntityId": f"{self.entity_id}{row[schema.pk]})"})
+                                 "OData-EntityId": f"{self.entity_id}{row[self.schema.pk]})"})
+
+    def body(self, row: Row, etag: str) -> bytes:
+        """The row returned (as _entity_result answers a row without $expand)."""
+        return orjson.dumps(shape(row, self.schema, self.select, None, self.store,
+                                  self.annotate, context=self.context, etag=etag),
+                            option=orjson.OPT_UTC_Z)
+
+    @staticmethod
+    def headers(etag: str) -> dict[str, str]:
+        """The headers of a row returned (json_result's, then the write's own)."""
+        return {"Content-Type": JSON_TYPE, "OData-Version": "4.0", "ETag": etag,
+                "Preference-Applied": "return=representation"}
 
 
 def _etags(header: str) -> set[str]:

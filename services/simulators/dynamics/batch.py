@@ -64,9 +64,10 @@ class Part:
 
 
 _NO_IDS: dict[str, str] = {}  # a lone operation's references: none (never written to)
-# A POST that Batch._usual_create runs: the path it is drawn a fault for, its route, and how
-# it is answered.
-_CreatePlan = tuple[str, str, WriteAnswer]
+# A POST that Batch._usual_create runs: the path it is drawn a fault for, its route, how it
+# is answered, and the head of a row's answer before and after its ETag.
+_CreatePlan = tuple[str, str, WriteAnswer, str, str]
+_ETAG_MARK = "\x00"  # (where a row's ETag goes in its answer's head: no header holds it)
 
 
 class _ChangeSetFailed(Exception):
@@ -512,10 +513,7 @@ class Batch:
                     out.append(_http_part(result, content_id=cid))
         except _ChangeSetFailed as failed:
             return False, failed.part
-        # the boundary's GUID: the batch's random stem and a count (unique within the answer,
-        # as unguessable as the stem; cheaper than a GUID each)
-        self._changesets += 1
-        boundary = f"changesetresponse_{self._stem}{self._changesets:012x}"
+        boundary = self._lone_boundary()
         return True, _multipart(out, boundary, last_break=False,
                                 head=f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n")
 
@@ -527,7 +525,6 @@ class Batch:
         if method == "GET":
             refused = query_error("GET requests are not allowed in a change set.").result()
             return False, _http_part(refused, content_id=cid)
-        usual = None
         if method == "POST" and self.usual_creates:
             headers, prefer = part.request_headers, part.prefer
             key = (part.url, id(headers))
@@ -537,24 +534,30 @@ class Batch:
                 planned = self._plans[key] = (headers, prefer, self._create_plan(call, part))
             if planned[2] is not None:
                 usual = self._usual_create(part, planned[2])
-        if usual is not None:
-            result = usual
-            if result.status >= 400:
-                return False, _http_part(result, content_id=cid)
-        else:
-            try:
-                with self.api.store.atomic():
-                    result = self._execute(call, part, _NO_IDS)
-                    if result.status >= 400:  # (undoes whatever the operation wrote)
-                        raise _ChangeSetFailed(b"")
-            except _ChangeSetFailed:
-                return False, _http_part(result, content_id=cid)
+                if usual is not None:
+                    return usual
+        try:
+            with self.api.store.atomic():
+                result = self._execute(call, part, _NO_IDS)
+                if result.status >= 400:  # (undoes whatever the operation wrote)
+                    raise _ChangeSetFailed(b"")
+        except _ChangeSetFailed:
+            return False, _http_part(result, content_id=cid)
+        return True, self._lone_framed(result, cid)
+
+    def _lone_boundary(self) -> str:
+        """The next change set answer's boundary: the batch's random stem and a count (unique
+        within the answer, as unguessable as the stem; cheaper than a GUID each)."""
         self._changesets += 1
-        boundary = f"changesetresponse_{self._stem}{self._changesets:012x}"
+        return f"changesetresponse_{self._stem}{self._changesets:012x}"
+
+    def _lone_framed(self, result: Result, cid: str | None) -> bytes:
+        """The answer of a change set whose one operation succeeded with ``result``."""
+        boundary = self._lone_boundary()
         # as _multipart frames the one part after the change set's head
         head = (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n--{boundary}\r\n"
                 f"{_http_head(result, content_id=cid)}")
-        return True, b"".join((head.encode(), result.body, f"\r\n--{boundary}--".encode()))
+        return b"".join((head.encode(), result.body, f"\r\n--{boundary}--".encode()))
 
     def _create_plan(self, outer: Call, part: Part) -> _CreatePlan | None:
         """How _usual_create runs a POST of ``part``'s URL and head, or None when it can't:
@@ -580,19 +583,26 @@ class Batch:
                                            self.api.write_select(call, SUBSCRIPTIONS))
         except ApiError:
             return None
-        return path, target.template, answer
+        # the head of a row's answer as _http_head lays it out (without a Content-ID), cut
+        # where the row's ETag goes
+        laid = _http_head(Result(201, b"", answer.headers(_ETAG_MARK)))
+        before, _, after = laid.removeprefix(_PART_HEAD).partition(_ETAG_MARK)
+        return path, target.template, answer, before, after
 
-    def _usual_create(self, part: Part, plan: _CreatePlan) -> Result | None:
-        """_execute of a POST that ``plan`` says how to run, as _execute, Api.handle and
-        Api.create run it (the fault first, the body read, the row written in a change set
-        of its own, the answer) without their readings of the URL and head; counted as
+    def _usual_create(self, part: Part, plan: _CreatePlan) -> tuple[bool, bytes] | None:
+        """_lone_changeset of a POST that ``plan`` says how to run, as _execute, Api.handle
+        and Api.create run it (the fault first, the body read, the row written in a change
+        set of its own, the answer) without their readings of the URL and head; counted as
         _execute counts it. None, and nothing done, for a body that refers to another
         operation or is no JSON: _execute then takes the part.
 
         1. The body is read before the fault is drawn: Api.create would have read it after
            the draw, which reading it first does not change.
         2. A fault injected is the answer; else the subscription is created as Api.create
-           creates it (its usual path first), or refused as it refuses it.
+           creates it (its usual path first: that needs no change set to undo it), or
+           refused as it refuses it.
+        3. A row returned is framed from the plan's layout of its head: only its ETag and
+           the Content-ID differ from one to the next.
         """
         body = part.body
         if b'"$' in body:
@@ -601,18 +611,37 @@ class Batch:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None
-        path, route, answer = plan
+        path, route, answer, before, after = plan
+        cid = part.content_id
+        tally = self._tally
         result = self.fault("POST", path)
         if result is None:
-            try:
-                with self.api.store.atomic():
-                    row = self.api.writes.create(SUBSCRIPTIONS, data)
+            writes = self.api.writes
+            row = writes.usual_create(data)
+            if row is None:
+                try:
+                    with self.api.store.atomic():
+                        row = writes.create(SUBSCRIPTIONS, data, usual=False)
+                except ApiError as exc:  # (the change set's writes undone)
+                    result = exc.result()
+            if row is not None and answer.context is not None:
+                key = ("POST", route, 201)
+                tally[key] = tally.get(key, 0) + 1
+                etag = f'W/"{row["versionnumber"]}"'
+                boundary = self._lone_boundary()
+                named = "" if cid is None else f"Content-ID: {cid}\r\n"
+                return True, b"".join((
+                    f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n--{boundary}"
+                    f"\r\n{_PART_HEAD}{named}{before}{etag}{after}".encode(),
+                    answer.body(row, etag), f"\r\n--{boundary}--".encode()))
+            if row is not None:
                 result = answer.result(row, created=True)
-            except ApiError as exc:  # (the change set's writes undone)
-                result = exc.result()
+        assert result is not None
         key = ("POST", route, result.status)
-        self._tally[key] = self._tally.get(key, 0) + 1
-        return result
+        tally[key] = tally.get(key, 0) + 1
+        if result.status >= 400:
+            return False, _http_part(result, content_id=cid)
+        return True, self._lone_framed(result, cid)
 
     def _entity_url(self, call: Call, part: Part, result: Result) -> str | None:
         if result.status != 201 or not result.body:
