@@ -177,13 +177,14 @@ def _mutated(body: bytes, rng: random.Random, *, edits: int, near: int | None) -
 
 def _creates_batch() -> bytes:
     """Creates with the same request head, each in a change set of its own (as the writer
-    sends them), an update between two of them, and creates again."""
+    sends them), updates between them, and creates again."""
     create = _request("POST", f"{ROOT}/{SUBSCRIPTIONS}{SELECT}", [
         "Accept: application/json", "Content-Type: application/json; type=entry",
         "Prefer: return=representation"], '{"psync_status":100000000}', "{n}")
     update = _request("PATCH", f"{ROOT}/{SUBSCRIPTIONS}({ROW}){SELECT}", [
         "Accept: application/json", 'If-Match: W/"7"'], '{"psync_status":1}', "{n}")
-    kinds = [create, create, create, update, create, create, update, update]
+    kinds = [create, create, create, update, create, create, update, update, create, create,
+             create]
     parts = [_changeset(n, kind.replace("{n}", str(n))) for n, kind in enumerate(kinds, 1)]
     return ("".join(f"--{BATCH}\r\n{p}\r\n" for p in parts) + f"--{BATCH}--\r\n").encode()
 
@@ -193,7 +194,23 @@ def test_requests_with_the_same_head_read_the_same_either_way() -> None:
     body = _creates_batch()
     usual = _read(body, usual_heads=True)
     assert usual == _read(body, usual_heads=False)
-    assert [p[6][0][0] for p in usual] == [str(n) for n in range(1, 9)]
+    assert [p[6][0][0] for p in usual] == [str(n) for n in range(1, 12)]
+
+
+@pytest.mark.parametrize("inside", ["--{b}", "--{b}--", "\r\n--{b}--", "--{b}x--", "--{b}_1--"])
+def test_like_requests_whose_bodies_hold_their_delimiter_read_the_same_either_way(
+        inside: str) -> None:
+    # a run of like requests is matched whole: the first delimiter after the opening one
+    # must still end the change set, wherever another one is
+    body = _creates_batch().decode()
+    boundary = f"changeset_{BATCH[6:]}_3"
+    raw = body.replace(f"--{boundary}\r\nContent-Type: application/http", f"--{boundary}\r\n"
+                       "Content-Type: application/http", 1).replace(
+        '{"psync_status":100000000}\r\n--' + boundary + "--",
+        '{"psync_name":"' + inside.format(b=boundary) + '"}\r\n--' + boundary + "--", 1)
+    assert raw != body
+    usual = _read(raw.encode(), usual_heads=True)
+    assert usual == _read(raw.encode(), usual_heads=False)
 
 
 @pytest.mark.parametrize("seed", range(3))

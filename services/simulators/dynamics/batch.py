@@ -18,7 +18,8 @@ searches; a MIME head laid out as clients usually send it is recognised by its b
 other is read line by line to the same effect; a change set holding one such request (as
 clients send each write) is read without splitting it; a request's headers are parsed once
 per distinct text in the batch, and a lone request whose head has the bytes of the one
-before (as a run of creates has) takes that one's reading. The answer's parts are framed in
+before (as a run of creates has) takes that one's reading; once two in a row have, the next
+change sets are matched whole against that layout (one pattern match each). The answer's parts are framed in
 one join. A change set creating one subscription (as the writer sends each create) is run
 without reading its URL and head again: they are read once per batch, for every part
 sending them (``Batch._create_plan``).
@@ -255,8 +256,22 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
     parts = []
     # the last lone request read: its head's bytes to the blank line, and their reading
     last_head = b""
-    last: tuple[str, str, CIMultiDictProxy[str], dict[str, str] | None] | None = None
+    last: Reading | None = None
+    # a head that two lone requests in a row had, matched whole (_like_lone) with its reading
+    like: tuple[re.Pattern[bytes], Reading] | None = None
     for chunk in split_multipart(body, boundary):
+        if like is not None:
+            matched = like[0].fullmatch(chunk)
+            if matched is not None:
+                inner = matched[1]
+                # the change set's closing delimiter: the first after its opening one
+                if chunk.find(b"--" + inner, matched.end(1) + 6 + len(inner)) \
+                        == len(chunk) - len(inner) - 4:
+                    method, url, req_headers, prefer = like[1]
+                    parts.append(Part(None, changeset=[Part(
+                        matched[2].decode(), method, url, req_headers, prefer,
+                        matched[3].rstrip(b"\r\n"))]))
+                    continue
         request = _usual_request_head(chunk) if usual_heads else None
         if request is not None:
             content_id, content = request
@@ -277,6 +292,8 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
                 method, url, req_headers, prefer = last
                 part = Part(content_id or req_headers.get("Content-ID"), method, url,
                             req_headers, prefer, content[len(last_head):].rstrip(b"\r\n"))
+                if like is None or like[1] is not last:
+                    like = _like_lone(last_head), last
             else:
                 part, blank = _request_part_at(content, content_id, heads)
                 if blank >= 0 and part.request_headers is not None:
@@ -299,6 +316,23 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
             raise _bad(f"A batch part must be application/http, not '{ctype}'.")
         parts.append(_request_part(content, headers.get("content-id"), heads))
     return parts
+
+
+# A request's reading: method, URL, headers and their preferences.
+Reading = tuple[str, str, CIMultiDictProxy[str], dict[str, str] | None]
+
+
+def _like_lone(head: bytes) -> re.Pattern[bytes]:
+    """A pattern for a whole change set part holding one request with this head (to its
+    blank line), laid out as clients usually send it: the usual change set head, its
+    delimiter, the usual request head with a Content-ID, ``head``, the body, the closing
+    delimiter ending the part. Where it matches, and the first delimiter after the opening
+    one is the closing one, _parse_parts would read the part (Content-ID: group 2, body:
+    group 3, less its trailing line breaks) with the reading of ``head``: each byte it
+    matches is one those readings check for."""
+    return re.compile(_CHANGESET_HEAD + rb"([0-9A-Za-z_.-]+)\r\n\r\n--\1\r\n" + _HTTP_HEAD
+                      + _CONTENT_ID + rb"([0-9]+)\r\n\r\n" + re.escape(head)
+                      + rb"(.*)\r\n--\1--", re.DOTALL)
 
 
 def _first_line(text: str) -> str:
