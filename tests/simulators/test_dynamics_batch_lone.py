@@ -28,11 +28,11 @@ SELECT = "?$select=psync_status,versionnumber,modifiedon"
 FROZEN = datetime(2024, 6, 1, 8, 30, 15, tzinfo=UTC)
 
 
-def _org() -> DynamicsApp:
+def _org(records: int = 20) -> DynamicsApp:
     sim, _ = build(clients=[], state_file=None, retention=timedelta(days=7),
                    token_lifetime_s=3600, limits=None)
     sim.clock.set(freeze_at=FROZEN)
-    sim.seed({"records": 20, "preferences": 3, "seed": 5, "states": "sample"})
+    sim.seed({"records": records, "preferences": 3, "seed": 5, "states": "sample"})
     return sim
 
 

@@ -153,18 +153,72 @@ def test_malformed_batches_read_the_same_either_way(seed: int) -> None:
     body = _writer_batch()
     rng = random.Random(seed)
     for _ in range(2500):
-        mutated = bytearray(body)
-        for _ in range(rng.randint(1, 4)):
-            # mostly where the heads are: the first parts' MIME heads and request lines
-            at = rng.randrange(len(mutated)) if rng.random() < 0.3 else rng.randrange(700)
-            roll = rng.random()
-            if roll < 0.4:
-                mutated[at:at + rng.randint(1, 3)] = rng.choice(_PIECES)
-            elif roll < 0.7:
-                mutated[at:at] = rng.choice(_PIECES)
-            else:
-                del mutated[at:at + rng.randint(1, 5)]
-        sample = bytes(mutated)
+        # mostly where the heads are: the first parts' MIME heads and request lines
+        sample = _mutated(body, rng, edits=4, near=700)
+        assert _read(sample, usual_heads=True) == _read(sample, usual_heads=False), sample
+
+
+def _mutated(body: bytes, rng: random.Random, *, edits: int, near: int | None) -> bytes:
+    """``body`` with 1 to ``edits`` pieces replaced, put in or cut out: anywhere, or (now and
+    then anywhere, else) within its first ``near`` bytes."""
+    mutated = bytearray(body)
+    for _ in range(rng.randint(1, edits)):
+        anywhere = near is None or rng.random() < 0.3
+        at = rng.randrange(len(mutated) if anywhere or near is None else near)
+        roll = rng.random()
+        if roll < 0.4:
+            mutated[at:at + rng.randint(1, 3)] = rng.choice(_PIECES)
+        elif roll < 0.7:
+            mutated[at:at] = rng.choice(_PIECES)
+        else:
+            del mutated[at:at + rng.randint(1, 5)]
+    return bytes(mutated)
+
+
+def _creates_batch() -> bytes:
+    """Creates with the same request head, each in a change set of its own (as the writer
+    sends them), updates between them, and creates again."""
+    create = _request("POST", f"{ROOT}/{SUBSCRIPTIONS}{SELECT}", [
+        "Accept: application/json", "Content-Type: application/json; type=entry",
+        "Prefer: return=representation"], '{"psync_status":100000000}', "{n}")
+    update = _request("PATCH", f"{ROOT}/{SUBSCRIPTIONS}({ROW}){SELECT}", [
+        "Accept: application/json", 'If-Match: W/"7"'], '{"psync_status":1}', "{n}")
+    kinds = [create, create, create, update, create, create, update, update, create, create,
+             create]
+    parts = [_changeset(n, kind.replace("{n}", str(n))) for n, kind in enumerate(kinds, 1)]
+    return ("".join(f"--{BATCH}\r\n{p}\r\n" for p in parts) + f"--{BATCH}--\r\n").encode()
+
+
+def test_requests_with_the_same_head_read_the_same_either_way() -> None:
+    # a request whose head has the bytes of the one before takes that one's reading
+    body = _creates_batch()
+    usual = _read(body, usual_heads=True)
+    assert usual == _read(body, usual_heads=False)
+    assert [p[6][0][0] for p in usual] == [str(n) for n in range(1, 12)]
+
+
+@pytest.mark.parametrize("inside", ["--{b}", "--{b}--", "\r\n--{b}--", "--{b}x--", "--{b}_1--"])
+def test_like_requests_whose_bodies_hold_their_delimiter_read_the_same_either_way(
+        inside: str) -> None:
+    # a run of like requests is matched whole: the first delimiter after the opening one
+    # must still end the change set, wherever another one is
+    body = _creates_batch().decode()
+    boundary = f"changeset_{BATCH[6:]}_3"
+    raw = body.replace(f"--{boundary}\r\nContent-Type: application/http", f"--{boundary}\r\n"
+                       "Content-Type: application/http", 1).replace(
+        '{"psync_status":100000000}\r\n--' + boundary + "--",
+        '{"psync_name":"' + inside.format(b=boundary) + '"}\r\n--' + boundary + "--", 1)
+    assert raw != body
+    usual = _read(raw.encode(), usual_heads=True)
+    assert usual == _read(raw.encode(), usual_heads=False)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_malformed_batches_of_like_requests_read_the_same_either_way(seed: int) -> None:
+    body = _creates_batch()
+    rng = random.Random(seed)
+    for _ in range(2500):
+        sample = _mutated(body, rng, edits=3, near=None)
         assert _read(sample, usual_heads=True) == _read(sample, usual_heads=False), sample
 
 

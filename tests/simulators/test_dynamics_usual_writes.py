@@ -1,6 +1,6 @@
 """Dataverse simulator: a subscription's usual create and status update (their own path).
 
-``Writes._usual_create`` and ``Writes._usual_update`` take the writes clients send most (a
+``Writes.usual_create`` and ``Writes._usual_update`` take the writes clients send most (a
 create binding a preference and one record, an update of the status alone) without the
 general path's per-key readings; anything else, and anything that breaks a rule, is left to
 the general path. Both organisations, seeded alike, one with the usual paths turned off, are

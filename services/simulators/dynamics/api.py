@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sortedcontainers import SortedSet  # type: ignore[import-untyped]
@@ -44,6 +44,7 @@ from .protocol import (
     CONCURRENCY_VERSION_MISMATCH,
     DUPLICATE_RECORD,
     EXPIRED_VERSION_STAMP,
+    JSON_TYPE,
     ApiError,
     Call,
     Result,
@@ -385,18 +386,19 @@ class Api:
     def _written(self, call: Call, schema: TableSchema, row: Row, *, created: bool,
                  select: list[str] | None) -> Result:
         """The answer to a write; ``select`` is the request's ``$select``, parsed."""
+        return self.write_answer(call, schema, select).result(row, created=created)
+
+    def write_answer(self, call: Call, schema: TableSchema,
+                     select: list[str] | None) -> WriteAnswer:
+        """How a write of ``schema`` asked by ``call`` is answered (its body aside)."""
         prefer = call.prefer()
         if prefer.get("return") == "representation":
-            # (as _entity_result answers a row without $expand)
-            etag = f'W/"{row["versionnumber"]}"'
-            body = shape(row, schema, select, None, self.store, annotations_wanted(prefer),
-                         context=self._entity_context(call, schema, select, None), etag=etag)
-            return json_result(body, status=201 if created else 200, headers={
-                "ETag": etag, "Preference-Applied": "return=representation"})
-        entity_id = f"{call.service_root}/{schema.entity_set}({row[schema.pk]})"
-        return empty_result(204, {"OData-EntityId": entity_id})
+            return WriteAnswer(schema, self.store, select, annotations_wanted(prefer),
+                               self._entity_context(call, schema, select, None), "")
+        return WriteAnswer(schema, self.store, select, None, None,
+                           f"{call.service_root}/{schema.entity_set}(")
 
-    def _write_select(self, call: Call, schema: TableSchema) -> list[str] | None:
+    def write_select(self, call: Call, schema: TableSchema) -> list[str] | None:
         """A write's ``$select`` (its only query option), checked before anything is written."""
         query = call.query
         if not query:
@@ -407,12 +409,12 @@ class Api:
                              allowed=_WRITE_OPTIONS).select
 
     def create(self, call: Call, schema: TableSchema) -> Result:
-        select = self._write_select(call, schema)
+        select = self.write_select(call, schema)
         row = self.writes.create(schema, _body(call))
         return self._written(call, schema, row, created=True, select=select)
 
     def patch(self, call: Call, schema: TableSchema, row_id: str) -> Result:
-        select = self._write_select(call, schema)
+        select = self.write_select(call, schema)
         body = _body(call)
         table = self.store.tables[schema.entity_set]
         exists = row_id in table.rows
@@ -534,6 +536,37 @@ class Api:
             return json_result({"@odata.context": context, "Id": member_row})
         self.writes.remove_member(list_id, member_id)
         return empty_result(204)
+
+
+class WriteAnswer(NamedTuple):
+    """The answer to a write, but for the row written: every write of a batch sent with the
+    same request head is answered alike."""
+
+    schema: TableSchema
+    store: Store
+    select: list[str] | None  # the request's $select, parsed
+    annotate: Callable[[str], bool] | None
+    context: str | None  # the row's @odata.context: the row is returned (return=representation)
+    entity_id: str  # else: the start of its OData-EntityId
+
+    def result(self, row: Row, *, created: bool) -> Result:
+        if self.context is not None:
+            etag = f'W/"{row["versionnumber"]}"'
+            return Result(201 if created else 200, self.body(row, etag), self.headers(etag))
+        return Result(204, b"", {"OData-Version": "4.0",
+                                 "OData-EntityId": f"{self.entity_id}{row[self.schema.pk]})"})
+
+    def body(self, row: Row, etag: str) -> bytes:
+        """The row returned (as _entity_result answers a row without $expand)."""
+        return orjson.dumps(shape(row, self.schema, self.select, None, self.store,
+                                  self.annotate, context=self.context, etag=etag),
+                            option=orjson.OPT_UTC_Z)
+
+    @staticmethod
+    def headers(etag: str) -> dict[str, str]:
+        """The headers of a row returned (json_result's, then the write's own)."""
+        return {"Content-Type": JSON_TYPE, "OData-Version": "4.0", "ETag": etag,
+                "Preference-Applied": "return=representation"}
 
 
 def _etags(header: str) -> set[str]:

@@ -17,7 +17,12 @@ Reading a batch costs little per operation: parts are cut at their delimiters wi
 searches; a MIME head laid out as clients usually send it is recognised by its bytes, any
 other is read line by line to the same effect; a change set holding one such request (as
 clients send each write) is read without splitting it; a request's headers are parsed once
-per distinct text in the batch. The answer's parts are framed in one join.
+per distinct text in the batch, and a lone request whose head has the bytes of the one
+before (as a run of creates has) takes that one's reading; once two in a row have, the next
+change sets are matched whole against that layout (one pattern match each). The answer's parts are framed in
+one join. A change set creating one subscription (as the writer sends each create) is run
+without reading its URL and head again: they are read once per batch, for every part
+sending them (``Batch._create_plan``).
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
-from .api import Api
+from .api import Api, WriteAnswer
 from .protocol import ApiError, Call, Result, new_guid, parse_prefer, query_error
 from .routes import VERSIONS, Target, resolve
-from .schema import TABLES
+from .schema import SUBSCRIPTIONS, TABLES
 
 MAX_OPERATIONS = 1000
 _QUERIES_KEPT = 256
@@ -60,6 +65,10 @@ class Part:
 
 
 _NO_IDS: dict[str, str] = {}  # a lone operation's references: none (never written to)
+# A POST that Batch._usual_create runs: the path it is drawn a fault for, its route, how it
+# is answered, and the head of a row's answer before and after its ETag.
+_CreatePlan = tuple[str, str, WriteAnswer, str, str]
+_ETAG_MARK = "\x00"  # (where a row's ETag goes in its answer's head: no header holds it)
 
 
 class _ChangeSetFailed(Exception):
@@ -245,7 +254,24 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
                  usual_heads: bool = True) -> list[Part]:
     """``usual_heads=False`` reads every MIME head line by line (tests compare the two)."""
     parts = []
+    # the last lone request read: its head's bytes to the blank line, and their reading
+    last_head = b""
+    last: Reading | None = None
+    # a head that two lone requests in a row had, matched whole (_like_lone) with its reading
+    like: tuple[re.Pattern[bytes], Reading] | None = None
     for chunk in split_multipart(body, boundary):
+        if like is not None:
+            matched = like[0].fullmatch(chunk)
+            if matched is not None:
+                inner = matched[1]
+                # the change set's closing delimiter: the first after its opening one
+                if chunk.find(b"--" + inner, matched.end(1) + 6 + len(inner)) \
+                        == len(chunk) - len(inner) - 4:
+                    method, url, req_headers, prefer = like[1]
+                    parts.append(Part(None, changeset=[Part(
+                        matched[2].decode(), method, url, req_headers, prefer,
+                        matched[3].rstrip(b"\r\n"))]))
+                    continue
         request = _usual_request_head(chunk) if usual_heads else None
         if request is not None:
             content_id, content = request
@@ -255,9 +281,25 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
         if changeset is not None:
             inner, begin = changeset
             lone = _lone_request(chunk, inner, begin)
-            parts.append(Part(content_id=None, changeset=[
-                _request_part(lone[1], lone[0], heads)] if lone is not None else _parse_parts(
+            if lone is None:
+                parts.append(Part(None, changeset=_parse_parts(
                     chunk[begin:], inner.decode(), nested=True, heads=heads)))
+                continue
+            content_id, content = lone
+            if last is not None and content.startswith(last_head):
+                # (the content's first blank line ends the same head: _request_part would
+                # read it as it read the last one)
+                method, url, req_headers, prefer = last
+                part = Part(content_id or req_headers.get("Content-ID"), method, url,
+                            req_headers, prefer, content[len(last_head):].rstrip(b"\r\n"))
+                if like is None or like[1] is not last:
+                    like = _like_lone(last_head), last
+            else:
+                part, blank = _request_part_at(content, content_id, heads)
+                if blank >= 0 and part.request_headers is not None:
+                    last_head = content[:blank + 4]
+                    last = (part.method, part.url, part.request_headers, part.prefer)
+            parts.append(Part(None, changeset=[part]))
             continue
         at = chunk.find(b"\r\n\r\n")  # as _split_head, inline: it looks for this first
         head, content = (chunk[:at], chunk[at + 4:]) if at >= 0 else _split_head(chunk)
@@ -276,6 +318,23 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
     return parts
 
 
+# A request's reading: method, URL, headers and their preferences.
+Reading = tuple[str, str, CIMultiDictProxy[str], dict[str, str] | None]
+
+
+def _like_lone(head: bytes) -> re.Pattern[bytes]:
+    """A pattern for a whole change set part holding one request with this head (to its
+    blank line), laid out as clients usually send it: the usual change set head, its
+    delimiter, the usual request head with a Content-ID, ``head``, the body, the closing
+    delimiter ending the part. Where it matches, and the first delimiter after the opening
+    one is the closing one, _parse_parts would read the part (Content-ID: group 2, body:
+    group 3, less its trailing line breaks) with the reading of ``head``: each byte it
+    matches is one those readings check for."""
+    return re.compile(_CHANGESET_HEAD + rb"([0-9A-Za-z_.-]+)\r\n\r\n--\1\r\n" + _HTTP_HEAD
+                      + _CONTENT_ID + rb"([0-9]+)\r\n\r\n" + re.escape(head)
+                      + rb"(.*)\r\n--\1--", re.DOTALL)
+
+
 def _first_line(text: str) -> str:
     """``text.splitlines()[0]`` (or ""), without splitting the rest: the text before its first
     CRLF when no other line break comes earlier (none is printable)."""
@@ -288,6 +347,11 @@ def _first_line(text: str) -> str:
 
 def _request_part(content: bytes, content_id: str | None, heads: Heads) -> Part:
     """One request of a batch, from its part's content (``content_id``: its MIME one)."""
+    return _request_part_at(content, content_id, heads)[0]
+
+
+def _request_part_at(content: bytes, content_id: str | None, heads: Heads) -> tuple[Part, int]:
+    """_request_part, and where the content's first CRLF blank line is (-1: none)."""
     at = content.find(b"\r\n\r\n")
     req_head, req_body = (content[:at], content[at + 4:]) if at >= 0 else _split_head(content)
     # Usually the request line is plain ASCII ending at the first CRLF: then it is all that
@@ -315,7 +379,7 @@ def _request_part(content: bytes, content_id: str | None, heads: Heads) -> Part:
     req_headers, prefer = known
     return Part(content_id=content_id or req_headers.get("Content-ID"),
                 method=words[0].upper(), url=words[1], request_headers=req_headers,
-                prefer=prefer, body=req_body.rstrip(b"\r\n"))
+                prefer=prefer, body=req_body.rstrip(b"\r\n")), at
 
 
 def _request_headers(header_text: str) -> tuple[CIMultiDictProxy[str], dict[str, str]]:
@@ -401,6 +465,12 @@ class Batch:
         self._places: dict[tuple[str, str], Place] = {}  # request URLs located (_place)
         self._stem, self._changesets = "", 0  # the running batch's change set boundaries
         self._tally: dict[tuple[str, str, int], int] = {}  # its operations by method, route, status
+        # its POSTs planned (_create_plan), by URL and request head (the head's parse is
+        # shared by the parts sending the same lines), with the head's objects
+        self._plans: dict[tuple[str, int], tuple[object, object, _CreatePlan | None]] = {}
+        # a lone create of a subscription takes its own path (tests turn it off to hold it to
+        # the general one)
+        self.usual_creates = True
 
     def run(self, call: Call) -> Result:
         if call.method != "POST":
@@ -418,14 +488,14 @@ class Batch:
                        f"this batch has {total}.")
         keep_going = "odata.continue-on-error" in call.prefer()
         self._stem, self._changesets = new_guid()[:24], 0
-        self._tally = {}
+        self._tally, self._plans = {}, {}
         try:
             return self._run(call, parts, keep_going=keep_going)
         finally:
             # the operations are counted once the batch is done (once per kind, not each)
             for (method, route, status), times in self._tally.items():
                 self.record(method, route, status, times)
-            self._tally = {}
+            self._tally, self._plans = {}, {}
 
     def _run(self, call: Call, parts: list[Part], *, keep_going: bool) -> Result:
         rendered: list[bytes] = []
@@ -477,10 +547,7 @@ class Batch:
                     out.append(_http_part(result, content_id=cid))
         except _ChangeSetFailed as failed:
             return False, failed.part
-        # the boundary's GUID: the batch's random stem and a count (unique within the answer,
-        # as unguessable as the stem; cheaper than a GUID each)
-        self._changesets += 1
-        boundary = f"changesetresponse_{self._stem}{self._changesets:012x}"
+        boundary = self._lone_boundary()
         return True, _multipart(out, boundary, last_break=False,
                                 head=f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n")
 
@@ -488,9 +555,21 @@ class Batch:
         """_changeset of a change set holding one request, as clients send each write: no
         later operation can refer to what it made, and its answer is framed in one go."""
         cid = part.content_id
-        if part.method == "GET":
+        method = part.method
+        if method == "GET":
             refused = query_error("GET requests are not allowed in a change set.").result()
             return False, _http_part(refused, content_id=cid)
+        if method == "POST" and self.usual_creates:
+            headers, prefer = part.request_headers, part.prefer
+            key = (part.url, id(headers))
+            planned = self._plans.get(key)
+            # (the head's objects are held, so no other takes their id while it is kept)
+            if planned is None or planned[0] is not headers or planned[1] is not prefer:
+                planned = self._plans[key] = (headers, prefer, self._create_plan(call, part))
+            if planned[2] is not None:
+                usual = self._usual_create(part, planned[2])
+                if usual is not None:
+                    return usual
         try:
             with self.api.store.atomic():
                 result = self._execute(call, part, _NO_IDS)
@@ -498,12 +577,105 @@ class Batch:
                     raise _ChangeSetFailed(b"")
         except _ChangeSetFailed:
             return False, _http_part(result, content_id=cid)
+        return True, self._lone_framed(result, cid)
+
+    def _lone_boundary(self) -> str:
+        """The next change set answer's boundary: the batch's random stem and a count (unique
+        within the answer, as unguessable as the stem; cheaper than a GUID each)."""
         self._changesets += 1
-        boundary = f"changesetresponse_{self._stem}{self._changesets:012x}"
+        return f"changesetresponse_{self._stem}{self._changesets:012x}"
+
+    def _lone_framed(self, result: Result, cid: str | None) -> bytes:
+        """The answer of a change set whose one operation succeeded with ``result``."""
+        boundary = self._lone_boundary()
         # as _multipart frames the one part after the change set's head
         head = (f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n--{boundary}\r\n"
                 f"{_http_head(result, content_id=cid)}")
-        return True, b"".join((head.encode(), result.body, f"\r\n--{boundary}--".encode()))
+        return b"".join((head.encode(), result.body, f"\r\n--{boundary}--".encode()))
+
+    def _create_plan(self, outer: Call, part: Part) -> _CreatePlan | None:
+        """How _usual_create runs a POST of ``part``'s URL and head, or None when it can't:
+        the URL names the collection of subscriptions, with a valid ``$select``, and no
+        annotations are asked for. Nothing is done nor counted: _execute takes the part as
+        it comes."""
+        url = part.url
+        headers, prefer = part.request_headers, part.prefer
+        if (url.startswith("$") or "(" in url or headers is None or prefer is None
+                or "odata.include-annotations" in prefer or SUBSCRIPTIONS.query_only):
+            return None
+        try:
+            version, tail, query, target, path = self._place(outer.version, url)
+        except ApiError:
+            return None
+        if target.kind != "collection" or target.entity_set != SUBSCRIPTIONS.entity_set:
+            return None
+        call = Call("POST", version, tail, query, headers, b"", outer.origin,
+                    outer.client_id, True)
+        call._prefer = prefer
+        try:
+            answer = self.api.write_answer(call, SUBSCRIPTIONS,
+                                           self.api.write_select(call, SUBSCRIPTIONS))
+        except ApiError:
+            return None
+        # the head of a row's answer as _http_head lays it out (without a Content-ID), cut
+        # where the row's ETag goes
+        laid = _http_head(Result(201, b"", answer.headers(_ETAG_MARK)))
+        before, _, after = laid.removeprefix(_PART_HEAD).partition(_ETAG_MARK)
+        return path, target.template, answer, before, after
+
+    def _usual_create(self, part: Part, plan: _CreatePlan) -> tuple[bool, bytes] | None:
+        """_lone_changeset of a POST that ``plan`` says how to run, as _execute, Api.handle
+        and Api.create run it (the fault first, the body read, the row written in a change
+        set of its own, the answer) without their readings of the URL and head; counted as
+        _execute counts it. None, and nothing done, for a body that refers to another
+        operation or is no JSON: _execute then takes the part.
+
+        1. The body is read before the fault is drawn: Api.create would have read it after
+           the draw, which reading it first does not change.
+        2. A fault injected is the answer; else the subscription is created as Api.create
+           creates it (its usual path first: that needs no change set to undo it), or
+           refused as it refuses it.
+        3. A row returned is framed from the plan's layout of its head: only its ETag and
+           the Content-ID differ from one to the next.
+        """
+        body = part.body
+        if b'"$' in body:
+            return None
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        path, route, answer, before, after = plan
+        cid = part.content_id
+        tally = self._tally
+        result = self.fault("POST", path)
+        if result is None:
+            writes = self.api.writes
+            row = writes.usual_create(data)
+            if row is None:
+                try:
+                    with self.api.store.atomic():
+                        row = writes.create(SUBSCRIPTIONS, data, usual=False)
+                except ApiError as exc:  # (the change set's writes undone)
+                    result = exc.result()
+            if row is not None and answer.context is not None:
+                key = ("POST", route, 201)
+                tally[key] = tally.get(key, 0) + 1
+                etag = f'W/"{row["versionnumber"]}"'
+                boundary = self._lone_boundary()
+                named = "" if cid is None else f"Content-ID: {cid}\r\n"
+                return True, b"".join((
+                    f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n--{boundary}"
+                    f"\r\n{_PART_HEAD}{named}{before}{etag}{after}".encode(),
+                    answer.body(row, etag), f"\r\n--{boundary}--".encode()))
+            if row is not None:
+                result = answer.result(row, created=True)
+        assert result is not None
+        key = ("POST", route, result.status)
+        tally[key] = tally.get(key, 0) + 1
+        if result.status >= 400:
+            return False, _http_part(result, content_id=cid)
+        return True, self._lone_framed(result, cid)
 
     def _entity_url(self, call: Call, part: Part, result: Result) -> str | None:
         if result.status != 201 or not result.body:

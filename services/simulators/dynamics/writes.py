@@ -66,7 +66,7 @@ _PREFERENCE = "_psync_preferenceid_value"
 # (the alternate key is the record lookups, then the preference: _check_subscription builds it)
 assert SUBSCRIPTIONS.unique == (*_RECORD_VALUE_COLUMNS, _PREFERENCE)
 _ONE_SECOND = timedelta(seconds=1)
-# A usual subscription write's body keys (_usual_create): its status, its preference bound and
+# A usual subscription write's body keys (usual_create): its status, its preference bound and
 # one record bound (each with its value column, target table and place in the alternate key).
 _STATUS = "psync_status"
 _STATUS_COLUMN = SUBSCRIPTIONS.columns[_STATUS]
@@ -316,9 +316,11 @@ class Writes:
 
     # -- rows ------------------------------------------------------------------------------------
 
-    def create(self, schema: TableSchema, body: Any, *, row_id: str | None = None) -> Row:
-        if schema is SUBSCRIPTIONS and row_id is None and self.usual_paths:
-            made = self._usual_create(body)
+    def create(self, schema: TableSchema, body: Any, *, row_id: str | None = None,
+               usual: bool = True) -> Row:
+        """``usual=False``: the usual path was tried already (usual_create answered None)."""
+        if usual and schema is SUBSCRIPTIONS and row_id is None:
+            made = self.usual_create(body)
             if made is not None:
                 return made
         changes = self._changes(schema, body)
@@ -376,17 +378,19 @@ class Writes:
 
     # -- a subscription's usual writes -----------------------------------------------------------
 
-    def _usual_create(self, body: Any) -> Row | None:
+    def usual_create(self, body: Any) -> Row | None:
         """create of a subscription as clients send it: the body holds its status, its
         preference bound and one record bound, nothing else. The row made when every rule
         holds; else None, and nothing done: the general path then answers (and refuses) it.
+        None when the usual paths are off. Nothing it does can fail half done (it needs no
+        change set to undo it).
 
         1. The status is an accepted choice (an int, not a bool).
         2. Each binding is a valid reference into the lookup's table, to a row that exists.
         3. The record is not read-only; no row holds the (record, preference) key yet.
         4. The row is filled, stamped and stored as the general path does it.
         """
-        if type(body) is not dict or len(body) != 3:
+        if type(body) is not dict or len(body) != 3 or not self.usual_paths:
             return None
         status, preference = body.get(_STATUS), body.get(_PREFERENCE_BIND)
         choices = _value_rule(_STATUS_COLUMN).choices
@@ -429,7 +433,7 @@ class Writes:
         return self._keep(SUBSCRIPTIONS, row_id, row, unique=key, at=created)
 
     def _usual_update(self, row_id: str, body: Any) -> Row | None:
-        """update of a subscription's status alone (as clients send it), as _usual_create.
+        """update of a subscription's status alone (as clients send it), as usual_create.
 
         1. The row exists and the status is an accepted choice (an int, not a bool).
         2. Neither the row's state nor its record is read-only; its state and status are
