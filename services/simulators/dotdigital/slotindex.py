@@ -10,7 +10,7 @@ so a page costs about its own size even among a million states.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 _BLOCK_SHIFT = 6  # 64 slots per block
 _SUPER_SHIFT = 12  # 4096 slots (64 blocks) per super-block
@@ -85,12 +85,13 @@ class SlotIndex:
         if value > self._supers[sup]:
             self._supers[sup] = value
 
-    def slots_at_least(self, start: int, threshold: int) -> Iterator[int]:
-        """Slots ``>= start`` whose value is ``>= threshold``, ascending."""
+    def slots_at_least(self, start: int, threshold: int, limit: int) -> list[int]:
+        """The first ``limit`` slots ``>= start`` whose value is ``>= threshold``, ascending."""
         values, blocks, supers = self._values, self._blocks, self._supers
         size = len(values)
         slot = max(start, 0)
-        while slot < size:
+        out: list[int] = []
+        while slot < size and len(out) < limit:
             sup = slot >> _SUPER_SHIFT
             if supers[sup] < threshold:
                 slot = (sup + 1) << _SUPER_SHIFT
@@ -100,7 +101,8 @@ class SlotIndex:
                 slot = (block + 1) << _BLOCK_SHIFT
                 continue
             end = min((block + 1) << _BLOCK_SHIFT, size)
-            for i in range(slot, end):
-                if values[i] >= threshold:
-                    yield i
+            # a block at a time: a page is mostly whole blocks that match
+            out += [i for i in range(slot, end) if values[i] >= threshold]
             slot = end
+        del out[limit:]
+        return out

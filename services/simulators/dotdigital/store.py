@@ -263,30 +263,19 @@ class AccountStore:
     # --- feeds -------------------------------------------------------------------------------
 
     def opt_in_changes(self, preference_id: int, *, since_ms: int, min_contact_id: int,
-                       limit: int) -> list[OptInRecord]:
-        """Contacts whose state of this preference changed at or after ``since_ms``, with
-        id >= ``min_contact_id``, in id order (opt-outs included)."""
-        states = self.states[preference_id]
-        opted, modified = states.opted.values(), states.modified.values()
+                       limit: int) -> list[int]:
+        """The slots of contacts whose state of this preference changed at or after
+        ``since_ms``, with id >= ``min_contact_id``, in id order (opt-outs included)."""
         start = max(0, min_contact_id - self.first_contact_id)
-        out: list[OptInRecord] = []
-        for slot in states.modified.slots_at_least(start, max(since_ms, 0)):
-            out.append(OptInRecord(contact=self.contacts[slot], preference_id=preference_id,
-                                   opted_in=opted[slot] == 1, modified_ms=modified[slot]))
-            if len(out) >= limit:
-                break
-        return out
+        return self.states[preference_id].modified.slots_at_least(start, max(since_ms, 0),
+                                                                  limit)
 
     def opted_in_contacts(self, preference_id: int, *, min_contact_id: int,
                           limit: int) -> list[Contact]:
-        states = self.states[preference_id]
         start = max(0, min_contact_id - self.first_contact_id)
-        out: list[Contact] = []
-        for slot in states.opted.slots_at_least(start, 1):
-            out.append(self.contacts[slot])
-            if len(out) >= limit:
-                break
-        return out
+        contacts = self.contacts
+        return [contacts[slot]
+                for slot in self.states[preference_id].opted.slots_at_least(start, 1, limit)]
 
     def suppressions_since(self, *, since_ms: int, skip: int, select: int,
                            unsubscribed_only: bool) -> list[Contact]:
