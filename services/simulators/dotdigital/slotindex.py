@@ -53,37 +53,32 @@ class SlotIndex:
 
     def append(self, value: int) -> None:
         slot = len(self._values)
-        self._values.append(value)
+        self._values.append(NONE)
         if slot & ((1 << _BLOCK_SHIFT) - 1) == 0:
-            self._blocks.append(value)
+            self._blocks.append(NONE)
             if (slot >> _BLOCK_SHIFT) % _BLOCKS_PER_SUPER == 0:
-                self._supers.append(value)
-                return
-        self._raise(slot, value)
+                self._supers.append(NONE)
+        self.set(slot, value)
 
     def set(self, slot: int, value: int) -> None:
-        old = self._values[slot]
-        self._values[slot] = value
-        if value >= old:
-            self._raise(slot, value)
-            return
+        values, blocks, supers = self._values, self._blocks, self._supers
+        old = values[slot]
+        values[slot] = value
         block = slot >> _BLOCK_SHIFT
-        if self._blocks[block] != old:
+        sup = slot >> _SUPER_SHIFT
+        if value >= old:  # the usual write (a later stamp): the maxima can only rise
+            if value > blocks[block]:
+                blocks[block] = value
+            if value > supers[sup]:
+                supers[sup] = value
+            return
+        if blocks[block] != old:
             return
         # The block may have lost its maximum: recompute it and its super-block.
         start = block << _BLOCK_SHIFT
-        self._blocks[block] = max(self._values[start:start + (1 << _BLOCK_SHIFT)])
-        sup = slot >> _SUPER_SHIFT
+        blocks[block] = max(values[start:start + (1 << _BLOCK_SHIFT)])
         first = sup * _BLOCKS_PER_SUPER
-        self._supers[sup] = max(self._blocks[first:first + _BLOCKS_PER_SUPER])
-
-    def _raise(self, slot: int, value: int) -> None:
-        block = slot >> _BLOCK_SHIFT
-        if value > self._blocks[block]:
-            self._blocks[block] = value
-        sup = slot >> _SUPER_SHIFT
-        if value > self._supers[sup]:
-            self._supers[sup] = value
+        supers[sup] = max(blocks[first:first + _BLOCKS_PER_SUPER])
 
     def slots_at_least(self, start: int, threshold: int, limit: int) -> list[int]:
         """The first ``limit`` slots ``>= start`` whose value is ``>= threshold``, ascending."""
