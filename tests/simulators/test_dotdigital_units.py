@@ -36,9 +36,10 @@ operations = st.lists(st.tuples(st.sampled_from(["set", "append"]),
 
 @settings(max_examples=60, deadline=None)
 @given(initial=st.lists(st.integers(-1, 50), max_size=9000), ops=operations,
-       start=st.integers(0, 10_000), threshold=st.integers(-1, 51))
+       start=st.integers(0, 10_000), threshold=st.integers(-1, 51),
+       limit=st.integers(1, 9000))
 def test_slot_walk_matches_a_plain_scan(initial: list[int], ops: list[tuple[str, int, int]],
-                                        start: int, threshold: int) -> None:
+                                        start: int, threshold: int, limit: int) -> None:
     index = SlotIndex(initial)
     plain = list(initial)
     for op, where, value in ops:
@@ -48,9 +49,9 @@ def test_slot_walk_matches_a_plain_scan(initial: list[int], ops: list[tuple[str,
         else:
             index.set(where % len(plain), value)
             plain[where % len(plain)] = value
-    expected = [i for i in range(start, len(plain)) if plain[i] >= threshold]
-    assert list(index.slots_at_least(start, threshold)) == expected
+    expected = [i for i in range(start, len(plain)) if plain[i] >= threshold][:limit]
+    assert index.slots_at_least(start, threshold, limit) == expected
     filled = SlotIndex.filled(len(plain))
     for i, value in enumerate(plain):
         filled.set(i, value)
-    assert list(filled.slots_at_least(start, threshold)) == expected
+    assert filled.slots_at_least(start, threshold, limit) == expected

@@ -55,6 +55,8 @@ class Backend:
         self.limits = CallRateLimits(calls_per_minute=calls_per_minute)
         self.imports = ImportQueue(delay_s=import_delay_s, runner=self._run_import)
         self.state_file = state_file
+        # False: the usual import contact is read and applied the general way (tests compare)
+        self.usual_paths = True
         self.stores: dict[int, AccountStore] = {
             aid: self._fresh(aid) for aid in self.credentials.account_ids}
         if state_file is not None and state_file.exists():
@@ -178,10 +180,10 @@ class Backend:
                 summary[key] += 1
             else:
                 written += 1
-                reference = {"contactId": contact.id,
-                             "identifiers": {"email": contact.email,
-                                             **({"mobileNumber": contact.mobile_number}
-                                                if contact.mobile_number else {})}}
+                identifiers = {"email": contact.email}
+                if contact.mobile_number:
+                    identifiers["mobileNumber"] = contact.mobile_number
+                reference = {"contactId": contact.id, "identifiers": identifiers}
                 if outcome.created:
                     summary["newContacts"] += 1
                     created.append(reference)

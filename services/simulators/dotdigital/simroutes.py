@@ -39,7 +39,7 @@ async def edit_contact(request: web.Request) -> web.Response:
                 isinstance(v, bool) for v in raw_prefs.values()):
             raise ValueError('preferences must look like {"<id>": true|false}')
         changes = [(int(k), v) for k, v in raw_prefs.items()]
-        store.check_preferences(pid for pid, _ in changes)
+        store.check_preferences(changes)
         ago = body.get("stamped_ago_s", 0)
         if not isinstance(ago, int | float) or isinstance(ago, bool) or not 0 <= ago <= 86400:
             raise ValueError("stamped_ago_s must be a number of seconds from 0 to 86400")

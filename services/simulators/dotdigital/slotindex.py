@@ -10,7 +10,7 @@ so a page costs about its own size even among a million states.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 _BLOCK_SHIFT = 6  # 64 slots per block
 _SUPER_SHIFT = 12  # 4096 slots (64 blocks) per super-block
@@ -53,44 +53,40 @@ class SlotIndex:
 
     def append(self, value: int) -> None:
         slot = len(self._values)
-        self._values.append(value)
+        self._values.append(NONE)
         if slot & ((1 << _BLOCK_SHIFT) - 1) == 0:
-            self._blocks.append(value)
+            self._blocks.append(NONE)
             if (slot >> _BLOCK_SHIFT) % _BLOCKS_PER_SUPER == 0:
-                self._supers.append(value)
-                return
-        self._raise(slot, value)
+                self._supers.append(NONE)
+        self.set(slot, value)
 
     def set(self, slot: int, value: int) -> None:
-        old = self._values[slot]
-        self._values[slot] = value
-        if value >= old:
-            self._raise(slot, value)
-            return
+        values, blocks, supers = self._values, self._blocks, self._supers
+        old = values[slot]
+        values[slot] = value
         block = slot >> _BLOCK_SHIFT
-        if self._blocks[block] != old:
+        sup = slot >> _SUPER_SHIFT
+        if value >= old:  # the usual write (a later stamp): the maxima can only rise
+            if value > blocks[block]:
+                blocks[block] = value
+            if value > supers[sup]:
+                supers[sup] = value
+            return
+        if blocks[block] != old:
             return
         # The block may have lost its maximum: recompute it and its super-block.
         start = block << _BLOCK_SHIFT
-        self._blocks[block] = max(self._values[start:start + (1 << _BLOCK_SHIFT)])
-        sup = slot >> _SUPER_SHIFT
+        blocks[block] = max(values[start:start + (1 << _BLOCK_SHIFT)])
         first = sup * _BLOCKS_PER_SUPER
-        self._supers[sup] = max(self._blocks[first:first + _BLOCKS_PER_SUPER])
+        supers[sup] = max(blocks[first:first + _BLOCKS_PER_SUPER])
 
-    def _raise(self, slot: int, value: int) -> None:
-        block = slot >> _BLOCK_SHIFT
-        if value > self._blocks[block]:
-            self._blocks[block] = value
-        sup = slot >> _SUPER_SHIFT
-        if value > self._supers[sup]:
-            self._supers[sup] = value
-
-    def slots_at_least(self, start: int, threshold: int) -> Iterator[int]:
-        """Slots ``>= start`` whose value is ``>= threshold``, ascending."""
+    def slots_at_least(self, start: int, threshold: int, limit: int) -> list[int]:
+        """The first ``limit`` slots ``>= start`` whose value is ``>= threshold``, ascending."""
         values, blocks, supers = self._values, self._blocks, self._supers
         size = len(values)
         slot = max(start, 0)
-        while slot < size:
+        out: list[int] = []
+        while slot < size and len(out) < limit:
             sup = slot >> _SUPER_SHIFT
             if supers[sup] < threshold:
                 slot = (sup + 1) << _SUPER_SHIFT
@@ -100,7 +96,8 @@ class SlotIndex:
                 slot = (block + 1) << _BLOCK_SHIFT
                 continue
             end = min((block + 1) << _BLOCK_SHIFT, size)
-            for i in range(slot, end):
-                if values[i] >= threshold:
-                    yield i
+            # a block at a time: a page is mostly whole blocks that match
+            out += [i for i in range(slot, end) if values[i] >= threshold]
             slot = end
+        del out[limit:]
+        return out

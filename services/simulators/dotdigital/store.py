@@ -185,9 +185,13 @@ class AccountStore:
         if number:
             self._by_mobile[number] = contact.slot
 
-    def check_preferences(self, preference_ids: Iterable[int]) -> None:
-        for preference_id in preference_ids:
-            self.leaf(preference_id)
+    def check_preferences(self, changes: Sequence[tuple[int, bool]]) -> None:
+        """Every preference of ``changes`` exists and is not a category."""
+        nodes = self.preferences.nodes
+        for preference_id, _ in changes:
+            node = nodes.get(preference_id)
+            if node is None or not node.is_preference:
+                self.leaf(preference_id)  # raises, saying which
 
     def set_preferences(self, contact: Contact, changes: Sequence[tuple[int, bool]], *,
                         now_ms: int, as_contact: bool = False) -> None:
@@ -195,13 +199,14 @@ class AccountStore:
         preference centre, which a suppression does not stop."""
         if not changes:
             return
-        self.check_preferences(pid for pid, _ in changes)
+        self.check_preferences(changes)
         if contact.suppressed and not as_contact:
             raise ContactSuppressed(contact)
+        slot, all_states = contact.slot, self.states
         for preference_id, opted_in in changes:
-            states = self.states[preference_id]
-            states.opted.set(contact.slot, 1 if opted_in else 0)
-            states.modified.set(contact.slot, now_ms)
+            states = all_states[preference_id]
+            states.opted.set(slot, 1 if opted_in else 0)
+            states.modified.set(slot, now_ms)
         self.touch(contact, now_ms=now_ms)
         if self.on_preferences is not None:
             self.on_preferences(contact, changes, now_ms, as_contact)
@@ -263,30 +268,19 @@ class AccountStore:
     # --- feeds -------------------------------------------------------------------------------
 
     def opt_in_changes(self, preference_id: int, *, since_ms: int, min_contact_id: int,
-                       limit: int) -> list[OptInRecord]:
-        """Contacts whose state of this preference changed at or after ``since_ms``, with
-        id >= ``min_contact_id``, in id order (opt-outs included)."""
-        states = self.states[preference_id]
-        opted, modified = states.opted.values(), states.modified.values()
+                       limit: int) -> list[int]:
+        """The slots of contacts whose state of this preference changed at or after
+        ``since_ms``, with id >= ``min_contact_id``, in id order (opt-outs included)."""
         start = max(0, min_contact_id - self.first_contact_id)
-        out: list[OptInRecord] = []
-        for slot in states.modified.slots_at_least(start, max(since_ms, 0)):
-            out.append(OptInRecord(contact=self.contacts[slot], preference_id=preference_id,
-                                   opted_in=opted[slot] == 1, modified_ms=modified[slot]))
-            if len(out) >= limit:
-                break
-        return out
+        return self.states[preference_id].modified.slots_at_least(start, max(since_ms, 0),
+                                                                  limit)
 
     def opted_in_contacts(self, preference_id: int, *, min_contact_id: int,
                           limit: int) -> list[Contact]:
-        states = self.states[preference_id]
         start = max(0, min_contact_id - self.first_contact_id)
-        out: list[Contact] = []
-        for slot in states.opted.slots_at_least(start, 1):
-            out.append(self.contacts[slot])
-            if len(out) >= limit:
-                break
-        return out
+        contacts = self.contacts
+        return [contacts[slot]
+                for slot in self.states[preference_id].opted.slots_at_least(start, 1, limit)]
 
     def suppressions_since(self, *, since_ms: int, skip: int, select: int,
                            unsubscribed_only: bool) -> list[Contact]:

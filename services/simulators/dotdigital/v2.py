@@ -80,10 +80,36 @@ def api_contact(contact: Contact, *, full: bool = False) -> dict[str, Any]:
     }
 
 
+def _opt_in(preference_id: int, address_book_id: int, opted_in: bool,
+            date_modified: str) -> dict[str, Any]:
+    return {"marketingPreferenceId": preference_id, "addressBookId": address_book_id,
+            "isOptedIn": opted_in, "dateModifed": date_modified}
+
+
 def api_opt_in(store: AccountStore, record: OptInRecord) -> dict[str, Any]:
-    return {"marketingPreferenceId": record.preference_id,
-            "addressBookId": store.address_book_of(record.contact),
-            "isOptedIn": record.opted_in, "dateModifed": format_ms(record.modified_ms)}
+    return _opt_in(record.preference_id, store.address_book_of(record.contact),
+                   record.opted_in, format_ms(record.modified_ms))
+
+
+def api_opt_in_changes(store: AccountStore, preference_id: int,
+                       slots: list[int]) -> list[dict[str, Any]]:
+    """An ``opt-ins-since`` page: each contact with its one opt-in record (as ``api_contact``
+    and ``api_opt_in`` render them), read straight from the preference's states."""
+    states = store.states[preference_id]
+    opted, modified = states.opted.values(), states.modified.values()
+    contacts = store.contacts
+    book_of = store.address_book_of
+    stamps: dict[int, str] = {}  # an import stamps all its contacts alike: format each once
+    out = []
+    for slot in slots:
+        contact = contacts[slot]
+        ms = modified[slot]
+        stamp = stamps.get(ms)
+        if stamp is None:
+            stamp = stamps[ms] = format_ms(ms)
+        out.append({"contact": api_contact(contact), "marketingPreferenceOptIns": [
+            _opt_in(preference_id, book_of(contact), opted[slot] == 1, stamp)]})
+    return out
 
 
 def api_suppression(contact: Contact) -> dict[str, Any]:
@@ -337,11 +363,9 @@ async def get_opt_ins_since(request: web.Request) -> web.Response:
     preference_id = _leaf_id(request, store)
     since = _date(request)
     min_id = _int_query(request, "minContactId", 0)
-    records = store.opt_in_changes(preference_id, since_ms=since, min_contact_id=min_id,
-                                   limit=PAGE_LIMIT)
-    return json_response([{"contact": api_contact(r.contact),
-                           "marketingPreferenceOptIns": [api_opt_in(store, r)]}
-                          for r in records])
+    slots = store.opt_in_changes(preference_id, since_ms=since, min_contact_id=min_id,
+                                 limit=PAGE_LIMIT)
+    return json_response(api_opt_in_changes(store, preference_id, slots))
 
 
 @routes.get("/v2/contacts/with-preference/{preference_id}")

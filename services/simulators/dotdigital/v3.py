@@ -167,12 +167,12 @@ async def patch_contact(request: web.Request) -> web.Response:
         raise invalid_parameter("merge-option", "merge-option must be overwrite, "
                                 "overwrite-if-not-empty or overwrite-if-empty")
     body = await _json(request)
+    backend = backend_of(request)
     try:
-        req = parse_contact_request(body)
+        req = parse_contact_request(body, usual=backend.usual_paths)
     except ShapeError as exc:
         raise exc.as_v3() from None
     store = store_of(request)
-    backend = backend_of(request)
     outcome = apply_contact_request(store, req, identifier=identifier, value=value,
                                     merge_option=_PATCH_MERGE[option], now_ms=backend.now_ms(),
                                     strict=True)
@@ -287,16 +287,17 @@ async def start_import(request: web.Request) -> web.Response:
     if not isinstance(contacts, list) or not contacts:
         raise V3Error(400, "contacts:noContactsSpecified",
                       "You must specify 1 or more contacts to import")
+    backend = backend_of(request)
     requests = []
     details: list[tuple[str, str]] = []
     for i, raw in enumerate(contacts):
         try:
-            requests.append(parse_contact_request(raw, where=f"contacts[{i}].", in_import=True))
+            requests.append(parse_contact_request(raw, where=f"contacts[{i}].", in_import=True,
+                                                  usual=backend.usual_paths))
         except ShapeError as exc:
             details.extend(exc.details)
     if details:
         raise bad_json_v3("The request JSON does not match the expected schema", details[:100])
-    backend = backend_of(request)
     try:
         job = backend.imports.submit(account_id=user_of(request).account_id,
                                      merge_option=merge, requests=requests)

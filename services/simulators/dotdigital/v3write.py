@@ -66,6 +66,7 @@ class ContactRequest:
     lists: list[int] | None = None
     preferences: list[tuple[int, bool]] | None = None
     consent_records: list[dict[str, Any]] | None = None
+    usual: bool = False  # read by _usual_request: matched by email, preferences alone
 
 
 @dataclass(kw_only=True)
@@ -86,9 +87,45 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_contact_request(raw: Any, *, where: str = "", in_import: bool = False
-                          ) -> ContactRequest:
-    """Checks the shape of one contact request (``updateContactRequest`` / ``contactRequest``)."""
+_USUAL_KEYS = frozenset({"matchIdentifier", "identifiers", "preferences"})
+
+
+def _usual_request(raw: Any) -> ContactRequest | None:
+    """The contact an import usually holds (matched by email, with preferences alone), read
+    without the general reading's per-key checks; None for anything else, which the general
+    reading takes (and refuses, when it is wrong). Exact types: a JSON body holds no others."""
+    if type(raw) is not dict or not _USUAL_KEYS.issuperset(raw) or \
+            raw.get("matchIdentifier") != "email":
+        return None
+    identifiers = raw.get("identifiers")
+    if type(identifiers) is not dict or len(identifiers) != 1 or \
+            type(identifiers.get("email")) is not str:
+        return None
+    preferences = raw.get("preferences")
+    parsed = None
+    if preferences is not None:
+        if type(preferences) is not list or not preferences:
+            return None
+        parsed = []
+        for item in preferences:
+            if type(item) is not dict:
+                return None
+            preference_id, opted_in = item.get("id"), item.get("isOptedIn")
+            if type(preference_id) is not int or type(opted_in) is not bool:
+                return None
+            parsed.append((preference_id, opted_in))
+    return ContactRequest(match_identifier="email", identifiers=dict(identifiers),
+                          preferences=parsed, usual=True)
+
+
+def parse_contact_request(raw: Any, *, where: str = "", in_import: bool = False,
+                          usual: bool = True) -> ContactRequest:
+    """Checks the shape of one contact request (``updateContactRequest`` / ``contactRequest``).
+    ``usual=False`` reads even the usual import contact the general way (tests compare)."""
+    if usual:
+        request = _usual_request(raw)
+        if request is not None:
+            return request
     problems: list[tuple[str, str]] = []
     if not isinstance(raw, dict):
         raise ShapeError([(where or "body", "must be an object")])
@@ -261,10 +298,37 @@ def _target_status(contact: Contact | None, req: ContactRequest) -> str | None:
     return None
 
 
+def _apply_usual(store: AccountStore, req: ContactRequest, *, identifier: str, value: Any,
+                 now_ms: int) -> Outcome | None:
+    """A usual request (see ``_usual_request``) for a contact found by its email, keeping that
+    email, not suppressed, naming only preferences that exist: what the general way does for
+    it (its preferences written, the contact touched) without planning. None for anything
+    else."""
+    if identifier != "email":
+        return None
+    contact = store.by_email(str(value))
+    if contact is None or contact.suppressed or \
+            req.identifiers["email"].lower() != contact.email.lower():
+        return None
+    if req.preferences:
+        nodes = store.preferences.nodes
+        for preference_id, _ in req.preferences:
+            node = nodes.get(preference_id)
+            if node is None or not node.is_preference:
+                return None
+        store.set_preferences(contact, req.preferences, now_ms=now_ms)
+    store.touch(contact, now_ms=now_ms)
+    return Outcome(contact=contact)
+
+
 def apply_contact_request(store: AccountStore, req: ContactRequest, *, identifier: str,
                           value: Any, merge_option: str, now_ms: int, strict: bool) -> Outcome:
     """Creates or updates one contact. ``strict`` (PATCH) raises ``V3Error`` on any failure
     before changing anything; otherwise failures are reported in the outcome."""
+    if req.usual:
+        outcome = _apply_usual(store, req, identifier=identifier, value=value, now_ms=now_ms)
+        if outcome is not None:
+            return outcome
     contact = _locate(store, identifier, value)
     plan = _Plan(contact=contact)
     failures: list[Failure] = []
