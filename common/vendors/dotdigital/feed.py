@@ -17,10 +17,15 @@ own answer (``DotdigitalClient.time_before``: no call for the clock; the feed is
 nothing changed during a read is skipped next time). What it saw that was not one of this
 process's own writes (told apart by contact, value and the window of dotdigital's clock the
 write ran in, :func:`common.domain.in_write_window`) it keeps, so a later batch with that key
-still sees it. When the watermark moves (the ec-poller read the feed again), it starts again
-from there. If it would keep more than ``max_kept`` entries of one preference (another process
-writing the same account, or a restart in the middle of a backfill), it stops keeping and reads
-from the watermark every time, as before.
+still sees it. When the watermark moves on (the ec-poller read the feed again) to a time it has
+read past, what it kept from before the new watermark goes and it reads on from where it was,
+not again from the watermark. That read would return the same, but for an entry that only
+became visible after the follower had read past its stamp (a write dotdigital was still
+committing): the follower misses those between reads under one watermark too, and the
+ec-poller's overlap is what reads them into the ledger. A watermark that moves elsewhere (back,
+or past what it read) starts it again from there. If it would keep more than ``max_kept``
+entries of one preference (another process writing the same account, or a restart in the middle
+of a backfill), it stops keeping and reads from the watermark every time, as before.
 """
 
 from __future__ import annotations
@@ -134,6 +139,16 @@ class _Feed:
     keeping: bool = True
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    def can_rebase(self, since: datetime) -> bool:
+        """The watermark moved on to ``since`` within what this feed has read (and kept)."""
+        return self.keeping and self.base < since <= self.read_to
+
+    def rebase(self, since: datetime) -> None:
+        """From ``since`` on: what was kept stamped before it goes, the newest entry of each
+        other email stays (the feed is inclusive, so one stamped at ``since`` stays too)."""
+        self.base = since
+        self.kept = {email: entry for email, entry in self.kept.items() if entry[2] >= since}
+
 
 @dataclass
 class Write:
@@ -171,10 +186,15 @@ class FeedFollower:
         """Every feed entry of ``emails`` for the preference since ``since`` (the watermark)
         that this follower read now or kept from earlier reads."""
         feed = self._feeds.get(preference_id)
-        if feed is None or feed.base != since:
+        if feed is None or not (feed.base == since or feed.can_rebase(since)):
             feed = self._feeds[preference_id] = _Feed(base=since, read_to=since)
         out: dict[str, list[Entry]] = {}
         async with feed.lock:
+            if feed.base != since:
+                if feed.can_rebase(since):
+                    feed.rebase(since)
+                else:  # moved again while this waited for the lock
+                    feed = self._feeds[preference_id] = _Feed(base=since, read_to=since)
             start = feed.read_to if feed.keeping else feed.base
             began = time.time()
             fresh: list[tuple[str, Entry]] = []

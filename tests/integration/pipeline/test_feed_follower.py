@@ -124,6 +124,34 @@ async def test_a_moved_watermark_starts_afresh() -> None:
         assert found == {}
 
 
+async def test_a_watermark_moved_on_within_what_was_read_keeps_what_is_newer() -> None:
+    async with seeded() as (sim, client, emails, preference):
+        a, b = emails[:2]
+        follower = FeedFollower(client=client)
+        asked: list[datetime] = []
+        feed = client.iter_opt_in_entries
+
+        def recording(preference_id: int, since: datetime) -> AsyncIterator[list[OptInEntry]]:
+            asked.append(since)
+            return feed(preference_id, since)
+
+        client.iter_opt_in_entries = recording  # type: ignore[method-assign]
+        watermark = await client.server_time()
+        await user_sets(sim, a, preference, False)
+        moved = await clock_moves_on(sim, client)
+        await user_sets(sim, b, preference, True)
+        await clock_moves_on(sim, client)
+        first = await follower.entries(preference, since=watermark, emails={a, b})
+
+        found = await follower.entries(preference, since=moved, emails={a, b})
+
+        assert values(first) == {a: [False], b: [True]}
+        # a's change is before the new watermark: gone; b's is kept, and the read goes on from
+        # where the first one ended instead of from the new watermark
+        assert values(found) == {b: [True]}
+        assert asked[0] == watermark and asked[1] > moved
+
+
 async def test_keeping_too_much_falls_back_to_reading_from_the_watermark() -> None:
     async with seeded() as (sim, client, emails, preference):
         follower = FeedFollower(client=client, max_kept=2)
