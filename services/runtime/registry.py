@@ -68,11 +68,12 @@ log = logging.getLogger("prefsync.runtime")
 # service with four shard batches in hand stays around 100 MB, and each ledger transaction (the
 # write lock other processes wait for) stays short.
 SHARD_BATCH = 4
-# What SHARD_BATCH full messages hold (500 write commands are about 58 KB): a writer takes as
-# many messages as its prefetch while their bodies stay under this, so a round of small
-# messages (a steady sync's) is as big as one of full ones, not a few dozen commands. Each
-# round's fixed cost (dotdigital's feed reads, an import and its polls: about 0.2 s) is then
-# paid once for what the shards hold, not once for every four messages of theirs.
+# What SHARD_BATCH full messages hold (500 changes are about 52 KB, 500 write commands 58 KB):
+# the reconciler and the writer take as many messages as their prefetch while their bodies
+# stay under this, so a batch of small messages (a steady sync's) is as big as one of full
+# ones, not a few dozen changes. A batch's fixed costs (its ledger transactions; a dotdigital
+# write round's feed reads, import and polls: about 0.2 s) are then paid once for what the
+# shard holds, not once for every four messages of it.
 SHARD_BATCH_BYTES = 256 * 1024
 
 
@@ -336,7 +337,8 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
         reconcile = observed(reconciler.handle,
                              METRICS.handled_counter(service="reconciler"))
         for index in range(shards):
-            shard("reconciler", Topology.changes_queue(account.id, index), reconcile)
+            shard("reconciler", Topology.changes_queue(account.id, index), reconcile,
+                  prefetch, lambda: SHARD_BATCH_BYTES)
         # the safety net behind the ordering rules: one replica at a time sweeps the account
         sweep = OutstandingSweep(account=account.id, store=store, publisher=publisher,
                                  reconciler=reconciler, shards=shards, holder=running.replica,
