@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
+import orjson
 import pytest
 from multidict import CIMultiDict, MultiDict
 
@@ -23,6 +24,8 @@ from services.simulators.dynamics import protocol
 from services.simulators.dynamics.app import DynamicsApp
 from services.simulators.dynamics.batch import Part, _CreatePlan
 from services.simulators.dynamics.protocol import Result, make_call
+from services.simulators.dynamics.reads import shape
+from services.simulators.dynamics.schema import TABLES
 from services.simulators.dynamics.state import dump
 from tests.simulators.test_dynamics_batch_lone import (
     FROZEN,
@@ -203,3 +206,37 @@ def test_injected_faults_fall_on_the_same_writes(seed: int) -> None:
         batch = [rng.choice(operations) for _ in range(12)]
         _same(usual, general, _body(batch), keep_going=True, n=n)
     assert usual.control.stats.statuses["500"] > 0
+
+
+@pytest.mark.parametrize(("entity_set", "select"), [
+    (SUBSCRIPTIONS, SELECT[9:]),  # the writer's
+    (SUBSCRIPTIONS, "psync_marketingpreferencesubscriptionid,psync_status"),  # the key too
+    (SUBSCRIPTIONS, "psync_status,psync_status"),
+    (SUBSCRIPTIONS, None),  # every column
+    ("contacts", "fullname,emailaddress1,createdon"),
+    ("contacts", None),
+])
+@pytest.mark.parametrize("prefer", ["return=representation",
+                                    'return=representation,odata.include-annotations="*"'])
+def test_a_row_returned_is_laid_out_as_shape_lays_it_out(entity_set: str, select: str | None,
+                                                         prefer: str) -> None:
+    """The body of a row a write returns (WriteAnswer.body, laid out without shape when no
+    annotations are asked for) is what shape gives, byte for byte, for every row held (nulls,
+    times and lookups among them) and a row missing columns."""
+    sim = _org(10)
+    schema = TABLES[entity_set]
+    query = MultiDict() if select is None else MultiDict({"$select": select})
+    call = make_call(method="POST", version="v9.2", tail=entity_set, query=query,
+                     headers=CIMultiDict({"Prefer": prefer}), body=b"",
+                     origin="http://127.0.0.1:8080", client_id="test")
+    parsed = sim.api.write_select(call, schema)
+    answer = sim.api.write_answer(call, schema, parsed)
+    assert (answer.columns is None) == ("annotations" in prefer)
+    rows = list(sim.store.tables[entity_set].rows.values())
+    rows.append({schema.pk: rows[0][schema.pk], "versionnumber": 7})
+    assert len(rows) > 5
+    for row in rows:
+        etag = f'W/"{row["versionnumber"]}"'
+        assert answer.body(row, etag) == orjson.dumps(
+            shape(row, schema, parsed, None, sim.store, answer.annotate,
+                  context=answer.context, etag=etag), option=orjson.OPT_UTC_Z)
