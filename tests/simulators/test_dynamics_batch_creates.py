@@ -22,7 +22,7 @@ from multidict import CIMultiDict, MultiDict
 
 from services.simulators.dynamics import protocol
 from services.simulators.dynamics.app import DynamicsApp
-from services.simulators.dynamics.batch import Part, _CreatePlan
+from services.simulators.dynamics.batch import _CreatePlan, parse_parts
 from services.simulators.dynamics.protocol import Result, make_call
 from services.simulators.dynamics.reads import shape
 from services.simulators.dynamics.schema import TABLES
@@ -161,8 +161,8 @@ def _taken(sim: DynamicsApp) -> list[int]:
     taken: list[int] = []
     run = sim.batch._usual_create
 
-    def counted(part: Part, plan: _CreatePlan) -> tuple[bool, bytes] | None:
-        answer = run(part, plan)
+    def counted(cid: str | None, body: bytes, plan: _CreatePlan) -> tuple[bool, bytes] | None:
+        answer = run(cid, body, plan)
         if answer is not None:
             taken.append(int(answer[1].partition(b"HTTP/1.1 ")[2][:3]))
         return answer
@@ -190,6 +190,11 @@ def test_each_lone_write_answers_and_writes_as_the_general_path(keep_going: bool
 def test_whole_batches_answer_and_write_as_the_general_path(keep_going: bool) -> None:
     usual, general = _orgs(0.0)
     operations = _operations(usual)
+    # most requests have the head of the one before: read as runs (Part.run), a run holding
+    # creates, refusals and bodies the usual path leaves to the general one
+    runs = [len(p.run) for p in parse_parts(_body(operations), f"multipart/mixed; boundary={BATCH}")
+            if p.run is not None]
+    assert len(runs) > 2 and sum(runs) > 15
     # the writes in one batch, then in batches of a few
     _same(usual, general, _body(operations), keep_going=keep_going, n=0)
     usual, general = _orgs(0.0)
