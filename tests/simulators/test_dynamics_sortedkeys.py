@@ -87,3 +87,41 @@ def test_versions_append_on_top_in_order() -> None:
         index.add((version, "a"))
     assert [v for v, _ in index] == list(range(5, 5000))
     assert list(index.irange((10, _LOW), (13, _HIGH))) == [(v, "a") for v in range(10, 14)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_keys_added_together_are_laid_out_as_added_one_by_one(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """update (as the modifiedon index settles a second's entries) leaves the sublists and
+    their largest keys as add leaves them, key by key: runs on top of every size (empty,
+    longer than a sublist, filling the last one to its split), and runs that start below
+    the largest key, from an empty index and from removals' leftovers."""
+    monkeypatch.setattr(sortedkeys, "LOAD", 4)
+    monkeypatch.setattr(sortedkeys, "_SPLIT", 8)
+    monkeypatch.setattr(sortedkeys, "_JOIN", 1)
+    rng = random.Random(seed)
+    together, one_by_one = SortedKeys(), SortedKeys()
+    held: set[int] = set()
+    top = 0
+    for _ in range(300):
+        if rng.random() < 0.2 and held:
+            for key in rng.sample(sorted(held), min(len(held), rng.randrange(1, 6))):
+                held.discard(key)
+                together.remove(key)
+                one_by_one.remove(key)
+            continue
+        count = rng.choice([0, 1, 2, 7, 8, 9, 17, rng.randrange(30)])
+        if rng.random() < 0.8:  # newer than all: on top
+            run = list(range(top + 1, top + 1 + 3 * count, 3))
+        else:  # some among the keys held
+            run = sorted(set(range(top + 2 * count + 1)) - held)[-count:] if count else []
+            run = sorted(rng.sample(run, min(len(run), count)))
+        top = max([top, *run])
+        held.update(run)
+        together.update(run)
+        for key in run:
+            one_by_one.add(key)
+        assert (together._lists, together._maxes, len(together)) == (
+            one_by_one._lists, one_by_one._maxes, len(one_by_one))
+    assert list(together) == sorted(held)
+    assert len(together._lists) > 5  # (splits happened)

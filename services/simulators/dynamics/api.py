@@ -393,8 +393,13 @@ class Api:
         """How a write of ``schema`` asked by ``call`` is answered (its body aside)."""
         prefer = call.prefer()
         if prefer.get("return") == "representation":
-            return WriteAnswer(schema, self.store, select, annotations_wanted(prefer),
-                               self._entity_context(call, schema, select, None), "")
+            annotate = annotations_wanted(prefer)
+            # the columns of the row returned, as shape lists them (only unannotated rows are
+            # laid out without it)
+            columns = (None if annotate is not None else tuple(schema.columns)
+                       if select is None else (*select, schema.pk))
+            return WriteAnswer(schema, self.store, select, annotate,
+                               self._entity_context(call, schema, select, None), "", columns)
         return WriteAnswer(schema, self.store, select, None, None,
                            f"{call.service_root}/{schema.entity_set}(")
 
@@ -548,6 +553,7 @@ class WriteAnswer(NamedTuple):
     annotate: Callable[[str], bool] | None
     context: str | None  # the row's @odata.context: the row is returned (return=representation)
     entity_id: str  # else: the start of its OData-EntityId
+    columns: tuple[str, ...] | None = None  # the row's columns returned, when not annotated
 
     def result(self, row: Row, *, created: bool) -> Result:
         if self.context is not None:
@@ -558,9 +564,18 @@ class WriteAnswer(NamedTuple):
 
     def body(self, row: Row, etag: str) -> bytes:
         """The row returned (as _entity_result answers a row without $expand)."""
-        return orjson.dumps(shape(row, self.schema, self.select, None, self.store,
-                                  self.annotate, context=self.context, etag=etag),
-                            option=orjson.OPT_UTC_Z)
+        columns = self.columns
+        if columns is None:
+            return orjson.dumps(shape(row, self.schema, self.select, None, self.store,
+                                      self.annotate, context=self.context, etag=etag),
+                                option=orjson.OPT_UTC_Z)
+        # laid out as shape lays out a row neither annotated nor expanded, without its call
+        out: dict[str, Any] = ({"@odata.etag": etag} if self.context is None
+                               else {"@odata.context": self.context, "@odata.etag": etag})
+        get = row.get
+        for column in columns:
+            out[column] = get(column)
+        return orjson.dumps(out, option=orjson.OPT_UTC_Z)
 
     @staticmethod
     def headers(etag: str) -> dict[str, str]:

@@ -19,10 +19,11 @@ other is read line by line to the same effect; a change set holding one such req
 clients send each write) is read without splitting it; a request's headers are parsed once
 per distinct text in the batch, and a lone request whose head has the bytes of the one
 before (as a run of creates has) takes that one's reading; once two in a row have, the next
-change sets are matched whole against that layout (one pattern match each). The answer's parts are framed in
-one join. A change set creating one subscription (as the writer sends each create) is run
-without reading its URL and head again: they are read once per batch, for every part
-sending them (``Batch._create_plan``).
+change sets are matched whole against that layout (one pattern match each) and kept as one
+run of requests by their Content-ID and body, none read into a part of its own. The answer's
+parts are framed in one join. A change set creating one subscription (as the writer sends
+each create) is run without reading its URL and head again: they are read once per batch,
+for every part sending them (``Batch._create_plan``), and once per run.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ Fault = Callable[[str, str], Result | None]  # method, path -> injected failure
 
 @dataclass(slots=True)
 class Part:
-    """One part of a batch: a request, or a change set holding requests."""
+    """One part of a batch: a request, or a change set holding requests; or a run of change
+    sets in a row each holding one request sent with this part's method, URL and headers."""
 
     content_id: str | None  # the MIME part's Content-ID, else the request's
     method: str = ""
@@ -62,6 +64,15 @@ class Part:
     prefer: dict[str, str] | None = None  # the request headers' preferences
     body: bytes = b""
     changeset: list[Part] | None = None
+    # a run's requests, by the Content-ID and body of each (none of them read into a Part:
+    # Part(content_id, method, url, request_headers, prefer, body) in a change set of its own)
+    run: list[tuple[str, bytes]] | None = None
+
+    def operations(self) -> int:
+        """The operations it holds."""
+        if self.changeset is not None:
+            return len(self.changeset)
+        return 1 if self.run is None else len(self.run)
 
 
 _NO_IDS: dict[str, str] = {}  # a lone operation's references: none (never written to)
@@ -253,12 +264,13 @@ def parse_parts(body: bytes, content_type: str) -> list[Part]:
 def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
                  usual_heads: bool = True) -> list[Part]:
     """``usual_heads=False`` reads every MIME head line by line (tests compare the two)."""
-    parts = []
+    parts: list[Part] = []
     # the last lone request read: its head's bytes to the blank line, and their reading
     last_head = b""
     last: Reading | None = None
     # a head that two lone requests in a row had, matched whole (_like_lone) with its reading
     like: tuple[re.Pattern[bytes], Reading] | None = None
+    run: Part | None = None  # the run that change sets it matches join, while the last part
     for chunk in split_multipart(body, boundary):
         if like is not None:
             matched = like[0].fullmatch(chunk)
@@ -267,10 +279,14 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
                 # the change set's closing delimiter: the first after its opening one
                 if chunk.find(b"--" + inner, matched.end(1) + 6 + len(inner)) \
                         == len(chunk) - len(inner) - 4:
-                    method, url, req_headers, prefer = like[1]
-                    parts.append(Part(None, changeset=[Part(
-                        matched[2].decode(), method, url, req_headers, prefer,
-                        matched[3].rstrip(b"\r\n"))]))
+                    sent = (matched[2].decode(), matched[3].rstrip(b"\r\n"))
+                    if run is not None and parts[-1] is run:
+                        assert run.run is not None
+                        run.run.append(sent)
+                    else:
+                        method, url, req_headers, prefer = like[1]
+                        run = Part(None, method, url, req_headers, prefer, run=[sent])
+                        parts.append(run)
                     continue
         request = _usual_request_head(chunk) if usual_heads else None
         if request is not None:
@@ -293,7 +309,7 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
                 part = Part(content_id or req_headers.get("Content-ID"), method, url,
                             req_headers, prefer, content[len(last_head):].rstrip(b"\r\n"))
                 if like is None or like[1] is not last:
-                    like = _like_lone(last_head), last
+                    like, run = (_like_lone(last_head), last), None
             else:
                 part, blank = _request_part_at(content, content_id, heads)
                 if blank >= 0 and part.request_headers is not None:
@@ -482,7 +498,7 @@ class Batch:
                            "supported for $batch: send multipart/mixed (JSON batches are "
                            "OData 4.01, which this service does not support).")
         parts = parse_parts(call.body, ctype)
-        total = sum(len(p.changeset) if p.changeset is not None else 1 for p in parts)
+        total = sum(p.operations() for p in parts)
         if total > MAX_OPERATIONS:
             raise _bad(f"The number of requests in a batch can't exceed {MAX_OPERATIONS}; "
                        f"this batch has {total}.")
@@ -500,6 +516,17 @@ class Batch:
     def _run(self, call: Call, parts: list[Part], *, keep_going: bool) -> Result:
         rendered: list[bytes] = []
         for part in parts:
+            if part.run is not None:
+                # each request of a run as a change set holding it, its plan found once
+                plan = self._plan(call, part)
+                for cid, body in part.run:
+                    usual = None if plan is None else self._usual_create(cid, body, plan)
+                    ok, out = usual if usual is not None else self._lone_changeset(call, Part(
+                        cid, part.method, part.url, part.request_headers, part.prefer, body))
+                    if not ok and not keep_going:
+                        return self._response([out], 400, {})
+                    rendered.append(out)
+                continue
             if part.changeset is not None:
                 inner = part.changeset
                 ok, out = (self._lone_changeset(call, inner[0]) if len(inner) == 1
@@ -555,21 +582,14 @@ class Batch:
         """_changeset of a change set holding one request, as clients send each write: no
         later operation can refer to what it made, and its answer is framed in one go."""
         cid = part.content_id
-        method = part.method
-        if method == "GET":
+        if part.method == "GET":
             refused = query_error("GET requests are not allowed in a change set.").result()
             return False, _http_part(refused, content_id=cid)
-        if method == "POST" and self.usual_creates:
-            headers, prefer = part.request_headers, part.prefer
-            key = (part.url, id(headers))
-            planned = self._plans.get(key)
-            # (the head's objects are held, so no other takes their id while it is kept)
-            if planned is None or planned[0] is not headers or planned[1] is not prefer:
-                planned = self._plans[key] = (headers, prefer, self._create_plan(call, part))
-            if planned[2] is not None:
-                usual = self._usual_create(part, planned[2])
-                if usual is not None:
-                    return usual
+        plan = self._plan(call, part)
+        if plan is not None:
+            usual = self._usual_create(cid, part.body, plan)
+            if usual is not None:
+                return usual
         try:
             with self.api.store.atomic():
                 result = self._execute(call, part, _NO_IDS)
@@ -578,6 +598,19 @@ class Batch:
         except _ChangeSetFailed:
             return False, _http_part(result, content_id=cid)
         return True, self._lone_framed(result, cid)
+
+    def _plan(self, call: Call, part: Part) -> _CreatePlan | None:
+        """_create_plan of ``part``, made once per batch for its URL and head; None for any
+        but a POST, or when the usual path is off."""
+        if part.method != "POST" or not self.usual_creates:
+            return None
+        headers, prefer = part.request_headers, part.prefer
+        key = (part.url, id(headers))
+        planned = self._plans.get(key)
+        # (the head's objects are held, so no other takes their id while it is kept)
+        if planned is None or planned[0] is not headers or planned[1] is not prefer:
+            planned = self._plans[key] = (headers, prefer, self._create_plan(call, part))
+        return planned[2]
 
     def _lone_boundary(self) -> str:
         """The next change set answer's boundary: the batch's random stem and a count (unique
@@ -623,12 +656,13 @@ class Batch:
         before, _, after = laid.removeprefix(_PART_HEAD).partition(_ETAG_MARK)
         return path, target.template, answer, before, after
 
-    def _usual_create(self, part: Part, plan: _CreatePlan) -> tuple[bool, bytes] | None:
-        """_lone_changeset of a POST that ``plan`` says how to run, as _execute, Api.handle
-        and Api.create run it (the fault first, the body read, the row written in a change
-        set of its own, the answer) without their readings of the URL and head; counted as
-        _execute counts it. None, and nothing done, for a body that refers to another
-        operation or is no JSON: _execute then takes the part.
+    def _usual_create(self, cid: str | None, body: bytes,
+                      plan: _CreatePlan) -> tuple[bool, bytes] | None:
+        """_lone_changeset of a POST (Content-ID ``cid``, ``body``) that ``plan`` says how to
+        run, as _execute, Api.handle and Api.create run it (the fault first, the body read, the
+        row written in a change set of its own, the answer) without their readings of the URL
+        and head; counted as _execute counts it. None, and nothing done, for a body that
+        refers to another operation or is no JSON: _execute then takes the part.
 
         1. The body is read before the fault is drawn: Api.create would have read it after
            the draw, which reading it first does not change.
@@ -638,7 +672,6 @@ class Batch:
         3. A row returned is framed from the plan's layout of its head: only its ETag and
            the Content-ID differ from one to the next.
         """
-        body = part.body
         if b'"$' in body:
             return None
         try:
@@ -646,7 +679,6 @@ class Batch:
         except orjson.JSONDecodeError:
             return None
         path, route, answer, before, after = plan
-        cid = part.content_id
         tally = self._tally
         result = self.fault("POST", path)
         if result is None:

@@ -67,6 +67,33 @@ class SortedKeys:
         if len(sub) > _SPLIT:  # (rule 1)
             self._split(pos)
 
+    def update(self, ordered: list[Any]) -> None:
+        """``add`` each of ``ordered`` (ascending, distinct) in turn. When the first is not
+        below the largest key, all of them go on top: they are appended a run at a time, each
+        run as long as the last sublist takes before add would split it, so the sublists come
+        out as adding them one by one leaves them."""
+        if not ordered:
+            return
+        maxes, lists = self._maxes, self._lists
+        if maxes and ordered[0] < maxes[-1]:
+            for key in ordered:
+                self.add(key)
+            return
+        start = 0
+        if not maxes:  # (as add starts an empty index)
+            lists.append([ordered[0]])
+            maxes.append(ordered[0])
+            self._len, start = 1, 1
+        while start < len(ordered):
+            sub = lists[-1]
+            run = ordered[start:start + _SPLIT + 1 - len(sub)]  # (rule 1: split past _SPLIT)
+            sub.extend(run)
+            maxes[-1] = sub[-1]
+            self._len += len(run)
+            start += len(run)
+            if len(sub) > _SPLIT:
+                self._split(len(lists) - 1)
+
     def _split(self, pos: int) -> None:
         """Cut sublist ``pos`` in two halves."""
         sub = self._lists[pos]

@@ -100,8 +100,7 @@ class ModifiedIndex:
         """The sorted keys, the waiting entries among them."""
         keys, pending = self._keys, self._pending
         if pending:
-            for key in sorted(pending):
-                keys.add(key)
+            keys.update(sorted(pending))  # (on top in one go when all are newer, as usual)
             pending.clear()
         return keys
 
@@ -307,6 +306,21 @@ class Table:
             self.tombstones[row_id] = tombstone
             self.deleted.add((tombstone, row_id))
 
+    def add(self, row_id: str, row: Row, unique: tuple[Any, ...] | None = None) -> None:
+        """set of ``row`` under an id holding no row (as a create stores it), without set's
+        look for the row it replaces."""
+        self._writes += 1
+        if not self._writes % _SWEEP_EVERY:
+            self._drop_unread()
+        if self.tombstones:  # (an id deleted before: its tombstone goes)
+            old_tomb = self.tombstones.pop(row_id, None)
+            if old_tomb is not None:
+                self.deleted.remove((old_tomb, row_id))
+        self.rows[row_id] = row
+        if self._order is not None:
+            self._order.add(row_id)
+        self._index(row_id, row, unique)
+
     def bulk_load(self, rows: list[Row], tombstones: dict[str, int] | None = None, *,
                   in_order: bool = False) -> None:
         """Replace the contents in one go: build every index once, without per-row overhead.
@@ -393,8 +407,14 @@ class Store:
             unique: tuple[Any, ...] | None = None) -> None:
         """Store ``row`` as ``row_id`` (``unique``: as :meth:`Table.set` takes it)."""
         table = self.tables[entity_set]
-        self._record(("row", table, row_id, table.rows.get(row_id), table.tombstones.get(row_id)))
-        table.set(row_id, row, None, unique)
+        old = table.rows.get(row_id)
+        journal = self._journal
+        if journal is not None:  # (as _record, inline: this runs for every row written)
+            journal.append(("row", table, row_id, old, table.tombstones.get(row_id)))
+        if old is None:
+            table.add(row_id, row, unique)
+        else:
+            table.set(row_id, row, None, unique)
 
     def delete(self, entity_set: str, row_id: str, version: int) -> Row:
         table = self.tables[entity_set]

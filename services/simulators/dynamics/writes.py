@@ -148,6 +148,10 @@ def _value_rule(col: Column) -> _ValueRule:
     return rule
 
 
+# the statuses a subscription accepts (None: any), read once for its usual writes
+_STATUS_CHOICES = _value_rule(_STATUS_COLUMN).choices
+
+
 # How a table reads each key of a body (what _key_plan answers): its value's column rule, a
 # lookup bound, or nothing (annotations, read-only columns).
 _VALUE, _BIND, _SKIP = "value", "bind", "skip"
@@ -210,6 +214,8 @@ def _blank_row(schema: TableSchema) -> Row:
     _BLANK_ROWS[schema.entity_set] = (schema, row)
     return row
 
+
+_BLANK_SUBSCRIPTION = _blank_row(SUBSCRIPTIONS)  # (for usual_create: never changed, copied)
 
 def _validation(message: str) -> ApiError:
     return ApiError(400, VALIDATION_ERROR, f"A validation error occurred.  {message}")
@@ -289,10 +295,6 @@ class Writes:
         self._next = second + _ONE_SECOND
         return second
 
-    def _stamp(self, row: Row, at: datetime | None) -> None:
-        row["versionnumber"] = self.store.next_version()
-        row["modifiedon"] = at or self._stamp_time()
-
     def _settle_state(self, schema: TableSchema, row: Row, changes: dict[str, Any],
                       row_id: str) -> None:
         state, status = changes.get("statecode"), changes.get("statuscode")
@@ -368,8 +370,10 @@ class Writes:
 
     def _keep(self, schema: TableSchema, row_id: str, row: Row, *,
               unique: tuple[Any, ...] | None, at: datetime | None) -> Row:
-        """Stamp a checked row, store it (``unique``: its alternate key) and tell of it."""
-        self._stamp(row, at)
+        """Stamp a checked row (``at``: its ``modifiedon`` when the caller read the clock
+        already), store it (``unique``: its alternate key) and tell of it."""
+        row["versionnumber"] = self.store.next_version()
+        row["modifiedon"] = at or self._stamp_time()
         self.store.put(schema.entity_set, row_id, row, unique)
         self.on_write()
         if self.on_row is not None:
@@ -393,7 +397,7 @@ class Writes:
         if type(body) is not dict or len(body) != 3 or not self.usual_paths:
             return None
         status, preference = body.get(_STATUS), body.get(_PREFERENCE_BIND)
-        choices = _value_rule(_STATUS_COLUMN).choices
+        choices = _STATUS_CHOICES
         if (type(status) is not int or (choices is not None and status not in choices)
                 or type(preference) is not str):
             return None
@@ -406,9 +410,9 @@ class Writes:
         if type(record) is not str:
             return None
         _, column, target, place = binding
-        try:
-            preference_set, preference_id = parse_ref(preference)
-            record_set, record_id = parse_ref(record)
+        try:  # (parse_ref's look among the references read already, inline)
+            preference_set, preference_id = _REFS.get(preference) or parse_ref(preference)
+            record_set, record_id = _REFS.get(record) or parse_ref(record)
         except ApiError:
             return None
         tables = self.store.tables
@@ -424,7 +428,7 @@ class Writes:
         row_id = new_guid()
         if key in table.unique or row_id in table.rows:
             return None
-        row: Row = _blank_row(SUBSCRIPTIONS).copy()
+        row: Row = _BLANK_SUBSCRIPTION.copy()
         row[SUBSCRIPTIONS.pk] = row_id
         row[_STATUS] = status
         row[_PREFERENCE] = preference_id
@@ -443,7 +447,7 @@ class Writes:
         if type(body) is not dict or len(body) != 1:
             return None
         status = body.get(_STATUS)
-        choices = _value_rule(_STATUS_COLUMN).choices
+        choices = _STATUS_CHOICES
         if type(status) is not int or (choices is not None and status not in choices):
             return None
         table = self.store.tables[SUBSCRIPTIONS.entity_set]
