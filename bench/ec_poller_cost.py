@@ -53,7 +53,8 @@ async def _seed(url: str, *, contacts: int, preferences: int) -> None:
 async def measure(*, contacts: int, preferences: int, runs: int) -> tuple[float, int]:
     """The median CPU microseconds per state of a full read, and the states read."""
     with tempfile.TemporaryDirectory() as workdir:
-        async with simulator_processes(Path(workdir), tenant="bench", secret="s",
+        async with simulator_processes(Path(workdir), tenant="bench",
+                                       secret=secrets.token_urlsafe(12),
                                        dd_user=USER, dd_password=PASSWORD) as (_, _, dd_url):
             await _seed(dd_url, contacts=contacts, preferences=preferences)
             config = parse_config({

@@ -139,15 +139,19 @@ class _Feed:
     keeping: bool = True
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def can_rebase(self, since: datetime) -> bool:
-        """The watermark moved on to ``since`` within what this feed has read (and kept)."""
-        return self.keeping and self.base < since <= self.read_to
-
-    def rebase(self, since: datetime) -> None:
-        """From ``since`` on: what was kept stamped before it goes, the newest entry of each
-        other email stays (the feed is inclusive, so one stamped at ``since`` stays too)."""
+    def follow(self, since: datetime) -> None:
+        """Read from the watermark ``since`` on (under the feed's lock). Moved on within what
+        was read and kept: what was kept stamped before it goes, the newest entry of each other
+        email stays (the feed is inclusive, so one stamped at ``since`` stays too). Moved
+        anywhere else: start again from it."""
+        if since == self.base:
+            return
+        if self.keeping and self.base < since <= self.read_to:
+            self.kept = {email: entry for email, entry in self.kept.items()
+                         if entry[2] >= since}
+        else:
+            self.read_to, self.kept, self.keeping = since, {}, True
         self.base = since
-        self.kept = {email: entry for email, entry in self.kept.items() if entry[2] >= since}
 
 
 @dataclass
@@ -186,15 +190,11 @@ class FeedFollower:
         """Every feed entry of ``emails`` for the preference since ``since`` (the watermark)
         that this follower read now or kept from earlier reads."""
         feed = self._feeds.get(preference_id)
-        if feed is None or not (feed.base == since or feed.can_rebase(since)):
+        if feed is None:
             feed = self._feeds[preference_id] = _Feed(base=since, read_to=since)
         out: dict[str, list[Entry]] = {}
         async with feed.lock:
-            if feed.base != since:
-                if feed.can_rebase(since):
-                    feed.rebase(since)
-                else:  # moved again while this waited for the lock
-                    feed = self._feeds[preference_id] = _Feed(base=since, read_to=since)
+            feed.follow(since)
             start = feed.read_to if feed.keeping else feed.base
             began = time.time()
             fresh: list[tuple[str, Entry]] = []

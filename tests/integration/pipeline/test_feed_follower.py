@@ -59,6 +59,19 @@ async def clock_moves_on(sim: SimControl, client: DotdigitalClient) -> datetime:
     return await client.server_time()
 
 
+def reads_asked(client: DotdigitalClient) -> list[datetime]:
+    """Where each of the client's feed reads starts from, from now on."""
+    asked: list[datetime] = []
+    feed = client.iter_opt_in_entries
+
+    def recording(preference_id: int, since: datetime) -> AsyncIterator[list[OptInEntry]]:
+        asked.append(since)
+        return feed(preference_id, since)
+
+    client.iter_opt_in_entries = recording  # type: ignore[method-assign]
+    return asked
+
+
 def values(found: dict[str, list[tuple[int, bool, datetime]]]) -> dict[str, list[bool]]:
     return {email: [opted_in for _, opted_in, _ in entries] for email, entries in found.items()}
 
@@ -85,14 +98,7 @@ async def test_a_user_change_read_for_one_batch_is_kept_for_a_later_one() -> Non
 async def test_each_read_starts_at_a_time_seen_before_it_began() -> None:
     async with seeded() as (sim, client, emails, preference):
         follower = FeedFollower(client=client)
-        asked: list[datetime] = []
-        feed = client.iter_opt_in_entries
-
-        def recording(preference_id: int, since: datetime) -> AsyncIterator[list[OptInEntry]]:
-            asked.append(since)
-            return feed(preference_id, since)
-
-        client.iter_opt_in_entries = recording  # type: ignore[method-assign]
+        asked = reads_asked(client)
         watermark = await client.server_time()
         for email in emails[:10]:
             ended = await we_write(client, follower, email, preference, True)
@@ -128,14 +134,7 @@ async def test_a_watermark_moved_on_within_what_was_read_keeps_what_is_newer() -
     async with seeded() as (sim, client, emails, preference):
         a, b = emails[:2]
         follower = FeedFollower(client=client)
-        asked: list[datetime] = []
-        feed = client.iter_opt_in_entries
-
-        def recording(preference_id: int, since: datetime) -> AsyncIterator[list[OptInEntry]]:
-            asked.append(since)
-            return feed(preference_id, since)
-
-        client.iter_opt_in_entries = recording  # type: ignore[method-assign]
+        asked = reads_asked(client)
         watermark = await client.server_time()
         await user_sets(sim, a, preference, False)
         moved = await clock_moves_on(sim, client)
