@@ -62,6 +62,8 @@ async def _measure(rounds: int, emails: int) -> float:
     from services.writer.sink import Commands, WriteOutcome
 
     class Batch:
+        begins_during_read = True  # as dotdigital's
+
         def __init__(self, outcome: WriteOutcome) -> None:
             self._outcome = outcome
 

@@ -32,6 +32,8 @@ POINTS: Mapping[str, str] = {
                                   "are not published",
     "dynamics-poller.after-mark-eligible": "records were marked eligible; the work that depends "
                                            "on it has not run",
+    "writer.after-begin": "the writer recorded a round's writes as in flight; none is sent (a "
+                          "dotdigital round's feed read may be under way)",
     "writer.after-vendor-write": "the vendor accepted a write; the ledger has not recorded it",
     "writer.after-commit": "the writer's ledger commit is done; the batch is not acked",
     "consumer.before-ack": "a handled batch is about to be acked",

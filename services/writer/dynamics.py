@@ -73,6 +73,9 @@ class RecordRows:
 class DynamicsBatch:
     """One batch's write to Dataverse (see the module's docstring)."""
 
+    # which records take a write is known only from what ``read`` loads
+    begins_during_read = False
+
     def __init__(self, *, sink: DynamicsSink, commands: Commands, outcome: WriteOutcome) -> None:
         self._sink = sink
         self._commands = commands

@@ -12,7 +12,11 @@ by :mod:`services.writer.rounds`), whatever the side:
    in the register: it goes out when the contact is resubscribed); a command no target can
    take is left; the others are written when the ledger (with what was read) says so;
 5. **begin**: each write is recorded in the ledger as in flight before the call (from the
-   target's clock as measured, less a margin), so the pollers recognise the echo;
+   target's clock as measured, less a margin), so the pollers recognise the echo. Where the
+   sink's decision needs nothing its read brings (dotdigital), the writes chosen from the
+   states as loaded are begun while the read runs, not after it: a write the read then makes
+   needless is not sent and its record goes at the commit; one it makes needed is begun
+   then;
 6. **write** through the sink (:mod:`services.writer.dynamics`,
    :mod:`services.writer.dotdigital`);
 7. **commit** in one transaction what the write produced (the version, or the clock window),
@@ -32,6 +36,7 @@ folded in. 429s and 5xx are retried inside the clients, within their deadlines.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -77,6 +82,7 @@ from services.writer.sink import (
     Commands,
     Failure,
     Sink,
+    SinkBatch,
     TransientWriteError,
     WriteOutcome,
 )
@@ -148,27 +154,47 @@ class Writer:
             contacts_of=list({k.email for k in commands}), checkpoints=CLOCK_CHECKPOINTS))
         outcome.time_base = time_base_of(snapshot.checkpoints, tolerance=self._future_tolerance)
         states, contacts = snapshot.states, snapshot.contacts
-        await work.read(states=states, covered=covered)
-        preview = fold_rows(states, map(observation_row, outcome.observations),
+        # the states as loaded: what is read is folded into these, never into the writes
+        # begun meanwhile (``states`` gets those)
+        as_read = dict(states)
+        started: datetime | None = None
+        likely: Commands = {}  # the writes begun beside the read
+        begun: set[PreferenceKey] = set()  # writes this round recorded as in flight itself
+        if work.begins_during_read:
+            # step 5 beside step 3: what the read changes is seldom what is written
+            started = self._started(outcome)
+            likely, _ = self._decide(commands, rows, as_read, contacts, work)
+            reading = asyncio.ensure_future(work.read(states=as_read, covered=covered))
+            try:
+                if likely:
+                    begun = await self._begin(likely, rows, started=started, states=states)
+                    await failpoints.reached("writer.after-begin")
+            except BaseException:
+                # the round fails as a whole (its records begun stay, as after a crash here:
+                # in flight until they expire, or until its retry records the write)
+                reading.cancel()
+                await asyncio.wait([reading])
+                raise
+            await reading
+        else:
+            await work.read(states=as_read, covered=covered)
+        preview = fold_rows(as_read, map(observation_row, outcome.observations),
                             suppressed=()).states
-        todo: Commands = {}
-        for key, command in commands.items():
-            contact = contacts.get(key.email)
-            if contact is not None and contact.suppressed:
-                outcome.suppressed.add(key)
-            elif not work.takes(key):
-                continue
-            elif work.should_write(key, preview.get(key_tuple(key), EMPTY_STATE), rows[key]):
-                todo[key] = command
+        todo, suppressed = self._decide(commands, rows, preview, contacts, work)
+        outcome.suppressed |= suppressed
         if todo:
-            # on the target's clock, as far as it is known, and earlier still by a margin
-            started = outcome.time_base.on_their_clock(self.side, self._now())[0] - CLOCK_MARGIN
-            await self._begin(todo, rows, started=started, states=states)
+            if late := {key: command for key, command in todo.items() if key not in likely}:
+                late_start = self._started(outcome)
+                started = started or late_start
+                begun |= await self._begin(late, rows, started=late_start, states=states)
+                await failpoints.reached("writer.after-begin")
+            assert started is not None
             await work.write(todo, started=started, contacts=contacts)
             await failpoints.reached("writer.after-vendor-write")
         contacts.update(outcome.contacts)
         states = await self._commit_outcome(commands, rows, todo, outcome, states=states,
-                                            contacts=contacts)
+                                            contacts=contacts,
+                                            dropped=[key for key in begun if key not in todo])
         if outcome.rows:
             await self._store.upsert_subscriptions(self.account, outcome.rows)
         if outcome.contacts:
@@ -212,16 +238,42 @@ class Writer:
                    if message.covered}
         return owner, commands, covered
 
+    def _started(self, outcome: WriteOutcome) -> datetime:
+        """When writes begun now may land from: on the target's clock, as far as it is known,
+        and earlier still by a margin."""
+        return outcome.time_base.on_their_clock(self.side, self._now())[0] - CLOCK_MARGIN
+
+    @staticmethod
+    def _decide(commands: Commands, rows: Mapping[PreferenceKey, CommandRow],
+                states: Mapping[KeyTuple, StateRow], contacts: Mapping[str, ContactState],
+                work: SinkBatch) -> tuple[Commands, set[PreferenceKey]]:
+        """Step 4 over ``states``: the commands to write, and the keys of suppressed
+        contacts."""
+        todo: Commands = {}
+        suppressed: set[PreferenceKey] = set()
+        for key, command in commands.items():
+            contact = contacts.get(key.email)
+            if contact is not None and contact.suppressed:
+                suppressed.add(key)
+            elif work.takes(key) and work.should_write(
+                    key, states.get(key_tuple(key), EMPTY_STATE), rows[key]):
+                todo[key] = command
+        return todo, suppressed
+
     # --- ledger ----------------------------------------------------------------------------
     async def _begin(self, todo: Commands, rows: Mapping[PreferenceKey, CommandRow], *,
-                     started: datetime, states: dict[KeyTuple, StateRow]) -> None:
-        """Record the writes as in flight. ``states`` (as loaded for this batch) is tried
-        first and kept up to date; a conflict loads the keys afresh."""
+                     started: datetime, states: dict[KeyTuple, StateRow]
+                     ) -> set[PreferenceKey]:
+        """Record the writes as in flight; returns the keys whose record this added (a key
+        with the same write in flight already keeps that one). ``states`` (as loaded for this
+        batch) is tried first and kept up to date; a conflict loads the keys afresh."""
         start_us = to_us(started)
+        added: set[PreferenceKey] = set()
 
         async def attempt(number: int) -> None:
             if number:
                 states.update(await self._store.load_rows(map(key_tuple, todo)))
+            added.clear()
             changed: list[tuple[KeyTuple, StateRow]] = []
             moved = False
             for key in todo:
@@ -230,7 +282,10 @@ class Writer:
                 after = begin_write_row(before, rows[key], window_start_us=start_us)
                 if after is not before:  # the same row: nothing recorded
                     changed.append((k, after))
+                    added.add(key)
                     moved = moved or after[:2] != before[:2]
+            if not changed:
+                return
             # Only writes in flight change (the register and what each side holds stay): the
             # index of outstanding keys is left alone, one row write per key less.
             revisions = await self._store.save_rows([(st.revision or None, k, st)
@@ -240,16 +295,19 @@ class Writer:
                            for (k, st), revision in zip(changed, revisions, strict=True)})
 
         await commit_with_retry(attempt)
+        return added
 
     async def _commit_outcome(self, commands: Commands, rows: Mapping[PreferenceKey, CommandRow],
                               todo: Commands, outcome: WriteOutcome, *,
                               states: Mapping[KeyTuple, StateRow],
-                              contacts: Mapping[str, ContactState]
+                              contacts: Mapping[str, ContactState],
+                              dropped: Sequence[PreferenceKey] = ()
                               ) -> dict[KeyTuple, StateRow]:
         """Record writes, refusals and what the writer read, in one transaction. ``states``
         (kept up to date by this batch's own saves) is tried first; a conflict loads afresh.
         What was read of a suppressed contact is decided as the reconciler decides it
-        (``suppressed``) and goes to ``outcome.parked``."""
+        (``suppressed``) and goes to ``outcome.parked``. ``dropped``: writes this round began
+        beside its read that the read then made needless: never sent, their records go."""
         now = self._now()
         now_us = to_us(now)
         read = [observation_row(o) for o in outcome.observations]
@@ -271,10 +329,21 @@ class Writer:
             current: dict[KeyTuple, StateRow] = (
                 {k: states[k] for k in keys if k in states} if known and not number
                 else await self._store.load_rows(keys))
+            # dropped first: what was read is folded in as if they had never begun (as it was
+            # decided on), so a change read before the write is never taken for its echo
+            abandoned: list[KeyTuple] = []
+            for key in dropped:
+                k = key_tuple(key)
+                if (state := current.get(k)) is not None and (
+                        after := abandon_write_row(state, rows[key])) is not state:
+                    current[k] = after
+                    abandoned.append(k)
             fold = fold_rows(current, read, suppressed=suppressed)
             # (command, decision) of each history entry, built at once below
             entries: list[tuple[domain.WriteCommand, str]] = []
             changed = fold.changed_states()
+            for k in abandoned:
+                changed[k] = fold.states[k]
             for key, command in todo.items():
                 k = key_tuple(key)
                 row = rows[key]

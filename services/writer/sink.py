@@ -83,6 +83,11 @@ Commands = dict[PreferenceKey, domain.WriteCommand]
 class SinkBatch(Protocol):
     """One batch's work with the vendor, in the order the pipeline calls it."""
 
+    # Whether the writes ``takes`` and ``should_write`` choose before ``read`` may be begun in
+    # the ledger while it runs: they need nothing it reads, and what it reads seldom changes
+    # them (those it does are left out of the write and their records dropped at the commit).
+    begins_during_read: bool
+
     async def read(self, *, states: Mapping[KeyTuple, StateRow],
                    covered: set[PreferenceKey]) -> None:
         """Fold into the outcome what the vendor holds that the ledger (``states``, as rows)

@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("side", ["dotdigital", "dynamics"])
-@pytest.mark.parametrize("failpoint", ["writer.after-vendor-write", "writer.after-commit"])
+@pytest.mark.parametrize("failpoint", ["writer.after-begin", "writer.after-vendor-write",
+                                       "writer.after-commit"])
 async def test_writer_killed_at_a_failpoint_neither_loses_nor_repeats_a_write(
         tmp_path: Path, failpoint: str, side: str) -> None:
     async with make_world(tmp_path, records=24) as world:

@@ -113,11 +113,17 @@ async def test_commands_are_written_and_recorded_before_the_ack(tmp_path: Path) 
         await s.bed.broker.publish_many(await s.registers(opted_in=False))
         consume(s, s.writer().handle)
         await s.bed.drained(*s.queues())
-        for email in s.emails:
-            assert await s.opted_in(email) is False
-            [write] = (await s.state(email)).writes.dotdigital
-            assert not write.in_flight
-        assert s.bed.dead_letters() == []
+        await written_once(s, s.emails, opted_in=False)
+
+
+async def written_once(s: Scene, emails: list[str], *, opted_in: bool) -> None:
+    """Each email holds ``opted_in`` in dotdigital, its one write recorded as done (none left
+    in flight), and nothing was dead-lettered."""
+    for email in emails:
+        assert await s.opted_in(email) is opted_in
+        [write] = (await s.state(email)).writes.dotdigital
+        assert not write.in_flight
+    assert s.bed.dead_letters() == []
 
 
 async def test_a_malformed_message_is_dead_lettered_and_the_commands_beside_it_written(
@@ -157,3 +163,74 @@ async def test_a_batch_failing_after_its_commit_is_redelivered_and_not_written_t
             assert await s.opted_in(email) is False
             assert len((await s.state(email)).writes.dotdigital) == 1
         assert s.bed.dead_letters() == []
+
+
+class BeginWatch:
+    """The bed's ledger, telling when a round's writes are begun (a save of writes in flight
+    alone: it moves no outstanding key)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.begun = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def save_rows(self, changes: Any, **options: Any) -> list[int]:
+        revisions: list[int] = await self._store.save_rows(changes, **options)
+        if options.get("outstanding_moved") is False:
+            self.begun.set()
+        return revisions
+
+
+class FeedAfterBegin(DotdigitalClient):
+    """Answers the opt-ins feed only once ``begun`` is set; ``answered_after_begin`` says
+    whether every feed read was held for it."""
+
+    begun: asyncio.Event
+    answered_after_begin = True
+
+    async def iter_opt_in_entries(self, preference_id: int, since: datetime
+                                  ) -> AsyncIterator[list[Any]]:
+        try:
+            await asyncio.wait_for(self.begun.wait(), timeout=5)
+        except TimeoutError:
+            self.answered_after_begin = False
+        async for page in super().iter_opt_in_entries(preference_id, since):
+            yield page
+
+
+async def test_a_rounds_writes_are_begun_while_the_feed_is_read(tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        store = BeginWatch(s.bed.store)
+        async with FeedAfterBegin(config=dotdigital_config(s.sim.url)) as client:
+            client.begun = store.begun
+            sink = DotdigitalSink(account=ACCOUNT, store=store, client=client, shards=SHARDS)
+            writer = Writer(account=ACCOUNT, sink=sink, store=store, publisher=s.bed.broker,
+                            shards=SHARDS, dead_letters=s.bed.dead_letterer("writer"))
+            await s.bed.broker.publish_many(await s.registers(opted_in=False))
+            consume(s, writer.handle)
+            await s.bed.drained(*s.queues())
+        # the feed was still being read when the writes were recorded as in flight
+        assert client.answered_after_begin
+        await written_once(s, s.emails, opted_in=False)
+
+
+async def test_a_write_the_feed_read_makes_needless_is_not_sent_and_its_record_goes(
+        tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        commands = await s.registers(opted_in=False)
+        # the person opts out in dotdigital themselves, after the ec-poller's last read: the
+        # writer's feed read finds dotdigital holding the value already
+        held, *others = s.emails
+        await s.client.update_contact_preferences(held, {s.preference: False})
+        before = await s.writes()
+        await s.bed.broker.publish_many(commands)
+        consume(s, s.writer().handle)
+        await s.bed.drained(*s.queues())
+        assert await s.writes() - before == len(others)
+        state = await s.state(held)
+        # begun beside the read, then dropped: no write record stays in flight or is kept
+        assert state.writes.dotdigital == ()
+        assert state.known.dotdigital is not None and state.known.dotdigital.opted_in is False
+        await written_once(s, others, opted_in=False)
