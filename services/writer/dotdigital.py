@@ -49,6 +49,7 @@ from common.domain.rows import (
 from common.domain.sides import SIDE_CODES
 from common.messaging.resilience import Dependency
 from common.messaging.topology import shard_of
+from common.store.batch_reads import BatchReads
 from common.vendors.base import TransportError, VendorError
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedFollower, FeedPosition, opt_ins_source
@@ -168,9 +169,12 @@ class DotdigitalSink:
         for key in commands:
             by_preference[key.preference_id].append(key)
         found: dict[int, datetime] = {}
+        # every preference's position from one snapshot: one read, not one a preference
+        positions = (await self._store.read_batch(BatchReads(
+            account=self.account, checkpoints=[opt_ins_source(p) for p in by_preference]))
+        ).checkpoints
         for preference_id, keys in by_preference.items():
-            position = FeedPosition.decode(await self._store.get_checkpoint(
-                self.account, opt_ins_source(preference_id)))
+            position = FeedPosition.decode(positions[opt_ins_source(preference_id)])
             if position.watermark is not None:
                 found[preference_id] = position.watermark
             elif position.first_read and await self._defer(preference_id, keys):
