@@ -118,6 +118,27 @@ def _differ(column: str) -> str:
     return f"(({column} IS NULL) <> ({new} IS NULL) OR {column} <> {new})"
 
 
+# An older version of a row never replaces a newer one, and a row already held as it is (the
+# writer's own writes, read back; a full read again) is not written again. Parameters:
+# :func:`subscription_params`.
+UPSERT_SUBSCRIPTION = (
+    "INSERT INTO dyn_subscriptions (account, subscription_id, record_id, "
+    "preference_row_id, opted_in, version, modified) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (account, subscription_id) DO UPDATE SET "
+    "opted_in = excluded.opted_in, version = excluded.version, "
+    "modified = excluded.modified "
+    "WHERE excluded.version > dyn_subscriptions.version "
+    "OR (excluded.version = dyn_subscriptions.version "
+    "AND (excluded.opted_in <> dyn_subscriptions.opted_in "
+    f"OR {_differ('dyn_subscriptions.modified')}))")
+
+
+def subscription_params(account: str, rows: Iterable[SubscriptionRow]) -> list[tuple[Any, ...]]:
+    """Rows of :data:`UPSERT_SUBSCRIPTION`."""
+    return [(account, r.subscription_id, r.record_id, r.preference_row_id, int(r.opted_in),
+             r.version, r.modified) for r in rows]
+
+
 class SqlTables:
     """Some of the ledger's tables, on its connection. Each call runs in a transaction taken
     from the store, so it never interleaves with the store's own."""
@@ -271,21 +292,8 @@ class SqliteDirectory(SqlTables):
 
     # --- subscription rows -----------------------------------------------------------------
     async def upsert_subscriptions(self, account: str, rows: Sequence[SubscriptionRow]) -> None:
-        """Insert or update subscription rows; an older version of a row never replaces a newer
-        one, and a row already held as it is (the writer's own writes, read back; a full read
-        again) is not written again."""
-        await self._many(
-            "INSERT INTO dyn_subscriptions (account, subscription_id, record_id, "
-            "preference_row_id, opted_in, version, modified) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (account, subscription_id) DO UPDATE SET "
-            "opted_in = excluded.opted_in, version = excluded.version, "
-            "modified = excluded.modified "
-            "WHERE excluded.version > dyn_subscriptions.version "
-            "OR (excluded.version = dyn_subscriptions.version "
-            "AND (excluded.opted_in <> dyn_subscriptions.opted_in "
-            f"OR {_differ('dyn_subscriptions.modified')}))",
-            [(account, r.subscription_id, r.record_id, r.preference_row_id, int(r.opted_in),
-              r.version, r.modified) for r in rows])
+        """Insert or update subscription rows (:data:`UPSERT_SUBSCRIPTION`)."""
+        await self._many(UPSERT_SUBSCRIPTION, subscription_params(account, rows))
 
     async def forget_subscriptions(self, account: str, subscription_ids: Sequence[str]) -> None:
         await self._in("DELETE FROM dyn_subscriptions WHERE account = ? "

@@ -78,11 +78,15 @@ class KeyStates(Protocol):
                         recorded_at: datetime | None = None,
                         entries: Sequence[HistoryEntry] = (),
                         outstanding_moved: bool = True,
-                        contacts: Sequence[ContactState] = ()) -> list[int]:
+                        contacts: Sequence[ContactState] = (),
+                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = ()
+                        ) -> list[int]:
         """:meth:`save` for the batch hot path: state rows, the kernel's history rows (of
         decisions ``recorded_at``, default now) and other history ``entries``; the same
         compare-and-set, transaction and index. ``contacts`` are saved in the same transaction,
-        as :meth:`Contacts.save_contacts` saves them (monotonic, no compare-and-set).
+        as :meth:`Contacts.save_contacts` saves them (monotonic, no compare-and-set); so are
+        ``subscriptions`` ((account, row) pairs), as
+        :meth:`Directory.upsert_subscriptions` saves them.
 
         ``outstanding_moved=False``: the caller knows that no change moves what is outstanding
         (each key's register and what each side is known to hold are as stored; only writes

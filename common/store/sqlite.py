@@ -39,7 +39,14 @@ from common.store.connection import Connection
 from common.store.coordination import SCHEMA as COORDINATION_SCHEMA
 from common.store.coordination import SqlCoordination
 from common.store.directory import SCHEMA as DIRECTORY_SCHEMA
-from common.store.directory import EmailChange, RecordRef, SqliteDirectory, SubscriptionRow
+from common.store.directory import (
+    UPSERT_SUBSCRIPTION,
+    EmailChange,
+    RecordRef,
+    SqliteDirectory,
+    SubscriptionRow,
+    subscription_params,
+)
 from common.store.history import BY_EMAIL as HISTORY_BY_EMAIL
 from common.store.history import INDEXES as HISTORY_INDEXES
 from common.store.history import fill_buckets, history_bucket
@@ -240,6 +247,8 @@ class SaveBatch:
     history_rows: list[tuple[Any, ...]]
     index: list[tuple[str, Sequence[tuple[Any, ...]]]]  # the outstanding index's statements
     contact_rows: list[tuple[Any, ...]] = field(default_factory=list)  # of _UPSERT_CONTACT
+    # of the directory's UPSERT_SUBSCRIPTION
+    subscription_rows: list[tuple[Any, ...]] = field(default_factory=list)
 
     @classmethod
     def of(cls, changes: Sequence[Change], *, history: Sequence[HistoryEntry],
@@ -305,7 +314,9 @@ class SaveBatch:
         ``executemany``."""
         return [*([(_INSERT_HISTORY, self.history_rows)] if self.history_rows else []),
                 *self.index,
-                *([(_UPSERT_CONTACT, self.contact_rows)] if self.contact_rows else [])]
+                *([(_UPSERT_CONTACT, self.contact_rows)] if self.contact_rows else []),
+                *([(UPSERT_SUBSCRIPTION, self.subscription_rows)]
+                  if self.subscription_rows else [])]
 
     def write(self, connection: sqlite3.Connection) -> None:
         """In SQLite's thread, inside the save's ``BEGIN IMMEDIATE`` transaction (which no
@@ -583,12 +594,15 @@ class SqliteLedgerStore:
                         recorded_at: datetime | None = None,
                         entries: Sequence[HistoryEntry] = (),
                         outstanding_moved: bool = True,
-                        contacts: Sequence[ContactState] = ()) -> list[int]:
+                        contacts: Sequence[ContactState] = (),
+                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = ()) -> list[int]:
         rows = [*history_rows(history, recorded_at=recorded_at or datetime.now(UTC)),
                 *map(_history_row, entries)]
         batch = SaveBatch.of_rows(changes, history=rows, now_us=now_us(),
                                   outstanding_moved=outstanding_moved)
         batch.contact_rows.extend(map(_contact_row, contacts))
+        for account, row in subscriptions:
+            batch.subscription_rows.extend(subscription_params(account, [row]))
         return await self._write(batch)
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:

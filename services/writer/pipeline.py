@@ -20,8 +20,8 @@ by :mod:`services.writer.rounds`), whatever the side:
 6. **write** through the sink (:mod:`services.writer.dynamics`,
    :mod:`services.writer.dotdigital`);
 7. **commit** in one transaction what the write produced (the version, or the clock window),
-   the refusals, and what was read (decided as the reconciler decides it: what was read of a
-   suppressed contact is parked); then the directory's rows, the contacts, the parked;
+   the refusals, what was read (decided as the reconciler decides it: what was read of a
+   suppressed contact is parked), the directory's rows and the contacts; then the parked;
 8. a part that failed transiently fails the batch now (after what did succeed is recorded):
    it is retried later, never dead-lettered;
 9. **dead-letter** other permanent refusals with the vendor's code;
@@ -195,11 +195,6 @@ class Writer:
         states = await self._commit_outcome(commands, rows, todo, outcome, states=states,
                                             contacts=contacts,
                                             dropped=[key for key in begun if key not in todo])
-        if outcome.rows:
-            await self._store.upsert_subscriptions(self.account, outcome.rows)
-        if outcome.contacts:
-            # monotonic in their own time: no compare-and-set (as the reconciler saves them)
-            await self._store.save_contacts(list(outcome.contacts.values()))
         if outcome.parked:
             await self._store.park_observations(outcome.parked)
         await failpoints.reached("writer.after-commit")
@@ -368,9 +363,13 @@ class Writer:
                 changed[k] = state
             entries += [(commands[key], "suppressed") for key in sorted(outcome.suppressed, key=str)]
             saved = list(changed.items())
+            # the directory's rows and the contacts read go in the same transaction (contacts
+            # are monotonic in their own time: no compare-and-set, as the reconciler's)
             revisions = await self._store.save_rows(
                 [(st.revision or None, k, st) for k, st in saved], history=fold.history,
-                recorded_at=now, entries=domain.HistoryEntry.for_writes(entries, recorded_at=now))
+                recorded_at=now, entries=domain.HistoryEntry.for_writes(entries, recorded_at=now),
+                contacts=list(outcome.contacts.values()),
+                subscriptions=[(self.account, row) for row in outcome.rows])
             current.update({k: _row(StateRow, (*st[:5], revision))
                             for (k, st), revision in zip(saved, revisions, strict=True)})
             outcome.parked = [observation_of_row(r) for r in fold.parked]

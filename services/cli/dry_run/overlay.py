@@ -142,7 +142,9 @@ class OverlayStore:
                         recorded_at: datetime | None = None,
                         entries: Sequence[HistoryEntry] = (),
                         outstanding_moved: bool = True,
-                        contacts: Sequence[ContactState] = ()) -> list[int]:
+                        contacts: Sequence[ContactState] = (),
+                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = ()
+                        ) -> list[int]:
         # the dry run keeps no index of outstanding keys, nor is it the hot path: through the
         # dataclasses (the same rules as save)
         recorded = recorded_at or datetime.now(UTC)
@@ -150,6 +152,11 @@ class OverlayStore:
             [(expected, key_state(key_of(key), row), None) for expected, key, row in changes],
             history=[*(history_entry(h, recorded_at=recorded) for h in history), *entries])
         await self.save_contacts(contacts)
+        by_account: dict[str, list[SubscriptionRow]] = {}
+        for account, row in subscriptions:
+            by_account.setdefault(account, []).append(row)
+        for account, rows in by_account.items():
+            await self.upsert_subscriptions(account, rows)
         return revisions
 
     async def read_batch(self, reads: BatchReads) -> BatchSnapshot:

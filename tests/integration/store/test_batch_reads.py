@@ -1,6 +1,6 @@
 """A batch's reads from one snapshot (common.store.batch_reads): the same answers as each read
-alone, on both ledgers and through the dry run's view; contact states saved with key states in
-one transaction."""
+alone, on both ledgers and through the dry run's view; contact states and the directory's
+subscription rows saved with key states in one transaction."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from common.domain import ContactState, KeyState
 from common.domain.rows import EMPTY_STATE, key_tuple
 from common.store import ConflictError, LedgerStore
 from common.store.batch_reads import BatchReads, BatchSnapshot
-from common.store.directory import RecordRef
+from common.store.directory import RecordRef, SubscriptionRow
 from common.vendors.clock_skew import CLOCK_CHECKPOINTS
 from services.cli.dry_run.overlay import OverlayStore
 from tests.harness.keys import T, key
@@ -110,3 +110,31 @@ async def test_contacts_are_saved_with_the_key_states_or_not_at_all(store: Ledge
     assert (await store.load_contacts("acme", [key().email]))[key().email].suppressed
     await store.save_rows([], contacts=[contact(key().email, "Subscribed", 11)])
     assert not (await store.load_contacts("acme", [key().email]))[key().email].suppressed
+
+
+def subscription(opted_in: bool, version: int, modified: str = "2026-01-01T00:00:00Z"
+                 ) -> SubscriptionRow:
+    return SubscriptionRow(subscription_id="s1", record_id="r1", preference_row_id="p1",
+                           opted_in=opted_in, version=version, modified=modified)
+
+
+async def test_subscription_rows_are_saved_with_the_key_states_or_not_at_all(
+        store: LedgerStore) -> None:
+    await store.save([(None, KeyState(key=key()), None)])
+    opted_in = subscription(True, 7)
+    with pytest.raises(ConflictError):
+        await store.save_rows([(None, key_tuple(key()), EMPTY_STATE)],
+                              subscriptions=[("acme", opted_in)])
+    assert await store.subscriptions_for("acme", [("r1", "p1")]) == {}
+
+    await store.save_rows([(1, key_tuple(key()), EMPTY_STATE)],
+                          subscriptions=[("acme", opted_in)])
+    assert await store.subscriptions_for("acme", [("r1", "p1")]) == {("r1", "p1"): opted_in}
+    # as upsert_subscriptions: an older version never replaces a newer one
+    await store.save_rows([], subscriptions=[("acme", subscription(False, 6))])
+    assert await store.subscriptions_for("acme", [("r1", "p1")]) == {("r1", "p1"): opted_in}
+    newer = subscription(False, 8)
+    await store.save_rows([], subscriptions=[("acme", newer)])
+    assert await store.subscriptions_for("acme", [("r1", "p1")]) == {("r1", "p1"): newer}
+    # in its own account only
+    assert await store.subscriptions_for("globex", [("r1", "p1")]) == {}
