@@ -174,6 +174,8 @@ class Writer:
                 # in flight until they expire, or until its retry records the write)
                 reading.cancel()
                 await asyncio.wait([reading])
+                if not reading.cancelled():
+                    reading.exception()  # looked at: the begin's failure is the one raised
                 raise
             await reading
         else:

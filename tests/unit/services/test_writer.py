@@ -23,6 +23,7 @@ from common.messaging.envelope import WriteCommand
 from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import WRITES_EXCHANGE, Topology
+from common.store.interface import StoreUnavailable
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH
 from services.writer.dotdigital import DotdigitalSink
@@ -183,6 +184,16 @@ class BeginWatch:
         return revisions
 
 
+class BeginFailsOnce(BeginWatch):
+    """The first begin fails as a ledger that is briefly locked does."""
+
+    async def save_rows(self, changes: Any, **options: Any) -> list[int]:
+        if options.get("outstanding_moved") is False and not self.begun.is_set():
+            self.begun.set()
+            raise StoreUnavailable("the ledger is locked", transient=True)
+        return await super().save_rows(changes, **options)
+
+
 class FeedAfterBegin(DotdigitalClient):
     """Answers the opt-ins feed only once ``begun`` is set; ``answered_after_begin`` says
     whether every feed read was held for it."""
@@ -234,3 +245,20 @@ async def test_a_write_the_feed_read_makes_needless_is_not_sent_and_its_record_g
         assert state.writes.dotdigital == ()
         assert state.known.dotdigital is not None and state.known.dotdigital.opted_in is False
         await written_once(s, others, opted_in=False)
+
+
+async def test_a_begin_failing_beside_the_feed_read_fails_the_round_which_is_retried(
+        tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        store = BeginFailsOnce(s.bed.store)
+        sink = DotdigitalSink(account=ACCOUNT, store=store, client=s.client, shards=SHARDS)
+        writer = Writer(account=ACCOUNT, sink=sink, store=store, publisher=s.bed.broker,
+                        shards=SHARDS, dead_letters=s.bed.dead_letterer("writer"))
+        await s.bed.broker.publish_many(await s.registers(opted_in=False))
+        before = (await s.sim.stats())["writes_applied"]
+        consume(s, writer.handle)
+        await s.bed.drained(*s.queues())
+        assert store.begun.is_set()
+        # retried in place, not dead-lettered; nothing was sent by the round that failed
+        await written_once(s, s.emails, opted_in=False)
+        assert (await s.sim.stats())["writes_applied"] - before == len(s.emails)
