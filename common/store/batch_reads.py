@@ -13,6 +13,7 @@ steady sync's changes spend most of their time queued behind those waits. So:
    :meth:`~common.store.interface.Contacts.load_contacts`,
    :meth:`~common.store.interface.KeyStates.load_rows`,
    :meth:`~common.store.interface.Directory.eligible_emails`,
+   :meth:`~common.store.interface.Directory.records_for_emails`,
    :meth:`~common.store.interface.Parking.resuming_contacts` and
    :meth:`~common.store.interface.Checkpoints.get_checkpoint`. A store without a snapshot
    of its own (the dry run's overlay) answers part by part (:func:`read_apart`).
@@ -29,9 +30,10 @@ from typing import Any, Literal, Protocol
 from common.domain import ContactState
 from common.domain.rows import KeyTuple, StateRow
 from common.store.codec import decode_rows, from_us
+from common.store.directory import RecordRef, records_by_email
 
 # which part of the snapshot a query's rows are for
-Part = Literal["contacts", "states", "eligible", "resuming", "checkpoints"]
+Part = Literal["contacts", "states", "eligible", "records", "resuming", "checkpoints"]
 # (part, SQL with ``?`` parameters, its parameters)
 Query = tuple[Part, str, list[Any]]
 
@@ -47,6 +49,7 @@ class BatchReads:
     contacts_of: Sequence[str] = ()  # emails whose contact states are read
     states_of: Sequence[KeyTuple] = ()  # keys whose states (as rows) are read
     eligible_of: Sequence[str] = ()  # emails asked whether an eligible record has them
+    records_of: Sequence[str] = ()  # emails whose eligible records are read
     resuming_of: Sequence[str] = ()  # emails asked whether they are marked as resuming
     checkpoints: Sequence[str] = ()  # the account's checkpoints read, by name
 
@@ -58,6 +61,7 @@ class BatchSnapshot:
     contacts: dict[str, ContactState] = field(default_factory=dict)
     states: dict[KeyTuple, StateRow] = field(default_factory=dict)
     eligible: set[str] = field(default_factory=set)
+    records: dict[str, list[RecordRef]] = field(default_factory=dict)
     resuming: set[str] = field(default_factory=set)
     checkpoints: dict[str, str | None] = field(default_factory=dict)
 
@@ -88,6 +92,10 @@ def queries(reads: BatchReads, *, state_queries: Sequence[tuple[str, list[Any]]]
     # the directory's query (common.store.directory.SqliteDirectory.eligible_emails)
     out += _in_lists("eligible", "SELECT email FROM dyn_records WHERE account = ? "
                      "AND eligible = 1 AND email IN", account, sorted(set(reads.eligible_of)))
+    # the directory's query (common.store.directory.SqliteDirectory.records_for_emails)
+    out += _in_lists("records", "SELECT record_id, record_type, email, active, eligible_at, "
+                     "email_since FROM dyn_records WHERE account = ? AND eligible = 1 "
+                     "AND email IN", account, sorted(set(reads.records_of)))
     out += _in_lists("resuming", "SELECT email FROM resuming_contacts WHERE account = ? "
                      "AND email IN", account, sorted(set(reads.resuming_of)))
     out += _in_lists("checkpoints", "SELECT source, value FROM checkpoint WHERE account = ? "
@@ -100,6 +108,7 @@ def snapshot(reads: BatchReads, answers: Iterable[tuple[Part, Sequence[Any]]]) -
     account = reads.account
     out = BatchSnapshot(checkpoints=dict.fromkeys(reads.checkpoints))
     state_rows: list[Any] = []
+    record_rows: list[Any] = []
     for part, rows in answers:
         if part == "contacts":
             for email, status, since, revision in rows:
@@ -109,11 +118,14 @@ def snapshot(reads: BatchReads, answers: Iterable[tuple[Part, Sequence[Any]]]) -
             state_rows += rows
         elif part == "eligible":
             out.eligible.update(str(row[0]) for row in rows)
+        elif part == "records":
+            record_rows += rows
         elif part == "resuming":
             out.resuming.update(str(row[0]) for row in rows)
         else:
             out.checkpoints.update((str(name), str(value)) for name, value in rows)
     out.states.update(decode_rows(state_rows))
+    out.records.update(records_by_email(record_rows))
     return out
 
 
@@ -126,6 +138,8 @@ async def read_apart(store: Any, reads: BatchReads) -> BatchSnapshot:
         states=await store.load_rows(reads.states_of) if reads.states_of else {},
         eligible=await store.eligible_emails(account, reads.eligible_of)
         if reads.eligible_of else set(),
+        records=await store.records_for_emails(account, reads.records_of)
+        if reads.records_of else {},
         resuming=await store.resuming_contacts(account, reads.resuming_of)
         if reads.resuming_of else set(),
         checkpoints={name: await store.get_checkpoint(account, name)

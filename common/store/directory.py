@@ -102,6 +102,17 @@ class SubscriptionRow:
     modified: str | None = None  # the row's modifiedon, as Dataverse wrote it
 
 
+def records_by_email(rows: Iterable[Sequence[Any]]) -> dict[str, list[RecordRef]]:
+    """Eligible records per email, in record id order, from rows of (record_id, record_type,
+    email, active, eligible_at, email_since)."""
+    found: dict[str, list[RecordRef]] = {}
+    for r in sorted(rows, key=lambda row: str(row[0])):
+        found.setdefault(r[2], []).append(RecordRef(
+            record_id=str(r[0]), record_type=r[1], email=r[2], active=bool(r[3]),
+            eligible=True, eligible_at=r[4], email_since=r[5]))
+    return found
+
+
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start:start + _CHUNK]
@@ -273,15 +284,9 @@ class SqliteDirectory(SqlTables):
     async def records_for_emails(self, account: str,
                                  emails: Iterable[str]) -> dict[str, list[RecordRef]]:
         """Eligible records per email (several records may share one email)."""
-        rows = await self._in(
+        return records_by_email(await self._in(
             "SELECT record_id, record_type, email, active, eligible_at, email_since "
-            + _ELIGIBLE_WITH_EMAILS, (account,), sorted(set(emails)))
-        found: dict[str, list[RecordRef]] = {}
-        for r in sorted(rows, key=lambda row: str(row[0])):
-            found.setdefault(r[2], []).append(RecordRef(
-                record_id=str(r[0]), record_type=r[1], email=r[2], active=bool(r[3]),
-                eligible=True, eligible_at=r[4], email_since=r[5]))
-        return found
+            + _ELIGIBLE_WITH_EMAILS, (account,), sorted(set(emails))))
 
     async def eligible_emails(self, account: str, emails: Iterable[str]) -> set[str]:
         """The emails of :meth:`records_for_emails`, without building its records (the

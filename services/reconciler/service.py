@@ -138,6 +138,9 @@ class BatchResult:
     parked: list[Observation] = field(default_factory=list)
     # decisions that are no fold's (ineligible changes)
     entries: list[HistoryEntry] = field(default_factory=list)
+    # the eligible records of the emails of the batch's Dynamics changes, from its snapshot
+    records: dict[str, list[RecordRef]] = field(default_factory=dict)
+    records_read: set[str] = field(default_factory=set)  # the emails asked for them
 
     # the fold's parts, by the names the steps use
     @property
@@ -207,23 +210,25 @@ class Reconciler:
         emails: set[str] = set()
         keys: set[KeyTuple] = set()
         from_dotdigital: set[str] = set()
+        from_dynamics: set[str] = set()
         for d in batch:
             dotdigital = d.envelope.source == "dotdigital"
             for c in d.envelope.changes:
                 if isinstance(c, PreferenceChange):
                     emails.add(c.email)
                     keys.add((account, c.email, c.preference_id))
-                    if dotdigital:
-                        from_dotdigital.add(c.email)
+                    (from_dotdigital if dotdigital else from_dynamics).add(c.email)
                 elif isinstance(c, ContactStatusChange):
                     emails.add(c.email)
         lifting = {c.email for d in batch for c in d.envelope.changes
                    if isinstance(c, ContactStatusChange) and self._lifting(c)}
         # every read the fold needs, from one snapshot of the ledger, at once
+        # the records of the emails of Dynamics changes too: where Dynamics holds the register,
+        # every record of the email must (_follow_records)
         snapshot = await self._store.read_batch(BatchReads(
             account=account, contacts_of=list(emails), states_of=list(keys),
-            eligible_of=list(from_dotdigital), resuming_of=list(lifting),
-            checkpoints=CLOCK_CHECKPOINTS))
+            eligible_of=list(from_dotdigital), records_of=list(from_dynamics),
+            resuming_of=list(lifting), checkpoints=CLOCK_CHECKPOINTS))
         contacts = snapshot.contacts
         resuming, marked = self._resuming(lifting, contacts, snapshot.resuming)
         now = datetime.now(UTC)
@@ -237,7 +242,8 @@ class Reconciler:
         states = snapshot.states
         if more := {key_tuple(o.key) for o in parked} - keys:
             states.update(await self._store.load_rows(more))
-        result = BatchResult(fold=RowFold(states=states), contacts=contacts, recorded_at=now)
+        result = BatchResult(fold=RowFold(states=states), contacts=contacts, recorded_at=now,
+                             records=snapshot.records, records_read=from_dynamics)
         for email in {o.key.email for o in parked} | resuming:
             for state in await self._store.states_for_email(account, email):
                 result.states.setdefault(key_tuple(state.key), state_row(state))
@@ -354,8 +360,10 @@ class Reconciler:
                 candidates[key] = state
         if not candidates:
             return
-        records = await self._store.records_for_emails(self.account,
-                                                       {k[1] for k in candidates})
+        wanted = {k[1] for k in candidates}
+        records = {email: refs for email, refs in result.records.items() if email in wanted}
+        if unread := wanted - result.records_read:
+            records.update(await self._store.records_for_emails(self.account, unread))
         shared = {email: [r for r in refs if r.active] for email, refs in records.items()}
         shared = {email: refs for email, refs in shared.items() if len(refs) > 1}
         if not shared:

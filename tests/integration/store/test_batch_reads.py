@@ -42,13 +42,21 @@ async def seed(store: LedgerStore) -> BatchReads:
     await store.upsert_records("acme", [RecordRef(record_type="contact", record_id=f"r{i}",
                                                   email=e) for i, e in enumerate(emails)])
     await store.mark_eligible("acme", [f"r{i}" for i in range(0, MANY, 5)])
+    # a second record (an inactive lead) for some emails, and another account's record
+    await store.upsert_records("acme", [RecordRef(record_type="lead", record_id=f"l{i}",
+                                                  email=e, active=False)
+                                        for i, e in enumerate(emails) if i % 10 == 0])
+    await store.mark_eligible("acme", [f"l{i}" for i in range(0, MANY, 10)])
+    await store.upsert_records("globex", [RecordRef(record_type="contact", record_id="g1",
+                                                    email=emails[1])])
+    await store.mark_eligible("globex", ["g1"])
     await store.mark_resuming("acme", emails[::11])
     await store.mark_resuming("globex", emails[:5])
     await store.set_checkpoint("acme", CLOCK_CHECKPOINTS[0], "dynamics clock")
     await store.set_checkpoint("globex", CLOCK_CHECKPOINTS[1], "another account's")
     return BatchReads(account="acme", contacts_of=[*emails, "nobody@example.com"],
                       states_of=[key_tuple(key(email=e)) for e in emails],
-                      eligible_of=emails, resuming_of=emails,
+                      eligible_of=emails, records_of=emails, resuming_of=emails,
                       checkpoints=[*CLOCK_CHECKPOINTS, "never-set"])
 
 
@@ -58,6 +66,7 @@ async def each_alone(store: LedgerStore | OverlayStore, reads: BatchReads) -> Ba
         contacts=await store.load_contacts(account, reads.contacts_of),
         states=await store.load_rows(reads.states_of),
         eligible=await store.eligible_emails(account, reads.eligible_of),
+        records=await store.records_for_emails(account, reads.records_of),
         resuming=await store.resuming_contacts(account, reads.resuming_of),
         checkpoints={name: await store.get_checkpoint(account, name)
                      for name in reads.checkpoints})
@@ -70,6 +79,8 @@ async def test_a_batch_snapshot_answers_as_each_read_alone(store: LedgerStore) -
     # what the seed put there, so the comparison above is not of empty answers
     assert len(got.contacts) == MANY // 2 and len(got.states) == -(-MANY // 3)
     assert len(got.eligible) == MANY // 5 and len(got.resuming) == -(-MANY // 11)
+    assert got.records.keys() == got.eligible
+    assert [r.record_id for r in got.records["p0@example.com"]] == ["l0", "r0"]
     assert got.checkpoints == {CLOCK_CHECKPOINTS[0]: "dynamics clock",
                                CLOCK_CHECKPOINTS[1]: None, "never-set": None}
 
