@@ -59,7 +59,7 @@ async def _measure(rounds: int, emails: int) -> float:
     from common.messaging.topology import Topology, shard_of
     from common.store import open_store
     from services.writer.pipeline import Writer
-    from services.writer.sink import Commands, WriteOutcome
+    from services.writer.sink import Commands, SinkReads, WriteOutcome
 
     class Batch:
         begins_during_read = True  # as dotdigital's
@@ -67,8 +67,10 @@ async def _measure(rounds: int, emails: int) -> float:
         def __init__(self, outcome: WriteOutcome) -> None:
             self._outcome = outcome
 
+        reads = SinkReads()
+
         async def read(self, *, states: Mapping[KeyTuple, StateRow],
-                       covered: set[PreferenceKey]) -> None:
+                       covered: set[PreferenceKey], snapshot: Any) -> None:
             return None
 
         def takes(self, key: PreferenceKey) -> bool:

@@ -64,7 +64,10 @@ class Checkpoint(Generic[T]):
 
     async def get(self, store: Checkpoints, account: str) -> T | None:
         """The value, or None when it was never set (or set empty)."""
-        raw = await store.get_checkpoint(account, self.name)
+        return self.of(await store.get_checkpoint(account, self.name))
+
+    def of(self, raw: str | None) -> T | None:
+        """The value of ``raw`` as read (in a batch's snapshot, say); None as :meth:`get`."""
         return self.codec.decode(raw) if raw else None
 
     async def get_or(self, store: Checkpoints, account: str, default: T) -> T:

@@ -49,13 +49,20 @@ from common.domain.rows import (
 from common.domain.sides import SIDE_CODES
 from common.messaging.resilience import Dependency
 from common.messaging.topology import shard_of
-from common.store.batch_reads import BatchReads
+from common.store.batch_reads import BatchReads, BatchSnapshot
 from common.vendors.base import TransportError, VendorError
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedFollower, FeedPosition, opt_ins_source
 from common.vendors.dotdigital.models import ImportContact
 from services.writer.plans import MIN_FIRST_POLL_S, choose_plan, first_poll, learned_duration
-from services.writer.sink import ClockNotes, Commands, Failure, TransientWriteError, WriteOutcome
+from services.writer.sink import (
+    ClockNotes,
+    Commands,
+    Failure,
+    SinkReads,
+    TransientWriteError,
+    WriteOutcome,
+)
 
 log = logging.getLogger("prefsync.writer")
 
@@ -92,6 +99,7 @@ class DotdigitalBatch:
     # The feed read takes a round trip or several; a user's change it finds seldom stops a
     # write. The writes' window starts before the read anyway (rule 2).
     begins_during_read = True
+    reads = SinkReads()
 
     def __init__(self, *, sink: DotdigitalSink, commands: Commands,
                  watermarks: Mapping[int, datetime], outcome: WriteOutcome) -> None:
@@ -101,8 +109,8 @@ class DotdigitalBatch:
         self._outcome = outcome
         self._window_start: datetime | None = None
 
-    async def read(self, *, states: Mapping[KeyTuple, StateRow],
-                   covered: set[PreferenceKey]) -> None:
+    async def read(self, *, states: Mapping[KeyTuple, StateRow], covered: set[PreferenceKey],
+                   snapshot: BatchSnapshot) -> None:
         if not self._commands:
             return
         self._window_start = await self._sink.read_before_write(

@@ -31,12 +31,21 @@ from common.domain.kernel_writes import is_superseded_row, writer_should_apply_r
 from common.domain.rows import CommandRow, KeyTuple, StateRow
 from common.domain.trusted import assembled_all
 from common.messaging.resilience import Dependency
+from common.store.batch_reads import BatchSnapshot
+from common.store.checkpoints import CATALOG
 from common.store.directory import RecordRef, SubscriptionRow
 from common.vendors.base import TransportError, VendorError
 from common.vendors.dataverse import schema
-from common.vendors.dataverse.catalog import load_catalog
+from common.vendors.dataverse.catalog import catalog_of
 from common.vendors.dataverse.client import OBJECT_DOES_NOT_EXIST, BatchOperation, DataverseClient
-from services.writer.sink import CLOCK_MARGIN, ClockNotes, Commands, Failure, WriteOutcome
+from services.writer.sink import (
+    CLOCK_MARGIN,
+    ClockNotes,
+    Commands,
+    Failure,
+    SinkReads,
+    WriteOutcome,
+)
 
 log = logging.getLogger("prefsync.writer")
 
@@ -81,10 +90,15 @@ class DynamicsBatch:
         self._commands = commands
         self._outcome = outcome
         self._records = RecordRows(catalog={}, records={}, rows={})
+        # the catalog and the emails' records come in the round's snapshot
+        self.reads = SinkReads(records_of=sorted({k.email for k in commands}),
+                               checkpoints=[CATALOG.name])
 
-    async def read(self, *, states: Mapping[KeyTuple, StateRow],
-                   covered: set[PreferenceKey]) -> None:
-        self._records = await self._sink.record_rows(self._commands)
+    async def read(self, *, states: Mapping[KeyTuple, StateRow], covered: set[PreferenceKey],
+                   snapshot: BatchSnapshot) -> None:
+        self._records = await self._sink.record_rows(
+            self._commands, catalog=catalog_of(CATALOG.of(snapshot.checkpoints.get(
+                CATALOG.name))), records=snapshot.records)
         self._sink.fold_known_rows(self._commands, self._records, self._outcome)
 
     def takes(self, key: PreferenceKey) -> bool:
@@ -122,14 +136,14 @@ class DynamicsSink:
     async def open(self, commands: Commands, outcome: WriteOutcome) -> DynamicsBatch:
         return DynamicsBatch(sink=self, commands=commands, outcome=outcome)
 
-    async def record_rows(self, commands: Commands) -> RecordRows:
-        catalog = await load_catalog(self._store, self.account)
-        records = await self._store.records_for_emails(self.account,
-                                                       {k.email for k in commands})
+    async def record_rows(self, commands: Commands, *, catalog: Mapping[int, str],
+                          records: Mapping[str, list[RecordRef]]) -> RecordRows:
+        """The rows of the commands' records (``records``: the eligible records of their
+        emails; ``catalog``: preference id -> Dynamics row id), as the directory holds them."""
         pairs = [(r.record_id, catalog[k.preference_id]) for k in commands
                  if k.preference_id in catalog for r in records.get(k.email, [])]
         rows = await self._store.subscriptions_for(self.account, pairs)
-        return RecordRows(catalog=catalog, records=records, rows=rows)
+        return RecordRows(catalog=dict(catalog), records=dict(records), rows=rows)
 
     async def write_dynamics(self, todo: Commands,
                               outcome: WriteOutcome, started: datetime,

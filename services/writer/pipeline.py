@@ -148,10 +148,12 @@ class Writer:
         outcome = WriteOutcome(read_at=self._now())
         work = await self.sink.open(commands, outcome)
         rows = {key: command_row(command) for key, command in commands.items()}
-        # the keys' states, their contacts and each side's clock, from one snapshot at once
+        # the keys' states, their contacts, each side's clock and what the sink reads, from one
+        # snapshot at once
         snapshot = await self._store.read_batch(BatchReads(
             account=self.account, states_of=list(map(key_tuple, commands)),
-            contacts_of=list({k.email for k in commands}), checkpoints=CLOCK_CHECKPOINTS))
+            contacts_of=list({k.email for k in commands}), records_of=work.reads.records_of,
+            checkpoints=[*CLOCK_CHECKPOINTS, *work.reads.checkpoints]))
         outcome.time_base = time_base_of(snapshot.checkpoints, tolerance=self._future_tolerance)
         states, contacts = snapshot.states, snapshot.contacts
         # the states as loaded: what is read is folded into these, never into the writes
@@ -164,7 +166,8 @@ class Writer:
             # step 5 beside step 3: what the read changes is seldom what is written
             started = self._started(outcome)
             likely, _ = self._decide(commands, rows, as_read, contacts, work)
-            reading = asyncio.ensure_future(work.read(states=as_read, covered=covered))
+            reading = asyncio.ensure_future(work.read(states=as_read, covered=covered,
+                                                      snapshot=snapshot))
             try:
                 if likely:
                     begun = await self._begin(likely, rows, started=started, states=states)
@@ -179,7 +182,7 @@ class Writer:
                 raise
             await reading
         else:
-            await work.read(states=as_read, covered=covered)
+            await work.read(states=as_read, covered=covered, snapshot=snapshot)
         preview = fold_rows(as_read, map(observation_row, outcome.observations),
                             suppressed=()).states
         todo, suppressed = self._decide(commands, rows, preview, contacts, work)

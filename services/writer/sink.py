@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -20,6 +20,7 @@ from common import domain
 from common.domain import ContactState, Observation, PreferenceKey, Side
 from common.domain.rows import CommandRow, KeyTuple, StateRow
 from common.messaging.resilience import Dependency, TransientFailure
+from common.store.batch_reads import BatchSnapshot
 from common.store.directory import SubscriptionRow
 from common.vendors.clock_skew import MAX_PROBES, ClockSource, TimeBase, measure_clock
 
@@ -80,18 +81,30 @@ class TransientWriteError(TransientFailure):
 Commands = dict[PreferenceKey, domain.WriteCommand]
 
 
+@dataclass(frozen=True, kw_only=True)
+class SinkReads:
+    """What a sink's batch needs of the ledger beside the pipeline's own reads: read with them,
+    from the round's one snapshot (:class:`~common.store.batch_reads.BatchReads` parts)."""
+
+    records_of: Sequence[str] = ()
+    checkpoints: Sequence[str] = ()
+
+
 class SinkBatch(Protocol):
     """One batch's work with the vendor, in the order the pipeline calls it."""
+
+    # read into the snapshot ``read`` is given
+    reads: SinkReads
 
     # Whether the writes ``takes`` and ``should_write`` choose before ``read`` may be begun in
     # the ledger while it runs: they need nothing it reads, and what it reads seldom changes
     # them (those it does are left out of the write and their records dropped at the commit).
     begins_during_read: bool
 
-    async def read(self, *, states: Mapping[KeyTuple, StateRow],
-                   covered: set[PreferenceKey]) -> None:
+    async def read(self, *, states: Mapping[KeyTuple, StateRow], covered: set[PreferenceKey],
+                   snapshot: BatchSnapshot) -> None:
         """Fold into the outcome what the vendor holds that the ledger (``states``, as rows)
-        may not have seen."""
+        may not have seen; ``snapshot`` holds :attr:`reads`."""
 
     def takes(self, key: PreferenceKey) -> bool:
         """Whether anything on the vendor's side can take a write of ``key`` at all."""

@@ -254,8 +254,13 @@ def mapping_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 async def load_catalog(store: Checkpoints, account: str) -> dict[int, str]:
     """dotdigital preference id -> Dynamics row id, as the dynamics-poller read it last."""
-    mapping = await CATALOG.get_or(store, account, {})
-    return {int(dotdigital_id): row_id for row_id, dotdigital_id in mapping.items()}
+    return catalog_of(await CATALOG.get_or(store, account, {}))
+
+
+def catalog_of(mapping: Mapping[str, Any] | None) -> dict[int, str]:
+    """:func:`load_catalog` of the :data:`~common.store.checkpoints.CATALOG` checkpoint's
+    value as read (None: never set)."""
+    return {int(dotdigital_id): row_id for row_id, dotdigital_id in (mapping or {}).items()}
 
 
 async def load_tree(store: Checkpoints, account: str) -> list[dict[str, Any]]:
