@@ -96,7 +96,8 @@ class DynamicsApp:
         self.authority = Authority(clients=clients, lifetime_s=token_lifetime_s,
                                    now=self.clock.now)
         self.limiter = Limiter(limits)
-        self.writes = Writes(self.store, self.clock.now, on_write=self._count_write)
+        self.writes = Writes(self.store, self.clock.now, on_write=self._count_write,
+                             clock=self.clock)
         self.writes.on_row = self._journal_row
         self._editing = False  # inside a /_sim/dynamics/edit (a user's change, not the API's)
         self.api = Api(store=self.store, writes=self.writes, now=self.clock.now,
