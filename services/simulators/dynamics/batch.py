@@ -19,7 +19,7 @@ other is read line by line to the same effect; a change set holding one such req
 clients send each write) is read without splitting it; a request's headers are parsed once
 per distinct text in the batch, and a lone request whose head has the bytes of the one
 before (as a run of creates has) takes that one's reading; once two in a row have, the next
-change sets are matched whole against that layout (one pattern match each) and kept as one
+change sets are matched whole against that layout (by memory compares) and kept as one
 run of requests by their Content-ID and body, none read into a part of its own. The answer's
 parts are framed in one join. A change set creating one subscription (as the writer sends
 each create) is run without reading its URL and head again: they are read once per batch,
@@ -77,8 +77,9 @@ class Part:
 
 _NO_IDS: dict[str, str] = {}  # a lone operation's references: none (never written to)
 # A POST that Batch._usual_create runs: the path it is drawn a fault for, its route, how it
-# is answered, and the head of a row's answer before and after its ETag.
-_CreatePlan = tuple[str, str, WriteAnswer, str, str]
+# is answered, the head of a row's answer before and after its ETag, and the key it is
+# counted under when it creates one.
+_CreatePlan = tuple[str, str, WriteAnswer, str, str, tuple[str, str, int]]
 _ETAG_MARK = "\x00"  # (where a row's ETag goes in its answer's head: no header holds it)
 
 
@@ -269,25 +270,20 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
     last_head = b""
     last: Reading | None = None
     # a head that two lone requests in a row had, matched whole (_like_lone) with its reading
-    like: tuple[re.Pattern[bytes], Reading] | None = None
+    like: tuple[bytes, Reading] | None = None
     run: Part | None = None  # the run that change sets it matches join, while the last part
     for chunk in split_multipart(body, boundary):
         if like is not None:
-            matched = like[0].fullmatch(chunk)
-            if matched is not None:
-                inner = matched[1]
-                # the change set's closing delimiter: the first after its opening one
-                if chunk.find(b"--" + inner, matched.end(1) + 6 + len(inner)) \
-                        == len(chunk) - len(inner) - 4:
-                    sent = (matched[2].decode(), matched[3].rstrip(b"\r\n"))
-                    if run is not None and parts[-1] is run:
-                        assert run.run is not None
-                        run.run.append(sent)
-                    else:
-                        method, url, req_headers, prefer = like[1]
-                        run = Part(None, method, url, req_headers, prefer, run=[sent])
-                        parts.append(run)
-                    continue
+            sent = _like_lone(chunk, like[0])
+            if sent is not None:
+                if run is not None and parts[-1] is run:
+                    assert run.run is not None
+                    run.run.append(sent)
+                else:
+                    method, url, req_headers, prefer = like[1]
+                    run = Part(None, method, url, req_headers, prefer, run=[sent])
+                    parts.append(run)
+                continue
         request = _usual_request_head(chunk) if usual_heads else None
         if request is not None:
             content_id, content = request
@@ -309,7 +305,7 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
                 part = Part(content_id or req_headers.get("Content-ID"), method, url,
                             req_headers, prefer, content[len(last_head):].rstrip(b"\r\n"))
                 if like is None or like[1] is not last:
-                    like, run = (_like_lone(last_head), last), None
+                    like, run = (last_head, last), None
             else:
                 part, blank = _request_part_at(content, content_id, heads)
                 if blank >= 0 and part.request_headers is not None:
@@ -338,17 +334,57 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
 Reading = tuple[str, str, CIMultiDictProxy[str], dict[str, str] | None]
 
 
-def _like_lone(head: bytes) -> re.Pattern[bytes]:
-    """A pattern for a whole change set part holding one request with this head (to its
-    blank line), laid out as clients usually send it: the usual change set head, its
-    delimiter, the usual request head with a Content-ID, ``head``, the body, the closing
-    delimiter ending the part. Where it matches, and the first delimiter after the opening
-    one is the closing one, _parse_parts would read the part (Content-ID: group 2, body:
-    group 3, less its trailing line breaks) with the reading of ``head``: each byte it
-    matches is one those readings check for."""
-    return re.compile(_CHANGESET_HEAD + rb"([0-9A-Za-z_.-]+)\r\n\r\n--\1\r\n" + _HTTP_HEAD
-                      + _CONTENT_ID + rb"([0-9]+)\r\n\r\n" + re.escape(head)
-                      + rb"(.*)\r\n--\1--", re.DOTALL)
+# what _like_lone compares between a change set's boundary and its request's Content-ID
+_LIKE_OPENING = b"\r\n\r\n--"
+_LIKE_REQUEST = b"\r\n" + _HTTP_HEAD + _CONTENT_ID
+
+
+def _like_lone(chunk: bytes, head: bytes) -> tuple[str, bytes] | None:
+    """The Content-ID and body (less its trailing line breaks) of ``chunk`` when it is a
+    whole change set part holding one request with this head (to its blank line), laid out
+    as clients usually send it: the usual change set head, its delimiter, the usual request
+    head with a Content-ID, ``head``, the body, the closing delimiter ending the part, and no
+    other delimiter of the change set after its opening one; else None. Where it answers,
+    _parse_parts would read the part so, with the reading of ``head``: each byte it compares
+    is one those readings check for.
+
+    It answers as a full match of this pattern would (. matching any byte), but by memory
+    compares (a pattern engine steps through a long literal such as the head byte by byte)::
+
+        _CHANGESET_HEAD ([0-9A-Za-z_.-]+) \r\n\r\n-- \1 \r\n _HTTP_HEAD _CONTENT_ID
+        ([0-9]+) \r\n\r\n head (.*) \r\n-- \1 --
+
+    The boundary runs to the first ``\r\n\r\n--`` and the Content-ID to the first blank
+    line (neither holds a ``\r``), so no other split of the part could match; the body is
+    what lies between the head and the closing delimiter, which ends the part.
+    """
+    if not chunk.startswith(_CHANGESET_HEAD):
+        return None
+    start = len(_CHANGESET_HEAD)
+    end = chunk.find(_LIKE_OPENING, start)
+    inner = chunk[start:end]
+    if end <= start or inner.translate(None, _PLAIN_BOUNDARY):
+        return None
+    at = end + len(_LIKE_OPENING)
+    if not chunk.startswith(inner, at):
+        return None
+    at += len(inner)
+    if not chunk.startswith(_LIKE_REQUEST, at):
+        return None
+    at += len(_LIKE_REQUEST)
+    stop = chunk.find(b"\r\n\r\n", at)
+    content_id = chunk[at:stop]
+    if stop < 0 or not content_id.isdigit() or not chunk.startswith(head, stop + 4):
+        return None
+    begin = stop + 4 + len(head)
+    closing = len(chunk) - len(inner) - 6  # where "\r\n--<boundary>--" starts
+    if (closing < begin or not chunk.startswith(b"\r\n--", closing)
+            or not chunk.endswith(inner + b"--")):
+        return None
+    # the change set's closing delimiter: the first after its opening one
+    if chunk.find(b"--" + inner, end + 6 + len(inner)) != closing + 2:
+        return None
+    return content_id.decode(), chunk[begin:closing].rstrip(b"\r\n")
 
 
 def _first_line(text: str) -> str:
@@ -473,10 +509,17 @@ def _multipart(parts: list[bytes], boundary: str, *, last_break: bool = True,
 
 
 class Batch:
-    def __init__(self, *, api: Api, record: Record, fault: Fault) -> None:
+    def __init__(self, *, api: Api, record: Record, fault: Fault,
+                 faulting: Callable[[], bool] = lambda: True) -> None:
+        """``faulting``: whether ``fault`` can inject any failure now (when it can't, it
+        answers None without drawing)."""
         self.api = api
         self.record = record
         self.fault = fault
+        self.faulting = faulting
+        # whether the running batch's operations are drawn faults for: nothing changes the
+        # faults injected while a batch runs, so _usual_create asks once per batch
+        self._faulting = True
         self._queries: dict[str, MultiDictProxy[str]] = {}  # parsed query texts
         self._places: dict[tuple[str, str], Place] = {}  # request URLs located (_place)
         self._stem, self._changesets = "", 0  # the running batch's change set boundaries
@@ -505,6 +548,7 @@ class Batch:
         keep_going = "odata.continue-on-error" in call.prefer()
         self._stem, self._changesets = new_guid()[:24], 0
         self._tally, self._plans = {}, {}
+        self._faulting = self.faulting()
         try:
             return self._run(call, parts, keep_going=keep_going)
         finally:
@@ -654,7 +698,7 @@ class Batch:
         # where the row's ETag goes
         laid = _http_head(Result(201, b"", answer.headers(_ETAG_MARK)))
         before, _, after = laid.removeprefix(_PART_HEAD).partition(_ETAG_MARK)
-        return path, target.template, answer, before, after
+        return path, target.template, answer, before, after, ("POST", target.template, 201)
 
     def _usual_create(self, cid: str | None, body: bytes,
                       plan: _CreatePlan) -> tuple[bool, bytes] | None:
@@ -678,9 +722,9 @@ class Batch:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None
-        path, route, answer, before, after = plan
+        path, route, answer, before, after, created = plan
         tally = self._tally
-        result = self.fault("POST", path)
+        result = self.fault("POST", path) if self._faulting else None
         if result is None:
             writes = self.api.writes
             row = writes.usual_create(data)
@@ -691,10 +735,11 @@ class Batch:
                 except ApiError as exc:  # (the change set's writes undone)
                     result = exc.result()
             if row is not None and answer.context is not None:
-                key = ("POST", route, 201)
-                tally[key] = tally.get(key, 0) + 1
+                tally[created] = tally.get(created, 0) + 1
                 etag = f'W/"{row["versionnumber"]}"'
-                boundary = self._lone_boundary()
+                # (_lone_boundary, inline)
+                self._changesets = count = self._changesets + 1
+                boundary = f"changesetresponse_{self._stem}{count:012x}"
                 named = "" if cid is None else f"Content-ID: {cid}\r\n"
                 return True, b"".join((
                     f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n--{boundary}"
