@@ -379,10 +379,9 @@ def _like_lone(chunk: bytes, head: bytes) -> tuple[str, bytes] | None:
     if (closing < begin or chunk[named.end():begin] != head
             or chunk[closing:] != b"\r\n--" + inner + b"--"):
         return None
-    # the change set's closing delimiter must be the first after its opening one: no other
-    # starts before it
-    delimiter = b"--" + inner
-    if delimiter in chunk[at + len(inner):closing + 1 + len(delimiter)]:
+    # the change set's closing delimiter must be the first after its opening one (looked
+    # for in place: a slice of the part would copy most of it)
+    if chunk.find(b"--" + inner, at + len(inner)) != closing + 2:
         return None
     return named[1].decode(), chunk[begin:closing].rstrip(b"\r\n")
 
