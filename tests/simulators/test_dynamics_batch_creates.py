@@ -245,3 +245,17 @@ def test_a_row_returned_is_laid_out_as_shape_lays_it_out(entity_set: str, select
         assert answer.body(row, etag) == orjson.dumps(
             shape(row, schema, parsed, None, sim.store, answer.annotate,
                   context=answer.context, etag=etag), option=orjson.OPT_UTC_Z)
+
+
+def test_faults_injected_between_batches_fall_on_the_same_writes() -> None:
+    # whether faults can be drawn is asked once per batch: turned on and off between
+    # batches, they must fall as the general path draws them
+    usual, general = _orgs(0.0)
+    operations = _operations(usual)
+    rng = random.Random(5)
+    for n, rate in enumerate([0.0, 0.5, 0.0, 0.3, 0.0]):
+        for sim in (usual, general):
+            sim.control.faults.error_rate = {"POST /api/data/v9.2/psync_": rate} if rate else {}
+        _same(usual, general, _body([rng.choice(operations) for _ in range(12)]),
+              keep_going=True, n=n)
+    assert usual.control.stats.statuses["500"] > 0

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from services.simulators.dynamics.batch import _multipart
+from services.simulators.dynamics.batch import _count_text, _multipart
 
 
 def _plainly(parts: list[bytes], boundary: str, *, last_break: bool, head: str) -> bytes:
@@ -36,3 +36,9 @@ def test_parts_are_framed_as_the_plain_definition_frames_them(seed: int) -> None
         last_break = rng.random() < 0.5
         assert (_multipart(parts, boundary, last_break=last_break, head=head)
                 == _plainly(parts, boundary, last_break=last_break, head=head))
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 255, 999, 1000, 1001, 4096, 2**48 - 1, 2**48])
+def test_a_change_set_answers_count_is_laid_out_as_twelve_hex_digits(count: int) -> None:
+    # (looked up for as many as a batch of lone writes gives, formatted beyond them)
+    assert _count_text(count) == f"{count:012x}"

@@ -9,14 +9,19 @@ the same bodies both ways, the usual heads and thousands of seeded mutations of 
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import pytest
 
 from services.simulators.dynamics.batch import (
+    _CHANGESET_HEAD,
+    _CONTENT_ID,
+    _HTTP_HEAD,
     Part,
     _boundary,
     _first_line,
+    _like_lone,
     _lone_request,
     _parse_parts,
     _request_part,
@@ -320,3 +325,59 @@ def test_request_lines_of_any_bytes_read_as_the_head_decoded_whole(seed: int) ->
         assert part.request_headers is not None
         assert (part.method, part.url, list(part.request_headers.items()),
                 part.body) == expected, content
+
+
+def _like_pattern(head: bytes) -> re.Pattern[bytes]:
+    """The layout _like_lone compares, as a pattern (its docstring's)."""
+    return re.compile(_CHANGESET_HEAD + rb"([0-9A-Za-z_.-]+)\r\n\r\n--\1\r\n" + _HTTP_HEAD
+                      + _CONTENT_ID + rb"([0-9]+)\r\n\r\n" + re.escape(head)
+                      + rb"(.*)\r\n--\1--", re.DOTALL)
+
+
+def _like_by_pattern(chunk: bytes, head: bytes) -> tuple[str, bytes] | None:
+    """What _like_lone answers, by the pattern's full match."""
+    matched = _like_pattern(head).fullmatch(chunk)
+    if matched is None:
+        return None
+    inner = matched[1]
+    # the change set's closing delimiter: the first after its opening one
+    if chunk.find(b"--" + inner, matched.end(1) + 6 + len(inner)) \
+            != len(chunk) - len(inner) - 4:
+        return None
+    return matched[2].decode(), matched[3].rstrip(b"\r\n")
+
+
+_LIKE_PIECES = [*_PIECES, b"\r\n--", b"--changeset_", b"_1--", b"0", b".", b"A", b"POST "]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_like_change_set_is_matched_as_its_pattern_matches_it(seed: int) -> None:
+    # _like_lone compares bytes where a pattern would match: the two must agree on every
+    # part, the usual ones and mutations of them (boundaries, Content-IDs, heads, bodies,
+    # delimiters), matched or not
+    chunks = split_multipart(_creates_batch(), BATCH)
+    head = chunks[0][chunks[0].index(b"POST "):]
+    head = head[:head.index(b"\r\n\r\n") + 4]
+    assert all(_like_lone(c, head) == _like_by_pattern(c, head) for c in chunks)
+    assert sum(_like_lone(c, head) is not None for c in chunks) == 8
+    rng = random.Random(seed)
+    matched = 0
+    for _ in range(4000):
+        mutated = bytearray(rng.choice(chunks))
+        for _ in range(rng.randint(1, 2)):
+            # half the time in the body and closing delimiter, else anywhere
+            at = rng.randrange(len(mutated) + 1) if rng.random() < 0.5 else \
+                len(mutated) - rng.randrange(min(len(mutated), 60))
+            roll = rng.random()
+            piece = rng.choice(_LIKE_PIECES)
+            if roll < 0.4:
+                mutated[at:at + rng.randint(1, 3)] = piece
+            elif roll < 0.8:
+                mutated[at:at] = piece
+            else:
+                del mutated[at:at + rng.randint(1, 5)]
+        sample = bytes(mutated)
+        found = _like_lone(sample, head)
+        assert found == _like_by_pattern(sample, head), sample
+        matched += found is not None
+    assert matched > 50  # (mutated bodies and delimiters that still match among them)

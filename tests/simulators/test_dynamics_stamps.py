@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+from services.simulators.base import SimClock
 from services.simulators.dynamics.store import Store
 from services.simulators.dynamics.writes import Writes
 
@@ -53,3 +54,29 @@ def test_a_clock_in_another_zone_is_truncated_in_its_own() -> None:
     clock.at = clock.at.astimezone(zone)
     stamp = writes._stamp_time()
     assert stamp == clock.at.replace(microsecond=0) and stamp.tzinfo is zone
+
+
+def test_the_simulators_clock_stamps_its_reading_truncated_however_it_runs() -> None:
+    # while the clock runs neither frozen nor shifted, a stamp within the last second stamped
+    # is told by the system time: it must still be the clock's reading truncated, also across
+    # whole seconds and once the clock is frozen, shifted or set back to run again
+    clock = SimClock()
+    writes = Writes(Store(), clock.now, clock=clock)
+    seconds = set()
+    deadline = datetime.now(UTC) + timedelta(seconds=2.2)
+    while datetime.now(UTC) < deadline:  # (two whole seconds passed at least)
+        before = clock.now().replace(microsecond=0)
+        stamp = writes._stamp_time()
+        after = clock.now().replace(microsecond=0)
+        assert before <= stamp <= after and stamp.microsecond == 0 and stamp.tzinfo is UTC
+        again = writes._stamp_time()  # (the same stamp, unless its second has passed)
+        assert again is stamp or stamp < again <= clock.now().replace(microsecond=0)
+        seconds.add(stamp)
+    assert len(seconds) >= 3
+    for setting in [{"freeze_at": datetime(2026, 12, 4, 12, 0, 0, 500_000, tzinfo=UTC)},
+                    {"offset_s": -3600.5}, {}, {"offset_s": 86_400.0},
+                    {"freeze_at": datetime.now(UTC) + timedelta(microseconds=1)}, {}]:
+        clock.set(**setting)  # type: ignore[arg-type]
+        before = clock.now().replace(microsecond=0)
+        stamp = writes._stamp_time()
+        assert before <= stamp <= clock.now().replace(microsecond=0), setting

@@ -96,12 +96,14 @@ class DynamicsApp:
         self.authority = Authority(clients=clients, lifetime_s=token_lifetime_s,
                                    now=self.clock.now)
         self.limiter = Limiter(limits)
-        self.writes = Writes(self.store, self.clock.now, on_write=self._count_write)
+        self.writes = Writes(self.store, self.clock.now, on_write=self._count_write,
+                             clock=self.clock)
         self.writes.on_row = self._journal_row
         self._editing = False  # inside a /_sim/dynamics/edit (a user's change, not the API's)
         self.api = Api(store=self.store, writes=self.writes, now=self.clock.now,
                        retention=retention)
-        self.batch = Batch(api=self.api, record=self._record_in_batch, fault=self._fault)
+        self.batch = Batch(api=self.api, record=self._record_in_batch, fault=self._fault,
+                           faulting=self._faulting)
         self._rng = random.Random()
         if state_file is not None:
             load_file(self.store, state_file)
@@ -173,6 +175,10 @@ class DynamicsApp:
         stats.calls[call] += times
         stats.statuses[str(status)] += times
         stats.in_batches[call] += times
+
+    def _faulting(self) -> bool:
+        """Whether _fault can inject a failure now (when not, it answers None undrawn)."""
+        return bool(self.control.faults.error_rate)
 
     def _fault(self, method: str, path: str) -> Result | None:
         faults = self.control.faults

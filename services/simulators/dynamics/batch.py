@@ -19,7 +19,7 @@ other is read line by line to the same effect; a change set holding one such req
 clients send each write) is read without splitting it; a request's headers are parsed once
 per distinct text in the batch, and a lone request whose head has the bytes of the one
 before (as a run of creates has) takes that one's reading; once two in a row have, the next
-change sets are matched whole against that layout (one pattern match each) and kept as one
+change sets are matched whole against that layout (by memory compares) and kept as one
 run of requests by their Content-ID and body, none read into a part of its own. The answer's
 parts are framed in one join. A change set creating one subscription (as the writer sends
 each create) is run without reading its URL and head again: they are read once per batch,
@@ -77,8 +77,9 @@ class Part:
 
 _NO_IDS: dict[str, str] = {}  # a lone operation's references: none (never written to)
 # A POST that Batch._usual_create runs: the path it is drawn a fault for, its route, how it
-# is answered, and the head of a row's answer before and after its ETag.
-_CreatePlan = tuple[str, str, WriteAnswer, str, str]
+# is answered, the head of a row's answer before and after its ETag, and the key it is
+# counted under when it creates one.
+_CreatePlan = tuple[str, str, WriteAnswer, str, str, tuple[str, str, int]]
 _ETAG_MARK = "\x00"  # (where a row's ETag goes in its answer's head: no header holds it)
 
 
@@ -269,25 +270,20 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
     last_head = b""
     last: Reading | None = None
     # a head that two lone requests in a row had, matched whole (_like_lone) with its reading
-    like: tuple[re.Pattern[bytes], Reading] | None = None
+    like: tuple[bytes, Reading] | None = None
     run: Part | None = None  # the run that change sets it matches join, while the last part
     for chunk in split_multipart(body, boundary):
         if like is not None:
-            matched = like[0].fullmatch(chunk)
-            if matched is not None:
-                inner = matched[1]
-                # the change set's closing delimiter: the first after its opening one
-                if chunk.find(b"--" + inner, matched.end(1) + 6 + len(inner)) \
-                        == len(chunk) - len(inner) - 4:
-                    sent = (matched[2].decode(), matched[3].rstrip(b"\r\n"))
-                    if run is not None and parts[-1] is run:
-                        assert run.run is not None
-                        run.run.append(sent)
-                    else:
-                        method, url, req_headers, prefer = like[1]
-                        run = Part(None, method, url, req_headers, prefer, run=[sent])
-                        parts.append(run)
-                    continue
+            sent = _like_lone(chunk, like[0])
+            if sent is not None:
+                if run is not None and parts[-1] is run:
+                    assert run.run is not None
+                    run.run.append(sent)
+                else:
+                    method, url, req_headers, prefer = like[1]
+                    run = Part(None, method, url, req_headers, prefer, run=[sent])
+                    parts.append(run)
+                continue
         request = _usual_request_head(chunk) if usual_heads else None
         if request is not None:
             content_id, content = request
@@ -309,7 +305,7 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
                 part = Part(content_id or req_headers.get("Content-ID"), method, url,
                             req_headers, prefer, content[len(last_head):].rstrip(b"\r\n"))
                 if like is None or like[1] is not last:
-                    like, run = (_like_lone(last_head), last), None
+                    like, run = (last_head, last), None
             else:
                 part, blank = _request_part_at(content, content_id, heads)
                 if blank >= 0 and part.request_headers is not None:
@@ -338,17 +334,56 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
 Reading = tuple[str, str, CIMultiDictProxy[str], dict[str, str] | None]
 
 
-def _like_lone(head: bytes) -> re.Pattern[bytes]:
-    """A pattern for a whole change set part holding one request with this head (to its
-    blank line), laid out as clients usually send it: the usual change set head, its
-    delimiter, the usual request head with a Content-ID, ``head``, the body, the closing
-    delimiter ending the part. Where it matches, and the first delimiter after the opening
-    one is the closing one, _parse_parts would read the part (Content-ID: group 2, body:
-    group 3, less its trailing line breaks) with the reading of ``head``: each byte it
-    matches is one those readings check for."""
-    return re.compile(_CHANGESET_HEAD + rb"([0-9A-Za-z_.-]+)\r\n\r\n--\1\r\n" + _HTTP_HEAD
-                      + _CONTENT_ID + rb"([0-9]+)\r\n\r\n" + re.escape(head)
-                      + rb"(.*)\r\n--\1--", re.DOTALL)
+# What _like_lone reads in a part: the change set's boundary (to its delimiter), the bytes
+# between it and the request's Content-ID, the Content-ID (to the blank line).
+_LIKE_BOUNDARY = re.compile(rb"([0-9A-Za-z_.-]+)\r\n\r\n--")
+_LIKE_REQUEST = b"\r\n" + _HTTP_HEAD + _CONTENT_ID
+_LIKE_CONTENT_ID = re.compile(rb"([0-9]+)\r\n\r\n")
+
+
+def _like_lone(chunk: bytes, head: bytes) -> tuple[str, bytes] | None:
+    """The Content-ID and body (less its trailing line breaks) of ``chunk`` when it is a
+    whole change set part holding one request with this head (to its blank line), laid out
+    as clients usually send it: the usual change set head, its delimiter, the usual request
+    head with a Content-ID, ``head``, the body, the closing delimiter ending the part, and no
+    other delimiter of the change set after its opening one; else None. Where it answers,
+    _parse_parts would read the part so, with the reading of ``head``: each byte it compares
+    is one those readings check for.
+
+    It answers as a full match of this pattern would (. matching any byte)::
+
+        _CHANGESET_HEAD ([0-9A-Za-z_.-]+) \r\n\r\n-- \1 \r\n _HTTP_HEAD _CONTENT_ID
+        ([0-9]+) \r\n\r\n head (.*) \r\n-- \1 --
+
+    but compares the literal stretches (the head above all) as slices: a pattern engine steps
+    through a literal byte by byte, and a bytes method given offsets parses its arguments
+    at more cost than a slice. The body is what lies between the head and the closing
+    delimiter, which ends the part.
+    """
+    start = len(_CHANGESET_HEAD)
+    if chunk[:start] != _CHANGESET_HEAD:
+        return None
+    opening = _LIKE_BOUNDARY.match(chunk, start)
+    if opening is None:
+        return None
+    inner = opening[1]
+    at = opening.end()
+    request = inner + _LIKE_REQUEST
+    if chunk[at:at + len(request)] != request:
+        return None
+    named = _LIKE_CONTENT_ID.match(chunk, at + len(request))
+    if named is None:
+        return None
+    begin = named.end() + len(head)
+    closing = len(chunk) - len(inner) - 6  # where "\r\n--<boundary>--" starts
+    if (closing < begin or chunk[named.end():begin] != head
+            or chunk[closing:] != b"\r\n--" + inner + b"--"):
+        return None
+    # the change set's closing delimiter must be the first after its opening one (looked
+    # for in place: a slice of the part would copy most of it)
+    if chunk.find(b"--" + inner, at + len(inner)) != closing + 2:
+        return None
+    return named[1].decode(), chunk[begin:closing].rstrip(b"\r\n")
 
 
 def _first_line(text: str) -> str:
@@ -472,11 +507,28 @@ def _multipart(parts: list[bytes], boundary: str, *, last_break: bool = True,
     return b"".join(framed)
 
 
+# A change set answer's count in its boundary, laid out (_count_text) for as many as a
+# batch of lone writes gives: formatting each costs more than looking it up.
+_COUNTED = MAX_OPERATIONS + 1
+_COUNTS = [f"{n:012x}" for n in range(_COUNTED)]
+
+
+def _count_text(count: int) -> str:
+    return _COUNTS[count] if count < _COUNTED else f"{count:012x}"
+
+
 class Batch:
-    def __init__(self, *, api: Api, record: Record, fault: Fault) -> None:
+    def __init__(self, *, api: Api, record: Record, fault: Fault,
+                 faulting: Callable[[], bool] = lambda: True) -> None:
+        """``faulting``: whether ``fault`` can inject any failure now (when it can't, it
+        answers None without drawing)."""
         self.api = api
         self.record = record
         self.fault = fault
+        self.faulting = faulting
+        # whether the running batch's operations are drawn faults for: nothing changes the
+        # faults injected while a batch runs, so _usual_create asks once per batch
+        self._faulting = True
         self._queries: dict[str, MultiDictProxy[str]] = {}  # parsed query texts
         self._places: dict[tuple[str, str], Place] = {}  # request URLs located (_place)
         self._stem, self._changesets = "", 0  # the running batch's change set boundaries
@@ -505,6 +557,7 @@ class Batch:
         keep_going = "odata.continue-on-error" in call.prefer()
         self._stem, self._changesets = new_guid()[:24], 0
         self._tally, self._plans = {}, {}
+        self._faulting = self.faulting()
         try:
             return self._run(call, parts, keep_going=keep_going)
         finally:
@@ -615,8 +668,8 @@ class Batch:
     def _lone_boundary(self) -> str:
         """The next change set answer's boundary: the batch's random stem and a count (unique
         within the answer, as unguessable as the stem; cheaper than a GUID each)."""
-        self._changesets += 1
-        return f"changesetresponse_{self._stem}{self._changesets:012x}"
+        self._changesets = count = self._changesets + 1
+        return f"changesetresponse_{self._stem}{_count_text(count)}"
 
     def _lone_framed(self, result: Result, cid: str | None) -> bytes:
         """The answer of a change set whose one operation succeeded with ``result``."""
@@ -654,7 +707,7 @@ class Batch:
         # where the row's ETag goes
         laid = _http_head(Result(201, b"", answer.headers(_ETAG_MARK)))
         before, _, after = laid.removeprefix(_PART_HEAD).partition(_ETAG_MARK)
-        return path, target.template, answer, before, after
+        return path, target.template, answer, before, after, ("POST", target.template, 201)
 
     def _usual_create(self, cid: str | None, body: bytes,
                       plan: _CreatePlan) -> tuple[bool, bytes] | None:
@@ -672,15 +725,17 @@ class Batch:
         3. A row returned is framed from the plan's layout of its head: only its ETag and
            the Content-ID differ from one to the next.
         """
-        if b'"$' in body:
+        # (find, not ``in``: a bytes ``in`` bytes first tries the operand as a byte value, and
+        # the error it raises and drops costs more than the search)
+        if body.find(b'"$') >= 0:
             return None
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None
-        path, route, answer, before, after = plan
+        path, route, answer, before, after, created = plan
         tally = self._tally
-        result = self.fault("POST", path)
+        result = self.fault("POST", path) if self._faulting else None
         if result is None:
             writes = self.api.writes
             row = writes.usual_create(data)
@@ -691,8 +746,7 @@ class Batch:
                 except ApiError as exc:  # (the change set's writes undone)
                     result = exc.result()
             if row is not None and answer.context is not None:
-                key = ("POST", route, 201)
-                tally[key] = tally.get(key, 0) + 1
+                tally[created] = tally.get(created, 0) + 1
                 etag = f'W/"{row["versionnumber"]}"'
                 boundary = self._lone_boundary()
                 named = "" if cid is None else f"Content-ID: {cid}\r\n"
@@ -729,7 +783,8 @@ class Batch:
             else:
                 place = self._place(outer.version, url)
             # (as _resolve_body: only a '"$' in the body can refer to an earlier operation)
-            body = self._resolve_body(part.body, ids) if b'"$' in part.body else part.body
+            body = (self._resolve_body(part.body, ids) if part.body.find(b'"$') >= 0
+                    else part.body)
         except ApiError as exc:
             return exc.result()
         version, tail, query, target, path = place

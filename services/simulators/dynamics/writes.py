@@ -29,8 +29,10 @@ import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from time import time as _system_time
 from typing import Any, NamedTuple
 
+from ..base import SimClock
 from .protocol import (
     DUPLICATE_RECORD,
     INVALID_ARGUMENT,
@@ -223,11 +225,16 @@ def _validation(message: str) -> ApiError:
 
 class Writes:
     def __init__(self, store: Store, now: Callable[[], datetime],
-                 on_write: Callable[[], None] = lambda: None) -> None:
+                 on_write: Callable[[], None] = lambda: None, *,
+                 clock: SimClock | None = None) -> None:
+        """``clock``: the simulator's clock, when ``now`` is its reading."""
         self.store = store
         self.now = now
+        self._clock = clock
         self._second: datetime | None = None  # the last whole second stamped (_stamp_time)
         self._next = datetime.min  # the second after it
+        # the POSIX times the last second stamped runs from and to (_stamp_time)
+        self._span = (0.0, 0.0)
         self.on_write = on_write
         # a subscription's usual create and status update take their own path (tests turn it
         # off to hold it to the general one)
@@ -285,7 +292,17 @@ class Writes:
     def _stamp_time(self) -> datetime:
         """The clock truncated to whole seconds, as writes stamp rows: the same object all
         through a second (cheaper than truncating each reading, and the ``modifiedon`` index
-        compares equal stamps by identity)."""
+        compares equal stamps by identity).
+
+        While the simulator's clock runs neither frozen nor shifted, its reading is the
+        system time's in UTC: a system time within the last second stamped is that second
+        (read as a float, it costs a fraction of a datetime)."""
+        clock = self._clock
+        if clock is not None and clock._frozen is None and not clock._offset:
+            start, end = self._span
+            if start <= _system_time() < end:
+                assert self._second is not None  # (the span is empty until one is stamped)
+                return self._second
         now = self.now()
         second = self._second
         # (two comparisons: cheaper than the difference's timedelta)
@@ -293,6 +310,9 @@ class Writes:
             return second
         second = self._second = now.replace(microsecond=0)
         self._next = second + _ONE_SECOND
+        if clock is not None:
+            start = second.timestamp()
+            self._span = (start, start + 1.0)
         return second
 
     def _settle_state(self, schema: TableSchema, row: Row, changes: dict[str, Any],
