@@ -8,9 +8,10 @@ once. What PostgreSQL needs differently is here:
 - a connection pool instead of one connection, so transactions of different shards run at once;
 - the tables are created from the same statements with PostgreSQL's types (BIGINT, BYTEA);
 - compare-and-set: SQLite's ``BEGIN IMMEDIATE`` serialises writers, PostgreSQL's default
-  isolation does not, so a save first takes a transaction-scoped advisory lock per key (in key
-  order, so two saves never deadlock). Keys not stored yet are locked too, which row locks
-  could not do. The states are then written with the revision check inside the writes, as on
+  isolation does not, so a save first takes a transaction-scoped advisory lock per email of
+  its keys (in lock order, so two saves never deadlock; per email, not per key, so a big save
+  stays within PostgreSQL's shared lock table). Keys not stored yet are locked too, which row
+  locks could not do. The states are then written with the revision check inside the writes, as on
   SQLite, each over arrays in one statement that names the keys it wrote.
 
 ``postgresql://user@host:5432/db`` (``postgres://`` too); extra query parameters are session
@@ -156,9 +157,12 @@ _INSERT_STATES = """
 
 
 def _lock_id(key: KeyTuple) -> int:
-    account, email, preference_id = key
-    digest = hashlib.blake2b(f"{account}\x1f{email}\x1f{preference_id}".encode(),
-                             digest_size=8).digest()
+    """The advisory lock a save of ``key`` takes: its email's, so a save holds one lock per
+    email, not one per key (PostgreSQL keeps advisory locks in a shared table of
+    ``max_locks_per_transaction`` x connections entries; a write round of thousands of keys
+    with other rounds under way ran it out: "out of shared memory")."""
+    account, email, _ = key
+    digest = hashlib.blake2b(f"{account}\x1f{email}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 

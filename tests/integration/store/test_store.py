@@ -507,3 +507,14 @@ async def test_making_postgresql_tables_is_tried_again_after_a_deadlock(
             await working.close()
             await watching.close()
     assert "deadlocked with another process" in caplog.text
+
+
+async def test_a_save_of_more_keys_than_postgres_holds_locks_for_goes_through(
+        store: LedgerStore) -> None:
+    """PostgreSQL keeps advisory locks in a shared table of max_locks_per_transaction x
+    max_connections entries (6,400 by default); a save locks each email of its keys once, so
+    30,000 keys of 6,000 emails take 6,000 (one per key ran it out: "out of shared memory")."""
+    keys = [key(email=f"p{i}@example.com", pref=p) for i in range(6_000) for p in range(1, 6)]
+    revisions = await store.save_rows([(None, key_tuple(k), EMPTY_STATE) for k in keys])
+    assert revisions == [1] * len(keys)
+    assert len(await store.load_rows(map(key_tuple, keys))) == len(keys)
