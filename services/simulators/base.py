@@ -44,6 +44,11 @@ class SimClock:
             return self._frozen
         return datetime.now(UTC) + self._offset
 
+    @property
+    def is_system_time(self) -> bool:
+        """Neither frozen nor shifted: :meth:`now` is the system time in UTC."""
+        return self._frozen is None and not self._offset
+
     def set(self, *, offset_s: float | None = None, freeze_at: datetime | None = None) -> None:
         self._offset = timedelta(seconds=offset_s or 0.0)
         self._frozen = freeze_at.astimezone(UTC) if freeze_at is not None else None

@@ -298,7 +298,7 @@ class Writes:
         system time's in UTC: a system time within the last second stamped is that second
         (read as a float, it costs a fraction of a datetime)."""
         clock = self._clock
-        if clock is not None and clock._frozen is None and not clock._offset:
+        if clock is not None and clock.is_system_time:
             start, end = self._span
             if start <= _system_time() < end:
                 assert self._second is not None  # (the span is empty until one is stamped)
