@@ -8,11 +8,15 @@ once. What PostgreSQL needs differently is here:
 - a connection pool instead of one connection, so transactions of different shards run at once;
 - the tables are created from the same statements with PostgreSQL's types (BIGINT, BYTEA);
 - compare-and-set: SQLite's ``BEGIN IMMEDIATE`` serialises writers, PostgreSQL's default
-  isolation does not, so a save first takes a transaction-scoped advisory lock per email of
-  its keys (in lock order, so two saves never deadlock; per email, not per key, so a big save
-  stays within PostgreSQL's shared lock table). Keys not stored yet are locked too, which row
-  locks could not do. The states are then written with the revision check inside the writes, as on
-  SQLite, each over arrays in one statement that names the keys it wrote.
+  isolation does not, so a save first holds each of its keys, always in the same order (so two
+  saves with keys in common queue behind each other and never deadlock): a transaction-scoped
+  advisory lock per email of its keys not stored yet (a row lock cannot hold a row that is not
+  there), then a row lock on each stored key, in key order. Row locks are kept in the rows
+  themselves; advisory locks take room in PostgreSQL's shared lock table
+  (``max_locks_per_transaction`` x connections), which write rounds of thousands of keys
+  locked as emails ran out ("out of shared memory"). The states are then written with the
+  revision check inside the writes, as on SQLite, each over arrays in one statement that names
+  the keys it wrote.
 
 ``postgresql://user@host:5432/db`` (``postgres://`` too); extra query parameters are session
 settings, e.g. ``?search_path=prefsync`` to keep the ledger in its own schema.
@@ -156,11 +160,21 @@ _INSERT_STATES = """
     RETURNING account, email, preference_id"""
 
 
+# The stored keys of a save, held in key order (the sort is below the lock, so rows are locked
+# in its order) until the transaction ends.
+_LOCK_STATES = """
+    SELECT 1 FROM key_state AS k
+    JOIN unnest(CAST(? AS TEXT[]), CAST(? AS TEXT[]), CAST(? AS BIGINT[]))
+         AS u (account, email, preference_id)
+      ON k.account = u.account AND k.email = u.email AND k.preference_id = u.preference_id
+    ORDER BY k.account, k.email, k.preference_id
+    FOR UPDATE OF k"""
+
+
 def _lock_id(key: KeyTuple) -> int:
-    """The advisory lock a save of ``key`` takes: its email's, so a save holds one lock per
-    email, not one per key (PostgreSQL keeps advisory locks in a shared table of
-    ``max_locks_per_transaction`` x connections entries; a write round of thousands of keys
-    with other rounds under way ran it out: "out of shared memory")."""
+    """The advisory lock a save of ``key`` (not stored yet) takes: its email's, so a save holds
+    one lock per email, not one per key (PostgreSQL keeps advisory locks in a shared table of
+    ``max_locks_per_transaction`` x connections entries)."""
     account, email, _ = key
     digest = hashlib.blake2b(f"{account}\x1f{email}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
@@ -246,22 +260,32 @@ class PostgresLedgerStore(SqliteLedgerStore):
         return answers
 
     async def _write(self, batch: SaveBatch) -> list[int]:
-        async with self._transaction() as db:
-            # Hold every key (stored or not) until this transaction ends; sorted, so that two
-            # saves with overlapping keys queue behind each other instead of deadlocking.
-            locks = sorted({_lock_id(k) for k in batch.keys})
-            await db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(? AS BIGINT[])) "
-                             "WITH ORDINALITY AS t (k, n) ORDER BY n", (locks,))
-            written: set[tuple[str, str, int]] = set()
-            for sql, states in ((_UPDATE_STATES, batch.updates()),
-                                (_INSERT_STATES, batch.inserts())):
-                if states:
-                    columns = [list(column) for column in zip(*states, strict=True)]
-                    async with db.execute(sql, columns) as cursor:
-                        written.update((a, e, p) for a, e, p in await cursor.fetchall())
-            if len(written) != len(batch.changes):
-                # the transaction rolls back: nothing of this save is written
-                raise ConflictError([key_of(k) for k in batch.keys if k not in written])
-            for sql, rows in batch.statements():
-                await db.executemany(sql, rows)
+        try:
+            async with self._transaction() as db:
+                # Hold every key until this transaction ends, always in the same order: the
+                # emails of new keys (sorted), then stored keys' rows (in key order).
+                updates, inserts = batch.updates(), batch.inserts()
+                if inserts:
+                    locks = sorted({_lock_id(row[:3]) for row in inserts})
+                    await db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(? AS "
+                                     "BIGINT[])) WITH ORDINALITY AS t (k, n) ORDER BY n", (locks,))
+                if updates:
+                    # (account, email, preference_id) of each: columns 2-4 of an update's row
+                    await db.execute(_LOCK_STATES, [list(c) for c in zip(
+                        *(row[2:5] for row in updates), strict=True)])
+                written: set[tuple[str, str, int]] = set()
+                for sql, states in ((_UPDATE_STATES, updates), (_INSERT_STATES, inserts)):
+                    if states:
+                        columns = [list(column) for column in zip(*states, strict=True)]
+                        async with db.execute(sql, columns) as cursor:
+                            written.update((a, e, p) for a, e, p in await cursor.fetchall())
+                if len(written) != len(batch.changes):
+                    # the transaction rolls back: nothing of this save is written
+                    raise ConflictError([key_of(k) for k in batch.keys if k not in written])
+                for sql, rows in batch.statements():
+                    await db.executemany(sql, rows)
+        except asyncpg.DeadlockDetectedError:
+            # rows a save writes past its keys (contacts, subscriptions) met another's taken
+            # in another order; PostgreSQL undid this one: it is tried again, as a conflict
+            raise ConflictError(list(map(key_of, batch.keys))) from None
         return batch.revisions

@@ -312,10 +312,13 @@ class SaveBatch:
     def statements(self) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
         """What the save runs once its states are written: (statement, rows) for
         ``executemany``."""
+        # contacts and subscription rows in key order (a row's own rows keep theirs): two
+        # saves with rows in common on PostgreSQL then lock them in one order, never deadlock
         return [*([(_INSERT_HISTORY, self.history_rows)] if self.history_rows else []),
                 *self.index,
-                *([(_UPSERT_CONTACT, self.contact_rows)] if self.contact_rows else []),
-                *([(UPSERT_SUBSCRIPTION, self.subscription_rows)]
+                *([(_UPSERT_CONTACT, sorted(self.contact_rows, key=_row_key))]
+                  if self.contact_rows else []),
+                *([(UPSERT_SUBSCRIPTION, sorted(self.subscription_rows, key=_row_key))]
                   if self.subscription_rows else [])]
 
     def write(self, connection: sqlite3.Connection) -> None:
@@ -354,6 +357,11 @@ def _history_row(h: HistoryEntry) -> tuple[Any, ...]:
             to_us(h.origin_time), h.change_id, h.decision, to_us(h.recorded_at),
             None if h.corrected_time is None else to_us(h.corrected_time),
             history_bucket(h.email))
+
+
+def _row_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A contact's or a subscription row's key: (account, email) or (account, its id)."""
+    return row[:2]
 
 
 def _contact_row(c: ContactState) -> tuple[Any, ...]:

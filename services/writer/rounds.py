@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from common.messaging.abc import Delivery
 from common.messaging.middleware import Handled
 from common.messaging.resilience import dependency_of
+
+log = logging.getLogger("prefsync.writer")
 
 # A round waiting for the budget looks again at least this often (rule 6).
 MAX_BUDGET_WAIT_S = 5.0
@@ -124,6 +127,9 @@ class WriteRounds:
                 for _, result in pairs:
                     _settle(result, error=exc)  # rule 3
                 return
+            # so an operator sees it (only the error's kind: its text may name a person)
+            log.warning("a write round failed; its batches are written one by one", extra={
+                "batches": len(pairs), "error": type(exc).__name__})
             await asyncio.gather(*(self._alone(batch, result) for batch, result in pairs))
             return
         for (_, result), one in zip(pairs, handled, strict=True):

@@ -518,3 +518,19 @@ async def test_a_save_of_more_keys_than_postgres_holds_locks_for_goes_through(
     revisions = await store.save_rows([(None, key_tuple(k), EMPTY_STATE) for k in keys])
     assert revisions == [1] * len(keys)
     assert len(await store.load_rows(map(key_tuple, keys))) == len(keys)
+
+
+async def test_a_save_of_more_stored_emails_than_postgres_holds_locks_for_goes_through(
+        store: LedgerStore) -> None:
+    """A save holds its stored keys by their rows, which PostgreSQL keeps in the rows
+    themselves: 20,000 stored keys of 20,000 emails in one save (a lock per email ran the
+    shared lock table out)."""
+    keys = [key(email=f"p{i}@example.com", pref=1) for i in range(20_000)]
+    for start in range(0, len(keys), 4_000):  # stored a few thousand emails at a time
+        await store.save_rows([(None, key_tuple(k), EMPTY_STATE)
+                               for k in keys[start:start + 4_000]])
+    changed = EMPTY_STATE._replace(pending=((True, 1_000), None))
+    revisions = await store.save_rows([(1, key_tuple(k), changed) for k in keys])
+    assert revisions == [2] * len(keys)
+    loaded = await store.load_rows(map(key_tuple, keys))
+    assert {state.revision for state in loaded.values()} == {2}

@@ -7,6 +7,7 @@ one write."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,7 +139,8 @@ async def test_a_lone_batch_is_written_once_the_linger_is_over(tmp_path: Path) -
 
 
 async def test_a_bad_batch_is_found_by_its_own_consumer_and_the_others_go_through(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="prefsync.writer")
     async with bed(tmp_path) as b:
         writer = RoundWriter()
         emails = spread(8)
@@ -157,6 +159,10 @@ async def test_a_bad_batch_is_found_by_its_own_consumer_and_the_others_go_throug
         assert written == set(emails) - bad_batch
         [dead] = b.dead_letters()
         assert "cannot write" in str(dead.headers[REASON])
+        # the operator is told the round went batch by batch, and why, but not whose it was
+        [warning] = [r for r in caplog.records if "batches are written one by one" in r.message]
+        assert (warning.__dict__["batches"], warning.__dict__["error"]) == (SHARDS, "ValueError")
+        assert emails[0] not in caplog.handler.format(warning)
 
 
 async def test_a_dependency_down_fails_every_batch_and_they_meet_again(tmp_path: Path) -> None:
