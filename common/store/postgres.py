@@ -8,15 +8,15 @@ once. What PostgreSQL needs differently is here:
 - a connection pool instead of one connection, so transactions of different shards run at once;
 - the tables are created from the same statements with PostgreSQL's types (BIGINT, BYTEA);
 - compare-and-set: SQLite's ``BEGIN IMMEDIATE`` serialises writers, PostgreSQL's default
-  isolation does not, so a save first holds each of its keys, always in the same order (so two
-  saves with keys in common queue behind each other and never deadlock): a transaction-scoped
-  advisory lock per email of its keys not stored yet (a row lock cannot hold a row that is not
-  there), then a row lock on each stored key, in key order. Row locks are kept in the rows
+  isolation does not. A save's stored keys are written with the revision check inside the
+  update, which takes their rows' locks as it writes them, and a row whose revision moved
+  meanwhile is not written: the save is a conflict and rolls back. Keys not stored yet have no row to lock: the save first takes a
+  transaction-scoped advisory lock per email of those (sorted). Row locks are kept in the rows
   themselves; advisory locks take room in PostgreSQL's shared lock table
-  (``max_locks_per_transaction`` x connections), which write rounds of thousands of keys
-  locked as emails ran out ("out of shared memory"). The states are then written with the
-  revision check inside the writes, as on SQLite, each over arrays in one statement that names
-  the keys it wrote.
+  (``max_locks_per_transaction`` x connections), which saves of thousands of stored emails,
+  locked by email, ran out ("out of shared memory"). Should two saves still meet on rows in
+  opposite orders, PostgreSQL fails one of them, and that one is a conflict, tried again.
+  Each write is over arrays in one statement.
 
 ``postgresql://user@host:5432/db`` (``postgres://`` too); extra query parameters are session
 settings, e.g. ``?search_path=prefsync`` to keep the ledger in its own schema.
@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from common.domain import PreferenceKey
 from common.domain.rows import KeyTuple, key_of
 from common.store.batch_reads import Part, Query
 from common.store.connection import Connection, Statement
@@ -47,6 +48,7 @@ from common.store.sqlite import (
     SCHEMA_STATEMENTS,
     SaveBatch,
     SqliteLedgerStore,
+    revision_queries,
     settle_schema,
 )
 
@@ -142,15 +144,15 @@ def postgres_ddl(statement: str) -> str:
 
 
 # The compare-and-set writes of common.store.sqlite, each over arrays (one column each) in one
-# statement, which returns the keys it wrote.
+# statement: the updates, counted by their command tag, and the inserts, which answer the keys
+# they wrote.
 _UPDATE_STATES = """
     UPDATE key_state AS k SET revision = u.revision, state = u.state
     FROM unnest(CAST(? AS BIGINT[]), CAST(? AS BYTEA[]), CAST(? AS TEXT[]), CAST(? AS TEXT[]),
                 CAST(? AS BIGINT[]), CAST(? AS BIGINT[]))
          AS u (revision, state, account, email, preference_id, expected)
     WHERE k.account = u.account AND k.email = u.email AND k.preference_id = u.preference_id
-      AND k.revision = u.expected
-    RETURNING k.account, k.email, k.preference_id"""
+      AND k.revision = u.expected"""
 
 _INSERT_STATES = """
     INSERT INTO key_state (account, email, preference_id, revision, state)
@@ -160,17 +162,6 @@ _INSERT_STATES = """
     RETURNING account, email, preference_id"""
 
 
-# The stored keys of a save, held in key order (the sort is below the lock, so rows are locked
-# in its order) until the transaction ends.
-_LOCK_STATES = """
-    SELECT 1 FROM key_state AS k
-    JOIN unnest(CAST(? AS TEXT[]), CAST(? AS TEXT[]), CAST(? AS BIGINT[]))
-         AS u (account, email, preference_id)
-      ON k.account = u.account AND k.email = u.email AND k.preference_id = u.preference_id
-    ORDER BY k.account, k.email, k.preference_id
-    FOR UPDATE OF k"""
-
-
 def _lock_id(key: KeyTuple) -> int:
     """The advisory lock a save of ``key`` (not stored yet) takes: its email's, so a save holds
     one lock per email, not one per key (PostgreSQL keeps advisory locks in a shared table of
@@ -178,6 +169,10 @@ def _lock_id(key: KeyTuple) -> int:
     account, email, _ = key
     digest = hashlib.blake2b(f"{account}\x1f{email}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+class _Moved(Exception):
+    """A save's update met rows whose revisions moved: its transaction rolls back."""
 
 
 class PostgresConnection:
@@ -193,6 +188,12 @@ class PostgresConnection:
             return list(await self._connection.fetch(to_postgres(sql), *args))
 
         return Statement(run)
+
+    async def rows_written(self, sql: str, parameters: Iterable[Any]) -> int:
+        """How many rows ``sql`` (an UPDATE, INSERT or DELETE) wrote, from its command tag:
+        no row comes back."""
+        tag = await self._connection.execute(to_postgres(sql), *parameters)
+        return int(tag.rpartition(" ")[2])
 
     def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> Statement:
         rows = [tuple(p) for p in parameters]
@@ -260,32 +261,46 @@ class PostgresLedgerStore(SqliteLedgerStore):
         return answers
 
     async def _write(self, batch: SaveBatch) -> list[int]:
+        if self._pool is None:
+            raise RuntimeError("the ledger store is not open")
         try:
-            async with self._transaction() as db:
-                # Hold every key until this transaction ends, always in the same order: the
-                # emails of new keys (sorted), then stored keys' rows (in key order).
+            async with self._pool.acquire() as connection, connection.transaction():
+                db = PostgresConnection(connection)
                 updates, inserts = batch.updates(), batch.inserts()
                 if inserts:
+                    # new keys: their emails held until this transaction ends (sorted)
                     locks = sorted({_lock_id(row[:3]) for row in inserts})
                     await db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(? AS "
                                      "BIGINT[])) WITH ORDINALITY AS t (k, n) ORDER BY n", (locks,))
                 if updates:
-                    # (account, email, preference_id) of each: columns 2-4 of an update's row
-                    await db.execute(_LOCK_STATES, [list(c) for c in zip(
-                        *(row[2:5] for row in updates), strict=True)])
-                written: set[tuple[str, str, int]] = set()
-                for sql, states in ((_UPDATE_STATES, updates), (_INSERT_STATES, inserts)):
-                    if states:
-                        columns = [list(column) for column in zip(*states, strict=True)]
-                        async with db.execute(sql, columns) as cursor:
-                            written.update((a, e, p) for a, e, p in await cursor.fetchall())
-                if len(written) != len(batch.changes):
-                    # the transaction rolls back: nothing of this save is written
-                    raise ConflictError([key_of(k) for k in batch.keys if k not in written])
+                    # stored keys: their rows, as the update writes them (in key order)
+                    columns = [list(column) for column in zip(*updates, strict=True)]
+                    if await db.rows_written(_UPDATE_STATES, columns) != len(updates):
+                        raise _Moved  # rolled back: nothing of this save is written
+                if inserts:
+                    columns = [list(column) for column in zip(*inserts, strict=True)]
+                    async with db.execute(_INSERT_STATES, columns) as cursor:
+                        written = {(a, e, p) for a, e, p in await cursor.fetchall()}
+                    if len(written) != len(inserts):
+                        raise ConflictError([key_of(row[:3]) for row in inserts
+                                             if row[:3] not in written])
                 for sql, rows in batch.statements():
                     await db.executemany(sql, rows)
+        except _Moved:
+            raise ConflictError(await self._moved(batch)) from None
         except asyncpg.DeadlockDetectedError:
-            # rows a save writes past its keys (contacts, subscriptions) met another's taken
-            # in another order; PostgreSQL undid this one: it is tried again, as a conflict
+            # two saves met on rows in opposite orders; PostgreSQL undid this one: it is tried
+            # again, as a conflict
             raise ConflictError(list(map(key_of, batch.keys))) from None
         return batch.revisions
+
+    async def _moved(self, batch: SaveBatch) -> list[PreferenceKey]:
+        """The keys of ``batch`` whose stored revisions are not those it expects, read once its
+        transaction rolled back (all of them when none are: it met a conflict that is over)."""
+        stored: dict[KeyTuple, int] = {}
+        async with self._reading() as db:
+            for sql, params in revision_queries(batch.keys):
+                async with db.execute(sql, params) as cursor:
+                    for account, email, preference_id, revision in await cursor.fetchall():
+                        stored[(account, email, preference_id)] = revision
+        return batch.moved(stored) or list(map(key_of, batch.keys))

@@ -205,7 +205,7 @@ def _keyed(columns: str, keys: Sequence[KeyTuple]) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def _revision_queries(keys: Sequence[KeyTuple]) -> list[tuple[str, list[Any]]]:
+def revision_queries(keys: Sequence[KeyTuple]) -> list[tuple[str, list[Any]]]:
     return [_keyed("k.account, k.email, k.preference_id, k.revision", keys[i:i + _CHUNK])
             for i in range(0, len(keys), _CHUNK)]
 
@@ -332,7 +332,7 @@ class SaveBatch:
             # name the keys that moved from the revisions as they were before this save
             connection.execute("ROLLBACK TO states")
             stored: dict[KeyTuple, int] = {}
-            for sql, params in _revision_queries(self.keys):
+            for sql, params in revision_queries(self.keys):
                 for account, email, preference_id, revision in connection.execute(sql, params):
                     stored[(account, email, preference_id)] = revision
             raise ConflictError(self.moved(stored) or [key_of(k) for k in self.keys])

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 from common.domain import KeyState, PreferenceKey
+from common.domain.rows import EMPTY_STATE, key_tuple
 from common.store import ConflictError, LedgerStore, open_store
 
 from .stepped_clock import SteppedClock
@@ -106,3 +108,34 @@ async def test_a_lapsed_lease_is_not_renewed(store: LedgerStore, other: LedgerSt
     assert await other.acquire_lease("acme:ec-poller", "r2", ttl_s=30)
     await other.release_lease("acme:ec-poller", "r2")
     assert not await store.renew_lease("acme:ec-poller", "r1", ttl_s=30)
+
+
+async def test_a_save_caught_in_a_deadlock_is_a_conflict(store: LedgerStore, url: str) -> None:
+    """PostgreSQL breaks a deadlock by failing one of its transactions: when that is a save, it
+    is a conflict (its caller loads the keys again and tries again), not an error."""
+    if not url.startswith("postgres"):
+        pytest.skip("SQLite serialises writers: a save never waits for another's rows")
+    ann, bob = (key_tuple(PreferenceKey(account="acme", email=e, preference_id=1))
+                for e in ("ann@example.com", "bob@example.com"))
+    await store.save_rows([(None, ann, EMPTY_STATE), (None, bob, EMPTY_STATE)])
+    changed = EMPTY_STATE._replace(pending=((True, 1_000), None))
+    holder = await asyncpg.connect(url)
+    try:
+        held = holder.transaction()
+        await held.start()
+        lock = "SELECT 1 FROM key_state WHERE email = $1 FOR UPDATE"
+        await holder.execute(lock, "bob@example.com")
+        saving = asyncio.ensure_future(store.save_rows([(1, ann, changed), (1, bob, changed)]))
+        # the save holds ann's row and waits for bob's (PostgreSQL tells of no such event)
+        while not await holder.fetchval(  # noqa: ASYNC110
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE '%UPDATE key_state%'"):
+            await asyncio.sleep(0.01)
+        locking = asyncio.ensure_future(holder.execute(lock, "ann@example.com"))
+        with pytest.raises(ConflictError):
+            await saving
+        await locking  # the save gave way
+        await held.rollback()
+    finally:
+        await holder.close()
+    assert await store.save_rows([(1, ann, changed), (1, bob, changed)]) == [2, 2]
