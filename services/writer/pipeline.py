@@ -165,7 +165,7 @@ class Writer:
         if work.begins_during_read:
             # step 5 beside step 3: what the read changes is seldom what is written
             started = self._started(outcome)
-            likely, _ = self._decide(commands, rows, as_read, contacts, work)
+            likely, suppressed = self._decide(commands, rows, as_read, contacts, work)
             reading = asyncio.ensure_future(work.read(states=as_read, covered=covered,
                                                       snapshot=snapshot))
             try:
@@ -185,7 +185,15 @@ class Writer:
             await work.read(states=as_read, covered=covered, snapshot=snapshot)
         preview = fold_rows(as_read, map(observation_row, outcome.observations),
                             suppressed=()).states
-        todo, suppressed = self._decide(commands, rows, preview, contacts, work)
+        if work.begins_during_read:
+            # decided again only where the read observed something: the rest stands
+            observed = {observation.key for observation in outcome.observations}
+            again, _ = self._decide({k: c for k, c in commands.items() if k in observed},
+                                    rows, preview, contacts, work)
+            todo = {k: c for k, c in commands.items()
+                    if (k in again if k in observed else k in likely)}
+        else:
+            todo, suppressed = self._decide(commands, rows, preview, contacts, work)
         outcome.suppressed |= suppressed
         if todo:
             if late := {key: command for key, command in todo.items() if key not in likely}:
