@@ -748,7 +748,9 @@ class Batch:
             if row is not None and answer.context is not None:
                 tally[created] = tally.get(created, 0) + 1
                 etag = f'W/"{row["versionnumber"]}"'
-                boundary = self._lone_boundary()
+                # (_lone_boundary, inline: its calls cost more than their work)
+                self._changesets = count = self._changesets + 1
+                boundary = f"changesetresponse_{self._stem}{_count_text(count)}"
                 named = "" if cid is None else f"Content-ID: {cid}\r\n"
                 return True, b"".join((
                     f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n--{boundary}"

@@ -110,7 +110,8 @@ class ModifiedIndex:
     def add(self, stamp: datetime, row_id: str) -> None:
         if not isinstance(row_id, str):  # (as _key)
             raise TypeError(f"an id must be a string, not {type(row_id).__name__}")
-        prefix = self._prefix(stamp)
+        # (_prefix's look among the kept ones, inline: a call costs more than the look)
+        prefix = self._prefixes.get(stamp) or self._prefix(stamp)
         if prefix == self._newest:
             self._pending.add(prefix + row_id)
         elif prefix > self._newest:  # a newer second: the waiting ones join the rest
@@ -216,6 +217,13 @@ class Table:
     def _index(self, row_id: str, row: Row, unique: tuple[Any, ...] | None) -> None:
         self.changes.add((row["versionnumber"], row_id))
         self.by_modified.add(row["modifiedon"], row_id)
+        self._index_columns(row_id, row)
+        key = self.unique_key(row) if unique is None else unique
+        if key is not None:
+            self.unique[key] = row_id
+
+    def _index_columns(self, row_id: str, row: Row) -> None:
+        """File a new row in the column indexes kept."""
         for col, index in self.indexes.items():  # as _filed_under, inline
             value = row.get(col)
             if value is not None:
@@ -226,9 +234,6 @@ class Table:
                     index[value] = {row_id}
                 else:
                     ids.add(row_id)
-        key = self.unique_key(row) if unique is None else unique
-        if key is not None:
-            self.unique[key] = row_id
 
     def _unindex(self, row_id: str, row: Row) -> None:
         self.changes.remove((row["versionnumber"], row_id))
@@ -308,7 +313,8 @@ class Table:
 
     def add(self, row_id: str, row: Row, unique: tuple[Any, ...] | None = None) -> None:
         """set of ``row`` under an id holding no row (as a create stores it), without set's
-        look for the row it replaces."""
+        look for the row it replaces; _index's steps inline (a call costs more than most of
+        them)."""
         self._writes += 1
         if not self._writes % _SWEEP_EVERY:
             self._drop_unread()
@@ -319,7 +325,13 @@ class Table:
         self.rows[row_id] = row
         if self._order is not None:
             self._order.add(row_id)
-        self._index(row_id, row, unique)
+        self.changes.add((row["versionnumber"], row_id))
+        self.by_modified.add(row["modifiedon"], row_id)
+        if self.indexes:
+            self._index_columns(row_id, row)
+        key = self.unique_key(row) if unique is None else unique
+        if key is not None:
+            self.unique[key] = row_id
 
     def bulk_load(self, rows: list[Row], tombstones: dict[str, int] | None = None, *,
                   in_order: bool = False) -> None:
@@ -415,6 +427,13 @@ class Store:
             table.add(row_id, row, unique)
         else:
             table.set(row_id, row, None, unique)
+
+    def put_new(self, table: Table, row_id: str, row: Row, unique: tuple[Any, ...]) -> None:
+        """put of a row under an id holding none in ``table``, its alternate key ``unique``."""
+        journal = self._journal
+        if journal is not None:  # (as put records it: no row before)
+            journal.append(("row", table, row_id, None, table.tombstones.get(row_id)))
+        table.add(row_id, row, unique)
 
     def delete(self, entity_set: str, row_id: str, version: int) -> Row:
         table = self.tables[entity_set]

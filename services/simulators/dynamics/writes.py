@@ -453,8 +453,15 @@ class Writes:
         row[_STATUS] = status
         row[_PREFERENCE] = preference_id
         row[column] = record_id
-        row["createdon"] = created = self._stamp_time()
-        return self._keep(SUBSCRIPTIONS, row_id, row, unique=key, at=created)
+        row["createdon"] = row["modifiedon"] = self._stamp_time()
+        # as _keep stamps, stores and tells of it, inline (its calls cost more than their work)
+        store = self.store
+        store.version = row["versionnumber"] = store.version + 1  # (Store.next_version)
+        store.put_new(table, row_id, row, key)
+        self.on_write()
+        if self.on_row is not None:
+            self.on_row(SUBSCRIPTIONS, row)
+        return row
 
     def _usual_update(self, row_id: str, body: Any) -> Row | None:
         """update of a subscription's status alone (as clients send it), as usual_create.
