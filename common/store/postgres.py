@@ -10,13 +10,13 @@ once. What PostgreSQL needs differently is here:
 - compare-and-set: SQLite's ``BEGIN IMMEDIATE`` serialises writers, PostgreSQL's default
   isolation does not. A save's stored keys are written with the revision check inside the
   update, which takes their rows' locks as it writes them, and a row whose revision moved
-  meanwhile is not written: the save is a conflict and rolls back. Keys not stored yet have no row to lock: the save first takes a
-  transaction-scoped advisory lock per email of those (sorted). Row locks are kept in the rows
-  themselves; advisory locks take room in PostgreSQL's shared lock table
-  (``max_locks_per_transaction`` x connections), which saves of thousands of stored emails,
-  locked by email, ran out ("out of shared memory"). Should two saves still meet on rows in
-  opposite orders, PostgreSQL fails one of them, and that one is a conflict, tried again.
-  Each write is over arrays in one statement.
+  meanwhile is not written: the save is a conflict and rolls back. Keys not stored yet have no
+  row to lock: the save first takes a transaction-scoped advisory lock per email of those
+  (sorted). Row locks are kept in the rows themselves; advisory locks take room in
+  PostgreSQL's shared lock table (``max_locks_per_transaction`` x connections), which saves
+  of thousands of stored emails, locked by email, ran out ("out of shared memory"). Should two
+  saves still meet on rows in opposite orders, PostgreSQL fails one of them, and that one is a
+  conflict, tried again. Each write is over arrays in one statement.
 
 ``postgresql://user@host:5432/db`` (``postgres://`` too); extra query parameters are session
 settings, e.g. ``?search_path=prefsync`` to keep the ledger in its own schema.
