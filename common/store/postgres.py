@@ -273,7 +273,7 @@ class PostgresLedgerStore(SqliteLedgerStore):
                     await db.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(? AS "
                                      "BIGINT[])) WITH ORDINALITY AS t (k, n) ORDER BY n", (locks,))
                 if updates:
-                    # stored keys: their rows, as the update writes them (in key order)
+                    # stored keys: their rows, locked by the update as it writes them
                     columns = [list(column) for column in zip(*updates, strict=True)]
                     if await db.rows_written(_UPDATE_STATES, columns) != len(updates):
                         raise _Moved  # rolled back: nothing of this save is written
