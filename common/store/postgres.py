@@ -48,7 +48,6 @@ from common.store.sqlite import (
     SCHEMA_STATEMENTS,
     SaveBatch,
     SqliteLedgerStore,
-    revision_queries,
     settle_schema,
 )
 
@@ -243,7 +242,7 @@ class PostgresLedgerStore(SqliteLedgerStore):
             await pool.close()
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Connection]:
+    async def _transaction(self) -> AsyncIterator[PostgresConnection]:
         if self._pool is None:
             raise RuntimeError("the ledger store is not open")
         async with self._pool.acquire() as connection, connection.transaction():
@@ -261,11 +260,8 @@ class PostgresLedgerStore(SqliteLedgerStore):
         return answers
 
     async def _write(self, batch: SaveBatch) -> list[int]:
-        if self._pool is None:
-            raise RuntimeError("the ledger store is not open")
         try:
-            async with self._pool.acquire() as connection, connection.transaction():
-                db = PostgresConnection(connection)
+            async with self._transaction() as db:
                 updates, inserts = batch.updates(), batch.inserts()
                 if inserts:
                     # new keys: their emails held until this transaction ends (sorted)
@@ -284,7 +280,7 @@ class PostgresLedgerStore(SqliteLedgerStore):
                     if len(written) != len(inserts):
                         raise ConflictError([key_of(row[:3]) for row in inserts
                                              if row[:3] not in written])
-                for sql, rows in batch.statements():
+                for sql, rows in batch.statements(in_lock_order=True):
                     await db.executemany(sql, rows)
         except _Moved:
             raise ConflictError(await self._moved(batch)) from None
@@ -297,10 +293,9 @@ class PostgresLedgerStore(SqliteLedgerStore):
     async def _moved(self, batch: SaveBatch) -> list[PreferenceKey]:
         """The keys of ``batch`` whose stored revisions are not those it expects, read once its
         transaction rolled back (all of them when none are: it met a conflict that is over)."""
-        stored: dict[KeyTuple, int] = {}
+        stored: list[tuple[str, str, int, int]] = []
         async with self._reading() as db:
-            for sql, params in revision_queries(batch.keys):
+            for sql, params in batch.revision_queries():
                 async with db.execute(sql, params) as cursor:
-                    for account, email, preference_id, revision in await cursor.fetchall():
-                        stored[(account, email, preference_id)] = revision
-        return batch.moved(stored) or list(map(key_of, batch.keys))
+                    stored.extend(await cursor.fetchall())
+        return batch.moved(stored)

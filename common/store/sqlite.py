@@ -205,7 +205,7 @@ def _keyed(columns: str, keys: Sequence[KeyTuple]) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def revision_queries(keys: Sequence[KeyTuple]) -> list[tuple[str, list[Any]]]:
+def _revision_queries(keys: Sequence[KeyTuple]) -> list[tuple[str, list[Any]]]:
     return [_keyed("k.account, k.email, k.preference_id, k.revision", keys[i:i + _CHUNK])
             for i in range(0, len(keys), _CHUNK)]
 
@@ -294,10 +294,19 @@ class SaveBatch:
     def keys(self) -> list[KeyTuple]:
         return [key for _, key, _ in self.changes]
 
-    def moved(self, stored: Mapping[KeyTuple, int]) -> list[PreferenceKey]:
-        """Keys whose ``stored`` revisions are not the ones the changes expect."""
-        return [key_of(key) for expected, key, _ in self.changes
-                if stored.get(key) != (expected or None)]
+    def revision_queries(self) -> list[tuple[str, list[Any]]]:
+        """The queries of the stored revisions of this save's keys, for :meth:`moved`."""
+        return _revision_queries(self.keys)
+
+    def moved(self, stored: Iterable[tuple[str, str, int, int]]) -> list[PreferenceKey]:
+        """The keys whose ``stored`` revisions (rows of :meth:`revision_queries`, read after the
+        save rolled back) are not the ones the changes expect; all of them when none are (the
+        save met a conflict that is over)."""
+        revisions = {(account, email, preference_id): revision
+                     for account, email, preference_id, revision in stored}
+        return ([key_of(key) for expected, key, _ in self.changes
+                 if revisions.get(key) != (expected or None)]
+                or list(map(key_of, self.keys)))
 
     def updates(self) -> list[tuple[Any, ...]]:
         """Rows of :data:`_UPDATE_STATE`: the changes of keys expected stored."""
@@ -309,17 +318,20 @@ class SaveBatch:
         """Rows of :data:`_INSERT_STATE`: the changes of keys expected new."""
         return [row for row in self.state_rows if row[3] == 1]
 
-    def statements(self) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
+    def statements(self, *, in_lock_order: bool = False
+                   ) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
         """What the save runs once its states are written: (statement, rows) for
-        ``executemany``."""
-        # contacts and subscription rows in key order (a row's own rows keep theirs): two
-        # saves with rows in common on PostgreSQL then lock them in one order, never deadlock
+        ``executemany``; with ``in_lock_order``, contacts and subscription rows in key order (a
+        row's own rows keep theirs), so two saves with rows in common lock them in one order
+        and never deadlock (PostgreSQL; a SQLite save holds the whole database)."""
+        contacts, subscriptions = self.contact_rows, self.subscription_rows
+        if in_lock_order:
+            contacts = sorted(contacts, key=_row_key)
+            subscriptions = sorted(subscriptions, key=_row_key)
         return [*([(_INSERT_HISTORY, self.history_rows)] if self.history_rows else []),
                 *self.index,
-                *([(_UPSERT_CONTACT, sorted(self.contact_rows, key=_row_key))]
-                  if self.contact_rows else []),
-                *([(UPSERT_SUBSCRIPTION, sorted(self.subscription_rows, key=_row_key))]
-                  if self.subscription_rows else [])]
+                *([(_UPSERT_CONTACT, contacts)] if contacts else []),
+                *([(UPSERT_SUBSCRIPTION, subscriptions)] if subscriptions else [])]
 
     def write(self, connection: sqlite3.Connection) -> None:
         """In SQLite's thread, inside the save's ``BEGIN IMMEDIATE`` transaction (which no
@@ -331,11 +343,8 @@ class SaveBatch:
         if written != len(self.changes):
             # name the keys that moved from the revisions as they were before this save
             connection.execute("ROLLBACK TO states")
-            stored: dict[KeyTuple, int] = {}
-            for sql, params in revision_queries(self.keys):
-                for account, email, preference_id, revision in connection.execute(sql, params):
-                    stored[(account, email, preference_id)] = revision
-            raise ConflictError(self.moved(stored) or [key_of(k) for k in self.keys])
+            raise ConflictError(self.moved(row for sql, params in self.revision_queries()
+                                           for row in connection.execute(sql, params)))
         for sql, rows in self.statements():
             connection.executemany(sql, rows)
 

@@ -36,7 +36,6 @@ from typing import Any
 
 from common import domain
 from common.domain import ContactState, Observation, PreferenceKey, Side
-from common.domain.kernel import fold_rows
 from common.domain.kernel_writes import writer_should_apply_row
 from common.domain.rows import (
     EMPTY_STATE,
@@ -44,7 +43,6 @@ from common.domain.rows import (
     KeyTuple,
     StateRow,
     key_tuple,
-    observation_row,
 )
 from common.domain.sides import SIDE_CODES
 from common.messaging.resilience import Dependency
@@ -59,6 +57,7 @@ from services.writer.sink import (
     ClockNotes,
     Commands,
     Failure,
+    Preview,
     SinkReads,
     TransientWriteError,
     WriteOutcome,
@@ -110,16 +109,16 @@ class DotdigitalBatch:
         self._window_start: datetime | None = None
 
     async def read(self, *, states: Mapping[KeyTuple, StateRow], covered: set[PreferenceKey],
-                   snapshot: BatchSnapshot) -> None:
+                   snapshot: BatchSnapshot) -> Preview | None:
         if not self._commands:
-            return
+            return None
         self._window_start = await self._sink.read_before_write(
             self._commands, self._watermarks, self._outcome)
-        preview = fold_rows(states, map(observation_row, self._outcome.observations),
-                            suppressed=()).states
+        preview = Preview.of(states, self._outcome)
         unknown = [k for k in self._commands if k not in covered
-                   and preview.get(key_tuple(k), EMPTY_STATE).known[DOTDIGITAL] is None]
+                   and preview.states.get(key_tuple(k), EMPTY_STATE).known[DOTDIGITAL] is None]
         await self._sink.read_contacts(unknown, self._outcome)
+        return preview
 
     def takes(self, key: PreferenceKey) -> bool:
         return True

@@ -43,6 +43,7 @@ from services.writer.sink import (
     ClockNotes,
     Commands,
     Failure,
+    Preview,
     SinkReads,
     WriteOutcome,
 )
@@ -95,11 +96,12 @@ class DynamicsBatch:
                                checkpoints=[CATALOG.name])
 
     async def read(self, *, states: Mapping[KeyTuple, StateRow], covered: set[PreferenceKey],
-                   snapshot: BatchSnapshot) -> None:
+                   snapshot: BatchSnapshot) -> Preview | None:
         self._records = await self._sink.record_rows(
             self._commands, catalog=catalog_of(CATALOG.of(snapshot.checkpoints.get(
                 CATALOG.name))), records=snapshot.records)
         self._sink.fold_known_rows(self._commands, self._records, self._outcome)
+        return None
 
     def takes(self, key: PreferenceKey) -> bool:
         # every record of the email is inactive, qualified or gone (as the directory has it):

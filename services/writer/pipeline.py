@@ -81,6 +81,7 @@ from services.writer.sink import (
     CLOCK_MARGIN,
     Commands,
     Failure,
+    Preview,
     Sink,
     SinkBatch,
     TransientWriteError,
@@ -180,11 +181,12 @@ class Writer:
                 if not reading.cancelled():
                     reading.exception()  # looked at: the begin's failure is the one raised
                 raise
-            await reading
+            made = await reading
         else:
-            await work.read(states=as_read, covered=covered, snapshot=snapshot)
-        preview = fold_rows(as_read, map(observation_row, outcome.observations),
-                            suppressed=()).states
+            made = await work.read(states=as_read, covered=covered, snapshot=snapshot)
+        if made is None or made.observations != len(outcome.observations):
+            made = Preview.of(as_read, outcome)  # the read observed more after its preview
+        preview = made.states
         if work.begins_during_read:
             # decided again only where the read observed something: the rest stands
             observed = {observation.key for observation in outcome.observations}

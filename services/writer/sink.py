@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 from common import domain
 from common.domain import ContactState, Observation, PreferenceKey, Side
-from common.domain.rows import CommandRow, KeyTuple, StateRow
+from common.domain.kernel import fold_rows
+from common.domain.rows import CommandRow, KeyTuple, StateRow, observation_row
 from common.messaging.resilience import Dependency, TransientFailure
 from common.store.batch_reads import BatchSnapshot
 from common.store.directory import SubscriptionRow
@@ -73,6 +74,21 @@ class WriteOutcome:
         self.observations.append(self.time_base.place(observation, read_at=self.read_at))
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Preview:
+    """The states of a batch with the observations read so far folded in (what the write is
+    decided on; never what is saved)."""
+
+    states: Mapping[KeyTuple, StateRow]
+    observations: int  # how many of the outcome's observations, from the first, are in it
+
+    @classmethod
+    def of(cls, states: Mapping[KeyTuple, StateRow], outcome: WriteOutcome) -> Preview:
+        return cls(states=fold_rows(states, map(observation_row, outcome.observations),
+                                    suppressed=()).states,
+                   observations=len(outcome.observations))
+
+
 class TransientWriteError(TransientFailure):
     """A vendor part failed with a retryable error after the client's own retries, or what
     the write needs first is not there yet: retry later, never dead-letter."""
@@ -102,9 +118,10 @@ class SinkBatch(Protocol):
     begins_during_read: bool
 
     async def read(self, *, states: Mapping[KeyTuple, StateRow], covered: set[PreferenceKey],
-                   snapshot: BatchSnapshot) -> None:
+                   snapshot: BatchSnapshot) -> Preview | None:
         """Fold into the outcome what the vendor holds that the ledger (``states``, as rows)
-        may not have seen; ``snapshot`` holds :attr:`reads`."""
+        may not have seen; ``snapshot`` holds :attr:`reads`. Returns the preview it made of
+        what it read, if it made one (the pipeline folds what is not in it)."""
 
     def takes(self, key: PreferenceKey) -> bool:
         """Whether anything on the vendor's side can take a write of ``key`` at all."""

@@ -428,7 +428,8 @@ class Store:
         else:
             table.set(row_id, row, None, unique)
 
-    def put_new(self, table: Table, row_id: str, row: Row, unique: tuple[Any, ...]) -> None:
+    def put_new(self, table: Table, row_id: str, row: Row,
+                unique: tuple[Any, ...] | None) -> None:
         """put of a row under an id holding none in ``table``, its alternate key ``unique``."""
         journal = self._journal
         if journal is not None:  # (as put records it: no row before)
