@@ -77,16 +77,24 @@ SHARD_BATCH = 4
 SHARD_BATCH_BYTES = 256 * 1024
 
 
+def _held_shards(assigner: ShardAssigner, *, account: str, side: Side,
+                 shards: int) -> Callable[[], frozenset[int]]:
+    """The side's write shards of the account this replica consumes now."""
+    queues = {Topology.writes_queue(account, side, index): index for index in range(shards)}
+
+    def held() -> frozenset[int]:
+        return frozenset(queues[q] for group in assigner.held.values() for q in group
+                         if q in queues)
+
+    return held
+
+
 def _held(assigner: ShardAssigner, *, account: str, side: Side,
           shards: int) -> Callable[[], int]:
     """How many of the side's write shards of the account this replica consumes now (at
     least one): the most batches a write round can gather."""
-    queues = {Topology.writes_queue(account, side, index) for index in range(shards)}
-
-    def held() -> int:
-        return max(1, sum(q in queues for held in assigner.held.values() for q in held))
-
-    return held
+    shards_held = _held_shards(assigner, account=account, side=side, shards=shards)
+    return lambda: max(1, len(shards_held()))
 
 
 def writer_batch_bytes(*, held: Callable[[], int], shards: int) -> int:
@@ -350,7 +358,9 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
         assert dataverse is not None and dotdigital is not None
         sinks: list[Sink] = [
             DynamicsSink(account=account.id, store=store, client=dataverse),
-            DotdigitalSink(account=account.id, store=store, client=dotdigital, shards=shards)]
+            DotdigitalSink(account=account.id, store=store, client=dotdigital, shards=shards,
+                           held=_held_shards(assigners["writer"], account=account.id,
+                                             side="dotdigital", shards=shards))]
         for sink in sinks:
             writer = Writer(account=account.id, sink=sink, store=store, publisher=publisher,
                             shards=shards, dead_letters=dead,

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -140,13 +140,16 @@ class DotdigitalSink:
     dependency: Dependency = "dotdigital"
 
     def __init__(self, *, account: str, store: Any, client: DotdigitalClient, shards: int,
-                 read_wait_s: float = READ_WAIT_S) -> None:
+                 read_wait_s: float = READ_WAIT_S,
+                 held: Callable[[], Collection[int]] | None = None) -> None:
+        """``held``: the write shards this replica consumes now (None: all of them); the feed
+        reads keep only their emails' entries."""
         self.account = account
         self._store = store
         self._client = client
         self._shards = shards
         self._read_wait_s = read_wait_s
-        self._feed = FeedFollower(client=client)
+        self._feed = FeedFollower(client=client, shards=shards, held=held)
         self._clock = ClockNotes(store=store, account=account, side="dotdigital")
         self._expected_import_s = EXPECTED_IMPORT_S
 

@@ -479,12 +479,15 @@ class DotdigitalClient(VendorClient):
             if page:
                 yield page
 
-    async def iter_opt_in_entries(self, preference_id: int, since: datetime
+    async def iter_opt_in_entries(self, preference_id: int, since: datetime, *,
+                                  wanted: Callable[[str], bool] | None = None
                                   ) -> AsyncIterator[list[OptInEntry]]:
         """:meth:`iter_opt_ins_since`, each page as the opt-ins to ``preference_id`` alone
-        (:func:`~common.vendors.dotdigital.models.opt_in_entries`): no contact is built."""
+        (:func:`~common.vendors.dotdigital.models.opt_in_entries`): no contact is built. With
+        ``wanted``, only the entries of emails (trimmed, lower case) it wants."""
         async for data in self._opt_ins_pages(preference_id, since, 0, read=_with_last_id):
-            page = [entry for item in data for entry in opt_in_entries(item, preference_id)]
+            page = [entry for item in data
+                    for entry in opt_in_entries(item, preference_id, wanted=wanted)]
             if page:
                 yield page
 

@@ -26,13 +26,24 @@ ec-poller's overlap is what reads them into the ledger. A watermark that moves e
 or past what it read) starts it again from there. If it would keep more than ``max_kept``
 entries of one preference (another process writing the same account, or a restart in the middle
 of a backfill), it stops keeping and reads from the watermark every time, as before.
+
+A writer replica that holds some of the account's shards (``held``) is handed only their emails,
+so it keeps only theirs; the other replicas' writes it reads are passed over before they are
+parsed:
+
+1. What a feed keeps is complete, since its watermark, for the emails of its **scope** (shards;
+   None: every email). An entry of an email outside it is not looked at.
+2. A read for emails its scope lacks (a shard taken over, or a batch of one just handed over)
+   first starts that feed again from its watermark, with a scope of the shards held and those
+   emails' shards: what it kept for the old scope could miss their entries.
+3. A scope that would hold every shard is None.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +51,7 @@ from typing import Any
 import orjson
 
 from common.domain import in_write_window
+from common.messaging.topology import shard_of
 
 # opt_ins_source: imported from here by the writer too
 from common.store.checkpoints import Checkpoint, Codec
@@ -138,6 +150,15 @@ class _Feed:
     kept: dict[str, Entry] = field(default_factory=dict)
     keeping: bool = True
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # the shards whose emails' entries are kept (rule 1; None: every email's)
+    scope: frozenset[int] | None = None
+
+    def widen(self, needed: frozenset[int] | None) -> None:
+        """Keep the entries of the shards ``needed`` too (rule 2): when the scope lacks some,
+        start again from the watermark (under the feed's lock)."""
+        if self.scope is None or (needed is not None and needed <= self.scope):
+            return
+        self.read_to, self.kept, self.scope = self.base, {}, needed
 
     def follow(self, since: datetime) -> None:
         """Read from the watermark ``since`` on (under the feed's lock). Moved on within what
@@ -164,11 +185,23 @@ class Write:
 
 
 class FeedFollower:
-    def __init__(self, *, client: DotdigitalClient, max_kept: int = 100_000) -> None:
+    def __init__(self, *, client: DotdigitalClient, max_kept: int = 100_000, shards: int = 1,
+                 held: Callable[[], Collection[int]] | None = None) -> None:
+        """``held``: the shards (of ``shards``) whose emails this process is handed now; None:
+        every email's."""
         self._client = client
         self._max_kept = max_kept
+        self._shards = shards
+        self._held = held
         self._feeds: dict[int, _Feed] = {}
         self._writes: list[Write] = []
+
+    def _needed(self, emails: Iterable[str]) -> frozenset[int] | None:
+        """The scope a read for ``emails`` needs: the shards held and theirs (rule 3)."""
+        if self._held is None:
+            return None
+        needed = {*self._held(), *(shard_of(email, self._shards) for email in emails)}
+        return None if len(needed) >= self._shards else frozenset(needed)
 
     def writing(self, *, started: datetime, values: Mapping[str, Mapping[int, bool]]) -> Write:
         """A write is about to be sent (``started``: dotdigital's time before it)."""
@@ -191,20 +224,28 @@ class FeedFollower:
         that this follower read now or kept from earlier reads."""
         feed = self._feeds.get(preference_id)
         if feed is None:
-            feed = self._feeds[preference_id] = _Feed(base=since, read_to=since)
+            feed = self._feeds[preference_id] = _Feed(base=since, read_to=since,
+                                                      scope=self._needed(emails))
         out: dict[str, list[Entry]] = {}
         async with feed.lock:
             feed.follow(since)
+            if feed.keeping:
+                feed.widen(self._needed(emails))
             start = feed.read_to if feed.keeping else feed.base
             began = time.time()
             fresh: list[tuple[str, Entry]] = []
-            # Keeping, every entry is looked at (a later batch may want it); otherwise only
-            # those of ``emails``.
-            wanted = None if feed.keeping else emails
-            async for page in self._client.iter_opt_in_entries(preference_id, start):
+            # Keeping, every entry of the scope is looked at (a later batch may want it);
+            # otherwise only those of ``emails``.
+            wanted: Callable[[str], bool] | None = None
+            if not feed.keeping:
+                wanted = emails.__contains__
+            elif (scope := feed.scope) is not None:
+                shards = self._shards
+                wanted = lambda email: shard_of(email, shards) in scope  # noqa: E731
+            async for page in self._client.iter_opt_in_entries(preference_id, start,
+                                                               wanted=wanted):
                 fresh += [(email, (contact_id, opted_in, modified))
-                          for contact_id, email, opted_in, modified in page
-                          if wanted is None or email in wanted]
+                          for contact_id, email, opted_in, modified in page]
             # dotdigital's time before the read began, from the read's own answer
             next_start = max(await self._client.time_before(began), start)
             for email, entry in fresh:

@@ -7,7 +7,7 @@ Every timestamp is a UTC-aware ``datetime``. Names follow the product, not the w
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -265,14 +265,18 @@ def opt_ins_contact(data: object) -> tuple[int, str]:
 OptInEntry = tuple[int, str, bool, datetime]
 
 
-def opt_in_entries(data: object, preference_id: int) -> list[OptInEntry]:
+def opt_in_entries(data: object, preference_id: int, *,
+                   wanted: Callable[[str], bool] | None = None) -> list[OptInEntry]:
     """The opt-ins to ``preference_id`` of an opt-ins entry, without building the contact:
     what a reader that wants only these needs (fields as :func:`parse_contact_opt_ins` reads
-    them)."""
+    them). None when ``wanted`` says its email (trimmed, lower case) is not wanted: nothing
+    more of it is read."""
     item = _dict(data)
     contact = _dict(item.get("contact"))
-    contact_id = int(contact.get("id") or 0)
     email = str(contact.get("email") or "").strip().lower()
+    if wanted is not None and not wanted(email):
+        return []
+    contact_id = int(contact.get("id") or 0)
     return [(contact_id, email, bool(opt_in.get("isOptedIn")), _modified(opt_in))
             for opt_in in map(_dict, item.get("marketingPreferenceOptIns") or [])
             if int(opt_in["marketingPreferenceId"]) == preference_id]

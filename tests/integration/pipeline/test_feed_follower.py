@@ -6,12 +6,13 @@ process's own writes must not pile up; each read asks only for what is new.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 
 import pytest
 
+from common.messaging.topology import shard_of
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedFollower
 from common.vendors.dotdigital.models import OptInEntry
@@ -64,9 +65,11 @@ def reads_asked(client: DotdigitalClient) -> list[datetime]:
     asked: list[datetime] = []
     feed = client.iter_opt_in_entries
 
-    def recording(preference_id: int, since: datetime) -> AsyncIterator[list[OptInEntry]]:
+    def recording(preference_id: int, since: datetime, *,
+                  wanted: Callable[[str], bool] | None = None
+                  ) -> AsyncIterator[list[OptInEntry]]:
         asked.append(since)
-        return feed(preference_id, since)
+        return feed(preference_id, since, wanted=wanted)
 
     client.iter_opt_in_entries = recording  # type: ignore[method-assign]
     return asked
@@ -162,3 +165,73 @@ async def test_keeping_too_much_falls_back_to_reading_from_the_watermark() -> No
         found = await follower.entries(preference, since=watermark, emails={emails[0]})
 
         assert values(found) == {emails[0]: [True]}
+
+
+def two_shards(emails: list[str]) -> tuple[str, str]:
+    """An email of shard 0 and one of shard 1 (of 2)."""
+    first = next(e for e in emails if shard_of(e, 2) == 0)
+    second = next(e for e in emails if shard_of(e, 2) == 1)
+    return first, second
+
+
+async def test_a_replica_keeps_its_shards_entries_and_reads_again_for_a_shard_it_takes() -> None:
+    async with seeded() as (sim, client, emails, preference):
+        a, b = two_shards(emails)
+        held = {0}
+        follower = FeedFollower(client=client, shards=2, held=lambda: held)
+        asked = reads_asked(client)
+        watermark = await client.server_time()
+        await user_sets(sim, a, preference, False)
+        await user_sets(sim, b, preference, True)
+        await clock_moves_on(sim, client)
+        first = await follower.entries(preference, since=watermark, emails=set())
+        kept = await follower.entries(preference, since=watermark, emails={a})
+
+        held = {0, 1}  # shard 1 taken over: b's change was passed over, not kept
+        taken = await follower.entries(preference, since=watermark, emails={b})
+
+        assert first == {}
+        assert values(kept) == {a: [False]}
+        assert values(taken) == {b: [True]}
+        # the second read went on from the first; the third started again from the watermark
+        assert asked[0] == watermark and asked[1] > watermark and asked[2] == watermark
+
+
+async def read_for_shard_0(sim: SimControl, client: DotdigitalClient, emails: list[str],
+                           preference: int, *, held: set[int]
+                           ) -> tuple[FeedFollower, list[datetime], datetime, str]:
+    """A follower holding ``held`` of 2 shards; an email of shard 1 set to False by its user,
+    then a read for an email of shard 0. Returns the follower, its reads' starts, the
+    watermark and that email of shard 1."""
+    a, b = two_shards(emails)
+    follower = FeedFollower(client=client, shards=2, held=lambda: held)
+    asked = reads_asked(client)
+    watermark = await client.server_time()
+    await user_sets(sim, b, preference, False)
+    await clock_moves_on(sim, client)
+    await follower.entries(preference, since=watermark, emails={a})
+    return follower, asked, watermark, b
+
+
+async def test_a_batch_of_a_shard_just_handed_over_is_read_from_the_watermark() -> None:
+    async with seeded() as (sim, client, emails, preference):
+        follower, asked, watermark, b = await read_for_shard_0(sim, client, emails, preference,
+                                                               held={0})
+
+        found = await follower.entries(preference, since=watermark, emails={b})
+        again = await follower.entries(preference, since=watermark, emails={b})
+
+        assert values(found) == {b: [False]} and values(again) == {b: [False]}
+        # started again once, from the watermark, with b's shard in what it keeps
+        assert asked[1] == watermark and asked[2] > watermark
+
+
+async def test_a_replica_holding_every_shard_keeps_every_entry() -> None:
+    async with seeded() as (sim, client, emails, preference):
+        follower, asked, watermark, b = await read_for_shard_0(sim, client, emails, preference,
+                                                               held={0, 1})
+
+        found = await follower.entries(preference, since=watermark, emails={b})
+
+        assert values(found) == {b: [False]}
+        assert asked[1] > watermark  # what it kept covered b: no read from the watermark

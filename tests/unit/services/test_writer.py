@@ -6,7 +6,7 @@ recognised as done (no second write)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -201,13 +201,14 @@ class FeedAfterBegin(DotdigitalClient):
     begun: asyncio.Event
     answered_after_begin = True
 
-    async def iter_opt_in_entries(self, preference_id: int, since: datetime
+    async def iter_opt_in_entries(self, preference_id: int, since: datetime, *,
+                                  wanted: Callable[[str], bool] | None = None
                                   ) -> AsyncIterator[list[Any]]:
         try:
             await asyncio.wait_for(self.begun.wait(), timeout=5)
         except TimeoutError:
             self.answered_after_begin = False
-        async for page in super().iter_opt_in_entries(preference_id, since):
+        async for page in super().iter_opt_in_entries(preference_id, since, wanted=wanted):
             yield page
 
 
