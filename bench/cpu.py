@@ -13,6 +13,7 @@ read before and after the timed part:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -104,3 +105,46 @@ def describe(label: str, cpu: Mapping[str, Any]) -> str:
             f"{cpu['simulator_us_per_state_total']:,.1f} ({simulators}), "
             f"{'-' if share is None else f'{share * 100:.1f}%'} of the product's; "
             f"simulators over 10%: {flag}.")
+
+
+def cpus_busy_s(cpus: Iterable[int], *, stat: str = "/proc/stat") -> tuple[float, float]:
+    """(busy, total) seconds of the CPUs ``cpus`` since boot, from the kernel's counters
+    (busy: all but idle and I/O wait; in clock ticks of 1/100 s)."""
+    wanted = {f"cpu{c}" for c in cpus}
+    busy = total = 0
+    with open(stat) as lines:
+        for line in lines:
+            name, *fields = line.split()
+            if name in wanted:
+                ticks = [int(f) for f in fields[:8]]
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy / 100, total / 100
+
+
+def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The busy share of some CPUs between two :func:`cpus_busy_s` readings."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total, 3) if total > 0 else None
+
+
+def postgres_cpu_s(*, proc: str = "/proc") -> float:
+    """CPU seconds (user + system) of every PostgreSQL server process now running on the
+    machine (its backends, writers and WAL writer; they run as another user, whose ``stat``
+    is readable all the same)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"{entry.path}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        command, _, rest = text.rpartition(")")
+        if command.split("(", 1)[-1] != "postgres":
+            continue
+        fields = rest.split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / tick

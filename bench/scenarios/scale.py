@@ -30,12 +30,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bench.cpu import cpu_per_state, cpu_seconds, cpu_since, median_cpu
+from bench.cpu import (
+    busy_share,
+    cpu_per_state,
+    cpu_seconds,
+    cpu_since,
+    cpus_busy_s,
+    median_cpu,
+    postgres_cpu_s,
+)
 from bench.figures import median
 from bench.harness import PREFERENCES, BenchError, Process, World, WorldOptions
 from bench.ledger import postgres_ledger, postgres_unreachable
@@ -119,7 +128,9 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
             await _spread(world, replicas=replicas, record=record)
             spread_at = time.monotonic()
             cpu_spread = cpu_seconds(_processes(world))
+            shared_spread = _shared_cpu(quotas)
             await progress.wait(record, timeout_s=timeout)
+    shared = _shared_cpu(quotas)
     cpu_window = cpu_since(cpu_spread, _processes(world))
     # the writer replicas started after the first snapshot: all of their CPU counts
     cpu_all = cpu_since(cpu_before, _processes(world))
@@ -137,6 +148,9 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
         # whole run's figures stand in
         in_window, window, cpu_window = expected, whole, cpu_all
     cpu = cpu_per_state(cpu_window, states=in_window, simulators=world.simulators)
+    if not spread:
+        shared_spread = shared  # (no window: the shared figures say nothing)
+    postgres_s = shared.postgres_s - shared_spread.postgres_s
     return {
         "writers": writers, "states": expected, "seconds": round(record.seconds, 3),
         "window": "every replica at work" if spread else "the whole run (too small to spread)",
@@ -148,7 +162,25 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
         "cpu_whole": cpu_per_state(cpu_all, states=expected, simulators=world.simulators),
         "throttled": {n: {k: s.get(k) for k in ("nr_periods", "nr_throttled")}
                       for n, s in throttled.items()},
+        # what the replicas share, in the window: the CPU(s) the rest runs on, and the
+        # ledger's server (which the product's figures leave out)
+        "other_cpus_busy": busy_share(shared_spread.other_cpus, shared.other_cpus),
+        "postgresql_us_per_state": (round(postgres_s * 1e6 / in_window, 2) if spread
+                                    else None),
     }
+
+
+@dataclass(frozen=True)
+class _Shared:
+    other_cpus: tuple[float, float]  # busy and total seconds (bench.cpu.cpus_busy_s)
+    postgres_s: float
+
+
+def _shared_cpu(quotas: Quotas | None) -> _Shared:
+    """The CPU the replicas share so far: the other CPUs' (all of them without quotas) and
+    the PostgreSQL server's."""
+    others = quotas.other_cpus if quotas is not None else range(os.cpu_count() or 1)
+    return _Shared(other_cpus=cpus_busy_s(others), postgres_s=postgres_cpu_s())
 
 
 @contextlib.asynccontextmanager
@@ -183,15 +215,33 @@ def _summary(part: Part, by_writers: dict[int, list[dict[str, Any]]]) -> dict[st
         "writers_cpu_ratio": {str(w): ratio(v, writers_cpu[one])
                               for w, v in writers_cpu.items()},
         "simulators_over_10pct": any(c["simulators_over_10pct"] for c in cpu.values()),
+        "other_cpus_busy": {str(w): _median_of(runs, "other_cpus_busy")
+                            for w, runs in by_writers.items()},
+        "postgresql_us_per_state": {str(w): _median_of(runs, "postgresql_us_per_state")
+                                    for w, runs in by_writers.items()},
         "runs": {str(w): runs for w, runs in by_writers.items()},
     }
+
+
+def _median_of(runs: list[dict[str, Any]], figure: str) -> float | None:
+    """The median of a figure of runs that have it (None: none has)."""
+    values = [r[figure] for r in runs if r.get(figure) is not None]
+    return round(median(values), 3) if values else None
+
+
+def _shared(summary: dict[str, Any], writers: str) -> str:
+    """What the replicas shared in the runs of ``writers``, for the ``measured`` text."""
+    busy = summary["other_cpus_busy"].get(writers)
+    postgres = summary["postgresql_us_per_state"].get(writers)
+    return ("" if busy is None else f", the other CPU(s) {busy * 100:.0f}% busy") + (
+        "" if postgres is None else f", PostgreSQL {postgres:,.0f} µs/state")
 
 
 def _measured(summary: dict[str, Any]) -> str:
     return ", ".join(
         f"{w} {summary['states_per_s'][w]:,.0f} states/s ({summary['speedup'][w]:.2f}x, "
         f"product {summary['cpu'][w]['product_us_per_state_total']:,.0f} CPU-s per 1M states, "
-        f"{summary['product_cpu_ratio'][w]:.2f}x one's)"
+        f"{summary['product_cpu_ratio'][w]:.2f}x one's{_shared(summary, w)})"
         for w in summary["states_per_s"])
 
 

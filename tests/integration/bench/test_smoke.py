@@ -30,7 +30,8 @@ FIGURES = {
                  "first_sync_seconds"),
     "memory": ("peak_rss_mb", "rss_spread_over_backlog_mb"),
     "scale": ("states_per_s", "speedup", "cpu", "simulators_over_10pct", "quota",
-              "product_cpu_ratio", "latency_bound"),
+              "product_cpu_ratio", "latency_bound", "other_cpus_busy",
+              "postgresql_us_per_state"),
 }
 
 # the scale scenario's quota'd part runs without quotas where cgroups cannot be written

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import aiohttp
 import pytest
 
+from bench.cpu import busy_share, cpus_busy_s, postgres_cpu_s
 from bench.figures import batched_delta, call_delta, percentile, write_calls
 from bench.harness import SEED, BenchError
 from bench.results import markdown, merge
@@ -145,3 +149,30 @@ def test_a_chaos_run_whose_only_matches_no_case_says_which_there_are() -> None:
                                          r"clock-offset-dynamics' in its name; they are: "
                                          r"sqlite-no-fault, .*, postgres-mixed-2$"):
         chosen_cases("medium", seed=3, only=name)
+
+
+def test_the_busy_share_of_some_cpus_leaves_idle_and_io_wait_out(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal, in ticks
+    stat.write_text("cpu 0 0 0 0 0 0 0 0\ncpu0 100 0 50 800 50 0 0 0\n"
+                    "cpu1 900 0 100 0 0 0 0 0\nintr 5\n")
+    before = cpus_busy_s([0], stat=str(stat))
+    stat.write_text("cpu 0 0 0 0 0 0 0 0\ncpu0 160 0 70 810 60 0 0 0\n"
+                    "cpu1 900 0 100 100 0 0 0 0\nintr 5\n")
+    after = cpus_busy_s([0], stat=str(stat))
+
+    assert before == (1.5, 10.0)
+    assert busy_share(before, after) == 0.8  # 80 of 100 ticks busy
+
+
+def test_postgres_cpu_counts_only_the_servers_processes(tmp_path: Path) -> None:
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid, command, utime, stime in ((11, "postgres", 3 * tick, tick),
+                                       (12, "postgres", tick, 0),
+                                       (13, "python3 (x)", 50 * tick, 0)):
+        (tmp_path / str(pid)).mkdir()
+        fields = ["S", *["0"] * 10, str(utime), str(stime), *["0"] * 5]
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({command}) {' '.join(fields)}\n")
+    (tmp_path / "self").mkdir()
+
+    assert postgres_cpu_s(proc=str(tmp_path)) == 5.0
