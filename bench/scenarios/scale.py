@@ -34,6 +34,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.cpu import (
@@ -46,14 +47,20 @@ from bench.cpu import (
     postgres_cpu_s,
 )
 from bench.figures import median
-from bench.harness import PREFERENCES, BenchError, Process, World, WorldOptions
-from bench.ledger import postgres_ledger, postgres_unreachable
+from bench.harness import PREFERENCES, BenchError, Process, World, WorldOptions, make_world
+from bench.ledger import POSTGRES_URL, postgres_ledger, postgres_unreachable
 from bench.quota import QUARTER_CORE, Quotas, cpu_quotas, probe, unavailable
 from bench.stages import reconciled_all, until
 from bench.suite import Repeats, Suite, settled
 from bench.tracking import Progress, RunRecord
 from common.store import open_store
 from services.runtime.assignment import group_name, holders
+from tests.harness.private_services import (
+    postgres_available,
+    private_postgres,
+    private_rabbitmq,
+    rabbitmq_available,
+)
 from tests.harness.queues import service_queues
 
 SHARDS = 8
@@ -165,6 +172,8 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
         # what the replicas share, in the window: the CPU(s) the rest runs on, and the
         # ledger's server (which the product's figures leave out)
         "other_cpus_busy": busy_share(shared_spread.other_cpus, shared.other_cpus),
+        "others_on_quota_cpus": _others_on_quota_cpus(
+            shared_spread, shared, sum(cpu_window.get(n, 0.0) for n in replicas)),
         "postgresql_us_per_state": (round(postgres_s * 1e6 / in_window, 2) if spread
                                     else None),
     }
@@ -173,14 +182,84 @@ async def one_scale(suite: Suite, world: World, *, writers: int, contacts: int,
 @dataclass(frozen=True)
 class _Shared:
     other_cpus: tuple[float, float]  # busy and total seconds (bench.cpu.cpus_busy_s)
+    quota_cpus: tuple[float, float]  # (the same of the replicas' CPU(s); none without quotas)
     postgres_s: float
 
 
 def _shared_cpu(quotas: Quotas | None) -> _Shared:
-    """The CPU the replicas share so far: the other CPUs' (all of them without quotas) and
-    the PostgreSQL server's."""
+    """The CPU the replicas share so far: the other CPUs' (all of them without quotas), the
+    replicas' own and the PostgreSQL server's."""
     others = quotas.other_cpus if quotas is not None else range(os.cpu_count() or 1)
-    return _Shared(other_cpus=cpus_busy_s(others), postgres_s=postgres_cpu_s())
+    return _Shared(other_cpus=cpus_busy_s(others),
+                   quota_cpus=cpus_busy_s(quotas.quota_cpus if quotas is not None else ()),
+                   postgres_s=postgres_cpu_s())
+
+
+def _others_on_quota_cpus(before: _Shared, after: _Shared, replicas_s: float) -> float | None:
+    """The share of the replicas' CPU(s) time that went to other processes (the machine's
+    broker and database are not kept off it): what the replicas' quotas could not have."""
+    total = after.quota_cpus[1] - before.quota_cpus[1]
+    if total <= 0:
+        return None
+    busy = after.quota_cpus[0] - before.quota_cpus[0]
+    return round(max(0.0, busy - replicas_s) / total, 3)
+
+
+@dataclass(frozen=True)
+class _OwnServices:
+    """The broker and database of a quota'd run (None: the machine's)."""
+
+    broker_url: str | None = None
+    postgres_url: str = POSTGRES_URL
+
+    def describe(self) -> str:
+        if self.broker_url is None:
+            return ("the machine's RabbitMQ and PostgreSQL (their servers' binaries are not "
+                    "here to run the run's own) on every CPU")
+        return ("a RabbitMQ node and a PostgreSQL cluster (fsync off) of the run's own on the "
+                "other CPU(s)")
+
+
+@contextlib.asynccontextmanager
+async def _own_services(quotas: Quotas | None) -> AsyncIterator[_OwnServices]:
+    """With quotas: a RabbitMQ node and a PostgreSQL cluster of the run's own, pinned with the
+    simulators, so that nothing but the replicas runs on the replicas' CPU (the machine's own
+    servers run on every CPU, and a bench does not move them). Without quotas, or without the
+    servers' binaries: the machine's."""
+    if quotas is None or not (rabbitmq_available() and postgres_available()):
+        yield _OwnServices()
+        return
+    async with private_rabbitmq() as broker, private_postgres() as database:
+        for pid in _tree(_pid_in(broker.root / "node.pid")):
+            quotas.pin(pid=pid)
+        # its backends, forked for each connection, start in the postmaster's groups
+        for pid in _tree(_pid_in(database.data / "postmaster.pid")):
+            quotas.pin(pid=pid)
+        yield _OwnServices(broker_url=broker.url, postgres_url=database.url)
+
+
+def _pid_in(path: Path) -> int:
+    """The pid a server wrote on the first line of its pid file."""
+    return int(path.read_text().split()[0])
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and every process descending from it, now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"{entry.path}/stat") as f:
+                    parent = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
 
 
 @contextlib.asynccontextmanager
@@ -219,6 +298,8 @@ def _summary(part: Part, by_writers: dict[int, list[dict[str, Any]]]) -> dict[st
                             for w, runs in by_writers.items()},
         "postgresql_us_per_state": {str(w): _median_of(runs, "postgresql_us_per_state")
                                     for w, runs in by_writers.items()},
+        "others_on_quota_cpus": {str(w): _median_of(runs, "others_on_quota_cpus")
+                                 for w, runs in by_writers.items()},
         "runs": {str(w): runs for w, runs in by_writers.items()},
     }
 
@@ -233,7 +314,9 @@ def _shared(summary: dict[str, Any], writers: str) -> str:
     """What the replicas shared in the runs of ``writers``, for the ``measured`` text."""
     busy = summary["other_cpus_busy"].get(writers)
     postgres = summary["postgresql_us_per_state"].get(writers)
+    others = summary["others_on_quota_cpus"].get(writers)
     return ("" if busy is None else f", the other CPU(s) {busy * 100:.0f}% busy") + (
+        "" if others is None else f", {others * 100:.0f}% of the replicas' CPU to others") + (
         "" if postgres is None else f", PostgreSQL {postgres:,.0f} µs/state")
 
 
@@ -269,12 +352,14 @@ async def run(suite: Suite) -> dict[str, Any]:
 
                 async def one(part: Part = part, writers: int = writers) -> dict[str, Any]:
                     nonlocal described
-                    async with postgres_ledger() as store_url, \
-                            _quotas(part, quota_note) as quotas, \
-                            suite.world(WorldOptions(shards=SHARDS,
-                                                     store_url=store_url)) as world:
+                    async with _quotas(part, quota_note) as quotas, \
+                            _own_services(quotas) as own, \
+                            postgres_ledger(own.postgres_url) as store_url, \
+                            make_world(broker_url=own.broker_url or suite.broker_url,
+                                       options=WorldOptions(shards=SHARDS, store_url=store_url),
+                                       keep=suite.keep) as world:
                         if quotas is not None:
-                            described = quotas.describe()
+                            described = f"{quotas.describe()}; {own.describe()}"
                         result = await one_scale(suite, world, writers=writers,
                                                  contacts=sizes.scale_contacts,
                                                  latency_ms=part.latency_ms, quotas=quotas)
@@ -315,7 +400,8 @@ async def run(suite: Suite) -> dict[str, Any]:
         "ledger": "postgresql",
         **{k: quota[k] for k in ("states_per_s", "speedup", "cpu", "product_cpu_ratio",
                                  "writers_us_per_state", "writers_cpu_ratio",
-                                 "simulators_over_10pct", "runs")},
+                                 "simulators_over_10pct", "other_cpus_busy",
+                                 "others_on_quota_cpus", "postgresql_us_per_state", "runs")},
         "latency_bound": latency,
         "failed_runs": repeats.failed,
         "met_speedup": speedup_met,
