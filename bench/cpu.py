@@ -14,7 +14,7 @@ read before and after the timed part:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from bench.figures import median
@@ -128,12 +128,10 @@ def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float
     return round((after[0] - before[0]) / total, 3) if total > 0 else None
 
 
-def postgres_cpu_s(*, proc: str = "/proc") -> float:
-    """CPU seconds (user + system) of every PostgreSQL server process now running on the
-    machine (its backends, writers and WAL writer; they run as another user, whose ``stat``
-    is readable all the same)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def process_stats(*, proc: str = "/proc") -> Iterator[tuple[int, str, list[str]]]:
+    """Every process now running on the machine: its pid, its command name and the fields of
+    its ``stat`` after the name (state, parent pid, ...; ``stat`` is readable whoever runs
+    it)."""
     for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
@@ -143,8 +141,12 @@ def postgres_cpu_s(*, proc: str = "/proc") -> float:
         except OSError:
             continue  # gone meanwhile
         command, _, rest = text.rpartition(")")
-        if command.split("(", 1)[-1] != "postgres":
-            continue
-        fields = rest.split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / tick
+        yield int(entry.name), command.split("(", 1)[-1], rest.split()
+
+
+def postgres_cpu_s(*, proc: str = "/proc") -> float:
+    """CPU seconds (user + system) of every PostgreSQL server process now running on the
+    machine (its backends, writers and WAL writer)."""
+    total = sum(int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+                for _, command, fields in process_stats(proc=proc) if command == "postgres")
+    return total / os.sysconf("SC_CLK_TCK")

@@ -45,6 +45,7 @@ from bench.cpu import (
     cpus_busy_s,
     median_cpu,
     postgres_cpu_s,
+    process_stats,
 )
 from bench.figures import median
 from bench.harness import PREFERENCES, BenchError, Process, World, WorldOptions, make_world
@@ -196,8 +197,9 @@ def _shared_cpu(quotas: Quotas | None) -> _Shared:
 
 
 def _others_on_quota_cpus(before: _Shared, after: _Shared, replicas_s: float) -> float | None:
-    """The share of the replicas' CPU(s) time that went to other processes (the machine's
-    broker and database are not kept off it): what the replicas' quotas could not have."""
+    """The share of the replicas' CPU(s) time that went to other processes (whatever is not
+    kept off it: the kernel's own work, the machine's other processes): what the replicas'
+    quotas could not have."""
     total = after.quota_cpus[1] - before.quota_cpus[1]
     if total <= 0:
         return None
@@ -246,14 +248,8 @@ def _pid_in(path: Path) -> int:
 def _tree(root: int) -> list[int]:
     """``root`` and every process descending from it, now."""
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"{entry.path}/stat") as f:
-                    parent = int(f.read().rpartition(")")[2].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue  # gone meanwhile
-            children.setdefault(parent, []).append(int(entry.name))
+    for pid, _, fields in process_stats():
+        children.setdefault(int(fields[1]), []).append(pid)
     found, todo = [], [root]
     while todo:
         pid = todo.pop()

@@ -121,7 +121,8 @@ class SinkBatch(Protocol):
                    snapshot: BatchSnapshot) -> Preview | None:
         """Fold into the outcome what the vendor holds that the ledger (``states``, as rows)
         may not have seen; ``snapshot`` holds :attr:`reads`. Returns the preview it made of
-        what it read, if it made one (the pipeline folds what is not in it)."""
+        what it read, if it made one (the pipeline makes its own when there is none, or when
+        the read observed more after it)."""
 
     def takes(self, key: PreferenceKey) -> bool:
         """Whether anything on the vendor's side can take a write of ``key`` at all."""
