@@ -10,11 +10,13 @@ Two parts, the runs of each interleaved (1, 2, 4, 1, 2, 4, ...) so that the nois
 machine falls on every replica count alike:
 
 1. **quota'd** (the figure the target is about): each writer replica gets a quarter core of
-   CPU, in a cgroup of its own (:mod:`bench.quota`), pinned to the last CPU; the simulators and
-   the other services are pinned to the other CPU(s). The vendors answer in a few milliseconds,
-   so each replica is bound by its quota: four replicas have four times one's CPU, and should
-   do four times its work while spending as much CPU per state (no coordination overhead).
-   Where cgroups cannot be written the result says why (``quota``) and the runs go on without.
+   CPU, in a cgroup of its own (:mod:`bench.quota`), pinned to the last CPU; the simulators,
+   the other services and a RabbitMQ node and a PostgreSQL cluster of the run's own (the
+   machine's run on every CPU) are pinned to the other CPU(s). The vendors answer in a few
+   milliseconds, so each replica is bound by its quota: four replicas have four times one's
+   CPU, and should do four times its work while spending as much CPU per state (no
+   coordination overhead). Where cgroups cannot be written the result says why (``quota``)
+   and the runs go on without.
 2. **latency-bound**: the vendors answer in 100 ms and no process has a quota: more writers
    must add throughput by having more calls under way.
 
@@ -22,7 +24,9 @@ Throughput and CPU are measured over the part of the run in which every replica 
 from the moment the writers' membership shows the shard queues dealt among all of them (the
 replicas' start-up, imports included, is a fixed cost per process, not per state) to the last
 write. CPU is every process's own (``/proc``), per state written in that window; the whole
-run's figures (first to last write) are kept beside them.
+run's figures (first to last write) are kept beside them, and so is what the replicas share in
+that window: how busy the other CPU(s) were, the share of the replicas' CPU that went to other
+processes, and the PostgreSQL server's CPU per state.
 """
 
 from __future__ import annotations
