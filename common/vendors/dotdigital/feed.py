@@ -224,8 +224,9 @@ class FeedFollower:
         that this follower read now or kept from earlier reads."""
         feed = self._feeds.get(preference_id)
         if feed is None:
+            # nothing read yet: the first widen gives it the scope this read needs
             feed = self._feeds[preference_id] = _Feed(base=since, read_to=since,
-                                                      scope=self._needed(emails))
+                                                      scope=frozenset())
         out: dict[str, list[Entry]] = {}
         async with feed.lock:
             feed.follow(since)
