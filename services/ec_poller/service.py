@@ -512,8 +512,11 @@ class EcPoller:
         states = await self._store.load([key for key, _ in unsure.values()])
         known = {place: states[key].known.get("dotdigital") if key in states else None
                  for place, (key, _) in unsure.items()}
-        # what the ledger already knows from dotdigital, exactly, was published and reconciled
-        return [place for place in fresh if place not in unsure or known[place] != unsure[place][1]]
+        # what the ledger already knows from dotdigital, the same state (the reconciler's rule
+        # for a duplicate: the stamp, not the clock offset it was placed with), was published
+        # and reconciled
+        return [place for place in fresh
+                if place not in unsure or not unsure[place][1].same_as(known[place])]
 
     @staticmethod
     def _changes_from(read: ContactsRead, places: Iterable[int], started: datetime, *,
