@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -224,7 +224,8 @@ class Reconciler:
                    if isinstance(c, ContactStatusChange) and self._lifting(c)}
         # every read the fold needs, from one snapshot of the ledger, at once
         # the records of the emails of Dynamics changes too: where Dynamics holds the register,
-        # every record of the email must (_follow_records)
+        # every record of the email must (_follow_records); and a write to dotdigital whose
+        # state there is unknown goes by them (_emit)
         snapshot = await self._store.read_batch(BatchReads(
             account=account, contacts_of=list(emails), states_of=list(keys),
             eligible_of=list(from_dotdigital), records_of=list(from_dynamics),
@@ -416,7 +417,8 @@ class Reconciler:
             released.append((marker.preference_id, deferred))
         messages, to_defer = await self.row_messages(
             [(key, state) for key in result.owner
-             if (state := result.states.get(key)) is not None], contacts=result.contacts)
+             if (state := result.states.get(key)) is not None], contacts=result.contacts,
+            records=result.records, records_of=result.records_read)
         per_delivery: dict[int, list[WriteMessage]] = defaultdict(list)
         for key, index in result.owner.items():
             per_delivery[index] += messages.get(key, ())
@@ -470,9 +472,13 @@ class Reconciler:
     async def row_messages(
             self, states: Iterable[tuple[KeyTuple, StateRow]], *,
             contacts: Mapping[str, ContactState],
+            records: Mapping[str, list[RecordRef]] | None = None,
+            records_of: Collection[str] = (),
     ) -> tuple[dict[KeyTuple, list[WriteMessage]], list[tuple[int, str]]]:
         """The write commands for the outstanding writes of ``states`` (per key), and the
-        dotdigital writes that must wait, as (preference id, email) to defer.
+        dotdigital writes that must wait, as (preference id, email) to defer. ``records``:
+        the eligible records of the emails ``records_of`` as the batch read them (the others'
+        are read here).
 
         1. A suppressed contact's writes are parked on purpose: none go out.
         2. A write to dotdigital for a key whose dotdigital state is unknown waits until a
@@ -495,8 +501,12 @@ class Reconciler:
                     commands.append((key, command, False))
         to_defer: list[tuple[int, str]] = []
         if unknown_dd:
-            records = await self._store.records_for_emails(self.account,
-                                                           {k[1] for k in unknown_dd})
+            emails = {k[1] for k in unknown_dd}
+            found = {email: refs for email, refs in (records or {}).items()
+                     if email in emails and email in records_of}
+            if unread := emails.difference(records_of):
+                found.update(await self._store.records_for_emails(self.account, unread))
+            records = found
             eligible_since = {email: min((r.eligible_at or "" for r in refs), default="")
                               for email, refs in records.items()}
             shard = {k[1]: shard_of(k[1], self._shards) for k in unknown_dd}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from common.messaging.envelope import PreferenceChange
 from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import CHANGES_EXCHANGE, Topology, shard_of
+from common.store.directory import RecordRef
 from services.reconciler.service import Reconciler
 from tests.unit.services.support import ACCOUNT, SHARDS, Bed, Failing, bed
 
@@ -105,4 +107,60 @@ async def test_a_batch_failing_after_its_commit_is_redelivered_and_its_writes_se
         # every attempt published the same write (same message id): one command for the writer
         sent = b.broker.take(WRITES)
         assert len({m.message_id for m in sent}) == 1
+        assert b.dead_letters() == []
+
+
+class CountingStore:
+    """The bed's store, counting the directory reads asked of it apart from a batch's
+    snapshot."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.apart: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("records_for_emails", "eligible_emails"):
+            self.apart.append(name)
+        return getattr(self._store, name)
+
+
+def in_shard(name: str) -> str:
+    """An email of ``name`` that falls in the shard the tests consume."""
+    return next(email for n in range(1000)
+                if shard_of(email := f"{name}{n}@example.com", SHARDS) == SHARD)
+
+
+async def test_a_batch_reads_its_emails_records_once_in_its_snapshot(tmp_path: Path) -> None:
+    async with bed(tmp_path) as b:
+        eligible, ineligible, unknown = in_shard("ann"), in_shard("bob"), in_shard("cat")
+        # ann and cat have eligible records; bob has none
+        await b.store.upsert_records(ACCOUNT, [
+            RecordRef(record_type="contact", record_id=f"rec-{email}", email=email)
+            for email in (eligible, unknown)])
+        await b.store.mark_eligible(ACCOUNT, [f"rec-{eligible}", f"rec-{unknown}"])
+        counting = CountingStore(b.store)
+        # dotdigital's feed was read in full after the records became eligible: a key of theirs
+        # that dotdigital holds nothing for was never set there (covered)
+        await b.store.set_checkpoint(ACCOUNT, f"reconciler:read:{PREFERENCE}:{SHARD}",
+                                     (datetime.now(UTC) + timedelta(minutes=1)).isoformat())
+        b.consume(CHANGES, Reconciler(account=ACCOUNT, store=counting, publisher=b.broker,
+                                      shards=SHARDS).handle, service="reconciler")
+        from_dotdigital = envelopes_by_shard(
+            account=ACCOUNT, source="dotdigital", type="preference-changes", shards=SHARDS,
+            changes=[PreferenceChange(email=email, preference_id=PREFERENCE, opted_in=True,
+                                      origin_time=NOW, change_id=f"ec:{email}")
+                     for email in (eligible, ineligible)],
+            run_id=None, id_seed="ec")
+        await b.broker.publish_many([*from_dotdigital,
+                                     *dynamics_change(False, version=1, email=unknown)])
+        await b.drained(CHANGES)
+        # the eligible email's change is read in, the other's is not
+        assert [h.decision for h in await b.store.history(ACCOUNT, eligible)] == ["applied"]
+        assert [h.decision for h in await b.store.history(ACCOUNT, ineligible)] == [
+            "ineligible"]
+        # cat's write to dotdigital says a complete read covers it, as its record says
+        commands = {c.email: c for c in b.commands(WRITES)}
+        assert commands[unknown].covered and not commands[unknown].opted_in
+        # every record came from the batch's snapshot
+        assert counting.apart == []
         assert b.dead_letters() == []
