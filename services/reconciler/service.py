@@ -502,13 +502,13 @@ class Reconciler:
         to_defer: list[tuple[int, str]] = []
         if unknown_dd:
             emails = {k[1] for k in unknown_dd}
-            found = {email: refs for email, refs in (records or {}).items()
-                     if email in emails and email in records_of}
+            # the emails' records: as the batch read them, else read now
+            theirs = {email: refs for email, refs in (records or {}).items()
+                      if email in emails and email in records_of}
             if unread := emails.difference(records_of):
-                found.update(await self._store.records_for_emails(self.account, unread))
-            records = found
+                theirs.update(await self._store.records_for_emails(self.account, unread))
             eligible_since = {email: min((r.eligible_at or "" for r in refs), default="")
-                              for email, refs in records.items()}
+                              for email, refs in theirs.items()}
             shard = {k[1]: shard_of(k[1], self._shards) for k in unknown_dd}
             # asked once per preference and shard: until the mark exists, every key would ask
             marks = {(p, s): await self._read_mark(p, s)

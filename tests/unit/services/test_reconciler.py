@@ -1,7 +1,8 @@
 """The reconciler over the in-memory broker: a change is decided, committed and its write
 commands published before the message is acked; a malformed message is dead-lettered apart from
 its neighbours; a batch given back after a failure past its commit is redelivered and folded
-again as a duplicate, its writes going out with the same message ids."""
+again as a duplicate, its writes going out with the same message ids; a batch asks the record
+directory nothing beyond its snapshot."""
 
 from __future__ import annotations
 
