@@ -253,24 +253,35 @@ class Messages:
 class Seen:
     """Change ids one read published at or after ``keep_from``: the next read's overlap.
 
-    Kept as read; only the newest :data:`SEEN_LIMIT`, which the checkpoint keeps, are hashed
-    (:func:`seen_key`), when it is saved."""
+    Only the newest :data:`SEEN_LIMIT` go into the checkpoint (hashed, :func:`seen_key`, when
+    it is saved), so no more than twice as many are held while reading: a read of a burst (a
+    first read of a million fresh opt-ins) holds a bounded set, not every id it read."""
 
     keep_from: datetime
     ids: dict[str, datetime] = field(default_factory=dict)
+    left_out: bool = False  # more were seen than are kept: the older ones went
 
     def add(self, change_ids: Iterable[str], times: Iterable[datetime]) -> None:
         """Notes each change id with its time (those at or after ``keep_from``)."""
         keep_from = self.keep_from
         self.ids.update((change_id, at) for change_id, at in zip(change_ids, times, strict=True)
                         if at >= keep_from)
+        if len(self.ids) > 2 * SEEN_LIMIT:
+            self._keep_newest()
+
+    def _keep_newest(self) -> None:
+        """Keep the newest :data:`SEEN_LIMIT`, newest first."""
+        newest = sorted(self.ids.items(), key=itemgetter(1), reverse=True)
+        if len(newest) > SEEN_LIMIT:
+            self.left_out = True
+        self.ids = dict(newest[:SEEN_LIMIT])
 
     def stored(self) -> dict[str, Any]:
         """For the checkpoint: ``seen``, and ``seen_from`` when older ones were left out."""
-        newest = sorted(self.ids.items(), key=itemgetter(1), reverse=True)
-        kept = newest[:SEEN_LIMIT]
+        self._keep_newest()
+        kept = list(self.ids.items())
         out: dict[str, Any] = {"seen": [seen_key(change_id) for change_id, _ in kept]}
-        if len(newest) > len(kept):
+        if self.left_out:
             out["seen_from"] = kept[-1][1].isoformat()
         return out
 

@@ -1,6 +1,7 @@
 """The ec-poller over the in-memory broker, against the dotdigital simulator over a real socket:
 what a run costs in dotdigital calls (``/_sim/stats``), and that a change or a suppression
-landing while a run reads is read by the next one, with no overlap to catch it."""
+landing while a run reads is read by the next one, with no overlap to catch it. What a read
+keeps of its change ids for the next read's overlap is bounded."""
 
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ from common.store.checkpoints import PREFERENCE_TREE, PREFERENCE_TREE_RUN
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedPosition, feed_position
 from common.vendors.dotdigital.models import Contact, ContactOptIns, PreferenceOptIn
+from services.ec_poller import service as ec_poller
 from services.ec_poller.service import (
     ContactsRead,
     EcPoller,
+    Seen,
     contacts_read,
     leaf_preference_ids,
     opt_in_change_id,
@@ -398,3 +401,31 @@ def test_a_pages_changes_are_each_contacts_status_then_its_opt_ins(
     assert [type(c) for c in statuses.changes()] == [ContactStatusChange] * len(expected[0])
     if places == [0, 1, 2, 3] and not malformed:
         assert len(opt_ins) == 4 and statuses.emails == ["a@example.com", "b@x.com", "c@x.com"]
+
+
+@examples(300)
+@given(pages=st.lists(st.lists(st.tuples(st.integers(0, 60), st.integers(-20, 40)),
+                               max_size=12), max_size=6),
+       limit=st.integers(1, 5))
+def test_a_read_holds_only_the_newest_ids_it_keeps_and_keeps_what_holding_all_would(
+        pages: list[list[tuple[int, int]]], limit: int) -> None:
+    """``Seen`` against holding every id read and keeping the newest at the end: the same ids'
+    times kept, the same ``seen_from``, never more than twice the kept ids held."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ec_poller, "SEEN_LIMIT", limit)
+        keep_from = T0
+        seen = Seen(keep_from=keep_from)
+        every: dict[str, datetime] = {}
+        for page in pages:
+            ids = [f"c{contact}" for contact, _ in page]
+            times = [T0 + timedelta(seconds=offset) for contact, offset in page]
+            # a change id stands for one stamp: the same contact's id is read again at its time
+            times = [every.get(i, t) for i, t in zip(ids, times, strict=True)]
+            seen.add(ids, times)
+            every.update((i, t) for i, t in zip(ids, times, strict=True) if t >= keep_from)
+            assert len(seen.ids) <= 2 * limit
+        newest = sorted(every.values(), reverse=True)[:limit]
+        stored = seen.stored()
+        assert sorted((every[i] for i in seen.ids), reverse=True) == newest
+        assert stored["seen"] == [ec_poller.seen_key(i) for i in seen.ids]
+        assert stored.get("seen_from") == (newest[-1].isoformat() if len(every) > limit else None)
