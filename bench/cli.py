@@ -19,7 +19,8 @@ from services.cli.progress import Meter
 SCENARIOS = ("backfill", "steady", "api-economy", "rate-limited", "low-tier", "memory", "scale")
 # Run on its own (never part of "all"): faults injected, results in chaos.json (bench/chaos.py).
 CHAOS = "chaos"
-DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+# no user in the URL: the client logs in as RabbitMQ's default (guest, let in from localhost only)
+DEFAULT_BROKER = "amqp://127.0.0.1:5672/"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

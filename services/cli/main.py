@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="simulators + services + a sync, end to end")
     demo.add_argument("--records", type=int, default=2000)
     demo.add_argument("--broker-url", default=os.environ.get(
-        "PREFSYNC_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+        "PREFSYNC_BROKER_URL", "amqp://127.0.0.1:5672/"))  # no user: RabbitMQ's local default
     demo.add_argument("--keep", action="store_true",
                       help="leave the simulators, the services and the console running after "
                            "the story, until Ctrl-C")
