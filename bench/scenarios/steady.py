@@ -9,7 +9,8 @@ accepted by the vendor (and committed to the ledger); the figure is its 99th
 percentile over every write. The poll's time is when the poller published the page's changes
 (right after reading them), as the reconciler reports it; the latency from the start of the run
 is reported beside it. Afterwards a final sync, and a sample of the edited keys must hold the
-same value on both sides.
+same value on both sides. Every process's CPU from the start of the load until its last
+changes are written is reported per change made, the simulators apart, as the backfill's is.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.cpu import cpu_per_state, cpu_seconds, cpu_since, headline, median_cpu
 from bench.figures import median, percentile, rounded
 from bench.harness import DD_ACCOUNT, PREFERENCES, SEED, BenchError, World
 from bench.suite import Suite
@@ -133,6 +135,9 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
                 records.append(await progress.trigger())
                 await asyncio.sleep(sizes.sync_every_s)
 
+        # every process's CPU while the load runs and its last changes are written
+        processes = {**world.services, **world.simulators}
+        cpu_before = cpu_seconds(processes)
         async with suite.profiled(world, label):
             ticker = asyncio.create_task(trigger_every())
             try:
@@ -144,6 +149,7 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
             records.append(await progress.trigger())  # the changes made since the last one
             for record in records:
                 await progress.wait(record, timeout_s=sizes.timeout_s)
+        cpu = cpu_since(cpu_before, processes)
         agreement = await _agreement(world, load)
     runs = list({r.tracker.run_id: r for r in records}.values())  # coalesced triggers share a run
     latencies = [pair for r in runs for pair in r.poll_latencies]
@@ -176,6 +182,9 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
         "run_timeline_median_s": _median_timeline([r.timeline() for r in runs]),
         "run_seconds_max": rounded(max(r.seconds for r in runs)),
         "agreement": agreement,
+        # per change made (each is one state moved to the other side)
+        "cpu_s": cpu,
+        "cpu": cpu_per_state(cpu, states=load.made, simulators=world.simulators),
         "peak_rss_mb": {n: round(m.get("peak_rss_mb", 0.0), 1) for n, m in world.memory().items()},
     }
 
@@ -204,10 +213,12 @@ async def run(suite: Suite) -> dict[str, Any]:
         "p50_s": rounded(median(r["p50_s"] for r in results if r["p50_s"] is not None)),
         "p99_s_each": [r["p99_s"] for r in results],
         "changes_per_s": median(r["changes_per_s"] for r in results),
+        "cpu": {f"{sizes.steady_rate} changes/s": median_cpu([r["cpu"] for r in results])},
         "runs": results,
         "failed_runs": repeats.failed,
         "met": p99 < TARGET_P99_S,
         "measured": f"p99 {p99:.2f} s, p50 "
                     f"{median(r['p50_s'] for r in results if r['p50_s'] is not None):.2f} s "
-                    f"at {median(r['changes_per_s'] for r in results):.0f} changes/s",
+                    f"at {median(r['changes_per_s'] for r in results):.0f} changes/s, "
+                    f"{headline(median_cpu([r['cpu'] for r in results]))}",
     }
