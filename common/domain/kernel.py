@@ -141,8 +141,9 @@ def _is_newer(known: KnownRow, existing: KnownRow | None) -> bool:
     return as_of > e_as_of
 
 
-def _same_as(known: KnownRow, existing: KnownRow | None) -> bool:
-    """:meth:`common.domain.state.Known.same_as`."""
+def same_known(known: KnownRow, existing: KnownRow | None) -> bool:
+    """:meth:`common.domain.state.Known.same_as`, on rows: the same state read again (what
+    the reconciler folds as a duplicate)."""
     if existing is None:
         return False
     opted_in, as_of, version, stamp, _ = known
@@ -289,7 +290,7 @@ def reconcile_row(state: StateRow, row: ObservationRow[Any]
             if _is_newer(seen, held):
                 after_known = _with(known, side, seen)
                 prune = True
-        elif _same_as(seen, held):
+        elif same_known(seen, held):
             outcome = DUPLICATE
         else:
             if _is_newer(seen, held):

@@ -57,7 +57,11 @@ from operator import itemgetter
 from typing import Any, Protocol
 
 from common.config import AccountConfig
-from common.domain import Known, PreferenceKey, is_suppressed, normalize_email
+from common.domain import is_suppressed, normalize_email
+from common.domain.clock import to_us
+from common.domain.kernel import same_known
+from common.domain.rows import KeyTuple, KnownRow, StateRow
+from common.domain.sides import SIDE_CODES
 from common.domain.trusted import assembled_all
 from common.messaging.abc import Outgoing
 from common.messaging.amqp import Publisher
@@ -92,6 +96,9 @@ SERVICE = "ec-poller"
 SEEN_LIMIT = 10_000
 
 
+DOTDIGITAL = SIDE_CODES["dotdigital"]
+
+
 def seen_key(change_id: str) -> str:
     """A short, collision-safe stand-in for a change id (the checkpoint keeps thousands)."""
     return hashlib.blake2b(change_id.encode(), digest_size=12).hexdigest()
@@ -106,6 +113,11 @@ def opt_in_change_id(contact_id: int, preference_id: int, modified: datetime) ->
 def opt_in_change_id_of(contact_id: int, preference_id: int, modified_iso: str) -> str:
     """:func:`opt_in_change_id` of the time ``modified_iso`` (as ``isoformat()`` writes it)."""
     return f"ec:{contact_id}:{preference_id}:{modified_iso}"
+
+
+def _known_to_dotdigital(state: StateRow | None) -> KnownRow | None:
+    """What the ledger knows dotdigital holds for a key (None: nothing, or no such key)."""
+    return None if state is None else state.known[DOTDIGITAL]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -501,7 +513,10 @@ class EcPoller:
         for opt_in, owner in enumerate(read.owners):
             by_contact.setdefault(owner, []).append(opt_in)
         fresh: list[int] = []
-        unsure: dict[int, tuple[PreferenceKey, Known]] = {}  # by place
+        # by place: the key, and the state read as the ledger keeps it (its clock offset
+        # aside, which the rule for a duplicate leaves out)
+        unsure: dict[int, tuple[KeyTuple, KnownRow]] = {}
+        account = self.account.id
         for place in places:
             opt_ins = by_contact.get(place, [])
             if skip and opt_ins and all(seen_key(read.change_ids[opt_in]) in skip
@@ -510,24 +525,23 @@ class EcPoller:
             if unkept is not None and len(opt_ins) == 1 and read.modified[opt_ins[0]] <= unkept:
                 (opt_in,) = opt_ins
                 try:
-                    key = PreferenceKey(account=self.account.id,
-                                        email=normalize_email(read.emails[place]),
-                                        preference_id=read.preference_ids[opt_in])
+                    email = normalize_email(read.emails[place])
                 except ValueError:
                     continue  # not publishable anyway
-                unsure[place] = (key, Known(opted_in=read.opted_in[opt_in],
-                                            as_of=read.modified[opt_in]))
+                unsure[place] = ((account, email, read.preference_ids[opt_in]),
+                                 (read.opted_in[opt_in], to_us(read.modified[opt_in]), None,
+                                  None, 0))
             fresh.append(place)
         if not unsure:
             return fresh
-        states = await self._store.load([key for key, _ in unsure.values()])
-        known = {place: states[key].known.get("dotdigital") if key in states else None
-                 for place, (key, _) in unsure.items()}
+        # (rows, not states: only what dotdigital is known to hold is looked at)
+        states = await self._store.load_rows([key for key, _ in unsure.values()])
         # what the ledger already knows from dotdigital, the same state (the reconciler's rule
         # for a duplicate: the stamp, not the clock offset it was placed with), was published
         # and reconciled
         return [place for place in fresh
-                if place not in unsure or not unsure[place][1].same_as(known[place])]
+                if place not in unsure or not same_known(
+                    unsure[place][1], _known_to_dotdigital(states.get(unsure[place][0])))]
 
     @staticmethod
     def _changes_from(read: ContactsRead, places: Iterable[int], started: datetime, *,

@@ -191,11 +191,15 @@ async def test_an_overlap_beyond_the_kept_ids_is_checked_against_the_ledger(
         kept = seen.stored()  # the newest change id only, and from when older ones are left out
         assert len(kept["seen"]) == 1 and kept["seen_from"] == page.modified[2].isoformat()
         # The reconciler has read p0's change (the ledger knows it, with the clock offset it
-        # was placed with); p1's, not yet.
+        # was placed with); of p1 it knows only an older opt-out, not this change.
         key = PreferenceKey(account="acme", email="p0@example.com", preference_id=7)
-        await store.save([(None, KeyState(key=key).with_known(
-            "dotdigital", Known(opted_in=True, as_of=start,
-                                offset=timedelta(milliseconds=-37))), None)])
+        older = PreferenceKey(account="acme", email="p1@example.com", preference_id=7)
+        await store.save([
+            (None, KeyState(key=key).with_known(
+                "dotdigital", Known(opted_in=True, as_of=start,
+                                    offset=timedelta(milliseconds=-37))), None),
+            (None, KeyState(key=older).with_known(
+                "dotdigital", Known(opted_in=False, as_of=start)), None)])
         again = await poller._unseen(read, set(kept["seen"]), Seen(keep_from=start),
                                      unkept=datetime.fromisoformat(kept["seen_from"]))
         assert again == [1]
