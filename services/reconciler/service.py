@@ -192,11 +192,13 @@ class Reconciler:
         if result.resumed and result.changed_contacts:
             # Contact states are monotonic in their own time, so they need no compare-and-set.
             await self._store.save_contacts([result.contacts[e] for e in result.changed_contacts])
+        if result.resumed:
+            # after the key states they were folded into (a crash before this folds them
+            # again); before what this batch parks (a contact suppressed again after its
+            # resubscription in the same batch)
+            await self._store.unpark_observations(self.account, result.resumed)
         if result.parked:
             await self._store.park_observations(result.parked)
-        if result.resumed:
-            # after the key states they were folded into (a crash before this folds them again)
-            await self._store.unpark_observations(self.account, result.resumed)
         await failpoints.reached("reconciler.after-commit")
         await self._emit(batch, result)
         if result.resumed:
@@ -320,12 +322,15 @@ class Reconciler:
 
     def _resume(self, result: BatchResult, index: int, email: str,
                 parked: Sequence[Observation]) -> None:
-        """The contact was resubscribed: fold in what was parked while it was suppressed, and
-        let every key of the email publish its outstanding writes again."""
+        """The contact was resubscribed: fold in what was parked while it was suppressed (in
+        earlier batches, then earlier in this one: not stored yet, those would otherwise be
+        stored after the commit and cleared with the others), and let every key of the email
+        publish its outstanding writes again."""
         result.resumed.add(email)
-        for observation in parked:
-            if observation.key.email == email:
-                self._observe(result, index, observation_row(observation))
+        in_batch = [o for o in result.parked if o.key.email == email]
+        result.parked = [o for o in result.parked if o.key.email != email]
+        for observation in [*(o for o in parked if o.key.email == email), *in_batch]:
+            self._observe(result, index, observation_row(observation))
         for key in result.states:
             if key[1] == email:
                 result.owner[key] = index

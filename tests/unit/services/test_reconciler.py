@@ -2,7 +2,8 @@
 commands published before the message is acked; a malformed message is dead-lettered apart from
 its neighbours; a batch given back after a failure past its commit is redelivered and folded
 again as a duplicate, its writes going out with the same message ids; a batch asks the record
-directory nothing beyond its snapshot."""
+directory nothing beyond its snapshot; a change parked for a suppressed contact and the
+contact's resubscription in one batch: the change is folded in, not dropped."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from common.domain import PreferenceKey
+from common.domain import ContactState, PreferenceKey
 from common.messaging.abc import REASON, Outgoing
-from common.messaging.envelope import PreferenceChange
+from common.messaging.envelope import ContactStatusChange, PreferenceChange
 from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import CHANGES_EXCHANGE, Topology, shard_of
@@ -40,6 +41,15 @@ def dynamics_change(opted_in: bool, *, version: int, email: str = EMAIL) -> list
                                   origin_time=NOW + timedelta(seconds=version),
                                   version=version, change_id=f"dyn:row:{version}")],
         run_id=None, id_seed=f"poll:{version}")
+
+
+def status_change(status: str, *, at: datetime, email: str = EMAIL) -> list[Outgoing]:
+    """A contact's status the ec-poller read, as it publishes it."""
+    return envelopes_by_shard(
+        account=ACCOUNT, source="dotdigital", type="contact-status-changes", shards=SHARDS,
+        changes=[ContactStatusChange(email=email, status=status, origin_time=at,
+                                     change_id=f"ec-status:{status}:{at.isoformat()}")],
+        run_id=None, id_seed=f"status:{status}")
 
 
 async def reconciler(b: Bed) -> Reconciler:
@@ -165,3 +175,73 @@ async def test_a_batch_reads_its_emails_records_once_in_its_snapshot(tmp_path: P
         # every record came from the batch's snapshot
         assert counting.apart == []
         assert b.dead_letters() == []
+
+
+async def test_an_opt_out_parked_and_resubscribed_in_one_batch_is_folded_in(
+        tmp_path: Path) -> None:
+    """The contact is suppressed; one batch holds a Dynamics opt-out (parked, as the contact
+    is suppressed when it is read) and then dotdigital's news that the contact is subscribed
+    again. The opt-out is folded in and written: the resubscription's clearing of the parked
+    changes must not drop the one parked in its own batch."""
+    async with bed(tmp_path) as b:
+        await b.store.save_contacts([ContactState(account=ACCOUNT, email=EMAIL,
+                                                  status="Suppressed", since=NOW)])
+        await b.broker.publish_many([*dynamics_change(False, version=1),
+                                     *status_change("Subscribed", at=NOW + timedelta(seconds=2))])
+        b.consume(CHANGES, (await reconciler(b)).handle, service="reconciler")
+        await b.drained(CHANGES)
+        key = PreferenceKey(account=ACCOUNT, email=EMAIL, preference_id=PREFERENCE)
+        state = (await b.store.load([key]))[key]
+        assert state.register is not None and not state.register.opted_in
+        assert [(c.email, c.opted_in) for c in b.commands(WRITES)] == [(EMAIL, False)]
+        assert await b.store.parked_observations(ACCOUNT, [EMAIL]) == []
+        history = await b.store.history(ACCOUNT, EMAIL)
+        assert [h.decision for h in history] == ["suppressed", "applied"]
+
+
+class ParkingFailsOnce:
+    """The bed's store, whose first parking fails as a crash there would leave it: what the
+    batch did before stays done, the batch is not acked."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def park_observations(self, observations: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise TransientFailure("the ledger went away", dependency="store")
+        await self._store.park_observations(observations)
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["", "failing-before-parking"])
+async def test_a_change_parked_after_a_resubscription_in_its_batch_stays_parked(
+        tmp_path: Path, crash: bool) -> None:
+    """In one batch the contact is resubscribed, suppressed again, and a Dynamics opt-out is
+    read: the opt-out is parked, and stays parked (clearing what the resubscription folded
+    in must not clear it); also when the batch fails once between that clearing and the
+    parking, and is redelivered."""
+    async with bed(tmp_path) as b:
+        await b.store.save_contacts([ContactState(account=ACCOUNT, email=EMAIL,
+                                                  status="Suppressed", since=NOW)])
+        await b.broker.publish_many([
+            *status_change("Subscribed", at=NOW + timedelta(seconds=2)),
+            *status_change("Suppressed", at=NOW + timedelta(seconds=3)),
+            *dynamics_change(False, version=4)])
+        store = ParkingFailsOnce(b.store) if crash else b.store
+        handle = Reconciler(account=ACCOUNT, store=store, publisher=b.broker,
+                            shards=SHARDS).handle
+        await reconciler(b)  # (the read mark it sets)
+        b.consume(CHANGES, handle, service="reconciler")
+        if crash:
+            async with asyncio.timeout(10):
+                while not store.failed:
+                    await b.broker.changed()
+        await b.drained(CHANGES)
+        [parked] = await b.store.parked_observations(ACCOUNT, [EMAIL])
+        assert (parked.key.email, parked.opted_in, parked.change_id) == (EMAIL, False,
+                                                                         "dyn:row:4")
+        assert b.commands(WRITES) == []
