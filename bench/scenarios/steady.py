@@ -11,6 +11,9 @@ percentile over every write. The poll's time is when the poller published the pa
 is reported beside it. Afterwards a final sync, and a sample of the edited keys must hold the
 same value on both sides. Every process's CPU from the start of the load until its last
 changes are written is reported per change made, the simulators apart, as the backfill's is.
+What the simulators spend on the edits themselves (the load, not the product's calls) is
+left out of their figure and reported apart: before the services start, a couple of thousand
+edits on each side measure what one costs its simulator.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from services.simulators import seeding
 TARGET_P99_S = 1.0
 TICK_S = 0.1
 CHECKED_KEYS = 40
+# Edits on each side made before the services start, to learn what one costs its simulator
+# (enough to be timed well by CPU counters that tick every 10 ms).
+CALIBRATION_EDITS = 2000
 
 
 @dataclass
@@ -46,6 +52,7 @@ class EditLoad:
     rng: random.Random = field(default_factory=lambda: random.Random(SEED))
     made: int = 0
     failed: int = 0
+    made_on: dict[str, int] = field(default_factory=dict)  # of ``made``, by side
     last: dict[tuple[str, int], tuple[str, bool]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,7 +71,7 @@ class EditLoad:
             while due >= 1:
                 due -= 1
                 side = "dynamics" if (self.made + len(pending)) % 2 == 0 else "dotdigital"
-                task = asyncio.create_task(self._edit(side, gate))
+                task = asyncio.create_task(self.edit(side, gate))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             tick += 1
@@ -73,7 +80,8 @@ class EditLoad:
             await asyncio.gather(*pending)
         return self.made / max(1e-9, now - started)
 
-    async def _edit(self, side: str, gate: asyncio.Semaphore) -> None:
+    async def edit(self, side: str, gate: asyncio.Semaphore) -> None:
+        """One person flips one preference on ``side``, through its simulator."""
         email = self.rng.choice(self.emails)
         preference = self.rng.choice(self.preferences)
         previous = self.last.get((email, preference))
@@ -90,6 +98,7 @@ class EditLoad:
                         "account": DD_ACCOUNT, "email": email,
                         "preferences": {str(preference): opted_in}})
                 self.made += 1
+                self.made_on[side] = self.made_on.get(side, 0) + 1
             except BenchError:
                 self.failed += 1
 
@@ -120,9 +129,26 @@ def _median_timeline(timelines: list[dict[str, float]]) -> dict[str, float | Non
             for stage in sorted(stages, key=lambda s: median(t[s] for t in timelines if s in t))}
 
 
+async def _edit_cost(world: World, contacts: int) -> dict[str, float]:
+    """CPU seconds one edit costs each side's simulator: :data:`CALIBRATION_EDITS` made on
+    each side while nothing else runs (before the services start; the set-up syncs them)."""
+    calibration = EditLoad(world=world, contacts=contacts, rng=random.Random(SEED + 1))
+    gate = asyncio.Semaphore(64)
+    cost: dict[str, float] = {}
+    for side in ("dynamics", "dotdigital"):
+        simulator = world.simulators[f"{side}-sim"]
+        before = simulator.cpu_s()
+        await asyncio.gather(*(calibration.edit(side, gate) for _ in range(CALIBRATION_EDITS)))
+        made = calibration.made_on.get(side, 0)
+        if made:
+            cost[f"{side}-sim"] = (simulator.cpu_s() - before) / made
+    return cost
+
+
 async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any]:
     sizes = suite.sizes
     await world.seed(records=sizes.steady_contacts)
+    edit_cost = await _edit_cost(world, sizes.steady_contacts)
     await world.start_all()
     async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
         for _ in range(2):  # in step, then the echoes of that read back: set-up
@@ -184,7 +210,10 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
         "agreement": agreement,
         # per change made (each is one state moved to the other side)
         "cpu_s": cpu,
-        "cpu": cpu_per_state(cpu, states=load.made, simulators=world.simulators),
+        "cpu": cpu_per_state(cpu, states=load.made, simulators=world.simulators,
+                             load_s={f"{side}-sim": edit_cost.get(f"{side}-sim", 0.0) * made
+                                     for side, made in load.made_on.items()}),
+        "edit_cpu_us": {name: round(seconds * 1e6, 1) for name, seconds in edit_cost.items()},
         "peak_rss_mb": {n: round(m.get("peak_rss_mb", 0.0), 1) for n, m in world.memory().items()},
     }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.cpu import busy_share, cpus_busy_s, postgres_cpu_s
+from bench.cpu import busy_share, cpu_per_state, cpus_busy_s, describe, median_cpu, postgres_cpu_s
 from bench.figures import batched_delta, call_delta, percentile, write_calls
 from bench.harness import SEED, BenchError
 from bench.results import markdown, merge
@@ -23,6 +23,23 @@ from services.simulators.dotdigital import DotdigitalSimulator
 from services.simulators.dynamics import DynamicsSimulator
 
 pytestmark = pytest.mark.anyio
+
+
+def test_what_the_simulators_spend_on_the_bench_s_load_is_apart_from_their_figure() -> None:
+    cpu = {"writer": 2.0, "reconciler": 1.0, "dynamics-sim": 0.5, "dotdigital-sim": 0.25}
+    sims = ("dynamics-sim", "dotdigital-sim")
+    plain = cpu_per_state(cpu, states=10_000, simulators=sims)
+    assert plain["simulator_us_per_state_total"] == 75.0 and plain["simulators_over_10pct"]
+    assert "load_us_per_state" not in plain
+    # the edits cost the Dynamics simulator 0.4 s of its 0.5 s; never more than it spent
+    apart = cpu_per_state(cpu, states=10_000, simulators=sims,
+                          load_s={"dynamics-sim": 0.4, "dotdigital-sim": 9.0})
+    assert apart["product_us_per_state_total"] == 300.0
+    assert apart["simulator_us_per_state"] == {"dynamics-sim": 10.0, "dotdigital-sim": 0.0}
+    assert apart["load_us_per_state"] == {"dynamics-sim": 40.0, "dotdigital-sim": 25.0}
+    assert apart["simulator_share"] == round(10 / 300, 3) and not apart["simulators_over_10pct"]
+    assert median_cpu([apart, apart])["load_us_per_state"] == apart["load_us_per_state"]
+    assert "edits through the simulators apart (dynamics-sim 40.0" in describe("steady", apart)
 
 
 def test_percentile_weighs_each_value_by_its_count() -> None:
