@@ -94,8 +94,6 @@ log = logging.getLogger("prefsync.ec_poller")
 SERVICE = "ec-poller"
 # Change ids a feed's checkpoint keeps (the newest), so the next read's overlap skips them.
 SEEN_LIMIT = 10_000
-
-
 DOTDIGITAL = SIDE_CODES["dotdigital"]
 
 

@@ -18,10 +18,11 @@ Sync rules applied here besides the pure ones:
 - a dotdigital change for an email no eligible Dynamics record has is ``ineligible``: recorded
   in the history, never read into a key state;
 - a change for a suppressed contact is ``suppressed`` (history) and parked; when the contact is
-  resubscribed the parked changes are folded in and every outstanding write of the email goes
-  out again, so sync resumes with the contact's current preferences (the resubscription is
-  marked in the store before the contact is saved, and the mark is cleared only once those
-  writes are confirmed, so a redelivery after a crash in between resumes the email again);
+  resubscribed the parked changes (those of earlier batches and those parked earlier in the
+  same batch) are folded in and every outstanding write of the email goes out again, so sync
+  resumes with the contact's current preferences (the resubscription is marked in the store
+  before the contact is saved, and the mark is cleared only once those writes are confirmed,
+  so a redelivery after a crash in between resumes the email again);
 - several Dynamics records with one email hold the same preferences: when the register's value
   is known on the Dynamics side but another active record's subscription row (as the record
   directory has it) differs or is missing, a Dynamics write goes out for it too.
