@@ -137,6 +137,8 @@ async def _edit_cost(world: World, contacts: int) -> dict[str, float]:
     cost: dict[str, float] = {}
     for side in ("dynamics", "dotdigital"):
         simulator = world.simulators[f"{side}-sim"]
+        # the counter itself, not bench.cpu.cpu_since: that rounds to 10 ms, the whole cost
+        # of a few dozen edits
         before = simulator.cpu_s()
         await asyncio.gather(*(calibration.edit(side, gate) for _ in range(CALIBRATION_EDITS)))
         made = calibration.made_on.get(side, 0)
