@@ -198,6 +198,7 @@ class Reconciler:
             # again); before what this batch parks (a contact suppressed again after its
             # resubscription in the same batch)
             await self._store.unpark_observations(self.account, result.resumed)
+            await failpoints.reached("reconciler.after-unpark")
         if result.parked:
             await self._store.park_observations(result.parked)
         await failpoints.reached("reconciler.after-commit")

@@ -117,11 +117,13 @@ async def test_deferred_writes_survive_a_crash_after_they_are_cleared(tmp_path: 
                 email, preference_id)
 
 
+@pytest.mark.parametrize("point", ["reconciler.after-commit", "reconciler.after-unpark"])
 async def test_resubscribed_contact_writes_survive_a_crash_before_they_are_published(
-        tmp_path: Path) -> None:
+        tmp_path: Path, point: str) -> None:
     """A contact resubscribes; the reconciler dies after it committed the batch (the contact is
-    no longer suppressed in the ledger) and before it published: the value parked while the
-    contact was suppressed still reaches dotdigital."""
+    no longer suppressed in the ledger), or after it also cleared the parked changes it folded
+    in, and before it published: the value parked while the contact was suppressed still
+    reaches dotdigital."""
     async with make_world(tmp_path, records=20) as world:
         hold_back_sweep(world)
         for service in ("dynamics-poller", "ec-poller", "writer", "reconciler"):
@@ -151,12 +153,15 @@ async def test_resubscribed_contact_writes_survive_a_crash_before_they_are_publi
         old = world.processes["reconciler"]
         old.kill()
         await old.wait()
-        reconciler = await world.spawn("reconciler", failpoints="reconciler.after-commit")
+        reconciler = await world.spawn("reconciler", failpoints=point)
         await set_status("Subscribed")
         run = asyncio.create_task(world.sync(timeout_s=180))
         assert await asyncio.wait_for(reconciler.wait(), 120) == 137
         # it died in the resubscription's batch, after the contact was saved as resubscribed
         assert not await suppressed()
+        if point == "reconciler.after-unpark":
+            async with open_store(world.config.store.url) as store:  # and the parked cleared
+                assert not await store.parked_observations(world.account, {person.email})
         await world.spawn("reconciler")
         summary = await run
         assert summary["failed"] == 0, summary
