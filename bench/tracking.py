@@ -50,6 +50,12 @@ class RunRecord:
     side_latencies: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     # write message id -> when the poller read the change it came from (Unix time)
     polled_at: dict[str, float] = field(default_factory=dict)
+    # write message id -> when the reconciler reported it emitted (Unix time, as received)
+    reconciled_at: dict[str, float] = field(default_factory=dict)
+    # by the side written, per stage ("to_reconciled": from the poll to the reconciler's
+    # report; "to_written": from there to the write's): (seconds, writes in it)
+    stage_latencies: dict[tuple[str, str], list[tuple[float, int]]] = field(
+        default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -172,16 +178,23 @@ class Progress:
             record.first_reconciled_at = record.first_reconciled_at or now
             record.last_reconciled_at = now
             polled = event.get("polled_at_ms")
+            writes = event.get("writes") or []
+            record.reconciled_at.update(dict.fromkeys(writes, wall))
             if isinstance(polled, int):
-                record.polled_at.update(dict.fromkeys(event.get("writes") or [], polled / 1000))
+                record.polled_at.update(dict.fromkeys(writes, polled / 1000))
         elif kind == "written":
             record.first_written_at = record.first_written_at or now
             record.last_written_at = now
             written = int(event.get("written", 0))
             if written and record.started_at is not None:
                 record.write_latencies.append((now - record.started_at, written))
-            polled = record.polled_at.get(str(event.get("message")))
+            message, side = str(event.get("message")), str(event.get("side"))
+            polled = record.polled_at.get(message)
             if written and polled is not None:
                 record.poll_latencies.append((wall - polled, written))
-                record.side_latencies.setdefault(str(event.get("side")), []).append(
-                    (wall - polled, written))
+                record.side_latencies.setdefault(side, []).append((wall - polled, written))
+                reconciled = record.reconciled_at[message]
+                record.stage_latencies.setdefault((side, "to_reconciled"), []).append(
+                    (reconciled - polled, written))
+                record.stage_latencies.setdefault((side, "to_written"), []).append(
+                    (wall - reconciled, written))

@@ -204,6 +204,9 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
                            "p99_s": rounded(percentile(pairs, 0.99))}
                     for side in sorted({s for r in runs for s in r.side_latencies})
                     if (pairs := [p for r in runs for p in r.side_latencies.get(side, [])])},
+        # where they wait: from the poll to the reconciler's report of the write, and from
+        # there to the write's
+        "stages": _stages(runs),
         "from_run_start_p50_s": rounded(percentile(from_start, 0.50)),
         "from_run_start_p99_s": rounded(percentile(from_start, 0.99)),
         "run_seconds_median": rounded(median(r.seconds for r in runs)),
@@ -218,6 +221,16 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
         "edit_cpu_us": {name: round(seconds * 1e6, 1) for name, seconds in edit_cost.items()},
         "peak_rss_mb": {n: round(m.get("peak_rss_mb", 0.0), 1) for n, m in world.memory().items()},
     }
+
+
+def _stages(runs: list[RunRecord]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per side written, per stage: the p50 and p99 of the writes' wait in it."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for side, stage in sorted({k for r in runs for k in r.stage_latencies}):
+        pairs = [p for r in runs for p in r.stage_latencies.get((side, stage), [])]
+        out.setdefault(side, {})[stage] = {"p50_s": rounded(percentile(pairs, 0.50)),
+                                           "p99_s": rounded(percentile(pairs, 0.99))}
+    return out
 
 
 async def run(suite: Suite) -> dict[str, Any]:
