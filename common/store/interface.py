@@ -14,7 +14,7 @@ never overwrite each other's decisions: a save whose expected revisions no longe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
@@ -106,6 +106,10 @@ class Contacts(Protocol):
 
     async def load_contacts(self, account: str,
                             emails: Iterable[str]) -> dict[str, ContactState]: ...
+
+    async def suppressed_among(self, account: str, emails: Collection[str]) -> set[str]:
+        """Of ``emails`` (normalised), those whose stored contact is suppressed."""
+        ...
 
     async def save_contacts(self, contacts: Sequence[ContactState]) -> None:
         """Upsert; a stored state with a later ``since`` is kept (monotonic)."""

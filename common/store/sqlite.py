@@ -14,7 +14,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -658,6 +658,16 @@ class SqliteLedgerStore:
         return {email: ContactState(account=account, email=email, status=status,
                                     since=from_us(since), revision=revision)
                 for email, status, since, revision in rows}
+
+    async def suppressed_among(self, account: str, emails: Collection[str]) -> set[str]:
+        # one job; only the suppressed rows come back (a feed lists thousands of contacts a
+        # run, seldom a suppressed one)
+        wanted = list(emails)
+        plan: list[Query] = [
+            ("contacts", "SELECT email FROM contact_state WHERE account = ? AND suppressed = 1 "
+                         f"AND email IN ({','.join('?' * len(chunk))})", [account, *chunk])
+            for chunk in (wanted[i:i + _CHUNK] for i in range(0, len(wanted), _CHUNK))]
+        return {row[0] for _, rows in await self._answer(plan) for row in rows}
 
     async def save_contacts(self, contacts: Sequence[ContactState]) -> None:
         rows = list(map(_contact_row, contacts))

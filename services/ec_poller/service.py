@@ -647,15 +647,14 @@ class EcPoller:
                     email = self._active_email(contact)
                     if email is not None:
                         active[email] = contact
-                stored = await self._store.load_contacts(self.account.id, active)
+                suppressed = await self._store.suppressed_among(self.account.id, active)
                 resumed = [
                     ContactStatusChange(
                         email=email, status=str(contact.status),
                         origin_time=contact.updated or started,
                         change_id=f"ec-active:{contact.contact_id}:"
                                   f"{(contact.updated or started).isoformat()}")
-                    for email, contact in active.items()
-                    if email in stored and stored[email].suppressed]
+                    for email, contact in active.items() if email in suppressed]
                 await self._publish(request, counts, statuses=Statuses.of(resumed),
                                     id_seed=f"{request.run_id}:{source}:{saved.isoformat()}:"
                                             f"{page_no}")

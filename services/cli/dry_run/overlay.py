@@ -23,7 +23,7 @@ Each write keeps the real store's semantics (SQL in :mod:`common.store.directory
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -182,6 +182,11 @@ class OverlayStore:
         if rest:
             found.update(await self._store.load_contacts(account, rest))
         return found
+
+    async def suppressed_among(self, account: str, emails: Collection[str]) -> set[str]:
+        mine = {e for e in emails if (account, e) in self._contacts}
+        return ({e for e in mine if self._contacts[(account, e)].suppressed}
+                | await self._store.suppressed_among(account, set(emails) - mine))
 
     async def save_contacts(self, contacts: Sequence[ContactState]) -> None:
         for contact in contacts:

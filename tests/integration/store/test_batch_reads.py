@@ -102,7 +102,12 @@ async def test_the_dry_run_view_reads_a_batch_with_its_own_writes(store: LedgerS
     assert key_tuple(key(email="p1@example.com")) in got.states
     assert "p1@example.com" in got.resuming
     assert got.checkpoints[CLOCK_CHECKPOINTS[1]] == "measured in the dry run"
+    # which contacts are suppressed, as the view has them
+    assert await view.suppressed_among(
+        "acme", ["p0@example.com", "p1@example.com", "p2@example.com"]) == {
+        "p0@example.com", "p1@example.com"}  # the ledger's, and the view's own
     # the ledger itself is as it was
+    assert "p1@example.com" not in await store.suppressed_among("acme", ["p1@example.com"])
     assert await store.read_batch(reads) == await each_alone(store, reads)
     assert "p1@example.com" not in (await store.read_batch(reads)).contacts
 

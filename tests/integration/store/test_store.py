@@ -324,6 +324,25 @@ async def test_contact_states_are_monotonic(store: LedgerStore) -> None:
     assert await store.load_contacts("globex", ["ann@example.com"]) == {}
 
 
+async def test_suppressed_among_names_only_the_suppressed_contacts_asked_for(
+        store: LedgerStore) -> None:
+    def contact(account: str, email: str, status: str) -> ContactState:
+        return ContactState(account=account, email=email, status=status, since=T)
+
+    many = [f"p{i}@example.com" for i in range(700)]  # more than one query's worth
+    await store.save_contacts([
+        *(contact("acme", e, "Unsubscribed" if i % 100 == 7 else "Subscribed")
+          for i, e in enumerate(many)),
+        contact("acme", "ann@example.com", "HardBounced"),
+        contact("globex", "bob@example.com", "Unsubscribed")])
+    assert await store.suppressed_among("acme", [*many, "ann@example.com", "nobody@example.com",
+                                                 "bob@example.com"]) == {
+        *(e for i, e in enumerate(many) if i % 100 == 7), "ann@example.com"}
+    assert await store.suppressed_among("acme", []) == set()
+    assert await store.suppressed_among("globex", ["ann@example.com", "bob@example.com"]) == {
+        "bob@example.com"}
+
+
 async def test_reopening_keeps_everything(url: str) -> None:
     state = full_state(key())
     async with open_store(url) as s:
