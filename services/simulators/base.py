@@ -150,6 +150,19 @@ class Stats:
     statuses: Counter[str] = field(default_factory=Counter)
     writes_applied: int = 0
     in_batches: Counter[str] = field(default_factory=Counter)
+    # set whenever a call is counted: what runs in the simulator's process (a test) awaits
+    # the calls it expects instead of polling /_sim/stats
+    counted: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+
+    def count(self, call: str, times: int = 1) -> None:
+        self.calls[call] += times
+        self.counted.set()
+
+    async def until(self, condition: Callable[[Mapping[str, int]], bool]) -> None:
+        """Until ``condition`` holds of the call counts, looked at after each call counted."""
+        while not condition(self.calls):
+            self.counted.clear()
+            await self.counted.wait()
 
     def clear(self) -> None:
         self.calls.clear()
@@ -280,7 +293,7 @@ class SimControl:
             return await handler(request)
         method = request.method
         route = self._route_name(request)
-        self.stats.calls[f"{method} {route}"] += 1
+        self.stats.count(f"{method} {route}")
         delay = self.faults.latency_for(method, path)
         if delay > 0:
             await asyncio.sleep(delay)

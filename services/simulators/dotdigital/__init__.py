@@ -65,7 +65,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.simulators.base import serve
+from services.simulators.base import Stats, serve
 from services.simulators.dotdigital.accounts import demo_user, parse_account
 from services.simulators.dotdigital.app import build_app
 from services.simulators.dotdigital.backend import Backend
@@ -87,6 +87,11 @@ class DotdigitalSimulator:
         self.backend = Backend(users=users, calls_per_minute=calls_per_minute,
                                import_delay_s=import_delay_s, state_file=state_file)
         self.app: web.Application = build_app(self.backend)
+
+    @property
+    def stats(self) -> Stats:
+        """Its call counters (``GET /_sim/stats``), for tools that run in-process."""
+        return self.backend.control.stats
 
 
 async def run_dotdigital(*, host: str, port: int, accounts: Sequence[str],

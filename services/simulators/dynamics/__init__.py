@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..base import serve
+from ..base import Stats, serve
 from .app import DynamicsApp, build
 from .limits import ServiceLimits
 
@@ -46,6 +46,11 @@ class DynamicsSimulator:
     def internals(self) -> DynamicsApp:
         """The organisation's state (store, clock, limits), for tools that run in-process."""
         return self._sim
+
+    @property
+    def stats(self) -> Stats:
+        """Its call counters (``GET /_sim/stats``), for tools that run in-process."""
+        return self._sim.control.stats
 
     def save(self) -> bool:
         """Write the state file, if one is configured."""

@@ -166,13 +166,13 @@ class DynamicsApp:
             "version": row["versionnumber"], "via": "sim" if self._editing else "api"})
 
     def _record(self, method: str, route: str, status: int) -> None:
-        self.control.stats.calls[f"{method} {route}"] += 1
+        self.control.stats.count(f"{method} {route}")
         self.control.stats.statuses[str(status)] += 1
 
     def _record_in_batch(self, method: str, route: str, status: int, times: int) -> None:
         stats = self.control.stats
         call = f"{method} {route}"
-        stats.calls[call] += times
+        stats.count(call, times)
         stats.statuses[str(status)] += times
         stats.in_batches[call] += times
 

@@ -7,7 +7,7 @@ import contextlib
 import io
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +24,7 @@ from services.cli.lookup import dotdigital_preferences, dynamics_preferences
 from services.cli.sync_now import sync_and_wait
 from services.runtime.registry import Running, run_services
 from services.simulators import seeding
-from services.simulators.base import serving
+from services.simulators.base import Stats, serving
 from services.simulators.dotdigital import DotdigitalSimulator
 from services.simulators.dynamics import DynamicsSimulator
 from tests.harness import world as harness
@@ -47,6 +47,8 @@ class World(harness.World):
     people: list[seeding.Person]
     services: list[asyncio.Task[None]] = field(default_factory=list)
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    # each side's simulator's call counters (the simulators run in the test's process)
+    counters: dict[str, Stats] = field(default_factory=dict)
 
     # --- reading both sides ----------------------------------------------------------------
     async def dynamics_values(self, email: str) -> dict[str, dict[int, bool]]:
@@ -62,6 +64,16 @@ class World(harness.World):
         records = await self.dynamics_values(email)
         dynamics = {states.get(preference_id) for states in records.values()} or {None}
         return dynamics, (await self.dotdigital_values(email)).get(preference_id)
+
+    async def until_calls(self, side: str, condition: Callable[[Mapping[str, int]], bool], *,
+                          what: str, timeout_s: float = 40.0) -> None:
+        """Until ``condition`` holds of ``side``'s simulator's call counts (by ``"<METHOD>
+        <route>"``), awaited on the simulator's own counter; fails naming ``what``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.counters[side].until(condition)
+        except TimeoutError:
+            pytest.fail(f"{what} within {timeout_s:.0f} s")
 
     # --- prefsync --------------------------------------------------------------------------
     async def start(self, services: tuple[str, ...] = ALL_SERVICES) -> Running:
@@ -203,7 +215,8 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
         worlds = [World(account=account, config=config, config_path=config_path, env=env,
                         dyn_url=dyn_url, dd_url=dd_url, http=http, records=records,
                         preferences=seeding.leaf_preferences(preferences, SEED),
-                        people=seeding.people(records, SEED), dd_account=dd)
+                        people=seeding.people(records, SEED), dd_account=dd,
+                        counters={"dynamics": dynamics.stats, "dotdigital": dotdigital.stats})
                   for account, dd in zip(ids, dd_accounts, strict=True)]
         await worlds[0].seed_history({"records": records, "preferences": preferences,
                                       "seed": SEED}, dd_accounts=dd_accounts[1:])

@@ -19,12 +19,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 async def wait_for_calls(world: World, side: str, prefix: str, more_than: int) -> None:
     """Until the simulator has answered (or is answering) more than ``more_than`` such calls."""
-    for _ in range(1200):
-        calls = (await world.stats(side))["calls"]
-        if sum(n for k, n in calls.items() if k.startswith(prefix)) > more_than:
-            return
-        await asyncio.sleep(0.025)
-    pytest.fail(f"no {prefix} call reached {side}")
+    await world.until_calls(
+        side, lambda calls: sum(n for k, n in calls.items() if k.startswith(prefix)) > more_than,
+        what=f"no {prefix} call reached {side}")
 
 
 async def count_calls(world: World, side: str, prefix: str) -> int:

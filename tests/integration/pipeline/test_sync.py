@@ -139,14 +139,10 @@ async def test_flip_flop_newest_value_wins_on_both_sides(world: World) -> None:
     first = asyncio.create_task(world.sync())
     writes_before = (await world.stats("dotdigital"))["calls"]
     # Wait until the write request has reached dotdigital (it is counted on arrival).
-    for _ in range(400):
-        calls = (await world.stats("dotdigital"))["calls"]
-        if any(k.startswith(("PUT /v2/contacts", "PUT /contacts/v3/import"))
-               and calls.get(k, 0) > writes_before.get(k, 0) for k in calls):
-            break
-        await asyncio.sleep(0.025)
-    else:
-        pytest.fail("the write never reached dotdigital")
+    await world.until_calls("dotdigital", lambda calls: any(
+        k.startswith(("PUT /v2/contacts", "PUT /contacts/v3/import"))
+        and calls.get(k, 0) > writes_before.get(k, 0) for k in calls),
+        what="the write never reached dotdigital", timeout_s=15)
     await world.set_clock("dynamics", {"offset_s": 1})
     await world.edit_dynamics(person.email, preference.id, False)  # newer, while in flight
     await first
@@ -193,13 +189,9 @@ async def test_a_row_created_behind_our_back_is_read_not_duplicated(world: World
     # the poller's own batch (its eligibility reads) comes first, then the write's
     batches = (await world.stats("dynamics"))["calls"].get("POST /api/data/v9.2/$batch", 0) + 1
     run = asyncio.create_task(world.sync())
-    for _ in range(400):
-        calls = (await world.stats("dynamics"))["calls"]
-        if calls.get("POST /api/data/v9.2/$batch", 0) > batches:
-            break
-        await asyncio.sleep(0.025)
-    else:
-        pytest.fail("the write never reached Dataverse")
+    await world.until_calls(
+        "dynamics", lambda calls: calls.get("POST /api/data/v9.2/$batch", 0) > batches,
+        what="the write never reached Dataverse", timeout_s=15)
     await world.set_clock("dynamics", {"offset_s": 5})
     await world.edit_dynamics(person.email, preference.id, False)
     summary = await run
