@@ -39,7 +39,10 @@ the checkpoint saved without the debt, so a crash in between publishes them in t
 Resubscriptions: a contact the ledger holds as suppressed that dotdigital lists again among the
 contacts modified since the last run (v3 ``~modified``) with an active status gets a status
 change, so the reconciler resumes its sync (folding in what was parked meanwhile). Only such
-contacts are published; suppressions themselves come from the suppressed-since feeds.
+contacts are published; suppressions themselves come from the suppressed-since feeds. The read
+starts where the previous one began, and reads the overlap again only now and then
+(:mod:`common.vendors.dotdigital.modified`): its page of each contact is read for the id, email
+and status alone.
 """
 
 from __future__ import annotations
@@ -82,11 +85,12 @@ from common.vendors.dotdigital.client import PREFERENCE_NOT_FOUND, DotdigitalCli
 from common.vendors.dotdigital.feed import EPOCH, FeedPosition, feed_position
 from common.vendors.dotdigital.models import (
     ContactOptIns,
-    ContactV3,
     FeedPage,
     PreferenceOptIn,
     Suppression,
+    parse_datetime,
 )
+from common.vendors.dotdigital.modified import covered_after, modified_read_from
 from common.vendors.dotdigital.tree import mark_stale, tree_for_run
 
 log = logging.getLogger("prefsync.ec_poller")
@@ -629,46 +633,60 @@ class EcPoller:
 
     async def _read_resubscriptions(self, request: RunRequest, clock: RunClock,
                                     counts: RunCounts) -> None:
-        """Contacts the ledger holds as suppressed that dotdigital has as active again."""
+        """Contacts the ledger holds as suppressed that dotdigital has as active again, among
+        those modified since the previous read began, or since what was surely read
+        (:mod:`common.vendors.dotdigital.modified`)."""
         checkpoint = checkpoints.CONTACTS_MODIFIED
         source = checkpoint.name
         saved = await checkpoint.get(self._store, self.account.id)
+        full = saved is None  # the first run's feeds carry every contact's status (rule 5)
         if saved is not None:
+            read_from, full = modified_read_from(
+                since=saved, covered=await checkpoints.CONTACTS_COVERED.get(
+                    self._store, self.account.id), started=await clock.started(),
+                overlap=self._overlap)
             page_no = 0
             # Only contacts the ledger holds as suppressed are published, and a resumed one no
             # longer is: the overlap needs no list of what was published.
-            async for page in self._client.iter_contacts_v3(
-                    modified_since=self._read_from(saved), include=(),
-                    limit=5000):
+            async for page in self._client.iter_contact_statuses(modified_since=read_from,
+                                                                 limit=5000):
                 page_no += 1
                 started = await clock.started()
-                active = {}
-                for contact in page:
-                    email = self._active_email(contact)
-                    if email is not None:
-                        active[email] = contact
+                active: dict[str, tuple[int, str, object]] = {}
+                for contact_id, email, status, updated in page:
+                    normalized = self._active_email(email, status)
+                    if normalized is not None:
+                        active[normalized] = (contact_id, str(status), updated)
                 suppressed = await self._store.suppressed_among(self.account.id, active)
-                resumed = [
-                    ContactStatusChange(
-                        email=email, status=str(contact.status),
-                        origin_time=contact.updated or started,
-                        change_id=f"ec-active:{contact.contact_id}:"
-                                  f"{(contact.updated or started).isoformat()}")
-                    for email, contact in active.items() if email in suppressed]
+                resumed = [self._resumed(email, *active[email], started=started)
+                           for email in active if email in suppressed]
                 await self._publish(request, counts, statuses=Statuses.of(resumed),
                                     id_seed=f"{request.run_id}:{source}:{saved.isoformat()}:"
                                             f"{page_no}")
-        # First run: the feeds read from the beginning carry every contact's status.
-        await checkpoint.set(self._store, self.account.id, await clock.started())
+        started = await clock.started()
+        await checkpoint.set(self._store, self.account.id, started)
+        if full:
+            # after the read's start: a crash in between makes the next read full again
+            await checkpoints.CONTACTS_COVERED.set(
+                self._store, self.account.id, covered_after(started, overlap=self._overlap))
 
     @staticmethod
-    def _active_email(contact: ContactV3) -> str | None:
-        if not contact.email or not contact.status:
+    def _active_email(email: str | None, status: str | None) -> str | None:
+        if not email or not status:
             return None
         try:
-            return None if is_suppressed(contact.status) else normalize_email(contact.email)
+            return None if is_suppressed(status) else normalize_email(email)
         except ValueError:
             return None  # an unknown status or a malformed address: leave it alone
+
+    @staticmethod
+    def _resumed(email: str, contact_id: int, status: str, updated: object, *,
+                 started: datetime) -> ContactStatusChange:
+        """A resubscribed contact's status, as of its ``updated`` time (the run's start when
+        dotdigital gave none)."""
+        at = parse_datetime(updated) if updated else started
+        return ContactStatusChange(email=email, status=status, origin_time=at,
+                                   change_id=f"ec-active:{contact_id}:{at.isoformat()}")
 
     async def _read_contacts(self, request: RunRequest, emails: Sequence[str],
                              clock: RunClock, counts: RunCounts) -> None:

@@ -42,6 +42,7 @@ from common.vendors.budget import BudgetLedger
 from common.vendors.dotdigital.models import (
     AccountInfo,
     ContactOptIns,
+    ContactStatusV3,
     ContactV3,
     FeedPage,
     ImportContact,
@@ -49,6 +50,7 @@ from common.vendors.dotdigital.models import (
     OptInEntry,
     ResubscribeResult,
     Suppression,
+    contact_status_v3,
     feed_page,
     opt_in_entries,
     opt_ins_contact,
@@ -601,6 +603,23 @@ class DotdigitalClient(VendorClient):
                                limit: int = 1000) -> AsyncIterator[list[ContactV3]]:
         """Contacts modified since ``modified_since`` (ascending), following the ``next``
         marker until there is none."""
+        async for items in self._contacts_v3_pages(modified_since=modified_since,
+                                                   include=include, limit=limit):
+            yield [parse_contact_v3(c) for c in items]
+
+    async def iter_contact_statuses(self, *, modified_since: datetime,
+                                    limit: int = 1000) -> AsyncIterator[list[ContactStatusV3]]:
+        """:meth:`iter_contacts_v3` (no ``include``), each contact as its id, email, status
+        and ``updated`` alone (:func:`~common.vendors.dotdigital.models.contact_status_v3`):
+        no contact is built, no time parsed."""
+        async for items in self._contacts_v3_pages(modified_since=modified_since, include=(),
+                                                   limit=limit):
+            yield [contact_status_v3(c) for c in items]
+
+    async def _contacts_v3_pages(self, *, modified_since: datetime, include: Sequence[str],
+                                 limit: int) -> AsyncIterator[list[Any]]:
+        """The items of each page of ``GET /contacts/v3`` modified since ``modified_since``
+        (none empty), following the ``next`` marker until there is none."""
         if not 1 <= limit <= V3_MAX_LIMIT:
             raise ValueError(f"limit must be between 1 and {V3_MAX_LIMIT}")
         params: dict[str, str | int] = {"~modified": f"gte::{path_date(modified_since)}",
@@ -611,12 +630,13 @@ class DotdigitalClient(VendorClient):
             data = await self._json("GET", "/contacts/v3", endpoint="GET /contacts/v3",
                                     params=params)
             item = data if isinstance(data, dict) else {}
-            page = [parse_contact_v3(c) for c in item.get("_items") or []]
-            if page:
-                yield page
+            items = self._list(item.get("_items") or [], "contacts")
+            if not items:
+                return
+            yield items
             following = (item.get("_links") or {}).get("next")
             marker = following.get("marker") if isinstance(following, dict) else None
-            if not marker or not page:
+            if not marker:
                 return
             params["marker"] = str(marker)
 

@@ -386,6 +386,21 @@ def parse_contact_v3(data: object) -> ContactV3:
     )
 
 
+# A v3 contact as a resubscription check reads it: (contact id, email as answered, status,
+# ``updated`` as answered). No time is parsed: the check keeps few of a page's contacts, and
+# parses the time of those alone (:func:`parse_datetime`).
+ContactStatusV3 = tuple[int, str | None, str | None, object]
+
+
+def contact_status_v3(data: object) -> ContactStatusV3:
+    """The fields of a v3 contact that :func:`parse_contact_v3` reads for its id, email,
+    status and ``updated``, read and checked as it reads them, the time left as answered."""
+    item = _dict(data)
+    email, status = _dict(item.get("identifiers")).get("email"), item.get("status")
+    return (int(item.get("contactId") or 0), email if isinstance(email, str) else None,
+            status if isinstance(status, str) else None, item.get("updated"))
+
+
 def parse_import_report(data: object, *, import_id: str) -> ImportReport:
     item = _dict(data)
     failures = []

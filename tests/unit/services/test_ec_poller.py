@@ -18,12 +18,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.config import AccountConfig, parse_config
-from common.domain import normalize_email
+from common.domain import ContactState, normalize_email
 from common.messaging.abc import Outgoing
 from common.messaging.envelope import Change, ContactStatusChange, PreferenceChange, decode
 from common.messaging.topology import CHANGES_EXCHANGE, Topology
 from common.runs import RunRequest
-from common.store.checkpoints import PREFERENCE_TREE, PREFERENCE_TREE_RUN
+from common.store.checkpoints import CONTACTS_COVERED, PREFERENCE_TREE, PREFERENCE_TREE_RUN
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedPosition, feed_position
 from common.vendors.dotdigital.models import Contact, ContactOptIns, PreferenceOptIn
@@ -242,6 +242,43 @@ async def test_changes_landing_while_a_run_reads_are_read_by_the_next_run(
         # only what landed: what the previous run published is not published again
         assert changes == {(changed, first, flipped)}, published
         assert (unsubscribed, "Unsubscribed") in statuses, published
+
+
+async def test_a_resubscription_listed_late_waits_for_the_next_read_of_the_overlap(
+        tmp_path: Path) -> None:
+    """Runs a few seconds apart read the contacts modified since the previous run began; a
+    run twice the overlap past what was surely read reads the overlap again
+    (:mod:`common.vendors.dotdigital.modified`). A resubscription stamped before the previous
+    run began, listed only after it (a write dotdigital was still committing), is read by
+    that run: the contact stays suppressed, left alone, until then."""
+    async with scene(tmp_path, overlap_s=30.0) as s:
+        email = s.emails[0]
+        await s.edit(email, status="Unsubscribed", stamped_ago_s=3600)
+        await s.bed.store.save_contacts([ContactState(
+            account=ACCOUNT, email=email, status="Unsubscribed",
+            since=await s.sim_now() - timedelta(hours=1))])
+        await s.run()  # the first: the feeds from the beginning carried every status
+        await s.run()
+        # resubscribed 5 s before the last run began (after its first run's overlap), listed now
+        await s.edit(email, status="Subscribed", stamped_ago_s=time.monotonic() - s.began + 5)
+        made, published = await s.run()
+        assert made[CONTACTS_V3] == 1 and not resumed(published, email), published
+        covered = await CONTACTS_COVERED.get(s.bed.store, ACCOUNT)
+        # dotdigital's clock moves on past twice the overlap from what was surely read
+        await s.sim.clock(offset_s=40.0)
+        _, published = await s.run()
+        assert resumed(published, email) == ["subscribed"], published
+        later = await CONTACTS_COVERED.get(s.bed.store, ACCOUNT)
+        assert covered is not None and later is not None and later > covered
+        # and the next run reads from where that one began again: nothing to publish
+        _, published = await s.run()
+        assert resumed(published, email) == [], published
+
+
+def resumed(published: Sequence[Change], email: str) -> list[str]:
+    """The resubscriptions published for ``email``."""
+    return [c.status for c in published if isinstance(c, ContactStatusChange)
+            and c.email == email and c.change_id.startswith("ec-active:")]
 
 
 def feed_statuses(published: Sequence[Change], email: str) -> list[str]:

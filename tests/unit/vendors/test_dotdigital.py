@@ -24,7 +24,7 @@ from common.vendors.base import (
     VendorError,
 )
 from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished, _collector_paused
-from common.vendors.dotdigital.models import ImportContact
+from common.vendors.dotdigital.models import ImportContact, parse_datetime
 from services.simulators.base import serving
 from tests.unit.vendors.support import (
     DD_ACCOUNT,
@@ -238,6 +238,20 @@ async def test_v3_contacts_listed_by_marker_pages() -> None:
         contacts = [c for p in pages for c in p]
         assert len({c.contact_id for c in contacts}) == 7
         assert all(c.updated is not None and c.updated.tzinfo is not None for c in contacts)
+
+
+async def test_v3_contact_statuses_are_the_contacts_fields_unparsed() -> None:
+    """What a resubscription check reads of each contact: the id, email and status
+    :func:`parse_contact_v3` reads, and ``updated`` as answered (it parses to the same time)."""
+    async with account(records=7, preferences=2) as (client, _, _):
+        contacts = [c async for p in client.iter_contacts_v3(modified_since=LONG_AGO, include=(),
+                                                             limit=3) for c in p]
+        pages = [p async for p in client.iter_contact_statuses(modified_since=LONG_AGO, limit=3)]
+        assert [len(p) for p in pages] == [3, 3, 1]
+        statuses = [s for p in pages for s in p]
+        assert [(i, e, st) for i, e, st, _ in statuses] == [
+            (c.contact_id, c.email, c.status) for c in contacts]
+        assert [parse_datetime(u) for *_, u in statuses] == [c.updated for c in contacts]
 
 
 async def test_import_lifecycle_reports_results_and_failures() -> None:
