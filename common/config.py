@@ -164,7 +164,7 @@ class SweepConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class WriterConfig:
-    """The writer's write rounds (services.writer.rounds): how long a round waits, after its
+    """The writer's write rounds (common.messaging.rounds): how long a round waits, after its
     first batch, for the other shards' batches to join it."""
 
     linger_ms: int = 250

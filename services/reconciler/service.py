@@ -1,7 +1,8 @@
 """reconciler: folds changes from both sides into the ledger and emits write commands.
 
-For each batch of messages from one shard queue (one consumer per shard at a time, so one email
-is never handled by two reconcilers at once), it loads the affected keys, applies every change
+For each round of batches (the batches of its shard queues that arrived while it reconciled the
+last round, :mod:`common.messaging.rounds`; one consumer per shard at a time, so one email is
+never handled by two reconcilers at once), it loads the affected keys, applies every change
 in order with the pure rules of :mod:`common.domain`, commits the new states and their history
 in one compare-and-set transaction, publishes the write commands (confirmed) and only then lets
 the messages be acked. A crash between commit and publish loses nothing: the redelivered
@@ -127,9 +128,9 @@ class BatchResult:
     outcomes: dict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     owner: dict[KeyTuple, int] = field(default_factory=dict)
     changed_contacts: set[str] = field(default_factory=set)
-    # preference ids whose complete dotdigital read ended in this batch (this shard)
-    markers: list[ReadComplete] = field(default_factory=list)
-    owner_of_marker: dict[int, int] = field(default_factory=dict)
+    # the complete dotdigital reads of a preference that ended in this batch: (the index of
+    # the delivery, whose queue is the marker's shard, and the marker)
+    markers: list[tuple[int, ReadComplete]] = field(default_factory=list)
     # the emails whose contact resubscribed in this batch (their parked observations were
     # folded in; the fold parks observations of suppressed contacts until they resubscribe)
     resumed: set[str] = field(default_factory=set)
@@ -166,6 +167,27 @@ class Reconciler:
     async def handle(self, batch: Sequence[Delivery]) -> Handled:
         """Reconcile ``batch``; returns its decisions counted by outcome, for metrics
         (:mod:`common.messaging.middleware`)."""
+        return (await self.handle_round([batch]))[0]
+
+    async def handle_round(self, batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
+        """Reconcile the batches of several shards as one (a round,
+        :mod:`common.messaging.rounds`): one snapshot, one fold and one commit for them all;
+        each batch's decisions counted by outcome, in order. Shards hold distinct emails, so
+        folding them together decides what folding each alone would."""
+        batch = [delivery for part in batches for delivery in part]
+        result = await self._reconcile(batch)
+        handled: list[Handled] = []
+        start = 0
+        for number, part in enumerate(batches):
+            handled.append(Handled(
+                account=self.account,
+                futures=[SIDES[s] for s in result.fold.futures] if number == 0 else (),
+                counts=sum((result.outcomes[i] for i in range(start, start + len(part))
+                            if i in result.outcomes), Counter())))
+            start += len(part)
+        return handled
+
+    async def _reconcile(self, batch: Sequence[Delivery]) -> BatchResult:
         async def attempt(number: int) -> BatchResult:
             result = await self._fold(batch)
             await self._follow_records(result)
@@ -205,8 +227,7 @@ class Reconciler:
         await self._emit(batch, result)
         if result.resumed:
             await self._store.clear_resuming(self.account, result.resumed)
-        return Handled(account=self.account, futures=[SIDES[s] for s in result.fold.futures],
-                       counts=sum(result.outcomes.values(), Counter()))
+        return result
 
     async def _fold(self, batch: Sequence[Delivery]) -> BatchResult:
         account = self.account
@@ -266,8 +287,7 @@ class Reconciler:
                 place = placers[(code, read_at)] = time_base.placing(side, read_at=read_at)
             for change in delivery.envelope.changes:
                 if isinstance(change, ReadComplete):
-                    result.markers.append(change)
-                    result.owner_of_marker[change.preference_id] = index
+                    result.markers.append((index, change))
                     continue
                 if isinstance(change, ContactStatusChange):
                     if self._contact(result, change) or (
@@ -402,14 +422,14 @@ class Reconciler:
         report progress.
 
         1. A complete-read marker releases the dotdigital writes deferred for its preference in
-           this shard: they go out with this batch.
+           its shard (its delivery's: a round holds several shards' batches): they go out with
+           this batch.
         2. Deferred entries are cleared only once the broker confirmed those writes: a crash
            before that leaves them for the redelivered marker.
         """
-        shard = batch[0].shard if batch else 0
         released: list[tuple[int, list[str]]] = []
-        marker_owner = result.owner_of_marker
-        for marker in result.markers:
+        for index, marker in result.markers:
+            shard = batch[index].shard
             await self._store.set_checkpoint(
                 self.account, f"reconciler:read:{marker.preference_id}:{shard}",
                 datetime.now(UTC).isoformat())
@@ -420,7 +440,7 @@ class Reconciler:
             keys = {(self.account, e, marker.preference_id) for e in deferred}
             result.states.update(await self._store.load_rows(keys - set(result.states)))
             for key in keys:
-                result.owner[key] = marker_owner[marker.preference_id]
+                result.owner[key] = index
             released.append((marker.preference_id, deferred))
         messages, to_defer = await self.row_messages(
             [(key, state) for key in result.owner

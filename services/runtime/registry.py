@@ -37,6 +37,7 @@ from common.messaging.amqp import (
 )
 from common.messaging.breakers import Breakers, RetryPolicy, use_breakers
 from common.messaging.middleware import observed
+from common.messaging.rounds import Rounds
 from common.messaging.topology import Topology
 from common.ops.health import serve_health
 from common.ops.logs import as_service
@@ -58,7 +59,6 @@ from services.runtime.triggers import RunCoordinator
 from services.writer.dotdigital import DotdigitalSink
 from services.writer.dynamics import DynamicsSink
 from services.writer.pipeline import Writer
-from services.writer.rounds import WriteRounds
 from services.writer.sink import Sink
 
 log = logging.getLogger("prefsync.runtime")
@@ -342,8 +342,10 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
         reconciler = Reconciler(account=account.id, store=store, publisher=publisher,
                                 shards=shards,
                                 future_tolerance=timedelta(seconds=account.future_tolerance_s))
-        reconcile = observed(reconciler.handle,
-                             METRICS.handled_counter(service="reconciler"))
+        # the shards' batches that arrive while a round is being reconciled go in the next
+        # round together (a group commit: no linger)
+        rounds = Rounds(handle=reconciler.handle_round, linger_s=0.0, size=shards, serial=True)
+        reconcile = observed(rounds.handle, METRICS.handled_counter(service="reconciler"))
         for index in range(shards):
             shard("reconciler", Topology.changes_queue(account.id, index), reconcile,
                   prefetch, lambda: SHARD_BATCH_BYTES)
@@ -371,9 +373,9 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
             pacer = (dotdigital if sink.side == "dotdigital" else dataverse).pacer
             held = _held(assigners["writer"], account=account.id, side=sink.side,
                          shards=shards)
-            rounds = WriteRounds(write=writer.handle_round,
-                                 linger_s=config.writer.linger_ms / 1000, size=held,
-                                 budget=_budget_wait(pacer))
+            rounds = Rounds(handle=writer.handle_round,
+                            linger_s=config.writer.linger_ms / 1000, size=held,
+                            budget=_budget_wait(pacer))
             write = observed(rounds.handle, METRICS.handled_counter(service="writer"))
             for index in range(shards):
                 shard("writer", Topology.writes_queue(account.id, sink.side, index), write,

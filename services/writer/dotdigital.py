@@ -1,5 +1,5 @@
 """The dotdigital sink: writes the commands' values to dotdigital's contacts, a write round at a
-time (:mod:`services.writer.rounds`).
+time (:mod:`common.messaging.rounds`).
 
 1. First the opt-ins-since feed of the round's preferences since the ec-poller's watermark,
    one read per preference for the whole round (never one per shard batch): a change a user

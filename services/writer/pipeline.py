@@ -1,7 +1,7 @@
 """writer: applies write commands to one side, per account, through that side's sink.
 
 For each write round (the batches of the shard queues that arrived within the linger, gathered
-by :mod:`services.writer.rounds`), whatever the side:
+by :mod:`common.messaging.rounds`), whatever the side:
 
 1. **dedupe**: the newest command per key wins (the last delivery carrying it owns it);
 2. **open**: the sink starts the batch (dotdigital may defer commands whose preference has not
@@ -140,7 +140,7 @@ class Writer:
 
     async def handle_round(self, batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
         """Write the batches of several shards as one (a write round,
-        :mod:`services.writer.rounds`): one read, one plan and one commit for them all; what
+        :mod:`common.messaging.rounds`): one read, one plan and one commit for them all; what
         became of each batch's commands, counted, in order. Each delivery keeps its own
         outcome (dead letters, corrections, progress); shards hold distinct emails, so the
         newest command per key is each shard's own."""

@@ -2,7 +2,7 @@
 
 :mod:`services.writer.pipeline` runs the steps every write goes through; a :class:`Sink` does
 what is particular to its vendor, for one write round at a time (:class:`SinkBatch`: the
-commands of the shard batches gathered by :mod:`services.writer.rounds`): read what the vendor
+commands of the shard batches gathered by :mod:`common.messaging.rounds`): read what the vendor
 holds before writing, say which commands it can take, write them, and report in a
 :class:`WriteOutcome`.
 """

@@ -1,5 +1,5 @@
 """What k small changes, spread over the shards, cost the writer in vendor calls: one write round
-for them all (services.writer.rounds), counted by the simulators (``GET /_sim/stats``).
+for them all (common.messaging.rounds), counted by the simulators (``GET /_sim/stats``).
 
 The writer's calls are what a sync with k changes costs the side written, less what a sync with
 nothing changed costs it (the pollers' reads)."""

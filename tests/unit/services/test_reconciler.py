@@ -3,11 +3,13 @@ commands published before the message is acked; a malformed message is dead-lett
 its neighbours; a batch given back after a failure past its commit is redelivered and folded
 again as a duplicate, its writes going out with the same message ids; a batch asks the record
 directory nothing beyond its snapshot; a change parked for a suppressed contact and the
-contact's resubscription in one batch: the change is folded in, not dropped."""
+contact's resubscription in one batch: the change is folded in, not dropped. A round of several
+shards' batches gives each its own outcome, and releases each shard's deferred writes."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,11 @@ from typing import Any
 import pytest
 
 from common.domain import ContactState, PreferenceKey
-from common.messaging.abc import REASON, Outgoing
+from common.messaging.abc import REASON, Delivery, Outgoing
+from common.messaging.amqp import QueueConsumer
 from common.messaging.envelope import ContactStatusChange, PreferenceChange
-from common.messaging.publishing import envelopes_by_shard
+from common.messaging.middleware import Handled
+from common.messaging.publishing import envelopes_by_shard, read_markers
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import CHANGES_EXCHANGE, Topology, shard_of
 from common.store.directory import RecordRef
@@ -74,6 +78,92 @@ async def test_a_change_is_committed_and_its_write_published_before_the_ack(
         history = await b.store.history(ACCOUNT, EMAIL)
         assert [h.decision for h in history] == ["applied"]
         assert b.dead_letters() == []
+
+
+async def test_the_shards_batches_reconciled_in_one_round_each_get_their_own_outcome(
+        tmp_path: Path) -> None:
+    """A round of every shard's batch (:mod:`common.messaging.rounds`): every change is
+    decided and its write published, and each batch's outcome counts its own changes."""
+    async with bed(tmp_path) as b:
+        r = await reconciler(b)
+        for shard in range(SHARDS):
+            await b.store.set_checkpoint(ACCOUNT, f"reconciler:read:{PREFERENCE}:{shard}",
+                                         NOW.isoformat())
+        taken = await take_batches(b, [m for i in range(12) for m in dynamics_change(
+            True, version=1, email=f"person{i}@example.com")])
+        handled = await r.handle_round([batch for batch, _ in taken])
+        for done in (release for _, release in taken):
+            done.set()
+        await b.drained(*(Topology.changes_queue(ACCOUNT, s) for s in range(SHARDS)))
+
+        emails = [{c.email for d in batch for c in d.envelope.changes
+                   if isinstance(c, PreferenceChange)} for batch, _ in taken]
+        assert [h.counts for h in handled] == [{"applied": len(e)} for e in emails]
+        written = {c.email for s in range(SHARDS)
+                   for c in b.commands(Topology.writes_queue(ACCOUNT, "dotdigital", s))}
+        assert written == set().union(*emails) and len(written) == 12
+        assert b.dead_letters() == []
+
+
+async def take_batches(b: Bed, messages: list[Outgoing]
+                       ) -> list[tuple[Sequence[Delivery], asyncio.Event]]:
+    """``messages`` published, and each shard's batch of them as a consumer of its own hands
+    it over (in shard order), held (not acked) until its event is set; then the consumer
+    stops."""
+    taken: dict[int, tuple[Sequence[Delivery], asyncio.Event]] = {}
+    every = asyncio.Event()
+    shards = {int(m.routing_key.rsplit(".", 1)[1]) for m in messages}
+    consumers: dict[int, QueueConsumer] = {}
+    for shard in shards:
+        async def handle(batch: Sequence[Delivery], shard: int = shard) -> None:
+            assert shard not in taken, "one batch a shard"
+            consumers[shard].stop()
+            taken[shard] = (batch, asyncio.Event())
+            if taken.keys() == shards:
+                every.set()
+            await taken[shard][1].wait()
+
+        consumers[shard] = b.consume(Topology.changes_queue(ACCOUNT, shard), handle,
+                                     service="reconciler")
+    await b.broker.publish_many(messages)
+    await every.wait()
+    return [taken[shard] for shard in sorted(shards)]
+
+
+async def test_a_round_of_several_shards_read_markers_releases_each_shards_deferred_writes(
+        tmp_path: Path) -> None:
+    """The writes to dotdigital deferred until a complete read of the preference is
+    reconciled go out when its marker comes, in the marker's own shard: a round holding the
+    markers of every shard marks and releases each (not only the first batch's)."""
+    async with bed(tmp_path) as b:
+        r = Reconciler(account=ACCOUNT, store=b.store, publisher=b.broker, shards=SHARDS)
+
+        async def in_one_round(messages: list[Outgoing]) -> list[Handled]:
+            taken = await take_batches(b, messages)
+            handled = await r.handle_round([batch for batch, _ in taken])
+            for _, release in taken:
+                release.set()
+            await b.drained(*(Topology.changes_queue(ACCOUNT, s) for s in range(SHARDS)))
+            return handled
+
+        by_shard = {shard_of(f"person{i}@example.com", SHARDS): f"person{i}@example.com"
+                    for i in range(40)}
+        assert len(by_shard) == SHARDS > 1
+        writes = [Topology.writes_queue(ACCOUNT, "dotdigital", s) for s in range(SHARDS)]
+        # dotdigital's state of these keys is unknown and no complete read of the preference
+        # was reconciled: their writes to dotdigital are deferred
+        await in_one_round([m for email in by_shard.values()
+                            for m in dynamics_change(True, version=1, email=email)])
+        assert [c for q in writes for c in b.commands(q)] == []
+
+        await in_one_round(read_markers(account=ACCOUNT, preference_id=PREFERENCE,
+                                        started=NOW, shards=SHARDS, run_id=None,
+                                        id_seed="read"))
+        assert {c.email for q in writes for c in b.commands(q)} == set(by_shard.values())
+        for shard in range(SHARDS):
+            assert await b.store.get_checkpoint(
+                ACCOUNT, f"reconciler:read:{PREFERENCE}:{shard}") is not None
+        assert await b.store.deferred_emails(ACCOUNT, PREFERENCE) == []
 
 
 async def test_a_malformed_message_is_dead_lettered_and_the_others_reconciled(

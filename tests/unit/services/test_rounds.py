@@ -1,4 +1,4 @@
-"""Write rounds (services.writer.rounds) over the in-memory broker: the shards' batches that
+"""Write rounds (common.messaging.rounds) over the in-memory broker: the shards' batches that
 arrive together are written as one, each is acked only once the round is done, a failure of
 one batch's making is found by its own consumer, and a dependency's failure is retried by all.
 The dotdigital writer's rounds against the simulator: several shards' changes cost one read and
@@ -19,9 +19,9 @@ from common.messaging.envelope import WriteCommand
 from common.messaging.middleware import Handled
 from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
+from common.messaging.rounds import Rounds
 from common.messaging.topology import Topology, shard_of
 from services.runtime.registry import SHARD_BATCH_BYTES, writer_batch_bytes
-from services.writer.rounds import WriteRounds
 from tests.unit.services.support import ACCOUNT, SHARDS, Bed, bed
 from tests.unit.services.test_writer import consume, scene
 
@@ -80,7 +80,7 @@ class RoundWriter:
                 for b in batches]
 
 
-def consume_rounds(b: Bed, rounds: WriteRounds) -> None:
+def consume_rounds(b: Bed, rounds: Rounds) -> None:
     async def handle(batch: Sequence[Delivery]) -> None:
         await rounds.handle(batch)
 
@@ -92,7 +92,7 @@ async def test_the_shards_batches_are_written_as_one_round_and_acked_after_it(
         tmp_path: Path) -> None:
     async with bed(tmp_path) as b:
         writer = RoundWriter(hold=True)
-        consume_rounds(b, WriteRounds(write=writer, linger_s=LONG_LINGER_S, size=SHARDS))
+        consume_rounds(b, Rounds(handle=writer, linger_s=LONG_LINGER_S, size=SHARDS))
         emails = spread(8)
         await b.broker.publish_many(commands(emails))
 
@@ -113,7 +113,7 @@ async def test_a_round_is_full_with_a_batch_of_each_shard_this_replica_holds(
     async with bed(tmp_path) as b:
         writer = RoundWriter()
         held = QUEUES[:1]
-        rounds = WriteRounds(write=writer, linger_s=LONG_LINGER_S, size=lambda: len(held))
+        rounds = Rounds(handle=writer, linger_s=LONG_LINGER_S, size=lambda: len(held))
 
         async def handle(batch: Sequence[Delivery]) -> None:
             await rounds.handle(batch)
@@ -131,7 +131,7 @@ async def test_a_round_is_full_with_a_batch_of_each_shard_this_replica_holds(
 async def test_a_lone_batch_is_written_once_the_linger_is_over(tmp_path: Path) -> None:
     async with bed(tmp_path) as b:
         writer = RoundWriter()
-        consume_rounds(b, WriteRounds(write=writer, linger_s=0.05, size=SHARDS))
+        consume_rounds(b, Rounds(handle=writer, linger_s=0.05, size=SHARDS))
         [message] = commands(["alone@example.com"])
         await b.broker.publish_many([message])
         await b.drained(*QUEUES)
@@ -140,13 +140,13 @@ async def test_a_lone_batch_is_written_once_the_linger_is_over(tmp_path: Path) -
 
 async def test_a_bad_batch_is_found_by_its_own_consumer_and_the_others_go_through(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="prefsync.writer")
+    caplog.set_level(logging.WARNING, logger="prefsync.rounds")
     async with bed(tmp_path) as b:
         writer = RoundWriter()
         emails = spread(8)
         writer.bad = emails[0]
         # a short linger: the bad batch's retries are rounds of their own
-        consume_rounds(b, WriteRounds(write=writer, linger_s=0.02, size=SHARDS))
+        consume_rounds(b, Rounds(handle=writer, linger_s=0.02, size=SHARDS))
         await b.broker.publish_many(commands(emails))
         await b.drained(*QUEUES)
 
@@ -160,7 +160,7 @@ async def test_a_bad_batch_is_found_by_its_own_consumer_and_the_others_go_throug
         [dead] = b.dead_letters()
         assert "cannot write" in str(dead.headers[REASON])
         # the operator is told the round went batch by batch, and why, but not whose it was
-        [warning] = [r for r in caplog.records if "batches are written one by one" in r.message]
+        [warning] = [r for r in caplog.records if "batches are handled one by one" in r.message]
         assert (warning.__dict__["batches"], warning.__dict__["error"]) == (SHARDS, "ValueError")
         assert emails[0] not in caplog.handler.format(warning)
 
@@ -170,7 +170,7 @@ async def test_a_dependency_down_fails_every_batch_and_they_meet_again(tmp_path:
         writer = RoundWriter()
         writer.fail = TransientFailure("dotdigital is down", dependency="dotdigital")
         emails = spread(8)
-        consume_rounds(b, WriteRounds(write=writer, linger_s=LONG_LINGER_S, size=SHARDS))
+        consume_rounds(b, Rounds(handle=writer, linger_s=LONG_LINGER_S, size=SHARDS))
         await b.broker.publish_many(commands(emails))
         await b.drained(*QUEUES)
 
@@ -183,7 +183,7 @@ async def test_a_dependency_down_fails_every_batch_and_they_meet_again(tmp_path:
 async def test_the_dotdigital_writer_writes_several_shards_in_one_read_and_one_write(
         tmp_path: Path) -> None:
     async with scene(tmp_path) as s:
-        rounds = WriteRounds(write=s.writer().handle_round, linger_s=LONG_LINGER_S,
+        rounds = Rounds(handle=s.writer().handle_round, linger_s=LONG_LINGER_S,
                              size=SHARDS)
         messages = await s.registers(opted_in=False)
         assert len(messages) == SHARDS  # the scene's emails fall in every shard
@@ -221,8 +221,8 @@ async def test_while_the_budget_is_short_a_round_waits_for_the_one_being_written
             await release.wait()
         return [Handled(account=ACCOUNT, counts={"written": len(b)}) for b in batches]
 
-    rounds = WriteRounds(write=write, linger_s=0.0, size=SHARDS,
-                         budget=lambda: 0.0 if short else None)
+    rounds = Rounds(handle=write, linger_s=0.0, size=SHARDS,
+                    budget=lambda: 0.0 if short else None)
 
     def batch(name: str) -> Sequence[Delivery]:
         return [name]  # type: ignore[list-item]  # the round writer only counts them
@@ -247,6 +247,38 @@ async def test_while_the_budget_is_short_a_round_waits_for_the_one_being_written
         assert written == [[["a"]], [["b"], ["c"]]]
 
 
+async def test_serial_rounds_without_linger_go_at_once_and_gather_what_arrives_meanwhile(
+        ) -> None:
+    """Rule 7 (the reconciler's rounds): a batch that finds no round being handled is handled
+    at once, with no linger; the batches that arrive while a round is being handled wait for
+    it, and are handled together in one round."""
+    handled: list[list[list[str]]] = []
+    first_started, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
+        handled.append([[str(item) for item in batch] for batch in batches])
+        if len(handled) == 1:
+            first_started.set()
+            await release.wait()
+        return [Handled(account=ACCOUNT, counts={"reconciled": len(b)}) for b in batches]
+
+    rounds = Rounds(handle=handle, linger_s=0.0, size=SHARDS, serial=True)
+    first = asyncio.create_task(rounds.handle(["a"]))  # type: ignore[list-item]
+    await first_started.wait()  # at once: nothing else was being handled
+    later = [asyncio.create_task(rounds.handle([name]))  # type: ignore[list-item]
+             for name in ("b", "c", "d")]
+    for _ in range(10):
+        await asyncio.sleep(0)  # let every ready task run (no time passes)
+    assert handled == [[["a"]]]
+    release.set()
+    results = await asyncio.gather(first, *later)
+    assert handled == [[["a"]], [["b"], ["c"], ["d"]]]
+    assert [r.counts for r in results] == [{"reconciled": 1}] * 4
+    # idle again: the next batch goes at once, alone
+    await rounds.handle(["e"])  # type: ignore[list-item]
+    assert handled[-1] == [["e"]]
+
+
 async def test_while_the_budget_is_short_a_round_waits_until_a_call_could_go() -> None:
     """Rule 6: with nothing being written, a round whose calls would wait for the budget waits
     for it, and takes the batches that arrive meanwhile."""
@@ -257,8 +289,8 @@ async def test_while_the_budget_is_short_a_round_waits_until_a_call_could_go() -
         written.append([[str(item) for item in batch] for batch in batches])
         return [Handled(account=ACCOUNT, counts={"written": len(b)}) for b in batches]
 
-    rounds = WriteRounds(write=write, linger_s=0.0, size=SHARDS,
-                         budget=lambda: 0.0 if budget_back.is_set() else 0.01)
+    rounds = Rounds(handle=write, linger_s=0.0, size=SHARDS,
+                    budget=lambda: 0.0 if budget_back.is_set() else 0.01)
     first = asyncio.create_task(rounds.handle(["a"]))  # type: ignore[list-item]
     for _ in range(10):
         await asyncio.sleep(0)
