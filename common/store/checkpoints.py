@@ -140,8 +140,9 @@ PREFERENCE_TREE_RUN = Checkpoint("dotdigital:preferences:run", TEXT)
 PREFERENCE_TREE_READ_AT = Checkpoint("dotdigital:preferences:read-at", TIME)
 # dotdigital's time at which the suppressions feed was last read from.
 SUPPRESSED = Checkpoint("dotdigital:suppressed", TIME)
-# dotdigital's time at which the contacts-modified read last began, and the time before which
-# every contact modification was surely read: common.vendors.dotdigital.modified.
+# dotdigital's time at which the contacts-modified read (resubscriptions) last began, and the
+# time before which every contact modification was surely read: together, the ec-poller's
+# common.vendors.dotdigital.modified.ModifiedPosition.
 CONTACTS_MODIFIED = Checkpoint("dotdigital:contacts-modified", TIME)
 CONTACTS_COVERED = Checkpoint("dotdigital:contacts-modified:covered", TIME)
 

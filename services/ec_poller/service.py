@@ -90,7 +90,11 @@ from common.vendors.dotdigital.models import (
     Suppression,
     parse_datetime,
 )
-from common.vendors.dotdigital.modified import covered_after, modified_read_from
+from common.vendors.dotdigital.modified import (
+    ModifiedPosition,
+    modified_read_from,
+    position_after,
+)
 from common.vendors.dotdigital.tree import mark_stale, tree_for_run
 
 log = logging.getLogger("prefsync.ec_poller")
@@ -636,22 +640,19 @@ class EcPoller:
         """Contacts the ledger holds as suppressed that dotdigital has as active again, among
         those modified since the previous read began, or since what was surely read
         (:mod:`common.vendors.dotdigital.modified`)."""
-        checkpoint = checkpoints.CONTACTS_MODIFIED
-        source = checkpoint.name
-        saved = await checkpoint.get(self._store, self.account.id)
-        full = saved is None  # the first run's feeds carry every contact's status (rule 5)
-        if saved is not None:
-            read_from, full = modified_read_from(
-                since=saved, covered=await checkpoints.CONTACTS_COVERED.get(
-                    self._store, self.account.id), started=await clock.started(),
-                overlap=self._overlap)
+        source = checkpoints.CONTACTS_MODIFIED.name
+        position = await ModifiedPosition.load(self._store, self.account.id)
+        started = await clock.started()
+        full = True  # the first run's feeds carry every contact's status (rule 5)
+        if position is not None:
+            read_from, full = modified_read_from(position, started=started,
+                                                 overlap=self._overlap)
             page_no = 0
             # Only contacts the ledger holds as suppressed are published, and a resumed one no
             # longer is: the overlap needs no list of what was published.
             async for page in self._client.iter_contact_statuses(modified_since=read_from,
                                                                  limit=5000):
                 page_no += 1
-                started = await clock.started()
                 active: dict[str, tuple[int, str, object]] = {}
                 for contact_id, email, status, updated in page:
                     normalized = self._active_email(email, status)
@@ -661,14 +662,10 @@ class EcPoller:
                 resumed = [self._resumed(email, *active[email], started=started)
                            for email in active if email in suppressed]
                 await self._publish(request, counts, statuses=Statuses.of(resumed),
-                                    id_seed=f"{request.run_id}:{source}:{saved.isoformat()}:"
-                                            f"{page_no}")
-        started = await clock.started()
-        await checkpoint.set(self._store, self.account.id, started)
-        if full:
-            # after the read's start: a crash in between makes the next read full again
-            await checkpoints.CONTACTS_COVERED.set(
-                self._store, self.account.id, covered_after(started, overlap=self._overlap))
+                                    id_seed=f"{request.run_id}:{source}:"
+                                            f"{position.since.isoformat()}:{page_no}")
+        await position_after(position, started=started, full=full,
+                             overlap=self._overlap).save(self._store, self.account.id)
 
     @staticmethod
     def _active_email(email: str | None, status: str | None) -> str | None:

@@ -23,10 +23,11 @@ from common.messaging.abc import Outgoing
 from common.messaging.envelope import Change, ContactStatusChange, PreferenceChange, decode
 from common.messaging.topology import CHANGES_EXCHANGE, Topology
 from common.runs import RunRequest
-from common.store.checkpoints import CONTACTS_COVERED, PREFERENCE_TREE, PREFERENCE_TREE_RUN
+from common.store.checkpoints import PREFERENCE_TREE, PREFERENCE_TREE_RUN
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedPosition, feed_position
 from common.vendors.dotdigital.models import Contact, ContactOptIns, PreferenceOptIn
+from common.vendors.dotdigital.modified import ModifiedPosition
 from services.ec_poller import service as ec_poller
 from services.ec_poller.service import (
     ContactsRead,
@@ -263,13 +264,15 @@ async def test_a_resubscription_listed_late_waits_for_the_next_read_of_the_overl
         await s.edit(email, status="Subscribed", stamped_ago_s=time.monotonic() - s.began + 5)
         made, published = await s.run()
         assert made[CONTACTS_V3] == 1 and not resumed(published, email), published
-        covered = await CONTACTS_COVERED.get(s.bed.store, ACCOUNT)
+        before = await ModifiedPosition.load(s.bed.store, ACCOUNT)
         # dotdigital's clock moves on past twice the overlap from what was surely read
         await s.sim.clock(offset_s=40.0)
         _, published = await s.run()
         assert resumed(published, email) == ["subscribed"], published
-        later = await CONTACTS_COVERED.get(s.bed.store, ACCOUNT)
-        assert covered is not None and later is not None and later > covered
+        after = await ModifiedPosition.load(s.bed.store, ACCOUNT)
+        assert before is not None and after is not None
+        assert before.covered is not None and after.covered is not None
+        assert after.covered > before.covered  # that read was full
         # and the next run reads from where that one began again: nothing to publish
         _, published = await s.run()
         assert resumed(published, email) == [], published
