@@ -28,10 +28,13 @@ its write rounds so; the reconciler its reconcile rounds.
    only wait for the budget too, and one bigger round costs fewer of them (each dotdigital
    round reads the feeds once before it writes).
 7. ``serial``: a round whose linger is over waits until no round is being handled, and goes on
-   taking batches meanwhile (a group commit). The reconciler's rounds go so, with no linger: an
-   idle reconciler handles a batch at once, a busy one handles what arrived meanwhile in one
-   round, not one ledger transaction per shard after the other (the ledger takes one writer
-   at a time anyway).
+   taking batches meanwhile (a group commit); rounds are handled one at a time, in the order
+   they opened. The reconciler's rounds go so, with no linger: an idle reconciler handles a
+   batch at once, a busy one handles what arrived meanwhile in one round, not one ledger
+   transaction per shard after the other (the ledger takes one writer at a time anyway).
+8. ``max_bytes``: a round whose messages' bodies hold that many bytes takes no more batches;
+   the next batch opens the next round. Gathering is for small batches: a backlog's batches
+   are big already, and a round of them all would hold several at once in memory.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class _Round:
         self.batches: list[Sequence[Delivery]] = []
         self.results: list[asyncio.Future[Handled]] = []
         self.full = asyncio.Event()
+        self.bytes = 0
 
 
 class Rounds:
@@ -66,11 +70,13 @@ class Rounds:
 
     def __init__(self, *, handle: RoundHandler, linger_s: float, size: int | Callable[[], int],
                  budget: Callable[[], float | None] | None = None,
-                 serial: bool = False) -> None:
+                 serial: bool = False, max_bytes: int | None = None) -> None:
         if linger_s < 0 or (isinstance(size, int) and size < 1):
             raise ValueError("a round lingers zero seconds or more and takes at least a batch")
         self._handle = handle
-        self._serial = serial
+        # rule 7: held while a round is handled (an asyncio lock wakes its waiters in order)
+        self._turn = asyncio.Lock() if serial else None
+        self._max_bytes = max_bytes
         self._linger_s = linger_s
         self._size = size if callable(size) else (lambda: size)
         self._budget = budget
@@ -84,7 +90,8 @@ class Rounds:
         """Handle ``batch`` in the round open now (or a new one); returns once it is done."""
         loop = asyncio.get_running_loop()
         current = self._open
-        if current is None:
+        if current is None or (self._max_bytes is not None
+                               and current.bytes >= self._max_bytes):  # rule 8
             current = self._open = _Round()
             task = asyncio.create_task(self._run(current))
             self._running.add(task)
@@ -92,30 +99,39 @@ class Rounds:
         result: asyncio.Future[Handled] = loop.create_future()
         current.batches.append(batch)
         current.results.append(result)
+        if self._max_bytes is not None:
+            current.bytes += sum(len(delivery.message.body) for delivery in batch)
         if len(current.batches) >= self._size():
             current.full.set()
         return await result
 
     async def _run(self, current: _Round) -> None:
+        turn = False  # this round holds the turn (rule 7)
         try:
-            if self._linger_s > 0:
-                # when the linger is over, the round takes what it has (rule 1)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(current.full.wait(), timeout=self._linger_s)
-            await self._wait_for_budget()
-            while self._serial and self._handling:
-                await self._none_handling.wait()  # rule 7
+            try:
+                if self._linger_s > 0:
+                    # when the linger is over, the round takes what it has (rule 1)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(current.full.wait(), timeout=self._linger_s)
+                await self._wait_for_budget()
+                if self._turn is not None:
+                    await self._turn.acquire()
+                    turn = True
+            finally:
+                if self._open is current:
+                    self._open = None
+            self._handling += 1
+            self._none_handling.clear()
+            try:
+                await self._handle_round(current)
+            finally:
+                self._handling -= 1
+                if not self._handling:
+                    self._none_handling.set()
         finally:
-            if self._open is current:
-                self._open = None
-        self._handling += 1
-        self._none_handling.clear()
-        try:
-            await self._handle_round(current)
-        finally:
-            self._handling -= 1
-            if not self._handling:
-                self._none_handling.set()
+            if turn:
+                assert self._turn is not None
+                self._turn.release()
 
     async def _wait_for_budget(self) -> None:
         """Rule 6."""

@@ -343,8 +343,9 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                                 shards=shards,
                                 future_tolerance=timedelta(seconds=account.future_tolerance_s))
         # the shards' batches that arrive while a round is being reconciled go in the next
-        # round together (a group commit: no linger)
-        rounds = Rounds(handle=reconciler.handle_round, linger_s=0.0, size=shards, serial=True)
+        # round together (a group commit: no linger), up to what one shard's batch may hold
+        rounds = Rounds(handle=reconciler.handle_round, linger_s=0.0, size=shards, serial=True,
+                        max_bytes=SHARD_BATCH_BYTES)
         reconcile = observed(rounds.handle, METRICS.handled_counter(service="reconciler"))
         for index in range(shards):
             shard("reconciler", Topology.changes_queue(account.id, index), reconcile,

@@ -279,6 +279,35 @@ async def test_serial_rounds_without_linger_go_at_once_and_gather_what_arrives_m
     assert handled[-1] == [["e"]]
 
 
+async def test_a_serial_round_takes_no_more_batches_once_it_holds_max_bytes() -> None:
+    """Rule 8: a round whose batches' bodies hold ``max_bytes`` takes no more; the next batch
+    opens the next round, and the rounds are handled one at a time in the order they
+    opened (rule 7)."""
+    handled: list[list[str]] = []
+    first_started, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
+        handled.append([d.message_id for b in batches for d in b])
+        if len(handled) == 1:
+            first_started.set()
+            await release.wait()
+        return [Handled(account=ACCOUNT) for _ in batches]
+
+    def batch(name: str, size: int) -> Sequence[Delivery]:
+        message = Outgoing(exchange="", routing_key="", body=b"x" * size, message_id=name)
+        return [Delivery(envelope=None, message=message, queue="q")]  # type: ignore[arg-type]
+
+    rounds = Rounds(handle=handle, linger_s=0.0, size=SHARDS, serial=True, max_bytes=150)
+    first = asyncio.create_task(rounds.handle(batch("a", 10)))
+    await first_started.wait()
+    later = [asyncio.create_task(rounds.handle(batch(name, 100))) for name in "bcd"]
+    for _ in range(10):
+        await asyncio.sleep(0)  # let every ready task run (no time passes)
+    release.set()
+    await asyncio.gather(first, *later)
+    assert handled == [["a"], ["b", "c"], ["d"]]
+
+
 async def test_while_the_budget_is_short_a_round_waits_until_a_call_could_go() -> None:
     """Rule 6: with nothing being written, a round whose calls would wait for the budget waits
     for it, and takes the batches that arrive meanwhile."""
