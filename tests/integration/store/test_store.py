@@ -32,6 +32,7 @@ from common.store.codec import to_us
 from common.store.history import BUCKETS, history_bucket
 from common.store.interface import StoreUnavailable
 from common.store.postgres import DDL_STAMP, PostgresLedgerStore
+from common.store.sqlite import WAL_CHECKPOINT_PAGES
 from services.runtime.registry import ledger_cache_mib
 from tests.harness.keys import T, key
 from tests.unit.store.test_codec import FORMAT_1_SHORT
@@ -379,6 +380,18 @@ async def test_services_opening_a_new_sqlite_ledger_at_once_all_open_it(tmp_path
     for attempt in range(20):
         url = f"sqlite:///{tmp_path / f'ledger-{attempt}.db'}"
         await asyncio.gather(*(opens(url) for _ in range(8)))
+
+
+async def test_a_sqlite_ledger_copies_its_wal_back_only_past_its_own_interval(
+        tmp_path: Path) -> None:
+    # A save dirties about a page per key: at SQLite's default interval (1,000 pages) nearly
+    # every big save would be followed by a checkpoint (bench.wal_cost).
+    async with open_store(f"sqlite:///{tmp_path / 'ledger.db'}") as store:
+        assert isinstance(store, SqliteLedgerStore)
+        assert store._db is not None
+        async with store._db.execute("PRAGMA wal_autocheckpoint") as cursor:
+            assert await cursor.fetchall() == [(WAL_CHECKPOINT_PAGES,)]
+    assert WAL_CHECKPOINT_PAGES == 10_000
 
 
 async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
