@@ -5,7 +5,8 @@ by :mod:`common.messaging.rounds`), whatever the side:
 
 1. **dedupe**: the newest command per key wins (the last delivery carrying it owns it);
 2. **open**: the sink starts the batch (dotdigital may defer commands whose preference has not
-   been read in full yet: :mod:`services.writer.dotdigital`);
+   been read in full yet, and starts reading its feeds at once: :mod:`services.writer.dotdigital`;
+   a round that fails before step 3 stops that read first);
 3. **load** the keys' states and contacts, and let the sink **read** what its vendor holds that
    the ledger may not have seen;
 4. **decide**: a suppressed contact's command is ``suppressed`` (not written, left outstanding
@@ -148,42 +149,48 @@ class Writer:
         owner, commands, covered = self._newest(batch)
         outcome = WriteOutcome(read_at=self._now())
         work = await self.sink.open(commands, outcome)
-        rows = {key: command_row(command) for key, command in commands.items()}
-        # the keys' states, their contacts, each side's clock and what the sink reads, from one
-        # snapshot at once
-        snapshot = await self._store.read_batch(BatchReads(
-            account=self.account, states_of=list(map(key_tuple, commands)),
-            contacts_of=list({k.email for k in commands}), records_of=work.reads.records_of,
-            checkpoints=[*CLOCK_CHECKPOINTS, *work.reads.checkpoints]))
-        outcome.time_base = time_base_of(snapshot.checkpoints, tolerance=self._future_tolerance)
-        states, contacts = snapshot.states, snapshot.contacts
-        # the states as loaded: what is read is folded into these, never into the writes
-        # begun meanwhile (``states`` gets those)
-        as_read = dict(states)
-        started: datetime | None = None
-        likely: Commands = {}  # the writes begun beside the read
-        begun: set[PreferenceKey] = set()  # writes this round recorded as in flight itself
-        if work.begins_during_read:
-            # step 5 beside step 3: what the read changes is seldom what is written
-            started = self._started(outcome)
-            likely, suppressed = self._decide(commands, rows, as_read, contacts, work)
-            reading = asyncio.ensure_future(work.read(states=as_read, covered=covered,
-                                                      snapshot=snapshot))
-            try:
-                if likely:
-                    begun = await self._begin(likely, rows, started=started, states=states)
-                    await failpoints.reached("writer.after-begin")
-            except BaseException:
-                # the round fails as a whole (its records begun stay, as after a crash here:
-                # in flight until they expire, or until its retry records the write)
-                reading.cancel()
-                await asyncio.wait([reading])
-                if not reading.cancelled():
-                    reading.exception()  # looked at: the begin's failure is the one raised
-                raise
-            made = await reading
-        else:
-            made = await work.read(states=as_read, covered=covered, snapshot=snapshot)
+        try:
+            rows = {key: command_row(command) for key, command in commands.items()}
+            # the keys' states, their contacts, each side's clock and what the sink reads, from one
+            # snapshot at once
+            snapshot = await self._store.read_batch(BatchReads(
+                account=self.account, states_of=list(map(key_tuple, commands)),
+                contacts_of=list({k.email for k in commands}), records_of=work.reads.records_of,
+                checkpoints=[*CLOCK_CHECKPOINTS, *work.reads.checkpoints]))
+            outcome.time_base = time_base_of(snapshot.checkpoints, tolerance=self._future_tolerance)
+            states, contacts = snapshot.states, snapshot.contacts
+            # the states as loaded: what is read is folded into these, never into the writes
+            # begun meanwhile (``states`` gets those)
+            as_read = dict(states)
+            started: datetime | None = None
+            likely: Commands = {}  # the writes begun beside the read
+            begun: set[PreferenceKey] = set()  # writes this round recorded as in flight itself
+            if work.begins_during_read:
+                # step 5 beside step 3: what the read changes is seldom what is written
+                started = self._started(outcome)
+                likely, suppressed = self._decide(commands, rows, as_read, contacts, work)
+                reading = asyncio.ensure_future(work.read(states=as_read, covered=covered,
+                                                          snapshot=snapshot))
+                try:
+                    if likely:
+                        begun = await self._begin(likely, rows, started=started, states=states)
+                        await failpoints.reached("writer.after-begin")
+                except BaseException:
+                    # the round fails as a whole (its records begun stay, as after a crash here:
+                    # in flight until they expire, or until its retry records the write)
+                    reading.cancel()
+                    await asyncio.wait([reading])
+                    if not reading.cancelled():
+                        reading.exception()  # looked at: the begin's failure is the one raised
+                    raise
+                made = await reading
+            else:
+                made = await work.read(states=as_read, covered=covered, snapshot=snapshot)
+        except BaseException:
+            # the batch may have started its read when it was opened: stopped, and waited
+            # for, before the round's failure is raised
+            await work.abandon()
+            raise
         if made is None or made.observations != len(outcome.observations):
             made = Preview.of(as_read, outcome)  # the read observed more after its preview
         preview = made.states
@@ -314,15 +321,19 @@ class Writer:
                               dropped: Sequence[PreferenceKey] = ()
                               ) -> dict[KeyTuple, StateRow]:
         """Record writes, refusals and what the writer read, in one transaction. ``states``
-        (kept up to date by this batch's own saves) is tried first; a conflict loads afresh.
+        (kept up to date by this batch's own saves) is tried first, and the keys only the read
+        brought are loaded beside it; a conflict loads them all afresh.
         What was read of a suppressed contact is decided as the reconciler decides it
         (``suppressed``) and goes to ``outcome.parked``. ``dropped``: writes this round began
         beside its read that the read then made needless: never sent, their records go."""
         now = self._now()
         now_us = to_us(now)
         read = [observation_row(o) for o in outcome.observations]
-        keys = {key_tuple(k) for k in commands} | {r.key for r in read}
-        known = keys <= states.keys() | {key_tuple(k) for k in commands}  # else never loaded
+        command_keys = {key_tuple(k) for k in commands}
+        keys = command_keys | {r.key for r in read}
+        # keys only the read brought (another preference of a record read): never loaded; a
+        # command's key missing from ``states`` was not stored when the snapshot was read
+        unloaded = keys - command_keys - states.keys()
         suppressed = {email for email, c in contacts.items() if c.suppressed}
         estimate = outcome.time_base.estimates.get(self.side)
         offset_us = duration_us(estimate.offset) if estimate is not None else 0
@@ -336,9 +347,15 @@ class Writer:
             return found
 
         async def attempt(number: int) -> dict[KeyTuple, StateRow]:
-            current: dict[KeyTuple, StateRow] = (
-                {k: states[k] for k in keys if k in states} if known and not number
-                else await self._store.load_rows(keys))
+            # each row's own revision is what the save compares and sets: rows as loaded for
+            # the round and rows loaded now go together; a conflict loads them all afresh
+            current: dict[KeyTuple, StateRow]
+            if number:
+                current = await self._store.load_rows(keys)
+            else:
+                current = {k: states[k] for k in keys if k in states}
+                if unloaded:
+                    current.update(await self._store.load_rows(unloaded))
             # dropped first: what was read is folded in as if they had never begun (as it was
             # decided on), so a change read before the write is never taken for its echo
             abandoned: list[KeyTuple] = []

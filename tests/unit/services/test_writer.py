@@ -18,6 +18,7 @@ import pytest
 
 from common import domain
 from common.domain import KeyState, Observation, PreferenceKey
+from common.domain.rows import command_row, key_tuple
 from common.messaging.abc import REASON, Outgoing
 from common.messaging.envelope import WriteCommand
 from common.messaging.publishing import envelopes_by_shard
@@ -28,6 +29,7 @@ from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH
 from services.writer.dotdigital import DotdigitalSink
 from services.writer.pipeline import Writer
+from services.writer.sink import WriteOutcome
 from tests.unit.services.support import ACCOUNT, SHARDS, Bed, Failing, bed
 from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
 
@@ -42,12 +44,19 @@ class Scene:
     emails: list[str]
     preference: int
 
-    def writer(self) -> Writer:
-        sink = DotdigitalSink(account=ACCOUNT, store=self.bed.store, client=self.client,
+    def writer(self, *, store: Any = None, client: DotdigitalClient | None = None) -> Writer:
+        """A writer to dotdigital over the bed's ledger and the scene's client (or these)."""
+        store = store or self.bed.store
+        sink = DotdigitalSink(account=ACCOUNT, store=store, client=client or self.client,
                               shards=SHARDS)
-        return Writer(account=ACCOUNT, sink=sink, store=self.bed.store,
-                      publisher=self.bed.broker, shards=SHARDS,
-                      dead_letters=self.bed.dead_letterer("writer"))
+        return Writer(account=ACCOUNT, sink=sink, store=store, publisher=self.bed.broker,
+                      shards=SHARDS, dead_letters=self.bed.dead_letterer("writer"))
+
+    async def write_all(self, writer: Writer) -> None:
+        """Every email's opt-out, from Dynamics, through ``writer`` until the queues drain."""
+        await self.bed.broker.publish_many(await self.registers(opted_in=False))
+        consume(self, writer.handle)
+        await self.bed.drained(*self.queues())
 
     def queues(self) -> list[str]:
         return [Topology.writes_queue(ACCOUNT, "dotdigital", s) for s in range(SHARDS)]
@@ -263,3 +272,114 @@ async def test_a_begin_failing_beside_the_feed_read_fails_the_round_which_is_ret
         # retried in place, not dead-lettered; nothing was sent by the round that failed
         await written_once(s, s.emails, opted_in=False)
         assert (await s.sim.stats())["writes_applied"] - before == len(s.emails)
+
+
+class LoadWatch(BeginWatch):
+    """The bed's ledger, noting the keys each ``load_rows`` asks for."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.loaded: list[set[Any]] = []
+
+    async def load_rows(self, keys: Any) -> Any:
+        keys = list(keys)
+        self.loaded.append(set(keys))
+        return await self._store.load_rows(keys)
+
+
+async def test_the_commit_loads_only_the_keys_the_read_brought(tmp_path: Path) -> None:
+    """A round's commit takes its commands' rows as the round loaded them, and loads only the
+    keys the read brought beside them (another preference of a contact read); what was read of
+    those is folded in and saved."""
+    async with scene(tmp_path) as s:
+        store = LoadWatch(s.bed.store)
+        writer = s.writer(store=store)
+        await s.registers(opted_in=False)  # the commands' keys are stored
+        email = s.emails[0]
+        command = domain.WriteCommand(
+            key=PreferenceKey(account=ACCOUNT, email=email, preference_id=s.preference),
+            side="dotdigital", opted_in=False, origin_time=datetime.now(UTC),
+            origin_side="dynamics", change_id=f"dyn:{email}:1")
+        other = PreferenceKey(account=ACCOUNT, email=email, preference_id=s.preference + 1)
+        outcome = WriteOutcome()
+        outcome.observe(Observation(key=other, side="dotdigital", opted_in=True,
+                                    origin_time=datetime.now(UTC), change_id="ec:1:other"))
+        loaded = await s.bed.store.load_rows([key_tuple(command.key)])
+        assert loaded  # as the round loaded it
+        await writer._commit_outcome({command.key: command},
+                                     {command.key: command_row(command)}, {}, outcome,
+                                     states=dict(loaded), contacts={})
+        assert store.loaded == [{key_tuple(other)}]
+        saved = (await s.bed.store.load([other]))[other]
+        held = saved.known.dotdigital
+        assert held is not None and held.opted_in
+
+
+class FeedWatch(DotdigitalClient):
+    """Notes when a round's feed read is asked for (``asked``); with ``held``, the first read
+    waits until it is cancelled (``cancelled`` then says so), 10 s at most."""
+
+    asked: asyncio.Event
+    held = False
+    cancelled = False
+
+    async def iter_opt_in_entries(self, preference_id: int, since: datetime, *,
+                                  wanted: Callable[[str], bool] | None = None
+                                  ) -> AsyncIterator[list[Any]]:
+        self.asked.set()
+        if self.held:
+            self.held = False
+            try:
+                await asyncio.wait_for(asyncio.Event().wait(), timeout=10)
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+            except TimeoutError:
+                pass  # never cancelled: read on
+        async for page in super().iter_opt_in_entries(preference_id, since, wanted=wanted):
+            yield page
+
+
+class SnapshotAfterFeed(BeginWatch):
+    """Reads a round's snapshot (the states of its keys) only once its feed read was asked for;
+    ``snapshot_first`` says whether one was read before (held 5 s, in vain). With
+    ``fail_once``, the first snapshot fails as a briefly locked ledger does."""
+
+    asked: asyncio.Event
+    snapshot_first = False
+    fail_once = False
+
+    async def read_batch(self, reads: Any) -> Any:
+        if reads.states_of:
+            try:
+                await asyncio.wait_for(self.asked.wait(), timeout=5)
+            except TimeoutError:
+                self.snapshot_first = True
+            if self.fail_once:
+                self.fail_once = False
+                raise StoreUnavailable("the ledger is locked", transient=True)
+        return await self._store.read_batch(reads)
+
+
+async def test_a_rounds_feed_read_goes_out_before_its_states_are_loaded(tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        store = SnapshotAfterFeed(s.bed.store)
+        async with FeedWatch(config=dotdigital_config(s.sim.url)) as client:
+            store.asked = client.asked = asyncio.Event()
+            await s.write_all(s.writer(store=store, client=client))
+        assert client.asked.is_set() and not store.snapshot_first
+        await written_once(s, s.emails, opted_in=False)
+
+
+async def test_a_round_failing_before_its_read_stops_the_feed_read_and_is_retried(
+        tmp_path: Path) -> None:
+    async with scene(tmp_path) as s:
+        store = SnapshotAfterFeed(s.bed.store)
+        store.fail_once = True
+        async with FeedWatch(config=dotdigital_config(s.sim.url)) as client:
+            store.asked = client.asked = asyncio.Event()
+            client.held = True
+            await s.write_all(s.writer(store=store, client=client))
+        # the read the failed round started was stopped; the round was retried in place
+        assert client.cancelled and not store.fail_once
+        await written_once(s, s.emails, opted_in=False)
