@@ -8,8 +8,8 @@ stores on the one file (the services sharing it) take turns saving 300 keys pick
 among all (loaded, then saved with compare-and-set on their revisions, as a round does), 150
 saves in all. The loads and the saves are timed apart: process CPU (the stores' SQLite threads
 included) per key loaded, and CPU and wall time per key saved. The intervals are measured in
-turn, ``--repeats`` times, and the figures are medians. The interval the store uses is
-:data:`common.store.sqlite.WAL_CHECKPOINT_PAGES`.
+turn, ``--repeats`` times, and the figures are medians. The interval the store uses by
+default is :data:`common.store.sqlite.WAL_CHECKPOINT_PAGES`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.domain.rows import EMPTY_STATE, KeyTuple
-from common.store import sqlite as sqlite_store
-from common.store.sqlite import SqliteLedgerStore
+from common.store.sqlite import WAL_CHECKPOINT_PAGES, SqliteLedgerStore
 
 CONTACTS = 20_000
 PREFERENCES = 5
@@ -53,8 +52,8 @@ async def _seed(path: Path) -> None:
 
 async def _measure(path: Path, *, pages: int, seed: int) -> tuple[float, float, float]:
     """CPU microseconds per key loaded, and CPU and wall microseconds per key saved."""
-    sqlite_store.WAL_CHECKPOINT_PAGES = pages
-    stores = [SqliteLedgerStore(path=str(path)) for _ in range(STORES)]
+    stores = [SqliteLedgerStore(path=str(path), wal_checkpoint_pages=pages)
+              for _ in range(STORES)]
     for store in stores:
         await store.open()
     try:
@@ -87,20 +86,16 @@ def _remove(ledger: Path) -> None:
 async def measure(*, pages: Sequence[int], repeats: int
                   ) -> dict[int, tuple[float, float, float]]:
     """Median microseconds per key, by interval: CPU to load, CPU and wall time to save."""
-    default = sqlite_store.WAL_CHECKPOINT_PAGES
     samples: dict[int, list[tuple[float, float, float]]] = {p: [] for p in pages}
     with tempfile.TemporaryDirectory() as tmp:
         seeded = Path(tmp) / "seeded.db"
         await _seed(seeded)
-        try:
-            for repeat in range(repeats):
-                for p in pages:
-                    ledger = Path(tmp) / f"ledger-{p}-{repeat}.db"
-                    shutil.copy(seeded, ledger)
-                    samples[p].append(await _measure(ledger, pages=p, seed=repeat))
-                    _remove(ledger)
-        finally:
-            sqlite_store.WAL_CHECKPOINT_PAGES = default
+        for repeat in range(repeats):
+            for p in pages:
+                ledger = Path(tmp) / f"ledger-{p}-{repeat}.db"
+                shutil.copy(seeded, ledger)
+                samples[p].append(await _measure(ledger, pages=p, seed=repeat))
+                _remove(ledger)
     return {p: (statistics.median(x[0] for x in s), statistics.median(x[1] for x in s),
                 statistics.median(x[2] for x in s)) for p, s in samples.items()}
 
@@ -112,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a checkpoint interval to measure (default: 1000 and the store's)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    pages = args.pages or [1000, sqlite_store.WAL_CHECKPOINT_PAGES]
+    pages = args.pages or [1000, WAL_CHECKPOINT_PAGES]
     for p, (load, cpu, wall) in asyncio.run(measure(pages=pages, repeats=args.repeats)).items():
         print(f"checkpoint every {p} pages: load {load:.1f} µs CPU per key; save {cpu:.1f} µs "
               f"CPU, {wall:.1f} µs wall per key "

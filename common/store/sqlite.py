@@ -421,8 +421,10 @@ class SqliteLedgerStore:
     """The ledger in one SQLite file (or in memory for ``:memory:``)."""
 
     def __init__(self, *, path: str, busy_timeout_s: float = 60.0,
-                 cache_mib: int | None = None) -> None:
+                 cache_mib: int | None = None,
+                 wal_checkpoint_pages: int = WAL_CHECKPOINT_PAGES) -> None:
         self._path = path
+        self._wal_checkpoint_pages = int(wal_checkpoint_pages)
         # the connection's page cache (None: SQLite's default; see the note above the schema)
         self._cache_mib = cache_mib
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
@@ -452,7 +454,7 @@ class SqliteLedgerStore:
             await _use_wal(db)
             # FULL: a committed decision survives power loss (messages are acked after commit)
             await db.execute("PRAGMA synchronous = FULL")
-            await db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+            await db.execute(f"PRAGMA wal_autocheckpoint = {self._wal_checkpoint_pages}")
             if self._cache_mib is not None:
                 await db.execute(f"PRAGMA cache_size = {-1024 * int(self._cache_mib)}")
             await db.execute("BEGIN IMMEDIATE")
