@@ -9,8 +9,7 @@ time (:mod:`common.messaging.rounds`).
    has not read in full yet has no watermark: its commands are deferred (as the reconciler
    defers its own), and the reconciler sends them again once that read is reconciled; the
    round is not held meanwhile. A key no complete read covers is asked about contact by
-   contact. The feeds are read from when the round is opened, while its states are loaded
-   from the ledger: the read needs only the watermarks.
+   contact.
 2. dotdigital's time is taken from the ``Date`` headers of the round's own answers, never from
    extra calls: the write's window starts at a time its clock had passed before the read
    began (``time_before``) and ends at one it had not reached when it answered the write
@@ -32,7 +31,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -52,7 +50,7 @@ from common.messaging.topology import shard_of
 from common.store.batch_reads import BatchReads, BatchSnapshot
 from common.vendors.base import TransportError, VendorError
 from common.vendors.dotdigital.client import DotdigitalClient
-from common.vendors.dotdigital.feed import Entry, FeedFollower, FeedPosition, opt_ins_source
+from common.vendors.dotdigital.feed import FeedFollower, FeedPosition, opt_ins_source
 from common.vendors.dotdigital.models import ImportContact
 from services.writer.plans import MIN_FIRST_POLL_S, choose_plan, first_poll, learned_duration
 from services.writer.sink import (
@@ -94,15 +92,6 @@ def reconciler_read_mark(preference_id: int, shard: int) -> str:
     return f"reconciler:read:{preference_id}:{shard}"
 
 
-@dataclass(frozen=True, kw_only=True)
-class FeedsRead:
-    """A round's feed reads: when they began (our clock) and the entries found, by preference
-    and email."""
-
-    began: float
-    found: dict[int, dict[str, list[Entry]]]
-
-
 class DotdigitalBatch:
     """One batch's write to dotdigital (see the module's docstring)."""
 
@@ -115,19 +104,16 @@ class DotdigitalBatch:
                  watermarks: Mapping[int, datetime], outcome: WriteOutcome) -> None:
         self._sink = sink
         self._commands = commands
+        self._watermarks = watermarks
         self._outcome = outcome
         self._window_start: datetime | None = None
-        # The feeds are read from now, while the pipeline loads the round's states: the read
-        # needs nothing from the ledger but the watermarks (rule 1).
-        self._fetching: asyncio.Future[FeedsRead] | None = (
-            asyncio.ensure_future(sink.read_feeds(commands, watermarks)) if commands else None)
 
     async def read(self, *, states: Mapping[KeyTuple, StateRow], covered: set[PreferenceKey],
                    snapshot: BatchSnapshot) -> Preview | None:
-        if self._fetching is None:
+        if not self._commands:
             return None
-        self._window_start = await self._sink.read_before_write(await self._fetching,
-                                                                self._outcome)
+        self._window_start = await self._sink.read_before_write(
+            self._commands, self._watermarks, self._outcome)
         preview = Preview.of(states, self._outcome)
         unknown = [k for k in self._commands if k not in covered
                    and preview.states.get(key_tuple(k), EMPTY_STATE).known[DOTDIGITAL] is None]
@@ -145,13 +131,6 @@ class DotdigitalBatch:
         # read() ran for a non-empty batch: the window starts at dotdigital's time before it
         window_start = self._window_start if self._window_start is not None else started
         await self._sink.write_dotdigital(todo, self._outcome, window_start, contacts)
-
-    async def abandon(self) -> None:
-        if self._fetching is not None:
-            self._fetching.cancel()
-            await asyncio.wait([self._fetching])
-            if not self._fetching.cancelled():
-                self._fetching.exception()  # looked at: the round's own failure is raised
 
 
 class DotdigitalSink:
@@ -249,10 +228,13 @@ class DotdigitalSink:
             await asyncio.sleep(delay)
             delay = min(delay * 2, READ_POLL_MAX_S)
 
-    async def read_feeds(self, commands: Commands,
-                         watermarks: Mapping[int, datetime]) -> FeedsRead:
-        """The feed entries since each preference's watermark of these keys' emails (one feed
-        read per preference)."""
+    async def read_before_write(self, commands: Commands,
+                                 watermarks: Mapping[int, datetime],
+                                 outcome: WriteOutcome) -> datetime:
+        """Fold in dotdigital changes the ec-poller has not read yet, for these keys (one feed
+        read per preference). Returns a dotdigital time before the reads, from their own
+        answers: the write's window starts there, and the clock those answers tell is checked
+        before what was read is placed in our time base."""
         by_preference: dict[int, set[str]] = defaultdict(set)
         for key in commands:
             by_preference[key.preference_id].add(key.email)
@@ -269,16 +251,9 @@ class DotdigitalSink:
                 read.cancel()
             await asyncio.gather(*reads, return_exceptions=True)
             raise
-        return FeedsRead(began=began, found=found)
-
-    async def read_before_write(self, read: FeedsRead, outcome: WriteOutcome) -> datetime:
-        """Fold in dotdigital changes the ec-poller has not read yet (``read``, for the round's
-        keys). Returns a dotdigital time before the reads, from their own answers: the write's
-        window starts there, and the clock those answers tell is checked before what was read
-        is placed in our time base."""
-        started = await self._client.time_before(read.began)
+        started = await self._client.time_before(began)
         outcome.time_base = await self._clock.note(self._client, outcome.time_base)
-        for preference_id, by_email in read.found.items():
+        for preference_id, by_email in found.items():
             for email, entries in by_email.items():
                 for contact_id, opted_in, modified in entries:
                     outcome.observe(Observation(

@@ -120,9 +120,6 @@ class DynamicsBatch:
         await self._sink.write_dynamics(todo, self._outcome, started, self._records)
         await self._sink.clock.note(self._sink.client, self._outcome.time_base, probes=0)
 
-    async def abandon(self) -> None:
-        pass  # it starts nothing before ``read``
-
 
 class DynamicsSink:
     """Writes to Dataverse for one account."""

@@ -5,8 +5,7 @@ by :mod:`common.messaging.rounds`), whatever the side:
 
 1. **dedupe**: the newest command per key wins (the last delivery carrying it owns it);
 2. **open**: the sink starts the batch (dotdigital may defer commands whose preference has not
-   been read in full yet, and starts reading its feeds at once: :mod:`services.writer.dotdigital`;
-   a round that fails before step 3 stops that read first);
+   been read in full yet: :mod:`services.writer.dotdigital`);
 3. **load** the keys' states and contacts, and let the sink **read** what its vendor holds that
    the ledger may not have seen;
 4. **decide**: a suppressed contact's command is ``suppressed`` (not written, left outstanding
@@ -149,48 +148,42 @@ class Writer:
         owner, commands, covered = self._newest(batch)
         outcome = WriteOutcome(read_at=self._now())
         work = await self.sink.open(commands, outcome)
-        try:
-            rows = {key: command_row(command) for key, command in commands.items()}
-            # the keys' states, their contacts, each side's clock and what the sink reads, from one
-            # snapshot at once
-            snapshot = await self._store.read_batch(BatchReads(
-                account=self.account, states_of=list(map(key_tuple, commands)),
-                contacts_of=list({k.email for k in commands}), records_of=work.reads.records_of,
-                checkpoints=[*CLOCK_CHECKPOINTS, *work.reads.checkpoints]))
-            outcome.time_base = time_base_of(snapshot.checkpoints, tolerance=self._future_tolerance)
-            states, contacts = snapshot.states, snapshot.contacts
-            # the states as loaded: what is read is folded into these, never into the writes
-            # begun meanwhile (``states`` gets those)
-            as_read = dict(states)
-            started: datetime | None = None
-            likely: Commands = {}  # the writes begun beside the read
-            begun: set[PreferenceKey] = set()  # writes this round recorded as in flight itself
-            if work.begins_during_read:
-                # step 5 beside step 3: what the read changes is seldom what is written
-                started = self._started(outcome)
-                likely, suppressed = self._decide(commands, rows, as_read, contacts, work)
-                reading = asyncio.ensure_future(work.read(states=as_read, covered=covered,
-                                                          snapshot=snapshot))
-                try:
-                    if likely:
-                        begun = await self._begin(likely, rows, started=started, states=states)
-                        await failpoints.reached("writer.after-begin")
-                except BaseException:
-                    # the round fails as a whole (its records begun stay, as after a crash here:
-                    # in flight until they expire, or until its retry records the write)
-                    reading.cancel()
-                    await asyncio.wait([reading])
-                    if not reading.cancelled():
-                        reading.exception()  # looked at: the begin's failure is the one raised
-                    raise
-                made = await reading
-            else:
-                made = await work.read(states=as_read, covered=covered, snapshot=snapshot)
-        except BaseException:
-            # the batch may have started its read when it was opened: stopped, and waited
-            # for, before the round's failure is raised
-            await work.abandon()
-            raise
+        rows = {key: command_row(command) for key, command in commands.items()}
+        # the keys' states, their contacts, each side's clock and what the sink reads, from one
+        # snapshot at once
+        snapshot = await self._store.read_batch(BatchReads(
+            account=self.account, states_of=list(map(key_tuple, commands)),
+            contacts_of=list({k.email for k in commands}), records_of=work.reads.records_of,
+            checkpoints=[*CLOCK_CHECKPOINTS, *work.reads.checkpoints]))
+        outcome.time_base = time_base_of(snapshot.checkpoints, tolerance=self._future_tolerance)
+        states, contacts = snapshot.states, snapshot.contacts
+        # the states as loaded: what is read is folded into these, never into the writes
+        # begun meanwhile (``states`` gets those)
+        as_read = dict(states)
+        started: datetime | None = None
+        likely: Commands = {}  # the writes begun beside the read
+        begun: set[PreferenceKey] = set()  # writes this round recorded as in flight itself
+        if work.begins_during_read:
+            # step 5 beside step 3: what the read changes is seldom what is written
+            started = self._started(outcome)
+            likely, suppressed = self._decide(commands, rows, as_read, contacts, work)
+            reading = asyncio.ensure_future(work.read(states=as_read, covered=covered,
+                                                      snapshot=snapshot))
+            try:
+                if likely:
+                    begun = await self._begin(likely, rows, started=started, states=states)
+                    await failpoints.reached("writer.after-begin")
+            except BaseException:
+                # the round fails as a whole (its records begun stay, as after a crash here:
+                # in flight until they expire, or until its retry records the write)
+                reading.cancel()
+                await asyncio.wait([reading])
+                if not reading.cancelled():
+                    reading.exception()  # looked at: the begin's failure is the one raised
+                raise
+            made = await reading
+        else:
+            made = await work.read(states=as_read, covered=covered, snapshot=snapshot)
         if made is None or made.observations != len(outcome.observations):
             made = Preview.of(as_read, outcome)  # the read observed more after its preview
         preview = made.states

@@ -135,10 +135,6 @@ class SinkBatch(Protocol):
                     contacts: Mapping[str, ContactState]) -> None:
         """Write ``todo`` (begun in the ledger from ``started``); report in the outcome."""
 
-    async def abandon(self) -> None:
-        """The round failed before ``read`` was called: stop what the batch started on its
-        own (a read begun when the batch was opened), and wait until it has stopped."""
-
 
 class Sink(Protocol):
     """One vendor's writer."""

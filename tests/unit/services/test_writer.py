@@ -44,19 +44,12 @@ class Scene:
     emails: list[str]
     preference: int
 
-    def writer(self, *, store: Any = None, client: DotdigitalClient | None = None) -> Writer:
-        """A writer to dotdigital over the bed's ledger and the scene's client (or these)."""
+    def writer(self, *, store: Any = None) -> Writer:
+        """A writer to dotdigital over the bed's ledger (or ``store``)."""
         store = store or self.bed.store
-        sink = DotdigitalSink(account=ACCOUNT, store=store, client=client or self.client,
-                              shards=SHARDS)
+        sink = DotdigitalSink(account=ACCOUNT, store=store, client=self.client, shards=SHARDS)
         return Writer(account=ACCOUNT, sink=sink, store=store, publisher=self.bed.broker,
                       shards=SHARDS, dead_letters=self.bed.dead_letterer("writer"))
-
-    async def write_all(self, writer: Writer) -> None:
-        """Every email's opt-out, from Dynamics, through ``writer`` until the queues drain."""
-        await self.bed.broker.publish_many(await self.registers(opted_in=False))
-        consume(self, writer.handle)
-        await self.bed.drained(*self.queues())
 
     def queues(self) -> list[str]:
         return [Topology.writes_queue(ACCOUNT, "dotdigital", s) for s in range(SHARDS)]
@@ -314,72 +307,3 @@ async def test_the_commit_loads_only_the_keys_the_read_brought(tmp_path: Path) -
         held = saved.known.dotdigital
         assert held is not None and held.opted_in
 
-
-class FeedWatch(DotdigitalClient):
-    """Notes when a round's feed read is asked for (``asked``); with ``held``, the first read
-    waits until it is cancelled (``cancelled`` then says so), 10 s at most."""
-
-    asked: asyncio.Event
-    held = False
-    cancelled = False
-
-    async def iter_opt_in_entries(self, preference_id: int, since: datetime, *,
-                                  wanted: Callable[[str], bool] | None = None
-                                  ) -> AsyncIterator[list[Any]]:
-        self.asked.set()
-        if self.held:
-            self.held = False
-            try:
-                await asyncio.wait_for(asyncio.Event().wait(), timeout=10)
-            except asyncio.CancelledError:
-                self.cancelled = True
-                raise
-            except TimeoutError:
-                pass  # never cancelled: read on
-        async for page in super().iter_opt_in_entries(preference_id, since, wanted=wanted):
-            yield page
-
-
-class SnapshotAfterFeed(BeginWatch):
-    """Reads a round's snapshot (the states of its keys) only once its feed read was asked for;
-    ``snapshot_first`` says whether one was read before (held 5 s, in vain). With
-    ``fail_once``, the first snapshot fails as a briefly locked ledger does."""
-
-    asked: asyncio.Event
-    snapshot_first = False
-    fail_once = False
-
-    async def read_batch(self, reads: Any) -> Any:
-        if reads.states_of:
-            try:
-                await asyncio.wait_for(self.asked.wait(), timeout=5)
-            except TimeoutError:
-                self.snapshot_first = True
-            if self.fail_once:
-                self.fail_once = False
-                raise StoreUnavailable("the ledger is locked", transient=True)
-        return await self._store.read_batch(reads)
-
-
-async def test_a_rounds_feed_read_goes_out_before_its_states_are_loaded(tmp_path: Path) -> None:
-    async with scene(tmp_path) as s:
-        store = SnapshotAfterFeed(s.bed.store)
-        async with FeedWatch(config=dotdigital_config(s.sim.url)) as client:
-            store.asked = client.asked = asyncio.Event()
-            await s.write_all(s.writer(store=store, client=client))
-        assert client.asked.is_set() and not store.snapshot_first
-        await written_once(s, s.emails, opted_in=False)
-
-
-async def test_a_round_failing_before_its_read_stops_the_feed_read_and_is_retried(
-        tmp_path: Path) -> None:
-    async with scene(tmp_path) as s:
-        store = SnapshotAfterFeed(s.bed.store)
-        store.fail_once = True
-        async with FeedWatch(config=dotdigital_config(s.sim.url)) as client:
-            store.asked = client.asked = asyncio.Event()
-            client.held = True
-            await s.write_all(s.writer(store=store, client=client))
-        # the read the failed round started was stopped; the round was retried in place
-        assert client.cancelled and not store.fail_once
-        await written_once(s, s.emails, opted_in=False)
