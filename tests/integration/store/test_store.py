@@ -391,7 +391,7 @@ async def test_a_sqlite_ledger_copies_its_wal_back_only_past_its_own_interval(
         assert store._db is not None
         async with store._db.execute("PRAGMA wal_autocheckpoint") as cursor:
             assert await cursor.fetchall() == [(WAL_CHECKPOINT_PAGES,)]
-    assert WAL_CHECKPOINT_PAGES == 10_000
+    assert WAL_CHECKPOINT_PAGES > 1_000  # past SQLite's own
 
 
 async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:

@@ -306,4 +306,3 @@ async def test_the_commit_loads_only_the_keys_the_read_brought(tmp_path: Path) -
         saved = (await s.bed.store.load([other]))[other]
         held = saved.known.dotdigital
         assert held is not None and held.opted_in
-
