@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -205,22 +205,32 @@ async def test_the_dotdigital_writer_writes_several_shards_in_one_read_and_one_w
             assert await s.opted_in(email) is False
 
 
+def holding_the_first(counted: str) -> tuple[
+        Callable[[Sequence[Sequence[Delivery]]], Awaitable[list[Handled]]],
+        list[list[list[str]]], asyncio.Event, asyncio.Event]:
+    """A round handler noting each round's batches (by their items' names), which holds the
+    first round until ``release`` is set (``first_started`` says it is held); each batch's
+    items are counted as ``counted``."""
+    rounds: list[list[list[str]]] = []
+    first_started, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
+        rounds.append([[str(item) for item in batch] for batch in batches])
+        if len(rounds) == 1:
+            first_started.set()
+            await release.wait()
+        return [Handled(account=ACCOUNT, counts={counted: len(b)}) for b in batches]
+
+    return handle, rounds, first_started, release
+
+
 @pytest.mark.parametrize("short", [True, False])
 async def test_while_the_budget_is_short_a_round_waits_for_the_one_being_written_and_grows(
         short: bool) -> None:
     """Rule 6: while the side's budget ran out lately, the next round does not start while one
     is being written; it takes the batches that arrive meanwhile, and is written once the
     other is done. With budget to spare, rounds overlap as before."""
-    written: list[list[list[str]]] = []
-    first_started, release = asyncio.Event(), asyncio.Event()
-
-    async def write(batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
-        written.append([[str(item) for item in batch] for batch in batches])
-        if len(written) == 1:
-            first_started.set()
-            await release.wait()
-        return [Handled(account=ACCOUNT, counts={"written": len(b)}) for b in batches]
-
+    write, written, first_started, release = holding_the_first("written")
     rounds = Rounds(handle=write, linger_s=0.0, size=SHARDS,
                     budget=lambda: 0.0 if short else None)
 
@@ -252,16 +262,7 @@ async def test_serial_rounds_without_linger_go_at_once_and_gather_what_arrives_m
     """Rule 7 (the reconciler's rounds): a batch that finds no round being handled is handled
     at once, with no linger; the batches that arrive while a round is being handled wait for
     it, and are handled together in one round."""
-    handled: list[list[list[str]]] = []
-    first_started, release = asyncio.Event(), asyncio.Event()
-
-    async def handle(batches: Sequence[Sequence[Delivery]]) -> list[Handled]:
-        handled.append([[str(item) for item in batch] for batch in batches])
-        if len(handled) == 1:
-            first_started.set()
-            await release.wait()
-        return [Handled(account=ACCOUNT, counts={"reconciled": len(b)}) for b in batches]
-
+    handle, handled, first_started, release = holding_the_first("reconciled")
     rounds = Rounds(handle=handle, linger_s=0.0, size=SHARDS, serial=True)
     first = asyncio.create_task(rounds.handle(["a"]))  # type: ignore[list-item]
     await first_started.wait()  # at once: nothing else was being handled
