@@ -82,6 +82,7 @@ from common.messaging.publishing import (
 from common.messaging.topology import shard_of
 from common.ops import failpoints
 from common.store.batch_reads import BatchReads
+from common.store.checkpoints import reconciler_read_mark
 from common.store.directory import RecordRef, SubscriptionRow
 from common.store.unit_of_work import commit_with_retry
 from common.vendors.clock_skew import CLOCK_CHECKPOINTS, time_base_of
@@ -431,7 +432,7 @@ class Reconciler:
         for index, marker in result.markers:
             shard = batch[index].shard
             await self._store.set_checkpoint(
-                self.account, f"reconciler:read:{marker.preference_id}:{shard}",
+                self.account, reconciler_read_mark(marker.preference_id, shard),
                 datetime.now(UTC).isoformat())
             self._read_marks.pop((marker.preference_id, shard), None)
             deferred = [e for e in await self._store.deferred_emails(self.account,
@@ -557,7 +558,7 @@ class Reconciler:
         mark = self._read_marks.get((preference_id, shard))
         if mark is None:
             mark = await self._store.get_checkpoint(
-                self.account, f"reconciler:read:{preference_id}:{shard}")
+                self.account, reconciler_read_mark(preference_id, shard))
             if mark is not None:
                 self._read_marks[(preference_id, shard)] = mark
         return mark

@@ -48,6 +48,7 @@ from common.domain.sides import SIDE_CODES
 from common.messaging.resilience import Dependency
 from common.messaging.topology import shard_of
 from common.store.batch_reads import BatchReads, BatchSnapshot
+from common.store.checkpoints import reconciler_read_mark
 from common.vendors.base import TransportError, VendorError
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedFollower, FeedPosition, opt_ins_source
@@ -84,12 +85,6 @@ SUPPRESSED_CODES = frozenset({"ERROR_CONTACT_SUPPRESSED", "contacts:contactSuppr
                               "preferencesNotApplied"})
 # A suppression learnt from a refusal, when the contact's own status cannot be read.
 SUPPRESSED_STATUS = "Suppressed"
-
-
-def reconciler_read_mark(preference_id: int, shard: int) -> str:
-    """The reconciler's checkpoint saying it reconciled a complete read of the preference in
-    this shard (set before it looks for the writes deferred until then)."""
-    return f"reconciler:read:{preference_id}:{shard}"
 
 
 class DotdigitalBatch:

@@ -31,9 +31,10 @@ from common.messaging.envelope import Envelope, WriteCommand, decode, encode
 from common.messaging.resilience import TransientFailure, dependency_of
 from common.messaging.topology import Topology
 from common.store import LedgerStore, open_store
+from common.store.checkpoints import reconciler_read_mark
 from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished
 from common.vendors.dotdigital.feed import EPOCH, FeedPosition
-from services.writer.dotdigital import READ_WAIT_S, DotdigitalSink, reconciler_read_mark
+from services.writer.dotdigital import READ_WAIT_S, DotdigitalSink
 from services.writer.pipeline import Writer
 from tests.harness.world import delete_queues
 from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
