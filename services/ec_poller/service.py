@@ -16,13 +16,16 @@ start to the answer's receipt, is a time dotdigital's clock had passed before th
 read, so nothing stamped later is skipped next time.
 
 Overlap: a feed entry may become visible after a read that began later than its stamp (a write
-dotdigital was still committing). So every feed is read from ``feed_overlap_s`` before the
-watermark, and what the previous read already published in that window is not published again:
-its change ids are kept (the newest :data:`SEEN_LIMIT`, hashed) in a checkpoint of their own,
-``ec-poller:seen:<feed>``, beside the feed's position (a
+dotdigital was still committing). So now and then a feed is read from ``feed_overlap_s`` before
+what was surely read; the reads between start where the previous read began
+(:mod:`common.vendors.dotdigital.overlap`: at a sync every 5 s and a 30 s overlap, one read in
+six reads the overlap, no more than one feed's a run, and an entry listed late is read within
+about twice the overlap and a few runs). What the previous read already published is not
+published again: its change ids are kept (the newest :data:`SEEN_LIMIT`, hashed) in a
+checkpoint of their own, ``ec-poller:seen:<feed>``, beside the feed's position (a
 :class:`~common.vendors.dotdigital.feed.FeedPosition`, which the writer reads too); an older
-opt-in, when the previous read saw more than that (a burst), is dropped when the ledger already
-knows exactly that value at that time from dotdigital.
+opt-in (stamped before where the previous read started, or beyond the ids it kept) is dropped
+when the ledger already knows exactly that value at that time from dotdigital.
 
 The preferences' feeds are read side by side, as many at once as the client calls at once
 (``max_concurrency``); what their pages publish goes out one page at a time.
@@ -52,7 +55,7 @@ import hashlib
 import logging
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from itertools import repeat
@@ -95,6 +98,7 @@ from common.vendors.dotdigital.modified import (
     modified_read_from,
     position_after,
 )
+from common.vendors.dotdigital.overlap import overlap_read_now
 from common.vendors.dotdigital.tree import mark_stale, tree_for_run
 
 log = logging.getLogger("prefsync.ec_poller")
@@ -276,6 +280,8 @@ class Seen:
     first read of a million fresh opt-ins) holds a bounded set, not every id it read."""
 
     keep_from: datetime
+    # where the read started: what is stamped before it, it did not see
+    read_from: datetime | None = None
     ids: dict[str, datetime] = field(default_factory=dict)
     left_out: bool = False  # more were seen than are kept: the older ones went
 
@@ -295,12 +301,18 @@ class Seen:
         self.ids = dict(newest[:SEEN_LIMIT])
 
     def stored(self) -> dict[str, Any]:
-        """For the checkpoint: ``seen``, and ``seen_from`` when older ones were left out."""
+        """For the checkpoint: ``seen``, and ``seen_from``, the time up to which they may not be
+        all the read published from ``keep_from`` on: the oldest kept when older ones were
+        left out, else where the read started when that is later than ``keep_from`` (a read
+        from where the previous one began: a full read of the overlap next checks what is
+        older in the ledger)."""
         self._keep_newest()
         kept = list(self.ids.items())
         out: dict[str, Any] = {"seen": [seen_key(change_id) for change_id, _ in kept]}
         if self.left_out:
             out["seen_from"] = kept[-1][1].isoformat()
+        elif self.read_from is not None and self.read_from > self.keep_from:
+            out["seen_from"] = self.read_from.isoformat()
         return out
 
 
@@ -340,7 +352,7 @@ class RunClock:
         self._store = store
         self._account = account
         # our time before the run's first dotdigital call
-        self._begun = time.time()
+        self.began = time.time()
         self._started: datetime | None = None
         # feeds read side by side ask at once: the clock is measured once
         self._lock = asyncio.Lock()
@@ -348,7 +360,7 @@ class RunClock:
     async def started(self) -> datetime:
         async with self._lock:
             if self._started is None:
-                started = await self._client.time_before(self._begun)
+                started = await self._client.time_before(self.began)
                 await measure_clock(self._store, account=self._account, side="dotdigital",
                                     client=self._client)
                 self._started = started
@@ -357,8 +369,12 @@ class RunClock:
 
 class EcPoller:
     def __init__(self, *, account: AccountConfig, client: DotdigitalClient, store: PollerStore,
-                 publisher: Publisher, shards: int) -> None:
+                 publisher: Publisher, shards: int,
+                 now: Callable[[], float] = time.time) -> None:
+        """``now``: our Unix time, from which a feed read's start is chosen
+        (:meth:`FeedPosition.next_read`)."""
         self.account = account
+        self._now = now
         self._client = client
         self._store = store
         self._publisher = publisher
@@ -381,8 +397,9 @@ class EcPoller:
         async def read(preference_id: int) -> bool | None:
             async with reading:
                 try:
-                    return await self._read_preference(request, preference_id, clock,
-                                                       full_read, counts, publishing)
+                    position, read_from = starts[preference_id]
+                    return await self._read_preference(request, preference_id, position,
+                                                       read_from, clock, counts, publishing)
                 except VendorError as exc:
                     if exc.code != PREFERENCE_NOT_FOUND:
                         raise
@@ -393,9 +410,10 @@ class EcPoller:
                              extra={"account": self.account.id, "run_id": request.run_id})
                     return None
 
-        feeds = [asyncio.ensure_future(read(preference_id)) for preference_id in
-                 leaf_preference_ids(await self._preference_tree(request,
-                                                                 full_read=full_read))]
+        preference_ids = leaf_preference_ids(await self._preference_tree(request,
+                                                                         full_read=full_read))
+        starts = await self._read_starts(preference_ids, full_read=full_read)
+        feeds = [asyncio.ensure_future(read(preference_id)) for preference_id in preference_ids]
         try:
             read_from_start = await asyncio.gather(*feeds)
         except BaseException:
@@ -430,10 +448,30 @@ class EcPoller:
             run_id=request.run_id, covers=request.covers, full_read=full_read,
             max_age_s=self.account.dotdigital.preference_tree_max_age_s)
 
+    async def _read_starts(self, preference_ids: Sequence[int], *, full_read: bool
+                           ) -> dict[int, tuple[FeedPosition, datetime]]:
+        """Each feed's position and where its read starts this run: where the previous read
+        began, or now and then the overlap before what was surely read, one feed at a time
+        (:mod:`common.vendors.dotdigital.overlap`, rules 3-7)."""
+        positions = {preference_id: FeedPosition() if full_read
+                     else await feed_position(preference_id).get_or(
+                         self._store, self.account.id, FeedPosition())
+                     for preference_id in preference_ids}
+        now = self._now()
+        nexts = {preference_id: position.next_read(overlap=self._overlap, now=now)
+                 for preference_id, position in positions.items()}
+        now_full = overlap_read_now({preference_id: positions[preference_id].frontier(
+            self._overlap) for preference_id, (_, due) in nexts.items() if due})
+        return {preference_id: (position, start if not due or preference_id == now_full
+                                else position.since or EPOCH)
+                for (preference_id, position), (start, due)
+                in zip(positions.items(), nexts.values(), strict=True)}
+
     async def _read_preference(self, request: RunRequest, preference_id: int,
-                               clock: RunClock, full_read: bool, counts: RunCounts,
-                               publishing: asyncio.Lock) -> bool:
-        """Reads one preference's feed; returns True when it was read from the beginning.
+                               position: FeedPosition, read_from: datetime, clock: RunClock,
+                               counts: RunCounts, publishing: asyncio.Lock) -> bool:
+        """Reads one preference's feed from ``read_from`` (its ``position`` as loaded at the
+        run's start); returns True when it was read from the beginning.
 
         Other feeds are read meanwhile; a page's changes are worked out and published, and its
         checkpoint saved, under ``publishing``: so a contact's status this run already
@@ -441,12 +479,9 @@ class EcPoller:
         out is published."""
         checkpoint = feed_position(preference_id)
         source = checkpoint.name
-        position = (FeedPosition() if full_read
-                    else await checkpoint.get_or(self._store, self.account.id, FeedPosition()))
         since = position.since or EPOCH
         # a read from the beginning owes markers; so does one whose markers a crash left owed
         owed = since == EPOCH or position.markers_owed
-        read_from = self._read_from(since)
         # the writer goes on reading from the last complete read's watermark meanwhile (a first
         # read has none to keep: its writes are deferred until it is reconciled; a later read
         # from the beginning keeps it, and a key dotdigital's state is unknown for is read
@@ -456,32 +491,52 @@ class EcPoller:
         seen: Seen | None = None
         min_contact_id = position.min_contact_id or 0
         page_no = 0
-        async for page in self._client.iter_feed_contacts(preference_id, read_from,
-                                                          min_contact_id=min_contact_id):
-            page_no += 1
-            started = await clock.started()
-            if seen is None:
-                seen = Seen(keep_from=self._read_from(started))
-            async with publishing:
-                read = page_read(page, preference_id)
-                fresh = await self._unseen(read, skip, seen, unkept=unkept)
-                counts.read += len(page.contact_ids)
-                # (the changes are made into messages and dropped before these are sent:
-                # objects that do not outlive a page cost the cycle collector nothing)
-                await self._send(request, counts, self._messages(
-                    request, *self._changes_from(read, fresh, started,
-                                                 statuses_sent=counts.statuses_sent),
-                    id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
-                await checkpoint.set(self._store, self.account.id, FeedPosition(
-                    since=since, min_contact_id=page.last_id + 1, markers_owed=owed,
-                    last_watermark=last_watermark))
+        checked = False  # whether dotdigital's clock was found not to have gone back
+        while True:
+            again: datetime | None = None
+            async for page in self._client.iter_feed_contacts(preference_id, read_from,
+                                                              min_contact_id=min_contact_id):
+                page_no += 1
+                started = await clock.started()
+                if not checked:
+                    checked = True
+                    if (again := self._after_step_back(preference_id, position, read_from,
+                                                       started, clock)) is not None:
+                        break  # (nothing of that page published)
+                if seen is None:
+                    seen = Seen(keep_from=self._read_from(started), read_from=read_from)
+                async with publishing:
+                    read = page_read(page, preference_id)
+                    fresh = await self._unseen(read, skip, seen, unkept=unkept)
+                    counts.read += len(page.contact_ids)
+                    # (the changes are made into messages and dropped before these are sent:
+                    # objects that do not outlive a page cost the cycle collector nothing)
+                    await self._send(request, counts, self._messages(
+                        request, *self._changes_from(read, fresh, started,
+                                                     statuses_sent=counts.statuses_sent),
+                        id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
+                    await checkpoint.set(self._store, self.account.id, FeedPosition(
+                        since=since, min_contact_id=page.last_id + 1, markers_owed=owed,
+                        last_watermark=last_watermark, covered=position.covered,
+                        began_at=position.began_at, reading_from=read_from))
+            if again is None and not checked:
+                checked = True  # no page: the answer still tells the clock
+                again = self._after_step_back(preference_id, position, read_from,
+                                              await clock.started(), clock)
+            if again is None:
+                break
+            read_from, page_no = again, 0
         started = await clock.started()
-        # Where this read started is kept as ``previous``: the writer reads from there, so
-        # changes this read published but the reconciler has not reached yet are read again,
-        # not skipped.
-        end = FeedPosition(since=started, previous=read_from)
+        # The overlap before where the previous read began is kept as ``previous``: the writer
+        # reads from there (whether or not this read did), so changes this read or the one
+        # before published but the reconciler has not reached yet are read again, not skipped.
+        end = FeedPosition(since=started, previous=self._read_from(since),
+                           covered=position.covered_after(read_from, started=started,
+                                                          overlap=self._overlap),
+                           began_at=clock.began)
         # only ever changes this and earlier reads published (confirmed): saved first
-        await self._save_seen(source, seen or Seen(keep_from=self._read_from(started)))
+        await self._save_seen(source, seen or Seen(keep_from=self._read_from(started),
+                                                   read_from=read_from))
         if owed:
             await checkpoint.set(self._store, self.account.id, replace(end, markers_owed=True))
             await failpoints.reached("ec-poller.after-checkpoint")
@@ -493,6 +548,19 @@ class EcPoller:
         # the markers (if any) are confirmed: nothing more is owed
         await checkpoint.set(self._store, self.account.id, end)
         return since == EPOCH
+
+    def _after_step_back(self, preference_id: int, position: FeedPosition,
+                         read_from: datetime, started: datetime,
+                         clock: RunClock) -> datetime | None:
+        """Where the read starts again when dotdigital's clock went back since the previous
+        read began (rule 6 of :mod:`common.vendors.dotdigital.overlap`); None: it goes on."""
+        again = position.after_step_back(started=started, began=clock.began,
+                                         overlap=self._overlap)
+        if again is None or again >= read_from:
+            return None
+        log.info("dotdigital's clock went back: the feed is read from further back", extra={
+            "account": self.account.id, "preference_id": preference_id})
+        return again
 
     async def _load_seen(self, source: str, since: datetime) -> tuple[set[str], datetime | None]:
         """What the previous read of ``source`` published in this read's overlap: hashed change

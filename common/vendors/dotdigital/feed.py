@@ -45,7 +45,7 @@ import asyncio
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -59,7 +59,14 @@ from common.store.checkpoints import opt_ins_source as opt_ins_source
 from common.vendors.dotdigital.client import DotdigitalClient
 
 # The start of time for the feeds: a read from here is a read from the beginning.
-EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+from common.vendors.dotdigital.overlap import EPOCH as EPOCH
+from common.vendors.dotdigital.overlap import (
+    after_step_back,
+    covered_after,
+    frontier,
+    overlap_read_from,
+    step_back,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,9 +80,15 @@ class FeedPosition:
        (None: there was none, or the checkpoint was saved before it was kept), which stays the
        watermark until this read finishes.
     3. A read finished: ``since`` is where it started to look (dotdigital's time), ``previous``
-       where it read from (the overlap before the earlier ``since``).
+       the overlap before the earlier ``since`` (where every read started before reads
+       started at ``since`` between reads of the overlap; the writer reads from there).
     4. ``markers_owed``: the read started from the beginning (or its markers were not yet
        confirmed when it stopped): its end publishes the read markers.
+    5. Where a read starts is :mod:`common.vendors.dotdigital.overlap`'s rule: ``covered``
+       (None: not kept yet) is that module's, ``began_at`` our Unix time before the run of
+       the read that started at ``since`` (so this run's start on dotdigital's clock is
+       bounded from below without a call), and ``reading_from`` where a read under way reads
+       from (a read resumed after a crash goes on from the same start).
     """
 
     since: datetime | None = None
@@ -83,38 +96,35 @@ class FeedPosition:
     previous: datetime | None = None
     markers_owed: bool = False
     last_watermark: datetime | None = None
+    covered: datetime | None = None
+    began_at: float | None = None
+    reading_from: datetime | None = None
 
     @classmethod
     def decode(cls, saved: str | None) -> FeedPosition:
         raw: dict[str, Any] = orjson.loads(saved) if saved else {}
-        since, previous = raw.get("since"), raw.get("previous")
-        last_watermark = raw.get("last_watermark")
-        return cls(since=datetime.fromisoformat(since) if since else None,
+        times = {name: datetime.fromisoformat(raw[name]) if raw.get(name) else None
+                 for name in _TIMES}
+        return cls(**times,
                    min_contact_id=int(raw["min_contact_id"]) if "min_contact_id" in raw else None,
-                   previous=datetime.fromisoformat(previous) if previous else None,
                    markers_owed=bool(raw.get("markers_owed")),
-                   last_watermark=(datetime.fromisoformat(last_watermark) if last_watermark
-                                   else None))
+                   began_at=float(raw["began_at"]) if "began_at" in raw else None)
 
     def encode(self) -> str:
-        raw: dict[str, Any] = {}
-        if self.since is not None:
-            raw["since"] = self.since.isoformat()
-        if self.min_contact_id is not None:
-            raw["min_contact_id"] = self.min_contact_id
-        if self.previous is not None:
-            raw["previous"] = self.previous.isoformat()
-        if self.markers_owed:
-            raw["markers_owed"] = True
-        if self.last_watermark is not None:
-            raw["last_watermark"] = self.last_watermark.isoformat()
-        return orjson.dumps(raw).decode()
+        # in this order, so a position an earlier release stored encodes to the same text
+        fields = (("since", self.since), ("min_contact_id", self.min_contact_id),
+                  ("previous", self.previous), ("markers_owed", self.markers_owed or None),
+                  ("last_watermark", self.last_watermark), ("covered", self.covered),
+                  ("began_at", self.began_at), ("reading_from", self.reading_from))
+        return orjson.dumps({name: value.isoformat() if isinstance(value, datetime) else value
+                             for name, value in fields if value is not None}).decode()
 
     @property
     def watermark(self) -> datetime | None:
         """Where the writer reads the feed from before a write; None: no complete read to rely
-        on. It is where the last complete read started (``previous``): changes that read
-        published but the reconciler has not reached yet are read again. After a first read
+        on. It is the overlap before where the read before the last complete one started
+        (``previous``): changes those reads published but the reconciler has not reached yet
+        are read again. After a first read
         there is nothing earlier, so it is ``since``. It holds while a later read is under way
         (``last_watermark``): what is stamped before it the earlier reads published, what is
         stamped after it the writer reads itself; so writes need not wait for that read."""
@@ -126,11 +136,65 @@ class FeedPosition:
             return self.previous
         return self.since
 
+    def next_read(self, *, overlap: timedelta, now: float) -> tuple[datetime, bool]:
+        """Where the next read (or the one under way) of this feed starts, ``now`` our Unix
+        time (:mod:`common.vendors.dotdigital.overlap`), and whether that is a read of the
+        overlap that rule 7 there may hold back to a later run (then the read starts at
+        ``since``). From the beginning when it was never read; where the read under way
+        started; else rules 3-5, the run's start on dotdigital's clock taken as ``since`` plus
+        the time our clock moved since that read's run began (at least ``since``: dotdigital's
+        clock had passed it then)."""
+        since = self.since or EPOCH
+        if since <= EPOCH:
+            return EPOCH, False
+        if self.min_contact_id is not None and self.reading_from is not None:
+            return self.reading_from, False
+        started = since + timedelta(seconds=max(0.0, now - self.began_at)
+                                    if self.began_at is not None else 0.0)
+        return overlap_read_from(since=since, covered=self.covered, started=started,
+                                 overlap=overlap)
+
+    def frontier(self, overlap: timedelta) -> datetime:
+        """``covered``, or what rule 5 there takes it to be."""
+        return frontier(since=self.since or EPOCH, covered=self.covered, overlap=overlap)
+
+    def after_step_back(self, *, started: datetime, began: float,
+                        overlap: timedelta) -> datetime | None:
+        """Where a new read (not one resumed, nor from the beginning) starts again when the run
+        that began at our Unix time ``began`` began at ``started`` on dotdigital's clock, if
+        that clock went back since the previous read began (rule 6 there); None: it did not."""
+        since = self.since or EPOCH
+        if since <= EPOCH or self.began_at is None or self.min_contact_id is not None:
+            return None
+        back = step_back(since=since, elapsed=timedelta(seconds=began - self.began_at),
+                         started=started)
+        if back is None:
+            return None
+        return after_step_back(since=since, covered=self.covered, back=back, overlap=overlap)
+
+    def covered_after(self, read_from: datetime, *, started: datetime,
+                      overlap: timedelta) -> datetime:
+        """``covered`` once a read from ``read_from`` is done, ``started`` when the run that
+        ends it began: a read from the beginning, or from ``covered`` or earlier, is full
+        (rule 2 there). A read resumed after a crash is not: what it read before the crash
+        was read in an earlier run, and entries listed since were missed there."""
+        since = self.since or EPOCH
+        if since <= EPOCH:
+            return covered_after(started, overlap=overlap)
+        surely = frontier(since=since, covered=self.covered, overlap=overlap)
+        if read_from <= surely and self.min_contact_id is None:
+            return covered_after(started, overlap=overlap)
+        return surely
+
     @property
     def first_read(self) -> bool:
         """No read has finished yet (or one from the beginning is under way): its end
         publishes the read markers, on which the reconciler sends the deferred writes again."""
         return self.watermark is None and (self.since is None or self.since <= EPOCH)
+
+
+# FeedPosition's fields stored as ISO times
+_TIMES = ("since", "previous", "last_watermark", "covered", "reading_from")
 
 
 def feed_position(preference_id: int) -> Checkpoint[FeedPosition]:

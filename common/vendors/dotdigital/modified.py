@@ -8,22 +8,9 @@ most of the account, each run. So most reads start where the previous one began,
 the overlap comes only now and then. A late read errs the safe way: the contact stays
 suppressed, left alone, a little longer.
 
-Rules (times on dotdigital's clock; the checkpoint is a :class:`ModifiedPosition`):
+The rules are :mod:`common.vendors.dotdigital.overlap`'s (a first run's feeds read from the
+beginning carry every contact's status: its read counts as full); one more for its checkpoint:
 
-1. A contact modified at ``t`` is surely listed by a read that begins at ``t + overlap`` or later
-   (a write dotdigital was still committing may show later than its stamp, within the overlap).
-2. ``covered``: every modification before it was surely read. A read from ``covered`` (a
-   **full** read) that began at ``started`` moves it to ``started - overlap`` (rule 1); no other
-   read moves it.
-3. Any other read starts where the previous read began (``since``): it finds what was stamped
-   since, as soon as dotdigital lists it.
-4. A read is full when its run began (``started``) ``2 x overlap`` or more past ``covered``: so
-   what showed late is read within about twice the overlap. Runs an overlap or more apart
-   read the overlap every time, as before.
-5. Before any read is known to have been full (the first run, whose feeds read from the
-   beginning carry every contact's status; or a ledger written before ``covered`` was kept,
-   which holds ``since`` alone), ``covered`` is ``since - overlap``: what a full read that
-   began at ``since`` leaves. It is kept from then on.
 6. ``covered`` is saved before ``since``, each once the read's changes are confirmed (two
    checkpoints: a release before ``covered`` was kept reads ``since`` as it always did). A
    crash between the two leaves ``since`` where the read began, so the next read starts there
@@ -37,7 +24,7 @@ from datetime import datetime, timedelta
 
 from common.store import checkpoints
 from common.store.interface import Checkpoints
-from common.vendors.dotdigital.feed import EPOCH
+from common.vendors.dotdigital.overlap import covered_after, frontier, overlap_read_from
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,16 +51,14 @@ class ModifiedPosition:
 
     def frontier(self, overlap: timedelta) -> datetime:
         """``covered``, or what rule 5 takes it to be."""
-        return covered_after(self.since, overlap=overlap) if self.covered is None else self.covered
+        return frontier(since=self.since, covered=self.covered, overlap=overlap)
 
 
 def modified_read_from(position: ModifiedPosition, *, started: datetime,
                        overlap: timedelta) -> tuple[datetime, bool]:
     """Where the read of a run that began at ``started`` starts, and whether it is full."""
-    frontier = position.frontier(overlap)
-    if started - frontier >= 2 * overlap:
-        return max(EPOCH, frontier), True
-    return position.since, False
+    return overlap_read_from(since=position.since, covered=position.covered, started=started,
+                             overlap=overlap)
 
 
 def position_after(position: ModifiedPosition | None, *, started: datetime, full: bool,
@@ -84,7 +69,3 @@ def position_after(position: ModifiedPosition | None, *, started: datetime, full
         return ModifiedPosition(since=started, covered=covered_after(started, overlap=overlap))
     return ModifiedPosition(since=started, covered=position.frontier(overlap))
 
-
-def covered_after(started: datetime, *, overlap: timedelta) -> datetime:
-    """``covered`` once a full read that began at ``started`` is done (rule 2)."""
-    return max(EPOCH, started - overlap)

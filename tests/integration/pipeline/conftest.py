@@ -8,7 +8,7 @@ import io
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import pytest
 from common.config import parse_config
 from common.store import open_store
 from common.store.checkpoints import PREFERENCE_TREE_READ_AT
+from common.vendors.dotdigital.feed import feed_position
 from services.cli.broker_setup import setup_broker
 from services.cli.lookup import dotdigital_preferences, dynamics_preferences
 from services.cli.sync_now import sync_and_wait
@@ -139,6 +140,18 @@ class World(harness.World):
         async with open_store(self.config.store.url) as store:
             await PREFERENCE_TREE_READ_AT.set(
                 store, self.account, datetime.now(UTC) - timedelta(seconds=max_age + 1))
+
+    async def age_full_feed_read(self, preference_id: int, seconds: float) -> None:
+        """As if the last full read (of its overlap) of a preference's opt-ins feed had been
+        ``seconds`` earlier: what was surely read (``covered``) is that much older, so the next
+        read of that feed is a full one (:mod:`common.vendors.dotdigital.overlap`)."""
+        overlap = timedelta(seconds=self.config.account(self.account).dotdigital.feed_overlap_s)
+        checkpoint = feed_position(preference_id)
+        async with open_store(self.config.store.url) as store:
+            position = await checkpoint.get(store, self.account)
+            assert position is not None and position.since is not None
+            await checkpoint.set(store, self.account, replace(
+                position, covered=position.frontier(overlap) - timedelta(seconds=seconds)))
 
     async def sync(self, timeout_s: float = 120) -> dict[str, Any]:
         return await sync_and_wait(config=self.config, account=self.account,

@@ -149,13 +149,20 @@ async def test_a_feed_entry_visible_late_is_read(tmp_path: Path) -> None:
         person, preference = world.people[0], world.preferences[0]
         _, before = await world.values(person.email, preference.id)
         wanted = not before if before is not None else False
-        # An edit stamped before that read's start (but after every earlier change), visible
-        # only now: as a write dotdigital was still committing when the read ran.
+        # An edit stamped before that read's start (3 s: its start on dotdigital's clock, from
+        # an answer's whole-second Date less a second, may be up to 2 s early), after every
+        # earlier change, visible only now: as a write dotdigital was still committing when
+        # the read ran.
         await world.edit_dotdigital(person.email, preference.id, wanted,
-                                    stamped_ago_s=time.monotonic() - read_from + 0.5)
+                                    stamped_ago_s=time.monotonic() - read_from + 3.0)
+        # Read by the next read of the overlap: as if the last one was twice the overlap ago
+        # (runs closer together read from where the previous one began).
+        overlap_s = world.config.account(world.account).dotdigital.feed_overlap_s
+        await world.age_full_feed_read(preference.id, 2 * overlap_s)
         await synced(world)
         assert await world.values(person.email, preference.id) == ({wanted}, wanted)
-        # The overlap is read again next time, but what was published is not published again.
+        # The next run reads from where that one began: what was published is not published
+        # again.
         quiet = await tracked_sync(world)
         assert not quiet.failures, quiet.failures
         assert quiet.pollers_done["dotdigital"]["published"] == 0, quiet.pollers_done

@@ -96,6 +96,8 @@ class Scene:
     publisher: Hooked
     preferences: list[int] = field(default_factory=list)
     runs: int = 0
+    # how far ahead of ours the clock is that the poller chooses where a feed read starts by
+    ahead: list[float] = field(default_factory=lambda: [0.0])
     # the simulator's clock, and ours, right before the ec-poller's last run began
     began_sim: datetime | None = None
     began: float = 0.0
@@ -156,11 +158,13 @@ async def scene(tmp_path: Path, *, overlap_s: float = 300.0, preference_count: i
                        states=states)
         publisher = Hooked(bed=found)
         config = account_config(sim.url, overlap_s=overlap_s, max_concurrency=max_concurrency)
+        ahead = [0.0]
         poller = EcPoller(account=config, client=client,
-                          store=found.store, publisher=publisher, shards=SHARDS)
+                          store=found.store, publisher=publisher, shards=SHARDS,
+                          now=lambda: time.time() + ahead[0])
         preferences = leaf_preference_ids(await client.preferences())
         yield Scene(bed=found, sim=sim, client=client, poller=poller, publisher=publisher,
-                    preferences=preferences)
+                    preferences=preferences, ahead=ahead)
 
 
 async def test_an_idle_run_costs_one_call_per_feed(tmp_path: Path) -> None:
@@ -276,6 +280,86 @@ async def test_a_resubscription_listed_late_waits_for_the_next_read_of_the_overl
         # and the next run reads from where that one began again: nothing to publish
         _, published = await s.run()
         assert resumed(published, email) == [], published
+
+
+async def test_an_opt_in_listed_late_waits_for_the_next_read_of_the_overlap(
+        tmp_path: Path) -> None:
+    """Runs a few seconds apart read each feed from where the previous read began; a run twice
+    the overlap past what was surely read reads the overlap again
+    (:mod:`common.vendors.dotdigital.overlap`). An opt-in stamped before the previous run
+    began, listed only after it (a write dotdigital was still committing), is read by that
+    run, and only it: what the runs between published is not published again."""
+    async with scene(tmp_path, overlap_s=30.0, preference_count=1) as s:
+        (preference,) = s.preferences
+        checkpoint = feed_position(preference)
+        late, early = s.emails[0], s.emails[1]
+        values = {o.preference_id: o.is_opted_in
+                  for o in (await s.client.subscriptions(late)).opt_ins}
+        flipped = not values.get(preference, False)
+        await s.run()  # the first: from the beginning
+        first = await checkpoint.get(s.bed.store, ACCOUNT)
+        await s.edit(early, preferences={preference: True})
+        _, published = await s.run()
+        assert opt_ins_of(published) == {(early, True)}, published
+        # opted in or out 5 s before the last run began (after the first run's overlap),
+        # listed now
+        await s.edit(late, preferences={preference: flipped},
+                     stamped_ago_s=time.monotonic() - s.began + 5)
+        _, published = await s.run()
+        assert opt_ins_of(published) == set(), published
+        short = await checkpoint.get(s.bed.store, ACCOUNT)
+        assert first is not None and short is not None
+        assert short.covered == first.covered  # none of those reads was full
+        # both clocks move on past twice the overlap from what was surely read
+        s.ahead[0] = 61.0
+        await s.sim.clock(offset_s=61.0)
+        _, published = await s.run()
+        # (what the runs between published is not published again: either the last read's
+        # ids skip it, or the ledger is asked whether it knows it; here nothing reconciled it)
+        assert (late, flipped) in opt_ins_of(published), published
+        assert opt_ins_of(published) <= {(late, flipped), (early, True)}, published
+        full = await checkpoint.get(s.bed.store, ACCOUNT)
+        assert full is not None and full.covered is not None and short.covered is not None
+        assert full.covered > short.covered  # that read was full
+        # and the next run (our clock as it is: the full read's start was measured on it)
+        # reads from where that one began again: nothing to publish
+        s.ahead[0] = 0.0
+        _, published = await s.run()
+        assert opt_ins_of(published) == set(), published
+        after = await checkpoint.get(s.bed.store, ACCOUNT)
+        assert after is not None and after.covered == full.covered  # not full
+
+
+async def test_an_opt_in_stamped_after_dotdigitals_clock_went_back_is_read_at_once(
+        tmp_path: Path) -> None:
+    """dotdigital's clock steps back 20 s between two runs: what is stamped after the step is
+    stamped before where the previous read began, and the run that finds the step reads the
+    feed in full from further back (:mod:`common.vendors.dotdigital.overlap`, rule 6)."""
+    async with scene(tmp_path, overlap_s=30.0, preference_count=1) as s:
+        (preference,) = s.preferences
+        email = s.emails[0]
+        values = {o.preference_id: o.is_opted_in
+                  for o in (await s.client.subscriptions(email)).opt_ins}
+        flipped = not values.get(preference, False)
+        await s.run()
+        await s.run()
+        before = await feed_position(preference).get(s.bed.store, ACCOUNT)
+        await s.sim.clock(offset_s=-20.0)
+        await s.edit(email, preferences={preference: flipped})
+        _, published = await s.run()
+        assert opt_ins_of(published) == {(email, flipped)}, published
+        after = await feed_position(preference).get(s.bed.store, ACCOUNT)
+        assert before is not None and after is not None and after.since is not None
+        assert before.since is not None and after.since < before.since
+        # that read was full, on the clock as it is now
+        assert after.covered == after.since - timedelta(seconds=30)
+        _, published = await s.run()
+        assert opt_ins_of(published) == set(), published
+
+
+def opt_ins_of(published: Sequence[Change]) -> set[tuple[str, bool]]:
+    """(email, opted in) of each opt-in published."""
+    return {(c.email, c.opted_in) for c in published if isinstance(c, PreferenceChange)}
 
 
 def resumed(published: Sequence[Change], email: str) -> list[str]:
