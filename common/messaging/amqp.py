@@ -51,6 +51,7 @@ import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustConnection,
@@ -804,3 +805,13 @@ class QueueConsumer:
 # What a broker connection lost mid-call raises (a robust connection then reconnects by itself).
 BROKER_LOST = (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError,
                ChannelInvalidStateError)
+
+
+def broker_lost(exc: BaseException, connection: AbstractConnection) -> bool:
+    """``exc`` came from ``connection`` going away under a call: one of :data:`BROKER_LOST`, or
+    the bare ``RuntimeError`` aiormq raises when a channel is opened on a connection the broker
+    has just closed (before the robust connection has noticed and begun to reconnect)."""
+    if isinstance(exc, BROKER_LOST):
+        return True
+    transport = connection.transport
+    return isinstance(exc, RuntimeError) and (transport is None or transport.connection.is_closed)

@@ -28,11 +28,11 @@ from aio_pika.abc import AbstractRobustConnection
 from common.config import AccountConfig, Config
 from common.domain import Side
 from common.messaging.amqp import (
-    BROKER_LOST,
     AmqpPublisher,
     DeadLetterer,
     QueueConsumer,
     account_broker_url,
+    broker_lost,
     connect,
 )
 from common.messaging.breakers import Breakers, RetryPolicy, use_breakers
@@ -131,13 +131,14 @@ class Running:
 T = TypeVar("T")
 
 
-async def while_broker_returns(step: Callable[[], Awaitable[T]], *, what: str,
+async def while_broker_returns(step: Callable[[], Awaitable[T]], *,
+                               connection: AbstractRobustConnection, what: str,
                                retry: RetryPolicy | None = None) -> T:
-    """``step`` (a start-up call on a robust connection), tried again with backoff while the
+    """``step`` (a start-up call on ``connection``), tried again with backoff while the
     connection is lost under it: a service that starts during a broker restart, or whose
     connections are closed by the broker then, comes up once the broker is back."""
     return await (retry or RetryPolicy()).until_done(
-        step, what=what, waits_out=lambda exc: isinstance(exc, BROKER_LOST))
+        step, what=what, waits_out=lambda exc: broker_lost(exc, connection))
 
 
 async def declare_topology(connection: AbstractRobustConnection, config: Config, *,
@@ -199,7 +200,7 @@ async def run_services(*, config: Config, services: Sequence[str],
         if shared:
             await while_broker_returns(
                 lambda: declare_topology(connection, config, accounts=shared),
-                what="declaring the topology")
+                connection=connection, what="declaring the topology")
         if store is None:
             store = await stack.enter_async_context(await _open_store_waiting(
                 config.store.url, cache_mib=ledger_cache_mib(services)))
@@ -223,9 +224,11 @@ async def run_services(*, config: Config, services: Sequence[str],
             if account.broker.password is not None:
                 await while_broker_returns(partial(
                     declare_topology, account_connection, config, accounts=[account.id],
-                    exchanges_too=False), what="declaring the account's topology")
+                    exchanges_too=False), connection=account_connection,
+                    what="declaring the account's topology")
             publisher = await while_broker_returns(
-                partial(AmqpPublisher.open, account_connection), what="opening a publisher")
+                partial(AmqpPublisher.open, account_connection), connection=account_connection,
+                what="opening a publisher")
             dead = DeadLetterer(publisher=publisher, service=name,
                                 on_dead_letter=METRICS.dead_letter_counter())
             tasks += await _start_account(stack, account=account, config=config,

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractRobustConnection
 
-from common.messaging.amqp import BROKER_LOST
+from common.messaging.amqp import broker_lost
 from common.messaging.breakers import RetryPolicy
 from common.messaging.topology import CONTROL_EXCHANGE
 from common.runs import FollowedRuns, RunTracker
@@ -125,7 +125,7 @@ class RunStatusRecorder:
         while True:  # a follow that ends (its queue went with a channel) starts again
             await (retry or RetryPolicy()).until_done(
                 lambda: self._follow(connection), what=f"progress events of {self.account}",
-                waits_out=lambda exc: isinstance(exc, BROKER_LOST))
+                waits_out=lambda exc: broker_lost(exc, connection))
 
     async def _follow(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel()

@@ -10,9 +10,19 @@ import aio_pika
 import anyio
 import pytest
 
-from common.messaging.amqp import AmqpPublisher, DeadLetterer, Delivery, Outgoing, QueueConsumer, connect
+from common.messaging.amqp import (
+    AmqpPublisher,
+    DeadLetterer,
+    Delivery,
+    Outgoing,
+    QueueConsumer,
+    broker_lost,
+    connect,
+)
+from common.messaging.breakers import RetryPolicy
 from common.messaging.envelope import Envelope, PreferenceChange, encode
 from common.messaging.topology import CHANGES_EXCHANGE, Topology
+from services.runtime.registry import while_broker_returns
 
 from .conftest import BROKER_URL
 
@@ -107,3 +117,37 @@ async def test_failed_handler_is_retried_in_place(topology: Topology, account: s
             await done.wait()
         assert attempts == [False, False]
         task.cancel()
+
+
+async def test_a_start_up_step_is_tried_again_while_the_broker_connection_is_lost(
+        topology: Topology, account: str) -> None:
+    """A connection the broker just closed fails a channel's opening with aiormq's bare
+    ``RuntimeError`` (the robust connection has not begun to reconnect yet): a start-up step
+    meeting it waits for the reconnection instead of ending the service."""
+    connection = await connect(BROKER_URL, name="test")
+    async with connection:
+        assert connection.transport is not None
+        assert not broker_lost(RuntimeError("a bug of ours"), connection)
+        await connection.transport.connection.close(ConnectionResetError("closed by the broker"))
+        with pytest.raises(RuntimeError) as raised:
+            await connection.channel()
+        assert broker_lost(raised.value, connection)
+
+        calls = 0
+
+        async def open_publisher() -> AmqpPublisher:
+            nonlocal calls
+            calls += 1
+            return await AmqpPublisher.open(connection)
+
+        publisher = await while_broker_returns(open_publisher, connection=connection,
+                                               what="opening a publisher",
+                                               retry=RetryPolicy(base_s=0.05, cap_s=0.2))
+        await publisher.publish_many([change_message(account, 1)])
+        assert calls >= 1
+
+        async def refused() -> str:
+            raise ValueError("not a broker problem")
+
+        with pytest.raises(ValueError):
+            await while_broker_returns(refused, connection=connection, what="declaring")

@@ -44,28 +44,3 @@ def test_cause_is_followed() -> None:
             raise RuntimeError("save failed") from inner
     except RuntimeError as outer:
         assert dependency_of(outer) == "store"
-
-
-@pytest.mark.anyio
-async def test_a_start_up_step_is_tried_again_while_the_broker_connection_is_lost() -> None:
-    from common.messaging.breakers import RetryPolicy
-    from services.runtime.registry import while_broker_returns
-
-    calls = 0
-
-    async def declare() -> str:
-        nonlocal calls
-        calls += 1
-        if calls < 3:
-            raise ConnectionResetError("connection closed by the broker")
-        return "declared"
-
-    assert await while_broker_returns(declare, what="declaring",
-                                      retry=RetryPolicy(base_s=0.01, cap_s=0.02)) == "declared"
-    assert calls == 3
-
-    async def refused() -> str:
-        raise ValueError("not a broker problem")
-
-    with pytest.raises(ValueError):
-        await while_broker_returns(refused, what="declaring")
