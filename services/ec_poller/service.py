@@ -51,6 +51,7 @@ and status alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import sys
@@ -81,6 +82,7 @@ from common.messaging.publishing import (
 from common.ops import failpoints
 from common.runs import RunRequest
 from common.store import checkpoints
+from common.store.batch_reads import BatchReader, BatchReads
 from common.store.interface import Checkpoints, Contacts, KeyStates
 from common.vendors.base import VendorError
 from common.vendors.clock_skew import measure_clock
@@ -98,7 +100,7 @@ from common.vendors.dotdigital.modified import (
     modified_read_from,
     position_after,
 )
-from common.vendors.dotdigital.overlap import overlap_read_now
+from common.vendors.dotdigital.overlap import overlap_before, overlap_read_now
 from common.vendors.dotdigital.tree import mark_stale, tree_for_run
 
 log = logging.getLogger("prefsync.ec_poller")
@@ -336,7 +338,7 @@ def leaf_preference_ids(tree: Sequence[dict[str, Any]]) -> list[int]:
     return ids
 
 
-class PollerStore(Checkpoints, Contacts, KeyStates, Protocol):
+class PollerStore(Checkpoints, Contacts, KeyStates, BatchReader, Protocol):
     """What the ec-poller asks of the ledger store."""
 
 
@@ -382,8 +384,9 @@ class EcPoller:
         self._overlap = timedelta(seconds=account.dotdigital.feed_overlap_s)
 
     def _read_from(self, since: datetime) -> datetime:
-        """Where a read of a feed whose watermark is ``since`` starts (the overlap before it)."""
-        return since if since == EPOCH else max(EPOCH, since - self._overlap)
+        """Where a read that must find again what was stamped within the overlap before
+        ``since`` starts (the writer's, from a feed's ``previous``)."""
+        return overlap_before(since, overlap=self._overlap)
 
     async def run_cycle(self, request: RunRequest) -> None:
         counts = RunCounts()
@@ -453,10 +456,13 @@ class EcPoller:
         """Each feed's position and where its read starts this run: where the previous read
         began, or now and then the overlap before what was surely read, one feed at a time
         (:mod:`common.vendors.dotdigital.overlap`, rules 3-7)."""
-        positions = {preference_id: FeedPosition() if full_read
-                     else await feed_position(preference_id).get_or(
-                         self._store, self.account.id, FeedPosition())
-                     for preference_id in preference_ids}
+        checkpoints = [feed_position(preference_id) for preference_id in preference_ids]
+        # every feed's position from one snapshot: one read, not one a feed
+        stored = {} if full_read else (await self._store.read_batch(BatchReads(
+            account=self.account.id, checkpoints=[c.name for c in checkpoints]))).checkpoints
+        positions = {preference_id: checkpoint.of(stored.get(checkpoint.name)) or FeedPosition()
+                     for preference_id, checkpoint in zip(preference_ids, checkpoints,
+                                                          strict=True)}
         now = self._now()
         nexts = {preference_id: position.next_read(overlap=self._overlap, now=now)
                  for preference_id, position in positions.items()}
@@ -494,31 +500,34 @@ class EcPoller:
         checked = False  # whether dotdigital's clock was found not to have gone back
         while True:
             again: datetime | None = None
-            async for page in self._client.iter_feed_contacts(preference_id, read_from,
-                                                              min_contact_id=min_contact_id):
-                page_no += 1
-                started = await clock.started()
-                if not checked:
-                    checked = True
-                    if (again := self._after_step_back(preference_id, position, read_from,
-                                                       started, clock)) is not None:
-                        break  # (nothing of that page published)
-                if seen is None:
-                    seen = Seen(keep_from=self._read_from(started), read_from=read_from)
-                async with publishing:
-                    read = page_read(page, preference_id)
-                    fresh = await self._unseen(read, skip, seen, unkept=unkept)
-                    counts.read += len(page.contact_ids)
-                    # (the changes are made into messages and dropped before these are sent:
-                    # objects that do not outlive a page cost the cycle collector nothing)
-                    await self._send(request, counts, self._messages(
-                        request, *self._changes_from(read, fresh, started,
-                                                     statuses_sent=counts.statuses_sent),
-                        id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
-                    await checkpoint.set(self._store, self.account.id, FeedPosition(
-                        since=since, min_contact_id=page.last_id + 1, markers_owed=owed,
-                        last_watermark=last_watermark, covered=position.covered,
-                        began_at=position.began_at, reading_from=read_from))
+            # (closed at once when a step back abandons it)
+            pages = contextlib.aclosing(self._client.iter_feed_contacts(
+                preference_id, read_from, min_contact_id=min_contact_id))
+            async with pages as feed:
+                async for page in feed:
+                    page_no += 1
+                    started = await clock.started()
+                    if not checked:
+                        checked = True
+                        if (again := self._after_step_back(preference_id, position, read_from,
+                                                           started, clock)) is not None:
+                            break  # (nothing of that page published)
+                    if seen is None:
+                        seen = Seen(keep_from=self._read_from(started), read_from=read_from)
+                    async with publishing:
+                        read = page_read(page, preference_id)
+                        fresh = await self._unseen(read, skip, seen, unkept=unkept)
+                        counts.read += len(page.contact_ids)
+                        # (the changes are made into messages and dropped before these are sent:
+                        # objects that do not outlive a page cost the cycle collector nothing)
+                        await self._send(request, counts, self._messages(
+                            request, *self._changes_from(read, fresh, started,
+                                                         statuses_sent=counts.statuses_sent),
+                            id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
+                        await checkpoint.set(self._store, self.account.id, FeedPosition(
+                            since=since, min_contact_id=page.last_id + 1, markers_owed=owed,
+                            last_watermark=last_watermark, covered=position.covered,
+                            began_at=position.began_at, reading_from=read_from))
             if again is None and not checked:
                 checked = True  # no page: the answer still tells the clock
                 again = self._after_step_back(preference_id, position, read_from,
@@ -531,7 +540,7 @@ class EcPoller:
         # reads from there (whether or not this read did), so changes this read or the one
         # before published but the reconciler has not reached yet are read again, not skipped.
         end = FeedPosition(since=started, previous=self._read_from(since),
-                           covered=position.covered_after(read_from, started=started,
+                           covered=position.covered_when_done(read_from, started=started,
                                                           overlap=self._overlap),
                            began_at=clock.began)
         # only ever changes this and earlier reads published (confirmed): saved first

@@ -17,7 +17,7 @@ import gc
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Container, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Container, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -494,7 +494,7 @@ class DotdigitalClient(VendorClient):
                 yield page
 
     async def iter_feed_contacts(self, preference_id: int, since: datetime, *,
-                                 min_contact_id: int = 0) -> AsyncIterator[FeedPage]:
+                                 min_contact_id: int = 0) -> AsyncGenerator[FeedPage, None]:
         """:meth:`iter_opt_ins_since`, each page as the ec-poller reads it (its contacts' ids,
         emails and statuses, their opt-ins to ``preference_id``, in columns:
         :func:`~common.vendors.dotdigital.models.feed_page`): no contact is built."""

@@ -62,8 +62,8 @@ from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.overlap import EPOCH as EPOCH
 from common.vendors.dotdigital.overlap import (
     after_step_back,
-    covered_after,
     frontier,
+    overlap_before,
     overlap_read_from,
     step_back,
 )
@@ -172,7 +172,7 @@ class FeedPosition:
             return None
         return after_step_back(since=since, covered=self.covered, back=back, overlap=overlap)
 
-    def covered_after(self, read_from: datetime, *, started: datetime,
+    def covered_when_done(self, read_from: datetime, *, started: datetime,
                       overlap: timedelta) -> datetime:
         """``covered`` once a read from ``read_from`` is done, ``started`` when the run that
         ends it began: a read from the beginning, or from ``covered`` or earlier, is full
@@ -180,10 +180,10 @@ class FeedPosition:
         was read in an earlier run, and entries listed since were missed there."""
         since = self.since or EPOCH
         if since <= EPOCH:
-            return covered_after(started, overlap=overlap)
+            return overlap_before(started, overlap=overlap)
         surely = frontier(since=since, covered=self.covered, overlap=overlap)
         if read_from <= surely and self.min_contact_id is None:
-            return covered_after(started, overlap=overlap)
+            return overlap_before(started, overlap=overlap)
         return surely
 
     @property

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 from common.store import checkpoints
 from common.store.interface import Checkpoints
-from common.vendors.dotdigital.overlap import covered_after, frontier, overlap_read_from
+from common.vendors.dotdigital.overlap import frontier, overlap_before, overlap_read_from
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +66,6 @@ def position_after(position: ModifiedPosition | None, *, started: datetime, full
     """The checkpoint once the read of a run that began at ``started`` is done (``position``
     None: the first run's, rule 5)."""
     if position is None or full:
-        return ModifiedPosition(since=started, covered=covered_after(started, overlap=overlap))
+        return ModifiedPosition(since=started, covered=overlap_before(started, overlap=overlap))
     return ModifiedPosition(since=started, covered=position.frontier(overlap))
 

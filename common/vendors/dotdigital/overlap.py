@@ -48,7 +48,7 @@ EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 def frontier(*, since: datetime, covered: datetime | None, overlap: timedelta) -> datetime:
     """``covered``, or what rule 5 takes it to be."""
-    return covered_after(since, overlap=overlap) if covered is None else covered
+    return overlap_before(since, overlap=overlap) if covered is None else covered
 
 
 def overlap_read_from(*, since: datetime, covered: datetime | None, started: datetime,
@@ -61,9 +61,11 @@ def overlap_read_from(*, since: datetime, covered: datetime | None, started: dat
     return since, False
 
 
-def covered_after(started: datetime, *, overlap: timedelta) -> datetime:
-    """``covered`` once a full read that began at ``started`` is done (rule 2)."""
-    return max(EPOCH, started - overlap)
+def overlap_before(moment: datetime, *, overlap: timedelta) -> datetime:
+    """The overlap before ``moment``, never before :data:`EPOCH`: ``covered`` once a full read
+    that began at ``moment`` is done (rule 2), and where a read must start to find, again, what
+    was stamped within the overlap before it (the writer's, before it writes)."""
+    return max(EPOCH, moment - overlap)
 
 
 # How early a ``…-since`` watermark taken from an answer is, at least (rule 6): the resolution of

@@ -15,6 +15,7 @@ binaries the suite is skipped, unless ``PREFSYNC_CI`` is set (CI sets it), which
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.chaos.checker import MAX_DETAILS
 from tests.harness.chaos.run import Case, full_cases, run_case, short_cases
 from tests.harness.private_services import (
     PrivatePostgres,
@@ -101,5 +103,18 @@ async def test_chaos(case: Case, tmp_path: Path, broker: PrivateRabbitMQ,
             (verdict["converge_s"] or 0) > BROKER_RETURN_CONVERGE_S:
         problems.append(f"converged {verdict['converge_s']} s after the broker returned "
                         f"(more than {BROKER_RETURN_CONVERGE_S:.0f} s)")
-    assert not problems, (f"{case.name}: {'; '.join(problems)}\n"
+    # what says most comes first: a CI log keeps the start of a long message
+    assert not problems, (f"{case.name}: {'; '.join(problems)}\n{_summary(result)}\n"
                           f"details: {verdict['details']}\nworld: {tmp_path / 'world'}")
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """A failed case in a few lines: the wrong values by kind and side, why opt-outs were lost,
+    the faults as injected, the converging runs."""
+    verdict = result["verdict"]
+    sides = {kind: dict(Counter(d.get("side", "?") for d in details))
+             for kind, details in verdict["details"].items()}
+    faults = [(f["kind"], f.get("started_s"), f.get("healed_s")) for f in result["faults"]]
+    return (f"wrong values by side (first {MAX_DETAILS} of each kind): {sides}; "
+            f"lost opt-outs by cause: {verdict['lost_causes']}\nfaults: {faults}; "
+            f"deaths: {result['deaths']}\nconverging runs: {result['converge']['runs']}")

@@ -112,7 +112,7 @@ def feed_runs(gaps: list[float], *, overlap: timedelta = OVERLAP,
             position = replace(position, min_contact_id=1, reading_from=read_from)
             crashed_at = started
             continue
-        covered = position.covered_after(read_from, started=started, overlap=overlap)
+        covered = position.covered_when_done(read_from, started=started, overlap=overlap)
         runs.append(FeedRun(started=started, read_from=read_from,
                             full=covered == max(EPOCH, started - overlap),
                             listed_by=crashed_at or started))
@@ -173,7 +173,7 @@ def test_a_read_resumed_after_a_crash_starts_where_it_started_and_is_not_full() 
                             min_contact_id=9, reading_from=T - 2 * OVERLAP)
     later = (T + 3 * OVERLAP).timestamp()
     assert position.next_read(overlap=OVERLAP, now=later)[0] == T - 2 * OVERLAP
-    assert position.covered_after(T - 2 * OVERLAP, started=T + 3 * OVERLAP,
+    assert position.covered_when_done(T - 2 * OVERLAP, started=T + 3 * OVERLAP,
                                   overlap=OVERLAP) == T - 2 * OVERLAP
 
 
@@ -208,7 +208,7 @@ def test_feeds_read_their_overlaps_in_different_runs() -> None:
             if due and feed != now_full:
                 assert position.since is not None
                 start = position.since
-            covered = position.covered_after(start, started=started, overlap=OVERLAP)
+            covered = position.covered_when_done(start, started=started, overlap=OVERLAP)
             if number and covered != position.frontier(OVERLAP):
                 full_runs[feed].append(number)
             positions[feed] = FeedPosition(since=started, covered=covered,
