@@ -41,6 +41,8 @@ POINTS: Mapping[str, str] = {
     # this order, so the earlier points keep the cases they had)
     "reconciler.after-unpark": "a resubscription's batch cleared the changes it folded in; "
                                "what the batch parks is not stored",
+    "ec-poller.after-page": "the ec-poller published a feed page's changes and saved where the "
+                            "read goes on; the rest of the feed is unread",
 }
 
 

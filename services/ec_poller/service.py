@@ -528,6 +528,7 @@ class EcPoller:
                             since=since, min_contact_id=page.last_id + 1, markers_owed=owed,
                             last_watermark=last_watermark, covered=position.covered,
                             began_at=position.began_at, reading_from=read_from))
+                    await failpoints.reached("ec-poller.after-page")
             if again is None and not checked:
                 checked = True  # no page: the answer still tells the clock
                 again = self._after_step_back(preference_id, position, read_from,

@@ -20,6 +20,7 @@ from common.config import parse_config
 from common.domain import KeyState, Known, PreferenceKey
 from common.runs import RunTracker
 from common.store import open_store
+from common.vendors.dotdigital.feed import feed_position
 from common.vendors.dotdigital.models import FeedPage
 from services.cli.sync_now import _trigger
 from services.ec_poller import service as ec_poller
@@ -65,6 +66,25 @@ async def tracked_sync(world: World) -> RunTracker:
     trackers: dict[str, RunTracker] = {}
     await _trigger(config=world.config, account=world.account, follow=(trackers, 120))
     return trackers["run"]
+
+
+async def an_entry_listed_late(world: World) -> tuple[str, int, bool]:
+    """After a sync, a dotdigital edit stamped before its read began (3 s: the read's start on
+    dotdigital's clock, from an answer's whole-second Date less a second, may be up to 2 s
+    early), after every earlier change, visible only now: as a write dotdigital was still
+    committing when the read ran. Read by the next read of the overlap, which the next run
+    makes: as if the last one was twice the overlap ago (runs closer together read from where
+    the previous one began). Returns the key and the value edited."""
+    read_from = time.monotonic()  # the next read starts after this
+    await synced(world)
+    person, preference = world.people[0], world.preferences[0]
+    _, before = await world.values(person.email, preference.id)
+    wanted = not before if before is not None else False
+    await world.edit_dotdigital(person.email, preference.id, wanted,
+                                stamped_ago_s=time.monotonic() - read_from + 3.0)
+    overlap_s = world.config.account(world.account).dotdigital.feed_overlap_s
+    await world.age_full_feed_read(preference.id, 2 * overlap_s)
+    return person.email, preference.id, wanted
 
 
 @asynccontextmanager
@@ -144,29 +164,58 @@ async def test_a_feed_entry_visible_late_is_read(tmp_path: Path) -> None:
     async with make_world(tmp_path) as world:
         await world.start()
         await synced(world)
-        read_from = time.monotonic()  # the next read starts after this
+        email, preference_id, wanted = await an_entry_listed_late(world)
         await synced(world)
-        person, preference = world.people[0], world.preferences[0]
-        _, before = await world.values(person.email, preference.id)
-        wanted = not before if before is not None else False
-        # An edit stamped before that read's start (3 s: its start on dotdigital's clock, from
-        # an answer's whole-second Date less a second, may be up to 2 s early), after every
-        # earlier change, visible only now: as a write dotdigital was still committing when
-        # the read ran.
-        await world.edit_dotdigital(person.email, preference.id, wanted,
-                                    stamped_ago_s=time.monotonic() - read_from + 3.0)
-        # Read by the next read of the overlap: as if the last one was twice the overlap ago
-        # (runs closer together read from where the previous one began).
-        overlap_s = world.config.account(world.account).dotdigital.feed_overlap_s
-        await world.age_full_feed_read(preference.id, 2 * overlap_s)
-        await synced(world)
-        assert await world.values(person.email, preference.id) == ({wanted}, wanted)
+        assert await world.values(email, preference_id) == ({wanted}, wanted)
         # The next run reads from where that one began: what was published is not published
         # again.
         quiet = await tracked_sync(world)
         assert not quiet.failures, quiet.failures
         assert quiet.pollers_done["dotdigital"]["published"] == 0, quiet.pollers_done
         assert quiet.pollers_done["dotdigital"]["statuses"] == 0, quiet.pollers_done
+
+
+@pytest.mark.slow
+async def test_an_overlap_read_killed_after_a_page_delivers_what_it_read(tmp_path: Path) -> None:
+    """The ec-poller dies after an overlap read published its page (the failpoint
+    ``ec-poller.after-page``): what that page held, an entry dotdigital listed late, reaches
+    Dynamics; the read resumed by the next process starts where the killed one started, and,
+    being resumed, does not count as a full read (what it did not read since the crash may have
+    been listed late too), so the next run reads the overlap again."""
+    async with make_world(tmp_path) as world:
+        await world.spawn_all()
+        await synced(world)
+        await synced(world)  # (its echoes read: the feeds hold nothing newer)
+        # the one entry of any feed that the next run reads
+        email, preference_id, wanted = await an_entry_listed_late(world)
+        checkpoint = feed_position(preference_id)
+        async with open_store(world.config.store.url) as store:
+            aged = await checkpoint.get(store, world.account)
+        assert aged is not None and aged.covered is not None
+
+        process = world.processes["ec-poller"]
+        process.kill()
+        await process.wait()
+        await world.spawn("ec-poller", failpoints="ec-poller.after-page")
+        run = asyncio.create_task(world.sync(timeout_s=180))
+        assert await asyncio.wait_for(world.processes["ec-poller"].wait(), timeout=120) == 137
+        async with open_store(world.config.store.url) as store:
+            killed = await checkpoint.get(store, world.account)
+        # it died in the overlap read (from what was surely read), past its first page
+        assert killed is not None and killed.min_contact_id is not None
+        assert killed.reading_from == aged.covered and killed.covered == aged.covered
+        await world.spawn("ec-poller")
+        await run  # taken up by the new process: the read resumed
+        async with open_store(world.config.store.url) as store:
+            resumed = await checkpoint.get(store, world.account)
+        assert resumed is not None and resumed.min_contact_id is None
+        assert resumed.covered == aged.covered  # a resumed read is not a full one
+        await synced(world)
+        assert await world.values(email, preference_id) == ({wanted}, wanted)
+        async with open_store(world.config.store.url) as store:
+            again = await checkpoint.get(store, world.account)
+        # so the next run read the overlap again, in full
+        assert again is not None and again.covered is not None and again.covered > aged.covered
 
 
 async def test_an_overlap_beyond_the_kept_ids_is_checked_against_the_ledger(
