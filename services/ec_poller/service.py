@@ -488,11 +488,6 @@ class EcPoller:
         since = position.since or EPOCH
         # a read from the beginning owes markers; so does one whose markers a crash left owed
         owed = since == EPOCH or position.markers_owed
-        # the writer goes on reading from the last complete read's watermark meanwhile (a first
-        # read has none to keep: its writes are deferred until it is reconciled; a later read
-        # from the beginning keeps it, and a key dotdigital's state is unknown for is read
-        # contact by contact before it is written)
-        last_watermark = position.watermark
         skip, unkept = await self._load_seen(source, since)
         seen: Seen | None = None
         min_contact_id = position.min_contact_id or 0
@@ -524,10 +519,9 @@ class EcPoller:
                             request, *self._changes_from(read, fresh, started,
                                                          statuses_sent=counts.statuses_sent),
                             id_seed=f"{request.run_id}:{source}:{since}:{min_contact_id}:{page_no}"))
-                        await checkpoint.set(self._store, self.account.id, FeedPosition(
-                            since=since, min_contact_id=page.last_id + 1, markers_owed=owed,
-                            last_watermark=last_watermark, covered=position.covered,
-                            began_at=position.began_at, reading_from=read_from))
+                        await checkpoint.set(self._store, self.account.id, position.page_read(
+                            read_from=read_from, next_contact_id=page.last_id + 1,
+                            started=started, began=clock.began))
                     await failpoints.reached("ec-poller.after-page")
             if again is None and not checked:
                 checked = True  # no page: the answer still tells the clock
@@ -540,10 +534,9 @@ class EcPoller:
         # The overlap before where the previous read began is kept as ``previous``: the writer
         # reads from there (whether or not this read did), so changes this read or the one
         # before published but the reconciler has not reached yet are read again, not skipped.
-        end = FeedPosition(since=started, previous=self._read_from(since),
-                           covered=position.covered_when_done(read_from, started=started,
-                                                          overlap=self._overlap),
-                           began_at=clock.began)
+        # A resumed read's successor starts where the run that began it began.
+        end = position.finished(read_from=read_from, started=started, began=clock.began,
+                                overlap=self._overlap)
         # only ever changes this and earlier reads published (confirmed): saved first
         await self._save_seen(source, seen or Seen(keep_from=self._read_from(started),
                                                    read_from=read_from))

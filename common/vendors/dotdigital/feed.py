@@ -89,6 +89,11 @@ class FeedPosition:
        the read that started at ``since`` (so this run's start on dotdigital's clock is
        bounded from below without a call), and ``reading_from`` where a read under way reads
        from (a read resumed after a crash goes on from the same start).
+    6. A read under way also keeps when the run that began it began (``reading_since`` on
+       dotdigital's clock, ``reading_began_at`` on ours). The feed's pages go by contact id, so
+       a read resumed after a crash reads the contacts before where it goes on as that run
+       found them: what was stamped for them since is unread. The read after it starts there,
+       not at the resumed run's start (:meth:`finished`).
     """
 
     since: datetime | None = None
@@ -99,6 +104,8 @@ class FeedPosition:
     covered: datetime | None = None
     began_at: float | None = None
     reading_from: datetime | None = None
+    reading_since: datetime | None = None
+    reading_began_at: float | None = None
 
     @classmethod
     def decode(cls, saved: str | None) -> FeedPosition:
@@ -108,14 +115,18 @@ class FeedPosition:
         return cls(**times,
                    min_contact_id=int(raw["min_contact_id"]) if "min_contact_id" in raw else None,
                    markers_owed=bool(raw.get("markers_owed")),
-                   began_at=float(raw["began_at"]) if "began_at" in raw else None)
+                   began_at=float(raw["began_at"]) if "began_at" in raw else None,
+                   reading_began_at=(float(raw["reading_began_at"])
+                                     if "reading_began_at" in raw else None))
 
     def encode(self) -> str:
         # in this order, so a position an earlier release stored encodes to the same text
         fields = (("since", self.since), ("min_contact_id", self.min_contact_id),
                   ("previous", self.previous), ("markers_owed", self.markers_owed or None),
                   ("last_watermark", self.last_watermark), ("covered", self.covered),
-                  ("began_at", self.began_at), ("reading_from", self.reading_from))
+                  ("began_at", self.began_at), ("reading_from", self.reading_from),
+                  ("reading_since", self.reading_since),
+                  ("reading_began_at", self.reading_began_at))
         return orjson.dumps({name: value.isoformat() if isinstance(value, datetime) else value
                              for name, value in fields if value is not None}).decode()
 
@@ -172,15 +183,58 @@ class FeedPosition:
             return None
         return after_step_back(since=since, covered=self.covered, back=back, overlap=overlap)
 
+    def page_read(self, *, read_from: datetime, next_contact_id: int, started: datetime,
+                  began: float) -> FeedPosition:
+        """The position once a page of the read from ``read_from`` is published, the next page
+        starting at ``next_contact_id``; ``started`` and ``began`` when this run began (on
+        dotdigital's clock, on ours), kept unless the read began in an earlier run (rule 6).
+
+        The writer goes on reading from the last complete read's watermark meanwhile (a first
+        read has none to keep: its writes are deferred until it is reconciled; a later read
+        from the beginning keeps it, and a key dotdigital's state is unknown for is read
+        contact by contact before it is written)."""
+        first_run = self.min_contact_id is None or self.reading_since is None
+        return FeedPosition(
+            since=self.since, min_contact_id=next_contact_id,
+            markers_owed=self.markers_owed or (self.since or EPOCH) <= EPOCH,
+            last_watermark=self.watermark, covered=self.covered, began_at=self.began_at,
+            reading_from=read_from,
+            reading_since=started if first_run else self.reading_since,
+            reading_began_at=began if first_run else self.reading_began_at)
+
+    def finished(self, *, read_from: datetime, started: datetime, began: float,
+                 overlap: timedelta) -> FeedPosition:
+        """The position once the read from ``read_from`` is done (this position as loaded
+        when its run began), ``started`` and ``began`` when that run began (on dotdigital's
+        clock, on ours): the next read starts at ``started``, or, for a read resumed after a
+        crash, when the run that began it began (rule 6; the run before's own start for a
+        read an earlier release began). ``previous`` is the overlap before this read's
+        ``since``."""
+        since = self.since or EPOCH
+        next_began: float | None
+        if self.min_contact_id is None:
+            next_since, next_began = started, began
+        elif self.reading_since is not None:
+            next_since, next_began = self.reading_since, self.reading_began_at
+        else:
+            next_since, next_began = since, self.began_at
+        return FeedPosition(since=next_since, previous=overlap_before(since, overlap=overlap),
+                            covered=self.covered_when_done(read_from, started=started,
+                                                           overlap=overlap),
+                            began_at=next_began)
+
     def covered_when_done(self, read_from: datetime, *, started: datetime,
-                      overlap: timedelta) -> datetime:
+                          overlap: timedelta) -> datetime:
         """``covered`` once a read from ``read_from`` is done, ``started`` when the run that
         ends it began: a read from the beginning, or from ``covered`` or earlier, is full
-        (rule 2 there). A read resumed after a crash is not: what it read before the crash
-        was read in an earlier run, and entries listed since were missed there."""
+        (rule 2 there), as of the run that began it (rule 6). A read resumed after a crash is
+        not full otherwise: what it read before the crash was read in an earlier run, and
+        entries listed since were missed there."""
         since = self.since or EPOCH
         if since <= EPOCH:
-            return overlap_before(started, overlap=overlap)
+            began = self.reading_since if self.min_contact_id is not None else None
+            return overlap_before(started if began is None else min(began, started),
+                                  overlap=overlap)
         surely = frontier(since=since, covered=self.covered, overlap=overlap)
         if read_from <= surely and self.min_contact_id is None:
             return overlap_before(started, overlap=overlap)
@@ -194,7 +248,7 @@ class FeedPosition:
 
 
 # FeedPosition's fields stored as ISO times
-_TIMES = ("since", "previous", "last_watermark", "covered", "reading_from")
+_TIMES = ("since", "previous", "last_watermark", "covered", "reading_from", "reading_since")
 
 
 def feed_position(preference_id: int) -> Checkpoint[FeedPosition]:

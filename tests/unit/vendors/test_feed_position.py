@@ -31,7 +31,8 @@ def test_the_stored_forms_are_unchanged() -> None:
     # and what this release keeps besides reads back as it was
     kept = FeedPosition(since=T, min_contact_id=0, previous=T - OVERLAP, markers_owed=True,
                         last_watermark=T - OVERLAP, covered=T - 2 * OVERLAP,
-                        began_at=T.timestamp() + 0.25, reading_from=T - 3 * OVERLAP)
+                        began_at=T.timestamp() + 0.25, reading_from=T - 3 * OVERLAP,
+                        reading_since=T + OVERLAP, reading_began_at=T.timestamp() + 30.5)
     assert FeedPosition.decode(kept.encode()) == kept
     assert opt_ins_source(7) == "dotdigital:opt-ins:7"
 
@@ -109,18 +110,18 @@ def feed_runs(gaps: list[float], *, overlap: timedelta = OVERLAP,
             read_from = position.since
         if number in crashes and position.min_contact_id is None:
             # a page is read and its checkpoint saved, then the process dies
-            position = replace(position, min_contact_id=1, reading_from=read_from)
+            position = position.page_read(read_from=read_from, next_contact_id=1,
+                                          started=started, began=started.timestamp())
             crashed_at = started
             continue
-        covered = position.covered_when_done(read_from, started=started, overlap=overlap)
+        position = position.finished(read_from=read_from, started=started,
+                                     began=started.timestamp(), overlap=overlap)
         runs.append(FeedRun(started=started, read_from=read_from,
-                            full=covered == max(EPOCH, started - overlap),
+                            full=position.covered == max(EPOCH, started - overlap),
                             listed_by=crashed_at or started))
         crashed_at = None
-        position = FeedPosition(since=started, previous=max(EPOCH, position.since - overlap)
-                                if position.since and position.since > EPOCH else EPOCH,
-                                covered=covered if kept or number else None,
-                                began_at=started.timestamp())
+        if not (kept or number):
+            position = replace(position, covered=None)
     return runs
 
 
@@ -141,6 +142,25 @@ def test_every_opt_in_is_read_once_listed_within_about_twice_the_overlap(
     if listed + bound <= last:
         assert reading, (stamped, listed, runs)
         assert reading[0].listed_by - listed <= bound, (stamped, listed, reading[0], runs)
+
+
+# (runs closer together than the overlap: most reads start where the previous one began)
+@given(st.lists(st.floats(min_value=0.5, max_value=10.0), min_size=1, max_size=60),
+       st.floats(min_value=0.0, max_value=1.0),
+       st.frozensets(st.integers(min_value=1, max_value=60), min_size=1, max_size=5),
+       st.frozensets(st.integers(min_value=1, max_value=60), max_size=4))
+def test_an_opt_in_listed_at_once_is_read_by_the_first_run_that_finds_it_listed(
+        gaps: list[float], place: float, crashes: frozenset[int],
+        held: frozenset[int]) -> None:
+    """Whatever the crashes: a read resumed after one read the contacts before where it went
+    on as the run that began it found them, so the read after it starts there (rule 6 of
+    FeedPosition), and an entry stamped (and listed) since is read by it, not by the next read
+    of the overlap only."""
+    runs = feed_runs(gaps, crashes=crashes, held=held)
+    stamped = T + timedelta(seconds=(runs[-1].listed_by - T).total_seconds() * place)
+    finding = [run for run in runs[1:] if run.listed_by >= stamped]
+    if finding:
+        assert finding[0].read_from <= stamped, (stamped, finding[0], runs)
 
 
 @given(st.lists(st.floats(min_value=30.0, max_value=3600.0), min_size=1, max_size=20))
