@@ -384,8 +384,9 @@ class EcPoller:
         self._overlap = timedelta(seconds=account.dotdigital.feed_overlap_s)
 
     def _read_from(self, since: datetime) -> datetime:
-        """Where a read that must find again what was stamped within the overlap before
-        ``since`` starts (the writer's, from a feed's ``previous``)."""
+        """The overlap before ``since``: where a read that must find again what was stamped
+        within it starts (the suppressions', the writer's from a feed's ``previous``), and
+        from when a read's published ids are kept."""
         return overlap_before(since, overlap=self._overlap)
 
     async def run_cycle(self, request: RunRequest) -> None:
@@ -456,12 +457,12 @@ class EcPoller:
         """Each feed's position and where its read starts this run: where the previous read
         began, or now and then the overlap before what was surely read, one feed at a time
         (:mod:`common.vendors.dotdigital.overlap`, rules 3-7)."""
-        checkpoints = [feed_position(preference_id) for preference_id in preference_ids]
+        feeds = [feed_position(preference_id) for preference_id in preference_ids]
         # every feed's position from one snapshot: one read, not one a feed
         stored = {} if full_read else (await self._store.read_batch(BatchReads(
-            account=self.account.id, checkpoints=[c.name for c in checkpoints]))).checkpoints
+            account=self.account.id, checkpoints=[c.name for c in feeds]))).checkpoints
         positions = {preference_id: checkpoint.of(stored.get(checkpoint.name)) or FeedPosition()
-                     for preference_id, checkpoint in zip(preference_ids, checkpoints,
+                     for preference_id, checkpoint in zip(preference_ids, feeds,
                                                           strict=True)}
         now = self._now()
         nexts = {preference_id: position.next_read(overlap=self._overlap, now=now)
