@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
@@ -815,3 +815,17 @@ def broker_lost(exc: BaseException, connection: AbstractConnection) -> bool:
         return True
     transport = connection.transport
     return isinstance(exc, RuntimeError) and (transport is None or transport.connection.is_closed)
+
+
+T = TypeVar("T")
+
+
+async def while_broker_returns(step: Callable[[], Awaitable[T]], *,
+                               connection: AbstractConnection, what: str,
+                               retry: RetryPolicy | None = None) -> T:
+    """``step`` (a call on ``connection``), tried again with backoff while the connection is
+    lost under it (:func:`broker_lost`): a service that starts during a broker restart, or whose
+    connections the broker closes then, comes up once the broker is back; a consumer of events
+    follows them again."""
+    return await (retry or RetryPolicy()).until_done(
+        step, what=what, waits_out=lambda exc: broker_lost(exc, connection))

@@ -487,8 +487,7 @@ class EcPoller:
         checkpoint = feed_position(preference_id)
         source = checkpoint.name
         since = position.since or EPOCH
-        # a read from the beginning owes markers; so does one whose markers a crash left owed
-        owed = since == EPOCH or position.markers_owed
+        owed = position.owes_markers
         skip, unkept = await self._load_seen(source, since)
         seen: Seen | None = None
         min_contact_id = position.min_contact_id or 0

@@ -16,12 +16,12 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -32,8 +32,8 @@ from common.messaging.amqp import (
     DeadLetterer,
     QueueConsumer,
     account_broker_url,
-    broker_lost,
     connect,
+    while_broker_returns,
 )
 from common.messaging.breakers import Breakers, RetryPolicy, use_breakers
 from common.messaging.middleware import observed
@@ -126,19 +126,6 @@ class Running:
     assigners: list[ShardAssigner] = field(default_factory=list)
     # which dependencies are down (the consumers' circuit breakers)
     breakers: Breakers = field(default_factory=Breakers)
-
-
-T = TypeVar("T")
-
-
-async def while_broker_returns(step: Callable[[], Awaitable[T]], *,
-                               connection: AbstractRobustConnection, what: str,
-                               retry: RetryPolicy | None = None) -> T:
-    """``step`` (a start-up call on ``connection``), tried again with backoff while the
-    connection is lost under it: a service that starts during a broker restart, or whose
-    connections are closed by the broker then, comes up once the broker is back."""
-    return await (retry or RetryPolicy()).until_done(
-        step, what=what, waits_out=lambda exc: broker_lost(exc, connection))
 
 
 async def declare_topology(connection: AbstractRobustConnection, config: Config, *,

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractRobustConnection
 
-from common.messaging.amqp import broker_lost
+from common.messaging.amqp import while_broker_returns
 from common.messaging.breakers import RetryPolicy
 from common.messaging.topology import CONTROL_EXCHANGE
 from common.runs import FollowedRuns, RunTracker
@@ -123,9 +123,8 @@ class RunStatusRecorder:
         """Consume the account's progress events until cancelled; a lost broker connection
         (a restart, connections closed) is waited out and the events followed again."""
         while True:  # a follow that ends (its queue went with a channel) starts again
-            await (retry or RetryPolicy()).until_done(
-                lambda: self._follow(connection), what=f"progress events of {self.account}",
-                waits_out=lambda exc: broker_lost(exc, connection))
+            await while_broker_returns(lambda: self._follow(connection), connection=connection,
+                                       what=f"progress events of {self.account}", retry=retry)
 
     async def _follow(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel()

@@ -196,7 +196,7 @@ class FeedPosition:
         first_run = self.min_contact_id is None or self.reading_since is None
         return FeedPosition(
             since=self.since, min_contact_id=next_contact_id,
-            markers_owed=self.markers_owed or (self.since or EPOCH) <= EPOCH,
+            markers_owed=self.owes_markers,
             last_watermark=self.watermark, covered=self.covered, began_at=self.began_at,
             reading_from=read_from,
             reading_since=started if first_run else self.reading_since,
@@ -239,6 +239,12 @@ class FeedPosition:
         if read_from <= surely and self.min_contact_id is None:
             return overlap_before(started, overlap=overlap)
         return surely
+
+    @property
+    def owes_markers(self) -> bool:
+        """A read from here publishes the read markers at its end (rule 4): it reads from the
+        beginning, or a crash left them owed."""
+        return self.markers_owed or (self.since or EPOCH) <= EPOCH
 
     @property
     def first_read(self) -> bool:

@@ -18,11 +18,11 @@ from common.messaging.amqp import (
     QueueConsumer,
     broker_lost,
     connect,
+    while_broker_returns,
 )
 from common.messaging.breakers import RetryPolicy
 from common.messaging.envelope import Envelope, PreferenceChange, encode
 from common.messaging.topology import CHANGES_EXCHANGE, Topology
-from services.runtime.registry import while_broker_returns
 
 from .conftest import BROKER_URL
 
