@@ -17,6 +17,8 @@ steady sync's changes spend most of their time queued behind those waits. So:
    :meth:`~common.store.interface.Parking.resuming_contacts` and
    :meth:`~common.store.interface.Checkpoints.get_checkpoint`. A store without a snapshot
    of its own (the dry run's overlay) answers part by part (:func:`read_apart`).
+   Key states come with the writes in flight of the open write batches, read from the same
+   snapshot (:mod:`common.store.write_batches`); the batches are part of the answer.
 3. Emails are taken as given: a batch's emails come from decoded messages, normalised by the
    poller that read them.
 """
@@ -31,9 +33,11 @@ from common.domain import ContactState
 from common.domain.rows import KeyTuple, StateRow
 from common.store.codec import decode_rows, from_us
 from common.store.directory import RecordRef, records_by_email
+from common.store.write_batches import OpenBatch, OpenWrites, list_query
 
 # which part of the snapshot a query's rows are for
-Part = Literal["contacts", "states", "eligible", "records", "resuming", "checkpoints"]
+Part = Literal["contacts", "states", "eligible", "records", "resuming", "checkpoints",
+               "write_batches"]
 # (part, SQL with ``?`` parameters, its parameters)
 Query = tuple[Part, str, list[Any]]
 
@@ -64,6 +68,8 @@ class BatchSnapshot:
     records: dict[str, list[RecordRef]] = field(default_factory=dict)
     resuming: set[str] = field(default_factory=set)
     checkpoints: dict[str, str | None] = field(default_factory=dict)
+    # the open write batches of the account, read with the states (none when no state is)
+    write_batches: list[OpenBatch] = field(default_factory=list)
 
 
 class BatchReader(Protocol):
@@ -89,6 +95,8 @@ def queries(reads: BatchReads, *, state_queries: Sequence[tuple[str, list[Any]]]
                      "WHERE account = ? AND email IN", account, list(dict.fromkeys(
                          reads.contacts_of)))
     out += [("states", sql, params) for sql, params in state_queries]
+    if reads.states_of:
+        out.append(("write_batches", *list_query([account])))
     # the directory's query (common.store.directory.SqliteDirectory.eligible_emails)
     out += _in_lists("eligible", "SELECT email FROM dyn_records WHERE account = ? "
                      "AND eligible = 1 AND email IN", account, sorted(set(reads.eligible_of)))
@@ -109,6 +117,7 @@ def snapshot(reads: BatchReads, answers: Iterable[tuple[Part, Sequence[Any]]]) -
     out = BatchSnapshot(checkpoints=dict.fromkeys(reads.checkpoints))
     state_rows: list[Any] = []
     record_rows: list[Any] = []
+    batch_rows: list[Any] = []
     for part, rows in answers:
         if part == "contacts":
             for email, status, since, revision in rows:
@@ -122,9 +131,15 @@ def snapshot(reads: BatchReads, answers: Iterable[tuple[Part, Sequence[Any]]]) -
             record_rows += rows
         elif part == "resuming":
             out.resuming.update(str(row[0]) for row in rows)
+        elif part == "write_batches":
+            batch_rows += rows
         else:
             out.checkpoints.update((str(name), str(value)) for name, value in rows)
     out.states.update(decode_rows(state_rows))
+    if batch_rows:
+        in_flight = OpenWrites.of(batch_rows)
+        in_flight.apply(out.states, reads.states_of)
+        out.write_batches.extend(in_flight.batches)
     out.records.update(records_by_email(record_rows))
     return out
 

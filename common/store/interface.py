@@ -24,6 +24,7 @@ from common.domain.rows import HistoryRow, KeyTuple, StateRow
 from common.store.batch_reads import BatchReader
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.outstanding import DueKey, OutstandingStats
+from common.store.write_batches import WriteBatch
 from common.vendors.budget import BudgetGrant
 
 # (expected revision — None or 0: the key must not be stored yet; the new state; its history row)
@@ -79,7 +80,8 @@ class KeyStates(Protocol):
                         entries: Sequence[HistoryEntry] = (),
                         outstanding_moved: bool = True,
                         contacts: Sequence[ContactState] = (),
-                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = ()
+                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
+                        ended_batches: Sequence[tuple[str, str]] = ()
                         ) -> list[int]:
         """:meth:`save` for the batch hot path: state rows, the kernel's history rows (of
         decisions ``recorded_at``, default now) and other history ``entries``; the same
@@ -91,7 +93,17 @@ class KeyStates(Protocol):
         ``outstanding_moved=False``: the caller knows that no change moves what is outstanding
         (each key's register and what each side is known to hold are as stored; only writes
         in flight changed), so the index of outstanding keys is left as it is. Its rows keep
-        an older revision, which the sweep's drop (``revision <=``) allows for."""
+        an older revision, which the sweep's drop (``revision <=``) allows for.
+
+        ``ended_batches``: the (account, id) of write batches whose outcome the changes record,
+        deleted in the same transaction (:mod:`common.store.write_batches`, rule 3)."""
+        ...
+
+    async def begin_writes(self, batch: WriteBatch) -> None:
+        """Record a round's writes as in flight, in a transaction of their own
+        (:mod:`common.store.write_batches`, rule 1). Every read of key states (:meth:`load`,
+        :meth:`load_rows`, :meth:`states_for_email`, a batch read) gives each key the records
+        of its writes in flight, read from the same snapshot (rule 2)."""
         ...
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]: ...

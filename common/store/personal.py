@@ -1,7 +1,8 @@
 """Personal data in the ledger: erasing one email, and pruning history past its retention.
 
 The ledger holds, per (account, email): the key states (each preference's register, what each
-side holds, pending writes and the write ledger of our recent writes), the history of decisions
+side holds, pending writes and the write ledger of our recent writes), the writes in flight of
+the open write batches (:mod:`common.store.write_batches`), the history of decisions
 and writes, the dotdigital contact state, observations parked while the contact is suppressed,
 dotdigital writes deferred until a complete read, and the Dynamics record directory (records
 with that email and their subscription rows).
@@ -16,6 +17,8 @@ Rules:
    never pruned: the registers and the write ledger are what the sync's correctness rests on.
 3. ``ERASED`` names every table that holds an email; a table with an ``email`` column that is
    not listed is a gap (tests/integration/privacy checks the schema against it).
+4. A write batch holds the writes of many emails in one row: erasing one email rewrites the
+   account's open batches without its writes, and counts those writes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from common.store.codec import to_us
 from common.store.connection import Connection, Transaction
 from common.store.history import BY_EMAIL as HISTORY_BY_EMAIL
 from common.store.history import history_bucket
+from common.store.write_batches import count_email, without_email
 
 # History by age, for retention (the by-email index does not serve a time range).
 SCHEMA = (
@@ -38,6 +42,7 @@ SCHEMA = (
 # (subscription rows before the records that lead to them).
 ERASED: Mapping[str, str] = {
     "key_state": "preference states (registers and the write ledger)",
+    "write_batches": "writes in flight (begun, their outcome not yet recorded)",
     "history": "history rows",
     "contact_state": "dotdigital contact states",
     "parked_observations": "parked values (contact suppressed)",
@@ -75,11 +80,31 @@ def _params(table: str, account: str, email: str) -> tuple[str | int, ...]:
     return (account, email)
 
 
+_BATCHES = "SELECT id, writes FROM write_batches WHERE account = ?"
+
+
 async def _count(db: Connection, table: str, account: str, email: str) -> int:
+    if table == "write_batches":
+        async with db.execute(_BATCHES, (account,)) as cursor:
+            return sum(count_email(bytes(blob), email) for _, blob in await cursor.fetchall())
     async with db.execute(f"SELECT COUNT(*) FROM {table} {_WHERE[table]}",
                           _params(table, account, email)) as cursor:
         row = await cursor.fetchone()
     return int(row[0]) if row is not None else 0
+
+
+async def _forget_in_batches(db: Connection, account: str, email: str) -> int:
+    """Rule 4."""
+    async with db.execute(_BATCHES, (account,)) as cursor:
+        batches = list(await cursor.fetchall())
+    removed = 0
+    for batch_id, blob in batches:
+        kept, taken = without_email(bytes(blob), email)
+        if taken:
+            await db.execute("UPDATE write_batches SET writes = ? WHERE account = ? AND id = ?",
+                             (kept, account, batch_id))
+            removed += taken
+    return removed
 
 
 class SqlPersonalData:
@@ -101,6 +126,9 @@ class SqlPersonalData:
         removed: dict[str, int] = {}
         async with self._transaction() as db:
             for table in ERASED:
+                if table == "write_batches":
+                    removed[table] = await _forget_in_batches(db, account, email)
+                    continue
                 async with db.execute(f"DELETE FROM {table} {_WHERE[table]} RETURNING 1",
                                       _params(table, account, email)) as cursor:
                     removed[table] = len(list(await cursor.fetchall()))

@@ -252,8 +252,16 @@ class PostgresLedgerStore(SqliteLedgerStore):
         return self._transaction()
 
     async def _answer(self, plan: Sequence[Query]) -> list[tuple[Part, list[Any]]]:
+        """Each query's part and rows, all from one snapshot: a read-only repeatable-read
+        transaction (at the default isolation each statement would see what had committed
+        when it began, so key states and the write batches deleted with their outcome could
+        be read from either side of a commit)."""
+        if self._pool is None:
+            raise RuntimeError("the ledger store is not open")
         answers: list[tuple[Part, list[Any]]] = []
-        async with self._reading() as db:
+        async with self._pool.acquire() as connection, connection.transaction(
+                isolation="repeatable_read", readonly=True):
+            db = PostgresConnection(connection)
             for part, sql, params in plan:
                 async with db.execute(sql, params) as cur:
                     answers.append((part, list(await cur.fetchall())))

@@ -29,12 +29,21 @@ from common.domain import (
     PreferenceKey,
     normalize_email,
 )
-from common.domain.rows import DECISIONS, HistoryRow, KeyTuple, StateRow, key_of, key_tuple, state_row
+from common.domain.rows import (
+    DECISIONS,
+    HistoryRow,
+    KeyTuple,
+    StateRow,
+    key_of,
+    key_state,
+    key_tuple,
+    state_row,
+)
 from common.domain.sides import SIDES
 from common.store.batch_reads import BatchReads, BatchSnapshot, Part, Query
 from common.store.batch_reads import queries as batch_queries
 from common.store.batch_reads import snapshot as batch_snapshot
-from common.store.codec import decode_rows, decode_state, encode_row, from_us, to_us
+from common.store.codec import decode_rows, encode_row, from_us, to_us
 from common.store.connection import Connection
 from common.store.coordination import SCHEMA as COORDINATION_SCHEMA
 from common.store.coordination import SqlCoordination
@@ -65,6 +74,10 @@ from common.store.parking import SqliteParking
 from common.store.personal import SCHEMA as PERSONAL_SCHEMA
 from common.store.personal import SqlPersonalData
 from common.store.sqlite_thread import SqliteConnection, transact
+from common.store.write_batches import DELETE as DELETE_WRITE_BATCH
+from common.store.write_batches import INSERT as INSERT_WRITE_BATCH
+from common.store.write_batches import SCHEMA as WRITE_BATCH_SCHEMA
+from common.store.write_batches import OpenWrites, WriteBatch, list_query
 from common.vendors.budget import BudgetGrant
 
 log = logging.getLogger("prefsync.store")
@@ -130,7 +143,7 @@ _SCHEMA = (
 
 # Every table of the ledger (the PostgreSQL store creates the same ones).
 SCHEMA_STATEMENTS = (*_SCHEMA, *DIRECTORY_SCHEMA, *PARKING_SCHEMA, *COORDINATION_SCHEMA,
-                     *PERSONAL_SCHEMA, *OUTSTANDING_SCHEMA)
+                     *PERSONAL_SCHEMA, *OUTSTANDING_SCHEMA, *WRITE_BATCH_SCHEMA)
 
 # Columns added to tables of the first schema since: (table, column, type). A ledger made
 # before gets them when opened (nullable, so its rows stay as they were).
@@ -226,17 +239,6 @@ def state_queries(keys: Sequence[KeyTuple]) -> list[tuple[str, list[Any]]]:
             for i in range(0, len(keys), _CHUNK)]
 
 
-def decode_states(keys: Sequence[PreferenceKey],
-                  rows: Iterable[Any]) -> dict[PreferenceKey, KeyState]:
-    """The states of ``rows`` of :func:`state_queries` of ``keys``, by key."""
-    by_tuple = {(k.account, k.email, k.preference_id): k for k in keys}
-    out: dict[PreferenceKey, KeyState] = {}
-    for account, email, preference_id, revision, blob in rows:
-        key = by_tuple[(account, email, preference_id)]
-        out[key] = decode_state(key, revision, blob)
-    return out
-
-
 def history_rows(rows: Iterable[HistoryRow[KeyTuple]], *,
                  recorded_at: datetime) -> list[tuple[Any, ...]]:
     """Rows of :data:`_INSERT_HISTORY` for the kernel's history rows of one batch."""
@@ -259,6 +261,8 @@ class SaveBatch:
     contact_rows: list[tuple[Any, ...]] = field(default_factory=list)  # of _UPSERT_CONTACT
     # of the directory's UPSERT_SUBSCRIPTION
     subscription_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    # write batches whose outcome this save records: (account, id), deleted with it
+    ended_batches: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def of(cls, changes: Sequence[Change], *, history: Sequence[HistoryEntry],
@@ -341,7 +345,8 @@ class SaveBatch:
         return [*([(_INSERT_HISTORY, self.history_rows)] if self.history_rows else []),
                 *self.index,
                 *([(_UPSERT_CONTACT, contacts)] if contacts else []),
-                *([(UPSERT_SUBSCRIPTION, subscriptions)] if subscriptions else [])]
+                *([(UPSERT_SUBSCRIPTION, subscriptions)] if subscriptions else []),
+                *([(DELETE_WRITE_BATCH, self.ended_batches)] if self.ended_batches else [])]
 
     def write(self, connection: sqlite3.Connection) -> None:
         """In SQLite's thread, inside the save's ``BEGIN IMMEDIATE`` transaction (which no
@@ -590,10 +595,21 @@ class SqliteLedgerStore:
 
         return await self._in_one_job(fetch)
 
-    async def _fetch_states(self, keys: Sequence[KeyTuple]) -> list[Any]:
-        answers = await self._answer([("states", sql, params)
-                                      for sql, params in state_queries(keys)])
-        return [row for _, rows in answers for row in rows]
+    async def _fetch_states(self, keys: Sequence[KeyTuple]) -> dict[KeyTuple, StateRow]:
+        """The states of ``keys`` with their writes in flight (common.store.write_batches,
+        rule 2), from one snapshot."""
+        if not keys:
+            return {}
+        plan: list[Query] = [("states", sql, params) for sql, params in state_queries(keys)]
+        plan.append(("write_batches", *list_query(k[0] for k in keys)))
+        state_rows: list[Any] = []
+        batch_rows: list[Any] = []
+        for part, rows in await self._answer(plan):
+            (batch_rows if part == "write_batches" else state_rows).extend(rows)
+        states = decode_rows(state_rows)
+        if batch_rows:
+            OpenWrites.of(batch_rows).apply(states, keys)
+        return states
 
     async def read_batch(self, reads: BatchReads) -> BatchSnapshot:
         """A batch's reads from one snapshot (:mod:`common.store.batch_reads`)."""
@@ -602,11 +618,17 @@ class SqliteLedgerStore:
         return batch_snapshot(reads, await self._answer(plan))
 
     async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
-        wanted = list(dict.fromkeys(keys))
-        return decode_states(wanted, await self._fetch_states([key_tuple(k) for k in wanted]))
+        wanted = {key_tuple(k): k for k in keys}
+        return {wanted[k]: key_state(wanted[k], row)
+                for k, row in (await self._fetch_states(list(wanted))).items()}
 
     async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
-        return decode_rows(await self._fetch_states(list(dict.fromkeys(keys))))
+        return await self._fetch_states(list(dict.fromkeys(keys)))
+
+    async def begin_writes(self, batch: WriteBatch) -> None:
+        """Record a round's writes as in flight (common.store.write_batches, rule 1)."""
+        async with self._transaction() as db:
+            await db.execute(INSERT_WRITE_BATCH, batch.row())
 
     async def _write(self, batch: SaveBatch) -> list[int]:
         def write(connection: sqlite3.Connection) -> None:
@@ -625,7 +647,8 @@ class SqliteLedgerStore:
                         entries: Sequence[HistoryEntry] = (),
                         outstanding_moved: bool = True,
                         contacts: Sequence[ContactState] = (),
-                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = ()) -> list[int]:
+                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
+                        ended_batches: Sequence[tuple[str, str]] = ()) -> list[int]:
         rows = [*history_rows(history, recorded_at=recorded_at or datetime.now(UTC)),
                 *map(_history_row, entries)]
         batch = SaveBatch.of_rows(changes, history=rows, now_us=now_us(),
@@ -633,16 +656,21 @@ class SqliteLedgerStore:
         batch.contact_rows.extend(map(_contact_row, contacts))
         for account, row in subscriptions:
             batch.subscription_rows.extend(subscription_params(account, [row]))
+        batch.ended_batches.extend(ended_batches)
         return await self._write(batch)
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
+        """The email's stored states, each with its writes in flight."""
         email = normalize_email(email)
-        sql = ("SELECT preference_id, revision, state FROM key_state "
-               "WHERE account = ? AND email = ? ORDER BY preference_id")
-        async with self._reading() as db, db.execute(sql, (account, email)) as cur:
-            rows = await cur.fetchall()
-        return [decode_state(PreferenceKey(account=account, email=email, preference_id=p), r, b)
-                for p, r, b in rows]
+        sql = ("SELECT account, email, preference_id, revision, state FROM key_state "
+               "WHERE account = ? AND email = ?")
+        answers = await self._answer([("states", sql, [account, email]),
+                                      ("write_batches", *list_query([account]))])
+        states = decode_rows(answers[0][1])
+        if answers[1][1]:
+            OpenWrites.of(answers[1][1]).apply(states, list(states))
+        return [key_state(PreferenceKey(account=account, email=email, preference_id=k[2]), row)
+                for k, row in sorted(states.items())]
 
     async def history(self, account: str, email: str) -> list[HistoryEntry]:
         email = normalize_email(email)

@@ -11,8 +11,9 @@ by :mod:`common.messaging.rounds`), whatever the side:
 4. **decide**: a suppressed contact's command is ``suppressed`` (not written, left outstanding
    in the register: it goes out when the contact is resubscribed); a command no target can
    take is left; the others are written when the ledger (with what was read) says so;
-5. **begin**: each write is recorded in the ledger as in flight before the call (from the
-   target's clock as measured, less a margin), so the pollers recognise the echo. Where the
+5. **begin**: the writes are recorded in the ledger as in flight before the call (from the
+   target's clock as measured, less a margin), so the pollers recognise the echo: one write
+   batch for them all (:mod:`common.store.write_batches`), not a save of each state. Where the
    sink's decision needs nothing its read brings (dotdigital), the writes chosen from the
    states as loaded are begun while the read runs, not after it: a write the read then makes
    needless is not sent and its record goes at the commit; one it makes needed is begun
@@ -21,7 +22,8 @@ by :mod:`common.messaging.rounds`), whatever the side:
    :mod:`services.writer.dotdigital`);
 7. **commit** in one transaction what the write produced (the version, or the clock window),
    the refusals, what was read (decided as the reconciler decides it: what was read of a
-   suppressed contact is parked), the directory's rows and the contacts; then the parked;
+   suppressed contact is parked), the directory's rows and the contacts, and end the round's
+   write batches and those of the side it met (:meth:`Writer._folded`); then the parked;
 8. a part that failed transiently fails the batch now (after what did succeed is recorded):
    it is retried later, never dead-lettered;
 9. **dead-letter** other permanent refusals with the vendor's code;
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -60,6 +63,7 @@ from common.domain.rows import (
     observation_of_row,
     observation_row,
 )
+from common.domain.sides import SIDE_CODES
 from common.domain.trusted import assembled_all
 from common.messaging.abc import Delivery, Outgoing, Publisher
 from common.messaging.amqp import DeadLetterer
@@ -76,6 +80,7 @@ from common.messaging.publishing import (
 from common.ops import failpoints
 from common.store.batch_reads import BatchReads
 from common.store.unit_of_work import commit_with_retry
+from common.store.write_batches import FOLD_AFTER_S, OpenBatch, WriteBatch
 from common.vendors.clock_skew import CLOCK_CHECKPOINTS, time_base_of
 from services.writer.sink import (
     CLOCK_MARGIN,
@@ -93,7 +98,7 @@ log = logging.getLogger("prefsync.writer")
 SERVICE = "writer"
 
 # A state row from its parts, in C: a named tuple's ``_replace`` is a Python function, and a
-# saved row's new revision is set on each key twice per write.
+# saved row's new revision is set on each key of a commit.
 _row = tuple.__new__
 
 
@@ -163,6 +168,7 @@ class Writer:
         started: datetime | None = None
         likely: Commands = {}  # the writes begun beside the read
         begun: set[PreferenceKey] = set()  # writes this round recorded as in flight itself
+        begun_batches: list[str] = []  # the ids of the write batches this round began
         if work.begins_during_read:
             # step 5 beside step 3: what the read changes is seldom what is written
             started = self._started(outcome)
@@ -171,7 +177,8 @@ class Writer:
                                                       snapshot=snapshot))
             try:
                 if likely:
-                    begun = await self._begin(likely, rows, started=started, states=states)
+                    begun = await self._begin(likely, rows, started=started, states=states,
+                                              batches=begun_batches)
                     await failpoints.reached("writer.after-begin")
             except BaseException:
                 # the round fails as a whole (its records begun stay, as after a crash here:
@@ -201,7 +208,8 @@ class Writer:
             if late := {key: command for key, command in todo.items() if key not in likely}:
                 late_start = self._started(outcome)
                 started = started or late_start
-                begun |= await self._begin(late, rows, started=late_start, states=states)
+                begun |= await self._begin(late, rows, started=late_start, states=states,
+                                           batches=begun_batches)
                 await failpoints.reached("writer.after-begin")
             assert started is not None
             await work.write(todo, started=started, contacts=contacts)
@@ -209,6 +217,8 @@ class Writer:
         contacts.update(outcome.contacts)
         states = await self._commit_outcome(commands, rows, todo, outcome, states=states,
                                             contacts=contacts,
+                                            batches=self._folded(snapshot.write_batches,
+                                                                 commands, begun_batches),
                                             dropped=[key for key in begun if key not in todo])
         if outcome.parked:
             await self._store.park_observations(outcome.parked)
@@ -272,58 +282,71 @@ class Writer:
 
     # --- ledger ----------------------------------------------------------------------------
     async def _begin(self, todo: Commands, rows: Mapping[PreferenceKey, CommandRow], *,
-                     started: datetime, states: dict[KeyTuple, StateRow]
+                     started: datetime, states: dict[KeyTuple, StateRow], batches: list[str]
                      ) -> set[PreferenceKey]:
-        """Record the writes as in flight; returns the keys whose record this added (a key
-        with the same write in flight already keeps that one). ``states`` (as loaded for this
-        batch) is tried first and kept up to date; a conflict loads the keys afresh."""
+        """Record the writes as in flight, as one write batch (its id goes to ``batches``);
+        returns the keys whose record this added (a key with the same write in flight already
+        keeps that one). ``states`` (as loaded for this round, with the writes then in flight)
+        gets the records, as every later read of the ledger will."""
         start_us = to_us(started)
+        writes: dict[KeyTuple, CommandRow] = {}
         added: set[PreferenceKey] = set()
-
-        async def attempt(number: int) -> None:
-            if number:
-                states.update(await self._store.load_rows(map(key_tuple, todo)))
-            added.clear()
-            changed: list[tuple[KeyTuple, StateRow]] = []
-            moved = False
-            for key in todo:
-                k = key_tuple(key)
-                before = states.get(k, EMPTY_STATE)
-                after = begin_write_row(before, rows[key], window_start_us=start_us)
-                if after is not before:  # the same row: nothing recorded
-                    changed.append((k, after))
-                    added.add(key)
-                    moved = moved or after[:2] != before[:2]
-            if not changed:
-                return
-            # Only writes in flight change (the register and what each side holds stay): the
-            # index of outstanding keys is left alone, one row write per key less.
-            revisions = await self._store.save_rows([(st.revision or None, k, st)
-                                                     for k, st in changed],
-                                                    outstanding_moved=moved)
-            states.update({k: _row(StateRow, (*st[:5], revision))
-                           for (k, st), revision in zip(changed, revisions, strict=True)})
-
-        await commit_with_retry(attempt)
+        begun: dict[KeyTuple, StateRow] = {}
+        for key in todo:
+            k = key_tuple(key)
+            before = states.get(k, EMPTY_STATE)
+            after = begin_write_row(before, rows[key], window_start_us=start_us)
+            if after is not before:  # the same row: this write is in flight already
+                writes[k] = rows[key]
+                begun[k] = after
+                added.add(key)
+        if writes:
+            batch = WriteBatch(account=self.account, id=uuid.uuid4().hex,
+                               side=SIDE_CODES[self.side], window_start_us=start_us,
+                               began_at_us=to_us(self._now()), writes=writes)
+            await self._store.begin_writes(batch)
+            batches.append(batch.id)
+            states.update(begun)
         return added
+
+    def _folded(self, met: Sequence[OpenBatch], commands: Commands,
+                batches: Sequence[str]) -> dict[str, tuple[KeyTuple, ...]]:
+        """The write batches the round's commit ends (common.store.write_batches, rules 3-4):
+        its own, and the side's open batches it met when it read the ledger that hold one of
+        its keys (a crashed round's, retried now: left open, their records would be given
+        again to the states this round records) or are older than ``FOLD_AFTER_S``. By id,
+        with the keys the commit must save to fold them (its own are its commands')."""
+        side = SIDE_CODES[self.side]
+        stale_us = to_us(self._now()) - int(FOLD_AFTER_S * 1_000_000)
+        keys = {key_tuple(key) for key in commands}
+        ended: dict[str, tuple[KeyTuple, ...]] = dict.fromkeys(batches, ())
+        for batch in met:
+            if batch.side == side and batch.id not in ended and (
+                    batch.began_at_us < stale_us or not keys.isdisjoint(batch.keys)):
+                ended[batch.id] = batch.keys
+        return ended
 
     async def _commit_outcome(self, commands: Commands, rows: Mapping[PreferenceKey, CommandRow],
                               todo: Commands, outcome: WriteOutcome, *,
                               states: Mapping[KeyTuple, StateRow],
                               contacts: Mapping[str, ContactState],
+                              batches: Mapping[str, Sequence[KeyTuple]],
                               dropped: Sequence[PreferenceKey] = ()
                               ) -> dict[KeyTuple, StateRow]:
         """Record writes, refusals and what the writer read, in one transaction. ``states``
-        (kept up to date by this batch's own saves) is tried first, and the keys only the read
+        (kept up to date by this round's begins) is tried first, and the keys only the read
         brought are loaded beside it; a conflict loads them all afresh.
         What was read of a suppressed contact is decided as the reconciler decides it
         (``suppressed``) and goes to ``outcome.parked``. ``dropped``: writes this round began
-        beside its read that the read then made needless: never sent, their records go."""
+        beside its read that the read then made needless: never sent, their records go.
+        ``batches`` (of :meth:`_folded`) end in the same transaction; each key of one the round
+        met is saved as read, with its records, whatever the round did to it."""
         now = self._now()
         now_us = to_us(now)
         read = [observation_row(o) for o in outcome.observations]
         command_keys = {key_tuple(k) for k in commands}
-        keys = command_keys | {r.key for r in read}
+        folded = {k for keys_of in batches.values() for k in keys_of}
+        keys = command_keys | {r.key for r in read} | folded
         # keys only the read brought (another preference of a record read): never loaded; a
         # command's key missing from ``states`` was not stored when the snapshot was read
         unloaded = keys - command_keys - states.keys()
@@ -387,6 +410,9 @@ class Writer:
                     entries.append((command, outcome.unwritable[key]))
                 changed[k] = state
             entries += [(commands[key], "suppressed") for key in sorted(outcome.suppressed, key=str)]
+            for k in folded:
+                if k not in changed and (state := fold.states.get(k, current.get(k))) is not None:
+                    changed[k] = state  # its records, saved before its batch goes
             saved = list(changed.items())
             # the directory's rows and the contacts read go in the same transaction (contacts
             # are monotonic in their own time: no compare-and-set, as the reconciler's)
@@ -394,7 +420,8 @@ class Writer:
                 [(st.revision or None, k, st) for k, st in saved], history=fold.history,
                 recorded_at=now, entries=domain.HistoryEntry.for_writes(entries, recorded_at=now),
                 contacts=list(outcome.contacts.values()),
-                subscriptions=[(self.account, row) for row in outcome.rows])
+                subscriptions=[(self.account, row) for row in outcome.rows],
+                ended_batches=[(self.account, batch) for batch in batches])
             current.update({k: _row(StateRow, (*st[:5], revision))
                             for (k, st), revision in zip(saved, revisions, strict=True)})
             outcome.parked = [observation_of_row(r) for r in fold.parked]

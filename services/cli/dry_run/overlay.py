@@ -42,6 +42,7 @@ from common.domain.rows import (
 from common.store.batch_reads import BatchReads, BatchSnapshot, read_apart
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.interface import Change, ConflictError, LedgerStore, RowChange
+from common.store.write_batches import WriteBatch
 
 
 class _SetOverlay:
@@ -143,9 +144,11 @@ class OverlayStore:
                         entries: Sequence[HistoryEntry] = (),
                         outstanding_moved: bool = True,
                         contacts: Sequence[ContactState] = (),
-                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = ()
+                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
+                        ended_batches: Sequence[tuple[str, str]] = ()
                         ) -> list[int]:
-        # the dry run keeps no index of outstanding keys, nor is it the hot path: through the
+        # the dry run begins no write (begin_writes), so it ends none; it keeps no index of
+        # outstanding keys, nor is it the hot path: through the
         # dataclasses (the same rules as save)
         recorded = recorded_at or datetime.now(UTC)
         revisions = await self.save(
@@ -158,6 +161,9 @@ class OverlayStore:
         for account, rows in by_account.items():
             await self.upsert_subscriptions(account, rows)
         return revisions
+
+    async def begin_writes(self, batch: WriteBatch) -> None:
+        raise RuntimeError("a dry run writes nothing to the vendors")
 
     async def read_batch(self, reads: BatchReads) -> BatchSnapshot:
         # through the view's own reads, which see its writes

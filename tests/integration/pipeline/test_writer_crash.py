@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from common.domain import PreferenceKey
+from common.domain.rows import key_tuple
+from common.store import open_store
+from common.store.batch_reads import BatchReads
+
 from .conftest import make_world
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -52,3 +57,10 @@ async def test_writer_killed_at_a_failpoint_neither_loses_nor_repeats_a_write(
             assert await world.values(email, preference_id) == ({wanted}, wanted), email
         # Each change written once: the restarted writer recognised what the dead one wrote.
         assert (await world.stats(side))["writes_applied"] - before == len(edits)
+        # The dead round's write batch was ended by the round that wrote its keys again.
+        async with open_store(world.config.store.url) as store:
+            snapshot = await store.read_batch(BatchReads(
+                account=world.account, states_of=[key_tuple(PreferenceKey(
+                    account=world.account, email=email, preference_id=preference_id))
+                    for email, preference_id, _ in edits]))
+        assert snapshot.write_batches == []

@@ -14,10 +14,15 @@ from common.domain import (
     PerSide,
     PreferenceKey,
     Register,
+    WriteCommand,
     WriteRecord,
 )
+from common.domain.clock import to_us
+from common.domain.rows import command_row, key_tuple
+from common.domain.sides import SIDE_CODES
 from common.store import LedgerStore
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
+from common.store.write_batches import WriteBatch
 
 T = datetime(2026, 3, 1, 9, 0, 0, tzinfo=UTC)
 PREFERENCES = (1001, 1002)
@@ -51,13 +56,19 @@ def history(key: PreferenceKey, decision: str, recorded: datetime) -> HistoryEnt
 
 async def hold(store: LedgerStore, *, account: str, email: str, record: str,
                recorded: datetime = T) -> None:
-    """Everything the ledger can hold for one person: key states with their history, the
-    contact state, parked observations, a resubscription whose writes are owed, a deferred
-    write, a directory record (eligible, its follow-up owed, an email change to it not yet followed)
-    and its subscription row."""
+    """Everything the ledger can hold for one person: key states with their history, writes
+    to them in flight (a write batch), the contact state, parked observations, a
+    resubscription whose writes are owed, a deferred write, a directory record (eligible, its
+    follow-up owed, an email change to it not yet followed) and its subscription row."""
     keys = [PreferenceKey(account=account, email=email, preference_id=p) for p in PREFERENCES]
     await store.save([(None, state(k), history(k, "applied", recorded)) for k in keys],
                      history=[history(keys[0], "written", recorded)])
+    await store.begin_writes(WriteBatch(
+        account=account, id=f"batch-{email}", side=SIDE_CODES["dotdigital"],
+        window_start_us=to_us(T), began_at_us=to_us(T),
+        writes={key_tuple(k): command_row(WriteCommand(
+            key=k, side="dotdigital", opted_in=False, origin_time=T, origin_side="dynamics",
+            change_id="dyn:1")) for k in keys}))
     await store.save_contacts([ContactState(account=account, email=email, status="Subscribed",
                                             since=T)])
     await store.park_observations([Observation(key=k, side="dynamics", opted_in=True,

@@ -62,6 +62,9 @@ async def all_held(store: LedgerStore, account: str, email: str, record: str) ->
     assert email in await store.deferred_emails(account, PREFERENCES[0])
     assert record in await store.records(account, [record])
     assert await store.subscriptions_for(account, [(record, "row-1001")])
+    assert (await store.personal_data(account, email))["write_batches"] == len(PREFERENCES)
+    assert all(state.writes.dotdigital[-1].in_flight
+               for state in await store.states_for_email(account, email))
 
 
 def test_every_table_that_holds_an_email_is_erased() -> None:

@@ -169,8 +169,7 @@ async def test_a_batch_failing_after_its_commit_is_redelivered_and_not_written_t
 
 
 class BeginWatch:
-    """The bed's ledger, telling when a round's writes are begun (a save of writes in flight
-    alone: it moves no outstanding key)."""
+    """The bed's ledger, telling when a round's writes are begun (a write batch)."""
 
     def __init__(self, store: Any) -> None:
         self._store = store
@@ -179,21 +178,19 @@ class BeginWatch:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def save_rows(self, changes: Any, **options: Any) -> list[int]:
-        revisions: list[int] = await self._store.save_rows(changes, **options)
-        if options.get("outstanding_moved") is False:
-            self.begun.set()
-        return revisions
+    async def begin_writes(self, batch: Any) -> None:
+        await self._store.begin_writes(batch)
+        self.begun.set()
 
 
 class BeginFailsOnce(BeginWatch):
     """The first begin fails as a ledger that is briefly locked does."""
 
-    async def save_rows(self, changes: Any, **options: Any) -> list[int]:
-        if options.get("outstanding_moved") is False and not self.begun.is_set():
+    async def begin_writes(self, batch: Any) -> None:
+        if not self.begun.is_set():
             self.begun.set()
             raise StoreUnavailable("the ledger is locked", transient=True)
-        return await super().save_rows(changes, **options)
+        await super().begin_writes(batch)
 
 
 class FeedAfterBegin(DotdigitalClient):
@@ -301,7 +298,7 @@ async def test_the_commit_loads_only_the_keys_the_read_brought(tmp_path: Path) -
         assert loaded  # as the round loaded it
         await writer._commit_outcome({command.key: command},
                                      {command.key: command_row(command)}, {}, outcome,
-                                     states=dict(loaded), contacts={})
+                                     states=dict(loaded), contacts={}, batches={})
         assert store.loaded == [{key_tuple(other)}]
         saved = (await s.bed.store.load([other]))[other]
         held = saved.known.dotdigital

@@ -1,0 +1,152 @@
+"""Write batches: the writes a write round begins, recorded as one row.
+
+The writer records each write as in flight before it calls the vendor, so that its echo is
+recognised whoever reads it (:func:`common.domain.writes.begin_write`). Kept in each key's
+state, that record cost a rewrite of every state row of the round before the call, and another
+after it (the outcome): a third of the writer's own CPU per write (``python -m
+bench.writer_cost``). So:
+
+1. The writes a round begins are one row of ``write_batches``: the account, the side, the
+   window's start (the target's clock), when the round began them (ours) and the writes (email,
+   preference, value, origin time), saved in their own transaction before the vendor call.
+2. Every read of key states reads the open batches of the keys' accounts from the same snapshot
+   and gives each state the in-flight records of its key, with
+   :func:`common.domain.kernel_writes.begin_write_row` (what the writer used to save):
+   whoever reads a key sees it as if the record were in its state. A record that is in the
+   state already (saved by a reader of such a state) is not added twice.
+3. The round's commit records each write's outcome in the states and deletes its batches in
+   the same transaction: the records never vanish from view.
+4. A batch still open ``FOLD_AFTER`` after it began (its round crashed, or is slow) is folded
+   into the states by the side's next round: the states are saved as read (with its records)
+   and the batch is deleted in that transaction; from then on its records are the states' own
+   and age as they always did. Folding a batch whose round still runs is harmless: its commit
+   finds the records in the states instead.
+5. Erasing an email takes its writes out of the open batches (:mod:`common.store.personal`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from common.domain.kernel_writes import begin_write_row
+from common.domain.rows import EMPTY_STATE, CommandRow, KeyTuple, StateRow
+
+# Rule 4: a round's batch is folded this long after it began (a live round commits within
+# seconds; one that waits longer than this for its vendor loses nothing by the fold).
+FOLD_AFTER_S = 120.0
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS write_batches (
+        account TEXT NOT NULL, id TEXT NOT NULL, side INTEGER NOT NULL,
+        window_start INTEGER NOT NULL, began_at INTEGER NOT NULL, writes BLOB NOT NULL,
+        PRIMARY KEY (account, id))""",
+)
+
+INSERT = ("INSERT INTO write_batches (account, id, side, window_start, began_at, writes) "
+          "VALUES (?, ?, ?, ?, ?, ?)")
+DELETE = "DELETE FROM write_batches WHERE account = ? AND id = ?"
+# the open batches of an account (rule 2); ``account IN (...)`` for several
+LIST = "SELECT account, id, side, window_start, began_at, writes FROM write_batches WHERE account"
+
+
+def list_query(accounts: Iterable[str]) -> tuple[str, list[Any]]:
+    """The query of the open batches of ``accounts`` (rows for :meth:`OpenWrites.of`)."""
+    wanted = sorted(set(accounts))
+    return f"{LIST} IN ({','.join('?' * len(wanted))})", wanted
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WriteBatch:
+    """The writes of one round begun at once, on one side (rule 1)."""
+
+    account: str
+    id: str
+    side: int
+    window_start_us: int
+    began_at_us: int
+    writes: Mapping[KeyTuple, CommandRow]
+
+    def row(self) -> tuple[Any, ...]:
+        """The batch's row, for :data:`INSERT`."""
+        return (self.account, self.id, self.side, self.window_start_us, self.began_at_us,
+                encode_writes(self.writes))
+
+
+def encode_writes(writes: Mapping[KeyTuple, CommandRow]) -> bytes:
+    """The writes as stored: ``[email, preference, value, origin]`` each (the account and the
+    side are the row's)."""
+    return orjson.dumps([[email, preference_id, int(row[1]), row[2]]
+                         for (_, email, preference_id), row in writes.items()])
+
+
+def without_email(blob: bytes, email: str) -> tuple[bytes, int]:
+    """Rule 5: the stored writes without ``email``'s, and how many were taken out."""
+    writes = orjson.loads(blob)
+    kept = [w for w in writes if w[0] != email]
+    return orjson.dumps(kept), len(writes) - len(kept)
+
+
+def count_email(blob: bytes, email: str) -> int:
+    return sum(1 for w in orjson.loads(blob) if w[0] == email)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpenBatch:
+    """An open batch, as a reader sees it: when it began, and its keys."""
+
+    account: str
+    id: str
+    side: int
+    began_at_us: int
+    keys: tuple[KeyTuple, ...]
+
+
+class OpenWrites:
+    """The in-flight writes of the open batches of a snapshot (rule 2)."""
+
+    def __init__(self, by_key: Mapping[KeyTuple, list[tuple[CommandRow, int]]],
+                 batches: Sequence[OpenBatch]) -> None:
+        self._by_key = by_key
+        self.batches = batches
+
+    @classmethod
+    def of(cls, rows: Iterable[Sequence[Any]]) -> OpenWrites:
+        """From the rows of :func:`list_query`."""
+        by_key: dict[KeyTuple, list[tuple[CommandRow, int]]] = {}
+        batches: list[OpenBatch] = []
+        for account, batch_id, side, window_start, began_at, blob in rows:
+            keys: list[KeyTuple] = []
+            for email, preference_id, opted_in, origin in orjson.loads(bytes(blob)):
+                key = (account, email, preference_id)
+                keys.append(key)
+                # begin_write_row reads the side, the value and the origin of a command
+                by_key.setdefault(key, []).append(
+                    ((side, bool(opted_in), origin, side, ""), window_start))
+            batches.append(OpenBatch(account=account, id=batch_id, side=side,
+                                     began_at_us=began_at, keys=tuple(keys)))
+        return cls(by_key, batches)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_key)
+
+    def apply(self, states: MutableMapping[KeyTuple, StateRow], keys: Iterable[KeyTuple]) -> None:
+        """Each of ``keys`` with writes in flight gets their records (a key not stored: on an
+        empty state, as the writer's begin saved it)."""
+        by_key = self._by_key
+        if not by_key:
+            return
+        for key in keys:
+            begun = by_key.get(key)
+            if begun is None:
+                continue
+            state = states.get(key, EMPTY_STATE)
+            for command, window_start in begun:
+                state = begin_write_row(state, command, window_start_us=window_start)
+            states[key] = state
+
+
+NO_OPEN_WRITES = OpenWrites({}, ())
