@@ -86,11 +86,14 @@ log = logging.getLogger("prefsync.store")
 # read; that code refuses to open the ledger, rather than fail on each state it loads.
 # 3: history rows carry their email's bucket (common.store.history), which code of schema 2
 # does not write: its rows could not be found by email.
-SCHEMA_VERSION = 3
+# 4: writes in flight are write batches (common.store.write_batches), which code of schema 3
+# does not read: it would take the echo of such a write for a change made by a person.
+SCHEMA_VERSION = 4
 # Ledger schemas this code brings up to SCHEMA_VERSION when it opens them (their format-1
-# states are still read, and written in format 2 by their next save; their history rows are
-# given buckets once).
-UPGRADED_SCHEMAS = ("1", "2")
+# states are still read, and written in format 2 by their next save); those before schema 3
+# have their history rows given buckets once.
+UPGRADED_SCHEMAS = ("1", "2", "3")
+_BUCKETLESS_SCHEMAS = ("1", "2")
 
 T = TypeVar("T")
 
@@ -101,7 +104,7 @@ async def settle_schema(db: Connection) -> None:
     of another version is refused."""
     async with db.execute("SELECT value FROM meta WHERE name = 'schema'") as cursor:
         before = await cursor.fetchone()
-    if before is None or before[0] in UPGRADED_SCHEMAS:
+    if before is None or before[0] in _BUCKETLESS_SCHEMAS:
         # a ledger older than buckets (with no schema row at all, the very first ones); a new
         # ledger's history is empty
         filled = await fill_buckets(db)

@@ -111,7 +111,7 @@ async def test_a_ledger_of_another_schema_version_is_refused(url: str) -> None:
         assert isinstance(store, SqliteLedgerStore)  # either backend (PostgreSQL's extends it)
         async with store._transaction() as db:
             await db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", ("99",))
-    with pytest.raises(RuntimeError, match="ledger schema 99 is not the supported 3"):
+    with pytest.raises(RuntimeError, match="ledger schema 99 is not the supported 4"):
         await open_store(url).open()
 
 
@@ -156,11 +156,13 @@ async def test_rows_are_saved_with_compare_and_set_and_their_history(store: Ledg
         entry(key(), "written", T + timedelta(seconds=2))]
 
 
-async def test_a_schema_1_ledger_is_brought_to_3_and_its_states_still_read(url: str) -> None:
+@pytest.mark.parametrize("schema", ["1", "3"])
+async def test_an_older_ledger_is_brought_to_4_and_its_states_still_read(
+        url: str, schema: str) -> None:
     async with open_store(url) as store:
         assert isinstance(store, SqliteLedgerStore)
         async with store._transaction() as db:
-            await db.execute("UPDATE meta SET value = '1' WHERE name = 'schema'")
+            await db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (schema,))
             await db.execute("INSERT INTO key_state (account, email, preference_id, revision, "
                              "state) VALUES (?, ?, ?, 3, ?)",
                              (key().account, key().email, key().preference_id, FORMAT_1_SHORT))
@@ -168,7 +170,7 @@ async def test_a_schema_1_ledger_is_brought_to_3_and_its_states_still_read(url: 
         assert isinstance(store, SqliteLedgerStore)
         async with store._transaction() as db, \
                 db.execute("SELECT value FROM meta WHERE name = 'schema'") as cursor:
-            assert await cursor.fetchall() in ([("3",)], [["3"]])
+            assert await cursor.fetchall() in ([("4",)], [["4"]])
         state = (await store.load([key()]))[key()]
         assert state.register is not None and state.register.change_id == "dyn:2"
         assert state.revision == 3
