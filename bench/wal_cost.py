@@ -68,7 +68,7 @@ async def _measure(path: Path, *, pages: int, seed: int) -> tuple[float, float, 
             loading += time.process_time() - cpu_before
             changes = [(rows[k].revision, k, rows[k]) for k in chosen]
             cpu_before, wall_before = time.process_time(), time.perf_counter()
-            await store.save_rows(changes, outstanding_moved=False)
+            await store.save_rows(changes)
             cpu += time.process_time() - cpu_before
             wall += time.perf_counter() - wall_before
         saved = SAVES * KEYS_PER_SAVE

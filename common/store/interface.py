@@ -78,7 +78,6 @@ class KeyStates(Protocol):
                         history: Sequence[HistoryRow[KeyTuple]] = (),
                         recorded_at: datetime | None = None,
                         entries: Sequence[HistoryEntry] = (),
-                        outstanding_moved: bool = True,
                         contacts: Sequence[ContactState] = (),
                         subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
                         ended_batches: Sequence[tuple[str, str]] = ()
@@ -89,11 +88,6 @@ class KeyStates(Protocol):
         as :meth:`Contacts.save_contacts` saves them (monotonic, no compare-and-set); so are
         ``subscriptions`` ((account, row) pairs), as
         :meth:`Directory.upsert_subscriptions` saves them.
-
-        ``outstanding_moved=False``: the caller knows that no change moves what is outstanding
-        (each key's register and what each side is known to hold are as stored; only writes
-        in flight changed), so the index of outstanding keys is left as it is. Its rows keep
-        an older revision, which the sweep's drop (``revision <=``) allows for.
 
         ``ended_batches``: the (account, id) of write batches whose outcome the changes record,
         deleted in the same transaction (:mod:`common.store.write_batches`, rule 3)."""

@@ -283,9 +283,9 @@ class SaveBatch:
 
     @classmethod
     def of_rows(cls, changes: Sequence[RowChange], *, history: list[tuple[Any, ...]],
-                now_us: int, outstanding_moved: bool = True) -> SaveBatch:
-        """A save of state rows, with rows of :data:`_INSERT_HISTORY`; the index of outstanding
-        keys is left alone when the caller says no change moves it (``outstanding_moved``)."""
+                now_us: int) -> SaveBatch:
+        """A save of state rows, with rows of :data:`_INSERT_HISTORY`, and the index of
+        outstanding keys kept."""
         if len({key for _, key, _ in changes}) != len(changes):
             raise ValueError("a save may hold each key only once")
         state_rows: list[tuple[Any, ...]] = []
@@ -298,12 +298,10 @@ class SaveBatch:
         # one after another (the keys are unique, so only they are compared)
         state_rows.sort()
         # the index of keys with outstanding writes, kept in the same transaction
-        index: list[tuple[str, Sequence[tuple[Any, ...]]]] = []
-        if outstanding_moved:
-            index = index_statements(*index_rows(
-                ((key, row, revision) for (_, key, row), revision in zip(changes, revisions,
-                                                                        strict=True)),
-                now_us=now_us))
+        index = index_statements(*index_rows(
+            ((key, row, revision) for (_, key, row), revision in zip(changes, revisions,
+                                                                    strict=True)),
+            now_us=now_us))
         return cls(changes=changes, revisions=revisions, state_rows=state_rows,
                    history_rows=history, index=index)
 
@@ -648,14 +646,12 @@ class SqliteLedgerStore:
                         history: Sequence[HistoryRow[KeyTuple]] = (),
                         recorded_at: datetime | None = None,
                         entries: Sequence[HistoryEntry] = (),
-                        outstanding_moved: bool = True,
                         contacts: Sequence[ContactState] = (),
                         subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
                         ended_batches: Sequence[tuple[str, str]] = ()) -> list[int]:
         rows = [*history_rows(history, recorded_at=recorded_at or datetime.now(UTC)),
                 *map(_history_row, entries)]
-        batch = SaveBatch.of_rows(changes, history=rows, now_us=now_us(),
-                                  outstanding_moved=outstanding_moved)
+        batch = SaveBatch.of_rows(changes, history=rows, now_us=now_us())
         batch.contact_rows.extend(map(_contact_row, contacts))
         for account, row in subscriptions:
             batch.subscription_rows.extend(subscription_params(account, [row]))

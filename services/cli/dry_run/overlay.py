@@ -142,7 +142,6 @@ class OverlayStore:
                         history: Sequence[HistoryRow[KeyTuple]] = (),
                         recorded_at: datetime | None = None,
                         entries: Sequence[HistoryEntry] = (),
-                        outstanding_moved: bool = True,
                         contacts: Sequence[ContactState] = (),
                         subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
                         ended_batches: Sequence[tuple[str, str]] = ()

@@ -5,13 +5,11 @@ built once for a ledger made before it existed."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from common.domain import ContactState, KeyState, Known, PerSide, PreferenceKey, Register
-from common.domain.rows import key_tuple, state_row
 from common.store import LedgerStore, open_store
 from common.store.directory import RecordRef
 from tests.harness.keys import T, key
@@ -138,27 +136,6 @@ async def test_a_settled_row_is_dropped_only_if_no_later_save_wrote_it(store: Le
     assert await due_keys(store) == [ann]
     await store.drop_outstanding([(ann, 2)])
     assert await due_keys(store) == []
-
-
-async def test_a_save_of_writes_in_flight_alone_leaves_the_index_and_the_next_save_keeps_it(
-        store: LedgerStore) -> None:
-    ann = key()
-    await store.save([(None, state(ann), None)])
-    await store.postpone_outstanding([(ann, datetime.now(UTC) + LATER)])
-    # what the writer's begin saves: the same register and knowledge, the index left alone
-    moved = state_row(replace(state(ann), revision=1))
-    assert await store.save_rows([(1, key_tuple(ann), moved)], outstanding_moved=False) == [2]
-    assert await due_keys(store) == []  # still postponed: the row was not written again
-    [due] = await store.outstanding_due("acme", since_before=soon(),
-                                        now=datetime.now(UTC) + 2 * LATER, limit=10)
-    assert (due.key, due.revision, due.sweeps) == (ann, 1, 1)
-    # a sweep that loaded the later revision and found it settled still drops the row
-    await store.drop_outstanding([(ann, 2)])
-    assert await due_keys(store, now=datetime.now(UTC) + 2 * LATER) == []
-    # and the write landing (a save that moves it) settles the key as before
-    await store.save([(None, state(key(pref=2)), None)])
-    await store.save([(1, state(key(pref=2), written=("dynamics", "dotdigital")), None)])
-    assert (await store.outstanding_stats("acme", since_before=soon())).keys == 0
 
 
 async def test_a_ledger_made_before_the_index_builds_it_once(url: str) -> None:
