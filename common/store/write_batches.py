@@ -26,7 +26,8 @@ bench.writer_cost``). So:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,57 +97,73 @@ def count_email(blob: bytes, email: str) -> int:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OpenBatch:
-    """An open batch, as a reader sees it: when it began, and its keys."""
+    """An open batch, as a reader sees it: when it began, and its writes by key (as commands
+    for :func:`~common.domain.kernel_writes.begin_write_row`, which reads their side, value
+    and origin)."""
 
     account: str
     id: str
     side: int
+    window_start_us: int
     began_at_us: int
-    keys: tuple[KeyTuple, ...]
+    writes: Mapping[KeyTuple, CommandRow]
+
+    @property
+    def keys(self) -> Collection[KeyTuple]:
+        return self.writes.keys()
+
+
+# A batch's writes, decoded once in a process (a reader meets an open batch at each of its
+# reads while the round runs). Stored writes change only when an erasure rewrites them, so the
+# bytes read are the cache's check.
+_DECODED_KEPT = 64
+_decoded: OrderedDict[tuple[str, str], tuple[bytes, int, dict[KeyTuple, CommandRow]]] = (
+    OrderedDict())
+
+
+def _writes_of(account: str, batch_id: str, side: int, blob: bytes
+               ) -> dict[KeyTuple, CommandRow]:
+    found = _decoded.get((account, batch_id))
+    if found is not None and found[0] == blob and found[1] == side:
+        return found[2]
+    writes = {(account, email, preference_id): (side, bool(opted_in), origin, side, "")
+              for email, preference_id, opted_in, origin in orjson.loads(blob)}
+    _decoded[(account, batch_id)] = (blob, side, writes)
+    while len(_decoded) > _DECODED_KEPT:
+        _decoded.popitem(last=False)
+    return writes
 
 
 class OpenWrites:
     """The in-flight writes of the open batches of a snapshot (rule 2)."""
 
-    def __init__(self, by_key: Mapping[KeyTuple, list[tuple[CommandRow, int]]],
-                 batches: Sequence[OpenBatch]) -> None:
-        self._by_key = by_key
+    def __init__(self, batches: Sequence[OpenBatch]) -> None:
         self.batches = batches
 
     @classmethod
     def of(cls, rows: Iterable[Sequence[Any]]) -> OpenWrites:
         """From the rows of :func:`list_query`."""
-        by_key: dict[KeyTuple, list[tuple[CommandRow, int]]] = {}
-        batches: list[OpenBatch] = []
-        for account, batch_id, side, window_start, began_at, blob in rows:
-            keys: list[KeyTuple] = []
-            for email, preference_id, opted_in, origin in orjson.loads(bytes(blob)):
-                key = (account, email, preference_id)
-                keys.append(key)
-                # begin_write_row reads the side, the value and the origin of a command
-                by_key.setdefault(key, []).append(
-                    ((side, bool(opted_in), origin, side, ""), window_start))
-            batches.append(OpenBatch(account=account, id=batch_id, side=side,
-                                     began_at_us=began_at, keys=tuple(keys)))
-        return cls(by_key, batches)
+        return cls([OpenBatch(account=account, id=batch_id, side=side,
+                              window_start_us=window_start, began_at_us=began_at,
+                              writes=_writes_of(account, batch_id, side, bytes(blob)))
+                    for account, batch_id, side, window_start, began_at, blob in rows])
 
     def __bool__(self) -> bool:
-        return bool(self._by_key)
+        return any(batch.writes for batch in self.batches)
 
     def apply(self, states: MutableMapping[KeyTuple, StateRow], keys: Iterable[KeyTuple]) -> None:
         """Each of ``keys`` with writes in flight gets their records (a key not stored: on an
         empty state, as the writer's begin saved it)."""
-        by_key = self._by_key
-        if not by_key:
+        batches = [batch for batch in self.batches if batch.writes]
+        if not batches:
             return
         for key in keys:
-            begun = by_key.get(key)
-            if begun is None:
-                continue
-            state = states.get(key, EMPTY_STATE)
-            for command, window_start in begun:
-                state = begin_write_row(state, command, window_start_us=window_start)
-            states[key] = state
-
-
-NO_OPEN_WRITES = OpenWrites({}, ())
+            state: StateRow | None = None
+            for batch in batches:
+                command = batch.writes.get(key)
+                if command is not None:
+                    state = begin_write_row(states.get(key, EMPTY_STATE) if state is None
+                                            else state, command,
+                                            window_start_us=batch.window_start_us)
+            if state is not None:
+                states[key] = state

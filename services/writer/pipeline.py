@@ -42,7 +42,7 @@ import asyncio
 import logging
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from operator import attrgetter
@@ -310,7 +310,7 @@ class Writer:
         return added
 
     def _folded(self, met: Sequence[OpenBatch], commands: Commands,
-                batches: Sequence[str]) -> dict[str, tuple[KeyTuple, ...]]:
+                batches: Sequence[str]) -> dict[str, Collection[KeyTuple]]:
         """The write batches the round's commit ends (common.store.write_batches, rules 3-4):
         its own, and the side's open batches it met when it read the ledger that hold one of
         its keys (a crashed round's, retried now: left open, their records would be given
@@ -319,7 +319,7 @@ class Writer:
         side = SIDE_CODES[self.side]
         stale_us = to_us(self._now()) - int(FOLD_AFTER_S * 1_000_000)
         keys = {key_tuple(key) for key in commands}
-        ended: dict[str, tuple[KeyTuple, ...]] = dict.fromkeys(batches, ())
+        ended: dict[str, Collection[KeyTuple]] = dict.fromkeys(batches, ())
         for batch in met:
             if batch.side == side and batch.id not in ended and (
                     batch.began_at_us < stale_us or not keys.isdisjoint(batch.keys)):
@@ -330,7 +330,7 @@ class Writer:
                               todo: Commands, outcome: WriteOutcome, *,
                               states: Mapping[KeyTuple, StateRow],
                               contacts: Mapping[str, ContactState],
-                              batches: Mapping[str, Sequence[KeyTuple]],
+                              batches: Mapping[str, Collection[KeyTuple]],
                               dropped: Sequence[PreferenceKey] = ()
                               ) -> dict[KeyTuple, StateRow]:
         """Record writes, refusals and what the writer read, in one transaction. ``states``

@@ -1,7 +1,8 @@
 """Write batches (common.store.write_batches), SQLite and PostgreSQL alike: a round's writes
 begun as one row are seen in flight by every read of key states, from the same snapshot, until
 the save that records their outcome ends the batch; a record a reader saved into a state is
-not given twice; erasing an email takes its writes out of a batch shared with others."""
+not given twice; erasing an email takes its writes out of a batch shared with others, and
+a batch read before the erasure is not seen as it was after it."""
 
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ async def test_erasing_an_email_takes_its_writes_out_of_a_shared_batch(
         store: LedgerStore) -> None:
     ann, bob = key(email="ann@example.com"), key(email="bob@example.com")
     await store.begin_writes(batch("b1", ann, bob))
+    assert key_tuple(ann) in await store.load_rows([key_tuple(ann)])  # read (and decoded) once
     assert (await store.personal_data("acme", "ann@example.com"))["write_batches"] == 1
     removed = await store.forget_email("acme", "ann@example.com")
     assert removed["write_batches"] == 1
