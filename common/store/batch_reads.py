@@ -33,7 +33,7 @@ from common.domain import ContactState
 from common.domain.rows import KeyTuple, StateRow
 from common.store.codec import decode_rows, from_us
 from common.store.directory import RecordRef, records_by_email
-from common.store.write_batches import OpenBatch, OpenWrites, list_query
+from common.store.write_batches import WriteBatch, list_query, with_writes_in_flight
 
 # which part of the snapshot a query's rows are for
 Part = Literal["contacts", "states", "eligible", "records", "resuming", "checkpoints",
@@ -69,7 +69,7 @@ class BatchSnapshot:
     resuming: set[str] = field(default_factory=set)
     checkpoints: dict[str, str | None] = field(default_factory=dict)
     # the open write batches of the account, read with the states (none when no state is)
-    write_batches: list[OpenBatch] = field(default_factory=list)
+    write_batches: list[WriteBatch] = field(default_factory=list)
 
 
 class BatchReader(Protocol):
@@ -136,10 +136,7 @@ def snapshot(reads: BatchReads, answers: Iterable[tuple[Part, Sequence[Any]]]) -
         else:
             out.checkpoints.update((str(name), str(value)) for name, value in rows)
     out.states.update(decode_rows(state_rows))
-    if batch_rows:
-        in_flight = OpenWrites.of(batch_rows)
-        in_flight.apply(out.states, reads.states_of)
-        out.write_batches.extend(in_flight.batches)
+    out.write_batches.extend(with_writes_in_flight(out.states, reads.states_of, batch_rows))
     out.records.update(records_by_email(record_rows))
     return out
 

@@ -77,7 +77,7 @@ from common.store.sqlite_thread import SqliteConnection, transact
 from common.store.write_batches import DELETE as DELETE_WRITE_BATCH
 from common.store.write_batches import INSERT as INSERT_WRITE_BATCH
 from common.store.write_batches import SCHEMA as WRITE_BATCH_SCHEMA
-from common.store.write_batches import OpenWrites, WriteBatch, list_query
+from common.store.write_batches import WriteBatch, list_query, with_writes_in_flight
 from common.vendors.budget import BudgetGrant
 
 log = logging.getLogger("prefsync.store")
@@ -608,8 +608,7 @@ class SqliteLedgerStore:
         for part, rows in await self._answer(plan):
             (batch_rows if part == "write_batches" else state_rows).extend(rows)
         states = decode_rows(state_rows)
-        if batch_rows:
-            OpenWrites.of(batch_rows).apply(states, keys)
+        with_writes_in_flight(states, keys, batch_rows)
         return states
 
     async def read_batch(self, reads: BatchReads) -> BatchSnapshot:
@@ -666,8 +665,7 @@ class SqliteLedgerStore:
         answers = await self._answer([("states", sql, [account, email]),
                                       ("write_batches", *list_query([account]))])
         states = decode_rows(answers[0][1])
-        if answers[1][1]:
-            OpenWrites.of(answers[1][1]).apply(states, list(states))
+        with_writes_in_flight(states, list(states), answers[1][1])
         return [key_state(PreferenceKey(account=account, email=email, preference_id=k[2]), row)
                 for k, row in sorted(states.items())]
 

@@ -66,7 +66,9 @@ def list_query(accounts: Iterable[str]) -> tuple[str, list[Any]]:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WriteBatch:
-    """The writes of one round begun at once, on one side (rule 1)."""
+    """The writes of one round begun at once, on one side (rule 1): as the writer begins them,
+    or as a reader finds them open (their commands then hold what
+    :func:`~common.domain.kernel_writes.begin_write_row` reads: side, value and origin)."""
 
     account: str
     id: str
@@ -74,6 +76,10 @@ class WriteBatch:
     window_start_us: int
     began_at_us: int
     writes: Mapping[KeyTuple, CommandRow]
+
+    @property
+    def keys(self) -> Collection[KeyTuple]:
+        return self.writes.keys()
 
     def row(self) -> tuple[Any, ...]:
         """The batch's row, for :data:`INSERT`."""
@@ -99,24 +105,6 @@ def count_email(blob: bytes, email: str) -> int:
     return sum(1 for w in orjson.loads(blob) if w[0] == email)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OpenBatch:
-    """An open batch, as a reader sees it: when it began, and its writes by key (as commands
-    for :func:`~common.domain.kernel_writes.begin_write_row`, which reads their side, value
-    and origin)."""
-
-    account: str
-    id: str
-    side: int
-    window_start_us: int
-    began_at_us: int
-    writes: Mapping[KeyTuple, CommandRow]
-
-    @property
-    def keys(self) -> Collection[KeyTuple]:
-        return self.writes.keys()
-
-
 # A batch's writes, decoded once in a process (a reader meets an open batch at each of its
 # reads while the round runs). Stored writes change only when an erasure rewrites them, so the
 # bytes read are the cache's check.
@@ -138,32 +126,20 @@ def _writes_of(account: str, batch_id: str, side: int, blob: bytes
     return writes
 
 
-class OpenWrites:
-    """The in-flight writes of the open batches of a snapshot (rule 2)."""
-
-    def __init__(self, batches: Sequence[OpenBatch]) -> None:
-        self.batches = batches
-
-    @classmethod
-    def of(cls, rows: Iterable[Sequence[Any]]) -> OpenWrites:
-        """From the rows of :func:`list_query`."""
-        return cls([OpenBatch(account=account, id=batch_id, side=side,
-                              window_start_us=window_start, began_at_us=began_at,
-                              writes=_writes_of(account, batch_id, side, bytes(blob)))
-                    for account, batch_id, side, window_start, began_at, blob in rows])
-
-    def __bool__(self) -> bool:
-        return any(batch.writes for batch in self.batches)
-
-    def apply(self, states: MutableMapping[KeyTuple, StateRow], keys: Iterable[KeyTuple]) -> None:
-        """Each of ``keys`` with writes in flight gets their records (a key not stored: on an
-        empty state, as the writer's begin saved it)."""
-        batches = [batch for batch in self.batches if batch.writes]
-        if not batches:
-            return
+def with_writes_in_flight(states: MutableMapping[KeyTuple, StateRow], keys: Iterable[KeyTuple],
+                         rows: Iterable[Sequence[Any]]) -> list[WriteBatch]:
+    """Rule 2: each of ``keys`` with writes in flight in the open batches of ``rows`` (of
+    :func:`list_query`, read with ``states``) gets their records in ``states`` (a key not
+    stored: on an empty state, as the writer's begin saved it); returns the batches."""
+    batches = [WriteBatch(account=account, id=batch_id, side=side, window_start_us=window_start,
+                          began_at_us=began_at,
+                          writes=_writes_of(account, batch_id, side, bytes(blob)))
+               for account, batch_id, side, window_start, began_at, blob in rows]
+    holding = [batch for batch in batches if batch.writes]
+    if holding:
         for key in keys:
             state: StateRow | None = None
-            for batch in batches:
+            for batch in holding:
                 command = batch.writes.get(key)
                 if command is not None:
                     state = begin_write_row(states.get(key, EMPTY_STATE) if state is None
@@ -171,3 +147,4 @@ class OpenWrites:
                                             window_start_us=batch.window_start_us)
             if state is not None:
                 states[key] = state
+    return batches

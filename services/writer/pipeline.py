@@ -80,7 +80,7 @@ from common.messaging.publishing import (
 from common.ops import failpoints
 from common.store.batch_reads import BatchReads
 from common.store.unit_of_work import commit_with_retry
-from common.store.write_batches import FOLD_AFTER_S, OpenBatch, WriteBatch
+from common.store.write_batches import FOLD_AFTER_S, WriteBatch
 from common.vendors.clock_skew import CLOCK_CHECKPOINTS, time_base_of
 from services.writer.sink import (
     CLOCK_MARGIN,
@@ -309,7 +309,7 @@ class Writer:
             states.update(begun)
         return added
 
-    def _folded(self, met: Sequence[OpenBatch], commands: Commands,
+    def _folded(self, met: Sequence[WriteBatch], commands: Commands,
                 batches: Sequence[str]) -> dict[str, Collection[KeyTuple]]:
         """The write batches the round's commit ends (common.store.write_batches, rules 3-4):
         its own, and the side's open batches it met when it read the ledger that hold one of
