@@ -22,6 +22,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from tests.harness.waiting import until
+
 RABBITMQ_SERVER = "rabbitmq-server"
 RABBITMQCTL = "rabbitmqctl"
 
@@ -76,13 +78,6 @@ def _give(path: Path, user: str) -> None:
             parent.chmod(mode | 0o001)
     for item in [path, *path.rglob("*")]:
         os.chown(item, owner.pw_uid, owner.pw_gid)
-
-
-async def _until(ready: Callable[[], bool], *, timeout_s: float) -> None:
-    """Poll ``ready`` (a port's state has no event to await)."""
-    async with asyncio.timeout(timeout_s):
-        while not ready():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
 
 
 async def _run(*argv: str, env: dict[str, str] | None = None, timeout_s: float = 120,
@@ -156,13 +151,19 @@ class PrivateRabbitMQ:
             stdout=(self.root / "server.out").open("ab"), stderr=asyncio.subprocess.STDOUT,
             start_new_session=True)
         server = self._server
-        async with asyncio.timeout(timeout_s):
-            # the CLI cannot reach the node until its VM has registered with epmd
-            while not _port_open(self.port):
-                if server.returncode is not None:
-                    log = (self.root / "server.out").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"RabbitMQ node {self.name} exited: {log}")
-                await asyncio.sleep(0.1)
+
+        def serving() -> bool:
+            if _port_open(self.port):
+                return True
+            if server.returncode is not None:
+                log = (self.root / "server.out").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"RabbitMQ node {self.name} exited: {log}")
+            return False
+
+        # the CLI cannot reach the node until its VM has registered with epmd (a port's state
+        # has no event to await)
+        await until(serving, timeout_s=timeout_s, every=0.1,
+                    what=f"RabbitMQ node {self.name} listening on {self.port}")
         await self.ctl("await_startup", timeout_s=timeout_s)
 
     async def ctl(self, *args: str, timeout_s: float = 60, check: bool = True) -> str:
@@ -195,7 +196,8 @@ class PrivateRabbitMQ:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
             await server.wait()
-        await _until(lambda: not _port_open(self.port), timeout_s=30)
+        await until(lambda: not _port_open(self.port), timeout_s=30,
+                    what=f"port {self.port} closed after the node stopped")
 
     async def stop_app(self) -> None:
         """Stop the broker application, keeping the VM (a quick outage)."""

@@ -4,15 +4,14 @@ service consumes."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from collections.abc import Callable, Sequence
 
 import aio_pika
 
 from common.domain import SIDES
 from common.messaging.topology import Topology
+from tests.harness.waiting import polled
 
 
 def service_queues(account: str, service: str, *, shards: int) -> list[str]:
@@ -48,13 +47,12 @@ async def wait_consuming(broker_url: str, queues: Sequence[str], *, timeout_s: f
                          check: Callable[[], None] | None = None) -> bool:
     """Until every one of ``queues`` has a consumer (False: ``timeout_s`` passed first);
     ``check`` runs before each look (it raises when what should consume has died)."""
-    deadline = time.monotonic() + timeout_s
     connection = await aio_pika.connect(broker_url)
     async with connection:
-        while time.monotonic() < deadline:
+
+        async def consumed() -> bool:
             if check is not None:
                 check()
-            if all(consumers > 0 for _, consumers in await declared(connection, queues)):
-                return True
-            await asyncio.sleep(0.05)
-    return False
+            return all(consumers > 0 for _, consumers in await declared(connection, queues))
+
+        return bool(await polled(consumed, timeout_s=timeout_s))

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from common.messaging.topology import Topology
 from common.vendors.dataverse.client import DataverseClient
 from common.vendors.dotdigital.client import DotdigitalClient
 from tests.harness.queues import service_queues, wait_consuming
+from tests.harness.waiting import polled
 
 ROOT = Path(__file__).resolve().parents[2]
 DD_ACCOUNT = "1001"
@@ -134,16 +134,18 @@ async def _serving(name: str, args: list[str], workdir: Path, *, timeout_s: floa
     log = workdir / f"{name}.log"
     log.unlink(missing_ok=True)
     process = Process(name=name, proc=await exec_cli(args, log=log), log=log)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def url() -> str | None:
         if not process.alive():
             raise WorldError(f"{name} exited: {process.tail()}")
         match = _URL.search(log.read_text(errors="replace"))
-        if match:
-            return process, match.group(1)
-        await asyncio.sleep(0.05)
-    await process.stop()
-    raise WorldError(f"{name} did not start")
+        return match.group(1) if match else None
+
+    found = await polled(url, timeout_s=timeout_s)  # it logs its URL once it serves
+    if found is None:
+        await process.stop()
+        raise WorldError(f"{name} did not start")
+    return process, found
 
 
 @contextlib.asynccontextmanager

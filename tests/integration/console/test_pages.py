@@ -3,7 +3,6 @@ letters), a contact (filters), and one account's token against another's pages."
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from common.messaging import envelope as messages
 from common.messaging.amqp import AmqpPublisher, Outgoing, connect
 from common.messaging.envelope import Envelope, PreferenceChange
 from common.messaging.topology import CHANGES_EXCHANGE, DEAD_EXCHANGE, Topology, shard_of
+from tests.harness.waiting import until
 from tests.integration.pipeline.conftest import World
 
 from .conftest import SUPPRESSED, Console, log_in, screenshot
@@ -210,11 +210,10 @@ async def test_replay_a_dead_letter_and_purge_another(console: Console, page: Pa
     await expect(entries).to_have_count(1)
     await expect(replayable).to_have_count(0)
     # the replayed change went through the services to Dynamics
-    for _ in range(300):
-        if (await world.values(person.email, preference.id))[0] == {wanted}:
-            break
-        await asyncio.sleep(0.1)
-    assert (await world.values(person.email, preference.id))[0] == {wanted}
+    async def replayed() -> bool:
+        return (await world.values(person.email, preference.id))[0] == {wanted}
+
+    await until(replayed, timeout_s=30, every=0.1, what="the replayed change in Dynamics")
 
     # purging asks first; cancelling keeps the entry
     await page.get_by_role("link", name="Purge console-bad").click()

@@ -26,9 +26,9 @@ from common.messaging.envelope import (
 from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, WRITES_EXCHANGE, Topology, shard_of
 from common.ops.metrics import REGISTRY
 from common.store import open_store
+from tests.harness.waiting import until
 
 from ..pipeline.conftest import BROKER_URL, World, make_worlds
-from ..scale.conftest import until
 from .conftest import require_rabbitmqctl
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -163,7 +163,7 @@ async def test_a_forged_message_never_reaches_the_other_account(
         b_dead.extend(await dead_letters(b.account))
         return len(a_dead) >= len(forged) and len(b_dead) >= 1
 
-    await until(all_dead_lettered)
+    await until(all_dead_lettered, timeout_s=30, every=0.02, what="every forged message dead-lettered")
     assert {str((m.headers or {})["x-prefsync-queue"]) for m in a_dead} == expected_queues
     for message in [*a_dead, *b_dead]:
         headers = message.headers or {}

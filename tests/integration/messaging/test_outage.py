@@ -32,6 +32,7 @@ from common.messaging.resilience import TransientFailure, dependency_of
 from common.messaging.topology import CHANGES_EXCHANGE, CONTROL_EXCHANGE, Topology
 from tests.harness.private_services import PrivateRabbitMQ, private_rabbitmq
 from tests.harness.unavailable import needs_rabbitmq_server
+from tests.harness.waiting import until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, needs_rabbitmq_server]
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -88,12 +89,12 @@ async def test_a_consumer_outlives_its_channel(node: PrivateRabbitMQ) -> None:
         try:
             with anyio.fail_after(20):
                 await in_hand.wait()
-                while consumer._inbox.qsize() < 2:  # noqa: ASYNC110 - m2 and m3 wait behind
-                    await asyncio.sleep(0.01)
+                await until(lambda: consumer._inbox.qsize() >= 2, timeout_s=20, every=0.01,
+                            what="m2 and m3 waiting behind m1")
             await node.close_all_connections()
             with anyio.fail_after(20):
-                while not held[0].stale():  # noqa: ASYNC110 - the client has no such event
-                    await asyncio.sleep(0.05)
+                # the client has no event for it
+                await until(held[0].stale, timeout_s=20, what="m1's channel closed")
                 await connection.connected.wait()  # reconnected
             release.set()
             with anyio.fail_after(60):

@@ -38,6 +38,7 @@ from common.messaging.resilience import TransientFailure
 from common.messaging.topology import CHANGES_EXCHANGE, Topology
 from common.ops.health import readiness
 from common.ops.metrics import Metrics
+from tests.harness.waiting import polled, until
 
 from .conftest import BROKER_URL
 
@@ -92,11 +93,14 @@ async def settles_at(connection: AbstractRobustConnection, queue: str, depth: in
     """The queue's depth once it is ``depth``, or as it stands after ``within_s``: a message a
     consumer gave back (a nack, which the broker does not confirm) is counted once the broker
     has handled it, which another channel cannot be told of."""
-    deadline = asyncio.get_running_loop().time() + within_s
-    while (found := await queue_depth(connection, queue)) != depth:
-        if asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.02)
+    found = await queue_depth(connection, queue)
+
+    async def settled() -> bool:
+        nonlocal found
+        found = await queue_depth(connection, queue)
+        return found == depth
+
+    await polled(settled, timeout_s=within_s, every=0.02)
     return found
 
 
@@ -238,9 +242,8 @@ async def test_one_bad_change_is_dead_lettered_alone(connection: AbstractRobustC
             await publisher.publish_many([
                 change_message(account, n, preference_id=BAD_PREFERENCE if n == 5 else 1)
                 for n in range(8)])
-            with anyio.fail_after(10):
-                while consumer._inbox.qsize() < 8:  # noqa: ASYNC110 - no event to await
-                    await asyncio.sleep(0.01)
+            await until(lambda: consumer._inbox.qsize() >= 8, timeout_s=10, every=0.01,
+                        what="the eight in the consumer's inbox")
             return
         if any(d.envelope.changes[0].preference_id == BAD_PREFERENCE  # type: ignore[union-attr]
                for d in batch):
@@ -317,8 +320,8 @@ async def test_one_probe_at_a_time_while_a_breaker_is_open() -> None:
     assert breaker.take_probe()
     assert not breaker.take_probe()  # the second consumer waits instead
     waiter = asyncio.create_task(breaker.wait(until=loop.time() + 5))
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
+    await asyncio.sleep(0)  # let the waiter run until it waits (no time passes)
+    assert not waiter.done() and breaker._waiters  # it waits on the breaker
     breaker.succeeded()
     with anyio.fail_after(1):
         await waiter  # woken by the close, not by its deadline

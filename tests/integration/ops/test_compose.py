@@ -34,6 +34,7 @@ from common.ops.health import healthcheck
 from common.ops.metrics import REGISTRY
 from services.cli.main import build_parser
 from services.runtime.registry import run_services
+from tests.harness.waiting import until
 from tests.harness.world import delete_queues
 from tests.integration.pipeline.conftest import BROKER_URL
 
@@ -382,12 +383,11 @@ def free_port() -> int:
 
 
 async def until_healthy(url: str, process: asyncio.subprocess.Process) -> None:
-    for _ in range(600):
+    async def healthy() -> bool:
         assert process.returncode is None, f"exited with {process.returncode}"
-        if await asyncio.to_thread(healthcheck, url, timeout_s=1.0, out=io.StringIO()) == 0:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} never became healthy")
+        return await asyncio.to_thread(healthcheck, url, timeout_s=1.0, out=io.StringIO()) == 0
+
+    await until(healthy, timeout_s=60, every=0.1, what=f"{url} healthy")
 
 
 async def prefsync(*args: str, env: dict[str, str]) -> tuple[int, str]:

@@ -16,6 +16,7 @@ from common.config import Config, parse_config
 from common.messaging.amqp import AmqpPublisher, Outgoing, connect
 from common.messaging.topology import CHANGES_EXCHANGE, DEAD_EXCHANGE, Topology
 from services.cli.dlq import describe, dlq_command, replay_refusal, walk
+from tests.harness.waiting import until
 
 pytestmark = pytest.mark.anyio
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -64,16 +65,19 @@ async def dead(tmp_path: Path) -> AsyncIterator[tuple[Config, str]]:
             await message.reject(requeue=True)
 
         await queue.consume(refuse)
-        for _ in range(400):
-            if await depth(account) == 3:
-                break
-            await asyncio.sleep(0.025)
+        # the broker tells no client when it dead-letters: its dead-letter queue is looked at
+        await until(lambda: has_depth(account, 3), timeout_s=10, every=0.025,
+                    what="the poison message dead-lettered by the broker")
         await consumer_channel.close()
         assert await depth(account) == 3
         yield config_for(account, Path("/tmp")), account
         channel = await connection.channel()
         for spec in topology.queues:
             await channel.queue_delete(spec.name)
+
+
+async def has_depth(account: str, wanted: int) -> bool:
+    return await depth(account) == wanted
 
 
 async def depth(account: str) -> int:

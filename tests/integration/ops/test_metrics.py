@@ -28,6 +28,7 @@ from common.ops.metrics import Metrics, checkpoint_source, observed, queue_kind
 from common.vendors.base import RequestEvent
 from services.runtime.registry import Running, run_services
 from tests.conftest import serving
+from tests.harness.waiting import until
 from tests.integration.pipeline.conftest import BROKER_URL, World
 
 pytestmark = pytest.mark.anyio
@@ -179,12 +180,12 @@ async def test_a_sync_shows_in_metrics_and_readiness(world: World) -> None:
             exchange = await channel.get_exchange(CHANGES_EXCHANGE)
             await exchange.publish(aio_pika.Message(b"not json", message_id="bad-1"),
                                    routing_key=Topology.changes_key(world.account, 0))
-        for _ in range(200):
+        async def counted() -> str | None:
             async with http.get(f"{url}/metrics") as response:
                 text = await response.text()
-            if value(text, "prefsync_dead_letters_total", account=world.account):
-                break
-            await asyncio.sleep(0.05)
+            return text if value(text, "prefsync_dead_letters_total", account=world.account) else None
+
+        text = await until(counted, timeout_s=10, what="the dead letter in /metrics")
     acct = world.account
     assert value(text, "prefsync_dead_letters_total", account=acct, reason="malformed") == 1
     assert value(text, "prefsync_changes_read_total", account=acct, source="dynamics") > 0

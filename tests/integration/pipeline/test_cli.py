@@ -11,6 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.harness.waiting import until
+
 from .conftest import World
 
 pytestmark = pytest.mark.anyio
@@ -37,15 +39,16 @@ async def prefsync(*args: str, env: dict[str, str] | None = None,
 
 async def wait_until_answering(url: str, process: asyncio.subprocess.Process) -> None:
     async with aiohttp.ClientSession() as http:
-        for _ in range(200):
+
+        async def answering() -> bool:
             assert process.returncode is None, (await process.stderr.read()).decode()  # type: ignore[union-attr]
             try:
                 async with http.get(url) as response:
-                    if response.status < 500:
-                        return
+                    return response.status < 500
             except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    raise AssertionError(f"{url} never answered")
+                return False
+
+        await until(answering, timeout_s=10, what=f"{url} answering")
 
 
 @pytest.mark.parametrize(("simulator", "printed"), [

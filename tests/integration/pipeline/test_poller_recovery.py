@@ -31,6 +31,7 @@ from services.ec_poller.service import (
     opt_in_change_id,
     page_read,
 )
+from tests.harness.waiting import until
 
 from ..rules.conftest import Vendors, synced, vendors
 from .conftest import World, make_world
@@ -55,11 +56,11 @@ async def sync_through_a_crash(world: World, service: str, failpoint: str) -> No
 async def until_values(world: World, email: str, preference_id: int, wanted: bool,
                        timeout_s: float = 90) -> None:
     """Polls both vendors (another process does the work) until they hold ``wanted``."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if await world.values(email, preference_id) == ({wanted}, wanted):
-                return
-            await asyncio.sleep(0.5)
+    async def holding() -> bool:
+        return await world.values(email, preference_id) == ({wanted}, wanted)
+
+    await until(holding, timeout_s=timeout_s, every=0.5,
+                what=f"both vendors hold {wanted} for {email}")
 
 
 async def tracked_sync(world: World) -> RunTracker:

@@ -24,6 +24,7 @@ from common.store.directory import RecordRef
 from services.cli.sync_now import request_sync
 from services.reconciler.service import Reconciler
 from services.reconciler.sweep import OutstandingSweep
+from tests.harness.waiting import until
 from tests.unit.config.test_config import ENV, GOOD
 
 from ..store.backends import BACKENDS, store_url
@@ -183,21 +184,6 @@ def gauge(name: str, account: str) -> float | None:
     return REGISTRY.get_sample_value(name, {"service": "reconciler", "account": account})
 
 
-async def until(condition: Callable[[], object], what: str, *, timeout_s: float = 60,
-                every_s: float = 0.05) -> None:
-    """Polls ``condition`` (sync or async) until it is true."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        await asyncio.sleep(every_s)
-
-
 @pytest.mark.slow
 async def test_a_write_whose_command_was_lost_is_swept_and_lands(tmp_path: Path) -> None:
     async with make_world(tmp_path, records=20) as world:
@@ -237,30 +223,27 @@ async def test_a_write_whose_command_was_lost_is_swept_and_lands(tmp_path: Path)
                 declared = await channel.declare_queue(queue, passive=True)
                 return (declared.declaration_result.message_count or 0) > 0
 
-            await until(reconciled, "the change is reconciled")
-            await until(write_queued, "its write is published")
+            await until(reconciled, timeout_s=60, what="the change is reconciled")
+            await until(write_queued, timeout_s=60, what="its write is published")
             # The command is lost: the key is outstanding, nothing in flight brings it over.
             for queue in queues:
                 await (await channel.declare_queue(queue, passive=True)).purge()
 
-        seen: list[float] = []
-
-        async def watch() -> None:
-            while True:
-                seen.append(gauge("prefsync_outstanding_keys", world.account) or 0.0)
-                await asyncio.sleep(0.02)
-
-        watcher = asyncio.create_task(watch())
+        # the sweep sets the gauge at its interval, telling no one: it is looked at meanwhile
+        shown = asyncio.create_task(until(
+            lambda: (gauge("prefsync_outstanding_keys", world.account) or 0.0) >= 1,
+            timeout_s=60, every=0.02, what="the metric showing the outstanding key"))
         try:
             await world.start(("writer",))
 
             async def landed() -> bool:
                 return await world.values(person.email, preference.id) == ({wanted}, wanted)
 
-            await until(landed, "the write published again lands", every_s=0.25)
-            assert max(seen) >= 1, "the metric never showed the outstanding key"
+            await until(landed, timeout_s=60, every=0.25, what="the write published again lands")
+            assert shown.done(), "the metric never showed the outstanding key"
+            await shown
             await until(lambda: gauge("prefsync_outstanding_keys", world.account) == 0,
-                        "the metric shows nothing outstanding")
+                        timeout_s=60, what="the metric shows nothing outstanding")
             assert gauge("prefsync_outstanding_oldest_seconds", world.account) == 0
         finally:
-            watcher.cancel()
+            shown.cancel()

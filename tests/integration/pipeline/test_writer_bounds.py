@@ -36,6 +36,7 @@ from common.vendors.dotdigital.client import DotdigitalClient, ImportUnfinished
 from common.vendors.dotdigital.feed import EPOCH, FeedPosition
 from services.writer.dotdigital import READ_WAIT_S, DotdigitalSink
 from services.writer.pipeline import Writer
+from tests.harness.waiting import until
 from tests.harness.world import delete_queues
 from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
 
@@ -91,10 +92,9 @@ class Bench:
         await self.channel.default_exchange.publish(
             aio_pika.Message(encode(envelope), message_id=envelope.change_id),
             routing_key=queue.name)
-        async with asyncio.timeout(10):
-            # basic.get: the broker routes the message at once, so this rarely loops
-            while (message := await queue.get(fail=False)) is None:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        # basic.get: the broker routes the message at once, so this rarely polls again
+        message = await until(lambda: queue.get(fail=False), timeout_s=10, every=0.01,
+                              what="the write commands in their queue")
         return Delivery(envelope=decode(message.body), message=AmqpMessage(message),
                         queue=Topology.writes_queue(self.account, "dotdigital", 0))
 

@@ -17,9 +17,9 @@ from common.messaging.topology import CONTROL_EXCHANGE
 from common.store import open_store
 from services.cli.schedule import schedule_command
 from services.cli.sync_now import request_sync
+from tests.harness.waiting import until
 
 from ..pipeline.conftest import BROKER_URL, World, make_world
-from ..scale.conftest import until
 from .conftest import status, synced
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -67,12 +67,15 @@ async def test_status_goes_from_none_to_queued_to_synchronising_to_synchronised(
             lease = f"{world.account}:dynamics-poller"
             assert await store.acquire_lease(lease, "another-replica", 60)
             await request_sync(config=world.config, account=world.account)
-            await until(lambda: state_is(world, "Added to queue"))
+            await until(lambda: state_is(world, "Added to queue"), timeout_s=30, every=0.02,
+                        what="status Added to queue")
             await world.faults("dynamics", {"latency_ms": {"GET /api/data": 400}})
             await store.release_lease(lease, "another-replica")
-            await until(lambda: state_is(world, "Synchronising"))
+            await until(lambda: state_is(world, "Synchronising"), timeout_s=30, every=0.02,
+                        what="status Synchronising")
             await world.faults("dynamics", None)
-            await until(lambda: state_is(world, "Synchronised"), timeout_s=120)
+            await until(lambda: state_is(world, "Synchronised"), timeout_s=120, every=0.02,
+                        what="status Synchronised")
         shown = await status(world)
         assert shown["last_success_at"] and shown["next_run_at"] is None
         counts = shown["last_run"]["counts"]
@@ -93,7 +96,8 @@ async def test_a_schedule_change_takes_effect_without_a_restart(tmp_path: Path) 
             last = (await status(world))["last_run"]
             return last is not None and last["run"] != first
 
-        await until(scheduled_run_finished, timeout_s=120)
+        await until(scheduled_run_finished, timeout_s=120, every=0.02,
+                    what="a scheduled run finished")
         assert (await status(world))["schedule"] == "every 1s"
         out = io.StringIO()
         assert await schedule_command(config=world.config, account=world.account, text=None,
@@ -113,13 +117,15 @@ async def test_a_trigger_during_a_run_is_coalesced_into_the_next_run(tmp_path: P
         async with progress(world) as events:
             await world.faults("dynamics", {"latency_ms": {"GET /api/data": 300}})
             first = await request_sync(config=world.config, account=world.account)
-            await until(lambda: started_run(events, first) is not None)
+            await until(lambda: started_run(events, first) is not None, timeout_s=30, every=0.02,
+                        what="the first run started")
             # two more triggers while the first run is still reading Dynamics
             second = await request_sync(config=world.config, account=world.account)
             third = await request_sync(config=world.config, account=world.account)
             await world.faults("dynamics", None)
             await until(lambda: None not in (started_run(events, second),
-                                             started_run(events, third)), timeout_s=120)
+                                             started_run(events, third)),
+                        timeout_s=120, every=0.02, what="the later triggers' run started")
         # Neither was lost, and both were taken by one run after the first.
         assert started_run(events, second) == started_run(events, third) != started_run(
             events, first)
@@ -129,4 +135,4 @@ async def test_a_trigger_during_a_run_is_coalesced_into_the_next_run(tmp_path: P
             last = (await status(world))["last_run"]
             return last is not None and last["run"] == next_run
 
-        await until(finished, timeout_s=120)
+        await until(finished, timeout_s=120, every=0.02, what="the next run finished")

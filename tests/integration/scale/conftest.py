@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,23 +40,6 @@ class Broker:
             exchange=CONTROL_EXCHANGE, routing_key=Topology.trigger_key(self.account, poller),
             body=encode(envelope), message_id=envelope.change_id)])
         return run_id
-
-
-async def until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 30, *,
-                explain: Callable[[], str] | None = None) -> None:
-    """Until ``condition`` holds (it looks at another process or the broker: polled);
-    ``explain`` says what the processes involved were doing when it did not."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                result = condition()
-                if await result if inspect.isawaitable(result) else result:
-                    return
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        if explain is None:
-            raise
-        raise AssertionError(f"not within {timeout_s} s:\n{explain()}") from None
 
 
 @pytest.fixture

@@ -27,8 +27,9 @@ from common.messaging.envelope import Envelope, PreferenceChange, encode
 from common.messaging.topology import CHANGES_EXCHANGE, Topology, shard_of
 from common.store import LedgerStore, open_store
 from services.runtime.assignment import ShardAssigner, group_name, holders
+from tests.harness.waiting import until
 
-from .conftest import BROKER_URL, Broker, until
+from .conftest import BROKER_URL, Broker
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +59,7 @@ class Ledger:
                 if replica in self.hang:
                     self.hanging.add(replica)
                     await self.hang[replica].wait()
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # the batch's work takes a little time (not a wait)
                 for delivery in batch:
                     for change in delivery.envelope.changes:
                         assert isinstance(change, PreferenceChange)
@@ -136,6 +137,7 @@ async def publish_all(broker: Broker) -> None:
                 routing_key=Topology.changes_key(broker.account, shard_of(email, 4)),
                 body=encode(envelope), message_id=envelope.change_id))
         await broker.publisher.publish_many(batch)
+        # deliberate pacing: the changes keep arriving while replicas join and die (not a wait)
         await asyncio.sleep(0.04)
 
 
@@ -155,24 +157,27 @@ async def test_shards_spread_move_and_keep_per_email_order(broker: Broker, url: 
             owners = await held(r1.store, broker.account)
             return set(owners) == queues and set(owners.values()) == names
 
-        await until(lambda: spread({"r1"}))
+        await until(lambda: spread({"r1"}), timeout_s=30, every=0.02, what="r1 holding every queue")
         r2 = await start("r2")
-        await until(lambda: spread({"r1", "r2"}))
+        await until(lambda: spread({"r1", "r2"}), timeout_s=30, every=0.02,
+                    what="the queues spread over r1 and r2")
         await start("r3")
-        await until(lambda: spread({"r1", "r2", "r3"}))
+        await until(lambda: spread({"r1", "r2", "r3"}), timeout_s=30, every=0.02,
+                    what="the queues spread over r1, r2 and r3")
 
         # r2 hangs in the middle of a batch, and dies there
         ledger.hang["r2"] = asyncio.Event()
-        await until(lambda: "r2" in ledger.hanging)
+        await until(lambda: "r2" in ledger.hanging, timeout_s=30, every=0.02, what="r2 hanging in a batch")
         r2_queues = {q for q, m in (await held(r1.store, broker.account)).items() if m == "r2"}
         killed_at = time.monotonic()
         await r2.connection.close()
         await r2.store.close()
         r2.task.cancel()
-        await until(lambda: spread({"r1", "r3"}))
+        await until(lambda: spread({"r1", "r3"}), timeout_s=30, every=0.02,
+                    what="r2's queues handed over to r1 and r3")
         handed_over_s = time.monotonic() - killed_at
         await publishing
-        await until(lambda: ledger.complete)
+        await until(lambda: ledger.complete, timeout_s=30, every=0.02, what="every change handled")
 
     assert not ledger.overlaps
     for email in EMAILS:

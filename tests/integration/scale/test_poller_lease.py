@@ -20,8 +20,9 @@ from common.messaging.amqp import DeadLetterer
 from common.runs import RunRequest
 from common.store import LedgerStore, open_store
 from services.runtime.triggers import RunCoordinator
+from tests.harness.waiting import until
 
-from .conftest import Broker, until
+from .conftest import Broker
 
 pytestmark = pytest.mark.anyio
 
@@ -45,7 +46,7 @@ class Runs:
             try:
                 if hang is not None:
                     await hang.wait()
-                await asyncio.sleep(seconds)
+                await asyncio.sleep(seconds)  # the run's work takes this long (not a wait)
                 self.covered += request.covers
             finally:
                 self.active.discard(replica)
@@ -88,15 +89,16 @@ async def test_two_replicas_never_run_one_account_at_once(broker: Broker, url: s
     sent: list[str] = []
     async with replica(broker, url, "r2", runs.cycle("r2", seconds=0.15)):
         async with replica(broker, url, "r1", runs.cycle("r1", seconds=0.15)):
-            for _ in range(6):
+            for _ in range(6):  # deliberate pacing: triggers arrive during runs (not a wait)
                 sent.append(await broker.trigger())
                 await asyncio.sleep(0.05)
-            await until(lambda: len(runs.intervals) >= 2)
+            await until(lambda: len(runs.intervals) >= 2, timeout_s=30, every=0.02, what="two runs")
         # r1 stops (its trigger consumer too); r2 carries on with what is pending and new
-        for _ in range(6):
+        for _ in range(6):  # paced as above
             sent.append(await broker.trigger())
             await asyncio.sleep(0.05)
-        await until(lambda: set(sent) <= set(runs.covered))
+        await until(lambda: set(sent) <= set(runs.covered), timeout_s=30, every=0.02,
+                    what="every trigger covered by a run")
     assert not runs.overlapped
     spans = sorted((start, end) for _, start, end in runs.intervals)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
@@ -109,14 +111,14 @@ async def test_a_run_left_by_a_dead_replica_is_taken_over(broker: Broker, url: s
     async with replica(broker, url, "r1", runs.cycle("r1", seconds=0, hang=hang),
                        lease_ttl_s=1.0) as (_, r1_store, r1_task):
         sent = await broker.trigger()
-        await until(lambda: "r1" in runs.active)
+        await until(lambda: "r1" in runs.active, timeout_s=30, every=0.02, what="r1 running")
         # r1 dies mid-run: its store goes away first, so it can neither renew nor release
         await r1_store.close()
         r1_task.cancel()
         async with replica(broker, url, "r2", runs.cycle("r2", seconds=0)) as (r2, _, _):
-            await until(lambda: sent in runs.covered)
+            await until(lambda: sent in runs.covered, timeout_s=30, every=0.02, what="the trigger covered")
             assert [name for name, _, _ in runs.intervals if name == "r2"]
-            await until(r2.idle.is_set)
+            await asyncio.wait_for(r2.idle.wait(), timeout=30)
 
 
 async def test_a_stalled_replica_loses_the_lease_and_stops(broker: Broker, url: str) -> None:
@@ -126,11 +128,12 @@ async def test_a_stalled_replica_loses_the_lease_and_stops(broker: Broker, url: 
     async with replica(broker, url, "r1", runs.cycle("r1", seconds=0, hang=stall),
                        lease_ttl_s=0.5, lease_renew_s=2.0):
         sent = await broker.trigger()
-        await until(lambda: "r1" in runs.active)
+        await until(lambda: "r1" in runs.active, timeout_s=30, every=0.02, what="r1 running")
         async with replica(broker, url, "r2", runs.cycle("r2", seconds=0)) as (r2, store, _):
-            await until(lambda: sent in runs.covered)
-            await until(lambda: not runs.active)       # r1's run was cancelled, not finished
+            await until(lambda: sent in runs.covered, timeout_s=30, every=0.02, what="the trigger covered")
+            # r1's run was cancelled, not finished
+            await until(lambda: not runs.active, timeout_s=30, every=0.02, what="no run under way")
             assert [name for name, _, _ in runs.intervals] == ["r2", "r1"]
             assert runs.covered == [sent]               # once, by r2
-            await until(r2.idle.is_set)
+            await asyncio.wait_for(r2.idle.wait(), timeout=30)
             assert await store.get_checkpoint(broker.account, "dynamics-poller:pending") == "[]"

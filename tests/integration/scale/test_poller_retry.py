@@ -14,8 +14,9 @@ from common.messaging.amqp import DeadLetterer
 from common.runs import RunRequest
 from common.store import open_store
 from services.runtime.triggers import RunCoordinator, RunStore
+from tests.harness.waiting import until
 
-from .conftest import Broker, until
+from .conftest import Broker
 
 pytestmark = pytest.mark.anyio
 
@@ -41,8 +42,8 @@ async def test_a_failed_run_is_retried_with_backoff(broker: Broker, url: str) ->
         try:
             await asyncio.wait_for(trigger.consuming.wait(), timeout=10)
             sent = await broker.trigger()
-            await until(lambda: covered == [sent])
-            await until(coordinator.idle.is_set)
+            await until(lambda: covered == [sent], timeout_s=30, every=0.02, what="the trigger covered")
+            await asyncio.wait_for(coordinator.idle.wait(), timeout=30)
             assert await store.get_checkpoint(broker.account, "dynamics-poller:pending") == "[]"
         finally:
             for task in tasks:
@@ -80,7 +81,7 @@ async def test_the_run_loop_backs_off_while_the_store_is_down(broker: Broker) ->
     began = time.monotonic()
     loop = asyncio.create_task(coordinator.run_loop())
     try:
-        await until(lambda: coordinator.failures >= 4)
+        await until(lambda: coordinator.failures >= 4, timeout_s=30, every=0.02, what="four failed runs")
         # each failure waits at least half its backoff (0.4, 0.8, 1.6 s ceilings): no hot loop
         assert time.monotonic() - began >= 0.2 + 0.4 + 0.8 - 0.05
     finally:

@@ -21,10 +21,10 @@ from common.domain import SIDES
 from common.messaging.topology import Topology
 from common.store import LedgerStore, open_store
 from services.runtime.assignment import MEMBER_TTL_S, group_name, holders
+from tests.harness.waiting import until
 
 from ..pipeline.conftest import World, make_worlds
 from ..store.backends import postgres_schema
-from .conftest import until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -126,10 +126,10 @@ async def test_replicas_share_the_work_and_survive_a_kill(world: World) -> None:
     await world.spawn("dynamics-poller", replica="dyn-2")
     await world.spawn("ec-poller", replica="ec-1")
     async with open_store(world.config.store.url) as store:
-        await until(lambda: spread_over(store, world, "reconciler", set(RECONCILERS)), 60,
-                    explain=lambda: explain(world))
-        await until(lambda: spread_over(store, world, "writer", set(WRITERS)), 60,
-                    explain=lambda: explain(world))
+        await until(lambda: spread_over(store, world, "reconciler", set(RECONCILERS)), timeout_s=60,
+                    every=0.02, what=lambda: explain(world))
+        await until(lambda: spread_over(store, world, "writer", set(WRITERS)), timeout_s=60,
+                    every=0.02, what=lambda: explain(world))
 
         first = await world.sync(timeout_s=180)
         assert first["failed"] == 0, first
@@ -151,15 +151,15 @@ async def test_replicas_share_the_work_and_survive_a_kill(world: World) -> None:
             return any(count > before.get(route, 0) for route, count in calls.items()
                        if "with-preference" in route)
 
-        await until(reading_feeds, 60, explain=lambda: explain(world))
+        await until(reading_feeds, timeout_s=60, every=0.02, what=lambda: explain(world))
         killed_at = time.monotonic()
         for victim in ("rec-2", "wri-1"):
             world.processes[victim].send_signal(signal.SIGKILL)
-        await until(lambda: spread_over(store, world, "reconciler", {"rec-1", "rec-3"}), 60,
-                    explain=lambda: explain(world))
+        await until(lambda: spread_over(store, world, "reconciler", {"rec-1", "rec-3"}), timeout_s=60,
+                    every=0.02, what=lambda: explain(world))
         reconciler_handover_s = time.monotonic() - killed_at
-        await until(lambda: spread_over(store, world, "writer", {"wri-2"}), 60,
-                    explain=lambda: explain(world))
+        await until(lambda: spread_over(store, world, "writer", {"wri-2"}), timeout_s=60,
+                    every=0.02, what=lambda: explain(world))
         writer_handover_s = time.monotonic() - killed_at
         summary = await run
         assert summary["failed"] == 0, summary

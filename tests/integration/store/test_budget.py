@@ -11,8 +11,9 @@ import pytest
 
 from common.store import LedgerStore, open_store
 from common.vendors.dotdigital.client import DotdigitalClient
+from tests.harness.waiting import until
 from tests.integration.store.stepped_clock import SteppedClock
-from tests.unit.vendors.support import Events, dotdigital_config, dotdigital_sim, until
+from tests.unit.vendors.support import Events, dotdigital_config, dotdigital_sim
 
 pytestmark = pytest.mark.anyio
 
@@ -71,7 +72,8 @@ async def test_two_clients_sharing_the_store_stay_inside_the_budget_together(
             calls = [asyncio.ensure_future(client.server_time())
                      for client in (one, two) for _ in range(20)]
             await until(lambda: len(events.seen) >= 28
-                        and one.pacer.waiting + two.pacer.waiting >= 1)
+                        and one.pacer.waiting + two.pacer.waiting >= 1,
+                        timeout_s=30, every=0.01, what="28 calls answered and one held back")
             assert (await sim.stats())["total_calls"] == 28 == len(events.seen)
             assert sum(c.done() for c in calls) == 28
             # the store's ledger holds the rest back for about a minute

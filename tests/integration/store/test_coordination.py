@@ -14,6 +14,7 @@ import pytest
 from common.domain import KeyState, PreferenceKey
 from common.domain.rows import EMPTY_STATE, key_tuple
 from common.store import ConflictError, LedgerStore, open_store
+from tests.harness.waiting import until
 
 from .stepped_clock import SteppedClock
 
@@ -131,10 +132,10 @@ async def test_a_save_caught_in_a_deadlock_is_a_conflict(store: LedgerStore, url
         await holder.execute(lock, "bob@example.com")
         saving = asyncio.ensure_future(store.save_rows([(1, ann, changed), (1, bob, changed)]))
         # the save holds ann's row and waits for bob's (PostgreSQL tells of no such event)
-        while not await holder.fetchval(  # noqa: ASYNC110
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query LIKE '%UPDATE key_state%'"):
-            await asyncio.sleep(0.01)
+        await until(lambda: holder.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%UPDATE key_state%'"),
+            timeout_s=20, every=0.01, what="the save waiting for bob's row lock")
         locking = asyncio.ensure_future(holder.execute(lock, "ann@example.com"))
         with pytest.raises(ConflictError):
             await saving

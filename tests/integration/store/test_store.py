@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import zlib
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -35,6 +34,7 @@ from common.store.postgres import DDL_STAMP, PostgresLedgerStore
 from common.store.sqlite import WAL_CHECKPOINT_PAGES
 from services.runtime.registry import ledger_cache_mib
 from tests.harness.keys import T, key
+from tests.harness.waiting import until
 from tests.unit.store.test_codec import FORMAT_1_SHORT
 
 from .backends import postgres_schema
@@ -396,15 +396,6 @@ async def test_a_sqlite_ledger_copies_its_wal_back_only_past_its_own_interval(
     assert WAL_CHECKPOINT_PAGES > 1_000  # past SQLite's own
 
 
-async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not condition():  # noqa: ASYNC110  (a lock has no event to await)
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        pytest.fail(f"not within {timeout_s} s: {what}")
-
-
 async def test_a_sqlite_call_cancelled_while_it_waits_for_the_lock_leaves_the_ledger_usable(
         tmp_path: Path) -> None:
     # A lease cancel, the readiness probe's timeout or a shutdown cancels a call while another
@@ -418,7 +409,9 @@ async def test_a_sqlite_call_cancelled_while_it_waits_for_the_lock_leaves_the_le
             holder.execute("BEGIN IMMEDIATE")  # another process's write lock
             waiting = asyncio.create_task(store.set_checkpoint("acme", "feed", "1"))
             # the call has taken the store's connection and sent its BEGIN
-            await _until(lambda: store._lock.locked(), "the call waits for the lock")
+            # (a lock has no event to await)
+            await until(lambda: store._lock.locked(), timeout_s=10, every=0.005,
+                        what="the call waits for the lock")
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting
@@ -528,11 +521,10 @@ async def test_making_postgresql_tables_is_tried_again_after_a_deadlock(
                 opening = asyncio.create_task(second.open())
                 # until the opening (holding history's lock) waits for outstanding_keys: no
                 # event says so, PostgreSQL's lock table is asked
-                async with asyncio.timeout(20):
-                    while not await watching.fetchval(  # noqa: ASYNC110
-                            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-                            " WHERE c.relname = 'outstanding_keys' AND NOT l.granted"):
-                        await asyncio.sleep(0.05)
+                await until(lambda: watching.fetchval(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                    " WHERE c.relname = 'outstanding_keys' AND NOT l.granted"),
+                    timeout_s=20, what="the opening waiting for outstanding_keys")
                 await working.execute("LOCK TABLE history IN ROW EXCLUSIVE MODE")
             async with asyncio.timeout(20):
                 await opening

@@ -3,8 +3,7 @@ controls, and a recorder for the clients' request events (no tests here)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -54,15 +53,6 @@ class Events:
     @property
     def throttled_wait_s(self) -> float:
         return sum(e.throttled_wait_s for e in self.seen)
-
-
-async def until(condition: Callable[[], bool], *, timeout_s: float = 30.0) -> None:
-    """Until ``condition`` holds: for a state no event announces (a request held back)."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.01)
 
 
 def assert_hidden(secrets: tuple[str, ...], *shown: object) -> None:

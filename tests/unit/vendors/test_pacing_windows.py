@@ -8,8 +8,9 @@ import asyncio
 import pytest
 
 from common.vendors.dotdigital.client import DotdigitalClient
+from tests.harness.waiting import until
 
-from .support import Events, dotdigital_config, dotdigital_sim, until
+from .support import Events, dotdigital_config, dotdigital_sim
 
 pytestmark = pytest.mark.anyio
 
@@ -19,7 +20,8 @@ async def _settle(client: DotdigitalClient, events: Events, go: int) -> asyncio.
     one (still held back)."""
     before = len(events.seen)
     tasks = [asyncio.ensure_future(client.server_time()) for _ in range(go + 1)]
-    await until(lambda: len(events.seen) >= before + go and client.pacer.waiting >= 1)
+    await until(lambda: len(events.seen) >= before + go and client.pacer.waiting >= 1,
+                timeout_s=30, every=0.01, what=f"{go} calls answered and one held back")
     held = [t for t in tasks if not t.done()]
     assert len(held) == 1 and len(events.seen) == before + go
     return held[0]
