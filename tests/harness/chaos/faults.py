@@ -95,7 +95,7 @@ async def kill(world: ChaosWorld, rng: random.Random, scale: Scale, fault: Injec
     services = sorted({r.service for r in world.replicas.values()})
     rng.shuffle(services)
     for service in services[:scale.kills]:
-        await asyncio.sleep(rng.uniform(1.0, 4.0))
+        await asyncio.sleep(rng.uniform(1.0, 4.0))  # the kills' spacing: a schedule, not a wait
         alive = sorted((r for r in world.of(service) if r.alive), key=lambda r: r.name)
         if alive:
             replica = rng.choice(alive)
@@ -127,7 +127,7 @@ async def broker_restart(world: ChaosWorld, rng: random.Random, scale: Scale,
     fault.detail["down_s"] = round(down, 1)
     await world.broker.stop()
     try:
-        await asyncio.sleep(down)
+        await asyncio.sleep(down)  # the outage lasts this long: a fault's duration, not a wait
     finally:
         await world.broker.start()
 
@@ -143,7 +143,7 @@ async def postgres_stop(world: ChaosWorld, rng: random.Random, scale: Scale,
     fault.detail["down_s"] = scale.postgres_down_s
     await world.postgres.stop(mode="fast")
     try:
-        await asyncio.sleep(scale.postgres_down_s)
+        await asyncio.sleep(scale.postgres_down_s)  # the outage's duration, not a wait
     finally:
         await world.postgres.start()
 
@@ -153,7 +153,7 @@ import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=120)
 db.execute("BEGIN IMMEDIATE")
 print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
+time.sleep(float(sys.argv[2]))  # the lock is held this long: the fault's duration
 db.execute("COMMIT")
 """
 
@@ -180,7 +180,7 @@ async def _vendor(world: ChaosWorld, side: str, body: dict[str, Any], hold_s: fl
     name = f"{fault.kind}@{fault.started_s:.1f}"
     await world.vendor_fault(side, name, body)
     try:
-        await asyncio.sleep(hold_s)
+        await asyncio.sleep(hold_s)  # the vendor misbehaves this long: a fault's duration
     finally:
         await world.vendor_fault(side, name, None)
 
@@ -233,7 +233,7 @@ async def clock_offset(world: ChaosWorld, side: str, rng: random.Random, scale: 
     await world.set_offset(side, offset)
     steps.append(datetime.now(UTC).isoformat())
     try:
-        await asyncio.sleep(scale.offset_hold_s)
+        await asyncio.sleep(scale.offset_hold_s)  # the clock stays off this long (the fault)
     finally:
         await world.set_offset(side, 0.0)
         steps.append(datetime.now(UTC).isoformat())
@@ -272,6 +272,7 @@ async def inject(world: ChaosWorld, kinds: list[str], *, rng: random.Random, sca
     began = time.monotonic()
 
     async def one(kind: str, delay: float) -> None:
+        # the fault's start time, drawn above: a schedule, not a wait
         await asyncio.sleep(max(0.0, delay - (time.monotonic() - began)))
         fault = Injected(kind=kind, started_s=clock())
         world.say(f"  fault {kind} at {fault.started_s:.1f} s")

@@ -229,6 +229,8 @@ class Workload:
             if self.rng.random() < 0.5:
                 first, second = second, first
             await self.edit(first[0], *picked, first[1])
+            # the vendors stamp edits to the second: the clock must move past it for the
+            # second edit to be later (not a wait for anything)
             await asyncio.sleep(1.05)
             await self.edit(second[0], *picked, second[1])
             self.count("conflict-in-turn")
@@ -374,6 +376,7 @@ class Workload:
                         await self.poison()
                 except Exception as exc:
                     self.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                # deliberate pacing: operations arrive at ``ops_per_s`` (not a wait)
                 await asyncio.sleep(self.rng.expovariate(self.spec.ops_per_s))
         finally:
             stop.set()
@@ -390,6 +393,9 @@ class Workload:
             if self.spec.poison:
                 await self.poison()
             if self.to_join or (self.spec.poison and not self.poisoned):
+                # retried a second later while a fault refuses them; not through
+                # tests.harness.waiting, whose timeout would cancel a vendor call under way and
+                # leave the history unsure whether the join happened
                 await asyncio.sleep(1.0)
 
     def summary(self) -> dict[str, Any]:

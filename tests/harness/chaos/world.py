@@ -247,7 +247,7 @@ class ChaosWorld(World):
             replica.exited.set()
             async with self._changed:
                 self._changed.notify_all()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # the supervisor's restart delay (deliberate, above)
             if self.stopping():
                 return
             await self._spawn(replica)
@@ -368,7 +368,9 @@ class ChaosWorld(World):
             else:
                 quiet = 0
                 if not clean or pending:
-                    await asyncio.sleep(1.0)  # e.g. a process still starting, a write retried
+                    # a pause between syncs while e.g. a process is still starting or a write is
+                    # retried: each sync is recorded in ``runs``, none is cut off by a timeout
+                    await asyncio.sleep(1.0)
         return {"converged": False, "runs": runs, "converge_s": None}
 
     # --- reading the end state -----------------------------------------------------------------

@@ -66,7 +66,9 @@ async def test_a_new_register_value_starts_again_and_the_same_one_keeps_its_age(
     first = (await store.outstanding_stats("acme", since_before=soon())).oldest
     await store.postpone_outstanding([(ann, datetime.now(UTC) + LATER)])
     assert await due_keys(store) == []
-    await asyncio.sleep(0.01)  # a later clock reading for the next save
+    # a later clock reading for the next save: a save reads the wall clock (the store takes
+    # no clock to step), so time must pass; there is nothing to await
+    await asyncio.sleep(0.01)
     # one side written, the other still outstanding: same age, still postponed
     await store.save([(1, state(ann, written=("dynamics",)), None)])
     assert (await store.outstanding_stats("acme", since_before=soon())).oldest == first

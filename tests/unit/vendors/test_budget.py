@@ -219,5 +219,5 @@ async def test_the_pacer_says_the_budget_is_short_for_a_window_after_calls_waite
     assert not short(p)
     await spend(p, 1, time)  # this one waited for the first claims to be forgotten
     assert short(p)
-    await time.sleep(SPAN + DOTDIGITAL.window_s)
+    await time.sleep(SPAN + DOTDIGITAL.window_s)  # the fake clock steps: no real time passes
     assert not short(p)
