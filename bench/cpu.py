@@ -13,12 +13,19 @@ read before and after the timed part:
    through their edit routes), when the scenario measured it, is neither the product's nor the
    vendors' stand-in for it: it is left out of the simulators' figures and reported apart
    (``load_us_per_state``).
+5. Per product process, where its CPU went (``threads``): the main thread (the event loop and
+   everything it runs) and the other threads, which in a service are the SQLite ledger's own
+   thread and little else, their user and system time apart, with the bytes they read and
+   wrote through system calls (the ledger's pages, its write-ahead log and checkpoints; from
+   ``/proc/PID/task/TID/io``, which counts what the page cache served too), per state. A
+   thread that ended between the two readings is not counted.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bench.figures import median
@@ -41,15 +48,112 @@ def cpu_since(before: Mapping[str, float], processes: Mapping[str, Measured]) ->
             for name, process in processes.items()}
 
 
+class Threaded(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ThreadUse:
+    """One thread's CPU seconds (user, system) and bytes read and written so far."""
+
+    user_s: float = 0.0
+    system_s: float = 0.0
+    read_bytes: int = 0
+    written_bytes: int = 0
+
+    def minus(self, before: ThreadUse) -> ThreadUse:
+        return ThreadUse(user_s=self.user_s - before.user_s,
+                         system_s=self.system_s - before.system_s,
+                         read_bytes=self.read_bytes - before.read_bytes,
+                         written_bytes=self.written_bytes - before.written_bytes)
+
+
+# a process's threads: thread id -> use (the main thread's id is the process's)
+Threads = dict[int, ThreadUse]
+
+
+def thread_uses(pid: int, *, proc: str = "/proc") -> Threads:
+    """Every thread of process ``pid`` now (none when it is gone)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: Threads = {}
+    try:
+        tasks = list(os.scandir(f"{proc}/{pid}/task"))
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"{task.path}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            io: dict[str, int] = {}
+            with open(f"{task.path}/io") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    io[name] = int(value)
+        except OSError:
+            continue  # ended meanwhile, or not readable
+        found[int(task.name)] = ThreadUse(
+            user_s=int(fields[11]) / ticks, system_s=int(fields[12]) / ticks,
+            read_bytes=io.get("rchar", 0), written_bytes=io.get("wchar", 0))
+    return found
+
+
+def threads_now(processes: Mapping[str, Threaded], *, proc: str = "/proc"
+                ) -> dict[str, Threads]:
+    return {name: thread_uses(process.pid, proc=proc) for name, process in processes.items()}
+
+
+def threads_since(before: Mapping[str, Threads], after: Mapping[str, Threads], *,
+                  pids: Mapping[str, int], states: int) -> dict[str, dict[str, float]]:
+    """Rule 5, between two :func:`threads_now` readings: per process (``pids``: its main
+    thread's id), the main thread's CPU µs per state, the other threads' user and system µs per
+    state, and the KB they read and wrote per state."""
+    per = max(states, 1)
+    report: dict[str, dict[str, float]] = {}
+    for name, now in after.items():
+        earlier = before.get(name, {})
+        spent = {tid: use.minus(earlier.get(tid, ThreadUse())) for tid, use in now.items()}
+        main = spent.pop(pids[name], ThreadUse())
+        others = list(spent.values())
+        report[name] = {
+            "main_us": _per_state(main.user_s + main.system_s, per),
+            "others_user_us": _per_state(sum(u.user_s for u in others), per),
+            "others_system_us": _per_state(sum(u.system_s for u in others), per),
+            "others_read_kb": round(sum(u.read_bytes for u in others) / 1024 / per, 2),
+            "others_written_kb": round(sum(u.written_bytes for u in others) / 1024 / per, 2),
+        }
+    return report
+
+
+def median_threads(runs: Sequence[Mapping[str, Mapping[str, float]]]
+                   ) -> dict[str, dict[str, float]]:
+    """Each figure of several runs' :func:`threads_since`, their median."""
+    return {name: {figure: round(median(run[name][figure] for run in runs if name in run), 2)
+                   for figure in runs[0][name]}
+            for name in runs[0]}
+
+
+def describe_threads(label: str, threads: Mapping[str, Mapping[str, float]]) -> str:
+    """One line for latest.md: rule 5's figures per process."""
+    parts = "; ".join(
+        f"{name} {t['main_us']:,.1f} on the main thread, {t['others_user_us']:,.1f} user + "
+        f"{t['others_system_us']:,.1f} system on the others, which read "
+        f"{t['others_read_kb']:,.1f} KB and wrote {t['others_written_kb']:,.1f} KB"
+        for name, t in threads.items())
+    return f"- {label}, CPU µs and ledger KB per state by thread: {parts}."
+
+
 def _per_state(seconds: float, states: int) -> float:
     return round(seconds * 1e6 / states, 2)
 
 
 def _report(*, states: int, product: dict[str, float], simulated: dict[str, float],
             product_total: float, simulators_total: float,
-            load: dict[str, float] | None = None) -> dict[str, Any]:
+            load: dict[str, float] | None = None,
+            threads: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     share = simulators_total / product_total if product_total else None
     return {**({"load_us_per_state": load} if load is not None else {}),
+        **({"threads": threads} if threads is not None else {}),
         "states": states,
         "product_us_per_state": product,
         "product_us_per_state_total": product_total,
@@ -61,9 +165,11 @@ def _report(*, states: int, product: dict[str, float], simulated: dict[str, floa
 
 
 def cpu_per_state(cpu_s: Mapping[str, float], *, states: int, simulators: Iterable[str],
-                  load_s: Mapping[str, float] | None = None) -> dict[str, Any]:
+                  load_s: Mapping[str, float] | None = None,
+                  threads: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """The CPU figures of one run (``cpu_s``: CPU seconds per process while ``states`` moved;
-    ``load_s``: of a simulator's, the seconds it spent on the bench's own load, rule 4)."""
+    ``load_s``: of a simulator's, the seconds it spent on the bench's own load, rule 4;
+    ``threads``: the product's processes' figures of :func:`threads_since`, rule 5)."""
     simulator_names = set(simulators)
     per = max(states, 1)
     product = {n: s for n, s in cpu_s.items() if n not in simulator_names}
@@ -77,7 +183,8 @@ def cpu_per_state(cpu_s: Mapping[str, float], *, states: int, simulators: Iterab
                    product_total=_per_state(sum(product.values()), per),
                    simulators_total=_per_state(sum(simulated.values()), per),
                    load=None if load is None else {n: _per_state(s, per)
-                                                   for n, s in load.items()})
+                                                   for n, s in load.items()},
+                   threads=threads)
 
 
 def median_cpu(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -96,7 +203,9 @@ def median_cpu(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                    product_total=total("product_us_per_state_total"),
                    simulators_total=total("simulator_us_per_state_total"),
                    load=middle("load_us_per_state")
-                   if all("load_us_per_state" in run for run in runs) else None)
+                   if all("load_us_per_state" in run for run in runs) else None,
+                   threads=median_threads([run["threads"] for run in runs])
+                   if all("threads" in run for run in runs) else None)
 
 
 def headline(cpu: Mapping[str, Any]) -> str:
@@ -120,7 +229,8 @@ def describe(label: str, cpu: Mapping[str, Any]) -> str:
             f"(= CPU-s per 1M states; {processes}); simulators apart "
             f"{cpu['simulator_us_per_state_total']:,.1f} ({simulators}), "
             f"{'-' if share is None else f'{share * 100:.1f}%'} of the product's{spent}; "
-            f"simulators over 10%: {flag}.")
+            f"simulators over 10%: {flag}."
+            + ("" if "threads" not in cpu else "\n" + describe_threads(label, cpu["threads"])))
 
 
 def cpus_busy_s(cpus: Iterable[int], *, stat: str = "/proc/stat") -> tuple[float, float]:

@@ -15,7 +15,15 @@ from typing import Any
 
 import aio_pika
 
-from bench.cpu import cpu_per_state, cpu_seconds, cpu_since, headline, median_cpu
+from bench.cpu import (
+    cpu_per_state,
+    cpu_seconds,
+    cpu_since,
+    headline,
+    median_cpu,
+    threads_now,
+    threads_since,
+)
 from bench.figures import batched_delta, call_delta, median, rounded, status_delta
 from bench.harness import PREFERENCES, BenchError, World
 from bench.suite import Suite
@@ -40,11 +48,15 @@ async def one_backfill(suite: Suite, world: World, direction: str, *, contacts: 
     before = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
     processes = {**world.services, **world.simulators}
     cpu_before = cpu_seconds(processes)
+    threads_before = threads_now(world.services)
     async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
         async with suite.profiled(world, label):
             record = await progress.sync(timeout_s=suite.sizes.timeout_s)
         seconds = record.seconds
         cpu = cpu_since(cpu_before, processes)
+        threads = threads_since(threads_before, threads_now(world.services),
+                                pids={n: p.pid for n, p in world.services.items()},
+                                states=expected)
         after = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
         landed = (await world.dotdigital_states() if target == "dotdigital"
                   else await world.dynamics_subscriptions())
@@ -58,7 +70,8 @@ async def one_backfill(suite: Suite, world: World, direction: str, *, contacts: 
             "states_per_s": round(expected / seconds, 1),
             "timeline_s": record.timeline(),
             "cpu_s": cpu,
-            "cpu": cpu_per_state(cpu, states=expected, simulators=world.simulators),
+            "cpu": cpu_per_state(cpu, states=expected, simulators=world.simulators,
+                                 threads=threads),
             "peak_rss_mb": {n: round(m.get("peak_rss_mb", 0.0), 1)
                             for n, m in world.memory().items()},
             "calls": {side: call_delta(before[side], after[side]) for side in before},

@@ -8,7 +8,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.cpu import busy_share, cpu_per_state, cpus_busy_s, describe, median_cpu, postgres_cpu_s
+from bench.cpu import (
+    busy_share,
+    cpu_per_state,
+    cpus_busy_s,
+    describe,
+    median_cpu,
+    postgres_cpu_s,
+    thread_uses,
+    threads_since,
+)
 from bench.figures import batched_delta, call_delta, percentile, write_calls
 from bench.harness import SEED, BenchError
 from bench.results import markdown, merge
@@ -193,3 +202,37 @@ def test_postgres_cpu_counts_only_the_servers_processes(tmp_path: Path) -> None:
     (tmp_path / "self").mkdir()
 
     assert postgres_cpu_s(proc=str(tmp_path)) == 5.0
+
+
+def _thread(proc: Path, pid: int, tid: int, *, utime: int, stime: int, rchar: int,
+            wchar: int) -> None:
+    task = proc / str(pid) / "task" / str(tid)
+    task.mkdir(parents=True, exist_ok=True)
+    fields = ["S", *["0"] * 10, str(utime), str(stime), *["0"] * 5]
+    (task / "stat").write_text(f"{tid} (python (x)) {' '.join(fields)}\n")
+    (task / "io").write_text(f"rchar: {rchar}\nwchar: {wchar}\nsyscr: 1\nsyscw: 1\n")
+
+
+def test_a_process_s_cpu_is_split_between_its_main_thread_and_the_ledger_s(
+        tmp_path: Path) -> None:
+    tick = os.sysconf("SC_CLK_TCK")
+    proc, root = tmp_path, str(tmp_path)
+    _thread(proc, 40, 40, utime=tick, stime=0, rchar=0, wchar=0)
+    _thread(proc, 40, 41, utime=tick, stime=tick, rchar=1024, wchar=0)
+    before = {"writer": thread_uses(40, proc=root)}
+    # later: the main thread spent 2 s more, the ledger's 1 s user and 3 s system and
+    # moved 10 MB in and 5 MB out; a thread started meanwhile counts from nothing
+    _thread(proc, 40, 40, utime=3 * tick, stime=0, rchar=0, wchar=0)
+    _thread(proc, 40, 41, utime=2 * tick, stime=4 * tick, rchar=1024 + 10 * 2**20,
+            wchar=5 * 2**20)
+    _thread(proc, 40, 42, utime=tick, stime=0, rchar=0, wchar=0)
+    after = {"writer": thread_uses(40, proc=root)}
+    threads = threads_since(before, after, pids={"writer": 40}, states=1_000)
+    assert threads == {"writer": {"main_us": 2000.0, "others_user_us": 2000.0,
+                                  "others_system_us": 3000.0, "others_read_kb": 10.24,
+                                  "others_written_kb": 5.12}}
+    cpu = cpu_per_state({"writer": 7.0}, states=1_000, simulators=(), threads=threads)
+    assert median_cpu([cpu, cpu])["threads"] == threads
+    assert ("writer 2,000.0 on the main thread, 2,000.0 user + 3,000.0 system on the others, "
+            "which read 10.2 KB and wrote 5.1 KB") in describe("backfill", cpu)
+    assert thread_uses(99, proc=str(proc)) == {}  # gone
