@@ -125,6 +125,45 @@ def threads_since(before: Mapping[str, Threads], after: Mapping[str, Threads], *
     return report
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Spent:
+    """What the processes spent between a :class:`CpuWindow`'s opening and its closing."""
+
+    cpu_s: dict[str, float]  # CPU seconds per process
+    threads_before: Mapping[str, Threads]
+    threads_after: Mapping[str, Threads]
+    pids: Mapping[str, int]  # of the product's processes
+
+    def per_state(self, *, states: int, simulators: Iterable[str],
+                  load_s: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """:func:`cpu_per_state`, with the product's threads (rule 5)."""
+        return cpu_per_state(self.cpu_s, states=states, simulators=simulators, load_s=load_s,
+                             threads=threads_since(self.threads_before, self.threads_after,
+                                                   pids=self.pids, states=states))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CpuWindow:
+    """Every process's CPU from now (``processes``), and the product's threads
+    (``services``)."""
+
+    processes: Mapping[str, Measured]
+    services: Mapping[str, Threaded]
+    cpu_before: dict[str, float]
+    threads_before: dict[str, Threads]
+
+    @classmethod
+    def open(cls, processes: Mapping[str, Measured], *,
+             services: Mapping[str, Threaded]) -> CpuWindow:
+        return cls(processes=processes, services=services, cpu_before=cpu_seconds(processes),
+                   threads_before=threads_now(services))
+
+    def close(self) -> Spent:
+        return Spent(cpu_s=cpu_since(self.cpu_before, self.processes),
+                     threads_before=self.threads_before, threads_after=threads_now(self.services),
+                     pids={name: service.pid for name, service in self.services.items()})
+
+
 def median_threads(runs: Sequence[Mapping[str, Mapping[str, float]]]
                    ) -> dict[str, dict[str, float]]:
     """Each figure of several runs' :func:`threads_since`, their median."""

@@ -15,15 +15,7 @@ from typing import Any
 
 import aio_pika
 
-from bench.cpu import (
-    cpu_per_state,
-    cpu_seconds,
-    cpu_since,
-    headline,
-    median_cpu,
-    threads_now,
-    threads_since,
-)
+from bench.cpu import CpuWindow, headline, median_cpu
 from bench.figures import batched_delta, call_delta, median, rounded, status_delta
 from bench.harness import PREFERENCES, BenchError, World
 from bench.suite import Suite
@@ -47,16 +39,12 @@ async def one_backfill(suite: Suite, world: World, direction: str, *, contacts: 
     await world.start_all()
     before = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
     processes = {**world.services, **world.simulators}
-    cpu_before = cpu_seconds(processes)
-    threads_before = threads_now(world.services)
+    window = CpuWindow.open(processes, services=world.services)
     async with Progress(broker_url=world.config.broker.url, account=world.account) as progress:
         async with suite.profiled(world, label):
             record = await progress.sync(timeout_s=suite.sizes.timeout_s)
         seconds = record.seconds
-        cpu = cpu_since(cpu_before, processes)
-        threads = threads_since(threads_before, threads_now(world.services),
-                                pids={n: p.pid for n, p in world.services.items()},
-                                states=expected)
+        spent = window.close()
         after = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
         landed = (await world.dotdigital_states() if target == "dotdigital"
                   else await world.dynamics_subscriptions())
@@ -69,9 +57,8 @@ async def one_backfill(suite: Suite, world: World, direction: str, *, contacts: 
             "seconds": round(seconds, 3),
             "states_per_s": round(expected / seconds, 1),
             "timeline_s": record.timeline(),
-            "cpu_s": cpu,
-            "cpu": cpu_per_state(cpu, states=expected, simulators=world.simulators,
-                                 threads=threads),
+            "cpu_s": spent.cpu_s,
+            "cpu": spent.per_state(states=expected, simulators=world.simulators),
             "peak_rss_mb": {n: round(m.get("peak_rss_mb", 0.0), 1)
                             for n, m in world.memory().items()},
             "calls": {side: call_delta(before[side], after[side]) for side in before},

@@ -25,15 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.cpu import (
-    cpu_per_state,
-    cpu_seconds,
-    cpu_since,
-    headline,
-    median_cpu,
-    threads_now,
-    threads_since,
-)
+from bench.cpu import CpuWindow, headline, median_cpu
 from bench.figures import median, percentile, rounded
 from bench.harness import DD_ACCOUNT, PREFERENCES, SEED, BenchError, World
 from bench.suite import Suite
@@ -173,8 +165,7 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
 
         # every process's CPU while the load runs and its last changes are written
         processes = {**world.services, **world.simulators}
-        cpu_before = cpu_seconds(processes)
-        threads_before = threads_now(world.services)
+        window = CpuWindow.open(processes, services=world.services)
         async with suite.profiled(world, label):
             ticker = asyncio.create_task(trigger_every())
             try:
@@ -186,10 +177,7 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
             records.append(await progress.trigger())  # the changes made since the last one
             for record in records:
                 await progress.wait(record, timeout_s=sizes.timeout_s)
-        cpu = cpu_since(cpu_before, processes)
-        threads = threads_since(threads_before, threads_now(world.services),
-                                pids={n: p.pid for n, p in world.services.items()},
-                                states=load.made)
+        spent = window.close()
         agreement = await _agreement(world, load)
     runs = list({r.tracker.run_id: r for r in records}.values())  # coalesced triggers share a run
     latencies = [pair for r in runs for pair in r.poll_latencies]
@@ -226,11 +214,10 @@ async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any
         "run_seconds_max": rounded(max(r.seconds for r in runs)),
         "agreement": agreement,
         # per change made (each is one state moved to the other side)
-        "cpu_s": cpu,
-        "cpu": cpu_per_state(cpu, states=load.made, simulators=world.simulators,
-                             threads=threads,
-                             load_s={f"{side}-sim": edit_cost.get(f"{side}-sim", 0.0) * made
-                                     for side, made in load.made_on.items()}),
+        "cpu_s": spent.cpu_s,
+        "cpu": spent.per_state(states=load.made, simulators=world.simulators,
+                               load_s={f"{side}-sim": edit_cost.get(f"{side}-sim", 0.0) * made
+                                       for side, made in load.made_on.items()}),
         "edit_cpu_us": {name: round(seconds * 1e6, 1) for name, seconds in edit_cost.items()},
         "peak_rss_mb": {n: round(m.get("peak_rss_mb", 0.0), 1) for n, m in world.memory().items()},
     }
