@@ -48,6 +48,14 @@ def cpu_since(before: Mapping[str, float], processes: Mapping[str, Measured]) ->
             for name, process in processes.items()}
 
 
+def _stat(path: str) -> tuple[str, list[str]]:
+    """A process's or a thread's ``stat``: its command name and the fields after it (state,
+    parent pid, ...; field 11 is the user time and 12 the system time, in clock ticks)."""
+    with open(path) as f:
+        command, _, rest = f.read().rpartition(")")
+    return command.split("(", 1)[-1], rest.split()
+
+
 class Threaded(Protocol):
     @property
     def pid(self) -> int: ...
@@ -83,8 +91,7 @@ def thread_uses(pid: int, *, proc: str = "/proc") -> Threads:
         return found
     for task in tasks:
         try:
-            with open(f"{task.path}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
+            _, fields = _stat(f"{task.path}/stat")
             io: dict[str, int] = {}
             with open(f"{task.path}/io") as f:
                 for line in f:
@@ -104,16 +111,16 @@ def threads_now(processes: Mapping[str, Threaded], *, proc: str = "/proc"
 
 
 def threads_since(before: Mapping[str, Threads], after: Mapping[str, Threads], *,
-                  pids: Mapping[str, int], states: int) -> dict[str, dict[str, float]]:
-    """Rule 5, between two :func:`threads_now` readings: per process (``pids``: its main
-    thread's id), the main thread's CPU µs per state, the other threads' user and system µs per
-    state, and the KB they read and wrote per state."""
+                  processes: Mapping[str, Threaded], states: int) -> dict[str, dict[str, float]]:
+    """Rule 5, between two :func:`threads_now` readings of ``processes`` (a process's pid is
+    its main thread's id): per process, the main thread's CPU µs per state, the other threads'
+    user and system µs per state, and the KB they read and wrote per state."""
     per = max(states, 1)
     report: dict[str, dict[str, float]] = {}
     for name, now in after.items():
         earlier = before.get(name, {})
         spent = {tid: use.minus(earlier.get(tid, ThreadUse())) for tid, use in now.items()}
-        main = spent.pop(pids[name], ThreadUse())
+        main = spent.pop(processes[name].pid, ThreadUse())
         others = list(spent.values())
         report[name] = {
             "main_us": _per_state(main.user_s + main.system_s, per),
@@ -130,16 +137,16 @@ class Spent:
     """What the processes spent between a :class:`CpuWindow`'s opening and its closing."""
 
     cpu_s: dict[str, float]  # CPU seconds per process
+    services: Mapping[str, Threaded]  # the product's processes
     threads_before: Mapping[str, Threads]
     threads_after: Mapping[str, Threads]
-    pids: Mapping[str, int]  # of the product's processes
 
     def per_state(self, *, states: int, simulators: Iterable[str],
                   load_s: Mapping[str, float] | None = None) -> dict[str, Any]:
         """:func:`cpu_per_state`, with the product's threads (rule 5)."""
         return cpu_per_state(self.cpu_s, states=states, simulators=simulators, load_s=load_s,
                              threads=threads_since(self.threads_before, self.threads_after,
-                                                   pids=self.pids, states=states))
+                                                   processes=self.services, states=states))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -159,9 +166,8 @@ class CpuWindow:
                    threads_before=threads_now(services))
 
     def close(self) -> Spent:
-        return Spent(cpu_s=cpu_since(self.cpu_before, self.processes),
-                     threads_before=self.threads_before, threads_after=threads_now(self.services),
-                     pids={name: service.pid for name, service in self.services.items()})
+        return Spent(cpu_s=cpu_since(self.cpu_before, self.processes), services=self.services,
+                     threads_before=self.threads_before, threads_after=threads_now(self.services))
 
 
 def median_threads(runs: Sequence[Mapping[str, Mapping[str, float]]]
@@ -301,12 +307,10 @@ def process_stats(*, proc: str = "/proc") -> Iterator[tuple[int, str, list[str]]
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"{entry.path}/stat") as f:
-                text = f.read()
+            command, fields = _stat(f"{entry.path}/stat")
         except OSError:
             continue  # gone meanwhile
-        command, _, rest = text.rpartition(")")
-        yield int(entry.name), command.split("(", 1)[-1], rest.split()
+        yield int(entry.name), command, fields
 
 
 def postgres_cpu_s(*, proc: str = "/proc") -> float:

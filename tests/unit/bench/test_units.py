@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -204,6 +205,11 @@ def test_postgres_cpu_counts_only_the_servers_processes(tmp_path: Path) -> None:
     assert postgres_cpu_s(proc=str(tmp_path)) == 5.0
 
 
+@dataclass(frozen=True)
+class _Pid:
+    pid: int
+
+
 def _thread(proc: Path, pid: int, tid: int, *, utime: int, stime: int, rchar: int,
             wchar: int) -> None:
     task = proc / str(pid) / "task" / str(tid)
@@ -227,7 +233,7 @@ def test_a_process_s_cpu_is_split_between_its_main_thread_and_the_ledger_s(
             wchar=5 * 2**20)
     _thread(proc, 40, 42, utime=tick, stime=0, rchar=0, wchar=0)
     after = {"writer": thread_uses(40, proc=root)}
-    threads = threads_since(before, after, pids={"writer": 40}, states=1_000)
+    threads = threads_since(before, after, processes={"writer": _Pid(40)}, states=1_000)
     assert threads == {"writer": {"main_us": 2000.0, "others_user_us": 2000.0,
                                   "others_system_us": 3000.0, "others_read_kb": 10.24,
                                   "others_written_kb": 5.12}}
