@@ -171,6 +171,20 @@ class WriterConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RunsConfig:
+    """The pollers' runs (services.runtime.triggers): one replica at a time holds an account's
+    run of each poller under a lease, renewed every third of ``lease_ttl_s``. A replica that
+    died (killed, its machine lost) holds it this long; then another, or the same one started
+    again, takes the run over from where its checkpoints say."""
+
+    lease_ttl_s: float = 15.0
+
+    @property
+    def lease_renew_s(self) -> float:
+        return self.lease_ttl_s / 3
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     broker: BrokerConfig
     store: StoreConfig
@@ -179,6 +193,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     writer: WriterConfig = field(default_factory=WriterConfig)
+    runs: RunsConfig = field(default_factory=RunsConfig)
     source: str = "<memory>"
 
     def account(self, account_id: str) -> AccountConfig:
@@ -217,6 +232,7 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
     metrics = reader.optional_table("metrics")
     sweep = reader.optional_table("sweep")
     writer = reader.optional_table("writer")
+    runs = reader.optional_table("runs")
     accounts = tuple(_account(a, env) for a in reader.tables("accounts"))
     if not accounts:
         raise ConfigError("accounts", "at least one [[accounts]] entry is required")
@@ -247,6 +263,9 @@ def parse_config(raw: Mapping[str, Any], *, env: Mapping[str, str], source: str 
         writer=WriterConfig(
             linger_ms=writer.integer("linger_ms", default=250, minimum=0, maximum=5000),
         ) if writer else WriterConfig(),
+        runs=RunsConfig(
+            lease_ttl_s=runs.number("lease_ttl_s", default=RunsConfig.lease_ttl_s, minimum=1.0),
+        ) if runs else RunsConfig(),
         source=source,
     )
 

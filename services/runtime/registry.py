@@ -306,7 +306,9 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
                                      publisher=publisher, run_cycle=METRICS.observed_run(
                                          service="dynamics-poller", account=account.id,
                                          run_cycle=poller.run_cycle),
-                                     schedule=account.schedule)
+                                     schedule=account.schedule,
+                                     lease_ttl_s=config.runs.lease_ttl_s,
+                                     lease_renew_s=config.runs.lease_renew_s)
         running.coordinators.append(coordinator)
         trigger = coordinator.consumer(connection=connection, dead_letters=dead)
         running.consumers.append(trigger)
@@ -322,7 +324,9 @@ async def _start_account(stack: AsyncExitStack, *, account: AccountConfig, confi
         coordinator = RunCoordinator(service="ec-poller", account=account.id, store=store,
                                      publisher=publisher, run_cycle=METRICS.observed_run(
                                          service="ec-poller", account=account.id,
-                                         run_cycle=ec.run_cycle))
+                                         run_cycle=ec.run_cycle),
+                                     lease_ttl_s=config.runs.lease_ttl_s,
+                                     lease_renew_s=config.runs.lease_renew_s)
         running.coordinators.append(coordinator)
         trigger = coordinator.consumer(connection=connection, dead_letters=dead)
         running.consumers.append(trigger)

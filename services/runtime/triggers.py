@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+from common.config import RunsConfig
 from common.messaging.amqp import DeadLetterer, Delivery, Publisher, QueueConsumer
 from common.messaging.envelope import EligibleContact
 from common.messaging.publishing import publish_progress
@@ -45,9 +46,8 @@ from services.runtime.schedules import SCHEDULE_CHANGED, effective_schedule
 
 log = logging.getLogger("prefsync.triggers")
 
-# A run holds its lease this long past each renewal; renewed every LEASE_RENEW_S.
-LEASE_TTL_S = 15.0
-LEASE_RENEW_S = 5.0
+# A run holds its lease this long past each renewal, renewed every third of it ([runs]).
+_RUNS = RunsConfig()
 # How often an idle coordinator looks for runs pending in the store (left by another replica),
 # and how soon it tries again while another replica holds the lease.
 PENDING_POLL_S = 10.0
@@ -72,7 +72,8 @@ class RunCoordinator:
     def __init__(self, *, service: str, account: str, store: RunStore, publisher: Publisher,
                  run_cycle: Callable[[RunRequest], Awaitable[None]],
                  schedule: str | None = None, holder: str | None = None,
-                 lease_ttl_s: float = LEASE_TTL_S, lease_renew_s: float = LEASE_RENEW_S,
+                 lease_ttl_s: float = _RUNS.lease_ttl_s,
+                 lease_renew_s: float = _RUNS.lease_renew_s,
                  pending_poll_s: float = PENDING_POLL_S, retry_base_s: float = RETRY_BASE_S,
                  retry_max_s: float = RETRY_MAX_S) -> None:
         self.service = service

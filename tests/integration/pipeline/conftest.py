@@ -35,6 +35,9 @@ from tests.harness.world import DD_ACCOUNT, account_entry, delete_queues
 BROKER_URL = os.environ.get("PREFSYNC_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ALL_SERVICES = ("dynamics-poller", "ec-poller", "reconciler", "writer")
 SEED = 11
+# The pollers' run lease in these worlds: short enough that a poller started again after a
+# kill takes its run over within seconds, long enough that a busy machine never loses it.
+RUN_LEASE_TTL_S = 5.0
 
 
 @dataclass(kw_only=True)
@@ -211,6 +214,9 @@ async def make_worlds(tmp_path: Path, *, accounts: int = 1, records: int = 40,
             "broker": {"url": broker_url, "shards": shards},
             "store": {"url": store_url or f"sqlite:///{store_path}"},
             "metrics": {"port": 0},  # tests run side by side: any free port
+            # a killed poller's run is taken over after this (15 s by default), as an operator
+            # running many replicas might set it; renewed every third of it
+            "runs": {"lease_ttl_s": RUN_LEASE_TTL_S},
             "accounts": [],
         }
         for i, (account, dd) in enumerate(zip(ids, dd_accounts, strict=True)):

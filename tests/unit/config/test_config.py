@@ -49,6 +49,15 @@ def test_write_rounds_linger_a_quarter_second_unless_told(tmp_path: Path) -> Non
     assert load_config(write(tmp_path, edited), env=ENV).writer.linger_ms == 0
 
 
+def test_a_run_lease_lasts_fifteen_seconds_unless_told_and_is_renewed_at_a_third(
+        tmp_path: Path) -> None:
+    runs = load_config(write(tmp_path, GOOD), env=ENV).runs
+    assert (runs.lease_ttl_s, runs.lease_renew_s) == (15.0, 5.0)
+    edited = GOOD.replace('[store]\n', '[runs]\nlease_ttl_s = 6\n[store]\n')
+    runs = load_config(write(tmp_path, edited), env=ENV).runs
+    assert (runs.lease_ttl_s, runs.lease_renew_s) == (6.0, 2.0)
+
+
 def test_each_vendor_leaves_a_reserve_of_its_budget(tmp_path: Path) -> None:
     account = load_config(write(tmp_path, GOOD), env=ENV).account("acme")
     assert account.dotdigital.budget_reserve == account.dynamics.budget_reserve == 0.2
@@ -101,6 +110,8 @@ def test_secrets_never_print(tmp_path: Path) -> None:
          "writer.linger_ms", "at most 5000"),
         (lambda t: t.replace('[store]\n', '[writer]\nlinger_ms = -1\n[store]\n'),
          "writer.linger_ms", "at least 0"),
+        (lambda t: t.replace('[store]\n', '[runs]\nlease_ttl_s = 0.5\n[store]\n'),
+         "runs.lease_ttl_s", "at least 1.0"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, edit, key: str, problem: str) -> None:  # type: ignore[no-untyped-def]
