@@ -706,6 +706,19 @@ class QueueConsumer:
         """Give back the batch in hand, then what was prefetched behind it, in order: one
         nack each (one delivery spent per hold). Messages of a closed channel are dropped:
         the broker has requeued them already."""
+        # What was prefetched behind the batch is taken now, before the first nack: the broker
+        # may redeliver a message given back while the rest are being given back, and a
+        # redelivery must wait in the inbox for the next batch. Given back again, it would
+        # spend another delivery, come back behind the messages it came before, and could keep
+        # this loop busy for as long as the broker redelivers faster than it gives back.
+        behind: list[tuple[IncomingMessage, float]] = []
+        stop = False
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if item is None:
+                stop = True
+            else:
+                behind.append(item)
         returned = 0
         for message in self._in_hand:
             if not _stale(message) and await _settle(message, ack=False):
@@ -716,12 +729,8 @@ class QueueConsumer:
         if carried is not None and not _stale(carried[0]) and await _settle(carried[0],
                                                                             ack=False):
             returned += 1
-        stop = False
-        while not self._inbox.empty():
-            item = self._inbox.get_nowait()
-            if item is None:
-                stop = True
-            elif not _stale(item[0]) and await _settle(item[0], ack=False):
+        for message, _ in behind:
+            if not _stale(message) and await _settle(message, ack=False):
                 returned += 1
         if stop:
             self._inbox.put_nowait(None)

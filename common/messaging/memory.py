@@ -16,7 +16,9 @@ splitting, dead letters) runs over it unchanged. What it keeps of RabbitMQ:
 4. A message given back (nack with requeue, or its subscription closed unsettled) returns to
    its place in the queue with its delivery count raised (``x-delivery-count``, as quorum
    queues count); past the queue's delivery limit it is dead-lettered to its dead-letter
-   exchange with its dead-letter key, ``x-first-death-reason: delivery_limit``.
+   exchange with its dead-letter key, ``x-first-death-reason: delivery_limit``. A message
+   given back with a nack is delivered again (room allowing) before the nack returns: RabbitMQ
+   may redeliver it while the consumer is still giving back the messages behind it.
 5. Once a subscription is closed its messages are stale: settling them does nothing.
 """
 
@@ -103,6 +105,8 @@ class MemoryMessage:
         self.subscription.unsettled.remove(self)
         if not ack:
             await self.queue.give_back([self.stored])
+            # delivered again before the nack returns: the earliest RabbitMQ may (rule 4)
+            await self.queue.dispatch()
         self.queue.schedule()
         self.queue.broker.notify()
         return True
@@ -161,8 +165,7 @@ class MemoryQueue:
         self.ready.sort(key=lambda s: s.sequence)
 
     def schedule(self) -> None:
-        """Dispatch soon, as a broker's next frames arrive: not within the caller's step (a
-        consumer giving messages back finishes doing so before any comes back)."""
+        """Dispatch soon, as a broker's next frames arrive: not within the caller's step."""
         task = asyncio.get_running_loop().create_task(self.dispatch())
         self.broker.pending.add(task)
         task.add_done_callback(self.broker.pending.discard)
