@@ -92,6 +92,9 @@ def _operations(sim: DynamicsApp) -> list[str]:
         _request("POST", post, _create("contact", *free[15], extra=',"nothing":1')),  # 400
         _request("POST", post, '{"psync_status":100000000,"psync_contactid@odata.bind":"$1"}'),
         _request("POST", post, '{"psync_name":"$1"}'),  # a '"$' that refers to nothing
+        # references to an operation that are valid ones after it: resolved (to nothing)
+        _request("POST", post, _create("contact", *free[22]).replace('"/contacts', '"$1/contacts')),
+        _request("POST", post, _create("contact", *free[23]).replace('"/psync_', '"$1/psync_')),
         _request("POST", post, "["),  # not JSON
         _request("POST", post, ""),  # no body
         _request("POST", post, "[1]"),  # not an object

@@ -27,6 +27,7 @@ from services.simulators.dynamics.batch import (
     _request_part,
     _usual_changeset_head,
     _usual_request_head,
+    like_head,
     parse_parts,
     split_multipart,
 )
@@ -358,8 +359,10 @@ def test_a_like_change_set_is_matched_as_its_pattern_matches_it(seed: int) -> No
     chunks = split_multipart(_creates_batch(), BATCH)
     head = chunks[0][chunks[0].index(b"POST "):]
     head = head[:head.index(b"\r\n\r\n") + 4]
-    assert all(_like_lone(c, head) == _like_by_pattern(c, head) for c in chunks)
-    assert sum(_like_lone(c, head) is not None for c in chunks) == 8
+    like = like_head(head)
+    assert like[2]  # (no "--" in the head: _like_lone looks for delimiters after it)
+    assert all(_like_lone(c, like) == _like_by_pattern(c, head) for c in chunks)
+    assert sum(_like_lone(c, like) is not None for c in chunks) == 8
     rng = random.Random(seed)
     matched = 0
     for _ in range(4000):
@@ -377,7 +380,32 @@ def test_a_like_change_set_is_matched_as_its_pattern_matches_it(seed: int) -> No
             else:
                 del mutated[at:at + rng.randint(1, 5)]
         sample = bytes(mutated)
-        found = _like_lone(sample, head)
+        found = _like_lone(sample, like)
+        # (as if the head held a "--": looked for from its start)
+        assert found == _like_lone(sample, (head, like[1], False)), sample
         assert found == _like_by_pattern(sample, head), sample
         matched += found is not None
     assert matched > 50  # (mutated bodies and delimiters that still match among them)
+
+
+def _split_by_removals(body: bytes, boundary: str) -> list[bytes]:
+    """split_multipart as each part's line breaks were removed one at a time."""
+    out = []
+    for chunk in body.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        chunk = chunk.removeprefix(b"\r\n").removeprefix(b"\n")
+        out.append(chunk.removesuffix(b"\n").removesuffix(b"\r"))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_parts_are_cut_as_removing_their_line_breaks_cuts_them(seed: int) -> None:
+    # split_multipart cuts each part once where the removals would leave it: line breaks at
+    # either end of any length and kind, parts made of nothing else
+    rng = random.Random(seed)
+    breaks = [b"", b"\r", b"\n", b"\r\n", b"\n\r", b"\r\n\n", b"\n\n", b"\r\r\n", b"x"]
+    for _ in range(2000):
+        parts = [b"".join(rng.choices(breaks, k=rng.randint(0, 3))) for _ in range(3)]
+        body = b"".join(b"--B" + p for p in parts) + rng.choice([b"--B--", b"", b"--B"])
+        assert split_multipart(body, "B") == _split_by_removals(body, "B"), body

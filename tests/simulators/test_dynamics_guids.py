@@ -7,6 +7,7 @@ same GUIDs again from the seed on (tests seed it to have two simulators make the
 
 from __future__ import annotations
 
+import random
 import uuid
 
 from services.simulators.dynamics import protocol
@@ -31,3 +32,18 @@ def test_seeding_gives_the_same_guids_again_whatever_was_drawn_before() -> None:
         assert [new_guid() for _ in range(150)] == first
     protocol._GUIDS.seed(12)
     assert new_guid() not in first
+
+
+def test_guids_are_the_blocks_drawn_laid_out_one_at_a_time() -> None:
+    """The block laid out a digit's place at a time gives each GUID as laying out its own
+    128 bits (the block's most significant first, blocks in the order drawn) gives it."""
+    protocol._GUIDS.seed(13)
+    drawn = [new_guid() for _ in range(3 * protocol._BLOCK * protocol._BLOCKS + 5)]
+    reference = random.Random(13)
+    want: list[str] = []
+    while len(want) < len(drawn):
+        block = (reference.getrandbits(128 * protocol._BLOCK) & protocol._BLOCK_CLEAR
+                 | protocol._BLOCK_SET)
+        want += [str(uuid.UUID(int=block >> (128 * n) & ((1 << 128) - 1)))
+                 for n in reversed(range(protocol._BLOCK))]
+    assert drawn == want[:len(drawn)]

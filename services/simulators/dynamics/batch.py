@@ -147,9 +147,15 @@ def split_multipart(body: bytes, boundary: str) -> list[bytes]:
     for chunk in chunks[1:]:
         if chunk.startswith(b"--"):
             break
-        chunk = chunk.removeprefix(b"\r\n").removeprefix(b"\n")
-        chunk = chunk.removesuffix(b"\n").removesuffix(b"\r")
-        out.append(chunk)
+        # less a leading CRLF, then LF, and a trailing LF, then CR: found in place and cut
+        # in one slice (each removal would copy the part)
+        start = 2 if chunk.startswith(b"\r\n") else 0
+        if chunk.startswith(b"\n", start):
+            start += 1
+        end = len(chunk) - 1 if chunk.endswith(b"\n", start) else len(chunk)
+        if chunk.endswith(b"\r", start, end):
+            end -= 1
+        out.append(chunk[start:end])
     return out
 
 
@@ -270,7 +276,7 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
     last_head = b""
     last: Reading | None = None
     # a head that two lone requests in a row had, matched whole (_like_lone) with its reading
-    like: tuple[bytes, Reading] | None = None
+    like: tuple[LikeHead, Reading] | None = None
     run: Part | None = None  # the run that change sets it matches join, while the last part
     for chunk in split_multipart(body, boundary):
         if like is not None:
@@ -305,7 +311,7 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
                 part = Part(content_id or req_headers.get("Content-ID"), method, url,
                             req_headers, prefer, content[len(last_head):].rstrip(b"\r\n"))
                 if like is None or like[1] is not last:
-                    like, run = (last_head, last), None
+                    like, run = (like_head(last_head), last), None
             else:
                 part, blank = _request_part_at(content, content_id, heads)
                 if blank >= 0 and part.request_headers is not None:
@@ -334,56 +340,54 @@ def _parse_parts(body: bytes, boundary: str, *, nested: bool, heads: Heads,
 Reading = tuple[str, str, CIMultiDictProxy[str], dict[str, str] | None]
 
 
-# What _like_lone reads in a part: the change set's boundary (to its delimiter), the bytes
-# between it and the request's Content-ID, the Content-ID (to the blank line).
-_LIKE_BOUNDARY = re.compile(rb"([0-9A-Za-z_.-]+)\r\n\r\n--")
-_LIKE_REQUEST = b"\r\n" + _HTTP_HEAD + _CONTENT_ID
-_LIKE_CONTENT_ID = re.compile(rb"([0-9]+)\r\n\r\n")
+# A head that _like_lone matches parts against: the head's bytes, the pattern of a part's
+# bytes up to the end of that head, and whether the head holds no "--".
+LikeHead = tuple[bytes, re.Pattern[bytes], bool]
 
 
-def _like_lone(chunk: bytes, head: bytes) -> tuple[str, bytes] | None:
+def like_head(head: bytes) -> LikeHead:
+    """What _like_lone matches parts holding a request with ``head`` (its bytes to its blank
+    line) against."""
+    opening = re.compile(_CHANGESET_HEAD + rb"([0-9A-Za-z_.-]+)\r\n\r\n--\1\r\n" + _HTTP_HEAD
+                         + _CONTENT_ID + rb"([0-9]+)\r\n\r\n" + re.escape(head))
+    return head, opening, b"--" not in head
+
+
+def _like_lone(chunk: bytes, like: LikeHead) -> tuple[str, bytes] | None:
     """The Content-ID and body (less its trailing line breaks) of ``chunk`` when it is a
-    whole change set part holding one request with this head (to its blank line), laid out
-    as clients usually send it: the usual change set head, its delimiter, the usual request
-    head with a Content-ID, ``head``, the body, the closing delimiter ending the part, and no
-    other delimiter of the change set after its opening one; else None. Where it answers,
-    _parse_parts would read the part so, with the reading of ``head``: each byte it compares
-    is one those readings check for.
+    whole change set part holding one request with the head of ``like`` (to its blank line),
+    laid out as clients usually send it: the usual change set head, its delimiter, the usual
+    request head with a Content-ID, the head, the body, the closing delimiter ending the part,
+    and no other delimiter of the change set after its opening one; else None. Where it
+    answers, _parse_parts would read the part so, with the reading of the head: each byte it
+    compares is one those readings check for.
 
     It answers as a full match of this pattern would (. matching any byte)::
 
         _CHANGESET_HEAD ([0-9A-Za-z_.-]+) \r\n\r\n-- \1 \r\n _HTTP_HEAD _CONTENT_ID
         ([0-9]+) \r\n\r\n head (.*) \r\n-- \1 --
 
-    but compares the literal stretches (the head above all) as slices: a pattern engine steps
-    through a literal byte by byte, and a bytes method given offsets parses its arguments
-    at more cost than a slice. The body is what lies between the head and the closing
-    delimiter, which ends the part.
+    matching the pattern to the end of the head (``like``'s, compiled once per head: one
+    match costs less than comparing its stretches one by one), then comparing the closing
+    delimiter as a slice. The body is what lies between the head and the closing delimiter,
+    which ends the part.
     """
-    start = len(_CHANGESET_HEAD)
-    if chunk[:start] != _CHANGESET_HEAD:
+    head, opening, dashless = like
+    matched = opening.match(chunk)
+    if matched is None:
         return None
-    opening = _LIKE_BOUNDARY.match(chunk, start)
-    if opening is None:
-        return None
-    inner = opening[1]
-    at = opening.end()
-    request = inner + _LIKE_REQUEST
-    if chunk[at:at + len(request)] != request:
-        return None
-    named = _LIKE_CONTENT_ID.match(chunk, at + len(request))
-    if named is None:
-        return None
-    begin = named.end() + len(head)
+    inner = matched[1]
+    begin = matched.end()
     closing = len(chunk) - len(inner) - 6  # where "\r\n--<boundary>--" starts
-    if (closing < begin or chunk[named.end():begin] != head
-            or chunk[closing:] != b"\r\n--" + inner + b"--"):
+    if closing < begin or chunk[closing:] != b"\r\n--" + inner + b"--":
         return None
     # the change set's closing delimiter must be the first after its opening one (looked
-    # for in place: a slice of the part would copy most of it)
-    if chunk.find(b"--" + inner, at + len(inner)) != closing + 2:
+    # for in place: a slice of the part would copy most of it). None starts in the request
+    # head before the head given: it holds no "--" (nor does its blank line); nor, when the
+    # head holds none, in the head (which ends in a blank line).
+    if chunk.find(b"--" + inner, begin if dashless else begin - len(head)) != closing + 2:
         return None
-    return named[1].decode(), chunk[begin:closing].rstrip(b"\r\n")
+    return matched[2].decode(), chunk[begin:closing].rstrip(b"\r\n")
 
 
 def _first_line(text: str) -> str:
@@ -718,7 +722,10 @@ class Batch:
         refers to another operation or is no JSON: _execute then takes the part.
 
         1. The body is read before the fault is drawn: Api.create would have read it after
-           the draw, which reading it first does not change.
+           the draw, which reading it first does not change. When faults are drawn, a body
+           holding ``"$`` is left to _execute before the draw; when not, only once the usual
+           path has refused it (which it does to a binding starting with ``$``, as such a
+           body's do): nothing was done, nor drawn, by then.
         2. A fault injected is the answer; else the subscription is created as Api.create
            creates it (its usual path first: that needs no change set to undo it), or
            refused as it refuses it.
@@ -727,7 +734,8 @@ class Batch:
         """
         # (find, not ``in``: a bytes ``in`` bytes first tries the operand as a byte value, and
         # the error it raises and drops costs more than the search)
-        if body.find(b'"$') >= 0:
+        faulting = self._faulting
+        if faulting and body.find(b'"$') >= 0:
             return None
         try:
             data = orjson.loads(body)
@@ -735,11 +743,13 @@ class Batch:
             return None
         path, route, answer, before, after, created = plan
         tally = self._tally
-        result = self.fault("POST", path) if self._faulting else None
+        result = self.fault("POST", path) if faulting else None
         if result is None:
             writes = self.api.writes
             row = writes.usual_create(data)
             if row is None:
+                if not faulting and body.find(b'"$') >= 0:
+                    return None
                 try:
                     with self.api.store.atomic():
                         row = writes.create(SUBSCRIPTIONS, data, usual=False)
@@ -750,7 +760,9 @@ class Batch:
                 etag = f'W/"{row["versionnumber"]}"'
                 # (_lone_boundary, inline: its calls cost more than their work)
                 self._changesets = count = self._changesets + 1
-                boundary = f"changesetresponse_{self._stem}{_count_text(count)}"
+                # (_count_text, inline)
+                boundary = (f"changesetresponse_{self._stem}"
+                            f"{_COUNTS[count] if count < _COUNTED else _count_text(count)}")
                 named = "" if cid is None else f"Content-ID: {cid}\r\n"
                 return True, b"".join((
                     f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n--{boundary}"

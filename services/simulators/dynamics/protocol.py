@@ -38,25 +38,37 @@ _GUID_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, the RFC 4122 variant
 _BLOCK = 64  # GUIDs drawn at a time
 _BLOCK_CLEAR = sum((_GUID_CLEAR & ((1 << 128) - 1)) << (128 * n) for n in range(_BLOCK))
 _BLOCK_SET = sum(_GUID_SET << (128 * n) for n in range(_BLOCK))
-_BLOCK_AT = range(0, 32 * _BLOCK, 32)  # where each GUID's 32 hex digits start in a block's
+_BLOCKS = 4  # blocks laid out at a time: laying out costs per GUID less the more at once
+# Where each of a GUID's 32 hex digits goes in its text (after the dashes before it), in a
+# stretch of 37 bytes: the GUID's 36, then a space that splits them apart.
+_DIGIT_AT = tuple(i + (i >= 8) + (i >= 12) + (i >= 16) + (i >= 20) for i in range(32))
+_LAID = (b"-" * 36 + b" ") * (_BLOCK * _BLOCKS)
 
 
 class _GuidSource(random.Random):
-    """Random GUIDs drawn a block at a time: one draw and one hex conversion serve many, so
-    each costs little more than its laying out. Seeding starts a new block (tests seed it to
-    have two simulators make the same GUIDs)."""
+    """Random GUIDs drawn a block at a time: one draw and one hex conversion serve many, and
+    their digits are laid out a digit's place at a time for all of them (a strided copy each)
+    rather than a GUID at a time, so each costs little. Seeding starts a new block (tests
+    seed it to have two simulators make the same GUIDs)."""
 
-    ready: list[str]  # the block's GUIDs not handed out yet, the next last
+    ready: list[str]  # the blocks' GUIDs not handed out yet, the next last
 
     def seed(self, a: Any = None, version: int = 2) -> None:
         super().seed(a, version)
         self.ready = []
 
     def refill(self) -> None:
-        h = (self.getrandbits(128 * _BLOCK) & _BLOCK_CLEAR | _BLOCK_SET).to_bytes(
-            16 * _BLOCK, "big").hex()
-        self.ready = [f"{h[o:o + 8]}-{h[o + 8:o + 12]}-{h[o + 12:o + 16]}-{h[o + 16:o + 20]}-"
-                      f"{h[o + 20:o + 32]}" for o in reversed(_BLOCK_AT)]
+        # each block's GUIDs from its most significant bits down, the blocks in the order
+        # drawn (as drawing and handing out one block at a time gives them)
+        digits = b"".join([(self.getrandbits(128 * _BLOCK) & _BLOCK_CLEAR | _BLOCK_SET)
+                           .to_bytes(16 * _BLOCK, "big").hex().encode()
+                           for _ in range(_BLOCKS)])
+        laid = bytearray(_LAID)
+        for digit, at in enumerate(_DIGIT_AT):
+            laid[at::37] = digits[digit::32]
+        ready = laid.decode().split()
+        ready.reverse()
+        self.ready = ready
 
 
 _GUIDS = _GuidSource()

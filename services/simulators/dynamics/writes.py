@@ -53,7 +53,7 @@ from .schema import (
     Kind,
     TableSchema,
 )
-from .store import Row, Store, Table, listmember_row
+from .store import Row, Store, listmember_row
 
 _CANONICAL_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _REF = re.compile(r"(?:^|/)([A-Za-z_][A-Za-z0-9_]*)\(([0-9A-Fa-f-]{36})\)$")
@@ -78,6 +78,8 @@ _PREFERENCE_SET = SUBSCRIPTIONS.lookups["psync_preferenceid"].target
 assert "fullname" not in SUBSCRIPTIONS.columns
 _RECORD_BINDS = tuple((f"{nav}@odata.bind", column, target, place)
                       for place, (nav, column, target) in enumerate(_RECORD_COLUMNS))
+assert len(_RECORD_BINDS) == 3  # (usual_create lays out the alternate key for three)
+_SUBSCRIPTIONS_SET, _SUBSCRIPTION_PK = SUBSCRIPTIONS.entity_set, SUBSCRIPTIONS.pk
 
 
 def parse_guid(text: str) -> str:
@@ -389,17 +391,13 @@ class Writes:
         return self._keep(schema, row_id, row, unique=self._check(schema, row, old), at=at)
 
     def _keep(self, schema: TableSchema, row_id: str, row: Row, *,
-              unique: tuple[Any, ...] | None, at: datetime | None,
-              new_in: Table | None = None) -> Row:
+              unique: tuple[Any, ...] | None, at: datetime | None) -> Row:
         """Stamp a checked row (``at``: its ``modifiedon`` when the caller read the clock
-        already), store it (``unique``: its alternate key; ``new_in``: its table, when the
-        caller knows no row has its id there) and tell of it."""
+        already), store it (``unique``: its alternate key) and tell of it (usual_create does
+        the same in its own steps)."""
         row["versionnumber"] = self.store.next_version()
         row["modifiedon"] = at or self._stamp_time()
-        if new_in is None:
-            self.store.put(schema.entity_set, row_id, row, unique)
-        else:
-            self.store.put_new(new_in, row_id, row, unique)
+        self.store.put(schema.entity_set, row_id, row, unique)
         self.on_write()
         if self.on_row is not None:
             self.on_row(schema, row)
@@ -415,7 +413,9 @@ class Writes:
         change set to undo it).
 
         1. The status is an accepted choice (an int, not a bool).
-        2. Each binding is a valid reference into the lookup's table, to a row that exists.
+        2. Each binding is a valid reference into the lookup's table, to a row that exists,
+           not starting with ``$`` (as a reference to an operation of its change set does:
+           ``$batch`` resolves those before a create sees them).
         3. The record is not read-only; no row holds the (record, preference) key yet.
         4. The row is filled, stamped and stored as the general path does it.
         """
@@ -440,26 +440,37 @@ class Writes:
             record_set, record_id = _REFS.get(record) or parse_ref(record)
         except ApiError:
             return None
-        tables = self.store.tables
+        store = self.store
+        tables = store.tables
         held = tables[record_set].rows.get(record_id)
         if (preference_set != _PREFERENCE_SET or record_set != target.entity_set
+                or preference[0] == "$" or record[0] == "$"  # (valid references: not empty)
                 or preference_id not in tables[preference_set].rows or held is None
                 or held.get("statecode") in target.read_only_states):
             return None
-        refs: list[str | None] = [None, None, None]
-        refs[place] = record_id
-        key = (*refs, preference_id)  # (as _check_subscription builds it)
-        table = tables[SUBSCRIPTIONS.entity_set]
+        # the alternate key as _check_subscription builds it: the record lookups (the one
+        # bound in its place), then the preference (a tuple made in one go)
+        key = ((record_id, None, None, preference_id) if place == 0
+               else (None, record_id, None, preference_id) if place == 1
+               else (None, None, record_id, preference_id))
+        table = tables[_SUBSCRIPTIONS_SET]
         row_id = new_guid()
         if key in table.unique or row_id in table.rows:
             return None
         row: Row = _BLANK_SUBSCRIPTION.copy()
-        row[SUBSCRIPTIONS.pk] = row_id
+        row[_SUBSCRIPTION_PK] = row_id
         row[_STATUS] = status
         row[_PREFERENCE] = preference_id
         row[column] = record_id
-        row["createdon"] = at = self._stamp_time()
-        return self._keep(SUBSCRIPTIONS, row_id, row, unique=key, at=at, new_in=table)
+        # as _keep stamps, stores (under an id no row has) and tells of it
+        row["createdon"] = row["modifiedon"] = self._stamp_time()
+        row["versionnumber"] = store.next_version()
+        store.put_new(table, row_id, row, key)
+        self.on_write()
+        on_row = self.on_row
+        if on_row is not None:
+            on_row(SUBSCRIPTIONS, row)
+        return row
 
     def _usual_update(self, row_id: str, body: Any) -> Row | None:
         """update of a subscription's status alone (as clients send it), as usual_create.
