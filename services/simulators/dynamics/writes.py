@@ -53,7 +53,7 @@ from .schema import (
     Kind,
     TableSchema,
 )
-from .store import Row, Store, listmember_row
+from .store import Row, Store, Table, listmember_row
 
 _CANONICAL_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _REF = re.compile(r"(?:^|/)([A-Za-z_][A-Za-z0-9_]*)\(([0-9A-Fa-f-]{36})\)$")
@@ -391,13 +391,17 @@ class Writes:
         return self._keep(schema, row_id, row, unique=self._check(schema, row, old), at=at)
 
     def _keep(self, schema: TableSchema, row_id: str, row: Row, *,
-              unique: tuple[Any, ...] | None, at: datetime | None) -> Row:
+              unique: tuple[Any, ...] | None, at: datetime | None,
+              new_in: Table | None = None) -> Row:
         """Stamp a checked row (``at``: its ``modifiedon`` when the caller read the clock
-        already), store it (``unique``: its alternate key) and tell of it (usual_create does
-        the same in its own steps)."""
+        already), store it (``unique``: its alternate key; ``new_in``: its table, when the
+        caller knows no row has its id there) and tell of it."""
         row["versionnumber"] = self.store.next_version()
         row["modifiedon"] = at or self._stamp_time()
-        self.store.put(schema.entity_set, row_id, row, unique)
+        if new_in is None:
+            self.store.put(schema.entity_set, row_id, row, unique)
+        else:
+            self.store.put_new(new_in, row_id, row, unique)
         self.on_write()
         if self.on_row is not None:
             self.on_row(schema, row)
@@ -440,8 +444,7 @@ class Writes:
             record_set, record_id = _REFS.get(record) or parse_ref(record)
         except ApiError:
             return None
-        store = self.store
-        tables = store.tables
+        tables = self.store.tables
         held = tables[record_set].rows.get(record_id)
         if (preference_set != _PREFERENCE_SET or record_set != target.entity_set
                 or preference[0] == "$" or record[0] == "$"  # (valid references: not empty)
@@ -462,15 +465,8 @@ class Writes:
         row[_STATUS] = status
         row[_PREFERENCE] = preference_id
         row[column] = record_id
-        # as _keep stamps, stores (under an id no row has) and tells of it
-        row["createdon"] = row["modifiedon"] = self._stamp_time()
-        row["versionnumber"] = store.next_version()
-        store.put_new(table, row_id, row, key)
-        self.on_write()
-        on_row = self.on_row
-        if on_row is not None:
-            on_row(SUBSCRIPTIONS, row)
-        return row
+        row["createdon"] = at = self._stamp_time()
+        return self._keep(SUBSCRIPTIONS, row_id, row, unique=key, at=at, new_in=table)
 
     def _usual_update(self, row_id: str, body: Any) -> Row | None:
         """update of a subscription's status alone (as clients send it), as usual_create.
