@@ -43,6 +43,7 @@ from common.domain.writes import (
     is_superseded,
     record_write,
     start_after_read,
+    write_window,
     writer_should_apply,
 )
 
@@ -94,5 +95,6 @@ __all__ = [
     "speaks_for_email",
     "start_after_read",
     "whole_second",
+    "write_window",
     "writer_should_apply",
 ]

@@ -66,9 +66,15 @@ def in_write_window(moment: datetime, *, side: Side, start: datetime,
     3. A write still in flight (``end`` None: not confirmed, possibly a writer that stopped
        mid-write) stops matching ``IN_FLIGHT_LIMIT`` after its start.
     """
-    if moment < _window_floor(start, side):
-        return False
-    return moment <= (end if end is not None else start + IN_FLIGHT_LIMIT)
+    first, last = write_window(side=side, start=start, end=end)
+    return first <= moment <= last
+
+
+def write_window(*, side: Side, start: datetime, end: datetime | None
+                 ) -> tuple[datetime, datetime]:
+    """The first and the last stamp :func:`in_write_window` takes for one write (its rules
+    1-3): for a reader that tests many stamps against the same writes."""
+    return _window_floor(start, side), (end if end is not None else start + IN_FLIGHT_LIMIT)
 
 
 def find_echo(state: KeyState, observation: Observation) -> WriteRecord | None:

@@ -52,7 +52,7 @@ from common.vendors.dotdigital.models import (
     Suppression,
     contact_status_v3,
     feed_page,
-    opt_in_entries,
+    opt_in_page,
     opt_ins_contact,
     opt_ins_last_id,
     parse_account_info,
@@ -173,6 +173,14 @@ def _collector_paused() -> Iterator[None]:
 def _with_last_id(data: list[Any]) -> tuple[list[Any], int, int]:
     """An opt-ins page as answered, its greatest contact id and its length."""
     return data, opt_ins_last_id(data), len(data)
+
+
+def _entries_page(data: list[Any], preference_id: int, wanted: Callable[[str], bool] | None
+                  ) -> tuple[list[OptInEntry], int, int]:
+    """An opt-ins page as its opt-ins to one preference, its greatest contact id and its
+    length."""
+    entries, last_id = opt_in_page(data, preference_id, wanted=wanted)
+    return entries, last_id, len(data)
 
 
 def _feed_page(data: list[Any], preference_id: int) -> tuple[FeedPage, int, int]:
@@ -485,11 +493,12 @@ class DotdigitalClient(VendorClient):
                                   wanted: Callable[[str], bool] | None = None
                                   ) -> AsyncIterator[list[OptInEntry]]:
         """:meth:`iter_opt_ins_since`, each page as the opt-ins to ``preference_id`` alone
-        (:func:`~common.vendors.dotdigital.models.opt_in_entries`): no contact is built. With
+        (:func:`~common.vendors.dotdigital.models.opt_in_page`): no contact is built. With
         ``wanted``, only the entries of emails (trimmed, lower case) it wants."""
-        async for data in self._opt_ins_pages(preference_id, since, 0, read=_with_last_id):
-            page = [entry for item in data
-                    for entry in opt_in_entries(item, preference_id, wanted=wanted)]
+        async for page in self._opt_ins_pages(
+                preference_id, since, 0,
+                read=functools.partial(_entries_page, preference_id=preference_id,
+                                       wanted=wanted)):
             if page:
                 yield page
 

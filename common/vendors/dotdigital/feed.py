@@ -50,7 +50,7 @@ from typing import Any
 
 import orjson
 
-from common.domain import in_write_window
+from common.domain import write_window
 from common.messaging.topology import shard_of
 
 # opt_ins_source: imported from here by the writer too
@@ -377,8 +377,9 @@ class FeedFollower:
                 if email in emails:
                     out.setdefault(email, []).append(entry)
             if feed.keeping:
+                ours = self._ours(preference_id)
                 for email, entry in fresh:
-                    if not self._ours(email, preference_id, entry):
+                    if not ours(email, entry):
                         kept = feed.kept.get(email)
                         if kept is None or kept[2] <= entry[2]:
                             feed.kept[email] = entry
@@ -393,14 +394,24 @@ class FeedFollower:
         self._prune()
         return out
 
-    def _ours(self, email: str, preference_id: int, entry: Entry) -> bool:
-        _, opted_in, modified = entry
-        for write in self._writes:
-            if (write.values.get(email, {}).get(preference_id) == opted_in
-                    and in_write_window(modified, side="dotdigital", start=write.started,
-                                        end=write.ended)):
-                return True
-        return False
+    def _ours(self, preference_id: int) -> Callable[[str, Entry], bool]:
+        """Whether an entry of the preference is one of this process's writes (its value, in
+        its window: :func:`~common.domain.in_write_window`), each write's window worked out
+        once for the whole read."""
+        windows = [(write.values, *write_window(side="dotdigital", start=write.started,
+                                                end=write.ended))
+                   for write in self._writes]
+        nothing: Mapping[int, bool] = {}
+
+        def ours(email: str, entry: Entry) -> bool:
+            _, opted_in, modified = entry
+            for values, first, last in windows:
+                if first <= modified <= last and (
+                        values.get(email, nothing).get(preference_id) == opted_in):
+                    return True
+            return False
+
+        return ours
 
     def _prune(self) -> None:
         """A finished write no feed can return again (every read now starts after it)."""

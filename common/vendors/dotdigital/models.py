@@ -265,21 +265,46 @@ def opt_ins_contact(data: object) -> tuple[int, str]:
 OptInEntry = tuple[int, str, bool, datetime]
 
 
-def opt_in_entries(data: object, preference_id: int, *,
-                   wanted: Callable[[str], bool] | None = None) -> list[OptInEntry]:
-    """The opt-ins to ``preference_id`` of an opt-ins entry, without building the contact:
-    what a reader that wants only these needs (fields as :func:`parse_contact_opt_ins` reads
-    them). None when ``wanted`` says its email (trimmed, lower case) is not wanted: nothing
-    more of it is read."""
-    item = _dict(data)
-    contact = _dict(item.get("contact"))
-    email = str(contact.get("email") or "").strip().lower()
-    if wanted is not None and not wanted(email):
-        return []
-    contact_id = int(contact.get("id") or 0)
-    return [(contact_id, email, bool(opt_in.get("isOptedIn")), _modified(opt_in))
-            for opt_in in map(_dict, item.get("marketingPreferenceOptIns") or [])
-            if int(opt_in["marketingPreferenceId"]) == preference_id]
+def opt_in_page(data: list[Any], preference_id: int, *,
+                wanted: Callable[[str], bool] | None = None) -> tuple[list[OptInEntry], int]:
+    """An opt-ins page's opt-ins to ``preference_id`` and its greatest contact id (0 for none:
+    where the next page starts), read in one pass without building contacts: what a reader
+    that wants only these needs (fields as :func:`parse_contact_opt_ins` reads them). An entry
+    whose email (trimmed, lower case) ``wanted`` does not want is read no further than its id.
+
+    An import stamps its contacts alike, so a time answered again is parsed once a page. A
+    malformed page raises what reading its ids first (:func:`opt_ins_last_id`), then its
+    entries, raises: the ids are read apart only then."""
+    entries: list[OptInEntry] = []
+    contact_ids: list[int] = []
+    parsed: dict[str, datetime] = {}
+    try:
+        for raw in data:
+            item = _dict(raw)
+            contact = _dict(item.get("contact"))
+            contact_id = int(contact.get("id") or 0)
+            contact_ids.append(contact_id)
+            email = str(contact.get("email") or "").strip().lower()
+            if wanted is not None and not wanted(email):
+                continue
+            for record in item.get("marketingPreferenceOptIns") or []:
+                opt_in = _dict(record)
+                if int(opt_in["marketingPreferenceId"]) != preference_id:
+                    continue
+                text = _modified_text(opt_in)
+                if type(text) is str:
+                    when = parsed.get(text)
+                    if when is None:
+                        when = parsed[text] = parse_datetime(text)
+                else:
+                    when = parse_datetime(text)
+                entries.append((contact_id, email, bool(opt_in.get("isOptedIn")), when))
+    except Exception as exc:  # re-raised below, unless an id is malformed
+        failed = exc
+    else:
+        return entries, max(contact_ids, default=0)
+    opt_ins_last_id(data)
+    raise failed
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -24,6 +24,7 @@ from common.domain import (
     record_write,
     settle,
     start_after_read,
+    write_window,
     writer_should_apply,
 )
 from common.domain.sides import Side
@@ -334,6 +335,8 @@ def test_a_change_is_in_a_write_window_between_its_floored_start_and_its_end(
     floor = at(0) + (start - at(0)) // resolution * resolution
     last = end if end is not None else start + IN_FLIGHT_LIMIT
     assert in_write_window(stamp, side=side, start=start, end=end) == (floor <= stamp <= last)
+    # the bounds a reader of many stamps works out once are the same window
+    assert write_window(side=side, start=start, end=end) == (floor, last)
     # the side's own stamp of our write, made at the window's start (at its resolution), is in
     assert in_write_window(floor, side=side, start=start, end=end)
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from common.vendors.dotdigital.models import (
     feed_page,
     iso_text,
+    opt_in_page,
     opt_ins_last_id,
     parse_contact_opt_ins,
     parse_datetime,
@@ -186,6 +187,65 @@ def test_a_feed_page_read_once_is_what_reading_ids_and_entries_apart_gives(first
         page = [FEED_ENTRIES[first], FEED_ENTRIES[second]]
         assert _read_once(page) == _read_apart(page), page
     assert _read_once([]) == ([], 0)
+
+
+def _entry_read_alone(data: object, wanted: set[str] | None) -> list[Any]:
+    """One entry's opt-ins to preference 7 as a reader of that preference alone reads them
+    (the records of other preferences read no further than their ids), its email trimmed and
+    in lower case; none when its email is not ``wanted``."""
+    item: dict[str, Any] = data if isinstance(data, dict) else {}
+    raw = item.get("contact")
+    contact: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    email = str(contact.get("email") or "").strip().lower()
+    if wanted is not None and email not in wanted:
+        return []
+    records = [r if isinstance(r, dict) else {}
+               for r in item.get("marketingPreferenceOptIns") or []]
+    return [(int(contact.get("id") or 0), email, bool(r.get("isOptedIn")),
+             parse_datetime(r.get("dateModifed") or r.get("dateModified")))
+            for r in records if int(r["marketingPreferenceId"]) == 7]
+
+
+def _entries_read_apart(data: list[Any], wanted: set[str] | None) -> object:
+    """An opt-ins page read apart: its ids first (:func:`opt_ins_last_id`), then each entry
+    (:func:`_entry_read_alone`); or the error that raises."""
+    try:
+        last_id = opt_ins_last_id(data)
+        return [e for item in data for e in _entry_read_alone(item, wanted)], last_id
+    except Exception as exc:  # the error itself is what is compared
+        return type(exc), str(exc)
+
+
+def _entries_read_once(data: list[Any], wanted: set[str] | None) -> object:
+    try:
+        return opt_in_page(data, 7, wanted=None if wanted is None else wanted.__contains__)
+    except Exception as exc:  # the error itself is what is compared
+        return type(exc), str(exc)
+
+
+@pytest.mark.parametrize("first", range(len(FEED_ENTRIES)))
+def test_a_pages_opt_in_entries_read_once_are_what_reading_ids_and_entries_apart_gives(
+        first: int) -> None:
+    # every entry before and after every other, with all emails wanted, none, or one: a page
+    # with two faults says the same one, and an entry not wanted is read no further than its id
+    for second in range(len(FEED_ENTRIES)):
+        page = [FEED_ENTRIES[first], FEED_ENTRIES[second]]
+        for wanted in (None, set(), {"a@example.com"}):
+            assert _entries_read_once(page, wanted) == _entries_read_apart(page, wanted), (
+                page, wanted)
+    assert _entries_read_once([], None) == ([], 0)
+
+
+def test_a_pages_times_answered_again_are_parsed_alike() -> None:
+    same = {"contact": CONTACT, "marketingPreferenceOptIns": [_opt_in()]}
+    other = {"contact": {**CONTACT, "id": 9},
+             "marketingPreferenceOptIns": [_opt_in(dateModifed="2020-01-01T09:40:18Z")]}
+    entries, last_id = opt_in_page([same, other, same], 7)
+    assert last_id == 9
+    assert [when for _, _, _, when in entries] == [
+        datetime(2020, 1, 1, 9, 40, 18, 527_000, tzinfo=UTC),
+        datetime(2020, 1, 1, 9, 40, 18, tzinfo=UTC),
+        datetime(2020, 1, 1, 9, 40, 18, 527_000, tzinfo=UTC)]
 
 
 def test_a_feed_pages_times_as_text_are_their_isoformat() -> None:
