@@ -182,9 +182,16 @@ class Stats:
 
 def json_response(body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None,
                   content_type: str = "application/json") -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
-                        content_type=content_type.split(";")[0],
-                        charset=None)
+    return json_body_response(orjson.dumps(body), status=status, headers=headers,
+                              content_type=content_type)
+
+
+def json_body_response(body: bytes, *, status: int = 200,
+                       headers: Mapping[str, str] | None = None,
+                       content_type: str = "application/json") -> web.Response:
+    """An answer of JSON already rendered (``orjson``'s bytes)."""
+    return web.Response(body=body, status=status, headers=headers,
+                        content_type=content_type.split(";")[0], charset=None)
 
 
 def parse_time(value: str) -> datetime:

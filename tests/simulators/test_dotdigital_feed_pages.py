@@ -1,10 +1,11 @@
 """dotdigital simulator: feed pages are built straight from a preference's states.
 
-``api_opt_in_changes`` renders a page without an ``OptInRecord`` per contact and formats each
-stamp once. Its answers must be the bytes the general renderers give (``api_contact`` and
-``api_opt_in`` over ``AccountStore.opt_ins``, as the subscriptions call answers), found by a
-plain scan of the contacts: for every preference, date and ``minContactId``, after writes
-that vary each rendered field (stamps, opt-outs, statuses, lists, email, types). The
+``opt_in_changes_body`` renders a page without an ``OptInRecord`` per contact, formats each
+stamp once and keeps each contact's part rendered while what it shows stands. Its answers must
+be the bytes the general renderers give (``api_contact`` and ``api_opt_in`` over
+``AccountStore.opt_ins``, as the subscriptions call answers), found by a plain scan of the
+contacts: for every preference, date and ``minContactId``, before and after writes that vary
+each rendered field (stamps, opt-outs, statuses, lists, email, types). The
 ``with-preference`` pages (the same slot walk, on the opt-in states) must list the opted-in
 contacts a plain scan finds.
 """
@@ -76,8 +77,15 @@ async def test_opt_in_pages_are_the_general_renderers_bytes() -> None:
         seeded = await sim.seed(records=2500, preferences=3, seed=5)
         prefs = [int(p) for p in seeded["preferences"]]
         store = sim.simulator.backend.stores[101]
-        await _vary(sim, prefs, [c.email for c in store.contacts])
         first = store.first_contact_id
+        # read once before the writes: every contact's part is then kept rendered
+        for pref in prefs:
+            for min_id in (0, first + 1000, first + 2000):
+                answer = await sim.call(
+                    "GET", f"/v2/contacts/with-preference/{pref}/opt-ins-since/2000-01-01"
+                           f"?minContactId={min_id}")
+                assert answer.text.encode() == _plain_page(store, pref, "2000-01-01", min_id)
+        await _vary(sim, prefs, [c.email for c in store.contacts])
         pages = 0
         for pref in prefs:
             for since in ("2000-01-01", T1, "2030-01-01T00:00:00.001Z", T2, "2031-01-01"):

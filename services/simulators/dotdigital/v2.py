@@ -19,12 +19,14 @@ Request keys bind case-insensitively; responses are camelCase. Errors are
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from typing import Any
 
+import orjson
 from aiohttp import web
 
-from services.simulators.base import json_response
+from services.simulators.base import json_body_response, json_response
 from services.simulators.dotdigital.dates import format_ms, parse_path_date
 from services.simulators.dotdigital.errors import (
     V2Error,
@@ -70,13 +72,20 @@ routes = web.RouteTableDef()
 
 # --- rendering -------------------------------------------------------------------------------
 
+def _shown(contact: Contact) -> tuple[int, str, str, str, str]:
+    """What a contact's v2 rendering shows of it (its data fields aside): an opt-ins page keeps
+    a contact's part rendered while these stand."""
+    return contact.id, contact.email, contact.opt_in_type, contact.email_type, contact.status
+
+
 def api_contact(contact: Contact, *, full: bool = False) -> dict[str, Any]:
+    contact_id, email, opt_in_type, email_type, status = _shown(contact)
     return {
-        "id": contact.id, "email": contact.email, "optInType": contact.opt_in_type,
-        "emailType": contact.email_type,
+        "id": contact_id, "email": email, "optInType": opt_in_type,
+        "emailType": email_type,
         "dataFields": ([{"key": k, "value": v} for k, v in contact.data_fields.items()]
                        if full else None),
-        "status": contact.status,
+        "status": status,
     }
 
 
@@ -91,25 +100,42 @@ def api_opt_in(store: AccountStore, record: OptInRecord) -> dict[str, Any]:
                    record.opted_in, format_ms(record.modified_ms))
 
 
-def api_opt_in_changes(store: AccountStore, preference_id: int,
-                       slots: list[int]) -> list[dict[str, Any]]:
-    """An ``opt-ins-since`` page: each contact with its one opt-in record (as ``api_contact``
-    and ``api_opt_in`` render them), read straight from the preference's states."""
+# Per store, each contact's part of an opt-ins page as last rendered, by slot: (what it showed,
+# the bytes up to its opt-in record). The feed's readers read the same contacts again and
+# again (each run's overlap, the writer's read before each round).
+_RENDERED: weakref.WeakKeyDictionary[AccountStore, dict[int, tuple[tuple[Any, ...], bytes]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def opt_in_changes_body(store: AccountStore, preference_id: int, slots: list[int]) -> bytes:
+    """An ``opt-ins-since`` page as JSON (what ``orjson`` makes of each contact with its one
+    opt-in record, as ``api_contact`` and ``api_opt_in`` render them), read straight from the
+    preference's states. A contact's part is rendered again only when what it shows changed
+    (:func:`_shown`); an opt-in record's once a page for each list, value and stamp (an import
+    stamps its contacts alike)."""
     states = store.states[preference_id]
     opted, modified = states.opted.values(), states.modified.values()
     contacts = store.contacts
     book_of = store.address_book_of
-    stamps: dict[int, str] = {}  # an import stamps all its contacts alike: format each once
-    out = []
+    rendered = _RENDERED.get(store)
+    if rendered is None:
+        rendered = _RENDERED[store] = {}
+    records: dict[tuple[int, bool, int], bytes] = {}
+    parts: list[bytes] = []
     for slot in slots:
         contact = contacts[slot]
-        ms = modified[slot]
-        stamp = stamps.get(ms)
-        if stamp is None:
-            stamp = stamps[ms] = format_ms(ms)
-        out.append({"contact": api_contact(contact), "marketingPreferenceOptIns": [
-            _opt_in(preference_id, book_of(contact), opted[slot] == 1, stamp)]})
-    return out
+        shown = _shown(contact)
+        part = rendered.get(slot)
+        if part is None or part[0] != shown:
+            part = rendered[slot] = (shown, b'{"contact":' + orjson.dumps(api_contact(contact))
+                                     + b',"marketingPreferenceOptIns":[')
+        key = (book_of(contact), opted[slot] == 1, modified[slot])
+        record = records.get(key)
+        if record is None:
+            record = records[key] = orjson.dumps(
+                _opt_in(preference_id, key[0], key[1], format_ms(key[2]))) + b"]}"
+        parts.append(part[1] + record)
+    return b"[" + b",".join(parts) + b"]"
 
 
 def api_suppression(contact: Contact) -> dict[str, Any]:
@@ -365,7 +391,7 @@ async def get_opt_ins_since(request: web.Request) -> web.Response:
     min_id = _int_query(request, "minContactId", 0)
     slots = store.opt_in_changes(preference_id, since_ms=since, min_contact_id=min_id,
                                  limit=PAGE_LIMIT)
-    return json_response(api_opt_in_changes(store, preference_id, slots))
+    return json_body_response(opt_in_changes_body(store, preference_id, slots))
 
 
 @routes.get("/v2/contacts/with-preference/{preference_id}")
