@@ -237,10 +237,6 @@ def _opt_in_fields(item: dict[str, Any]) -> tuple[int, bool, datetime, object]:
     return preference_id, bool(item.get("isOptedIn")), parse_datetime(text), text
 
 
-def _modified(item: dict[str, Any]) -> datetime:
-    return parse_datetime(_modified_text(item))
-
-
 def _modified_text(item: dict[str, Any]) -> object:
     # The API's own spelling is ``dateModifed``; accept the corrected one as well.
     return item.get("dateModifed") or item.get("dateModified")
