@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from common import domain
+from common.cleanup import finish
 from common.domain import Side
 from common.messaging.amqp import Outgoing, Publisher
 from common.messaging.envelope import WriteCommand as WriteMessage
@@ -108,7 +109,8 @@ class OutstandingSweep:
                 await asyncio.sleep(self._interval_s)
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._store.release_lease(self.lease, self._holder))
+                await finish(self._store.release_lease(self.lease, self._holder),
+                             timeout_s=self._lease_ttl_s, what="releasing the sweep lease")
 
     async def sweep(self) -> SweepReport:
         """One pass: report, and publish the due keys' writes if this replica holds the lease."""

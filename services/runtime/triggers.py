@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+from common.cleanup import finish
 from common.config import RunsConfig
 from common.messaging.amqp import DeadLetterer, Delivery, Publisher, QueueConsumer
 from common.messaging.envelope import EligibleContact
@@ -174,7 +175,9 @@ class RunCoordinator:
             outcome = await self._run(pending) if pending else "done"
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._store.release_lease(self.lease, self._holder))
+                # past the lease's time, releasing it is moot
+                await finish(self._store.release_lease(self.lease, self._holder),
+                             timeout_s=self._lease_ttl_s, what="releasing the poller lease")
         if outcome == "lease-lost":
             return self._pending_poll_s
         if outcome == "failed":

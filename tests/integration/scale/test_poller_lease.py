@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -57,11 +58,13 @@ class Runs:
 @asynccontextmanager
 async def replica(broker: Broker, url: str, name: str,
                   run_cycle: Callable[[RunRequest], Awaitable[None]], *,
-                  lease_ttl_s: float = 2.0, lease_renew_s: float = 0.3
+                  lease_ttl_s: float = 2.0, lease_renew_s: float = 0.3,
+                  wrap: Callable[[LedgerStore], Any] = lambda store: store
                   ) -> AsyncIterator[tuple[RunCoordinator, LedgerStore, asyncio.Task[None]]]:
     store = open_store(url)
     await store.open()
-    coordinator = RunCoordinator(service="dynamics-poller", account=broker.account, store=store,
+    coordinator = RunCoordinator(service="dynamics-poller", account=broker.account,
+                                 store=wrap(store),
                                  publisher=broker.publisher, run_cycle=run_cycle, holder=name,
                                  lease_ttl_s=lease_ttl_s, lease_renew_s=lease_renew_s,
                                  pending_poll_s=0.1)
@@ -137,3 +140,49 @@ async def test_a_stalled_replica_loses_the_lease_and_stops(broker: Broker, url: 
             assert runs.covered == [sent]               # once, by r2
             await asyncio.wait_for(r2.idle.wait(), timeout=30)
             assert await store.get_checkpoint(broker.account, "dynamics-poller:pending") == "[]"
+
+
+
+class HeldRelease:
+    """A replica's store whose lease release waits for the test's word (and says it began)."""
+
+    def __init__(self, store: LedgerStore) -> None:
+        self._store = store
+        self.releasing = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        self.releasing.set()
+        await self.go_on.wait()
+        await self._store.release_lease(name, holder)
+
+
+async def test_a_replica_stopped_while_it_releases_the_lease_ends_once_it_is_released(
+        broker: Broker, url: str) -> None:
+    runs = Runs()
+    held: list[HeldRelease] = []
+
+    def hold(store: LedgerStore) -> Any:
+        held.append(HeldRelease(store))
+        return held[-1]
+
+    async with replica(broker, url, "r1", runs.cycle("r1", seconds=0), wrap=hold
+                       ) as (r1, store, task):
+        sent = await broker.trigger()
+        # the run ends; the replica is stopped while it releases the lease
+        await asyncio.wait_for(held[0].releasing.wait(), timeout=30)
+        assert runs.covered == [sent]
+        task.cancel()
+        # a stopped replica ends at once but for the release: it waits for that (with the
+        # release held, it cannot end; the bound only keeps a wrong replica from passing)
+        ended, _ = await asyncio.wait({task}, timeout=0.5)
+        assert not ended
+        held[0].go_on.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # released before the task ended (not left to go on alone, and fail, once the
+        # replica's store is closed), so the next replica need not wait out the lease
+        assert await store.lease_holder(r1.lease) is None
