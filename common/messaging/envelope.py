@@ -33,7 +33,7 @@ for:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
@@ -457,6 +457,20 @@ def epoch_ms(value: datetime) -> int:
     return (value - _EPOCH) // _MS
 
 
+def epoch_ms_column(values: Iterable[datetime]) -> list[int]:
+    """:func:`epoch_ms` of each of ``values``; a run of one ``datetime`` object (a feed page's
+    opt-ins stamped alike share one) is converted once."""
+    out: list[int] = []
+    append_to = out.append
+    last: datetime | None = None
+    ms = 0
+    for value in values:
+        if value is not last:
+            ms, last = epoch_ms(value), value
+        append_to(ms)
+    return out
+
+
 def _column_lists(kind: str, columns: tuple[_Column, ...],
                   values_of: Callable[[str], Sequence[Any] | None]) -> dict[str, list[Any]]:
     """The ``changes`` object of a columnar message: each column's values (``values_of`` its
@@ -471,7 +485,7 @@ def _column_lists(kind: str, columns: tuple[_Column, ...],
             continue
         if column.default is not _REQUIRED and values.count(column.default) == len(values):
             continue
-        out[column.name] = (list(map(epoch_ms, values)) if column.check == "time"
+        out[column.name] = (epoch_ms_column(values) if column.check == "time"
                             else values if type(values) is list else list(values))
     return out
 

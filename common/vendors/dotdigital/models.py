@@ -229,12 +229,13 @@ def parse_contact(data: object) -> Contact:
                    data_fields=data_fields)
 
 
-def _opt_in_fields(item: dict[str, Any]) -> tuple[int, bool, datetime, object]:
-    """An opt-in record's preference id, opt-in and time it changed, and that time as
-    answered."""
+def _opt_in_fields(item: dict[str, Any], parsed: dict[str, datetime]
+                   ) -> tuple[int, bool, datetime, object]:
+    """An opt-in record's preference id, opt-in and time it changed (:func:`_stamp`), and that
+    time as answered."""
     preference_id = int(item["marketingPreferenceId"])
     text = _modified_text(item)
-    return preference_id, bool(item.get("isOptedIn")), parse_datetime(text), text
+    return preference_id, bool(item.get("isOptedIn")), _stamp(text, parsed), text
 
 
 def _modified_text(item: dict[str, Any]) -> object:
@@ -242,9 +243,25 @@ def _modified_text(item: dict[str, Any]) -> object:
     return item.get("dateModifed") or item.get("dateModified")
 
 
+# The most times a page keeps parsed: an import's are a few; a page whose times are all
+# different fills it, and is then parsed time by time.
+STAMPS_KEPT = 64
+
+
+def _stamp(text: object, parsed: dict[str, datetime]) -> datetime:
+    """:func:`parse_datetime` of ``text``, each text once while ``parsed`` (a page's) lasts and
+    holds fewer than ``STAMPS_KEPT``: an import stamps its contacts alike."""
+    if type(text) is not str or len(parsed) >= STAMPS_KEPT:
+        return parse_datetime(text)
+    when = parsed.get(text)
+    if when is None:
+        when = parsed[text] = parse_datetime(text)
+    return when
+
+
 def parse_opt_in(data: object) -> PreferenceOptIn:
     item = _dict(data)
-    preference_id, is_opted_in, modified, _ = _opt_in_fields(item)
+    preference_id, is_opted_in, modified, _ = _opt_in_fields(item, {})
     return PreferenceOptIn(preference_id=preference_id, is_opted_in=is_opted_in,
                            modified=modified,
                            address_book_id=_optional_int(item.get("addressBookId")))
@@ -287,13 +304,7 @@ def opt_in_page(data: list[Any], preference_id: int, *,
                 opt_in = _dict(record)
                 if int(opt_in["marketingPreferenceId"]) != preference_id:
                     continue
-                text = _modified_text(opt_in)
-                if type(text) is str:
-                    when = parsed.get(text)
-                    if when is None:
-                        when = parsed[text] = parse_datetime(text)
-                else:
-                    when = parse_datetime(text)
+                when = _stamp(_modified_text(opt_in), parsed)
                 entries.append((contact_id, email, bool(opt_in.get("isOptedIn")), when))
     except Exception as exc:  # re-raised below, unless an id is malformed
         failed = exc
@@ -336,7 +347,11 @@ def feed_page(data: list[Any], preference_id: int) -> FeedPage:
     every field read and checked as :func:`parse_contact_opt_ins` reads it (other preferences'
     records included), the opt-ins to ``preference_id`` alone kept. Each entry is read once; a
     malformed page raises what reading its ids first (:func:`opt_ins_last_id`), then its
-    entries, raises: the ids are read apart only then."""
+    entries, raises: the ids are read apart only then.
+
+    An import stamps its contacts alike, so a time answered again is parsed once a page, and
+    its opt-ins share one ``datetime`` (which later steps may use: see
+    :func:`common.messaging.envelope.epoch_ms_column`)."""
     contact_ids: list[int] = []
     emails: list[str] = []
     statuses: list[str] = []
@@ -344,6 +359,8 @@ def feed_page(data: list[Any], preference_id: int) -> FeedPage:
     opted: list[bool] = []
     modified: list[datetime] = []
     modified_iso: list[str] = []
+    parsed: dict[str, datetime] = {}  # (_stamp)
+    isos: dict[object, str] = {}  # each time answered, as isoformat() writes it
     try:
         for place, entry in enumerate(data):
             item = _dict(entry)
@@ -352,12 +369,18 @@ def feed_page(data: list[Any], preference_id: int) -> FeedPage:
             emails.append(email)
             statuses.append(status)
             for record in item.get("marketingPreferenceOptIns") or []:
-                record_preference, opted_in, when, text = _opt_in_fields(_dict(record))
+                record_preference, opted_in, when, text = _opt_in_fields(_dict(record), parsed)
                 if record_preference == preference_id:
                     owners.append(place)
                     opted.append(opted_in)
                     modified.append(when)
-                    modified_iso.append(iso_text(text) or when.isoformat())
+                    # (text is what parsed: a string, or a datetime)
+                    iso = isos.get(text) if len(isos) < STAMPS_KEPT else None
+                    if iso is None:
+                        iso = iso_text(text) or when.isoformat()
+                        if len(isos) < STAMPS_KEPT:
+                            isos[text] = iso
+                    modified_iso.append(iso)
     except Exception as exc:  # re-raised below, unless an id is malformed
         failed = exc
     else:

@@ -30,6 +30,7 @@ from common.messaging.envelope import (
     decode,
     encode,
     epoch_ms,
+    epoch_ms_column,
     exact_time,
 )
 from common.messaging.publishing import (
@@ -510,3 +511,20 @@ def test_garbage_columns_never_escape_as_another_error(changed: dict[str, object
 def test_garbage_never_escapes_as_another_error(body: bytes) -> None:
     with contextlib.suppress(MalformedMessage):
         decode(body)
+
+
+@given(offsets=st.lists(st.integers(-10**12, 10**12), max_size=50),
+       repeats=st.lists(st.integers(1, 3), max_size=50))
+def test_a_time_column_is_each_times_epoch_ms_however_its_objects_repeat(
+        offsets: list[int], repeats: list[int]) -> None:
+    # a run of one object (a feed page's times alike), equal objects, and different ones
+    moments = [T0 + timedelta(microseconds=o) for o in offsets]
+    column = [m for m, n in zip(moments, repeats + [1] * len(moments), strict=False)
+              for _ in range(n)]
+    column += [exact_time(epoch_ms(m)) for m in moments]  # equal, not the same objects
+    assert epoch_ms_column(column) == [epoch_ms(m) for m in column]
+
+
+def test_a_time_column_refuses_a_naive_time() -> None:
+    with pytest.raises(ValueError, match="naive"):
+        epoch_ms_column([T0, T0, T0.replace(tzinfo=None)])

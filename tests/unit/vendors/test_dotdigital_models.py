@@ -280,3 +280,36 @@ def test_a_time_as_text_is_what_isoformat_writes_of_it(moment: datetime, form: s
     assert found is None or found == parsed.isoformat(), text
     if form in _OWN_FORMS and not cut:
         assert found == parsed.isoformat()  # dotdigital's own forms are read off the text
+
+
+def _stamped_page(texts: list[str]) -> list[Any]:
+    """A page of one entry per text, each with that time for preference 7 and the next text's
+    for preference 8."""
+    return [{"contact": {**CONTACT, "id": place + 1},
+             "marketingPreferenceOptIns": [
+                 _opt_in(dateModifed=text, isOptedIn=place % 2 == 0),
+                 _opt_in(8, dateModifed=texts[(place + 1) % len(texts)])]}
+            for place, text in enumerate(texts)]
+
+
+# A few times over and over (an import), or more than a page keeps parsed (STAMPS_KEPT)
+_texts = st.one_of(
+    st.lists(st.sampled_from(["2020-01-01T09:40:18.527Z", "2020-01-01T09:40:18Z",
+                              "2020-01-01T09:40:18.5270000Z", "2020-01-02T00:00:00.000Z"]),
+             min_size=1, max_size=150),
+    st.lists(_moments.map(lambda m: m.isoformat(timespec="milliseconds") + "Z"),
+             min_size=1, max_size=150))
+
+
+@given(texts=_texts)
+def test_a_pages_times_kept_parsed_read_as_each_entry_alone(texts: list[str]) -> None:
+    # the times a page keeps parsed (alike, or more of them than it keeps) change nothing read
+    page = _stamped_page(texts)
+    read = feed_page(page, 7)
+    alone = [feed_page([entry], 7) for entry in page]
+    assert read.modified == [m for a in alone for m in a.modified]
+    assert read.modified_iso == [m for a in alone for m in a.modified_iso]
+    assert read.modified_iso == [moment.isoformat() for moment in read.modified]
+    assert read.opted_in == [o for a in alone for o in a.opted_in]
+    entries, _ = opt_in_page(page, 7)
+    assert entries == [e for entry in page for e in opt_in_page([entry], 7)[0]]
