@@ -122,6 +122,7 @@ async def test_a_save_caught_in_a_deadlock_is_a_conflict(store: LedgerStore, url
     await store.save_rows([(None, ann, EMPTY_STATE), (None, bob, EMPTY_STATE)])
     changed = EMPTY_STATE._replace(pending=((True, 1_000), None))
     holder = await asyncpg.connect(url)
+    watcher = await asyncpg.connect(url)
     try:
         # the save's wait, not this one's, is the one PostgreSQL finds the deadlock in
         with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
@@ -131,8 +132,10 @@ async def test_a_save_caught_in_a_deadlock_is_a_conflict(store: LedgerStore, url
         lock = "SELECT 1 FROM key_state WHERE email = $1 FOR UPDATE"
         await holder.execute(lock, "bob@example.com")
         saving = asyncio.ensure_future(store.save_rows([(1, ann, changed), (1, bob, changed)]))
-        # the save holds ann's row and waits for bob's (PostgreSQL tells of no such event)
-        await until(lambda: holder.fetchval(
+        # the save holds ann's row and waits for bob's (PostgreSQL tells of no such event).
+        # Watched from a connection of its own: inside the holder's transaction,
+        # pg_stat_activity answers what its first look saw, every time.
+        await until(lambda: watcher.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
             "AND wait_event_type = 'Lock' AND query LIKE '%UPDATE key_state%'"),
             timeout_s=20, every=0.01, what="the save waiting for bob's row lock")
@@ -143,4 +146,5 @@ async def test_a_save_caught_in_a_deadlock_is_a_conflict(store: LedgerStore, url
         await held.rollback()
     finally:
         await holder.close()
+        await watcher.close()
     assert await store.save_rows([(1, ann, changed), (1, bob, changed)]) == [2, 2]
