@@ -142,7 +142,6 @@ async def test_a_stalled_replica_loses_the_lease_and_stops(broker: Broker, url: 
             assert await store.get_checkpoint(broker.account, "dynamics-poller:pending") == "[]"
 
 
-
 class HeldRelease:
     """A replica's store whose lease release waits for the test's word (and says it began)."""
 

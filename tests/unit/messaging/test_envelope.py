@@ -521,7 +521,7 @@ def test_a_time_column_is_each_times_epoch_ms_however_its_objects_repeat(
     moments = [T0 + timedelta(microseconds=o) for o in offsets]
     column = [m for m, n in zip(moments, repeats + [1] * len(moments), strict=False)
               for _ in range(n)]
-    column += [exact_time(epoch_ms(m)) for m in moments]  # equal, not the same objects
+    column += [exact_time(epoch_ms(m)) for m in moments]  # other objects, alike or not
     assert epoch_ms_column(column) == [epoch_ms(m) for m in column]
 
 
