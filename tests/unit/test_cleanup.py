@@ -34,11 +34,11 @@ class Release:
         self.steps.append("commit")
 
 
-async def _stopping(release: Release, **kw: Any) -> None:
+async def _stopping(release: Release) -> None:
     try:
         await asyncio.Event().wait()  # the service's work, until cancelled
     finally:
-        await finish(release(), what="releasing", **{"timeout_s": 30.0, **kw})
+        await finish(release(), timeout_s=30.0, what="releasing")
 
 
 async def test_a_clean_up_runs_to_its_end_however_often_the_caller_is_cancelled() -> None:

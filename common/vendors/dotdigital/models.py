@@ -360,7 +360,9 @@ def feed_page(data: list[Any], preference_id: int) -> FeedPage:
     modified: list[datetime] = []
     modified_iso: list[str] = []
     parsed: dict[str, datetime] = {}  # (_stamp)
-    isos: dict[object, str] = {}  # each time answered, as isoformat() writes it
+    # the text of the previous opt-in's time: a run of one datetime (times alike) is written once
+    last: datetime | None = None
+    iso = ""
     try:
         for place, entry in enumerate(data):
             item = _dict(entry)
@@ -374,12 +376,8 @@ def feed_page(data: list[Any], preference_id: int) -> FeedPage:
                     owners.append(place)
                     opted.append(opted_in)
                     modified.append(when)
-                    # (text is what parsed: a string, or a datetime)
-                    iso = isos.get(text) if len(isos) < STAMPS_KEPT else None
-                    if iso is None:
-                        iso = iso_text(text) or when.isoformat()
-                        if len(isos) < STAMPS_KEPT:
-                            isos[text] = iso
+                    if when is not last:
+                        iso, last = iso_text(text) or when.isoformat(), when
                     modified_iso.append(iso)
     except Exception as exc:  # re-raised below, unless an id is malformed
         failed = exc
