@@ -9,12 +9,16 @@ and a test can hand it a small fake.
 
 Key states are saved with compare-and-set on a per-key ``revision`` so that reconciler replicas
 never overwrite each other's decisions: a save whose expected revisions no longer hold raises
-:class:`ConflictError` and writes nothing; the caller reloads and decides again.
+:class:`ConflictError` and writes nothing; the caller reloads and decides again. A store whose
+saves are one at a time anyway (SQLite's) can also hold its key states
+(:meth:`KeyStates.holding`): loaded and saved in one transaction no other process saves in, a
+save cannot meet a conflict.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
@@ -51,8 +55,44 @@ class ConflictError(Exception):
         self.keys = tuple(keys)
 
 
-class KeyStates(Protocol):
+class RowStates(Protocol):
+    """Key states loaded and saved as rows (the batch hot path), with compare-and-set."""
+
+    async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
+        """:meth:`KeyStates.load` for the batch hot path: the stored states' rows
+        (:mod:`common.domain.rows`), by the keys' parts."""
+        ...
+
+    async def save_rows(self, changes: Sequence[RowChange], *,
+                        history: Sequence[HistoryRow[KeyTuple]] = (),
+                        recorded_at: datetime | None = None,
+                        entries: Sequence[HistoryEntry] = (),
+                        contacts: Sequence[ContactState] = (),
+                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
+                        ended_batches: Sequence[tuple[str, str]] = ()
+                        ) -> list[int]:
+        """:meth:`KeyStates.save` for the batch hot path: state rows, the kernel's history rows (of
+        decisions ``recorded_at``, default now) and other history ``entries``; the same
+        compare-and-set, transaction and index. ``contacts`` are saved in the same transaction,
+        as :meth:`Contacts.save_contacts` saves them (monotonic, no compare-and-set); so are
+        ``subscriptions`` ((account, row) pairs), as
+        :meth:`Directory.upsert_subscriptions` saves them.
+
+        ``ended_batches``: the (account, id) of write batches whose outcome the changes record,
+        deleted in the same transaction (:mod:`common.store.write_batches`, rule 3)."""
+        ...
+
+
+class KeyStates(RowStates, Protocol):
     """Per-key states, saved with compare-and-set, and their history."""
+
+    def holding(self) -> AbstractAsyncContextManager[RowStates] | None:
+        """A transaction that holds the key states: no other process saves one until it
+        ends, so what is loaded there is what a save there compares with, and a save after a
+        conflict loads and saves there, meeting no other (committed as the transaction
+        ends). None where the store does not hold them: there a conflict is tried again
+        (PostgreSQL, whose replicas save at once, each locking only its own rows)."""
+        ...
 
     async def load(self, keys: Iterable[PreferenceKey]) -> dict[PreferenceKey, KeyState]:
         """The stored states of those ``keys`` that have one."""
@@ -67,30 +107,6 @@ class KeyStates(Protocol):
         ``revision`` carried by the states themselves is ignored). Extra ``history`` rows (for
         decisions that changed no state) go in the same transaction, and so does the index of
         keys with outstanding writes (:mod:`common.store.outstanding`)."""
-        ...
-
-    async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
-        """:meth:`load` for the batch hot path: the stored states' rows
-        (:mod:`common.domain.rows`), by the keys' parts."""
-        ...
-
-    async def save_rows(self, changes: Sequence[RowChange], *,
-                        history: Sequence[HistoryRow[KeyTuple]] = (),
-                        recorded_at: datetime | None = None,
-                        entries: Sequence[HistoryEntry] = (),
-                        contacts: Sequence[ContactState] = (),
-                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
-                        ended_batches: Sequence[tuple[str, str]] = ()
-                        ) -> list[int]:
-        """:meth:`save` for the batch hot path: state rows, the kernel's history rows (of
-        decisions ``recorded_at``, default now) and other history ``entries``; the same
-        compare-and-set, transaction and index. ``contacts`` are saved in the same transaction,
-        as :meth:`Contacts.save_contacts` saves them (monotonic, no compare-and-set); so are
-        ``subscriptions`` ((account, row) pairs), as
-        :meth:`Directory.upsert_subscriptions` saves them.
-
-        ``ended_batches``: the (account, id) of write batches whose outcome the changes record,
-        deleted in the same transaction (:mod:`common.store.write_batches`, rule 3)."""
         ...
 
     async def begin_writes(self, batch: WriteBatch) -> None:

@@ -41,7 +41,7 @@ from common.domain import PreferenceKey
 from common.domain.rows import KeyTuple, key_of
 from common.store.batch_reads import Part, Query
 from common.store.connection import Connection, Statement
-from common.store.interface import ConflictError, StoreUnavailable
+from common.store.interface import ConflictError, RowStates, StoreUnavailable
 from common.store.sqlite import (
     ADDED_COLUMNS,
     AFTER_COLUMNS,
@@ -297,6 +297,11 @@ class PostgresLedgerStore(SqliteLedgerStore):
             # again, as a conflict
             raise ConflictError(list(map(key_of, batch.keys))) from None
         return batch.revisions
+
+    def holding(self) -> AbstractAsyncContextManager[RowStates] | None:
+        """None: replicas save at once here, each locking only the rows it writes; holding
+        every key state (the table) for one save would make them wait on each other."""
+        return None
 
     async def _moved(self, batch: SaveBatch) -> list[PreferenceKey]:
         """The keys of ``batch`` whose stored revisions are not those it expects, read once its

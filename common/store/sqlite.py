@@ -14,12 +14,20 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 from common.domain import (
     ContactState,
@@ -59,7 +67,13 @@ from common.store.directory import (
 from common.store.history import BY_EMAIL as HISTORY_BY_EMAIL
 from common.store.history import INDEXES as HISTORY_INDEXES
 from common.store.history import fill_buckets, history_bucket
-from common.store.interface import Change, ConflictError, RowChange, StoreUnavailable
+from common.store.interface import (
+    Change,
+    ConflictError,
+    RowChange,
+    RowStates,
+    StoreUnavailable,
+)
 from common.store.outstanding import SCHEMA as OUTSTANDING_SCHEMA
 from common.store.outstanding import (
     DueKey,
@@ -365,6 +379,53 @@ class SaveBatch:
             connection.executemany(sql, rows)
 
 
+class _RowSaves:
+    """:meth:`~common.store.interface.RowStates.save_rows`, over the ``_write`` of a store or
+    of a transaction that holds its key states."""
+
+    async def _write(self, batch: SaveBatch) -> list[int]:
+        raise NotImplementedError
+
+    async def save_rows(self, changes: Sequence[RowChange], *,
+                        history: Sequence[HistoryRow[KeyTuple]] = (),
+                        recorded_at: datetime | None = None,
+                        entries: Sequence[HistoryEntry] = (),
+                        contacts: Sequence[ContactState] = (),
+                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
+                        ended_batches: Sequence[tuple[str, str]] = ()) -> list[int]:
+        rows = [*history_rows(history, recorded_at=recorded_at or datetime.now(UTC)),
+                *map(_history_row, entries)]
+        batch = SaveBatch.of_rows(changes, history=rows, now_us=now_us())
+        batch.contact_rows.extend(map(_contact_row, contacts))
+        for account, row in subscriptions:
+            batch.subscription_rows.extend(subscription_params(account, [row]))
+        batch.ended_batches.extend(ended_batches)
+        return await self._write(batch)
+
+
+class _HeldSqlite(_RowSaves):
+    """Key states loaded and saved in the store's open ``BEGIN IMMEDIATE`` transaction (its
+    connection's lock is held: each step is a job of the connection's thread)."""
+
+    def __init__(self, store: SqliteLedgerStore, db: SqliteConnection) -> None:
+        self._store = store
+        self._db = db
+
+    async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
+        def fetch(connection: sqlite3.Connection,
+                  plan: Sequence[Query]) -> list[tuple[Part, list[Any]]]:
+            return [(part, connection.execute(sql, params).fetchall())
+                    for part, sql, params in plan]
+
+        return await self._store._fetch_states(
+            list(dict.fromkeys(keys)),
+            answer=lambda plan: self._db.run(lambda c: fetch(c, plan)))
+
+    async def _write(self, batch: SaveBatch) -> list[int]:
+        await self._db.run(batch.write)
+        return batch.revisions
+
+
 async def _select_in(db: Connection, sql: str, account: str,
                      values: Sequence[str]) -> list[Any]:
     """Rows of ``sql`` (ending in a column name) ``IN`` ``values``, asked in chunks."""
@@ -423,7 +484,7 @@ async def _use_wal(db: SqliteConnection, *, wait_s: float = 60.0) -> None:
         delay = min(delay * 2, 0.5)
 
 
-class SqliteLedgerStore:
+class SqliteLedgerStore(_RowSaves):
     """The ledger in one SQLite file (or in memory for ``:memory:``)."""
 
     def __init__(self, *, path: str, busy_timeout_s: float = 60.0,
@@ -596,16 +657,19 @@ class SqliteLedgerStore:
 
         return await self._in_one_job(fetch)
 
-    async def _fetch_states(self, keys: Sequence[KeyTuple]) -> dict[KeyTuple, StateRow]:
+    async def _fetch_states(self, keys: Sequence[KeyTuple], *,
+                            answer: Callable[[Sequence[Query]],
+                                             Awaitable[list[tuple[Part, list[Any]]]]] | None = None
+                            ) -> dict[KeyTuple, StateRow]:
         """The states of ``keys`` with their writes in flight (common.store.write_batches,
-        rule 2), from one snapshot."""
+        rule 2), from one snapshot (``answer``'s: a transaction of its own by default)."""
         if not keys:
             return {}
         plan: list[Query] = [("states", sql, params) for sql, params in state_queries(keys)]
         plan.append(("write_batches", *list_query(k[0] for k in keys)))
         state_rows: list[Any] = []
         batch_rows: list[Any] = []
-        for part, rows in await self._answer(plan):
+        for part, rows in await (answer or self._answer)(plan):
             (batch_rows if part == "write_batches" else state_rows).extend(rows)
         states = decode_rows(state_rows)
         with_writes_in_flight(states, keys, batch_rows)
@@ -641,21 +705,15 @@ class SqliteLedgerStore:
                    history: Sequence[HistoryEntry] = ()) -> list[int]:
         return await self._write(SaveBatch.of(changes, history=history, now_us=now_us()))
 
-    async def save_rows(self, changes: Sequence[RowChange], *,
-                        history: Sequence[HistoryRow[KeyTuple]] = (),
-                        recorded_at: datetime | None = None,
-                        entries: Sequence[HistoryEntry] = (),
-                        contacts: Sequence[ContactState] = (),
-                        subscriptions: Sequence[tuple[str, SubscriptionRow]] = (),
-                        ended_batches: Sequence[tuple[str, str]] = ()) -> list[int]:
-        rows = [*history_rows(history, recorded_at=recorded_at or datetime.now(UTC)),
-                *map(_history_row, entries)]
-        batch = SaveBatch.of_rows(changes, history=rows, now_us=now_us())
-        batch.contact_rows.extend(map(_contact_row, contacts))
-        for account, row in subscriptions:
-            batch.subscription_rows.extend(subscription_params(account, [row]))
-        batch.ended_batches.extend(ended_batches)
-        return await self._write(batch)
+    def holding(self) -> AbstractAsyncContextManager[RowStates] | None:
+        """A ``BEGIN IMMEDIATE`` transaction: SQLite's write lock, which every save takes
+        anyway, held from the load to the save."""
+        return self._held()
+
+    @asynccontextmanager
+    async def _held(self) -> AsyncIterator[RowStates]:
+        async with self._transaction() as db:
+            yield _HeldSqlite(self, cast(SqliteConnection, db))
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
         """The email's stored states, each with its writes in flight."""

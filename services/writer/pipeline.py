@@ -79,6 +79,7 @@ from common.messaging.publishing import (
 )
 from common.ops import failpoints
 from common.store.batch_reads import BatchReads
+from common.store.interface import RowStates
 from common.store.unit_of_work import commit_with_retry
 from common.store.write_batches import FOLD_AFTER_S, WriteBatch
 from common.vendors.clock_skew import CLOCK_CHECKPOINTS, time_base_of
@@ -365,13 +366,22 @@ class Writer:
         async def attempt(number: int) -> dict[KeyTuple, StateRow]:
             # each row's own revision is what the save compares and sets: rows as loaded for
             # the round and rows loaded now go together; a conflict loads them all afresh
-            current: dict[KeyTuple, StateRow]
-            if number:
-                current = await self._store.load_rows(keys)
-            else:
+            if not number:
                 current = {k: states[k] for k in keys if k in states}
                 if unloaded:
                     current.update(await self._store.load_rows(unloaded))
+                return await commit(current, self._store)
+            holding = self._store.holding()
+            if holding is None:
+                return await commit(await self._store.load_rows(keys), self._store)
+            # Loaded and saved where no other process saves: the ec-poller reading this
+            # round's own writes back goes on meanwhile, and the reconciler saving each of
+            # them made attempt after attempt in the open meet a conflict.
+            async with holding as held:
+                return await commit(await held.load_rows(keys), held)
+
+        async def commit(current: dict[KeyTuple, StateRow], ledger: RowStates
+                         ) -> dict[KeyTuple, StateRow]:
             # dropped first: what was read is folded in as if they had never begun (as it was
             # decided on), so a change read before the write is never taken for its echo
             abandoned: list[KeyTuple] = []
@@ -416,7 +426,7 @@ class Writer:
             saved = list(changed.items())
             # the directory's rows and the contacts read go in the same transaction (contacts
             # are monotonic in their own time: no compare-and-set, as the reconciler's)
-            revisions = await self._store.save_rows(
+            revisions = await ledger.save_rows(
                 [(st.revision or None, k, st) for k, st in saved], history=fold.history,
                 recorded_at=now, entries=domain.HistoryEntry.for_writes(entries, recorded_at=now),
                 contacts=list(outcome.contacts.values()),
@@ -428,7 +438,11 @@ class Writer:
             outcome.futures = [SIDES[side] for side in fold.futures]
             return current
 
-        return await commit_with_retry(attempt)
+        def conflict(number: int) -> None:
+            log.info("ledger conflict, recording again", extra={
+                "account": self.account, "side": self.side, "attempt": number})
+
+        return await commit_with_retry(attempt, on_conflict=conflict)
 
     # --- after the write -------------------------------------------------------------------
     async def _dead_letter_failures(self, batch: Sequence[Delivery],

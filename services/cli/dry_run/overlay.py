@@ -24,6 +24,7 @@ Each write keeps the real store's semantics (SQL in :mod:`common.store.directory
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +42,13 @@ from common.domain.rows import (
 )
 from common.store.batch_reads import BatchReads, BatchSnapshot, read_apart
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
-from common.store.interface import Change, ConflictError, LedgerStore, RowChange
+from common.store.interface import (
+    Change,
+    ConflictError,
+    LedgerStore,
+    RowChange,
+    RowStates,
+)
 from common.store.write_batches import WriteBatch
 
 
@@ -137,6 +144,10 @@ class OverlayStore:
     async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
         found = await self.load(map(key_of, keys))
         return {key_tuple(k): state_row(state) for k, state in found.items()}
+
+    def holding(self) -> AbstractAsyncContextManager[RowStates] | None:
+        # a dry run's saves are its own, in memory: nothing else saves beside them
+        return None
 
     async def save_rows(self, changes: Sequence[RowChange], *,
                         history: Sequence[HistoryRow[KeyTuple]] = (),

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 
 import asyncpg
 import pytest
 
 from common.domain import KeyState, PreferenceKey
 from common.domain.rows import EMPTY_STATE, key_tuple
-from common.store import ConflictError, LedgerStore, open_store
+from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
 from tests.harness.waiting import until
 
 from .stepped_clock import SteppedClock
@@ -98,6 +99,35 @@ async def test_concurrent_saves_of_one_key_conflict(url: str) -> None:
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_key_states_held_are_saved_by_no_one_else_until_the_hold_ends(
+        store: LedgerStore, url: str) -> None:
+    """SQLite holds its key states for a load and a save (a save there cannot meet a
+    conflict): another process's save waits for the hold to end, and then meets the conflict
+    instead. PostgreSQL holds none: its replicas save at once, each locking its own rows."""
+    key = ("acme", "ann@example.com", 1)
+    holding = store.holding()
+    if not url.startswith("sqlite"):
+        assert holding is None
+        return
+    assert holding is not None
+    await store.save_rows([(None, key, EMPTY_STATE)])
+    # another process that does not wait for SQLite's write lock
+    other = SqliteLedgerStore(path=url.removeprefix("sqlite:///"), busy_timeout_s=0)
+    await other.open()
+    try:
+        assert (await other.load_rows([key]))[key].revision == 1
+        async with holding as held:
+            assert (await held.load_rows([key]))[key].revision == 1
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await other.save_rows([(1, key, EMPTY_STATE)])
+            assert await held.save_rows([(1, key, EMPTY_STATE)]) == [2]
+        with pytest.raises(ConflictError):  # it loaded revision 1: the hold saved over it
+            await other.save_rows([(1, key, EMPTY_STATE)])
+        assert (await other.load_rows([key]))[key].revision == 2
+    finally:
+        await other.close()
 
 
 async def test_a_lapsed_lease_is_not_renewed(store: LedgerStore, other: LedgerStore,

@@ -264,6 +264,60 @@ async def test_a_begin_failing_beside_the_feed_read_fails_the_round_which_is_ret
         assert (await s.sim.stats())["writes_applied"] - before == len(s.emails)
 
 
+class SavedBeside(BeginWatch):
+    """The bed's ledger, where another process saves every key of a round's commit just
+    before its first save (as the reconciler does, folding the round's own writes read back
+    by the ec-poller meanwhile); it counts those rounds, the saves in the open and the holds
+    (``holds``: whether the ledger holds key states, as SQLite does, or not, as PostgreSQL)."""
+
+    def __init__(self, store: Any, *, holds: bool) -> None:
+        super().__init__(store)
+        self._holds = holds
+        self._saved: set[Any] = set()
+        self.rounds = 0
+        self.saves = 0
+        self.held = 0
+
+    async def save_rows(self, changes: Any, **parts: Any) -> Any:
+        self.saves += 1
+        keys = [key for _, key, _ in changes]
+        if self._saved.isdisjoint(keys):  # a round's first save
+            self.rounds += 1
+            stored = await self._store.load_rows(keys)
+            await self._store.save_rows([(row.revision, k, row) for k, row in stored.items()])
+        self._saved.update(keys)
+        return await self._store.save_rows(changes, **parts)
+
+    def holding(self) -> Any:
+        if not self._holds:
+            return None
+        self.held += 1
+        return self._store.holding()
+
+
+@pytest.mark.parametrize("holds", [True, False], ids=["held", "not-held"])
+async def test_a_commit_that_meets_a_conflict_saves_once_more_and_held_if_it_can(
+        tmp_path: Path, holds: bool) -> None:
+    """A round's commit whose keys another process saved after the round loaded them meets a
+    conflict; it then loads them again and saves on top of that save, held by a ledger that
+    can hold its key states (no other process saves until it ends, so once more is enough),
+    in the open by one that cannot (tried again until it settles)."""
+    async with scene(tmp_path) as s:
+        store = SavedBeside(s.bed.store, holds=holds)
+        await s.bed.broker.publish_many(await s.registers(opted_in=False))
+        consume(s, s.writer(store=store).handle)
+        await s.bed.drained(*s.queues())
+        await written_once(s, s.emails, opted_in=False)
+        assert store.rounds >= 1
+        if holds:  # each round: its first save met the conflict, the second was held
+            assert store.saves == store.held == store.rounds
+        else:      # each round: its first save met the conflict, the second went through
+            assert (store.saves, store.held) == (2 * store.rounds, 0)
+        for email in s.emails:
+            # the reconciler's save, the other process's, then the commit's
+            assert (await s.state(email)).revision == 3
+
+
 class LoadWatch(BeginWatch):
     """The bed's ledger, noting the keys each ``load_rows`` asks for."""
 
