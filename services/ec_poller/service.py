@@ -56,7 +56,7 @@ import hashlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from itertools import repeat
@@ -65,7 +65,7 @@ from typing import Any, Protocol
 
 from common.config import AccountConfig
 from common.domain import is_suppressed, normalize_email
-from common.domain.clock import to_us
+from common.domain.clock import from_us, to_us
 from common.domain.kernel import same_known
 from common.domain.rows import KeyTuple, KnownRow, StateRow
 from common.domain.sides import SIDE_CODES
@@ -275,17 +275,38 @@ class Messages:
 
 @dataclass
 class Seen:
-    """Change ids one read published at or after ``keep_from``: the next read's overlap.
+    """Change ids reads published at or after ``keep_from``: the next read's overlap.
 
-    Only the newest :data:`SEEN_LIMIT` go into the checkpoint (hashed, :func:`seen_key`, when
-    it is saved), so no more than twice as many are held while reading: a read of a burst (a
-    first read of a million fresh opt-ins) holds a bounded set, not every id it read."""
+    1. A read notes every change id it reads, with its stamp (those at or after
+       ``keep_from``); only the newest :data:`SEEN_LIMIT` go into the checkpoint (hashed,
+       :func:`seen_key`, when it is saved), so no more than twice as many are held while
+       reading: a read of a burst (a first read of a million fresh opt-ins) holds a bounded
+       set, not every id it read.
+    2. It is complete from where the read started (``read_from``) when that is later than
+       ``keep_from``: before it, the read saw nothing.
+    3. What the reads before it kept (``earlier``: hashed ids and their stamps in epoch
+       microseconds, every id they read stamped from ``earlier_from`` on) is kept again: a read
+       starts where the previous one began or earlier (rule 3 of
+       :mod:`common.vendors.dotdigital.overlap`), so the two leave no gap and together are
+       complete from the earlier of the two starts. So a feed read every few seconds keeps the
+       ids of its whole overlap, and its next read of the overlap skips them instead of
+       looking each up in the ledger.
+    4. The checkpoint holds ``seen`` (the hashed ids, newest first), ``seen_at`` (their
+       stamps), ``seen_since`` (they are all there for stamps after it, at least
+       ``keep_from``) and, when those stamped at it may be missing, ``seen_from``, the same
+       time: a later read looks a change stamped at it or before it up in the ledger unless
+       its id is there. So it is where a read started later than ``keep_from`` (what is
+       stamped before it, it did not see), and the oldest kept when more were read than are
+       kept (others stamped alike may have gone)."""
 
     keep_from: datetime
     # where the read started: what is stamped before it, it did not see
     read_from: datetime | None = None
     ids: dict[str, datetime] = field(default_factory=dict)
     left_out: bool = False  # more were seen than are kept: the older ones went
+    earlier: Mapping[str, int] = field(default_factory=dict)  # rule 3
+    earlier_from: datetime | None = None
+    earlier_open: bool = False  # whether ids stamped at ``earlier_from`` may be missing
 
     def add(self, change_ids: Iterable[str], times: Iterable[datetime]) -> None:
         """Notes each change id with its time (those at or after ``keep_from``)."""
@@ -303,19 +324,64 @@ class Seen:
         self.ids = dict(newest[:SEEN_LIMIT])
 
     def stored(self) -> dict[str, Any]:
-        """For the checkpoint: ``seen``, and ``seen_from``, the time up to which they may not be
-        all the read published from ``keep_from`` on: the oldest kept when older ones were
-        left out, else where the read started when that is later than ``keep_from`` (a read
-        from where the previous one began: a full read of the overlap next checks what is
-        older in the ledger)."""
+        """For the checkpoint (rule 4)."""
         self._keep_newest()
-        kept = list(self.ids.items())
-        out: dict[str, Any] = {"seen": [seen_key(change_id) for change_id, _ in kept]}
-        if self.left_out:
-            out["seen_from"] = kept[-1][1].isoformat()
-        elif self.read_from is not None and self.read_from > self.keep_from:
-            out["seen_from"] = self.read_from.isoformat()
+        kept = {seen_key(change_id): to_us(at) for change_id, at in self.ids.items()}
+        keep_from = self.keep_from
+        # the ids are all there for stamps after ``since``, and for stamps at it unless ``open``
+        since, open_ = keep_from, False
+        if self.read_from is not None and self.read_from > keep_from:
+            since, open_ = self.read_from, True
+        if self.left_out:  # the oldest kept: others stamped alike may have gone
+            since, open_ = max(since, min(self.ids.values(), default=since)), True
+        elif self.earlier_from is not None:
+            floor_us = to_us(keep_from)
+            for key, at_us in self.earlier.items():
+                if at_us >= floor_us and key not in kept:
+                    kept[key] = at_us
+            earlier, earlier_open = self.earlier_from, self.earlier_open
+            if earlier < keep_from or (earlier == keep_from and not earlier_open):
+                since, open_ = keep_from, False
+            elif earlier < since or (earlier == since and not earlier_open):
+                since, open_ = earlier, earlier_open
+        newest = sorted(kept.items(), key=itemgetter(1), reverse=True)
+        if len(newest) > SEEN_LIMIT:
+            newest = newest[:SEEN_LIMIT]
+            since, open_ = max(since, from_us(newest[-1][1])), True
+        out: dict[str, Any] = {"seen": [key for key, _ in newest],
+                               "seen_at": [at_us for _, at_us in newest],
+                               "seen_since": since.isoformat()}
+        if open_ or since > keep_from:  # (what is stamped before it may have gone)
+            out["seen_from"] = since.isoformat()
         return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeenBefore:
+    """A feed's :class:`Seen` as the previous read saved it: the hashed ids to skip, the time up
+    to which an older change not among them is looked up in the ledger (None: none is), and
+    the ids with their stamps and from when they are complete, for the next read to keep
+    (rule 3; ``earlier_from`` None: not kept)."""
+
+    skip: set[str]
+    unkept: datetime | None = None
+    earlier: dict[str, int] = field(default_factory=dict)
+    earlier_from: datetime | None = None
+    earlier_open: bool = False
+
+    @classmethod
+    def of(cls, kept: Mapping[str, Any]) -> SeenBefore:
+        """From a feed's checkpoint (:meth:`Seen.stored`)."""
+        ids: list[str] = kept.get("seen") or []
+        unkept = kept.get("seen_from")
+        stamps, complete = kept.get("seen_at"), kept.get("seen_since")
+        before = cls(skip=set(ids), unkept=datetime.fromisoformat(unkept) if unkept else None)
+        # (a checkpoint of an earlier release has no stamps: it is not kept on)
+        if isinstance(stamps, list) and isinstance(complete, str) and len(stamps) == len(ids):
+            return replace(before, earlier=dict(zip(ids, stamps, strict=True)),
+                           earlier_from=datetime.fromisoformat(complete),
+                           earlier_open=unkept is not None)
+        return before
 
 
 @dataclass
@@ -488,7 +554,8 @@ class EcPoller:
         source = checkpoint.name
         since = position.since or EPOCH
         owed = position.owes_markers
-        skip, unkept = await self._load_seen(source, since)
+        before = await self._load_seen(source, since)
+        skip, unkept = before.skip, before.unkept
         seen: Seen | None = None
         min_contact_id = position.min_contact_id or 0
         page_no = 0
@@ -508,7 +575,7 @@ class EcPoller:
                                                            started, clock)) is not None:
                             break  # (nothing of that page published)
                     if seen is None:
-                        seen = Seen(keep_from=self._read_from(started), read_from=read_from)
+                        seen = self._seen(position, started, read_from, before)
                     async with publishing:
                         read = page_read(page, preference_id)
                         fresh = await self._unseen(read, skip, seen, unkept=unkept)
@@ -538,8 +605,7 @@ class EcPoller:
         end = position.finished(read_from=read_from, started=started, began=clock.began,
                                 overlap=self._overlap)
         # only ever changes this and earlier reads published (confirmed): saved first
-        await self._save_seen(source, seen or Seen(keep_from=self._read_from(started),
-                                                   read_from=read_from))
+        await self._save_seen(source, seen or self._seen(position, started, read_from, before))
         if owed:
             await checkpoint.set(self._store, self.account.id, replace(end, markers_owed=True))
             await failpoints.reached("ec-poller.after-checkpoint")
@@ -565,14 +631,24 @@ class EcPoller:
             "account": self.account.id, "preference_id": preference_id})
         return again
 
-    async def _load_seen(self, source: str, since: datetime) -> tuple[set[str], datetime | None]:
-        """What the previous read of ``source`` published in this read's overlap: hashed change
-        ids, and the time up to which it saw more than it kept (None: it kept them all)."""
+    def _seen(self, position: FeedPosition, started: datetime, read_from: datetime,
+              before: SeenBefore) -> Seen:
+        """A feed read's :class:`Seen` (its run began at ``started``): ids are kept from where
+        the feed's next read of the overlap will start (its frontier once this read is done),
+        or from the overlap before this run if that is earlier; what the reads before it kept
+        is kept on."""
+        frontier = position.covered_when_done(read_from, started=started, overlap=self._overlap)
+        return Seen(keep_from=min(self._read_from(started), frontier),
+                    read_from=read_from, earlier=before.earlier,
+                    earlier_from=before.earlier_from, earlier_open=before.earlier_open)
+
+    async def _load_seen(self, source: str, since: datetime) -> SeenBefore:
+        """What the previous reads of ``source`` published in this read's overlap
+        (:class:`Seen`)."""
         if since == EPOCH:
-            return set(), None
-        kept = await checkpoints.seen(source).get_or(self._store, self.account.id, {})
-        unkept = kept.get("seen_from")
-        return set(kept.get("seen") or ()), datetime.fromisoformat(unkept) if unkept else None
+            return SeenBefore(skip=set())
+        return SeenBefore.of(
+            await checkpoints.seen(source).get_or(self._store, self.account.id, {}))
 
     async def _save_seen(self, source: str, seen: Seen) -> None:
         await checkpoints.seen(source).set(self._store, self.account.id, seen.stored())
@@ -670,7 +746,7 @@ class EcPoller:
         source = checkpoint.name
         since = EPOCH if full_read else await checkpoint.get_or(self._store, self.account.id,
                                                                  EPOCH)
-        skip, _ = await self._load_seen(source, since)
+        skip = (await self._load_seen(source, since)).skip
         seen: Seen | None = None
         page_no = 0
         async for page in self._client.iter_suppressed_since(self._read_from(since)):

@@ -33,6 +33,7 @@ from services.ec_poller.service import (
     ContactsRead,
     EcPoller,
     Seen,
+    SeenBefore,
     contacts_read,
     leaf_preference_ids,
     opt_in_change_id,
@@ -553,3 +554,71 @@ def test_a_read_holds_only_the_newest_ids_it_keeps_and_keeps_what_holding_all_wo
         assert sorted((every[i] for i in seen.ids), reverse=True) == newest
         assert stored["seen"] == [ec_poller.seen_key(i) for i in seen.ids]
         assert stored.get("seen_from") == (newest[-1].isoformat() if len(every) > limit else None)
+
+
+def test_a_read_from_where_the_previous_began_keeps_what_that_one_kept() -> None:
+    """A read of the overlap keeps its ids; the reads from where the previous began that
+    follow keep them on, with their own: the next read of the overlap finds every id it reads
+    again among them, and looks none up in the ledger (no ``seen_from``). A checkpoint of an
+    earlier release (no stamps) is not kept on."""
+    at = [T0 + timedelta(seconds=s) for s in (35, 50, 62)]
+    full = Seen(keep_from=T0 + timedelta(seconds=30), read_from=T0)
+    full.add(["a", "b"], at[:2])
+    before = SeenBefore.of(full.stored())
+    follow = Seen(keep_from=T0 + timedelta(seconds=30), read_from=T0 + timedelta(seconds=60),
+                  earlier=before.earlier, earlier_from=before.earlier_from,
+                  earlier_open=before.earlier_open)
+    follow.add(["c"], at[2:])
+    stored = follow.stored()
+    assert stored["seen"] == [ec_poller.seen_key(i) for i in ("c", "b", "a")]
+    assert "seen_from" not in stored
+    # kept alone, from where it began: what is stamped before that is looked up
+    old = SeenBefore.of({"seen": full.stored()["seen"]})
+    assert (old.earlier, old.earlier_from) == ({}, None)
+    alone = Seen(keep_from=T0 + timedelta(seconds=30), read_from=T0 + timedelta(seconds=60))
+    alone.add(["c"], at[2:])
+    assert alone.stored()["seen"] == [ec_poller.seen_key("c")]
+    assert alone.stored()["seen_from"] == (T0 + timedelta(seconds=60)).isoformat()
+
+
+@examples(500)
+@given(stamps=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 90)), max_size=40),
+       reads=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 25), st.integers(0, 40)),
+                      min_size=1, max_size=7),
+       limit=st.integers(1, 40))
+def test_reads_keep_on_what_the_reads_before_kept_and_vouch_for_no_more(
+        stamps: list[tuple[int, int]], reads: list[tuple[int, int, int]], limit: int) -> None:
+    """A feed read over and over, each read starting where the previous began or earlier
+    (rule 3 of ``Seen``), each keeping on what the one before kept: after every read, each id
+    any read saw, stamped at or after its ``keep_from``, is in the checkpoint unless its stamp
+    is one the checkpoint leaves to the ledger (``seen_from`` and before); every id there was
+    read; never more than ``SEEN_LIMIT``."""
+    feed = {f"c{contact}@{at}": T0 + timedelta(seconds=at) for contact, at in stamps}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ec_poller, "SEEN_LIMIT", limit)
+        before = SeenBefore(skip=set())
+        started = T0 + timedelta(seconds=30)
+        read_ids: set[str] = set()
+        for gap, back, keep_back in reads:
+            read_from = started - timedelta(seconds=back)   # where the previous began, or earlier
+            started += timedelta(seconds=gap)
+            keep_from = started - timedelta(seconds=keep_back)
+            seen = Seen(keep_from=keep_from, read_from=read_from, earlier=before.earlier,
+                        earlier_from=before.earlier_from, earlier_open=before.earlier_open)
+            listed = sorted((at, i) for i, at in feed.items() if read_from <= at <= started)
+            for page in (listed[:3], listed[3:]):
+                seen.add([i for _, i in page], [at for at, _ in page])
+            read_ids |= {i for _, i in listed}
+            stored = seen.stored()
+            before = SeenBefore.of(stored)
+            kept = set(stored["seen"])
+            assert len(kept) <= limit
+            assert kept <= {ec_poller.seen_key(i) for i in read_ids}
+            since = datetime.fromisoformat(stored["seen_since"])
+            unkept = stored.get("seen_from")
+            assert unkept is None or datetime.fromisoformat(unkept) == since
+            assert since >= keep_from and (unkept is not None or since == keep_from)
+            for i in read_ids:
+                at = feed[i]
+                if at >= keep_from and (at > since or unkept is None):
+                    assert ec_poller.seen_key(i) in kept, (i, stored)
