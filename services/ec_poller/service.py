@@ -106,8 +106,10 @@ from common.vendors.dotdigital.tree import mark_stale, tree_for_run
 log = logging.getLogger("prefsync.ec_poller")
 
 SERVICE = "ec-poller"
-# Change ids a feed's checkpoint keeps (the newest), so the next read's overlap skips them.
-SEEN_LIMIT = 10_000
+# Change ids a feed's checkpoint keeps (the newest), so the next read's overlap skips them:
+# about twice the overlap's worth (what is kept on until the next read of the overlap) at 100
+# changes a second to one preference, which filled 10,000 in the steady bench.
+SEEN_LIMIT = 20_000
 DOTDIGITAL = SIDE_CODES["dotdigital"]
 
 
