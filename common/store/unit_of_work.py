@@ -13,6 +13,10 @@ states from what it loaded, and on a conflict builds them again from what is sto
 3. conflicts that do not settle are a :class:`~common.messaging.resilience.TransientFailure`
    of the store: the batch is retried later (the consumer holds it, with the store's breaker
    open, for seconds), nothing is lost.
+
+An ``attempt`` may also load and save where no other process saves, on a ledger that can hold
+its key states (:meth:`~common.store.interface.KeyStates.holding`): the writer's attempts after
+the first do, so on SQLite its second attempt is its last.
 """
 
 from __future__ import annotations
