@@ -16,7 +16,6 @@ import sqlite3
 import time
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
     Callable,
     Collection,
     Iterable,
@@ -379,12 +378,41 @@ class SaveBatch:
             connection.executemany(sql, rows)
 
 
-class _RowSaves:
-    """:meth:`~common.store.interface.RowStates.save_rows`, over the ``_write`` of a store or
-    of a transaction that holds its key states."""
+def _plan_rows(connection: sqlite3.Connection,
+               plan: Sequence[Query]) -> list[tuple[Part, list[Any]]]:
+    """Each query's part and rows, in the connection's thread (within whatever transaction is
+    open)."""
+    return [(part, connection.execute(sql, params).fetchall()) for part, sql, params in plan]
+
+
+class _RowStates:
+    """:class:`~common.store.interface.RowStates` over ``_answer`` (queries read from one
+    snapshot) and ``_write`` (a save): a store's own, or those of a transaction that holds its
+    key states."""
+
+    async def _answer(self, plan: Sequence[Query]) -> list[tuple[Part, list[Any]]]:
+        raise NotImplementedError
 
     async def _write(self, batch: SaveBatch) -> list[int]:
         raise NotImplementedError
+
+    async def _fetch_states(self, keys: Sequence[KeyTuple]) -> dict[KeyTuple, StateRow]:
+        """The states of ``keys`` with their writes in flight (common.store.write_batches,
+        rule 2), from one snapshot."""
+        if not keys:
+            return {}
+        plan: list[Query] = [("states", sql, params) for sql, params in state_queries(keys)]
+        plan.append(("write_batches", *list_query(k[0] for k in keys)))
+        state_rows: list[Any] = []
+        batch_rows: list[Any] = []
+        for part, rows in await self._answer(plan):
+            (batch_rows if part == "write_batches" else state_rows).extend(rows)
+        states = decode_rows(state_rows)
+        with_writes_in_flight(states, keys, batch_rows)
+        return states
+
+    async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
+        return await self._fetch_states(list(dict.fromkeys(keys)))
 
     async def save_rows(self, changes: Sequence[RowChange], *,
                         history: Sequence[HistoryRow[KeyTuple]] = (),
@@ -403,23 +431,15 @@ class _RowSaves:
         return await self._write(batch)
 
 
-class _HeldSqlite(_RowSaves):
+class _HeldSqlite(_RowStates):
     """Key states loaded and saved in the store's open ``BEGIN IMMEDIATE`` transaction (its
     connection's lock is held: each step is a job of the connection's thread)."""
 
-    def __init__(self, store: SqliteLedgerStore, db: SqliteConnection) -> None:
-        self._store = store
+    def __init__(self, db: SqliteConnection) -> None:
         self._db = db
 
-    async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
-        def fetch(connection: sqlite3.Connection,
-                  plan: Sequence[Query]) -> list[tuple[Part, list[Any]]]:
-            return [(part, connection.execute(sql, params).fetchall())
-                    for part, sql, params in plan]
-
-        return await self._store._fetch_states(
-            list(dict.fromkeys(keys)),
-            answer=lambda plan: self._db.run(lambda c: fetch(c, plan)))
+    async def _answer(self, plan: Sequence[Query]) -> list[tuple[Part, list[Any]]]:
+        return await self._db.run(lambda c: _plan_rows(c, plan))
 
     async def _write(self, batch: SaveBatch) -> list[int]:
         await self._db.run(batch.write)
@@ -484,7 +504,7 @@ async def _use_wal(db: SqliteConnection, *, wait_s: float = 60.0) -> None:
         delay = min(delay * 2, 0.5)
 
 
-class SqliteLedgerStore(_RowSaves):
+class SqliteLedgerStore(_RowStates):
     """The ledger in one SQLite file (or in memory for ``:memory:``)."""
 
     def __init__(self, *, path: str, busy_timeout_s: float = 60.0,
@@ -652,28 +672,9 @@ class SqliteLedgerStore(_RowSaves):
         """Each query's part and rows, all read from one snapshot in one job."""
         def fetch(connection: sqlite3.Connection) -> list[tuple[Part, list[Any]]]:
             # a deferred transaction: every query reads the same snapshot, and takes no lock
-            return transact(connection, "BEGIN", lambda c: [
-                (part, c.execute(sql, params).fetchall()) for part, sql, params in plan])
+            return transact(connection, "BEGIN", lambda c: _plan_rows(c, plan))
 
         return await self._in_one_job(fetch)
-
-    async def _fetch_states(self, keys: Sequence[KeyTuple], *,
-                            answer: Callable[[Sequence[Query]],
-                                             Awaitable[list[tuple[Part, list[Any]]]]] | None = None
-                            ) -> dict[KeyTuple, StateRow]:
-        """The states of ``keys`` with their writes in flight (common.store.write_batches,
-        rule 2), from one snapshot (``answer``'s: a transaction of its own by default)."""
-        if not keys:
-            return {}
-        plan: list[Query] = [("states", sql, params) for sql, params in state_queries(keys)]
-        plan.append(("write_batches", *list_query(k[0] for k in keys)))
-        state_rows: list[Any] = []
-        batch_rows: list[Any] = []
-        for part, rows in await (answer or self._answer)(plan):
-            (batch_rows if part == "write_batches" else state_rows).extend(rows)
-        states = decode_rows(state_rows)
-        with_writes_in_flight(states, keys, batch_rows)
-        return states
 
     async def read_batch(self, reads: BatchReads) -> BatchSnapshot:
         """A batch's reads from one snapshot (:mod:`common.store.batch_reads`)."""
@@ -685,9 +686,6 @@ class SqliteLedgerStore(_RowSaves):
         wanted = {key_tuple(k): k for k in keys}
         return {wanted[k]: key_state(wanted[k], row)
                 for k, row in (await self._fetch_states(list(wanted))).items()}
-
-    async def load_rows(self, keys: Iterable[KeyTuple]) -> dict[KeyTuple, StateRow]:
-        return await self._fetch_states(list(dict.fromkeys(keys)))
 
     async def begin_writes(self, batch: WriteBatch) -> None:
         """Record a round's writes as in flight (common.store.write_batches, rule 1)."""
@@ -713,7 +711,7 @@ class SqliteLedgerStore(_RowSaves):
     @asynccontextmanager
     async def _held(self) -> AsyncIterator[RowStates]:
         async with self._transaction() as db:
-            yield _HeldSqlite(self, cast(SqliteConnection, db))
+            yield _HeldSqlite(cast(SqliteConnection, db))
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
         """The email's stored states, each with its writes in flight."""

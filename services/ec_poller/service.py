@@ -275,6 +275,34 @@ class Messages:
     opt_in_count: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class SeenBefore:
+    """A feed's :class:`Seen` as the previous read saved it: the hashed ids to skip, the time up
+    to which an older change not among them is looked up in the ledger (None: none is), and
+    the ids with their stamps and from when they are complete, for the next read to keep
+    (rule 3; ``earlier_from`` None: not kept)."""
+
+    skip: set[str]
+    unkept: datetime | None = None
+    earlier: dict[str, int] = field(default_factory=dict)
+    earlier_from: datetime | None = None
+    earlier_open: bool = False  # whether ids stamped at ``earlier_from`` may be missing
+
+    @classmethod
+    def of(cls, kept: Mapping[str, Any]) -> SeenBefore:
+        """From a feed's checkpoint (:meth:`Seen.stored`)."""
+        ids: list[str] = kept.get("seen") or []
+        unkept = kept.get("seen_from")
+        stamps, complete = kept.get("seen_at"), kept.get("seen_since")
+        before = cls(skip=set(ids), unkept=datetime.fromisoformat(unkept) if unkept else None)
+        # (a checkpoint of an earlier release has no stamps: it is not kept on)
+        if isinstance(stamps, list) and isinstance(complete, str) and len(stamps) == len(ids):
+            return replace(before, earlier=dict(zip(ids, stamps, strict=True)),
+                           earlier_from=datetime.fromisoformat(complete),
+                           earlier_open=unkept is not None)
+        return before
+
+
 @dataclass
 class Seen:
     """Change ids reads published at or after ``keep_from``: the next read's overlap.
@@ -286,8 +314,8 @@ class Seen:
        set, not every id it read.
     2. It is complete from where the read started (``read_from``) when that is later than
        ``keep_from``: before it, the read saw nothing.
-    3. What the reads before it kept (``earlier``: hashed ids and their stamps in epoch
-       microseconds, every id they read stamped from ``earlier_from`` on) is kept again: a read
+    3. What the reads before it kept (``before``: hashed ids and their stamps in epoch
+       microseconds, every id they read stamped from its ``earlier_from`` on) is kept again: a read
        starts where the previous one began or earlier (rule 3 of
        :mod:`common.vendors.dotdigital.overlap`), so the two leave no gap and together are
        complete from the earlier of the two starts. So a feed read every few seconds keeps the
@@ -306,9 +334,8 @@ class Seen:
     read_from: datetime | None = None
     ids: dict[str, datetime] = field(default_factory=dict)
     left_out: bool = False  # more were seen than are kept: the older ones went
-    earlier: Mapping[str, int] = field(default_factory=dict)  # rule 3
-    earlier_from: datetime | None = None
-    earlier_open: bool = False  # whether ids stamped at ``earlier_from`` may be missing
+    # what the reads before kept (rule 3; its ``earlier_from`` None: nothing is kept on)
+    before: SeenBefore = field(default_factory=lambda: SeenBefore(skip=set()))
 
     def add(self, change_ids: Iterable[str], times: Iterable[datetime]) -> None:
         """Notes each change id with its time (those at or after ``keep_from``)."""
@@ -336,12 +363,12 @@ class Seen:
             since, open_ = self.read_from, True
         if self.left_out:  # the oldest kept: others stamped alike may have gone
             since, open_ = max(since, min(self.ids.values(), default=since)), True
-        elif self.earlier_from is not None:
+        elif (earlier := self.before.earlier_from) is not None:
             floor_us = to_us(keep_from)
-            for key, at_us in self.earlier.items():
+            for key, at_us in self.before.earlier.items():
                 if at_us >= floor_us and key not in kept:
                     kept[key] = at_us
-            earlier, earlier_open = self.earlier_from, self.earlier_open
+            earlier_open = self.before.earlier_open
             if earlier < keep_from or (earlier == keep_from and not earlier_open):
                 since, open_ = keep_from, False
             elif earlier < since or (earlier == since and not earlier_open):
@@ -356,34 +383,6 @@ class Seen:
         if open_ or since > keep_from:  # (what is stamped before it may have gone)
             out["seen_from"] = since.isoformat()
         return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class SeenBefore:
-    """A feed's :class:`Seen` as the previous read saved it: the hashed ids to skip, the time up
-    to which an older change not among them is looked up in the ledger (None: none is), and
-    the ids with their stamps and from when they are complete, for the next read to keep
-    (rule 3; ``earlier_from`` None: not kept)."""
-
-    skip: set[str]
-    unkept: datetime | None = None
-    earlier: dict[str, int] = field(default_factory=dict)
-    earlier_from: datetime | None = None
-    earlier_open: bool = False
-
-    @classmethod
-    def of(cls, kept: Mapping[str, Any]) -> SeenBefore:
-        """From a feed's checkpoint (:meth:`Seen.stored`)."""
-        ids: list[str] = kept.get("seen") or []
-        unkept = kept.get("seen_from")
-        stamps, complete = kept.get("seen_at"), kept.get("seen_since")
-        before = cls(skip=set(ids), unkept=datetime.fromisoformat(unkept) if unkept else None)
-        # (a checkpoint of an earlier release has no stamps: it is not kept on)
-        if isinstance(stamps, list) and isinstance(complete, str) and len(stamps) == len(ids):
-            return replace(before, earlier=dict(zip(ids, stamps, strict=True)),
-                           earlier_from=datetime.fromisoformat(complete),
-                           earlier_open=unkept is not None)
-        return before
 
 
 @dataclass
@@ -641,8 +640,7 @@ class EcPoller:
         is kept on."""
         frontier = position.covered_when_done(read_from, started=started, overlap=self._overlap)
         return Seen(keep_from=min(self._read_from(started), frontier),
-                    read_from=read_from, earlier=before.earlier,
-                    earlier_from=before.earlier_from, earlier_open=before.earlier_open)
+                    read_from=read_from, before=before)
 
     async def _load_seen(self, source: str, since: datetime) -> SeenBefore:
         """What the previous reads of ``source`` published in this read's overlap

@@ -566,8 +566,7 @@ def test_a_read_from_where_the_previous_began_keeps_what_that_one_kept() -> None
     full.add(["a", "b"], at[:2])
     before = SeenBefore.of(full.stored())
     follow = Seen(keep_from=T0 + timedelta(seconds=30), read_from=T0 + timedelta(seconds=60),
-                  earlier=before.earlier, earlier_from=before.earlier_from,
-                  earlier_open=before.earlier_open)
+                  before=before)
     follow.add(["c"], at[2:])
     stored = follow.stored()
     assert stored["seen"] == [ec_poller.seen_key(i) for i in ("c", "b", "a")]
@@ -603,8 +602,7 @@ def test_reads_keep_on_what_the_reads_before_kept_and_vouch_for_no_more(
             read_from = started - timedelta(seconds=back)   # where the previous began, or earlier
             started += timedelta(seconds=gap)
             keep_from = started - timedelta(seconds=keep_back)
-            seen = Seen(keep_from=keep_from, read_from=read_from, earlier=before.earlier,
-                        earlier_from=before.earlier_from, earlier_open=before.earlier_open)
+            seen = Seen(keep_from=keep_from, read_from=read_from, before=before)
             listed = sorted((at, i) for i, at in feed.items() if read_from <= at <= started)
             for page in (listed[:3], listed[3:]):
                 seen.add([i for _, i in page], [at for at, _ in page])
