@@ -221,3 +221,68 @@ async def test_the_pacer_says_the_budget_is_short_for_a_window_after_calls_waite
     assert short(p)
     await time.sleep(SPAN + DOTDIGITAL.window_s)  # the fake clock steps: no real time passes
     assert not short(p)
+
+
+class Counted(Remote):
+    """A shared ledger that keeps what each claim asked for and was granted."""
+
+    def __init__(self, ledger: LocalLedger) -> None:
+        super().__init__(ledger)
+        self.asked: list[int] = []
+        self.granted = 0
+
+    async def claim_budget(self, bucket: str, claimer: str, *, tokens: int, limit: int,
+                           span_s: float) -> BudgetGrant:
+        self.asked.append(tokens)
+        grant = await super().claim_budget(bucket, claimer, tokens=tokens, limit=limit,
+                                           span_s=span_s)
+        self.granted += grant.tokens
+        return grant
+
+
+async def one_at_a_time(p: Pacer, time: FakeTime, *, calls: int, every_s: float) -> None:
+    """``calls`` requests, one after the other, ``every_s`` apart."""
+    for _ in range(calls):
+        async with p.slot():
+            pass
+        await time.sleep(every_s)
+
+
+async def test_a_client_calling_steadily_claims_ahead_about_once_a_hold() -> None:
+    time = FakeTime()
+    ledger = Counted(LocalLedger(clock=time))
+    # 4,800 calls a minute spendable: a share of 40 a hold (of two claimers at least)
+    p = pacer(time, Budget(calls=6000, window_s=60.0), concurrency=1, ledger=ledger)
+    await one_at_a_time(p, time, calls=200, every_s=0.05)  # 20 a second for 10 s
+    # asked ahead for what it took in the hold before (1, 1, 2, 4, ... then about 20): about
+    # one claim a hold once it calls steadily, not one a call
+    assert ledger.asked[:4] == [1, 1, 2, 4]
+    assert max(ledger.asked) <= 21
+    assert p.claims == len(ledger.asked) <= 10 / HOLD_S + 6
+    # what was claimed and left unspent when the calls stopped: at most a hold's worth of them
+    assert 200 <= ledger.granted <= 200 + 21
+
+
+async def test_a_budget_of_a_few_calls_a_minute_is_never_claimed_ahead() -> None:
+    time = FakeTime()
+    ledger = Counted(LocalLedger(clock=time))
+    p = pacer(time, concurrency=1, ledger=ledger)  # 28 a minute spendable: a share under one
+    await one_at_a_time(p, time, calls=20, every_s=0.1)
+    assert ledger.asked == [1] * 20
+    assert ledger.granted == 20
+
+
+async def test_a_short_budget_is_not_claimed_ahead() -> None:
+    time = FakeTime()
+    ledger = Counted(LocalLedger(clock=time))
+    budget = Budget(calls=6000, window_s=60.0)
+    p = pacer(time, budget, concurrency=1, ledger=ledger)
+    await one_at_a_time(p, time, calls=40, every_s=0.05)
+    assert max(ledger.asked) > 1
+    # the vendor says only the reserve is left: the next call waits for its reset, and the
+    # budget is short for a window after
+    p.observe_budget(remaining=budget.reserved, reset_s=2.0)
+    ledger.asked.clear()
+    await one_at_a_time(p, time, calls=40, every_s=0.05)
+    assert short(p)
+    assert ledger.asked == [1] * 40
