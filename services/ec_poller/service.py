@@ -275,6 +275,12 @@ class Messages:
     opt_in_count: int
 
 
+def _complete_by(since: datetime, open_: bool, bound: datetime) -> bool:
+    """Whether ids complete for stamps after ``since`` (and at it unless ``open_``) are
+    complete for every stamp from ``bound`` on."""
+    return since < bound or (since == bound and not open_)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SeenBefore:
     """A feed's :class:`Seen` as the previous read saved it: the hashed ids to skip, the time up
@@ -294,13 +300,13 @@ class SeenBefore:
         ids: list[str] = kept.get("seen") or []
         unkept = kept.get("seen_from")
         stamps, complete = kept.get("seen_at"), kept.get("seen_since")
-        before = cls(skip=set(ids), unkept=datetime.fromisoformat(unkept) if unkept else None)
+        skip, unkept_at = set(ids), datetime.fromisoformat(unkept) if unkept else None
         # (a checkpoint of an earlier release has no stamps: it is not kept on)
-        if isinstance(stamps, list) and isinstance(complete, str) and len(stamps) == len(ids):
-            return replace(before, earlier=dict(zip(ids, stamps, strict=True)),
-                           earlier_from=datetime.fromisoformat(complete),
-                           earlier_open=unkept is not None)
-        return before
+        if not (isinstance(stamps, list) and isinstance(complete, str)
+                and len(stamps) == len(ids)):
+            return cls(skip=skip, unkept=unkept_at)
+        return cls(skip=skip, unkept=unkept_at, earlier=dict(zip(ids, stamps, strict=True)),
+                   earlier_from=datetime.fromisoformat(complete), earlier_open=unkept is not None)
 
 
 @dataclass
@@ -369,9 +375,9 @@ class Seen:
                 if at_us >= floor_us and key not in kept:
                     kept[key] = at_us
             earlier_open = self.before.earlier_open
-            if earlier < keep_from or (earlier == keep_from and not earlier_open):
+            if _complete_by(earlier, earlier_open, keep_from):
                 since, open_ = keep_from, False
-            elif earlier < since or (earlier == since and not earlier_open):
+            elif _complete_by(earlier, earlier_open, since):
                 since, open_ = earlier, earlier_open
         newest = sorted(kept.items(), key=itemgetter(1), reverse=True)
         if len(newest) > SEEN_LIMIT:
