@@ -5,7 +5,7 @@ service consumes."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aio_pika
 
@@ -41,6 +41,26 @@ async def declared(connection: aio_pika.abc.AbstractConnection,
     with contextlib.suppress(Exception):
         await channel.close()
     return counts
+
+
+async def in_flight(broker_url: str, ctl: Callable[..., Awaitable[str]], *, account: str,
+                    shards: int) -> int:
+    """Messages in ``account``'s work queues: those ready (each queue's own count, from a
+    passive declare) and those held by a consumer (each channel's own count of deliveries not
+    acked yet, from ``ctl``, the node's ``rabbitmqctl``): changes not reconciled yet, write
+    commands not written yet (e.g. being retried).
+
+    Not ``rabbitmqctl list_queues``: it reports a quorum queue's count as of the queue's last
+    metrics tick (every 5 s), so a command published a moment ago would read as none, and a
+    world still at work as quiet. Every channel's unacknowledged deliveries count: the other
+    consumers of a world ack what they take at once."""
+    queues = [q for service in ("reconciler", "writer")
+              for q in service_queues(account, service, shards=shards)]
+    connection = await aio_pika.connect(broker_url)
+    async with connection:
+        ready = sum(count for count, _ in await declared(connection, queues))
+    out = await ctl("list_channels", "messages_unacknowledged", "-q", "--no-table-headers")
+    return ready + sum(int(line) for line in out.split())
 
 
 async def wait_consuming(broker_url: str, queues: Sequence[str], *, timeout_s: float = 120.0,

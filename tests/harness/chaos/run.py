@@ -36,6 +36,8 @@ from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ
 # How long after it was decided a write of ours may land on a vendor without faults (the
 # writer's last read, then the request): a person's change inside it is overwritten unseen.
 RACE_WINDOW_S = 1.0
+# A failed case traces at most this many of the keys it names.
+MAX_TRACED = 6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +117,23 @@ async def run_case(case: Case, *, root: Path, broker: PrivateRabbitMQ,
         latency_s = max((float(f.detail.get("latency_ms", 0)) / 1000 for f in injected),
                         default=0.0)
         verdict = check(workload.history, observed, race_window_s=RACE_WINDOW_S + latency_s)
+        if not verdict.ok:
+            # where the work stopped for each key the verdict names (the world is gone in CI)
+            named = {(d["email"], int(d["preference_id"])) for details in
+                     verdict.details.values() for d in details
+                     if "email" in d and "preference_id" in d}
+            try:
+                result["trace"] = await world.trace(sorted(named)[:MAX_TRACED])
+            except Exception as exc:  # the verdict stands without it
+                result["trace"] = {"error": f"{type(exc).__name__}: {exc}"}
+            for key, traced in result["trace"].items():
+                if not isinstance(traced, dict):
+                    continue
+                email = key.rsplit("/", 1)[0]
+                traced["events"] = [e for e in workload.history.to_list()
+                                    if email in (e.get("email"), e.get("old_email"),
+                                                 e.get("new_email"))
+                                    and e.get("kind") != "baseline"]
         stats = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
         result.update({
             "faults": [f.as_dict() for f in injected],

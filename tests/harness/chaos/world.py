@@ -18,7 +18,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from tests.harness.chaos.checker import RecordView
 from tests.harness.chaos.history import Key
 from tests.harness.config_file import config_toml
 from tests.harness.private_services import PrivatePostgres, PrivateRabbitMQ
+from tests.harness.queues import in_flight
 from tests.harness.world import (
     Process,
     World,
@@ -313,22 +314,15 @@ class ChaosWorld(World):
             return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
     async def in_flight(self) -> int:
-        """Messages in the account's work queues (ready or held by a consumer): changes not
-        reconciled yet, write commands not written yet (e.g. being retried)."""
+        """Messages in the account's work queues, ready or held by a consumer
+        (:func:`tests.harness.queues.in_flight`); -1: the broker cannot say."""
         if not self.broker.running:
             return -1
         try:
-            out = await self.broker.ctl("list_queues", "name", "messages", "-q",
-                                        "--no-table-headers", timeout_s=60)
-        except RuntimeError:
+            return await in_flight(self.broker.url, self.broker.ctl, account=self.account,
+                                   shards=self.spec.shards)
+        except (RuntimeError, OSError, aio_pika.exceptions.AMQPError):
             return -1
-        total = 0
-        for line in out.splitlines():
-            name, _, count = line.strip().partition("\t")
-            if name.startswith((f"prefsync.{self.account}.changes.",
-                                f"prefsync.{self.account}.writes.")):
-                total += int(count.strip() or 0)
-        return total
 
     async def converge(self, *, deadline_s: float, run_timeout_s: float) -> dict[str, Any]:
         """Sync until two runs in a row apply nothing, write nothing and fail nothing, with
@@ -411,6 +405,37 @@ class ChaosWorld(World):
                     if outstanding(state):
                         keys.append((state.key.email, state.key.preference_id))
         return keys
+
+    async def trace(self, keys: Iterable[Key]) -> dict[str, Any]:
+        """What the ledger holds of each key a failed case names: its state (register, what
+        each side is known to hold, the writes pending and in flight), its history, its
+        email's contact state and Dynamics records, and whether the sweep's index has it; so a
+        failure in CI says where the work stopped."""
+        out: dict[str, Any] = {}
+        async with open_store(self.config.store.url) as store:
+            # every key the sweep would take, were its grace and back-off over
+            later = datetime.now(UTC) + timedelta(days=400)
+            sweepable = {(d.key.email, d.key.preference_id) for d in await store.outstanding_due(
+                self.account, since_before=later, now=later, limit=100_000)}
+            for email, preference_id in sorted(set(keys)):
+                states = {s.key.preference_id: s
+                          for s in await store.states_for_email(self.account, email)}
+                state = states.get(preference_id)
+                contacts = await store.load_contacts(self.account, [email])
+                records = await store.records_for_emails(self.account, [email])
+                out[f"{email}/{preference_id}"] = {
+                    "state": None if state is None else _traced_state(state),
+                    "history": [(h.side, h.opted_in, h.origin_time.isoformat(), h.decision,
+                                 h.recorded_at.isoformat(), h.change_id)
+                                for h in await store.history(self.account, email)
+                                if h.preference_id == preference_id],
+                    "contact": None if (c := contacts.get(email)) is None else (
+                        c.status, _t(c.since)),
+                    "records": [(r.record_type, r.record_id[:8], r.active, r.eligible)
+                                for r in records.get(email, [])],
+                    "sweepable": (email, preference_id) in sweepable,
+                }
+        return out
 
     async def clock_uncertainty_s(self) -> float:
         """Both vendors' clock uncertainties as the product measured them: the widest each
@@ -504,3 +529,23 @@ async def chaos_world(root: Path, *, spec: WorldSpec, broker: PrivateRabbitMQ,
             finally:
                 await world.stop_services()
                 await _delete_queues(broker, account, spec.shards)
+
+
+def _t(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.strftime("%H:%M:%S.%f")[:-3]
+
+
+def _traced_state(state: Any) -> dict[str, Any]:
+    """A key state in short: values with their times (to the millisecond), by side."""
+    register = state.register
+    return {
+        "register": None if register is None else (
+            register.opted_in, _t(register.origin_time), register.origin_side),
+        "known": {side: None if (k := state.known.get(side)) is None else (
+            k.opted_in, _t(k.as_of), k.version) for side in SIDES},
+        "pending": {side: None if (p := state.pending.get(side)) is None else (
+            p.opted_in, _t(p.origin_time)) for side in SIDES},
+        "writes": {side: [(w.opted_in, _t(w.register_origin_time), _t(w.window_start),
+                           _t(w.window_end)) for w in state.writes.get(side) or ()]
+                   for side in SIDES},
+        "revision": state.revision}

@@ -14,15 +14,20 @@ binaries the suite is skipped, unless ``PREFSYNC_CI`` is set (CI sets it), which
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
+from common.messaging.topology import Topology
 from tests.harness.chaos.checker import MAX_DETAILS
 from tests.harness.chaos.run import Case, full_cases, run_case, short_cases
 from tests.harness.private_services import (
@@ -33,7 +38,9 @@ from tests.harness.private_services import (
     private_rabbitmq,
     rabbitmq_available,
 )
+from tests.harness.queues import in_flight
 from tests.harness.unavailable import unavailable
+from tests.harness.world import delete_queues
 
 FULL = os.environ.get("PREFSYNC_CHAOS") == "full"
 SEED = int(os.environ.get("PREFSYNC_CHAOS_SEED", "0"))
@@ -105,7 +112,8 @@ async def test_chaos(case: Case, tmp_path: Path, broker: PrivateRabbitMQ,
                         f"(more than {BROKER_RETURN_CONVERGE_S:.0f} s)")
     # what says most comes first: a CI log keeps the start of a long message
     assert not problems, (f"{case.name}: {'; '.join(problems)}\n{_summary(result)}\n"
-                          f"details: {verdict['details']}\nworld: {tmp_path / 'world'}")
+                          f"details: {verdict['details']}\nworld: {tmp_path / 'world'}\n"
+                          f"trace: {result.get('trace')}")
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -118,3 +126,29 @@ def _summary(result: dict[str, Any]) -> str:
     return (f"wrong values by side (first {MAX_DETAILS} of each kind): {sides}; "
             f"lost opt-outs by cause: {verdict['lost_causes']}\nfaults: {faults}; "
             f"deaths: {result['deaths']}\nconverging runs: {result['converge']['runs']}")
+
+
+async def test_a_queued_or_held_message_is_in_flight_at_once(broker: PrivateRabbitMQ) -> None:
+    """The quiet check of a converging world reads live counts: a write command is in flight
+    the moment it is queued, while a consumer holds it, and no longer once it is acked."""
+    if not broker.running:
+        await broker.start()
+    account, shards = f"inflight-{secrets.token_hex(3)}", 2
+    queue = Topology.writes_queue(account, "dynamics", 1)
+    connection = await aio_pika.connect(broker.url)
+    try:
+        async with connection:
+            channel = await connection.channel()
+            await Topology(accounts=[account], shards=shards).declare(channel)
+            assert await in_flight(broker.url, broker.ctl, account=account, shards=shards) == 0
+            await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=queue)
+            assert await in_flight(broker.url, broker.ctl, account=account, shards=shards) == 1
+            delivered: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            await (await channel.get_queue(queue)).consume(delivered.put, no_ack=False)
+            message = await delivered.get()
+            assert await in_flight(broker.url, broker.ctl, account=account, shards=shards) == 1
+            await message.ack()
+            await channel.get_queue(queue)  # a round trip: the ack is taken before it
+            assert await in_flight(broker.url, broker.ctl, account=account, shards=shards) == 0
+    finally:
+        await delete_queues(broker.url, account, shards)
