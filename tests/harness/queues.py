@@ -53,7 +53,9 @@ async def in_flight(broker_url: str, ctl: Callable[..., Awaitable[str]], *, acco
     Not ``rabbitmqctl list_queues``: it reports a quorum queue's count as of the queue's last
     metrics tick (every 5 s), so a command published a moment ago would read as none, and a
     world still at work as quiet. Every channel's unacknowledged deliveries count: the other
-    consumers of a world ack what they take at once."""
+    consumers of a world ack what they take at once. Not one snapshot either: work hopping
+    from queue to queue faster than these reads may slip through one look, which is why a
+    converging world looks after each of two quiet runs."""
     queues = [q for service in ("reconciler", "writer")
               for q in service_queues(account, service, shards=shards)]
     connection = await aio_pika.connect(broker_url)
