@@ -126,14 +126,13 @@ async def run_case(case: Case, *, root: Path, broker: PrivateRabbitMQ,
                 result["trace"] = await world.trace(sorted(named)[:MAX_TRACED])
             except Exception as exc:  # the verdict stands without it
                 result["trace"] = {"error": f"{type(exc).__name__}: {exc}"}
+            events = [e for e in workload.history.to_list() if e.get("kind") != "baseline"]
             for key, traced in result["trace"].items():
                 if not isinstance(traced, dict):
                     continue
                 email = key.rsplit("/", 1)[0]
-                traced["events"] = [e for e in workload.history.to_list()
-                                    if email in (e.get("email"), e.get("old_email"),
-                                                 e.get("new_email"))
-                                    and e.get("kind") != "baseline"]
+                traced["events"] = [e for e in events if email in (
+                    e.get("email"), e.get("old_email"), e.get("new_email"))]
         stats = {side: await world.stats(side) for side in ("dynamics", "dotdigital")}
         result.update({
             "faults": [f.as_dict() for f in injected],

@@ -417,18 +417,22 @@ class ChaosWorld(World):
             later = datetime.now(UTC) + timedelta(days=400)
             sweepable = {(d.key.email, d.key.preference_id) for d in await store.outstanding_due(
                 self.account, since_before=later, now=later, limit=100_000)}
-            for email, preference_id in sorted(set(keys)):
-                states = {s.key.preference_id: s
-                          for s in await store.states_for_email(self.account, email)}
-                state = states.get(preference_id)
-                contacts = await store.load_contacts(self.account, [email])
-                records = await store.records_for_emails(self.account, [email])
+            wanted = sorted(set(keys))
+            emails = sorted({email for email, _ in wanted})
+            contacts = await store.load_contacts(self.account, emails)
+            records = await store.records_for_emails(self.account, emails)
+            # each email's states and history read once, whichever of its keys are traced
+            states = {email: {s.key.preference_id: s
+                              for s in await store.states_for_email(self.account, email)}
+                      for email in emails}
+            history = {email: await store.history(self.account, email) for email in emails}
+            for email, preference_id in wanted:
+                state = states[email].get(preference_id)
                 out[f"{email}/{preference_id}"] = {
                     "state": None if state is None else _traced_state(state),
                     "history": [(h.side, h.opted_in, h.origin_time.isoformat(), h.decision,
                                  h.recorded_at.isoformat(), h.change_id)
-                                for h in await store.history(self.account, email)
-                                if h.preference_id == preference_id],
+                                for h in history[email] if h.preference_id == preference_id],
                     "contact": None if (c := contacts.get(email)) is None else (
                         c.status, _t(c.since)),
                     "records": [(r.record_type, r.record_id[:8], r.active, r.eligible)
