@@ -413,3 +413,69 @@ def test_our_write_after_a_step_back_is_not_older_than_a_stamp_made_before_it() 
                      written_at=at(5.2), offset=timedelta(0))
     assert s.known.dotdigital is not None and s.known.dotdigital.opted_in is False
     assert settle(s)[1] == ()
+
+
+def test_a_stamp_read_before_the_clock_reaches_it_again_is_the_earlier_epochs_alone() -> None:
+    # dotdigital's clock ran 30 s ahead, and is put back at 60. Stamp 85 was made at 55 by the
+    # clock as it was, or (as the stamps alone tell) at 85 by the clock put back: read at 65,
+    # it cannot be the second (made 20 s after it was read), so it is placed at 55.
+    estimate = _stepped(30.0, 0.0, step_s=60).estimate
+    assert estimate is not None and estimate.epoch == 1
+    offset_s, _, epoch = estimate.placement(at(85), read_at=at(65))
+    assert epoch == 0 and abs(offset_s - 30) < 0.01
+    # read once the clock put back has reached it, either epoch may have made it: the hull
+    offset_s, uncertainty_s, epoch = estimate.placement(at(85), read_at=at(90))
+    assert epoch == UNKNOWN_EPOCH and abs(offset_s - 15) < 0.01 and uncertainty_s >= 15
+    # placed in our time base as read, through the one rule
+    early = in_time_base(obs("dotdigital", True, 85), estimate=estimate, read_at=at(65),
+                         tolerance=TOLERANCE)
+    assert early.clock_epoch == 0 and abs(early.corrected_time - at(55)) < timedelta(seconds=0.01)
+
+
+@FAST
+@given(step=st.sampled_from([(30.0, 0.0), (0.0, 30.0), (0.0, -30.0), (-30.0, 0.0)]),
+       made_s=st.one_of(st.floats(0, 50), st.floats(60, 200)), read_after_s=st.floats(0, 40))
+def test_the_placement_of_a_stamp_always_holds_when_it_was_made(
+        step: tuple[float, float], made_s: float, read_after_s: float) -> None:
+    # Rule 5 only rules out what cannot be: a stamp made at ``made_s`` by the clock as it then
+    # was (the step at 60, measured from 60 on), read at any moment after, is placed at a time
+    # whose span holds ``made_s``.
+    before, after = step
+    estimate = _stepped(before, after, step_s=60).estimate
+    assert estimate is not None
+    stamp = at(made_s) + timedelta(seconds=before if made_s < 60 else after)
+    offset_s, uncertainty_s, _ = estimate.placement(stamp, read_at=at(made_s + read_after_s))
+    placed_at = stamp - timedelta(seconds=offset_s)
+    assert abs((placed_at - at(made_s)).total_seconds()) <= uncertainty_s + 0.01
+
+
+def test_a_stamp_every_epoch_would_place_after_its_read_keeps_the_hull() -> None:
+    # no epoch can have made it before it was read (a clock that moved unseen): rule 4 stands
+    estimate = _stepped(30.0, 0.0, step_s=60).estimate
+    assert estimate is not None
+    assert estimate.placement(at(85), read_at=at(40)) == estimate.placement(at(85))
+
+
+def test_a_change_read_again_after_a_step_back_does_not_send_our_write_again() -> None:
+    # The person opted in at 55 on dotdigital's clock 30 s ahead (stamped 85); Dynamics' opt-out
+    # at 58 wins; the clock is put back at 60 and our opt-out lands at 63. Each read of the feed
+    # until the clock reaches 85 again brings the opt-in back: placed as the hull of both epochs
+    # (made at 70, give or take 15) it was newer than our write, and the write went out again on
+    # every batch until then. Read at 64 it is the earlier epoch's (made at 55): older.
+    estimate = _stepped(30.0, 0.0, step_s=60).estimate
+    opt_in = in_time_base(obs("dotdigital", True, 85), estimate=estimate, read_at=at(59),
+                          tolerance=TOLERANCE)
+    opt_out = placed(obs("dynamics", False, 58, version=7), 0, read_s=59)
+    s = reconcile(reconcile(None, opt_in).state, opt_out).state
+    assert s.register is not None and s.register.opted_in is False
+    (command,) = [c for c in settle(s)[1] if c.side == "dotdigital"]
+    s = record_write(s, command, produced_version=None, window_start=at(63),
+                     window_end=at(63.2), written_at=at(63.2), offset=timedelta(0))
+    assert settle(s)[1] == ()
+    for read_s in (64, 70, 80):
+        again = in_time_base(obs("dotdigital", True, 85), estimate=estimate,
+                             read_at=at(read_s), tolerance=TOLERANCE)
+        d = reconcile(s, again)
+        assert d.commands == (), read_s
+        assert d.state.known.dotdigital is not None
+        assert d.state.known.dotdigital.opted_in is False
