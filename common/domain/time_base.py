@@ -26,12 +26,6 @@ Rules:
    times twice; near a step, when it happened is known only so well) takes the hull of their
    offsets: its uncertainty covers every reading, so it ties with what it cannot be ordered
    against (and a tie never opts anyone in). Its epoch is then unknown (:data:`UNKNOWN_EPOCH`).
-5. A stamp was made before it was read: an epoch that would place it after the moment it was
-   read (by more than that epoch's uncertainty and ``READ_MARGIN``) did not make it. After a
-   step back, a stamp read before the clock reaches it again is the earlier epoch's alone
-   (otherwise taken as the hull, a change made before our write was placed after it, and our
-   write went out again on every batch until the clock reached the stamp). When every epoch
-   would place it after its read, rule 4 stands as it is.
 6. A sample taken ``STALE_AGE`` (60 s) or more before the newest sample the estimate is made
    of moves nothing (:attr:`Verdict.STALE`): it is a reading folded in late (one process's answers
    recorded after another's newer ones, or a ``Date`` header kept from long ago), and the clock
@@ -73,9 +67,6 @@ DEFAULT_FUTURE_TOLERANCE = timedelta(minutes=5)
 KEPT_EPOCHS = 4
 # A sample this much older than the newest one held is not the clock now (rule 6).
 STALE_AGE = timedelta(seconds=60)
-# Rule 5 rules an epoch out only when it places a stamp this much (beyond its uncertainty)
-# after the stamp was read: the clocks compared are read to the whole second at worst.
-READ_MARGIN = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,12 +142,9 @@ class ClockEstimate:
     def __post_init__(self) -> None:
         object.__setattr__(self, "at", as_utc(self.at))
 
-    def placement(self, vendor_time: datetime, *, read_at: datetime | None = None
-                  ) -> tuple[float, float, int]:
-        """(offset, uncertainty, epoch) for a stamp ``vendor_time`` of this clock (rules 4
-        and 5): the epoch that could have stamped it, or the hull of several (epoch unknown).
-        ``read_at``: when the stamp was read, on our clock, no earlier than its answer came
-        (``None``: rule 5 is not applied)."""
+    def placement(self, vendor_time: datetime) -> tuple[float, float, int]:
+        """(offset, uncertainty, epoch) for a stamp ``vendor_time`` of this clock (rule 4):
+        the epoch that could have stamped it, or the hull of several (epoch unknown)."""
         if not self.earlier:
             return self.offset_s, self.uncertainty_s, self.epoch
         vendor_time = as_utc(vendor_time)
@@ -179,14 +167,6 @@ class ClockEstimate:
             # before it was measured); any epoch's offset may apply
             fits = [(number, offset_s, uncertainty_s)
                     for number, offset_s, uncertainty_s, _, _ in spans]
-        if read_at is not None and len(fits) > 1:
-            read_at = as_utc(read_at)
-            made_before = [(number, offset_s, uncertainty_s)
-                           for number, offset_s, uncertainty_s in fits
-                           if vendor_time - timedelta(seconds=offset_s + uncertainty_s)
-                           <= read_at + READ_MARGIN]
-            if made_before:
-                fits = made_before
         if len(fits) == 1:
             return fits[0][1], fits[0][2], fits[0][0]
         low = min(o - u for _, o, u in fits)
@@ -314,10 +294,9 @@ Placement = tuple[int, int, int | None, int]
 
 def placing(*, estimate: ClockEstimate | None, read_at: datetime,
             tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE) -> Callable[[int], Placement]:
-    """Rules 4, 5 and 7 for stamps of one side read at ``read_at`` (our clock, no earlier than
-    the answer that brought them): the placement of each stamp (microseconds since the Unix
-    epoch, the side's clock) in our time base; the one place these rules are applied
-    (:func:`in_time_base` is this on an observation).
+    """Rules 4 and 7 for stamps of one side read at ``read_at`` (our clock): the placement of
+    each stamp (microseconds since the Unix epoch, the side's clock) in our time base; the
+    one place these rules are applied (:func:`in_time_base` is this on an observation).
     ``estimate``: the side's clock (``None``: not measured, taken as ours). Most clocks have
     one epoch, where a stamp's offset does not depend on the stamp: worked out once here."""
     read_at = as_utc(read_at)
@@ -344,7 +323,7 @@ def placing(*, estimate: ClockEstimate | None, read_at: datetime,
     def place(origin_us: int) -> Placement:
         bounded = read_on_their_clock if origin_us > limit else None
         offset_s, uncertainty_s, epoch = estimate.placement(
-            from_us(bounded if bounded is not None else origin_us), read_at=read_at)
+            from_us(bounded if bounded is not None else origin_us))
         return (*placed(offset_s, uncertainty_s), bounded, epoch)
 
     return place
@@ -353,9 +332,9 @@ def placing(*, estimate: ClockEstimate | None, read_at: datetime,
 def in_time_base(observation: Observation, *, estimate: ClockEstimate | None,
                  read_at: datetime, tolerance: timedelta = DEFAULT_FUTURE_TOLERANCE
                  ) -> Observation:
-    """``observation`` placed in our time base (rules 4, 5 and 7, :func:`placing`):
-    ``read_at`` is when it was read, on our clock (no earlier than its answer came);
-    ``estimate`` the side's clock (``None``: not measured, taken as ours)."""
+    """``observation`` placed in our time base (rules 4 and 7, :func:`placing`): ``read_at``
+    is when it was read, on our clock; ``estimate`` the side's clock (``None``: not measured,
+    taken as ours)."""
     offset, uncertainty, bounded, epoch = placing(
         estimate=estimate, read_at=read_at, tolerance=tolerance)(to_us(observation.origin_time))
     return observation.placed(offset=duration_from_us(offset),

@@ -152,7 +152,7 @@ class Writer:
         newest command per key is each shard's own."""
         batch = [delivery for part in batches for delivery in part]
         owner, commands, covered = self._newest(batch)
-        outcome = WriteOutcome(clock=self._now)
+        outcome = WriteOutcome(read_at=self._now())
         work = await self.sink.open(commands, outcome)
         rows = {key: command_row(command) for key, command in commands.items()}
         # the keys' states, their contacts, each side's clock and what the sink reads, from one

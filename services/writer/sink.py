@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -66,19 +66,12 @@ class WriteOutcome:
     unwritable: dict[PreferenceKey, str] = field(default_factory=dict)
     # dotdigital commands deferred until their preference's first read is reconciled
     deferred: set[PreferenceKey] = field(default_factory=set)
-    # each side's clock: what is read is placed in our time base
+    # each side's clock, and when this batch read: what is read is placed in our time base
     time_base: TimeBase = field(default_factory=lambda: TimeBase(estimates={}))
-    # our clock: a change is placed as read when it is observed, after its answer came (a
-    # stamp is never placed after the moment it was read, rule 5 of the time base)
-    clock: Callable[[], datetime] = field(default_factory=lambda: _utc_now)
+    read_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def observe(self, observation: Observation) -> None:
-        """Take a change just read (call it once the answer that brought it has come)."""
-        self.observations.append(self.time_base.place(observation, read_at=self.clock()))
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+        self.observations.append(self.time_base.place(observation, read_at=self.read_at))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
