@@ -364,6 +364,28 @@ def test_an_opt_in_stamped_before_a_step_back_never_beats_a_later_opt_out_of_tha
         assert d.state.register is not None and d.state.register.opted_in is False
 
 
+def test_a_record_that_took_the_email_before_a_step_back_is_written_after_it() -> None:
+    # Dataverse's clock steps back 30 s at 60. The email's contact opted in at 39 (row version
+    # 74); a lead holding an opt-out took the email at 51. Both are read after the step, where
+    # the clock read their stamps twice: the lead's row must be written the opt-in, whatever
+    # order they are read in. (A full chaos run lost an opt-out when the lead's stamp alone was
+    # placed by the clock as it was and the contact's row, read again, was ordered by the middle
+    # of its doubtful placement: the contact's value was then taken as what Dynamics holds.)
+    estimate = _stepped(0.0, -30.0, step_s=60).estimate
+    contact_row = in_time_base(obs("dynamics", True, 39, version=74), estimate=estimate,
+                               read_at=at(67), tolerance=TOLERANCE)
+    lead = in_time_base(replace(obs("dynamics", False, 51), version=None, joined=True),
+                        estimate=estimate, read_at=at(67), tolerance=TOLERANCE)
+    s = reconcile(None, contact_row).state
+    s = reconcile(s, lead).state
+    again = reconcile(s, in_time_base(obs("dynamics", True, 39, version=74), estimate=estimate,
+                                      read_at=at(68), tolerance=TOLERANCE))
+    assert again.state.register is not None and again.state.register.opted_in is True
+    assert again.state.known.dynamics is not None
+    assert again.state.known.dynamics.opted_in is False
+    assert "dynamics" in [c.side for c in again.commands]
+
+
 def test_a_stamp_before_the_step_keeps_its_epochs_offset_when_read_after_it() -> None:
     # read after the step: a stamp made at 10 on the old clock is not moved 30 s (the new
     # epoch reads 10 only at 40, before the step: it cannot have stamped it)
