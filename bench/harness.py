@@ -62,14 +62,15 @@ class World(harness.World):
 
     # --- simulators --------------------------------------------------------------------------
     async def seed(self, *, records: int, preferences: int = PREFERENCES,
-                   dynamics_states: str = "sample", dotdigital_states: str = "sample"
-                   ) -> dict[str, Any]:
+                   dynamics_states: str = "sample", dotdigital_states: str = "sample",
+                   created_s_ago: int = 0) -> dict[str, Any]:
         """Both simulators with the same people and ``preferences``; the states of each side
-        as asked."""
+        as asked; the Dataverse rows and list memberships created ``created_s_ago`` before."""
         base = {"records": records, "preferences": preferences, "seed": SEED}
         dynamics, dotdigital = await asyncio.gather(
             self.post(f"{self.dyn_url}/_sim/seed",
-                      {**base, "account": self.account, "states": dynamics_states}),
+                      {**base, "account": self.account, "states": dynamics_states,
+                       "created_s_ago": created_s_ago}),
             self.post(f"{self.dd_url}/_sim/seed",
                       {**base, "account": self.dd_account, "states": dotdigital_states}))
         return {"dynamics": dynamics, "dotdigital": dotdigital}

@@ -3,6 +3,7 @@ refuses: the messages it lacks and change tracking."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -49,6 +50,26 @@ async def test_each_membership_is_a_listmember_row_with_its_creation_time() -> N
         left = await _member_rows(org, f"$filter=_listid_value eq {contacts}")
         assert gone not in {r["_entityid_value"] for r in left}
         assert len(left) == made["contacts"] - 1
+
+
+async def test_a_seed_can_be_an_account_whose_lists_were_filled_long_ago() -> None:
+    async with organisation() as org:
+        answer = await org.sim("POST", "seed", {"records": 4, "preferences": 2, "seed": 7,
+                                                "created_s_ago": 3600})
+        assert answer.status == 200, answer.text
+        now = await org.get("contacts?$select=createdon,modifiedon")
+        stamps = now.json["value"][0]
+        created, modified = (datetime.fromisoformat(str(stamps[c]).replace("Z", "+00:00"))
+                             for c in ("createdon", "modifiedon"))
+        assert modified - created == timedelta(hours=1)
+        since = (created + timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+        assert await _member_rows(org, f"$filter=createdon ge {since}") == []
+        assert len(await _member_rows(org, "$filter=createdon ge "
+                                      + created.isoformat().replace("+00:00", "Z"))) == 4
+        for bad in (-1, "soon", 1e12):
+            answer = await org.sim("POST", "seed", {"records": 4, "created_s_ago": bad})
+            assert answer.status == 400, bad
+            assert "created_s_ago" in answer.text
 
 
 async def test_listmembers_refuse_change_tracking_and_the_messages_they_lack() -> None:

@@ -14,6 +14,10 @@ replaces all data with:
   email, id)`` is set (True → Opted in, False → Opted out, None → no row). ``"states": "all"``
   sets every state, ``"none"`` makes no subscription rows (``seeding.seeded_state``).
 
+Every row is stamped modified at the seed; ``"created_s_ago": T`` stamps them (and the list
+memberships) created ``T`` seconds before it, as in an account whose lists were filled long ago
+(default 0: created now, like a bulk add, whose members a poller reads again for a while).
+
 Ids are derived from the seed, so the same seed gives the same ids. Rows are built in bulk and
 indexed once, without per-row write overhead.
 """
@@ -26,7 +30,7 @@ import os
 import random
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -81,6 +85,10 @@ def _states(records: int, preferences: int, seed: int, mode: str = "sample") -> 
         return b"".join(parts)
 
 
+# ``created_s_ago`` at most: ten years
+MAX_CREATED_S_AGO = 10 * 365 * 86_400
+
+
 def seed_store(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any]:
     # Millions of new acyclic objects: keep the cycle collector out of the way while they are
     # made, then move them out of its reach so later collections don't walk them.
@@ -98,8 +106,15 @@ def _seed(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any
     seed = int(body.get("seed", 1))
     account = str(body.get("account") or "demo")
     mode = seeding.state_mode(body)
+    # how long before now the rows were created (the lists filled then, the rest modified now):
+    # 0, just now (a bulk add, which a poller reads again for a while); more, a long-standing
+    # account
+    created_s_ago = body.get("created_s_ago", 0)
     if records < 0 or preferences < 0:
         raise ValueError("records and preferences must not be negative")
+    if (not isinstance(created_s_ago, int | float) or isinstance(created_s_ago, bool)
+            or not 0 <= created_s_ago <= MAX_CREATED_S_AGO):
+        raise ValueError(f"created_s_ago must be seconds from 0 to {MAX_CREATED_S_AGO}")
     store.clear()
     tree = seeding.preference_tree(preferences, seed)
     leaves = [n for n in tree if n.is_preference]
@@ -107,12 +122,13 @@ def _seed(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any
     rows_wanted = records + 2 + len(tree) + len(states) - states.count(0)
     ids = _sorted_guids(random.Random(f"dynamics-ids:{seed}"), rows_wanted)
     ts = now.replace(microsecond=0)
+    created = ts - timedelta(seconds=int(created_s_ago))
     version = store.version
 
     def stamp(row: Row) -> Row:
         nonlocal version
         version += 1
-        row["createdon"] = ts
+        row["createdon"] = created
         row["modifiedon"] = ts
         row["versionnumber"] = version
         return row
@@ -183,7 +199,7 @@ def _seed(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any
         kind = "contact" if list_row["createdfromcode"] == 2 else "lead"
         for member_id in members[list_row["listid"]]:
             version += 1
-            memberships.append(listmember_row(list_row["listid"], member_id, kind, at=ts,
+            memberships.append(listmember_row(list_row["listid"], member_id, kind, at=created,
                                               version=version))
     store.tables[LISTMEMBERS].bulk_load(memberships)
     store.version = version
