@@ -42,7 +42,9 @@ CHECKED_KEYS = 40
 # Edits on each side made before the services start, to learn what one costs its simulator
 # (enough to be timed well by CPU counters that tick every 10 ms).
 CALIBRATION_EDITS = 2000
-# The seeded Dataverse rows and list memberships were created this long before the run.
+# The seeded Dataverse rows and list memberships were created this long before the run: an
+# account in its steady state. (Filled just now, every sync would read all the lists' members
+# again, as the dynamics-poller does for a while after a bulk add: not the work measured.)
 LISTS_FILLED_S_AGO = 3600
 
 
@@ -152,9 +154,6 @@ async def _edit_cost(world: World, contacts: int) -> dict[str, float]:
 
 async def one_steady(suite: Suite, world: World, *, label: str) -> dict[str, Any]:
     sizes = suite.sizes
-    # An account in its steady state: its lists were filled long ago. (Filled just now, every
-    # sync of the run would read all their members again, as a poller does for a while after
-    # a bulk add: that is not the steady work this measures.)
     await world.seed(records=sizes.steady_contacts, created_s_ago=LISTS_FILLED_S_AGO)
     edit_cost = await _edit_cost(world, sizes.steady_contacts)
     await world.start_all()

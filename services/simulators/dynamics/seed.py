@@ -106,10 +106,7 @@ def _seed(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any
     seed = int(body.get("seed", 1))
     account = str(body.get("account") or "demo")
     mode = seeding.state_mode(body)
-    # how long before now the rows were created (the lists filled then, the rest modified now):
-    # 0, just now (a bulk add, which a poller reads again for a while); more, a long-standing
-    # account
-    created_s_ago = body.get("created_s_ago", 0)
+    created_s_ago = body.get("created_s_ago", 0)  # see the module's docstring
     if records < 0 or preferences < 0:
         raise ValueError("records and preferences must not be negative")
     if (not isinstance(created_s_ago, int | float) or isinstance(created_s_ago, bool)
