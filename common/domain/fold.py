@@ -18,7 +18,7 @@ batch); :func:`fold_batch` folds a whole batch with fixed contact states.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -56,9 +56,11 @@ class Fold:
     # the side of each observation recorded as future_timestamp, in order
     futures: list[Side] = field(default_factory=list)
 
-    def observe(self, observation: Observation, *, contact: ContactState | None) -> Step:
+    def observe(self, observation: Observation, *, contact: ContactState | None,
+                decided: bool = False) -> Step:
         key = observation.key
-        decision = reconcile(self.states.get(key), observation, contact=contact)
+        decision = reconcile(self.states.get(key), observation, contact=contact,
+                             decided=decided)
         if decision.changed:
             self.states[key] = decision.state
             self.changed.add(key)
@@ -81,10 +83,13 @@ class Fold:
 
 
 def fold_batch(states: Mapping[PreferenceKey, KeyState], observations: Iterable[Observation], *,
-               contacts: Mapping[str, ContactState], recorded_at: datetime) -> Fold:
+               contacts: Mapping[str, ContactState], recorded_at: datetime,
+               decided: Container[Observation] = ()) -> Fold:
     """Fold ``observations`` in order into ``states`` (not modified: the result holds its own
-    copy), each with its email's contact state (rules 1-4)."""
+    copy), each with its email's contact state (rules 1-4); those in ``decided`` a fold
+    already decided."""
     fold = Fold(states=dict(states), recorded_at=recorded_at)
     for observation in observations:
-        fold.observe(observation, contact=contacts.get(observation.key.email))
+        fold.observe(observation, contact=contacts.get(observation.key.email),
+                     decided=observation in decided)
     return fold

@@ -262,7 +262,7 @@ def _pending(pending: Pair[PendingRow | None], commands: tuple[CommandRow, ...]
     return pending
 
 
-def reconcile_row(state: StateRow, row: ObservationRow[Any]
+def reconcile_row(state: StateRow, row: ObservationRow[Any], *, decided: bool = False
                   ) -> tuple[StateRow, int, tuple[CommandRow, ...]]:
     """:func:`common.domain.reconcile.reconcile` (rules 2-7; suppression, rule 1, is the
     fold's): the state after ``row`` (``state`` itself when unchanged), the outcome's code and
@@ -272,7 +272,9 @@ def reconcile_row(state: StateRow, row: ObservationRow[Any]
     held = known[side]
     after_register, after_known = register, known
     prune = False
-    if carried:
+    if decided and opted_in:
+        outcome = DUPLICATE
+    elif carried:
         outcome, takes = _against_register(register, row)
         if takes:
             after_register = _register_of(row)
@@ -345,16 +347,17 @@ class RowFold(Generic[K]):
     futures: list[int] = field(default_factory=list)
     commands: dict[K, tuple[CommandRow, ...]] = field(default_factory=dict)
 
-    def observe(self, row: ObservationRow[K], *, suppressed: bool) -> int:
+    def observe(self, row: ObservationRow[K], *, suppressed: bool, decided: bool = False
+                ) -> int:
         """:meth:`common.domain.fold.Fold.observe`: fold ``row`` in (``suppressed``: its
-        contact's state), and say its outcome's code."""
+        contact's state; ``decided``: a fold already decided it), and say its outcome's code."""
         key = row.key
         if suppressed:
             outcome = SUPPRESSED
             self.parked.append(row)
         else:
             before = self.states.get(key, EMPTY_STATE)
-            after, outcome, self.commands[key] = reconcile_row(before, row)
+            after, outcome, self.commands[key] = reconcile_row(before, row, decided=decided)
             if after is not before:
                 self.states[key] = after
                 self.changed.add(key)
@@ -371,11 +374,17 @@ class RowFold(Generic[K]):
 
 
 def fold_rows(states: Mapping[K, StateRow], rows: Iterable[ObservationRow[K]], *,
-              suppressed: Container[object]) -> RowFold[K]:
+              suppressed: Container[object],
+              decided: Container[ObservationRow[K]] = ()) -> RowFold[K]:
     """:func:`common.domain.fold.fold_batch` (rules 1-4) over rows: ``rows`` folded in order
-    into ``states`` (not modified), a row whose contact is in ``suppressed`` parked."""
+    into ``states`` (not modified), a row whose contact is in ``suppressed`` parked, a row in
+    ``decided`` already decided by a fold."""
     fold: RowFold[K] = RowFold(states=dict(states))
     observe = fold.observe
+    if not decided:
+        for row in rows:
+            observe(row, suppressed=row.contact in suppressed)
+        return fold
     for row in rows:
-        observe(row, suppressed=row.contact in suppressed)
+        observe(row, suppressed=row.contact in suppressed, decided=row in decided)
     return fold

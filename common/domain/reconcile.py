@@ -8,7 +8,16 @@ Rules, in order:
    the original change's time. So if a newer change happened on the other side while our write
    of an older value was in flight, that newer change still wins on both sides (no flip-flop).
 3. An observation identical to what is already known for its side is a ``duplicate`` (a stamp
-   beyond the future bound read again, at another time, included).
+   beyond the future bound read again, at another time, included). So is an opt-in a fold has
+   already decided (``decided``: the key's history holds its change, of its side, with its
+   value, under a decision in :data:`FOLDED`), read again where its side's clock stepped: its
+   stamp, which more than one epoch of the clock could have made, is then placed as the hull
+   of their offsets (:data:`~common.domain.clock.UNKNOWN_EPOCH`) and may order after what has
+   overwritten it since (our write of the register's value among them). Taken for what the
+   side holds again, it would send that write once more on every read of the feed's overlap,
+   and could take the register: a stale opt-in. An opt-out read again is decided again: one
+   placed wrongly the first time (before the step was measured) must still win.
+   :func:`ask_if_decided` says which observations the ledger is asked about.
 4. A carried value (an email change's, see :class:`Observation`) goes straight to rule 6 and
    leaves what the side is known to hold as it was. A joined record's value (a record took the
    email) never moves the register: when it differs from the register, the side is known to
@@ -64,6 +73,20 @@ class Outcome(StrEnum):
     JOINED = "joined"
     DUPLICATE = "duplicate"
     SUPPRESSED = "suppressed"
+
+
+# The decisions that folded an observation into its key's state (rule 3): one parked
+# (suppressed), refused (ineligible) or written was not folded, and is folded when read again.
+FOLDED = frozenset({Outcome.APPLIED, Outcome.STALE, Outcome.TIE_OPT_OUT_WON,
+                    Outcome.TIE_OPT_IN_LOST, Outcome.TIE_SAME_VALUE, Outcome.ECHO,
+                    Outcome.JOINED})
+
+
+def ask_if_decided(*, opted_in: bool, clock_epoch: int) -> bool:
+    """Whether to ask the ledger if a fold already decided this observation (rule 3): an
+    opt-in placed across epochs of its side's clock. One placed in one epoch orders as it did
+    when first read, so it is decided again as it was."""
+    return opted_in and clock_epoch == UNKNOWN_EPOCH
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,8 +183,9 @@ def _takes_register(outcome: Outcome, observation: Observation,
 
 
 def reconcile(state: KeyState | None, observation: Observation, *,
-              contact: ContactState | None = None) -> Decision:
-    """Fold ``observation`` into ``state`` (``None``: nothing stored yet for the key)."""
+              contact: ContactState | None = None, decided: bool = False) -> Decision:
+    """Fold ``observation`` into ``state`` (``None``: nothing stored yet for the key);
+    ``decided``: a fold already decided it (rule 3; only an opt-in is taken so)."""
     before = state if state is not None else KeyState(key=observation.key)
     if before.key != observation.key:
         raise ValueError("observation is for another key")
@@ -176,7 +200,9 @@ def reconcile(state: KeyState | None, observation: Observation, *,
     register = before.register
     knowledge = before.known
     prune = False
-    if observation.carried:
+    if decided and observation.opted_in:
+        outcome = Outcome.DUPLICATE
+    elif observation.carried:
         # Not a read of the side: only the register may move (a write of ours that lands after
         # it is then still known, and corrected, because the side's knowledge stays as read).
         outcome = _against_register(register, observation)

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from common.domain import ContactState, HistoryEntry, KeyState, Observation, PreferenceKey
-from common.domain.rows import HistoryRow, KeyTuple, StateRow
+from common.domain.rows import HistoryRow, KeyTuple, ObservationRow, StateRow
 from common.store.batch_reads import BatchReader
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.outstanding import DueKey, OutstandingStats
@@ -120,6 +120,13 @@ class KeyStates(RowStates, Protocol):
 
     async def history(self, account: str, email: str) -> list[HistoryEntry]:
         """History rows of one email, oldest recorded first."""
+        ...
+
+    async def decided(self, rows: Sequence[ObservationRow[KeyTuple]], *,
+                      decisions: Collection[str]) -> set[ObservationRow[KeyTuple]]:
+        """Of ``rows``, those whose change the history holds decided (for the row's key and
+        side, with its value) under one of ``decisions``: rule 3 of
+        :mod:`common.domain.reconcile`."""
         ...
 
 

@@ -14,6 +14,7 @@ import logging
 import random
 import sqlite3
 import time
+from collections import defaultdict
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -40,6 +41,7 @@ from common.domain.rows import (
     DECISIONS,
     HistoryRow,
     KeyTuple,
+    ObservationRow,
     StateRow,
     key_of,
     key_state,
@@ -741,6 +743,30 @@ class SqliteLedgerStore(_RowStates):
                              corrected_time=None if corrected is None else from_us(corrected))
                 for recorded, _, p, side, opted_in, origin, change_id, decision, corrected
                 in rows]
+
+    async def decided(self, rows: Sequence[ObservationRow[KeyTuple]], *,
+                      decisions: Collection[str]) -> set[ObservationRow[KeyTuple]]:
+        """Of ``rows``, those whose change the history holds decided for its key and side,
+        with its value, under one of ``decisions``: one query per email, by its bucket (asked
+        only of the few observations whose placement is uncertain)."""
+        by_email: dict[tuple[str, str], list[ObservationRow[KeyTuple]]] = defaultdict(list)
+        for row in rows:
+            by_email[(row.key[0], row.key[1])].append(row)
+        wanted_decisions = sorted(str(d) for d in decisions)
+        found: set[ObservationRow[KeyTuple]] = set()
+        async with self._reading() as db:
+            for (account, email), wanted in by_email.items():
+                ids = sorted({row.change_id for row in wanted})
+                sql = ("SELECT preference_id, side, change_id, opted_in FROM history "
+                       f"WHERE {HISTORY_BY_EMAIL} AND change_id IN ({', '.join('?' * len(ids))})"
+                       f" AND decision IN ({', '.join('?' * len(wanted_decisions))})")
+                async with db.execute(sql, (account, history_bucket(email), email, *ids,
+                                            *wanted_decisions)) as cur:
+                    held = {(int(p), str(side), str(change), bool(opted_in))
+                            for p, side, change, opted_in in await cur.fetchall()}
+                found.update(row for row in wanted if (
+                    row.key[2], SIDES[row.side], row.change_id, bool(row.opted_in)) in held)
+        return found
 
     # -- contacts -------------------------------------------------------------------------
     async def load_contacts(self, account: str,

@@ -54,6 +54,7 @@ from common.domain import (
 from common.domain.clock import to_us
 from common.domain.eligibility import INELIGIBLE, email_is_eligible
 from common.domain.kernel import RowFold, outstanding_rows
+from common.domain.reconcile import FOLDED, ask_if_decided
 from common.domain.rows import (
     DECISIONS,
     CommandRow,
@@ -144,6 +145,8 @@ class BatchResult:
     # the eligible records of the emails of the batch's Dynamics changes, from its snapshot
     records: dict[str, list[RecordRef]] = field(default_factory=dict)
     records_read: set[str] = field(default_factory=set)  # the emails asked for them
+    # the batch's observations a fold already decided (rule 3 of common.domain.reconcile)
+    decided: set[ObservationRow[KeyTuple]] = field(default_factory=set)
 
     # the fold's parts, by the names the steps use
     @property
@@ -276,16 +279,28 @@ class Reconciler:
                 result.states.setdefault(key_tuple(state.key), state_row(state))
         eligible = snapshot.eligible
         placers: dict[tuple[int, datetime], Callable[[int], Placement]] = {}
-        for index, delivery in enumerate(batch):
+        # each delivery's preference changes as rows, placed in our time base as of when they
+        # were read (the same for a message's changes, and most often for a batch's)
+        rows: list[list[ObservationRow[KeyTuple]]] = []
+        for delivery in batch:
             side: domain.Side = ("dynamics" if delivery.envelope.source == "dynamics"
                                  else "dotdigital")
             code = SIDE_CODES[side]
-            # each change placed in our time base as of when it was read (the same for a
-            # message's changes, and most often for a batch's)
             read_at = delivery.polled_at or now
             place = placers.get((code, read_at))
             if place is None:
                 place = placers[(code, read_at)] = time_base.placing(side, read_at=read_at)
+            rows.append([change_row(change, account=account, side=code, place=place)
+                         for change in delivery.envelope.changes
+                         if isinstance(change, PreferenceChange)])
+        # opt-ins read again where a clock stepped, that a fold already decided (rule 3 of
+        # common.domain.reconcile): none at all while the clocks keep their epochs
+        uncertain = [row for of_delivery in rows for row in of_delivery
+                     if ask_if_decided(opted_in=row.opted_in, clock_epoch=row.clock_epoch)]
+        result.decided = (await self._store.decided(uncertain, decisions=FOLDED)
+                          if uncertain else set())
+        for index, delivery in enumerate(batch):
+            delivery_rows = iter(rows[index])
             for change in delivery.envelope.changes:
                 if isinstance(change, ReadComplete):
                     result.markers.append((index, change))
@@ -298,8 +313,8 @@ class Reconciler:
                     continue
                 if not isinstance(change, PreferenceChange):
                     continue
-                row = change_row(change, account=account, side=code, place=place)
-                if code == DOTDIGITAL and not email_is_eligible(change.email,
+                row = next(delivery_rows)
+                if row.side == DOTDIGITAL and not email_is_eligible(change.email,
                                                                 eligible_emails=eligible):
                     # Never in an email-activated list in Dynamics: not read into the ledger,
                     # but the decision is on record.
@@ -319,7 +334,8 @@ class Reconciler:
         suppressed = contact is not None and contact.suppressed
         if suppressed:
             result.parked.append(observation_of_row(row))
-        self._count(result, index, DECISIONS[result.fold.observe(row, suppressed=suppressed)])
+        self._count(result, index, DECISIONS[result.fold.observe(
+            row, suppressed=suppressed, decided=row in result.decided)])
         # The last delivery to touch a key publishes its outstanding writes.
         result.owner[row.key] = index
 

@@ -53,6 +53,7 @@ from common.domain import SIDES, ContactState, PreferenceKey, Side
 from common.domain.clock import duration_us, to_us
 from common.domain.kernel import fold_rows, outstanding_rows
 from common.domain.kernel_writes import abandon_write_row, begin_write_row, record_write_row
+from common.domain.reconcile import FOLDED, ask_if_decided
 from common.domain.rows import (
     EMPTY_STATE,
     CommandRow,
@@ -192,7 +193,9 @@ class Writer:
             made = await reading
         else:
             made = await work.read(states=as_read, covered=covered, snapshot=snapshot)
-        if made is None or made.observations != len(outcome.observations):
+        # asked first: an opt-in read again that a fold already decided is not decided again
+        if (await self._ask_decided(outcome) or made is None
+                or made.observations != len(outcome.observations)):
             made = Preview.of(as_read, outcome)  # the read observed more after its preview
         preview = made.states
         if work.begins_during_read:
@@ -327,6 +330,21 @@ class Writer:
                 ended[batch.id] = batch.keys
         return ended
 
+    async def _ask_decided(self, outcome: WriteOutcome) -> bool:
+        """Which of the opt-ins read since the last ask, placed across epochs of a clock that
+        stepped, a fold already decided (rule 3 of :mod:`common.domain.reconcile`), into
+        ``outcome.decided``; True when it found one. Asks nothing while the clocks keep their
+        epochs."""
+        fresh = outcome.observations[outcome.asked:]
+        outcome.asked = len(outcome.observations)
+        uncertain = [observation_row(o) for o in fresh
+                     if ask_if_decided(opted_in=o.opted_in, clock_epoch=o.clock_epoch)]
+        if not uncertain:
+            return False
+        found = await self._store.decided(uncertain, decisions=FOLDED)
+        outcome.decided |= found
+        return bool(found)
+
     async def _commit_outcome(self, commands: Commands, rows: Mapping[PreferenceKey, CommandRow],
                               todo: Commands, outcome: WriteOutcome, *,
                               states: Mapping[KeyTuple, StateRow],
@@ -342,6 +360,7 @@ class Writer:
         beside its read that the read then made needless: never sent, their records go.
         ``batches`` (of :meth:`_folded`) end in the same transaction; each key of one the round
         met is saved as read, with its records, whatever the round did to it."""
+        await self._ask_decided(outcome)  # of what was read since the preview
         now = self._now()
         now_us = to_us(now)
         read = [observation_row(o) for o in outcome.observations]
@@ -391,7 +410,7 @@ class Writer:
                         after := abandon_write_row(state, rows[key])) is not state:
                     current[k] = after
                     abandoned.append(k)
-            fold = fold_rows(current, read, suppressed=suppressed)
+            fold = fold_rows(current, read, suppressed=suppressed, decided=outcome.decided)
             # (command, decision) of each history entry, built at once below
             entries: list[tuple[domain.WriteCommand, str]] = []
             changed = fold.changed_states()

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from common import domain
 from common.domain import ContactState, Observation, PreferenceKey, Side
 from common.domain.kernel import fold_rows
-from common.domain.rows import CommandRow, KeyTuple, StateRow, observation_row
+from common.domain.rows import CommandRow, KeyTuple, ObservationRow, StateRow, observation_row
 from common.messaging.resilience import Dependency, TransientFailure
 from common.store.batch_reads import BatchSnapshot
 from common.store.directory import SubscriptionRow
@@ -46,6 +46,10 @@ class WriteOutcome:
         default_factory=lambda: defaultdict(list))
     failed: dict[PreferenceKey, Failure] = field(default_factory=dict)
     observations: list[Observation] = field(default_factory=list)
+    # of them, those a fold already decided (rule 3 of common.domain.reconcile), and how many
+    # of them, from the first, the ledger has been asked about
+    decided: set[ObservationRow[KeyTuple]] = field(default_factory=set)
+    asked: int = 0
     # keys whose row changed under us (412): re-read, folded in, and the write re-issued
     retry: set[PreferenceKey] = field(default_factory=set)
     # a part failed with a 5xx or 429: record what did succeed, then redeliver the batch
@@ -85,7 +89,7 @@ class Preview:
     @classmethod
     def of(cls, states: Mapping[KeyTuple, StateRow], outcome: WriteOutcome) -> Preview:
         return cls(states=fold_rows(states, map(observation_row, outcome.observations),
-                                    suppressed=()).states,
+                                    suppressed=(), decided=outcome.decided).states,
                    observations=len(outcome.observations))
 
 

@@ -33,6 +33,7 @@ from common.domain import ContactState, HistoryEntry, KeyState, Observation, Pre
 from common.domain.rows import (
     HistoryRow,
     KeyTuple,
+    ObservationRow,
     StateRow,
     history_entry,
     key_of,
@@ -40,6 +41,7 @@ from common.domain.rows import (
     key_tuple,
     state_row,
 )
+from common.domain.sides import SIDES
 from common.store.batch_reads import BatchReads, BatchSnapshot, read_apart
 from common.store.directory import EmailChange, RecordRef, SubscriptionRow
 from common.store.interface import (
@@ -182,6 +184,14 @@ class OverlayStore:
     async def history(self, account: str, email: str) -> list[HistoryEntry]:
         return [*await self._store.history(account, email),
                 *(h for h in self.history_rows if h.account == account and h.email == email)]
+
+    async def decided(self, rows: Sequence[ObservationRow[KeyTuple]], *,
+                      decisions: Collection[str]) -> set[ObservationRow[KeyTuple]]:
+        found = await self._store.decided(rows, decisions=decisions)
+        held = {(h.account, h.email, h.preference_id, h.side, h.change_id, h.opted_in)
+                for h in self.history_rows if h.decision in decisions}
+        return found | {row for row in rows if (*row.key, SIDES[row.side], row.change_id,
+                                                 bool(row.opted_in)) in held}
 
     async def states_for_email(self, account: str, email: str) -> list[KeyState]:
         states = {s.key: s for s in await self._store.states_for_email(account, email)}

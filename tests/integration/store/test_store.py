@@ -19,19 +19,32 @@ from common.domain import (
     KeyState,
     Known,
     LedgerHorizon,
+    Observation,
     PendingWrite,
     PerSide,
     PreferenceKey,
     Register,
+    Side,
     WriteRecord,
 )
-from common.domain.rows import DECISIONS, EMPTY_STATE, key_tuple, state_row
+from common.domain.clock import UNKNOWN_EPOCH
+from common.domain.reconcile import FOLDED
+from common.domain.rows import (
+    DECISIONS,
+    EMPTY_STATE,
+    KeyTuple,
+    ObservationRow,
+    key_tuple,
+    observation_row,
+    state_row,
+)
 from common.store import ConflictError, LedgerStore, SqliteLedgerStore, open_store
 from common.store.codec import to_us
 from common.store.history import BUCKETS, history_bucket
 from common.store.interface import StoreUnavailable
 from common.store.postgres import DDL_STAMP, PostgresLedgerStore
 from common.store.sqlite import WAL_CHECKPOINT_PAGES
+from services.cli.dry_run.overlay import OverlayStore
 from services.runtime.registry import ledger_cache_mib
 from tests.harness.keys import T, key
 from tests.harness.waiting import until
@@ -560,3 +573,55 @@ async def test_a_save_of_more_stored_emails_than_postgres_holds_locks_for_goes_t
     assert revisions == [2] * len(keys)
     loaded = await store.load_rows(map(key_tuple, keys))
     assert {state.revision for state in loaded.values()} == {2}
+
+
+async def test_decided_names_the_observations_whose_change_a_fold_decided(
+        store: LedgerStore) -> None:
+    def decision(k: PreferenceKey, change_id: str, decided: str, *, opted_in: bool = True,
+                 side: Side = "dotdigital") -> HistoryEntry:
+        return HistoryEntry(account=k.account, email=k.email, preference_id=k.preference_id,
+                            side=side, opted_in=opted_in, origin_time=T, change_id=change_id,
+                            decision=decided, recorded_at=T)
+
+    def read(k: PreferenceKey, change_id: str, *, opted_in: bool = True,
+             side: Side = "dotdigital") -> ObservationRow[KeyTuple]:
+        return observation_row(Observation(key=k, side=side, opted_in=opted_in, origin_time=T,
+                                           change_id=change_id, clock_epoch=UNKNOWN_EPOCH))
+
+    ann, bob, theirs = key(), key("bob@example.com"), key(account="globex")
+    await store.save([], history=[
+        decision(ann, "ec:1", "applied"), decision(ann, "ec:2", "suppressed"),
+        decision(ann, "ec:3", "tie_opt_in_lost"), decision(bob, "ec:4", "applied"),
+        decision(theirs, "ec:5", "applied"), decision(ann, "ec:6", "ineligible")])
+    again = [read(ann, "ec:1"), read(ann, "ec:3"), read(bob, "ec:4")]
+    not_decided = [
+        read(ann, "ec:1", opted_in=False),  # another value
+        read(ann, "ec:1", side="dynamics"),  # another side
+        read(key(pref=2), "ec:1"),  # another preference
+        read(ann, "ec:2"),  # parked, not folded: folded when read again
+        read(ann, "ec:6"),  # refused as ineligible: folded once eligible
+        read(ann, "ec:5"),  # another account's decision
+        read(ann, "ec:7"),  # never read before
+    ]
+    assert await store.decided([*again, *not_decided], decisions=FOLDED) == set(again)
+    assert await store.decided([], decisions=FOLDED) == set()
+
+
+async def test_the_dry_run_view_finds_decided_changes_in_the_ledger_and_its_own_history(
+        store: LedgerStore) -> None:
+    def decision(change_id: str) -> HistoryEntry:
+        return HistoryEntry(account="acme", email=key().email, preference_id=key().preference_id,
+                            side="dotdigital", opted_in=True, origin_time=T,
+                            change_id=change_id, decision="applied", recorded_at=T)
+
+    def read(change_id: str) -> ObservationRow[KeyTuple]:
+        return observation_row(Observation(key=key(), side="dotdigital", opted_in=True,
+                                           origin_time=T, change_id=change_id,
+                                           clock_epoch=UNKNOWN_EPOCH))
+
+    await store.save([], history=[decision("ec:1")])
+    view = OverlayStore(store)
+    await view.save([], history=[decision("ec:2")])
+    asked = [read("ec:1"), read("ec:2"), read("ec:3")]
+    assert await view.decided(asked, decisions=FOLDED) == {read("ec:1"), read("ec:2")}
+    assert await store.decided(asked, decisions=FOLDED) == {read("ec:1")}  # the view's alone

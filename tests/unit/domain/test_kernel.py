@@ -25,12 +25,14 @@ from common.domain import (
     PerSide,
     PreferenceKey,
     Side,
+    WriteCommand,
     fold_batch,
     outstanding,
 )
 from common.domain.clock import UNKNOWN_EPOCH, ZERO
 from common.domain.fold import Fold
 from common.domain.kernel import RowFold, fold_rows
+from common.domain.reconcile import ask_if_decided
 from common.domain.rows import (
     OUTCOMES,
     KeyTuple,
@@ -166,6 +168,8 @@ class Batch:
     observations: list[Observation]
     contacts: dict[str, ContactState]
     kinds: frozenset[str]
+    # the observations a fold already decided (rule 3 of common.domain.reconcile)
+    decided: frozenset[Observation] = frozenset()
 
 
 def _observation(draw: st.DrawFn, *, key: PreferenceKey, side: Side, opted_in: bool,
@@ -229,17 +233,20 @@ def batches(draw: st.DrawFn) -> Batch:
         observations.append(observation)
     contacts = {email: ContactState(account="acme", email=email, status=draw(statuses), since=T0)
                 for email in draw(contacted)}
+    # any observation may be one a fold already decided, as the ledger says
+    decided = frozenset(o for o in observations if draw(booleans))
     return Batch(states=states, observations=observations, contacts=contacts,
-                 kinds=frozenset(kinds))
+                 kinds=frozenset(kinds), decided=decided)
 
 
 def _folded_both(batch: Batch) -> tuple[Fold, RowFold[KeyTuple]]:
     """``fold_batch`` and the kernel on ``batch``, having checked that they agree."""
     fold = fold_batch(batch.states, batch.observations, contacts=batch.contacts,
-                      recorded_at=RECORDED)
+                      recorded_at=RECORDED, decided=batch.decided)
     rows = fold_rows({key_tuple(k): state_row(s) for k, s in batch.states.items()},
                      [observation_row(o) for o in batch.observations],
-                     suppressed={e for e, c in batch.contacts.items() if c.suppressed})
+                     suppressed={e for e, c in batch.contacts.items() if c.suppressed},
+                     decided={observation_row(o) for o in batch.decided})
     assert {key_of(k): key_state(key_of(k), s) for k, s in rows.states.items()} == fold.states
     assert {key_of(k) for k in rows.changed} == fold.changed
     assert [OUTCOMES[code] for code in rows.outcomes] == fold.outcomes
@@ -280,10 +287,12 @@ def test_a_state_converted_to_a_row_and_back_is_the_same(state: KeyState) -> Non
 KEY = KEYS[0]
 
 
-def _one_key(state: KeyState, *observations: Observation) -> tuple[KeyState, list[Outcome]]:
-    """The key's state and the outcomes after folding ``observations`` into ``state``, by both."""
+def _one_key(state: KeyState, *observations: Observation,
+             decided: frozenset[Observation] = frozenset()) -> tuple[KeyState, list[Outcome]]:
+    """The key's state and the outcomes after folding ``observations`` into ``state``, by both
+    (those in ``decided`` already decided by a fold)."""
     fold, _ = _folded_both(Batch(states={KEY: state}, observations=list(observations),
-                                 contacts={}, kinds=frozenset()))
+                                 contacts={}, kinds=frozenset(), decided=decided))
     return fold.states[KEY], fold.outcomes
 
 
@@ -369,6 +378,45 @@ def test_a_clock_that_stepped_orders_what_a_side_holds_in_our_time_base() -> Non
     seen = _seen("dotdigital", False, 9, offset=timedelta(seconds=-3))
     after, _ = _one_key(state, seen)
     assert after.known.dotdigital == Known.of(seen)
+
+
+def test_an_opt_in_read_again_across_a_clock_step_that_a_fold_decided_is_a_duplicate() -> None:
+    # our write of the register's opt-out is what dotdigital holds; its earlier opt-in, read
+    # again after the clock stepped, is placed as the hull of two epochs: later than our write
+    register = _register("dynamics", False, 20)
+    state = KeyState(key=KEY, register=register).with_known(
+        "dynamics", Known(opted_in=False, as_of=at(20))).with_known(
+        "dotdigital", Known(opted_in=False, as_of=at(21)))
+    again = _seen("dotdigital", True, 40, offset=timedelta(seconds=15),
+                  uncertainty=timedelta(seconds=15), clock_epoch=UNKNOWN_EPOCH)
+    assert ask_if_decided(opted_in=True, clock_epoch=UNKNOWN_EPOCH)
+    # not decided before: taken for what dotdigital holds, so the opt-out is written again
+    after, outcomes = _one_key(state, again)
+    assert after.known.dotdigital == Known.of(again)
+    assert outstanding(after) == (WriteCommand.for_register(key=KEY, side="dotdigital",
+                                                            register=register),)
+    # decided before: a duplicate; dotdigital holds our write, nothing is written
+    after, outcomes = _one_key(state, again, decided=frozenset({again}))
+    assert outcomes == [Outcome.DUPLICATE]
+    assert after == state
+    assert outstanding(after) == ()
+
+
+def test_an_opt_out_read_again_is_decided_again_whatever_the_ledger_says() -> None:
+    # placed too early the first time (before the step was measured), it must still win now
+    state = KeyState(key=KEY, register=_register("dynamics", True, 20)).with_known(
+        "dotdigital", Known(opted_in=True, as_of=at(21)))
+    again = _seen("dotdigital", False, 40, offset=timedelta(seconds=15),
+                  uncertainty=timedelta(seconds=15), clock_epoch=UNKNOWN_EPOCH)
+    assert not ask_if_decided(opted_in=False, clock_epoch=UNKNOWN_EPOCH)
+    after, outcomes = _one_key(state, again, decided=frozenset({again}))
+    assert outcomes != [Outcome.DUPLICATE]
+    assert after.known.dotdigital == Known.of(again)
+
+
+def test_only_opt_ins_placed_across_epochs_are_asked_about() -> None:
+    assert [(opted_in, epoch) for opted_in, epoch in product((True, False), (0, 3, UNKNOWN_EPOCH))
+            if ask_if_decided(opted_in=opted_in, clock_epoch=epoch)] == [(True, UNKNOWN_EPOCH)]
 
 
 def _as_ints(part: Any) -> Any:

@@ -4,7 +4,9 @@ its neighbours; a batch given back after a failure past its commit is redelivere
 again as a duplicate, its writes going out with the same message ids; a batch asks the record
 directory nothing beyond its snapshot; a change parked for a suppressed contact and the
 contact's resubscription in one batch: the change is folded in, not dropped. A round of several
-shards' batches gives each its own outcome, and releases each shard's deferred writes."""
+shards' batches gives each its own outcome, and releases each shard's deferred writes. An
+opt-in read again after dotdigital's clock was put back, which a fold already decided, is not
+decided again: the register's value is not written once more."""
 
 from __future__ import annotations
 
@@ -16,7 +18,16 @@ from typing import Any
 
 import pytest
 
-from common.domain import ContactState, PreferenceKey
+from common.domain import (
+    ContactState,
+    HistoryEntry,
+    KeyState,
+    Known,
+    Observation,
+    PreferenceKey,
+    Register,
+)
+from common.domain.time_base import OffsetSample
 from common.messaging.abc import REASON, Delivery, Outgoing
 from common.messaging.amqp import QueueConsumer
 from common.messaging.envelope import ContactStatusChange, PreferenceChange
@@ -25,6 +36,7 @@ from common.messaging.publishing import envelopes_by_shard, read_markers
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import CHANGES_EXCHANGE, Topology, shard_of
 from common.store.directory import RecordRef
+from common.vendors.clock_skew import record_samples
 from services.reconciler.service import Reconciler
 from tests.unit.services.support import ACCOUNT, SHARDS, Bed, Failing, bed
 
@@ -335,3 +347,64 @@ async def test_a_change_parked_after_a_resubscription_in_its_batch_stays_parked(
         assert (parked.key.email, parked.opted_in, parked.change_id) == (EMAIL, False,
                                                                          "dyn:row:4")
         assert b.commands(WRITES) == []
+
+
+def dotdigital_change(opted_in: bool, *, stamp: datetime) -> list[Outgoing]:
+    """A change the ec-poller read, as it publishes it."""
+    return envelopes_by_shard(
+        account=ACCOUNT, source="dotdigital", type="preference-changes", shards=SHARDS,
+        changes=[PreferenceChange(email=EMAIL, preference_id=PREFERENCE, opted_in=opted_in,
+                                  origin_time=stamp,
+                                  change_id=f"ec:1:{PREFERENCE}:{stamp.isoformat()}")],
+        run_id=None, id_seed=f"feed:{stamp.isoformat()}")
+
+
+@pytest.mark.parametrize("decided_before", [True, False])
+async def test_an_opt_in_read_again_after_dotdigitals_clock_stepped_back_is_not_decided_again(
+        tmp_path: Path, decided_before: bool) -> None:
+    """dotdigital's clock ran 30 s ahead, then was put back at ``NOW``; a person's opt-in,
+    stamped by it 5 s before (``NOW`` + 25 s on its face), lost to a newer opt-out in Dynamics,
+    and our write of that opt-out is what dotdigital holds. The feed's overlap brings the
+    opt-in back: a stamp both epochs of the clock could have made, placed as their hull,
+    later than our write. Decided before, it is a duplicate; read for the first time, it is
+    taken for what dotdigital holds, and the opt-out is written again."""
+    key = PreferenceKey(account=ACCOUNT, email=EMAIL, preference_id=PREFERENCE)
+    opt_in_stamp = NOW + timedelta(seconds=25)
+    async with bed(tmp_path) as b:
+        ahead = [OffsetSample(at=NOW - timedelta(seconds=40 - i), low_s=29.9, high_s=30.1)
+                 for i in range(3)]
+        put_back = [OffsetSample(at=NOW + timedelta(seconds=i / 2), low_s=-0.1, high_s=0.1)
+                    for i in range(1, 4)]
+        clock = await record_samples(b.store, account=ACCOUNT, side="dotdigital",
+                                     samples=[*ahead, *put_back])
+        assert clock.estimate is not None and clock.estimate.earlier  # it stepped
+        opt_out = Observation(key=key, side="dynamics", opted_in=False,
+                              origin_time=NOW + timedelta(seconds=1), version=5,
+                              change_id="dyn:row:5")
+        ours = Known(opted_in=False, as_of=NOW + timedelta(seconds=2))
+        state = KeyState(key=key, register=Register.of(opt_out)).with_known(
+            "dynamics", Known.of(opt_out)).with_known("dotdigital", ours)
+        first_read = HistoryEntry(
+            account=ACCOUNT, email=EMAIL, preference_id=PREFERENCE, side="dotdigital",
+            opted_in=True, origin_time=opt_in_stamp,
+            change_id=f"ec:1:{PREFERENCE}:{opt_in_stamp.isoformat()}",
+            decision="tie_opt_in_lost", recorded_at=NOW - timedelta(seconds=4))
+        await b.store.save([(None, state, None)], history=[first_read] if decided_before else [])
+        await b.store.upsert_records(ACCOUNT, [
+            RecordRef(record_type="contact", record_id="rec-ann", email=EMAIL)])
+        await b.store.mark_eligible(ACCOUNT, ["rec-ann"])
+        b.consume(CHANGES, (await reconciler(b)).handle, service="reconciler")
+        await b.broker.publish_many(dotdigital_change(True, stamp=opt_in_stamp))
+        await b.drained(CHANGES)
+        after = (await b.store.load([key]))[key]
+        commands = b.commands(WRITES)
+        if decided_before:
+            assert after.known.dotdigital == ours
+            assert commands == []
+            assert [h.decision for h in await b.store.history(ACCOUNT, EMAIL)] == [
+                "tie_opt_in_lost"]
+        else:
+            assert after.known.dotdigital is not None and after.known.dotdigital.opted_in
+            assert [(c.side, c.opted_in) for c in commands] == [("dotdigital", False)]
+        assert after.register == state.register
+        assert b.dead_letters() == []

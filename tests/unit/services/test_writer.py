@@ -1,7 +1,8 @@
 """The dotdigital writer over the in-memory broker, against the dotdigital simulator over a real
 socket: commands are written and recorded before the ack; a malformed message is dead-lettered
 apart from the commands beside it; a batch that fails after its commit is redelivered and
-recognised as done (no second write)."""
+recognised as done (no second write); an opt-in the read before a write brings back after
+dotdigital's clock was put back, which a fold already decided, sends no write again."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,16 @@ import orjson
 import pytest
 
 from common import domain
-from common.domain import KeyState, Observation, PreferenceKey
+from common.domain import HistoryEntry, KeyState, Known, Observation, PreferenceKey, Register
 from common.domain.rows import command_row, key_tuple
+from common.domain.time_base import OffsetSample
 from common.messaging.abc import REASON, Outgoing
 from common.messaging.envelope import WriteCommand
 from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import WRITES_EXCHANGE, Topology
 from common.store.interface import StoreUnavailable
+from common.vendors.clock_skew import record_samples
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH
 from services.writer.dotdigital import DotdigitalSink
@@ -357,3 +360,62 @@ async def test_the_commit_loads_only_the_keys_the_read_brought(tmp_path: Path) -
         saved = (await s.bed.store.load([other]))[other]
         held = saved.known.dotdigital
         assert held is not None and held.opted_in
+
+
+@pytest.mark.parametrize("decided_before", [True, False])
+async def test_an_opt_in_read_again_after_the_clock_was_put_back_is_not_written_over_again(
+        tmp_path: Path, decided_before: bool) -> None:
+    """dotdigital's clock ran 30 s ahead when a person opted in there, and was put back just
+    after; a newer opt-out in Dynamics won, and the ledger holds our write of it as what
+    dotdigital holds. The writer's read before a write (of the command sent again) brings the
+    opt-in back, as a read begun before our write landed does: a stamp both epochs of the
+    clock could have made, placed as their hull, later than our write. Decided before, it
+    changes nothing and the command is needless; read for the first time, it is taken for
+    what dotdigital holds and the opt-out is written again. (The writer folds what it reads
+    by the reconciler's rules: rule 3 of common.domain.reconcile.)"""
+    async with scene(tmp_path) as s:
+        email = s.emails[0]
+        key = PreferenceKey(account=ACCOUNT, email=email, preference_id=s.preference)
+        await s.sim.clock(offset_s=30)
+        await s.client.update_contact_preferences(email, {s.preference: True})
+        read = await s.client.subscriptions(email)
+        await s.sim.clock()
+        stamp = read.by_preference()[s.preference].modified
+        made = stamp - timedelta(seconds=30)  # on our clock
+        ahead = [OffsetSample(at=made - timedelta(seconds=30 - i), low_s=29.9, high_s=30.1)
+                 for i in range(3)]
+        put_back = [OffsetSample(at=made + timedelta(milliseconds=10 * i), low_s=-0.1,
+                                 high_s=0.1) for i in range(1, 4)]
+        clock = await record_samples(s.bed.store, account=ACCOUNT, side="dotdigital",
+                                     samples=[*ahead, *put_back])
+        assert clock.estimate is not None and clock.estimate.earlier  # it stepped
+        opt_out = Observation(key=key, side="dynamics", opted_in=False,
+                              origin_time=made + timedelta(seconds=1), version=2,
+                              change_id=f"dyn:{email}:2")
+        ours = Known(opted_in=False, as_of=made + timedelta(seconds=2))
+        state = KeyState(key=key, register=Register.of(opt_out)).with_known(
+            "dynamics", Known.of(opt_out)).with_known("dotdigital", ours)
+        first_read = HistoryEntry(
+            account=ACCOUNT, email=email, preference_id=s.preference, side="dotdigital",
+            opted_in=True, origin_time=stamp,
+            change_id=f"ec:{read.contact.id}:{s.preference}:{stamp.isoformat()}",
+            decision="tie_opt_in_lost", recorded_at=made)
+        await s.bed.store.save([(None, state, None)],
+                               history=[first_read] if decided_before else [])
+        command = WriteCommand(email=email, preference_id=s.preference, side="dotdigital",
+                               opted_in=False, origin_time=opt_out.origin_time,
+                               origin_side="dynamics", change_id=opt_out.change_id)
+        before = await s.writes()
+        await s.bed.broker.publish_many(envelopes_by_shard(
+            account=ACCOUNT, source="reconciler", type="write-commands", changes=[command],
+            shards=SHARDS, run_id=None, id_seed="again", route="writes", side="dotdigital"))
+        consume(s, s.writer().handle)
+        await s.bed.drained(*s.queues())
+        if decided_before:
+            assert await s.writes() == before
+            assert (await s.state(email)).known.dotdigital == ours
+        else:
+            assert await s.writes() == before + 1
+            assert not await s.opted_in(email)
+        assert s.bed.dead_letters() == []
+
