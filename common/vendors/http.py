@@ -188,18 +188,23 @@ class VendorHttp:
         paced: bool = True,
         accept: Callable[[HttpResponse], bool] | None = None,
         errors: ErrorParser | None = None,
+        send_by: float | None = None,
     ) -> HttpResponse:
         """Send one logical request (retried as the policy says); return the final response.
 
         A response is returned when ``accept`` says so (by default any 2xx); any other becomes
         the vendor's typed error, built by ``errors`` (by default the client's parser).
         ``auth_headers`` is asked again on every attempt, so a retry picks up a renewed
-        credential.
+        credential. ``send_by`` (``time.monotonic()``): no attempt is sent after it; with the
+        call's own deadline, the earlier of the two is what a vendor pause or a retry may not
+        last past (it raises at once instead).
         """
         accepted = accept or _is_success
         parse = errors or self._errors
         pending_wait = 0.0
         deadline = None if self.deadline_s is None else time.monotonic() + self.deadline_s
+        if send_by is not None:
+            deadline = send_by if deadline is None else min(deadline, send_by)
 
         def throttled(wait: float) -> None:
             nonlocal pending_wait

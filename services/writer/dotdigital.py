@@ -22,6 +22,13 @@ time (:mod:`common.messaging.rounds`).
    outstanding in the register, so it goes out when the contact is resubscribed.
 5. A write that may have landed (a v3 import still unfinished at its deadline) leaves its
    window unknown: the retry reads dotdigital back before writing again.
+6. A write is sent within :data:`READ_FRESH_S` of the end of the read before it, or not at
+   all: a vendor pause (a 429's ``Retry-After``) or a retry that would send it later fails the
+   round at once, and the round, retried with backoff, reads again. dotdigital has no
+   conditional writes, so a change a person makes between the read and the write is
+   overwritten unseen: in a 429 storm a write waited out a minute after its read, and
+   overwrote an opt-in made meanwhile. (The request budget's own pacing is not bounded so:
+   at the Low tier a write may still wait for the budget's next minute.)
 """
 
 from __future__ import annotations
@@ -77,6 +84,9 @@ READ_WAIT_S = 60.0
 # after each look, up to READ_POLL_MAX_S.
 READ_POLL_S = 0.05
 READ_POLL_MAX_S = 1.0
+# A write is sent within this many seconds of the end of the read before it, or the round is
+# retried (rule 6).
+READ_FRESH_S = 5.0
 # dotdigital's answers for a write refused because the contact is suppressed: v2's error, v3's
 # (PATCH), and the import's failure code for a contact whose preferences were not applied (the
 # contact's status is read to confirm it).
@@ -102,6 +112,7 @@ class DotdigitalBatch:
         self._watermarks = watermarks
         self._outcome = outcome
         self._window_start: datetime | None = None
+        self._read_ended: float | None = None  # time.monotonic(), for rule 6
 
     async def read(self, *, states: Mapping[KeyTuple, StateRow], covered: set[PreferenceKey],
                    snapshot: BatchSnapshot) -> Preview | None:
@@ -113,6 +124,7 @@ class DotdigitalBatch:
         unknown = [k for k in self._commands if k not in covered
                    and preview.states.get(key_tuple(k), EMPTY_STATE).known[DOTDIGITAL] is None]
         await self._sink.read_contacts(unknown, self._outcome)
+        self._read_ended = time.monotonic()
         return preview
 
     def takes(self, key: PreferenceKey) -> bool:
@@ -125,7 +137,9 @@ class DotdigitalBatch:
                     contacts: Mapping[str, ContactState]) -> None:
         # read() ran for a non-empty batch: the window starts at dotdigital's time before it
         window_start = self._window_start if self._window_start is not None else started
-        await self._sink.write_dotdigital(todo, self._outcome, window_start, contacts)
+        send_by = None if self._read_ended is None else self._read_ended + READ_FRESH_S
+        await self._sink.write_dotdigital(todo, self._outcome, window_start, contacts,
+                                          send_by=send_by)
 
 
 class DotdigitalSink:
@@ -282,7 +296,10 @@ class DotdigitalSink:
 
     async def write_dotdigital(self, todo: Commands,
                                 outcome: WriteOutcome, window_start: datetime,
-                                contacts: Mapping[str, ContactState]) -> None:
+                                contacts: Mapping[str, ContactState], *,
+                                send_by: float | None = None) -> None:
+        """Write ``todo`` (rules 3-6); nothing is sent after ``send_by``
+        (``time.monotonic()``; rule 6)."""
         by_email: dict[str, dict[int, bool]] = defaultdict(dict)
         for key, command in todo.items():
             by_email[key.email][key.preference_id] = command.opted_in
@@ -297,7 +314,8 @@ class DotdigitalSink:
             if direct:
                 for email, preferences in by_email.items():
                     try:
-                        await self._client.update_contact_preferences(email, preferences)
+                        await self._client.update_contact_preferences(email, preferences,
+                                                                      send_by=send_by)
                     except VendorError as exc:
                         if exc.retryable:
                             raise
@@ -311,7 +329,8 @@ class DotdigitalSink:
                 submitted, poll = time.monotonic(), first_poll(self._expected_import_s)
                 report = await self._client.run_import(
                     [ImportContact(email=email, preferences=prefs)
-                     for email, prefs in to_import.items()], first_poll_s=poll)
+                     for email, prefs in to_import.items()], first_poll_s=poll,
+                    send_by=send_by)
                 self._expected_import_s = learned_duration(
                     self._expected_import_s, took_s=time.monotonic() - submitted,
                     first_poll_s=poll)

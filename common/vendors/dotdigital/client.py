@@ -253,10 +253,12 @@ class DotdigitalClient(VendorClient):
         idempotent: bool = True,
         accept: Callable[[HttpResponse], bool] | None = None,
         dated: bool = True,
+        send_by: float | None = None,
     ) -> HttpResponse:
         """``path`` is already encoded; ``endpoint`` is its route template (no emails or ids).
         ``dated``: the answer's ``Date`` header is kept as a clock reading for
-        ``time_before`` (server-time has a finer one of its own)."""
+        ``time_before`` (server-time has a finer one of its own). ``send_by``: see
+        :meth:`~common.vendors.http.VendorHttp.request`."""
         if self._read_only and method != "GET":
             raise WriteRefused(vendor=VENDOR, endpoint=endpoint)
         url = self._base + path
@@ -273,7 +275,8 @@ class DotdigitalClient(VendorClient):
 
         response = await self._http.request(method, encoded_url(url), endpoint=endpoint,
                                             headers=headers, auth_headers=authorization,
-                                            body=payload, idempotent=idempotent, accept=accept)
+                                            body=payload, idempotent=idempotent, accept=accept,
+                                            send_by=send_by)
         moment = http_date(response.headers.get("Date")) if dated else None
         if moment is not None and response.sent_at:
             self._answers.append(ClockReading(vendor_time=moment, resolution_s=1.0,
@@ -283,9 +286,9 @@ class DotdigitalClient(VendorClient):
 
     async def _json(self, method: str, path: str, *, endpoint: str,
                     params: Mapping[str, str | int] | None = None, body: Any = None,
-                    idempotent: bool = True) -> Any:
+                    idempotent: bool = True, send_by: float | None = None) -> Any:
         response = await self._call(method, path, endpoint=endpoint, params=params, body=body,
-                                    idempotent=idempotent)
+                                    idempotent=idempotent, send_by=send_by)
         return decode_json(response)
 
     @staticmethod
@@ -444,8 +447,11 @@ class DotdigitalClient(VendorClient):
             await self.preferences()
         return self._tree_parents
 
-    async def update_contact_preferences(self, email: str, changes: Mapping[int, bool]) -> None:
-        """Opt the contact in or out of the given preferences; others stay as they are.
+    async def update_contact_preferences(self, email: str, changes: Mapping[int, bool], *,
+                                         send_by: float | None = None) -> None:
+        """Opt the contact in or out of the given preferences; others stay as they are;
+        never sent after ``send_by`` (``time.monotonic()``; a pause past it raises
+        :class:`~common.vendors.base.ThrottledError` at once).
 
         Sent as ``PUT /v2/contacts/{email}/preferences`` in the documented shape: preferences
         inside a category go in that category's ``preferences`` list, top-level ones as items
@@ -467,7 +473,8 @@ class DotdigitalClient(VendorClient):
         body = [{"id": cid, "isPreference": False, "preferences": items}
                 for cid, items in categories.items()] + top
         await self._call("PUT", f"/v2/contacts/{_segment(email)}/preferences",
-                         endpoint="PUT /v2/contacts/{email}/preferences", body=body)
+                         endpoint="PUT /v2/contacts/{email}/preferences", body=body,
+                         send_by=send_by)
 
     async def iter_opt_ins_since(self, preference_id: int, since: datetime, *,
                                  min_contact_id: int = 0, emails: Container[str] | None = None,
@@ -650,9 +657,10 @@ class DotdigitalClient(VendorClient):
             params["marker"] = str(marker)
 
     async def start_import(self, contacts: Sequence[ImportContact], *,
-                           merge_option: str = "overwrite") -> str:
+                           merge_option: str = "overwrite", send_by: float | None = None) -> str:
         """Submit a v3 import; returns its id. Waits and retries while the account has too
-        many active imports (429 ``contacts:tooManyActiveImports``)."""
+        many active imports (429 ``contacts:tooManyActiveImports``), but never sends it after
+        ``send_by`` (``time.monotonic()``)."""
         if not contacts:
             raise ValueError("an import needs at least one contact")
         if merge_option not in _MERGE_OPTIONS:
@@ -660,7 +668,7 @@ class DotdigitalClient(VendorClient):
         body = {"mergeOption": _MERGE_OPTIONS[merge_option],
                 "contacts": [c.to_wire() for c in contacts]}
         data = await self._json("PUT", "/contacts/v3/import", endpoint="PUT /contacts/v3/import",
-                                body=body)
+                                body=body, send_by=send_by)
         import_id = data.get("importId") if isinstance(data, dict) else None
         if not isinstance(import_id, str) or not import_id:
             raise VendorError(vendor=VENDOR, status=202, code="",
@@ -674,15 +682,17 @@ class DotdigitalClient(VendorClient):
 
     async def run_import(self, contacts: Sequence[ImportContact], *,
                          merge_option: str = "overwrite", first_poll_s: float = 0.5,
-                         max_poll_s: float = 30.0, timeout_s: float | None = None
-                         ) -> ImportReport:
-        """Submit an import and poll (backing off from ``first_poll_s`` to ``max_poll_s``)
-        until it finishes. Raises :class:`ImportFailed` for a failed status, and
-        :class:`ImportUnfinished` once ``timeout_s`` (by default the account's
-        ``import_deadline_s``) has passed since the call began."""
+                         max_poll_s: float = 30.0, timeout_s: float | None = None,
+                         send_by: float | None = None) -> ImportReport:
+        """Submit an import (never after ``send_by``, see :meth:`start_import`) and poll
+        (backing off from ``first_poll_s`` to ``max_poll_s``) until it finishes. Raises
+        :class:`ImportFailed` for a failed status, and :class:`ImportUnfinished` once
+        ``timeout_s`` (by default the account's ``import_deadline_s``) has passed since the
+        call began."""
         limit = self._config.import_deadline_s if timeout_s is None else timeout_s
         started = time.monotonic()
-        import_id = await self.start_import(contacts, merge_option=merge_option)
+        import_id = await self.start_import(contacts, merge_option=merge_option,
+                                            send_by=send_by)
         delay = first_poll_s
         try:
             async with asyncio.timeout(max(0.0, limit - (time.monotonic() - started))):

@@ -2,11 +2,13 @@
 socket: commands are written and recorded before the ack; a malformed message is dead-lettered
 apart from the commands beside it; a batch that fails after its commit is redelivered and
 recognised as done (no second write); an opt-in the read before a write brings back after
-dotdigital's clock was put back, which a fold already decided, sends no write again."""
+dotdigital's clock was put back, which a fold already decided, sends no write again; a write
+that would wait out a vendor pause past its read's freshness is not sent."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,10 +29,11 @@ from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import WRITES_EXCHANGE, Topology
 from common.store.interface import StoreUnavailable
+from common.vendors.base import ThrottledError
 from common.vendors.clock_skew import record_samples
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH
-from services.writer.dotdigital import DotdigitalSink
+from services.writer.dotdigital import READ_FRESH_S, DotdigitalSink
 from services.writer.pipeline import Writer
 from services.writer.sink import WriteOutcome
 from tests.unit.services.support import ACCOUNT, SHARDS, Bed, Failing, bed
@@ -419,3 +422,32 @@ async def test_an_opt_in_read_again_after_the_clock_was_put_back_is_not_written_
             assert not await s.opted_in(email)
         assert s.bed.dead_letters() == []
 
+
+@pytest.mark.parametrize("plan", ["put", "import"])
+async def test_a_write_that_would_wait_out_a_pause_past_its_reads_freshness_is_not_sent(
+        tmp_path: Path, plan: str) -> None:
+    """Rule 6 of services.writer.dotdigital: dotdigital asked the client to pause (a 429's
+    Retry-After) for longer than the read before the write stays fresh; the write is not
+    sent after the pause but fails at once, retryable, so the round reads again first."""
+    async with scene(tmp_path) as s:
+        await s.registers(opted_in=False)
+        sink = DotdigitalSink(account=ACCOUNT, store=s.bed.store, client=s.client,
+                              shards=SHARDS)
+        emails = s.emails if plan == "import" else s.emails[:1]
+        todo = {PreferenceKey(account=ACCOUNT, email=e, preference_id=s.preference):
+                domain.WriteCommand(key=PreferenceKey(account=ACCOUNT, email=e,
+                                                      preference_id=s.preference),
+                                    side="dotdigital", opted_in=False,
+                                    origin_time=datetime.now(UTC), origin_side="dynamics",
+                                    change_id=f"dyn:{e}:1")
+                for e in emails}
+        await s.client.preferences()  # the tree at hand: one contact is a PUT, three an import
+        s.client.pacer.pause_for(60)  # inside the call's own deadline, past the freshness
+        before = (await s.sim.stats())["writes_applied"]
+        started = time.monotonic()
+        with pytest.raises(ThrottledError) as raised:
+            await sink.write_dotdigital(todo, WriteOutcome(), datetime.now(UTC), {},
+                                        send_by=time.monotonic() + READ_FRESH_S)
+        assert raised.value.retryable
+        assert time.monotonic() - started < READ_FRESH_S  # not waited out
+        assert (await s.sim.stats())["writes_applied"] == before
