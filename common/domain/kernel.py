@@ -283,7 +283,8 @@ def reconcile_row(state: StateRow, row: ObservationRow[Any], *, decided: bool = 
         if register is not None and register[0] != opted_in:
             vendor = origin if bounded is None else bounded
             as_of = vendor if held is None else max(held[1], vendor)
-            after_known = _with(known, side, (opted_in, as_of, None, None, offset))
+            after_known = _with(known, side, (opted_in, as_of, None if held is None else held[2],
+                                              None, offset))
     else:
         seen = _known_of(row)
         records = writes[side]

@@ -70,12 +70,13 @@ def begin_write_row(state: StateRow, command: CommandRow, *, window_start_us: in
 
 def record_write_row(state: StateRow, command: CommandRow, *, produced_version: int | None,
                      window_start_us: int, window_end_us: int, written_at_us: int,
-                     offset_us: int = 0) -> StateRow:
+                     offset_us: int = 0, read_before_us: int | None = None) -> StateRow:
     """:func:`common.domain.writes.record_write`: a successful write of ``command`` recorded,
     closing its in-flight record (whose earlier start the record's window keeps), what the side
     is known to hold moved to the write as of this attempt's start (or, when the other value
-    was read inside the window and the register follows it, taken to be the write's), then the
-    side's records pruned.
+    was read inside the window and the register follows it, taken to be the write's; or when
+    it is the change read just before the write, ``read_before_us``), then the side's records
+    pruned.
 
     Raises ``ValueError`` when ``window_end_us`` is before ``window_start_us``.
     """
@@ -96,7 +97,8 @@ def record_write_row(state: StateRow, command: CommandRow, *, produced_version: 
     if side == DOTDIGITAL or produced_version is not None:
         wrote: KnownRow = (opted_in, window_start_us, produced_version, None, offset_us)
         read = known[side]
-        if _is_newer(wrote, read):
+        if _is_newer(wrote, read) or (read is not None and read_before_us is not None
+                                      and read[3] is None and read[1] == read_before_us):
             known = _with(known, side, wrote)
         elif (read is not None and produced_version is None and read[0] != opted_in
               and not _is_newer(read, (read[0], window_end_us, None, None, offset_us))

@@ -21,8 +21,10 @@ Rules, in order:
 4. A carried value (an email change's, see :class:`Observation`) goes straight to rule 6 and
    leaves what the side is known to hold as it was. A joined record's value (a record took the
    email) never moves the register: when it differs from the register, the side is known to
-   hold it (as of the email change), so the register's value is written to that record
-   (``joined``); otherwise nothing changes.
+   hold it (as of the email change, and of the row version known before it: our write to the
+   record, whose row version comes later, is then known to land after it, however the clock
+   that stamped the email change is placed), so the register's value is written to that
+   record (``joined``); otherwise nothing changes.
 5. Otherwise it is a user change (what the side is known to hold moves forward if it is newer
    for that side) — unless it is an opt-in the write ledger can no longer classify: at or before
    the horizon of pruned write records of its side (e.g. a replayed old message), it might be
@@ -212,8 +214,9 @@ def reconcile(state: KeyState | None, observation: Observation, *,
         outcome = Outcome.JOINED
         if register is not None and register.opted_in != observation.opted_in:
             as_of = seen.as_of if known is None else max(known.as_of, seen.as_of)
-            knowledge = knowledge.with_(side, Known(opted_in=observation.opted_in, as_of=as_of,
-                                                    offset=observation.offset))
+            knowledge = knowledge.with_(side, Known(
+                opted_in=observation.opted_in, as_of=as_of,
+                version=None if known is None else known.version, offset=observation.offset))
     elif is_echo(before, observation):
         outcome = Outcome.ECHO
         if seen.is_newer_than(known):

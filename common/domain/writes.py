@@ -180,7 +180,7 @@ def begin_write(state: KeyState, command: WriteCommand, *, window_start: datetim
 
 def record_write(state: KeyState, command: WriteCommand, *, produced_version: int | None,
                  window_start: datetime, window_end: datetime, written_at: datetime,
-                 offset: timedelta = ZERO) -> KeyState:
+                 offset: timedelta = ZERO, read_before: datetime | None = None) -> KeyState:
     """Record a successful write of ``command`` (closing its in-flight record, if any).
 
     ``produced_version`` is Dataverse's new ``versionnumber`` (``None`` for dotdigital);
@@ -194,7 +194,12 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
     the order). With the same value, it keeps precedence. With the other value, the side is
     taken to hold whichever of the two the register does not, so a correction goes out —
     redundant at worst, never a stale value of ours left in place. A Dataverse write confirmed
-    without its new version leaves what the row holds to be learnt from its echo.
+    without its new version leaves what the row holds to be learnt from its echo. What the
+    writer read just before sending the write is older than it, whatever the clocks say
+    (``read_before``: the newest stamp that read returned for the key): when the side is known
+    to hold exactly that change, the write replaces it. (After a vendor's clock stepped back,
+    that change's stamp may lie past the write's window on the clock as it is now; kept as
+    what the side holds, it would send the write again on every batch.)
     """
     window_start, window_end = as_utc(window_start), as_utc(window_end)
     if window_end < window_start:
@@ -218,7 +223,9 @@ def record_write(state: KeyState, command: WriteCommand, *, produced_version: in
         wrote = Known(opted_in=command.opted_in, as_of=window_start, version=produced_version,
                       offset=offset)
         read = state.known.get(side)
-        if wrote.is_newer_than(read):
+        if wrote.is_newer_than(read) or (
+                read is not None and read_before is not None and read.stamp is None
+                and read.as_of == as_utc(read_before)):
             state = state.with_known(side, wrote)
         elif (read is not None and produced_version is None and read.opted_in != wrote.opted_in
               and not read.is_newer_than(Known(opted_in=read.opted_in, as_of=window_end,

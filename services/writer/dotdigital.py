@@ -23,12 +23,14 @@ time (:mod:`common.messaging.rounds`).
 5. A write that may have landed (a v3 import still unfinished at its deadline) leaves its
    window unknown: the retry reads dotdigital back before writing again.
 6. A write is sent within :data:`READ_FRESH_S` of the end of the read before it, or not at
-   all: a vendor pause (a 429's ``Retry-After``) or a retry that would send it later fails the
-   round at once, and the round, retried with backoff, reads again. dotdigital has no
-   conditional writes, so a change a person makes between the read and the write is
-   overwritten unseen: in a 429 storm a write waited out a minute after its read, and
-   overwrote an opt-in made meanwhile. (The request budget's own pacing is not bounded so:
-   at the Low tier a write may still wait for the budget's next minute.)
+   all: a vendor pause (a 429's ``Retry-After``) or a retry that would send it later is not
+   waited out. dotdigital has no conditional writes, so a change a person makes between the
+   read and the write is overwritten unseen: in a 429 storm a write waited out a minute after
+   its read, and overwrote an opt-in made meanwhile. A write throttled so (or refused with a
+   429) surely did not happen: what the round did send is recorded, the rest's records go
+   (left in flight, they would take a person's change of the same value for their echo), and
+   the round is retried with backoff, from its read. (The request budget's own pacing is not
+   bounded so: at the Low tier a write may still wait for the budget's next minute.)
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from common.messaging.resilience import Dependency
 from common.messaging.topology import shard_of
 from common.store.batch_reads import BatchReads, BatchSnapshot
 from common.store.checkpoints import reconciler_read_mark
-from common.vendors.base import TransportError, VendorError
+from common.vendors.base import ThrottledError, TransportError, VendorError
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import FeedFollower, FeedPosition, opt_ins_source
 from common.vendors.dotdigital.models import ImportContact
@@ -305,6 +307,9 @@ class DotdigitalSink:
             by_email[key.email][key.preference_id] = command.opted_in
         write = self._feed.writing(started=window_start, values=by_email)
         refused: dict[str, Failure] = {}
+        # throttled (a 429, or a pause past ``send_by``): surely not applied, so not in flight
+        unsent: set[str] = set()
+        throttled: ThrottledError | None = None
         began = time.time()
         try:
             plan = choose_plan(len(by_email), expected_import_s=self._expected_import_s,
@@ -313,9 +318,15 @@ class DotdigitalSink:
             to_import = {} if direct else dict(by_email)
             if direct:
                 for email, preferences in by_email.items():
+                    if throttled is not None:
+                        unsent.add(email)
+                        continue
                     try:
                         await self._client.update_contact_preferences(email, preferences,
                                                                       send_by=send_by)
+                    except ThrottledError as exc:
+                        throttled = exc
+                        unsent.add(email)
                     except VendorError as exc:
                         if exc.retryable:
                             raise
@@ -325,27 +336,43 @@ class DotdigitalSink:
                             to_import[email] = preferences
                         else:
                             refused[email] = Failure(reason=exc.message, code=exc.code)
-            if to_import:
+            if to_import and throttled is not None:
+                unsent.update(to_import)
+            elif to_import:
                 submitted, poll = time.monotonic(), first_poll(self._expected_import_s)
-                report = await self._client.run_import(
-                    [ImportContact(email=email, preferences=prefs)
-                     for email, prefs in to_import.items()], first_poll_s=poll,
-                    send_by=send_by)
-                self._expected_import_s = learned_duration(
-                    self._expected_import_s, took_s=time.monotonic() - submitted,
-                    first_poll_s=poll)
-                for failure in report.failures:
-                    if failure.email:
-                        refused[failure.email.strip().lower()] = Failure(
-                            reason="; ".join(failure.descriptions) or "import failure",
-                            code=",".join(failure.codes))
-            # from the write's own answers: whatever it did is stamped before this
-            window_end = await self._client.time_after(began)
+                try:
+                    import_id = await self._client.start_import(
+                        [ImportContact(email=email, preferences=prefs)
+                         for email, prefs in to_import.items()], send_by=send_by)
+                except ThrottledError as exc:
+                    throttled = exc
+                    unsent.update(to_import)
+                else:
+                    report = await self._client.import_report(import_id, started=submitted,
+                                                              first_poll_s=poll)
+                    self._expected_import_s = learned_duration(
+                        self._expected_import_s, took_s=time.monotonic() - submitted,
+                        first_poll_s=poll)
+                    for failure in report.failures:
+                        if failure.email:
+                            refused[failure.email.strip().lower()] = Failure(
+                                reason="; ".join(failure.descriptions) or "import failure",
+                                code=",".join(failure.codes))
+            # from the write's own answers: whatever it did is stamped before this (nothing
+            # sent: no window, and no call to the paused client for one)
+            window_end = (await self._client.time_after(began) if len(unsent) < len(by_email)
+                          else window_start)
         except BaseException:
             self._feed.forget(write)  # what it wrote, if anything, is read back as unknown
             raise
-        # a refused contact's values were not written: never take its changes for our echo
-        write.values = {e: v for e, v in by_email.items() if e not in refused}
+        if throttled is not None:
+            # what was sent is recorded; the rest is not in flight, and the round is retried
+            # (after a pause) from its read
+            outcome.transient = (f"dotdigital throttled a write ({throttled.code or 429}); "
+                                 f"{len(unsent)} of {len(by_email)} contacts not sent")
+        # a refused or unsent contact's values were not written: never take its changes for
+        # our echo
+        write.values = {e: v for e, v in by_email.items() if e not in refused and e not in unsent}
         self._feed.written(write, ended=window_end)
         suppressed = await self._suppressions(refused, contacts, as_of=window_start,
                                               outcome=outcome)
@@ -358,6 +385,8 @@ class DotdigitalSink:
                     observation.key not in read or read[observation.key] < moment):
                 read[observation.key] = moment
         for key in todo:
+            if key.email in unsent:
+                continue  # surely not written: its record goes (outcome.transient)
             if key.email in suppressed:
                 outcome.suppressed.add(key)
             elif key.email in refused:
@@ -365,6 +394,8 @@ class DotdigitalSink:
             else:
                 outcome.written[key].append((None, domain.start_after_read(
                     window_start, read=read.get(key), window_end=window_end), window_end))
+                if key in read:
+                    outcome.read_before[key] = read[key]
 
     async def _suppressions(self, refused: Mapping[str, Failure],
                             contacts: Mapping[str, ContactState], *, as_of: datetime,

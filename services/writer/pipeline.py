@@ -422,11 +422,14 @@ class Writer:
                 state = fold.states.get(k, EMPTY_STATE)
                 written = outcome.written.get(key)
                 if written is not None:
+                    read_before = outcome.read_before.get(key)
+                    read_before_us = None if read_before is None else to_us(read_before)
                     for version, start, end in written:
                         state = record_write_row(
                             state, row, produced_version=version,
                             window_start_us=us_of(start), window_end_us=us_of(end),
-                            written_at_us=now_us, offset_us=offset_us)
+                            written_at_us=now_us, offset_us=offset_us,
+                            read_before_us=read_before_us)
                     entries.append((command, "written"))
                 elif (key in outcome.failed or key in outcome.retry or key in outcome.suppressed
                       or key in outcome.unwritable or outcome.transient):

@@ -50,6 +50,9 @@ class WriteOutcome:
     # of them, from the first, the ledger has been asked about
     decided: set[ObservationRow[KeyTuple]] = field(default_factory=set)
     asked: int = 0
+    # each written key's newest stamp the read before the write returned: that change is
+    # older than the write (common.domain.writes.record_write, ``read_before``)
+    read_before: dict[PreferenceKey, datetime] = field(default_factory=dict)
     # keys whose row changed under us (412): re-read, folded in, and the write re-issued
     retry: set[PreferenceKey] = field(default_factory=set)
     # a part failed with a 5xx or 429: record what did succeed, then redeliver the batch

@@ -684,15 +684,22 @@ class DotdigitalClient(VendorClient):
                          merge_option: str = "overwrite", first_poll_s: float = 0.5,
                          max_poll_s: float = 30.0, timeout_s: float | None = None,
                          send_by: float | None = None) -> ImportReport:
-        """Submit an import (never after ``send_by``, see :meth:`start_import`) and poll
-        (backing off from ``first_poll_s`` to ``max_poll_s``) until it finishes. Raises
-        :class:`ImportFailed` for a failed status, and :class:`ImportUnfinished` once
-        ``timeout_s`` (by default the account's ``import_deadline_s``) has passed since the
-        call began."""
-        limit = self._config.import_deadline_s if timeout_s is None else timeout_s
+        """Submit an import (never after ``send_by``, see :meth:`start_import`) and poll it
+        until it finishes (:meth:`import_report`)."""
         started = time.monotonic()
         import_id = await self.start_import(contacts, merge_option=merge_option,
                                             send_by=send_by)
+        return await self.import_report(import_id, started=started, first_poll_s=first_poll_s,
+                                        max_poll_s=max_poll_s, timeout_s=timeout_s)
+
+    async def import_report(self, import_id: str, *, started: float, first_poll_s: float = 0.5,
+                            max_poll_s: float = 30.0, timeout_s: float | None = None
+                            ) -> ImportReport:
+        """Poll an import submitted at ``started`` (``time.monotonic()``), backing off from
+        ``first_poll_s`` to ``max_poll_s``, until it finishes. Raises :class:`ImportFailed` for
+        a failed status, and :class:`ImportUnfinished` once ``timeout_s`` (by default the
+        account's ``import_deadline_s``) has passed since it was submitted."""
+        limit = self._config.import_deadline_s if timeout_s is None else timeout_s
         delay = first_poll_s
         try:
             async with asyncio.timeout(max(0.0, limit - (time.monotonic() - started))):

@@ -123,6 +123,7 @@ class Write:
     window_end: datetime
     written_at: datetime
     offset: timedelta
+    read_before: datetime | None = None
 
 
 @st.composite
@@ -150,8 +151,12 @@ def writes(draw: st.DrawFn) -> Write:
         offset = known.offset if draw(booleans) else offset
         if state.register is not None and draw(booleans):
             state = replace(state, register=replace(state.register, opted_in=known.opted_in))
+    # what the read before the write returned: none, the change known (the subtle case), or
+    # another stamp
+    read_before = draw(st.sampled_from([None, None if known is None else known.as_of, start]))
     return Write(state=state, command=command, produced_version=produced_version,
-                 window_start=start, window_end=end, written_at=draw(moments), offset=offset)
+                 window_start=start, window_end=end, written_at=draw(moments), offset=offset,
+                 read_before=read_before)
 
 
 def _recorded_as_rows(write: Write, row: StateRow) -> StateRow:
@@ -160,13 +165,16 @@ def _recorded_as_rows(write: Write, row: StateRow) -> StateRow:
                             window_start_us=to_us(write.window_start),
                             window_end_us=to_us(write.window_end),
                             written_at_us=to_us(write.written_at),
-                            offset_us=duration_us(write.offset))
+                            offset_us=duration_us(write.offset),
+                            read_before_us=(None if write.read_before is None
+                                            else to_us(write.read_before)))
 
 
 def _recorded(write: Write, state: KeyState) -> KeyState:
     return record_write(state, write.command, produced_version=write.produced_version,
                         window_start=write.window_start, window_end=write.window_end,
-                        written_at=write.written_at, offset=write.offset)
+                        written_at=write.written_at, offset=write.offset,
+                        read_before=write.read_before)
 
 
 def _knowledge_event(write: Write, after: KeyState) -> str:
@@ -180,6 +188,9 @@ def _knowledge_event(write: Write, after: KeyState) -> str:
                   version=write.produced_version, offset=write.offset)
     if wrote.is_newer_than(read):
         return "our write is newer: known moves to it"
+    if (read is not None and read.stamp is None and read.as_of == write.read_before
+            and after.known.get(side) == wrote):
+        return "the change read before the write: known moves to it"
     if after.known.get(side) != read:
         return "the other value read inside the window: taken to hold our write"
     return "the read is newer: known kept"

@@ -21,10 +21,12 @@ from common.domain import (
     Verdict,
     in_time_base,
     order,
+    outstanding,
     reconcile,
     record_write,
     settle,
     span,
+    start_after_read,
     whole_second,
 )
 from common.domain.clock import UNKNOWN_EPOCH
@@ -384,6 +386,67 @@ def test_a_record_that_took_the_email_before_a_step_back_is_written_after_it() -
     assert again.state.known.dynamics is not None
     assert again.state.known.dynamics.opted_in is False
     assert "dynamics" in [c.side for c in again.commands]
+
+
+def test_our_write_to_a_record_that_took_the_email_before_a_step_back_is_known_to_land() -> None:
+    # Dataverse's clock steps back 30 s at 60. The email's contact opted out at 39 (row version
+    # 74); a lead holding an opt-in took the email at 51, read after the step (its stamp one the
+    # clock read twice: placed as the hull of both epochs, about 66 on our clock). The writer,
+    # its clock not yet measured again, writes the lead the opt-out: its window on Dataverse's
+    # clock starts at 40 (70 on ours), its new row version 80. The write came after the lead's
+    # row was read, and its version says so: Dynamics is known to hold the opt-out, and no
+    # write to it is outstanding. (A full chaos run left such a key outstanding, the write sent
+    # again by the sweep: ordered by time, the write's 40 was older than the hull's middle.)
+    estimate = _stepped(0.0, -30.0, step_s=60).estimate
+    contact_row = in_time_base(obs("dynamics", False, 39, version=74), estimate=estimate,
+                               read_at=at(45), tolerance=TOLERANCE)
+    lead = in_time_base(replace(obs("dynamics", True, 51), version=None, joined=True),
+                        estimate=estimate, read_at=at(67), tolerance=TOLERANCE)
+    assert lead.clock_epoch == UNKNOWN_EPOCH
+    joined = reconcile(reconcile(None, contact_row).state, lead)
+    assert joined.outcome is Outcome.JOINED
+    [command] = [c for c in joined.commands if c.side == "dynamics"]
+    assert command.opted_in is False
+    written = record_write(joined.state, command, produced_version=80, window_start=at(40),
+                           window_end=at(41), written_at=at(70))
+    assert written.known.dynamics is not None and written.known.dynamics.opted_in is False
+    assert "dynamics" not in [c.side for c in outstanding(written)]
+
+
+@pytest.mark.parametrize("read_before", [True, False])
+def test_our_write_after_a_change_read_across_a_step_back_is_known_to_land_after_it(
+        read_before: bool) -> None:
+    # dotdigital's clock ran 30 s ahead and was put back at 60. A person's opt-in it stamped
+    # 88 (made at 58) is read at 61: a stamp both epochs could have made, placed as their hull
+    # (73 on our clock). It lost to a Dynamics opt-out; the writer read the opt-in again just
+    # before writing the opt-out, in [61, 62] on the clock as it is now. The write came after
+    # that read: dotdigital is known to hold our opt-out, and its read back (stamped 61.5,
+    # placed as the hull too) changes nothing. Without that, the opt-in (at 73) stays newer than the
+    # write and every read back (at 46.5), and the opt-out is written on every batch (a full chaos
+    # run wrote one preference 131 times in 15 s).
+    estimate = _stepped(30.0, 0.0, step_s=60).estimate
+    register = in_time_base(obs("dynamics", False, 58, version=5), estimate=None,
+                            read_at=at(59), tolerance=TOLERANCE)
+    opt_in = in_time_base(obs("dotdigital", True, 88), estimate=estimate, read_at=at(61),
+                          tolerance=TOLERANCE)
+    assert opt_in.clock_epoch == UNKNOWN_EPOCH
+    s = reconcile(reconcile(None, register).state, opt_in).state
+    [command] = [c for c in settle(s)[1] if c.side == "dotdigital"]
+    assert command.opted_in is False
+    start = start_after_read(at(61), read=at(88), window_end=at(62))
+    written = record_write(s, command, produced_version=None, window_start=start,
+                           window_end=at(62), written_at=at(62),
+                           read_before=at(88) if read_before else None)
+    back = in_time_base(obs("dotdigital", False, 61.5), estimate=estimate, read_at=at(63),
+                        tolerance=TOLERANCE)
+    after = reconcile(written, back)
+    writes_to_dotdigital = [c for c in after.commands if c.side == "dotdigital"]
+    if read_before:
+        assert after.state.known.dotdigital is not None
+        assert after.state.known.dotdigital.opted_in is False
+        assert writes_to_dotdigital == []
+    else:
+        assert [c.opted_in for c in writes_to_dotdigital] == [False]  # the opt-out again
 
 
 def test_a_stamp_before_the_step_keeps_its_epochs_offset_when_read_after_it() -> None:

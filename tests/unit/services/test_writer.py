@@ -29,7 +29,6 @@ from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import WRITES_EXCHANGE, Topology
 from common.store.interface import StoreUnavailable
-from common.vendors.base import ThrottledError
 from common.vendors.clock_skew import record_samples
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH
@@ -428,7 +427,8 @@ async def test_a_write_that_would_wait_out_a_pause_past_its_reads_freshness_is_n
         tmp_path: Path, plan: str) -> None:
     """Rule 6 of services.writer.dotdigital: dotdigital asked the client to pause (a 429's
     Retry-After) for longer than the read before the write stays fresh; the write is not
-    sent after the pause but fails at once, retryable, so the round reads again first."""
+    sent after the pause: nothing is recorded as written (the round's records go, not left in
+    flight) and the round is to be retried, reading again first."""
     async with scene(tmp_path) as s:
         await s.registers(opted_in=False)
         sink = DotdigitalSink(account=ACCOUNT, store=s.bed.store, client=s.client,
@@ -445,9 +445,10 @@ async def test_a_write_that_would_wait_out_a_pause_past_its_reads_freshness_is_n
         s.client.pacer.pause_for(60)  # inside the call's own deadline, past the freshness
         before = (await s.sim.stats())["writes_applied"]
         started = time.monotonic()
-        with pytest.raises(ThrottledError) as raised:
-            await sink.write_dotdigital(todo, WriteOutcome(), datetime.now(UTC), {},
-                                        send_by=time.monotonic() + READ_FRESH_S)
-        assert raised.value.retryable
+        outcome = WriteOutcome()
+        await sink.write_dotdigital(todo, outcome, datetime.now(UTC), {},
+                                    send_by=time.monotonic() + READ_FRESH_S)
         assert time.monotonic() - started < READ_FRESH_S  # not waited out
+        assert outcome.transient is not None and "not sent" in outcome.transient
+        assert not outcome.written and not outcome.failed
         assert (await s.sim.stats())["writes_applied"] == before
