@@ -366,6 +366,20 @@ def test_an_opt_in_stamped_before_a_step_back_never_beats_a_later_opt_out_of_tha
         assert d.state.register is not None and d.state.register.opted_in is False
 
 
+def _contact_and_joined_lead(*, contact_opted_in: bool, contact_read_s: float
+                             ) -> tuple[ClockEstimate | None, Observation, Observation]:
+    """Dataverse's clock, stepped back 30 s at 60; the email's contact's row (stamped 39, row
+    version 74, read at ``contact_read_s``), and a lead holding the other value that took the
+    email at 51, read at 67 (after the step: a stamp the clock read twice)."""
+    estimate = _stepped(0.0, -30.0, step_s=60).estimate
+    contact_row = in_time_base(obs("dynamics", contact_opted_in, 39, version=74),
+                               estimate=estimate, read_at=at(contact_read_s), tolerance=TOLERANCE)
+    lead = in_time_base(replace(obs("dynamics", not contact_opted_in, 51), version=None,
+                                joined=True), estimate=estimate, read_at=at(67),
+                        tolerance=TOLERANCE)
+    return estimate, contact_row, lead
+
+
 def test_a_record_that_took_the_email_before_a_step_back_is_written_after_it() -> None:
     # Dataverse's clock steps back 30 s at 60. The email's contact opted in at 39 (row version
     # 74); a lead holding an opt-out took the email at 51. Both are read after the step, where
@@ -373,11 +387,8 @@ def test_a_record_that_took_the_email_before_a_step_back_is_written_after_it() -
     # order they are read in. (A full chaos run lost an opt-out when the lead's stamp alone was
     # placed by the clock as it was and the contact's row, read again, was ordered by the middle
     # of its doubtful placement: the contact's value was then taken as what Dynamics holds.)
-    estimate = _stepped(0.0, -30.0, step_s=60).estimate
-    contact_row = in_time_base(obs("dynamics", True, 39, version=74), estimate=estimate,
-                               read_at=at(67), tolerance=TOLERANCE)
-    lead = in_time_base(replace(obs("dynamics", False, 51), version=None, joined=True),
-                        estimate=estimate, read_at=at(67), tolerance=TOLERANCE)
+    estimate, contact_row, lead = _contact_and_joined_lead(contact_opted_in=True,
+                                                           contact_read_s=67)
     s = reconcile(None, contact_row).state
     s = reconcile(s, lead).state
     again = reconcile(s, in_time_base(obs("dynamics", True, 39, version=74), estimate=estimate,
@@ -397,11 +408,7 @@ def test_our_write_to_a_record_that_took_the_email_before_a_step_back_is_known_t
     # row was read, and its version says so: Dynamics is known to hold the opt-out, and no
     # write to it is outstanding. (A full chaos run left such a key outstanding, the write sent
     # again by the sweep: ordered by time, the write's 40 was older than the hull's middle.)
-    estimate = _stepped(0.0, -30.0, step_s=60).estimate
-    contact_row = in_time_base(obs("dynamics", False, 39, version=74), estimate=estimate,
-                               read_at=at(45), tolerance=TOLERANCE)
-    lead = in_time_base(replace(obs("dynamics", True, 51), version=None, joined=True),
-                        estimate=estimate, read_at=at(67), tolerance=TOLERANCE)
+    _, contact_row, lead = _contact_and_joined_lead(contact_opted_in=False, contact_read_s=45)
     assert lead.clock_epoch == UNKNOWN_EPOCH
     joined = reconcile(reconcile(None, contact_row).state, lead)
     assert joined.outcome is Outcome.JOINED
