@@ -680,18 +680,6 @@ class DotdigitalClient(VendorClient):
                                 endpoint="GET /contacts/v3/import/{importId}")
         return parse_import_report(data, import_id=import_id)
 
-    async def run_import(self, contacts: Sequence[ImportContact], *,
-                         merge_option: str = "overwrite", first_poll_s: float = 0.5,
-                         max_poll_s: float = 30.0, timeout_s: float | None = None,
-                         send_by: float | None = None) -> ImportReport:
-        """Submit an import (never after ``send_by``, see :meth:`start_import`) and poll it
-        until it finishes (:meth:`import_report`)."""
-        started = time.monotonic()
-        import_id = await self.start_import(contacts, merge_option=merge_option,
-                                            send_by=send_by)
-        return await self.import_report(import_id, started=started, first_poll_s=first_poll_s,
-                                        max_poll_s=max_poll_s, timeout_s=timeout_s)
-
     async def import_report(self, import_id: str, *, started: float, first_poll_s: float = 0.5,
                             max_poll_s: float = 30.0, timeout_s: float | None = None
                             ) -> ImportReport:

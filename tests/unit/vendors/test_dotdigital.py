@@ -258,12 +258,14 @@ async def test_import_lifecycle_reports_results_and_failures() -> None:
     async with account(records=2, preferences=2, sim_kwargs={"import_delay_s": 0.2}) as (
             client, _, seeded):
         first, second = seeded["preferences"][:2]
-        report = await client.run_import([
+        submitted = time.monotonic()
+        import_id = await client.start_import([
             ImportContact(email=seeded["emails"][0], preferences={first: False}),
             ImportContact(email="brand.new@example.com", preferences={first: True, second: True},
                           data_fields={"firstName": "Brand"}),
             ImportContact(email="not an email", preferences={first: True}),
-        ], first_poll_s=0.05)
+        ])
+        report = await client.import_report(import_id, started=submitted, first_poll_s=0.05)
         assert report.succeeded
         assert report.summary["newContacts"] == 1 and report.summary["updatedContacts"] == 1
         assert [f.codes for f in report.failures] == [("invalidEmail",)]
@@ -393,8 +395,9 @@ async def test_an_import_still_pending_at_its_deadline_is_a_transient_unknown() 
         began = time.monotonic()
         async with asyncio.timeout(30):
             with pytest.raises(ImportUnfinished) as caught:
-                await client.run_import([ImportContact(email=email, preferences={first: False})],
-                                        first_poll_s=0.05)
+                import_id = await client.start_import(
+                    [ImportContact(email=email, preferences={first: False})])
+                await client.import_report(import_id, started=began, first_poll_s=0.05)
         assert time.monotonic() - began < 5
         assert dependency_of(caught.value) == "dotdigital"
         assert caught.value.maybe_delivered  # it may land yet: the caller must read back
