@@ -44,6 +44,7 @@ from common.domain.writes import (
     record_write,
     start_after_read,
     write_window,
+    write_window_end,
     writer_should_apply,
 )
 
@@ -96,5 +97,6 @@ __all__ = [
     "start_after_read",
     "whole_second",
     "write_window",
+    "write_window_end",
     "writer_should_apply",
 ]

@@ -7,6 +7,7 @@ Rules, in order:
    ``echo``: it moves what the side is known to hold forward, never the register, which keeps
    the original change's time. So if a newer change happened on the other side while our write
    of an older value was in flight, that newer change still wins on both sides (no flip-flop).
+   (An opt-out's window is the narrower: :func:`common.domain.writes.write_window_end`.)
 3. An observation identical to what is already known for its side is a ``duplicate`` (a stamp
    beyond the future bound read again, at another time, included). So is an opt-in a fold has
    already decided (``decided``: the key's history holds its change, of its side, with its

@@ -77,6 +77,32 @@ def write_window(*, side: Side, start: datetime, end: datetime | None
     return _window_floor(start, side), (end if end is not None else start + IN_FLIGHT_LIMIT)
 
 
+def write_window_end(*, opted_in: bool, start: datetime, answered: datetime,
+                     received: datetime | None) -> datetime:
+    """Where the window of one of our dotdigital writes of ``opted_in`` ends: the last stamp of
+    that side's clock taken for its echo (``record_write``'s ``window_end``).
+
+    1. ``answered`` is sure, whatever the clocks did: a time the clock had not reached when it
+       answered the write (its answers' ``Date`` headers, whole seconds, so up to a second
+       after the write landed).
+    2. ``received`` is where our time base places the moment we received the last answer (its
+       measured offset and uncertainty; None when the clock is not measured): usually much
+       earlier, but only as right as the measurement (a step not measured yet misplaces it).
+    3. An opt-in's window ends at ``answered``: a person's opt-in in the slack is taken for our
+       echo, which never opts anyone in, and our own opt-in's echo is never missed (taken for a
+       person's, it could beat an opt-out the other side made before it landed: a stale
+       opt-in).
+    4. An opt-out's ends at the earlier of the two (never before ``start``): a person's opt-out
+       read after we received our answer is theirs. Taken for our echo it would never move the
+       register, and an opt-in the other side made just before it would be written over it: a
+       lost opt-out. Where the measurement is wrong, at worst our own opt-out's echo is taken
+       for a person's, and an opt-in the other side made while our write was on its way loses.
+    """
+    if opted_in or received is None or received >= answered:
+        return answered
+    return max(received, start)
+
+
 def find_echo(state: KeyState, observation: Observation) -> WriteRecord | None:
     """The write of ours that ``observation`` reads back, if any.
 

@@ -13,7 +13,9 @@ time (:mod:`common.messaging.rounds`).
 2. dotdigital's time is taken from the ``Date`` headers of the round's own answers, never from
    extra calls: the write's window starts at a time its clock had passed before the read
    began (``time_before``) and ends at one it had not reached when it answered the write
-   (``time_after``); the clock they tell is checked before what was read is placed.
+   (``time_after``); the clock they tell is checked before what was read is placed. An
+   opt-out's window ends earlier where the measured clock places the answer's receipt
+   (:func:`common.domain.write_window_end`).
 3. Then the plan that costs the fewest calls (:mod:`services.writer.plans`): a preferences PUT
    per contact, or one v3 import polled until done, inside that window of dotdigital's clock.
 4. A suppressed contact, known before the write or learnt from it (the vendor refuses the
@@ -40,7 +42,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from common import domain
@@ -362,6 +364,10 @@ class DotdigitalSink:
             # sent: no window, and no call to the paused client for one)
             window_end = (await self._client.time_after(began) if len(unsent) < len(by_email)
                           else window_start)
+            # an opt-out's window ends where our time base places now, if earlier (its rule 4)
+            opt_out_end = domain.write_window_end(
+                opted_in=False, start=window_start, answered=window_end,
+                received=self._received(outcome))
         except BaseException:
             self._feed.forget(write)  # what it wrote, if anything, is read back as unknown
             raise
@@ -373,7 +379,7 @@ class DotdigitalSink:
         # a refused or unsent contact's values were not written: never take its changes for
         # our echo
         write.values = {e: v for e, v in by_email.items() if e not in refused and e not in unsent}
-        self._feed.written(write, ended=window_end)
+        self._feed.written(write, ended=window_end, opt_out_ended=opt_out_end)
         suppressed = await self._suppressions(refused, contacts, as_of=window_start,
                                               outcome=outcome)
         # what this round read before writing (every observation so far): the write is later.
@@ -392,10 +398,19 @@ class DotdigitalSink:
             elif key.email in refused:
                 outcome.failed[key] = refused[key.email]
             else:
+                end = window_end if todo[key].opted_in else opt_out_end
                 outcome.written[key].append((None, domain.start_after_read(
-                    window_start, read=read.get(key), window_end=window_end), window_end))
+                    window_start, read=read.get(key), window_end=end), end))
                 if key in read:
                     outcome.read_before[key] = read[key]
+
+    @staticmethod
+    def _received(outcome: WriteOutcome) -> datetime | None:
+        """The latest dotdigital's clock may read now, by our time base; None when it is not
+        measured."""
+        if outcome.time_base.estimates.get("dotdigital") is None:
+            return None
+        return outcome.time_base.on_their_clock("dotdigital", datetime.now(UTC))[1]
 
     async def _suppressions(self, refused: Mapping[str, Failure],
                             contacts: Mapping[str, ContactState], *, as_of: datetime,

@@ -306,6 +306,8 @@ class Write:
     started: datetime
     values: Mapping[str, Mapping[int, bool]]
     ended: datetime | None = None
+    # an opt-out's window may end earlier (common.domain.write_window_end)
+    opt_out_ended: datetime | None = None
 
 
 class FeedFollower:
@@ -333,9 +335,12 @@ class FeedFollower:
         self._writes.append(write)
         return write
 
-    def written(self, write: Write, *, ended: datetime) -> None:
-        """The write finished (``ended``: dotdigital's time after it)."""
+    def written(self, write: Write, *, ended: datetime,
+                opt_out_ended: datetime | None = None) -> None:
+        """The write finished (``ended``: dotdigital's time after it; ``opt_out_ended``: where
+        its opt-outs' window ends, if earlier)."""
         write.ended = ended
+        write.opt_out_ended = opt_out_ended
 
     def forget(self, write: Write) -> None:
         """The write did not happen (it failed before dotdigital took it)."""
@@ -399,14 +404,16 @@ class FeedFollower:
         its window: :func:`~common.domain.in_write_window`), each write's window worked out
         once for the whole read."""
         windows = [(write.values, *write_window(side="dotdigital", start=write.started,
-                                                end=write.ended))
+                                                end=write.ended),
+                    write_window(side="dotdigital", start=write.started,
+                                 end=write.opt_out_ended or write.ended)[1])
                    for write in self._writes]
         nothing: Mapping[int, bool] = {}
 
         def ours(email: str, entry: Entry) -> bool:
             _, opted_in, modified = entry
-            for values, first, last in windows:
-                if first <= modified <= last and (
+            for values, first, last, opt_out_last in windows:
+                if first <= modified <= (last if opted_in else opt_out_last) and (
                         values.get(email, nothing).get(preference_id) == opted_in):
                     return True
             return False

@@ -25,6 +25,7 @@ from common.domain import (
     settle,
     start_after_read,
     write_window,
+    write_window_end,
     writer_should_apply,
 )
 from common.domain.sides import Side
@@ -355,3 +356,37 @@ def test_a_write_after_a_read_starts_just_after_the_change_it_read(
     elif read < end:
         assert got > read  # strictly after: known as newer than the change it overwrote
         assert Known(opted_in=False, as_of=got).is_newer_than(Known(opted_in=True, as_of=read))
+
+
+def test_a_persons_opt_out_read_after_our_answer_is_theirs_not_our_echo() -> None:
+    """Our opt-out write lands in dotdigital at 19.3 s; its answer's Date header says 19, so
+    the sure window reaches 20. The person opts in in Dynamics at 19, then out in dotdigital at
+    19.490. Taken for our echo, their opt-out would leave the register on the Dynamics opt-in,
+    written over it: a lost opt-out. Our time base places the answer's receipt at 19.35."""
+    s = reconcile(None, obs("dynamics", False, 0, version=1)).state
+    command = _command_to(s, "dotdigital")
+    answered, received = at(20), at(19.35)
+    for end, person_wins in ((answered, False), (write_window_end(
+            opted_in=False, start=at(19.1), answered=answered, received=received), True)):
+        w = record_write(s, command, produced_version=None, window_start=at(19.1),
+                         window_end=end, written_at=end)
+        w = reconcile(w, obs("dynamics", True, 19, version=2)).state   # the person opts in
+        d = reconcile(w, obs("dotdigital", False, 19.49))              # and out, over there
+        assert (d.outcome is Outcome.ECHO) is not person_wins
+        assert d.state.register is not None
+        assert d.state.register.opted_in is not person_wins, "the opt-out must win"
+
+
+@given(start_ms=st.integers(0, 10**6), answered_ms=st.integers(0, 2 * 10**6),
+       received_ms=st.one_of(st.none(), st.integers(-10**6, 3 * 10**6)), opted_in=st.booleans())
+def test_only_an_opt_outs_window_ends_where_our_time_base_places_the_answer(
+        start_ms: int, answered_ms: int, received_ms: int | None, opted_in: bool) -> None:
+    start = at(0) + timedelta(milliseconds=start_ms)
+    answered = start + timedelta(milliseconds=answered_ms)
+    received = None if received_ms is None else start + timedelta(milliseconds=received_ms)
+    end = write_window_end(opted_in=opted_in, start=start, answered=answered, received=received)
+    assert start <= end <= answered                     # never wider than the sure window
+    if opted_in or received is None:
+        assert end == answered                          # an opt-in's echo is never missed
+    else:
+        assert end == max(start, min(received, answered))

@@ -3,7 +3,8 @@ socket: commands are written and recorded before the ack; a malformed message is
 apart from the commands beside it; a batch that fails after its commit is redelivered and
 recognised as done (no second write); an opt-in the read before a write brings back after
 dotdigital's clock was put back, which a fold already decided, sends no write again; a write
-that would wait out a vendor pause past its read's freshness is not sent."""
+that would wait out a vendor pause past its read's freshness is not sent; an opt-out's window
+ends where the measured clock places the answer, an opt-in's at the answer's Date header."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import WRITES_EXCHANGE, Topology
 from common.store.interface import StoreUnavailable
-from common.vendors.clock_skew import record_samples
+from common.vendors.clock_skew import TimeBase, measure_clock, record_samples
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH
 from services.writer.dotdigital import READ_FRESH_S, DotdigitalSink
@@ -452,3 +453,40 @@ async def test_a_write_that_would_wait_out_a_pause_past_its_reads_freshness_is_n
         assert outcome.transient is not None and "not sent" in outcome.transient
         assert not outcome.written and not outcome.failed
         assert (await s.sim.stats())["writes_applied"] == before
+
+
+@pytest.mark.parametrize("measured", [True, False])
+async def test_an_opt_outs_window_ends_where_the_measured_clock_places_the_answer(
+        tmp_path: Path, measured: bool) -> None:
+    """common.domain.write_window_end: a round writes an opt-in and an opt-out to dotdigital.
+    The opt-in's window ends at the answers' Date header (whole seconds) and a second, as
+    sure as it gets; the opt-out's no later than where the measured clock placed the moment
+    the answer was received, so a person's opt-out just after it is not taken for our echo.
+    With the clock not measured, both end at the Date header."""
+    async with scene(tmp_path) as s:
+        sink = DotdigitalSink(account=ACCOUNT, store=s.bed.store, client=s.client,
+                              shards=SHARDS)
+        keys = {value: PreferenceKey(account=ACCOUNT, email=email, preference_id=s.preference)
+                for value, email in ((True, s.emails[0]), (False, s.emails[1]))}
+        todo = {key: domain.WriteCommand(key=key, side="dotdigital", opted_in=value,
+                                         origin_time=datetime.now(UTC),
+                                         origin_side="dynamics", change_id=f"dyn:{value}")
+                for value, key in keys.items()}
+        outcome = WriteOutcome()
+        if measured:
+            estimate = await measure_clock(s.bed.store, account=ACCOUNT, side="dotdigital",
+                                           client=s.client)
+            assert estimate is not None
+            outcome.time_base = TimeBase(estimates={"dotdigital": estimate})
+        await s.client.preferences()
+        start = await s.client.server_time()
+        await sink.write_dotdigital(todo, outcome, start, {})
+        placed_now = outcome.time_base.on_their_clock("dotdigital", datetime.now(UTC))[1]
+        (opt_in,), (opt_out,) = outcome.written[keys[True]], outcome.written[keys[False]]
+        answered = opt_in[2]
+        assert answered.microsecond == 0  # a Date header's whole second, and one more
+        assert start <= opt_out[2] <= answered
+        if measured:
+            assert opt_out[2] <= placed_now
+        else:
+            assert opt_out[2] == answered
