@@ -60,6 +60,9 @@ class VendorError(Exception):
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        # set by the retry policy: an earlier attempt of the same request may have been
+        # delivered (its connection was lost), so this answer does not say it had no effect
+        self.earlier_maybe_delivered = False
 
     @property
     def retryable(self) -> bool:
@@ -85,10 +88,11 @@ class ThrottledError(VendorError):
 
 
 class PausedPastDeadline(Exception):
-    """The client is paused (the vendor asked it to wait) beyond the call's deadline."""
+    """No call may go before the call's deadline: the client is paused (the vendor asked it to
+    wait), or the request budget has no call for it until then."""
 
     def __init__(self, wait_s: float) -> None:
-        super().__init__(f"paused for {wait_s:.1f} s more")
+        super().__init__(f"no call for {wait_s:.1f} s more")
         self.wait_s = wait_s
 
 
@@ -216,6 +220,9 @@ class RetryPolicy:
        it: the last error is raised at once (a 429 as :class:`ThrottledError`), so a message
        handler never holds its message for long (the broker takes a message back from a
        consumer that holds it past its ``consumer_timeout``); the work is retried later.
+    4. An error raised after an attempt that may have been delivered (its connection lost)
+       says so (``earlier_maybe_delivered``): a write refused at the retry may still have
+       landed at the attempt before.
     """
 
     attempts: int = 6
@@ -237,6 +244,7 @@ class RetryPolicy:
     ) -> T:
         failures = 0
         throttled = 0
+        maybe_delivered = False  # an attempt so far may have reached the vendor unanswered
 
         def past_deadline(wait: float) -> bool:
             return deadline is not None and time.monotonic() + wait > deadline
@@ -245,6 +253,7 @@ class RetryPolicy:
             try:
                 return await call()
             except VendorError as exc:
+                exc.earlier_maybe_delivered = exc.earlier_maybe_delivered or maybe_delivered
                 if exc.status == 429 and throttled < self.max_throttled_waits:
                     throttled += 1
                     wait = min(exc.retry_after if exc.retry_after is not None
@@ -264,6 +273,7 @@ class RetryPolicy:
             except TransportError as exc:
                 if (exc.maybe_delivered and not idempotent) or failures + 1 >= self.attempts:
                     raise
+                maybe_delivered = maybe_delivered or exc.maybe_delivered
                 delay = self.backoff(failures + 1)
                 if past_deadline(delay):
                     raise
@@ -311,6 +321,9 @@ class Pacer:
        process's. A client whose calls stop leaves at most one hold's worth of its recent
        calls unspent. A budget of a few calls a minute (a share under one token) is never
        claimed ahead.
+    7. A request with a deadline never waits past it, for a vendor pause or for the budget:
+       it raises at once instead. (A write must go soon after the read before it, or not at
+       all: :data:`services.writer.dotdigital.READ_FRESH_S`.)
     """
 
     def __init__(self, *, budget: Budget, max_concurrency: int,
@@ -393,8 +406,9 @@ class Pacer:
     async def slot(self, *, deadline: float | None = None) -> AsyncIterator[float]:
         """Hold one request slot; yields the seconds this request spent in a vendor pause.
 
-        A pause that would last past ``deadline`` (on the pacer's clock, ``time.monotonic()``
-        by default) raises :class:`PausedPastDeadline` instead of being waited out."""
+        A pause, or a wait for the budget, that would last past ``deadline`` (on the pacer's
+        clock, ``time.monotonic()`` by default) raises :class:`PausedPastDeadline` instead of
+        being waited out (rule 7)."""
         async with self._concurrency:
             paused = 0.0
             while (delay := self._paused_until - self._clock()) > 0:
@@ -403,11 +417,11 @@ class Pacer:
                 paused += delay
                 await self._sleep(delay)
             started = self._clock()
-            await self._spend()
+            await self._spend(deadline)
             self.waited_s += paused + self._clock() - started
             yield paused
 
-    async def _spend(self) -> None:
+    async def _spend(self, deadline: float | None) -> None:
         self._waiting += 1
         try:
             while True:
@@ -423,6 +437,8 @@ class Pacer:
                         if wait <= 0:
                             wait = await self._claim(min(self._waiting, self._max_block))
                 if wait > 0:
+                    if deadline is not None and self._clock() + wait > deadline:
+                        raise PausedPastDeadline(wait)
                     await self._sleep(wait)
         finally:
             self._waiting -= 1

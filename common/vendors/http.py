@@ -38,6 +38,32 @@ log = logging.getLogger(__name__)
 HeaderSource = Callable[[], Awaitable[Mapping[str, str]]]
 
 
+class _Sends:
+    """How many times aiohttp sent one request. More than once: the kept-alive connection it
+    went out on dropped, and aiohttp sent it again on a fresh one by itself (RFC 9112's retry
+    of an idempotent request), so the first send may have been applied unanswered."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+async def _count_send(session: aiohttp.ClientSession, context: Any,
+                      params: aiohttp.TraceRequestHeadersSentParams) -> None:
+    sends = context.trace_request_ctx
+    if isinstance(sends, _Sends):
+        sends.count += 1
+
+
+def send_counting() -> aiohttp.TraceConfig:
+    """The trace a vendor session needs for :class:`_Sends` (a session passed in to
+    :class:`VendorHttp` should carry it, or resends go unseen)."""
+    config = aiohttp.TraceConfig()
+    config.on_request_headers_sent.append(_count_send)
+    return config
+
+
 @dataclass(frozen=True)
 class HttpResponse:
     """A complete vendor response (the body is read before the connection is released)."""
@@ -90,7 +116,8 @@ class VendorHttp:
     """One vendor account's HTTP machinery: the session, its budget and its retries.
 
     The session is created on first use (inside the running loop) unless one is passed in; a
-    session passed in is never closed here. ``deadline_s`` bounds what one logical request may
+    session passed in is never closed here (made with :func:`send_counting` among its traces,
+    a request aiohttp sent again by itself is known). ``deadline_s`` bounds what one logical request may
     spend waiting (vendor pauses, 429s) and retrying, so that no caller holds its work longer:
     past it the request fails with the last error (see :class:`RetryPolicy`).
     """
@@ -167,6 +194,7 @@ class VendorHttp:
                 # Affinity cookies are not needed, and a jar would be shared state to leak.
                 cookie_jar=aiohttp.DummyCookieJar(),
                 raise_for_status=False,
+                trace_configs=[send_counting()],
             )
         return self._session
 
@@ -221,11 +249,13 @@ class VendorHttp:
                                                     body=body, accept=accepted, errors=parse,
                                                     waited=waited)
                 except PausedPastDeadline as paused_past:
-                    # never sent: the vendor's pause outlasts what this request may wait
+                    # never sent: the vendor's pause, or the budget's next call, is further
+                    # off than this request may wait
                     raise ThrottledError(
                         vendor=self.vendor, status=429, code="",
-                        message=f"{endpoint}: the client is paused for {paused_past.wait_s:.0f} s "
-                                "more, past this request's deadline",
+                        message=f"{endpoint}: no call may go for {paused_past.wait_s:.0f} s "
+                                "(a vendor pause or the request budget), past this request's "
+                                "deadline",
                         retry_after=paused_past.wait_s) from None
             waited, pending_wait = pending_wait, 0.0
             return await self._exchange(method, url, endpoint=endpoint, headers=headers,
@@ -253,9 +283,11 @@ class VendorHttp:
             sent_headers.update(await auth_headers())
         started = time.monotonic()
         sent_at = time.time()
+        sends = _Sends()
         try:
             async with self.session.request(method, url, headers=sent_headers, data=body,
-                                            timeout=self._timeout, allow_redirects=False) as resp:
+                                            timeout=self._timeout, allow_redirects=False,
+                                            trace_request_ctx=sends) as resp:
                 payload = await resp.read()
                 response = HttpResponse(resp.status, resp.headers, payload, sent_at,
                                         time.time())
@@ -272,6 +304,8 @@ class VendorHttp:
         if accept(response):
             return response
         error = self._redact.error(errors(response))
+        # sent again by aiohttp after its connection dropped: the first send may have landed
+        error.earlier_maybe_delivered = sends.count > 1
         if isinstance(error, ThrottledError):
             # The whole client waits, not just this request: the budget is the account's.
             wait = error.retry_after if error.retry_after is not None else 1.0

@@ -71,7 +71,8 @@ class ErrorResponder(Protocol):
 
 @dataclass
 class Faults:
-    """Injected latency, random server errors and an extra throttle, matched by path prefix.
+    """Injected latency, random server errors, an extra throttle and lost answers (the request
+    is applied, then its connection drops before the answer), matched by path prefix.
 
     Keys look like ``"PATCH /api/data/v9.2/psync_"``: a method, a space and a path prefix;
     ``"* /prefix"`` matches any method.
@@ -81,6 +82,8 @@ class Faults:
     error_rate: dict[str, float] = field(default_factory=dict)
     throttle_limit: int | None = None
     throttle_window_s: float = 60.0
+    # how many of the next answers to lose, per key
+    lost_answers: dict[str, int] = field(default_factory=dict)
     _throttle_hits: list[float] = field(default_factory=list)
 
     @staticmethod
@@ -97,6 +100,19 @@ class Faults:
 
     def error_for(self, method: str, path: str) -> float:
         return self._match(self.error_rate, method, path)
+
+    def lose_answer(self, method: str, path: str) -> bool:
+        """Whether this request's answer is lost (one of the next ``lost_answers``)."""
+        best_len, best = -1, ""
+        for key, left in self.lost_answers.items():
+            m, _, prefix = key.partition(" ")
+            if (left > 0 and (m == "*" or m.upper() == method) and path.startswith(prefix)
+                    and len(prefix) > best_len):
+                best_len, best = len(prefix), key
+        if not best:
+            return False
+        self.lost_answers[best] -= 1
+        return True
 
     def throttle_check(self, now: float) -> tuple[bool, int, int]:
         """Returns (allowed, remaining, seconds until a slot frees)."""
@@ -115,6 +131,7 @@ class Faults:
     def load(self, body: Mapping[str, Any]) -> None:
         self.latency_ms = {str(k): float(v) for k, v in (body.get("latency_ms") or {}).items()}
         self.error_rate = {str(k): float(v) for k, v in (body.get("error_rate") or {}).items()}
+        self.lost_answers = {str(k): int(v) for k, v in (body.get("lost_answers") or {}).items()}
         throttle = body.get("throttle")
         if throttle:
             self.throttle_limit = int(throttle["limit"])
@@ -130,6 +147,7 @@ class Faults:
         return {
             "latency_ms": self.latency_ms,
             "error_rate": self.error_rate,
+            "lost_answers": self.lost_answers,
             "throttle": (
                 {"limit": self.throttle_limit, "window_s": self.throttle_window_s}
                 if self.throttle_limit is not None
@@ -315,6 +333,10 @@ class SimControl:
                 response = await handler(request)
             except web.HTTPException as exc:
                 response = exc
+            if self.faults.lose_answer(method, path) and request.transport is not None:
+                # applied, and the connection drops before the answer: the client cannot
+                # tell whether it was
+                request.transport.abort()
         self.stats.statuses[str(response.status)] += 1
         if not response.prepared:
             # stamped by the simulator's clock, as a vendor's answers are by its own

@@ -22,17 +22,19 @@ time (:mod:`common.messaging.rounds`).
    write: ``ERROR_CONTACT_SUPPRESSED``, or an import failure for the contact), is
    ``suppressed``: the contact state is recorded, the command is not written and stays
    outstanding in the register, so it goes out when the contact is resubscribed.
-5. A write that may have landed (a v3 import still unfinished at its deadline) leaves its
-   window unknown: the retry reads dotdigital back before writing again.
+5. A write that may have landed (a v3 import still unfinished at its deadline, or a request
+   throttled at its retry after a lost connection) leaves its window unknown: the retry reads
+   dotdigital back before writing again.
 6. A write is sent within :data:`READ_FRESH_S` of the end of the read before it, or not at
-   all: a vendor pause (a 429's ``Retry-After``) or a retry that would send it later is not
-   waited out. dotdigital has no conditional writes, so a change a person makes between the
-   read and the write is overwritten unseen: in a 429 storm a write waited out a minute after
-   its read, and overwrote an opt-in made meanwhile. A write throttled so (or refused with a
-   429) surely did not happen: what the round did send is recorded, the rest's records go
-   (left in flight, they would take a person's change of the same value for their echo), and
-   the round is retried with backoff, from its read. (The request budget's own pacing is not
-   bounded so: at the Low tier a write may still wait for the budget's next minute.)
+   all: a vendor pause (a 429's ``Retry-After``), a wait for the request budget (at the Low
+   tier the next call may be a minute off: rule 7 of :class:`common.vendors.base.Pacer`) or a
+   retry that would send it later is not waited out. dotdigital has no conditional writes, so
+   a change a person makes between the read and the write is overwritten unseen: in a 429
+   storm a write waited out a minute after its read, and overwrote an opt-in made meanwhile.
+   A write throttled so (or refused with a 429), with no attempt before it that may have been
+   delivered, surely did not happen: what the round did send is recorded, the rest's records
+   go (left in flight, they would take a person's change of the same value for their echo),
+   and the round is retried with backoff, from its read.
 """
 
 from __future__ import annotations
@@ -327,6 +329,8 @@ class DotdigitalSink:
                         await self._client.update_contact_preferences(email, preferences,
                                                                       send_by=send_by)
                     except ThrottledError as exc:
+                        if exc.earlier_maybe_delivered:
+                            raise  # may have landed at the attempt before (rule 5)
                         throttled = exc
                         unsent.add(email)
                     except VendorError as exc:
@@ -347,6 +351,8 @@ class DotdigitalSink:
                         [ImportContact(email=email, preferences=prefs)
                          for email, prefs in to_import.items()], send_by=send_by)
                 except ThrottledError as exc:
+                    if exc.earlier_maybe_delivered:
+                        raise  # may have landed at the attempt before (rule 5)
                     throttled = exc
                     unsent.update(to_import)
                 else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import aiohttp
 import pytest
 
 from services.simulators.dotdigital import DotdigitalSimulator
@@ -142,3 +143,18 @@ async def test_unknown_routes_and_injected_faults_use_the_vendor_shapes() -> Non
         shared = await sim.call("GET", "/v2/account-info", user=USER_B)  # global, not per account
         assert shared.status == 429 and "X-RateLimit-Reset" in shared.headers
         assert "message" in shared.body
+
+
+
+async def test_a_lost_answer_drops_the_connection_after_the_request_is_applied() -> None:
+    async with running() as sim:
+        await sim.ok("PUT", "/_sim/faults", user=None,
+                     json={"lost_answers": {"POST /v2/preferences": 1}})
+        with pytest.raises(aiohttp.ClientError):  # a create is not sent again by aiohttp
+            await sim.call("POST", "/v2/preferences", json={
+                "publicName": "Lost", "privateName": "lost", "isPreference": True})
+        # applied all the same; one answer lost, then as usual
+        tree = await sim.ok("GET", "/v2/preferences")
+        assert [p["publicName"] for p in tree] == ["Lost"]
+        await sim.ok("POST", "/v2/preferences", json={
+            "publicName": "Kept", "privateName": "kept", "isPreference": True})

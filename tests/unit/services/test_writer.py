@@ -4,7 +4,8 @@ apart from the commands beside it; a batch that fails after its commit is redeli
 recognised as done (no second write); an opt-in the read before a write brings back after
 dotdigital's clock was put back, which a fold already decided, sends no write again; a write
 that would wait out a vendor pause past its read's freshness is not sent; an opt-out's window
-ends where the measured clock places the answer, an opt-in's at the answer's Date header."""
+ends where the measured clock places the answer, an opt-in's at the answer's Date header; a
+write throttled when it was sent again after its answer was lost is not taken as unsent."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import WRITES_EXCHANGE, Topology
 from common.store.interface import StoreUnavailable
+from common.vendors.base import ThrottledError
 from common.vendors.clock_skew import TimeBase, measure_clock, record_samples
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH
@@ -423,16 +425,20 @@ async def test_an_opt_in_read_again_after_the_clock_was_put_back_is_not_written_
         assert s.bed.dead_letters() == []
 
 
+@pytest.mark.parametrize("wait", ["pause", "budget"])
 @pytest.mark.parametrize("plan", ["put", "import"])
 async def test_a_write_that_would_wait_out_a_pause_past_its_reads_freshness_is_not_sent(
-        tmp_path: Path, plan: str) -> None:
+        tmp_path: Path, plan: str, wait: str) -> None:
     """Rule 6 of services.writer.dotdigital: dotdigital asked the client to pause (a 429's
-    Retry-After) for longer than the read before the write stays fresh; the write is not
-    sent after the pause: nothing is recorded as written (the round's records go, not left in
-    flight) and the round is to be retried, reading again first."""
-    async with scene(tmp_path) as s:
+    Retry-After), or the client spent its request budget (the Low tier's 35 calls a minute),
+    for longer than the read before the write stays fresh; the write is not sent after the
+    wait: nothing is recorded as written (the round's records go, not left in flight) and the
+    round is to be retried, reading again first."""
+    async with scene(tmp_path) as s, DotdigitalClient(config=dotdigital_config(
+            s.sim.url, calls_per_minute=35)) as low_tier:
+        client = s.client if wait == "pause" else low_tier
         await s.registers(opted_in=False)
-        sink = DotdigitalSink(account=ACCOUNT, store=s.bed.store, client=s.client,
+        sink = DotdigitalSink(account=ACCOUNT, store=s.bed.store, client=client,
                               shards=SHARDS)
         emails = s.emails if plan == "import" else s.emails[:1]
         todo = {PreferenceKey(account=ACCOUNT, email=e, preference_id=s.preference):
@@ -442,8 +448,12 @@ async def test_a_write_that_would_wait_out_a_pause_past_its_reads_freshness_is_n
                                     origin_time=datetime.now(UTC), origin_side="dynamics",
                                     change_id=f"dyn:{e}:1")
                 for e in emails}
-        await s.client.preferences()  # the tree at hand: one contact is a PUT, three an import
-        s.client.pacer.pause_for(60)  # inside the call's own deadline, past the freshness
+        await client.preferences()  # the tree at hand: one contact is a PUT, three an import
+        if wait == "pause":
+            client.pacer.pause_for(60)  # inside the call's own deadline, past the freshness
+        else:
+            for _ in range(client.pacer.budget.spendable - 1):  # the minute's budget spent
+                await client.server_time()
         before = (await s.sim.stats())["writes_applied"]
         started = time.monotonic()
         outcome = WriteOutcome()
@@ -490,3 +500,30 @@ async def test_an_opt_outs_window_ends_where_the_measured_clock_places_the_answe
             assert opt_out[2] <= placed_now
         else:
             assert opt_out[2] == answered
+
+
+async def test_a_write_throttled_when_sent_again_after_its_answer_was_lost_may_have_landed(
+        tmp_path: Path) -> None:
+    """Rule 5 of services.writer.dotdigital: dotdigital applies a preferences PUT and the
+    connection drops before its answer; sent again on a fresh connection (by aiohttp, as RFC
+    9112 allows for a PUT), it is refused with a 429 whose pause outlasts the read's freshness.
+    The write did land: the round fails as a write that may have landed does (its record stays
+    in flight, the retry reads dotdigital first), never as one surely not sent."""
+    async with scene(tmp_path) as s:
+        key = PreferenceKey(account=ACCOUNT, email=s.emails[0], preference_id=s.preference)
+        todo = {key: domain.WriteCommand(key=key, side="dotdigital", opted_in=False,
+                                         origin_time=datetime.now(UTC),
+                                         origin_side="dynamics", change_id="dyn:1")}
+        sink = DotdigitalSink(account=ACCOUNT, store=s.bed.store, client=s.client,
+                              shards=SHARDS)
+        await s.client.preferences()  # the tree at hand: one contact is a PUT
+        before = (await s.sim.stats())["writes_applied"]
+        await s.sim.faults(lost_answers={"PUT /v2/contacts": 1},
+                           throttle={"limit": 1, "window_s": 60})
+        outcome = WriteOutcome()
+        with pytest.raises(ThrottledError) as raised:
+            await sink.write_dotdigital(todo, outcome, datetime.now(UTC), {},
+                                        send_by=time.monotonic() + READ_FRESH_S)
+        assert raised.value.earlier_maybe_delivered
+        assert outcome.transient is None and not outcome.written  # not taken as unsent
+        assert (await s.sim.stats())["writes_applied"] == before + 1  # it did land

@@ -116,3 +116,18 @@ async def test_a_usage_cap_is_not_retried_by_the_client_but_is_transient() -> No
         await FAST.run(call)
     assert call.calls == 1
     assert dependency_of(cap) == "dotdigital"
+
+
+@pytest.mark.anyio
+async def test_an_error_after_an_attempt_that_may_have_been_delivered_says_so() -> None:
+    """Rule 4: a 429 at the retry after a lost connection does not say the request had no
+    effect; after a connection that surely never opened, or with no failure before, it does."""
+    soon = time.monotonic() + 1.0  # a 429's wait is past this deadline: raised at once
+    for before, said in (([TransportError(vendor="x", detail="reset")], True),
+                         ([TransportError(vendor="x", detail="refused",
+                                          maybe_delivered=False)], False),
+                         ([], False)):
+        call = _Flaky([*before, _error(429, retry_after=60.0)])
+        with pytest.raises(ThrottledError) as raised:
+            await FAST.run(call, deadline=soon)
+        assert raised.value.earlier_maybe_delivered is said

@@ -208,6 +208,22 @@ async def test_a_vendor_pause_holds_every_request_and_respects_deadlines() -> No
     assert await spend(p, 2, time) == [started + 12.0] * 2
 
 
+async def test_a_wait_for_the_budget_past_a_deadline_raises_at_once() -> None:
+    """Rule 7: the budget spent, a request that may not wait for the next call raises at
+    once; one that may, goes when the ledger gives it the call."""
+    time = FakeTime()
+    p = pacer(time)
+    started = time.now
+    await spend(p, DOTDIGITAL.spendable, time)
+    assert time.now == started  # the whole budget at once, nothing left for a minute
+    with pytest.raises(PausedPastDeadline) as raised:
+        async with p.slot(deadline=time.now + 5.0):
+            pass
+    assert raised.value.wait_s > 5.0 and time.now == started  # nothing was waited out
+    async with p.slot(deadline=time.now + SPAN + 1.0):
+        assert started + DOTDIGITAL.window_s <= time.now <= started + SPAN
+
+
 def short(p: Pacer) -> bool:
     return p.short  # read anew each time (mypy would narrow the attribute)
 
