@@ -171,53 +171,60 @@ class Writer:
         likely: Commands = {}  # the writes begun beside the read
         begun: set[PreferenceKey] = set()  # writes this round recorded as in flight itself
         begun_batches: list[str] = []  # the ids of the write batches this round began
-        if work.begins_during_read:
-            # step 5 beside step 3: what the read changes is seldom what is written
-            started = self._started(outcome)
-            likely, suppressed = self._decide(commands, rows, as_read, contacts, work)
-            reading = asyncio.ensure_future(work.read(states=as_read, covered=covered,
-                                                      snapshot=snapshot))
-            try:
-                if likely:
-                    begun = await self._begin(likely, rows, started=started, states=states,
-                                              batches=begun_batches)
+        sending = False  # from the vendor call on, any write may have been sent
+        try:
+            if work.begins_during_read:
+                # step 5 beside step 3: what the read changes is seldom what is written
+                started = self._started(outcome)
+                likely, suppressed = self._decide(commands, rows, as_read, contacts, work)
+                reading = asyncio.ensure_future(work.read(states=as_read, covered=covered,
+                                                          snapshot=snapshot))
+                try:
+                    if likely:
+                        begun = await self._begin(likely, rows, started=started, states=states,
+                                                  batches=begun_batches)
+                        await failpoints.reached("writer.after-begin")
+                except BaseException:
+                    # the round fails as a whole (its records begun stay, as after a crash here:
+                    # in flight until they expire, or until its retry records the write)
+                    reading.cancel()
+                    await asyncio.wait([reading])
+                    if not reading.cancelled():
+                        reading.exception()  # looked at: the begin's failure is the one raised
+                    raise
+                made = await reading
+            else:
+                made = await work.read(states=as_read, covered=covered, snapshot=snapshot)
+            # asked first: an opt-in read again that a fold already decided is not decided again
+            if (await self._ask_decided(outcome) or made is None
+                    or made.observations != len(outcome.observations)):
+                made = Preview.of(as_read, outcome)  # the read observed more after its preview
+            preview = made.states
+            if work.begins_during_read:
+                # decided again only where the read observed something: the rest stands
+                observed = {observation.key for observation in outcome.observations}
+                again, _ = self._decide({k: c for k, c in commands.items() if k in observed},
+                                        rows, preview, contacts, work)
+                todo = {k: c for k, c in commands.items()
+                        if (k in again if k in observed else k in likely)}
+            else:
+                todo, suppressed = self._decide(commands, rows, preview, contacts, work)
+            outcome.suppressed |= suppressed
+            if todo:
+                if late := {key: command for key, command in todo.items() if key not in likely}:
+                    late_start = self._started(outcome)
+                    started = started or late_start
+                    begun |= await self._begin(late, rows, started=late_start, states=states,
+                                               batches=begun_batches)
                     await failpoints.reached("writer.after-begin")
-            except BaseException:
-                # the round fails as a whole (its records begun stay, as after a crash here:
-                # in flight until they expire, or until its retry records the write)
-                reading.cancel()
-                await asyncio.wait([reading])
-                if not reading.cancelled():
-                    reading.exception()  # looked at: the begin's failure is the one raised
-                raise
-            made = await reading
-        else:
-            made = await work.read(states=as_read, covered=covered, snapshot=snapshot)
-        # asked first: an opt-in read again that a fold already decided is not decided again
-        if (await self._ask_decided(outcome) or made is None
-                or made.observations != len(outcome.observations)):
-            made = Preview.of(as_read, outcome)  # the read observed more after its preview
-        preview = made.states
-        if work.begins_during_read:
-            # decided again only where the read observed something: the rest stands
-            observed = {observation.key for observation in outcome.observations}
-            again, _ = self._decide({k: c for k, c in commands.items() if k in observed},
-                                    rows, preview, contacts, work)
-            todo = {k: c for k, c in commands.items()
-                    if (k in again if k in observed else k in likely)}
-        else:
-            todo, suppressed = self._decide(commands, rows, preview, contacts, work)
-        outcome.suppressed |= suppressed
-        if todo:
-            if late := {key: command for key, command in todo.items() if key not in likely}:
-                late_start = self._started(outcome)
-                started = started or late_start
-                begun |= await self._begin(late, rows, started=late_start, states=states,
-                                           batches=begun_batches)
-                await failpoints.reached("writer.after-begin")
-            assert started is not None
-            await work.write(todo, started=started, contacts=contacts)
-            await failpoints.reached("writer.after-vendor-write")
+                assert started is not None
+                sending = True
+                await work.write(todo, started=started, contacts=contacts)
+                await failpoints.reached("writer.after-vendor-write")
+        except Exception:
+            if not sending:
+                await self._drop_unsent(begun_batches)
+            raise
         contacts.update(outcome.contacts)
         states = await self._commit_outcome(commands, rows, todo, outcome, states=states,
                                             contacts=contacts,
@@ -312,6 +319,18 @@ class Writer:
             batches.append(batch.id)
             states.update(begun)
         return added
+
+    async def _drop_unsent(self, batches: Sequence[str]) -> None:
+        """The round failed before its vendor call: its write batches go, with the records
+        in flight they gave (common.store.write_batches, rule 6). Best effort: records left
+        (the ledger failing too) stay in flight, as after a crash."""
+        if not batches:
+            return
+        try:
+            await self._store.drop_writes(self.account, list(batches))
+        except Exception as exc:  # the round's own failure is the one raised
+            log.warning("%s writer: the records of writes never sent stay in flight (%s: %s)",
+                        self.side, type(exc).__name__, exc)
 
     def _folded(self, met: Sequence[WriteBatch], commands: Commands,
                 batches: Sequence[str]) -> dict[str, Collection[KeyTuple]]:

@@ -84,6 +84,21 @@ async def test_the_save_recording_the_outcome_ends_the_batch(store: LedgerStore)
     assert snapshot.write_batches == []
 
 
+async def test_dropping_a_batch_never_sent_takes_its_records_out_of_view(
+        store: LedgerStore) -> None:
+    """Rule 6: a round that failed before its vendor call drops its batch; another's stays,
+    and a batch gone already (folded) is dropped again harmlessly."""
+    ann, bob = key(email="ann@example.com"), key(email="bob@example.com")
+    await store.save([(None, registered(ann), None), (None, registered(bob), None)])
+    await store.begin_writes(batch("b1", ann))
+    await store.begin_writes(batch("b2", bob))
+    await store.drop_writes("acme", ["b1", "gone"])
+    assert in_flight((await store.load([ann]))[ann]) == []
+    assert in_flight((await store.load([bob]))[bob]) == [False]
+    snapshot = await store.read_batch(BatchReads(account="acme", states_of=[key_tuple(ann)]))
+    assert [b.id for b in snapshot.write_batches] == ["b2"]
+
+
 async def test_a_record_saved_into_the_state_is_not_given_twice(store: LedgerStore) -> None:
     """A reader saves a state it read with the write in flight: the record is the state's
     own then, and the batch adds no second one."""

@@ -31,7 +31,7 @@ from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import WRITES_EXCHANGE, Topology
 from common.store.interface import StoreUnavailable
-from common.vendors.base import ThrottledError
+from common.vendors.base import ThrottledError, TransportError
 from common.vendors.clock_skew import TimeBase, measure_clock, record_samples
 from common.vendors.dotdigital.client import DotdigitalClient
 from common.vendors.dotdigital.feed import EPOCH
@@ -52,10 +52,12 @@ class Scene:
     emails: list[str]
     preference: int
 
-    def writer(self, *, store: Any = None) -> Writer:
-        """A writer to dotdigital over the bed's ledger (or ``store``)."""
+    def writer(self, *, store: Any = None, client: DotdigitalClient | None = None) -> Writer:
+        """A writer to dotdigital over the bed's ledger (or ``store``), through the scene's
+        client (or ``client``)."""
         store = store or self.bed.store
-        sink = DotdigitalSink(account=ACCOUNT, store=store, client=self.client, shards=SHARDS)
+        sink = DotdigitalSink(account=ACCOUNT, store=store, client=client or self.client,
+                              shards=SHARDS)
         return Writer(account=ACCOUNT, sink=sink, store=store, publisher=self.bed.broker,
                       shards=SHARDS, dead_letters=self.bed.dead_letterer("writer"))
 
@@ -224,11 +226,8 @@ async def test_a_rounds_writes_are_begun_while_the_feed_is_read(tmp_path: Path) 
         store = BeginWatch(s.bed.store)
         async with FeedAfterBegin(config=dotdigital_config(s.sim.url)) as client:
             client.begun = store.begun
-            sink = DotdigitalSink(account=ACCOUNT, store=store, client=client, shards=SHARDS)
-            writer = Writer(account=ACCOUNT, sink=sink, store=store, publisher=s.bed.broker,
-                            shards=SHARDS, dead_letters=s.bed.dead_letterer("writer"))
             await s.bed.broker.publish_many(await s.registers(opted_in=False))
-            consume(s, writer.handle)
+            consume(s, s.writer(store=store, client=client).handle)
             await s.bed.drained(*s.queues())
         # the feed was still being read when the writes were recorded as in flight
         assert client.answered_after_begin
@@ -268,6 +267,66 @@ async def test_a_begin_failing_beside_the_feed_read_fails_the_round_which_is_ret
         await s.bed.drained(*s.queues())
         assert store.begun.is_set()
         # retried in place, not dead-lettered; nothing was sent by the round that failed
+        await written_once(s, s.emails, opted_in=False)
+        assert (await s.sim.stats())["writes_applied"] - before == len(s.emails)
+
+
+class FeedFailsAfterBegin(DotdigitalClient):
+    """The first read of the opt-ins feed fails (a lost connection) once the round's writes
+    are begun."""
+
+    begun: asyncio.Event
+    failed = False
+
+    async def iter_opt_in_entries(self, preference_id: int, since: datetime, *,
+                                  wanted: Callable[[str], bool] | None = None
+                                  ) -> AsyncIterator[list[Any]]:
+        if not self.failed:
+            await self.begun.wait()
+            self.failed = True
+            raise TransportError(vendor="dotdigital", detail="connection reset")
+        async for page in super().iter_opt_in_entries(preference_id, since, wanted=wanted):
+            yield page
+
+
+class DropWatch(BeginWatch):
+    """The bed's ledger, counting begins and keeping the write batches dropped."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.begun_keys: list[tuple[str, set[Any]]] = []  # each batch's id and keys, in order
+        self.dropped: list[str] = []
+
+    async def begin_writes(self, batch: Any) -> None:
+        self.begun_keys.append((batch.id, set(batch.keys)))
+        await super().begin_writes(batch)
+
+    async def drop_writes(self, account: str, ids: Any) -> None:
+        self.dropped.extend(ids)
+        await self._store.drop_writes(account, ids)
+
+
+async def test_a_round_failing_before_its_vendor_call_drops_the_writes_it_began(
+        tmp_path: Path) -> None:
+    """common.store.write_batches, rule 6: the round's writes are begun beside the feed read,
+    and the read fails; nothing was sent, so their records in flight go (left, they would
+    take a person's change of the same value for their echo for minutes). The retry begins
+    its own and writes once."""
+    async with scene(tmp_path) as s:
+        store = DropWatch(s.bed.store)
+        async with FeedFailsAfterBegin(config=dotdigital_config(s.sim.url)) as client:
+            client.begun = store.begun
+            await s.bed.broker.publish_many(await s.registers(opted_in=False))
+            before = (await s.sim.stats())["writes_applied"]
+            consume(s, s.writer(store=store, client=client).handle)
+            await s.bed.drained(*s.queues())
+        assert client.failed and len(store.dropped) == 1
+        ids = [batch_id for batch_id, _ in store.begun_keys]
+        dropped_keys = store.begun_keys[ids.index(store.dropped[0])][1]
+        # the retry began those writes again: they were not in flight any more
+        again = set().union(*(keys for _, keys in store.begun_keys[ids.index(store.dropped[0])
+                                                                   + 1:]))
+        assert dropped_keys and dropped_keys <= again
         await written_once(s, s.emails, opted_in=False)
         assert (await s.sim.stats())["writes_applied"] - before == len(s.emails)
 
