@@ -45,7 +45,9 @@ async def test_writer_killed_at_a_failpoint_neither_loses_nor_repeats_a_write(
         writer = world.processes["writer"]
         writer.kill()
         await writer.wait()
-        dying = await world.spawn("writer", failpoints=failpoint)
+        # not waited for until it consumes: with commands queued already it may reach the point
+        # (and exit) before it is seen consuming
+        dying = await world.spawn("writer", failpoints=failpoint, wait=False)
         before = (await world.stats(side))["writes_applied"]
         run = asyncio.create_task(world.sync(timeout_s=180))
         assert await asyncio.wait_for(dying.wait(), timeout=120) == 137  # died at the point
