@@ -103,6 +103,14 @@ SUPPRESSED_CODES = frozenset({"ERROR_CONTACT_SUPPRESSED", "contacts:contactSuppr
 SUPPRESSED_STATUS = "Suppressed"
 
 
+def surely_unsent(exc: ThrottledError) -> ThrottledError:
+    """``exc``, for a request throttled before it was sent (rule 6); re-raised where an
+    attempt before it may have been delivered (rule 5: the write is then in flight)."""
+    if exc.earlier_maybe_delivered:
+        raise exc
+    return exc
+
+
 class DotdigitalBatch:
     """One batch's write to dotdigital (see the module's docstring)."""
 
@@ -329,9 +337,7 @@ class DotdigitalSink:
                         await self._client.update_contact_preferences(email, preferences,
                                                                       send_by=send_by)
                     except ThrottledError as exc:
-                        if exc.earlier_maybe_delivered:
-                            raise  # may have landed at the attempt before (rule 5)
-                        throttled = exc
+                        throttled = surely_unsent(exc)
                         unsent.add(email)
                     except VendorError as exc:
                         if exc.retryable:
@@ -351,9 +357,7 @@ class DotdigitalSink:
                         [ImportContact(email=email, preferences=prefs)
                          for email, prefs in to_import.items()], send_by=send_by)
                 except ThrottledError as exc:
-                    if exc.earlier_maybe_delivered:
-                        raise  # may have landed at the attempt before (rule 5)
-                    throttled = exc
+                    throttled = surely_unsent(exc)
                     unsent.update(to_import)
                 else:
                     report = await self._client.import_report(import_id, started=submitted,
@@ -368,12 +372,13 @@ class DotdigitalSink:
                                 code=",".join(failure.codes))
             # from the write's own answers: whatever it did is stamped before this (nothing
             # sent: no window, and no call to the paused client for one)
-            window_end = (await self._client.time_after(began) if len(unsent) < len(by_email)
-                          else window_start)
-            # an opt-out's window ends where our time base places now, if earlier (its rule 4)
-            opt_out_end = domain.write_window_end(
-                opted_in=False, start=window_start, answered=window_end,
-                received=self._received(outcome))
+            answered = (await self._client.time_after(began) if len(unsent) < len(by_email)
+                        else window_start)
+            received = self._received(outcome)
+            # each value's window end (an opt-out's may be earlier)
+            window_end = {opted_in: domain.write_window_end(
+                opted_in=opted_in, start=window_start, answered=answered, received=received)
+                for opted_in in (True, False)}
         except BaseException:
             self._feed.forget(write)  # what it wrote, if anything, is read back as unknown
             raise
@@ -385,7 +390,7 @@ class DotdigitalSink:
         # a refused or unsent contact's values were not written: never take its changes for
         # our echo
         write.values = {e: v for e, v in by_email.items() if e not in refused and e not in unsent}
-        self._feed.written(write, ended=window_end, opt_out_ended=opt_out_end)
+        self._feed.written(write, ended=window_end[True], opt_out_ended=window_end[False])
         suppressed = await self._suppressions(refused, contacts, as_of=window_start,
                                               outcome=outcome)
         # what this round read before writing (every observation so far): the write is later.
@@ -404,7 +409,7 @@ class DotdigitalSink:
             elif key.email in refused:
                 outcome.failed[key] = refused[key.email]
             else:
-                end = window_end if todo[key].opted_in else opt_out_end
+                end = window_end[todo[key].opted_in]
                 outcome.written[key].append((None, domain.start_after_read(
                     window_start, read=read.get(key), window_end=end), end))
                 if key in read:
