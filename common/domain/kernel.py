@@ -169,20 +169,68 @@ def _in_write_window(moment: int, *, side: int, start: int, end: int | None) -> 
     return moment <= (end if end is not None else start + _IN_FLIGHT_LIMIT_US)
 
 
-def _is_echo(records: tuple[WriteRow, ...], row: ObservationRow[Any]) -> bool:
-    """:func:`common.domain.writes.is_echo` of the record
-    :func:`~common.domain.writes.find_echo` finds (the first that matches)."""
+def _unversioned_opt_out(record: WriteRow) -> bool:
+    """``_unversioned_opt_out`` of :mod:`common.domain.reconcile`."""
+    return not record[0] and record[3] is not None and record[4] is None
+
+
+def _began_after(change: tuple[int, int], record: WriteRow, *, offset: int,
+                 uncertainty: int = 0) -> bool:
+    """``_began_after`` of :mod:`common.domain.reconcile`."""
+    start = _span(record[2], offset, uncertainty)
+    return not start[0] >= change[1]
+
+
+def _echo(register: RegisterRow | None, records: tuple[WriteRow, ...],
+          row: ObservationRow[Any]) -> bool:
+    """``_echo`` of :mod:`common.domain.reconcile`: rule 2 and its exception."""
     _, _, side, opted_in, origin, version = row[:6]
-    for r_opted_in, _, start, end, produced, _ in records:
+    found: WriteRow | None = None
+    for record in records:
+        r_opted_in, _, start, end, produced, _ = record
         if r_opted_in != opted_in:
             continue
         if produced is not None and version is not None:
             if produced == version:
-                return end is not None or opted_in
+                found = record
+                break
             continue
         if _in_write_window(origin, side=side, start=start, end=end):
-            return end is not None or opted_in
-    return False
+            found = record
+            break
+    if found is None or (found[3] is None and not opted_in):
+        return False
+    if register is None or not register[0] or register[2] == side or not _unversioned_opt_out(
+            found):
+        return True
+    r_vendor = register[1] if register[6] is None else register[6]
+    return not _began_after(_span(r_vendor, register[4], register[5]), found, offset=row[9],
+                            uncertainty=row[10])
+
+
+def _against_opt_out_read_back(register: RegisterRow | None, known: Pair[KnownRow | None],
+                               writes: Pair[tuple[WriteRow, ...]], row: ObservationRow[Any],
+                               outcome: int) -> int:
+    """``_against_opt_out_read_back`` of :mod:`common.domain.reconcile`."""
+    if outcome != APPLIED or not row[3] or register is None or register[0]:
+        return outcome
+    side = 1 - row[2]
+    held = known[side]
+    if held is None or held[0] or held[2] is not None or held[3] is not None:
+        return outcome
+    _, as_of, _, _, offset = held
+    for record in writes[side]:
+        if _unversioned_opt_out(record) and _in_write_window(as_of, side=side, start=record[2],
+                                                             end=record[3]):
+            vendor = row[4] if row[11] is None else row[11]
+            mine = _span(vendor, row[9], row[10])
+            if not _began_after(mine, record, offset=offset):
+                return outcome
+            theirs = _span(as_of, offset, 0)
+            if mine[0] >= theirs[1]:
+                return APPLIED
+            return STALE if theirs[0] >= mine[1] else TIE_OPT_IN_LOST
+    return outcome
 
 
 def _widened(horizon: HorizonRow | None, record: WriteRow) -> HorizonRow:
@@ -288,7 +336,7 @@ def reconcile_row(state: StateRow, row: ObservationRow[Any], *, decided: bool = 
     else:
         seen = _known_of(row)
         records = writes[side]
-        if records and _is_echo(records, row):
+        if records and _echo(register, records, row):
             outcome = ECHO
             if _is_newer(seen, held):
                 after_known = _with(known, side, seen)
@@ -303,6 +351,9 @@ def reconcile_row(state: StateRow, row: ObservationRow[Any], *, decided: bool = 
                 outcome = STALE
             else:
                 outcome, takes = _against_register(register, row)
+                if outcome == APPLIED and opted_in:
+                    outcome = _against_opt_out_read_back(register, known, writes, row, outcome)
+                    takes = outcome == APPLIED
                 if takes:
                     after_register = _register_of(row)
             prune = True

@@ -8,6 +8,14 @@ Rules, in order:
    the original change's time. So if a newer change happened on the other side while our write
    of an older value was in flight, that newer change still wins on both sides (no flip-flop).
    (An opt-out's window is the narrower: :func:`common.domain.writes.write_window_end`.)
+   Except an opt-out read back from a confirmed opt-out write of ours matched by its window
+   (no row version), while the register holds an opt-in the other side made after that write
+   began (not wholly before its window's start, at whole seconds): it is then taken as a user
+   change. Our write of a value restamps a person's change of that value made while it was on
+   its way (dotdigital stamps a write, not a change), so the read back may be a person's
+   opt-out made after that opt-in: opt-out wins what cannot be told apart. The price: an
+   opt-in made on the other side while our opt-out write was on its way (from its read to
+   its landing) loses to it, unless later than its read back.
 3. An observation identical to what is already known for its side is a ``duplicate`` (a stamp
    beyond the future bound read again, at another time, included). So is an opt-in a fold has
    already decided (``decided``: the key's history holds its change, of its side, with its
@@ -36,7 +44,10 @@ Rules, in order:
    offset and widened by that offset's uncertainty. A later span wins (``applied``); an earlier
    one is ``stale``; spans that overlap (the same second, or a difference smaller than the
    combined uncertainty) are a tie and the opt-out wins — ``tie_opt_out_won`` when an opt-out
-   replaces an opt-in, ``tie_opt_in_lost`` when an opt-in is refused; a tie with the same value
+   replaces an opt-in, ``tie_opt_in_lost`` when an opt-in is refused (rule 2's exception the
+   other way round: an opt-in that would replace an opt-out register while the other side is
+   known to hold the read back of such an opt-out write of ours, made after that write
+   began, must beat that read back too); a tie with the same value
    keeps the one that may have happened later (``tie_same_value``): the value reaches that far,
    so the other value must beat it. Two stamps of one side and one epoch of its clock are
    compared on that clock, second against second: its offset and uncertainty cancel. A stamp
@@ -51,17 +62,18 @@ Rules, in order:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TypeVar
 
-from common.domain.clock import UNKNOWN_EPOCH, order, span
+from common.domain.clock import UNKNOWN_EPOCH, ZERO, order, span
 from common.domain.commands import WriteCommand
 from common.domain.identity import PreferenceKey
 from common.domain.observation import Observation
-from common.domain.sides import SIDES, PerSide
-from common.domain.state import KeyState, Known, PendingWrite, Register
+from common.domain.sides import SIDES, PerSide, other
+from common.domain.state import KeyState, Known, PendingWrite, Register, WriteRecord
 from common.domain.suppression import ContactState
-from common.domain.writes import is_echo, pruned_writes
+from common.domain.writes import find_echo, in_write_window, is_echo, pruned_writes
 
 T = TypeVar("T")
 
@@ -173,6 +185,58 @@ def _same_clock(register: Register, observation: Observation) -> bool:
             and register.clock_epoch == observation.clock_epoch != UNKNOWN_EPOCH)
 
 
+def _unversioned_opt_out(record: WriteRecord) -> bool:
+    """A confirmed write of an opt-out of ours, told by its window (no row version)."""
+    return not record.opted_in and not record.in_flight and record.produced_version is None
+
+
+def _began_after(change: tuple[datetime, datetime], record: WriteRecord, *,
+                 offset: timedelta, uncertainty: timedelta = ZERO) -> bool:
+    """A change (its span in our time base) not wholly before our write began (its window's
+    start, on its side's clock ``offset`` ahead of ours)."""
+    return order(change, span(vendor_time=record.window_start, offset=offset,
+                              uncertainty=uncertainty)) >= 0
+
+
+def _echo(state: KeyState, observation: Observation) -> bool:
+    """Rule 2: :func:`common.domain.writes.is_echo`, but for its exception (an opt-out read
+    back from a confirmed opt-out write of ours, told by its window, while the register holds
+    an opt-in the other side made after that write began)."""
+    if not is_echo(state, observation):
+        return False
+    record = find_echo(state, observation)
+    register = state.register
+    return not (record is not None and _unversioned_opt_out(record)
+                and register is not None and register.opted_in
+                and register.origin_side != observation.side
+                and _began_after(register.span, record, offset=observation.offset,
+                                 uncertainty=observation.uncertainty))
+
+
+def _against_opt_out_read_back(state: KeyState, observation: Observation,
+                               outcome: Outcome) -> Outcome:
+    """Rule 6 for an opt-in that would replace an opt-out register: it must also beat the
+    other side's read back of a confirmed opt-out write of ours (rule 2's exception), when
+    it was made after that write began."""
+    register = state.register
+    if (outcome is not Outcome.APPLIED or not observation.opted_in or register is None
+            or register.opted_in):
+        return outcome
+    side = other(observation.side)
+    held = state.known.get(side)
+    if held is None or held.opted_in or held.version is not None or held.stamp is not None:
+        return outcome
+    for record in state.writes.get(side):
+        if _unversioned_opt_out(record) and in_write_window(
+                held.as_of, side=side, start=record.window_start, end=record.window_end):
+            if not _began_after(observation.span, record, offset=held.offset):
+                return outcome
+            later = order(observation.span, span(vendor_time=held.as_of, offset=held.offset))
+            return (Outcome.APPLIED if later > 0 else Outcome.STALE if later < 0
+                    else Outcome.TIE_OPT_IN_LOST)
+    return outcome
+
+
 def _beyond_ledger(state: KeyState, observation: Observation) -> bool:
     horizon = state.horizon.get(observation.side)
     return horizon is not None and horizon.covers(observation)
@@ -218,7 +282,7 @@ def reconcile(state: KeyState | None, observation: Observation, *,
             knowledge = knowledge.with_(side, Known(
                 opted_in=observation.opted_in, as_of=as_of,
                 version=None if known is None else known.version, offset=observation.offset))
-    elif is_echo(before, observation):
+    elif _echo(before, observation):
         outcome = Outcome.ECHO
         if seen.is_newer_than(known):
             knowledge = knowledge.with_(side, seen)
@@ -231,7 +295,8 @@ def reconcile(state: KeyState | None, observation: Observation, *,
         if observation.opted_in and _beyond_ledger(before, observation):
             outcome = Outcome.STALE
         else:
-            outcome = _against_register(register, observation)
+            outcome = _against_opt_out_read_back(
+                before, observation, _against_register(register, observation))
             if _takes_register(outcome, observation, register):
                 register = Register.of(observation)
         prune = True

@@ -46,6 +46,12 @@ class WorldError(RuntimeError):
     """The world could not be built or driven (a process died, a call failed, a wait timed
     out)."""
 
+# two changes tie when their spans in our time base overlap: each is its vendor stamp less the
+# measured offset, widened by that offset's uncertainty (at most half a second here: the
+# simulators' Date headers are whole seconds), and a Dataverse stamp is a whole second wide, so
+# changes more than 1 + 2 * (0.5 + 0.5) s apart never tie
+TIE_RANGE_S = 3.2
+
 
 def process_env(*layers: Mapping[str, str]) -> dict[str, str]:
     """This process's environment less :data:`_SCRUBBED`, with ``layers`` over it."""
@@ -253,6 +259,15 @@ class World:
             await self.set_clock(side, {})
 
     # --- the vendors, as their users change them --------------------------------------------
+    async def past_ties(self) -> None:
+        """Until a change made now is surely later than whatever the last sync wrote, on every
+        clock: :data:`TIE_RANGE_S` on. An opt-in made in Dynamics within the
+        measured clocks' uncertainty (and Dataverse's whole second) of our opt-out write to
+        dotdigital landing ties with that write's read back, and the opt-out wins (rule 2's
+        exception of :mod:`common.domain.reconcile`): a test of something else that edits right
+        after a sync edits from here."""
+        await asyncio.sleep(TIE_RANGE_S)
+
     async def edit_dynamics(self, email: str, preference_id: int, opted_in: bool | None) -> Any:
         """Set (None: clear) one preference on the records with ``email``: the simulator's
         answer (the row's ``record_id``, ``modifiedon``, ``versionnumber``)."""

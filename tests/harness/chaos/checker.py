@@ -27,6 +27,14 @@ What is counted (each key once per count):
 - ``missing_opt_ins``: the expected value is opt-in, but a record or the contact shows opt-out
   or nothing;
 - ``other_wrong``: nothing shown where an opt-out is expected;
+- ``opt_ins_lost_to_a_write_on_its_way`` (reported apart, not a failure): keys whose winning
+  opt-in was made on one side while prefsync's write of an opt-out to the other side was on
+  its way (it landed at most ``on_its_way_s`` after the opt-in, in its second or later), or
+  too soon after it landed for the clocks to tell (the opt-in's second began less than their
+  measured uncertainty after it), and that show opt-out on every side: dotdigital stamps a
+  write, not a change, so that write's read back may hide a person's opt-out it restamped,
+  and the product lets the opt-out win (rule 2's exception of :mod:`common.domain.reconcile`).
+  Only where no vendor clock was stepped (the journal's times are the vendors' clocks);
 - ``overwritten_in_flight`` (reported apart, not a failure): keys whose wrong value is a write of
   ours that the vendor applied within ``race_window_s`` after a person changed that target the
   other way (the write was on its way before the change; see ``_overwrote_in_flight``);
@@ -210,6 +218,7 @@ class Verdict:
     missing_opt_ins: int = 0
     other_wrong: int = 0
     tie_band_opt_outs: int = 0
+    opt_ins_lost_to_a_write_on_its_way: int = 0
     # keys wrong only because a vendor's clock was off while it could not be measured
     unmeasured_skew: int = 0
     skew_sensitive_keys: int = 0
@@ -301,8 +310,32 @@ def _overwrote_in_flight(entries: Sequence[Mapping[str, Any]], user: set[tuple[s
     return timedelta(0) <= gap <= timedelta(seconds=window_s)
 
 
+def _lost_to_a_write_on_its_way(winner: Baseline | Edit,
+                                written: Sequence[Mapping[str, Any]], *,
+                                on_its_way_s: float, uncertainty_s: float) -> bool:
+    """The winning opt-in was made on one side while prefsync's write of an opt-out to the
+    other side (``written``: prefsync's journaled writes of the key) was on its way: it landed
+    at most ``on_its_way_s`` after the opt-in, in the opt-in's second or later; or it landed
+    before, but the opt-in's second began less than ``uncertainty_s`` (the clocks' measured
+    uncertainty) after that (their spans overlap: a tie, which the opt-out wins)."""
+    if not isinstance(winner, Edit) or not winner.opted_in:
+        return False
+    made = winner.at - timedelta(seconds=winner.offset_s)
+    for entry in written:
+        if entry["side"] == winner.side or entry["opted_in"]:
+            continue
+        landed = parse_time(str(entry["at"]))
+        if landed - made > timedelta(seconds=on_its_way_s):
+            continue
+        if (_second(landed) >= _second(made)
+                or _second(made) - landed < timedelta(seconds=uncertainty_s)):
+            return True
+    return False
+
+
 def check(history: History, observed: Observed, *, write_slack: int = 3,
-          skew_tolerance_s: float = 2.0, race_window_s: float = 1.0) -> Verdict:
+          skew_tolerance_s: float = 2.0, race_window_s: float = 1.0,
+          on_its_way_s: float = 7.0) -> Verdict:
     verdict = Verdict(changes=len(history.edits), converged=observed.converged,
                       converge_s=observed.converge_s,
                       clock_uncertainty_s=observed.clock_uncertainty_s,
@@ -333,6 +366,13 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
                 verdict.ineligible_writes += 1
                 verdict.note("ineligible_writes", dict(entry))
 
+    # prefsync's writes per key (email, preference)
+    ours_of_key: dict[Key, list[Mapping[str, Any]]] = defaultdict(list)
+    for target, entries in writes_to.items():
+        for entry in entries:
+            if _ours(entry, user) and entry.get("email"):
+                ours_of_key[(str(entry["email"]).lower(), target[2])].append(entry)
+
     # what each side shows, per key
     shown: dict[Key, list[tuple[Side, str, bool | None]]] = defaultdict(list)
     emails = {email for email, _ in expected}
@@ -359,6 +399,16 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
         if (want and expectation.opt_out_acceptable and views
                 and all(value is False for _, _, value in views)):
             verdict.tie_band_opt_outs += 1  # a tie within the clocks' uncertainty
+            continue
+        if (want and not observed.clock_steps and views
+                and all(value is False for _, _, value in views)
+                and _lost_to_a_write_on_its_way(expectation.winner, ours_of_key.get(key, []),
+                                                on_its_way_s=on_its_way_s,
+                                                uncertainty_s=observed.clock_uncertainty_s)):
+            verdict.opt_ins_lost_to_a_write_on_its_way += 1
+            verdict.note("opt_ins_lost_to_a_write_on_its_way",
+                         {"email": key[0], "preference_id": key[1],
+                          "winner": _describe(expectation.winner)})
             continue
         wrong: list[tuple[list[str], dict[str, Any], bool]] = []
         for side, who, value in views:

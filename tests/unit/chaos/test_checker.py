@@ -335,3 +335,34 @@ def test_an_edit_stamped_by_a_clock_nobody_could_measure_is_reported_apart() -> 
     assert verdict.lost_opt_outs == 0 and verdict.unmeasured_skew == 1 and verdict.ok
     measured = [replace(unmeasured[0], measured=True)]
     assert check(h, replace(agreed(True), clock_steps=measured)).lost_opt_outs == 1
+
+
+def _our_opt_out_to_dotdigital(seconds: float) -> dict[str, Any]:
+    stamp = at(seconds).isoformat().replace("+00:00", "Z")
+    return {"side": "dotdigital", "email": A, "preference_id": P, "opted_in": False,
+            "at": stamp, "via": "api"}
+
+
+def test_an_opt_in_made_while_our_opt_out_write_was_on_its_way_may_lose_to_it() -> None:
+    """Rule 2's exception of common.domain.reconcile: a Dynamics opt-in at 34 s while our
+    write of an opt-out to dotdigital was on its way (it landed at 34.950): opt-out on every
+    side is accepted, counted apart; opt-in still passes. So for one that landed just before the
+    opt-in, within the clocks' uncertainty. Not so for a write that landed long after the
+    opt-in, or before it by more, nor where a vendor's clock stepped."""
+    h = history(dyn(False, 31), dyn(True, 34))
+    on_its_way = replace(agreed(False), journal=[_our_opt_out_to_dotdigital(34.95)])
+    verdict = check(h, on_its_way)
+    assert verdict.ok, verdict.problems
+    assert (verdict.opt_ins_lost_to_a_write_on_its_way, verdict.missing_opt_ins) == (1, 0)
+    assert check(h, replace(agreed(True), journal=[_our_opt_out_to_dotdigital(34.95)])).ok
+    later = replace(agreed(False), journal=[_our_opt_out_to_dotdigital(60)])
+    assert check(h, later).missing_opt_ins == 1
+    before = replace(agreed(False), journal=[_our_opt_out_to_dotdigital(33.5)])
+    assert check(h, before).missing_opt_ins == 1
+    # landed before the opt-in's second, but within the clocks' measured uncertainty of it
+    close = check(h, replace(before, clock_uncertainty_s=0.8))
+    assert close.opt_ins_lost_to_a_write_on_its_way == 1
+    assert check(h, replace(before, clock_uncertainty_s=0.4)).missing_opt_ins == 1
+    stepped = replace(on_its_way, clock_steps=[ClockStep(side="dotdigital", at=at(1000),
+                                                         seconds=-30)])
+    assert check(h, stepped).missing_opt_ins == 1

@@ -361,20 +361,81 @@ def test_a_write_after_a_read_starts_just_after_the_change_it_read(
 def test_a_persons_opt_out_read_after_our_answer_is_theirs_not_our_echo() -> None:
     """Our opt-out write lands in dotdigital at 19.3 s; its answer's Date header says 19, so
     the sure window reaches 20. The person opts in in Dynamics at 19, then out in dotdigital at
-    19.490. Taken for our echo, their opt-out would leave the register on the Dynamics opt-in,
-    written over it: a lost opt-out. Our time base places the answer's receipt at 19.35."""
+    19.490. Our time base places the answer's receipt at 19.35: the window ends there, and
+    their opt-out is no read back of ours. (Inside the sure window it would be one, taken for
+    a person's by rule 2's exception of reconcile: below.)"""
     s = reconcile(None, obs("dynamics", False, 0, version=1)).state
     command = _command_to(s, "dotdigital")
     answered, received = at(20), at(19.35)
-    for end, person_wins in ((answered, False), (write_window_end(
-            opted_in=False, start=at(19.1), answered=answered, received=received), True)):
+    for end, ours in ((answered, True), (write_window_end(
+            opted_in=False, start=at(19.1), answered=answered, received=received), False)):
         w = record_write(s, command, produced_version=None, window_start=at(19.1),
                          window_end=end, written_at=end)
         w = reconcile(w, obs("dynamics", True, 19, version=2)).state   # the person opts in
-        d = reconcile(w, obs("dotdigital", False, 19.49))              # and out, over there
-        assert (d.outcome is Outcome.ECHO) is not person_wins
-        assert d.state.register is not None
-        assert d.state.register.opted_in is not person_wins, "the opt-out must win"
+        person = obs("dotdigital", False, 19.49)                       # and out, over there
+        assert (find_echo(w, person) is not None) is ours
+        d = reconcile(w, person)
+        assert d.state.register is not None and not d.state.register.opted_in
+
+
+def _opt_out_on_its_way(register_at: float = 31) -> tuple[KeyState, WriteCommand]:
+    """A Dynamics opt-out (at 31 s) is the register; our write of it to dotdigital ran from
+    the read before it (29.254) to its answer (Date header 34, so 35); it is recorded."""
+    s = reconcile(None, obs("dynamics", False, register_at, version=283)).state
+    command = _command_to(s, "dotdigital")
+    return _written(s, command, start=29.254, end=35), command
+
+
+@pytest.mark.parametrize("read_back_first", [False, True])
+def test_an_opt_out_read_back_may_be_a_persons_made_while_our_write_was_on_its_way(
+        read_back_first: bool) -> None:
+    """Rule 2's exception of reconcile (a chaos run's lost opt-out): the person opts in in
+    Dynamics at 34 s, then out in dotdigital at 34.671; our opt-out write lands at 34.950 and
+    restamps their opt-out with its own time. The read back at 34.950 is all that is left of
+    it: it wins over the opt-in (the same second: a tie, the opt-out wins), in either order."""
+    s, _ = _opt_out_on_its_way()
+    opt_in, read_back = obs("dynamics", True, 34, version=287), obs("dotdigital", False, 34.95)
+    if read_back_first:
+        s = reconcile(s, read_back).state
+        d = reconcile(s, opt_in)
+        assert d.outcome is Outcome.TIE_OPT_IN_LOST
+    else:
+        s = reconcile(s, opt_in).state
+        d = reconcile(s, read_back)
+        assert d.outcome is Outcome.TIE_OPT_OUT_WON
+    assert d.state.register is not None and not d.state.register.opted_in
+    assert {(c.side, c.opted_in) for c in d.commands} == {("dynamics", False)}
+
+
+@pytest.mark.parametrize("read_back_first", [False, True])
+def test_an_opt_in_made_before_our_opt_out_write_began_or_after_its_read_back_wins(
+        read_back_first: bool) -> None:
+    """The exception's bounds: an opt-in the other side made before our write began (28 s,
+    wholly before the window's start; the register's opt-out is of 20 s) is not raced by it,
+    and one made after its read back's second (36 s) is newer than any opt-out it could
+    hide."""
+    for when in (28, 36):
+        s, _ = _opt_out_on_its_way(register_at=20)
+        opt_in = obs("dynamics", True, when, version=287)
+        read_back = obs("dotdigital", False, 34.95)
+        if read_back_first:
+            s = reconcile(s, read_back).state
+            assert reconcile(s, opt_in).outcome is Outcome.APPLIED, when
+        else:
+            s = reconcile(s, opt_in).state
+            assert reconcile(s, read_back).outcome is (
+                Outcome.ECHO if when == 28 else Outcome.STALE), when
+
+
+def test_a_dataverse_read_back_told_by_its_row_version_is_our_echo_whatever_the_register(
+        ) -> None:
+    """The exception is for writes told by their window only: a row version says which
+    write a Dataverse row's opt-out is."""
+    s = reconcile(None, obs("dotdigital", False, 31)).state
+    command = _command_to(s, "dynamics")
+    s = _written(s, command, start=29, end=35, version=300)
+    s = reconcile(s, obs("dotdigital", True, 33)).state             # the person opts in there
+    assert reconcile(s, obs("dynamics", False, 34, version=300)).outcome is Outcome.ECHO
 
 
 @given(start_ms=st.integers(0, 10**6), answered_ms=st.integers(0, 2 * 10**6),
