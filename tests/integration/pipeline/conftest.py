@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -157,8 +158,10 @@ class World(harness.World):
                 position, covered=position.frontier(overlap) - timedelta(seconds=seconds)))
 
     async def sync(self, timeout_s: float = 120) -> dict[str, Any]:
-        return await sync_and_wait(config=self.config, account=self.account,
-                                   timeout_s=timeout_s)
+        summary = await sync_and_wait(config=self.config, account=self.account,
+                                      timeout_s=timeout_s)
+        self.synced_at = time.monotonic()
+        return summary
 
     async def stop(self) -> None:
         for task in self.services:

@@ -113,7 +113,6 @@ async def survive(tmp_path: Path, fault: Callable[[PrivateRabbitMQ, World, dict[
         pids = {service: process.pid for service, process in world.processes.items()}
         await until_readiness(world, ports, 200, 60)
         assert (await world.sync())["failed"] == 0
-        await world.past_ties()
         edits = await edit(world, 0, 12)
         # a sync in flight: slow vendor writes keep the writers' batches in hand
         await world.faults("dotdigital", {"latency_ms": {"PUT /contacts/v3/import": 800,

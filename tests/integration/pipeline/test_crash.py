@@ -33,7 +33,6 @@ async def crash_and_recover(world: World, victim: str,
                             hold: Callable[[], Awaitable[None]], prefix: tuple[str, str]) -> None:
     await world.spawn_all()
     await world.sync(timeout_s=120)
-    await world.past_ties()
     edits = []
     for i, person in enumerate(world.people[:24]):
         preference = world.preferences[i % len(world.preferences)]
