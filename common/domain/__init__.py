@@ -8,7 +8,7 @@ from common.domain.fold import Fold, fold_batch
 from common.domain.history import HistoryEntry
 from common.domain.identity import PreferenceKey, normalize_email
 from common.domain.observation import Observation
-from common.domain.reconcile import Decision, Outcome, outstanding, reconcile, settle
+from common.domain.reconcile import Decision, Outcome, outstanding, reconcile, reopen, settle
 from common.domain.records import differing_records, speaks_for_email
 from common.domain.sides import SIDES, PerSide, Side, other
 from common.domain.state import (
@@ -91,6 +91,7 @@ __all__ = [
     "outstanding",
     "reconcile",
     "record_write",
+    "reopen",
     "settle",
     "span",
     "speaks_for_email",

@@ -25,9 +25,28 @@ Times are integer microseconds since the Unix epoch, already in UTC: the specifi
 
 from __future__ import annotations
 
-from common.domain.kernel import _is_newer, _pruned, _state_row, _with
-from common.domain.rows import CommandRow, KnownRow, StateRow, WriteRow
-from common.domain.sides import SIDE_CODES
+from common.domain.clock import UNKNOWN_EPOCH
+from common.domain.kernel import (
+    _SECOND_US,
+    _history_row,
+    _in_write_window,
+    _is_newer,
+    _pruned,
+    _state_row,
+    _with,
+    reconcile_row,
+)
+from common.domain.reconcile import REOPENED
+from common.domain.rows import (
+    CommandRow,
+    HistoryRow,
+    KeyTuple,
+    KnownRow,
+    ObservationRow,
+    StateRow,
+    WriteRow,
+)
+from common.domain.sides import SIDE_CODES, SIDES
 
 DOTDIGITAL = SIDE_CODES["dotdigital"]
 
@@ -121,6 +140,37 @@ def abandon_write_row(state: StateRow, command: CommandRow) -> StateRow:
     register, known, pending, writes, horizon, revision = state
     return _state_row(StateRow, (register, known, pending, _with(writes, side, kept), horizon,
                                  revision))
+
+
+def in_flight_record_row(state: StateRow, command: CommandRow) -> WriteRow | None:
+    """The record of ``command``'s write while it is in flight (what :func:`record_write_row`
+    closes and :func:`abandon_write_row` forgets), if there is one."""
+    for r in state.writes[command[0]]:
+        if _in_flight_same_write(r, command):
+            return r
+    return None
+
+
+def reopen_row(state: StateRow, *, key: KeyTuple, side: int, closed: WriteRow,
+               uncertainty_us: int) -> tuple[StateRow, HistoryRow[KeyTuple]] | None:
+    """:func:`common.domain.reconcile.reopen` (rule 8): the state after deciding again what
+    ``side`` is known to hold, and its history row; None when that is not so, or the register
+    does not move."""
+    register, known = state[0], state[1]
+    held = known[side]
+    if (held is None or not held[0] or not closed[0] or held[2] is not None
+            or held[3] is not None or register is None or register[0]
+            or not _in_write_window(held[1], side=side, start=closed[2], end=None)
+            or (closed[3] is not None and _in_write_window(held[1], side=side, start=closed[2],
+                                                           end=closed[3]))):
+        return None
+    row = ObservationRow(key, key[1], side, True, held[1], None, f"{REOPENED}:{SIDES[side]}",
+                         False, False, held[4], uncertainty_us + _SECOND_US, None, UNKNOWN_EPOCH)
+    cleared: StateRow = _state_row(StateRow, (register, _with(known, side, None), *state[2:]))
+    after, outcome, _ = reconcile_row(cleared, row)
+    if after.register == register:
+        return None
+    return after, _history_row(row, outcome)
 
 
 def is_superseded_row(state: StateRow, command: CommandRow) -> bool:

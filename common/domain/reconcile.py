@@ -57,6 +57,16 @@ Rules, in order:
    register's value gets a write command, and ``pending`` remembers it. Commands are re-emitted
    until the side is known to hold the value, because state is committed before commands are
    published and a crash in between must not lose a write; writers are idempotent.
+8. A write of ours is closed when its record is confirmed with its window, or forgotten as
+   surely never sent (:func:`reopen`). While it was in flight, a same-value opt-in read on its
+   side was taken for its echo (rule 2); if what the side is known to hold is such an opt-in
+   (told by its time, no row version), stamped at or after the write's start, and the closed
+   write cannot have made it (never sent, or the stamp is past its window) and no other write
+   of ours explains it, it was a person's: it is decided again as a user change (rules 5-7),
+   its span widened by a second more than its clock's uncertainty as measured now (how it
+   was placed when read is not kept: a tie it could have lost then is never won now). Else a
+   person's opt-in made while we wrote it and never sent it (in a 429 storm, or a round that
+   decided not to) was lost to an older opt-out.
 """
 
 from __future__ import annotations
@@ -66,11 +76,11 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TypeVar
 
-from common.domain.clock import UNKNOWN_EPOCH, ZERO, order, span
+from common.domain.clock import SECOND, UNKNOWN_EPOCH, ZERO, order, span
 from common.domain.commands import WriteCommand
 from common.domain.identity import PreferenceKey
 from common.domain.observation import Observation
-from common.domain.sides import SIDES, PerSide, other
+from common.domain.sides import SIDES, PerSide, Side, other
 from common.domain.state import KeyState, Known, PendingWrite, Register, WriteRecord
 from common.domain.suppression import ContactState
 from common.domain.writes import find_echo, in_write_window, is_echo, pruned_writes
@@ -313,3 +323,33 @@ def reconcile(state: KeyState | None, observation: Observation, *,
         key=before.key, register=register, known=knowledge, pending=pending, writes=writes,
         horizon=horizon, revision=before.revision)
     return Decision(state=after, outcome=outcome, commands=commands, changed=changed)
+
+
+# the change id of an opt-in decided again (rule 8), with its side: the stored state keeps
+# what a side holds, not the id of the change it read
+REOPENED = "reopened"
+
+
+def reopen(state: KeyState, *, side: Side, closed: WriteRecord,
+           uncertainty: timedelta) -> Decision | None:
+    """Rule 8: ``state`` (with ``closed``'s write confirmed or forgotten already) after
+    deciding again what ``side`` is known to hold, when it was taken for the echo of that
+    write while it was in flight; None when that is not so, or the register does not move.
+
+    ``closed``: the write's record as confirmed (with its window), or as it was in flight
+    (``window_end`` None) when it is forgotten as surely never sent. ``uncertainty``: the
+    side's clock's, as measured now.
+    """
+    known = state.known.get(side)
+    register = state.register
+    if (known is None or not known.opted_in or not closed.opted_in or known.version is not None
+            or known.stamp is not None or register is None or register.opted_in
+            or not in_write_window(known.as_of, side=side, start=closed.window_start, end=None)
+            or (closed.window_end is not None and in_write_window(
+                known.as_of, side=side, start=closed.window_start, end=closed.window_end))):
+        return None
+    observation = Observation(key=state.key, side=side, opted_in=True, origin_time=known.as_of,
+                              change_id=f"{REOPENED}:{side}", offset=known.offset,
+                              uncertainty=uncertainty + SECOND, clock_epoch=UNKNOWN_EPOCH)
+    decision = reconcile(state.with_parts(known=state.known.with_(side, None)), observation)
+    return None if decision.state.register == register else decision

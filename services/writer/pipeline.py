@@ -23,7 +23,10 @@ by :mod:`common.messaging.rounds`), whatever the side:
 7. **commit** in one transaction what the write produced (the version, or the clock window),
    the refusals, what was read (decided as the reconciler decides it: what was read of a
    suppressed contact is parked), the directory's rows and the contacts, and end the round's
-   write batches and those of the side it met (:meth:`Writer._folded`); then the parked;
+   write batches and those of the side it met (:meth:`Writer._folded`); then the parked. A
+   write closed here (confirmed, or forgotten as never sent) has what its side holds decided
+   again where that was an opt-in taken for its echo while it was in flight and the write
+   cannot have made it (rule 8 of :mod:`common.domain.reconcile`);
 8. a part that failed transiently fails the batch now (after what did succeed is recorded):
    it is retried later, never dead-lettered;
 9. **dead-letter** other permanent refusals with the vendor's code;
@@ -52,13 +55,21 @@ from common import domain
 from common.domain import SIDES, ContactState, PreferenceKey, Side
 from common.domain.clock import duration_us, to_us
 from common.domain.kernel import fold_rows, outstanding_rows
-from common.domain.kernel_writes import abandon_write_row, begin_write_row, record_write_row
+from common.domain.kernel_writes import (
+    abandon_write_row,
+    begin_write_row,
+    in_flight_record_row,
+    record_write_row,
+    reopen_row,
+)
 from common.domain.reconcile import FOLDED, ask_if_decided
 from common.domain.rows import (
     EMPTY_STATE,
     CommandRow,
+    HistoryRow,
     KeyTuple,
     StateRow,
+    WriteRow,
     command_row,
     key_tuple,
     observation_of_row,
@@ -392,6 +403,8 @@ class Writer:
         suppressed = {email for email, c in contacts.items() if c.suppressed}
         estimate = outcome.time_base.estimates.get(self.side)
         offset_us = duration_us(estimate.offset) if estimate is not None else 0
+        uncertainty_us = round(estimate.uncertainty_s * 1e6) if estimate is not None else 0
+        side_code = SIDE_CODES[self.side]
         # a batch's writes share a window or a few: each time converted once
         window_us: dict[datetime, int] = {}
 
@@ -423,11 +436,24 @@ class Writer:
             # dropped first: what was read is folded in as if they had never begun (as it was
             # decided on), so a change read before the write is never taken for its echo
             abandoned: list[KeyTuple] = []
+            # what a side held, taken for the echo of a write closed here, decided again
+            reopened: list[HistoryRow[KeyTuple]] = []
+
+            def reopen(k: KeyTuple, state: StateRow, closed: WriteRow | None) -> StateRow:
+                if closed is None or k[1] in suppressed:
+                    return state
+                decided = reopen_row(state, key=k, side=side_code, closed=closed,
+                                     uncertainty_us=uncertainty_us)
+                if decided is None:
+                    return state
+                reopened.append(decided[1])
+                return decided[0]
+
             for key in dropped:
                 k = key_tuple(key)
                 if (state := current.get(k)) is not None and (
                         after := abandon_write_row(state, rows[key])) is not state:
-                    current[k] = after
+                    current[k] = reopen(k, after, in_flight_record_row(state, rows[key]))
                     abandoned.append(k)
             fold = fold_rows(current, read, suppressed=suppressed, decided=outcome.decided)
             # (command, decision) of each history entry, built at once below
@@ -440,6 +466,7 @@ class Writer:
                 row = rows[key]
                 state = fold.states.get(k, EMPTY_STATE)
                 written = outcome.written.get(key)
+                in_flight = in_flight_record_row(state, row)
                 if written is not None:
                     read_before = outcome.read_before.get(key)
                     read_before_us = None if read_before is None else to_us(read_before)
@@ -449,11 +476,15 @@ class Writer:
                             window_start_us=us_of(start), window_end_us=us_of(end),
                             written_at_us=now_us, offset_us=offset_us,
                             read_before_us=read_before_us)
+                    if in_flight is not None:
+                        # the window the write was confirmed with, from its first start
+                        last_end = max(us_of(end) for _, _, end in written)
+                        state = reopen(k, state, (*in_flight[:3], last_end, *in_flight[4:]))
                     entries.append((command, "written"))
                 elif (key in outcome.failed or key in outcome.retry or key in outcome.suppressed
                       or key in outcome.unwritable or outcome.transient):
                     # surely not written (refused, or never sent): no echo is to be expected
-                    state = abandon_write_row(state, row)
+                    state = reopen(k, abandon_write_row(state, row), in_flight)
                     if key in outcome.failed:
                         entries.append((command, "failed"))
                 if key in outcome.unwritable and key not in outcome.failed:
@@ -468,7 +499,8 @@ class Writer:
             # the directory's rows and the contacts read go in the same transaction (contacts
             # are monotonic in their own time: no compare-and-set, as the reconciler's)
             revisions = await ledger.save_rows(
-                [(st.revision or None, k, st) for k, st in saved], history=fold.history,
+                [(st.revision or None, k, st) for k, st in saved],
+                history=[*fold.history, *reopened] if reopened else fold.history,
                 recorded_at=now, entries=domain.HistoryEntry.for_writes(entries, recorded_at=now),
                 contacts=list(outcome.contacts.values()),
                 subscriptions=[(self.account, row) for row in outcome.rows],

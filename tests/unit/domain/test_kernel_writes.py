@@ -33,6 +33,7 @@ from common.domain import (
     is_superseded,
     outstanding,
     record_write,
+    reopen,
     writer_should_apply,
 )
 from common.domain.clock import ZERO, duration_us, to_us
@@ -43,9 +44,19 @@ from common.domain.kernel_writes import (
     is_superseded_row,
     prune_writes_row,
     record_write_row,
+    reopen_row,
     writer_should_apply_row,
 )
-from common.domain.rows import StateRow, command_row, key_state, state_row, write_command
+from common.domain.rows import (
+    DECISIONS,
+    StateRow,
+    _write_row,
+    command_row,
+    key_state,
+    key_tuple,
+    state_row,
+    write_command,
+)
 from common.domain.sides import SIDE_CODES
 from common.domain.writes import IN_FLIGHT_LIMIT, prune_writes
 from tests.unit.domain.builders import T0, at, examples
@@ -420,3 +431,67 @@ def test_abandoning_forgets_only_the_write_in_flight() -> None:
     assert key_state(KEY, after) == abandon_write(state, command)
     assert [r.opted_in for r in key_state(KEY, after).writes.dynamics] == [False]
     assert abandon_write_row(after, command_row(command)) is after
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reopening:
+    """A state, a side and a closed write of it (for ``reopen``)."""
+
+    state: KeyState
+    side: Side
+    closed: WriteRecord
+    uncertainty: timedelta
+
+
+@st.composite
+def reopenings(draw: st.DrawFn) -> Reopening:
+    """Mostly the case rule 8 is for: an opt-in known, without a version, and an opt-out
+    register; the write's window drawn around that opt-in (in flight, or ending before or after
+    it)."""
+    state, side = draw(states), draw(sides)
+    known = state.known.get(side)
+    if draw(st.sampled_from([True, True, True, False])):  # the case itself, mostly
+        known = (Known(opted_in=True, as_of=draw(moments), offset=draw(offsets))
+                 if known is None else replace(known, opted_in=True, version=None, stamp=None))
+        state = state.with_known(side, known)
+        register = state.register or Register(opted_in=False, origin_time=draw(origins),
+                                              origin_side=draw(sides), change_id="drawn")
+        register = replace(register, opted_in=False)
+        if draw(booleans):  # well before the opt-in: it may move
+            register = replace(register, origin_time=known.as_of - timedelta(seconds=30),
+                               bounded_time=None)
+        state = replace(state, register=register)
+    around = known.as_of if known is not None and draw(booleans) else draw(moments)
+    start = around + draw(befores)
+    end = draw(st.sampled_from([None, around + draw(befores), around + draw(afters),
+                                start + draw(lengths)]))
+    if end is not None and end < start:
+        end = start
+    closed = WriteRecord(side=side, opted_in=draw(st.sampled_from([True, True, False])),
+                         register_origin_time=draw(origins), window_start=start,
+                         window_end=end, produced_version=None,
+                         written_at=None if end is None else end)
+    uncertainty = draw(st.sampled_from([ZERO, timedelta(milliseconds=300),
+                                        timedelta(seconds=1)]))
+    return Reopening(state=state, side=side, closed=closed, uncertainty=uncertainty)
+
+
+@examples(500)
+@given(case=reopenings())
+def test_reopen_row_is_reopen(case: Reopening) -> None:
+    """The same decision, or none, on rows: the same state after it and its outcome."""
+    expected = reopen(case.state, side=case.side, closed=case.closed,
+                      uncertainty=case.uncertainty)
+    got = reopen_row(state_row(case.state), key=key_tuple(KEY), side=SIDE_CODES[case.side],
+                     closed=_write_row(case.closed),
+                     uncertainty_us=duration_us(case.uncertainty))
+    if expected is None:
+        assert got is None
+        event("reopen: nothing decided again")
+        return
+    assert got is not None
+    after, history = got
+    assert key_state(KEY, after) == expected.state
+    assert DECISIONS[history[5]] == str(expected.outcome)
+    assert history[4] == f"reopened:{case.side}"
+    event(f"reopen: {expected.outcome}")

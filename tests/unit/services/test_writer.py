@@ -5,7 +5,9 @@ recognised as done (no second write); an opt-in the read before a write brings b
 dotdigital's clock was put back, which a fold already decided, sends no write again; a write
 that would wait out a vendor pause past its read's freshness is not sent; an opt-out's window
 ends where the measured clock places the answer, an opt-in's at the answer's Date header; a
-write throttled when it was sent again after its answer was lost is not taken as unsent."""
+write throttled when it was sent again after its answer was lost is not taken as unsent; an
+opt-in taken for the echo of a write that was then never sent is decided again, as a
+person's."""
 
 from __future__ import annotations
 
@@ -586,3 +588,76 @@ async def test_a_write_throttled_when_sent_again_after_its_answer_was_lost_may_h
         assert raised.value.earlier_maybe_delivered
         assert outcome.transient is None and not outcome.written  # not taken as unsent
         assert (await s.sim.stats())["writes_applied"] == before + 1  # it did land
+
+
+class FeedHeld(DotdigitalClient):
+    """Answers the opt-ins feed only once ``release`` is set."""
+
+    release: asyncio.Event
+
+    async def iter_opt_in_entries(self, preference_id: int, since: datetime, *,
+                                  wanted: Callable[[str], bool] | None = None
+                                  ) -> AsyncIterator[list[Any]]:
+        await self.release.wait()
+        async for page in super().iter_opt_in_entries(preference_id, since, wanted=wanted):
+            yield page
+
+
+async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_again(
+        tmp_path: Path) -> None:
+    """Rule 8 of common.domain.reconcile (a chaos run's missing opt-in): our write of a
+    Dynamics opt-in to dotdigital is begun beside the round's read, which takes long. Meanwhile
+    a newer Dynamics opt-out becomes the register, and the person opts in in dotdigital: the
+    reconciler takes that for our write's echo (a same-value opt-in while it is in flight).
+    The read then finds dotdigital holding the opt-in, so the write is never sent: at the
+    commit the opt-in is decided again, as the person's, and wins; Dynamics is to get it."""
+    async with scene(tmp_path) as s:
+        email = s.emails[0]
+        key = PreferenceKey(account=ACCOUNT, email=email, preference_id=s.preference)
+        now = datetime.now(UTC).replace(microsecond=0)
+        opt_in = Observation(key=key, side="dynamics", opted_in=True,
+                             origin_time=now - timedelta(seconds=10), version=1,
+                             change_id=f"dyn:{email}:1")
+        await s.bed.store.save([(None, domain.reconcile(None, opt_in).state, None)])
+        command = WriteCommand(email=email, preference_id=s.preference, side="dotdigital",
+                               opted_in=True, origin_time=opt_in.origin_time,
+                               origin_side="dynamics", change_id=opt_in.change_id)
+        store = BeginWatch(s.bed.store)
+        async with FeedHeld(config=dotdigital_config(s.sim.url)) as client:
+            client.release = asyncio.Event()
+            await s.bed.broker.publish_many(envelopes_by_shard(
+                account=ACCOUNT, source="reconciler", type="write-commands",
+                changes=[command], shards=SHARDS, run_id=None, id_seed="reopen",
+                route="writes", side="dotdigital"))
+            consume(s, s.writer(store=store, client=client).handle)
+            await store.begun.wait()
+            # as the reconciler decides, while the writer's read is held: the Dynamics opt-out
+            # (5 s before now), then the person's opt-in in dotdigital, taken for our echo
+            state = await s.state(email)
+            assert state.writes.dotdigital and state.writes.dotdigital[0].in_flight
+            opt_out = domain.reconcile(state, Observation(
+                key=key, side="dynamics", opted_in=False, origin_time=now - timedelta(seconds=5),
+                version=2, change_id=f"dyn:{email}:2"))
+            assert opt_out.outcome is domain.Outcome.APPLIED
+            await s.client.update_contact_preferences(email, {s.preference: True})
+            read = await s.client.subscriptions(email)
+            stamp = read.by_preference()[s.preference].modified
+            echo = domain.reconcile(opt_out.state, Observation(
+                key=key, side="dotdigital", opted_in=True, origin_time=stamp,
+                change_id=f"ec:{read.contact.id}:{s.preference}:{stamp.isoformat()}"))
+            assert echo.outcome is domain.Outcome.ECHO
+            await s.bed.store.save([(state.revision, echo.state, None)])
+            before = await s.writes()
+            client.release.set()
+            await s.bed.drained(*s.queues())
+        assert await s.writes() == before  # the write was needless: never sent
+        after = await s.state(email)
+        assert after.writes.dotdigital == ()
+        assert after.register is not None and after.register.opted_in
+        assert (after.register.origin_side, after.register.origin_time) == ("dotdigital", stamp)
+        assert after.pending.dynamics is not None and after.pending.dynamics.opted_in
+        assert await s.opted_in(email)
+        history = await s.bed.store.history(ACCOUNT, email)
+        assert [(h.side, h.decision) for h in history if h.change_id.startswith("reopened")] \
+            == [("dotdigital", "applied")]
+        assert s.bed.dead_letters() == []
