@@ -4,7 +4,8 @@ The ``/_sim/`` routes are a test-control surface of the simulators only; they ar
 either vendor's API and take no authentication. Tests, the demo and benchmarks drive them.
 
 ``PUT /_sim/journal {"enabled": true}`` starts (and empties) a journal of every preference
-write, each with the email, the dotdigital preference id, the value, the vendor's stamp and
+write, each with the email, the dotdigital preference id, the value, the vendor's stamp, the
+real time (``real_at``: the machine's clock, where the simulator's own may be shifted) and
 ``via`` (``api``: through the vendor's API; ``sim``: a ``/_sim/`` edit acting as a user);
 ``GET /_sim/journal`` reads it.
 
@@ -289,8 +290,11 @@ class SimControl:
         self.journal: list[dict[str, Any]] | None = None
 
     def note_write(self, entry: dict[str, Any]) -> None:
-        """Journal one preference write (a no-op unless the journal is enabled)."""
+        """Journal one preference write (a no-op unless the journal is enabled), with the real
+        time it was made at (``real_at``: the machine's clock, whatever the simulator's own
+        reads)."""
         if self.journal is not None:
+            entry["real_at"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
             self.journal.append(entry)
 
     def install(self, app: web.Application, *settings: Setting) -> None:

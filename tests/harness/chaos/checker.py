@@ -34,7 +34,8 @@ What is counted (each key once per count):
   measured uncertainty after it), and that show opt-out on every side: dotdigital stamps a
   write, not a change, so that write's read back may hide a person's opt-out it restamped,
   and the product lets the opt-out win (rule 2's exception of :mod:`common.domain.reconcile`).
-  Only where no vendor clock was stepped (the journal's times are the vendors' clocks);
+  Only where no vendor clock was stepped (a stamp the product places across a step ties more
+  widely than this counts); the write's time is the real one the simulator journaled;
 - ``overwritten_in_flight`` (reported apart, not a failure): keys whose wrong value is a write of
   ours that the vendor applied within ``race_window_s`` after a person changed that target the
   other way (the write was on its way before the change; see ``_overwrote_in_flight``);
@@ -324,7 +325,8 @@ def _lost_to_a_write_on_its_way(winner: Baseline | Edit,
     for entry in written:
         if entry["side"] == winner.side or entry["opted_in"]:
             continue
-        landed = parse_time(str(entry["at"]))
+        # real time: the vendor's clock that stamped it may have been shifted
+        landed = parse_time(str(entry.get("real_at") or entry["at"]))
         if landed - made > timedelta(seconds=on_its_way_s):
             continue
         if (_second(landed) >= _second(made)

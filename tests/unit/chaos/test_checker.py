@@ -363,6 +363,10 @@ def test_an_opt_in_made_while_our_opt_out_write_was_on_its_way_may_lose_to_it() 
     close = check(h, replace(before, clock_uncertainty_s=0.8))
     assert close.opt_ins_lost_to_a_write_on_its_way == 1
     assert check(h, replace(before, clock_uncertainty_s=0.4)).missing_opt_ins == 1
+    # dotdigital's clock 30 s ahead: the write's stamp is on it, its real time is not
+    shifted = _our_opt_out_to_dotdigital(64.95)
+    shifted["real_at"] = _our_opt_out_to_dotdigital(34.95)["at"]
+    assert check(h, replace(agreed(False), journal=[shifted])).ok
     stepped = replace(on_its_way, clock_steps=[ClockStep(side="dotdigital", at=at(1000),
                                                          seconds=-30)])
     assert check(h, stepped).missing_opt_ins == 1
