@@ -35,7 +35,7 @@ from services.cli.lookup import dotdigital_preferences, dynamics_preferences
 from services.cli.progress import Meter
 from services.cli.sync_now import sync_now
 from services.runtime.registry import Running, run_services
-from services.simulators.base import serving
+from services.simulators.base import TIE_RANGE_S, serving
 from services.simulators.dotdigital import DotdigitalSimulator
 from services.simulators.dynamics import DynamicsSimulator
 
@@ -139,6 +139,10 @@ async def run_demo(*, records: int, broker_url: str, keep: bool = False,
                     print("\n== First sync: both sides meet ==")
                     code = await sync_now(config=config, account=account, wait=True,
                                           timeout_s=600)
+                    # an opt-in made in Dynamics just after our opt-out write to dotdigital
+                    # landed ties with its read back, and the opt-out wins (rule 2's exception
+                    # of common.domain.reconcile): the edits come after the tie range
+                    await asyncio.sleep(TIE_RANGE_S)
                     print("\n== Edits on each side ==")
                     edits = await _edit_both_sides(http, dyn_url, dd_url, config=config,
                                                    account=account, records=records)

@@ -33,6 +33,15 @@ from aiohttp import web
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# Against these simulators, two changes on different sides tie when their spans in prefsync's
+# time base overlap: each is its vendor stamp less the measured offset, widened by that
+# offset's uncertainty (at most half a second: the simulators' Date headers are whole seconds),
+# and a Dataverse stamp is a whole second wide. Changes more than 1 + 2 * (0.5 + 0.5) s apart
+# never tie: a story (the demo, a test of something else) that wants a change surely later
+# than the writes of a sync makes it this long after the sync.
+TIE_RANGE_S = 3.2
+
+
 class SimClock:
     """The simulator's own clock: real UTC time, optionally shifted or frozen by tests."""
 

@@ -29,6 +29,7 @@ from common.config import Config
 from common.messaging.topology import Topology
 from common.vendors.dataverse.client import DataverseClient
 from common.vendors.dotdigital.client import DotdigitalClient
+from services.simulators.base import TIE_RANGE_S
 from tests.harness.queues import service_queues, wait_consuming
 from tests.harness.waiting import polled
 
@@ -46,12 +47,6 @@ _SCRUBBED = ("PREFSYNC_BROKER_URL", "PREFSYNC_STORE_URL", "PREFSYNC_CONFIG", "PR
 class WorldError(RuntimeError):
     """The world could not be built or driven (a process died, a call failed, a wait timed
     out)."""
-
-# two changes tie when their spans in our time base overlap: each is its vendor stamp less the
-# measured offset, widened by that offset's uncertainty (at most half a second here: the
-# simulators' Date headers are whole seconds), and a Dataverse stamp is a whole second wide, so
-# changes more than 1 + 2 * (0.5 + 0.5) s apart never tie
-TIE_RANGE_S = 3.2
 
 
 def process_env(*layers: Mapping[str, str]) -> dict[str, str]:
