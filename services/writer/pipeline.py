@@ -403,7 +403,9 @@ class Writer:
         suppressed = {email for email, c in contacts.items() if c.suppressed}
         estimate = outcome.time_base.estimates.get(self.side)
         offset_us = duration_us(estimate.offset) if estimate is not None else 0
-        uncertainty_us = round(estimate.uncertainty_s * 1e6) if estimate is not None else 0
+        # the clock's uncertainty as used now, drift since its last sample included
+        uncertainty_us = (duration_us(estimate.uncertainty_at(now)) if estimate is not None
+                          else 0)
         side_code = SIDE_CODES[self.side]
         # a batch's writes share a window or a few: each time converted once
         window_us: dict[datetime, int] = {}
