@@ -116,12 +116,6 @@ class KeyStates(RowStates, Protocol):
         of its writes in flight, read from the same snapshot (rule 2)."""
         ...
 
-    async def drop_writes(self, account: str, ids: Sequence[str]) -> None:
-        """Delete write batches whose writes were surely never sent (their round failed
-        before its vendor call): their records in flight go (:mod:`common.store.write_batches`,
-        rule 6)."""
-        ...
-
     async def states_for_email(self, account: str, email: str) -> list[KeyState]: ...
 
     async def history(self, account: str, email: str) -> list[HistoryEntry]:

@@ -694,11 +694,6 @@ class SqliteLedgerStore(_RowStates):
         async with self._transaction() as db:
             await db.execute(INSERT_WRITE_BATCH, batch.row())
 
-    async def drop_writes(self, account: str, ids: Sequence[str]) -> None:
-        """Delete write batches never sent (common.store.write_batches, rule 6)."""
-        async with self._transaction() as db:
-            await db.executemany(DELETE_WRITE_BATCH, [(account, i) for i in ids])
-
     async def _write(self, batch: SaveBatch) -> list[int]:
         def write(connection: sqlite3.Connection) -> None:
             transact(connection, "BEGIN IMMEDIATE", batch.write)

@@ -26,11 +26,12 @@ after it (the outcome): the writer's pipeline measured 42 µs of CPU per write w
    whose round still runs is harmless: its commit finds the records in the states instead
    (:meth:`services.writer.pipeline.Writer._folded`).
 5. Erasing an email takes its writes out of the open batches (:mod:`common.store.personal`).
-6. A round that fails before its vendor call deletes its batches: those writes were surely
-   never sent, and records left in flight would take a person's change of the same value for
-   their echo until they expire. A batch folded meanwhile (rule 4) is gone already, its
-   records kept in flight in the states, as after a crash (nothing is lost: at worst a
-   person's change of that value is taken for our echo).
+6. A round that fails before its vendor call ends its batches in a commit of its own, as it
+   ends those of writes its read made needless: those writes were surely never sent, so their
+   records go (left in flight, they would take a person's change of the same value for their
+   echo until they expire), and an opt-in taken for their echo meanwhile is decided again
+   (rule 8 of :mod:`common.domain.reconcile`). A batch folded meanwhile (rule 4) has its
+   records in the states: the commit forgets them there.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ by :mod:`common.messaging.rounds`), whatever the side:
    sink's decision needs nothing its read brings (dotdigital), the writes chosen from the
    states as loaded are begun while the read runs, not after it: a write the read then makes
    needless is not sent and its record goes at the commit; one it makes needed is begun
-   then;
+   then. A round that fails before its vendor call closes its writes so too, in a commit of
+   its own (:meth:`Writer._close_unsent`), then fails;
 6. **write** through the sink (:mod:`services.writer.dynamics`,
    :mod:`services.writer.dotdigital`);
 7. **commit** in one transaction what the write produced (the version, or the clock window),
@@ -234,7 +235,8 @@ class Writer:
                 await failpoints.reached("writer.after-vendor-write")
         except Exception:
             if not sending:
-                await self._drop_unsent(begun_batches)
+                await self._close_unsent(batch, owner, commands, rows, outcome, states=states,
+                                         contacts=contacts, begun=begun, batches=begun_batches)
             raise
         contacts.update(outcome.contacts)
         states = await self._commit_outcome(commands, rows, todo, outcome, states=states,
@@ -331,14 +333,26 @@ class Writer:
             states.update(begun)
         return added
 
-    async def _drop_unsent(self, batches: Sequence[str]) -> None:
-        """The round failed before its vendor call: its write batches go, with the records
-        in flight they gave (common.store.write_batches, rule 6). Best effort: records left
-        (the ledger failing too) stay in flight, as after a crash."""
+    async def _close_unsent(self, batch: Sequence[Delivery], owner: dict[PreferenceKey, int],
+                            commands: Commands, rows: Mapping[PreferenceKey, CommandRow],
+                            failed: WriteOutcome, *, states: Mapping[KeyTuple, StateRow],
+                            contacts: Mapping[str, ContactState], begun: Collection[PreferenceKey],
+                            batches: Sequence[str]) -> None:
+        """The round failed before its vendor call: its writes were surely never sent. They
+        are closed as any write the round found needless (common.store.write_batches, rule
+        6): one commit forgets their records and ends their batches, and an opt-in taken for
+        their echo meanwhile is decided again (rule 8 of :mod:`common.domain.reconcile`); its
+        correction goes out. Nothing the failed read brought is folded in (its retry reads
+        again). Best effort: records left (the ledger or the broker failing too) stay in
+        flight, as after a crash, and the redelivered commands publish the correction."""
         if not batches:
             return
+        closing = WriteOutcome(read_at=failed.read_at, time_base=failed.time_base)
         try:
-            await self._store.drop_writes(self.account, list(batches))
+            closed = await self._commit_outcome(
+                commands, rows, {}, closing, states=states, contacts=contacts,
+                batches=dict.fromkeys(batches, ()), dropped=list(begun))
+            await self._publish_corrections(batch, owner, closed, rows, closing)
         except Exception as exc:  # the round's own failure is the one raised
             log.warning("%s writer: the records of writes never sent stay in flight (%s: %s)",
                         self.side, type(exc).__name__, exc)

@@ -177,9 +177,6 @@ class OverlayStore:
     async def begin_writes(self, batch: WriteBatch) -> None:
         raise RuntimeError("a dry run writes nothing to the vendors")
 
-    async def drop_writes(self, account: str, ids: Sequence[str]) -> None:
-        raise RuntimeError("a dry run begins no write, so it drops none")
-
     async def read_batch(self, reads: BatchReads) -> BatchSnapshot:
         # through the view's own reads, which see its writes
         return await read_apart(self, reads)

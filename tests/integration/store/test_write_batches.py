@@ -12,7 +12,7 @@ import pytest
 
 from common.domain import KeyState, PreferenceKey, Register, WriteCommand
 from common.domain.clock import to_us
-from common.domain.kernel_writes import record_write_row
+from common.domain.kernel_writes import abandon_write_row, record_write_row
 from common.domain.rows import EMPTY_STATE, command_row, key_tuple, state_row
 from common.domain.sides import SIDE_CODES
 from common.store import LedgerStore
@@ -84,15 +84,18 @@ async def test_the_save_recording_the_outcome_ends_the_batch(store: LedgerStore)
     assert snapshot.write_batches == []
 
 
-async def test_dropping_a_batch_never_sent_takes_its_records_out_of_view(
-        store: LedgerStore) -> None:
-    """Rule 6: a round that failed before its vendor call drops its batch; another's stays,
-    and a batch gone already (folded) is dropped again harmlessly."""
+async def test_a_batch_never_sent_ends_with_its_records_forgotten(store: LedgerStore) -> None:
+    """Rule 6: a round that failed before its vendor call forgets its writes' records and ends
+    its batch in one save; another's batch stays, and a batch gone already (folded) is ended
+    again harmlessly."""
     ann, bob = key(email="ann@example.com"), key(email="bob@example.com")
     await store.save([(None, registered(ann), None), (None, registered(bob), None)])
     await store.begin_writes(batch("b1", ann))
     await store.begin_writes(batch("b2", bob))
-    await store.drop_writes("acme", ["b1", "gone"])
+    (k, loaded), = (await store.load_rows([key_tuple(ann)])).items()
+    forgotten = abandon_write_row(loaded, command_row(command(ann)))
+    await store.save_rows([(loaded.revision, k, forgotten)],
+                          ended_batches=[("acme", "b1"), ("acme", "gone")])
     assert in_flight((await store.load([ann]))[ann]) == []
     assert in_flight((await store.load([bob]))[bob]) == [False]
     snapshot = await store.read_batch(BatchReads(account="acme", states_of=[key_tuple(ann)]))

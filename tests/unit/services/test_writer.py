@@ -292,7 +292,8 @@ class FeedFailsAfterBegin(DotdigitalClient):
 
 
 class DropWatch(BeginWatch):
-    """The bed's ledger, counting begins and keeping the write batches dropped."""
+    """The bed's ledger, counting begins and keeping the write batches ended by a save that
+    recorded no write (closed as never sent)."""
 
     def __init__(self, store: Any) -> None:
         super().__init__(store)
@@ -303,9 +304,10 @@ class DropWatch(BeginWatch):
         self.begun_keys.append((batch.id, set(batch.keys)))
         await super().begin_writes(batch)
 
-    async def drop_writes(self, account: str, ids: Any) -> None:
-        self.dropped.extend(ids)
-        await self._store.drop_writes(account, ids)
+    async def save_rows(self, changes: Any, **parts: Any) -> Any:
+        if not any(e.decision == "written" for e in parts.get("entries", ())):
+            self.dropped.extend(batch_id for _, batch_id in parts.get("ended_batches", ()))
+        return await self._store.save_rows(changes, **parts)
 
 
 async def test_a_round_failing_before_its_vendor_call_drops_the_writes_it_began(
@@ -603,14 +605,34 @@ class FeedHeld(DotdigitalClient):
             yield page
 
 
+class FeedHeldThenFails(FeedHeld):
+    """Answers the opt-ins feed only once ``release`` is set, and the first time not at all:
+    the connection is lost."""
+
+    failed = False
+
+    async def iter_opt_in_entries(self, preference_id: int, since: datetime, *,
+                                  wanted: Callable[[str], bool] | None = None
+                                  ) -> AsyncIterator[list[Any]]:
+        await self.release.wait()
+        if not self.failed:
+            self.failed = True
+            raise TransportError(vendor="dotdigital", detail="connection reset")
+        async for page in super().iter_opt_in_entries(preference_id, since, wanted=wanted):
+            yield page
+
+
+@pytest.mark.parametrize("feed", [FeedHeld, FeedHeldThenFails], ids=["read", "read-failed"])
 async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_again(
-        tmp_path: Path) -> None:
+        tmp_path: Path, feed: type[FeedHeld]) -> None:
     """Rule 8 of common.domain.reconcile (a chaos run's missing opt-in): our write of a
     Dynamics opt-in to dotdigital is begun beside the round's read, which takes long. Meanwhile
     a newer Dynamics opt-out becomes the register, and the person opts in in dotdigital: the
     reconciler takes that for our write's echo (a same-value opt-in while it is in flight).
-    The read then finds dotdigital holding the opt-in, so the write is never sent: at the
-    commit the opt-in is decided again, as the person's, and wins; Dynamics is to get it."""
+    The read then finds dotdigital holding the opt-in (``read``), or fails (``read-failed``:
+    the round ends before its vendor call, common.store.write_batches, rule 6), so the write
+    is never sent: where it is closed, the opt-in is decided again, as the person's, and wins;
+    Dynamics is to get it."""
     async with scene(tmp_path) as s:
         email = s.emails[0]
         key = PreferenceKey(account=ACCOUNT, email=email, preference_id=s.preference)
@@ -623,7 +645,7 @@ async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_aga
                                opted_in=True, origin_time=opt_in.origin_time,
                                origin_side="dynamics", change_id=opt_in.change_id)
         store = BeginWatch(s.bed.store)
-        async with FeedHeld(config=dotdigital_config(s.sim.url)) as client:
+        async with feed(config=dotdigital_config(s.sim.url)) as client:
             client.release = asyncio.Event()
             await s.bed.broker.publish_many(envelopes_by_shard(
                 account=ACCOUNT, source="reconciler", type="write-commands",
@@ -660,4 +682,10 @@ async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_aga
         history = await s.bed.store.history(ACCOUNT, email)
         assert [(h.side, h.decision) for h in history if h.change_id.startswith("reopened")] \
             == [("dotdigital", "applied")]
+        # the correction went out: Dynamics is to be opted in
+        sent = [c for shard in range(SHARDS)
+                for c in s.bed.commands(Topology.writes_queue(ACCOUNT, "dynamics", shard))]
+        assert {(c.email, c.opted_in) for c in sent} == {(email, True)}
         assert s.bed.dead_letters() == []
+        if isinstance(client, FeedHeldThenFails):
+            assert client.failed  # the round that began the write failed, and was retried
