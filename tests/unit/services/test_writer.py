@@ -32,6 +32,7 @@ from common.messaging.envelope import WriteCommand
 from common.messaging.publishing import envelopes_by_shard
 from common.messaging.resilience import TransientFailure
 from common.messaging.topology import WRITES_EXCHANGE, Topology
+from common.ops import failpoints
 from common.store.interface import StoreUnavailable
 from common.vendors.base import ThrottledError, TransportError
 from common.vendors.clock_skew import TimeBase, measure_clock, record_samples
@@ -622,9 +623,12 @@ class FeedHeldThenFails(FeedHeld):
             yield page
 
 
-@pytest.mark.parametrize("feed", [FeedHeld, FeedHeldThenFails], ids=["read", "read-failed"])
+@pytest.mark.parametrize(("feed", "crash"), [(FeedHeld, False), (FeedHeldThenFails, False),
+                                             (FeedHeld, True)],
+                         ids=["read", "read-failed", "read-then-crash-after-commit"])
 async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_again(
-        tmp_path: Path, feed: type[FeedHeld]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, feed: type[FeedHeld],
+        crash: bool) -> None:
     """Rule 8 of common.domain.reconcile (a chaos run's missing opt-in): our write of a
     Dynamics opt-in to dotdigital is begun beside the round's read, which takes long. Meanwhile
     a newer Dynamics opt-out becomes the register, and the person opts in in dotdigital: the
@@ -632,7 +636,17 @@ async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_aga
     The read then finds dotdigital holding the opt-in (``read``), or fails (``read-failed``:
     the round ends before its vendor call, common.store.write_batches, rule 6), so the write
     is never sent: where it is closed, the opt-in is decided again, as the person's, and wins;
-    Dynamics is to get it."""
+    Dynamics is to get it. ``read-then-crash-after-commit``: the writer stops at the failpoint
+    ``writer.after-commit`` of the round that decided it (nothing published yet); the
+    redelivered command finds the key moved and publishes the correction."""
+    crashed: list[str] = []
+    if crash:
+        async def reached(name: str) -> None:
+            if name == "writer.after-commit" and not crashed:
+                crashed.append(name)
+                raise TransientFailure("stopped at writer.after-commit", dependency="dotdigital")
+
+        monkeypatch.setattr(failpoints, "reached", reached)
     async with scene(tmp_path) as s:
         email = s.emails[0]
         key = PreferenceKey(account=ACCOUNT, email=email, preference_id=s.preference)
@@ -689,3 +703,4 @@ async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_aga
         assert s.bed.dead_letters() == []
         if isinstance(client, FeedHeldThenFails):
             assert client.failed  # the round that began the write failed, and was retried
+        assert crashed == (["writer.after-commit"] if crash else [])
