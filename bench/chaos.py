@@ -38,7 +38,7 @@ from bench.suite import _host
 COUNTED = ("lost_opt_outs", "stale_opt_ins", "missing_opt_ins", "other_wrong",
            "unexpected_dead_letters", "outstanding_keys", "restarts_by_hand", "excess_writes",
            "ineligible_writes", "overwritten_in_flight", "unmeasured_skew", "tie_band_opt_outs",
-           "opt_ins_lost_to_a_write_on_its_way")
+           "opt_ins_lost_to_a_write_on_its_way", "opt_ins_taken_for_an_unanswered_write")
 
 
 def _git(*args: str) -> str:
@@ -180,7 +180,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{total.get('tie_band_opt_outs', 0)} opt-ins that lost a tie inside the clocks' "
         "uncertainty; "
         f"{total.get('opt_ins_lost_to_a_write_on_its_way', 0)} opt-ins made while an opt-out "
-        "write of ours to the other side was on its way, that lost to it), "
+        "write of ours to the other side was on its way, that lost to it; "
+        f"{total.get('opt_ins_taken_for_an_unanswered_write', 0)} opt-ins taken for the echo "
+        "of an opt-in write of ours there left unanswered), "
         f"{total.get('unexpected_dead_letters', 0)} unexpected dead letters, "
         f"{total.get('outstanding_keys', 0)} keys left with outstanding writes, "
         f"{total.get('restarts_by_hand', 0)} processes restarted by hand; converged "

@@ -5,9 +5,11 @@ either vendor's API and take no authentication. Tests, the demo and benchmarks d
 
 ``PUT /_sim/journal {"enabled": true}`` starts (and empties) a journal of every preference
 write, each with the email, the dotdigital preference id, the value, the vendor's stamp, the
-real time (``real_at``: the machine's clock, where the simulator's own may be shifted) and
-``via`` (``api``: through the vendor's API; ``sim``: a ``/_sim/`` edit acting as a user);
-``GET /_sim/journal`` reads it.
+real time (``real_at``: the machine's clock, where the simulator's own may be shifted),
+``via`` (``api``: through the vendor's API; ``sim``: a ``/_sim/`` edit acting as a user) and,
+for a write through the API, ``answered``: whether the caller was still there to receive the
+answer (false when it gave up first, as a client that timed out does, or the answer was lost
+by a fault); ``GET /_sim/journal`` reads it.
 
 Each simulator's settings (``faults``, ``clock``, and its own ``limits``) are read with
 ``GET /_sim/<name>`` and set with ``PUT``; ``POST /_sim/save`` writes the state file now (400
@@ -18,6 +20,7 @@ wrote what a side holds. Off by default (a benchmark's millions of writes are no
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -40,6 +43,33 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # never tie: a story (the demo, a test of something else) that wants a change surely later
 # than the writes of a sync makes it this long after the sync.
 TIE_RANGE_S = 3.2
+
+
+class RequestNote:
+    """Whether an API request's caller received its answer, for the journal entries of the
+    writes it made: those made while it is handled, and those made later on its behalf (an
+    accepted import, applied after its answer: a timer keeps the request's context)."""
+
+    def __init__(self) -> None:
+        self.answered: bool | None = None
+        self._entries: list[dict[str, Any]] = []
+
+    def journaled(self, entry: dict[str, Any]) -> None:
+        if self.answered is None:
+            self._entries.append(entry)
+        else:
+            entry["answered"] = self.answered
+
+    def answer(self, answered: bool) -> None:
+        self.answered = answered
+        for entry in self._entries:
+            entry["answered"] = answered
+        self._entries.clear()
+
+
+# The API request being handled (set by the middleware, in the request's own task context).
+_REQUEST: contextvars.ContextVar[RequestNote | None] = contextvars.ContextVar(
+    "sim_request", default=None)
 
 
 class SimClock:
@@ -301,10 +331,12 @@ class SimControl:
     def note_write(self, entry: dict[str, Any]) -> None:
         """Journal one preference write (a no-op unless the journal is enabled), with the real
         time it was made at (``real_at``: the machine's clock, whatever the simulator's own
-        reads)."""
+        reads); a write through the API is told ``answered`` when its request ends."""
         if self.journal is not None:
             entry["real_at"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
             self.journal.append(entry)
+            if (request := _REQUEST.get()) is not None:
+                request.journaled(entry)
 
     def install(self, app: web.Application, *settings: Setting) -> None:
         """The shared ``/_sim/`` routes, and the simulator's own ``settings``."""
@@ -332,8 +364,13 @@ class SimControl:
         method = request.method
         route = self._route_name(request)
         self.stats.count(f"{method} {route}")
+        note = RequestNote()
+        _REQUEST.set(note)
         delay = self.faults.latency_for(method, path)
         if delay > 0:
+            # the request is received whole first, as a server reads it before it works on it:
+            # a caller that gives up meanwhile does not stop it (its write lands all the same)
+            await request.read()
             await asyncio.sleep(delay)
         allowed, remaining, wait = self.faults.throttle_check(asyncio.get_running_loop().time())
         if not allowed:
@@ -350,6 +387,8 @@ class SimControl:
                 # applied, and the connection drops before the answer: the client cannot
                 # tell whether it was
                 request.transport.abort()
+            # a caller that gave up (its connection closed) never learns what this did
+            note.answer(request.transport is not None and not request.transport.is_closing())
         self.stats.statuses[str(response.status)] += 1
         if not response.prepared:
             # stamped by the simulator's clock, as a vendor's answers are by its own

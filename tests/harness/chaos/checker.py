@@ -36,6 +36,15 @@ What is counted (each key once per count):
   and the product lets the opt-out win (rule 2's exception of :mod:`common.domain.reconcile`).
   Only where no vendor clock was stepped (a stamp the product places across a step ties more
   widely than this counts); the write's time is the real one the simulator journaled;
+- ``opt_ins_taken_for_an_unanswered_write`` (reported apart, not a failure): keys whose
+  winning opt-in was made on one side while prefsync's write of an opt-in there had gone
+  unanswered (the simulator journaled it, its caller gone: it timed out), and that show
+  opt-out on every side. Such a write's fate is unknown to the product, and it may land
+  until the in-flight limit (:data:`common.domain.writes.IN_FLIGHT_LIMIT`) after it began:
+  an opt-in read there meanwhile is taken for its echo (``is_echo``), which never opts
+  anyone in. Taken for a person's, our write landing late would be a stale opt-in over the
+  opt-out made before it. Only where no answered write of ours of that value to that target
+  came between (which closes the record); the write's time is the real one journaled;
 - ``overwritten_in_flight`` (reported apart, not a failure): keys whose wrong value is a write of
   ours that the vendor applied within ``race_window_s`` after a person changed that target the
   other way (the write was on its way before the change; see ``_overwrote_in_flight``);
@@ -59,6 +68,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from common.domain import Side
+from common.domain.writes import IN_FLIGHT_LIMIT
 from tests.harness.chaos.history import (
     BASELINE_AT,
     Baseline,
@@ -220,6 +230,7 @@ class Verdict:
     other_wrong: int = 0
     tie_band_opt_outs: int = 0
     opt_ins_lost_to_a_write_on_its_way: int = 0
+    opt_ins_taken_for_an_unanswered_write: int = 0
     # keys wrong only because a vendor's clock was off while it could not be measured
     unmeasured_skew: int = 0
     skew_sensitive_keys: int = 0
@@ -335,6 +346,32 @@ def _lost_to_a_write_on_its_way(winner: Baseline | Edit,
     return False
 
 
+def _taken_for_an_unanswered_write(winner: Baseline | Edit,
+                                    written: Sequence[Mapping[str, Any]], *,
+                                    on_its_way_s: float) -> bool:
+    """The winning opt-in was made on one side while prefsync's write of an opt-in to that
+    side (``written``: prefsync's journaled writes of the key, by time) was unanswered: that
+    write landed no more than ``on_its_way_s`` after the opt-in (it began before it), or
+    before it by less than the in-flight limit, and no answered write of ours of an opt-in to
+    that target landed between (it would have closed the record)."""
+    if not isinstance(winner, Edit) or not winner.opted_in:
+        return False
+    made = winner.at - timedelta(seconds=winner.offset_s)
+    unanswered: dict[tuple[str, str, int], datetime] = {}
+    for entry in written:
+        landed = parse_time(str(entry.get("real_at") or entry["at"]))
+        if entry["side"] != winner.side or not entry["opted_in"]:
+            continue
+        if landed - made > timedelta(seconds=on_its_way_s):
+            continue  # began after the opt-in
+        target = _target(entry)
+        if entry.get("answered") is False:
+            unanswered[target] = landed
+        elif landed <= made:
+            unanswered.pop(target, None)  # confirmed: its record is closed
+    return any(made - landed < IN_FLIGHT_LIMIT for landed in unanswered.values())
+
+
 def check(history: History, observed: Observed, *, write_slack: int = 3,
           skew_tolerance_s: float = 2.0, race_window_s: float = 1.0,
           on_its_way_s: float = 7.0) -> Verdict:
@@ -409,6 +446,15 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
                                                 uncertainty_s=observed.clock_uncertainty_s)):
             verdict.opt_ins_lost_to_a_write_on_its_way += 1
             verdict.note("opt_ins_lost_to_a_write_on_its_way",
+                         {"email": key[0], "preference_id": key[1],
+                          "winner": _describe(expectation.winner)})
+            continue
+        if (want and views and all(value is False for _, _, value in views)
+                and _taken_for_an_unanswered_write(expectation.winner,
+                                                   ours_of_key.get(key, []),
+                                                   on_its_way_s=on_its_way_s)):
+            verdict.opt_ins_taken_for_an_unanswered_write += 1
+            verdict.note("opt_ins_taken_for_an_unanswered_write",
                          {"email": key[0], "preference_id": key[1],
                           "winner": _describe(expectation.winner)})
             continue

@@ -3,14 +3,18 @@ key with and tells users' changes from prefsync's by."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from common.vendors.base import TransportError
 from common.vendors.dataverse.client import DataverseClient
 from common.vendors.dataverse.schema import OPTED_IN, SUBSCRIPTIONS
 from common.vendors.dotdigital.client import DotdigitalClient
+from common.vendors.dotdigital.models import ImportContact
+from tests.harness.waiting import until
 
 from ..pipeline.conftest import World, make_world
 
@@ -58,3 +62,35 @@ async def test_journals_tell_users_edits_from_api_writes(tmp_path: Path) -> None
                 for e in dotdigital_entries] == [("sim", False, preference, email),
                                                  ("api", True, preference, email)]
         assert all(e["at"].endswith("Z") for e in dotdigital_entries)
+
+
+async def test_a_write_whose_caller_gave_up_is_journaled_unanswered(tmp_path: Path) -> None:
+    """A write through the API is journaled ``answered`` when its caller received the answer,
+    and not when the caller had given up before it came (a client that timed out while the
+    vendor was slow, as under the chaos suite's vendor-latency fault): the write landed all the
+    same, and the caller never learnt that it did."""
+    async with make_world(tmp_path, records=4, preferences=2) as world:
+        await world.call("PUT", f"{world.dd_url}/_sim/journal", {"enabled": True})
+        email, other, third = (p.email for p in world.people[:3])
+        preference = world.preferences[0].id
+        config = world.config.account(world.account).dotdigital
+        async with DotdigitalClient(config=config) as dotdigital:
+            await dotdigital.update_contact_preferences(email, {preference: True})
+        await world.faults("dotdigital", {"latency_ms": {"PUT /v2/contacts": 1500,
+                                                         "PUT /contacts/v3/import": 1500}})
+        impatient = replace(config, timeout_s=0.5, call_deadline_s=0.6)
+        async with DotdigitalClient(config=impatient) as dotdigital:
+            with pytest.raises(TransportError):
+                await dotdigital.update_contact_preferences(other, {preference: True})
+            # an import submitted so is applied after its (lost) answer, on its behalf
+            with pytest.raises(TransportError):
+                await dotdigital.start_import([ImportContact(email=third,
+                                                             preferences={preference: True})])
+
+        async def landed() -> list[dict[str, Any]] | None:
+            entries = await journal(world, world.dd_url)
+            return entries if {e["email"] for e in entries} >= {other, third} else None
+
+        entries = await until(landed, timeout_s=10, what="the slow writes landing")
+        assert [(e["email"], e["answered"]) for e in entries] == [
+            (email, True), (other, False), (third, False)]

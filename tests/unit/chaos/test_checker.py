@@ -370,3 +370,34 @@ def test_an_opt_in_made_while_our_opt_out_write_was_on_its_way_may_lose_to_it() 
     stepped = replace(on_its_way, clock_steps=[ClockStep(side="dotdigital", at=at(1000),
                                                          seconds=-30)])
     assert check(h, stepped).missing_opt_ins == 1
+
+
+def _our_opt_in_to_dotdigital(seconds: float, *, answered: bool) -> dict[str, Any]:
+    stamp = at(seconds).isoformat().replace("+00:00", "Z")
+    return {"side": "dotdigital", "email": A, "preference_id": P, "opted_in": True,
+            "at": stamp, "via": "api", "answered": answered}
+
+
+def test_an_opt_in_made_while_our_opt_in_write_there_was_unanswered_may_be_taken_for_it() -> None:
+    """An opt-in write of ours to dotdigital timed out (journaled unanswered; it landed at
+    20 s); the person opted out at 25 s and in again at 40 s, in dotdigital. The product cannot
+    tell that opt-in from our write landing late (which would opt them back in with a stale
+    value): opt-out on every side is accepted, counted apart; opt-in still passes. Not so when
+    a write of ours there was answered between, nor for a write answered, nor past the
+    in-flight limit."""
+    h = history(dyn(True, 15), dd(False, 25), dd(True, 40))
+    unanswered = replace(agreed(False), journal=[_our_opt_in_to_dotdigital(20, answered=False)])
+    verdict = check(h, unanswered)
+    assert verdict.ok, verdict.problems
+    assert (verdict.opt_ins_taken_for_an_unanswered_write, verdict.missing_opt_ins) == (1, 0)
+    assert check(h, replace(agreed(True), journal=unanswered.journal)).ok
+    answered = replace(agreed(False), journal=[_our_opt_in_to_dotdigital(20, answered=True)])
+    assert check(h, answered).missing_opt_ins == 1
+    closed = replace(unanswered, journal=[*unanswered.journal,
+                                          _our_opt_in_to_dotdigital(22, answered=True)])
+    assert check(h, closed).missing_opt_ins == 1
+    long_after = history(dyn(True, 15), dd(False, 25), dd(True, 20 + 601))
+    assert check(long_after, unanswered).missing_opt_ins == 1
+    # an opt-in made in Dynamics is never taken for the echo of a write to dotdigital
+    other_side = history(dyn(True, 15), dd(False, 25), dyn(True, 40, version=2))
+    assert check(other_side, unanswered).missing_opt_ins == 1
