@@ -210,8 +210,9 @@ class World:
     http: aiohttp.ClientSession
     # this account's dotdigital account in the simulator
     dd_account: str = DD_ACCOUNT
-    # when the last sync this world waited for ended (``time.monotonic()``)
-    synced_at: float | None = None
+    # until when (``time.monotonic()``) a Dynamics opt-in could tie with a write to dotdigital
+    # of a sync this world waited for: :data:`TIE_RANGE_S` after the last such sync ended
+    ties_until: float | None = None
 
     # --- the simulators ------------------------------------------------------------------------
     def url_of(self, side: str) -> str:
@@ -257,15 +258,20 @@ class World:
             await self.set_clock(side, {})
 
     # --- the vendors, as their users change them --------------------------------------------
+    def synced(self, summary: Mapping[str, Any]) -> None:
+        """A sync this world waited for ended now, with ``summary`` (its counts)."""
+        if summary.get("applied_to_dotdigital"):
+            self.ties_until = time.monotonic() + TIE_RANGE_S
+
     async def past_ties(self) -> None:
-        """Until a change made now is surely later than whatever the last sync wrote, on every
-        clock: :data:`TIE_RANGE_S` after it ended. An opt-in made in Dynamics within the
-        measured clocks' uncertainty (and Dataverse's whole second) of our opt-out write to
-        dotdigital landing ties with that write's read back, and the opt-out wins (rule 2's
-        exception of :mod:`common.domain.reconcile`): the tests' Dynamics opt-ins, made for
-        other ends, are made past that."""
-        if self.synced_at is not None:
-            await asyncio.sleep(self.synced_at + TIE_RANGE_S - time.monotonic())
+        """Until a change made now is surely later than whatever the syncs wrote to
+        dotdigital, on every clock: :data:`TIE_RANGE_S` after the last that wrote there ended.
+        An opt-in made in Dynamics within the measured clocks' uncertainty (and Dataverse's
+        whole second) of our opt-out write to dotdigital landing ties with that write's read
+        back, and the opt-out wins (rule 2's exception of :mod:`common.domain.reconcile`): the
+        tests' Dynamics opt-ins, made for other ends, are made past that."""
+        if self.ties_until is not None:
+            await asyncio.sleep(self.ties_until - time.monotonic())
 
     async def edit_dynamics(self, email: str, preference_id: int, opted_in: bool | None) -> Any:
         """Set (None: clear) one preference on the records with ``email``: the simulator's

@@ -7,7 +7,6 @@ import contextlib
 import io
 import os
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -160,7 +159,7 @@ class World(harness.World):
     async def sync(self, timeout_s: float = 120) -> dict[str, Any]:
         summary = await sync_and_wait(config=self.config, account=self.account,
                                       timeout_s=timeout_s)
-        self.synced_at = time.monotonic()
+        self.synced(summary)
         return summary
 
     async def stop(self) -> None:
