@@ -364,7 +364,8 @@ class SimControl:
         method = request.method
         route = self._route_name(request)
         self.stats.count(f"{method} {route}")
-        note = RequestNote()
+        # only while the journal is kept: a benchmark's millions of requests pay nothing
+        note = RequestNote() if self.journal is not None else None
         _REQUEST.set(note)
         delay = self.faults.latency_for(method, path)
         if delay > 0:
@@ -387,8 +388,10 @@ class SimControl:
                 # applied, and the connection drops before the answer: the client cannot
                 # tell whether it was
                 request.transport.abort()
-            # a caller that gave up (its connection closed) never learns what this did
-            note.answer(request.transport is not None and not request.transport.is_closing())
+            if note is not None:
+                # a caller that gave up (its connection closed) never learns what this did
+                note.answer(request.transport is not None
+                            and not request.transport.is_closing())
         self.stats.statuses[str(response.status)] += 1
         if not response.prepared:
             # stamped by the simulator's clock, as a vendor's answers are by its own

@@ -322,6 +322,12 @@ def _overwrote_in_flight(entries: Sequence[Mapping[str, Any]], user: set[tuple[s
     return timedelta(0) <= gap <= timedelta(seconds=window_s)
 
 
+def _real_time(entry: Mapping[str, Any]) -> datetime:
+    """When a journaled write landed, in real time: the vendor's clock that stamped it may
+    have been shifted."""
+    return parse_time(str(entry.get("real_at") or entry["at"]))
+
+
 def _lost_to_a_write_on_its_way(winner: Baseline | Edit,
                                 written: Sequence[Mapping[str, Any]], *,
                                 on_its_way_s: float, uncertainty_s: float) -> bool:
@@ -336,8 +342,7 @@ def _lost_to_a_write_on_its_way(winner: Baseline | Edit,
     for entry in written:
         if entry["side"] == winner.side or entry["opted_in"]:
             continue
-        # real time: the vendor's clock that stamped it may have been shifted
-        landed = parse_time(str(entry.get("real_at") or entry["at"]))
+        landed = _real_time(entry)
         if landed - made > timedelta(seconds=on_its_way_s):
             continue
         if (_second(landed) >= _second(made)
@@ -359,9 +364,9 @@ def _taken_for_an_unanswered_write(winner: Baseline | Edit,
     made = winner.at - timedelta(seconds=winner.offset_s)
     unanswered: dict[tuple[str, str, int], datetime] = {}
     for entry in written:
-        landed = parse_time(str(entry.get("real_at") or entry["at"]))
         if entry["side"] != winner.side or not entry["opted_in"]:
             continue
+        landed = _real_time(entry)
         if landed - made > timedelta(seconds=on_its_way_s):
             continue  # began after the opt-in
         target = _target(entry)
@@ -435,28 +440,24 @@ def check(history: History, observed: Observed, *, write_slack: int = 3,
     for key, expectation in sorted(expected.items()):
         want = expectation.opted_in
         views = shown.get(key, [])
-        if (want and expectation.opt_out_acceptable and views
-                and all(value is False for _, _, value in views)):
+        # an opt-in expected and opt-out shown everywhere: the prices counted apart below
+        opted_out = want and bool(views) and all(value is False for _, _, value in views)
+        if opted_out and expectation.opt_out_acceptable:
             verdict.tie_band_opt_outs += 1  # a tie within the clocks' uncertainty
             continue
-        if (want and not observed.clock_steps and views
-                and all(value is False for _, _, value in views)
-                and _lost_to_a_write_on_its_way(expectation.winner, ours_of_key.get(key, []),
-                                                on_its_way_s=on_its_way_s,
-                                                uncertainty_s=observed.clock_uncertainty_s)):
-            verdict.opt_ins_lost_to_a_write_on_its_way += 1
-            verdict.note("opt_ins_lost_to_a_write_on_its_way",
-                         {"email": key[0], "preference_id": key[1],
-                          "winner": _describe(expectation.winner)})
-            continue
-        if (want and views and all(value is False for _, _, value in views)
-                and _taken_for_an_unanswered_write(expectation.winner,
-                                                   ours_of_key.get(key, []),
-                                                   on_its_way_s=on_its_way_s)):
-            verdict.opt_ins_taken_for_an_unanswered_write += 1
-            verdict.note("opt_ins_taken_for_an_unanswered_write",
-                         {"email": key[0], "preference_id": key[1],
-                          "winner": _describe(expectation.winner)})
+        ours_here = ours_of_key.get(key, [])
+        price = ("opt_ins_lost_to_a_write_on_its_way" if opted_out and not observed.clock_steps
+                 and _lost_to_a_write_on_its_way(
+                     expectation.winner, ours_here, on_its_way_s=on_its_way_s,
+                     uncertainty_s=observed.clock_uncertainty_s)
+                 else "opt_ins_taken_for_an_unanswered_write" if opted_out
+                 and _taken_for_an_unanswered_write(expectation.winner, ours_here,
+                                                    on_its_way_s=on_its_way_s)
+                 else None)
+        if price is not None:
+            setattr(verdict, price, getattr(verdict, price) + 1)
+            verdict.note(price, {"email": key[0], "preference_id": key[1],
+                                 "winner": _describe(expectation.winner)})
             continue
         wrong: list[tuple[list[str], dict[str, Any], bool]] = []
         for side, who, value in views:

@@ -88,3 +88,28 @@ class Failing:
         if self.left:
             self.left -= 1
             raise self._error
+
+
+class FailsOnce:
+    """``target`` (the bed's store or broker, say) whose first call of ``method`` fails as
+    ``error``, as a crash or an outage at that moment would leave it: what was done before
+    stays done. Every other call goes through; ``failed`` tells whether it did fail."""
+
+    def __init__(self, target: Any, *, method: str, error: BaseException) -> None:
+        self._target = target
+        self._method = method
+        self._error = error
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._target, name)
+        if name != self._method:
+            return found
+
+        async def once(*args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                self.failed = True
+                raise self._error
+            return await found(*args, **kwargs)
+
+        return once

@@ -38,7 +38,7 @@ from common.messaging.topology import CHANGES_EXCHANGE, Topology, shard_of
 from common.store.directory import RecordRef
 from common.vendors.clock_skew import record_samples
 from services.reconciler.service import Reconciler
-from tests.unit.services.support import ACCOUNT, SHARDS, Bed, Failing, bed
+from tests.unit.services.support import ACCOUNT, SHARDS, Bed, Failing, FailsOnce, bed
 
 pytestmark = pytest.mark.anyio
 PREFERENCE = 1001
@@ -301,24 +301,6 @@ async def test_an_opt_out_parked_and_resubscribed_in_one_batch_is_folded_in(
         assert [h.decision for h in history] == ["suppressed", "applied"]
 
 
-class ParkingFailsOnce:
-    """The bed's store, whose first parking fails as a crash there would leave it: what the
-    batch did before stays done, the batch is not acked."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self.failed = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    async def park_observations(self, observations: Any) -> None:
-        if not self.failed:
-            self.failed = True
-            raise TransientFailure("the ledger went away", dependency="store")
-        await self._store.park_observations(observations)
-
-
 @pytest.mark.parametrize("crash", [False, True], ids=["", "failing-before-parking"])
 async def test_a_change_parked_after_a_resubscription_in_its_batch_stays_parked(
         tmp_path: Path, crash: bool) -> None:
@@ -333,7 +315,9 @@ async def test_a_change_parked_after_a_resubscription_in_its_batch_stays_parked(
             *status_change("Subscribed", at=NOW + timedelta(seconds=2)),
             *status_change("Suppressed", at=NOW + timedelta(seconds=3)),
             *dynamics_change(False, version=4)])
-        store = ParkingFailsOnce(b.store) if crash else b.store
+        store = (FailsOnce(b.store, method="park_observations",
+                           error=TransientFailure("the ledger went away", dependency="store"))
+                 if crash else b.store)
         handle = Reconciler(account=ACCOUNT, store=store, publisher=b.broker,
                             shards=SHARDS).handle
         await reconciler(b)  # (the read mark it sets)

@@ -41,7 +41,7 @@ from common.vendors.dotdigital.feed import EPOCH
 from services.writer.dotdigital import READ_FRESH_S, DotdigitalSink
 from services.writer.pipeline import Writer
 from services.writer.sink import WriteOutcome
-from tests.unit.services.support import ACCOUNT, SHARDS, Bed, Failing, bed
+from tests.unit.services.support import ACCOUNT, SHARDS, Bed, Failing, FailsOnce, bed
 from tests.unit.vendors.support import DD_ACCOUNT, SimControl, dotdigital_config, dotdigital_sim
 
 pytestmark = pytest.mark.anyio
@@ -55,14 +55,16 @@ class Scene:
     emails: list[str]
     preference: int
 
-    def writer(self, *, store: Any = None, client: DotdigitalClient | None = None) -> Writer:
+    def writer(self, *, store: Any = None, client: DotdigitalClient | None = None,
+               publisher: Any = None) -> Writer:
         """A writer to dotdigital over the bed's ledger (or ``store``), through the scene's
-        client (or ``client``)."""
+        client (or ``client``), publishing to the bed's broker (or ``publisher``)."""
         store = store or self.bed.store
         sink = DotdigitalSink(account=ACCOUNT, store=store, client=client or self.client,
                               shards=SHARDS)
-        return Writer(account=ACCOUNT, sink=sink, store=store, publisher=self.bed.broker,
-                      shards=SHARDS, dead_letters=self.bed.dead_letterer("writer"))
+        return Writer(account=ACCOUNT, sink=sink, store=store,
+                      publisher=publisher or self.bed.broker, shards=SHARDS,
+                      dead_letters=self.bed.dead_letterer("writer"))
 
     def queues(self) -> list[str]:
         return [Topology.writes_queue(ACCOUNT, "dotdigital", s) for s in range(SHARDS)]
@@ -624,8 +626,9 @@ class FeedHeldThenFails(FeedHeld):
 
 
 @pytest.mark.parametrize(("feed", "crash"), [(FeedHeld, False), (FeedHeldThenFails, False),
-                                             (FeedHeld, True)],
-                         ids=["read", "read-failed", "read-then-crash-after-commit"])
+                                             (FeedHeld, True), (FeedHeldThenFails, True)],
+                         ids=["read", "read-failed", "read-then-crash-after-commit",
+                              "read-failed-then-correction-lost"])
 async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, feed: type[FeedHeld],
         crash: bool) -> None:
@@ -638,9 +641,12 @@ async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_aga
     is never sent: where it is closed, the opt-in is decided again, as the person's, and wins;
     Dynamics is to get it. ``read-then-crash-after-commit``: the writer stops at the failpoint
     ``writer.after-commit`` of the round that decided it (nothing published yet); the
-    redelivered command finds the key moved and publishes the correction."""
+    redelivered command finds the key moved and publishes the correction.
+    ``read-failed-then-correction-lost``: the round that failed before its vendor call closed
+    its write, and the correction's publish failed (the window between that commit and the
+    publish); the redelivered command publishes it."""
     crashed: list[str] = []
-    if crash:
+    if crash and feed is FeedHeld:
         async def reached(name: str) -> None:
             if name == "writer.after-commit" and not crashed:
                 crashed.append(name)
@@ -659,13 +665,16 @@ async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_aga
                                opted_in=True, origin_time=opt_in.origin_time,
                                origin_side="dynamics", change_id=opt_in.change_id)
         store = BeginWatch(s.bed.store)
+        publisher = (FailsOnce(s.bed.broker, method="publish_many",
+                               error=ConnectionError("the broker connection was lost"))
+                     if crash and feed is not FeedHeld else None)
         async with feed(config=dotdigital_config(s.sim.url)) as client:
             client.release = asyncio.Event()
             await s.bed.broker.publish_many(envelopes_by_shard(
                 account=ACCOUNT, source="reconciler", type="write-commands",
                 changes=[command], shards=SHARDS, run_id=None, id_seed="reopen",
                 route="writes", side="dotdigital"))
-            consume(s, s.writer(store=store, client=client).handle)
+            consume(s, s.writer(store=store, client=client, publisher=publisher).handle)
             await store.begun.wait()
             # as the reconciler decides, while the writer's read is held: the Dynamics opt-out
             # (5 s before now), then the person's opt-in in dotdigital, taken for our echo
@@ -703,4 +712,5 @@ async def test_an_opt_in_taken_for_the_echo_of_a_write_never_sent_is_decided_aga
         assert s.bed.dead_letters() == []
         if isinstance(client, FeedHeldThenFails):
             assert client.failed  # the round that began the write failed, and was retried
-        assert crashed == (["writer.after-commit"] if crash else [])
+        assert crashed == (["writer.after-commit"] if crash and feed is FeedHeld else [])
+        assert publisher is None or publisher.failed
