@@ -92,5 +92,8 @@ async def test_a_write_whose_caller_gave_up_is_journaled_unanswered(tmp_path: Pa
             return entries if {e["email"] for e in entries} >= {other, third} else None
 
         entries = await until(landed, timeout_s=10, what="the slow writes landing")
-        assert [(e["email"], e["answered"]) for e in entries] == [
-            (email, True), (other, False), (third, False)]
+        # (the client may have sent the slow PUT again before its deadline: each lands)
+        answered: dict[str, set[bool]] = {}
+        for entry in entries:
+            answered.setdefault(entry["email"], set()).add(entry["answered"])
+        assert answered == {email: {True}, other: {False}, third: {False}}
