@@ -96,6 +96,33 @@ async def test_edit_helper_acts_as_the_contact() -> None:
                                    user=None)).status == 400
 
 
+async def test_edits_apply_in_order_and_a_refused_one_stops_no_other() -> None:
+    async with running() as sim:
+        seeded = await sim.seed(records=2, preferences=2)
+        first, second = seeded["emails"]
+        p1, p2 = seeded["preferences"]
+        answer = await sim.ok("POST", "/_sim/dotdigital/edits", user=None, json={"edits": [
+            {"email": first, "preferences": {str(p1): True}},
+            {"email": "nobody@example.com", "preferences": {str(p1): True}},
+            {"email": first, "preferences": {str(p1): False, str(p2): True}},
+            {"email": second, "preferences": {"777": True}},
+            {"email": second, "status": "Unsubscribed", "preferences": {str(p2): False}}]})
+        results = answer["results"]
+        assert [("error" in r) for r in results] == [False, True, False, True, False]
+        assert "nobody@example.com" in results[1]["error"]
+        # the later edit of the same contact won, as a later request would have
+        states = {o["marketingPreferenceId"]: o["isOptedIn"]
+                  for o in (await sim.edit(first))["marketingPreferenceOptIns"]}
+        assert states[p1] is False and states[p2] is True
+        other = await sim.edit(second)
+        assert other["contact"]["status"] == "Unsubscribed"
+        assert {o["marketingPreferenceId"]: o["isOptedIn"]
+                for o in other["marketingPreferenceOptIns"]}[p2] is False
+        for body in ({}, {"edits": {"email": first}}):
+            assert (await sim.call("POST", "/_sim/dotdigital/edits", json=body,
+                                   user=None)).status == 400
+
+
 async def test_reset_and_stats() -> None:
     async with running() as sim:
         await sim.seed(records=3, preferences=1)

@@ -81,6 +81,28 @@ async def test_edit_as_a_user_would() -> None:
         assert refused.json["error"]["code"] == "0x80040265"
 
 
+async def test_edits_apply_in_order_each_answered_in_its_place() -> None:
+    async with organisation() as org:
+        made = await org.seed(records=5, preferences=2, seed=5)
+        first, second = made["sample_emails"][:2]
+        pref_id = seeding.leaf_preferences(2, 5)[0].id
+        edited = await org.sim("POST", "dynamics/edits", {"edits": [
+            {"email": first, "preference_id": pref_id, "status": "opted_in"},
+            {"email": "nobody@example.com", "preference_id": pref_id, "status": "opted_in"},
+            {"email": first, "preference_id": pref_id, "status": "opted_out"},
+            {"email": second, "set": {"statecode": 1}},
+            {"email": second, "preference_id": pref_id, "status": "opted_in"}]})
+        assert edited.status == 200, edited.text
+        results = edited.json["results"]
+        assert [r.get("status") for r in results] == [None, 400, None, None, 400]
+        assert results[4]["error"]["code"] == "0x80040265"  # an inactive record's, as /edit
+        assert results[0]["id"] == results[2]["id"]
+        assert results[2]["versionnumber"] > results[0]["versionnumber"]
+        sub = (await org.get(f"psync_marketingpreferencesubscriptions({results[2]['id']})")).json
+        assert sub["psync_status"] == 100000001  # the later edit won
+        assert (await org.sim("POST", "dynamics/edits", {"edits": "no"})).status == 400
+
+
 async def test_state_file_round_trip(tmp_path: Path) -> None:
     state = tmp_path / "dynamics.json"
     async with organisation(state_file=state) as org:

@@ -49,6 +49,9 @@ Limits
     preferences, which a suppression does not stop. ``stamped_ago_s`` stamps the change that
     long ago: one committed earlier that becomes visible only now. Answers the contact's
     subscriptions.
+    ``POST /_sim/dotdigital/edits {"edits": [<an edit's body>, ...]}`` — several contacts'
+    edits in one request, applied in order; ``results`` holds each one's contact id, or its
+    error where it was refused, the others applied all the same.
     ``POST /_sim/dotdigital/imports/run`` — finish every waiting import now.
     ``GET /_sim/dotdigital/accounts`` — accounts, API user names, sizes (contacts, leaf
     preferences, preference states set) and first contact id.
