@@ -65,14 +65,16 @@ class World(harness.World):
                    dynamics_states: str = "sample", dotdigital_states: str = "sample",
                    created_s_ago: int = 0) -> dict[str, Any]:
         """Both simulators with the same people and ``preferences``; the states of each side
-        as asked; the Dataverse rows and list memberships created ``created_s_ago`` before."""
+        as asked; the Dataverse rows and list memberships created ``created_s_ago`` before, and
+        dotdigital's contacts and opt-ins stamped then."""
         base = {"records": records, "preferences": preferences, "seed": SEED}
         dynamics, dotdigital = await asyncio.gather(
             self.post(f"{self.dyn_url}/_sim/seed",
                       {**base, "account": self.account, "states": dynamics_states,
                        "created_s_ago": created_s_ago}),
             self.post(f"{self.dd_url}/_sim/seed",
-                      {**base, "account": self.dd_account, "states": dotdigital_states}))
+                      {**base, "account": self.dd_account, "states": dotdigital_states,
+                       "created_s_ago": created_s_ago}))
         return {"dynamics": dynamics, "dotdigital": dotdigital}
 
     async def limits(self, side: str, body: dict[str, Any]) -> Any:

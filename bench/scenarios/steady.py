@@ -1,22 +1,22 @@
 """steady: a steady stream of changes on both sides, a sync every few seconds.
 
-Both simulators are seeded with the sample data, as an account whose lists were filled an hour
-before, and synced once (set-up, not measured). Then people change preferences on both sides at
-``rate`` changes a second (half in Dynamics, half in dotdigital, each a single preference
-flipped through the simulators' edit routes, as a user would; the edits due in a tick of
-:data:`TICK_S` go to each simulator in one request, each applied as its own edit, so that the
-bench's requests do not take the machine's cores from the product as a request an edit did) for
-``seconds``, while a sync is triggered every ``sync_every_s``. The latency of each write is
-from the poll that read its change to the progress event that reports the write accepted by the
-vendor (and committed to the ledger); the figure is its 99th percentile over every write. The
-poll's time is when the poller published the page's changes (right after reading them), as the
-reconciler reports it; the latency from the start of the run is reported beside it. Afterwards
-a final sync, and a sample of the edited keys must hold the same value on both sides. Every
-process's CPU from the start of the load until its last changes are written is reported per
-change made, the simulators apart, as the backfill's is. What the simulators spend on the edits
-themselves (the load, not the product's calls) is left out of their figure and reported apart:
-before the services start, a couple of thousand edits on each side measure what one costs its
-simulator.
+Both simulators are seeded with the sample data, as an account whose lists were filled (and
+opt-ins stamped) an hour before, and synced once (set-up, not measured). Then people change
+preferences on both sides at ``rate`` changes a second (half in Dynamics, half in dotdigital,
+each a single preference flipped through the simulators' edit routes, as a user would; the
+edits due in a tick of :data:`TICK_S` go to each simulator in one request, each applied as its
+own edit, so that the bench's requests do not take the machine's cores from the product as a
+request an edit did) for ``seconds``, while a sync is triggered every ``sync_every_s``. The
+latency of each write is from the poll that read its change to the progress event that reports
+the write accepted by the vendor (and committed to the ledger); the figure is its 99th
+percentile over every write. The poll's time is when the poller published the page's changes
+(right after reading them), as the reconciler reports it; the latency from the start of the run
+is reported beside it. Afterwards a final sync, and a sample of the edited keys must hold the
+same value on both sides. Every process's CPU from the start of the load until its last changes
+are written is reported per change made, the simulators apart, as the backfill's is. What the
+simulators spend on the edits themselves (the load, not the product's calls) is left out of
+their figure and reported apart: before the services start, a couple of thousand edits on each
+side measure what one costs its simulator.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ CHECKED_KEYS = 40
 # Edits on each side made before the services start, to learn what one costs its simulator
 # (enough to be timed well by CPU counters that tick every 10 ms).
 CALIBRATION_EDITS = 2000
-# The seeded Dataverse rows and list memberships were created this long before the run: an
-# account in its steady state. (Filled just now, every sync would read all the lists' members
-# again, as the dynamics-poller does for a while after a bulk add: not the work measured.)
+# The seeded Dataverse rows and list memberships were created, and dotdigital's opt-ins
+# stamped, this long before the run: an account in its steady state. (Filled just now, every
+# sync would read all the lists' members again, as the dynamics-poller does for a while after a
+# bulk add, and every read of a feed's overlap would hold every seeded opt-in: not the work
+# measured.)
 LISTS_FILLED_S_AGO = 3600
 
 

@@ -120,6 +120,20 @@ def seeded_state(mode: str, seed: int, side: str, email: str, preference_id: int
     return value
 
 
+# ``created_s_ago`` at most: ten years
+MAX_CREATED_S_AGO = 10 * 365 * 86_400
+
+
+def created_s_ago(body: Mapping[str, Any]) -> float:
+    """The ``"created_s_ago"`` field of a seed request (default 0), checked: how long before the
+    seed its data was made, as in an account filled long ago."""
+    ago = body.get("created_s_ago", 0)
+    if (not isinstance(ago, int | float) or isinstance(ago, bool)
+            or not 0 <= ago <= MAX_CREATED_S_AGO):
+        raise ValueError(f"created_s_ago must be seconds from 0 to {MAX_CREATED_S_AGO}")
+    return ago
+
+
 def state_mode(body: Mapping[str, Any]) -> str:
     """The ``"states"`` field of a seed request, checked."""
     mode = body.get("states", "sample")

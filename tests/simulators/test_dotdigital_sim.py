@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,25 @@ async def test_edit_helper_acts_as_the_contact() -> None:
                      {"email": email, "account": 5}):
             assert (await sim.call("POST", "/_sim/dotdigital/edit", json=body,
                                    user=None)).status == 400
+
+
+async def test_a_seed_can_be_an_account_whose_opt_ins_were_stamped_long_ago() -> None:
+    async with running() as sim:
+        now = await sim.ok("GET", "/v2/server-time")
+        seeded = await sim.ok("POST", "/_sim/seed", user=None, json={
+            "records": 6, "preferences": 1, "seed": 3, "states": "all", "created_s_ago": 3600})
+        pref = seeded["preferences"][0]
+        assert await sim.ok("GET", f"/v2/contacts/with-preference/{pref}/opt-ins-since/{now}") \
+            == []
+        hour_ago = (datetime.fromisoformat(now.replace("Z", "+00:00"))
+                    - timedelta(hours=1, seconds=1)).isoformat().replace("+00:00", "Z")
+        rows = await sim.ok("GET", f"/v2/contacts/with-preference/{pref}/opt-ins-since/{hour_ago}")
+        assert len(rows) == 6
+        for bad in (-1, "soon", 1e12, True):
+            answer = await sim.call("POST", "/_sim/seed", user=None,
+                                    json={"records": 2, "created_s_ago": bad})
+            assert answer.status == 400, bad
+            assert "created_s_ago" in answer.text
 
 
 async def test_edits_apply_in_order_and_a_refused_one_stops_no_other() -> None:

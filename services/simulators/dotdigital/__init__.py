@@ -37,10 +37,12 @@ Limits
     ``import_delay_s``.
 
 ``/_sim/`` (no auth; see ``base.SimControl`` for reset, seed, faults, clock, stats)
-    ``POST /_sim/seed {"records", "preferences", "seed", "account"?, "states"?}`` replaces one
-    account's data (default: the first) with ``seeding``'s sample: the preference tree with its
-    ids, subscribed contacts with sequential ids, and initial opt-in states stamped now
-    (``"states": "all"`` sets every state, ``"none"`` none: the contacts only).
+    ``POST /_sim/seed {"records", "preferences", "seed", "account"?, "states"?,
+    "created_s_ago"?}`` replaces one account's data (default: the first) with ``seeding``'s
+    sample: the preference tree with its ids, subscribed contacts with sequential ids, and
+    initial opt-in states stamped now (``"states": "all"`` sets every state, ``"none"`` none:
+    the contacts only); with ``"created_s_ago": T``, all of it stamped ``T`` seconds before, as
+    an account filled long ago (whose opt-ins no feed's overlap holds).
     ``PUT|GET /_sim/limits {"calls_per_minute": N|null}`` — the per-account limit.
     ``POST /_sim/save`` — write the state file now.
     ``POST /_sim/dotdigital/edit {"account"?, "email", "status"?, "preferences"?: {"<id>":

@@ -118,13 +118,14 @@ class Backend:
         preferences = int(body.get("preferences", 5))
         seed = int(body.get("seed", 1))
         mode = seeding.state_mode(body)
+        made_ms = self.now_ms() - round(seeding.created_s_ago(body) * 1000)
         if records < 0 or preferences < 0:
             raise ValueError("records and preferences must not be negative")
         account_id = self.account_from(body.get("account"))
         self.imports.clear(account_id)
         store = AccountStore(account_id=account_id, id_base=self.stores[account_id].id_base)
         store.create_address_book(name="Test")
-        store.seed(records=records, preferences=preferences, seed=seed, now_ms=self.now_ms(),
+        store.seed(records=records, preferences=preferences, seed=seed, now_ms=made_ms,
                    states=mode)
         self.stores[account_id] = self._watch(store)
         _settle_heap()

@@ -85,10 +85,6 @@ def _states(records: int, preferences: int, seed: int, mode: str = "sample") -> 
         return b"".join(parts)
 
 
-# ``created_s_ago`` at most: ten years
-MAX_CREATED_S_AGO = 10 * 365 * 86_400
-
-
 def seed_store(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any]:
     # Millions of new acyclic objects: keep the cycle collector out of the way while they are
     # made, then move them out of its reach so later collections don't walk them.
@@ -106,12 +102,9 @@ def _seed(store: Store, body: dict[str, Any], *, now: datetime) -> dict[str, Any
     seed = int(body.get("seed", 1))
     account = str(body.get("account") or "demo")
     mode = seeding.state_mode(body)
-    created_s_ago = body.get("created_s_ago", 0)  # see the module's docstring
+    created_s_ago = seeding.created_s_ago(body)  # see the module's docstring
     if records < 0 or preferences < 0:
         raise ValueError("records and preferences must not be negative")
-    if (not isinstance(created_s_ago, int | float) or isinstance(created_s_ago, bool)
-            or not 0 <= created_s_ago <= MAX_CREATED_S_AGO):
-        raise ValueError(f"created_s_ago must be seconds from 0 to {MAX_CREATED_S_AGO}")
     store.clear()
     tree = seeding.preference_tree(preferences, seed)
     leaves = [n for n in tree if n.is_preference]
