@@ -251,6 +251,12 @@ class PostgresLedgerStore(SqliteLedgerStore):
     def _reading(self) -> AbstractAsyncContextManager[Connection]:
         return self._transaction()
 
+    async def _write_statements(self, statements: Sequence[tuple[str, Sequence[Any], bool]]
+                                ) -> None:
+        async with self._transaction() as db:
+            for sql, parameters, many in statements:
+                await (db.executemany(sql, parameters) if many else db.execute(sql, parameters))
+
     async def _answer(self, plan: Sequence[Query]) -> list[tuple[Part, list[Any]]]:
         """Each query's part and rows, all from one snapshot: a read-only repeatable-read
         transaction (at the default isolation each statement would see what had committed

@@ -665,6 +665,23 @@ class SqliteLedgerStore(_RowStates):
         done.add_done_callback(self._job_ended)
         return await asyncio.shield(done)
 
+    async def _write_statements(self, statements: Sequence[tuple[str, Sequence[Any], bool]]
+                                ) -> None:
+        """Each of ``statements`` (SQL, its parameters, and whether they are many rows for
+        ``executemany``), in order, in one ``BEGIN IMMEDIATE`` transaction run as one job in
+        the connection's thread (:meth:`_in_one_job`): SQLite's write lock is held for the
+        statements alone, never across a trip through the event loop, which on a busy machine
+        is what every other process's save would wait for. For the short writes the services
+        make often (a checkpoint, a write batch begun, contact states)."""
+        def write(connection: sqlite3.Connection) -> None:
+            for sql, parameters, many in statements:
+                if many:
+                    connection.executemany(sql, parameters)
+                else:
+                    connection.execute(sql, parameters)
+
+        await self._in_one_job(lambda c: transact(c, "BEGIN IMMEDIATE", write))
+
     def _job_ended(self, done: asyncio.Future[Any]) -> None:
         if not done.cancelled():
             done.exception()  # its caller may have stopped waiting: nobody else will look
@@ -691,8 +708,7 @@ class SqliteLedgerStore(_RowStates):
 
     async def begin_writes(self, batch: WriteBatch) -> None:
         """Record a round's writes as in flight (common.store.write_batches, rule 1)."""
-        async with self._transaction() as db:
-            await db.execute(INSERT_WRITE_BATCH, batch.row())
+        await self._write_statements([(INSERT_WRITE_BATCH, batch.row(), False)])
 
     async def _write(self, batch: SaveBatch) -> list[int]:
         def write(connection: sqlite3.Connection) -> None:
@@ -793,8 +809,7 @@ class SqliteLedgerStore(_RowStates):
         rows = list(map(_contact_row, contacts))
         if not rows:
             return
-        async with self._transaction() as db:
-            await db.executemany(_UPSERT_CONTACT, rows)
+        await self._write_statements([(_UPSERT_CONTACT, rows, True)])
 
     # -- checkpoints ----------------------------------------------------------------------
     async def get_checkpoint(self, account: str, source: str) -> str | None:
@@ -807,8 +822,7 @@ class SqliteLedgerStore(_RowStates):
         sql = ("INSERT INTO checkpoint (account, source, value, updated_at) VALUES (?, ?, ?, ?) "
                "ON CONFLICT (account, source) DO UPDATE SET value = excluded.value, "
                "updated_at = excluded.updated_at")
-        async with self._transaction() as db:
-            await db.execute(sql, (account, source, value, now_us()))
+        await self._write_statements([(sql, (account, source, value, now_us()), False)])
 
     # -- the Dynamics record directory (eligibility included) -------------------------------
     @property
