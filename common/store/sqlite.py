@@ -671,8 +671,10 @@ class SqliteLedgerStore(_RowStates):
         ``executemany``), in order, in one ``BEGIN IMMEDIATE`` transaction run as one job in
         the connection's thread (:meth:`_in_one_job`): SQLite's write lock is held for the
         statements alone, never across a trip through the event loop, which on a busy machine
-        is what every other process's save would wait for. For the short writes the services
-        make often (a checkpoint, a write batch begun, contact states)."""
+        is what every other process's save would wait for. Cancelled, the caller returns at
+        once and the job still runs to its end: for the short writes the services make often
+        whose commit after the caller gave up is as good as one just before it (a checkpoint
+        of work done; contact states, monotonic in their own time)."""
         def write(connection: sqlite3.Connection) -> None:
             for sql, parameters, many in statements:
                 if many:
@@ -708,7 +710,11 @@ class SqliteLedgerStore(_RowStates):
 
     async def begin_writes(self, batch: WriteBatch) -> None:
         """Record a round's writes as in flight (common.store.write_batches, rule 1)."""
-        await self._write_statements([(INSERT_WRITE_BATCH, batch.row(), False)])
+        # A transaction of its own, not one job (_write_statements): a round cancelled while
+        # it begins leaves no record of writes it will never send (a job, once started, would
+        # commit it anyway), which would stand in flight until it expires.
+        async with self._transaction() as db:
+            await db.execute(INSERT_WRITE_BATCH, batch.row())
 
     async def _write(self, batch: SaveBatch) -> list[int]:
         def write(connection: sqlite3.Connection) -> None:
