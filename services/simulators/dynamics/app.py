@@ -37,8 +37,6 @@ from .auth import Authority, Client, TokenError, demo_client, parse_clients
 from .batch import Batch
 from .limits import Limiter, ServiceLimits
 from .protocol import (
-    JSON_TYPE,
-    ODATA_HEADERS,
     REQUESTS_LIMIT,
     UNEXPECTED,
     ApiError,
@@ -278,12 +276,11 @@ class DynamicsApp:
 
     async def _edit(self, request: web.Request) -> web.Response:
         try:
-            return json_response(self._edit_one(await json_object(request)))
-        except (ValueError, TypeError, KeyError) as exc:
+            body = await json_object(request)
+        except ValueError as exc:
             return json_response({"error": f"bad edit: {exc}"}, status=400)
-        except ApiError as exc:
-            return web.Response(status=exc.status, body=exc.result().body,
-                                headers={"Content-Type": JSON_TYPE, **ODATA_HEADERS})
+        status, answer = self._edit_answer(body)
+        return json_response(answer, status=status)
 
     async def _edits(self, request: web.Request) -> web.Response:
         """Several users' edits (``{"edits": [<an /edit body>, ...]}``) in one request: each is
@@ -299,24 +296,25 @@ class DynamicsApp:
             return json_response({"error": f"bad edits: {exc}"}, status=400)
         results: list[dict[str, Any]] = []
         for body in edits:
-            try:
-                results.append(self._edit_one(body))
-            except (ValueError, TypeError, KeyError) as exc:
-                results.append({"error": f"bad edit: {exc}", "status": 400})
-            except ApiError as exc:
-                results.append({"error": {"code": exc.code, "message": exc.message},
-                                "status": exc.status})
+            status, answer = self._edit_answer(body)
+            results.append(answer if status == 200 else {**answer, "status": status})
         return json_response({"results": results})
 
-    def _edit_one(self, body: Any) -> dict[str, Any]:
-        """One edit, as a user makes it (not the API: ``_editing``)."""
-        if not isinstance(body, dict) or not isinstance(body.get("email"), str):
-            raise ValueError("body needs an 'email'")
-        self._editing = True
+    def _edit_answer(self, body: Any) -> tuple[int, dict[str, Any]]:
+        """One edit, as a user makes it (not the API: ``_editing``): the status and the answer
+        ``/edit`` gives."""
         try:
-            return self._apply_edit(body)
-        finally:
-            self._editing = False
+            if not isinstance(body, dict) or not isinstance(body.get("email"), str):
+                raise ValueError("body needs an 'email'")
+            self._editing = True
+            try:
+                return 200, self._apply_edit(body)
+            finally:
+                self._editing = False
+        except (ValueError, TypeError, KeyError) as exc:
+            return 400, {"error": f"bad edit: {exc}"}
+        except ApiError as exc:
+            return exc.status, {"error": {"code": exc.code, "message": exc.message}}
 
     def _apply_edit(self, body: dict[str, Any]) -> dict[str, Any]:
         email = body["email"]

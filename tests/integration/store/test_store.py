@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import zlib
+from collections.abc import Coroutine
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -48,6 +50,7 @@ from services.cli.dry_run.overlay import OverlayStore
 from services.runtime.registry import ledger_cache_mib
 from tests.harness.keys import T, key
 from tests.harness.waiting import until
+from tests.integration.store.test_write_batches import batch
 from tests.unit.store.test_codec import FORMAT_1_SHORT
 
 from .backends import postgres_schema
@@ -409,6 +412,25 @@ async def test_a_sqlite_ledger_copies_its_wal_back_only_past_its_own_interval(
     assert WAL_CHECKPOINT_PAGES > 1_000  # past SQLite's own
 
 
+async def cancelled_while_locked(store: SqliteLedgerStore, path: Path,
+                                 call: Coroutine[Any, Any, None]) -> None:
+    """``call`` on ``store``, cancelled while another process holds the ledger's write lock
+    (once the call has taken the store's connection and sent its BEGIN: a lock has no event to
+    await); the lock is released after."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process's write lock
+        waiting = asyncio.create_task(call)
+        await until(lambda: store._lock.locked(), timeout_s=10, every=0.005,
+                    what="the call waits for the lock")
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 async def test_a_sqlite_call_cancelled_while_it_waits_for_the_lock_leaves_the_ledger_usable(
         tmp_path: Path) -> None:
     # A lease cancel, the readiness probe's timeout or a shutdown cancels a call while another
@@ -417,20 +439,7 @@ async def test_a_sqlite_call_cancelled_while_it_waits_for_the_lock_leaves_the_le
     async with open_store(f"sqlite:///{path}") as store:
         assert isinstance(store, SqliteLedgerStore)
         await store.set_checkpoint("acme", "feed", "0")
-        holder = sqlite3.connect(path, isolation_level=None)
-        try:
-            holder.execute("BEGIN IMMEDIATE")  # another process's write lock
-            waiting = asyncio.create_task(store.set_checkpoint("acme", "feed", "1"))
-            # the call has taken the store's connection and sent its BEGIN
-            # (a lock has no event to await)
-            await until(lambda: store._lock.locked(), timeout_s=10, every=0.005,
-                        what="the call waits for the lock")
-            waiting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await waiting
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
+        await cancelled_while_locked(store, path, store.set_checkpoint("acme", "feed", "1"))
         async with asyncio.timeout(30):
             await store.set_checkpoint("acme", "feed", "2")
             assert await store.get_checkpoint("acme", "feed") == "2"
@@ -439,6 +448,26 @@ async def test_a_sqlite_call_cancelled_while_it_waits_for_the_lock_leaves_the_le
             await store.set_checkpoint("acme", "feed", "4")
         assert await store.get_checkpoint("acme", "feed") == "4"
         assert await store.get_checkpoint("acme", "other") == "3"
+
+
+async def test_a_short_write_cancelled_while_it_waits_for_the_lock_commits_only_if_harmless(
+        tmp_path: Path) -> None:
+    # A checkpoint set is one job in the connection's thread: cancelled once it started, it
+    # still commits when the lock frees (a checkpoint of work done stands as if set just
+    # before). A write batch begun keeps its own transaction: cancelled, it leaves no record of
+    # writes its round will never send.
+    path = tmp_path / "ledger.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        assert isinstance(store, SqliteLedgerStore)
+        await store.set_checkpoint("acme", "feed", "0")
+        await cancelled_while_locked(
+            store, path, store.begin_writes(batch("b1", key(email="ann@example.com"))))
+        await until(lambda: not store._lock.locked(), timeout_s=30, every=0.005,
+                    what="the cancelled call's end")
+        await cancelled_while_locked(store, path, store.set_checkpoint("acme", "feed", "1"))
+        assert await store.get_checkpoint("acme", "feed") == "1"
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM write_batches").fetchone() == (0,)
 
 
 async def test_a_sqlite_ledger_locked_past_the_busy_timeout_is_unavailable_for_now(
